@@ -1,0 +1,187 @@
+"""The manifest: which images, with which ids, labels or targets, in which split.
+
+``prepare`` writes it as ``manifest.csv`` (columns ``id,path,split,label,target``;
+paths relative to the manifest's folder) and every later stage reads it. Ids
+are stable and sorted; the split is deterministic given the ratios and seed.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from featcache.store.schema import SPLIT_CODES, SPLITS
+
+__all__ = ["Manifest", "ManifestError", "assign_splits", "TASKS"]
+
+TASKS = ("classification", "regression")
+
+
+class ManifestError(ValueError):
+    """The inputs cannot form a valid manifest (bad labels, paths, splits)."""
+
+
+@dataclass
+class Manifest:
+    """Images and their annotations, sorted by id.
+
+    Attributes
+    ----------
+    ids : list of str
+        (N,) stable, unique, sorted ids.
+    paths : list of str
+        (N,) image paths, relative to ``root`` (or absolute).
+    splits : numpy.ndarray
+        (N,) uint8 split codes (train=0, val=1, test=2).
+    task : str
+        ``classification`` or ``regression``.
+    labels : numpy.ndarray or None
+        (N,) int64 class index into ``classes`` (classification).
+    targets : numpy.ndarray or None
+        (N,) float64 targets (regression).
+    classes : list of str
+        Class names in index order (empty for regression).
+    root : Path
+        Folder the relative paths start from.
+    """
+
+    ids: list[str]
+    paths: list[str]
+    splits: np.ndarray
+    task: str = "classification"
+    labels: np.ndarray | None = None
+    targets: np.ndarray | None = None
+    classes: list[str] = field(default_factory=list)
+    root: Path = Path(".")
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if self.task not in TASKS:
+            raise ManifestError(f"task {self.task!r} is not one of {TASKS}.")
+        if len(set(self.ids)) != n:
+            seen: set[str] = set()
+            dupes = sorted({i for i in self.ids if i in seen or seen.add(i)})  # type: ignore[func-returns-value]
+            raise ManifestError(f"Duplicate ids in the manifest: {dupes[:5]}. Ids must be unique; "
+                                "remove the repeated rows.")
+        if list(self.ids) != sorted(self.ids):
+            raise ManifestError("Manifest ids must be sorted (stable row order); use Manifest.sorted().")
+        if len(self.paths) != n or len(self.splits) != n:
+            raise ManifestError("ids, paths and splits must have the same length.")
+        if self.task == "classification" and (self.labels is None or len(self.labels) != n):
+            raise ManifestError("A classification manifest needs one label per row.")
+        if self.task == "regression" and (self.targets is None or len(self.targets) != n):
+            raise ManifestError("A regression manifest needs one target per row.")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def absolute_path(self, row: int) -> Path:
+        """Path of row ``row`` on disk."""
+        return (self.root / self.paths[row]).resolve()
+
+    @classmethod
+    def sorted(cls, ids: Sequence[str], paths: Sequence[str], splits: np.ndarray, **kwargs) -> "Manifest":
+        """Build a manifest from rows in any order, sorting them by id."""
+        order = sorted(range(len(ids)), key=lambda i: ids[i])
+        take = np.asarray(order, dtype=np.int64)
+        for key in ("labels", "targets"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = np.asarray(kwargs[key])[take]
+        return cls(ids=[ids[i] for i in order], paths=[paths[i] for i in order],
+                   splits=np.asarray(splits, dtype=np.uint8)[take], **kwargs)
+
+    # ---------------------------------------------------------------- CSV I/O
+    def to_csv_text(self) -> str:
+        """The manifest as CSV text (``id,path,split,label,target``)."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["id", "path", "split", "label", "target"])
+        for row, sample_id in enumerate(self.ids):
+            label = self.classes[self.labels[row]] if self.labels is not None else ""
+            target = repr(float(self.targets[row])) if self.targets is not None else ""
+            writer.writerow([sample_id, self.paths[row], SPLITS[self.splits[row]], label, target])
+        return buffer.getvalue()
+
+    def write(self, path: str | Path) -> Path:
+        """Write ``manifest.csv`` atomically; paths are stored relative to its folder."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rebased = [os.path.relpath((self.root / p).resolve(), path.parent.resolve()) for p in self.paths]
+        copy = Manifest(self.ids, [Path(p).as_posix() for p in rebased], self.splits, self.task,
+                        self.labels, self.targets, self.classes, path.parent)
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(copy.to_csv_text(), encoding="utf-8")
+        os.replace(partial, path)
+        return path
+
+    @classmethod
+    def read(cls, path: str | Path, classes: Sequence[str] | None = None) -> "Manifest":
+        """Read a manifest written by :meth:`write`."""
+        path = Path(path)
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        if not rows:
+            raise ManifestError(f"Manifest {path} has no rows.")
+        task = "regression" if rows[0].get("target") else "classification"
+        splits = np.array([SPLIT_CODES[r["split"]] for r in rows], dtype=np.uint8)
+        ids = [r["id"] for r in rows]
+        paths = [r["path"] for r in rows]
+        if task == "classification":
+            names = list(classes) if classes is not None else sorted({r["label"] for r in rows})
+            index = {name: i for i, name in enumerate(names)}
+            labels = np.array([index[r["label"]] for r in rows], dtype=np.int64)
+            return cls(ids, paths, splits, task, labels=labels, classes=names, root=path.parent)
+        targets = np.array([float(r["target"]) for r in rows], dtype=np.float64)
+        return cls(ids, paths, splits, task, targets=targets, root=path.parent)
+
+    def sha256(self) -> str:
+        """Content hash of the manifest (ids, paths, splits, labels, targets)."""
+        return hashlib.sha256(self.to_csv_text().encode("utf-8")).hexdigest()
+
+    def split_counts(self) -> dict[str, int]:
+        """Rows per split."""
+        return {name: int((self.splits == code).sum()) for name, code in SPLIT_CODES.items()}
+
+
+def assign_splits(n: int, ratios: dict[str, float], seed: int, strata: np.ndarray | None = None) -> np.ndarray:
+    """Deterministic (stratified) train/val/test assignment.
+
+    Parameters
+    ----------
+    n : int
+        Number of rows, in their final (sorted) order.
+    ratios : dict
+        ``{"train": a, "val": b, "test": c}`` summing to 1 (``val`` may be 0).
+    seed : int
+        Seed of the permutation.
+    strata : numpy.ndarray, optional
+        (N,) group per row (class labels); each group is split with the same
+        ratios so every split keeps the class balance.
+
+    Returns
+    -------
+    numpy.ndarray
+        (N,) uint8 split codes.
+    """
+    rng = np.random.default_rng(seed)
+    splits = np.empty(n, dtype=np.uint8)
+    groups = [np.arange(n)] if strata is None else [np.flatnonzero(strata == g) for g in np.unique(strata)]
+    fractions = np.array([ratios.get(name, 0.0) for name in SPLITS], dtype=np.float64)
+    for members in groups:
+        members = members[rng.permutation(len(members))]
+        # Largest-remainder rounding keeps every group's counts as close to the ratios as possible.
+        exact = fractions * len(members)
+        counts = np.floor(exact).astype(int)
+        for i in np.argsort(-(exact - counts), kind="stable")[: len(members) - counts.sum()]:
+            counts[i] += 1
+        bounds = np.cumsum(counts)[:-1]
+        for code, chunk in enumerate(np.split(members, bounds)):
+            splits[chunk] = code
+    return splits

@@ -1,0 +1,306 @@
+"""Gradient-boosted tree heads (LightGBM) with early stopping on the validation split.
+
+Training uses lightgbm's scikit-learn API; the fitted head keeps the native
+``lightgbm.Booster`` (``booster_``) and predicts with it at the best iteration, so a
+head reloaded from the native text model file behaves exactly like the fitted one.
+
+Trees are invariant to feature scaling: these heads fit no scaler (``scaler_ = None``
+is kept for uniformity with the other heads).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import Any
+
+import lightgbm
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.utils.validation import check_is_fitted
+
+from ._base import (
+    Split,
+    check_features,
+    check_fraction,
+    check_int,
+    check_positive,
+    expand_columns,
+    prepare_fit,
+    require_two_classes,
+    resolve_classes,
+)
+
+__all__ = ["LightGBMHead", "LightGBMRegressorHead"]
+
+log = logging.getLogger(__name__)
+
+# lightgbm 4.7 deprecates ``eval_set`` in favour of ``eval_X``/``eval_y``
+_HAS_EVAL_XY = "eval_X" in inspect.signature(lightgbm.LGBMModel.fit).parameters
+
+
+class _LightGBMBase(BaseEstimator):
+    """Shared parameters, fitting and prediction of the two LightGBM heads."""
+
+    _classification: bool = False
+
+    def _lgbm_params(self) -> dict[str, Any]:
+        check_int("n_estimators", self.n_estimators, 1)
+        check_positive("learning_rate", self.learning_rate)
+        check_int("num_leaves", self.num_leaves, 2)
+        check_int("min_child_samples", self.min_child_samples, 1)
+        check_fraction("colsample_bytree", self.colsample_bytree, closed_right=True)
+        check_fraction("subsample", self.subsample, closed_right=True)
+        check_positive("reg_lambda", self.reg_lambda, allow_zero=True)
+        check_int("early_stopping_rounds", self.early_stopping_rounds, 1, allow_none=True)
+        seed = 0 if self.random_state is None else int(self.random_state)
+        return {
+            "n_estimators": self.n_estimators,
+            "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves,
+            "min_child_samples": self.min_child_samples,
+            "colsample_bytree": self.colsample_bytree,
+            "subsample": self.subsample,
+            # bagging is only active with a positive frequency
+            "subsample_freq": 1 if self.subsample < 1.0 else 0,
+            "reg_lambda": self.reg_lambda,
+            "random_state": seed,
+            "n_jobs": self.n_jobs,
+            "deterministic": True,
+            "force_row_wise": True,
+            "verbosity": -1,
+        }
+
+    def _fit_booster(self, split: Split, eval_rows: np.ndarray | None = None) -> None:
+        """Train with early stopping on the selection rows; set ``booster_`` and friends."""
+        params = self._lgbm_params()
+        model_cls = lightgbm.LGBMClassifier if self._classification else lightgbm.LGBMRegressor
+        model = model_cls(**params)
+        X_sel, y_sel = split.X_sel, split.y_sel
+        if eval_rows is not None:
+            X_sel, y_sel = X_sel[eval_rows], y_sel[eval_rows]
+        callbacks = []
+        if self.early_stopping_rounds:
+            callbacks.append(lightgbm.early_stopping(self.early_stopping_rounds, verbose=False))
+        if _HAS_EVAL_XY:
+            eval_kwargs: dict[str, Any] = {"eval_X": (X_sel,), "eval_y": (y_sel,)}
+        else:  # lightgbm < 4.7
+            eval_kwargs = {"eval_set": [(X_sel, y_sel)]}
+        model.fit(split.X_fit, split.y_fit, callbacks=callbacks, **eval_kwargs)
+        booster = model.booster_
+        best = int(booster.best_iteration) if booster.best_iteration > 0 else booster.current_iteration()
+        self.booster_ = booster
+        self.best_iteration_ = best
+        self.best_params_ = {"n_estimators": best}
+        self.scaler_ = None
+        self.n_features_in_ = int(split.X_train.shape[1])
+        log.info(
+            "%s: best iteration %d of %d (early stopping %s)",
+            type(self).__name__, best, self.n_estimators, self.early_stopping_rounds,
+        )
+
+    def _raw_predict(self, X: Any) -> np.ndarray:
+        check_is_fitted(self, "booster_")
+        X = check_features(X, self)
+        return np.asarray(self.booster_.predict(X, num_iteration=self.best_iteration_), dtype=np.float64)
+
+
+class LightGBMHead(ClassifierMixin, _LightGBMBase):
+    """LightGBM classifier, early-stopped on the validation split.
+
+    Parameters
+    ----------
+    n_estimators : int
+        Maximum number of boosting rounds.
+    learning_rate, num_leaves, min_child_samples, colsample_bytree, subsample, reg_lambda
+        LightGBM parameters of the same names (``subsample < 1`` turns bagging on
+        with ``subsample_freq=1``).
+    early_stopping_rounds : int or None
+        Stop after this many rounds without improvement of the validation
+        multi-logloss; None trains all ``n_estimators`` rounds.
+    validation_fraction : float
+        Stratified hold-out of the training rows used for early stopping when no
+        ``X_val`` is given (the model is not refit on the full training rows).
+    n_classes : int or None
+        Number of classes K; None infers ``max label + 1`` over train and val.
+    random_state : int or None
+        Seed of LightGBM and of the hold-out split (None means 0 for LightGBM).
+    n_jobs : int
+        LightGBM threads.
+
+    Attributes
+    ----------
+    booster_ : lightgbm.Booster
+    best_iteration_ : int
+    best_params_ : dict
+        ``{"n_estimators": best_iteration_}``.
+    classes_ : ndarray of shape (K,)
+    train_classes_ : ndarray of shape (n_seen,)
+        Classes present in the training rows (one booster output per class).
+    n_features_in_ : int
+    scaler_ : None
+    fit_seconds_ : float
+
+    Notes
+    -----
+    Validation rows whose class never occurs in the training rows cannot be scored by
+    LightGBM; they are left out of the early-stopping set (with a warning).
+    """
+
+    _classification = True
+
+    def __init__(
+        self,
+        n_estimators: int = 1000,
+        learning_rate: float = 0.05,
+        num_leaves: int = 31,
+        min_child_samples: int = 10,
+        colsample_bytree: float = 0.5,
+        subsample: float = 1.0,
+        reg_lambda: float = 0.0,
+        early_stopping_rounds: int | None = 50,
+        validation_fraction: float = 0.2,
+        n_classes: int | None = None,
+        random_state: int | None = 0,
+        n_jobs: int = 2,
+    ) -> None:
+        self.n_estimators = n_estimators
+        self.learning_rate = learning_rate
+        self.num_leaves = num_leaves
+        self.min_child_samples = min_child_samples
+        self.colsample_bytree = colsample_bytree
+        self.subsample = subsample
+        self.reg_lambda = reg_lambda
+        self.early_stopping_rounds = early_stopping_rounds
+        self.validation_fraction = validation_fraction
+        self.n_classes = n_classes
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> LightGBMHead:
+        """Boost on train, early-stopping on val.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_train, D)
+        y : array-like of shape (n_train,)
+            Integer class indices 0..K-1.
+        X_val : array-like of shape (n_val, D), optional
+        y_val : array-like of shape (n_val,), optional
+
+        Returns
+        -------
+        self
+        """
+        start = time.perf_counter()
+        split = prepare_fit(
+            X, y, X_val, y_val, classification=True,
+            validation_fraction=self.validation_fraction, random_state=self.random_state,
+        )
+        classes = resolve_classes(self.n_classes, split.y_train, split.y_val)
+        seen = require_two_classes(split.y_fit)
+        known = np.isin(split.y_sel, seen)
+        if not known.any():
+            raise ValueError(
+                f"no validation row has a class seen in training (train classes {seen.tolist()}). "
+                "Hint: check the split assignment."
+            )
+        if not known.all():
+            log.warning(
+                "LightGBMHead: %d validation rows of classes %s unseen in training are left out "
+                "of early stopping", int((~known).sum()), np.unique(split.y_sel[~known]).tolist(),
+            )
+        self._fit_booster(split, None if known.all() else np.flatnonzero(known))
+        self.classes_ = classes
+        self.train_classes_ = seen
+        self.fit_seconds_ = time.perf_counter() - start
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities.
+
+        Parameters
+        ----------
+        X : array-like of shape (n, D)
+
+        Returns
+        -------
+        ndarray of shape (n, K)
+            Columns of classes absent from the training rows are 0.
+        """
+        raw = self._raw_predict(X)
+        if raw.ndim == 1:  # binary objective: P(second seen class)
+            raw = np.column_stack([1.0 - raw, raw])
+        return expand_columns(raw, self.train_classes_, self.classes_.size)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Most probable class index, shape (n,)."""
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
+
+
+class LightGBMRegressorHead(RegressorMixin, _LightGBMBase):
+    """LightGBM regressor (L2), early-stopped on the validation split.
+
+    Parameters are those of :class:`LightGBMHead` without ``n_classes``; the
+    hold-out (when no ``X_val`` is given) is a plain random one.
+
+    Attributes
+    ----------
+    booster_, best_iteration_, best_params_, n_features_in_, scaler_, fit_seconds_
+        As in :class:`LightGBMHead`.
+    """
+
+    def __init__(
+        self,
+        n_estimators: int = 1000,
+        learning_rate: float = 0.05,
+        num_leaves: int = 31,
+        min_child_samples: int = 10,
+        colsample_bytree: float = 0.5,
+        subsample: float = 1.0,
+        reg_lambda: float = 0.0,
+        early_stopping_rounds: int | None = 50,
+        validation_fraction: float = 0.2,
+        random_state: int | None = 0,
+        n_jobs: int = 2,
+    ) -> None:
+        self.n_estimators = n_estimators
+        self.learning_rate = learning_rate
+        self.num_leaves = num_leaves
+        self.min_child_samples = min_child_samples
+        self.colsample_bytree = colsample_bytree
+        self.subsample = subsample
+        self.reg_lambda = reg_lambda
+        self.early_stopping_rounds = early_stopping_rounds
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> LightGBMRegressorHead:
+        """Boost on train, early-stopping on val RMSE (L2).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_train, D)
+        y : array-like of shape (n_train,)
+        X_val : array-like of shape (n_val, D), optional
+        y_val : array-like of shape (n_val,), optional
+
+        Returns
+        -------
+        self
+        """
+        start = time.perf_counter()
+        split = prepare_fit(
+            X, y, X_val, y_val, classification=False,
+            validation_fraction=self.validation_fraction, random_state=self.random_state,
+        )
+        self._fit_booster(split)
+        self.fit_seconds_ = time.perf_counter() - start
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted targets, shape (n,), float64."""
+        return self._raw_predict(X)

@@ -1,0 +1,137 @@
+"""Fit one head on train (+ val for selection) and score it on test."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, is_classifier
+
+from ._base import jsonable
+from .metrics import TASKS, metrics_with_ci
+
+__all__ = ["RunResult", "fit_and_evaluate"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """Outcome of :func:`fit_and_evaluate`.
+
+    Attributes
+    ----------
+    metrics : dict
+        JSON-serialisable test metrics (with ``ci``), sizes, timings, best params.
+    predictions : ndarray of shape (n_test,)
+        Predicted class indices or targets.
+    scores : ndarray of shape (n_test, K) or (n_test,)
+        Class probabilities (classification) or predictions (regression).
+    best_params : dict
+        Hyper-parameters the head chose on the validation split.
+    """
+
+    metrics: dict[str, Any]
+    predictions: np.ndarray
+    scores: np.ndarray
+    best_params: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_task(head: BaseEstimator, task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}.")
+    if is_classifier(head) != (task == "classification"):
+        kind = "a classifier" if is_classifier(head) else "a regressor"
+        raise ValueError(
+            f"task={task!r} but {type(head).__name__} is {kind}. "
+            "Hint: build the head with make_head(name, task)."
+        )
+
+
+def _sync_n_classes(head: BaseEstimator, n_classes: int | None) -> None:
+    """Give the head ``n_classes`` so its probabilities have K columns."""
+    if n_classes is None or "n_classes" not in head.get_params(deep=False):
+        return
+    current = head.get_params(deep=False)["n_classes"]
+    if current is None:
+        head.set_params(n_classes=int(n_classes))
+    elif current != n_classes:
+        raise ValueError(
+            f"n_classes={n_classes} but the head has n_classes={current}; they must agree."
+        )
+
+
+def fit_and_evaluate(
+    head: BaseEstimator,
+    task: str,
+    X_train: Any,
+    y_train: Any,
+    X_val: Any,
+    y_val: Any,
+    X_test: Any,
+    y_test: Any,
+    n_classes: int | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> RunResult:
+    """Fit ``head`` in place on train (val for selection only) and score it on test.
+
+    Parameters
+    ----------
+    head : estimator
+        An unfitted head (see :func:`featcache.heads.make_head`). When ``n_classes``
+        is given and the head's ``n_classes`` is None, it is set to ``n_classes``.
+    task : {"classification", "regression"}
+    X_train, y_train : array-like of shape (n_train, D), (n_train,)
+    X_val, y_val : array-like of shape (n_val, D), (n_val,), or None
+        None makes the head hold out part of train for selection.
+    X_test, y_test : array-like of shape (n_test, D), (n_test,)
+        Never seen by ``fit``.
+    n_classes : int or None
+        K for classification; None takes ``head.classes_.size``.
+    n_boot, seed : int
+        Bootstrap resamples and seed of the confidence intervals.
+
+    Returns
+    -------
+    RunResult
+        ``metrics`` holds the test metrics and ``ci`` plus ``n_features``,
+        ``n_train``, ``n_val``, ``fit_seconds``, ``predict_seconds``, ``best_params``.
+    """
+    _check_task(head, task)
+    if task == "classification":
+        _sync_n_classes(head, n_classes)
+    start = time.perf_counter()
+    head.fit(X_train, y_train, X_val, y_val)
+    fit_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    if task == "classification":
+        scores = head.predict_proba(X_test)
+        predictions = head.classes_[np.argmax(scores, axis=1)]
+    else:
+        scores = head.predict(X_test)
+        predictions = scores
+    predict_seconds = time.perf_counter() - start
+
+    k = int(head.classes_.size) if task == "classification" else None
+    metrics = metrics_with_ci(task, y_test, scores, k, n_boot=n_boot, seed=seed)
+    best_params = jsonable(dict(head.best_params_))
+    metrics.update(
+        n_features=int(head.n_features_in_),
+        n_train=int(np.shape(X_train)[0]),
+        n_val=0 if X_val is None else int(np.shape(X_val)[0]),
+        fit_seconds=float(fit_seconds),
+        predict_seconds=float(predict_seconds),
+        best_params=best_params,
+    )
+    log.info(
+        "%s (%s): %s in %.2fs fit / %.3fs predict",
+        type(head).__name__, task, best_params, fit_seconds, predict_seconds,
+    )
+    return RunResult(
+        metrics=metrics, predictions=np.asarray(predictions), scores=np.asarray(scores), best_params=best_params
+    )

@@ -1,0 +1,384 @@
+"""Linear heads: multinomial L2 logistic regression and its regression twin, ridge.
+
+The regularisation strength is chosen on the validation split with a coarse-to-fine
+log grid (CLIP_benchmark linear-probe style): evaluate a coarse log grid, then a finer
+log grid between the coarse neighbours of the best value, then refit with the best
+value on train (or train + val when ``refit_on_trainval``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression, Ridge
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
+
+from ._base import (
+    Split,
+    as_float_list,
+    check_features,
+    check_int,
+    check_positive,
+    expand_columns,
+    prepare_fit,
+    require_two_classes,
+    resolve_classes,
+    thread_limit,
+)
+from .metrics import log_loss_score
+
+__all__ = ["DEFAULT_ALPHAS", "DEFAULT_CS", "LogisticRegressionHead", "RidgeHead", "log_grid_search"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CS: np.ndarray = np.logspace(-4, 4, 9)
+"""Coarse grid of inverse regularisation strengths for :class:`LogisticRegressionHead`."""
+
+DEFAULT_ALPHAS: np.ndarray = np.logspace(-3, 5, 9)
+"""Coarse grid of regularisation strengths for :class:`RidgeHead`."""
+
+
+def log_grid_search(
+    grid: np.ndarray,
+    evaluate: Callable[[np.ndarray, str], list[dict[str, Any]]],
+    sort_key: Callable[[dict[str, Any]], tuple],
+    name: str,
+    refine: bool,
+    refine_points: int,
+) -> tuple[float, list[dict[str, Any]]]:
+    """Coarse-to-fine search over a positive log-spaced grid.
+
+    Parameters
+    ----------
+    grid : ndarray of shape (n_grid,)
+        Coarse grid, sorted ascending.
+    evaluate : callable
+        ``evaluate(values, stage)`` fits one model per value (ascending) and returns
+        one result dict per value, each holding ``name`` and the validation scores.
+    sort_key : callable
+        Maps a result dict to a tuple; the smallest tuple wins.
+    name : str
+        The hyper-parameter's key in the result dicts (``"C"`` or ``"alpha"``).
+    refine : bool
+        Whether to evaluate ``refine_points`` log-spaced values between the coarse
+        neighbours of the best coarse value (values already evaluated are skipped).
+    refine_points : int
+
+    Returns
+    -------
+    best : float
+        Best value over every evaluated point.
+    results : list of dict
+        Every evaluation, coarse first.
+    """
+    results = evaluate(grid, "coarse")
+    best_coarse = min(results, key=sort_key)[name]
+    if refine and grid.size > 1:
+        i = int(np.argmin(np.abs(grid - best_coarse)))
+        lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)]
+        fine = np.logspace(np.log10(lo), np.log10(hi), refine_points)
+        done = np.array([r[name] for r in results])
+        fine = np.array([v for v in fine if not np.any(np.isclose(v, done, rtol=1e-9, atol=0))])
+        if fine.size:
+            results = results + evaluate(fine, "refine")
+    best = float(min(results, key=sort_key)[name])
+    return best, results
+
+
+def _final_rows(split: Split, refit_on_trainval: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of the final refit: train, or train + val when requested and available."""
+    if refit_on_trainval and split.X_val is not None:
+        return np.concatenate([split.X_train, split.X_val]), np.concatenate([split.y_train, split.y_val])
+    return split.X_train, split.y_train
+
+
+class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
+    """Multinomial L2 logistic regression with C chosen on the validation split.
+
+    Parameters
+    ----------
+    Cs : sequence of float or None
+        Coarse grid of inverse regularisation strengths; None means
+        ``np.logspace(-4, 4, 9)``.
+    refine : bool
+        Evaluate a finer log grid between the neighbours of the best coarse C.
+    refine_points : int
+        Number of points of the finer grid (end points included, duplicates skipped).
+    max_iter, tol : int, float
+        lbfgs stopping criteria.
+    refit_on_trainval : bool
+        Refit the final model (and its scaler) on train + val instead of train.
+    validation_fraction : float
+        Stratified hold-out of the training rows used for selection when no
+        ``X_val`` is given; the final model is then refit on the full training rows.
+    n_classes : int or None
+        Number of classes K; None infers ``max label + 1`` over train and val.
+    random_state : int or None
+        Seed of the hold-out split.
+    n_jobs : int or None
+        BLAS/OpenMP threads during fit (None or -1: no limit).
+
+    Attributes
+    ----------
+    scaler_ : StandardScaler
+        Fitted on the final training rows only.
+    estimator_ : LogisticRegression
+        Final model; it may know fewer than K classes (``train_classes_``).
+    classes_ : ndarray of shape (K,)
+    train_classes_ : ndarray of shape (n_seen,)
+        Classes present in the final training rows.
+    n_features_in_ : int
+    n_iter_ : int
+        lbfgs iterations of the final refit.
+    best_params_ : dict
+        ``{"C": float}``.
+    search_results_ : list of dict
+        One dict per evaluated C: ``C``, ``stage`` (coarse/refine), ``val_accuracy``,
+        ``val_log_loss``, ``n_iter``.
+    fit_seconds_ : float
+
+    Notes
+    -----
+    Selection: highest validation accuracy, ties broken by lower validation
+    log-loss, then by smaller C. The grid is walked in ascending C with warm starts;
+    the final refit starts cold.
+    """
+
+    def __init__(
+        self,
+        Cs: Sequence[float] | np.ndarray | None = None,
+        refine: bool = True,
+        refine_points: int = 5,
+        max_iter: int = 1000,
+        tol: float = 1e-4,
+        refit_on_trainval: bool = False,
+        validation_fraction: float = 0.2,
+        n_classes: int | None = None,
+        random_state: int | None = 0,
+        n_jobs: int | None = 1,
+    ) -> None:
+        self.Cs = Cs
+        self.refine = refine
+        self.refine_points = refine_points
+        self.max_iter = max_iter
+        self.tol = tol
+        self.refit_on_trainval = refit_on_trainval
+        self.validation_fraction = validation_fraction
+        self.n_classes = n_classes
+        self.random_state = random_state
+        self.n_jobs = n_jobs
+
+    def _model(self, C: float, warm_start: bool) -> LogisticRegression:
+        return LogisticRegression(
+            C=float(C), solver="lbfgs", max_iter=self.max_iter, tol=self.tol, warm_start=warm_start
+        )
+
+    def _fit_quiet(self, model: LogisticRegression, X: np.ndarray, y: np.ndarray) -> bool:
+        """Fit ``model``; return False (and log) when lbfgs hit ``max_iter``."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(X, y)
+        converged = int(np.max(model.n_iter_)) < self.max_iter
+        if not converged:
+            log.info("lbfgs did not converge for C=%g within max_iter=%d", model.C, self.max_iter)
+        return converged
+
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> LogisticRegressionHead:
+        """Choose C on the validation split, then refit.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_train, D)
+        y : array-like of shape (n_train,)
+            Integer class indices 0..K-1.
+        X_val : array-like of shape (n_val, D), optional
+        y_val : array-like of shape (n_val,), optional
+
+        Returns
+        -------
+        self
+        """
+        start = time.perf_counter()
+        check_int("refine_points", self.refine_points, 2)
+        check_int("max_iter", self.max_iter, 1)
+        check_positive("tol", self.tol)
+        grid = as_float_list("Cs", DEFAULT_CS if self.Cs is None else self.Cs)
+        split = prepare_fit(
+            X, y, X_val, y_val, classification=True,
+            validation_fraction=self.validation_fraction, random_state=self.random_state,
+        )
+        classes = resolve_classes(self.n_classes, split.y_train, split.y_val)
+        require_two_classes(split.y_fit)
+        with thread_limit(self.n_jobs):
+            sel_scaler = StandardScaler().fit(split.X_fit)
+            X_fit, X_sel = sel_scaler.transform(split.X_fit), sel_scaler.transform(split.X_sel)
+
+            def evaluate(values: np.ndarray, stage: str) -> list[dict[str, Any]]:
+                model = self._model(values[0], warm_start=True)
+                rows = []
+                for C in values:
+                    model.set_params(C=float(C))
+                    converged = self._fit_quiet(model, X_fit, split.y_fit)
+                    proba = expand_columns(model.predict_proba(X_sel), model.classes_, classes.size)
+                    rows.append({
+                        "C": float(C),
+                        "stage": stage,
+                        "val_accuracy": float(np.mean(proba.argmax(axis=1) == split.y_sel)),
+                        "val_log_loss": log_loss_score(split.y_sel, proba),
+                        "n_iter": int(np.max(model.n_iter_)),
+                        "converged": converged,
+                    })
+                return rows
+
+            best_C, results = log_grid_search(
+                grid, evaluate, lambda r: (-r["val_accuracy"], r["val_log_loss"], r["C"]),
+                "C", bool(self.refine), self.refine_points,
+            )
+            X_final, y_final = _final_rows(split, self.refit_on_trainval)
+            self.train_classes_ = require_two_classes(y_final)
+            self.scaler_ = StandardScaler().fit(X_final)
+            self.estimator_ = self._model(best_C, warm_start=False)
+            self._fit_quiet(self.estimator_, self.scaler_.transform(X_final), y_final)
+        self.n_iter_ = int(np.max(self.estimator_.n_iter_))
+        self.classes_ = classes
+        self.n_features_in_ = int(split.X_train.shape[1])
+        self.best_params_ = {"C": best_C}
+        self.search_results_ = results
+        self.fit_seconds_ = time.perf_counter() - start
+        log.info("LogisticRegressionHead: C=%g (%d evaluated) in %.2fs", best_C, len(results), self.fit_seconds_)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities.
+
+        Parameters
+        ----------
+        X : array-like of shape (n, D)
+
+        Returns
+        -------
+        ndarray of shape (n, K)
+            Columns of classes absent from the training rows are 0.
+        """
+        check_is_fitted(self, "estimator_")
+        X = check_features(X, self)
+        proba = self.estimator_.predict_proba(self.scaler_.transform(X))
+        return expand_columns(proba.astype(np.float64, copy=False), self.train_classes_, self.classes_.size)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Most probable class index, shape (n,)."""
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
+
+
+class RidgeHead(RegressorMixin, BaseEstimator):
+    """Ridge regression with alpha chosen on validation RMSE (coarse-to-fine log grid).
+
+    Parameters
+    ----------
+    alphas : sequence of float or None
+        Coarse grid; None means ``np.logspace(-3, 5, 9)``.
+    refine, refine_points, refit_on_trainval, validation_fraction, random_state
+        As in :class:`LogisticRegressionHead` (the hold-out is a plain random one).
+
+    Attributes
+    ----------
+    scaler_ : StandardScaler
+    estimator_ : Ridge
+    n_features_in_ : int
+    best_params_ : dict
+        ``{"alpha": float}``.
+    search_results_ : list of dict
+        ``alpha``, ``stage``, ``val_rmse`` per evaluated alpha.
+    fit_seconds_ : float
+
+    Notes
+    -----
+    Selection: lowest validation RMSE, ties broken by the larger alpha.
+    """
+
+    def __init__(
+        self,
+        alphas: Sequence[float] | np.ndarray | None = None,
+        refine: bool = True,
+        refine_points: int = 5,
+        refit_on_trainval: bool = False,
+        validation_fraction: float = 0.2,
+        random_state: int | None = 0,
+    ) -> None:
+        self.alphas = alphas
+        self.refine = refine
+        self.refine_points = refine_points
+        self.refit_on_trainval = refit_on_trainval
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> RidgeHead:
+        """Choose alpha on the validation split, then refit.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_train, D)
+        y : array-like of shape (n_train,)
+            Real-valued targets.
+        X_val : array-like of shape (n_val, D), optional
+        y_val : array-like of shape (n_val,), optional
+
+        Returns
+        -------
+        self
+        """
+        start = time.perf_counter()
+        check_int("refine_points", self.refine_points, 2)
+        grid = as_float_list("alphas", DEFAULT_ALPHAS if self.alphas is None else self.alphas)
+        split = prepare_fit(
+            X, y, X_val, y_val, classification=False,
+            validation_fraction=self.validation_fraction, random_state=self.random_state,
+        )
+        sel_scaler = StandardScaler().fit(split.X_fit)
+        X_fit, X_sel = sel_scaler.transform(split.X_fit), sel_scaler.transform(split.X_sel)
+
+        def evaluate(values: np.ndarray, stage: str) -> list[dict[str, Any]]:
+            rows = []
+            for alpha in values:
+                pred = Ridge(alpha=float(alpha)).fit(X_fit, split.y_fit).predict(X_sel)
+                rmse = float(np.sqrt(np.mean((pred - split.y_sel) ** 2)))
+                rows.append({"alpha": float(alpha), "stage": stage, "val_rmse": rmse})
+            return rows
+
+        best_alpha, results = log_grid_search(
+            grid, evaluate, lambda r: (r["val_rmse"], -r["alpha"]),
+            "alpha", bool(self.refine), self.refine_points,
+        )
+        X_final, y_final = _final_rows(split, self.refit_on_trainval)
+        self.scaler_ = StandardScaler().fit(X_final)
+        self.estimator_ = Ridge(alpha=best_alpha).fit(self.scaler_.transform(X_final), y_final)
+        self.n_features_in_ = int(split.X_train.shape[1])
+        self.best_params_ = {"alpha": best_alpha}
+        self.search_results_ = results
+        self.fit_seconds_ = time.perf_counter() - start
+        log.info("RidgeHead: alpha=%g (%d evaluated) in %.2fs", best_alpha, len(results), self.fit_seconds_)
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted targets.
+
+        Parameters
+        ----------
+        X : array-like of shape (n, D)
+
+        Returns
+        -------
+        ndarray of shape (n,), float64
+        """
+        check_is_fitted(self, "estimator_")
+        X = check_features(X, self)
+        return self.estimator_.predict(self.scaler_.transform(X)).astype(np.float64, copy=False)

@@ -1,0 +1,404 @@
+"""Torch MLP heads: Linear-BatchNorm1d-ReLU-Dropout blocks, AdamW, early stopping on val.
+
+torch is imported lazily (on fit, predict or load), so ``import featcache.heads`` stays
+cheap for pipelines that only train linear or tree heads.
+
+Training is seeded and leaves global state alone: the global torch RNG is forked for
+the duration of ``fit`` and the intra-op thread count is set to ``n_threads`` and
+restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import numbers
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
+
+from ._base import (
+    Split,
+    check_features,
+    check_int,
+    check_positive,
+    prepare_fit,
+    require_two_classes,
+    resolve_classes,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["MLPHead", "MLPRegressorHead", "build_mlp"]
+
+log = logging.getLogger(__name__)
+
+_PREDICT_BATCH = 8192
+
+
+def build_mlp(n_in: int, hidden_sizes: Sequence[int], n_out: int, dropout: float) -> torch.nn.Sequential:
+    """Blocks of Linear-BatchNorm1d-ReLU-Dropout, then a Linear output layer.
+
+    Parameters
+    ----------
+    n_in : int
+        Input features D.
+    hidden_sizes : sequence of int
+        Width of each hidden block (empty: a linear model).
+    n_out : int
+        K logits (classification) or 1 (regression).
+    dropout : float
+        Dropout probability after each block.
+
+    Returns
+    -------
+    torch.nn.Sequential
+        Maps (n, D) float32 to (n, n_out).
+    """
+    from torch import nn
+
+    layers: list[nn.Module] = []
+    width = n_in
+    for size in hidden_sizes:
+        layers += [nn.Linear(width, int(size)), nn.BatchNorm1d(int(size)), nn.ReLU(), nn.Dropout(dropout)]
+        width = int(size)
+    layers.append(nn.Linear(width, n_out))
+    return nn.Sequential(*layers)
+
+
+@contextlib.contextmanager
+def _torch_threads(n_threads: int) -> Iterator[None]:
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled mini-batch indices; a final batch of one row is dropped (BatchNorm)."""
+    import torch
+
+    perm = torch.randperm(n, generator=generator)
+    batches = list(torch.split(perm, batch_size))
+    if len(batches) > 1 and batches[-1].numel() == 1:
+        batches.pop()
+    return batches
+
+
+class _MLPBase(BaseEstimator):
+    """Shared training loop of :class:`MLPHead` and :class:`MLPRegressorHead`."""
+
+    _classification: bool = False
+
+    def _check_params(self) -> torch.device:
+        """Validate the constructor parameters; return the torch device."""
+        sizes = self.hidden_sizes
+        if not isinstance(sizes, (list, tuple)) or not all(
+            isinstance(h, (int, np.integer)) and not isinstance(h, bool) and h > 0 for h in sizes
+        ):
+            raise ValueError(
+                f"hidden_sizes={self.hidden_sizes!r} is invalid; allowed: a sequence of positive "
+                "integers, e.g. (512,) or (1024, 256); () gives a linear model."
+            )
+        if not (isinstance(self.dropout, numbers.Real) and 0 <= self.dropout < 1):
+            raise ValueError(f"dropout={self.dropout!r} is invalid; allowed: a number in [0, 1).")
+        check_positive("lr", self.lr)
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        check_int("batch_size", self.batch_size, 2)
+        check_int("max_epochs", self.max_epochs, 1)
+        check_int("patience", self.patience, 1)
+        check_int("n_threads", self.n_threads, 1)
+        import torch
+
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError) as err:
+            raise ValueError(f"device={self.device!r} is invalid; allowed: 'cpu', 'cuda', 'cuda:N'.") from err
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={self.device!r} requested but CUDA is not available. Hint: use device='cpu'.")
+        return device
+
+    def _train(self, split: Split, n_out: int, device: torch.device) -> None:
+        """Fit scaler and network; set every fitted attribute except task-specific ones."""
+        import torch
+        from torch import nn
+
+        seed = 0 if self.random_state is None else int(self.random_state)
+        self.scaler_ = StandardScaler().fit(split.X_fit)
+        y_fit, y_sel = self._encode_target(split.y_fit), self._encode_target(split.y_sel)
+
+        def tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.as_tensor(a, dtype=dtype, device=device)
+
+        y_dtype = torch.long if self._classification else torch.float32
+        X_fit = tensor(self.scaler_.transform(split.X_fit), torch.float32)
+        X_sel = tensor(self.scaler_.transform(split.X_sel), torch.float32)
+        t_fit, t_sel = tensor(y_fit, y_dtype), tensor(y_sel, y_dtype)
+        loss_fn = nn.CrossEntropyLoss() if self._classification else nn.MSELoss()
+
+        with _torch_threads(self.n_threads), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
+            module = build_mlp(X_fit.shape[1], self.hidden_sizes, n_out, self.dropout).to(device)
+            optim = torch.optim.AdamW(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            history: list[dict[str, float]] = []
+            best_loss, best_epoch, best_state = float("inf"), 0, None
+            for epoch in range(1, self.max_epochs + 1):
+                module.train()
+                total = 0.0
+                for rows in _batches(X_fit.shape[0], self.batch_size, generator):
+                    rows = rows.to(device)
+                    optim.zero_grad(set_to_none=True)
+                    loss = loss_fn(self._output(module(X_fit[rows])), t_fit[rows])
+                    loss.backward()
+                    optim.step()
+                    total += loss.item() * rows.numel()
+                module.eval()
+                with torch.no_grad():
+                    out = self._output(module(X_sel))
+                    val_loss = float(loss_fn(out, t_sel))
+                    val_score = self._val_score(out, t_sel)
+                history.append({
+                    "epoch": epoch,
+                    "train_loss": total / X_fit.shape[0],
+                    "val_loss": val_loss,
+                    "val_score": val_score,
+                })
+                if val_loss < best_loss:
+                    best_loss, best_epoch = val_loss, epoch
+                    best_state = copy.deepcopy(module.state_dict())
+                elif epoch - best_epoch >= self.patience:
+                    break
+            if best_state is None:
+                raise ValueError(
+                    f"{type(self).__name__} diverged: validation loss is not finite (lr={self.lr}). "
+                    "Hint: lower lr or check the features for extreme values."
+                )
+            module.load_state_dict(best_state)
+        self.module_ = module.eval()
+        self.best_epoch_ = best_epoch
+        self.best_params_ = {"epochs": best_epoch}
+        self.history_ = history
+        self.n_features_in_ = int(split.X_train.shape[1])
+        log.info(
+            "%s: best epoch %d of %d run (val loss %.4f)", type(self).__name__, best_epoch, len(history), best_loss
+        )
+
+    def _output(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self._classification else out[:, 0]
+
+    def _forward(self, X: Any) -> np.ndarray:
+        """Network outputs for raw features, in batches, under ``n_threads``."""
+        import torch
+
+        check_is_fitted(self, "module_")
+        X = self.scaler_.transform(check_features(X, self))
+        device = next(self.module_.parameters()).device
+        outs = []
+        with _torch_threads(self.n_threads), torch.inference_mode():
+            for start in range(0, X.shape[0], _PREDICT_BATCH):
+                chunk = torch.as_tensor(X[start:start + _PREDICT_BATCH], dtype=torch.float32, device=device)
+                outs.append(self._output(self.module_(chunk)).double().cpu().numpy())
+        return np.concatenate(outs)
+
+
+class MLPHead(ClassifierMixin, _MLPBase):
+    """MLP classifier (cross-entropy), early-stopped on validation loss.
+
+    Parameters
+    ----------
+    hidden_sizes : sequence of int
+        Widths of the Linear-BatchNorm1d-ReLU-Dropout blocks.
+    dropout : float
+        Dropout probability in [0, 1).
+    lr, weight_decay : float
+        AdamW learning rate and decoupled weight decay.
+    batch_size : int
+        Mini-batch size (a last batch of one row is dropped each epoch).
+    max_epochs, patience : int
+        Stop after ``patience`` epochs without a lower validation loss.
+    validation_fraction : float
+        Stratified hold-out of the training rows for early stopping when no
+        ``X_val`` is given (no refit on the full training rows).
+    n_classes : int or None
+        Number of outputs K; None infers ``max label + 1`` over train and val.
+    random_state : int or None
+        Seed of initialisation, dropout, shuffling and the hold-out (None means 0).
+    n_threads : int
+        torch intra-op threads during fit and predict (restored afterwards).
+    device : str
+        torch device for training and prediction.
+
+    Attributes
+    ----------
+    module_ : torch.nn.Sequential
+        The network at its best epoch, in eval mode.
+    scaler_ : StandardScaler
+        Fitted on the rows the network is trained on.
+    best_epoch_ : int
+        1-based epoch of the lowest validation loss.
+    history_ : list of dict
+        ``epoch``, ``train_loss``, ``val_loss``, ``val_score`` (accuracy) per epoch.
+    best_params_ : dict
+        ``{"epochs": best_epoch_}``.
+    classes_ : ndarray of shape (K,)
+    n_features_in_ : int
+    fit_seconds_ : float
+    """
+
+    _classification = True
+
+    def __init__(
+        self,
+        hidden_sizes: Sequence[int] = (512,),
+        dropout: float = 0.2,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        batch_size: int = 128,
+        max_epochs: int = 100,
+        patience: int = 10,
+        validation_fraction: float = 0.2,
+        n_classes: int | None = None,
+        random_state: int | None = 0,
+        n_threads: int = 2,
+        device: str = "cpu",
+    ) -> None:
+        self.hidden_sizes = hidden_sizes
+        self.dropout = dropout
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.n_classes = n_classes
+        self.random_state = random_state
+        self.n_threads = n_threads
+        self.device = device
+
+    def _encode_target(self, y: np.ndarray) -> np.ndarray:
+        return y
+
+    def _val_score(self, out: torch.Tensor, target: torch.Tensor) -> float:
+        return float((out.argmax(dim=1) == target).float().mean())
+
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> MLPHead:
+        """Train on train, early-stopping on val.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_train, D)
+        y : array-like of shape (n_train,)
+            Integer class indices 0..K-1.
+        X_val : array-like of shape (n_val, D), optional
+        y_val : array-like of shape (n_val,), optional
+
+        Returns
+        -------
+        self
+        """
+        start = time.perf_counter()
+        device = self._check_params()
+        split = prepare_fit(
+            X, y, X_val, y_val, classification=True,
+            validation_fraction=self.validation_fraction, random_state=self.random_state,
+        )
+        classes = resolve_classes(self.n_classes, split.y_train, split.y_val)
+        require_two_classes(split.y_fit)
+        self._train(split, classes.size, device)
+        self.classes_ = classes
+        self.fit_seconds_ = time.perf_counter() - start
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Softmax probabilities, shape (n, K), float64."""
+        logits = self._forward(X)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Most probable class index, shape (n,)."""
+        logits = self._forward(X)
+        return self.classes_[np.argmax(logits, axis=1)]
+
+
+class MLPRegressorHead(RegressorMixin, _MLPBase):
+    """MLP regressor: MSE on the standardised target, un-standardised at predict.
+
+    Parameters are those of :class:`MLPHead` without ``n_classes``; the hold-out
+    (when no ``X_val`` is given) is a plain random one.
+
+    Attributes
+    ----------
+    module_, scaler_, best_epoch_, best_params_, n_features_in_, fit_seconds_
+        As in :class:`MLPHead`.
+    history_ : list of dict
+        ``val_score`` is the validation R2.
+    y_mean_, y_scale_ : float
+        Target standardisation, from the training rows.
+    """
+
+    def __init__(
+        self,
+        hidden_sizes: Sequence[int] = (512,),
+        dropout: float = 0.2,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        batch_size: int = 128,
+        max_epochs: int = 100,
+        patience: int = 10,
+        validation_fraction: float = 0.2,
+        random_state: int | None = 0,
+        n_threads: int = 2,
+        device: str = "cpu",
+    ) -> None:
+        self.hidden_sizes = hidden_sizes
+        self.dropout = dropout
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+        self.n_threads = n_threads
+        self.device = device
+
+    def _encode_target(self, y: np.ndarray) -> np.ndarray:
+        return (y - self.y_mean_) / self.y_scale_
+
+    def _val_score(self, out: torch.Tensor, target: torch.Tensor) -> float:
+        ss_res = float(((out - target) ** 2).sum())
+        ss_tot = float(((target - target.mean()) ** 2).sum())
+        return 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
+
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> MLPRegressorHead:
+        """Train on train, early-stopping on val; as :meth:`MLPHead.fit` with real ``y``."""
+        start = time.perf_counter()
+        device = self._check_params()
+        split = prepare_fit(
+            X, y, X_val, y_val, classification=False,
+            validation_fraction=self.validation_fraction, random_state=self.random_state,
+        )
+        self.y_mean_ = float(np.mean(split.y_fit))
+        std = float(np.std(split.y_fit))
+        self.y_scale_ = std if std > 0 else 1.0
+        self._train(split, 1, device)
+        self.fit_seconds_ = time.perf_counter() - start
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted targets, shape (n,), float64."""
+        return self._forward(X) * self.y_scale_ + self.y_mean_

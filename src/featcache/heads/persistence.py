@@ -1,0 +1,191 @@
+"""Save and load fitted heads without pickle.
+
+A saved head is a directory (the same fitted head always saves to the same bytes)::
+
+    head.json     format, class name, get_params(), fitted metadata (written last;
+                  ``fit_seconds_`` is not saved)
+    arrays.npz    scaler statistics, classes, linear coefficients (allow_pickle=False)
+    model.txt     LightGBM native text model, truncated at the best iteration
+    module.pt     MLP state_dict (loaded with torch.load(weights_only=True))
+
+Only classes registered in :data:`featcache.heads.registry.HEADS` can be loaded; the
+class name in ``head.json`` is looked up there, never imported by path.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.linear_model import Ridge
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.validation import check_is_fitted
+
+from ._base import jsonable
+from .boosting import _LightGBMBase
+from .linear import LogisticRegressionHead, RidgeHead
+from .mlp import _MLPBase, build_mlp
+from .registry import HEADS
+
+__all__ = ["FORMAT", "load_head", "save_head"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "featcache-head/1"
+# fit_seconds_ is left out on purpose: the same fit then saves to the same bytes
+_META_ATTRS = (
+    "n_features_in_", "best_params_", "search_results_", "best_epoch_",
+    "history_", "best_iteration_", "y_mean_", "y_scale_", "n_iter_",
+)
+_FILES = ("head.json", "arrays.npz", "model.txt", "module.pt")
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+_ARRAY_ATTRS = ("classes_", "train_classes_")
+_TUPLE_PARAMS = ("hidden_sizes",)
+
+
+def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Like ``np.savez`` but byte-reproducible (fixed zip timestamps, sorted members)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asarray(arrays[name]), allow_pickle=False)
+            zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH), buf.getvalue())
+
+
+def _classes() -> dict[str, type[BaseEstimator]]:
+    return {cls.__name__: cls for tasks in HEADS.values() for cls in tasks.values()}
+
+
+def save_head(head: BaseEstimator, directory: str | Path) -> Path:
+    """Write a fitted head to ``directory`` (created if needed).
+
+    Parameters
+    ----------
+    head : estimator
+        A fitted head of a registered class.
+    directory : str or Path
+
+    Returns
+    -------
+    Path
+        ``directory``.
+    """
+    known = _classes()
+    name = type(head).__name__
+    if name not in known or known[name] is not type(head):
+        raise ValueError(f"cannot save {name}; allowed: {', '.join(sorted(known))}.")
+    check_is_fitted(head)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in _FILES:  # a head of another kind may have been saved here before
+        (directory / stale).unlink(missing_ok=True)
+    arrays: dict[str, np.ndarray] = {a: getattr(head, a) for a in _ARRAY_ATTRS if hasattr(head, a)}
+    scaler = getattr(head, "scaler_", None)
+    if scaler is not None:
+        arrays.update(
+            scaler_mean=scaler.mean_, scaler_scale=scaler.scale_, scaler_var=scaler.var_,
+            scaler_n_samples_seen=np.asarray(scaler.n_samples_seen_, dtype=np.int64),
+        )
+    if isinstance(head, (LogisticRegressionHead, RidgeHead)):
+        arrays.update(coef=np.asarray(head.estimator_.coef_), intercept=np.asarray(head.estimator_.intercept_))
+    if isinstance(head, _LightGBMBase):
+        head.booster_.save_model(str(directory / "model.txt"), num_iteration=head.best_iteration_)
+    if isinstance(head, _MLPBase):
+        import torch
+
+        state = {k: v.detach().cpu() for k, v in head.module_.state_dict().items()}
+        torch.save(state, directory / "module.pt")
+    _write_npz(directory / "arrays.npz", arrays)
+    meta = {
+        "format": FORMAT,
+        "class": name,
+        "params": jsonable(head.get_params(deep=False)),
+        "fitted": jsonable({a: getattr(head, a) for a in _META_ATTRS if hasattr(head, a)}),
+    }
+    (directory / "head.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    log.info("saved %s to %s", name, directory)
+    return directory
+
+
+def _restore_scaler(arrays: dict[str, np.ndarray], n_features: int) -> StandardScaler:
+    scaler = StandardScaler()
+    scaler.mean_, scaler.scale_, scaler.var_ = arrays["scaler_mean"], arrays["scaler_scale"], arrays["scaler_var"]
+    seen = arrays["scaler_n_samples_seen"]
+    scaler.n_samples_seen_ = int(seen) if seen.ndim == 0 else seen
+    scaler.n_features_in_ = n_features
+    return scaler
+
+
+def load_head(directory: str | Path) -> BaseEstimator:
+    """Load a head written by :func:`save_head`.
+
+    Parameters
+    ----------
+    directory : str or Path
+
+    Returns
+    -------
+    estimator
+        A fitted head whose predictions equal the saved one's. MLP modules are loaded
+        onto the CPU.
+    """
+    directory = Path(directory)
+    meta_path = directory / "head.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"{meta_path} not found; a saved head directory holds head.json. "
+            "Hint: the directory is written by featcache.heads.save_head."
+        )
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r}; allowed: {FORMAT!r}.")
+    known = _classes()
+    if meta.get("class") not in known:
+        raise ValueError(f"{meta_path}: class {meta.get('class')!r}; allowed: {', '.join(sorted(known))}.")
+    cls = known[meta["class"]]
+    params: dict[str, Any] = dict(meta["params"])
+    for key in _TUPLE_PARAMS:
+        if isinstance(params.get(key), list):
+            params[key] = tuple(params[key])
+    head = cls(**params)
+    for attr, value in meta["fitted"].items():
+        setattr(head, attr, value)
+    with np.load(directory / "arrays.npz", allow_pickle=False) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    for attr in _ARRAY_ATTRS:
+        if attr in arrays:
+            setattr(head, attr, arrays[attr])
+    n_features = int(head.n_features_in_)
+    head.scaler_ = _restore_scaler(arrays, n_features) if "scaler_mean" in arrays else None
+
+    if isinstance(head, LogisticRegressionHead):
+        model = head._model(head.best_params_["C"], warm_start=False)
+        model.classes_ = head.train_classes_
+    elif isinstance(head, RidgeHead):
+        model = Ridge(alpha=head.best_params_["alpha"])
+    if isinstance(head, (LogisticRegressionHead, RidgeHead)):
+        model.coef_, model.intercept_ = arrays["coef"], arrays["intercept"]
+        if model.intercept_.ndim == 0:
+            model.intercept_ = float(model.intercept_)
+        model.n_features_in_ = n_features
+        head.estimator_ = model
+    elif isinstance(head, _LightGBMBase):
+        import lightgbm
+
+        head.booster_ = lightgbm.Booster(model_file=str(directory / "model.txt"))
+    elif isinstance(head, _MLPBase):
+        import torch
+
+        n_out = int(head.classes_.size) if head._classification else 1
+        module = build_mlp(n_features, head.hidden_sizes, n_out, head.dropout)
+        state = torch.load(directory / "module.pt", map_location="cpu", weights_only=True)
+        module.load_state_dict(state)
+        head.module_ = module.eval()
+    log.info("loaded %s from %s", cls.__name__, directory)
+    return head

@@ -1,0 +1,98 @@
+"""Head registry: one table from (head name, task) to estimator class.
+
+The pipeline builds heads only through :func:`make_head`, so a typo in
+``params.yaml`` fails early with the allowed names and a close-match hint.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from sklearn.base import BaseEstimator
+
+from .boosting import LightGBMHead, LightGBMRegressorHead
+from .linear import LogisticRegressionHead, RidgeHead
+from .mlp import MLPHead, MLPRegressorHead
+
+__all__ = ["HEADS", "TASKS", "head_class", "head_names", "make_head"]
+
+log = logging.getLogger(__name__)
+
+TASKS: tuple[str, ...] = ("classification", "regression")
+
+HEADS: dict[str, dict[str, type[BaseEstimator]]] = {
+    "logreg": {"classification": LogisticRegressionHead, "regression": RidgeHead},
+    "lightgbm": {"classification": LightGBMHead, "regression": LightGBMRegressorHead},
+    "mlp": {"classification": MLPHead, "regression": MLPRegressorHead},
+}
+
+
+def _hint(value: str, allowed: list[str]) -> str:
+    close = difflib.get_close_matches(value, allowed, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def head_names() -> list[str]:
+    """Registered head names, in table order."""
+    return list(HEADS)
+
+
+def head_class(name: str, task: str) -> type[BaseEstimator]:
+    """The estimator class registered for ``(name, task)``.
+
+    Raises
+    ------
+    ValueError
+        Naming the unknown head or task and the allowed values.
+    """
+    if name not in HEADS:
+        raise ValueError(
+            f"unknown head {name!r}; allowed: {', '.join(HEADS)}.{_hint(str(name), list(HEADS))}"
+        )
+    if task not in HEADS[name]:
+        raise ValueError(
+            f"unknown task {task!r} for head {name!r}; allowed: {', '.join(HEADS[name])}."
+            f"{_hint(str(task), list(HEADS[name]))}"
+        )
+    return HEADS[name][task]
+
+
+def make_head(
+    name: str, task: str, params: Mapping[str, Any] | None = None, **overrides: Any
+) -> BaseEstimator:
+    """Build an unfitted head.
+
+    Parameters
+    ----------
+    name : str
+        One of :func:`head_names` (``"logreg"``, ``"lightgbm"``, ``"mlp"``).
+    task : {"classification", "regression"}
+    params : mapping, optional
+        Constructor parameters (e.g. a ``params.yaml`` section).
+    **overrides
+        Parameters that take precedence over ``params``.
+
+    Returns
+    -------
+    sklearn.base.BaseEstimator
+
+    Raises
+    ------
+    ValueError
+        For an unknown head, task or parameter; the message names the bad value, the
+        allowed values and the closest match.
+    """
+    cls = head_class(name, task)
+    merged = {**dict(params or {}), **overrides}
+    allowed = sorted(cls().get_params(deep=False))
+    for key in merged:
+        if key not in allowed:
+            raise ValueError(
+                f"unknown parameter {key!r} for head {name!r} ({cls.__name__}, {task}); "
+                f"allowed: {', '.join(allowed)}.{_hint(str(key), allowed)}"
+            )
+    log.debug("make_head(%s, %s): %s", name, task, merged)
+    return cls(**merged)

@@ -1,0 +1,157 @@
+"""The ``featcache`` command line: one subcommand per stage plus registry listings.
+
+Every stage command reads ``--params`` (default ``params.yaml``), validates it
+strictly before any work, and takes its input and output paths as arguments
+(``dvc.yaml`` passes them), so the same commands run under ``dvc repro`` or by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("featcache")
+
+
+def _cmd_backbones(args: argparse.Namespace) -> None:
+    from featcache.extract.registry import BACKBONES
+
+    print(f"{'backbone':<20} {'input':>5} {'default':<10} {'dim':>5}  weights")
+    for spec in BACKBONES.values():
+        default = spec.layers[spec.default_layer]
+        print(f"{spec.name:<20} {spec.input_size:>5} {spec.default_layer:<10} {default.dim:>5}  {spec.weights}")
+
+
+def _cmd_layers(args: argparse.Namespace) -> None:
+    from featcache.extract.registry import get_backbone
+
+    spec = get_backbone(args.backbone)
+    print(f"{spec.name}: {spec.description}")
+    print(f"{'alias':<14} {'node':<22} {'dim':>5}  {'kind':<5} post_relu")
+    for alias, layer in spec.layers.items():
+        mark = "  (default)" if alias == spec.default_layer else ""
+        print(f"{alias:<14} {layer.node:<22} {layer.dim:>5}  {layer.kind:<5} {layer.post_relu}{mark}")
+    if args.nodes:
+        from featcache.extract.torch_runner import graph_node_names
+        from featcache.extract.weights import load_backbone
+
+        model = load_backbone(spec.name, "random").model
+        print("\nRaw graph nodes (usable as layer names):")
+        for node in graph_node_names(model, spec):
+            print(f"  {node}")
+
+
+def _cmd_digits(args: argparse.Namespace) -> None:
+    from featcache.pipeline.prepare import make_digits
+
+    make_digits(args.out)
+
+
+def _cmd_check(args: argparse.Namespace) -> None:
+    from featcache.pipeline.config import load_params
+
+    params = load_params(args.params)
+    print(f"{args.params}: OK ({len(params.backbones)} backbone(s), {len(params.features)} feature set(s), "
+          f"heads {params.train.heads})")
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from featcache.pipeline.config import load_params
+    from featcache.pipeline.prepare import prepare
+
+    prepare(load_params(args.params), args.out)
+
+
+def _cmd_extract(args: argparse.Namespace) -> None:
+    from featcache.pipeline.config import load_params
+    from featcache.pipeline.extract import extract
+
+    report = extract(load_params(args.params), args.backbone, args.manifest, args.out,
+                     progress=not args.no_progress)
+    print(f"{report.path}: {report.n_written} rows written, {report.n_skipped} skipped, "
+          f"{report.images_per_second:.1f} img/s")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from featcache.pipeline.config import load_params
+    from featcache.pipeline.train import train
+
+    train(load_params(args.params), args.store, args.backbone, args.layer, args.head, args.metrics,
+          model_dir=args.model_dir, confusion_path=args.confusion)
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from featcache.pipeline.compare import compare
+
+    compare(args.metrics_dir, args.out, plot_path=args.plot)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    parser = argparse.ArgumentParser(prog="featcache", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("backbones", help="list registered backbones").set_defaults(func=_cmd_backbones)
+    layers = sub.add_parser("layers", help="list a backbone's layer aliases and dims")
+    layers.add_argument("backbone")
+    layers.add_argument("--nodes", action="store_true", help="also list raw graph node names")
+    layers.set_defaults(func=_cmd_layers)
+
+    digits = sub.add_parser("digits", help="write the embedded digits dataset as PNG files")
+    digits.add_argument("out")
+    digits.set_defaults(func=_cmd_digits)
+
+    def with_params(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        return p
+
+    with_params(sub.add_parser("check", help="validate params.yaml")).set_defaults(func=_cmd_check)
+
+    prep = with_params(sub.add_parser("prepare", help="build the manifest (ids, labels, splits)"))
+    prep.add_argument("--out", required=True, help="output folder (manifest.csv, summary.json)")
+    prep.set_defaults(func=_cmd_prepare)
+
+    ext = with_params(sub.add_parser("extract", help="extract one backbone's layers to HDF5"))
+    ext.add_argument("--backbone", required=True)
+    ext.add_argument("--manifest", required=True)
+    ext.add_argument("--out", required=True)
+    ext.add_argument("--no-progress", action="store_true")
+    ext.set_defaults(func=_cmd_extract)
+
+    tr = with_params(sub.add_parser("train", help="train and score one head on one layer"))
+    for name in ("store", "backbone", "layer", "head", "metrics"):
+        tr.add_argument(f"--{name}", required=True)
+    tr.add_argument("--model-dir")
+    tr.add_argument("--confusion")
+    tr.set_defaults(func=_cmd_train)
+
+    cmp_ = sub.add_parser("compare", help="rank every run in one report")
+    cmp_.add_argument("--metrics-dir", required=True)
+    cmp_.add_argument("--out", required=True)
+    cmp_.add_argument("--plot")
+    cmp_.set_defaults(func=_cmd_compare)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``featcache`` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from featcache.errors import USER_ERRORS
+
+    try:
+        args.func(args)
+    except USER_ERRORS as error:
+        print(f"featcache {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""Typed, strict configuration: ``params.yaml`` parsed and checked before any work.
+
+Every section is a pydantic model with ``extra="forbid"``, so an unknown or
+mistyped key fails at once with the key, the allowed keys and a close match.
+Cross-field checks (layers that exist, heads that exist, features that name
+configured backbones) run here too. The library never reads ``params.yaml``:
+stages call :func:`load_params` and pass plain values on.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from featcache.extract.registry import UnknownNameError, get_backbone, list_backbones, resolve_layer
+from featcache.store.schema import FEATURE_DTYPES, POOLINGS
+
+__all__ = ["Params", "DataParams", "ExtractParams", "BackboneParams", "FeatureRef", "TrainParams",
+           "ConfigError", "load_params", "parse_params", "extraction_config"]
+
+
+class ConfigError(ValueError):
+    """``params.yaml`` is invalid; the message names the key, value and allowed values."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class SplitRatios(_Strict):
+    """Fractions of rows per split (must sum to 1; ``val`` may be 0)."""
+
+    train: float = Field(0.6, gt=0, le=1)
+    val: float = Field(0.2, ge=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitRatios":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split ratios train+val+test must sum to 1, got {total:g} "
+                             f"({self.train:g}+{self.val:g}+{self.test:g})")
+        return self
+
+
+class DataParams(_Strict):
+    """Where the images come from and how they are split."""
+
+    name: str = Field("digits", pattern=r"^[A-Za-z0-9_.-]+$")
+    source: Literal["folder", "csv"] = "folder"
+    path: str = "data/digits"
+    csv: str = "labels.csv"
+    task: Literal["classification", "regression"] = "classification"
+    split: SplitRatios = SplitRatios()
+    seed: int = 0
+
+
+class ExtractParams(_Strict):
+    """How features are extracted (shared by every backbone)."""
+
+    backend: Literal["torch", "onnx"] = "torch"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(64, ge=1, le=4096)
+    num_workers: int | Literal["auto"] = "auto"
+    dtype: Literal[FEATURE_DTYPES] = "float16"  # type: ignore[valid-type]
+    pooling: Literal[POOLINGS] = "avg"  # type: ignore[valid-type]
+    resize_mode: Literal["crop", "squash"] = "crop"
+    channels_last: bool = True
+    autocast: Literal["none", "bf16", "fp16"] = "none"
+    on_error: Literal["skip", "fail"] = "skip"
+    block_rows: int = Field(512, ge=1)
+
+
+class BackboneParams(_Strict):
+    """One backbone to extract: weights source and layers."""
+
+    weights: str = "pretrained"
+    layers: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
+
+
+class FeatureRef(_Strict):
+    """One (backbone, layer) pair that heads are trained on."""
+
+    backbone: str
+    layer: str
+
+
+class TrainParams(_Strict):
+    """Which heads run and how they are scored."""
+
+    heads: list[Literal["logreg", "lightgbm", "mlp"]] = Field(default_factory=lambda: ["logreg", "lightgbm", "mlp"],
+                                                              min_length=1)
+    n_boot: int = Field(1000, ge=0)
+    seed: int = 0
+
+
+class Params(_Strict):
+    """The whole ``params.yaml``."""
+
+    data: DataParams = DataParams()
+    extract: ExtractParams = ExtractParams()
+    backbones: dict[str, BackboneParams] = Field(default_factory=lambda: {"efficientnet_lite0": BackboneParams()})
+    features: list[FeatureRef] = Field(default_factory=list)
+    train: TrainParams = TrainParams()
+    heads: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("backbones")
+    @classmethod
+    def _known_backbones(cls, value: dict[str, BackboneParams]) -> dict[str, BackboneParams]:
+        for name, backbone in value.items():
+            spec = get_backbone(name)  # raises with the list of valid names
+            for layer in backbone.layers:
+                if layer != "default" and layer not in spec.layers and "." not in layer:
+                    resolve_layer(name, layer)  # raises with the aliases and a hint
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "Params":
+        for index, feature in enumerate(self.features):
+            if feature.backbone not in self.backbones:
+                raise ValueError(f"features[{index}].backbone {feature.backbone!r} is not configured under "
+                                 f"backbones (configured: {list(self.backbones)})")
+            layers = self.backbones[feature.backbone].layers
+            if feature.layer not in layers:
+                raise ValueError(f"features[{index}].layer {feature.layer!r} is not extracted for "
+                                 f"{feature.backbone!r} (backbones.{feature.backbone}.layers = {layers})")
+        from featcache.heads.registry import make_head
+
+        for name, head_params in self.heads.items():
+            make_head(name, self.data.task, head_params)  # raises naming unknown heads / params
+        return self
+
+
+def _format_validation_error(error: ValidationError, raw: Mapping[str, Any]) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            parent = item["loc"][:-1]
+            model = _model_at(parent)
+            allowed = list(model.model_fields) if model is not None else []
+            close = difflib.get_close_matches(str(item["loc"][-1]), allowed, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            lines.append(f"- unknown key {key!r}.{hint} Allowed keys here: {', '.join(allowed)}")
+        else:
+            value = item.get("input")
+            lines.append(f"- {key or '(top level)'}: {item['msg']} (got {value!r})")
+    return "Invalid params:\n" + "\n".join(lines)
+
+
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: Any = Params
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif args and isinstance(args[-1], type) and issubclass(args[-1], BaseModel):
+            model = args[-1]  # dict[str, Model] or list[Model]
+        else:
+            return None
+    return model
+
+
+def parse_params(raw: Mapping[str, Any] | None) -> Params:
+    """Validate a params mapping.
+
+    Raises
+    ------
+    ConfigError
+        Listing every invalid key with the value and the allowed values.
+    """
+    raw = dict(raw or {})
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, raw)) from None
+    except (UnknownNameError, ValueError) as error:
+        raise ConfigError(f"Invalid params: {error}") from None
+    if not params.features:
+        params.features = [FeatureRef(backbone=name, layer=layer)
+                           for name, backbone in params.backbones.items() for layer in backbone.layers]
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Params file {str(path)!r} not found. Hint: run from the project root.")
+    with open(path, encoding="utf-8") as handle:
+        return parse_params(yaml.safe_load(handle))
+
+
+def extraction_config(params: Params, backbone: str) -> dict[str, Any]:
+    """Every param that changes the features of one backbone (stored in the HDF5 file)."""
+    extract = params.extract.model_dump()
+    # Speed-only knobs do not change the features' meaning and are left out of the hash.
+    for key in ("batch_size", "num_workers", "block_rows", "device"):
+        extract.pop(key)
+    return {
+        "backbone": backbone,
+        "weights": params.backbones[backbone].weights,
+        "layers": list(params.backbones[backbone].layers),
+        "extract": extract,
+        "data": {"name": params.data.name, "task": params.data.task},
+    }
+
+
+def known_backbones() -> list[str]:
+    """Registry names (for messages)."""
+    return list_backbones()

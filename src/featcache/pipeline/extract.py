@@ -1,0 +1,69 @@
+"""``extract`` stage: one backbone's layers for every manifest row -> HDF5 store."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from featcache.extract.engine import ExtractionReport, extract_to_store, resolve_device
+from featcache.extract.manifest import Manifest
+from featcache.extract.preprocess import Preprocessor
+from featcache.extract.registry import get_backbone
+from featcache.extract.torch_runner import TorchFeatureExtractor
+from featcache.extract.weights import load_backbone
+from featcache.pipeline.config import Params, extraction_config
+
+__all__ = ["extract", "expected_config"]
+
+logger = logging.getLogger(__name__)
+
+
+def expected_config(params: Params, backbone: str) -> dict:
+    """The extraction config that ``params`` give for ``backbone`` (as stored in its HDF5 file)."""
+    config = extraction_config(params, backbone)
+    config["preprocess"] = Preprocessor.from_spec(get_backbone(backbone), params.extract.resize_mode).config()
+    return config
+
+
+def extract(params: Params, backbone: str, manifest_path: str | Path, out: str | Path,
+            progress: bool = True) -> ExtractionReport:
+    """Extract the configured layers of ``backbone`` for the manifest's rows.
+
+    Parameters
+    ----------
+    params : Params
+        Validated params (``extract`` and ``backbones.<backbone>`` are used).
+    backbone : str
+        A key of ``params.backbones``.
+    manifest_path : path
+        ``manifest.csv`` written by ``prepare``.
+    out : path
+        The ``.h5`` store to write.
+    """
+    if backbone not in params.backbones:
+        raise ValueError(f"Backbone {backbone!r} is not configured in params.backbones "
+                         f"(configured: {list(params.backbones)}).")
+    knobs = params.extract
+    manifest = Manifest.read(manifest_path)
+    device = resolve_device(knobs.device)
+    loaded = load_backbone(backbone, params.backbones[backbone].weights)
+    preprocess = Preprocessor.from_spec(loaded.spec, knobs.resize_mode)
+    autocast = None if knobs.autocast == "none" else knobs.autocast
+    if knobs.backend == "onnx":
+        from featcache.extract.onnx_runner import OnnxFeatureRunner
+
+        runner = OnnxFeatureRunner.from_model(loaded.model, loaded.spec, params.backbones[backbone].layers,
+                                              pooling=knobs.pooling, device=device)
+        backend_attrs = {"backend": "onnx", "provider": runner.provider}
+    else:
+        runner = TorchFeatureExtractor(loaded.model, loaded.spec, params.backbones[backbone].layers,
+                                       pooling=knobs.pooling, device=device, channels_last=knobs.channels_last,
+                                       autocast=autocast)
+        backend_attrs = {"backend": "torch", "provider": device}
+    config = expected_config(params, backbone)
+    attrs = {"backbone": backbone, "weights_id": loaded.weights_id, "weights_sha256": loaded.weights_sha256,
+             "dataset": params.data.name, **backend_attrs}
+    workers = None if knobs.num_workers == "auto" else int(knobs.num_workers)
+    return extract_to_store(manifest, runner, preprocess, out, config=config, attrs=attrs, dtype=knobs.dtype,
+                            batch_size=knobs.batch_size, num_workers=workers, block_rows=knobs.block_rows,
+                            on_error=knobs.on_error, pin_memory=device == "cuda", progress=progress)

@@ -1,0 +1,78 @@
+"""``train`` stage: one head on one (backbone, layer) of a feature store -> metrics, plot, model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featcache.heads import fit_and_evaluate, make_head, save_head
+from featcache.heads.metrics import confusion_rows
+from featcache.pipeline.config import Params
+from featcache.pipeline.extract import expected_config
+from featcache.store import FeatureStore
+
+__all__ = ["train"]
+
+logger = logging.getLogger(__name__)
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+    partial.replace(path)
+
+
+def _write_confusion(path: Path, rows: list[dict[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["actual", "predicted"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    partial.replace(path)
+
+
+def train(params: Params, store_path: str | Path, backbone: str, layer: str, head: str,
+          metrics_path: str | Path, model_dir: str | Path | None = None,
+          confusion_path: str | Path | None = None) -> dict[str, Any]:
+    """Fit ``head`` on the train split of ``layer``, select on val, score on test.
+
+    The store is checked against the current params first: a stale feature
+    file (extracted with other params) is refused, naming the changed key.
+
+    Returns
+    -------
+    dict
+        The metrics written to ``metrics_path``.
+    """
+    task = params.data.task
+    with FeatureStore(store_path) as store:
+        store.check_config(expected_config(params, backbone))
+        X = {split: store.read(layer, split) for split in ("train", "val", "test")}
+        y_of = store.labels if task == "classification" else store.targets
+        y = {split: y_of(split) for split in ("train", "val", "test")}
+        classes = list(store.classes)
+        layer_info = store.layer_info(layer)
+    has_val = len(y["val"]) > 0
+    estimator = make_head(head, task, params.heads.get(head, {}))
+    result = fit_and_evaluate(estimator, task, X["train"], y["train"], X["val"] if has_val else None,
+                              y["val"] if has_val else None, X["test"], y["test"],
+                              n_classes=len(classes) if task == "classification" else None,
+                              n_boot=params.train.n_boot, seed=params.train.seed)
+    metrics = {"dataset": params.data.name, "backbone": backbone, "layer": layer, "head": head, "task": task,
+               "node": layer_info["node"], "pooling": layer_info["pooling"], **result.metrics}
+    _write_json(Path(metrics_path), metrics)
+    if confusion_path is not None and task == "classification":
+        _write_confusion(Path(confusion_path), confusion_rows(y["test"], result.predictions, classes))
+    if model_dir is not None:
+        save_head(estimator, model_dir)
+    summary = metrics.get("accuracy", metrics.get("rmse"))
+    logger.info("%s/%s/%s: test %s = %.4f", backbone, layer, head,
+                "accuracy" if task == "classification" else "rmse", summary)
+    return metrics

@@ -1,0 +1,307 @@
+"""Read-only access to a finished HDF5 feature store.
+
+Example::
+
+    with FeatureStore("features/digits/efficientnet_lite0.h5") as fs:
+        fs.check_config(expected_config)          # StaleStoreError if params changed
+        X = fs.read("pool", "train")              # (n, 1280) float32
+        y = fs.labels("train")                    # (n,) int64
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Mapping
+
+import h5py
+import numpy as np
+
+from .errors import StaleStoreError, StoreError, StoreNotFoundError
+from .lazy import dask_array
+from .schema import FORMAT, SPLIT_CODES, SPLITS, canonical_json
+
+__all__ = ["FeatureStore", "diff_config"]
+
+logger = logging.getLogger(__name__)
+
+_REQUIRED = ("ids", "label", "target", "split", "classes", "errors", "features")
+_MISSING = object()
+
+
+def _plain(value: Any) -> Any:
+    """h5py attribute value -> plain Python (str, bool, int, float) or ndarray."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "OS":
+            return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value.tolist()]
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _strs(values: np.ndarray) -> list[str]:
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values.tolist()]
+
+
+def diff_config(stored: Any, expected: Any, prefix: str = "") -> list[str]:
+    """List the key paths whose values differ between two JSON-like configs.
+
+    Parameters
+    ----------
+    stored, expected : JSON-like
+        Nested dicts / lists / scalars.
+    prefix : str
+        Key path of ``stored`` (dotted), for recursion.
+
+    Returns
+    -------
+    list of str
+        e.g. ``["extract.pooling: store has 'avg', params say 'max'"]``.
+    """
+    if isinstance(stored, dict) and isinstance(expected, dict):
+        out: list[str] = []
+        for key in sorted(set(stored) | set(expected)):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            out += diff_config(stored.get(key, _MISSING), expected.get(key, _MISSING), path)
+        return out
+    if stored == expected and type(stored) is type(expected):
+        return []
+    show = lambda v: "nothing" if v is _MISSING else repr(v)  # noqa: E731
+    return [f"{prefix or '<config>'}: store has {show(stored)}, params say {show(expected)}"]
+
+
+class FeatureStore:
+    """A complete feature store opened read-only.
+
+    Parameters
+    ----------
+    path : path-like
+        The ``.h5`` file written by :class:`~featcache.store.writer.StoreWriter`.
+
+    Raises
+    ------
+    StoreNotFoundError
+        If the file does not exist (a :class:`StoreError` and a ``FileNotFoundError``).
+    StoreError
+        If it is not a featcache store of format :data:`FORMAT` or is incomplete.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StoreNotFoundError(
+                f"feature store {self.path} does not exist; hint: run the extraction first "
+                "(`dvc repro` or `featcache extract`)"
+            )
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise StoreError(
+                f"{self.path} is not a readable HDF5 file ({exc}); hint: delete it and "
+                "rerun extraction"
+            ) from exc
+        try:
+            self._load()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _load(self) -> None:
+        f = self._file
+        self.attrs: dict[str, Any] = {k: _plain(f.attrs[k]) for k in sorted(f.attrs)}
+        fmt = self.attrs.get("format")
+        if fmt != FORMAT:
+            raise StoreError(
+                f"{self.path} has format {fmt!r}, this featcache reads {FORMAT!r}; "
+                "hint: rerun extraction to rewrite it"
+            )
+        if self.attrs.get("complete") is not True:
+            raise StoreError(
+                f"incomplete store {self.path} (complete={self.attrs.get('complete')!r}); "
+                "hint: rerun extraction"
+            )
+        missing = [name for name in _REQUIRED if name not in f]
+        if missing:
+            raise StoreError(f"{self.path} lacks {missing}; hint: rerun extraction")
+        self.config: dict[str, Any] = json.loads(self.attrs.get("config", "{}"))
+        self.config_sha256: str = str(self.attrs.get("config_sha256", ""))
+        self.backbone: str = str(self.attrs.get("backbone", self.config.get("backbone", "")))
+        group = f["features"]
+        order = _plain(group.attrs["layers"]) if "layers" in group.attrs else sorted(group)
+        self.layers: list[str] = [name for name in order if name in group]
+        self.classes: list[str] = _strs(f["classes"][()])
+        self._ids = np.array(_strs(f["ids"][()]), dtype=np.str_)
+        self._labels = np.asarray(f["label"][()], dtype=np.int64)
+        self._targets = np.asarray(f["target"][()], dtype=np.float64)
+        self._splits = np.asarray(f["split"][()], dtype=np.uint8)
+        self.n_rows: int = int(self._ids.shape[0])
+        self.task: str = "classification" if (self._labels >= 0).any() else "regression"
+
+    # ---------------------------------------------------------------- metadata
+    def layer_info(self, layer: str) -> dict[str, Any]:
+        """Attributes of ``/features/<layer>``.
+
+        Returns
+        -------
+        dict
+            node (str), pooling (str), map_shape (tuple of int), post_relu
+            (bool), dim (int), dtype (str, the storage dtype).
+        """
+        ds = self._dataset(layer)
+        a = ds.attrs
+        return {
+            "node": _plain(a["node"]),
+            "pooling": _plain(a["pooling"]),
+            "map_shape": tuple(int(v) for v in np.atleast_1d(a["map_shape"])),
+            "post_relu": bool(a["post_relu"]),
+            "dim": int(a["dim"]),
+            "dtype": ds.dtype.name,
+        }
+
+    def split_mask(self, split: str | None) -> np.ndarray:
+        """Boolean row mask (N,) of one split; None selects every row."""
+        if split is None:
+            return np.ones(self.n_rows, dtype=bool)
+        if split not in SPLIT_CODES:
+            raise StoreError(f"unknown split {split!r}; allowed: {list(SPLITS)} or None (all)")
+        return self._splits == SPLIT_CODES[split]
+
+    def ids(self, split: str | None = None) -> np.ndarray:
+        """Ids (n,) of the rows of ``split``, as str."""
+        return self._ids[self.split_mask(split)]
+
+    def labels(self, split: str | None = None) -> np.ndarray:
+        """Class indices (n,) int64 of ``split``; -1 where unlabeled."""
+        return self._labels[self.split_mask(split)]
+
+    def targets(self, split: str | None = None) -> np.ndarray:
+        """Regression targets (n,) float64 of ``split``; NaN where absent."""
+        return self._targets[self.split_mask(split)]
+
+    def errors(self) -> list[tuple[str, str]]:
+        """The (id, reason) of every skipped input, in input order."""
+        table = self._file["errors"][()]
+        return list(zip(_strs(table["id"]), _strs(table["reason"])))
+
+    # ---------------------------------------------------------------- features
+    def _dataset(self, layer: str) -> h5py.Dataset:
+        if layer not in self.layers:
+            raise StoreError(
+                f"unknown layer {layer!r} in {self.path}; available: {self.layers}. "
+                "Hint: extract it by adding it to the extract layers and rerunning"
+            )
+        return self._file["features"][layer]
+
+    def read(self, layer: str, split: str | None = None, dtype: Any = np.float32) -> np.ndarray:
+        """Load the features of one layer into memory.
+
+        Parameters
+        ----------
+        layer : str
+            Alias, one of :attr:`layers`.
+        split : {"train", "val", "test"} or None
+            Rows to return; None for all.
+        dtype : numpy dtype
+            Output dtype (the stored float16 is cast).
+
+        Returns
+        -------
+        ndarray, (n, D)
+        """
+        ds = self._dataset(layer)
+        mask = self.split_mask(split)
+        out = np.empty((int(mask.sum()), ds.shape[1]), dtype=dtype)
+        step = ds.chunks[0] if ds.chunks else max(1, ds.shape[0])
+        step *= max(1, (16 * 1024 * 1024) // max(1, step * ds.shape[1] * ds.dtype.itemsize))
+        pos = 0
+        for start in range(0, ds.shape[0], step):
+            sel = mask[start : start + step]
+            if not sel.any():
+                continue
+            block = ds[start : start + sel.size]
+            rows = block if sel.all() else block[sel]
+            out[pos : pos + rows.shape[0]] = rows
+            pos += rows.shape[0]
+        return out
+
+    def to_dask(
+        self,
+        layer: str,
+        split: str | None = None,
+        dtype: Any = np.float32,
+        rows_per_chunk: int | None = None,
+    ):
+        """Lazy dask array (n, D) of one layer, chunked along whole HDF5 chunks.
+
+        Each task opens the file by path, so the graph pickles and runs on
+        dask.distributed workers.
+
+        Parameters
+        ----------
+        layer, split, dtype
+            As in :meth:`read`.
+        rows_per_chunk : int, optional
+            Rows per dask chunk; default a multiple of the stored chunk rows.
+
+        Returns
+        -------
+        dask.array.Array, (n, D)
+        """
+        ds = self._dataset(layer)
+        stored = ds.chunks[0] if ds.chunks else max(1, ds.shape[0])
+        arr = dask_array(self.path, ds.name.lstrip("/"), ds.shape, stored, dtype, rows_per_chunk)
+        if split is None:
+            return arr
+        return arr[self.split_mask(split)]
+
+    # ---------------------------------------------------------------- config
+    def check_config(self, expected: Mapping[str, Any]) -> None:
+        """Raise if the store was extracted with a config other than ``expected``.
+
+        Parameters
+        ----------
+        expected : mapping
+            The extraction config the current params produce (same shape as
+            the stored ``config`` attribute).
+
+        Raises
+        ------
+        StaleStoreError
+            Naming every differing key path and both values.
+        """
+        wanted = json.loads(canonical_json(expected))
+        diffs = diff_config(self.config, wanted)
+        if diffs:
+            raise StaleStoreError(
+                f"feature store {self.path} is stale: " + "; ".join(diffs) + ". Hint: rerun "
+                "`dvc repro` (or the extract stage) to re-extract with the current params"
+            )
+
+    # ---------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        """Close the HDF5 file; dask arrays made earlier keep working."""
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self) -> "FeatureStore":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"FeatureStore({str(self.path)!r}, backbone={self.backbone!r}, "
+            f"n_rows={self.n_rows}, layers={self.layers})"
+        )

@@ -1,0 +1,92 @@
+"""The HDF5 feature-store schema: every name and code in one place.
+
+A store is one HDF5 file per (dataset, backbone)::
+
+    /                 attrs: format, backbone, weights_id, weights_sha256, backend,
+                             config (canonical JSON), config_sha256, manifest_sha256,
+                             featcache_version, torch_version, ... (from the caller),
+                             n_rows (kept), n_input, n_skipped, complete (set by the writer)
+    /ids      (N,)    utf-8 str, sorted stable ids
+    /label    (N,)    int64, class index (-1 if none)
+    /target   (N,)    float64, regression target (NaN if none)
+    /split    (N,)    uint8 enum: train=0, val=1, test=2
+    /classes  (K,)    utf-8 str, class names in index order (empty for regression)
+    /features         attrs: layers (aliases in extraction order)
+    /features/<alias> (N, D) float16|float32, chunked by rows, compressed
+                      attrs: node, pooling, map_shape, post_relu, dim
+    /errors   (E,)    compound (id, reason) utf-8 of inputs that were skipped
+
+N counts kept rows only: n_rows + n_skipped == n_input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Mapping
+
+__all__ = [
+    "FORMAT",
+    "SPLITS",
+    "SPLIT_CODES",
+    "FEATURE_DTYPES",
+    "POOLINGS",
+    "COMPRESSIONS",
+    "HDF5_LIBVER",
+    "REQUIRED_ATTRS",
+    "RESERVED_ATTRS",
+    "canonical_json",
+    "sha256_text",
+]
+
+#: Value of the root ``format`` attribute; bump the suffix on breaking changes.
+FORMAT = "featcache-features/1"
+
+#: Split names in code order.
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+#: Split name -> uint8 code stored in ``/split``.
+SPLIT_CODES: dict[str, int] = {name: code for code, name in enumerate(SPLITS)}
+
+#: Allowed storage dtypes for ``/features/<alias>``.
+FEATURE_DTYPES: tuple[str, ...] = ("float16", "float32")
+
+#: Allowed pooling of conv maps (N, C, H, W) before storage.
+POOLINGS: tuple[str, ...] = ("avg", "max", "none", "avg2x2")
+
+
+#: Allowed compression filters for ``/features/<alias>`` (``None``: uncompressed).
+#: Both ship with every h5py build; gzip uses h5py's fixed default level 4.
+COMPRESSIONS: tuple[str | None, ...] = ("lzf", "gzip", None)
+
+#: HDF5 format bounds used for every store file. A fixed upper bound keeps the
+#: on-disk layout (and so the file bytes) independent of the installed HDF5
+#: release; "earliest" keeps files readable by any HDF5 >= 1.8 tool.
+HDF5_LIBVER: tuple[str, str] = ("earliest", "v110")
+
+#: Root attributes the writer requires from its caller.
+REQUIRED_ATTRS: tuple[str, ...] = ("config", "config_sha256")
+
+#: Root attributes the writer sets itself; callers may not pass them.
+RESERVED_ATTRS: tuple[str, ...] = ("format", "n_rows", "n_input", "n_skipped", "complete")
+
+
+def canonical_json(obj: Mapping[str, Any]) -> str:
+    """Serialise a config mapping deterministically (sorted keys, no spaces).
+
+    Parameters
+    ----------
+    obj : mapping
+        JSON-serialisable configuration.
+
+    Returns
+    -------
+    str
+        The canonical JSON text, identical for equal configs.
+    """
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def sha256_text(text: str) -> str:
+    """Hex sha256 of a UTF-8 string."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -1,0 +1,413 @@
+"""Crash-safe, resumable, deterministic writer of one HDF5 feature store.
+
+Usage::
+
+    with StoreWriter(out, ids=ids, splits=splits, classes=classes, labels=labels,
+                     targets=None, layers=specs, attrs=attrs) as writer:
+        for b in writer.pending_blocks():
+            rows = writer.block_range(b)
+            ...                                   # decode + run the backbone
+            writer.commit_block(b, kept_rows, {"pool": feats}, errors=[(id_, why)])
+        writer.finalize()                         # -> out, atomically
+
+Files beside ``out`` while a writer runs:
+
+* ``out.lock`` - exclusive ``flock`` with the holder's pid (removed on close);
+* ``out.parts/<config_sha256[:16]>/block-NNNNNN.npz`` - committed blocks
+  (see :mod:`featcache.store.blocks`); removed by :meth:`StoreWriter.finalize`;
+* ``out.partial`` - the HDF5 file being assembled, renamed onto ``out``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from . import blocks as _blocks
+from .assemble import write_store
+from .errors import StoreError
+from .lock import FileLock
+from .schema import FORMAT, canonical_json, sha256_text
+from .validate import (
+    check_attrs,
+    check_block_inputs,
+    check_ids,
+    check_layers,
+    check_options,
+    check_row_arrays,
+    format_blocks,
+)
+
+__all__ = ["LayerSpec", "StoreWriter"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One stored layer: ``/features/<alias>`` of shape (N, ``dim``).
+
+    Attributes
+    ----------
+    alias : str
+        Dataset name, e.g. ``"pool"`` or ``"fc7"``; no ``/``.
+    node : str
+        Graph node it was read from, e.g. ``"global_pool.flatten"``.
+    dim : int
+        Feature dimension D after pooling.
+    pooling : str
+        One of :data:`~featcache.store.schema.POOLINGS`; ``"none"`` for maps
+        stored whole and for outputs that are already flat.
+    map_shape : tuple of int
+        Per-sample shape before pooling, e.g. ``(1280, 7, 7)`` or ``(1280,)``.
+    post_relu : bool
+        Whether the activation is taken after the ReLU.
+    """
+
+    alias: str
+    node: str
+    dim: int
+    pooling: str
+    map_shape: tuple[int, ...]
+    post_relu: bool
+
+
+class StoreWriter:
+    """Write one feature store block by block; see the module docstring.
+
+    Parameters
+    ----------
+    path : path-like
+        Final output, e.g. ``features/digits/efficientnet_lite0.h5``.
+    ids : sequence of str, (N,)
+        Unique stable ids in row order (sorted by the caller).
+    splits : ndarray of uint8, (N,)
+        Split codes (:data:`~featcache.store.schema.SPLIT_CODES`).
+    classes : sequence of str, (K,)
+        Class names in index order; empty for regression.
+    labels : ndarray of int64, (N,), or None
+        Class index per row, -1 for none; None stores -1 everywhere.
+    targets : ndarray of float64, (N,), or None
+        Regression target per row; None stores NaN everywhere.
+    layers : sequence of LayerSpec
+        Layers to store, in the order they are listed in ``/features``.
+    attrs : mapping
+        Root attributes; must contain ``config`` (canonical JSON) and
+        ``config_sha256`` (its :func:`~featcache.store.schema.sha256_text`).
+    dtype : {"float16", "float32"}
+        Storage dtype of the features.
+    block_rows : int
+        Rows per committed block (and per HDF5 chunk, at most).
+    compression : {"lzf", "gzip", None}
+        Filter of the feature datasets.
+    lock_timeout : float
+        Seconds to wait for another writer of the same path.
+
+    Attributes
+    ----------
+    ids : list of str, (N,)
+        The ids, row order.
+    n_rows, n_blocks : int
+        N and ``ceil(N / block_rows)``.
+    config_sha256 : str
+        From ``attrs``; names the parts directory.
+    parts_dir, partial_path, lock_path : Path
+        Working files beside ``path`` (see the module docstring).
+
+    Raises
+    ------
+    StoreError
+        On invalid inputs.
+    StoreLockedError
+        If another process writes the same path.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        ids: Sequence[str],
+        splits: np.ndarray,
+        classes: Sequence[str],
+        labels: np.ndarray | None,
+        targets: np.ndarray | None,
+        layers: Sequence[LayerSpec],
+        attrs: Mapping[str, Any],
+        dtype: str = "float16",
+        block_rows: int = 512,
+        compression: str | None = "lzf",
+        lock_timeout: float = 0.0,
+    ) -> None:
+        self.path = Path(path)
+        check_options(dtype=dtype, block_rows=block_rows, compression=compression)
+        self.ids: list[str] = check_ids(ids)
+        self.classes = [str(c) for c in classes]
+        self.splits, self.labels, self.targets = check_row_arrays(
+            self.ids, splits, labels, targets, self.classes
+        )
+        self.layers: tuple[LayerSpec, ...] = check_layers(layers)
+        self.attrs = check_attrs(attrs)
+        self.config_sha256: str = self.attrs["config_sha256"]
+        self.dtype = np.dtype(dtype)
+        self.block_rows = int(block_rows)
+        self.compression = compression
+        self.n_rows = len(self.ids)
+        self.n_blocks: int = math.ceil(self.n_rows / self.block_rows)
+        self._row_of = {id_: row for row, id_ in enumerate(self.ids)}
+        self.fingerprint = self._fingerprint()
+
+        name = self.path.name
+        self.parts_root = self.path.with_name(f"{name}.parts")
+        self.parts_dir = self.parts_root / self.config_sha256[:16]
+        self.partial_path = self.path.with_name(f"{name}.partial")
+        self.lock_path = self.path.with_name(f"{name}.lock")
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock: FileLock | None = FileLock(self.lock_path, timeout=lock_timeout)
+        self._finalized = False
+        try:
+            self._committed: set[int] = self._scan_parts()
+        except BaseException:
+            self.close()
+            raise
+        logger.info(
+            "store writer %s: %d rows in %d blocks, %d already committed",
+            self.path, self.n_rows, self.n_blocks, len(self._committed),
+        )
+
+    # ------------------------------------------------------------------ setup
+    def _fingerprint(self) -> str:
+        """Hash of everything that decides a block file's content and geometry."""
+        h = hashlib.sha256()
+        for id_ in self.ids:
+            h.update(id_.encode("utf-8"))
+            h.update(b"\0")
+        meta = {
+            "format": FORMAT,
+            "config_sha256": self.config_sha256,
+            "ids_sha256": h.hexdigest(),
+            "n_rows": self.n_rows,
+            "block_rows": self.block_rows,
+            "dtype": self.dtype.name,
+            "layers": [[s.alias, s.dim] for s in self.layers],
+        }
+        return sha256_text(canonical_json(meta))
+
+    def _scan_parts(self) -> set[int]:
+        """Drop other configs' parts and leftovers; return the committed blocks."""
+        if self.parts_root.is_dir():
+            for child in sorted(self.parts_root.iterdir()):
+                if child.name != self.parts_dir.name:
+                    logger.info(
+                        "discarding parts of another config at %s (this config is %s)",
+                        child, self.config_sha256[:16],
+                    )
+                    if child.is_dir():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
+        if self.partial_path.exists():
+            logger.info("removing leftover %s of an interrupted finalize", self.partial_path)
+            self.partial_path.unlink()
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        committed: set[int] = set()
+        for child in sorted(self.parts_dir.iterdir()):
+            block = _blocks.parse_block_name(child.name)
+            if block is None:
+                logger.debug("removing stray file %s", child)
+                child.unlink()
+                continue
+            belongs = block < self.n_blocks and _blocks.read_block_header(child) == (
+                self.fingerprint, block, len(self.block_range(block))
+            )
+            if not belongs:
+                logger.warning(
+                    "discarding block file %s: it does not belong to these inputs", child
+                )
+                child.unlink()
+                continue
+            committed.add(block)
+        return committed
+
+    # ------------------------------------------------------------------ blocks
+    def block_range(self, block: int) -> range:
+        """Rows ``[block * block_rows, min((block + 1) * block_rows, N))``."""
+        if not 0 <= block < self.n_blocks:
+            raise StoreError(
+                f"block {block!r} out of range; allowed 0..{self.n_blocks - 1} "
+                f"({self.n_rows} rows, block_rows={self.block_rows})"
+            )
+        start = block * self.block_rows
+        return range(start, min(start + self.block_rows, self.n_rows))
+
+    def pending_blocks(self) -> list[int]:
+        """Blocks not yet committed for this config, ascending."""
+        return [b for b in range(self.n_blocks) if b not in self._committed]
+
+    def _check_open(self) -> None:
+        if self._finalized or self._lock is None:
+            raise StoreError(
+                f"writer for {self.path} is closed; create a new StoreWriter to resume"
+            )
+
+    def commit_block(
+        self,
+        block: int,
+        kept_rows: np.ndarray,
+        features: Mapping[str, np.ndarray],
+        errors: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Commit one block atomically.
+
+        Parameters
+        ----------
+        block : int
+            Block index in ``range(n_blocks)``.
+        kept_rows : ndarray of int64, (M,)
+            Absolute rows of this block that were extracted.
+        features : mapping of alias to ndarray, each (M, D)
+            Features of the kept rows, in ``kept_rows`` order, for every layer.
+        errors : sequence of (id, reason), (E,)
+            The block's skipped rows; ``M + E`` equals the block size.
+
+        Raises
+        ------
+        StoreError
+            If rows, ids, aliases or shapes are inconsistent.
+        """
+        self._check_open()
+        rows = self.block_range(block)
+        kept, feats, err_rows, reasons = check_block_inputs(
+            block, rows, kept_rows, features, errors,
+            layers=self.layers, ids=self.ids, row_of=self._row_of, dtype=self.dtype,
+        )
+        arrays: dict[str, np.ndarray] = {
+            "fingerprint": np.array(self.fingerprint),
+            "block": np.array(block, dtype=np.int64),
+            "kept_rows": kept,
+            "error_rows": err_rows,
+            "error_reasons": reasons,
+        }
+        for i, arr in enumerate(feats):
+            arrays[_blocks.feature_key(i)] = arr
+        _blocks.write_block(self.parts_dir / _blocks.block_name(block), arrays)
+        self._committed.add(block)
+        logger.debug("committed block %d: %d kept, %d skipped", block, kept.size, err_rows.size)
+
+    # ------------------------------------------------------------------ final
+    def finalize(self) -> Path:
+        """Assemble the final HDF5 file from all blocks and rename it into place.
+
+        Returns
+        -------
+        Path
+            The output path.
+
+        Raises
+        ------
+        StoreError
+            If blocks are missing, or writing fails (a previous output is left
+            intact, the partial file removed and committed blocks kept).
+        """
+        self._check_open()
+        missing = self.pending_blocks()
+        if missing:
+            raise StoreError(
+                f"cannot finalize {self.path}: {len(missing)} of {self.n_blocks} blocks are "
+                f"not committed ({format_blocks(missing)}). Hint: commit them "
+                "(writer.pending_blocks() lists them) before finalize()."
+            )
+        block_paths = [self.parts_dir / _blocks.block_name(b) for b in range(self.n_blocks)]
+        kept_mask = np.zeros(self.n_rows, dtype=bool)
+        errors: list[tuple[str, str]] = []
+        for bp in block_paths:
+            part = _blocks.read_block(bp, ("kept_rows", "error_rows", "error_reasons"))
+            kept_mask[part["kept_rows"]] = True
+            errors.extend(
+                (self.ids[r], str(why)) for r, why in zip(part["error_rows"], part["error_reasons"])
+            )
+        kept_idx = np.flatnonzero(kept_mask)
+
+        def sources(i: int):
+            key = _blocks.feature_key(i)
+            for bp in block_paths:
+                yield _blocks.read_block(bp, (key,))[key]
+
+        root = dict(self.attrs)
+        root.update(
+            format=FORMAT,
+            n_rows=int(kept_idx.size),
+            n_input=self.n_rows,
+            n_skipped=len(errors),
+            complete=True,
+        )
+        try:
+            write_store(
+                self.partial_path,
+                ids=[self.ids[r] for r in kept_idx],
+                labels=self.labels[kept_idx],
+                targets=self.targets[kept_idx],
+                splits=self.splits[kept_idx],
+                classes=self.classes,
+                errors=errors,
+                layers=self.layers,
+                feature_sources=sources,
+                dtype=self.dtype.name,
+                block_rows=self.block_rows,
+                compression=self.compression,
+                root_attrs=root,
+            )
+            os.replace(self.partial_path, self.path)
+        except BaseException as exc:
+            self.partial_path.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise StoreError(
+                    f"writing {self.partial_path} failed ({exc}); the previous {self.path.name} "
+                    f"(if any) is untouched and committed blocks are kept in {self.parts_dir}. "
+                    "Hint: free disk space or fix permissions, then rerun to finalize."
+                ) from exc
+            raise
+        _blocks.fsync_dir(self.path.parent)
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        try:
+            self.parts_root.rmdir()
+        except OSError:
+            pass
+        logger.info(
+            "wrote %s: %d rows (%d of %d inputs skipped), layers %s",
+            self.path, kept_idx.size, len(errors), self.n_rows, [s.alias for s in self.layers],
+        )
+        self._finalized = True
+        self.close()
+        return self.path
+
+    def close(self) -> None:
+        """Release the lock; committed blocks stay for a later resume."""
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None and not self._finalized:
+            logger.warning(
+                "store writer %s stopped by %s; %d of %d blocks committed, rerun to resume",
+                self.path, exc_type.__name__, len(self._committed), self.n_blocks,
+            )
+        self.close()

@@ -1,0 +1,120 @@
+"""Torch MLP heads: accuracy, early stopping, BatchNorm edge case, seeding, threads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from featcache.heads import MLPHead, MLPRegressorHead
+from featcache.heads.mlp import _batches
+
+FAST = {"hidden_sizes": (64,), "max_epochs": 40, "patience": 5, "n_threads": 1}
+
+
+def _fit(cls, d, **params):
+    return cls(**{**FAST, **params}).fit(d["X_train"], d["y_train"], d["X_val"], d["y_val"])
+
+
+def test_classifier_beats_chance(clf_data):
+    head = _fit(MLPHead, clf_data)
+    assert np.mean(head.predict(clf_data["X_test"]) == clf_data["y_test"]) >= 0.8
+    proba = head.predict_proba(clf_data["X_test"])
+    assert proba.shape == (clf_data["X_test"].shape[0], 5)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    np.testing.assert_array_equal(head.predict(clf_data["X_test"]), proba.argmax(axis=1))
+
+
+def test_regressor_beats_chance_in_original_units(reg_data):
+    head = _fit(MLPRegressorHead, reg_data, max_epochs=100, patience=10)
+    y, pred = reg_data["y_test"], head.predict(reg_data["X_test"])
+    assert 1 - np.sum((y - pred) ** 2) / np.sum((y - y.mean()) ** 2) >= 0.8
+    assert head.y_mean_ == pytest.approx(reg_data["y_train"].mean())
+    assert head.y_scale_ == pytest.approx(reg_data["y_train"].std())
+
+
+def test_architecture_and_fitted_state(clf_data):
+    head = _fit(MLPHead, clf_data, hidden_sizes=(32, 16), dropout=0.1)
+    kinds = [type(m).__name__ for m in head.module_]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Dropout"] * 2 + ["Linear"]
+    assert head.module_[-1].out_features == 5
+    assert not head.module_.training
+    assert [h["epoch"] for h in head.history_] == list(range(1, len(head.history_) + 1))
+    assert set(head.history_[0]) == {"epoch", "train_loss", "val_loss", "val_score"}
+    best = min(head.history_, key=lambda h: h["val_loss"])
+    assert head.best_epoch_ == best["epoch"]
+    assert head.best_params_ == {"epochs": head.best_epoch_}
+    json.dumps(head.history_)
+    # early stopping: stopped patience epochs after the best one, or ran out of epochs
+    assert len(head.history_) in (head.best_epoch_ + FAST["patience"], FAST["max_epochs"])
+
+
+def test_best_state_is_kept(clf_data):
+    head = _fit(MLPHead, clf_data, max_epochs=60, patience=3, lr=3e-2)
+    X = torch.as_tensor(head.scaler_.transform(clf_data["X_val"]), dtype=torch.float32)
+    with torch.no_grad():
+        val_loss = torch.nn.functional.cross_entropy(head.module_(X), torch.as_tensor(clf_data["y_val"]))
+    assert float(val_loss) == pytest.approx(head.history_[head.best_epoch_ - 1]["val_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("cls, data", [(MLPHead, "clf_data"), (MLPRegressorHead, "reg_data")])
+def test_sklearn_contract(cls, data, contract, request):
+    d = request.getfixturevalue(data)
+    contract(cls(**{**FAST, "max_epochs": 5}), d["X_train"], d["y_train"], d["X_val"], d["y_val"])
+
+
+def test_last_batch_of_one_is_dropped():
+    g = torch.Generator().manual_seed(0)
+    sizes = [b.numel() for b in _batches(257, 128, g)]
+    assert sizes == [128, 128]
+    assert [b.numel() for b in _batches(258, 128, g)] == [128, 128, 2]
+
+
+def test_train_size_with_remainder_one_fits(clf_data):
+    X, y = clf_data["X_train"][:129], clf_data["y_train"][:129]  # 129 = 128 + 1
+    head = MLPHead(**{**FAST, "max_epochs": 3}).fit(X, y, clf_data["X_val"], clf_data["y_val"])
+    assert len(head.history_) == 3
+
+
+def test_deterministic_and_leaves_global_state_alone(clf_data):
+    before_threads = torch.get_num_threads()
+    torch.manual_seed(1234)
+    expected_next = torch.rand(3)
+    torch.manual_seed(1234)
+    a = _fit(MLPHead, clf_data, n_threads=1)
+    assert torch.equal(torch.rand(3), expected_next)  # global RNG untouched by fit
+    assert torch.get_num_threads() == before_threads
+    b = _fit(MLPHead, clf_data, n_threads=1)
+    np.testing.assert_array_equal(a.predict_proba(clf_data["X_test"]), b.predict_proba(clf_data["X_test"]))
+    assert a.history_ == b.history_
+    c = _fit(MLPHead, clf_data, random_state=1)
+    assert c.history_ != a.history_
+
+
+def test_n_classes_gives_k_columns_when_a_class_is_absent(missing_class_data):
+    d = missing_class_data
+    head = _fit(MLPHead, d, n_classes=6)
+    proba = head.predict_proba(d["X_test"])
+    assert proba.shape == (d["X_test"].shape[0], 6)
+    assert proba[:, 4:].max() < 0.05  # never-seen classes get little mass
+
+
+def test_scaler_uses_train_rows_only(reg_data):
+    head = _fit(MLPRegressorHead, reg_data, max_epochs=2)
+    np.testing.assert_allclose(head.scaler_.mean_, reg_data["X_train"].mean(axis=0))
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"hidden_sizes": (64, 0)}, r"hidden_sizes=\(64, 0\) is invalid; allowed: a sequence of positive"),
+        ({"hidden_sizes": 512}, r"hidden_sizes=512 is invalid; allowed: .*e\.g\. \(512,\)"),
+        ({"dropout": 1.0}, r"dropout=1\.0 is invalid; allowed: a number in \[0, 1\)"),
+        ({"device": "tpu"}, r"device='tpu' is invalid; allowed: 'cpu', 'cuda'"),
+    ],
+)
+def test_invalid_params(clf_data, params, message):
+    with pytest.raises(ValueError, match=message):
+        MLPHead(**{**FAST, **params}).fit(clf_data["X_train"], clf_data["y_train"])

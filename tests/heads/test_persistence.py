@@ -1,0 +1,90 @@
+"""save_head / load_head: no pickle, identical predictions after a round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.exceptions import NotFittedError
+
+from featcache.heads import load_head, make_head, save_head
+
+FAST = {
+    "logreg": {},
+    "lightgbm": {"n_estimators": 100, "learning_rate": 0.1, "early_stopping_rounds": 10, "n_jobs": 1},
+    "mlp": {"hidden_sizes": (32, 16), "max_epochs": 10, "patience": 3, "n_threads": 1},
+}
+FILES = {"logreg": {"head.json", "arrays.npz"}, "lightgbm": {"head.json", "arrays.npz", "model.txt"},
+         "mlp": {"head.json", "arrays.npz", "module.pt"}}
+
+
+@pytest.mark.parametrize("name", ["logreg", "lightgbm", "mlp"])
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_round_trip_predictions_identical(name, task, clf_data, reg_data, tmp_path):
+    d = clf_data if task == "classification" else reg_data
+    head = make_head(name, task, FAST[name]).fit(d["X_train"], d["y_train"], d["X_val"], d["y_val"])
+    out = save_head(head, tmp_path / "head")
+    assert {p.name for p in out.iterdir()} == FILES[name]
+    # no pickle anywhere: npz loads with allow_pickle=False, state_dict with weights_only=True
+    np.load(out / "arrays.npz", allow_pickle=False).close()
+    if name == "mlp":
+        torch.load(out / "module.pt", weights_only=True)
+    meta = json.loads((out / "head.json").read_text())
+    assert meta["class"] == type(head).__name__ and meta["format"] == "featcache-head/1"
+
+    loaded = load_head(out)
+    assert type(loaded) is type(head)
+    assert loaded.get_params().keys() == head.get_params().keys()
+    assert loaded.best_params_ == head.best_params_
+    X = d["X_test"]
+    np.testing.assert_array_equal(loaded.predict(X), head.predict(X))
+    if task == "classification":
+        np.testing.assert_array_equal(loaded.predict_proba(X), head.predict_proba(X))
+        np.testing.assert_array_equal(loaded.classes_, head.classes_)
+
+
+def test_round_trip_keeps_absent_class_columns(missing_class_data, tmp_path):
+    d = missing_class_data
+    head = make_head("lightgbm", "classification", FAST["lightgbm"], n_classes=6)
+    head.fit(d["X_train"], d["y_train"], d["X_val"], d["y_val"])
+    loaded = load_head(save_head(head, tmp_path))
+    proba = loaded.predict_proba(d["X_test"])
+    assert proba.shape[1] == 6
+    np.testing.assert_array_equal(proba, head.predict_proba(d["X_test"]))
+
+
+def test_loaded_mlp_keeps_tuple_params_and_history(clf_data, tmp_path):
+    head = make_head("mlp", "classification", FAST["mlp"]).fit(clf_data["X_train"], clf_data["y_train"])
+    loaded = load_head(save_head(head, tmp_path))
+    assert loaded.hidden_sizes == (32, 16)
+    assert loaded.history_ == head.history_ and loaded.best_epoch_ == head.best_epoch_
+    assert not loaded.module_.training
+
+
+def test_saving_is_byte_reproducible_and_replaces_stale_files(clf_data, tmp_path):
+    d = clf_data
+    fit = lambda: make_head("mlp", "classification", FAST["mlp"]).fit(  # noqa: E731
+        d["X_train"], d["y_train"], d["X_val"], d["y_val"]
+    )
+    a, b = save_head(fit(), tmp_path / "a"), save_head(fit(), tmp_path / "b")
+    for name in FILES["mlp"]:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    # overwrite the MLP directory with a LightGBM head: no module.pt is left behind
+    lgbm = make_head("lightgbm", "classification", FAST["lightgbm"]).fit(d["X_train"], d["y_train"])
+    save_head(lgbm, a)
+    assert {p.name for p in a.iterdir()} == FILES["lightgbm"]
+    np.testing.assert_array_equal(load_head(a).predict_proba(d["X_test"]), lgbm.predict_proba(d["X_test"]))
+
+
+def test_errors(tmp_path, clf_data):
+    with pytest.raises(NotFittedError):
+        save_head(make_head("logreg", "classification"), tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="head.json not found"):
+        load_head(tmp_path / "missing")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "head.json").write_text(json.dumps({"format": "featcache-head/1", "class": "os.system", "params": {}}))
+    with pytest.raises(ValueError, match=r"class 'os.system'; allowed: LightGBMHead"):
+        load_head(bad)

@@ -1,0 +1,67 @@
+"""Head registry: table, construction, errors with allowed values and hints."""
+
+from __future__ import annotations
+
+import pytest
+from sklearn.base import is_classifier, is_regressor
+
+from featcache.heads import (
+    HEADS,
+    LightGBMHead,
+    LogisticRegressionHead,
+    MLPRegressorHead,
+    RidgeHead,
+    head_names,
+    make_head,
+)
+
+
+def test_table_shape():
+    assert head_names() == ["logreg", "lightgbm", "mlp"]
+    assert HEADS["logreg"] == {"classification": LogisticRegressionHead, "regression": RidgeHead}
+    for tasks in HEADS.values():
+        assert set(tasks) == {"classification", "regression"}
+        assert is_classifier(tasks["classification"]())
+        assert is_regressor(tasks["regression"]())
+
+
+@pytest.mark.parametrize("name", ["logreg", "lightgbm", "mlp"])
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_make_head_builds_registered_class_with_defaults(name, task):
+    head = make_head(name, task)
+    assert type(head) is HEADS[name][task]
+    assert head.get_params() == HEADS[name][task]().get_params()
+
+
+def test_params_and_overrides():
+    head = make_head("lightgbm", "classification", {"num_leaves": 15, "n_jobs": 1}, n_jobs=2)
+    assert isinstance(head, LightGBMHead)
+    assert head.num_leaves == 15 and head.n_jobs == 2
+    mlp = make_head("mlp", "regression", {"hidden_sizes": [128, 32]})
+    assert isinstance(mlp, MLPRegressorHead) and list(mlp.hidden_sizes) == [128, 32]
+
+
+def test_unknown_head_names_value_and_allowed():
+    with pytest.raises(ValueError, match=r"unknown head 'logistic'; allowed: logreg, lightgbm, mlp\."):
+        make_head("logistic", "classification")
+    with pytest.raises(ValueError, match=r"Did you mean 'lightgbm'\?"):
+        make_head("lightgmb", "classification")
+
+
+def test_unknown_task_names_value_and_allowed():
+    message = r"unknown task 'classify' for head 'mlp'; allowed: classification, regression"
+    with pytest.raises(ValueError, match=message):
+        make_head("mlp", "classify")
+
+
+def test_unknown_param_names_it_the_head_allowed_and_hint():
+    with pytest.raises(ValueError) as err:
+        make_head("logreg", "classification", {"C": 1.0})
+    msg = str(err.value)
+    assert "unknown parameter 'C'" in msg and "LogisticRegressionHead" in msg
+    assert "allowed: Cs, max_iter," in msg
+    assert "Did you mean 'Cs'?" in msg
+    with pytest.raises(ValueError, match=r"unknown parameter 'n_classes' for head 'logreg' \(RidgeHead, regression\)"):
+        make_head("logreg", "regression", n_classes=3)
+    with pytest.raises(ValueError, match=r"Did you mean 'learning_rate'\?"):
+        make_head("lightgbm", "regression", learning_rat=0.1)

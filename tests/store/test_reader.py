@@ -1,0 +1,165 @@
+"""Tests of featcache.store.reader.FeatureStore."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+import featcache_store_synth as synth
+from featcache.store import (
+    SPLITS,
+    FeatureStore,
+    StaleStoreError,
+    StoreError,
+    StoreNotFoundError,
+)
+
+KEPT = [r for r in range(synth.N) if r not in synth.SKIP]
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    return synth.write_all(tmp_path_factory.mktemp("store") / "tiny.h5")
+
+
+@pytest.fixture
+def store(store_path):
+    with FeatureStore(store_path) as fs:
+        yield fs
+
+
+def test_metadata(store):
+    assert store.backbone == "tiny" and store.n_rows == len(KEPT) == 34
+    assert store.layers == ["pool", "fc"]  # writer order, not alphabetical
+    assert store.classes == synth.CLASSES and store.task == "classification"
+    assert store.config == synth.make_config()
+    assert store.config_sha256 == store.attrs["config_sha256"]
+    assert store.attrs["n_skipped"] == 3 and store.attrs["complete"] is True
+    assert store.layer_info("pool") == {
+        "node": "global_pool.flatten", "pooling": "avg", "map_shape": (5, 3, 3),
+        "post_relu": True, "dim": 5, "dtype": "float16",
+    }
+    assert store.layer_info("fc")["map_shape"] == (3,)
+
+
+@pytest.mark.parametrize("split", [None, *SPLITS])
+def test_rows_by_split(store, split):
+    rows = np.array(KEPT)
+    sel = np.ones(rows.size, bool) if split is None else rows % 3 == SPLITS.index(split)
+    ids = np.array(synth.make_ids())[rows[sel]]
+    np.testing.assert_array_equal(store.split_mask(split), sel)
+    np.testing.assert_array_equal(store.ids(split), ids)
+    assert store.ids(split).dtype.kind == "U"
+    np.testing.assert_array_equal(store.labels(split), rows[sel] % 3)
+    assert store.labels(split).dtype == np.int64 and store.targets(split).dtype == np.float64
+    for spec in synth.LAYERS:
+        x = store.read(spec.alias, split)
+        want = synth.features_for(spec.alias, rows[sel]).astype(np.float16).astype(np.float32)
+        assert x.dtype == np.float32 and x.shape == (sel.sum(), spec.dim)
+        np.testing.assert_array_equal(x, want)
+        d = store.to_dask(spec.alias, split)
+        assert d.shape == x.shape and d.dtype == np.float32
+        np.testing.assert_array_equal(d.compute(), x)
+
+
+def test_read_dtype_and_float32_store(tmp_path):
+    path = synth.write_all(tmp_path / "f32.h5", dtype="float32")
+    with FeatureStore(path) as fs:
+        assert fs.layer_info("pool")["dtype"] == "float32"
+        np.testing.assert_array_equal(
+            fs.read("pool", dtype=np.float64), synth.features_for("pool", KEPT).astype(np.float32)
+        )
+        assert fs.read("fc", "test", dtype=np.float16).dtype == np.float16
+
+
+def test_errors_table(store):
+    ids = synth.make_ids()
+    assert store.errors() == [(ids[r], synth.reason_for(ids[r])) for r in sorted(synth.SKIP)]
+
+
+def test_regression_store(tmp_path):
+    with FeatureStore(synth.write_all(tmp_path / "r.h5", regression=True)) as fs:
+        assert fs.task == "regression" and fs.classes == []
+        np.testing.assert_array_equal(fs.targets("val"), np.array(KEPT)[np.array(KEPT) % 3 == 1] * 0.5 - 1)
+
+
+def test_to_dask_is_lazy_picklable_and_outlives_close(store_path):
+    fs = FeatureStore(store_path)
+    arr = fs.to_dask("pool", rows_per_chunk=8)
+    assert arr.chunks[0] == (8, 8, 8, 8, 2)
+    fs.close()
+    again = pickle.loads(pickle.dumps(arr))  # what dask.distributed does with the graph
+    np.testing.assert_array_equal(again.compute(), synth.features_for("pool", KEPT).astype(np.float16))
+    np.testing.assert_array_equal(arr.sum(axis=0).compute(scheduler="threads"), again.compute().sum(axis=0))
+
+
+def test_check_config_names_changed_keys(store):
+    store.check_config(synth.make_config())  # equal: no error
+    with pytest.raises(StaleStoreError) as info:
+        store.check_config(synth.make_config(pooling="max", crop=0.875))
+    msg = str(info.value)
+    assert "extract.pooling: store has 'avg', params say 'max'" in msg
+    assert "extract.crop: store has nothing, params say 0.875" in msg
+    assert "dvc repro" in msg and "size" not in msg
+    assert isinstance(info.value, StoreError)
+
+
+def test_unknown_layer_and_split(store):
+    with pytest.raises(StoreError, match=r"unknown layer 'fc7'.*available: \['pool', 'fc'\]"):
+        store.read("fc7")
+    with pytest.raises(StoreError, match=r"unknown layer"):
+        store.to_dask("fc7")
+    with pytest.raises(StoreError, match=r"unknown split 'valid'; allowed: \['train', 'val', 'test'\]"):
+        store.read("pool", "valid")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(StoreNotFoundError, match="does not exist.*run the extraction") as info:
+        FeatureStore(tmp_path / "nope.h5")
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, StoreError)
+
+
+def test_not_hdf5(tmp_path):
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not an hdf5 file")
+    with pytest.raises(StoreError, match="not a readable HDF5 file"):
+        FeatureStore(bad)
+
+
+@pytest.mark.parametrize(
+    ("attr", "value", "pattern"),
+    [
+        ("complete", False, "incomplete store .*rerun extraction"),
+        ("format", "featcache-features/0", "has format 'featcache-features/0'"),
+    ],
+)
+def test_rejects_incomplete_or_foreign_format(tmp_path, store_path, attr, value, pattern):
+    copy = tmp_path / "copy.h5"
+    shutil.copy(store_path, copy)
+    with h5py.File(copy, "a") as f:  # a test fixture edit, never done by featcache
+        f.attrs[attr] = value
+    with pytest.raises(StoreError, match=pattern):
+        FeatureStore(copy)
+
+
+def test_empty_store_reads(tmp_path):
+    with FeatureStore(synth.write_all(tmp_path / "e.h5", n=0)) as fs:
+        assert fs.n_rows == 0 and fs.task == "regression" and fs.errors() == []
+        assert fs.read("pool", "train").shape == (0, 5)
+        assert fs.to_dask("fc").compute().shape == (0, 3)
+
+
+def test_to_dask_on_distributed_workers(store_path):
+    distributed = pytest.importorskip("distributed")
+    fs = FeatureStore(store_path)
+    want = fs.read("pool", "train")
+    arr = fs.to_dask("pool", "train", rows_per_chunk=8)
+    fs.close()
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+    ) as cluster, distributed.Client(cluster):
+        np.testing.assert_array_equal(arr.compute(), want)

@@ -1,0 +1,379 @@
+"""Tests of featcache.store.writer: round trip, resume, crash safety, determinism, locking."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import featcache_store_synth as synth
+from featcache.store import FORMAT, LayerSpec, StoreError, StoreLockedError, StoreWriter
+from featcache.store.blocks import TMP_MARK
+
+
+def _ref(tmp_path: Path, **kwargs) -> Path:
+    """An uninterrupted reference run in its own directory."""
+    return synth.write_all(tmp_path / "ref" / "ref.h5", **kwargs)
+
+
+def _leftovers(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.iterdir() if p.name != path.name)
+
+
+# --------------------------------------------------------------------------- round trip
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_round_trip_raw_h5py(tmp_path, dtype):
+    path = synth.write_all(tmp_path / "out" / "tiny.h5", dtype=dtype)
+    kept = [r for r in range(synth.N) if r not in synth.SKIP]
+    ids = synth.make_ids()
+    with h5py.File(path, "r") as f:  # readable without featcache
+        assert f.attrs["format"] == FORMAT
+        assert f.attrs["complete"] is np.True_ or f.attrs["complete"] == True  # noqa: E712
+        assert (f.attrs["n_rows"], f.attrs["n_input"], f.attrs["n_skipped"]) == (34, 37, 3)
+        assert f.attrs["n_rows"] + f.attrs["n_skipped"] == f.attrs["n_input"]
+        assert f.attrs["backbone"] == "tiny" and f.attrs["n_params"] == 1234
+        assert f.attrs["channels_last"] == False  # noqa: E712
+        assert list(f["ids"].asstr()[()]) == [ids[r] for r in kept]
+        np.testing.assert_array_equal(f["label"][()], np.array(kept) % 3)
+        assert np.isnan(f["target"][()]).all()
+        np.testing.assert_array_equal(f["split"][()], np.array(kept) % 3)
+        assert h5py.check_enum_dtype(f["split"].dtype) == {"train": 0, "val": 1, "test": 2}
+        assert list(f["classes"].asstr()[()]) == synth.CLASSES
+        errs = f["errors"][()]
+        assert [e.decode() for e in errs["id"]] == [ids[r] for r in sorted(synth.SKIP)]
+        assert errs["reason"][0].decode() == synth.reason_for(ids[3])
+        for spec in synth.LAYERS:
+            ds = f["features"][spec.alias]
+            assert ds.dtype == np.dtype(dtype) and ds.shape == (34, spec.dim)
+            assert ds.chunks == (synth.BLOCK_ROWS, spec.dim) and ds.compression == "lzf"
+            want = synth.features_for(spec.alias, kept).astype(dtype)
+            np.testing.assert_array_equal(ds[()], want)
+            assert ds.attrs["node"] == spec.node and ds.attrs["pooling"] == spec.pooling
+            assert tuple(ds.attrs["map_shape"]) == spec.map_shape and ds.attrs["dim"] == spec.dim
+            assert bool(ds.attrs["post_relu"]) is spec.post_relu
+    assert _leftovers(path) == []  # no lock, parts or partial left beside the output
+
+
+def test_regression_and_all_rows_kept(tmp_path):
+    path = synth.write_all(tmp_path / "reg.h5", regression=True)
+    with h5py.File(path, "r") as f:
+        assert f["classes"].shape == (0,)
+        assert (f["label"][()] == -1).all()
+        kept = [r for r in range(synth.N) if r not in synth.SKIP]
+        np.testing.assert_array_equal(f["target"][()], np.array(kept) * 0.5 - 1.0)
+
+
+def test_no_skips_gives_empty_errors(tmp_path):
+    with StoreWriter(tmp_path / "a.h5", **synth.make_kwargs()) as w:
+        synth.commit(w, w.pending_blocks(), skip=frozenset())
+        path = w.finalize()
+    with h5py.File(path, "r") as f:
+        assert f["errors"].shape == (0,) and f.attrs["n_skipped"] == 0
+        assert f["features/pool"].shape == (synth.N, 5)
+
+
+def test_unsorted_kept_rows_are_reordered(tmp_path):
+    ref = _ref(tmp_path)
+    with StoreWriter(tmp_path / "a.h5", **synth.make_kwargs()) as w:
+        for b in w.pending_blocks():
+            rows = [r for r in w.block_range(b) if r not in synth.SKIP][::-1]
+            errs = [(w.ids[r], synth.reason_for(w.ids[r])) for r in w.block_range(b) if r in synth.SKIP]
+            feats = {s.alias: synth.features_for(s.alias, rows) for s in synth.LAYERS}
+            w.commit_block(b, np.array(rows), feats, errs[::-1])
+        path = w.finalize()
+    assert path.read_bytes() == ref.read_bytes()
+
+
+# --------------------------------------------------------------------------- determinism
+def test_two_runs_identical_bytes_across_time(tmp_path, file_md5):
+    a = synth.write_all(tmp_path / "one" / "a.h5")
+    time.sleep(1.1)  # timestamps, if any were stored, would now differ
+    b = synth.write_all(tmp_path / "two" / "b.h5")
+    assert file_md5(a) == file_md5(b)
+
+
+def test_resume_after_drop_gives_identical_bytes(tmp_path, file_md5):
+    ref = _ref(tmp_path)
+    out = tmp_path / "out" / "x.h5"
+    w = StoreWriter(out, **synth.make_kwargs())
+    assert w.n_blocks == 5 and w.pending_blocks() == [0, 1, 2, 3, 4]
+    synth.commit(w, [0, 2])
+    w.close()  # dropped without finalize, as if the process had died
+    with pytest.raises(RuntimeError):
+        with StoreWriter(out, **synth.make_kwargs()) as w2:
+            assert w2.pending_blocks() == [1, 3, 4]
+            synth.commit(w2, [4])
+            raise RuntimeError("interrupted")
+    with StoreWriter(out, **synth.make_kwargs()) as w3:
+        assert w3.pending_blocks() == [1, 3]
+        synth.commit(w3, w3.pending_blocks())
+        w3.finalize()
+    assert file_md5(out) == file_md5(ref)
+    assert _leftovers(out) == []
+
+
+_KILL_CHILD = r"""
+import io, sys, time
+import numpy as np
+import featcache_store_synth as synth
+from featcache.store import StoreWriter
+real_savez, calls = np.savez, [0]
+def half_then_hang(fh, **arrays):  # the 4th block file: write half of it, then hang
+    calls[0] += 1
+    if calls[0] < 4:
+        return real_savez(fh, **arrays)
+    buf = io.BytesIO(); real_savez(buf, **arrays); data = buf.getvalue()
+    fh.write(data[: len(data) // 2]); fh.flush()
+    print("HALF", flush=True)
+    time.sleep(120)
+np.savez = half_then_hang
+with StoreWriter(sys.argv[1], **synth.make_kwargs()) as w:
+    synth.commit(w, w.pending_blocks())
+    w.finalize()
+"""
+
+
+def test_kill_9_mid_commit_then_resume_identical_bytes(tmp_path, spawn, file_md5):
+    ref = _ref(tmp_path)
+    out = tmp_path / "out" / "x.h5"
+    proc = spawn(_KILL_CHILD, str(out))
+    line = proc.stdout.readline()
+    assert line.strip() == "HALF", proc.stderr.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+    parts = out.with_name("x.h5.parts")
+    files = sorted(p.name for d in parts.iterdir() for p in d.iterdir())
+    assert files[:3] == ["block-000000.npz", "block-000001.npz", "block-000002.npz"]
+    assert len(files) == 4 and TMP_MARK in files[3]  # the half-written temp file
+    assert out.with_name("x.h5.lock").read_text().strip() == str(proc.pid)  # stale lock
+    assert not out.exists()
+    with StoreWriter(out, **synth.make_kwargs()) as w:  # the kernel dropped the lock
+        assert w.pending_blocks() == [3, 4]
+        synth.commit(w, w.pending_blocks())
+        w.finalize()
+    assert file_md5(out) == file_md5(ref)
+    assert _leftovers(out) == []
+
+
+def test_other_config_parts_are_discarded(tmp_path, caplog, file_md5):
+    out = tmp_path / "x.h5"
+    with StoreWriter(out, **synth.make_kwargs(config=synth.make_config(pooling="max"))) as w:
+        synth.commit(w, [0, 1, 2])
+        old_dir = w.parts_dir
+    assert old_dir.is_dir()
+    with caplog.at_level(logging.INFO, logger="featcache.store.writer"):
+        w2 = StoreWriter(out, **synth.make_kwargs())
+    assert not old_dir.exists() and "discarding parts of another config" in caplog.text
+    assert [p.name for p in w2.parts_root.iterdir()] == [w2.parts_dir.name]
+    assert w2.pending_blocks() == [0, 1, 2, 3, 4]
+    synth.commit(w2, w2.pending_blocks())
+    w2.finalize()
+    assert file_md5(out) == file_md5(_ref(tmp_path))
+
+
+def test_same_config_other_ids_blocks_are_not_reused(tmp_path):
+    out = tmp_path / "x.h5"
+    with StoreWriter(out, **synth.make_kwargs()) as w:
+        synth.commit(w, [0, 1])
+    kwargs = synth.make_kwargs(n=36)  # same config hash, one image less
+    with StoreWriter(out, **kwargs) as w2:
+        assert w2.pending_blocks() == [0, 1, 2, 3, 4]
+
+
+def test_finalize_replaces_whole_file_and_spares_hard_links(tmp_path, file_md5):
+    out = synth.write_all(tmp_path / "x.h5", config=synth.make_config(size=160))
+    cache = tmp_path / "dvc-cache-copy"
+    os.link(out, cache)  # DVC may hard-link outputs into its cache
+    before = file_md5(cache)
+    synth.write_all(out)
+    assert file_md5(cache) == before and file_md5(out) == file_md5(_ref(tmp_path))
+
+
+# --------------------------------------------------------------------------- failures
+def test_finalize_with_missing_blocks_lists_them(tmp_path):
+    with StoreWriter(tmp_path / "x.h5", **synth.make_kwargs()) as w:
+        synth.commit(w, [0, 2])
+        with pytest.raises(StoreError, match=r"3 of 5 blocks are not committed \(1, 3-4\)"):
+            w.finalize()
+    assert not (tmp_path / "x.h5").exists()
+
+
+def test_write_error_keeps_previous_file(tmp_path, monkeypatch, file_md5):
+    out = synth.write_all(tmp_path / "x.h5", config=synth.make_config(size=160))
+    before = file_md5(out)
+    real_setitem = h5py.Dataset.__setitem__
+    calls = [0]
+
+    def disk_full(self, key, value):
+        calls[0] += 1
+        if calls[0] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_setitem(self, key, value)
+
+    with StoreWriter(out, **synth.make_kwargs()) as w:
+        synth.commit(w, w.pending_blocks())
+        monkeypatch.setattr(h5py.Dataset, "__setitem__", disk_full)
+        with pytest.raises(StoreError, match="No space left on device.*untouched") as info:
+            w.finalize()
+        monkeypatch.undo()
+    assert isinstance(info.value.__cause__, OSError) and calls[0] == 3
+    assert file_md5(out) == before
+    assert not out.with_name("x.h5.partial").exists()
+    with StoreWriter(out, **synth.make_kwargs()) as w:  # blocks were kept: finalize only
+        assert w.pending_blocks() == []
+        w.finalize()
+    assert file_md5(out) == file_md5(_ref(tmp_path))
+
+
+_HOLD_CHILD = r"""
+import sys, time
+import featcache_store_synth as synth
+from featcache.store import StoreWriter
+with StoreWriter(sys.argv[1], **synth.make_kwargs()) as w:
+    print("LOCKED", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_lock_contention_names_holder(tmp_path, spawn):
+    out = tmp_path / "x.h5"
+    proc = spawn(_HOLD_CHILD, str(out), "60")
+    assert proc.stdout.readline().strip() == "LOCKED", proc.stderr.read()
+    t0 = time.monotonic()
+    with pytest.raises(StoreLockedError) as info:
+        StoreWriter(out, **synth.make_kwargs(), lock_timeout=0.3)
+    assert time.monotonic() - t0 >= 0.3
+    msg = str(info.value)
+    assert f"x.h5.lock is locked by pid {proc.pid}" in msg
+    assert "another featcache extract is writing this output" in msg
+    assert "remove the stale lock" in msg
+
+
+def test_lock_waits_for_holder(tmp_path, spawn):
+    out = tmp_path / "x.h5"
+    proc = spawn(_HOLD_CHILD, str(out), "0.5")
+    assert proc.stdout.readline().strip() == "LOCKED", proc.stderr.read()
+    t0 = time.monotonic()
+    with StoreWriter(out, **synth.make_kwargs(), lock_timeout=30) as w:
+        assert time.monotonic() - t0 > 0.3  # we got it only after the holder let go
+        assert w.pending_blocks() == [0, 1, 2, 3, 4]
+    assert proc.wait(timeout=10) == 0
+
+
+def test_lock_is_exclusive_within_one_process(tmp_path):
+    out = tmp_path / "x.h5"
+    with StoreWriter(out, **synth.make_kwargs()):
+        with pytest.raises(StoreLockedError, match=f"pid {os.getpid()}"):
+            StoreWriter(out, **synth.make_kwargs())
+    with StoreWriter(out, **synth.make_kwargs()):  # released on exit
+        pass
+
+
+# --------------------------------------------------------------------------- validation
+@pytest.fixture
+def writer(tmp_path):
+    with StoreWriter(tmp_path / "x.h5", **synth.make_kwargs()) as w:
+        yield w
+
+
+def _block0(w):
+    rows = [r for r in w.block_range(0) if r != 3]
+    return rows, {s.alias: synth.features_for(s.alias, rows) for s in synth.LAYERS}
+
+
+def test_commit_rejects_missing_alias(writer):
+    rows, feats = _block0(writer)
+    del feats["fc"]
+    with pytest.raises(StoreError, match=r"missing \['fc'\]"):
+        writer.commit_block(0, np.array(rows), feats, [(writer.ids[3], "bad")])
+
+
+def test_commit_rejects_wrong_dim(writer):
+    rows, feats = _block0(writer)
+    feats["pool"] = feats["pool"][:, :4]
+    with pytest.raises(StoreError, match=r"features\['pool'\].*expected float \(7, 5\)"):
+        writer.commit_block(0, np.array(rows), feats, [(writer.ids[3], "bad")])
+
+
+def test_commit_rejects_rows_outside_block(writer):
+    rows, feats = _block0(writer)
+    rows[-1] = 8
+    with pytest.raises(StoreError, match=r"kept_rows \[8\].*outside the block"):
+        writer.commit_block(0, np.array(rows), feats, [(writer.ids[3], "bad")])
+
+
+def test_commit_rejects_unaccounted_rows(writer):
+    rows, feats = _block0(writer)
+    with pytest.raises(StoreError, match=r"8 input rows but 7 kept \+ 0 skipped.*img/0003.png"):
+        writer.commit_block(0, np.array(rows), feats)
+
+
+def test_commit_rejects_foreign_error_id(writer):
+    rows, feats = _block0(writer)
+    with pytest.raises(StoreError, match="error id 'img/0030.png' is not an id of this block"):
+        writer.commit_block(0, np.array(rows), feats, [(writer.ids[30], "bad")])
+
+
+def test_commit_rejects_float16_overflow(writer):
+    rows, feats = _block0(writer)
+    feats["fc"] = feats["fc"] * 1e6
+    with pytest.raises(StoreError, match="float16.*use dtype='float32'"):
+        writer.commit_block(0, np.array(rows), feats, [(writer.ids[3], "bad")])
+
+
+@pytest.mark.parametrize(
+    ("override", "pattern"),
+    [
+        ({"dtype": "float64"}, r"dtype 'float64' not allowed; allowed: \['float16', 'float32'\]"),
+        ({"compression": "zstd"}, "compression 'zstd' not allowed"),
+        ({"splits": np.full(synth.N, 7, np.uint8)}, r"split codes \[7\] not allowed"),
+        ({"labels": np.full(synth.N, 3)}, r"labels \[3\] out of range"),
+        ({"ids": ["a"] * synth.N}, "ids must be unique"),
+        ({"attrs": {"config": "{}"}}, r"attrs lack \['config_sha256'\]"),
+        ({"attrs": {"config": "{}", "config_sha256": "0" * 64}}, "is not the sha256"),
+        ({"attrs": {**synth.make_kwargs()["attrs"], "n_rows": 3}}, r"may not set \['n_rows'\]"),
+        ({"attrs": {**synth.make_kwargs()["attrs"], "torch_version": None}},
+         "attribute 'torch_version' has unsupported value None"),
+        ({"layers": (LayerSpec("pool", "n", 6, "avg", (5, 3, 3), True),)},
+         r"dim 6 does not match pooling 'avg' of map_shape \(5, 3, 3\)"),
+        ({"layers": (LayerSpec("pool", "n", 5, "mean", (5,), True),)}, "pooling 'mean' not in"),
+    ],
+)
+def test_constructor_validation(tmp_path, override, pattern):
+    with pytest.raises(StoreError, match=pattern):
+        StoreWriter(tmp_path / "x.h5", **synth.make_kwargs(**override))
+    assert not (tmp_path / "x.h5.lock").exists()
+
+
+def test_closed_writer_refuses_commits(tmp_path):
+    w = StoreWriter(tmp_path / "x.h5", **synth.make_kwargs())
+    w.close()
+    with pytest.raises(StoreError, match="is closed"):
+        synth.commit(w, [0])
+
+
+@pytest.mark.parametrize(("n", "skip"), [(0, frozenset()), (5, frozenset(range(5)))])
+def test_empty_and_all_skipped_stores(tmp_path, n, skip):
+    with StoreWriter(tmp_path / "x.h5", **synth.make_kwargs(n=n)) as w:
+        assert w.n_blocks == (0 if n == 0 else 1)
+        synth.commit(w, w.pending_blocks(), skip=skip)
+        path = w.finalize()
+    with h5py.File(path, "r") as f:
+        assert f["features/pool"].shape == (0, 5) and f["ids"].shape == (0,)
+        assert (f.attrs["n_rows"], f.attrs["n_input"], f.attrs["n_skipped"]) == (0, n, n)
+        assert f["errors"].shape == (n,)
+
+
+def test_config_must_be_json(tmp_path):
+    from featcache.store.schema import sha256_text
+
+    attrs = {"config": "pooling=avg", "config_sha256": sha256_text("pooling=avg")}
+    with pytest.raises(StoreError, match=r"attrs\['config'\] is not JSON"):
+        StoreWriter(tmp_path / "x.h5", **synth.make_kwargs(attrs=attrs))
