@@ -87,3 +87,18 @@ def check_contract(head: Any, X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y
 @pytest.fixture(scope="session")
 def contract() -> Callable[..., None]:
     return check_contract
+
+
+def run_sklearn_checks(head: Any) -> None:
+    """scikit-learn's own estimator checks; string class labels are rejected by design."""
+    from sklearn.utils.estimator_checks import check_estimator
+
+    expected = {"check_classifiers_classes": "heads take integer class indices 0..K-1 only"}
+    results = check_estimator(head, on_fail=None, expected_failed_checks=expected)
+    failed = [(r["check_name"], repr(r["exception"])[:300]) for r in results if r["status"] == "failed"]
+    assert not failed, failed
+
+
+@pytest.fixture(scope="session")
+def sklearn_checks() -> Callable[[Any], None]:
+    return run_sklearn_checks

@@ -57,6 +57,12 @@ def test_sklearn_contract(cls, data, contract, request):
     contract(cls(**FAST), d["X_train"], d["y_train"], d["X_val"], d["y_val"])
 
 
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("cls", [LightGBMHead, LightGBMRegressorHead])
+def test_sklearn_estimator_checks(cls, sklearn_checks):
+    sklearn_checks(cls(n_estimators=20, n_jobs=1))
+
+
 def test_deterministic(clf_data):
     a = _fit(LightGBMHead, clf_data, subsample=0.8, colsample_bytree=0.5)
     b = _fit(LightGBMHead, clf_data, subsample=0.8, colsample_bytree=0.5)

@@ -45,6 +45,12 @@ def test_sklearn_contract(cls, data, contract, request):
     contract(cls(), d["X_train"], d["y_train"], d["X_val"], d["y_val"])
 
 
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("head", [LogisticRegressionHead(Cs=[0.1, 1.0]), RidgeHead()], ids=type)
+def test_sklearn_estimator_checks(head, sklearn_checks):
+    sklearn_checks(head)
+
+
 def test_coarse_then_refine_grid(clf_data):
     head = LogisticRegressionHead(refine_points=5).fit(
         clf_data["X_train"], clf_data["y_train"], clf_data["X_val"], clf_data["y_val"]

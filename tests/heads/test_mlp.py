@@ -65,6 +65,12 @@ def test_sklearn_contract(cls, data, contract, request):
     contract(cls(**{**FAST, "max_epochs": 5}), d["X_train"], d["y_train"], d["X_val"], d["y_val"])
 
 
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("cls", [MLPHead, MLPRegressorHead])
+def test_sklearn_estimator_checks(cls, sklearn_checks):
+    sklearn_checks(cls(hidden_sizes=(16,), n_threads=1))
+
+
 def test_last_batch_of_one_is_dropped():
     g = torch.Generator().manual_seed(0)
     sizes = [b.numel() for b in _batches(257, 128, g)]

@@ -31,7 +31,9 @@ def fast_params(data_path: str, name: str = "tiny") -> dict[str, Any]:
         "data": {"name": name, "source": "folder", "path": data_path, "split": {"train": 0.5, "val": 0.25, "test": 0.25}},
         "extract": {"batch_size": 16, "num_workers": 0, "block_rows": 16},
         "backbones": {"efficientnet_lite0": {"weights": "pretrained", "layers": ["pool", "block6"]}},
-        "train": {"n_boot": 100},
+        "features": [{"backbone": "efficientnet_lite0", "layer": "pool"},
+                     {"backbone": "efficientnet_lite0", "layer": "block6"}],
+        "train": {"heads": ["logreg", "lightgbm", "mlp"], "n_boot": 100, "seed": 0},
         "heads": {
             "logreg": {"Cs": [0.01, 1.0, 100.0], "refine": False},
             "lightgbm": {"n_estimators": 30, "min_child_samples": 2, "n_jobs": 1},
