@@ -27,7 +27,7 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, folder_factory, param
                 params, store_path, feature.backbone, feature.layer, head,
                 root / "metrics" / feature.layer / f"{head}.json",
                 model_dir=root / "models" / feature.layer / head,
-                confusion_path=root / "plots" / feature.layer / f"{head}.csv")
+                predictions_path=root / "plots" / feature.layer / f"{head}.csv")
     ranked = compare(root / "metrics", root / "reports", plot_path=root / "plots" / "compare.csv")
     return {"root": root, "params": params, "params_factory": params_factory, "manifest": manifest, "store": store_path, "report": report,
             "runs": runs, "ranked": ranked}
@@ -86,3 +86,23 @@ def test_train_refuses_a_stale_store(pipeline_run):
         train(parse_params(raw), pipeline_run["store"], "efficientnet_lite0", "pool", "logreg",
               pipeline_run["root"] / "stale.json")
     assert not (pipeline_run["root"] / "stale.json").exists()
+
+
+def test_predict_scores_a_store_and_new_images(pipeline_run, tmp_path):
+    from featcache.pipeline.predict import predict_images, predict_store, write_predictions
+
+    root = pipeline_run["root"]
+    model_dir = root / "models" / "pool" / "logreg"
+    rows = predict_store(model_dir, pipeline_run["store"], split="test")
+    with FeatureStore(pipeline_run["store"]) as store:
+        truth = [store.classes[k] for k in store.labels("test")]
+    accuracy = np.mean([row["prediction"] == t for row, t in zip(rows, truth)])
+    metrics = json.loads((root / "metrics" / "pool" / "logreg.json").read_text())
+    assert accuracy == pytest.approx(metrics["accuracy"])
+    images = sorted((root / "images" / "green").glob("*.png"))[:3]
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    rows = predict_images(model_dir, [*images, tmp_path / "bad.png"], device="cpu")
+    assert [row["prediction"] for row in rows[:3]] == ["green"] * 3
+    assert rows[3]["prediction"] == "" and rows[3]["error"]
+    out = write_predictions(rows, tmp_path / "preds.csv")
+    assert out.read_text().splitlines()[0].startswith("id,prediction,p_blue,p_green,p_red")

@@ -24,14 +24,17 @@ class ImageDataset(Dataset):
 
     Parameters
     ----------
-    manifest : Manifest
-        Images to read; the dataset index is the manifest row.
+    source : Manifest or sequence of paths
+        Images to read; the dataset index is the manifest row (or list position).
     preprocess : Preprocessor
         PIL RGB image -> (3, S, S) tensor.
     """
 
-    def __init__(self, manifest: Manifest, preprocess: Preprocessor) -> None:
-        self.paths = [str(manifest.absolute_path(row)) for row in range(len(manifest))]
+    def __init__(self, source: Manifest | Sequence[str | os.PathLike], preprocess: Preprocessor) -> None:
+        if isinstance(source, Manifest):
+            self.paths = [str(source.absolute_path(row)) for row in range(len(source))]
+        else:
+            self.paths = [str(path) for path in source]
         self.preprocess = preprocess
 
     def __len__(self) -> int:
@@ -44,6 +47,8 @@ class ImageDataset(Dataset):
         except Exception as error:  # noqa: BLE001 - every decode failure is reported, not raised
             size = self.preprocess.input_size
             reason = f"{type(error).__name__}: {error}".replace("\n", " ")
+            # The reason is stored in the feature file: no machine-specific absolute path in it.
+            reason = reason.replace(self.paths[row], os.path.basename(self.paths[row]))
             if not os.path.exists(self.paths[row]):
                 reason = "missing file"
             return row, torch.zeros(3, size, size), reason

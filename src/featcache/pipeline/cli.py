@@ -81,7 +81,20 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from featcache.pipeline.train import train
 
     train(load_params(args.params), args.store, args.backbone, args.layer, args.head, args.metrics,
-          model_dir=args.model_dir, confusion_path=args.confusion)
+          model_dir=args.model_dir, predictions_path=args.predictions)
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from featcache.pipeline.predict import predict_images, predict_store, write_predictions
+
+    if bool(args.store) == bool(args.images):
+        raise SystemExit("featcache predict: give exactly one of --store or --images")
+    if args.store:
+        rows = predict_store(args.model, args.store, split=args.split)
+    else:
+        rows = predict_images(args.model, args.images, batch_size=args.batch_size, device=args.device)
+    path = write_predictions(rows, args.out)
+    print(f"{path}: {len(rows)} predictions")
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
@@ -127,8 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("store", "backbone", "layer", "head", "metrics"):
         tr.add_argument(f"--{name}", required=True)
     tr.add_argument("--model-dir")
-    tr.add_argument("--confusion")
+    tr.add_argument("--predictions", help="CSV of test actual,predicted (DVC confusion plot)")
     tr.set_defaults(func=_cmd_train)
+
+    pred = sub.add_parser("predict", help="score a feature file or new images with a saved head")
+    pred.add_argument("--model", required=True, help="run folder written by train (models/<dataset>/<b>/<l>/<h>)")
+    pred.add_argument("--store", help="an HDF5 feature store to score")
+    pred.add_argument("--split", choices=["train", "val", "test"], help="only this split of --store")
+    pred.add_argument("--images", nargs="+", help="image files or folders to score")
+    pred.add_argument("--batch-size", type=int, default=32)
+    pred.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pred.add_argument("--out", required=True, help="output CSV")
+    pred.set_defaults(func=_cmd_predict)
 
     cmp_ = sub.add_parser("compare", help="rank every run in one report")
     cmp_.add_argument("--metrics-dir", required=True)

@@ -113,9 +113,12 @@ class Params(_Strict):
     def _known_backbones(cls, value: dict[str, BackboneParams]) -> dict[str, BackboneParams]:
         for name, backbone in value.items():
             spec = get_backbone(name)  # raises with the list of valid names
+            backbone.layers = [spec.default_layer if layer == "default" else layer for layer in backbone.layers]
             for layer in backbone.layers:
-                if layer != "default" and layer not in spec.layers and "." not in layer:
+                if layer not in spec.layers and "." not in layer:
                     resolve_layer(name, layer)  # raises with the aliases and a hint
+            if len(set(backbone.layers)) != len(backbone.layers):
+                raise ValueError(f"backbones.{name}.layers lists a layer twice: {backbone.layers}")
         return value
 
     @model_validator(mode="after")
@@ -127,7 +130,8 @@ class Params(_Strict):
             layers = self.backbones[feature.backbone].layers
             if feature.layer not in layers:
                 raise ValueError(f"features[{index}].layer {feature.layer!r} is not extracted for "
-                                 f"{feature.backbone!r} (backbones.{feature.backbone}.layers = {layers})")
+                                 f"{feature.backbone!r} (backbones.{feature.backbone}.layers = {layers}). "
+                                 "Hint: add it to those layers or remove the feature.")
         from featcache.heads.registry import make_head
 
         for name, head_params in self.heads.items():
@@ -147,15 +151,19 @@ def _format_validation_error(error: ValidationError, raw: Mapping[str, Any]) -> 
             hint = f" Did you mean {close[0]!r}?" if close else ""
             lines.append(f"- unknown key {key!r}.{hint} Allowed keys here: {', '.join(allowed)}")
         else:
-            value = item.get("input")
-            lines.append(f"- {key or '(top level)'}: {item['msg']} (got {value!r})")
+            message = item["msg"].removeprefix("Value error, ")
+            got = f" (got {item.get('input')!r})" if item["loc"] else ""
+            lines.append(f"- {key or 'params'}: {message}{got}")
     return "Invalid params:\n" + "\n".join(lines)
 
 
 def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that validates the mapping at ``loc`` (to list its allowed keys)."""
     model: Any = Params
+    skip_key = False
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, int) or skip_key:  # list index or a dict key (backbone name)
+            skip_key = False
             continue
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
@@ -166,6 +174,7 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
             model = annotation
         elif args and isinstance(args[-1], type) and issubclass(args[-1], BaseModel):
             model = args[-1]  # dict[str, Model] or list[Model]
+            skip_key = getattr(annotation, "__origin__", None) is dict
         else:
             return None
     return model

@@ -14,6 +14,7 @@ from featcache.heads import fit_and_evaluate, make_head, save_head
 from featcache.heads.metrics import confusion_rows
 from featcache.pipeline.config import Params
 from featcache.pipeline.extract import expected_config
+from featcache.pipeline.predict import write_run_info
 from featcache.store import FeatureStore
 
 __all__ = ["train"]
@@ -28,7 +29,7 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
     partial.replace(path)
 
 
-def _write_confusion(path: Path, rows: list[dict[str, str]]) -> None:
+def _write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     with open(partial, "w", newline="", encoding="utf-8") as handle:
@@ -40,11 +41,16 @@ def _write_confusion(path: Path, rows: list[dict[str, str]]) -> None:
 
 def train(params: Params, store_path: str | Path, backbone: str, layer: str, head: str,
           metrics_path: str | Path, model_dir: str | Path | None = None,
-          confusion_path: str | Path | None = None) -> dict[str, Any]:
+          predictions_path: str | Path | None = None) -> dict[str, Any]:
     """Fit ``head`` on the train split of ``layer``, select on val, score on test.
 
     The store is checked against the current params first: a stale feature
     file (extracted with other params) is refused, naming the changed key.
+
+    Outputs: the metrics JSON; optionally the test predictions as
+    ``actual,predicted`` CSV (class names, or numbers for regression; DVC's
+    confusion-matrix plot reads it) and the saved head with
+    ``featcache-run.json`` (what ``featcache predict`` needs).
 
     Returns
     -------
@@ -52,8 +58,9 @@ def train(params: Params, store_path: str | Path, backbone: str, layer: str, hea
         The metrics written to ``metrics_path``.
     """
     task = params.data.task
+    config = expected_config(params, backbone)
     with FeatureStore(store_path) as store:
-        store.check_config(expected_config(params, backbone))
+        store.check_config(config)
         X = {split: store.read(layer, split) for split in ("train", "val", "test")}
         y_of = store.labels if task == "classification" else store.targets
         y = {split: y_of(split) for split in ("train", "val", "test")}
@@ -68,10 +75,16 @@ def train(params: Params, store_path: str | Path, backbone: str, layer: str, hea
     metrics = {"dataset": params.data.name, "backbone": backbone, "layer": layer, "head": head, "task": task,
                "node": layer_info["node"], "pooling": layer_info["pooling"], **result.metrics}
     _write_json(Path(metrics_path), metrics)
-    if confusion_path is not None and task == "classification":
-        _write_confusion(Path(confusion_path), confusion_rows(y["test"], result.predictions, classes))
+    if predictions_path is not None:
+        if task == "classification":
+            rows = confusion_rows(y["test"], result.predictions, classes)
+        else:
+            rows = [{"actual": float(a), "predicted": float(b)} for a, b in zip(y["test"], result.predictions)]
+        _write_predictions(Path(predictions_path), rows)
     if model_dir is not None:
         save_head(estimator, model_dir)
+        write_run_info(model_dir, {"dataset": params.data.name, "backbone": backbone, "layer": layer, "head": head,
+                                   "task": task, "classes": classes, "extraction_config": config})
     summary = metrics.get("accuracy", metrics.get("rmse"))
     logger.info("%s/%s/%s: test %s = %.4f", backbone, layer, head,
                 "accuracy" if task == "classification" else "rmse", summary)

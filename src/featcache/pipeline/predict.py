@@ -1,0 +1,132 @@
+"""``featcache predict``: score a feature file or new images with a saved head.
+
+A trained run directory (``models/<dataset>/<backbone>/<layer>/<head>``) holds
+the head (saved without pickle) and ``featcache-run.json``: the backbone,
+layer, classes and the extraction config the features came from, so new
+images go through exactly the same backbone, preprocessing and pooling.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from featcache.extract.data import ImageDataset, make_loader
+from featcache.extract.engine import resolve_device
+from featcache.extract.preprocess import Preprocessor
+from featcache.extract.sources import IMAGE_EXTENSIONS
+from featcache.extract.torch_runner import TorchFeatureExtractor
+from featcache.extract.weights import load_backbone
+from featcache.heads import load_head
+from featcache.store import FeatureStore
+
+__all__ = ["RUN_FILE", "write_run_info", "read_run_info", "predict_store", "predict_images", "write_predictions"]
+
+logger = logging.getLogger(__name__)
+
+#: File beside the saved head describing where its features come from.
+RUN_FILE = "featcache-run.json"
+
+
+def write_run_info(model_dir: str | Path, info: dict[str, Any]) -> Path:
+    """Write ``featcache-run.json`` (backbone, layer, task, classes, extraction config)."""
+    path = Path(model_dir) / RUN_FILE
+    path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def read_run_info(model_dir: str | Path) -> dict[str, Any]:
+    """Read ``featcache-run.json`` of a saved run."""
+    path = Path(model_dir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {model_dir} is not a featcache run directory. "
+                                "Hint: pass models/<dataset>/<backbone>/<layer>/<head> written by `featcache train`.")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _rows(ids: Sequence[str], scores: np.ndarray, task: str, classes: Sequence[str]) -> list[dict[str, Any]]:
+    rows = []
+    for index, sample_id in enumerate(ids):
+        if task == "classification":
+            row = {"id": sample_id, "prediction": classes[int(np.argmax(scores[index]))]}
+            row.update({f"p_{name}": round(float(p), 6) for name, p in zip(classes, scores[index])})
+        else:
+            row = {"id": sample_id, "prediction": float(scores[index])}
+        rows.append(row)
+    return rows
+
+
+def _score(head: Any, features: np.ndarray, task: str) -> np.ndarray:
+    return head.predict_proba(features) if task == "classification" else head.predict(features)
+
+
+def predict_store(model_dir: str | Path, store_path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
+    """Score the rows of a feature store (optionally one split) with a saved head."""
+    info = read_run_info(model_dir)
+    head = load_head(model_dir)
+    with FeatureStore(store_path) as store:
+        features = store.read(info["layer"], split)
+        ids = list(store.ids(split))
+    if features.shape[1] != head.n_features_in_:
+        raise ValueError(f"Layer {info['layer']!r} of {store_path} has {features.shape[1]} features but the head "
+                         f"was trained on {head.n_features_in_}. Hint: use the store of backbone {info['backbone']!r}.")
+    return _rows(ids, _score(head, features, info["task"]), info["task"], info["classes"])
+
+
+def _image_paths(inputs: Sequence[str | Path]) -> list[Path]:
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS))
+        else:
+            paths.append(item)
+    if not paths:
+        raise ValueError(f"No images found in {list(map(str, inputs))} (extensions {IMAGE_EXTENSIONS}).")
+    return paths
+
+
+def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_size: int = 32,
+                   device: str = "auto") -> list[dict[str, Any]]:
+    """Extract features of new images as at training time and score them.
+
+    Images that fail to decode get ``prediction`` empty and an ``error`` column.
+    """
+    info = read_run_info(model_dir)
+    head = load_head(model_dir)
+    config = info["extraction_config"]
+    loaded = load_backbone(info["backbone"], config["weights"])
+    prep = config["preprocess"]
+    preprocess = Preprocessor(prep["input_size"], prep["resize_size"], prep["interpolation"], tuple(prep["mean"]),
+                              tuple(prep["std"]), prep["resize_mode"], tuple(prep["background"]))
+    extractor = TorchFeatureExtractor(loaded.model, loaded.spec, [info["layer"]],
+                                      pooling=config["extract"]["pooling"], device=resolve_device(device))
+    paths = _image_paths(inputs)
+    loader = make_loader(ImageDataset(paths, preprocess), range(len(paths)), batch_size, num_workers=0)
+    rows: list[dict[str, Any]] = []
+    for batch_rows, images, errors in loader:
+        good = [i for i, error in enumerate(errors) if not error]
+        scores = _score(head, extractor(images[good])[info["layer"]], info["task"]) if good else []
+        by_row = dict(zip(good, _rows([str(paths[int(batch_rows[i])]) for i in good], np.asarray(scores),
+                                      info["task"], info["classes"])))
+        for i, error in enumerate(errors):
+            rows.append(by_row.get(i) or {"id": str(paths[int(batch_rows[i])]), "prediction": "", "error": error})
+    return rows
+
+
+def write_predictions(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
+    """Write prediction rows as CSV (columns: id, prediction, per-class probabilities, error)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    columns: list[str] = []
+    for row in rows:
+        columns.extend(key for key in row if key not in columns)
+    with open(out, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return out

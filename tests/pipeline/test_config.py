@@ -1,0 +1,71 @@
+"""Strict params: every mistake fails before any work, naming key, value and allowed values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from featcache.pipeline.config import ConfigError, load_params, parse_params
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_repo_params_are_valid():
+    params = load_params(REPO / "params.yaml")
+    assert "efficientnet_lite0" in params.backbones
+    assert {(f.backbone, f.layer) for f in params.features} == {("efficientnet_lite0", "pool"),
+                                                                   ("efficientnet_lite0", "block6")}
+
+
+def test_defaults_fill_features_from_backbones():
+    params = parse_params({"backbones": {"resnet18": {"weights": "random", "layers": ["pool5", "res4"]}}})
+    assert [(f.backbone, f.layer) for f in params.features] == [("resnet18", "pool5"), ("resnet18", "res4")]
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"extract": {"batchsize": 8}}, ["extract.batchsize", "batch_size"]),
+    ({"data": {"sourc": "folder"}}, ["data.sourc", "source"]),
+    ({"trian": {}}, ["trian", "train"]),
+    ({"backbones": {"efficientnet_lite0": {"layer": ["pool"]}}}, ["layer", "layers"]),
+])
+def test_unknown_key_names_it_and_the_close_match(raw, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    for text in expected:
+        assert text in str(info.value)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"extract": {"pooling": "mean"}}, ["extract.pooling", "'mean'", "avg"]),
+    ({"extract": {"batch_size": 0}}, ["extract.batch_size", "0"]),
+    ({"extract": {"batch_size": "big"}}, ["extract.batch_size", "big"]),
+    ({"data": {"task": "segmentation"}}, ["data.task", "classification", "regression"]),
+    ({"data": {"split": {"train": 0.5, "val": 0.2, "test": 0.2}}}, ["sum to 1", "0.9"]),
+    ({"backbones": {"resnet1000": {}}}, ["resnet1000", "resnet50", "Allowed"]),
+    ({"backbones": {"vgg16": {"layers": ["fc9"]}}}, ["fc9", "fc7", "vgg16"]),
+    ({"features": [{"backbone": "resnet18", "layer": "pool5"}]}, ["features[0].backbone", "resnet18"]),
+    ({"features": [{"backbone": "efficientnet_lite0", "layer": "head"}]}, ["features[0].layer", "'head'", "pool"]),
+    ({"heads": {"logreg": {"C_grid": [1]}}}, ["C_grid", "logreg", "Cs"]),
+    ({"heads": {"svm": {}}}, ["svm", "logreg", "lightgbm", "mlp"]),
+    ({"train": {"heads": ["logreg", "xgboost"]}}, ["train.heads", "xgboost"]),
+])
+def test_bad_values_are_named_with_the_allowed_ones(raw, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    for text in expected:
+        assert text in str(info.value), str(info.value)
+
+
+def test_missing_params_file_says_where(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
+    from featcache.pipeline.cli import main
+
+    (tmp_path / "params.yaml").write_text("extract:\n  poolin: avg\n")
+    assert main(["check", "--params", str(tmp_path / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "extract.poolin" in err and "pooling" in err and "Traceback" not in err
