@@ -73,6 +73,7 @@ class ExtractParams(_Strict):
     autocast: Literal["none", "bf16", "fp16"] = "none"
     on_error: Literal["skip", "fail"] = "skip"
     block_rows: int = Field(512, ge=1)
+    malloc_tuning: bool = True
 
 
 class BackboneParams(_Strict):
@@ -214,7 +215,7 @@ def extraction_config(params: Params, backbone: str) -> dict[str, Any]:
     """Every param that changes the features of one backbone (stored in the HDF5 file)."""
     extract = params.extract.model_dump()
     # Speed-only knobs do not change the features' meaning and are left out of the hash.
-    for key in ("batch_size", "num_workers", "block_rows", "device"):
+    for key in ("batch_size", "num_workers", "block_rows", "device", "malloc_tuning"):
         extract.pop(key)
     return {
         "backbone": backbone,

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from featcache.extract.engine import ExtractionReport, extract_to_store, resolve_device
+from featcache.extract.malloc import tune_malloc
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
 from featcache.extract.registry import get_backbone
@@ -44,6 +45,7 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
         raise ValueError(f"Backbone {backbone!r} is not configured in params.backbones "
                          f"(configured: {list(params.backbones)}).")
     knobs = params.extract
+    tune_malloc(knobs.malloc_tuning)
     manifest = Manifest.read(manifest_path)
     device = resolve_device(knobs.device)
     loaded = load_backbone(backbone, params.backbones[backbone].weights)

@@ -1,0 +1,49 @@
+"""The ``featcache`` command line: listings and clear errors (exit status 2, no traceback)."""
+
+from __future__ import annotations
+
+import pytest
+
+from featcache.extract.registry import BACKBONES
+from featcache.pipeline.cli import main
+
+
+def test_backbones_lists_every_registry_entry(capsys):
+    assert main(["backbones"]) == 0
+    out = capsys.readouterr().out
+    for name, spec in BACKBONES.items():
+        assert name in out and str(spec.layers[spec.default_layer].dim) in out
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_layers_lists_aliases_dims_and_default(name, capsys):
+    assert main(["layers", name]) == 0
+    out = capsys.readouterr().out
+    spec = BACKBONES[name]
+    for alias, layer in spec.layers.items():
+        assert alias in out and layer.node in out
+    assert "(default)" in out
+
+
+def test_layers_nodes_lists_raw_graph_nodes(capsys):
+    assert main(["layers", "alexnet", "--nodes"]) == 0
+    assert "classifier.4" in capsys.readouterr().out
+
+
+def test_unknown_backbone_fails_with_the_list(capsys):
+    assert main(["layers", "resnet51"]) == 2
+    err = capsys.readouterr().err
+    assert "resnet51" in err and "resnet50" in err and "Did you mean" in err
+
+
+def test_missing_weights_fail_with_instructions(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    params = tmp_path / "params.yaml"
+    params.write_text("backbones:\n  resnet18: {weights: pretrained}\n")
+    (tmp_path / "manifest.csv").write_text("id,path,split,label,target\na,a.png,train,x,\n")
+    code = main(["extract", "--params", str(params), "--backbone", "resnet18",
+                 "--manifest", str(tmp_path / "manifest.csv"), "--out", str(tmp_path / "f.h5")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "resnet18-f37072fd.pth" in err and str(tmp_path / "torch" / "hub" / "checkpoints") in err
+    assert not (tmp_path / "f.h5").exists()
