@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from featcache.extract.engine import ExtractionError
 from featcache.extract.manifest import ManifestError
+from featcache.extract.onnx_runner import OnnxExportError, ParityError
 from featcache.extract.registry import UnknownNameError
 from featcache.extract.weights import WeightsNotFoundError
 from featcache.pipeline.config import ConfigError
@@ -17,4 +18,5 @@ __all__ = ["USER_ERRORS"]
 
 USER_ERRORS: tuple[type[Exception], ...] = (
     ConfigError, ManifestError, UnknownNameError, WeightsNotFoundError, ExtractionError, StoreError,
+    OnnxExportError, ParityError,
 )

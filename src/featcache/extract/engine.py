@@ -23,6 +23,7 @@ import featcache
 from featcache.extract.data import ImageDataset, make_loader
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
+from featcache.store.reader import FeatureStore
 from featcache.store.schema import canonical_json, sha256_text
 from featcache.store.writer import LayerSpec, StoreWriter
 
@@ -134,6 +135,9 @@ def extract_to_store(
         errors = _run_blocks(manifest, runner, dataset, writer, layer_specs, pending, rows, batch_size,
                              num_workers, pin_memory, on_error, progress)
         path = writer.finalize()
+    # Count from the store: bad images of blocks committed by an earlier (resumed) run are not in `errors`.
+    with FeatureStore(path) as store:
+        errors = store.errors()
     seconds = time.perf_counter() - started
     n_skipped = len(errors)
     report = ExtractionReport(path=Path(path), n_input=len(manifest), n_written=len(manifest) - n_skipped,

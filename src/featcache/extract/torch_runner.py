@@ -54,7 +54,10 @@ def make_inplace_safe(module: nn.Module) -> int:
 
     Sets ``inplace=False`` on every submodule that has the flag, replaces
     ``operator.iadd``-style calls and ``tensor.relu_()``-style methods and
-    ``inplace=True`` keyword arguments in the FX graph.
+    ``inplace=True`` keyword arguments in the FX graph. The out-of-place
+    form returns a new tensor, so later operations that read the mutated
+    input are pointed at that new tensor (as they saw the mutated value
+    before); the graph outputs keep the value at the node they name.
 
     Returns
     -------
@@ -62,22 +65,34 @@ def make_inplace_safe(module: nn.Module) -> int:
         Number of rewritten operations (for logging and tests).
     """
     count = 0
-    for sub in module.modules():
+    was_inplace = set()
+    for name, sub in module.named_modules():
         if getattr(sub, "inplace", False) is True:
             sub.inplace = False
+            was_inplace.add(name)
             count += 1
     if isinstance(module, fx.GraphModule):
-        for node in module.graph.nodes:
+        order = {node: index for index, node in enumerate(module.graph.nodes)}
+        for node in list(module.graph.nodes):
+            rewritten = node.op == "call_module" and node.target in was_inplace
             if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
                 node.target = _INPLACE_OPERATORS[node.target]
                 count += 1
+                rewritten = True
             elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_") \
                     and hasattr(torch.Tensor, node.target[:-1]):
                 node.target = node.target[:-1]
                 count += 1
+                rewritten = True
             if node.kwargs.get("inplace") is True:
                 node.kwargs = {**node.kwargs, "inplace": False}
                 count += 1
+                rewritten = True
+            if rewritten and node.args and isinstance(node.args[0], fx.Node):
+                mutated = node.args[0]
+                for user in list(mutated.users):
+                    if user.op != "output" and order[user] > order[node]:
+                        user.replace_input_with(mutated, node)
         module.recompile()
     return count
 

@@ -97,6 +97,21 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     print(f"{path}: {len(rows)} predictions")
 
 
+def _cmd_export_onnx(args: argparse.Namespace) -> None:
+    from featcache.pipeline.config import load_params
+    from featcache.pipeline.onnx import export_from_params
+
+    print(export_from_params(load_params(args.params), args.backbone, args.out, opset=args.opset))
+
+
+def _cmd_onnx_parity(args: argparse.Namespace) -> None:
+    from featcache.pipeline.config import load_params
+    from featcache.pipeline.onnx import parity_from_params
+
+    print(parity_from_params(load_params(args.params), args.backbone, onnx_path=args.onnx, manifest_path=args.manifest,
+                             batch_size=args.batch_size, atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine))
+
+
 def _cmd_compare(args: argparse.Namespace) -> None:
     from featcache.pipeline.compare import compare
 
@@ -142,6 +157,22 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model-dir")
     tr.add_argument("--predictions", help="CSV of test actual,predicted (DVC confusion plot)")
     tr.set_defaults(func=_cmd_train)
+
+    exp = with_params(sub.add_parser("export-onnx", help="export a backbone's layers (pooled) to ONNX"))
+    exp.add_argument("--backbone", required=True)
+    exp.add_argument("--out", required=True, help="output .onnx file")
+    exp.add_argument("--opset", type=int, default=18)
+    exp.set_defaults(func=_cmd_export_onnx)
+
+    par = with_params(sub.add_parser("onnx-parity", help="compare ONNX and torch outputs on one batch"))
+    par.add_argument("--backbone", required=True)
+    par.add_argument("--onnx", help="exported file (default: export to a temporary file)")
+    par.add_argument("--manifest", help="take the batch from these images (default: seeded random input)")
+    par.add_argument("--batch-size", type=int, default=8)
+    par.add_argument("--atol", type=float, default=1e-4)
+    par.add_argument("--rtol", type=float, default=1e-3)
+    par.add_argument("--min-cosine", type=float, default=0.9999)
+    par.set_defaults(func=_cmd_onnx_parity)
 
     pred = sub.add_parser("predict", help="score a feature file or new images with a saved head")
     pred.add_argument("--model", required=True, help="run folder written by train (models/<dataset>/<b>/<l>/<h>)")

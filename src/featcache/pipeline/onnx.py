@@ -1,0 +1,71 @@
+"""``featcache export-onnx`` and ``featcache onnx-parity``: the ONNX backend from params.
+
+Export writes the truncated extractor (requested layers as named outputs,
+pooling included, dynamic batch axis, chosen opset) with its export config in
+the file's metadata. Parity runs one batch through torch and onnxruntime and
+fails above the stated tolerance.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import torch
+
+from featcache.extract.onnx_runner import DEFAULT_OPSET, OnnxFeatureRunner, export_onnx, format_parity, parity_check
+from featcache.extract.manifest import Manifest
+from featcache.extract.preprocess import Preprocessor, load_rgb
+from featcache.extract.torch_runner import TorchFeatureExtractor
+from featcache.extract.weights import load_backbone
+from featcache.pipeline.config import Params
+
+__all__ = ["export_from_params", "parity_from_params"]
+
+logger = logging.getLogger(__name__)
+
+
+def _extractor(params: Params, backbone: str) -> TorchFeatureExtractor:
+    if backbone not in params.backbones:
+        raise ValueError(f"Backbone {backbone!r} is not configured in params.backbones "
+                         f"(configured: {list(params.backbones)}).")
+    loaded = load_backbone(backbone, params.backbones[backbone].weights)
+    # float32, NCHW: the reference the ONNX graph is exported from and compared with.
+    return TorchFeatureExtractor(loaded.model, loaded.spec, params.backbones[backbone].layers,
+                                 pooling=params.extract.pooling, channels_last=False)
+
+
+def export_from_params(params: Params, backbone: str, out: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Export ``backbone``'s configured layers and pooling to ``out`` (.onnx)."""
+    path = export_onnx(_extractor(params, backbone), out, opset=opset)
+    logger.info("Exported %s %s to %s (opset %d)", backbone, params.backbones[backbone].layers, path, opset)
+    return path
+
+
+def parity_from_params(params: Params, backbone: str, onnx_path: str | Path | None = None,
+                       manifest_path: str | Path | None = None, batch_size: int = 8, atol: float = 1e-4,
+                       rtol: float = 1e-3, min_cosine: float = 0.9999) -> str:
+    """Compare torch and onnxruntime on one batch; return the parity table.
+
+    The batch is the first ``batch_size`` images of the manifest when given,
+    else a seeded random normal batch. Raises ``ParityError`` above tolerance.
+    """
+    extractor = _extractor(params, backbone)
+    with tempfile.TemporaryDirectory(prefix="featcache-onnx-") as tmp:
+        if onnx_path is None:
+            onnx_path = export_onnx(extractor, Path(tmp) / f"{backbone}.onnx")
+        runner = OnnxFeatureRunner(onnx_path)
+        return format_parity(parity_check(extractor, runner, _batch(extractor, params, manifest_path, batch_size),
+                                          atol=atol, rtol=rtol, min_cosine=min_cosine))
+
+
+def _batch(extractor: TorchFeatureExtractor, params: Params, manifest_path: str | Path | None,
+           batch_size: int) -> torch.Tensor:
+    size = extractor.spec.input_size
+    if manifest_path is not None:
+        manifest = Manifest.read(manifest_path)
+        preprocess = Preprocessor.from_spec(extractor.spec, params.extract.resize_mode)
+        rows = range(min(batch_size, len(manifest)))
+        return torch.stack([preprocess(load_rgb(manifest.absolute_path(row))) for row in rows])
+    return torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
