@@ -41,3 +41,33 @@ def test_export_and_parity_commands(tmp_path, capsys):
                  "--batch-size", "2"]) == 0
     table = capsys.readouterr().out
     assert "res4" in table and "pool5" in table and "cosine" in table
+
+
+def test_local_dask_cluster_gives_the_same_store(tmp_path, folder_factory, params_factory):
+    """``extract.scheduler: local`` shards blocks over a LocalCluster; the store is byte-identical.
+
+    Workers run one torch thread each; the single-process reference does too, since
+    CPU kernels may round differently with another thread count.
+    """
+    import hashlib
+
+    import torch
+
+    raw = params_factory(str(folder_factory(tmp_path / "images", per_class=4)))
+    raw["backbones"]["efficientnet_lite0"]["layers"] = ["pool"]
+    raw["features"] = [{"backbone": "efficientnet_lite0", "layer": "pool"}]
+    raw["extract"].update(batch_size=4, block_rows=4)
+    params = parse_params(raw)
+    prepare(params, tmp_path / "prepared")
+    manifest = tmp_path / "prepared" / "manifest.csv"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extract(params, "efficientnet_lite0", manifest, tmp_path / "single.h5", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    raw["extract"].update(scheduler="local", n_workers=2)
+    report = extract(parse_params(raw), "efficientnet_lite0", manifest, tmp_path / "dask.h5", progress=False)
+    assert report.n_written == 12
+    digest = lambda path: hashlib.md5(path.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(tmp_path / "dask.h5") == digest(tmp_path / "single.h5")

@@ -56,7 +56,7 @@ def make_kwargs(n: int = N, *, config: dict[str, Any] | None = None, dtype: str 
                "ratio": 0.25, "channels_last": False},
         dtype=dtype,
         block_rows=BLOCK_ROWS,
-        compression="lzf",
+        compression="gzip",
     )
     kwargs.update(overrides)
     return kwargs

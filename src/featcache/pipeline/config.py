@@ -74,6 +74,23 @@ class ExtractParams(_Strict):
     on_error: Literal["skip", "fail"] = "skip"
     block_rows: int = Field(512, ge=1)
     malloc_tuning: bool = True
+    scheduler: str = Field("none", description="none | local | a dask scheduler address (tcp://host:8786)")
+    n_workers: int = Field(2, ge=1, description="workers of the local dask cluster (scheduler: local)")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, value: str) -> str:
+        if value not in ("none", "local") and "://" not in value:
+            raise ValueError(f"extract.scheduler must be 'none', 'local' or a scheduler address like "
+                             f"'tcp://10.0.0.5:8786', got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _distributed_backend(self) -> "ExtractParams":
+        if self.scheduler != "none" and self.backend != "torch":
+            raise ValueError("extract.scheduler runs the torch backend only; set extract.backend: torch "
+                             "or extract.scheduler: none")
+        return self
 
 
 class BackboneParams(_Strict):
@@ -215,7 +232,7 @@ def extraction_config(params: Params, backbone: str) -> dict[str, Any]:
     """Every param that changes the features of one backbone (stored in the HDF5 file)."""
     extract = params.extract.model_dump()
     # Speed-only knobs do not change the features' meaning and are left out of the hash.
-    for key in ("batch_size", "num_workers", "block_rows", "device", "malloc_tuning"):
+    for key in ("batch_size", "num_workers", "block_rows", "device", "malloc_tuning", "scheduler", "n_workers"):
         extract.pop(key)
     return {
         "backbone": backbone,

@@ -51,20 +51,27 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
     loaded = load_backbone(backbone, params.backbones[backbone].weights)
     preprocess = Preprocessor.from_spec(loaded.spec, knobs.resize_mode)
     autocast = None if knobs.autocast == "none" else knobs.autocast
+    config = expected_config(params, backbone)
+    attrs = {"backbone": backbone, "weights_id": loaded.weights_id, "weights_sha256": loaded.weights_sha256,
+             "dataset": params.data.name, "backend": knobs.backend, "provider": device}
+    layers = params.backbones[backbone].layers
+    if knobs.scheduler != "none":
+        from featcache.extract.distributed import RunnerSpec, extract_distributed
+
+        spec = RunnerSpec(backbone, params.backbones[backbone].weights, tuple(layers), knobs.pooling, device=device,
+                          channels_last=knobs.channels_last, autocast=autocast)
+        return extract_distributed(manifest, spec, preprocess, out, config=config, attrs=attrs, dtype=knobs.dtype,
+                                   block_rows=knobs.block_rows, batch_size=knobs.batch_size, on_error=knobs.on_error,
+                                   scheduler_address=None if knobs.scheduler == "local" else knobs.scheduler,
+                                   n_workers=knobs.n_workers, progress=progress)
     if knobs.backend == "onnx":
         from featcache.extract.onnx_runner import OnnxFeatureRunner
 
-        runner = OnnxFeatureRunner.from_model(loaded.model, loaded.spec, params.backbones[backbone].layers,
-                                              pooling=knobs.pooling, device=device)
-        backend_attrs = {"backend": "onnx", "provider": runner.provider}
+        runner = OnnxFeatureRunner.from_model(loaded.model, loaded.spec, layers, pooling=knobs.pooling, device=device)
+        attrs["provider"] = runner.provider
     else:
-        runner = TorchFeatureExtractor(loaded.model, loaded.spec, params.backbones[backbone].layers,
-                                       pooling=knobs.pooling, device=device, channels_last=knobs.channels_last,
-                                       autocast=autocast)
-        backend_attrs = {"backend": "torch", "provider": device}
-    config = expected_config(params, backbone)
-    attrs = {"backbone": backbone, "weights_id": loaded.weights_id, "weights_sha256": loaded.weights_sha256,
-             "dataset": params.data.name, **backend_attrs}
+        runner = TorchFeatureExtractor(loaded.model, loaded.spec, layers, pooling=knobs.pooling, device=device,
+                                       channels_last=knobs.channels_last, autocast=autocast)
     workers = None if knobs.num_workers == "auto" else int(knobs.num_workers)
     return extract_to_store(manifest, runner, preprocess, out, config=config, attrs=attrs, dtype=knobs.dtype,
                             batch_size=knobs.batch_size, num_workers=workers, block_rows=knobs.block_rows,

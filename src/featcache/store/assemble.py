@@ -27,6 +27,10 @@ __all__ = ["CHUNK_TARGET_BYTES", "feature_chunk_rows", "to_attr", "write_store"]
 
 logger = logging.getLogger(__name__)
 
+#: gzip level of the feature datasets: fast, and deterministic (LZF is not: h5py's LZF
+#: filter leaves its hash table uninitialised, so equal data can compress to other bytes).
+GZIP_LEVEL = 1
+
 #: Upper bound on the bytes of one feature chunk (before compression).
 CHUNK_TARGET_BYTES = 4 * 1024 * 1024
 
@@ -204,6 +208,7 @@ def write_store(
                     dtype=np_dtype,
                     chunks=(rows, spec.dim),
                     compression=compression,
+                    compression_opts=GZIP_LEVEL if compression == "gzip" else None,
                     shuffle=compression is not None,
                     fillvalue=0,
                     **plain,

@@ -107,8 +107,9 @@ class StoreWriter:
         Storage dtype of the features.
     block_rows : int
         Rows per committed block (and per HDF5 chunk, at most).
-    compression : {"lzf", "gzip", None}
-        Filter of the feature datasets.
+    compression : {"gzip", "lzf", None}
+        Filter of the feature datasets. gzip (level 1, with shuffle) is the
+        default because it is byte-deterministic; h5py's LZF is not.
     lock_timeout : float
         Seconds to wait for another writer of the same path.
 
@@ -144,7 +145,7 @@ class StoreWriter:
         attrs: Mapping[str, Any],
         dtype: str = "float16",
         block_rows: int = 512,
-        compression: str | None = "lzf",
+        compression: str | None = "gzip",
         lock_timeout: float = 0.0,
     ) -> None:
         self.path = Path(path)

@@ -1,0 +1,543 @@
+"""Sharded extraction on a dask.distributed cluster: distribute row BLOCKS.
+
+A feature store is assembled from per-block files (see
+:mod:`featcache.store.blocks`), so sharding an extraction means handing
+pending blocks to workers:
+
+1. the driver opens the :class:`~featcache.store.writer.StoreWriter` (it holds
+   the output lock and knows which blocks are still pending);
+2. pending blocks are grouped into tasks; each task runs on a worker, which
+   builds the backbone once per worker process (from a picklable
+   :class:`RunnerSpec`, never a model object), streams the task's rows through
+   exactly the code path of :func:`~featcache.extract.engine.extract_to_store`
+   and commits each block into the SAME parts directory with the writer's own
+   :meth:`~featcache.store.writer.StoreWriter.commit_block`;
+3. the driver verifies every block file a worker reports and calls
+   :meth:`~featcache.store.writer.StoreWriter.finalize`.
+
+The final HDF5 file is byte-identical to a single-process
+:func:`~featcache.extract.engine.extract_to_store` run with the same inputs:
+block files carry the same kept rows, features, errors and fingerprint, and
+tasks are cut at batch boundaries of the single-process run (see
+:func:`_plan_tasks`), so every image goes through the backbone in the same
+batch as it would in one process (CPU convolutions are not batch-size
+invariant: a batch of 1 takes another kernel path). A failed or interrupted
+run keeps its committed blocks; rerunning (distributed or not) extracts only
+the missing ones.
+
+Requirements: the workers must see the images, and the output's parent
+folder, under the same absolute paths as the driver (one machine, or a shared
+file system). Relative paths are made absolute on the driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+import featcache
+from featcache.extract.data import ImageDataset
+from featcache.extract.engine import ExtractionError, ExtractionReport, _run_blocks
+from featcache.extract.manifest import Manifest
+from featcache.extract.preprocess import Preprocessor
+from featcache.extract.torch_runner import TorchFeatureExtractor
+from featcache.store import blocks as _blocks
+from featcache.store.reader import FeatureStore
+from featcache.store.schema import canonical_json, sha256_text
+from featcache.store.writer import LayerSpec, StoreWriter
+
+__all__ = ["RunnerSpec", "extract_distributed"]
+
+logger = logging.getLogger(__name__)
+
+#: Per-process cache of built extractors, keyed by their (hashable) spec.
+_RUNNERS: dict["RunnerSpec", TorchFeatureExtractor] = {}
+_RUNNERS_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------------- spec
+@dataclass(frozen=True)
+class RunnerSpec:
+    """Picklable recipe of a :class:`~featcache.extract.torch_runner.TorchFeatureExtractor`.
+
+    Workers receive this spec, not a model object, and build the extractor
+    once per process (:meth:`build` caches it).
+
+    Attributes
+    ----------
+    backbone : str
+        Registry name, e.g. ``"resnet18"`` or ``"efficientnet_lite0"``.
+    weights : str
+        ``"pretrained"``, ``"random"`` or the path of a local state dict; a path
+        must exist on every worker.
+    layers : tuple of str
+        Layer aliases or raw graph node names (``"default"`` for the registry
+        default); a list is converted to a tuple.
+    pooling : str
+        Pooling of conv maps (``"avg"``, ``"max"``, ``"avg2x2"``, ``"none"``).
+    device : str
+        Torch device of the forward pass on the workers (``"cpu"``, ``"cuda"``).
+    channels_last : bool
+        Run convolutions in NHWC memory format.
+    autocast : {None, "bf16", "fp16"}
+        Autocast dtype of the forward pass; None for float32.
+    seed : int
+        Seed of the random initialisation (``weights="random"``); the same
+        seed gives identical weights in every process.
+    """
+
+    backbone: str
+    weights: str
+    layers: tuple[str, ...]
+    pooling: str
+    device: str = "cpu"
+    channels_last: bool = True
+    autocast: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, str):
+            raise TypeError(f"RunnerSpec.layers must be a sequence of layer names, not the string {self.layers!r}.")
+        object.__setattr__(self, "layers", tuple(str(layer) for layer in self.layers))
+        if not self.layers:
+            raise ValueError("RunnerSpec.layers is empty. Hint: use ('default',) for the penultimate layer.")
+        if not self.backbone or not self.weights:
+            raise ValueError(f"RunnerSpec needs a backbone and weights, got {self.backbone!r}, {self.weights!r}.")
+        if self.autocast not in (None, "bf16", "fp16"):
+            raise ValueError(f"RunnerSpec.autocast {self.autocast!r} is not one of None, 'bf16', 'fp16'.")
+
+    def build(self) -> TorchFeatureExtractor:
+        """The extractor of this spec, built once per process and then cached.
+
+        Returns
+        -------
+        TorchFeatureExtractor
+            Maps a (B, 3, S, S) float32 batch to ``{layer: (B, D) float32 array}``.
+            Shared by every caller in this process: do not modify it.
+
+        Raises
+        ------
+        featcache.extract.weights.WeightsNotFoundError
+            If the weights are not available in this process's machine.
+        """
+        with _RUNNERS_LOCK:
+            runner = _RUNNERS.get(self)
+            if runner is None:
+                from featcache.extract.weights import load_backbone
+
+                started = time.perf_counter()
+                loaded = load_backbone(self.backbone, self.weights, seed=self.seed)
+                runner = TorchFeatureExtractor(
+                    loaded.model, loaded.spec, list(self.layers), pooling=self.pooling, device=self.device,
+                    channels_last=self.channels_last, autocast=self.autocast,
+                )
+                _RUNNERS[self] = runner
+                logger.info("built %s (%s) in pid %d in %.1f s", self.backbone, loaded.weights_id, os.getpid(),
+                            time.perf_counter() - started)
+            return runner
+
+
+# ---------------------------------------------------------------- task plan
+def _plan_tasks(pending: Sequence[int], block_sizes: Sequence[int], batch_size: int,
+                blocks_per_task: int) -> list[tuple[int, ...]]:
+    """Group pending blocks into tasks whose rows start at single-process batch boundaries.
+
+    A single-process run feeds the concatenated rows of all pending blocks to
+    the backbone in consecutive batches of ``batch_size``. A task is closed
+    only where that row count is a multiple of ``batch_size``, so every task
+    sees exactly the single-process batches (the last task ends at the end).
+
+    Parameters
+    ----------
+    pending : sequence of int, (P,)
+        Pending block indices, ascending.
+    block_sizes : sequence of int, (P,)
+        Rows of each pending block.
+    batch_size : int
+        Backbone batch size.
+    blocks_per_task : int
+        Minimum blocks per task (a task grows beyond it up to the next
+        batch boundary).
+
+    Returns
+    -------
+    list of tuple of int
+        Consecutive groups of ``pending``, in order, covering it exactly.
+    """
+    tasks: list[tuple[int, ...]] = []
+    current: list[int] = []
+    offset = 0
+    for block, size in zip(pending, block_sizes, strict=True):
+        current.append(block)
+        offset += size
+        if len(current) >= blocks_per_task and offset % batch_size == 0:
+            tasks.append(tuple(current))
+            current = []
+    if current:
+        tasks.append(tuple(current))
+    return tasks
+
+
+# ------------------------------------------------------------- worker side
+class _DetachedLock:
+    """Stands in for the driver's lock in a worker's copy of the writer (holds nothing)."""
+
+    held = True
+
+    def release(self) -> None:
+        """Nothing to release: the driver holds the real lock."""
+
+
+def _detached_writer(writer: StoreWriter) -> StoreWriter:
+    """A picklable copy of ``writer`` that can only commit blocks, for the workers.
+
+    It shares the writer's fingerprint, geometry, ids and parts directory (as
+    absolute paths), so :meth:`StoreWriter.commit_block` on a worker writes
+    the same block file the driver would. It never takes the lock and must
+    never be finalized.
+    """
+    clone = object.__new__(type(writer))
+    state = {key: (value.absolute() if isinstance(value, Path) else value)
+             for key, value in vars(writer).items() if key != "_lock"}
+    state.update(_lock=_DetachedLock(), _committed=set())
+    clone.__dict__.update(state)
+    return clone
+
+
+@dataclass
+class _Job:
+    """Everything a worker needs, scattered once to each worker."""
+
+    manifest: Manifest
+    preprocess: Preprocessor
+    runner_spec: RunnerSpec
+    writer: StoreWriter
+    layer_specs: tuple[LayerSpec, ...]
+    batch_size: int
+    on_error: str
+    torch_threads: int
+    _dataset: ImageDataset | None = field(default=None, repr=False, compare=False)
+
+    def dataset(self) -> ImageDataset:
+        """The job's dataset, built once per worker (absolute paths of N rows)."""
+        with _RUNNERS_LOCK:
+            if self._dataset is None:
+                self._dataset = ImageDataset(self.manifest, self.preprocess)
+            return self._dataset
+
+
+@dataclass(frozen=True)
+class _TaskResult:
+    blocks: tuple[int, ...]
+    n_rows: int
+    errors: list[tuple[str, str]]
+    seconds: float
+    where: str
+
+
+def _set_torch_threads(n: int) -> None:
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def _where() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _probe_task(spec: RunnerSpec, input_size: int, torch_threads: int) -> tuple[list[LayerSpec], str, str]:
+    """Build the runner on a worker; return its layer specs, torch version and location."""
+    _set_torch_threads(torch_threads)
+    runner = spec.build()
+    return runner.layer_specs(input_size), torch.__version__.split("+")[0], _where()
+
+
+def _extract_task(job: _Job, blocks: tuple[int, ...]) -> _TaskResult:
+    """Extract and commit ``blocks`` on a worker (the single-process engine's own loop)."""
+    _set_torch_threads(job.torch_threads)
+    started = time.perf_counter()
+    runner = job.runner_spec.build()
+    rows = [row for block in blocks for row in job.writer.block_range(block)]
+    errors = _run_blocks(job.manifest, runner, job.dataset(), job.writer, job.layer_specs, list(blocks), rows,
+                         job.batch_size, 0, False, job.on_error, False)
+    return _TaskResult(blocks, len(rows), errors, time.perf_counter() - started, _where())
+
+
+# ------------------------------------------------------------- driver side
+def _adopt_blocks(writer: StoreWriter, blocks: Sequence[int], where: str) -> None:
+    """Check the block files a worker committed and count them as committed in ``writer``."""
+    for block in blocks:
+        path = writer.parts_dir / _blocks.block_name(block)
+        expected = (writer.fingerprint, block, len(writer.block_range(block)))
+        header = _blocks.read_block_header(path) if path.is_file() else None
+        if header != expected:
+            state = "missing" if header is None else f"has header {header[1:]} of another run"
+            raise ExtractionError(
+                f"Worker {where} reported block {block} committed, but {path} is {state} on the driver. "
+                "Hint: the driver and the workers must share the output folder under the same absolute path "
+                "(one machine or a shared file system)."
+            )
+        # TODO(writer hook): StoreWriter.adopt_block(block) would make this public.
+        writer._committed.add(block)  # noqa: SLF001
+
+
+def _root_attrs(manifest: Manifest, config: Mapping[str, Any], attrs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Root attributes exactly as :func:`extract_to_store` builds them (same bytes in the store)."""
+    # TODO(engine hook): share engine.root_attrs() instead of mirroring it here.
+    config_json = canonical_json(config)
+    return {
+        "config": config_json,
+        "config_sha256": sha256_text(config_json),
+        "manifest_sha256": manifest.sha256(),
+        "featcache_version": featcache.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "python_version": platform.python_version(),
+        **dict(attrs or {}),
+    }
+
+
+class _ClientHandle:
+    """A dask client plus what must be closed afterwards (only what we opened)."""
+
+    def __init__(self, client: Any, scheduler_address: str | None, n_workers: int, threads_per_worker: int) -> None:
+        from distributed import Client, LocalCluster
+
+        self.cluster = None
+        self.owned = client is None
+        if client is not None:
+            self.client = client
+        elif scheduler_address is not None:
+            logger.info("connecting to dask scheduler %s", scheduler_address)
+            self.client = Client(scheduler_address)
+        else:
+            logger.info("starting a LocalCluster: %d worker processes x %d threads", n_workers, threads_per_worker)
+            self.cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
+                                        dashboard_address=":0")
+            self.client = Client(self.cluster)
+
+    def close(self) -> None:
+        """Close the client and the cluster we started (idempotent; never a given client)."""
+        if self.owned:
+            client, self.owned = self.client, False
+            try:
+                client.close()
+            finally:
+                if self.cluster is not None:
+                    self.cluster.close()
+                    self.cluster = None
+
+
+def _raise_task_failure(future: Any, blocks: tuple[int, ...], writer: StoreWriter) -> None:
+    """Re-raise a failed task's error; wrap anything that is not an ExtractionError."""
+    try:
+        exc = future.exception()
+    except BaseException as cancelled:  # CancelledError and friends
+        exc = cancelled
+    if isinstance(exc, ExtractionError):
+        raise exc
+    committed = writer.n_blocks - len(writer.pending_blocks())
+    raise ExtractionError(
+        f"Distributed extraction of {writer.path} failed in the task for blocks "
+        f"{blocks[0]}..{blocks[-1]}: {type(exc).__name__}: {exc}. At least {committed} of {writer.n_blocks} blocks are "
+        f"committed in {writer.parts_dir} and are kept; rerun to resume (only missing blocks are extracted)."
+    ) from exc
+
+
+def _run_tasks(client: Any, job: _Job, tasks: list[tuple[int, ...]], writer: StoreWriter,
+               progress: bool) -> Iterator[_TaskResult]:
+    """Submit one future per task; yield results as they complete, adopting their blocks."""
+    from distributed import as_completed
+
+    token = uuid.uuid4().hex[:12]
+    job_future = client.scatter(job, broadcast=True, hash=False)
+    futures = {}
+    try:
+        for blocks in tasks:
+            key = f"featcache-extract-{token}-blocks-{blocks[0]:06d}-{blocks[-1]:06d}"
+            future = client.submit(_extract_task, job_future, blocks, key=key, pure=False)
+            futures[future] = blocks
+        total = sum(len(writer.block_range(b)) for blocks in tasks for b in blocks)
+        with tqdm(total=total, desc=f"extract {Path(writer.path).name} (dask)", unit="img",
+                  disable=not progress) as bar:
+            for future in as_completed(list(futures)):
+                blocks = futures[future]
+                if future.status != "finished":
+                    _raise_task_failure(future, blocks, writer)
+                result: _TaskResult = future.result()
+                _adopt_blocks(writer, result.blocks, result.where)
+                for sample_id, reason in result.errors:
+                    logger.warning("Bad image %s skipped (on %s): %s", sample_id, result.where, reason)
+                logger.debug("blocks %s done on %s in %.1f s", result.blocks, result.where, result.seconds)
+                bar.update(result.n_rows)
+                yield result
+    finally:
+        pending = [f for f in futures if not f.done()]
+        if pending:
+            logger.info("cancelling %d unfinished extraction tasks", len(pending))
+            client.cancel(pending)
+        client.cancel([job_future])
+
+
+def extract_distributed(
+    manifest: Manifest,
+    runner_spec: RunnerSpec,
+    preprocess: Preprocessor,
+    out: str | Path,
+    *,
+    config: Mapping[str, Any],
+    attrs: Mapping[str, Any] | None = None,
+    dtype: str = "float16",
+    block_rows: int = 512,
+    batch_size: int = 64,
+    on_error: str = "skip",
+    client: Any = None,
+    scheduler_address: str | None = None,
+    n_workers: int = 2,
+    threads_per_worker: int = 1,
+    blocks_per_task: int = 1,
+    progress: bool = True,
+    lock_timeout: float = 0.0,
+) -> ExtractionReport:
+    """Extract every manifest row on a dask.distributed cluster into one feature store.
+
+    The output is identical to :func:`~featcache.extract.engine.extract_to_store`
+    with the same manifest, runner, preprocess, config, attrs, dtype,
+    ``block_rows`` and ``batch_size`` (byte for byte with the default gzip; see
+    the module docstring), and resumes from the same committed blocks, which
+    either function may have written.
+
+    Parameters
+    ----------
+    manifest : Manifest
+        N images with ids, labels/targets and splits; its images must be
+        readable by the workers under the same absolute paths.
+    runner_spec : RunnerSpec
+        How each worker builds its extractor (once per worker process).
+    preprocess : Preprocessor
+        Image -> (3, S, S) float32 tensor, as the runner expects.
+    out : path
+        Final ``.h5`` path (written atomically by the driver).
+    config : mapping
+        Every extraction-relevant param; stored as canonical JSON with its sha256.
+    attrs : mapping, optional
+        Extra root attributes (backbone, weights_id, backend, ...).
+    dtype : {"float16", "float32"}
+        Storage dtype of the features.
+    block_rows : int
+        Rows per committed block: the unit of sharding and of resume.
+    batch_size : int
+        Images per forward pass. Tasks always start at a multiple of
+        ``batch_size`` rows, so choose ``block_rows`` as a multiple of it to
+        get one task per block.
+    on_error : {"skip", "fail"}
+        ``skip`` drops bad images and reports them; ``fail`` raises
+        :class:`ExtractionError` naming the file and writes no final file.
+    client : distributed.Client, optional
+        Use this client (it is not closed).
+    scheduler_address : str, optional
+        Otherwise connect to this scheduler (e.g. ``"tcp://10.0.0.5:8786"``).
+    n_workers, threads_per_worker : int
+        Otherwise start a ``LocalCluster`` of ``n_workers`` processes with
+        ``threads_per_worker`` threads each, closed afterwards.
+        ``threads_per_worker`` is also the torch thread count set in every
+        worker (with any cluster).
+    blocks_per_task : int
+        Minimum blocks per task; more amortises task overhead, fewer
+        balances better.
+    progress : bool
+        Show a tqdm bar over finished tasks.
+    lock_timeout : float
+        Seconds to wait for another writer of ``out``.
+
+    Returns
+    -------
+    ExtractionReport
+        Same fields and meaning as :func:`extract_to_store`'s report
+        (``errors`` lists every skipped row of the store, resumed blocks included).
+
+    Raises
+    ------
+    ExtractionError
+        On a bad image with ``on_error="fail"`` (the worker's error, naming
+        the file), or when a worker task fails (committed blocks are kept for
+        a resume).
+    featcache.store.errors.StoreLockedError
+        If another process writes ``out``.
+    ValueError
+        On invalid arguments.
+    """
+    if on_error not in ("skip", "fail"):
+        raise ValueError(f"on_error {on_error!r} is not one of 'skip', 'fail'.")
+    for name, value in (("block_rows", block_rows), ("batch_size", batch_size), ("n_workers", n_workers),
+                        ("threads_per_worker", threads_per_worker), ("blocks_per_task", blocks_per_task)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if not isinstance(runner_spec, RunnerSpec):
+        raise TypeError(f"runner_spec must be a RunnerSpec (a picklable recipe, not a model), "
+                        f"got {type(runner_spec).__name__}.")
+    if client is not None and scheduler_address is not None:
+        raise ValueError("Give either client or scheduler_address, not both.")
+    started = time.perf_counter()
+    root_attrs = _root_attrs(manifest, config, attrs)
+    # Workers may run elsewhere (or in another cwd): give them absolute image paths.
+    worker_manifest = replace(manifest, root=Path(manifest.root).absolute())
+
+    handle = _ClientHandle(client, scheduler_address, n_workers, threads_per_worker)
+    try:
+        probe = handle.client.submit(_probe_task, runner_spec, preprocess.input_size, threads_per_worker,
+                                     pure=False, key=f"featcache-probe-{uuid.uuid4().hex[:12]}")
+        try:
+            layer_specs, worker_torch, where = probe.result()
+        except Exception as exc:
+            raise ExtractionError(
+                f"Building {runner_spec.backbone} ({runner_spec.weights}) on a dask worker failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if worker_torch != root_attrs["torch_version"]:
+            logger.warning("worker %s runs torch %s but the driver runs %s; the store records the driver's",
+                           where, worker_torch, root_attrs["torch_version"])
+        with StoreWriter(out, ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
+                         labels=manifest.labels, targets=manifest.targets, layers=layer_specs, attrs=root_attrs,
+                         dtype=dtype, block_rows=block_rows, lock_timeout=lock_timeout) as writer:
+            try:
+                pending = writer.pending_blocks()
+                n_resumed = writer.n_blocks - len(pending)
+                if n_resumed:
+                    logger.info("Resuming %s: %d of %d blocks already committed", out, n_resumed, writer.n_blocks)
+                tasks = _plan_tasks(pending, [len(writer.block_range(b)) for b in pending], batch_size,
+                                    blocks_per_task)
+                if blocks_per_task == 1 and len(tasks) < len(pending):
+                    logger.info("block_rows=%d is not a multiple of batch_size=%d: %d blocks grouped into %d "
+                                "batch-aligned tasks", block_rows, batch_size, len(pending), len(tasks))
+                job = _Job(worker_manifest, preprocess, runner_spec, _detached_writer(writer), tuple(layer_specs),
+                           batch_size, on_error, threads_per_worker)
+                results = list(_run_tasks(handle.client, job, tasks, writer, progress)) if tasks else []
+                path = writer.finalize()
+            finally:
+                # Stop our own workers before the lock is released, so no block lands after it.
+                handle.close()
+    finally:
+        handle.close()
+    # Like extract_to_store: count skipped rows from the store, so bad images of blocks committed
+    # by an earlier (resumed) run are included.
+    with FeatureStore(path) as store:
+        errors = store.errors()
+    n_rows = sum(result.n_rows for result in results)
+    seconds = time.perf_counter() - started
+    n_skipped = len(errors)
+    report = ExtractionReport(path=Path(path), n_input=len(manifest), n_written=len(manifest) - n_skipped,
+                              n_skipped=n_skipped, n_resumed_blocks=n_resumed, seconds=seconds,
+                              images_per_second=n_rows / seconds if seconds > 0 else 0.0, errors=errors)
+    logger.info("Wrote %s: %d rows, %d skipped, %d tasks on dask, %.1f img/s", path, report.n_written, n_skipped,
+                len(results), report.images_per_second)
+    return report

@@ -1,0 +1,195 @@
+"""``finetune`` stage: one fine-tuning mode end to end -> metrics JSON beside the cached heads.
+
+The metrics JSON has the same shape as the ``train`` stage's (``dataset``,
+``backbone``, ``layer``, ``head``, ``task``, the test metrics with ``ci``,
+``n_features``, ``fit_seconds``, ``predict_seconds``, ``best_params``), with
+``layer = "finetune"`` and ``head = "finetune-<mode>"``, so
+:func:`featcache.pipeline.compare.compare` ranks it with the cached heads.
+
+``out_dir`` receives the run's files: ``model.pt`` (best state dict, loads with
+``weights_only=True``), ``model.json`` (classes, input size, target scaling),
+``weight_report.json`` (what was copied from the pretrained weights),
+``history.json``, ``backbone.pt`` (the fine-tuned backbone in the registry's
+architecture: usable as ``backbones.<name>.weights`` for the extract stage),
+``model.onnx`` (optional) and ``cam/*.png`` (class activation maps of a few
+test images).
+
+Settings come from the ``finetune`` section of ``params.yaml``: ``backbone``,
+``weights``, ``export_onnx``, ``cam_images``, ``defaults`` (every
+:class:`~featcache.heads.finetune.FinetuneConfig` field) and ``modes`` (mode ->
+overrides of ``defaults``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from featcache.heads.finetune import FinetuneConfig, FinetuneResult
+    from featcache.pipeline.config import Params
+
+__all__ = ["finetune_stage", "mode_config", "finetune_section", "write_cams"]
+
+logger = logging.getLogger(__name__)
+
+#: Section keys besides ``defaults`` and ``modes``, with their defaults.
+_SECTION_DEFAULTS: dict[str, Any] = {"backbone": "efficientnet_lite0", "weights": "pretrained",
+                                     "export_onnx": True, "cam_images": 4}
+
+
+def finetune_section(params: Any, finetune: Mapping[str, Any] | Any | None = None) -> dict[str, Any]:
+    """The ``finetune`` section as a plain dict.
+
+    Parameters
+    ----------
+    params : Params
+        Validated params; its ``finetune`` attribute is used when ``finetune`` is None.
+    finetune : mapping or pydantic model, optional
+        The section itself (tests, or params objects without the section).
+    """
+    section = finetune if finetune is not None else getattr(params, "finetune", None)
+    if section is None:
+        raise ValueError("No 'finetune' section in params.yaml. Hint: add one (see README: fine-tuning baseline).")
+    if hasattr(section, "model_dump"):
+        section = section.model_dump()
+    section = dict(section)
+    allowed = {*_SECTION_DEFAULTS, "defaults", "modes"}
+    unknown = sorted(set(section) - allowed)
+    if unknown:
+        raise ValueError(f"Unknown key(s) in finetune: {unknown}. Allowed: {sorted(allowed)}.")
+    return {**_SECTION_DEFAULTS, "defaults": {}, "modes": {}, **section}
+
+
+def mode_config(section: Mapping[str, Any], mode: str, n_boot: int = 1000, progress: bool = True) -> "FinetuneConfig":
+    """``defaults`` updated with ``modes[mode]``, as a validated :class:`FinetuneConfig`."""
+    from featcache.heads.finetune import FinetuneConfig
+
+    overrides = (section.get("modes") or {}).get(mode) or {}
+    values = {**(section.get("defaults") or {}), **overrides, "mode": mode, "n_boot": n_boot, "progress": progress}
+    try:
+        return FinetuneConfig.from_dict(values)
+    except ValueError as error:
+        raise ValueError(f"finetune settings of mode {mode!r}: {error}") from None
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+    partial.replace(path)
+
+
+def _write_confusion(path: Path, rows: list[dict[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["actual", "predicted"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    partial.replace(path)
+
+
+def _cam_rows(result: "FinetuneResult", n_images: int) -> list[int]:
+    """Up to ``n_images`` test rows, one per class in turn (the first by id), so the maps differ."""
+    rows, truth = list(result.test_rows), result.y_true
+    if result.task != "classification":
+        return [int(r) for r in rows[:n_images]]
+    picked: list[int] = []
+    for k in range(len(result.classes)):
+        hits = [int(rows[i]) for i in np.flatnonzero(truth == k)]
+        if hits:
+            picked.append(hits[0])
+        if len(picked) == n_images:
+            break
+    return picked
+
+
+def write_cams(result: "FinetuneResult", manifest: Any, out_dir: str | Path, n_images: int = 4) -> list[Path]:
+    """CAM overlays of a few test images (none, with a log line, where CAM does not apply)."""
+    import torch
+
+    from featcache.extract.preprocess import Preprocessor, load_rgb
+    from featcache.heads.cam import class_activation_maps, save_cam_overlays, tensor_to_pil
+
+    if n_images <= 0:
+        return []
+    spec = result.spec
+    pre = Preprocessor.from_spec(spec, result.config.resize_mode, result.input_size)
+    rows = _cam_rows(result, n_images)
+    try:
+        images = torch.stack([pre(load_rgb(manifest.absolute_path(row), pre.background)) for row in rows])
+        cams = class_activation_maps(result.model, spec, images)
+    except (ValueError, OSError) as error:
+        logger.warning("No CAM overlays: %s", error)
+        return []
+    pils = [tensor_to_pil(image, pre.mean, pre.std) for image in images]
+    return save_cam_overlays(pils, cams, out_dir, [manifest.ids[row] for row in rows])
+
+
+def finetune_stage(params: "Params", mode: str, manifest_path: str | Path, out_dir: str | Path,
+                   metrics_path: str | Path, confusion_path: str | Path | None = None, *,
+                   finetune: Mapping[str, Any] | Any | None = None, progress: bool = True) -> dict[str, Any]:
+    """Fine-tune one mode on the prepared manifest; write metrics, checkpoint, report, exports, CAMs.
+
+    Parameters
+    ----------
+    params : Params
+        Validated params (``data.name``, ``train.n_boot`` and the ``finetune`` section).
+    mode : {"frozen", "low_lr", "unfreeze", "scratch"}
+        Which recipe.
+    manifest_path : path
+        ``manifest.csv`` of the prepare stage (the cached heads' split).
+    out_dir : path
+        Folder for ``model.pt``, ``model.json``, ``weight_report.json``,
+        ``history.json``, ``backbone.pt``, ``model.onnx`` and ``cam/``.
+    metrics_path : path
+        Metrics JSON (the ``train`` stage's format).
+    confusion_path : path, optional
+        ``actual,predicted`` CSV of the test split (classification).
+    finetune : mapping, optional
+        The ``finetune`` section, when ``params`` has none.
+    progress : bool
+        Show the tqdm bar.
+
+    Returns
+    -------
+    dict
+        The metrics written to ``metrics_path``.
+    """
+    from featcache.extract.manifest import Manifest
+    from featcache.heads.finetune import export_backbone, export_onnx
+    from featcache.heads.finetune import finetune as run_finetune
+    from featcache.heads.finetune import head_module_name
+    from featcache.heads.metrics import confusion_rows
+
+    section = finetune_section(params, finetune)
+    config = mode_config(section, mode, n_boot=params.train.n_boot, progress=progress)
+    manifest = Manifest.read(manifest_path)
+    if manifest.task != params.data.task:
+        raise ValueError(f"data.task is {params.data.task!r} but {manifest_path} is a {manifest.task} manifest. "
+                         "Hint: rerun the prepare stage.")
+    out_dir = Path(out_dir)
+    result = run_finetune(manifest, section["backbone"], section["weights"], config, out_dir=out_dir,
+                          task=manifest.task)
+    export_backbone(result.model, result.spec, out_dir / "backbone.pt", result.original_head)
+    if section["export_onnx"]:
+        export_onnx(result, out_dir / "model.onnx")
+    write_cams(result, manifest, out_dir / "cam", int(section["cam_images"]))
+
+    metrics = {"dataset": params.data.name, "backbone": section["backbone"], "layer": "finetune",
+               "head": f"finetune-{mode}", "task": manifest.task, "node": head_module_name(result.spec),
+               "pooling": "end-to-end", "weights": result.weights_id, **result.metrics}
+    metrics["best_params"] = dict(metrics["best_params"])
+    _write_json(Path(metrics_path), metrics)
+    if confusion_path is not None and manifest.task == "classification":
+        _write_confusion(Path(confusion_path), confusion_rows(result.y_true, result.y_pred, result.classes))
+    summary = metrics.get("accuracy", metrics.get("rmse"))
+    logger.info("finetune-%s: test %s = %.4f in %.1fs", mode,
+                "accuracy" if manifest.task == "classification" else "rmse", summary, result.fit_seconds)
+    return metrics

@@ -1,0 +1,293 @@
+"""Sharded extraction on dask.distributed: byte-identical to one process, resumable, fails cleanly."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import cloudpickle
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from featcache.extract.distributed import (
+    RunnerSpec, _detached_writer, _Job, _plan_tasks, _run_tasks, extract_distributed,
+)
+from featcache.extract.engine import ExtractionError, extract_to_store
+from featcache.extract.preprocess import Preprocessor
+from featcache.extract.sources import from_folder
+from featcache.store.schema import sha256_text
+from featcache.store.writer import LayerSpec, StoreWriter
+
+from ._helpers import md5
+
+distributed = pytest.importorskip("distributed")
+
+# Functions of this module submitted to the workers travel by value (the
+# workers cannot import pytest's test modules).
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+PREPROCESS = Preprocessor(input_size=64, resize_size=73, interpolation="bilinear",
+                          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+SPEC = RunnerSpec(backbone="resnet18", weights="random", layers=("default", "layer3"), pooling="avg")
+CONFIG = {"backbone": "resnet18", "weights": "random", "layers": ["default", "layer3"], "pooling": "avg",
+          "dtype": "float16", "preprocess": PREPROCESS.config()}
+ATTRS = {"backbone": "resnet18", "weights_id": "random:seed=0", "weights_sha256": "", "dataset": "tiny",
+         "backend": "torch", "provider": "cpu"}
+CLASSES = ("ant", "bee", "cat")
+PER_CLASS = 7
+CORRUPT_ID = "bee/003_corrupt.png"
+
+
+# ------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory) -> Path:
+    """21 small PNGs of varied sizes in 3 class folders, plus one corrupt PNG (22 rows)."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for channel, name in enumerate(CLASSES):
+        (root / name).mkdir()
+        for index in range(PER_CLASS):
+            height, width = rng.integers(40, 90, size=2)
+            pixels = rng.integers(0, 100, size=(height, width, 3))
+            pixels[..., channel] += 150
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{index:03d}.png")
+    (root / CORRUPT_ID).write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    return root
+
+
+@pytest.fixture(scope="module")
+def manifest(image_root):
+    built = from_folder(image_root, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=0)
+    assert len(built) == 3 * PER_CLASS + 1 and CORRUPT_ID in built.ids
+    return built
+
+
+@pytest.fixture(scope="module")
+def clean_manifest(tmp_path_factory):
+    """The same images without the corrupt one (for on_error='fail' references)."""
+    root = tmp_path_factory.mktemp("clean")
+    rng = np.random.default_rng(1)
+    for name in CLASSES:
+        (root / name).mkdir()
+        for index in range(3):
+            Image.fromarray(rng.integers(0, 255, size=(50, 60, 3)).astype(np.uint8)).save(root / name / f"{index}.png")
+    return from_folder(root, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=0)
+
+
+@pytest.fixture(scope="module")
+def client():
+    """One 2-worker process cluster for the whole module (startup is the slow part)."""
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0")
+    dask_client = distributed.Client(cluster)
+    try:
+        yield dask_client
+    finally:
+        dask_client.close()
+        cluster.close()
+
+
+def _single(manifest, out, *, batch_size=4, block_rows=4, on_error="skip"):
+    return extract_to_store(manifest, SPEC.build(), PREPROCESS, out, config=CONFIG, attrs=ATTRS,
+                            block_rows=block_rows, batch_size=batch_size, num_workers=0, on_error=on_error,
+                            progress=False)
+
+
+def _distributed(manifest, out, client, *, batch_size=4, block_rows=4, on_error="skip", **kwargs):
+    return extract_distributed(manifest, SPEC, PREPROCESS, out, config=CONFIG, attrs=ATTRS, block_rows=block_rows,
+                               batch_size=batch_size, on_error=on_error, client=client, progress=False, **kwargs)
+
+
+def _state_digest(spec: RunnerSpec) -> str:
+    """sha256 of the built extractor's parameters and buffers (runs on a worker or here)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(spec.build().module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _content(path: Path) -> dict[str, object]:
+    """Every dataset (raw bytes of numeric data) and attribute of a store, for exact comparison."""
+    import h5py
+
+    items: dict[str, object] = {}
+    with h5py.File(path, "r") as handle:
+        def visit(name, obj):
+            items[f"{name}@attrs"] = {key: repr(obj.attrs[key]) for key in sorted(obj.attrs)}
+            if isinstance(obj, h5py.Dataset):
+                value = obj[()]
+                raw = value.tobytes() if value.dtype.kind in "biuf" else repr(value.tolist())
+                items[name] = (str(value.dtype), value.shape, obj.chunks, obj.compression, raw)
+        visit("/", handle)
+        handle.visititems(visit)
+    return items
+
+
+def _assert_same_bytes(actual: Path, expected: Path) -> None:
+    """md5 equality; on a mismatch, say which datasets or attributes differ."""
+    if md5(actual) == md5(expected):
+        return
+    a, b = _content(actual), _content(expected)
+    diffs = sorted(key for key in set(a) | set(b) if a.get(key) != b.get(key))
+    raise AssertionError(f"{actual} and {expected} differ in {diffs or 'the bytes only (same content)'}")
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name != out.name)
+
+
+# --------------------------------------------------------------------- plan
+def test_plan_tasks_cuts_only_at_batch_boundaries():
+    # batch_size divides block_rows: one task per block (the last block may be short).
+    assert _plan_tasks([0, 1, 2, 3], [4, 4, 4, 2], 4, 1) == [(0,), (1,), (2,), (3,)]
+    assert _plan_tasks([0, 1, 2, 3], [4, 4, 4, 2], 2, 1) == [(0,), (1,), (2,), (3,)]
+    # batch_size = 2 blocks: a single-process batch spans two blocks, so a task does too.
+    assert _plan_tasks([0, 1, 2, 3, 4], [4, 4, 4, 4, 1], 8, 1) == [(0, 1), (2, 3), (4,)]
+    # 3-row batches over 4-row blocks only realign every 3 blocks.
+    assert _plan_tasks([0, 1, 2, 3], [4, 4, 4, 4], 3, 1) == [(0, 1, 2), (3,)]
+    # blocks_per_task is a minimum; resumed (non-contiguous) pending blocks keep their order.
+    assert _plan_tasks([1, 3, 4, 6, 7], [4] * 5, 4, 2) == [(1, 3), (4, 6), (7,)]
+    assert _plan_tasks([], [], 4, 1) == []
+
+
+def test_runner_spec_is_picklable_hashable_and_cached():
+    spec = RunnerSpec("resnet18", "random", ["default"], "avg")
+    assert spec.layers == ("default",)
+    assert cloudpickle.loads(cloudpickle.dumps(spec)) == spec
+    assert spec.build() is RunnerSpec("resnet18", "random", ("default",), "avg").build()
+    with pytest.raises(ValueError, match="empty"):
+        RunnerSpec("resnet18", "random", (), "avg")
+    with pytest.raises(TypeError, match="string"):
+        RunnerSpec("resnet18", "random", "default", "avg")
+    with pytest.raises(ValueError, match="autocast"):
+        RunnerSpec("resnet18", "random", ("default",), "avg", autocast="int8")
+
+
+# ------------------------------------------------------------- end to end
+def test_workers_build_identical_random_weights(client):
+    local = _state_digest(SPEC)
+    remote = client.run(_state_digest, SPEC)  # every worker, {address: digest}
+    assert len(remote) == 2
+    assert set(remote.values()) == {local}
+
+
+@pytest.mark.parametrize("batch_size", [4, 8], ids=["batch=block", "batch=2blocks"])
+def test_byte_identical_to_single_process(client, manifest, tmp_path, batch_size):
+    reference = _single(manifest, tmp_path / "single" / "resnet18.h5", batch_size=batch_size)
+    out = tmp_path / "dask" / "resnet18.h5"
+    report = _distributed(manifest, out, client, batch_size=batch_size)
+
+    _assert_same_bytes(out, reference.path)
+    assert _leftovers(out) == []  # no lock, no parts, no partial
+    assert report.path == out
+    assert (report.n_input, report.n_written, report.n_skipped, report.n_resumed_blocks) == (
+        reference.n_input, reference.n_written, reference.n_skipped, 0)
+    assert report.n_skipped == 1 and report.errors == reference.errors
+    assert report.errors[0][0] == CORRUPT_ID
+
+
+def test_default_lzf_content_identical(client, manifest, tmp_path):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(StoreWriter.__init__.__kwdefaults__, "compression", "lzf")
+        reference = _single(manifest, tmp_path / "single" / "resnet18.h5")
+        report = _distributed(manifest, tmp_path / "dask" / "resnet18.h5", client)
+    content = _content(report.path)
+    assert content["features/pool5"][3] == "lzf"
+    assert content == _content(reference.path)
+
+
+def test_resume_after_single_process_crash(client, manifest, tmp_path):
+    reference = _single(manifest, tmp_path / "single" / "resnet18.h5")
+    out = tmp_path / "dask" / "resnet18.h5"
+
+    class CrashingRunner:
+        """Delegates to the real extractor, dies on the third batch (2 blocks committed)."""
+
+        def __init__(self) -> None:
+            self.calls = 0
+            self.inner = SPEC.build()
+
+        def __call__(self, batch: torch.Tensor):
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("simulated crash")
+            return self.inner(batch)
+
+        def layer_specs(self, input_size=None):
+            return self.inner.layer_specs(input_size)
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        extract_to_store(manifest, CrashingRunner(), PREPROCESS, out, config=CONFIG, attrs=ATTRS, block_rows=4,
+                         batch_size=4, num_workers=0, progress=False)
+    parts = sorted(p.name for p in (out.parent / f"{out.name}.parts").rglob("block-*.npz"))
+    assert parts == ["block-000000.npz", "block-000001.npz"]
+    assert not out.exists()
+
+    report = _distributed(manifest, out, client)
+    assert report.n_resumed_blocks == 2
+    assert (report.n_skipped, report.errors) == (reference.n_skipped, reference.errors)
+    _assert_same_bytes(out, reference.path)
+    assert _leftovers(out) == []
+
+
+def test_on_error_fail_names_the_file_and_writes_nothing(client, manifest, image_root, tmp_path):
+    out = tmp_path / "resnet18.h5"
+    with pytest.raises(ExtractionError) as info:
+        _distributed(manifest, out, client, on_error="fail")
+    message = str(info.value)
+    assert CORRUPT_ID in message and str((image_root / CORRUPT_ID).resolve()) in message
+    assert not out.exists()
+    assert not (out.parent / f"{out.name}.lock").exists()  # lock released
+    # Blocks that were committed stay for a resume; a skip run then completes the store.
+    _distributed(manifest, out, client, on_error="skip")
+    assert out.exists()
+
+
+def test_on_error_fail_without_bad_images_matches_single(client, clean_manifest, tmp_path):
+    reference = _single(clean_manifest, tmp_path / "single.h5", on_error="fail")
+    report = _distributed(clean_manifest, tmp_path / "dask.h5", client, on_error="fail", blocks_per_task=2)
+    assert report.n_skipped == 0
+    _assert_same_bytes(report.path, reference.path)
+
+
+def test_worker_task_failure_is_wrapped_and_keeps_blocks(client, manifest, tmp_path):
+    """A task that dies on a worker -> ExtractionError with a resume hint; the driver's lock is fine."""
+    specs = SPEC.build().layer_specs(PREPROCESS.input_size)
+    wrong = [LayerSpec(s.alias, s.node, s.dim + 1, "none", (s.dim + 1,), s.post_relu) for s in specs]
+    attrs = {"config": "{}", "config_sha256": sha256_text("{}")}
+    with StoreWriter(tmp_path / "x.h5", ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
+                     labels=manifest.labels, targets=manifest.targets, layers=wrong, attrs=attrs,
+                     block_rows=4) as writer:
+        job = _Job(manifest, PREPROCESS, SPEC, _detached_writer(writer), tuple(wrong), 4, "skip", 1)
+        with pytest.raises(ExtractionError, match="rerun to resume") as info:
+            list(_run_tasks(client, job, [(0,), (1,)], writer, progress=False))
+        assert "StoreError" in str(info.value)
+        assert writer.pending_blocks() == list(range(writer.n_blocks))
+
+
+def test_build_failure_on_worker_via_scheduler_address(client, manifest, tmp_path):
+    spec = RunnerSpec("resnet18", str(tmp_path / "missing.pth"), ("default",), "avg")
+    with pytest.raises(ExtractionError, match="Building resnet18.*missing.pth"):
+        extract_distributed(manifest, spec, PREPROCESS, tmp_path / "out.h5", config=CONFIG,
+                            scheduler_address=client.scheduler.address, progress=False)
+    assert not (tmp_path / "out.h5").exists()
+
+
+def test_own_local_cluster(clean_manifest, tmp_path):
+    """Without client/address a LocalCluster is started and closed again."""
+    reference = _single(clean_manifest, tmp_path / "single.h5")
+    report = extract_distributed(clean_manifest, SPEC, PREPROCESS, tmp_path / "dask.h5", config=CONFIG, attrs=ATTRS,
+                                 block_rows=4, batch_size=4, n_workers=1, progress=False)
+    _assert_same_bytes(report.path, reference.path)
+
+
+def test_invalid_arguments(manifest, tmp_path):
+    with pytest.raises(ValueError, match="on_error"):
+        extract_distributed(manifest, SPEC, PREPROCESS, tmp_path / "o.h5", config=CONFIG, on_error="ignore")
+    with pytest.raises(ValueError, match="block_rows"):
+        extract_distributed(manifest, SPEC, PREPROCESS, tmp_path / "o.h5", config=CONFIG, block_rows=0)
+    with pytest.raises(TypeError, match="RunnerSpec"):
+        extract_distributed(manifest, SPEC.build(), PREPROCESS, tmp_path / "o.h5", config=CONFIG)
