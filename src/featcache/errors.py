@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from featcache.extract.engine import ExtractionError
 from featcache.extract.manifest import ManifestError
-from featcache.extract.onnx_runner import OnnxExportError, ParityError
+from featcache.extract.onnx_runner import OnnxExportError
+from featcache.extract.parity import ParityError
 from featcache.extract.registry import UnknownNameError
 from featcache.extract.weights import WeightsNotFoundError
 from featcache.pipeline.config import ConfigError

@@ -13,16 +13,8 @@ from PIL import Image
 
 from featcache.extract.engine import extract_to_store
 from featcache.extract.manifest import Manifest
-from featcache.extract.onnx_runner import (
-    DEFAULT_OPSET,
-    LayerParity,
-    OnnxExportError,
-    OnnxFeatureRunner,
-    ParityError,
-    export_onnx,
-    format_parity,
-    parity_check,
-)
+from featcache.extract.onnx_runner import DEFAULT_OPSET, OnnxExportError, OnnxFeatureRunner, export_onnx
+from featcache.extract.parity import LayerParity, ParityError, format_parity, parity_check
 from featcache.extract.preprocess import Preprocessor
 from featcache.extract.registry import IMAGENET_MEAN, IMAGENET_STD
 from featcache.extract.torch_runner import TorchFeatureExtractor

@@ -13,7 +13,7 @@ import contextlib
 import copy
 import logging
 import operator
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from featcache.extract.registry import BackboneSpec, LayerAlias, resolve_layer
 from featcache.store.schema import POOLINGS
+from featcache.store.writer import LayerSpec
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish)
 
@@ -222,15 +223,13 @@ class TorchFeatureExtractor:
             self._map_shapes = {name: tuple(value.shape[1:]) for name, value in raw.items()}
         return {name: pool_features(value, self.pooling).cpu().numpy() for name, value in raw.items()}
 
-    def layer_specs(self, input_size: int | None = None) -> list["LayerSpec"]:
+    def layer_specs(self, input_size: int | None = None) -> list[LayerSpec]:
         """Describe each output (node, dim, pooling, map shape) by one dummy forward.
 
         Returns
         -------
         list of featcache.store.LayerSpec
         """
-        from featcache.store.writer import LayerSpec
-
         size = input_size or self.spec.input_size
         raw = self.forward_raw(torch.zeros(1, 3, size, size))
         specs = []

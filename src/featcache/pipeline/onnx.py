@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from featcache.extract.onnx_runner import DEFAULT_OPSET, OnnxFeatureRunner, export_onnx, format_parity, parity_check
+from featcache.extract.onnx_runner import DEFAULT_OPSET, OnnxFeatureRunner, export_onnx
+from featcache.extract.parity import format_parity, parity_check
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor, load_rgb
 from featcache.extract.torch_runner import TorchFeatureExtractor

@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 from featcache.heads import fit_and_evaluate, make_head, save_head
 from featcache.heads.metrics import confusion_rows
