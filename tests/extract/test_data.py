@@ -1,0 +1,88 @@
+"""Data loading: bad images come back as error strings, batches keep the requested row order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from featcache.extract.data import ImageDataset, default_num_workers, make_loader
+from featcache.extract.manifest import Manifest
+from featcache.extract.preprocess import Preprocessor, load_rgb
+
+from ._helpers import write_image_folder
+
+PRE = Preprocessor(input_size=32, resize_size=36, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+@pytest.fixture
+def manifest(tmp_path):
+    ids = write_image_folder(tmp_path, classes=("a", "b"), per_class=5, size=20)
+    (tmp_path / "a" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    ids = sorted(ids + ["a/zz_corrupt.png", "b/zz_missing.png"])
+    labels = np.array([0 if i.startswith("a/") else 1 for i in ids], dtype=np.int64)
+    return Manifest(ids, list(ids), np.zeros(len(ids), dtype=np.uint8), labels=labels, classes=["a", "b"],
+                    root=tmp_path)
+
+
+def test_good_rows_are_preprocessed(manifest):
+    dataset = ImageDataset(manifest, PRE)
+    assert len(dataset) == len(manifest)
+    row = manifest.ids.index("a/001.png")
+    index, tensor, error = dataset[row]
+    assert (index, error) == (row, "")
+    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
+    assert torch.equal(tensor, PRE(load_rgb(manifest.absolute_path(row))))
+
+
+def test_corrupt_and_missing_files_return_errors(manifest):
+    dataset = ImageDataset(manifest, PRE)
+    corrupt = manifest.ids.index("a/zz_corrupt.png")
+    row, tensor, error = dataset[corrupt]  # no exception
+    assert row == corrupt and isinstance(error, str) and error
+    assert "Error" in error and "\n" not in error
+    # The reason ends up in the feature file: no machine-specific absolute path in it.
+    assert str(manifest.root) not in error and "zz_corrupt.png" in error
+    assert tensor.shape == (3, 32, 32) and not tensor.any()
+    missing = manifest.ids.index("b/zz_missing.png")
+    row, tensor, error = dataset[missing]
+    assert (row, error) == (missing, "missing file")
+    assert not tensor.any()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_keeps_row_order(manifest, workers):
+    dataset = ImageDataset(manifest, PRE)
+    rows = [7, 0, 11, 3, 2, 10, 1]  # any order, including the bad rows
+    seen, errors = [], {}
+    for batch_rows, images, reasons in make_loader(dataset, rows, batch_size=3, num_workers=workers):
+        assert batch_rows.dtype == torch.int64
+        assert images.shape == (len(batch_rows), 3, 32, 32)
+        assert len(reasons) == len(batch_rows) <= 3
+        for position, row in enumerate(batch_rows.tolist()):
+            seen.append(row)
+            errors[row] = reasons[position]
+            if not reasons[position]:
+                assert torch.equal(images[position], dataset[row][1])
+    assert seen == rows
+    bad = {manifest.ids.index("a/zz_corrupt.png"), manifest.ids.index("b/zz_missing.png")}
+    assert {row for row, reason in errors.items() if reason} == bad & set(rows)
+
+
+def test_loader_of_no_rows_is_empty(manifest):
+    assert list(make_loader(ImageDataset(manifest, PRE), [], batch_size=4, num_workers=0)) == []
+
+
+def test_default_num_workers():
+    assert 1 <= default_num_workers() <= 8
+
+
+def test_dataset_uses_the_preprocessor_background(tmp_path):
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    manifest = Manifest(["clear.png"], ["clear.png"], np.zeros(1, np.uint8), labels=np.zeros(1, np.int64),
+                        classes=["x"], root=tmp_path)
+    black = Preprocessor(32, 36, "bilinear", (0.0,) * 3, (1.0,) * 3, background=(0, 0, 0))
+    white = Preprocessor(32, 36, "bilinear", (0.0,) * 3, (1.0,) * 3)
+    assert ImageDataset(manifest, black)[0][1].max() == 0
+    assert ImageDataset(manifest, white)[0][1].min() == 1

@@ -1,0 +1,252 @@
+"""extract_to_store: a tiny ImageFolder through a random-weight resnet18 into one HDF5 store.
+
+3 classes x 6 random-colour 20x20 PNGs plus one corrupt file (19 rows), input
+64 px, batch 2, blocks of 4 rows (5 blocks). Most runs use ``num_workers=0``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from featcache.extract.engine import ExtractionError, extract_to_store, resolve_device
+from featcache.extract.preprocess import Preprocessor, load_rgb
+from featcache.extract.registry import IMAGENET_MEAN, IMAGENET_STD
+from featcache.extract.sources import from_folder
+from featcache.extract.torch_runner import TorchFeatureExtractor
+
+from ._helpers import md5, write_image_folder
+
+PRE = Preprocessor(input_size=64, resize_size=73, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD)
+LAYERS = ["pool5", "res4"]
+CONFIG = {"backbone": "resnet18", "weights": "random", "layers": LAYERS, "pooling": "avg",
+          "preprocess": PRE.config()}
+ATTRS = {"backbone": "resnet18", "weights_id": "random:seed=0", "weights_sha256": "", "backend": "torch"}
+CORRUPT = "ant/0-corrupt.png"  # sorts first: row 0, in the first block
+RATIOS = {"train": 0.5, "val": 0.25, "test": 0.25}
+N_GOOD = 18
+
+
+def _make_folder(root: Path) -> Path:
+    write_image_folder(root, classes=("ant", "bee", "cat"), per_class=6, size=20, seed=0)
+    (root / CORRUPT).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    return root
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return _make_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def manifest(images):
+    manifest = from_folder(images, RATIOS, seed=0)
+    assert len(manifest) == N_GOOD + 1 and manifest.ids[0] == CORRUPT
+    return manifest
+
+
+@pytest.fixture(scope="module")
+def runner(random_backbone):
+    loaded = random_backbone("resnet18")
+    return TorchFeatureExtractor(loaded.model, loaded.spec, LAYERS, pooling="avg")
+
+
+def _extract(manifest, runner, out, **kwargs):
+    kwargs.setdefault("num_workers", 0)
+    kwargs.setdefault("batch_size", 2)
+    kwargs.setdefault("block_rows", 4)
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("config", CONFIG)
+    kwargs.setdefault("attrs", ATTRS)
+    return extract_to_store(manifest, runner, PRE, out, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def first_run(manifest, runner, tmp_path_factory):
+    out = tmp_path_factory.mktemp("first") / "features" / "resnet18.h5"
+    report = _extract(manifest, runner, out)
+    return out, report, md5(out)
+
+
+def _leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name != out.name)
+
+
+# -------------------------------------------------------------- the store
+def test_store_is_written(first_run, manifest):
+    out, report, _ = first_run
+    assert report.path == out and out.is_file()
+    assert (report.n_input, report.n_written, report.n_skipped, report.n_resumed_blocks) == (19, 18, 1, 0)
+    assert [e[0] for e in report.errors] == [CORRUPT]
+    assert _leftovers(out) == []  # no .partial, .parts or .lock left behind
+    with h5py.File(out, "r") as f:
+        ids = [i.decode() for i in f["ids"][()]]
+        assert ids == [i for i in manifest.ids if i != CORRUPT]
+        assert f.attrs["n_rows"] == 18 and f.attrs["n_input"] == 19 and f.attrs["n_skipped"] == 1
+        assert bool(f.attrs["complete"])
+        assert f.attrs["backbone"] == "resnet18" and f.attrs["backend"] == "torch"
+        assert f.attrs["manifest_sha256"] == manifest.sha256()
+        errors = f["errors"][()]
+        assert [e["id"].decode() for e in errors] == [CORRUPT]
+        assert errors[0]["reason"]
+        rows = [manifest.ids.index(i) for i in ids]
+        np.testing.assert_array_equal(f["label"][()], manifest.labels[rows])
+        np.testing.assert_array_equal(f["split"][()], manifest.splits[rows])
+        assert [c.decode() for c in f["classes"][()]] == ["ant", "bee", "cat"]
+        assert f["features/pool5"].shape == (18, 512) and f["features/res4"].shape == (18, 256)
+        assert f["features/pool5"].dtype == np.float16
+        assert f["features/res4"].attrs["pooling"] == "avg"
+        assert f["features/pool5"].attrs["node"] == "flatten"
+
+
+def _direct(runner, manifest, ids):
+    batch = torch.stack([PRE(load_rgb(manifest.absolute_path(manifest.ids.index(i)))) for i in ids])
+    return runner(batch)
+
+
+def test_features_equal_a_direct_extractor_call(first_run, manifest, runner):
+    out, _, _ = first_run
+    with h5py.File(out, "r") as f:
+        ids = [i.decode() for i in f["ids"][()]]
+        stored = {layer: f[f"features/{layer}"][()] for layer in LAYERS}
+    direct = _direct(runner, manifest, ids)
+    for layer in LAYERS:
+        expected = direct[layer]
+        assert np.abs(expected).max() > 0
+        # float16 storage: ~3 significant digits
+        np.testing.assert_allclose(stored[layer].astype(np.float32), expected, rtol=2e-3,
+                                   atol=1e-3 * np.abs(expected).max())
+        assert not np.allclose(stored[layer][0], stored[layer][1])  # rows are not all the same
+
+
+def test_float32_store(manifest, runner, tmp_path):
+    out = tmp_path / "f32.h5"
+    _extract(manifest, runner, out, dtype="float32", block_rows=7, batch_size=5)
+    with h5py.File(out, "r") as f:
+        ids = [i.decode() for i in f["ids"][()]]
+        stored = f["features/pool5"][()]
+    assert stored.dtype == np.float32
+    expected = _direct(runner, manifest, ids)["pool5"]
+    np.testing.assert_allclose(stored, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+# ----------------------------------------------------------- determinism
+def test_rerun_is_byte_identical(first_run, manifest, runner):
+    out, _, digest = first_run
+    report = _extract(manifest, runner, out)  # same path, nothing deleted
+    assert report.n_resumed_blocks == 0 and report.n_written == 18
+    assert md5(out) == digest
+    assert _leftovers(out) == []
+
+
+def test_other_output_path_and_one_worker_are_byte_identical(first_run, manifest, runner, tmp_path):
+    _, _, digest = first_run
+    out = tmp_path / "elsewhere.h5"
+    report = _extract(manifest, runner, out, num_workers=1)
+    assert report.n_written == 18 and md5(out) == digest
+
+
+def test_moved_image_folder_gives_identical_bytes(first_run, images, runner, tmp_path):
+    """Nothing machine-specific (like the absolute image path in an error message) reaches the file."""
+    _, _, digest = first_run
+    moved = tmp_path / "a" / "different" / "place"
+    shutil.copytree(images, moved)
+    manifest = from_folder(moved, RATIOS, seed=0)
+    out = tmp_path / "moved.h5"
+    _extract(manifest, runner, out)
+    assert md5(out) == digest
+
+
+def test_different_config_changes_the_file(first_run, manifest, runner, tmp_path):
+    _, _, digest = first_run
+    out = tmp_path / "other.h5"
+    _extract(manifest, runner, out, config={**CONFIG, "note": "changed"})
+    assert md5(out) != digest
+
+
+# ---------------------------------------------------------------- errors
+def test_on_error_fail_names_the_file_and_writes_nothing(manifest, runner, tmp_path):
+    out = tmp_path / "fail.h5"
+    with pytest.raises(ExtractionError) as info:
+        _extract(manifest, runner, out, on_error="fail")
+    message = str(info.value)
+    assert CORRUPT in message and str(manifest.absolute_path(0)) in message
+    assert not out.exists()
+    assert not out.with_name(out.name + ".partial").exists()
+    assert not out.with_name(out.name + ".lock").exists()
+
+
+def test_invalid_on_error(manifest, runner, tmp_path):
+    with pytest.raises(ValueError, match="on_error"):
+        _extract(manifest, runner, tmp_path / "x.h5", on_error="ignore")
+
+
+def test_missing_image_is_reported(images, runner, tmp_path):
+    copy = tmp_path / "images"
+    shutil.copytree(images, copy)
+    manifest = from_folder(copy, RATIOS, seed=0)
+    (copy / "cat" / "002.png").unlink()
+    report = _extract(manifest, runner, tmp_path / "m.h5")
+    assert dict(report.errors)["cat/002.png"] == "missing file"
+    assert report.n_written == 17 and report.n_skipped == 2
+
+
+# ---------------------------------------------------------------- resume
+class CrashingRunner:
+    """Delegates to a real runner, then raises on call number ``after + 1`` (a killed process)."""
+
+    def __init__(self, runner, after: int) -> None:
+        self.runner, self.after, self.calls = runner, after, 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        if self.calls > self.after:
+            raise RuntimeError("simulated crash")
+        return self.runner(batch)
+
+    def layer_specs(self, input_size=None):
+        return self.runner.layer_specs(input_size)
+
+
+def test_crash_then_resume_is_byte_identical(first_run, manifest, runner, tmp_path):
+    _, _, digest = first_run
+    out = tmp_path / "crash" / "resnet18.h5"
+    crashing = CrashingRunner(runner, after=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _extract(manifest, crashing, out)
+    assert not out.exists()
+    parts = sorted(p.name for p in out.with_name(out.name + ".parts").rglob("block-*.npz"))
+    assert parts == ["block-000000.npz"]  # rows 0-3 (two batches) were committed before the crash
+    resumed_calls = CrashingRunner(runner, after=10**6)
+    report = _extract(manifest, resumed_calls, out)
+    assert report.n_resumed_blocks == 1
+    assert resumed_calls.calls == 8  # rows 4..18 in batches of 2; block 0 was not run again
+    assert md5(out) == digest
+    assert _leftovers(out) == []
+    # The report counts the whole store, including the bad image of the resumed block.
+    assert (report.n_input, report.n_written, report.n_skipped) == (19, 18, 1)
+    assert [e[0] for e in report.errors] == [CORRUPT]
+
+
+def test_changed_config_does_not_resume_old_blocks(manifest, runner, tmp_path):
+    out = tmp_path / "cfg.h5"
+    with pytest.raises(RuntimeError):
+        _extract(manifest, CrashingRunner(runner, after=3), out)
+    report = _extract(manifest, runner, out, config={**CONFIG, "pooling": "max"})
+    assert report.n_resumed_blocks == 0
+    with h5py.File(out, "r") as f:
+        assert '"pooling":"max"' in f.attrs["config"]
+
+
+# ---------------------------------------------------------------- devices
+def test_resolve_device():
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ExtractionError, match="cuda"):
+            resolve_device("cuda")
