@@ -2,7 +2,15 @@
 
 A bad image never crashes a worker: its row comes back with an error string
 (and a zero tensor), so the extractor can report it by id and skip or fail as
-configured.
+configured. The reason starts with a plain category (``missing file``,
+``empty file``, ``not an image``, ``truncated or corrupt image``, ``image too
+large``, ``unreadable file``, ``cannot decode``) followed by the decoder's own
+message; it never contains the machine-specific folder of the image, because
+it is stored in the feature file.
+
+The decompression-bomb limit (``Preprocessor.max_image_pixels``, from
+``extract.max_image_pixels``) is applied here, in the worker that decodes,
+from the image header, before any pixel is decoded.
 """
 
 from __future__ import annotations
@@ -14,9 +22,48 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featcache.extract.manifest import Manifest
-from featcache.extract.preprocess import Preprocessor, load_rgb
+from featcache.extract.preprocess import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, Preprocessor, load_rgb
 
-__all__ = ["ImageDataset", "make_loader", "default_num_workers"]
+__all__ = ["ImageDataset", "make_loader", "default_num_workers", "describe_error"]
+
+
+def describe_error(path: str, error: BaseException) -> str:
+    """One-line reason why ``path`` could not be decoded (stored in ``/errors``).
+
+    Parameters
+    ----------
+    path : str
+        The image path as it was opened (replaced by its file name in the text).
+    error : BaseException
+        What decoding raised.
+    """
+    from PIL import Image
+
+    detail = f"{type(error).__name__}: {error}".replace("\n", " ")
+    folder = os.path.dirname(path)
+    detail = detail.replace(path, os.path.basename(path))
+    if folder and folder != os.sep:
+        detail = detail.replace(folder + os.sep, "")
+    if not os.path.lexists(path) or (isinstance(error, FileNotFoundError) and not os.path.exists(path)):
+        return "missing file"
+    try:
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        pass
+    if isinstance(error, ImageTooLargeError):
+        return str(error)
+    if isinstance(error, Image.DecompressionBombError):  # Pillow's own (global) limit
+        return f"image too large ({detail})"
+    if isinstance(error, Image.UnidentifiedImageError):
+        return f"not an image or unsupported format ({detail})"
+    if isinstance(error, (PermissionError, IsADirectoryError)):
+        return f"unreadable file ({detail})"
+    message = str(error).lower()
+    if isinstance(error, (SyntaxError, EOFError)) or "truncated" in message or "broken" in message \
+            or "corrupt" in message or "decoder error" in message:
+        return f"truncated or corrupt image ({detail})"
+    return f"cannot decode ({detail})"
 
 
 class ImageDataset(Dataset):
@@ -40,18 +87,20 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def max_image_pixels(self) -> int | None:
+        """Decompression-bomb limit applied when decoding (the preprocessor's; None: no limit)."""
+        return getattr(self.preprocess, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+
     def __getitem__(self, row: int) -> tuple[int, torch.Tensor, str]:
+        path = self.paths[row]
         try:
-            tensor = self.preprocess(load_rgb(self.paths[row], self.preprocess.background))
+            tensor = self.preprocess(load_rgb(path, self.preprocess.background, self.max_image_pixels))
             return row, tensor, ""
         except Exception as error:  # noqa: BLE001 - every decode failure is reported, not raised
             size = self.preprocess.input_size
-            reason = f"{type(error).__name__}: {error}".replace("\n", " ")
             # The reason is stored in the feature file: no machine-specific absolute path in it.
-            reason = reason.replace(self.paths[row], os.path.basename(self.paths[row]))
-            if not os.path.exists(self.paths[row]):
-                reason = "missing file"
-            return row, torch.zeros(3, size, size), reason
+            return row, torch.zeros(3, size, size), describe_error(path, error)
 
 
 def _collate(items: list[tuple[int, torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -3,6 +3,10 @@
 ``prepare`` writes it as ``manifest.csv`` (columns ``id,path,split,label,target``;
 paths relative to the manifest's folder) and every later stage reads it. Ids
 are stable and sorted; the split is deterministic given the ratios and seed.
+
+The class list of a classification manifest (its order defines the label
+indices, e.g. from ``data.classes``) is written beside it as
+``manifest.classes.json`` and read back by :meth:`Manifest.read`.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +24,19 @@ import numpy as np
 
 from featcache.store.schema import SPLIT_CODES, SPLITS
 
-__all__ = ["Manifest", "ManifestError", "assign_splits", "TASKS"]
+__all__ = ["Manifest", "ManifestError", "assign_splits", "classes_path", "TASKS"]
 
 TASKS = ("classification", "regression")
 
 
 class ManifestError(ValueError):
     """The inputs cannot form a valid manifest (bad labels, paths, splits)."""
+
+
+def classes_path(manifest_path: str | Path) -> Path:
+    """The class-list file written beside a manifest: ``manifest.csv`` -> ``manifest.classes.json``."""
+    manifest_path = Path(manifest_path)
+    return manifest_path.with_name(manifest_path.stem + ".classes.json")
 
 
 @dataclass
@@ -78,6 +89,11 @@ class Manifest:
             raise ManifestError("A classification manifest needs one label per row.")
         if self.task == "regression" and (self.targets is None or len(self.targets) != n):
             raise ManifestError("A regression manifest needs one target per row.")
+        if self.task == "classification" and n and self.classes:
+            labels = np.asarray(self.labels)
+            if labels.min() < 0 or labels.max() >= len(self.classes):
+                raise ManifestError(f"Labels must index the {len(self.classes)} classes {self.classes}; "
+                                    f"got values from {int(labels.min())} to {int(labels.max())}.")
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -110,44 +126,89 @@ class Manifest:
         return buffer.getvalue()
 
     def write(self, path: str | Path) -> Path:
-        """Write ``manifest.csv`` atomically; paths are stored relative to its folder."""
+        """Write ``manifest.csv`` atomically; paths are stored relative to its folder.
+
+        A classification manifest's class list (in label order) goes to
+        :func:`classes_path` beside it, written first, so a reader never
+        sees a new manifest with an old class list.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         rebased = [os.path.relpath((self.root / p).resolve(), path.parent.resolve()) for p in self.paths]
         copy = Manifest(self.ids, [Path(p).as_posix() for p in rebased], self.splits, self.task,
                         self.labels, self.targets, self.classes, path.parent)
-        partial = path.with_name(path.name + ".partial")
-        partial.write_text(copy.to_csv_text(), encoding="utf-8")
-        os.replace(partial, path)
+        sidecar = classes_path(path)
+        if self.task == "classification":
+            _write_atomic(sidecar, json.dumps({"classes": list(self.classes)}, indent=2, ensure_ascii=False) + "\n")
+        else:
+            sidecar.unlink(missing_ok=True)
+        _write_atomic(path, copy.to_csv_text())
         return path
 
     @classmethod
     def read(cls, path: str | Path, classes: Sequence[str] | None = None) -> "Manifest":
-        """Read a manifest written by :meth:`write`."""
+        """Read a manifest written by :meth:`write`.
+
+        Parameters
+        ----------
+        classes : sequence of str, optional
+            Class list (label order). Default: the list written beside the
+            manifest (:func:`classes_path`), else the sorted labels.
+        """
         path = Path(path)
+        if not path.is_file():
+            raise ManifestError(f"Manifest {str(path)!r} does not exist. Hint: run `featcache prepare` first.")
         with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
+            reader = csv.DictReader(handle)
+            missing = sorted({"id", "path", "split", "label", "target"} - set(reader.fieldnames or []))
+            rows = list(reader)
+        if missing:
+            raise ManifestError(f"Manifest {path} lacks the columns {missing}; it is not a featcache manifest. "
+                                "Hint: rerun `featcache prepare`.")
         if not rows:
             raise ManifestError(f"Manifest {path} has no rows.")
         task = "regression" if rows[0].get("target") else "classification"
+        bad = sorted({r["split"] for r in rows} - set(SPLIT_CODES))
+        if bad:
+            raise ManifestError(f"Unknown split values {bad} in {path}; allowed: {list(SPLIT_CODES)}.")
         splits = np.array([SPLIT_CODES[r["split"]] for r in rows], dtype=np.uint8)
         ids = [r["id"] for r in rows]
         paths = [r["path"] for r in rows]
         if task == "classification":
+            if classes is None and classes_path(path).is_file():
+                classes = json.loads(classes_path(path).read_text(encoding="utf-8"))["classes"]
             names = list(classes) if classes is not None else sorted({r["label"] for r in rows})
             index = {name: i for i, name in enumerate(names)}
+            unknown = sorted({r["label"] for r in rows} - set(index))
+            if unknown:
+                raise ManifestError(f"Labels {unknown} in {path} are not in its class list {names}. "
+                                    "Hint: rerun `featcache prepare`.")
             labels = np.array([index[r["label"]] for r in rows], dtype=np.int64)
             return cls(ids, paths, splits, task, labels=labels, classes=names, root=path.parent)
         targets = np.array([float(r["target"]) for r in rows], dtype=np.float64)
         return cls(ids, paths, splits, task, targets=targets, root=path.parent)
 
     def sha256(self) -> str:
-        """Content hash of the manifest (ids, paths, splits, labels, targets)."""
-        return hashlib.sha256(self.to_csv_text().encode("utf-8")).hexdigest()
+        """Content hash of the manifest (ids, paths, splits, labels, targets).
+
+        The class order is part of it when it is not the sorted label names
+        (an explicit ``data.classes`` order changes the label indices).
+        """
+        text = self.to_csv_text()
+        if self.task == "classification" and self.labels is not None \
+                and list(self.classes) != sorted({self.classes[k] for k in np.unique(self.labels)}):
+            text += "classes:" + json.dumps(list(self.classes), ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def split_counts(self) -> dict[str, int]:
         """Rows per split."""
         return {name: int((self.splits == code).sum()) for name, code in SPLIT_CODES.items()}
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)
 
 
 def assign_splits(n: int, ratios: dict[str, float], seed: int, strata: np.ndarray | None = None) -> np.ndarray:

@@ -3,13 +3,24 @@
 The backbone registry decides the numbers (input size, resize, interpolation,
 mean/std); this module applies them, like Chainer's ``prepare``. The torch and
 ONNX backends share it: both consume the normalised tensor it produces.
+
+Decoding is defensive: a decompression-bomb limit is checked from the header
+before any pixel is decoded (:class:`ImageTooLargeError`), PNG checksums and
+ends are verified (Pillow alone accepts a PNG cut after its pixel data), a
+broken EXIF block does not reject good pixels, TIFFs Pillow cannot read (float
+RGB, float64) go through ``tifffile`` when it is installed, and extreme aspect
+ratios are cropped without building a huge upsized intermediate.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -19,7 +30,27 @@ from torchvision.transforms import functional as TF
 
 from featcache.extract.registry import BackboneSpec
 
-__all__ = ["Preprocessor", "load_rgb", "to_rgb", "RESIZE_MODES"]
+__all__ = ["Preprocessor", "load_rgb", "to_rgb", "RESIZE_MODES", "DEFAULT_MAX_IMAGE_PIXELS", "ImageTooLargeError",
+           "MAX_PARAM"]
+
+logger = logging.getLogger(__name__)
+
+#: Default decompression-bomb limit in pixels (width x height): Pillow's own default, 1024**3 // 4 // 3.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+#: The parameter that raises the limit (named in the error message).
+MAX_PARAM = "extract.max_image_pixels"
+
+#: ``load_rgb(max_pixels=...)`` default: keep Pillow's global ``Image.MAX_IMAGE_PIXELS`` behaviour.
+_PIL_GLOBAL = object()
+
+# Image.MAX_IMAGE_PIXELS is a module global: changing it is serialised by this lock (decode threads).
+_LIMIT_LOCK = threading.RLock()
+
+#: Upsizing a tiny image of extreme aspect ratio (1 x 5000) to the input size would allocate a huge
+#: intermediate (224 x 1,120,000 pixels, 750 MB); above this many intermediate pixels per pixel of the
+#: crop (aspect ratios beyond about 50:1), only the crop window is resampled (``_resize_crop_window``).
+_MAX_INTERMEDIATE_FACTOR = 64
 
 #: ``crop``: resize the shorter side then center-crop; ``squash``: resize to the square input.
 RESIZE_MODES = ("crop", "squash")
@@ -63,31 +94,172 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     if mode.startswith("I") or mode == "F":
         array = np.asarray(image, dtype=np.float64)
         if mode == "F":
-            top = max(1.0, float(np.nanmax(array)) if array.size else 1.0)
+            finite = array[np.isfinite(array)]  # NaN and +-inf do not set the scale
+            top = max(1.0, float(finite.max()) if finite.size else 1.0)
         elif mode.startswith("I;16"):
             top = 65535.0
         else:
             top = max(255.0, float(array.max()) if array.size else 255.0)
-        array = np.clip(np.nan_to_num(array) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        array = np.clip(np.nan_to_num(array, nan=0.0, posinf=top, neginf=0.0) / top * 255.0 + 0.5, 0, 255)
+        array = array.astype(np.uint8)
         return Image.fromarray(array, mode="L").convert("RGB")
     return image.convert("RGB")
 
 
-def load_rgb(path: str | Path, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+class ImageTooLargeError(Image.DecompressionBombError):
+    """An image has more pixels than the configured decompression-bomb limit."""
+
+    def __init__(self, size: tuple[int, int], limit: int) -> None:
+        width, height = size
+        self.size, self.pixels, self.limit = (width, height), width * height, limit
+        super().__init__(
+            f"image too large: {width}x{height} = {self.pixels:,} pixels exceeds the decompression-bomb limit "
+            f"of {limit:,} pixels. Hint: if the image is genuine, raise {MAX_PARAM} above {self.pixels:,} "
+            f"(or set it to null to disable the check)."
+        )
+
+    def __reduce__(self):  # picklable across DataLoader / dask workers
+        return type(self), (self.size, self.limit)
+
+
+@contextlib.contextmanager
+def _pil_limit(limit: int | None) -> Iterator[None]:
+    """Temporarily set Pillow's ``Image.MAX_IMAGE_PIXELS`` (serialised between threads)."""
+    with _LIMIT_LOCK:
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = limit
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
+def _exif_transpose(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a malformed EXIF block leaves the image as stored."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception as error:  # noqa: BLE001 - broken metadata must not reject good pixels
+        logger.debug("ignoring unreadable EXIF orientation (%s: %s)", type(error).__name__, error)
+        return image
+
+
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _is_tiff(path: str | Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) in _TIFF_MAGIC
+    except OSError:
+        return False
+
+
+def _tiff_to_rgb(path: str | Path, background: tuple[int, int, int], max_pixels: int | None) -> Image.Image:
+    """Decode a TIFF that Pillow cannot (float RGB, float64/float16, ...) with ``tifffile``.
+
+    Integers are scaled from their dtype's full range, floats from [0, 1] (or
+    their own maximum if larger), like :func:`to_rgb`. Raises ImportError when
+    ``tifffile`` is not installed (the caller then reports Pillow's error).
+    """
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as tif:
+        page = tif.pages[0]
+        axes, shape = page.axes, page.shape
+        height, width = shape[axes.index("Y")], shape[axes.index("X")]
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageTooLargeError((width, height), max_pixels)
+        array = np.asarray(page.asarray())
+    if "S" in axes and axes.index("S") < axes.index("Y"):  # planar (samples first) -> samples last
+        array = np.moveaxis(array, axes.index("S"), -1)
+    array = array.reshape(height, width, -1)[..., :4]
+    if array.dtype.kind == "f":
+        values = array.astype(np.float64)
+        finite = values[np.isfinite(values)]
+        top = max(1.0, float(finite.max())) if finite.size else 1.0
+        values = np.nan_to_num(values, nan=0.0, posinf=top, neginf=0.0) / top
+    elif array.dtype.kind in "ui":
+        values = array.astype(np.float64) / float(np.iinfo(array.dtype).max)
+    elif array.dtype.kind == "b":
+        values = array.astype(np.float64)
+    else:
+        raise ValueError(f"unsupported TIFF sample type {array.dtype}")
+    pixels = np.clip(values * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    # (H, W) -> L, (H, W, 2) -> LA, (H, W, 3) -> RGB, (H, W, 4) -> RGBA
+    image = Image.fromarray(np.ascontiguousarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels))
+    return to_rgb(image, background)
+
+
+def load_rgb(path: str | Path, background: tuple[int, int, int] = (255, 255, 255),
+             max_pixels: int | None | object = _PIL_GLOBAL) -> Image.Image:
     """Decode an image file, apply its EXIF orientation and convert it to RGB.
+
+    Parameters
+    ----------
+    path : path
+        The image file.
+    background : tuple of int
+        RGB colour behind transparent pixels.
+    max_pixels : int or None, optional
+        Decompression-bomb limit (width x height), checked from the header
+        before any pixel is decoded; None disables it. Default: Pillow's
+        global ``Image.MAX_IMAGE_PIXELS`` (a warning above it, Pillow's
+        error above twice it, both raised).
 
     Raises
     ------
     OSError, ValueError, PIL.Image.DecompressionBombError
-        For unreadable, truncated or oversized images (the caller reports them).
+        For unreadable, truncated or oversized images (the caller reports them);
+        :class:`ImageTooLargeError` when ``max_pixels`` is exceeded.
     """
     with warnings.catch_warnings():
         # A decompression-bomb *warning* becomes an error: an oversized image is reported, not decoded.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
+        if max_pixels is _PIL_GLOBAL:
+            return _decode(path, background, Image.MAX_IMAGE_PIXELS, own_limit=False)
+        limit = None if max_pixels is None else int(max_pixels)  # type: ignore[call-overload]
+        with _pil_limit(None):  # the header is checked against `limit` here, with a clearer message
+            return _decode(path, background, limit, own_limit=True)
+
+
+def _decode(path: str | Path, background: tuple[int, int, int], limit: int | None, own_limit: bool) -> Image.Image:
+    try:
+        image = Image.open(path)
+    except Image.UnidentifiedImageError:
+        if _is_tiff(path):
+            rgb = _try_tifffile(path, background, limit)
+            if rgb is not None:
+                return rgb
+        raise
+    with image:
+        if own_limit:
+            if limit is not None and image.size[0] * image.size[1] > limit:
+                raise ImageTooLargeError(image.size, limit)
+            with _pil_limit(limit):  # frame-level checks of some formats (GIF, ICO) use the same limit
+                image.load()
+        else:
             image.load()
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image, background)
+        _verify_png(path, image)
+        return to_rgb(_exif_transpose(image), background)
+
+
+def _try_tifffile(path: str | Path, background: tuple[int, int, int], limit: int | None) -> Image.Image | None:
+    """A TIFF Pillow cannot identify, decoded by ``tifffile`` if installed; None if that fails too."""
+    try:
+        return _tiff_to_rgb(path, background, limit)
+    except ImageTooLargeError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the caller reports Pillow's error
+        logger.debug("tifffile could not read %s either (%s: %s)", path, type(error).__name__, error)
+        return None
+
+
+def _verify_png(path: str | Path, image: Image.Image) -> None:
+    """Check a PNG's chunk CRCs and its end: Pillow decodes a PNG cut after its pixel data silently."""
+    if image.format != "PNG":
+        return
+    with Image.open(path) as again:
+        again.verify()  # SyntaxError on a bad checksum, OSError on a truncated file
 
 
 @dataclass(frozen=True)
@@ -119,15 +291,29 @@ class Preprocessor:
     std: tuple[float, ...]
     resize_mode: str = "crop"
     background: tuple[int, int, int] = (255, 255, 255)
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
 
     @classmethod
-    def from_spec(cls, spec: BackboneSpec, resize_mode: str = "crop", input_size: int | None = None) -> "Preprocessor":
-        """Build the preprocessor of a registry entry (optionally at another input size)."""
+    def from_spec(cls, spec: BackboneSpec, resize_mode: str = "crop", input_size: int | None = None,
+                  max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> "Preprocessor":
+        """Build the preprocessor of a registry entry (optionally at another input size).
+
+        ``max_image_pixels`` is the decompression-bomb limit that :class:`~featcache.extract.data.ImageDataset`
+        applies when decoding (None disables it); it does not change any pixel, so it is not part of
+        :meth:`config`.
+        """
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode {resize_mode!r} is not one of {RESIZE_MODES}.")
+        if max_image_pixels is not None and max_image_pixels < 1:
+            raise ValueError(f"max_image_pixels must be >= 1 or None, got {max_image_pixels!r}.")
         size = input_size or spec.input_size
         resize = round(spec.resize_size * size / spec.input_size)
-        return cls(size, resize, spec.interpolation, tuple(spec.mean), tuple(spec.std), resize_mode)
+        return cls(size, resize, spec.interpolation, tuple(spec.mean), tuple(spec.std), resize_mode,
+                   max_image_pixels=max_image_pixels)
+
+    def load(self, path: str | Path) -> Image.Image:
+        """Decode ``path`` to RGB with this preprocessor's background and pixel limit."""
+        return load_rgb(path, self.background, self.max_image_pixels)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         """Preprocess one RGB image.
@@ -142,10 +328,37 @@ class Preprocessor:
             image = TF.resize(image, [self.input_size, self.input_size], interpolation=interpolation)
         else:
             target = self.input_size if min(image.size) < self.input_size else self.resize_size
-            image = TF.resize(image, target, interpolation=interpolation)
-            image = TF.center_crop(image, [self.input_size, self.input_size])
+            width, height = image.size
+            short, long = min(width, height), max(width, height)
+            new_long = int(target * long / short)  # torchvision's rule for the longer side
+            if target * new_long > _MAX_INTERMEDIATE_FACTOR * self.input_size * self.input_size:
+                image = self._resize_crop_window(image, target, new_long)
+            else:
+                image = TF.resize(image, target, interpolation=interpolation)
+                image = TF.center_crop(image, [self.input_size, self.input_size])
         tensor = TF.pil_to_tensor(image).to(torch.float32).div_(255.0)
         return TF.normalize(tensor, self.mean, self.std)
+
+    def _resize_crop_window(self, image: Image.Image, target: int, new_long: int) -> Image.Image:
+        """Resize the shorter side to ``target`` then center-crop, resampling only the crop window.
+
+        For an extreme aspect ratio (a 1 x 5000 strip upsized to 224 would be
+        224 x 1,120,000 pixels) the full intermediate is never built. The two
+        separable passes run in Pillow's order (horizontal, then vertical),
+        each restricted to the crop window with ``resize(box=...)``, which maps
+        output pixels to the same source positions and filter supports as the
+        full resize: the result equals resize-then-crop up to floating-point
+        rounding of those positions (at most a grey level or two).
+        """
+        width, height = image.size
+        new_w, new_h = (target, new_long) if width <= height else (new_long, target)
+        size = self.input_size
+        top = round((new_h - size) / 2.0)  # torchvision's center_crop offsets
+        left = round((new_w - size) / 2.0)
+        scale_x, scale_y = width / new_w, height / new_h
+        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[self.interpolation]
+        columns = image.resize((size, height), resample, box=(left * scale_x, 0, (left + size) * scale_x, height))
+        return columns.resize((size, size), resample, box=(0, top * scale_y, size, (top + size) * scale_y))
 
     def config(self) -> dict[str, object]:
         """JSON-serialisable description, stored with the features."""

@@ -16,6 +16,7 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from featcache.extract.preprocess import DEFAULT_MAX_IMAGE_PIXELS
 from featcache.extract.registry import UnknownNameError, get_backbone, list_backbones, resolve_layer
 from featcache.store.schema import FEATURE_DTYPES, POOLINGS
 
@@ -57,6 +58,28 @@ class DataParams(_Strict):
     task: Literal["classification", "regression"] = "classification"
     split: SplitRatios = SplitRatios()
     seed: int = 0
+    #: Explicit class list; its order defines the label indices. Labels outside it, and listed classes
+    #: without images, are errors. None: every non-empty class folder / CSV label, sorted.
+    classes: list[str] | None = Field(None, min_length=1)
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        stripped = [name.strip() for name in value]
+        if any(not name for name in stripped):
+            raise ValueError(f"data.classes has an empty class name: {value}")
+        dupes = sorted({name for name in stripped if stripped.count(name) > 1})
+        if dupes:
+            raise ValueError(f"data.classes lists {dupes} more than once: {value}")
+        return stripped
+
+    @model_validator(mode="after")
+    def _classes_need_classification(self) -> "DataParams":
+        if self.classes is not None and self.task != "classification":
+            raise ValueError(f"data.classes is only for classification (data.task is {self.task!r}); remove it")
+        return self
 
 
 class ExtractParams(_Strict):
@@ -74,6 +97,9 @@ class ExtractParams(_Strict):
     on_error: Literal["skip", "fail"] = "skip"
     block_rows: int = Field(512, ge=1)
     malloc_tuning: bool = True
+    #: Decompression-bomb guard: images with more pixels (width x height) are reported as bad
+    #: (checked from the header, in the decode workers); None disables it. Default: Pillow's limit.
+    max_image_pixels: int | None = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1)
     scheduler: str = Field("none", description="none | local | a dask scheduler address (tcp://host:8786)")
     n_workers: int = Field(2, ge=1, description="workers of the local dask cluster (scheduler: local)")
 
@@ -234,12 +260,19 @@ def extraction_config(params: Params, backbone: str) -> dict[str, Any]:
     # Speed-only knobs do not change the features' meaning and are left out of the hash.
     for key in ("batch_size", "num_workers", "block_rows", "device", "malloc_tuning", "scheduler", "n_workers"):
         extract.pop(key)
+    # Params added later enter the hash only when set to a non-default value, so feature files
+    # extracted before they existed stay valid.
+    if extract.get("max_image_pixels") == DEFAULT_MAX_IMAGE_PIXELS:
+        extract.pop("max_image_pixels")
+    data: dict[str, Any] = {"name": params.data.name, "task": params.data.task}
+    if params.data.classes is not None:
+        data["classes"] = list(params.data.classes)  # the label order
     return {
         "backbone": backbone,
         "weights": params.backbones[backbone].weights,
         "layers": list(params.backbones[backbone].layers),
         "extract": extract,
-        "data": {"name": params.data.name, "task": params.data.task},
+        "data": data,
     }
 
 

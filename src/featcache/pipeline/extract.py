@@ -8,6 +8,7 @@ from pathlib import Path
 from featcache.extract.engine import ExtractionReport, extract_to_store, resolve_device
 from featcache.extract.malloc import tune_malloc
 from featcache.extract.manifest import Manifest
+from featcache.extract.memory import check_batch_memory
 from featcache.extract.preprocess import Preprocessor
 from featcache.extract.registry import get_backbone
 from featcache.extract.torch_runner import TorchFeatureExtractor
@@ -49,7 +50,7 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
     manifest = Manifest.read(manifest_path)
     device = resolve_device(knobs.device)
     loaded = load_backbone(backbone, params.backbones[backbone].weights)
-    preprocess = Preprocessor.from_spec(loaded.spec, knobs.resize_mode)
+    preprocess = Preprocessor.from_spec(loaded.spec, knobs.resize_mode, max_image_pixels=knobs.max_image_pixels)
     autocast = None if knobs.autocast == "none" else knobs.autocast
     config = expected_config(params, backbone)
     attrs = {"backbone": backbone, "weights_id": loaded.weights_id, "weights_sha256": loaded.weights_sha256,
@@ -73,6 +74,8 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
         runner = TorchFeatureExtractor(loaded.model, loaded.spec, layers, pooling=knobs.pooling, device=device,
                                        channels_last=knobs.channels_last, autocast=autocast)
     workers = None if knobs.num_workers == "auto" else int(knobs.num_workers)
+    if isinstance(runner, TorchFeatureExtractor):
+        check_batch_memory(runner, preprocess.input_size, knobs.batch_size, device, num_workers=workers)
     return extract_to_store(manifest, runner, preprocess, out, config=config, attrs=attrs, dtype=knobs.dtype,
                             batch_size=knobs.batch_size, num_workers=workers, block_rows=knobs.block_rows,
                             on_error=knobs.on_error, pin_memory=device == "cuda", progress=progress)

@@ -9,6 +9,7 @@ from pathlib import Path
 from featcache.extract.manifest import Manifest
 from featcache.extract.sources import from_csv, from_folder, write_digits
 from featcache.pipeline.config import Params
+from featcache.store.schema import SPLIT_CODES
 
 __all__ = ["prepare", "make_digits"]
 
@@ -23,18 +24,31 @@ def make_digits(out_dir: str | Path) -> Path:
 def prepare(params: Params, out_dir: str | Path) -> Manifest:
     """Build the manifest from ``params.data`` and write ``out_dir/manifest.csv``.
 
-    Also writes ``out_dir/summary.json`` (rows per split and per class).
+    Also writes ``out_dir/manifest.classes.json`` (the class list in label
+    order, see ``data.classes``) and ``out_dir/summary.json`` (rows per split
+    and per class). Every check (paths, duplicates, labels, classes, a class
+    without training examples) runs before anything is written.
+
+    Raises
+    ------
+    ManifestError
+        Naming the offending path, rows, labels or class.
     """
     data = params.data
     ratios = data.split.model_dump()
     if data.source == "folder":
-        manifest = from_folder(data.path, ratios, data.seed)
+        manifest = from_folder(data.path, ratios, data.seed, classes=data.classes)
     else:
-        manifest = from_csv(Path(data.path) / data.csv, ratios, data.seed, data.task)
+        manifest = from_csv(Path(data.path) / data.csv, ratios, data.seed, data.task, classes=data.classes)
     out_dir = Path(out_dir)
     manifest.write(out_dir / "manifest.csv")
     summary = {"n_rows": len(manifest), "task": manifest.task, "splits": manifest.split_counts(),
                "classes": manifest.classes}
+    if manifest.task == "classification":
+        summary["per_class"] = {
+            name: {split: int(((manifest.labels == k) & (manifest.splits == code)).sum())
+                   for split, code in SPLIT_CODES.items()}
+            for k, name in enumerate(manifest.classes)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     logger.info("Prepared %d rows from %s %s: %s", len(manifest), data.source, data.path, summary["splits"])
     return manifest
