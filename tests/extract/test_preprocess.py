@@ -296,3 +296,17 @@ def test_preprocessing_is_deterministic(tmp_path):
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(path)
     pre = _pre(64, 73)
     assert torch.equal(pre(load_rgb(path)), pre(load_rgb(path)))
+
+
+def test_large_jpeg_is_decoded_at_reduced_scale_but_never_below_the_needed_size(tmp_path):
+    from PIL import Image as _Image
+
+    path = tmp_path / "big.jpg"
+    _Image.new("RGB", (2000, 1500), (120, 30, 200)).save(path, quality=90)
+    full = load_rgb(path)
+    drafted = load_rgb(path, draft_size=256)
+    assert full.size == (2000, 1500)
+    assert drafted.size == (500, 375) and min(drafted.size) >= 256
+    small = tmp_path / "small.jpg"
+    _Image.new("RGB", (500, 375), (10, 200, 30)).save(small)
+    assert load_rgb(small, draft_size=256).size == (500, 375)  # 1/2 would go below 256: full decode

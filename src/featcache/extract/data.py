@@ -95,7 +95,8 @@ class ImageDataset(Dataset):
     def __getitem__(self, row: int) -> tuple[int, torch.Tensor, str]:
         path = self.paths[row]
         try:
-            tensor = self.preprocess(load_rgb(path, self.preprocess.background, self.max_image_pixels))
+            tensor = self.preprocess(load_rgb(path, self.preprocess.background, self.max_image_pixels,
+                                              draft_size=self.preprocess.resize_size))
             return row, tensor, ""
         except Exception as error:  # noqa: BLE001 - every decode failure is reported, not raised
             size = self.preprocess.input_size
