@@ -112,6 +112,17 @@ def _cmd_onnx_parity(args: argparse.Namespace) -> None:
                              batch_size=args.batch_size, atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine))
 
 
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from featcache.pipeline.config import load_params
+    from featcache.pipeline.finetune import finetune_stage
+
+    metrics = finetune_stage(load_params(args.params), args.mode, args.manifest, args.out, args.metrics,
+                             confusion_path=args.confusion, progress=not args.no_progress)
+    metric = "accuracy" if metrics["task"] == "classification" else "rmse"
+    print(f"{args.metrics}: finetune-{args.mode} test {metric} {metrics[metric]:.4f} "
+          f"(TTA {metrics.get('tta_' + metric, float('nan')):.4f}), fit {metrics['fit_seconds']:.1f}s")
+
+
 def _cmd_compare(args: argparse.Namespace) -> None:
     from featcache.pipeline.compare import compare
 
@@ -184,8 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--out", required=True, help="output CSV")
     pred.set_defaults(func=_cmd_predict)
 
+    ft = with_params(sub.add_parser("finetune", help="fine-tune a backbone end to end (the heads' baseline)"))
+    ft.add_argument("--mode", required=True, choices=["frozen", "low_lr", "unfreeze", "scratch"])
+    ft.add_argument("--manifest", required=True, help="manifest.csv of the prepare stage")
+    ft.add_argument("--out", required=True, help="run folder: model.pt, model.json, weight_report.json, "
+                                                 "history.json, backbone.pt, model.onnx, cam/")
+    ft.add_argument("--metrics", required=True, help="metrics JSON (the train stage's format)")
+    ft.add_argument("--confusion", help="actual,predicted CSV of the test split (classification)")
+    ft.add_argument("--no-progress", action="store_true")
+    ft.set_defaults(func=_cmd_finetune)
+
     cmp_ = sub.add_parser("compare", help="rank every run in one report")
-    cmp_.add_argument("--metrics-dir", required=True)
+    cmp_.add_argument("--metrics-dir", required=True, nargs="+", help="one or more folders of run metrics")
     cmp_.add_argument("--out", required=True)
     cmp_.add_argument("--plot")
     cmp_.set_defaults(func=_cmd_compare)

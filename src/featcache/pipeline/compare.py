@@ -12,7 +12,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 __all__ = ["compare", "collect_runs", "PRIMARY_METRIC"]
 
@@ -27,10 +27,11 @@ _COLUMNS = {
 }
 
 
-def collect_runs(metrics_dir: str | Path) -> list[dict[str, Any]]:
-    """All run metrics under ``metrics_dir`` (``**/*.json``), sorted by path."""
+def collect_runs(metrics_dir: str | Path | Sequence[str | Path]) -> list[dict[str, Any]]:
+    """All run metrics under ``metrics_dir`` (one folder or several; ``**/*.json``), sorted by path."""
+    folders = [metrics_dir] if isinstance(metrics_dir, (str, Path)) else list(metrics_dir)
     runs = []
-    for path in sorted(Path(metrics_dir).rglob("*.json")):
+    for path in sorted({p for folder in folders for p in Path(folder).rglob("*.json")}):
         with open(path, encoding="utf-8") as handle:
             run = json.load(handle)
         if {"backbone", "layer", "head", "task"} <= run.keys():
@@ -101,7 +102,7 @@ def _plot_rows(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def compare(metrics_dir: str | Path, out_dir: str | Path, plot_path: str | Path | None = None) -> list[dict[str, Any]]:
+def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path, plot_path: str | Path | None = None) -> list[dict[str, Any]]:
     """Rank all runs and write ``compare.md``, ``compare.json`` (and the plot CSV).
 
     Returns

@@ -25,8 +25,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from featcache.heads.finetune import FinetuneConfig, FinetuneResult
     from featcache.pipeline.config import Params
 
-__all__ = ["finetune_stage", "mode_config", "finetune_section", "write_cams"]
+__all__ = ["finetune_section", "finetune_stage", "mode_config", "write_cams"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def finetune_section(params: Any, finetune: Mapping[str, Any] | Any | None = Non
     return {**_SECTION_DEFAULTS, "defaults": {}, "modes": {}, **section}
 
 
-def mode_config(section: Mapping[str, Any], mode: str, n_boot: int = 1000, progress: bool = True) -> "FinetuneConfig":
+def mode_config(section: Mapping[str, Any], mode: str, n_boot: int = 1000, progress: bool = True) -> FinetuneConfig:
     """``defaults`` updated with ``modes[mode]``, as a validated :class:`FinetuneConfig`."""
     from featcache.heads.finetune import FinetuneConfig
 
@@ -95,7 +96,7 @@ def _write_confusion(path: Path, rows: list[dict[str, str]]) -> None:
     partial.replace(path)
 
 
-def _cam_rows(result: "FinetuneResult", n_images: int) -> list[int]:
+def _cam_rows(result: FinetuneResult, n_images: int) -> list[int]:
     """Up to ``n_images`` test rows, one per class in turn (the first by id), so the maps differ."""
     rows, truth = list(result.test_rows), result.y_true
     if result.task != "classification":
@@ -110,7 +111,7 @@ def _cam_rows(result: "FinetuneResult", n_images: int) -> list[int]:
     return picked
 
 
-def write_cams(result: "FinetuneResult", manifest: Any, out_dir: str | Path, n_images: int = 4) -> list[Path]:
+def write_cams(result: FinetuneResult, manifest: Any, out_dir: str | Path, n_images: int = 4) -> list[Path]:
     """CAM overlays of a few test images (none, with a log line, where CAM does not apply)."""
     import torch
 
@@ -132,7 +133,7 @@ def write_cams(result: "FinetuneResult", manifest: Any, out_dir: str | Path, n_i
     return save_cam_overlays(pils, cams, out_dir, [manifest.ids[row] for row in rows])
 
 
-def finetune_stage(params: "Params", mode: str, manifest_path: str | Path, out_dir: str | Path,
+def finetune_stage(params: Params, mode: str, manifest_path: str | Path, out_dir: str | Path,
                    metrics_path: str | Path, confusion_path: str | Path | None = None, *,
                    finetune: Mapping[str, Any] | Any | None = None, progress: bool = True) -> dict[str, Any]:
     """Fine-tune one mode on the prepared manifest; write metrics, checkpoint, report, exports, CAMs.
@@ -163,9 +164,8 @@ def finetune_stage(params: "Params", mode: str, manifest_path: str | Path, out_d
         The metrics written to ``metrics_path``.
     """
     from featcache.extract.manifest import Manifest
-    from featcache.heads.finetune import export_backbone, export_onnx
+    from featcache.heads.finetune import export_backbone, export_onnx, head_module_name
     from featcache.heads.finetune import finetune as run_finetune
-    from featcache.heads.finetune import head_module_name
     from featcache.heads.metrics import confusion_rows
 
     section = finetune_section(params, finetune)

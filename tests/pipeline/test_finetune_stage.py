@@ -1,0 +1,99 @@
+"""The ``finetune`` stage: metrics JSON in the train stage's format, run files, and the compare report."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from featcache.extract.weights import load_backbone
+from featcache.pipeline.compare import compare
+from featcache.pipeline.config import parse_params
+from featcache.pipeline.finetune import finetune_section, finetune_stage, mode_config
+from featcache.pipeline.prepare import prepare
+
+
+def _section(**modes: Any) -> dict[str, Any]:
+    return {
+        "backbone": "efficientnet_lite0", "weights": "pretrained", "export_onnx": False, "cam_images": 4,
+        "defaults": {"input_size": 32, "batch_size": 6, "epochs": 2, "lr": 0.01, "patience": 0, "hflip": False,
+                     "num_threads": 1, "max_train_steps": 3},
+        "modes": modes or {"frozen": {}},
+    }
+
+
+@pytest.fixture(scope="module")
+def stage_run(tmp_path_factory: pytest.TempPathFactory, folder_factory, params_factory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("ftstage")
+    folder_factory(root / "images", per_class=8)
+    params = parse_params(params_factory(str(root / "images")))
+    prepare(params, root / "prepared")
+    paths = {"manifest": root / "prepared" / "manifest.csv", "out": root / "models" / "frozen",
+             "metrics": root / "metrics" / "finetune" / "tiny" / "frozen.json",
+             "confusion": root / "plots" / "frozen.csv"}
+    metrics = finetune_stage(params, "frozen", paths["manifest"], paths["out"], paths["metrics"], paths["confusion"],
+                             finetune=_section(), progress=False)
+    return {"root": root, "params": params, "result": metrics, **paths}
+
+
+def test_stage_writes_metrics_in_the_train_stage_format(stage_run):
+    saved = json.loads(stage_run["metrics"].read_text())
+    assert saved == stage_run["result"]
+    assert {k: saved[k] for k in ("dataset", "backbone", "layer", "head", "task")} == {
+        "dataset": "tiny", "backbone": "efficientnet_lite0", "layer": "finetune", "head": "finetune-frozen",
+        "task": "classification"}
+    assert {"accuracy", "balanced_accuracy", "macro_f1", "log_loss", "ci", "n_features", "n_train", "n_val",
+            "fit_seconds", "predict_seconds", "best_params", "tta_accuracy"} <= saved.keys()
+    assert saved["n_features"] == 1280 and saved["node"] == "classifier"
+    assert saved["best_params"]["mode"] == "frozen" and saved["best_params"]["input_size"] == 32
+    assert set(saved["ci"]["accuracy"]) and len(saved["ci"]["accuracy"]) == 2
+
+
+def test_stage_writes_checkpoint_report_backbone_cams_and_confusion(stage_run):
+    out = stage_run["out"]
+    for name in ("model.pt", "model.json", "weight_report.json", "history.json", "backbone.pt"):
+        assert (out / name).is_file(), name
+    assert not (out / "model.onnx").exists()  # export_onnx: false
+    report = json.loads((out / "weight_report.json").read_text())
+    assert set(report["skipped_shape_mismatch"]) == {"classifier.weight", "classifier.bias"}
+    assert torch.load(out / "model.pt", weights_only=True)["classifier.weight"].shape == (3, 1280)
+    load_backbone("efficientnet_lite0", weights=str(out / "backbone.pt"))  # usable by the extract stage
+    cams = sorted((out / "cam").glob("*.png"))
+    assert len(cams) == 3  # one per class, at most cam_images
+    with open(stage_run["confusion"], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == stage_run["result"]["n_test"] and set(rows[0]) == {"actual", "predicted"}
+
+
+def test_compare_ranks_the_finetune_run_beside_cached_heads(stage_run, tmp_path: Path):
+    metrics_dir = tmp_path / "metrics"
+    cached = {"dataset": "tiny", "backbone": "efficientnet_lite0", "layer": "pool", "head": "logreg",
+              "task": "classification", "accuracy": 0.5, "balanced_accuracy": 0.5, "macro_f1": 0.5,
+              "log_loss": 1.0, "ci": {}, "n_features": 1280, "fit_seconds": 0.1, "predict_seconds": 0.01,
+              "best_params": {"C": 1.0}}
+    (metrics_dir / "efficientnet_lite0" / "pool").mkdir(parents=True)
+    (metrics_dir / "efficientnet_lite0" / "pool" / "logreg.json").write_text(json.dumps(cached))
+    (metrics_dir / "finetune").mkdir()
+    (metrics_dir / "finetune" / "frozen.json").write_text(stage_run["metrics"].read_text())
+    runs = compare(metrics_dir, tmp_path / "reports")
+    assert {run["head"] for run in runs} == {"logreg", "finetune-frozen"}
+    table = (tmp_path / "reports" / "compare.md").read_text()
+    assert "| efficientnet_lite0 | finetune | finetune-frozen |" in table
+
+
+def test_mode_settings_merge_defaults_and_overrides():
+    section = finetune_section(None, _section(frozen={"lr": 0.5}, unfreeze={"epochs": 3, "warmup_epochs": 1}))
+    assert mode_config(section, "frozen").lr == 0.5
+    unfreeze = mode_config(section, "unfreeze", n_boot=7)
+    assert (unfreeze.epochs, unfreeze.warmup_epochs, unfreeze.lr, unfreeze.n_boot) == (3, 1, 0.01, 7)
+    assert mode_config(section, "scratch").epochs == 2  # unlisted mode: defaults
+    with pytest.raises(ValueError, match="mode 'frozen'.*did you mean 'epochs'"):
+        mode_config(finetune_section(None, _section(frozen={"epoch": 3})), "frozen")
+    with pytest.raises(ValueError, match="Unknown key"):
+        finetune_section(None, {"backbnoe": "resnet18"})
+    with pytest.raises(ValueError, match="No 'finetune' section"):
+        finetune_section(object())
