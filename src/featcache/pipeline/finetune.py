@@ -22,14 +22,14 @@ overrides of ``defaults``).
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from featcache.pipeline.train import write_json, write_predictions_csv
 
 if TYPE_CHECKING:
     from featcache.heads.finetune import FinetuneConfig, FinetuneResult
@@ -77,23 +77,6 @@ def mode_config(section: Mapping[str, Any], mode: str, n_boot: int = 1000, progr
         return FinetuneConfig.from_dict(values)
     except ValueError as error:
         raise ValueError(f"finetune settings of mode {mode!r}: {error}") from None
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-    partial.replace(path)
-
-
-def _write_confusion(path: Path, rows: list[dict[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["actual", "predicted"], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    partial.replace(path)
 
 
 def _cam_rows(result: FinetuneResult, n_images: int) -> list[int]:
@@ -186,9 +169,9 @@ def finetune_stage(params: Params, mode: str, manifest_path: str | Path, out_dir
                "head": f"finetune-{mode}", "task": manifest.task, "node": head_module_name(result.spec),
                "pooling": "end-to-end", "weights": result.weights_id, **result.metrics}
     metrics["best_params"] = dict(metrics["best_params"])
-    _write_json(Path(metrics_path), metrics)
+    write_json(Path(metrics_path), metrics)
     if confusion_path is not None and manifest.task == "classification":
-        _write_confusion(Path(confusion_path), confusion_rows(result.y_true, result.y_pred, result.classes))
+        write_predictions_csv(Path(confusion_path), confusion_rows(result.y_true, result.y_pred, result.classes))
     summary = metrics.get("accuracy", metrics.get("rmse"))
     logger.info("finetune-%s: test %s = %.4f in %.1fs", mode,
                 "accuracy" if manifest.task == "classification" else "rmse", summary, result.fit_seconds)

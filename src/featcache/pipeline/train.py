@@ -16,19 +16,21 @@ from featcache.pipeline.extract import expected_config
 from featcache.pipeline.predict import write_run_info
 from featcache.store import FeatureStore
 
-__all__ = ["train"]
+__all__ = ["train", "write_json", "write_predictions_csv"]
 
 logger = logging.getLogger(__name__)
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """Write a JSON file atomically (``.partial`` then rename): never half-written under its name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
     partial.replace(path)
 
 
-def _write_predictions(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_predictions_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``actual,predicted`` rows atomically (DVC's confusion-matrix plot reads them)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     with open(partial, "w", newline="", encoding="utf-8") as handle:
@@ -73,13 +75,13 @@ def train(params: Params, store_path: str | Path, backbone: str, layer: str, hea
                               n_boot=params.train.n_boot, seed=params.train.seed)
     metrics = {"dataset": params.data.name, "backbone": backbone, "layer": layer, "head": head, "task": task,
                "node": layer_info["node"], "pooling": layer_info["pooling"], **result.metrics}
-    _write_json(Path(metrics_path), metrics)
+    write_json(Path(metrics_path), metrics)
     if predictions_path is not None:
         if task == "classification":
             rows = confusion_rows(y["test"], result.predictions, classes)
         else:
             rows = [{"actual": float(a), "predicted": float(b)} for a, b in zip(y["test"], result.predictions)]
-        _write_predictions(Path(predictions_path), rows)
+        write_predictions_csv(Path(predictions_path), rows)
     if model_dir is not None:
         save_head(estimator, model_dir)
         write_run_info(model_dir, {"dataset": params.data.name, "backbone": backbone, "layer": layer, "head": head,
