@@ -109,3 +109,15 @@ def test_binary_problem_gives_two_columns(clf_data):
 def test_invalid_param_names_value(clf_data):
     with pytest.raises(ValueError, match=r"colsample_bytree=0 is invalid; allowed: a number in \(0, 1\]"):
         LightGBMHead(colsample_bytree=0).fit(clf_data["X_train"], clf_data["y_train"])
+
+
+def test_auto_colsample_keeps_about_200_columns_per_tree(clf_data):
+    head = LightGBMHead()
+    assert head.colsample_bytree is None
+    assert head._colsample(32) == 1.0 and head._colsample(1000) == pytest.approx(0.2)
+    assert head._colsample(2048) == pytest.approx(0.1) and head._colsample(100_000) == pytest.approx(0.1)
+    assert LightGBMHead(colsample_bytree=0.3)._colsample(2048) == 0.3
+    fitted = _fit(LightGBMHead, clf_data)
+    assert fitted.booster_.params["colsample_bytree"] == 1.0  # 32 features: all of them
+    reduced = _fit(LightGBMHead, clf_data, pca_components=8)
+    assert reduced.booster_.num_feature() == 8

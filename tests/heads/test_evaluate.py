@@ -12,7 +12,7 @@ from featcache.heads import RunResult, fit_and_evaluate, make_head
 FAST = {
     "logreg": {},
     "lightgbm": {"n_estimators": 200, "learning_rate": 0.1, "early_stopping_rounds": 20, "n_jobs": 1},
-    "mlp": {"hidden_sizes": (64,), "max_epochs": 30, "patience": 5, "n_threads": 1},
+    "mlp": {"hidden_sizes": (64,), "batch_size": 128, "max_epochs": 30, "patience": 5, "n_threads": 1},
 }
 
 

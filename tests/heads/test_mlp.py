@@ -11,7 +11,7 @@ import torch
 from featcache.heads import MLPHead, MLPRegressorHead
 from featcache.heads.mlp import _batches
 
-FAST = {"hidden_sizes": (64,), "max_epochs": 40, "patience": 5, "n_threads": 1}
+FAST = {"hidden_sizes": (64,), "batch_size": 128, "max_epochs": 40, "patience": 5, "n_threads": 1}
 
 
 def _fit(cls, d, **params):
@@ -68,7 +68,8 @@ def test_sklearn_contract(cls, data, contract, request):
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("cls", [MLPHead, MLPRegressorHead])
 def test_sklearn_estimator_checks(cls, sklearn_checks):
-    sklearn_checks(cls(hidden_sizes=(16,), n_threads=1))
+    # tiny datasets: the pre-tuning training budget (defaults are sized for 10k+ rows)
+    sklearn_checks(cls(hidden_sizes=(16,), batch_size=128, max_epochs=100, patience=10, n_threads=1))
 
 
 def test_last_batch_of_one_is_dropped():

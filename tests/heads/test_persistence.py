@@ -14,7 +14,7 @@ from featcache.heads import load_head, make_head, save_head
 FAST = {
     "logreg": {},
     "lightgbm": {"n_estimators": 100, "learning_rate": 0.1, "early_stopping_rounds": 10, "n_jobs": 1},
-    "mlp": {"hidden_sizes": (32, 16), "max_epochs": 10, "patience": 3, "n_threads": 1},
+    "mlp": {"hidden_sizes": (32, 16), "batch_size": 128, "max_epochs": 10, "patience": 3, "n_threads": 1},
 }
 FILES = {"logreg": {"head.json", "arrays.npz"}, "lightgbm": {"head.json", "arrays.npz", "model.txt"},
          "mlp": {"head.json", "arrays.npz", "module.pt"}}

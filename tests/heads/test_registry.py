@@ -11,21 +11,27 @@ from featcache.heads import (
     LogisticRegressionHead,
     MLPRegressorHead,
     RidgeHead,
+    StreamingLogisticHead,
+    StreamingMLPHead,
+    StreamingMLPRegressorHead,
+    StreamingRidgeHead,
     head_names,
     make_head,
 )
 
 
 def test_table_shape():
-    assert head_names() == ["logreg", "lightgbm", "mlp"]
+    assert head_names() == ["logreg", "lightgbm", "mlp", "sgd", "streaming_mlp"]
     assert HEADS["logreg"] == {"classification": LogisticRegressionHead, "regression": RidgeHead}
+    assert HEADS["sgd"] == {"classification": StreamingLogisticHead, "regression": StreamingRidgeHead}
+    assert HEADS["streaming_mlp"] == {"classification": StreamingMLPHead, "regression": StreamingMLPRegressorHead}
     for tasks in HEADS.values():
         assert set(tasks) == {"classification", "regression"}
         assert is_classifier(tasks["classification"]())
         assert is_regressor(tasks["regression"]())
 
 
-@pytest.mark.parametrize("name", ["logreg", "lightgbm", "mlp"])
+@pytest.mark.parametrize("name", ["logreg", "lightgbm", "mlp", "sgd", "streaming_mlp"])
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_make_head_builds_registered_class_with_defaults(name, task):
     head = make_head(name, task)
@@ -42,7 +48,8 @@ def test_params_and_overrides():
 
 
 def test_unknown_head_names_value_and_allowed():
-    with pytest.raises(ValueError, match=r"unknown head 'logistic'; allowed: logreg, lightgbm, mlp\."):
+    allowed = r"allowed: logreg, lightgbm, mlp, sgd, streaming_mlp\."
+    with pytest.raises(ValueError, match=r"unknown head 'logistic'; " + allowed):
         make_head("logistic", "classification")
     with pytest.raises(ValueError, match=r"Did you mean 'lightgbm'\?"):
         make_head("lightgmb", "classification")
@@ -59,7 +66,7 @@ def test_unknown_param_names_it_the_head_allowed_and_hint():
         make_head("logreg", "classification", {"C": 1.0})
     msg = str(err.value)
     assert "unknown parameter 'C'" in msg and "LogisticRegressionHead" in msg
-    assert "allowed: Cs, max_iter," in msg
+    assert "allowed: Cs, cv_folds, max_iter," in msg
     assert "Did you mean 'Cs'?" in msg
     with pytest.raises(ValueError, match=r"unknown parameter 'n_classes' for head 'logreg' \(RidgeHead, regression\)"):
         make_head("logreg", "regression", n_classes=3)

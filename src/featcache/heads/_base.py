@@ -11,12 +11,13 @@ import contextlib
 import logging
 import math
 import numbers
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 from sklearn.utils.validation import check_array, check_X_y, column_or_1d
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "expand_columns",
     "holdout_indices",
     "jsonable",
+    "kfold_indices",
     "prepare_fit",
     "require_two_classes",
     "resolve_classes",
@@ -58,6 +60,10 @@ class Split:
         The validation split as passed to ``fit`` (validated), or None.
     held_out : bool
         True when ``X_sel`` was carved out of the training split.
+    folds : list of (ndarray, ndarray) or None
+        ``(fit_idx, sel_idx)`` row indices into ``X_train`` per cross-validation
+        fold (k-fold selection without a validation split); ``X_fit``/``X_sel``
+        are then the full training rows and an empty selection set.
     """
 
     X_fit: np.ndarray
@@ -69,6 +75,7 @@ class Split:
     X_val: np.ndarray | None
     y_val: np.ndarray | None
     held_out: bool
+    folds: list[tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
@@ -190,6 +197,35 @@ def holdout_indices(
     return np.sort(fit_idx), np.sort(sel_idx)
 
 
+def kfold_indices(
+    y: np.ndarray, n_folds: int, random_state: int | None, stratify: bool
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Shuffled (stratified when ``stratify``) k-fold ``(fit_idx, sel_idx)`` pairs.
+
+    Raises
+    ------
+    ValueError
+        If there are fewer rows (or, stratified, fewer rows of every class) than folds.
+    """
+    n = y.shape[0]
+    if n_folds > n:
+        raise ValueError(
+            f"cv_folds={n_folds} is larger than the {n} training rows; allowed: 2..{n}. "
+            "Hint: lower cv_folds or pass X_val/y_val."
+        )
+    splitter = (StratifiedKFold if stratify else KFold)(n_splits=n_folds, shuffle=True, random_state=random_state)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "least populated class" warning
+            return [(np.sort(a), np.sort(b)) for a, b in splitter.split(np.zeros((n, 1)), y)]
+    except ValueError as err:
+        counts = np.bincount(y.astype(np.int64)) if stratify else None
+        raise ValueError(
+            f"cannot build cv_folds={n_folds} stratified folds: {err} (class counts "
+            f"{counts.tolist() if counts is not None else '-'}). Hint: lower cv_folds or pass X_val/y_val."
+        ) from err
+
+
 def prepare_fit(
     X: Any,
     y: Any,
@@ -199,11 +235,13 @@ def prepare_fit(
     classification: bool,
     validation_fraction: float,
     random_state: int | None,
+    cv_folds: int | None = None,
 ) -> Split:
     """Validate train/val inputs and build the selection split.
 
     When ``X_val`` is None, a (stratified, for classification) ``validation_fraction``
-    of the training rows is held out with ``random_state``.
+    of the training rows is held out with ``random_state``; with ``cv_folds`` set,
+    ``cv_folds`` shuffled (stratified, for classification) folds are built instead.
 
     Parameters
     ----------
@@ -211,7 +249,10 @@ def prepare_fit(
     y : array-like of shape (n_train,)
     X_val : array-like of shape (n_val, D) or None
     y_val : array-like of shape (n_val,) or None
+    cv_folds : int >= 2 or None
+        Ignored when ``X_val`` is given.
     """
+    check_int("cv_folds", cv_folds, 2, allow_none=True)
     X, y = _validate_xy(X, y, classification, "X")
     if (X_val is None) != (y_val is None):
         raise ValueError(
@@ -226,6 +267,9 @@ def prepare_fit(
                 "Hint: train and val must come from the same layer."
             )
         return Split(X, y, X_val, y_val, X, y, X_val, y_val, held_out=False)
+    if cv_folds is not None:
+        folds = kfold_indices(y, cv_folds, random_state, stratify=classification)
+        return Split(X, y, X[:0], y[:0], X, y, None, None, held_out=False, folds=folds)
     check_fraction("validation_fraction", validation_fraction)
     fit_idx, sel_idx = holdout_indices(y, validation_fraction, random_state, classification)
     if fit_idx.size < 2 or sel_idx.size < 1:

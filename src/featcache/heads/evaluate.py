@@ -1,4 +1,10 @@
-"""Fit one head on train (+ val for selection) and score it on test."""
+"""Fit one head on train (+ val for selection) and score it on test.
+
+Features may be numpy or dask arrays (``FeatureStore(path).to_dask(layer, split)``):
+out-of-core heads (``sgd``, ``streaming_mlp``) receive dask arrays unchanged and
+stream them; in-memory heads get them read chunk by chunk into one numpy array.
+A dask array is never passed to ``np.asarray`` whole; labels are materialised.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, is_classifier
 
 from ._base import jsonable
+from ._data import as_labels, materialise
 from .metrics import TASKS, metrics_with_ci
 
 __all__ = ["RunResult", "fit_and_evaluate"]
@@ -86,6 +93,8 @@ def fit_and_evaluate(
         is given and the head's ``n_classes`` is None, it is set to ``n_classes``.
     task : {"classification", "regression"}
     X_train, y_train : array-like of shape (n_train, D), (n_train,)
+        ``X_*`` may be dask arrays (streamed by out-of-core heads, read chunk by
+        chunk into memory for the others); ``y_*`` may be dask arrays (computed).
     X_val, y_val : array-like of shape (n_val, D), (n_val,), or None
         None makes the head hold out part of train for selection.
     X_test, y_test : array-like of shape (n_test, D), (n_test,)
@@ -104,6 +113,13 @@ def fit_and_evaluate(
     _check_task(head, task)
     if task == "classification":
         _sync_n_classes(head, n_classes)
+    n_train = int(X_train.shape[0]) if hasattr(X_train, "shape") else len(X_train)
+    n_val = 0 if X_val is None else (int(X_val.shape[0]) if hasattr(X_val, "shape") else len(X_val))
+    y_train, y_test = as_labels(y_train), as_labels(y_test)
+    y_val = None if y_val is None else as_labels(y_val)
+    if not getattr(head, "_streaming", False):
+        X_train, X_test = materialise(X_train, "X_train"), materialise(X_test, "X_test")
+        X_val = None if X_val is None else materialise(X_val, "X_val")
     start = time.perf_counter()
     head.fit(X_train, y_train, X_val, y_val)
     fit_seconds = time.perf_counter() - start
@@ -122,8 +138,8 @@ def fit_and_evaluate(
     best_params = jsonable(dict(head.best_params_))
     metrics.update(
         n_features=int(head.n_features_in_),
-        n_train=int(np.shape(X_train)[0]),
-        n_val=0 if X_val is None else int(np.shape(X_val)[0]),
+        n_train=n_train,
+        n_val=n_val,
         fit_seconds=float(fit_seconds),
         predict_seconds=float(predict_seconds),
         best_params=best_params,

@@ -4,6 +4,11 @@ The regularisation strength is chosen on the validation split with a coarse-to-f
 log grid (CLIP_benchmark linear-probe style): evaluate a coarse log grid, then a finer
 log grid between the coarse neighbours of the best value, then refit with the best
 value on train (or train + val when ``refit_on_trainval``).
+
+Without a validation split the selection uses a hold-out of the training rows, or,
+with ``cv_folds=k``, the mean score over k shuffled (stratified, for classification)
+folds of the training rows. Features are standardised and optionally reduced by PCA
+(``pca_components``); both are fitted on the rows each model is trained on.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, Ridge
-from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from ._base import (
@@ -33,6 +37,7 @@ from ._base import (
     resolve_classes,
     thread_limit,
 )
+from ._data import SelectionSets, apply_preprocess, average_rows, check_pca_components
 from .metrics import log_loss_score
 
 __all__ = ["DEFAULT_ALPHAS", "DEFAULT_CS", "LogisticRegressionHead", "RidgeHead", "log_grid_search"]
@@ -112,6 +117,9 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
         Evaluate a finer log grid between the neighbours of the best coarse C.
     refine_points : int
         Number of points of the finer grid (end points included, duplicates skipped).
+        The default 3 adds the geometric midpoints next to the best coarse C (one or
+        two fits); each fit is a few passes over the training matrix, which dominate
+        the cost on wide features (benchmarks/bench_heads.py).
     max_iter, tol : int, float
         lbfgs stopping criteria.
     refit_on_trainval : bool
@@ -119,10 +127,17 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
     validation_fraction : float
         Stratified hold-out of the training rows used for selection when no
         ``X_val`` is given; the final model is then refit on the full training rows.
+    cv_folds : int >= 2 or None
+        When no ``X_val`` is given, choose C by the mean score over ``cv_folds``
+        shuffled stratified folds of the training rows instead of one hold-out
+        (each fold fits its own scaler/PCA); ignored when ``X_val`` is given.
+    pca_components : None, int or float in (0, 1)
+        Reduce the standardised features by PCA to this many components (int) or to
+        this fraction of explained variance (float); fitted on training rows only.
     n_classes : int or None
         Number of classes K; None infers ``max label + 1`` over train and val.
     random_state : int or None
-        Seed of the hold-out split.
+        Seed of the hold-out split, the folds and the PCA solver.
     n_jobs : int or None
         BLAS/OpenMP threads during fit (None or -1: no limit).
 
@@ -130,6 +145,8 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
     ----------
     scaler_ : StandardScaler
         Fitted on the final training rows only.
+    pca_ : PCA or None
+        Fitted on the scaled final training rows; None without ``pca_components``.
     estimator_ : LogisticRegression
         Final model; it may know fewer than K classes (``train_classes_``).
     classes_ : ndarray of shape (K,)
@@ -142,7 +159,8 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
         ``{"C": float}``.
     search_results_ : list of dict
         One dict per evaluated C: ``C``, ``stage`` (coarse/refine), ``val_accuracy``,
-        ``val_log_loss``, ``n_iter``.
+        ``val_log_loss``, ``n_iter``, ``converged`` (means over folds and
+        ``cv_folds`` with k-fold selection).
     fit_seconds_ : float
 
     Notes
@@ -156,11 +174,13 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
         self,
         Cs: Sequence[float] | np.ndarray | None = None,
         refine: bool = True,
-        refine_points: int = 5,
+        refine_points: int = 3,
         max_iter: int = 1000,
         tol: float = 1e-4,
         refit_on_trainval: bool = False,
         validation_fraction: float = 0.2,
+        cv_folds: int | None = None,
+        pca_components: int | float | None = None,
         n_classes: int | None = None,
         random_state: int | None = 0,
         n_jobs: int | None = 1,
@@ -172,6 +192,8 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
         self.tol = tol
         self.refit_on_trainval = refit_on_trainval
         self.validation_fraction = validation_fraction
+        self.cv_folds = cv_folds
+        self.pca_components = pca_components
         self.n_classes = n_classes
         self.random_state = random_state
         self.n_jobs = n_jobs
@@ -191,8 +213,28 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
             log.info("lbfgs did not converge for C=%g within max_iter=%d", model.C, self.max_iter)
         return converged
 
+    def _score_path(
+        self, values: np.ndarray, X_fit: np.ndarray, y_fit: np.ndarray, X_sel: np.ndarray,
+        y_sel: np.ndarray, n_classes: int,
+    ) -> list[dict[str, Any]]:
+        """Scores on one selection set of each C in ``values`` (ascending, warm-started)."""
+        require_two_classes(y_fit)
+        model = self._model(values[0], warm_start=True)
+        rows = []
+        for C in values:
+            model.set_params(C=float(C))
+            converged = self._fit_quiet(model, X_fit, y_fit)
+            proba = expand_columns(model.predict_proba(X_sel), model.classes_, n_classes)
+            rows.append({
+                "val_accuracy": float(np.mean(proba.argmax(axis=1) == y_sel)),
+                "val_log_loss": log_loss_score(y_sel, proba),
+                "n_iter": int(np.max(model.n_iter_)),
+                "converged": converged,
+            })
+        return rows
+
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> LogisticRegressionHead:
-        """Choose C on the validation split, then refit.
+        """Choose C on the validation split (or hold-out, or k folds), then refit.
 
         Parameters
         ----------
@@ -210,33 +252,20 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
         check_int("refine_points", self.refine_points, 2)
         check_int("max_iter", self.max_iter, 1)
         check_positive("tol", self.tol)
+        check_pca_components(self.pca_components)
         grid = as_float_list("Cs", DEFAULT_CS if self.Cs is None else self.Cs)
         split = prepare_fit(
-            X, y, X_val, y_val, classification=True,
-            validation_fraction=self.validation_fraction, random_state=self.random_state,
+            X, y, X_val, y_val, classification=True, validation_fraction=self.validation_fraction,
+            random_state=self.random_state, cv_folds=self.cv_folds,
         )
         classes = resolve_classes(self.n_classes, split.y_train, split.y_val)
-        require_two_classes(split.y_fit)
+        require_two_classes(split.y_train if split.folds else split.y_fit)
         with thread_limit(self.n_jobs):
-            sel_scaler = StandardScaler().fit(split.X_fit)
-            X_fit, X_sel = sel_scaler.transform(split.X_fit), sel_scaler.transform(split.X_sel)
+            sets = SelectionSets(split, self.pca_components, self.random_state, dtype=np.float64)
 
             def evaluate(values: np.ndarray, stage: str) -> list[dict[str, Any]]:
-                model = self._model(values[0], warm_start=True)
-                rows = []
-                for C in values:
-                    model.set_params(C=float(C))
-                    converged = self._fit_quiet(model, X_fit, split.y_fit)
-                    proba = expand_columns(model.predict_proba(X_sel), model.classes_, classes.size)
-                    rows.append({
-                        "C": float(C),
-                        "stage": stage,
-                        "val_accuracy": float(np.mean(proba.argmax(axis=1) == split.y_sel)),
-                        "val_log_loss": log_loss_score(split.y_sel, proba),
-                        "n_iter": int(np.max(model.n_iter_)),
-                        "converged": converged,
-                    })
-                return rows
+                per_set = [self._score_path(values, *s[:4], classes.size) for s in sets]
+                return average_rows("C", values, stage, per_set, folds=split.folds is not None)
 
             best_C, results = log_grid_search(
                 grid, evaluate, lambda r: (-r["val_accuracy"], r["val_log_loss"], r["C"]),
@@ -244,9 +273,9 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
             )
             X_final, y_final = _final_rows(split, self.refit_on_trainval)
             self.train_classes_ = require_two_classes(y_final)
-            self.scaler_ = StandardScaler().fit(X_final)
+            self.scaler_, self.pca_, X_final = sets.final(X_final)
             self.estimator_ = self._model(best_C, warm_start=False)
-            self._fit_quiet(self.estimator_, self.scaler_.transform(X_final), y_final)
+            self._fit_quiet(self.estimator_, X_final, y_final)
         self.n_iter_ = int(np.max(self.estimator_.n_iter_))
         self.classes_ = classes
         self.n_features_in_ = int(split.X_train.shape[1])
@@ -270,7 +299,7 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
         """
         check_is_fitted(self, "estimator_")
         X = check_features(X, self)
-        proba = self.estimator_.predict_proba(self.scaler_.transform(X))
+        proba = self.estimator_.predict_proba(apply_preprocess(X, self.scaler_, self.pca_))
         return expand_columns(proba.astype(np.float64, copy=False), self.train_classes_, self.classes_.size)
 
     def predict(self, X: Any) -> np.ndarray:
@@ -288,16 +317,23 @@ class RidgeHead(RegressorMixin, BaseEstimator):
         Coarse grid; None means ``np.logspace(-3, 5, 9)``.
     refine, refine_points, refit_on_trainval, validation_fraction, random_state
         As in :class:`LogisticRegressionHead` (the hold-out is a plain random one).
+    cv_folds : int >= 2 or None
+        As in :class:`LogisticRegressionHead`, with plain shuffled k-fold (mean
+        fold RMSE).
+    pca_components : None, int or float in (0, 1)
+        As in :class:`LogisticRegressionHead`.
 
     Attributes
     ----------
     scaler_ : StandardScaler
+    pca_ : PCA or None
     estimator_ : Ridge
     n_features_in_ : int
     best_params_ : dict
         ``{"alpha": float}``.
     search_results_ : list of dict
-        ``alpha``, ``stage``, ``val_rmse`` per evaluated alpha.
+        ``alpha``, ``stage``, ``val_rmse`` per evaluated alpha (mean over folds,
+        plus ``cv_folds``, with k-fold selection).
     fit_seconds_ : float
 
     Notes
@@ -309,9 +345,11 @@ class RidgeHead(RegressorMixin, BaseEstimator):
         self,
         alphas: Sequence[float] | np.ndarray | None = None,
         refine: bool = True,
-        refine_points: int = 5,
+        refine_points: int = 3,
         refit_on_trainval: bool = False,
         validation_fraction: float = 0.2,
+        cv_folds: int | None = None,
+        pca_components: int | float | None = None,
         random_state: int | None = 0,
     ) -> None:
         self.alphas = alphas
@@ -319,10 +357,12 @@ class RidgeHead(RegressorMixin, BaseEstimator):
         self.refine_points = refine_points
         self.refit_on_trainval = refit_on_trainval
         self.validation_fraction = validation_fraction
+        self.cv_folds = cv_folds
+        self.pca_components = pca_components
         self.random_state = random_state
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> RidgeHead:
-        """Choose alpha on the validation split, then refit.
+        """Choose alpha on the validation split (or hold-out, or k folds), then refit.
 
         Parameters
         ----------
@@ -338,29 +378,30 @@ class RidgeHead(RegressorMixin, BaseEstimator):
         """
         start = time.perf_counter()
         check_int("refine_points", self.refine_points, 2)
+        check_pca_components(self.pca_components)
         grid = as_float_list("alphas", DEFAULT_ALPHAS if self.alphas is None else self.alphas)
         split = prepare_fit(
-            X, y, X_val, y_val, classification=False,
-            validation_fraction=self.validation_fraction, random_state=self.random_state,
+            X, y, X_val, y_val, classification=False, validation_fraction=self.validation_fraction,
+            random_state=self.random_state, cv_folds=self.cv_folds,
         )
-        sel_scaler = StandardScaler().fit(split.X_fit)
-        X_fit, X_sel = sel_scaler.transform(split.X_fit), sel_scaler.transform(split.X_sel)
+        sets = SelectionSets(split, self.pca_components, self.random_state)
+
+        def score_path(values: np.ndarray, X_fit: np.ndarray, y_fit: np.ndarray,
+                       X_sel: np.ndarray, y_sel: np.ndarray) -> list[dict[str, Any]]:
+            preds = (Ridge(alpha=float(alpha)).fit(X_fit, y_fit).predict(X_sel) for alpha in values)
+            return [{"val_rmse": float(np.sqrt(np.mean((pred - y_sel) ** 2)))} for pred in preds]
 
         def evaluate(values: np.ndarray, stage: str) -> list[dict[str, Any]]:
-            rows = []
-            for alpha in values:
-                pred = Ridge(alpha=float(alpha)).fit(X_fit, split.y_fit).predict(X_sel)
-                rmse = float(np.sqrt(np.mean((pred - split.y_sel) ** 2)))
-                rows.append({"alpha": float(alpha), "stage": stage, "val_rmse": rmse})
-            return rows
+            per_set = [score_path(values, *s[:4]) for s in sets]
+            return average_rows("alpha", values, stage, per_set, folds=split.folds is not None)
 
         best_alpha, results = log_grid_search(
             grid, evaluate, lambda r: (r["val_rmse"], -r["alpha"]),
             "alpha", bool(self.refine), self.refine_points,
         )
         X_final, y_final = _final_rows(split, self.refit_on_trainval)
-        self.scaler_ = StandardScaler().fit(X_final)
-        self.estimator_ = Ridge(alpha=best_alpha).fit(self.scaler_.transform(X_final), y_final)
+        self.scaler_, self.pca_, X_final = sets.final(X_final)
+        self.estimator_ = Ridge(alpha=best_alpha).fit(X_final, y_final)
         self.n_features_in_ = int(split.X_train.shape[1])
         self.best_params_ = {"alpha": best_alpha}
         self.search_results_ = results
@@ -381,4 +422,5 @@ class RidgeHead(RegressorMixin, BaseEstimator):
         """
         check_is_fitted(self, "estimator_")
         X = check_features(X, self)
-        return self.estimator_.predict(self.scaler_.transform(X)).astype(np.float64, copy=False)
+        X = apply_preprocess(X, self.scaler_, self.pca_)
+        return self.estimator_.predict(X).astype(np.float64, copy=False)

@@ -4,7 +4,8 @@ A saved head is a directory (the same fitted head always saves to the same bytes
 
     head.json     format, class name, get_params(), fitted metadata (written last;
                   ``fit_seconds_`` is not saved)
-    arrays.npz    scaler statistics, classes, linear coefficients (allow_pickle=False)
+    arrays.npz    scaler statistics, PCA components/mean/variances, classes, linear
+                  coefficients (allow_pickle=False)
     model.txt     LightGBM native text model, truncated at the best iteration
     module.pt     MLP state_dict (loaded with torch.load(weights_only=True))
 
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator
+from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
@@ -31,6 +33,7 @@ from ._base import jsonable
 from .boosting import _LightGBMBase
 from .linear import LogisticRegressionHead, RidgeHead
 from .mlp import _MLPBase, build_mlp
+from .out_of_core import StreamingLogisticHead, StreamingRidgeHead
 from .registry import HEADS
 
 __all__ = ["FORMAT", "load_head", "save_head"]
@@ -47,6 +50,12 @@ _FILES = ("head.json", "arrays.npz", "model.txt", "module.pt")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _ARRAY_ATTRS = ("classes_", "train_classes_")
 _TUPLE_PARAMS = ("hidden_sizes",)
+_LINEAR = (LogisticRegressionHead, RidgeHead, StreamingLogisticHead, StreamingRidgeHead)
+# every fitted PCA attribute that transform / inverse_transform / score need
+_PCA_ARRAYS = (
+    "components", "mean", "explained_variance", "explained_variance_ratio",
+    "singular_values", "noise_variance", "n_components", "n_samples",
+)
 
 
 def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -92,7 +101,10 @@ def save_head(head: BaseEstimator, directory: str | Path) -> Path:
             scaler_mean=scaler.mean_, scaler_scale=scaler.scale_, scaler_var=scaler.var_,
             scaler_n_samples_seen=np.asarray(scaler.n_samples_seen_, dtype=np.int64),
         )
-    if isinstance(head, (LogisticRegressionHead, RidgeHead)):
+    pca = getattr(head, "pca_", None)
+    if pca is not None:
+        arrays.update({f"pca_{name}": np.asarray(getattr(pca, f"{name}_")) for name in _PCA_ARRAYS})
+    if isinstance(head, _LINEAR):
         arrays.update(coef=np.asarray(head.estimator_.coef_), intercept=np.asarray(head.estimator_.intercept_))
     if isinstance(head, _LightGBMBase):
         head.booster_.save_model(str(directory / "model.txt"), num_iteration=head.best_iteration_)
@@ -120,6 +132,19 @@ def _restore_scaler(arrays: dict[str, np.ndarray], n_features: int) -> StandardS
     scaler.n_samples_seen_ = int(seen) if seen.ndim == 0 else seen
     scaler.n_features_in_ = n_features
     return scaler
+
+
+def _restore_pca(arrays: dict[str, np.ndarray], head: BaseEstimator) -> PCA | None:
+    if "pca_components" not in arrays:
+        return None
+    pca = PCA(n_components=head.pca_components, random_state=head.random_state)
+    for name in _PCA_ARRAYS:
+        value = arrays[f"pca_{name}"]
+        setattr(pca, f"{name}_", value.item() if value.ndim == 0 else value)
+    pca.n_components_ = int(pca.n_components_)
+    pca.n_samples_ = int(pca.n_samples_)
+    pca.n_features_in_ = int(pca.components_.shape[1])
+    return pca
 
 
 def load_head(directory: str | Path) -> BaseEstimator:
@@ -163,17 +188,23 @@ def load_head(directory: str | Path) -> BaseEstimator:
             setattr(head, attr, arrays[attr])
     n_features = int(head.n_features_in_)
     head.scaler_ = _restore_scaler(arrays, n_features) if "scaler_mean" in arrays else None
+    head.pca_ = _restore_pca(arrays, head)
 
     if isinstance(head, LogisticRegressionHead):
         model = head._model(head.best_params_["C"], warm_start=False)
         model.classes_ = head.train_classes_
     elif isinstance(head, RidgeHead):
         model = Ridge(alpha=head.best_params_["alpha"])
-    if isinstance(head, (LogisticRegressionHead, RidgeHead)):
+    elif isinstance(head, StreamingLogisticHead):
+        model = head._new_model(head.best_params_["alpha"], 0)
+        model.classes_ = head.classes_
+    elif isinstance(head, StreamingRidgeHead):
+        model = head._new_model(head.best_params_["alpha"], 0)
+    if isinstance(head, _LINEAR):
         model.coef_, model.intercept_ = arrays["coef"], arrays["intercept"]
         if model.intercept_.ndim == 0:
             model.intercept_ = float(model.intercept_)
-        model.n_features_in_ = n_features
+        model.n_features_in_ = int(model.coef_.shape[-1])  # PCA components when reduced
         head.estimator_ = model
     elif isinstance(head, _LightGBMBase):
         import lightgbm
@@ -183,7 +214,8 @@ def load_head(directory: str | Path) -> BaseEstimator:
         import torch
 
         n_out = int(head.classes_.size) if head._classification else 1
-        module = build_mlp(n_features, head.hidden_sizes, n_out, head.dropout)
+        n_in = n_features if head.pca_ is None else int(head.pca_.n_components_)
+        module = build_mlp(n_in, head.hidden_sizes, n_out, head.dropout)
         state = torch.load(directory / "module.pt", map_location="cpu", weights_only=True)
         module.load_state_dict(state)
         head.module_ = module.eval()

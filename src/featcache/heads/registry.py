@@ -16,6 +16,7 @@ from sklearn.base import BaseEstimator
 from .boosting import LightGBMHead, LightGBMRegressorHead
 from .linear import LogisticRegressionHead, RidgeHead
 from .mlp import MLPHead, MLPRegressorHead
+from .out_of_core import StreamingLogisticHead, StreamingMLPHead, StreamingMLPRegressorHead, StreamingRidgeHead
 
 __all__ = ["HEADS", "TASKS", "head_class", "head_names", "make_head"]
 
@@ -27,6 +28,9 @@ HEADS: dict[str, dict[str, type[BaseEstimator]]] = {
     "logreg": {"classification": LogisticRegressionHead, "regression": RidgeHead},
     "lightgbm": {"classification": LightGBMHead, "regression": LightGBMRegressorHead},
     "mlp": {"classification": MLPHead, "regression": MLPRegressorHead},
+    # out-of-core twins: fit/predict stream numpy or dask arrays one row chunk at a time
+    "sgd": {"classification": StreamingLogisticHead, "regression": StreamingRidgeHead},
+    "streaming_mlp": {"classification": StreamingMLPHead, "regression": StreamingMLPRegressorHead},
 }
 
 
@@ -68,7 +72,8 @@ def make_head(
     Parameters
     ----------
     name : str
-        One of :func:`head_names` (``"logreg"``, ``"lightgbm"``, ``"mlp"``).
+        One of :func:`head_names` (``"logreg"``, ``"lightgbm"``, ``"mlp"``, and the
+        out-of-core ``"sgd"``, ``"streaming_mlp"``).
     task : {"classification", "regression"}
     params : mapping, optional
         Constructor parameters (e.g. a ``params.yaml`` section).

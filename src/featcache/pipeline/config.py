@@ -136,8 +136,8 @@ class FeatureRef(_Strict):
 class TrainParams(_Strict):
     """Which heads run and how they are scored."""
 
-    heads: list[Literal["logreg", "lightgbm", "mlp"]] = Field(default_factory=lambda: ["logreg", "lightgbm", "mlp"],
-                                                              min_length=1)
+    heads: list[Literal["logreg", "lightgbm", "mlp", "sgd", "streaming_mlp"]] = Field(
+        default_factory=lambda: ["logreg", "lightgbm", "mlp"], min_length=1)
     n_boot: int = Field(1000, ge=0)
     seed: int = 0
 

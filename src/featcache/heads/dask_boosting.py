@@ -1,0 +1,204 @@
+"""LightGBM trained on dask.distributed workers, returned as a regular LightGBM head.
+
+:func:`fit_lightgbm_dask` trains ``lightgbm.dask.DaskLGBMClassifier`` (or
+``DaskLGBMRegressor``) on a dask array, e.g. ``FeatureStore(path).to_dask(layer,
+"train")`` (the graph opens the HDF5 file by path, so it runs on any worker), and
+wraps the resulting booster in a :class:`~featcache.heads.boosting.LightGBMHead`
+(or :class:`~featcache.heads.boosting.LightGBMRegressorHead`): ``predict``,
+``save_head`` and ``load_head`` work as for a head fitted in memory.
+
+Early stopping
+--------------
+lightgbm.dask has no supported early stopping (LightGBM issues #3712, #4189, #6351:
+each worker only sees the validation rows it holds, and ``early_stopping_rounds``
+can make workers stop at different rounds and hang). Here no validation set is
+given to the workers: training runs the full ``n_estimators`` rounds, then the
+validation loss (multi-logloss / binary logloss / L2) after every round is computed
+on the client by streaming ``X_val`` chunk by chunk through the booster, and the
+head keeps the round that LightGBM's own ``early_stopping(early_stopping_rounds)``
+callback would have kept on that curve (first minimum not improved upon for
+``early_stopping_rounds`` rounds; all rounds when None). The cost is the extra
+rounds trained past the stopping point: set ``n_estimators`` as a budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+from ._base import check_int, resolve_classes
+from ._data import DEFAULT_CHUNK_ROWS, RowChunks, _check_targets, as_labels, is_dask_array
+from .boosting import LightGBMHead, LightGBMRegressorHead
+
+__all__ = ["fit_lightgbm_dask", "validation_curve"]
+
+log = logging.getLogger(__name__)
+
+_TASKS = ("classification", "regression")
+
+
+def _as_dask(X: Any, name: str) -> Any:
+    """``X`` as a dask array with known row chunks and one column chunk."""
+    import dask.array as da
+
+    if not is_dask_array(X):
+        X = np.asarray(X)
+        return da.from_array(X, chunks=(min(DEFAULT_CHUNK_ROWS, max(1, X.shape[0])), -1))
+    if X.ndim != 2 or any(np.isnan(c) for c in X.chunks[0]):
+        raise ValueError(
+            f"{name} must be a 2-D dask array with known row chunks; got shape {X.shape}. "
+            f"Hint: call {name}.compute_chunk_sizes() first."
+        )
+    return X.rechunk({1: -1}) if len(X.chunks[1]) > 1 else X
+
+
+def _round_losses(raw: np.ndarray, y: np.ndarray, kind: str) -> np.ndarray:
+    """Summed loss of rows with raw scores ``raw`` (n, K) or (n,) against ``y``."""
+    if kind == "regression":
+        return np.sum((raw - y) ** 2)
+    if kind == "binary":
+        p = 1.0 / (1.0 + np.exp(-raw))
+        p_true = np.where(y == 1, p, 1.0 - p)
+    else:
+        z = raw - raw.max(axis=1, keepdims=True)
+        p_true = np.exp(z[np.arange(y.size), y]) / np.exp(z).sum(axis=1)
+    return -np.sum(np.log(np.clip(p_true, 1e-15, 1.0)))
+
+
+def validation_curve(booster: Any, X_val: Any, y_val: np.ndarray, kind: str) -> np.ndarray:
+    """Mean validation loss after each boosting round, streaming ``X_val`` by chunk.
+
+    Parameters
+    ----------
+    booster : lightgbm.Booster
+    X_val : ndarray or dask.array.Array of shape (n_val, D)
+    y_val : ndarray of shape (n_val,)
+        Encoded labels 0..K_seen-1 (classification) or targets (regression).
+    kind : {"multiclass", "binary", "regression"}
+
+    Returns
+    -------
+    ndarray of shape (n_rounds,)
+        Multi-logloss / binary logloss / mean squared error after rounds 1..n_rounds.
+    """
+    n_rounds = booster.current_iteration()
+    totals = np.zeros(n_rounds)
+    for Xc, yc in RowChunks(X_val, y_val, name="X_val"):
+        raw = 0.0
+        for i in range(n_rounds):  # a round's trees add to the raw score (round 1 holds the init score)
+            raw = raw + booster.predict(Xc, start_iteration=i, num_iteration=1, raw_score=True)
+            totals[i] += _round_losses(raw, yc, kind)
+    return totals / y_val.size
+
+
+def _early_stop(curve: np.ndarray, rounds: int | None) -> int:
+    """1-based round that ``lightgbm.early_stopping(rounds)`` keeps on ``curve``."""
+    if rounds is None:
+        return int(curve.size)
+    best = 0
+    for i in range(1, curve.size):
+        if curve[i] < curve[best]:
+            best = i
+        elif i - best >= rounds:
+            break
+    return best + 1
+
+
+def fit_lightgbm_dask(
+    client: Any, X_dask: Any, y_dask: Any, X_val: Any, y_val: Any, *, task: str = "classification",
+    **params: Any,
+) -> LightGBMHead | LightGBMRegressorHead:
+    """Train LightGBM on a dask.distributed cluster; return a fitted LightGBM head.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        The cluster the training runs on (e.g. ``Client(LocalCluster(n_workers=2))``).
+    X_dask : dask.array.Array (or ndarray) of shape (n_train, D)
+        Training features; a numpy array is wrapped into a dask array.
+    y_dask : array-like or dask array of shape (n_train,)
+        Labels/targets (small: computed here, then re-chunked like ``X_dask``).
+    X_val : ndarray or dask.array.Array of shape (n_val, D)
+        Validation features, streamed chunk by chunk on the client (see the module
+        docstring: post-hoc early stopping).
+    y_val : array-like of shape (n_val,)
+    task : {"classification", "regression"}
+    **params
+        Constructor parameters of :class:`LightGBMHead` / :class:`LightGBMRegressorHead`
+        (``n_estimators``, ``learning_rate``, ``num_leaves``, ``early_stopping_rounds``,
+        ``n_classes``, ``random_state``, ...). ``n_jobs`` is not passed on: each dask
+        worker trains with its own thread count. ``pca_components`` is not supported.
+
+    Returns
+    -------
+    LightGBMHead or LightGBMRegressorHead
+        Fitted: ``booster_``, ``best_iteration_``, ``best_params_``, ``n_features_in_``,
+        ``classes_``/``train_classes_`` (classification), ``scaler_ = pca_ = None``,
+        ``fit_seconds_`` and ``val_curve_`` (loss per round, not saved by ``save_head``).
+    """
+    import lightgbm
+    import dask.array as da
+
+    start = time.perf_counter()
+    if task not in _TASKS:
+        raise ValueError(f"task={task!r} is invalid; allowed: {', '.join(_TASKS)}.")
+    cls = LightGBMHead if task == "classification" else LightGBMRegressorHead
+    head = cls(**params)  # unknown parameters raise TypeError naming them
+    if head.pca_components is not None:
+        raise ValueError(
+            f"pca_components={head.pca_components!r} is not supported by fit_lightgbm_dask; allowed: None. "
+            "Hint: reduce the features before (or use LightGBMHead in memory)."
+        )
+    check_int("early_stopping_rounds", head.early_stopping_rounds, 1, allow_none=True)
+    X = _as_dask(X_dask, "X_dask")
+    lgb_params = {k: v for k, v in head._lgbm_params(int(X.shape[1])).items() if k != "n_jobs"}
+    classification = task == "classification"
+    y = _check_targets(as_labels(y_dask), classification, "y_dask")
+    y_v = _check_targets(as_labels(y_val), classification, "y_val")
+    if y.shape[0] != X.shape[0]:
+        raise ValueError(f"X_dask has {X.shape[0]} rows but y_dask has {y.shape[0]}; they must match.")
+    y_d = da.from_array(y, chunks=(X.chunks[0],))
+    if classification:
+        classes = resolve_classes(head.n_classes, y, y_v)
+        seen = np.unique(y)
+        if seen.size < 2:
+            raise ValueError(f"the training rows contain only the classes {seen.tolist()}; a classifier needs >= 2.")
+        model = lightgbm.DaskLGBMClassifier(client=client, **lgb_params)
+    else:
+        model = lightgbm.DaskLGBMRegressor(client=client, **lgb_params)
+    with warnings.catch_warnings():  # lightgbm.dask warns that n_jobs (always set) is ignored
+        warnings.filterwarnings("ignore", message="Parameter n_jobs will be ignored", category=UserWarning)
+        model.fit(X, y_d)
+    booster = model.booster_
+
+    if classification:
+        known = np.isin(y_v, seen)
+        if not known.any():
+            raise ValueError(f"no validation row has a class seen in training ({seen.tolist()}).")
+        kind = "binary" if seen.size == 2 else "multiclass"
+        X_v = X_val if known.all() else _subset_rows(X_val, known)
+        curve = validation_curve(booster, X_v, np.searchsorted(seen, y_v[known]), kind)
+        head.classes_, head.train_classes_ = classes, seen
+    else:
+        curve = validation_curve(booster, X_val, y_v, "regression")
+    best = _early_stop(curve, head.early_stopping_rounds)
+    head.booster_ = booster
+    head.best_iteration_ = best
+    head.best_params_ = {"n_estimators": best}
+    head.n_features_in_ = int(X.shape[1])
+    head.scaler_, head.pca_ = None, None
+    head.val_curve_ = curve
+    head.fit_seconds_ = time.perf_counter() - start
+    log.info("fit_lightgbm_dask: %d workers, best round %d of %d (post-hoc early stopping %s) in %.2fs",
+             len(client.scheduler_info().get("workers", {})), best, curve.size, head.early_stopping_rounds,
+             head.fit_seconds_)
+    return head
+
+
+def _subset_rows(X: Any, keep: np.ndarray) -> Any:
+    """Rows ``keep`` (bool mask) of a numpy or dask array (lazy for dask)."""
+    return X[keep] if is_dask_array(X) else np.asarray(X)[keep]

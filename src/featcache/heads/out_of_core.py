@@ -1,0 +1,315 @@
+"""Out-of-core heads: features streamed one row chunk at a time (numpy or dask input).
+
+For feature matrices that do not fit in memory, e.g.
+``FeatureStore(path).to_dask(layer, split, rows_per_chunk=...)``: only one row chunk
+of features is ever materialised (peak memory is independent of the number of
+rows); labels/targets are small and held in memory.
+
+- :class:`StreamingLogisticHead` / :class:`StreamingRidgeHead`: SGD (log-loss /
+  squared error, L2) with ``partial_fit`` over shuffled row chunks, a scaler
+  fitted in one streaming pass over the training chunks, the regularisation
+  ``alpha`` chosen on the validation rows (one streamed fit per candidate) and
+  early stopping on the validation score.
+- :class:`StreamingMLPHead` / :class:`StreamingMLPRegressorHead`: the MLP of
+  :mod:`~featcache.heads.mlp` (same module builder and training loop) fed
+  mini-batches cut from streamed chunks (:mod:`featcache.heads.streaming_mlp`).
+- :func:`fit_lightgbm_dask`: LightGBM trained on dask.distributed workers
+  (:mod:`featcache.heads.dask_boosting`).
+
+All of them are importable from here.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.linear_model import SGDClassifier, SGDRegressor
+from sklearn.utils.validation import check_is_fitted
+
+from ._base import as_float_list, check_int, resolve_classes
+from ._data import DEFAULT_CHUNK_ROWS, RowChunks, fit_scaler_streaming, stream_outputs, streaming_sources
+from .dask_boosting import fit_lightgbm_dask
+from .metrics import log_loss_score
+from .streaming_mlp import StreamingMLPHead, StreamingMLPRegressorHead
+
+__all__ = [
+    "DEFAULT_SGD_ALPHAS",
+    "StreamingLogisticHead",
+    "StreamingMLPHead",
+    "StreamingMLPRegressorHead",
+    "StreamingRidgeHead",
+    "fit_lightgbm_dask",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SGD_ALPHAS: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
+"""Candidate L2 strengths of the SGD heads (each candidate is one streamed fit)."""
+
+
+class _StreamingLinearBase(BaseEstimator):
+    """Shared streamed SGD fitting of :class:`StreamingLogisticHead` / :class:`StreamingRidgeHead`."""
+
+    _classification = False
+    _streaming = True  # fit_and_evaluate passes dask arrays through unchanged
+
+    def _new_model(self, alpha: float, seed: int) -> SGDClassifier | SGDRegressor:
+        common = {"penalty": "l2", "alpha": float(alpha), "average": self.average, "random_state": seed}
+        if self._classification:
+            return SGDClassifier(loss="log_loss", learning_rate=self.learning_rate, eta0=self.eta0, **common)
+        return SGDRegressor(loss="squared_error", learning_rate=self.learning_rate, eta0=self.eta0, **common)
+
+    def _fit_alpha(self, alpha: float, train: RowChunks, val: RowChunks, seed: int) -> dict[str, Any]:
+        """One streamed fit with early stopping; returns the best model and its history."""
+        model = self._new_model(alpha, seed)
+        rng = np.random.default_rng(seed)
+        best: dict[str, Any] = {"key": None, "model": None, "epoch": 0}
+        history = []
+        for epoch in range(1, self.max_epochs + 1):
+            for Xc, yc in train.iter(rng.permutation(len(train))):
+                order = rng.permutation(Xc.shape[0])
+                self._partial_fit(model, self.scaler_.transform(Xc)[order], yc[order])
+            scores = self._score(model, val)
+            history.append({"epoch": epoch, **scores})
+            key = self._key(scores)
+            if best["key"] is None or key < best["key"]:
+                best = {"key": key, "model": copy.deepcopy(model), "epoch": epoch, "scores": scores}
+            elif epoch - best["epoch"] >= self.patience:
+                break
+        return {**best, "history": history}
+
+    def _fit_streaming(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
+        start = time.perf_counter()
+        grid = as_float_list("alphas", DEFAULT_SGD_ALPHAS if self.alphas is None else self.alphas)
+        check_int("max_epochs", self.max_epochs, 1)
+        check_int("patience", self.patience, 1)
+        seed = 0 if self.random_state is None else int(self.random_state)
+        train, val = streaming_sources(self, X, y, X_val, y_val)
+        self._prepare_targets(train, val)
+        self.scaler_ = fit_scaler_streaming(train)
+        self.pca_ = None
+        results, fits = [], []
+        for alpha in grid:
+            fit = self._fit_alpha(float(alpha), train, val, seed)
+            fits.append(fit)
+            results.append({"alpha": float(alpha), "best_epoch": fit["epoch"], "epochs_run": len(fit["history"]),
+                            **fit["scores"]})
+        # best validation score; ties go to the stronger regularisation (larger alpha)
+        i = min(range(len(fits)), key=lambda j: (*fits[j]["key"], -results[j]["alpha"]))
+        self.estimator_ = fits[i]["model"]
+        self.best_epoch_ = int(fits[i]["epoch"])
+        self.best_params_ = {"alpha": results[i]["alpha"], "epochs": self.best_epoch_}
+        self.history_ = fits[i]["history"]
+        self.search_results_ = results
+        self.n_features_in_ = train.n_features
+        self.fit_seconds_ = time.perf_counter() - start
+        log.info("%s: %s (%d candidates) in %.2fs", type(self).__name__, self.best_params_, len(grid),
+                 self.fit_seconds_)
+
+
+class StreamingLogisticHead(ClassifierMixin, _StreamingLinearBase):
+    """L2 logistic regression (one-vs-rest SGD, ``loss="log_loss"``) fitted chunk by chunk.
+
+    Parameters
+    ----------
+    alphas : sequence of float or None
+        Candidate L2 strengths; None means ``(1e-5, 1e-4, 1e-3)``. Each candidate is
+        a full streamed fit; keep the grid small.
+    max_epochs : int
+        Passes over the training chunks per candidate.
+    patience : int
+        Stop a candidate after this many epochs without a better validation score.
+    average : bool
+        Averaged SGD (Polyak averaging of the weights).
+    learning_rate : str
+        SGD schedule (``"optimal"``, ``"invscaling"``, ``"adaptive"``, ``"constant"``).
+    eta0 : float
+        Initial step size for the non-``"optimal"`` schedules.
+    chunk_rows : int
+        Rows per chunk when an in-memory array is given (dask arrays keep their chunks).
+    validation_fraction : float
+        Stratified hold-out of the training rows when no ``X_val`` is given (held-out
+        rows are skipped chunk by chunk; no refit on the full training rows).
+    n_classes : int or None
+        Number of classes K; None infers ``max label + 1`` over train and val.
+    random_state : int or None
+        Seed of the chunk order, the row order within chunks, SGD and the hold-out.
+
+    Attributes
+    ----------
+    scaler_ : StandardScaler
+        Fitted with ``partial_fit`` in one pass over the training chunks.
+    pca_ : None
+    estimator_ : SGDClassifier
+        The chosen candidate at its best epoch.
+    classes_ : ndarray of shape (K,)
+    n_features_in_ : int
+    best_epoch_ : int
+    best_params_ : dict
+        ``{"alpha": float, "epochs": int}``.
+    history_ : list of dict
+        ``epoch``, ``val_accuracy``, ``val_log_loss`` per epoch of the chosen candidate.
+    search_results_ : list of dict
+        Per candidate: ``alpha``, ``best_epoch``, ``epochs_run`` and its best scores.
+    fit_seconds_ : float
+
+    Notes
+    -----
+    Early stopping and selection use the same order: highest validation accuracy,
+    then lowest validation log-loss (then the larger alpha). ``fit`` accepts numpy
+    or dask ``X``/``X_val`` and numpy ``y``/``y_val``; ``predict``/``predict_proba``
+    stream dask input too and return numpy.
+    """
+
+    _classification = True
+
+    def __init__(
+        self,
+        alphas: Sequence[float] | None = None,
+        max_epochs: int = 20,
+        patience: int = 3,
+        average: bool = True,
+        learning_rate: str = "optimal",
+        eta0: float = 0.01,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        validation_fraction: float = 0.2,
+        n_classes: int | None = None,
+        random_state: int | None = 0,
+    ) -> None:
+        self.alphas = alphas
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.average = average
+        self.learning_rate = learning_rate
+        self.eta0 = eta0
+        self.chunk_rows = chunk_rows
+        self.validation_fraction = validation_fraction
+        self.n_classes = n_classes
+        self.random_state = random_state
+
+    def _prepare_targets(self, train: RowChunks, val: RowChunks) -> None:
+        self.classes_ = resolve_classes(self.n_classes, train.y, val.y)
+
+    def _partial_fit(self, model: SGDClassifier, X: np.ndarray, y: np.ndarray) -> None:
+        model.partial_fit(X, y, classes=self.classes_)
+
+    def _score(self, model: SGDClassifier, val: RowChunks) -> dict[str, float]:
+        correct, loss, n = 0, 0.0, 0
+        for Xc, yc in val:
+            proba = model.predict_proba(self.scaler_.transform(Xc))
+            correct += int(np.sum(proba.argmax(axis=1) == yc))
+            loss += log_loss_score(yc, proba) * yc.size
+            n += yc.size
+        return {"val_accuracy": correct / n, "val_log_loss": loss / n}
+
+    @staticmethod
+    def _key(scores: dict[str, float]) -> tuple[float, ...]:
+        return (-scores["val_accuracy"], scores["val_log_loss"])
+
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> StreamingLogisticHead:
+        """Stream the training chunks; choose alpha and the epoch on the validation rows.
+
+        Parameters
+        ----------
+        X : ndarray or dask.array.Array of shape (n_train, D)
+        y : array-like of shape (n_train,)
+            Integer class indices 0..K-1.
+        X_val : ndarray or dask.array.Array of shape (n_val, D), optional
+        y_val : array-like of shape (n_val,), optional
+
+        Returns
+        -------
+        self
+        """
+        self._fit_streaming(X, y, X_val, y_val)
+        return self
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities (one-vs-rest, normalised), shape (n, K); X numpy or dask."""
+        check_is_fitted(self, "estimator_")
+        return stream_outputs(self, X, self.estimator_.predict_proba)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Most probable class index, shape (n,)."""
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
+
+
+class StreamingRidgeHead(RegressorMixin, _StreamingLinearBase):
+    """Ridge regression by SGD (squared error, L2) fitted chunk by chunk.
+
+    Parameters are those of :class:`StreamingLogisticHead` without ``n_classes``
+    (``learning_rate`` defaults to ``"invscaling"``); the target is standardised
+    with the training mean/std and the hold-out is a plain random one.
+
+    Attributes
+    ----------
+    scaler_, pca_, n_features_in_, best_epoch_, best_params_, search_results_, fit_seconds_
+        As in :class:`StreamingLogisticHead`.
+    estimator_ : SGDRegressor
+    history_ : list of dict
+        ``epoch``, ``val_rmse`` per epoch of the chosen candidate.
+    y_mean_, y_scale_ : float
+        Target standardisation, from the training rows.
+    """
+
+    def __init__(
+        self,
+        alphas: Sequence[float] | None = None,
+        max_epochs: int = 20,
+        patience: int = 3,
+        average: bool = True,
+        learning_rate: str = "invscaling",
+        eta0: float = 0.01,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        validation_fraction: float = 0.2,
+        random_state: int | None = 0,
+    ) -> None:
+        self.alphas = alphas
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.average = average
+        self.learning_rate = learning_rate
+        self.eta0 = eta0
+        self.chunk_rows = chunk_rows
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+
+    def _prepare_targets(self, train: RowChunks, val: RowChunks) -> None:
+        y = train.y if train.rows is None else train.y[train.rows]
+        self.y_mean_ = float(np.mean(y))
+        std = float(np.std(y))
+        self.y_scale_ = std if std > 0 else 1.0
+
+    def _partial_fit(self, model: SGDRegressor, X: np.ndarray, y: np.ndarray) -> None:
+        model.partial_fit(X, (y - self.y_mean_) / self.y_scale_)
+
+    def _predict_scaled(self, model: SGDRegressor, X: np.ndarray) -> np.ndarray:
+        return model.predict(X) * self.y_scale_ + self.y_mean_
+
+    def _score(self, model: SGDRegressor, val: RowChunks) -> dict[str, float]:
+        sse, n = 0.0, 0
+        for Xc, yc in val:
+            sse += float(np.sum((self._predict_scaled(model, self.scaler_.transform(Xc)) - yc) ** 2))
+            n += yc.size
+        return {"val_rmse": float(np.sqrt(sse / n))}
+
+    @staticmethod
+    def _key(scores: dict[str, float]) -> tuple[float, ...]:
+        return (scores["val_rmse"],)
+
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> StreamingRidgeHead:
+        """As :meth:`StreamingLogisticHead.fit` with real-valued ``y`` (selection: lowest RMSE)."""
+        self._fit_streaming(X, y, X_val, y_val)
+        return self
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Predicted targets, shape (n,), float64; X numpy or dask."""
+        check_is_fitted(self, "estimator_")
+        return stream_outputs(self, X, lambda Xt: self._predict_scaled(self.estimator_, Xt)).astype(np.float64)

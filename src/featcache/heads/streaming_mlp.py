@@ -1,0 +1,177 @@
+"""Streamed MLP heads: the MLP of :mod:`~featcache.heads.mlp` trained chunk by chunk.
+
+Each epoch visits the training row chunks (numpy slices or dask blocks, see
+:class:`~featcache.heads._data.RowChunks`) in a seeded random order, cuts each
+chunk into shuffled mini-batches and feeds them to the same training loop as the
+in-memory heads (:func:`~featcache.heads._training.train_epochs`); the scaler is
+fitted in one streaming pass and the validation loss is accumulated over streamed
+validation chunks. Only one chunk of features is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sklearn.utils.validation import check_is_fitted
+
+from ._base import check_int, resolve_classes
+from ._data import DEFAULT_CHUNK_ROWS, RowChunks, fit_scaler_streaming, stream_outputs, streaming_sources
+from ._training import _batches, _torch_threads, build_mlp, train_epochs
+from .mlp import MLPHead, MLPRegressorHead
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["StreamingMLPHead", "StreamingMLPRegressorHead"]
+
+
+class _StreamingMLPMixin:
+    """Streamed fitting/prediction for the MLP twins (training loop: :func:`~featcache.heads.mlp.train_epochs`)."""
+
+    _streaming = True
+
+    def _fit_streaming(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
+        import torch
+
+        start = time.perf_counter()
+        device = self._check_params()
+        check_int("chunk_rows", self.chunk_rows, 1)
+        train, val = streaming_sources(self, X, y, X_val, y_val)
+        n_out = self._prepare_targets(train, val)
+        self.scaler_, self.pca_ = fit_scaler_streaming(train), None
+        seed = 0 if self.random_state is None else int(self.random_state)
+        y_dtype = torch.long if self._classification else torch.float32
+        loss_fn = self._loss_fn()
+
+        def tensors(Xc: np.ndarray, yc: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            x = torch.as_tensor(self.scaler_.transform(Xc), dtype=torch.float32, device=device)
+            return x, torch.as_tensor(self._encode_target(yc), dtype=y_dtype, device=device)
+
+        with _torch_threads(self.n_threads), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            generator = torch.Generator().manual_seed(seed)
+            rng = np.random.default_rng(seed)
+            module = build_mlp(train.n_features, self.hidden_sizes, n_out, self.dropout).to(device)
+
+            def epoch_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                for Xc, yc in train.iter(rng.permutation(len(train))):
+                    x, t = tensors(Xc, yc)
+                    for rows in _batches(x.shape[0], self.batch_size, generator):
+                        if rows.numel() > 1:  # BatchNorm needs two rows
+                            rows = rows.to(device)
+                            yield x[rows], t[rows]
+
+            def validate(m: torch.nn.Module) -> tuple[float, float]:
+                outs, targets = zip(*((m(x), t) for x, t in (tensors(Xc, yc) for Xc, yc in val)))
+                return self._val_metrics(torch.cat(outs), torch.cat(targets), loss_fn)
+
+            history, best_epoch, best_loss = train_epochs(self, module, epoch_batches, validate)
+        self._set_trained(module, history, best_epoch, best_loss)
+        self.n_features_in_ = train.n_features
+        self.fit_seconds_ = time.perf_counter() - start
+
+    def _forward(self, X: Any) -> np.ndarray:
+        """Network outputs, streamed chunk by chunk (numpy or dask ``X``)."""
+        check_is_fitted(self, "module_")
+        return stream_outputs(self, X, self._forward_array)
+
+
+class StreamingMLPHead(_StreamingMLPMixin, MLPHead):
+    """:class:`~featcache.heads.mlp.MLPHead` trained on mini-batches streamed chunk by chunk.
+
+    Parameters are those of :class:`~featcache.heads.mlp.MLPHead` (without
+    ``pca_components``) plus ``chunk_rows`` (rows per chunk of an in-memory ``X``).
+    Each epoch visits the training chunks in a seeded random order and cuts each
+    chunk into shuffled mini-batches; the scaler is fitted in one streaming pass.
+    Attributes are those of :class:`~featcache.heads.mlp.MLPHead` (``pca_`` is None).
+    """
+
+    def __init__(
+        self,
+        hidden_sizes: Sequence[int] = (256,),
+        dropout: float = 0.2,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        batch_size: int = 256,
+        max_epochs: int = 50,
+        patience: int = 5,
+        validation_fraction: float = 0.2,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        n_classes: int | None = None,
+        random_state: int | None = 0,
+        n_threads: int = 2,
+        device: str = "cpu",
+    ) -> None:
+        self.hidden_sizes = hidden_sizes
+        self.dropout = dropout
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.chunk_rows = chunk_rows
+        self.n_classes = n_classes
+        self.random_state = random_state
+        self.n_threads = n_threads
+        self.device = device
+
+    def _prepare_targets(self, train: RowChunks, val: RowChunks) -> int:
+        self.classes_ = resolve_classes(self.n_classes, train.y, val.y)
+        return int(self.classes_.size)
+
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> StreamingMLPHead:
+        """As :meth:`MLPHead.fit`, with numpy or dask ``X``/``X_val``; returns self."""
+        self._fit_streaming(X, y, X_val, y_val)
+        return self
+
+
+class StreamingMLPRegressorHead(_StreamingMLPMixin, MLPRegressorHead):
+    """:class:`~featcache.heads.mlp.MLPRegressorHead` trained on streamed mini-batches.
+
+    Parameters as :class:`StreamingMLPHead` without ``n_classes``; attributes as
+    :class:`~featcache.heads.mlp.MLPRegressorHead`.
+    """
+
+    def __init__(
+        self,
+        hidden_sizes: Sequence[int] = (256,),
+        dropout: float = 0.2,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        batch_size: int = 256,
+        max_epochs: int = 50,
+        patience: int = 5,
+        validation_fraction: float = 0.2,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        random_state: int | None = 0,
+        n_threads: int = 2,
+        device: str = "cpu",
+    ) -> None:
+        self.hidden_sizes = hidden_sizes
+        self.dropout = dropout
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.validation_fraction = validation_fraction
+        self.chunk_rows = chunk_rows
+        self.random_state = random_state
+        self.n_threads = n_threads
+        self.device = device
+
+    def _prepare_targets(self, train: RowChunks, val: RowChunks) -> int:
+        y = train.y if train.rows is None else train.y[train.rows]
+        self.y_mean_ = float(np.mean(y))
+        std = float(np.std(y))
+        self.y_scale_ = std if std > 0 else 1.0
+        return 1
+
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> StreamingMLPRegressorHead:
+        """As :meth:`MLPRegressorHead.fit`, with numpy or dask ``X``/``X_val``; returns self."""
+        self._fit_streaming(X, y, X_val, y_val)
+        return self
