@@ -43,6 +43,7 @@ def dvc_project(tmp_path_factory: pytest.TempPathFactory, folder_factory, params
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], root)
     _run(["dvc", "init", "-q"], root)
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")  # the bar_ci template
     return root
 
 
@@ -53,6 +54,9 @@ def test_repro_runs_every_stage_then_nothing(dvc_project: Path):
     assert sum(name.startswith("train@") for name in stages) == 6
     table = (dvc_project / "reports" / "compare.md").read_text()
     assert table.count("| efficientnet_lite0 |") == 6
+    _run(["dvc", "plots", "show", "-o", "plots_html"], dvc_project)
+    html = (dvc_project / "plots_html" / "index.html").read_text()
+    assert "errorbar" in html and "ci_high" in html  # the comparison bar chart carries its CIs
     second = _run(["dvc", "repro"], dvc_project)
     assert _stages_run(second) == set()
     assert "up to date" in _run(["dvc", "status"], dvc_project)

@@ -106,3 +106,10 @@ def test_predict_scores_a_store_and_new_images(pipeline_run, tmp_path):
     assert rows[3]["prediction"] == "" and rows[3]["error"]
     out = write_predictions(rows, tmp_path / "preds.csv")
     assert out.read_text().splitlines()[0].startswith("id,prediction,p_blue,p_green,p_red")
+
+
+@pytest.mark.parametrize("head", ["sgd", "streaming_mlp"])
+def test_streaming_heads_train_out_of_core_from_the_store(pipeline_run, head, tmp_path):
+    metrics = train(pipeline_run["params"], pipeline_run["store"], "efficientnet_lite0", "pool", head,
+                    tmp_path / f"{head}.json")
+    assert metrics["head"] == head and metrics["accuracy"] >= 0.8

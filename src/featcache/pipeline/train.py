@@ -20,6 +20,9 @@ __all__ = ["train", "write_json", "write_predictions_csv"]
 
 logger = logging.getLogger(__name__)
 
+#: Heads that train from dask arrays over the HDF5 chunks instead of in-memory arrays.
+STREAMING_HEADS = ("sgd", "streaming_mlp")
+
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write a JSON file atomically (``.partial`` then rename): never half-written under its name."""
@@ -62,7 +65,9 @@ def train(params: Params, store_path: str | Path, backbone: str, layer: str, hea
     config = expected_config(params, backbone)
     with FeatureStore(store_path) as store:
         store.check_config(config)
-        X = {split: store.read(layer, split) for split in ("train", "val", "test")}
+        # Streaming heads read the store chunk by chunk (out of core); the others load the split.
+        read = store.to_dask if head in STREAMING_HEADS else store.read
+        X = {split: read(layer, split) for split in ("train", "val", "test")}
         y_of = store.labels if task == "classification" else store.targets
         y = {split: y_of(split) for split in ("train", "val", "test")}
         classes = list(store.classes)
