@@ -198,3 +198,18 @@ def test_bad_labels_and_feature_mismatch(clf_data):
     head = LogisticRegressionHead(Cs=[1.0], refine=False).fit(X, y)
     with pytest.raises(ValueError, match="X has 31 features, but LogisticRegressionHead is expecting 32 features"):
         head.predict(X[:, :31])
+
+
+def test_every_grid_point_is_really_fitted_even_after_a_warm_start():
+    """A warm start that already meets tol must not stand in for the larger C (0 lbfgs iterations)."""
+    from sklearn.datasets import make_classification
+
+    from featcache.heads import LogisticRegressionHead
+
+    # Wide, separable training rows (like CNN features of a small set): large C barely moves the optimum.
+    X, y = make_classification(n_samples=500, n_features=300, n_informative=30, n_classes=4, random_state=0)
+    Cs = [1.0, 10.0, 100.0, 1000.0, 10000.0]
+    head = LogisticRegressionHead(Cs=Cs, refine=False).fit(X[:300], y[:300], X[300:], y[300:])
+    assert all(row["n_iter"] > 0 for row in head.search_results_), head.search_results_
+    losses = [row["val_log_loss"] for row in head.search_results_]
+    assert len(set(np.round(losses, 10))) == len(Cs)

@@ -224,6 +224,12 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
         for C in values:
             model.set_params(C=float(C))
             converged = self._fit_quiet(model, X_fit, y_fit)
+            if int(np.max(model.n_iter_)) == 0:
+                # The warm start already met ``tol`` (lbfgs' gradient is scaled by 1/n), so this C was
+                # never fitted and would score like the previous one: fit it from scratch.
+                model = self._model(C, warm_start=False)
+                converged = self._fit_quiet(model, X_fit, y_fit)
+                model.set_params(warm_start=True)
             proba = expand_columns(model.predict_proba(X_sel), model.classes_, n_classes)
             rows.append({
                 "val_accuracy": float(np.mean(proba.argmax(axis=1) == y_sel)),
