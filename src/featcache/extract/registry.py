@@ -14,10 +14,11 @@ Caffe/DeCAF convention). A node given as a module name (``layer4``,
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
+
+from featcache.util.names import did_you_mean
 
 __all__ = [
     "LayerAlias",
@@ -237,10 +238,8 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 def _unknown(kind: str, value: str, allowed: Iterable[str], hint: str) -> UnknownNameError:
     allowed = list(allowed)
-    close = difflib.get_close_matches(value, allowed, n=1)
-    did_you_mean = f" Did you mean {close[0]!r}?" if close else ""
     return UnknownNameError(
-        f"Unknown {kind} {value!r}.{did_you_mean} Allowed: {', '.join(allowed)}. {hint}"
+        f"Unknown {kind} {value!r}.{did_you_mean(value, allowed)} Allowed: {', '.join(allowed)}. {hint}"
     )
 
 
