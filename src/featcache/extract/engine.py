@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 import featcache
+from featcache.errors import UserError
 from featcache.extract.data import ImageDataset, make_loader
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
@@ -32,7 +33,7 @@ __all__ = ["ExtractionError", "ExtractionReport", "FeatureRunner", "extract_to_s
 logger = logging.getLogger(__name__)
 
 
-class ExtractionError(RuntimeError):
+class ExtractionError(UserError, RuntimeError):
     """Extraction stopped (``on_error: fail`` on a bad image, or a runner error)."""
 
 

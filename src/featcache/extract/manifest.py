@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from featcache.errors import UserError
 from featcache.store.schema import SPLIT_CODES, SPLITS
 
 __all__ = ["Manifest", "ManifestError", "assign_splits", "classes_path", "TASKS"]
@@ -29,7 +30,7 @@ __all__ = ["Manifest", "ManifestError", "assign_splits", "classes_path", "TASKS"
 TASKS = ("classification", "regression")
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """The inputs cannot form a valid manifest (bad labels, paths, splits)."""
 
 

@@ -26,6 +26,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from featcache.errors import UserError
 from featcache.extract.registry import BackboneSpec, get_backbone
 
 __all__ = ["LoadedBackbone", "WeightsNotFoundError", "load_backbone", "remap_efficientnet_lite", "file_sha256"]
@@ -40,7 +41,7 @@ _LITE_STAGE_DEPTHS = {
 }
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(UserError, FileNotFoundError):
     """Pretrained weights are not available on this machine."""
 
 
