@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 import featcache
+from featcache.errors import UserError
 from featcache.extract.data import ImageDataset, make_loader
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 ON_ERROR = ("skip", "fail")
 
 
-class ExtractionError(RuntimeError):
+class ExtractionError(UserError, RuntimeError):
     """Extraction stopped (``on_error: fail`` on a bad image, or a runner error)."""
 
 

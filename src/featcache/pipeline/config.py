@@ -15,6 +15,7 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from featcache.errors import UserError
 from featcache.extract.preprocess import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
 from featcache.extract.registry import UnknownNameError, get_backbone, list_backbones, resolve_layer
 from featcache.store.schema import FEATURE_DTYPES, POOLINGS, TASKS
@@ -25,7 +26,7 @@ __all__ = ["Params", "FinetuneParams", "FinetuneSettings", "FINETUNE_MODES", "Da
            "ConfigError", "load_params", "parse_params", "extraction_config"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """``params.yaml`` is invalid; the message names the key, value and allowed values."""
 
 
