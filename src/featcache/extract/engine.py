@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 import featcache
+from featcache.errors import UserError
 from featcache.extract.data import ImageDataset, make_loader
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
@@ -27,12 +28,16 @@ from featcache.store.reader import FeatureStore
 from featcache.store.schema import canonical_json, sha256_text
 from featcache.store.writer import LayerSpec, StoreWriter
 
-__all__ = ["ExtractionError", "ExtractionReport", "FeatureRunner", "extract_to_store", "resolve_device"]
+__all__ = ["BlockSink", "ExtractionError", "ExtractionReport", "FeatureRunner", "ON_ERROR", "build_report",
+           "build_root_attrs", "check_on_error", "extract_to_store", "resolve_device", "run_blocks"]
 
 logger = logging.getLogger(__name__)
 
+#: ``on_error`` values: ``skip`` reports bad images and goes on, ``fail`` stops at the first.
+ON_ERROR = ("skip", "fail")
 
-class ExtractionError(RuntimeError):
+
+class ExtractionError(UserError, RuntimeError):
     """Extraction stopped (``on_error: fail`` on a bad image, or a runner error)."""
 
 
@@ -109,11 +114,55 @@ def extract_to_store(
     -------
     ExtractionReport
     """
-    if on_error not in ("skip", "fail"):
-        raise ValueError(f"on_error {on_error!r} is not one of 'skip', 'fail'.")
+    check_on_error(on_error)
     started = time.perf_counter()
+    root_attrs = build_root_attrs(manifest, config, attrs)
+    layer_specs = runner.layer_specs(preprocess.input_size)
+    with StoreWriter(out, ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
+                     labels=manifest.labels, targets=manifest.targets, layers=layer_specs, attrs=root_attrs,
+                     dtype=dtype, block_rows=block_rows, lock_timeout=lock_timeout) as writer:
+        pending = writer.pending_blocks()
+        n_resumed = writer.n_blocks - len(pending)
+        if n_resumed:
+            logger.info("Resuming %s: %d of %d blocks already committed", out, n_resumed, writer.n_blocks)
+        run_blocks(manifest, runner, writer, pending, preprocess=preprocess, layer_specs=layer_specs,
+                   batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, on_error=on_error,
+                   progress=progress, label=Path(out).name)
+        path = writer.finalize()
+    n_extracted = sum(len(writer.block_range(block)) for block in pending)
+    return build_report(path, manifest, n_extracted=n_extracted, n_resumed_blocks=n_resumed,
+                        seconds=time.perf_counter() - started)
+
+
+def check_on_error(on_error: str) -> None:
+    """Raise ValueError unless ``on_error`` is ``"skip"`` or ``"fail"``."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error {on_error!r} is not one of {ON_ERROR}. Hint: 'skip' reports bad images and "
+                         "goes on, 'fail' stops at the first one.")
+
+
+def build_root_attrs(manifest: Manifest, config: Mapping[str, Any],
+                     attrs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Root attributes of a store extracted from ``manifest`` with ``config``.
+
+    Parameters
+    ----------
+    manifest : Manifest
+        The N rows (its sha256 is stored).
+    config : mapping
+        Every extraction-relevant param; stored as canonical JSON with its sha256.
+    attrs : mapping, optional
+        Extra root attributes (backbone, weights_id, backend, provider, ...);
+        they win over the computed ones.
+
+    Returns
+    -------
+    dict
+        ``config``, ``config_sha256``, ``manifest_sha256``, ``featcache_version``,
+        ``torch_version``, ``python_version`` and ``attrs``.
+    """
     config_json = canonical_json(config)
-    root_attrs = {
+    return {
         "config": config_json,
         "config_sha256": sha256_text(config_json),
         "manifest_sha256": manifest.sha256(),
@@ -122,44 +171,102 @@ def extract_to_store(
         "python_version": platform.python_version(),
         **dict(attrs or {}),
     }
-    layer_specs = runner.layer_specs(preprocess.input_size)
-    dataset = ImageDataset(manifest, preprocess)
-    with StoreWriter(out, ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
-                     labels=manifest.labels, targets=manifest.targets, layers=layer_specs, attrs=root_attrs,
-                     dtype=dtype, block_rows=block_rows, lock_timeout=lock_timeout) as writer:
-        pending = writer.pending_blocks()
-        n_resumed = writer.n_blocks - len(pending)
-        if n_resumed:
-            logger.info("Resuming %s: %d of %d blocks already committed", out, n_resumed, writer.n_blocks)
-        rows = [row for block in pending for row in writer.block_range(block)]
-        errors = _run_blocks(manifest, runner, dataset, writer, layer_specs, pending, rows, batch_size,
-                             num_workers, pin_memory, on_error, progress)
-        path = writer.finalize()
-    # Count from the store: bad images of blocks committed by an earlier (resumed) run are not in `errors`.
+
+
+def build_report(path: str | Path, manifest: Manifest, *, n_extracted: int, n_resumed_blocks: int,
+                 seconds: float, note: str = "") -> ExtractionReport:
+    """The report of a finished store, its skipped rows counted from the store itself.
+
+    Bad images of blocks committed by an earlier (resumed) run are in the
+    store but not in this run's errors, so they are read back from ``path``.
+
+    Parameters
+    ----------
+    path : path
+        The finalized store.
+    manifest : Manifest
+        Its N input rows.
+    n_extracted : int
+        Rows this run sent through the backbone (for img/s).
+    n_resumed_blocks : int
+        Blocks an earlier run had committed.
+    seconds : float
+        Wall time of this run.
+    note : str
+        Appended to the log line (e.g. ``"12 tasks on dask"``).
+    """
     with FeatureStore(path) as store:
         errors = store.errors()
-    seconds = time.perf_counter() - started
     n_skipped = len(errors)
     report = ExtractionReport(path=Path(path), n_input=len(manifest), n_written=len(manifest) - n_skipped,
-                              n_skipped=n_skipped, n_resumed_blocks=n_resumed, seconds=seconds,
-                              images_per_second=len(rows) / seconds if seconds > 0 else 0.0, errors=errors)
-    logger.info("Wrote %s: %d rows, %d skipped, %.1f img/s", path, report.n_written, n_skipped,
-                report.images_per_second)
+                              n_skipped=n_skipped, n_resumed_blocks=n_resumed_blocks, seconds=seconds,
+                              images_per_second=n_extracted / seconds if seconds > 0 else 0.0, errors=errors)
+    logger.info("Wrote %s: %d rows, %d skipped%s, %.1f img/s", path, report.n_written, n_skipped,
+                f", {note}" if note else "", report.images_per_second)
     return report
 
 
-def _run_blocks(manifest: Manifest, runner: FeatureRunner, dataset: ImageDataset, writer: StoreWriter,
-                layer_specs: Sequence[LayerSpec], pending: Sequence[int], rows: Sequence[int], batch_size: int, num_workers: int | None,
-                pin_memory: bool, on_error: str, progress: bool) -> list[tuple[str, str]]:
-    """Stream rows through the runner and commit each block as soon as it is complete."""
+class BlockSink(Protocol):
+    """Where :func:`run_blocks` commits finished blocks: a ``StoreWriter`` or its ``BlockCommitter``."""
+
+    def block_range(self, block: int) -> range: ...
+
+    def commit_block(self, block: int, kept_rows: np.ndarray, features: Mapping[str, np.ndarray],
+                     errors: Sequence[tuple[str, str]] = ()) -> Any: ...
+
+
+def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, blocks: Sequence[int], *,
+               preprocess: Preprocessor, layer_specs: Sequence[LayerSpec], batch_size: int = 64,
+               num_workers: int | None = None, pin_memory: bool = False, on_error: str = "skip",
+               progress: bool = False, label: str = "", dataset: ImageDataset | None = None
+               ) -> list[tuple[str, str]]:
+    """Extract the rows of ``blocks`` and commit each block to ``sink`` as soon as it is complete.
+
+    The loop shared by :func:`extract_to_store` and the dask workers of
+    :mod:`featcache.extract.distributed`: rows of the blocks, concatenated in
+    order, go through the runner in batches of ``batch_size``.
+
+    Parameters
+    ----------
+    manifest : Manifest
+        All N rows (ids for the error table).
+    runner : FeatureRunner
+        Batch -> ``{layer: (B, D)}``.
+    sink : BlockSink
+        ``StoreWriter`` (one process) or ``BlockCommitter`` (a worker).
+    blocks : sequence of int
+        Block indices to extract, ascending.
+    preprocess : Preprocessor
+        Image -> input tensor.
+    layer_specs : sequence of LayerSpec
+        The runner's layers, in store order.
+    batch_size, num_workers, pin_memory
+        DataLoader settings (``num_workers=None``: :func:`default_num_workers`).
+    on_error : {"skip", "fail"}
+        ``fail`` raises :class:`ExtractionError` at the first bad image.
+    progress : bool
+        Show a progress bar labelled ``label``.
+    dataset : ImageDataset, optional
+        Reuse this dataset of the manifest (default: a new one).
+
+    Returns
+    -------
+    list of (id, reason)
+        The bad images of this run, in row order.
+    """
+    check_on_error(on_error)
+    rows = [row for block in blocks for row in sink.block_range(block)]
     all_errors: list[tuple[str, str]] = []
     if not rows:
         return all_errors
+    dataset = dataset if dataset is not None else ImageDataset(manifest, preprocess)
+    writer = sink
+    pending = list(blocks)
     block_of = {row: block for block in pending for row in writer.block_range(block)}
     buffers: dict[int, dict[str, Any]] = {}
     remaining = {block: len(writer.block_range(block)) for block in pending}
     loader = make_loader(dataset, rows, batch_size, num_workers, pin_memory=pin_memory)
-    bar = tqdm(total=len(rows), desc=f"extract {Path(writer.path).name}", unit="img", disable=not progress)
+    bar = tqdm(total=len(rows), desc=f"extract {label}", unit="img", disable=not progress)
     try:
         for batch_rows, images, reasons in loader:
             good = [i for i, reason in enumerate(reasons) if not reason]
@@ -194,7 +301,7 @@ def _run_blocks(manifest: Manifest, runner: FeatureRunner, dataset: ImageDataset
     return all_errors
 
 
-def _commit(writer: StoreWriter, block: int, buffer: dict[str, Any], layer_specs: Sequence[LayerSpec]) -> None:
+def _commit(writer: BlockSink, block: int, buffer: dict[str, Any], layer_specs: Sequence[LayerSpec]) -> None:
     kept = np.asarray(buffer["rows"], dtype=np.int64)
     order = np.argsort(kept, kind="stable")
     features = {

@@ -14,10 +14,12 @@ Caffe/DeCAF convention). A node given as a module name (``layer4``,
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
+
+from featcache.errors import UserError
+from featcache.util.names import did_you_mean
 
 __all__ = [
     "LayerAlias",
@@ -34,7 +36,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class UnknownNameError(ValueError):
+class UnknownNameError(UserError, ValueError):
     """A backbone or layer name that the registry does not know."""
 
 
@@ -237,10 +239,8 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 def _unknown(kind: str, value: str, allowed: Iterable[str], hint: str) -> UnknownNameError:
     allowed = list(allowed)
-    close = difflib.get_close_matches(value, allowed, n=1)
-    did_you_mean = f" Did you mean {close[0]!r}?" if close else ""
     return UnknownNameError(
-        f"Unknown {kind} {value!r}.{did_you_mean} Allowed: {', '.join(allowed)}. {hint}"
+        f"Unknown {kind} {value!r}.{did_you_mean(value, allowed)} Allowed: {', '.join(allowed)}. {hint}"
     )
 
 

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from featcache.store.schema import TASKS
+
 from ._base import check_int, resolve_classes
 from ._data import DEFAULT_CHUNK_ROWS, RowChunks, _check_targets, as_labels, is_dask_array
 from .boosting import LightGBMHead, LightGBMRegressorHead
@@ -37,8 +39,6 @@ from .boosting import LightGBMHead, LightGBMRegressorHead
 __all__ = ["fit_lightgbm_dask", "validation_curve"]
 
 log = logging.getLogger(__name__)
-
-_TASKS = ("classification", "regression")
 
 
 def _as_dask(X: Any, name: str) -> Any:
@@ -144,8 +144,8 @@ def fit_lightgbm_dask(
     import dask.array as da
 
     start = time.perf_counter()
-    if task not in _TASKS:
-        raise ValueError(f"task={task!r} is invalid; allowed: {', '.join(_TASKS)}.")
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is invalid; allowed: {', '.join(TASKS)}.")
     cls = LightGBMHead if task == "classification" else LightGBMRegressorHead
     head = cls(**params)  # unknown parameters raise TypeError naming them
     if head.pca_components is not None:

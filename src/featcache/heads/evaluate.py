@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, is_classifier
 
+from featcache.store.schema import TASKS
+
 from ._base import jsonable
 from ._data import as_labels, materialise
-from .metrics import TASKS, metrics_with_ci
+from .metrics import metrics_with_ci
 
 __all__ = ["RunResult", "fit_and_evaluate"]
 

@@ -20,6 +20,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
+from featcache.util.compute import torch_threads
+
 from ._base import (
     Split,
     check_features,
@@ -30,7 +32,7 @@ from ._base import (
     resolve_classes,
 )
 from ._data import apply_preprocess, check_pca_components, fit_preprocess
-from ._training import _batches, _torch_threads, build_mlp, predict_batches, train_epochs
+from ._training import _batches, build_mlp, predict_batches, train_epochs
 
 if TYPE_CHECKING:
     import torch
@@ -100,7 +102,7 @@ class _MLPBase(BaseEstimator):
         t_fit, t_sel = tensor(y_fit, y_dtype), tensor(y_sel, y_dtype)
         loss_fn = self._loss_fn()
 
-        with _torch_threads(self.n_threads), torch.random.fork_rng(devices=[]):
+        with torch_threads(self.n_threads), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             generator = torch.Generator().manual_seed(seed)
             module = build_mlp(X_fit.shape[1], self.hidden_sizes, n_out, self.dropout).to(device)

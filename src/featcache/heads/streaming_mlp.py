@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
+from featcache.util.compute import torch_threads
+
 from ._base import check_int, resolve_classes
 from ._data import DEFAULT_CHUNK_ROWS, RowChunks, fit_scaler_streaming, stream_outputs, streaming_sources
-from ._training import _batches, _torch_threads, build_mlp, train_epochs
+from ._training import _batches, build_mlp, train_epochs
 from .mlp import MLPHead, MLPRegressorHead
 
 if TYPE_CHECKING:
@@ -50,7 +52,7 @@ class _StreamingMLPMixin:
             x = torch.as_tensor(self.scaler_.transform(Xc), dtype=torch.float32, device=device)
             return x, torch.as_tensor(self._encode_target(yc), dtype=y_dtype, device=device)
 
-        with _torch_threads(self.n_threads), torch.random.fork_rng(devices=[]):
+        with torch_threads(self.n_threads), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             generator = torch.Generator().manual_seed(seed)
             rng = np.random.default_rng(seed)

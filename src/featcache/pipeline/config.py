@@ -9,22 +9,24 @@ stages call :func:`load_params` and pass plain values on.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from featcache.extract.preprocess import DEFAULT_MAX_IMAGE_PIXELS
+from featcache.errors import UserError
+from featcache.extract.preprocess import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
 from featcache.extract.registry import UnknownNameError, get_backbone, list_backbones, resolve_layer
-from featcache.store.schema import FEATURE_DTYPES, POOLINGS
+from featcache.store.schema import FEATURE_DTYPES, POOLINGS, TASKS
+from featcache.util.compute import DEVICES
+from featcache.util.names import closest, did_you_mean
 
 __all__ = ["Params", "FinetuneParams", "FinetuneSettings", "FINETUNE_MODES", "DataParams", "ExtractParams", "BackboneParams", "FeatureRef", "TrainParams",
            "ConfigError", "load_params", "parse_params", "extraction_config"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """``params.yaml`` is invalid; the message names the key, value and allowed values."""
 
 
@@ -55,7 +57,7 @@ class DataParams(_Strict):
     source: Literal["folder", "csv"] = "folder"
     path: str = "data/digits"
     csv: str = "labels.csv"
-    task: Literal["classification", "regression"] = "classification"
+    task: Literal[TASKS] = "classification"  # type: ignore[valid-type]
     split: SplitRatios = SplitRatios()
     seed: int = 0
     #: Explicit class list; its order defines the label indices. Labels outside it, and listed classes
@@ -86,12 +88,12 @@ class ExtractParams(_Strict):
     """How features are extracted (shared by every backbone)."""
 
     backend: Literal["torch", "onnx"] = "torch"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal[DEVICES] = "auto"  # type: ignore[valid-type]
     batch_size: int = Field(64, ge=1, le=4096)
     num_workers: int | Literal["auto"] = "auto"
     dtype: Literal[FEATURE_DTYPES] = "float16"  # type: ignore[valid-type]
     pooling: Literal[POOLINGS] = "avg"  # type: ignore[valid-type]
-    resize_mode: Literal["crop", "squash"] = "crop"
+    resize_mode: Literal[RESIZE_MODES] = "crop"  # type: ignore[valid-type]
     channels_last: bool = True
     autocast: Literal["none", "bf16", "fp16"] = "none"
     on_error: Literal["skip", "fail"] = "skip"
@@ -136,10 +138,20 @@ class FeatureRef(_Strict):
 class TrainParams(_Strict):
     """Which heads run and how they are scored."""
 
-    heads: list[Literal["logreg", "lightgbm", "mlp", "sgd", "streaming_mlp"]] = Field(
-        default_factory=lambda: ["logreg", "lightgbm", "mlp"], min_length=1)
+    heads: list[str] = Field(default_factory=lambda: ["logreg", "lightgbm", "mlp"], min_length=1)
     n_boot: int = Field(1000, ge=0)
     seed: int = 0
+
+    @field_validator("heads")
+    @classmethod
+    def _known_heads(cls, value: list[str]) -> list[str]:
+        from featcache.heads.registry import head_names  # the one table of head names
+
+        allowed = head_names()
+        for name in value:
+            if name not in allowed:
+                raise ValueError(f"unknown head {name!r}; allowed: {', '.join(allowed)}.{did_you_mean(name, allowed)}")
+        return value
 
 
 #: Fine-tuning recipes (``featcache.heads.finetune.MODES``).
@@ -225,8 +237,8 @@ class FinetuneParams(_Strict):
             problems = []
             for item in error.errors():
                 key = ".".join(str(part) for part in item["loc"])
-                close = difflib.get_close_matches(key, list(FinetuneSettings.model_fields), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if item["type"] == "extra_forbidden" and close else ""
+                close = closest(key, FinetuneSettings.model_fields)
+                hint = f" (did you mean {close!r}?)" if item["type"] == "extra_forbidden" and close else ""
                 problems.append(f"{key}: {item['msg']}{hint} (got {item.get('input')!r})")
             raise ValueError(f"modes.{mode}: " + "; ".join(problems)) from None
 
@@ -281,8 +293,7 @@ def _format_validation_error(error: ValidationError, raw: Mapping[str, Any]) -> 
             parent = item["loc"][:-1]
             model = _model_at(parent)
             allowed = list(model.model_fields) if model is not None else []
-            close = difflib.get_close_matches(str(item["loc"][-1]), allowed, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(item["loc"][-1], allowed)
             lines.append(f"- unknown key {key!r}.{hint} Allowed keys here: {', '.join(allowed)}")
         else:
             message = item["msg"].removeprefix("Value error, ")
