@@ -91,9 +91,12 @@ def _device_batch(paths, preprocess, batch_size=64, num_workers=0, rows=None):
 
 
 def _cpu_reference(paths, preprocess) -> tuple[torch.Tensor, list[str]]:
+    """The CPU path's normalised inputs (float64) and reasons (ImageDataset hands over uint8 or normalised)."""
     dataset = ImageDataset(paths, preprocess)
     items = [dataset[i] for i in range(len(paths))]
-    return torch.stack([item[1] for item in items]).to(torch.float64), [item[2] for item in items]
+    pixels = torch.stack([item[1] for item in items])
+    inputs = _normalise(pixels, preprocess) if pixels.dtype == torch.uint8 else pixels.to(torch.float64)
+    return inputs, [item[2] for item in items]
 
 
 def test_routing_sends_plain_jpegs_to_the_device(image_dir):

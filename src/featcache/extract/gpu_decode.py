@@ -37,13 +37,14 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from featcache.errors import UserError
 from featcache.extract.data import ImageDataset, default_num_workers
 from featcache.extract.image_probe import device_route, draft_scale, probe_header, resize_geometry
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
 
-__all__ = ["DeviceDecoder", "select_decoder", "gpu_decode_status", "orient", "resize_crop",
-           "DeviceDecodeDataset", "decode_items", "iter_device_batches"]
+__all__ = ["DeviceDecodeError", "DeviceDecoder", "select_decoder", "gpu_decode_status", "orient", "resize_crop",
+           "DeviceDecodeDataset", "pack_items", "decode_items", "iter_device_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,10 @@ _MAX_RESIZE_PIXELS = 64 * 2**20
 _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest-exact"}
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
+
+
+class DeviceDecodeError(UserError, RuntimeError):
+    """No batched JPEG decoder works on the requested device (the message says why and the fix)."""
 
 
 @dataclass(frozen=True)
@@ -125,13 +130,13 @@ def select_decoder(device: str) -> DeviceDecoder:
 
     Raises
     ------
-    RuntimeError
+    DeviceDecodeError
         When no decoder works on ``device``; the message says why and how to fix it.
     """
     device = str(torch.device(device))
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"GPU decode on {device!r} needs a CUDA device, and torch sees none "
-                           f"(torch {torch.__version__}). Hint: set extract.decode: cpu, or install a CUDA build of torch.")
+        raise DeviceDecodeError(f"GPU decode on {device!r} needs a CUDA device, and torch {torch.__version__} "
+                                "sees none. Hint: set extract.decode: cpu, or install a CUDA build of torch.")
     failures = []
     for name, build in (("torchcodec", _torchcodec), ("torchvision", _torchvision)):
         try:
@@ -143,15 +148,16 @@ def select_decoder(device: str) -> DeviceDecoder:
         if shape in ((3, 2, 3), (3, 3, 2)):
             return DeviceDecoder(name, device, decode, applies_exif=shape == (3, 3, 2))
         failures.append(f"{name}: decoded a 3x2 test JPEG to shape {shape}")
-    raise RuntimeError(f"No JPEG decoder works on {device!r} ({'; '.join(failures)}). Hint: install torchcodec "
-                       f"(pip install torchcodec) or a torchvision built with image support, or set extract.decode: cpu.")
+    raise DeviceDecodeError(f"No JPEG decoder works on {device!r} ({'; '.join(failures)}). Hint: install "
+                            "torchcodec (pip install torchcodec) or a torchvision built with image support, or set "
+                            "extract.decode: cpu.")
 
 
 def gpu_decode_status(device: str = "cuda") -> tuple[bool, str]:
     """Whether batched device JPEG decoding works on ``device``, and what runs or why not (for ``doctor``)."""
     try:
         decoder = select_decoder(device)
-    except RuntimeError as error:
+    except DeviceDecodeError as error:
         return False, str(error)
     text = f"{decoder.name}.decode_jpeg, batched on {decoder.device}"
     if decoder.name != "torchcodec":
@@ -217,7 +223,7 @@ class _Item(NamedTuple):
     """One row from a worker: JPEG bytes for the device, or the CPU path's uint8 crop or reason."""
 
     row: int
-    data: torch.Tensor | None  # 1-D uint8 file bytes (device path)
+    data: bytes | torch.Tensor | None  # the file's bytes (device path); a 1-D uint8 view once packed
     size: tuple[int, int]  # stored (height, width) from the header (device path)
     orientation: int
     crop: torch.Tensor | None  # uint8 (3, S, S) (CPU path, good file)
@@ -261,8 +267,28 @@ class DeviceDecodeDataset(ImageDataset):
             logger.debug("row %d goes to the CPU path: %s", row, route)
             return self.cpu_item(row)
         assert header is not None
-        return _Item(row, torch.frombuffer(bytearray(data), dtype=torch.uint8), (header.height, header.width),
-                     header.orientation, None, "")
+        return _Item(row, data, (header.height, header.width), header.orientation, None, "")
+
+
+def pack_items(items: Sequence[_Item]) -> list[_Item]:
+    """Put a batch's file bytes in one uint8 tensor and its CPU crops in another, as views.
+
+    Runs as the DataLoader's collate function in the workers: a batch then
+    crosses to the main process as two shared-memory segments instead of one
+    per image. Idempotent.
+    """
+    items = list(items)
+    raw = [i for i, item in enumerate(items) if isinstance(item.data, bytes)]
+    if raw:
+        chunks: list[bytes] = [items[i].data for i in raw]  # type: ignore[misc]
+        flat = torch.frombuffer(bytearray(b"").join(chunks), dtype=torch.uint8)
+        for i, view in zip(raw, torch.split(flat, [len(chunk) for chunk in chunks])):
+            items[i] = items[i]._replace(data=view)
+    crops = [i for i, item in enumerate(items) if item.crop is not None]
+    if len(crops) > 1:
+        for i, view in zip(crops, torch.stack([items[i].crop for i in crops]).unbind()):  # type: ignore[misc]
+            items[i] = items[i]._replace(crop=view)
+    return items
 
 
 def _decode_each(decoder: DeviceDecoder, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -315,7 +341,7 @@ def decode_items(items: Sequence[_Item], dataset: DeviceDecodeDataset, decoder: 
         ``""`` for good rows, the CPU path's reason for bad ones.
     """
     preprocess, device = dataset.preprocess, decoder.device
-    items = list(items)
+    items = pack_items(items)
     size = preprocess.input_size
     images = torch.zeros((len(items), 3, size, size), dtype=torch.uint8, device=device)
     on_device = [i for i, item in enumerate(items) if item.data is not None]
@@ -340,10 +366,6 @@ def decode_items(items: Sequence[_Item], dataset: DeviceDecodeDataset, decoder: 
         images[torch.tensor(cpu_good, device=device)] = crops
     rows = torch.tensor([item.row for item in items], dtype=torch.int64)
     return rows, images, [item.reason for item in items]
-
-
-def _keep(items: list[_Item]) -> list[_Item]:
-    return items
 
 
 def iter_device_batches(paths: Manifest | Sequence[str | os.PathLike], rows: Sequence[int], *,
@@ -378,7 +400,7 @@ def iter_device_batches(paths: Manifest | Sequence[str | os.PathLike], rows: Seq
 
     Raises
     ------
-    RuntimeError
+    DeviceDecodeError
         When no JPEG decoder works on ``device`` (see :func:`gpu_decode_status`).
     """
     if batch_size < 1:
@@ -388,7 +410,7 @@ def iter_device_batches(paths: Manifest | Sequence[str | os.PathLike], rows: Seq
     rows = [int(row) for row in rows]
     batches = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
     workers = default_num_workers() if num_workers is None else int(num_workers)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_keep,
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=pack_items,
                         prefetch_factor=prefetch_factor if workers > 0 else None)
     for items in loader:
         yield decode_items(items, dataset, decoder)
