@@ -11,20 +11,37 @@ it is stored in the feature file.
 The decompression-bomb limit (``Preprocessor.max_image_pixels``, from
 ``extract.max_image_pixels``) is applied here, in the worker that decodes,
 from the image header, before any pixel is decoded.
+
+Only *decode* errors become bad-image reasons: opening, reading or decoding
+the file and the header size limit (:data:`DECODE_ERRORS`). Anything else,
+an exception in preprocessing, a ``MemoryError`` or an unexpected exception
+type from the decoder, is a bug and propagates (with a note naming the file),
+so it can never pass for a bad image.
 """
 
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featcache.extract.manifest import Manifest
+from PIL import Image
+
 from featcache.extract.preprocess import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, Preprocessor, load_rgb
 
-__all__ = ["ImageDataset", "make_loader", "default_num_workers", "describe_error"]
+__all__ = ["DECODE_ERRORS", "ImageDataset", "make_loader", "default_num_workers", "describe_error"]
+
+#: What opening, reading or decoding a broken file raises (Pillow, tifffile, the OS), and the
+#: decompression-bomb limit; only these become bad-image reasons. ``MemoryError`` is not one of them.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
+    Image.DecompressionBombError, Image.DecompressionBombWarning,
+)
 
 
 def describe_error(path: str, error: BaseException) -> str:
@@ -95,13 +112,27 @@ class ImageDataset(Dataset):
     def __getitem__(self, row: int) -> tuple[int, torch.Tensor, str]:
         path = self.paths[row]
         try:
-            tensor = self.preprocess(load_rgb(path, self.preprocess.background, self.max_image_pixels,
-                                              draft_size=self.preprocess.resize_size))
-            return row, tensor, ""
-        except Exception as error:  # noqa: BLE001 - every decode failure is reported, not raised
+            image = load_rgb(path, self.preprocess.background, self.max_image_pixels,
+                             draft_size=self.preprocess.resize_size)
+        except DECODE_ERRORS as error:
             size = self.preprocess.input_size
             # The reason is stored in the feature file: no machine-specific absolute path in it.
             return row, torch.zeros(3, size, size), describe_error(path, error)
+        except BaseException as error:
+            _note(error, f"while decoding image {path} (row {row}); this is not a bad-image error")
+            raise
+        try:
+            return row, self.preprocess(image), ""
+        except BaseException as error:
+            _note(error, f"while preprocessing image {path} (row {row}), which decoded fine")
+            raise
+
+
+def _note(error: BaseException, note: str) -> None:
+    """Attach ``note`` to a propagating exception (Python >= 3.11; nothing before)."""
+    add_note = getattr(error, "add_note", None)
+    if add_note is not None:
+        add_note(note)
 
 
 def _collate(items: list[tuple[int, torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
