@@ -461,7 +461,7 @@ def test_a_preprocessing_bug_propagates_and_is_not_a_bad_image(runner, tmp_path,
     def broken(self, image):  # a bug in preprocessing, after a good decode
         raise ZeroDivisionError("bug in the resize rule")
 
-    monkeypatch.setattr(Preprocessor, "__call__", broken)
+    monkeypatch.setattr(Preprocessor, "pixels", broken)
     with pytest.raises(ZeroDivisionError, match="resize rule"):
         ImageDataset(manifest, PRE)[0]
     out = tmp_path / "store.h5"

@@ -1,7 +1,9 @@
 """Data loading: decode and preprocess images in DataLoader workers.
 
-A bad image never crashes a worker: its row comes back with an error string
-(and a zero tensor), so the extractor can report it by id and skip or fail as
+Workers hand over uint8 pixels (:meth:`Preprocessor.pixels`, a quarter of
+float32's bytes); the engine normalises them on the runner's device
+(:meth:`Preprocessor.normalize_batch`). A bad image never crashes a worker:
+its row comes back with an error string (and zero pixels), so the extractor can report it by id and skip or fail as
 configured. The reason starts with a plain category (``missing file``,
 ``empty file``, ``not an image``, ``truncated or corrupt image``, ``image too
 large``, ``unreadable file``, ``cannot decode``) followed by the decoder's own
@@ -84,14 +86,18 @@ def describe_error(path: str, error: BaseException) -> str:
 
 
 class ImageDataset(Dataset):
-    """Rows of a manifest as ``(row, tensor, error)`` triples.
+    """Rows of a manifest as ``(row, pixels, error)`` triples.
+
+    ``pixels`` is the uint8 (3, S, S) crop of :meth:`Preprocessor.pixels`
+    (zeros for a bad image, whose ``error`` is non-empty); normalise batches
+    with :meth:`Preprocessor.normalize_batch`.
 
     Parameters
     ----------
     source : Manifest or sequence of paths
         Images to read; the dataset index is the manifest row (or list position).
     preprocess : Preprocessor
-        PIL RGB image -> (3, S, S) tensor.
+        Its ``pixels`` maps a PIL RGB image to the (3, S, S) uint8 crop.
     """
 
     def __init__(self, source: Manifest | Sequence[str | os.PathLike], preprocess: Preprocessor) -> None:
@@ -117,12 +123,12 @@ class ImageDataset(Dataset):
         except DECODE_ERRORS as error:
             size = self.preprocess.input_size
             # The reason is stored in the feature file: no machine-specific absolute path in it.
-            return row, torch.zeros(3, size, size), describe_error(path, error)
+            return row, torch.zeros(3, size, size, dtype=torch.uint8), describe_error(path, error)
         except BaseException as error:
             _note(error, f"while decoding image {path} (row {row}); this is not a bad-image error")
             raise
         try:
-            return row, self.preprocess(image), ""
+            return row, self.preprocess.pixels(image), ""
         except BaseException as error:
             _note(error, f"while preprocessing image {path} (row {row}), which decoded fine")
             raise
@@ -150,7 +156,8 @@ def make_loader(dataset: ImageDataset, rows: Sequence[int], batch_size: int, num
                 pin_memory: bool = False, prefetch_factor: int = 4) -> DataLoader:
     """A DataLoader over the given manifest rows, in order.
 
-    Returns batches ``(rows (B,), images (B, 3, S, S), errors list[str])``.
+    Returns batches ``(rows int64 (B,), images uint8 (B, 3, S, S), errors list[str])``: the
+    engine's batch contract (bad rows zero-filled with a non-empty reason).
     """
     workers = default_num_workers() if num_workers is None else num_workers
     return DataLoader(

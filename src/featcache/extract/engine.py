@@ -312,6 +312,7 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
     if not rows:
         return all_errors
     dataset = dataset if dataset is not None else ImageDataset(manifest, preprocess)
+    device = getattr(runner, "input_device", torch.device("cpu"))
     writer = sink
     pending = list(blocks)
     block_of = {row: block for block in pending for row in writer.block_range(block)}
@@ -332,7 +333,7 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
                         "Nothing was written to the final file. Hint: fix or remove it, or set "
                         "extract.on_error: skip to skip and report bad images."
                     )
-            features = runner(images[good]) if good else {}
+            features = runner(preprocess.normalize_batch(images[good].to(device, non_blocking=True))) if good else {}
             for position, i in enumerate(good):
                 row = int(batch_rows[i])
                 buffer = buffers.setdefault(block_of[row], {"rows": [], "features": [], "errors": []})
