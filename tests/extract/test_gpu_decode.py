@@ -116,8 +116,11 @@ def test_device_path_matches_pil_path(image_dir, backbone, mode):
                                                             preprocess.input_size)
     cosines = _cosines(_normalise(images, preprocess), expected)
     assert cosines.min() >= 0.999, dict(zip(names, cosines.round(5)))
-    # Most pixels agree to a few grey levels (the decoders and the draft emulation differ slightly).
-    assert np.median(cosines) >= 0.9999
+    # Pixels agree to within a grey level on average (the decoders and the draft emulation differ slightly).
+    mean = torch.tensor(preprocess.mean, dtype=torch.float64).view(1, 3, 1, 1)
+    std = torch.tensor(preprocess.std, dtype=torch.float64).view(1, 3, 1, 1)
+    levels = (images.to(torch.float64) - (expected * std + mean) * 255.0).abs().mean(dim=(1, 2, 3))
+    assert levels.max() <= 1.0, dict(zip(names, levels.numpy().round(2)))
 
 
 def test_exif_orientation_like_pil():
@@ -264,3 +267,22 @@ def test_cuda_mixed_batch(mixed):
                                        batch_size=5, num_workers=2))
     _, want_reasons = _cpu_reference(paths, preprocess)
     assert [r for b in batches for r in b[2]] == want_reasons
+
+
+def test_bench_gpu_smoke(tmp_path):
+    """benchmarks/bench_gpu.py runs every case end to end (tiny CPU mode) and writes its JSON and table."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert set(report["results"]) == {"resnet18", "efficientnet_lite0"}
+    for results in report["results"].values():
+        assert set(results) == {"forward", "cpu-decode", "gpu-decode", "peer"}
+        assert all(case["img_per_s"] > 0 for case in results.values())
+    table = (tmp_path / "bench_gpu.md").read_text()
+    assert "featcache GPU decode, end to end" in table and "| resnet18 | efficientnet_lite0 |" in table
