@@ -49,7 +49,8 @@ from tqdm.auto import tqdm
 
 from featcache.extract.data import ImageDataset
 from featcache.extract.engine import (
-    ExtractionError, ExtractionReport, build_report, build_root_attrs, check_on_error, run_blocks,
+    DEFAULT_MAX_BAD_FRACTION, ExtractionError, ExtractionReport, build_report, build_root_attrs, check_bad_rows,
+    check_max_bad_fraction, check_on_error, run_blocks,
 )
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
@@ -365,6 +366,7 @@ def extract_distributed(
     blocks_per_task: int = 1,
     progress: bool = True,
     lock_timeout: float = 0.0,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
 ) -> ExtractionReport:
     """Extract every manifest row on a dask.distributed cluster into one feature store.
 
@@ -416,6 +418,8 @@ def extract_distributed(
         Show a tqdm bar over finished tasks.
     lock_timeout : float
         Seconds to wait for another writer of ``out``.
+    max_bad_fraction : float
+        As for :func:`extract_to_store`.
 
     Returns
     -------
@@ -435,6 +439,7 @@ def extract_distributed(
         On invalid arguments.
     """
     check_on_error(on_error)
+    check_max_bad_fraction(max_bad_fraction)
     for name, value in (("block_rows", block_rows), ("batch_size", batch_size), ("n_workers", n_workers),
                         ("threads_per_worker", threads_per_worker), ("blocks_per_task", blocks_per_task)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -479,6 +484,7 @@ def extract_distributed(
                 job = _Job(worker_manifest, preprocess, runner_spec, writer.block_committer(), tuple(layer_specs),
                            batch_size, on_error, threads_per_worker)
                 results = list(_run_tasks(handle.client, job, tasks, writer, progress)) if tasks else []
+                check_bad_rows(writer.committed_errors(), len(manifest), max_bad_fraction, out)
                 path = writer.finalize()
             finally:
                 # Stop our own workers before the lock is released, so no block lands after it.

@@ -28,13 +28,16 @@ from featcache.store.reader import FeatureStore
 from featcache.store.schema import canonical_json, sha256_text
 from featcache.store.writer import LayerSpec, StoreWriter
 
-__all__ = ["BlockSink", "ExtractionError", "ExtractionReport", "FeatureRunner", "ON_ERROR", "build_report",
-           "build_root_attrs", "check_on_error", "extract_to_store", "resolve_device", "run_blocks"]
+__all__ = ["BlockSink", "DEFAULT_MAX_BAD_FRACTION", "ExtractionError", "ExtractionReport", "FeatureRunner",
+           "ON_ERROR", "build_report", "build_root_attrs", "check_bad_rows", "check_max_bad_fraction", "check_on_error", "extract_to_store", "resolve_device", "run_blocks"]
 
 logger = logging.getLogger(__name__)
 
 #: ``on_error`` values: ``skip`` reports bad images and goes on, ``fail`` stops at the first.
 ON_ERROR = ("skip", "fail")
+
+#: Default ``max_bad_fraction``: a run with more bad images than good ones fails.
+DEFAULT_MAX_BAD_FRACTION = 0.5
 
 
 class ExtractionError(UserError, RuntimeError):
@@ -88,6 +91,7 @@ def extract_to_store(
     pin_memory: bool = False,
     progress: bool = True,
     lock_timeout: float = 0.0,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
 ) -> ExtractionReport:
     """Extract every manifest row with ``runner`` and write one feature store.
 
@@ -109,12 +113,17 @@ def extract_to_store(
     on_error : {"skip", "fail"}
         Bad images are reported by id and reason; ``skip`` drops their rows,
         ``fail`` stops before the final file is written.
+    max_bad_fraction : float
+        With ``skip``: if every row, or more than this fraction of them, is a
+        bad image, fail naming the first reasons instead of writing the final
+        file (see :func:`check_bad_rows`).
 
     Returns
     -------
     ExtractionReport
     """
     check_on_error(on_error)
+    check_max_bad_fraction(max_bad_fraction)
     started = time.perf_counter()
     root_attrs = build_root_attrs(manifest, config, attrs)
     layer_specs = runner.layer_specs(preprocess.input_size)
@@ -128,6 +137,7 @@ def extract_to_store(
         run_blocks(manifest, runner, writer, pending, preprocess=preprocess, layer_specs=layer_specs,
                    batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, on_error=on_error,
                    progress=progress, label=Path(out).name)
+        check_bad_rows(writer.committed_errors(), len(manifest), max_bad_fraction, out)
         path = writer.finalize()
     n_extracted = sum(len(writer.block_range(block)) for block in pending)
     return build_report(path, manifest, n_extracted=n_extracted, n_resumed_blocks=n_resumed,
@@ -139,6 +149,49 @@ def check_on_error(on_error: str) -> None:
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error {on_error!r} is not one of {ON_ERROR}. Hint: 'skip' reports bad images and "
                          "goes on, 'fail' stops at the first one.")
+
+
+def check_max_bad_fraction(max_bad_fraction: float) -> None:
+    """Raise ValueError unless ``0 <= max_bad_fraction <= 1``."""
+    if isinstance(max_bad_fraction, bool) or not isinstance(max_bad_fraction, (int, float)) \
+            or not 0.0 <= max_bad_fraction <= 1.0:
+        raise ValueError(f"max_bad_fraction {max_bad_fraction!r} must be a number in [0, 1] "
+                         f"(default {DEFAULT_MAX_BAD_FRACTION}).")
+
+
+def check_bad_rows(errors: Sequence[tuple[str, str]], n_input: int, max_bad_fraction: float,
+                   out: str | Path) -> None:
+    """Refuse a store that is all (or mostly) bad images: that is a broken input, not a dataset.
+
+    Parameters
+    ----------
+    errors : sequence of (id, reason)
+        Every skipped row of the store (resumed blocks included), in row order.
+    n_input : int
+        N, the manifest rows.
+    max_bad_fraction : float
+        Largest allowed ``len(errors) / n_input``; all rows bad fails even at 1.
+    out : path
+        The store (named in the message).
+
+    Raises
+    ------
+    ExtractionError
+        Naming the count, the limit and the first reasons. Committed blocks
+        are kept, so a rerun with a higher ``extract.max_bad_fraction``
+        finalizes without extracting again.
+    """
+    n_bad = len(errors)
+    if n_bad == 0 or (n_bad < n_input and n_bad <= max_bad_fraction * n_input):
+        return
+    first = "; ".join(f"{id_}: {reason}" for id_, reason in errors[:5])
+    what = "every row" if n_bad >= n_input else f"more than extract.max_bad_fraction={max_bad_fraction:g} of the rows"
+    raise ExtractionError(
+        f"{n_bad} of {n_input} images ({n_bad / max(1, n_input):.0%}) could not be decoded for {Path(out).name}: "
+        f"{what}. First reasons: {first}. The final file was not written (the committed blocks are kept). "
+        "Hint: check data.path and the image files; if so many bad images are expected, raise "
+        "extract.max_bad_fraction and rerun (nothing is extracted again)."
+    )
 
 
 def build_root_attrs(manifest: Manifest, config: Mapping[str, Any],
@@ -260,6 +313,7 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
     if not rows:
         return all_errors
     dataset = dataset if dataset is not None else ImageDataset(manifest, preprocess)
+    device = getattr(runner, "input_device", torch.device("cpu"))
     writer = sink
     pending = list(blocks)
     block_of = {row: block for block in pending for row in writer.block_range(block)}
@@ -280,7 +334,7 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
                         "Nothing was written to the final file. Hint: fix or remove it, or set "
                         "extract.on_error: skip to skip and report bad images."
                     )
-            features = runner(images[good]) if good else {}
+            features = runner(preprocess.normalize_batch(images[good].to(device, non_blocking=True))) if good else {}
             for position, i in enumerate(good):
                 row = int(batch_rows[i])
                 buffer = buffers.setdefault(block_of[row], {"rows": [], "features": [], "errors": []})

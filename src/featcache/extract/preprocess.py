@@ -324,12 +324,44 @@ class Preprocessor:
         return load_rgb(path, self.background, self.max_image_pixels)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """Preprocess one RGB image.
+        """Preprocess one RGB image: :meth:`pixels` then :meth:`normalize_batch`.
 
         Returns
         -------
         torch.Tensor
             float32 tensor of shape (3, input_size, input_size).
+        """
+        return self.normalize_batch(self.pixels(image))
+
+    def normalize_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels -> the normalised float32 input, ``(x / 255 - mean) / std``, on their device.
+
+        The loaders hand over uint8 crops (a quarter of float32's bytes); the
+        engine normalises them where the model runs. The arithmetic is exactly
+        torchvision's ``ToTensor`` + ``Normalize`` (bitwise equal on CPU).
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            uint8 (B, 3, S, S) or (3, S, S), any device.
+
+        Returns
+        -------
+        torch.Tensor
+            float32, same shape and device.
+        """
+        if images.dtype != torch.uint8:
+            raise TypeError(f"normalize_batch takes uint8 pixels (from Preprocessor.pixels or a loader), got "
+                            f"{images.dtype}. Hint: a float tensor is probably normalised already.")
+        return TF.normalize(images.to(torch.float32).div_(255.0), self.mean, self.std, inplace=True)
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """Resize and crop (or squash) one RGB image to the uint8 tensor a loader hands over.
+
+        Returns
+        -------
+        torch.Tensor
+            uint8 tensor of shape (3, input_size, input_size); :meth:`normalize_batch` makes it the input.
         """
         interpolation = _INTERPOLATIONS[self.interpolation]
         if self.resize_mode == "squash":
@@ -344,8 +376,7 @@ class Preprocessor:
             else:
                 image = TF.resize(image, target, interpolation=interpolation)
                 image = TF.center_crop(image, [self.input_size, self.input_size])
-        tensor = TF.pil_to_tensor(image).to(torch.float32).div_(255.0)
-        return TF.normalize(tensor, self.mean, self.std)
+        return TF.pil_to_tensor(image)
 
     def _resize_crop_window(self, image: Image.Image, target: int, new_long: int) -> Image.Image:
         """Resize the shorter side to ``target`` then center-crop, resampling only the crop window.
