@@ -235,6 +235,27 @@ def test_a_file_the_device_rejects_is_redone_alone_on_the_cpu_path(mixed):
     assert _cosines(_normalise(images[good], preprocess), want[good]).min() >= 0.999
 
 
+def test_large_batches_are_decoded_in_parts(image_dir, monkeypatch):
+    """At most _MAX_DECODE_PIXELS per decode call; the output does not depend on the split."""
+    from featcache.extract import gpu_decode
+
+    paths = [str(image_dir / name) for name in ("chelsea.jpg", "orient6.jpg", "coffee.jpg", "gray.jpg")]
+    real = select_decoder("cpu")
+    calls = []
+
+    def counting(datas):
+        calls.append(len(datas))
+        return real.decode(datas)
+
+    decoder = DeviceDecoder("counting", "cpu", counting, applies_exif=False)
+    dataset = DeviceDecodeDataset(paths, _preprocessor())
+    whole = decode_items([dataset[i] for i in range(len(paths))], dataset, decoder)
+    monkeypatch.setattr(gpu_decode, "_MAX_DECODE_PIXELS", 300_000)  # two 451x300 cats, one 600x400 coffee
+    parts = decode_items([dataset[i] for i in range(len(paths))], dataset, decoder)
+    assert calls == [4, 2, 1, 1]
+    assert torch.equal(whole[1], parts[1]) and whole[2] == parts[2] == [""] * 4
+
+
 def test_status_and_decoder_on_the_cpu_device():
     ok, text = gpu_decode_status("cpu")
     assert ok and "decode_jpeg" in text and "cpu" in text

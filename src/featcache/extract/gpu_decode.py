@@ -54,6 +54,10 @@ _TORCHVISION_DEPRECATION = r"The image decoding and encoding capabilities of Tor
 #: Float pixels resized at once per size group (about 0.8 GB of float32): large photos go in smaller chunks.
 _MAX_RESIZE_PIXELS = 64 * 2**20
 
+#: Decoded pixels per device decode call (384 MB of uint8 RGB): a batch of large photos is decoded in parts,
+#: each resized before the next is decoded. A batch of 256 JPEGs of 500x375 is one call.
+_MAX_DECODE_PIXELS = 128 * 2**20
+
 _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest-exact"}
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
@@ -319,6 +323,21 @@ def _reduce(image: torch.Tensor, scale: int) -> torch.Tensor:
     return pooled[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
+def _chunks(indices: list[int], items: Sequence[_Item]) -> Iterator[list[int]]:
+    """Split the device rows of a batch so that each decode call holds at most ``_MAX_DECODE_PIXELS`` pixels."""
+    chunk: list[int] = []
+    pixels = 0
+    for i in indices:
+        size = items[i].size[0] * items[i].size[1]
+        if chunk and pixels + size > _MAX_DECODE_PIXELS:
+            yield chunk
+            chunk, pixels = [], 0
+        chunk.append(i)
+        pixels += size
+    if chunk:
+        yield chunk
+
+
 def _expected_shape(item: _Item, applies_exif: bool) -> tuple[int, int, int]:
     height, width = item.size
     return (3, width, height) if applies_exif and item.orientation >= 5 else (3, height, width)
@@ -327,9 +346,9 @@ def _expected_shape(item: _Item, applies_exif: bool) -> tuple[int, int, int]:
 def decode_items(items: Sequence[_Item], dataset: DeviceDecodeDataset, decoder: DeviceDecoder) -> Batch:
     """Turn one batch of worker items into ``(rows, images, reasons)`` on the decoder's device.
 
-    Device items are decoded in one batched call, oriented, then resized and
-    cropped per size group; a file the device rejects (or decodes to an
-    unexpected shape) is redone on the CPU path alone.
+    Device items are decoded in batched calls (one per ``_MAX_DECODE_PIXELS``),
+    oriented, then resized and cropped per size group; a file the device
+    rejects (or decodes to an unexpected shape) is redone on the CPU path alone.
 
     Returns
     -------
@@ -344,22 +363,22 @@ def decode_items(items: Sequence[_Item], dataset: DeviceDecodeDataset, decoder: 
     items = pack_items(items)
     size = preprocess.input_size
     images = torch.zeros((len(items), 3, size, size), dtype=torch.uint8, device=device)
-    on_device = [i for i, item in enumerate(items) if item.data is not None]
-    groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
-    for i, image in zip(on_device, _decode_each(decoder, [items[i].data for i in on_device])):
-        item = items[i]
-        if image is None or tuple(image.shape) != _expected_shape(item, decoder.applies_exif):
-            items[i] = dataset.cpu_item(item.row)
-            continue
-        if not decoder.applies_exif:
-            image = orient(image, item.orientation)
-        scale = draft_scale(item.size[1], item.size[0], preprocess)
-        if scale > 1:  # the CPU path decodes large JPEGs at a reduced DCT scale: average scale x scale blocks
-            image = _reduce(image, scale)
-        groups.setdefault(tuple(image.shape[-2:]), []).append((i, image))
-    for members in groups.values():
-        index = torch.tensor([i for i, _ in members], device=device)
-        images[index] = resize_crop(torch.stack([image for _, image in members]), preprocess)
+    for chunk in _chunks([i for i, item in enumerate(items) if item.data is not None], items):
+        groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+        for i, image in zip(chunk, _decode_each(decoder, [items[i].data for i in chunk])):  # type: ignore[misc]
+            item = items[i]
+            if image is None or tuple(image.shape) != _expected_shape(item, decoder.applies_exif):
+                items[i] = dataset.cpu_item(item.row)
+                continue
+            if not decoder.applies_exif:
+                image = orient(image, item.orientation)
+            scale = draft_scale(item.size[1], item.size[0], preprocess)
+            if scale > 1:  # the CPU path decodes large JPEGs at a reduced DCT scale: average scale x scale blocks
+                image = _reduce(image, scale)
+            groups.setdefault(tuple(image.shape[-2:]), []).append((i, image))
+        for members in groups.values():
+            index = torch.tensor([i for i, _ in members], device=device)
+            images[index] = resize_crop(torch.stack([image for _, image in members]), preprocess)
     cpu_good = [i for i, item in enumerate(items) if item.crop is not None]
     if cpu_good:
         crops = torch.stack([items[i].crop for i in cpu_good]).to(device)  # type: ignore[misc]
