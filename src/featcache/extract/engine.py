@@ -92,6 +92,7 @@ def extract_to_store(
     progress: bool = True,
     lock_timeout: float = 0.0,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    decode: str = "cpu",
 ) -> ExtractionReport:
     """Extract every manifest row with ``runner`` and write one feature store.
 
@@ -117,6 +118,10 @@ def extract_to_store(
         With ``skip``: if every row, or more than this fraction of them, is a
         bad image, fail naming the first reasons instead of writing the final
         file (see :func:`check_bad_rows`).
+    decode : {"cpu", "gpu"}
+        ``cpu``: PIL in DataLoader workers; ``gpu``: batched JPEG decode on the
+        runner's device (:mod:`featcache.extract.gpu_decode`). Record it in
+        ``config`` so a store never mixes decode paths.
 
     Returns
     -------
@@ -124,6 +129,7 @@ def extract_to_store(
     """
     check_on_error(on_error)
     check_max_bad_fraction(max_bad_fraction)
+    _check_decode(decode)
     started = time.perf_counter()
     root_attrs = build_root_attrs(manifest, config, attrs)
     layer_specs = runner.layer_specs(preprocess.input_size)
@@ -136,12 +142,17 @@ def extract_to_store(
             logger.info("Resuming %s: %d of %d blocks already committed", out, n_resumed, writer.n_blocks)
         run_blocks(manifest, runner, writer, pending, preprocess=preprocess, layer_specs=layer_specs,
                    batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, on_error=on_error,
-                   progress=progress, label=Path(out).name)
+                   progress=progress, label=Path(out).name, decode=decode)
         check_bad_rows(writer.committed_errors(), len(manifest), max_bad_fraction, out)
         path = writer.finalize()
     n_extracted = sum(len(writer.block_range(block)) for block in pending)
     return build_report(path, manifest, n_extracted=n_extracted, n_resumed_blocks=n_resumed,
                         seconds=time.perf_counter() - started)
+
+
+def _check_decode(decode: str) -> None:
+    if decode not in ("cpu", "gpu"):
+        raise ValueError(f"decode {decode!r} is not one of 'cpu', 'gpu'. Hint: extract.decode: auto picks one.")
 
 
 def check_on_error(on_error: str) -> None:
@@ -271,8 +282,8 @@ class BlockSink(Protocol):
 def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, blocks: Sequence[int], *,
                preprocess: Preprocessor, layer_specs: Sequence[LayerSpec], batch_size: int = 64,
                num_workers: int | None = None, pin_memory: bool = False, on_error: str = "skip",
-               progress: bool = False, label: str = "", dataset: ImageDataset | None = None
-               ) -> list[tuple[str, str]]:
+               progress: bool = False, label: str = "", dataset: ImageDataset | None = None,
+               decode: str = "cpu") -> list[tuple[str, str]]:
     """Extract the rows of ``blocks`` and commit each block to ``sink`` as soon as it is complete.
 
     The loop shared by :func:`extract_to_store` and the dask workers of
@@ -301,6 +312,9 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
         Show a progress bar labelled ``label``.
     dataset : ImageDataset, optional
         Reuse this dataset of the manifest (default: a new one).
+    decode : {"cpu", "gpu"}
+        Where JPEGs are decoded: PIL in the workers, or in batches on the
+        runner's input device (:func:`featcache.extract.gpu_decode.iter_device_batches`).
 
     Returns
     -------
@@ -308,6 +322,7 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
         The bad images of this run, in row order.
     """
     check_on_error(on_error)
+    _check_decode(decode)
     rows = [row for block in blocks for row in sink.block_range(block)]
     all_errors: list[tuple[str, str]] = []
     if not rows:
@@ -319,7 +334,13 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
     block_of = {row: block for block in pending for row in writer.block_range(block)}
     buffers: dict[int, dict[str, Any]] = {}
     remaining = {block: len(writer.block_range(block)) for block in pending}
-    loader = make_loader(dataset, rows, batch_size, num_workers, pin_memory=pin_memory)
+    if decode == "gpu":
+        from featcache.extract.gpu_decode import iter_device_batches
+
+        loader = iter_device_batches(manifest, rows, preprocess=preprocess, device=str(device),
+                                     batch_size=batch_size, num_workers=num_workers)
+    else:
+        loader = make_loader(dataset, rows, batch_size, num_workers, pin_memory=pin_memory)
     bar = tqdm(total=len(rows), desc=f"extract {label}", unit="img", disable=not progress)
     try:
         for batch_rows, images, reasons in loader:

@@ -43,8 +43,9 @@ from featcache.extract.image_probe import device_route, draft_scale, probe_heade
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
 
-__all__ = ["DeviceDecodeError", "DeviceDecoder", "select_decoder", "gpu_decode_status", "orient", "resize_crop",
-           "DeviceDecodeDataset", "pack_items", "decode_items", "iter_device_batches"]
+__all__ = ["DECODE_PATHS", "DeviceDecodeError", "DeviceDecoder", "select_decoder", "resolve_decode",
+           "gpu_decode_status", "orient", "resize_crop", "DeviceDecodeDataset", "pack_items", "decode_items",
+           "iter_device_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ _MAX_DECODE_PIXELS = 128 * 2**20
 _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest-exact"}
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
+
+#: Where images are decoded: PIL in DataLoader workers, or batched on the runner's device.
+DECODE_PATHS = ("cpu", "gpu")
 
 
 class DeviceDecodeError(UserError, RuntimeError):
@@ -155,6 +159,23 @@ def select_decoder(device: str) -> DeviceDecoder:
     raise DeviceDecodeError(f"No JPEG decoder works on {device!r} ({'; '.join(failures)}). Hint: install "
                             "torchcodec (pip install torchcodec) or a torchvision built with image support, or set "
                             "extract.decode: cpu.")
+
+
+def resolve_decode(decode: str, device: str) -> str:
+    """The decode path: ``auto`` -> ``gpu`` when the runner's input device is CUDA, else ``cpu``.
+
+    Parameters
+    ----------
+    decode : {"auto", "cpu", "gpu"}
+        ``extract.decode``; ``gpu`` on a CPU device is allowed (the same code path, for tests).
+    device : str
+        Where the runner takes its input (``cuda``, ``cuda:1``, ``cpu``).
+    """
+    if decode == "auto":
+        return "gpu" if str(device).startswith("cuda") else "cpu"
+    if decode not in DECODE_PATHS:
+        raise ValueError(f"decode {decode!r} is not one of 'auto', {', '.join(map(repr, DECODE_PATHS))}.")
+    return decode
 
 
 def gpu_decode_status(device: str = "cuda") -> tuple[bool, str]:

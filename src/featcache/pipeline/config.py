@@ -96,6 +96,9 @@ class ExtractParams(_Strict):
     resize_mode: Literal[RESIZE_MODES] = "crop"  # type: ignore[valid-type]
     channels_last: bool = True
     autocast: Literal["none", "bf16", "fp16"] = "none"
+    #: Where JPEGs are decoded: ``auto`` = batched on the GPU when the runner is on CUDA, else PIL in
+    #: the workers (``cpu``); ``gpu`` forces the device path (on a CPU device too). Stored resolved.
+    decode: Literal["auto", "cpu", "gpu"] = "auto"
     on_error: Literal["skip", "fail"] = "skip"
     block_rows: int = Field(512, ge=1)
     malloc_tuning: bool = True
@@ -117,6 +120,9 @@ class ExtractParams(_Strict):
 
     @model_validator(mode="after")
     def _distributed_backend(self) -> "ExtractParams":
+        if self.scheduler != "none" and self.decode == "gpu":
+            raise ValueError("extract.decode: gpu does not run under extract.scheduler (the dask workers decode "
+                             "with PIL); set extract.decode: auto or cpu, or extract.scheduler: none")
         if self.scheduler != "none" and self.backend != "torch":
             raise ValueError("extract.scheduler runs the torch backend only; set extract.backend: torch "
                              "or extract.scheduler: none")
@@ -364,6 +370,9 @@ def extraction_config(params: Params, backbone: str) -> dict[str, Any]:
     for key in ("batch_size", "num_workers", "block_rows", "device", "malloc_tuning", "scheduler", "n_workers",
                 "max_bad_fraction"):
         extract.pop(key)
+    # The decode path depends on the machine (auto): the extract stage records the resolved path
+    # (featcache.pipeline.extract.expected_config), and only when it is not the original CPU path.
+    extract.pop("decode")
     # Params added later enter the hash only when set to a non-default value, so feature files
     # extracted before they existed stay valid.
     if extract.get("max_image_pixels") == DEFAULT_MAX_IMAGE_PIXELS:

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from featcache.extract.engine import ExtractionReport, extract_to_store, resolve_device
+from featcache.extract.gpu_decode import resolve_decode
 from featcache.extract.malloc import tune_malloc
 from featcache.extract.manifest import Manifest
 from featcache.extract.memory import check_batch_memory
@@ -15,15 +16,36 @@ from featcache.extract.torch_runner import TorchFeatureExtractor
 from featcache.extract.weights import load_backbone
 from featcache.pipeline.config import Params, extraction_config
 
-__all__ = ["extract", "expected_config"]
+__all__ = ["extract", "expected_config", "planned_decode"]
 
 logger = logging.getLogger(__name__)
 
 
+def planned_decode(params: Params) -> str:
+    """Where the extract stage decodes JPEGs with these params on this machine: ``cpu`` or ``gpu``.
+
+    ``extract.decode: auto`` is ``gpu`` when the torch runner is on CUDA (``extract.device``, with ``auto``
+    meaning CUDA when visible); the ONNX runner and the dask scheduler take CPU tensors, so ``cpu`` there.
+    """
+    knobs = params.extract
+    if knobs.decode != "auto":
+        return knobs.decode
+    if knobs.scheduler != "none" or knobs.backend == "onnx":
+        return "cpu"
+    device = resolve_device("auto") if knobs.device == "auto" else knobs.device
+    return resolve_decode("auto", device)
+
+
 def expected_config(params: Params, backbone: str) -> dict:
-    """The extraction config that ``params`` give for ``backbone`` (as stored in its HDF5 file)."""
+    """The extraction config that ``params`` give for ``backbone`` (as stored in its HDF5 file).
+
+    The GPU decode path is part of it (``extract.decode: gpu``), so a store never mixes blocks decoded
+    on the CPU and on the device; the CPU path leaves it out, as before the setting existed.
+    """
     config = extraction_config(params, backbone)
     config["preprocess"] = Preprocessor.from_spec(get_backbone(backbone), params.extract.resize_mode).config()
+    if planned_decode(params) == "gpu":
+        config["extract"]["decode"] = "gpu"
     return config
 
 
@@ -53,8 +75,9 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
     preprocess = Preprocessor.from_spec(loaded.spec, knobs.resize_mode, max_image_pixels=knobs.max_image_pixels)
     autocast = None if knobs.autocast == "none" else knobs.autocast
     config = expected_config(params, backbone)
+    decode = planned_decode(params)
     attrs = {"backbone": backbone, "weights_id": loaded.weights_id, "weights_sha256": loaded.weights_sha256,
-             "dataset": params.data.name, "backend": knobs.backend, "provider": device}
+             "dataset": params.data.name, "backend": knobs.backend, "provider": device, "decode": decode}
     layers = params.backbones[backbone].layers
     if knobs.scheduler != "none":
         from featcache.extract.distributed import RunnerSpec, extract_distributed
@@ -80,4 +103,4 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
     return extract_to_store(manifest, runner, preprocess, out, config=config, attrs=attrs, dtype=knobs.dtype,
                             batch_size=knobs.batch_size, num_workers=workers, block_rows=knobs.block_rows,
                             on_error=knobs.on_error, pin_memory=device == "cuda", progress=progress,
-                            max_bad_fraction=knobs.max_bad_fraction)
+                            max_bad_fraction=knobs.max_bad_fraction, decode=decode)
