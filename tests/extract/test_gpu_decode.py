@@ -91,9 +91,12 @@ def _device_batch(paths, preprocess, batch_size=64, num_workers=0, rows=None):
 
 
 def _cpu_reference(paths, preprocess) -> tuple[torch.Tensor, list[str]]:
+    """The CPU path's normalised inputs (float64) and reasons (ImageDataset hands over uint8 or normalised)."""
     dataset = ImageDataset(paths, preprocess)
     items = [dataset[i] for i in range(len(paths))]
-    return torch.stack([item[1] for item in items]).to(torch.float64), [item[2] for item in items]
+    pixels = torch.stack([item[1] for item in items])
+    inputs = _normalise(pixels, preprocess) if pixels.dtype == torch.uint8 else pixels.to(torch.float64)
+    return inputs, [item[2] for item in items]
 
 
 def test_routing_sends_plain_jpegs_to_the_device(image_dir):
@@ -230,6 +233,27 @@ def test_a_file_the_device_rejects_is_redone_alone_on_the_cpu_path(mixed):
     assert reasons == want_reasons
     good = [i for i, reason in enumerate(reasons) if not reason]
     assert _cosines(_normalise(images[good], preprocess), want[good]).min() >= 0.999
+
+
+def test_large_batches_are_decoded_in_parts(image_dir, monkeypatch):
+    """At most _MAX_DECODE_PIXELS per decode call; the output does not depend on the split."""
+    from featcache.extract import gpu_decode
+
+    paths = [str(image_dir / name) for name in ("chelsea.jpg", "orient6.jpg", "coffee.jpg", "gray.jpg")]
+    real = select_decoder("cpu")
+    calls = []
+
+    def counting(datas):
+        calls.append(len(datas))
+        return real.decode(datas)
+
+    decoder = DeviceDecoder("counting", "cpu", counting, applies_exif=False)
+    dataset = DeviceDecodeDataset(paths, _preprocessor())
+    whole = decode_items([dataset[i] for i in range(len(paths))], dataset, decoder)
+    monkeypatch.setattr(gpu_decode, "_MAX_DECODE_PIXELS", 300_000)  # two 451x300 cats, one 600x400 coffee
+    parts = decode_items([dataset[i] for i in range(len(paths))], dataset, decoder)
+    assert calls == [4, 2, 1, 1]
+    assert torch.equal(whole[1], parts[1]) and whole[2] == parts[2] == [""] * 4
 
 
 def test_status_and_decoder_on_the_cpu_device():

@@ -37,13 +37,14 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from featcache.errors import UserError
 from featcache.extract.data import ImageDataset, default_num_workers
 from featcache.extract.image_probe import device_route, draft_scale, probe_header, resize_geometry
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
 
-__all__ = ["DeviceDecoder", "select_decoder", "gpu_decode_status", "orient", "resize_crop",
-           "DeviceDecodeDataset", "decode_items", "iter_device_batches"]
+__all__ = ["DeviceDecodeError", "DeviceDecoder", "select_decoder", "gpu_decode_status", "orient", "resize_crop",
+           "DeviceDecodeDataset", "pack_items", "decode_items", "iter_device_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,17 @@ _TORCHVISION_DEPRECATION = r"The image decoding and encoding capabilities of Tor
 #: Float pixels resized at once per size group (about 0.8 GB of float32): large photos go in smaller chunks.
 _MAX_RESIZE_PIXELS = 64 * 2**20
 
+#: Decoded pixels per device decode call (384 MB of uint8 RGB): a batch of large photos is decoded in parts,
+#: each resized before the next is decoded. A batch of 256 JPEGs of 500x375 is one call.
+_MAX_DECODE_PIXELS = 128 * 2**20
+
 _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest-exact"}
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
+
+
+class DeviceDecodeError(UserError, RuntimeError):
+    """No batched JPEG decoder works on the requested device (the message says why and the fix)."""
 
 
 @dataclass(frozen=True)
@@ -125,13 +134,13 @@ def select_decoder(device: str) -> DeviceDecoder:
 
     Raises
     ------
-    RuntimeError
+    DeviceDecodeError
         When no decoder works on ``device``; the message says why and how to fix it.
     """
     device = str(torch.device(device))
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"GPU decode on {device!r} needs a CUDA device, and torch sees none "
-                           f"(torch {torch.__version__}). Hint: set extract.decode: cpu, or install a CUDA build of torch.")
+        raise DeviceDecodeError(f"GPU decode on {device!r} needs a CUDA device, and torch {torch.__version__} "
+                                "sees none. Hint: set extract.decode: cpu, or install a CUDA build of torch.")
     failures = []
     for name, build in (("torchcodec", _torchcodec), ("torchvision", _torchvision)):
         try:
@@ -143,15 +152,16 @@ def select_decoder(device: str) -> DeviceDecoder:
         if shape in ((3, 2, 3), (3, 3, 2)):
             return DeviceDecoder(name, device, decode, applies_exif=shape == (3, 3, 2))
         failures.append(f"{name}: decoded a 3x2 test JPEG to shape {shape}")
-    raise RuntimeError(f"No JPEG decoder works on {device!r} ({'; '.join(failures)}). Hint: install torchcodec "
-                       f"(pip install torchcodec) or a torchvision built with image support, or set extract.decode: cpu.")
+    raise DeviceDecodeError(f"No JPEG decoder works on {device!r} ({'; '.join(failures)}). Hint: install "
+                            "torchcodec (pip install torchcodec) or a torchvision built with image support, or set "
+                            "extract.decode: cpu.")
 
 
 def gpu_decode_status(device: str = "cuda") -> tuple[bool, str]:
     """Whether batched device JPEG decoding works on ``device``, and what runs or why not (for ``doctor``)."""
     try:
         decoder = select_decoder(device)
-    except RuntimeError as error:
+    except DeviceDecodeError as error:
         return False, str(error)
     text = f"{decoder.name}.decode_jpeg, batched on {decoder.device}"
     if decoder.name != "torchcodec":
@@ -217,7 +227,7 @@ class _Item(NamedTuple):
     """One row from a worker: JPEG bytes for the device, or the CPU path's uint8 crop or reason."""
 
     row: int
-    data: torch.Tensor | None  # 1-D uint8 file bytes (device path)
+    data: bytes | torch.Tensor | None  # the file's bytes (device path); a 1-D uint8 view once packed
     size: tuple[int, int]  # stored (height, width) from the header (device path)
     orientation: int
     crop: torch.Tensor | None  # uint8 (3, S, S) (CPU path, good file)
@@ -261,8 +271,28 @@ class DeviceDecodeDataset(ImageDataset):
             logger.debug("row %d goes to the CPU path: %s", row, route)
             return self.cpu_item(row)
         assert header is not None
-        return _Item(row, torch.frombuffer(bytearray(data), dtype=torch.uint8), (header.height, header.width),
-                     header.orientation, None, "")
+        return _Item(row, data, (header.height, header.width), header.orientation, None, "")
+
+
+def pack_items(items: Sequence[_Item]) -> list[_Item]:
+    """Put a batch's file bytes in one uint8 tensor and its CPU crops in another, as views.
+
+    Runs as the DataLoader's collate function in the workers: a batch then
+    crosses to the main process as two shared-memory segments instead of one
+    per image. Idempotent.
+    """
+    items = list(items)
+    raw = [i for i, item in enumerate(items) if isinstance(item.data, bytes)]
+    if raw:
+        chunks: list[bytes] = [items[i].data for i in raw]  # type: ignore[misc]
+        flat = torch.frombuffer(bytearray(b"").join(chunks), dtype=torch.uint8)
+        for i, view in zip(raw, torch.split(flat, [len(chunk) for chunk in chunks])):
+            items[i] = items[i]._replace(data=view)
+    crops = [i for i, item in enumerate(items) if item.crop is not None]
+    if len(crops) > 1:
+        for i, view in zip(crops, torch.stack([items[i].crop for i in crops]).unbind()):  # type: ignore[misc]
+            items[i] = items[i]._replace(crop=view)
+    return items
 
 
 def _decode_each(decoder: DeviceDecoder, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
@@ -293,6 +323,21 @@ def _reduce(image: torch.Tensor, scale: int) -> torch.Tensor:
     return pooled[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
+def _chunks(indices: list[int], items: Sequence[_Item]) -> Iterator[list[int]]:
+    """Split the device rows of a batch so that each decode call holds at most ``_MAX_DECODE_PIXELS`` pixels."""
+    chunk: list[int] = []
+    pixels = 0
+    for i in indices:
+        size = items[i].size[0] * items[i].size[1]
+        if chunk and pixels + size > _MAX_DECODE_PIXELS:
+            yield chunk
+            chunk, pixels = [], 0
+        chunk.append(i)
+        pixels += size
+    if chunk:
+        yield chunk
+
+
 def _expected_shape(item: _Item, applies_exif: bool) -> tuple[int, int, int]:
     height, width = item.size
     return (3, width, height) if applies_exif and item.orientation >= 5 else (3, height, width)
@@ -301,9 +346,9 @@ def _expected_shape(item: _Item, applies_exif: bool) -> tuple[int, int, int]:
 def decode_items(items: Sequence[_Item], dataset: DeviceDecodeDataset, decoder: DeviceDecoder) -> Batch:
     """Turn one batch of worker items into ``(rows, images, reasons)`` on the decoder's device.
 
-    Device items are decoded in one batched call, oriented, then resized and
-    cropped per size group; a file the device rejects (or decodes to an
-    unexpected shape) is redone on the CPU path alone.
+    Device items are decoded in batched calls (one per ``_MAX_DECODE_PIXELS``),
+    oriented, then resized and cropped per size group; a file the device
+    rejects (or decodes to an unexpected shape) is redone on the CPU path alone.
 
     Returns
     -------
@@ -315,35 +360,31 @@ def decode_items(items: Sequence[_Item], dataset: DeviceDecodeDataset, decoder: 
         ``""`` for good rows, the CPU path's reason for bad ones.
     """
     preprocess, device = dataset.preprocess, decoder.device
-    items = list(items)
+    items = pack_items(items)
     size = preprocess.input_size
     images = torch.zeros((len(items), 3, size, size), dtype=torch.uint8, device=device)
-    on_device = [i for i, item in enumerate(items) if item.data is not None]
-    groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
-    for i, image in zip(on_device, _decode_each(decoder, [items[i].data for i in on_device])):
-        item = items[i]
-        if image is None or tuple(image.shape) != _expected_shape(item, decoder.applies_exif):
-            items[i] = dataset.cpu_item(item.row)
-            continue
-        if not decoder.applies_exif:
-            image = orient(image, item.orientation)
-        scale = draft_scale(item.size[1], item.size[0], preprocess)
-        if scale > 1:  # the CPU path decodes large JPEGs at a reduced DCT scale: average scale x scale blocks
-            image = _reduce(image, scale)
-        groups.setdefault(tuple(image.shape[-2:]), []).append((i, image))
-    for members in groups.values():
-        index = torch.tensor([i for i, _ in members], device=device)
-        images[index] = resize_crop(torch.stack([image for _, image in members]), preprocess)
+    for chunk in _chunks([i for i, item in enumerate(items) if item.data is not None], items):
+        groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+        for i, image in zip(chunk, _decode_each(decoder, [items[i].data for i in chunk])):  # type: ignore[misc]
+            item = items[i]
+            if image is None or tuple(image.shape) != _expected_shape(item, decoder.applies_exif):
+                items[i] = dataset.cpu_item(item.row)
+                continue
+            if not decoder.applies_exif:
+                image = orient(image, item.orientation)
+            scale = draft_scale(item.size[1], item.size[0], preprocess)
+            if scale > 1:  # the CPU path decodes large JPEGs at a reduced DCT scale: average scale x scale blocks
+                image = _reduce(image, scale)
+            groups.setdefault(tuple(image.shape[-2:]), []).append((i, image))
+        for members in groups.values():
+            index = torch.tensor([i for i, _ in members], device=device)
+            images[index] = resize_crop(torch.stack([image for _, image in members]), preprocess)
     cpu_good = [i for i, item in enumerate(items) if item.crop is not None]
     if cpu_good:
         crops = torch.stack([items[i].crop for i in cpu_good]).to(device)  # type: ignore[misc]
         images[torch.tensor(cpu_good, device=device)] = crops
     rows = torch.tensor([item.row for item in items], dtype=torch.int64)
     return rows, images, [item.reason for item in items]
-
-
-def _keep(items: list[_Item]) -> list[_Item]:
-    return items
 
 
 def iter_device_batches(paths: Manifest | Sequence[str | os.PathLike], rows: Sequence[int], *,
@@ -378,7 +419,7 @@ def iter_device_batches(paths: Manifest | Sequence[str | os.PathLike], rows: Seq
 
     Raises
     ------
-    RuntimeError
+    DeviceDecodeError
         When no JPEG decoder works on ``device`` (see :func:`gpu_decode_status`).
     """
     if batch_size < 1:
@@ -388,7 +429,7 @@ def iter_device_batches(paths: Manifest | Sequence[str | os.PathLike], rows: Seq
     rows = [int(row) for row in rows]
     batches = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
     workers = default_num_workers() if num_workers is None else int(num_workers)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_keep,
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=pack_items,
                         prefetch_factor=prefetch_factor if workers > 0 else None)
     for items in loader:
         yield decode_items(items, dataset, decoder)
