@@ -10,7 +10,15 @@ import contextlib
 import os
 from collections.abc import Iterator
 
-__all__ = ["DEVICES", "default_num_workers", "physical_cores", "resolve_device", "torch_threads", "usable_cpus"]
+__all__ = [
+    "DEVICES",
+    "default_num_workers",
+    "physical_cores",
+    "resolve_device",
+    "thread_limit",
+    "torch_threads",
+    "usable_cpus",
+]
 
 #: Device names a user may ask for (``auto``: CUDA when available, else the CPU).
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -88,3 +96,15 @@ def torch_threads(n_threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def thread_limit(n_jobs: int | None) -> Iterator[None]:
+    """Limit BLAS/OpenMP threads to ``n_jobs`` inside the block (no-op for None/-1)."""
+    if n_jobs is None or n_jobs < 1:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=int(n_jobs)):
+        yield

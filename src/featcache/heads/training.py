@@ -53,7 +53,7 @@ def build_mlp(n_in: int, hidden_sizes: Sequence[int], n_out: int, dropout: float
     return nn.Sequential(*layers)
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+def iter_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Shuffled mini-batch indices; a final batch of one row is dropped (BatchNorm)."""
     import torch
 
