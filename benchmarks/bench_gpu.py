@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from featcache.extract.engine import extract_to_store
-from featcache.extract.gpu_decode import gpu_decode_status, iter_device_batches
+from featcache.extract.gpu_decode import iter_device_batches
+from featcache.extract.jpeg_decoders import gpu_decode_status
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
 from featcache.extract.torch_runner import TorchFeatureExtractor

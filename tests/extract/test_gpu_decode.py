@@ -19,8 +19,8 @@ import torch
 from PIL import Image, ImageOps
 
 from featcache.extract.data import ImageDataset
-from featcache.extract.gpu_decode import (DeviceDecodeDataset, DeviceDecoder, decode_items, gpu_decode_status,
-                                          iter_device_batches, orient, select_decoder)
+from featcache.extract.gpu_decode import DeviceDecodeDataset, decode_items, iter_device_batches, orient
+from featcache.extract.jpeg_decoders import DeviceDecoder, gpu_decode_status, select_decoder
 from featcache.extract.preprocess import Preprocessor
 from featcache.extract.registry import get_backbone
 
@@ -254,6 +254,37 @@ def test_large_batches_are_decoded_in_parts(image_dir, monkeypatch):
     parts = decode_items([dataset[i] for i in range(len(paths))], dataset, decoder)
     assert calls == [4, 2, 1, 1]
     assert torch.equal(whole[1], parts[1]) and whole[2] == parts[2] == [""] * 4
+
+
+def test_background_thread_gives_the_same_batches_and_raises_its_errors(image_dir, monkeypatch):
+    from featcache.extract import gpu_decode
+
+    paths = [str(image_dir / name) for name in sorted(ON_DEVICE)][:6]
+    preprocess = _preprocessor()
+
+    def run(background):
+        return list(iter_device_batches(paths, range(6), preprocess=preprocess, batch_size=2, num_workers=0,
+                                        background=background))
+
+    inline, threaded = run(False), run(True)
+    assert len(inline) == len(threaded) == 3
+    for a, b in zip(inline, threaded):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[2] == b[2]
+    # Closing early stops the thread; an error in the thread is raised in the caller.
+    batches = iter_device_batches(paths, range(6), preprocess=preprocess, batch_size=2, num_workers=0,
+                                  background=True)
+    next(batches)
+    batches.close()
+    real = gpu_decode.decode_items
+
+    def failing(items, dataset, decoder):
+        if items[0].row == 4:
+            raise RuntimeError("bug in the device path")
+        return real(items, dataset, decoder)
+
+    monkeypatch.setattr(gpu_decode, "decode_items", failing)
+    with pytest.raises(RuntimeError, match="bug in the device path"):
+        run(True)
 
 
 def test_status_and_decoder_on_the_cpu_device():

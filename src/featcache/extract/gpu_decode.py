@@ -26,31 +26,25 @@ Normalisation is the engine's job.
 
 from __future__ import annotations
 
-import functools
-import io
 import logging
 import os
-import warnings
-from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple, Sequence
+import queue
+import threading
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
-from featcache.errors import UserError
 from featcache.extract.data import ImageDataset, default_num_workers
 from featcache.extract.image_probe import device_route, draft_scale, probe_header, resize_geometry
+from featcache.extract.jpeg_decoders import DeviceDecoder, decode_each, select_decoder
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
 
-__all__ = ["DECODE_PATHS", "DeviceDecodeError", "DeviceDecoder", "select_decoder", "resolve_decode",
-           "gpu_decode_status", "orient", "resize_crop", "DeviceDecodeDataset", "pack_items", "decode_items",
-           "iter_device_batches"]
+__all__ = ["DECODE_PATHS", "resolve_decode", "orient", "resize_crop", "DeviceDecodeDataset", "pack_items",
+           "decode_items", "iter_device_batches"]
 
 logger = logging.getLogger(__name__)
-
-#: The DeprecationWarning torchvision >= 0.29 emits on every image-decoder call (silenced there only).
-_TORCHVISION_DEPRECATION = r"The image decoding and encoding capabilities of TorchVision are deprecated"
 
 #: Float pixels resized at once per size group (about 0.8 GB of float32): large photos go in smaller chunks.
 _MAX_RESIZE_PIXELS = 64 * 2**20
@@ -65,100 +59,6 @@ Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 #: Where images are decoded: PIL in DataLoader workers, or batched on the runner's device.
 DECODE_PATHS = ("cpu", "gpu")
-
-
-class DeviceDecodeError(UserError, RuntimeError):
-    """No batched JPEG decoder works on the requested device (the message says why and the fix)."""
-
-
-@dataclass(frozen=True)
-class DeviceDecoder:
-    """A batched JPEG decoder bound to a device.
-
-    Attributes
-    ----------
-    name : str
-        ``torchcodec`` or ``torchvision``.
-    device : str
-        Where the decoded images live.
-    decode : callable
-        ``decode(list of 1-D uint8 CPU tensors) -> list of (3, H, W) uint8 tensors on device``;
-        raises when any input is rejected.
-    applies_exif : bool
-        Whether the decoder already applies the EXIF orientation (checked on a test image).
-    """
-
-    name: str
-    device: str
-    decode: Callable[[list[torch.Tensor]], list[torch.Tensor]]
-    applies_exif: bool
-
-
-def _torchcodec(device: str) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-    from torchcodec.decoders import decode_jpeg  # optional; imported only when used
-
-    def decode(datas: list[torch.Tensor]) -> list[torch.Tensor]:
-        out = decode_jpeg(datas, mode="RGB", device=device)
-        return list(out) if isinstance(out, (list, tuple)) else [out]
-
-    return decode
-
-
-def _torchvision(device: str) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_TORCHVISION_DEPRECATION, category=DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-    def decode(datas: list[torch.Tensor]) -> list[torch.Tensor]:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_TORCHVISION_DEPRECATION, category=DeprecationWarning)
-            out = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
-        return list(out) if isinstance(out, (list, tuple)) else [out]
-
-    return decode
-
-
-def _probe_jpeg() -> torch.Tensor:
-    """A 3x2 (width x height) JPEG whose EXIF orientation 6 makes it 2x3 upright."""
-    from PIL import Image
-
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    buffer = io.BytesIO()
-    Image.new("RGB", (3, 2), (200, 30, 90)).save(buffer, "JPEG", exif=exif)
-    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
-
-
-@functools.lru_cache(maxsize=None)
-def select_decoder(device: str) -> DeviceDecoder:
-    """The fastest working JPEG decoder for ``device``: TorchCodec, else torchvision.
-
-    Each candidate decodes a tiny test JPEG on the device first, which also
-    tells whether it applies the EXIF orientation itself.
-
-    Raises
-    ------
-    DeviceDecodeError
-        When no decoder works on ``device``; the message says why and how to fix it.
-    """
-    device = str(torch.device(device))
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceDecodeError(f"GPU decode on {device!r} needs a CUDA device, and torch {torch.__version__} "
-                                "sees none. Hint: set extract.decode: cpu, or install a CUDA build of torch.")
-    failures = []
-    for name, build in (("torchcodec", _torchcodec), ("torchvision", _torchvision)):
-        try:
-            decode = build(device)
-            shape = tuple(decode([_probe_jpeg()])[0].shape)
-        except Exception as error:  # noqa: BLE001 - a missing or broken decoder is reported, the next one tried
-            failures.append(f"{name}: {type(error).__name__}: {error}".replace("\n", " "))
-            continue
-        if shape in ((3, 2, 3), (3, 3, 2)):
-            return DeviceDecoder(name, device, decode, applies_exif=shape == (3, 3, 2))
-        failures.append(f"{name}: decoded a 3x2 test JPEG to shape {shape}")
-    raise DeviceDecodeError(f"No JPEG decoder works on {device!r} ({'; '.join(failures)}). Hint: install "
-                            "torchcodec (pip install torchcodec) or a torchvision built with image support, or set "
-                            "extract.decode: cpu.")
 
 
 def resolve_decode(decode: str, device: str) -> str:
@@ -176,18 +76,6 @@ def resolve_decode(decode: str, device: str) -> str:
     if decode not in DECODE_PATHS:
         raise ValueError(f"decode {decode!r} is not one of 'auto', {', '.join(map(repr, DECODE_PATHS))}.")
     return decode
-
-
-def gpu_decode_status(device: str = "cuda") -> tuple[bool, str]:
-    """Whether batched device JPEG decoding works on ``device``, and what runs or why not (for ``doctor``)."""
-    try:
-        decoder = select_decoder(device)
-    except DeviceDecodeError as error:
-        return False, str(error)
-    text = f"{decoder.name}.decode_jpeg, batched on {decoder.device}"
-    if decoder.name != "torchcodec":
-        text += " (torchcodec not importable; `pip install torchcodec` gives the faster batched decoder)"
-    return True, text
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -316,28 +204,6 @@ def pack_items(items: Sequence[_Item]) -> list[_Item]:
     return items
 
 
-def _decode_each(decoder: DeviceDecoder, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """Decode a batch in one call; if the device rejects any file, decode one by one (None for rejects)."""
-    if not datas:
-        return []
-    try:
-        return list(decoder.decode(datas))
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as error:  # noqa: BLE001 - a rejected file fails the whole call: find it alone
-        logger.debug("batched device decode failed (%s: %s); decoding one by one", type(error).__name__, error)
-    decoded: list[torch.Tensor | None] = []
-    for data in datas:
-        try:
-            decoded.append(decoder.decode([data])[0])
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as error:  # noqa: BLE001 - retried on the CPU path, which reports it if bad there too
-            logger.debug("device decoder rejected a file (%s: %s)", type(error).__name__, error)
-            decoded.append(None)
-    return decoded
-
-
 def _reduce(image: torch.Tensor, scale: int) -> torch.Tensor:
     """uint8 (3, H, W) -> uint8 (3, ceil(H / scale), ceil(W / scale)), each pixel the mean of its block."""
     pooled = torch.nn.functional.avg_pool2d(image[None].to(torch.float32), scale, ceil_mode=True)
@@ -386,7 +252,7 @@ def decode_items(items: Sequence[_Item], dataset: DeviceDecodeDataset, decoder: 
     images = torch.zeros((len(items), 3, size, size), dtype=torch.uint8, device=device)
     for chunk in _chunks([i for i, item in enumerate(items) if item.data is not None], items):
         groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
-        for i, image in zip(chunk, _decode_each(decoder, [items[i].data for i in chunk])):  # type: ignore[misc]
+        for i, image in zip(chunk, decode_each(decoder, [items[i].data for i in chunk])):  # type: ignore[misc]
             item = items[i]
             if image is None or tuple(image.shape) != _expected_shape(item, decoder.applies_exif):
                 items[i] = dataset.cpu_item(item.row)
@@ -410,7 +276,8 @@ def decode_items(items: Sequence[_Item], dataset: DeviceDecodeDataset, decoder: 
 
 def iter_device_batches(paths: Manifest | Sequence[str | os.PathLike], rows: Sequence[int], *,
                         preprocess: Preprocessor, device: str = "cpu", batch_size: int = 256,
-                        num_workers: int | None = None, prefetch_factor: int = 4) -> Iterator[Batch]:
+                        num_workers: int | None = None, prefetch_factor: int = 4,
+                        background: bool | None = None) -> Iterator[Batch]:
     """Batches of device-decoded, resized, cropped uint8 images for the given rows.
 
     Parameters
@@ -428,6 +295,10 @@ def iter_device_batches(paths: Manifest | Sequence[str | os.PathLike], rows: Seq
     num_workers : int, optional
         Processes that read bytes and probe headers (and run the CPU path for
         the files routed there); default :func:`~featcache.extract.data.default_num_workers`.
+    background : bool, optional
+        Decode and resize in a thread, up to two batches ahead of the caller
+        (default: on CUDA devices), so the next batch is prepared while the
+        caller runs the forward pass of this one.
 
     Yields
     ------
@@ -440,8 +311,9 @@ def iter_device_batches(paths: Manifest | Sequence[str | os.PathLike], rows: Seq
 
     Raises
     ------
-    DeviceDecodeError
-        When no JPEG decoder works on ``device`` (see :func:`gpu_decode_status`).
+    featcache.extract.jpeg_decoders.DeviceDecodeError
+        When no JPEG decoder works on ``device`` (see
+        :func:`~featcache.extract.jpeg_decoders.gpu_decode_status`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}.")
@@ -452,5 +324,53 @@ def iter_device_batches(paths: Manifest | Sequence[str | os.PathLike], rows: Seq
     workers = default_num_workers() if num_workers is None else int(num_workers)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=pack_items,
                         prefetch_factor=prefetch_factor if workers > 0 else None)
-    for items in loader:
-        yield decode_items(items, dataset, decoder)
+    decoded = (decode_items(items, dataset, decoder) for items in loader)
+    if background is None:
+        background = decoder.device.startswith("cuda")
+    return _ahead(decoded) if background else decoded
+
+
+_DONE = object()
+
+
+def _ahead(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
+    """Run ``batches`` in a thread, up to ``depth`` batches ahead of the consumer.
+
+    On CUDA the next batch is decoded and resized while the caller runs the
+    forward of the current one. An exception in the thread is raised here;
+    closing this generator early stops the thread.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(value: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not put(batch):
+                    return
+            put(_DONE)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
+            put(error)
+
+    thread = threading.Thread(target=produce, name="featcache-gpu-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            value = ready.get()
+            if value is _DONE:
+                return
+            if isinstance(value, BaseException):
+                raise value
+            yield value  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()
