@@ -126,6 +126,21 @@ def test_device_path_matches_pil_path(image_dir, backbone, mode):
     assert levels.max() <= 1.0, dict(zip(names, levels.numpy().round(2)))
 
 
+@pytest.mark.parametrize("size", [(511, 600), (512, 512), (1030, 2100), (2100, 1700), (4100, 300), (300, 4100)])
+def test_draft_scale_matches_pillow(size):
+    """The device path averages the blocks Pillow's JPEG draft (used by the CPU path) would drop."""
+    from featcache.extract.image_probe import draft_scale
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buffer, "JPEG")
+    preprocess = _preprocessor()
+    with Image.open(buffer) as image:
+        image.draft(image.mode, (preprocess.resize_size, preprocess.resize_size))
+        drafted = image.size
+    scale = draft_scale(*size, preprocess)
+    assert drafted == (-(-size[0] // scale), -(-size[1] // scale))
+
+
 def test_exif_orientation_like_pil():
     """All 8 EXIF orientations, exactly as Pillow's exif_transpose (on a non-square image)."""
     pixels = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from dataclasses import dataclass
 
 from PIL import Image
@@ -93,14 +94,17 @@ def probe_header(data: bytes) -> ImageHeader | None:
         None when Pillow cannot identify the data (the CPU path then reports why).
     """
     try:
-        with Image.open(io.BytesIO(data)) as image:  # lazy: reads the header only
-            is_jpeg = image.format == "JPEG"
-            return ImageHeader(
-                format=str(image.format), width=int(image.size[0]), height=int(image.size[1]), mode=image.mode,
-                progressive=bool(image.info.get("progressive", False)) if is_jpeg else False,
-                orientation=_orientation(image),
-                complete=data.rstrip(b"\x00").endswith(_JPEG_EOI) if is_jpeg else True,
-            )
+        with warnings.catch_warnings():
+            # Pillow's own bomb warning is noise here: device_route applies the configured limit.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:  # lazy: reads the header only
+                is_jpeg = image.format == "JPEG"
+                return ImageHeader(
+                    format=str(image.format), width=int(image.size[0]), height=int(image.size[1]), mode=image.mode,
+                    progressive=bool(image.info.get("progressive", False)) if is_jpeg else False,
+                    orientation=_orientation(image),
+                    complete=data.rstrip(b"\x00").endswith(_JPEG_EOI) if is_jpeg else True,
+                )
     except Exception as error:  # noqa: BLE001 - any header Pillow rejects goes to the CPU path, which reports it
         logger.debug("header not identified (%s: %s)", type(error).__name__, error)
         return None
