@@ -34,9 +34,15 @@ ON_DEVICE = {f"{name}.jpg" for name in PHOTOS} | {f"orient{o}.jpg" for o in rang
 ON_CPU = {"cmyk.jpg", "odd4000x30.jpg"}  # CMYK; extreme aspect ratio (crop-window resampling on the CPU path)
 
 
-def _photo(name: str) -> Image.Image:
-    import skimage.data
+#: (width, height) of the scikit-image samples, for a stand-in where scikit-image is missing (GPU machines).
+_PHOTO_SIZES = {"chelsea": (451, 300), "coffee": (600, 400), "astronaut": (512, 512)}
 
+
+def _photo(name: str) -> Image.Image:
+    try:
+        import skimage.data
+    except ImportError:  # the GPU machines lack scikit-image: a smooth noisy stand-in of the same size
+        return _gradient(*_PHOTO_SIZES[name], seed=len(name))
     return Image.fromarray(getattr(skimage.data, name)())
 
 
