@@ -21,7 +21,7 @@ from featcache.extract.registry import UnknownNameError, get_backbone, list_back
 from featcache.store.schema import FEATURE_DTYPES, POOLINGS
 
 __all__ = ["Params", "FinetuneParams", "FinetuneSettings", "FINETUNE_MODES", "DataParams", "ExtractParams", "BackboneParams", "FeatureRef", "TrainParams",
-           "ConfigError", "load_params", "parse_params", "extraction_config"]
+           "ConfigError", "load_params", "parse_params", "extraction_config", "expected_config"]
 
 
 class ConfigError(ValueError):
@@ -266,10 +266,10 @@ class Params(_Strict):
                 raise ValueError(f"features[{index}].layer {feature.layer!r} is not extracted for "
                                  f"{feature.backbone!r} (backbones.{feature.backbone}.layers = {layers}). "
                                  "Hint: add it to those layers or remove the feature.")
-        from featcache.heads.registry import make_head
+        from featcache.heads.registry import make_head, task_params
 
-        for name, head_params in self.heads.items():
-            make_head(name, self.data.task, head_params)  # raises naming unknown heads / params
+        for name, head_params in self.heads.items():  # one section serves both tasks' twins
+            make_head(name, self.data.task, task_params(name, self.data.task, head_params))  # raises naming bad keys
         return self
 
 
@@ -364,6 +364,19 @@ def extraction_config(params: Params, backbone: str) -> dict[str, Any]:
         "extract": extract,
         "data": data,
     }
+
+
+def expected_config(params: Params, backbone: str) -> dict[str, Any]:
+    """The extraction config that ``params`` give for ``backbone``, as stored in its HDF5 file.
+
+    :func:`extraction_config` plus the backbone's preprocessing; the extract stage
+    writes it and the train stage checks a store against it.
+    """
+    from featcache.extract.preprocess import Preprocessor
+
+    config = extraction_config(params, backbone)
+    config["preprocess"] = Preprocessor.from_spec(get_backbone(backbone), params.extract.resize_mode).config()
+    return config
 
 
 def known_backbones() -> list[str]:

@@ -10,21 +10,13 @@ from featcache.extract.malloc import tune_malloc
 from featcache.extract.manifest import Manifest
 from featcache.extract.memory import check_batch_memory
 from featcache.extract.preprocess import Preprocessor
-from featcache.extract.registry import get_backbone
 from featcache.extract.torch_runner import TorchFeatureExtractor
 from featcache.extract.weights import load_backbone
-from featcache.pipeline.config import Params, extraction_config
+from featcache.pipeline.config import Params, expected_config
 
 __all__ = ["extract", "expected_config"]
 
 logger = logging.getLogger(__name__)
-
-
-def expected_config(params: Params, backbone: str) -> dict:
-    """The extraction config that ``params`` give for ``backbone`` (as stored in its HDF5 file)."""
-    config = extraction_config(params, backbone)
-    config["preprocess"] = Preprocessor.from_spec(get_backbone(backbone), params.extract.resize_mode).config()
-    return config
 
 
 def extract(params: Params, backbone: str, manifest_path: str | Path, out: str | Path,

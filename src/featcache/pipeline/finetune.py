@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featcache.pipeline.train import write_json, write_predictions_csv
+from featcache.runs import write_csv, write_json
 
 if TYPE_CHECKING:
     from featcache.heads.finetune import FinetuneConfig, FinetuneResult
@@ -171,7 +171,8 @@ def finetune_stage(params: Params, mode: str, manifest_path: str | Path, out_dir
     metrics["best_params"] = dict(metrics["best_params"])
     write_json(Path(metrics_path), metrics)
     if confusion_path is not None and manifest.task == "classification":
-        write_predictions_csv(Path(confusion_path), confusion_rows(result.y_true, result.y_pred, result.classes))
+        write_csv(confusion_path, confusion_rows(result.y_true, result.y_pred, result.classes),
+                  ["actual", "predicted"])
     summary = metrics.get("accuracy", metrics.get("rmse"))
     logger.info("finetune-%s: test %s = %.4f in %.1fs", mode,
                 "accuracy" if manifest.task == "classification" else "rmse", summary, result.fit_seconds)
