@@ -38,7 +38,7 @@ from featcache.extract.sources import from_csv, from_folder
 from featcache.extract.torch_runner import TorchFeatureExtractor
 from featcache.store import FeatureStore
 
-from ._helpers import md5
+from _support.files import md5
 
 PRE = Preprocessor(input_size=32, resize_size=36, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 CONFIG = {"backbone": "resnet18", "weights": "random", "layers": ["pool5"], "preprocess": PRE.config()}

@@ -11,7 +11,7 @@ from featcache.extract.data import ImageDataset, default_num_workers, make_loade
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor, load_rgb
 
-from ._helpers import write_image_folder
+from _support.files import write_image_folder
 
 PRE = Preprocessor(input_size=32, resize_size=36, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
 

@@ -21,7 +21,7 @@ from featcache.extract.sources import from_folder
 from featcache.store.schema import sha256_text
 from featcache.store.writer import LayerSpec, StoreWriter
 
-from ._helpers import md5
+from _support.files import md5
 
 distributed = pytest.importorskip("distributed")
 

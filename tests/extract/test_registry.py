@@ -19,7 +19,7 @@ from featcache.extract.registry import (
 )
 from featcache.extract.torch_runner import TorchFeatureExtractor
 
-from ._helpers import assert_close, input_size, mean_pool, random_batch, reference_activations
+from _support.references import assert_close, input_size, mean_pool, random_batch, reference_activations
 
 BACKBONE_NAMES = list(BACKBONES)
 

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-import featcache_store_synth as synth
+from _support import synth_store as synth
 from featcache.store import FORMAT, LayerSpec, StoreError, StoreLockedError, StoreWriter
 from featcache.store.blocks import TMP_MARK
 
@@ -122,7 +122,7 @@ def test_resume_after_drop_gives_identical_bytes(tmp_path, file_md5):
 _KILL_CHILD = r"""
 import io, sys, time
 import numpy as np
-import featcache_store_synth as synth
+from _support import synth_store as synth
 from featcache.store import StoreWriter
 real_savez, calls = np.savez, [0]
 def half_then_hang(fh, **arrays):  # the 4th block file: write half of it, then hang
@@ -234,7 +234,7 @@ def test_write_error_keeps_previous_file(tmp_path, monkeypatch, file_md5):
 
 _HOLD_CHILD = r"""
 import sys, time
-import featcache_store_synth as synth
+from _support import synth_store as synth
 from featcache.store import StoreWriter
 with StoreWriter(sys.argv[1], **synth.make_kwargs()) as w:
     print("LOCKED", flush=True)

@@ -35,6 +35,7 @@ from featcache.extract.manifest import Manifest
 from PIL import Image
 
 from featcache.extract.preprocess import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, Preprocessor, load_rgb
+from featcache.util.compute import default_num_workers
 
 __all__ = ["DECODE_ERRORS", "ImageDataset", "make_loader", "default_num_workers", "describe_error"]
 
@@ -144,12 +145,6 @@ def _note(error: BaseException, note: str) -> None:
 def _collate(items: list[tuple[int, torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     rows = torch.tensor([item[0] for item in items], dtype=torch.int64)
     return rows, torch.stack([item[1] for item in items]), [item[2] for item in items]
-
-
-def default_num_workers() -> int:
-    """Decode workers for this machine: leave one core for the forward pass, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores - 1))
 
 
 def make_loader(dataset: ImageDataset, rows: Sequence[int], batch_size: int, num_workers: int | None = None,

@@ -32,6 +32,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 import numpy as np
 import torch
 import featcache
+from featcache.errors import UserError
 from featcache.extract.blockloop import BatchForward, BlockAssembler, CommitQueue, FinishedBlock, Progress
 from featcache.extract.data import ImageDataset, make_loader
 from featcache.extract.manifest import Manifest
@@ -52,7 +53,7 @@ ON_ERROR = ("skip", "fail")
 DEFAULT_MAX_BAD_FRACTION = 0.5
 
 
-class ExtractionError(RuntimeError):
+class ExtractionError(UserError, RuntimeError):
     """Extraction stopped (``on_error: fail`` on a bad image, or a runner error)."""
 
 

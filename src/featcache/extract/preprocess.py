@@ -31,7 +31,7 @@ from torchvision.transforms import functional as TF
 from featcache.extract.registry import BackboneSpec
 
 __all__ = ["Preprocessor", "load_rgb", "to_rgb", "RESIZE_MODES", "DEFAULT_MAX_IMAGE_PIXELS", "ImageTooLargeError",
-           "MAX_PARAM"]
+           "MAX_PARAM", "MAX_INTERMEDIATE_FACTOR"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ _LIMIT_LOCK = threading.RLock()
 #: intermediate (224 x 1,120,000 pixels, 750 MB); above this many intermediate pixels per pixel of the
 #: crop (aspect ratios beyond about 50:1), only the crop window is resampled (``_resize_crop_window``).
 _MAX_INTERMEDIATE_FACTOR = 64
+MAX_INTERMEDIATE_FACTOR = _MAX_INTERMEDIATE_FACTOR  # public name (extract.image_probe routes these to the CPU path)
 
 #: ``crop``: resize the shorter side then center-crop; ``squash``: resize to the square input.
 RESIZE_MODES = ("crop", "squash")

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Mapping, Sequence
@@ -36,7 +35,7 @@ from . import blocks as _blocks
 from .assemble import write_store
 from .errors import StoreError
 from .lock import FileLock
-from .schema import FORMAT, canonical_json, sha256_text
+from .schema import FORMAT, LayerSpec, canonical_json, sha256_text
 from .validate import (
     check_attrs,
     check_ids,
@@ -46,38 +45,9 @@ from .validate import (
     format_blocks,
 )
 
-__all__ = ["LayerSpec", "StoreWriter"]
+__all__ = ["LayerSpec", "StoreWriter"]  # LayerSpec lives in .schema; re-exported for old imports
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """One stored layer: ``/features/<alias>`` of shape (N, ``dim``).
-
-    Attributes
-    ----------
-    alias : str
-        Dataset name, e.g. ``"pool"`` or ``"fc7"``; no ``/``.
-    node : str
-        Graph node it was read from, e.g. ``"global_pool.flatten"``.
-    dim : int
-        Feature dimension D after pooling.
-    pooling : str
-        One of :data:`~featcache.store.schema.POOLINGS`; ``"none"`` for maps
-        stored whole and for outputs that are already flat.
-    map_shape : tuple of int
-        Per-sample shape before pooling, e.g. ``(1280, 7, 7)`` or ``(1280,)``.
-    post_relu : bool
-        Whether the activation is taken after the ReLU.
-    """
-
-    alias: str
-    node: str
-    dim: int
-    pooling: str
-    map_shape: tuple[int, ...]
-    post_relu: bool
 
 
 class StoreWriter:
