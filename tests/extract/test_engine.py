@@ -20,7 +20,7 @@ from featcache.extract.registry import IMAGENET_MEAN, IMAGENET_STD
 from featcache.extract.sources import from_folder
 from featcache.extract.torch_runner import TorchFeatureExtractor
 
-from ._helpers import md5, write_image_folder
+from _support.files import md5, write_image_folder
 
 PRE = Preprocessor(input_size=64, resize_size=73, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 LAYERS = ["pool5", "res4"]

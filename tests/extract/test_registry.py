@@ -2,7 +2,7 @@
 
 Parametrized from :data:`featcache.extract.registry.BACKBONES`, so a new backbone
 or alias is tested without editing this file. Inputs are random images (size per
-backbone: ``_helpers.input_size``); weights are random (seed 0), then rescaled
+backbone: ``_support.references.input_size``); weights are random (seed 0), then rescaled
 layer by layer on that input so that every activation is of order 1
 (:func:`scale_keeping`). With the constructors' own random init the deep
 GoogLeNet activations vanish (inception_4a..pool5 below 1e-5 at 32 px), and an
@@ -28,7 +28,7 @@ from featcache.extract.torch_runner import TorchFeatureExtractor
 
 from featcache.extract.weights import LoadedBackbone, load_backbone
 
-from ._helpers import input_size, mean_pool, random_batch, reference_activations
+from _support.references import input_size, mean_pool, random_batch, reference_activations
 
 BACKBONE_NAMES = list(BACKBONES)
 

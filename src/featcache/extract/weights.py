@@ -32,6 +32,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from featcache.errors import UserError
 from featcache.extract.registry import BackboneSpec, get_backbone
 
 __all__ = [
@@ -53,7 +54,7 @@ _LITE_STAGE_DEPTHS = {
 OFFLINE_ENV = "FEATCACHE_OFFLINE"
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(UserError, FileNotFoundError):
     """Pretrained weights are not available on this machine."""
 
 

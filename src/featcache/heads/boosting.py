@@ -19,21 +19,21 @@ from typing import Any
 
 import lightgbm
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import (
-    Split,
+from .base import HeadBase
+from .preprocessing import apply_preprocess, check_pca_components, fit_preprocess
+from .splits import Split, prepare_fit
+from .validation import (
     check_features,
     check_fraction,
     check_int,
     check_positive,
     expand_columns,
-    prepare_fit,
     require_two_classes,
     resolve_classes,
 )
-from ._data import apply_preprocess, check_pca_components, fit_preprocess
 
 __all__ = ["AUTO_COLUMNS", "LightGBMHead", "LightGBMRegressorHead"]
 
@@ -46,10 +46,8 @@ AUTO_COLUMNS = 200
 _HAS_EVAL_XY = "eval_X" in inspect.signature(lightgbm.LGBMModel.fit).parameters
 
 
-class _LightGBMBase(BaseEstimator):
+class LightGBMBase(HeadBase):
     """Shared parameters, fitting and prediction of the two LightGBM heads."""
-
-    _classification: bool = False
 
     def _colsample(self, n_features: int) -> float:
         """``colsample_bytree``, or for None about ``AUTO_COLUMNS`` columns per tree (10 % .. 100 %)."""
@@ -127,7 +125,7 @@ class _LightGBMBase(BaseEstimator):
         return np.asarray(self.booster_.predict(X, num_iteration=self.best_iteration_), dtype=np.float64)
 
 
-class LightGBMHead(ClassifierMixin, _LightGBMBase):
+class LightGBMHead(ClassifierMixin, LightGBMBase):
     """LightGBM classifier, early-stopped on the validation split.
 
     Parameters
@@ -282,7 +280,7 @@ class LightGBMHead(ClassifierMixin, _LightGBMBase):
         return self.classes_[np.argmax(proba, axis=1)]
 
 
-class LightGBMRegressorHead(RegressorMixin, _LightGBMBase):
+class LightGBMRegressorHead(RegressorMixin, LightGBMBase):
     """LightGBM regressor (L2), early-stopped on the validation split.
 
     Parameters are those of :class:`LightGBMHead` without ``n_classes``; the

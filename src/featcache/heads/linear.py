@@ -20,24 +20,25 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import (
-    Split,
+from featcache.util.compute import thread_limit
+
+from .base import HeadBase
+from .preprocessing import apply_preprocess, check_pca_components
+from .splits import SelectionSets, Split, average_rows, prepare_fit
+from .validation import (
     as_float_list,
     check_features,
     check_int,
     check_positive,
     expand_columns,
-    prepare_fit,
     require_two_classes,
     resolve_classes,
-    thread_limit,
 )
-from ._data import SelectionSets, apply_preprocess, average_rows, check_pca_components
 from .metrics import log_loss_score
 
 __all__ = ["DEFAULT_ALPHAS", "DEFAULT_CS", "LogisticRegressionHead", "RidgeHead", "log_grid_search"]
@@ -105,7 +106,7 @@ def _final_rows(split: Split, refit_on_trainval: bool) -> tuple[np.ndarray, np.n
     return split.X_train, split.y_train
 
 
-class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
+class LogisticRegressionHead(ClassifierMixin, HeadBase):
     """Multinomial L2 logistic regression with C chosen on the validation split.
 
     Parameters
@@ -169,6 +170,8 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
     log-loss, then by smaller C. The grid is walked in ascending C with warm starts;
     the final refit starts cold.
     """
+
+    _classification = True
 
     def __init__(
         self,
@@ -314,7 +317,7 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(proba, axis=1)]
 
 
-class RidgeHead(RegressorMixin, BaseEstimator):
+class RidgeHead(RegressorMixin, HeadBase):
     """Ridge regression with alpha chosen on validation RMSE (coarse-to-fine log grid).
 
     Parameters

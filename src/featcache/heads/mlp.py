@@ -17,20 +17,16 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import (
-    Split,
-    check_features,
-    check_int,
-    check_positive,
-    prepare_fit,
-    require_two_classes,
-    resolve_classes,
-)
-from ._data import apply_preprocess, check_pca_components, fit_preprocess
-from ._training import _batches, _torch_threads, build_mlp, predict_batches, train_epochs
+from featcache.util.compute import torch_threads
+
+from .base import HeadBase
+from .preprocessing import apply_preprocess, check_pca_components, fit_preprocess
+from .splits import Split, prepare_fit
+from .training import build_mlp, iter_batches, predict_batches, train_epochs
+from .validation import check_features, check_int, check_positive, require_two_classes, resolve_classes
 
 if TYPE_CHECKING:
     import torch
@@ -39,10 +35,8 @@ __all__ = ["MLPHead", "MLPRegressorHead", "build_mlp", "train_epochs"]
 
 log = logging.getLogger(__name__)
 
-class _MLPBase(BaseEstimator):
+class MLPBase(HeadBase):
     """Shared training loop of :class:`MLPHead` and :class:`MLPRegressorHead`."""
-
-    _classification: bool = False
 
     def _check_params(self) -> torch.device:
         """Validate the constructor parameters; return the torch device."""
@@ -100,13 +94,13 @@ class _MLPBase(BaseEstimator):
         t_fit, t_sel = tensor(y_fit, y_dtype), tensor(y_sel, y_dtype)
         loss_fn = self._loss_fn()
 
-        with _torch_threads(self.n_threads), torch.random.fork_rng(devices=[]):
+        with torch_threads(self.n_threads), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             generator = torch.Generator().manual_seed(seed)
             module = build_mlp(X_fit.shape[1], self.hidden_sizes, n_out, self.dropout).to(device)
 
             def epoch_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-                for rows in _batches(X_fit.shape[0], self.batch_size, generator):
+                for rows in iter_batches(X_fit.shape[0], self.batch_size, generator):
                     rows = rows.to(device)
                     yield X_fit[rows], t_fit[rows]
 
@@ -140,7 +134,7 @@ class _MLPBase(BaseEstimator):
         return self._forward_array(X)
 
 
-class MLPHead(ClassifierMixin, _MLPBase):
+class MLPHead(ClassifierMixin, MLPBase):
     """MLP classifier (cross-entropy), early-stopped on validation loss.
 
     Parameters
@@ -274,7 +268,7 @@ class MLPHead(ClassifierMixin, _MLPBase):
         return self.classes_[np.argmax(logits, axis=1)]
 
 
-class MLPRegressorHead(RegressorMixin, _MLPBase):
+class MLPRegressorHead(RegressorMixin, MLPBase):
     """MLP regressor: MSE on the standardised target, un-standardised at predict.
 
     Parameters are those of :class:`MLPHead` without ``n_classes``; the hold-out

@@ -28,12 +28,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.linear_model import SGDClassifier, SGDRegressor
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import as_float_list, check_int, resolve_classes
-from ._data import DEFAULT_CHUNK_ROWS, RowChunks, fit_scaler_streaming, stream_outputs, streaming_sources
+from .base import HeadBase
+from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, stream_outputs, streaming_sources
+from .preprocessing import fit_scaler_streaming
+from .validation import as_float_list, check_int, resolve_classes
 from .dask_boosting import fit_lightgbm_dask
 from .metrics import log_loss_score
 from .streaming_mlp import StreamingMLPHead, StreamingMLPRegressorHead
@@ -53,7 +55,7 @@ DEFAULT_SGD_ALPHAS: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
 """Candidate L2 strengths of the SGD heads (each candidate is one streamed fit)."""
 
 
-class _StreamingLinearBase(BaseEstimator):
+class _StreamingLinearBase(HeadBase):
     """Shared streamed SGD fitting of :class:`StreamingLogisticHead` / :class:`StreamingRidgeHead`."""
 
     _classification = False
