@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 import featcache
+from featcache.errors import UserError
 from featcache.extract.data import ImageDataset, make_loader
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
@@ -27,12 +28,19 @@ from featcache.store.reader import FeatureStore
 from featcache.store.schema import canonical_json, sha256_text
 from featcache.store.writer import LayerSpec, StoreWriter
 
-__all__ = ["ExtractionError", "ExtractionReport", "FeatureRunner", "extract_to_store", "resolve_device"]
+__all__ = ["BlockSink", "DEFAULT_MAX_BAD_FRACTION", "ExtractionError", "ExtractionReport", "FeatureRunner",
+           "ON_ERROR", "build_report", "build_root_attrs", "check_bad_rows", "check_max_bad_fraction", "check_on_error", "extract_to_store", "resolve_device", "run_blocks"]
 
 logger = logging.getLogger(__name__)
 
+#: ``on_error`` values: ``skip`` reports bad images and goes on, ``fail`` stops at the first.
+ON_ERROR = ("skip", "fail")
 
-class ExtractionError(RuntimeError):
+#: Default ``max_bad_fraction``: a run with more bad images than good ones fails.
+DEFAULT_MAX_BAD_FRACTION = 0.5
+
+
+class ExtractionError(UserError, RuntimeError):
     """Extraction stopped (``on_error: fail`` on a bad image, or a runner error)."""
 
 
@@ -83,6 +91,7 @@ def extract_to_store(
     pin_memory: bool = False,
     progress: bool = True,
     lock_timeout: float = 0.0,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
 ) -> ExtractionReport:
     """Extract every manifest row with ``runner`` and write one feature store.
 
@@ -104,16 +113,109 @@ def extract_to_store(
     on_error : {"skip", "fail"}
         Bad images are reported by id and reason; ``skip`` drops their rows,
         ``fail`` stops before the final file is written.
+    max_bad_fraction : float
+        With ``skip``: if every row, or more than this fraction of them, is a
+        bad image, fail naming the first reasons instead of writing the final
+        file (see :func:`check_bad_rows`).
 
     Returns
     -------
     ExtractionReport
     """
-    if on_error not in ("skip", "fail"):
-        raise ValueError(f"on_error {on_error!r} is not one of 'skip', 'fail'.")
+    check_on_error(on_error)
+    check_max_bad_fraction(max_bad_fraction)
     started = time.perf_counter()
+    root_attrs = build_root_attrs(manifest, config, attrs)
+    layer_specs = runner.layer_specs(preprocess.input_size)
+    with StoreWriter(out, ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
+                     labels=manifest.labels, targets=manifest.targets, layers=layer_specs, attrs=root_attrs,
+                     dtype=dtype, block_rows=block_rows, lock_timeout=lock_timeout) as writer:
+        pending = writer.pending_blocks()
+        n_resumed = writer.n_blocks - len(pending)
+        if n_resumed:
+            logger.info("Resuming %s: %d of %d blocks already committed", out, n_resumed, writer.n_blocks)
+        run_blocks(manifest, runner, writer, pending, preprocess=preprocess, layer_specs=layer_specs,
+                   batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, on_error=on_error,
+                   progress=progress, label=Path(out).name)
+        check_bad_rows(writer.committed_errors(), len(manifest), max_bad_fraction, out)
+        path = writer.finalize()
+    n_extracted = sum(len(writer.block_range(block)) for block in pending)
+    return build_report(path, manifest, n_extracted=n_extracted, n_resumed_blocks=n_resumed,
+                        seconds=time.perf_counter() - started)
+
+
+def check_on_error(on_error: str) -> None:
+    """Raise ValueError unless ``on_error`` is ``"skip"`` or ``"fail"``."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error {on_error!r} is not one of {ON_ERROR}. Hint: 'skip' reports bad images and "
+                         "goes on, 'fail' stops at the first one.")
+
+
+def check_max_bad_fraction(max_bad_fraction: float) -> None:
+    """Raise ValueError unless ``0 <= max_bad_fraction <= 1``."""
+    if isinstance(max_bad_fraction, bool) or not isinstance(max_bad_fraction, (int, float)) \
+            or not 0.0 <= max_bad_fraction <= 1.0:
+        raise ValueError(f"max_bad_fraction {max_bad_fraction!r} must be a number in [0, 1] "
+                         f"(default {DEFAULT_MAX_BAD_FRACTION}).")
+
+
+def check_bad_rows(errors: Sequence[tuple[str, str]], n_input: int, max_bad_fraction: float,
+                   out: str | Path) -> None:
+    """Refuse a store that is all (or mostly) bad images: that is a broken input, not a dataset.
+
+    Parameters
+    ----------
+    errors : sequence of (id, reason)
+        Every skipped row of the store (resumed blocks included), in row order.
+    n_input : int
+        N, the manifest rows.
+    max_bad_fraction : float
+        Largest allowed ``len(errors) / n_input``; all rows bad fails even at 1.
+    out : path
+        The store (named in the message).
+
+    Raises
+    ------
+    ExtractionError
+        Naming the count, the limit and the first reasons. Committed blocks
+        are kept, so a rerun with a higher ``extract.max_bad_fraction``
+        finalizes without extracting again.
+    """
+    n_bad = len(errors)
+    if n_bad == 0 or (n_bad < n_input and n_bad <= max_bad_fraction * n_input):
+        return
+    first = "; ".join(f"{id_}: {reason}" for id_, reason in errors[:5])
+    what = "every row" if n_bad >= n_input else f"more than extract.max_bad_fraction={max_bad_fraction:g} of the rows"
+    raise ExtractionError(
+        f"{n_bad} of {n_input} images ({n_bad / max(1, n_input):.0%}) could not be decoded for {Path(out).name}: "
+        f"{what}. First reasons: {first}. The final file was not written (the committed blocks are kept). "
+        "Hint: check data.path and the image files; if so many bad images are expected, raise "
+        "extract.max_bad_fraction and rerun (nothing is extracted again)."
+    )
+
+
+def build_root_attrs(manifest: Manifest, config: Mapping[str, Any],
+                     attrs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Root attributes of a store extracted from ``manifest`` with ``config``.
+
+    Parameters
+    ----------
+    manifest : Manifest
+        The N rows (its sha256 is stored).
+    config : mapping
+        Every extraction-relevant param; stored as canonical JSON with its sha256.
+    attrs : mapping, optional
+        Extra root attributes (backbone, weights_id, backend, provider, ...);
+        they win over the computed ones.
+
+    Returns
+    -------
+    dict
+        ``config``, ``config_sha256``, ``manifest_sha256``, ``featcache_version``,
+        ``torch_version``, ``python_version`` and ``attrs``.
+    """
     config_json = canonical_json(config)
-    root_attrs = {
+    return {
         "config": config_json,
         "config_sha256": sha256_text(config_json),
         "manifest_sha256": manifest.sha256(),
@@ -122,44 +224,103 @@ def extract_to_store(
         "python_version": platform.python_version(),
         **dict(attrs or {}),
     }
-    layer_specs = runner.layer_specs(preprocess.input_size)
-    dataset = ImageDataset(manifest, preprocess)
-    with StoreWriter(out, ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
-                     labels=manifest.labels, targets=manifest.targets, layers=layer_specs, attrs=root_attrs,
-                     dtype=dtype, block_rows=block_rows, lock_timeout=lock_timeout) as writer:
-        pending = writer.pending_blocks()
-        n_resumed = writer.n_blocks - len(pending)
-        if n_resumed:
-            logger.info("Resuming %s: %d of %d blocks already committed", out, n_resumed, writer.n_blocks)
-        rows = [row for block in pending for row in writer.block_range(block)]
-        errors = _run_blocks(manifest, runner, dataset, writer, layer_specs, pending, rows, batch_size,
-                             num_workers, pin_memory, on_error, progress)
-        path = writer.finalize()
-    # Count from the store: bad images of blocks committed by an earlier (resumed) run are not in `errors`.
+
+
+def build_report(path: str | Path, manifest: Manifest, *, n_extracted: int, n_resumed_blocks: int,
+                 seconds: float, note: str = "") -> ExtractionReport:
+    """The report of a finished store, its skipped rows counted from the store itself.
+
+    Bad images of blocks committed by an earlier (resumed) run are in the
+    store but not in this run's errors, so they are read back from ``path``.
+
+    Parameters
+    ----------
+    path : path
+        The finalized store.
+    manifest : Manifest
+        Its N input rows.
+    n_extracted : int
+        Rows this run sent through the backbone (for img/s).
+    n_resumed_blocks : int
+        Blocks an earlier run had committed.
+    seconds : float
+        Wall time of this run.
+    note : str
+        Appended to the log line (e.g. ``"12 tasks on dask"``).
+    """
     with FeatureStore(path) as store:
         errors = store.errors()
-    seconds = time.perf_counter() - started
     n_skipped = len(errors)
     report = ExtractionReport(path=Path(path), n_input=len(manifest), n_written=len(manifest) - n_skipped,
-                              n_skipped=n_skipped, n_resumed_blocks=n_resumed, seconds=seconds,
-                              images_per_second=len(rows) / seconds if seconds > 0 else 0.0, errors=errors)
-    logger.info("Wrote %s: %d rows, %d skipped, %.1f img/s", path, report.n_written, n_skipped,
-                report.images_per_second)
+                              n_skipped=n_skipped, n_resumed_blocks=n_resumed_blocks, seconds=seconds,
+                              images_per_second=n_extracted / seconds if seconds > 0 else 0.0, errors=errors)
+    logger.info("Wrote %s: %d rows, %d skipped%s, %.1f img/s", path, report.n_written, n_skipped,
+                f", {note}" if note else "", report.images_per_second)
     return report
 
 
-def _run_blocks(manifest: Manifest, runner: FeatureRunner, dataset: ImageDataset, writer: StoreWriter,
-                layer_specs: Sequence[LayerSpec], pending: Sequence[int], rows: Sequence[int], batch_size: int, num_workers: int | None,
-                pin_memory: bool, on_error: str, progress: bool) -> list[tuple[str, str]]:
-    """Stream rows through the runner and commit each block as soon as it is complete."""
+class BlockSink(Protocol):
+    """Where :func:`run_blocks` commits finished blocks: a ``StoreWriter`` or its ``BlockCommitter``."""
+
+    def block_range(self, block: int) -> range: ...
+
+    def commit_block(self, block: int, kept_rows: np.ndarray, features: Mapping[str, np.ndarray],
+                     errors: Sequence[tuple[str, str]] = ()) -> Any: ...
+
+
+def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, blocks: Sequence[int], *,
+               preprocess: Preprocessor, layer_specs: Sequence[LayerSpec], batch_size: int = 64,
+               num_workers: int | None = None, pin_memory: bool = False, on_error: str = "skip",
+               progress: bool = False, label: str = "", dataset: ImageDataset | None = None
+               ) -> list[tuple[str, str]]:
+    """Extract the rows of ``blocks`` and commit each block to ``sink`` as soon as it is complete.
+
+    The loop shared by :func:`extract_to_store` and the dask workers of
+    :mod:`featcache.extract.distributed`: rows of the blocks, concatenated in
+    order, go through the runner in batches of ``batch_size``.
+
+    Parameters
+    ----------
+    manifest : Manifest
+        All N rows (ids for the error table).
+    runner : FeatureRunner
+        Batch -> ``{layer: (B, D)}``.
+    sink : BlockSink
+        ``StoreWriter`` (one process) or ``BlockCommitter`` (a worker).
+    blocks : sequence of int
+        Block indices to extract, ascending.
+    preprocess : Preprocessor
+        Image -> input tensor.
+    layer_specs : sequence of LayerSpec
+        The runner's layers, in store order.
+    batch_size, num_workers, pin_memory
+        DataLoader settings (``num_workers=None``: :func:`default_num_workers`).
+    on_error : {"skip", "fail"}
+        ``fail`` raises :class:`ExtractionError` at the first bad image.
+    progress : bool
+        Show a progress bar labelled ``label``.
+    dataset : ImageDataset, optional
+        Reuse this dataset of the manifest (default: a new one).
+
+    Returns
+    -------
+    list of (id, reason)
+        The bad images of this run, in row order.
+    """
+    check_on_error(on_error)
+    rows = [row for block in blocks for row in sink.block_range(block)]
     all_errors: list[tuple[str, str]] = []
     if not rows:
         return all_errors
+    dataset = dataset if dataset is not None else ImageDataset(manifest, preprocess)
+    device = getattr(runner, "input_device", torch.device("cpu"))
+    writer = sink
+    pending = list(blocks)
     block_of = {row: block for block in pending for row in writer.block_range(block)}
     buffers: dict[int, dict[str, Any]] = {}
     remaining = {block: len(writer.block_range(block)) for block in pending}
     loader = make_loader(dataset, rows, batch_size, num_workers, pin_memory=pin_memory)
-    bar = tqdm(total=len(rows), desc=f"extract {Path(writer.path).name}", unit="img", disable=not progress)
+    bar = tqdm(total=len(rows), desc=f"extract {label}", unit="img", disable=not progress)
     try:
         for batch_rows, images, reasons in loader:
             good = [i for i, reason in enumerate(reasons) if not reason]
@@ -173,7 +334,7 @@ def _run_blocks(manifest: Manifest, runner: FeatureRunner, dataset: ImageDataset
                         "Nothing was written to the final file. Hint: fix or remove it, or set "
                         "extract.on_error: skip to skip and report bad images."
                     )
-            features = runner(images[good]) if good else {}
+            features = runner(preprocess.normalize_batch(images[good].to(device, non_blocking=True))) if good else {}
             for position, i in enumerate(good):
                 row = int(batch_rows[i])
                 buffer = buffers.setdefault(block_of[row], {"rows": [], "features": [], "errors": []})
@@ -194,7 +355,7 @@ def _run_blocks(manifest: Manifest, runner: FeatureRunner, dataset: ImageDataset
     return all_errors
 
 
-def _commit(writer: StoreWriter, block: int, buffer: dict[str, Any], layer_specs: Sequence[LayerSpec]) -> None:
+def _commit(writer: BlockSink, block: int, buffer: dict[str, Any], layer_specs: Sequence[LayerSpec]) -> None:
     kept = np.asarray(buffer["rows"], dtype=np.int64)
     order = np.argsort(kept, kind="stable")
     features = {

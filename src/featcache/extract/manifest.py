@@ -22,13 +22,14 @@ from typing import Sequence
 
 import numpy as np
 
+from featcache.errors import UserError
 from featcache.store.schema import SPLIT_CODES, SPLITS, TASKS
 from featcache.util.atomic import write_text
 
 __all__ = ["Manifest", "ManifestError", "assign_splits", "classes_path", "TASKS"]
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError, ValueError):
     """The inputs cannot form a valid manifest (bad labels, paths, splits)."""
 
 

@@ -18,6 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
+from featcache.errors import UserError
 from featcache.util.names import did_you_mean
 
 __all__ = [
@@ -35,7 +36,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class UnknownNameError(ValueError):
+class UnknownNameError(UserError, ValueError):
     """A backbone or layer name that the registry does not know."""
 
 

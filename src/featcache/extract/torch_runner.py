@@ -184,6 +184,11 @@ class TorchFeatureExtractor:
         self._map_shapes: dict[str, tuple[int, ...]] | None = None
 
     @property
+    def input_device(self) -> torch.device:
+        """Where the engine should put (and normalise) input batches: the forward's device."""
+        return self.device
+
+    @property
     def layer_names(self) -> list[str]:
         """Requested layer names, in request order (aliases or raw nodes)."""
         return list(self.aliases)

@@ -15,6 +15,7 @@ from typing import Any, Literal, Mapping
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from featcache.errors import UserError
 from featcache.extract.preprocess import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
 from featcache.extract.registry import UnknownNameError, get_backbone, list_backbones, resolve_layer
 from featcache.finetune.config import MODES as FINETUNE_MODES
@@ -28,7 +29,7 @@ __all__ = ["Params", "FinetuneParams", "FINETUNE_MODES", "DataParams", "ExtractP
            "ConfigError", "load_params", "parse_params", "extraction_config"]
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """``params.yaml`` is invalid; the message names the key, value and allowed values."""
 
 
@@ -104,6 +105,8 @@ class ExtractParams(_Strict):
     #: Decompression-bomb guard: images with more pixels (width x height) are reported as bad
     #: (checked from the header, in the decode workers); None disables it. Default: Pillow's limit.
     max_image_pixels: int | None = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1)
+    #: A run where every row, or more than this fraction of rows, is a bad image fails (no final store).
+    max_bad_fraction: float = Field(0.5, ge=0, le=1)
     scheduler: str = Field("none", description="none | local | a dask scheduler address (tcp://host:8786)")
     n_workers: int = Field(2, ge=1, description="workers of the local dask cluster (scheduler: local)")
 
@@ -329,7 +332,8 @@ def extraction_config(params: Params, backbone: str) -> dict[str, Any]:
     """Every param that changes the features of one backbone (stored in the HDF5 file)."""
     extract = params.extract.model_dump()
     # Speed-only knobs do not change the features' meaning and are left out of the hash.
-    for key in ("batch_size", "num_workers", "block_rows", "device", "malloc_tuning", "scheduler", "n_workers"):
+    for key in ("batch_size", "num_workers", "block_rows", "device", "malloc_tuning", "scheduler", "n_workers",
+                "max_bad_fraction"):
         extract.pop(key)
     # Params added later enter the hash only when set to a non-default value, so feature files
     # extracted before they existed stay valid.
