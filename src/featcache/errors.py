@@ -1,23 +1,23 @@
-"""The exceptions a user can cause (bad params, data, weights, files).
+"""The base class of the exceptions a user can cause (bad params, data, weights, files).
 
-The CLI prints these as one clear message and exits with status 2; anything
+Every such exception subclasses :class:`UserError` (besides the built-in class
+it has always been, e.g. ``ValueError`` or ``FileNotFoundError``), so the CLI
+catches one class, prints one clear message and exits with status 2; anything
 else is a bug and keeps its traceback.
+
+This module imports nothing from featcache (and nothing heavy), so any module
+may import it and ``featcache check`` stays cheap.
 """
 
 from __future__ import annotations
 
-from featcache.extract.engine import ExtractionError
-from featcache.extract.manifest import ManifestError
-from featcache.extract.onnx_runner import OnnxExportError
-from featcache.extract.parity import ParityError
-from featcache.extract.registry import UnknownNameError
-from featcache.extract.weights import WeightsNotFoundError
-from featcache.pipeline.config import ConfigError
-from featcache.store.errors import StoreError
+__all__ = ["UserError"]
 
-__all__ = ["USER_ERRORS"]
 
-USER_ERRORS: tuple[type[Exception], ...] = (
-    ConfigError, ManifestError, UnknownNameError, WeightsNotFoundError, ExtractionError, StoreError,
-    OnnxExportError, ParityError,
-)
+class UserError(Exception):
+    """An error caused by the user's input, reported without a traceback.
+
+    Subclasses: ``ConfigError``, ``ManifestError``, ``UnknownNameError``,
+    ``WeightsNotFoundError``, ``ExtractionError``, ``StoreError`` (and its
+    subclasses), ``OnnxExportError``, ``ParityError``.
+    """

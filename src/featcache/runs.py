@@ -16,20 +16,21 @@ single-file format too). A saved head's folder holds ``featcache-run.json``
 (:func:`write_run_info`): what ``featcache predict`` needs to featurise new images
 exactly as at training time.
 
-This module imports nothing from featcache, so every stage and subpackage may use it.
+It imports only the leaf :mod:`featcache.util.atomic`, so every stage and subpackage may use it.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from featcache.util.atomic import write_json
+
 __all__ = ["INFO_KEYS", "RUN_FILE", "SIDECAR_SUFFIX", "read_run", "read_run_info", "run_key", "sidecar_path",
-           "split_run", "write_csv", "write_json", "write_run", "write_run_info"]
+           "split_run", "write_run", "write_run_info"]
 
 #: File beside a saved head describing where its features come from.
 RUN_FILE = "featcache-run.json"
@@ -42,29 +43,6 @@ INFO_KEYS = frozenset({"n_features", "n_train", "n_val", "n_test", "fit_seconds"
 
 #: Fields that name the run: ``{backbone: {layer: {label or head: scores}}}`` in the metrics file.
 _NAME_KEYS = ("backbone", "layer", "head")
-
-
-def write_json(path: str | Path, payload: Mapping[str, Any]) -> Path:
-    """Write JSON atomically (``.partial`` then rename): never half-written under its name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-    partial.replace(path)
-    return path
-
-
-def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], fieldnames: Sequence[str]) -> Path:
-    """Write CSV rows atomically (``.partial`` then rename), ``\\n`` line ends."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(fieldnames), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    partial.replace(path)
-    return path
 
 
 def sidecar_path(metrics_path: str | Path) -> Path:

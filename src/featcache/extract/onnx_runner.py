@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 import featcache
+from featcache.errors import UserError
 from featcache.extract.registry import BackboneSpec
 from featcache.extract.torch_runner import TorchFeatureExtractor, pool_features
 from featcache.store.schema import canonical_json
@@ -82,7 +83,7 @@ _CPU = "CPUExecutionProvider"
 _CUDA = "CUDAExecutionProvider"
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(UserError, RuntimeError):
     """The exporter failed or produced a model that does not match the request."""
 
 

@@ -14,12 +14,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from featcache.errors import UserError
+
 __all__ = ["LayerParity", "ParityError", "format_parity", "parity_check"]
 
 logger = logging.getLogger(__name__)
 
 
-class ParityError(ValueError):
+class ParityError(UserError, ValueError):
     """ONNX outputs differ from the torch outputs by more than the tolerance.
 
     Attributes

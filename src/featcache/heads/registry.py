@@ -6,12 +6,14 @@ The pipeline builds heads only through :func:`make_head`, so a typo in
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Mapping
 from typing import Any
 
 from sklearn.base import BaseEstimator
+
+from featcache.store.schema import TASKS
+from featcache.util.names import did_you_mean
 
 from .boosting import LightGBMHead, LightGBMRegressorHead
 from .linear import LogisticRegressionHead, RidgeHead
@@ -21,8 +23,6 @@ from .out_of_core import StreamingLogisticHead, StreamingMLPHead, StreamingMLPRe
 __all__ = ["HEADS", "TASKS", "head_class", "head_label", "head_names", "make_head", "task_params"]
 
 log = logging.getLogger(__name__)
-
-TASKS: tuple[str, ...] = ("classification", "regression")
 
 HEADS: dict[str, dict[str, type[BaseEstimator]]] = {
     "logreg": {"classification": LogisticRegressionHead, "regression": RidgeHead},
@@ -36,11 +36,6 @@ HEADS: dict[str, dict[str, type[BaseEstimator]]] = {
 
 #: What a head is called where its twin for a task is a different model (the report's name for it).
 LABELS: dict[tuple[str, str], str] = {("logreg", "regression"): "ridge"}
-
-
-def _hint(value: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(value, allowed, n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
 
 
 def head_names() -> list[str]:
@@ -58,12 +53,12 @@ def head_class(name: str, task: str) -> type[BaseEstimator]:
     """
     if name not in HEADS:
         raise ValueError(
-            f"unknown head {name!r}; allowed: {', '.join(HEADS)}.{_hint(str(name), list(HEADS))}"
+            f"unknown head {name!r}; allowed: {', '.join(HEADS)}.{did_you_mean(str(name), list(HEADS))}"
         )
     if task not in HEADS[name]:
         raise ValueError(
             f"unknown task {task!r} for head {name!r}; allowed: {', '.join(HEADS[name])}."
-            f"{_hint(str(task), list(HEADS[name]))}"
+            f"{did_you_mean(str(task), list(HEADS[name]))}"
         )
     return HEADS[name][task]
 
@@ -101,7 +96,7 @@ def make_head(
         if key not in allowed:
             raise ValueError(
                 f"unknown parameter {key!r} for head {name!r} ({cls.__name__}, {task}); "
-                f"allowed: {', '.join(allowed)}.{_hint(str(key), allowed)}"
+                f"allowed: {', '.join(allowed)}.{did_you_mean(str(key), allowed)}"
             )
     log.debug("make_head(%s, %s): %s", name, task, merged)
     return cls(**merged)

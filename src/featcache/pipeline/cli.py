@@ -12,6 +12,8 @@ import logging
 import sys
 from typing import Sequence
 
+from featcache.errors import UserError
+
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger("featcache")
@@ -218,11 +220,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from featcache.errors import USER_ERRORS
-
     try:
         args.func(args)
-    except USER_ERRORS as error:
+    except UserError as error:
         print(f"featcache {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

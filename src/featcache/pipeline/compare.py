@@ -15,7 +15,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from featcache.runs import SIDECAR_SUFFIX, read_run, write_csv
+from featcache.runs import SIDECAR_SUFFIX, read_run
+from featcache.util.atomic import write_csv, write_text
 
 __all__ = ["compare", "collect_runs", "PLOT_COLUMNS", "PRIMARY_METRIC"]
 
@@ -132,9 +133,7 @@ def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("compare.md", _markdown(runs)),
                        ("compare.json", json.dumps({"runs": runs}, indent=2, sort_keys=True) + "\n")):
-        partial = out_dir / (name + ".partial")
-        partial.write_text(text, encoding="utf-8")
-        partial.replace(out_dir / name)
+        write_text(out_dir / name, text)
     if plot_path is not None:
         write_csv(plot_path, _plot_rows(runs), PLOT_COLUMNS)
     logger.info("Compared %d runs -> %s", len(runs), out_dir / "compare.md")

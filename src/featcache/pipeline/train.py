@@ -10,8 +10,9 @@ from featcache.heads import fit_and_evaluate, make_head, save_head
 from featcache.heads.metrics import confusion_rows
 from featcache.heads.registry import head_label, task_params
 from featcache.pipeline.config import expected_config
-from featcache.runs import write_csv, write_run, write_run_info
+from featcache.runs import write_run, write_run_info
 from featcache.store import FeatureStore
+from featcache.util.atomic import write_csv
 
 if TYPE_CHECKING:
     from featcache.pipeline.config import Params

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from .errors import StaleStoreError, StoreError, StoreLockedError, StoreNotFoundError
 from .reader import FeatureStore
-from .schema import FORMAT, SPLIT_CODES, SPLITS
-from .writer import LayerSpec, StoreWriter
+from .schema import FORMAT, SPLIT_CODES, SPLITS, TASKS, LayerSpec
+from .writer import StoreWriter
 
 __all__ = [
     "FeatureStore",
@@ -25,4 +25,5 @@ __all__ = [
     "FORMAT",
     "SPLITS",
     "SPLIT_CODES",
+    "TASKS",
 ]

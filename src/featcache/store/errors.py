@@ -6,10 +6,12 @@ to fix it, so that a pipeline log line is enough to act on.
 
 from __future__ import annotations
 
+from featcache.errors import UserError
+
 __all__ = ["StoreError", "StaleStoreError", "StoreLockedError", "StoreNotFoundError"]
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A feature store is missing, malformed, or was written inconsistently."""
 
 

@@ -1,0 +1,62 @@
+"""User errors share one base class, and ``featcache/errors.py`` stays a leaf module."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import featcache.errors
+from featcache.errors import UserError
+from featcache.extract.engine import ExtractionError
+from featcache.extract.manifest import ManifestError
+from featcache.extract.onnx_runner import OnnxExportError
+from featcache.extract.parity import ParityError
+from featcache.extract.registry import UnknownNameError
+from featcache.extract.weights import WeightsNotFoundError
+from featcache.pipeline.cli import main
+from featcache.pipeline.config import ConfigError
+from featcache.store.errors import StaleStoreError, StoreError, StoreLockedError, StoreNotFoundError
+
+USER_ERRORS = [ConfigError, ManifestError, UnknownNameError, WeightsNotFoundError, ExtractionError, StoreError,
+               StaleStoreError, StoreLockedError, StoreNotFoundError, OnnxExportError, ParityError]
+
+
+@pytest.mark.parametrize("cls", USER_ERRORS, ids=lambda cls: cls.__name__)
+def test_user_errors_subclass_user_error(cls):
+    assert issubclass(cls, UserError)
+
+
+def test_user_errors_keep_their_builtin_bases():
+    """Callers that catch ValueError / FileNotFoundError / RuntimeError keep working."""
+    assert issubclass(ConfigError, ValueError) and issubclass(ManifestError, ValueError)
+    assert issubclass(UnknownNameError, ValueError) and issubclass(ParityError, ValueError)
+    assert issubclass(WeightsNotFoundError, FileNotFoundError) and issubclass(StoreNotFoundError, FileNotFoundError)
+    assert issubclass(ExtractionError, RuntimeError) and issubclass(OnnxExportError, RuntimeError)
+
+
+def test_errors_module_imports_nothing_from_featcache():
+    tree = ast.parse(Path(featcache.errors.__file__).read_text(encoding="utf-8"))
+    imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+    imported += [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert [name for name in imported if name != "__future__"] == []
+
+
+def test_cli_reports_a_user_error_without_traceback(tmp_path, capsys):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("nonsense_key: 1\n", encoding="utf-8")
+    assert main(["check", "--params", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("featcache check: error:") and "Traceback" not in err
+
+
+def test_cli_lets_a_bug_keep_its_traceback(monkeypatch):
+    import featcache.pipeline.config as config
+
+    def boom(path):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(config, "load_params", boom)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["check", "--params", "params.yaml"])
