@@ -12,8 +12,8 @@ process pool on the machine), batch 256, channels_last, fp16 autocast on CUDA:
 
 forward     pure forward of a random batch already on the device (the ceiling)
 cpu-decode  featcache ``extract_to_store``: PIL decode in DataLoader workers (the CPU path), HDF5 store
-gpu-decode  featcache with batched device JPEG decode (``extract.gpu_decode``): into an HDF5 store when
-            ``extract_to_store`` takes ``decode=``, else the decode + normalise + forward + copy-out loop
+gpu-decode  featcache ``extract_to_store`` fed by batched device JPEG decode (``extract.gpu_decode``), HDF5
+            store: what the extract stage runs with ``extract.decode: gpu``
 peer        plain torchvision ``ImageFolder`` + ``DataLoader(--workers)`` + FX (timm: pooled
             ``forward``), float32 tensors, features copied to the host, as a user writes it
 
@@ -24,7 +24,6 @@ of each loader; every case uses the same ``--workers``. Ratios are same-run.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import os
 import platform
@@ -82,12 +81,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _normalise(images: torch.Tensor, preprocess: Preprocessor) -> torch.Tensor:
-    mean = torch.tensor(preprocess.mean, device=images.device).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(preprocess.std, device=images.device).view(1, 3, 1, 1) * 255.0
-    return (images.to(torch.float32) - mean) / std
-
-
 def bench_forward(runner: TorchFeatureExtractor, size: int, batch: int, device: str, seconds: float) -> float:
     """Images per second of the truncated, pooled forward on a random batch already on the device."""
     x = torch.randn(batch, 3, size, size, device=device)
@@ -110,26 +103,16 @@ def run_cpu_decode(manifest, runner, preprocess, work: Path, args) -> None:
     out.unlink()
 
 
-def gpu_decode_mode() -> str:
-    """``store`` when ``extract_to_store`` takes ``decode=`` (the engine's loop), else ``loop``."""
-    return "store" if "decode" in inspect.signature(extract_to_store).parameters else "loop"
-
-
 def run_gpu_decode(manifest, runner, preprocess, work: Path, args) -> None:
-    if gpu_decode_mode() == "store":
-        out = work / "gpu.h5"
-        extract_to_store(manifest, runner, preprocess, out, config={"bench": "gpu-decode"},
-                         batch_size=args.batch_size, num_workers=args.workers, block_rows=1024,
-                         progress=False, decode="gpu")
-        out.unlink()
-        return
-    features = []
-    for _, images, reasons in iter_device_batches(manifest, range(len(manifest)), preprocess=preprocess,
-                                                  device=args.device, batch_size=args.batch_size,
-                                                  num_workers=args.workers):
-        assert not any(reasons), reasons
-        features.append(runner(_normalise(images, preprocess)))
-    assert sum(len(next(iter(f.values()))) for f in features) == len(manifest)
+    """What the extract stage runs with ``extract.decode: gpu``: device batches through the engine's loop."""
+    def device_batches(rows, batch_size):
+        return iter_device_batches(manifest, rows, preprocess=preprocess, device=args.device,
+                                   batch_size=batch_size, num_workers=args.workers)
+
+    out = work / "gpu.h5"
+    extract_to_store(manifest, runner, preprocess, out, config={"bench": "gpu-decode"}, batch_size=args.batch_size,
+                     num_workers=args.workers, block_rows=1024, progress=False, loader_factory=device_batches)
+    out.unlink()
 
 
 def _peer_model(name: str, model: torch.nn.Module, device: str):
@@ -209,7 +192,7 @@ def device_name(device: str) -> str:
 def markdown(report: dict) -> str:
     rows = ["forward", "cpu-decode", "gpu-decode", "peer"]
     labels = {"forward": "pure forward (random on-device batch)", "cpu-decode": "featcache CPU decode, end to end",
-              "gpu-decode": f"featcache GPU decode, end to end ({report['gpu_decode_mode']})",
+              "gpu-decode": "featcache GPU decode, end to end",
               "peer": f"plain ImageFolder + DataLoader({report['workers']} workers) + FX"}
     names = list(report["results"])
     lines = [f"{report['device_name']}, {report['images']} JPEGs {report['image_size']}, batch "
@@ -271,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"device": args.device, "device_name": device_name(args.device), "images": args.images,
               "image_size": "x".join(map(str, image_size)), "batch_size": args.batch_size, "workers": args.workers,
               "repeats": args.repeats, "precision": "fp16 autocast" if args.fp16 else "float32",
-              "torch": torch.__version__, "decoder": decoder, "gpu_decode_mode": gpu_decode_mode(),
+              "torch": torch.__version__, "decoder": decoder,
               "cpu_count": os.cpu_count(), "seconds": round(time.perf_counter() - started, 1), "results": results}
     (out / "bench_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)

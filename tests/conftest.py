@@ -1,10 +1,10 @@
 """Suite-wide settings.
 
-- The shared helpers (``tests/_support``) are importable under any import mode.
-- No test ever downloads weights: ``FEATCACHE_OFFLINE=1`` for the whole session
-  (subprocesses inherit it), so a test that asks for missing torchvision weights
-  gets the offline message instead of a download. The download tests unset it
-  and point the URL at a ``file://`` copy.
+* No test ever downloads weights: ``FEATCACHE_OFFLINE=1`` for the whole session
+  (subprocesses inherit it): a test that asks for missing torchvision weights gets
+  the offline message instead of a download. The download tests unset it and point
+  the URL at a ``file://`` copy.
+* The shared helpers (``tests/_support``) are importable under any import mode.
 """
 
 from __future__ import annotations

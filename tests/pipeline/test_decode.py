@@ -10,8 +10,7 @@ import pytest
 from PIL import Image
 
 from featcache.pipeline import extract, parse_params, prepare
-from featcache.pipeline.config import ConfigError
-from featcache.pipeline.extract import expected_config, planned_decode
+from featcache.pipeline.config import ConfigError, expected_config, planned_decode
 from featcache.store import FeatureStore, StaleStoreError
 
 CLASSES = ("red", "green", "blue")

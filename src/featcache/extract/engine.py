@@ -1,9 +1,23 @@
 """Extraction engine: manifest + backbone + runner -> one HDF5 feature store.
 
-Rows are read by DataLoader workers (decode + preprocess overlap the forward
-pass), run through the backbone in large batches, and committed to the store
-in row blocks. A crash loses at most the block in flight: a rerun with the
-same config extracts only the blocks that are missing.
+Rows are decoded by DataLoader workers into uint8 crops (decode overlaps the
+forward pass), normalised on the runner's device, run through the backbone in
+large batches, and committed to the store in row blocks. A crash loses at most
+the blocks in flight: a rerun with the same config extracts only the blocks
+that are missing.
+
+Seams:
+
+* **Decoders.** :func:`run_blocks` takes any iterable of batches that follows
+  its batch contract (``rows`` int64 (B,), ``images`` uint8 (B, 3, S, S) on
+  the CPU or already on the runner's device, ``reasons`` list[str]), and
+  :func:`extract_to_store` a ``loader_factory(rows, batch_size)`` returning
+  one. A GPU JPEG decoder plugs in there (``extract.decode``); the default is
+  PIL in DataLoader workers (:func:`~featcache.extract.data.make_loader`).
+  What decoded should be recorded in ``attrs`` (e.g. ``decode``).
+* **Sharding.** :func:`run_blocks` commits to a ``StoreWriter`` or to its
+  picklable ``BlockCommitter``; :func:`build_root_attrs` and
+  :func:`build_report` give a sharded driver the same store and report.
 """
 
 from __future__ import annotations
@@ -13,14 +27,13 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 import featcache
 from featcache.errors import UserError
+from featcache.extract.blockloop import BatchForward, BlockAssembler, CommitQueue, FinishedBlock, Progress
 from featcache.extract.data import ImageDataset, make_loader
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
@@ -28,7 +41,7 @@ from featcache.store.reader import FeatureStore
 from featcache.store.schema import canonical_json, sha256_text
 from featcache.store.writer import LayerSpec, StoreWriter
 
-__all__ = ["BlockSink", "DEFAULT_MAX_BAD_FRACTION", "ExtractionError", "ExtractionReport", "FeatureRunner",
+__all__ = ["Batch", "BlockSink", "LoaderFactory", "DEFAULT_MAX_BAD_FRACTION", "ExtractionError", "ExtractionReport", "FeatureRunner",
            "ON_ERROR", "build_report", "build_root_attrs", "check_bad_rows", "check_max_bad_fraction", "check_on_error", "extract_to_store", "resolve_device", "run_blocks"]
 
 logger = logging.getLogger(__name__)
@@ -92,7 +105,7 @@ def extract_to_store(
     progress: bool = True,
     lock_timeout: float = 0.0,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
-    decode: str = "cpu",
+    loader_factory: LoaderFactory | None = None,
 ) -> ExtractionReport:
     """Extract every manifest row with ``runner`` and write one feature store.
 
@@ -118,10 +131,11 @@ def extract_to_store(
         With ``skip``: if every row, or more than this fraction of them, is a
         bad image, fail naming the first reasons instead of writing the final
         file (see :func:`check_bad_rows`).
-    decode : {"cpu", "gpu"}
-        ``cpu``: PIL in DataLoader workers; ``gpu``: batched JPEG decode on the
-        runner's device (:mod:`featcache.extract.gpu_decode`). Record it in
-        ``config`` so a store never mixes decode paths.
+    loader_factory : callable, optional
+        ``loader_factory(rows, batch_size)`` -> batches of the rows to extract,
+        following the batch contract of :func:`run_blocks` (the seam for
+        another decoder, e.g. on the GPU); default: decode with PIL in
+        DataLoader workers (:func:`~featcache.extract.data.make_loader`).
 
     Returns
     -------
@@ -129,7 +143,6 @@ def extract_to_store(
     """
     check_on_error(on_error)
     check_max_bad_fraction(max_bad_fraction)
-    _check_decode(decode)
     started = time.perf_counter()
     root_attrs = build_root_attrs(manifest, config, attrs)
     layer_specs = runner.layer_specs(preprocess.input_size)
@@ -140,19 +153,15 @@ def extract_to_store(
         n_resumed = writer.n_blocks - len(pending)
         if n_resumed:
             logger.info("Resuming %s: %d of %d blocks already committed", out, n_resumed, writer.n_blocks)
+        rows = [row for block in pending for row in writer.block_range(block)]
+        batches = loader_factory(rows, batch_size) if loader_factory is not None and rows else None
         run_blocks(manifest, runner, writer, pending, preprocess=preprocess, layer_specs=layer_specs,
                    batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, on_error=on_error,
-                   progress=progress, label=Path(out).name, decode=decode)
+                   progress=progress, label=Path(out).name, batches=batches)
         check_bad_rows(writer.committed_errors(), len(manifest), max_bad_fraction, out)
         path = writer.finalize()
-    n_extracted = sum(len(writer.block_range(block)) for block in pending)
-    return build_report(path, manifest, n_extracted=n_extracted, n_resumed_blocks=n_resumed,
+    return build_report(path, manifest, n_extracted=len(rows), n_resumed_blocks=n_resumed,
                         seconds=time.perf_counter() - started)
-
-
-def _check_decode(decode: str) -> None:
-    if decode not in ("cpu", "gpu"):
-        raise ValueError(f"decode {decode!r} is not one of 'cpu', 'gpu'. Hint: extract.decode: auto picks one.")
 
 
 def check_on_error(on_error: str) -> None:
@@ -273,48 +282,74 @@ def build_report(path: str | Path, manifest: Manifest, *, n_extracted: int, n_re
 class BlockSink(Protocol):
     """Where :func:`run_blocks` commits finished blocks: a ``StoreWriter`` or its ``BlockCommitter``."""
 
+    block_rows: int
+    n_rows: int
+
     def block_range(self, block: int) -> range: ...
 
     def commit_block(self, block: int, kept_rows: np.ndarray, features: Mapping[str, np.ndarray],
                      errors: Sequence[tuple[str, str]] = ()) -> Any: ...
 
 
+#: A batch of the engine's loaders: ``(rows int64 (B,), images uint8 (B, 3, S, S), reasons list[str])``.
+Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
+
+#: ``loader_factory(rows, batch_size) -> iterable of Batch`` over exactly ``rows`` (any order, each once).
+LoaderFactory = Callable[[Sequence[int], int], Iterable[Batch]]
+
+
 def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, blocks: Sequence[int], *,
                preprocess: Preprocessor, layer_specs: Sequence[LayerSpec], batch_size: int = 64,
                num_workers: int | None = None, pin_memory: bool = False, on_error: str = "skip",
                progress: bool = False, label: str = "", dataset: ImageDataset | None = None,
-               decode: str = "cpu") -> list[tuple[str, str]]:
+               batches: Iterable[Batch] | None = None, overlap: bool | None = None) -> list[tuple[str, str]]:
     """Extract the rows of ``blocks`` and commit each block to ``sink`` as soon as it is complete.
 
     The loop shared by :func:`extract_to_store` and the dask workers of
-    :mod:`featcache.extract.distributed`: rows of the blocks, concatenated in
-    order, go through the runner in batches of ``batch_size``.
+    :mod:`featcache.extract.distributed` (see :mod:`featcache.extract.blockloop`
+    for its pieces). Batches of uint8 pixels are normalised on the runner's
+    device, only their good rows go through the runner, and each batch's
+    features are sliced into preallocated per-block arrays; bad rows are
+    tracked by masks. On CUDA (a torch runner) the forward of batch k+1
+    overlaps the copy-out and the commit of batch k (pinned buffers, a side
+    stream, one writer thread behind a bounded queue).
+
+    **Batch contract** (the seam for other decoders, e.g. a GPU JPEG decoder):
+    ``batches`` yields ``(rows, images, reasons)`` with ``rows`` torch.int64
+    (B,), ``images`` torch.uint8 (B, 3, S, S) on the CPU (pinned or not) or
+    already on the runner's device, ``reasons`` a list of B strings, empty for
+    a good row; a bad row's pixels are zeros and its reason non-empty. The
+    rows are exactly those of ``blocks``, each once, in any order (the same
+    order as the default loader keeps batches, and so features, identical).
 
     Parameters
     ----------
     manifest : Manifest
         All N rows (ids for the error table).
     runner : FeatureRunner
-        Batch -> ``{layer: (B, D)}``.
+        Normalised batch -> ``{layer: (B, D)}``; its ``input_device`` (if
+        any) is where batches are normalised.
     sink : BlockSink
         ``StoreWriter`` (one process) or ``BlockCommitter`` (a worker).
     blocks : sequence of int
         Block indices to extract, ascending.
     preprocess : Preprocessor
-        Image -> input tensor.
+        Pixels (the default loader) and :meth:`~Preprocessor.normalize_batch`.
     layer_specs : sequence of LayerSpec
         The runner's layers, in store order.
     batch_size, num_workers, pin_memory
-        DataLoader settings (``num_workers=None``: :func:`default_num_workers`).
+        Default loader settings (``num_workers=None``: :func:`default_num_workers`).
     on_error : {"skip", "fail"}
-        ``fail`` raises :class:`ExtractionError` at the first bad image.
+        ``fail`` raises :class:`ExtractionError` at the first bad image
+        (blocks completed before it are committed).
     progress : bool
-        Show a progress bar labelled ``label``.
+        Log a line per committed block (and a bar on a terminal), labelled ``label``.
     dataset : ImageDataset, optional
-        Reuse this dataset of the manifest (default: a new one).
-    decode : {"cpu", "gpu"}
-        Where JPEGs are decoded: PIL in the workers, or in batches on the
-        runner's input device (:func:`featcache.extract.gpu_decode.iter_device_batches`).
+        The default loader's dataset (default: a new one over ``manifest``).
+    batches : iterable of Batch, optional
+        Use these batches instead of the default DataLoader (see the contract).
+    overlap : bool, optional
+        Commit in a writer thread; default: on CUDA only.
 
     Returns
     -------
@@ -322,66 +357,72 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
         The bad images of this run, in row order.
     """
     check_on_error(on_error)
-    _check_decode(decode)
-    rows = [row for block in blocks for row in sink.block_range(block)]
-    all_errors: list[tuple[str, str]] = []
-    if not rows:
-        return all_errors
-    dataset = dataset if dataset is not None else ImageDataset(manifest, preprocess)
-    device = getattr(runner, "input_device", torch.device("cpu"))
-    writer = sink
-    pending = list(blocks)
-    block_of = {row: block for block in pending for row in writer.block_range(block)}
-    buffers: dict[int, dict[str, Any]] = {}
-    remaining = {block: len(writer.block_range(block)) for block in pending}
-    if decode == "gpu":
-        from featcache.extract.gpu_decode import iter_device_batches
+    rows = np.fromiter((row for block in blocks for row in sink.block_range(block)), dtype=np.int64)
+    if rows.size == 0:
+        return []
+    if batches is None:
+        dataset = dataset if dataset is not None else ImageDataset(manifest, preprocess)
+        batches = make_loader(dataset, rows.tolist(), batch_size, num_workers, pin_memory=pin_memory)
+    forward = BatchForward(runner, preprocess.normalize_batch)
+    assembler = BlockAssembler(sink.block_rows, sink.n_rows, {spec.alias: spec.dim for spec in layer_specs},
+                               manifest.ids)
+    meter = Progress(label, rows.size, progress)
+    errors: list[tuple[str, str]] = []
 
-        loader = iter_device_batches(manifest, rows, preprocess=preprocess, device=str(device),
-                                     batch_size=batch_size, num_workers=num_workers)
-    else:
-        loader = make_loader(dataset, rows, batch_size, num_workers, pin_memory=pin_memory)
-    bar = tqdm(total=len(rows), desc=f"extract {label}", unit="img", disable=not progress)
+    def commit(finished: FinishedBlock) -> None:
+        sink.commit_block(finished.block, finished.kept_rows, finished.features, errors=finished.errors)
+        meter.block_committed(finished.kept_rows.size + len(finished.errors))
+
+    commits = CommitQueue(commit, threaded=forward.asynchronous if overlap is None else overlap)
+    in_flight: tuple[np.ndarray, np.ndarray, list[str], Any] | None = None
+
+    def finish() -> None:  # place the batch in flight; commit the blocks it completes
+        nonlocal in_flight
+        if in_flight is not None:
+            batch_rows, good, reasons, handle = in_flight
+            in_flight = None
+            features = handle.wait() if handle is not None else {}
+            for finished in assembler.add(batch_rows, good, features, reasons):
+                commits.submit(finished)
+
     try:
-        for batch_rows, images, reasons in loader:
-            good = [i for i, reason in enumerate(reasons) if not reason]
-            bad = [i for i, reason in enumerate(reasons) if reason]
-            for i in bad:
-                row = int(batch_rows[i])
-                logger.warning("Bad image %s (%s): %s", manifest.ids[row], manifest.paths[row], reasons[i])
-                if on_error == "fail":
-                    raise ExtractionError(
-                        f"Bad image {manifest.ids[row]!r} ({manifest.absolute_path(row)}): {reasons[i]}. "
-                        "Nothing was written to the final file. Hint: fix or remove it, or set "
-                        "extract.on_error: skip to skip and report bad images."
-                    )
-            features = runner(preprocess.normalize_batch(images[good].to(device, non_blocking=True))) if good else {}
-            for position, i in enumerate(good):
-                row = int(batch_rows[i])
-                buffer = buffers.setdefault(block_of[row], {"rows": [], "features": [], "errors": []})
-                buffer["rows"].append(row)
-                buffer["features"].append({name: value[position] for name, value in features.items()})
-            for i in bad:
-                row = int(batch_rows[i])
-                buffer = buffers.setdefault(block_of[row], {"rows": [], "features": [], "errors": []})
-                buffer["errors"].append((manifest.ids[row], reasons[i]))
-                all_errors.append((manifest.ids[row], reasons[i]))
-            for row in (int(r) for r in batch_rows):
-                remaining[block_of[row]] -= 1
-            for block in [b for b in list(buffers) if remaining[b] == 0]:
-                _commit(writer, block, buffers.pop(block), layer_specs)
-            bar.update(len(batch_rows))
+        for batch_rows, images, reasons in batches:
+            batch_rows = batch_rows.numpy() if isinstance(batch_rows, torch.Tensor) else np.asarray(batch_rows)
+            good = np.fromiter((not reason for reason in reasons), dtype=bool, count=len(reasons))
+            if not good.all():
+                _report_bad(manifest, batch_rows, good, reasons, errors, on_error)
+            handle = forward.launch(images, good) if good.any() else None
+            finish()  # on CUDA: the previous batch, while this one runs on the device
+            in_flight = (batch_rows.astype(np.int64, copy=False), good, list(reasons), handle)
+            if not forward.asynchronous:
+                finish()
+            meter.batch_done(len(reasons))
+        finish()
+    except BaseException:
+        try:  # blocks completed before the failure are committed: nothing done is lost
+            finish()
+            commits.close()
+        except BaseException as secondary:  # noqa: BLE001 - the first error is the one to report
+            logger.warning("while stopping after an error, committing failed too: %s: %s",
+                           type(secondary).__name__, secondary)
+        raise
+    else:
+        commits.close()
     finally:
-        bar.close()
-    return all_errors
+        meter.close()
+    return errors
 
 
-def _commit(writer: BlockSink, block: int, buffer: dict[str, Any], layer_specs: Sequence[LayerSpec]) -> None:
-    kept = np.asarray(buffer["rows"], dtype=np.int64)
-    order = np.argsort(kept, kind="stable")
-    features = {
-        spec.alias: np.stack([buffer["features"][i][spec.alias] for i in order]) if len(order)
-        else np.zeros((0, spec.dim), dtype=np.float32)
-        for spec in layer_specs
-    }
-    writer.commit_block(block, kept[order], features, errors=buffer["errors"])
+def _report_bad(manifest: Manifest, rows: np.ndarray, good: np.ndarray, reasons: Sequence[str],
+                errors: list[tuple[str, str]], on_error: str) -> None:
+    """Log the bad rows of a batch, add them to ``errors``; raise at the first one with ``fail``."""
+    for index in np.flatnonzero(~good).tolist():
+        row = int(rows[index])
+        logger.warning("Bad image %s (%s): %s", manifest.ids[row], manifest.paths[row], reasons[index])
+        if on_error == "fail":
+            raise ExtractionError(
+                f"Bad image {manifest.ids[row]!r} ({manifest.absolute_path(row)}): {reasons[index]}. "
+                "Nothing was written to the final file. Hint: fix or remove it, or set "
+                "extract.on_error: skip to skip and report bad images."
+            )
+        errors.append((manifest.ids[row], reasons[index]))

@@ -203,35 +203,13 @@ class LightGBMHead(ClassifierMixin, LightGBMBase):
         random_state: int | None = 0,
         n_jobs: int = 2,
     ) -> None:
-        self.n_estimators = n_estimators
-        self.learning_rate = learning_rate
-        self.num_leaves = num_leaves
-        self.min_child_samples = min_child_samples
-        self.colsample_bytree = colsample_bytree
-        self.subsample = subsample
-        self.reg_lambda = reg_lambda
-        self.max_bin = max_bin
-        self.early_stopping_rounds = early_stopping_rounds
-        self.validation_fraction = validation_fraction
-        self.pca_components = pca_components
-        self.n_classes = n_classes
-        self.random_state = random_state
-        self.n_jobs = n_jobs
+        self._store_init_params(locals())
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> LightGBMHead:
         """Boost on train, early-stopping on val.
 
-        Parameters
-        ----------
-        X : array-like of shape (n_train, D)
-        y : array-like of shape (n_train,)
-            Integer class indices 0..K-1.
-        X_val : array-like of shape (n_val, D), optional
-        y_val : array-like of shape (n_val,), optional
-
-        Returns
-        -------
-        self
+        X (n_train, D), y (n_train,), X_val (n_val, D) and y_val (n_val,) as in
+        :meth:`~featcache.heads.base.HeadBase.fit`; returns ``self``.
         """
         start = time.perf_counter()
         split = prepare_fit(
@@ -308,33 +286,13 @@ class LightGBMRegressorHead(RegressorMixin, LightGBMBase):
         random_state: int | None = 0,
         n_jobs: int = 2,
     ) -> None:
-        self.n_estimators = n_estimators
-        self.learning_rate = learning_rate
-        self.num_leaves = num_leaves
-        self.min_child_samples = min_child_samples
-        self.colsample_bytree = colsample_bytree
-        self.subsample = subsample
-        self.reg_lambda = reg_lambda
-        self.max_bin = max_bin
-        self.early_stopping_rounds = early_stopping_rounds
-        self.validation_fraction = validation_fraction
-        self.pca_components = pca_components
-        self.random_state = random_state
-        self.n_jobs = n_jobs
+        self._store_init_params(locals())
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> LightGBMRegressorHead:
         """Boost on train, early-stopping on val RMSE (L2).
 
-        Parameters
-        ----------
-        X : array-like of shape (n_train, D)
-        y : array-like of shape (n_train,)
-        X_val : array-like of shape (n_val, D), optional
-        y_val : array-like of shape (n_val,), optional
-
-        Returns
-        -------
-        self
+        X (n_train, D), y (n_train,), X_val (n_val, D) and y_val (n_val,) as in
+        :meth:`~featcache.heads.base.HeadBase.fit`; returns ``self``.
         """
         start = time.perf_counter()
         split = prepare_fit(

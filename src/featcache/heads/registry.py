@@ -20,10 +20,9 @@ from .linear import LogisticRegressionHead, RidgeHead
 from .mlp import MLPHead, MLPRegressorHead
 from .out_of_core import StreamingLogisticHead, StreamingMLPHead, StreamingMLPRegressorHead, StreamingRidgeHead
 
-__all__ = ["HEADS", "TASKS", "head_class", "head_names", "make_head"]
+__all__ = ["HEADS", "TASKS", "head_class", "head_label", "head_names", "make_head", "task_params"]
 
 log = logging.getLogger(__name__)
-
 
 HEADS: dict[str, dict[str, type[BaseEstimator]]] = {
     "logreg": {"classification": LogisticRegressionHead, "regression": RidgeHead},
@@ -33,6 +32,10 @@ HEADS: dict[str, dict[str, type[BaseEstimator]]] = {
     "sgd": {"classification": StreamingLogisticHead, "regression": StreamingRidgeHead},
     "streaming_mlp": {"classification": StreamingMLPHead, "regression": StreamingMLPRegressorHead},
 }
+
+
+#: What a head is called where its twin for a task is a different model (the report's name for it).
+LABELS: dict[tuple[str, str], str] = {("logreg", "regression"): "ridge"}
 
 
 def head_names() -> list[str]:
@@ -97,3 +100,33 @@ def make_head(
             )
     log.debug("make_head(%s, %s): %s", name, task, merged)
     return cls(**merged)
+
+
+def head_label(name: str, task: str) -> str:
+    """The head's name for ``task`` as a reader knows it: ``logreg`` is ``ridge`` for regression."""
+    return LABELS.get((name, task), name)
+
+
+def task_params(name: str, task: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The part of a head's ``params.yaml`` section that its twin for ``task`` takes.
+
+    One section serves both tasks (``heads.logreg`` configures the logistic
+    regression and its ridge twin), so a key that only the *other* task's twin
+    takes (``max_iter`` under regression) is left out. Any other key is kept, so
+    :func:`make_head` still rejects a key that neither twin takes.
+
+    Returns
+    -------
+    dict
+        The parameters to pass to :func:`make_head`.
+    """
+    params = dict(params or {})
+    if name not in HEADS or task not in HEADS[name]:
+        return params  # make_head names the unknown head or task
+    own = set(HEADS[name][task]().get_params(deep=False))
+    others = {key for other, cls in HEADS[name].items() if other != task
+              for key in cls().get_params(deep=False)}
+    dropped = sorted(key for key in params if key not in own and key in others)
+    if dropped:
+        log.debug("heads.%s: %s apply to the other task only; not used for %s", name, dropped, task)
+    return {key: value for key, value in params.items() if key not in dropped}

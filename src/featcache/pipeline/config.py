@@ -26,7 +26,7 @@ from featcache.util.compute import DEVICES
 from featcache.util.names import did_you_mean
 
 __all__ = ["Params", "FinetuneParams", "FINETUNE_MODES", "DataParams", "ExtractParams", "BackboneParams", "FeatureRef", "TrainParams",
-           "ConfigError", "load_params", "parse_params", "extraction_config"]
+           "ConfigError", "load_params", "parse_params", "extraction_config", "planned_decode", "expected_config"]
 
 
 class ConfigError(UserError, ValueError):
@@ -257,10 +257,10 @@ class Params(_Strict):
                 raise ValueError(f"features[{index}].layer {feature.layer!r} is not extracted for "
                                  f"{feature.backbone!r} (backbones.{feature.backbone}.layers = {layers}). "
                                  "Hint: add it to those layers or remove the feature.")
-        from featcache.heads.registry import make_head
+        from featcache.heads.registry import make_head, task_params
 
-        for name, head_params in self.heads.items():
-            make_head(name, self.data.task, head_params)  # raises naming unknown heads / params
+        for name, head_params in self.heads.items():  # one section serves both tasks' twins
+            make_head(name, self.data.task, task_params(name, self.data.task, head_params))  # raises naming bad keys
         return self
 
 
@@ -341,8 +341,8 @@ def extraction_config(params: Params, backbone: str) -> dict[str, Any]:
     for key in ("batch_size", "num_workers", "block_rows", "device", "malloc_tuning", "scheduler", "n_workers",
                 "max_bad_fraction"):
         extract.pop(key)
-    # The decode path depends on the machine (auto): the extract stage records the resolved path
-    # (featcache.pipeline.extract.expected_config), and only when it is not the original CPU path.
+    # The decode path depends on the machine (auto): expected_config records the resolved path,
+    # and only when it is not the original CPU path.
     extract.pop("decode")
     # Params added later enter the hash only when set to a non-default value, so feature files
     # extracted before they existed stay valid.
@@ -358,6 +358,41 @@ def extraction_config(params: Params, backbone: str) -> dict[str, Any]:
         "extract": extract,
         "data": data,
     }
+
+
+def expected_config(params: Params, backbone: str) -> dict[str, Any]:
+    """The extraction config that ``params`` give for ``backbone``, as stored in its HDF5 file.
+
+    :func:`extraction_config` plus the backbone's preprocessing; the extract stage
+    writes it and the train stage checks a store against it.
+    """
+    from featcache.extract.preprocess import Preprocessor
+
+    config = extraction_config(params, backbone)
+    config["preprocess"] = Preprocessor.from_spec(get_backbone(backbone), params.extract.resize_mode).config()
+    # A store never mixes blocks decoded by PIL and on the device; the CPU path is left out, as before
+    # extract.decode existed.
+    if planned_decode(params) == "gpu":
+        config["extract"]["decode"] = "gpu"
+    return config
+
+
+def planned_decode(params: Params) -> str:
+    """Where the extract stage decodes JPEGs with these params on this machine: ``cpu`` or ``gpu``.
+
+    ``extract.decode: auto`` is ``gpu`` when the torch runner is on CUDA (``extract.device``, with
+    ``auto`` meaning CUDA when visible); the ONNX runner and the dask scheduler take host batches, so
+    ``cpu`` there.
+    """
+    knobs = params.extract
+    if knobs.decode != "auto":
+        return knobs.decode
+    if knobs.scheduler != "none" or knobs.backend == "onnx":
+        return "cpu"
+    from featcache.extract.gpu_decode import resolve_decode
+    from featcache.util.compute import resolve_device
+
+    return resolve_decode("auto", resolve_device("auto") if knobs.device == "auto" else knobs.device)
 
 
 def known_backbones() -> list[str]:

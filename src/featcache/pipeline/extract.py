@@ -6,47 +6,17 @@ import logging
 from pathlib import Path
 
 from featcache.extract.engine import ExtractionReport, extract_to_store, resolve_device
-from featcache.extract.gpu_decode import resolve_decode
 from featcache.extract.malloc import tune_malloc
 from featcache.extract.manifest import Manifest
 from featcache.extract.memory import check_batch_memory
 from featcache.extract.preprocess import Preprocessor
-from featcache.extract.registry import get_backbone
 from featcache.extract.torch_runner import TorchFeatureExtractor
 from featcache.extract.weights import load_backbone
-from featcache.pipeline.config import Params, extraction_config
+from featcache.pipeline.config import Params, expected_config, planned_decode
 
-__all__ = ["extract", "expected_config", "planned_decode"]
+__all__ = ["extract", "expected_config"]
 
 logger = logging.getLogger(__name__)
-
-
-def planned_decode(params: Params) -> str:
-    """Where the extract stage decodes JPEGs with these params on this machine: ``cpu`` or ``gpu``.
-
-    ``extract.decode: auto`` is ``gpu`` when the torch runner is on CUDA (``extract.device``, with ``auto``
-    meaning CUDA when visible); the ONNX runner and the dask scheduler take CPU tensors, so ``cpu`` there.
-    """
-    knobs = params.extract
-    if knobs.decode != "auto":
-        return knobs.decode
-    if knobs.scheduler != "none" or knobs.backend == "onnx":
-        return "cpu"
-    device = resolve_device("auto") if knobs.device == "auto" else knobs.device
-    return resolve_decode("auto", device)
-
-
-def expected_config(params: Params, backbone: str) -> dict:
-    """The extraction config that ``params`` give for ``backbone`` (as stored in its HDF5 file).
-
-    The GPU decode path is part of it (``extract.decode: gpu``), so a store never mixes blocks decoded
-    on the CPU and on the device; the CPU path leaves it out, as before the setting existed.
-    """
-    config = extraction_config(params, backbone)
-    config["preprocess"] = Preprocessor.from_spec(get_backbone(backbone), params.extract.resize_mode).config()
-    if planned_decode(params) == "gpu":
-        config["extract"]["decode"] = "gpu"
-    return config
 
 
 def extract(params: Params, backbone: str, manifest_path: str | Path, out: str | Path,
@@ -100,7 +70,17 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
     workers = None if knobs.num_workers == "auto" else int(knobs.num_workers)
     if isinstance(runner, TorchFeatureExtractor):
         check_batch_memory(runner, preprocess.input_size, knobs.batch_size, device, num_workers=workers)
+    loader_factory = None
+    if decode == "gpu":  # JPEGs decoded in batches on the runner's input device
+        from featcache.extract.gpu_decode import iter_device_batches
+
+        input_device = str(getattr(runner, "input_device", device))
+
+        def loader_factory(rows, batch_size):
+            return iter_device_batches(manifest, rows, preprocess=preprocess, device=input_device,
+                                       batch_size=batch_size, num_workers=workers)
+
     return extract_to_store(manifest, runner, preprocess, out, config=config, attrs=attrs, dtype=knobs.dtype,
                             batch_size=knobs.batch_size, num_workers=workers, block_rows=knobs.block_rows,
                             on_error=knobs.on_error, pin_memory=device == "cuda", progress=progress,
-                            max_bad_fraction=knobs.max_bad_fraction, decode=decode)
+                            max_bad_fraction=knobs.max_bad_fraction, loader_factory=loader_factory)
