@@ -2,36 +2,59 @@
 
 The pipeline builds heads only through :func:`make_head`, so a typo in
 ``params.yaml`` fails early with the allowed names and a close-match hint.
+The table holds import paths: a head's module (and its library: lightgbm,
+torch) is imported only when that head is built.
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
-from sklearn.base import BaseEstimator
+if TYPE_CHECKING:
+    from sklearn.base import BaseEstimator
 
-from .boosting import LightGBMHead, LightGBMRegressorHead
-from .linear import LogisticRegressionHead, RidgeHead
-from .mlp import MLPHead, MLPRegressorHead
-from .out_of_core import StreamingLogisticHead, StreamingMLPHead, StreamingMLPRegressorHead, StreamingRidgeHead
-
-__all__ = ["HEADS", "TASKS", "head_class", "head_names", "make_head"]
+__all__ = ["HEADS", "HEAD_PATHS", "TASKS", "head_class", "head_names", "make_head"]
 
 log = logging.getLogger(__name__)
 
 TASKS: tuple[str, ...] = ("classification", "regression")
 
-HEADS: dict[str, dict[str, type[BaseEstimator]]] = {
-    "logreg": {"classification": LogisticRegressionHead, "regression": RidgeHead},
-    "lightgbm": {"classification": LightGBMHead, "regression": LightGBMRegressorHead},
-    "mlp": {"classification": MLPHead, "regression": MLPRegressorHead},
+#: Head name -> task -> ``"module:Class"`` (module relative to this package).
+HEAD_PATHS: dict[str, dict[str, str]] = {
+    "logreg": {"classification": ".linear:LogisticRegressionHead", "regression": ".linear:RidgeHead"},
+    "lightgbm": {"classification": ".boosting:LightGBMHead", "regression": ".boosting:LightGBMRegressorHead"},
+    "mlp": {"classification": ".mlp:MLPHead", "regression": ".mlp:MLPRegressorHead"},
     # out-of-core twins: fit/predict stream numpy or dask arrays one row chunk at a time
-    "sgd": {"classification": StreamingLogisticHead, "regression": StreamingRidgeHead},
-    "streaming_mlp": {"classification": StreamingMLPHead, "regression": StreamingMLPRegressorHead},
+    "sgd": {"classification": ".out_of_core:StreamingLogisticHead", "regression": ".out_of_core:StreamingRidgeHead"},
+    "streaming_mlp": {"classification": ".out_of_core:StreamingMLPHead",
+                      "regression": ".out_of_core:StreamingMLPRegressorHead"},
 }
+
+
+def _load(path: str) -> type[BaseEstimator]:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module, __package__), name)
+
+
+class _HeadTable(Mapping[str, dict[str, "type[BaseEstimator]"]]):
+    """:data:`HEAD_PATHS` with classes for values, each imported when looked up."""
+
+    def __getitem__(self, name: str) -> dict[str, type[BaseEstimator]]:
+        return {task: _load(path) for task, path in HEAD_PATHS[name].items()}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(HEAD_PATHS)
+
+    def __len__(self) -> int:
+        return len(HEAD_PATHS)
+
+
+#: Head name -> task -> estimator class (read-only mapping; looking a head up imports its module).
+HEADS: Mapping[str, dict[str, type[BaseEstimator]]] = _HeadTable()
 
 
 def _hint(value: str, allowed: list[str]) -> str:
@@ -41,7 +64,7 @@ def _hint(value: str, allowed: list[str]) -> str:
 
 def head_names() -> list[str]:
     """Registered head names, in table order."""
-    return list(HEADS)
+    return list(HEAD_PATHS)
 
 
 def head_class(name: str, task: str) -> type[BaseEstimator]:
@@ -52,16 +75,16 @@ def head_class(name: str, task: str) -> type[BaseEstimator]:
     ValueError
         Naming the unknown head or task and the allowed values.
     """
-    if name not in HEADS:
+    if name not in HEAD_PATHS:
         raise ValueError(
-            f"unknown head {name!r}; allowed: {', '.join(HEADS)}.{_hint(str(name), list(HEADS))}"
+            f"unknown head {name!r}; allowed: {', '.join(HEAD_PATHS)}.{_hint(str(name), list(HEAD_PATHS))}"
         )
-    if task not in HEADS[name]:
+    if task not in HEAD_PATHS[name]:
         raise ValueError(
-            f"unknown task {task!r} for head {name!r}; allowed: {', '.join(HEADS[name])}."
-            f"{_hint(str(task), list(HEADS[name]))}"
+            f"unknown task {task!r} for head {name!r}; allowed: {', '.join(HEAD_PATHS[name])}."
+            f"{_hint(str(task), list(HEAD_PATHS[name]))}"
         )
-    return HEADS[name][task]
+    return _load(HEAD_PATHS[name][task])
 
 
 def make_head(

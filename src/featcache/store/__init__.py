@@ -9,20 +9,15 @@ The layout is documented in :mod:`featcache.store.schema`.
 
 from __future__ import annotations
 
-from .errors import StaleStoreError, StoreError, StoreLockedError, StoreNotFoundError
-from .reader import FeatureStore
-from .schema import FORMAT, SPLIT_CODES, SPLITS
-from .writer import LayerSpec, StoreWriter
+from featcache.lazy import lazy_exports
 
-__all__ = [
-    "FeatureStore",
-    "StoreWriter",
-    "LayerSpec",
-    "StoreError",
-    "StaleStoreError",
-    "StoreLockedError",
-    "StoreNotFoundError",
-    "FORMAT",
-    "SPLITS",
-    "SPLIT_CODES",
-]
+#: Public name -> the submodule that defines it; imported on first use (PEP 562), so
+#: ``featcache.store.schema`` (params checks, listings) does not import h5py.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(["StaleStoreError", "StoreError", "StoreLockedError", "StoreNotFoundError"], "errors"),
+    "FeatureStore": "reader",
+    **dict.fromkeys(["FORMAT", "SPLITS", "SPLIT_CODES"], "schema"),
+    **dict.fromkeys(["LayerSpec", "StoreWriter"], "writer"),
+}
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
