@@ -74,8 +74,10 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
     if knobs.backend == "onnx":
         from featcache.extract.onnx_runner import OnnxFeatureRunner
 
-        runner = OnnxFeatureRunner.from_model(loaded.model, loaded.spec, layers, pooling=knobs.pooling, device=device)
+        runner = OnnxFeatureRunner.from_model(loaded.model, loaded.spec, layers, pooling=knobs.pooling, device=device,
+                                              cache_dir=knobs.onnx_cache)
         attrs["provider"] = runner.provider
+        attrs["onnx_sha256"] = runner.onnx_sha256
     else:
         runner = TorchFeatureExtractor(loaded.model, loaded.spec, layers, pooling=knobs.pooling, device=device,
                                        channels_last=knobs.channels_last, autocast=autocast)
