@@ -38,7 +38,7 @@ from featcache.extract.sources import from_csv, from_folder
 from featcache.extract.torch_runner import TorchFeatureExtractor
 from featcache.store import FeatureStore
 
-from ._helpers import md5
+from _support.files import md5
 
 PRE = Preprocessor(input_size=32, resize_size=36, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 CONFIG = {"backbone": "resnet18", "weights": "random", "layers": ["pool5"], "preprocess": PRE.config()}
@@ -438,3 +438,84 @@ def test_empty_classes(tmp_path, caplog):
         from_folder(images, ALL_TRAIN, 0, classes=["a"])
     ordered = from_folder(images, ALL_TRAIN, 0, classes=["b", "a"])
     assert ordered.classes == ["b", "a"] and ordered.labels[0] == 1  # a/000.png sorts first, label "a" = 1
+
+
+# ------------------------------------------------- errors that would hide bugs
+class _CountingRunner:
+    """Delegates to a real runner and counts its calls."""
+
+    def __init__(self, runner) -> None:
+        self.runner, self.calls = runner, 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        return self.runner(batch)
+
+    def layer_specs(self, input_size=None):
+        return self.runner.layer_specs(input_size)
+
+
+def test_a_preprocessing_bug_propagates_and_is_not_a_bad_image(runner, tmp_path, monkeypatch):
+    manifest = from_folder(_good_folder(tmp_path / "images", n=2), ALL_TRAIN, seed=0)
+
+    def broken(self, image):  # a bug in preprocessing, after a good decode
+        raise ZeroDivisionError("bug in the resize rule")
+
+    monkeypatch.setattr(Preprocessor, "pixels", broken)
+    with pytest.raises(ZeroDivisionError, match="resize rule"):
+        ImageDataset(manifest, PRE)[0]
+    out = tmp_path / "store.h5"
+    with pytest.raises(ZeroDivisionError):
+        _extract(manifest, runner, out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("error", [MemoryError("out of memory"), KeyError("a bug in a decoder plugin")])
+def test_memory_error_or_unexpected_error_in_decode_propagates(runner, tmp_path, monkeypatch, error):
+    manifest = from_folder(_good_folder(tmp_path / "images", n=2), ALL_TRAIN, seed=0)
+
+    def failing(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("featcache.extract.data.load_rgb", failing)
+    with pytest.raises(type(error)):
+        _extract(manifest, runner, tmp_path / "store.h5")
+    assert not (tmp_path / "store.h5").exists()
+
+
+def test_a_run_of_only_bad_images_fails_naming_the_first_reasons(runner, tmp_path):
+    root = tmp_path / "images" / "a"
+    root.mkdir(parents=True)
+    for i in range(6):
+        (root / f"{i}.jpg").write_text("not a jpeg")
+    manifest = from_folder(root.parent, ALL_TRAIN, seed=0)
+    out = tmp_path / "store.h5"
+    with pytest.raises(ExtractionError, match=r"6 of 6 images .*every row.*a/0\.jpg: not an image") as info:
+        _extract(manifest, runner, out, max_bad_fraction=1.0)  # all bad fails even at 1.0
+    assert "max_bad_fraction" in str(info.value)
+    assert not out.exists()
+
+
+def test_more_bad_than_max_bad_fraction_fails_then_a_higher_limit_finalizes_without_extracting(
+        runner, corpus, tmp_path):
+    manifest, bad = corpus
+    out = tmp_path / "store.h5"
+    fraction = len(bad) / len(manifest)
+    with pytest.raises(ExtractionError, match=rf"{len(bad)} of {len(manifest)} images.*max_bad_fraction=0\.2"):
+        _extract(manifest, runner, out, max_bad_fraction=0.2)
+    assert 0.2 < fraction < 0.5 and not out.exists()
+    counting = _CountingRunner(runner)
+    report = _extract(manifest, counting, out, max_bad_fraction=0.5)
+    assert counting.calls == 0 and report.n_skipped == len(bad)
+    with pytest.raises(ValueError, match="max_bad_fraction"):
+        _extract(manifest, runner, tmp_path / "x.h5", max_bad_fraction=1.5)
+
+
+def test_max_bad_fraction_param_is_not_in_the_config_hash():
+    from featcache.pipeline.config import ConfigError, extraction_config, parse_params
+
+    assert parse_params({}).extract.max_bad_fraction == 0.5
+    raised = parse_params({"extract": {"max_bad_fraction": 0.9}})
+    assert "max_bad_fraction" not in extraction_config(raised, "efficientnet_lite0")["extract"]
+    with pytest.raises(ConfigError, match="max_bad_fraction"):
+        parse_params({"extract": {"max_bad_fraction": 2}})

@@ -11,7 +11,7 @@ from featcache.extract.data import ImageDataset, default_num_workers, make_loade
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor, load_rgb
 
-from ._helpers import write_image_folder
+from _support.files import write_image_folder
 
 PRE = Preprocessor(input_size=32, resize_size=36, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
 
@@ -32,8 +32,8 @@ def test_good_rows_are_preprocessed(manifest):
     row = manifest.ids.index("a/001.png")
     index, tensor, error = dataset[row]
     assert (index, error) == (row, "")
-    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.float32
-    assert torch.equal(tensor, PRE(load_rgb(manifest.absolute_path(row))))
+    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.uint8  # workers hand over uint8 pixels
+    assert torch.equal(PRE.normalize_batch(tensor[None])[0], PRE(load_rgb(manifest.absolute_path(row))))
 
 
 def test_corrupt_and_missing_files_return_errors(manifest):
@@ -44,7 +44,7 @@ def test_corrupt_and_missing_files_return_errors(manifest):
     assert "Error" in error and "\n" not in error
     # The reason ends up in the feature file: no machine-specific absolute path in it.
     assert str(manifest.root) not in error and "zz_corrupt.png" in error
-    assert tensor.shape == (3, 32, 32) and not tensor.any()
+    assert tensor.shape == (3, 32, 32) and tensor.dtype == torch.uint8 and not tensor.any()
     missing = manifest.ids.index("b/zz_missing.png")
     row, tensor, error = dataset[missing]
     assert (row, error) == (missing, "missing file")
@@ -58,7 +58,7 @@ def test_loader_keeps_row_order(manifest, workers):
     seen, errors = [], {}
     for batch_rows, images, reasons in make_loader(dataset, rows, batch_size=3, num_workers=workers):
         assert batch_rows.dtype == torch.int64
-        assert images.shape == (len(batch_rows), 3, 32, 32)
+        assert images.shape == (len(batch_rows), 3, 32, 32) and images.dtype == torch.uint8
         assert len(reasons) == len(batch_rows) <= 3
         for position, row in enumerate(batch_rows.tolist()):
             seen.append(row)
@@ -84,5 +84,22 @@ def test_dataset_uses_the_preprocessor_background(tmp_path):
                         classes=["x"], root=tmp_path)
     black = Preprocessor(32, 36, "bilinear", (0.0,) * 3, (1.0,) * 3, background=(0, 0, 0))
     white = Preprocessor(32, 36, "bilinear", (0.0,) * 3, (1.0,) * 3)
-    assert ImageDataset(manifest, black)[0][1].max() == 0
-    assert ImageDataset(manifest, white)[0][1].min() == 1
+    assert black.normalize_batch(ImageDataset(manifest, black)[0][1]).max() == 0
+    assert white.normalize_batch(ImageDataset(manifest, white)[0][1]).min() == 1
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_uint8_then_normalize_batch_is_bitwise_totensor_normalize(manifest, interpolation):
+    """The features of the uint8 transfer equal today's: ToTensor + Normalize, bit for bit on CPU."""
+    from torchvision import transforms
+
+    pre = Preprocessor(32, 36, interpolation, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    images = [load_rgb(manifest.absolute_path(row)) for row in range(4)]
+    crops = [transforms.functional.to_pil_image(pre.pixels(image)) for image in images]  # same geometry as before
+    reference = transforms.Compose([transforms.ToTensor(), transforms.Normalize(pre.mean, pre.std)])
+    expected = torch.stack([reference(crop) for crop in crops])
+    batch = pre.normalize_batch(torch.stack([pre.pixels(image) for image in images]))
+    assert batch.dtype == torch.float32 and torch.equal(batch, expected)
+    assert torch.equal(torch.stack([pre(image) for image in images]), expected)
+    with pytest.raises(TypeError, match="uint8"):
+        pre.normalize_batch(expected)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from featcache.extract.distributed import (
-    RunnerSpec, _detached_writer, _Job, _plan_tasks, _run_tasks, extract_distributed,
+    RunnerSpec, _adopt_blocks, _Job, _plan_tasks, _run_tasks, extract_distributed,
 )
 from featcache.extract.engine import ExtractionError, extract_to_store
 from featcache.extract.preprocess import Preprocessor
@@ -21,7 +21,7 @@ from featcache.extract.sources import from_folder
 from featcache.store.schema import sha256_text
 from featcache.store.writer import LayerSpec, StoreWriter
 
-from ._helpers import md5
+from _support.files import md5
 
 distributed = pytest.importorskip("distributed")
 
@@ -261,7 +261,7 @@ def test_worker_task_failure_is_wrapped_and_keeps_blocks(client, manifest, tmp_p
     with StoreWriter(tmp_path / "x.h5", ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
                      labels=manifest.labels, targets=manifest.targets, layers=wrong, attrs=attrs,
                      block_rows=4) as writer:
-        job = _Job(manifest, PREPROCESS, SPEC, _detached_writer(writer), tuple(wrong), 4, "skip", 1)
+        job = _Job(manifest, PREPROCESS, SPEC, writer.block_committer(), tuple(wrong), 4, "skip", 1)
         with pytest.raises(ExtractionError, match="rerun to resume") as info:
             list(_run_tasks(client, job, [(0,), (1,)], writer, progress=False))
         assert "StoreError" in str(info.value)
@@ -291,3 +291,15 @@ def test_invalid_arguments(manifest, tmp_path):
         extract_distributed(manifest, SPEC, PREPROCESS, tmp_path / "o.h5", config=CONFIG, block_rows=0)
     with pytest.raises(TypeError, match="RunnerSpec"):
         extract_distributed(manifest, SPEC.build(), PREPROCESS, tmp_path / "o.h5", config=CONFIG)
+
+
+def test_driver_refuses_a_block_the_worker_did_not_write_here(manifest, tmp_path):
+    """A worker that committed into another folder (no shared file system): a clear error, nothing adopted."""
+    specs = SPEC.build().layer_specs(PREPROCESS.input_size)
+    attrs = {"config": "{}", "config_sha256": sha256_text("{}")}
+    with StoreWriter(tmp_path / "x.h5", ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
+                     labels=manifest.labels, targets=manifest.targets, layers=specs, attrs=attrs,
+                     block_rows=4) as writer:
+        with pytest.raises(ExtractionError, match="worker-7.*block 1.*missing.*same absolute path"):
+            _adopt_blocks(writer, [1], "worker-7")
+        assert writer.pending_blocks() == list(range(writer.n_blocks))

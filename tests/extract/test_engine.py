@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from featcache.extract.registry import IMAGENET_MEAN, IMAGENET_STD
 from featcache.extract.sources import from_folder
 from featcache.extract.torch_runner import TorchFeatureExtractor
 
-from ._helpers import md5, write_image_folder
+from _support.files import md5, write_image_folder
 
 PRE = Preprocessor(input_size=64, resize_size=73, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 LAYERS = ["pool5", "res4"]
@@ -250,3 +251,131 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ExtractionError, match="cuda"):
             resolve_device("cuda")
+
+
+# ------------------------------------------------------ the hot loop's pieces
+def test_block_assembler_slices_out_of_order_rows_with_bad_ones():
+    from featcache.extract.blockloop import BlockAssembler
+
+    ids = [f"id{r}" for r in range(10)]
+    assembler = BlockAssembler(4, 10, {"f": 2}, ids)
+    feats = lambda rows: np.array([[r, -r] for r in rows], dtype=np.float32)  # noqa: E731
+    # batch 1: rows 5, 0, 9 (row 9 bad); batch 2: 8, 1, 2, 3 (block 0 completes); batch 3: the rest
+    assert assembler.add(np.array([5, 0, 9]), np.array([True, True, False]), {"f": feats([5, 0])},
+                         ["", "", "bad 9"]) == []
+    done = assembler.add(np.array([8, 1, 2, 3]), np.array([True, False, True, True]), {"f": feats([8, 2, 3])},
+                         ["", "bad 1", "", ""])
+    assert [d.block for d in done] == [0, 2]  # the short last block (8, 9) completes too
+    assert done[1].kept_rows.tolist() == [8] and done[1].errors == [("id9", "bad 9")]
+    np.testing.assert_array_equal(done[0].kept_rows, [0, 2, 3])
+    np.testing.assert_array_equal(done[0].features["f"], feats([0, 2, 3]))
+    assert done[0].errors == [("id1", "bad 1")]
+    done = assembler.add(np.array([4, 6, 7]), np.array([True, True, True]), {"f": feats([4, 6, 7])}, [""] * 3)
+    assert [d.block for d in done] == [1] and done[0].kept_rows.tolist() == [4, 5, 6, 7]
+    np.testing.assert_array_equal(done[0].features["f"], feats([4, 5, 6, 7]))
+    assert assembler.add(np.array([], dtype=np.int64), np.array([], dtype=bool), {}, []) == []
+
+
+def test_short_last_block_is_handed_out():
+    from featcache.extract.blockloop import BlockAssembler
+
+    assembler = BlockAssembler(4, 6, {"f": 1}, [str(r) for r in range(6)])
+    done = assembler.add(np.arange(6), np.ones(6, bool), {"f": np.arange(6, dtype=np.float32)[:, None]}, [""] * 6)
+    assert [(d.block, d.kept_rows.tolist()) for d in done] == [(0, [0, 1, 2, 3]), (1, [4, 5])]
+
+
+def test_custom_batches_in_any_order_give_the_same_bytes(first_run, manifest, runner, tmp_path):
+    """The batch contract: any iterable of (rows, uint8 images, reasons) in any order -> the same store."""
+    from featcache.extract.data import ImageDataset
+
+    _, _, digest = first_run
+    dataset = ImageDataset(manifest, PRE)
+    order = [1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14, 17, 16, 18]  # pairs swapped: same batches
+
+    def factory(rows, batch_size):
+        assert list(rows) == list(range(len(manifest))) and batch_size == 2
+        for start in range(0, len(order), batch_size):
+            items = [dataset[row] for row in order[start:start + batch_size]]
+            yield (torch.tensor([i[0] for i in items]), torch.stack([i[1] for i in items]), [i[2] for i in items])
+
+    out = tmp_path / "custom.h5"
+    _extract(manifest, runner, out, loader_factory=factory)
+    assert md5(out) == digest
+
+
+def test_threaded_writer_gives_the_same_bytes(first_run, manifest, runner, tmp_path):
+    from featcache.extract.engine import run_blocks
+    from featcache.store.writer import StoreWriter
+
+    _, _, digest = first_run
+    from featcache.extract.engine import build_root_attrs
+
+    out = tmp_path / "threaded.h5"
+    specs = runner.layer_specs(PRE.input_size)
+    with StoreWriter(out, ids=manifest.ids, splits=manifest.splits, classes=manifest.classes, labels=manifest.labels,
+                     targets=manifest.targets, layers=specs, attrs=build_root_attrs(manifest, CONFIG, ATTRS),
+                     block_rows=4) as writer:
+        errors = run_blocks(manifest, runner, writer, writer.pending_blocks(), preprocess=PRE, layer_specs=specs,
+                            batch_size=2, num_workers=0, overlap=True)
+        writer.finalize()
+    assert [e[0] for e in errors] == [CORRUPT]
+    assert md5(out) == digest
+
+
+def test_an_error_in_the_writer_thread_propagates(manifest, runner, tmp_path):
+    from featcache.extract.engine import run_blocks
+
+    class FailingSink:
+        block_rows, n_rows = 4, len(manifest)
+
+        def __init__(self):
+            self.committed = []
+
+        def block_range(self, block):
+            return range(4 * block, min(4 * block + 4, self.n_rows))
+
+        def commit_block(self, block, kept_rows, features, errors=()):
+            if block == 1:
+                raise OSError("disk full")
+            self.committed.append(block)
+
+    sink = FailingSink()
+    specs = runner.layer_specs(PRE.input_size)
+    with pytest.raises(OSError, match="disk full"):
+        run_blocks(manifest, runner, sink, range(5), preprocess=PRE, layer_specs=specs, batch_size=2,
+                   num_workers=0, overlap=True)
+    assert sink.committed == [0]
+
+
+def test_progress_logs_a_line_per_committed_block(manifest, runner, tmp_path, caplog, monkeypatch):
+    from featcache.extract import blockloop
+
+    monkeypatch.setattr(blockloop.Progress.__init__, "__defaults__", (0.0,))  # no rate limit
+    with caplog.at_level(logging.INFO, logger="featcache.extract.engine"):
+        _extract(manifest, runner, tmp_path / "p.h5", progress=True)
+    lines = [r.getMessage() for r in caplog.records if "img/s, ETA" in r.getMessage()]
+    assert len(lines) == 5  # 19 rows in blocks of 4
+    assert lines[0].startswith("extract p.h5: 4/19 rows (21.1%)") and lines[-1].startswith("extract p.h5: 19/19")
+    assert all("ETA " in line for line in lines) and lines[-1].endswith("ETA 0:00")
+
+
+def test_format_eta():
+    from featcache.extract.blockloop import format_eta
+
+    assert (format_eta(65), format_eta(3725), format_eta(float("nan"))) == ("1:05", "1:02:05", "?")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_overlapped_loop_matches_the_synchronous_one(manifest, random_backbone, tmp_path):
+    """On CUDA: pinned double buffers + side-stream copy + writer thread == the plain loop, row for row."""
+    loaded = random_backbone("resnet18")
+    cuda = TorchFeatureExtractor(loaded.model, loaded.spec, LAYERS, pooling="avg", device="cuda")
+    cpu = TorchFeatureExtractor(loaded.model, loaded.spec, LAYERS, pooling="avg")
+    overlapped = _extract(manifest, cuda, tmp_path / "gpu.h5", dtype="float32", batch_size=3)
+    reference = _extract(manifest, cpu, tmp_path / "cpu.h5", dtype="float32", batch_size=3)
+    with h5py.File(overlapped.path, "r") as a, h5py.File(reference.path, "r") as b:
+        assert list(a["ids"][()]) == list(b["ids"][()]) and list(a["errors"][()]) == list(b["errors"][()])
+        for layer in LAYERS:
+            x, y = a[f"features/{layer}"][()], b[f"features/{layer}"][()]
+            np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-3 * np.abs(y).max())

@@ -13,7 +13,7 @@ from featcache.extract.manifest import Manifest, ManifestError
 from featcache.extract.sources import IMAGE_EXTENSIONS, build_manifest, from_csv, from_folder, write_digits
 from featcache.store.schema import SPLIT_CODES
 
-from ._helpers import write_image_folder
+from _support.files import write_image_folder
 
 RATIOS = {"train": 0.6, "val": 0.2, "test": 0.2}
 

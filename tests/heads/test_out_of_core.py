@@ -27,7 +27,7 @@ from featcache.heads.dask_boosting import _early_stop
 from featcache.heads.metrics import log_loss_score
 from featcache.store import FeatureStore
 
-from .synth_store import LAYER, peak_rss, write_store
+from _support.blob_store import LAYER, peak_rss, write_store
 
 CHUNK = 256
 SPLITS = ("train", "val", "test")

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
-from PIL import Image
 
-CLASSES = ("red", "green", "blue")
+TESTS = Path(__file__).resolve().parents[1]
+if str(TESTS) not in sys.path:  # _support importable here and in the child drivers that import this file
+    sys.path.insert(0, str(TESTS))
 
-
-def make_image_folder(root: Path, per_class: int = 12, size: int = 24, seed: int = 0) -> Path:
-    """Write ``root/<class>/<i>.png``: noisy images dominated by the class colour."""
-    rng = np.random.default_rng(seed)
-    for channel, name in enumerate(CLASSES):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for index in range(per_class):
-            pixels = rng.integers(0, 90, size=(size, size, 3))
-            pixels[..., channel] += 150
-            Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{index:03d}.png")
-    return root
+from _support.files import write_colour_folder as make_image_folder  # noqa: E402
 
 
 def fast_params(data_path: str, name: str = "tiny") -> dict[str, Any]:

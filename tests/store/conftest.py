@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -10,17 +9,14 @@ from pathlib import Path
 
 import pytest
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:  # importable by tests under any import mode
-    sys.path.insert(0, str(HERE))
+TESTS = Path(__file__).resolve().parents[1]
+if str(TESTS) not in sys.path:  # _support importable by tests under any import mode
+    sys.path.insert(0, str(TESTS))
 
 import featcache  # noqa: E402
+from _support.files import md5  # noqa: E402
 
 SRC = Path(featcache.__file__).resolve().parent.parent
-
-
-def md5(path: Path) -> str:
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 
 @pytest.fixture
@@ -36,7 +32,7 @@ def spawn():
 
     def _spawn(code: str, *args: str) -> subprocess.Popen:
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(SRC), str(HERE), env.get("PYTHONPATH", "")])
+        env["PYTHONPATH"] = os.pathsep.join([str(SRC), str(TESTS), env.get("PYTHONPATH", "")])
         proc = subprocess.Popen(
             [sys.executable, "-c", code, *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-import featcache_store_synth as synth
+from _support import synth_store as synth
 from featcache.store import (
     SPLITS,
     FeatureStore,

@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-import featcache_store_synth as synth
+from _support import synth_store as synth
 from featcache.store import FORMAT, LayerSpec, StoreError, StoreLockedError, StoreWriter
 from featcache.store.blocks import TMP_MARK
 
@@ -122,7 +122,7 @@ def test_resume_after_drop_gives_identical_bytes(tmp_path, file_md5):
 _KILL_CHILD = r"""
 import io, sys, time
 import numpy as np
-import featcache_store_synth as synth
+from _support import synth_store as synth
 from featcache.store import StoreWriter
 real_savez, calls = np.savez, [0]
 def half_then_hang(fh, **arrays):  # the 4th block file: write half of it, then hang
@@ -234,7 +234,7 @@ def test_write_error_keeps_previous_file(tmp_path, monkeypatch, file_md5):
 
 _HOLD_CHILD = r"""
 import sys, time
-import featcache_store_synth as synth
+from _support import synth_store as synth
 from featcache.store import StoreWriter
 with StoreWriter(sys.argv[1], **synth.make_kwargs()) as w:
     print("LOCKED", flush=True)
@@ -377,3 +377,50 @@ def test_config_must_be_json(tmp_path):
     attrs = {"config": "pooling=avg", "config_sha256": sha256_text("pooling=avg")}
     with pytest.raises(StoreError, match=r"attrs\['config'\] is not JSON"):
         StoreWriter(tmp_path / "x.h5", **synth.make_kwargs(attrs=attrs))
+
+
+# --------------------------------------------------------------------------- sharded writers
+def _commit_with(committer, block: int) -> None:
+    """Commit ``block`` through a committer exactly as synth.commit does through the writer."""
+    rows = [r for r in committer.block_range(block) if r not in synth.SKIP]
+    errs = [(committer.ids[r], synth.reason_for(committer.ids[r])) for r in committer.block_range(block)
+            if r in synth.SKIP]
+    committer.commit_block(block, np.array(rows, dtype=np.int64),
+                           {s.alias: synth.features_for(s.alias, rows) for s in synth.LAYERS}, errs)
+
+
+def test_block_committer_in_another_process_then_adopt_is_byte_identical(tmp_path, file_md5):
+    import pickle
+    ref = _ref(tmp_path)
+    with StoreWriter(tmp_path / "out" / "ref.h5", **synth.make_kwargs()) as w:
+        shipped = pickle.loads(pickle.dumps(w.block_committer()))  # what a dask worker receives
+        assert shipped.parts_dir.is_absolute() and shipped == w.block_committer()
+        for b in w.pending_blocks():
+            _commit_with(shipped, b)
+        assert w.pending_blocks() == list(range(w.n_blocks))  # not counted until adopted
+        for b in range(w.n_blocks):
+            w.adopt_block(b)
+        assert w.pending_blocks() == []
+        assert w.committed_errors() == [(w.ids[r], synth.reason_for(w.ids[r])) for r in sorted(synth.SKIP)]
+        path = w.finalize()
+    assert file_md5(path) == file_md5(ref)
+
+
+def test_adopt_block_rejects_missing_and_foreign_files(tmp_path):
+    kwargs = synth.make_kwargs()
+    with StoreWriter(tmp_path / "a.h5", **kwargs) as w:
+        with pytest.raises(StoreError, match="block 1 .* is missing"):
+            w.adopt_block(1)
+        foreign_attrs = {**kwargs["attrs"], "config": '{"other":1}'}
+        from featcache.store.schema import sha256_text
+        foreign_attrs["config_sha256"] = sha256_text(foreign_attrs["config"])
+        with StoreWriter(tmp_path / "b.h5", **{**kwargs, "attrs": foreign_attrs}) as other:
+            _commit_with(other.block_committer(), 1)
+            other_file = other.block_committer().block_path(1)
+        w.block_committer().block_path(1).write_bytes(other_file.read_bytes())
+        with pytest.raises(StoreError, match="of another run"):
+            w.adopt_block(1)
+        w.block_committer().block_path(2).write_bytes(b"not a zip")
+        with pytest.raises(StoreError, match="unreadable"):
+            w.adopt_block(2)
+        assert w.pending_blocks() == list(range(w.n_blocks))

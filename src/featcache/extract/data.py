@@ -1,7 +1,9 @@
 """Data loading: decode and preprocess images in DataLoader workers.
 
-A bad image never crashes a worker: its row comes back with an error string
-(and a zero tensor), so the extractor can report it by id and skip or fail as
+Workers hand over uint8 pixels (:meth:`Preprocessor.pixels`, a quarter of
+float32's bytes); the engine normalises them on the runner's device
+(:meth:`Preprocessor.normalize_batch`). A bad image never crashes a worker:
+its row comes back with an error string (and zero pixels), so the extractor can report it by id and skip or fail as
 configured. The reason starts with a plain category (``missing file``,
 ``empty file``, ``not an image``, ``truncated or corrupt image``, ``image too
 large``, ``unreadable file``, ``cannot decode``) followed by the decoder's own
@@ -11,20 +13,38 @@ it is stored in the feature file.
 The decompression-bomb limit (``Preprocessor.max_image_pixels``, from
 ``extract.max_image_pixels``) is applied here, in the worker that decodes,
 from the image header, before any pixel is decoded.
+
+Only *decode* errors become bad-image reasons: opening, reading or decoding
+the file and the header size limit (:data:`DECODE_ERRORS`). Anything else,
+an exception in preprocessing, a ``MemoryError`` or an unexpected exception
+type from the decoder, is a bug and propagates (with a note naming the file),
+so it can never pass for a bad image.
 """
 
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from featcache.extract.manifest import Manifest
-from featcache.extract.preprocess import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, Preprocessor, load_rgb
+from PIL import Image
 
-__all__ = ["ImageDataset", "make_loader", "default_num_workers", "describe_error"]
+from featcache.extract.preprocess import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, Preprocessor, load_rgb
+from featcache.util.compute import default_num_workers
+
+__all__ = ["DECODE_ERRORS", "ImageDataset", "make_loader", "default_num_workers", "describe_error"]
+
+#: What opening, reading or decoding a broken file raises (Pillow, tifffile, the OS), and the
+#: decompression-bomb limit; only these become bad-image reasons. ``MemoryError`` is not one of them.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
+    Image.DecompressionBombError, Image.DecompressionBombWarning,
+)
 
 
 def describe_error(path: str, error: BaseException) -> str:
@@ -67,14 +87,18 @@ def describe_error(path: str, error: BaseException) -> str:
 
 
 class ImageDataset(Dataset):
-    """Rows of a manifest as ``(row, tensor, error)`` triples.
+    """Rows of a manifest as ``(row, pixels, error)`` triples.
+
+    ``pixels`` is the uint8 (3, S, S) crop of :meth:`Preprocessor.pixels`
+    (zeros for a bad image, whose ``error`` is non-empty); normalise batches
+    with :meth:`Preprocessor.normalize_batch`.
 
     Parameters
     ----------
     source : Manifest or sequence of paths
         Images to read; the dataset index is the manifest row (or list position).
     preprocess : Preprocessor
-        PIL RGB image -> (3, S, S) tensor.
+        Its ``pixels`` maps a PIL RGB image to the (3, S, S) uint8 crop.
     """
 
     def __init__(self, source: Manifest | Sequence[str | os.PathLike], preprocess: Preprocessor) -> None:
@@ -95,13 +119,27 @@ class ImageDataset(Dataset):
     def __getitem__(self, row: int) -> tuple[int, torch.Tensor, str]:
         path = self.paths[row]
         try:
-            tensor = self.preprocess(load_rgb(path, self.preprocess.background, self.max_image_pixels,
-                                              draft_size=self.preprocess.resize_size))
-            return row, tensor, ""
-        except Exception as error:  # noqa: BLE001 - every decode failure is reported, not raised
+            image = load_rgb(path, self.preprocess.background, self.max_image_pixels,
+                             draft_size=self.preprocess.resize_size)
+        except DECODE_ERRORS as error:
             size = self.preprocess.input_size
             # The reason is stored in the feature file: no machine-specific absolute path in it.
-            return row, torch.zeros(3, size, size), describe_error(path, error)
+            return row, torch.zeros(3, size, size, dtype=torch.uint8), describe_error(path, error)
+        except BaseException as error:
+            _note(error, f"while decoding image {path} (row {row}); this is not a bad-image error")
+            raise
+        try:
+            return row, self.preprocess.pixels(image), ""
+        except BaseException as error:
+            _note(error, f"while preprocessing image {path} (row {row}), which decoded fine")
+            raise
+
+
+def _note(error: BaseException, note: str) -> None:
+    """Attach ``note`` to a propagating exception (Python >= 3.11; nothing before)."""
+    add_note = getattr(error, "add_note", None)
+    if add_note is not None:
+        add_note(note)
 
 
 def _collate(items: list[tuple[int, torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -109,17 +147,12 @@ def _collate(items: list[tuple[int, torch.Tensor, str]]) -> tuple[torch.Tensor, 
     return rows, torch.stack([item[1] for item in items]), [item[2] for item in items]
 
 
-def default_num_workers() -> int:
-    """Decode workers for this machine: leave one core for the forward pass, at most 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores - 1))
-
-
 def make_loader(dataset: ImageDataset, rows: Sequence[int], batch_size: int, num_workers: int | None = None,
                 pin_memory: bool = False, prefetch_factor: int = 4) -> DataLoader:
     """A DataLoader over the given manifest rows, in order.
 
-    Returns batches ``(rows (B,), images (B, 3, S, S), errors list[str])``.
+    Returns batches ``(rows int64 (B,), images uint8 (B, 3, S, S), errors list[str])``: the
+    engine's batch contract (bad rows zero-filled with a non-empty reason).
     """
     workers = default_num_workers() if num_workers is None else num_workers
     return DataLoader(

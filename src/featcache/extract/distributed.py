@@ -9,11 +9,13 @@ pending blocks to workers:
 2. pending blocks are grouped into tasks; each task runs on a worker, which
    builds the backbone once per worker process (from a picklable
    :class:`RunnerSpec`, never a model object), streams the task's rows through
-   exactly the code path of :func:`~featcache.extract.engine.extract_to_store`
-   and commits each block into the SAME parts directory with the writer's own
-   :meth:`~featcache.store.writer.StoreWriter.commit_block`;
-3. the driver verifies every block file a worker reports and calls
-   :meth:`~featcache.store.writer.StoreWriter.finalize`.
+   exactly the loop of :func:`~featcache.extract.engine.extract_to_store`
+   (:func:`~featcache.extract.engine.run_blocks`) and commits each block into
+   the SAME parts directory with the writer's picklable
+   :meth:`~featcache.store.writer.StoreWriter.block_committer`;
+3. the driver adopts every block a worker reports
+   (:meth:`~featcache.store.writer.StoreWriter.adopt_block` checks the file)
+   and calls :meth:`~featcache.store.writer.StoreWriter.finalize`.
 
 The final HDF5 file is byte-identical to a single-process
 :func:`~featcache.extract.engine.extract_to_store` run with the same inputs:
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import socket
 import threading
 import time
@@ -46,15 +47,16 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-import featcache
 from featcache.extract.data import ImageDataset
-from featcache.extract.engine import ExtractionError, ExtractionReport, _run_blocks
+from featcache.extract.engine import (
+    DEFAULT_MAX_BAD_FRACTION, ExtractionError, ExtractionReport, build_report, build_root_attrs, check_bad_rows,
+    check_max_bad_fraction, check_on_error, run_blocks,
+)
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
 from featcache.extract.torch_runner import TorchFeatureExtractor
-from featcache.store import blocks as _blocks
-from featcache.store.reader import FeatureStore
-from featcache.store.schema import canonical_json, sha256_text
+from featcache.store.blocks import BlockCommitter
+from featcache.store.errors import StoreError
 from featcache.store.writer import LayerSpec, StoreWriter
 
 __all__ = ["RunnerSpec", "extract_distributed"]
@@ -190,31 +192,6 @@ def _plan_tasks(pending: Sequence[int], block_sizes: Sequence[int], batch_size: 
 
 
 # ------------------------------------------------------------- worker side
-class _DetachedLock:
-    """Stands in for the driver's lock in a worker's copy of the writer (holds nothing)."""
-
-    held = True
-
-    def release(self) -> None:
-        """Nothing to release: the driver holds the real lock."""
-
-
-def _detached_writer(writer: StoreWriter) -> StoreWriter:
-    """A picklable copy of ``writer`` that can only commit blocks, for the workers.
-
-    It shares the writer's fingerprint, geometry, ids and parts directory (as
-    absolute paths), so :meth:`StoreWriter.commit_block` on a worker writes
-    the same block file the driver would. It never takes the lock and must
-    never be finalized.
-    """
-    clone = object.__new__(type(writer))
-    state = {key: (value.absolute() if isinstance(value, Path) else value)
-             for key, value in vars(writer).items() if key != "_lock"}
-    state.update(_lock=_DetachedLock(), _committed=set())
-    clone.__dict__.update(state)
-    return clone
-
-
 @dataclass
 class _Job:
     """Everything a worker needs, scattered once to each worker."""
@@ -222,7 +199,7 @@ class _Job:
     manifest: Manifest
     preprocess: Preprocessor
     runner_spec: RunnerSpec
-    writer: StoreWriter
+    committer: BlockCommitter
     layer_specs: tuple[LayerSpec, ...]
     batch_size: int
     on_error: str
@@ -267,43 +244,25 @@ def _extract_task(job: _Job, blocks: tuple[int, ...]) -> _TaskResult:
     _set_torch_threads(job.torch_threads)
     started = time.perf_counter()
     runner = job.runner_spec.build()
-    rows = [row for block in blocks for row in job.writer.block_range(block)]
-    errors = _run_blocks(job.manifest, runner, job.dataset(), job.writer, job.layer_specs, list(blocks), rows,
-                         job.batch_size, 0, False, job.on_error, False)
-    return _TaskResult(blocks, len(rows), errors, time.perf_counter() - started, _where())
+    errors = run_blocks(job.manifest, runner, job.committer, blocks, preprocess=job.preprocess,
+                        layer_specs=job.layer_specs, batch_size=job.batch_size, num_workers=0,
+                        on_error=job.on_error, dataset=job.dataset())
+    n_rows = sum(len(job.committer.block_range(block)) for block in blocks)
+    return _TaskResult(blocks, n_rows, errors, time.perf_counter() - started, _where())
 
 
 # ------------------------------------------------------------- driver side
 def _adopt_blocks(writer: StoreWriter, blocks: Sequence[int], where: str) -> None:
-    """Check the block files a worker committed and count them as committed in ``writer``."""
+    """Count the blocks a worker committed as committed in ``writer`` (each file is checked)."""
     for block in blocks:
-        path = writer.parts_dir / _blocks.block_name(block)
-        expected = (writer.fingerprint, block, len(writer.block_range(block)))
-        header = _blocks.read_block_header(path) if path.is_file() else None
-        if header != expected:
-            state = "missing" if header is None else f"has header {header[1:]} of another run"
+        try:
+            writer.adopt_block(block)
+        except StoreError as exc:
             raise ExtractionError(
-                f"Worker {where} reported block {block} committed, but {path} is {state} on the driver. "
-                "Hint: the driver and the workers must share the output folder under the same absolute path "
+                f"Worker {where} reported block {block} committed, but the driver cannot use it: {exc} "
+                "The driver and the workers must share the output folder under the same absolute path "
                 "(one machine or a shared file system)."
-            )
-        # TODO(writer hook): StoreWriter.adopt_block(block) would make this public.
-        writer._committed.add(block)  # noqa: SLF001
-
-
-def _root_attrs(manifest: Manifest, config: Mapping[str, Any], attrs: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Root attributes exactly as :func:`extract_to_store` builds them (same bytes in the store)."""
-    # TODO(engine hook): share engine.root_attrs() instead of mirroring it here.
-    config_json = canonical_json(config)
-    return {
-        "config": config_json,
-        "config_sha256": sha256_text(config_json),
-        "manifest_sha256": manifest.sha256(),
-        "featcache_version": featcache.__version__,
-        "torch_version": torch.__version__.split("+")[0],
-        "python_version": platform.python_version(),
-        **dict(attrs or {}),
-    }
+            ) from exc
 
 
 class _ClientHandle:
@@ -407,6 +366,7 @@ def extract_distributed(
     blocks_per_task: int = 1,
     progress: bool = True,
     lock_timeout: float = 0.0,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
 ) -> ExtractionReport:
     """Extract every manifest row on a dask.distributed cluster into one feature store.
 
@@ -458,6 +418,8 @@ def extract_distributed(
         Show a tqdm bar over finished tasks.
     lock_timeout : float
         Seconds to wait for another writer of ``out``.
+    max_bad_fraction : float
+        As for :func:`extract_to_store`.
 
     Returns
     -------
@@ -476,8 +438,8 @@ def extract_distributed(
     ValueError
         On invalid arguments.
     """
-    if on_error not in ("skip", "fail"):
-        raise ValueError(f"on_error {on_error!r} is not one of 'skip', 'fail'.")
+    check_on_error(on_error)
+    check_max_bad_fraction(max_bad_fraction)
     for name, value in (("block_rows", block_rows), ("batch_size", batch_size), ("n_workers", n_workers),
                         ("threads_per_worker", threads_per_worker), ("blocks_per_task", blocks_per_task)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -488,7 +450,7 @@ def extract_distributed(
     if client is not None and scheduler_address is not None:
         raise ValueError("Give either client or scheduler_address, not both.")
     started = time.perf_counter()
-    root_attrs = _root_attrs(manifest, config, attrs)
+    root_attrs = build_root_attrs(manifest, config, attrs)
     # Workers may run elsewhere (or in another cwd): give them absolute image paths.
     worker_manifest = replace(manifest, root=Path(manifest.root).absolute())
 
@@ -519,25 +481,16 @@ def extract_distributed(
                 if blocks_per_task == 1 and len(tasks) < len(pending):
                     logger.info("block_rows=%d is not a multiple of batch_size=%d: %d blocks grouped into %d "
                                 "batch-aligned tasks", block_rows, batch_size, len(pending), len(tasks))
-                job = _Job(worker_manifest, preprocess, runner_spec, _detached_writer(writer), tuple(layer_specs),
+                job = _Job(worker_manifest, preprocess, runner_spec, writer.block_committer(), tuple(layer_specs),
                            batch_size, on_error, threads_per_worker)
                 results = list(_run_tasks(handle.client, job, tasks, writer, progress)) if tasks else []
+                check_bad_rows(writer.committed_errors(), len(manifest), max_bad_fraction, out)
                 path = writer.finalize()
             finally:
                 # Stop our own workers before the lock is released, so no block lands after it.
                 handle.close()
     finally:
         handle.close()
-    # Like extract_to_store: count skipped rows from the store, so bad images of blocks committed
-    # by an earlier (resumed) run are included.
-    with FeatureStore(path) as store:
-        errors = store.errors()
     n_rows = sum(result.n_rows for result in results)
-    seconds = time.perf_counter() - started
-    n_skipped = len(errors)
-    report = ExtractionReport(path=Path(path), n_input=len(manifest), n_written=len(manifest) - n_skipped,
-                              n_skipped=n_skipped, n_resumed_blocks=n_resumed, seconds=seconds,
-                              images_per_second=n_rows / seconds if seconds > 0 else 0.0, errors=errors)
-    logger.info("Wrote %s: %d rows, %d skipped, %d tasks on dask, %.1f img/s", path, report.n_written, n_skipped,
-                len(results), report.images_per_second)
-    return report
+    return build_report(path, manifest, n_extracted=n_rows, n_resumed_blocks=n_resumed,
+                        seconds=time.perf_counter() - started, note=f"{len(results)} tasks on dask")

@@ -1,9 +1,23 @@
 """Extraction engine: manifest + backbone + runner -> one HDF5 feature store.
 
-Rows are read by DataLoader workers (decode + preprocess overlap the forward
-pass), run through the backbone in large batches, and committed to the store
-in row blocks. A crash loses at most the block in flight: a rerun with the
-same config extracts only the blocks that are missing.
+Rows are decoded by DataLoader workers into uint8 crops (decode overlaps the
+forward pass), normalised on the runner's device, run through the backbone in
+large batches, and committed to the store in row blocks. A crash loses at most
+the blocks in flight: a rerun with the same config extracts only the blocks
+that are missing.
+
+Seams:
+
+* **Decoders.** :func:`run_blocks` takes any iterable of batches that follows
+  its batch contract (``rows`` int64 (B,), ``images`` uint8 (B, 3, S, S) on
+  the CPU or already on the runner's device, ``reasons`` list[str]), and
+  :func:`extract_to_store` a ``loader_factory(rows, batch_size)`` returning
+  one. A GPU JPEG decoder plugs in there (``extract.decode``); the default is
+  PIL in DataLoader workers (:func:`~featcache.extract.data.make_loader`).
+  What decoded should be recorded in ``attrs`` (e.g. ``decode``).
+* **Sharding.** :func:`run_blocks` commits to a ``StoreWriter`` or to its
+  picklable ``BlockCommitter``; :func:`build_root_attrs` and
+  :func:`build_report` give a sharded driver the same store and report.
 """
 
 from __future__ import annotations
@@ -13,14 +27,13 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
-
 import featcache
 from featcache.errors import UserError
+from featcache.extract.blockloop import BatchForward, BlockAssembler, CommitQueue, FinishedBlock, Progress
 from featcache.extract.data import ImageDataset, make_loader
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
@@ -28,9 +41,16 @@ from featcache.store.reader import FeatureStore
 from featcache.store.schema import canonical_json, sha256_text
 from featcache.store.writer import LayerSpec, StoreWriter
 
-__all__ = ["ExtractionError", "ExtractionReport", "FeatureRunner", "extract_to_store", "resolve_device"]
+__all__ = ["Batch", "BlockSink", "LoaderFactory", "DEFAULT_MAX_BAD_FRACTION", "ExtractionError", "ExtractionReport", "FeatureRunner",
+           "ON_ERROR", "build_report", "build_root_attrs", "check_bad_rows", "check_max_bad_fraction", "check_on_error", "extract_to_store", "resolve_device", "run_blocks"]
 
 logger = logging.getLogger(__name__)
+
+#: ``on_error`` values: ``skip`` reports bad images and goes on, ``fail`` stops at the first.
+ON_ERROR = ("skip", "fail")
+
+#: Default ``max_bad_fraction``: a run with more bad images than good ones fails.
+DEFAULT_MAX_BAD_FRACTION = 0.5
 
 
 class ExtractionError(UserError, RuntimeError):
@@ -84,6 +104,8 @@ def extract_to_store(
     pin_memory: bool = False,
     progress: bool = True,
     lock_timeout: float = 0.0,
+    max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    loader_factory: LoaderFactory | None = None,
 ) -> ExtractionReport:
     """Extract every manifest row with ``runner`` and write one feature store.
 
@@ -105,26 +127,25 @@ def extract_to_store(
     on_error : {"skip", "fail"}
         Bad images are reported by id and reason; ``skip`` drops their rows,
         ``fail`` stops before the final file is written.
+    max_bad_fraction : float
+        With ``skip``: if every row, or more than this fraction of them, is a
+        bad image, fail naming the first reasons instead of writing the final
+        file (see :func:`check_bad_rows`).
+    loader_factory : callable, optional
+        ``loader_factory(rows, batch_size)`` -> batches of the rows to extract,
+        following the batch contract of :func:`run_blocks` (the seam for
+        another decoder, e.g. on the GPU); default: decode with PIL in
+        DataLoader workers (:func:`~featcache.extract.data.make_loader`).
 
     Returns
     -------
     ExtractionReport
     """
-    if on_error not in ("skip", "fail"):
-        raise ValueError(f"on_error {on_error!r} is not one of 'skip', 'fail'.")
+    check_on_error(on_error)
+    check_max_bad_fraction(max_bad_fraction)
     started = time.perf_counter()
-    config_json = canonical_json(config)
-    root_attrs = {
-        "config": config_json,
-        "config_sha256": sha256_text(config_json),
-        "manifest_sha256": manifest.sha256(),
-        "featcache_version": featcache.__version__,
-        "torch_version": torch.__version__.split("+")[0],
-        "python_version": platform.python_version(),
-        **dict(attrs or {}),
-    }
+    root_attrs = build_root_attrs(manifest, config, attrs)
     layer_specs = runner.layer_specs(preprocess.input_size)
-    dataset = ImageDataset(manifest, preprocess)
     with StoreWriter(out, ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
                      labels=manifest.labels, targets=manifest.targets, layers=layer_specs, attrs=root_attrs,
                      dtype=dtype, block_rows=block_rows, lock_timeout=lock_timeout) as writer:
@@ -133,74 +154,275 @@ def extract_to_store(
         if n_resumed:
             logger.info("Resuming %s: %d of %d blocks already committed", out, n_resumed, writer.n_blocks)
         rows = [row for block in pending for row in writer.block_range(block)]
-        errors = _run_blocks(manifest, runner, dataset, writer, layer_specs, pending, rows, batch_size,
-                             num_workers, pin_memory, on_error, progress)
+        batches = loader_factory(rows, batch_size) if loader_factory is not None and rows else None
+        run_blocks(manifest, runner, writer, pending, preprocess=preprocess, layer_specs=layer_specs,
+                   batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, on_error=on_error,
+                   progress=progress, label=Path(out).name, batches=batches)
+        check_bad_rows(writer.committed_errors(), len(manifest), max_bad_fraction, out)
         path = writer.finalize()
-    # Count from the store: bad images of blocks committed by an earlier (resumed) run are not in `errors`.
+    return build_report(path, manifest, n_extracted=len(rows), n_resumed_blocks=n_resumed,
+                        seconds=time.perf_counter() - started)
+
+
+def check_on_error(on_error: str) -> None:
+    """Raise ValueError unless ``on_error`` is ``"skip"`` or ``"fail"``."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error {on_error!r} is not one of {ON_ERROR}. Hint: 'skip' reports bad images and "
+                         "goes on, 'fail' stops at the first one.")
+
+
+def check_max_bad_fraction(max_bad_fraction: float) -> None:
+    """Raise ValueError unless ``0 <= max_bad_fraction <= 1``."""
+    if isinstance(max_bad_fraction, bool) or not isinstance(max_bad_fraction, (int, float)) \
+            or not 0.0 <= max_bad_fraction <= 1.0:
+        raise ValueError(f"max_bad_fraction {max_bad_fraction!r} must be a number in [0, 1] "
+                         f"(default {DEFAULT_MAX_BAD_FRACTION}).")
+
+
+def check_bad_rows(errors: Sequence[tuple[str, str]], n_input: int, max_bad_fraction: float,
+                   out: str | Path) -> None:
+    """Refuse a store that is all (or mostly) bad images: that is a broken input, not a dataset.
+
+    Parameters
+    ----------
+    errors : sequence of (id, reason)
+        Every skipped row of the store (resumed blocks included), in row order.
+    n_input : int
+        N, the manifest rows.
+    max_bad_fraction : float
+        Largest allowed ``len(errors) / n_input``; all rows bad fails even at 1.
+    out : path
+        The store (named in the message).
+
+    Raises
+    ------
+    ExtractionError
+        Naming the count, the limit and the first reasons. Committed blocks
+        are kept, so a rerun with a higher ``extract.max_bad_fraction``
+        finalizes without extracting again.
+    """
+    n_bad = len(errors)
+    if n_bad == 0 or (n_bad < n_input and n_bad <= max_bad_fraction * n_input):
+        return
+    first = "; ".join(f"{id_}: {reason}" for id_, reason in errors[:5])
+    what = "every row" if n_bad >= n_input else f"more than extract.max_bad_fraction={max_bad_fraction:g} of the rows"
+    raise ExtractionError(
+        f"{n_bad} of {n_input} images ({n_bad / max(1, n_input):.0%}) could not be decoded for {Path(out).name}: "
+        f"{what}. First reasons: {first}. The final file was not written (the committed blocks are kept). "
+        "Hint: check data.path and the image files; if so many bad images are expected, raise "
+        "extract.max_bad_fraction and rerun (nothing is extracted again)."
+    )
+
+
+def build_root_attrs(manifest: Manifest, config: Mapping[str, Any],
+                     attrs: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Root attributes of a store extracted from ``manifest`` with ``config``.
+
+    Parameters
+    ----------
+    manifest : Manifest
+        The N rows (its sha256 is stored).
+    config : mapping
+        Every extraction-relevant param; stored as canonical JSON with its sha256.
+    attrs : mapping, optional
+        Extra root attributes (backbone, weights_id, backend, provider, ...);
+        they win over the computed ones.
+
+    Returns
+    -------
+    dict
+        ``config``, ``config_sha256``, ``manifest_sha256``, ``featcache_version``,
+        ``torch_version``, ``python_version`` and ``attrs``.
+    """
+    config_json = canonical_json(config)
+    return {
+        "config": config_json,
+        "config_sha256": sha256_text(config_json),
+        "manifest_sha256": manifest.sha256(),
+        "featcache_version": featcache.__version__,
+        "torch_version": torch.__version__.split("+")[0],
+        "python_version": platform.python_version(),
+        **dict(attrs or {}),
+    }
+
+
+def build_report(path: str | Path, manifest: Manifest, *, n_extracted: int, n_resumed_blocks: int,
+                 seconds: float, note: str = "") -> ExtractionReport:
+    """The report of a finished store, its skipped rows counted from the store itself.
+
+    Bad images of blocks committed by an earlier (resumed) run are in the
+    store but not in this run's errors, so they are read back from ``path``.
+
+    Parameters
+    ----------
+    path : path
+        The finalized store.
+    manifest : Manifest
+        Its N input rows.
+    n_extracted : int
+        Rows this run sent through the backbone (for img/s).
+    n_resumed_blocks : int
+        Blocks an earlier run had committed.
+    seconds : float
+        Wall time of this run.
+    note : str
+        Appended to the log line (e.g. ``"12 tasks on dask"``).
+    """
     with FeatureStore(path) as store:
         errors = store.errors()
-    seconds = time.perf_counter() - started
     n_skipped = len(errors)
     report = ExtractionReport(path=Path(path), n_input=len(manifest), n_written=len(manifest) - n_skipped,
-                              n_skipped=n_skipped, n_resumed_blocks=n_resumed, seconds=seconds,
-                              images_per_second=len(rows) / seconds if seconds > 0 else 0.0, errors=errors)
-    logger.info("Wrote %s: %d rows, %d skipped, %.1f img/s", path, report.n_written, n_skipped,
-                report.images_per_second)
+                              n_skipped=n_skipped, n_resumed_blocks=n_resumed_blocks, seconds=seconds,
+                              images_per_second=n_extracted / seconds if seconds > 0 else 0.0, errors=errors)
+    logger.info("Wrote %s: %d rows, %d skipped%s, %.1f img/s", path, report.n_written, n_skipped,
+                f", {note}" if note else "", report.images_per_second)
     return report
 
 
-def _run_blocks(manifest: Manifest, runner: FeatureRunner, dataset: ImageDataset, writer: StoreWriter,
-                layer_specs: Sequence[LayerSpec], pending: Sequence[int], rows: Sequence[int], batch_size: int, num_workers: int | None,
-                pin_memory: bool, on_error: str, progress: bool) -> list[tuple[str, str]]:
-    """Stream rows through the runner and commit each block as soon as it is complete."""
-    all_errors: list[tuple[str, str]] = []
-    if not rows:
-        return all_errors
-    block_of = {row: block for block in pending for row in writer.block_range(block)}
-    buffers: dict[int, dict[str, Any]] = {}
-    remaining = {block: len(writer.block_range(block)) for block in pending}
-    loader = make_loader(dataset, rows, batch_size, num_workers, pin_memory=pin_memory)
-    bar = tqdm(total=len(rows), desc=f"extract {Path(writer.path).name}", unit="img", disable=not progress)
+class BlockSink(Protocol):
+    """Where :func:`run_blocks` commits finished blocks: a ``StoreWriter`` or its ``BlockCommitter``."""
+
+    block_rows: int
+    n_rows: int
+
+    def block_range(self, block: int) -> range: ...
+
+    def commit_block(self, block: int, kept_rows: np.ndarray, features: Mapping[str, np.ndarray],
+                     errors: Sequence[tuple[str, str]] = ()) -> Any: ...
+
+
+#: A batch of the engine's loaders: ``(rows int64 (B,), images uint8 (B, 3, S, S), reasons list[str])``.
+Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
+
+#: ``loader_factory(rows, batch_size) -> iterable of Batch`` over exactly ``rows`` (any order, each once).
+LoaderFactory = Callable[[Sequence[int], int], Iterable[Batch]]
+
+
+def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, blocks: Sequence[int], *,
+               preprocess: Preprocessor, layer_specs: Sequence[LayerSpec], batch_size: int = 64,
+               num_workers: int | None = None, pin_memory: bool = False, on_error: str = "skip",
+               progress: bool = False, label: str = "", dataset: ImageDataset | None = None,
+               batches: Iterable[Batch] | None = None, overlap: bool | None = None) -> list[tuple[str, str]]:
+    """Extract the rows of ``blocks`` and commit each block to ``sink`` as soon as it is complete.
+
+    The loop shared by :func:`extract_to_store` and the dask workers of
+    :mod:`featcache.extract.distributed` (see :mod:`featcache.extract.blockloop`
+    for its pieces). Batches of uint8 pixels are normalised on the runner's
+    device, only their good rows go through the runner, and each batch's
+    features are sliced into preallocated per-block arrays; bad rows are
+    tracked by masks. On CUDA (a torch runner) the forward of batch k+1
+    overlaps the copy-out and the commit of batch k (pinned buffers, a side
+    stream, one writer thread behind a bounded queue).
+
+    **Batch contract** (the seam for other decoders, e.g. a GPU JPEG decoder):
+    ``batches`` yields ``(rows, images, reasons)`` with ``rows`` torch.int64
+    (B,), ``images`` torch.uint8 (B, 3, S, S) on the CPU (pinned or not) or
+    already on the runner's device, ``reasons`` a list of B strings, empty for
+    a good row; a bad row's pixels are zeros and its reason non-empty. The
+    rows are exactly those of ``blocks``, each once, in any order (the same
+    order as the default loader keeps batches, and so features, identical).
+
+    Parameters
+    ----------
+    manifest : Manifest
+        All N rows (ids for the error table).
+    runner : FeatureRunner
+        Normalised batch -> ``{layer: (B, D)}``; its ``input_device`` (if
+        any) is where batches are normalised.
+    sink : BlockSink
+        ``StoreWriter`` (one process) or ``BlockCommitter`` (a worker).
+    blocks : sequence of int
+        Block indices to extract, ascending.
+    preprocess : Preprocessor
+        Pixels (the default loader) and :meth:`~Preprocessor.normalize_batch`.
+    layer_specs : sequence of LayerSpec
+        The runner's layers, in store order.
+    batch_size, num_workers, pin_memory
+        Default loader settings (``num_workers=None``: :func:`default_num_workers`).
+    on_error : {"skip", "fail"}
+        ``fail`` raises :class:`ExtractionError` at the first bad image
+        (blocks completed before it are committed).
+    progress : bool
+        Log a line per committed block (and a bar on a terminal), labelled ``label``.
+    dataset : ImageDataset, optional
+        The default loader's dataset (default: a new one over ``manifest``).
+    batches : iterable of Batch, optional
+        Use these batches instead of the default DataLoader (see the contract).
+    overlap : bool, optional
+        Commit in a writer thread; default: on CUDA only.
+
+    Returns
+    -------
+    list of (id, reason)
+        The bad images of this run, in row order.
+    """
+    check_on_error(on_error)
+    rows = np.fromiter((row for block in blocks for row in sink.block_range(block)), dtype=np.int64)
+    if rows.size == 0:
+        return []
+    if batches is None:
+        dataset = dataset if dataset is not None else ImageDataset(manifest, preprocess)
+        batches = make_loader(dataset, rows.tolist(), batch_size, num_workers, pin_memory=pin_memory)
+    forward = BatchForward(runner, preprocess.normalize_batch)
+    assembler = BlockAssembler(sink.block_rows, sink.n_rows, {spec.alias: spec.dim for spec in layer_specs},
+                               manifest.ids)
+    meter = Progress(label, rows.size, progress)
+    errors: list[tuple[str, str]] = []
+
+    def commit(finished: FinishedBlock) -> None:
+        sink.commit_block(finished.block, finished.kept_rows, finished.features, errors=finished.errors)
+        meter.block_committed(finished.kept_rows.size + len(finished.errors))
+
+    commits = CommitQueue(commit, threaded=forward.asynchronous if overlap is None else overlap)
+    in_flight: tuple[np.ndarray, np.ndarray, list[str], Any] | None = None
+
+    def finish() -> None:  # place the batch in flight; commit the blocks it completes
+        nonlocal in_flight
+        if in_flight is not None:
+            batch_rows, good, reasons, handle = in_flight
+            in_flight = None
+            features = handle.wait() if handle is not None else {}
+            for finished in assembler.add(batch_rows, good, features, reasons):
+                commits.submit(finished)
+
     try:
-        for batch_rows, images, reasons in loader:
-            good = [i for i, reason in enumerate(reasons) if not reason]
-            bad = [i for i, reason in enumerate(reasons) if reason]
-            for i in bad:
-                row = int(batch_rows[i])
-                logger.warning("Bad image %s (%s): %s", manifest.ids[row], manifest.paths[row], reasons[i])
-                if on_error == "fail":
-                    raise ExtractionError(
-                        f"Bad image {manifest.ids[row]!r} ({manifest.absolute_path(row)}): {reasons[i]}. "
-                        "Nothing was written to the final file. Hint: fix or remove it, or set "
-                        "extract.on_error: skip to skip and report bad images."
-                    )
-            features = runner(images[good]) if good else {}
-            for position, i in enumerate(good):
-                row = int(batch_rows[i])
-                buffer = buffers.setdefault(block_of[row], {"rows": [], "features": [], "errors": []})
-                buffer["rows"].append(row)
-                buffer["features"].append({name: value[position] for name, value in features.items()})
-            for i in bad:
-                row = int(batch_rows[i])
-                buffer = buffers.setdefault(block_of[row], {"rows": [], "features": [], "errors": []})
-                buffer["errors"].append((manifest.ids[row], reasons[i]))
-                all_errors.append((manifest.ids[row], reasons[i]))
-            for row in (int(r) for r in batch_rows):
-                remaining[block_of[row]] -= 1
-            for block in [b for b in list(buffers) if remaining[b] == 0]:
-                _commit(writer, block, buffers.pop(block), layer_specs)
-            bar.update(len(batch_rows))
+        for batch_rows, images, reasons in batches:
+            batch_rows = batch_rows.numpy() if isinstance(batch_rows, torch.Tensor) else np.asarray(batch_rows)
+            good = np.fromiter((not reason for reason in reasons), dtype=bool, count=len(reasons))
+            if not good.all():
+                _report_bad(manifest, batch_rows, good, reasons, errors, on_error)
+            handle = forward.launch(images, good) if good.any() else None
+            finish()  # on CUDA: the previous batch, while this one runs on the device
+            in_flight = (batch_rows.astype(np.int64, copy=False), good, list(reasons), handle)
+            if not forward.asynchronous:
+                finish()
+            meter.batch_done(len(reasons))
+        finish()
+    except BaseException:
+        try:  # blocks completed before the failure are committed: nothing done is lost
+            finish()
+            commits.close()
+        except BaseException as secondary:  # noqa: BLE001 - the first error is the one to report
+            logger.warning("while stopping after an error, committing failed too: %s: %s",
+                           type(secondary).__name__, secondary)
+        raise
+    else:
+        commits.close()
     finally:
-        bar.close()
-    return all_errors
+        meter.close()
+    return errors
 
 
-def _commit(writer: StoreWriter, block: int, buffer: dict[str, Any], layer_specs: Sequence[LayerSpec]) -> None:
-    kept = np.asarray(buffer["rows"], dtype=np.int64)
-    order = np.argsort(kept, kind="stable")
-    features = {
-        spec.alias: np.stack([buffer["features"][i][spec.alias] for i in order]) if len(order)
-        else np.zeros((0, spec.dim), dtype=np.float32)
-        for spec in layer_specs
-    }
-    writer.commit_block(block, kept[order], features, errors=buffer["errors"])
+def _report_bad(manifest: Manifest, rows: np.ndarray, good: np.ndarray, reasons: Sequence[str],
+                errors: list[tuple[str, str]], on_error: str) -> None:
+    """Log the bad rows of a batch, add them to ``errors``; raise at the first one with ``fail``."""
+    for index in np.flatnonzero(~good).tolist():
+        row = int(rows[index])
+        logger.warning("Bad image %s (%s): %s", manifest.ids[row], manifest.paths[row], reasons[index])
+        if on_error == "fail":
+            raise ExtractionError(
+                f"Bad image {manifest.ids[row]!r} ({manifest.absolute_path(row)}): {reasons[index]}. "
+                "Nothing was written to the final file. Hint: fix or remove it, or set "
+                "extract.on_error: skip to skip and report bad images."
+            )
+        errors.append((manifest.ids[row], reasons[index]))

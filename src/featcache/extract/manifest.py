@@ -23,11 +23,10 @@ from typing import Sequence
 import numpy as np
 
 from featcache.errors import UserError
-from featcache.store.schema import SPLIT_CODES, SPLITS
+from featcache.store.schema import SPLIT_CODES, SPLITS, TASKS
+from featcache.util.atomic import write_text
 
 __all__ = ["Manifest", "ManifestError", "assign_splits", "classes_path", "TASKS"]
-
-TASKS = ("classification", "regression")
 
 
 class ManifestError(UserError, ValueError):
@@ -140,10 +139,10 @@ class Manifest:
                         self.labels, self.targets, self.classes, path.parent)
         sidecar = classes_path(path)
         if self.task == "classification":
-            _write_atomic(sidecar, json.dumps({"classes": list(self.classes)}, indent=2, ensure_ascii=False) + "\n")
+            write_text(sidecar, json.dumps({"classes": list(self.classes)}, indent=2, ensure_ascii=False) + "\n")
         else:
             sidecar.unlink(missing_ok=True)
-        _write_atomic(path, copy.to_csv_text())
+        write_text(path, copy.to_csv_text())
         return path
 
     @classmethod
@@ -204,12 +203,6 @@ class Manifest:
     def split_counts(self) -> dict[str, int]:
         """Rows per split."""
         return {name: int((self.splits == code).sum()) for name, code in SPLIT_CODES.items()}
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
 
 
 def assign_splits(n: int, ratios: dict[str, float], seed: int, strata: np.ndarray | None = None) -> np.ndarray:

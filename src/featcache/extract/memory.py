@@ -56,7 +56,8 @@ class MemoryEstimate:
     per_image_bytes : int
         Activation bytes per image on the compute device (with :data:`OVERHEAD`).
     input_bytes : int
-        Bytes of one preprocessed input image (3 x S x S float32).
+        Bytes of one normalised input image on the device (3 x S x S float32); the
+        batches queued in the loader hold uint8 pixels (a quarter of that).
     device_bytes : int
         Estimated peak on the compute device for a whole batch.
     host_bytes : int
@@ -216,11 +217,12 @@ def estimate_batch_memory(runner: Any, input_size: int, batch_size: int, device:
     per_image = int(activations * OVERHEAD)
     input_bytes = 3 * input_size * input_size * 4
     queued = max(1, workers * prefetch_factor) + 1  # batches waiting in workers' queues + the one collated
+    queued_bytes = 3 * input_size * input_size  # loaders hand over uint8 pixels; normalised on the device
     device_bytes = batch_size * (per_image + input_bytes)
     if device.type == "cuda":
-        host_bytes = batch_size * input_bytes * queued
+        host_bytes = batch_size * queued_bytes * queued
     else:
-        host_bytes = device_bytes + batch_size * input_bytes * queued
+        host_bytes = device_bytes + batch_size * queued_bytes * queued
     device_available, host_available = available if available is not None else available_memory(device)
     return MemoryEstimate(batch_size=batch_size, per_image_bytes=per_image, input_bytes=input_bytes,
                           device_bytes=device_bytes, host_bytes=host_bytes, device_available=device_available,

@@ -9,7 +9,7 @@ already the (B, D) feature of one requested layer::
 The batch axis is dynamic (``batch``); the spatial size S is fixed at export.
 The file carries its own description in ``metadata_props`` (:data:`EXPORT_KEY`:
 backbone, layers, pooling, opset, input size, versions; :data:`LAYERS_KEY`:
-the :class:`~featcache.store.writer.LayerSpec` of every output), so
+the :class:`~featcache.store.schema.LayerSpec` of every output), so
 :class:`~featcache.extract.onnx_runner.OnnxFeatureRunner` needs nothing but the file.
 
 Exporter choice (torch 2.14): the ``torch.export``-based ("dynamo") exporter is
@@ -41,8 +41,7 @@ from torch import nn
 import featcache
 from featcache.errors import UserError
 from featcache.extract.torch_runner import TorchFeatureExtractor, pool_features
-from featcache.store.schema import canonical_json
-from featcache.store.writer import LayerSpec
+from featcache.store.schema import LayerSpec, canonical_json
 
 __all__ = [
     "DEFAULT_OPSET",

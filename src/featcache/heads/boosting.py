@@ -18,21 +18,21 @@ import time
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import (
-    Split,
+from .base import HeadBase
+from .preprocessing import apply_preprocess, check_pca_components, fit_preprocess
+from .splits import Split, prepare_fit
+from .validation import (
     check_features,
     check_fraction,
     check_int,
     check_positive,
     expand_columns,
-    prepare_fit,
     require_two_classes,
     resolve_classes,
 )
-from ._data import apply_preprocess, check_pca_components, fit_preprocess
 
 __all__ = ["AUTO_COLUMNS", "LightGBMHead", "LightGBMRegressorHead"]
 
@@ -48,10 +48,8 @@ def _has_eval_xy(lightgbm: Any) -> bool:
     return "eval_X" in inspect.signature(lightgbm.LGBMModel.fit).parameters
 
 
-class _LightGBMBase(BaseEstimator):
+class LightGBMBase(HeadBase):
     """Shared parameters, fitting and prediction of the two LightGBM heads."""
-
-    _classification: bool = False
 
     def _colsample(self, n_features: int) -> float:
         """``colsample_bytree``, or for None about ``AUTO_COLUMNS`` columns per tree (10 % .. 100 %)."""
@@ -131,7 +129,7 @@ class _LightGBMBase(BaseEstimator):
         return np.asarray(self.booster_.predict(X, num_iteration=self.best_iteration_), dtype=np.float64)
 
 
-class LightGBMHead(ClassifierMixin, _LightGBMBase):
+class LightGBMHead(ClassifierMixin, LightGBMBase):
     """LightGBM classifier, early-stopped on the validation split.
 
     Parameters
@@ -209,35 +207,13 @@ class LightGBMHead(ClassifierMixin, _LightGBMBase):
         random_state: int | None = 0,
         n_jobs: int = 2,
     ) -> None:
-        self.n_estimators = n_estimators
-        self.learning_rate = learning_rate
-        self.num_leaves = num_leaves
-        self.min_child_samples = min_child_samples
-        self.colsample_bytree = colsample_bytree
-        self.subsample = subsample
-        self.reg_lambda = reg_lambda
-        self.max_bin = max_bin
-        self.early_stopping_rounds = early_stopping_rounds
-        self.validation_fraction = validation_fraction
-        self.pca_components = pca_components
-        self.n_classes = n_classes
-        self.random_state = random_state
-        self.n_jobs = n_jobs
+        self._store_init_params(locals())
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> LightGBMHead:
         """Boost on train, early-stopping on val.
 
-        Parameters
-        ----------
-        X : array-like of shape (n_train, D)
-        y : array-like of shape (n_train,)
-            Integer class indices 0..K-1.
-        X_val : array-like of shape (n_val, D), optional
-        y_val : array-like of shape (n_val,), optional
-
-        Returns
-        -------
-        self
+        X (n_train, D), y (n_train,), X_val (n_val, D) and y_val (n_val,) as in
+        :meth:`~featcache.heads.base.HeadBase.fit`; returns ``self``.
         """
         start = time.perf_counter()
         split = prepare_fit(
@@ -286,7 +262,7 @@ class LightGBMHead(ClassifierMixin, _LightGBMBase):
         return self.classes_[np.argmax(proba, axis=1)]
 
 
-class LightGBMRegressorHead(RegressorMixin, _LightGBMBase):
+class LightGBMRegressorHead(RegressorMixin, LightGBMBase):
     """LightGBM regressor (L2), early-stopped on the validation split.
 
     Parameters are those of :class:`LightGBMHead` without ``n_classes``; the
@@ -314,33 +290,13 @@ class LightGBMRegressorHead(RegressorMixin, _LightGBMBase):
         random_state: int | None = 0,
         n_jobs: int = 2,
     ) -> None:
-        self.n_estimators = n_estimators
-        self.learning_rate = learning_rate
-        self.num_leaves = num_leaves
-        self.min_child_samples = min_child_samples
-        self.colsample_bytree = colsample_bytree
-        self.subsample = subsample
-        self.reg_lambda = reg_lambda
-        self.max_bin = max_bin
-        self.early_stopping_rounds = early_stopping_rounds
-        self.validation_fraction = validation_fraction
-        self.pca_components = pca_components
-        self.random_state = random_state
-        self.n_jobs = n_jobs
+        self._store_init_params(locals())
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> LightGBMRegressorHead:
         """Boost on train, early-stopping on val RMSE (L2).
 
-        Parameters
-        ----------
-        X : array-like of shape (n_train, D)
-        y : array-like of shape (n_train,)
-        X_val : array-like of shape (n_val, D), optional
-        y_val : array-like of shape (n_val,), optional
-
-        Returns
-        -------
-        self
+        X (n_train, D), y (n_train,), X_val (n_val, D) and y_val (n_val,) as in
+        :meth:`~featcache.heads.base.HeadBase.fit`; returns ``self``.
         """
         start = time.perf_counter()
         split = prepare_fit(

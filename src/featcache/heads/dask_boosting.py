@@ -30,15 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from ._base import check_int, resolve_classes
-from ._data import DEFAULT_CHUNK_ROWS, RowChunks, _check_targets, as_labels, is_dask_array
+from featcache.store.schema import TASKS
+
+from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, as_labels, is_dask_array
+from .validation import check_int, check_targets, resolve_classes
 from .boosting import LightGBMHead, LightGBMRegressorHead
 
 __all__ = ["fit_lightgbm_dask", "validation_curve"]
 
 log = logging.getLogger(__name__)
-
-_TASKS = ("classification", "regression")
 
 
 def _as_dask(X: Any, name: str) -> Any:
@@ -144,8 +144,8 @@ def fit_lightgbm_dask(
     import dask.array as da
 
     start = time.perf_counter()
-    if task not in _TASKS:
-        raise ValueError(f"task={task!r} is invalid; allowed: {', '.join(_TASKS)}.")
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is invalid; allowed: {', '.join(TASKS)}.")
     cls = LightGBMHead if task == "classification" else LightGBMRegressorHead
     head = cls(**params)  # unknown parameters raise TypeError naming them
     if head.pca_components is not None:
@@ -157,8 +157,8 @@ def fit_lightgbm_dask(
     X = _as_dask(X_dask, "X_dask")
     lgb_params = {k: v for k, v in head._lgbm_params(int(X.shape[1])).items() if k != "n_jobs"}
     classification = task == "classification"
-    y = _check_targets(as_labels(y_dask), classification, "y_dask")
-    y_v = _check_targets(as_labels(y_val), classification, "y_val")
+    y = check_targets(as_labels(y_dask), classification, "y_dask")
+    y_v = check_targets(as_labels(y_val), classification, "y_val")
     if y.shape[0] != X.shape[0]:
         raise ValueError(f"X_dask has {X.shape[0]} rows but y_dask has {y.shape[0]}; they must match.")
     y_d = da.from_array(y, chunks=(X.chunks[0],))

@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, is_classifier
 
-from ._base import jsonable
-from ._data import as_labels, materialise
-from .metrics import TASKS, metrics_with_ci
+from featcache.store.schema import TASKS
+from featcache.util.serial import jsonable
+
+from .chunks import as_labels, materialise
+from .metrics import metrics_with_ci
 
 __all__ = ["RunResult", "fit_and_evaluate"]
 

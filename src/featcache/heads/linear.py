@@ -20,24 +20,25 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import (
-    Split,
+from featcache.util.compute import thread_limit
+
+from .base import HeadBase
+from .preprocessing import apply_preprocess, check_pca_components
+from .splits import SelectionSets, Split, average_rows, prepare_fit
+from .validation import (
     as_float_list,
     check_features,
     check_int,
     check_positive,
     expand_columns,
-    prepare_fit,
     require_two_classes,
     resolve_classes,
-    thread_limit,
 )
-from ._data import SelectionSets, apply_preprocess, average_rows, check_pca_components
 from .metrics import log_loss_score
 
 __all__ = ["DEFAULT_ALPHAS", "DEFAULT_CS", "LogisticRegressionHead", "RidgeHead", "log_grid_search"]
@@ -105,7 +106,7 @@ def _final_rows(split: Split, refit_on_trainval: bool) -> tuple[np.ndarray, np.n
     return split.X_train, split.y_train
 
 
-class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
+class LogisticRegressionHead(ClassifierMixin, HeadBase):
     """Multinomial L2 logistic regression with C chosen on the validation split.
 
     Parameters
@@ -170,6 +171,8 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
     the final refit starts cold.
     """
 
+    _classification = True
+
     def __init__(
         self,
         Cs: Sequence[float] | np.ndarray | None = None,
@@ -185,18 +188,7 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
         random_state: int | None = 0,
         n_jobs: int | None = 1,
     ) -> None:
-        self.Cs = Cs
-        self.refine = refine
-        self.refine_points = refine_points
-        self.max_iter = max_iter
-        self.tol = tol
-        self.refit_on_trainval = refit_on_trainval
-        self.validation_fraction = validation_fraction
-        self.cv_folds = cv_folds
-        self.pca_components = pca_components
-        self.n_classes = n_classes
-        self.random_state = random_state
-        self.n_jobs = n_jobs
+        self._store_init_params(locals())
 
     def _model(self, C: float, warm_start: bool) -> LogisticRegression:
         return LogisticRegression(
@@ -242,17 +234,8 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> LogisticRegressionHead:
         """Choose C on the validation split (or hold-out, or k folds), then refit.
 
-        Parameters
-        ----------
-        X : array-like of shape (n_train, D)
-        y : array-like of shape (n_train,)
-            Integer class indices 0..K-1.
-        X_val : array-like of shape (n_val, D), optional
-        y_val : array-like of shape (n_val,), optional
-
-        Returns
-        -------
-        self
+        X (n_train, D), y (n_train,), X_val (n_val, D) and y_val (n_val,) as in
+        :meth:`~featcache.heads.base.HeadBase.fit`; returns ``self``.
         """
         start = time.perf_counter()
         check_int("refine_points", self.refine_points, 2)
@@ -314,7 +297,7 @@ class LogisticRegressionHead(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(proba, axis=1)]
 
 
-class RidgeHead(RegressorMixin, BaseEstimator):
+class RidgeHead(RegressorMixin, HeadBase):
     """Ridge regression with alpha chosen on validation RMSE (coarse-to-fine log grid).
 
     Parameters
@@ -358,29 +341,13 @@ class RidgeHead(RegressorMixin, BaseEstimator):
         pca_components: int | float | None = None,
         random_state: int | None = 0,
     ) -> None:
-        self.alphas = alphas
-        self.refine = refine
-        self.refine_points = refine_points
-        self.refit_on_trainval = refit_on_trainval
-        self.validation_fraction = validation_fraction
-        self.cv_folds = cv_folds
-        self.pca_components = pca_components
-        self.random_state = random_state
+        self._store_init_params(locals())
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> RidgeHead:
         """Choose alpha on the validation split (or hold-out, or k folds), then refit.
 
-        Parameters
-        ----------
-        X : array-like of shape (n_train, D)
-        y : array-like of shape (n_train,)
-            Real-valued targets.
-        X_val : array-like of shape (n_val, D), optional
-        y_val : array-like of shape (n_val,), optional
-
-        Returns
-        -------
-        self
+        X (n_train, D), y (n_train,), X_val (n_val, D) and y_val (n_val,) as in
+        :meth:`~featcache.heads.base.HeadBase.fit`; returns ``self``.
         """
         start = time.perf_counter()
         check_int("refine_points", self.refine_points, 2)

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from featcache.store.schema import TASKS
+
 __all__ = [
     "CLASSIFICATION_METRICS",
     "REGRESSION_METRICS",
@@ -39,7 +41,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EPS = 1e-15
-TASKS = ("classification", "regression")
 CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "top5_accuracy")
 REGRESSION_METRICS = ("rmse", "mae", "r2")
 _MAX_INDEX_CELLS = 2_000_000  # bootstrap indices materialised per chunk

@@ -17,20 +17,16 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import (
-    Split,
-    check_features,
-    check_int,
-    check_positive,
-    prepare_fit,
-    require_two_classes,
-    resolve_classes,
-)
-from ._data import apply_preprocess, check_pca_components, fit_preprocess
-from ._training import _batches, _torch_threads, build_mlp, predict_batches, train_epochs
+from featcache.util.compute import torch_threads
+
+from .base import HeadBase
+from .preprocessing import apply_preprocess, check_pca_components, fit_preprocess
+from .splits import Split, prepare_fit
+from .training import build_mlp, iter_batches, predict_batches, train_epochs
+from .validation import check_features, check_int, check_positive, require_two_classes, resolve_classes
 
 if TYPE_CHECKING:
     import torch
@@ -39,10 +35,8 @@ __all__ = ["MLPHead", "MLPRegressorHead", "build_mlp", "train_epochs"]
 
 log = logging.getLogger(__name__)
 
-class _MLPBase(BaseEstimator):
+class MLPBase(HeadBase):
     """Shared training loop of :class:`MLPHead` and :class:`MLPRegressorHead`."""
-
-    _classification: bool = False
 
     def _check_params(self) -> torch.device:
         """Validate the constructor parameters; return the torch device."""
@@ -100,13 +94,13 @@ class _MLPBase(BaseEstimator):
         t_fit, t_sel = tensor(y_fit, y_dtype), tensor(y_sel, y_dtype)
         loss_fn = self._loss_fn()
 
-        with _torch_threads(self.n_threads), torch.random.fork_rng(devices=[]):
+        with torch_threads(self.n_threads), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             generator = torch.Generator().manual_seed(seed)
             module = build_mlp(X_fit.shape[1], self.hidden_sizes, n_out, self.dropout).to(device)
 
             def epoch_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-                for rows in _batches(X_fit.shape[0], self.batch_size, generator):
+                for rows in iter_batches(X_fit.shape[0], self.batch_size, generator):
                     rows = rows.to(device)
                     yield X_fit[rows], t_fit[rows]
 
@@ -140,7 +134,7 @@ class _MLPBase(BaseEstimator):
         return self._forward_array(X)
 
 
-class MLPHead(ClassifierMixin, _MLPBase):
+class MLPHead(ClassifierMixin, MLPBase):
     """MLP classifier (cross-entropy), early-stopped on validation loss.
 
     Parameters
@@ -213,19 +207,7 @@ class MLPHead(ClassifierMixin, _MLPBase):
         n_threads: int = 2,
         device: str = "cpu",
     ) -> None:
-        self.hidden_sizes = hidden_sizes
-        self.dropout = dropout
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.max_epochs = max_epochs
-        self.patience = patience
-        self.validation_fraction = validation_fraction
-        self.pca_components = pca_components
-        self.n_classes = n_classes
-        self.random_state = random_state
-        self.n_threads = n_threads
-        self.device = device
+        self._store_init_params(locals())
 
     def _encode_target(self, y: np.ndarray) -> np.ndarray:
         return y
@@ -236,17 +218,8 @@ class MLPHead(ClassifierMixin, _MLPBase):
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> MLPHead:
         """Train on train, early-stopping on val.
 
-        Parameters
-        ----------
-        X : array-like of shape (n_train, D)
-        y : array-like of shape (n_train,)
-            Integer class indices 0..K-1.
-        X_val : array-like of shape (n_val, D), optional
-        y_val : array-like of shape (n_val,), optional
-
-        Returns
-        -------
-        self
+        X (n_train, D), y (n_train,), X_val (n_val, D) and y_val (n_val,) as in
+        :meth:`~featcache.heads.base.HeadBase.fit`; returns ``self``.
         """
         start = time.perf_counter()
         device = self._check_params()
@@ -274,7 +247,7 @@ class MLPHead(ClassifierMixin, _MLPBase):
         return self.classes_[np.argmax(logits, axis=1)]
 
 
-class MLPRegressorHead(RegressorMixin, _MLPBase):
+class MLPRegressorHead(RegressorMixin, MLPBase):
     """MLP regressor: MSE on the standardised target, un-standardised at predict.
 
     Parameters are those of :class:`MLPHead` without ``n_classes``; the hold-out
@@ -305,18 +278,7 @@ class MLPRegressorHead(RegressorMixin, _MLPBase):
         n_threads: int = 2,
         device: str = "cpu",
     ) -> None:
-        self.hidden_sizes = hidden_sizes
-        self.dropout = dropout
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.max_epochs = max_epochs
-        self.patience = patience
-        self.validation_fraction = validation_fraction
-        self.pca_components = pca_components
-        self.random_state = random_state
-        self.n_threads = n_threads
-        self.device = device
+        self._store_init_params(locals())
 
     def _encode_target(self, y: np.ndarray) -> np.ndarray:
         return (y - self.y_mean_) / self.y_scale_

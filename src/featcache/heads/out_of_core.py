@@ -28,12 +28,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.linear_model import SGDClassifier, SGDRegressor
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import as_float_list, check_int, resolve_classes
-from ._data import DEFAULT_CHUNK_ROWS, RowChunks, fit_scaler_streaming, stream_outputs, streaming_sources
+from .base import HeadBase
+from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, stream_outputs, streaming_sources
+from .preprocessing import fit_scaler_streaming
+from .validation import as_float_list, check_int, resolve_classes
 from .dask_boosting import fit_lightgbm_dask
 from .metrics import log_loss_score
 from .streaming_mlp import StreamingMLPHead, StreamingMLPRegressorHead
@@ -53,7 +55,7 @@ DEFAULT_SGD_ALPHAS: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
 """Candidate L2 strengths of the SGD heads (each candidate is one streamed fit)."""
 
 
-class _StreamingLinearBase(BaseEstimator):
+class _StreamingLinearBase(HeadBase):
     """Shared streamed SGD fitting of :class:`StreamingLogisticHead` / :class:`StreamingRidgeHead`."""
 
     _classification = False
@@ -182,16 +184,7 @@ class StreamingLogisticHead(ClassifierMixin, _StreamingLinearBase):
         n_classes: int | None = None,
         random_state: int | None = 0,
     ) -> None:
-        self.alphas = alphas
-        self.max_epochs = max_epochs
-        self.patience = patience
-        self.average = average
-        self.learning_rate = learning_rate
-        self.eta0 = eta0
-        self.chunk_rows = chunk_rows
-        self.validation_fraction = validation_fraction
-        self.n_classes = n_classes
-        self.random_state = random_state
+        self._store_init_params(locals())
 
     def _prepare_targets(self, train: RowChunks, val: RowChunks) -> None:
         self.classes_ = resolve_classes(self.n_classes, train.y, val.y)
@@ -271,15 +264,7 @@ class StreamingRidgeHead(RegressorMixin, _StreamingLinearBase):
         validation_fraction: float = 0.2,
         random_state: int | None = 0,
     ) -> None:
-        self.alphas = alphas
-        self.max_epochs = max_epochs
-        self.patience = patience
-        self.average = average
-        self.learning_rate = learning_rate
-        self.eta0 = eta0
-        self.chunk_rows = chunk_rows
-        self.validation_fraction = validation_fraction
-        self.random_state = random_state
+        self._store_init_params(locals())
 
     def _prepare_targets(self, train: RowChunks, val: RowChunks) -> None:
         y = train.y if train.rows is None else train.y[train.rows]

@@ -23,16 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, is_classifier
 from sklearn.decomposition import PCA
 from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import jsonable
-from .boosting import _LightGBMBase
+from featcache.util.serial import jsonable
+
+from .boosting import LightGBMBase
 from .linear import LogisticRegressionHead, RidgeHead
-from .mlp import _MLPBase, build_mlp
+from .mlp import MLPBase, build_mlp
 from .out_of_core import StreamingLogisticHead, StreamingRidgeHead
 from .registry import HEADS
 
@@ -106,9 +107,9 @@ def save_head(head: BaseEstimator, directory: str | Path) -> Path:
         arrays.update({f"pca_{name}": np.asarray(getattr(pca, f"{name}_")) for name in _PCA_ARRAYS})
     if isinstance(head, _LINEAR):
         arrays.update(coef=np.asarray(head.estimator_.coef_), intercept=np.asarray(head.estimator_.intercept_))
-    if isinstance(head, _LightGBMBase):
+    if isinstance(head, LightGBMBase):
         head.booster_.save_model(str(directory / "model.txt"), num_iteration=head.best_iteration_)
-    if isinstance(head, _MLPBase):
+    if isinstance(head, MLPBase):
         import torch
 
         state = {k: v.detach().cpu() for k, v in head.module_.state_dict().items()}
@@ -206,14 +207,14 @@ def load_head(directory: str | Path) -> BaseEstimator:
             model.intercept_ = float(model.intercept_)
         model.n_features_in_ = int(model.coef_.shape[-1])  # PCA components when reduced
         head.estimator_ = model
-    elif isinstance(head, _LightGBMBase):
+    elif isinstance(head, LightGBMBase):
         import lightgbm
 
         head.booster_ = lightgbm.Booster(model_file=str(directory / "model.txt"))
-    elif isinstance(head, _MLPBase):
+    elif isinstance(head, MLPBase):
         import torch
 
-        n_out = int(head.classes_.size) if head._classification else 1
+        n_out = int(head.classes_.size) if is_classifier(head) else 1
         n_in = n_features if head.pca_ is None else int(head.pca_.n_components_)
         module = build_mlp(n_in, head.hidden_sizes, n_out, head.dropout)
         state = torch.load(directory / "module.pt", map_location="cpu", weights_only=True)

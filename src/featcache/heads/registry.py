@@ -8,11 +8,13 @@ torch) is imported only when that head is built.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import logging
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
+
+from featcache.store.schema import TASKS
+from featcache.util.names import did_you_mean
 
 if TYPE_CHECKING:
     from sklearn.base import BaseEstimator
@@ -21,7 +23,6 @@ __all__ = ["HEADS", "HEAD_PATHS", "TASKS", "head_class", "head_names", "make_hea
 
 log = logging.getLogger(__name__)
 
-TASKS: tuple[str, ...] = ("classification", "regression")
 
 #: Head name -> task -> ``"module:Class"`` (module relative to this package).
 HEAD_PATHS: dict[str, dict[str, str]] = {
@@ -57,11 +58,6 @@ class _HeadTable(Mapping[str, dict[str, "type[BaseEstimator]"]]):
 HEADS: Mapping[str, dict[str, type[BaseEstimator]]] = _HeadTable()
 
 
-def _hint(value: str, allowed: list[str]) -> str:
-    close = difflib.get_close_matches(value, allowed, n=1)
-    return f" Did you mean {close[0]!r}?" if close else ""
-
-
 def head_names() -> list[str]:
     """Registered head names, in table order."""
     return list(HEAD_PATHS)
@@ -77,12 +73,12 @@ def head_class(name: str, task: str) -> type[BaseEstimator]:
     """
     if name not in HEAD_PATHS:
         raise ValueError(
-            f"unknown head {name!r}; allowed: {', '.join(HEAD_PATHS)}.{_hint(str(name), list(HEAD_PATHS))}"
+            f"unknown head {name!r}; allowed: {', '.join(HEAD_PATHS)}.{did_you_mean(str(name), list(HEAD_PATHS))}"
         )
     if task not in HEAD_PATHS[name]:
         raise ValueError(
             f"unknown task {task!r} for head {name!r}; allowed: {', '.join(HEAD_PATHS[name])}."
-            f"{_hint(str(task), list(HEAD_PATHS[name]))}"
+            f"{did_you_mean(str(task), list(HEAD_PATHS[name]))}"
         )
     return _load(HEAD_PATHS[name][task])
 
@@ -120,7 +116,7 @@ def make_head(
         if key not in allowed:
             raise ValueError(
                 f"unknown parameter {key!r} for head {name!r} ({cls.__name__}, {task}); "
-                f"allowed: {', '.join(allowed)}.{_hint(str(key), allowed)}"
+                f"allowed: {', '.join(allowed)}.{did_you_mean(str(key), allowed)}"
             )
     log.debug("make_head(%s, %s): %s", name, task, merged)
     return cls(**merged)

@@ -1,9 +1,9 @@
 """Streamed MLP heads: the MLP of :mod:`~featcache.heads.mlp` trained chunk by chunk.
 
 Each epoch visits the training row chunks (numpy slices or dask blocks, see
-:class:`~featcache.heads._data.RowChunks`) in a seeded random order, cuts each
+:class:`~featcache.heads.chunks.RowChunks`) in a seeded random order, cuts each
 chunk into shuffled mini-batches and feeds them to the same training loop as the
-in-memory heads (:func:`~featcache.heads._training.train_epochs`); the scaler is
+in-memory heads (:func:`~featcache.heads.training.train_epochs`); the scaler is
 fitted in one streaming pass and the validation loss is accumulated over streamed
 validation chunks. Only one chunk of features is in memory at a time.
 """
@@ -17,9 +17,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from ._base import check_int, resolve_classes
-from ._data import DEFAULT_CHUNK_ROWS, RowChunks, fit_scaler_streaming, stream_outputs, streaming_sources
-from ._training import _batches, _torch_threads, build_mlp, train_epochs
+from featcache.util.compute import torch_threads
+
+from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, stream_outputs, streaming_sources
+from .preprocessing import fit_scaler_streaming
+from .training import build_mlp, iter_batches, train_epochs
+from .validation import check_int, resolve_classes
 from .mlp import MLPHead, MLPRegressorHead
 
 if TYPE_CHECKING:
@@ -50,7 +53,7 @@ class _StreamingMLPMixin:
             x = torch.as_tensor(self.scaler_.transform(Xc), dtype=torch.float32, device=device)
             return x, torch.as_tensor(self._encode_target(yc), dtype=y_dtype, device=device)
 
-        with _torch_threads(self.n_threads), torch.random.fork_rng(devices=[]):
+        with torch_threads(self.n_threads), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             generator = torch.Generator().manual_seed(seed)
             rng = np.random.default_rng(seed)
@@ -59,7 +62,7 @@ class _StreamingMLPMixin:
             def epoch_batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
                 for Xc, yc in train.iter(rng.permutation(len(train))):
                     x, t = tensors(Xc, yc)
-                    for rows in _batches(x.shape[0], self.batch_size, generator):
+                    for rows in iter_batches(x.shape[0], self.batch_size, generator):
                         if rows.numel() > 1:  # BatchNorm needs two rows
                             rows = rows.to(device)
                             yield x[rows], t[rows]
@@ -105,19 +108,7 @@ class StreamingMLPHead(_StreamingMLPMixin, MLPHead):
         n_threads: int = 2,
         device: str = "cpu",
     ) -> None:
-        self.hidden_sizes = hidden_sizes
-        self.dropout = dropout
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.max_epochs = max_epochs
-        self.patience = patience
-        self.validation_fraction = validation_fraction
-        self.chunk_rows = chunk_rows
-        self.n_classes = n_classes
-        self.random_state = random_state
-        self.n_threads = n_threads
-        self.device = device
+        self._store_init_params(locals())
 
     def _prepare_targets(self, train: RowChunks, val: RowChunks) -> int:
         self.classes_ = resolve_classes(self.n_classes, train.y, val.y)
@@ -151,18 +142,7 @@ class StreamingMLPRegressorHead(_StreamingMLPMixin, MLPRegressorHead):
         n_threads: int = 2,
         device: str = "cpu",
     ) -> None:
-        self.hidden_sizes = hidden_sizes
-        self.dropout = dropout
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.max_epochs = max_epochs
-        self.patience = patience
-        self.validation_fraction = validation_fraction
-        self.chunk_rows = chunk_rows
-        self.random_state = random_state
-        self.n_threads = n_threads
-        self.device = device
+        self._store_init_params(locals())
 
     def _prepare_targets(self, train: RowChunks, val: RowChunks) -> int:
         y = train.y if train.rows is None else train.y[train.rows]

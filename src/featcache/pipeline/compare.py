@@ -7,12 +7,13 @@ test metric with its 95% bootstrap confidence interval.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
+
+from featcache.util.atomic import write_csv, write_text
 
 __all__ = ["compare", "collect_runs", "PRIMARY_METRIC"]
 
@@ -115,16 +116,8 @@ def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("compare.md", _markdown(runs)),
                        ("compare.json", json.dumps({"runs": runs}, indent=2, sort_keys=True) + "\n")):
-        partial = out_dir / (name + ".partial")
-        partial.write_text(text, encoding="utf-8")
-        partial.replace(out_dir / name)
+        write_text(out_dir / name, text)
     if plot_path is not None:
-        plot_path = Path(plot_path)
-        plot_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(plot_path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["run", "metric", "value", "ci_low", "ci_high"],
-                                    lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(_plot_rows(runs))
+        write_csv(plot_path, _plot_rows(runs), ["run", "metric", "value", "ci_low", "ci_high"])
     logger.info("Compared %d runs -> %s", len(runs), out_dir / "compare.md")
     return runs

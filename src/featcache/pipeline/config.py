@@ -9,7 +9,6 @@ stages call :func:`load_params` and pass plain values on.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -17,11 +16,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from featcache.errors import UserError
-from featcache.extract.preprocess import DEFAULT_MAX_IMAGE_PIXELS
+from featcache.extract.preprocess import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
 from featcache.extract.registry import UnknownNameError, get_backbone, list_backbones, resolve_layer
-from featcache.store.schema import FEATURE_DTYPES, POOLINGS
+from featcache.finetune.config import MODES as FINETUNE_MODES
+from featcache.finetune.config import PARAMS_DEFAULTS as FINETUNE_PARAMS_DEFAULTS
+from featcache.finetune.config import FinetuneConfig
+from featcache.store.schema import FEATURE_DTYPES, POOLINGS, TASKS
+from featcache.util.compute import DEVICES
+from featcache.util.names import did_you_mean
 
-__all__ = ["Params", "FinetuneParams", "FinetuneSettings", "FINETUNE_MODES", "DataParams", "ExtractParams", "BackboneParams", "FeatureRef", "TrainParams",
+__all__ = ["Params", "FinetuneParams", "FINETUNE_MODES", "DataParams", "ExtractParams", "BackboneParams", "FeatureRef", "TrainParams",
            "ConfigError", "load_params", "parse_params", "extraction_config"]
 
 
@@ -56,7 +60,7 @@ class DataParams(_Strict):
     source: Literal["folder", "csv"] = "folder"
     path: str = "data/digits"
     csv: str = "labels.csv"
-    task: Literal["classification", "regression"] = "classification"
+    task: Literal[TASKS] = "classification"  # type: ignore[valid-type]
     split: SplitRatios = SplitRatios()
     seed: int = 0
     #: Explicit class list; its order defines the label indices. Labels outside it, and listed classes
@@ -87,12 +91,12 @@ class ExtractParams(_Strict):
     """How features are extracted (shared by every backbone)."""
 
     backend: Literal["torch", "onnx"] = "torch"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal[DEVICES] = "auto"  # type: ignore[valid-type]
     batch_size: int = Field(64, ge=1, le=4096)
     num_workers: int | Literal["auto"] = "auto"
     dtype: Literal[FEATURE_DTYPES] = "float16"  # type: ignore[valid-type]
     pooling: Literal[POOLINGS] = "avg"  # type: ignore[valid-type]
-    resize_mode: Literal["crop", "squash"] = "crop"
+    resize_mode: Literal[RESIZE_MODES] = "crop"  # type: ignore[valid-type]
     channels_last: bool = True
     autocast: Literal["none", "bf16", "fp16"] = "none"
     on_error: Literal["skip", "fail"] = "skip"
@@ -101,6 +105,8 @@ class ExtractParams(_Strict):
     #: Decompression-bomb guard: images with more pixels (width x height) are reported as bad
     #: (checked from the header, in the decode workers); None disables it. Default: Pillow's limit.
     max_image_pixels: int | None = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1)
+    #: A run where every row, or more than this fraction of rows, is a bad image fails (no final store).
+    max_bad_fraction: float = Field(0.5, ge=0, le=1)
     scheduler: str = Field("none", description="none | local | a dask scheduler address (tcp://host:8786)")
     n_workers: int = Field(2, ge=1, description="workers of the local dask cluster (scheduler: local)")
     onnx_cache: str = Field("auto", min_length=1, description="ONNX export cache: auto ($FEATCACHE_CACHE_DIR/onnx "
@@ -139,51 +145,19 @@ class FeatureRef(_Strict):
 class TrainParams(_Strict):
     """Which heads run and how they are scored."""
 
-    heads: list[Literal["logreg", "lightgbm", "mlp", "sgd", "streaming_mlp"]] = Field(
-        default_factory=lambda: ["logreg", "lightgbm", "mlp"], min_length=1)
+    heads: list[str] = Field(default_factory=lambda: ["logreg", "lightgbm", "mlp"], min_length=1)
     n_boot: int = Field(1000, ge=0)
     seed: int = 0
 
-
-#: Fine-tuning recipes (``featcache.heads.finetune.MODES``).
-FINETUNE_MODES = ("frozen", "low_lr", "unfreeze", "scratch")
-
-
-class FinetuneSettings(_Strict):
-    """Hyper-parameters of one fine-tuning mode (``featcache.heads.finetune.FinetuneConfig``)."""
-
-    epochs: int = Field(4, ge=1)
-    batch_size: int = Field(32, ge=1, le=4096)
-    lr: float = Field(1e-3, gt=0)
-    backbone_lr_mult: float = Field(0.1, gt=0, le=1)
-    warmup_epochs: int = Field(1, ge=0)
-    lr_groups: int = Field(3, ge=1)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0)
-    schedule: Literal["cosine", "none"] = "cosine"
-    patience: int = Field(2, ge=0)
-    random_resized_crop: bool = True
-    crop_scale: tuple[float, float] = (0.8, 1.0)
-    hflip: bool = False
-    freeze_bn: bool = True
-    input_size: int | None = Field(96, ge=16)
-    resize_mode: Literal["crop", "squash"] = "crop"
-    amp: bool = True
-    tta: bool = True
-    channels_last: bool = True
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = Field(0, ge=0)
-    num_threads: int | None = Field(1, ge=1)
-    max_train_steps: int | None = Field(None, ge=1)
-    seed: int = Field(0, ge=0)
-
-    @field_validator("crop_scale")
+    @field_validator("heads")
     @classmethod
-    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        low, high = value
-        if not 0 < low <= high <= 1:
-            raise ValueError("crop_scale must be [low, high] with 0 < low <= high <= 1")
+    def _known_heads(cls, value: list[str]) -> list[str]:
+        from featcache.heads.registry import head_names  # the one table of head names
+
+        allowed = head_names()
+        for name in value:
+            if name not in allowed:
+                raise ValueError(f"unknown head {name!r}; allowed: {', '.join(allowed)}.{did_you_mean(name, allowed)}")
         return value
 
 
@@ -191,14 +165,16 @@ class FinetuneParams(_Strict):
     """The optional end-to-end fine-tuning baseline (``finetune/dvc.yaml``).
 
     ``defaults`` apply to every mode; ``modes`` lists the modes that run (mode ->
-    overrides of ``defaults``, any :class:`FinetuneSettings` key).
+    overrides of ``defaults``, any :class:`~featcache.finetune.config.FinetuneConfig`
+    setting; ``defaults`` missing a setting take :data:`~featcache.finetune.config.PARAMS_DEFAULTS`,
+    then the API's defaults).
     """
 
     backbone: str = "efficientnet_lite0"
     weights: str = "pretrained"
     export_onnx: bool = True
     cam_images: int = Field(4, ge=0, le=64)
-    defaults: FinetuneSettings = FinetuneSettings()
+    defaults: dict[str, Any] = Field(default_factory=dict)
     modes: dict[Literal[FINETUNE_MODES], dict[str, Any] | None] = Field(  # type: ignore[valid-type]
         default_factory=lambda: {"frozen": {"epochs": 10, "lr": 0.01, "random_resized_crop": False},
                                  "low_lr": {"epochs": 4}, "unfreeze": {"epochs": 5},
@@ -210,28 +186,36 @@ class FinetuneParams(_Strict):
         get_backbone(value)  # raises with the list of valid names
         return value
 
+    @field_validator("defaults")
+    @classmethod
+    def _full_defaults(cls, value: dict[str, Any]) -> dict[str, Any]:
+        merged = {**FINETUNE_PARAMS_DEFAULTS, **value}
+        _finetune_config(merged, "")
+        return merged
+
     @model_validator(mode="after")
     def _valid_modes(self) -> "FinetuneParams":
         for mode in self.modes:
-            settings = self.settings(mode)
-            if mode == "unfreeze" and settings.warmup_epochs >= settings.epochs:
-                raise ValueError(f"modes.unfreeze: warmup_epochs ({settings.warmup_epochs}) must be "
-                                 f"< epochs ({settings.epochs}), or the backbone is never unfrozen")
+            self.settings(mode)
         return self
 
-    def settings(self, mode: str) -> FinetuneSettings:
-        """``defaults`` updated with ``modes[mode]``, validated."""
+    def settings(self, mode: str) -> FinetuneConfig:
+        """``defaults`` updated with ``modes[mode]``, as the one fine-tuning schema (validated)."""
         overrides = self.modes.get(mode) or {}  # type: ignore[call-overload]
-        try:
-            return FinetuneSettings.model_validate({**self.defaults.model_dump(), **overrides})
-        except ValidationError as error:
-            problems = []
-            for item in error.errors():
-                key = ".".join(str(part) for part in item["loc"])
-                close = difflib.get_close_matches(key, list(FinetuneSettings.model_fields), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if item["type"] == "extra_forbidden" and close else ""
-                problems.append(f"{key}: {item['msg']}{hint} (got {item.get('input')!r})")
-            raise ValueError(f"modes.{mode}: " + "; ".join(problems)) from None
+        return _finetune_config({**self.defaults, **overrides, "mode": mode}, f"modes.{mode}")
+
+
+def _finetune_config(values: Mapping[str, Any], where: str) -> FinetuneConfig:
+    """:class:`~featcache.finetune.config.FinetuneConfig` of params values; errors name ``where``."""
+    allowed = FinetuneConfig.setting_names()
+    unknown = [key for key in values if key not in allowed and key != "mode"]
+    if unknown:
+        hints = ", ".join(f"{key!r}{did_you_mean(key, allowed, template=' (did you mean {!r}?)')}" for key in unknown)
+        raise ValueError(f"{where}{': ' if where else ''}unknown setting(s) {hints}; allowed: {', '.join(allowed)}")
+    try:
+        return FinetuneConfig.from_dict(values)
+    except ValueError as error:
+        raise ValueError(f"{where}{': ' if where else ''}{error}") from None
 
 
 class Params(_Strict):
@@ -284,8 +268,7 @@ def _format_validation_error(error: ValidationError, raw: Mapping[str, Any]) -> 
             parent = item["loc"][:-1]
             model = _model_at(parent)
             allowed = list(model.model_fields) if model is not None else []
-            close = difflib.get_close_matches(str(item["loc"][-1]), allowed, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = did_you_mean(item["loc"][-1], allowed)
             lines.append(f"- unknown key {key!r}.{hint} Allowed keys here: {', '.join(allowed)}")
         else:
             message = item["msg"].removeprefix("Value error, ")
@@ -352,7 +335,7 @@ def extraction_config(params: Params, backbone: str) -> dict[str, Any]:
     extract = params.extract.model_dump()
     # Speed-only knobs do not change the features' meaning and are left out of the hash.
     for key in ("batch_size", "num_workers", "block_rows", "device", "malloc_tuning", "scheduler", "n_workers",
-                "onnx_cache"):
+                "max_bad_fraction", "onnx_cache"):
         extract.pop(key)
     # Params added later enter the hash only when set to a non-default value, so feature files
     # extracted before they existed stay valid.

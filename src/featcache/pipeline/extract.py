@@ -70,7 +70,8 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
         return extract_distributed(manifest, spec, preprocess, out, config=config, attrs=attrs, dtype=knobs.dtype,
                                    block_rows=knobs.block_rows, batch_size=knobs.batch_size, on_error=knobs.on_error,
                                    scheduler_address=None if knobs.scheduler == "local" else knobs.scheduler,
-                                   n_workers=knobs.n_workers, progress=progress)
+                                   n_workers=knobs.n_workers, progress=progress,
+                                   max_bad_fraction=knobs.max_bad_fraction)
     if knobs.backend == "onnx":
         from featcache.extract.onnx_runner import OnnxFeatureRunner
 
@@ -86,4 +87,5 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
         check_batch_memory(runner, preprocess.input_size, knobs.batch_size, device, num_workers=workers)
     return extract_to_store(manifest, runner, preprocess, out, config=config, attrs=attrs, dtype=knobs.dtype,
                             batch_size=knobs.batch_size, num_workers=workers, block_rows=knobs.block_rows,
-                            on_error=knobs.on_error, pin_memory=device == "cuda", progress=progress)
+                            on_error=knobs.on_error, pin_memory=device == "cuda", progress=progress,
+                            max_bad_fraction=knobs.max_bad_fraction)

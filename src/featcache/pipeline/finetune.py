@@ -9,14 +9,16 @@ The metrics JSON has the same shape as the ``train`` stage's (``dataset``,
 ``out_dir`` receives the run's files: ``model.pt`` (best state dict, loads with
 ``weights_only=True``), ``model.json`` (classes, input size, target scaling),
 ``weight_report.json`` (what was copied from the pretrained weights),
-``history.json``, ``backbone.pt`` (the fine-tuned backbone in the registry's
-architecture: usable as ``backbones.<name>.weights`` for the extract stage),
+``history.json``, ``bad_images.json`` (id and reason of every image that
+could not be decoded, counted as ``n_bad_images`` in the metrics),
+``backbone.pt`` (the fine-tuned backbone in the registry's architecture:
+usable as ``backbones.<name>.weights`` for the extract stage),
 ``model.onnx`` (optional) and ``cam/*.png`` (class activation maps of a few
 test images).
 
 Settings come from the ``finetune`` section of ``params.yaml``: ``backbone``,
 ``weights``, ``export_onnx``, ``cam_images``, ``defaults`` (every
-:class:`~featcache.heads.finetune.FinetuneConfig` field) and ``modes`` (mode ->
+:class:`~featcache.finetune.config.FinetuneConfig` setting) and ``modes`` (mode ->
 overrides of ``defaults``).
 """
 
@@ -29,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featcache.pipeline.train import write_json, write_predictions_csv
+from featcache.util.atomic import write_csv, write_json
 
 if TYPE_CHECKING:
-    from featcache.heads.finetune import FinetuneConfig, FinetuneResult
+    from featcache.finetune.config import FinetuneConfig
+    from featcache.finetune.run import FinetuneResult
     from featcache.pipeline.config import Params
 
 __all__ = ["finetune_section", "finetune_stage", "mode_config", "write_cams"]
@@ -69,7 +72,7 @@ def finetune_section(params: Any, finetune: Mapping[str, Any] | Any | None = Non
 
 def mode_config(section: Mapping[str, Any], mode: str, n_boot: int = 1000, progress: bool = True) -> FinetuneConfig:
     """``defaults`` updated with ``modes[mode]``, as a validated :class:`FinetuneConfig`."""
-    from featcache.heads.finetune import FinetuneConfig
+    from featcache.finetune.config import FinetuneConfig
 
     overrides = (section.get("modes") or {}).get(mode) or {}
     values = {**(section.get("defaults") or {}), **overrides, "mode": mode, "n_boot": n_boot, "progress": progress}
@@ -98,13 +101,14 @@ def write_cams(result: FinetuneResult, manifest: Any, out_dir: str | Path, n_ima
     """CAM overlays of a few test images (none, with a log line, where CAM does not apply)."""
     import torch
 
-    from featcache.extract.preprocess import Preprocessor, load_rgb
-    from featcache.heads.cam import class_activation_maps, save_cam_overlays, tensor_to_pil
+    from featcache.extract.preprocess import load_rgb
+    from featcache.finetune.cam import class_activation_maps, save_cam_overlays, tensor_to_pil
+    from featcache.finetune.run import preprocessor
 
     if n_images <= 0:
         return []
     spec = result.spec
-    pre = Preprocessor.from_spec(spec, result.config.resize_mode, result.input_size)
+    pre = preprocessor(spec, result.config)
     rows = _cam_rows(result, n_images)
     try:
         images = torch.stack([pre(load_rgb(manifest.absolute_path(row), pre.background)) for row in rows])
@@ -131,7 +135,7 @@ def finetune_stage(params: Params, mode: str, manifest_path: str | Path, out_dir
         ``manifest.csv`` of the prepare stage (the cached heads' split).
     out_dir : path
         Folder for ``model.pt``, ``model.json``, ``weight_report.json``,
-        ``history.json``, ``backbone.pt``, ``model.onnx`` and ``cam/``.
+        ``history.json``, ``bad_images.json``, ``backbone.pt``, ``model.onnx`` and ``cam/``.
     metrics_path : path
         Metrics JSON (the ``train`` stage's format).
     confusion_path : path, optional
@@ -147,8 +151,8 @@ def finetune_stage(params: Params, mode: str, manifest_path: str | Path, out_dir
         The metrics written to ``metrics_path``.
     """
     from featcache.extract.manifest import Manifest
-    from featcache.heads.finetune import export_backbone, export_onnx, head_module_name
-    from featcache.heads.finetune import finetune as run_finetune
+    from featcache.finetune.export import export_backbone, export_finetuned_onnx
+    from featcache.finetune.run import finetune as run_finetune
     from featcache.heads.metrics import confusion_rows
 
     section = finetune_section(params, finetune)
@@ -162,16 +166,16 @@ def finetune_stage(params: Params, mode: str, manifest_path: str | Path, out_dir
                           task=manifest.task)
     export_backbone(result.model, result.spec, out_dir / "backbone.pt", result.original_head)
     if section["export_onnx"]:
-        export_onnx(result, out_dir / "model.onnx")
+        export_finetuned_onnx(result, out_dir / "model.onnx")
     write_cams(result, manifest, out_dir / "cam", int(section["cam_images"]))
 
     metrics = {"dataset": params.data.name, "backbone": section["backbone"], "layer": "finetune",
-               "head": f"finetune-{mode}", "task": manifest.task, "node": head_module_name(result.spec),
+               "head": f"finetune-{mode}", "task": manifest.task, "node": result.spec.classifier,
                "pooling": "end-to-end", "weights": result.weights_id, **result.metrics}
     metrics["best_params"] = dict(metrics["best_params"])
-    write_json(Path(metrics_path), metrics)
+    write_json(metrics_path, metrics)
     if confusion_path is not None and manifest.task == "classification":
-        write_predictions_csv(Path(confusion_path), confusion_rows(result.y_true, result.y_pred, result.classes))
+        write_csv(confusion_path, confusion_rows(result.y_true, result.y_pred, result.classes), ["actual", "predicted"])
     summary = metrics.get("accuracy", metrics.get("rmse"))
     logger.info("finetune-%s: test %s = %.4f in %.1fs", mode,
                 "accuracy" if manifest.task == "classification" else "rmse", summary, result.fit_seconds)

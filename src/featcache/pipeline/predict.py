@@ -111,7 +111,7 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
     rows: list[dict[str, Any]] = []
     for batch_rows, images, errors in loader:
         good = [i for i, error in enumerate(errors) if not error]
-        scores = _score(head, extractor(images[good])[info["layer"]], info["task"]) if good else []
+        scores = _score(head, extractor(preprocess.normalize_batch(images[good]))[info["layer"]], info["task"]) if good else []
         by_row = dict(zip(good, _rows([str(paths[int(batch_rows[i])]) for i in good], np.asarray(scores),
                                       info["task"], info["classes"])))
         for i, error in enumerate(errors):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ from featcache.pipeline.config import Params
 from featcache.pipeline.extract import expected_config
 from featcache.pipeline.predict import write_run_info
 from featcache.store import FeatureStore
+from featcache.util import atomic
 
 __all__ = ["train", "write_json", "write_predictions_csv"]
 
@@ -25,22 +24,13 @@ STREAMING_HEADS = ("sgd", "streaming_mlp")
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write a JSON file atomically (``.partial`` then rename): never half-written under its name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-    partial.replace(path)
+    """Write a JSON file atomically (temp file then rename): never half-written under its name."""
+    atomic.write_json(path, payload)
 
 
 def write_predictions_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write ``actual,predicted`` rows atomically (DVC's confusion-matrix plot reads them)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["actual", "predicted"], lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    partial.replace(path)
+    atomic.write_csv(path, rows, ["actual", "predicted"])
 
 
 def train(params: Params, store_path: str | Path, backbone: str, layer: str, head: str,

@@ -16,8 +16,8 @@ from featcache.lazy import lazy_exports
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["StaleStoreError", "StoreError", "StoreLockedError", "StoreNotFoundError"], "errors"),
     "FeatureStore": "reader",
-    **dict.fromkeys(["FORMAT", "SPLITS", "SPLIT_CODES"], "schema"),
-    **dict.fromkeys(["LayerSpec", "StoreWriter"], "writer"),
+    **dict.fromkeys(["FORMAT", "LayerSpec", "SPLITS", "SPLIT_CODES", "TASKS"], "schema"),
+    "StoreWriter": "writer",
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

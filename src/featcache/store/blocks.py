@@ -22,12 +22,17 @@ from __future__ import annotations
 import logging
 import os
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .errors import StoreError
+from .validate import check_block_inputs
+
 __all__ = [
+    "BlockCommitter",
     "block_name",
     "feature_key",
     "fsync_dir",
@@ -141,3 +146,125 @@ def read_block(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """
     with np.load(path, allow_pickle=False) as npz:
         return {key: npz[key] for key in keys}
+
+
+@dataclass(frozen=True)
+class BlockCommitter:
+    """Commits block files of one store; picklable, so another process (a dask worker) can use it.
+
+    Made by :meth:`~featcache.store.writer.StoreWriter.block_committer`. It
+    holds no lock and no file handle: only the facts that decide a block
+    file's bytes (fingerprint, geometry, ids, layers, dtype) and the parts
+    directory as an absolute path, so a committer in any process writes
+    exactly the block file the writer itself would. The process holding the
+    writer then counts such a block with
+    :meth:`~featcache.store.writer.StoreWriter.adopt_block`.
+
+    Attributes
+    ----------
+    parts_dir : Path
+        Absolute folder of the block files.
+    fingerprint : str
+        The writer's fingerprint (config, ids, geometry).
+    n_rows, block_rows : int
+        N and rows per block.
+    layers : tuple of LayerSpec
+        Stored layers, in ``/features`` order.
+    ids : tuple of str, (N,)
+        Row ids.
+    dtype : str
+        Storage dtype of the features.
+    """
+
+    parts_dir: Path
+    fingerprint: str
+    n_rows: int
+    block_rows: int
+    layers: tuple[Any, ...]
+    ids: tuple[str, ...]
+    dtype: str
+    _row_of: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_row_of"] = {}  # rebuilt on first use: do not ship N ids twice
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    @property
+    def n_blocks(self) -> int:
+        """``ceil(n_rows / block_rows)``."""
+        return -(-self.n_rows // self.block_rows)
+
+    def block_range(self, block: int) -> range:
+        """Rows ``[block * block_rows, min((block + 1) * block_rows, N))``."""
+        if isinstance(block, bool) or not isinstance(block, (int, np.integer)) or not 0 <= block < self.n_blocks:
+            raise StoreError(
+                f"block {block!r} out of range; allowed 0..{self.n_blocks - 1} "
+                f"({self.n_rows} rows, block_rows={self.block_rows})"
+            )
+        start = int(block) * self.block_rows
+        return range(start, min(start + self.block_rows, self.n_rows))
+
+    def block_path(self, block: int) -> Path:
+        """Where block ``block``'s file lives."""
+        return self.parts_dir / block_name(block)
+
+    def commit_block(
+        self,
+        block: int,
+        kept_rows: np.ndarray,
+        features: Mapping[str, np.ndarray],
+        errors: Sequence[tuple[str, str]] = (),
+    ) -> Path:
+        """Write one block file atomically (see :meth:`StoreWriter.commit_block` for the arguments).
+
+        Returns
+        -------
+        Path
+            The committed block file.
+
+        Raises
+        ------
+        StoreError
+            If rows, ids, aliases or shapes are inconsistent.
+        """
+        rows = self.block_range(block)
+        if not self._row_of:
+            self._row_of.update((id_, row) for row, id_ in enumerate(self.ids))
+        kept, feats, err_rows, reasons = check_block_inputs(
+            block, rows, kept_rows, features, errors,
+            layers=self.layers, ids=self.ids, row_of=self._row_of, dtype=np.dtype(self.dtype),
+        )
+        arrays: dict[str, np.ndarray] = {
+            "fingerprint": np.array(self.fingerprint),
+            "block": np.array(block, dtype=np.int64),
+            "kept_rows": kept,
+            "error_rows": err_rows,
+            "error_reasons": reasons,
+        }
+        for i, arr in enumerate(feats):
+            arrays[feature_key(i)] = arr
+        path = self.block_path(block)
+        write_block(path, arrays)
+        logger.debug("committed block %d: %d kept, %d skipped", block, kept.size, err_rows.size)
+        return path
+
+    def check_block_file(self, block: int) -> str | None:
+        """Why block ``block``'s file is not a committed block of this store; None if it is.
+
+        The file must exist, be readable and carry this committer's
+        fingerprint, the block index and the block's row count.
+        """
+        path = self.block_path(block)
+        if not path.is_file():
+            return "missing"
+        header = read_block_header(path)
+        if header is None:
+            return "unreadable"
+        expected = (self.fingerprint, block, len(self.block_range(block)))
+        if header != expected:
+            return f"of another run (block {header[1]}, {header[2]} rows, fingerprint {header[0][:12]})"
+        return None

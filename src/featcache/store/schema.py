@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 __all__ = [
     "FORMAT",
+    "TASKS",
     "SPLITS",
     "SPLIT_CODES",
     "FEATURE_DTYPES",
@@ -35,12 +38,17 @@ __all__ = [
     "HDF5_LIBVER",
     "REQUIRED_ATTRS",
     "RESERVED_ATTRS",
+    "LayerSpec",
     "canonical_json",
+    "pooled_dim",
     "sha256_text",
 ]
 
 #: Value of the root ``format`` attribute; bump the suffix on breaking changes.
 FORMAT = "featcache-features/1"
+
+#: Learning tasks of a data set: ``/label`` holds class indices, ``/target`` regression values.
+TASKS: tuple[str, ...] = ("classification", "regression")
 
 #: Split names in code order.
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -69,6 +77,56 @@ REQUIRED_ATTRS: tuple[str, ...] = ("config", "config_sha256")
 
 #: Root attributes the writer sets itself; callers may not pass them.
 RESERVED_ATTRS: tuple[str, ...] = ("format", "n_rows", "n_input", "n_skipped", "complete")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One stored layer: ``/features/<alias>`` of shape (N, ``dim``).
+
+    Attributes
+    ----------
+    alias : str
+        Dataset name, e.g. ``"pool"`` or ``"fc7"``; no ``/``.
+    node : str
+        Graph node it was read from, e.g. ``"global_pool.flatten"``.
+    dim : int
+        Feature dimension D after pooling (:func:`pooled_dim` of ``map_shape``).
+    pooling : str
+        One of :data:`POOLINGS`; ``"none"`` for maps stored whole and for
+        outputs that are already flat.
+    map_shape : tuple of int
+        Per-sample shape before pooling, e.g. ``(1280, 7, 7)`` or ``(1280,)``.
+    post_relu : bool
+        Whether the activation is taken after the ReLU.
+    """
+
+    alias: str
+    node: str
+    dim: int
+    pooling: str
+    map_shape: tuple[int, ...]
+    post_relu: bool
+
+
+def pooled_dim(map_shape: tuple[int, ...], pooling: str) -> int:
+    """Feature dimension D of a per-sample map of shape ``map_shape`` after ``pooling``.
+
+    Parameters
+    ----------
+    map_shape : tuple of int
+        (C, H, W) of a conv map, or (C,) of a flat output.
+    pooling : str
+        ``avg`` / ``max``: D = C; ``avg2x2`` (a 2x2 spatial pyramid level): D = 4C;
+        ``none``: D = C*H*W (the whole map).
+
+    Returns
+    -------
+    int
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling {pooling!r} is not one of {list(POOLINGS)}.")
+    channels = int(map_shape[0])
+    return {"none": math.prod(map_shape), "avg": channels, "max": channels, "avg2x2": 4 * channels}[pooling]
 
 
 def canonical_json(obj: Mapping[str, Any]) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -22,6 +21,8 @@ from .schema import (
     REQUIRED_ATTRS,
     RESERVED_ATTRS,
     SPLIT_CODES,
+    LayerSpec,
+    pooled_dim,
     sha256_text,
 )
 
@@ -179,7 +180,7 @@ def check_row_arrays(
     return sp.astype(np.uint8), lab, tgt
 
 
-def check_layers(layers: Sequence[Any]) -> tuple[Any, ...]:
+def check_layers(layers: Sequence[LayerSpec]) -> tuple[LayerSpec, ...]:
     """Check a sequence of LayerSpec and return it as a tuple."""
     layers = tuple(layers)
     if not layers:
@@ -203,12 +204,7 @@ def check_layers(layers: Sequence[Any]) -> tuple[Any, ...]:
             )
         if not isinstance(spec.dim, (int, np.integer)) or spec.dim < 1:
             raise StoreError(f"layer {alias!r}: dim {spec.dim!r} must be an int >= 1")
-        expected = {
-            "none": math.prod(shape),
-            "avg": shape[0],
-            "max": shape[0],
-            "avg2x2": 4 * shape[0],
-        }[spec.pooling]
+        expected = pooled_dim(shape, spec.pooling)
         if spec.dim != expected:
             raise StoreError(
                 f"layer {alias!r}: dim {spec.dim} does not match pooling {spec.pooling!r} of "
@@ -226,7 +222,7 @@ def check_block_inputs(
     features: Mapping[str, Any],
     errors: Sequence[tuple[str, str]],
     *,
-    layers: Sequence[Any],
+    layers: Sequence[LayerSpec],
     ids: Sequence[str],
     row_of: Mapping[str, int],
     dtype: np.dtype,

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Mapping, Sequence
@@ -36,10 +35,9 @@ from . import blocks as _blocks
 from .assemble import write_store
 from .errors import StoreError
 from .lock import FileLock
-from .schema import FORMAT, canonical_json, sha256_text
+from .schema import FORMAT, LayerSpec, canonical_json, sha256_text
 from .validate import (
     check_attrs,
-    check_block_inputs,
     check_ids,
     check_layers,
     check_options,
@@ -47,38 +45,9 @@ from .validate import (
     format_blocks,
 )
 
-__all__ = ["LayerSpec", "StoreWriter"]
+__all__ = ["LayerSpec", "StoreWriter"]  # LayerSpec lives in .schema; re-exported for old imports
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LayerSpec:
-    """One stored layer: ``/features/<alias>`` of shape (N, ``dim``).
-
-    Attributes
-    ----------
-    alias : str
-        Dataset name, e.g. ``"pool"`` or ``"fc7"``; no ``/``.
-    node : str
-        Graph node it was read from, e.g. ``"global_pool.flatten"``.
-    dim : int
-        Feature dimension D after pooling.
-    pooling : str
-        One of :data:`~featcache.store.schema.POOLINGS`; ``"none"`` for maps
-        stored whole and for outputs that are already flat.
-    map_shape : tuple of int
-        Per-sample shape before pooling, e.g. ``(1280, 7, 7)`` or ``(1280,)``.
-    post_relu : bool
-        Whether the activation is taken after the ReLU.
-    """
-
-    alias: str
-    node: str
-    dim: int
-    pooling: str
-    map_shape: tuple[int, ...]
-    post_relu: bool
 
 
 class StoreWriter:
@@ -163,7 +132,6 @@ class StoreWriter:
         self.compression = compression
         self.n_rows = len(self.ids)
         self.n_blocks: int = math.ceil(self.n_rows / self.block_rows)
-        self._row_of = {id_: row for row, id_ in enumerate(self.ids)}
         self.fingerprint = self._fingerprint()
 
         name = self.path.name
@@ -171,6 +139,11 @@ class StoreWriter:
         self.parts_dir = self.parts_root / self.config_sha256[:16]
         self.partial_path = self.path.with_name(f"{name}.partial")
         self.lock_path = self.path.with_name(f"{name}.lock")
+
+        self._committer = _blocks.BlockCommitter(
+            parts_dir=self.parts_dir.absolute(), fingerprint=self.fingerprint, n_rows=self.n_rows,
+            block_rows=self.block_rows, layers=self.layers, ids=tuple(self.ids), dtype=self.dtype.name,
+        )
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock: FileLock | None = FileLock(self.lock_path, timeout=lock_timeout)
@@ -227,10 +200,7 @@ class StoreWriter:
                 logger.debug("removing stray file %s", child)
                 child.unlink()
                 continue
-            belongs = block < self.n_blocks and _blocks.read_block_header(child) == (
-                self.fingerprint, block, len(self.block_range(block))
-            )
-            if not belongs:
+            if block >= self.n_blocks or self._committer.check_block_file(block) is not None:
                 logger.warning(
                     "discarding block file %s: it does not belong to these inputs", child
                 )
@@ -242,13 +212,7 @@ class StoreWriter:
     # ------------------------------------------------------------------ blocks
     def block_range(self, block: int) -> range:
         """Rows ``[block * block_rows, min((block + 1) * block_rows, N))``."""
-        if not 0 <= block < self.n_blocks:
-            raise StoreError(
-                f"block {block!r} out of range; allowed 0..{self.n_blocks - 1} "
-                f"({self.n_rows} rows, block_rows={self.block_rows})"
-            )
-        start = block * self.block_rows
-        return range(start, min(start + self.block_rows, self.n_rows))
+        return self._committer.block_range(block)
 
     def pending_blocks(self) -> list[int]:
         """Blocks not yet committed for this config, ascending."""
@@ -286,23 +250,61 @@ class StoreWriter:
             If rows, ids, aliases or shapes are inconsistent.
         """
         self._check_open()
-        rows = self.block_range(block)
-        kept, feats, err_rows, reasons = check_block_inputs(
-            block, rows, kept_rows, features, errors,
-            layers=self.layers, ids=self.ids, row_of=self._row_of, dtype=self.dtype,
-        )
-        arrays: dict[str, np.ndarray] = {
-            "fingerprint": np.array(self.fingerprint),
-            "block": np.array(block, dtype=np.int64),
-            "kept_rows": kept,
-            "error_rows": err_rows,
-            "error_reasons": reasons,
-        }
-        for i, arr in enumerate(feats):
-            arrays[_blocks.feature_key(i)] = arr
-        _blocks.write_block(self.parts_dir / _blocks.block_name(block), arrays)
+        self._committer.commit_block(block, kept_rows, features, errors)
         self._committed.add(block)
-        logger.debug("committed block %d: %d kept, %d skipped", block, kept.size, err_rows.size)
+
+    def block_committer(self) -> _blocks.BlockCommitter:
+        """A picklable committer of this store's blocks, for another process (e.g. a dask worker).
+
+        It writes the same block files as :meth:`commit_block`, into
+        :attr:`parts_dir` (an absolute path: the other process must see that
+        folder under the same path). It takes no lock and cannot finalize:
+        this writer keeps the lock, and counts each block a committer wrote
+        with :meth:`adopt_block`.
+
+        Returns
+        -------
+        featcache.store.blocks.BlockCommitter
+        """
+        self._check_open()
+        return self._committer
+
+    def adopt_block(self, block: int) -> None:
+        """Count a block file written by a :meth:`block_committer` elsewhere as committed.
+
+        Parameters
+        ----------
+        block : int
+            Block index in ``range(n_blocks)``.
+
+        Raises
+        ------
+        StoreError
+            If the block file is missing, unreadable, or belongs to other
+            inputs (another config, other ids or another geometry).
+        """
+        self._check_open()
+        problem = self._committer.check_block_file(block)
+        if problem is not None:
+            raise StoreError(
+                f"block {block} of {self.path} cannot be adopted: its file "
+                f"{self._committer.block_path(block)} is {problem}. Hint: the process that committed it must "
+                "write into the same parts folder (same absolute path, same config and inputs)."
+            )
+        self._committed.add(block)
+
+    def committed_errors(self) -> list[tuple[str, str]]:
+        """(id, reason) of every skipped row in the committed blocks, in row order.
+
+        Lets a caller judge the bad rows (e.g. refuse a store that is mostly
+        errors) before :meth:`finalize` writes anything.
+        """
+        self._check_open()
+        errors: list[tuple[str, str]] = []
+        for block in sorted(self._committed):
+            part = _blocks.read_block(self._committer.block_path(block), ("error_rows", "error_reasons"))
+            errors.extend((self.ids[r], str(why)) for r, why in zip(part["error_rows"], part["error_reasons"]))
+        return errors
 
     # ------------------------------------------------------------------ final
     def finalize(self) -> Path:

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from featcache.extract.registry import get_backbone
-from featcache.heads.cam import cam_layer, class_activation_maps, jet, save_cam_overlays, tensor_to_pil
-from featcache.heads.finetune import build_model
+from featcache.finetune.cam import cam_layer, class_activation_maps, jet, save_cam_overlays, tensor_to_pil
+from featcache.finetune.model import build_model
 
 SIZE = 64
 

@@ -8,10 +8,11 @@ lazily inside each function.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
+
+from featcache.util.compute import torch_threads
 
 if TYPE_CHECKING:
     import torch
@@ -52,19 +53,7 @@ def build_mlp(n_in: int, hidden_sizes: Sequence[int], n_out: int, dropout: float
     return nn.Sequential(*layers)
 
 
-@contextlib.contextmanager
-def _torch_threads(n_threads: int) -> Iterator[None]:
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+def iter_batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     """Shuffled mini-batch indices; a final batch of one row is dropped (BatchNorm)."""
     import torch
 
@@ -158,7 +147,7 @@ def predict_batches(
 
     device = next(module.parameters()).device
     outs = []
-    with _torch_threads(n_threads), torch.inference_mode():
+    with torch_threads(n_threads), torch.inference_mode():
         for start in range(0, X.shape[0], PREDICT_BATCH):
             batch = torch.as_tensor(X[start:start + PREDICT_BATCH], dtype=torch.float32, device=device)
             outs.append(output(module(batch)).double().cpu().numpy())

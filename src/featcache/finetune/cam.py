@@ -6,10 +6,11 @@ For networks that end ``conv map A (C, h, w) -> global average pool -> Linear``
 for class k sits (Zhou et al. 2016; fast.ai's CAM lesson). The map is taken
 after ReLU, upsampled to the input resolution and scaled to [0, 1] per image.
 
-The conv map is the backbone's deepest ``conv`` alias in the registry
+The conv map is the registry's :attr:`~featcache.extract.registry.BackboneSpec.cam_layer`
 (EfficientNet-Lite ``head`` -> ``bn2``, ResNet ``res5`` -> ``layer4``, GoogLeNet
-``inception_5b``); AlexNet and VGG16 put fully connected layers between their
-last conv map and the classifier, so CAM does not apply to them and is refused.
+``inception_5b``), the classifier its ``classifier``; AlexNet and VGG16 put fully
+connected layers between their last conv map and the classifier (``cam_layer``
+is None), so CAM does not apply to them and is refused.
 
 Overlays are written with PIL and numpy only (a jet colour map blended on the
 image the network saw).
@@ -29,7 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from featcache.extract.registry import BackboneSpec, LayerAlias
-from featcache.heads.finetune import head_module_name
+from featcache.util.atomic import atomic_path
 
 __all__ = ["cam_layer", "class_activation_maps", "jet", "save_cam_overlays", "tensor_to_pil"]
 
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 def cam_layer(spec: BackboneSpec) -> tuple[str, LayerAlias]:
-    """The conv map CAM uses: the deepest ``conv`` alias of the registry.
+    """The conv map CAM uses: the registry's ``cam_layer`` alias.
 
     Returns
     -------
@@ -51,18 +52,14 @@ def cam_layer(spec: BackboneSpec) -> tuple[str, LayerAlias]:
     ValueError
         If the classifier does not sit directly on the pooled map (AlexNet, VGG16).
     """
-    convs = [(name, alias) for name, alias in spec.layers.items() if alias.kind == "conv"]
-    if not convs:
-        raise ValueError(f"Backbone {spec.name!r} has no conv-map alias; CAM needs one.")
-    name, alias = convs[-1]
-    penultimate = spec.layers[spec.default_layer]
-    if penultimate.kind != "flat" or penultimate.dim != alias.dim:
+    if spec.cam_layer is None:
+        convs = [name for name, alias in spec.layers.items() if alias.kind == "conv"]
         raise ValueError(
             f"CAM needs the linear classifier directly on the globally pooled conv map; {spec.name} has "
-            f"fully connected layers between {name!r} ({alias.dim} channels) and its classifier. "
+            f"fully connected layers between {convs[-1]!r} and its classifier {spec.classifier!r}. "
             "Hint: use a ResNet, GoogLeNet or EfficientNet-Lite backbone."
         )
-    return name, alias
+    return spec.cam_layer, spec.layers[spec.cam_layer]
 
 
 @torch.no_grad()
@@ -89,9 +86,9 @@ def class_activation_maps(model: nn.Module, spec: BackboneSpec, images: torch.Te
         positive evidence anywhere.
     """
     _, layer = cam_layer(spec)
-    head = model.get_submodule(head_module_name(spec))
+    head = model.get_submodule(spec.classifier)
     if not isinstance(head, nn.Linear):
-        raise TypeError(f"CAM needs an nn.Linear head at {head_module_name(spec)!r}; found {type(head).__name__}.")
+        raise TypeError(f"CAM needs an nn.Linear head at {spec.classifier!r}; found {type(head).__name__}.")
     if images.ndim != 4:
         raise ValueError(f"images must have shape (N, 3, H, W); got {tuple(images.shape)}.")
     captured: list[torch.Tensor] = []
@@ -197,7 +194,8 @@ def save_cam_overlays(images_pil: Sequence[Image.Image], cams: np.ndarray, out_d
         if factor > 1:
             overlay = overlay.resize((overlay.width * factor, overlay.height * factor), Image.NEAREST)
         path = out_dir / f"{_safe_name(sample_id)}.png"
-        overlay.save(path)
+        with atomic_path(path) as tmp:
+            overlay.save(tmp, format="PNG")
         written.append(path)
     logger.info("Wrote %d CAM overlays to %s", len(written), out_dir)
     return written

@@ -12,45 +12,27 @@ import torch
 from PIL import Image
 from torch import nn
 
+from _support.files import COLOUR_CLASSES, write_colour_folder
+
 from featcache.extract.manifest import Manifest, assign_splits
 from featcache.extract.preprocess import Preprocessor, load_rgb
 from featcache.extract.registry import get_backbone
 from featcache.extract.sources import from_folder
 from featcache.extract.weights import load_backbone
-from featcache.heads.finetune import (
-    MODES,
-    FinetuneConfig,
-    build_model,
-    export_backbone,
-    export_onnx,
-    finetune,
-    head_module_name,
-    load_checkpoint,
-    load_weights_with_report,
-    make_optimizer,
-    replace_head,
-)
+from featcache.finetune.config import MODES, FinetuneConfig
+from featcache.finetune.export import export_backbone, export_finetuned_onnx
+from featcache.finetune.model import build_model, load_checkpoint, load_weights_with_report, replace_head
+from featcache.finetune.optim import make_optimizer
+from featcache.finetune.run import finetune
 
-CLASSES = ("red", "green", "blue")
 LITE = "efficientnet_lite0"
 SIZE = 32  # network input side: small enough for a few CPU steps per test
-
-
-def _colour_images(root: Path, per_class: int = 8, size: int = 24, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    for channel, name in enumerate(CLASSES):
-        (root / name).mkdir(parents=True, exist_ok=True)
-        for index in range(per_class):
-            pixels = rng.integers(0, 90, size=(size, size, 3))
-            pixels[..., channel] += 150
-            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{index:03d}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
     """24 images, 3 colour classes: 12 train / 6 val / 6 test."""
-    root = _colour_images(tmp_path_factory.mktemp("colours"))
+    root = write_colour_folder(tmp_path_factory.mktemp("colours"), per_class=8)
     return from_folder(root, {"train": 0.5, "val": 0.25, "test": 0.25}, seed=0)
 
 
@@ -113,7 +95,7 @@ def runs(manifest: Manifest, tmp_path_factory: pytest.TempPathFactory) -> dict[s
                                                  ("googlenet", "fc", 1024), ("alexnet", "classifier.6", 4096)])
 def test_replace_head_swaps_the_classifier_of_each_family(name: str, module: str, width: int):
     spec = get_backbone(name)
-    assert head_module_name(spec) == module
+    assert spec.classifier == module
     model = load_backbone(name, "random").model
     model, names = replace_head(model, spec, 7)
     head = model.get_submodule(module)
@@ -253,7 +235,7 @@ def test_checkpoint_reloads_with_weights_only_and_predicts_identically(runs, man
     run = runs["low_lr"]
     result, out_dir = run["result"], run["out_dir"]
     meta = json.loads((out_dir / "model.json").read_text())
-    assert meta["classes"] == sorted(CLASSES) and meta["input_size"] == SIZE and meta["mode"] == "low_lr"
+    assert meta["classes"] == sorted(COLOUR_CLASSES) and meta["input_size"] == SIZE and meta["mode"] == "low_lr"
     assert json.loads((out_dir / "weight_report.json").read_text())["counts"]["copied"] == 294
     assert len(json.loads((out_dir / "history.json").read_text())["history"]) == 5
     state = torch.load(out_dir / "model.pt", weights_only=True)
@@ -300,7 +282,7 @@ def test_onnx_export_runs_in_onnxruntime_with_a_dynamic_batch(manifest: Manifest
 
     # ResNet-18 exports about twice as fast as EfficientNet-Lite0 (whose export the digits budget run covers).
     result = finetune(manifest, "resnet18", "random", _config("low_lr", epochs=1, tta=False, n_boot=0))
-    path = export_onnx(result, tmp_path / "model.onnx")
+    path = export_finetuned_onnx(result, tmp_path / "model.onnx")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["images"] and session.get_outputs()[0].name == "scores"
     x = torch.randn(5, 3, SIZE, SIZE)

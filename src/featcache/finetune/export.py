@@ -1,0 +1,159 @@
+"""Exports of a fine-tuned model: the backbone for the extract stage, and the classifier as ONNX.
+
+:func:`export_backbone` writes the fine-tuned backbone in the registry's own
+architecture (original classifier shape) so that
+``load_backbone(name, weights=path)`` and therefore the extract stage accept
+it; :func:`export_finetuned_onnx` writes the fine-tuned classifier (or
+regressor) as ONNX.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from featcache.extract.registry import BackboneSpec
+from featcache.extract.weights import load_backbone
+from featcache.finetune.model import original_head as head_of
+from featcache.finetune.run import FinetuneResult, save_state
+from featcache.util.atomic import atomic_path
+
+__all__ = ["EXPORTERS", "export_backbone", "export_finetuned_onnx"]
+
+logger = logging.getLogger(__name__)
+
+#: torch.onnx exporters: the ``torch.export``-based one, or the deprecated TorchScript one.
+EXPORTERS: tuple[str, ...] = ("dynamo", "torchscript")
+
+
+def export_backbone(model: nn.Module, spec: BackboneSpec, path: str | Path,
+                    original_head: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """Write the fine-tuned backbone as a state dict that ``load_backbone(name, weights=path)`` loads.
+
+    :func:`~featcache.extract.weights.load_backbone` loads strictly into the
+    registry's architecture, whose classifier has the original shape (1000
+    ImageNet classes). The file therefore holds the fine-tuned trunk with the
+    *source* classifier put back (``original_head``: the pretrained head for
+    transferred weights, the seeded random one for ``scratch``), so every
+    trunk alias (``pool``, ``pool5``, ``head``, ...) gives the fine-tuned
+    features while the ``logits`` alias keeps meaning ImageNet logits. The
+    fine-tuned K-class head lives in the checkpoint (``model.pt``) and the ONNX export.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The fine-tuned model (new head).
+    spec : BackboneSpec
+        Its registry entry.
+    path : path
+        Output ``.pt`` file (written atomically).
+    original_head : mapping, optional
+        ``{"classifier.weight": ..., "classifier.bias": ...}`` in the
+        architecture's shape (``FinetuneResult.original_head``); None takes the
+        seeded random head of the architecture.
+
+    Returns
+    -------
+    Path
+    """
+    head = spec.classifier + "."
+    if original_head is None:
+        logger.warning("export_backbone: no original head given; writing the architecture's random head.")
+        original_head = head_of(spec, load_backbone(spec.name, "random").model)
+    expected = {k[len(head):] for k in model.state_dict() if k.startswith(head)}
+    given = {k[len(head):] for k in original_head}
+    if given != expected:
+        raise ValueError(f"original_head has tensors {sorted(original_head)}; expected {head}{sorted(expected)}.")
+    state = {}
+    for key, value in model.state_dict().items():
+        state[key] = original_head[key] if key.startswith(head) else value
+    return save_state(state, path)
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Raise the given loggers to WARNING for the duration (the exporter logs every graph pass at INFO)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(max(log.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+
+
+class _Scores(nn.Module):
+    """Normalised images -> probabilities (classification) or predictions (regression)."""
+
+    def __init__(self, model: nn.Module, task: str, target_mean: float, target_std: float) -> None:
+        super().__init__()
+        self.model, self.task = model, task
+        self.target_mean, self.target_std = float(target_mean), float(target_std)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(images)
+        if self.task == "classification":
+            return out.softmax(dim=1)
+        return out[:, 0] * self.target_std + self.target_mean
+
+
+def export_finetuned_onnx(result_or_model: FinetuneResult | nn.Module, path: str | Path,
+                          input_size: int | None = None, task: str = "classification", target_mean: float = 0.0,
+                          target_std: float = 1.0, opset: int = 18, exporter: str = "dynamo") -> Path:
+    """Export the fine-tuned classifier (or regressor) to ONNX with a dynamic batch axis.
+
+    The graph takes ``images`` (B, 3, S, S) float32, normalised exactly as
+    :class:`~featcache.extract.preprocess.Preprocessor` does, and returns
+    ``scores``: (B, K) probabilities, or (B,) predictions in target units.
+
+    Parameters
+    ----------
+    result_or_model : FinetuneResult or nn.Module
+        A result carries task, input size and target scaling; for a bare model
+        pass them.
+    path : path
+        Output ``.onnx`` file.
+    opset : int
+        ONNX opset (>= 18 for ``dynamo``).
+    exporter : {"dynamo", "torchscript"}
+        torch.onnx exporter: the ``torch.export``-based one (default), or the
+        deprecated TorchScript one (faster to export, any opset).
+
+    Returns
+    -------
+    Path
+    """
+    if isinstance(result_or_model, FinetuneResult):
+        result = result_or_model
+        model, task, input_size = result.model, result.task, result.input_size
+        target_mean, target_std = result.target_mean, result.target_std
+    else:
+        model = result_or_model
+    if input_size is None:
+        raise ValueError("input_size is needed to export a bare model (the spatial size is fixed at export).")
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter={exporter!r} is invalid; allowed: 'dynamo', 'torchscript'.")
+    wrapper = _Scores(model, task, target_mean, target_std).eval()
+    dummy = torch.zeros(2, 3, input_size, input_size)
+    with atomic_path(path) as tmp, warnings.catch_warnings(), \
+            _quiet_loggers("onnx_ir", "onnxscript", "torch.onnx", "torch.export"):
+        warnings.simplefilter("ignore")  # exporter chatter (deprecations, fallback notices)
+        if exporter == "dynamo":
+            program = torch.onnx.export(wrapper, (dummy,), dynamo=True, opset_version=opset, verbose=False,
+                                        input_names=["images"], output_names=["scores"], optimize=True,
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},))
+            program.save(str(tmp))
+        else:
+            torch.onnx.export(wrapper, (dummy,), str(tmp), dynamo=False, opset_version=opset,
+                              input_names=["images"], output_names=["scores"],
+                              dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}})
+    logger.info("Exported ONNX %s (%s, opset %d)", path, exporter, opset)
+    return Path(path)

@@ -1,0 +1,260 @@
+"""The training loop: phases, per-phase optimizer and schedule, validation, early stopping, best state.
+
+Batches are ``(rows (B,), images (B, 3, S, S), targets (B,))`` of readable
+rows (:class:`~featcache.finetune.data.ReadableBatches`). Classification uses
+cross-entropy; regression an MSE on targets standardised with the train
+split's mean and std (outputs are de-standardised when scored).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from featcache.extract.registry import BackboneSpec
+from featcache.finetune.config import FinetuneConfig
+from featcache.finetune.optim import make_optimizer, make_scheduler, phases, set_train_mode, set_trainable
+
+__all__ = ["Fit", "Trainer", "autocast", "predict"]
+
+logger = logging.getLogger(__name__)
+
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
+    """fp16 autocast on CUDA when ``amp``; a no-op elsewhere."""
+    if amp and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def _to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def _outputs(model: nn.Module, images: torch.Tensor, task: str) -> torch.Tensor:
+    out = model(images).float()
+    return out[:, 0] if task == "regression" else out
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: Batches, task: str, device: torch.device | str = "cpu",
+            tta: bool = False, amp: bool = False, channels_last: bool = True,
+            target_mean: float = 0.0, target_std: float = 1.0) -> dict[str, Any]:
+    """Score every batch (the model is put in eval mode).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Fine-tuned model.
+    batches : iterable
+        Batches ``(rows (B,), images (B, 3, S, S), targets (B,))``.
+    task : {"classification", "regression"}
+    tta : bool
+        Also return the mean of the outputs on the images and their horizontal flips.
+    target_mean, target_std : float
+        Regression outputs are de-standardised with these.
+
+    Returns
+    -------
+    dict
+        ``rows`` (n,), ``y_true`` (n,), ``scores`` ((n, K) probabilities or
+        (n,) predictions), ``tta_scores`` (same or None), ``loss`` (mean
+        cross-entropy or MSE in standardised units), ``seconds`` (plain pass only).
+    """
+    device = torch.device(device)
+    model.eval()
+    rows, y_true, scores, tta_scores, losses, seconds = [], [], [], [], [], 0.0
+
+    def convert(out: torch.Tensor) -> torch.Tensor:
+        return out.softmax(dim=1) if task == "classification" else out * target_std + target_mean
+
+    for row, images, target in batches:
+        images = _to_device(images, device, channels_last)
+        start = time.perf_counter()
+        with autocast(device, amp):
+            out = _outputs(model, images, task)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - start
+        target = target.to(device)
+        if task == "classification":
+            losses.append(F.cross_entropy(out, target.long(), reduction="sum").item())
+        else:
+            losses.append(F.mse_loss(out, (target.float() - target_mean) / target_std, reduction="sum").item())
+        scores.append(convert(out).cpu())
+        if tta:
+            with autocast(device, amp):
+                flipped = _outputs(model, torch.flip(images, dims=[3]), task)
+            tta_scores.append(((convert(out) + convert(flipped)) / 2).cpu())
+        rows.append(row)
+        y_true.append(target.cpu())
+    if not rows:
+        raise ValueError("No readable image in this split; nothing to score. Hint: see the bad-image report.")
+    n = sum(len(r) for r in rows)
+    return {
+        "rows": torch.cat(rows).numpy(), "y_true": torch.cat(y_true).numpy(),
+        "scores": torch.cat(scores).double().numpy(),
+        "tta_scores": torch.cat(tta_scores).double().numpy() if tta else None,
+        "loss": float(sum(losses) / n), "seconds": seconds,
+    }
+
+
+def _val_metric(task: str, y_true: np.ndarray, scores: np.ndarray) -> float:
+    if task == "classification":
+        return float(np.mean(scores.argmax(axis=1) == y_true))
+    return float(np.sqrt(np.mean((scores - y_true) ** 2)))
+
+
+def _better(task: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value > best if task == "classification" else value < best
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+@dataclass
+class Fit:
+    """What the training loop hands back."""
+
+    history: list[dict[str, Any]]
+    step_losses: list[float]
+    best_epoch: int
+    steps: int
+    seconds: float
+
+
+class Trainer:
+    """The epoch loop of one run; :meth:`fit` leaves the model with the best epoch's weights."""
+
+    def __init__(self, model: nn.Module, spec: BackboneSpec, head_names: Sequence[str], config: FinetuneConfig,
+                 task: str, device: torch.device, use_amp: bool, target_mean: float, target_std: float) -> None:
+        self.model, self.spec, self.head_names, self.config = model, spec, list(head_names), config
+        self.task, self.device, self.use_amp = task, device, use_amp
+        self.target_mean, self.target_std = target_mean, target_std
+        self.metric_name = "val_accuracy" if task == "classification" else "val_rmse"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        self.step = 0
+        self.step_losses: list[float] = []
+        self.last_val = float("nan")
+
+    def _loss(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.use_amp):
+            out = _outputs(self.model, images, self.task)
+        if self.task == "classification":
+            return F.cross_entropy(out, target.long())
+        return F.mse_loss(out, (target.float() - self.target_mean) / self.target_std)
+
+    def _done(self) -> bool:
+        return self.config.max_train_steps is not None and self.step >= self.config.max_train_steps
+
+    def _epoch(self, batches: Batches, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LambdaLR, bar: tqdm, epoch: int) -> list[float]:
+        losses: list[float] = []
+        for _, images, target in batches:
+            loss = self._loss(_to_device(images, self.device, self.config.channels_last), target.to(self.device))
+            optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            scheduler.step()
+            self.step += 1
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{self.config.mode}: training loss is {value} at step {self.step}. "
+                                         "Hint: lower lr, or set amp: false.")
+            losses.append(value)
+            self.step_losses.append(value)
+            bar.update(1)
+            bar.set_postfix(epoch=epoch, loss=f"{np.mean(losses[-20:]):.4f}",
+                            **{self.metric_name: f"{self.last_val:.4f}"})
+            if self._done():
+                break
+        return losses
+
+    def _start_phase(self, phase: str, plan: list[str], steps_per_epoch: int
+                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        set_trainable(self.model, self.head_names, phase == "full")
+        optimizer = make_optimizer(self.model, self.head_names, self.config, phase)
+        steps = steps_per_epoch * plan.count(phase)
+        if self.config.max_train_steps is not None:
+            steps = min(steps, max(1, self.config.max_train_steps - self.step))
+        logger.info("%s: phase %r, %d epoch(s), groups %s", self.config.mode, phase, plan.count(phase),
+                    {g["name"]: f"{g['lr']:.2e}" for g in optimizer.param_groups})
+        return optimizer, make_scheduler(optimizer, self.config.schedule, steps)
+
+    def _validate(self, val_batches: Batches | None, row: dict[str, Any], best: float | None) -> bool:
+        """Score val into ``row``; True when it is the best so far (always, without a val split)."""
+        if val_batches is None:
+            return True
+        scored = predict(self.model, val_batches, self.task, self.device, amp=self.use_amp,
+                         channels_last=self.config.channels_last, target_mean=self.target_mean,
+                         target_std=self.target_std)
+        self.last_val = _val_metric(self.task, scored["y_true"], scored["scores"])
+        row.update(val_loss=scored["loss"], val_metric=self.last_val)
+        return _better(self.task, self.last_val, best)
+
+    def fit(self, train_batches: Batches, val_batches: Batches | None,
+            on_epoch_end: Callable[[dict[str, Any], nn.Module], None] | None) -> Fit:
+        """Train, validate every epoch, stop early on val; the model ends with the best epoch's weights."""
+        config, plan = self.config, phases(self.config)
+        history: list[dict[str, Any]] = []
+        best_metric: float | None = None
+        best_state: dict[str, torch.Tensor] | None = None
+        best_epoch, since_best, phase = 0, 0, ""
+        start = time.perf_counter()
+        total = len(train_batches) * config.epochs  # type: ignore[arg-type]
+        bar = tqdm(total=min(total, config.max_train_steps or total), disable=not config.progress,
+                   desc=f"finetune {config.mode}", unit="step", leave=False)
+        for epoch, epoch_phase in enumerate(plan, start=1):
+            if epoch_phase != phase:
+                phase, since_best = epoch_phase, 0
+                optimizer, scheduler = self._start_phase(phase, plan, len(train_batches))  # type: ignore[arg-type]
+            set_train_mode(self.model, self.spec, phase == "full", config.freeze_bn)
+            epoch_start = time.perf_counter()
+            lrs = {group["name"]: float(group["lr"]) for group in optimizer.param_groups}
+            losses = self._epoch(train_batches, optimizer, scheduler, bar, epoch)
+            if not losses and not self._done():
+                raise ValueError(f"{config.mode}: epoch {epoch} had no readable training image. "
+                                 "Hint: see the bad-image report (every train image failed to decode).")
+            row: dict[str, Any] = {"epoch": epoch, "phase": phase, "steps": len(losses), "lr": lrs,
+                                   "train_loss": float(np.mean(losses)) if losses else None,
+                                   "metric": self.metric_name, "val_loss": None, "val_metric": None}
+            improved = self._validate(val_batches, row, best_metric)
+            row["seconds"] = time.perf_counter() - epoch_start
+            history.append(row)
+            if improved:
+                best_metric, best_epoch, since_best = row["val_metric"], epoch, 0
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+            else:
+                since_best += 1
+            logger.info("%s epoch %d/%d (%s): train loss %s, %s %s, %.1fs", config.mode, epoch, config.epochs,
+                        phase, _fmt(row["train_loss"]), self.metric_name, _fmt(row["val_metric"]), row["seconds"])
+            if on_epoch_end is not None:
+                on_epoch_end(row, self.model)
+            if self._done():
+                break
+            # Early stopping applies to the final phase only (a warm-up phase always runs to its end).
+            if config.patience and since_best >= config.patience and phase == plan[-1]:
+                logger.info("%s: early stop after epoch %d (best %d)", config.mode, epoch, best_epoch)
+                break
+        bar.close()
+        assert best_state is not None
+        self.model.load_state_dict(best_state)
+        return Fit(history, self.step_losses, best_epoch, self.step, time.perf_counter() - start)

@@ -1,0 +1,200 @@
+"""Input checks shared by the heads: parameters, feature matrices, labels, targets, classes.
+
+Messages follow scikit-learn's: the parameter, the bad value, what is allowed and a hint.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.utils.validation import check_array, check_X_y, column_or_1d
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "check_int",
+    "check_positive",
+    "check_fraction",
+    "check_features",
+    "check_labels",
+    "check_targets",
+    "validate_xy",
+    "resolve_classes",
+    "require_two_classes",
+    "expand_columns",
+    "as_float_list",
+]
+
+
+FLOAT_DTYPES = (np.float64, np.float32)
+
+
+def check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    """Raise ValueError unless ``value`` is an int >= ``minimum`` (or None if allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        none = " or None" if allow_none else ""
+        raise ValueError(
+            f"{name}={value!r} is invalid; allowed: an integer >= {minimum}{none}. "
+            f"Hint: set {name} in the head's params."
+        )
+
+
+def check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    """Raise ValueError unless ``value`` is a finite real > 0 (>= 0 if ``allow_zero``)."""
+    ok = (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value >= 0 if allow_zero else value > 0)
+    )
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name}={value!r} is invalid; allowed: a finite number {bound}.")
+
+
+def check_fraction(name: str, value: Any, closed_right: bool = False) -> None:
+    """Raise ValueError unless ``0 < value < 1`` (``<= 1`` if ``closed_right``)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
+    ok = ok and (value <= 1 if closed_right else value < 1)
+    if not ok:
+        interval = "(0, 1]" if closed_right else "(0, 1)"
+        raise ValueError(f"{name}={value!r} is invalid; allowed: a number in {interval}.")
+
+
+def check_features(X: Any, head: Any, name: str = "X") -> np.ndarray:
+    """Validate a feature matrix at predict time.
+
+    Parameters
+    ----------
+    X : array-like of shape (n, D)
+    head : estimator
+        The fitted head (its ``n_features_in_`` is the expected D).
+
+    Returns
+    -------
+    ndarray of shape (n, D), float32 or float64
+    """
+    X = check_array(X, dtype=FLOAT_DTYPES, input_name=name)
+    expected = head.n_features_in_
+    if X.shape[1] != expected:
+        raise ValueError(
+            f"{name} has {X.shape[1]} features, but {type(head).__name__} is expecting {expected} "
+            "features as input. Hint: use the same backbone layer (and pooling) for training and prediction."
+        )
+    return X
+
+
+def check_labels(y: np.ndarray, name: str) -> np.ndarray:
+    """Check that ``y`` holds non-negative integer class indices; return int64."""
+    if y.dtype.kind not in "iuf":
+        raise ValueError(
+            f"Unknown label type: {name} has dtype {y.dtype}; allowed: integer class indices 0..K-1. "
+            "Hint: map class names to indices first (the store's /label column)."
+        )
+    if y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y))):
+        raise ValueError(
+            f"Unknown label type: {name} holds non-integer values; allowed: integer class indices 0..K-1. "
+            "Hint: use a regression head for continuous targets."
+        )
+    if y.size and y.min() < 0:
+        raise ValueError(
+            f"{name} contains the label {int(y.min())}; allowed: class indices >= 0. "
+            "Hint: drop unlabelled rows (label -1) before fitting."
+        )
+    return y.astype(np.int64, copy=False)
+
+
+def check_targets(y: np.ndarray, classification: bool, name: str) -> np.ndarray:
+    if classification:
+        return check_labels(y, name)
+    if y.dtype.kind not in "iuf" or not np.all(np.isfinite(y)):
+        raise ValueError(
+            f"{name} holds non-numeric or non-finite targets; allowed: finite numbers. "
+            "Hint: drop rows whose target is NaN."
+        )
+    return y.astype(np.float64, copy=False)
+
+
+def validate_xy(X: Any, y: Any, classification: bool, name: str) -> tuple[np.ndarray, np.ndarray]:
+    X, y = check_X_y(X, y, dtype=FLOAT_DTYPES, y_numeric=not classification)
+    y = column_or_1d(y)
+    if classification:
+        y = check_labels(y, "y" + name[1:])
+    else:
+        y = y.astype(np.float64, copy=False)
+        if not np.all(np.isfinite(y)):
+            raise ValueError(
+                f"{'y' + name[1:]} holds non-finite targets; allowed: finite numbers. "
+                "Hint: drop rows whose target is NaN."
+            )
+    return X, y
+
+
+def resolve_classes(n_classes: int | None, *label_arrays: np.ndarray | None) -> np.ndarray:
+    """Return ``classes_ = np.arange(K)``.
+
+    K is ``n_classes`` when given, else ``max label + 1`` over the given label arrays.
+
+    Raises
+    ------
+    ValueError
+        If a label is >= ``n_classes``.
+    """
+    check_int("n_classes", n_classes, 2, allow_none=True)
+    top = max((int(a.max()) for a in label_arrays if a is not None and a.size), default=-1)
+    if n_classes is None:
+        return np.arange(max(top + 1, 2))
+    if top >= n_classes:
+        raise ValueError(
+            f"label {top} found but n_classes={n_classes}; allowed labels: 0..{n_classes - 1}. "
+            "Hint: set n_classes to the number of classes in the dataset (or None to infer it)."
+        )
+    return np.arange(n_classes)
+
+
+def require_two_classes(y: np.ndarray, what: str = "training rows") -> np.ndarray:
+    """Return the sorted distinct labels of ``y``; raise if fewer than two."""
+    seen = np.unique(y)
+    if seen.size < 2:
+        raise ValueError(
+            f"the {what} contain only the classes {seen.tolist()}; a classifier needs >= 2. "
+            "Hint: check the split assignment in the manifest."
+        )
+    return seen
+
+
+def expand_columns(proba: np.ndarray, seen: np.ndarray, n_classes: int) -> np.ndarray:
+    """Place probability columns of the ``seen`` classes into ``n_classes`` columns.
+
+    Parameters
+    ----------
+    proba : ndarray of shape (n, len(seen))
+    seen : ndarray of shape (n_seen,)
+        Class index of each column of ``proba``.
+
+    Returns
+    -------
+    ndarray of shape (n, n_classes)
+        Zeros for classes the model never saw.
+    """
+    if seen.size == n_classes:
+        return proba
+    out = np.zeros((proba.shape[0], n_classes), dtype=proba.dtype)
+    out[:, seen] = proba
+    return out
+
+
+def as_float_list(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Validate a 1-D grid of positive finite numbers; return it sorted ascending."""
+    arr = np.asarray(values, dtype=np.float64).ravel()
+    if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
+        raise ValueError(
+            f"{name}={values!r} is invalid; allowed: a non-empty sequence of positive numbers, "
+            "e.g. np.logspace(-4, 4, 9)."
+        )
+    return np.unique(arr)

@@ -1,0 +1,33 @@
+"""Small leaf helpers shared by every subpackage (no featcache imports here).
+
+* :mod:`featcache.util.atomic` - write a file atomically (temp file + ``os.replace``);
+* :mod:`featcache.util.compute` - devices, CPU counts and torch thread limits;
+* :mod:`featcache.util.names` - "did you mean" hints for unknown names.
+"""
+
+from featcache.util.atomic import atomic_path, write_bytes, write_csv, write_json, write_text
+from featcache.util.compute import (
+    DEVICES,
+    default_num_workers,
+    physical_cores,
+    resolve_device,
+    torch_threads,
+    usable_cpus,
+)
+from featcache.util.names import closest, did_you_mean
+
+__all__ = [
+    "DEVICES",
+    "atomic_path",
+    "closest",
+    "default_num_workers",
+    "did_you_mean",
+    "physical_cores",
+    "resolve_device",
+    "torch_threads",
+    "usable_cpus",
+    "write_bytes",
+    "write_csv",
+    "write_json",
+    "write_text",
+]

@@ -1,0 +1,110 @@
+"""Where computation runs: devices, CPU counts and torch's thread limit.
+
+torch is imported inside the functions that need it, so importing this module
+stays cheap for commands that run no model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+__all__ = [
+    "DEVICES",
+    "default_num_workers",
+    "physical_cores",
+    "resolve_device",
+    "thread_limit",
+    "torch_threads",
+    "usable_cpus",
+]
+
+#: Device names a user may ask for (``auto``: CUDA when available, else the CPU).
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str, *, setting: str = "device", error: type[Exception] = ValueError) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; an explicit choice is checked.
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda"}
+        The requested device.
+    setting : str
+        The setting's name in messages (``extract.device``, ``device``).
+    error : type of Exception
+        Raised (with the allowed values and a hint) on an unknown or unavailable device.
+
+    Returns
+    -------
+    str
+        ``"cpu"`` or ``"cuda"``.
+    """
+    if device not in DEVICES:
+        raise error(f"{setting} is {device!r}; allowed: {', '.join(DEVICES)}.")
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise error(f"{setting} is 'cuda' but no CUDA device is visible. Hint: use 'auto' or 'cpu'.")
+    return device
+
+
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (the affinity mask: containers, ``taskset``)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def physical_cores() -> int:
+    """Physical CPU cores usable by this process (at least 1).
+
+    ``psutil``'s physical count when available, capped by the CPU affinity
+    mask (containers, ``taskset``); the logical count otherwise.
+    """
+    usable = usable_cpus()
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False)
+    except ImportError:  # pragma: no cover - psutil ships with distributed
+        physical = None
+    return max(1, min(physical or usable, usable))
+
+
+def default_num_workers() -> int:
+    """Decode workers for this machine: leave one core for the forward pass, at most 8."""
+    return max(1, min(8, usable_cpus() - 1))
+
+
+@contextlib.contextmanager
+def torch_threads(n_threads: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n_threads)``, restoring the old value after.
+
+    Parameters
+    ----------
+    n_threads : int or None
+        Intra-op threads; None leaves torch's setting alone.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if n_threads is not None:
+        torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextlib.contextmanager
+def thread_limit(n_jobs: int | None) -> Iterator[None]:
+    """Limit BLAS/OpenMP threads to ``n_jobs`` inside the block (no-op for None/-1)."""
+    if n_jobs is None or n_jobs < 1:
+        yield
+        return
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=int(n_jobs)):
+        yield
