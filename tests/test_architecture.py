@@ -39,9 +39,9 @@ KNOWN: dict[str, frozenset[str]] = {
     "pipeline": frozenset(),
     "private": frozenset(),
     "noqa": frozenset(),
-    "size": frozenset({"featcache/extract/onnx_runner.py"}),  # startup: export/runner split
+    "size": frozenset(),
 }
-FIXED_ON = {"layers": "-", "pipeline": "-", "private": "-", "noqa": "-", "size": "startup"}
+FIXED_ON = {"layers": "-", "pipeline": "-", "private": "-", "noqa": "-", "size": "-"}
 
 
 @dataclass(frozen=True)

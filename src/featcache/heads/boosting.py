@@ -17,7 +17,6 @@ import logging
 import time
 from typing import Any
 
-import lightgbm
 import numpy as np
 from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
@@ -42,8 +41,11 @@ log = logging.getLogger(__name__)
 AUTO_COLUMNS = 200
 """Columns per tree of ``colsample_bytree=None``: the fraction min(1, max(0.1, 200 / D))."""
 
-# lightgbm 4.7 deprecates ``eval_set`` in favour of ``eval_X``/``eval_y``
-_HAS_EVAL_XY = "eval_X" in inspect.signature(lightgbm.LGBMModel.fit).parameters
+
+
+def _has_eval_xy(lightgbm: Any) -> bool:
+    """Whether ``LGBMModel.fit`` takes ``eval_X``/``eval_y`` (lightgbm 4.7 deprecates ``eval_set``)."""
+    return "eval_X" in inspect.signature(lightgbm.LGBMModel.fit).parameters
 
 
 class LightGBMBase(HeadBase):
@@ -98,12 +100,14 @@ class LightGBMBase(HeadBase):
             self.scaler_, self.pca_, X_fit = fit_preprocess(X_fit, self.pca_components, self.random_state)
             X_sel = apply_preprocess(X_sel, self.scaler_, self.pca_)
             params["colsample_bytree"] = self._colsample(X_fit.shape[1])
+        import lightgbm  # on first fit: building or checking a head does not load it
+
         model_cls = lightgbm.LGBMClassifier if self._classification else lightgbm.LGBMRegressor
         model = model_cls(**params)
         callbacks = []
         if self.early_stopping_rounds:
             callbacks.append(lightgbm.early_stopping(self.early_stopping_rounds, verbose=False))
-        if _HAS_EVAL_XY:
+        if _has_eval_xy(lightgbm):
             eval_kwargs: dict[str, Any] = {"eval_X": (X_sel,), "eval_y": (y_sel,)}
         else:  # lightgbm < 4.7
             eval_kwargs = {"eval_set": [(X_sel, y_sel)]}

@@ -7,48 +7,42 @@ Python API, one function per ``dvc.yaml`` stage::
     prepare(params, "data/prepared")
     extract(params, "efficientnet_lite0", "data/prepared/manifest.csv", "features/digits/efficientnet_lite0.h5")
 
-The names are imported on first use, so ``featcache <stage>`` runs only the
-modules of its own stage (each stage lists exactly those files as its DVC deps).
+The names are imported on first use (PEP 562): ``featcache --help`` and the
+commands that run no model import neither torch nor the heads.
 """
 
 from __future__ import annotations
 
-import importlib
 import sys
-import types
+from types import ModuleType
 from typing import Any
 
-__all__ = ["ConfigError", "Params", "compare", "extract", "load_params", "make_digits", "parse_params",
-           "prepare", "train"]
+from featcache.lazy import lazy_exports
 
-#: Public name -> the stage (or config) module that defines it.
-_HOMES = {"ConfigError": "config", "Params": "config", "load_params": "config", "parse_params": "config",
-          "compare": "compare", "extract": "extract", "make_digits": "prepare", "prepare": "prepare",
-          "train": "train"}
+#: Public name -> the submodule that defines it.
+_EXPORTS: dict[str, str] = {
+    "compare": "compare",
+    **dict.fromkeys(["ConfigError", "Params", "load_params", "parse_params"], "config"),
+    "extract": "extract",
+    **dict.fromkeys(["make_digits", "prepare"], "prepare"),
+    "train": "train",
+}
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'featcache.pipeline' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"featcache.pipeline.{_HOMES[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
 
 
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+class _Package(ModuleType):
+    """This package, where a stage function keeps its name when its same-named submodule is imported.
 
-
-class _Package(types.ModuleType):
-    """Keeps ``featcache.pipeline.train`` (etc.) the *function* once its module is imported.
-
-    Importing a submodule binds it on the package under the same name; the eager
-    ``from .train import train`` this package used to run rebound the function.
+    ``import featcache.pipeline.extract`` makes the import system set the
+    package attribute ``extract`` to the submodule; as when this package
+    imported its stages eagerly, ``featcache.pipeline.extract`` stays the stage
+    function.
     """
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _HOMES and isinstance(value, types.ModuleType):
-            return  # the module stays reachable through sys.modules
+        if isinstance(value, ModuleType) and _EXPORTS.get(name) == name and hasattr(value, name):
+            value = getattr(value, name)
         super().__setattr__(name, value)
 
 

@@ -112,6 +112,8 @@ class ExtractParams(_Strict):
     max_bad_fraction: float = Field(0.5, ge=0, le=1)
     scheduler: str = Field("none", description="none | local | a dask scheduler address (tcp://host:8786)")
     n_workers: int = Field(2, ge=1, description="workers of the local dask cluster (scheduler: local)")
+    onnx_cache: str = Field("auto", min_length=1, description="ONNX export cache: auto ($FEATCACHE_CACHE_DIR/onnx "
+                            "or ~/.cache/featcache/onnx) | none | a folder")
 
     @field_validator("scheduler")
     @classmethod
@@ -339,7 +341,7 @@ def extraction_config(params: Params, backbone: str) -> dict[str, Any]:
     extract = params.extract.model_dump()
     # Speed-only knobs do not change the features' meaning and are left out of the hash.
     for key in ("batch_size", "num_workers", "block_rows", "device", "malloc_tuning", "scheduler", "n_workers",
-                "max_bad_fraction"):
+                "max_bad_fraction", "onnx_cache"):
         extract.pop(key)
     # The decode path depends on the machine (auto): expected_config records the resolved path,
     # and only when it is not the original CPU path.

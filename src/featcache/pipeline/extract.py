@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from featcache.extract.engine import ExtractionReport, extract_to_store, resolve_device
-from featcache.extract.malloc import tune_malloc
-from featcache.extract.manifest import Manifest
-from featcache.extract.memory import check_batch_memory
 from featcache.extract.preprocess import Preprocessor
-from featcache.extract.torch_runner import TorchFeatureExtractor
-from featcache.extract.weights import load_backbone
 from featcache.pipeline.config import Params, expected_config, planned_decode
+
+if TYPE_CHECKING:
+    from featcache.extract.engine import ExtractionReport
 
 __all__ = ["extract", "expected_config"]
 
@@ -34,6 +32,14 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
     out : path
         The ``.h5`` store to write.
     """
+    # torch and the runners are imported here: ``train`` imports this module for expected_config only
+    from featcache.extract.engine import extract_to_store, resolve_device
+    from featcache.extract.malloc import tune_malloc
+    from featcache.extract.manifest import Manifest
+    from featcache.extract.memory import check_batch_memory
+    from featcache.extract.torch_runner import TorchFeatureExtractor
+    from featcache.extract.weights import load_backbone
+
     if backbone not in params.backbones:
         raise ValueError(f"Backbone {backbone!r} is not configured in params.backbones "
                          f"(configured: {list(params.backbones)}).")
@@ -62,8 +68,10 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
     if knobs.backend == "onnx":
         from featcache.extract.onnx_runner import OnnxFeatureRunner
 
-        runner = OnnxFeatureRunner.from_model(loaded.model, loaded.spec, layers, pooling=knobs.pooling, device=device)
+        runner = OnnxFeatureRunner.from_model(loaded.model, loaded.spec, layers, pooling=knobs.pooling, device=device,
+                                              cache_dir=knobs.onnx_cache)
         attrs["provider"] = runner.provider
+        attrs["onnx_sha256"] = runner.onnx_sha256
     else:
         runner = TorchFeatureExtractor(loaded.model, loaded.spec, layers, pooling=knobs.pooling, device=device,
                                        channels_last=knobs.channels_last, autocast=autocast)
