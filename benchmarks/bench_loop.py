@@ -9,8 +9,9 @@ Measured, each as a same-run comparison with the work it does (medians of
    cache: fixed cost = wall time - images / throughput (the throughput is the
    one the command reports for its image loop), in seconds and as a ratio to
    the image work; the first (cold) extraction, which exports, is shown too;
-4. (place kept for the ``dvc exp run -S heads.logreg.max_iter=999`` timing on
-   the digits after ``dvc repro``; see ``bench_dvc_exp`` below).
+4. the ``dvc exp run -S heads.logreg.max_iter=999`` timing on the digits after
+   ``dvc repro`` is measured by ``benchmarks/bench_exp.py``; ``bench_dvc_exp``
+   below is the place to fold its row into this table.
 
 Run: ``PYTHONPATH=src python benchmarks/bench_loop.py [--repeats 5] [--images 1024]``.
 Prints a Markdown table for ``benchmarks/README.md`` with the machine and its load.
@@ -112,9 +113,9 @@ def bench_startup(work: Path, environ: dict[str, str], repeats: int) -> dict[str
 
 
 def bench_dvc_exp(repeats: int) -> list[str]:
-    """Place for the ``dvc exp run -S heads.logreg.max_iter=999`` timing on the digits after ``dvc repro``.
+    """Place for the ``dvc exp run -S heads.logreg.max_iter=999`` row (measured by ``benchmarks/bench_exp.py``).
 
-    Kept for the DVC loop work (issue #13 items 3-4); returns Markdown table rows (none yet).
+    Returns Markdown table rows; none yet: that benchmark needs a ``dvc repro``-ed checkout.
     """
     return []
 
