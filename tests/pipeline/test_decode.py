@@ -88,6 +88,8 @@ def test_the_store_records_the_decode_path(stores):
         b.check_config(expected_config(_params(stores["images"], "gpu"), "efficientnet_lite0"))
         with pytest.raises(StaleStoreError, match="decode"):
             a.check_config(expected_config(_params(stores["images"], "gpu"), "efficientnet_lite0"))
+        # The train stage checks a store against its own decode path: either is valid for the same params.
+        b.check_config(expected_config(_params(stores["images"], "cpu"), "efficientnet_lite0", decode="gpu"))
 
 
 def test_auto_decode_follows_the_runner(stores):

@@ -362,11 +362,18 @@ def extraction_config(params: Params, backbone: str) -> dict[str, Any]:
     }
 
 
-def expected_config(params: Params, backbone: str) -> dict[str, Any]:
+def expected_config(params: Params, backbone: str, decode: str | None = None) -> dict[str, Any]:
     """The extraction config that ``params`` give for ``backbone``, as stored in its HDF5 file.
 
-    :func:`extraction_config` plus the backbone's preprocessing; the extract stage
-    writes it and the train stage checks a store against it.
+    :func:`extraction_config` plus the backbone's preprocessing and the decode path; the
+    extract stage writes it and the train stage checks a store against it.
+
+    Parameters
+    ----------
+    decode : {"cpu", "gpu"}, optional
+        The decode path to record; default: :func:`planned_decode` on this machine (which
+        may import torch). The train stage passes the store's own path: features of either
+        path are valid for the same params.
     """
     from featcache.extract.preprocess import Preprocessor
 
@@ -374,7 +381,7 @@ def expected_config(params: Params, backbone: str) -> dict[str, Any]:
     config["preprocess"] = Preprocessor.from_spec(get_backbone(backbone), params.extract.resize_mode).config()
     # A store never mixes blocks decoded by PIL and on the device; the CPU path is left out, as before
     # extract.decode existed.
-    if planned_decode(params) == "gpu":
+    if (decode or planned_decode(params)) == "gpu":
         config["extract"]["decode"] = "gpu"
     return config
 

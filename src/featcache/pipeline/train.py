@@ -45,8 +45,9 @@ def train(params: Params, store_path: str | Path, backbone: str, layer: str, hea
         The whole run record (scores and sidecar fields, flat).
     """
     task = params.data.task
-    config = expected_config(params, backbone)
     with FeatureStore(store_path) as store:
+        # Either decode path (PIL or on the device) is valid for the same params: keep the store's.
+        config = expected_config(params, backbone, decode=store.config.get("extract", {}).get("decode", "cpu"))
         store.check_config(config)
         # Streaming heads read the store chunk by chunk (out of core); the others load the split.
         read = store.to_dask if head in STREAMING_HEADS else store.read
