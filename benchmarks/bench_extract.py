@@ -304,7 +304,7 @@ def main() -> None:
         print(f"| ONNX export (once per backbone/layers) | {result['export_s']:.1f} s |")
         print(f"| load average during the onnx case | {load:.1f} -> {os.getloadavg()[0]:.1f} |")
     if "memory" in cases:
-        n = max(args.images // 8, 16)
+        n = max(args.images // 8, 4 * args.batch_size)  # several full batches: N < batch size would compare batch sizes
         small, large = peak_rss_mb(n, "photo"), peak_rss_mb(4 * n, "photo")
         print(f"| peak RSS {n} vs {4 * n} photos (clean process each) | {small:.0f} vs {large:.0f} MiB "
               f"= {large / small:.2f}x |")

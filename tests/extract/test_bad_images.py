@@ -117,14 +117,11 @@ def make_corpus(root: Path) -> dict[str, str]:
     Image.fromarray(_noise((1, 20000), 3)).save(good / "strip_1x20000.png")
     Image.fromarray(_noise(seed=4)).save(good / UNICODE_NAME)
     Image.fromarray(_noise(seed=5)).save(good / SPACE_NAME)
-    try:
-        import tifffile
-    except ImportError:  # optional: Pillow cannot read float RGB TIFFs without it
-        pass
-    else:
-        tifffile.imwrite(good / "rgb16.tif", rng.integers(0, 65536, (20, 24, 3)).astype(np.uint16), photometric="rgb")
-        tifffile.imwrite(good / "float_rgb.tif", rng.random((20, 24, 3)).astype(np.float32), photometric="rgb")
-        tifffile.imwrite(good / "float64.tif", rng.random((20, 24)), photometric="minisblack")
+    import tifffile  # optional for featcache users, a dev dependency: the TIFFs Pillow cannot read are tested
+
+    tifffile.imwrite(good / "rgb16.tif", rng.integers(0, 65536, (20, 24, 3)).astype(np.uint16), photometric="rgb")
+    tifffile.imwrite(good / "float_rgb.tif", rng.random((20, 24, 3)).astype(np.float32), photometric="rgb")
+    tifffile.imwrite(good / "float64.tif", rng.random((20, 24)), photometric="minisblack")
 
     jpeg, png = _encoded("JPEG"), _encoded("PNG")
     (bad / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 2])
@@ -256,7 +253,7 @@ def test_unusual_modes_decode_to_their_values(corpus):
 
 
 def test_tiffs_pillow_cannot_read_are_decoded_with_tifffile(corpus):
-    tifffile = pytest.importorskip("tifffile")
+    import tifffile
     root = corpus[0].root / "good"
     with pytest.raises(Image.UnidentifiedImageError):
         Image.open(root / "float_rgb.tif")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import cloudpickle
+import distributed  # a declared dependency: without it this module fails, it does not skip
 import numpy as np
 import pytest
 import torch
@@ -23,7 +24,6 @@ from featcache.store.writer import LayerSpec, StoreWriter
 
 from _support.files import md5
 
-distributed = pytest.importorskip("distributed")
 
 # Functions of this module submitted to the workers travel by value (the
 # workers cannot import pytest's test modules).

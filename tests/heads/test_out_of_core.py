@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
+import tracemalloc
+import weakref
 
 import dask.array as da
 import numpy as np
@@ -57,22 +60,72 @@ def _accuracy(head, X, y):
     return float(np.mean(head.predict(X) == y))
 
 
+class Held:
+    """What a guarded block read from dask: rows per read, rows alive at once, traced bytes."""
+
+    def __init__(self) -> None:
+        self.reads: list[int] = []
+        self.live_rows = 0
+        self.peak_rows = 0
+        self.peak_bytes = 0
+
+    def release(self, rows: int) -> None:
+        self.live_rows -= rows
+
+
 @contextlib.contextmanager
-def no_full_reads(monkeypatch, limit=CHUNK):
-    """Fail if any dask array taller than ``limit`` rows is computed or turned into numpy."""
-    seen: list[int] = []
+def no_full_reads(monkeypatch, limit=CHUNK, max_held=None, max_bytes=None):
+    """Fail if the guarded block reads or holds more of a dask array than out-of-core code may.
+
+    * ``limit``: no single ``compute`` / ``np.asarray`` of a dask array taller than this many rows;
+    * ``max_held``: the arrays those reads return are counted until they are freed
+      (``weakref.finalize``); more than ``max_held`` rows alive at once fails, so a
+      head that reads every chunk and keeps them (to concatenate, or in a list of
+      tensors) is caught although each read is small;
+    * ``max_bytes``: tracemalloc's peak (numpy's allocations are traced) above the
+      level at entry; more fails at exit, so copying the chunks one by one into one
+      preallocated array is caught too.
+    """
+    held = Held()
     compute, to_numpy = da.Array.compute, da.Array.__array__
 
-    def guard(arr):
+    def check(arr):
         rows = int(arr.shape[0])
         if rows > limit:
             raise AssertionError(f"a dask array of {rows} rows was materialised (limit {limit})")
-        seen.append(rows)
+        held.reads.append(rows)
 
-    monkeypatch.setattr(da.Array, "compute", lambda self, **kw: (guard(self), compute(self, **kw))[1])
-    monkeypatch.setattr(da.Array, "__array__", lambda self, *a, **kw: (guard(self), to_numpy(self, *a, **kw))[1])
-    yield seen
-    monkeypatch.undo()
+    def track(result):
+        if isinstance(result, np.ndarray) and result.ndim >= 1:
+            rows = int(result.shape[0])
+            held.live_rows += rows
+            weakref.finalize(result, held.release, rows)
+            if max_held is not None and held.live_rows > max_held:
+                gc.collect()  # chunks only kept by reference cycles are not "held"
+            held.peak_rows = max(held.peak_rows, held.live_rows)
+            if max_held is not None and held.live_rows > max_held:
+                raise AssertionError(f"{held.live_rows} rows read from dask are held at once (limit {max_held})")
+        return result
+
+    monkeypatch.setattr(da.Array, "compute", lambda self, **kw: (check(self), track(compute(self, **kw)))[1])
+    monkeypatch.setattr(da.Array, "__array__",
+                        lambda self, *a, **kw: (check(self), track(to_numpy(self, *a, **kw)))[1])
+    compute(da.zeros(2, chunks=1))  # dask imports its scheduler lazily on the first compute: not the head's memory
+    started = not tracemalloc.is_tracing()
+    if started:
+        tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    try:
+        yield held
+        held.peak_bytes = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        if started:
+            tracemalloc.stop()
+        monkeypatch.undo()
+    if max_bytes is not None and held.peak_bytes > max_bytes:
+        raise AssertionError(f"the block's traced memory peaked at {held.peak_bytes / 2**20:.2f} MiB above its start "
+                             f"(limit {max_bytes / 2**20:.2f} MiB): the rows were gathered in memory")
 
 
 # ----------------------------------------------------------------------------- accuracy
@@ -158,23 +211,87 @@ def test_sklearn_estimator_checks(head, sklearn_checks):
 
 
 # ----------------------------------------------------------------------------- no full reads
-def test_out_of_core_path_never_materialises_the_full_array(splits, monkeypatch):
-    X_tr = splits["train"][0]
-    with no_full_reads(monkeypatch) as seen:
-        with pytest.raises(AssertionError, match="was materialised"):
-            X_tr.compute()  # the guard works
-        with pytest.raises(AssertionError, match="was materialised"):
+#: The guard's store: 16,000 x 128 float16, 9,600 training rows (4.7 MiB as float32). The limits
+#: allow 4 chunks alive (1,024 rows) and 2.5 MiB of numpy temporaries (10 chunks as float64: the
+#: scaler and SGD copy each chunk a few times; measured peak about 1.4 MiB), so gathering the
+#: training rows fails either way.
+BIG_ROWS, BIG_DIM, MAX_HELD = 16000, 128, 4 * CHUNK
+MAX_BYTES = 10 * CHUNK * BIG_DIM * 8
+
+
+@pytest.fixture(scope="module")
+def big_splits(tmp_path_factory):
+    path = write_store(tmp_path_factory.mktemp("ooc_big") / "big.h5", n=BIG_ROWS, dim=BIG_DIM, n_classes=5,
+                       block_rows=CHUNK, sep=0.6)
+    with FeatureStore(path) as fs:
+        return {s: (fs.to_dask(LAYER, s, rows_per_chunk=CHUNK), fs.read(LAYER, s), fs.labels(s)) for s in SPLITS}
+
+
+def _guard(monkeypatch):
+    return no_full_reads(monkeypatch, max_held=MAX_HELD, max_bytes=MAX_BYTES)
+
+
+class ConcatenatingLogisticHead(StreamingLogisticHead):
+    """A deliberately broken "out-of-core" head: reads every chunk (each one small), then concatenates them."""
+
+    def fit(self, X, y, X_val=None, y_val=None):
+        chunks = [X.blocks[i].compute() for i in range(X.numblocks[0])]
+        return super().fit(np.concatenate(chunks), y, X_val, y_val)
+
+
+class PreallocatingLogisticHead(StreamingLogisticHead):
+    """Broken the other way: copies chunk after chunk into one preallocated array (no chunk is kept)."""
+
+    def fit(self, X, y, X_val=None, y_val=None):
+        out, start = np.empty(X.shape, dtype=np.float32), 0
+        for i in range(X.numblocks[0]):
+            block = X.blocks[i].compute()
+            out[start:start + block.shape[0]] = block
+            start += block.shape[0]
+        return super().fit(out, y, X_val, y_val)
+
+
+def test_the_guard_catches_full_materialisation(big_splits, monkeypatch):
+    X_tr, A_tr, y_tr = big_splits["train"]
+    assert y_tr.size * BIG_DIM * 4 > 1.8 * MAX_BYTES and y_tr.size > 4 * MAX_HELD  # the limits can tell
+    with pytest.raises(AssertionError, match="was materialised"):
+        with _guard(monkeypatch):
+            X_tr.compute()  # one read of everything
+    with pytest.raises(AssertionError, match="was materialised"):
+        with _guard(monkeypatch):
             np.asarray(X_tr)
-        seen.clear()
+    with pytest.raises(AssertionError, match="held at once"):
+        with _guard(monkeypatch):
+            ConcatenatingLogisticHead(max_epochs=1).fit(X_tr, y_tr)  # every chunk read, all kept
+    with pytest.raises(AssertionError, match="traced memory peaked"):
+        with _guard(monkeypatch):
+            PreallocatingLogisticHead(max_epochs=1).fit(X_tr, y_tr)
+    with pytest.raises(AssertionError, match="held at once|traced memory peaked"):
+        with _guard(monkeypatch):  # an in-memory head given dask arrays gathers them (as it must)
+            fit_and_evaluate(make_head("logreg", "classification"), "classification", *_args(big_splits), n_boot=0)
+
+
+def test_out_of_core_path_never_materialises_the_full_array(big_splits, clf_data, monkeypatch):
+    X_tr, y_tr = big_splits["train"][0], big_splits["train"][2]
+    # Warm-up on small numpy data: modules imported on first use (torch, sklearn internals) are not rows held.
+    fit_and_evaluate(make_head("sgd", "classification", {"max_epochs": 1}), "classification",
+                     *(clf_data[k] for k in ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")), n_boot=0)
+    StreamingMLPHead(**{**MLP, "max_epochs": 1}).fit(clf_data["X_train"], clf_data["y_train"]).predict(clf_data["X_test"])
+    with _guard(monkeypatch) as held:
         head = make_head("sgd", "classification", {"max_epochs": 3})
-        result = fit_and_evaluate(head, "classification", *_args(splits), n_boot=0)
-        StreamingMLPHead(**{**MLP, "max_epochs": 2}).fit(X_tr, splits["train"][2]).predict(splits["test"][0])
-        # an in-memory head given dask arrays: read chunk by chunk into numpy, never whole
-        memory = fit_and_evaluate(make_head("logreg", "classification"), "classification", *_args(splits), n_boot=0)
-    assert seen and max(seen) <= CHUNK
-    assert result.metrics["accuracy"] >= 0.75 and result.metrics["n_train"] == splits["train"][2].size
+        result = fit_and_evaluate(head, "classification", *_args(big_splits), n_boot=0)
+    assert held.reads and max(held.reads) <= CHUNK and held.peak_rows <= MAX_HELD
+    assert result.metrics["accuracy"] >= 0.75 and result.metrics["n_train"] == y_tr.size
+    with _guard(monkeypatch) as held:
+        StreamingMLPHead(**{**MLP, "max_epochs": 2}).fit(X_tr, y_tr).predict(big_splits["test"][0])
+    assert held.reads and held.peak_rows <= MAX_HELD and held.peak_bytes <= MAX_BYTES
+    # An in-memory head given dask arrays gathers them (it must), but chunk by chunk: never one whole read.
+    with no_full_reads(monkeypatch) as held:
+        memory = fit_and_evaluate(make_head("logreg", "classification"), "classification", *_args(big_splits),
+                                  n_boot=0)
+    assert held.reads and max(held.reads) <= CHUNK
     in_numpy = fit_and_evaluate(make_head("logreg", "classification"), "classification",
-                                *_args(splits, dask=False), n_boot=0)
+                                *_args(big_splits, dask=False), n_boot=0)
     np.testing.assert_array_equal(memory.scores, in_numpy.scores)
 
 
@@ -230,7 +347,7 @@ def test_early_stop_emulates_the_lightgbm_callback():
 
 
 def test_lightgbm_dask_on_local_cluster(splits, tmp_path, caplog):
-    distributed = pytest.importorskip("distributed")
+    import distributed  # a declared dependency: missing it must fail, not skip
     params = {"n_estimators": 60, "learning_rate": 0.1, "num_leaves": 15, "early_stopping_rounds": 10}
     (X_tr, A_tr, y_tr), (X_va, A_va, y_va), (X_te, A_te, y_te) = (splits[s] for s in SPLITS)
     caplog.set_level(logging.WARNING)

@@ -14,6 +14,27 @@ if str(TESTS) not in sys.path:  # _support importable here and in the child driv
 
 from _support.files import write_colour_folder as make_image_folder  # noqa: E402
 
+REPO = TESTS.parent
+
+
+def shipped_backend() -> str:
+    """``extract.backend`` as the repo's ``params.yaml`` ships it (the schema's default if it leaves it out).
+
+    The fault, determinism and DVC tests run this backend, so they follow the
+    default whatever it becomes.
+    """
+    import yaml
+
+    from featcache.pipeline.config import ExtractParams
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")) or {}
+    value = (raw.get("extract") or {}).get("backend")
+    return str(value if value is not None else ExtractParams.model_fields["backend"].default)
+
+
+#: The backends the fault and determinism tests run: torch and the shipped default (one if they agree).
+BACKENDS = sorted({"torch", shipped_backend()})
+
 
 def fast_params(data_path: str, name: str = "tiny") -> dict[str, Any]:
     """Params that run every stage in seconds on 2 cores."""

@@ -19,6 +19,11 @@ outputs: they are wall-clock measurements of this machine (its load, CPU
 frequency, caches and the other processes running), not results computed from
 the data, so two runs never agree on them. Everything else is a function of
 the inputs and params alone, and the test fails if any other field differs.
+
+The full pipeline runs on the extraction backend that ``params.yaml`` ships;
+every other backend of ``BACKENDS`` (torch) runs prepare and extract twice, and
+its feature store must be byte-identical too (the heads do not depend on the
+backend that made their features).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ import pytest
 
 from featcache.runs import read_run
 
+from .conftest import BACKENDS, shipped_backend
+
+DEFAULT_BACKEND = shipped_backend()
 TIMING = {"fit_seconds", "predict_seconds"}
 HEADS = ("logreg", "lightgbm", "mlp")
 
@@ -44,17 +52,20 @@ from pathlib import Path
 
 sys.path.insert(0, sys.argv[1])  # tests/pipeline: the fixtures' corpus and params
 from conftest import fast_params, make_image_folder
+backend, full = sys.argv[2], sys.argv[3] == "full"
 
 from featcache.pipeline import compare, extract, parse_params, prepare, train
 
 make_image_folder(Path("images"), per_class=8)
 raw = fast_params("images", name="det")
-raw["extract"].update(block_rows=8, num_workers=0)
+raw["extract"].update(block_rows=8, num_workers=0, backend=backend)
 raw["backbones"] = {"efficientnet_lite0": {"weights": "pretrained", "layers": ["pool"]}}
 raw["features"] = [{"backbone": "efficientnet_lite0", "layer": "pool"}]
 params = parse_params(raw)
 prepare(params, "prepared")
 extract(params, "efficientnet_lite0", "prepared/manifest.csv", "features/efficientnet_lite0.h5", progress=False)
+if not full:
+    sys.exit(0)
 for head in params.train.heads:
     train(params, "features/efficientnet_lite0.h5", "efficientnet_lite0", "pool", head, f"metrics/pool/{head}.json",
           model_dir=f"models/pool/{head}", predictions_path=f"plots/pool/{head}.csv")
@@ -78,20 +89,34 @@ def _without_timing(value: Any) -> Any:
     return value
 
 
-@pytest.fixture(scope="module")
-def two_runs(tmp_path_factory) -> tuple[Path, Path]:
+def _run_twice(tmp_path_factory, backend: str, full: bool) -> tuple[Path, Path]:
     here = Path(__file__).resolve().parent
     runs, processes = [], []
     for index, hash_seed in enumerate(("1", "2")):
-        root = tmp_path_factory.mktemp(f"det{index}")
+        root = tmp_path_factory.mktemp(f"det-{backend}-{index}")
         env = dict(os.environ, PYTHONHASHSEED=hash_seed, PYTHONDONTWRITEBYTECODE="1")
-        processes.append(subprocess.Popen([sys.executable, "-c", _DRIVER, str(here)], cwd=root, env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        args = [sys.executable, "-c", _DRIVER, str(here), backend, "full" if full else "extract"]
+        processes.append(subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
         runs.append(root)
     for process in processes:
         output, _ = process.communicate(timeout=900)
         assert process.returncode == 0, output
     return runs[0], runs[1]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory) -> tuple[Path, Path]:
+    """The whole pipeline twice on the shipped default backend."""
+    return _run_twice(tmp_path_factory, DEFAULT_BACKEND, full=True)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def two_stores(request, tmp_path_factory) -> tuple[Path, Path]:
+    """prepare + extract twice per backend (the default's come from ``two_runs``)."""
+    if request.param == DEFAULT_BACKEND:
+        return request.getfixturevalue("two_runs")
+    return _run_twice(tmp_path_factory, request.param, full=False)
 
 
 def test_manifest_is_identical(two_runs):
@@ -101,8 +126,8 @@ def test_manifest_is_identical(two_runs):
     assert files == _tree(second / "prepared")
 
 
-def test_feature_store_is_identical(two_runs):
-    first, second = two_runs
+def test_feature_store_is_identical(two_stores):
+    first, second = two_stores
     store = Path("features") / "efficientnet_lite0.h5"
     assert _md5(first / store) == _md5(second / store)
     assert sorted(p.name for p in (first / "features").iterdir()) == ["efficientnet_lite0.h5"]

@@ -154,7 +154,7 @@ def test_empty_store_reads(tmp_path):
 
 
 def test_to_dask_on_distributed_workers(store_path):
-    distributed = pytest.importorskip("distributed")
+    import distributed  # a declared dependency: fail, not skip, without it
     fs = FeatureStore(store_path)
     want = fs.read("pool", "train")
     arr = fs.to_dask("pool", "train", rows_per_chunk=8)
