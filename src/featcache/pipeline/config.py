@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from featcache.errors import UserError
+from featcache.extract.backends import AUTOCASTS, BACKENDS
 from featcache.extract.preprocess import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
 from featcache.extract.registry import UnknownNameError, get_backbone, list_backbones, resolve_layer
 from featcache.finetune.config import MODES as FINETUNE_MODES
@@ -90,7 +91,8 @@ class DataParams(_Strict):
 class ExtractParams(_Strict):
     """How features are extracted (shared by every backbone)."""
 
-    backend: Literal["torch", "onnx"] = "torch"
+    #: auto (params.yaml's default): torch on CUDA, onnxruntime on CPU (featcache.extract.backends).
+    backend: Literal[BACKENDS] = "torch"  # type: ignore[valid-type]
     device: Literal[DEVICES] = "auto"  # type: ignore[valid-type]
     batch_size: int = Field(64, ge=1, le=4096)
     num_workers: int | Literal["auto"] = "auto"
@@ -98,7 +100,7 @@ class ExtractParams(_Strict):
     pooling: Literal[POOLINGS] = "avg"  # type: ignore[valid-type]
     resize_mode: Literal[RESIZE_MODES] = "crop"  # type: ignore[valid-type]
     channels_last: bool = True
-    autocast: Literal["none", "bf16", "fp16"] = "none"
+    autocast: Literal[AUTOCASTS] = "none"  # type: ignore[valid-type]  # auto: fp16 on CUDA (torch), none on CPU
     on_error: Literal["skip", "fail"] = "skip"
     block_rows: int = Field(512, ge=1)
     malloc_tuning: bool = True
@@ -108,7 +110,8 @@ class ExtractParams(_Strict):
     #: A run where every row, or more than this fraction of rows, is a bad image fails (no final store).
     max_bad_fraction: float = Field(0.5, ge=0, le=1)
     scheduler: str = Field("none", description="none | local | a dask scheduler address (tcp://host:8786)")
-    n_workers: int = Field(2, ge=1, description="workers of the local dask cluster (scheduler: local)")
+    n_workers: int | Literal["auto"] = Field("auto", description="workers of the local dask cluster "
+                                             "(scheduler: local); auto: one per GPU on CUDA, else 2")
 
     @field_validator("scheduler")
     @classmethod
@@ -118,12 +121,12 @@ class ExtractParams(_Strict):
                              f"'tcp://10.0.0.5:8786', got {value!r}")
         return value
 
-    @model_validator(mode="after")
-    def _distributed_backend(self) -> "ExtractParams":
-        if self.scheduler != "none" and self.backend != "torch":
-            raise ValueError("extract.scheduler runs the torch backend only; set extract.backend: torch "
-                             "or extract.scheduler: none")
-        return self
+    @field_validator("n_workers")
+    @classmethod
+    def _positive_workers(cls, value: int | str) -> int | str:
+        if value != "auto" and value < 1:
+            raise ValueError(f"extract.n_workers must be 'auto' or >= 1, got {value!r}")
+        return value
 
 
 class BackboneParams(_Strict):

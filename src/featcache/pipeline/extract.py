@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from featcache.extract.backends import build_runner, resolve_autocast, resolve_backend, runner_attrs
 from featcache.extract.engine import ExtractionReport, extract_to_store, resolve_device
 from featcache.extract.malloc import tune_malloc
 from featcache.extract.manifest import Manifest
@@ -13,16 +14,29 @@ from featcache.extract.preprocess import Preprocessor
 from featcache.extract.registry import get_backbone
 from featcache.extract.torch_runner import TorchFeatureExtractor
 from featcache.extract.weights import load_backbone
-from featcache.pipeline.config import Params, extraction_config
+from featcache.pipeline.config import ExtractParams, Params, extraction_config
 
-__all__ = ["extract", "expected_config"]
+__all__ = ["extract", "expected_config", "resolved_choices"]
 
 logger = logging.getLogger(__name__)
 
 
+def resolved_choices(knobs: ExtractParams) -> tuple[str, str, str | None]:
+    """(device, backend, autocast) that ``extract.device/backend/autocast`` (``auto`` included) give here."""
+    device = resolve_device(knobs.device)
+    backend = resolve_backend(knobs.backend, device)
+    return device, backend, resolve_autocast(knobs.autocast, device, backend)
+
+
 def expected_config(params: Params, backbone: str) -> dict:
-    """The extraction config that ``params`` give for ``backbone`` (as stored in its HDF5 file)."""
+    """The extraction config that ``params`` give for ``backbone`` (as stored in its HDF5 file).
+
+    ``auto`` backend and autocast are stored as what they resolve to, so a store
+    says what ran and a store made by another runtime is never resumed or reused.
+    """
     config = extraction_config(params, backbone)
+    _, backend, autocast = resolved_choices(params.extract)
+    config["extract"].update(backend=backend, autocast=autocast or "none")
     config["preprocess"] = Preprocessor.from_spec(get_backbone(backbone), params.extract.resize_mode).config()
     return config
 
@@ -41,6 +55,8 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
         ``manifest.csv`` written by ``prepare``.
     out : path
         The ``.h5`` store to write.
+    progress : bool
+        Log a line per committed block (rows, img/s, ETA) and show a bar on a terminal.
     """
     if backbone not in params.backbones:
         raise ValueError(f"Backbone {backbone!r} is not configured in params.backbones "
@@ -48,36 +64,30 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
     knobs = params.extract
     tune_malloc(knobs.malloc_tuning)
     manifest = Manifest.read(manifest_path)
-    device = resolve_device(knobs.device)
+    device, backend, autocast = resolved_choices(knobs)
     loaded = load_backbone(backbone, params.backbones[backbone].weights)
     preprocess = Preprocessor.from_spec(loaded.spec, knobs.resize_mode, max_image_pixels=knobs.max_image_pixels)
-    autocast = None if knobs.autocast == "none" else knobs.autocast
     config = expected_config(params, backbone)
     attrs = {"backbone": backbone, "weights_id": loaded.weights_id, "weights_sha256": loaded.weights_sha256,
-             "dataset": params.data.name, "backend": knobs.backend, "provider": device}
+             "dataset": params.data.name, **runner_attrs(backend, device, autocast)}
+    logger.info("extract %s: backend %s on %s, %s", backbone, backend, attrs["provider"], attrs["precision"])
     layers = params.backbones[backbone].layers
     if knobs.scheduler != "none":
-        from featcache.extract.distributed import RunnerSpec, extract_distributed
+        from featcache.extract.distributed import RunnerSpec, extract_distributed, local_workers
 
         spec = RunnerSpec(backbone, params.backbones[backbone].weights, tuple(layers), knobs.pooling, device=device,
-                          channels_last=knobs.channels_last, autocast=autocast)
+                          channels_last=knobs.channels_last, autocast=autocast, backend=backend)
         return extract_distributed(manifest, spec, preprocess, out, config=config, attrs=attrs, dtype=knobs.dtype,
                                    block_rows=knobs.block_rows, batch_size=knobs.batch_size, on_error=knobs.on_error,
                                    scheduler_address=None if knobs.scheduler == "local" else knobs.scheduler,
-                                   n_workers=knobs.n_workers, progress=progress,
+                                   n_workers=local_workers(knobs.n_workers, device), progress=progress,
                                    max_bad_fraction=knobs.max_bad_fraction)
-    if knobs.backend == "onnx":
-        from featcache.extract.onnx_runner import OnnxFeatureRunner
-
-        runner = OnnxFeatureRunner.from_model(loaded.model, loaded.spec, layers, pooling=knobs.pooling, device=device)
-        attrs["provider"] = runner.provider
-    else:
-        runner = TorchFeatureExtractor(loaded.model, loaded.spec, layers, pooling=knobs.pooling, device=device,
-                                       channels_last=knobs.channels_last, autocast=autocast)
+    runner, _ = build_runner(loaded.model, loaded.spec, layers, backend=backend, device=device, pooling=knobs.pooling,
+                             channels_last=knobs.channels_last, autocast=autocast)
     workers = None if knobs.num_workers == "auto" else int(knobs.num_workers)
     if isinstance(runner, TorchFeatureExtractor):
         check_batch_memory(runner, preprocess.input_size, knobs.batch_size, device, num_workers=workers)
     return extract_to_store(manifest, runner, preprocess, out, config=config, attrs=attrs, dtype=knobs.dtype,
                             batch_size=knobs.batch_size, num_workers=workers, block_rows=knobs.block_rows,
-                            on_error=knobs.on_error, pin_memory=device == "cuda", progress=progress,
+                            on_error=knobs.on_error, pin_memory=device.startswith("cuda"), progress=progress,
                             max_bad_fraction=knobs.max_bad_fraction)
