@@ -37,12 +37,12 @@ import numpy as np
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "heads"))  # the synthetic store writer shared with the tests
+sys.path.insert(0, str(ROOT / "tests"))  # tests/_support: the synthetic store writer shared with the tests
 
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 from featcache.heads import fit_and_evaluate, make_head  # noqa: E402
-from synth_store import peak_rss, write_store  # noqa: E402
+from _support.blob_store import peak_rss, write_store  # noqa: E402
 
 HEADS = ("logreg", "lightgbm", "mlp")
 

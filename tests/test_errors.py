@@ -11,7 +11,7 @@ import featcache.errors
 from featcache.errors import UserError
 from featcache.extract.engine import ExtractionError
 from featcache.extract.manifest import ManifestError
-from featcache.extract.onnx_runner import OnnxExportError
+from featcache.extract.onnx_export import OnnxExportError
 from featcache.extract.parity import ParityError
 from featcache.extract.registry import UnknownNameError
 from featcache.extract.weights import WeightsNotFoundError

@@ -97,7 +97,7 @@ def test_doctor_on_a_gpu_machine_with_both_onnxruntime_packages(fake_cuda, monke
 def test_pipeline_stores_what_auto_resolved_to(fake_cuda, monkeypatch):
     """The config hash records the resolved backend/precision: auto on CPU == the explicit onnx/none config."""
     from featcache.pipeline.config import parse_params
-    from featcache.pipeline.extract import expected_config, resolved_choices
+    from featcache.pipeline.config import expected_config, resolved_choices
     from featcache.store.schema import canonical_json
 
     auto = parse_params({"extract": {"backend": "auto", "autocast": "auto"}})

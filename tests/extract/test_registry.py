@@ -1,12 +1,19 @@
 """Registry: every backbone and alias against an independent forward-hook reference.
 
 Parametrized from :data:`featcache.extract.registry.BACKBONES`, so a new backbone
-or alias is tested without editing this file. Inputs are random 64x64 images
-(size per backbone: ``_helpers.input_size``), weights are random (seed 0).
+or alias is tested without editing this file. Inputs are random images (size per
+backbone: ``_support.references.input_size``); weights are random (seed 0), then rescaled
+layer by layer on that input so that every activation is of order 1
+(:func:`scale_keeping`). With the constructors' own random init the deep
+GoogLeNet activations vanish (inception_4a..pool5 below 1e-5 at 32 px), and an
+all-zero output would match them; :func:`assert_matches` is relative to the
+reference's scale and refuses a reference that is ~0.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -19,7 +26,9 @@ from featcache.extract.registry import (
 )
 from featcache.extract.torch_runner import TorchFeatureExtractor
 
-from _support.references import assert_close, input_size, mean_pool, random_batch, reference_activations
+from featcache.extract.weights import LoadedBackbone, load_backbone
+
+from _support.references import input_size, mean_pool, random_batch, reference_activations
 
 BACKBONE_NAMES = list(BACKBONES)
 
@@ -44,16 +53,78 @@ ALIAS_CASES = [
 ]
 _REFERENCES: dict[str, dict[str, np.ndarray]] = {}
 
+#: The smallest max |reference| a check may rely on: below it, float noise and an all-zero
+#: output both pass a tolerance, and the check says nothing.
+MIN_SCALE = 0.1
+
+
+def assert_matches(actual: np.ndarray, expected: np.ndarray, rtol: float = 1e-5, what: str = "") -> None:
+    """max |actual - expected| <= rtol * max |expected|, on a reference that is not ~0.
+
+    Relative to the reference's own scale, so an all-zero (or any other wrong)
+    output fails whatever the activations' magnitude; a reference whose largest
+    value is below :data:`MIN_SCALE` is refused as a vacuous check.
+    """
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert np.all(np.isfinite(expected)), f"{what}: reference is not finite"
+    scale = float(np.abs(expected).max())
+    assert scale >= MIN_SCALE, f"{what}: reference max |x| = {scale:.3g} < {MIN_SCALE}: the check would be vacuous"
+    error = float(np.abs(actual - expected).max())
+    assert error <= rtol * scale, f"{what}: max abs error {error:.3g} > {rtol:g} x scale {scale:.3g}"
+
+
+@torch.no_grad()
+def scale_keeping(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Rescale every conv and linear layer in place so its output has unit std on ``x`` (LSUV in one pass).
+
+    A forward hook divides the layer's weight and bias by the std of its output
+    and returns the output divided likewise, which is exactly what the rescaled
+    layer computes; later layers then see the rescaled activations. BatchNorm
+    with its initial running stats is the identity in eval mode, so every
+    activation of the network stays of order 1.
+    """
+
+    def hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        std = float(output.std())
+        module.weight.div_(std)
+        if module.bias is not None:
+            module.bias.div_(std)
+        return output / std
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        model.eval()(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return model
+
+
+@functools.lru_cache(maxsize=None)
+def _scaled_backbone(name: str) -> LoadedBackbone:
+    loaded = load_backbone(name, "random")
+    scale_keeping(loaded.model, random_batch(size=input_size(name)))
+    return loaded
+
 
 @pytest.fixture(scope="module")
-def reference(random_backbone):
+def scaled_backbone():
+    """``scaled_backbone(name)`` -> seed-0 random weights rescaled to order-1 activations (do not modify)."""
+    yield _scaled_backbone
+    _scaled_backbone.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def reference(scaled_backbone):
     """``reference(name)`` -> node -> mean-pooled hook activation, one hooked forward per backbone."""
 
     def get(name: str) -> dict[str, np.ndarray]:
         if name not in _REFERENCES:
             spec = BACKBONES[name]
             nodes = [alias.node for alias in spec.layers.values()]
-            raw = reference_activations(random_backbone(name).model, nodes, random_batch(size=input_size(name)))
+            raw = reference_activations(scaled_backbone(name).model, nodes, random_batch(size=input_size(name)))
             _REFERENCES[name] = {node: mean_pool(value) for node, value in raw.items()}
         return _REFERENCES[name]
 
@@ -190,15 +261,15 @@ def test_raw_node_needs_graph_nodes():
         resolve_layer("resnet18", "layer1.0.co", ["layer1.0.conv1"])
 
 
-def test_raw_graph_node_is_accepted(random_backbone):
-    loaded = random_backbone("vgg16")
+def test_raw_graph_node_is_accepted(scaled_backbone):
+    loaded = scaled_backbone("vgg16")
     extractor = TorchFeatureExtractor(loaded.model, loaded.spec, ["classifier.3"], channels_last=False)
     x = random_batch(size=input_size("vgg16"))
     out = extractor(x)
     assert extractor.layer_names == ["classifier.3"]
     ref = reference_activations(loaded.model, ["classifier.3"], x)["classifier.3"].numpy()
     assert out["classifier.3"].shape == (x.shape[0], 4096)
-    assert_close(out["classifier.3"], ref, what="vgg16 classifier.3")
+    assert_matches(out["classifier.3"], ref, what="vgg16 classifier.3")
     assert (out["classifier.3"] < 0).any(), "pre-ReLU fc7 must have negative values"
     spec_of = {s.alias: s for s in extractor.layer_specs(input_size("vgg16"))}
     assert spec_of["classifier.3"].post_relu is False
@@ -207,9 +278,9 @@ def test_raw_graph_node_is_accepted(random_backbone):
 
 # --------------------------------------------------------- every alias, exact
 @pytest.mark.parametrize("name,alias", ALIAS_CASES)
-def test_alias_matches_forward_hook(name, alias, random_backbone, reference):
+def test_alias_matches_forward_hook(name, alias, scaled_backbone, reference):
     """One alias per extractor (truncated right after it), float32-exact against the hook reference."""
-    loaded = random_backbone(name)
+    loaded = scaled_backbone(name)
     spec = BACKBONES[name]
     layer = spec.layers[alias]
     extractor = TorchFeatureExtractor(loaded.model, spec, [alias], pooling="avg", channels_last=False)
@@ -219,7 +290,7 @@ def test_alias_matches_forward_hook(name, alias, random_backbone, reference):
     features = out[alias]
     assert features.dtype == np.float32
     assert features.shape == (x.shape[0], layer.dim)
-    assert_close(features, reference(name)[layer.node], tol=1e-5, what=f"{name}:{alias}")
+    assert_matches(features, reference(name)[layer.node], rtol=1e-5, what=f"{name}:{alias}")
     # post_relu is a claim about the values: post-ReLU(6) activations are >= 0;
     # linear outputs (fc8, logits, the projection of a block) go negative.
     if layer.post_relu:
@@ -229,16 +300,16 @@ def test_alias_matches_forward_hook(name, alias, random_backbone, reference):
 
 
 @pytest.mark.parametrize("name", BACKBONE_NAMES)
-def test_all_aliases_in_one_pass(name, random_backbone, reference):
+def test_all_aliases_in_one_pass(name, scaled_backbone, reference):
     """Every alias in one extractor: exact values, and the layer specs the store records."""
-    loaded = random_backbone(name)
+    loaded = scaled_backbone(name)
     spec = BACKBONES[name]
     extractor = TorchFeatureExtractor(loaded.model, spec, list(spec.layers), pooling="avg", channels_last=False)
     out = extractor(random_batch(size=input_size(name)))
     assert list(out) == list(spec.layers) == extractor.layer_names
     for alias, layer in spec.layers.items():
         assert out[alias].shape == (2, layer.dim), alias
-        assert_close(out[alias], reference(name)[layer.node], tol=1e-5, what=f"{name}:{alias} (all in one pass)")
+        assert_matches(out[alias], reference(name)[layer.node], rtol=1e-5, what=f"{name}:{alias} (all in one pass)")
     specs = extractor.layer_specs(input_size(name))
     assert [s.alias for s in specs] == list(spec.layers)
     for s in specs:
@@ -252,19 +323,19 @@ def test_all_aliases_in_one_pass(name, random_backbone, reference):
 
 
 @pytest.mark.parametrize("name", BACKBONE_NAMES)
-def test_all_aliases_channels_last(name, random_backbone, reference):
+def test_all_aliases_channels_last(name, scaled_backbone, reference):
     """The default memory format (channels_last) agrees with the reference to float32 noise."""
-    loaded = random_backbone(name)
+    loaded = scaled_backbone(name)
     spec = BACKBONES[name]
     extractor = TorchFeatureExtractor(loaded.model, spec, list(spec.layers), pooling="avg", channels_last=True)
     out = extractor(random_batch(size=input_size(name)))
     for alias, layer in spec.layers.items():
-        assert_close(out[alias], reference(name)[layer.node], tol=1e-4, what=f"{name}:{alias} channels_last")
+        assert_matches(out[alias], reference(name)[layer.node], rtol=1e-4, what=f"{name}:{alias} channels_last")
 
 
 @pytest.mark.parametrize("name", BACKBONE_NAMES)
-def test_default_layer_is_registry_default(name, random_backbone, reference):
-    loaded = random_backbone(name)
+def test_default_layer_is_registry_default(name, scaled_backbone, reference):
+    loaded = scaled_backbone(name)
     spec = BACKBONES[name]
     extractor = TorchFeatureExtractor(loaded.model, spec, ["default"], channels_last=False)
     assert extractor.layer_names == [spec.default_layer]
@@ -272,4 +343,59 @@ def test_default_layer_is_registry_default(name, random_backbone, reference):
     default = spec.layers[spec.default_layer]
     assert list(out) == [spec.default_layer]
     assert out[spec.default_layer].shape == (2, default.dim)
-    assert_close(out[spec.default_layer], reference(name)[default.node], what=f"{name}:default")
+    assert_matches(out[spec.default_layer], reference(name)[default.node], what=f"{name}:default")
+
+
+# ------------------------------------------------------ a wrong node must fail
+def _wrong_nodes(spec: BackboneSpec, model: nn.Module) -> dict[str, str]:
+    """alias -> a neighbouring node of the same shape, to swap the registry entry to.
+
+    Aliases are paired with the nearest later alias of the same dim and kind (the
+    two nodes swap, so the nodes stay unique); an alias left without a partner
+    whose node is a stage of several blocks (``layer3``, ``blocks.5``) gets the
+    stage's last-but-one block, whose output has the stage's shape. Only the
+    values can then tell that the entry is wrong.
+    """
+    wrong: dict[str, str] = {}
+    free = list(spec.layers)
+    while free:
+        alias = free.pop(0)
+        layer = spec.layers[alias]
+        partner = next((o for o in free if (spec.layers[o].dim, spec.layers[o].kind) == (layer.dim, layer.kind)), None)
+        if partner is not None:
+            free.remove(partner)
+            wrong[alias], wrong[partner] = spec.layers[partner].node, layer.node
+    modules = dict(model.named_modules())
+    for alias, layer in spec.layers.items():
+        stage = modules.get(layer.node)
+        if alias not in wrong and isinstance(stage, nn.Sequential) and len(stage) >= 2:
+            wrong[alias] = f"{layer.node}.{len(stage) - 2}"
+    return wrong
+
+
+WRONG_NODE_CASES = [
+    pytest.param(name, id=name, marks=[pytest.mark.slow] if _same_table_as_earlier(name) else [])
+    for name in BACKBONE_NAMES
+]
+
+
+@pytest.mark.parametrize("name", WRONG_NODE_CASES)
+def test_registry_entry_swapped_to_a_neighbouring_node_fails_the_check(name, scaled_backbone, reference,
+                                                                      monkeypatch):
+    """The check above is not vacuous: with aliases moved to neighbouring same-shape nodes, each one fails it."""
+    spec, expected = BACKBONES[name], reference(name)  # the reference of the true registry, before the swap
+    wrong = _wrong_nodes(spec, scaled_backbone(name).model)
+    assert len(wrong) >= 2, f"{name}: too few aliases with a same-shape neighbour: {wrong}"
+    layers = {alias: dataclasses.replace(layer, node=wrong.get(alias, layer.node)) for alias, layer in spec.layers.items()}
+    monkeypatch.setitem(BACKBONES, name, dataclasses.replace(spec, layers=layers))
+    extractor = TorchFeatureExtractor(scaled_backbone(name).model, BACKBONES[name], list(wrong), pooling="avg",
+                                      channels_last=False)
+    out = extractor(random_batch(size=input_size(name)))
+    for alias in wrong:
+        assert out[alias].shape == (2, spec.layers[alias].dim), (alias, wrong[alias])
+        with pytest.raises(AssertionError, match="max abs error"):
+            assert_matches(out[alias], expected[spec.layers[alias].node], what=f"{name}:{alias} moved to {wrong[alias]}")
+    # ... and an all-zero output fails it for every alias.
+    for alias, layer in spec.layers.items():
+        with pytest.raises(AssertionError, match="max abs error"):
+            assert_matches(np.zeros_like(expected[layer.node]), expected[layer.node], what=alias)

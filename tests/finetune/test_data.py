@@ -68,27 +68,26 @@ def test_a_bug_in_augmentation_raises_instead_of_passing_as_a_bad_image(manifest
         finetune(manifest_with_bad_images, LITE, "pretrained", _config(random_resized_crop=True))
 
 
-@pytest.mark.xfail(strict=True, reason="fixed on branch engine: extract/data.py makes reasons of decode errors only")
 def test_a_bug_in_preprocessing_raises_instead_of_passing_as_a_bad_image(manifest_with_bad_images: Manifest,
                                                                          monkeypatch: pytest.MonkeyPatch):
     def broken(self: Preprocessor, image: Image.Image) -> torch.Tensor:
         raise RuntimeError("preprocessing bug")
 
-    monkeypatch.setattr(Preprocessor, "__call__", broken)
+    monkeypatch.setattr(Preprocessor, "pixels", broken)
     with pytest.raises(RuntimeError, match="preprocessing bug"):
         finetune(manifest_with_bad_images, LITE, "pretrained", _config())
 
 
 def test_train_view_is_the_test_view_without_augmentation():
     pre = Preprocessor.from_spec(get_backbone(LITE), input_size=SIZE)
-    view = torch.randn(3, SIZE, SIZE)
+    view = torch.randint(0, 256, (3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(ft_data.TrainTransform(pre, False, (0.5, 1.0), False)(view), view)
     flipped = ft_data.TrainTransform(pre, False, (0.5, 1.0), True)
     torch.manual_seed(0)
     outs = [flipped(view) for _ in range(16)]
     assert any(torch.equal(o, view) for o in outs) and any(torch.equal(o, view.flip(2)) for o in outs)
     cropped = ft_data.TrainTransform(pre, True, (0.3, 0.5), False)(view)
-    assert cropped.shape == view.shape and not torch.equal(cropped, view)
+    assert cropped.shape == view.shape and cropped.dtype == torch.uint8 and not torch.equal(cropped, view)
 
 
 def test_frozen_finetuning_scores_clearly_above_chance(tmp_path: Path):

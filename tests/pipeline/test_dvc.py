@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -31,19 +32,29 @@ def _stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
-@pytest.fixture(scope="module")
-def dvc_project(tmp_path_factory: pytest.TempPathFactory, folder_factory, params_factory) -> Path:
-    root = tmp_path_factory.mktemp("dvcproj")
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+def new_project(root: Path) -> Path:
+    """A fresh git + DVC repo holding the project's own pipeline files (as a clone would)."""
+    for name in ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(REPO / name, root / name)
     # Stage deps name the package sources by repo path: give the scratch repo the same tree.
     shutil.copytree(REPO / "src" / "featcache", root / "src" / "featcache",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    folder_factory(root / "data" / "tiny", per_class=8)
-    params = params_factory("data/tiny")
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], root)
     _run(["dvc", "init", "-q"], root)
-    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")  # the bar_ci template
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")  # the ci_points template
+    # The optional fine-tuning pipeline, a DVC subrepo (its own .dvc/), as committed.
+    shutil.copytree(REPO / "finetune", root / "finetune", symlinks=True,
+                    ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory: pytest.TempPathFactory, folder_factory, params_factory) -> Path:
+    root = new_project(tmp_path_factory.mktemp("dvcproj"))
+    folder_factory(root / "data" / "tiny", per_class=8)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params.update(params_factory("data/tiny"))  # fast knobs; the finetune section stays as shipped
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 
 
@@ -54,12 +65,31 @@ def test_repro_runs_every_stage_then_nothing(dvc_project: Path):
     assert sum(name.startswith("train@") for name in stages) == 6
     table = (dvc_project / "reports" / "compare.md").read_text()
     assert table.count("| efficientnet_lite0 |") == 6
-    _run(["dvc", "plots", "show", "-o", "plots_html"], dvc_project)
+    shown = _run(["dvc", "plots", "show", "-o", "plots_html"], dvc_project)
+    assert "failed to load" not in shown.lower(), shown  # the fine-tune pipeline's plots are not collected
     html = (dvc_project / "plots_html" / "index.html").read_text()
-    assert "errorbar" in html and "ci_high" in html  # the comparison bar chart carries its CIs
+    assert "ci_high" in html and "metric_title" in html  # the comparison chart: CIs, axis named by the metric
     second = _run(["dvc", "repro"], dvc_project)
     assert _stages_run(second) == set()
-    assert "up to date" in _run(["dvc", "status"], dvc_project)
+    # The optional fine-tune pipeline (never run here) does not make the main one look out of date.
+    assert (dvc_project / "finetune" / "dvc.yaml").is_file()
+    assert _run(["dvc", "status"], dvc_project).strip() == "Data and pipelines are up to date."
+
+
+def test_metrics_hold_numbers_only_and_git_keeps_them(dvc_project: Path):
+    def leaves(tree):
+        return [leaf for value in tree.values() for leaf in (leaves(value) if isinstance(value, dict) else [value])]
+
+    files = sorted((dvc_project / "metrics").rglob("*.json"))
+    metrics = [path for path in files if not path.name.endswith(".run.json")]
+    assert len(metrics) == 6 and len(files) == 12  # one sidecar per run
+    for path in metrics:
+        values = leaves(json.loads(path.read_text()))
+        assert values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values), path
+    outputs = ["metrics/tiny/efficientnet_lite0/pool/logreg.json", "reports/compare.md",
+               "plots/compare/tiny.csv", "plots/predictions/tiny/efficientnet_lite0/pool/logreg.csv"]
+    ignored = subprocess.run(["git", "check-ignore", *outputs], cwd=dvc_project, capture_output=True, text=True)
+    assert ignored.stdout == "", f"git ignores cache: false outputs: {ignored.stdout}"
 
 
 def test_changing_one_image_reruns_prepare_extract_and_downstream(dvc_project: Path):
@@ -74,9 +104,19 @@ def test_exp_run_on_a_head_param_reruns_only_that_head(dvc_project: Path):
     _run(["dvc", "repro"], dvc_project)
     _run(["git", "add", "-A"], dvc_project)
     _run(["git", "commit", "-qm", "baseline"], dvc_project)
-    output = _run(["dvc", "exp", "run", "-S", "heads.logreg.refine=true"], dvc_project)
+    output = _run(["dvc", "exp", "run", "-S", "heads.logreg.Cs=[0.0001]"], dvc_project)
     stages = _stages_run(output)
     assert stages, output
     assert all(name.endswith("-logreg") or name == "compare" for name in stages), stages
     assert sum(name.endswith("-logreg") for name in stages) == 2
     assert "compare" in stages
+    # `dvc metrics diff` compares the workspace with the last commit: numeric deltas for the changed runs.
+    diff = json.loads(_run(["dvc", "metrics", "diff", "HEAD", "--json"], dvc_project))
+    for layer in ("pool", "block6"):
+        changed = diff[f"metrics/tiny/efficientnet_lite0/{layer}/logreg.json"]
+        log_loss = changed[f"efficientnet_lite0.{layer}.logreg.log_loss"]
+        assert isinstance(log_loss["diff"], float) and log_loss["diff"] != 0, changed
+    # `dvc exp show` columns read <backbone>.<layer>.<head>.<score>, not file paths.
+    header = _run(["dvc", "exp", "show", "--csv", "--only-changed"], dvc_project).splitlines()[0].split(",")
+    assert "efficientnet_lite0.pool.logreg.log_loss" in header, header
+    assert not any(column.endswith(".json:accuracy") for column in header), header

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from featcache.pipeline import compare, extract, parse_params, prepare, train
+from featcache.runs import read_run
 from featcache.store import FeatureStore, StaleStoreError
 
 
@@ -59,7 +60,11 @@ def test_every_head_learns_the_colours(pipeline_run):
 
 def test_outputs_on_disk(pipeline_run):
     root = pipeline_run["root"]
-    metrics = json.loads((root / "metrics" / "pool" / "logreg.json").read_text())
+    scores = json.loads((root / "metrics" / "pool" / "logreg.json").read_text())
+    assert scores == {"efficientnet_lite0": {"pool": {"logreg": {key: pipeline_run["runs"][("pool", "logreg")][key]
+                      for key in ("accuracy", "balanced_accuracy", "macro_f1", "log_loss")}}}}  # numbers only
+    metrics = read_run(root / "metrics" / "pool" / "logreg.json")
+    assert metrics == pipeline_run["runs"][("pool", "logreg")]
     assert metrics["backbone"] == "efficientnet_lite0" and metrics["n_features"] == 1280
     confusion = (root / "plots" / "pool" / "logreg.csv").read_text().splitlines()
     assert confusion[0] == "actual,predicted" and len(confusion) == 1 + metrics["n_test"]
@@ -97,7 +102,7 @@ def test_predict_scores_a_store_and_new_images(pipeline_run, tmp_path):
     with FeatureStore(pipeline_run["store"]) as store:
         truth = [store.classes[k] for k in store.labels("test")]
     accuracy = np.mean([row["prediction"] == t for row, t in zip(rows, truth)])
-    metrics = json.loads((root / "metrics" / "pool" / "logreg.json").read_text())
+    metrics = read_run(root / "metrics" / "pool" / "logreg.json")
     assert accuracy == pytest.approx(metrics["accuracy"])
     images = sorted((root / "images" / "green").glob("*.png"))[:3]
     (tmp_path / "bad.png").write_bytes(b"not an image")

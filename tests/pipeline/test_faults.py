@@ -35,6 +35,7 @@ from PIL import Image
 from featcache.extract.engine import ExtractionError
 from featcache.extract.manifest import ManifestError
 from featcache.pipeline import parse_params, prepare
+from featcache.runs import read_run
 from featcache.store import FeatureStore, StaleStoreError
 
 BACKBONE = "efficientnet_lite0"
@@ -223,7 +224,7 @@ def reference_train(reference, project) -> dict[str, Any]:
     root = project["root"]
     train(parse_params(project["raw"]), reference, BACKBONE, "pool", "mlp", root / "metrics" / "reference.json",
           model_dir=root / "models" / "reference", predictions_path=root / "plots" / "reference.csv")
-    return {"metrics": json.loads((root / "metrics" / "reference.json").read_text()),
+    return {"metrics": read_run(root / "metrics" / "reference.json"),
             "predictions": _md5(root / "plots" / "reference.csv"),
             "model": _tree_md5(root / "models" / "reference")}
 
@@ -244,7 +245,7 @@ def test_train_killed_during_the_fit_then_rerun_gives_identical_outputs(referenc
 
     rerun = _run(_cli(*_train_args("killed")), root)
     assert rerun.returncode == 0, rerun.stderr
-    metrics = json.loads((root / "metrics" / "killed.json").read_text())
+    metrics = read_run(root / "metrics" / "killed.json")
     assert _without_timing(metrics) == _without_timing(reference_train["metrics"])
     assert _md5(root / "plots" / "killed.csv") == reference_train["predictions"]
     assert _tree_md5(root / "models" / "killed") == reference_train["model"]

@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 import yaml
 
+import featcache.extract.onnx_export as onnx_export
+from featcache.extract.onnx_cache import default_cache_dir, file_sha256_hex
 from featcache.pipeline import extract, parse_params, prepare
 from featcache.pipeline.cli import main
 from featcache.store import FeatureStore
@@ -26,6 +28,34 @@ def test_onnx_backend_matches_torch_backend(tmp_path, folder_factory, params_fac
         assert ref.attrs["backend"] == "torch"
         assert ref.config_sha256 != got.config_sha256  # a different backend is a different config
         np.testing.assert_allclose(got.read("pool"), ref.read("pool"), atol=2e-3, rtol=2e-3)
+        assert "onnx_sha256" not in ref.attrs
+        onnx_sha256 = got.attrs["onnx_sha256"]
+    # the export is cached (tests/conftest.py points FEATCACHE_CACHE_DIR at a session folder)
+    entries = list(default_cache_dir().glob("efficientnet_lite0-*.onnx"))
+    assert onnx_sha256 in [file_sha256_hex(entry) for entry in entries]
+
+
+def test_second_onnx_extraction_does_not_export(tmp_path, folder_factory, params_factory, monkeypatch):
+    raw = params_factory(str(folder_factory(tmp_path / "images", per_class=2)))
+    raw["backbones"]["efficientnet_lite0"]["layers"] = ["pool"]
+    raw["features"] = [{"backbone": "efficientnet_lite0", "layer": "pool"}]
+    raw["extract"].update(backend="onnx", onnx_cache=str(tmp_path / "cache"))
+    params = parse_params(raw)
+    prepare(params, tmp_path / "prepared")
+    manifest = tmp_path / "prepared" / "manifest.csv"
+    extract(params, "efficientnet_lite0", manifest, tmp_path / "first.h5", progress=False)
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", no_export)
+    extract(params, "efficientnet_lite0", manifest, tmp_path / "second.h5", progress=False)
+    with FeatureStore(tmp_path / "first.h5") as first, FeatureStore(tmp_path / "second.h5") as second:
+        sha = first.attrs["onnx_sha256"]
+        assert second.attrs["onnx_sha256"] == sha
+        np.testing.assert_array_equal(first.read("pool"), second.read("pool"))
+    [entry] = (tmp_path / "cache").glob("*.onnx")
+    assert file_sha256_hex(entry) == sha
 
 
 def test_export_and_parity_commands(tmp_path, capsys):

@@ -1,15 +1,50 @@
-"""Regression end to end: a CSV manifest with continuous targets -> ridge, LightGBM, MLP."""
+"""Regression end to end: a CSV manifest with continuous targets -> ridge, LightGBM, MLP.
+
+The heads run with the shipped ``params.yaml``'s ``heads`` section unchanged: one
+file serves both tasks, and the report names each head as what it is.
+"""
 
 from __future__ import annotations
 
-import json
+import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
+from featcache.heads import LogisticRegressionHead, RidgeHead
+from featcache.heads.registry import head_label, make_head, task_params
 from featcache.pipeline import compare, extract, parse_params, prepare, train
+from featcache.pipeline.config import ConfigError
+from featcache.runs import read_run
 from featcache.store import FeatureStore
+
+SHIPPED = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
+
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_shipped_params_validate_for_both_tasks(task):
+    raw = copy.deepcopy(SHIPPED)
+    raw["data"]["task"] = task
+    params = parse_params(raw)
+    linear = make_head("logreg", task, task_params("logreg", task, params.heads["logreg"]))
+    assert type(linear) is {"classification": LogisticRegressionHead, "regression": RidgeHead}[task]
+    assert linear.refine is True
+    if task == "classification":
+        assert linear.max_iter == SHIPPED["heads"]["logreg"]["max_iter"]  # the twin that takes it gets it
+    assert head_label("logreg", task) == {"classification": "logreg", "regression": "ridge"}[task]
+    for name in SHIPPED["train"]["heads"]:
+        make_head(name, task, task_params(name, task, params.heads.get(name, {})))
+
+
+def test_a_key_no_twin_takes_still_fails():
+    raw = copy.deepcopy(SHIPPED)
+    raw["data"]["task"] = "regression"
+    raw["heads"]["logreg"]["max_iters"] = 5
+    with pytest.raises(ConfigError, match=r"unknown parameter 'max_iters' for head 'logreg' \(RidgeHead"):
+        parse_params(raw)
 
 
 def test_csv_regression_pipeline(tmp_path, params_factory):
@@ -26,7 +61,7 @@ def test_csv_regression_pipeline(tmp_path, params_factory):
     raw = params_factory(str(images))
     raw["data"].update(source="csv", csv="targets.csv", task="regression")
     raw["backbones"]["efficientnet_lite0"]["layers"] = ["pool"]
-    raw["heads"]["logreg"] = {"refine": False}  # the ridge twin takes alphas, not Cs
+    raw["heads"] = copy.deepcopy(SHIPPED["heads"])  # logreg's max_iter is the logistic twin's only
     raw["features"] = [{"backbone": "efficientnet_lite0", "layer": "pool"}]
     params = parse_params(raw)
     manifest = prepare(params, tmp_path / "prepared")
@@ -41,9 +76,13 @@ def test_csv_regression_pipeline(tmp_path, params_factory):
                         predictions_path=tmp_path / "plots" / f"{head}.csv")
         assert {"rmse", "mae", "r2", "ci"} <= set(metrics)
         assert metrics["task"] == "regression"
-    ridge = json.loads((tmp_path / "metrics" / "logreg.json").read_text())
+    ridge = read_run(tmp_path / "metrics" / "logreg.json")
     assert ridge["r2"] > 0.5, ridge
-    ranked = compare(tmp_path / "metrics", tmp_path / "reports")
+    assert ridge["head"] == "logreg" and ridge["label"] == "ridge"
+    ranked = compare(tmp_path / "metrics", tmp_path / "reports", plot_path=tmp_path / "plots" / "compare.csv")
     rmses = [run["rmse"] for run in ranked]
     assert rmses == sorted(rmses)
-    assert "rmse" in (tmp_path / "reports" / "compare.md").read_text()
+    report = (tmp_path / "reports" / "compare.md").read_text()
+    assert "rmse" in report
+    assert "| pool | ridge |" in report and "logreg" not in report  # named as what it is
+    assert "efficientnet_lite0/pool/ridge,rmse," in (tmp_path / "plots" / "compare.csv").read_text()

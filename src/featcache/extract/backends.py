@@ -153,7 +153,8 @@ def runner_attrs(backend: str, device: str, autocast: str | None) -> dict[str, s
 
 def build_runner(model: Any, spec: Any, layers: Sequence[str], *, backend: str = "auto", device: str = "cpu",
                  pooling: str = "avg", channels_last: bool = True, autocast: str | None = "auto",
-                 input_size: int | None = None, intra_op_threads: int | None = None) -> tuple[Any, dict[str, str]]:
+                 input_size: int | None = None, intra_op_threads: int | None = None,
+                 onnx_cache: str | None = None) -> tuple[Any, dict[str, str]]:
     """Build the feature runner that ``backend``/``autocast`` resolve to on ``device``.
 
     Parameters
@@ -172,6 +173,8 @@ def build_runner(model: Any, spec: Any, layers: Sequence[str], *, backend: str =
         ONNX only: the exported input side (default: the registry's).
     intra_op_threads : int, optional
         ONNX only: threads of one operator.
+    onnx_cache : str, optional
+        ONNX only: the export cache (``extract.onnx_cache``: ``auto``, ``none`` or a folder).
 
     Returns
     -------
@@ -190,8 +193,9 @@ def build_runner(model: Any, spec: Any, layers: Sequence[str], *, backend: str =
     if backend == "onnx":
         from featcache.extract.onnx_runner import OnnxFeatureRunner
 
+        extra = {} if onnx_cache is None else {"cache_dir": onnx_cache}
         runner = OnnxFeatureRunner.from_model(model, spec, layers, pooling=pooling, device=device,
-                                              input_size=input_size, intra_op_threads=intra_op_threads)
+                                              input_size=input_size, intra_op_threads=intra_op_threads, **extra)
         if _is_cuda(device) and runner.provider != _CUDA_PROVIDER:
             from featcache.extract.engine import ExtractionError
 
@@ -205,7 +209,10 @@ def build_runner(model: Any, spec: Any, layers: Sequence[str], *, backend: str =
 
         runner = TorchFeatureExtractor(model, spec, layers, pooling=pooling, device=device,
                                        channels_last=channels_last, autocast=autocast)
-    return runner, runner_attrs(backend, device, autocast)
+    attrs = runner_attrs(backend, device, autocast)
+    if getattr(runner, "onnx_sha256", None):
+        attrs["onnx_sha256"] = runner.onnx_sha256
+    return runner, attrs
 
 
 def _gpu_decoder_line(cuda: bool) -> str:

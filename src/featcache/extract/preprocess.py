@@ -20,15 +20,15 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
 
 from featcache.extract.registry import BackboneSpec
+
+if TYPE_CHECKING:  # torch and torchvision are imported on first use: params checks and configs stay cheap
+    import torch
 
 __all__ = ["Preprocessor", "load_rgb", "to_rgb", "RESIZE_MODES", "DEFAULT_MAX_IMAGE_PIXELS", "ImageTooLargeError",
            "MAX_PARAM", "MAX_INTERMEDIATE_FACTOR"]
@@ -55,13 +55,6 @@ MAX_INTERMEDIATE_FACTOR = _MAX_INTERMEDIATE_FACTOR  # public name (extract.image
 
 #: ``crop``: resize the shorter side then center-crop; ``squash``: resize to the square input.
 RESIZE_MODES = ("crop", "squash")
-
-_INTERPOLATIONS = {
-    "bilinear": InterpolationMode.BILINEAR,
-    "bicubic": InterpolationMode.BICUBIC,
-    "nearest": InterpolationMode.NEAREST,
-}
-
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB.
@@ -350,6 +343,9 @@ class Preprocessor:
         torch.Tensor
             float32, same shape and device.
         """
+        import torch
+        from torchvision.transforms import functional as TF
+
         if images.dtype != torch.uint8:
             raise TypeError(f"normalize_batch takes uint8 pixels (from Preprocessor.pixels or a loader), got "
                             f"{images.dtype}. Hint: a float tensor is probably normalised already.")
@@ -363,7 +359,10 @@ class Preprocessor:
         torch.Tensor
             uint8 tensor of shape (3, input_size, input_size); :meth:`normalize_batch` makes it the input.
         """
-        interpolation = _INTERPOLATIONS[self.interpolation]
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        interpolation = InterpolationMode(self.interpolation)
         if self.resize_mode == "squash":
             image = TF.resize(image, [self.input_size, self.input_size], interpolation=interpolation)
         else:

@@ -1,17 +1,19 @@
 """Fine-tuning data: manifest rows through :class:`~featcache.extract.data.ImageDataset`.
 
-Images are decoded and preprocessed exactly as for extraction (the same
+Images are decoded, resized and cropped exactly as for extraction (the same
 :class:`~featcache.extract.preprocess.Preprocessor`: resize rule, aspect-ratio
-guard, normalisation). Training adds augmentation on top of that test-time
-view (:class:`TrainTransform`: a random-resized crop of the view, resized back
-to the input side, and an optional horizontal flip), so there is one resize
-rule in the code base.
+guard; uint8 pixels from the loader, normalised per batch with
+:meth:`~featcache.extract.preprocess.Preprocessor.normalize_batch`). Training
+adds augmentation on top of that test-time view (:class:`TrainTransform`: a
+random-resized crop of the view, resized back to the input side, and an
+optional horizontal flip), so there is one resize rule in the code base.
 
 An image that cannot be decoded is reported, never silently dropped: its id
 and the reason (:func:`~featcache.extract.data.describe_error`, as stored in a
 feature file's ``/errors``) land in :class:`BadImages`, which the fine-tune
-result and the stage's metrics carry. A bug raised by the augmentation itself
-raises (it runs in the collate step, outside the decoder's error handling).
+result and the stage's metrics carry. Only decode errors become reasons: a bug
+in preprocessing (:class:`~featcache.extract.data.ImageDataset`) or in the
+augmentation (the collate step) raises.
 """
 
 from __future__ import annotations
@@ -36,10 +38,10 @@ logger = logging.getLogger(__name__)
 class TrainTransform:
     """Augment a test-time view: a random-resized crop of it (back to its side) and an optional flip.
 
-    Applied to the (3, S, S) tensors the test-time
-    :class:`~featcache.extract.preprocess.Preprocessor` makes, in the loader's
-    collate step (:class:`AugmentingCollate`), so decoding stays exactly as in
-    extraction and an augmentation bug raises instead of passing as a bad image.
+    Applied to the uint8 (3, S, S) views that
+    :meth:`~featcache.extract.preprocess.Preprocessor.pixels` makes, in the
+    loader's collate step (:class:`AugmentingCollate`), so decoding stays exactly
+    as in extraction and an augmentation bug raises instead of passing as a bad image.
 
     Parameters
     ----------
@@ -60,7 +62,7 @@ class TrainTransform:
         self.hflip = hflip
 
     def __call__(self, view: torch.Tensor) -> torch.Tensor:
-        """(3, S, S) normalised view -> (3, S, S) augmented view."""
+        """uint8 (3, S, S) view -> uint8 (3, S, S) augmented view."""
         if self.crop is not None:
             view = self.crop(view)
         if self.hflip and torch.rand(()) < 0.5:
@@ -109,14 +111,15 @@ class BadImages:
 
 
 class ReadableBatches:
-    """Batches ``(rows (B,), images (B, 3, S, S), targets (B,))`` of the readable rows of a loader.
+    """Batches ``(rows (B,), images (B, 3, S, S) float32, targets (B,))`` of the readable rows of a loader.
 
     Rows whose image failed to decode are dropped from the batch and recorded
-    in ``bad``; a batch with no readable row is skipped.
+    in ``bad``; a batch with no readable row is skipped. The uint8 pixels are
+    normalised with ``pre`` (as the extraction engine does).
     """
 
-    def __init__(self, loader: DataLoader, targets: np.ndarray, bad: BadImages) -> None:
-        self.loader, self.targets, self.bad = loader, targets, bad
+    def __init__(self, loader: DataLoader, targets: np.ndarray, bad: BadImages, pre: Preprocessor) -> None:
+        self.loader, self.targets, self.bad, self.pre = loader, targets, bad, pre
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -131,7 +134,7 @@ class ReadableBatches:
                 continue
             keep = torch.tensor(ok)
             rows = rows[keep]
-            yield rows, images[keep], torch.as_tensor(self.targets[rows.numpy()])
+            yield rows, self.pre.normalize_batch(images[keep]), torch.as_tensor(self.targets[rows.numpy()])
 
 
 def train_batches(manifest: Manifest, rows: np.ndarray, targets: np.ndarray, pre: Preprocessor,
@@ -147,11 +150,11 @@ def train_batches(manifest: Manifest, rows: np.ndarray, targets: np.ndarray, pre
     loader = DataLoader(ImageDataset(manifest, pre), batch_size=batch_size, num_workers=workers,
                         sampler=SubsetRandomSampler([int(r) for r in rows], generator=generator),
                         collate_fn=AugmentingCollate(augment), drop_last=lonely, persistent_workers=False)
-    return ReadableBatches(loader, targets, bad)
+    return ReadableBatches(loader, targets, bad, pre)
 
 
 def eval_batches(manifest: Manifest, rows: np.ndarray, targets: np.ndarray, pre: Preprocessor, bad: BadImages,
                  batch_size: int, workers: int) -> ReadableBatches:
     """Batches of ``rows`` in order, preprocessed as at test time (no augmentation)."""
     loader = make_loader(ImageDataset(manifest, pre), [int(r) for r in rows], batch_size, workers)
-    return ReadableBatches(loader, targets, bad)
+    return ReadableBatches(loader, targets, bad, pre)

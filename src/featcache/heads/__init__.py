@@ -13,52 +13,21 @@ pickle with :func:`save_head` / :func:`load_head`.
 
 from __future__ import annotations
 
-from .boosting import LightGBMHead, LightGBMRegressorHead
-from .evaluate import RunResult, fit_and_evaluate
-from .linear import LogisticRegressionHead, RidgeHead
-from .metrics import (
-    bootstrap_ci,
-    classification_metrics,
-    confusion_rows,
-    log_loss_score,
-    metrics_with_ci,
-    regression_metrics,
-)
-from .mlp import MLPHead, MLPRegressorHead
-from .out_of_core import (
-    StreamingLogisticHead,
-    StreamingMLPHead,
-    StreamingMLPRegressorHead,
-    StreamingRidgeHead,
-    fit_lightgbm_dask,
-)
-from .persistence import load_head, save_head
-from .registry import HEADS, head_class, head_names, make_head
+from featcache.lazy import lazy_exports
 
-__all__ = [
-    "HEADS",
-    "LightGBMHead",
-    "LightGBMRegressorHead",
-    "LogisticRegressionHead",
-    "MLPHead",
-    "MLPRegressorHead",
-    "RidgeHead",
-    "RunResult",
-    "StreamingLogisticHead",
-    "StreamingMLPHead",
-    "StreamingMLPRegressorHead",
-    "StreamingRidgeHead",
-    "bootstrap_ci",
-    "classification_metrics",
-    "confusion_rows",
-    "fit_and_evaluate",
-    "fit_lightgbm_dask",
-    "head_class",
-    "head_names",
-    "load_head",
-    "log_loss_score",
-    "make_head",
-    "metrics_with_ci",
-    "regression_metrics",
-    "save_head",
-]
+#: Public name -> the submodule that defines it; imported on first use (PEP 562), so
+#: ``import featcache.heads`` loads no head module, and a head loads only its own library.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(["LightGBMHead", "LightGBMRegressorHead"], "boosting"),
+    **dict.fromkeys(["RunResult", "fit_and_evaluate"], "evaluate"),
+    **dict.fromkeys(["LogisticRegressionHead", "RidgeHead"], "linear"),
+    **dict.fromkeys(["bootstrap_ci", "classification_metrics", "confusion_rows", "log_loss_score", "metrics_with_ci",
+                     "regression_metrics"], "metrics"),
+    **dict.fromkeys(["MLPHead", "MLPRegressorHead"], "mlp"),
+    **dict.fromkeys(["StreamingLogisticHead", "StreamingMLPHead", "StreamingMLPRegressorHead", "StreamingRidgeHead",
+                     "fit_lightgbm_dask"], "out_of_core"),
+    **dict.fromkeys(["load_head", "save_head"], "persistence"),
+    **dict.fromkeys(["HEADS", "head_class", "head_names", "make_head"], "registry"),
+}
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

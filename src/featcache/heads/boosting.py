@@ -17,7 +17,6 @@ import logging
 import time
 from typing import Any
 
-import lightgbm
 import numpy as np
 from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
@@ -42,8 +41,11 @@ log = logging.getLogger(__name__)
 AUTO_COLUMNS = 200
 """Columns per tree of ``colsample_bytree=None``: the fraction min(1, max(0.1, 200 / D))."""
 
-# lightgbm 4.7 deprecates ``eval_set`` in favour of ``eval_X``/``eval_y``
-_HAS_EVAL_XY = "eval_X" in inspect.signature(lightgbm.LGBMModel.fit).parameters
+
+
+def _has_eval_xy(lightgbm: Any) -> bool:
+    """Whether ``LGBMModel.fit`` takes ``eval_X``/``eval_y`` (lightgbm 4.7 deprecates ``eval_set``)."""
+    return "eval_X" in inspect.signature(lightgbm.LGBMModel.fit).parameters
 
 
 class LightGBMBase(HeadBase):
@@ -98,12 +100,14 @@ class LightGBMBase(HeadBase):
             self.scaler_, self.pca_, X_fit = fit_preprocess(X_fit, self.pca_components, self.random_state)
             X_sel = apply_preprocess(X_sel, self.scaler_, self.pca_)
             params["colsample_bytree"] = self._colsample(X_fit.shape[1])
+        import lightgbm  # on first fit: building or checking a head does not load it
+
         model_cls = lightgbm.LGBMClassifier if self._classification else lightgbm.LGBMRegressor
         model = model_cls(**params)
         callbacks = []
         if self.early_stopping_rounds:
             callbacks.append(lightgbm.early_stopping(self.early_stopping_rounds, verbose=False))
-        if _HAS_EVAL_XY:
+        if _has_eval_xy(lightgbm):
             eval_kwargs: dict[str, Any] = {"eval_X": (X_sel,), "eval_y": (y_sel,)}
         else:  # lightgbm < 4.7
             eval_kwargs = {"eval_set": [(X_sel, y_sel)]}
@@ -203,35 +207,13 @@ class LightGBMHead(ClassifierMixin, LightGBMBase):
         random_state: int | None = 0,
         n_jobs: int = 2,
     ) -> None:
-        self.n_estimators = n_estimators
-        self.learning_rate = learning_rate
-        self.num_leaves = num_leaves
-        self.min_child_samples = min_child_samples
-        self.colsample_bytree = colsample_bytree
-        self.subsample = subsample
-        self.reg_lambda = reg_lambda
-        self.max_bin = max_bin
-        self.early_stopping_rounds = early_stopping_rounds
-        self.validation_fraction = validation_fraction
-        self.pca_components = pca_components
-        self.n_classes = n_classes
-        self.random_state = random_state
-        self.n_jobs = n_jobs
+        self._store_init_params(locals())
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> LightGBMHead:
         """Boost on train, early-stopping on val.
 
-        Parameters
-        ----------
-        X : array-like of shape (n_train, D)
-        y : array-like of shape (n_train,)
-            Integer class indices 0..K-1.
-        X_val : array-like of shape (n_val, D), optional
-        y_val : array-like of shape (n_val,), optional
-
-        Returns
-        -------
-        self
+        X (n_train, D), y (n_train,), X_val (n_val, D) and y_val (n_val,) as in
+        :meth:`~featcache.heads.base.HeadBase.fit`; returns ``self``.
         """
         start = time.perf_counter()
         split = prepare_fit(
@@ -308,33 +290,13 @@ class LightGBMRegressorHead(RegressorMixin, LightGBMBase):
         random_state: int | None = 0,
         n_jobs: int = 2,
     ) -> None:
-        self.n_estimators = n_estimators
-        self.learning_rate = learning_rate
-        self.num_leaves = num_leaves
-        self.min_child_samples = min_child_samples
-        self.colsample_bytree = colsample_bytree
-        self.subsample = subsample
-        self.reg_lambda = reg_lambda
-        self.max_bin = max_bin
-        self.early_stopping_rounds = early_stopping_rounds
-        self.validation_fraction = validation_fraction
-        self.pca_components = pca_components
-        self.random_state = random_state
-        self.n_jobs = n_jobs
+        self._store_init_params(locals())
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> LightGBMRegressorHead:
         """Boost on train, early-stopping on val RMSE (L2).
 
-        Parameters
-        ----------
-        X : array-like of shape (n_train, D)
-        y : array-like of shape (n_train,)
-        X_val : array-like of shape (n_val, D), optional
-        y_val : array-like of shape (n_val,), optional
-
-        Returns
-        -------
-        self
+        X (n_train, D), y (n_train,), X_val (n_val, D) and y_val (n_val,) as in
+        :meth:`~featcache.heads.base.HeadBase.fit`; returns ``self``.
         """
         start = time.perf_counter()
         split = prepare_fit(

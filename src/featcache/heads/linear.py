@@ -188,18 +188,7 @@ class LogisticRegressionHead(ClassifierMixin, HeadBase):
         random_state: int | None = 0,
         n_jobs: int | None = 1,
     ) -> None:
-        self.Cs = Cs
-        self.refine = refine
-        self.refine_points = refine_points
-        self.max_iter = max_iter
-        self.tol = tol
-        self.refit_on_trainval = refit_on_trainval
-        self.validation_fraction = validation_fraction
-        self.cv_folds = cv_folds
-        self.pca_components = pca_components
-        self.n_classes = n_classes
-        self.random_state = random_state
-        self.n_jobs = n_jobs
+        self._store_init_params(locals())
 
     def _model(self, C: float, warm_start: bool) -> LogisticRegression:
         return LogisticRegression(
@@ -245,17 +234,8 @@ class LogisticRegressionHead(ClassifierMixin, HeadBase):
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> LogisticRegressionHead:
         """Choose C on the validation split (or hold-out, or k folds), then refit.
 
-        Parameters
-        ----------
-        X : array-like of shape (n_train, D)
-        y : array-like of shape (n_train,)
-            Integer class indices 0..K-1.
-        X_val : array-like of shape (n_val, D), optional
-        y_val : array-like of shape (n_val,), optional
-
-        Returns
-        -------
-        self
+        X (n_train, D), y (n_train,), X_val (n_val, D) and y_val (n_val,) as in
+        :meth:`~featcache.heads.base.HeadBase.fit`; returns ``self``.
         """
         start = time.perf_counter()
         check_int("refine_points", self.refine_points, 2)
@@ -361,29 +341,13 @@ class RidgeHead(RegressorMixin, HeadBase):
         pca_components: int | float | None = None,
         random_state: int | None = 0,
     ) -> None:
-        self.alphas = alphas
-        self.refine = refine
-        self.refine_points = refine_points
-        self.refit_on_trainval = refit_on_trainval
-        self.validation_fraction = validation_fraction
-        self.cv_folds = cv_folds
-        self.pca_components = pca_components
-        self.random_state = random_state
+        self._store_init_params(locals())
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> RidgeHead:
         """Choose alpha on the validation split (or hold-out, or k folds), then refit.
 
-        Parameters
-        ----------
-        X : array-like of shape (n_train, D)
-        y : array-like of shape (n_train,)
-            Real-valued targets.
-        X_val : array-like of shape (n_val, D), optional
-        y_val : array-like of shape (n_val,), optional
-
-        Returns
-        -------
-        self
+        X (n_train, D), y (n_train,), X_val (n_val, D) and y_val (n_val,) as in
+        :meth:`~featcache.heads.base.HeadBase.fit`; returns ``self``.
         """
         start = time.perf_counter()
         check_int("refine_points", self.refine_points, 2)

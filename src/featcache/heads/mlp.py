@@ -207,19 +207,7 @@ class MLPHead(ClassifierMixin, MLPBase):
         n_threads: int = 2,
         device: str = "cpu",
     ) -> None:
-        self.hidden_sizes = hidden_sizes
-        self.dropout = dropout
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.max_epochs = max_epochs
-        self.patience = patience
-        self.validation_fraction = validation_fraction
-        self.pca_components = pca_components
-        self.n_classes = n_classes
-        self.random_state = random_state
-        self.n_threads = n_threads
-        self.device = device
+        self._store_init_params(locals())
 
     def _encode_target(self, y: np.ndarray) -> np.ndarray:
         return y
@@ -230,17 +218,8 @@ class MLPHead(ClassifierMixin, MLPBase):
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> MLPHead:
         """Train on train, early-stopping on val.
 
-        Parameters
-        ----------
-        X : array-like of shape (n_train, D)
-        y : array-like of shape (n_train,)
-            Integer class indices 0..K-1.
-        X_val : array-like of shape (n_val, D), optional
-        y_val : array-like of shape (n_val,), optional
-
-        Returns
-        -------
-        self
+        X (n_train, D), y (n_train,), X_val (n_val, D) and y_val (n_val,) as in
+        :meth:`~featcache.heads.base.HeadBase.fit`; returns ``self``.
         """
         start = time.perf_counter()
         device = self._check_params()
@@ -299,18 +278,7 @@ class MLPRegressorHead(RegressorMixin, MLPBase):
         n_threads: int = 2,
         device: str = "cpu",
     ) -> None:
-        self.hidden_sizes = hidden_sizes
-        self.dropout = dropout
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.max_epochs = max_epochs
-        self.patience = patience
-        self.validation_fraction = validation_fraction
-        self.pca_components = pca_components
-        self.random_state = random_state
-        self.n_threads = n_threads
-        self.device = device
+        self._store_init_params(locals())
 
     def _encode_target(self, y: np.ndarray) -> np.ndarray:
         return (y - self.y_mean_) / self.y_scale_

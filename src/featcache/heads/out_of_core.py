@@ -184,16 +184,7 @@ class StreamingLogisticHead(ClassifierMixin, _StreamingLinearBase):
         n_classes: int | None = None,
         random_state: int | None = 0,
     ) -> None:
-        self.alphas = alphas
-        self.max_epochs = max_epochs
-        self.patience = patience
-        self.average = average
-        self.learning_rate = learning_rate
-        self.eta0 = eta0
-        self.chunk_rows = chunk_rows
-        self.validation_fraction = validation_fraction
-        self.n_classes = n_classes
-        self.random_state = random_state
+        self._store_init_params(locals())
 
     def _prepare_targets(self, train: RowChunks, val: RowChunks) -> None:
         self.classes_ = resolve_classes(self.n_classes, train.y, val.y)
@@ -273,15 +264,7 @@ class StreamingRidgeHead(RegressorMixin, _StreamingLinearBase):
         validation_fraction: float = 0.2,
         random_state: int | None = 0,
     ) -> None:
-        self.alphas = alphas
-        self.max_epochs = max_epochs
-        self.patience = patience
-        self.average = average
-        self.learning_rate = learning_rate
-        self.eta0 = eta0
-        self.chunk_rows = chunk_rows
-        self.validation_fraction = validation_fraction
-        self.random_state = random_state
+        self._store_init_params(locals())
 
     def _prepare_targets(self, train: RowChunks, val: RowChunks) -> None:
         y = train.y if train.rows is None else train.y[train.rows]

@@ -193,7 +193,7 @@ class SelectionSet(NamedTuple):
 
 
 class SelectionSets:
-    """Preprocessed selection sets of a :class:`~featcache.heads._base.Split`.
+    """Preprocessed selection sets of a :class:`~featcache.heads.splits.Split`.
 
     Iterating yields one :class:`SelectionSet` (train, or train minus the hold-out,
     against the validation or hold-out rows; built once and cached) or one per

@@ -108,19 +108,7 @@ class StreamingMLPHead(_StreamingMLPMixin, MLPHead):
         n_threads: int = 2,
         device: str = "cpu",
     ) -> None:
-        self.hidden_sizes = hidden_sizes
-        self.dropout = dropout
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.max_epochs = max_epochs
-        self.patience = patience
-        self.validation_fraction = validation_fraction
-        self.chunk_rows = chunk_rows
-        self.n_classes = n_classes
-        self.random_state = random_state
-        self.n_threads = n_threads
-        self.device = device
+        self._store_init_params(locals())
 
     def _prepare_targets(self, train: RowChunks, val: RowChunks) -> int:
         self.classes_ = resolve_classes(self.n_classes, train.y, val.y)
@@ -154,18 +142,7 @@ class StreamingMLPRegressorHead(_StreamingMLPMixin, MLPRegressorHead):
         n_threads: int = 2,
         device: str = "cpu",
     ) -> None:
-        self.hidden_sizes = hidden_sizes
-        self.dropout = dropout
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.max_epochs = max_epochs
-        self.patience = patience
-        self.validation_fraction = validation_fraction
-        self.chunk_rows = chunk_rows
-        self.random_state = random_state
-        self.n_threads = n_threads
-        self.device = device
+        self._store_init_params(locals())
 
     def _prepare_targets(self, train: RowChunks, val: RowChunks) -> int:
         y = train.y if train.rows is None else train.y[train.rows]

@@ -6,13 +6,44 @@ Python API, one function per ``dvc.yaml`` stage::
     params = load_params("params.yaml")
     prepare(params, "data/prepared")
     extract(params, "efficientnet_lite0", "data/prepared/manifest.csv", "features/digits/efficientnet_lite0.h5")
+
+The names are imported on first use (PEP 562): ``featcache --help`` and the
+commands that run no model import neither torch nor the heads.
 """
 
-from featcache.pipeline.compare import compare
-from featcache.pipeline.config import ConfigError, Params, load_params, parse_params
-from featcache.pipeline.extract import extract
-from featcache.pipeline.prepare import make_digits, prepare
-from featcache.pipeline.train import train
+from __future__ import annotations
 
-__all__ = ["ConfigError", "Params", "compare", "extract", "load_params", "make_digits", "parse_params",
-           "prepare", "train"]
+import sys
+from types import ModuleType
+from typing import Any
+
+from featcache.lazy import lazy_exports
+
+#: Public name -> the submodule that defines it.
+_EXPORTS: dict[str, str] = {
+    "compare": "compare",
+    **dict.fromkeys(["ConfigError", "Params", "load_params", "parse_params"], "config"),
+    "extract": "extract",
+    **dict.fromkeys(["make_digits", "prepare"], "prepare"),
+    "train": "train",
+}
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
+
+
+class _Package(ModuleType):
+    """This package, where a stage function keeps its name when its same-named submodule is imported.
+
+    ``import featcache.pipeline.extract`` makes the import system set the
+    package attribute ``extract`` to the submodule; as when this package
+    imported its stages eagerly, ``featcache.pipeline.extract`` stays the stage
+    function.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, ModuleType) and _EXPORTS.get(name) == name and hasattr(value, name):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

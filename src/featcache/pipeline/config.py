@@ -27,7 +27,8 @@ from featcache.util.compute import DEVICES
 from featcache.util.names import did_you_mean
 
 __all__ = ["Params", "FinetuneParams", "FINETUNE_MODES", "DataParams", "ExtractParams", "BackboneParams", "FeatureRef", "TrainParams",
-           "ConfigError", "load_params", "parse_params", "extraction_config"]
+           "ConfigError", "load_params", "parse_params", "extraction_config", "expected_config",
+           "resolved_choices"]
 
 
 class ConfigError(UserError, ValueError):
@@ -112,6 +113,8 @@ class ExtractParams(_Strict):
     scheduler: str = Field("none", description="none | local | a dask scheduler address (tcp://host:8786)")
     n_workers: int | Literal["auto"] = Field("auto", description="workers of the local dask cluster "
                                              "(scheduler: local); auto: one per GPU on CUDA, else 2")
+    onnx_cache: str = Field("auto", min_length=1, description="ONNX export cache: auto ($FEATCACHE_CACHE_DIR/onnx "
+                            "or ~/.cache/featcache/onnx) | none | a folder")
 
     @field_validator("scheduler")
     @classmethod
@@ -254,10 +257,10 @@ class Params(_Strict):
                 raise ValueError(f"features[{index}].layer {feature.layer!r} is not extracted for "
                                  f"{feature.backbone!r} (backbones.{feature.backbone}.layers = {layers}). "
                                  "Hint: add it to those layers or remove the feature.")
-        from featcache.heads.registry import make_head
+        from featcache.heads.registry import make_head, task_params
 
-        for name, head_params in self.heads.items():
-            make_head(name, self.data.task, head_params)  # raises naming unknown heads / params
+        for name, head_params in self.heads.items():  # one section serves both tasks' twins
+            make_head(name, self.data.task, task_params(name, self.data.task, head_params))  # raises naming bad keys
         return self
 
 
@@ -336,7 +339,7 @@ def extraction_config(params: Params, backbone: str) -> dict[str, Any]:
     extract = params.extract.model_dump()
     # Speed-only knobs do not change the features' meaning and are left out of the hash.
     for key in ("batch_size", "num_workers", "block_rows", "device", "malloc_tuning", "scheduler", "n_workers",
-                "max_bad_fraction"):
+                "max_bad_fraction", "onnx_cache"):
         extract.pop(key)
     # Params added later enter the hash only when set to a non-default value, so feature files
     # extracted before they existed stay valid.
@@ -352,6 +355,34 @@ def extraction_config(params: Params, backbone: str) -> dict[str, Any]:
         "extract": extract,
         "data": data,
     }
+
+
+def expected_config(params: Params, backbone: str) -> dict[str, Any]:
+    """The extraction config that ``params`` give for ``backbone``, as stored in its HDF5 file.
+
+    :func:`extraction_config` plus the backbone's preprocessing; the extract stage
+    writes it and the train stage checks a store against it.
+    ``auto`` backend and autocast are stored as what they resolve to here
+    (:func:`resolved_choices`), so a store says what ran and a store made by
+    another runtime is never resumed or reused.
+    """
+    from featcache.extract.preprocess import Preprocessor
+
+    config = extraction_config(params, backbone)
+    _, backend, autocast = resolved_choices(params.extract)
+    config["extract"].update(backend=backend, autocast=autocast or "none")
+    config["preprocess"] = Preprocessor.from_spec(get_backbone(backbone), params.extract.resize_mode).config()
+    return config
+
+
+def resolved_choices(knobs: ExtractParams) -> tuple[str, str, str | None]:
+    """(device, backend, autocast) that ``extract.device/backend/autocast`` (``auto`` included) give here."""
+    from featcache.extract.backends import resolve_autocast, resolve_backend
+    from featcache.util.compute import resolve_device
+
+    device = resolve_device(knobs.device, setting="extract.device", error=ConfigError)
+    backend = resolve_backend(knobs.backend, device)
+    return device, backend, resolve_autocast(knobs.autocast, device, backend)
 
 
 def known_backbones() -> list[str]:

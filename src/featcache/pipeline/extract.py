@@ -4,41 +4,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from featcache.extract.backends import build_runner, resolve_autocast, resolve_backend, runner_attrs
-from featcache.extract.engine import ExtractionReport, extract_to_store, resolve_device
-from featcache.extract.malloc import tune_malloc
-from featcache.extract.manifest import Manifest
-from featcache.extract.memory import check_batch_memory
 from featcache.extract.preprocess import Preprocessor
-from featcache.extract.registry import get_backbone
-from featcache.extract.torch_runner import TorchFeatureExtractor
-from featcache.extract.weights import load_backbone
-from featcache.pipeline.config import ExtractParams, Params, extraction_config
+from featcache.pipeline.config import Params, expected_config, resolved_choices
 
-__all__ = ["extract", "expected_config", "resolved_choices"]
+if TYPE_CHECKING:
+    from featcache.extract.engine import ExtractionReport
+
+__all__ = ["extract", "expected_config"]
 
 logger = logging.getLogger(__name__)
-
-
-def resolved_choices(knobs: ExtractParams) -> tuple[str, str, str | None]:
-    """(device, backend, autocast) that ``extract.device/backend/autocast`` (``auto`` included) give here."""
-    device = resolve_device(knobs.device)
-    backend = resolve_backend(knobs.backend, device)
-    return device, backend, resolve_autocast(knobs.autocast, device, backend)
-
-
-def expected_config(params: Params, backbone: str) -> dict:
-    """The extraction config that ``params`` give for ``backbone`` (as stored in its HDF5 file).
-
-    ``auto`` backend and autocast are stored as what they resolve to, so a store
-    says what ran and a store made by another runtime is never resumed or reused.
-    """
-    config = extraction_config(params, backbone)
-    _, backend, autocast = resolved_choices(params.extract)
-    config["extract"].update(backend=backend, autocast=autocast or "none")
-    config["preprocess"] = Preprocessor.from_spec(get_backbone(backbone), params.extract.resize_mode).config()
-    return config
 
 
 def extract(params: Params, backbone: str, manifest_path: str | Path, out: str | Path,
@@ -58,6 +34,15 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
     progress : bool
         Log a line per committed block (rows, img/s, ETA) and show a bar on a terminal.
     """
+    # torch and the runners are imported here: ``train`` imports this module for expected_config only
+    from featcache.extract.backends import build_runner, runner_attrs
+    from featcache.extract.engine import extract_to_store
+    from featcache.extract.malloc import tune_malloc
+    from featcache.extract.manifest import Manifest
+    from featcache.extract.memory import check_batch_memory
+    from featcache.extract.torch_runner import TorchFeatureExtractor
+    from featcache.extract.weights import load_backbone
+
     if backbone not in params.backbones:
         raise ValueError(f"Backbone {backbone!r} is not configured in params.backbones "
                          f"(configured: {list(params.backbones)}).")
@@ -82,8 +67,10 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
                                    scheduler_address=None if knobs.scheduler == "local" else knobs.scheduler,
                                    n_workers=local_workers(knobs.n_workers, device), progress=progress,
                                    max_bad_fraction=knobs.max_bad_fraction)
-    runner, _ = build_runner(loaded.model, loaded.spec, layers, backend=backend, device=device, pooling=knobs.pooling,
-                             channels_last=knobs.channels_last, autocast=autocast)
+    runner, built = build_runner(loaded.model, loaded.spec, layers, backend=backend, device=device,
+                                 pooling=knobs.pooling, channels_last=knobs.channels_last, autocast=autocast,
+                                 onnx_cache=knobs.onnx_cache)
+    attrs.update(built)
     workers = None if knobs.num_workers == "auto" else int(knobs.num_workers)
     if isinstance(runner, TorchFeatureExtractor):
         check_batch_memory(runner, preprocess.input_size, knobs.batch_size, device, num_workers=workers)

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-from featcache.extract.onnx_runner import DEFAULT_OPSET, OnnxFeatureRunner, export_onnx
-from featcache.extract.parity import format_parity, parity_check
 from featcache.extract.manifest import Manifest
+from featcache.extract.onnx_export import DEFAULT_OPSET, export_onnx
+from featcache.extract.onnx_runner import OnnxFeatureRunner
+from featcache.extract.parity import format_parity, parity_check
 from featcache.extract.preprocess import Preprocessor, load_rgb
 from featcache.extract.torch_runner import TorchFeatureExtractor
 from featcache.extract.weights import load_backbone

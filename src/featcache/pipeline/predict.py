@@ -16,37 +16,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from featcache.extract.data import ImageDataset, make_loader
-from featcache.extract.engine import resolve_device
 from featcache.extract.preprocess import Preprocessor
 from featcache.extract.sources import IMAGE_EXTENSIONS
-from featcache.extract.torch_runner import TorchFeatureExtractor
-from featcache.extract.weights import load_backbone
 from featcache.heads import load_head
+from featcache.runs import RUN_FILE, read_run_info, write_run_info
 from featcache.store import FeatureStore
 
 __all__ = ["RUN_FILE", "write_run_info", "read_run_info", "predict_store", "predict_images", "write_predictions"]
 
 logger = logging.getLogger(__name__)
-
-#: File beside the saved head describing where its features come from.
-RUN_FILE = "featcache-run.json"
-
-
-def write_run_info(model_dir: str | Path, info: dict[str, Any]) -> Path:
-    """Write ``featcache-run.json`` (backbone, layer, task, classes, extraction config)."""
-    path = Path(model_dir) / RUN_FILE
-    path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
-
-
-def read_run_info(model_dir: str | Path) -> dict[str, Any]:
-    """Read ``featcache-run.json`` of a saved run."""
-    path = Path(model_dir) / RUN_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {model_dir} is not a featcache run directory. "
-                                "Hint: pass models/<dataset>/<backbone>/<layer>/<head> written by `featcache train`.")
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _rows(ids: Sequence[str], scores: np.ndarray, task: str, classes: Sequence[str]) -> list[dict[str, Any]]:
@@ -96,6 +74,11 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
 
     Images that fail to decode get ``prediction`` empty and an ``error`` column.
     """
+    from featcache.extract.data import ImageDataset, make_loader  # torch: only when images are scored
+    from featcache.extract.engine import resolve_device
+    from featcache.extract.torch_runner import TorchFeatureExtractor
+    from featcache.extract.weights import load_backbone
+
     info = read_run_info(model_dir)
     head = load_head(model_dir)
     config = info["extraction_config"]

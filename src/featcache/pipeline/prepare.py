@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from featcache.extract.manifest import Manifest
 from featcache.extract.sources import from_csv, from_folder, write_digits
-from featcache.pipeline.config import Params
 from featcache.store.schema import SPLIT_CODES
+
+if TYPE_CHECKING:
+    from featcache.pipeline.config import Params
 
 __all__ = ["prepare", "make_digits"]
 

@@ -4,33 +4,25 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
-
+from typing import TYPE_CHECKING, Any
 
 from featcache.heads import fit_and_evaluate, make_head, save_head
 from featcache.heads.metrics import confusion_rows
-from featcache.pipeline.config import Params
-from featcache.pipeline.extract import expected_config
-from featcache.pipeline.predict import write_run_info
+from featcache.heads.registry import head_label, task_params
+from featcache.pipeline.config import expected_config
+from featcache.runs import write_run, write_run_info
 from featcache.store import FeatureStore
-from featcache.util import atomic
+from featcache.util.atomic import write_csv
 
-__all__ = ["train", "write_json", "write_predictions_csv"]
+if TYPE_CHECKING:
+    from featcache.pipeline.config import Params
+
+__all__ = ["train", "STREAMING_HEADS"]
 
 logger = logging.getLogger(__name__)
 
 #: Heads that train from dask arrays over the HDF5 chunks instead of in-memory arrays.
 STREAMING_HEADS = ("sgd", "streaming_mlp")
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write a JSON file atomically (temp file then rename): never half-written under its name."""
-    atomic.write_json(path, payload)
-
-
-def write_predictions_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write ``actual,predicted`` rows atomically (DVC's confusion-matrix plot reads them)."""
-    atomic.write_csv(path, rows, ["actual", "predicted"])
 
 
 def train(params: Params, store_path: str | Path, backbone: str, layer: str, head: str,
@@ -41,15 +33,16 @@ def train(params: Params, store_path: str | Path, backbone: str, layer: str, hea
     The store is checked against the current params first: a stale feature
     file (extracted with other params) is refused, naming the changed key.
 
-    Outputs: the metrics JSON; optionally the test predictions as
-    ``actual,predicted`` CSV (class names, or numbers for regression; DVC's
-    confusion-matrix plot reads it) and the saved head with
-    ``featcache-run.json`` (what ``featcache predict`` needs).
+    Outputs: the run record (``metrics_path``: the test scores, for DVC; its
+    sidecar ``<name>.run.json``: everything else, see :mod:`featcache.runs`);
+    optionally the test predictions as ``actual,predicted`` CSV (class names,
+    or numbers for regression; DVC's confusion-matrix plot reads it) and the
+    saved head with ``featcache-run.json`` (what ``featcache predict`` needs).
 
     Returns
     -------
     dict
-        The metrics written to ``metrics_path``.
+        The whole run record (scores and sidecar fields, flat).
     """
     task = params.data.task
     config = expected_config(params, backbone)
@@ -63,25 +56,25 @@ def train(params: Params, store_path: str | Path, backbone: str, layer: str, hea
         classes = list(store.classes)
         layer_info = store.layer_info(layer)
     has_val = len(y["val"]) > 0
-    estimator = make_head(head, task, params.heads.get(head, {}))
+    estimator = make_head(head, task, task_params(head, task, params.heads.get(head, {})))
     result = fit_and_evaluate(estimator, task, X["train"], y["train"], X["val"] if has_val else None,
                               y["val"] if has_val else None, X["test"], y["test"],
                               n_classes=len(classes) if task == "classification" else None,
                               n_boot=params.train.n_boot, seed=params.train.seed)
-    metrics = {"dataset": params.data.name, "backbone": backbone, "layer": layer, "head": head, "task": task,
-               "node": layer_info["node"], "pooling": layer_info["pooling"], **result.metrics}
-    write_json(Path(metrics_path), metrics)
+    run = {"dataset": params.data.name, "backbone": backbone, "layer": layer, "head": head,
+           "label": head_label(head, task), "task": task, "node": layer_info["node"],
+           "pooling": layer_info["pooling"], **result.metrics}
+    write_run(metrics_path, run)
     if predictions_path is not None:
         if task == "classification":
             rows = confusion_rows(y["test"], result.predictions, classes)
         else:
             rows = [{"actual": float(a), "predicted": float(b)} for a, b in zip(y["test"], result.predictions)]
-        write_predictions_csv(Path(predictions_path), rows)
+        write_csv(predictions_path, rows, ["actual", "predicted"])
     if model_dir is not None:
         save_head(estimator, model_dir)
         write_run_info(model_dir, {"dataset": params.data.name, "backbone": backbone, "layer": layer, "head": head,
                                    "task": task, "classes": classes, "extraction_config": config})
-    summary = metrics.get("accuracy", metrics.get("rmse"))
-    logger.info("%s/%s/%s: test %s = %.4f", backbone, layer, head,
-                "accuracy" if task == "classification" else "rmse", summary)
-    return metrics
+    metric = "accuracy" if task == "classification" else "rmse"
+    logger.info("%s/%s/%s: test %s = %.4f", backbone, layer, run["label"], metric, run[metric])
+    return run

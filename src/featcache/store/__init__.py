@@ -9,21 +9,15 @@ The layout is documented in :mod:`featcache.store.schema`.
 
 from __future__ import annotations
 
-from .errors import StaleStoreError, StoreError, StoreLockedError, StoreNotFoundError
-from .reader import FeatureStore
-from .schema import FORMAT, SPLIT_CODES, SPLITS, TASKS, LayerSpec
-from .writer import StoreWriter
+from featcache.lazy import lazy_exports
 
-__all__ = [
-    "FeatureStore",
-    "StoreWriter",
-    "LayerSpec",
-    "StoreError",
-    "StaleStoreError",
-    "StoreLockedError",
-    "StoreNotFoundError",
-    "FORMAT",
-    "SPLITS",
-    "SPLIT_CODES",
-    "TASKS",
-]
+#: Public name -> the submodule that defines it; imported on first use (PEP 562), so
+#: ``featcache.store.schema`` (params checks, listings) does not import h5py.
+_EXPORTS: dict[str, str] = {
+    **dict.fromkeys(["StaleStoreError", "StoreError", "StoreLockedError", "StoreNotFoundError"], "errors"),
+    "FeatureStore": "reader",
+    **dict.fromkeys(["FORMAT", "LayerSpec", "SPLITS", "SPLIT_CODES", "TASKS"], "schema"),
+    "StoreWriter": "writer",
+}
+
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -1,0 +1,140 @@
+"""Run records: what a trained head leaves behind, in the files DVC and the report read.
+
+A run (one head on one layer of one backbone, or one fine-tuning mode) is one
+flat dict (:func:`featcache.heads.fit_and_evaluate`'s metrics plus where the run
+comes from). It is written as two files, so that DVC shows numbers only:
+
+- ``<name>.json``, the DVC **metrics** file: the test scores and nothing else,
+  nested under the run's name, ``{backbone: {layer: {head: {accuracy: ...}}}}``,
+  so ``dvc metrics show`` / ``dvc exp show`` name each column
+  ``efficientnet_lite0.pool.logreg.accuracy`` instead of a file path;
+- ``<name>.run.json``, the sidecar: every other field (dataset, task, node,
+  confidence intervals, per-class recall, chosen hyper-parameters, sizes, timings).
+
+:func:`read_run` merges them back into the flat dict (and reads the older
+single-file format too). A saved head's folder holds ``featcache-run.json``
+(:func:`write_run_info`): what ``featcache predict`` needs to featurise new images
+exactly as at training time.
+
+It imports only the leaf :mod:`featcache.util.atomic`, so every stage and subpackage may use it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from featcache.util.atomic import write_json
+
+__all__ = ["INFO_KEYS", "RUN_FILE", "SIDECAR_SUFFIX", "read_run", "read_run_info", "run_key", "sidecar_path",
+           "split_run", "write_run", "write_run_info"]
+
+#: File beside a saved head describing where its features come from.
+RUN_FILE = "featcache-run.json"
+
+#: ``metrics/.../logreg.json`` -> ``metrics/.../logreg.run.json``.
+SIDECAR_SUFFIX = ".run.json"
+
+#: Numeric fields that describe a run rather than score it (they go to the sidecar, not to DVC metrics).
+INFO_KEYS = frozenset({"n_features", "n_train", "n_val", "n_test", "fit_seconds", "predict_seconds"})
+
+#: Fields that name the run: ``{backbone: {layer: {label or head: scores}}}`` in the metrics file.
+_NAME_KEYS = ("backbone", "layer", "head")
+
+
+def sidecar_path(metrics_path: str | Path) -> Path:
+    """The sidecar of a metrics file: ``a/logreg.json`` -> ``a/logreg.run.json``."""
+    path = Path(metrics_path)
+    return path.with_name(path.name.removesuffix(".json") + SIDECAR_SUFFIX)
+
+
+def run_key(run: Mapping[str, Any]) -> tuple[str, str, str]:
+    """The run's name in its metrics file: ``(backbone, layer, label)``; ``label`` defaults to ``head``."""
+    return str(run["backbone"]), str(run["layer"]), str(run.get("label") or run["head"])
+
+
+def _is_score(key: str, value: Any) -> bool:
+    return (key not in INFO_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def split_run(run: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a flat run into ``(metrics, info)``.
+
+    Returns
+    -------
+    metrics : dict
+        ``{backbone: {layer: {label: {score: number}}}}``: the finite numeric test
+        scores (``accuracy``, ``rmse``, ``tta_accuracy``, ...), nothing else.
+    info : dict
+        Every other field (names, task, ``ci``, ``per_class_recall``,
+        ``best_params``, sizes, timings, non-finite scores).
+    """
+    scores = {key: value for key, value in run.items() if _is_score(key, value)}
+    info = {key: value for key, value in run.items() if key not in scores}
+    backbone, layer, label = run_key(run)
+    return {backbone: {layer: {label: scores}}}, info
+
+
+def write_run(metrics_path: str | Path, run: Mapping[str, Any]) -> Path:
+    """Write a run as its metrics file (numbers only) and its sidecar; returns the metrics path.
+
+    The sidecar is written first, so a metrics file never exists without it.
+    """
+    missing = [key for key in _NAME_KEYS if key not in run]
+    if missing:
+        raise ValueError(f"a run record needs {list(_NAME_KEYS)}; {missing} missing (got {sorted(run)})")
+    metrics, info = split_run(run)
+    write_json(sidecar_path(metrics_path), info)
+    return write_json(metrics_path, metrics)
+
+
+def read_run(metrics_path: str | Path) -> dict[str, Any] | None:
+    """The flat run dict of a metrics file (merged with its sidecar); None if it is no run.
+
+    A file without a sidecar is read as the older single-file format (every field
+    in one JSON), which is what it then must hold: ``backbone``, ``layer``,
+    ``head`` and ``task``.
+    """
+    path = Path(metrics_path)
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    side = sidecar_path(path)
+    if side.is_file():
+        info = json.loads(side.read_text(encoding="utf-8"))
+        try:
+            scores = payload
+            for part in run_key(info):
+                scores = scores[part]
+        except (KeyError, TypeError):
+            raise ValueError(f"{path} does not hold the scores of the run its sidecar {side} names "
+                             f"({'/'.join(run_key(info))}). Hint: rerun the stage that writes both.") from None
+        payload = {**info, **scores}
+    if not isinstance(payload, dict) or not {*_NAME_KEYS, "task"} <= payload.keys():
+        return None
+    return payload
+
+
+def write_run_info(model_dir: str | Path, info: Mapping[str, Any]) -> Path:
+    """Write ``featcache-run.json`` (backbone, layer, task, classes, extraction config) beside a saved head."""
+    path = Path(model_dir) / RUN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+def read_run_info(model_dir: str | Path) -> dict[str, Any]:
+    """Read ``featcache-run.json`` of a saved run.
+
+    Raises
+    ------
+    FileNotFoundError
+        Naming the folder and what a run folder is.
+    """
+    path = Path(model_dir) / RUN_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {model_dir} is not a featcache run directory. "
+                                "Hint: pass models/<dataset>/<backbone>/<layer>/<head> written by `featcache train`.")
+    return json.loads(path.read_text(encoding="utf-8"))

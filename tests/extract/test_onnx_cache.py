@@ -1,0 +1,152 @@
+"""The ONNX export cache: hits skip the exporter, every graph input changes the key, bad entries are rebuilt."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import featcache.extract.onnx_export as onnx_export
+from featcache.extract.onnx_cache import (
+    CACHE_ENV,
+    cache_key,
+    cached_export,
+    default_cache_dir,
+    entry_path,
+    file_sha256_hex,
+    resolve_cache_dir,
+)
+import featcache.extract.onnx_runner as onnx_runner
+from featcache.extract.onnx_runner import OnnxFeatureRunner
+from featcache.extract.torch_runner import TorchFeatureExtractor
+from featcache.extract.weights import load_backbone
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return load_backbone("resnet18", "random")
+
+
+def _extractor(loaded, layers=("pool5",), pooling="avg") -> TorchFeatureExtractor:
+    return TorchFeatureExtractor(loaded.model, loaded.spec, list(layers), pooling=pooling, channels_last=False)
+
+
+@pytest.fixture
+def fake_exporter(monkeypatch):
+    """Replace the (slow) exporter by one that writes a small file and counts its calls."""
+    calls = []
+
+    def export(extractor, path, opset=onnx_export.DEFAULT_OPSET, input_size=None, *, exporter="auto"):
+        calls.append(path)
+        path.write_bytes(f"onnx of {extractor.layer_names} #{len(calls)}".encode() * 64)
+        return path
+
+    monkeypatch.setattr(onnx_export, "export_onnx", export)
+    return calls
+
+
+def test_hit_does_not_call_the_exporter(resnet, tmp_path, fake_exporter):
+    extractor = _extractor(resnet)
+    first, sha = cached_export(extractor, tmp_path, input_size=SIZE)
+    again, sha_again = cached_export(_extractor(resnet), tmp_path, input_size=SIZE)
+    assert len(fake_exporter) == 1
+    assert again == first and sha_again == sha == file_sha256_hex(first)
+    sidecar = json.loads(first.with_name(first.name + ".json").read_text())
+    assert sidecar["sha256"] == sha and sidecar["key"]["backbone"] == "resnet18"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, first.name + ".json"]  # no temporaries left
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_sidecar", "bad_sidecar", "no_file"])
+def test_corrupt_entry_is_logged_and_rebuilt(damage, resnet, tmp_path, fake_exporter, caplog):
+    path, sha = cached_export(_extractor(resnet), tmp_path, input_size=SIZE)
+    sidecar = path.with_name(path.name + ".json")
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        path.write_bytes(bytes([data[0] ^ 1]) + data[1:])
+    elif damage == "no_sidecar":
+        sidecar.unlink()
+    elif damage == "bad_sidecar":
+        sidecar.write_text("{not json")
+    else:
+        path.unlink()
+    with caplog.at_level(logging.WARNING, logger="featcache.extract.onnx_cache"):
+        rebuilt, new_sha = cached_export(_extractor(resnet), tmp_path, input_size=SIZE)
+    assert len(fake_exporter) == 2 and rebuilt == path
+    assert new_sha == file_sha256_hex(path) == json.loads(sidecar.read_text())["sha256"]
+    assert "rebuilding" in caplog.text and path.name in caplog.text
+
+
+def test_every_graph_input_changes_the_key(resnet, monkeypatch):
+    base = cache_key(_extractor(resnet), 18, SIZE, "auto")
+    assert cache_key(_extractor(resnet), 18, SIZE, "auto") == base  # deterministic
+    other_weights = load_backbone("resnet18", "random", seed=1)
+    variants = {
+        "backbone": cache_key(_extractor(load_backbone("alexnet", "random"), layers=("pool5",)), 18, 64, "auto"),
+        "weights_sha256": cache_key(_extractor(other_weights), 18, SIZE, "auto"),
+        "layers": cache_key(_extractor(resnet, layers=("res4",)), 18, SIZE, "auto"),
+        "pooling": cache_key(_extractor(resnet, pooling="max"), 18, SIZE, "auto"),
+        "input_size": cache_key(_extractor(resnet), 18, 64, "auto"),
+        "opset": cache_key(_extractor(resnet), 19, SIZE, "auto"),
+        "exporter": cache_key(_extractor(resnet), 18, SIZE, "torchscript"),
+    }
+    monkeypatch.setattr(torch, "__version__", "0.0.1")
+    variants["torch_version"] = cache_key(_extractor(resnet), 18, SIZE, "auto")
+    monkeypatch.undo()
+    monkeypatch.setattr("onnx.__version__", "0.0.1")
+    variants["onnx_version"] = cache_key(_extractor(resnet), 18, SIZE, "auto")
+    monkeypatch.undo()
+    monkeypatch.setattr(onnx_export, "EXPORT_CODE_VERSION", onnx_export.EXPORT_CODE_VERSION + 1)
+    variants["export_code_version"] = cache_key(_extractor(resnet), 18, SIZE, "auto")
+    assert set(variants) == set(base)  # every field of the key is exercised
+    for field, key in variants.items():
+        assert key[field] != base[field], field
+        assert entry_path("c", key) != entry_path("c", base), field
+
+
+def test_weights_hash_sees_a_changed_weight(resnet):
+    extractor = _extractor(load_backbone("resnet18", "random"))
+    before = cache_key(extractor, 18, SIZE, "auto")["weights_sha256"]
+    with torch.no_grad():
+        next(extractor.module.parameters()).view(-1)[0] += 1.0
+    assert cache_key(extractor, 18, SIZE, "auto")["weights_sha256"] != before
+
+
+def test_cache_folder_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "root"))
+    assert default_cache_dir() == tmp_path / "root" / "onnx"
+    assert resolve_cache_dir("auto") == tmp_path / "root" / "onnx"
+    assert resolve_cache_dir("none") is None and resolve_cache_dir(None) is None
+    assert resolve_cache_dir(str(tmp_path / "mine")) == tmp_path / "mine"
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "featcache" / "onnx"
+
+
+def test_from_model_reuses_the_export(resnet, tmp_path, monkeypatch):
+    """A real export once; the second runner opens the cached file without exporting, same outputs."""
+    first = OnnxFeatureRunner.from_model(resnet.model, resnet.spec, ["pool5"], input_size=SIZE, intra_op_threads=1,
+                                         cache_dir=tmp_path)
+    assert first.path.parent == tmp_path and first.onnx_sha256 == file_sha256_hex(first.path)
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the exporter ran on a cache hit")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", no_export)
+    monkeypatch.setattr(onnx_runner, "export_onnx", no_export)
+    second = OnnxFeatureRunner.from_model(resnet.model, resnet.spec, ["pool5"], input_size=SIZE, intra_op_threads=1,
+                                          cache_dir=tmp_path)
+    copy = OnnxFeatureRunner.from_model(resnet.model, resnet.spec, ["pool5"], input_size=SIZE, intra_op_threads=1,
+                                        cache_dir=tmp_path, path=tmp_path / "out" / "copy.onnx")
+    assert second.path == first.path and second.onnx_sha256 == first.onnx_sha256
+    assert copy.path == tmp_path / "out" / "copy.onnx" and file_sha256_hex(copy.path) == first.onnx_sha256
+    batch = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(second(batch)["pool5"], first(batch)["pool5"])
+    with pytest.raises(AssertionError, match="exporter ran"):  # without the cache it exports again
+        OnnxFeatureRunner.from_model(resnet.model, resnet.spec, ["pool5"], input_size=SIZE, cache_dir="none")

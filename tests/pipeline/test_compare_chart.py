@@ -1,0 +1,74 @@
+"""The comparison chart's Vega-Lite template (``.dvc/plots/ci_points.json``) and the CSV it draws.
+
+Rendered and looked at once by hand (``dvc plots show --json`` -> vl-convert -> PNG);
+this pins the structure that made it readable: a point per run with CI whiskers, an
+axis fitted to the data (not from 0) and named by the metric, best run on top.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import yaml
+
+from featcache.pipeline.compare import PLOT_COLUMNS, compare
+from featcache.runs import write_run
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATE = json.loads((REPO / ".dvc" / "plots" / "ci_points.json").read_text())
+
+
+def _marks() -> dict[str, list[dict]]:
+    marks: dict[str, list[dict]] = {}
+    for layer in TEMPLATE["layer"]:
+        marks.setdefault(layer["mark"]["type"], []).append(layer["encoding"])
+    return marks
+
+
+def test_each_run_is_a_point_with_ci_whiskers():
+    marks = _marks()
+    assert [enc["x"]["field"] for enc in marks["point"]] == ["<DVC_METRIC_X>"]
+    (rule,) = marks["rule"]
+    assert (rule["x"]["field"], rule["x2"]["field"]) == ("ci_low", "ci_high")
+    assert sorted(enc["x"]["field"] for enc in marks["tick"]) == ["ci_high", "ci_low"]
+    assert "bar" not in marks
+
+
+def test_axis_is_fitted_to_the_data_and_named_by_the_metric():
+    x = _marks()["rule"][0]["x"]
+    assert x["scale"]["zero"] is False
+    title = x["axis"]["title"]["expr"]
+    (param,) = [p for p in TEMPLATE["params"] if p["name"] == title]
+    assert f"data('{TEMPLATE['data']['name']}')" in param["expr"] and ".metric" in param["expr"]
+
+
+def test_runs_are_sorted_best_first_and_revisions_told_apart():
+    y = TEMPLATE["encoding"]["y"]
+    assert y["field"] == "<DVC_METRIC_Y>"
+    assert y["sort"] == {"field": "rank", "op": "min", "order": "ascending"}
+    assert TEMPLATE["encoding"]["color"] == "<DVC_METRIC_COLOR>"  # dvc plots diff: one colour per revision
+    assert TEMPLATE["encoding"]["yOffset"]["field"] == "rev"
+
+
+def test_dvc_yaml_draws_the_compare_csv_with_this_template():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    (plot,) = stages["compare"]["plots"]
+    (props,) = plot.values()
+    assert (props["template"], props["x"], props["y"]) == ("ci_points", "value", "run")
+
+
+def test_the_csv_has_the_templates_fields_best_first(tmp_path):
+    for head, (accuracy, low, high) in {"logreg": (0.95, 0.93, 0.97), "mlp": (0.97, 0.95, 0.99),
+                                        "lightgbm": (0.91, 0.88, 0.94)}.items():
+        write_run(tmp_path / "metrics" / f"{head}.json",
+                  {"dataset": "d", "backbone": "b", "layer": "pool", "head": head, "task": "classification",
+                   "accuracy": accuracy, "ci": {"accuracy": [low, high]}})
+    compare(tmp_path / "metrics", tmp_path / "reports", plot_path=tmp_path / "plot.csv")
+    with open(tmp_path / "plot.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert tuple(rows[0]) == PLOT_COLUMNS
+    assert [(row["run"], row["rank"]) for row in rows] == [("b/pool/mlp", "1"), ("b/pool/logreg", "2"),
+                                                           ("b/pool/lightgbm", "3")]
+    assert rows[0]["metric"] == "accuracy" and (rows[0]["ci_low"], rows[0]["ci_high"]) == ("0.95", "0.99")

@@ -1,0 +1,158 @@
+"""Every file a ``dvc.yaml`` stage runs is one of its deps; stage modules do not import each other.
+
+The files a stage runs are found statically: its ``featcache <command>`` handler
+in ``pipeline/cli.py``, the CLI's own module-level and ``main`` imports, and from
+there every featcache module imported (at module level or inside a function, but
+not under ``if TYPE_CHECKING:``), with the ``__init__.py`` of each package on the way.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SRC = REPO / "src"
+CLI = SRC / "featcache" / "pipeline" / "cli.py"
+
+#: The pipeline modules that implement a stage (``pipeline/config.py`` and ``cli.py`` are shared by all).
+STAGE_MODULES = ("prepare", "extract", "train", "compare", "predict", "finetune", "onnx")
+
+
+def _module_file(name: str) -> Path | None:
+    base = SRC.joinpath(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(tree: ast.AST, package: str) -> set[str]:
+    """featcache modules imported anywhere in ``tree`` (``package``: for relative imports)."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parts, base]) if base else ".".join(parts)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # submodules imported by name
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return {name for name in found if name.split(".")[0] == "featcache" and _module_file(name)}
+
+
+def _package_of(name: str, path: Path) -> str:
+    return name if path.name == "__init__.py" else name.rpartition(".")[0]
+
+
+def _closure(roots: set[str]) -> set[Path]:
+    """Every file run when ``roots`` are imported (with their packages' ``__init__.py``)."""
+    files: set[Path] = set()
+    todo = list(roots)
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo.extend(".".join(parts[:i]) for i in range(1, len(parts)))  # parent packages run first
+        path = _module_file(name)
+        if path is None:
+            continue
+        files.add(path)
+        todo.extend(_imports(ast.parse(path.read_text(encoding="utf-8")), _package_of(name, path)))
+    return files
+
+
+def _cli_roots(command: str) -> set[str]:
+    tree = ast.parse(CLI.read_text(encoding="utf-8"))
+    handler = f"_cmd_{command.replace('-', '_')}"
+    functions = {node.name: node for node in tree.body if isinstance(node, ast.FunctionDef)}
+    assert handler in functions, f"featcache {command}: no {handler} in {CLI}"
+    module_level = ast.Module(body=[node for node in tree.body if not isinstance(node, ast.FunctionDef)],
+                              type_ignores=[])
+    roots = {"featcache.pipeline"}  # the CLI module itself runs only these parts, not every handler
+    for node in (module_level, functions[handler], functions["main"]):
+        roots |= _imports(node, "featcache.pipeline")
+    return roots
+
+
+#: The pipelines: the main one and the optional fine-tuning subrepo (deps relative to its folder).
+DVC_FILES = ("dvc.yaml", "finetune/dvc.yaml")
+
+
+def _stages() -> dict[str, dict]:
+    """``file:stage`` -> the stage (``foreach``/``matrix`` body), deps made relative to the repo root."""
+    found = {}
+    for dvc_file in DVC_FILES:
+        folder = (REPO / dvc_file).parent
+        for name, stage in yaml.safe_load((REPO / dvc_file).read_text(encoding="utf-8"))["stages"].items():
+            body = dict(stage.get("do", stage))
+            wdir = folder / body.get("wdir", ".")
+            body["deps"] = [Path(os.path.normpath(wdir / dep)).relative_to(REPO).as_posix()
+                            for dep in body.get("deps", [])]
+            found[f"{dvc_file}:{name}"] = body
+    return found
+
+
+def _command(stage: dict) -> str | None:
+    words = str(stage["cmd"]).split()
+    return words[1] if words[0] == "featcache" else None
+
+
+def _covered(path: Path, deps: list[str]) -> bool:
+    relative = path.relative_to(REPO).as_posix()
+    return any(relative == dep.rstrip("/") or relative.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
+@pytest.mark.parametrize("stage", sorted(_stages()))
+def test_every_file_a_stage_runs_is_one_of_its_deps(stage):
+    definition = _stages()[stage]
+    command = _command(definition)
+    assert command, f"stage {stage!r} does not run `featcache <command>`: {definition['cmd']!r}"
+    runs = _closure(_cli_roots(command)) | {CLI}
+    missing = sorted(path.relative_to(REPO).as_posix() for path in runs if not _covered(path, definition["deps"]))
+    assert not missing, (f"stage {stage!r} (featcache {command}) runs files that are not in its deps, so "
+                         f"editing them would not rerun it: {missing}")
+
+
+def test_the_check_sees_function_level_imports_and_skips_type_checking():
+    tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import featcache.runs\n"
+                     "def f():\n    from featcache.pipeline.compare import compare\n")
+    assert _imports(tree, "featcache") == {"featcache.pipeline.compare"}
+    runs = _closure({"featcache.pipeline.compare"})
+    assert SRC / "featcache" / "runs.py" in runs and SRC / "featcache" / "pipeline" / "__init__.py" in runs
+    assert not _covered(SRC / "featcache" / "runs.py", ["src/featcache/pipeline", "src/featcache/run"])
+
+
+@pytest.mark.parametrize("module", STAGE_MODULES)
+def test_stage_modules_do_not_import_each_other(module):
+    path = SRC / "featcache" / "pipeline" / f"{module}.py"
+    if not path.is_file():
+        pytest.skip(f"{path.name} does not exist")
+    imported = _imports(ast.parse(path.read_text(encoding="utf-8")), "featcache.pipeline")
+    others = {f"featcache.pipeline.{other}" for other in STAGE_MODULES if other != module}
+    assert not imported & others, (f"pipeline/{module}.py imports the stage module(s) {sorted(imported & others)}; "
+                                   "move what they share into the library (or pipeline/config.py for params)")

@@ -1,0 +1,116 @@
+"""Cheap startup: commands that run no model import no torch, onnxruntime, lightgbm, torchvision or timm.
+
+Each command runs in a fresh interpreter (``featcache.pipeline.cli.main``)
+that prints which heavy modules ended up in ``sys.modules``. No timings here:
+those are in ``benchmarks/bench_loop.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+HEAVY = ("torch", "torchvision", "timm", "onnxruntime", "onnx", "lightgbm")
+
+_WRAPPER = """
+import json, sys
+from featcache.pipeline.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as stop:
+    code = stop.code
+print("HEAVY-MODULES " + json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))
+sys.exit(code)
+"""
+
+
+def heavy_modules(args: list[str], cwd: Path) -> list[str]:
+    """Run ``featcache ARGS`` in a fresh interpreter; the heavy modules it imported."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _WRAPPER.format(heavy=HEAVY), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = [line for line in done.stdout.splitlines() if line.startswith("HEAVY-MODULES ")]
+    assert line, done.stdout[-2000:] + done.stderr[-2000:]
+    return json.loads(line[-1].split(" ", 1)[1])
+
+
+def _params(data: Path) -> dict:
+    return {
+        "data": {"name": "tiny", "source": "folder", "path": str(data),
+                 "split": {"train": 0.5, "val": 0.25, "test": 0.25}},
+        "extract": {"backend": "torch", "batch_size": 16, "num_workers": 0, "block_rows": 16},
+        "backbones": {"efficientnet_lite0": {"weights": "pretrained", "layers": ["pool"]}},
+        "features": [{"backbone": "efficientnet_lite0", "layer": "pool"}],
+        "train": {"heads": ["logreg", "lightgbm", "mlp"], "n_boot": 20, "seed": 0},
+        "heads": {"logreg": {"Cs": [0.1, 10.0], "refine": False}, "lightgbm": {"n_estimators": 5, "n_jobs": 1},
+                  "mlp": {"hidden_sizes": [8], "max_epochs": 2}},
+    }
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A params file over a tiny 3-class image folder, and one finished run's metrics."""
+    root = tmp_path_factory.mktemp("startup")
+    rng = np.random.default_rng(0)
+    for channel, name in enumerate(("red", "green", "blue")):
+        (root / "images" / name).mkdir(parents=True)
+        for index in range(6):
+            pixels = rng.integers(0, 90, size=(16, 16, 3))
+            pixels[..., channel] += 150
+            Image.fromarray(pixels.astype(np.uint8)).save(root / "images" / name / f"{index}.png")
+    (root / "params.yaml").write_text(yaml.safe_dump(_params(root / "images")), encoding="utf-8")
+    run = {"backbone": "efficientnet_lite0", "layer": "pool", "head": "logreg", "task": "classification",
+           "dataset": "tiny", "accuracy": 0.9, "balanced_accuracy": 0.9, "macro_f1": 0.9, "log_loss": 0.3}
+    (root / "metrics").mkdir()
+    (root / "metrics" / "run.json").write_text(json.dumps(run), encoding="utf-8")
+    return root
+
+
+LIGHT_COMMANDS = {
+    "help": ["--help"],
+    "check": ["check", "--params", "params.yaml"],
+    "backbones": ["backbones"],
+    "layers": ["layers", "resnet18"],
+    "prepare": ["prepare", "--params", "params.yaml", "--out", "prepared"],
+    "compare": ["compare", "--metrics-dir", "metrics", "--out", "reports/compare.md", "--plot", "reports/plot.csv"],
+    "digits": ["digits", "digits"],
+}
+
+
+@pytest.mark.parametrize("command", list(LIGHT_COMMANDS))
+def test_commands_that_run_no_model_import_no_heavy_library(command, project):
+    assert heavy_modules(LIGHT_COMMANDS[command], project) == []
+
+
+def test_the_probe_sees_a_heavy_import(project):
+    """The check above can fail: ``layers --nodes`` builds a model, and the probe reports torch."""
+    assert "torch" in heavy_modules(["layers", "resnet18", "--nodes"], project)
+
+
+@pytest.fixture(scope="module")
+def store(project) -> Path:
+    """A feature store of the tiny folder, written in this process (torch backend)."""
+    from featcache.pipeline import extract, load_params, prepare
+
+    params = load_params(project / "params.yaml")
+    prepare(params, project / "prepared")
+    out = project / "features" / "lite0.h5"
+    extract(params, "efficientnet_lite0", project / "prepared" / "manifest.csv", out, progress=False)
+    return out
+
+
+@pytest.mark.parametrize(("head", "needs"), [("logreg", set()), ("lightgbm", {"lightgbm"})])
+def test_train_imports_only_what_its_head_needs(head, needs, project, store):
+    args = ["train", "--params", "params.yaml", "--store", str(store), "--backbone", "efficientnet_lite0",
+            "--layer", "pool", "--head", head, "--metrics", f"metrics/{head}.json", "--model-dir", f"models/{head}"]
+    assert set(heavy_modules(args, project)) == needs
