@@ -303,3 +303,50 @@ def test_driver_refuses_a_block_the_worker_did_not_write_here(manifest, tmp_path
         with pytest.raises(ExtractionError, match="worker-7.*block 1.*missing.*same absolute path"):
             _adopt_blocks(writer, [1], "worker-7")
         assert writer.pending_blocks() == list(range(writer.n_blocks))
+
+
+# ------------------------------------------------------------ backends, GPUs
+ONNX_SPEC = RunnerSpec(backend="onnx", backbone="resnet18", weights="random", layers=("default", "layer3"),
+                       pooling="avg")
+
+
+@pytest.mark.slow  # each worker exports the model to ONNX: minutes on a shared 2-core machine
+def test_onnx_workers_are_byte_identical_to_a_single_onnx_process(client, clean_manifest, tmp_path):
+    """The dask path runs onnxruntime too (the CPU's auto pick): same bytes as one process, same threads."""
+    from featcache.extract.backends import build_runner
+    from featcache.extract.weights import load_backbone
+
+    loaded = load_backbone("resnet18", "random")
+    runner, _ = build_runner(loaded.model, loaded.spec, ["default", "layer3"], backend="onnx",
+                             input_size=PREPROCESS.input_size, intra_op_threads=1)
+    attrs = {**ATTRS, "backend": "onnx", "provider": "CPUExecutionProvider"}
+    reference = extract_to_store(clean_manifest, runner, PREPROCESS, tmp_path / "single.h5", config=CONFIG,
+                                 attrs=attrs, block_rows=4, batch_size=4, num_workers=0, progress=False)
+    report = extract_distributed(clean_manifest, ONNX_SPEC, PREPROCESS, tmp_path / "dask.h5", config=CONFIG,
+                                 attrs=attrs, block_rows=4, batch_size=4, client=client, progress=False)
+    _assert_same_bytes(report.path, reference.path)
+    torch_store = _single(clean_manifest, tmp_path / "torch.h5")
+    assert md5(torch_store.path) != md5(report.path)  # it really ran another runtime
+
+
+def test_worker_device_pins_one_gpu_per_worker(monkeypatch, caplog):
+    from featcache.extract.distributed import local_workers, worker_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [worker_device("cuda", name) for name in (0, 1, 5, "3")] == ["cuda:0", "cuda:1", "cuda:1", "cuda:3"]
+    assert worker_device("cuda:2", 0) == "cuda:2" and worker_device("cpu", 1) == "cpu"
+    assert worker_device("cuda", "tcp://10.0.0.5:4000") == "cuda"
+    assert "CUDA_VISIBLE_DEVICES" in caplog.text
+    assert worker_device("cuda") == "cuda"  # not on a dask worker
+    assert (local_workers("auto", "cuda"), local_workers("auto", "cpu"), local_workers(3, "cuda")) == (4, 2, 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert worker_device("cuda", 3) == "cuda"
+
+
+def test_dask_scheduler_accepts_every_backend():
+    from featcache.pipeline.config import parse_params
+
+    for backend in ("auto", "onnx", "torch"):
+        assert parse_params({"extract": {"scheduler": "local", "backend": backend}}).extract.backend == backend
+    with pytest.raises(ValueError, match="backend"):
+        RunnerSpec("resnet18", "random", ("default",), "avg", backend="tensorrt")

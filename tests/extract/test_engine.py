@@ -379,3 +379,11 @@ def test_cuda_overlapped_loop_matches_the_synchronous_one(manifest, random_backb
         for layer in LAYERS:
             x, y = a[f"features/{layer}"][()], b[f"features/{layer}"][()]
             np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-3 * np.abs(y).max())
+
+
+def test_the_dvc_extract_stage_shows_progress():
+    """Under `dvc repro` the block log lines are the progress: the stage must not pass --no-progress."""
+    import yaml
+
+    stage = yaml.safe_load((Path(__file__).resolve().parents[2] / "dvc.yaml").read_text())["stages"]["extract"]
+    assert "featcache extract" in stage["do"]["cmd"] and "--no-progress" not in stage["do"]["cmd"]

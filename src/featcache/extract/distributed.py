@@ -45,8 +45,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+from featcache.extract.blockloop import Progress
 from featcache.extract.data import ImageDataset
 from featcache.extract.engine import (
     DEFAULT_MAX_BAD_FRACTION, ExtractionError, ExtractionReport, build_report, build_root_attrs, check_bad_rows,
@@ -54,100 +54,16 @@ from featcache.extract.engine import (
 )
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
-from featcache.extract.torch_runner import TorchFeatureExtractor
+from featcache.extract.runner_spec import RunnerSpec, local_workers, worker_device
 from featcache.store.blocks import BlockCommitter
 from featcache.store.errors import StoreError
 from featcache.store.writer import LayerSpec, StoreWriter
 
-__all__ = ["RunnerSpec", "extract_distributed"]
+__all__ = ["RunnerSpec", "extract_distributed", "local_workers", "worker_device"]
 
 logger = logging.getLogger(__name__)
 
-#: Per-process cache of built extractors, keyed by their (hashable) spec.
-_RUNNERS: dict["RunnerSpec", TorchFeatureExtractor] = {}
-_RUNNERS_LOCK = threading.Lock()
-
-
-# ---------------------------------------------------------------------- spec
-@dataclass(frozen=True)
-class RunnerSpec:
-    """Picklable recipe of a :class:`~featcache.extract.torch_runner.TorchFeatureExtractor`.
-
-    Workers receive this spec, not a model object, and build the extractor
-    once per process (:meth:`build` caches it).
-
-    Attributes
-    ----------
-    backbone : str
-        Registry name, e.g. ``"resnet18"`` or ``"efficientnet_lite0"``.
-    weights : str
-        ``"pretrained"``, ``"random"`` or the path of a local state dict; a path
-        must exist on every worker.
-    layers : tuple of str
-        Layer aliases or raw graph node names (``"default"`` for the registry
-        default); a list is converted to a tuple.
-    pooling : str
-        Pooling of conv maps (``"avg"``, ``"max"``, ``"avg2x2"``, ``"none"``).
-    device : str
-        Torch device of the forward pass on the workers (``"cpu"``, ``"cuda"``).
-    channels_last : bool
-        Run convolutions in NHWC memory format.
-    autocast : {None, "bf16", "fp16"}
-        Autocast dtype of the forward pass; None for float32.
-    seed : int
-        Seed of the random initialisation (``weights="random"``); the same
-        seed gives identical weights in every process.
-    """
-
-    backbone: str
-    weights: str
-    layers: tuple[str, ...]
-    pooling: str
-    device: str = "cpu"
-    channels_last: bool = True
-    autocast: str | None = None
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if isinstance(self.layers, str):
-            raise TypeError(f"RunnerSpec.layers must be a sequence of layer names, not the string {self.layers!r}.")
-        object.__setattr__(self, "layers", tuple(str(layer) for layer in self.layers))
-        if not self.layers:
-            raise ValueError("RunnerSpec.layers is empty. Hint: use ('default',) for the penultimate layer.")
-        if not self.backbone or not self.weights:
-            raise ValueError(f"RunnerSpec needs a backbone and weights, got {self.backbone!r}, {self.weights!r}.")
-        if self.autocast not in (None, "bf16", "fp16"):
-            raise ValueError(f"RunnerSpec.autocast {self.autocast!r} is not one of None, 'bf16', 'fp16'.")
-
-    def build(self) -> TorchFeatureExtractor:
-        """The extractor of this spec, built once per process and then cached.
-
-        Returns
-        -------
-        TorchFeatureExtractor
-            Maps a (B, 3, S, S) float32 batch to ``{layer: (B, D) float32 array}``.
-            Shared by every caller in this process: do not modify it.
-
-        Raises
-        ------
-        featcache.extract.weights.WeightsNotFoundError
-            If the weights are not available in this process's machine.
-        """
-        with _RUNNERS_LOCK:
-            runner = _RUNNERS.get(self)
-            if runner is None:
-                from featcache.extract.weights import load_backbone
-
-                started = time.perf_counter()
-                loaded = load_backbone(self.backbone, self.weights, seed=self.seed)
-                runner = TorchFeatureExtractor(
-                    loaded.model, loaded.spec, list(self.layers), pooling=self.pooling, device=self.device,
-                    channels_last=self.channels_last, autocast=self.autocast,
-                )
-                _RUNNERS[self] = runner
-                logger.info("built %s (%s) in pid %d in %.1f s", self.backbone, loaded.weights_id, os.getpid(),
-                            time.perf_counter() - started)
-            return runner
+_JOB_LOCK = threading.Lock()  # guards each worker's lazily built dataset
 
 
 # ---------------------------------------------------------------- task plan
@@ -208,7 +124,7 @@ class _Job:
 
     def dataset(self) -> ImageDataset:
         """The job's dataset, built once per worker (absolute paths of N rows)."""
-        with _RUNNERS_LOCK:
+        with _JOB_LOCK:
             if self._dataset is None:
                 self._dataset = ImageDataset(self.manifest, self.preprocess)
             return self._dataset
@@ -235,7 +151,7 @@ def _where() -> str:
 def _probe_task(spec: RunnerSpec, input_size: int, torch_threads: int) -> tuple[list[LayerSpec], str, str]:
     """Build the runner on a worker; return its layer specs, torch version and location."""
     _set_torch_threads(torch_threads)
-    runner = spec.build()
+    runner = spec.build(input_size)
     return runner.layer_specs(input_size), torch.__version__.split("+")[0], _where()
 
 
@@ -243,7 +159,7 @@ def _extract_task(job: _Job, blocks: tuple[int, ...]) -> _TaskResult:
     """Extract and commit ``blocks`` on a worker (the single-process engine's own loop)."""
     _set_torch_threads(job.torch_threads)
     started = time.perf_counter()
-    runner = job.runner_spec.build()
+    runner = job.runner_spec.build(job.preprocess.input_size)
     errors = run_blocks(job.manifest, runner, job.committer, blocks, preprocess=job.preprocess,
                         layer_specs=job.layer_specs, batch_size=job.batch_size, num_workers=0,
                         on_error=job.on_error, dataset=job.dataset())
@@ -326,8 +242,8 @@ def _run_tasks(client: Any, job: _Job, tasks: list[tuple[int, ...]], writer: Sto
             future = client.submit(_extract_task, job_future, blocks, key=key, pure=False)
             futures[future] = blocks
         total = sum(len(writer.block_range(b)) for blocks in tasks for b in blocks)
-        with tqdm(total=total, desc=f"extract {Path(writer.path).name} (dask)", unit="img",
-                  disable=not progress) as bar:
+        meter = Progress(f"{Path(writer.path).name} (dask)", total, progress)
+        try:
             for future in as_completed(list(futures)):
                 blocks = futures[future]
                 if future.status != "finished":
@@ -337,8 +253,11 @@ def _run_tasks(client: Any, job: _Job, tasks: list[tuple[int, ...]], writer: Sto
                 for sample_id, reason in result.errors:
                     logger.warning("Bad image %s skipped (on %s): %s", sample_id, result.where, reason)
                 logger.debug("blocks %s done on %s in %.1f s", result.blocks, result.where, result.seconds)
-                bar.update(result.n_rows)
+                meter.batch_done(result.n_rows)
+                meter.block_committed(result.n_rows)
                 yield result
+        finally:
+            meter.close()
     finally:
         pending = [f for f in futures if not f.done()]
         if pending:
@@ -415,7 +334,7 @@ def extract_distributed(
         Minimum blocks per task; more amortises task overhead, fewer
         balances better.
     progress : bool
-        Show a tqdm bar over finished tasks.
+        Log progress per finished task (a bar only on a terminal).
     lock_timeout : float
         Seconds to wait for another writer of ``out``.
     max_bad_fraction : float

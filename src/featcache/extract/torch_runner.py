@@ -227,18 +227,7 @@ class TorchFeatureExtractor:
 
     @torch.inference_mode()
     def forward_pooled(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Pooled features of a batch, left on the device (asynchronous on CUDA).
-
-        Parameters
-        ----------
-        batch : torch.Tensor
-            (B, 3, H, W) normalised images.
-
-        Returns
-        -------
-        dict of str to torch.Tensor
-            Layer name -> (B, D) float32 tensor on :attr:`device`.
-        """
+        """Like :meth:`__call__`, but the (B, D) float32 tensors stay on :attr:`device` (asynchronous on CUDA)."""
         raw = self.forward_raw(batch)
         if self._map_shapes is None:
             self._map_shapes = {name: tuple(value.shape[1:]) for name, value in raw.items()}

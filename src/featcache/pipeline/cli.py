@@ -47,6 +47,12 @@ def _cmd_layers(args: argparse.Namespace) -> None:
             print(f"  {node}")
 
 
+def _cmd_doctor(args: argparse.Namespace) -> None:
+    from featcache.extract.backends import doctor_report
+
+    print("\n".join(doctor_report()))
+
+
 def _cmd_digits(args: argparse.Namespace) -> None:
     from featcache.pipeline.prepare import make_digits
 
@@ -143,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--nodes", action="store_true", help="also list raw graph node names")
     layers.set_defaults(func=_cmd_layers)
 
+    sub.add_parser("doctor", help="what extraction runs on here (torch/CUDA, onnxruntime, GPU decode) and "
+                   "what backend/autocast 'auto' picks, with fixes").set_defaults(func=_cmd_doctor)
     digits = sub.add_parser("digits", help="write the embedded digits dataset as PNG files")
     digits.add_argument("out")
     digits.set_defaults(func=_cmd_digits)

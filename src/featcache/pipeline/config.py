@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from featcache.errors import UserError
+from featcache.extract.backends import AUTOCASTS, BACKENDS
 from featcache.extract.preprocess import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
 from featcache.extract.registry import UnknownNameError, get_backbone, list_backbones, resolve_layer
 from featcache.finetune.config import MODES as FINETUNE_MODES
@@ -26,7 +27,8 @@ from featcache.util.compute import DEVICES
 from featcache.util.names import did_you_mean
 
 __all__ = ["Params", "FinetuneParams", "FINETUNE_MODES", "DataParams", "ExtractParams", "BackboneParams", "FeatureRef", "TrainParams",
-           "ConfigError", "load_params", "parse_params", "extraction_config", "planned_decode", "expected_config"]
+           "ConfigError", "load_params", "parse_params", "extraction_config", "expected_config",
+           "planned_decode", "resolved_choices"]
 
 
 class ConfigError(UserError, ValueError):
@@ -90,7 +92,8 @@ class DataParams(_Strict):
 class ExtractParams(_Strict):
     """How features are extracted (shared by every backbone)."""
 
-    backend: Literal["torch", "onnx"] = "torch"
+    #: auto (params.yaml's default): torch on CUDA, onnxruntime on CPU (featcache.extract.backends).
+    backend: Literal[BACKENDS] = "torch"  # type: ignore[valid-type]
     device: Literal[DEVICES] = "auto"  # type: ignore[valid-type]
     batch_size: int = Field(64, ge=1, le=4096)
     num_workers: int | Literal["auto"] = "auto"
@@ -98,7 +101,7 @@ class ExtractParams(_Strict):
     pooling: Literal[POOLINGS] = "avg"  # type: ignore[valid-type]
     resize_mode: Literal[RESIZE_MODES] = "crop"  # type: ignore[valid-type]
     channels_last: bool = True
-    autocast: Literal["none", "bf16", "fp16"] = "none"
+    autocast: Literal[AUTOCASTS] = "none"  # type: ignore[valid-type]  # auto: fp16 on CUDA (torch), none on CPU
     #: Where JPEGs are decoded: ``auto`` = batched on the GPU when the runner is on CUDA, else PIL in
     #: the workers (``cpu``); ``gpu`` forces the device path (on a CPU device too). Stored resolved.
     decode: Literal["auto", "cpu", "gpu"] = "auto"
@@ -111,7 +114,8 @@ class ExtractParams(_Strict):
     #: A run where every row, or more than this fraction of rows, is a bad image fails (no final store).
     max_bad_fraction: float = Field(0.5, ge=0, le=1)
     scheduler: str = Field("none", description="none | local | a dask scheduler address (tcp://host:8786)")
-    n_workers: int = Field(2, ge=1, description="workers of the local dask cluster (scheduler: local)")
+    n_workers: int | Literal["auto"] = Field("auto", description="workers of the local dask cluster "
+                                             "(scheduler: local); auto: one per GPU on CUDA, else 2")
     onnx_cache: str = Field("auto", min_length=1, description="ONNX export cache: auto ($FEATCACHE_CACHE_DIR/onnx "
                             "or ~/.cache/featcache/onnx) | none | a folder")
 
@@ -123,14 +127,18 @@ class ExtractParams(_Strict):
                              f"'tcp://10.0.0.5:8786', got {value!r}")
         return value
 
+    @field_validator("n_workers")
+    @classmethod
+    def _positive_workers(cls, value: int | str) -> int | str:
+        if value != "auto" and value < 1:
+            raise ValueError(f"extract.n_workers must be 'auto' or >= 1, got {value!r}")
+        return value
+
     @model_validator(mode="after")
-    def _distributed_backend(self) -> "ExtractParams":
+    def _distributed_decode(self) -> "ExtractParams":
         if self.scheduler != "none" and self.decode == "gpu":
             raise ValueError("extract.decode: gpu does not run under extract.scheduler (the dask workers decode "
                              "with PIL); set extract.decode: auto or cpu, or extract.scheduler: none")
-        if self.scheduler != "none" and self.backend != "torch":
-            raise ValueError("extract.scheduler runs the torch backend only; set extract.backend: torch "
-                             "or extract.scheduler: none")
         return self
 
 
@@ -362,11 +370,15 @@ def extraction_config(params: Params, backbone: str) -> dict[str, Any]:
     }
 
 
-def expected_config(params: Params, backbone: str, decode: str | None = None) -> dict[str, Any]:
+def expected_config(params: Params, backbone: str, decode: str | None = None,
+                    stored: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The extraction config that ``params`` give for ``backbone``, as stored in its HDF5 file.
 
-    :func:`extraction_config` plus the backbone's preprocessing and the decode path; the
-    extract stage writes it and the train stage checks a store against it.
+    :func:`extraction_config` plus the backbone's preprocessing, the resolved backend and
+    autocast, and the decode path; the extract stage writes it and the train stage checks
+    a store against it. ``auto`` backend and autocast are stored as what they resolve to
+    (:func:`resolved_choices`), so a store says what ran and a store made by another
+    runtime is never resumed or reused.
 
     Parameters
     ----------
@@ -374,10 +386,24 @@ def expected_config(params: Params, backbone: str, decode: str | None = None) ->
         The decode path to record; default: :func:`planned_decode` on this machine (which
         may import torch). The train stage passes the store's own path: features of either
         path are valid for the same params.
+    stored : mapping, optional
+        The ``extract`` section of a store's config (the train stage): an ``auto`` backend or
+        autocast is taken as the store resolved it, so a store extracted on a GPU machine is
+        valid for the same params on a CPU machine (and nothing here imports torch).
     """
     from featcache.extract.preprocess import Preprocessor
 
     config = extraction_config(params, backbone)
+    knobs, stored = params.extract, stored or {}
+    backend, autocast = knobs.backend, knobs.autocast
+    if "auto" in (backend, autocast):
+        if "backend" in stored and "autocast" in stored:
+            backend = stored["backend"] if backend == "auto" else backend
+            autocast = stored["autocast"] if autocast == "auto" else autocast
+        else:
+            _, backend, resolved_autocast = resolved_choices(knobs)
+            autocast = resolved_autocast or "none"
+    config["extract"].update(backend=backend, autocast=autocast)
     config["preprocess"] = Preprocessor.from_spec(get_backbone(backbone), params.extract.resize_mode).config()
     # A store never mixes blocks decoded by PIL and on the device; the CPU path is left out, as before
     # extract.decode existed.
@@ -389,9 +415,8 @@ def expected_config(params: Params, backbone: str, decode: str | None = None) ->
 def planned_decode(params: Params) -> str:
     """Where the extract stage decodes JPEGs with these params on this machine: ``cpu`` or ``gpu``.
 
-    ``extract.decode: auto`` is ``gpu`` when the torch runner is on CUDA (``extract.device``, with
-    ``auto`` meaning CUDA when visible); the ONNX runner and the dask scheduler take host batches, so
-    ``cpu`` there.
+    ``extract.decode: auto`` is ``gpu`` when the torch runner is on CUDA (``extract.backend: auto``
+    picks torch there); the ONNX runner and the dask scheduler take host batches, so ``cpu`` there.
     """
     knobs = params.extract
     if knobs.decode != "auto":
@@ -399,9 +424,19 @@ def planned_decode(params: Params) -> str:
     if knobs.scheduler != "none" or knobs.backend == "onnx":
         return "cpu"
     from featcache.extract.gpu_decode import resolve_decode
+
+    device, backend, _ = resolved_choices(knobs)
+    return "cpu" if backend != "torch" else resolve_decode("auto", device)
+
+
+def resolved_choices(knobs: ExtractParams) -> tuple[str, str, str | None]:
+    """(device, backend, autocast) that ``extract.device/backend/autocast`` (``auto`` included) give here."""
+    from featcache.extract.backends import resolve_autocast, resolve_backend
     from featcache.util.compute import resolve_device
 
-    return resolve_decode("auto", resolve_device("auto") if knobs.device == "auto" else knobs.device)
+    device = resolve_device(knobs.device, setting="extract.device", error=ConfigError)
+    backend = resolve_backend(knobs.backend, device)
+    return device, backend, resolve_autocast(knobs.autocast, device, backend)
 
 
 def known_backbones() -> list[str]:

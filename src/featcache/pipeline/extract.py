@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from featcache.extract.preprocess import Preprocessor
-from featcache.pipeline.config import Params, expected_config, planned_decode
+from featcache.pipeline.config import Params, expected_config, planned_decode, resolved_choices
 
 if TYPE_CHECKING:
     from featcache.extract.engine import ExtractionReport
@@ -31,9 +31,12 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
         ``manifest.csv`` written by ``prepare``.
     out : path
         The ``.h5`` store to write.
+    progress : bool
+        Log a line per committed block (rows, img/s, ETA) and show a bar on a terminal.
     """
     # torch and the runners are imported here: ``train`` imports this module for expected_config only
-    from featcache.extract.engine import extract_to_store, resolve_device
+    from featcache.extract.backends import build_runner, runner_attrs
+    from featcache.extract.engine import extract_to_store
     from featcache.extract.malloc import tune_malloc
     from featcache.extract.manifest import Manifest
     from featcache.extract.memory import check_batch_memory
@@ -46,35 +49,30 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
     knobs = params.extract
     tune_malloc(knobs.malloc_tuning)
     manifest = Manifest.read(manifest_path)
-    device = resolve_device(knobs.device)
+    device, backend, autocast = resolved_choices(knobs)
     loaded = load_backbone(backbone, params.backbones[backbone].weights)
     preprocess = Preprocessor.from_spec(loaded.spec, knobs.resize_mode, max_image_pixels=knobs.max_image_pixels)
-    autocast = None if knobs.autocast == "none" else knobs.autocast
     config = expected_config(params, backbone)
     decode = planned_decode(params)
     attrs = {"backbone": backbone, "weights_id": loaded.weights_id, "weights_sha256": loaded.weights_sha256,
-             "dataset": params.data.name, "backend": knobs.backend, "provider": device, "decode": decode}
+             "dataset": params.data.name, **runner_attrs(backend, device, autocast), "decode": decode}
+    logger.info("extract %s: backend %s on %s, %s, decode %s", backbone, backend, attrs["provider"],
+                attrs["precision"], decode)
     layers = params.backbones[backbone].layers
     if knobs.scheduler != "none":
-        from featcache.extract.distributed import RunnerSpec, extract_distributed
+        from featcache.extract.distributed import RunnerSpec, extract_distributed, local_workers
 
         spec = RunnerSpec(backbone, params.backbones[backbone].weights, tuple(layers), knobs.pooling, device=device,
-                          channels_last=knobs.channels_last, autocast=autocast)
+                          channels_last=knobs.channels_last, autocast=autocast, backend=backend)
         return extract_distributed(manifest, spec, preprocess, out, config=config, attrs=attrs, dtype=knobs.dtype,
                                    block_rows=knobs.block_rows, batch_size=knobs.batch_size, on_error=knobs.on_error,
                                    scheduler_address=None if knobs.scheduler == "local" else knobs.scheduler,
-                                   n_workers=knobs.n_workers, progress=progress,
+                                   n_workers=local_workers(knobs.n_workers, device), progress=progress,
                                    max_bad_fraction=knobs.max_bad_fraction)
-    if knobs.backend == "onnx":
-        from featcache.extract.onnx_runner import OnnxFeatureRunner
-
-        runner = OnnxFeatureRunner.from_model(loaded.model, loaded.spec, layers, pooling=knobs.pooling, device=device,
-                                              cache_dir=knobs.onnx_cache)
-        attrs["provider"] = runner.provider
-        attrs["onnx_sha256"] = runner.onnx_sha256
-    else:
-        runner = TorchFeatureExtractor(loaded.model, loaded.spec, layers, pooling=knobs.pooling, device=device,
-                                       channels_last=knobs.channels_last, autocast=autocast)
+    runner, built = build_runner(loaded.model, loaded.spec, layers, backend=backend, device=device,
+                                 pooling=knobs.pooling, channels_last=knobs.channels_last, autocast=autocast,
+                                 onnx_cache=knobs.onnx_cache)
+    attrs.update(built)
     workers = None if knobs.num_workers == "auto" else int(knobs.num_workers)
     if isinstance(runner, TorchFeatureExtractor):
         check_batch_memory(runner, preprocess.input_size, knobs.batch_size, device, num_workers=workers)
@@ -90,5 +88,5 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
 
     return extract_to_store(manifest, runner, preprocess, out, config=config, attrs=attrs, dtype=knobs.dtype,
                             batch_size=knobs.batch_size, num_workers=workers, block_rows=knobs.block_rows,
-                            on_error=knobs.on_error, pin_memory=device == "cuda", progress=progress,
+                            on_error=knobs.on_error, pin_memory=device.startswith("cuda"), progress=progress,
                             max_bad_fraction=knobs.max_bad_fraction, loader_factory=loader_factory)

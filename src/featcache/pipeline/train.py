@@ -46,8 +46,10 @@ def train(params: Params, store_path: str | Path, backbone: str, layer: str, hea
     """
     task = params.data.task
     with FeatureStore(store_path) as store:
-        # Either decode path (PIL or on the device) is valid for the same params: keep the store's.
-        config = expected_config(params, backbone, decode=store.config.get("extract", {}).get("decode", "cpu"))
+        # Either decode path, and whatever an ``auto`` backend/autocast resolved to where the store was
+        # extracted, is valid for the same params: keep the store's.
+        stored = store.config.get("extract", {})
+        config = expected_config(params, backbone, decode=stored.get("decode", "cpu"), stored=stored)
         store.check_config(config)
         # Streaming heads read the store chunk by chunk (out of core); the others load the split.
         read = store.to_dask if head in STREAMING_HEADS else store.read

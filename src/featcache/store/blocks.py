@@ -212,13 +212,8 @@ class BlockCommitter:
         """Where block ``block``'s file lives."""
         return self.parts_dir / block_name(block)
 
-    def commit_block(
-        self,
-        block: int,
-        kept_rows: np.ndarray,
-        features: Mapping[str, np.ndarray],
-        errors: Sequence[tuple[str, str]] = (),
-    ) -> Path:
+    def commit_block(self, block: int, kept_rows: np.ndarray, features: Mapping[str, np.ndarray],
+                     errors: Sequence[tuple[str, str]] = ()) -> Path:
         """Write one block file atomically (see :meth:`StoreWriter.commit_block` for the arguments).
 
         Returns

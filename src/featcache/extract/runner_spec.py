@@ -1,0 +1,173 @@
+"""A picklable recipe of a feature runner, built once per (dask worker) process on its own device.
+
+:class:`RunnerSpec` travels to the workers instead of a model object;
+:meth:`RunnerSpec.build` builds the runner that :mod:`featcache.extract.backends`
+resolves (torch or onnxruntime) once per process. :func:`worker_device` pins
+each worker of a multi-GPU machine to its own GPU, :func:`local_workers`
+sizes a local cluster (one worker per GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from featcache.extract.backends import BACKENDS, build_runner
+
+__all__ = ["RunnerSpec", "local_workers", "worker_device"]
+
+logger = logging.getLogger("featcache.extract.distributed")
+
+#: Per-process cache of built runners, keyed by their (hashable) spec.
+_RUNNERS: dict["RunnerSpec", Any] = {}
+_RUNNERS_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------------- spec
+@dataclass(frozen=True)
+class RunnerSpec:
+    """Picklable recipe of a feature runner (torch or onnxruntime, see :mod:`featcache.extract.backends`).
+
+    Workers receive this spec, not a model object, and build the extractor
+    once per process (:meth:`build` caches it).
+
+    Attributes
+    ----------
+    backbone : str
+        Registry name, e.g. ``"resnet18"`` or ``"efficientnet_lite0"``.
+    weights : str
+        ``"pretrained"``, ``"random"`` or the path of a local state dict; a path
+        must exist on every worker.
+    layers : tuple of str
+        Layer aliases or raw graph node names (``"default"`` for the registry
+        default); a list is converted to a tuple.
+    pooling : str
+        Pooling of conv maps (``"avg"``, ``"max"``, ``"avg2x2"``, ``"none"``).
+    device : str
+        Torch device of the forward pass on the workers (``"cpu"``, ``"cuda"``).
+    channels_last : bool
+        Run convolutions in NHWC memory format.
+    autocast : {None, "bf16", "fp16"}
+        Autocast dtype of the forward pass; None for float32.
+    seed : int
+        Seed of the random initialisation (``weights="random"``); the same
+        seed gives identical weights in every process.
+    backend : {"torch", "onnx", "auto"}
+        Runtime on the workers; ``auto`` resolves on each worker (torch on
+        CUDA, onnxruntime on CPU). ONNX workers export the model once per
+        process and run it with as many threads as torch has there.
+    """
+
+    backbone: str
+    weights: str
+    layers: tuple[str, ...]
+    pooling: str
+    device: str = "cpu"
+    channels_last: bool = True
+    autocast: str | None = None
+    seed: int = 0
+    backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, str):
+            raise TypeError(f"RunnerSpec.layers must be a sequence of layer names, not the string {self.layers!r}.")
+        object.__setattr__(self, "layers", tuple(str(layer) for layer in self.layers))
+        if not self.layers:
+            raise ValueError("RunnerSpec.layers is empty. Hint: use ('default',) for the penultimate layer.")
+        if not self.backbone or not self.weights:
+            raise ValueError(f"RunnerSpec needs a backbone and weights, got {self.backbone!r}, {self.weights!r}.")
+        if self.autocast not in (None, "auto", "bf16", "fp16"):
+            raise ValueError(f"RunnerSpec.autocast {self.autocast!r} is not one of None, 'auto', 'bf16', 'fp16'.")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"RunnerSpec.backend {self.backend!r} is not one of {BACKENDS}.")
+
+    def build(self, input_size: int | None = None) -> Any:
+        """The runner of this spec, built once per process and then cached.
+
+        On a machine with several GPUs a ``"cuda"`` spec runs on this
+        worker's own GPU (:func:`worker_device`).
+
+        Parameters
+        ----------
+        input_size : int, optional
+            ONNX only: the exported input side (default: the registry's); part
+            of the cache key.
+
+        Returns
+        -------
+        TorchFeatureExtractor or OnnxFeatureRunner
+            Maps a (B, 3, S, S) float32 batch to ``{layer: (B, D) float32 array}``.
+            Shared by every caller in this process: do not modify it.
+
+        Raises
+        ------
+        featcache.extract.weights.WeightsNotFoundError
+            If the weights are not available in this process's machine.
+        """
+        key = (self, input_size)
+        with _RUNNERS_LOCK:
+            runner = _RUNNERS.get(key)
+            if runner is None:
+                from featcache.extract.weights import load_backbone
+
+                started = time.perf_counter()
+                loaded = load_backbone(self.backbone, self.weights, seed=self.seed)
+                device = worker_device(self.device)
+                runner, attrs = build_runner(loaded.model, loaded.spec, list(self.layers), backend=self.backend,
+                                             device=device, pooling=self.pooling, channels_last=self.channels_last,
+                                             autocast=self.autocast, input_size=input_size,
+                                             intra_op_threads=torch.get_num_threads())
+                _RUNNERS[key] = runner
+                logger.info("built %s (%s, %s on %s) in pid %d in %.1f s", self.backbone, loaded.weights_id,
+                            attrs["backend"], attrs["provider"], os.getpid(), time.perf_counter() - started)
+            return runner
+
+
+def worker_device(device: str, worker_name: Any = None) -> str:
+    """The device a dask worker uses for ``device``: its own GPU when the machine has several.
+
+    ``"cuda"`` on a machine with G > 1 visible GPUs becomes ``cuda:k`` with
+    ``k = worker index mod G`` (LocalCluster names its workers 0, 1, ...), so
+    one worker per GPU puts each on its own device. An explicit ``cuda:N``,
+    ``cpu``, a single GPU, or a worker without an integer name (e.g. one
+    started with ``CUDA_VISIBLE_DEVICES`` set, which then sees one GPU) keep
+    ``device``.
+
+    Parameters
+    ----------
+    device : str
+        The spec's device.
+    worker_name : optional
+        The dask worker's name; default: the current worker's (None outside a worker).
+    """
+    if device != "cuda" or torch.cuda.device_count() < 2:
+        return device
+    if worker_name is None:
+        try:
+            from distributed import get_worker
+
+            worker_name = get_worker().name
+        except (ImportError, ValueError):
+            return device
+    try:
+        index = int(worker_name)
+    except (TypeError, ValueError):
+        logger.warning("dask worker %r has no integer name: it uses %s. Hint: start one worker per GPU with "
+                       "CUDA_VISIBLE_DEVICES set per worker (or dask-cuda's LocalCUDACluster).", worker_name, device)
+        return device
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
+def local_workers(n_workers: int | str, device: str) -> int:
+    """Workers of a LocalCluster: ``auto`` -> one per GPU on CUDA (at least 1), else 2; an int is kept."""
+    if n_workers != "auto":
+        return int(n_workers)
+    if str(device).startswith("cuda"):
+        return max(1, torch.cuda.device_count())
+    return 2
