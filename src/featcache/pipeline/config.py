@@ -423,9 +423,13 @@ def planned_decode(params: Params) -> str:
         return knobs.decode
     if knobs.scheduler != "none" or knobs.backend == "onnx":
         return "cpu"
+    from featcache.extract.backends import resolve_backend
     from featcache.extract.gpu_decode import resolve_decode
+    from featcache.util.compute import resolve_device
 
-    device, backend, _ = resolved_choices(knobs)
+    # A plan, not a check: an explicit device is taken as it is (the extract stage validates it).
+    device = resolve_device("auto") if knobs.device == "auto" else knobs.device
+    backend = resolve_backend(knobs.backend, device)
     return "cpu" if backend != "torch" else resolve_decode("auto", device)
 
 
