@@ -40,6 +40,7 @@ from featcache.extract.preprocess import Preprocessor
 from featcache.store.reader import FeatureStore
 from featcache.store.schema import canonical_json, sha256_text
 from featcache.store.writer import LayerSpec, StoreWriter
+from featcache.util import compute
 
 __all__ = ["Batch", "BlockSink", "LoaderFactory", "DEFAULT_MAX_BAD_FRACTION", "ExtractionError", "ExtractionReport", "FeatureRunner",
            "ON_ERROR", "build_report", "build_root_attrs", "check_bad_rows", "check_max_bad_fraction", "check_on_error", "extract_to_store", "resolve_device", "run_blocks"]
@@ -80,12 +81,8 @@ class ExtractionReport:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; validates explicit values."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ExtractionError("extract.device is 'cuda' but no CUDA device is visible. Hint: use 'auto' or 'cpu'.")
-    return device
+    """``auto`` -> ``cuda`` when available, else ``cpu``; an explicit value is checked (:class:`ExtractionError`)."""
+    return compute.resolve_device(device, setting="extract.device", error=ExtractionError)
 
 
 def extract_to_store(

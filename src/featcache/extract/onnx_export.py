@@ -42,6 +42,7 @@ import featcache
 from featcache.errors import UserError
 from featcache.extract.torch_runner import TorchFeatureExtractor, pool_features
 from featcache.store.schema import LayerSpec, canonical_json
+from featcache.util.atomic import atomic_path
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -300,13 +301,8 @@ def export_onnx(extractor: TorchFeatureExtractor, path: str | os.PathLike[str], 
     onnx.helper.set_model_props(model, props)
     model.doc_string = f"featcache {featcache.__version__}: {extractor.spec.name} {names} ({extractor.pooling})"
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with atomic_path(path) as partial:
         onnx.save(model, str(partial))
         onnx.checker.check_model(str(partial), full_check=True)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
     logger.info("Wrote %s (%.1f MB, %d nodes)", path, path.stat().st_size / 1e6, len(model.graph.node))
     return path

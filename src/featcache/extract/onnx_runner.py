@@ -26,6 +26,7 @@ from featcache.extract.onnx_export import DEFAULT_OPSET, EXPORT_KEY, LAYERS_KEY,
 from featcache.extract.registry import BackboneSpec
 from featcache.extract.torch_runner import TorchFeatureExtractor
 from featcache.store.schema import LayerSpec
+from featcache.util.atomic import atomic_path
 from featcache.util.compute import physical_cores
 
 __all__ = ["OnnxFeatureRunner"]
@@ -172,10 +173,8 @@ class OnnxFeatureRunner:
                 path = cached
             else:
                 path = Path(path)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-                shutil.copyfile(cached, partial)
-                os.replace(partial, path)
+                with atomic_path(path) as partial:
+                    shutil.copyfile(cached, partial)
         else:
             if path is None:
                 tmpdir = tempfile.TemporaryDirectory(prefix="featcache-onnx-")

