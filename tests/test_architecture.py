@@ -7,9 +7,7 @@
   module ``x._y``, or ``x._y`` on an imported featcache module), and no ``# noqa: SLF001``;
 * no source file over 500 lines.
 
-Imports inside functions count. Violations that other branches are removing are listed
-by name in ``KNOWN``, each rule's list checked by a strict xfail test, so the list must
-shrink to nothing when those branches land (the xfail then passes and fails the suite).
+Imports inside functions count. There is no allowlist: every rule holds for the whole tree.
 """
 
 from __future__ import annotations
@@ -33,15 +31,6 @@ FORBIDDEN: dict[str, frozenset[str]] = {
 }
 RULES = ("layers", "pipeline", "private", "noqa", "size")
 
-#: Violations being fixed on other branches: rule -> {"path" or "path: detail", ...}. Drop entries at merge.
-KNOWN: dict[str, frozenset[str]] = {
-    "layers": frozenset(),
-    "pipeline": frozenset(),
-    "private": frozenset(),
-    "noqa": frozenset(),
-    "size": frozenset(),
-}
-FIXED_ON = {"layers": "-", "pipeline": "-", "private": "-", "noqa": "-", "size": "-"}
 
 
 @dataclass(frozen=True)
@@ -155,24 +144,10 @@ def violations(rule: str, root: Path = SRC) -> set[str]:
     return found
 
 
-def _known(rule: str, found: set[str]) -> set[str]:
-    """The violations that ``KNOWN[rule]`` lists (by exact text or by path)."""
-    return {item for item in found if item in KNOWN[rule] or item.split(":")[0] in KNOWN[rule]}
-
-
 @pytest.mark.parametrize("rule", RULES)
 def test_no_new_violations(rule: str):
     found = violations(rule)
-    new = found - _known(rule, found)
-    assert not new, f"{rule}: " + "; ".join(sorted(new))
-
-
-@pytest.mark.parametrize("rule", [rule for rule in RULES if KNOWN[rule]])
-def test_known_violations_are_still_listed_exactly(rule: str, request: pytest.FixtureRequest):
-    """Strict xfail while other branches fix them: passes (and so fails the suite) once they are gone."""
-    request.applymarker(pytest.mark.xfail(strict=True, reason=f"fixed on branch {FIXED_ON[rule]}; "
-                                                               f"then delete KNOWN[{rule!r}]"))
-    assert not _known(rule, violations(rule)), sorted(_known(rule, violations(rule)))
+    assert not found, f"{rule}: " + "; ".join(sorted(found))
 
 
 def test_no_noqa_slf001_in_tests():
