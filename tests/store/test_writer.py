@@ -197,6 +197,22 @@ def test_finalize_replaces_whole_file_and_spares_hard_links(tmp_path, file_md5):
 
 
 # --------------------------------------------------------------------------- failures
+def test_with_block_error_logs_progress_and_releases_lock(tmp_path, caplog):
+    out = tmp_path / "x.h5"
+    with caplog.at_level(logging.WARNING, logger="featcache.store.writer"):
+        with pytest.raises(KeyError, match="boom"):
+            with StoreWriter(out, **synth.make_kwargs()) as w:
+                synth.commit(w, [1])
+                raise KeyError("boom")
+    assert "stopped by KeyError; 1 of 5 blocks committed, rerun to resume" in caplog.text
+    caplog.clear()
+    with StoreWriter(out, **synth.make_kwargs(), lock_timeout=0.3) as w2:  # the lock was released
+        assert w2.pending_blocks() == [0, 2, 3, 4]
+        synth.commit(w2, w2.pending_blocks())
+        w2.finalize()
+    assert "stopped by" not in caplog.text  # a clean exit logs nothing
+
+
 def test_finalize_with_missing_blocks_lists_them(tmp_path):
     with StoreWriter(tmp_path / "x.h5", **synth.make_kwargs()) as w:
         synth.commit(w, [0, 2])

@@ -14,11 +14,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Mapping
 
 import h5py
 import numpy as np
+
+from featcache.util.closing import Closing
 
 from .errors import StaleStoreError, StoreError, StoreNotFoundError
 from .lazy import dask_array
@@ -76,7 +77,7 @@ def diff_config(stored: Any, expected: Any, prefix: str = "") -> list[str]:
     return [f"{prefix or '<config>'}: store has {show(stored)}, params say {show(expected)}"]
 
 
-class FeatureStore:
+class FeatureStore(Closing):
     """A complete feature store opened read-only.
 
     Parameters
@@ -288,17 +289,6 @@ class FeatureStore:
         """Close the HDF5 file; dask arrays made earlier keep working."""
         if self._file.id.valid:
             self._file.close()
-
-    def __enter__(self) -> "FeatureStore":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (

@@ -26,10 +26,11 @@ import math
 import os
 import shutil
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from featcache.util.closing import Closing
 
 from . import blocks as _blocks
 from .assemble import write_store
@@ -50,7 +51,7 @@ __all__ = ["LayerSpec", "StoreWriter"]  # LayerSpec lives in .schema; re-exporte
 logger = logging.getLogger(__name__)
 
 
-class StoreWriter:
+class StoreWriter(Closing):
     """Write one feature store block by block; see the module docstring.
 
     Parameters
@@ -399,18 +400,10 @@ class StoreWriter:
         if lock is not None:
             lock.release()
 
-    def __enter__(self) -> "StoreWriter":
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is not None and not self._finalized:
+    def _on_error(self, exc_type: type[BaseException]) -> None:
+        """The ``with`` block raised: say how far the writer got (``close()`` follows)."""
+        if not self._finalized:
             logger.warning(
                 "store writer %s stopped by %s; %d of %d blocks committed, rerun to resume",
                 self.path, exc_type.__name__, len(self._committed), self.n_blocks,
             )
-        self.close()

@@ -1,11 +1,13 @@
 """Small leaf helpers shared by every subpackage (no featcache imports here).
 
 * :mod:`featcache.util.atomic` - write a file atomically (temp file + ``os.replace``);
+* :mod:`featcache.util.closing` - the ``with obj:`` mixin of objects with a ``close()``;
 * :mod:`featcache.util.compute` - devices, CPU counts and torch thread limits;
 * :mod:`featcache.util.names` - "did you mean" hints for unknown names.
 """
 
 from featcache.util.atomic import atomic_path, write_bytes, write_csv, write_json, write_text
+from featcache.util.closing import Closing
 from featcache.util.compute import (
     DEVICES,
     default_num_workers,
@@ -18,6 +20,7 @@ from featcache.util.names import closest, did_you_mean
 
 __all__ = [
     "DEVICES",
+    "Closing",
     "atomic_path",
     "closest",
     "default_num_workers",
