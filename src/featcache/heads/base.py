@@ -1,4 +1,4 @@
-"""The base class of every head: the scikit-learn estimator contract featcache relies on.
+"""The base classes of every head: the scikit-learn estimator contract featcache relies on.
 
 Heads drop into ``Pipeline``, ``GridSearchCV`` and ``clone`` because they
 follow scikit-learn's rules: ``__init__`` only stores its parameters;
@@ -7,21 +7,32 @@ featcache adds an optional validation split to ``fit`` (model selection on
 ``X_val``/``y_val``, or on a hold-out of ``X`` without one) and three fitted
 attributes every head sets: ``n_features_in_``, ``best_params_`` and
 ``fit_seconds_``.
+
+The task is a class attribute: a head derives from :class:`ClassifierHead`
+(integer class indices, ``predict_proba``) or :class:`RegressorHead` (real
+targets, standardised for training) and implements ``_fit``.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 
-__all__ = ["HeadBase"]
+from .splits import Split, prepare_fit
+from .validation import expand_columns, resolve_classes
+
+__all__ = ["ClassifierHead", "HeadBase", "RegressorHead"]
+
+log = logging.getLogger(__name__)
 
 
 class HeadBase(BaseEstimator):
-    """Base of the featcache heads (mix in ``ClassifierMixin`` or ``RegressorMixin`` first).
+    """Base of the featcache heads (derive from :class:`ClassifierHead` or :class:`RegressorHead`).
 
     Attributes
     ----------
@@ -46,16 +57,16 @@ class HeadBase(BaseEstimator):
             if name not in ("self", "__class__"):
                 setattr(self, name, value)
 
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> HeadBase:
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> Self:
         """Fit on the training rows, selecting the model on the validation rows.
 
         Parameters
         ----------
         X : array-like or dask array of shape (n_train, D)
-            Training features.
+            Training features (dask arrays: the streaming heads only).
         y : array-like of shape (n_train,)
             Integer class indices 0..K-1 (classifiers) or real targets (regressors).
-        X_val : array-like of shape (n_val, D), optional
+        X_val : array-like or dask array of shape (n_val, D), optional
             Validation features, for model selection only; without them a
             ``validation_fraction`` of the training rows is held out.
         y_val : array-like of shape (n_val,), optional
@@ -65,8 +76,98 @@ class HeadBase(BaseEstimator):
         -------
         self
         """
-        raise NotImplementedError(f"{type(self).__name__} must implement fit(X, y, X_val=None, y_val=None).")
+        start = time.perf_counter()
+        self._fit(X, y, X_val, y_val)
+        self.fit_seconds_ = time.perf_counter() - start
+        log.info("%s: chose %s in %.2fs", type(self).__name__, self.best_params_, self.fit_seconds_)
+        return self
+
+    def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
+        """Validate and learn every fitted attribute except ``fit_seconds_``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement _fit(X, y, X_val, y_val).")
+
+    def _split(self, X: Any, y: Any, X_val: Any, y_val: Any, cv_folds: int | None = None) -> Split:
+        """:func:`~featcache.heads.splits.prepare_fit` with this head's task, hold-out fraction and seed."""
+        return prepare_fit(
+            X, y, X_val, y_val, classification=self._classification, cv_folds=cv_folds,
+            validation_fraction=self.validation_fraction, random_state=self.random_state,
+        )
 
     def predict(self, X: Any) -> np.ndarray:
         """(n, D) features -> (n,) class indices or predicted values."""
         raise NotImplementedError(f"{type(self).__name__} must implement predict(X).")
+
+
+class ClassifierHead(ClassifierMixin, HeadBase):
+    """A head predicting one of K classes; ``predict`` is the most probable column of ``predict_proba``.
+
+    Heads whose model only knows the classes of its training rows set
+    ``train_classes_`` and implement ``_seen_proba``; ``predict_proba`` widens its
+    columns to all K classes.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (K,)
+    train_classes_ : ndarray of shape (n_seen,)
+        Classes present in the training rows (heads using ``_seen_proba``).
+    """
+
+    _classification = True
+
+    def _set_targets(self, y_fit: np.ndarray, y_train: np.ndarray, y_val: np.ndarray | None) -> int:
+        """Set ``classes_`` (K from ``n_classes`` or the labels of train and val); return K outputs."""
+        self.classes_ = resolve_classes(self.n_classes, y_train, y_val)
+        return int(self.classes_.size)
+
+    def _seen_proba(self, X: Any) -> np.ndarray:
+        """(n, D) features -> (n, n_seen) probabilities of the ``train_classes_``, float64."""
+        raise NotImplementedError(f"{type(self).__name__} must implement predict_proba(X) or _seen_proba(X).")
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities.
+
+        Parameters
+        ----------
+        X : array-like of shape (n, D)
+
+        Returns
+        -------
+        ndarray of shape (n, K)
+            Columns of classes absent from the training rows are 0.
+        """
+        return expand_columns(self._seen_proba(X), self.train_classes_, self.classes_.size)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Most probable class index, shape (n,)."""
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
+
+
+class RegressorHead(RegressorMixin, HeadBase):
+    """A head predicting a real target; models that need it train on the standardised target.
+
+    Attributes
+    ----------
+    y_mean_, y_scale_ : float
+        Target standardisation from the training rows (heads using
+        :meth:`_fit_target_scale`).
+    """
+
+    def _set_targets(self, y_fit: np.ndarray, y_train: np.ndarray, y_val: np.ndarray | None) -> int:
+        """Standardise the target on the fitting rows ``y_fit`` (n_fit,); return 1 output."""
+        self._fit_target_scale(y_fit)
+        return 1
+
+    def _fit_target_scale(self, y: np.ndarray) -> None:
+        """Set ``y_mean_`` and ``y_scale_`` (the std, 1 for a constant target) from training targets (n,)."""
+        self.y_mean_ = float(np.mean(y))
+        std = float(np.std(y))
+        self.y_scale_ = std if std > 0 else 1.0
+
+    def _scale_target(self, y: Any) -> Any:
+        """Targets (n,) -> standardised targets (n,) (numpy arrays or torch tensors)."""
+        return (y - self.y_mean_) / self.y_scale_
+
+    def _unscale_target(self, values: Any) -> Any:
+        """Standardised predictions (n,) -> predictions in target units (n,)."""
+        return values * self.y_scale_ + self.y_mean_

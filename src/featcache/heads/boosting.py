@@ -14,25 +14,15 @@ from __future__ import annotations
 
 import inspect
 import logging
-import time
 from typing import Any
 
 import numpy as np
-from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .base import HeadBase
+from .base import ClassifierHead, HeadBase, RegressorHead
 from .preprocessing import apply_preprocess, check_pca_components, fit_preprocess
-from .splits import Split, prepare_fit
-from .validation import (
-    check_features,
-    check_fraction,
-    check_int,
-    check_positive,
-    expand_columns,
-    require_two_classes,
-    resolve_classes,
-)
+from .splits import Split
+from .validation import check_features, check_fraction, check_int, check_positive, require_two_classes, resolve_classes
 
 __all__ = ["AUTO_COLUMNS", "LightGBMHead", "LightGBMRegressorHead"]
 
@@ -129,7 +119,7 @@ class LightGBMBase(HeadBase):
         return np.asarray(self.booster_.predict(X, num_iteration=self.best_iteration_), dtype=np.float64)
 
 
-class LightGBMHead(ClassifierMixin, LightGBMBase):
+class LightGBMHead(ClassifierHead, LightGBMBase):
     """LightGBM classifier, early-stopped on the validation split.
 
     Parameters
@@ -188,8 +178,6 @@ class LightGBMHead(ClassifierMixin, LightGBMBase):
     LightGBM; they are left out of the early-stopping set (with a warning).
     """
 
-    _classification = True
-
     def __init__(
         self,
         n_estimators: int = 300,
@@ -209,17 +197,9 @@ class LightGBMHead(ClassifierMixin, LightGBMBase):
     ) -> None:
         self._store_init_params(locals())
 
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> LightGBMHead:
-        """Boost on train, early-stopping on val.
-
-        X (n_train, D), y (n_train,), X_val (n_val, D) and y_val (n_val,) as in
-        :meth:`~featcache.heads.base.HeadBase.fit`; returns ``self``.
-        """
-        start = time.perf_counter()
-        split = prepare_fit(
-            X, y, X_val, y_val, classification=True,
-            validation_fraction=self.validation_fraction, random_state=self.random_state,
-        )
+    def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
+        """Boost on train, early-stopping on the val rows of classes seen in training."""
+        split = self._split(X, y, X_val, y_val)
         classes = resolve_classes(self.n_classes, split.y_train, split.y_val)
         seen = require_two_classes(split.y_fit)
         known = np.isin(split.y_sel, seen)
@@ -236,33 +216,15 @@ class LightGBMHead(ClassifierMixin, LightGBMBase):
         self._fit_booster(split, None if known.all() else np.flatnonzero(known))
         self.classes_ = classes
         self.train_classes_ = seen
-        self.fit_seconds_ = time.perf_counter() - start
-        return self
 
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities.
-
-        Parameters
-        ----------
-        X : array-like of shape (n, D)
-
-        Returns
-        -------
-        ndarray of shape (n, K)
-            Columns of classes absent from the training rows are 0.
-        """
+    def _seen_proba(self, X: Any) -> np.ndarray:
         raw = self._raw_predict(X)
         if raw.ndim == 1:  # binary objective: P(second seen class)
             raw = np.column_stack([1.0 - raw, raw])
-        return expand_columns(raw, self.train_classes_, self.classes_.size)
-
-    def predict(self, X: Any) -> np.ndarray:
-        """Most probable class index, shape (n,)."""
-        proba = self.predict_proba(X)
-        return self.classes_[np.argmax(proba, axis=1)]
+        return raw
 
 
-class LightGBMRegressorHead(RegressorMixin, LightGBMBase):
+class LightGBMRegressorHead(RegressorHead, LightGBMBase):
     """LightGBM regressor (L2), early-stopped on the validation split.
 
     Parameters are those of :class:`LightGBMHead` without ``n_classes``; the
@@ -292,20 +254,9 @@ class LightGBMRegressorHead(RegressorMixin, LightGBMBase):
     ) -> None:
         self._store_init_params(locals())
 
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> LightGBMRegressorHead:
-        """Boost on train, early-stopping on val RMSE (L2).
-
-        X (n_train, D), y (n_train,), X_val (n_val, D) and y_val (n_val,) as in
-        :meth:`~featcache.heads.base.HeadBase.fit`; returns ``self``.
-        """
-        start = time.perf_counter()
-        split = prepare_fit(
-            X, y, X_val, y_val, classification=False,
-            validation_fraction=self.validation_fraction, random_state=self.random_state,
-        )
-        self._fit_booster(split)
-        self.fit_seconds_ = time.perf_counter() - start
-        return self
+    def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
+        """Boost on train, early-stopping on val RMSE (L2)."""
+        self._fit_booster(self._split(X, y, X_val, y_val))
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted targets, shape (n,), float64."""

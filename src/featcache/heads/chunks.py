@@ -116,6 +116,11 @@ class RowChunks:
     def __len__(self) -> int:
         return len(self.bounds)
 
+    @property
+    def served_y(self) -> np.ndarray | None:
+        """Labels/targets of the rows served, shape (n_rows,); None without ``y``."""
+        return self.y if self.rows is None or self.y is None else self.y[self.rows]
+
     def chunk(self, i: int) -> tuple[np.ndarray, np.ndarray | None] | None:
         """Rows of chunk ``i`` as ``(X_chunk, y_chunk)``; None when none is selected."""
         start, stop = self.bounds[i]

@@ -14,22 +14,20 @@ folds of the training rows. Features are standardised and optionally reduced by 
 from __future__ import annotations
 
 import logging
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.utils.validation import check_is_fitted
 
 from featcache.util.compute import thread_limit
 
-from .base import HeadBase
+from .base import ClassifierHead, RegressorHead
 from .preprocessing import apply_preprocess, check_pca_components
-from .splits import SelectionSets, Split, average_rows, prepare_fit
+from .splits import SelectionSets, Split, average_rows
 from .validation import (
     as_float_list,
     check_features,
@@ -106,7 +104,7 @@ def _final_rows(split: Split, refit_on_trainval: bool) -> tuple[np.ndarray, np.n
     return split.X_train, split.y_train
 
 
-class LogisticRegressionHead(ClassifierMixin, HeadBase):
+class LogisticRegressionHead(ClassifierHead):
     """Multinomial L2 logistic regression with C chosen on the validation split.
 
     Parameters
@@ -171,8 +169,6 @@ class LogisticRegressionHead(ClassifierMixin, HeadBase):
     the final refit starts cold.
     """
 
-    _classification = True
-
     def __init__(
         self,
         Cs: Sequence[float] | np.ndarray | None = None,
@@ -231,22 +227,14 @@ class LogisticRegressionHead(ClassifierMixin, HeadBase):
             })
         return rows
 
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> LogisticRegressionHead:
-        """Choose C on the validation split (or hold-out, or k folds), then refit.
-
-        X (n_train, D), y (n_train,), X_val (n_val, D) and y_val (n_val,) as in
-        :meth:`~featcache.heads.base.HeadBase.fit`; returns ``self``.
-        """
-        start = time.perf_counter()
+    def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
+        """Choose C on the validation split (or hold-out, or k folds), then refit."""
         check_int("refine_points", self.refine_points, 2)
         check_int("max_iter", self.max_iter, 1)
         check_positive("tol", self.tol)
         check_pca_components(self.pca_components)
         grid = as_float_list("Cs", DEFAULT_CS if self.Cs is None else self.Cs)
-        split = prepare_fit(
-            X, y, X_val, y_val, classification=True, validation_fraction=self.validation_fraction,
-            random_state=self.random_state, cv_folds=self.cv_folds,
-        )
+        split = self._split(X, y, X_val, y_val, self.cv_folds)
         classes = resolve_classes(self.n_classes, split.y_train, split.y_val)
         require_two_classes(split.y_train if split.folds else split.y_fit)
         with thread_limit(self.n_jobs):
@@ -270,34 +258,15 @@ class LogisticRegressionHead(ClassifierMixin, HeadBase):
         self.n_features_in_ = int(split.X_train.shape[1])
         self.best_params_ = {"C": best_C}
         self.search_results_ = results
-        self.fit_seconds_ = time.perf_counter() - start
-        log.info("LogisticRegressionHead: C=%g (%d evaluated) in %.2fs", best_C, len(results), self.fit_seconds_)
-        return self
 
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities.
-
-        Parameters
-        ----------
-        X : array-like of shape (n, D)
-
-        Returns
-        -------
-        ndarray of shape (n, K)
-            Columns of classes absent from the training rows are 0.
-        """
+    def _seen_proba(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "estimator_")
         X = check_features(X, self)
         proba = self.estimator_.predict_proba(apply_preprocess(X, self.scaler_, self.pca_))
-        return expand_columns(proba.astype(np.float64, copy=False), self.train_classes_, self.classes_.size)
-
-    def predict(self, X: Any) -> np.ndarray:
-        """Most probable class index, shape (n,)."""
-        proba = self.predict_proba(X)
-        return self.classes_[np.argmax(proba, axis=1)]
+        return proba.astype(np.float64, copy=False)
 
 
-class RidgeHead(RegressorMixin, HeadBase):
+class RidgeHead(RegressorHead):
     """Ridge regression with alpha chosen on validation RMSE (coarse-to-fine log grid).
 
     Parameters
@@ -343,20 +312,12 @@ class RidgeHead(RegressorMixin, HeadBase):
     ) -> None:
         self._store_init_params(locals())
 
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> RidgeHead:
-        """Choose alpha on the validation split (or hold-out, or k folds), then refit.
-
-        X (n_train, D), y (n_train,), X_val (n_val, D) and y_val (n_val,) as in
-        :meth:`~featcache.heads.base.HeadBase.fit`; returns ``self``.
-        """
-        start = time.perf_counter()
+    def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
+        """Choose alpha on the validation split (or hold-out, or k folds), then refit."""
         check_int("refine_points", self.refine_points, 2)
         check_pca_components(self.pca_components)
         grid = as_float_list("alphas", DEFAULT_ALPHAS if self.alphas is None else self.alphas)
-        split = prepare_fit(
-            X, y, X_val, y_val, classification=False, validation_fraction=self.validation_fraction,
-            random_state=self.random_state, cv_folds=self.cv_folds,
-        )
+        split = self._split(X, y, X_val, y_val, self.cv_folds)
         sets = SelectionSets(split, self.pca_components, self.random_state)
 
         def score_path(values: np.ndarray, X_fit: np.ndarray, y_fit: np.ndarray,
@@ -378,21 +339,9 @@ class RidgeHead(RegressorMixin, HeadBase):
         self.n_features_in_ = int(split.X_train.shape[1])
         self.best_params_ = {"alpha": best_alpha}
         self.search_results_ = results
-        self.fit_seconds_ = time.perf_counter() - start
-        log.info("RidgeHead: alpha=%g (%d evaluated) in %.2fs", best_alpha, len(results), self.fit_seconds_)
-        return self
 
     def predict(self, X: Any) -> np.ndarray:
-        """Predicted targets.
-
-        Parameters
-        ----------
-        X : array-like of shape (n, D)
-
-        Returns
-        -------
-        ndarray of shape (n,), float64
-        """
+        """(n, D) features -> predicted targets, shape (n,), float64."""
         check_is_fitted(self, "estimator_")
         X = check_features(X, self)
         X = apply_preprocess(X, self.scaler_, self.pca_)

@@ -12,21 +12,19 @@ from __future__ import annotations
 
 import logging
 import numbers
-import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.utils.validation import check_is_fitted
 
 from featcache.util.compute import torch_threads
 
-from .base import HeadBase
+from .base import ClassifierHead, HeadBase, RegressorHead
 from .preprocessing import apply_preprocess, check_pca_components, fit_preprocess
-from .splits import Split, prepare_fit
+from .splits import Split
 from .training import build_mlp, iter_batches, predict_batches, train_epochs
-from .validation import check_features, check_int, check_positive, require_two_classes, resolve_classes
+from .validation import check_features, check_int, check_positive, require_two_classes
 
 if TYPE_CHECKING:
     import torch
@@ -76,6 +74,15 @@ class MLPBase(HeadBase):
         from torch import nn
 
         return nn.CrossEntropyLoss() if self._classification else nn.MSELoss()
+
+    def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
+        """Train on train, early-stopping on val."""
+        device = self._check_params()
+        split = self._split(X, y, X_val, y_val)
+        n_out = self._set_targets(split.y_fit, split.y_train, split.y_val)
+        if self._classification:
+            require_two_classes(split.y_fit)
+        self._train(split, n_out, device)
 
     def _train(self, split: Split, n_out: int, device: torch.device) -> None:
         """Fit scaler (+ PCA) and network; set every fitted attribute except task-specific ones."""
@@ -134,7 +141,7 @@ class MLPBase(HeadBase):
         return self._forward_array(X)
 
 
-class MLPHead(ClassifierMixin, MLPBase):
+class MLPHead(ClassifierHead, MLPBase):
     """MLP classifier (cross-entropy), early-stopped on validation loss.
 
     Parameters
@@ -189,8 +196,6 @@ class MLPHead(ClassifierMixin, MLPBase):
     fit_seconds_ : float
     """
 
-    _classification = True
-
     def __init__(
         self,
         hidden_sizes: Sequence[int] = (256,),
@@ -215,25 +220,6 @@ class MLPHead(ClassifierMixin, MLPBase):
     def _val_score(self, out: torch.Tensor, target: torch.Tensor) -> float:
         return float((out.argmax(dim=1) == target).float().mean())
 
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> MLPHead:
-        """Train on train, early-stopping on val.
-
-        X (n_train, D), y (n_train,), X_val (n_val, D) and y_val (n_val,) as in
-        :meth:`~featcache.heads.base.HeadBase.fit`; returns ``self``.
-        """
-        start = time.perf_counter()
-        device = self._check_params()
-        split = prepare_fit(
-            X, y, X_val, y_val, classification=True,
-            validation_fraction=self.validation_fraction, random_state=self.random_state,
-        )
-        classes = resolve_classes(self.n_classes, split.y_train, split.y_val)
-        require_two_classes(split.y_fit)
-        self._train(split, classes.size, device)
-        self.classes_ = classes
-        self.fit_seconds_ = time.perf_counter() - start
-        return self
-
     def predict_proba(self, X: Any) -> np.ndarray:
         """Softmax probabilities, shape (n, K), float64."""
         logits = self._forward(X)
@@ -247,7 +233,7 @@ class MLPHead(ClassifierMixin, MLPBase):
         return self.classes_[np.argmax(logits, axis=1)]
 
 
-class MLPRegressorHead(RegressorMixin, MLPBase):
+class MLPRegressorHead(RegressorHead, MLPBase):
     """MLP regressor: MSE on the standardised target, un-standardised at predict.
 
     Parameters are those of :class:`MLPHead` without ``n_classes``; the hold-out
@@ -281,28 +267,13 @@ class MLPRegressorHead(RegressorMixin, MLPBase):
         self._store_init_params(locals())
 
     def _encode_target(self, y: np.ndarray) -> np.ndarray:
-        return (y - self.y_mean_) / self.y_scale_
+        return self._scale_target(y)
 
     def _val_score(self, out: torch.Tensor, target: torch.Tensor) -> float:
         ss_res = float(((out - target) ** 2).sum())
         ss_tot = float(((target - target.mean()) ** 2).sum())
         return 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
 
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> MLPRegressorHead:
-        """Train on train, early-stopping on val; as :meth:`MLPHead.fit` with real ``y``."""
-        start = time.perf_counter()
-        device = self._check_params()
-        split = prepare_fit(
-            X, y, X_val, y_val, classification=False,
-            validation_fraction=self.validation_fraction, random_state=self.random_state,
-        )
-        self.y_mean_ = float(np.mean(split.y_fit))
-        std = float(np.std(split.y_fit))
-        self.y_scale_ = std if std > 0 else 1.0
-        self._train(split, 1, device)
-        self.fit_seconds_ = time.perf_counter() - start
-        return self
-
     def predict(self, X: Any) -> np.ndarray:
         """Predicted targets, shape (n,), float64."""
-        return self._forward(X) * self.y_scale_ + self.y_mean_
+        return self._unscale_target(self._forward(X))

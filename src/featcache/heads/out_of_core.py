@@ -22,20 +22,17 @@ All of them are importable from here.
 from __future__ import annotations
 
 import copy
-import logging
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.base import ClassifierMixin, RegressorMixin
 from sklearn.linear_model import SGDClassifier, SGDRegressor
 from sklearn.utils.validation import check_is_fitted
 
-from .base import HeadBase
+from .base import ClassifierHead, HeadBase, RegressorHead
 from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, stream_outputs, streaming_sources
 from .preprocessing import fit_scaler_streaming
-from .validation import as_float_list, check_int, resolve_classes
+from .validation import as_float_list, check_int
 from .dask_boosting import fit_lightgbm_dask
 from .metrics import log_loss_score
 from .streaming_mlp import StreamingMLPHead, StreamingMLPRegressorHead
@@ -49,8 +46,6 @@ __all__ = [
     "fit_lightgbm_dask",
 ]
 
-log = logging.getLogger(__name__)
-
 DEFAULT_SGD_ALPHAS: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
 """Candidate L2 strengths of the SGD heads (each candidate is one streamed fit)."""
 
@@ -58,7 +53,6 @@ DEFAULT_SGD_ALPHAS: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
 class _StreamingLinearBase(HeadBase):
     """Shared streamed SGD fitting of :class:`StreamingLogisticHead` / :class:`StreamingRidgeHead`."""
 
-    _classification = False
     _streaming = True  # fit_and_evaluate passes dask arrays through unchanged
 
     def _new_model(self, alpha: float, seed: int) -> SGDClassifier | SGDRegressor:
@@ -86,14 +80,14 @@ class _StreamingLinearBase(HeadBase):
                 break
         return {**best, "history": history}
 
-    def _fit_streaming(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
-        start = time.perf_counter()
+    def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
+        """Stream the training chunks; choose alpha and the epoch on the validation rows."""
         grid = as_float_list("alphas", DEFAULT_SGD_ALPHAS if self.alphas is None else self.alphas)
         check_int("max_epochs", self.max_epochs, 1)
         check_int("patience", self.patience, 1)
         seed = 0 if self.random_state is None else int(self.random_state)
         train, val = streaming_sources(self, X, y, X_val, y_val)
-        self._prepare_targets(train, val)
+        self._set_targets(train.served_y, train.y, val.y)
         self.scaler_ = fit_scaler_streaming(train)
         self.pca_ = None
         results, fits = [], []
@@ -110,12 +104,9 @@ class _StreamingLinearBase(HeadBase):
         self.history_ = fits[i]["history"]
         self.search_results_ = results
         self.n_features_in_ = train.n_features
-        self.fit_seconds_ = time.perf_counter() - start
-        log.info("%s: %s (%d candidates) in %.2fs", type(self).__name__, self.best_params_, len(grid),
-                 self.fit_seconds_)
 
 
-class StreamingLogisticHead(ClassifierMixin, _StreamingLinearBase):
+class StreamingLogisticHead(ClassifierHead, _StreamingLinearBase):
     """L2 logistic regression (one-vs-rest SGD, ``loss="log_loss"``) fitted chunk by chunk.
 
     Parameters
@@ -169,8 +160,6 @@ class StreamingLogisticHead(ClassifierMixin, _StreamingLinearBase):
     stream dask input too and return numpy.
     """
 
-    _classification = True
-
     def __init__(
         self,
         alphas: Sequence[float] | None = None,
@@ -185,9 +174,6 @@ class StreamingLogisticHead(ClassifierMixin, _StreamingLinearBase):
         random_state: int | None = 0,
     ) -> None:
         self._store_init_params(locals())
-
-    def _prepare_targets(self, train: RowChunks, val: RowChunks) -> None:
-        self.classes_ = resolve_classes(self.n_classes, train.y, val.y)
 
     def _partial_fit(self, model: SGDClassifier, X: np.ndarray, y: np.ndarray) -> None:
         model.partial_fit(X, y, classes=self.classes_)
@@ -205,36 +191,14 @@ class StreamingLogisticHead(ClassifierMixin, _StreamingLinearBase):
     def _key(scores: dict[str, float]) -> tuple[float, ...]:
         return (-scores["val_accuracy"], scores["val_log_loss"])
 
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> StreamingLogisticHead:
-        """Stream the training chunks; choose alpha and the epoch on the validation rows.
-
-        Parameters
-        ----------
-        X : ndarray or dask.array.Array of shape (n_train, D)
-        y : array-like of shape (n_train,)
-            Integer class indices 0..K-1.
-        X_val : ndarray or dask.array.Array of shape (n_val, D), optional
-        y_val : array-like of shape (n_val,), optional
-
-        Returns
-        -------
-        self
-        """
-        self._fit_streaming(X, y, X_val, y_val)
-        return self
-
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities (one-vs-rest, normalised), shape (n, K); X numpy or dask."""
         check_is_fitted(self, "estimator_")
         return stream_outputs(self, X, self.estimator_.predict_proba)
 
-    def predict(self, X: Any) -> np.ndarray:
-        """Most probable class index, shape (n,)."""
-        proba = self.predict_proba(X)
-        return self.classes_[np.argmax(proba, axis=1)]
 
 
-class StreamingRidgeHead(RegressorMixin, _StreamingLinearBase):
+class StreamingRidgeHead(RegressorHead, _StreamingLinearBase):
     """Ridge regression by SGD (squared error, L2) fitted chunk by chunk.
 
     Parameters are those of :class:`StreamingLogisticHead` without ``n_classes``
@@ -266,17 +230,11 @@ class StreamingRidgeHead(RegressorMixin, _StreamingLinearBase):
     ) -> None:
         self._store_init_params(locals())
 
-    def _prepare_targets(self, train: RowChunks, val: RowChunks) -> None:
-        y = train.y if train.rows is None else train.y[train.rows]
-        self.y_mean_ = float(np.mean(y))
-        std = float(np.std(y))
-        self.y_scale_ = std if std > 0 else 1.0
-
     def _partial_fit(self, model: SGDRegressor, X: np.ndarray, y: np.ndarray) -> None:
-        model.partial_fit(X, (y - self.y_mean_) / self.y_scale_)
+        model.partial_fit(X, self._scale_target(y))
 
     def _predict_scaled(self, model: SGDRegressor, X: np.ndarray) -> np.ndarray:
-        return model.predict(X) * self.y_scale_ + self.y_mean_
+        return self._unscale_target(model.predict(X))
 
     def _score(self, model: SGDRegressor, val: RowChunks) -> dict[str, float]:
         sse, n = 0.0, 0
@@ -288,11 +246,6 @@ class StreamingRidgeHead(RegressorMixin, _StreamingLinearBase):
     @staticmethod
     def _key(scores: dict[str, float]) -> tuple[float, ...]:
         return (scores["val_rmse"],)
-
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> StreamingRidgeHead:
-        """As :meth:`StreamingLogisticHead.fit` with real-valued ``y`` (selection: lowest RMSE)."""
-        self._fit_streaming(X, y, X_val, y_val)
-        return self
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted targets, shape (n,), float64; X numpy or dask."""

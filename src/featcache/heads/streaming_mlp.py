@@ -10,7 +10,6 @@ validation chunks. Only one chunk of features is in memory at a time.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -19,10 +18,10 @@ from sklearn.utils.validation import check_is_fitted
 
 from featcache.util.compute import torch_threads
 
-from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, stream_outputs, streaming_sources
+from .chunks import DEFAULT_CHUNK_ROWS, stream_outputs, streaming_sources
 from .preprocessing import fit_scaler_streaming
 from .training import build_mlp, iter_batches, train_epochs
-from .validation import check_int, resolve_classes
+from .validation import check_int
 from .mlp import MLPHead, MLPRegressorHead
 
 if TYPE_CHECKING:
@@ -36,14 +35,14 @@ class _StreamingMLPMixin:
 
     _streaming = True
 
-    def _fit_streaming(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
+    def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
+        """Train on mini-batches of the streamed training chunks, early-stopping on the val chunks."""
         import torch
 
-        start = time.perf_counter()
         device = self._check_params()
         check_int("chunk_rows", self.chunk_rows, 1)
         train, val = streaming_sources(self, X, y, X_val, y_val)
-        n_out = self._prepare_targets(train, val)
+        n_out = self._set_targets(train.served_y, train.y, val.y)
         self.scaler_, self.pca_ = fit_scaler_streaming(train), None
         seed = 0 if self.random_state is None else int(self.random_state)
         y_dtype = torch.long if self._classification else torch.float32
@@ -74,7 +73,6 @@ class _StreamingMLPMixin:
             history, best_epoch, best_loss = train_epochs(self, module, epoch_batches, validate)
         self._set_trained(module, history, best_epoch, best_loss)
         self.n_features_in_ = train.n_features
-        self.fit_seconds_ = time.perf_counter() - start
 
     def _forward(self, X: Any) -> np.ndarray:
         """Network outputs, streamed chunk by chunk (numpy or dask ``X``)."""
@@ -110,15 +108,6 @@ class StreamingMLPHead(_StreamingMLPMixin, MLPHead):
     ) -> None:
         self._store_init_params(locals())
 
-    def _prepare_targets(self, train: RowChunks, val: RowChunks) -> int:
-        self.classes_ = resolve_classes(self.n_classes, train.y, val.y)
-        return int(self.classes_.size)
-
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> StreamingMLPHead:
-        """As :meth:`MLPHead.fit`, with numpy or dask ``X``/``X_val``; returns self."""
-        self._fit_streaming(X, y, X_val, y_val)
-        return self
-
 
 class StreamingMLPRegressorHead(_StreamingMLPMixin, MLPRegressorHead):
     """:class:`~featcache.heads.mlp.MLPRegressorHead` trained on streamed mini-batches.
@@ -144,14 +133,3 @@ class StreamingMLPRegressorHead(_StreamingMLPMixin, MLPRegressorHead):
     ) -> None:
         self._store_init_params(locals())
 
-    def _prepare_targets(self, train: RowChunks, val: RowChunks) -> int:
-        y = train.y if train.rows is None else train.y[train.rows]
-        self.y_mean_ = float(np.mean(y))
-        std = float(np.std(y))
-        self.y_scale_ = std if std > 0 else 1.0
-        return 1
-
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> StreamingMLPRegressorHead:
-        """As :meth:`MLPRegressorHead.fit`, with numpy or dask ``X``/``X_val``; returns self."""
-        self._fit_streaming(X, y, X_val, y_val)
-        return self
