@@ -72,3 +72,29 @@ def test_unknown_param_names_it_the_head_allowed_and_hint():
         make_head("logreg", "regression", n_classes=3)
     with pytest.raises(ValueError, match=r"Did you mean 'learning_rate'\?"):
         make_head("lightgbm", "regression", learning_rat=0.1)
+
+
+#: Parameters whose default differs between the twins of a head (the SGD schedule).
+TWIN_DEFAULTS = {"sgd": {"learning_rate": ("optimal", "invscaling")}}
+
+
+@pytest.mark.parametrize("name", ["lightgbm", "mlp", "sgd", "streaming_mlp"])
+def test_twins_share_parameters_except_n_classes(name):
+    clf = HEADS[name]["classification"]().get_params()
+    reg = HEADS[name]["regression"]().get_params()
+    assert clf.pop("n_classes") is None and "n_classes" not in reg
+    assert clf.keys() == reg.keys()
+    differ = {key: (clf[key], reg[key]) for key in clf if clf[key] != reg[key]}
+    assert differ == TWIN_DEFAULTS.get(name, {})
+
+
+@pytest.mark.parametrize("name", ["logreg", "lightgbm", "mlp", "sgd", "streaming_mlp"])
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_parameters_are_keyword_only(name, task):
+    import inspect
+
+    cls = HEADS[name][task]
+    kinds = {p.kind for p in inspect.signature(cls).parameters.values()}
+    assert kinds == {inspect.Parameter.KEYWORD_ONLY}
+    with pytest.raises(TypeError, match="positional"):
+        cls(0.5)

@@ -9,15 +9,22 @@ attributes every head sets: ``n_features_in_``, ``best_params_`` and
 ``fit_seconds_``.
 
 The task is a class attribute: a head derives from :class:`ClassifierHead`
-(integer class indices, ``predict_proba``) or :class:`RegressorHead` (real
-targets, standardised for training) and implements ``_fit``.
+(integer class indices, ``predict_proba``, the ``n_classes`` parameter) or
+:class:`RegressorHead` (real targets, standardised for training) and implements
+``_fit``.
+
+Parameters are declared once, as annotated class attributes of a class decorated
+with :func:`head_params` (a :func:`dataclasses.dataclass` that writes an
+``__init__`` which only stores them, keyword-only). Twins share their parameters
+through a common base class; scikit-learn's ``get_params``, ``set_params`` and
+``clone`` read the generated ``__init__`` signature like a hand-written one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from collections.abc import Mapping
 from typing import Any, Self
 
 import numpy as np
@@ -26,9 +33,15 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from .splits import Split, prepare_fit
 from .validation import expand_columns, resolve_classes
 
-__all__ = ["ClassifierHead", "HeadBase", "RegressorHead"]
+__all__ = ["ClassifierHead", "HeadBase", "RegressorHead", "head_params"]
 
 log = logging.getLogger(__name__)
+
+#: Class decorator of every head class that declares parameters: its annotated class
+#: attributes (and those of decorated bases) become the keyword-only parameters of a
+#: generated ``__init__`` that only stores them. scikit-learn's ``__repr__`` is kept
+#: (``repr=False``) and heads compare by identity, like every estimator (``eq=False``).
+head_params = dataclasses.dataclass(eq=False, repr=False, kw_only=True, match_args=False)
 
 
 class HeadBase(BaseEstimator):
@@ -45,17 +58,7 @@ class HeadBase(BaseEstimator):
     """
 
     #: Whether ``y`` holds class indices 0..K-1 (classifiers) or real-valued targets.
-    _classification: bool = False
-
-    def _store_init_params(self, values: Mapping[str, Any]) -> None:
-        """Store each ``__init__`` argument as the attribute of the same name, and nothing else.
-
-        scikit-learn's rule (``get_params`` and ``clone`` read the parameters back
-        by name); call it first thing as ``self._store_init_params(locals())``.
-        """
-        for name, value in values.items():
-            if name not in ("self", "__class__"):
-                setattr(self, name, value)
+    _classification = False
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> Self:
         """Fit on the training rows, selecting the model on the validation rows.
@@ -98,6 +101,7 @@ class HeadBase(BaseEstimator):
         raise NotImplementedError(f"{type(self).__name__} must implement predict(X).")
 
 
+@head_params
 class ClassifierHead(ClassifierMixin, HeadBase):
     """A head predicting one of K classes; ``predict`` is the most probable column of ``predict_proba``.
 
@@ -105,12 +109,19 @@ class ClassifierHead(ClassifierMixin, HeadBase):
     ``train_classes_`` and implement ``_seen_proba``; ``predict_proba`` widens its
     columns to all K classes.
 
+    Parameters
+    ----------
+    n_classes : int or None
+        Number of classes K; None infers ``max label + 1`` over train and val.
+
     Attributes
     ----------
     classes_ : ndarray of shape (K,)
     train_classes_ : ndarray of shape (n_seen,)
         Classes present in the training rows (heads using ``_seen_proba``).
     """
+
+    n_classes: int | None = None
 
     _classification = True
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from .base import ClassifierHead, HeadBase, RegressorHead
+from .base import ClassifierHead, HeadBase, RegressorHead, head_params
 from .preprocessing import apply_preprocess, check_pca_components, fit_preprocess
 from .splits import Split
 from .validation import check_features, check_fraction, check_int, check_positive, require_two_classes, resolve_classes
@@ -38,8 +38,23 @@ def _has_eval_xy(lightgbm: Any) -> bool:
     return "eval_X" in inspect.signature(lightgbm.LGBMModel.fit).parameters
 
 
+@head_params
 class LightGBMBase(HeadBase):
-    """Shared parameters, fitting and prediction of the two LightGBM heads."""
+    """Shared parameters (documented in :class:`LightGBMHead`), fitting and prediction of the LightGBM heads."""
+
+    n_estimators: int = 300
+    learning_rate: float = 0.1
+    num_leaves: int = 15
+    min_child_samples: int = 10
+    colsample_bytree: float | None = None
+    subsample: float = 1.0
+    reg_lambda: float = 0.0
+    max_bin: int = 63
+    early_stopping_rounds: int | None = 20
+    validation_fraction: float = 0.2
+    pca_components: int | float | None = None
+    random_state: int | None = 0
+    n_jobs: int = 2
 
     def _colsample(self, n_features: int) -> float:
         """``colsample_bytree``, or for None about ``AUTO_COLUMNS`` columns per tree (10 % .. 100 %)."""
@@ -119,6 +134,7 @@ class LightGBMBase(HeadBase):
         return np.asarray(self.booster_.predict(X, num_iteration=self.best_iteration_), dtype=np.float64)
 
 
+@head_params
 class LightGBMHead(ClassifierHead, LightGBMBase):
     """LightGBM classifier, early-stopped on the validation split.
 
@@ -178,25 +194,6 @@ class LightGBMHead(ClassifierHead, LightGBMBase):
     LightGBM; they are left out of the early-stopping set (with a warning).
     """
 
-    def __init__(
-        self,
-        n_estimators: int = 300,
-        learning_rate: float = 0.1,
-        num_leaves: int = 15,
-        min_child_samples: int = 10,
-        colsample_bytree: float | None = None,
-        subsample: float = 1.0,
-        reg_lambda: float = 0.0,
-        max_bin: int = 63,
-        early_stopping_rounds: int | None = 20,
-        validation_fraction: float = 0.2,
-        pca_components: int | float | None = None,
-        n_classes: int | None = None,
-        random_state: int | None = 0,
-        n_jobs: int = 2,
-    ) -> None:
-        self._store_init_params(locals())
-
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Boost on train, early-stopping on the val rows of classes seen in training."""
         split = self._split(X, y, X_val, y_val)
@@ -224,6 +221,7 @@ class LightGBMHead(ClassifierHead, LightGBMBase):
         return raw
 
 
+@head_params
 class LightGBMRegressorHead(RegressorHead, LightGBMBase):
     """LightGBM regressor (L2), early-stopped on the validation split.
 
@@ -235,24 +233,6 @@ class LightGBMRegressorHead(RegressorHead, LightGBMBase):
     booster_, best_iteration_, best_params_, n_features_in_, scaler_, pca_, fit_seconds_
         As in :class:`LightGBMHead`.
     """
-
-    def __init__(
-        self,
-        n_estimators: int = 300,
-        learning_rate: float = 0.1,
-        num_leaves: int = 15,
-        min_child_samples: int = 10,
-        colsample_bytree: float | None = None,
-        subsample: float = 1.0,
-        reg_lambda: float = 0.0,
-        max_bin: int = 63,
-        early_stopping_rounds: int | None = 20,
-        validation_fraction: float = 0.2,
-        pca_components: int | float | None = None,
-        random_state: int | None = 0,
-        n_jobs: int = 2,
-    ) -> None:
-        self._store_init_params(locals())
 
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Boost on train, early-stopping on val RMSE (L2)."""

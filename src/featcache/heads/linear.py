@@ -25,7 +25,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from featcache.util.compute import thread_limit
 
-from .base import ClassifierHead, RegressorHead
+from .base import ClassifierHead, RegressorHead, head_params
 from .preprocessing import apply_preprocess, check_pca_components
 from .splits import SelectionSets, Split, average_rows
 from .validation import (
@@ -104,6 +104,7 @@ def _final_rows(split: Split, refit_on_trainval: bool) -> tuple[np.ndarray, np.n
     return split.X_train, split.y_train
 
 
+@head_params
 class LogisticRegressionHead(ClassifierHead):
     """Multinomial L2 logistic regression with C chosen on the validation split.
 
@@ -169,22 +170,17 @@ class LogisticRegressionHead(ClassifierHead):
     the final refit starts cold.
     """
 
-    def __init__(
-        self,
-        Cs: Sequence[float] | np.ndarray | None = None,
-        refine: bool = True,
-        refine_points: int = 3,
-        max_iter: int = 1000,
-        tol: float = 1e-4,
-        refit_on_trainval: bool = False,
-        validation_fraction: float = 0.2,
-        cv_folds: int | None = None,
-        pca_components: int | float | None = None,
-        n_classes: int | None = None,
-        random_state: int | None = 0,
-        n_jobs: int | None = 1,
-    ) -> None:
-        self._store_init_params(locals())
+    Cs: Sequence[float] | np.ndarray | None = None
+    refine: bool = True
+    refine_points: int = 3
+    max_iter: int = 1000
+    tol: float = 1e-4
+    refit_on_trainval: bool = False
+    validation_fraction: float = 0.2
+    cv_folds: int | None = None
+    pca_components: int | float | None = None
+    random_state: int | None = 0
+    n_jobs: int | None = 1
 
     def _model(self, C: float, warm_start: bool) -> LogisticRegression:
         return LogisticRegression(
@@ -266,6 +262,7 @@ class LogisticRegressionHead(ClassifierHead):
         return proba.astype(np.float64, copy=False)
 
 
+@head_params
 class RidgeHead(RegressorHead):
     """Ridge regression with alpha chosen on validation RMSE (coarse-to-fine log grid).
 
@@ -299,18 +296,14 @@ class RidgeHead(RegressorHead):
     Selection: lowest validation RMSE, ties broken by the larger alpha.
     """
 
-    def __init__(
-        self,
-        alphas: Sequence[float] | np.ndarray | None = None,
-        refine: bool = True,
-        refine_points: int = 3,
-        refit_on_trainval: bool = False,
-        validation_fraction: float = 0.2,
-        cv_folds: int | None = None,
-        pca_components: int | float | None = None,
-        random_state: int | None = 0,
-    ) -> None:
-        self._store_init_params(locals())
+    alphas: Sequence[float] | np.ndarray | None = None
+    refine: bool = True
+    refine_points: int = 3
+    refit_on_trainval: bool = False
+    validation_fraction: float = 0.2
+    cv_folds: int | None = None
+    pca_components: int | float | None = None
+    random_state: int | None = 0
 
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Choose alpha on the validation split (or hold-out, or k folds), then refit."""

@@ -20,7 +20,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from featcache.util.compute import torch_threads
 
-from .base import ClassifierHead, HeadBase, RegressorHead
+from .base import ClassifierHead, HeadBase, RegressorHead, head_params
 from .preprocessing import apply_preprocess, check_pca_components, fit_preprocess
 from .splits import Split
 from .training import build_mlp, iter_batches, predict_batches, train_epochs
@@ -29,12 +29,30 @@ from .validation import check_features, check_int, check_positive, require_two_c
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["MLPHead", "MLPRegressorHead", "build_mlp", "train_epochs"]
+__all__ = ["MLPBase", "MLPClassifierBase", "MLPHead", "MLPRegressorBase", "MLPRegressorHead", "build_mlp", "train_epochs"]
 
 log = logging.getLogger(__name__)
 
+
+@head_params
 class MLPBase(HeadBase):
-    """Shared training loop of :class:`MLPHead` and :class:`MLPRegressorHead`."""
+    """Shared parameters (documented in :class:`MLPHead`) and training loop of the MLP heads.
+
+    The in-memory heads add ``pca_components``; the streamed ones
+    (:mod:`~featcache.heads.streaming_mlp`) add ``chunk_rows``.
+    """
+
+    hidden_sizes: Sequence[int] = (256,)
+    dropout: float = 0.2
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 256
+    max_epochs: int = 50
+    patience: int = 5
+    validation_fraction: float = 0.2
+    random_state: int | None = 0
+    n_threads: int = 2
+    device: str = "cpu"
 
     def _check_params(self) -> torch.device:
         """Validate the constructor parameters; return the torch device."""
@@ -141,7 +159,31 @@ class MLPBase(HeadBase):
         return self._forward_array(X)
 
 
-class MLPHead(ClassifierHead, MLPBase):
+@head_params
+class MLPClassifierBase(ClassifierHead, MLPBase):
+    """Classifier side of the MLP heads: K logits, cross-entropy, accuracy on val, softmax."""
+
+    def _encode_target(self, y: np.ndarray) -> np.ndarray:
+        return y
+
+    def _val_score(self, out: torch.Tensor, target: torch.Tensor) -> float:
+        return float((out.argmax(dim=1) == target).float().mean())
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Softmax probabilities, shape (n, K), float64."""
+        logits = self._forward(X)
+        logits = logits - logits.max(axis=1, keepdims=True)
+        e = np.exp(logits)
+        return e / e.sum(axis=1, keepdims=True)
+
+    def predict(self, X: Any) -> np.ndarray:
+        """Most probable class index, shape (n,)."""
+        logits = self._forward(X)
+        return self.classes_[np.argmax(logits, axis=1)]
+
+
+@head_params
+class MLPHead(MLPClassifierBase):
     """MLP classifier (cross-entropy), early-stopped on validation loss.
 
     Parameters
@@ -196,44 +238,28 @@ class MLPHead(ClassifierHead, MLPBase):
     fit_seconds_ : float
     """
 
-    def __init__(
-        self,
-        hidden_sizes: Sequence[int] = (256,),
-        dropout: float = 0.2,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        batch_size: int = 256,
-        max_epochs: int = 50,
-        patience: int = 5,
-        validation_fraction: float = 0.2,
-        pca_components: int | float | None = None,
-        n_classes: int | None = None,
-        random_state: int | None = 0,
-        n_threads: int = 2,
-        device: str = "cpu",
-    ) -> None:
-        self._store_init_params(locals())
+    pca_components: int | float | None = None
+
+
+@head_params
+class MLPRegressorBase(RegressorHead, MLPBase):
+    """Regressor side of the MLP heads: one output, MSE on the standardised target, R2 on val."""
 
     def _encode_target(self, y: np.ndarray) -> np.ndarray:
-        return y
+        return self._scale_target(y)
 
     def _val_score(self, out: torch.Tensor, target: torch.Tensor) -> float:
-        return float((out.argmax(dim=1) == target).float().mean())
-
-    def predict_proba(self, X: Any) -> np.ndarray:
-        """Softmax probabilities, shape (n, K), float64."""
-        logits = self._forward(X)
-        logits = logits - logits.max(axis=1, keepdims=True)
-        e = np.exp(logits)
-        return e / e.sum(axis=1, keepdims=True)
+        ss_res = float(((out - target) ** 2).sum())
+        ss_tot = float(((target - target.mean()) ** 2).sum())
+        return 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
 
     def predict(self, X: Any) -> np.ndarray:
-        """Most probable class index, shape (n,)."""
-        logits = self._forward(X)
-        return self.classes_[np.argmax(logits, axis=1)]
+        """Predicted targets, shape (n,), float64."""
+        return self._unscale_target(self._forward(X))
 
 
-class MLPRegressorHead(RegressorHead, MLPBase):
+@head_params
+class MLPRegressorHead(MLPRegressorBase):
     """MLP regressor: MSE on the standardised target, un-standardised at predict.
 
     Parameters are those of :class:`MLPHead` without ``n_classes``; the hold-out
@@ -249,31 +275,4 @@ class MLPRegressorHead(RegressorHead, MLPBase):
         Target standardisation, from the training rows.
     """
 
-    def __init__(
-        self,
-        hidden_sizes: Sequence[int] = (256,),
-        dropout: float = 0.2,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        batch_size: int = 256,
-        max_epochs: int = 50,
-        patience: int = 5,
-        validation_fraction: float = 0.2,
-        pca_components: int | float | None = None,
-        random_state: int | None = 0,
-        n_threads: int = 2,
-        device: str = "cpu",
-    ) -> None:
-        self._store_init_params(locals())
-
-    def _encode_target(self, y: np.ndarray) -> np.ndarray:
-        return self._scale_target(y)
-
-    def _val_score(self, out: torch.Tensor, target: torch.Tensor) -> float:
-        ss_res = float(((out - target) ** 2).sum())
-        ss_tot = float(((target - target.mean()) ** 2).sum())
-        return 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
-
-    def predict(self, X: Any) -> np.ndarray:
-        """Predicted targets, shape (n,), float64."""
-        return self._unscale_target(self._forward(X))
+    pca_components: int | float | None = None

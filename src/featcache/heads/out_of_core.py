@@ -29,7 +29,7 @@ import numpy as np
 from sklearn.linear_model import SGDClassifier, SGDRegressor
 from sklearn.utils.validation import check_is_fitted
 
-from .base import ClassifierHead, HeadBase, RegressorHead
+from .base import ClassifierHead, HeadBase, RegressorHead, head_params
 from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, stream_outputs, streaming_sources
 from .preprocessing import fit_scaler_streaming
 from .validation import as_float_list, check_int
@@ -50,8 +50,19 @@ DEFAULT_SGD_ALPHAS: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
 """Candidate L2 strengths of the SGD heads (each candidate is one streamed fit)."""
 
 
+@head_params
 class _StreamingLinearBase(HeadBase):
-    """Shared streamed SGD fitting of :class:`StreamingLogisticHead` / :class:`StreamingRidgeHead`."""
+    """Shared parameters (documented in :class:`StreamingLogisticHead`) and streamed SGD fitting of the SGD heads."""
+
+    alphas: Sequence[float] | None = None
+    max_epochs: int = 20
+    patience: int = 3
+    average: bool = True
+    learning_rate: str = "optimal"
+    eta0: float = 0.01
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    validation_fraction: float = 0.2
+    random_state: int | None = 0
 
     _streaming = True  # fit_and_evaluate passes dask arrays through unchanged
 
@@ -106,6 +117,7 @@ class _StreamingLinearBase(HeadBase):
         self.n_features_in_ = train.n_features
 
 
+@head_params
 class StreamingLogisticHead(ClassifierHead, _StreamingLinearBase):
     """L2 logistic regression (one-vs-rest SGD, ``loss="log_loss"``) fitted chunk by chunk.
 
@@ -160,21 +172,6 @@ class StreamingLogisticHead(ClassifierHead, _StreamingLinearBase):
     stream dask input too and return numpy.
     """
 
-    def __init__(
-        self,
-        alphas: Sequence[float] | None = None,
-        max_epochs: int = 20,
-        patience: int = 3,
-        average: bool = True,
-        learning_rate: str = "optimal",
-        eta0: float = 0.01,
-        chunk_rows: int = DEFAULT_CHUNK_ROWS,
-        validation_fraction: float = 0.2,
-        n_classes: int | None = None,
-        random_state: int | None = 0,
-    ) -> None:
-        self._store_init_params(locals())
-
     def _partial_fit(self, model: SGDClassifier, X: np.ndarray, y: np.ndarray) -> None:
         model.partial_fit(X, y, classes=self.classes_)
 
@@ -198,6 +195,7 @@ class StreamingLogisticHead(ClassifierHead, _StreamingLinearBase):
 
 
 
+@head_params
 class StreamingRidgeHead(RegressorHead, _StreamingLinearBase):
     """Ridge regression by SGD (squared error, L2) fitted chunk by chunk.
 
@@ -216,19 +214,7 @@ class StreamingRidgeHead(RegressorHead, _StreamingLinearBase):
         Target standardisation, from the training rows.
     """
 
-    def __init__(
-        self,
-        alphas: Sequence[float] | None = None,
-        max_epochs: int = 20,
-        patience: int = 3,
-        average: bool = True,
-        learning_rate: str = "invscaling",
-        eta0: float = 0.01,
-        chunk_rows: int = DEFAULT_CHUNK_ROWS,
-        validation_fraction: float = 0.2,
-        random_state: int | None = 0,
-    ) -> None:
-        self._store_init_params(locals())
+    learning_rate: str = "invscaling"
 
     def _partial_fit(self, model: SGDRegressor, X: np.ndarray, y: np.ndarray) -> None:
         model.partial_fit(X, self._scale_target(y))

@@ -10,7 +10,7 @@ validation chunks. Only one chunk of features is in memory at a time.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -18,11 +18,12 @@ from sklearn.utils.validation import check_is_fitted
 
 from featcache.util.compute import torch_threads
 
+from .base import head_params
 from .chunks import DEFAULT_CHUNK_ROWS, stream_outputs, streaming_sources
+from .mlp import MLPClassifierBase, MLPRegressorBase
 from .preprocessing import fit_scaler_streaming
 from .training import build_mlp, iter_batches, train_epochs
 from .validation import check_int
-from .mlp import MLPHead, MLPRegressorHead
 
 if TYPE_CHECKING:
     import torch
@@ -30,8 +31,14 @@ if TYPE_CHECKING:
 __all__ = ["StreamingMLPHead", "StreamingMLPRegressorHead"]
 
 
+@head_params
 class _StreamingMLPMixin:
-    """Streamed fitting/prediction for the MLP twins (training loop: :func:`~featcache.heads.mlp.train_epochs`)."""
+    """The ``chunk_rows`` parameter and streamed fitting/prediction of the MLP twins.
+
+    Training loop: :func:`~featcache.heads.training.train_epochs`, as in memory.
+    """
+
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
 
     _streaming = True
 
@@ -80,7 +87,8 @@ class _StreamingMLPMixin:
         return stream_outputs(self, X, self._forward_array)
 
 
-class StreamingMLPHead(_StreamingMLPMixin, MLPHead):
+@head_params
+class StreamingMLPHead(_StreamingMLPMixin, MLPClassifierBase):
     """:class:`~featcache.heads.mlp.MLPHead` trained on mini-batches streamed chunk by chunk.
 
     Parameters are those of :class:`~featcache.heads.mlp.MLPHead` (without
@@ -90,46 +98,11 @@ class StreamingMLPHead(_StreamingMLPMixin, MLPHead):
     Attributes are those of :class:`~featcache.heads.mlp.MLPHead` (``pca_`` is None).
     """
 
-    def __init__(
-        self,
-        hidden_sizes: Sequence[int] = (256,),
-        dropout: float = 0.2,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        batch_size: int = 256,
-        max_epochs: int = 50,
-        patience: int = 5,
-        validation_fraction: float = 0.2,
-        chunk_rows: int = DEFAULT_CHUNK_ROWS,
-        n_classes: int | None = None,
-        random_state: int | None = 0,
-        n_threads: int = 2,
-        device: str = "cpu",
-    ) -> None:
-        self._store_init_params(locals())
 
-
-class StreamingMLPRegressorHead(_StreamingMLPMixin, MLPRegressorHead):
+@head_params
+class StreamingMLPRegressorHead(_StreamingMLPMixin, MLPRegressorBase):
     """:class:`~featcache.heads.mlp.MLPRegressorHead` trained on streamed mini-batches.
 
     Parameters as :class:`StreamingMLPHead` without ``n_classes``; attributes as
     :class:`~featcache.heads.mlp.MLPRegressorHead`.
     """
-
-    def __init__(
-        self,
-        hidden_sizes: Sequence[int] = (256,),
-        dropout: float = 0.2,
-        lr: float = 1e-3,
-        weight_decay: float = 1e-4,
-        batch_size: int = 256,
-        max_epochs: int = 50,
-        patience: int = 5,
-        validation_fraction: float = 0.2,
-        chunk_rows: int = DEFAULT_CHUNK_ROWS,
-        random_state: int | None = 0,
-        n_threads: int = 2,
-        device: str = "cpu",
-    ) -> None:
-        self._store_init_params(locals())
-
