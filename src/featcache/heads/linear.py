@@ -25,7 +25,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from featcache.util.compute import thread_limit
 
-from .base import ClassifierHead, RegressorHead, head_params
+from .base import ClassifierHead, HeadBase, RegressorHead, head_params
 from .preprocessing import apply_preprocess, check_pca_components
 from .splits import SelectionSets, Split, average_rows
 from .validation import (
@@ -39,7 +39,7 @@ from .validation import (
 )
 from .metrics import log_loss_score
 
-__all__ = ["DEFAULT_ALPHAS", "DEFAULT_CS", "LogisticRegressionHead", "RidgeHead", "log_grid_search"]
+__all__ = ["DEFAULT_ALPHAS", "DEFAULT_CS", "LinearSearchBase", "LogisticRegressionHead", "RidgeHead", "log_grid_search"]
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,50 @@ def _final_rows(split: Split, refit_on_trainval: bool) -> tuple[np.ndarray, np.n
     return split.X_train, split.y_train
 
 
+#: ``score_path(values, X_fit, y_fit, X_sel, y_sel)``: one result dict per grid value (ascending)
+#: on one selection set (validation split, hold-out or fold).
+ScorePath = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], list[dict[str, Any]]]
+
+
 @head_params
-class LogisticRegressionHead(ClassifierHead):
+class LinearSearchBase(HeadBase):
+    """Shared parameters (documented in :class:`LogisticRegressionHead`) and search-then-refit of the linear heads."""
+
+    refine: bool = True
+    refine_points: int = 3
+    refit_on_trainval: bool = False
+    validation_fraction: float = 0.2
+    cv_folds: int | None = None
+    pca_components: int | float | None = None
+    random_state: int | None = 0
+
+    def _search_and_refit(
+        self, name: str, grid: np.ndarray, split: Split, sets: SelectionSets, score_path: ScorePath,
+        sort_key: Callable[[dict[str, Any]], tuple], refit: Callable[[float, np.ndarray, np.ndarray], Any],
+    ) -> float:
+        """Choose ``name`` by :func:`log_grid_search` over ``sets``, then refit on the final rows.
+
+        ``refit(best, X_final, y_final)`` returns the fitted final model, given the
+        final rows (n_final, D') preprocessed like the selection sets. Sets
+        ``scaler_``, ``pca_``, ``estimator_``, ``n_features_in_``, ``best_params_``
+        and ``search_results_``; returns the chosen value.
+        """
+        def evaluate(values: np.ndarray, stage: str) -> list[dict[str, Any]]:
+            per_set = [score_path(values, *s[:4]) for s in sets]
+            return average_rows(name, values, stage, per_set, folds=split.folds is not None)
+
+        best, results = log_grid_search(grid, evaluate, sort_key, name, bool(self.refine), self.refine_points)
+        X_final, y_final = _final_rows(split, self.refit_on_trainval)
+        self.scaler_, self.pca_, X_final = sets.final(X_final)
+        self.estimator_ = refit(best, X_final, y_final)
+        self.n_features_in_ = int(split.X_train.shape[1])
+        self.best_params_ = {name: best}
+        self.search_results_ = results
+        return best
+
+
+@head_params
+class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
     """Multinomial L2 logistic regression with C chosen on the validation split.
 
     Parameters
@@ -171,15 +213,8 @@ class LogisticRegressionHead(ClassifierHead):
     """
 
     Cs: Sequence[float] | np.ndarray | None = None
-    refine: bool = True
-    refine_points: int = 3
     max_iter: int = 1000
     tol: float = 1e-4
-    refit_on_trainval: bool = False
-    validation_fraction: float = 0.2
-    cv_folds: int | None = None
-    pca_components: int | float | None = None
-    random_state: int | None = 0
     n_jobs: int | None = 1
 
     def _model(self, C: float, warm_start: bool) -> LogisticRegression:
@@ -233,27 +268,21 @@ class LogisticRegressionHead(ClassifierHead):
         split = self._split(X, y, X_val, y_val, self.cv_folds)
         classes = resolve_classes(self.n_classes, split.y_train, split.y_val)
         require_two_classes(split.y_train if split.folds else split.y_fit)
+
+        def refit(C: float, X_final: np.ndarray, y_final: np.ndarray) -> LogisticRegression:
+            self.train_classes_ = require_two_classes(y_final)
+            model = self._model(C, warm_start=False)
+            self._fit_quiet(model, X_final, y_final)
+            return model
+
         with thread_limit(self.n_jobs):
             sets = SelectionSets(split, self.pca_components, self.random_state, dtype=np.float64)
-
-            def evaluate(values: np.ndarray, stage: str) -> list[dict[str, Any]]:
-                per_set = [self._score_path(values, *s[:4], classes.size) for s in sets]
-                return average_rows("C", values, stage, per_set, folds=split.folds is not None)
-
-            best_C, results = log_grid_search(
-                grid, evaluate, lambda r: (-r["val_accuracy"], r["val_log_loss"], r["C"]),
-                "C", bool(self.refine), self.refine_points,
+            self._search_and_refit(
+                "C", grid, split, sets, lambda values, *rows: self._score_path(values, *rows, classes.size),
+                lambda r: (-r["val_accuracy"], r["val_log_loss"], r["C"]), refit,
             )
-            X_final, y_final = _final_rows(split, self.refit_on_trainval)
-            self.train_classes_ = require_two_classes(y_final)
-            self.scaler_, self.pca_, X_final = sets.final(X_final)
-            self.estimator_ = self._model(best_C, warm_start=False)
-            self._fit_quiet(self.estimator_, X_final, y_final)
         self.n_iter_ = int(np.max(self.estimator_.n_iter_))
         self.classes_ = classes
-        self.n_features_in_ = int(split.X_train.shape[1])
-        self.best_params_ = {"C": best_C}
-        self.search_results_ = results
 
     def _seen_proba(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "estimator_")
@@ -263,7 +292,7 @@ class LogisticRegressionHead(ClassifierHead):
 
 
 @head_params
-class RidgeHead(RegressorHead):
+class RidgeHead(RegressorHead, LinearSearchBase):
     """Ridge regression with alpha chosen on validation RMSE (coarse-to-fine log grid).
 
     Parameters
@@ -297,13 +326,6 @@ class RidgeHead(RegressorHead):
     """
 
     alphas: Sequence[float] | np.ndarray | None = None
-    refine: bool = True
-    refine_points: int = 3
-    refit_on_trainval: bool = False
-    validation_fraction: float = 0.2
-    cv_folds: int | None = None
-    pca_components: int | float | None = None
-    random_state: int | None = 0
 
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Choose alpha on the validation split (or hold-out, or k folds), then refit."""
@@ -318,20 +340,10 @@ class RidgeHead(RegressorHead):
             preds = (Ridge(alpha=float(alpha)).fit(X_fit, y_fit).predict(X_sel) for alpha in values)
             return [{"val_rmse": float(np.sqrt(np.mean((pred - y_sel) ** 2)))} for pred in preds]
 
-        def evaluate(values: np.ndarray, stage: str) -> list[dict[str, Any]]:
-            per_set = [score_path(values, *s[:4]) for s in sets]
-            return average_rows("alpha", values, stage, per_set, folds=split.folds is not None)
-
-        best_alpha, results = log_grid_search(
-            grid, evaluate, lambda r: (r["val_rmse"], -r["alpha"]),
-            "alpha", bool(self.refine), self.refine_points,
+        self._search_and_refit(
+            "alpha", grid, split, sets, score_path, lambda r: (r["val_rmse"], -r["alpha"]),
+            lambda alpha, X_final, y_final: Ridge(alpha=alpha).fit(X_final, y_final),
         )
-        X_final, y_final = _final_rows(split, self.refit_on_trainval)
-        self.scaler_, self.pca_, X_final = sets.final(X_final)
-        self.estimator_ = Ridge(alpha=best_alpha).fit(X_final, y_final)
-        self.n_features_in_ = int(split.X_train.shape[1])
-        self.best_params_ = {"alpha": best_alpha}
-        self.search_results_ = results
 
     def predict(self, X: Any) -> np.ndarray:
         """(n, D) features -> predicted targets, shape (n,), float64."""
