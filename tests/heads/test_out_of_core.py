@@ -364,3 +364,26 @@ def test_lightgbm_dask_on_local_cluster(splits, tmp_path, caplog):
     assert acc >= 0.7 and acc >= _accuracy(in_memory, A_te, y_te) - 0.05
     loaded = load_head(save_head(head, tmp_path / "lgbm"))
     np.testing.assert_array_equal(loaded.predict_proba(A_te), head.predict_proba(A_te))
+
+
+def test_row_chunks_serve_the_labels_of_their_rows():
+    from featcache.heads.chunks import RowChunks
+
+    X, y = np.zeros((6, 2), dtype=np.float32), np.arange(6.0)
+    rows = np.array([True, False, True, True, False, True])
+    assert np.array_equal(RowChunks(X, y, 4, rows=rows).served_y, [0.0, 2.0, 3.0, 5.0])
+    assert np.array_equal(RowChunks(X, y, 4).served_y, y)
+    assert RowChunks(X, None, 4, rows=rows).served_y is None
+
+
+@pytest.mark.parametrize("cls", [StreamingRidgeHead, StreamingMLPRegressorHead])
+def test_streaming_regressors_standardise_on_the_fitted_rows(cls, monkeypatch):
+    # without X_val a hold-out is carved out; the target scale comes from the remaining rows only
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(200, 4)).astype(np.float32), rng.normal(size=200)
+    seen = []
+    real = cls._fit_target_scale
+    monkeypatch.setattr(cls, "_fit_target_scale", lambda self, y_fit: (seen.append(y_fit), real(self, y_fit)))
+    params = {"max_epochs": 1} if cls is StreamingRidgeHead else {**MLP, "max_epochs": 1}
+    head = cls(**params, chunk_rows=64).fit(X, y)
+    assert seen[0].size == 160 and head.y_mean_ == pytest.approx(float(np.mean(seen[0])))

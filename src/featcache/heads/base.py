@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
@@ -60,7 +60,7 @@ class HeadBase(BaseEstimator):
     #: Whether ``y`` holds class indices 0..K-1 (classifiers) or real-valued targets.
     _classification = False
 
-    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> Self:
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> HeadBase:
         """Fit on the training rows, selecting the model on the validation rows.
 
         Parameters
