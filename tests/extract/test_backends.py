@@ -55,10 +55,10 @@ def test_build_runner_torch_and_onnx_on_cpu(random_backbone):
     from featcache.extract.torch_runner import TorchFeatureExtractor
 
     loaded = random_backbone("resnet18")
-    runner, attrs = build_runner(loaded.model, loaded.spec, ["pool5"], backend="torch", autocast="auto")
+    runner, attrs = build_runner(loaded, ["pool5"], backend="torch", autocast="auto")
     assert isinstance(runner, TorchFeatureExtractor) and runner.autocast is None
     assert attrs == {"backend": "torch", "provider": "cpu", "precision": "float32"}
-    runner, attrs = build_runner(loaded.model, loaded.spec, ["pool5"], backend="auto", input_size=64)
+    runner, attrs = build_runner(loaded, ["pool5"], backend="auto", input_size=64)
     assert isinstance(runner, OnnxFeatureRunner) and attrs["provider"] == runner.provider == "CPUExecutionProvider"
 
 
@@ -68,10 +68,10 @@ def test_onnx_on_cuda_without_its_provider_stops_with_the_fix(monkeypatch):
     class CpuOnly:
         provider = "CPUExecutionProvider"
 
-    monkeypatch.setattr(onnx_runner.OnnxFeatureRunner, "from_model", classmethod(lambda cls, *a, **k: CpuOnly()))
+    monkeypatch.setattr(onnx_runner.OnnxFeatureRunner, "from_source", classmethod(lambda cls, *a, **k: CpuOnly()))
     with pytest.raises(ExtractionError, match="runs on CPUExecutionProvider.*backend: auto.*pip uninstall -y "
                                               "onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"):
-        build_runner(object(), object(), ["pool"], backend="onnx", device="cuda")
+        build_runner(object(), ["pool"], backend="onnx", device="cuda")
 
 
 def test_doctor_on_a_cpu_machine():

@@ -317,7 +317,7 @@ def test_onnx_workers_are_byte_identical_to_a_single_onnx_process(client, clean_
     from featcache.extract.weights import load_backbone
 
     loaded = load_backbone("resnet18", "random")
-    runner, _ = build_runner(loaded.model, loaded.spec, ["default", "layer3"], backend="onnx",
+    runner, _ = build_runner(loaded, ["default", "layer3"], backend="onnx",
                              input_size=PREPROCESS.input_size, intra_op_threads=1)
     attrs = {**ATTRS, "backend": "onnx", "provider": "CPUExecutionProvider"}
     reference = extract_to_store(clean_manifest, runner, PREPROCESS, tmp_path / "single.h5", config=CONFIG,

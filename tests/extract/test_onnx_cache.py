@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+import featcache
+import featcache.extract.onnx_cache as onnx_cache
 import featcache.extract.onnx_export as onnx_export
 from featcache.extract.onnx_cache import (
     CACHE_ENV,
@@ -18,11 +21,12 @@ from featcache.extract.onnx_cache import (
     entry_path,
     file_sha256_hex,
     resolve_cache_dir,
+    source_key,
 )
 import featcache.extract.onnx_runner as onnx_runner
 from featcache.extract.onnx_runner import OnnxFeatureRunner
 from featcache.extract.torch_runner import TorchFeatureExtractor
-from featcache.extract.weights import load_backbone
+from featcache.extract.weights import WeightsSource, load_backbone, resolve_weights
 
 SIZE = 32
 
@@ -96,18 +100,55 @@ def test_every_graph_input_changes_the_key(resnet, monkeypatch):
         "opset": cache_key(_extractor(resnet), 19, SIZE, "auto"),
         "exporter": cache_key(_extractor(resnet), 18, SIZE, "torchscript"),
     }
-    monkeypatch.setattr(torch, "__version__", "0.0.1")
-    variants["torch_version"] = cache_key(_extractor(resnet), 18, SIZE, "auto")
-    monkeypatch.undo()
-    monkeypatch.setattr("onnx.__version__", "0.0.1")
-    variants["onnx_version"] = cache_key(_extractor(resnet), 18, SIZE, "auto")
-    monkeypatch.undo()
-    monkeypatch.setattr(onnx_export, "EXPORT_CODE_VERSION", onnx_export.EXPORT_CODE_VERSION + 1)
-    variants["export_code_version"] = cache_key(_extractor(resnet), 18, SIZE, "auto")
+    for field, value in _changed_versions(monkeypatch, resnet.spec):
+        variants[field] = cache_key(_extractor(resnet), 18, SIZE, "auto")
+        monkeypatch.undo()
     assert set(variants) == set(base)  # every field of the key is exercised
     for field, key in variants.items():
         assert key[field] != base[field], field
         assert entry_path("c", key) != entry_path("c", base), field
+
+
+def _changed_versions(monkeypatch, spec):
+    """Yield (key field, ...) after changing what that field records: each package's version, featcache's, the code's."""
+    real = importlib.metadata.version
+    for field, package in (("torch_version", "torch"), ("onnx_version", "onnx"), ("model_library", spec.family)):
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, p=package: "0.0.1" if name == p else real(name))
+        yield field, package
+    monkeypatch.setattr(featcache, "__version__", "0.0.1")
+    yield "featcache_version", None
+    monkeypatch.setattr(onnx_cache, "EXPORT_CODE_VERSION", onnx_cache.EXPORT_CODE_VERSION + 1)
+    yield "export_code_version", None
+
+
+def test_every_input_changes_the_source_key(resnet, monkeypatch):
+    spec = resnet.spec
+
+    def key(**change):
+        args = {"spec": spec, "weights_sha256": "ab" * 32, "layers": ["pool5"], "pooling": "avg",
+                "input_size": SIZE, "opset": 18, "exporter": "auto", **change}
+        return source_key(**args)
+
+    base = key()
+    assert key() == base and key(layers=["default"]) == base  # deterministic; "default" is the default alias
+    variants = {
+        "backbone": key(spec=load_backbone("alexnet", "random").spec),
+        "weights_file_sha256": key(weights_sha256="cd" * 32),
+        "layers": key(layers=["res4"]),
+        "pooling": key(pooling="max"),
+        "input_size": key(input_size=64),
+        "opset": key(opset=19),
+        "exporter": key(exporter="torchscript"),
+    }
+    for field, _ in _changed_versions(monkeypatch, spec):
+        variants[field] = key()
+        monkeypatch.undo()
+    assert set(variants) == set(base)  # every field of the key is exercised
+    for field, changed in variants.items():
+        assert changed[field] != base[field], field
+        assert entry_path("c", changed) != entry_path("c", base), field
+    with pytest.raises(ValueError, match="sha256 of a weights file"):
+        key(weights_sha256="")
 
 
 def test_weights_hash_sees_a_changed_weight(resnet):
@@ -139,7 +180,6 @@ def test_from_model_reuses_the_export(resnet, tmp_path, monkeypatch):
         raise AssertionError("the exporter ran on a cache hit")
 
     monkeypatch.setattr(onnx_export, "export_onnx", no_export)
-    monkeypatch.setattr(onnx_runner, "export_onnx", no_export)
     second = OnnxFeatureRunner.from_model(resnet.model, resnet.spec, ["pool5"], input_size=SIZE, intra_op_threads=1,
                                           cache_dir=tmp_path)
     copy = OnnxFeatureRunner.from_model(resnet.model, resnet.spec, ["pool5"], input_size=SIZE, intra_op_threads=1,
@@ -150,3 +190,31 @@ def test_from_model_reuses_the_export(resnet, tmp_path, monkeypatch):
     np.testing.assert_array_equal(second(batch)["pool5"], first(batch)["pool5"])
     with pytest.raises(AssertionError, match="exporter ran"):  # without the cache it exports again
         OnnxFeatureRunner.from_model(resnet.model, resnet.spec, ["pool5"], input_size=SIZE, cache_dir="none")
+
+
+def test_from_source_hit_builds_no_model(resnet, tmp_path, monkeypatch):
+    """Weights from a file: the first runner exports; a later one opens the entry without building the model."""
+    weights = tmp_path / "resnet18.pth"
+    torch.save(resnet.model.state_dict(), weights)
+    first = OnnxFeatureRunner.from_source(resolve_weights("resnet18", str(weights)), ["pool5"], input_size=SIZE,
+                                          intra_op_threads=1, cache_dir=tmp_path / "cache")
+    sidecar = json.loads(first.path.with_name(first.path.name + ".json").read_text())
+    assert sidecar["key"]["weights_file_sha256"] == file_sha256_hex(weights)
+
+    def no_model(self):
+        raise AssertionError("the model was built on a cache hit")
+
+    monkeypatch.setattr(WeightsSource, "load", no_model)
+    second = OnnxFeatureRunner.from_source(resolve_weights("resnet18", str(weights)), ["pool5"], input_size=SIZE,
+                                           intra_op_threads=1, cache_dir=tmp_path / "cache")
+    assert second.path == first.path and second.onnx_sha256 == first.onnx_sha256
+    batch = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(second(batch)["pool5"], first(batch)["pool5"])
+    np.testing.assert_allclose(second(batch)["pool5"], _extractor(resnet)(batch)["pool5"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(AssertionError, match="model was built"):  # other weights: a miss, which needs the model
+        torch.save({k: v + 1 if v.is_floating_point() else v for k, v in resnet.model.state_dict().items()}, weights)
+        OnnxFeatureRunner.from_source(resolve_weights("resnet18", str(weights)), ["pool5"], input_size=SIZE,
+                                      cache_dir=tmp_path / "cache")
+    with pytest.raises(AssertionError, match="model was built"):  # random weights have no file to key by
+        OnnxFeatureRunner.from_source(resolve_weights("resnet18", "random"), ["pool5"], input_size=SIZE,
+                                      cache_dir=tmp_path / "cache")

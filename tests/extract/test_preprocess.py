@@ -310,3 +310,27 @@ def test_large_jpeg_is_decoded_at_reduced_scale_but_never_below_the_needed_size(
     small = tmp_path / "small.jpg"
     _Image.new("RGB", (500, 375), (10, 200, 30)).save(small)
     assert load_rgb(small, draft_size=256).size == (500, 375)  # 1/2 would go below 256: full decode
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+def test_pixels_and_normalisation_equal_torchvision_transforms(interpolation, mode):
+    """The Preprocessor does without torchvision (start-up time) but must stay bitwise equal to its transforms."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    pre = _pre(64, 73, mode, interpolation)
+    rng = np.random.default_rng(9)
+    for size in [(8, 8), (28, 40), (63, 90), (64, 64), (73, 73), (146, 146), (300, 100), (101, 333), (500, 499)]:
+        image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        method = InterpolationMode(interpolation)
+        if mode == "squash":
+            reference = TF.resize(image, [64, 64], interpolation=method)
+        else:
+            reference = TF.center_crop(TF.resize(image, 64 if min(size) < 64 else 73, interpolation=method), [64, 64])
+        expected = TF.pil_to_tensor(reference)
+        pixels = pre.pixels(image)
+        assert torch.equal(pixels, expected), (size, mode, interpolation)
+        normalised = TF.normalize(expected.to(torch.float32).div(255.0), MEAN, STD)
+        assert torch.equal(pre.normalize_batch(pixels), normalised), size
+        assert torch.equal(pre.normalize_batch(pixels[None].repeat(2, 1, 1, 1)), normalised.expand(2, -1, -1, -1))

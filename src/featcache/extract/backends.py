@@ -151,7 +151,7 @@ def runner_attrs(backend: str, device: str, autocast: str | None) -> dict[str, s
     return {"backend": backend, "provider": provider, "precision": precision_name(autocast)}
 
 
-def build_runner(model: Any, spec: Any, layers: Sequence[str], *, backend: str = "auto", device: str = "cpu",
+def build_runner(backbone: Any, layers: Sequence[str], *, backend: str = "auto", device: str = "cpu",
                  pooling: str = "avg", channels_last: bool = True, autocast: str | None = "auto",
                  input_size: int | None = None, intra_op_threads: int | None = None,
                  onnx_cache: str | None = None) -> tuple[Any, dict[str, str]]:
@@ -159,8 +159,11 @@ def build_runner(model: Any, spec: Any, layers: Sequence[str], *, backend: str =
 
     Parameters
     ----------
-    model, spec
-        The backbone and its registry entry (:func:`~featcache.extract.weights.load_backbone`).
+    backbone : WeightsSource or LoadedBackbone
+        The backbone and its weights (:func:`~featcache.extract.weights.resolve_weights`
+        or :func:`~featcache.extract.weights.load_backbone`). The model is built
+        (``backbone.load()``) only when needed: an onnx runner whose export is
+        cached needs none.
     layers : sequence of str
         Aliases or raw node names.
     backend, autocast : str
@@ -194,8 +197,8 @@ def build_runner(model: Any, spec: Any, layers: Sequence[str], *, backend: str =
         from featcache.extract.onnx_runner import OnnxFeatureRunner
 
         extra = {} if onnx_cache is None else {"cache_dir": onnx_cache}
-        runner = OnnxFeatureRunner.from_model(model, spec, layers, pooling=pooling, device=device,
-                                              input_size=input_size, intra_op_threads=intra_op_threads, **extra)
+        runner = OnnxFeatureRunner.from_source(backbone, layers, pooling=pooling, device=device,
+                                               input_size=input_size, intra_op_threads=intra_op_threads, **extra)
         if _is_cuda(device) and runner.provider != _CUDA_PROVIDER:
             from featcache.extract.engine import ExtractionError
 
@@ -207,7 +210,8 @@ def build_runner(model: Any, spec: Any, layers: Sequence[str], *, backend: str =
     else:
         from featcache.extract.torch_runner import TorchFeatureExtractor
 
-        runner = TorchFeatureExtractor(model, spec, layers, pooling=pooling, device=device,
+        loaded = backbone.load()
+        runner = TorchFeatureExtractor(loaded.model, loaded.spec, layers, pooling=pooling, device=device,
                                        channels_last=channels_last, autocast=autocast)
     attrs = runner_attrs(backend, device, autocast)
     if getattr(runner, "onnx_sha256", None):

@@ -40,6 +40,17 @@ from torch import nn
 
 import featcache
 from featcache.errors import UserError
+from featcache.extract.onnx_format import (
+    DEFAULT_OPSET,
+    DYNAMO_MIN_OPSET,
+    EXPORT_CODE_VERSION,
+    EXPORT_KEY,
+    EXPORTERS,
+    INPUT_NAME,
+    LAYERS_KEY,
+    MIN_OPSET,
+    resolve_exporter,
+)
 from featcache.extract.torch_runner import TorchFeatureExtractor, pool_features
 from featcache.store.schema import LayerSpec, canonical_json
 from featcache.util.atomic import atomic_path
@@ -60,29 +71,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Default ONNX opset: the lowest one the torch.export-based exporter emits natively.
-DEFAULT_OPSET = 18
-
-#: Lowest opset accepted by :func:`export_onnx`.
-MIN_OPSET = 13
-
-#: Lowest opset the torch.export-based ("dynamo") exporter can produce.
-DYNAMO_MIN_OPSET = 18
-
-#: Allowed values of the ``exporter`` argument.
-EXPORTERS: tuple[str, ...] = ("auto", "dynamo", "torchscript")
-
-#: Name of the graph input.
-INPUT_NAME = "images"
-
-#: ``metadata_props`` keys written by :func:`export_onnx`.
-EXPORT_KEY = "featcache_export"
-LAYERS_KEY = "featcache_layers"
-
-#: Version of the graph :func:`export_onnx` writes for given inputs: part of the export cache's key
-#: (:mod:`featcache.extract.onnx_cache`). Bump it with any change here that changes the exported file.
-EXPORT_CODE_VERSION = 1
-
 
 class OnnxExportError(UserError, RuntimeError):
     """The exporter failed or produced a model that does not match the request."""
@@ -100,20 +88,6 @@ class _PooledOutputs(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.module(images)
         return tuple(pool_features(outputs[name], self.pooling) for name in self.names)
-
-
-def resolve_exporter(exporter: str, opset: int) -> str:
-    """The exporter that ``exporter`` (one of :data:`EXPORTERS`) means for ``opset``; raises ValueError if none."""
-    if exporter not in EXPORTERS:
-        raise ValueError(f"exporter {exporter!r} is not one of {EXPORTERS}. Hint: 'auto' picks 'dynamo' for "
-                         f"opset >= {DYNAMO_MIN_OPSET} and 'torchscript' below.")
-    if exporter == "auto":
-        return "dynamo" if opset >= DYNAMO_MIN_OPSET else "torchscript"
-    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
-        raise ValueError(f"exporter 'dynamo' cannot produce opset {opset}; it emits opset >= {DYNAMO_MIN_OPSET} "
-                         f"(its down-conversion fails on ReduceMean). Hint: use opset >= {DYNAMO_MIN_OPSET} or "
-                         "exporter='torchscript'.")
-    return exporter
 
 
 def _run_exporter(wrapper: nn.Module, dummy: torch.Tensor, opset: int, exporter: str,

@@ -3,7 +3,9 @@
 :class:`OnnxFeatureRunner` reads everything it needs (layer names and specs,
 input size) from the file's featcache metadata and implements the engine's
 ``FeatureRunner`` protocol: ``runner(batch)`` returns ``{layer: (B, D) array}``.
-:meth:`OnnxFeatureRunner.from_model` exports a backbone first.
+:meth:`OnnxFeatureRunner.from_source` opens a cached export of a backbone's
+weights without building the model (exporting it on a cache miss);
+:meth:`OnnxFeatureRunner.from_model` exports a model in hand.
 """
 
 from __future__ import annotations
@@ -14,20 +16,23 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
 import torch
-from torch import nn
 
-from featcache.extract.onnx_cache import cached_export, file_sha256_hex, resolve_cache_dir
-from featcache.extract.onnx_export import DEFAULT_OPSET, EXPORT_KEY, LAYERS_KEY, export_onnx
+from featcache.extract.onnx_cache import cached_export, file_sha256_hex, lookup, resolve_cache_dir, source_key
+from featcache.extract.onnx_format import DEFAULT_OPSET, EXPORT_KEY, LAYERS_KEY
 from featcache.extract.registry import BackboneSpec
-from featcache.extract.torch_runner import TorchFeatureExtractor
 from featcache.store.schema import LayerSpec
 from featcache.util.atomic import atomic_path
 from featcache.util.compute import physical_cores
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from featcache.extract.weights import LoadedBackbone, WeightsSource
 
 __all__ = ["OnnxFeatureRunner"]
 
@@ -128,6 +133,47 @@ class OnnxFeatureRunner:
                     self.provider, self.intra_op_threads)
 
     @classmethod
+    def from_source(cls, source: WeightsSource | LoadedBackbone, layers: Sequence[str], pooling: str = "avg",
+                    device: str = "cpu", opset: int = DEFAULT_OPSET, *, input_size: int | None = None,
+                    intra_op_threads: int | None = None, exporter: str = "auto",
+                    cache_dir: str | os.PathLike[str] | None = "auto") -> "OnnxFeatureRunner":
+        """Open the cached export of a backbone's weights; build and export the model only on a miss.
+
+        Weights read from a file are cached under their :func:`~featcache.extract.onnx_cache.source_key`,
+        so a hit imports no model library, builds no model and loads no
+        weights. ``random`` weights (no file) or no cache: as :meth:`from_model`
+        with ``source.load()``.
+
+        Parameters
+        ----------
+        source : WeightsSource or LoadedBackbone
+            The backbone and its weights (:func:`~featcache.extract.weights.resolve_weights`).
+        layers, pooling, device, opset, input_size, intra_op_threads, exporter, cache_dir
+            As for :meth:`from_model`.
+
+        Returns
+        -------
+        OnnxFeatureRunner
+            With :attr:`onnx_sha256` set.
+        """
+        folder = resolve_cache_dir(cache_dir)
+        if folder is None or not source.weights_sha256:
+            return cls.from_model(source.load().model, source.spec, layers, pooling=pooling, device=device,
+                                  opset=opset, input_size=input_size, intra_op_threads=intra_op_threads,
+                                  exporter=exporter, cache_dir=cache_dir)
+        key = source_key(source.spec, source.weights_sha256, layers, pooling, input_size, opset, exporter)
+        found = lookup(folder, key)
+        if found is None:
+            from featcache.extract.torch_runner import TorchFeatureExtractor
+
+            extractor = TorchFeatureExtractor(source.load().model, source.spec, layers, pooling=pooling,
+                                              device="cpu", channels_last=False)
+            found = cached_export(extractor, folder, opset=opset, input_size=input_size, exporter=exporter, key=key)
+        runner = cls(found[0], device=device, intra_op_threads=intra_op_threads)
+        runner._sha256 = found[1]
+        return runner
+
+    @classmethod
     def from_model(cls, model: nn.Module, spec: BackboneSpec, layers: Sequence[str], pooling: str = "avg",
                    device: str = "cpu", path: str | os.PathLike[str] | None = None, opset: int = DEFAULT_OPSET,
                    *, input_size: int | None = None, intra_op_threads: int | None = None,
@@ -164,6 +210,9 @@ class OnnxFeatureRunner:
         OnnxFeatureRunner
             With :attr:`onnx_sha256` set.
         """
+        from featcache.extract.onnx_export import export_onnx
+        from featcache.extract.torch_runner import TorchFeatureExtractor
+
         extractor = TorchFeatureExtractor(model, spec, layers, pooling=pooling, device="cpu", channels_last=False)
         tmpdir, sha = None, None
         folder = resolve_cache_dir(cache_dir)

@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 
 from featcache.extract.registry import BackboneSpec
 
-if TYPE_CHECKING:  # torch and torchvision are imported on first use: params checks and configs stay cheap
+if TYPE_CHECKING:  # torch is imported on first use (params checks and configs stay cheap); torchvision never
     import torch
 
 __all__ = ["Preprocessor", "load_rgb", "to_rgb", "RESIZE_MODES", "DEFAULT_MAX_IMAGE_PIXELS", "ImageTooLargeError",
@@ -55,6 +55,10 @@ MAX_INTERMEDIATE_FACTOR = _MAX_INTERMEDIATE_FACTOR  # public name (extract.image
 
 #: ``crop``: resize the shorter side then center-crop; ``squash``: resize to the square input.
 RESIZE_MODES = ("crop", "squash")
+
+#: Registry interpolation name -> Pillow filter (torchvision's mapping of its InterpolationMode for PIL images).
+_PIL_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB.
@@ -344,12 +348,14 @@ class Preprocessor:
             float32, same shape and device.
         """
         import torch
-        from torchvision.transforms import functional as TF
 
         if images.dtype != torch.uint8:
             raise TypeError(f"normalize_batch takes uint8 pixels (from Preprocessor.pixels or a loader), got "
                             f"{images.dtype}. Hint: a float tensor is probably normalised already.")
-        return TF.normalize(images.to(torch.float32).div_(255.0), self.mean, self.std, inplace=True)
+        # torchvision's Normalize, op for op (sub_ then div_ by per-channel float32 tensors), without importing it
+        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+        return images.to(torch.float32).div_(255.0).sub_(mean).div_(std)
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """Resize and crop (or squash) one RGB image to the uint8 tensor a loader hands over.
@@ -359,23 +365,33 @@ class Preprocessor:
         torch.Tensor
             uint8 tensor of shape (3, input_size, input_size); :meth:`normalize_batch` makes it the input.
         """
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as TF
+        import torch
 
-        interpolation = InterpolationMode(self.interpolation)
+        # torchvision's resize / center_crop / pil_to_tensor on PIL images, step for step (the same Pillow
+        # calls, tested equal), without importing torchvision (seconds of start-up in every loader worker)
+        size = self.input_size
         if self.resize_mode == "squash":
-            image = TF.resize(image, [self.input_size, self.input_size], interpolation=interpolation)
+            image = image.resize((size, size), self._resample)
         else:
-            target = self.input_size if min(image.size) < self.input_size else self.resize_size
+            target = size if min(image.size) < size else self.resize_size
             width, height = image.size
             short, long = min(width, height), max(width, height)
             new_long = int(target * long / short)  # torchvision's rule for the longer side
-            if target * new_long > _MAX_INTERMEDIATE_FACTOR * self.input_size * self.input_size:
+            if target * new_long > _MAX_INTERMEDIATE_FACTOR * size * size:
                 image = self._resize_crop_window(image, target, new_long)
             else:
-                image = TF.resize(image, target, interpolation=interpolation)
-                image = TF.center_crop(image, [self.input_size, self.input_size])
-        return TF.pil_to_tensor(image)
+                new_w, new_h = (target, new_long) if width <= height else (new_long, target)
+                image = image.resize((new_w, new_h), self._resample)
+                top = int(round((new_h - size) / 2.0))  # torchvision's center_crop offsets
+                left = int(round((new_w - size) / 2.0))
+                image = image.crop((left, top, left + size, top + size))
+        pixels = torch.as_tensor(np.array(image, copy=True))
+        return pixels.view(image.size[1], image.size[0], len(image.getbands())).permute(2, 0, 1)
+
+    @property
+    def _resample(self) -> int:
+        """Pillow's resampling filter of :attr:`interpolation`."""
+        return _PIL_RESAMPLE[self.interpolation]
 
     def _resize_crop_window(self, image: Image.Image, target: int, new_long: int) -> Image.Image:
         """Resize the shorter side to ``target`` then center-crop, resampling only the crop window.
@@ -394,7 +410,7 @@ class Preprocessor:
         top = round((new_h - size) / 2.0)  # torchvision's center_crop offsets
         left = round((new_w - size) / 2.0)
         scale_x, scale_y = width / new_w, height / new_h
-        resample = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}[self.interpolation]
+        resample = self._resample
         columns = image.resize((size, height), resample, box=(left * scale_x, 0, (left + size) * scale_x, height))
         return columns.resize((size, size), resample, box=(0, top * scale_y, size, (top + size) * scale_y))
 

@@ -114,17 +114,17 @@ class RunnerSpec:
         with _RUNNERS_LOCK:
             runner = _RUNNERS.get(key)
             if runner is None:
-                from featcache.extract.weights import load_backbone
+                from featcache.extract.weights import resolve_weights
 
                 started = time.perf_counter()
-                loaded = load_backbone(self.backbone, self.weights, seed=self.seed)
+                source = resolve_weights(self.backbone, self.weights, seed=self.seed)
                 device = worker_device(self.device)
-                runner, attrs = build_runner(loaded.model, loaded.spec, list(self.layers), backend=self.backend,
+                runner, attrs = build_runner(source, list(self.layers), backend=self.backend,
                                              device=device, pooling=self.pooling, channels_last=self.channels_last,
                                              autocast=self.autocast, input_size=input_size,
                                              intra_op_threads=torch.get_num_threads())
                 _RUNNERS[key] = runner
-                logger.info("built %s (%s, %s on %s) in pid %d in %.1f s", self.backbone, loaded.weights_id,
+                logger.info("built %s (%s, %s on %s) in pid %d in %.1f s", self.backbone, source.weights_id,
                             attrs["backend"], attrs["provider"], os.getpid(), time.perf_counter() - started)
             return runner
 

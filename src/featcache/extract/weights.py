@@ -25,7 +25,7 @@ import importlib
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -36,8 +36,8 @@ from featcache.errors import UserError
 from featcache.extract.registry import BackboneSpec, get_backbone
 
 __all__ = [
-    "OFFLINE_ENV", "LoadedBackbone", "WeightsDownloadError", "WeightsNotFoundError", "file_sha256", "is_offline",
-    "load_backbone", "remap_efficientnet_lite",
+    "OFFLINE_ENV", "LoadedBackbone", "WeightsDownloadError", "WeightsNotFoundError", "WeightsSource", "file_sha256",
+    "is_offline", "load_backbone", "remap_efficientnet_lite", "resolve_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,49 @@ class LoadedBackbone:
     spec: BackboneSpec
     weights_id: str
     weights_sha256: str
+
+    def load(self) -> "LoadedBackbone":
+        """Itself (the model is built): the same call as :meth:`WeightsSource.load`."""
+        return self
+
+
+@dataclass
+class WeightsSource:
+    """A backbone and its weights, found and hashed but not loaded: what to build, and what it is.
+
+    Enough to name an export in the ONNX cache (backbone, weights file sha256)
+    without importing the model library or building the model; :meth:`load`
+    builds it when it is needed (and only once).
+
+    Attributes
+    ----------
+    spec : BackboneSpec
+        The registry entry.
+    weights : str
+        As given: ``"pretrained"``, ``"random"`` or a state-dict path.
+    seed : int
+        Seed of the random initialisation (``"random"``).
+    path : Path or None
+        The weights file; None for ``"random"``.
+    weights_id : str
+        What the store records as ``weights_id``.
+    weights_sha256 : str
+        sha256 of the weights file; ``""`` for ``"random"``.
+    """
+
+    spec: BackboneSpec
+    weights: str
+    seed: int
+    path: Path | None
+    weights_id: str
+    weights_sha256: str
+    _loaded: LoadedBackbone | None = field(default=None, init=False, repr=False, compare=False)
+
+    def load(self) -> LoadedBackbone:
+        """Build the model with these weights, in eval mode (once; later calls return the same)."""
+        if self._loaded is None:
+            self._loaded = _build(self)
+        return self._loaded
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -166,8 +209,8 @@ def _fit_state(spec: BackboneSpec, model: nn.Module, state: dict[str, torch.Tens
     return state
 
 
-def load_backbone(name: str, weights: str = "pretrained", seed: int = 0, progress: bool = True) -> LoadedBackbone:
-    """Build a registered backbone with its weights, in eval mode.
+def resolve_weights(name: str, weights: str = "pretrained", seed: int = 0, progress: bool = True) -> WeightsSource:
+    """Find (fetching a missing torchvision checkpoint) and hash a backbone's weights, without building it.
 
     Parameters
     ----------
@@ -190,30 +233,44 @@ def load_backbone(name: str, weights: str = "pretrained", seed: int = 0, progres
         to put where.
     """
     spec = get_backbone(name)
-    torch.manual_seed(seed)
-    model = _construct(spec)
     if weights == "random":
-        weights_id, sha = f"random:seed={seed}", ""
+        return WeightsSource(spec, weights, seed, None, f"random:seed={seed}", "")
+    if weights == "pretrained":
+        path = _pretrained_path(spec, progress)
+        weights_id = f"{spec.weights}:{path.name}"
     else:
-        if weights == "pretrained":
-            path = _pretrained_path(spec, progress)
-            weights_id = f"{spec.weights}:{path.name}"
-        else:
-            path = Path(weights).expanduser()
-            if not path.is_file():
-                raise WeightsNotFoundError(
-                    f"Weights file {str(path)!r} for backbone {name!r} does not exist. "
-                    f"Give the path of a state dict (.pth), or 'pretrained' or 'random'."
-                )
-            weights_id = f"file:{path.name}"
-        state = _fit_state(spec, model, _load_state(path))
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"Weights file {str(path)!r} for backbone {name!r} does not exist. "
+                f"Give the path of a state dict (.pth), or 'pretrained' or 'random'."
+            )
+        weights_id = f"file:{path.name}"
+    return WeightsSource(spec, weights, seed, path, weights_id, file_sha256(path))
+
+
+def load_backbone(name: str, weights: str = "pretrained", seed: int = 0, progress: bool = True) -> LoadedBackbone:
+    """Build a registered backbone with its weights, in eval mode.
+
+    Parameters and errors as for :func:`resolve_weights` (which finds the
+    weights; this builds the model too).
+    """
+    return resolve_weights(name, weights, seed, progress).load()
+
+
+def _build(source: WeightsSource) -> LoadedBackbone:
+    """The model of ``source`` with its weights loaded, in eval mode."""
+    spec = source.spec
+    torch.manual_seed(source.seed)
+    model = _construct(spec)
+    if source.path is not None:
+        state = _fit_state(spec, model, _load_state(source.path))
         model.load_state_dict(state, strict=True)
-        sha = file_sha256(path)
-        logger.info("Loaded %s weights from %s (sha256 %s)", name, path, sha[:12])
-    if spec.arch == "googlenet" and weights != "random":
+        logger.info("Loaded %s weights from %s (sha256 %s)", spec.name, source.path, source.weights_sha256[:12])
+    if spec.arch == "googlenet" and source.path is not None:
         model.transform_input = True  # the official checkpoint expects torchvision's input transform
     model.eval()
-    return LoadedBackbone(model=model, spec=spec, weights_id=weights_id, weights_sha256=sha)
+    return LoadedBackbone(model=model, spec=spec, weights_id=source.weights_id, weights_sha256=source.weights_sha256)
 
 
 def _pretrained_path(spec: BackboneSpec, progress: bool = True) -> Path:

@@ -14,7 +14,7 @@ The task is a class attribute: a head derives from :class:`ClassifierHead`
 ``_fit``.
 
 Parameters are declared once, as annotated class attributes of a class decorated
-with :func:`head_params` (a :func:`dataclasses.dataclass` that writes an
+with :func:`params_dataclass` (a :func:`dataclasses.dataclass` that writes an
 ``__init__`` which only stores them, keyword-only). Twins share their parameters
 through a common base class; scikit-learn's ``get_params``, ``set_params`` and
 ``clone`` read the generated ``__init__`` signature like a hand-written one.
@@ -33,7 +33,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from .splits import Split, prepare_fit
 from .validation import expand_columns, resolve_classes
 
-__all__ = ["ClassifierHead", "HeadBase", "RegressorHead", "head_params"]
+__all__ = ["ClassifierHead", "HeadBase", "RegressorHead", "params_dataclass"]
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 #: attributes (and those of decorated bases) become the keyword-only parameters of a
 #: generated ``__init__`` that only stores them. scikit-learn's ``__repr__`` is kept
 #: (``repr=False``) and heads compare by identity, like every estimator (``eq=False``).
-head_params = dataclasses.dataclass(eq=False, repr=False, kw_only=True, match_args=False)
+params_dataclass = dataclasses.dataclass(eq=False, repr=False, kw_only=True, match_args=False)
 
 
 class HeadBase(BaseEstimator):
@@ -101,7 +101,7 @@ class HeadBase(BaseEstimator):
         raise NotImplementedError(f"{type(self).__name__} must implement predict(X).")
 
 
-@head_params
+@params_dataclass
 class ClassifierHead(ClassifierMixin, HeadBase):
     """A head predicting one of K classes; ``predict`` is the most probable column of ``predict_proba``.
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from .base import ClassifierHead, HeadBase, RegressorHead, head_params
+from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .preprocessing import apply_preprocess, check_pca_components, fit_preprocess
 from .splits import Split
 from .validation import check_features, check_fraction, check_int, check_positive, require_two_classes, resolve_classes
@@ -38,7 +38,7 @@ def _has_eval_xy(lightgbm: Any) -> bool:
     return "eval_X" in inspect.signature(lightgbm.LGBMModel.fit).parameters
 
 
-@head_params
+@params_dataclass
 class LightGBMBase(HeadBase):
     """Shared parameters (documented in :class:`LightGBMHead`), fitting and prediction of the LightGBM heads."""
 
@@ -134,7 +134,7 @@ class LightGBMBase(HeadBase):
         return np.asarray(self.booster_.predict(X, num_iteration=self.best_iteration_), dtype=np.float64)
 
 
-@head_params
+@params_dataclass
 class LightGBMHead(ClassifierHead, LightGBMBase):
     """LightGBM classifier, early-stopped on the validation split.
 
@@ -221,7 +221,7 @@ class LightGBMHead(ClassifierHead, LightGBMBase):
         return raw
 
 
-@head_params
+@params_dataclass
 class LightGBMRegressorHead(RegressorHead, LightGBMBase):
     """LightGBM regressor (L2), early-stopped on the validation split.
 

@@ -25,7 +25,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from featcache.util.compute import thread_limit
 
-from .base import ClassifierHead, HeadBase, RegressorHead, head_params
+from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .preprocessing import apply_preprocess, check_pca_components
 from .splits import SelectionSets, Split, average_rows
 from .validation import (
@@ -109,7 +109,7 @@ def _final_rows(split: Split, refit_on_trainval: bool) -> tuple[np.ndarray, np.n
 ScorePath = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray], list[dict[str, Any]]]
 
 
-@head_params
+@params_dataclass
 class LinearSearchBase(HeadBase):
     """Shared parameters (documented in :class:`LogisticRegressionHead`) and search-then-refit of the linear heads."""
 
@@ -146,7 +146,7 @@ class LinearSearchBase(HeadBase):
         return best
 
 
-@head_params
+@params_dataclass
 class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
     """Multinomial L2 logistic regression with C chosen on the validation split.
 
@@ -291,7 +291,7 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
         return proba.astype(np.float64, copy=False)
 
 
-@head_params
+@params_dataclass
 class RidgeHead(RegressorHead, LinearSearchBase):
     """Ridge regression with alpha chosen on validation RMSE (coarse-to-fine log grid).
 

@@ -20,7 +20,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from featcache.util.compute import torch_threads
 
-from .base import ClassifierHead, HeadBase, RegressorHead, head_params
+from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .preprocessing import apply_preprocess, check_pca_components, fit_preprocess
 from .splits import Split
 from .training import build_mlp, iter_batches, predict_batches, train_epochs
@@ -34,7 +34,7 @@ __all__ = ["MLPBase", "MLPClassifierBase", "MLPHead", "MLPRegressorBase", "MLPRe
 log = logging.getLogger(__name__)
 
 
-@head_params
+@params_dataclass
 class MLPBase(HeadBase):
     """Shared parameters (documented in :class:`MLPHead`) and training loop of the MLP heads.
 
@@ -159,7 +159,7 @@ class MLPBase(HeadBase):
         return self._forward_array(X)
 
 
-@head_params
+@params_dataclass
 class MLPClassifierBase(ClassifierHead, MLPBase):
     """Classifier side of the MLP heads: K logits, cross-entropy, accuracy on val, softmax."""
 
@@ -182,7 +182,7 @@ class MLPClassifierBase(ClassifierHead, MLPBase):
         return self.classes_[np.argmax(logits, axis=1)]
 
 
-@head_params
+@params_dataclass
 class MLPHead(MLPClassifierBase):
     """MLP classifier (cross-entropy), early-stopped on validation loss.
 
@@ -241,7 +241,7 @@ class MLPHead(MLPClassifierBase):
     pca_components: int | float | None = None
 
 
-@head_params
+@params_dataclass
 class MLPRegressorBase(RegressorHead, MLPBase):
     """Regressor side of the MLP heads: one output, MSE on the standardised target, R2 on val."""
 
@@ -258,7 +258,7 @@ class MLPRegressorBase(RegressorHead, MLPBase):
         return self._unscale_target(self._forward(X))
 
 
-@head_params
+@params_dataclass
 class MLPRegressorHead(MLPRegressorBase):
     """MLP regressor: MSE on the standardised target, un-standardised at predict.
 

@@ -29,7 +29,7 @@ import numpy as np
 from sklearn.linear_model import SGDClassifier, SGDRegressor
 from sklearn.utils.validation import check_is_fitted
 
-from .base import ClassifierHead, HeadBase, RegressorHead, head_params
+from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, stream_outputs, streaming_sources
 from .preprocessing import fit_scaler_streaming
 from .validation import as_float_list, check_int
@@ -50,7 +50,7 @@ DEFAULT_SGD_ALPHAS: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
 """Candidate L2 strengths of the SGD heads (each candidate is one streamed fit)."""
 
 
-@head_params
+@params_dataclass
 class _StreamingLinearBase(HeadBase):
     """Shared parameters (documented in :class:`StreamingLogisticHead`) and streamed SGD fitting of the SGD heads."""
 
@@ -117,7 +117,7 @@ class _StreamingLinearBase(HeadBase):
         self.n_features_in_ = train.n_features
 
 
-@head_params
+@params_dataclass
 class StreamingLogisticHead(ClassifierHead, _StreamingLinearBase):
     """L2 logistic regression (one-vs-rest SGD, ``loss="log_loss"``) fitted chunk by chunk.
 
@@ -195,7 +195,7 @@ class StreamingLogisticHead(ClassifierHead, _StreamingLinearBase):
 
 
 
-@head_params
+@params_dataclass
 class StreamingRidgeHead(RegressorHead, _StreamingLinearBase):
     """Ridge regression by SGD (squared error, L2) fitted chunk by chunk.
 

@@ -18,7 +18,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from featcache.util.compute import torch_threads
 
-from .base import head_params
+from .base import params_dataclass
 from .chunks import DEFAULT_CHUNK_ROWS, stream_outputs, streaming_sources
 from .mlp import MLPClassifierBase, MLPRegressorBase
 from .preprocessing import fit_scaler_streaming
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["StreamingMLPHead", "StreamingMLPRegressorHead"]
 
 
-@head_params
+@params_dataclass
 class _StreamingMLPMixin:
     """The ``chunk_rows`` parameter and streamed fitting/prediction of the MLP twins.
 
@@ -87,7 +87,7 @@ class _StreamingMLPMixin:
         return stream_outputs(self, X, self._forward_array)
 
 
-@head_params
+@params_dataclass
 class StreamingMLPHead(_StreamingMLPMixin, MLPClassifierBase):
     """:class:`~featcache.heads.mlp.MLPHead` trained on mini-batches streamed chunk by chunk.
 
@@ -99,7 +99,7 @@ class StreamingMLPHead(_StreamingMLPMixin, MLPClassifierBase):
     """
 
 
-@head_params
+@params_dataclass
 class StreamingMLPRegressorHead(_StreamingMLPMixin, MLPRegressorBase):
     """:class:`~featcache.heads.mlp.MLPRegressorHead` trained on streamed mini-batches.
 

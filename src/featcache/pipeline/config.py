@@ -267,10 +267,10 @@ class Params(_Strict):
                 raise ValueError(f"features[{index}].layer {feature.layer!r} is not extracted for "
                                  f"{feature.backbone!r} (backbones.{feature.backbone}.layers = {layers}). "
                                  "Hint: add it to those layers or remove the feature.")
-        from featcache.heads.registry import make_head, task_params
+        from featcache.heads.registry import check_head_params, task_params
 
-        for name, head_params in self.heads.items():  # one section serves both tasks' twins
-            make_head(name, self.data.task, task_params(name, self.data.task, head_params))  # raises naming bad keys
+        for name, section in self.heads.items():  # one section serves both tasks' twins; no head is imported
+            check_head_params(name, self.data.task, task_params(name, self.data.task, section))  # names bad keys
         return self
 
 

@@ -40,8 +40,7 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
     from featcache.extract.malloc import tune_malloc
     from featcache.extract.manifest import Manifest
     from featcache.extract.memory import check_batch_memory
-    from featcache.extract.torch_runner import TorchFeatureExtractor
-    from featcache.extract.weights import load_backbone
+    from featcache.extract.weights import resolve_weights
 
     if backbone not in params.backbones:
         raise ValueError(f"Backbone {backbone!r} is not configured in params.backbones "
@@ -50,11 +49,11 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
     tune_malloc(knobs.malloc_tuning)
     manifest = Manifest.read(manifest_path)
     device, backend, autocast = resolved_choices(knobs)
-    loaded = load_backbone(backbone, params.backbones[backbone].weights)
-    preprocess = Preprocessor.from_spec(loaded.spec, knobs.resize_mode, max_image_pixels=knobs.max_image_pixels)
+    source = resolve_weights(backbone, params.backbones[backbone].weights)  # the model is built only if needed
+    preprocess = Preprocessor.from_spec(source.spec, knobs.resize_mode, max_image_pixels=knobs.max_image_pixels)
     config = expected_config(params, backbone)
     decode = planned_decode(params)
-    attrs = {"backbone": backbone, "weights_id": loaded.weights_id, "weights_sha256": loaded.weights_sha256,
+    attrs = {"backbone": backbone, "weights_id": source.weights_id, "weights_sha256": source.weights_sha256,
              "dataset": params.data.name, **runner_attrs(backend, device, autocast), "decode": decode}
     logger.info("extract %s: backend %s on %s, %s, decode %s", backbone, backend, attrs["provider"],
                 attrs["precision"], decode)
@@ -69,12 +68,12 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
                                    scheduler_address=None if knobs.scheduler == "local" else knobs.scheduler,
                                    n_workers=local_workers(knobs.n_workers, device), progress=progress,
                                    max_bad_fraction=knobs.max_bad_fraction)
-    runner, built = build_runner(loaded.model, loaded.spec, layers, backend=backend, device=device,
+    runner, built = build_runner(source, layers, backend=backend, device=device,
                                  pooling=knobs.pooling, channels_last=knobs.channels_last, autocast=autocast,
                                  onnx_cache=knobs.onnx_cache)
     attrs.update(built)
     workers = None if knobs.num_workers == "auto" else int(knobs.num_workers)
-    if isinstance(runner, TorchFeatureExtractor):
+    if built["backend"] == "torch":
         check_batch_memory(runner, preprocess.input_size, knobs.batch_size, device, num_workers=workers)
     loader_factory = None
     if decode == "gpu":  # JPEGs decoded in batches on the runner's input device
