@@ -5,19 +5,15 @@ The pipeline builds heads only through :func:`make_head`, so a typo in
 The table holds import paths: a head's module (and its library: scikit-learn,
 lightgbm, torch) is imported only when that head is built.
 
-Checking a ``params.yaml`` section needs only the head's parameter names, and
-the one place they are written is the estimator's ``__init__`` signature (what
-scikit-learn's ``get_params`` reads). :func:`head_params` reads that signature
-from the module's source with :mod:`ast` (following base classes defined in
-the same module or imported from a sibling module), so ``featcache check`` and
-every stage validate all heads in milliseconds without importing
-scikit-learn; anything the source reader cannot resolve falls back to
-importing the class.
+Checking a ``params.yaml`` section needs only the head's parameter names:
+:func:`head_param_names` reads them from the head's source
+(:mod:`~featcache.heads.param_source`), so ``featcache check`` and every stage
+validate all heads without importing scikit-learn; what the source reader
+cannot follow falls back to importing the class.
 """
 
 from __future__ import annotations
 
-import ast
 import functools
 import importlib
 import logging
@@ -25,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from featcache.heads.param_source import SourceUnresolved, init_param_names
 from featcache.store.schema import TASKS
 from featcache.util.names import did_you_mean
 
@@ -32,7 +29,7 @@ if TYPE_CHECKING:
     from sklearn.base import BaseEstimator
 
 __all__ = ["HEADS", "HEAD_PATHS", "LABELS", "TASKS", "check_head_params", "head_class", "head_label", "head_names",
-           "head_params", "make_head", "task_params"]
+           "head_param_names", "make_head", "task_params"]
 
 log = logging.getLogger(__name__)
 
@@ -75,58 +72,8 @@ class _HeadTable(Mapping[str, dict[str, "type[BaseEstimator]"]]):
 HEADS: Mapping[str, dict[str, type[BaseEstimator]]] = _HeadTable()
 
 
-class _SourceUnresolved(Exception):
-    """The source reader met something it does not follow (``**kwargs``, a dynamic base); import instead."""
-
-
-def _module_tree(module: str) -> ast.Module:
-    """The parsed source of a sibling module (``.linear`` -> ``linear.py`` beside this file)."""
-    path = Path(__file__).with_name(module.lstrip(".") + ".py")
-    if not module.startswith(".") or "." in module[1:] or not path.is_file():
-        raise _SourceUnresolved(module)
-    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-
-
-def _source_init_params(module: str, name: str, depth: int = 0) -> tuple[str, ...] | None:
-    """``__init__`` parameter names of class ``name`` in ``module``, read from source; None if it has none.
-
-    Looks at the class's own ``__init__``, then its bases in order (a base is
-    a class of the same module or one imported ``from .sibling import Base``;
-    any other base, e.g. scikit-learn's mixins and ``BaseEstimator``, defines
-    no parameters).
-    """
-    if depth > 8:
-        raise _SourceUnresolved(f"{module}:{name}")
-    tree = _module_tree(module)
-    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-    imported = {alias.asname or alias.name: node.module for node in tree.body
-                if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module for alias in node.names}
-    if name not in classes:
-        if name in imported:  # re-exported from a sibling module
-            return _source_init_params("." + imported[name], name, depth + 1)
-        raise _SourceUnresolved(f"{module}:{name}")
-    for node in classes[name].body:
-        if isinstance(node, ast.FunctionDef) and node.name == "__init__":
-            args = node.args
-            if args.vararg is not None or args.kwarg is not None:
-                raise _SourceUnresolved(f"{module}:{name}.__init__ takes *args/**kwargs")
-            return tuple(arg.arg for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs][1:])
-    for base in classes[name].bases:
-        if not isinstance(base, ast.Name):
-            continue  # e.g. ``sklearn.base.BaseEstimator``: an external class without parameters of its own
-        if base.id in classes:
-            found = _source_init_params(module, base.id, depth + 1)
-        elif base.id in imported:
-            found = _source_init_params("." + imported[base.id], base.id, depth + 1)
-        else:
-            continue  # an external mixin (ClassifierMixin, BaseEstimator): no parameters
-        if found is not None:
-            return found
-    return None
-
-
 @functools.lru_cache(maxsize=None)
-def head_params(name: str, task: str) -> tuple[str, ...]:
+def head_param_names(name: str, task: str) -> tuple[str, ...]:
     """The constructor parameter names of the head registered for ``(name, task)``, without importing it.
 
     Read from the estimator's ``__init__`` signature in its module's source
@@ -139,12 +86,10 @@ def head_params(name: str, task: str) -> tuple[str, ...]:
         For an unknown head or task (as :func:`head_class`).
     """
     path = _registered_path(name, task)
-    module, _, cls_name = path.partition(":")
     try:
-        found = _source_init_params(module, cls_name)
-        return tuple(sorted(found or ()))
-    except (_SourceUnresolved, OSError, SyntaxError) as why:
-        log.debug("head_params(%s, %s): importing %s (%s)", name, task, path, why)
+        return init_param_names(Path(__file__).parent, path)
+    except (SourceUnresolved, OSError, SyntaxError) as why:
+        log.debug("head_param_names(%s, %s): importing %s (%s)", name, task, path, why)
         return tuple(sorted(_load(path)().get_params(deep=False)))
 
 
@@ -156,7 +101,7 @@ def check_head_params(name: str, task: str, params: Mapping[str, Any] | None) ->
     ValueError
         Naming the unknown key, the head, the allowed keys and the closest match.
     """
-    allowed = head_params(name, task)
+    allowed = head_param_names(name, task)
     for key in dict(params or {}):
         if key not in allowed:
             raise ValueError(
@@ -249,8 +194,8 @@ def task_params(name: str, task: str, params: Mapping[str, Any] | None) -> dict[
     params = dict(params or {})
     if name not in HEAD_PATHS or task not in HEAD_PATHS[name]:
         return params  # make_head names the unknown head or task
-    own = set(head_params(name, task))
-    others = {key for other in HEAD_PATHS[name] if other != task for key in head_params(name, other)}
+    own = set(head_param_names(name, task))
+    others = {key for other in HEAD_PATHS[name] if other != task for key in head_param_names(name, other)}
     dropped = sorted(key for key in params if key not in own and key in others)
     if dropped:
         log.debug("heads.%s: %s apply to the other task only; not used for %s", name, dropped, task)
