@@ -119,3 +119,19 @@ def test_train_imports_only_what_its_head_needs(head, needs, project, store):
     args = ["train", "--params", "params.yaml", "--store", str(store), "--backbone", "efficientnet_lite0",
             "--layer", "pool", "--head", head, "--metrics", f"metrics/{head}.json", "--model-dir", f"models/{head}"]
     assert set(heavy_modules(args, project)) == needs
+
+
+def test_a_warm_onnx_extraction_builds_no_model(project, store, tmp_path):
+    """With the export cached, ``extract`` imports no timm, torchvision or onnx: it builds no model and loads no
+    weights (the first extraction, which exports, does; the probe sees it)."""
+    params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
+    params["extract"].update(backend="onnx", onnx_cache=str(tmp_path / "onnx-cache"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+
+    def extract(out: str) -> set[str]:
+        return set(heavy_modules(["extract", "--params", str(tmp_path / "params.yaml"), "--backbone",
+                                  "efficientnet_lite0", "--manifest", str(project / "prepared" / "manifest.csv"),
+                                  "--out", str(tmp_path / out)], project))
+
+    assert {"timm", "onnx"} <= extract("cold.h5")
+    assert extract("warm.h5") == {"torch", "onnxruntime"}

@@ -13,6 +13,7 @@ import torch
 import featcache
 import featcache.extract.onnx_cache as onnx_cache
 import featcache.extract.onnx_export as onnx_export
+from featcache.extract.onnx_format import DEFAULT_OPSET
 from featcache.extract.onnx_cache import (
     CACHE_ENV,
     cache_key,
@@ -45,7 +46,7 @@ def fake_exporter(monkeypatch):
     """Replace the (slow) exporter by one that writes a small file and counts its calls."""
     calls = []
 
-    def export(extractor, path, opset=onnx_export.DEFAULT_OPSET, input_size=None, *, exporter="auto"):
+    def export(extractor, path, opset=DEFAULT_OPSET, input_size=None, *, exporter="auto"):
         calls.append(path)
         path.write_bytes(f"onnx of {extractor.layer_names} #{len(calls)}".encode() * 64)
         return path

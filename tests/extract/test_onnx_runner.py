@@ -13,7 +13,8 @@ from PIL import Image
 
 from featcache.extract.engine import extract_to_store
 from featcache.extract.manifest import Manifest
-from featcache.extract.onnx_export import DEFAULT_OPSET, OnnxExportError, export_onnx
+from featcache.extract.onnx_export import OnnxExportError, export_onnx
+from featcache.extract.onnx_format import DEFAULT_OPSET
 from featcache.extract.onnx_runner import OnnxFeatureRunner
 from featcache.extract.parity import LayerParity, ParityError, format_parity, parity_check
 from featcache.extract.preprocess import Preprocessor

@@ -19,7 +19,7 @@ from featcache.heads import (
     make_head,
 )
 from featcache.heads import registry
-from featcache.heads.registry import HEAD_PATHS, check_head_params, head_params
+from featcache.heads.registry import HEAD_PATHS, check_head_params, head_param_names
 
 
 def test_table_shape():
@@ -78,41 +78,13 @@ def test_unknown_param_names_it_the_head_allowed_and_hint():
 
 @pytest.mark.parametrize("name", list(HEAD_PATHS))
 @pytest.mark.parametrize("task", ["classification", "regression"])
-def test_head_params_read_from_source_are_what_get_params_returns(name, task):
-    assert head_params.__wrapped__(name, task) == tuple(sorted(HEADS[name][task]().get_params(deep=False)))
+def test_head_param_names_read_from_source_are_what_get_params_returns(name, task):
+    assert head_param_names.__wrapped__(name, task) == tuple(sorted(HEADS[name][task]().get_params(deep=False)))
 
 
-def test_head_params_follow_a_base_class_and_a_re_export(tmp_path, monkeypatch):
-    """The source reader follows an inherited ``__init__`` and a ``from .sibling import`` re-export."""
-    (tmp_path / "twin_base.py").write_text(
-        "class Base:\n    def __init__(self, alpha=1, beta=2):\n        pass\n", encoding="utf-8")
-    (tmp_path / "twin.py").write_text(
-        "from .twin_base import Base\nclass Mixin:\n    pass\nclass Middle(Base):\n    pass\n"
-        "class Child(Mixin, Middle):\n    pass\n", encoding="utf-8")
-    (tmp_path / "reexport.py").write_text("from .twin import Child\n", encoding="utf-8")
-    monkeypatch.setattr(registry, "__file__", str(tmp_path / "registry.py"))
-    monkeypatch.setitem(HEAD_PATHS, "twin", {"classification": ".reexport:Child"})
-    assert head_params.__wrapped__("twin", "classification") == ("alpha", "beta")
-
-
-def test_head_params_read_params_dataclass_fields_of_the_class_and_every_base(tmp_path, monkeypatch):
-    """Fields of decorated classes above the head count, through undecorated classes; other annotations do not."""
-    (tmp_path / "fields_base.py").write_text(
-        "class Plain:\n    ignored: int = 0\n"
-        "@params_dataclass\nclass Shared(Plain):\n    alpha: float = 1.0\n    kind: ClassVar[str] = 'x'\n"
-        "@params_dataclass\nclass Classes:\n    n_classes: int | None = None\n", encoding="utf-8")
-    (tmp_path / "fields.py").write_text(
-        "from .fields_base import Classes, Shared\nclass Middle(Shared):\n    _flag = True\n"
-        "@params_dataclass\nclass Child(Classes, Middle):\n    beta: int = 2\n", encoding="utf-8")
-    monkeypatch.setattr(registry, "__file__", str(tmp_path / "registry.py"))
-    monkeypatch.setitem(HEAD_PATHS, "fields", {"classification": ".fields:Child", "regression": ".fields:Middle"})
-    assert head_params.__wrapped__("fields", "classification") == ("alpha", "beta", "n_classes")
-    assert head_params.__wrapped__("fields", "regression") == ("alpha",)
-
-
-def test_head_params_import_the_class_when_the_source_cannot_be_read(tmp_path, monkeypatch):
+def test_head_param_names_import_the_class_when_the_source_cannot_be_read(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "__file__", str(tmp_path / "registry.py"))  # no head module sources there
-    assert head_params.__wrapped__("logreg", "classification") == tuple(
+    assert head_param_names.__wrapped__("logreg", "classification") == tuple(
         sorted(LogisticRegressionHead().get_params(deep=False)))
 
 

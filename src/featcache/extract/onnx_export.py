@@ -7,8 +7,8 @@ already the (B, D) feature of one requested layer::
     images (B, 3, S, S) float32  ->  <layer 1> (B, D1), <layer 2> (B, D2), ...
 
 The batch axis is dynamic (``batch``); the spatial size S is fixed at export.
-The file carries its own description in ``metadata_props`` (:data:`EXPORT_KEY`:
-backbone, layers, pooling, opset, input size, versions; :data:`LAYERS_KEY`:
+The file carries its own description in ``metadata_props`` (:data:`~featcache.extract.onnx_format.EXPORT_KEY`:
+backbone, layers, pooling, opset, input size, versions; :data:`~featcache.extract.onnx_format.LAYERS_KEY`:
 the :class:`~featcache.store.schema.LayerSpec` of every output), so
 :class:`~featcache.extract.onnx_runner.OnnxFeatureRunner` needs nothing but the file.
 
@@ -43,9 +43,7 @@ from featcache.errors import UserError
 from featcache.extract.onnx_format import (
     DEFAULT_OPSET,
     DYNAMO_MIN_OPSET,
-    EXPORT_CODE_VERSION,
     EXPORT_KEY,
-    EXPORTERS,
     INPUT_NAME,
     LAYERS_KEY,
     MIN_OPSET,
@@ -55,19 +53,7 @@ from featcache.extract.torch_runner import TorchFeatureExtractor, pool_features
 from featcache.store.schema import LayerSpec, canonical_json
 from featcache.util.atomic import atomic_path
 
-__all__ = [
-    "DEFAULT_OPSET",
-    "DYNAMO_MIN_OPSET",
-    "EXPORTERS",
-    "EXPORT_CODE_VERSION",
-    "EXPORT_KEY",
-    "INPUT_NAME",
-    "LAYERS_KEY",
-    "MIN_OPSET",
-    "OnnxExportError",
-    "export_onnx",
-    "resolve_exporter",
-]
+__all__ = ["OnnxExportError", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 

@@ -5,20 +5,15 @@ The pipeline builds heads only through :func:`make_head`, so a typo in
 The table holds import paths: a head's module (and its library: scikit-learn,
 lightgbm, torch) is imported only when that head is built.
 
-Checking a ``params.yaml`` section needs only the head's parameter names, and
-the one place they are written is the estimator's ``__init__`` signature (what
-scikit-learn's ``get_params`` reads): a hand-written ``__init__`` or the fields
-of a ``params_dataclass`` (:mod:`featcache.heads.base`). :func:`head_params`
-reads them from the module's source with :mod:`ast` (following base classes
-defined in the same module or imported from a sibling module), so ``featcache check`` and
-every stage validate all heads in milliseconds without importing
-scikit-learn; anything the source reader cannot resolve falls back to
-importing the class.
+Checking a ``params.yaml`` section needs only the head's parameter names:
+:func:`head_param_names` reads them from the head's source
+(:mod:`~featcache.heads.param_source`), so ``featcache check`` and every stage
+validate all heads without importing scikit-learn; what the source reader
+cannot follow falls back to importing the class.
 """
 
 from __future__ import annotations
 
-import ast
 import functools
 import importlib
 import logging
@@ -26,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from featcache.heads.param_source import SourceUnresolved, init_param_names
 from featcache.store.schema import TASKS
 from featcache.util.names import did_you_mean
 
@@ -33,7 +29,7 @@ if TYPE_CHECKING:
     from sklearn.base import BaseEstimator
 
 __all__ = ["HEADS", "HEAD_PATHS", "LABELS", "TASKS", "check_head_params", "head_class", "head_label", "head_names",
-           "head_params", "make_head", "task_params"]
+           "head_param_names", "make_head", "task_params"]
 
 log = logging.getLogger(__name__)
 
@@ -76,105 +72,8 @@ class _HeadTable(Mapping[str, dict[str, "type[BaseEstimator]"]]):
 HEADS: Mapping[str, dict[str, type[BaseEstimator]]] = _HeadTable()
 
 
-class _SourceUnresolved(Exception):
-    """The source reader met something it does not follow (``**kwargs``, a dynamic base); import instead."""
-
-
-def _module_tree(module: str) -> ast.Module:
-    """The parsed source of a sibling module (``.linear`` -> ``linear.py`` beside this file)."""
-    path = Path(__file__).with_name(module.lstrip(".") + ".py")
-    if not module.startswith(".") or "." in module[1:] or not path.is_file():
-        raise _SourceUnresolved(module)
-    return ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-
-
-#: The class decorator that declares a head's parameters as fields (:data:`featcache.heads.base.params_dataclass`).
-_PARAMS_DECORATOR = "params_dataclass"
-
-
-def _resolve_class(module: str, name: str, depth: int) -> tuple[str, ast.ClassDef, list[tuple[str, str]]]:
-    """``(module, class node, resolvable bases)`` of class ``name``, following ``from .sibling import`` re-exports.
-
-    A base is resolvable when it is a class of the same module or one imported
-    ``from .sibling import Base``; any other base (scikit-learn's mixins,
-    ``BaseEstimator``) declares no head parameters and is left out.
-    """
-    if depth > 8:
-        raise _SourceUnresolved(f"{module}:{name}")
-    tree = _module_tree(module)
-    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
-    imported = {alias.asname or alias.name: node.module for node in tree.body
-                if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module for alias in node.names}
-    if name not in classes:
-        if name in imported:  # re-exported from a sibling module
-            return _resolve_class("." + imported[name], name, depth + 1)
-        raise _SourceUnresolved(f"{module}:{name}")
-    bases = []
-    for base in classes[name].bases:
-        if isinstance(base, ast.Name) and base.id in classes:
-            bases.append((module, base.id))
-        elif isinstance(base, ast.Name) and base.id in imported:
-            bases.append(("." + imported[base.id], base.id))
-    return module, classes[name], bases
-
-
-def _declares_fields(cls: ast.ClassDef) -> bool:
-    """Whether ``cls`` is decorated with ``params_dataclass`` (any other decorator is not followed)."""
-    names = [d.id if isinstance(d, ast.Name) else getattr(d, "attr", None) for d in cls.decorator_list]
-    if any(name != _PARAMS_DECORATOR for name in names):
-        raise _SourceUnresolved(f"{cls.name} has a decorator the source reader does not follow")
-    return bool(names)
-
-
-def _own_fields(cls: ast.ClassDef) -> list[str]:
-    """Names of the fields ``cls`` declares itself (annotated class attributes, ``ClassVar`` excepted)."""
-    names = []
-    for node in cls.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if "ClassVar" in ast.unparse(node.annotation):
-                continue
-            if isinstance(node.value, ast.Call):  # dataclasses.field(...): init=False and friends
-                raise _SourceUnresolved(f"{cls.name}.{node.target.id} is declared with a call")
-            names.append(node.target.id)
-    return names
-
-
-def _dataclass_fields(module: str, name: str, depth: int) -> list[str]:
-    """The fields a ``params_dataclass`` ``__init__`` of class ``name`` takes: its own and those of every class above it."""
-    module, cls, bases = _resolve_class(module, name, depth)
-    names: list[str] = []
-    for base_module, base in reversed(bases):  # dataclasses collect fields from the base classes in reverse MRO
-        names += [field for field in _dataclass_fields(base_module, base, depth + 1) if field not in names]
-    if _declares_fields(cls):
-        names += [field for field in _own_fields(cls) if field not in names]
-    return names
-
-
-def _source_init_params(module: str, name: str, depth: int = 0) -> tuple[str, ...] | None:
-    """``__init__`` parameter names of class ``name`` in ``module``, read from source; None if it has none.
-
-    Looks at the class's own ``__init__``; for a class decorated with
-    ``params_dataclass``, at the fields declared by it and the classes above it;
-    otherwise at its bases in order (see :func:`_resolve_class`).
-    """
-    module, cls, bases = _resolve_class(module, name, depth)
-    for node in cls.body:
-        if isinstance(node, ast.FunctionDef) and node.name == "__init__":
-            args = node.args
-            if args.vararg is not None or args.kwarg is not None:
-                raise _SourceUnresolved(f"{module}:{name}.__init__ takes *args/**kwargs")
-            return tuple(arg.arg for arg in [*args.posonlyargs, *args.args, *args.kwonlyargs][1:])
-    if _declares_fields(cls):
-        return tuple(_dataclass_fields(module, name, depth))
-    for base_module, base in bases:
-        found = _source_init_params(base_module, base, depth + 1)
-        if found is not None:
-            return found
-    return None
-
-
 @functools.lru_cache(maxsize=None)
-def head_params(name: str, task: str) -> tuple[str, ...]:
+def head_param_names(name: str, task: str) -> tuple[str, ...]:
     """The constructor parameter names of the head registered for ``(name, task)``, without importing it.
 
     Read from the estimator's ``__init__`` signature in its module's source
@@ -187,12 +86,10 @@ def head_params(name: str, task: str) -> tuple[str, ...]:
         For an unknown head or task (as :func:`head_class`).
     """
     path = _registered_path(name, task)
-    module, _, cls_name = path.partition(":")
     try:
-        found = _source_init_params(module, cls_name)
-        return tuple(sorted(found or ()))
-    except (_SourceUnresolved, OSError, SyntaxError) as why:
-        log.debug("head_params(%s, %s): importing %s (%s)", name, task, path, why)
+        return init_param_names(Path(__file__).parent, path)
+    except (SourceUnresolved, OSError, SyntaxError) as why:
+        log.debug("head_param_names(%s, %s): importing %s (%s)", name, task, path, why)
         return tuple(sorted(_load(path)().get_params(deep=False)))
 
 
@@ -204,7 +101,7 @@ def check_head_params(name: str, task: str, params: Mapping[str, Any] | None) ->
     ValueError
         Naming the unknown key, the head, the allowed keys and the closest match.
     """
-    allowed = head_params(name, task)
+    allowed = head_param_names(name, task)
     for key in dict(params or {}):
         if key not in allowed:
             raise ValueError(
@@ -297,8 +194,8 @@ def task_params(name: str, task: str, params: Mapping[str, Any] | None) -> dict[
     params = dict(params or {})
     if name not in HEAD_PATHS or task not in HEAD_PATHS[name]:
         return params  # make_head names the unknown head or task
-    own = set(head_params(name, task))
-    others = {key for other in HEAD_PATHS[name] if other != task for key in head_params(name, other)}
+    own = set(head_param_names(name, task))
+    others = {key for other in HEAD_PATHS[name] if other != task for key in head_param_names(name, other)}
     dropped = sorted(key for key in params if key not in own and key in others)
     if dropped:
         log.debug("heads.%s: %s apply to the other task only; not used for %s", name, dropped, task)

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from featcache.extract.manifest import Manifest
-from featcache.extract.onnx_export import DEFAULT_OPSET, export_onnx
+from featcache.extract.onnx_export import export_onnx
+from featcache.extract.onnx_format import DEFAULT_OPSET
 from featcache.extract.onnx_runner import OnnxFeatureRunner
 from featcache.extract.parity import format_parity, parity_check
 from featcache.extract.preprocess import Preprocessor, load_rgb
