@@ -82,6 +82,10 @@ def write_params(work: Path, images: Path, cache: Path) -> Path:
         "backbones": {BACKBONE: {"weights": "pretrained", "layers": ["pool"]}},
         "features": [{"backbone": BACKBONE, "layer": "pool"}],
         "train": {"heads": ["logreg"]},
+        # as in the repository's params.yaml: `check` (and every stage) validates every head's section
+        "heads": {"logreg": {"refine": True, "max_iter": 1000},
+                  "lightgbm": {"n_estimators": 1000, "learning_rate": 0.05, "num_leaves": 15},
+                  "mlp": {"hidden_sizes": [256], "max_epochs": 100}},
     }
     path = work / "params.yaml"
     path.write_text(yaml.safe_dump(params), encoding="utf-8")
