@@ -76,9 +76,10 @@ HEADS: Mapping[str, dict[str, type[BaseEstimator]]] = _HeadTable()
 def head_param_names(name: str, task: str) -> tuple[str, ...]:
     """The constructor parameter names of the head registered for ``(name, task)``, without importing it.
 
-    Read from the estimator's ``__init__`` signature in its module's source
-    (the names ``get_params()`` returns); falls back to importing the class
-    where the source cannot be followed.
+    Read from the estimator's source (its ``__init__`` signature or its
+    dataclass fields: the names ``get_params()`` returns) by
+    :func:`~featcache.heads.param_source.init_param_names`; falls back to
+    importing the class where the source cannot be followed.
 
     Raises
     ------
