@@ -103,16 +103,26 @@ def run_cpu_decode(manifest, runner, preprocess, work: Path, args) -> None:
     out.unlink()
 
 
-def run_gpu_decode(manifest, runner, preprocess, work: Path, args) -> None:
+def run_gpu_decode(manifest, runner, preprocess, work: Path, args, background: bool | None = None) -> None:
     """What the extract stage runs with ``extract.decode: gpu``: device batches through the engine's loop."""
     def device_batches(rows, batch_size):
         return iter_device_batches(manifest, rows, preprocess=preprocess, device=args.device,
-                                   batch_size=batch_size, num_workers=args.workers)
+                                   batch_size=batch_size, num_workers=args.workers, background=background)
 
     out = work / "gpu.h5"
     extract_to_store(manifest, runner, preprocess, out, config={"bench": "gpu-decode"}, batch_size=args.batch_size,
                      num_workers=args.workers, block_rows=1024, progress=False, loader_factory=device_batches)
     out.unlink()
+
+
+def _with_switch_interval(seconds: float, fn) -> None:
+    """Run ``fn`` with the interpreter's thread switch interval set to ``seconds`` (default 5 ms)."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        fn()
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def _peer_model(name: str, model: torch.nn.Module, device: str):
@@ -173,7 +183,10 @@ def bench_backbone(name: str, manifest: Manifest, root: Path, work: Path, args) 
     print(f"  {name} forward: {results['forward']['img_per_s']:,.0f} img/s", flush=True)
     cases = {
         "cpu-decode": lambda: run_cpu_decode(manifest, runner, preprocess, work, args),
-        "gpu-decode": lambda: run_gpu_decode(manifest, runner, preprocess, work, args),
+        "gpu-decode": lambda: run_gpu_decode(manifest, runner, preprocess, work, args, background=True),
+        "gpu-decode-inline": lambda: run_gpu_decode(manifest, runner, preprocess, work, args, background=False),
+        "gpu-decode-si": lambda: _with_switch_interval(
+            5e-4, lambda: run_gpu_decode(manifest, runner, preprocess, work, args, background=True)),
     }
     net = _peer_model(name, loaded.model, args.device)
     cases["peer"] = lambda: run_peer(name, net, preprocess, root, args)
@@ -183,6 +196,66 @@ def bench_backbone(name: str, manifest: Manifest, root: Path, work: Path, args) 
     return results
 
 
+def _rate(fn, n_images: int, device: str) -> float:
+    _sync(device)
+    started = time.perf_counter()
+    fn()
+    _sync(device)
+    return n_images / (time.perf_counter() - started)
+
+
+def breakdown(name: str, manifest: Manifest, args) -> dict[str, float]:
+    """img/s of each stage of the GPU-decode path alone, then chained, to find the one that bounds it.
+
+    loader        DataLoader workers reading bytes and probing headers, batches collated (no decode)
+    decode        batched device decode of batches already in the main process
+    decode+resize ``decode_items`` (decode, orient, resize, crop) on batches already in the main process
+    loader+decode ``iter_device_batches`` consumed without a forward
+    forward       normalise + pooled forward + copy to the host of uint8 device batches already made
+    """
+    from torch.utils.data import DataLoader
+
+    from featcache.extract.gpu_decode import DeviceDecodeDataset, decode_items, pack_items
+    from featcache.extract.jpeg_decoders import decode_each, select_decoder
+
+    loaded = load_backbone(name, "random")
+    preprocess = Preprocessor.from_spec(loaded.spec, input_size=args.input_size)
+    runner = TorchFeatureExtractor(loaded.model, loaded.spec, ["default"], device=args.device,
+                                   channels_last=True, autocast="fp16" if args.fp16 else None)
+    dataset = DeviceDecodeDataset(manifest, preprocess)
+    decoder = select_decoder(args.device)
+    rows = list(range(len(manifest)))
+    batches = [rows[start:start + args.batch_size] for start in range(0, len(rows), args.batch_size)]
+
+    def loader():
+        return DataLoader(dataset, batch_sampler=batches, num_workers=args.workers, collate_fn=pack_items,
+                          prefetch_factor=4 if args.workers else None)
+
+    n = len(manifest)
+    held = list(loader())
+    decoded = [decode_items(items, dataset, decoder) for items in held]  # warm-up, and the forward's input
+    out: dict[str, float] = {}
+    out["loader"] = _rate(lambda: sum(len(b.rows) for b in loader()), n, args.device)
+    out["decode"] = _rate(lambda: [decode_each(decoder, list(torch.split(b.data, [k for k in b.lengths if k])))
+                                   for b in held], n, args.device)
+    out["decode+resize"] = _rate(lambda: [decode_items(items, dataset, decoder) for items in held], n, args.device)
+    for label, background in (("loader+decode", True), ("loader+decode, inline", False)):
+        out[label] = _rate(lambda: [b for b in iter_device_batches(
+            manifest, rows, preprocess=preprocess, device=args.device, batch_size=args.batch_size,
+            num_workers=args.workers, background=background)], n, args.device)
+
+    def forward():
+        for _, images, _ in decoded:
+            features = runner.forward_pooled(preprocess.normalize_batch(images))
+            {k: v.cpu() for k, v in features.items()}
+
+    forward()
+    out["forward"] = _rate(forward, n, args.device)
+    for stage, rate in out.items():
+        print(f"  {name} breakdown {stage}: {rate:,.0f} img/s", flush=True)
+    return out
+
+
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
@@ -190,9 +263,11 @@ def device_name(device: str) -> str:
 
 
 def markdown(report: dict) -> str:
-    rows = ["forward", "cpu-decode", "gpu-decode", "peer"]
+    rows = ["forward", "cpu-decode", "gpu-decode", "gpu-decode-inline", "gpu-decode-si", "peer"]
     labels = {"forward": "pure forward (random on-device batch)", "cpu-decode": "featcache CPU decode, end to end",
-              "gpu-decode": "featcache GPU decode, end to end",
+              "gpu-decode": "featcache GPU decode, end to end (decode thread)",
+              "gpu-decode-inline": "featcache GPU decode, end to end (decode inline)",
+              "gpu-decode-si": "featcache GPU decode, end to end (decode thread, 0.5 ms switch interval)",
               "peer": f"plain ImageFolder + DataLoader({report['workers']} workers) + FX"}
     names = list(report["results"])
     lines = [f"{report['device_name']}, {report['images']} JPEGs {report['image_size']}, batch "
@@ -222,6 +297,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--input-size", type=int, default=None, help="override the registry's input size")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run that exercises every case")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also time each stage of the GPU-decode path alone (loader, decode, resize, forward)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.images, args.batch_size, args.workers, args.repeats, args.seconds = 6, 4, 0, 1, 0.1
@@ -247,6 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
         manifest = make_jpegs(work / "images", args.images, image_size, processes=1 if args.smoke else None)
         print(f"{args.images} JPEGs written in {time.perf_counter() - started:.1f} s; device "
               f"{device_name(args.device)}; {decoder}", flush=True)
+        breakdowns = {name: breakdown(name, manifest, args)
+                      for name in args.backbones.split(",")} if args.breakdown else {}
         results = {name: bench_backbone(name, manifest, work / "images", work, args)
                    for name in args.backbones.split(",")}
     finally:
@@ -255,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
               "image_size": "x".join(map(str, image_size)), "batch_size": args.batch_size, "workers": args.workers,
               "repeats": args.repeats, "precision": "fp16 autocast" if args.fp16 else "float32",
               "torch": torch.__version__, "decoder": decoder,
-              "cpu_count": os.cpu_count(), "seconds": round(time.perf_counter() - started, 1), "results": results}
+              "cpu_count": os.cpu_count(), "seconds": round(time.perf_counter() - started, 1), "results": results,
+              "breakdown": breakdowns}
     (out / "bench_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
     (out / "bench_gpu.md").write_text(table)

@@ -41,7 +41,7 @@ from featcache.extract.jpeg_decoders import DeviceDecoder, decode_each, select_d
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
 
-__all__ = ["DECODE_PATHS", "resolve_decode", "orient", "resize_crop", "DeviceDecodeDataset", "pack_items",
+__all__ = ["DECODE_PATHS", "resolve_decode", "orient", "resize_crop", "DeviceDecodeDataset", "PackedBatch", "pack_items",
            "decode_items", "iter_device_batches"]
 
 logger = logging.getLogger(__name__)
@@ -133,14 +133,44 @@ def resize_crop(images: torch.Tensor, preprocess: Preprocessor) -> torch.Tensor:
 
 
 class _Item(NamedTuple):
-    """One row from a worker: JPEG bytes for the device, or the CPU path's uint8 crop or reason."""
+    """One row as a worker reads it: JPEG bytes for the device, or the CPU path's uint8 crop or reason."""
 
     row: int
-    data: bytes | torch.Tensor | None  # the file's bytes (device path); a 1-D uint8 view once packed
+    data: bytes | None  # the file's bytes (device path)
     size: tuple[int, int]  # stored (height, width) from the header (device path)
     orientation: int
     crop: torch.Tensor | None  # uint8 (3, S, S) (CPU path, good file)
     reason: str  # CPU path, bad file
+
+
+class PackedBatch(NamedTuple):
+    """A batch as it crosses from a worker to the main process: two tensors and plain lists.
+
+    Attributes
+    ----------
+    rows : list of int
+        B manifest rows, in the order given.
+    data : torch.Tensor
+        uint8 (total bytes,): the device rows' files back to back.
+    lengths : list of int
+        Bytes of each row's file in ``data``; 0 for rows on the CPU path.
+    sizes : list of (int, int)
+        Stored (height, width) of each device row (from its header).
+    orientations : list of int
+        EXIF orientation of each device row.
+    crops : torch.Tensor
+        uint8 (K, 3, S, S): the CPU path's good rows (length 0, no reason), in row order.
+    reasons : list of str
+        ``""``, or why the CPU path could not decode the row.
+    """
+
+    rows: list[int]
+    data: torch.Tensor
+    lengths: list[int]
+    sizes: list[tuple[int, int]]
+    orientations: list[int]
+    crops: torch.Tensor
+    reasons: list[str]
 
 
 def _as_uint8(tensor: torch.Tensor, preprocess: Preprocessor) -> torch.Tensor:
@@ -183,25 +213,28 @@ class DeviceDecodeDataset(ImageDataset):
         return _Item(row, data, (header.height, header.width), header.orientation, None, "")
 
 
-def pack_items(items: Sequence[_Item]) -> list[_Item]:
-    """Put a batch's file bytes in one uint8 tensor and its CPU crops in another, as views.
+def pack_items(items: Sequence[_Item] | PackedBatch) -> PackedBatch:
+    """Put a batch's file bytes in one uint8 tensor, its CPU crops in another, the rest in plain lists.
 
     Runs as the DataLoader's collate function in the workers: a batch then
-    crosses to the main process as two shared-memory segments instead of one
-    per image. Idempotent.
+    crosses to the main process as two shared-memory segments and a few
+    lists, not as one tensor per image (whose unpickling in the main process
+    competes with the decode and the forward for the GIL). Idempotent.
     """
+    if isinstance(items, PackedBatch):
+        return items
     items = list(items)
-    raw = [i for i, item in enumerate(items) if isinstance(item.data, bytes)]
-    if raw:
-        chunks: list[bytes] = [items[i].data for i in raw]  # type: ignore[misc]
-        flat = torch.frombuffer(bytearray(b"").join(chunks), dtype=torch.uint8)
-        for i, view in zip(raw, torch.split(flat, [len(chunk) for chunk in chunks])):
-            items[i] = items[i]._replace(data=view)
-    crops = [i for i, item in enumerate(items) if item.crop is not None]
-    if len(crops) > 1:
-        for i, view in zip(crops, torch.stack([items[i].crop for i in crops]).unbind()):  # type: ignore[misc]
-            items[i] = items[i]._replace(crop=view)
-    return items
+    chunks = [item.data for item in items if item.data is not None]
+    data = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8) if chunks \
+        else torch.empty(0, dtype=torch.uint8)
+    crops = [item.crop for item in items if item.crop is not None]
+    return PackedBatch(rows=[item.row for item in items],
+                       data=data,
+                       lengths=[0 if item.data is None else len(item.data) for item in items],
+                       sizes=[item.size for item in items],
+                       orientations=[item.orientation for item in items],
+                       crops=torch.stack(crops) if crops else torch.empty(0, dtype=torch.uint8),
+                       reasons=[item.reason for item in items])
 
 
 def _reduce(image: torch.Tensor, scale: int) -> torch.Tensor:
@@ -210,12 +243,12 @@ def _reduce(image: torch.Tensor, scale: int) -> torch.Tensor:
     return pooled[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _chunks(indices: list[int], items: Sequence[_Item]) -> Iterator[list[int]]:
+def _chunks(indices: list[int], sizes: Sequence[tuple[int, int]]) -> Iterator[list[int]]:
     """Split the device rows of a batch so that each decode call holds at most ``_MAX_DECODE_PIXELS`` pixels."""
     chunk: list[int] = []
     pixels = 0
     for i in indices:
-        size = items[i].size[0] * items[i].size[1]
+        size = sizes[i][0] * sizes[i][1]
         if chunk and pixels + size > _MAX_DECODE_PIXELS:
             yield chunk
             chunk, pixels = [], 0
@@ -225,17 +258,26 @@ def _chunks(indices: list[int], items: Sequence[_Item]) -> Iterator[list[int]]:
         yield chunk
 
 
-def _expected_shape(item: _Item, applies_exif: bool) -> tuple[int, int, int]:
-    height, width = item.size
-    return (3, width, height) if applies_exif and item.orientation >= 5 else (3, height, width)
+def _expected_shape(size: tuple[int, int], orientation: int, applies_exif: bool) -> tuple[int, int, int]:
+    height, width = size
+    return (3, width, height) if applies_exif and orientation >= 5 else (3, height, width)
 
 
-def decode_items(items: Sequence[_Item], dataset: DeviceDecodeDataset, decoder: DeviceDecoder) -> Batch:
-    """Turn one batch of worker items into ``(rows, images, reasons)`` on the decoder's device.
+def decode_items(items: Sequence[_Item] | PackedBatch, dataset: DeviceDecodeDataset, decoder: DeviceDecoder) -> Batch:
+    """Turn one batch from the workers into ``(rows, images, reasons)`` on the decoder's device.
 
-    Device items are decoded in batched calls (one per ``_MAX_DECODE_PIXELS``),
+    Device rows are decoded in batched calls (one per ``_MAX_DECODE_PIXELS``),
     oriented, then resized and cropped per size group; a file the device
     rejects (or decodes to an unexpected shape) is redone on the CPU path alone.
+
+    Parameters
+    ----------
+    items : PackedBatch or sequence of _Item
+        A worker's batch (:func:`pack_items` packs a sequence).
+    dataset : DeviceDecodeDataset
+        Preprocessing, and the CPU path for rejected files.
+    decoder : DeviceDecoder
+        The batched decoder (and device).
 
     Returns
     -------
@@ -247,31 +289,41 @@ def decode_items(items: Sequence[_Item], dataset: DeviceDecodeDataset, decoder: 
         ``""`` for good rows, the CPU path's reason for bad ones.
     """
     preprocess, device = dataset.preprocess, decoder.device
-    items = pack_items(items)
+    batch = pack_items(items)
     size = preprocess.input_size
-    images = torch.zeros((len(items), 3, size, size), dtype=torch.uint8, device=device)
-    for chunk in _chunks([i for i, item in enumerate(items) if item.data is not None], items):
+    reasons = list(batch.reasons)
+    images = torch.zeros((len(batch.rows), 3, size, size), dtype=torch.uint8, device=device)
+    on_device = [i for i, length in enumerate(batch.lengths) if length]
+    views = dict(zip(on_device, torch.split(batch.data, [batch.lengths[i] for i in on_device])))
+    cpu_good = [i for i, (length, reason) in enumerate(zip(batch.lengths, reasons)) if not length and not reason]
+    if cpu_good:
+        images[torch.tensor(cpu_good, device=device)] = batch.crops.to(device)
+    scales: dict[tuple[int, int], int] = {}  # stored size -> the CPU path's draft scale
+    rejected: list[int] = []
+    for chunk in _chunks(on_device, batch.sizes):
         groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
-        for i, image in zip(chunk, decode_each(decoder, [items[i].data for i in chunk])):  # type: ignore[misc]
-            item = items[i]
-            if image is None or tuple(image.shape) != _expected_shape(item, decoder.applies_exif):
-                items[i] = dataset.cpu_item(item.row)
+        for i, image in zip(chunk, decode_each(decoder, [views[i] for i in chunk])):
+            stored, orientation = batch.sizes[i], batch.orientations[i]
+            if image is None or tuple(image.shape) != _expected_shape(stored, orientation, decoder.applies_exif):
+                rejected.append(i)
                 continue
             if not decoder.applies_exif:
-                image = orient(image, item.orientation)
-            scale = draft_scale(item.size[1], item.size[0], preprocess)
+                image = orient(image, orientation)
+            scale = scales.get(stored)
+            if scale is None:
+                scale = scales[stored] = draft_scale(stored[1], stored[0], preprocess)
             if scale > 1:  # the CPU path decodes large JPEGs at a reduced DCT scale: average scale x scale blocks
                 image = _reduce(image, scale)
             groups.setdefault(tuple(image.shape[-2:]), []).append((i, image))
         for members in groups.values():
             index = torch.tensor([i for i, _ in members], device=device)
             images[index] = resize_crop(torch.stack([image for _, image in members]), preprocess)
-    cpu_good = [i for i, item in enumerate(items) if item.crop is not None]
-    if cpu_good:
-        crops = torch.stack([items[i].crop for i in cpu_good]).to(device)  # type: ignore[misc]
-        images[torch.tensor(cpu_good, device=device)] = crops
-    rows = torch.tensor([item.row for item in items], dtype=torch.int64)
-    return rows, images, [item.reason for item in items]
+    for i in rejected:  # the device decoder refused it: the CPU path decodes it, or says why it is bad
+        item = dataset.cpu_item(batch.rows[i])
+        reasons[i] = item.reason
+        if item.crop is not None:
+            images[i] = item.crop.to(device)
+    return torch.tensor(batch.rows, dtype=torch.int64), images, reasons
 
 
 def iter_device_batches(paths: Manifest | Sequence[str | os.PathLike], rows: Sequence[int], *,

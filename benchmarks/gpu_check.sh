@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One call on a lent H100/H200 machine: the GPU-marked tests, then benchmarks/bench_gpu.py; results under $OUT.
+# Here, first: `bash ../shared/gpu/make_wheels.sh` (wheels the machine lacks, into the git-excluded .whl/).
+# Then, with the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540).
+# Each step has its own time limit, so the call ends inside the tool's 10 minutes whatever happens.
+set -uo pipefail
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+site=$(mktemp -d)
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl || exit 1
+export PYTHONPATH=$site:$PWD/src PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, torchvision, timm, onnxruntime; print('torch', torch.__version__, 'torchvision',
+torchvision.__version__, 'timm', timm.__version__, 'onnxruntime', onnxruntime.__version__)" | tee -a "$OUT/device.txt"
+# Only the files that hold GPU-marked tests: collecting the whole suite would import tools the machine lacks.
+timeout 180 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu -rs \
+  tests/extract/test_gpu_decode.py tests/extract/test_engine.py tests/finetune/test_finetune.py 2>&1 |
+  tee "$OUT/gpu_tests.log"
+timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
