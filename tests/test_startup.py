@@ -122,8 +122,8 @@ def test_train_imports_only_what_its_head_needs(head, needs, project, store):
 
 
 def test_a_warm_onnx_extraction_builds_no_model(project, store, tmp_path):
-    """With the export cached, ``extract`` imports no timm, torchvision or onnx: it builds no model and loads no
-    weights (the first extraction, which exports, does; the probe sees it)."""
+    """With the export cached, ``extract`` imports no torch, timm, torchvision or onnx: it builds no model, loads
+    no weights and decodes with the array loader (the first extraction, which exports, does; the probe sees it)."""
     params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
     params["extract"].update(backend="onnx", onnx_cache=str(tmp_path / "onnx-cache"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
@@ -134,4 +134,13 @@ def test_a_warm_onnx_extraction_builds_no_model(project, store, tmp_path):
                                   "--out", str(tmp_path / out)], project))
 
     assert {"timm", "onnx"} <= extract("cold.h5")
-    assert extract("warm.h5") == {"torch", "onnxruntime"}
+    assert extract("warm.h5") == {"onnxruntime"}
+
+
+def test_the_cpu_device_is_resolved_without_torch():
+    """``extract.device: auto`` on a machine where CUDA is impossible, and ``cpu``, need no torch import."""
+    code = ("import sys; from featcache.util.compute import cuda_impossible, resolve_device; "
+            "print(resolve_device('auto'), resolve_device('cpu'), cuda_impossible(), 'torch' in sys.modules)")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.split() == ["cpu", "cpu", "True", "False"], done.stderr[-2000:]

@@ -458,7 +458,7 @@ def test_a_preprocessing_bug_propagates_and_is_not_a_bad_image(runner, tmp_path,
     def broken(self, image):  # a bug in preprocessing, after a good decode
         raise ZeroDivisionError("bug in the resize rule")
 
-    monkeypatch.setattr(Preprocessor, "pixels", broken)
+    monkeypatch.setattr(Preprocessor, "pixels_array", broken)  # what both loaders' workers call
     with pytest.raises(ZeroDivisionError, match="resize rule"):
         ImageDataset(manifest, PRE)[0]
     out = tmp_path / "store.h5"

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from featcache.extract.data import ImageDataset, default_num_workers, make_loader
+from featcache.extract.data import ImageDataset, ImageReader, default_num_workers, iter_array_batches, make_loader
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor, load_rgb
 
@@ -103,3 +103,39 @@ def test_uint8_then_normalize_batch_is_bitwise_totensor_normalize(manifest, inte
     assert torch.equal(torch.stack([pre(image) for image in images]), expected)
     with pytest.raises(TypeError, match="uint8"):
         pre.normalize_batch(expected)
+
+
+# ------------------------------------------------------------ the array loader (CPU runners, no torch)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_array_loader_gives_the_torch_loaders_batches(manifest, workers):
+    rows = [7, 0, 11, 3, 2, 10, 1]  # any order, including the bad rows
+    dataset = ImageDataset(manifest, PRE)
+    reference = list(make_loader(dataset, rows, batch_size=3, num_workers=0))
+    batches = list(iter_array_batches(ImageReader(manifest, PRE), rows, batch_size=3, num_workers=workers))
+    assert len(batches) == len(reference) == 3
+    for (rows_a, images_a, reasons_a), (rows_b, images_b, reasons_b) in zip(batches, reference):
+        assert rows_a.dtype == np.int64 and images_a.dtype == np.uint8 and images_a.shape[1:] == (3, 32, 32)
+        assert rows_a.tolist() == rows_b.tolist() and reasons_a == reasons_b
+        assert np.array_equal(images_a, images_b.numpy())
+    assert list(iter_array_batches(ImageReader(manifest, PRE), [], batch_size=4, num_workers=2)) == []
+
+
+def test_array_loader_raises_a_worker_bug_with_its_note(manifest, monkeypatch):
+    def failing(*args, **kwargs):
+        raise KeyError("a bug in a decoder plugin")
+
+    monkeypatch.setattr("featcache.extract.data.load_rgb", failing)  # forked workers inherit the patch
+    batches = iter_array_batches(ImageReader(manifest, PRE), list(range(8)), batch_size=2, num_workers=2)
+    with pytest.raises(KeyError, match="decoder plugin") as info:
+        list(batches)
+    assert any("not a bad-image error" in note for note in getattr(info.value, "__notes__", []))
+
+
+def test_closing_the_array_loader_early_stops_its_workers(manifest):
+    import multiprocessing
+
+    batches = iter_array_batches(ImageReader(manifest, PRE), list(range(12)), batch_size=2, num_workers=2)
+    next(batches)
+    assert multiprocessing.active_children()
+    batches.close()
+    assert not multiprocessing.active_children()

@@ -334,3 +334,9 @@ def test_pixels_and_normalisation_equal_torchvision_transforms(interpolation, mo
         normalised = TF.normalize(expected.to(torch.float32).div(255.0), MEAN, STD)
         assert torch.equal(pre.normalize_batch(pixels), normalised), size
         assert torch.equal(pre.normalize_batch(pixels[None].repeat(2, 1, 1, 1)), normalised.expand(2, -1, -1, -1))
+        # The torch-free path of the array loader (CPU runners): the same bits.
+        array = pre.pixels_array(image)
+        assert isinstance(array, np.ndarray) and array.flags.c_contiguous and np.array_equal(array, expected.numpy())
+        normalised_array = pre.normalize_batch(array[None])
+        assert normalised_array.dtype == np.float32
+        assert np.array_equal(normalised_array.view(np.uint32), normalised[None].numpy().view(np.uint32)), size

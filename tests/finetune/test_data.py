@@ -70,10 +70,10 @@ def test_a_bug_in_augmentation_raises_instead_of_passing_as_a_bad_image(manifest
 
 def test_a_bug_in_preprocessing_raises_instead_of_passing_as_a_bad_image(manifest_with_bad_images: Manifest,
                                                                          monkeypatch: pytest.MonkeyPatch):
-    def broken(self: Preprocessor, image: Image.Image) -> torch.Tensor:
+    def broken(self: Preprocessor, image: Image.Image) -> np.ndarray:
         raise RuntimeError("preprocessing bug")
 
-    monkeypatch.setattr(Preprocessor, "pixels", broken)
+    monkeypatch.setattr(Preprocessor, "pixels_array", broken)  # what the loaders' workers call
     with pytest.raises(RuntimeError, match="preprocessing bug"):
         finetune(manifest_with_bad_images, LITE, "pretrained", _config())
 

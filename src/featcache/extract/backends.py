@@ -26,8 +26,8 @@ import importlib.util
 import logging
 from typing import Any, Sequence
 
-__all__ = ["AUTOCASTS", "BACKENDS", "build_runner", "doctor_report", "onnx_cuda_available", "onnxruntime_status",
-           "precision_name", "resolve_autocast", "resolve_backend", "runner_attrs"]
+__all__ = ["AUTOCASTS", "BACKENDS", "DECODE_PATHS", "build_runner", "doctor_report", "onnx_cuda_available",
+           "onnxruntime_status", "precision_name", "resolve_autocast", "resolve_backend", "resolve_decode", "runner_attrs"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,27 @@ def onnxruntime_status() -> dict[str, Any]:
 def onnx_cuda_available() -> bool:
     """Whether onnxruntime lists its CUDA execution provider (loading it is checked when a runner is built)."""
     return _CUDA_PROVIDER in onnxruntime_status()["providers"]
+
+
+#: Where images are decoded: PIL in worker processes, or batched on the runner's device.
+DECODE_PATHS = ("cpu", "gpu")
+
+
+def resolve_decode(decode: str, device: str) -> str:
+    """The decode path: ``auto`` -> ``gpu`` when the runner's input device is CUDA, else ``cpu``.
+
+    Parameters
+    ----------
+    decode : {"auto", "cpu", "gpu"}
+        ``extract.decode``; ``gpu`` on a CPU device is allowed (the same code path, for tests).
+    device : str
+        Where the runner takes its input (``cuda``, ``cuda:1``, ``cpu``).
+    """
+    if decode == "auto":
+        return "gpu" if str(device).startswith("cuda") else "cpu"
+    if decode not in DECODE_PATHS:
+        raise ValueError(f"decode {decode!r} is not one of 'auto', {', '.join(map(repr, DECODE_PATHS))}.")
+    return decode
 
 
 def resolve_backend(backend: str, device: str) -> str:

@@ -24,12 +24,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from featcache.store.errors import StoreError
+
+if TYPE_CHECKING:  # torch is imported only for runners whose input device is not the CPU
+    import torch
 
 __all__ = ["BatchForward", "BlockAssembler", "CommitQueue", "FinishedBlock", "Progress", "format_eta"]
 
@@ -190,22 +192,32 @@ class BatchForward:
 
     Attributes
     ----------
-    device : torch.device
-        Where batches are normalised (the runner's ``input_device``, else CPU).
+    device : torch.device or str
+        Where batches are normalised (the runner's ``input_device``, else ``"cpu"``).
+    on_cpu : bool
+        The runner takes its input on the CPU: it accepts numpy batches (no torch needed).
     asynchronous : bool
         True on CUDA with a torch runner: :meth:`launch` returns before the
         forward is done and the features are copied out on a side stream.
     """
 
-    def __init__(self, runner: Any, normalize: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, runner: Any, normalize: Callable[[Any], Any]) -> None:
         self.runner, self.normalize = runner, normalize
-        self.device = torch.device(getattr(runner, "input_device", "cpu"))
-        self.asynchronous = self.device.type == "cuda" and callable(getattr(runner, "forward_pooled", None))
+        device = getattr(runner, "input_device", "cpu")
+        self.on_cpu = str(device) == "cpu"
+        self.device: Any = "cpu"
+        self.asynchronous = False
         self._slots: list[dict[str, torch.Tensor]] = [{}, {}]  # pinned double buffer
         self._launches = 0
-        self._stream = torch.cuda.Stream(self.device) if self.asynchronous else None
+        self._stream = None
+        if not self.on_cpu:
+            import torch
 
-    def launch(self, images: torch.Tensor, good: np.ndarray) -> _Ready | _InFlight:
+            self.device = torch.device(device)
+            self.asynchronous = self.device.type == "cuda" and callable(getattr(runner, "forward_pooled", None))
+            self._stream = torch.cuda.Stream(self.device) if self.asynchronous else None
+
+    def launch(self, images: torch.Tensor | np.ndarray, good: np.ndarray) -> _Ready | _InFlight:
         """Start the forward of the good rows of ``images`` (uint8 (B, 3, S, S), CPU or device).
 
         Returns
@@ -214,6 +226,13 @@ class BatchForward:
             ``handle.wait()`` -> ``{layer: (G, D) float32 ndarray}`` of the good rows. On CUDA
             the arrays view pinned buffers that the launch after next reuses: copy them first.
         """
+        if isinstance(images, np.ndarray):  # the array loader: CPU runners, no torch
+            if not self.on_cpu:
+                raise TypeError("numpy batches are for runners that take their input on the CPU; this runner "
+                                f"takes it on {self.device}. Hint: use the torch DataLoader (make_loader).")
+            return _Ready(self.runner(self.normalize(images if good.all() else images[good])))
+        import torch
+
         source = images
         images = images.to(self.device, non_blocking=True)
         if not good.all():

@@ -1,7 +1,7 @@
 """Extraction engine: manifest + backbone + runner -> one HDF5 feature store.
 
-Rows are decoded by DataLoader workers into uint8 crops (decode overlaps the
-forward pass), normalised on the runner's device, run through the backbone in
+Rows are decoded by worker processes into uint8 crops (decode overlaps the
+forward pass), normalised where the runner takes its input, run through the backbone in
 large batches, and committed to the store in row blocks. A crash loses at most
 the blocks in flight: a rerun with the same config extracts only the blocks
 that are missing.
@@ -13,7 +13,10 @@ Seams:
   the CPU or already on the runner's device, ``reasons`` list[str]), and
   :func:`extract_to_store` a ``loader_factory(rows, batch_size)`` returning
   one. A GPU JPEG decoder plugs in there (``extract.decode``); the default is
-  PIL in DataLoader workers (:func:`~featcache.extract.data.make_loader`).
+  PIL in worker processes: numpy batches from a process pool for runners
+  that take their input on the CPU (:func:`~featcache.extract.data.iter_array_batches`,
+  torch is not imported), torch's DataLoader with pinned memory for the others
+  (:func:`~featcache.extract.data.make_loader`).
   What decoded should be recorded in ``attrs`` (e.g. ``decode``).
 * **Sharding.** :func:`run_blocks` commits to a ``StoreWriter`` or to its
   picklable ``BlockCommitter``; :func:`build_root_attrs` and
@@ -22,19 +25,21 @@ Seams:
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import platform
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
-import torch
+
 import featcache
 from featcache.errors import UserError
 from featcache.extract.blockloop import BatchForward, BlockAssembler, CommitQueue, FinishedBlock, Progress
-from featcache.extract.data import ImageDataset, make_loader
+from featcache.extract.data import ImageDataset, ImageReader, iter_array_batches, make_loader
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
 from featcache.store.reader import FeatureStore
@@ -61,7 +66,7 @@ class ExtractionError(UserError, RuntimeError):
 class FeatureRunner(Protocol):
     """What the engine needs from a backend (torch or ONNX)."""
 
-    def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray]: ...
+    def __call__(self, batch: Any) -> dict[str, np.ndarray]: ...
 
     def layer_specs(self, input_size: int | None = None) -> list[LayerSpec]: ...
 
@@ -237,10 +242,17 @@ def build_root_attrs(manifest: Manifest, config: Mapping[str, Any],
         "config_sha256": sha256_text(config_json),
         "manifest_sha256": manifest.sha256(),
         "featcache_version": featcache.__version__,
-        "torch_version": torch.__version__.split("+")[0],
+        "torch_version": _torch_version(),
         "python_version": platform.python_version(),
         **dict(attrs or {}),
     }
+
+
+def _torch_version() -> str:
+    """torch's version without its local tag (``2.14.1``), read from package metadata unless torch is imported."""
+    torch = sys.modules.get("torch")
+    version = torch.__version__ if torch is not None else importlib.metadata.version("torch")
+    return str(version).split("+")[0]
 
 
 def build_report(path: str | Path, manifest: Manifest, *, n_extracted: int, n_resumed_blocks: int,
@@ -288,8 +300,9 @@ class BlockSink(Protocol):
                      errors: Sequence[tuple[str, str]] = ()) -> Any: ...
 
 
-#: A batch of the engine's loaders: ``(rows int64 (B,), images uint8 (B, 3, S, S), reasons list[str])``.
-Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
+#: A batch of the engine's loaders: ``(rows int64 (B,), images uint8 (B, 3, S, S), reasons list[str])``,
+#: rows and images torch tensors or numpy arrays (the array loader of CPU runners).
+Batch = tuple[Any, Any, list[str]]
 
 #: ``loader_factory(rows, batch_size) -> iterable of Batch`` over exactly ``rows`` (any order, each once).
 LoaderFactory = Callable[[Sequence[int], int], Iterable[Batch]]
@@ -298,7 +311,7 @@ LoaderFactory = Callable[[Sequence[int], int], Iterable[Batch]]
 def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, blocks: Sequence[int], *,
                preprocess: Preprocessor, layer_specs: Sequence[LayerSpec], batch_size: int = 64,
                num_workers: int | None = None, pin_memory: bool = False, on_error: str = "skip",
-               progress: bool = False, label: str = "", dataset: ImageDataset | None = None,
+               progress: bool = False, label: str = "", dataset: ImageReader | None = None,
                batches: Iterable[Batch] | None = None, overlap: bool | None = None) -> list[tuple[str, str]]:
     """Extract the rows of ``blocks`` and commit each block to ``sink`` as soon as it is complete.
 
@@ -341,10 +354,11 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
         (blocks completed before it are committed).
     progress : bool
         Log a line per committed block (and a bar on a terminal), labelled ``label``.
-    dataset : ImageDataset, optional
-        The default loader's dataset (default: a new one over ``manifest``).
+    dataset : ImageReader, optional
+        The default loader's images (default: a new reader over ``manifest``).
     batches : iterable of Batch, optional
-        Use these batches instead of the default DataLoader (see the contract).
+        Use these batches instead of the default loader (see the contract); a
+        generator is closed when the loop ends.
     overlap : bool, optional
         Commit in a writer thread; default: on CUDA only.
 
@@ -357,10 +371,14 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
     rows = np.fromiter((row for block in blocks for row in sink.block_range(block)), dtype=np.int64)
     if rows.size == 0:
         return []
-    if batches is None:
-        dataset = dataset if dataset is not None else ImageDataset(manifest, preprocess)
-        batches = make_loader(dataset, rows.tolist(), batch_size, num_workers, pin_memory=pin_memory)
     forward = BatchForward(runner, preprocess.normalize_batch)
+    if batches is None and forward.on_cpu and not pin_memory:  # numpy batches from a process pool: no torch
+        reader = dataset if dataset is not None else ImageReader(manifest, preprocess)
+        batches = iter_array_batches(reader, rows.tolist(), batch_size, num_workers)
+    elif batches is None:  # torch's DataLoader: pinned memory for the copy to the device
+        if not isinstance(dataset, ImageDataset):
+            dataset = ImageDataset(dataset.paths if dataset is not None else manifest, preprocess)
+        batches = make_loader(dataset, rows.tolist(), batch_size, num_workers, pin_memory=pin_memory)
     assembler = BlockAssembler(sink.block_rows, sink.n_rows, {spec.alias: spec.dim for spec in layer_specs},
                                manifest.ids)
     meter = Progress(label, rows.size, progress)
@@ -384,7 +402,7 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
 
     try:
         for batch_rows, images, reasons in batches:
-            batch_rows = batch_rows.numpy() if isinstance(batch_rows, torch.Tensor) else np.asarray(batch_rows)
+            batch_rows = np.asarray(batch_rows)  # numpy, or a CPU tensor of the torch loaders
             good = np.fromiter((not reason for reason in reasons), dtype=bool, count=len(reasons))
             if not good.all():
                 _report_bad(manifest, batch_rows, good, reasons, errors, on_error)
@@ -407,6 +425,9 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
         commits.close()
     finally:
         meter.close()
+        close = getattr(batches, "close", None)
+        if callable(close):  # a generator loader (process pool, decode thread) stops now, not when collected
+            close()
     return errors
 
 

@@ -41,7 +41,7 @@ from featcache.extract.jpeg_decoders import DeviceDecoder, decode_each, select_d
 from featcache.extract.manifest import Manifest
 from featcache.extract.preprocess import Preprocessor
 
-__all__ = ["DECODE_PATHS", "resolve_decode", "orient", "resize_crop", "DeviceDecodeDataset", "PackedBatch", "pack_items",
+__all__ = ["orient", "resize_crop", "DeviceDecodeDataset", "PackedBatch", "pack_items",
            "decode_items", "iter_device_batches"]
 
 logger = logging.getLogger(__name__)
@@ -56,27 +56,6 @@ _MAX_DECODE_PIXELS = 128 * 2**20
 _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest-exact"}
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
-
-#: Where images are decoded: PIL in DataLoader workers, or batched on the runner's device.
-DECODE_PATHS = ("cpu", "gpu")
-
-
-def resolve_decode(decode: str, device: str) -> str:
-    """The decode path: ``auto`` -> ``gpu`` when the runner's input device is CUDA, else ``cpu``.
-
-    Parameters
-    ----------
-    decode : {"auto", "cpu", "gpu"}
-        ``extract.decode``; ``gpu`` on a CPU device is allowed (the same code path, for tests).
-    device : str
-        Where the runner takes its input (``cuda``, ``cuda:1``, ``cpu``).
-    """
-    if decode == "auto":
-        return "gpu" if str(device).startswith("cuda") else "cpu"
-    if decode not in DECODE_PATHS:
-        raise ValueError(f"decode {decode!r} is not one of 'auto', {', '.join(map(repr, DECODE_PATHS))}.")
-    return decode
-
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     """Apply an EXIF orientation to a (C, H, W) image, like :func:`PIL.ImageOps.exif_transpose`.

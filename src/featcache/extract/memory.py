@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import weakref
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import fx
+from typing import TYPE_CHECKING, Any
 
 from featcache.extract.engine import ExtractionError
+
+if TYPE_CHECKING:  # torch is imported only where a torch runner exists (an ONNX runner needs none)
+    import torch
+    from torch import fx
 
 __all__ = ["MemoryEstimate", "activation_bytes_per_image", "available_memory", "check_batch_memory",
            "estimate_batch_memory"]
@@ -105,6 +107,8 @@ def _tensor_bytes(meta: Any) -> int:
         numel = 1
         for dim in meta.shape:
             numel *= int(dim)
+        import torch
+
         return numel * torch.empty((), dtype=meta.dtype).element_size()
     if isinstance(meta, dict):
         return sum(_tensor_bytes(value) for value in meta.values())
@@ -114,6 +118,10 @@ def _tensor_bytes(meta: Any) -> int:
 
 
 def _graph_module(runner: Any) -> fx.GraphModule | None:
+    if "torch" not in sys.modules:  # no torch runner can exist: do not import torch to find out
+        return None
+    from torch import fx
+
     module = getattr(runner, "module", None)
     return module if isinstance(module, fx.GraphModule) else None
 
@@ -148,6 +156,7 @@ def activation_bytes_per_image(runner: Any, input_size: int) -> int | None:
 
 
 def _peak_live_bytes(runner: Any, module: fx.GraphModule, input_size: int) -> int:
+    import torch
     from torch.fx.passes.shape_prop import ShapeProp
 
     device = getattr(runner, "device", torch.device("cpu"))
@@ -182,6 +191,10 @@ def available_memory(device: str | torch.device = "cpu") -> tuple[int, int]:
     import psutil
 
     host = int(psutil.virtual_memory().available)
+    if str(device) == "cpu":
+        return host, host
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
@@ -210,6 +223,8 @@ def estimate_batch_memory(runner: Any, input_size: int, batch_size: int, device:
     activations = activation_bytes_per_image(runner, input_size)
     if activations is None:
         return None
+    import torch
+
     from featcache.extract.data import default_num_workers
 
     device = torch.device(device)
@@ -258,7 +273,7 @@ def check_batch_memory(runner: Any, input_size: int, batch_size: int, device: st
     on_device = estimate.device_bytes > USABLE_FRACTION * estimate.device_available
     needed, have = ((estimate.device_bytes, estimate.device_available) if on_device
                     else (estimate.host_bytes, estimate.host_available))
-    where = "GPU memory" if on_device and torch.device(device).type == "cuda" else "RAM"
+    where = "GPU memory" if on_device and estimate.device.startswith("cuda") else "RAM"
     fit = estimate.max_batch_size()
     hint = (f"set extract.batch_size to {fit} or less" if fit >= 1
             else "even one image does not fit: free memory, use a smaller backbone or input, or fewer layers")

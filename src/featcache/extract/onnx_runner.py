@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
-import torch
 
 from featcache.extract.onnx_cache import cached_export, file_sha256_hex, lookup, resolve_cache_dir, source_key
 from featcache.extract.onnx_format import DEFAULT_OPSET, EXPORT_KEY, LAYERS_KEY
@@ -29,7 +28,8 @@ from featcache.store.schema import LayerSpec
 from featcache.util.atomic import atomic_path
 from featcache.util.compute import physical_cores
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported only to build a model or export one: a cached export runs without it
+    import torch
     from torch import nn
 
     from featcache.extract.weights import LoadedBackbone, WeightsSource
@@ -44,14 +44,12 @@ _CUDA = "CUDAExecutionProvider"
 
 
 def _parse_device(device: str | torch.device) -> tuple[str, int]:
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        parsed = None
-    if parsed is None or parsed.type not in _DEVICES:
+    """``cpu``, ``cuda`` or ``cuda:N`` (a string or a torch.device) -> (type, index), without importing torch."""
+    kind, _, index = str(device).partition(":")
+    if kind not in _DEVICES or (index and (not index.isdigit() or kind == "cpu")):
         raise ValueError(f"device {device!r} is not one of {_DEVICES} (optionally 'cuda:N'). "
                          "Hint: 'cuda' needs the onnxruntime-gpu package (pip install 'featcache[gpu]').")
-    return parsed.type, parsed.index or 0
+    return kind, int(index or 0)
 
 
 class OnnxFeatureRunner:
@@ -285,8 +283,8 @@ class OnnxFeatureRunner:
         dict of str to numpy.ndarray
             Layer name -> (B, D) float32 array, in :attr:`layer_names` order.
         """
-        if isinstance(batch, torch.Tensor):
-            array = batch.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
+        if not isinstance(batch, np.ndarray) and hasattr(batch, "detach"):  # a torch tensor, on any device
+            array = batch.detach().float().cpu().contiguous().numpy()
         else:
             array = np.ascontiguousarray(batch, dtype=np.float32)
         expected = (3, self.input_size, self.input_size)

@@ -330,23 +330,36 @@ class Preprocessor:
         """
         return self.normalize_batch(self.pixels(image))
 
-    def normalize_batch(self, images: torch.Tensor) -> torch.Tensor:
+    def normalize_batch(self, images: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
         """uint8 pixels -> the normalised float32 input, ``(x / 255 - mean) / std``, on their device.
 
         The loaders hand over uint8 crops (a quarter of float32's bytes); the
         engine normalises them where the model runs. The arithmetic is exactly
-        torchvision's ``ToTensor`` + ``Normalize`` (bitwise equal on CPU).
+        torchvision's ``ToTensor`` + ``Normalize`` (bitwise equal on CPU), for
+        torch tensors and, without importing torch, for numpy arrays.
 
         Parameters
         ----------
-        images : torch.Tensor
-            uint8 (B, 3, S, S) or (3, S, S), any device.
+        images : torch.Tensor or numpy.ndarray
+            uint8 (B, 3, S, S) or (3, S, S); a tensor on any device.
 
         Returns
         -------
-        torch.Tensor
-            float32, same shape and device.
+        torch.Tensor or numpy.ndarray
+            float32, same shape, type and device.
         """
+        if isinstance(images, np.ndarray):
+            if images.dtype != np.uint8:
+                raise TypeError(f"normalize_batch takes uint8 pixels (from Preprocessor.pixels or a loader), got "
+                                f"{images.dtype}. Hint: a float array is probably normalised already.")
+            # The same float32 operations in the same order as the torch branch: bitwise equal results.
+            mean = np.asarray(self.mean, dtype=np.float32).reshape(-1, 1, 1)
+            std = np.asarray(self.std, dtype=np.float32).reshape(-1, 1, 1)
+            out = images.astype(np.float32)
+            out /= np.float32(255.0)
+            out -= mean
+            out /= std
+            return out
         import torch
 
         if images.dtype != torch.uint8:
@@ -367,6 +380,16 @@ class Preprocessor:
         """
         import torch
 
+        return torch.from_numpy(self.pixels_array(image))
+
+    def pixels_array(self, image: Image.Image) -> np.ndarray:
+        """:meth:`pixels` as a numpy array, without importing torch.
+
+        Returns
+        -------
+        numpy.ndarray
+            uint8 array of shape (3, input_size, input_size), C-contiguous.
+        """
         # torchvision's resize / center_crop / pil_to_tensor on PIL images, step for step (the same Pillow
         # calls, tested equal), without importing torchvision (seconds of start-up in every loader worker)
         size = self.input_size
@@ -385,8 +408,8 @@ class Preprocessor:
                 top = int(round((new_h - size) / 2.0))  # torchvision's center_crop offsets
                 left = int(round((new_w - size) / 2.0))
                 image = image.crop((left, top, left + size, top + size))
-        pixels = torch.as_tensor(np.array(image, copy=True))
-        return pixels.view(image.size[1], image.size[0], len(image.getbands())).permute(2, 0, 1)
+        pixels = np.asarray(image).reshape(image.size[1], image.size[0], len(image.getbands()))
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
     @property
     def _resample(self) -> int:

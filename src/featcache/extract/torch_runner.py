@@ -200,8 +200,10 @@ class TorchFeatureExtractor:
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
     @torch.inference_mode()
-    def forward_raw(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Raw (unpooled) activations, layer name -> (B, ...) float32 tensor."""
+    def forward_raw(self, batch: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        """Raw (unpooled) activations, layer name -> (B, ...) float32 tensor (a numpy batch is wrapped, not copied)."""
+        if isinstance(batch, np.ndarray):
+            batch = torch.from_numpy(batch)
         batch = batch.to(self.device, non_blocking=True)
         if self.channels_last and batch.ndim == 4:
             batch = batch.contiguous(memory_format=torch.channels_last)
@@ -210,12 +212,12 @@ class TorchFeatureExtractor:
         return {name: outputs[name].float() for name in self.aliases}
 
     @torch.inference_mode()
-    def __call__(self, batch: torch.Tensor) -> dict[str, np.ndarray]:
+    def __call__(self, batch: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
         """Pooled features of a batch.
 
         Parameters
         ----------
-        batch : torch.Tensor
+        batch : torch.Tensor or numpy.ndarray
             (B, 3, H, W) normalised images.
 
         Returns

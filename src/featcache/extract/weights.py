@@ -27,13 +27,14 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Mapping
 
 from featcache.errors import UserError
 from featcache.extract.registry import BackboneSpec, get_backbone
+
+if TYPE_CHECKING:  # torch is imported when a model is built or a checkpoint located, not to find and hash a file
+    import torch
+    from torch import nn
 
 __all__ = [
     "OFFLINE_ENV", "LoadedBackbone", "WeightsDownloadError", "WeightsNotFoundError", "WeightsSource", "file_sha256",
@@ -189,11 +190,15 @@ def _torchvision_checkpoint(spec: BackboneSpec) -> tuple[Path, str]:
     from urllib.parse import urlparse
 
     url = _torchvision_weights(spec).url
+    import torch
+
     hub_dir = Path(torch.hub.get_dir()) / "checkpoints"
     return hub_dir / Path(urlparse(url).path).name, url
 
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -260,6 +265,8 @@ def load_backbone(name: str, weights: str = "pretrained", seed: int = 0, progres
 
 def _build(source: WeightsSource) -> LoadedBackbone:
     """The model of ``source`` with its weights loaded, in eval mode."""
+    import torch
+
     spec = source.spec
     torch.manual_seed(source.seed)
     model = _construct(spec)

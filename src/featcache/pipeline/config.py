@@ -423,8 +423,7 @@ def planned_decode(params: Params) -> str:
         return knobs.decode
     if knobs.scheduler != "none" or knobs.backend == "onnx":
         return "cpu"
-    from featcache.extract.backends import resolve_backend
-    from featcache.extract.gpu_decode import resolve_decode
+    from featcache.extract.backends import resolve_backend, resolve_decode
     from featcache.util.compute import resolve_device
 
     # A plan, not a check: an explicit device is taken as it is (the extract stage validates it).

@@ -7,11 +7,14 @@ stays cheap for commands that run no model.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import sys
 from collections.abc import Iterator
 
 __all__ = [
     "DEVICES",
+    "cuda_impossible",
     "default_num_workers",
     "physical_cores",
     "resolve_device",
@@ -43,6 +46,8 @@ def resolve_device(device: str, *, setting: str = "device", error: type[Exceptio
     """
     if device not in DEVICES:
         raise error(f"{setting} is {device!r}; allowed: {', '.join(DEVICES)}.")
+    if device == "cpu" or (device == "auto" and "torch" not in sys.modules and cuda_impossible()):
+        return "cpu"  # decided without importing torch (seconds of start-up)
     import torch
 
     if device == "auto":
@@ -50,6 +55,23 @@ def resolve_device(device: str, *, setting: str = "device", error: type[Exceptio
     if device == "cuda" and not torch.cuda.is_available():
         raise error(f"{setting} is 'cuda' but no CUDA device is visible. Hint: use 'auto' or 'cpu'.")
     return device
+
+
+def cuda_impossible() -> bool:
+    """True when no CUDA device can be visible to torch here, decided without importing torch.
+
+    ``CUDA_VISIBLE_DEVICES`` hides every device, the platform is macOS, or
+    (Linux) no NVIDIA driver is loaded: no ``/proc/driver/nvidia``, no
+    ``/dev/nvidia*`` and no WSL GPU bridge ``/dev/dxg``. False means "ask
+    torch", not "CUDA is there".
+    """
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return True
+    if sys.platform == "darwin":
+        return True
+    if sys.platform.startswith("linux"):
+        return not (os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/dxg") or glob.glob("/dev/nvidia*"))
+    return False
 
 
 def usable_cpus() -> int:
