@@ -27,7 +27,8 @@ import logging
 from typing import Any, Sequence
 
 __all__ = ["AUTOCASTS", "BACKENDS", "DECODE_PATHS", "build_runner", "doctor_report", "onnx_cuda_available",
-           "onnxruntime_status", "precision_name", "resolve_autocast", "resolve_backend", "resolve_decode", "runner_attrs"]
+           "onnxruntime_status", "precision_name", "resolve_autocast", "resolve_backend", "resolve_decode",
+           "runner_attrs"]
 
 logger = logging.getLogger(__name__)
 

@@ -47,8 +47,9 @@ from featcache.store.schema import canonical_json, sha256_text
 from featcache.store.writer import LayerSpec, StoreWriter
 from featcache.util import compute
 
-__all__ = ["Batch", "BlockSink", "LoaderFactory", "DEFAULT_MAX_BAD_FRACTION", "ExtractionError", "ExtractionReport", "FeatureRunner",
-           "ON_ERROR", "build_report", "build_root_attrs", "check_bad_rows", "check_max_bad_fraction", "check_on_error", "extract_to_store", "resolve_device", "run_blocks"]
+__all__ = ["Batch", "BlockSink", "LoaderFactory", "DEFAULT_MAX_BAD_FRACTION", "ExtractionError", "ExtractionReport",
+           "FeatureRunner", "ON_ERROR", "build_report", "build_root_attrs", "check_bad_rows", "check_max_bad_fraction",
+           "check_on_error", "extract_to_store", "resolve_device", "run_blocks"]
 
 logger = logging.getLogger(__name__)
 
