@@ -45,11 +45,11 @@ import torch
 from PIL import Image
 
 from featcache.extract.malloc import tune_malloc
-from featcache.extract.manifest import Manifest, assign_splits
-from featcache.extract.preprocess import Preprocessor
-from featcache.extract.registry import get_backbone
-from featcache.extract.torch_runner import TorchFeatureExtractor
-from featcache.extract.weights import load_backbone
+from featcache.extract.inputs.manifest import Manifest, assign_splits
+from featcache.extract.decode.preprocess import Preprocessor
+from featcache.extract.zoo.registry import get_backbone
+from featcache.extract.runners.torch_runner import TorchFeatureExtractor
+from featcache.extract.zoo.weights import load_backbone
 
 BACKBONE = "efficientnet_lite0"
 #: The layers of the shipped params.yaml (``backbones.efficientnet_lite0.layers``).
@@ -139,7 +139,7 @@ def _timed_forward(runner, batch: torch.Tensor, batches: int) -> float:
 
 def _digits_manifest(root: Path, n: int | None = None) -> Manifest:
     """The scikit-learn digits as PNGs (what the ``digits`` stage writes); the first ``n`` per file name if given."""
-    from featcache.extract.sources import from_folder, write_digits
+    from featcache.extract.inputs.sources import from_folder, write_digits
 
     write_digits(root)
     if n is not None:
@@ -162,7 +162,7 @@ def onnx_vs_torch(batch_size: int, repeats: int, threads: int, forward_batches: 
     img/s of each side, the median of the per-repeat ratios onnx/torch and its range.
     """
     from featcache.extract.engine import extract_to_store
-    from featcache.extract.onnx_runner import OnnxFeatureRunner
+    from featcache.extract.onnx.runner import OnnxFeatureRunner
 
     loaded = load_backbone(BACKBONE)
     preprocess = Preprocessor.from_spec(loaded.spec)

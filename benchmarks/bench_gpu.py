@@ -39,12 +39,12 @@ import numpy as np
 import torch
 
 from featcache.extract.engine import extract_to_store
-from featcache.extract.gpu_decode import iter_device_batches
-from featcache.extract.jpeg_decoders import gpu_decode_status
-from featcache.extract.manifest import Manifest
-from featcache.extract.preprocess import Preprocessor
-from featcache.extract.torch_runner import TorchFeatureExtractor
-from featcache.extract.weights import load_backbone
+from featcache.extract.decode.device import iter_device_batches
+from featcache.extract.decode.decoders import gpu_decode_status
+from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.decode.preprocess import Preprocessor
+from featcache.extract.runners.torch_runner import TorchFeatureExtractor
+from featcache.extract.zoo.weights import load_backbone
 
 CLASSES = ("a", "b")
 
@@ -215,8 +215,8 @@ def breakdown(name: str, manifest: Manifest, args) -> dict[str, float]:
     """
     from torch.utils.data import DataLoader
 
-    from featcache.extract.gpu_decode import DeviceDecodeDataset, decode_items, pack_items
-    from featcache.extract.jpeg_decoders import decode_each, select_decoder
+    from featcache.extract.decode.device import DeviceDecodeDataset, decode_items, pack_items
+    from featcache.extract.decode.decoders import decode_each, select_decoder
 
     loaded = load_backbone(name, "random")
     preprocess = Preprocessor.from_spec(loaded.spec, input_size=args.input_size)

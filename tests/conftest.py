@@ -29,7 +29,7 @@ def pytest_configure(config) -> None:
 @pytest.fixture(scope="session", autouse=True)
 def hermetic_cache(tmp_path_factory):
     """Point ``FEATCACHE_CACHE_DIR`` (the ONNX export cache, also in subprocesses) at a session folder."""
-    from featcache.extract.onnx_cache import CACHE_ENV
+    from featcache.extract.onnx.cache import CACHE_ENV
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(CACHE_ENV, str(tmp_path_factory.mktemp("featcache-cache")))

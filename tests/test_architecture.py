@@ -170,12 +170,12 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 @pytest.mark.parametrize("rule, files, expected", [
-    ("layers", {"store/x.py": "def f():\n    from featcache.extract import registry\n"},
-     "featcache/store/x.py: imports featcache.extract.registry"),
+    ("layers", {"store/x.py": "def f():\n    from featcache.extract.zoo import registry\n"},
+     "featcache/store/x.py: imports featcache.extract.zoo.registry"),
     ("layers", {"store/x.py": "from ..heads.metrics import TASKS\n", "heads/metrics.py": ""},
      "featcache/store/x.py: imports featcache.heads.metrics.TASKS"),
-    ("layers", {"heads/x.py": "import featcache.extract.preprocess\n"},
-     "featcache/heads/x.py: imports featcache.extract.preprocess"),
+    ("layers", {"heads/x.py": "import featcache.extract.decode.preprocess\n"},
+     "featcache/heads/x.py: imports featcache.extract.decode.preprocess"),
     ("layers", {"heads/x.py": "from featcache.finetune import run\n"},
      "featcache/heads/x.py: imports featcache.finetune.run"),
     ("layers", {"extract/x.py": "from featcache.heads.metrics import f\n"},

@@ -9,12 +9,12 @@ import pytest
 
 import featcache.errors
 from featcache.errors import UserError
-from featcache.extract.engine import ExtractionError
-from featcache.extract.manifest import ManifestError
-from featcache.extract.onnx_export import OnnxExportError
-from featcache.extract.parity import ParityError
-from featcache.extract.registry import UnknownNameError
-from featcache.extract.weights import WeightsNotFoundError
+from featcache.errors import ExtractionError
+from featcache.extract.inputs.manifest import ManifestError
+from featcache.extract.onnx.export import OnnxExportError
+from featcache.extract.onnx.parity import ParityError
+from featcache.extract.zoo.registry import UnknownNameError
+from featcache.extract.zoo.weights import WeightsNotFoundError
 from featcache.pipeline.cli import main
 from featcache.pipeline.config import ConfigError
 from featcache.store.errors import StaleStoreError, StoreError, StoreLockedError, StoreNotFoundError

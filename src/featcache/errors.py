@@ -11,7 +11,7 @@ may import it and ``featcache check`` stays cheap.
 
 from __future__ import annotations
 
-__all__ = ["UserError"]
+__all__ = ["ExtractionError", "UserError"]
 
 
 class UserError(Exception):
@@ -21,3 +21,8 @@ class UserError(Exception):
     ``WeightsNotFoundError``, ``ExtractionError``, ``StoreError`` (and its
     subclasses), ``OnnxExportError``, ``ParityError``.
     """
+
+
+class ExtractionError(UserError, RuntimeError):
+    """Extraction stopped: ``on_error: fail`` on a bad image, too many bad images, or a runner that cannot run
+    as configured (e.g. onnxruntime's CUDA provider missing)."""

@@ -5,7 +5,7 @@ gets ``__getattr__``/``__dir__``/``__all__`` from :func:`lazy_exports`::
 
     __getattr__, __dir__, __all__ = lazy_exports(__name__, {"FeatureStore": "reader", ...})
 
-so ``import featcache.extract.registry`` or ``featcache --help`` do not import
+so ``import featcache.extract.zoo.registry`` or ``featcache --help`` do not import
 torch, h5py or scikit-learn through a package ``__init__``. This module
 imports nothing from featcache: any module may use it.
 """

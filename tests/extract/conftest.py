@@ -7,7 +7,7 @@ import functools
 import pytest
 import torch
 
-from featcache.extract.weights import LoadedBackbone, load_backbone
+from featcache.extract.zoo.weights import LoadedBackbone, load_backbone
 
 
 @functools.lru_cache(maxsize=None)

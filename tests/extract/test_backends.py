@@ -11,7 +11,7 @@ from featcache.extract import backends
 from featcache.extract.backends import (
     build_runner, doctor_report, precision_name, resolve_autocast, resolve_backend, runner_attrs,
 )
-from featcache.extract.engine import ExtractionError
+from featcache.errors import ExtractionError
 
 
 @pytest.fixture
@@ -51,8 +51,8 @@ def test_runner_attrs_say_backend_provider_and_precision():
 
 
 def test_build_runner_torch_and_onnx_on_cpu(random_backbone):
-    from featcache.extract.onnx_runner import OnnxFeatureRunner
-    from featcache.extract.torch_runner import TorchFeatureExtractor
+    from featcache.extract.onnx.runner import OnnxFeatureRunner
+    from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 
     loaded = random_backbone("resnet18")
     runner, attrs = build_runner(loaded, ["pool5"], backend="torch", autocast="auto")
@@ -63,7 +63,7 @@ def test_build_runner_torch_and_onnx_on_cpu(random_backbone):
 
 
 def test_onnx_on_cuda_without_its_provider_stops_with_the_fix(monkeypatch):
-    from featcache.extract import onnx_runner
+    from featcache.extract.onnx import runner as onnx_runner
 
     class CpuOnly:
         provider = "CPUExecutionProvider"

@@ -23,19 +23,20 @@ import pytest
 import torch
 from PIL import Image
 
-from featcache.extract import preprocess as preprocess_module
-from featcache.extract.data import ImageDataset, make_loader
-from featcache.extract.engine import ExtractionError, extract_to_store
-from featcache.extract.manifest import Manifest, ManifestError
-from featcache.extract.preprocess import (
+from featcache.extract.decode import preprocess as preprocess_module
+from featcache.extract.decode.loaders import ImageDataset, make_loader
+from featcache.errors import ExtractionError
+from featcache.extract.engine import extract_to_store
+from featcache.extract.inputs.manifest import Manifest, ManifestError
+from featcache.extract.decode.preprocess import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageTooLargeError,
     Preprocessor,
     load_rgb,
 )
-from featcache.extract.registry import IMAGENET_MEAN, IMAGENET_STD
-from featcache.extract.sources import from_csv, from_folder
-from featcache.extract.torch_runner import TorchFeatureExtractor
+from featcache.extract.zoo.registry import IMAGENET_MEAN, IMAGENET_STD
+from featcache.extract.inputs.sources import from_csv, from_folder
+from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.store import FeatureStore
 
 from _support.files import md5
@@ -324,7 +325,7 @@ def test_max_image_pixels_param(tmp_path):
     assert parse_params({"extract": {"max_image_pixels": None}}).extract.max_image_pixels is None
     with pytest.raises(ConfigError, match="max_image_pixels"):
         parse_params({"extract": {"max_image_pixels": 0}})
-    spec_pre = Preprocessor.from_spec(__import__("featcache.extract.registry", fromlist=["x"]).BACKBONES["resnet18"],
+    spec_pre = Preprocessor.from_spec(__import__("featcache.extract.zoo.registry", fromlist=["x"]).BACKBONES["resnet18"],
                                       max_image_pixels=1234)
     assert spec_pre.max_image_pixels == 1234 and "max_image_pixels" not in spec_pre.config()
 
@@ -422,7 +423,7 @@ def test_empty_classes(tmp_path, caplog):
     (images / "empty").mkdir()
     (images / "empty" / "._resource_fork.png").write_bytes(b"\x00\x05\x16\x07")  # hidden: not an image
     (images / "a" / "._000.png").write_bytes(b"\x00\x05\x16\x07")
-    with caplog.at_level(logging.WARNING, logger="featcache.extract.sources"):
+    with caplog.at_level(logging.WARNING, logger="featcache.extract.inputs.sources"):
         manifest = from_folder(images, ALL_TRAIN, 0)
     assert manifest.classes == ["a", "b"]
     assert not any("._" in i for i in manifest.ids)
@@ -474,7 +475,7 @@ def test_memory_error_or_unexpected_error_in_decode_propagates(runner, tmp_path,
     def failing(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("featcache.extract.data.load_rgb", failing)
+    monkeypatch.setattr("featcache.extract.decode.loaders.load_rgb", failing)
     with pytest.raises(type(error)):
         _extract(manifest, runner, tmp_path / "store.h5")
     assert not (tmp_path / "store.h5").exists()

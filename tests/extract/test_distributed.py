@@ -16,9 +16,10 @@ from PIL import Image
 from featcache.extract.distributed import (
     RunnerSpec, _adopt_blocks, _Job, _plan_tasks, _run_tasks, extract_distributed,
 )
-from featcache.extract.engine import ExtractionError, extract_to_store
-from featcache.extract.preprocess import Preprocessor
-from featcache.extract.sources import from_folder
+from featcache.errors import ExtractionError
+from featcache.extract.engine import extract_to_store
+from featcache.extract.decode.preprocess import Preprocessor
+from featcache.extract.inputs.sources import from_folder
 from featcache.store.schema import sha256_text
 from featcache.store.writer import LayerSpec, StoreWriter
 
@@ -314,7 +315,7 @@ ONNX_SPEC = RunnerSpec(backend="onnx", backbone="resnet18", weights="random", la
 def test_onnx_workers_are_byte_identical_to_a_single_onnx_process(client, clean_manifest, tmp_path):
     """The dask path runs onnxruntime too (the CPU's auto pick): same bytes as one process, same threads."""
     from featcache.extract.backends import build_runner
-    from featcache.extract.weights import load_backbone
+    from featcache.extract.zoo.weights import load_backbone
 
     loaded = load_backbone("resnet18", "random")
     runner, _ = build_runner(loaded, ["default", "layer3"], backend="onnx",

@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.extract.engine import ExtractionError, extract_to_store, resolve_device
-from featcache.extract.preprocess import Preprocessor, load_rgb
-from featcache.extract.registry import IMAGENET_MEAN, IMAGENET_STD
-from featcache.extract.sources import from_folder
-from featcache.extract.torch_runner import TorchFeatureExtractor
+from featcache.errors import ExtractionError
+from featcache.extract.engine import extract_to_store, resolve_device
+from featcache.extract.decode.preprocess import Preprocessor, load_rgb
+from featcache.extract.zoo.registry import IMAGENET_MEAN, IMAGENET_STD
+from featcache.extract.inputs.sources import from_folder
+from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 
 from _support.files import md5, write_image_folder
 
@@ -286,7 +287,7 @@ def test_short_last_block_is_handed_out():
 
 def test_custom_batches_in_any_order_give_the_same_bytes(first_run, manifest, runner, tmp_path):
     """The batch contract: any iterable of (rows, uint8 images, reasons) in any order -> the same store."""
-    from featcache.extract.data import ImageDataset
+    from featcache.extract.decode.loaders import ImageDataset
 
     _, _, digest = first_run
     dataset = ImageDataset(manifest, PRE)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from featcache.extract.registry import get_backbone
+from featcache.extract.zoo.registry import get_backbone
 from featcache.finetune.cam import cam_layer, class_activation_maps, jet, save_cam_overlays, tensor_to_pil
 from featcache.finetune.model import build_model
 

@@ -14,11 +14,11 @@ from torch import nn
 
 from _support.files import COLOUR_CLASSES, write_colour_folder
 
-from featcache.extract.manifest import Manifest, assign_splits
-from featcache.extract.preprocess import Preprocessor, load_rgb
-from featcache.extract.registry import get_backbone
-from featcache.extract.sources import from_folder
-from featcache.extract.weights import load_backbone
+from featcache.extract.inputs.manifest import Manifest, assign_splits
+from featcache.extract.decode.preprocess import Preprocessor, load_rgb
+from featcache.extract.zoo.registry import get_backbone
+from featcache.extract.inputs.sources import from_folder
+from featcache.extract.zoo.weights import load_backbone
 from featcache.finetune.config import MODES, FinetuneConfig
 from featcache.finetune.export import export_backbone, export_finetuned_onnx
 from featcache.finetune.model import build_model, load_checkpoint, load_weights_with_report, replace_head

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from featcache.extract.registry import BACKBONES
+from featcache.extract.zoo.registry import BACKBONES
 from featcache.pipeline.cli import main
 
 

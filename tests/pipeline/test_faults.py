@@ -34,8 +34,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from featcache.extract.engine import ExtractionError
-from featcache.extract.manifest import ManifestError
+from featcache.errors import ExtractionError
+from featcache.extract.inputs.manifest import ManifestError
 from featcache.pipeline import parse_params, prepare
 from featcache.runs import read_run
 from featcache.store import FeatureStore, StaleStoreError
@@ -391,15 +391,15 @@ def test_data_classes_param_is_validated():
 # ------------------------------------------------------------------ memory
 @pytest.fixture(scope="module")
 def lite0_runner():
-    from featcache.extract.torch_runner import TorchFeatureExtractor
-    from featcache.extract.weights import load_backbone
+    from featcache.extract.runners.torch_runner import TorchFeatureExtractor
+    from featcache.extract.zoo.weights import load_backbone
 
     loaded = load_backbone(BACKBONE, "pretrained")
     return TorchFeatureExtractor(loaded.model, loaded.spec, ["pool"], channels_last=True)
 
 
 def test_batch_size_that_does_not_fit_fails_before_any_work(lite0_runner):
-    from featcache.extract.memory import check_batch_memory
+    from featcache.extract.runners.memory import check_batch_memory
 
     gib = 2**30
     with pytest.raises(ExtractionError) as info:
@@ -417,7 +417,7 @@ def test_batch_size_that_does_not_fit_fails_before_any_work(lite0_runner):
 def test_memory_estimate_is_per_image_activations(lite0_runner, monkeypatch):
     import psutil
 
-    from featcache.extract import memory
+    from featcache.extract.runners import memory
 
     per_image = memory.activation_bytes_per_image(lite0_runner, 224)
     # The largest single activation of Lite0 at 224 px: the 32 x 112 x 112 float32 stem output (1.5 MiB);

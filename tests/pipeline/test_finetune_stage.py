@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from featcache.extract.weights import load_backbone
+from featcache.extract.zoo.weights import load_backbone
 from featcache.pipeline.compare import compare
 from featcache.pipeline.config import parse_params
 from featcache.pipeline.finetune import finetune_section, finetune_stage, mode_config

@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import yaml
 
-import featcache.extract.onnx_export as onnx_export
-from featcache.extract.onnx_cache import default_cache_dir, file_sha256_hex
+import featcache.extract.onnx.export as onnx_export
+from featcache.extract.onnx.cache import default_cache_dir, file_sha256_hex
 from featcache.pipeline import extract, parse_params, prepare
 from featcache.pipeline.cli import main
 from featcache.store import FeatureStore

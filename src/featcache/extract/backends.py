@@ -182,8 +182,8 @@ def build_runner(backbone: Any, layers: Sequence[str], *, backend: str = "auto",
     Parameters
     ----------
     backbone : WeightsSource or LoadedBackbone
-        The backbone and its weights (:func:`~featcache.extract.weights.resolve_weights`
-        or :func:`~featcache.extract.weights.load_backbone`). The model is built
+        The backbone and its weights (:func:`~featcache.extract.zoo.weights.resolve_weights`
+        or :func:`~featcache.extract.zoo.weights.load_backbone`). The model is built
         (``backbone.load()``) only when needed: an onnx runner whose export is
         cached needs none.
     layers : sequence of str
@@ -193,7 +193,7 @@ def build_runner(backbone: Any, layers: Sequence[str], *, backend: str = "auto",
     device : str
         The resolved device (``cpu``, ``cuda``, ``cuda:N``).
     pooling, channels_last
-        As for :class:`~featcache.extract.torch_runner.TorchFeatureExtractor`.
+        As for :class:`~featcache.extract.runners.torch_runner.TorchFeatureExtractor`.
     input_size : int, optional
         ONNX only: the exported input side (default: the registry's).
     intra_op_threads : int, optional
@@ -210,19 +210,19 @@ def build_runner(backbone: Any, layers: Sequence[str], *, backend: str = "auto",
 
     Raises
     ------
-    featcache.extract.engine.ExtractionError
+    featcache.errors.ExtractionError
         When ``onnx`` is asked for on CUDA but onnxruntime's CUDA provider does not load.
     """
     backend = resolve_backend(backend, device)
     autocast = resolve_autocast(autocast, device, backend)
     if backend == "onnx":
-        from featcache.extract.onnx_runner import OnnxFeatureRunner
+        from featcache.extract.onnx.runner import OnnxFeatureRunner
 
         extra = {} if onnx_cache is None else {"cache_dir": onnx_cache}
         runner = OnnxFeatureRunner.from_source(backbone, layers, pooling=pooling, device=device,
                                                input_size=input_size, intra_op_threads=intra_op_threads, **extra)
         if _is_cuda(device) and runner.provider != _CUDA_PROVIDER:
-            from featcache.extract.engine import ExtractionError
+            from featcache.errors import ExtractionError
 
             raise ExtractionError(
                 f"extract.backend is 'onnx' on {device!r}, but onnxruntime runs on {runner.provider} "
@@ -230,7 +230,7 @@ def build_runner(backbone: Any, layers: Sequence[str], *, backend: str = "auto",
                 f"(torch on the GPU), or fix onnxruntime: {ONNX_GPU_FIX}."
             )
     else:
-        from featcache.extract.torch_runner import TorchFeatureExtractor
+        from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 
         loaded = backbone.load()
         runner = TorchFeatureExtractor(loaded.model, loaded.spec, layers, pooling=pooling, device=device,
@@ -243,7 +243,7 @@ def build_runner(backbone: Any, layers: Sequence[str], *, backend: str = "auto",
 
 def _gpu_decoder_line(cuda: bool) -> str:
     try:
-        from featcache.extract.gpu_decode import gpu_decode_status
+        from featcache.extract.decode.device import gpu_decode_status
     except ImportError:
         gpu_decode_status = None
     if not cuda:

@@ -188,7 +188,7 @@ class BatchForward:
         also has ``forward_pooled(batch) -> {layer: (B, D) device tensor}``.
     normalize : callable
         uint8 (B, 3, S, S) on the runner's device -> float32 input
-        (:meth:`~featcache.extract.preprocess.Preprocessor.normalize_batch`).
+        (:meth:`~featcache.extract.decode.preprocess.Preprocessor.normalize_batch`).
 
     Attributes
     ----------

@@ -46,14 +46,15 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from featcache.errors import ExtractionError
 from featcache.extract.blockloop import Progress
-from featcache.extract.data import ImageDataset
+from featcache.extract.decode.loaders import ImageDataset
 from featcache.extract.engine import (
-    DEFAULT_MAX_BAD_FRACTION, ExtractionError, ExtractionReport, build_report, build_root_attrs, check_bad_rows,
+    DEFAULT_MAX_BAD_FRACTION, ExtractionReport, build_report, build_root_attrs, check_bad_rows,
     check_max_bad_fraction, check_on_error, run_blocks,
 )
-from featcache.extract.manifest import Manifest
-from featcache.extract.preprocess import Preprocessor
+from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.runner_spec import RunnerSpec, local_workers, worker_device
 from featcache.store.blocks import BlockCommitter
 from featcache.store.errors import StoreError

@@ -14,9 +14,9 @@ Seams:
   :func:`extract_to_store` a ``loader_factory(rows, batch_size)`` returning
   one. A GPU JPEG decoder plugs in there (``extract.decode``); the default is
   PIL in worker processes: numpy batches from a process pool for runners
-  that take their input on the CPU (:func:`~featcache.extract.data.iter_array_batches`,
+  that take their input on the CPU (:func:`~featcache.extract.decode.loaders.iter_array_batches`,
   torch is not imported), torch's DataLoader with pinned memory for the others
-  (:func:`~featcache.extract.data.make_loader`).
+  (:func:`~featcache.extract.decode.loaders.make_loader`).
   What decoded should be recorded in ``attrs`` (e.g. ``decode``).
 * **Sharding.** :func:`run_blocks` commits to a ``StoreWriter`` or to its
   picklable ``BlockCommitter``; :func:`build_root_attrs` and
@@ -37,17 +37,17 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
 import numpy as np
 
 import featcache
-from featcache.errors import UserError
+from featcache.errors import ExtractionError
 from featcache.extract.blockloop import BatchForward, BlockAssembler, CommitQueue, FinishedBlock, Progress
-from featcache.extract.data import ImageDataset, ImageReader, iter_array_batches, make_loader
-from featcache.extract.manifest import Manifest
-from featcache.extract.preprocess import Preprocessor
+from featcache.extract.decode.loaders import ImageDataset, ImageReader, iter_array_batches, make_loader
+from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.decode.preprocess import Preprocessor
 from featcache.store.reader import FeatureStore
 from featcache.store.schema import canonical_json, sha256_text
 from featcache.store.writer import LayerSpec, StoreWriter
 from featcache.util import compute
 
-__all__ = ["Batch", "BlockSink", "LoaderFactory", "DEFAULT_MAX_BAD_FRACTION", "ExtractionError", "ExtractionReport",
+__all__ = ["Batch", "BlockSink", "LoaderFactory", "DEFAULT_MAX_BAD_FRACTION", "ExtractionReport",
            "FeatureRunner", "ON_ERROR", "build_report", "build_root_attrs", "check_bad_rows", "check_max_bad_fraction",
            "check_on_error", "extract_to_store", "resolve_device", "run_blocks"]
 
@@ -58,10 +58,6 @@ ON_ERROR = ("skip", "fail")
 
 #: Default ``max_bad_fraction``: a run with more bad images than good ones fails.
 DEFAULT_MAX_BAD_FRACTION = 0.5
-
-
-class ExtractionError(UserError, RuntimeError):
-    """Extraction stopped (``on_error: fail`` on a bad image, or a runner error)."""
 
 
 class FeatureRunner(Protocol):
@@ -138,7 +134,7 @@ def extract_to_store(
         ``loader_factory(rows, batch_size)`` -> batches of the rows to extract,
         following the batch contract of :func:`run_blocks` (the seam for
         another decoder, e.g. on the GPU); default: decode with PIL in
-        DataLoader workers (:func:`~featcache.extract.data.make_loader`).
+        DataLoader workers (:func:`~featcache.extract.decode.loaders.make_loader`).
 
     Returns
     -------

@@ -107,14 +107,14 @@ class RunnerSpec:
 
         Raises
         ------
-        featcache.extract.weights.WeightsNotFoundError
+        featcache.extract.zoo.weights.WeightsNotFoundError
             If the weights are not available in this process's machine.
         """
         key = (self, input_size)
         with _RUNNERS_LOCK:
             runner = _RUNNERS.get(key)
             if runner is None:
-                from featcache.extract.weights import resolve_weights
+                from featcache.extract.zoo.weights import resolve_weights
 
                 started = time.perf_counter()
                 source = resolve_weights(self.backbone, self.weights, seed=self.seed)

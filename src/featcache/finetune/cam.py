@@ -6,7 +6,7 @@ For networks that end ``conv map A (C, h, w) -> global average pool -> Linear``
 for class k sits (Zhou et al. 2016; fast.ai's CAM lesson). The map is taken
 after ReLU, upsampled to the input resolution and scaled to [0, 1] per image.
 
-The conv map is the registry's :attr:`~featcache.extract.registry.BackboneSpec.cam_layer`
+The conv map is the registry's :attr:`~featcache.extract.zoo.registry.BackboneSpec.cam_layer`
 (EfficientNet-Lite ``head`` -> ``bn2``, ResNet ``res5`` -> ``layer4``, GoogLeNet
 ``inception_5b``), the classifier its ``classifier``; AlexNet and VGG16 put fully
 connected layers between their last conv map and the classifier (``cam_layer``
@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from featcache.extract.registry import BackboneSpec, LayerAlias
+from featcache.extract.zoo.registry import BackboneSpec, LayerAlias
 from featcache.util.atomic import atomic_path
 
 __all__ = ["cam_layer", "class_activation_maps", "jet", "save_cam_overlays", "tensor_to_pil"]

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from featcache.extract.preprocess import RESIZE_MODES
+from featcache.extract.decode.preprocess import RESIZE_MODES
 from featcache.util.compute import DEVICES
 from featcache.util.names import closest, did_you_mean
 
@@ -98,7 +98,7 @@ class FinetuneConfig:
         Network input side; None keeps the registry's (e.g. 224). Smaller inputs
         fit CPU budgets (64-128 for tiny images).
     resize_mode : {"crop", "squash"}
-        As in :class:`~featcache.extract.preprocess.Preprocessor`.
+        As in :class:`~featcache.extract.decode.preprocess.Preprocessor`.
     amp : bool
         Mixed precision (``torch.autocast`` fp16 + ``GradScaler``); CUDA only, ignored on CPU.
     tta : bool

@@ -1,18 +1,18 @@
-"""Fine-tuning data: manifest rows through :class:`~featcache.extract.data.ImageDataset`.
+"""Fine-tuning data: manifest rows through :class:`~featcache.extract.decode.loaders.ImageDataset`.
 
 Images are decoded, resized and cropped exactly as for extraction (the same
-:class:`~featcache.extract.preprocess.Preprocessor`: resize rule, aspect-ratio
+:class:`~featcache.extract.decode.preprocess.Preprocessor`: resize rule, aspect-ratio
 guard; uint8 pixels from the loader, normalised per batch with
-:meth:`~featcache.extract.preprocess.Preprocessor.normalize_batch`). Training
+:meth:`~featcache.extract.decode.preprocess.Preprocessor.normalize_batch`). Training
 adds augmentation on top of that test-time view (:class:`TrainTransform`: a
 random-resized crop of the view, resized back to the input side, and an
 optional horizontal flip), so there is one resize rule in the code base.
 
 An image that cannot be decoded is reported, never silently dropped: its id
-and the reason (:func:`~featcache.extract.data.describe_error`, as stored in a
+and the reason (:func:`~featcache.extract.decode.loaders.describe_error`, as stored in a
 feature file's ``/errors``) land in :class:`BadImages`, which the fine-tune
 result and the stage's metrics carry. Only decode errors become reasons: a bug
-in preprocessing (:class:`~featcache.extract.data.ImageDataset`) or in the
+in preprocessing (:class:`~featcache.extract.decode.loaders.ImageDataset`) or in the
 augmentation (the collate step) raises.
 """
 
@@ -26,9 +26,9 @@ import torch
 from torch.utils.data import DataLoader, SubsetRandomSampler, default_collate
 from torchvision import transforms as T
 
-from featcache.extract.data import ImageDataset, make_loader
-from featcache.extract.manifest import Manifest
-from featcache.extract.preprocess import Preprocessor
+from featcache.extract.decode.loaders import ImageDataset, make_loader
+from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.decode.preprocess import Preprocessor
 
 __all__ = ["AugmentingCollate", "BadImages", "ReadableBatches", "TrainTransform", "eval_batches", "train_batches"]
 
@@ -39,7 +39,7 @@ class TrainTransform:
     """Augment a test-time view: a random-resized crop of it (back to its side) and an optional flip.
 
     Applied to the uint8 (3, S, S) views that
-    :meth:`~featcache.extract.preprocess.Preprocessor.pixels` makes, in the
+    :meth:`~featcache.extract.decode.preprocess.Preprocessor.pixels` makes, in the
     loader's collate step (:class:`AugmentingCollate`), so decoding stays exactly
     as in extraction and an augmentation bug raises instead of passing as a bad image.
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from featcache.extract.registry import BackboneSpec
-from featcache.extract.weights import load_backbone
+from featcache.extract.zoo.registry import BackboneSpec
+from featcache.extract.zoo.weights import load_backbone
 from featcache.finetune.model import original_head as head_of
 from featcache.finetune.run import FinetuneResult, save_state
 from featcache.util.atomic import atomic_path
@@ -36,7 +36,7 @@ def export_backbone(model: nn.Module, spec: BackboneSpec, path: str | Path,
                     original_head: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write the fine-tuned backbone as a state dict that ``load_backbone(name, weights=path)`` loads.
 
-    :func:`~featcache.extract.weights.load_backbone` loads strictly into the
+    :func:`~featcache.extract.zoo.weights.load_backbone` loads strictly into the
     registry's architecture, whose classifier has the original shape (1000
     ImageNet classes). The file therefore holds the fine-tuned trunk with the
     *source* classifier put back (``original_head``: the pretrained head for
@@ -111,7 +111,7 @@ def export_finetuned_onnx(result_or_model: FinetuneResult | nn.Module, path: str
     """Export the fine-tuned classifier (or regressor) to ONNX with a dynamic batch axis.
 
     The graph takes ``images`` (B, 3, S, S) float32, normalised exactly as
-    :class:`~featcache.extract.preprocess.Preprocessor` does, and returns
+    :class:`~featcache.extract.decode.preprocess.Preprocessor` does, and returns
     ``scores``: (B, K) probabilities, or (B,) predictions in target units.
 
     Parameters

@@ -1,7 +1,7 @@
 """Model surgery: a registry backbone with a new output layer, and the weight-copy report.
 
 The classifier that is replaced is the registry's
-:attr:`~featcache.extract.registry.BackboneSpec.classifier`. Weights are copied
+:attr:`~featcache.extract.zoo.registry.BackboneSpec.classifier`. Weights are copied
 with :func:`load_weights_with_report` (the Chainer ``copy_model`` lesson): a
 tensor is copied only when its name and shape match, and everything that is
 not copied is listed, so a 1000-class head that meets a 10-class model is
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from featcache.extract.registry import BackboneSpec, get_backbone
-from featcache.extract.weights import load_backbone
+from featcache.extract.zoo.registry import BackboneSpec, get_backbone
+from featcache.extract.zoo.weights import load_backbone
 from featcache.finetune.config import check_int
 from featcache.util.atomic import write_json
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featcache.extract.registry import BackboneSpec
+from featcache.extract.zoo.registry import BackboneSpec
 from featcache.finetune.config import FinetuneConfig
 
 __all__ = ["make_optimizer", "make_scheduler", "phases", "set_train_mode", "set_trainable"]

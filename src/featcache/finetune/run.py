@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from featcache.extract.manifest import Manifest
-from featcache.extract.preprocess import Preprocessor
-from featcache.extract.registry import BackboneSpec, get_backbone
-from featcache.extract.weights import load_backbone
+from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.decode.preprocess import Preprocessor
+from featcache.extract.zoo.registry import BackboneSpec, get_backbone
+from featcache.extract.zoo.weights import load_backbone
 from featcache.finetune.config import FinetuneConfig
 from featcache.finetune.data import BadImages, TrainTransform, eval_batches, train_batches
 from featcache.finetune.model import (
@@ -163,7 +163,7 @@ def finetune(manifest: Manifest | str | Path, backbone_name: str, weights: str =
         Registry name, e.g. ``efficientnet_lite0``.
     weights : str
         Source weights: ``pretrained``, ``random`` or a state-dict path (as
-        :func:`~featcache.extract.weights.load_backbone`). Ignored in ``scratch``.
+        :func:`~featcache.extract.zoo.weights.load_backbone`). Ignored in ``scratch``.
     config : FinetuneConfig, optional
         Hyper-parameters; defaults to ``FinetuneConfig()``.
     out_dir : path, optional

@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from featcache.extract.registry import BackboneSpec
+from featcache.extract.zoo.registry import BackboneSpec
 from featcache.finetune.config import FinetuneConfig
 from featcache.finetune.optim import make_optimizer, make_scheduler, phases, set_train_mode, set_trainable
 

@@ -20,7 +20,7 @@ logger = logging.getLogger("featcache")
 
 
 def _cmd_backbones(args: argparse.Namespace) -> None:
-    from featcache.extract.registry import BACKBONES
+    from featcache.extract.zoo.registry import BACKBONES
 
     print(f"{'backbone':<20} {'input':>5} {'default':<10} {'dim':>5}  weights")
     for spec in BACKBONES.values():
@@ -29,7 +29,7 @@ def _cmd_backbones(args: argparse.Namespace) -> None:
 
 
 def _cmd_layers(args: argparse.Namespace) -> None:
-    from featcache.extract.registry import get_backbone
+    from featcache.extract.zoo.registry import get_backbone
 
     spec = get_backbone(args.backbone)
     print(f"{spec.name}: {spec.description}")
@@ -38,8 +38,8 @@ def _cmd_layers(args: argparse.Namespace) -> None:
         mark = "  (default)" if alias == spec.default_layer else ""
         print(f"{alias:<14} {layer.node:<22} {layer.dim:>5}  {layer.kind:<5} {layer.post_relu}{mark}")
     if args.nodes:
-        from featcache.extract.torch_runner import graph_node_names
-        from featcache.extract.weights import load_backbone
+        from featcache.extract.runners.torch_runner import graph_node_names
+        from featcache.extract.zoo.weights import load_backbone
 
         model = load_backbone(spec.name, "random").model
         print("\nRaw graph nodes (usable as layer names):")

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from featcache.errors import UserError
 from featcache.extract.backends import AUTOCASTS, BACKENDS
-from featcache.extract.preprocess import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
-from featcache.extract.registry import UnknownNameError, get_backbone, list_backbones, resolve_layer
+from featcache.extract.decode.preprocess import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
+from featcache.extract.zoo.registry import UnknownNameError, get_backbone, list_backbones, resolve_layer
 from featcache.finetune.config import MODES as FINETUNE_MODES
 from featcache.finetune.config import PARAMS_DEFAULTS as FINETUNE_PARAMS_DEFAULTS
 from featcache.finetune.config import FinetuneConfig
@@ -391,7 +391,7 @@ def expected_config(params: Params, backbone: str, decode: str | None = None,
         autocast is taken as the store resolved it, so a store extracted on a GPU machine is
         valid for the same params on a CPU machine (and nothing here imports torch).
     """
-    from featcache.extract.preprocess import Preprocessor
+    from featcache.extract.decode.preprocess import Preprocessor
 
     config = extraction_config(params, backbone)
     knobs, stored = params.extract, stored or {}

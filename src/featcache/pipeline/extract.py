@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from featcache.extract.preprocess import Preprocessor
+from featcache.extract.decode.preprocess import Preprocessor
 from featcache.pipeline.config import Params, expected_config, planned_decode, resolved_choices
 
 if TYPE_CHECKING:
@@ -38,9 +38,9 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
     from featcache.extract.backends import build_runner, runner_attrs
     from featcache.extract.engine import extract_to_store
     from featcache.extract.malloc import tune_malloc
-    from featcache.extract.manifest import Manifest
-    from featcache.extract.memory import check_batch_memory
-    from featcache.extract.weights import resolve_weights
+    from featcache.extract.inputs.manifest import Manifest
+    from featcache.extract.runners.memory import check_batch_memory
+    from featcache.extract.zoo.weights import resolve_weights
 
     if backbone not in params.backbones:
         raise ValueError(f"Backbone {backbone!r} is not configured in params.backbones "
@@ -77,7 +77,7 @@ def extract(params: Params, backbone: str, manifest_path: str | Path, out: str |
         check_batch_memory(runner, preprocess.input_size, knobs.batch_size, device, num_workers=workers)
     loader_factory = None
     if decode == "gpu":  # JPEGs decoded in batches on the runner's input device
-        from featcache.extract.gpu_decode import iter_device_batches
+        from featcache.extract.decode.device import iter_device_batches
 
         input_device = str(getattr(runner, "input_device", device))
 

@@ -101,7 +101,7 @@ def write_cams(result: FinetuneResult, manifest: Any, out_dir: str | Path, n_ima
     """CAM overlays of a few test images (none, with a log line, where CAM does not apply)."""
     import torch
 
-    from featcache.extract.preprocess import load_rgb
+    from featcache.extract.decode.preprocess import load_rgb
     from featcache.finetune.cam import class_activation_maps, save_cam_overlays, tensor_to_pil
     from featcache.finetune.run import preprocessor
 
@@ -150,7 +150,7 @@ def finetune_stage(params: Params, mode: str, manifest_path: str | Path, out_dir
     dict
         The metrics written to ``metrics_path``.
     """
-    from featcache.extract.manifest import Manifest
+    from featcache.extract.inputs.manifest import Manifest
     from featcache.finetune.export import export_backbone, export_finetuned_onnx
     from featcache.finetune.run import finetune as run_finetune
     from featcache.heads.metrics import confusion_rows

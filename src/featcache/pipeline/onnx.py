@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from featcache.extract.manifest import Manifest
-from featcache.extract.onnx_export import export_onnx
-from featcache.extract.onnx_format import DEFAULT_OPSET
-from featcache.extract.onnx_runner import OnnxFeatureRunner
-from featcache.extract.parity import format_parity, parity_check
-from featcache.extract.preprocess import Preprocessor, load_rgb
-from featcache.extract.torch_runner import TorchFeatureExtractor
-from featcache.extract.weights import load_backbone
+from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.onnx.export import export_onnx
+from featcache.extract.onnx.format import DEFAULT_OPSET
+from featcache.extract.onnx.runner import OnnxFeatureRunner
+from featcache.extract.onnx.parity import format_parity, parity_check
+from featcache.extract.decode.preprocess import Preprocessor, load_rgb
+from featcache.extract.runners.torch_runner import TorchFeatureExtractor
+from featcache.extract.zoo.weights import load_backbone
 from featcache.pipeline.config import Params
 
 __all__ = ["export_from_params", "parity_from_params"]

@@ -16,8 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from featcache.extract.preprocess import Preprocessor
-from featcache.extract.sources import IMAGE_EXTENSIONS
+from featcache.extract.decode.preprocess import Preprocessor
+from featcache.extract.inputs.sources import IMAGE_EXTENSIONS
 from featcache.heads import load_head
 from featcache.runs import RUN_FILE, read_run_info, write_run_info
 from featcache.store import FeatureStore
@@ -74,10 +74,10 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
 
     Images that fail to decode get ``prediction`` empty and an ``error`` column.
     """
-    from featcache.extract.data import ImageDataset, make_loader  # torch: only when images are scored
+    from featcache.extract.decode.loaders import ImageDataset, make_loader  # torch: only when images are scored
     from featcache.extract.engine import resolve_device
-    from featcache.extract.torch_runner import TorchFeatureExtractor
-    from featcache.extract.weights import load_backbone
+    from featcache.extract.runners.torch_runner import TorchFeatureExtractor
+    from featcache.extract.zoo.weights import load_backbone
 
     info = read_run_info(model_dir)
     head = load_head(model_dir)

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from featcache.extract.manifest import Manifest
-from featcache.extract.sources import from_csv, from_folder, write_digits
+from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.inputs.sources import from_csv, from_folder, write_digits
 from featcache.store.schema import SPLIT_CODES
 
 if TYPE_CHECKING:

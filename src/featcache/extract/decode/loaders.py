@@ -1,0 +1,261 @@
+"""Data loading: decode and preprocess images in worker processes.
+
+Two loaders give the engine the same batches: :func:`make_loader` (a torch
+``DataLoader``, pinned memory for CUDA) and :func:`iter_array_batches` (a
+``multiprocessing`` pool of numpy batches, without importing torch: what CPU
+runners use, so a warm ONNX extraction never pays torch's start-up). Workers
+hand over uint8 pixels (:meth:`Preprocessor.pixels_array`, a quarter of
+float32's bytes); the engine normalises them where the runner takes its input
+(:meth:`Preprocessor.normalize_batch`). A bad image never crashes a worker:
+its row comes back with an error string (and zero pixels), so the extractor can report it by id and skip or fail as
+configured. The reason starts with a plain category (``missing file``,
+``empty file``, ``not an image``, ``truncated or corrupt image``, ``image too
+large``, ``unreadable file``, ``cannot decode``) followed by the decoder's own
+message; it never contains the machine-specific folder of the image, because
+it is stored in the feature file.
+
+The decompression-bomb limit (``Preprocessor.max_image_pixels``, from
+``extract.max_image_pixels``) is applied here, in the worker that decodes,
+from the image header, before any pixel is decoded.
+
+Only *decode* errors become bad-image reasons: opening, reading or decoding
+the file and the header size limit (:data:`DECODE_ERRORS`). Anything else,
+an exception in preprocessing, a ``MemoryError`` or an unexpected exception
+type from the decoder, is a bug and propagates (with a note naming the file),
+so it can never pass for a bad image.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import multiprocessing
+import os
+import struct
+import zlib
+from typing import TYPE_CHECKING, Iterator, Sequence
+
+import numpy as np
+from PIL import Image
+
+from featcache.extract.inputs.manifest import Manifest
+
+from featcache.extract.decode.preprocess import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, Preprocessor, load_rgb
+from featcache.util.compute import default_num_workers
+
+if TYPE_CHECKING:  # torch is imported by the torch loader only
+    import torch
+    from torch.utils.data import DataLoader
+
+__all__ = ["DECODE_ERRORS", "ImageReader", "ImageDataset", "make_loader", "iter_array_batches",
+           "default_num_workers", "describe_error"]
+
+#: What opening, reading or decoding a broken file raises (Pillow, tifffile, the OS), and the
+#: decompression-bomb limit; only these become bad-image reasons. ``MemoryError`` is not one of them.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
+    Image.DecompressionBombError, Image.DecompressionBombWarning,
+)
+
+
+def describe_error(path: str, error: BaseException) -> str:
+    """One-line reason why ``path`` could not be decoded (stored in ``/errors``).
+
+    Parameters
+    ----------
+    path : str
+        The image path as it was opened (replaced by its file name in the text).
+    error : BaseException
+        What decoding raised.
+    """
+    from PIL import Image
+
+    detail = f"{type(error).__name__}: {error}".replace("\n", " ")
+    folder = os.path.dirname(path)
+    detail = detail.replace(path, os.path.basename(path))
+    if folder and folder != os.sep:
+        detail = detail.replace(folder + os.sep, "")
+    if not os.path.lexists(path) or (isinstance(error, FileNotFoundError) and not os.path.exists(path)):
+        return "missing file"
+    try:
+        if os.path.isfile(path) and os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        pass
+    if isinstance(error, ImageTooLargeError):
+        return str(error)
+    if isinstance(error, Image.DecompressionBombError):  # Pillow's own (global) limit
+        return f"image too large ({detail})"
+    if isinstance(error, Image.UnidentifiedImageError):
+        return f"not an image or unsupported format ({detail})"
+    if isinstance(error, (PermissionError, IsADirectoryError)):
+        return f"unreadable file ({detail})"
+    message = str(error).lower()
+    if isinstance(error, (SyntaxError, EOFError)) or "truncated" in message or "broken" in message \
+            or "corrupt" in message or "decoder error" in message:
+        return f"truncated or corrupt image ({detail})"
+    return f"cannot decode ({detail})"
+
+
+class ImageReader:
+    """Rows of a manifest as ``(row, pixels, error)`` triples, pixels a numpy array (no torch).
+
+    ``pixels`` is the uint8 (3, S, S) crop of :meth:`Preprocessor.pixels_array`
+    (zeros for a bad image, whose ``error`` is non-empty); normalise batches
+    with :meth:`Preprocessor.normalize_batch`.
+
+    Parameters
+    ----------
+    source : Manifest or sequence of paths
+        Images to read; the index is the manifest row (or list position).
+    preprocess : Preprocessor
+        Maps a PIL RGB image to the (3, S, S) uint8 crop.
+    """
+
+    def __init__(self, source: Manifest | Sequence[str | os.PathLike], preprocess: Preprocessor) -> None:
+        if isinstance(source, Manifest):
+            self.paths = [str(source.absolute_path(row)) for row in range(len(source))]
+        else:
+            self.paths = [str(path) for path in source]
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def max_image_pixels(self) -> int | None:
+        """Decompression-bomb limit applied when decoding (the preprocessor's; None: no limit)."""
+        return getattr(self.preprocess, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+
+    def read(self, row: int) -> tuple[int, np.ndarray, str]:
+        """``(row, uint8 (3, S, S) array, reason)``; zeros and a non-empty reason for a bad image."""
+        path = self.paths[row]
+        try:
+            image = load_rgb(path, self.preprocess.background, self.max_image_pixels,
+                             draft_size=self.preprocess.resize_size)
+        except DECODE_ERRORS as error:
+            size = self.preprocess.input_size
+            # The reason is stored in the feature file: no machine-specific absolute path in it.
+            return row, np.zeros((3, size, size), dtype=np.uint8), describe_error(path, error)
+        except BaseException as error:
+            _note(error, f"while decoding image {path} (row {row}); this is not a bad-image error")
+            raise
+        try:
+            return row, self.preprocess.pixels_array(image), ""
+        except BaseException as error:
+            _note(error, f"while preprocessing image {path} (row {row}), which decoded fine")
+            raise
+
+    def __getitem__(self, row: int) -> tuple[int, np.ndarray, str]:
+        return self.read(row)
+
+    def read_batch(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """The engine's batch of ``rows``: ``(rows int64 (B,), uint8 (B, 3, S, S), reasons)``."""
+        items = [self.read(row) for row in rows]
+        size = self.preprocess.input_size
+        images = np.stack([item[1] for item in items]) if items else np.zeros((0, 3, size, size), np.uint8)
+        return np.asarray([item[0] for item in items], dtype=np.int64), images, [item[2] for item in items]
+
+
+class ImageDataset(ImageReader):
+    """:class:`ImageReader` for torch's ``DataLoader``: the same triples, pixels as a uint8 tensor."""
+
+    def __getitem__(self, row: int) -> tuple[int, torch.Tensor, str]:  # type: ignore[override]
+        import torch
+
+        index, pixels, reason = self.read(row)
+        return index, torch.from_numpy(pixels), reason
+
+
+def _note(error: BaseException, note: str) -> None:
+    """Attach ``note`` to a propagating exception (Python >= 3.11; nothing before)."""
+    add_note = getattr(error, "add_note", None)
+    if add_note is not None:
+        add_note(note)
+
+
+def _collate(items: list[tuple[int, torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    import torch
+
+    rows = torch.tensor([item[0] for item in items], dtype=torch.int64)
+    return rows, torch.stack([item[1] for item in items]), [item[2] for item in items]
+
+
+def make_loader(dataset: ImageDataset, rows: Sequence[int], batch_size: int, num_workers: int | None = None,
+                pin_memory: bool = False, prefetch_factor: int = 4) -> DataLoader:
+    """A torch DataLoader over the given manifest rows, in order.
+
+    Returns batches ``(rows int64 (B,), images uint8 (B, 3, S, S), errors list[str])`` of tensors: the
+    engine's batch contract (bad rows zero-filled with a non-empty reason).
+    """
+    from torch.utils.data import DataLoader
+
+    workers = default_num_workers() if num_workers is None else num_workers
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=list(rows), num_workers=workers, collate_fn=_collate,
+        pin_memory=pin_memory, prefetch_factor=prefetch_factor if workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+_WORKER_READER: ImageReader | None = None  # the reader of a pool worker (set by _init_worker)
+
+
+def _init_worker(reader: ImageReader) -> None:
+    global _WORKER_READER
+    _WORKER_READER = reader
+
+
+def _read_batch(rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    assert _WORKER_READER is not None, "the pool initializer did not run"
+    return _WORKER_READER.read_batch(rows)
+
+
+def iter_array_batches(reader: ImageReader, rows: Sequence[int], batch_size: int, num_workers: int | None = None,
+                       prefetch_factor: int = 4) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """Batches of ``rows`` as numpy arrays, decoded by a process pool, in order; torch is not imported.
+
+    At most ``num_workers * prefetch_factor`` batches are decoded ahead of the
+    consumer. An exception in a worker (a bug, never a bad image: those come
+    back as reasons) is raised here; closing the iterator early stops the pool.
+
+    Parameters
+    ----------
+    reader : ImageReader
+        The images and their preprocessing.
+    rows : sequence of int
+        Manifest rows to yield, in this order.
+    batch_size : int
+        Rows per batch (the last may be smaller).
+    num_workers : int, optional
+        Worker processes (default :func:`default_num_workers`); 0 reads in this process.
+    prefetch_factor : int
+        Batches in flight per worker.
+
+    Yields
+    ------
+    rows : numpy.ndarray
+        int64 (B,).
+    images : numpy.ndarray
+        uint8 (B, 3, S, S), zeros for bad rows.
+    reasons : list of str
+        ``""`` for good rows, why a bad row could not be decoded.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}.")
+    rows = [int(row) for row in rows]
+    batches = (rows[start:start + batch_size] for start in range(0, len(rows), batch_size))
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    if workers <= 0 or len(rows) <= batch_size:
+        yield from map(reader.read_batch, batches)
+        return
+    # fork, like torch's DataLoader on Linux: the workers inherit the reader instead of unpickling it
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with context.Pool(workers, initializer=_init_worker, initargs=(reader,)) as pool:  # exit: terminate
+        pending = collections.deque(pool.apply_async(_read_batch, (batch,))
+                                    for batch in itertools.islice(batches, workers * prefetch_factor))
+        while pending:
+            result = pending.popleft().get()
+            for batch in itertools.islice(batches, 1):
+                pending.append(pool.apply_async(_read_batch, (batch,)))
+            yield result

@@ -1,0 +1,289 @@
+"""Input sources: an ImageFolder tree, a CSV manifest, or the embedded digits.
+
+Each ``from_*`` function returns a sorted :class:`~featcache.extract.inputs.manifest.Manifest`
+with a deterministic split; :func:`build_manifest` dispatches on the source name.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import posixpath
+from pathlib import Path, PurePosixPath
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from featcache.extract.inputs.manifest import Manifest, ManifestError, assign_splits
+from featcache.store.schema import SPLIT_CODES
+
+__all__ = ["IMAGE_EXTENSIONS", "SOURCES", "build_manifest", "from_folder", "from_csv", "write_digits"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+SOURCES = ("digits", "folder", "csv")
+
+
+def _check_classes(labels: np.ndarray, splits: np.ndarray, classes: list[str]) -> None:
+    train = splits == SPLIT_CODES["train"]
+    missing = [classes[k] for k in range(len(classes)) if not np.any(labels[train] == k)]
+    if missing:
+        raise ManifestError(
+            f"Classes without any training example after the split: {missing}. "
+            "Hint: add images for them, lower data.split.val/test, or drop those classes."
+        )
+
+
+def _format_rows(rows: Sequence[int], limit: int = 10) -> str:
+    """``[4]`` -> ``"row 4"``, ``[2, 5]`` -> ``"rows 2 and 5"``; long lists are cut."""
+    shown = [str(r) for r in rows[:limit]]
+    more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
+    if len(shown) == 1:
+        return f"row {shown[0]}"
+    return "rows " + ", ".join(shown[:-1]) + " and " + shown[-1] + more
+
+
+def _check_listed_classes(names: Sequence[str], classes: Sequence[str], where: str,
+                          rows_of: Mapping[str, list[int]] | None = None, noun: str = "Labels") -> None:
+    """Labels outside the explicit ``data.classes`` list, and listed classes without any image, are errors."""
+    present = set(names)
+    unknown = sorted(present - set(classes))
+    if unknown:
+        detail = ""
+        if rows_of is not None:
+            detail = " (" + "; ".join(f"{name!r} on {_format_rows(rows_of[name], 3)}" for name in unknown[:5]) + ")"
+        raise ManifestError(
+            f"{noun} {unknown} in {where}{detail} are not in data.classes {list(classes)}. "
+            "Hint: add them to data.classes, or remove those images/rows."
+        )
+    empty = [name for name in classes if name not in present]
+    if empty:
+        raise ManifestError(
+            f"Classes {empty} of data.classes {list(classes)} have no images in {where}. "
+            "Hint: add images for them or remove them from data.classes."
+        )
+
+
+def _classification(ids: list[str], paths: list[str], names: list[str], splits: np.ndarray | None,
+                    ratios: Mapping[str, float], seed: int, root: Path,
+                    classes: Sequence[str] | None = None) -> Manifest:
+    classes = sorted(set(names)) if classes is None else list(classes)
+    index = {name: i for i, name in enumerate(classes)}
+    labels = np.array([index[name] for name in names], dtype=np.int64)
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    ids, paths, labels = [ids[i] for i in order], [paths[i] for i in order], labels[order]
+    if splits is None:
+        splits = assign_splits(len(ids), dict(ratios), seed, strata=labels)
+    else:
+        splits = splits[order]
+    _check_classes(labels, splits, classes)
+    return Manifest(ids, paths, splits, "classification", labels=labels, classes=classes, root=root)
+
+
+def _check_unique_classes(classes: Sequence[str] | None) -> list[str] | None:
+    if classes is None:
+        return None
+    classes = [str(c) for c in classes]
+    dupes = sorted({c for c in classes if classes.count(c) > 1})
+    if dupes or not classes or any(not c.strip() for c in classes):
+        raise ManifestError(f"data.classes must list distinct, non-empty class names; got {classes}.")
+    return classes
+
+
+def from_folder(root: str | Path, ratios: Mapping[str, float], seed: int,
+                classes: Sequence[str] | None = None) -> Manifest:
+    """Scan an ImageFolder tree: ``root/<class>/<image>``; ids are ``<class>/<file>``.
+
+    Parameters
+    ----------
+    classes : sequence of str, optional
+        Explicit class list (``data.classes``); its order defines the label
+        indices. A folder with images that is not listed, or a listed class
+        without images, is an error. Without it, every non-empty folder is a
+        class (sorted) and empty folders are warned about and ignored.
+
+    Hidden files and folders (names starting with ``.``, such as macOS
+    ``._IMG_0001.jpg`` resource forks) are not images and are skipped.
+    """
+    root = Path(root)
+    classes = _check_unique_classes(classes)
+    if not root.is_dir():
+        raise ManifestError(f"Image folder {str(root)!r} does not exist. Hint: set data.path in params.yaml.")
+    ids, paths, names, empty = [], [], [], []
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                       and not any(part.startswith(".") for part in p.relative_to(class_dir).parts))
+        if not files:
+            empty.append(class_dir.name)
+        for file in files:
+            relative = file.relative_to(root).as_posix()
+            ids.append(relative)
+            paths.append(relative)
+            names.append(class_dir.name)
+    if empty and classes is None:
+        logger.warning("Ignoring empty class folders (no images with extensions %s): %s", IMAGE_EXTENSIONS, empty)
+    if not ids:
+        raise ManifestError(f"No images found under {root} (expected {root}/<class>/<image>).")
+    if classes is not None:
+        _check_listed_classes(names, classes, f"image folder {root}", noun="Class folders (labels)")
+    return _classification(ids, paths, names, None, ratios, seed, root, classes)
+
+
+def _csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            reader.fieldnames = columns
+            rows = list(reader)
+    except UnicodeDecodeError as error:
+        raise ManifestError(f"CSV {path} is not UTF-8 text ({error}). Hint: save it as UTF-8.") from None
+    except csv.Error as error:
+        raise ManifestError(f"CSV {path} cannot be parsed: {error}.") from None
+    return columns, rows
+
+
+def _duplicates(values: Sequence[str]) -> dict[str, list[int]]:
+    """value -> CSV row numbers (the header is row 1) of values that occur more than once."""
+    lines: dict[str, list[int]] = {}
+    for row, value in enumerate(values):
+        lines.setdefault(value, []).append(row + 2)
+    return {value: rows for value, rows in lines.items() if len(rows) > 1}
+
+
+def _reject_duplicates(path: Path, what: str, values: Sequence[str], shown: Sequence[str] | None = None) -> None:
+    dupes = _duplicates(values)
+    if not dupes:
+        return
+    shown = values if shown is None else shown
+    items = sorted(dupes.items(), key=lambda item: item[1][0])
+    listed = "; ".join(f"{shown[rows[0] - 2]!r} on {_format_rows(rows)}" for _, rows in items[:5])
+    more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
+    raise ManifestError(
+        f"Duplicate {what} in {path}: {listed}{more} (row 1 is the header). "
+        "Each image must appear once; remove the repeated rows."
+    )
+
+
+def from_csv(path: str | Path, ratios: Mapping[str, float], seed: int, task: str = "classification",
+             classes: Sequence[str] | None = None) -> Manifest:
+    """Read a user CSV: ``path`` plus ``label`` (classification) or ``target`` (regression).
+
+    Optional columns: ``id`` (default: the path) and ``split`` (train/val/test;
+    default: assigned from ``ratios`` and ``seed``). Paths are relative to the
+    CSV's folder unless absolute; ``..`` escapes from that folder are rejected.
+    Every image may appear once: repeated ids or paths (after normalising
+    ``./`` and ``//``) are rejected naming the rows. ``classes`` (``data.classes``)
+    fixes the class list and its order: other labels, or listed classes
+    without rows, are rejected.
+    """
+    path = Path(path)
+    classes = _check_unique_classes(classes)
+    if not path.is_file():
+        raise ManifestError(f"CSV manifest {str(path)!r} does not exist. Hint: set data.path in params.yaml.")
+    columns, rows = _csv_rows(path)
+    column = "label" if task == "classification" else "target"
+    for needed in ("path", column):
+        if needed not in columns:
+            raise ManifestError(f"CSV {path} has columns {columns}; a {task} manifest needs '{needed}'.")
+    if not rows:
+        raise ManifestError(f"CSV {path} has no rows.")
+    paths = [(r["path"] or "").strip() for r in rows]
+    blank = [line for line, p in enumerate(paths, start=2) if not p]
+    if blank:
+        raise ManifestError(f"Empty 'path' in {path} on {_format_rows(blank)}.")
+    for line, p in enumerate(paths, start=2):
+        if not PurePosixPath(p).is_absolute() and ".." in PurePosixPath(p).parts:
+            raise ManifestError(f"Path {p!r} in {path} (row {line}) leaves the manifest's folder ('..'); "
+                                "give it absolute or move the CSV up.")
+    ids = [((r.get("id") or "").strip() or r["path"].strip()) for r in rows]
+    _reject_duplicates(path, "ids", ids)
+    _reject_duplicates(path, "paths", [posixpath.normpath(posixpath.join(path.parent.absolute().as_posix(), p))
+                                       for p in paths], shown=paths)
+    splits = None
+    if "split" in columns and any((r["split"] or "").strip() for r in rows):
+        values = [(r["split"] or "").strip() for r in rows]
+        bad = sorted(set(values) - set(SPLIT_CODES))
+        if bad:
+            lines = [line for line, v in enumerate(values, start=2) if v in bad]
+            raise ManifestError(f"Unknown split values {bad} in {path} ({_format_rows(lines)}); "
+                                f"allowed: {list(SPLIT_CODES)}.")
+        splits = np.array([SPLIT_CODES[v] for v in values], dtype=np.uint8)
+    if task == "classification":
+        names = [(r["label"] or "").strip() for r in rows]
+        blank = [line for line, name in enumerate(names, start=2) if not name]
+        if blank:
+            raise ManifestError(f"Empty label in {path} on {_format_rows(blank)}. "
+                                "Hint: label every row or remove unlabeled rows.")
+        if classes is not None:
+            rows_of: dict[str, list[int]] = {}
+            for line, name in enumerate(names, start=2):
+                rows_of.setdefault(name, []).append(line)
+            _check_listed_classes(names, classes, f"CSV {path}", rows_of)
+        return _classification(ids, paths, names, splits, ratios, seed, path.parent, classes)
+    if classes is not None:
+        raise ManifestError("data.classes is only for classification; remove it for a regression task.")
+    targets = []
+    for line, r in enumerate(rows, start=2):
+        try:
+            value = float((r["target"] or "").strip())
+        except ValueError:
+            raise ManifestError(f"Non-numeric target {r['target']!r} in {path} on row {line}.") from None
+        if not math.isfinite(value):
+            raise ManifestError(f"Non-finite target {r['target']!r} in {path} on row {line}.")
+        targets.append(value)
+    if splits is None:
+        splits = assign_splits(len(ids), dict(ratios), seed)
+    return Manifest.sorted(ids, paths, splits, task="regression", targets=np.array(targets, dtype=np.float64),
+                           root=path.parent)
+
+
+def write_digits(out_dir: str | Path) -> Path:
+    """Write scikit-learn's 1,797 8x8 digits as PNG files ``out_dir/<digit>/<index>.png``.
+
+    The images ship inside scikit-learn, so this needs no network. Pixel
+    values 0..16 are scaled to 0..255 (white ink on black, as in the data).
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    out_dir = Path(out_dir)
+    digits = load_digits()
+    for index, (image, label) in enumerate(zip(digits.images, digits.target)):
+        target = out_dir / str(int(label)) / f"{index:04d}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.clip(image * (255.0 / 16.0) + 0.5, 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(target, optimize=False)
+    logger.info("Wrote %d digit images to %s", len(digits.images), out_dir)
+    return out_dir
+
+
+def build_manifest(source: str, path: str | Path | None, ratios: Mapping[str, float], seed: int,
+                   task: str = "classification", work_dir: str | Path = "data/prepared",
+                   classes: Sequence[str] | None = None) -> Manifest:
+    """Build the manifest of any supported source.
+
+    Parameters
+    ----------
+    source : str
+        ``digits`` (embedded default, written under ``work_dir/images``),
+        ``folder`` (ImageFolder tree at ``path``) or ``csv`` (manifest at ``path``).
+    classes : sequence of str, optional
+        Explicit class list and order (``data.classes``).
+    """
+    if source == "digits":
+        return from_folder(write_digits(Path(work_dir) / "images"), ratios, seed, classes)
+    if path is None:
+        raise ManifestError(f"data.source {source!r} needs data.path (the {source} location).")
+    if source == "folder":
+        return from_folder(path, ratios, seed, classes)
+    if source == "csv":
+        return from_csv(path, ratios, seed, task, classes)
+    raise ManifestError(f"Unknown data.source {source!r}; allowed: {SOURCES}.")

@@ -1,0 +1,267 @@
+"""A cache of ONNX exports, keyed by everything that changes the exported graph.
+
+Exporting a backbone takes seconds (more for VGG16) and gives the same graph
+for the same inputs, so :func:`cached_export` keeps each export in a cache
+folder under a key. Two kinds of key name an entry:
+
+* :func:`source_key`, for weights read from a file (``pretrained`` or a
+  local ``.pth``): the backbone, the sha256 of the weights *file*, the
+  requested layers and their registry nodes, the pooling and input size, the
+  opset and exporter, the torch, onnx and model-library (timm or
+  torchvision) versions, featcache's version and
+  :data:`~featcache.extract.onnx.format.EXPORT_CODE_VERSION`. It is computed
+  without building the model, so a cache hit (:func:`lookup`) costs a file
+  hash: no model library import, no model, no weights loaded
+  (:meth:`~featcache.extract.onnx.runner.OnnxFeatureRunner.from_source`).
+* :func:`cache_key`, for a model in hand (``random`` weights, or a module
+  built by the caller): the sha256 of the weights in the truncated module and
+  the layers' (alias, node, dimension), with the same remaining fields.
+
+Layout: ``<cache>/<backbone>-<key>.onnx`` and a sidecar ``<...>.onnx.json``
+(the key's fields and the file's sha256). Entries are written to temporary
+files and published with ``os.replace`` under an exclusive file lock, so
+concurrent processes never read a half-written entry and export a missing key
+once. An entry whose file is missing or whose sha256 differs from its sidecar
+(corrupt, truncated) is logged and rebuilt.
+
+Where the cache lives (:func:`resolve_cache_dir`): the ``extract.onnx_cache``
+param (a folder, ``auto`` or ``none``), else ``$FEATCACHE_CACHE_DIR/onnx``,
+else ``$XDG_CACHE_HOME/featcache/onnx`` (``~/.cache/featcache/onnx``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import featcache
+from featcache.extract.onnx.format import DEFAULT_OPSET, EXPORT_CODE_VERSION, resolve_exporter
+from featcache.extract.zoo.registry import BackboneSpec
+from featcache.store.lock import FileLock
+from featcache.store.schema import canonical_json
+
+if TYPE_CHECKING:
+    import torch
+
+    from featcache.extract.runners.torch_runner import TorchFeatureExtractor
+
+__all__ = ["CACHE_ENV", "cache_key", "cached_export", "default_cache_dir", "entry_path", "file_sha256_hex", "lookup",
+           "resolve_cache_dir", "source_key", "state_sha256"]
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable naming featcache's cache root (ONNX exports go to its ``onnx/`` folder).
+CACHE_ENV = "FEATCACHE_CACHE_DIR"
+
+#: Seconds to wait for another process exporting the same key.
+LOCK_TIMEOUT = 1800.0
+
+
+def default_cache_dir() -> Path:
+    """``$FEATCACHE_CACHE_DIR/onnx``, else ``$XDG_CACHE_HOME/featcache/onnx`` (default ``~/.cache``)."""
+    root = os.environ.get(CACHE_ENV)
+    if root:
+        return Path(root).expanduser() / "onnx"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "featcache" / "onnx"
+
+
+def resolve_cache_dir(setting: str | os.PathLike[str] | None) -> Path | None:
+    """The cache folder of an ``extract.onnx_cache`` setting.
+
+    Parameters
+    ----------
+    setting : str, path-like or None
+        ``"auto"``: :func:`default_cache_dir`; ``"none"`` or None: no cache
+        (returns None); anything else: that folder.
+    """
+    if setting is None or str(setting) == "none":
+        return None
+    if str(setting) == "auto":
+        return default_cache_dir()
+    return Path(setting).expanduser()
+
+
+def state_sha256(module: torch.nn.Module) -> str:
+    """sha256 of a module's state dict: every name, dtype, shape and byte, in name order."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def file_sha256_hex(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    """sha256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions(spec: BackboneSpec) -> dict[str, str]:
+    """Versions of what builds and exports the graph (read from package metadata: nothing is imported)."""
+    version = importlib.metadata.version
+    return {
+        "torch_version": version("torch").split("+")[0],
+        "onnx_version": version("onnx"),
+        "model_library": f"{spec.family} {version(spec.family)}",
+        "featcache_version": featcache.__version__,
+        "export_code_version": str(EXPORT_CODE_VERSION),
+    }
+
+
+def source_key(spec: BackboneSpec, weights_sha256: str, layers: Sequence[str], pooling: str,
+               input_size: int | None, opset: int, exporter: str) -> dict[str, Any]:
+    """The key of an export of weights read from a file, computed without building the model.
+
+    Parameters
+    ----------
+    spec : BackboneSpec
+        The registry entry.
+    weights_sha256 : str
+        sha256 of the weights file (:class:`~featcache.extract.zoo.weights.WeightsSource`); not empty.
+    layers : sequence of str
+        Aliases or raw node names, in output order (``default`` allowed).
+    pooling : str
+    input_size : int or None
+        None: the registry's.
+    opset : int
+    exporter : {"auto", "dynamo", "torchscript"}
+
+    Returns
+    -------
+    dict
+        JSON-serialisable fields; their canonical JSON's sha256 names the entry.
+    """
+    if not weights_sha256:
+        raise ValueError(f"source_key needs the sha256 of a weights file for {spec.name!r}, got "
+                         f"{weights_sha256!r}. Hint: use cache_key with the built model for random weights.")
+    requested = [spec.default_layer if layer == "default" else str(layer) for layer in layers]
+    return {
+        "backbone": spec.name,
+        "weights_file_sha256": weights_sha256,
+        "layers": [{"layer": layer, "node": spec.layers[layer].node if layer in spec.layers else layer}
+                   for layer in requested],
+        "pooling": pooling,
+        "input_size": int(input_size or spec.input_size),
+        "opset": int(opset),
+        "exporter": resolve_exporter(exporter, opset),
+        **_versions(spec),
+    }
+
+
+def cache_key(extractor: TorchFeatureExtractor, opset: int, input_size: int | None, exporter: str) -> dict[str, Any]:
+    """The key of an export of a model in hand: every input that changes the graph it writes.
+
+    Returns
+    -------
+    dict
+        JSON-serialisable fields; their canonical JSON's sha256 names the entry.
+    """
+    size = int(input_size or extractor.spec.input_size)
+    return {
+        "backbone": extractor.spec.name,
+        "weights_sha256": state_sha256(extractor.module),
+        "layers": [dataclasses.asdict(spec) for spec in extractor.layer_specs(size)],
+        "pooling": extractor.pooling,
+        "input_size": size,
+        "opset": int(opset),
+        "exporter": resolve_exporter(exporter, opset),
+        **_versions(extractor.spec),
+    }
+
+
+def entry_path(cache_dir: str | os.PathLike[str], key: dict[str, Any]) -> Path:
+    """The ``.onnx`` file of a :func:`cache_key` in ``cache_dir``: ``<backbone>-<sha256 of the key>.onnx``."""
+    digest = hashlib.sha256(canonical_json(key).encode()).hexdigest()[:24]
+    return Path(cache_dir) / f"{key['backbone']}-{digest}.onnx"
+
+
+def _verified(path: Path, sidecar: Path) -> str | None:
+    """The entry's sha256 if its file matches its sidecar; None (logged) if it is missing or corrupt."""
+    if not path.is_file() and not sidecar.is_file():
+        return None
+    try:
+        expected = json.loads(sidecar.read_text(encoding="utf-8"))["sha256"]
+        actual = file_sha256_hex(path)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        logger.warning("ONNX cache entry %s is unreadable (%s: %s); rebuilding it.", path, type(error).__name__, error)
+        return None
+    if actual != expected:
+        logger.warning("ONNX cache entry %s is corrupt or truncated (sha256 %s..., sidecar says %s...); rebuilding it.",
+                       path, actual[:12], str(expected)[:12])
+        return None
+    return actual
+
+
+def lookup(cache_dir: str | os.PathLike[str], key: dict[str, Any]) -> tuple[Path, str] | None:
+    """The verified entry of ``key`` (path, sha256), or None when it is missing or corrupt (logged)."""
+    path = entry_path(cache_dir, key)
+    sha = _verified(path, path.with_name(path.name + ".json"))
+    if sha is None:
+        return None
+    logger.info("ONNX export cache hit: %s", path)
+    return path, sha
+
+
+def cached_export(extractor: TorchFeatureExtractor, cache_dir: str | os.PathLike[str],
+                  opset: int = DEFAULT_OPSET, input_size: int | None = None, *,
+                  exporter: str = "auto", key: dict[str, Any] | None = None) -> tuple[Path, str]:
+    """Export ``extractor`` to ONNX through the cache: reuse a verified entry, else export and publish one.
+
+    Parameters
+    ----------
+    extractor : TorchFeatureExtractor
+        As for :func:`~featcache.extract.onnx.export.export_onnx`.
+    cache_dir : path-like
+        The cache folder (created if missing).
+    opset, input_size, exporter
+        As for :func:`~featcache.extract.onnx.export.export_onnx`.
+    key : dict, optional
+        The entry's key: the caller's :func:`source_key` of the same export;
+        default :func:`cache_key` of ``extractor``.
+
+    Returns
+    -------
+    path : Path
+        The cached ``.onnx`` file (read it, do not modify it).
+    sha256 : str
+        Its sha256 (hex), verified against the sidecar.
+    """
+    from featcache.extract.onnx.export import export_onnx
+
+    key = cache_key(extractor, opset, input_size, exporter) if key is None else key
+    path = entry_path(cache_dir, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = path.with_name(path.name + ".json")
+    if (hit := lookup(cache_dir, key)) is not None:
+        return hit
+    with FileLock(path.with_name(path.name + ".lock"), timeout=LOCK_TIMEOUT):
+        if (sha := _verified(path, sidecar)) is not None:  # another process published it meanwhile
+            return path, sha
+        partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            export_onnx(extractor, partial, opset=opset, input_size=input_size, exporter=exporter)
+            sha = file_sha256_hex(partial)
+            partial_sidecar = partial.with_name(partial.name + ".json")
+            partial_sidecar.write_text(json.dumps({"sha256": sha, "key": key}, indent=1, sort_keys=True) + "\n",
+                                       encoding="utf-8")
+            os.replace(partial, path)
+            os.replace(partial_sidecar, sidecar)
+        finally:
+            partial.unlink(missing_ok=True)
+            partial.with_name(partial.name + ".json").unlink(missing_ok=True)
+    logger.info("ONNX export cached: %s", path)
+    return path, sha

@@ -1,0 +1,255 @@
+"""Torch feature extractor: many named layers in one truncated forward pass.
+
+The model is traced with torch.fx (torchvision's ``create_feature_extractor``,
+with timm's leaf modules for timm models), so the graph ends at the deepest
+requested node and nothing after it runs. In-place operations are rewritten to
+their out-of-place forms, so a pre-activation node and its in-place ReLU can be
+requested together and both come back correct.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import operator
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import fx, nn
+from torch.nn import functional as F
+
+from featcache.extract.zoo.registry import BackboneSpec, LayerAlias, resolve_layer
+from featcache.store.schema import POOLINGS
+from featcache.store.writer import LayerSpec
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish)
+
+__all__ = ["TorchFeatureExtractor", "graph_node_names", "make_inplace_safe", "pool_features"]
+
+logger = logging.getLogger(__name__)
+
+_INPLACE_OPERATORS = {
+    operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+    operator.itruediv: operator.truediv, operator.iand: operator.and_, operator.ior: operator.or_,
+}
+
+
+def _fx_functions(spec: BackboneSpec):
+    if spec.family == "timm":
+        from timm.models._features_fx import create_feature_extractor, get_graph_node_names
+    else:
+        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    return create_feature_extractor, get_graph_node_names
+
+
+def graph_node_names(model: nn.Module, spec: BackboneSpec) -> list[str]:
+    """Node names of the model's eval-mode graph (what raw layer names may use)."""
+    _, get_names = _fx_functions(spec)
+    return get_names(model)[1]
+
+
+def make_inplace_safe(module: nn.Module) -> int:
+    """Rewrite in-place operations of a traced module to out-of-place ones.
+
+    Sets ``inplace=False`` on every submodule that has the flag, replaces
+    ``operator.iadd``-style calls and ``tensor.relu_()``-style methods and
+    ``inplace=True`` keyword arguments in the FX graph. The out-of-place
+    form returns a new tensor, so later operations that read the mutated
+    input are pointed at that new tensor (as they saw the mutated value
+    before); the graph outputs keep the value at the node they name.
+
+    Returns
+    -------
+    int
+        Number of rewritten operations (for logging and tests).
+    """
+    count = 0
+    was_inplace = set()
+    for name, sub in module.named_modules():
+        if getattr(sub, "inplace", False) is True:
+            sub.inplace = False
+            was_inplace.add(name)
+            count += 1
+    if isinstance(module, fx.GraphModule):
+        order = {node: index for index, node in enumerate(module.graph.nodes)}
+        for node in list(module.graph.nodes):
+            rewritten = node.op == "call_module" and node.target in was_inplace
+            if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
+                node.target = _INPLACE_OPERATORS[node.target]
+                count += 1
+                rewritten = True
+            elif node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_") \
+                    and hasattr(torch.Tensor, node.target[:-1]):
+                node.target = node.target[:-1]
+                count += 1
+                rewritten = True
+            if node.kwargs.get("inplace") is True:
+                node.kwargs = {**node.kwargs, "inplace": False}
+                count += 1
+                rewritten = True
+            if rewritten and node.args and isinstance(node.args[0], fx.Node):
+                mutated = node.args[0]
+                for user in list(mutated.users):
+                    if user.op != "output" and order[user] > order[node]:
+                        user.replace_input_with(mutated, node)
+        module.recompile()
+    return count
+
+
+def pool_features(activation: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool a (B, C, H, W) map to (B, D); flatten anything else to (B, D).
+
+    Parameters
+    ----------
+    activation : torch.Tensor
+        (B, C, H, W) conv map or (B, D) vector.
+    pooling : str
+        ``avg`` / ``max`` (D = C), ``avg2x2`` (D = 4C, a 2x2 spatial pyramid
+        level) or ``none`` (D = C*H*W).
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling {pooling!r} is not one of {POOLINGS}.")
+    if activation.ndim == 4:
+        if pooling == "avg":
+            activation = activation.mean(dim=(2, 3))
+        elif pooling == "max":
+            activation = activation.amax(dim=(2, 3))
+        elif pooling == "avg2x2":
+            activation = F.adaptive_avg_pool2d(activation, 2)
+    return activation.flatten(1)
+
+
+class TorchFeatureExtractor:
+    """Extract several layers of a backbone in one truncated forward pass.
+
+    The model is deep-copied, so the caller's model (and its train/eval
+    state) is never changed.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The backbone, e.g. from :func:`featcache.extract.zoo.weights.load_backbone`.
+    spec : BackboneSpec
+        Its registry entry.
+    layers : sequence of str
+        Aliases or raw graph node names; ``"default"`` means the registry default.
+    pooling : str
+        Pooling of conv maps, one of :data:`featcache.store.schema.POOLINGS`.
+    device : str or torch.device
+        Where the forward runs.
+    channels_last : bool
+        Use the NHWC memory format (faster convolutions on CPU and GPU).
+    autocast : str or None
+        ``"bf16"`` or ``"fp16"`` to run under ``torch.autocast``; None for float32.
+    """
+
+    def __init__(self, model: nn.Module, spec: BackboneSpec, layers: Sequence[str], pooling: str = "avg",
+                 device: str | torch.device = "cpu", channels_last: bool = True, autocast: str | None = None) -> None:
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r} is not one of {POOLINGS}. Hint: 'avg' keeps one value per channel.")
+        if not layers:
+            raise ValueError("No layers requested. Hint: use ['default'] for the penultimate layer.")
+        if autocast not in (None, "bf16", "fp16"):
+            raise ValueError(f"autocast {autocast!r} is not one of None, 'bf16', 'fp16'.")
+        self.spec = spec
+        self.pooling = pooling
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        self.autocast = autocast
+        create, _ = _fx_functions(spec)
+        work = copy.deepcopy(model).eval()
+        nodes = graph_node_names(work, spec)
+        self.aliases: dict[str, tuple[str, LayerAlias | None]] = {}
+        for layer in layers:
+            name = spec.default_layer if layer == "default" else layer
+            if name in self.aliases:
+                continue
+            self.aliases[name] = resolve_layer(spec.name, name, nodes)
+        modules = dict(work.named_modules())
+        self._post_relu = {
+            name: alias.post_relu if alias is not None else isinstance(modules.get(node), _ACTIVATIONS)
+            for name, (node, alias) in self.aliases.items()
+        }
+        return_nodes = {node: name for name, (node, _) in self.aliases.items()}
+        if len(return_nodes) != len(self.aliases):
+            raise ValueError(f"Two requested layers map to the same node: {layers}.")
+        self.module = create(work, return_nodes=return_nodes).eval()
+        n_rewritten = make_inplace_safe(self.module)
+        logger.debug("Rewrote %d in-place operations of %s", n_rewritten, spec.name)
+        self.module.to(self.device)
+        if channels_last:
+            self.module.to(memory_format=torch.channels_last)
+        self._map_shapes: dict[str, tuple[int, ...]] | None = None
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where the engine should put (and normalise) input batches: the forward's device."""
+        return self.device
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Requested layer names, in request order (aliases or raw nodes)."""
+        return list(self.aliases)
+
+    def _autocast_context(self) -> contextlib.AbstractContextManager:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    @torch.inference_mode()
+    def forward_raw(self, batch: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
+        """Raw (unpooled) activations, layer name -> (B, ...) float32 tensor (a numpy batch is wrapped, not copied)."""
+        if isinstance(batch, np.ndarray):
+            batch = torch.from_numpy(batch)
+        batch = batch.to(self.device, non_blocking=True)
+        if self.channels_last and batch.ndim == 4:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with self._autocast_context():
+            outputs = self.module(batch)
+        return {name: outputs[name].float() for name in self.aliases}
+
+    @torch.inference_mode()
+    def __call__(self, batch: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
+        """Pooled features of a batch.
+
+        Parameters
+        ----------
+        batch : torch.Tensor or numpy.ndarray
+            (B, 3, H, W) normalised images.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            Layer name -> (B, D) float32 array.
+        """
+        return {name: value.cpu().numpy() for name, value in self.forward_pooled(batch).items()}
+
+    @torch.inference_mode()
+    def forward_pooled(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Like :meth:`__call__`, but the (B, D) float32 tensors stay on :attr:`device` (asynchronous on CUDA)."""
+        raw = self.forward_raw(batch)
+        if self._map_shapes is None:
+            self._map_shapes = {name: tuple(value.shape[1:]) for name, value in raw.items()}
+        return {name: pool_features(value, self.pooling) for name, value in raw.items()}
+
+    def layer_specs(self, input_size: int | None = None) -> list[LayerSpec]:
+        """Describe each output (node, dim, pooling, map shape) by one dummy forward.
+
+        Returns
+        -------
+        list of featcache.store.LayerSpec
+        """
+        size = input_size or self.spec.input_size
+        raw = self.forward_raw(torch.zeros(1, 3, size, size))
+        specs = []
+        for name, value in raw.items():
+            node, alias = self.aliases[name]
+            pooled = pool_features(value, self.pooling)
+            pooling = self.pooling if value.ndim == 4 else "none"
+            post_relu = self._post_relu[name]
+            specs.append(LayerSpec(alias=name, node=node, dim=int(pooled.shape[1]), pooling=pooling,
+                                   map_shape=tuple(int(v) for v in value.shape[1:]), post_relu=post_relu))
+        return specs

@@ -1,0 +1,164 @@
+"""Manifest: validation, CSV round trip, content hash, deterministic stratified splits."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featcache.extract.inputs.manifest import Manifest, ManifestError, assign_splits
+from featcache.store.schema import SPLIT_CODES
+
+TRAIN, VAL, TEST = (SPLIT_CODES[s] for s in ("train", "val", "test"))
+RATIOS = {"train": 0.7, "val": 0.15, "test": 0.15}
+
+
+def _classification(root: Path, ids=("a/1.png", "a/2.png", "b/1.png"), splits=(0, 1, 2), labels=(0, 0, 1)):
+    return Manifest(list(ids), list(ids), np.array(splits, dtype=np.uint8), "classification",
+                    labels=np.array(labels, dtype=np.int64), classes=["a", "b"], root=root)
+
+
+# --------------------------------------------------------------- validation
+def test_duplicate_ids_are_rejected_by_name(tmp_path):
+    with pytest.raises(ManifestError, match=r"Duplicate ids.*'a/1.png'"):
+        _classification(tmp_path, ids=("a/1.png", "a/1.png", "b/1.png"))
+
+
+def test_unsorted_ids_are_rejected(tmp_path):
+    with pytest.raises(ManifestError, match="sorted"):
+        _classification(tmp_path, ids=("b/1.png", "a/1.png", "a/2.png"))
+
+
+def test_lengths_and_annotations_are_checked(tmp_path):
+    with pytest.raises(ManifestError, match="same length"):
+        Manifest(["a", "b"], ["a"], np.zeros(2, np.uint8), labels=np.zeros(2, np.int64))
+    with pytest.raises(ManifestError, match="label"):
+        Manifest(["a", "b"], ["a", "b"], np.zeros(2, np.uint8))
+    with pytest.raises(ManifestError, match="target"):
+        Manifest(["a", "b"], ["a", "b"], np.zeros(2, np.uint8), task="regression")
+    with pytest.raises(ManifestError, match="task"):
+        Manifest(["a"], ["a"], np.zeros(1, np.uint8), task="ranking", labels=np.zeros(1, np.int64))
+
+
+def test_sorted_reorders_every_column(tmp_path):
+    manifest = Manifest.sorted(["c", "a", "b"], ["pc", "pa", "pb"], np.array([2, 0, 1]), task="regression",
+                               targets=np.array([3.0, 1.0, 2.0]), root=tmp_path)
+    assert manifest.ids == ["a", "b", "c"] and manifest.paths == ["pa", "pb", "pc"]
+    np.testing.assert_array_equal(manifest.splits, [0, 1, 2])
+    np.testing.assert_array_equal(manifest.targets, [1.0, 2.0, 3.0])
+    assert manifest.splits.dtype == np.uint8
+    assert manifest.split_counts() == {"train": 1, "val": 1, "test": 1}
+    assert manifest.absolute_path(0) == (tmp_path / "pa").resolve()
+
+
+# -------------------------------------------------------------------- CSV I/O
+def test_csv_text():
+    manifest = _classification(Path("."))
+    assert manifest.to_csv_text() == (
+        "id,path,split,label,target\n"
+        "a/1.png,a/1.png,train,a,\n"
+        "a/2.png,a/2.png,val,a,\n"
+        "b/1.png,b/1.png,test,b,\n"
+    )
+
+
+def test_write_read_round_trip_relative_to_the_manifest(tmp_path):
+    images = tmp_path / "data" / "images"
+    manifest = _classification(images)
+    out = manifest.write(tmp_path / "prepared" / "manifest.csv")
+    assert out == tmp_path / "prepared" / "manifest.csv"
+    assert not out.with_name("manifest.csv.partial").exists()
+    with open(out, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["path"] for r in rows] == ["../data/images/a/1.png", "../data/images/a/2.png", "../data/images/b/1.png"]
+    again = Manifest.read(out)
+    assert again.ids == manifest.ids and again.classes == manifest.classes
+    np.testing.assert_array_equal(again.labels, manifest.labels)
+    np.testing.assert_array_equal(again.splits, manifest.splits)
+    assert again.task == "classification" and again.targets is None
+    assert [again.absolute_path(i) for i in range(3)] == [manifest.absolute_path(i) for i in range(3)]
+    # Written next to the images, the paths stay plain relative paths.
+    local = manifest.write(images / "manifest.csv")
+    assert Manifest.read(local).paths == manifest.paths
+
+
+def test_read_with_explicit_classes_keeps_their_order(tmp_path):
+    path = _classification(tmp_path).write(tmp_path / "m.csv")
+    again = Manifest.read(path, classes=["b", "a", "c"])
+    assert again.classes == ["b", "a", "c"]
+    np.testing.assert_array_equal(again.labels, [1, 1, 0])
+
+
+def test_regression_round_trip(tmp_path):
+    targets = np.array([0.1, -2.5, 1e-17, 3.0])
+    manifest = Manifest(["w", "x", "y", "z"], ["w.png", "x.png", "y.png", "z.png"],
+                        np.array([0, 0, 1, 2], np.uint8), "regression", targets=targets, root=tmp_path)
+    again = Manifest.read(manifest.write(tmp_path / "sub" / "m.csv"))
+    assert again.task == "regression" and again.labels is None and again.classes == []
+    np.testing.assert_array_equal(again.targets, targets)  # repr() round-trips floats exactly
+    assert again.absolute_path(1) == (tmp_path / "x.png").resolve()
+
+
+def test_read_empty_manifest(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text("id,path,split,label,target\n")
+    with pytest.raises(ManifestError, match="no rows"):
+        Manifest.read(path)
+
+
+def test_sha256_tracks_content(tmp_path):
+    base = _classification(tmp_path)
+    assert base.sha256() == _classification(tmp_path / "elsewhere").sha256()  # the root is not content
+    assert base.sha256() != _classification(tmp_path, splits=(0, 0, 2)).sha256()
+    assert base.sha256() != _classification(tmp_path, labels=(0, 1, 1)).sha256()
+    assert len(base.sha256()) == 64
+
+
+# -------------------------------------------------------------- assign_splits
+def _check_counts(splits: np.ndarray, n: int, ratios: dict) -> None:
+    for name, code in SPLIT_CODES.items():
+        exact = ratios.get(name, 0.0) * n
+        count = int((splits == code).sum())
+        assert math.floor(exact) <= count <= math.ceil(exact), (name, count, exact)
+
+
+def test_assign_splits_is_deterministic_and_seeded():
+    first = assign_splits(100, RATIOS, seed=0)
+    assert first.dtype == np.uint8 and first.shape == (100,)
+    np.testing.assert_array_equal(first, assign_splits(100, RATIOS, seed=0))
+    assert not np.array_equal(first, assign_splits(100, RATIOS, seed=1))
+    assert set(np.unique(first)) == {TRAIN, VAL, TEST}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 10, 33, 101])
+def test_assign_splits_largest_remainder(n):
+    splits = assign_splits(n, RATIOS, seed=3)
+    _check_counts(splits, n, RATIOS)
+    assert np.bincount(splits, minlength=3).sum() == n
+
+
+def test_largest_remainder_example():
+    # 10 x (0.7, 0.15, 0.15) = (7, 1.5, 1.5): floors (7, 1, 1), the one left over goes to the first tie (val).
+    np.testing.assert_array_equal(np.bincount(assign_splits(10, RATIOS, 0), minlength=3), [7, 2, 1])
+    np.testing.assert_array_equal(np.bincount(assign_splits(10, {"train": 0.8, "val": 0.0, "test": 0.2}, 0),
+                                              minlength=3), [8, 0, 2])
+
+
+def test_assign_splits_is_stratified():
+    strata = np.repeat(np.arange(4), [10, 20, 7, 3])
+    np.random.default_rng(0).shuffle(strata)
+    splits = assign_splits(len(strata), RATIOS, seed=5, strata=strata)
+    for group in range(4):
+        members = splits[strata == group]
+        _check_counts(members, len(members), RATIOS)
+    # Without strata the classes are not balanced per split in general; with them they always are.
+    assert np.array_equal(splits, assign_splits(len(strata), RATIOS, seed=5, strata=strata))
+    assert not np.array_equal(splits, assign_splits(len(strata), RATIOS, seed=6, strata=strata))
+
+
+def test_assign_splits_val_zero():
+    splits = assign_splits(20, {"train": 0.75, "test": 0.25}, seed=0)
+    np.testing.assert_array_equal(np.bincount(splits, minlength=3), [15, 0, 5])
