@@ -11,9 +11,10 @@ not depend on them), on ``--images`` generated 500x375 JPEGs (written by a
 process pool on the machine), batch 256, channels_last, fp16 autocast on CUDA:
 
 forward     pure forward of a random batch already on the device (the ceiling)
-cpu-decode  featcache ``extract_to_store``: PIL decode in DataLoader workers (the CPU path), HDF5 store
-gpu-decode  featcache ``extract_to_store`` fed by batched device JPEG decode (``extract.gpu_decode``), HDF5
-            store: what the extract stage runs with ``extract.decode: gpu``
+cpu-decode  featcache ``extract_to_store`` with the plan of ``extract.decode: cpu``: PIL decode in DataLoader
+            workers, HDF5 store
+gpu-decode  featcache ``extract_to_store`` with the plan of ``extract.decode: gpu`` (``auto`` on CUDA): batched
+            device JPEG decode, HDF5 store: what the extract stage runs
 peer        plain torchvision ``ImageFolder`` + ``DataLoader(--workers)`` + FX (timm: pooled
             ``forward``), float32 tensors, features copied to the host, as a user writes it
 
@@ -38,11 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from featcache.extract.engine import extract_to_store
-from featcache.extract.decode.device import iter_device_batches
 from featcache.extract.decode.decoders import gpu_decode_status
-from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.decode.device import iter_device_batches
 from featcache.extract.decode.preprocess import Preprocessor
+from featcache.extract.engine import extract_to_store
+from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.plan import ExtractionPlan, build_runner, plan_extraction
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.extract.zoo.weights import load_backbone
 
@@ -95,23 +97,18 @@ def bench_forward(runner: TorchFeatureExtractor, size: int, batch: int, device: 
     return count / (time.perf_counter() - started)
 
 
-def run_cpu_decode(manifest, runner, preprocess, work: Path, args) -> None:
-    out = work / "cpu.h5"
-    extract_to_store(manifest, runner, preprocess, out, config={"bench": "cpu-decode"}, batch_size=args.batch_size,
-                     num_workers=args.workers, block_rows=1024, pin_memory=args.device.startswith("cuda"),
+def plan_for(args, decode: str) -> ExtractionPlan:
+    """The plan the extract stage makes for these settings (torch, ``--device``, fp16 on CUDA with ``--fp16``)."""
+    return plan_extraction(device=args.device, backend="torch", autocast="fp16" if args.fp16 else "none",
+                           decode=decode, num_workers=args.workers)
+
+
+def run_extract(manifest, runner, preprocess, work: Path, args, decode: str) -> None:
+    """What the extract stage runs with ``extract.decode: <decode>``: the plan's loader through the engine's loop."""
+    out = work / f"{decode}.h5"
+    extract_to_store(manifest, runner, preprocess, out, plan=plan_for(args, decode),
+                     config={"bench": f"{decode}-decode"}, batch_size=args.batch_size, block_rows=1024,
                      progress=False)
-    out.unlink()
-
-
-def run_gpu_decode(manifest, runner, preprocess, work: Path, args, background: bool | None = None) -> None:
-    """What the extract stage runs with ``extract.decode: gpu``: device batches through the engine's loop."""
-    def device_batches(rows, batch_size):
-        return iter_device_batches(manifest, rows, preprocess=preprocess, device=args.device,
-                                   batch_size=batch_size, num_workers=args.workers, background=background)
-
-    out = work / "gpu.h5"
-    extract_to_store(manifest, runner, preprocess, out, config={"bench": "gpu-decode"}, batch_size=args.batch_size,
-                     num_workers=args.workers, block_rows=1024, progress=False, loader_factory=device_batches)
     out.unlink()
 
 
@@ -175,18 +172,15 @@ def _timed(fn, n_images: int, repeats: int, device: str) -> dict[str, float]:
 def bench_backbone(name: str, manifest: Manifest, root: Path, work: Path, args) -> dict[str, dict]:
     loaded = load_backbone(name, "random")
     preprocess = Preprocessor.from_spec(loaded.spec, input_size=args.input_size)
-    autocast = "fp16" if args.fp16 else None
-    runner = TorchFeatureExtractor(loaded.model, loaded.spec, ["default"], device=args.device,
-                                   channels_last=True, autocast=autocast)
+    runner, _ = build_runner(loaded, ["default"], plan_for(args, "gpu"), channels_last=True)
     size, n = preprocess.input_size, len(manifest)
     results = {"forward": {"img_per_s": bench_forward(runner, size, args.batch_size, args.device, args.seconds)}}
     print(f"  {name} forward: {results['forward']['img_per_s']:,.0f} img/s", flush=True)
     cases = {
-        "cpu-decode": lambda: run_cpu_decode(manifest, runner, preprocess, work, args),
-        "gpu-decode": lambda: run_gpu_decode(manifest, runner, preprocess, work, args, background=True),
-        "gpu-decode-inline": lambda: run_gpu_decode(manifest, runner, preprocess, work, args, background=False),
+        "cpu-decode": lambda: run_extract(manifest, runner, preprocess, work, args, "cpu"),
+        "gpu-decode": lambda: run_extract(manifest, runner, preprocess, work, args, "gpu"),
         "gpu-decode-si": lambda: _with_switch_interval(
-            5e-4, lambda: run_gpu_decode(manifest, runner, preprocess, work, args, background=True)),
+            5e-4, lambda: run_extract(manifest, runner, preprocess, work, args, "gpu")),
     }
     net = _peer_model(name, loaded.model, args.device)
     cases["peer"] = lambda: run_peer(name, net, preprocess, root, args)
@@ -220,8 +214,7 @@ def breakdown(name: str, manifest: Manifest, args) -> dict[str, float]:
 
     loaded = load_backbone(name, "random")
     preprocess = Preprocessor.from_spec(loaded.spec, input_size=args.input_size)
-    runner = TorchFeatureExtractor(loaded.model, loaded.spec, ["default"], device=args.device,
-                                   channels_last=True, autocast="fp16" if args.fp16 else None)
+    runner, _ = build_runner(loaded, ["default"], plan_for(args, "gpu"), channels_last=True)
     dataset = DeviceDecodeDataset(manifest, preprocess)
     decoder = select_decoder(args.device)
     rows = list(range(len(manifest)))
@@ -263,10 +256,9 @@ def device_name(device: str) -> str:
 
 
 def markdown(report: dict) -> str:
-    rows = ["forward", "cpu-decode", "gpu-decode", "gpu-decode-inline", "gpu-decode-si", "peer"]
+    rows = ["forward", "cpu-decode", "gpu-decode", "gpu-decode-si", "peer"]
     labels = {"forward": "pure forward (random on-device batch)", "cpu-decode": "featcache CPU decode, end to end",
               "gpu-decode": "featcache GPU decode, end to end (decode thread)",
-              "gpu-decode-inline": "featcache GPU decode, end to end (decode inline)",
               "gpu-decode-si": "featcache GPU decode, end to end (decode thread, 0.5 ms switch interval)",
               "peer": f"plain ImageFolder + DataLoader({report['workers']} workers) + FX"}
     names = list(report["results"])

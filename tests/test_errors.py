@@ -16,7 +16,7 @@ from featcache.extract.onnx.parity import ParityError
 from featcache.extract.zoo.registry import UnknownNameError
 from featcache.extract.zoo.weights import WeightsNotFoundError
 from featcache.pipeline.cli import main
-from featcache.pipeline.config import ConfigError
+from featcache.pipeline.params.base import ConfigError
 from featcache.store.errors import StaleStoreError, StoreError, StoreLockedError, StoreNotFoundError
 
 USER_ERRORS = [ConfigError, ManifestError, UnknownNameError, WeightsNotFoundError, ExtractionError, StoreError,

@@ -38,6 +38,7 @@ from featcache.extract.zoo.registry import IMAGENET_MEAN, IMAGENET_STD
 from featcache.extract.inputs.sources import from_csv, from_folder
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.store import FeatureStore
+from featcache.extract.plan import plan_extraction
 
 from _support.files import md5
 
@@ -156,7 +157,8 @@ def runner(random_backbone):
 
 
 def _extract(manifest, runner, out, **kwargs):
-    kwargs.setdefault("num_workers", 0)
+    num_workers = kwargs.pop("num_workers", 0)
+    kwargs.setdefault("plan", plan_extraction(device="cpu", backend="torch", num_workers=num_workers))
     kwargs.setdefault("batch_size", 4)
     kwargs.setdefault("block_rows", 4)
     kwargs.setdefault("progress", False)
@@ -314,7 +316,9 @@ def test_max_image_pixels_none_disables_the_guard(tmp_path, monkeypatch):
 
 
 def test_max_image_pixels_param(tmp_path):
-    from featcache.pipeline.config import ConfigError, extraction_config, parse_params
+    from featcache.pipeline.config import parse_params
+    from featcache.pipeline.params.base import ConfigError
+    from featcache.pipeline.params.extract import extraction_config
 
     default = parse_params({})
     assert default.extract.max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS == 89_478_485
@@ -510,7 +514,9 @@ def test_more_bad_than_max_bad_fraction_fails_then_a_higher_limit_finalizes_with
 
 
 def test_max_bad_fraction_param_is_not_in_the_config_hash():
-    from featcache.pipeline.config import ConfigError, extraction_config, parse_params
+    from featcache.pipeline.config import parse_params
+    from featcache.pipeline.params.base import ConfigError
+    from featcache.pipeline.params.extract import extraction_config
 
     assert parse_params({}).extract.max_bad_fraction == 0.5
     raised = parse_params({"extract": {"max_bad_fraction": 0.9}})

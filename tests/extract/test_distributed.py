@@ -22,6 +22,10 @@ from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.sources import from_folder
 from featcache.store.schema import sha256_text
 from featcache.store.writer import LayerSpec, StoreWriter
+from featcache.extract.plan import plan_extraction
+
+#: One process decodes (the default loader of a runner on the CPU).
+CPU_PLAN = plan_extraction(device="cpu", backend="torch", num_workers=0)
 
 from _support.files import md5
 
@@ -92,7 +96,7 @@ def client():
 
 def _single(manifest, out, *, batch_size=4, block_rows=4, on_error="skip"):
     return extract_to_store(manifest, SPEC.build(), PREPROCESS, out, config=CONFIG, attrs=ATTRS,
-                            block_rows=block_rows, batch_size=batch_size, num_workers=0, on_error=on_error,
+                            block_rows=block_rows, batch_size=batch_size, plan=CPU_PLAN, on_error=on_error,
                             progress=False)
 
 
@@ -222,7 +226,7 @@ def test_resume_after_single_process_crash(client, manifest, tmp_path):
 
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract_to_store(manifest, CrashingRunner(), PREPROCESS, out, config=CONFIG, attrs=ATTRS, block_rows=4,
-                         batch_size=4, num_workers=0, progress=False)
+                         batch_size=4, plan=CPU_PLAN, progress=False)
     parts = sorted(p.name for p in (out.parent / f"{out.name}.parts").rglob("block-*.npz"))
     assert parts == ["block-000000.npz", "block-000001.npz"]
     assert not out.exists()
@@ -314,15 +318,15 @@ ONNX_SPEC = RunnerSpec(backend="onnx", backbone="resnet18", weights="random", la
 @pytest.mark.slow  # each worker exports the model to ONNX: minutes on a shared 2-core machine
 def test_onnx_workers_are_byte_identical_to_a_single_onnx_process(client, clean_manifest, tmp_path):
     """The dask path runs onnxruntime too (the CPU's auto pick): same bytes as one process, same threads."""
-    from featcache.extract.backends import build_runner
+    from featcache.extract.plan import build_runner, plan_extraction
     from featcache.extract.zoo.weights import load_backbone
 
     loaded = load_backbone("resnet18", "random")
-    runner, _ = build_runner(loaded, ["default", "layer3"], backend="onnx",
+    runner, _ = build_runner(loaded, ["default", "layer3"], plan_extraction(device="cpu", backend="onnx"),
                              input_size=PREPROCESS.input_size, intra_op_threads=1)
     attrs = {**ATTRS, "backend": "onnx", "provider": "CPUExecutionProvider"}
     reference = extract_to_store(clean_manifest, runner, PREPROCESS, tmp_path / "single.h5", config=CONFIG,
-                                 attrs=attrs, block_rows=4, batch_size=4, num_workers=0, progress=False)
+                                 attrs=attrs, block_rows=4, batch_size=4, plan=CPU_PLAN, progress=False)
     report = extract_distributed(clean_manifest, ONNX_SPEC, PREPROCESS, tmp_path / "dask.h5", config=CONFIG,
                                  attrs=attrs, block_rows=4, batch_size=4, client=client, progress=False)
     _assert_same_bytes(report.path, reference.path)

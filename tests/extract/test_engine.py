@@ -21,6 +21,7 @@ from featcache.extract.decode.preprocess import Preprocessor, load_rgb
 from featcache.extract.zoo.registry import IMAGENET_MEAN, IMAGENET_STD
 from featcache.extract.inputs.sources import from_folder
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
+from featcache.extract.plan import plan_extraction
 
 from _support.files import md5, write_image_folder
 
@@ -59,7 +60,8 @@ def runner(random_backbone):
 
 
 def _extract(manifest, runner, out, **kwargs):
-    kwargs.setdefault("num_workers", 0)
+    num_workers = kwargs.pop("num_workers", 0)
+    kwargs.setdefault("plan", plan_extraction(device="cpu", backend="torch", num_workers=num_workers))
     kwargs.setdefault("batch_size", 2)
     kwargs.setdefault("block_rows", 4)
     kwargs.setdefault("progress", False)

@@ -25,7 +25,7 @@ def shipped_backend() -> str:
     """
     import yaml
 
-    from featcache.pipeline.config import ExtractParams
+    from featcache.pipeline.params.extract import ExtractParams
 
     raw = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")) or {}
     value = (raw.get("extract") or {}).get("backend")

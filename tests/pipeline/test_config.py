@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from featcache.pipeline.config import ConfigError, load_params, parse_params
+from featcache.pipeline.config import load_params, parse_params
+from featcache.pipeline.params.base import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 

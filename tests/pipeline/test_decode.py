@@ -7,10 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from featcache.errors import ExtractionError
+from featcache.extract.plan import plan_extraction
 from featcache.pipeline import extract, parse_params, prepare
-from featcache.pipeline.config import ConfigError, expected_config, planned_decode
+from featcache.pipeline.train import expected_store_config
 from featcache.store import FeatureStore, StaleStoreError
 
 CLASSES = ("red", "green", "blue")
@@ -84,24 +87,26 @@ def test_the_store_records_the_decode_path(stores):
         assert a.attrs["decode"] == "cpu" and b.attrs["decode"] == "gpu"
         assert "decode" not in json.loads(a.attrs["config"])["extract"]  # as before the setting existed
         assert json.loads(b.attrs["config"])["extract"]["decode"] == "gpu"
-        # A store of one path is stale for the other: it is never resumed or mixed across paths.
-        b.check_config(expected_config(_params(stores["images"], "gpu"), "efficientnet_lite0"))
-        with pytest.raises(StaleStoreError, match="decode"):
-            a.check_config(expected_config(_params(stores["images"], "gpu"), "efficientnet_lite0"))
         # The train stage checks a store against its own decode path: either is valid for the same params.
-        b.check_config(expected_config(_params(stores["images"], "cpu"), "efficientnet_lite0", decode="gpu"))
+        for decode in ("cpu", "gpu", "auto"):
+            for store in (a, b):
+                store.check_config(expected_store_config(_params(stores["images"], decode), "efficientnet_lite0",
+                                                         store))
+        # Other params are still checked against either store.
+        raw = _params(stores["images"], "auto").model_dump()
+        raw["extract"]["pooling"] = "max"
+        with pytest.raises(StaleStoreError, match="pooling"):
+            b.check_config(expected_store_config(parse_params(raw), "efficientnet_lite0", b))
 
 
-def test_auto_decode_follows_the_runner(stores):
-    images = stores["images"]
-    assert planned_decode(_params(images, "auto")) == "cpu"  # device: cpu
-    raw = _params(images, "auto").model_dump()
-    raw["extract"].update(device="cuda")
-    assert planned_decode(parse_params(raw)) == "gpu"
-    raw["extract"].update(backend="onnx")
-    assert planned_decode(parse_params(raw)) == "cpu"  # onnxruntime takes host arrays
-    raw["extract"].update(backend="torch", scheduler="local")
-    assert planned_decode(parse_params(raw)) == "cpu"
-    raw["extract"].update(decode="gpu")
-    with pytest.raises(ConfigError, match="decode"):
-        parse_params(raw)
+def test_auto_decode_follows_the_runner(stores, monkeypatch):
+    def plan(**settings):
+        return plan_extraction(**parse_params({"extract": settings}).extract.plan_settings()).decode
+
+    assert plan(device="cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert plan(device="cuda") == "gpu"
+    assert plan(device="cuda", backend="onnx") == "cpu"  # onnxruntime takes host arrays
+    assert plan(device="cuda", scheduler="local") == "cpu"
+    with pytest.raises(ExtractionError, match="decode"):
+        plan(device="cuda", decode="gpu", scheduler="local")

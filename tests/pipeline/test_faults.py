@@ -378,7 +378,7 @@ def test_data_classes_fix_the_label_order_through_extraction(tmp_path, folder_fa
 
 
 def test_data_classes_param_is_validated():
-    from featcache.pipeline.config import ConfigError
+    from featcache.pipeline.params.base import ConfigError
 
     with pytest.raises(ConfigError, match="more than once"):
         parse_params({"data": {"classes": ["a", "b", "a"]}})

@@ -17,7 +17,7 @@ from PIL import Image
 from featcache.heads import LogisticRegressionHead, RidgeHead
 from featcache.heads.registry import head_label, make_head, task_params
 from featcache.pipeline import compare, extract, parse_params, prepare, train
-from featcache.pipeline.config import ConfigError
+from featcache.pipeline.params.base import ConfigError
 from featcache.runs import read_run
 from featcache.store import FeatureStore
 

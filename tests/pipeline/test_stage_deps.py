@@ -1,4 +1,8 @@
-"""Every file a ``dvc.yaml`` stage runs is one of its deps; stage modules do not import each other.
+"""A ``dvc.yaml`` stage's code deps are exactly the files it runs; stage modules do not import each other.
+
+Every file a stage runs is one of its deps (else editing it would not rerun the stage), and every
+source dep is run by the stage: a file it runs, or a folder all of whose modules it runs (else
+editing code the stage never runs, a head for the extract stage, would rerun it for nothing).
 
 The files a stage runs are found statically: its ``featcache <command>`` handler
 in ``pipeline/cli.py``, the CLI's own module-level and ``main`` imports, and from
@@ -37,8 +41,24 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
+def _lazy_exports(package: str) -> dict[str, str]:
+    """A package's lazy exports (``_EXPORTS`` in its ``__init__``: public name -> submodule), read statically."""
+    init = _module_file(package)
+    if init is None or init.name != "__init__.py":
+        return {}
+    for node in ast.parse(init.read_text(encoding="utf-8")).body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign)
+                                                                        else None)
+        if isinstance(target, ast.Name) and target.id == "_EXPORTS" and node.value is not None:
+            return eval(compile(ast.Expression(node.value), str(init), "eval"), {"__builtins__": {}, "dict": dict})
+    return {}
+
+
 def _imports(tree: ast.AST, package: str) -> set[str]:
-    """featcache modules imported anywhere in ``tree`` (``package``: for relative imports)."""
+    """featcache modules imported anywhere in ``tree`` (``package``: for relative imports).
+
+    ``from package import Name`` of a lazily exported name counts as importing the submodule that defines it.
+    """
     found: set[str] = set()
 
     def visit(node: ast.AST) -> None:
@@ -55,6 +75,8 @@ def _imports(tree: ast.AST, package: str) -> set[str]:
                 base = ".".join([*parts, base]) if base else ".".join(parts)
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # submodules imported by name
+            lazy = _lazy_exports(base) if base.split(".")[0] == "featcache" else {}
+            found.update(f"{base}.{lazy[alias.name]}" for alias in node.names if alias.name in lazy)
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -136,6 +158,46 @@ def test_every_file_a_stage_runs_is_one_of_its_deps(stage):
     missing = sorted(path.relative_to(REPO).as_posix() for path in runs if not _covered(path, definition["deps"]))
     assert not missing, (f"stage {stage!r} (featcache {command}) runs files that are not in its deps, so "
                          f"editing them would not rerun it: {missing}")
+
+
+def _unused_source_deps(deps: list[str], runs: set[Path]) -> list[str]:
+    """Source deps that hold code the stage does not run (a file not run, a folder not wholly run)."""
+    ran = {path.relative_to(REPO).as_posix() for path in runs}
+    unused = []
+    for dep in deps:
+        if not dep.startswith("src/"):
+            continue
+        folder = REPO / dep
+        if folder.is_dir():
+            modules = {p.relative_to(REPO).as_posix() for p in folder.rglob("*.py")}
+            if not modules <= ran:
+                unused.append(f"{dep} ({', '.join(sorted(modules - ran)[:3])} ... not run)")
+        elif dep not in ran:
+            unused.append(dep)
+    return unused
+
+
+@pytest.mark.parametrize("stage", sorted(_stages()))
+def test_every_source_dep_of_a_stage_is_code_it_runs(stage):
+    definition = _stages()[stage]
+    runs = _closure(_cli_roots(_command(definition))) | {CLI}
+    unused = _unused_source_deps(definition["deps"], runs)
+    assert not unused, (f"stage {stage!r} depends on code it never runs, so editing that code reruns it for "
+                        f"nothing: {unused}. Hint: list the files it runs (this test's error says which).")
+
+
+def test_the_reverse_check_flags_a_folder_the_stage_only_partly_runs():
+    runs = {SRC / "featcache" / "heads" / "metrics.py"}
+    assert _unused_source_deps(["src/featcache/heads", "data/prepared"], runs)[0].startswith("src/featcache/heads (")
+    assert _unused_source_deps(["src/featcache/heads/metrics.py"], runs) == []
+    assert _unused_source_deps(["src/featcache/heads/mlp.py"], runs) == ["src/featcache/heads/mlp.py"]
+
+
+def test_lazy_exports_count_as_imports_of_their_modules():
+    """``from featcache.heads import make_head`` runs heads/registry.py (the package's lazy export)."""
+    tree = ast.parse("from featcache.heads import make_head\nfrom featcache.store import FeatureStore\n")
+    found = _imports(tree, "featcache")
+    assert {"featcache.heads.registry", "featcache.store.reader"} <= found
 
 
 def test_the_check_sees_function_level_imports_and_skips_type_checking():

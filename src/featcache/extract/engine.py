@@ -8,16 +8,13 @@ that are missing.
 
 Seams:
 
-* **Decoders.** :func:`run_blocks` takes any iterable of batches that follows
-  its batch contract (``rows`` int64 (B,), ``images`` uint8 (B, 3, S, S) on
-  the CPU or already on the runner's device, ``reasons`` list[str]), and
-  :func:`extract_to_store` a ``loader_factory(rows, batch_size)`` returning
-  one. A GPU JPEG decoder plugs in there (``extract.decode``); the default is
-  PIL in worker processes: numpy batches from a process pool for runners
-  that take their input on the CPU (:func:`~featcache.extract.decode.loaders.iter_array_batches`,
-  torch is not imported), torch's DataLoader with pinned memory for the others
-  (:func:`~featcache.extract.decode.loaders.make_loader`).
-  What decoded should be recorded in ``attrs`` (e.g. ``decode``).
+* **Loaders.** The :class:`~featcache.extract.plan.ExtractionPlan` names the
+  loader and :func:`make_batches` builds it: ``arrays`` (PIL in a process
+  pool, numpy batches, torch not imported) for runners that take their input
+  on the CPU, ``torch`` (DataLoader workers, pinned memory) for a runner on
+  CUDA, ``device`` (JPEGs decoded in batches on the GPU). Any other decoder
+  plugs in as a ``loader_factory(rows, batch_size)`` that follows the batch
+  contract of :func:`run_blocks`.
 * **Sharding.** :func:`run_blocks` commits to a ``StoreWriter`` or to its
   picklable ``BlockCommitter``; :func:`build_root_attrs` and
   :func:`build_report` give a sharded driver the same store and report.
@@ -40,6 +37,7 @@ import featcache
 from featcache.errors import ExtractionError
 from featcache.extract.blockloop import BatchForward, BlockAssembler, CommitQueue, FinishedBlock, Progress
 from featcache.extract.decode.loaders import ImageDataset, ImageReader, iter_array_batches, make_loader
+from featcache.extract.plan import LOADERS, ExtractionPlan
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.store.reader import FeatureStore
@@ -49,7 +47,7 @@ from featcache.util import compute
 
 __all__ = ["Batch", "BlockSink", "LoaderFactory", "DEFAULT_MAX_BAD_FRACTION", "ExtractionReport",
            "FeatureRunner", "ON_ERROR", "build_report", "build_root_attrs", "check_bad_rows", "check_max_bad_fraction",
-           "check_on_error", "extract_to_store", "resolve_device", "run_blocks"]
+           "check_on_error", "extract_to_store", "make_batches", "resolve_device", "run_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,13 +92,12 @@ def extract_to_store(
     out: str | Path,
     *,
     config: Mapping[str, Any],
+    plan: ExtractionPlan | None = None,
     attrs: Mapping[str, Any] | None = None,
     dtype: str = "float16",
     batch_size: int = 64,
-    num_workers: int | None = None,
     block_rows: int = 512,
     on_error: str = "skip",
-    pin_memory: bool = False,
     progress: bool = True,
     lock_timeout: float = 0.0,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
@@ -121,6 +118,10 @@ def extract_to_store(
     config : mapping
         Every extraction-relevant param; stored as canonical JSON with its
         sha256. A different config never resumes or appends to old blocks.
+    plan : ExtractionPlan, optional
+        The resolved choices of the run: its ``loader`` and ``num_workers``
+        make the batches (:func:`make_batches`). Default: the loader the
+        runner's input device calls for, one decode worker per spare core.
     attrs : mapping, optional
         Extra root attributes (backbone, weights_id, backend, ...).
     on_error : {"skip", "fail"}
@@ -132,9 +133,8 @@ def extract_to_store(
         file (see :func:`check_bad_rows`).
     loader_factory : callable, optional
         ``loader_factory(rows, batch_size)`` -> batches of the rows to extract,
-        following the batch contract of :func:`run_blocks` (the seam for
-        another decoder, e.g. on the GPU); default: decode with PIL in
-        DataLoader workers (:func:`~featcache.extract.decode.loaders.make_loader`).
+        following the batch contract of :func:`run_blocks`: the seam for a
+        decoder of your own, used instead of the plan's loader.
 
     Returns
     -------
@@ -155,8 +155,9 @@ def extract_to_store(
         rows = [row for block in pending for row in writer.block_range(block)]
         batches = loader_factory(rows, batch_size) if loader_factory is not None and rows else None
         run_blocks(manifest, runner, writer, pending, preprocess=preprocess, layer_specs=layer_specs,
-                   batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, on_error=on_error,
-                   progress=progress, label=Path(out).name, batches=batches)
+                   batch_size=batch_size, num_workers=plan.num_workers if plan else None,
+                   loader=plan.loader if plan else None, on_error=on_error, progress=progress,
+                   label=Path(out).name, batches=batches)
         check_bad_rows(writer.committed_errors(), len(manifest), max_bad_fraction, out)
         path = writer.finalize()
     return build_report(path, manifest, n_extracted=len(rows), n_resumed_blocks=n_resumed,
@@ -307,7 +308,7 @@ LoaderFactory = Callable[[Sequence[int], int], Iterable[Batch]]
 
 def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, blocks: Sequence[int], *,
                preprocess: Preprocessor, layer_specs: Sequence[LayerSpec], batch_size: int = 64,
-               num_workers: int | None = None, pin_memory: bool = False, on_error: str = "skip",
+               num_workers: int | None = None, loader: str | None = None, on_error: str = "skip",
                progress: bool = False, label: str = "", dataset: ImageReader | None = None,
                batches: Iterable[Batch] | None = None, overlap: bool | None = None) -> list[tuple[str, str]]:
     """Extract the rows of ``blocks`` and commit each block to ``sink`` as soon as it is complete.
@@ -344,17 +345,20 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
         Pixels (the default loader) and :meth:`~Preprocessor.normalize_batch`.
     layer_specs : sequence of LayerSpec
         The runner's layers, in store order.
-    batch_size, num_workers, pin_memory
-        Default loader settings (``num_workers=None``: :func:`default_num_workers`).
+    batch_size, num_workers
+        Loader settings (``num_workers=None``: one decode worker per spare core).
+    loader : {"arrays", "torch", "device"}, optional
+        The plan's loader (:func:`make_batches`); default: ``arrays`` when the
+        runner takes its input on the CPU, else ``torch``.
     on_error : {"skip", "fail"}
         ``fail`` raises :class:`ExtractionError` at the first bad image
         (blocks completed before it are committed).
     progress : bool
         Log a line per committed block (and a bar on a terminal), labelled ``label``.
     dataset : ImageReader, optional
-        The default loader's images (default: a new reader over ``manifest``).
+        The loader's images (default: a new reader over ``manifest``).
     batches : iterable of Batch, optional
-        Use these batches instead of the default loader (see the contract); a
+        Use these batches instead of the plan's loader (see the contract); a
         generator is closed when the loop ends.
     overlap : bool, optional
         Commit in a writer thread; default: on CUDA only.
@@ -369,13 +373,10 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
     if rows.size == 0:
         return []
     forward = BatchForward(runner, preprocess.normalize_batch)
-    if batches is None and forward.on_cpu and not pin_memory:  # numpy batches from a process pool: no torch
-        reader = dataset if dataset is not None else ImageReader(manifest, preprocess)
-        batches = iter_array_batches(reader, rows.tolist(), batch_size, num_workers)
-    elif batches is None:  # torch's DataLoader: pinned memory for the copy to the device
-        if not isinstance(dataset, ImageDataset):
-            dataset = ImageDataset(dataset.paths if dataset is not None else manifest, preprocess)
-        batches = make_loader(dataset, rows.tolist(), batch_size, num_workers, pin_memory=pin_memory)
+    if batches is None:
+        batches = make_batches(loader or ("arrays" if forward.on_cpu else "torch"), manifest, rows.tolist(),
+                               preprocess, batch_size=batch_size, num_workers=num_workers,
+                               device=str(forward.device), dataset=dataset)
     assembler = BlockAssembler(sink.block_rows, sink.n_rows, {spec.alias: spec.dim for spec in layer_specs},
                                manifest.ids)
     meter = Progress(label, rows.size, progress)
@@ -426,6 +427,46 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
         if callable(close):  # a generator loader (process pool, decode thread) stops now, not when collected
             close()
     return errors
+
+
+def make_batches(loader: str, manifest: Manifest, rows: Sequence[int], preprocess: Preprocessor, *,
+                 batch_size: int, num_workers: int | None = None, device: str = "cpu",
+                 dataset: ImageReader | None = None) -> Iterable[Batch]:
+    """The batches of ``rows`` that a plan's ``loader`` gives (the batch contract of :func:`run_blocks`).
+
+    Parameters
+    ----------
+    loader : {"arrays", "torch", "device"}
+        ``arrays``: PIL in a process pool, numpy uint8 batches (torch not
+        imported); ``torch``: DataLoader workers, pinned CPU tensors for the copy
+        to ``device``; ``device``: JPEGs read by workers and decoded in batches on
+        ``device`` (:func:`~featcache.extract.decode.device.iter_device_batches`).
+    manifest : Manifest
+        All N rows.
+    rows : sequence of int
+        The rows to load.
+    preprocess : Preprocessor
+        Decode, resize and crop settings.
+    batch_size, num_workers
+        Rows per batch; decode worker processes (None: one per spare core).
+    device : str
+        Where the runner takes its input (the ``device`` loader decodes there).
+    dataset : ImageReader, optional
+        The images (default: a new reader over ``manifest``).
+    """
+    if loader not in LOADERS:
+        raise ValueError(f"loader {loader!r} is not one of {LOADERS}.")
+    if loader == "device":
+        from featcache.extract.decode.device import iter_device_batches
+
+        return iter_device_batches(manifest, rows, preprocess=preprocess, device=device, batch_size=batch_size,
+                                   num_workers=num_workers)
+    if loader == "arrays":
+        reader = dataset if dataset is not None else ImageReader(manifest, preprocess)
+        return iter_array_batches(reader, rows, batch_size, num_workers)
+    if not isinstance(dataset, ImageDataset):
+        dataset = ImageDataset(dataset.paths if dataset is not None else manifest, preprocess)
+    return make_loader(dataset, rows, batch_size, num_workers, pin_memory=device.startswith("cuda"))
 
 
 def _report_bad(manifest: Manifest, rows: np.ndarray, good: np.ndarray, reasons: Sequence[str],

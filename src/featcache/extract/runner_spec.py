@@ -1,8 +1,8 @@
 """A picklable recipe of a feature runner, built once per (dask worker) process on its own device.
 
 :class:`RunnerSpec` travels to the workers instead of a model object;
-:meth:`RunnerSpec.build` builds the runner that :mod:`featcache.extract.backends`
-resolves (torch or onnxruntime) once per process. :func:`worker_device` pins
+:meth:`RunnerSpec.build` builds the runner that :func:`~featcache.extract.plan.plan_extraction`
+resolves on the worker (torch or onnxruntime) once per process. :func:`worker_device` pins
 each worker of a multi-GPU machine to its own GPU, :func:`local_workers`
 sizes a local cluster (one worker per GPU).
 """
@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from featcache.extract.backends import BACKENDS, build_runner
+from featcache.extract.plan import build_runner, plan_extraction
+from featcache.store.schema import BACKENDS
 
 __all__ = ["RunnerSpec", "local_workers", "worker_device"]
 
@@ -32,7 +33,7 @@ _RUNNERS_LOCK = threading.Lock()
 # ---------------------------------------------------------------------- spec
 @dataclass(frozen=True)
 class RunnerSpec:
-    """Picklable recipe of a feature runner (torch or onnxruntime, see :mod:`featcache.extract.backends`).
+    """Picklable recipe of a feature runner (torch or onnxruntime, see :mod:`featcache.extract.plan`).
 
     Workers receive this spec, not a model object, and build the extractor
     once per process (:meth:`build` caches it).
@@ -118,10 +119,10 @@ class RunnerSpec:
 
                 started = time.perf_counter()
                 source = resolve_weights(self.backbone, self.weights, seed=self.seed)
-                device = worker_device(self.device)
-                runner, attrs = build_runner(source, list(self.layers), backend=self.backend,
-                                             device=device, pooling=self.pooling, channels_last=self.channels_last,
-                                             autocast=self.autocast, input_size=input_size,
+                plan = plan_extraction(device=worker_device(self.device), backend=self.backend,
+                                       autocast=self.autocast, decode="cpu")
+                runner, attrs = build_runner(source, list(self.layers), plan, pooling=self.pooling,
+                                             channels_last=self.channels_last, input_size=input_size,
                                              intra_op_threads=torch.get_num_threads())
                 _RUNNERS[key] = runner
                 logger.info("built %s (%s, %s on %s) in pid %d in %.1f s", self.backbone, source.weights_id,

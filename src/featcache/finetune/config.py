@@ -2,7 +2,7 @@
 
 The Python API builds it directly; ``params.yaml`` (``finetune.defaults`` and
 ``finetune.modes``) is validated by building it too
-(:func:`featcache.pipeline.config.FinetuneParams`), so every check runs in one
+(:class:`featcache.pipeline.params.finetune.FinetuneParams`), so every check runs in one
 place with one message. No torch import here: params validation stays fast.
 
 Modes (the seed recipes):
@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from featcache.extract.decode.preprocess import RESIZE_MODES
+from featcache.store.schema import RESIZE_MODES
 from featcache.util.compute import DEVICES
 from featcache.util.names import closest, did_you_mean
 

@@ -28,8 +28,8 @@ from featcache.util.names import did_you_mean
 if TYPE_CHECKING:
     from sklearn.base import BaseEstimator
 
-__all__ = ["HEADS", "HEAD_PATHS", "LABELS", "TASKS", "check_head_params", "head_class", "head_label", "head_names",
-           "head_param_names", "make_head", "task_params"]
+__all__ = ["HEADS", "HEAD_PATHS", "LABELS", "STREAMING_HEADS", "TASKS", "check_head_params", "head_class",
+           "head_label", "head_names", "head_param_names", "make_head", "task_params"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,10 @@ HEAD_PATHS: dict[str, dict[str, str]] = {
     "streaming_mlp": {"classification": ".out_of_core:StreamingMLPHead",
                       "regression": ".out_of_core:StreamingMLPRegressorHead"},
 }
+
+
+#: Heads that train from dask arrays over the store's HDF5 chunks (out of core) instead of in-memory arrays.
+STREAMING_HEADS: tuple[str, ...] = ("sgd", "streaming_mlp")
 
 
 #: What a head is called where its twin for a task is a different model (the report's name for it).

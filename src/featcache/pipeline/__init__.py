@@ -22,7 +22,8 @@ from featcache.lazy import lazy_exports
 #: Public name -> the submodule that defines it.
 _EXPORTS: dict[str, str] = {
     "compare": "compare",
-    **dict.fromkeys(["ConfigError", "Params", "load_params", "parse_params"], "config"),
+    **dict.fromkeys(["Params", "load_params", "parse_params"], "config"),
+    "ConfigError": "params.base",
     "extract": "extract",
     **dict.fromkeys(["make_digits", "prepare"], "prepare"),
     "train": "train",

@@ -48,15 +48,15 @@ def _cmd_layers(args: argparse.Namespace) -> None:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> None:
-    from featcache.extract.backends import doctor_report
+    from featcache.extract.doctor import doctor_report
 
     print("\n".join(doctor_report()))
 
 
 def _cmd_digits(args: argparse.Namespace) -> None:
-    from featcache.pipeline.prepare import make_digits
+    from featcache.extract.inputs.sources import write_digits
 
-    make_digits(args.out)
+    write_digits(args.out)
 
 
 def _cmd_check(args: argparse.Namespace) -> None:
@@ -68,27 +68,25 @@ def _cmd_check(args: argparse.Namespace) -> None:
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
-    from featcache.pipeline.config import load_params
-    from featcache.pipeline.prepare import prepare
+    from featcache.pipeline.prepare import load_prepare_sections, prepare
 
-    prepare(load_params(args.params), args.out)
+    prepare(load_prepare_sections(args.params), args.out)
 
 
 def _cmd_extract(args: argparse.Namespace) -> None:
-    from featcache.pipeline.config import load_params
     from featcache.pipeline.extract import extract
+    from featcache.pipeline.params.backbones import load_extract_sections
 
-    report = extract(load_params(args.params), args.backbone, args.manifest, args.out,
+    report = extract(load_extract_sections(args.params), args.backbone, args.manifest, args.out,
                      progress=not args.no_progress)
     print(f"{report.path}: {report.n_written} rows written, {report.n_skipped} skipped, "
           f"{report.images_per_second:.1f} img/s")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from featcache.pipeline.config import load_params
-    from featcache.pipeline.train import train
+    from featcache.pipeline.train import load_train_sections, train
 
-    train(load_params(args.params), args.store, args.backbone, args.layer, args.head, args.metrics,
+    train(load_train_sections(args.params), args.store, args.backbone, args.layer, args.head, args.metrics,
           model_dir=args.model_dir, predictions_path=args.predictions)
 
 
@@ -106,25 +104,24 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_export_onnx(args: argparse.Namespace) -> None:
-    from featcache.pipeline.config import load_params
     from featcache.pipeline.onnx import export_from_params
+    from featcache.pipeline.params.backbones import load_extract_sections
 
-    print(export_from_params(load_params(args.params), args.backbone, args.out, opset=args.opset))
+    print(export_from_params(load_extract_sections(args.params), args.backbone, args.out, opset=args.opset))
 
 
 def _cmd_onnx_parity(args: argparse.Namespace) -> None:
-    from featcache.pipeline.config import load_params
     from featcache.pipeline.onnx import parity_from_params
+    from featcache.pipeline.params.backbones import load_extract_sections
 
-    print(parity_from_params(load_params(args.params), args.backbone, onnx_path=args.onnx, manifest_path=args.manifest,
+    print(parity_from_params(load_extract_sections(args.params), args.backbone, onnx_path=args.onnx, manifest_path=args.manifest,
                              batch_size=args.batch_size, atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine))
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
-    from featcache.pipeline.config import load_params
-    from featcache.pipeline.finetune import finetune_stage
+    from featcache.pipeline.finetune import finetune_stage, load_finetune_sections
 
-    metrics = finetune_stage(load_params(args.params), args.mode, args.manifest, args.out, args.metrics,
+    metrics = finetune_stage(load_finetune_sections(args.params), args.mode, args.manifest, args.out, args.metrics,
                              confusion_path=args.confusion, progress=not args.no_progress)
     metric = "accuracy" if metrics["task"] == "classification" else "rmse"
     print(f"{args.metrics}: finetune-{args.mode} test {metric} {metrics[metric]:.4f} "

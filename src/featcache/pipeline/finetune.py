@@ -31,20 +31,37 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from featcache.pipeline.params.base import StageParams, load_sections
+from featcache.pipeline.params.data import DataParams
+from featcache.pipeline.params.finetune import FinetuneParams
+from featcache.pipeline.params.train import TrainParams
 from featcache.util.atomic import write_csv, write_json
 
 if TYPE_CHECKING:
     from featcache.finetune.config import FinetuneConfig
     from featcache.finetune.run import FinetuneResult
-    from featcache.pipeline.config import Params
 
-__all__ = ["finetune_section", "finetune_stage", "mode_config", "write_cams"]
+__all__ = ["FinetuneSections", "finetune_section", "finetune_stage", "load_finetune_sections", "mode_config",
+           "write_cams"]
 
 logger = logging.getLogger(__name__)
 
 #: Section keys besides ``defaults`` and ``modes``, with their defaults.
 _SECTION_DEFAULTS: dict[str, Any] = {"backbone": "efficientnet_lite0", "weights": "pretrained",
                                      "export_onnx": True, "cam_images": 4}
+
+
+class FinetuneSections(StageParams):
+    """The sections the finetune stage reads: ``data``, ``train`` (``n_boot``) and ``finetune``."""
+
+    data: DataParams = DataParams()
+    train: TrainParams = TrainParams()
+    finetune: FinetuneParams = FinetuneParams()
+
+
+def load_finetune_sections(path: str | Path = "params.yaml") -> FinetuneSections:
+    """Read and validate the sections of ``path`` that the finetune stage reads."""
+    return load_sections(FinetuneSections, path)
 
 
 def finetune_section(params: Any, finetune: Mapping[str, Any] | Any | None = None) -> dict[str, Any]:
@@ -120,14 +137,14 @@ def write_cams(result: FinetuneResult, manifest: Any, out_dir: str | Path, n_ima
     return save_cam_overlays(pils, cams, out_dir, [manifest.ids[row] for row in rows])
 
 
-def finetune_stage(params: Params, mode: str, manifest_path: str | Path, out_dir: str | Path,
+def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: str | Path,
                    metrics_path: str | Path, confusion_path: str | Path | None = None, *,
                    finetune: Mapping[str, Any] | Any | None = None, progress: bool = True) -> dict[str, Any]:
     """Fine-tune one mode on the prepared manifest; write metrics, checkpoint, report, exports, CAMs.
 
     Parameters
     ----------
-    params : Params
+    params : FinetuneSections or Params
         Validated params (``data.name``, ``train.n_boot`` and the ``finetune`` section).
     mode : {"frozen", "low_lr", "unfreeze", "scratch"}
         Which recipe.

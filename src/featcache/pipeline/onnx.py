@@ -22,14 +22,14 @@ from featcache.extract.onnx.parity import format_parity, parity_check
 from featcache.extract.decode.preprocess import Preprocessor, load_rgb
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.extract.zoo.weights import load_backbone
-from featcache.pipeline.config import Params
+from featcache.pipeline.params.backbones import ExtractSections
 
 __all__ = ["export_from_params", "parity_from_params"]
 
 logger = logging.getLogger(__name__)
 
 
-def _extractor(params: Params, backbone: str) -> TorchFeatureExtractor:
+def _extractor(params: ExtractSections, backbone: str) -> TorchFeatureExtractor:
     if backbone not in params.backbones:
         raise ValueError(f"Backbone {backbone!r} is not configured in params.backbones "
                          f"(configured: {list(params.backbones)}).")
@@ -39,14 +39,14 @@ def _extractor(params: Params, backbone: str) -> TorchFeatureExtractor:
                                  pooling=params.extract.pooling, channels_last=False)
 
 
-def export_from_params(params: Params, backbone: str, out: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+def export_from_params(params: ExtractSections, backbone: str, out: str | Path, opset: int = DEFAULT_OPSET) -> Path:
     """Export ``backbone``'s configured layers and pooling to ``out`` (.onnx)."""
     path = export_onnx(_extractor(params, backbone), out, opset=opset)
     logger.info("Exported %s %s to %s (opset %d)", backbone, params.backbones[backbone].layers, path, opset)
     return path
 
 
-def parity_from_params(params: Params, backbone: str, onnx_path: str | Path | None = None,
+def parity_from_params(params: ExtractSections, backbone: str, onnx_path: str | Path | None = None,
                        manifest_path: str | Path | None = None, batch_size: int = 8, atol: float = 1e-4,
                        rtol: float = 1e-3, min_cosine: float = 0.9999) -> str:
     """Compare torch and onnxruntime on one batch; return the parity table.
@@ -63,7 +63,7 @@ def parity_from_params(params: Params, backbone: str, onnx_path: str | Path | No
                                           atol=atol, rtol=rtol, min_cosine=min_cosine))
 
 
-def _batch(extractor: TorchFeatureExtractor, params: Params, manifest_path: str | Path | None,
+def _batch(extractor: TorchFeatureExtractor, params: ExtractSections, manifest_path: str | Path | None,
            batch_size: int) -> torch.Tensor:
     size = extractor.spec.input_size
     if manifest_path is not None:

@@ -5,18 +5,28 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.inputs.sources import from_csv, from_folder, write_digits
+from featcache.pipeline.params.base import StageParams, load_sections
+from featcache.pipeline.params.data import DataParams
 from featcache.store.schema import SPLIT_CODES
 
-if TYPE_CHECKING:
-    from featcache.pipeline.config import Params
-
-__all__ = ["prepare", "make_digits"]
+__all__ = ["PrepareSections", "load_prepare_sections", "make_digits", "prepare"]
 
 logger = logging.getLogger(__name__)
+
+
+class PrepareSections(StageParams):
+    """The one section the prepare stage reads: ``data``."""
+
+    data: DataParams = DataParams()
+
+
+def load_prepare_sections(path: str | Path = "params.yaml") -> PrepareSections:
+    """Read and validate the ``data`` section of ``path``."""
+    return load_sections(PrepareSections, path)
 
 
 def make_digits(out_dir: str | Path) -> Path:
@@ -24,8 +34,9 @@ def make_digits(out_dir: str | Path) -> Path:
     return write_digits(out_dir)
 
 
-def prepare(params: Params, out_dir: str | Path) -> Manifest:
-    """Build the manifest from ``params.data`` and write ``out_dir/manifest.csv``.
+def prepare(params: Any, out_dir: str | Path) -> Manifest:
+    """Build the manifest from ``params.data`` (:class:`PrepareSections` or the whole params) and write
+    ``out_dir/manifest.csv``.
 
     Also writes ``out_dir/manifest.classes.json`` (the class list in label
     order, see ``data.classes``) and ``out_dir/summary.json`` (rows per split

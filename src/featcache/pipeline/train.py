@@ -6,26 +6,70 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pydantic import Field, model_validator
+
 from featcache.heads import fit_and_evaluate, make_head, save_head
 from featcache.heads.metrics import confusion_rows
-from featcache.heads.registry import head_label, task_params
-from featcache.pipeline.config import expected_config
+from featcache.heads.registry import STREAMING_HEADS, head_label, task_params
+from featcache.pipeline.params.base import StageParams, load_sections
+from featcache.pipeline.params.data import DataParams
+from featcache.pipeline.params.extract import BackboneParams, ExtractParams, extraction_config, stored_choices
+from featcache.pipeline.params.train import TrainParams, check_heads_sections
 from featcache.runs import write_run, write_run_info
 from featcache.store import FeatureStore
 from featcache.util.atomic import write_csv
 
 if TYPE_CHECKING:
-    from featcache.pipeline.config import Params
+    from featcache.store.reader import FeatureStore as Store
 
-__all__ = ["train", "STREAMING_HEADS"]
+__all__ = ["TrainSections", "expected_store_config", "load_train_sections", "train"]
 
 logger = logging.getLogger(__name__)
 
-#: Heads that train from dask arrays over the HDF5 chunks instead of in-memory arrays.
-STREAMING_HEADS = ("sgd", "streaming_mlp")
+
+class TrainSections(StageParams):
+    """The sections the train stage reads: ``data``, ``train``, ``heads``, and ``extract``/``backbones``
+    to check that a store is not stale (as plain values: the train stage imports no extractor)."""
+
+    data: DataParams = DataParams()
+    extract: ExtractParams = ExtractParams()
+    backbones: dict[str, BackboneParams] = Field(default_factory=lambda: {"efficientnet_lite0": BackboneParams()})
+    train: TrainParams = TrainParams()
+    heads: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _head_sections(self) -> "TrainSections":
+        check_heads_sections(self.heads, self.data.task)
+        return self
 
 
-def train(params: Params, store_path: str | Path, backbone: str, layer: str, head: str,
+def load_train_sections(path: str | Path = "params.yaml") -> TrainSections:
+    """Read and validate the sections of ``path`` that the train stage reads."""
+    return load_sections(TrainSections, path)
+
+
+def expected_store_config(params: Any, backbone: str, store: Store) -> dict[str, Any]:
+    """The config a store of ``backbone`` extracted with ``params`` records, for :meth:`FeatureStore.check_config`.
+
+    What the extract stage resolved on its machine is taken from the store: an
+    ``auto`` backend or autocast, the decode path (features of either path are
+    valid for the same params), a ``default`` layer (the registry's default
+    when the store was extracted) and the preprocessing (the backbone
+    registry's recipe: the extract stage's code, which DVC tracks).
+    """
+    config = extraction_config(params, backbone)
+    chosen = params.backbones[backbone]
+    stored_layers = store.config.get("layers", [])
+    if len(stored_layers) == len(chosen.layers):
+        config["layers"] = [stored if layer == "default" else layer
+                            for layer, stored in zip(chosen.layers, stored_layers)]
+    config["extract"].update(stored_choices(params.extract, store.config.get("extract", {})))
+    if "preprocess" in store.config:
+        config["preprocess"] = store.config["preprocess"]
+    return config
+
+
+def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: str,
           metrics_path: str | Path, model_dir: str | Path | None = None,
           predictions_path: str | Path | None = None) -> dict[str, Any]:
     """Fit ``head`` on the train split of ``layer``, select on val, score on test.
@@ -46,10 +90,7 @@ def train(params: Params, store_path: str | Path, backbone: str, layer: str, hea
     """
     task = params.data.task
     with FeatureStore(store_path) as store:
-        # Either decode path, and whatever an ``auto`` backend/autocast resolved to where the store was
-        # extracted, is valid for the same params: keep the store's.
-        stored = store.config.get("extract", {})
-        config = expected_config(params, backbone, decode=stored.get("decode", "cpu"), stored=stored)
+        config = expected_store_config(params, backbone, store)
         store.check_config(config)
         # Streaming heads read the store chunk by chunk (out of core); the others load the split.
         read = store.to_dask if head in STREAMING_HEADS else store.read

@@ -34,6 +34,11 @@ __all__ = [
     "SPLIT_CODES",
     "FEATURE_DTYPES",
     "POOLINGS",
+    "BACKENDS",
+    "AUTOCASTS",
+    "DECODE_PATHS",
+    "RESIZE_MODES",
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "COMPRESSIONS",
     "HDF5_LIBVER",
     "REQUIRED_ATTRS",
@@ -55,6 +60,27 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 #: Split name -> uint8 code stored in ``/split``.
 SPLIT_CODES: dict[str, int] = {name: code for code, name in enumerate(SPLITS)}
+
+# Extraction choices: the values that the root ``config`` (and ``backend``/``precision``/``decode``
+# attributes) record. The params schema validates against them and the extractor resolves them
+# (``featcache.extract.plan``); they live here so that a reader of a store, like the train stage,
+# checks a store's config without importing the extractor.
+
+#: ``extract.backend`` values (``auto``: torch on CUDA, onnxruntime on the CPU).
+BACKENDS: tuple[str, ...] = ("auto", "torch", "onnx")
+
+#: ``extract.autocast`` values (``none``: float32; ``auto``: fp16 for torch on CUDA, else none).
+AUTOCASTS: tuple[str, ...] = ("auto", "none", "bf16", "fp16")
+
+#: Where images are decoded: PIL in worker processes (``cpu``), or batched on the runner's device (``gpu``).
+DECODE_PATHS: tuple[str, ...] = ("cpu", "gpu")
+
+#: ``extract.resize_mode``: ``crop`` resizes the shorter side then center-crops; ``squash`` resizes to the square.
+RESIZE_MODES: tuple[str, ...] = ("crop", "squash")
+
+#: Default decompression-bomb limit in pixels (width x height): Pillow's own default, 1024**3 // 4 // 3.
+#: A config records ``max_image_pixels`` only when it differs from this.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 #: Allowed storage dtypes for ``/features/<alias>``.
 FEATURE_DTYPES: tuple[str, ...] = ("float16", "float32")

@@ -361,8 +361,7 @@ def test_bench_gpu_smoke(tmp_path):
     report = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert set(report["results"]) == {"resnet18", "efficientnet_lite0"}
     for results in report["results"].values():
-        assert set(results) == {"forward", "cpu-decode", "gpu-decode", "gpu-decode-inline", "gpu-decode-si",
-                                "peer"}
+        assert set(results) == {"forward", "cpu-decode", "gpu-decode", "gpu-decode-si", "peer"}
         assert all(case["img_per_s"] > 0 for case in results.values())
     table = (tmp_path / "bench_gpu.md").read_text()
     assert "featcache GPU decode, end to end" in table and "| resnet18 | efficientnet_lite0 |" in table

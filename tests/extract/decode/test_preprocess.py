@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from featcache.extract.decode.preprocess import RESIZE_MODES, Preprocessor, load_rgb, to_rgb
+from featcache.extract.decode.preprocess import Preprocessor, load_rgb, to_rgb
+from featcache.store.schema import RESIZE_MODES
 from featcache.extract.zoo.registry import BACKBONES
 
 MEAN = (0.485, 0.456, 0.406)

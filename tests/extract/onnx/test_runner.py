@@ -23,6 +23,10 @@ from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.extract.zoo.weights import load_backbone
 from featcache.store.reader import FeatureStore
 from featcache.store.schema import canonical_json
+from featcache.extract.plan import plan_extraction
+
+#: One process decodes (the default loader of a runner on the CPU).
+CPU_PLAN = plan_extraction(device="cpu", backend="torch", num_workers=0)
 
 SIZE = 64
 RESNET_LAYERS = ["res4", "pool5"]
@@ -265,7 +269,7 @@ def test_onnx_runner_in_extract_to_store_matches_torch(resnet, resnet_from_model
     for backend, runner in (("onnx", resnet_from_model), ("torch", torch_runner)):
         report = extract_to_store(manifest, runner, preprocess, tmp_path / f"{backend}.h5",
                                   config={"backbone": "resnet18", "backend": backend}, attrs={"backend": backend},
-                                  dtype="float16", batch_size=4, num_workers=0, block_rows=4, progress=False)
+                                  dtype="float16", batch_size=4, plan=CPU_PLAN, block_rows=4, progress=False)
         assert report.n_written == len(manifest) and report.n_skipped == 0
         stores[backend] = FeatureStore(report.path)
     onnx_store, torch_store = stores["onnx"], stores["torch"]

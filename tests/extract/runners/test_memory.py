@@ -36,6 +36,10 @@ from featcache.extract.inputs.manifest import Manifest, assign_splits
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.extract.zoo.weights import load_backbone
+from featcache.extract.plan import plan_extraction
+
+#: One process decodes (the default loader of a runner on the CPU).
+CPU_PLAN = plan_extraction(device="cpu", backend="torch", num_workers=0)
 
 n, hold = int(sys.argv[1]), sys.argv[2] == "hold"
 loaded = load_backbone("resnet18", "random")
@@ -61,7 +65,7 @@ with tempfile.TemporaryDirectory() as tmp:
     manifest = Manifest(names, names, assign_splits(n, {"train": 0.5, "val": 0.25, "test": 0.25}, 0, strata=labels),
                         "classification", labels=labels, classes=["a", "b"], root=root)
     extract_to_store(manifest, runner, Preprocessor.from_spec(loaded.spec), root / "f.h5", config={"n": n},
-                     dtype="float32", batch_size=8, num_workers=0, block_rows=8, progress=False)
+                     dtype="float32", batch_size=8, plan=CPU_PLAN, block_rows=8, progress=False)
 hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, hwm)
 """

@@ -40,7 +40,8 @@ from PIL import Image
 
 from featcache.extract.inputs.manifest import Manifest
 
-from featcache.extract.decode.preprocess import DEFAULT_MAX_IMAGE_PIXELS, ImageTooLargeError, Preprocessor, load_rgb
+from featcache.extract.decode.preprocess import ImageTooLargeError, Preprocessor, load_rgb
+from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS
 from featcache.util.compute import default_num_workers
 
 if TYPE_CHECKING:  # torch is imported by the torch loader only

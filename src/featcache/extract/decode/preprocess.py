@@ -26,17 +26,14 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from featcache.extract.zoo.registry import BackboneSpec
+from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
 
 if TYPE_CHECKING:  # torch is imported on first use (params checks and configs stay cheap); torchvision never
     import torch
 
-__all__ = ["Preprocessor", "load_rgb", "to_rgb", "RESIZE_MODES", "DEFAULT_MAX_IMAGE_PIXELS", "ImageTooLargeError",
-           "MAX_PARAM", "MAX_INTERMEDIATE_FACTOR"]
+__all__ = ["Preprocessor", "load_rgb", "to_rgb", "ImageTooLargeError", "MAX_PARAM", "MAX_INTERMEDIATE_FACTOR"]
 
 logger = logging.getLogger(__name__)
-
-#: Default decompression-bomb limit in pixels (width x height): Pillow's own default, 1024**3 // 4 // 3.
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 #: The parameter that raises the limit (named in the error message).
 MAX_PARAM = "extract.max_image_pixels"
@@ -52,9 +49,6 @@ _LIMIT_LOCK = threading.RLock()
 #: crop (aspect ratios beyond about 50:1), only the crop window is resampled (``_resize_crop_window``).
 _MAX_INTERMEDIATE_FACTOR = 64
 MAX_INTERMEDIATE_FACTOR = _MAX_INTERMEDIATE_FACTOR  # public name (extract.image_probe routes these to the CPU path)
-
-#: ``crop``: resize the shorter side then center-crop; ``squash``: resize to the square input.
-RESIZE_MODES = ("crop", "squash")
 
 #: Registry interpolation name -> Pillow filter (torchvision's mapping of its InterpolationMode for PIL images).
 _PIL_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}

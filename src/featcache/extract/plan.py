@@ -1,0 +1,333 @@
+"""The extraction plan: every machine-dependent choice of a run, resolved once, in one place.
+
+``extract.device``, ``backend``, ``autocast``, ``decode`` and ``num_workers``
+(``auto`` included) become one frozen :class:`ExtractionPlan`; the extract
+stage, the store's config and attributes, the engine's choice of loader, the
+dask path, ``featcache doctor`` and the benchmarks all read that object, and
+nothing else resolves these settings. The rules:
+
+* **device** ``auto``: CUDA when torch sees a device, else the CPU (decided
+  without importing torch where CUDA is impossible);
+* **backend** ``auto``: torch on CUDA (onnxruntime runs on a GPU only when asked
+  for, ``backend: onnx``, and then only where its CUDA provider loads:
+  :func:`build_runner` stops with the fix, never falls back to the CPU);
+  onnxruntime on the CPU (the faster CPU runtime, ``benchmarks/README.md``),
+  torch when onnxruntime is not installed;
+* **autocast** ``auto``: fp16 for torch on CUDA (cosine 0.99997 to float32 on an
+  H200), float32 elsewhere; bf16 (cosine 0.997) is never picked by ``auto``,
+  and onnxruntime always runs the float32 graph;
+* **decode** ``auto``: JPEGs decoded in batches on the GPU when torch runs on
+  CUDA in this process, PIL in worker processes otherwise; ``gpu`` on a CPU
+  device runs the same device path (for tests);
+* **loader**: ``device`` (batched device decode) for the ``gpu`` decode path;
+  ``arrays`` (numpy batches from a process pool, torch not imported) when the
+  runner takes its input on the CPU; ``torch`` (DataLoader workers, pinned
+  memory) when it takes it on CUDA.
+
+Usage::
+
+    plan = plan_extraction(device="auto", backend="auto", autocast="auto", decode="auto")
+    runner, built = build_runner(source, layers, plan, pooling="avg")
+    extract_to_store(manifest, runner, preprocess, out, plan=plan, config=..., attrs={**plan.attrs(), **built})
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from featcache.errors import ExtractionError
+from featcache.store.schema import AUTOCASTS, BACKENDS, DECODE_PATHS
+from featcache.util import compute
+
+__all__ = ["CUDA_PROVIDER", "LOADERS", "ONNX_GPU_FIX", "ExtractionPlan", "build_runner", "plan_extraction",
+           "precision_name", "resolve_autocast", "resolve_backend", "resolve_decode", "runner_attrs"]
+
+logger = logging.getLogger(__name__)
+
+#: How batches reach the runner: see the module docstring.
+LOADERS = ("arrays", "torch", "device")
+
+#: onnxruntime's CUDA execution provider.
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+#: The fix when onnxruntime cannot use the GPU (also printed by ``featcache doctor``).
+ONNX_GPU_FIX = ("pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu "
+                "(or pip install 'featcache[gpu]' after uninstalling both): onnxruntime and onnxruntime-gpu "
+                "installed together hide the CUDA provider")
+
+
+def _is_cuda(device: str) -> bool:
+    return str(device).startswith("cuda")
+
+
+def resolve_backend(backend: str, device: str) -> str:
+    """``auto`` -> ``torch`` on CUDA, ``onnx`` on CPU (``torch`` without onnxruntime); explicit values pass.
+
+    Parameters
+    ----------
+    backend : {"auto", "torch", "onnx"}
+    device : str
+        The resolved device (``cpu``, ``cuda``, ``cuda:N``).
+
+    Raises
+    ------
+    ValueError
+        For an unknown backend.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"extract.backend {backend!r} is not one of {BACKENDS}. Hint: 'auto' picks torch on CUDA "
+                         "and onnxruntime on the CPU.")
+    if backend != "auto":
+        return backend
+    if _is_cuda(device):
+        return "torch"
+    return "onnx" if importlib.util.find_spec("onnxruntime") is not None else "torch"
+
+
+def resolve_autocast(autocast: str | None, device: str, backend: str) -> str | None:
+    """``auto`` -> ``fp16`` for torch on CUDA, None (float32) otherwise; ``none`` -> None.
+
+    Parameters
+    ----------
+    autocast : {"auto", "none", "bf16", "fp16"} or None
+    device : str
+        The resolved device.
+    backend : {"torch", "onnx"}
+        The resolved backend; onnxruntime runs the exported float32 graph,
+        so an explicit ``bf16``/``fp16`` is ignored there (with a warning).
+    """
+    if autocast is None or autocast == "none":
+        return None
+    if autocast not in AUTOCASTS:
+        raise ValueError(f"extract.autocast {autocast!r} is not one of {AUTOCASTS}. Hint: 'auto' is fp16 on CUDA, "
+                         "float32 on the CPU.")
+    if autocast == "auto":
+        return "fp16" if _is_cuda(device) and backend == "torch" else None
+    if backend == "onnx":
+        logger.warning("extract.autocast %r is ignored by the onnx backend (it runs the float32 graph)", autocast)
+        return None
+    return autocast
+
+
+def resolve_decode(decode: str, device: str, backend: str = "torch", scheduler: str = "none") -> str:
+    """The decode path: ``auto`` -> ``gpu`` for torch on CUDA in this process, else ``cpu``.
+
+    Parameters
+    ----------
+    decode : {"auto", "cpu", "gpu"}
+        ``extract.decode``; ``gpu`` on a CPU device is allowed (the same code path, for tests).
+    device, backend : str
+        The resolved device and backend (the ONNX runner takes host batches).
+    scheduler : str
+        ``extract.scheduler``: dask workers decode with PIL, so ``gpu`` is refused there.
+    """
+    if decode == "auto":
+        return "gpu" if _is_cuda(device) and backend == "torch" and scheduler == "none" else "cpu"
+    if decode not in DECODE_PATHS:
+        raise ValueError(f"extract.decode {decode!r} is not one of 'auto', {', '.join(map(repr, DECODE_PATHS))}.")
+    if decode == "gpu" and scheduler != "none":
+        raise ValueError("extract.decode: gpu does not run under extract.scheduler (the dask workers decode "
+                         "with PIL); set extract.decode: auto or cpu, or extract.scheduler: none")
+    return decode
+
+
+def precision_name(autocast: str | None) -> str:
+    """``float32``, ``float16`` or ``bfloat16``: what the forward ran in (a root attribute)."""
+    return {None: "float32", "fp16": "float16", "bf16": "bfloat16"}[autocast]
+
+
+def runner_attrs(backend: str, device: str, autocast: str | None) -> dict[str, str]:
+    """Root attributes that say what ran: ``backend``, ``provider`` and ``precision``.
+
+    ``provider`` is onnxruntime's execution provider for ``onnx`` (CUDA on a
+    GPU: :func:`build_runner` refuses any other there), the torch device otherwise.
+    """
+    provider = (CUDA_PROVIDER if _is_cuda(device) else "CPUExecutionProvider") if backend == "onnx" else str(device)
+    return {"backend": backend, "provider": provider, "precision": precision_name(autocast)}
+
+
+@dataclass(frozen=True)
+class ExtractionPlan:
+    """What one extraction runs on, every ``auto`` resolved (build with :func:`plan_extraction`).
+
+    Attributes
+    ----------
+    device : str
+        Where the forward runs: ``cpu``, ``cuda`` or ``cuda:N``.
+    backend : {"torch", "onnx"}
+    autocast : {None, "fp16", "bf16"}
+        Autocast dtype of the forward; None for float32.
+    decode : {"cpu", "gpu"}
+        PIL in worker processes, or batched JPEG decode on ``device``.
+    loader : {"arrays", "torch", "device"}
+        How batches reach the runner (see the module docstring).
+    num_workers : int or None
+        Decode worker processes; None: one per spare core.
+    scheduler : str
+        ``none`` (this process), ``local`` (a local dask cluster) or a scheduler address.
+    """
+
+    device: str
+    backend: str
+    autocast: str | None
+    decode: str
+    loader: str
+    num_workers: int | None = None
+    scheduler: str = "none"
+
+    @property
+    def provider(self) -> str:
+        """onnxruntime's execution provider, or the torch device."""
+        return runner_attrs(self.backend, self.device, self.autocast)["provider"]
+
+    @property
+    def precision(self) -> str:
+        """``float32``, ``float16`` or ``bfloat16``."""
+        return precision_name(self.autocast)
+
+    @property
+    def pin_memory(self) -> bool:
+        """Whether host batches are pinned for the copy to the device."""
+        return self.loader == "torch"
+
+    @property
+    def distributed(self) -> bool:
+        """Whether dask workers extract (``scheduler`` is not ``none``)."""
+        return self.scheduler != "none"
+
+    def attrs(self) -> dict[str, str]:
+        """Root attributes of the store: ``backend``, ``provider``, ``precision``, ``decode``."""
+        return {**runner_attrs(self.backend, self.device, self.autocast), "decode": self.decode}
+
+    def config(self) -> dict[str, str]:
+        """The choices that enter the store's ``config["extract"]`` (and its hash).
+
+        ``backend`` and ``autocast`` as resolved (``none`` for float32); ``decode``
+        only when it is ``gpu`` (a store never mixes PIL and device decoding; the
+        CPU path is left out, as before ``extract.decode`` existed).
+        """
+        config = {"backend": self.backend, "autocast": self.autocast or "none"}
+        if self.decode == "gpu":
+            config["decode"] = "gpu"
+        return config
+
+    def describe(self) -> str:
+        """One line for logs and ``featcache doctor``."""
+        where = "this process" if self.scheduler == "none" else f"dask ({self.scheduler})"
+        return (f"device {self.device}, backend {self.backend} on {self.provider}, {self.precision}, "
+                f"decode {self.decode}, loader {self.loader}, in {where}")
+
+
+def plan_extraction(*, device: str = "auto", backend: str = "auto", autocast: str | None = "auto",
+                    decode: str = "auto", num_workers: int | str | None = "auto",
+                    scheduler: str = "none") -> ExtractionPlan:
+    """Resolve the extraction settings (``auto`` included) on this machine into one plan.
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda"} or "cuda:N"
+    backend : {"auto", "torch", "onnx"}
+    autocast : {"auto", "none", "bf16", "fp16"} or None
+    decode : {"auto", "cpu", "gpu"}
+    num_workers : int, "auto" or None
+        Decode worker processes (``auto``/None: one per spare core).
+    scheduler : str
+        ``extract.scheduler``: ``none``, ``local`` or a dask scheduler address.
+
+    Returns
+    -------
+    ExtractionPlan
+
+    Raises
+    ------
+    featcache.errors.ExtractionError
+        For a device that is not there (``cuda`` without one) or an unknown value.
+    """
+    try:
+        if str(device).startswith("cuda:"):
+            compute.resolve_device("cuda", setting="extract.device", error=ExtractionError)
+            resolved_device = str(device)
+        else:
+            resolved_device = compute.resolve_device(device, setting="extract.device", error=ExtractionError)
+        resolved_backend = resolve_backend(backend, resolved_device)
+        resolved_autocast = resolve_autocast(autocast, resolved_device, resolved_backend)
+        resolved_decode = resolve_decode(decode, resolved_device, resolved_backend, scheduler)
+    except ExtractionError:
+        raise
+    except ValueError as error:
+        raise ExtractionError(str(error)) from None
+    if resolved_decode == "gpu":
+        loader = "device"
+    elif _is_cuda(resolved_device):
+        loader = "torch"
+    else:
+        loader = "arrays"
+    workers = None if num_workers in (None, "auto") else int(num_workers)
+    return ExtractionPlan(device=resolved_device, backend=resolved_backend, autocast=resolved_autocast,
+                          decode=resolved_decode, loader=loader, num_workers=workers, scheduler=scheduler)
+
+
+def build_runner(backbone: Any, layers: Sequence[str], plan: ExtractionPlan, *, pooling: str = "avg",
+                 channels_last: bool = True, input_size: int | None = None, intra_op_threads: int | None = None,
+                 onnx_cache: str | None = None) -> tuple[Any, dict[str, str]]:
+    """Build the feature runner of ``plan`` (its backend, device and precision).
+
+    Parameters
+    ----------
+    backbone : WeightsSource or LoadedBackbone
+        The backbone and its weights (:func:`~featcache.extract.zoo.weights.resolve_weights`
+        or :func:`~featcache.extract.zoo.weights.load_backbone`). The model is built
+        (``backbone.load()``) only when needed: an onnx runner whose export is
+        cached needs none.
+    layers : sequence of str
+        Aliases or raw node names.
+    plan : ExtractionPlan
+        Where and how the runner runs.
+    pooling, channels_last
+        As for :class:`~featcache.extract.runners.torch_runner.TorchFeatureExtractor`.
+    input_size : int, optional
+        ONNX only: the exported input side (default: the registry's).
+    intra_op_threads : int, optional
+        ONNX only: threads of one operator.
+    onnx_cache : str, optional
+        ONNX only: the export cache (``extract.onnx_cache``: ``auto``, ``none`` or a folder).
+
+    Returns
+    -------
+    runner : FeatureRunner
+        A :class:`TorchFeatureExtractor` or an :class:`OnnxFeatureRunner`.
+    attrs : dict
+        :func:`runner_attrs` of what was built, with ``onnx_sha256`` for an ONNX runner.
+
+    Raises
+    ------
+    featcache.errors.ExtractionError
+        When ``onnx`` is asked for on CUDA but onnxruntime's CUDA provider does not load.
+    """
+    if plan.backend == "onnx":
+        from featcache.extract.onnx.runner import OnnxFeatureRunner
+
+        extra = {} if onnx_cache is None else {"cache_dir": onnx_cache}
+        runner = OnnxFeatureRunner.from_source(backbone, layers, pooling=pooling, device=plan.device,
+                                               input_size=input_size, intra_op_threads=intra_op_threads, **extra)
+        if _is_cuda(plan.device) and runner.provider != CUDA_PROVIDER:
+            import onnxruntime
+
+            raise ExtractionError(
+                f"extract.backend is 'onnx' on {plan.device!r}, but onnxruntime runs on {runner.provider} "
+                f"(available providers: {onnxruntime.get_available_providers()}). Hint: set extract.backend: auto "
+                f"(torch on the GPU), or fix onnxruntime: {ONNX_GPU_FIX}."
+            )
+    else:
+        from featcache.extract.runners.torch_runner import TorchFeatureExtractor
+
+        loaded = backbone.load()
+        runner = TorchFeatureExtractor(loaded.model, loaded.spec, layers, pooling=pooling, device=plan.device,
+                                       channels_last=channels_last, autocast=plan.autocast)
+    attrs = runner_attrs(plan.backend, plan.device, plan.autocast)
+    if getattr(runner, "onnx_sha256", None):
+        attrs["onnx_sha256"] = runner.onnx_sha256
+    return runner, attrs

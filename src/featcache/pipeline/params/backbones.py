@@ -1,0 +1,59 @@
+"""The sections the extracting commands read, with the registry checks of ``backbones``.
+
+``extract``, ``export-onnx`` and ``onnx-parity`` read ``data``, ``extract`` and
+``backbones`` (:class:`ExtractSections`); ``backbones`` is checked against the
+backbone registry (known backbones, known layers, ``default`` resolved). The
+train stage reads the same sections as plain values, without this module.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from featcache.extract.zoo.registry import get_backbone, resolve_layer
+from featcache.pipeline.params.base import StageParams, load_sections
+from featcache.pipeline.params.data import DataParams
+from featcache.pipeline.params.extract import BackboneParams, ExtractParams
+
+__all__ = ["ExtractSections", "check_backbones", "load_extract_sections"]
+
+
+def check_backbones(backbones: dict[str, BackboneParams]) -> dict[str, BackboneParams]:
+    """Check every backbone and layer against the registry; ``default`` becomes the registry's default layer.
+
+    Raises
+    ------
+    featcache.extract.zoo.registry.UnknownNameError
+        For an unknown backbone or layer alias (with the valid names and a close match).
+    ValueError
+        For a layer listed twice.
+    """
+    for name, backbone in backbones.items():
+        spec = get_backbone(name)  # raises with the list of valid names
+        backbone.layers = [spec.default_layer if layer == "default" else layer for layer in backbone.layers]
+        for layer in backbone.layers:
+            if layer not in spec.layers and "." not in layer:
+                resolve_layer(name, layer)  # raises with the aliases and a hint
+        if len(set(backbone.layers)) != len(backbone.layers):
+            raise ValueError(f"backbones.{name}.layers lists a layer twice: {backbone.layers}")
+    return backbones
+
+
+class ExtractSections(StageParams):
+    """``data``, ``extract`` and ``backbones`` (checked against the registry): what the extracting commands read."""
+
+    data: DataParams = DataParams()
+    extract: ExtractParams = ExtractParams()
+    backbones: dict[str, BackboneParams] = Field(default_factory=lambda: {"efficientnet_lite0": BackboneParams()})
+
+    @field_validator("backbones")
+    @classmethod
+    def _known_backbones(cls, value: dict[str, BackboneParams]) -> dict[str, BackboneParams]:
+        return check_backbones(value)
+
+
+def load_extract_sections(path: str | Path = "params.yaml") -> ExtractSections:
+    """Read and validate the sections of ``path`` that the extracting commands read."""
+    return load_sections(ExtractSections, path)

@@ -1,0 +1,116 @@
+"""The strict base of every params section, its error messages, and the loader of a stage's sections.
+
+Every section is a pydantic model with ``extra="forbid"``: an unknown or
+mistyped key fails at once with the key, the allowed keys and a close match.
+A stage's model (:class:`StageParams`) lists the sections it reads and
+ignores the others, so a stage validates and imports only what it uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from featcache.errors import UserError
+from featcache.util.names import did_you_mean
+
+__all__ = ["ConfigError", "Strict", "StageParams", "load_sections", "read_params_file", "validate_sections"]
+
+SectionsT = TypeVar("SectionsT", bound=BaseModel)
+
+
+class ConfigError(UserError, ValueError):
+    """``params.yaml`` is invalid; the message names the key, value and allowed values."""
+
+
+class Strict(BaseModel):
+    """A params section: unknown keys are errors, defaults are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class StageParams(BaseModel):
+    """The sections of ``params.yaml`` that one stage reads; the other sections are not looked at."""
+
+    model_config = ConfigDict(extra="ignore", validate_default=True)
+
+
+def _model_at(root: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that validates the mapping at ``loc`` under ``root`` (to list its allowed keys)."""
+    model: Any = root
+    skip_key = False
+    for part in loc:
+        if isinstance(part, int) or skip_key:  # list index or a dict key (backbone name)
+            skip_key = False
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = getattr(annotation, "__args__", ())
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        elif args and isinstance(args[-1], type) and issubclass(args[-1], BaseModel):
+            model = args[-1]  # dict[str, Model] or list[Model]
+            skip_key = getattr(annotation, "__origin__", None) is dict
+        else:
+            return None
+    return model
+
+
+def format_validation_error(error: ValidationError, root: type[BaseModel]) -> str:
+    """One line per invalid key: the key, the problem, the value, the allowed keys and a close match."""
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "extra_forbidden":
+            model = _model_at(root, item["loc"][:-1])
+            allowed = list(model.model_fields) if model is not None else []
+            hint = did_you_mean(item["loc"][-1], allowed)
+            lines.append(f"- unknown key {key!r}.{hint} Allowed keys here: {', '.join(allowed)}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            got = f" (got {item.get('input')!r})" if item["loc"] else ""
+            lines.append(f"- {key or 'params'}: {message}{got}")
+    return "Invalid params:\n" + "\n".join(lines)
+
+
+def validate_sections(model: type[SectionsT], raw: Mapping[str, Any] | None) -> SectionsT:
+    """Validate a params mapping against ``model`` (a whole file, or one stage's sections).
+
+    Raises
+    ------
+    ConfigError
+        Listing every invalid key with the value and the allowed values.
+    """
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ConfigError(f"Invalid params: the file must hold a mapping of sections, got {type(raw).__name__}.")
+    try:
+        return model.model_validate(dict(raw or {}))
+    except ValidationError as error:
+        raise ConfigError(format_validation_error(error, model)) from None
+    except (UserError, ValueError) as error:  # raised by a check outside pydantic (a registry lookup)
+        raise ConfigError(f"Invalid params: {error}") from None
+
+
+def read_params_file(path: str | Path) -> Mapping[str, Any] | None:
+    """The parsed YAML of a params file.
+
+    Raises
+    ------
+    ConfigError
+        If the file does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Params file {str(path)!r} not found. Hint: run from the project root.")
+    with open(path, encoding="utf-8") as handle:
+        return yaml.safe_load(handle)
+
+
+def load_sections(model: type[SectionsT], path: str | Path = "params.yaml") -> SectionsT:
+    """Read ``path`` and validate the sections that ``model`` declares."""
+    return validate_sections(model, read_params_file(path))

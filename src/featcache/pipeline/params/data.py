@@ -1,0 +1,62 @@
+"""The ``data`` section: where the images come from, the task, and how rows are split."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from featcache.pipeline.params.base import Strict
+from featcache.store.schema import TASKS
+
+__all__ = ["DataParams", "SplitRatios"]
+
+
+class SplitRatios(Strict):
+    """Fractions of rows per split (must sum to 1; ``val`` may be 0)."""
+
+    train: float = Field(0.6, gt=0, le=1)
+    val: float = Field(0.2, ge=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> "SplitRatios":
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split ratios train+val+test must sum to 1, got {total:g} "
+                             f"({self.train:g}+{self.val:g}+{self.test:g})")
+        return self
+
+
+class DataParams(Strict):
+    """Where the images come from and how they are split."""
+
+    name: str = Field("digits", pattern=r"^[A-Za-z0-9_.-]+$")
+    source: Literal["folder", "csv"] = "folder"
+    path: str = "data/digits"
+    csv: str = "labels.csv"
+    task: Literal[TASKS] = "classification"  # type: ignore[valid-type]
+    split: SplitRatios = SplitRatios()
+    seed: int = 0
+    #: Explicit class list; its order defines the label indices. Labels outside it, and listed classes
+    #: without images, are errors. None: every non-empty class folder / CSV label, sorted.
+    classes: list[str] | None = Field(None, min_length=1)
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct_classes(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return value
+        stripped = [name.strip() for name in value]
+        if any(not name for name in stripped):
+            raise ValueError(f"data.classes has an empty class name: {value}")
+        dupes = sorted({name for name in stripped if stripped.count(name) > 1})
+        if dupes:
+            raise ValueError(f"data.classes lists {dupes} more than once: {value}")
+        return stripped
+
+    @model_validator(mode="after")
+    def _classes_need_classification(self) -> "DataParams":
+        if self.classes is not None and self.task != "classification":
+            raise ValueError(f"data.classes is only for classification (data.task is {self.task!r}); remove it")
+        return self

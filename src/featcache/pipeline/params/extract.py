@@ -1,0 +1,146 @@
+"""The ``extract`` and ``backbones`` sections as plain values, and the extraction config a store records.
+
+Nothing here imports the extractor: the value sets come from
+:mod:`featcache.store.schema`, so the train stage checks a store's config
+against these sections without importing ``featcache.extract``. The registry
+checks of ``backbones`` (names, layers) are in :mod:`.backbones`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping
+
+from pydantic import Field, field_validator
+
+from featcache.pipeline.params.base import Strict
+from featcache.store.schema import (
+    AUTOCASTS, BACKENDS, DEFAULT_MAX_IMAGE_PIXELS, FEATURE_DTYPES, POOLINGS, RESIZE_MODES,
+)
+from featcache.util.compute import DEVICES
+
+__all__ = ["BackboneParams", "ExtractParams", "SPEED_ONLY", "extraction_config", "stored_choices"]
+
+#: ``extract`` settings that change how fast features are made, never their values: left out of the
+#: config a store records (and of its hash), so changing them resumes or reuses a store.
+SPEED_ONLY = ("batch_size", "num_workers", "block_rows", "device", "malloc_tuning", "scheduler", "n_workers",
+              "max_bad_fraction", "onnx_cache")
+
+
+class ExtractParams(Strict):
+    """How features are extracted (shared by every backbone); ``auto`` is resolved by ``featcache.extract.plan``."""
+
+    #: auto: torch on CUDA, onnxruntime on the CPU.
+    backend: Literal[BACKENDS] = "auto"  # type: ignore[valid-type]
+    device: Literal[DEVICES] = "auto"  # type: ignore[valid-type]
+    batch_size: int = Field(64, ge=1, le=4096)
+    num_workers: int | Literal["auto"] = "auto"
+    dtype: Literal[FEATURE_DTYPES] = "float16"  # type: ignore[valid-type]
+    pooling: Literal[POOLINGS] = "avg"  # type: ignore[valid-type]
+    resize_mode: Literal[RESIZE_MODES] = "crop"  # type: ignore[valid-type]
+    channels_last: bool = True
+    #: auto: fp16 for torch on CUDA, none (float32) elsewhere.
+    autocast: Literal[AUTOCASTS] = "auto"  # type: ignore[valid-type]
+    #: Where JPEGs are decoded: ``auto`` = batched on the GPU when torch runs on CUDA, else PIL in
+    #: the workers (``cpu``); ``gpu`` forces the device path (on a CPU device too). Stored resolved.
+    decode: Literal["auto", "cpu", "gpu"] = "auto"
+    on_error: Literal["skip", "fail"] = "skip"
+    block_rows: int = Field(512, ge=1)
+    malloc_tuning: bool = True
+    #: Decompression-bomb guard: images with more pixels (width x height) are reported as bad
+    #: (checked from the header, in the decode workers); None disables it. Default: Pillow's limit.
+    max_image_pixels: int | None = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1)
+    #: A run where every row, or more than this fraction of rows, is a bad image fails (no final store).
+    max_bad_fraction: float = Field(0.5, ge=0, le=1)
+    scheduler: str = Field("none", description="none | local | a dask scheduler address (tcp://host:8786)")
+    n_workers: int | Literal["auto"] = Field("auto", description="workers of the local dask cluster "
+                                             "(scheduler: local); auto: one per GPU on CUDA, else 2")
+    onnx_cache: str = Field("auto", min_length=1, description="ONNX export cache: auto ($FEATCACHE_CACHE_DIR/onnx "
+                            "or ~/.cache/featcache/onnx) | none | a folder")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, value: str) -> str:
+        if value not in ("none", "local") and "://" not in value:
+            raise ValueError(f"extract.scheduler must be 'none', 'local' or a scheduler address like "
+                             f"'tcp://10.0.0.5:8786', got {value!r}")
+        return value
+
+    @field_validator("n_workers")
+    @classmethod
+    def _positive_workers(cls, value: int | str) -> int | str:
+        if value != "auto" and value < 1:
+            raise ValueError(f"extract.n_workers must be 'auto' or >= 1, got {value!r}")
+        return value
+
+    def plan_settings(self) -> dict[str, Any]:
+        """The keyword arguments of ``featcache.extract.plan.plan_extraction`` that these settings give."""
+        return {"device": self.device, "backend": self.backend, "autocast": self.autocast, "decode": self.decode,
+                "num_workers": self.num_workers, "scheduler": self.scheduler}
+
+
+class BackboneParams(Strict):
+    """One backbone to extract: weights source and layers (``default``: the registry's default layer)."""
+
+    weights: str = "pretrained"
+    layers: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
+
+
+def extraction_config(params: Any, backbone: str) -> dict[str, Any]:
+    """Every param that changes the features of one backbone, as the store's ``config`` records it.
+
+    The extract stage adds what the plan resolved (``backend``, ``autocast``,
+    a ``gpu`` decode path) and the backbone's preprocessing.
+
+    Parameters
+    ----------
+    params : object with ``data``, ``extract`` and ``backbones``
+        Validated sections (a stage's sections or the whole params).
+    backbone : str
+        A key of ``params.backbones``.
+    """
+    if backbone not in params.backbones:
+        raise ValueError(f"Backbone {backbone!r} is not configured in params.backbones "
+                         f"(configured: {list(params.backbones)}).")
+    data, backbone_params = params.data, params.backbones[backbone]
+    knobs = params.extract.model_dump()
+    for key in SPEED_ONLY:
+        knobs.pop(key)
+    # The decode path depends on the machine (auto): the plan records the resolved path, and only
+    # when it is not the original CPU path. backend/autocast likewise are recorded resolved.
+    for key in ("decode", "backend", "autocast"):
+        knobs.pop(key)
+    # Params added later enter the hash only when set to a non-default value, so feature files
+    # extracted before they existed stay valid.
+    if knobs.get("max_image_pixels") == DEFAULT_MAX_IMAGE_PIXELS:
+        knobs.pop("max_image_pixels")
+    data_part: dict[str, Any] = {"name": data.name, "task": data.task}
+    if data.classes is not None:
+        data_part["classes"] = list(data.classes)  # the label order
+    return {
+        "backbone": backbone,
+        "weights": backbone_params.weights,
+        "layers": list(backbone_params.layers),
+        "extract": knobs,
+        "data": data_part,
+    }
+
+
+def stored_choices(extract: ExtractParams, stored: Mapping[str, Any]) -> dict[str, Any]:
+    """The choices a store's config records, as these params ask for them, ``auto`` taken as the store resolved it.
+
+    A store extracted with ``backend: auto`` on a GPU machine is valid for the
+    same params on a CPU machine; an explicit setting must match the store.
+
+    Parameters
+    ----------
+    extract : ExtractParams
+    stored : mapping
+        The ``extract`` section of the store's config.
+    """
+    backend = stored.get("backend") if extract.backend == "auto" else extract.backend
+    # onnxruntime runs the float32 graph whatever autocast asks for (the plan records "none" there).
+    autocast = stored.get("autocast") if extract.autocast == "auto" or backend == "onnx" else extract.autocast
+    choices: dict[str, Any] = {"backend": backend, "autocast": autocast}
+    if stored.get("decode") == "gpu":  # features of either decode path are valid for the same params
+        choices["decode"] = "gpu"
+    return choices

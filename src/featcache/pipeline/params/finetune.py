@@ -1,0 +1,72 @@
+"""The ``finetune`` section: the optional end-to-end baseline (``finetune/dvc.yaml``)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Mapping
+
+from pydantic import Field, field_validator, model_validator
+
+from featcache.extract.zoo.registry import get_backbone
+from featcache.finetune.config import MODES, PARAMS_DEFAULTS, FinetuneConfig
+from featcache.pipeline.params.base import Strict
+from featcache.util.names import did_you_mean
+
+__all__ = ["FinetuneParams"]
+
+
+def _finetune_config(values: Mapping[str, Any], where: str) -> FinetuneConfig:
+    """:class:`~featcache.finetune.config.FinetuneConfig` of params values; errors name ``where``."""
+    allowed = FinetuneConfig.setting_names()
+    unknown = [key for key in values if key not in allowed and key != "mode"]
+    prefix = f"{where}: " if where else ""
+    if unknown:
+        hints = ", ".join(f"{key!r}{did_you_mean(key, allowed, template=' (did you mean {!r}?)')}" for key in unknown)
+        raise ValueError(f"{prefix}unknown setting(s) {hints}; allowed: {', '.join(allowed)}")
+    try:
+        return FinetuneConfig.from_dict(values)
+    except ValueError as error:
+        raise ValueError(f"{prefix}{error}") from None
+
+
+class FinetuneParams(Strict):
+    """The optional end-to-end fine-tuning baseline.
+
+    ``defaults`` apply to every mode; ``modes`` lists the modes that run (mode ->
+    overrides of ``defaults``, any :class:`~featcache.finetune.config.FinetuneConfig`
+    setting; ``defaults`` missing a setting take :data:`~featcache.finetune.config.PARAMS_DEFAULTS`,
+    then the API's defaults).
+    """
+
+    backbone: str = "efficientnet_lite0"
+    weights: str = "pretrained"
+    export_onnx: bool = True
+    cam_images: int = Field(4, ge=0, le=64)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    modes: dict[Literal[MODES], dict[str, Any] | None] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: {"frozen": {"epochs": 10, "lr": 0.01, "random_resized_crop": False},
+                                 "low_lr": {"epochs": 4}, "unfreeze": {"epochs": 5},
+                                 "scratch": {"epochs": 6, "lr": 0.003, "freeze_bn": False}})
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, value: str) -> str:
+        get_backbone(value)  # raises with the list of valid names
+        return value
+
+    @field_validator("defaults")
+    @classmethod
+    def _full_defaults(cls, value: dict[str, Any]) -> dict[str, Any]:
+        merged = {**PARAMS_DEFAULTS, **value}
+        _finetune_config(merged, "")
+        return merged
+
+    @model_validator(mode="after")
+    def _valid_modes(self) -> "FinetuneParams":
+        for mode in self.modes:
+            self.settings(mode)
+        return self
+
+    def settings(self, mode: str) -> FinetuneConfig:
+        """``defaults`` updated with ``modes[mode]``, as the one fine-tuning schema (validated)."""
+        overrides = self.modes.get(mode) or {}  # type: ignore[call-overload]
+        return _finetune_config({**self.defaults, **overrides, "mode": mode}, f"modes.{mode}")

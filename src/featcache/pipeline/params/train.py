@@ -1,0 +1,47 @@
+"""The ``train``, ``heads`` and ``features`` sections: which heads run on which features, and their settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+
+from featcache.heads.registry import check_head_params, head_names, task_params
+from featcache.pipeline.params.base import Strict
+from featcache.util.names import did_you_mean
+
+__all__ = ["FeatureRef", "TrainParams", "check_heads_sections"]
+
+
+class FeatureRef(Strict):
+    """One (backbone, layer) pair that heads are trained on."""
+
+    backbone: str
+    layer: str
+
+
+class TrainParams(Strict):
+    """Which heads run and how they are scored."""
+
+    heads: list[str] = Field(default_factory=lambda: ["logreg", "lightgbm", "mlp"], min_length=1)
+    n_boot: int = Field(1000, ge=0)
+    seed: int = 0
+
+    @field_validator("heads")
+    @classmethod
+    def _known_heads(cls, value: list[str]) -> list[str]:
+        allowed = head_names()
+        for name in value:
+            if name not in allowed:
+                raise ValueError(f"unknown head {name!r}; allowed: {', '.join(allowed)}.{did_you_mean(name, allowed)}")
+        return value
+
+
+def check_heads_sections(heads: dict[str, dict[str, Any]], task: str) -> None:
+    """Check each ``heads.<name>`` section against its head's parameters (no head is imported).
+
+    One section serves both tasks' twins; a key that neither twin takes is an
+    error naming the key and a close match.
+    """
+    for name, section in heads.items():
+        check_head_params(name, task, task_params(name, task, section))

@@ -1,0 +1,64 @@
+"""extract/doctor.py: `featcache doctor` on a CPU machine and on a (monkeypatched) GPU machine."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+import torch
+
+from featcache.extract import doctor
+from featcache.extract.doctor import doctor_report, gpu_decoder_line
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch reports two CUDA devices (nothing runs on them)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H200")
+
+
+def test_doctor_on_a_cpu_machine():
+    text = "\n".join(doctor_report())
+    assert f"torch {torch.__version__}" in text and "onnxruntime" in text
+    assert "extract.backend: auto -> onnx" in text and "auto -> float32" in text
+    assert "decode cpu, loader arrays" in text
+
+
+def test_doctor_on_a_gpu_machine_with_both_onnxruntime_packages(fake_cuda, monkeypatch):
+    real_version = importlib.metadata.version
+
+    def version(name):
+        return "1.20.0" if name == "onnxruntime-gpu" else real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    monkeypatch.setattr(doctor, "gpu_decoder_line", lambda cuda: "GPU JPEG decode: (checked)")
+    text = "\n".join(doctor_report())
+    assert "CUDA: yes, 2 device(s): NVIDIA H200, NVIDIA H200" in text
+    assert "both onnxruntime and onnxruntime-gpu are installed" in text and "pip install onnxruntime-gpu" in text
+    assert ("extract.device: auto -> cuda; extract.backend: auto -> torch; extract.autocast: auto -> float16; "
+            "extract.decode: auto -> gpu") in text
+
+
+def test_the_gpu_decoder_line_really_checks_the_decoder(monkeypatch):
+    """On CUDA the line comes from decoding a test JPEG there (decoders.gpu_decode_status), not from an import."""
+    from featcache.extract.decode import decoders
+
+    calls = []
+
+    def status(device="cuda"):
+        calls.append(device)
+        return False, "No JPEG decoder works on 'cuda' (torchcodec: missing)"
+
+    monkeypatch.setattr(decoders, "gpu_decode_status", status)
+    assert gpu_decoder_line(True) == "GPU JPEG decode: NO: No JPEG decoder works on 'cuda' (torchcodec: missing)"
+    assert calls == ["cuda"]
+    assert "not available (no CUDA device)" in gpu_decoder_line(False) and calls == ["cuda"]
+
+
+def test_doctor_command(capsys):
+    from featcache.pipeline.cli import main
+
+    assert main(["doctor"]) == 0
+    assert "extract.backend: auto ->" in capsys.readouterr().out

@@ -1,0 +1,118 @@
+"""extract/plan.py: what `auto` resolves to (CUDA monkeypatched), the plan's loader, the runner it builds."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from featcache.errors import ExtractionError
+from featcache.extract.plan import (
+    ExtractionPlan, build_runner, plan_extraction, precision_name, resolve_autocast, resolve_backend, runner_attrs,
+)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch reports two CUDA devices (nothing runs on them)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H200")
+
+
+def test_auto_backend_is_torch_on_cuda_and_onnxruntime_on_cpu(monkeypatch):
+    assert resolve_backend("auto", "cuda") == "torch" and resolve_backend("auto", "cuda:1") == "torch"
+    assert resolve_backend("auto", "cpu") == "onnx"
+    assert (resolve_backend("torch", "cpu"), resolve_backend("onnx", "cuda")) == ("torch", "onnx")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else
+                        real_find_spec(name))
+    assert resolve_backend("auto", "cpu") == "torch"
+    with pytest.raises(ValueError, match="'tensorrt' is not one of"):
+        resolve_backend("tensorrt", "cpu")
+
+
+def test_auto_autocast_is_fp16_on_cuda_torch_only_and_never_bf16():
+    assert resolve_autocast("auto", "cuda", "torch") == "fp16"
+    assert resolve_autocast("auto", "cpu", "torch") is None
+    assert resolve_autocast("auto", "cuda", "onnx") is None
+    assert resolve_autocast("none", "cuda", "torch") is None and resolve_autocast(None, "cpu", "torch") is None
+    assert resolve_autocast("bf16", "cuda", "torch") == "bf16"  # only when asked for
+    assert resolve_autocast("bf16", "cpu", "onnx") is None  # the float32 ONNX graph
+    assert [precision_name(a) for a in (None, "fp16", "bf16")] == ["float32", "float16", "bfloat16"]
+    with pytest.raises(ValueError, match="autocast 'int8'"):
+        resolve_autocast("int8", "cpu", "torch")
+
+
+def test_runner_attrs_say_backend_provider_and_precision():
+    assert runner_attrs("onnx", "cpu", None) == {"backend": "onnx", "provider": "CPUExecutionProvider",
+                                                  "precision": "float32"}
+    assert runner_attrs("torch", "cuda", "fp16") == {"backend": "torch", "provider": "cuda", "precision": "float16"}
+
+
+def test_the_cpu_plan_runs_onnxruntime_on_numpy_batches():
+    plan = plan_extraction(device="cpu")
+    assert plan == ExtractionPlan(device="cpu", backend="onnx", autocast=None, decode="cpu", loader="arrays")
+    assert plan.attrs() == {"backend": "onnx", "provider": "CPUExecutionProvider", "precision": "float32",
+                            "decode": "cpu"}
+    assert plan.config() == {"backend": "onnx", "autocast": "none"} and not plan.pin_memory
+    # The store records what auto resolved to: the same config hash as the explicit settings.
+    assert plan_extraction(device="cpu", backend="onnx", autocast="none").config() == plan.config()
+    assert plan_extraction(device="cpu", num_workers=3).num_workers == 3
+    assert plan_extraction(device="cpu", backend="torch", decode="gpu").loader == "device"  # the device path on CPU
+
+
+def test_the_gpu_plan_decodes_on_the_device_in_fp16(fake_cuda):
+    plan = plan_extraction()
+    assert (plan.device, plan.backend, plan.autocast, plan.decode, plan.loader) == ("cuda", "torch", "fp16", "gpu",
+                                                                                     "device")
+    assert plan.config() == {"backend": "torch", "autocast": "fp16", "decode": "gpu"}
+    assert plan.attrs()["precision"] == "float16" and "loader device" in plan.describe()
+    pil = plan_extraction(decode="cpu")
+    assert pil.loader == "torch" and pil.pin_memory and "decode" not in pil.config()
+    onnx = plan_extraction(backend="onnx")  # onnxruntime takes host batches: PIL decode
+    assert (onnx.decode, onnx.autocast, onnx.provider) == ("cpu", None, "CUDAExecutionProvider")
+    dask = plan_extraction(scheduler="local")  # dask workers decode with PIL
+    assert dask.decode == "cpu" and dask.distributed
+
+
+def test_bad_settings_stop_before_any_work():
+    with pytest.raises(ExtractionError, match="decode: gpu does not run under extract.scheduler"):
+        plan_extraction(device="cpu", decode="gpu", scheduler="local")
+    with pytest.raises(ExtractionError, match="extract.decode 'nvjpeg'"):
+        plan_extraction(device="cpu", decode="nvjpeg")
+    with pytest.raises(ExtractionError, match="extract.device is 'tpu'"):
+        plan_extraction(device="tpu")
+
+
+def test_cuda_asked_for_on_a_cpu_machine_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ExtractionError, match="no CUDA device is visible"):
+        plan_extraction(device="cuda")
+
+
+def test_build_runner_torch_and_onnx_on_cpu(random_backbone):
+    from featcache.extract.onnx.runner import OnnxFeatureRunner
+    from featcache.extract.runners.torch_runner import TorchFeatureExtractor
+
+    loaded = random_backbone("resnet18")
+    runner, attrs = build_runner(loaded, ["pool5"], plan_extraction(device="cpu", backend="torch"))
+    assert isinstance(runner, TorchFeatureExtractor) and runner.autocast is None
+    assert attrs == {"backend": "torch", "provider": "cpu", "precision": "float32"}
+    runner, attrs = build_runner(loaded, ["pool5"], plan_extraction(device="cpu"), input_size=64)
+    assert isinstance(runner, OnnxFeatureRunner) and attrs["provider"] == runner.provider == "CPUExecutionProvider"
+    assert attrs["onnx_sha256"] == runner.onnx_sha256
+
+
+def test_onnx_on_cuda_without_its_provider_stops_with_the_fix(monkeypatch):
+    from featcache.extract.onnx import runner as onnx_runner
+
+    class CpuOnly:
+        provider = "CPUExecutionProvider"
+
+    monkeypatch.setattr(onnx_runner.OnnxFeatureRunner, "from_source", classmethod(lambda cls, *a, **k: CpuOnly()))
+    plan = ExtractionPlan(device="cuda", backend="onnx", autocast=None, decode="cpu", loader="torch")
+    with pytest.raises(ExtractionError, match="runs on CPUExecutionProvider.*backend: auto.*pip uninstall -y "
+                                              "onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"):
+        build_runner(object(), ["pool"], plan)
