@@ -70,3 +70,42 @@ def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
     assert main(["check", "--params", str(tmp_path / "params.yaml")]) == 2
     err = capsys.readouterr().err
     assert "extract.poolin" in err and "pooling" in err and "Traceback" not in err
+
+
+def test_the_schema_defaults_are_the_shipped_params():
+    """A key left out of params.yaml means what the shipped params.yaml says (``auto``, not another default)."""
+    import yaml
+
+    from featcache.pipeline.params.extract import ExtractParams
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text(encoding="utf-8"))
+    defaults = ExtractParams().model_dump()
+    differ = {key: (defaults[key], value) for key, value in shipped["extract"].items() if defaults[key] != value}
+    assert not differ, f"extract defaults (code, params.yaml) differ: {differ}"
+
+
+def test_each_stage_validates_only_the_sections_it_reads(tmp_path):
+    """A typo in a head's section stops train and check, not prepare or extract (which never read it)."""
+    import yaml
+
+    from featcache.pipeline.finetune import load_finetune_sections
+    from featcache.pipeline.params.backbones import load_extract_sections
+    from featcache.pipeline.prepare import load_prepare_sections
+    from featcache.pipeline.train import load_train_sections
+
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump({"heads": {"mlp": {"hiden_sizes": [8]}}, "finetune": {"epochz": 1}}))
+    assert load_prepare_sections(path).data.name == "digits"
+    assert list(load_extract_sections(path).backbones) == ["efficientnet_lite0"]
+    with pytest.raises(ConfigError, match="hiden_sizes"):
+        load_train_sections(path)
+    with pytest.raises(ConfigError, match="epochz"):
+        load_finetune_sections(path)
+    with pytest.raises(ConfigError, match="epochz"):  # check validates every section
+        load_params(path)
+    # The sections a stage reads are still strict, and a typo in extract stops the train stage too.
+    path.write_text(yaml.safe_dump({"extract": {"poolin": "max"}}))
+    for load in (load_extract_sections, load_train_sections, load_params):
+        with pytest.raises(ConfigError, match="unknown key 'extract.poolin'.*pooling"):
+            load(path)
+    assert load_prepare_sections(path).data.name == "digits"

@@ -124,3 +124,33 @@ def test_exp_run_on_a_head_param_reruns_only_that_head(dvc_project: Path):
     header = _run(["dvc", "exp", "show", "--csv", "--only-changed"], dvc_project).splitlines()[0].split(",")
     assert "efficientnet_lite0.pool.logreg.log_loss" in header, header
     assert not any(column.endswith(".json:accuracy") for column in header), header
+
+
+def _edit_source(project: Path, relative: str) -> Path:
+    """Append a comment to one copied source file (a change that alters no behaviour); returns the file."""
+    path = project / "src" / "featcache" / relative
+    path.write_text(path.read_text(encoding="utf-8") + "\n# an edit that changes no behaviour\n", encoding="utf-8")
+    return path
+
+
+def _changed_stages(project: Path) -> set[str]:
+    return set(json.loads(_run(["dvc", "status", "--json"], project)))
+
+
+def test_a_head_edit_reruns_only_train_and_compare(dvc_project: Path):
+    _run(["dvc", "repro"], dvc_project)
+    assert _changed_stages(dvc_project) == set()
+    _edit_source(dvc_project, "heads/mlp.py")
+    changed = _changed_stages(dvc_project)
+    assert changed and all(name.startswith("train@") for name in changed), changed  # extract, prepare up to date
+    stages = _stages_run(_run(["dvc", "repro"], dvc_project))
+    assert stages and all(name.startswith("train@") or name == "compare" for name in stages), stages
+
+
+def test_an_extractor_edit_reruns_extract_and_nothing_after(dvc_project: Path):
+    """The features come out byte-identical, so DVC stops after the extract stage."""
+    _run(["dvc", "repro"], dvc_project)
+    _edit_source(dvc_project, "extract/engine.py")
+    assert _changed_stages(dvc_project) == {"extract@efficientnet_lite0"}
+    assert _stages_run(_run(["dvc", "repro"], dvc_project)) == {"extract@efficientnet_lite0"}
+    assert _changed_stages(dvc_project) == set()
