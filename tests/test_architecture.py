@@ -4,7 +4,8 @@
 * ``heads/`` imports neither ``extract/`` nor ``finetune/``; ``extract/`` neither ``heads/`` nor ``finetune/``;
 * no library module (anything outside ``pipeline/``) imports ``pipeline/``;
 * no module imports another module's underscore name (``from x import _y``, a private
-  module ``x._y``, or ``x._y`` on an imported featcache module), and no ``# noqa: SLF001``;
+  module ``x._y``, or ``x._y`` on an imported featcache module, imported absolutely or
+  relatively: ``from . import x`` then ``x._y``), and no ``# noqa: SLF001``;
 * no source file over 500 lines.
 
 Imports inside functions count. There is no allowlist: every rule holds for the whole tree.
@@ -56,42 +57,56 @@ def _is_module(dotted: str, root: Path = SRC) -> bool:
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
+def _package_of(path: Path, root: Path = SRC) -> str:
+    """The package a file's relative imports start from (itself for an ``__init__``)."""
+    here = _module_name(path, root)
+    return here if _is_package(path) else here.rpartition(".")[0]
+
+
+def _from_module(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module of ``from <module> import ...``; ``from ..x`` resolved against ``package``."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _is_featcache(dotted: str) -> bool:
+    return dotted == "featcache" or dotted.startswith("featcache.")
+
+
 def imports_of(path: Path, root: Path = SRC) -> list[Import]:
     """Every featcache import of one file (top level and inside functions), as dotted targets."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    here = _module_name(path, root)
-    package = here if _is_package(path) else here.rpartition(".")[0]
+    package = _package_of(path, root)
     rel = str(path.relative_to(root))
     found: list[Import] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [Import(rel, node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
+            module = _from_module(node, package)
             for alias in node.names:
                 full = f"{module}.{alias.name}"
                 found.append(Import(rel, node.lineno, full if alias.name != "*" else module))
-    return [item for item in found if item.target == "featcache" or item.target.startswith("featcache.")]
+    return [item for item in found if _is_featcache(item.target)]
 
 
 def _private_attributes(path: Path, root: Path = SRC) -> list[str]:
-    """``alias._name`` where ``alias`` is bound to an imported featcache module."""
+    """``alias._name`` where ``alias`` is bound to an imported featcache module (absolute or relative import)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = _package_of(path, root)
     modules: dict[str, str] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.startswith("featcache"):
+                if _is_featcache(alias.name):
                     modules[alias.asname or alias.name.split(".")[0]] = alias.asname and alias.name or "featcache"
-        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("featcache"):
+        elif isinstance(node, ast.ImportFrom) and _is_featcache(module := _from_module(node, package)):
             for alias in node.names:
-                if _is_module(f"{node.module}.{alias.name}", root):
-                    modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+                if _is_module(f"{module}.{alias.name}", root):
+                    modules[alias.asname or alias.name] = f"{module}.{alias.name}"
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
@@ -192,6 +207,20 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
      "featcache/a/x.py: uses featcache.a.y._hidden"),
     ("private", {"a/x.py": "import featcache.a.y as y\ny._hidden()\n", "a/y.py": ""},
      "featcache/a/x.py: uses featcache.a.y._hidden"),
+    ("private", {"a/x.py": "from . import _y\n", "a/_y.py": ""},
+     "featcache/a/x.py: imports featcache.a._y"),
+    ("private", {"a/x.py": "from .y import _hidden\n", "a/y.py": ""},
+     "featcache/a/x.py: imports featcache.a.y._hidden"),
+    ("private", {"a/x.py": "from . import y\ny._hidden()\n", "a/y.py": ""},
+     "featcache/a/x.py: uses featcache.a.y._hidden"),
+    ("private", {"a/x.py": "def f():\n    from . import y as w\n    return w._hidden\n", "a/y.py": ""},
+     "featcache/a/x.py: uses featcache.a.y._hidden"),
+    ("private", {"a/b/x.py": "from .. import y\ny._hidden()\n", "a/y.py": ""},
+     "featcache/a/b/x.py: uses featcache.a.y._hidden"),
+    ("private", {"a/b/x.py": "from .. import c\nc.y._hidden()\n", "a/c/y.py": ""},
+     "featcache/a/b/x.py: uses featcache.a.c.y._hidden"),
+    ("private", {"a/x.py": "from .y import z\nz._hidden\n", "a/y/z.py": ""},
+     "featcache/a/x.py: uses featcache.a.y.z._hidden"),
     ("noqa", {"a/x.py": "w._lock = 1  # noqa: SLF001\n"}, "featcache/a/x.py: line 1"),
     ("size", {"a/x.py": "x = 1\n" * (MAX_LINES + 1)}, f"featcache/a/x.py: {MAX_LINES + 1} lines"),
 ])
