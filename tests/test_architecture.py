@@ -2,6 +2,10 @@
 
 * ``store/`` imports none of ``extract/``, ``heads/``, ``finetune/``, ``pipeline/``;
 * ``heads/`` imports neither ``extract/`` nor ``finetune/``; ``extract/`` neither ``heads/`` nor ``finetune/``;
+* inside ``extract/``, a module imports only its own layer or lower ones: ``zoo/`` < ``inputs/`` < ``decode/``
+  < ``runners/`` < ``onnx/`` < the top-level extract modules (``extract/__init__``'s facade included);
+* ``util/`` imports nothing of featcache outside ``util/``, and ``lazy.py`` nothing of featcache at all
+  (their docstrings say so; ``errors.py``'s leaf claim is checked by ``tests/test_errors.py``);
 * no library module (anything outside ``pipeline/``) imports ``pipeline/``;
 * no module imports another module's underscore name (``from x import _y``, a private
   module ``x._y``, or ``x._y`` on an imported featcache module, imported absolutely or
@@ -30,7 +34,17 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "heads": frozenset({"extract", "finetune"}),
     "extract": frozenset({"heads", "finetune"}),
 }
-RULES = ("layers", "pipeline", "private", "noqa", "size")
+#: extract/'s own layers, lowest first. Inside extract/, a module imports only from its own layer or a lower
+#: one. Every other extract module (engine, blockloop, distributed, runner_spec, backends/plan/doctor, malloc,
+#: and extract/__init__ with its lazy facade) is the top layer, whatever its name.
+EXTRACT_LAYERS: tuple[str, ...] = ("zoo", "inputs", "decode", "runners", "onnx")
+#: Leaf modules (their docstrings say so): file or folder -> the featcache modules they may import.
+#: (errors.py is a leaf too; tests/test_errors.py checks it.)
+LEAVES: dict[str, tuple[str, ...]] = {
+    "featcache/util/": ("featcache.util",),
+    "featcache/lazy.py": (),
+}
+RULES = ("layers", "extract-layers", "leaves", "pipeline", "private", "noqa", "size")
 
 
 
@@ -124,6 +138,27 @@ def _private(target: str) -> bool:
     return any(part.startswith("_") and not (part.startswith("__") and part.endswith("__")) for part in parts)
 
 
+def _extract_layer(dotted: str) -> int | None:
+    """The layer of a module or name under ``featcache.extract`` (index in EXTRACT_LAYERS, else the top); None
+    outside extract/."""
+    parts = dotted.split(".")
+    if parts[:2] != ["featcache", "extract"]:
+        return None
+    return EXTRACT_LAYERS.index(parts[2]) if len(parts) > 2 and parts[2] in EXTRACT_LAYERS else len(EXTRACT_LAYERS)
+
+
+def _layer_name(layer: int) -> str:
+    return EXTRACT_LAYERS[layer] if layer < len(EXTRACT_LAYERS) else "top"
+
+
+def _leaf_allows(rel: str) -> tuple[str, ...] | None:
+    """The featcache modules a leaf file may import (None: not a leaf)."""
+    for where, allowed in LEAVES.items():
+        if rel == where or (where.endswith("/") and rel.startswith(where)):
+            return allowed
+    return None
+
+
 def source_files(root: Path = SRC) -> list[Path]:
     return sorted((root / "featcache").rglob("*.py"))
 
@@ -146,9 +181,18 @@ def violations(rule: str, root: Path = SRC) -> set[str]:
             continue
         if rule == "private":
             found.update(_private_attributes(path, root))
+        here_layer = _extract_layer(_module_name(path, root))
+        leaf = _leaf_allows(rel)
         for item in imports_of(path, root):
             target_sub = item.target.split(".")[1] if item.target.count(".") else ""
+            target_layer = _extract_layer(item.target)
             if rule == "layers" and target_sub in FORBIDDEN.get(sub, ()):
+                found.add(f"{rel}: imports {item.target}")
+            elif rule == "extract-layers" and None not in (here_layer, target_layer) and target_layer > here_layer:
+                found.add(f"{rel}: imports {item.target} ({_layer_name(here_layer)} below "
+                          f"{_layer_name(target_layer)})")
+            elif rule == "leaves" and leaf is not None and not any(
+                    item.target == ok or item.target.startswith(f"{ok}.") for ok in leaf):
                 found.add(f"{rel}: imports {item.target}")
             elif rule == "pipeline" and sub != "pipeline" and target_sub == "pipeline":
                 found.add(f"{rel}: imports {item.target}")
@@ -197,6 +241,27 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
      "featcache/extract/x.py: imports featcache.heads.metrics.f"),
     ("layers", {"extract/x.py": "from featcache import finetune\n"},
      "featcache/extract/x.py: imports featcache.finetune"),
+    ("extract-layers", {"extract/zoo/x.py": "from featcache.extract.decode.preprocess import Preprocessor\n"},
+     "featcache/extract/zoo/x.py: imports featcache.extract.decode.preprocess.Preprocessor (zoo below decode)"),
+    ("extract-layers", {"extract/decode/x.py": "def f():\n    from featcache.extract.engine import extract_to_store\n"},
+     "featcache/extract/decode/x.py: imports featcache.extract.engine.extract_to_store (decode below top)"),
+    ("extract-layers", {"extract/decode/x.py": "from ..runners import torch_runner\n"},
+     "featcache/extract/decode/x.py: imports featcache.extract.runners.torch_runner (decode below runners)"),
+    ("extract-layers", {"extract/runners/x.py": "import featcache.extract.onnx.export\n"},
+     "featcache/extract/runners/x.py: imports featcache.extract.onnx.export (runners below onnx)"),
+    ("extract-layers", {"extract/onnx/x.py": "from .. import plan\n"},
+     "featcache/extract/onnx/x.py: imports featcache.extract.plan (onnx below top)"),
+    ("extract-layers", {"extract/inputs/x.py": "from featcache.extract import Preprocessor\n"},
+     "featcache/extract/inputs/x.py: imports featcache.extract.Preprocessor (inputs below top)"),
+    ("extract-layers", {"extract/zoo/__init__.py": "from featcache.extract.inputs import manifest\n"},
+     "featcache/extract/zoo/__init__.py: imports featcache.extract.inputs.manifest (zoo below inputs)"),
+    ("leaves", {"util/x.py": "from featcache.errors import UserError\n"},
+     "featcache/util/x.py: imports featcache.errors.UserError"),
+    ("leaves", {"util/__init__.py": "def f():\n    from ..extract.zoo import registry\n"},
+     "featcache/util/__init__.py: imports featcache.extract.zoo.registry"),
+    ("leaves", {"lazy.py": "from featcache.util.names import closest\n"},
+     "featcache/lazy.py: imports featcache.util.names.closest"),
+    ("leaves", {"lazy.py": "import featcache\n"}, "featcache/lazy.py: imports featcache"),
     ("pipeline", {"errors.py": "def f():\n    import featcache.pipeline.config\n"},
      "featcache/errors.py: imports featcache.pipeline.config"),
     ("private", {"a/x.py": "from featcache.a.y import _hidden\n", "a/y.py": ""},
@@ -233,6 +298,16 @@ def test_each_rule_catches_its_violation(tmp_path: Path, rule: str, files: dict[
      "heads/y.py": ""},
     {"pipeline/x.py": "from featcache.pipeline.config import load_params\nfrom featcache.heads import metrics\n"},
     {"a/x.py": "from featcache import __version__\nclass A:\n    def _own(self):\n        return self._own\n"},
+    {"extract/decode/x.py": "from featcache.extract.zoo.registry import BackboneSpec\nfrom ..inputs import manifest\n"
+                            "from . import y\nfrom featcache.util.compute import resolve_device\n"
+                            "from featcache.errors import ExtractionError\nfrom featcache.extract.decode import z\n",
+     "extract/decode/y.py": "", "extract/decode/z.py": ""},
+    {"extract/engine.py": "from .onnx import runner\nfrom featcache.extract.blockloop import Progress\n"
+                          "from featcache.extract.decode.loaders import make_loader\n",
+     "extract/plan.py": "from featcache.extract import engine\nfrom featcache.extract.zoo import registry\n",
+     "extract/__init__.py": "from featcache.lazy import lazy_exports\n"},
+    {"util/x.py": "from . import y\nfrom featcache.util.names import closest\n", "util/y.py": "",
+     "util/__init__.py": "from featcache.util.x import f\n", "lazy.py": "import importlib\n"},
     {"a/x.py": "x = 1\n" * MAX_LINES},
 ])
 def test_allowed_imports_pass(tmp_path: Path, files: dict[str, str]):
