@@ -1,4 +1,4 @@
-"""The layout rules of the developers' guide, read from every module's imports (ast).
+"""The layering rules of the design guide (docs/ARCHITECTURE.md), read from every module's imports (ast).
 
 * ``store/`` imports none of ``extract/``, ``heads/``, ``finetune/``, ``pipeline/``;
 * ``heads/`` imports neither ``extract/`` nor ``finetune/``; ``extract/`` neither ``heads/`` nor ``finetune/``;
