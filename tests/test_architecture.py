@@ -1,10 +1,15 @@
-"""The layout rules of the developers' guide, read from every module's imports (ast).
+"""The layering rules of the design guide (docs/ARCHITECTURE.md), read from every module's imports (ast).
 
 * ``store/`` imports none of ``extract/``, ``heads/``, ``finetune/``, ``pipeline/``;
 * ``heads/`` imports neither ``extract/`` nor ``finetune/``; ``extract/`` neither ``heads/`` nor ``finetune/``;
+* inside ``extract/``, a module imports only its own layer or lower ones: ``zoo/`` < ``inputs/`` < ``decode/``
+  < ``runners/`` < ``onnx/`` < the top-level extract modules (``extract/__init__``'s facade included);
+* ``util/`` imports nothing of featcache outside ``util/``, and ``lazy.py`` nothing of featcache at all
+  (their docstrings say so; ``errors.py``'s leaf claim is checked by ``tests/test_errors.py``);
 * no library module (anything outside ``pipeline/``) imports ``pipeline/``;
 * no module imports another module's underscore name (``from x import _y``, a private
-  module ``x._y``, or ``x._y`` on an imported featcache module), and no ``# noqa: SLF001``;
+  module ``x._y``, or ``x._y`` on an imported featcache module, imported absolutely or
+  relatively: ``from . import x`` then ``x._y``), and no ``# noqa: SLF001``;
 * no source file over 500 lines.
 
 Imports inside functions count. There is no allowlist: every rule holds for the whole tree.
@@ -29,7 +34,17 @@ FORBIDDEN: dict[str, frozenset[str]] = {
     "heads": frozenset({"extract", "finetune"}),
     "extract": frozenset({"heads", "finetune"}),
 }
-RULES = ("layers", "pipeline", "private", "noqa", "size")
+#: extract/'s own layers, lowest first. Inside extract/, a module imports only from its own layer or a lower
+#: one. Every other extract module (engine, blockloop, distributed, runner_spec, backends/plan/doctor, malloc,
+#: and extract/__init__ with its lazy facade) is the top layer, whatever its name.
+EXTRACT_LAYERS: tuple[str, ...] = ("zoo", "inputs", "decode", "runners", "onnx")
+#: Leaf modules (their docstrings say so): file or folder -> the featcache modules they may import.
+#: (errors.py is a leaf too; tests/test_errors.py checks it.)
+LEAVES: dict[str, tuple[str, ...]] = {
+    "featcache/util/": ("featcache.util",),
+    "featcache/lazy.py": (),
+}
+RULES = ("layers", "extract-layers", "leaves", "pipeline", "private", "noqa", "size")
 
 
 
@@ -56,42 +71,56 @@ def _is_module(dotted: str, root: Path = SRC) -> bool:
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
+def _package_of(path: Path, root: Path = SRC) -> str:
+    """The package a file's relative imports start from (itself for an ``__init__``)."""
+    here = _module_name(path, root)
+    return here if _is_package(path) else here.rpartition(".")[0]
+
+
+def _from_module(node: ast.ImportFrom, package: str) -> str:
+    """The absolute module of ``from <module> import ...``; ``from ..x`` resolved against ``package``."""
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")
+    base = base[: len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def _is_featcache(dotted: str) -> bool:
+    return dotted == "featcache" or dotted.startswith("featcache.")
+
+
 def imports_of(path: Path, root: Path = SRC) -> list[Import]:
     """Every featcache import of one file (top level and inside functions), as dotted targets."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
-    here = _module_name(path, root)
-    package = here if _is_package(path) else here.rpartition(".")[0]
+    package = _package_of(path, root)
     rel = str(path.relative_to(root))
     found: list[Import] = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found += [Import(rel, node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)] if node.level > 1 else base
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
+            module = _from_module(node, package)
             for alias in node.names:
                 full = f"{module}.{alias.name}"
                 found.append(Import(rel, node.lineno, full if alias.name != "*" else module))
-    return [item for item in found if item.target == "featcache" or item.target.startswith("featcache.")]
+    return [item for item in found if _is_featcache(item.target)]
 
 
 def _private_attributes(path: Path, root: Path = SRC) -> list[str]:
-    """``alias._name`` where ``alias`` is bound to an imported featcache module."""
+    """``alias._name`` where ``alias`` is bound to an imported featcache module (absolute or relative import)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = _package_of(path, root)
     modules: dict[str, str] = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                if alias.name.startswith("featcache"):
+                if _is_featcache(alias.name):
                     modules[alias.asname or alias.name.split(".")[0]] = alias.asname and alias.name or "featcache"
-        elif isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("featcache"):
+        elif isinstance(node, ast.ImportFrom) and _is_featcache(module := _from_module(node, package)):
             for alias in node.names:
-                if _is_module(f"{node.module}.{alias.name}", root):
-                    modules[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+                if _is_module(f"{module}.{alias.name}", root):
+                    modules[alias.asname or alias.name] = f"{module}.{alias.name}"
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__"):
@@ -107,6 +136,27 @@ def _private_attributes(path: Path, root: Path = SRC) -> list[str]:
 def _private(target: str) -> bool:
     parts = target.split(".")
     return any(part.startswith("_") and not (part.startswith("__") and part.endswith("__")) for part in parts)
+
+
+def _extract_layer(dotted: str) -> int | None:
+    """The layer of a module or name under ``featcache.extract`` (index in EXTRACT_LAYERS, else the top); None
+    outside extract/."""
+    parts = dotted.split(".")
+    if parts[:2] != ["featcache", "extract"]:
+        return None
+    return EXTRACT_LAYERS.index(parts[2]) if len(parts) > 2 and parts[2] in EXTRACT_LAYERS else len(EXTRACT_LAYERS)
+
+
+def _layer_name(layer: int) -> str:
+    return EXTRACT_LAYERS[layer] if layer < len(EXTRACT_LAYERS) else "top"
+
+
+def _leaf_allows(rel: str) -> tuple[str, ...] | None:
+    """The featcache modules a leaf file may import (None: not a leaf)."""
+    for where, allowed in LEAVES.items():
+        if rel == where or (where.endswith("/") and rel.startswith(where)):
+            return allowed
+    return None
 
 
 def source_files(root: Path = SRC) -> list[Path]:
@@ -131,9 +181,18 @@ def violations(rule: str, root: Path = SRC) -> set[str]:
             continue
         if rule == "private":
             found.update(_private_attributes(path, root))
+        here_layer = _extract_layer(_module_name(path, root))
+        leaf = _leaf_allows(rel)
         for item in imports_of(path, root):
             target_sub = item.target.split(".")[1] if item.target.count(".") else ""
+            target_layer = _extract_layer(item.target)
             if rule == "layers" and target_sub in FORBIDDEN.get(sub, ()):
+                found.add(f"{rel}: imports {item.target}")
+            elif rule == "extract-layers" and None not in (here_layer, target_layer) and target_layer > here_layer:
+                found.add(f"{rel}: imports {item.target} ({_layer_name(here_layer)} below "
+                          f"{_layer_name(target_layer)})")
+            elif rule == "leaves" and leaf is not None and not any(
+                    item.target == ok or item.target.startswith(f"{ok}.") for ok in leaf):
                 found.add(f"{rel}: imports {item.target}")
             elif rule == "pipeline" and sub != "pipeline" and target_sub == "pipeline":
                 found.add(f"{rel}: imports {item.target}")
@@ -182,6 +241,27 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
      "featcache/extract/x.py: imports featcache.heads.metrics.f"),
     ("layers", {"extract/x.py": "from featcache import finetune\n"},
      "featcache/extract/x.py: imports featcache.finetune"),
+    ("extract-layers", {"extract/zoo/x.py": "from featcache.extract.decode.preprocess import Preprocessor\n"},
+     "featcache/extract/zoo/x.py: imports featcache.extract.decode.preprocess.Preprocessor (zoo below decode)"),
+    ("extract-layers", {"extract/decode/x.py": "def f():\n    from featcache.extract.engine import extract_to_store\n"},
+     "featcache/extract/decode/x.py: imports featcache.extract.engine.extract_to_store (decode below top)"),
+    ("extract-layers", {"extract/decode/x.py": "from ..runners import torch_runner\n"},
+     "featcache/extract/decode/x.py: imports featcache.extract.runners.torch_runner (decode below runners)"),
+    ("extract-layers", {"extract/runners/x.py": "import featcache.extract.onnx.export\n"},
+     "featcache/extract/runners/x.py: imports featcache.extract.onnx.export (runners below onnx)"),
+    ("extract-layers", {"extract/onnx/x.py": "from .. import plan\n"},
+     "featcache/extract/onnx/x.py: imports featcache.extract.plan (onnx below top)"),
+    ("extract-layers", {"extract/inputs/x.py": "from featcache.extract import Preprocessor\n"},
+     "featcache/extract/inputs/x.py: imports featcache.extract.Preprocessor (inputs below top)"),
+    ("extract-layers", {"extract/zoo/__init__.py": "from featcache.extract.inputs import manifest\n"},
+     "featcache/extract/zoo/__init__.py: imports featcache.extract.inputs.manifest (zoo below inputs)"),
+    ("leaves", {"util/x.py": "from featcache.errors import UserError\n"},
+     "featcache/util/x.py: imports featcache.errors.UserError"),
+    ("leaves", {"util/__init__.py": "def f():\n    from ..extract.zoo import registry\n"},
+     "featcache/util/__init__.py: imports featcache.extract.zoo.registry"),
+    ("leaves", {"lazy.py": "from featcache.util.names import closest\n"},
+     "featcache/lazy.py: imports featcache.util.names.closest"),
+    ("leaves", {"lazy.py": "import featcache\n"}, "featcache/lazy.py: imports featcache"),
     ("pipeline", {"errors.py": "def f():\n    import featcache.pipeline.config\n"},
      "featcache/errors.py: imports featcache.pipeline.config"),
     ("private", {"a/x.py": "from featcache.a.y import _hidden\n", "a/y.py": ""},
@@ -192,6 +272,20 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
      "featcache/a/x.py: uses featcache.a.y._hidden"),
     ("private", {"a/x.py": "import featcache.a.y as y\ny._hidden()\n", "a/y.py": ""},
      "featcache/a/x.py: uses featcache.a.y._hidden"),
+    ("private", {"a/x.py": "from . import _y\n", "a/_y.py": ""},
+     "featcache/a/x.py: imports featcache.a._y"),
+    ("private", {"a/x.py": "from .y import _hidden\n", "a/y.py": ""},
+     "featcache/a/x.py: imports featcache.a.y._hidden"),
+    ("private", {"a/x.py": "from . import y\ny._hidden()\n", "a/y.py": ""},
+     "featcache/a/x.py: uses featcache.a.y._hidden"),
+    ("private", {"a/x.py": "def f():\n    from . import y as w\n    return w._hidden\n", "a/y.py": ""},
+     "featcache/a/x.py: uses featcache.a.y._hidden"),
+    ("private", {"a/b/x.py": "from .. import y\ny._hidden()\n", "a/y.py": ""},
+     "featcache/a/b/x.py: uses featcache.a.y._hidden"),
+    ("private", {"a/b/x.py": "from .. import c\nc.y._hidden()\n", "a/c/y.py": ""},
+     "featcache/a/b/x.py: uses featcache.a.c.y._hidden"),
+    ("private", {"a/x.py": "from .y import z\nz._hidden\n", "a/y/z.py": ""},
+     "featcache/a/x.py: uses featcache.a.y.z._hidden"),
     ("noqa", {"a/x.py": "w._lock = 1  # noqa: SLF001\n"}, "featcache/a/x.py: line 1"),
     ("size", {"a/x.py": "x = 1\n" * (MAX_LINES + 1)}, f"featcache/a/x.py: {MAX_LINES + 1} lines"),
 ])
@@ -204,6 +298,16 @@ def test_each_rule_catches_its_violation(tmp_path: Path, rule: str, files: dict[
      "heads/y.py": ""},
     {"pipeline/x.py": "from featcache.pipeline.config import load_params\nfrom featcache.heads import metrics\n"},
     {"a/x.py": "from featcache import __version__\nclass A:\n    def _own(self):\n        return self._own\n"},
+    {"extract/decode/x.py": "from featcache.extract.zoo.registry import BackboneSpec\nfrom ..inputs import manifest\n"
+                            "from . import y\nfrom featcache.util.compute import resolve_device\n"
+                            "from featcache.errors import ExtractionError\nfrom featcache.extract.decode import z\n",
+     "extract/decode/y.py": "", "extract/decode/z.py": ""},
+    {"extract/engine.py": "from .onnx import runner\nfrom featcache.extract.blockloop import Progress\n"
+                          "from featcache.extract.decode.loaders import make_loader\n",
+     "extract/plan.py": "from featcache.extract import engine\nfrom featcache.extract.zoo import registry\n",
+     "extract/__init__.py": "from featcache.lazy import lazy_exports\n"},
+    {"util/x.py": "from . import y\nfrom featcache.util.names import closest\n", "util/y.py": "",
+     "util/__init__.py": "from featcache.util.x import f\n", "lazy.py": "import importlib\n"},
     {"a/x.py": "x = 1\n" * MAX_LINES},
 ])
 def test_allowed_imports_pass(tmp_path: Path, files: dict[str, str]):
