@@ -20,7 +20,6 @@ from featcache.extract.onnx.cache import (
     cached_export,
     default_cache_dir,
     entry_path,
-    file_sha256_hex,
     resolve_cache_dir,
     source_key,
 )
@@ -28,6 +27,7 @@ import featcache.extract.onnx.runner as onnx_runner
 from featcache.extract.onnx.runner import OnnxFeatureRunner
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.extract.zoo.weights import WeightsSource, load_backbone, resolve_weights
+from featcache.util.hashing import file_sha256
 
 SIZE = 32
 
@@ -60,7 +60,7 @@ def test_hit_does_not_call_the_exporter(resnet, tmp_path, fake_exporter):
     first, sha = cached_export(extractor, tmp_path, input_size=SIZE)
     again, sha_again = cached_export(_extractor(resnet), tmp_path, input_size=SIZE)
     assert len(fake_exporter) == 1
-    assert again == first and sha_again == sha == file_sha256_hex(first)
+    assert again == first and sha_again == sha == file_sha256(first)
     sidecar = json.loads(first.with_name(first.name + ".json").read_text())
     assert sidecar["sha256"] == sha and sidecar["key"]["backbone"] == "resnet18"
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, first.name + ".json"]  # no temporaries left
@@ -84,7 +84,7 @@ def test_corrupt_entry_is_logged_and_rebuilt(damage, resnet, tmp_path, fake_expo
     with caplog.at_level(logging.WARNING, logger="featcache.extract.onnx.cache"):
         rebuilt, new_sha = cached_export(_extractor(resnet), tmp_path, input_size=SIZE)
     assert len(fake_exporter) == 2 and rebuilt == path
-    assert new_sha == file_sha256_hex(path) == json.loads(sidecar.read_text())["sha256"]
+    assert new_sha == file_sha256(path) == json.loads(sidecar.read_text())["sha256"]
     assert "rebuilding" in caplog.text and path.name in caplog.text
 
 
@@ -175,7 +175,7 @@ def test_from_model_reuses_the_export(resnet, tmp_path, monkeypatch):
     """A real export once; the second runner opens the cached file without exporting, same outputs."""
     first = OnnxFeatureRunner.from_model(resnet.model, resnet.spec, ["pool5"], input_size=SIZE, intra_op_threads=1,
                                          cache_dir=tmp_path)
-    assert first.path.parent == tmp_path and first.onnx_sha256 == file_sha256_hex(first.path)
+    assert first.path.parent == tmp_path and first.onnx_sha256 == file_sha256(first.path)
 
     def no_export(*args, **kwargs):
         raise AssertionError("the exporter ran on a cache hit")
@@ -186,7 +186,7 @@ def test_from_model_reuses_the_export(resnet, tmp_path, monkeypatch):
     copy = OnnxFeatureRunner.from_model(resnet.model, resnet.spec, ["pool5"], input_size=SIZE, intra_op_threads=1,
                                         cache_dir=tmp_path, path=tmp_path / "out" / "copy.onnx")
     assert second.path == first.path and second.onnx_sha256 == first.onnx_sha256
-    assert copy.path == tmp_path / "out" / "copy.onnx" and file_sha256_hex(copy.path) == first.onnx_sha256
+    assert copy.path == tmp_path / "out" / "copy.onnx" and file_sha256(copy.path) == first.onnx_sha256
     batch = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(second(batch)["pool5"], first(batch)["pool5"])
     with pytest.raises(AssertionError, match="exporter ran"):  # without the cache it exports again
@@ -200,7 +200,7 @@ def test_from_source_hit_builds_no_model(resnet, tmp_path, monkeypatch):
     first = OnnxFeatureRunner.from_source(resolve_weights("resnet18", str(weights)), ["pool5"], input_size=SIZE,
                                           intra_op_threads=1, cache_dir=tmp_path / "cache")
     sidecar = json.loads(first.path.with_name(first.path.name + ".json").read_text())
-    assert sidecar["key"]["weights_file_sha256"] == file_sha256_hex(weights)
+    assert sidecar["key"]["weights_file_sha256"] == file_sha256(weights)
 
     def no_model(self):
         raise AssertionError("the model was built on a cache hit")

@@ -46,13 +46,14 @@ from featcache.extract.onnx.format import DEFAULT_OPSET, EXPORT_CODE_VERSION, re
 from featcache.extract.zoo.registry import BackboneSpec
 from featcache.store.lock import FileLock
 from featcache.store.schema import canonical_json
+from featcache.util.hashing import file_sha256
 
 if TYPE_CHECKING:
     import torch
 
     from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 
-__all__ = ["CACHE_ENV", "cache_key", "cached_export", "default_cache_dir", "entry_path", "file_sha256_hex", "lookup",
+__all__ = ["CACHE_ENV", "cache_key", "cached_export", "default_cache_dir", "entry_path", "lookup",
            "resolve_cache_dir", "source_key", "state_sha256"]
 
 logger = logging.getLogger(__name__)
@@ -98,15 +99,6 @@ def state_sha256(module: torch.nn.Module) -> str:
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    return digest.hexdigest()
-
-
-def file_sha256_hex(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """sha256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
     return digest.hexdigest()
 
 
@@ -195,7 +187,7 @@ def _verified(path: Path, sidecar: Path) -> str | None:
         return None
     try:
         expected = json.loads(sidecar.read_text(encoding="utf-8"))["sha256"]
-        actual = file_sha256_hex(path)
+        actual = file_sha256(path)
     except (OSError, ValueError, KeyError, TypeError) as error:
         logger.warning("ONNX cache entry %s is unreadable (%s: %s); rebuilding it.", path, type(error).__name__, error)
         return None
@@ -254,7 +246,7 @@ def cached_export(extractor: TorchFeatureExtractor, cache_dir: str | os.PathLike
         partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             export_onnx(extractor, partial, opset=opset, input_size=input_size, exporter=exporter)
-            sha = file_sha256_hex(partial)
+            sha = file_sha256(partial)
             partial_sidecar = partial.with_name(partial.name + ".json")
             partial_sidecar.write_text(json.dumps({"sha256": sha, "key": key}, indent=1, sort_keys=True) + "\n",
                                        encoding="utf-8")
