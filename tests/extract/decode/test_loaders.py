@@ -139,3 +139,37 @@ def test_closing_the_array_loader_early_stops_its_workers(manifest):
     assert multiprocessing.active_children()
     batches.close()
     assert not multiprocessing.active_children()
+
+
+class _CountingReader(ImageReader):
+    """Blank batches without decoding; every batch read appends a line to ``log`` (from any worker process)."""
+
+    def __init__(self, n: int, log) -> None:
+        super().__init__([f"{row}.png" for row in range(n)], PRE)
+        self.log = str(log)
+
+    def read_batch(self, rows):
+        with open(self.log, "a") as handle:
+            handle.write(f"{rows[0]}\n")
+        size = self.preprocess.input_size
+        return np.asarray(rows, np.int64), np.zeros((len(rows), 3, size, size), np.uint8), [""] * len(rows)
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_array_loader_reads_at_most_workers_x_prefetch_batches_ahead(tmp_path, prefetch):
+    """A slow consumer: the workers read ahead up to the bound, never more; stopping early leaves the rest unread."""
+    import time
+
+    log, workers, n = tmp_path / "reads.txt", 2, 40
+
+    def reads() -> int:
+        return len(log.read_text().splitlines()) if log.exists() else 0
+
+    batches = iter_array_batches(_CountingReader(n, log), range(n), batch_size=1, num_workers=workers,
+                                 prefetch_factor=prefetch)
+    for consumed in range(1, 4):
+        assert next(batches)[0].tolist() == [consumed - 1]
+        time.sleep(0.3)  # the workers are idle long before this: an unbounded loader would read all n by now
+        assert consumed <= reads() <= consumed + workers * prefetch
+    batches.close()
+    assert reads() <= 3 + workers * prefetch < n
