@@ -128,7 +128,30 @@ def test_array_loader_raises_a_worker_bug_with_its_note(manifest, monkeypatch):
     batches = iter_array_batches(ImageReader(manifest, PRE), list(range(8)), batch_size=2, num_workers=2)
     with pytest.raises(KeyError, match="decoder plugin") as info:
         list(batches)
-    assert any("not a bad-image error" in note for note in getattr(info.value, "__notes__", []))
+    assert any("not a bad-image error" in note for note in info.value.__notes__)  # Python 3.10 too
+
+
+class _NoAddNoteError(KeyError):
+    """An exception without ``add_note``, as every exception is on Python 3.10."""
+
+    add_note = None
+
+
+@pytest.mark.parametrize("stage", ["decode", "preprocess"])
+def test_a_bug_is_noted_without_add_note(manifest, monkeypatch, stage):
+    """The note naming the file reaches ``__notes__`` where ``add_note`` does not exist (Python 3.10)."""
+    def failing(*args, **kwargs):
+        raise _NoAddNoteError("a bug")
+
+    if stage == "decode":
+        monkeypatch.setattr("featcache.extract.decode.loaders.load_rgb", failing)
+    else:
+        monkeypatch.setattr(Preprocessor, "pixels_array", failing)
+    row = manifest.ids.index("a/001.png")
+    with pytest.raises(_NoAddNoteError) as info:
+        ImageReader(manifest, PRE).read(row)
+    expected = "not a bad-image error" if stage == "decode" else "which decoded fine"
+    assert [note for note in info.value.__notes__ if expected in note and "001.png" in note and f"row {row}" in note]
 
 
 def test_closing_the_array_loader_early_stops_its_workers(manifest):
