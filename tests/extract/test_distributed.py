@@ -20,8 +20,8 @@ from featcache.errors import ExtractionError
 from featcache.extract.engine import extract_to_store
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.sources import from_folder
-from featcache.store.schema import sha256_text
-from featcache.store.writer import LayerSpec, StoreWriter
+from featcache.store.schema import LayerSpec, sha256_text
+from featcache.store.writer import StoreWriter
 
 from _support.files import md5
 
