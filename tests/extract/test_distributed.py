@@ -20,9 +20,9 @@ from featcache.errors import ExtractionError
 from featcache.extract.engine import extract_to_store
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.sources import from_folder
-from featcache.store.schema import sha256_text
-from featcache.store.writer import LayerSpec, StoreWriter
 from featcache.extract.plan import plan_extraction
+from featcache.store.schema import LayerSpec, sha256_text
+from featcache.store.writer import StoreWriter
 
 #: One process decodes (the default loader of a runner on the CPU).
 CPU_PLAN = plan_extraction(device="cpu", backend="torch", num_workers=0)

@@ -255,6 +255,7 @@ def test_regression_mode_uses_standardised_mse(regression_manifest: Manifest):
     assert result.task == "regression" and result.n_outputs == 1
     assert result.step_losses[-1] < result.step_losses[0]
     assert result.y_score.shape == (6,) and result.tta_score.shape == (6,)
+    assert np.array_equal(result.tta_score, result.y_score)  # hflip false: TTA's only view is the center crop
     assert {"rmse", "mae", "r2", "tta_rmse"} <= result.metrics.keys()
     train = regression_manifest.targets[regression_manifest.splits == 0]
     assert result.target_mean == pytest.approx(train.mean()) and result.target_std == pytest.approx(train.std())

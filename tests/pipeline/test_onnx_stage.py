@@ -7,7 +7,8 @@ import onnx
 import yaml
 
 import featcache.extract.onnx.export as onnx_export
-from featcache.extract.onnx.cache import default_cache_dir, file_sha256_hex
+from featcache.extract.onnx.cache import default_cache_dir
+from featcache.util.hashing import file_sha256
 from featcache.pipeline import extract, parse_params, prepare
 from featcache.pipeline.cli import main
 from featcache.store import FeatureStore
@@ -32,7 +33,7 @@ def test_onnx_backend_matches_torch_backend(tmp_path, folder_factory, params_fac
         onnx_sha256 = got.attrs["onnx_sha256"]
     # the export is cached (tests/conftest.py points FEATCACHE_CACHE_DIR at a session folder)
     entries = list(default_cache_dir().glob("efficientnet_lite0-*.onnx"))
-    assert onnx_sha256 in [file_sha256_hex(entry) for entry in entries]
+    assert onnx_sha256 in [file_sha256(entry) for entry in entries]
 
 
 def test_second_onnx_extraction_does_not_export(tmp_path, folder_factory, params_factory, monkeypatch):
@@ -55,7 +56,7 @@ def test_second_onnx_extraction_does_not_export(tmp_path, folder_factory, params
         assert second.attrs["onnx_sha256"] == sha
         np.testing.assert_array_equal(first.read("pool"), second.read("pool"))
     [entry] = (tmp_path / "cache").glob("*.onnx")
-    assert file_sha256_hex(entry) == sha
+    assert file_sha256(entry) == sha
 
 
 def test_export_and_parity_commands(tmp_path, capsys):

@@ -102,8 +102,12 @@ class FinetuneConfig:
     amp : bool
         Mixed precision (``torch.autocast`` fp16 + ``GradScaler``); CUDA only, ignored on CPU.
     tta : bool
-        Also score the test split with test-time augmentation (the mean of the
-        center crop's and its horizontal flip's outputs), reported as ``tta_*``.
+        Also score the test split with test-time augmentation, reported as
+        ``tta_*``: the mean of the outputs over the views that training's
+        augmentation produces, the center crop and, only with ``hflip``, its
+        horizontal flip. Without ``hflip`` the center crop is the only view, so
+        ``tta_*`` equal the plain metrics (reported all the same, so metric
+        files keep the same keys).
     channels_last : bool
         NHWC memory format (faster convolutions on CPU and GPU).
     seed : int

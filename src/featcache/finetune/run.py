@@ -260,7 +260,8 @@ def _finetune(manifest: Manifest, spec: BackboneSpec, weights: str, config: Fine
     fit = trainer.fit(train, evals.get("val"), on_epoch_end)
 
     scored = predict(model, evals["test"], task, device, tta=config.tta, amp=use_amp,
-                     channels_last=config.channels_last, target_mean=target_mean, target_std=target_std)
+                     channels_last=config.channels_last, target_mean=target_mean, target_std=target_std,
+                     tta_hflip=config.hflip)
     y_true, metrics = _test_metrics(task, scored, n_outputs if task == "classification" else None, config)
     best_params: dict[str, Any] = {"mode": config.mode, "epochs": len(fit.history), "best_epoch": fit.best_epoch,
                                    "lr": config.lr, "input_size": pre.input_size, "batch_size": config.batch_size}

@@ -53,7 +53,7 @@ def _outputs(model: nn.Module, images: torch.Tensor, task: str) -> torch.Tensor:
 @torch.no_grad()
 def predict(model: nn.Module, batches: Batches, task: str, device: torch.device | str = "cpu",
             tta: bool = False, amp: bool = False, channels_last: bool = True,
-            target_mean: float = 0.0, target_std: float = 1.0) -> dict[str, Any]:
+            target_mean: float = 0.0, target_std: float = 1.0, *, tta_hflip: bool = False) -> dict[str, Any]:
     """Score every batch (the model is put in eval mode).
 
     Parameters
@@ -64,9 +64,15 @@ def predict(model: nn.Module, batches: Batches, task: str, device: torch.device 
         Batches ``(rows (B,), images (B, 3, S, S), targets (B,))``.
     task : {"classification", "regression"}
     tta : bool
-        Also return the mean of the outputs on the images and their horizontal flips.
+        Also return test-time-augmented scores: the mean over the views that
+        training's augmentation produces (see ``tta_hflip``).
     target_mean, target_std : float
         Regression outputs are de-standardised with these.
+    tta_hflip : bool
+        Whether training flipped images horizontally (``FinetuneConfig.hflip``):
+        then the TTA views are the image and its flip; else the image alone, so
+        ``tta_scores`` equal ``scores`` (no second pass; a model never trained on
+        mirrored images is not scored on them).
 
     Returns
     -------
@@ -96,10 +102,12 @@ def predict(model: nn.Module, batches: Batches, task: str, device: torch.device 
         else:
             losses.append(F.mse_loss(out, (target.float() - target_mean) / target_std, reduction="sum").item())
         scores.append(convert(out).cpu())
-        if tta:
+        if tta and tta_hflip:
             with autocast(device, amp):
                 flipped = _outputs(model, torch.flip(images, dims=[3]), task)
             tta_scores.append(((convert(out) + convert(flipped)) / 2).cpu())
+        elif tta:  # one view: the plain prediction
+            tta_scores.append(scores[-1])
         rows.append(row)
         y_true.append(target.cpu())
     if not rows:

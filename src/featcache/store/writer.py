@@ -46,7 +46,7 @@ from .validate import (
     format_blocks,
 )
 
-__all__ = ["LayerSpec", "StoreWriter"]  # LayerSpec lives in .schema; re-exported for old imports
+__all__ = ["StoreWriter"]
 
 logger = logging.getLogger(__name__)
 

@@ -3,6 +3,7 @@
 * :mod:`featcache.util.atomic` - write a file atomically (temp file + ``os.replace``);
 * :mod:`featcache.util.closing` - the ``with obj:`` mixin of objects with a ``close()``;
 * :mod:`featcache.util.compute` - devices, CPU counts and torch thread limits;
+* :mod:`featcache.util.hashing` - the sha256 of a file's bytes;
 * :mod:`featcache.util.names` - "did you mean" hints for unknown names.
 """
 
@@ -16,6 +17,7 @@ from featcache.util.compute import (
     torch_threads,
     usable_cpus,
 )
+from featcache.util.hashing import file_sha256
 from featcache.util.names import closest, did_you_mean
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "closest",
     "default_num_workers",
     "did_you_mean",
+    "file_sha256",
     "physical_cores",
     "resolve_device",
     "torch_threads",

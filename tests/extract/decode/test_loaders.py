@@ -128,7 +128,30 @@ def test_array_loader_raises_a_worker_bug_with_its_note(manifest, monkeypatch):
     batches = iter_array_batches(ImageReader(manifest, PRE), list(range(8)), batch_size=2, num_workers=2)
     with pytest.raises(KeyError, match="decoder plugin") as info:
         list(batches)
-    assert any("not a bad-image error" in note for note in getattr(info.value, "__notes__", []))
+    assert any("not a bad-image error" in note for note in info.value.__notes__)  # Python 3.10 too
+
+
+class _NoAddNoteError(KeyError):
+    """An exception without ``add_note``, as every exception is on Python 3.10."""
+
+    add_note = None
+
+
+@pytest.mark.parametrize("stage", ["decode", "preprocess"])
+def test_a_bug_is_noted_without_add_note(manifest, monkeypatch, stage):
+    """The note naming the file reaches ``__notes__`` where ``add_note`` does not exist (Python 3.10)."""
+    def failing(*args, **kwargs):
+        raise _NoAddNoteError("a bug")
+
+    if stage == "decode":
+        monkeypatch.setattr("featcache.extract.decode.loaders.load_rgb", failing)
+    else:
+        monkeypatch.setattr(Preprocessor, "pixels_array", failing)
+    row = manifest.ids.index("a/001.png")
+    with pytest.raises(_NoAddNoteError) as info:
+        ImageReader(manifest, PRE).read(row)
+    expected = "not a bad-image error" if stage == "decode" else "which decoded fine"
+    assert [note for note in info.value.__notes__ if expected in note and "001.png" in note and f"row {row}" in note]
 
 
 def test_closing_the_array_loader_early_stops_its_workers(manifest):
@@ -139,3 +162,37 @@ def test_closing_the_array_loader_early_stops_its_workers(manifest):
     assert multiprocessing.active_children()
     batches.close()
     assert not multiprocessing.active_children()
+
+
+class _CountingReader(ImageReader):
+    """Blank batches without decoding; every batch read appends a line to ``log`` (from any worker process)."""
+
+    def __init__(self, n: int, log) -> None:
+        super().__init__([f"{row}.png" for row in range(n)], PRE)
+        self.log = str(log)
+
+    def read_batch(self, rows):
+        with open(self.log, "a") as handle:
+            handle.write(f"{rows[0]}\n")
+        size = self.preprocess.input_size
+        return np.asarray(rows, np.int64), np.zeros((len(rows), 3, size, size), np.uint8), [""] * len(rows)
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_array_loader_reads_at_most_workers_x_prefetch_batches_ahead(tmp_path, prefetch):
+    """A slow consumer: the workers read ahead up to the bound, never more; stopping early leaves the rest unread."""
+    import time
+
+    log, workers, n = tmp_path / "reads.txt", 2, 40
+
+    def reads() -> int:
+        return len(log.read_text().splitlines()) if log.exists() else 0
+
+    batches = iter_array_batches(_CountingReader(n, log), range(n), batch_size=1, num_workers=workers,
+                                 prefetch_factor=prefetch)
+    for consumed in range(1, 4):
+        assert next(batches)[0].tolist() == [consumed - 1]
+        time.sleep(0.3)  # the workers are idle long before this: an unbounded loader would read all n by now
+        assert consumed <= reads() <= consumed + workers * prefetch
+    batches.close()
+    assert reads() <= 3 + workers * prefetch < n

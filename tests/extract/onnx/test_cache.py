@@ -5,6 +5,11 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +25,6 @@ from featcache.extract.onnx.cache import (
     cached_export,
     default_cache_dir,
     entry_path,
-    file_sha256_hex,
     resolve_cache_dir,
     source_key,
 )
@@ -28,6 +32,7 @@ import featcache.extract.onnx.runner as onnx_runner
 from featcache.extract.onnx.runner import OnnxFeatureRunner
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.extract.zoo.weights import WeightsSource, load_backbone, resolve_weights
+from featcache.util.hashing import file_sha256
 
 SIZE = 32
 
@@ -60,7 +65,7 @@ def test_hit_does_not_call_the_exporter(resnet, tmp_path, fake_exporter):
     first, sha = cached_export(extractor, tmp_path, input_size=SIZE)
     again, sha_again = cached_export(_extractor(resnet), tmp_path, input_size=SIZE)
     assert len(fake_exporter) == 1
-    assert again == first and sha_again == sha == file_sha256_hex(first)
+    assert again == first and sha_again == sha == file_sha256(first)
     sidecar = json.loads(first.with_name(first.name + ".json").read_text())
     assert sidecar["sha256"] == sha and sidecar["key"]["backbone"] == "resnet18"
     assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, first.name + ".json"]  # no temporaries left
@@ -84,7 +89,7 @@ def test_corrupt_entry_is_logged_and_rebuilt(damage, resnet, tmp_path, fake_expo
     with caplog.at_level(logging.WARNING, logger="featcache.extract.onnx.cache"):
         rebuilt, new_sha = cached_export(_extractor(resnet), tmp_path, input_size=SIZE)
     assert len(fake_exporter) == 2 and rebuilt == path
-    assert new_sha == file_sha256_hex(path) == json.loads(sidecar.read_text())["sha256"]
+    assert new_sha == file_sha256(path) == json.loads(sidecar.read_text())["sha256"]
     assert "rebuilding" in caplog.text and path.name in caplog.text
 
 
@@ -175,7 +180,7 @@ def test_from_model_reuses_the_export(resnet, tmp_path, monkeypatch):
     """A real export once; the second runner opens the cached file without exporting, same outputs."""
     first = OnnxFeatureRunner.from_model(resnet.model, resnet.spec, ["pool5"], input_size=SIZE, intra_op_threads=1,
                                          cache_dir=tmp_path)
-    assert first.path.parent == tmp_path and first.onnx_sha256 == file_sha256_hex(first.path)
+    assert first.path.parent == tmp_path and first.onnx_sha256 == file_sha256(first.path)
 
     def no_export(*args, **kwargs):
         raise AssertionError("the exporter ran on a cache hit")
@@ -186,7 +191,7 @@ def test_from_model_reuses_the_export(resnet, tmp_path, monkeypatch):
     copy = OnnxFeatureRunner.from_model(resnet.model, resnet.spec, ["pool5"], input_size=SIZE, intra_op_threads=1,
                                         cache_dir=tmp_path, path=tmp_path / "out" / "copy.onnx")
     assert second.path == first.path and second.onnx_sha256 == first.onnx_sha256
-    assert copy.path == tmp_path / "out" / "copy.onnx" and file_sha256_hex(copy.path) == first.onnx_sha256
+    assert copy.path == tmp_path / "out" / "copy.onnx" and file_sha256(copy.path) == first.onnx_sha256
     batch = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     np.testing.assert_array_equal(second(batch)["pool5"], first(batch)["pool5"])
     with pytest.raises(AssertionError, match="exporter ran"):  # without the cache it exports again
@@ -200,7 +205,7 @@ def test_from_source_hit_builds_no_model(resnet, tmp_path, monkeypatch):
     first = OnnxFeatureRunner.from_source(resolve_weights("resnet18", str(weights)), ["pool5"], input_size=SIZE,
                                           intra_op_threads=1, cache_dir=tmp_path / "cache")
     sidecar = json.loads(first.path.with_name(first.path.name + ".json").read_text())
-    assert sidecar["key"]["weights_file_sha256"] == file_sha256_hex(weights)
+    assert sidecar["key"]["weights_file_sha256"] == file_sha256(weights)
 
     def no_model(self):
         raise AssertionError("the model was built on a cache hit")
@@ -219,3 +224,90 @@ def test_from_source_hit_builds_no_model(resnet, tmp_path, monkeypatch):
     with pytest.raises(AssertionError, match="model was built"):  # random weights have no file to key by
         OnnxFeatureRunner.from_source(resolve_weights("resnet18", "random"), ["pool5"], input_size=SIZE,
                                       cache_dir=tmp_path / "cache")
+
+
+# ------------------------------------------------------------------ concurrency
+#: A child process: wait for the go file, then export the key (the parent's cache_key of a random resnet18) through
+#: the cache with a slow, counting stand-in exporter; print one JSON line: the entry, its sha256, the cache's warnings.
+#: The stand-in is installed as the export module, so the child imports neither torch nor onnx (it starts fast).
+_RACE_CHILD = r"""
+import json, logging, os, sys, time, types
+from pathlib import Path
+
+cache_dir, go, count, key = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), json.loads(sys.argv[4])
+
+def export_onnx(extractor, path, opset=18, input_size=None, *, exporter="auto"):
+    with open(count, "a") as handle:
+        handle.write(f"{os.getpid()}\n")
+    time.sleep(0.5)  # the other process looks the key up meanwhile
+    path.write_bytes(b"onnx graph " * 4096)
+    return path
+
+sys.modules["featcache.extract.onnx.export"] = types.SimpleNamespace(export_onnx=export_onnx)
+from featcache.extract.onnx.cache import cached_export
+
+warnings = []
+handler = logging.Handler(logging.WARNING)
+handler.emit = lambda record: warnings.append(record.getMessage())
+logging.getLogger("featcache.extract.onnx.cache").addHandler(handler)
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.005)
+path, sha = cached_export(None, cache_dir, input_size=32, key=key)
+print(json.dumps({"path": str(path), "sha": sha, "warnings": warnings}), flush=True)
+"""
+
+
+def test_two_processes_export_a_missing_key_once(resnet, tmp_path):
+    """Two processes ask for the same missing entry at once: one exports, both get the same verified entry."""
+    cache, go, count = tmp_path / "cache", tmp_path / "go", tmp_path / "exports.txt"
+    key = json.dumps(cache_key(_extractor(resnet), DEFAULT_OPSET, SIZE, "auto"))
+    children = [subprocess.Popen([sys.executable, "-c", _RACE_CHILD, str(cache), str(go), str(count), key],
+                                 stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        assert [child.stdout.readline().strip() for child in children] == ["ready", "ready"]
+        go.touch()
+        outputs = [child.communicate(timeout=120)[0] for child in children]
+    finally:
+        for child in children:
+            child.kill()
+    assert [child.returncode for child in children] == [0, 0]
+    results = [json.loads(output.strip().splitlines()[-1]) for output in outputs]
+    assert len(count.read_text().splitlines()) == 1  # exactly one export
+    path = Path(results[0]["path"])
+    assert results[1]["path"] == str(path) and results[0]["sha"] == results[1]["sha"] == file_sha256(path)
+    assert json.loads(path.with_name(path.name + ".json").read_text())["sha256"] == results[0]["sha"]
+    assert results[0]["warnings"] == results[1]["warnings"] == []
+    assert sorted(p.name for p in cache.iterdir()) == [path.name, path.name + ".json"]  # no temporaries, no lock
+
+
+@pytest.mark.parametrize("reader", ["lookup", "cached_export"])
+def test_a_reader_during_publication_sees_no_corrupt_entry(reader, resnet, tmp_path, fake_exporter, monkeypatch,
+                                                          caplog):
+    """A reader between the writer's two renames (graph, sidecar) waits for the entry: no warning, no rebuild."""
+    extractor = _extractor(resnet)
+    key = cache_key(extractor, DEFAULT_OPSET, SIZE, "auto")
+    half_published, done = threading.Event(), threading.Event()
+    real_replace = os.replace
+
+    def replace(src, dst):  # the writer pauses after publishing its first file
+        real_replace(src, dst)
+        if not half_published.is_set() and Path(dst).parent == tmp_path:
+            half_published.set()
+            done.wait(timeout=1.0)  # a fixed reader waits for the lock meanwhile: it cannot set done
+
+    monkeypatch.setattr(os, "replace", replace)
+    writer = threading.Thread(target=cached_export, args=(extractor, tmp_path), kwargs={"input_size": SIZE})
+    writer.start()
+    assert half_published.wait(timeout=30)
+    with caplog.at_level(logging.INFO, logger="featcache.extract.onnx.cache"):
+        if reader == "lookup":
+            found = onnx_cache.lookup(tmp_path, key)
+        else:
+            found = cached_export(extractor, tmp_path, input_size=SIZE, key=key)
+    done.set()
+    writer.join(timeout=30)
+    path = entry_path(tmp_path, key)
+    assert found == (path, file_sha256(path))
+    assert len(fake_exporter) == 1  # the reader did not export again
+    assert "rebuilding" not in caplog.text and "corrupt" not in caplog.text and "unreadable" not in caplog.text

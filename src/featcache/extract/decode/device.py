@@ -30,7 +30,7 @@ import logging
 import os
 import queue
 import threading
-from typing import Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
 
 import torch
 from torch.utils.data import DataLoader
@@ -40,6 +40,9 @@ from featcache.extract.decode.probe import device_route, draft_scale, probe_head
 from featcache.extract.decode.decoders import DeviceDecoder, decode_each, select_decoder
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.decode.preprocess import Preprocessor
+
+if TYPE_CHECKING:  # the engine's batch contract (annotations only: the engine does not import this module)
+    from featcache.extract.engine import Batch
 
 __all__ = ["orient", "resize_crop", "DeviceDecodeDataset", "PackedBatch", "pack_items",
            "decode_items", "iter_device_batches"]
@@ -55,7 +58,6 @@ _MAX_DECODE_PIXELS = 128 * 2**20
 
 _MODES = {"bilinear": "bilinear", "bicubic": "bicubic", "nearest": "nearest-exact"}
 
-Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     """Apply an EXIF orientation to a (C, H, W) image, like :func:`PIL.ImageOps.exif_transpose`.

@@ -169,10 +169,22 @@ class ImageDataset(ImageReader):
 
 
 def _note(error: BaseException, note: str) -> None:
-    """Attach ``note`` to a propagating exception (Python >= 3.11; nothing before)."""
+    """Append ``note`` to a propagating exception's ``__notes__`` (PEP 678), on every supported Python.
+
+    ``add_note`` where it exists (3.11+, whose tracebacks print the notes);
+    before that, the same ``__notes__`` list is set directly, as PEP 678
+    advises, so callers read the note the same way (3.10's tracebacks do not
+    print it).
+    """
     add_note = getattr(error, "add_note", None)
     if add_note is not None:
         add_note(note)
+        return
+    notes = getattr(error, "__notes__", None)
+    try:
+        error.__notes__ = [*notes, note] if isinstance(notes, list) else [note]  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):  # an exception type that takes no attributes: leave it as raised
+        pass
 
 
 def _collate(items: list[tuple[int, torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -19,10 +19,14 @@ folder under a key. Two kinds of key name an entry:
 
 Layout: ``<cache>/<backbone>-<key>.onnx`` and a sidecar ``<...>.onnx.json``
 (the key's fields and the file's sha256). Entries are written to temporary
-files and published with ``os.replace`` under an exclusive file lock, so
-concurrent processes never read a half-written entry and export a missing key
-once. An entry whose file is missing or whose sha256 differs from its sidecar
-(corrupt, truncated) is logged and rebuilt.
+files and published with ``os.replace`` under an exclusive file lock
+(``<...>.onnx.lock``), graph first, sidecar last, so concurrent processes
+never read a half-written file and export a missing key once. A reader
+checks an entry without the lock; one that does not verify may be halfway
+through publication (new graph, old or no sidecar), so it is checked again
+under the lock, after the writer is done. Only an entry that still fails
+there, its file missing or its sha256 different from its sidecar (corrupt,
+truncated), is logged and rebuilt.
 
 Where the cache lives (:func:`resolve_cache_dir`): the ``extract.onnx_cache``
 param (a folder, ``auto`` or ``none``), else ``$FEATCACHE_CACHE_DIR/onnx``,
@@ -46,13 +50,14 @@ from featcache.extract.onnx.format import DEFAULT_OPSET, EXPORT_CODE_VERSION, re
 from featcache.extract.zoo.registry import BackboneSpec
 from featcache.store.lock import FileLock
 from featcache.store.schema import canonical_json
+from featcache.util.hashing import file_sha256
 
 if TYPE_CHECKING:
     import torch
 
     from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 
-__all__ = ["CACHE_ENV", "cache_key", "cached_export", "default_cache_dir", "entry_path", "file_sha256_hex", "lookup",
+__all__ = ["CACHE_ENV", "cache_key", "cached_export", "default_cache_dir", "entry_path", "lookup",
            "resolve_cache_dir", "source_key", "state_sha256"]
 
 logger = logging.getLogger(__name__)
@@ -98,15 +103,6 @@ def state_sha256(module: torch.nn.Module) -> str:
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}\n".encode())
         digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    return digest.hexdigest()
-
-
-def file_sha256_hex(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """sha256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
     return digest.hexdigest()
 
 
@@ -189,27 +185,39 @@ def entry_path(cache_dir: str | os.PathLike[str], key: dict[str, Any]) -> Path:
     return Path(cache_dir) / f"{key['backbone']}-{digest}.onnx"
 
 
-def _verified(path: Path, sidecar: Path) -> str | None:
-    """The entry's sha256 if its file matches its sidecar; None (logged) if it is missing or corrupt."""
+def _inspect(path: Path) -> tuple[str | None, str]:
+    """``(sha256, "")`` of a verified entry, ``(None, "")`` of an absent one, ``(None, why)`` of a bad one."""
+    sidecar = path.with_name(path.name + ".json")
     if not path.is_file() and not sidecar.is_file():
-        return None
+        return None, ""
     try:
         expected = json.loads(sidecar.read_text(encoding="utf-8"))["sha256"]
-        actual = file_sha256_hex(path)
+        actual = file_sha256(path)
     except (OSError, ValueError, KeyError, TypeError) as error:
-        logger.warning("ONNX cache entry %s is unreadable (%s: %s); rebuilding it.", path, type(error).__name__, error)
-        return None
+        return None, f"is unreadable ({type(error).__name__}: {error})"
     if actual != expected:
-        logger.warning("ONNX cache entry %s is corrupt or truncated (sha256 %s..., sidecar says %s...); rebuilding it.",
-                       path, actual[:12], str(expected)[:12])
-        return None
-    return actual
+        return None, f"is corrupt or truncated (sha256 {actual[:12]}..., sidecar says {str(expected)[:12]}...)"
+    return actual, ""
+
+
+def _entry_lock(path: Path) -> FileLock:
+    """The exclusive lock of the entry ``path``, held while it is exported and published."""
+    return FileLock(path.with_name(path.name + ".lock"), timeout=LOCK_TIMEOUT)
 
 
 def lookup(cache_dir: str | os.PathLike[str], key: dict[str, Any]) -> tuple[Path, str] | None:
-    """The verified entry of ``key`` (path, sha256), or None when it is missing or corrupt (logged)."""
+    """The verified entry of ``key`` (path, sha256), or None when it is missing or bad.
+
+    Lock-free when the entry verifies. An entry that is present but does not
+    verify may be halfway through publication by another process: it is
+    checked again under its lock (waiting for that writer); if it still fails
+    it is bad, and :func:`cached_export` logs and rebuilds it.
+    """
     path = entry_path(cache_dir, key)
-    sha = _verified(path, path.with_name(path.name + ".json"))
+    sha, problem = _inspect(path)
+    if problem:
+        with _entry_lock(path):
+            sha, problem = _inspect(path)
     if sha is None:
         return None
     logger.info("ONNX export cache hit: %s", path)
@@ -248,17 +256,20 @@ def cached_export(extractor: TorchFeatureExtractor, cache_dir: str | os.PathLike
     sidecar = path.with_name(path.name + ".json")
     if (hit := lookup(cache_dir, key)) is not None:
         return hit
-    with FileLock(path.with_name(path.name + ".lock"), timeout=LOCK_TIMEOUT):
-        if (sha := _verified(path, sidecar)) is not None:  # another process published it meanwhile
+    with _entry_lock(path):
+        sha, problem = _inspect(path)
+        if sha is not None:  # another process published it meanwhile
             return path, sha
+        if problem:
+            logger.warning("ONNX cache entry %s %s; rebuilding it.", path, problem)
         partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
         try:
             export_onnx(extractor, partial, opset=opset, input_size=input_size, exporter=exporter)
-            sha = file_sha256_hex(partial)
+            sha = file_sha256(partial)
             partial_sidecar = partial.with_name(partial.name + ".json")
             partial_sidecar.write_text(json.dumps({"sha256": sha, "key": key}, indent=1, sort_keys=True) + "\n",
                                        encoding="utf-8")
-            os.replace(partial, path)
+            os.replace(partial, path)  # the sidecar last: a lock-free reader sees both or a mismatch (then waits)
             os.replace(partial_sidecar, sidecar)
         finally:
             partial.unlink(missing_ok=True)

@@ -21,12 +21,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from featcache.extract.onnx.cache import cached_export, file_sha256_hex, lookup, resolve_cache_dir, source_key
+from featcache.extract.onnx.cache import cached_export, lookup, resolve_cache_dir, source_key
 from featcache.extract.onnx.format import DEFAULT_OPSET, EXPORT_KEY, LAYERS_KEY
 from featcache.extract.zoo.registry import BackboneSpec
 from featcache.store.schema import LayerSpec
 from featcache.util.atomic import atomic_path
 from featcache.util.compute import physical_cores
+from featcache.util.hashing import file_sha256
 
 if TYPE_CHECKING:  # torch is imported only to build a model or export one: a cached export runs without it
     import torch
@@ -237,7 +238,7 @@ class OnnxFeatureRunner:
     def onnx_sha256(self) -> str:
         """sha256 (hex) of the ``.onnx`` file (recorded as the store's ``onnx_sha256`` attribute)."""
         if self._sha256 is None:
-            self._sha256 = file_sha256_hex(self.path)
+            self._sha256 = file_sha256(self.path)
         return self._sha256
 
     @property

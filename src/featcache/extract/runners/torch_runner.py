@@ -21,8 +21,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from featcache.extract.zoo.registry import BackboneSpec, LayerAlias, resolve_layer
-from featcache.store.schema import POOLINGS
-from featcache.store.writer import LayerSpec
+from featcache.store.schema import POOLINGS, LayerSpec
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish)
 

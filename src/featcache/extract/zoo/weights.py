@@ -20,7 +20,6 @@ a file path
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import os
@@ -31,13 +30,14 @@ from typing import TYPE_CHECKING, Mapping
 
 from featcache.errors import UserError
 from featcache.extract.zoo.registry import BackboneSpec, get_backbone
+from featcache.util.hashing import file_sha256
 
 if TYPE_CHECKING:  # torch is imported when a model is built or a checkpoint located, not to find and hash a file
     import torch
     from torch import nn
 
 __all__ = [
-    "OFFLINE_ENV", "LoadedBackbone", "WeightsDownloadError", "WeightsNotFoundError", "WeightsSource", "file_sha256",
+    "OFFLINE_ENV", "LoadedBackbone", "WeightsDownloadError", "WeightsNotFoundError", "WeightsSource",
     "is_offline", "load_backbone", "remap_efficientnet_lite", "resolve_weights",
 ]
 
@@ -119,15 +119,6 @@ class WeightsSource:
         if self._loaded is None:
             self._loaded = _build(self)
         return self._loaded
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def remap_efficientnet_lite(state: Mapping[str, torch.Tensor], stage_depths: tuple[int, ...]) -> dict[str, torch.Tensor]:
