@@ -58,7 +58,8 @@ from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.runner_spec import RunnerSpec, local_workers, worker_device
 from featcache.store.blocks import BlockCommitter
 from featcache.store.errors import StoreError
-from featcache.store.writer import LayerSpec, StoreWriter
+from featcache.store.schema import LayerSpec
+from featcache.store.writer import StoreWriter
 
 __all__ = ["RunnerSpec", "extract_distributed", "local_workers", "worker_device"]
 

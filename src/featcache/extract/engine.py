@@ -29,23 +29,26 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 import numpy as np
 
 import featcache
 from featcache.errors import ExtractionError
 from featcache.extract.blockloop import BatchForward, BlockAssembler, CommitQueue, FinishedBlock, Progress
-from featcache.extract.decode.loaders import ImageDataset, ImageReader, iter_array_batches, make_loader
+from featcache.extract.decode.loaders import (
+    Batch, ImageDataset, ImageReader, LoaderFactory, iter_array_batches, make_loader,
+)
 from featcache.extract.plan import LOADERS, ExtractionPlan
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.store.reader import FeatureStore
 from featcache.store.schema import canonical_json, sha256_text
-from featcache.store.writer import LayerSpec, StoreWriter
+from featcache.store.schema import LayerSpec
+from featcache.store.writer import StoreWriter
 from featcache.util import compute
 
-__all__ = ["Batch", "BlockSink", "LoaderFactory", "DEFAULT_MAX_BAD_FRACTION", "ExtractionReport",
+__all__ = ["BlockSink", "DEFAULT_MAX_BAD_FRACTION", "ExtractionReport",
            "FeatureRunner", "ON_ERROR", "build_report", "build_root_attrs", "check_bad_rows", "check_max_bad_fraction",
            "check_on_error", "extract_to_store", "make_batches", "resolve_device", "run_blocks"]
 
@@ -296,14 +299,6 @@ class BlockSink(Protocol):
 
     def commit_block(self, block: int, kept_rows: np.ndarray, features: Mapping[str, np.ndarray],
                      errors: Sequence[tuple[str, str]] = ()) -> Any: ...
-
-
-#: A batch of the engine's loaders: ``(rows int64 (B,), images uint8 (B, 3, S, S), reasons list[str])``,
-#: rows and images torch tensors or numpy arrays (the array loader of CPU runners).
-Batch = tuple[Any, Any, list[str]]
-
-#: ``loader_factory(rows, batch_size) -> iterable of Batch`` over exactly ``rows`` (any order, each once).
-LoaderFactory = Callable[[Sequence[int], int], Iterable[Batch]]
 
 
 def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, blocks: Sequence[int], *,

@@ -30,19 +30,18 @@ import logging
 import os
 import queue
 import threading
-from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
-from featcache.extract.decode.loaders import ImageDataset, default_num_workers
+from featcache.extract.decode.loaders import Batch, ImageDataset
+from featcache.util.compute import default_num_workers
 from featcache.extract.decode.probe import device_route, draft_scale, probe_header, resize_geometry
 from featcache.extract.decode.decoders import DeviceDecoder, decode_each, select_decoder
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.decode.preprocess import Preprocessor
 
-if TYPE_CHECKING:  # the engine's batch contract (annotations only: the engine does not import this module)
-    from featcache.extract.engine import Batch
 
 __all__ = ["orient", "resize_crop", "DeviceDecodeDataset", "PackedBatch", "pack_items",
            "decode_items", "iter_device_batches"]
@@ -327,7 +326,7 @@ def iter_device_batches(paths: Manifest | Sequence[str | os.PathLike], rows: Seq
         Rows per batch.
     num_workers : int, optional
         Processes that read bytes and probe headers (and run the CPU path for
-        the files routed there); default :func:`~featcache.extract.decode.loaders.default_num_workers`.
+        the files routed there); default :func:`~featcache.util.compute.default_num_workers`.
     background : bool, optional
         Decode and resize in a thread, up to two batches ahead of the caller
         (default: on CUDA devices), so the next batch is prepared while the

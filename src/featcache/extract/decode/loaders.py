@@ -33,7 +33,7 @@ import multiprocessing
 import os
 import struct
 import zlib
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -48,8 +48,15 @@ if TYPE_CHECKING:  # torch is imported by the torch loader only
     import torch
     from torch.utils.data import DataLoader
 
-__all__ = ["DECODE_ERRORS", "ImageReader", "ImageDataset", "make_loader", "iter_array_batches",
+__all__ = ["Batch", "DECODE_ERRORS", "LoaderFactory", "ImageReader", "ImageDataset", "make_loader", "iter_array_batches",
            "default_num_workers", "describe_error"]
+
+#: A batch of the loaders (the engine's batch contract): ``(rows int64 (B,), images uint8 (B, 3, S, S),
+#: reasons list[str])``, rows and images torch tensors or numpy arrays (the array loader of CPU runners).
+Batch = tuple[Any, Any, list[str]]
+
+#: ``loader_factory(rows, batch_size) -> iterable of Batch`` over exactly ``rows`` (any order, each once).
+LoaderFactory = Callable[[Sequence[int], int], Iterable[Batch]]
 
 #: What opening, reading or decoding a broken file raises (Pillow, tifffile, the OS), and the
 #: decompression-bomb limit; only these become bad-image reasons. ``MemoryError`` is not one of them.
