@@ -1,6 +1,6 @@
 # featcache: the two commands of the README.
 #   make repro  - create .venv, install featcache, run the DVC pipeline (real work, no network needed)
-#   make test   - create .venv, install featcache + test deps, run the test suite
+#   make test   - create .venv, install featcache + test deps, lint (ruff), run the test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 export DVC_NO_ANALYTICS := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install install-dev repro test bench clean
+.PHONY: install install-dev repro lint test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,10 @@ repro: install
 	$(BIN)/dvc repro
 	@echo "Report: reports/compare.md"
 
-test: install-dev
+lint: install-dev
+	$(BIN)/ruff check src tests benchmarks
+
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 bench: install-dev

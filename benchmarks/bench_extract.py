@@ -44,11 +44,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from featcache.extract.malloc import tune_malloc
-from featcache.extract.inputs.manifest import Manifest, assign_splits
 from featcache.extract.decode.preprocess import Preprocessor
-from featcache.extract.zoo.registry import get_backbone
+from featcache.extract.inputs.manifest import Manifest, assign_splits
+from featcache.extract.malloc import tune_malloc
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
+from featcache.extract.zoo.registry import get_backbone
 from featcache.extract.zoo.weights import load_backbone
 
 BACKBONE = "efficientnet_lite0"
@@ -253,7 +253,8 @@ print(json.dumps({{"ips": pure_forward({batch_size}, True)}}))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=["forward", "ratio", "naive", "onnx", "memory", "malloc", "all"], default="all")
+    parser.add_argument("--case", choices=["forward", "ratio", "naive", "onnx", "memory", "malloc", "all"],
+                        default="all")
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=None)

@@ -209,8 +209,8 @@ def breakdown(name: str, manifest: Manifest, args) -> dict[str, float]:
     """
     from torch.utils.data import DataLoader
 
-    from featcache.extract.decode.device import DeviceDecodeDataset, decode_items, pack_items
     from featcache.extract.decode.decoders import decode_each, select_decoder
+    from featcache.extract.decode.device import DeviceDecodeDataset, decode_items, pack_items
 
     loaded = load_backbone(name, "random")
     preprocess = Preprocessor.from_spec(loaded.spec, input_size=args.input_size)
@@ -233,7 +233,7 @@ def breakdown(name: str, manifest: Manifest, args) -> dict[str, float]:
                                    for b in held], n, args.device)
     out["decode+resize"] = _rate(lambda: [decode_items(items, dataset, decoder) for items in held], n, args.device)
     for label, background in (("loader+decode", True), ("loader+decode, inline", False)):
-        out[label] = _rate(lambda: [b for b in iter_device_batches(
+        out[label] = _rate(lambda background=background: [b for b in iter_device_batches(
             manifest, rows, preprocess=preprocess, device=args.device, batch_size=args.batch_size,
             num_workers=args.workers, background=background)], n, args.device)
 

@@ -41,8 +41,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # tests/_support: the synthetic store w
 
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from featcache.heads import fit_and_evaluate, make_head  # noqa: E402
 from _support.blob_store import peak_rss, write_store  # noqa: E402
+from featcache.heads import fit_and_evaluate, make_head  # noqa: E402
 
 HEADS = ("logreg", "lightgbm", "mlp")
 

@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 import featcache.errors
-from featcache.errors import UserError
-from featcache.errors import ExtractionError
+from featcache.errors import ExtractionError, UserError
 from featcache.extract.inputs.manifest import ManifestError
 from featcache.extract.onnx.export import OnnxExportError
 from featcache.extract.onnx.parity import ParityError

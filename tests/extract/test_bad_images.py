@@ -23,24 +23,23 @@ import pytest
 import torch
 from PIL import Image
 
+from _support.files import md5
+from featcache.errors import ExtractionError
 from featcache.extract.decode import preprocess as preprocess_module
 from featcache.extract.decode.loaders import ImageDataset, make_loader
-from featcache.errors import ExtractionError
-from featcache.extract.engine import extract_to_store
-from featcache.extract.inputs.manifest import Manifest, ManifestError
 from featcache.extract.decode.preprocess import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageTooLargeError,
     Preprocessor,
     load_rgb,
 )
-from featcache.extract.zoo.registry import IMAGENET_MEAN, IMAGENET_STD
+from featcache.extract.engine import extract_to_store
+from featcache.extract.inputs.manifest import Manifest, ManifestError
 from featcache.extract.inputs.sources import from_csv, from_folder
-from featcache.extract.runners.torch_runner import TorchFeatureExtractor
-from featcache.store import FeatureStore
 from featcache.extract.plan import plan_extraction
-
-from _support.files import md5
+from featcache.extract.runners.torch_runner import TorchFeatureExtractor
+from featcache.extract.zoo.registry import IMAGENET_MEAN, IMAGENET_STD
+from featcache.store import FeatureStore
 
 PRE = Preprocessor(input_size=32, resize_size=36, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 CONFIG = {"backbone": "resnet18", "weights": "random", "layers": ["pool5"], "preprocess": PRE.config()}
@@ -329,8 +328,9 @@ def test_max_image_pixels_param(tmp_path):
     assert parse_params({"extract": {"max_image_pixels": None}}).extract.max_image_pixels is None
     with pytest.raises(ConfigError, match="max_image_pixels"):
         parse_params({"extract": {"max_image_pixels": 0}})
-    spec_pre = Preprocessor.from_spec(__import__("featcache.extract.zoo.registry", fromlist=["x"]).BACKBONES["resnet18"],
-                                      max_image_pixels=1234)
+    from featcache.extract.zoo.registry import BACKBONES
+
+    spec_pre = Preprocessor.from_spec(BACKBONES["resnet18"], max_image_pixels=1234)
     assert spec_pre.max_image_pixels == 1234 and "max_image_pixels" not in spec_pre.config()
 
 

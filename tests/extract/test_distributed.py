@@ -13,12 +13,18 @@ import pytest
 import torch
 from PIL import Image
 
-from featcache.extract.distributed import (
-    RunnerSpec, _adopt_blocks, _Job, _plan_tasks, _run_tasks, extract_distributed,
-)
+from _support.files import md5
 from featcache.errors import ExtractionError
-from featcache.extract.engine import extract_to_store
 from featcache.extract.decode.preprocess import Preprocessor
+from featcache.extract.distributed import (
+    RunnerSpec,
+    _adopt_blocks,
+    _Job,
+    _plan_tasks,
+    _run_tasks,
+    extract_distributed,
+)
+from featcache.extract.engine import extract_to_store
 from featcache.extract.inputs.sources import from_folder
 from featcache.extract.plan import plan_extraction
 from featcache.store.schema import LayerSpec, sha256_text
@@ -26,9 +32,6 @@ from featcache.store.writer import StoreWriter
 
 #: One process decodes (the default loader of a runner on the CPU).
 CPU_PLAN = plan_extraction(device="cpu", backend="torch", num_workers=0)
-
-from _support.files import md5
-
 
 # Functions of this module submitted to the workers travel by value (the
 # workers cannot import pytest's test modules).

@@ -15,15 +15,14 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.errors import ExtractionError
-from featcache.extract.engine import extract_to_store, resolve_device
-from featcache.extract.decode.preprocess import Preprocessor, load_rgb
-from featcache.extract.zoo.registry import IMAGENET_MEAN, IMAGENET_STD
-from featcache.extract.inputs.sources import from_folder
-from featcache.extract.runners.torch_runner import TorchFeatureExtractor
-from featcache.extract.plan import plan_extraction
-
 from _support.files import md5, write_image_folder
+from featcache.errors import ExtractionError
+from featcache.extract.decode.preprocess import Preprocessor, load_rgb
+from featcache.extract.engine import extract_to_store, resolve_device
+from featcache.extract.inputs.sources import from_folder
+from featcache.extract.plan import plan_extraction
+from featcache.extract.runners.torch_runner import TorchFeatureExtractor
+from featcache.extract.zoo.registry import IMAGENET_MEAN, IMAGENET_STD
 
 PRE = Preprocessor(input_size=64, resize_size=73, interpolation="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD)
 LAYERS = ["pool5", "res4"]

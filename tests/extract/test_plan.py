@@ -9,7 +9,13 @@ import torch
 
 from featcache.errors import ExtractionError
 from featcache.extract.plan import (
-    ExtractionPlan, build_runner, plan_extraction, precision_name, resolve_autocast, resolve_backend, runner_attrs,
+    ExtractionPlan,
+    build_runner,
+    plan_extraction,
+    precision_name,
+    resolve_autocast,
+    resolve_backend,
+    runner_attrs,
 )
 
 

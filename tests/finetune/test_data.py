@@ -12,11 +12,10 @@ import torch
 from PIL import Image
 
 from _support.files import write_colour_folder
-
-from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.decode.preprocess import Preprocessor
-from featcache.extract.zoo.registry import get_backbone
+from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.inputs.sources import from_folder
+from featcache.extract.zoo.registry import get_backbone
 from featcache.finetune import data as ft_data
 from featcache.finetune.config import FinetuneConfig
 from featcache.finetune.run import BAD_IMAGES_NAME, finetune

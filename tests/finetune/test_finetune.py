@@ -13,11 +13,10 @@ from PIL import Image
 from torch import nn
 
 from _support.files import COLOUR_CLASSES, write_colour_folder
-
-from featcache.extract.inputs.manifest import Manifest, assign_splits
 from featcache.extract.decode.preprocess import Preprocessor, load_rgb
-from featcache.extract.zoo.registry import get_backbone
+from featcache.extract.inputs.manifest import Manifest, assign_splits
 from featcache.extract.inputs.sources import from_folder
+from featcache.extract.zoo.registry import get_backbone
 from featcache.extract.zoo.weights import load_backbone
 from featcache.finetune.config import MODES, FinetuneConfig
 from featcache.finetune.export import export_backbone, export_finetuned_onnx

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,8 +29,8 @@ def pipeline_run(tmp_path_factory: pytest.TempPathFactory, folder_factory, param
                 model_dir=root / "models" / feature.layer / head,
                 predictions_path=root / "plots" / feature.layer / f"{head}.csv")
     ranked = compare(root / "metrics", root / "reports", plot_path=root / "plots" / "compare.csv")
-    return {"root": root, "params": params, "params_factory": params_factory, "manifest": manifest, "store": store_path, "report": report,
-            "runs": runs, "ranked": ranked}
+    return {"root": root, "params": params, "params_factory": params_factory, "manifest": manifest,
+            "store": store_path, "report": report, "runs": runs, "ranked": ranked}
 
 
 def test_store_holds_every_image_with_its_split(pipeline_run):

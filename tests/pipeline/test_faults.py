@@ -133,7 +133,8 @@ def _extract_args(out: str, backend: str = DEFAULT_BACKEND) -> list[str]:
 
 @pytest.fixture(scope="module")
 def references(project):
-    """``references(backend)``: an uninterrupted extraction (through the Python API: the same code, no process start)."""
+    """``references(backend)``: an uninterrupted extraction (through the Python API: the same code, no process
+    start)."""
     from featcache.pipeline import extract
 
     root, done = project["root"], {}
@@ -191,8 +192,9 @@ def interrupted(request, project, references) -> dict[str, Any]:
     committed = sorted(p.name for p in parts.glob("*/block-*.npz"))
     existed_after_kill = out.exists()
     rerun = _run(args, root)
-    return {"out": out, "reference": reference, "backend": backend, "first_pid": first.pid, "first_rc": first.returncode, "second": second,
-            "committed": committed, "existed_after_kill": existed_after_kill, "rerun": rerun}
+    return {"out": out, "reference": reference, "backend": backend, "first_pid": first.pid,
+            "first_rc": first.returncode, "second": second, "committed": committed,
+            "existed_after_kill": existed_after_kill, "rerun": rerun}
 
 
 # ------------------------------------------------------------------- locks

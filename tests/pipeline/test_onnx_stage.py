@@ -8,10 +8,10 @@ import yaml
 
 import featcache.extract.onnx.export as onnx_export
 from featcache.extract.onnx.cache import default_cache_dir
-from featcache.util.hashing import file_sha256
 from featcache.pipeline import extract, parse_params, prepare
 from featcache.pipeline.cli import main
 from featcache.store import FeatureStore
+from featcache.util.hashing import file_sha256
 
 
 def test_onnx_backend_matches_torch_backend(tmp_path, folder_factory, params_factory):

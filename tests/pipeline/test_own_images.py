@@ -10,7 +10,6 @@ cheap head, a dozen images.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

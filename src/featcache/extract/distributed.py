@@ -49,12 +49,18 @@ import torch
 from featcache.errors import ExtractionError
 from featcache.extract.blockloop import Progress
 from featcache.extract.decode.loaders import ImageDataset
+from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.engine import (
-    DEFAULT_MAX_BAD_FRACTION, ExtractionReport, build_report, build_root_attrs, check_bad_rows,
-    check_max_bad_fraction, check_on_error, run_blocks,
+    DEFAULT_MAX_BAD_FRACTION,
+    ExtractionReport,
+    build_report,
+    build_root_attrs,
+    check_bad_rows,
+    check_max_bad_fraction,
+    check_on_error,
+    run_blocks,
 )
 from featcache.extract.inputs.manifest import Manifest
-from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.runner_spec import RunnerSpec, local_workers, worker_device
 from featcache.store.blocks import BlockCommitter
 from featcache.store.errors import StoreError
@@ -218,7 +224,7 @@ def _raise_task_failure(future: Any, blocks: tuple[int, ...], writer: StoreWrite
     """Re-raise a failed task's error; wrap anything that is not an ExtractionError."""
     try:
         exc = future.exception()
-    except BaseException as cancelled:  # CancelledError and friends
+    except BaseException as cancelled:  # noqa: BLE001 - CancelledError and friends: reported as the task's error
         exc = cancelled
     if isinstance(exc, ExtractionError):
         raise exc

@@ -37,14 +37,18 @@ import featcache
 from featcache.errors import ExtractionError
 from featcache.extract.blockloop import BatchForward, BlockAssembler, CommitQueue, FinishedBlock, Progress
 from featcache.extract.decode.loaders import (
-    Batch, ImageDataset, ImageReader, LoaderFactory, iter_array_batches, make_loader,
+    Batch,
+    ImageDataset,
+    ImageReader,
+    LoaderFactory,
+    iter_array_batches,
+    make_loader,
 )
-from featcache.extract.plan import LOADERS, ExtractionPlan
-from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.decode.preprocess import Preprocessor
+from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.plan import LOADERS, ExtractionPlan
 from featcache.store.reader import FeatureStore
-from featcache.store.schema import canonical_json, sha256_text
-from featcache.store.schema import LayerSpec
+from featcache.store.schema import LayerSpec, canonical_json, sha256_text
 from featcache.store.writer import StoreWriter
 from featcache.util import compute
 

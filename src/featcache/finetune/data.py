@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, SubsetRandomSampler, default_collate
 from torchvision import transforms as T
 
 from featcache.extract.decode.loaders import ImageDataset, make_loader
-from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.decode.preprocess import Preprocessor
+from featcache.extract.inputs.manifest import Manifest
 
 __all__ = ["AugmentingCollate", "BadImages", "ReadableBatches", "TrainTransform", "eval_batches", "train_batches"]
 

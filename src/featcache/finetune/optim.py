@@ -21,6 +21,9 @@ from featcache.finetune.config import FinetuneConfig
 
 __all__ = ["make_optimizer", "make_scheduler", "phases", "set_train_mode", "set_trainable"]
 
+#: torch's batch-norm layers (what ``freeze_bn`` keeps in eval mode), named without torch's private base class.
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
 PHASES: tuple[str, ...] = ("head", "full")
 
 
@@ -119,7 +122,7 @@ def set_train_mode(model: nn.Module, spec: BackboneSpec, backbone_trainable: boo
         model.train()
         if freeze_bn:
             for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                if isinstance(module, _BATCH_NORMS):
                     module.eval()
     else:
         model.eval()

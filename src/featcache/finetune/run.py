@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.decode.preprocess import Preprocessor
+from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.zoo.registry import BackboneSpec, get_backbone
 from featcache.extract.zoo.weights import load_backbone
 from featcache.finetune.config import FinetuneConfig

@@ -114,8 +114,9 @@ def _cmd_onnx_parity(args: argparse.Namespace) -> None:
     from featcache.pipeline.onnx import parity_from_params
     from featcache.pipeline.params.backbones import load_extract_sections
 
-    print(parity_from_params(load_extract_sections(args.params), args.backbone, onnx_path=args.onnx, manifest_path=args.manifest,
-                             batch_size=args.batch_size, atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine))
+    print(parity_from_params(load_extract_sections(args.params), args.backbone, onnx_path=args.onnx,
+                             manifest_path=args.manifest, batch_size=args.batch_size, atol=args.atol, rtol=args.rtol,
+                             min_cosine=args.min_cosine))
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:

@@ -120,7 +120,8 @@ def _plot_rows(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path, plot_path: str | Path | None = None) -> list[dict[str, Any]]:
+def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
+            plot_path: str | Path | None = None) -> list[dict[str, Any]]:
     """Rank all runs and write ``compare.md``, ``compare.json`` (and the plot CSV).
 
     Returns

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from pydantic import Field, field_validator, model_validator
 
 from featcache.pipeline.params.backbones import check_backbones
-from featcache.pipeline.params.base import ConfigError, Strict, read_params_file, validate_sections
+from featcache.pipeline.params.base import Strict, read_params_file, validate_sections
 from featcache.pipeline.params.data import DataParams
 from featcache.pipeline.params.extract import BackboneParams, ExtractParams
 from featcache.pipeline.params.finetune import FinetuneParams

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
+from featcache.extract.decode.preprocess import Preprocessor, load_rgb
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.onnx.export import export_onnx
 from featcache.extract.onnx.format import DEFAULT_OPSET
-from featcache.extract.onnx.runner import OnnxFeatureRunner
 from featcache.extract.onnx.parity import format_parity, parity_check
-from featcache.extract.decode.preprocess import Preprocessor, load_rgb
+from featcache.extract.onnx.runner import OnnxFeatureRunner
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.extract.zoo.weights import load_backbone
 from featcache.pipeline.params.backbones import ExtractSections

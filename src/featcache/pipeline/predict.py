@@ -9,7 +9,6 @@ images go through exactly the same backbone, preprocessing and pooling.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -93,7 +92,8 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
     rows: list[dict[str, Any]] = []
     for batch_rows, images, errors in loader:
         good = [i for i, error in enumerate(errors) if not error]
-        scores = _score(head, extractor(preprocess.normalize_batch(images[good]))[info["layer"]], info["task"]) if good else []
+        features = extractor(preprocess.normalize_batch(images[good]))[info["layer"]] if good else None
+        scores = _score(head, features, info["task"]) if good else []
         by_row = dict(zip(good, _rows([str(paths[int(batch_rows[i])]) for i in good], np.asarray(scores),
                                       info["task"], info["classes"])))
         for i, error in enumerate(errors):

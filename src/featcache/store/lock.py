@@ -122,5 +122,5 @@ class FileLock:
     def __del__(self) -> None:  # pragma: no cover - depends on GC timing
         try:
             self.release()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a finaliser must not raise; the lock file is stale at worst
             pass

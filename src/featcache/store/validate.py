@@ -12,8 +12,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import StoreError
 from .assemble import to_attr
+from .errors import StoreError
 from .schema import (
     COMPRESSIONS,
     FEATURE_DTYPES,
@@ -94,7 +94,7 @@ def check_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
     try:
         parsed = json.loads(config)
     except json.JSONDecodeError as exc:
-        raise StoreError(f"attrs['config'] is not JSON ({exc}); hint: use canonical_json(cfg)")
+        raise StoreError(f"attrs['config'] is not JSON ({exc}); hint: use canonical_json(cfg)") from None
     if not isinstance(parsed, dict):
         raise StoreError(f"attrs['config'] must be a JSON object, got {type(parsed).__name__}")
     if sha256_text(config) != sha:

@@ -18,9 +18,9 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from featcache.extract.decode.loaders import ImageDataset
-from featcache.extract.decode.device import DeviceDecodeDataset, decode_items, iter_device_batches, orient
 from featcache.extract.decode.decoders import DeviceDecoder, gpu_decode_status, select_decoder
+from featcache.extract.decode.device import DeviceDecodeDataset, decode_items, iter_device_batches, orient
+from featcache.extract.decode.loaders import ImageDataset
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.zoo.registry import get_backbone
 

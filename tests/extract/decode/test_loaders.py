@@ -7,11 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
-from featcache.extract.decode.loaders import ImageDataset, ImageReader, default_num_workers, iter_array_batches, make_loader
-from featcache.extract.inputs.manifest import Manifest
-from featcache.extract.decode.preprocess import Preprocessor, load_rgb
-
 from _support.files import write_image_folder
+from featcache.extract.decode.loaders import (
+    ImageDataset,
+    ImageReader,
+    default_num_workers,
+    iter_array_batches,
+    make_loader,
+)
+from featcache.extract.decode.preprocess import Preprocessor, load_rgb
+from featcache.extract.inputs.manifest import Manifest
 
 PRE = Preprocessor(input_size=32, resize_size=36, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)
 

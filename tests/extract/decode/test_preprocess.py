@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from featcache.extract.decode.preprocess import Preprocessor, load_rgb, to_rgb
-from featcache.store.schema import RESIZE_MODES
 from featcache.extract.zoo.registry import BACKBONES
+from featcache.store.schema import RESIZE_MODES
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)

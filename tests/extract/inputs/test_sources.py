@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from featcache.extract.inputs.manifest import Manifest, ManifestError
+from _support.files import write_image_folder
+from featcache.extract.inputs.manifest import ManifestError
 from featcache.extract.inputs.sources import IMAGE_EXTENSIONS, build_manifest, from_csv, from_folder, write_digits
 from featcache.store.schema import SPLIT_CODES
-
-from _support.files import write_image_folder
 
 RATIOS = {"train": 0.6, "val": 0.2, "test": 0.2}
 

@@ -18,7 +18,6 @@ import torch
 import featcache
 import featcache.extract.onnx.cache as onnx_cache
 import featcache.extract.onnx.export as onnx_export
-from featcache.extract.onnx.format import DEFAULT_OPSET
 from featcache.extract.onnx.cache import (
     CACHE_ENV,
     cache_key,
@@ -28,7 +27,7 @@ from featcache.extract.onnx.cache import (
     resolve_cache_dir,
     source_key,
 )
-import featcache.extract.onnx.runner as onnx_runner
+from featcache.extract.onnx.format import DEFAULT_OPSET
 from featcache.extract.onnx.runner import OnnxFeatureRunner
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.extract.zoo.weights import WeightsSource, load_backbone, resolve_weights
@@ -106,7 +105,7 @@ def test_every_graph_input_changes_the_key(resnet, monkeypatch):
         "opset": cache_key(_extractor(resnet), 19, SIZE, "auto"),
         "exporter": cache_key(_extractor(resnet), 18, SIZE, "torchscript"),
     }
-    for field, value in _changed_versions(monkeypatch, resnet.spec):
+    for field, _ in _changed_versions(monkeypatch, resnet.spec):
         variants[field] = cache_key(_extractor(resnet), 18, SIZE, "auto")
         monkeypatch.undo()
     assert set(variants) == set(base)  # every field of the key is exercised
@@ -116,7 +115,8 @@ def test_every_graph_input_changes_the_key(resnet, monkeypatch):
 
 
 def _changed_versions(monkeypatch, spec):
-    """Yield (key field, ...) after changing what that field records: each package's version, featcache's, the code's."""
+    """Yield (key field, ...) after changing what that field records: each package's version, featcache's, the
+    code's."""
     real = importlib.metadata.version
     for field, package in (("torch_version", "torch"), ("onnx_version", "onnx"), ("model_library", spec.family)):
         monkeypatch.setattr(importlib.metadata, "version", lambda name, p=package: "0.0.1" if name == p else real(name))

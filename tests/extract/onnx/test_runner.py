@@ -11,19 +11,19 @@ import pytest
 import torch
 from PIL import Image
 
+from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.engine import extract_to_store
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.onnx.export import OnnxExportError, export_onnx
 from featcache.extract.onnx.format import DEFAULT_OPSET
-from featcache.extract.onnx.runner import OnnxFeatureRunner
 from featcache.extract.onnx.parity import LayerParity, ParityError, format_parity, parity_check
-from featcache.extract.decode.preprocess import Preprocessor
-from featcache.extract.zoo.registry import IMAGENET_MEAN, IMAGENET_STD
+from featcache.extract.onnx.runner import OnnxFeatureRunner
+from featcache.extract.plan import plan_extraction
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
+from featcache.extract.zoo.registry import IMAGENET_MEAN, IMAGENET_STD
 from featcache.extract.zoo.weights import load_backbone
 from featcache.store.reader import FeatureStore
 from featcache.store.schema import canonical_json
-from featcache.extract.plan import plan_extraction
 
 #: One process decodes (the default loader of a runner on the CPU).
 CPU_PLAN = plan_extraction(device="cpu", backend="torch", num_workers=0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import operator
 
 import numpy as np
@@ -10,12 +9,16 @@ import pytest
 import torch
 from torch import fx, nn
 
+from _support.references import assert_close, input_size, random_batch, reference_activations
+from featcache.extract.runners.torch_runner import (
+    TorchFeatureExtractor,
+    graph_node_names,
+    make_inplace_safe,
+    pool_features,
+)
 from featcache.extract.zoo.registry import BACKBONES
-from featcache.extract.runners.torch_runner import TorchFeatureExtractor, graph_node_names, make_inplace_safe, pool_features
 from featcache.extract.zoo.weights import load_backbone
 from featcache.store.schema import POOLINGS
-
-from _support.references import assert_close, input_size, random_batch, reference_activations
 
 
 def _extract(loaded, layers, x, **kwargs):

@@ -21,14 +21,19 @@ import pytest
 import torch
 from torch import nn
 
-from featcache.extract.zoo.registry import (
-    BACKBONES, BackboneSpec, LayerAlias, UnknownNameError, get_backbone, list_backbones, list_layers, resolve_layer,
-)
-from featcache.extract.runners.torch_runner import TorchFeatureExtractor
-
-from featcache.extract.zoo.weights import LoadedBackbone, load_backbone
-
 from _support.references import input_size, mean_pool, random_batch, reference_activations
+from featcache.extract.runners.torch_runner import TorchFeatureExtractor
+from featcache.extract.zoo.registry import (
+    BACKBONES,
+    BackboneSpec,
+    LayerAlias,
+    UnknownNameError,
+    get_backbone,
+    list_backbones,
+    list_layers,
+    resolve_layer,
+)
+from featcache.extract.zoo.weights import LoadedBackbone, load_backbone
 
 BACKBONE_NAMES = list(BACKBONES)
 
@@ -386,7 +391,8 @@ def test_registry_entry_swapped_to_a_neighbouring_node_fails_the_check(name, sca
     spec, expected = BACKBONES[name], reference(name)  # the reference of the true registry, before the swap
     wrong = _wrong_nodes(spec, scaled_backbone(name).model)
     assert len(wrong) >= 2, f"{name}: too few aliases with a same-shape neighbour: {wrong}"
-    layers = {alias: dataclasses.replace(layer, node=wrong.get(alias, layer.node)) for alias, layer in spec.layers.items()}
+    layers = {alias: dataclasses.replace(layer, node=wrong.get(alias, layer.node))
+              for alias, layer in spec.layers.items()}
     monkeypatch.setitem(BACKBONES, name, dataclasses.replace(spec, layers=layers))
     extractor = TorchFeatureExtractor(scaled_backbone(name).model, BACKBONES[name], list(wrong), pooling="avg",
                                       channels_last=False)
@@ -394,7 +400,8 @@ def test_registry_entry_swapped_to_a_neighbouring_node_fails_the_check(name, sca
     for alias in wrong:
         assert out[alias].shape == (2, spec.layers[alias].dim), (alias, wrong[alias])
         with pytest.raises(AssertionError, match="max abs error"):
-            assert_matches(out[alias], expected[spec.layers[alias].node], what=f"{name}:{alias} moved to {wrong[alias]}")
+            assert_matches(out[alias], expected[spec.layers[alias].node],
+                           what=f"{name}:{alias} moved to {wrong[alias]}")
     # ... and an all-zero output fails it for every alias.
     for alias, layer in spec.layers.items():
         with pytest.raises(AssertionError, match="max abs error"):

@@ -20,10 +20,14 @@ import torchvision.models as tv_models
 from PIL import Image
 
 from featcache.extract.decode.preprocess import Preprocessor
-from featcache.extract.zoo.registry import BACKBONES
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
+from featcache.extract.zoo.registry import BACKBONES
 from featcache.extract.zoo.weights import (
-    OFFLINE_ENV, WeightsDownloadError, WeightsNotFoundError, _LITE_STAGE_DEPTHS, load_backbone,
+    _LITE_STAGE_DEPTHS,
+    OFFLINE_ENV,
+    WeightsDownloadError,
+    WeightsNotFoundError,
+    load_backbone,
     remap_efficientnet_lite,
 )
 from featcache.util.hashing import file_sha256

@@ -35,13 +35,12 @@ from typing import Iterator, NamedTuple, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from featcache.extract.decode.loaders import Batch, ImageDataset
-from featcache.util.compute import default_num_workers
-from featcache.extract.decode.probe import device_route, draft_scale, probe_header, resize_geometry
 from featcache.extract.decode.decoders import DeviceDecoder, decode_each, select_decoder
-from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.decode.loaders import Batch, ImageDataset
 from featcache.extract.decode.preprocess import Preprocessor
-
+from featcache.extract.decode.probe import device_route, draft_scale, probe_header, resize_geometry
+from featcache.extract.inputs.manifest import Manifest
+from featcache.util.compute import default_num_workers
 
 __all__ = ["orient", "resize_crop", "DeviceDecodeDataset", "PackedBatch", "pack_items",
            "decode_items", "iter_device_batches"]

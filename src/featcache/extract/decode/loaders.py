@@ -38,9 +38,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from featcache.extract.inputs.manifest import Manifest
-
 from featcache.extract.decode.preprocess import ImageTooLargeError, Preprocessor, load_rgb
+from featcache.extract.inputs.manifest import Manifest
 from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS
 from featcache.util.compute import default_num_workers
 
@@ -48,8 +47,8 @@ if TYPE_CHECKING:  # torch is imported by the torch loader only
     import torch
     from torch.utils.data import DataLoader
 
-__all__ = ["Batch", "DECODE_ERRORS", "LoaderFactory", "ImageReader", "ImageDataset", "make_loader", "iter_array_batches",
-           "default_num_workers", "describe_error"]
+__all__ = ["Batch", "DECODE_ERRORS", "LoaderFactory", "ImageReader", "ImageDataset", "make_loader",
+           "iter_array_batches", "describe_error"]
 
 #: A batch of the loaders (the engine's batch contract): ``(rows int64 (B,), images uint8 (B, 3, S, S),
 #: reasons list[str])``, rows and images torch tensors or numpy arrays (the array loader of CPU runners).

@@ -297,9 +297,9 @@ class Preprocessor:
                   max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> "Preprocessor":
         """Build the preprocessor of a registry entry (optionally at another input size).
 
-        ``max_image_pixels`` is the decompression-bomb limit that :class:`~featcache.extract.decode.loaders.ImageDataset`
-        applies when decoding (None disables it); it does not change any pixel, so it is not part of
-        :meth:`config`.
+        ``max_image_pixels`` is the decompression-bomb limit that
+        :class:`~featcache.extract.decode.loaders.ImageDataset` applies when decoding (None disables
+        it); it does not change any pixel, so it is not part of :meth:`config`.
         """
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode {resize_mode!r} is not one of {RESIZE_MODES}.")

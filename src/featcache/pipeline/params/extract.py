@@ -14,7 +14,12 @@ from pydantic import Field, field_validator
 
 from featcache.pipeline.params.base import Strict
 from featcache.store.schema import (
-    AUTOCASTS, BACKENDS, DEFAULT_MAX_IMAGE_PIXELS, FEATURE_DTYPES, POOLINGS, RESIZE_MODES,
+    AUTOCASTS,
+    BACKENDS,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    FEATURE_DTYPES,
+    POOLINGS,
+    RESIZE_MODES,
 )
 from featcache.util.compute import DEVICES
 
