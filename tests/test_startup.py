@@ -33,11 +33,11 @@ sys.exit(code)
 """
 
 
-def heavy_modules(args: list[str], cwd: Path) -> list[str]:
-    """Run ``featcache ARGS`` in a fresh interpreter; the heavy modules it imported."""
+def heavy_modules(args: list[str], cwd: Path, heavy: tuple[str, ...] = HEAVY) -> list[str]:
+    """Run ``featcache ARGS`` in a fresh interpreter; the modules of ``heavy`` it imported."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1] / "src"),
                                                        os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", _WRAPPER.format(heavy=HEAVY), *args], cwd=cwd, env=env,
+    done = subprocess.run([sys.executable, "-c", _WRAPPER.format(heavy=heavy), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     line = [line for line in done.stdout.splitlines() if line.startswith("HEAVY-MODULES ")]
@@ -119,6 +119,23 @@ def test_train_imports_only_what_its_head_needs(head, needs, project, store):
     args = ["train", "--params", "params.yaml", "--store", str(store), "--backbone", "efficientnet_lite0",
             "--layer", "pool", "--head", head, "--metrics", f"metrics/{head}.json", "--model-dir", f"models/{head}"]
     assert set(heavy_modules(args, project)) == needs
+
+
+#: The other heads' modules, and pandas (which scikit-learn imports at start-up, 0.4 s, and never uses here).
+OTHER_HEADS = ("featcache.heads.boosting", "featcache.heads.dask_boosting", "featcache.heads.mlp",
+               "featcache.heads.out_of_core", "featcache.heads.streaming_mlp", "featcache.heads.training", "pandas")
+
+
+def test_a_logreg_train_loads_no_other_head(project, store, tmp_path):
+    """A logistic-regression train (the head-iteration loop's stage) imports no torch, LightGBM or pandas and
+    none of the other heads' modules, saving its model included; its saved head loads back."""
+    args = ["train", "--params", "params.yaml", "--store", str(store), "--backbone", "efficientnet_lite0",
+            "--layer", "pool", "--head", "logreg", "--metrics", str(tmp_path / "logreg.json"),
+            "--predictions", str(tmp_path / "logreg.csv"), "--model-dir", str(tmp_path / "model")]
+    assert heavy_modules(args, project, HEAVY + OTHER_HEADS) == ["sklearn"]
+    from featcache.heads import load_head
+
+    assert type(load_head(tmp_path / "model")).__name__ == "LogisticRegressionHead"
 
 
 def test_a_warm_onnx_extraction_builds_no_model(project, store, tmp_path):

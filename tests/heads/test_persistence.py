@@ -88,3 +88,20 @@ def test_errors(tmp_path, clf_data):
     (bad / "head.json").write_text(json.dumps({"format": "featcache-head/1", "class": "os.system", "params": {}}))
     with pytest.raises(ValueError, match=r"class 'os.system'; allowed: LightGBMHead"):
         load_head(bad)
+
+
+def test_every_registered_head_has_the_storage_of_its_kind():
+    """persistence.STORAGE (what a head saves besides head.json, by registered name) matches each class's kind."""
+    from featcache.heads.boosting import LightGBMBase
+    from featcache.heads.linear import LinearSearchBase
+    from featcache.heads.mlp import MLPBase
+    from featcache.heads.out_of_core import StreamingLogisticHead, StreamingRidgeHead
+    from featcache.heads.persistence import STORAGE
+    from featcache.heads.registry import HEADS
+
+    kinds = {LinearSearchBase: "linear", StreamingLogisticHead: "linear", StreamingRidgeHead: "linear",
+             LightGBMBase: "lightgbm", MLPBase: "torch"}
+    assert set(STORAGE) == set(HEADS)
+    for name, tasks in HEADS.items():
+        for cls in tasks.values():
+            assert {kind for base, kind in kinds.items() if issubclass(cls, base)} == {STORAGE[name]}, cls

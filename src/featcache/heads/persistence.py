@@ -9,8 +9,10 @@ A saved head is a directory (the same fitted head always saves to the same bytes
     model.txt     LightGBM native text model, truncated at the best iteration
     module.pt     MLP state_dict (loaded with torch.load(weights_only=True))
 
-Only classes registered in :data:`featcache.heads.registry.HEADS` can be loaded; the
-class name in ``head.json`` is looked up there, never imported by path.
+Only classes registered in :data:`featcache.heads.registry.HEAD_PATHS` can be loaded; the
+class name in ``head.json`` is looked up there, never imported by path. Saving or
+loading a head imports that head's module only (a logistic regression imports no
+LightGBM or MLP code).
 """
 
 from __future__ import annotations
@@ -25,17 +27,12 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, is_classifier
 from sklearn.decomposition import PCA
-from sklearn.linear_model import Ridge
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
 from featcache.util.serial import jsonable
 
-from .boosting import LightGBMBase
-from .linear import LogisticRegressionHead, RidgeHead
-from .mlp import MLPBase, build_mlp
-from .out_of_core import StreamingLogisticHead, StreamingRidgeHead
-from .registry import HEADS
+from .registry import HEAD_PATHS, head_class
 
 __all__ = ["FORMAT", "load_head", "save_head"]
 
@@ -51,7 +48,10 @@ _FILES = ("head.json", "arrays.npz", "model.txt", "module.pt")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _ARRAY_ATTRS = ("classes_", "train_classes_")
 _TUPLE_PARAMS = ("hidden_sizes",)
-_LINEAR = (LogisticRegressionHead, RidgeHead, StreamingLogisticHead, StreamingRidgeHead)
+#: Registered head name -> what it saves besides head.json and arrays.npz' scaler/PCA: ``linear`` the final
+#: linear model's coef/intercept (in arrays.npz), ``lightgbm`` model.txt, ``torch`` module.pt.
+STORAGE: dict[str, str] = {"logreg": "linear", "lightgbm": "lightgbm", "mlp": "torch", "sgd": "linear",
+                           "streaming_mlp": "torch"}
 # every fitted PCA attribute that transform / inverse_transform / score need
 _PCA_ARRAYS = (
     "components", "mean", "explained_variance", "explained_variance_ratio",
@@ -68,8 +68,18 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
             zf.writestr(zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH), buf.getvalue())
 
 
-def _classes() -> dict[str, type[BaseEstimator]]:
-    return {cls.__name__: cls for tasks in HEADS.values() for cls in tasks.values()}
+def _class_names() -> dict[str, tuple[str, str]]:
+    """Registered class name -> (head name, task), read from the registry's paths (nothing imported)."""
+    return {path.partition(":")[2]: (head, task) for head, tasks in HEAD_PATHS.items() for task, path in tasks.items()}
+
+
+def _registered(name: Any) -> tuple[type[BaseEstimator] | None, str]:
+    """The registered class called ``name`` (importing its module only) and its :data:`STORAGE` kind;
+    ``(None, "")`` for a name that is not registered."""
+    head, task = _class_names().get(name, (None, None))
+    if head is None:
+        return None, ""
+    return head_class(head, task), STORAGE[head]
 
 
 def save_head(head: BaseEstimator, directory: str | Path) -> Path:
@@ -86,10 +96,10 @@ def save_head(head: BaseEstimator, directory: str | Path) -> Path:
     Path
         ``directory``.
     """
-    known = _classes()
     name = type(head).__name__
-    if name not in known or known[name] is not type(head):
-        raise ValueError(f"cannot save {name}; allowed: {', '.join(sorted(known))}.")
+    cls, storage = _registered(name)
+    if cls is not type(head):
+        raise ValueError(f"cannot save {name}; allowed: {', '.join(sorted(_class_names()))}.")
     check_is_fitted(head)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -105,11 +115,11 @@ def save_head(head: BaseEstimator, directory: str | Path) -> Path:
     pca = getattr(head, "pca_", None)
     if pca is not None:
         arrays.update({f"pca_{name}": np.asarray(getattr(pca, f"{name}_")) for name in _PCA_ARRAYS})
-    if isinstance(head, _LINEAR):
+    if storage == "linear":
         arrays.update(coef=np.asarray(head.estimator_.coef_), intercept=np.asarray(head.estimator_.intercept_))
-    if isinstance(head, LightGBMBase):
+    if storage == "lightgbm":
         head.booster_.save_model(str(directory / "model.txt"), num_iteration=head.best_iteration_)
-    if isinstance(head, MLPBase):
+    if storage == "torch":
         import torch
 
         state = {k: v.detach().cpu() for k, v in head.module_.state_dict().items()}
@@ -148,6 +158,25 @@ def _restore_pca(arrays: dict[str, np.ndarray], head: BaseEstimator) -> PCA | No
     return pca
 
 
+def _linear_model(head: BaseEstimator) -> Any:
+    """The unfitted final linear model of a ``linear`` head, to receive the saved coef/intercept."""
+    name = type(head).__name__
+    if name == "LogisticRegressionHead":
+        model = head._model(head.best_params_["C"], warm_start=False)
+        model.classes_ = head.train_classes_
+    elif name == "RidgeHead":
+        from sklearn.linear_model import Ridge
+
+        model = Ridge(alpha=head.best_params_["alpha"])
+    elif name in ("StreamingLogisticHead", "StreamingRidgeHead"):
+        model = head._new_model(head.best_params_["alpha"], 0)
+        if name == "StreamingLogisticHead":
+            model.classes_ = head.classes_
+    else:
+        raise ValueError(f"no linear model to restore for {name}")
+    return model
+
+
 def load_head(directory: str | Path) -> BaseEstimator:
     """Load a head written by :func:`save_head`.
 
@@ -171,10 +200,9 @@ def load_head(directory: str | Path) -> BaseEstimator:
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: format {meta.get('format')!r}; allowed: {FORMAT!r}.")
-    known = _classes()
-    if meta.get("class") not in known:
-        raise ValueError(f"{meta_path}: class {meta.get('class')!r}; allowed: {', '.join(sorted(known))}.")
-    cls = known[meta["class"]]
+    cls, storage = _registered(meta.get("class"))
+    if cls is None:
+        raise ValueError(f"{meta_path}: class {meta.get('class')!r}; allowed: {', '.join(sorted(_class_names()))}.")
     params: dict[str, Any] = dict(meta["params"])
     for key in _TUPLE_PARAMS:
         if isinstance(params.get(key), list):
@@ -191,28 +219,21 @@ def load_head(directory: str | Path) -> BaseEstimator:
     head.scaler_ = _restore_scaler(arrays, n_features) if "scaler_mean" in arrays else None
     head.pca_ = _restore_pca(arrays, head)
 
-    if isinstance(head, LogisticRegressionHead):
-        model = head._model(head.best_params_["C"], warm_start=False)
-        model.classes_ = head.train_classes_
-    elif isinstance(head, RidgeHead):
-        model = Ridge(alpha=head.best_params_["alpha"])
-    elif isinstance(head, StreamingLogisticHead):
-        model = head._new_model(head.best_params_["alpha"], 0)
-        model.classes_ = head.classes_
-    elif isinstance(head, StreamingRidgeHead):
-        model = head._new_model(head.best_params_["alpha"], 0)
-    if isinstance(head, _LINEAR):
+    if storage == "linear":
+        model = _linear_model(head)
         model.coef_, model.intercept_ = arrays["coef"], arrays["intercept"]
         if model.intercept_.ndim == 0:
             model.intercept_ = float(model.intercept_)
         model.n_features_in_ = int(model.coef_.shape[-1])  # PCA components when reduced
         head.estimator_ = model
-    elif isinstance(head, LightGBMBase):
+    elif storage == "lightgbm":
         import lightgbm
 
         head.booster_ = lightgbm.Booster(model_file=str(directory / "model.txt"))
-    elif isinstance(head, MLPBase):
+    elif storage == "torch":
         import torch
+
+        from .training import build_mlp
 
         n_out = int(head.classes_.size) if is_classifier(head) else 1
         n_in = n_features if head.pca_ is None else int(head.pca_.n_components_)
