@@ -121,14 +121,14 @@ def test_train_imports_only_what_its_head_needs(head, needs, project, store):
     assert set(heavy_modules(args, project)) == needs
 
 
-#: The other heads' modules, and pandas (which scikit-learn imports at start-up, 0.4 s, and never uses here).
+#: The other heads' modules.
 OTHER_HEADS = ("featcache.heads.boosting", "featcache.heads.dask_boosting", "featcache.heads.mlp",
-               "featcache.heads.out_of_core", "featcache.heads.streaming_mlp", "featcache.heads.training", "pandas")
+               "featcache.heads.out_of_core", "featcache.heads.streaming_mlp", "featcache.heads.training")
 
 
 def test_a_logreg_train_loads_no_other_head(project, store, tmp_path):
-    """A logistic-regression train (the head-iteration loop's stage) imports no torch, LightGBM or pandas and
-    none of the other heads' modules, saving its model included; its saved head loads back."""
+    """A logistic-regression train (the head-iteration loop's stage) imports no torch or LightGBM and none of
+    the other heads' modules, saving its model included; its saved head loads back."""
     args = ["train", "--params", "params.yaml", "--store", str(store), "--backbone", "efficientnet_lite0",
             "--layer", "pool", "--head", "logreg", "--metrics", str(tmp_path / "logreg.json"),
             "--predictions", str(tmp_path / "logreg.csv"), "--model-dir", str(tmp_path / "model")]

@@ -54,6 +54,20 @@ def _lazy_exports(package: str) -> dict[str, str]:
     return {}
 
 
+#: The registry's names that import a head's module by its ``HEAD_PATHS`` string (any head: ``--head`` picks it).
+HEAD_BUILDERS = {"HEADS", "head_class", "make_head"}
+
+
+def _head_modules() -> set[str]:
+    """The modules named by ``featcache.heads.registry.HEAD_PATHS`` (read statically)."""
+    tree = ast.parse(_module_file("featcache.heads.registry").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "HEAD_PATHS":
+            paths = ast.literal_eval(node.value)
+            return {f"featcache.heads{path.partition(':')[0]}" for tasks in paths.values() for path in tasks.values()}
+    raise AssertionError("featcache.heads.registry: no HEAD_PATHS")
+
+
 def _imports(tree: ast.AST, package: str) -> set[str]:
     """featcache modules imported anywhere in ``tree`` (``package``: for relative imports).
 
@@ -77,6 +91,8 @@ def _imports(tree: ast.AST, package: str) -> set[str]:
             found.update(f"{base}.{alias.name}" for alias in node.names)  # submodules imported by name
             lazy = _lazy_exports(base) if base.split(".")[0] == "featcache" else {}
             found.update(f"{base}.{lazy[alias.name]}" for alias in node.names if alias.name in lazy)
+            if base in ("featcache.heads", "featcache.heads.registry") and {a.name for a in node.names} & HEAD_BUILDERS:
+                found.update(_head_modules())
         for child in ast.iter_child_nodes(node):
             visit(child)
 

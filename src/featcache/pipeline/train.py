@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -69,23 +68,6 @@ def expected_store_config(params: Any, backbone: str, store: Store) -> dict[str,
     return config
 
 
-def _import_sklearn_without_pandas() -> None:
-    """Import scikit-learn without the pandas import it does at start-up and never uses (~0.4 s per train process).
-
-    ``sklearn.utils.fixes`` runs ``try: import pandas as pd except ImportError: pd = None`` and uses ``pd``
-    nowhere else (scikit-learn 1.9 finds pandas objects through ``sys.modules`` when it is called), and the heads
-    get numpy or dask arrays. Nothing changes when pandas or scikit-learn is already imported, and pandas imports
-    normally afterwards.
-    """
-    if "sklearn" in sys.modules or "pandas" in sys.modules:
-        return
-    sys.modules["pandas"] = None  # type: ignore[assignment]  # `import pandas` raises ImportError while set
-    try:
-        import sklearn.base  # noqa: F401
-    finally:
-        del sys.modules["pandas"]
-
-
 def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: str,
           metrics_path: str | Path, model_dir: str | Path | None = None,
           predictions_path: str | Path | None = None) -> dict[str, Any]:
@@ -105,8 +87,7 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
     dict
         The whole run record (scores and sidecar fields, flat).
     """
-    _import_sklearn_without_pandas()
-    from featcache.heads import fit_and_evaluate, make_head, save_head
+    from featcache.heads import fit_and_evaluate, make_head, save_head  # only the chosen head's module
 
     task = params.data.task
     with FeatureStore(store_path) as store:
