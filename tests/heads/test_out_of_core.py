@@ -12,6 +12,7 @@ import dask.array as da
 import numpy as np
 import pytest
 
+from _support.blob_store import LAYER, peak_rss, write_store
 from featcache.heads import (
     LightGBMHead,
     LogisticRegressionHead,
@@ -29,8 +30,6 @@ from featcache.heads import (
 from featcache.heads.dask_boosting import _early_stop
 from featcache.heads.metrics import log_loss_score
 from featcache.store import FeatureStore
-
-from _support.blob_store import LAYER, peak_rss, write_store
 
 CHUNK = 256
 SPLITS = ("train", "val", "test")
@@ -276,7 +275,8 @@ def test_out_of_core_path_never_materialises_the_full_array(big_splits, clf_data
     # Warm-up on small numpy data: modules imported on first use (torch, sklearn internals) are not rows held.
     fit_and_evaluate(make_head("sgd", "classification", {"max_epochs": 1}), "classification",
                      *(clf_data[k] for k in ("X_train", "y_train", "X_val", "y_val", "X_test", "y_test")), n_boot=0)
-    StreamingMLPHead(**{**MLP, "max_epochs": 1}).fit(clf_data["X_train"], clf_data["y_train"]).predict(clf_data["X_test"])
+    StreamingMLPHead(**{**MLP, "max_epochs": 1}).fit(clf_data["X_train"],
+                                                     clf_data["y_train"]).predict(clf_data["X_test"])
     with _guard(monkeypatch) as held:
         head = make_head("sgd", "classification", {"max_epochs": 3})
         result = fit_and_evaluate(head, "classification", *_args(big_splits), n_boot=0)

@@ -17,8 +17,8 @@ from featcache.heads import (
     StreamingRidgeHead,
     head_names,
     make_head,
+    registry,
 )
-from featcache.heads import registry
 from featcache.heads.registry import HEAD_PATHS, check_head_params, head_param_names
 
 

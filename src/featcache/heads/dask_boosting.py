@@ -32,9 +32,9 @@ import numpy as np
 
 from featcache.store.schema import TASKS
 
+from .boosting import LightGBMHead, LightGBMRegressorHead
 from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, as_labels, is_dask_array
 from .validation import check_int, check_targets, resolve_classes
-from .boosting import LightGBMHead, LightGBMRegressorHead
 
 __all__ = ["fit_lightgbm_dask", "validation_curve"]
 
@@ -140,8 +140,8 @@ def fit_lightgbm_dask(
         ``classes_``/``train_classes_`` (classification), ``scaler_ = pca_ = None``,
         ``fit_seconds_`` and ``val_curve_`` (loss per round, not saved by ``save_head``).
     """
-    import lightgbm
     import dask.array as da
+    import lightgbm
 
     start = time.perf_counter()
     if task not in TASKS:

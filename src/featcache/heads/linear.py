@@ -26,6 +26,7 @@ from sklearn.utils.validation import check_is_fitted
 from featcache.util.compute import thread_limit
 
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
+from .metrics import log_loss_score
 from .preprocessing import apply_preprocess, check_pca_components
 from .splits import SelectionSets, Split, average_rows
 from .validation import (
@@ -37,7 +38,6 @@ from .validation import (
     require_two_classes,
     resolve_classes,
 )
-from .metrics import log_loss_score
 
 __all__ = ["DEFAULT_ALPHAS", "DEFAULT_CS", "LinearSearchBase", "LogisticRegressionHead", "RidgeHead", "log_grid_search"]
 
@@ -217,7 +217,7 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
     tol: float = 1e-4
     n_jobs: int | None = 1
 
-    def _model(self, C: float, warm_start: bool) -> LogisticRegression:
+    def make_model(self, C: float, warm_start: bool) -> LogisticRegression:
         return LogisticRegression(
             C=float(C), solver="lbfgs", max_iter=self.max_iter, tol=self.tol, warm_start=warm_start
         )
@@ -238,7 +238,7 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
     ) -> list[dict[str, Any]]:
         """Scores on one selection set of each C in ``values`` (ascending, warm-started)."""
         require_two_classes(y_fit)
-        model = self._model(values[0], warm_start=True)
+        model = self.make_model(values[0], warm_start=True)
         rows = []
         for C in values:
             model.set_params(C=float(C))
@@ -246,7 +246,7 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
             if int(np.max(model.n_iter_)) == 0:
                 # The warm start already met ``tol`` (lbfgs' gradient is scaled by 1/n), so this C was
                 # never fitted and would score like the previous one: fit it from scratch.
-                model = self._model(C, warm_start=False)
+                model = self.make_model(C, warm_start=False)
                 converged = self._fit_quiet(model, X_fit, y_fit)
                 model.set_params(warm_start=True)
             proba = expand_columns(model.predict_proba(X_sel), model.classes_, n_classes)
@@ -271,7 +271,7 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
 
         def refit(C: float, X_final: np.ndarray, y_final: np.ndarray) -> LogisticRegression:
             self.train_classes_ = require_two_classes(y_final)
-            model = self._model(C, warm_start=False)
+            model = self.make_model(C, warm_start=False)
             self._fit_quiet(model, X_final, y_final)
             return model
 

@@ -104,7 +104,7 @@ class _Classification:
         self.top5 = (np.sum(proba > p_true[:, None], axis=1) < 5).astype(np.float64)
         self.names = tuple(m for m in CLASSIFICATION_METRICS if m != "top5_accuracy" or self.K > 5)
 
-    def _counts(self, idx: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    def counts(self, idx: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         B = idx.shape[0]
         flat = (np.arange(B)[:, None] * self.K + labels[idx]).ravel()
         w = None if weights is None else weights[idx].ravel()
@@ -117,14 +117,14 @@ class _Classification:
             return self.row_ll[idx].mean(axis=1)
         if name == "top5_accuracy":
             return self.top5[idx].mean(axis=1)
-        n_true = self._counts(idx, self.y)
-        tp = self._counts(idx, self.y, self.correct)
+        n_true = self.counts(idx, self.y)
+        tp = self.counts(idx, self.y, self.correct)
         if name == "balanced_accuracy":
             present = n_true > 0
             recall = np.divide(tp, n_true, out=np.zeros_like(tp), where=present)
             return recall.sum(axis=1) / present.sum(axis=1)
         if name == "macro_f1":
-            denom = n_true + self._counts(idx, self.pred)
+            denom = n_true + self.counts(idx, self.pred)
             present = denom > 0
             f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=present)
             return f1.sum(axis=1) / present.sum(axis=1)
@@ -212,7 +212,7 @@ def classification_metrics(y_true: Any, proba: Any, n_classes: int) -> dict[str,
     kernel = _Classification(*_check_proba(y_true, proba, n_classes))
     out: dict[str, Any] = {name: _point(kernel, name) for name in kernel.names}
     full = np.arange(kernel.y.size)[None, :]
-    n_true, tp = kernel._counts(full, kernel.y)[0], kernel._counts(full, kernel.y, kernel.correct)[0]
+    n_true, tp = kernel.counts(full, kernel.y)[0], kernel.counts(full, kernel.y, kernel.correct)[0]
     out["per_class_recall"] = [float(t / c) if c > 0 else None for t, c in zip(tp, n_true, strict=True)]
     out["n_test"] = int(kernel.y.size)
     return out

@@ -29,7 +29,8 @@ from .validation import check_features, check_int, check_positive, require_two_c
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["MLPBase", "MLPClassifierBase", "MLPHead", "MLPRegressorBase", "MLPRegressorHead", "build_mlp", "train_epochs"]
+__all__ = ["MLPBase", "MLPClassifierBase", "MLPHead", "MLPRegressorBase", "MLPRegressorHead", "build_mlp",
+           "train_epochs"]
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,10 @@ class MLPBase(HeadBase):
 
     def _val_metrics(self, out: torch.Tensor, target: torch.Tensor, loss_fn: Any) -> tuple[float, float]:
         """(validation loss, validation score) of raw network outputs ``out``."""
-        out = self._output(out)
+        out = self.output_transform(out)
         return float(loss_fn(out, target)), self._val_score(out, target)
 
-    def _loss_fn(self) -> Any:
+    def loss_function(self) -> Any:
         from torch import nn
 
         return nn.CrossEntropyLoss() if self._classification else nn.MSELoss()
@@ -117,7 +118,7 @@ class MLPBase(HeadBase):
         X_fit = tensor(X_fit_t, torch.float32)
         X_sel = tensor(apply_preprocess(split.X_sel, self.scaler_, self.pca_), torch.float32)
         t_fit, t_sel = tensor(y_fit, y_dtype), tensor(y_sel, y_dtype)
-        loss_fn = self._loss_fn()
+        loss_fn = self.loss_function()
 
         with torch_threads(self.n_threads), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -145,12 +146,12 @@ class MLPBase(HeadBase):
             "%s: best epoch %d of %d run (val loss %.4f)", type(self).__name__, best_epoch, len(history), best_loss
         )
 
-    def _output(self, out: torch.Tensor) -> torch.Tensor:
+    def output_transform(self, out: torch.Tensor) -> torch.Tensor:
         return out if self._classification else out[:, 0]
 
     def _forward_array(self, X: np.ndarray) -> np.ndarray:
         """Network outputs (n, n_out) or (n,) for already preprocessed rows, in batches."""
-        return predict_batches(self.module_, X, self.n_threads, self._output)
+        return predict_batches(self.module_, X, self.n_threads, self.output_transform)
 
     def _forward(self, X: Any) -> np.ndarray:
         """Network outputs for raw features, in batches, under ``n_threads``."""

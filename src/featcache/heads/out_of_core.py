@@ -31,11 +31,11 @@ from sklearn.utils.validation import check_is_fitted
 
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, stream_outputs, streaming_sources
-from .preprocessing import fit_scaler_streaming
-from .validation import as_float_list, check_int
 from .dask_boosting import fit_lightgbm_dask
 from .metrics import log_loss_score
+from .preprocessing import fit_scaler_streaming
 from .streaming_mlp import StreamingMLPHead, StreamingMLPRegressorHead
+from .validation import as_float_list, check_int
 
 __all__ = [
     "DEFAULT_SGD_ALPHAS",
@@ -66,7 +66,7 @@ class _StreamingLinearBase(HeadBase):
 
     _streaming = True  # fit_and_evaluate passes dask arrays through unchanged
 
-    def _new_model(self, alpha: float, seed: int) -> SGDClassifier | SGDRegressor:
+    def make_model(self, alpha: float, seed: int) -> SGDClassifier | SGDRegressor:
         common = {"penalty": "l2", "alpha": float(alpha), "average": self.average, "random_state": seed}
         if self._classification:
             return SGDClassifier(loss="log_loss", learning_rate=self.learning_rate, eta0=self.eta0, **common)
@@ -74,7 +74,7 @@ class _StreamingLinearBase(HeadBase):
 
     def _fit_alpha(self, alpha: float, train: RowChunks, val: RowChunks, seed: int) -> dict[str, Any]:
         """One streamed fit with early stopping; returns the best model and its history."""
-        model = self._new_model(alpha, seed)
+        model = self.make_model(alpha, seed)
         rng = np.random.default_rng(seed)
         best: dict[str, Any] = {"key": None, "model": None, "epoch": 0}
         history = []

@@ -84,7 +84,8 @@ def _find_class(folder: Path, module: str, name: str, depth: int) -> _ClassSourc
 
 
 def _is_dataclass_decorator(where: _Module, name: str, depth: int) -> bool:
-    """Whether ``name`` (in ``where``) is ``dataclass`` or bound to ``dataclasses.dataclass(...)`` there or in a sibling."""
+    """Whether ``name`` (in ``where``) is ``dataclass``, or bound to ``dataclasses.dataclass(...)`` there or in a
+    sibling."""
     if name == "dataclass" or name in where.decorators:
         return True
     if name in where.imported:

@@ -162,14 +162,14 @@ def _linear_model(head: BaseEstimator) -> Any:
     """The unfitted final linear model of a ``linear`` head, to receive the saved coef/intercept."""
     name = type(head).__name__
     if name == "LogisticRegressionHead":
-        model = head._model(head.best_params_["C"], warm_start=False)
+        model = head.make_model(head.best_params_["C"], warm_start=False)
         model.classes_ = head.train_classes_
     elif name == "RidgeHead":
         from sklearn.linear_model import Ridge
 
         model = Ridge(alpha=head.best_params_["alpha"])
     elif name in ("StreamingLogisticHead", "StreamingRidgeHead"):
-        model = head._new_model(head.best_params_["alpha"], 0)
+        model = head.make_model(head.best_params_["alpha"], 0)
         if name == "StreamingLogisticHead":
             model.classes_ = head.classes_
     else:

@@ -53,7 +53,7 @@ class _StreamingMLPMixin:
         self.scaler_, self.pca_ = fit_scaler_streaming(train), None
         seed = 0 if self.random_state is None else int(self.random_state)
         y_dtype = torch.long if self._classification else torch.float32
-        loss_fn = self._loss_fn()
+        loss_fn = self.loss_function()
 
         def tensors(Xc: np.ndarray, yc: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
             x = torch.as_tensor(self.scaler_.transform(Xc), dtype=torch.float32, device=device)

@@ -98,7 +98,7 @@ def train_epochs(
     """
     import torch
 
-    loss_fn = head._loss_fn()
+    loss_fn = head.loss_function()
     optim = torch.optim.AdamW(module.parameters(), lr=head.lr, weight_decay=head.weight_decay)
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_state = float("inf"), 0, None
@@ -107,7 +107,7 @@ def train_epochs(
         total, seen = 0.0, 0
         for xb, tb in epoch_batches():
             optim.zero_grad(set_to_none=True)
-            loss = loss_fn(head._output(module(xb)), tb)
+            loss = loss_fn(head.output_transform(module(xb)), tb)
             loss.backward()
             optim.step()
             total += loss.item() * xb.shape[0]
