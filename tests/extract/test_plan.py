@@ -122,3 +122,13 @@ def test_onnx_on_cuda_without_its_provider_stops_with_the_fix(monkeypatch):
     with pytest.raises(ExtractionError, match="runs on CPUExecutionProvider.*backend: auto.*pip uninstall -y "
                                               "onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"):
         build_runner(object(), ["pool"], plan)
+
+
+def test_the_dask_runner_spec_takes_the_plan_s_choices():
+    from featcache.extract.runner_spec import RunnerSpec
+
+    plan = ExtractionPlan(device="cuda", backend="torch", autocast="fp16", decode="cpu", loader="torch",
+                          scheduler="local")
+    spec = RunnerSpec.from_plan(plan, "resnet18", "random", ["pool5"], "avg", channels_last=False)
+    assert (spec.device, spec.backend, spec.autocast, spec.layers, spec.channels_last) == (
+        "cuda", "torch", "fp16", ("pool5",), False)

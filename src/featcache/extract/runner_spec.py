@@ -14,11 +14,11 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from featcache.extract.plan import build_runner, plan_extraction
+from featcache.extract.plan import ExtractionPlan, build_runner, plan_extraction
 from featcache.store.schema import BACKENDS
 
 __all__ = ["RunnerSpec", "local_workers", "worker_device"]
@@ -87,6 +87,13 @@ class RunnerSpec:
             raise ValueError(f"RunnerSpec.autocast {self.autocast!r} is not one of None, 'auto', 'bf16', 'fp16'.")
         if self.backend not in BACKENDS:
             raise ValueError(f"RunnerSpec.backend {self.backend!r} is not one of {BACKENDS}.")
+
+    @classmethod
+    def from_plan(cls, plan: ExtractionPlan, backbone: str, weights: str, layers: Sequence[str], pooling: str,
+                  channels_last: bool = True, seed: int = 0) -> RunnerSpec:
+        """The spec of the runner ``plan`` chose (its backend, device and precision), for the dask workers."""
+        return cls(backbone, weights, tuple(layers), pooling, device=plan.device, channels_last=channels_last,
+                   autocast=plan.autocast, seed=seed, backend=plan.backend)
 
     def build(self, input_size: int | None = None) -> Any:
         """The runner of this spec, built once per process and then cached.

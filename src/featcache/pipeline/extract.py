@@ -69,8 +69,8 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
     if plan.distributed:
         from featcache.extract.distributed import RunnerSpec, extract_distributed, local_workers
 
-        spec = RunnerSpec(backbone, chosen.weights, tuple(chosen.layers), knobs.pooling, device=plan.device,
-                          channels_last=knobs.channels_last, autocast=plan.autocast, backend=plan.backend)
+        spec = RunnerSpec.from_plan(plan, backbone, chosen.weights, chosen.layers, knobs.pooling,
+                                    channels_last=knobs.channels_last)
         return extract_distributed(manifest, spec, preprocess, out, **common,
                                    scheduler_address=None if plan.scheduler == "local" else plan.scheduler,
                                    n_workers=local_workers(knobs.n_workers, plan.device))
