@@ -18,7 +18,7 @@ import torch
 from _support.files import md5, write_image_folder
 from featcache.errors import ExtractionError
 from featcache.extract.decode.preprocess import Preprocessor, load_rgb
-from featcache.extract.engine import extract_to_store, resolve_device
+from featcache.extract.engine import extract_to_store
 from featcache.extract.inputs.sources import from_folder
 from featcache.extract.plan import plan_extraction
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
@@ -244,15 +244,6 @@ def test_changed_config_does_not_resume_old_blocks(manifest, runner, tmp_path):
     assert report.n_resumed_blocks == 0
     with h5py.File(out, "r") as f:
         assert '"pooling":"max"' in f.attrs["config"]
-
-
-# ---------------------------------------------------------------- devices
-def test_resolve_device():
-    assert resolve_device("cpu") == "cpu"
-    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(ExtractionError, match="cuda"):
-            resolve_device("cuda")
 
 
 # ------------------------------------------------------ the hot loop's pieces

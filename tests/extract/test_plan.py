@@ -132,3 +132,8 @@ def test_the_dask_runner_spec_takes_the_plan_s_choices():
     spec = RunnerSpec.from_plan(plan, "resnet18", "random", ["pool5"], "avg", channels_last=False)
     assert (spec.device, spec.backend, spec.autocast, spec.layers, spec.channels_last) == (
         "cuda", "torch", "fp16", ("pool5",), False)
+
+
+def test_the_plan_resolves_the_device():
+    assert plan_extraction(device="cpu").device == "cpu"
+    assert plan_extraction(device="auto").device == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,7 +10,8 @@ from featcache.lazy import lazy_exports
 
 #: Public name -> the submodule that defines it.
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(["ExtractionReport", "extract_to_store", "resolve_device"], "engine"),
+    **dict.fromkeys(["ExtractionReport", "extract_to_store"], "engine"),
+    **dict.fromkeys(["ExtractionPlan", "build_runner", "plan_extraction"], "plan"),
     **dict.fromkeys(["Manifest", "ManifestError", "assign_splits"], "inputs.manifest"),
     **dict.fromkeys(["Preprocessor", "load_rgb", "to_rgb"], "decode.preprocess"),
     **dict.fromkeys(["BACKBONES", "BackboneSpec", "LayerAlias", "UnknownNameError", "get_backbone", "list_backbones",

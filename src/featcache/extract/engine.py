@@ -50,11 +50,10 @@ from featcache.extract.plan import LOADERS, ExtractionPlan
 from featcache.store.reader import FeatureStore
 from featcache.store.schema import LayerSpec, canonical_json, sha256_text
 from featcache.store.writer import StoreWriter
-from featcache.util import compute
 
 __all__ = ["BlockSink", "DEFAULT_MAX_BAD_FRACTION", "ExtractionReport",
            "FeatureRunner", "ON_ERROR", "build_report", "build_root_attrs", "check_bad_rows", "check_max_bad_fraction",
-           "check_on_error", "extract_to_store", "make_batches", "resolve_device", "run_blocks"]
+           "check_on_error", "extract_to_store", "make_batches", "run_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,11 +84,6 @@ class ExtractionReport:
     seconds: float
     images_per_second: float
     errors: list[tuple[str, str]] = field(default_factory=list)
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; an explicit value is checked (:class:`ExtractionError`)."""
-    return compute.resolve_device(device, setting="extract.device", error=ExtractionError)
 
 
 def extract_to_store(

@@ -74,7 +74,7 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
     Images that fail to decode get ``prediction`` empty and an ``error`` column.
     """
     from featcache.extract.decode.loaders import ImageDataset, make_loader  # torch: only when images are scored
-    from featcache.extract.engine import resolve_device
+    from featcache.extract.plan import plan_extraction
     from featcache.extract.runners.torch_runner import TorchFeatureExtractor
     from featcache.extract.zoo.weights import load_backbone
 
@@ -85,8 +85,9 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
     prep = config["preprocess"]
     preprocess = Preprocessor(prep["input_size"], prep["resize_size"], prep["interpolation"], tuple(prep["mean"]),
                               tuple(prep["std"]), prep["resize_mode"], tuple(prep["background"]))
+    plan = plan_extraction(device=device, backend="torch", autocast="none", decode="cpu")  # float32 torch features
     extractor = TorchFeatureExtractor(loaded.model, loaded.spec, [info["layer"]],
-                                      pooling=config["extract"]["pooling"], device=resolve_device(device))
+                                      pooling=config["extract"]["pooling"], device=plan.device)
     paths = _image_paths(inputs)
     loader = make_loader(ImageDataset(paths, preprocess), range(len(paths)), batch_size, num_workers=0)
     rows: list[dict[str, Any]] = []
