@@ -25,6 +25,14 @@ def random_backbone():
     return _cached_random_backbone
 
 
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """torch reports two CUDA devices (nothing runs on them)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H200")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _few_threads():
     """The test machine has 2 cores; keep torch from oversubscribing them."""

@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import importlib.metadata
 
-import pytest
 import torch
 
 from featcache.extract import doctor
 from featcache.extract.doctor import doctor_report, gpu_decoder_line
-
-
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    """torch reports two CUDA devices (nothing runs on them)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H200")
 
 
 def test_doctor_on_a_cpu_machine():

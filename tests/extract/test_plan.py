@@ -19,14 +19,6 @@ from featcache.extract.plan import (
 )
 
 
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    """torch reports two CUDA devices (nothing runs on them)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "NVIDIA H200")
-
-
 def test_auto_backend_is_torch_on_cuda_and_onnxruntime_on_cpu(monkeypatch):
     assert resolve_backend("auto", "cuda") == "torch" and resolve_backend("auto", "cuda:1") == "torch"
     assert resolve_backend("auto", "cpu") == "onnx"
