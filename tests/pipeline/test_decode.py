@@ -110,3 +110,29 @@ def test_auto_decode_follows_the_runner(stores, monkeypatch):
     assert plan(device="cuda", scheduler="local") == "cpu"
     with pytest.raises(ExtractionError, match="decode"):
         plan(device="cuda", decode="gpu", scheduler="local")
+
+
+def test_the_train_check_takes_a_default_layer_as_the_store_resolved_it(tmp_path):
+    """``layers: [default]`` is resolved by the extract stage (the registry); the train stage, which imports no
+    registry, takes the store's layer at that position and still refuses another layer."""
+    from types import SimpleNamespace
+
+    from featcache.pipeline.train import load_train_sections
+    from featcache.store.schema import canonical_json
+
+    store = SimpleNamespace(config={"layers": ["pool", "block6"], "extract": {"backend": "onnx", "autocast": "none"},
+                                    "preprocess": {"input_size": 224}})
+    params = parse_params({"backbones": {"efficientnet_lite0": {"layers": ["pool", "block6"]}}})
+    resolved = expected_store_config(params, "efficientnet_lite0", store)
+    assert resolved["layers"] == ["pool", "block6"] and resolved["preprocess"] == {"input_size": 224}
+    assert resolved["extract"]["backend"] == "onnx" and resolved["extract"]["autocast"] == "none"
+
+    def train_params(layers):
+        path = tmp_path / "params.yaml"
+        path.write_text(json.dumps({"backbones": {"efficientnet_lite0": {"layers": layers}}}), encoding="utf-8")
+        return load_train_sections(path)
+
+    as_default = expected_store_config(train_params(["default", "block6"]), "efficientnet_lite0", store)
+    assert canonical_json(as_default) == canonical_json(resolved)
+    other = expected_store_config(train_params(["block6", "pool"]), "efficientnet_lite0", store)
+    assert other["layers"] == ["block6", "pool"]  # differs from the store: StaleStoreError in check_config

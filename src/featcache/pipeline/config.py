@@ -18,7 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from featcache.pipeline.params.backbones import check_backbones
 from featcache.pipeline.params.base import Strict, read_params_file, validate_sections
 from featcache.pipeline.params.data import DataParams
-from featcache.pipeline.params.extract import BackboneParams, ExtractParams
+from featcache.pipeline.params.extract import BackboneParams, ExtractParams, default_backbones
 from featcache.pipeline.params.finetune import FinetuneParams
 from featcache.pipeline.params.train import FeatureRef, TrainParams, check_heads_sections
 
@@ -30,7 +30,7 @@ class Params(Strict):
 
     data: DataParams = DataParams()
     extract: ExtractParams = ExtractParams()
-    backbones: dict[str, BackboneParams] = Field(default_factory=lambda: {"efficientnet_lite0": BackboneParams()})
+    backbones: dict[str, BackboneParams] = Field(default_factory=default_backbones)
     features: list[FeatureRef] = Field(default_factory=list)
     train: TrainParams = TrainParams()
     heads: dict[str, dict[str, Any]] = Field(default_factory=dict)

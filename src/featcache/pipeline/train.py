@@ -12,7 +12,13 @@ from featcache.heads.metrics import confusion_rows
 from featcache.heads.registry import STREAMING_HEADS, head_label, task_params
 from featcache.pipeline.params.base import StageParams, load_sections
 from featcache.pipeline.params.data import DataParams
-from featcache.pipeline.params.extract import BackboneParams, ExtractParams, extraction_config, stored_choices
+from featcache.pipeline.params.extract import (
+    BackboneParams,
+    ExtractParams,
+    default_backbones,
+    extraction_config,
+    stored_choices,
+)
 from featcache.pipeline.params.train import TrainParams, check_heads_sections
 from featcache.runs import write_run, write_run_info
 from featcache.store import FeatureStore
@@ -32,7 +38,7 @@ class TrainSections(StageParams):
 
     data: DataParams = DataParams()
     extract: ExtractParams = ExtractParams()
-    backbones: dict[str, BackboneParams] = Field(default_factory=lambda: {"efficientnet_lite0": BackboneParams()})
+    backbones: dict[str, BackboneParams] = Field(default_factory=default_backbones)
     train: TrainParams = TrainParams()
     heads: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

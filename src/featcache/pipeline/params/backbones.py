@@ -15,7 +15,7 @@ from pydantic import Field, field_validator
 from featcache.extract.zoo.registry import get_backbone, resolve_layer
 from featcache.pipeline.params.base import StageParams, load_sections
 from featcache.pipeline.params.data import DataParams
-from featcache.pipeline.params.extract import BackboneParams, ExtractParams
+from featcache.pipeline.params.extract import BackboneParams, ExtractParams, default_backbones
 
 __all__ = ["ExtractSections", "check_backbones", "load_extract_sections"]
 
@@ -46,7 +46,7 @@ class ExtractSections(StageParams):
 
     data: DataParams = DataParams()
     extract: ExtractParams = ExtractParams()
-    backbones: dict[str, BackboneParams] = Field(default_factory=lambda: {"efficientnet_lite0": BackboneParams()})
+    backbones: dict[str, BackboneParams] = Field(default_factory=default_backbones)
 
     @field_validator("backbones")
     @classmethod

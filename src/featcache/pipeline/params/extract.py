@@ -23,7 +23,7 @@ from featcache.store.schema import (
 )
 from featcache.util.compute import DEVICES
 
-__all__ = ["BackboneParams", "ExtractParams", "SPEED_ONLY", "extraction_config", "stored_choices"]
+__all__ = ["BackboneParams", "ExtractParams", "SPEED_ONLY", "default_backbones", "extraction_config", "stored_choices"]
 
 #: ``extract`` settings that change how fast features are made, never their values: left out of the
 #: config a store records (and of its hash), so changing them resumes or reuses a store.
@@ -88,6 +88,11 @@ class BackboneParams(Strict):
 
     weights: str = "pretrained"
     layers: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
+
+
+def default_backbones() -> dict[str, BackboneParams]:
+    """``backbones`` when params.yaml leaves it out: EfficientNet-Lite0, pretrained, its default layer."""
+    return {"efficientnet_lite0": BackboneParams()}
 
 
 def extraction_config(params: Any, backbone: str) -> dict[str, Any]:
