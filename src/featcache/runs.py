@@ -9,7 +9,8 @@ comes from). It is written as two files, so that DVC shows numbers only:
   so ``dvc metrics show`` / ``dvc exp show`` name each column
   ``efficientnet_lite0.pool.logreg.accuracy`` instead of a file path;
 - ``<name>.run.json``, the sidecar: every other field (dataset, task, node,
-  confidence intervals, per-class recall, chosen hyper-parameters, sizes, timings).
+  the feature store's ``weights_id`` and ``weights_sha256``, confidence
+  intervals, per-class recall, chosen hyper-parameters, sizes, timings).
 
 :func:`read_run` merges them back into the flat dict (and reads the older
 single-file format too). A saved head's folder holds ``featcache-run.json``

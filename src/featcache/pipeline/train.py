@@ -83,7 +83,9 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
     file (extracted with other params) is refused, naming the changed key.
 
     Outputs: the run record (``metrics_path``: the test scores, for DVC; its
-    sidecar ``<name>.run.json``: everything else, see :mod:`featcache.runs`);
+    sidecar ``<name>.run.json``: everything else, see :mod:`featcache.runs`,
+    including the store's ``weights_id`` and ``weights_sha256``: which weights
+    made the features);
     optionally the test predictions as ``actual,predicted`` CSV (class names,
     or numbers for regression; DVC's confusion-matrix plot reads it) and the
     saved head with ``featcache-run.json`` (what ``featcache predict`` needs).
@@ -106,6 +108,7 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
         y = {split: y_of(split) for split in ("train", "val", "test")}
         classes = list(store.classes)
         layer_info = store.layer_info(layer)
+        weights = {key: str(store.attrs[key]) for key in ("weights_id", "weights_sha256") if key in store.attrs}
     has_val = len(y["val"]) > 0
     estimator = make_head(head, task, task_params(head, task, params.heads.get(head, {})))
     result = fit_and_evaluate(estimator, task, X["train"], y["train"], X["val"] if has_val else None,
@@ -114,7 +117,7 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
                               n_boot=params.train.n_boot, seed=params.train.seed)
     run = {"dataset": params.data.name, "backbone": backbone, "layer": layer, "head": head,
            "label": head_label(head, task), "task": task, "node": layer_info["node"],
-           "pooling": layer_info["pooling"], **result.metrics}
+           "pooling": layer_info["pooling"], **weights, **result.metrics}
     write_run(metrics_path, run)
     if predictions_path is not None:
         if task == "classification":
