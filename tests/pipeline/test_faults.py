@@ -263,7 +263,8 @@ def reference_train(reference, project) -> dict[str, Any]:
 def test_train_killed_during_the_fit_then_rerun_gives_identical_outputs(reference_train, project):
     root = project["root"]
     marker = root / "marker-fit"
-    process = subprocess.Popen([sys.executable, "-c", _WRAPPER, "featcache.pipeline.train", "fit_and_evaluate",
+    # the train stage takes fit_and_evaluate from the featcache.heads package when it runs
+    process = subprocess.Popen([sys.executable, "-c", _WRAPPER, "featcache.heads", "fit_and_evaluate",
                                 str(marker), *_train_args("killed")], cwd=root, env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
