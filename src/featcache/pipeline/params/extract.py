@@ -151,6 +151,8 @@ def stored_choices(extract: ExtractParams, stored: Mapping[str, Any]) -> dict[st
     # onnxruntime runs the float32 graph whatever autocast asks for (the plan records "none" there).
     autocast = stored.get("autocast") if extract.autocast == "auto" or backend == "onnx" else extract.autocast
     choices: dict[str, Any] = {"backend": backend, "autocast": autocast}
+    if "torch_threads" in stored:  # torch on the CPU: the thread count the store was made with (any is valid)
+        choices["torch_threads"] = stored["torch_threads"]
     if stored.get("decode") == "gpu":  # features of either decode path are valid for the same params
         choices["decode"] = "gpu"
     return choices
