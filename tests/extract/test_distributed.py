@@ -230,8 +230,8 @@ def test_resume_after_single_process_crash(client, manifest, tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract_to_store(manifest, CrashingRunner(), PREPROCESS, out, config=CONFIG, attrs=ATTRS, block_rows=4,
                          batch_size=4, plan=CPU_PLAN, progress=False)
-    parts = sorted(p.name for p in (out.parent / f"{out.name}.parts").rglob("block-*.npz"))
-    assert parts == ["block-000000.npz", "block-000001.npz"]
+    parts = sorted(p.name for p in (out.parent / f"{out.name}.parts").rglob("block-*.h5"))
+    assert parts == ["block-000000.h5", "block-000001.h5"]
     assert not out.exists()
 
     report = _distributed(manifest, out, client)
