@@ -26,10 +26,12 @@ batch as it would in one process (CPU convolutions are not batch-size
 invariant: a batch of 1 takes another kernel path). The workers report what
 they built (an ONNX runner's ``onnx_sha256``, the same root attribute a
 single-process run records; every task must report the same one). Workers run
-``threads_per_worker`` intra-op threads, a single process one per core: the
-features do not depend on that count (checked for onnxruntime and the torch
-runner in ``tests/extract/onnx/test_threads.py``), so it is not part of the
-store's config. A failed or interrupted run keeps its committed blocks;
+``threads_per_worker`` intra-op threads, a single process one per core:
+onnxruntime's features do not depend on that count
+(``tests/extract/onnx/test_threads.py``); torch's CPU kernels do, so the
+extract stage records ``torch_threads`` in a torch-on-CPU store's config (a
+dask run and a single process then differ in that key and never share
+blocks). A failed or interrupted run keeps its committed blocks;
 rerunning (distributed or not) extracts only the missing ones.
 
 A worker running onnxruntime never imports torch (like a single-process ONNX
@@ -344,7 +346,8 @@ def extract_distributed(
     with the same manifest, runner, preprocess, config, attrs, dtype,
     ``block_rows`` and ``batch_size`` (byte for byte with the default gzip; see
     the module docstring), and resumes from the same committed blocks, which
-    either function may have written.
+    either function may have written. Both record an ONNX runner's
+    ``onnx_sha256`` (unless ``attrs`` holds it; then every worker must run that file).
 
     Parameters
     ----------
