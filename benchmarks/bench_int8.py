@@ -105,15 +105,16 @@ def _min_cosines(a_path: Path, b_path: Path, layers: list[str]) -> dict[str, flo
     return out
 
 
-def bench(name: str, manifest: Manifest, cache: Path, repeats: int, batch_size: int, threads: int) -> dict:
+def bench(name: str, manifest: Manifest, cache: Path, repeats: int, batch_size: int, threads: int,
+          min_cosine: float = 0.99) -> dict:
     weights, layers = BACKBONES[name]
     source = resolve_weights(name, weights)
     preprocess = Preprocessor.from_spec(source.spec)
     plan = plan_extraction(device="cpu", backend="onnx", autocast="none", decode="cpu", num_workers="auto")
     started = time.perf_counter()
     fp32 = OnnxFeatureRunner.from_source(source, layers, cache_dir=cache, intra_op_threads=threads)
-    images = calibration_images(manifest, preprocess, 256, 64)
-    int8, attrs = int8_runner(fp32, images, min_cosine=0.99, cache_dir=cache, intra_op_threads=threads)
+    images = calibration_images(manifest, preprocess, 256, 256)
+    int8, attrs = int8_runner(fp32, images, min_cosine=min_cosine, cache_dir=cache, intra_op_threads=threads)
     build_s = time.perf_counter() - started
     runners = {"float32": fp32, "int8": int8}
     batch = images.holdout[:batch_size] if len(images.holdout) >= batch_size else images.calibration[:batch_size]
@@ -138,7 +139,8 @@ def bench(name: str, manifest: Manifest, cache: Path, repeats: int, batch_size: 
         cosines = _min_cosines(Path(tmp) / "float32.h5", Path(tmp) / "int8.h5", layers)
     ratio = [i / f for i, f in zip(e2e["int8"], e2e["float32"])]
     return {
-        "backbone": name, "weights": weights, "layers": layers, "images": len(manifest),
+        "backbone": name, "weights": weights, "gate": min_cosine, "holdout_rows": len(images.holdout),
+        "layers": layers, "images": len(manifest),
         "build_s": round(build_s, 1), "float_nodes": len(json.loads(attrs["int8_float_nodes"])),
         "gate_parity": json.loads(attrs["int8_parity"]), "min_cosine_all_images": cosines,
         "forward": {k: round(statistics.median(v), 1) for k, v in forward.items()},
@@ -159,6 +161,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "featcache-bench-int8-cache")
+    parser.add_argument("--min-cosine", type=float, default=0.99, help="the gate (extract.int8_min_cosine)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args()
     tune_malloc(True)
@@ -166,7 +169,8 @@ def main() -> None:
         manifest = make_photos(Path(tmp) / "photos", args.images)
         results = []
         for name in args.backbones:
-            results.append(bench(name, manifest, args.cache, args.repeats, args.batch_size, args.threads))
+            results.append(bench(name, manifest, args.cache, args.repeats, args.batch_size, args.threads,
+                                 args.min_cosine))
             print(json.dumps(results[-1]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

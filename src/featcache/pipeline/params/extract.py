@@ -60,7 +60,7 @@ class ExtractParams(Strict):
     #: int8: train rows that calibrate the activation ranges (a deterministic sample).
     int8_calibration: int = Field(256, ge=1, le=100_000)
     #: int8: held-out rows (val, else train rows outside the calibration sample) of the parity gate.
-    int8_holdout: int = Field(64, ge=1, le=100_000)
+    int8_holdout: int = Field(256, ge=1, le=100_000)
     #: int8: lowest per-image cosine of int8 vs float32 features on the held-out rows, per layer.
     int8_min_cosine: float = Field(0.99, gt=0, le=1)
     on_error: Literal["skip", "fail"] = "skip"
