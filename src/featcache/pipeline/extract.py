@@ -91,8 +91,14 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
         return extract_distributed(manifest, spec, preprocess, out, **common,
                                    scheduler_address=None if plan.scheduler == "local" else plan.scheduler,
                                    n_workers=local_workers(knobs.n_workers, plan.device), threads_per_worker=threads)
+    calibration = None
+    if plan.int8:
+        from featcache.extract.onnx.calibration import calibration_images
+
+        calibration = calibration_images(manifest, preprocess, knobs.int8_calibration, knobs.int8_holdout)
     runner, built = build_runner(source, chosen.layers, plan, pooling=knobs.pooling,
-                                 channels_last=knobs.channels_last, onnx_cache=knobs.onnx_cache)
+                                 channels_last=knobs.channels_last, onnx_cache=knobs.onnx_cache,
+                                 calibration=calibration, int8_min_cosine=knobs.int8_min_cosine)
     attrs.update(built)
     if plan.backend == "torch":
         check_batch_memory(runner, preprocess.input_size, knobs.batch_size, plan.device,
