@@ -63,6 +63,8 @@ class RunnerSpec:
         Runtime on the workers; ``auto`` resolves on each worker (torch on
         CUDA, onnxruntime on CPU). ONNX workers export the model once per
         process and run it with as many threads as torch has there.
+    model : str or None
+        ``timm/<model>``: the backbone is that timm model (``backbones.<name>.model``).
     """
 
     backbone: str
@@ -74,6 +76,7 @@ class RunnerSpec:
     autocast: str | None = None
     seed: int = 0
     backend: str = "torch"
+    model: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
@@ -90,10 +93,10 @@ class RunnerSpec:
 
     @classmethod
     def from_plan(cls, plan: ExtractionPlan, backbone: str, weights: str, layers: Sequence[str], pooling: str,
-                  channels_last: bool = True, seed: int = 0) -> RunnerSpec:
+                  channels_last: bool = True, seed: int = 0, model: str | None = None) -> RunnerSpec:
         """The spec of the runner ``plan`` chose (its backend, device and precision), for the dask workers."""
         return cls(backbone, weights, tuple(layers), pooling, device=plan.device, channels_last=channels_last,
-                   autocast=plan.autocast, seed=seed, backend=plan.backend)
+                   autocast=plan.autocast, seed=seed, backend=plan.backend, model=model)
 
     def build(self, input_size: int | None = None) -> Any:
         """The runner of this spec, built once per process and then cached.
@@ -125,7 +128,7 @@ class RunnerSpec:
                 from featcache.extract.zoo.weights import resolve_weights
 
                 started = time.perf_counter()
-                source = resolve_weights(self.backbone, self.weights, seed=self.seed)
+                source = resolve_weights(self.backbone, self.weights, seed=self.seed, model=self.model)
                 plan = plan_extraction(device=worker_device(self.device), backend=self.backend,
                                        autocast=self.autocast, decode="cpu")
                 runner, attrs = build_runner(source, list(self.layers), plan, pooling=self.pooling,

@@ -57,7 +57,8 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
     plan = plan_extraction(**knobs.plan_settings())
     tune_malloc(knobs.malloc_tuning)
     manifest = Manifest.read(manifest_path)
-    source = resolve_weights(backbone, chosen.weights)  # the model is built only if needed
+    source = resolve_weights(backbone, chosen.weights, model=chosen.model)  # the model is built only if needed
+    pooling = chosen.pooling or knobs.pooling
     preprocess = Preprocessor.from_spec(source.spec, knobs.resize_mode, max_image_pixels=knobs.max_image_pixels)
     config = store_config(params, backbone, plan, preprocess)
     attrs = {"backbone": backbone, "weights_id": source.weights_id, "weights_sha256": source.weights_sha256,
@@ -69,12 +70,12 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
     if plan.distributed:
         from featcache.extract.distributed import RunnerSpec, extract_distributed, local_workers
 
-        spec = RunnerSpec.from_plan(plan, backbone, chosen.weights, chosen.layers, knobs.pooling,
-                                    channels_last=knobs.channels_last)
+        spec = RunnerSpec.from_plan(plan, backbone, chosen.weights, chosen.layers, pooling,
+                                    channels_last=knobs.channels_last, model=chosen.model)
         return extract_distributed(manifest, spec, preprocess, out, **common,
                                    scheduler_address=None if plan.scheduler == "local" else plan.scheduler,
                                    n_workers=local_workers(knobs.n_workers, plan.device))
-    runner, built = build_runner(source, chosen.layers, plan, pooling=knobs.pooling,
+    runner, built = build_runner(source, chosen.layers, plan, pooling=pooling,
                                  channels_last=knobs.channels_last, onnx_cache=knobs.onnx_cache)
     attrs.update(built)
     if plan.backend == "torch":

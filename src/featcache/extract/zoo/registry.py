@@ -7,7 +7,13 @@ dimension of each alias after pooling. Listing, creation, extraction and the
 tests all read this table; adding a backbone means adding one entry.
 
 Aliases of conv and fc layers mean the **post-ReLU** activation (the
-Caffe/DeCAF convention). A node given as a module name (``layer4``,
+Caffe/DeCAF convention).
+
+Besides the table, any timm model is a backbone by name
+(``get_backbone(name, model="timm/convnext_tiny.fb_in22k_ft_in1k")``, or
+``get_backbone("timm/<model>")``): :mod:`featcache.extract.zoo.timm_models`
+builds the same :class:`BackboneSpec` from the model's ``pretrained_cfg`` and
+``feature_info`` (imported only then: the table itself needs no torch). A node given as a module name (``layer4``,
 ``blocks.5``) means the output of the last operation inside that module, as in
 :func:`torchvision.models.feature_extraction.create_feature_extractor`.
 """
@@ -29,8 +35,12 @@ __all__ = [
     "list_backbones",
     "list_layers",
     "resolve_layer",
+    "TIMM_PREFIX",
     "UnknownNameError",
 ]
+
+#: ``model:`` values (and backbone names) with this prefix name a timm model.
+TIMM_PREFIX = "timm/"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,7 +64,9 @@ class LayerAlias:
     post_relu : bool
         Whether the activation is taken after the non-linearity.
     kind : str
-        ``"conv"`` for (C, H, W) maps, ``"flat"`` for (D,) vectors.
+        ``"conv"`` for (C, H, W) maps, ``"flat"`` for (D,) vectors,
+        ``"tokens"`` for (N, C) token maps of a transformer (``dim`` = C),
+        ``"nhwc"`` for (H, W, C) maps (timm's Swin stages; read as (C, H, W)).
     """
 
     node: str
@@ -99,6 +111,11 @@ class BackboneSpec:
         Alias of the conv map whose global average pool feeds ``classifier``
         directly (class activation maps); None where fully connected layers
         sit between the last conv map and the classifier (AlexNet, VGG16).
+    num_prefix_tokens : int
+        Tokens before the patch tokens in a token map (class, distillation and
+        register tokens of a ViT): ``avg``/``max`` pooling of tokens skips them.
+    class_token : bool
+        Whether token 0 is a class token (``cls`` pooling takes it).
     """
 
     name: str
@@ -116,6 +133,8 @@ class BackboneSpec:
     cam_layer: str | None
     description: str = ""
     constructor_kwargs: Mapping[str, object] = field(default_factory=dict)
+    num_prefix_tokens: int = 0
+    class_token: bool = False
 
 
 def _fc(node: str, dim: int, post_relu: bool = True) -> LayerAlias:
@@ -255,18 +274,35 @@ def _unknown(kind: str, value: str, allowed: Iterable[str], hint: str) -> Unknow
     )
 
 
-def get_backbone(name: str) -> BackboneSpec:
-    """Return the spec of a registered backbone.
+def get_backbone(name: str, model: str | None = None) -> BackboneSpec:
+    """Return the spec of a registered backbone, or of a timm model.
+
+    Parameters
+    ----------
+    name : str
+        A registry name, or ``timm/<model>`` (a timm model by its own name).
+    model : str, optional
+        ``timm/<model>[.<tag>]`` (``backbones.<name>.model`` in params.yaml):
+        the spec of that timm model, named ``name``.
 
     Raises
     ------
     UnknownNameError
-        If ``name`` is not registered; the message lists the valid names.
+        If ``name`` is not registered (the message lists the valid names), or
+        ``model`` is not a timm model (with a close match).
     """
+    if model is None and name.startswith(TIMM_PREFIX):
+        model = name
+    if model is not None:
+        from featcache.extract.zoo.timm_models import timm_backbone
+
+        return timm_backbone(name, model)
     try:
         return BACKBONES[name]
     except KeyError:
-        raise _unknown("backbone", name, BACKBONES, "See `featcache backbones`.") from None
+        raise _unknown("backbone", name, BACKBONES,
+                       f"See `featcache backbones`; any timm model is a backbone too, as "
+                       f"`model: {TIMM_PREFIX}<name>` in params.yaml.") from None
 
 
 def list_backbones() -> list[str]:
@@ -274,18 +310,19 @@ def list_backbones() -> list[str]:
     return list(BACKBONES)
 
 
-def list_layers(name: str) -> dict[str, LayerAlias]:
-    """Alias -> :class:`LayerAlias` of one backbone, in network order."""
-    return dict(get_backbone(name).layers)
+def list_layers(name: str, model: str | None = None) -> dict[str, LayerAlias]:
+    """Alias -> :class:`LayerAlias` of one backbone (see :func:`get_backbone`), in network order."""
+    return dict(get_backbone(name, model).layers)
 
 
-def resolve_layer(name: str, layer: str, graph_nodes: Iterable[str] | None = None) -> tuple[str, LayerAlias | None]:
+def resolve_layer(backbone: str | BackboneSpec, layer: str,
+                  graph_nodes: Iterable[str] | None = None) -> tuple[str, LayerAlias | None]:
     """Map a layer alias (or a raw graph node name) to its graph node.
 
     Parameters
     ----------
-    name : str
-        Backbone name.
+    backbone : str or BackboneSpec
+        Backbone name (:func:`get_backbone`), or its spec.
     layer : str
         An alias from the registry (``fc7``, ``pool5``), a raw node name
         (``classifier.3``), or ``"default"`` for the backbone's default layer.
@@ -304,7 +341,8 @@ def resolve_layer(name: str, layer: str, graph_nodes: Iterable[str] | None = Non
     UnknownNameError
         If ``layer`` is neither an alias nor a node of the graph.
     """
-    spec = get_backbone(name)
+    spec = backbone if isinstance(backbone, BackboneSpec) else get_backbone(backbone)
+    name = spec.name
     if layer == "default":
         layer = spec.default_layer
     if layer in spec.layers:
@@ -315,5 +353,6 @@ def resolve_layer(name: str, layer: str, graph_nodes: Iterable[str] | None = Non
             return layer, None
     raise _unknown(
         f"layer for backbone {name!r}", layer, spec.layers,
-        f"Raw graph node names are accepted too; list them with `featcache layers {name} --nodes`.",
+        f"Raw graph node names are accepted too; list them with `featcache layers {name} --nodes`"
+        f"{' --params params.yaml' if spec.weights.startswith('timm:') and not name.startswith(TIMM_PREFIX) else ''}.",
     )
