@@ -327,3 +327,17 @@ def test_a_download_that_fails_the_hash_check_is_discarded(served_convnext):
     with pytest.raises(WeightsDownloadError, match="sha256 check"):
         resolve_weights("cnx", "pretrained", model=CONVNEXT)
     assert not served_convnext["cached"].exists()
+
+
+# ---------------------------------------------------------------- NHWC stages
+def test_nhwc_stages_are_read_as_conv_maps():
+    """timm's Swin stages give (B, H, W, C): the spec says so, and pooling reads them as (B, C, H, W)."""
+    from featcache.extract.runners.torch_runner import pool_features
+
+    spec = get_backbone("swin", "timm/swin_tiny_patch4_window7_224")
+    assert spec.layers["layers.3"].kind == "nhwc" and spec.layers["layers.3"].dim == 768
+    assert spec.cam_layer is None  # CAMs need NCHW maps
+    nhwc = torch.randn(2, 7, 7, 768)
+    nchw = nhwc.permute(0, 3, 1, 2)
+    for pooling in ("avg", "max", "avg2x2", "none"):
+        torch.testing.assert_close(pool_features(nhwc, pooling, nhwc=True), pool_features(nchw, pooling))
