@@ -276,7 +276,7 @@ def test_pool_features_on_a_known_map():
 
 def test_cls_pooling_of_a_conv_map_is_refused(random_backbone):
     loaded = random_backbone("resnet18")
-    with pytest.raises(PoolingError, match="'cls' does not apply to layer 'res4'.*conv map.*backbones.resnet18.pooling"):
+    with pytest.raises(PoolingError, match="'cls' does not apply to layer 'res4'.*conv map.*backbones.resnet18.pool"):
         TorchFeatureExtractor(loaded.model, loaded.spec, ["res4", "pool5"], pooling="cls")
     with pytest.raises(PoolingError, match="'cls' does not apply to a conv map"):
         pool_features(torch.randn(2, 3, 4, 4), "cls")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -341,3 +342,36 @@ def test_nhwc_stages_are_read_as_conv_maps():
     nchw = nhwc.permute(0, 3, 1, 2)
     for pooling in ("avg", "max", "avg2x2", "none"):
         torch.testing.assert_close(pool_features(nhwc, pooling, nhwc=True), pool_features(nchw, pooling))
+
+
+@pytest.mark.parametrize("corrupt", [False, True])
+def test_hub_download_goes_to_the_hf_cache_and_is_checked_against_its_sha256(corrupt, tmp_path, monkeypatch):
+    """The Hub client itself is replaced by a fake that lays the file out as it does (no network here)."""
+    import huggingface_hub
+
+    state = load_backbone("vit", "random", seed=9, model=VIT).model.state_dict()
+    staging = tmp_path / "model.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state.items()}, str(staging))
+    calls = []
+
+    def fake_download(repo, filename, revision=None, cache_dir=None):
+        calls.append((repo, filename, cache_dir))
+        data = staging.read_bytes()
+        _hub_cache(Path(cache_dir), repo, filename, data)
+        folder = Path(cache_dir) / f"models--{repo.replace('/', '--')}"
+        if corrupt:  # the blob keeps the name of the true sha256, its bytes went wrong on the way
+            (folder / "blobs" / hashlib.sha256(data).hexdigest()).write_bytes(data + b"x")
+        return str(folder / "snapshots" / ("0" * 40) / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv(OFFLINE_ENV, raising=False)
+    if corrupt:
+        with pytest.raises(WeightsDownloadError, match="does not have the sha256.*discarded"):
+            resolve_weights("vit", "pretrained", model=VIT)
+        snapshot = tmp_path / "hub" / "models--timm--test_vit.r160_in1k" / "snapshots" / ("0" * 40)
+        assert not (snapshot / "model.safetensors").exists() and not any((snapshot.parent.parent / "blobs").iterdir())
+        return
+    source = resolve_weights("vit", "pretrained", model=VIT)
+    assert calls == [("timm/test_vit.r160_in1k", "model.safetensors", str(tmp_path / "hub"))]
+    assert _state_equal(source.load().model, state)

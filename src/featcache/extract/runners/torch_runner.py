@@ -26,7 +26,8 @@ from featcache.store.schema import MAP_POOLINGS, POOLINGS, LayerSpec
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish)
 
-__all__ = ["PoolingError", "TorchFeatureExtractor", "check_pooling", "graph_node_names", "make_inplace_safe", "pool_features"]
+__all__ = ["PoolingError", "TorchFeatureExtractor", "check_pooling", "graph_node_names", "make_inplace_safe",
+           "pool_features"]
 
 logger = logging.getLogger(__name__)
 

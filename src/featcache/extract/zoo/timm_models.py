@@ -112,8 +112,8 @@ def timm_backbone(name: str, model: str) -> BackboneSpec:
         For a model or tag timm does not know (with a close match), or a
         model whose input is not square.
     """
-    import torch
     import timm
+    import torch
 
     full = _resolve_name(model)
     with torch.device("meta"):
@@ -235,7 +235,10 @@ def create_timm_model(spec: BackboneSpec, path: str | os.PathLike[str] | None) -
 
 
 def _hf_cache_dir() -> Path:
-    """The Hugging Face hub cache, from the environment now (``HF_HUB_CACHE``, ``HF_HOME``/hub, ~/.cache/huggingface/hub)."""
+    """The Hugging Face hub cache, from the environment at call time.
+
+    ``HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub`` (the Hub client's own rule).
+    """
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
     home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
@@ -247,8 +250,8 @@ def _hf_filenames(filename: str | None) -> list[str]:
     if not filename:
         return ["model.safetensors", "pytorch_model.bin"]
     if filename.endswith(".bin"):
-        safe = {"pytorch_model.bin": "model.safetensors",
-                "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}.get(filename, filename[:-4] + ".safetensors")
+        known = {"pytorch_model.bin": "model.safetensors", "open_clip_pytorch_model.bin": "open_clip_model.safetensors"}
+        safe = known.get(filename, filename[:-4] + ".safetensors")
         return [safe, filename]
     return [filename]
 
