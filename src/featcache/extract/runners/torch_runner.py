@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.nn import functional as F
 
 from featcache.errors import UserError
-from featcache.extract.zoo.registry import BackboneSpec, LayerAlias, resolve_layer
+from featcache.extract.zoo.registry import BackboneSpec, LayerAlias, pooling_problem, resolve_layer
 from featcache.store.schema import MAP_POOLINGS, POOLINGS, LayerSpec
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish)
@@ -203,9 +203,8 @@ class TorchFeatureExtractor:
             if name in self.aliases:
                 continue
             self.aliases[name] = resolve_layer(spec, name, nodes)
-        for name, (_, alias) in self.aliases.items():
-            if alias is not None:
-                check_pooling(spec, name, alias, pooling)
+        for name in self.aliases:
+            check_pooling(spec, name, pooling)  # registry layers; raw nodes are checked by their first forward
         #: Layer name -> keyword arguments of :func:`pool_features` (token prefix, NHWC layout).
         self.pool_args: dict[str, dict[str, object]] = {
             name: {"prefix_tokens": spec.num_prefix_tokens, "nhwc": alias is not None and alias.kind == "nhwc"}
@@ -308,13 +307,8 @@ class TorchFeatureExtractor:
         return specs
 
 
-def check_pooling(spec: BackboneSpec, name: str, alias: LayerAlias, pooling: str) -> None:
-    """Raise :class:`PoolingError` when ``pooling`` does not apply to the registry layer ``alias`` of ``spec``."""
-    kind = {"nhwc": "conv", "tokens": "tokens", "conv": "conv"}.get(alias.kind)
-    fix = f"Set another pooling (extract.pooling, or backbones.{spec.name}.pooling)."
-    if kind is not None and pooling not in MAP_POOLINGS[kind]:
-        raise PoolingError(f"pooling {pooling!r} does not apply to layer {name!r} of backbone {spec.name!r}, a "
-                           f"{'token' if kind == 'tokens' else 'conv'} map; it takes {list(MAP_POOLINGS[kind])}. {fix}")
-    if kind == "tokens" and pooling == "cls" and not spec.class_token:
-        raise PoolingError(f"pooling 'cls' takes the class token, and backbone {spec.name!r} ({spec.arch}) has none "
-                           f"(its {spec.num_prefix_tokens} prefix tokens are not a class token). {fix}")
+def check_pooling(spec: BackboneSpec, name: str, pooling: str) -> None:
+    """Raise :class:`PoolingError` when ``pooling`` does not apply to the registry layer ``name`` of ``spec``."""
+    problem = pooling_problem(spec, name, pooling)
+    if problem is not None:
+        raise PoolingError(problem)

@@ -7,15 +7,15 @@ dimension of each alias after pooling. Listing, creation, extraction and the
 tests all read this table; adding a backbone means adding one entry.
 
 Aliases of conv and fc layers mean the **post-ReLU** activation (the
-Caffe/DeCAF convention).
+Caffe/DeCAF convention). A node given as a module name (``layer4``,
+``blocks.5``) means the output of the last operation inside that module, as in
+:func:`torchvision.models.feature_extraction.create_feature_extractor`.
 
 Besides the table, any timm model is a backbone by name
 (``get_backbone(name, model="timm/convnext_tiny.fb_in22k_ft_in1k")``, or
 ``get_backbone("timm/<model>")``): :mod:`featcache.extract.zoo.timm_models`
 builds the same :class:`BackboneSpec` from the model's ``pretrained_cfg`` and
-``feature_info`` (imported only then: the table itself needs no torch). A node given as a module name (``layer4``,
-``blocks.5``) means the output of the last operation inside that module, as in
-:func:`torchvision.models.feature_extraction.create_feature_extractor`.
+``feature_info`` (imported only then: the table itself needs no torch).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from featcache.errors import UserError
+from featcache.store.schema import MAP_POOLINGS
 from featcache.util.names import did_you_mean
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "list_backbones",
     "list_layers",
     "resolve_layer",
+    "pooling_problem",
     "TIMM_PREFIX",
     "UnknownNameError",
 ]
@@ -356,3 +358,22 @@ def resolve_layer(backbone: str | BackboneSpec, layer: str,
         f"Raw graph node names are accepted too; list them with `featcache layers {name} --nodes`"
         f"{' --params params.yaml' if spec.weights.startswith('timm:') and not name.startswith(TIMM_PREFIX) else ''}.",
     )
+
+
+def pooling_problem(spec: BackboneSpec, layer: str, pooling: str) -> str | None:
+    """Why ``pooling`` does not apply to the registry layer ``layer`` of ``spec``, or None when it does.
+
+    ``cls`` takes the class token of a token map (a model without one has
+    none); ``avg2x2`` pools a conv map; vectors take any pooling (stored as
+    they are). The message names the layer, the poolings it takes and the params to change.
+    """
+    alias = spec.layers.get(layer)
+    kind = {"nhwc": "conv"}.get(alias.kind, alias.kind) if alias is not None else None
+    fix = f"Set another pooling (extract.pooling, or backbones.{spec.name}.pooling)."
+    if kind in MAP_POOLINGS and pooling not in MAP_POOLINGS[kind]:
+        return (f"pooling {pooling!r} does not apply to layer {layer!r} of backbone {spec.name!r}, a "
+                f"{'token' if kind == 'tokens' else 'conv'} map; it takes {list(MAP_POOLINGS[kind])}. {fix}")
+    if kind == "tokens" and pooling == "cls" and not spec.class_token:
+        return (f"pooling 'cls' takes the class token, and backbone {spec.name!r} ({spec.arch}) has none "
+                f"(its {spec.num_prefix_tokens} prefix token(s) are no class token). {fix}")
+    return None

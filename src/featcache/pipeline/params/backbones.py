@@ -12,11 +12,10 @@ from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from featcache.extract.zoo.registry import BackboneSpec, get_backbone, resolve_layer
+from featcache.extract.zoo.registry import get_backbone, pooling_problem, resolve_layer
 from featcache.pipeline.params.base import StageParams, load_sections
 from featcache.pipeline.params.data import DataParams
 from featcache.pipeline.params.extract import BackboneParams, ExtractParams, default_backbones
-from featcache.store.schema import MAP_POOLINGS
 
 __all__ = ["ExtractSections", "check_backbones", "check_poolings", "load_extract_sections"]
 
@@ -58,20 +57,9 @@ def check_poolings(backbones: dict[str, BackboneParams], pooling: str) -> None:
     for name, backbone in backbones.items():
         spec = get_backbone(name, backbone.model)
         for layer in backbone.layers:
-            if layer in spec.layers:
-                _check_pooling(spec, layer, backbone.pooling or pooling)
-
-
-def _check_pooling(spec: BackboneSpec, layer: str, pooling: str) -> None:
-    """``pooling`` applies to the registry layer ``layer`` of ``spec`` (as the extractor checks it)."""
-    kind = {"nhwc": "conv"}.get(spec.layers[layer].kind, spec.layers[layer].kind)
-    fix = f"Set another pooling (extract.pooling, or backbones.{spec.name}.pooling)."
-    if kind in MAP_POOLINGS and pooling not in MAP_POOLINGS[kind]:
-        raise ValueError(f"pooling {pooling!r} does not apply to layer {layer!r} of backbone {spec.name!r}, a "
-                         f"{'token' if kind == 'tokens' else 'conv'} map; it takes {list(MAP_POOLINGS[kind])}. {fix}")
-    if kind == "tokens" and pooling == "cls" and not spec.class_token:
-        raise ValueError(f"pooling 'cls' takes the class token, and backbone {spec.name!r} ({spec.arch}) has none. "
-                         f"{fix}")
+            problem = pooling_problem(spec, layer, backbone.pooling or pooling)
+            if problem is not None:
+                raise ValueError(problem)
 
 
 class ExtractSections(StageParams):
