@@ -111,6 +111,8 @@ def test_the_weights_stay_out_of_the_dvc_metrics_file(tmp_path: Path):
     ("random", "", "random"),
     ("file:my|weights.pth", "", "my|weights.pth"),
     ("torchvision:GoogLeNet_Weights.IMAGENET1K_V1:googlenet-1378be20.pth", "1378be20", "pretrained IMAGENET1K_V1"),
+    ("timm:convnext_tiny.fb_in22k_ft_in1k:model.safetensors", "ab" * 32,
+     "pretrained timm/convnext_tiny.fb_in22k_ft_in1k"),
     ("none", "", "none"),  # of no known kind: shown as recorded
     (None, None, "?"),
     ("", "", "?"),

@@ -64,6 +64,8 @@ class RunnerSpec:
     onnx_cache : str, optional
         ONNX only: the export cache (``extract.onnx_cache``: ``auto``, ``none``
         or a folder every worker sees); None: the default (``auto``).
+    model : str or None
+        ``timm/<model>``: the backbone is that timm model (``backbones.<name>.model``).
     """
 
     backbone: str
@@ -76,6 +78,7 @@ class RunnerSpec:
     seed: int = 0
     backend: str = "torch"
     onnx_cache: str | None = None
+    model: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
@@ -92,10 +95,11 @@ class RunnerSpec:
 
     @classmethod
     def from_plan(cls, plan: ExtractionPlan, backbone: str, weights: str, layers: Sequence[str], pooling: str,
-                  channels_last: bool = True, seed: int = 0, onnx_cache: str | None = None) -> RunnerSpec:
+                  channels_last: bool = True, seed: int = 0, onnx_cache: str | None = None,
+                  model: str | None = None) -> RunnerSpec:
         """The spec of the runner ``plan`` chose (its backend, device and precision), for the dask workers."""
         return cls(backbone, weights, tuple(layers), pooling, device=plan.device, channels_last=channels_last,
-                   autocast=plan.autocast, seed=seed, backend=plan.backend, onnx_cache=onnx_cache)
+                   autocast=plan.autocast, seed=seed, backend=plan.backend, onnx_cache=onnx_cache, model=model)
 
     def build(self, input_size: int | None = None, intra_op_threads: int | None = None) -> Any:
         """The runner of this spec, built once per process and then cached (see :meth:`build_with_attrs`).
@@ -146,7 +150,7 @@ class RunnerSpec:
                 from featcache.extract.zoo.weights import resolve_weights
 
                 started = time.perf_counter()
-                source = resolve_weights(self.backbone, self.weights, seed=self.seed)
+                source = resolve_weights(self.backbone, self.weights, seed=self.seed, model=self.model)
                 plan = plan_extraction(device=worker_device(self.device), backend=self.backend,
                                        autocast=self.autocast, decode="cpu")
                 built = build_runner(source, list(self.layers), plan, pooling=self.pooling,

@@ -26,24 +26,41 @@ def _cmd_backbones(args: argparse.Namespace) -> None:
     for spec in BACKBONES.values():
         default = spec.layers[spec.default_layer]
         print(f"{spec.name:<20} {spec.input_size:>5} {spec.default_layer:<10} {default.dim:>5}  {spec.weights}")
+    print("\nAny timm model is a backbone too: `model: timm/<name>[.<tag>]` under backbones.<your name> in "
+          "params.yaml;\nlist its layers with `featcache layers timm/<name>`.")
+
+
+def _model_in_params(name: str, path: str | None) -> str | None:
+    """``backbones.<name>.model`` of the params file ``path`` (None when not given or not set)."""
+    if path is None:
+        return None
+    from featcache.pipeline.params.base import read_params_file
+
+    entry = ((read_params_file(path) or {}).get("backbones") or {}).get(name)
+    return entry.get("model") if isinstance(entry, dict) else None
 
 
 def _cmd_layers(args: argparse.Namespace) -> None:
     from featcache.extract.zoo.registry import get_backbone
 
-    spec = get_backbone(args.backbone)
+    model = _model_in_params(args.backbone, args.params)
+    spec = get_backbone(args.backbone, model)
     print(f"{spec.name}: {spec.description}")
-    print(f"{'alias':<14} {'node':<22} {'dim':>5}  {'kind':<5} post_relu")
+    if spec.num_prefix_tokens:
+        print(f"token maps: {spec.num_prefix_tokens} prefix token(s), "
+              f"{'token 0 is the class token (pooling: cls)' if spec.class_token else 'no class token'}")
+    width = max([22, *(len(layer.node) for layer in spec.layers.values())])
+    print(f"{'alias':<14} {'node':<{width}} {'dim':>5}  {'kind':<6} post_relu")
     for alias, layer in spec.layers.items():
         mark = "  (default)" if alias == spec.default_layer else ""
-        print(f"{alias:<14} {layer.node:<22} {layer.dim:>5}  {layer.kind:<5} {layer.post_relu}{mark}")
+        print(f"{alias:<14} {layer.node:<{width}} {layer.dim:>5}  {layer.kind:<6} {layer.post_relu}{mark}")
     if args.nodes:
         from featcache.extract.runners.torch_runner import graph_node_names
         from featcache.extract.zoo.weights import load_backbone
 
-        model = load_backbone(spec.name, "random").model
+        net = load_backbone(spec.name, "random", model=model).model
         print("\nRaw graph nodes (usable as layer names):")
-        for node in graph_node_names(model, spec):
+        for node in graph_node_names(net, spec):
             print(f"  {node}")
 
 
@@ -142,8 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("backbones", help="list registered backbones").set_defaults(func=_cmd_backbones)
-    layers = sub.add_parser("layers", help="list a backbone's layer aliases and dims")
+    layers = sub.add_parser("layers", help="list a backbone's layer aliases and dims (a registry name, "
+                            "timm/<model>, or a backbone of --params)")
     layers.add_argument("backbone")
+    layers.add_argument("--params", help="read backbones.<backbone>.model from this params file")
     layers.add_argument("--nodes", action="store_true", help="also list raw graph node names")
     layers.set_defaults(func=_cmd_layers)
 

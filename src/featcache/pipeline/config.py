@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from pydantic import Field, field_validator, model_validator
 
-from featcache.pipeline.params.backbones import check_backbones
+from featcache.pipeline.params.backbones import check_backbones, check_poolings
 from featcache.pipeline.params.base import Strict, read_params_file, validate_sections
 from featcache.pipeline.params.data import DataParams
 from featcache.pipeline.params.extract import BackboneParams, ExtractParams, default_backbones
@@ -43,6 +43,7 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "Params":
+        check_poolings(self.backbones, self.extract.pooling)
         for index, feature in enumerate(self.features):
             if feature.backbone not in self.backbones:
                 raise ValueError(f"features[{index}].backbone {feature.backbone!r} is not configured under "

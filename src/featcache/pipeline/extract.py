@@ -66,7 +66,8 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
     plan = plan_extraction(**knobs.plan_settings())
     tune_malloc(knobs.malloc_tuning)
     manifest = Manifest.read(manifest_path)
-    source = resolve_weights(backbone, chosen.weights)  # the model is built only if needed
+    source = resolve_weights(backbone, chosen.weights, model=chosen.model)  # the model is built only if needed
+    pooling = chosen.pooling or knobs.pooling
     preprocess = Preprocessor.from_spec(source.spec, knobs.resize_mode, max_image_pixels=knobs.max_image_pixels)
     if plan.distributed:
         from featcache.extract.distributed import THREADS_PER_WORKER as threads
@@ -86,8 +87,9 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
     if plan.distributed:
         from featcache.extract.distributed import RunnerSpec, extract_distributed, local_workers
 
-        spec = RunnerSpec.from_plan(plan, backbone, chosen.weights, chosen.layers, knobs.pooling,
-                                    channels_last=knobs.channels_last, onnx_cache=knobs.onnx_cache)
+        spec = RunnerSpec.from_plan(plan, backbone, chosen.weights, chosen.layers, pooling,
+                                    channels_last=knobs.channels_last, onnx_cache=knobs.onnx_cache,
+                                    model=chosen.model)
         return extract_distributed(manifest, spec, preprocess, out, **common,
                                    scheduler_address=None if plan.scheduler == "local" else plan.scheduler,
                                    n_workers=local_workers(knobs.n_workers, plan.device), threads_per_worker=threads)
@@ -96,7 +98,7 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
         from featcache.extract.onnx.calibration import calibration_images
 
         calibration = calibration_images(manifest, preprocess, knobs.int8_calibration, knobs.int8_holdout)
-    runner, built = build_runner(source, chosen.layers, plan, pooling=knobs.pooling,
+    runner, built = build_runner(source, chosen.layers, plan, pooling=pooling,
                                  channels_last=knobs.channels_last, onnx_cache=knobs.onnx_cache,
                                  calibration=calibration, int8_min_cosine=knobs.int8_min_cosine)
     attrs.update(built)

@@ -33,10 +33,11 @@ def _extractor(params: ExtractSections, backbone: str) -> TorchFeatureExtractor:
     if backbone not in params.backbones:
         raise ValueError(f"Backbone {backbone!r} is not configured in params.backbones "
                          f"(configured: {list(params.backbones)}).")
-    loaded = load_backbone(backbone, params.backbones[backbone].weights)
+    chosen = params.backbones[backbone]
+    loaded = load_backbone(backbone, chosen.weights, model=chosen.model)
     # float32, NCHW: the reference the ONNX graph is exported from and compared with.
-    return TorchFeatureExtractor(loaded.model, loaded.spec, params.backbones[backbone].layers,
-                                 pooling=params.extract.pooling, channels_last=False)
+    return TorchFeatureExtractor(loaded.model, loaded.spec, chosen.layers,
+                                 pooling=chosen.pooling or params.extract.pooling, channels_last=False)
 
 
 def export_from_params(params: ExtractSections, backbone: str, out: str | Path, opset: int = DEFAULT_OPSET) -> Path:

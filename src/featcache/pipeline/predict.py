@@ -81,7 +81,7 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
     info = read_run_info(model_dir)
     head = load_head(model_dir)
     config = info["extraction_config"]
-    loaded = load_backbone(info["backbone"], config["weights"])
+    loaded = load_backbone(info["backbone"], config["weights"], model=config.get("model"))
     prep = config["preprocess"]
     preprocess = Preprocessor(prep["input_size"], prep["resize_size"], prep["interpolation"], tuple(prep["mean"]),
                               tuple(prep["std"]), prep["resize_mode"], tuple(prep["background"]))

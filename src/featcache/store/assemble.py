@@ -228,6 +228,8 @@ def write_store(
                     "node": spec.node,
                     "pooling": spec.pooling,
                     "post_relu": bool(spec.post_relu),
+                    # token maps (N, C) only, so that conv-map stores keep their bytes
+                    **({"prefix_tokens": int(spec.prefix_tokens)} if len(spec.map_shape) == 2 else {}),
                 },
             )
         _write_attrs(f, root_attrs)

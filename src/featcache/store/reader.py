@@ -152,11 +152,12 @@ class FeatureStore(Closing):
         -------
         dict
             node (str), pooling (str), map_shape (tuple of int), post_relu
-            (bool), dim (int), dtype (str, the storage dtype).
+            (bool), dim (int), dtype (str, the storage dtype); for a token map also
+            prefix_tokens (int: its leading non-patch tokens, left out of ``avg``/``max``).
         """
         ds = self._dataset(layer)
         a = ds.attrs
-        return {
+        info = {
             "node": _plain(a["node"]),
             "pooling": _plain(a["pooling"]),
             "map_shape": tuple(int(v) for v in np.atleast_1d(a["map_shape"])),
@@ -164,6 +165,9 @@ class FeatureStore(Closing):
             "dim": int(a["dim"]),
             "dtype": ds.dtype.name,
         }
+        if "prefix_tokens" in a:  # token maps only
+            info["prefix_tokens"] = int(a["prefix_tokens"])
+        return info
 
     def split_mask(self, split: str | None) -> np.ndarray:
         """Boolean row mask (N,) of one split; None selects every row."""

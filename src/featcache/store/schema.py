@@ -13,7 +13,7 @@ A store is one HDF5 file per (dataset, backbone)::
     /classes  (K,)    utf-8 str, class names in index order (empty for regression)
     /features         attrs: layers (aliases in extraction order)
     /features/<alias> (N, D) float16|float32, chunked by rows, compressed
-                      attrs: node, pooling, map_shape, post_relu, dim
+                      attrs: node, pooling, map_shape, post_relu, dim (token maps: prefix_tokens)
     /errors   (E,)    compound (id, reason) utf-8 of inputs that were skipped
 
 N counts kept rows only: n_rows + n_skipped == n_input.
@@ -34,6 +34,7 @@ __all__ = [
     "SPLIT_CODES",
     "FEATURE_DTYPES",
     "POOLINGS",
+    "MAP_POOLINGS",
     "BACKENDS",
     "AUTOCASTS",
     "DECODE_PATHS",
@@ -90,8 +91,15 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 #: Allowed storage dtypes for ``/features/<alias>``.
 FEATURE_DTYPES: tuple[str, ...] = ("float16", "float32")
 
-#: Allowed pooling of conv maps (N, C, H, W) before storage.
-POOLINGS: tuple[str, ...] = ("avg", "max", "none", "avg2x2")
+#: Allowed pooling of conv maps (B, C, H, W) and transformer token maps (B, N, C) before storage.
+#: Conv maps: ``avg``/``max`` over H x W, ``avg2x2`` a 2x2 spatial pyramid level, ``none`` the whole map.
+#: Token maps: ``avg``/``max`` over the patch tokens (the prefix tokens, class/distillation/register, left
+#: out), ``cls`` the class token (token 0), ``none`` every token. Vectors are stored as they are (``none``).
+POOLINGS: tuple[str, ...] = ("avg", "max", "none", "avg2x2", "cls")
+
+#: Poolings of each kind of map (``map_shape`` (C, H, W) or (N, C)).
+MAP_POOLINGS: dict[str, tuple[str, ...]] = {"conv": ("avg", "max", "none", "avg2x2"),
+                                            "tokens": ("avg", "max", "none", "cls")}
 
 
 #: Allowed compression filters for ``/features/<alias>`` (``None``: uncompressed).
@@ -129,6 +137,10 @@ class LayerSpec:
         Per-sample shape before pooling, e.g. ``(1280, 7, 7)`` or ``(1280,)``.
     post_relu : bool
         Whether the activation is taken after the ReLU.
+    prefix_tokens : int
+        Token maps (``map_shape`` (N, C)): how many leading tokens are not
+        patch tokens (class, distillation, register tokens), which ``avg`` and
+        ``max`` leave out; 0 otherwise. Stored as an attribute of token maps only.
     """
 
     alias: str
@@ -137,6 +149,7 @@ class LayerSpec:
     pooling: str
     map_shape: tuple[int, ...]
     post_relu: bool
+    prefix_tokens: int = 0
 
 
 def pooled_dim(map_shape: tuple[int, ...], pooling: str) -> int:
@@ -145,10 +158,10 @@ def pooled_dim(map_shape: tuple[int, ...], pooling: str) -> int:
     Parameters
     ----------
     map_shape : tuple of int
-        (C, H, W) of a conv map, or (C,) of a flat output.
+        (C, H, W) of a conv map, (N, C) of a token map, or (C,) of a flat output.
     pooling : str
-        ``avg`` / ``max``: D = C; ``avg2x2`` (a 2x2 spatial pyramid level): D = 4C;
-        ``none``: D = C*H*W (the whole map).
+        ``avg`` / ``max`` (and ``cls`` of tokens): D = C; ``avg2x2`` (a 2x2
+        spatial pyramid level): D = 4C; ``none``: D = C*H*W or N*C (the whole map).
 
     Returns
     -------
@@ -156,8 +169,14 @@ def pooled_dim(map_shape: tuple[int, ...], pooling: str) -> int:
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling {pooling!r} is not one of {list(POOLINGS)}.")
-    channels = int(map_shape[0])
-    return {"none": math.prod(map_shape), "avg": channels, "max": channels, "avg2x2": 4 * channels}[pooling]
+    if pooling == "none" or len(map_shape) == 1:
+        return math.prod(map_shape)
+    kind = "tokens" if len(map_shape) == 2 else "conv"
+    if pooling not in MAP_POOLINGS[kind]:
+        raise ValueError(f"pooling {pooling!r} does not apply to a {kind} map of shape {tuple(map_shape)}; "
+                         f"{kind} maps take {list(MAP_POOLINGS[kind])}.")
+    channels = int(map_shape[-1] if kind == "tokens" else map_shape[0])
+    return 4 * channels if pooling == "avg2x2" else channels
 
 
 def canonical_json(obj: Mapping[str, Any]) -> str:

@@ -204,7 +204,15 @@ def check_layers(layers: Sequence[LayerSpec]) -> tuple[LayerSpec, ...]:
             )
         if not isinstance(spec.dim, (int, np.integer)) or spec.dim < 1:
             raise StoreError(f"layer {alias!r}: dim {spec.dim!r} must be an int >= 1")
-        expected = pooled_dim(shape, spec.pooling)
+        try:
+            expected = pooled_dim(shape, spec.pooling)
+        except ValueError as error:
+            raise StoreError(f"layer {alias!r}: {error}") from None
+        prefix = getattr(spec, "prefix_tokens", 0)
+        if not isinstance(prefix, (int, np.integer)) or prefix < 0 or (prefix and (len(shape) != 2
+                                                                                  or prefix >= shape[0])):
+            raise StoreError(f"layer {alias!r}: prefix_tokens {prefix!r} must be 0, or for a token map (N, C) "
+                             f"an int in 0..N-1 (map_shape {shape})")
         if spec.dim != expected:
             raise StoreError(
                 f"layer {alias!r}: dim {spec.dim} does not match pooling {spec.pooling!r} of "

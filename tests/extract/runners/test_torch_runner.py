@@ -11,6 +11,7 @@ from torch import fx, nn
 
 from _support.references import assert_close, input_size, random_batch, reference_activations
 from featcache.extract.runners.torch_runner import (
+    PoolingError,
     TorchFeatureExtractor,
     graph_node_names,
     make_inplace_safe,
@@ -18,7 +19,7 @@ from featcache.extract.runners.torch_runner import (
 )
 from featcache.extract.zoo.registry import BACKBONES
 from featcache.extract.zoo.weights import load_backbone
-from featcache.store.schema import POOLINGS
+from featcache.store.schema import MAP_POOLINGS, POOLINGS
 
 
 def _extract(loaded, layers, x, **kwargs):
@@ -273,7 +274,15 @@ def test_pool_features_on_a_known_map():
         pool_features(x, "sum")
 
 
-@pytest.mark.parametrize("pooling", POOLINGS)
+def test_cls_pooling_of_a_conv_map_is_refused(random_backbone):
+    loaded = random_backbone("resnet18")
+    with pytest.raises(PoolingError, match="'cls' does not apply to layer 'res4'.*conv map.*backbones.resnet18.pool"):
+        TorchFeatureExtractor(loaded.model, loaded.spec, ["res4", "pool5"], pooling="cls")
+    with pytest.raises(PoolingError, match="'cls' does not apply to a conv map"):
+        pool_features(torch.randn(2, 3, 4, 4), "cls")
+
+
+@pytest.mark.parametrize("pooling", MAP_POOLINGS["conv"])
 def test_extractor_pooling_modes(pooling, random_backbone):
     loaded = random_backbone("resnet18")
     x = random_batch(size=64)

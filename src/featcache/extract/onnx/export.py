@@ -65,15 +65,17 @@ class OnnxExportError(UserError, RuntimeError):
 class _PooledOutputs(nn.Module):
     """Truncated feature module + pooling -> tuple of (B, D) tensors in layer order."""
 
-    def __init__(self, module: nn.Module, names: Sequence[str], pooling: str) -> None:
+    def __init__(self, module: nn.Module, names: Sequence[str], pooling: str,
+                 pool_args: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         super().__init__()
         self.module = module
         self.names = list(names)
         self.pooling = pooling
+        self.pool_args = {name: dict((pool_args or {}).get(name, {})) for name in self.names}
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.module(images)
-        return tuple(pool_features(outputs[name], self.pooling) for name in self.names)
+        return tuple(pool_features(outputs[name], self.pooling, **self.pool_args[name]) for name in self.names)
 
 
 def _run_exporter(wrapper: nn.Module, dummy: torch.Tensor, opset: int, exporter: str,
@@ -170,6 +172,8 @@ def _name_graph_io(model: onnx.ModelProto, output_names: Sequence[str]) -> None:
 def _layer_spec_dict(spec: LayerSpec) -> dict[str, Any]:
     record = dataclasses.asdict(spec)
     record["map_shape"] = list(spec.map_shape)
+    if len(spec.map_shape) != 2:  # prefix_tokens describes token maps only (and conv exports keep their bytes)
+        record.pop("prefix_tokens")
     return record
 
 
@@ -228,7 +232,7 @@ def export_onnx(extractor: TorchFeatureExtractor, path: str | os.PathLike[str], 
 
     module = copy.deepcopy(extractor.module).to(device="cpu", dtype=torch.float32)
     module = module.to(memory_format=torch.contiguous_format).eval().requires_grad_(False)
-    wrapper = _PooledOutputs(module, names, extractor.pooling).eval()
+    wrapper = _PooledOutputs(module, names, extractor.pooling, extractor.pool_args).eval()
     # Batch 2: torch.export specialises example dims of size 0 and 1.
     dummy = torch.zeros(2, 3, size, size, dtype=torch.float32)
     logger.info("Exporting %s %s (pooling %s, %dx%d) to ONNX opset %d with the %s exporter",

@@ -20,12 +20,14 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from featcache.extract.zoo.registry import BackboneSpec, LayerAlias, resolve_layer
-from featcache.store.schema import POOLINGS, LayerSpec
+from featcache.errors import UserError
+from featcache.extract.zoo.registry import BackboneSpec, LayerAlias, pooling_problem, resolve_layer
+from featcache.store.schema import MAP_POOLINGS, POOLINGS, LayerSpec
 
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish)
 
-__all__ = ["TorchFeatureExtractor", "graph_node_names", "make_inplace_safe", "pool_features"]
+__all__ = ["PoolingError", "TorchFeatureExtractor", "check_pooling", "graph_node_names", "make_inplace_safe",
+           "pool_features"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,26 +99,60 @@ def make_inplace_safe(module: nn.Module) -> int:
     return count
 
 
-def pool_features(activation: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool a (B, C, H, W) map to (B, D); flatten anything else to (B, D).
+class PoolingError(UserError, ValueError):
+    """A pooling that does not apply to a layer (``cls`` of a conv map, ``avg2x2`` of tokens, ``cls`` without a
+    class token)."""
+
+
+def pool_features(activation: torch.Tensor, pooling: str, prefix_tokens: int = 0, nhwc: bool = False) -> torch.Tensor:
+    """Pool a (B, C, H, W) map or a (B, N, C) token map to (B, D); flatten anything else to (B, D).
+
+    The same operations run in torch and, exported, in the ONNX graph.
 
     Parameters
     ----------
     activation : torch.Tensor
-        (B, C, H, W) conv map or (B, D) vector.
+        (B, C, H, W) conv map, (B, N, C) transformer tokens, or (B, D) vector.
     pooling : str
-        ``avg`` / ``max`` (D = C), ``avg2x2`` (D = 4C, a 2x2 spatial pyramid
-        level) or ``none`` (D = C*H*W).
+        Conv maps: ``avg`` / ``max`` (D = C), ``avg2x2`` (D = 4C, a 2x2 spatial
+        pyramid level) or ``none`` (D = C*H*W). Token maps: ``avg`` / ``max``
+        over the patch tokens (D = C; the first ``prefix_tokens`` left out),
+        ``cls`` (token 0, D = C) or ``none`` (D = N*C).
+    prefix_tokens : int
+        Leading tokens of a token map that are not patch tokens (class,
+        distillation, register tokens).
+    nhwc : bool
+        The 4-d map is (B, H, W, C) (timm's Swin stages): read as (B, C, H, W).
+
+    Raises
+    ------
+    PoolingError
+        For a pooling that does not apply to the map's kind.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling {pooling!r} is not one of {POOLINGS}.")
     if activation.ndim == 4:
+        if nhwc:
+            activation = activation.permute(0, 3, 1, 2)
+        if pooling not in MAP_POOLINGS["conv"]:
+            raise PoolingError(f"pooling {pooling!r} does not apply to a conv map {tuple(activation.shape[1:])}; "
+                               f"conv maps take {list(MAP_POOLINGS['conv'])}.")
         if pooling == "avg":
             activation = activation.mean(dim=(2, 3))
         elif pooling == "max":
             activation = activation.amax(dim=(2, 3))
         elif pooling == "avg2x2":
             activation = F.adaptive_avg_pool2d(activation, 2)
+    elif activation.ndim == 3:
+        if pooling not in MAP_POOLINGS["tokens"]:
+            raise PoolingError(f"pooling {pooling!r} does not apply to a token map {tuple(activation.shape[1:])}; "
+                               f"token maps take {list(MAP_POOLINGS['tokens'])}.")
+        if pooling == "avg":
+            activation = activation[:, prefix_tokens:].mean(dim=1)
+        elif pooling == "max":
+            activation = activation[:, prefix_tokens:].amax(dim=1)
+        elif pooling == "cls":
+            activation = activation[:, 0]
     return activation.flatten(1)
 
 
@@ -135,7 +171,8 @@ class TorchFeatureExtractor:
     layers : sequence of str
         Aliases or raw graph node names; ``"default"`` means the registry default.
     pooling : str
-        Pooling of conv maps, one of :data:`featcache.store.schema.POOLINGS`.
+        Pooling of conv and token maps, one of :data:`featcache.store.schema.POOLINGS`
+        (see :func:`pool_features`).
     device : str or torch.device
         Where the forward runs.
     channels_last : bool
@@ -165,7 +202,14 @@ class TorchFeatureExtractor:
             name = spec.default_layer if layer == "default" else layer
             if name in self.aliases:
                 continue
-            self.aliases[name] = resolve_layer(spec.name, name, nodes)
+            self.aliases[name] = resolve_layer(spec, name, nodes)
+        for name in self.aliases:
+            check_pooling(spec, name, pooling)  # registry layers; raw nodes are checked by their first forward
+        #: Layer name -> keyword arguments of :func:`pool_features` (token prefix, NHWC layout).
+        self.pool_args: dict[str, dict[str, object]] = {
+            name: {"prefix_tokens": spec.num_prefix_tokens, "nhwc": alias is not None and alias.kind == "nhwc"}
+            for name, (_, alias) in self.aliases.items()
+        }
         modules = dict(work.named_modules())
         self._post_relu = {
             name: alias.post_relu if alias is not None else isinstance(modules.get(node), _ACTIVATIONS)
@@ -232,7 +276,7 @@ class TorchFeatureExtractor:
         raw = self.forward_raw(batch)
         if self._map_shapes is None:
             self._map_shapes = {name: tuple(value.shape[1:]) for name, value in raw.items()}
-        return {name: pool_features(value, self.pooling) for name, value in raw.items()}
+        return {name: pool_features(value, self.pooling, **self.pool_args[name]) for name, value in raw.items()}
 
     def layer_specs(self, input_size: int | None = None) -> list[LayerSpec]:
         """Describe each output (node, dim, pooling, map shape) by one dummy forward.
@@ -246,9 +290,25 @@ class TorchFeatureExtractor:
         specs = []
         for name, value in raw.items():
             node, alias = self.aliases[name]
-            pooled = pool_features(value, self.pooling)
-            pooling = self.pooling if value.ndim == 4 else "none"
-            post_relu = self._post_relu[name]
+            try:
+                pooled = pool_features(value, self.pooling, **self.pool_args[name])
+            except PoolingError as error:
+                raise PoolingError(f"layer {name!r} of backbone {self.spec.name!r}: {error} "
+                                   f"Set another pooling (extract.pooling, or backbones.{self.spec.name}.pooling)."
+                                   ) from None
+            pooling = self.pooling if value.ndim in (3, 4) else "none"
+            map_shape = tuple(int(v) for v in value.shape[1:])
+            if self.pool_args[name]["nhwc"]:
+                map_shape = (map_shape[2], map_shape[0], map_shape[1])
+            tokens = value.ndim == 3
             specs.append(LayerSpec(alias=name, node=node, dim=int(pooled.shape[1]), pooling=pooling,
-                                   map_shape=tuple(int(v) for v in value.shape[1:]), post_relu=post_relu))
+                                   map_shape=map_shape, post_relu=self._post_relu[name],
+                                   prefix_tokens=self.spec.num_prefix_tokens if tokens else 0))
         return specs
+
+
+def check_pooling(spec: BackboneSpec, name: str, pooling: str) -> None:
+    """Raise :class:`PoolingError` when ``pooling`` does not apply to the registry layer ``name`` of ``spec``."""
+    problem = pooling_problem(spec, name, pooling)
+    if problem is not None:
+        raise PoolingError(problem)

