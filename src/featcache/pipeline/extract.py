@@ -56,7 +56,7 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
     knobs, chosen = params.extract, params.backbones[backbone]
     plan = plan_extraction(**knobs.plan_settings())
     tune_malloc(knobs.malloc_tuning)
-    manifest = Manifest.read(manifest_path)
+    manifest = Manifest.read(manifest_path, storage=params.data.io.storage())
     source = resolve_weights(backbone, chosen.weights)  # the model is built only if needed
     preprocess = Preprocessor.from_spec(source.spec, knobs.resize_mode, max_image_pixels=knobs.max_image_pixels)
     config = store_config(params, backbone, plan, preprocess)

@@ -14,6 +14,13 @@ large``, ``unreadable file``, ``cannot decode``) followed by the decoder's own
 message; it never contains the machine-specific folder of the image, because
 it is stored in the feature file.
 
+Rows that are not plain local files, the members of WebDataset shards and
+URLs (``https://``, ``s3://``, ...), are read as bytes first
+(:func:`~featcache.extract.inputs.storage.read_ranges`): a batch's reads are
+merged and in flight together, transient errors are retried, and a read
+that fails for good becomes the row's reason (``missing object (404 not
+found)``, ``timeout after 3 tries (30 s each)``, ``truncated member``).
+
 The decompression-bomb limit (``Preprocessor.max_image_pixels``, from
 ``extract.max_image_pixels``) is applied here, in the worker that decodes,
 from the image header, before any pixel is decoded.
@@ -40,6 +47,7 @@ from PIL import Image
 
 from featcache.extract.decode.preprocess import ImageTooLargeError, Preprocessor, load_rgb
 from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.inputs.storage import ReadFailure, StorageOptions, is_url, read_ranges
 from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS
 from featcache.util.compute import default_num_workers
 
@@ -65,7 +73,7 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def describe_error(path: str, error: BaseException) -> str:
+def describe_error(path: str, error: BaseException, on_disk: bool = True) -> str:
     """One-line reason why ``path`` could not be decoded (stored in ``/errors``).
 
     Parameters
@@ -74,6 +82,8 @@ def describe_error(path: str, error: BaseException) -> str:
         The image path as it was opened (replaced by its file name in the text).
     error : BaseException
         What decoding raised.
+    on_disk : bool
+        False when the bytes came from a shard member or a URL: the file system is not looked at.
     """
     from PIL import Image
 
@@ -82,10 +92,10 @@ def describe_error(path: str, error: BaseException) -> str:
     detail = detail.replace(path, os.path.basename(path))
     if folder and folder != os.sep:
         detail = detail.replace(folder + os.sep, "")
-    if not os.path.lexists(path) or (isinstance(error, FileNotFoundError) and not os.path.exists(path)):
+    if on_disk and (not os.path.lexists(path) or (isinstance(error, FileNotFoundError) and not os.path.exists(path))):
         return "missing file"
     try:
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
+        if on_disk and os.path.isfile(path) and os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
     except OSError:
         pass
@@ -120,11 +130,58 @@ class ImageReader:
     """
 
     def __init__(self, source: Manifest | Sequence[str | os.PathLike], preprocess: Preprocessor) -> None:
+        self.members = None
+        self.storage = StorageOptions()
         if isinstance(source, Manifest):
-            self.paths = [str(source.absolute_path(row)) for row in range(len(source))]
+            self.paths = [source.location(row) for row in range(len(source))]
+            self.members, self.storage = source.members, source.storage
         else:
             self.paths = [str(path) for path in source]
         self.preprocess = preprocess
+        self.any_url = any(map(is_url, self.paths))
+
+    def by_bytes(self, row: int) -> bool:
+        """Whether ``row`` is read as bytes (a shard member or a URL), not opened as a local file."""
+        return self.members is not None or (self.any_url and is_url(self.paths[row]))
+
+    def fetch(self, rows: Sequence[int]) -> list[bytes | ReadFailure]:
+        """The bytes of ``rows`` (members or URLs), read together: merged, in flight at once, retried.
+
+        Returns
+        -------
+        list of bytes or ReadFailure
+            Per row, its image's bytes, or why they could not be read.
+        """
+        out: list[bytes | ReadFailure | None] = [None] * len(rows)
+        requests, where = [], []
+        for index, row in enumerate(rows):
+            if self.members is None:
+                requests.append((self.paths[row], 0, None))
+            elif not self.members.names[row]:
+                out[index] = ReadFailure("no image member (none of data.image_keys in the sample)")
+                continue
+            else:
+                start = int(self.members.offsets[row])
+                requests.append((self.paths[row], start, start + int(self.members.sizes[row])))
+            where.append(index)
+        for index, result in zip(where, read_ranges(requests, self.storage)):
+            if self.members is not None and isinstance(result, bytes):
+                size = int(self.members.sizes[rows[index]])
+                if len(result) < size:
+                    result = ReadFailure(f"truncated member (the shard ends {size - len(result):,} bytes into "
+                                         f"its {size:,} bytes)")
+            out[index] = result
+        return out  # type: ignore[return-value]
+
+    def read_bytes(self, row: int) -> bytes:
+        """The file bytes of ``row``; OSError (with the reason) when they cannot be read."""
+        if not self.by_bytes(row):
+            with open(self.paths[row], "rb") as handle:
+                return handle.read()
+        data = self.fetch([row])[0]
+        if isinstance(data, ReadFailure):
+            raise OSError(data.reason)
+        return data
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -134,16 +191,27 @@ class ImageReader:
         """Decompression-bomb limit applied when decoding (the preprocessor's; None: no limit)."""
         return getattr(self.preprocess, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
 
-    def read(self, row: int) -> tuple[int, np.ndarray, str]:
-        """``(row, uint8 (3, S, S) array, reason)``; zeros and a non-empty reason for a bad image."""
+    def read(self, row: int, data: bytes | ReadFailure | None = None) -> tuple[int, np.ndarray, str]:
+        """``(row, uint8 (3, S, S) array, reason)``; zeros and a non-empty reason for a bad image.
+
+        ``data``: the row's bytes (or read failure) when :meth:`fetch` read them already.
+        """
         path = self.paths[row]
+        size = self.preprocess.input_size
+        source: str | bytes = path
+        if self.by_bytes(row):
+            source = self.fetch([row])[0] if data is None else data  # type: ignore[assignment]
+            if isinstance(source, ReadFailure):
+                return row, np.zeros((3, size, size), dtype=np.uint8), source.reason
+            if not source:
+                return row, np.zeros((3, size, size), dtype=np.uint8), "empty file (0 bytes)"
         try:
-            image = load_rgb(path, self.preprocess.background, self.max_image_pixels,
+            image = load_rgb(source, self.preprocess.background, self.max_image_pixels,
                              draft_size=self.preprocess.resize_size)
         except DECODE_ERRORS as error:
-            size = self.preprocess.input_size
             # The reason is stored in the feature file: no machine-specific absolute path in it.
-            return row, np.zeros((3, size, size), dtype=np.uint8), describe_error(path, error)
+            return row, np.zeros((3, size, size), dtype=np.uint8), describe_error(path, error,
+                                                                                   on_disk=source is path)
         except BaseException as error:
             _note(error, f"while decoding image {path} (row {row}); this is not a bad-image error")
             raise
@@ -157,8 +225,13 @@ class ImageReader:
         return self.read(row)
 
     def read_batch(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """The engine's batch of ``rows``: ``(rows int64 (B,), uint8 (B, 3, S, S), reasons)``."""
-        items = [self.read(row) for row in rows]
+        """The engine's batch of ``rows``: ``(rows int64 (B,), uint8 (B, 3, S, S), reasons)``.
+
+        The bytes of member and URL rows are read first, all together (:meth:`fetch`).
+        """
+        remote = [row for row in rows if self.by_bytes(row)]
+        fetched = dict(zip(remote, self.fetch(remote))) if remote else {}
+        items = [self.read(row, fetched.get(row)) for row in rows]
         size = self.preprocess.input_size
         images = np.stack([item[1] for item in items]) if items else np.zeros((0, 3, size, size), np.uint8)
         return np.asarray([item[0] for item in items], dtype=np.int64), images, [item[2] for item in items]
