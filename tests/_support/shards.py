@@ -112,6 +112,9 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     state: _State
 
+    def handle_error(self, request, client_address) -> None:  # a client that timed out and hung up: not news
+        pass
+
 
 class LoopbackServer:
     """Serve ``root`` on ``http://127.0.0.1:<port>/`` from a thread (a context manager).

@@ -10,6 +10,7 @@ from typing import Any
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.inputs.sharded import ShardedManifest, from_shards
 from featcache.extract.inputs.sources import from_csv, from_folder, write_digits
+from featcache.extract.inputs.storage import StorageOptions
 from featcache.pipeline.params.base import StageParams, load_sections
 from featcache.pipeline.params.data import DataParams
 from featcache.store.schema import SPLIT_CODES
@@ -59,7 +60,7 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest | ShardedManifest:
     out_dir = Path(out_dir)
     if data.source == "webdataset":
         sharded = from_shards(data.path, out_dir / "manifest.csv", ratios, data.seed, data.task, data.classes,
-                              data.image_keys, data.label_key, data.split_key, data.io.storage())
+                              data.image_keys, data.label_key, data.split_key, StorageOptions(**data.io.model_dump()))
         summary = {"n_rows": sharded.n_rows, "task": sharded.task, "splits": sharded.split_counts,
                    "classes": sharded.classes, "n_shards": len(sharded.shards),
                    "n_without_image": sharded.n_without_image,

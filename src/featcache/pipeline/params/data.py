@@ -29,7 +29,10 @@ class SplitRatios(Strict):
 
 
 class IOParams(Strict):
-    """How remote shards and images (fsspec URLs) are read; changes how fast, never what."""
+    """How remote shards and images (fsspec URLs) are read; changes how fast, never what.
+
+    The keys are those of ``featcache.extract.inputs.storage.StorageOptions``: ``StorageOptions(**io.model_dump())``.
+    """
 
     #: Seconds one request may take.
     timeout: float = Field(30.0, gt=0)
@@ -39,12 +42,6 @@ class IOParams(Strict):
     backoff: float = Field(0.5, ge=0)
     #: Extra ``fsspec.filesystem`` arguments, for every protocol or by protocol (``{s3: {anon: true}}``).
     options: dict[str, Any] = Field(default_factory=dict)
-
-    def storage(self) -> Any:
-        """These settings as the library's ``StorageOptions``."""
-        from featcache.extract.inputs.storage import StorageOptions
-
-        return StorageOptions(timeout=self.timeout, tries=self.tries, backoff=self.backoff, options=self.options)
 
 
 class DataParams(Strict):
