@@ -4,9 +4,10 @@ A WebDataset shard is a plain tar file whose members are grouped into
 samples by key: ``a/b/0001.jpg``, ``a/b/0001.cls`` and ``a/b/0001.json`` are
 the ``jpg``, ``cls`` and ``json`` of the sample ``a/b/0001`` (webdataset's
 ``base_plus_ext`` rule: the key ends at the first dot of the file name).
-:func:`scan_shard` reads one shard sequentially, once, with Python's
-``tarfile`` (stream mode), over a local file or an fsspec URL: it keeps each
-sample's image member (its byte offset and size, never decoding it), reads
+:func:`scan_shard` reads one shard sequentially, once, with
+:class:`~featcache.extract.inputs.tar_headers.TarReader` (tar headers
+only; see there why not ``tarfile``), over a local file or an fsspec URL: it
+keeps each sample's image member (its byte offset and size, never decoding it), reads
 the small label / split members, and hashes the bytes as they pass (the
 shard's sha256). Reading a shard costs one sequential pass, one GET for an
 object store.
@@ -21,16 +22,14 @@ that :func:`split_name` splits member names exactly as webdataset does.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import posixpath
 import re
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Sequence
+from typing import Sequence
 
 from featcache.extract.inputs.storage import (
     StorageOptions,
@@ -40,6 +39,7 @@ from featcache.extract.inputs.storage import (
     is_url,
     open_binary,
 )
+from featcache.extract.inputs.tar_headers import TarReader
 
 __all__ = ["DEFAULT_IMAGE_KEYS", "Sample", "ShardScan", "expand_shards", "scan_shard", "shard_name", "split_name"]
 
@@ -168,26 +168,8 @@ class ShardScan:
     problem: str = ""
 
 
-class _HashingReader:
-    """A read-only file object that hashes and counts what passes through it."""
-
-    def __init__(self, raw: IO[bytes]) -> None:
-        self.raw, self.hash, self.size = raw, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.hash.update(data)
-        self.size += len(data)
-        return data
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-
-def _text(tar: tarfile.TarFile, info: tarfile.TarInfo) -> str:
-    handle = tar.extractfile(info)
-    return handle.read().decode("utf-8", errors="replace").strip() if handle is not None else ""
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace").strip()
 
 
 def _json_field(text: str, key: str) -> str | None:
@@ -205,40 +187,35 @@ def _scan_once(path: str, image_keys: Sequence[str], label_key: str, split_key: 
     samples: dict[str, Sample] = {}
     jsons: dict[str, str] = {}
     rank = {ext: i for i, ext in enumerate(image_keys)}
-    problem = ""
     with open_binary(path, options) as raw:
-        reader = _HashingReader(raw)
-        try:
-            with tarfile.open(fileobj=reader, mode="r|") as tar:  # type: ignore[call-overload]
-                for info in tar:
-                    if not info.isfile() or _META.match(info.name):
-                        continue
-                    key, ext = split_name(info.name)
-                    if key is None or ext is None:
-                        continue
-                    sample = samples.get(key) or samples.setdefault(key, Sample(key))
-                    ext = ext.lower()
-                    sample.members.append(ext)
-                    if ext in rank and (not sample.image or rank[ext] < rank[split_name(sample.image)[1].lower()]):
-                        sample.image, sample.offset, sample.size = info.name, info.offset_data, info.size
-                    elif ext == label_key:
-                        sample.label = _text(tar, info)
-                    elif split_key is not None and ext == split_key:
-                        sample.split = _text(tar, info)
-                    elif ext == "json":
-                        jsons[key] = _text(tar, info)
-            reader.drain()  # the end-of-archive blocks and padding belong to the shard's hash
-        except (tarfile.TarError, EOFError) as error:  # a truncated or damaged shard: keep what came before
-            problem = f"{type(error).__name__}: {error} (after {reader.size:,} bytes)"
-            reader.drain()
+        reader = TarReader(raw)
+        for member, data in reader.members():
+            if _META.match(member.name):
+                continue
+            key, ext = split_name(member.name)
+            if key is None or ext is None:
+                continue
+            sample = samples.get(key) or samples.setdefault(key, Sample(key))
+            ext = ext.lower()
+            sample.members.append(ext)
+            if ext in rank:
+                if not sample.image or rank[ext] < rank[split_name(sample.image)[1].lower()]:  # type: ignore[union-attr]
+                    sample.image, sample.offset, sample.size = member.name, member.offset, member.size
+            elif ext == label_key:
+                sample.label = _text(data.take(member.size))
+            elif split_key is not None and ext == split_key:
+                sample.split = _text(data.take(member.size))
+            elif ext == "json":
+                jsons[key] = _text(data.take(member.size))
+        reader.drain()  # the end-of-archive blocks and padding belong to the shard's hash
     for key, text in jsons.items():
         sample = samples[key]
         if sample.label is None:
             sample.label = _json_field(text, label_key)
         if sample.split is None and split_key is not None:
             sample.split = _json_field(text, split_key)
-    return ShardScan(path, reader.hash.hexdigest(), reader.size, sorted(samples.values(), key=lambda s: s.key),
-                     problem)
+    return ShardScan(path, reader.sha256.hexdigest(), reader.size, sorted(samples.values(), key=lambda s: s.key),
+                     reader.problem)
 
 
 def scan_shard(path: str, image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS, label_key: str = "cls",
