@@ -223,3 +223,21 @@ def test_prepare_reads_tar_headers_not_images(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "open", no_decode)
     assert from_shards(str(path), tmp_path / "m.csv", {"train": 1 / 3, "val": 1 / 3, "test": 1 / 3}, 0).n_rows == 3
     assert tarfile.is_tarfile(path)
+
+
+def test_every_reader_gets_a_members_bytes(tmp_path):
+    """The GPU loader's dataset and ``ImageReader.source`` (CAM overlays, ONNX parity) read members, not the tar."""
+    from featcache.extract.decode.device import DeviceDecodeDataset
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((40, 30, 3), 90, dtype=np.uint8)).save(buffer, format="JPEG")
+    jpeg = buffer.getvalue()
+    path = tmp_path / "s.tar"
+    with wds.TarWriter(str(path)) as writer:
+        writer.write({"__key__": "a", "jpg": jpeg, "cls": "x"})
+        writer.write({"__key__": "b", "png": _png(5), "cls": "x"})
+    from_shards(str(path), tmp_path / "m.csv", {"train": 0.5, "val": 0.25, "test": 0.25}, 0, split_key=None)
+    manifest = Manifest.read(tmp_path / "m.csv")
+    assert ImageReader(manifest, PRE).source(0) == jpeg and ImageReader(manifest, PRE).source(1) == _png(5)
+    item = DeviceDecodeDataset(manifest, PRE)[0]
+    assert item.data == jpeg and item.reason == ""

@@ -133,7 +133,9 @@ class ImageReader:
         self.members = None
         self.storage = StorageOptions()
         if isinstance(source, Manifest):
-            self.paths = [source.location(row) for row in range(len(source))]
+            located: dict[str, str] = {}  # the rows of one shard share its location (one string, one resolve)
+            self.paths = [located.get(path) or located.setdefault(path, source.location(row))
+                          for row, path in enumerate(source.paths)]
             self.members, self.storage = source.members, source.storage
         else:
             self.paths = [str(path) for path in source]
@@ -172,6 +174,11 @@ class ImageReader:
                                          f"its {size:,} bytes)")
             out[index] = result
         return out  # type: ignore[return-value]
+
+    def source(self, row: int) -> str | bytes:
+        """What :func:`~featcache.extract.decode.preprocess.load_rgb` takes for ``row``: its local path, or
+        the bytes of its shard member or URL (OSError with the reason when they cannot be read)."""
+        return self.read_bytes(row) if self.by_bytes(row) else self.paths[row]
 
     def read_bytes(self, row: int) -> bytes:
         """The file bytes of ``row``; OSError (with the reason) when they cannot be read."""
