@@ -4,6 +4,7 @@ Run from the repo root (webdataset must be importable: it writes the shards)::
 
     python benchmarks/bench_shards.py --case prepare --members 1000000      # time and peak RSS
     python benchmarks/bench_shards.py --case extract --images 10000 --repeats 2
+    python benchmarks/bench_shards.py --case listing --repeats 3                 # tarfile vs TarReader
 
 Cases
 -----
@@ -11,6 +12,8 @@ prepare  ``from_shards`` (the manifest of ``data.source: webdataset``) over N sy
          a ``cls`` member each, written by ``webdataset.TarWriter``) in shards of 10,000 samples (hard links
          of one shard, so N costs no disk); each size in a clean process, its own wall time and peak RSS
          (``VmHWM`` of the child). Two sizes show how memory grows with N.
+listing  member listing of one 10,000-sample shard: Python's ``tarfile`` (stream mode) vs featcache's
+         ``TarReader``, alternating within each repeat; members/s and the ratio.
 extract  the same generated images (64x64 JPEGs, 10 classes) as a folder, as 10 shards on disk, and as the
          same shards served over loopback HTTP (a server in its own process; byte ranges); ``prepare`` +
          ``extract`` through the pipeline API with the shipped backend (``auto``: onnxruntime on the CPU),
@@ -92,6 +95,42 @@ def bench_prepare(members: list[int], per_shard: int) -> None:
             rows, seconds, rss = int(rows), float(seconds), float(rss)
             print(f"| {rows:,} | {len(list(folder.iterdir()))} | {seconds:.1f} s | {rows / seconds:,.0f} | "
                   f"{rss:.0f} MiB | {rss - baseline:.0f} MiB | {(rss - baseline) * 2**20 / rows:.0f} B |", flush=True)
+
+
+def bench_listing(per_shard: int, repeats: int) -> None:
+    import tarfile
+
+    from featcache.extract.inputs.tar_headers import TarReader
+
+    def with_tarfile(path: Path) -> int:
+        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
+            return sum(1 for info in tar if info.isfile())
+
+    def with_reader(path: Path) -> int:
+        with open(path, "rb") as raw:
+            reader = TarReader(raw)
+            count = sum(1 for _ in reader.members())
+            reader.drain()
+            return count
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "000000.tar"
+        _template_shard(path, per_shard)
+        times: dict[str, list[float]] = {"tarfile": [], "TarReader": []}
+        for repeat in range(repeats):
+            order = [("tarfile", with_tarfile), ("TarReader", with_reader)]
+            for name, lister in order if repeat % 2 == 0 else reversed(order):
+                started = time.perf_counter()
+                members = lister(path)
+                times[name].append(time.perf_counter() - started)
+        print(f"\none shard of {per_shard:,} samples ({members:,} members), {repeats} repeats, load "
+              f"{os.getloadavg()[0]:.1f}\n")
+        print("| lister | members/s per repeat | ratio (TarReader / tarfile) per repeat |")
+        print("|---|---|---|")
+        for name, seconds in times.items():
+            ratios = [t / s for t, s in zip(times["tarfile"], seconds)]
+            print(f"| {name} | {', '.join(f'{members / s:,.0f}' for s in seconds)} | "
+                  f"{', '.join(f'{r:.1f}' for r in ratios)} |")
 
 
 # ------------------------------------------------------------------ extract
@@ -194,7 +233,7 @@ def bench_extract(n_images: int, n_shards: int, repeats: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", choices=["prepare", "extract"], required=True)
+    parser.add_argument("--case", choices=["prepare", "listing", "extract"], required=True)
     parser.add_argument("--members", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--per-shard", type=int, default=10_000)
     parser.add_argument("--images", type=int, default=10_000)
@@ -203,6 +242,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.case == "prepare":
         bench_prepare(args.members, args.per_shard)
+    elif args.case == "listing":
+        bench_listing(args.per_shard, args.repeats)
     else:
         bench_extract(args.images, args.shards, args.repeats)
 
