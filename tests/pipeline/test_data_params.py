@@ -30,3 +30,5 @@ def test_shard_defaults_and_io_become_storage_options():
     options = StorageOptions(**data.io.model_dump())
     assert (options.timeout, options.tries, options.backoff) == (5.0, 3, 0.5)
     assert options.filesystem_kwargs("s3") == {"anon": True}
+    both = StorageOptions(options={"client_kwargs": {"trust_env": True}, "gs": {"token": "anon"}})
+    assert both.filesystem_kwargs("gs") == {"client_kwargs": {"trust_env": True}, "token": "anon"}

@@ -66,8 +66,8 @@ class StorageOptions:
     max_block : int
         A merged request covers at most this many bytes.
     options : mapping
-        Extra keyword arguments of ``fsspec.filesystem`` (credentials, endpoint, ...), by protocol
-        (``{"s3": {"anon": true}}``) or for every protocol (plain keys).
+        Extra keyword arguments of ``fsspec.filesystem`` (credentials, endpoint, ...): under a protocol's
+        name for that protocol (``{"s3": {"anon": true}}``), any other key for every protocol.
     """
 
     timeout: float = 30.0
@@ -87,8 +87,11 @@ class StorageOptions:
 
     def filesystem_kwargs(self, protocol: str) -> dict[str, Any]:
         """Keyword arguments of ``fsspec.filesystem(protocol, ...)``: these options plus the timeout."""
-        kwargs = {key: value for key, value in self.options.items() if not isinstance(value, Mapping)}
-        kwargs.update(self.options.get(protocol, {}) if isinstance(self.options.get(protocol), Mapping) else {})
+        from fsspec.registry import known_implementations
+
+        kwargs = {key: value for key, value in self.options.items() if key not in known_implementations}
+        section = self.options.get(protocol)
+        kwargs.update(section if isinstance(section, Mapping) else {})
         if protocol in ("http", "https") and "client_kwargs" not in kwargs:
             import aiohttp
 
