@@ -92,10 +92,12 @@ class StorageOptions:
         kwargs = {key: value for key, value in self.options.items() if key not in known_implementations}
         section = self.options.get(protocol)
         kwargs.update(section if isinstance(section, Mapping) else {})
-        if protocol in ("http", "https") and "client_kwargs" not in kwargs:
+        if protocol in ("http", "https"):
             import aiohttp
 
-            kwargs["client_kwargs"] = {"timeout": aiohttp.ClientTimeout(total=self.timeout)}
+            client = dict(kwargs.get("client_kwargs") or {})
+            client.setdefault("timeout", aiohttp.ClientTimeout(total=self.timeout))
+            kwargs["client_kwargs"] = client
         return kwargs
 
     def filesystem(self, protocol: str) -> Any:
