@@ -170,8 +170,8 @@ class ImageReader:
             if self.members is not None and isinstance(result, bytes):
                 size = int(self.members.sizes[rows[index]])
                 if len(result) < size:
-                    result = ReadFailure(f"truncated member (the shard ends {size - len(result):,} bytes into "
-                                         f"its {size:,} bytes)")
+                    result = ReadFailure(f"truncated member (the shard ends after {len(result):,} of its "
+                                         f"{size:,} bytes)")
             out[index] = result
         return out  # type: ignore[return-value]
 
