@@ -5,6 +5,7 @@ Run from the repo root (webdataset must be importable: it writes the shards)::
     python benchmarks/bench_shards.py --case prepare --members 1000000      # time and peak RSS
     python benchmarks/bench_shards.py --case extract --images 10000 --repeats 2
     python benchmarks/bench_shards.py --case listing --repeats 3                 # tarfile vs TarReader
+    python benchmarks/bench_shards.py --case read --images 10000 --repeats 3     # the input path alone
 
 Cases
 -----
@@ -14,6 +15,10 @@ prepare  ``from_shards`` (the manifest of ``data.source: webdataset``) over N sy
          (``VmHWM`` of the child). Two sizes show how memory grows with N.
 listing  member listing of one 10,000-sample shard: Python's ``tarfile`` (stream mode) vs featcache's
          ``TarReader``, alternating within each repeat; members/s and the ratio.
+read     the part of extraction that differs between the sources: ``ImageReader.read_batch`` (read the bytes,
+         decode, resize, crop) of the same 10,000 images as a folder, 10 shards, and the shards over HTTP,
+         interleaved batch by batch (64 rows; the order rotates every batch), so that load from other jobs
+         hits all three alike; the forward pass is the same for all three (same pixels, same features).
 extract  the same generated images (64x64 JPEGs, 10 classes) as a folder, as 10 shards on disk, and as the
          same shards served over loopback HTTP (a server in its own process; byte ranges); ``prepare`` +
          ``extract`` through the pipeline API with the shipped backend (``auto``: onnxruntime on the CPU),
@@ -231,9 +236,56 @@ def bench_extract(n_images: int, n_shards: int, repeats: int) -> None:
               f"**{statistics.median(ratios):.2f}x** |")
 
 
+def bench_read(n_images: int, n_shards: int, repeats: int, batch: int = 64) -> None:
+    from _support.shards import shards_from_folder
+    from featcache.extract.decode.loaders import ImageReader
+    from featcache.extract.decode.preprocess import Preprocessor
+    from featcache.extract.inputs.manifest import Manifest
+    from featcache.extract.inputs.sharded import from_shards
+    from featcache.extract.inputs.sources import from_folder
+    from featcache.extract.zoo.registry import get_backbone
+
+    preprocess = Preprocessor.from_spec(get_backbone("efficientnet_lite0"))
+    ratios = {"train": 0.6, "val": 0.2, "test": 0.2}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        _images(root / "images", n_images)
+        shards_from_folder(root / "images", root / "shards", per_shard=-(-n_images // n_shards))
+        server = subprocess.Popen([sys.executable, "-c", _SERVER_CHILD, str(root), str(REPO / "tests")],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        url = server.stdout.readline().strip()
+        try:
+            from_shards(str(root / "shards"), root / "local" / "manifest.csv", ratios, 0)
+            from_shards([url + "shards/{%06d..%06d}.tar" % (0, n_shards - 1)], root / "http" / "manifest.csv",
+                        ratios, 0)
+            readers = {"folder": ImageReader(from_folder(root / "images", ratios, 0), preprocess),
+                       "shards": ImageReader(Manifest.read(root / "local" / "manifest.csv"), preprocess),
+                       "http": ImageReader(Manifest.read(root / "http" / "manifest.csv"), preprocess)}
+            names = list(readers)
+            print(f"\n{n_images:,} images (64x64 JPEG) -> 224x224 crops (EfficientNet-Lite0 preprocessing), "
+                  f"batches of {batch}, one process, {repeats} repeats\n")
+            print("| repeat | folder img/s | shards img/s | http img/s | shards / folder | http / folder | load |")
+            print("|---|---|---|---|---|---|---|")
+            for repeat in range(repeats):
+                seconds = dict.fromkeys(names, 0.0)
+                for index, start in enumerate(range(0, n_images, batch)):
+                    rows = list(range(start, min(start + batch, n_images)))
+                    for name in names[index % 3:] + names[:index % 3]:
+                        started = time.perf_counter()
+                        _, pixels, reasons = readers[name].read_batch(rows)
+                        seconds[name] += time.perf_counter() - started
+                        assert not any(reasons), reasons
+                rate = {name: n_images / s for name, s in seconds.items()}
+                print(f"| {repeat} | {rate['folder']:.0f} | {rate['shards']:.0f} | {rate['http']:.0f} | "
+                      f"{rate['shards'] / rate['folder']:.2f} | {rate['http'] / rate['folder']:.2f} | "
+                      f"{os.getloadavg()[0]:.1f} |", flush=True)
+        finally:
+            server.communicate("", timeout=10)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", choices=["prepare", "listing", "extract"], required=True)
+    parser.add_argument("--case", choices=["prepare", "listing", "read", "extract"], required=True)
     parser.add_argument("--members", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--per-shard", type=int, default=10_000)
     parser.add_argument("--images", type=int, default=10_000)
@@ -244,6 +296,8 @@ def main() -> None:
         bench_prepare(args.members, args.per_shard)
     elif args.case == "listing":
         bench_listing(args.per_shard, args.repeats)
+    elif args.case == "read":
+        bench_read(args.images, args.shards, args.repeats)
     else:
         bench_extract(args.images, args.shards, args.repeats)
 
