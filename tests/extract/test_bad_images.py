@@ -357,8 +357,8 @@ def test_fail_names_the_first_bad_input_keeps_committed_blocks_and_resumes(runne
     assert "zz2_empty" not in message  # the first bad input only
     assert "on_error" in message
     assert not out.exists() and not out.with_name("store.h5.partial").exists()
-    committed = sorted(p.name for p in out.with_name("store.h5.parts").rglob("block-*.npz"))
-    assert committed == ["block-000000.npz", "block-000001.npz", "block-000002.npz"]
+    committed = sorted(p.name for p in out.with_name("store.h5.parts").rglob("block-*.h5"))
+    assert committed == ["block-000000.h5", "block-000001.h5", "block-000002.h5"]
 
     # Fix the files in place: the rerun resumes from the committed blocks, and the bytes equal a clean run.
     Image.fromarray(_noise(seed=98)).save(images / "b" / "zz1_truncated.jpg", "JPEG")

@@ -19,6 +19,7 @@ from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.distributed import (
     RunnerSpec,
     _adopt_blocks,
+    _check_onnx_sha256,
     _Job,
     _plan_tasks,
     _run_tasks,
@@ -230,8 +231,8 @@ def test_resume_after_single_process_crash(client, manifest, tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         extract_to_store(manifest, CrashingRunner(), PREPROCESS, out, config=CONFIG, attrs=ATTRS, block_rows=4,
                          batch_size=4, plan=CPU_PLAN, progress=False)
-    parts = sorted(p.name for p in (out.parent / f"{out.name}.parts").rglob("block-*.npz"))
-    assert parts == ["block-000000.npz", "block-000001.npz"]
+    parts = sorted(p.name for p in (out.parent / f"{out.name}.parts").rglob("block-*.h5"))
+    assert parts == ["block-000000.h5", "block-000001.h5"]
     assert not out.exists()
 
     report = _distributed(manifest, out, client)
@@ -358,3 +359,10 @@ def test_dask_scheduler_accepts_every_backend():
         assert parse_params({"extract": {"scheduler": "local", "backend": backend}}).extract.backend == backend
     with pytest.raises(ValueError, match="backend"):
         RunnerSpec("resnet18", "random", ("default",), "avg", backend="tensorrt")
+
+
+def test_workers_running_another_onnx_export_are_refused():
+    """Two exports may give other features: a worker whose onnx_sha256 differs from the store's stops the run."""
+    _check_onnx_sha256("a" * 64, "a" * 64, "worker-1")
+    with pytest.raises(ExtractionError, match="worker-2 runs the ONNX export bbbbbbbbbbbb.*records aaaaaaaaaaaa"):
+        _check_onnx_sha256("a" * 64, "b" * 64, "worker-2")

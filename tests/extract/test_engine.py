@@ -223,8 +223,8 @@ def test_crash_then_resume_is_byte_identical(first_run, manifest, runner, tmp_pa
     with pytest.raises(RuntimeError, match="simulated crash"):
         _extract(manifest, crashing, out)
     assert not out.exists()
-    parts = sorted(p.name for p in out.with_name(out.name + ".parts").rglob("block-*.npz"))
-    assert parts == ["block-000000.npz"]  # rows 0-3 (two batches) were committed before the crash
+    parts = sorted(p.name for p in out.with_name(out.name + ".parts").rglob("block-*.h5"))
+    assert parts == ["block-000000.h5"]  # rows 0-3 (two batches) were committed before the crash
     resumed_calls = CrashingRunner(runner, after=10**6)
     report = _extract(manifest, resumed_calls, out)
     assert report.n_resumed_blocks == 1

@@ -129,3 +129,23 @@ def test_the_dask_runner_spec_takes_the_plan_s_choices():
 def test_the_plan_resolves_the_device():
     assert plan_extraction(device="cpu").device == "cpu"
     assert plan_extraction(device="auto").device == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_int8_plan_runs_onnxruntime_on_the_cpu_only():
+    plan = plan_extraction(device="cpu", precision="int8")  # backend auto: onnxruntime on the CPU
+    assert plan.int8 and plan.backend == "onnx" and plan.precision == "int8" and plan.attrs()["precision"] == "int8"
+    assert "int8" in plan.describe()
+    assert not plan_extraction(device="cpu").int8 and plan_extraction(device="cpu").precision == "float32"
+    with pytest.raises(ExtractionError, match=r"int8 needs extract.backend onnx \(or auto\), got 'torch'"):
+        plan_extraction(device="cpu", backend="torch", precision="int8")
+    with pytest.raises(ExtractionError, match="does not run under extract.scheduler"):
+        plan_extraction(device="cpu", precision="int8", scheduler="local")
+    with pytest.raises(ExtractionError, match=r"extract.precision 'int4' is not one of \('float32', 'int8'\)"):
+        plan_extraction(device="cpu", precision="int4")
+
+
+def test_int8_on_a_cuda_device_is_refused_before_any_work():
+    from featcache.extract.plan import resolve_precision
+
+    with pytest.raises(ValueError, match="runs onnxruntime's quantized graph on the CPU.*'cuda:1'"):
+        resolve_precision("int8", "cuda:1", "onnx")

@@ -183,13 +183,13 @@ def interrupted(request, project, references) -> dict[str, Any]:
             second = _run(args, root)
         finally:
             os.kill(first.pid, signal.SIGCONT)
-        _wait_for(lambda: any(parts.glob("*/block-*.npz")), "a committed block", first)
+        _wait_for(lambda: any(parts.glob("*/block-*.h5")), "a committed block", first)
         os.kill(first.pid, signal.SIGKILL)
     finally:
         if first.poll() is None:
             first.kill()
         first.wait()
-    committed = sorted(p.name for p in parts.glob("*/block-*.npz"))
+    committed = sorted(p.name for p in parts.glob("*/block-*.h5"))
     existed_after_kill = out.exists()
     rerun = _run(args, root)
     return {"out": out, "reference": reference, "backend": backend, "first_pid": first.pid,

@@ -120,20 +120,17 @@ def test_resume_after_drop_gives_identical_bytes(tmp_path, file_md5):
 
 
 _KILL_CHILD = r"""
-import io, sys, time
-import numpy as np
+import sys, time
 from _support import synth_store as synth
-from featcache.store import StoreWriter
-real_savez, calls = np.savez, [0]
-def half_then_hang(fh, **arrays):  # the 4th block file: write half of it, then hang
+from featcache.store import StoreWriter, blocks
+real_options, calls = blocks.feature_dataset_options, [0]
+def half_then_hang(compression):  # the 4th block file: hang while it is open for writing (half written)
     calls[0] += 1
-    if calls[0] < 4:
-        return real_savez(fh, **arrays)
-    buf = io.BytesIO(); real_savez(buf, **arrays); data = buf.getvalue()
-    fh.write(data[: len(data) // 2]); fh.flush()
-    print("HALF", flush=True)
-    time.sleep(120)
-np.savez = half_then_hang
+    if calls[0] > 3 * len(synth.make_kwargs()["layers"]):
+        print("HALF", flush=True)
+        time.sleep(120)
+    return real_options(compression)
+blocks.feature_dataset_options = half_then_hang
 with StoreWriter(sys.argv[1], **synth.make_kwargs()) as w:
     synth.commit(w, w.pending_blocks())
     w.finalize()
@@ -150,7 +147,7 @@ def test_kill_9_mid_commit_then_resume_identical_bytes(tmp_path, spawn, file_md5
     proc.wait(timeout=10)
     parts = out.with_name("x.h5.parts")
     files = sorted(p.name for d in parts.iterdir() for p in d.iterdir())
-    assert files[:3] == ["block-000000.npz", "block-000001.npz", "block-000002.npz"]
+    assert files[:3] == ["block-000000.h5", "block-000001.h5", "block-000002.h5"]
     assert len(files) == 4 and TMP_MARK in files[3]  # the half-written temp file
     assert out.with_name("x.h5.lock").read_text().strip() == str(proc.pid)  # stale lock
     assert not out.exists()

@@ -23,9 +23,20 @@ block files carry the same kept rows, features, errors and fingerprint, and
 tasks are cut at batch boundaries of the single-process run (see
 :func:`_plan_tasks`), so every image goes through the backbone in the same
 batch as it would in one process (CPU convolutions are not batch-size
-invariant: a batch of 1 takes another kernel path). A failed or interrupted
-run keeps its committed blocks; rerunning (distributed or not) extracts only
-the missing ones.
+invariant: a batch of 1 takes another kernel path). The workers report what
+they built (an ONNX runner's ``onnx_sha256``, the same root attribute a
+single-process run records; every task must report the same one). Workers run
+``threads_per_worker`` intra-op threads, a single process one per core:
+onnxruntime's features do not depend on that count
+(``tests/extract/onnx/test_threads.py``); torch's CPU kernels do, so the
+extract stage records ``torch_threads`` in a torch-on-CPU store's config (a
+dask run and a single process then differ in that key and never share
+blocks). A failed or interrupted run keeps its committed blocks;
+rerunning (distributed or not) extracts only the missing ones.
+
+A worker running onnxruntime never imports torch (like a single-process ONNX
+run): this module and :mod:`featcache.extract.runner_spec` import it only for
+a torch runner or a CUDA device.
 
 Requirements: the workers must see the images, and the output's parent
 folder, under the same absolute paths as the driver (one machine, or a shared
@@ -34,17 +45,17 @@ file system). Relative paths are made absolute on the driver.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
-
-import torch
 
 from featcache.errors import ExtractionError
 from featcache.extract.blockloop import Progress
@@ -67,9 +78,12 @@ from featcache.store.errors import StoreError
 from featcache.store.schema import LayerSpec
 from featcache.store.writer import StoreWriter
 
-__all__ = ["RunnerSpec", "extract_distributed", "local_workers", "worker_device"]
+__all__ = ["THREADS_PER_WORKER", "RunnerSpec", "extract_distributed", "local_workers", "worker_device"]
 
 logger = logging.getLogger(__name__)
+
+#: Default intra-op threads of each worker (torch and onnxruntime): one worker process per core.
+THREADS_PER_WORKER = 1
 
 _JOB_LOCK = threading.Lock()  # guards each worker's lazily built dataset
 
@@ -145,10 +159,13 @@ class _TaskResult:
     errors: list[tuple[str, str]]
     seconds: float
     where: str
+    onnx_sha256: str | None = None
 
 
 def _set_torch_threads(n: int) -> None:
-    if n > 0 and torch.get_num_threads() != n:
+    """torch's intra-op threads, where torch runs (an onnxruntime worker never imports it)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and n > 0 and torch.get_num_threads() != n:
         torch.set_num_threads(n)
 
 
@@ -156,23 +173,38 @@ def _where() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _probe_task(spec: RunnerSpec, input_size: int, torch_threads: int) -> tuple[list[LayerSpec], str, str]:
-    """Build the runner on a worker; return its layer specs, torch version and location."""
-    _set_torch_threads(torch_threads)
-    runner = spec.build(input_size)
-    return runner.layer_specs(input_size), torch.__version__.split("+")[0], _where()
+def _torch_version() -> str:
+    """torch's version without its local tag, without importing torch."""
+    torch = sys.modules.get("torch")
+    return str(torch.__version__ if torch is not None else importlib.metadata.version("torch")).split("+")[0]
+
+
+def _build(spec: RunnerSpec, input_size: int, threads: int) -> tuple[Any, dict[str, str]]:
+    """The worker's runner (built once per process) with ``threads`` intra-op threads (torch and onnxruntime)."""
+    if spec.backend == "torch" or spec.device.startswith("cuda"):
+        import torch  # noqa: F401 - _set_torch_threads sets the threads of an imported torch
+
+    _set_torch_threads(threads)
+    runner, attrs = spec.build_with_attrs(input_size, threads)
+    _set_torch_threads(threads)  # the runner may have imported torch
+    return runner, attrs
+
+
+def _probe_task(spec: RunnerSpec, input_size: int, threads: int) -> tuple[list[LayerSpec], str, str, str | None]:
+    """Build the runner on a worker; return its layer specs, torch version, location and ONNX sha256."""
+    runner, attrs = _build(spec, input_size, threads)
+    return runner.layer_specs(input_size), _torch_version(), _where(), attrs.get("onnx_sha256")
 
 
 def _extract_task(job: _Job, blocks: tuple[int, ...]) -> _TaskResult:
     """Extract and commit ``blocks`` on a worker (the single-process engine's own loop)."""
-    _set_torch_threads(job.torch_threads)
     started = time.perf_counter()
-    runner = job.runner_spec.build(job.preprocess.input_size)
+    runner, attrs = _build(job.runner_spec, job.preprocess.input_size, job.torch_threads)
     errors = run_blocks(job.manifest, runner, job.committer, blocks, preprocess=job.preprocess,
                         layer_specs=job.layer_specs, batch_size=job.batch_size, num_workers=0,
                         on_error=job.on_error, dataset=job.dataset())
     n_rows = sum(len(job.committer.block_range(block)) for block in blocks)
-    return _TaskResult(blocks, n_rows, errors, time.perf_counter() - started, _where())
+    return _TaskResult(blocks, n_rows, errors, time.perf_counter() - started, _where(), attrs.get("onnx_sha256"))
 
 
 # ------------------------------------------------------------- driver side
@@ -187,6 +219,17 @@ def _adopt_blocks(writer: StoreWriter, blocks: Sequence[int], where: str) -> Non
                 "The driver and the workers must share the output folder under the same absolute path "
                 "(one machine or a shared file system)."
             ) from exc
+
+
+def _check_onnx_sha256(expected: str | None, found: str, where: str) -> None:
+    """Every worker must run the same ONNX file (another export could give other features)."""
+    if expected != found:
+        raise ExtractionError(
+            f"Worker {where} runs the ONNX export {found[:12]}, but the store records {str(expected)[:12]}: "
+            "the workers' export caches hold different exports (another torch/onnx version exported them?), "
+            "and the features would mix two graphs. Hint: point extract.onnx_cache at one folder every worker "
+            "sees, or give the workers the same torch/onnx versions; committed blocks are kept."
+        )
 
 
 class _ClientHandle:
@@ -257,6 +300,8 @@ def _run_tasks(client: Any, job: _Job, tasks: list[tuple[int, ...]], writer: Sto
                 if future.status != "finished":
                     _raise_task_failure(future, blocks, writer)
                 result: _TaskResult = future.result()
+                if result.onnx_sha256 is not None:
+                    _check_onnx_sha256(writer.attrs.get("onnx_sha256"), result.onnx_sha256, result.where)
                 _adopt_blocks(writer, result.blocks, result.where)
                 for sample_id, reason in result.errors:
                     logger.warning("Bad image %s skipped (on %s): %s", sample_id, result.where, reason)
@@ -289,7 +334,7 @@ def extract_distributed(
     client: Any = None,
     scheduler_address: str | None = None,
     n_workers: int = 2,
-    threads_per_worker: int = 1,
+    threads_per_worker: int = THREADS_PER_WORKER,
     blocks_per_task: int = 1,
     progress: bool = True,
     lock_timeout: float = 0.0,
@@ -301,7 +346,8 @@ def extract_distributed(
     with the same manifest, runner, preprocess, config, attrs, dtype,
     ``block_rows`` and ``batch_size`` (byte for byte with the default gzip; see
     the module docstring), and resumes from the same committed blocks, which
-    either function may have written.
+    either function may have written. Both record an ONNX runner's
+    ``onnx_sha256`` (unless ``attrs`` holds it; then every worker must run that file).
 
     Parameters
     ----------
@@ -386,7 +432,7 @@ def extract_distributed(
         probe = handle.client.submit(_probe_task, runner_spec, preprocess.input_size, threads_per_worker,
                                      pure=False, key=f"featcache-probe-{uuid.uuid4().hex[:12]}")
         try:
-            layer_specs, worker_torch, where = probe.result()
+            layer_specs, worker_torch, where, onnx_sha256 = probe.result()
         except Exception as exc:
             raise ExtractionError(
                 f"Building {runner_spec.backbone} ({runner_spec.weights}) on a dask worker failed: "
@@ -395,6 +441,9 @@ def extract_distributed(
         if worker_torch != root_attrs["torch_version"]:
             logger.warning("worker %s runs torch %s but the driver runs %s; the store records the driver's",
                            where, worker_torch, root_attrs["torch_version"])
+        if onnx_sha256 is not None:  # what a single-process run records of the ONNX runner it built
+            root_attrs.setdefault("onnx_sha256", onnx_sha256)
+            _check_onnx_sha256(root_attrs["onnx_sha256"], onnx_sha256, where)
         with StoreWriter(out, ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
                          labels=manifest.labels, targets=manifest.targets, layers=layer_specs, attrs=root_attrs,
                          dtype=dtype, block_rows=block_rows, lock_timeout=lock_timeout) as writer:

@@ -145,6 +145,8 @@ def extract_to_store(
     check_max_bad_fraction(max_bad_fraction)
     started = time.perf_counter()
     root_attrs = build_root_attrs(manifest, config, attrs)
+    if getattr(runner, "onnx_sha256", None):  # the ONNX file that made the features (as the dask path records it)
+        root_attrs.setdefault("onnx_sha256", runner.onnx_sha256)
     layer_specs = runner.layer_specs(preprocess.input_size)
     with StoreWriter(out, ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
                      labels=manifest.labels, targets=manifest.targets, layers=layer_specs, attrs=root_attrs,

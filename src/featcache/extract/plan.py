@@ -39,11 +39,12 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from featcache.errors import ExtractionError
-from featcache.store.schema import AUTOCASTS, BACKENDS, DECODE_PATHS
+from featcache.store.schema import AUTOCASTS, BACKENDS, DECODE_PATHS, PRECISIONS
 from featcache.util import compute
 
 __all__ = ["CUDA_PROVIDER", "LOADERS", "ONNX_GPU_FIX", "ExtractionPlan", "build_runner", "plan_extraction",
-           "precision_name", "resolve_autocast", "resolve_backend", "resolve_decode", "runner_attrs"]
+           "precision_name", "resolve_autocast", "resolve_backend", "resolve_decode", "resolve_precision",
+           "runner_attrs"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,19 +135,57 @@ def resolve_decode(decode: str, device: str, backend: str = "torch", scheduler: 
     return decode
 
 
-def precision_name(autocast: str | None) -> str:
-    """``float32``, ``float16`` or ``bfloat16``: what the forward ran in (a root attribute)."""
-    return {None: "float32", "fp16": "float16", "bf16": "bfloat16"}[autocast]
+def resolve_precision(precision: str, device: str, backend: str, scheduler: str = "none") -> bool:
+    """Whether the forward runs int8: ``extract.precision`` checked against where it would run.
+
+    int8 is a graph quantized by onnxruntime for its CPU provider, so it needs
+    the ``onnx`` backend on the CPU device in this process.
+
+    Parameters
+    ----------
+    precision : {"float32", "int8"}
+    device, backend : str
+        The resolved device and backend.
+    scheduler : str
+        ``extract.scheduler``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown precision, or int8 anywhere but onnxruntime on the CPU.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"extract.precision {precision!r} is not one of {PRECISIONS}.")
+    if precision == "float32":
+        return False
+    if _is_cuda(device):
+        raise ValueError(f"extract.precision: int8 runs onnxruntime's quantized graph on the CPU, but "
+                         f"extract.device resolved to {device!r}. Hint: set extract.device: cpu, or "
+                         "extract.precision: float32 on a GPU (fp16 autocast is its fast path).")
+    if backend != "onnx":
+        raise ValueError(f"extract.precision: int8 needs extract.backend onnx (or auto), got {backend!r}"
+                         + ("" if importlib.util.find_spec("onnxruntime") is not None else
+                            " (onnxruntime is not installed)")
+                         + ". Hint: set extract.backend: auto or onnx, or extract.precision: float32.")
+    if scheduler != "none":
+        raise ValueError("extract.precision: int8 does not run under extract.scheduler yet (the graph is "
+                         "calibrated in the driver). Hint: set extract.scheduler: none, or precision: float32.")
+    return True
 
 
-def runner_attrs(backend: str, device: str, autocast: str | None) -> dict[str, str]:
+def precision_name(autocast: str | None, int8: bool = False) -> str:
+    """``float32``, ``float16``, ``bfloat16`` or ``int8``: what the forward ran in (a root attribute)."""
+    return "int8" if int8 else {None: "float32", "fp16": "float16", "bf16": "bfloat16"}[autocast]
+
+
+def runner_attrs(backend: str, device: str, autocast: str | None, int8: bool = False) -> dict[str, str]:
     """Root attributes that say what ran: ``backend``, ``provider`` and ``precision``.
 
     ``provider`` is onnxruntime's execution provider for ``onnx`` (CUDA on a
     GPU: :func:`build_runner` refuses any other there), the torch device otherwise.
     """
     provider = (CUDA_PROVIDER if _is_cuda(device) else "CPUExecutionProvider") if backend == "onnx" else str(device)
-    return {"backend": backend, "provider": provider, "precision": precision_name(autocast)}
+    return {"backend": backend, "provider": provider, "precision": precision_name(autocast, int8)}
 
 
 @dataclass(frozen=True)
@@ -168,6 +207,8 @@ class ExtractionPlan:
         Decode worker processes; None: one per spare core.
     scheduler : str
         ``none`` (this process), ``local`` (a local dask cluster) or a scheduler address.
+    int8 : bool
+        Whether onnxruntime runs a quantized graph (``extract.precision: int8``).
     """
 
     device: str
@@ -177,6 +218,7 @@ class ExtractionPlan:
     loader: str
     num_workers: int | None = None
     scheduler: str = "none"
+    int8: bool = False
 
     @property
     def provider(self) -> str:
@@ -185,8 +227,8 @@ class ExtractionPlan:
 
     @property
     def precision(self) -> str:
-        """``float32``, ``float16`` or ``bfloat16``."""
-        return precision_name(self.autocast)
+        """``float32``, ``float16``, ``bfloat16`` or ``int8``."""
+        return precision_name(self.autocast, self.int8)
 
     @property
     def pin_memory(self) -> bool:
@@ -200,14 +242,15 @@ class ExtractionPlan:
 
     def attrs(self) -> dict[str, str]:
         """Root attributes of the store: ``backend``, ``provider``, ``precision``, ``decode``."""
-        return {**runner_attrs(self.backend, self.device, self.autocast), "decode": self.decode}
+        return {**runner_attrs(self.backend, self.device, self.autocast, self.int8), "decode": self.decode}
 
     def config(self) -> dict[str, str]:
         """The choices that enter the store's ``config["extract"]`` (and its hash).
 
         ``backend`` and ``autocast`` as resolved (``none`` for float32); ``decode``
         only when it is ``gpu`` (a store never mixes PIL and device decoding; the
-        CPU path is left out, as before ``extract.decode`` existed).
+        CPU path is left out, as before ``extract.decode`` existed). ``precision``
+        itself is a param (``extract.precision``), recorded with the int8 knobs.
         """
         config = {"backend": self.backend, "autocast": self.autocast or "none"}
         if self.decode == "gpu":
@@ -223,7 +266,7 @@ class ExtractionPlan:
 
 def plan_extraction(*, device: str = "auto", backend: str = "auto", autocast: str | None = "auto",
                     decode: str = "auto", num_workers: int | str | None = "auto",
-                    scheduler: str = "none") -> ExtractionPlan:
+                    scheduler: str = "none", precision: str = "float32") -> ExtractionPlan:
     """Resolve the extraction settings (``auto`` included) on this machine into one plan.
 
     Parameters
@@ -236,6 +279,8 @@ def plan_extraction(*, device: str = "auto", backend: str = "auto", autocast: st
         Decode worker processes (``auto``/None: one per spare core).
     scheduler : str
         ``extract.scheduler``: ``none``, ``local`` or a dask scheduler address.
+    precision : {"float32", "int8"}
+        ``extract.precision`` (int8: onnxruntime on the CPU only, see :func:`resolve_precision`).
 
     Returns
     -------
@@ -255,6 +300,7 @@ def plan_extraction(*, device: str = "auto", backend: str = "auto", autocast: st
         resolved_backend = resolve_backend(backend, resolved_device)
         resolved_autocast = resolve_autocast(autocast, resolved_device, resolved_backend)
         resolved_decode = resolve_decode(decode, resolved_device, resolved_backend, scheduler)
+        int8 = resolve_precision(precision, resolved_device, resolved_backend, scheduler)
     except ExtractionError:
         raise
     except ValueError as error:
@@ -267,12 +313,14 @@ def plan_extraction(*, device: str = "auto", backend: str = "auto", autocast: st
         loader = "arrays"
     workers = None if num_workers in (None, "auto") else int(num_workers)
     return ExtractionPlan(device=resolved_device, backend=resolved_backend, autocast=resolved_autocast,
-                          decode=resolved_decode, loader=loader, num_workers=workers, scheduler=scheduler)
+                          decode=resolved_decode, loader=loader, num_workers=workers, scheduler=scheduler,
+                          int8=int8)
 
 
 def build_runner(backbone: Any, layers: Sequence[str], plan: ExtractionPlan, *, pooling: str = "avg",
                  channels_last: bool = True, input_size: int | None = None, intra_op_threads: int | None = None,
-                 onnx_cache: str | None = None) -> tuple[Any, dict[str, str]]:
+                 onnx_cache: str | None = None, calibration: Any = None,
+                 int8_min_cosine: float = 0.99) -> tuple[Any, dict[str, Any]]:
     """Build the feature runner of ``plan`` (its backend, device and precision).
 
     Parameters
@@ -294,13 +342,19 @@ def build_runner(backbone: Any, layers: Sequence[str], plan: ExtractionPlan, *, 
         ONNX only: threads of one operator.
     onnx_cache : str, optional
         ONNX only: the export cache (``extract.onnx_cache``: ``auto``, ``none`` or a folder).
+    calibration : CalibrationImages, optional
+        int8 only (required there): the calibration and held-out images
+        (:func:`~featcache.extract.onnx.calibration.calibration_images`).
+    int8_min_cosine : float
+        int8 only: the parity gate (:func:`~featcache.extract.onnx.quantize.int8_runner`).
 
     Returns
     -------
     runner : FeatureRunner
         A :class:`TorchFeatureExtractor` or an :class:`OnnxFeatureRunner`.
     attrs : dict
-        :func:`runner_attrs` of what was built, with ``onnx_sha256`` for an ONNX runner.
+        :func:`runner_attrs` of what was built, with ``onnx_sha256`` for an ONNX runner
+        (and the int8 facts for an int8 one).
 
     Raises
     ------
@@ -321,13 +375,23 @@ def build_runner(backbone: Any, layers: Sequence[str], plan: ExtractionPlan, *, 
                 f"(available providers: {onnxruntime.get_available_providers()}). Hint: set extract.backend: auto "
                 f"(torch on the GPU), or fix onnxruntime: {ONNX_GPU_FIX}."
             )
+        if plan.int8:
+            from featcache.extract.onnx.quantize import int8_runner
+
+            if calibration is None:
+                raise ValueError("build_runner: an int8 plan needs calibration images (calibration_images()).")
+            extra = {} if onnx_cache is None else {"cache_dir": onnx_cache}
+            runner, int8_attrs = int8_runner(runner, calibration, min_cosine=int8_min_cosine,
+                                             intra_op_threads=intra_op_threads, **extra)
     else:
         from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 
         loaded = backbone.load()
         runner = TorchFeatureExtractor(loaded.model, loaded.spec, layers, pooling=pooling, device=plan.device,
                                        channels_last=channels_last, autocast=plan.autocast)
-    attrs = runner_attrs(plan.backend, plan.device, plan.autocast)
+    attrs: dict[str, Any] = dict(runner_attrs(plan.backend, plan.device, plan.autocast, plan.int8))
     if getattr(runner, "onnx_sha256", None):
         attrs["onnx_sha256"] = runner.onnx_sha256
+    if plan.int8:
+        attrs.update(int8_attrs)
     return runner, attrs

@@ -16,8 +16,6 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import torch
-
 from featcache.extract.plan import ExtractionPlan, build_runner, plan_extraction
 from featcache.store.schema import BACKENDS
 
@@ -25,8 +23,8 @@ __all__ = ["RunnerSpec", "local_workers", "worker_device"]
 
 logger = logging.getLogger("featcache.extract.distributed")
 
-#: Per-process cache of built runners, keyed by their (hashable) spec.
-_RUNNERS: dict["RunnerSpec", Any] = {}
+#: Per-process cache of built runners and their attributes, keyed by (spec, input size, intra-op threads).
+_RUNNERS: dict[tuple["RunnerSpec", int | None, int | None], tuple[Any, dict[str, str]]] = {}
 _RUNNERS_LOCK = threading.Lock()
 
 
@@ -61,8 +59,11 @@ class RunnerSpec:
         seed gives identical weights in every process.
     backend : {"torch", "onnx", "auto"}
         Runtime on the workers; ``auto`` resolves on each worker (torch on
-        CUDA, onnxruntime on CPU). ONNX workers export the model once per
-        process and run it with as many threads as torch has there.
+        CUDA, onnxruntime on CPU). ONNX workers open the cached export (or
+        export the model once per process).
+    onnx_cache : str, optional
+        ONNX only: the export cache (``extract.onnx_cache``: ``auto``, ``none``
+        or a folder every worker sees); None: the default (``auto``).
     """
 
     backbone: str
@@ -74,6 +75,7 @@ class RunnerSpec:
     autocast: str | None = None
     seed: int = 0
     backend: str = "torch"
+    onnx_cache: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
@@ -90,13 +92,25 @@ class RunnerSpec:
 
     @classmethod
     def from_plan(cls, plan: ExtractionPlan, backbone: str, weights: str, layers: Sequence[str], pooling: str,
-                  channels_last: bool = True, seed: int = 0) -> RunnerSpec:
+                  channels_last: bool = True, seed: int = 0, onnx_cache: str | None = None) -> RunnerSpec:
         """The spec of the runner ``plan`` chose (its backend, device and precision), for the dask workers."""
         return cls(backbone, weights, tuple(layers), pooling, device=plan.device, channels_last=channels_last,
-                   autocast=plan.autocast, seed=seed, backend=plan.backend)
+                   autocast=plan.autocast, seed=seed, backend=plan.backend, onnx_cache=onnx_cache)
 
-    def build(self, input_size: int | None = None) -> Any:
-        """The runner of this spec, built once per process and then cached.
+    def build(self, input_size: int | None = None, intra_op_threads: int | None = None) -> Any:
+        """The runner of this spec, built once per process and then cached (see :meth:`build_with_attrs`).
+
+        Returns
+        -------
+        TorchFeatureExtractor or OnnxFeatureRunner
+            Maps a (B, 3, S, S) float32 batch to ``{layer: (B, D) float32 array}``.
+            Shared by every caller in this process: do not modify it.
+        """
+        return self.build_with_attrs(input_size, intra_op_threads)[0]
+
+    def build_with_attrs(self, input_size: int | None = None,
+                         intra_op_threads: int | None = None) -> tuple[Any, dict[str, str]]:
+        """The runner of this spec and the store attributes of what was built, once per process.
 
         On a machine with several GPUs a ``"cuda"`` spec runs on this
         worker's own GPU (:func:`worker_device`).
@@ -106,35 +120,42 @@ class RunnerSpec:
         input_size : int, optional
             ONNX only: the exported input side (default: the registry's); part
             of the cache key.
+        intra_op_threads : int, optional
+            ONNX only: onnxruntime's intra-op threads (default: one per
+            physical core, as in a single-process run). The features do not
+            depend on it (``tests/extract/onnx/test_threads.py``), the speed does.
 
         Returns
         -------
-        TorchFeatureExtractor or OnnxFeatureRunner
+        runner : TorchFeatureExtractor or OnnxFeatureRunner
             Maps a (B, 3, S, S) float32 batch to ``{layer: (B, D) float32 array}``.
             Shared by every caller in this process: do not modify it.
+        attrs : dict of str to str
+            :func:`~featcache.extract.plan.build_runner`'s attributes (``backend``,
+            ``provider``, ``precision``, and ``onnx_sha256`` for an ONNX runner).
 
         Raises
         ------
         featcache.extract.zoo.weights.WeightsNotFoundError
             If the weights are not available in this process's machine.
         """
-        key = (self, input_size)
+        key = (self, input_size, intra_op_threads)
         with _RUNNERS_LOCK:
-            runner = _RUNNERS.get(key)
-            if runner is None:
+            built = _RUNNERS.get(key)
+            if built is None:
                 from featcache.extract.zoo.weights import resolve_weights
 
                 started = time.perf_counter()
                 source = resolve_weights(self.backbone, self.weights, seed=self.seed)
                 plan = plan_extraction(device=worker_device(self.device), backend=self.backend,
                                        autocast=self.autocast, decode="cpu")
-                runner, attrs = build_runner(source, list(self.layers), plan, pooling=self.pooling,
-                                             channels_last=self.channels_last, input_size=input_size,
-                                             intra_op_threads=torch.get_num_threads())
-                _RUNNERS[key] = runner
+                built = build_runner(source, list(self.layers), plan, pooling=self.pooling,
+                                     channels_last=self.channels_last, input_size=input_size,
+                                     intra_op_threads=intra_op_threads, onnx_cache=self.onnx_cache)
+                _RUNNERS[key] = built
                 logger.info("built %s (%s, %s on %s) in pid %d in %.1f s", self.backbone, source.weights_id,
-                            attrs["backend"], attrs["provider"], os.getpid(), time.perf_counter() - started)
-            return runner
+                            built[1]["backend"], built[1]["provider"], os.getpid(), time.perf_counter() - started)
+            return built[0], dict(built[1])
 
 
 def worker_device(device: str, worker_name: Any = None) -> str:
@@ -154,7 +175,11 @@ def worker_device(device: str, worker_name: Any = None) -> str:
     worker_name : optional
         The dask worker's name; default: the current worker's (None outside a worker).
     """
-    if device != "cuda" or torch.cuda.device_count() < 2:
+    if device != "cuda":
+        return device
+    import torch
+
+    if torch.cuda.device_count() < 2:
         return device
     if worker_name is None:
         try:
@@ -177,5 +202,7 @@ def local_workers(n_workers: int | str, device: str) -> int:
     if n_workers != "auto":
         return int(n_workers)
     if str(device).startswith("cuda"):
+        import torch
+
         return max(1, torch.cuda.device_count())
     return 2

@@ -18,11 +18,20 @@ __all__ = ["extract", "store_config"]
 logger = logging.getLogger(__name__)
 
 
-def store_config(params: Any, backbone: str, plan: ExtractionPlan, preprocess: Preprocessor) -> dict[str, Any]:
+def store_config(params: Any, backbone: str, plan: ExtractionPlan, preprocess: Preprocessor,
+                 torch_threads: int | None = None) -> dict[str, Any]:
     """The config the store of ``backbone`` records: the params that change its features, what the plan
-    resolved (backend, autocast, a ``gpu`` decode path), and the backbone's preprocessing."""
+    resolved (backend, autocast, a ``gpu`` decode path), and the backbone's preprocessing.
+
+    ``torch_threads``: torch's intra-op thread count, recorded (as ``extract.torch_threads``) for torch on
+    the CPU only, where it changes the features' bits (1 and 2 threads differ by up to 8.7e-6 before the
+    float16 cast on the 2-core VM); onnxruntime's CPU features and CUDA's do not depend on it
+    (``tests/extract/onnx/test_threads.py``), so their config never holds it.
+    """
     config = extraction_config(params, backbone)
     config["extract"].update(plan.config())
+    if torch_threads is not None and plan.backend == "torch" and not plan.device.startswith("cuda"):
+        config["extract"]["torch_threads"] = int(torch_threads)
     config["preprocess"] = preprocess.config()
     return config
 
@@ -60,7 +69,15 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
     manifest = Manifest.read(manifest_path, storage=StorageOptions(**params.data.io.model_dump()))
     source = resolve_weights(backbone, chosen.weights)  # the model is built only if needed
     preprocess = Preprocessor.from_spec(source.spec, knobs.resize_mode, max_image_pixels=knobs.max_image_pixels)
-    config = store_config(params, backbone, plan, preprocess)
+    if plan.distributed:
+        from featcache.extract.distributed import THREADS_PER_WORKER as threads
+    elif plan.backend == "torch":
+        import torch
+
+        threads = torch.get_num_threads()
+    else:
+        threads = None
+    config = store_config(params, backbone, plan, preprocess, torch_threads=threads)
     attrs = {"backbone": backbone, "weights_id": source.weights_id, "weights_sha256": source.weights_sha256,
              "dataset": params.data.name, **plan.attrs()}
     logger.info("extract %s: %s", backbone, plan.describe())
@@ -71,12 +88,18 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
         from featcache.extract.distributed import RunnerSpec, extract_distributed, local_workers
 
         spec = RunnerSpec.from_plan(plan, backbone, chosen.weights, chosen.layers, knobs.pooling,
-                                    channels_last=knobs.channels_last)
+                                    channels_last=knobs.channels_last, onnx_cache=knobs.onnx_cache)
         return extract_distributed(manifest, spec, preprocess, out, **common,
                                    scheduler_address=None if plan.scheduler == "local" else plan.scheduler,
-                                   n_workers=local_workers(knobs.n_workers, plan.device))
+                                   n_workers=local_workers(knobs.n_workers, plan.device), threads_per_worker=threads)
+    calibration = None
+    if plan.int8:
+        from featcache.extract.onnx.calibration import calibration_images
+
+        calibration = calibration_images(manifest, preprocess, knobs.int8_calibration, knobs.int8_holdout)
     runner, built = build_runner(source, chosen.layers, plan, pooling=knobs.pooling,
-                                 channels_last=knobs.channels_last, onnx_cache=knobs.onnx_cache)
+                                 channels_last=knobs.channels_last, onnx_cache=knobs.onnx_cache,
+                                 calibration=calibration, int8_min_cosine=knobs.int8_min_cosine)
     attrs.update(built)
     if plan.backend == "torch":
         check_batch_memory(runner, preprocess.input_size, knobs.batch_size, plan.device,

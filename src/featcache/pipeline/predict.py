@@ -86,6 +86,9 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
     preprocess = Preprocessor(prep["input_size"], prep["resize_size"], prep["interpolation"], tuple(prep["mean"]),
                               tuple(prep["std"]), prep["resize_mode"], tuple(prep["background"]))
     plan = plan_extraction(device=device, backend="torch", autocast="none", decode="cpu")  # float32 torch features
+    if config["extract"].get("precision", "float32") != "float32":
+        logger.info("the head was trained on %s features; scoring float32 features (the int8 gate kept them within "
+                    "cosine %s of float32)", config["extract"]["precision"], config["extract"].get("int8_min_cosine"))
     extractor = TorchFeatureExtractor(loaded.model, loaded.spec, [info["layer"]],
                                       pooling=config["extract"]["pooling"], device=plan.device)
     paths = _image_paths(inputs)

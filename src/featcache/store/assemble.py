@@ -8,6 +8,14 @@ HDF5 call happens in a fixed order, so equal inputs give equal bytes:
 * no creation-order indexes (``track_order`` off), attributes written sorted;
 * fixed chunk shapes, computed from the shapes only (:func:`feature_chunk_rows`);
 * feature rows are buffered and each chunk is written exactly once, in order.
+
+No feature is compressed twice: a block file stores its features with the
+store's own chunk shape and filters (:mod:`featcache.store.layout`), so every
+final chunk that is one whole chunk of a block file (all of them when no row
+before it was skipped) is copied as its compressed bytes (``read_direct_chunk``
+/ ``write_direct_chunk``, the same allocation order and so the same bytes as
+writing it); the others (behind a skipped row the chunk grid shifts) are
+decompressed, regrouped and compressed here.
 """
 
 from __future__ import annotations
@@ -21,46 +29,16 @@ import h5py
 import numpy as np
 
 from .errors import StoreError
+from .layout import CHUNK_TARGET_BYTES, feature_chunk_rows, feature_dataset_options
 from .schema import HDF5_LIBVER, SPLIT_CODES
 
 __all__ = ["CHUNK_TARGET_BYTES", "feature_chunk_rows", "to_attr", "write_store"]
 
 logger = logging.getLogger(__name__)
 
-#: gzip level of the feature datasets: fast, and deterministic (LZF is not: h5py's LZF
-#: filter leaves its hash table uninitialised, so equal data can compress to other bytes).
-GZIP_LEVEL = 1
-
-#: Upper bound on the bytes of one feature chunk (before compression).
-CHUNK_TARGET_BYTES = 4 * 1024 * 1024
-
 _STR = h5py.string_dtype("utf-8")
 _ERRORS_DTYPE = np.dtype([("id", _STR), ("reason", _STR)])
 _SPLIT_DTYPE = h5py.enum_dtype(dict(SPLIT_CODES), basetype="u1")
-
-
-def feature_chunk_rows(n_rows: int, dim: int, itemsize: int, block_rows: int) -> int:
-    """Rows per chunk of a ``(n_rows, dim)`` feature dataset.
-
-    ``min(block_rows, n_rows)``, lowered so that a chunk stays below
-    :data:`CHUNK_TARGET_BYTES` for very wide layers (``pooling="none"`` maps).
-
-    Parameters
-    ----------
-    n_rows, dim : int
-        Dataset shape; ``n_rows`` >= 1.
-    itemsize : int
-        Bytes per value (2 for float16).
-    block_rows : int
-        The writer's block size.
-
-    Returns
-    -------
-    int
-        Chunk rows, >= 1.
-    """
-    by_bytes = max(1, CHUNK_TARGET_BYTES // max(1, dim * itemsize))
-    return max(1, min(block_rows, n_rows, by_bytes))
 
 
 def to_attr(key: str, value: Any) -> Any:
@@ -116,17 +94,39 @@ def _create_group(parent: h5py.Group, name: str) -> h5py.Group:
     return parent[name]
 
 
-def _write_features(
-    ds: h5py.Dataset, chunk_rows: int, sources: Iterable[np.ndarray]
-) -> int:
-    """Stream ``(m, D)`` arrays into ``ds``, writing each whole chunk once."""
+def _raw_copyable(src: Any, ds: h5py.Dataset, start: int, rows_left: int) -> bool:
+    """Whether rows ``[start, start + C)`` of block dataset ``src`` are one stored chunk equal to the next of ``ds``."""
+    if not isinstance(src, h5py.Dataset) or src.chunks != ds.chunks or src.dtype != ds.dtype:
+        return False
+    if (src.compression, src.compression_opts, src.shuffle) != (ds.compression, ds.compression_opts, ds.shuffle):
+        return False
+    chunk = ds.chunks[0]
+    return start % chunk == 0 and min(chunk, src.shape[0] - start) == min(chunk, rows_left)
+
+
+def _write_features(ds: h5py.Dataset, chunk_rows: int, sources: Iterable[Any], raw_chunks: bool = True
+                    ) -> tuple[int, int]:
+    """Stream ``(m, D)`` sources (arrays or block datasets) into ``ds``, writing each whole chunk once, in order.
+
+    Returns
+    -------
+    (rows, raw) : tuple of int
+        Rows written, and chunks copied as stored bytes.
+    """
+    n = ds.shape[0]
     buf = np.empty((chunk_rows, ds.shape[1]), dtype=ds.dtype)
-    fill = pos = 0
-    for arr in sources:
+    fill = pos = raw = 0
+    for src in sources:
         taken = 0
-        while taken < arr.shape[0]:
-            take = min(chunk_rows - fill, arr.shape[0] - taken)
-            buf[fill : fill + take] = arr[taken : taken + take]
+        while taken < src.shape[0]:
+            if raw_chunks and fill == 0 and _raw_copyable(src, ds, taken, n - pos):
+                mask, data = src.id.read_direct_chunk((taken, 0))
+                ds.id.write_direct_chunk((pos, 0), data, filter_mask=mask)
+                step = min(chunk_rows, n - pos)
+                pos, taken, raw = pos + step, taken + step, raw + 1
+                continue
+            take = min(chunk_rows - fill, src.shape[0] - taken)
+            buf[fill : fill + take] = src[taken : taken + take]
             fill += take
             taken += take
             if fill == chunk_rows:
@@ -136,7 +136,7 @@ def _write_features(
     if fill:
         ds[pos : pos + fill] = buf[:fill]
         pos += fill
-    return pos
+    return pos, raw
 
 
 def write_store(
@@ -154,6 +154,7 @@ def write_store(
     block_rows: int,
     compression: str | None,
     root_attrs: Mapping[str, Any],
+    raw_chunks: bool = True,
 ) -> None:
     """Write a complete store to ``path`` (mode "w") and fsync it.
 
@@ -171,18 +172,25 @@ def write_store(
         Skipped inputs in row order.
     layers : sequence of LayerSpec
     feature_sources : callable
-        ``feature_sources(i)`` yields the ``(m_b, D_i)`` arrays of layer ``i``
-        block by block; together they hold ``n`` rows.
+        ``feature_sources(i)`` yields the ``(m_b, D_i)`` features of layer ``i``
+        block by block, as arrays or as block-file datasets (whose aligned
+        chunks are copied raw); together they hold ``n`` rows.
     dtype : {"float16", "float32"}
     block_rows : int
     compression : {"lzf", "gzip", None}
     root_attrs : mapping
         Complete root attributes (caller's plus format, counts, complete).
+    raw_chunks : bool
+        Copy the aligned chunks of block datasets as stored bytes (default);
+        False decompresses and compresses every chunk again (the same bytes,
+        slower: for benchmarks and tests).
     """
     n = len(ids)
     np_dtype = np.dtype(dtype)
     plain = {"track_times": False}
-    with h5py.File(path, "w", libver=HDF5_LIBVER, track_order=False) as f:
+    # No chunk cache: every chunk is written (allocated) when it is complete, in order, whether it was
+    # compressed here or copied raw, so both give the same bytes (and no h5py cache default shapes the layout).
+    with h5py.File(path, "w", libver=HDF5_LIBVER, track_order=False, rdcc_nbytes=0) as f:
         f.create_dataset("ids", data=np.array(list(ids), dtype=object), dtype=_STR, **plain)
         f.create_dataset("label", data=np.asarray(labels, dtype=np.int64), **plain)
         f.create_dataset("target", data=np.asarray(targets, dtype=np.float64), **plain)
@@ -202,18 +210,10 @@ def write_store(
                 ds = group.create_dataset(spec.alias, shape=(0, spec.dim), dtype=np_dtype, **plain)
             else:
                 rows = feature_chunk_rows(n, spec.dim, np_dtype.itemsize, block_rows)
-                ds = group.create_dataset(
-                    spec.alias,
-                    shape=(n, spec.dim),
-                    dtype=np_dtype,
-                    chunks=(rows, spec.dim),
-                    compression=compression,
-                    compression_opts=GZIP_LEVEL if compression == "gzip" else None,
-                    shuffle=compression is not None,
-                    fillvalue=0,
-                    **plain,
-                )
-                written = _write_features(ds, rows, feature_sources(i))
+                ds = group.create_dataset(spec.alias, shape=(n, spec.dim), dtype=np_dtype, chunks=(rows, spec.dim),
+                                          **feature_dataset_options(compression))
+                written, raw = _write_features(ds, rows, feature_sources(i), raw_chunks)
+                logger.debug("layer %s: %d of %d chunks copied raw", spec.alias, raw, -(-n // rows))
                 if written != n:
                     raise StoreError(
                         f"layer {spec.alias!r}: blocks hold {written} rows but {n} were "

@@ -1,34 +1,39 @@
-"""Committed row blocks: one small ``.npz`` file per block, written atomically.
+"""Committed row blocks: one small HDF5 file per block, written atomically.
 
 A block file holds what :meth:`StoreWriter.commit_block` received for rows
 ``[b * block_rows, min((b + 1) * block_rows, N))``::
 
-    fingerprint     0-d str    writer fingerprint (config + ids + geometry)
-    block           0-d int64  block index
+    attrs: fingerprint (str, writer fingerprint: config + ids + geometry), block (int64)
     kept_rows       (M,) int64 absolute row indices that were extracted, ascending
     error_rows      (E,) int64 absolute row indices that were skipped, ascending
     error_reasons   (E,) str   why each skipped row was skipped
-    feature__<i>    (M, D_i)   features of layer number ``i``, in the store dtype
+    features/<i>    (M, D_i)   features of layer number ``i``, in the store dtype, chunked
+                               and filtered like the final store (:mod:`featcache.store.layout`)
+
+The features are compressed here, once, where the block is committed (on a
+dask worker too); the assembly copies every aligned chunk's stored bytes into
+the final file (:mod:`featcache.store.assemble`).
 
 Files are written to a temporary name in the same directory, flushed, fsynced
 and renamed with :func:`os.replace`, so a process killed at any moment leaves
 either a complete block file or none (plus a temporary file that the next
-writer removes). Nothing is pickled: all arrays are numeric or fixed-width
-unicode and are loaded with ``allow_pickle=False``.
+writer removes). Nothing is pickled.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
+import h5py
 import numpy as np
 
 from .errors import StoreError
+from .layout import block_chunk_rows, feature_dataset_options
+from .schema import HDF5_LIBVER
 from .validate import check_block_inputs
 
 __all__ = [
@@ -36,6 +41,7 @@ __all__ = [
     "block_name",
     "feature_key",
     "fsync_dir",
+    "iter_block_features",
     "parse_block_name",
     "read_block",
     "read_block_header",
@@ -45,15 +51,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Marker in the names of temporary block files (``block-000003.npz.tmp-1234``).
+#: Marker in the names of temporary block files (``block-000003.h5.tmp-1234``).
 TMP_MARK = ".tmp-"
 
 _PREFIX = "block-"
-_SUFFIX = ".npz"
+_SUFFIX = ".h5"
+_STR = h5py.string_dtype("utf-8")
+_HEADER = ("fingerprint", "block")
 
 
 def block_name(block: int) -> str:
-    """File name of block ``block``, e.g. ``block-000003.npz``."""
+    """File name of block ``block``, e.g. ``block-000003.h5``."""
     return f"{_PREFIX}{block:06d}{_SUFFIX}"
 
 
@@ -66,8 +74,8 @@ def parse_block_name(name: str) -> int | None:
 
 
 def feature_key(index: int) -> str:
-    """Array name of the ``index``-th layer's features inside a block file."""
-    return f"feature__{index}"
+    """Dataset name of the ``index``-th layer's features inside a block file."""
+    return f"features/{index}"
 
 
 def fsync_dir(path: Path) -> None:
@@ -79,24 +87,40 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_block(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+def write_block(path: Path, arrays: Mapping[str, np.ndarray], *, block_rows: int,
+                compression: str | None) -> None:
     """Write one block file atomically.
 
     Parameters
     ----------
     path : Path
-        Final file name, e.g. ``out.h5.parts/<sha16>/block-000003.npz``.
+        Final file name, e.g. ``out.h5.parts/<sha16>/block-000003.h5``.
     arrays : mapping of str to ndarray
-        The block's arrays (see the module docstring); no object arrays.
+        ``fingerprint`` (0-d str), ``block`` (0-d int), ``kept_rows``, ``error_rows``,
+        ``error_reasons`` and ``features/<i>`` (see the module docstring); no object arrays.
+    block_rows : int
+        The writer's block size (sets the feature chunk shape, as in the final store).
+    compression : {"gzip", "lzf", None}
+        The store's filter.
     """
     for key, value in arrays.items():
         if value.dtype.hasobject:
             raise TypeError(f"block array {key!r} has dtype object; only plain dtypes are stored")
     tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
+        with h5py.File(tmp, "w", libver=HDF5_LIBVER) as handle:
+            handle.attrs["fingerprint"] = str(arrays["fingerprint"][()])
+            handle.attrs["block"] = np.int64(arrays["block"])
+            handle.create_dataset("kept_rows", data=np.asarray(arrays["kept_rows"], dtype=np.int64))
+            handle.create_dataset("error_rows", data=np.asarray(arrays["error_rows"], dtype=np.int64))
+            handle.create_dataset("error_reasons", data=np.asarray(arrays["error_reasons"]).astype(object),
+                                  dtype=_STR)
+            for key in sorted(k for k in arrays if k.startswith("features/")):
+                value = arrays[key]
+                chunk = block_chunk_rows(value.shape[1], value.dtype.itemsize, block_rows)
+                handle.create_dataset(key, data=value, chunks=(chunk, value.shape[1]),
+                                      maxshape=(None, value.shape[1]), **feature_dataset_options(compression))
+        with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -120,11 +144,11 @@ def read_block_header(path: Path) -> tuple[str, int, int] | None:
         read as a block file (it is then treated as not committed).
     """
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            fingerprint = str(npz["fingerprint"][()])
-            block = int(npz["block"][()])
-            n_rows = int(npz["kept_rows"].shape[0] + npz["error_rows"].shape[0])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        with h5py.File(path, "r") as handle:
+            fingerprint = str(handle.attrs["fingerprint"])
+            block = int(handle.attrs["block"])
+            n_rows = int(handle["kept_rows"].shape[0] + handle["error_rows"].shape[0])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.warning("unreadable block file %s (%s); it will be extracted again", path, exc)
         return None
     return fingerprint, block, n_rows
@@ -138,14 +162,25 @@ def read_block(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     path : Path
         A committed block file.
     keys : tuple of str
-        Array names to load, e.g. ``("kept_rows", "feature__0")``.
+        Dataset names to load, e.g. ``("kept_rows", feature_key(0))``.
 
     Returns
     -------
     dict of str to ndarray
+        ``error_reasons`` as a str array.
     """
-    with np.load(path, allow_pickle=False) as npz:
-        return {key: npz[key] for key in keys}
+    with h5py.File(path, "r") as handle:
+        return {key: handle[key].asstr()[()] if key == "error_reasons" else handle[key][()] for key in keys}
+
+
+def iter_block_features(paths: Sequence[Path], index: int) -> Iterator[h5py.Dataset]:
+    """The ``index``-th layer's feature dataset of each block file, in order (each file open while in use).
+
+    The assembly reads rows from them, or copies their stored chunks raw.
+    """
+    for path in paths:
+        with h5py.File(path, "r") as handle:
+            yield handle[feature_key(index)]
 
 
 @dataclass(frozen=True)
@@ -174,6 +209,8 @@ class BlockCommitter:
         Row ids.
     dtype : str
         Storage dtype of the features.
+    compression : {"gzip", "lzf", None}
+        The store's filter (block files compress their features like the store).
     """
 
     parts_dir: Path
@@ -183,6 +220,7 @@ class BlockCommitter:
     layers: tuple[Any, ...]
     ids: tuple[str, ...]
     dtype: str
+    compression: str | None = "gzip"
     _row_of: dict[str, int] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -243,7 +281,7 @@ class BlockCommitter:
         for i, arr in enumerate(feats):
             arrays[feature_key(i)] = arr
         path = self.block_path(block)
-        write_block(path, arrays)
+        write_block(path, arrays, block_rows=self.block_rows, compression=self.compression)
         logger.debug("committed block %d: %d kept, %d skipped", block, kept.size, err_rows.size)
         return path
 

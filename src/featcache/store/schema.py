@@ -39,6 +39,7 @@ __all__ = [
     "BACKENDS",
     "AUTOCASTS",
     "DECODE_PATHS",
+    "PRECISIONS",
     "RESIZE_MODES",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "COMPRESSIONS",
@@ -80,6 +81,10 @@ AUTOCASTS: tuple[str, ...] = ("auto", "none", "bf16", "fp16")
 
 #: Where images are decoded: PIL in worker processes (``cpu``), or batched on the runner's device (``gpu``).
 DECODE_PATHS: tuple[str, ...] = ("cpu", "gpu")
+
+#: ``extract.precision``: the weights and activations of the forward. ``int8`` runs a graph quantized with
+#: onnxruntime, calibrated on the train split and checked against float32 (``featcache.extract.onnx.quantize``).
+PRECISIONS: tuple[str, ...] = ("float32", "int8")
 
 #: ``extract.resize_mode``: ``crop`` resizes the shorter side then center-crops; ``squash`` resizes to the square.
 RESIZE_MODES: tuple[str, ...] = ("crop", "squash")

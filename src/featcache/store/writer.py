@@ -13,7 +13,7 @@ Usage::
 Files beside ``out`` while a writer runs:
 
 * ``out.lock`` - exclusive ``flock`` with the holder's pid (removed on close);
-* ``out.parts/<config_sha256[:16]>/block-NNNNNN.npz`` - committed blocks
+* ``out.parts/<config_sha256[:16]>/block-NNNNNN.h5`` - committed blocks
   (see :mod:`featcache.store.blocks`); removed by :meth:`StoreWriter.finalize`;
 * ``out.partial`` - the HDF5 file being assembled, renamed onto ``out``.
 """
@@ -144,6 +144,7 @@ class StoreWriter(Closing):
         self._committer = _blocks.BlockCommitter(
             parts_dir=self.parts_dir.absolute(), fingerprint=self.fingerprint, n_rows=self.n_rows,
             block_rows=self.block_rows, layers=self.layers, ids=tuple(self.ids), dtype=self.dtype.name,
+            compression=compression,
         )
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -308,8 +309,15 @@ class StoreWriter(Closing):
         return errors
 
     # ------------------------------------------------------------------ final
-    def finalize(self) -> Path:
+    def finalize(self, *, raw_chunks: bool = True) -> Path:
         """Assemble the final HDF5 file from all blocks and rename it into place.
+
+        Parameters
+        ----------
+        raw_chunks : bool
+            Copy each block chunk that is a whole chunk of the store as its
+            stored (compressed) bytes (default); False compresses every chunk
+            again (the same bytes, slower: see :mod:`featcache.store.assemble`).
 
         Returns
         -------
@@ -342,9 +350,7 @@ class StoreWriter(Closing):
         kept_idx = np.flatnonzero(kept_mask)
 
         def sources(i: int):
-            key = _blocks.feature_key(i)
-            for bp in block_paths:
-                yield _blocks.read_block(bp, (key,))[key]
+            return _blocks.iter_block_features(block_paths, i)
 
         root = dict(self.attrs)
         root.update(
@@ -369,6 +375,7 @@ class StoreWriter(Closing):
                 block_rows=self.block_rows,
                 compression=self.compression,
                 root_attrs=root,
+                raw_chunks=raw_chunks,
             )
             os.replace(self.partial_path, self.path)
         except BaseException as exc:

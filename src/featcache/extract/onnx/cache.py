@@ -43,7 +43,7 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import featcache
 from featcache.extract.onnx.format import DEFAULT_OPSET, EXPORT_CODE_VERSION, resolve_exporter
@@ -57,8 +57,8 @@ if TYPE_CHECKING:
 
     from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 
-__all__ = ["CACHE_ENV", "cache_key", "cached_export", "default_cache_dir", "entry_path", "lookup",
-           "resolve_cache_dir", "source_key", "state_sha256"]
+__all__ = ["CACHE_ENV", "cache_key", "cached_build", "cached_export", "default_cache_dir", "entry_path", "lookup",
+           "read_sidecar", "resolve_cache_dir", "source_key", "state_sha256"]
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +224,61 @@ def lookup(cache_dir: str | os.PathLike[str], key: dict[str, Any]) -> tuple[Path
     return path, sha
 
 
+def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The sidecar record of a cache entry: ``sha256``, ``key`` and whatever its builder added."""
+    path = Path(path)
+    return json.loads(path.with_name(path.name + ".json").read_text(encoding="utf-8"))
+
+
+def cached_build(cache_dir: str | os.PathLike[str], key: dict[str, Any],
+                 build: Callable[[Path], dict[str, Any] | None]) -> tuple[Path, str]:
+    """Reuse the verified entry of ``key`` in ``cache_dir``, else build and publish it.
+
+    Parameters
+    ----------
+    cache_dir : path-like
+        The cache folder (created if missing).
+    key : dict
+        The entry's key (with a ``backbone`` field, which starts the file name).
+    build : callable
+        ``build(path)`` writes the ``.onnx`` file at ``path`` and returns
+        extra JSON-serialisable fields for the sidecar (or None); called under
+        the entry's lock, only on a miss.
+
+    Returns
+    -------
+    path : Path
+        The cached ``.onnx`` file (read it, do not modify it).
+    sha256 : str
+        Its sha256 (hex), verified against the sidecar.
+    """
+    path = entry_path(cache_dir, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = path.with_name(path.name + ".json")
+    if (hit := lookup(cache_dir, key)) is not None:
+        return hit
+    with _entry_lock(path):
+        sha, problem = _inspect(path)
+        if sha is not None:  # another process published it meanwhile
+            return path, sha
+        if problem:
+            logger.warning("ONNX cache entry %s %s; rebuilding it.", path, problem)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            extra = build(partial) or {}
+            sha = file_sha256(partial)
+            partial_sidecar = partial.with_name(partial.name + ".json")
+            record = {**extra, "sha256": sha, "key": key}
+            partial_sidecar.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            os.replace(partial, path)  # the sidecar last: a lock-free reader sees both or a mismatch (then waits)
+            os.replace(partial_sidecar, sidecar)
+        finally:
+            partial.unlink(missing_ok=True)
+            partial.with_name(partial.name + ".json").unlink(missing_ok=True)
+    logger.info("ONNX cache entry published: %s", path)
+    return path, sha
+
+
 def cached_export(extractor: TorchFeatureExtractor, cache_dir: str | os.PathLike[str],
                   opset: int = DEFAULT_OPSET, input_size: int | None = None, *,
                   exporter: str = "auto", key: dict[str, Any] | None = None) -> tuple[Path, str]:
@@ -251,28 +306,8 @@ def cached_export(extractor: TorchFeatureExtractor, cache_dir: str | os.PathLike
     from featcache.extract.onnx.export import export_onnx
 
     key = cache_key(extractor, opset, input_size, exporter) if key is None else key
-    path = entry_path(cache_dir, key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sidecar = path.with_name(path.name + ".json")
-    if (hit := lookup(cache_dir, key)) is not None:
-        return hit
-    with _entry_lock(path):
-        sha, problem = _inspect(path)
-        if sha is not None:  # another process published it meanwhile
-            return path, sha
-        if problem:
-            logger.warning("ONNX cache entry %s %s; rebuilding it.", path, problem)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            export_onnx(extractor, partial, opset=opset, input_size=input_size, exporter=exporter)
-            sha = file_sha256(partial)
-            partial_sidecar = partial.with_name(partial.name + ".json")
-            partial_sidecar.write_text(json.dumps({"sha256": sha, "key": key}, indent=1, sort_keys=True) + "\n",
-                                       encoding="utf-8")
-            os.replace(partial, path)  # the sidecar last: a lock-free reader sees both or a mismatch (then waits)
-            os.replace(partial_sidecar, sidecar)
-        finally:
-            partial.unlink(missing_ok=True)
-            partial.with_name(partial.name + ".json").unlink(missing_ok=True)
-    logger.info("ONNX export cached: %s", path)
-    return path, sha
+
+    def build(partial: Path) -> None:
+        export_onnx(extractor, partial, opset=opset, input_size=input_size, exporter=exporter)
+
+    return cached_build(cache_dir, key, build)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from featcache.errors import UserError
 
-__all__ = ["LayerParity", "ParityError", "format_parity", "parity_check"]
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["LayerParity", "ParityError", "compare_layers", "format_parity", "parity_check"]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,32 @@ def _compare(layer: str, reference: np.ndarray, other: np.ndarray) -> tuple[Laye
     cosines = np.where(both_zero, 1.0, dots / np.where(both_zero, 1.0, norms))
     cosine = float(cosines.min()) if len(cosines) else 1.0
     return LayerParity(layer, max_abs, max_abs / (scale + 1e-12), cosine), scale
+
+
+def compare_layers(reference: Mapping[str, Any], candidate: Mapping[str, Any]) -> list[LayerParity]:
+    """Parity numbers of every layer of two runners' outputs on the same batch.
+
+    Parameters
+    ----------
+    reference, candidate : mapping of str to array
+        ``{layer: (B, D) array}`` of the reference (a) and the candidate (b), same layers in the same order.
+
+    Raises
+    ------
+    ParityError
+        When the layer names or a layer's shapes differ.
+    """
+    if list(reference) != list(candidate):
+        raise ParityError(f"Layer names differ: reference {list(reference)}, candidate {list(candidate)}. Hint: "
+                          "compare runners with the same layers in the same order.")
+    results = []
+    for layer in reference:
+        a, b = np.asarray(reference[layer]), np.asarray(candidate[layer])
+        if a.shape != b.shape:
+            raise ParityError(f"Layer {layer!r}: reference shape {a.shape} != candidate shape {b.shape}. Hint: "
+                              "same pooling and input size on both sides?")
+        results.append(_compare(layer, a, b)[0])
+    return results
 
 
 def parity_check(torch_runner: Any, onnx_runner: Any, batch: torch.Tensor, atol: float = 1e-4, rtol: float = 1e-3,

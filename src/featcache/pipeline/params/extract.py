@@ -19,16 +19,22 @@ from featcache.store.schema import (
     DEFAULT_MAX_IMAGE_PIXELS,
     FEATURE_DTYPES,
     POOLINGS,
+    PRECISIONS,
     RESIZE_MODES,
 )
 from featcache.util.compute import DEVICES
 
-__all__ = ["BackboneParams", "ExtractParams", "SPEED_ONLY", "default_backbones", "extraction_config", "stored_choices"]
+__all__ = ["BackboneParams", "ExtractParams", "INT8_KNOBS", "SPEED_ONLY", "default_backbones", "extraction_config",
+           "stored_choices"]
 
 #: ``extract`` settings that change how fast features are made, never their values: left out of the
 #: config a store records (and of its hash), so changing them resumes or reuses a store.
 SPEED_ONLY = ("batch_size", "num_workers", "block_rows", "device", "malloc_tuning", "scheduler", "n_workers",
               "max_bad_fraction", "onnx_cache")
+
+
+#: The knobs of ``precision: int8``; they enter a store's config only for int8 stores.
+INT8_KNOBS = ("precision", "int8_calibration", "int8_holdout", "int8_min_cosine")
 
 
 class ExtractParams(Strict):
@@ -48,6 +54,15 @@ class ExtractParams(Strict):
     #: Where JPEGs are decoded: ``auto`` = batched on the GPU when torch runs on CUDA, else PIL in
     #: the workers (``cpu``); ``gpu`` forces the device path (on a CPU device too). Stored resolved.
     decode: Literal["auto", "cpu", "gpu"] = "auto"
+    #: float32, or int8: a graph quantized by onnxruntime on the CPU, calibrated on train rows and
+    #: checked against float32 on held-out rows (``int8_min_cosine``); see README "int8 on the CPU".
+    precision: Literal[PRECISIONS] = "float32"  # type: ignore[valid-type]
+    #: int8: train rows that calibrate the activation ranges (a deterministic sample).
+    int8_calibration: int = Field(256, ge=1, le=100_000)
+    #: int8: held-out rows (val, else train rows outside the calibration sample) of the parity gate.
+    int8_holdout: int = Field(256, ge=1, le=100_000)
+    #: int8: lowest per-image cosine of int8 vs float32 features on the held-out rows, per layer.
+    int8_min_cosine: float = Field(0.99, gt=0, le=1)
     on_error: Literal["skip", "fail"] = "skip"
     block_rows: int = Field(512, ge=1)
     malloc_tuning: bool = True
@@ -80,7 +95,7 @@ class ExtractParams(Strict):
     def plan_settings(self) -> dict[str, Any]:
         """The keyword arguments of ``featcache.extract.plan.plan_extraction`` that these settings give."""
         return {"device": self.device, "backend": self.backend, "autocast": self.autocast, "decode": self.decode,
-                "num_workers": self.num_workers, "scheduler": self.scheduler}
+                "num_workers": self.num_workers, "scheduler": self.scheduler, "precision": self.precision}
 
 
 class BackboneParams(Strict):
@@ -123,6 +138,9 @@ def extraction_config(params: Any, backbone: str) -> dict[str, Any]:
     # extracted before they existed stay valid.
     if knobs.get("max_image_pixels") == DEFAULT_MAX_IMAGE_PIXELS:
         knobs.pop("max_image_pixels")
+    if knobs["precision"] == "float32":  # the int8 knobs change nothing then
+        for key in INT8_KNOBS:
+            knobs.pop(key)
     data_part: dict[str, Any] = {"name": data.name, "task": data.task}
     if data.classes is not None:
         data_part["classes"] = list(data.classes)  # the label order
@@ -151,6 +169,8 @@ def stored_choices(extract: ExtractParams, stored: Mapping[str, Any]) -> dict[st
     # onnxruntime runs the float32 graph whatever autocast asks for (the plan records "none" there).
     autocast = stored.get("autocast") if extract.autocast == "auto" or backend == "onnx" else extract.autocast
     choices: dict[str, Any] = {"backend": backend, "autocast": autocast}
+    if "torch_threads" in stored:  # torch on the CPU: the thread count the store was made with (any is valid)
+        choices["torch_threads"] = stored["torch_threads"]
     if stored.get("decode") == "gpu":  # features of either decode path are valid for the same params
         choices["decode"] = "gpu"
     return choices

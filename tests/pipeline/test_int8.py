@@ -1,0 +1,132 @@
+"""``extract.precision: int8`` through the extract stage: calibrated, gated, cached, recorded, never mixed."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+import featcache.extract.onnx.quantize as quantize
+from featcache.errors import ExtractionError
+from featcache.extract.onnx.runner import OnnxFeatureRunner
+from featcache.pipeline.config import load_params
+from featcache.pipeline.extract import extract
+from featcache.pipeline.params.base import ConfigError
+from featcache.pipeline.prepare import prepare
+from featcache.store.reader import FeatureStore
+
+INT8 = {"backend": "onnx", "precision": "int8", "int8_calibration": 16, "int8_holdout": 8}
+
+
+def _params(tmp, params_factory, data, **extract_knobs):
+    raw = params_factory(str(data))
+    raw["extract"].update(onnx_cache=str(tmp / "cache"), **extract_knobs)
+    path = tmp / f"params-{len(list(tmp.glob('params-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return load_params(path)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, folder_factory, params_factory):
+    """A tiny image folder, its manifest and an int8 store of it (the first, calibrating run)."""
+    tmp = tmp_path_factory.mktemp("int8")
+    data = folder_factory(tmp / "images", per_class=12)
+    params = _params(tmp, params_factory, data, **INT8)
+    manifest = prepare(params, tmp / "prepared")
+    out = tmp / "int8.h5"
+    extract(params, "efficientnet_lite0", tmp / "prepared" / "manifest.csv", out, progress=False)
+    return {"tmp": tmp, "data": data, "params": params, "manifest": manifest, "out": out}
+
+
+def test_int8_store_records_precision_calibration_and_parity(workspace, params_factory):
+    with h5py.File(workspace["out"], "r") as f:
+        attrs = dict(f.attrs)
+        config = json.loads(f.attrs["config"])
+    assert attrs["precision"] == "int8" and attrs["backend"] == "onnx"
+    assert config["extract"]["precision"] == "int8" and config["extract"]["int8_calibration"] == 16
+    assert attrs["int8_calibration_rows"] == 16 and attrs["int8_holdout_split"] == "val"
+    parity = json.loads(attrs["int8_parity"])
+    assert set(parity) == {"pool", "block6"} and min(parity.values()) >= 0.99
+    assert attrs["onnx_sha256"] != attrs["float_onnx_sha256"]
+    assert json.loads(attrs["int8_method"])["per_channel"] is True
+    # The stored int8 features are close to float32 ones of the same images (the gate's promise).
+    tmp = workspace["tmp"]
+    params = _params(tmp, params_factory, workspace["data"], backend="onnx")
+    out = tmp / "float32.h5"
+    extract(params, "efficientnet_lite0", tmp / "prepared" / "manifest.csv", out, progress=False)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["precision"] == "float32" and "precision" not in json.loads(f.attrs["config"])["extract"]
+    for layer in ("pool", "block6"):
+        a = FeatureStore(workspace["out"]).read(layer, dtype=np.float64)
+        b = FeatureStore(out).read(layer, dtype=np.float64)
+        cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cosine.mean() > 0.99 and not np.array_equal(a, b)
+
+
+def test_warm_int8_run_does_not_recalibrate(workspace, monkeypatch):
+    def no_quantizing(*args, **kwargs):
+        raise AssertionError("a warm int8 run quantized again")
+
+    monkeypatch.setattr(quantize, "quantize_graph", no_quantizing)
+    out = workspace["tmp"] / "warm.h5"
+    extract(workspace["params"], "efficientnet_lite0", workspace["tmp"] / "prepared" / "manifest.csv", out,
+            progress=False)
+    with h5py.File(out, "r") as warm, h5py.File(workspace["out"], "r") as cold:
+        assert warm.attrs["onnx_sha256"] == cold.attrs["onnx_sha256"]
+        np.testing.assert_array_equal(warm["features/pool"][()], cold["features/pool"][()])
+
+
+def test_int8_blocks_are_not_resumed_by_a_float32_run(workspace, params_factory, monkeypatch):
+    tmp = workspace["tmp"]
+    out = tmp / "resume.h5"
+    original = OnnxFeatureRunner.__call__
+    calls = {"n": 0}
+
+    def crashing(self, batch):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("killed")
+        return original(self, batch)
+
+    monkeypatch.setattr(OnnxFeatureRunner, "__call__", crashing)
+    with pytest.raises(RuntimeError, match="killed"):
+        extract(workspace["params"], "efficientnet_lite0", tmp / "prepared" / "manifest.csv", out, progress=False)
+    assert list(out.with_name(out.name + ".parts").rglob("block-*"))  # int8 blocks were committed
+    monkeypatch.setattr(OnnxFeatureRunner, "__call__", original)
+    params = _params(tmp, params_factory, workspace["data"], backend="onnx")
+    report = extract(params, "efficientnet_lite0", tmp / "prepared" / "manifest.csv", out, progress=False)
+    assert report.n_resumed_blocks == 0
+    with h5py.File(out, "r") as f:
+        assert f.attrs["precision"] == "float32"
+
+
+def test_int8_with_the_torch_backend_is_a_clear_error(workspace, params_factory):
+    params = _params(workspace["tmp"], params_factory, workspace["data"], precision="int8")  # backend: torch
+    with pytest.raises(ExtractionError, match=r"int8 needs extract.backend onnx \(or auto\), got 'torch'"):
+        extract(params, "efficientnet_lite0", workspace["tmp"] / "prepared" / "manifest.csv",
+                workspace["tmp"] / "never.h5", progress=False)
+    assert not (workspace["tmp"] / "never.h5").exists()
+
+
+def test_precision_values_are_checked(workspace, params_factory):
+    with pytest.raises(ConfigError, match="precision"):
+        _params(workspace["tmp"], params_factory, workspace["data"], precision="int4")
+
+
+def test_the_gate_stops_a_graph_forced_to_quantize_everything(workspace, monkeypatch):
+    monkeypatch.setattr(quantize, "FLOAT_PREFIX_STEPS", (0,))  # no float32 fallback: every node quantized
+    tmp = workspace["tmp"]
+    cache = tmp / "cache-forced"
+    params = workspace["params"].model_copy(deep=True)
+    params.extract.onnx_cache = str(cache)
+    params.extract.int8_min_cosine = 0.999
+    with pytest.raises(quantize.Int8GateError) as caught:
+        extract(params, "efficientnet_lite0", tmp / "prepared" / "manifest.csv", tmp / "forced.h5", progress=False)
+    message = str(caught.value)
+    assert "int8_min_cosine=0.999" in message and "attempt 1: 0 leading node(s) in float32" in message
+    assert "Hint:" in message and caught.value.failed
+    assert not (tmp / "forced.h5").exists()
+    assert not list(cache.glob("*-int8-*.onnx"))  # nothing that failed the gate is cached
