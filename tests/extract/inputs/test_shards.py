@@ -141,6 +141,7 @@ def test_a_corrupt_member_is_a_bad_row_and_the_rest_of_the_shard_is_read(tmp_pat
     _, pixels, reasons = ImageReader(manifest, PRE).read_batch(range(3))
     assert reasons[0] == "" and reasons[2] == ""
     assert reasons[1].startswith(("not an image", "truncated or corrupt"))
+    assert "s1.png" in reasons[1] and " at 0x" not in reasons[1]  # stored: no memory address in it
     assert pixels[2].mean() == pytest.approx(100, abs=1)
 
 
