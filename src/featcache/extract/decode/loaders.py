@@ -38,6 +38,8 @@ import collections
 import itertools
 import multiprocessing
 import os
+import posixpath
+import re
 import struct
 import zlib
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
@@ -73,6 +75,9 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+_BYTES_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
 def describe_error(path: str, error: BaseException, on_disk: bool = True) -> str:
     """One-line reason why ``path`` could not be decoded (stored in ``/errors``).
 
@@ -83,11 +88,15 @@ def describe_error(path: str, error: BaseException, on_disk: bool = True) -> str
     error : BaseException
         What decoding raised.
     on_disk : bool
-        False when the bytes came from a shard member or a URL: the file system is not looked at.
+        False when the bytes came from a shard member or a URL (``path`` names them): the file system is
+        not looked at, and Pillow's ``<_io.BytesIO object at 0x...>`` becomes ``path``'s name (a memory
+        address in a stored reason would change the store's bytes from run to run).
     """
     from PIL import Image
 
     detail = f"{type(error).__name__}: {error}".replace("\n", " ")
+    if not on_disk:
+        detail = _BYTES_REPR.sub(lambda _: posixpath.basename(path.split("?", 1)[0]), detail)
     folder = os.path.dirname(path)
     detail = detail.replace(path, os.path.basename(path))
     if folder and folder != os.sep:
@@ -217,7 +226,8 @@ class ImageReader:
                              draft_size=self.preprocess.resize_size)
         except DECODE_ERRORS as error:
             # The reason is stored in the feature file: no machine-specific absolute path in it.
-            return row, np.zeros((3, size, size), dtype=np.uint8), describe_error(path, error,
+            where = path if source is path or self.members is None else self.members.names[row]
+            return row, np.zeros((3, size, size), dtype=np.uint8), describe_error(where, error,
                                                                                    on_disk=source is path)
         except BaseException as error:
             _note(error, f"while decoding image {path} (row {row}); this is not a bad-image error")
