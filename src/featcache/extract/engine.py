@@ -48,7 +48,7 @@ from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.plan import LOADERS, ExtractionPlan
 from featcache.store.reader import FeatureStore
-from featcache.store.schema import LayerSpec, canonical_json, sha256_text
+from featcache.store.schema import SHARDS_ATTR, LayerSpec, canonical_json, sha256_text
 from featcache.store.writer import StoreWriter
 
 __all__ = ["BlockSink", "DEFAULT_MAX_BAD_FRACTION", "ExtractionReport",
@@ -235,13 +235,17 @@ def build_root_attrs(manifest: Manifest, config: Mapping[str, Any],
     -------
     dict
         ``config``, ``config_sha256``, ``manifest_sha256``, ``featcache_version``,
-        ``torch_version``, ``python_version`` and ``attrs``.
+        ``torch_version``, ``python_version`` and ``attrs``; for a manifest of
+        WebDataset shards also ``shards`` (JSON: each shard's path, sha256, size, samples).
     """
     config_json = canonical_json(config)
+    shards = {} if manifest.shards is None else {SHARDS_ATTR: canonical_json({"shards": [
+        {key: shard[key] for key in ("path", "sha256", "size", "n_samples")} for shard in manifest.shards]})}
     return {
         "config": config_json,
         "config_sha256": sha256_text(config_json),
         "manifest_sha256": manifest.sha256(),
+        **shards,
         "featcache_version": featcache.__version__,
         "torch_version": _torch_version(),
         "python_version": platform.python_version(),
@@ -469,10 +473,11 @@ def _report_bad(manifest: Manifest, rows: np.ndarray, good: np.ndarray, reasons:
     """Log the bad rows of a batch, add them to ``errors``; raise at the first one with ``fail``."""
     for index in np.flatnonzero(~good).tolist():
         row = int(rows[index])
-        logger.warning("Bad image %s (%s): %s", manifest.ids[row], manifest.paths[row], reasons[index])
+        logger.warning("Bad image %s (%s): %s", manifest.ids[row], manifest.describe(row), reasons[index])
         if on_error == "fail":
+            where = manifest.describe(row) if manifest.members is not None else manifest.location(row)
             raise ExtractionError(
-                f"Bad image {manifest.ids[row]!r} ({manifest.absolute_path(row)}): {reasons[index]}. "
+                f"Bad image {manifest.ids[row]!r} ({where}): {reasons[index]}. "
                 "Nothing was written to the final file. Hint: fix or remove it, or set "
                 "extract.on_error: skip to skip and report bad images."
             )

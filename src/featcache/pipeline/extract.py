@@ -56,6 +56,7 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
     from featcache.extract.decode.preprocess import Preprocessor
     from featcache.extract.engine import extract_to_store
     from featcache.extract.inputs.manifest import Manifest
+    from featcache.extract.inputs.storage import StorageOptions
     from featcache.extract.malloc import tune_malloc
     from featcache.extract.plan import build_runner
     from featcache.extract.runners.memory import check_batch_memory
@@ -65,7 +66,7 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
     knobs, chosen = params.extract, params.backbones[backbone]
     plan = plan_extraction(**knobs.plan_settings())
     tune_malloc(knobs.malloc_tuning)
-    manifest = Manifest.read(manifest_path)
+    manifest = Manifest.read(manifest_path, storage=StorageOptions(**params.data.io.model_dump()))
     source = resolve_weights(backbone, chosen.weights, model=chosen.model)  # the model is built only if needed
     pooling = chosen.pooling or knobs.pooling
     preprocess = Preprocessor.from_spec(source.spec, knobs.resize_mode, max_image_pixels=knobs.max_image_pixels)

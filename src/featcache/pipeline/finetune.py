@@ -118,6 +118,7 @@ def write_cams(result: FinetuneResult, manifest: Any, out_dir: str | Path, n_ima
     """CAM overlays of a few test images (none, with a log line, where CAM does not apply)."""
     import torch
 
+    from featcache.extract.decode.loaders import ImageReader
     from featcache.extract.decode.preprocess import load_rgb
     from featcache.finetune.cam import class_activation_maps, save_cam_overlays, tensor_to_pil
     from featcache.finetune.run import preprocessor
@@ -128,7 +129,8 @@ def write_cams(result: FinetuneResult, manifest: Any, out_dir: str | Path, n_ima
     pre = preprocessor(spec, result.config)
     rows = _cam_rows(result, n_images)
     try:
-        images = torch.stack([pre(load_rgb(manifest.absolute_path(row), pre.background)) for row in rows])
+        reader = ImageReader(manifest, pre)  # a file, a shard member or a URL
+        images = torch.stack([pre(load_rgb(reader.source(row), pre.background)) for row in rows])
         cams = class_activation_maps(result.model, spec, images)
     except (ValueError, OSError) as error:
         logger.warning("No CAM overlays: %s", error)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from featcache.extract.decode.loaders import ImageReader
 from featcache.extract.decode.preprocess import Preprocessor, load_rgb
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.onnx.export import export_onnx
@@ -71,5 +72,6 @@ def _batch(extractor: TorchFeatureExtractor, params: ExtractSections, manifest_p
         manifest = Manifest.read(manifest_path)
         preprocess = Preprocessor.from_spec(extractor.spec, params.extract.resize_mode)
         rows = range(min(batch_size, len(manifest)))
-        return torch.stack([preprocess(load_rgb(manifest.absolute_path(row))) for row in rows])
+        reader = ImageReader(manifest, preprocess)  # a file, a shard member or a URL
+        return torch.stack([preprocess(load_rgb(reader.source(row))) for row in rows])
     return torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.inputs.sharded import ShardedManifest, from_shards
 from featcache.extract.inputs.sources import from_csv, from_folder, write_digits
+from featcache.extract.inputs.storage import StorageOptions
 from featcache.pipeline.params.base import StageParams, load_sections
 from featcache.pipeline.params.data import DataParams
 from featcache.store.schema import SPLIT_CODES
@@ -34,7 +36,7 @@ def make_digits(out_dir: str | Path) -> Path:
     return write_digits(out_dir)
 
 
-def prepare(params: Any, out_dir: str | Path) -> Manifest:
+def prepare(params: Any, out_dir: str | Path) -> Manifest | ShardedManifest:
     """Build the manifest from ``params.data`` (:class:`PrepareSections` or the whole params) and write
     ``out_dir/manifest.csv``.
 
@@ -43,6 +45,11 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest:
     and per class). Every check (paths, duplicates, labels, classes, a class
     without training examples) runs before anything is written.
 
+    For ``data.source: webdataset`` the manifest is written as the shards are
+    read, in bounded memory, and a :class:`ShardedManifest` (counts, no rows)
+    is returned; the shard list with each shard's sha256 goes to
+    ``manifest.shards.json``.
+
     Raises
     ------
     ManifestError
@@ -50,11 +57,23 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest:
     """
     data = params.data
     ratios = data.split.model_dump()
+    out_dir = Path(out_dir)
+    if data.source == "webdataset":
+        sharded = from_shards(data.path, out_dir / "manifest.csv", ratios, data.seed, data.task, data.classes,
+                              data.image_keys, data.label_key, data.split_key, StorageOptions(**data.io.model_dump()))
+        summary = {"n_rows": sharded.n_rows, "task": sharded.task, "splits": sharded.split_counts,
+                   "classes": sharded.classes, "n_shards": len(sharded.shards),
+                   "n_without_image": sharded.n_without_image,
+                   "shards_ended_early": [s["path"] for s in sharded.shards if s["problem"]]}
+        if sharded.task == "classification":
+            summary["per_class"] = sharded.per_class
+        _write_summary(out_dir, summary)
+        logger.info("Prepared %d rows from %d shards: %s", sharded.n_rows, len(sharded.shards), sharded.split_counts)
+        return sharded
     if data.source == "folder":
         manifest = from_folder(data.path, ratios, data.seed, classes=data.classes)
     else:
         manifest = from_csv(Path(data.path) / data.csv, ratios, data.seed, data.task, classes=data.classes)
-    out_dir = Path(out_dir)
     manifest.write(out_dir / "manifest.csv")
     summary = {"n_rows": len(manifest), "task": manifest.task, "splits": manifest.split_counts(),
                "classes": manifest.classes}
@@ -63,6 +82,10 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest:
             name: {split: int(((manifest.labels == k) & (manifest.splits == code)).sum())
                    for split, code in SPLIT_CODES.items()}
             for k, name in enumerate(manifest.classes)}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _write_summary(out_dir, summary)
     logger.info("Prepared %d rows from %s %s: %s", len(manifest), data.source, data.path, summary["splits"])
     return manifest
+
+
+def _write_summary(out_dir: Path, summary: dict) -> None:
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")

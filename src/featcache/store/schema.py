@@ -5,6 +5,7 @@ A store is one HDF5 file per (dataset, backbone)::
     /                 attrs: format, backbone, weights_id, weights_sha256, backend,
                              config (canonical JSON), config_sha256, manifest_sha256,
                              featcache_version, torch_version, ... (from the caller),
+                             shards (JSON: the WebDataset shards read, with their sha256),
                              n_rows (kept), n_input, n_skipped, complete (set by the writer)
     /ids      (N,)    utf-8 str, sorted stable ids
     /label    (N,)    int64, class index (-1 if none)
@@ -32,6 +33,7 @@ __all__ = [
     "TASKS",
     "SPLITS",
     "SPLIT_CODES",
+    "SHARDS_ATTR",
     "FEATURE_DTYPES",
     "POOLINGS",
     "MAP_POOLINGS",
@@ -62,6 +64,10 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 #: Split name -> uint8 code stored in ``/split``.
 SPLIT_CODES: dict[str, int] = {name: code for code, name in enumerate(SPLITS)}
+
+#: Root attribute of a store made from WebDataset shards: canonical JSON ``{"shards": [{path, sha256, size,
+#: n_samples}, ...]}``, the shards read, in sample-id order.
+SHARDS_ATTR = "shards"
 
 # Extraction choices: the values that the root ``config`` (and ``backend``/``precision``/``decode``
 # attributes) record. The params schema validates against them and the extractor resolves them

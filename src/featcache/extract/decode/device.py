@@ -179,8 +179,7 @@ class DeviceDecodeDataset(ImageDataset):
 
     def __getitem__(self, row: int) -> _Item:  # type: ignore[override]
         try:
-            with open(self.paths[row], "rb") as handle:
-                data = handle.read()
+            data = self.read_bytes(row)  # a file, a shard member or a URL
         except OSError:
             return self.cpu_item(row)  # reports missing / unreadable files by the usual reason
         header = probe_header(data)

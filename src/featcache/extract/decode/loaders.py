@@ -14,6 +14,13 @@ large``, ``unreadable file``, ``cannot decode``) followed by the decoder's own
 message; it never contains the machine-specific folder of the image, because
 it is stored in the feature file.
 
+Rows that are not plain local files, the members of WebDataset shards and
+URLs (``https://``, ``s3://``, ...), are read as bytes first
+(:func:`~featcache.extract.inputs.storage.read_ranges`): a batch's reads are
+merged and in flight together, transient errors are retried, and a read
+that fails for good becomes the row's reason (``missing object (404 not
+found)``, ``timeout after 3 tries (30 s each)``, ``truncated member``).
+
 The decompression-bomb limit (``Preprocessor.max_image_pixels``, from
 ``extract.max_image_pixels``) is applied here, in the worker that decodes,
 from the image header, before any pixel is decoded.
@@ -31,6 +38,8 @@ import collections
 import itertools
 import multiprocessing
 import os
+import posixpath
+import re
 import struct
 import zlib
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
@@ -40,6 +49,7 @@ from PIL import Image
 
 from featcache.extract.decode.preprocess import ImageTooLargeError, Preprocessor, load_rgb
 from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.inputs.storage import ReadFailure, StorageOptions, is_url, read_ranges
 from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS
 from featcache.util.compute import default_num_workers
 
@@ -65,7 +75,10 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def describe_error(path: str, error: BaseException) -> str:
+_BYTES_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def describe_error(path: str, error: BaseException, on_disk: bool = True) -> str:
     """One-line reason why ``path`` could not be decoded (stored in ``/errors``).
 
     Parameters
@@ -74,18 +87,24 @@ def describe_error(path: str, error: BaseException) -> str:
         The image path as it was opened (replaced by its file name in the text).
     error : BaseException
         What decoding raised.
+    on_disk : bool
+        False when the bytes came from a shard member or a URL (``path`` names them): the file system is
+        not looked at, and Pillow's ``<_io.BytesIO object at 0x...>`` becomes ``path``'s name (a memory
+        address in a stored reason would change the store's bytes from run to run).
     """
     from PIL import Image
 
     detail = f"{type(error).__name__}: {error}".replace("\n", " ")
+    if not on_disk:
+        detail = _BYTES_REPR.sub(lambda _: posixpath.basename(path.split("?", 1)[0]), detail)
     folder = os.path.dirname(path)
     detail = detail.replace(path, os.path.basename(path))
     if folder and folder != os.sep:
         detail = detail.replace(folder + os.sep, "")
-    if not os.path.lexists(path) or (isinstance(error, FileNotFoundError) and not os.path.exists(path)):
+    if on_disk and (not os.path.lexists(path) or (isinstance(error, FileNotFoundError) and not os.path.exists(path))):
         return "missing file"
     try:
-        if os.path.isfile(path) and os.path.getsize(path) == 0:
+        if on_disk and os.path.isfile(path) and os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
     except OSError:
         pass
@@ -120,11 +139,65 @@ class ImageReader:
     """
 
     def __init__(self, source: Manifest | Sequence[str | os.PathLike], preprocess: Preprocessor) -> None:
+        self.members = None
+        self.storage = StorageOptions()
         if isinstance(source, Manifest):
-            self.paths = [str(source.absolute_path(row)) for row in range(len(source))]
+            located: dict[str, str] = {}  # the rows of one shard share its location (one string, one resolve)
+            self.paths = [located.get(path) or located.setdefault(path, source.location(row))
+                          for row, path in enumerate(source.paths)]
+            self.members, self.storage = source.members, source.storage
         else:
             self.paths = [str(path) for path in source]
         self.preprocess = preprocess
+        self.any_url = any(map(is_url, self.paths))
+
+    def by_bytes(self, row: int) -> bool:
+        """Whether ``row`` is read as bytes (a shard member or a URL), not opened as a local file."""
+        return self.members is not None or (self.any_url and is_url(self.paths[row]))
+
+    def fetch(self, rows: Sequence[int]) -> list[bytes | ReadFailure]:
+        """The bytes of ``rows`` (members or URLs), read together: merged, in flight at once, retried.
+
+        Returns
+        -------
+        list of bytes or ReadFailure
+            Per row, its image's bytes, or why they could not be read.
+        """
+        out: list[bytes | ReadFailure | None] = [None] * len(rows)
+        requests, where = [], []
+        for index, row in enumerate(rows):
+            if self.members is None:
+                requests.append((self.paths[row], 0, None))
+            elif not self.members.names[row]:
+                out[index] = ReadFailure("no image member (none of data.image_keys in the sample)")
+                continue
+            else:
+                start = int(self.members.offsets[row])
+                requests.append((self.paths[row], start, start + int(self.members.sizes[row])))
+            where.append(index)
+        for index, result in zip(where, read_ranges(requests, self.storage)):
+            if self.members is not None and isinstance(result, bytes):
+                size = int(self.members.sizes[rows[index]])
+                if len(result) < size:
+                    result = ReadFailure(f"truncated member (the shard ends after {len(result):,} of its "
+                                         f"{size:,} bytes)")
+            out[index] = result
+        return out  # type: ignore[return-value]
+
+    def source(self, row: int) -> str | bytes:
+        """What :func:`~featcache.extract.decode.preprocess.load_rgb` takes for ``row``: its local path, or
+        the bytes of its shard member or URL (OSError with the reason when they cannot be read)."""
+        return self.read_bytes(row) if self.by_bytes(row) else self.paths[row]
+
+    def read_bytes(self, row: int) -> bytes:
+        """The file bytes of ``row``; OSError (with the reason) when they cannot be read."""
+        if not self.by_bytes(row):
+            with open(self.paths[row], "rb") as handle:
+                return handle.read()
+        data = self.fetch([row])[0]
+        if isinstance(data, ReadFailure):
+            raise OSError(data.reason)
+        return data
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -134,16 +207,28 @@ class ImageReader:
         """Decompression-bomb limit applied when decoding (the preprocessor's; None: no limit)."""
         return getattr(self.preprocess, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
 
-    def read(self, row: int) -> tuple[int, np.ndarray, str]:
-        """``(row, uint8 (3, S, S) array, reason)``; zeros and a non-empty reason for a bad image."""
+    def read(self, row: int, data: bytes | ReadFailure | None = None) -> tuple[int, np.ndarray, str]:
+        """``(row, uint8 (3, S, S) array, reason)``; zeros and a non-empty reason for a bad image.
+
+        ``data``: the row's bytes (or read failure) when :meth:`fetch` read them already.
+        """
         path = self.paths[row]
+        size = self.preprocess.input_size
+        source: str | bytes = path
+        if self.by_bytes(row):
+            source = self.fetch([row])[0] if data is None else data  # type: ignore[assignment]
+            if isinstance(source, ReadFailure):
+                return row, np.zeros((3, size, size), dtype=np.uint8), source.reason
+            if not source:
+                return row, np.zeros((3, size, size), dtype=np.uint8), "empty file (0 bytes)"
         try:
-            image = load_rgb(path, self.preprocess.background, self.max_image_pixels,
+            image = load_rgb(source, self.preprocess.background, self.max_image_pixels,
                              draft_size=self.preprocess.resize_size)
         except DECODE_ERRORS as error:
-            size = self.preprocess.input_size
             # The reason is stored in the feature file: no machine-specific absolute path in it.
-            return row, np.zeros((3, size, size), dtype=np.uint8), describe_error(path, error)
+            where = path if source is path or self.members is None else self.members.names[row]
+            return row, np.zeros((3, size, size), dtype=np.uint8), describe_error(where, error,
+                                                                                   on_disk=source is path)
         except BaseException as error:
             _note(error, f"while decoding image {path} (row {row}); this is not a bad-image error")
             raise
@@ -157,8 +242,13 @@ class ImageReader:
         return self.read(row)
 
     def read_batch(self, rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """The engine's batch of ``rows``: ``(rows int64 (B,), uint8 (B, 3, S, S), reasons)``."""
-        items = [self.read(row) for row in rows]
+        """The engine's batch of ``rows``: ``(rows int64 (B,), uint8 (B, 3, S, S), reasons)``.
+
+        The bytes of member and URL rows are read first, all together (:meth:`fetch`).
+        """
+        remote = [row for row in rows if self.by_bytes(row)]
+        fetched = dict(zip(remote, self.fetch(remote))) if remote else {}
+        items = [self.read(row, fetched.get(row)) for row in rows]
         size = self.preprocess.input_size
         images = np.stack([item[1] for item in items]) if items else np.zeros((0, 3, size, size), np.uint8)
         return np.asarray([item[0] for item in items], dtype=np.int64), images, [item[2] for item in items]

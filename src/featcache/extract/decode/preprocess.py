@@ -15,6 +15,7 @@ ratios are cropped without building a huge upsized intermediate.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import threading
 import warnings
@@ -138,7 +139,14 @@ def _exif_transpose(image: Image.Image) -> Image.Image:
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
 
-def _is_tiff(path: str | Path) -> bool:
+def _open_source(path: str | Path | bytes) -> str | Path | io.BytesIO:
+    """What Pillow and tifffile open: the path, or a fresh file object over an image's bytes."""
+    return io.BytesIO(path) if isinstance(path, (bytes, bytearray, memoryview)) else path
+
+
+def _is_tiff(path: str | Path | bytes) -> bool:
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        return bytes(path[:4]) in _TIFF_MAGIC
     try:
         with open(path, "rb") as handle:
             return handle.read(4) in _TIFF_MAGIC
@@ -146,7 +154,7 @@ def _is_tiff(path: str | Path) -> bool:
         return False
 
 
-def _tiff_to_rgb(path: str | Path, background: tuple[int, int, int], max_pixels: int | None) -> Image.Image:
+def _tiff_to_rgb(path: str | Path | bytes, background: tuple[int, int, int], max_pixels: int | None) -> Image.Image:
     """Decode a TIFF that Pillow cannot (float RGB, float64/float16, ...) with ``tifffile``.
 
     Integers are scaled from their dtype's full range, floats from [0, 1] (or
@@ -155,7 +163,8 @@ def _tiff_to_rgb(path: str | Path, background: tuple[int, int, int], max_pixels:
     """
     import tifffile
 
-    with tifffile.TiffFile(str(path)) as tif:
+    source = _open_source(path)
+    with tifffile.TiffFile(source if isinstance(source, io.BytesIO) else str(source)) as tif:
         page = tif.pages[0]
         axes, shape = page.axes, page.shape
         height, width = shape[axes.index("Y")], shape[axes.index("X")]
@@ -182,14 +191,14 @@ def _tiff_to_rgb(path: str | Path, background: tuple[int, int, int], max_pixels:
     return to_rgb(image, background)
 
 
-def load_rgb(path: str | Path, background: tuple[int, int, int] = (255, 255, 255),
+def load_rgb(path: str | Path | bytes, background: tuple[int, int, int] = (255, 255, 255),
              max_pixels: int | None | object = _PIL_GLOBAL, draft_size: int | None = None) -> Image.Image:
     """Decode an image file, apply its EXIF orientation and convert it to RGB.
 
     Parameters
     ----------
-    path : path
-        The image file.
+    path : path or bytes
+        The image file, or its bytes (a shard member, a downloaded object).
     background : tuple of int
         RGB colour behind transparent pixels.
     max_pixels : int or None, optional
@@ -218,10 +227,10 @@ def load_rgb(path: str | Path, background: tuple[int, int, int] = (255, 255, 255
             return _decode(path, background, limit, own_limit=True, draft_size=draft_size)
 
 
-def _decode(path: str | Path, background: tuple[int, int, int], limit: int | None, own_limit: bool,
+def _decode(path: str | Path | bytes, background: tuple[int, int, int], limit: int | None, own_limit: bool,
             draft_size: int | None = None) -> Image.Image:
     try:
-        image = Image.open(path)
+        image = Image.open(_open_source(path))
     except Image.UnidentifiedImageError:
         if _is_tiff(path):
             rgb = _try_tifffile(path, background, limit)
@@ -242,7 +251,8 @@ def _decode(path: str | Path, background: tuple[int, int, int], limit: int | Non
         return to_rgb(_exif_transpose(image), background)
 
 
-def _try_tifffile(path: str | Path, background: tuple[int, int, int], limit: int | None) -> Image.Image | None:
+def _try_tifffile(path: str | Path | bytes, background: tuple[int, int, int],
+                  limit: int | None) -> Image.Image | None:
     """A TIFF Pillow cannot identify, decoded by ``tifffile`` if installed; None if that fails too."""
     try:
         return _tiff_to_rgb(path, background, limit)
@@ -253,11 +263,11 @@ def _try_tifffile(path: str | Path, background: tuple[int, int, int], limit: int
         return None
 
 
-def _verify_png(path: str | Path, image: Image.Image) -> None:
+def _verify_png(path: str | Path | bytes, image: Image.Image) -> None:
     """Check a PNG's chunk CRCs and its end: Pillow decodes a PNG cut after its pixel data silently."""
     if image.format != "PNG":
         return
-    with Image.open(path) as again:
+    with Image.open(_open_source(path)) as again:
         again.verify()  # SyntaxError on a bad checksum, OSError on a truncated file
 
 

@@ -7,6 +7,13 @@ are stable and sorted; the split is deterministic given the ratios and seed.
 The class list of a classification manifest (its order defines the label
 indices, e.g. from ``data.classes``) is written beside it as
 ``manifest.classes.json`` and read back by :meth:`Manifest.read`.
+
+A manifest of WebDataset shards (``data.source: webdataset``) has three more
+columns, ``member,offset,size``: the row's image is the tar member ``member``,
+``size`` bytes at byte ``offset`` of the shard ``path``. Its shard list (path,
+sha256, size, samples) is written beside it as ``manifest.shards.json`` and is
+part of :meth:`Manifest.sha256`. A ``path`` may be a URL (``https://...``,
+``s3://...``): it is kept as written, never rebased.
 """
 
 from __future__ import annotations
@@ -23,10 +30,18 @@ from typing import Sequence
 import numpy as np
 
 from featcache.errors import UserError
+from featcache.extract.inputs.storage import StorageOptions, is_url
 from featcache.store.schema import SPLIT_CODES, SPLITS, TASKS
 from featcache.util.atomic import write_text
 
-__all__ = ["Manifest", "ManifestError", "assign_splits", "classes_path", "TASKS"]
+__all__ = ["COLUMNS", "MEMBER_COLUMNS", "Manifest", "ManifestError", "Members", "assign_splits", "classes_path",
+           "csv_row", "shards_path", "TASKS"]
+
+#: Columns of every manifest; a manifest of shards adds :data:`MEMBER_COLUMNS`.
+COLUMNS = ("id", "path", "split", "label", "target")
+
+#: Where a shard row's image lies inside the tar ``path``: member name, byte offset, byte size.
+MEMBER_COLUMNS = ("member", "offset", "size")
 
 
 class ManifestError(UserError, ValueError):
@@ -37,6 +52,38 @@ def classes_path(manifest_path: str | Path) -> Path:
     """The class-list file written beside a manifest: ``manifest.csv`` -> ``manifest.classes.json``."""
     manifest_path = Path(manifest_path)
     return manifest_path.with_name(manifest_path.stem + ".classes.json")
+
+
+def shards_path(manifest_path: str | Path) -> Path:
+    """The shard-list file written beside a manifest of shards: ``manifest.csv`` -> ``manifest.shards.json``."""
+    manifest_path = Path(manifest_path)
+    return manifest_path.with_name(manifest_path.stem + ".shards.json")
+
+
+def csv_row(sample_id: str, path: str, split: int, label: str = "", target: float | None = None,
+            member: tuple[str, int, int] | None = None) -> list[str]:
+    """One manifest CSV row (:data:`COLUMNS`, then :data:`MEMBER_COLUMNS` when ``member`` is given)."""
+    row = [sample_id, path, SPLITS[split], label, "" if target is None else repr(float(target))]
+    if member is not None:
+        row += [member[0], str(int(member[1])), str(int(member[2]))]
+    return row
+
+
+@dataclass
+class Members:
+    """Where each row's image lies inside its shard (``path``).
+
+    Attributes
+    ----------
+    names : list of str
+        (N,) tar member names (``""``: the sample has no image member).
+    offsets, sizes : numpy.ndarray
+        (N,) int64 byte offset of the member's data in the shard, and its size.
+    """
+
+    names: list[str]
+    offsets: np.ndarray
+    sizes: np.ndarray
 
 
 @dataclass
@@ -71,9 +118,15 @@ class Manifest:
     targets: np.ndarray | None = None
     classes: list[str] = field(default_factory=list)
     root: Path = Path(".")
+    members: Members | None = None
+    shards: list[dict] | None = None
+    storage: StorageOptions = field(default_factory=StorageOptions)
 
     def __post_init__(self) -> None:
         n = len(self.ids)
+        if self.members is not None and not (len(self.members.names) == len(self.members.offsets)
+                                             == len(self.members.sizes) == n):
+            raise ManifestError("members (name, offset, size) must have one entry per row.")
         if self.task not in TASKS:
             raise ManifestError(f"task {self.task!r} is not one of {TASKS}.")
         if len(set(self.ids)) != n:
@@ -99,8 +152,18 @@ class Manifest:
         return len(self.ids)
 
     def absolute_path(self, row: int) -> Path:
-        """Path of row ``row`` on disk."""
+        """Path of row ``row`` on disk (a local path; see :meth:`location` for URLs)."""
         return (self.root / self.paths[row]).resolve()
+
+    def location(self, row: int) -> str:
+        """Where row ``row``'s file is: its URL as written, or its absolute local path."""
+        path = self.paths[row]
+        return path if is_url(path) else str(self.absolute_path(row))
+
+    def describe(self, row: int) -> str:
+        """Row ``row``'s source for messages: its path, with ``:member`` for a shard row."""
+        where = self.paths[row]
+        return f"{where}:{self.members.names[row]}" if self.members is not None else where
 
     @classmethod
     def sorted(cls, ids: Sequence[str], paths: Sequence[str], splits: np.ndarray, **kwargs) -> "Manifest":
@@ -118,11 +181,13 @@ class Manifest:
         """The manifest as CSV text (``id,path,split,label,target``)."""
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["id", "path", "split", "label", "target"])
+        members = self.members
+        writer.writerow(COLUMNS + (MEMBER_COLUMNS if members is not None else ()))
         for row, sample_id in enumerate(self.ids):
             label = self.classes[self.labels[row]] if self.labels is not None else ""
-            target = repr(float(self.targets[row])) if self.targets is not None else ""
-            writer.writerow([sample_id, self.paths[row], SPLITS[self.splits[row]], label, target])
+            target = float(self.targets[row]) if self.targets is not None else None
+            member = None if members is None else (members.names[row], members.offsets[row], members.sizes[row])
+            writer.writerow(csv_row(sample_id, self.paths[row], int(self.splits[row]), label, target, member))
         return buffer.getvalue()
 
     def write(self, path: str | Path) -> Path:
@@ -134,9 +199,14 @@ class Manifest:
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        rebased = [os.path.relpath((self.root / p).resolve(), path.parent.resolve()) for p in self.paths]
-        copy = Manifest(self.ids, [Path(p).as_posix() for p in rebased], self.splits, self.task,
-                        self.labels, self.targets, self.classes, path.parent)
+        rebased = [p if is_url(p) else Path(os.path.relpath((self.root / p).resolve(), path.parent.resolve()))
+                   .as_posix() for p in self.paths]
+        copy = Manifest(self.ids, rebased, self.splits, self.task, self.labels, self.targets, self.classes,
+                        path.parent, self.members)
+        if self.shards is not None:
+            write_text(shards_path(path), json.dumps({"shards": self.shards}, indent=1, ensure_ascii=False) + "\n")
+        else:
+            shards_path(path).unlink(missing_ok=True)
         sidecar = classes_path(path)
         if self.task == "classification":
             write_text(sidecar, json.dumps({"classes": list(self.classes)}, indent=2, ensure_ascii=False) + "\n")
@@ -146,14 +216,17 @@ class Manifest:
         return path
 
     @classmethod
-    def read(cls, path: str | Path, classes: Sequence[str] | None = None) -> "Manifest":
-        """Read a manifest written by :meth:`write`.
+    def read(cls, path: str | Path, classes: Sequence[str] | None = None,
+             storage: StorageOptions | None = None) -> "Manifest":
+        """Read a manifest written by :meth:`write` (or by :func:`~featcache.extract.inputs.sharded.from_shards`).
 
         Parameters
         ----------
         classes : sequence of str, optional
             Class list (label order). Default: the list written beside the
             manifest (:func:`classes_path`), else the sorted labels.
+        storage : StorageOptions, optional
+            How the rows' URLs are read (timeouts, tries, fsspec options).
         """
         path = Path(path)
         if not path.is_file():
@@ -174,6 +247,12 @@ class Manifest:
         splits = np.array([SPLIT_CODES[r["split"]] for r in rows], dtype=np.uint8)
         ids = [r["id"] for r in rows]
         paths = [r["path"] for r in rows]
+        extra: dict = {"storage": storage or StorageOptions()}
+        if "member" in rows[0]:
+            extra["members"] = Members([r["member"] for r in rows], np.array([int(r["offset"]) for r in rows],
+                                       dtype=np.int64), np.array([int(r["size"]) for r in rows], dtype=np.int64))
+            if shards_path(path).is_file():
+                extra["shards"] = json.loads(shards_path(path).read_text(encoding="utf-8"))["shards"]
         if task == "classification":
             if classes is None and classes_path(path).is_file():
                 classes = json.loads(classes_path(path).read_text(encoding="utf-8"))["classes"]
@@ -184,17 +263,20 @@ class Manifest:
                 raise ManifestError(f"Labels {unknown} in {path} are not in its class list {names}. "
                                     "Hint: rerun `featcache prepare`.")
             labels = np.array([index[r["label"]] for r in rows], dtype=np.int64)
-            return cls(ids, paths, splits, task, labels=labels, classes=names, root=path.parent)
+            return cls(ids, paths, splits, task, labels=labels, classes=names, root=path.parent, **extra)
         targets = np.array([float(r["target"]) for r in rows], dtype=np.float64)
-        return cls(ids, paths, splits, task, targets=targets, root=path.parent)
+        return cls(ids, paths, splits, task, targets=targets, root=path.parent, **extra)
 
     def sha256(self) -> str:
         """Content hash of the manifest (ids, paths, splits, labels, targets).
 
         The class order is part of it when it is not the sorted label names
-        (an explicit ``data.classes`` order changes the label indices).
+        (an explicit ``data.classes`` order changes the label indices), and
+        so is the shard list with each shard's sha256 for a manifest of shards.
         """
         text = self.to_csv_text()
+        if self.shards is not None:
+            text += "shards:" + json.dumps([[s["path"], s["sha256"]] for s in self.shards], ensure_ascii=False)
         if self.task == "classification" and self.labels is not None \
                 and list(self.classes) != sorted({self.classes[k] for k in np.unique(self.labels)}):
             text += "classes:" + json.dumps(list(self.classes), ensure_ascii=False)

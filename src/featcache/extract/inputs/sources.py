@@ -16,17 +16,20 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from featcache.extract.inputs.manifest import Manifest, ManifestError, assign_splits
+from featcache.extract.inputs.storage import is_url
 from featcache.store.schema import SPLIT_CODES
 
-__all__ = ["IMAGE_EXTENSIONS", "SOURCES", "build_manifest", "from_folder", "from_csv", "write_digits"]
+__all__ = ["IMAGE_EXTENSIONS", "SOURCES", "build_manifest", "check_listed_classes", "check_train_classes",
+           "check_unique_classes", "format_rows", "from_folder", "from_csv", "write_digits"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-SOURCES = ("digits", "folder", "csv")
+SOURCES = ("digits", "folder", "csv", "webdataset")
 
 
-def _check_classes(labels: np.ndarray, splits: np.ndarray, classes: list[str]) -> None:
+def check_train_classes(labels: np.ndarray, splits: np.ndarray, classes: list[str]) -> None:
+    """Every class needs a training example after the split."""
     train = splits == SPLIT_CODES["train"]
     missing = [classes[k] for k in range(len(classes)) if not np.any(labels[train] == k)]
     if missing:
@@ -36,7 +39,7 @@ def _check_classes(labels: np.ndarray, splits: np.ndarray, classes: list[str]) -
         )
 
 
-def _format_rows(rows: Sequence[int], limit: int = 10) -> str:
+def format_rows(rows: Sequence[int], limit: int = 10) -> str:
     """``[4]`` -> ``"row 4"``, ``[2, 5]`` -> ``"rows 2 and 5"``; long lists are cut."""
     shown = [str(r) for r in rows[:limit]]
     more = f" and {len(rows) - limit} more" if len(rows) > limit else ""
@@ -45,15 +48,15 @@ def _format_rows(rows: Sequence[int], limit: int = 10) -> str:
     return "rows " + ", ".join(shown[:-1]) + " and " + shown[-1] + more
 
 
-def _check_listed_classes(names: Sequence[str], classes: Sequence[str], where: str,
-                          rows_of: Mapping[str, list[int]] | None = None, noun: str = "Labels") -> None:
+def check_listed_classes(names: Sequence[str], classes: Sequence[str], where: str,
+                         rows_of: Mapping[str, list[int]] | None = None, noun: str = "Labels") -> None:
     """Labels outside the explicit ``data.classes`` list, and listed classes without any image, are errors."""
     present = set(names)
     unknown = sorted(present - set(classes))
     if unknown:
         detail = ""
         if rows_of is not None:
-            detail = " (" + "; ".join(f"{name!r} on {_format_rows(rows_of[name], 3)}" for name in unknown[:5]) + ")"
+            detail = " (" + "; ".join(f"{name!r} on {format_rows(rows_of[name], 3)}" for name in unknown[:5]) + ")"
         raise ManifestError(
             f"{noun} {unknown} in {where}{detail} are not in data.classes {list(classes)}. "
             "Hint: add them to data.classes, or remove those images/rows."
@@ -78,11 +81,12 @@ def _classification(ids: list[str], paths: list[str], names: list[str], splits: 
         splits = assign_splits(len(ids), dict(ratios), seed, strata=labels)
     else:
         splits = splits[order]
-    _check_classes(labels, splits, classes)
+    check_train_classes(labels, splits, classes)
     return Manifest(ids, paths, splits, "classification", labels=labels, classes=classes, root=root)
 
 
-def _check_unique_classes(classes: Sequence[str] | None) -> list[str] | None:
+def check_unique_classes(classes: Sequence[str] | None) -> list[str] | None:
+    """``data.classes`` as a list of distinct non-empty names (None stays None)."""
     if classes is None:
         return None
     classes = [str(c) for c in classes]
@@ -108,7 +112,7 @@ def from_folder(root: str | Path, ratios: Mapping[str, float], seed: int,
     ``._IMG_0001.jpg`` resource forks) are not images and are skipped.
     """
     root = Path(root)
-    classes = _check_unique_classes(classes)
+    classes = check_unique_classes(classes)
     if not root.is_dir():
         raise ManifestError(f"Image folder {str(root)!r} does not exist. Hint: set data.path in params.yaml.")
     ids, paths, names, empty = [], [], [], []
@@ -127,7 +131,7 @@ def from_folder(root: str | Path, ratios: Mapping[str, float], seed: int,
     if not ids:
         raise ManifestError(f"No images found under {root} (expected {root}/<class>/<image>).")
     if classes is not None:
-        _check_listed_classes(names, classes, f"image folder {root}", noun="Class folders (labels)")
+        check_listed_classes(names, classes, f"image folder {root}", noun="Class folders (labels)")
     return _classification(ids, paths, names, None, ratios, seed, root, classes)
 
 
@@ -159,7 +163,7 @@ def _reject_duplicates(path: Path, what: str, values: Sequence[str], shown: Sequ
         return
     shown = values if shown is None else shown
     items = sorted(dupes.items(), key=lambda item: item[1][0])
-    listed = "; ".join(f"{shown[rows[0] - 2]!r} on {_format_rows(rows)}" for _, rows in items[:5])
+    listed = "; ".join(f"{shown[rows[0] - 2]!r} on {format_rows(rows)}" for _, rows in items[:5])
     more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
     raise ManifestError(
         f"Duplicate {what} in {path}: {listed}{more} (row 1 is the header). "
@@ -173,14 +177,16 @@ def from_csv(path: str | Path, ratios: Mapping[str, float], seed: int, task: str
 
     Optional columns: ``id`` (default: the path) and ``split`` (train/val/test;
     default: assigned from ``ratios`` and ``seed``). Paths are relative to the
-    CSV's folder unless absolute; ``..`` escapes from that folder are rejected.
+    CSV's folder unless absolute or URLs (``https://...``, ``s3://...``: read
+    through fsspec at extraction, see :mod:`featcache.extract.inputs.storage`);
+    ``..`` escapes from that folder are rejected.
     Every image may appear once: repeated ids or paths (after normalising
     ``./`` and ``//``) are rejected naming the rows. ``classes`` (``data.classes``)
     fixes the class list and its order: other labels, or listed classes
     without rows, are rejected.
     """
     path = Path(path)
-    classes = _check_unique_classes(classes)
+    classes = check_unique_classes(classes)
     if not path.is_file():
         raise ManifestError(f"CSV manifest {str(path)!r} does not exist. Hint: set data.path in params.yaml.")
     columns, rows = _csv_rows(path)
@@ -193,35 +199,35 @@ def from_csv(path: str | Path, ratios: Mapping[str, float], seed: int, task: str
     paths = [(r["path"] or "").strip() for r in rows]
     blank = [line for line, p in enumerate(paths, start=2) if not p]
     if blank:
-        raise ManifestError(f"Empty 'path' in {path} on {_format_rows(blank)}.")
+        raise ManifestError(f"Empty 'path' in {path} on {format_rows(blank)}.")
     for line, p in enumerate(paths, start=2):
-        if not PurePosixPath(p).is_absolute() and ".." in PurePosixPath(p).parts:
+        if not is_url(p) and not PurePosixPath(p).is_absolute() and ".." in PurePosixPath(p).parts:
             raise ManifestError(f"Path {p!r} in {path} (row {line}) leaves the manifest's folder ('..'); "
                                 "give it absolute or move the CSV up.")
     ids = [((r.get("id") or "").strip() or r["path"].strip()) for r in rows]
     _reject_duplicates(path, "ids", ids)
-    _reject_duplicates(path, "paths", [posixpath.normpath(posixpath.join(path.parent.absolute().as_posix(), p))
-                                       for p in paths], shown=paths)
+    _reject_duplicates(path, "paths", [p if is_url(p) else posixpath.normpath(
+        posixpath.join(path.parent.absolute().as_posix(), p)) for p in paths], shown=paths)
     splits = None
     if "split" in columns and any((r["split"] or "").strip() for r in rows):
         values = [(r["split"] or "").strip() for r in rows]
         bad = sorted(set(values) - set(SPLIT_CODES))
         if bad:
             lines = [line for line, v in enumerate(values, start=2) if v in bad]
-            raise ManifestError(f"Unknown split values {bad} in {path} ({_format_rows(lines)}); "
+            raise ManifestError(f"Unknown split values {bad} in {path} ({format_rows(lines)}); "
                                 f"allowed: {list(SPLIT_CODES)}.")
         splits = np.array([SPLIT_CODES[v] for v in values], dtype=np.uint8)
     if task == "classification":
         names = [(r["label"] or "").strip() for r in rows]
         blank = [line for line, name in enumerate(names, start=2) if not name]
         if blank:
-            raise ManifestError(f"Empty label in {path} on {_format_rows(blank)}. "
+            raise ManifestError(f"Empty label in {path} on {format_rows(blank)}. "
                                 "Hint: label every row or remove unlabeled rows.")
         if classes is not None:
             rows_of: dict[str, list[int]] = {}
             for line, name in enumerate(names, start=2):
                 rows_of.setdefault(name, []).append(line)
-            _check_listed_classes(names, classes, f"CSV {path}", rows_of)
+            check_listed_classes(names, classes, f"CSV {path}", rows_of)
         return _classification(ids, paths, names, splits, ratios, seed, path.parent, classes)
     if classes is not None:
         raise ManifestError("data.classes is only for classification; remove it for a regression task.")
@@ -286,4 +292,7 @@ def build_manifest(source: str, path: str | Path | None, ratios: Mapping[str, fl
         return from_folder(path, ratios, seed, classes)
     if source == "csv":
         return from_csv(path, ratios, seed, task, classes)
+    if source == "webdataset":
+        raise ManifestError("A manifest of shards is written as the shards are read: use "
+                            "featcache.extract.inputs.sharded.from_shards (or `featcache prepare`).")
     raise ManifestError(f"Unknown data.source {source!r}; allowed: {SOURCES}.")

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from featcache.pipeline.params.base import Strict
 from featcache.store.schema import TASKS
 
-__all__ = ["DataParams", "SplitRatios"]
+__all__ = ["DataParams", "IOParams", "SplitRatios"]
 
 
 class SplitRatios(Strict):
@@ -28,13 +28,38 @@ class SplitRatios(Strict):
         return self
 
 
+class IOParams(Strict):
+    """How remote shards and images (fsspec URLs) are read; changes how fast, never what.
+
+    The keys are those of ``featcache.extract.inputs.storage.StorageOptions``: ``StorageOptions(**io.model_dump())``.
+    """
+
+    #: Seconds one request may take.
+    timeout: float = Field(30.0, gt=0)
+    #: Attempts per request on transient errors (HTTP 5xx/429, timeouts, resets); 1 never retries.
+    tries: int = Field(3, ge=1, le=20)
+    #: Seconds before the second attempt, doubled before each further one.
+    backoff: float = Field(0.5, ge=0)
+    #: Extra ``fsspec.filesystem`` arguments, for every protocol or by protocol (``{s3: {anon: true}}``).
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
 class DataParams(Strict):
     """Where the images come from and how they are split."""
 
     name: str = Field("digits", pattern=r"^[A-Za-z0-9_.-]+$")
-    source: Literal["folder", "csv"] = "folder"
-    path: str = "data/digits"
+    #: folder: <path>/<class>/<image> | csv: <path>/<csv> | webdataset: tar shards (a folder, a brace
+    #: pattern such as shards/{000000..000127}.tar, a URL, or a list of these)
+    source: Literal["folder", "csv", "webdataset"] = "folder"
+    path: str | list[str] = "data/digits"
     csv: str = "labels.csv"
+    #: webdataset: the image member's extensions, preferred first
+    image_keys: list[str] = Field(["jpg", "jpeg", "png", "webp"], min_length=1)
+    #: webdataset: the member (``cls``) or ``json`` field holding the label, or the target for regression
+    label_key: str = Field("cls", min_length=1)
+    #: webdataset: the member or ``json`` field holding a split the samples carry (null: always data.split)
+    split_key: str | None = "split"
+    io: IOParams = IOParams()
     task: Literal[TASKS] = "classification"  # type: ignore[valid-type]
     split: SplitRatios = SplitRatios()
     seed: int = 0
@@ -54,6 +79,13 @@ class DataParams(Strict):
         if dupes:
             raise ValueError(f"data.classes lists {dupes} more than once: {value}")
         return stripped
+
+    @model_validator(mode="after")
+    def _list_path_needs_webdataset(self) -> "DataParams":
+        if isinstance(self.path, list) and self.source != "webdataset":
+            raise ValueError(f"data.path is a list, which only data.source: webdataset takes (a list of shards); "
+                             f"data.source is {self.source!r}")
+        return self
 
     @model_validator(mode="after")
     def _classes_need_classification(self) -> "DataParams":

@@ -1,0 +1,244 @@
+"""WebDataset shards: the shard list, member lists from tar headers, and the streamed manifest.
+
+Shards are written with webdataset's own ``TarWriter`` from generated images;
+the manifest must equal the same images read as a folder (labels, classes,
+row order and so splits), and damaged shards must give rows, not silence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+from webdataset.tariterators import base_plus_ext
+
+from _support.files import write_image_folder
+from _support.shards import shards_from_folder
+from featcache.extract.decode.loaders import ImageReader
+from featcache.extract.decode.preprocess import Preprocessor
+from featcache.extract.inputs.manifest import Manifest, ManifestError
+from featcache.extract.inputs.sharded import from_shards
+from featcache.extract.inputs.shards import expand_shards, scan_shard, shard_name, split_name
+from featcache.extract.inputs.sources import from_folder
+
+RATIOS = {"train": 0.5, "val": 0.25, "test": 0.25}
+PRE = Preprocessor(32, 36, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def _png(value: int, size: int = 12) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), value, dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    write_image_folder(root, per_class=8, size=20)
+    return root
+
+
+@pytest.fixture(scope="module")
+def class_shards(images, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    shards_from_folder(images, out)
+    return out
+
+
+# ------------------------------------------------------------------ names
+@pytest.mark.parametrize("name", ["0001.jpg", "a/b/0001.jpg", "dir.v2/0001.seg.png", "x.tar.gz", "noext",
+                                  "d/.hidden", "k.JPG", "a.b/c"])
+def test_member_names_split_exactly_as_webdataset(name):
+    assert split_name(name) == base_plus_ext(name)
+
+
+def test_shard_names_drop_the_tar_suffix_and_url_queries():
+    assert shard_name("data/shards/000007.tar") == "000007"
+    assert shard_name("https://host/x/000007.tar?sig=abc") == "000007"
+
+
+def test_expand_shards_folder_pattern_and_list(tmp_path):
+    for name in ("b.tar", "a.tar", ".hidden.tar", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert expand_shards(str(tmp_path)) == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar")]
+    assert expand_shards("s/{000..002}.tar") == ["s/000.tar", "s/001.tar", "s/002.tar"]
+    assert expand_shards(["s/{b,a}.tar", "http://h/c.tar"]) == ["s/a.tar", "s/b.tar", "http://h/c.tar"]
+
+
+@pytest.mark.parametrize("bad, match", [("s/x.tar.gz", "compressed"), (["a/x.tar", "b/x.tar"], "same name")])
+def test_expand_shards_rejects_compressed_and_colliding_shards(bad, match):
+    with pytest.raises(ValueError, match=match):
+        expand_shards(bad)
+
+
+def test_an_empty_folder_names_the_folder_and_the_forms(tmp_path):
+    with pytest.raises(ValueError, match="No .tar shards in the folder"):
+        expand_shards(str(tmp_path))
+
+
+# ------------------------------------------------------------------ scans
+def test_scan_lists_members_from_headers_with_the_shard_hash(tmp_path):
+    path = tmp_path / "000000.tar"
+    with wds.TarWriter(str(path)) as writer:
+        for i in range(4):
+            writer.write({"__key__": f"s{i}", "png": _png(10 * i), "json": {"label": f"c{i % 2}", "split": "test"},
+                          "txt": "caption"})
+    scan = scan_shard(str(path), label_key="label")
+    data = path.read_bytes()
+    assert scan.sha256 == hashlib.sha256(data).hexdigest() and scan.size == len(data) and not scan.problem
+    assert [s.key for s in scan.samples] == ["s0", "s1", "s2", "s3"]
+    assert [s.label for s in scan.samples] == ["c0", "c1", "c0", "c1"]
+    assert {s.split for s in scan.samples} == {"test"}
+    third = scan.samples[2]
+    assert third.image == "s2.png" and data[third.offset:third.offset + third.size] == _png(20)
+
+
+def test_image_key_preference_and_member_labels(tmp_path):
+    path = tmp_path / "s.tar"
+    with wds.TarWriter(str(path)) as writer:
+        writer.write({"__key__": "k", "png": _png(1), "jpg": _png(2), "cls": "7"})
+    sample = scan_shard(str(path)).samples[0]
+    assert sample.image == "k.jpg" and sample.label == "7"  # jpg before png in the default image keys
+    assert scan_shard(str(path), image_keys=("png",)).samples[0].image == "k.png"
+
+
+def test_a_shard_cut_inside_a_member_keeps_the_samples_before_and_reports_the_cut_one(tmp_path):
+    path = tmp_path / "cut.tar"
+    with wds.TarWriter(str(path)) as writer:
+        for i in range(5):
+            writer.write({"__key__": f"s{i}", "png": _png(40 * i, size=64), "cls": "a"})
+    data = path.read_bytes()
+    scan = scan_shard(str(path))
+    last = scan.samples[-1]
+    path.write_bytes(data[: last.offset + last.size // 2])  # the last image is cut in half
+    cut = scan_shard(str(path))
+    assert [s.key for s in cut.samples] == [s.key for s in scan.samples]
+    assert cut.problem, "the early end must be recorded"
+    manifest_path = tmp_path / "prep" / "manifest.csv"
+    from_shards(str(path), manifest_path, RATIOS, 0)
+    summary = json.loads((tmp_path / "prep" / "manifest.shards.json").read_text())["shards"][0]
+    assert summary["problem"] and summary["n_samples"] == 5
+    manifest = Manifest.read(manifest_path)
+    _, pixels, reasons = ImageReader(manifest, PRE).read_batch(range(len(manifest)))
+    assert reasons[:4] == ["", "", "", ""]
+    assert reasons[4] == f"truncated member (the shard ends after {last.size // 2:,} of its {last.size:,} bytes)"
+
+
+def test_a_corrupt_member_is_a_bad_row_and_the_rest_of_the_shard_is_read(tmp_path):
+    path = tmp_path / "c.tar"
+    with wds.TarWriter(str(path)) as writer:
+        for i in range(3):
+            writer.write({"__key__": f"s{i}", "png": b"\x89PNG garbage" if i == 1 else _png(50 * i), "cls": "a"})
+    from_shards(str(path), tmp_path / "m" / "manifest.csv", {"train": 1 / 3, "val": 1 / 3, "test": 1 / 3}, 0)
+    manifest = Manifest.read(tmp_path / "m" / "manifest.csv")
+    _, pixels, reasons = ImageReader(manifest, PRE).read_batch(range(3))
+    assert reasons[0] == "" and reasons[2] == ""
+    assert reasons[1].startswith(("not an image", "truncated or corrupt"))
+    assert "s1.png" in reasons[1] and " at 0x" not in reasons[1]  # stored: no memory address in it
+    assert pixels[2].mean() == pytest.approx(100, abs=1)
+
+
+# --------------------------------------------------------------- manifest
+def test_the_manifest_of_shards_equals_the_same_images_as_a_folder(images, class_shards, tmp_path):
+    info = from_shards(str(class_shards), tmp_path / "manifest.csv", RATIOS, 3)
+    folder = from_folder(images, RATIOS, 3)
+    sharded = Manifest.read(tmp_path / "manifest.csv")
+    assert sharded.ids == [i.rsplit(".", 1)[0] for i in folder.ids]
+    assert sharded.classes == folder.classes == info.classes
+    np.testing.assert_array_equal(sharded.labels, folder.labels)
+    np.testing.assert_array_equal(sharded.splits, folder.splits)
+    assert info.split_counts == folder.split_counts()
+    reader = ImageReader(sharded, PRE)
+    np.testing.assert_array_equal(reader.read_batch(range(len(sharded)))[1],
+                                  ImageReader(folder, PRE).read_batch(range(len(folder)))[1])
+    # the shard list, with each shard's sha256, is part of the manifest and of its hash
+    assert [s["n_samples"] for s in sharded.shards] == [8, 8, 8]
+    assert sharded.shards[0]["sha256"] == hashlib.sha256((class_shards / "ant.tar").read_bytes()).hexdigest()
+    changed = Manifest.read(tmp_path / "manifest.csv")
+    changed.shards[0]["sha256"] = "0" * 64
+    assert changed.sha256() != sharded.sha256()
+
+
+def test_samples_may_carry_their_split(tmp_path):
+    path = tmp_path / "s.tar"
+    with wds.TarWriter(str(path)) as writer:
+        for i, split in enumerate(["test", "train", "test", "val"]):  # not the 2/1/1 that RATIOS would give
+            writer.write({"__key__": f"k{i}", "png": _png(i), "cls": "a", "split": split})
+    from_shards(str(path), tmp_path / "m.csv", RATIOS, 0)
+    np.testing.assert_array_equal(Manifest.read(tmp_path / "m.csv").splits, [2, 0, 2, 1])
+
+
+def test_a_sample_without_an_image_stays_a_row_reported_by_extract(tmp_path):
+    path = tmp_path / "s.tar"
+    with wds.TarWriter(str(path)) as writer:
+        for i in range(4):
+            writer.write({"__key__": f"k{i}", **({} if i == 2 else {"png": _png(i)}), "cls": "a"})
+    info = from_shards(str(path), tmp_path / "m.csv", RATIOS, 0)
+    assert info.n_rows == 4 and info.n_without_image == 1
+    manifest = Manifest.read(tmp_path / "m.csv")
+    reasons = ImageReader(manifest, PRE).read_batch(range(4))[2]
+    assert reasons[2].startswith("no image member") and reasons.count("") == 3
+
+
+def test_unlabeled_samples_and_mixed_splits_are_named(tmp_path):
+    path = tmp_path / "s.tar"
+    with wds.TarWriter(str(path)) as writer:
+        writer.write({"__key__": "k0", "png": _png(0), "cls": "a"})
+        writer.write({"__key__": "k1", "png": _png(1)})
+    with pytest.raises(ManifestError, match=r"without a label.*'s/k1'.*data.label_key"):
+        from_shards(str(path), tmp_path / "m.csv", RATIOS, 0)
+    assert not (tmp_path / "m.csv").exists()
+    with wds.TarWriter(str(path)) as writer:
+        writer.write({"__key__": "k0", "png": _png(0), "cls": "a", "split": "train"})
+        writer.write({"__key__": "k1", "png": _png(1), "cls": "a"})
+    with pytest.raises(ManifestError, match="1 of 2 samples carry a split"):
+        from_shards(str(path), tmp_path / "m.csv", RATIOS, 0)
+
+
+def test_regression_targets_come_from_the_label_key(tmp_path):
+    path = tmp_path / "s.tar"
+    with wds.TarWriter(str(path)) as writer:
+        for i in range(4):
+            writer.write({"__key__": f"k{i}", "png": _png(i), "json": {"age": 10.5 * i}})
+    from_shards(str(path), tmp_path / "m.csv", RATIOS, 0, task="regression", label_key="age")
+    np.testing.assert_array_equal(Manifest.read(tmp_path / "m.csv").targets, [0.0, 10.5, 21.0, 31.5])
+
+
+def test_prepare_reads_tar_headers_not_images(tmp_path, monkeypatch):
+    """No image is opened by the manifest build (a decode would go through Pillow)."""
+    path = tmp_path / "s.tar"
+    with wds.TarWriter(str(path)) as writer:
+        for i in range(3):
+            writer.write({"__key__": f"k{i}", "png": _png(i), "cls": "a"})
+
+    def no_decode(*args, **kwargs):
+        raise AssertionError("prepare decoded an image")
+
+    monkeypatch.setattr(Image, "open", no_decode)
+    assert from_shards(str(path), tmp_path / "m.csv", {"train": 1 / 3, "val": 1 / 3, "test": 1 / 3}, 0).n_rows == 3
+    assert tarfile.is_tarfile(path)
+
+
+def test_every_reader_gets_a_members_bytes(tmp_path):
+    """The GPU loader's dataset and ``ImageReader.source`` (CAM overlays, ONNX parity) read members, not the tar."""
+    from featcache.extract.decode.device import DeviceDecodeDataset
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((40, 30, 3), 90, dtype=np.uint8)).save(buffer, format="JPEG")
+    jpeg = buffer.getvalue()
+    path = tmp_path / "s.tar"
+    with wds.TarWriter(str(path)) as writer:
+        writer.write({"__key__": "a", "jpg": jpeg, "cls": "x"})
+        writer.write({"__key__": "b", "png": _png(5), "cls": "x"})
+    from_shards(str(path), tmp_path / "m.csv", {"train": 0.5, "val": 0.25, "test": 0.25}, 0, split_key=None)
+    manifest = Manifest.read(tmp_path / "m.csv")
+    assert ImageReader(manifest, PRE).source(0) == jpeg and ImageReader(manifest, PRE).source(1) == _png(5)
+    item = DeviceDecodeDataset(manifest, PRE)[0]
+    assert item.data == jpeg and item.reason == ""

@@ -1,0 +1,34 @@
+"""The ``data`` keys of WebDataset shards and remote reads: strict, with the close match and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from featcache.extract.inputs.storage import StorageOptions
+from featcache.pipeline.config import parse_params
+from featcache.pipeline.params.base import ConfigError
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"source": "webdataset", "lable_key": "cls"}, "Did you mean 'label_key'"),
+    ({"source": "webdataset", "io": {"retries": 3}}, "Did you mean 'tries'"),
+    ({"source": "folder", "path": ["a.tar", "b.tar"]}, "only data.source: webdataset takes"),
+    ({"source": "tars"}, "webdataset"),
+    ({"source": "webdataset", "io": {"tries": 0}}, "data.io.tries"),
+    ({"source": "webdataset", "io": {"timeout": 0}}, "data.io.timeout"),
+])
+def test_bad_shard_settings_name_the_key_and_the_fix(data, expected):
+    with pytest.raises(ConfigError) as error:
+        parse_params({"data": data})
+    assert expected in str(error.value).replace('"', "'")
+
+
+def test_shard_defaults_and_io_become_storage_options():
+    data = parse_params({"data": {"source": "webdataset", "path": ["s/{0..3}.tar", "https://h/x.tar"],
+                                  "io": {"timeout": 5, "options": {"s3": {"anon": True}}}}}).data
+    assert data.image_keys == ["jpg", "jpeg", "png", "webp"] and data.label_key == "cls" and data.split_key == "split"
+    options = StorageOptions(**data.io.model_dump())
+    assert (options.timeout, options.tries, options.backoff) == (5.0, 3, 0.5)
+    assert options.filesystem_kwargs("s3") == {"anon": True}
+    both = StorageOptions(options={"client_kwargs": {"trust_env": True}, "gs": {"token": "anon"}})
+    assert both.filesystem_kwargs("gs") == {"client_kwargs": {"trust_env": True}, "token": "anon"}
