@@ -298,10 +298,8 @@ def cached_export(extractor: TorchFeatureExtractor, cache_dir: str | os.PathLike
 
     Returns
     -------
-    path : Path
-        The cached ``.onnx`` file (read it, do not modify it).
-    sha256 : str
-        Its sha256 (hex), verified against the sidecar.
+    path, sha256
+        As for :func:`cached_build`.
     """
     from featcache.extract.onnx.export import export_onnx
 
