@@ -210,7 +210,8 @@ def breakdown(name: str, manifest: Manifest, args) -> dict[str, float]:
     from torch.utils.data import DataLoader
 
     from featcache.extract.decode.decoders import decode_each, select_decoder
-    from featcache.extract.decode.device import DeviceDecodeDataset, decode_items, pack_items
+    from featcache.extract.decode.device import DeviceDecodeDataset, decode_items
+    from featcache.extract.decode.packing import pack_items
 
     loaded = load_backbone(name, "random")
     preprocess = Preprocessor.from_spec(loaded.spec, input_size=args.input_size)

@@ -298,10 +298,10 @@ def test_background_thread_gives_the_same_batches_and_raises_its_errors(image_di
     batches.close()
     real = gpu_decode.decode_items
 
-    def failing(items, dataset, decoder):
+    def failing(items, dataset, decoder, stats=None):
         if items.rows[0] == 4:
             raise RuntimeError("bug in the device path")
-        return real(items, dataset, decoder)
+        return real(items, dataset, decoder, stats)
 
     monkeypatch.setattr(gpu_decode, "decode_items", failing)
     with pytest.raises(RuntimeError, match="bug in the device path"):

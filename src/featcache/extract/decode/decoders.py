@@ -23,7 +23,8 @@ import torch
 
 from featcache.errors import UserError
 
-__all__ = ["DeviceDecodeError", "DeviceDecoder", "select_decoder", "gpu_decode_status", "decode_each"]
+__all__ = ["DeviceDecodeError", "DeviceDecoder", "select_decoder", "gpu_decode_status", "settle_stream",
+           "decode_each"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,10 +138,27 @@ def gpu_decode_status(device: str = "cuda") -> tuple[bool, str]:
     return True, text
 
 
+def settle_stream(device: str) -> None:
+    """On CUDA, wait until the work queued on the calling thread's current stream is done (else nothing).
+
+    Called before every device decode: neither decoder orders its writes after
+    work already queued on the caller's stream. nvJPEG's hardware engine (used
+    by TorchCodec for baseline JPEGs) does not honour the stream it is given
+    (meta-pytorch/torchcodec#1634), and torchvision's batched decoder runs on
+    a pool stream that does not wait for the caller's (pytorch/vision#9606).
+    Either may be handed, by the caching allocator, memory that kernels queued
+    on that stream (the previous batch's resize) still read. The decode thread
+    has its own stream, so this waits only for its own work, never the forward.
+    """
+    if device.startswith("cuda"):
+        torch.cuda.current_stream(torch.device(device)).synchronize()
+
+
 def decode_each(decoder: DeviceDecoder, datas: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """Decode a batch in one call; if the device rejects any file, decode one by one (None for rejects)."""
     if not datas:
         return []
+    settle_stream(decoder.device)
     try:
         return list(decoder.decode(datas))
     except torch.cuda.OutOfMemoryError:
@@ -149,6 +167,7 @@ def decode_each(decoder: DeviceDecoder, datas: list[torch.Tensor]) -> list[torch
         logger.debug("batched device decode failed (%s: %s); decoding one by one", type(error).__name__, error)
     decoded: list[torch.Tensor | None] = []
     for data in datas:
+        settle_stream(decoder.device)
         try:
             decoded.append(decoder.decode([data])[0])
         except torch.cuda.OutOfMemoryError:

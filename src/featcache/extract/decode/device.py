@@ -30,20 +30,27 @@ import logging
 import os
 import queue
 import threading
-from typing import Iterator, NamedTuple, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
-from torch.utils.data import DataLoader
 
 from featcache.extract.decode.decoders import DeviceDecoder, decode_each, select_decoder
-from featcache.extract.decode.loaders import Batch, ImageDataset
+from featcache.extract.decode.loaders import Batch
+from featcache.extract.decode.packing import (
+    DeviceDecodeDataset,
+    DeviceItem,
+    PackedBatch,
+    iter_packed_batches,
+    pack_items,
+)
 from featcache.extract.decode.preprocess import Preprocessor
-from featcache.extract.decode.probe import device_route, draft_scale, probe_header, resize_geometry
+from featcache.extract.decode.probe import draft_scale, resize_geometry
+from featcache.extract.decode.streams import StreamHandoff
 from featcache.extract.inputs.manifest import Manifest
 from featcache.util.compute import default_num_workers
 
-__all__ = ["orient", "resize_crop", "DeviceDecodeDataset", "PackedBatch", "pack_items",
-           "decode_items", "iter_device_batches"]
+__all__ = ["orient", "resize_crop", "DecodeStats", "DeviceDecodeDataset", "decode_items", "iter_device_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,114 +118,37 @@ def resize_crop(images: torch.Tensor, preprocess: Preprocessor) -> torch.Tensor:
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
-class _Item(NamedTuple):
-    """One row as a worker reads it: JPEG bytes for the device, or the CPU path's uint8 crop or reason."""
-
-    row: int
-    data: bytes | None  # the file's bytes (device path)
-    size: tuple[int, int]  # stored (height, width) from the header (device path)
-    orientation: int
-    crop: torch.Tensor | None  # uint8 (3, S, S) (CPU path, good file)
-    reason: str  # CPU path, bad file
+def _reduce(images: torch.Tensor, scale: int) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> uint8 (N, 3, ceil(H / scale), ceil(W / scale)), each pixel the mean of its block."""
+    pooled = torch.nn.functional.avg_pool2d(images.to(torch.float32), scale, ceil_mode=True)
+    return pooled.round_().clamp_(0, 255).to(torch.uint8)
 
 
-class PackedBatch(NamedTuple):
-    """A batch as it crosses from a worker to the main process: two tensors and plain lists.
+@dataclass
+class DecodeStats:
+    """Where the rows of a device decode run were decoded (summed over its batches).
 
     Attributes
     ----------
-    rows : list of int
-        B manifest rows, in the order given.
-    data : torch.Tensor
-        uint8 (total bytes,): the device rows' files back to back.
-    lengths : list of int
-        Bytes of each row's file in ``data``; 0 for rows on the CPU path.
-    sizes : list of (int, int)
-        Stored (height, width) of each device row (from its header).
-    orientations : list of int
-        EXIF orientation of each device row.
-    crops : torch.Tensor
-        uint8 (K, 3, S, S): the CPU path's good rows (length 0, no reason), in row order.
-    reasons : list of str
-        ``""``, or why the CPU path could not decode the row.
+    device : int
+        Rows decoded on the device.
+    cpu : int
+        Rows their header (or a failed read) sent to the CPU path: non-JPEGs, CMYK, extreme shapes, ...
+    rejected : int
+        Rows the device decoder refused, redone on the CPU path.
+    bad : int
+        Rows bad on every path (reported with the CPU path's reason).
     """
 
-    rows: list[int]
-    data: torch.Tensor
-    lengths: list[int]
-    sizes: list[tuple[int, int]]
-    orientations: list[int]
-    crops: torch.Tensor
-    reasons: list[str]
+    device: int = 0
+    cpu: int = 0
+    rejected: int = 0
+    bad: int = 0
 
-
-def _as_uint8(tensor: torch.Tensor, preprocess: Preprocessor) -> torch.Tensor:
-    """The CPU path's (3, S, S) output as uint8 (undoes its normalisation when it returns float)."""
-    if tensor.dtype == torch.uint8:
-        return tensor
-    mean = torch.tensor(preprocess.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(preprocess.std, dtype=torch.float32).view(3, 1, 1)
-    return (tensor * std + mean).mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
-
-
-class DeviceDecodeDataset(ImageDataset):
-    """Rows as :class:`_Item`: device-decodable JPEG bytes, or the CPU path's result for anything else.
-
-    Parameters
-    ----------
-    source : Manifest or sequence of paths
-        Images; the index is the manifest row (or list position).
-    preprocess : Preprocessor
-        Pixel limit and geometry (used to route) and the CPU path's preprocessing.
-    """
-
-    def cpu_item(self, row: int) -> _Item:
-        """Decode ``row`` on the CPU path (PIL), as :class:`ImageDataset` does."""
-        _, tensor, reason = super().__getitem__(row)
-        return _Item(row, None, (0, 0), 1, None if reason else _as_uint8(tensor, self.preprocess), reason)
-
-    def __getitem__(self, row: int) -> _Item:  # type: ignore[override]
-        try:
-            data = self.read_bytes(row)  # a file, a shard member or a URL
-        except OSError:
-            return self.cpu_item(row)  # reports missing / unreadable files by the usual reason
-        header = probe_header(data)
-        route = device_route(header, self.preprocess)
-        if route:
-            logger.debug("row %d goes to the CPU path: %s", row, route)
-            return self.cpu_item(row)
-        assert header is not None
-        return _Item(row, data, (header.height, header.width), header.orientation, None, "")
-
-
-def pack_items(items: Sequence[_Item] | PackedBatch) -> PackedBatch:
-    """Put a batch's file bytes in one uint8 tensor, its CPU crops in another, the rest in plain lists.
-
-    Runs as the DataLoader's collate function in the workers: a batch then
-    crosses to the main process as two shared-memory segments and a few
-    lists, not as one tensor per image (whose unpickling in the main process
-    competes with the decode and the forward for the GIL). Idempotent.
-    """
-    if isinstance(items, PackedBatch):
-        return items
-    items = list(items)
-    chunks = [item.data for item in items if item.data is not None]
-    data = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8) if chunks \
-        else torch.empty(0, dtype=torch.uint8)
-    crops = [item.crop for item in items if item.crop is not None]
-    return PackedBatch(rows=[item.row for item in items],
-                       data=data,
-                       lengths=[0 if item.data is None else len(item.data) for item in items],
-                       sizes=[item.size for item in items],
-                       orientations=[item.orientation for item in items],
-                       crops=torch.stack(crops) if crops else torch.empty(0, dtype=torch.uint8),
-                       reasons=[item.reason for item in items])
-
-
-def _reduce(image: torch.Tensor, scale: int) -> torch.Tensor:
-    """uint8 (3, H, W) -> uint8 (3, ceil(H / scale), ceil(W / scale)), each pixel the mean of its block."""
-    pooled = torch.nn.functional.avg_pool2d(image[None].to(torch.float32), scale, ceil_mode=True)
-    return pooled[0].round_().clamp_(0, 255).to(torch.uint8)
+    def summary(self, decoder: str) -> str:
+        """One log line: ``device decode (torchcodec on cuda): 4,096 rows on the device, ...``."""
+        return (f"device decode ({decoder}): {self.device:,} rows on the device, {self.cpu + self.rejected:,} on "
+                f"the CPU path ({self.rejected:,} rejected by the device decoder), {self.bad:,} bad")
 
 
 def _chunks(indices: list[int], sizes: Sequence[tuple[int, int]]) -> Iterator[list[int]]:
@@ -241,21 +171,25 @@ def _expected_shape(size: tuple[int, int], orientation: int, applies_exif: bool)
     return (3, width, height) if applies_exif and orientation >= 5 else (3, height, width)
 
 
-def decode_items(items: Sequence[_Item] | PackedBatch, dataset: DeviceDecodeDataset, decoder: DeviceDecoder) -> Batch:
+def decode_items(items: Sequence[DeviceItem] | PackedBatch, dataset: DeviceDecodeDataset, decoder: DeviceDecoder,
+                 stats: DecodeStats | None = None) -> Batch:
     """Turn one batch from the workers into ``(rows, images, reasons)`` on the decoder's device.
 
     Device rows are decoded in batched calls (one per ``_MAX_DECODE_PIXELS``),
-    oriented, then resized and cropped per size group; a file the device
-    rejects (or decodes to an unexpected shape) is redone on the CPU path alone.
+    then oriented, reduced, resized and cropped in one batched call per
+    group of the same stored size and orientation; a file the device rejects
+    (or decodes to an unexpected shape) is redone on the CPU path alone.
 
     Parameters
     ----------
-    items : PackedBatch or sequence of _Item
-        A worker's batch (:func:`pack_items` packs a sequence).
+    items : PackedBatch or sequence of DeviceItem
+        A reader's batch (:func:`~featcache.extract.decode.packing.pack_items` packs a sequence).
     dataset : DeviceDecodeDataset
         Preprocessing, and the CPU path for rejected files.
     decoder : DeviceDecoder
         The batched decoder (and device).
+    stats : DecodeStats, optional
+        Counts of where the rows were decoded, added to.
 
     Returns
     -------
@@ -276,38 +210,42 @@ def decode_items(items: Sequence[_Item] | PackedBatch, dataset: DeviceDecodeData
     cpu_good = [i for i, (length, reason) in enumerate(zip(batch.lengths, reasons)) if not length and not reason]
     if cpu_good:
         images[torch.tensor(cpu_good, device=device)] = batch.crops.to(device)
-    scales: dict[tuple[int, int], int] = {}  # stored size -> the CPU path's draft scale
     rejected: list[int] = []
     for chunk in _chunks(on_device, batch.sizes):
-        groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+        groups: dict[tuple[tuple[int, int], int], list[tuple[int, torch.Tensor]]] = {}
         for i, image in zip(chunk, decode_each(decoder, [views[i] for i in chunk])):
             stored, orientation = batch.sizes[i], batch.orientations[i]
             if image is None or tuple(image.shape) != _expected_shape(stored, orientation, decoder.applies_exif):
                 rejected.append(i)
                 continue
-            if not decoder.applies_exif:
-                image = orient(image, orientation)
-            scale = scales.get(stored)
-            if scale is None:
-                scale = scales[stored] = draft_scale(stored[1], stored[0], preprocess)
-            if scale > 1:  # the CPU path decodes large JPEGs at a reduced DCT scale: average scale x scale blocks
-                image = _reduce(image, scale)
-            groups.setdefault(tuple(image.shape[-2:]), []).append((i, image))
-        for members in groups.values():
+            groups.setdefault((stored, orientation), []).append((i, image))
+        for (stored, orientation), members in groups.items():
             index = torch.tensor([i for i, _ in members], device=device)
-            images[index] = resize_crop(torch.stack([image for _, image in members]), preprocess)
+            group = torch.stack([image for _, image in members])
+            if not decoder.applies_exif:
+                group = orient(group, orientation)
+            scale = draft_scale(stored[1], stored[0], preprocess)
+            if scale > 1:  # the CPU path decodes large JPEGs at a reduced DCT scale: average scale x scale blocks
+                group = _reduce(group, scale)
+            images[index] = resize_crop(group, preprocess)
     for i in rejected:  # the device decoder refused it: the CPU path decodes it, or says why it is bad
         item = dataset.cpu_item(batch.rows[i])
         reasons[i] = item.reason
         if item.crop is not None:
             images[i] = item.crop.to(device)
+    if stats is not None:
+        stats.device += len(on_device) - len(rejected)
+        stats.cpu += len(batch.rows) - len(on_device)
+        stats.rejected += len(rejected)
+        stats.bad += sum(1 for reason in reasons if reason)
     return torch.tensor(batch.rows, dtype=torch.int64), images, reasons
 
 
 def iter_device_batches(paths: Manifest | Sequence[str | os.PathLike], rows: Sequence[int], *,
                         preprocess: Preprocessor, device: str = "cpu", batch_size: int = 256,
                         num_workers: int | None = None, prefetch_factor: int = 4,
-                        background: bool | None = None) -> Iterator[Batch]:
+                        background: bool | None = None, reader: str = "processes",
+                        stats: DecodeStats | None = None) -> Iterator[Batch]:
     """Batches of device-decoded, resized, cropped uint8 images for the given rows.
 
     Parameters
@@ -323,12 +261,20 @@ def iter_device_batches(paths: Manifest | Sequence[str | os.PathLike], rows: Seq
     batch_size : int
         Rows per batch.
     num_workers : int, optional
-        Processes that read bytes and probe headers (and run the CPU path for
-        the files routed there); default :func:`~featcache.util.compute.default_num_workers`.
+        Processes (or threads) that read bytes and probe headers (and run the
+        CPU path for the files routed there); default
+        :func:`~featcache.util.compute.default_num_workers`.
     background : bool, optional
         Decode and resize in a thread, up to two batches ahead of the caller
         (default: on CUDA devices), so the next batch is prepared while the
-        caller runs the forward pass of this one.
+        caller runs the forward pass of this one. On CUDA that thread decodes
+        on its own stream and each batch reaches the caller's current stream
+        through an event (:class:`~featcache.extract.decode.streams.StreamHandoff`).
+    reader : {"processes", "threads"}
+        Who reads the files (:func:`~featcache.extract.decode.packing.iter_packed_batches`):
+        DataLoader worker processes, or a thread pool in this process (no process hop).
+    stats : DecodeStats, optional
+        Filled with where the rows were decoded; the run logs it when it ends.
 
     Yields
     ------
@@ -352,23 +298,33 @@ def iter_device_batches(paths: Manifest | Sequence[str | os.PathLike], rows: Seq
     rows = [int(row) for row in rows]
     batches = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
     workers = default_num_workers() if num_workers is None else int(num_workers)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=pack_items,
-                        prefetch_factor=prefetch_factor if workers > 0 else None)
-    decoded = (decode_items(items, dataset, decoder) for items in loader)
+    packed = iter_packed_batches(dataset, batches, reader=reader, num_workers=workers,
+                                 prefetch_factor=prefetch_factor)
+    decoded = _decode_all(packed, dataset, decoder, DecodeStats() if stats is None else stats)
     if background is None:
         background = decoder.device.startswith("cuda")
-    return _ahead(decoded) if background else decoded
+    return _ahead(decoded, StreamHandoff(decoder.device)) if background else decoded
+
+
+def _decode_all(packed: Iterator[PackedBatch], dataset: DeviceDecodeDataset, decoder: DeviceDecoder,
+                stats: DecodeStats) -> Iterator[Batch]:
+    """Decode each packed batch; log where the rows were decoded when the last one is done."""
+    for items in packed:
+        yield decode_items(items, dataset, decoder, stats)
+    logger.info(stats.summary(f"{decoder.name} on {decoder.device}"))
 
 
 _DONE = object()
 
 
-def _ahead(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
+def _ahead(batches: Iterator[Batch], handoff: StreamHandoff, depth: int = 2) -> Iterator[Batch]:
     """Run ``batches`` in a thread, up to ``depth`` batches ahead of the consumer.
 
-    On CUDA the next batch is decoded and resized while the caller runs the
-    forward of the current one. An exception in the thread is raised here;
-    closing this generator early stops the thread.
+    On CUDA the next batch is decoded and resized on ``handoff``'s stream
+    while the caller runs the forward of the current one on its own; each
+    batch is published on the decode stream in the thread and received on
+    the consumer's current stream here. An exception in the thread is raised
+    here; closing this generator early stops the thread.
     """
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -384,9 +340,10 @@ def _ahead(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
 
     def produce() -> None:
         try:
-            for batch in batches:
-                if not put(batch):
-                    return
+            with handoff.producing():
+                for batch in batches:
+                    if not put(handoff.publish(batch)):
+                        return
             put(_DONE)
         except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
             put(error)
@@ -400,7 +357,7 @@ def _ahead(batches: Iterator[Batch], depth: int = 2) -> Iterator[Batch]:
                 return
             if isinstance(value, BaseException):
                 raise value
-            yield value  # type: ignore[misc]
+            yield handoff.receive(value)
     finally:
         stop.set()
         thread.join()
