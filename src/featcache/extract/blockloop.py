@@ -189,6 +189,8 @@ class BatchForward:
     normalize : callable
         uint8 (B, 3, S, S) on the runner's device -> float32 input
         (:meth:`~featcache.extract.decode.preprocess.Preprocessor.normalize_batch`).
+    overlap : bool
+        False: never asynchronous (each launch returns finished features).
 
     Attributes
     ----------
@@ -201,7 +203,7 @@ class BatchForward:
         forward is done and the features are copied out on a side stream.
     """
 
-    def __init__(self, runner: Any, normalize: Callable[[Any], Any]) -> None:
+    def __init__(self, runner: Any, normalize: Callable[[Any], Any], overlap: bool = True) -> None:
         self.runner, self.normalize = runner, normalize
         device = getattr(runner, "input_device", "cpu")
         self.on_cpu = str(device) == "cpu"
@@ -214,7 +216,8 @@ class BatchForward:
             import torch
 
             self.device = torch.device(device)
-            self.asynchronous = self.device.type == "cuda" and callable(getattr(runner, "forward_pooled", None))
+            pooled = callable(getattr(runner, "forward_pooled", None))
+            self.asynchronous = overlap and self.device.type == "cuda" and pooled
             self._stream = torch.cuda.Stream(self.device) if self.asynchronous else None
 
     def launch(self, images: torch.Tensor | np.ndarray, good: np.ndarray) -> _Ready | _InFlight:

@@ -103,6 +103,7 @@ def extract_to_store(
     lock_timeout: float = 0.0,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
     loader_factory: LoaderFactory | None = None,
+    overlap: bool | None = None,
 ) -> ExtractionReport:
     """Extract every manifest row with ``runner`` and write one feature store.
 
@@ -136,6 +137,8 @@ def extract_to_store(
         ``loader_factory(rows, batch_size)`` -> batches of the rows to extract,
         following the batch contract of :func:`run_blocks`: the seam for a
         decoder of your own, used instead of the plan's loader.
+    overlap : bool, optional
+        Overlap decode, forward, copy-out and commits (see :func:`run_blocks`); default: on CUDA.
 
     Returns
     -------
@@ -160,7 +163,7 @@ def extract_to_store(
         run_blocks(manifest, runner, writer, pending, preprocess=preprocess, layer_specs=layer_specs,
                    batch_size=batch_size, num_workers=plan.num_workers if plan else None,
                    loader=plan.loader if plan else None, on_error=on_error, progress=progress,
-                   label=Path(out).name, batches=batches)
+                   label=Path(out).name, batches=batches, overlap=overlap)
         check_bad_rows(writer.committed_errors(), len(manifest), max_bad_fraction, out)
         path = writer.finalize()
     return build_report(path, manifest, n_extracted=len(rows), n_resumed_blocks=n_resumed,
@@ -360,7 +363,11 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
         Use these batches instead of the plan's loader (see the contract); a
         generator is closed when the loop ends.
     overlap : bool, optional
-        Commit in a writer thread; default: on CUDA only.
+        Overlap the stages: the device loader decodes in a thread on its own
+        stream, the forward's features are copied out on a side stream while
+        the next batch runs, blocks are committed in a writer thread. Default:
+        on CUDA only. ``False`` runs every step in order on the calling thread
+        (the reference the GPU tests hold the overlapped loop to, byte for byte).
 
     Returns
     -------
@@ -371,11 +378,13 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
     rows = np.fromiter((row for block in blocks for row in sink.block_range(block)), dtype=np.int64)
     if rows.size == 0:
         return []
-    forward = BatchForward(runner, preprocess.normalize_batch)
+    forward = BatchForward(runner, preprocess.normalize_batch, overlap=overlap is not False)
+    overlapped = forward.asynchronous if overlap is None else overlap
     if batches is None:
         batches = make_batches(loader or ("arrays" if forward.on_cpu else "torch"), manifest, rows.tolist(),
                                preprocess, batch_size=batch_size, num_workers=num_workers,
-                               device=str(forward.device), dataset=dataset)
+                               device=str(forward.device), dataset=dataset,
+                               background=None if overlap is None else overlap)
     assembler = BlockAssembler(sink.block_rows, sink.n_rows, {spec.alias: spec.dim for spec in layer_specs},
                                manifest.ids)
     meter = Progress(label, rows.size, progress)
@@ -385,7 +394,7 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
         sink.commit_block(finished.block, finished.kept_rows, finished.features, errors=finished.errors)
         meter.block_committed(finished.kept_rows.size + len(finished.errors))
 
-    commits = CommitQueue(commit, threaded=forward.asynchronous if overlap is None else overlap)
+    commits = CommitQueue(commit, threaded=overlapped)
     in_flight: tuple[np.ndarray, np.ndarray, list[str], Any] | None = None
 
     def finish() -> None:  # place the batch in flight; commit the blocks it completes
@@ -430,7 +439,7 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
 
 def make_batches(loader: str, manifest: Manifest, rows: Sequence[int], preprocess: Preprocessor, *,
                  batch_size: int, num_workers: int | None = None, device: str = "cpu",
-                 dataset: ImageReader | None = None) -> Iterable[Batch]:
+                 dataset: ImageReader | None = None, background: bool | None = None) -> Iterable[Batch]:
     """The batches of ``rows`` that a plan's ``loader`` gives (the batch contract of :func:`run_blocks`).
 
     Parameters
@@ -452,6 +461,8 @@ def make_batches(loader: str, manifest: Manifest, rows: Sequence[int], preproces
         Where the runner takes its input (the ``device`` loader decodes there).
     dataset : ImageReader, optional
         The images (default: a new reader over ``manifest``).
+    background : bool, optional
+        ``device`` loader: decode in a thread ahead of the caller (default: on CUDA).
     """
     if loader not in LOADERS:
         raise ValueError(f"loader {loader!r} is not one of {LOADERS}.")
@@ -459,7 +470,7 @@ def make_batches(loader: str, manifest: Manifest, rows: Sequence[int], preproces
         from featcache.extract.decode.device import iter_device_batches
 
         return iter_device_batches(manifest, rows, preprocess=preprocess, device=device, batch_size=batch_size,
-                                   num_workers=num_workers)
+                                   num_workers=num_workers, background=background)
     if loader == "arrays":
         reader = dataset if dataset is not None else ImageReader(manifest, preprocess)
         return iter_array_batches(reader, rows, batch_size, num_workers)
