@@ -1,25 +1,32 @@
-"""GPU extraction benchmark: forward ceiling, featcache CPU decode, featcache GPU decode, plain DataLoader peer.
+"""GPU extraction benchmark: forward ceiling, featcache's decode paths end to end, plain DataLoader peer.
 
-One command, made for one H100/H200 machine (16 cores), under 5 minutes::
+One command, made for one H100/H200 machine (16 cores), in a few minutes::
 
     python benchmarks/bench_gpu.py                       # writes bench_gpu.json + bench_gpu.md under $OUT
     python benchmarks/bench_gpu.py --out results/ --images 4096 --repeats 3
     python benchmarks/bench_gpu.py --smoke               # seconds on a CPU: tiny images, tiny input, CPU device
 
 For each backbone (resnet50 and EfficientNet-Lite0, random weights: speed does
-not depend on them), on ``--images`` generated 500x375 JPEGs (written by a
-process pool on the machine), batch 256, channels_last, fp16 autocast on CUDA:
+not depend on them), on ``--images`` generated 500x375 JPEGs (written once by a
+process pool on the machine, the same files for every case), batch 256,
+channels_last, fp16 autocast on CUDA:
 
-forward     pure forward of a random batch already on the device (the ceiling)
-cpu-decode  featcache ``extract_to_store`` with the plan of ``extract.decode: cpu``: PIL decode in DataLoader
-            workers, HDF5 store
-gpu-decode  featcache ``extract_to_store`` with the plan of ``extract.decode: gpu`` (``auto`` on CUDA): batched
-            device JPEG decode, HDF5 store: what the extract stage runs
-peer        plain torchvision ``ImageFolder`` + ``DataLoader(--workers)`` + FX (timm: pooled
-            ``forward``), float32 tensors, features copied to the host, as a user writes it
+forward         pure forward of a random batch already on the device (the ceiling)
+gpu-decode      featcache ``extract_to_store`` as the extract stage runs it with ``extract.decode: gpu``:
+                worker processes read bytes and probe headers, batched device JPEG decode in a thread on
+                its own CUDA stream, overlapped forward, copy-out and commits, HDF5 store
+gpu-threads     the same with the files read by a thread pool in the main process (no process hop)
+gpu-sync        the same with ``overlap=False``: decode, forward and commits in order on one thread
+cpu-decode      ``extract.decode: cpu``: PIL decode in DataLoader workers, HDF5 store
+peer            plain torchvision ``ImageFolder`` + ``DataLoader(--workers)`` + FX (timm: pooled
+                ``forward``), float32 tensors, features copied to the host, as a user writes it
 
-End-to-end numbers are the median of ``--repeats`` runs after one warm-up run
-of each loader; every case uses the same ``--workers``. Ratios are same-run.
+Every end-to-end case runs once to warm up, then the cases are interleaved
+(A B C ... then reversed, ``--repeats`` rounds) and each reports the median
+rate. Every featcache case checks its store: all rows present, none bad, and
+for the device-decode cases how many rows the device decoded and how many took
+the CPU path, and the per-row cosine of the features against the CPU-decode
+store (min and median over all rows). Ratios are same-run.
 """
 
 from __future__ import annotations
@@ -35,20 +42,38 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from featcache.extract.decode.decoders import gpu_decode_status
-from featcache.extract.decode.device import iter_device_batches
+from featcache.extract.decode.device import DecodeStats, iter_device_batches
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.engine import extract_to_store
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.plan import ExtractionPlan, build_runner, plan_extraction
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.extract.zoo.weights import load_backbone
+from featcache.store import FeatureStore
 
 CLASSES = ("a", "b")
+
+#: End-to-end cases in table order; the device-decode ones with their ``iter_device_batches`` options.
+DEVICE_CASES: dict[str, dict[str, Any]] = {
+    "gpu-decode": {"reader": "processes", "overlap": None},
+    "gpu-threads": {"reader": "threads", "overlap": None},
+    "gpu-sync": {"reader": "processes", "overlap": False},
+}
+CASES = ("forward", *DEVICE_CASES, "cpu-decode", "peer")
+LABELS = {
+    "forward": "pure forward (random on-device batch)",
+    "gpu-decode": "featcache GPU decode, end to end (`extract.decode: gpu`)",
+    "gpu-threads": "featcache GPU decode, files read by threads (no process hop)",
+    "gpu-sync": "featcache GPU decode, synchronous loop (`overlap=False`)",
+    "cpu-decode": "featcache CPU decode, end to end (PIL in workers)",
+    "peer": "plain ImageFolder + DataLoader + FX, float32 to the device",
+}
 
 
 def _write_jpeg(job: tuple[str, int, int, int]) -> None:
@@ -78,7 +103,8 @@ def make_jpegs(root: Path, n: int, size: tuple[int, int] = (500, 375), processes
                     classes=list(CLASSES), root=root)
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA), else nothing."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -88,38 +114,65 @@ def bench_forward(runner: TorchFeatureExtractor, size: int, batch: int, device: 
     x = torch.randn(batch, 3, size, size, device=device)
     for _ in range(3):
         runner.forward_raw(x)
-    _sync(device)
+    sync(device)
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         runner.forward_raw(x)
         count += batch
-    _sync(device)
+    sync(device)
     return count / (time.perf_counter() - started)
 
 
-def plan_for(args, decode: str) -> ExtractionPlan:
+def plan_for(args: argparse.Namespace, decode: str) -> ExtractionPlan:
     """The plan the extract stage makes for these settings (torch, ``--device``, fp16 on CUDA with ``--fp16``)."""
     return plan_extraction(device=args.device, backend="torch", autocast="fp16" if args.fp16 else "none",
                            decode=decode, num_workers=args.workers)
 
 
-def run_extract(manifest, runner, preprocess, work: Path, args, decode: str) -> None:
-    """What the extract stage runs with ``extract.decode: <decode>``: the plan's loader through the engine's loop."""
-    out = work / f"{decode}.h5"
-    extract_to_store(manifest, runner, preprocess, out, plan=plan_for(args, decode),
-                     config={"bench": f"{decode}-decode"}, batch_size=args.batch_size, block_rows=1024,
-                     progress=False)
-    out.unlink()
+def run_featcache(case: str, manifest: Manifest, runner, preprocess: Preprocessor, out: Path,
+                  args: argparse.Namespace) -> DecodeStats | None:
+    """One featcache case to a finished store at ``out``; the device decode's counts (None for ``cpu-decode``).
+
+    The device cases pass the engine's own loader call (``iter_device_batches`` with
+    the plan's workers, as ``make_batches`` makes it) through ``loader_factory``
+    only to choose the reader and to collect its :class:`DecodeStats`.
+    """
+    out.unlink(missing_ok=True)
+    if case == "cpu-decode":
+        extract_to_store(manifest, runner, preprocess, out, plan=plan_for(args, "cpu"),
+                         config={"bench": case}, batch_size=args.batch_size, block_rows=1024, progress=False)
+        return None
+    options, stats = DEVICE_CASES[case], DecodeStats()
+    plan = plan_for(args, "gpu")
+
+    def loader(rows, batch_size):
+        return iter_device_batches(manifest, rows, preprocess=preprocess, device=args.device,
+                                   batch_size=batch_size, num_workers=plan.num_workers, reader=options["reader"],
+                                   background=options["overlap"], stats=stats)
+
+    extract_to_store(manifest, runner, preprocess, out, plan=plan, config={"bench": case},
+                     batch_size=args.batch_size, block_rows=1024, progress=False, loader_factory=loader,
+                     overlap=options["overlap"])
+    return stats
 
 
-def _with_switch_interval(seconds: float, fn) -> None:
-    """Run ``fn`` with the interpreter's thread switch interval set to ``seconds`` (default 5 ms)."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(seconds)
-    try:
-        fn()
-    finally:
-        sys.setswitchinterval(previous)
+def check_store(path: Path, reference: Path | None, stats: DecodeStats | None, n_rows: int) -> dict[str, Any]:
+    """Rows, bad rows, device/CPU counts and the cosine of every row against the CPU-decode store."""
+    store = FeatureStore(path)
+    facts: dict[str, Any] = {"rows": store.n_rows, "bad": len(store.errors())}
+    if store.n_rows != n_rows or facts["bad"]:
+        raise AssertionError(f"{path.name}: {store.n_rows} rows ({facts['bad']} bad), expected {n_rows} good")
+    if stats is not None:
+        facts.update(device_rows=stats.device, cpu_rows=stats.cpu, rejected=stats.rejected)
+    if reference is not None:
+        cpu = FeatureStore(reference)
+        for layer in store.layers:
+            a, b = store.read(layer), cpu.read(layer)
+            cosine = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+            facts[f"cosine_{layer}"] = {"min": float(cosine.min()), "median": float(np.median(cosine))}
+        cpu.close()
+    store.close()
+    return facts
 
 
 def _peer_model(name: str, model: torch.nn.Module, device: str):
@@ -134,7 +187,8 @@ def _peer_model(name: str, model: torch.nn.Module, device: str):
     return net.eval().to(device).to(memory_format=torch.channels_last)
 
 
-def run_peer(name: str, net, preprocess: Preprocessor, root: Path, args) -> None:
+def run_peer(net, preprocess: Preprocessor, root: Path, args: argparse.Namespace) -> None:
+    """ImageFolder + DataLoader + the model, features to the host: the loop a user writes."""
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
@@ -157,128 +211,89 @@ def run_peer(name: str, net, preprocess: Preprocessor, root: Path, args) -> None
     assert sum(len(c) for c in chunks) == len(loader.dataset)
 
 
-def _timed(fn, n_images: int, repeats: int, device: str) -> dict[str, float]:
-    fn()  # warm-up: workers, cudnn autotuning, decoder initialisation
-    rates = []
-    for _ in range(repeats):
-        _sync(device)
-        started = time.perf_counter()
-        fn()
-        _sync(device)
-        rates.append(n_images / (time.perf_counter() - started))
-    return {"img_per_s": statistics.median(rates), "runs": rates}
+def timed(fn: Callable[[], Any], n_images: int, device: str) -> tuple[float, Any]:
+    """Images per second of one call of ``fn`` (device work included), and what it returned."""
+    sync(device)
+    started = time.perf_counter()
+    value = fn()
+    sync(device)
+    return n_images / (time.perf_counter() - started), value
 
 
-def bench_backbone(name: str, manifest: Manifest, root: Path, work: Path, args) -> dict[str, dict]:
+def interleaved(cases: dict[str, Callable[[], Any]], n_images: int, repeats: int,
+                device: str) -> dict[str, dict[str, Any]]:
+    """Each case once to warm up, then ``repeats`` rounds in alternating order; median img/s per case."""
+    runs: dict[str, list[float]] = {case: [] for case in cases}
+    last: dict[str, Any] = {}
+    for fn in cases.values():
+        fn()  # warm-up: workers, cudnn autotuning, decoder initialisation
+    for round_ in range(repeats):
+        order = list(cases) if round_ % 2 == 0 else list(reversed(cases))
+        for case in order:
+            rate, last[case] = timed(cases[case], n_images, device)
+            runs[case].append(rate)
+    return {case: {"img_per_s": statistics.median(rates), "runs": rates, "last": last.get(case)}
+            for case, rates in runs.items()}
+
+
+def bench_backbone(name: str, manifest: Manifest, root: Path, work: Path, args: argparse.Namespace) -> dict:
+    """Every case of one backbone: img/s (median), and the checks of each featcache store."""
     loaded = load_backbone(name, "random")
     preprocess = Preprocessor.from_spec(loaded.spec, input_size=args.input_size)
     runner, _ = build_runner(loaded, ["default"], plan_for(args, "gpu"), channels_last=True)
-    size, n = preprocess.input_size, len(manifest)
-    results = {"forward": {"img_per_s": bench_forward(runner, size, args.batch_size, args.device, args.seconds)}}
+    n = len(manifest)
+    results: dict[str, dict[str, Any]] = {
+        "forward": {"img_per_s": bench_forward(runner, preprocess.input_size, args.batch_size, args.device,
+                                               args.seconds)}}
     print(f"  {name} forward: {results['forward']['img_per_s']:,.0f} img/s", flush=True)
-    cases = {
-        "cpu-decode": lambda: run_extract(manifest, runner, preprocess, work, args, "cpu"),
-        "gpu-decode": lambda: run_extract(manifest, runner, preprocess, work, args, "gpu"),
-        "gpu-decode-si": lambda: _with_switch_interval(
-            5e-4, lambda: run_extract(manifest, runner, preprocess, work, args, "gpu")),
-    }
+    stores = {case: work / f"{name}-{case}.h5" for case in (*DEVICE_CASES, "cpu-decode")}
+    cases: dict[str, Callable[[], Any]] = {
+        case: (lambda case=case: run_featcache(case, manifest, runner, preprocess, stores[case], args))
+        for case in stores}
     net = _peer_model(name, loaded.model, args.device)
-    cases["peer"] = lambda: run_peer(name, net, preprocess, root, args)
-    for case, fn in cases.items():
-        results[case] = _timed(fn, n, args.repeats, args.device)
-        print(f"  {name} {case}: {results[case]['img_per_s']:,.0f} img/s", flush=True)
+    cases["peer"] = lambda: run_peer(net, preprocess, root, args)
+    for case, result in interleaved(cases, n, args.repeats, args.device).items():
+        stats = result.pop("last")
+        if case in stores:
+            reference = stores["cpu-decode"] if case in DEVICE_CASES else None
+            result["store"] = check_store(stores[case], reference, stats, n)
+        results[case] = result
+        print(f"  {name} {case}: {result['img_per_s']:,.0f} img/s {result.get('store', '')}", flush=True)
     return results
 
 
-def _rate(fn, n_images: int, device: str) -> float:
-    _sync(device)
-    started = time.perf_counter()
-    fn()
-    _sync(device)
-    return n_images / (time.perf_counter() - started)
-
-
-def breakdown(name: str, manifest: Manifest, args) -> dict[str, float]:
-    """img/s of each stage of the GPU-decode path alone, then chained, to find the one that bounds it.
-
-    loader        DataLoader workers reading bytes and probing headers, batches collated (no decode)
-    decode        batched device decode of batches already in the main process
-    decode+resize ``decode_items`` (decode, orient, resize, crop) on batches already in the main process
-    loader+decode ``iter_device_batches`` consumed without a forward
-    forward       normalise + pooled forward + copy to the host of uint8 device batches already made
-    """
-    from torch.utils.data import DataLoader
-
-    from featcache.extract.decode.decoders import decode_each, select_decoder
-    from featcache.extract.decode.device import DeviceDecodeDataset, decode_items
-    from featcache.extract.decode.packing import pack_items
-
-    loaded = load_backbone(name, "random")
-    preprocess = Preprocessor.from_spec(loaded.spec, input_size=args.input_size)
-    runner, _ = build_runner(loaded, ["default"], plan_for(args, "gpu"), channels_last=True)
-    dataset = DeviceDecodeDataset(manifest, preprocess)
-    decoder = select_decoder(args.device)
-    rows = list(range(len(manifest)))
-    batches = [rows[start:start + args.batch_size] for start in range(0, len(rows), args.batch_size)]
-
-    def loader():
-        return DataLoader(dataset, batch_sampler=batches, num_workers=args.workers, collate_fn=pack_items,
-                          prefetch_factor=4 if args.workers else None)
-
-    n = len(manifest)
-    held = list(loader())
-    decoded = [decode_items(items, dataset, decoder) for items in held]  # warm-up, and the forward's input
-    out: dict[str, float] = {}
-    out["loader"] = _rate(lambda: sum(len(b.rows) for b in loader()), n, args.device)
-    out["decode"] = _rate(lambda: [decode_each(decoder, list(torch.split(b.data, [k for k in b.lengths if k])))
-                                   for b in held], n, args.device)
-    out["decode+resize"] = _rate(lambda: [decode_items(items, dataset, decoder) for items in held], n, args.device)
-    for label, background in (("loader+decode", True), ("loader+decode, inline", False)):
-        out[label] = _rate(lambda background=background: [b for b in iter_device_batches(
-            manifest, rows, preprocess=preprocess, device=args.device, batch_size=args.batch_size,
-            num_workers=args.workers, background=background)], n, args.device)
-
-    def forward():
-        for _, images, _ in decoded:
-            features = runner.forward_pooled(preprocess.normalize_batch(images))
-            {k: v.cpu() for k, v in features.items()}
-
-    forward()
-    out["forward"] = _rate(forward, n, args.device)
-    for stage, rate in out.items():
-        print(f"  {name} breakdown {stage}: {rate:,.0f} img/s", flush=True)
-    return out
-
-
 def device_name(device: str) -> str:
+    """The GPU's name, or the CPU's with its core count."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def markdown(report: dict) -> str:
-    rows = ["forward", "cpu-decode", "gpu-decode", "gpu-decode-si", "peer"]
-    labels = {"forward": "pure forward (random on-device batch)", "cpu-decode": "featcache CPU decode, end to end",
-              "gpu-decode": "featcache GPU decode, end to end (decode thread)",
-              "gpu-decode-si": "featcache GPU decode, end to end (decode thread, 0.5 ms switch interval)",
-              "peer": f"plain ImageFolder + DataLoader({report['workers']} workers) + FX"}
+    """The README table: img/s per case and backbone, the same-run ratios, the store checks."""
     names = list(report["results"])
     lines = [f"{report['device_name']}, {report['images']} JPEGs {report['image_size']}, batch "
              f"{report['batch_size']}, channels_last, {report['precision']}, {report['workers']} workers, "
-             f"median of {report['repeats']}; torch {report['torch']}; decoder: {report['decoder']}", "",
-             "| img/s | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for row in rows:
-        lines.append(f"| {labels[row]} | " + " | ".join(f"{report['results'][n][row]['img_per_s']:,.0f}"
-                                                         for n in names) + " |")
+             f"interleaved, median of {report['repeats']}; torch {report['torch']}; decoder: {report['decoder']}",
+             "", "| img/s | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    for case in CASES:
+        lines.append(f"| {LABELS[case]} | " + " | ".join(f"{report['results'][n][case]['img_per_s']:,.0f}"
+                                                          for n in names) + " |")
     for n in names:
         r = report["results"][n]
-        lines.append(f"\n{n}: gpu-decode / peer = {r['gpu-decode']['img_per_s'] / r['peer']['img_per_s']:.2f}x, "
-                     f"cpu-decode / peer = {r['cpu-decode']['img_per_s'] / r['peer']['img_per_s']:.2f}x, "
-                     f"gpu-decode / forward = {r['gpu-decode']['img_per_s'] / r['forward']['img_per_s']:.2f}")
+        rate = {case: r[case]["img_per_s"] for case in CASES}
+        lines.append(f"\n{n}: gpu-decode / forward = {rate['gpu-decode'] / rate['forward']:.2f}, gpu-decode / "
+                     f"peer = {rate['gpu-decode'] / rate['peer']:.2f}x, gpu-threads / gpu-decode = "
+                     f"{rate['gpu-threads'] / rate['gpu-decode']:.2f}x, gpu-sync / gpu-decode = "
+                     f"{rate['gpu-sync'] / rate['gpu-decode']:.2f}x, cpu-decode / peer = "
+                     f"{rate['cpu-decode'] / rate['peer']:.2f}x")
+        for case in DEVICE_CASES:
+            lines.append(f"- {case} store: {json.dumps(r[case]['store'])}")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; ``--smoke`` shrinks everything to a seconds-long CPU run."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default=os.environ.get("OUT") or "bench_gpu_out", help="results folder")
     parser.add_argument("--images", type=int, default=4096)
@@ -290,8 +305,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--input-size", type=int, default=None, help="override the registry's input size")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run that exercises every case")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="also time each stage of the GPU-decode path alone (loader, decode, resize, forward)")
     args = parser.parse_args(argv)
     if args.smoke:
         args.images, args.batch_size, args.workers, args.repeats, args.seconds = 6, 4, 0, 1, 0.1
@@ -304,6 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run every backbone and case; write ``bench_gpu.json`` and ``bench_gpu.md`` under ``--out``."""
     args = parse_args(argv)
     started = time.perf_counter()
     ok, decoder = gpu_decode_status(args.device)
@@ -317,8 +331,6 @@ def main(argv: list[str] | None = None) -> dict:
         manifest = make_jpegs(work / "images", args.images, image_size, processes=1 if args.smoke else None)
         print(f"{args.images} JPEGs written in {time.perf_counter() - started:.1f} s; device "
               f"{device_name(args.device)}; {decoder}", flush=True)
-        breakdowns = {name: breakdown(name, manifest, args)
-                      for name in args.backbones.split(",")} if args.breakdown else {}
         results = {name: bench_backbone(name, manifest, work / "images", work, args)
                    for name in args.backbones.split(",")}
     finally:
@@ -327,8 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
               "image_size": "x".join(map(str, image_size)), "batch_size": args.batch_size, "workers": args.workers,
               "repeats": args.repeats, "precision": "fp16 autocast" if args.fp16 else "float32",
               "torch": torch.__version__, "decoder": decoder,
-              "cpu_count": os.cpu_count(), "seconds": round(time.perf_counter() - started, 1), "results": results,
-              "breakdown": breakdowns}
+              "cpu_count": os.cpu_count(), "seconds": round(time.perf_counter() - started, 1), "results": results}
     (out / "bench_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
     (out / "bench_gpu.md").write_text(table)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on a lent H100/H200 machine: the GPU-marked tests, then benchmarks/bench_gpu.py; results under $OUT.
+# One call on a lent H100/H200 machine: the GPU-marked tests, benchmarks/profile_gpu.py (stages alone and a
+# torch.profiler trace), then benchmarks/bench_gpu.py (interleaved end-to-end cases); results under $OUT.
 # Here, first: `bash ../shared/gpu/make_wheels.sh` (wheels the machine lacks, into the git-excluded .whl/).
 # Then, with the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540).
 # Each step has its own time limit, so the call ends inside the tool's 10 minutes whatever happens.
@@ -13,7 +14,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, torchvision, timm, onnxruntime; print('torch', torch.__version__, 'torchvision',
 torchvision.__version__, 'timm', timm.__version__, 'onnxruntime', onnxruntime.__version__)" | tee -a "$OUT/device.txt"
 # Only the files that hold GPU-marked tests: collecting the whole suite would import tools the machine lacks.
-timeout 180 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu -rs \
+timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu -rs \
   tests/extract/decode/test_device.py tests/extract/test_engine.py tests/finetune/test_finetune.py 2>&1 |
   tee "$OUT/gpu_tests.log"
-timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
+timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_gpu.py --out "$OUT" 2>&1 | tee "$OUT/profile_gpu.log"
+timeout "${BENCH_TIMEOUT:-270}" python3 benchmarks/bench_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_gpu.log"

@@ -361,7 +361,32 @@ def test_bench_gpu_smoke(tmp_path):
     report = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert set(report["results"]) == {"resnet18", "efficientnet_lite0"}
     for results in report["results"].values():
-        assert set(results) == {"forward", "cpu-decode", "gpu-decode", "gpu-decode-si", "peer"}
+        assert set(results) == set(bench.CASES)
         assert all(case["img_per_s"] > 0 for case in results.values())
+        for case in bench.DEVICE_CASES:  # every row decoded on the device, features as the CPU path's
+            store = results[case]["store"]
+            assert (store["rows"], store["bad"], store["device_rows"], store["cpu_rows"]) == (6, 0, 6, 0)
+            assert all(store[key]["min"] > 0.99 for key in store if key.startswith("cosine_"))
     table = (tmp_path / "bench_gpu.md").read_text()
     assert "featcache GPU decode, end to end" in table and "| resnet18 | efficientnet_lite0 |" in table
+
+
+def test_profile_gpu_smoke(tmp_path, monkeypatch):
+    """benchmarks/profile_gpu.py times every stage alone and traces the loop with its labels (tiny CPU mode)."""
+    import gzip
+    import importlib
+    import json
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[3] / "benchmarks"))
+    profile_gpu = importlib.import_module("profile_gpu")
+    profile_gpu.main(["--smoke", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "profile_gpu.json").read_text())
+    assert set(report["stages"]) == {"read (processes)", "read (threads)", "decode", "decode+resize",
+                                     "read (processes) + decode", "read (threads) + decode", "forward + copy-out"}
+    trace = report["trace"]
+    assert trace["images"] == 8 and trace["gpu_busy_fraction"] is None  # no kernels on the CPU
+    labels = trace["us_per_image_by_label"]
+    assert all(labels[label] > 0 for label in ("featcache.read_files", "featcache.device_decode",
+                                                "featcache.forward"))
+    with gzip.open(tmp_path / "profile_gpu_trace.json.gz", "rt") as trace_file:
+        assert "featcache.device_decode" in trace_file.read()

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
+from torch.profiler import record_function
 
 from featcache.extract.decode.decoders import DeviceDecoder, decode_each, select_decoder
 from featcache.extract.decode.loaders import Batch
@@ -308,9 +309,19 @@ def iter_device_batches(paths: Manifest | Sequence[str | os.PathLike], rows: Seq
 
 def _decode_all(packed: Iterator[PackedBatch], dataset: DeviceDecodeDataset, decoder: DeviceDecoder,
                 stats: DecodeStats) -> Iterator[Batch]:
-    """Decode each packed batch; log where the rows were decoded when the last one is done."""
-    for items in packed:
-        yield decode_items(items, dataset, decoder, stats)
+    """Decode each packed batch; log where the rows were decoded when the last one is done.
+
+    The wait for the readers and the decode are labelled for ``torch.profiler``
+    (``featcache.read_files``, ``featcache.device_decode``; ``benchmarks/profile_gpu.py``).
+    """
+    while True:
+        with record_function("featcache.read_files"):
+            items = next(packed, None)
+        if items is None:
+            break
+        with record_function("featcache.device_decode"):
+            batch = decode_items(items, dataset, decoder, stats)
+        yield batch
     logger.info(stats.summary(f"{decoder.name} on {decoder.device}"))
 
 
@@ -352,7 +363,8 @@ def _ahead(batches: Iterator[Batch], handoff: StreamHandoff, depth: int = 2) -> 
     thread.start()
     try:
         while True:
-            value = ready.get()
+            with record_function("featcache.wait_for_input"):
+                value = ready.get()
             if value is _DONE:
                 return
             if isinstance(value, BaseException):

@@ -1,0 +1,208 @@
+"""Where the GPU extraction's time goes: each stage alone, then a ``torch.profiler`` trace of the real loop.
+
+Made for the same device call as ``bench_gpu.py`` (``benchmarks/gpu_check.sh``)::
+
+    python benchmarks/profile_gpu.py --out $OUT               # resnet50, 20 batches of 256 JPEGs
+    python benchmarks/profile_gpu.py --smoke --out /tmp/p     # seconds on a CPU
+
+1. **Stages alone** (img/s, each with its input already at hand): the readers
+   (worker processes, or threads) delivering packed batches; the batched device
+   decode; decode + orient + resize + crop; readers and decode chained
+   (``iter_device_batches``, no forward); normalise + forward + copy-out of
+   decoded device batches.
+2. **Trace**: one warm-up extraction, then the same ``--batches`` batches through
+   ``extract_to_store`` (``extract.decode: gpu``, the engine's loop, HDF5 store)
+   under ``torch.profiler`` (CPU and CUDA activities). The loop's own labels
+   (``featcache.read_files``, ``featcache.device_decode``,
+   ``featcache.wait_for_input``) and this script's (``featcache.forward``)
+   show, per image, the time the main thread waits for input, the time spent
+   decoding, and how much of the wall time the GPU runs kernels at all.
+
+Writes ``profile_gpu.json`` (the numbers), ``profile_gpu.md`` (tables) and
+``profile_gpu_trace.json.gz`` (open in Perfetto or chrome://tracing) under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from bench_gpu import device_name, make_jpegs, plan_for, sync, timed
+from featcache.extract.decode.decoders import decode_each, gpu_decode_status, select_decoder
+from featcache.extract.decode.device import DeviceDecodeDataset, decode_items, iter_device_batches
+from featcache.extract.decode.packing import READERS, iter_packed_batches
+from featcache.extract.decode.preprocess import Preprocessor
+from featcache.extract.engine import extract_to_store
+from featcache.extract.plan import build_runner
+from featcache.extract.zoo.weights import load_backbone
+
+#: Labels whose total time per image the summary reports (CPU time on the thread that records them).
+LABELS = ("featcache.wait_for_input", "featcache.read_files", "featcache.device_decode", "featcache.forward")
+
+
+class LabelledRunner:
+    """A runner whose forwards are labelled ``featcache.forward`` in the trace (everything else delegated)."""
+
+    def __init__(self, runner: Any) -> None:
+        self._runner = runner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runner, name)
+
+    def forward_pooled(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        with record_function("featcache.forward"):
+            return self._runner.forward_pooled(batch)
+
+    def __call__(self, batch: Any) -> dict[str, Any]:
+        with record_function("featcache.forward"):
+            return self._runner(batch)
+
+
+def stages(manifest, runner, preprocess: Preprocessor, args: argparse.Namespace) -> dict[str, float]:
+    """img/s of each stage of the device-decode path alone, then chained (see the module docstring)."""
+    dataset = DeviceDecodeDataset(manifest, preprocess)
+    decoder = select_decoder(args.device)
+    rows = list(range(len(manifest)))
+    batches = [rows[start:start + args.batch_size] for start in range(0, len(rows), args.batch_size)]
+    n = len(rows)
+    held = list(iter_packed_batches(dataset, batches, num_workers=args.workers))
+    decoded = [decode_items(items, dataset, decoder) for items in held]  # warm-up, and the forward's input
+    out: dict[str, float] = {}
+    for reader in READERS:
+        out[f"read ({reader})"] = timed(lambda reader=reader: sum(len(b.rows) for b in iter_packed_batches(
+            dataset, batches, reader=reader, num_workers=args.workers)), n, args.device)[0]
+    out["decode"] = timed(lambda: [decode_each(decoder, list(torch.split(b.data, [k for k in b.lengths if k])))
+                                   for b in held], n, args.device)[0]
+    out["decode+resize"] = timed(lambda: [decode_items(items, dataset, decoder) for items in held], n,
+                                 args.device)[0]
+    for reader in READERS:
+        out[f"read ({reader}) + decode"] = timed(lambda reader=reader: [b for b in iter_device_batches(
+            manifest, rows, preprocess=preprocess, device=args.device, batch_size=args.batch_size,
+            num_workers=args.workers, reader=reader)], n, args.device)[0]
+
+    def forward() -> None:
+        for _, images, _ in decoded:
+            features = runner.forward_pooled(preprocess.normalize_batch(images))
+            {k: v.cpu() for k, v in features.items()}
+
+    forward()
+    out["forward + copy-out"] = timed(forward, n, args.device)[0]
+    return out
+
+
+def busy_fraction(intervals: list[tuple[float, float]], wall_us: float) -> float:
+    """The fraction of ``wall_us`` covered by the union of ``(start, end)`` intervals (µs)."""
+    covered, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            covered += end - max(start, reach)
+            reach = end
+    return covered / wall_us if wall_us > 0 else 0.0
+
+
+def trace(manifest, runner, preprocess: Preprocessor, work: Path, args: argparse.Namespace,
+          out: Path) -> dict[str, Any]:
+    """Profile the extraction loop over every image; the per-image summary (also writes the trace)."""
+    n = len(manifest)
+    labelled = LabelledRunner(runner)
+
+    def run() -> None:
+        store = work / "profile.h5"
+        store.unlink(missing_ok=True)
+        extract_to_store(manifest, labelled, preprocess, store, plan=plan_for(args, "gpu"), config={"bench": "profile"},
+                         batch_size=args.batch_size, block_rows=1024, progress=False)
+
+    run()  # warm-up: workers, cudnn autotuning, decoder initialisation
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        rate, _ = timed(run, n, args.device)
+    wall_us = n / rate * 1e6
+    events = prof.events()
+    kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA"]
+    labels = {label: sum(e.cpu_time_total for e in events if e.name == label) / n for label in LABELS}
+    raw = out / "profile_gpu_trace.json"
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as source, gzip.open(str(raw) + ".gz", "wb") as target:
+        shutil.copyfileobj(source, target)
+    raw.unlink()
+    sort = "self_cuda_time_total" if kernels else "self_cpu_time_total"
+    (out / "profile_gpu_ops.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30) + "\n")
+    return {"images": n, "img_per_s": rate, "us_per_image": wall_us / n,
+            "gpu_busy_fraction": busy_fraction(kernels, wall_us) if kernels else None,
+            "us_per_image_by_label": labels}
+
+
+def markdown(report: dict) -> str:
+    """Tables for ``benchmarks/README.md``."""
+    lines = [f"{report['device_name']}, {report['backbone']}, {report['images']} JPEGs {report['image_size']}, batch "
+             f"{report['batch_size']}, {report['workers']} workers; decoder: {report['decoder']}", "",
+             "| stage alone | img/s |", "|---|---:|"]
+    lines += [f"| {stage} | {rate:,.0f} |" for stage, rate in report["stages"].items()]
+    t = report["trace"]
+    busy = "n/a" if t["gpu_busy_fraction"] is None else f"{t['gpu_busy_fraction']:.0%}"
+    lines += ["", f"Trace of {t['images']} images: {t['img_per_s']:,.0f} img/s, {t['us_per_image']:.0f} µs per "
+              f"image, GPU running kernels {busy} of the wall time.", "", "| label (CPU time of its thread) | µs per "
+              "image |", "|---|---:|"]
+    lines += [f"| `{label}` | {us:.0f} |" for label, us in t["us_per_image_by_label"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Stages alone, then the trace; write the JSON, the tables and the trace under ``--out``."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="profile_gpu_out")
+    parser.add_argument("--backbone", default="resnet50")
+    parser.add_argument("--batches", type=int, default=20, help="batches of JPEGs (every step runs them all)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=15)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--input-size", type=int, default=None)
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run of every step")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.batches, args.batch_size, args.workers, args.input_size = 2, 4, 0, 32
+        args.backbone, args.device = "resnet18", "cpu" if args.device == "auto" else args.device
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.fp16 = args.device.startswith("cuda")
+    args.images = args.batches * args.batch_size
+    ok, decoder = gpu_decode_status(args.device)
+    if not ok:
+        raise SystemExit(f"GPU decode is not available on {args.device}: {decoder}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="profile_gpu_"))
+    started = time.perf_counter()
+    try:
+        image_size = (40, 30) if args.smoke else (500, 375)
+        manifest = make_jpegs(work / "images", args.images, image_size, processes=1 if args.smoke else None)
+        loaded = load_backbone(args.backbone, "random")
+        preprocess = Preprocessor.from_spec(loaded.spec, input_size=args.input_size)
+        runner, _ = build_runner(loaded, ["default"], plan_for(args, "gpu"), channels_last=True)
+        report = {"device_name": device_name(args.device), "backbone": args.backbone, "images": args.images,
+                  "image_size": "x".join(map(str, image_size)),
+                  "batch_size": args.batch_size, "workers": args.workers, "decoder": decoder,
+                  "stages": stages(manifest, runner, preprocess, args),
+                  "trace": trace(manifest, runner, preprocess, work, args, out)}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    sync(args.device)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    (out / "profile_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    (out / "profile_gpu.md").write_text(table)
+    print(table, flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
