@@ -15,7 +15,8 @@ python3 -c "import torch, torchvision, timm, onnxruntime; print('torch', torch._
 torchvision.__version__, 'timm', timm.__version__, 'onnxruntime', onnxruntime.__version__)" | tee -a "$OUT/device.txt"
 # Only the files that hold GPU-marked tests: collecting the whole suite would import tools the machine lacks.
 timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu -rs \
-  tests/extract/decode/test_device.py tests/extract/test_engine.py tests/finetune/test_finetune.py 2>&1 |
+  tests/extract/decode/test_device.py tests/extract/decode/test_real_photos.py tests/extract/test_engine.py \
+  tests/finetune/test_finetune.py 2>&1 |
   tee "$OUT/gpu_tests.log"
 timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_gpu.py --out "$OUT" 2>&1 | tee "$OUT/profile_gpu.log"
 timeout "${BENCH_TIMEOUT:-270}" python3 benchmarks/bench_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_gpu.log"

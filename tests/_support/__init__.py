@@ -1,6 +1,7 @@
 """Helpers shared by the test packages (one place each; none of them uses the code under test).
 
 * :mod:`_support.files` - md5 of a file, image folders (random pixels, or colour classes);
+* :mod:`_support.similarity` - row-wise cosine similarity of two batches;
 * :mod:`_support.references` - independent forward-hook references for backbone activations;
 * :mod:`_support.synth_store` - tiny synthetic store inputs (store tests and their child processes);
 * :mod:`_support.blob_store` - Gaussian-blob feature stores (out-of-core heads tests, peak RSS).

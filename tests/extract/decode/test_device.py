@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
+from _support.similarity import row_cosines
 from featcache.extract.decode.decoders import DeviceDecoder, gpu_decode_status, select_decoder
 from featcache.extract.decode.device import DeviceDecodeDataset, decode_items, iter_device_batches, orient
 from featcache.extract.decode.loaders import ImageDataset
@@ -83,11 +84,6 @@ def _normalise(images: torch.Tensor, preprocess: Preprocessor) -> torch.Tensor:
     return (images.to(torch.float64) / 255.0 - mean) / std
 
 
-def _cosines(actual: torch.Tensor, expected: torch.Tensor) -> np.ndarray:
-    actual, expected = actual.flatten(1).to(torch.float64), expected.flatten(1).to(torch.float64)
-    return torch.nn.functional.cosine_similarity(actual, expected, dim=1).numpy()
-
-
 def _device_batch(paths, preprocess, batch_size=64, num_workers=0, rows=None):
     rows = list(range(len(paths))) if rows is None else rows
     batches = list(iter_device_batches(paths, rows, preprocess=preprocess, device="cpu", batch_size=batch_size,
@@ -123,7 +119,7 @@ def test_device_path_matches_pil_path(image_dir, backbone, mode):
     assert rows.tolist() == list(range(len(paths))) and reasons == [""] * len(paths)
     assert images.dtype == torch.uint8 and images.shape == (len(paths), 3, preprocess.input_size,
                                                             preprocess.input_size)
-    cosines = _cosines(_normalise(images, preprocess), expected)
+    cosines = row_cosines(_normalise(images, preprocess), expected)
     assert cosines.min() >= 0.999, dict(zip(names, cosines.round(5)))
     # Pixels agree to within a grey level on average (the decoders and the draft emulation differ slightly).
     mean = torch.tensor(preprocess.mean, dtype=torch.float64).view(1, 3, 1, 1)
@@ -175,7 +171,7 @@ def test_features_match_through_a_backbone(image_dir, random_backbone):
     got = runner(_normalise(images, preprocess).to(torch.float32))
     want = runner(expected.to(torch.float32))
     for layer in ("pool5", "res3"):
-        cosines = _cosines(torch.from_numpy(got[layer]), torch.from_numpy(want[layer]))
+        cosines = row_cosines(torch.from_numpy(got[layer]), torch.from_numpy(want[layer]))
         assert cosines.min() >= 0.999, (layer, dict(zip(names, cosines.round(5))))
 
 
@@ -228,7 +224,7 @@ def test_mixed_batch_keeps_good_rows_and_reports_bad_ones(mixed, num_workers):
             assert not images[position].any(), name
         else:
             assert reason == "", (name, reason)
-            cosine = _cosines(_normalise(images[position:position + 1], preprocess), want[row:row + 1])[0]
+            cosine = row_cosines(_normalise(images[position:position + 1], preprocess), want[row:row + 1])[0]
             assert cosine >= 0.999, (name, cosine)
 
 
@@ -253,7 +249,7 @@ def test_a_file_the_device_rejects_is_redone_alone_on_the_cpu_path(mixed):
     want, want_reasons = _cpu_reference(paths, preprocess)
     assert reasons == want_reasons
     good = [i for i, reason in enumerate(reasons) if not reason]
-    assert _cosines(_normalise(images[good], preprocess), want[good]).min() >= 0.999
+    assert row_cosines(_normalise(images[good], preprocess), want[good]).min() >= 0.999
 
 
 def test_large_batches_are_decoded_in_parts(image_dir, monkeypatch):
@@ -331,7 +327,7 @@ def test_cuda_decode_matches_pil_path(image_dir, backbone):
     images = torch.cat([b[1] for b in batches])
     assert images.is_cuda and [r for b in batches for r in b[2]] == [""] * len(paths)
     expected, _ = _cpu_reference(paths, preprocess)
-    cosines = _cosines(_normalise(images.cpu(), preprocess), expected)
+    cosines = row_cosines(_normalise(images.cpu(), preprocess), expected)
     # nvJPEG's IDCT and chroma upsampling differ from libjpeg's by a grey level or so. Upscaling a 301x17 noisy
     # strip 13x with bicubic magnifies that: 0.99895 on an H100 (2026-11-26), the photos 0.9998 or more.
     assert cosines.min() >= 0.998, dict(zip(names, cosines.round(5)))
