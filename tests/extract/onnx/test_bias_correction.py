@@ -91,9 +91,12 @@ def test_bias_correction_takes_out_the_mean_error_of_each_quantized_node(graphs)
     unseen = _images(32, 1)
     held_before, held_after = _errors(float_model, plain, unseen), _errors(float_model, corrected, unseen)
     assert held_after["conv1"] < 0.1 * held_before["conv1"]
-    # Only biases changed: the same initializers, weights identical.
+    # Only the int32 biases the corrected nodes read (through their DequantizeLinear) changed.
+    producers = {out: node for node in corrected.graph.node for out in node.output}
+    biases = {producers[node.input[2]].input[0] for node in corrected.graph.node if node.name in NODES}
     changed = {a.name for a, b in zip(plain.graph.initializer, corrected.graph.initializer) if a != b}
-    assert changed and all("bias" in name or name.startswith("b") for name in changed), changed
+    assert changed == biases and all(numpy_helper.to_array(init).dtype == np.int32
+                                     for init in corrected.graph.initializer if init.name in changed)
 
 
 def test_quantize_graph_corrects_only_the_quantized_nodes(graphs):
@@ -119,3 +122,20 @@ def test_bias_correction_is_in_the_settings_and_the_cache_key():
     images = types.SimpleNamespace(sha256="0" * 64, calibration=np.zeros((4, 3, 8, 8)), holdout=np.zeros(2))
     key = quantize.int8_key(runner, images, 0.99)
     assert key["settings"]["bias_correction"] == "sequential-empirical" and key["quant_code_version"] >= 2
+
+
+def test_a_float_bias_is_corrected_too(graphs):
+    """A node whose bias is a float initializer (no DequantizeLinear): a shifted bias is put back."""
+    _, float_model, _, calibration = graphs
+    shifted = onnx.ModelProto()
+    shifted.CopyFrom(float_model)
+    b1 = next(init for init in shifted.graph.initializer if init.name == "b1")
+    original = numpy_helper.to_array(b1).copy()
+    shift = np.linspace(-1, 1, original.size).astype(np.float32)
+    b1.CopyFrom(numpy_helper.from_array(original + shift, "b1"))
+    corrections = correct_bias(float_model, shifted, ["conv1", "relu1"], calibration, INPUT_NAME,
+                               intra_op_threads=1)
+    assert list(corrections) == ["conv1"]  # relu1 has no bias to correct
+    np.testing.assert_allclose(corrections["conv1"], shift, atol=1e-4)
+    restored = next(init for init in shifted.graph.initializer if init.name == "b1")
+    np.testing.assert_allclose(numpy_helper.to_array(restored), original, atol=1e-4)
