@@ -51,7 +51,8 @@ def test_int8_store_records_precision_calibration_and_parity(workspace, params_f
     parity = json.loads(attrs["int8_parity"])
     assert set(parity) == {"pool", "block6"} and min(parity.values()) >= 0.99
     assert attrs["onnx_sha256"] != attrs["float_onnx_sha256"]
-    assert json.loads(attrs["int8_method"])["per_channel"] is True
+    method = json.loads(attrs["int8_method"])
+    assert method["per_channel"] is True and method["bias_correction"] == "sequential-empirical"
     # The stored int8 features are close to float32 ones of the same images (the gate's promise).
     tmp = workspace["tmp"]
     params = _params(tmp, params_factory, workspace["data"], backend="onnx")

@@ -7,7 +7,10 @@
    (:func:`~featcache.extract.onnx.calibration.calibration_images`):
    onnxruntime's static quantization in the QDQ format, per-channel int8
    weights, uint8 activations with min/max ranges (:data:`QUANT_SETTINGS`,
-   chosen by measurement: ``benchmarks/README.md``).
+   chosen by measurement: ``benchmarks/README.md``), then **bias correction**
+   (:func:`~featcache.extract.onnx.bias_correction.correct_bias`): each
+   quantized Conv/Gemm's per-channel mean output error on the calibration
+   images is taken out of its bias, node after node in graph order.
 2. **Gate**: the features of held-out images are computed by both graphs; a
    layer whose lowest per-image cosine is below ``min_cosine`` fails the
    attempt. The next attempt keeps the first 2, 4, 8, ... weighted nodes
@@ -34,7 +37,7 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -47,6 +50,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from featcache.extract.onnx.bias_correction import channel_means, correct_bias
 from featcache.extract.onnx.cache import cached_build, read_sidecar, resolve_cache_dir
 from featcache.extract.onnx.calibration import CalibrationImages
 from featcache.extract.onnx.format import INPUT_NAME
@@ -59,11 +63,12 @@ __all__ = ["FLOAT_PREFIX_STEPS", "Int8GateError", "QUANT_CODE_VERSION", "QUANT_S
 logger = logging.getLogger(__name__)
 
 #: Version of the quantization recipe below: part of the int8 cache key; bump it with any change to it.
-QUANT_CODE_VERSION = 1
+QUANT_CODE_VERSION = 2
 
 #: The static quantization settings (recorded in the store's ``int8_method`` attribute).
 QUANT_SETTINGS: dict[str, Any] = {"format": "QDQ", "calibration": "minmax", "per_channel": True,
-                                  "weights": "int8", "activations": "uint8", "reduce_range": False}
+                                  "weights": "int8", "activations": "uint8", "reduce_range": False,
+                                  "bias_correction": "sequential-empirical"}
 
 #: Node types with weights; the gate's attempts keep leading ones in float32.
 WEIGHTED_OPS: tuple[str, ...] = ("Conv", "Gemm", "MatMul")
@@ -99,9 +104,10 @@ class _Batches(CalibrationDataReader):
 
 
 def quantize_graph(prepared: str | os.PathLike[str], out: str | os.PathLike[str], calibration: np.ndarray,
-                   keep_float: Sequence[str], ranges: str | os.PathLike[str],
-                   metadata: dict[str, str]) -> None:
-    """Quantize a pre-processed float32 graph to int8 (:data:`QUANT_SETTINGS`).
+                   keep_float: Sequence[str], ranges: str | os.PathLike[str], metadata: dict[str, str],
+                   reference: Mapping[str, np.ndarray] | None = None,
+                   intra_op_threads: int | None = None) -> None:
+    """Quantize a pre-processed float32 graph to int8 (:data:`QUANT_SETTINGS`), bias-corrected.
 
     Parameters
     ----------
@@ -118,6 +124,11 @@ def quantize_graph(prepared: str | os.PathLike[str], out: str | os.PathLike[str]
         first call and read back by the next ones (they do not depend on ``keep_float``).
     metadata : dict of str to str
         ``metadata_props`` to write into the quantized graph (the float32 graph's featcache metadata).
+    reference : mapping of str to numpy.ndarray, optional
+        The prepared graph's (C,) channel means of its weighted nodes on ``calibration``
+        (:func:`~featcache.extract.onnx.bias_correction.channel_means`), shared by the gate's attempts.
+    intra_op_threads : int, optional
+        onnxruntime's intra-op threads while measuring the bias correction.
     """
     reader = _Batches(calibration)
     root = logging.getLogger()
@@ -131,6 +142,10 @@ def quantize_graph(prepared: str | os.PathLike[str], out: str | os.PathLike[str]
     finally:
         root.setLevel(level)
     model = onnx.load(str(out))
+    float_model = onnx.load(str(prepared))
+    quantized = [name for name in weighted_nodes(prepared) if name not in set(keep_float)]
+    correct_bias(float_model, model, quantized, calibration, INPUT_NAME, reference=reference,
+                 intra_op_threads=intra_op_threads)
     del model.metadata_props[:]
     for key, value in sorted(metadata.items()):
         model.metadata_props.add(key=key, value=value)
@@ -154,12 +169,15 @@ def _gated_quantize(float_runner: OnnxFeatureRunner, out: Path, images: Calibrat
         prepared, ranges = Path(tmp) / "prepared.onnx", Path(tmp) / "ranges"
         quant_pre_process(str(float_runner.path), str(prepared), skip_symbolic_shape=True)
         nodes = weighted_nodes(prepared)
+        float_means = channel_means(onnx.load(str(prepared)), nodes, images.calibration, INPUT_NAME,
+                                    intra_op_threads)
         steps = sorted({min(step, len(nodes) // 2) for step in FLOAT_PREFIX_STEPS})
         for attempt, step in enumerate(steps, start=1):
             keep = nodes[:step]
             candidate_path = Path(tmp) / f"int8-{step}.onnx"
             started = time.perf_counter()
-            quantize_graph(prepared, candidate_path, images.calibration, keep, ranges, metadata)
+            quantize_graph(prepared, candidate_path, images.calibration, keep, ranges, metadata, float_means,
+                           intra_op_threads)
             candidate = OnnxFeatureRunner(candidate_path, intra_op_threads=intra_op_threads)
             results = compare_layers(reference, _features(candidate, images.holdout))
             del candidate
