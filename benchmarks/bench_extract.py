@@ -105,12 +105,14 @@ def pure_forward(batch_size: int, channels_last: bool, seconds: float = 15.0) ->
 def end_to_end(manifest: Manifest, batch_size: int, workers: int | None) -> float:
     """Images per second of ``extract_to_store`` including the HDF5 write."""
     from featcache.extract.engine import extract_to_store
+    from featcache.extract.plan import plan_extraction
 
     extractor, preprocess = _extractor(True)
+    plan = plan_extraction(device="cpu", backend="torch", num_workers=workers)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         extract_to_store(manifest, extractor, preprocess, Path(tmp) / "bench.h5", config={"bench": True},
-                         batch_size=batch_size, num_workers=workers, progress=False)
+                         plan=plan, batch_size=batch_size, progress=False)
         return len(manifest) / (time.perf_counter() - start)
 
 
