@@ -20,7 +20,13 @@ from PIL import Image, ImageOps
 
 from _support.similarity import row_cosines
 from featcache.extract.decode.decoders import DeviceDecoder, gpu_decode_status, select_decoder
-from featcache.extract.decode.device import DeviceDecodeDataset, decode_items, iter_device_batches, orient
+from featcache.extract.decode.device import (
+    DecodeStats,
+    DeviceDecodeDataset,
+    decode_items,
+    iter_device_batches,
+    orient,
+)
 from featcache.extract.decode.loaders import ImageDataset
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.zoo.registry import get_backbone
@@ -322,10 +328,15 @@ def test_cuda_decode_matches_pil_path(image_dir, backbone):
     names = sorted(ON_DEVICE | ON_CPU)
     paths = [str(image_dir / name) for name in names]
     preprocess = _preprocessor(backbone)
+    stats = DecodeStats()
     batches = list(iter_device_batches(paths, range(len(paths)), preprocess=preprocess, device="cuda",
-                                       batch_size=8, num_workers=2))
+                                       batch_size=8, num_workers=2, stats=stats))
     images = torch.cat([b[1] for b in batches])
     assert images.is_cuda and [r for b in batches for r in b[2]] == [""] * len(paths)
+    # Not vacuous: the device decoded the plain JPEGs (a run where they all fell back to PIL fails here); only
+    # the progressive one may be redone on the CPU path if nvJPEG refuses it.
+    assert (stats.cpu, stats.bad) == (len(ON_CPU), 0), stats
+    assert stats.device >= len(ON_DEVICE) - 1 and stats.device + stats.rejected == len(ON_DEVICE), stats
     expected, _ = _cpu_reference(paths, preprocess)
     cosines = row_cosines(_normalise(images.cpu(), preprocess), expected)
     # nvJPEG's IDCT and chroma upsampling differ from libjpeg's by a grey level or so. Upscaling a 301x17 noisy
