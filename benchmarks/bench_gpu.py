@@ -17,6 +17,9 @@ gpu-decode      featcache ``extract_to_store`` as the extract stage runs it with
                 its own CUDA stream, overlapped forward, copy-out and commits, HDF5 store
 gpu-threads     the same with the files read by a thread pool in the main process (no process hop)
 gpu-sync        the same with ``overlap=False``: decode, forward and commits in order on one thread
+dask            ``extract_distributed`` with ``--dask-workers`` worker processes sharing the device
+                (``extract.scheduler: local``, ``n_workers: 2``): each decodes on the device, reading files
+                with ``--workers / --dask-workers`` threads; the cluster is started once, outside the timing
 cpu-decode      ``extract.decode: cpu``: PIL decode in DataLoader workers, HDF5 store
 peer            plain torchvision ``ImageFolder`` + ``DataLoader(--workers)`` + FX (timm: pooled
                 ``forward``), float32 tensors, features copied to the host, as a user writes it
@@ -46,10 +49,12 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from distributed import Client, LocalCluster
 
 from featcache.extract.decode.decoders import gpu_decode_status
 from featcache.extract.decode.device import DecodeStats, iter_device_batches
 from featcache.extract.decode.preprocess import Preprocessor
+from featcache.extract.distributed import RunnerSpec, extract_distributed
 from featcache.extract.engine import extract_to_store
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.plan import ExtractionPlan, build_runner, plan_extraction
@@ -65,12 +70,15 @@ DEVICE_CASES: dict[str, dict[str, Any]] = {
     "gpu-threads": {"reader": "threads", "overlap": None},
     "gpu-sync": {"reader": "processes", "overlap": False},
 }
-CASES = ("forward", *DEVICE_CASES, "cpu-decode", "peer")
+#: Every case whose store is checked against the CPU-decode store, with its device/CPU-path counts.
+DECODED_CASES = (*DEVICE_CASES, "dask")
+CASES = ("forward", *DECODED_CASES, "cpu-decode", "peer")
 LABELS = {
     "forward": "pure forward (random on-device batch)",
     "gpu-decode": "featcache GPU decode, end to end (`extract.decode: gpu`)",
     "gpu-threads": "featcache GPU decode, files read by threads (no process hop)",
     "gpu-sync": "featcache GPU decode, synchronous loop (`overlap=False`)",
+    "dask": "featcache GPU decode on dask workers sharing the device (`extract.scheduler: local`)",
     "cpu-decode": "featcache CPU decode, end to end (PIL in workers)",
     "peer": "plain ImageFolder + DataLoader + FX, float32 to the device",
 }
@@ -156,6 +164,18 @@ def run_featcache(case: str, manifest: Manifest, runner, preprocess: Preprocesso
     return stats
 
 
+def run_dask(name: str, manifest: Manifest, preprocess: Preprocessor, out: Path, client: Any,
+             args: argparse.Namespace) -> DecodeStats:
+    """The ``dask`` case: ``extract_distributed`` with the device loader, as the extract stage runs it."""
+    out.unlink(missing_ok=True)
+    spec = RunnerSpec(name, "random", ("default",), "avg", device=args.device, channels_last=True,
+                      autocast="fp16" if args.fp16 else None)
+    report = extract_distributed(manifest, spec, preprocess, out, config={"bench": "dask"}, client=client,
+                                 loader="device", read_threads=max(1, args.workers // args.dask_workers),
+                                 batch_size=args.batch_size, block_rows=1024, progress=False)
+    return report.decode_stats
+
+
 def check_store(path: Path, reference: Path | None, stats: DecodeStats | None, n_rows: int) -> dict[str, Any]:
     """Rows, bad rows, device/CPU counts and the cosine of every row against the CPU-decode store."""
     store = FeatureStore(path)
@@ -236,7 +256,8 @@ def interleaved(cases: dict[str, Callable[[], Any]], n_images: int, repeats: int
             for case, rates in runs.items()}
 
 
-def bench_backbone(name: str, manifest: Manifest, root: Path, work: Path, args: argparse.Namespace) -> dict:
+def bench_backbone(name: str, manifest: Manifest, root: Path, work: Path, client: Any,
+                   args: argparse.Namespace) -> dict:
     """Every case of one backbone: img/s (median), and the checks of each featcache store."""
     loaded = load_backbone(name, "random")
     preprocess = Preprocessor.from_spec(loaded.spec, input_size=args.input_size)
@@ -246,16 +267,17 @@ def bench_backbone(name: str, manifest: Manifest, root: Path, work: Path, args: 
         "forward": {"img_per_s": bench_forward(runner, preprocess.input_size, args.batch_size, args.device,
                                                args.seconds)}}
     print(f"  {name} forward: {results['forward']['img_per_s']:,.0f} img/s", flush=True)
-    stores = {case: work / f"{name}-{case}.h5" for case in (*DEVICE_CASES, "cpu-decode")}
+    stores = {case: work / f"{name}-{case}.h5" for case in (*DECODED_CASES, "cpu-decode")}
     cases: dict[str, Callable[[], Any]] = {
         case: (lambda case=case: run_featcache(case, manifest, runner, preprocess, stores[case], args))
-        for case in stores}
+        for case in stores if case != "dask"}
+    cases["dask"] = lambda: run_dask(name, manifest, preprocess, stores["dask"], client, args)
     net = _peer_model(name, loaded.model, args.device)
     cases["peer"] = lambda: run_peer(net, preprocess, root, args)
     for case, result in interleaved(cases, n, args.repeats, args.device).items():
         stats = result.pop("last")
         if case in stores:
-            reference = stores["cpu-decode"] if case in DEVICE_CASES else None
+            reference = stores["cpu-decode"] if case in DECODED_CASES else None
             result["store"] = check_store(stores[case], reference, stats, n)
         results[case] = result
         print(f"  {name} {case}: {result['img_per_s']:,.0f} img/s {result.get('store', '')}", flush=True)
@@ -285,9 +307,10 @@ def markdown(report: dict) -> str:
         lines.append(f"\n{n}: gpu-decode / forward = {rate['gpu-decode'] / rate['forward']:.2f}, gpu-decode / "
                      f"peer = {rate['gpu-decode'] / rate['peer']:.2f}x, gpu-threads / gpu-decode = "
                      f"{rate['gpu-threads'] / rate['gpu-decode']:.2f}x, gpu-sync / gpu-decode = "
-                     f"{rate['gpu-sync'] / rate['gpu-decode']:.2f}x, cpu-decode / peer = "
+                     f"{rate['gpu-sync'] / rate['gpu-decode']:.2f}x, dask / gpu-decode = "
+                     f"{rate['dask'] / rate['gpu-decode']:.2f}x, cpu-decode / peer = "
                      f"{rate['cpu-decode'] / rate['peer']:.2f}x")
-        for case in DEVICE_CASES:
+        for case in DECODED_CASES:
             lines.append(f"- {case} store: {json.dumps(r[case]['store'])}")
     return "\n".join(lines) + "\n"
 
@@ -300,6 +323,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dask-workers", type=int, default=2, help="worker processes of the dask case")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of the pure-forward measurement")
     parser.add_argument("--backbones", default="resnet50,efficientnet_lite0")
     parser.add_argument("--device", default="auto")
@@ -331,14 +355,16 @@ def main(argv: list[str] | None = None) -> dict:
         manifest = make_jpegs(work / "images", args.images, image_size, processes=1 if args.smoke else None)
         print(f"{args.images} JPEGs written in {time.perf_counter() - started:.1f} s; device "
               f"{device_name(args.device)}; {decoder}", flush=True)
-        results = {name: bench_backbone(name, manifest, work / "images", work, args)
-                   for name in args.backbones.split(",")}
+        with LocalCluster(n_workers=args.dask_workers, threads_per_worker=1, processes=True,
+                          dashboard_address=":0") as cluster, Client(cluster) as client:
+            results = {name: bench_backbone(name, manifest, work / "images", work, client, args)
+                       for name in args.backbones.split(",")}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {"device": args.device, "device_name": device_name(args.device), "images": args.images,
               "image_size": "x".join(map(str, image_size)), "batch_size": args.batch_size, "workers": args.workers,
-              "repeats": args.repeats, "precision": "fp16 autocast" if args.fp16 else "float32",
-              "torch": torch.__version__, "decoder": decoder,
+              "repeats": args.repeats, "dask_workers": args.dask_workers,
+              "precision": "fp16 autocast" if args.fp16 else "float32", "torch": torch.__version__, "decoder": decoder,
               "cpu_count": os.cpu_count(), "seconds": round(time.perf_counter() - started, 1), "results": results}
     (out / "bench_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)

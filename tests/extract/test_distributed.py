@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 from pathlib import Path
 
@@ -15,13 +16,12 @@ from PIL import Image
 
 from _support.files import md5
 from featcache.errors import ExtractionError
+from featcache.extract.dask_tasks import WorkerJob, plan_tasks
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.distributed import (
     RunnerSpec,
     _adopt_blocks,
     _check_onnx_sha256,
-    _Job,
-    _plan_tasks,
     _run_tasks,
     extract_distributed,
 )
@@ -151,15 +151,15 @@ def _leftovers(out: Path) -> list[str]:
 # --------------------------------------------------------------------- plan
 def test_plan_tasks_cuts_only_at_batch_boundaries():
     # batch_size divides block_rows: one task per block (the last block may be short).
-    assert _plan_tasks([0, 1, 2, 3], [4, 4, 4, 2], 4, 1) == [(0,), (1,), (2,), (3,)]
-    assert _plan_tasks([0, 1, 2, 3], [4, 4, 4, 2], 2, 1) == [(0,), (1,), (2,), (3,)]
+    assert plan_tasks([0, 1, 2, 3], [4, 4, 4, 2], 4, 1) == [(0,), (1,), (2,), (3,)]
+    assert plan_tasks([0, 1, 2, 3], [4, 4, 4, 2], 2, 1) == [(0,), (1,), (2,), (3,)]
     # batch_size = 2 blocks: a single-process batch spans two blocks, so a task does too.
-    assert _plan_tasks([0, 1, 2, 3, 4], [4, 4, 4, 4, 1], 8, 1) == [(0, 1), (2, 3), (4,)]
+    assert plan_tasks([0, 1, 2, 3, 4], [4, 4, 4, 4, 1], 8, 1) == [(0, 1), (2, 3), (4,)]
     # 3-row batches over 4-row blocks only realign every 3 blocks.
-    assert _plan_tasks([0, 1, 2, 3], [4, 4, 4, 4], 3, 1) == [(0, 1, 2), (3,)]
+    assert plan_tasks([0, 1, 2, 3], [4, 4, 4, 4], 3, 1) == [(0, 1, 2), (3,)]
     # blocks_per_task is a minimum; resumed (non-contiguous) pending blocks keep their order.
-    assert _plan_tasks([1, 3, 4, 6, 7], [4] * 5, 4, 2) == [(1, 3), (4, 6), (7,)]
-    assert _plan_tasks([], [], 4, 1) == []
+    assert plan_tasks([1, 3, 4, 6, 7], [4] * 5, 4, 2) == [(1, 3), (4, 6), (7,)]
+    assert plan_tasks([], [], 4, 1) == []
 
 
 def test_runner_spec_is_picklable_hashable_and_cached():
@@ -270,7 +270,7 @@ def test_worker_task_failure_is_wrapped_and_keeps_blocks(client, manifest, tmp_p
     with StoreWriter(tmp_path / "x.h5", ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
                      labels=manifest.labels, targets=manifest.targets, layers=wrong, attrs=attrs,
                      block_rows=4) as writer:
-        job = _Job(manifest, PREPROCESS, SPEC, writer.block_committer(), tuple(wrong), 4, "skip", 1)
+        job = WorkerJob(manifest, PREPROCESS, SPEC, writer.block_committer(), tuple(wrong), 4, "skip", 1)
         with pytest.raises(ExtractionError, match="rerun to resume") as info:
             list(_run_tasks(client, job, [(0,), (1,)], writer, progress=False))
         assert "StoreError" in str(info.value)
@@ -366,3 +366,54 @@ def test_workers_running_another_onnx_export_are_refused():
     _check_onnx_sha256("a" * 64, "a" * 64, "worker-1")
     with pytest.raises(ExtractionError, match="worker-2 runs the ONNX export bbbbbbbbbbbb.*records aaaaaaaaaaaa"):
         _check_onnx_sha256("a" * 64, "b" * 64, "worker-2")
+
+
+@pytest.fixture(scope="module")
+def jpeg_manifest(tmp_path_factory):
+    """12 JPEGs of varied sizes (one with EXIF orientation 6), a PNG (the CPU path) and a corrupt JPEG."""
+    root = tmp_path_factory.mktemp("jpegs")
+    rng = np.random.default_rng(2)
+    for channel, name in enumerate(CLASSES):
+        (root / name).mkdir()
+        for index in range(4):
+            height, width = rng.integers(50, 120, size=2)
+            pixels = rng.integers(0, 100, size=(height, width, 3))
+            pixels[..., channel] += 150
+            image = Image.fromarray(pixels.astype(np.uint8))
+            exif = Image.Exif()
+            if index == 1:
+                exif[0x0112] = 6  # rotated: the device path turns it upright like PIL's exif_transpose
+            image.save(root / name / f"{index:03d}.jpg", quality=90, exif=exif)
+    Image.fromarray(rng.integers(0, 255, size=(60, 70, 3)).astype(np.uint8)).save(root / "ant" / "png.png")
+    good = (root / "bee" / "000.jpg").read_bytes()
+    (root / "bee" / "corrupt.jpg").write_bytes(good[:200])  # the header probes fine; decoding fails everywhere
+    return from_folder(root, {"train": 0.6, "val": 0.2, "test": 0.2}, seed=0)
+
+
+def test_device_decode_workers_write_the_single_device_process_file(client, jpeg_manifest, tmp_path, caplog):
+    """``loader="device"`` (``extract.decode: gpu``): each worker decodes its JPEGs in batches on its runner's
+    device, reading with a thread pool (a dask worker cannot start loader processes); here that device is
+    the CPU. Same bytes as one process with the device loader, another file than PIL's, and the driver logs
+    the workers' summed decode counts."""
+    device_plan = plan_extraction(device="cpu", backend="torch", decode="gpu", num_workers=0)
+    reference = extract_to_store(jpeg_manifest, SPEC.build(), PREPROCESS, tmp_path / "single.h5", config=CONFIG,
+                                 attrs=ATTRS, block_rows=4, batch_size=4, plan=device_plan, progress=False)
+    with caplog.at_level("INFO", logger="featcache.extract.distributed"):
+        report = _distributed(jpeg_manifest, tmp_path / "dask.h5", client, loader="device", read_threads=2)
+    _assert_same_bytes(report.path, reference.path)
+    assert report.n_skipped == 1 and report.errors == reference.errors and "corrupt" in report.errors[0][0]
+    assert re.search(r"device decode \([12] dask workers\): 12 rows on the device, 2 on the CPU path "
+                     r"\(\d+ rejected by the device decoder\), 1 bad", caplog.text), caplog.text
+    assert (reference.decode_stats.device, reference.decode_stats.bad) == (12, 1)
+    assert report.decode_stats == reference.decode_stats  # the report sums the workers' counts
+    pil = _distributed(jpeg_manifest, tmp_path / "pil.h5", client)
+    assert md5(pil.path) != md5(report.path)  # the default worker decode is PIL's, another file
+    assert pil.decode_stats is None
+
+
+def test_device_loader_arguments_are_checked(manifest, tmp_path):
+    with pytest.raises(ValueError, match=r"loader 'nvjpeg' is not one of 'arrays', 'torch', 'device'"):
+        extract_distributed(manifest, SPEC, PREPROCESS, tmp_path / "x.h5", config=CONFIG, loader="nvjpeg")
+    with pytest.raises(ValueError, match="read_threads must be a positive integer or None, got 0"):
+        extract_distributed(manifest, SPEC, PREPROCESS, tmp_path / "x.h5", config=CONFIG, loader="device",
+                            read_threads=0)

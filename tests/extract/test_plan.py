@@ -71,13 +71,11 @@ def test_the_gpu_plan_decodes_on_the_device_in_fp16(fake_cuda):
     assert pil.loader == "torch" and pil.pin_memory and "decode" not in pil.config()
     onnx = plan_extraction(backend="onnx")  # onnxruntime takes host batches: PIL decode
     assert (onnx.decode, onnx.autocast, onnx.provider) == ("cpu", None, "CUDAExecutionProvider")
-    dask = plan_extraction(scheduler="local")  # dask workers decode with PIL
-    assert dask.decode == "cpu" and dask.distributed
+    dask = plan_extraction(scheduler="local")  # each dask worker decodes on its own GPU
+    assert (dask.decode, dask.loader) == ("gpu", "device") and dask.distributed
 
 
 def test_bad_settings_stop_before_any_work():
-    with pytest.raises(ExtractionError, match="decode: gpu does not run under extract.scheduler"):
-        plan_extraction(device="cpu", decode="gpu", scheduler="local")
     with pytest.raises(ExtractionError, match="extract.decode 'nvjpeg'"):
         plan_extraction(device="cpu", decode="nvjpeg")
     with pytest.raises(ExtractionError, match="extract.device is 'tpu'"):

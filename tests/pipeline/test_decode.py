@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from featcache.errors import ExtractionError
 from featcache.extract.plan import plan_extraction
 from featcache.pipeline import extract, parse_params, prepare
 from featcache.pipeline.train import expected_store_config
@@ -107,9 +106,8 @@ def test_auto_decode_follows_the_runner(stores, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert plan(device="cuda") == "gpu"
     assert plan(device="cuda", backend="onnx") == "cpu"  # onnxruntime takes host arrays
-    assert plan(device="cuda", scheduler="local") == "cpu"
-    with pytest.raises(ExtractionError, match="decode"):
-        plan(device="cuda", decode="gpu", scheduler="local")
+    assert plan(device="cuda", scheduler="local") == "gpu"  # each dask worker decodes on its GPU
+    assert plan(device="cuda", decode="cpu", scheduler="tcp://10.0.0.5:8786") == "cpu"
 
 
 def test_the_train_check_takes_a_default_layer_as_the_store_resolved_it(tmp_path):

@@ -73,3 +73,31 @@ def test_torch_threads_are_recorded_for_torch_on_the_cpu_only(tmp_path, backend,
         assert store_config(params, "efficientnet_lite0", plan, preprocess, torch_threads=1) != config
         # and the train stage takes a store of any thread count for the same params
         assert stored_choices(params.extract, config["extract"])["torch_threads"] == 3
+
+
+def test_dask_workers_decode_on_their_device_through_the_stage(tmp_path):
+    """``extract.decode: gpu`` under ``extract.scheduler`` (the ``auto`` pick for torch on CUDA): every worker
+    decodes its JPEGs in batches on its device (here the CPU, the same code path), and the stage writes the
+    very file one process writes with the same decode (torch at one thread in both, as a dask worker runs)."""
+    from PIL import Image
+
+    from featcache.util.compute import torch_threads
+
+    make_image_folder(tmp_path / "images", per_class=6, size=40)
+    for png in sorted((tmp_path / "images").rglob("*.png")):
+        Image.open(png).save(png.with_suffix(".jpg"), quality=90)
+        png.unlink()
+    knobs = {"backend": "torch", "device": "cpu", "decode": "gpu"}
+    single = _params(tmp_path / "images", **knobs)
+    prepare(single, tmp_path / "prepared")
+    manifest = tmp_path / "prepared" / "manifest.csv"
+    with torch_threads(1):
+        reference = extract(single, "efficientnet_lite0", manifest, tmp_path / "single.h5", progress=False).path
+
+    dask = _params(tmp_path / "images", scheduler="local", n_workers=2, num_workers=2, **knobs)
+    report = extract(dask, "efficientnet_lite0", manifest, tmp_path / "dask.h5", progress=False)
+
+    assert report.n_written == 18
+    with h5py.File(report.path, "r") as handle:
+        assert handle.attrs["decode"] == "gpu" and json.loads(handle.attrs["config"])["extract"]["decode"] == "gpu"
+    assert _md5(report.path) == _md5(reference)

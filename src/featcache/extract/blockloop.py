@@ -1,8 +1,8 @@
-"""The pieces of the extraction hot loop: block assembly, forward with overlapped copy-out, commits, progress.
+"""The pieces of the extraction hot loop: batches, block assembly, overlapped forward, commits, progress.
 
 :func:`featcache.extract.engine.run_blocks` strings them together::
 
-    batches (rows, uint8 images, reasons)
+    make_batches               the plan's loader: (rows, uint8 images, reasons) per batch
       -> BatchForward.launch   normalise on the runner's device, forward (async on CUDA),
                                copy the pooled features out on a side stream into pinned buffers
       -> BlockAssembler.add    slice the batch's rows into preallocated per-block arrays (masks, no
@@ -24,16 +24,20 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from featcache.extract.decode.loaders import Batch, ImageDataset, ImageReader, iter_array_batches, make_loader
+from featcache.extract.decode.preprocess import Preprocessor
+from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.plan import LOADERS
 from featcache.store.errors import StoreError
 
 if TYPE_CHECKING:  # torch is imported only for runners whose input device is not the CPU
     import torch
 
-__all__ = ["BatchForward", "BlockAssembler", "CommitQueue", "FinishedBlock", "Progress", "format_eta"]
+__all__ = ["BatchForward", "BlockAssembler", "CommitQueue", "FinishedBlock", "Progress", "format_eta", "make_batches"]
 
 logger = logging.getLogger("featcache.extract.engine")
 
@@ -394,3 +398,48 @@ class Progress:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def make_batches(loader: str, manifest: Manifest, rows: Sequence[int], preprocess: Preprocessor, *,
+                 batch_size: int, num_workers: int | None = None, device: str = "cpu",
+                 dataset: ImageReader | None = None, background: bool | None = None,
+                 stats: Any = None) -> Iterable[Batch]:
+    """The batches of ``rows`` that a plan's ``loader`` gives (the batch contract of ``run_blocks``).
+
+    Parameters
+    ----------
+    loader : {"arrays", "torch", "device"}
+        ``arrays``: PIL in a process pool, numpy uint8 batches (torch not
+        imported); ``torch``: DataLoader workers, pinned CPU tensors for the copy
+        to ``device``; ``device``: JPEGs read by workers and decoded in batches on
+        ``device`` (:func:`~featcache.extract.decode.device.iter_device_batches`).
+    manifest : Manifest
+        All N rows.
+    rows : sequence of int
+        The rows to load.
+    preprocess : Preprocessor
+        Decode, resize and crop settings.
+    batch_size, num_workers
+        Rows per batch; decode worker processes (None: one per spare core).
+    device : str
+        Where the runner takes its input (the ``device`` loader decodes there).
+    dataset : ImageReader, optional
+        The images (default: a new reader over ``manifest``).
+    background : bool, optional
+        ``device`` loader: decode in a thread ahead of the caller (default: on CUDA).
+    stats : DecodeStats, optional
+        ``device`` loader: filled with where the rows were decoded.
+    """
+    if loader not in LOADERS:
+        raise ValueError(f"loader {loader!r} is not one of {LOADERS}.")
+    if loader == "device":
+        from featcache.extract.decode.device import iter_device_batches
+
+        return iter_device_batches(manifest, rows, preprocess=preprocess, device=device, batch_size=batch_size,
+                                   num_workers=num_workers, background=background, stats=stats)
+    if loader == "arrays":
+        reader = dataset if dataset is not None else ImageReader(manifest, preprocess)
+        return iter_array_batches(reader, rows, batch_size, num_workers)
+    if not isinstance(dataset, ImageDataset):
+        dataset = ImageDataset(dataset.paths if dataset is not None else manifest, preprocess)
+    return make_loader(dataset, rows, batch_size, num_workers, pin_memory=device.startswith("cuda"))

@@ -8,7 +8,8 @@ pending blocks to workers:
    the output lock and knows which blocks are still pending);
 2. pending blocks are grouped into tasks; each task runs on a worker, which
    builds the backbone once per worker process (from a picklable
-   :class:`RunnerSpec`, never a model object), streams the task's rows through
+   :class:`RunnerSpec`, never a model object;
+   :mod:`featcache.extract.dask_tasks` is the worker side), streams the task's rows through
    exactly the loop of :func:`~featcache.extract.engine.extract_to_store`
    (:func:`~featcache.extract.engine.run_blocks`) and commits each block into
    the SAME parts directory with the writer's picklable
@@ -20,10 +21,11 @@ pending blocks to workers:
 The final HDF5 file is byte-identical to a single-process
 :func:`~featcache.extract.engine.extract_to_store` run with the same inputs:
 block files carry the same kept rows, features, errors and fingerprint, and
-tasks are cut at batch boundaries of the single-process run (see
-:func:`_plan_tasks`), so every image goes through the backbone in the same
-batch as it would in one process (CPU convolutions are not batch-size
-invariant: a batch of 1 takes another kernel path). The workers report what
+tasks are cut at batch boundaries of the single-process run
+(:func:`~featcache.extract.dask_tasks.plan_tasks`), so every image goes
+through the backbone in the same batch as it would in one process (CPU
+convolutions are not batch-size invariant: a batch of 1 takes another kernel
+path). The workers report what
 they built (an ONNX runner's ``onnx_sha256``, the same root attribute a
 single-process run records; every task must report the same one). Workers run
 ``threads_per_worker`` intra-op threads, a single process one per core:
@@ -34,9 +36,22 @@ dask run and a single process then differ in that key and never share
 blocks). A failed or interrupted run keeps its committed blocks;
 rerunning (distributed or not) extracts only the missing ones.
 
+With ``loader="device"`` (``extract.decode: gpu``) every worker decodes its
+JPEGs in batches on its own device
+(:func:`~featcache.extract.decode.device.iter_device_batches`): a pool of
+threads in the worker reads the files and probes the headers (a dask worker
+process cannot start loader processes), and the decode runs in a thread on
+its own CUDA stream ahead of the forward. Several workers may share one GPU
+(``n_workers`` above the GPU count): each brings its own host threads, so the
+per-image Python of one worker runs while another's batches are on the GPU.
+The workers report where their rows were decoded
+(:class:`~featcache.extract.decode.device.DecodeStats`); the driver logs the
+sum.
+
 A worker running onnxruntime never imports torch (like a single-process ONNX
-run): this module and :mod:`featcache.extract.runner_spec` import it only for
-a torch runner or a CUDA device.
+run): this module, :mod:`featcache.extract.dask_tasks` and
+:mod:`featcache.extract.runner_spec` import it only for a torch runner or a
+CUDA device.
 
 Requirements: the workers must see the images, and the output's parent
 folder, under the same absolute paths as the driver (one machine, or a shared
@@ -45,21 +60,16 @@ file system). Relative paths are made absolute on the driver.
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
-import os
-import socket
-import sys
-import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from featcache.errors import ExtractionError
 from featcache.extract.blockloop import Progress
-from featcache.extract.decode.loaders import ImageDataset
+from featcache.extract.dask_tasks import TaskResult, WorkerJob, extract_task, plan_tasks, probe_task
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.engine import (
     DEFAULT_MAX_BAD_FRACTION,
@@ -69,13 +79,11 @@ from featcache.extract.engine import (
     check_bad_rows,
     check_max_bad_fraction,
     check_on_error,
-    run_blocks,
 )
 from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.plan import LOADERS
 from featcache.extract.runner_spec import RunnerSpec, local_workers, worker_device
-from featcache.store.blocks import BlockCommitter
 from featcache.store.errors import StoreError
-from featcache.store.schema import LayerSpec
 from featcache.store.writer import StoreWriter
 
 __all__ = ["THREADS_PER_WORKER", "RunnerSpec", "extract_distributed", "local_workers", "worker_device"]
@@ -85,126 +93,6 @@ logger = logging.getLogger(__name__)
 #: Default intra-op threads of each worker (torch and onnxruntime): one worker process per core.
 THREADS_PER_WORKER = 1
 
-_JOB_LOCK = threading.Lock()  # guards each worker's lazily built dataset
-
-
-# ---------------------------------------------------------------- task plan
-def _plan_tasks(pending: Sequence[int], block_sizes: Sequence[int], batch_size: int,
-                blocks_per_task: int) -> list[tuple[int, ...]]:
-    """Group pending blocks into tasks whose rows start at single-process batch boundaries.
-
-    A single-process run feeds the concatenated rows of all pending blocks to
-    the backbone in consecutive batches of ``batch_size``. A task is closed
-    only where that row count is a multiple of ``batch_size``, so every task
-    sees exactly the single-process batches (the last task ends at the end).
-
-    Parameters
-    ----------
-    pending : sequence of int, (P,)
-        Pending block indices, ascending.
-    block_sizes : sequence of int, (P,)
-        Rows of each pending block.
-    batch_size : int
-        Backbone batch size.
-    blocks_per_task : int
-        Minimum blocks per task (a task grows beyond it up to the next
-        batch boundary).
-
-    Returns
-    -------
-    list of tuple of int
-        Consecutive groups of ``pending``, in order, covering it exactly.
-    """
-    tasks: list[tuple[int, ...]] = []
-    current: list[int] = []
-    offset = 0
-    for block, size in zip(pending, block_sizes, strict=True):
-        current.append(block)
-        offset += size
-        if len(current) >= blocks_per_task and offset % batch_size == 0:
-            tasks.append(tuple(current))
-            current = []
-    if current:
-        tasks.append(tuple(current))
-    return tasks
-
-
-# ------------------------------------------------------------- worker side
-@dataclass
-class _Job:
-    """Everything a worker needs, scattered once to each worker."""
-
-    manifest: Manifest
-    preprocess: Preprocessor
-    runner_spec: RunnerSpec
-    committer: BlockCommitter
-    layer_specs: tuple[LayerSpec, ...]
-    batch_size: int
-    on_error: str
-    torch_threads: int
-    _dataset: ImageDataset | None = field(default=None, repr=False, compare=False)
-
-    def dataset(self) -> ImageDataset:
-        """The job's dataset, built once per worker (absolute paths of N rows)."""
-        with _JOB_LOCK:
-            if self._dataset is None:
-                self._dataset = ImageDataset(self.manifest, self.preprocess)
-            return self._dataset
-
-
-@dataclass(frozen=True)
-class _TaskResult:
-    blocks: tuple[int, ...]
-    n_rows: int
-    errors: list[tuple[str, str]]
-    seconds: float
-    where: str
-    onnx_sha256: str | None = None
-
-
-def _set_torch_threads(n: int) -> None:
-    """torch's intra-op threads, where torch runs (an onnxruntime worker never imports it)."""
-    torch = sys.modules.get("torch")
-    if torch is not None and n > 0 and torch.get_num_threads() != n:
-        torch.set_num_threads(n)
-
-
-def _where() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _torch_version() -> str:
-    """torch's version without its local tag, without importing torch."""
-    torch = sys.modules.get("torch")
-    return str(torch.__version__ if torch is not None else importlib.metadata.version("torch")).split("+")[0]
-
-
-def _build(spec: RunnerSpec, input_size: int, threads: int) -> tuple[Any, dict[str, str]]:
-    """The worker's runner (built once per process) with ``threads`` intra-op threads (torch and onnxruntime)."""
-    if spec.backend == "torch" or spec.device.startswith("cuda"):
-        import torch  # noqa: F401 - _set_torch_threads sets the threads of an imported torch
-
-    _set_torch_threads(threads)
-    runner, attrs = spec.build_with_attrs(input_size, threads)
-    _set_torch_threads(threads)  # the runner may have imported torch
-    return runner, attrs
-
-
-def _probe_task(spec: RunnerSpec, input_size: int, threads: int) -> tuple[list[LayerSpec], str, str, str | None]:
-    """Build the runner on a worker; return its layer specs, torch version, location and ONNX sha256."""
-    runner, attrs = _build(spec, input_size, threads)
-    return runner.layer_specs(input_size), _torch_version(), _where(), attrs.get("onnx_sha256")
-
-
-def _extract_task(job: _Job, blocks: tuple[int, ...]) -> _TaskResult:
-    """Extract and commit ``blocks`` on a worker (the single-process engine's own loop)."""
-    started = time.perf_counter()
-    runner, attrs = _build(job.runner_spec, job.preprocess.input_size, job.torch_threads)
-    errors = run_blocks(job.manifest, runner, job.committer, blocks, preprocess=job.preprocess,
-                        layer_specs=job.layer_specs, batch_size=job.batch_size, num_workers=0,
-                        on_error=job.on_error, dataset=job.dataset())
-    n_rows = sum(len(job.committer.block_range(block)) for block in blocks)
-    return _TaskResult(blocks, n_rows, errors, time.perf_counter() - started, _where(), attrs.get("onnx_sha256"))
 
 
 # ------------------------------------------------------------- driver side
@@ -279,8 +167,8 @@ def _raise_task_failure(future: Any, blocks: tuple[int, ...], writer: StoreWrite
     ) from exc
 
 
-def _run_tasks(client: Any, job: _Job, tasks: list[tuple[int, ...]], writer: StoreWriter,
-               progress: bool) -> Iterator[_TaskResult]:
+def _run_tasks(client: Any, job: WorkerJob, tasks: list[tuple[int, ...]], writer: StoreWriter,
+               progress: bool) -> Iterator[TaskResult]:
     """Submit one future per task; yield results as they complete, adopting their blocks."""
     from distributed import as_completed
 
@@ -290,7 +178,7 @@ def _run_tasks(client: Any, job: _Job, tasks: list[tuple[int, ...]], writer: Sto
     try:
         for blocks in tasks:
             key = f"featcache-extract-{token}-blocks-{blocks[0]:06d}-{blocks[-1]:06d}"
-            future = client.submit(_extract_task, job_future, blocks, key=key, pure=False)
+            future = client.submit(extract_task, job_future, blocks, key=key, pure=False)
             futures[future] = blocks
         total = sum(len(writer.block_range(b)) for blocks in tasks for b in blocks)
         meter = Progress(f"{Path(writer.path).name} (dask)", total, progress)
@@ -299,7 +187,7 @@ def _run_tasks(client: Any, job: _Job, tasks: list[tuple[int, ...]], writer: Sto
                 blocks = futures[future]
                 if future.status != "finished":
                     _raise_task_failure(future, blocks, writer)
-                result: _TaskResult = future.result()
+                result: TaskResult = future.result()
                 if result.onnx_sha256 is not None:
                     _check_onnx_sha256(writer.attrs.get("onnx_sha256"), result.onnx_sha256, result.where)
                 _adopt_blocks(writer, result.blocks, result.where)
@@ -317,6 +205,16 @@ def _run_tasks(client: Any, job: _Job, tasks: list[tuple[int, ...]], writer: Sto
             logger.info("cancelling %d unfinished extraction tasks", len(pending))
             client.cancel(pending)
         client.cancel([job_future])
+
+
+def _total_decode_stats(results: Sequence[TaskResult]) -> Any:
+    """Where the workers decoded their rows, summed and logged (None without device-decode tasks)."""
+    stats = [result.decode_stats for result in results if result.decode_stats is not None]
+    if not stats:
+        return None
+    total = sum(stats[1:], stats[0])
+    logger.info("%s", total.summary(f"{len({result.where for result in results})} dask workers"))
+    return total
 
 
 def extract_distributed(
@@ -339,6 +237,8 @@ def extract_distributed(
     progress: bool = True,
     lock_timeout: float = 0.0,
     max_bad_fraction: float = DEFAULT_MAX_BAD_FRACTION,
+    loader: str | None = None,
+    read_threads: int | None = None,
 ) -> ExtractionReport:
     """Extract every manifest row on a dask.distributed cluster into one feature store.
 
@@ -393,12 +293,21 @@ def extract_distributed(
         Seconds to wait for another writer of ``out``.
     max_bad_fraction : float
         As for :func:`extract_to_store`.
+    loader : {None, "arrays", "torch", "device"}
+        ``device``: each worker decodes JPEGs in batches on its runner's device
+        (the plan's loader for ``extract.decode: gpu``; the output equals a
+        single-process run with that loader). Otherwise each worker decodes
+        with PIL in its task thread.
+    read_threads : int, optional
+        ``device`` loader: threads per worker that read files and probe headers
+        (default: :func:`~featcache.util.compute.default_num_workers` on the worker).
 
     Returns
     -------
     ExtractionReport
         Same fields and meaning as :func:`extract_to_store`'s report
-        (``errors`` lists every skipped row of the store, resumed blocks included).
+        (``errors`` lists every skipped row of the store, resumed blocks included;
+        ``decode_stats`` sums the workers' counts with the ``device`` loader).
 
     Raises
     ------
@@ -422,6 +331,11 @@ def extract_distributed(
                         f"got {type(runner_spec).__name__}.")
     if client is not None and scheduler_address is not None:
         raise ValueError("Give either client or scheduler_address, not both.")
+    if loader is not None and loader not in LOADERS:
+        raise ValueError(f"loader {loader!r} is not one of {', '.join(map(repr, LOADERS))} (or None).")
+    if read_threads is not None and (isinstance(read_threads, bool) or not isinstance(read_threads, int)
+                                     or read_threads < 1):
+        raise ValueError(f"read_threads must be a positive integer or None, got {read_threads!r}.")
     started = time.perf_counter()
     root_attrs = build_root_attrs(manifest, config, attrs)
     # Workers may run elsewhere (or in another cwd): give them absolute image paths.
@@ -429,7 +343,7 @@ def extract_distributed(
 
     handle = _ClientHandle(client, scheduler_address, n_workers, threads_per_worker)
     try:
-        probe = handle.client.submit(_probe_task, runner_spec, preprocess.input_size, threads_per_worker,
+        probe = handle.client.submit(probe_task, runner_spec, preprocess.input_size, threads_per_worker,
                                      pure=False, key=f"featcache-probe-{uuid.uuid4().hex[:12]}")
         try:
             layer_specs, worker_torch, where, onnx_sha256 = probe.result()
@@ -452,13 +366,13 @@ def extract_distributed(
                 n_resumed = writer.n_blocks - len(pending)
                 if n_resumed:
                     logger.info("Resuming %s: %d of %d blocks already committed", out, n_resumed, writer.n_blocks)
-                tasks = _plan_tasks(pending, [len(writer.block_range(b)) for b in pending], batch_size,
-                                    blocks_per_task)
+                tasks = plan_tasks(pending, [len(writer.block_range(b)) for b in pending], batch_size,
+                                   blocks_per_task)
                 if blocks_per_task == 1 and len(tasks) < len(pending):
                     logger.info("block_rows=%d is not a multiple of batch_size=%d: %d blocks grouped into %d "
                                 "batch-aligned tasks", block_rows, batch_size, len(pending), len(tasks))
-                job = _Job(worker_manifest, preprocess, runner_spec, writer.block_committer(), tuple(layer_specs),
-                           batch_size, on_error, threads_per_worker)
+                job = WorkerJob(worker_manifest, preprocess, runner_spec, writer.block_committer(),
+                                tuple(layer_specs), batch_size, on_error, threads_per_worker, loader, read_threads)
                 results = list(_run_tasks(handle.client, job, tasks, writer, progress)) if tasks else []
                 check_bad_rows(writer.committed_errors(), len(manifest), max_bad_fraction, out)
                 path = writer.finalize()
@@ -469,4 +383,5 @@ def extract_distributed(
         handle.close()
     n_rows = sum(result.n_rows for result in results)
     return build_report(path, manifest, n_extracted=n_rows, n_resumed_blocks=n_resumed,
-                        seconds=time.perf_counter() - started, note=f"{len(results)} tasks on dask")
+                        seconds=time.perf_counter() - started, note=f"{len(results)} tasks on dask",
+                        decode_stats=_total_decode_stats(results))

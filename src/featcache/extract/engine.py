@@ -9,7 +9,7 @@ that are missing.
 Seams:
 
 * **Loaders.** The :class:`~featcache.extract.plan.ExtractionPlan` names the
-  loader and :func:`make_batches` builds it: ``arrays`` (PIL in a process
+  loader and :func:`~featcache.extract.blockloop.make_batches` builds it: ``arrays`` (PIL in a process
   pool, numpy batches, torch not imported) for runners that take their input
   on the CPU, ``torch`` (DataLoader workers, pinned memory) for a runner on
   CUDA, ``device`` (JPEGs decoded in batches on the GPU). Any other decoder
@@ -35,25 +35,25 @@ import numpy as np
 
 import featcache
 from featcache.errors import ExtractionError
-from featcache.extract.blockloop import BatchForward, BlockAssembler, CommitQueue, FinishedBlock, Progress
-from featcache.extract.decode.loaders import (
-    Batch,
-    ImageDataset,
-    ImageReader,
-    LoaderFactory,
-    iter_array_batches,
-    make_loader,
+from featcache.extract.blockloop import (
+    BatchForward,
+    BlockAssembler,
+    CommitQueue,
+    FinishedBlock,
+    Progress,
+    make_batches,
 )
+from featcache.extract.decode.loaders import Batch, ImageReader, LoaderFactory
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.manifest import Manifest
-from featcache.extract.plan import LOADERS, ExtractionPlan
+from featcache.extract.plan import ExtractionPlan
 from featcache.store.reader import FeatureStore
 from featcache.store.schema import SHARDS_ATTR, LayerSpec, canonical_json, sha256_text
 from featcache.store.writer import StoreWriter
 
 __all__ = ["BlockSink", "DEFAULT_MAX_BAD_FRACTION", "ExtractionReport",
            "FeatureRunner", "ON_ERROR", "build_report", "build_root_attrs", "check_bad_rows", "check_max_bad_fraction",
-           "check_on_error", "extract_to_store", "make_batches", "run_blocks"]
+           "check_on_error", "extract_to_store", "run_blocks"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ class ExtractionReport:
     seconds: float
     images_per_second: float
     errors: list[tuple[str, str]] = field(default_factory=list)
+    #: Where the rows were decoded (a ``DecodeStats``) when JPEGs were decoded on the runner's device, else None.
+    decode_stats: Any = None
 
 
 def extract_to_store(
@@ -122,7 +124,7 @@ def extract_to_store(
         sha256. A different config never resumes or appends to old blocks.
     plan : ExtractionPlan, optional
         The resolved choices of the run: its ``loader`` and ``num_workers``
-        make the batches (:func:`make_batches`). Default: the loader the
+        make the batches (:func:`~featcache.extract.blockloop.make_batches`). Default: the loader the
         runner's input device calls for, one decode worker per spare core.
     attrs : mapping, optional
         Extra root attributes (backbone, weights_id, backend, ...).
@@ -143,6 +145,7 @@ def extract_to_store(
     Returns
     -------
     ExtractionReport
+        With ``decode_stats`` when the plan's ``device`` loader decoded the rows.
     """
     check_on_error(on_error)
     check_max_bad_fraction(max_bad_fraction)
@@ -160,14 +163,19 @@ def extract_to_store(
             logger.info("Resuming %s: %d of %d blocks already committed", out, n_resumed, writer.n_blocks)
         rows = [row for block in pending for row in writer.block_range(block)]
         batches = loader_factory(rows, batch_size) if loader_factory is not None and rows else None
+        stats = None
+        if batches is None and plan is not None and plan.loader == "device":
+            from featcache.extract.decode.device import DecodeStats
+
+            stats = DecodeStats()
         run_blocks(manifest, runner, writer, pending, preprocess=preprocess, layer_specs=layer_specs,
                    batch_size=batch_size, num_workers=plan.num_workers if plan else None,
                    loader=plan.loader if plan else None, on_error=on_error, progress=progress,
-                   label=Path(out).name, batches=batches, overlap=overlap)
+                   label=Path(out).name, batches=batches, overlap=overlap, decode_stats=stats)
         check_bad_rows(writer.committed_errors(), len(manifest), max_bad_fraction, out)
         path = writer.finalize()
     return build_report(path, manifest, n_extracted=len(rows), n_resumed_blocks=n_resumed,
-                        seconds=time.perf_counter() - started)
+                        seconds=time.perf_counter() - started, decode_stats=stats)
 
 
 def check_on_error(on_error: str) -> None:
@@ -264,7 +272,7 @@ def _torch_version() -> str:
 
 
 def build_report(path: str | Path, manifest: Manifest, *, n_extracted: int, n_resumed_blocks: int,
-                 seconds: float, note: str = "") -> ExtractionReport:
+                 seconds: float, note: str = "", decode_stats: Any = None) -> ExtractionReport:
     """The report of a finished store, its skipped rows counted from the store itself.
 
     Bad images of blocks committed by an earlier (resumed) run are in the
@@ -284,13 +292,16 @@ def build_report(path: str | Path, manifest: Manifest, *, n_extracted: int, n_re
         Wall time of this run.
     note : str
         Appended to the log line (e.g. ``"12 tasks on dask"``).
+    decode_stats : DecodeStats, optional
+        Where a device-decode run decoded its rows.
     """
     with FeatureStore(path) as store:
         errors = store.errors()
     n_skipped = len(errors)
     report = ExtractionReport(path=Path(path), n_input=len(manifest), n_written=len(manifest) - n_skipped,
                               n_skipped=n_skipped, n_resumed_blocks=n_resumed_blocks, seconds=seconds,
-                              images_per_second=n_extracted / seconds if seconds > 0 else 0.0, errors=errors)
+                              images_per_second=n_extracted / seconds if seconds > 0 else 0.0, errors=errors,
+                              decode_stats=decode_stats)
     logger.info("Wrote %s: %d rows, %d skipped%s, %.1f img/s", path, report.n_written, n_skipped,
                 f", {note}" if note else "", report.images_per_second)
     return report
@@ -312,7 +323,8 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
                preprocess: Preprocessor, layer_specs: Sequence[LayerSpec], batch_size: int = 64,
                num_workers: int | None = None, loader: str | None = None, on_error: str = "skip",
                progress: bool = False, label: str = "", dataset: ImageReader | None = None,
-               batches: Iterable[Batch] | None = None, overlap: bool | None = None) -> list[tuple[str, str]]:
+               batches: Iterable[Batch] | None = None, overlap: bool | None = None,
+               decode_stats: Any = None) -> list[tuple[str, str]]:
     """Extract the rows of ``blocks`` and commit each block to ``sink`` as soon as it is complete.
 
     The loop shared by :func:`extract_to_store` and the dask workers of
@@ -350,7 +362,7 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
     batch_size, num_workers
         Loader settings (``num_workers=None``: one decode worker per spare core).
     loader : {"arrays", "torch", "device"}, optional
-        The plan's loader (:func:`make_batches`); default: ``arrays`` when the
+        The plan's loader (:func:`~featcache.extract.blockloop.make_batches`); default: ``arrays`` when the
         runner takes its input on the CPU, else ``torch``.
     on_error : {"skip", "fail"}
         ``fail`` raises :class:`ExtractionError` at the first bad image
@@ -368,6 +380,8 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
         the next batch runs, blocks are committed in a writer thread. Default:
         on CUDA only. ``False`` runs every step in order on the calling thread
         (the reference the GPU tests hold the overlapped loop to, byte for byte).
+    decode_stats : DecodeStats, optional
+        Filled by the ``device`` loader with where the rows were decoded.
 
     Returns
     -------
@@ -384,7 +398,7 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
         batches = make_batches(loader or ("arrays" if forward.on_cpu else "torch"), manifest, rows.tolist(),
                                preprocess, batch_size=batch_size, num_workers=num_workers,
                                device=str(forward.device), dataset=dataset,
-                               background=None if overlap is None else overlap)
+                               background=None if overlap is None else overlap, stats=decode_stats)
     assembler = BlockAssembler(sink.block_rows, sink.n_rows, {spec.alias: spec.dim for spec in layer_specs},
                                manifest.ids)
     meter = Progress(label, rows.size, progress)
@@ -435,48 +449,6 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
         if callable(close):  # a generator loader (process pool, decode thread) stops now, not when collected
             close()
     return errors
-
-
-def make_batches(loader: str, manifest: Manifest, rows: Sequence[int], preprocess: Preprocessor, *,
-                 batch_size: int, num_workers: int | None = None, device: str = "cpu",
-                 dataset: ImageReader | None = None, background: bool | None = None) -> Iterable[Batch]:
-    """The batches of ``rows`` that a plan's ``loader`` gives (the batch contract of :func:`run_blocks`).
-
-    Parameters
-    ----------
-    loader : {"arrays", "torch", "device"}
-        ``arrays``: PIL in a process pool, numpy uint8 batches (torch not
-        imported); ``torch``: DataLoader workers, pinned CPU tensors for the copy
-        to ``device``; ``device``: JPEGs read by workers and decoded in batches on
-        ``device`` (:func:`~featcache.extract.decode.device.iter_device_batches`).
-    manifest : Manifest
-        All N rows.
-    rows : sequence of int
-        The rows to load.
-    preprocess : Preprocessor
-        Decode, resize and crop settings.
-    batch_size, num_workers
-        Rows per batch; decode worker processes (None: one per spare core).
-    device : str
-        Where the runner takes its input (the ``device`` loader decodes there).
-    dataset : ImageReader, optional
-        The images (default: a new reader over ``manifest``).
-    background : bool, optional
-        ``device`` loader: decode in a thread ahead of the caller (default: on CUDA).
-    """
-    if loader not in LOADERS:
-        raise ValueError(f"loader {loader!r} is not one of {LOADERS}.")
-    if loader == "device":
-        from featcache.extract.decode.device import iter_device_batches
-
-        return iter_device_batches(manifest, rows, preprocess=preprocess, device=device, batch_size=batch_size,
-                                   num_workers=num_workers, background=background)
-    if loader == "arrays":
-        reader = dataset if dataset is not None else ImageReader(manifest, preprocess)
-        return iter_array_batches(reader, rows, batch_size, num_workers)
-    if not isinstance(dataset, ImageDataset):
-        dataset = ImageDataset(dataset.paths if dataset is not None else manifest, preprocess)
-    return make_loader(dataset, rows, batch_size, num_workers, pin_memory=device.startswith("cuda"))
 
 
 def _report_bad(manifest: Manifest, rows: np.ndarray, good: np.ndarray, reasons: Sequence[str],

@@ -17,8 +17,8 @@ nothing else resolves these settings. The rules:
   H200), float32 elsewhere; bf16 (cosine 0.997) is never picked by ``auto``,
   and onnxruntime always runs the float32 graph;
 * **decode** ``auto``: JPEGs decoded in batches on the GPU when torch runs on
-  CUDA in this process, PIL in worker processes otherwise; ``gpu`` on a CPU
-  device runs the same device path (for tests);
+  CUDA (in this process, or in each dask worker), PIL otherwise; ``gpu`` on a
+  CPU device runs the same device path (for tests);
 * **loader**: ``device`` (batched device decode) for the ``gpu`` decode path;
   ``arrays`` (numpy batches from a process pool, torch not imported) when the
   runner takes its input on the CPU; ``torch`` (DataLoader workers, pinned
@@ -113,8 +113,12 @@ def resolve_autocast(autocast: str | None, device: str, backend: str) -> str | N
     return autocast
 
 
-def resolve_decode(decode: str, device: str, backend: str = "torch", scheduler: str = "none") -> str:
-    """The decode path: ``auto`` -> ``gpu`` for torch on CUDA in this process, else ``cpu``.
+def resolve_decode(decode: str, device: str, backend: str = "torch") -> str:
+    """The decode path: ``auto`` -> ``gpu`` for torch on CUDA, else ``cpu``.
+
+    The same rule holds in one process and under ``extract.scheduler`` (each
+    dask worker then decodes on its own device:
+    :func:`~featcache.extract.distributed.extract_distributed`'s ``loader``).
 
     Parameters
     ----------
@@ -122,16 +126,11 @@ def resolve_decode(decode: str, device: str, backend: str = "torch", scheduler: 
         ``extract.decode``; ``gpu`` on a CPU device is allowed (the same code path, for tests).
     device, backend : str
         The resolved device and backend (the ONNX runner takes host batches).
-    scheduler : str
-        ``extract.scheduler``: dask workers decode with PIL, so ``gpu`` is refused there.
     """
     if decode == "auto":
-        return "gpu" if _is_cuda(device) and backend == "torch" and scheduler == "none" else "cpu"
+        return "gpu" if _is_cuda(device) and backend == "torch" else "cpu"
     if decode not in DECODE_PATHS:
         raise ValueError(f"extract.decode {decode!r} is not one of 'auto', {', '.join(map(repr, DECODE_PATHS))}.")
-    if decode == "gpu" and scheduler != "none":
-        raise ValueError("extract.decode: gpu does not run under extract.scheduler (the dask workers decode "
-                         "with PIL); set extract.decode: auto or cpu, or extract.scheduler: none")
     return decode
 
 
@@ -299,7 +298,7 @@ def plan_extraction(*, device: str = "auto", backend: str = "auto", autocast: st
             resolved_device = compute.resolve_device(device, setting="extract.device", error=ExtractionError)
         resolved_backend = resolve_backend(backend, resolved_device)
         resolved_autocast = resolve_autocast(autocast, resolved_device, resolved_backend)
-        resolved_decode = resolve_decode(decode, resolved_device, resolved_backend, scheduler)
+        resolved_decode = resolve_decode(decode, resolved_device, resolved_backend)
         int8 = resolve_precision(precision, resolved_device, resolved_backend, scheduler)
     except ExtractionError:
         raise

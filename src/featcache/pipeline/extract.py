@@ -93,7 +93,8 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
                                     model=chosen.model)
         return extract_distributed(manifest, spec, preprocess, out, **common,
                                    scheduler_address=None if plan.scheduler == "local" else plan.scheduler,
-                                   n_workers=local_workers(knobs.n_workers, plan.device), threads_per_worker=threads)
+                                   n_workers=local_workers(knobs.n_workers, plan.device), threads_per_worker=threads,
+                                   loader=plan.loader, read_threads=plan.num_workers)
     calibration = None
     if plan.int8:
         from featcache.extract.onnx.calibration import calibration_images

@@ -370,7 +370,7 @@ def test_bench_gpu_smoke(tmp_path):
     for results in report["results"].values():
         assert set(results) == set(bench.CASES)
         assert all(case["img_per_s"] > 0 for case in results.values())
-        for case in bench.DEVICE_CASES:  # every row decoded on the device, features as the CPU path's
+        for case in bench.DECODED_CASES:  # every row decoded on the device, features as the CPU path's
             store = results[case]["store"]
             assert (store["rows"], store["bad"], store["device_rows"], store["cpu_rows"]) == (6, 0, 6, 0)
             assert all(store[key]["min"] > 0.99 for key in store if key.startswith("cosine_"))

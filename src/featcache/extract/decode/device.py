@@ -30,7 +30,7 @@ import logging
 import os
 import queue
 import threading
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -150,6 +150,10 @@ class DecodeStats:
         """One log line: ``device decode (torchcodec on cuda): 4,096 rows on the device, ...``."""
         return (f"device decode ({decoder}): {self.device:,} rows on the device, {self.cpu + self.rejected:,} on "
                 f"the CPU path ({self.rejected:,} rejected by the device decoder), {self.bad:,} bad")
+
+    def __add__(self, other: DecodeStats) -> DecodeStats:
+        """The counts of two runs together (the dask driver sums its workers' tasks)."""
+        return DecodeStats(*(mine + theirs for mine, theirs in zip(astuple(self), astuple(other), strict=True)))
 
 
 def _chunks(indices: list[int], sizes: Sequence[tuple[int, int]]) -> Iterator[list[int]]:

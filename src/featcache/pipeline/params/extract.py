@@ -73,7 +73,8 @@ class ExtractParams(Strict):
     max_bad_fraction: float = Field(0.5, ge=0, le=1)
     scheduler: str = Field("none", description="none | local | a dask scheduler address (tcp://host:8786)")
     n_workers: int | Literal["auto"] = Field("auto", description="workers of the local dask cluster "
-                                             "(scheduler: local); auto: one per GPU on CUDA, else 2")
+                                             "(scheduler: local); auto: one per GPU on CUDA, else 2; more "
+                                             "workers than GPUs share them")
     onnx_cache: str = Field("auto", min_length=1, description="ONNX export cache: auto ($FEATCACHE_CACHE_DIR/onnx "
                             "or ~/.cache/featcache/onnx) | none | a folder")
 
