@@ -43,6 +43,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
@@ -242,17 +243,36 @@ def timed(fn: Callable[[], Any], n_images: int, device: str) -> tuple[float, Any
 
 def interleaved(cases: dict[str, Callable[[], Any]], n_images: int, repeats: int,
                 device: str) -> dict[str, dict[str, Any]]:
-    """Each case once to warm up, then ``repeats`` rounds in alternating order; median img/s per case."""
+    """Each case once to warm up, then ``repeats`` rounds in alternating order; median img/s per case.
+
+    A case that raises is reported with its error (``img_per_s`` None) and left out of the later rounds:
+    one broken path never costs the numbers of the others (a GPU call comes 15 minutes at a time).
+    """
     runs: dict[str, list[float]] = {case: [] for case in cases}
     last: dict[str, Any] = {}
-    for fn in cases.values():
-        fn()  # warm-up: workers, cudnn autotuning, decoder initialisation
+    failed: dict[str, str] = {}
+
+    def attempt(case: str, timing: bool) -> None:
+        try:
+            if timing:
+                rate, last[case] = timed(cases[case], n_images, device)
+                runs[case].append(rate)
+            else:
+                cases[case]()  # warm-up: workers, cudnn autotuning, decoder initialisation
+        except Exception as error:  # noqa: BLE001 - reported in the results, the other cases go on
+            failed[case] = f"{type(error).__name__}: {error}"
+            print(f"  case {case} failed: {failed[case]}", flush=True)
+            traceback.print_exc()
+
+    for case in cases:
+        attempt(case, timing=False)
     for round_ in range(repeats):
         order = list(cases) if round_ % 2 == 0 else list(reversed(cases))
         for case in order:
-            rate, last[case] = timed(cases[case], n_images, device)
-            runs[case].append(rate)
-    return {case: {"img_per_s": statistics.median(rates), "runs": rates, "last": last.get(case)}
+            if case not in failed:
+                attempt(case, timing=True)
+    return {case: {"img_per_s": None, "error": failed[case]} if case in failed else
+            {"img_per_s": statistics.median(rates), "runs": rates, "last": last.get(case)}
             for case, rates in runs.items()}
 
 
@@ -275,13 +295,24 @@ def bench_backbone(name: str, manifest: Manifest, root: Path, work: Path, client
     net = _peer_model(name, loaded.model, args.device)
     cases["peer"] = lambda: run_peer(net, preprocess, root, args)
     for case, result in interleaved(cases, n, args.repeats, args.device).items():
-        stats = result.pop("last")
-        if case in stores:
+        stats = result.pop("last", None)
+        if case in stores and result["img_per_s"] is not None:
             reference = stores["cpu-decode"] if case in DECODED_CASES else None
-            result["store"] = check_store(stores[case], reference, stats, n)
+            try:
+                result["store"] = check_store(stores[case], reference, stats, n)
+            except Exception as error:  # noqa: BLE001 - a wrong store is a result too; the other cases go on
+                result["store"] = {"error": f"{type(error).__name__}: {error}"}
         results[case] = result
-        print(f"  {name} {case}: {result['img_per_s']:,.0f} img/s {result.get('store', '')}", flush=True)
+        print(f"  {name} {case}: {rate_text(result)} img/s {result.get('store', '')}", flush=True)
     return results
+
+
+def rate_text(result: dict[str, Any]) -> str:
+    return "failed" if result["img_per_s"] is None else f"{result['img_per_s']:,.0f}"
+
+
+def ratio_text(rate: dict[str, float | None], a: str, b: str) -> str:
+    return "n/a" if rate[a] is None or rate[b] is None else f"{rate[a] / rate[b]:.2f}x"
 
 
 def device_name(device: str) -> str:
@@ -299,19 +330,16 @@ def markdown(report: dict) -> str:
              f"interleaved, median of {report['repeats']}; torch {report['torch']}; decoder: {report['decoder']}",
              "", "| img/s | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for case in CASES:
-        lines.append(f"| {LABELS[case]} | " + " | ".join(f"{report['results'][n][case]['img_per_s']:,.0f}"
-                                                          for n in names) + " |")
+        lines.append(f"| {LABELS[case]} | " + " | ".join(rate_text(report["results"][n][case]) for n in names) + " |")
     for n in names:
         r = report["results"][n]
         rate = {case: r[case]["img_per_s"] for case in CASES}
-        lines.append(f"\n{n}: gpu-decode / forward = {rate['gpu-decode'] / rate['forward']:.2f}, gpu-decode / "
-                     f"peer = {rate['gpu-decode'] / rate['peer']:.2f}x, gpu-threads / gpu-decode = "
-                     f"{rate['gpu-threads'] / rate['gpu-decode']:.2f}x, gpu-sync / gpu-decode = "
-                     f"{rate['gpu-sync'] / rate['gpu-decode']:.2f}x, dask / gpu-decode = "
-                     f"{rate['dask'] / rate['gpu-decode']:.2f}x, cpu-decode / peer = "
-                     f"{rate['cpu-decode'] / rate['peer']:.2f}x")
+        pairs = [("gpu-decode", "forward"), ("gpu-decode", "peer"), ("gpu-threads", "forward"),
+                 ("gpu-threads", "gpu-decode"), ("gpu-sync", "gpu-decode"), ("dask", "gpu-decode"),
+                 ("cpu-decode", "peer")]
+        lines.append(f"\n{n}: " + ", ".join(f"{a} / {b} = {ratio_text(rate, a, b)}" for a, b in pairs))
         for case in DECODED_CASES:
-            lines.append(f"- {case} store: {json.dumps(r[case]['store'])}")
+            lines.append(f"- {case} store: {json.dumps(r[case].get('store') or r[case].get('error'))}")
     return "\n".join(lines) + "\n"
 
 

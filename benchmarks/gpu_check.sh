@@ -14,7 +14,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 -c "import torch, torchvision, timm, onnxruntime; print('torch', torch.__version__, 'torchvision',
 torchvision.__version__, 'timm', timm.__version__, 'onnxruntime', onnxruntime.__version__)" | tee -a "$OUT/device.txt"
 # Only the files that hold GPU-marked tests: collecting the whole suite would import tools the machine lacks.
-timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu -rs \
+timeout 150 python3 -m pytest -v -p no:cacheprovider -o addopts="" -m gpu -rs --durations=10 \
   tests/extract/decode/test_device.py tests/extract/decode/test_real_photos.py tests/extract/test_engine.py \
   tests/finetune/test_finetune.py 2>&1 |
   tee "$OUT/gpu_tests.log"

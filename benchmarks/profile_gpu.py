@@ -10,16 +10,20 @@ Made for the same device call as ``bench_gpu.py`` (``benchmarks/gpu_check.sh``):
    decode; decode + orient + resize + crop; readers and decode chained
    (``iter_device_batches``, no forward); normalise + forward + copy-out of
    decoded device batches.
-2. **Trace**: one warm-up extraction, then the same ``--batches`` batches through
-   ``extract_to_store`` (``extract.decode: gpu``, the engine's loop, HDF5 store)
-   under ``torch.profiler`` (CPU and CUDA activities). The loop's own labels
+2. **Trace**, once per reader (worker processes, then threads): one warm-up
+   extraction, then the same ``--batches`` batches through ``extract_to_store``
+   (``extract.decode: gpu``, the engine's loop, HDF5 store) under
+   ``torch.profiler`` (CPU and CUDA activities). The loop's own labels
    (``featcache.read_files``, ``featcache.device_decode``,
    ``featcache.wait_for_input``) and this script's (``featcache.forward``)
    show, per image, the time the main thread waits for input, the time spent
    decoding, and how much of the wall time the GPU runs kernels at all.
 
-Writes ``profile_gpu.json`` (the numbers), ``profile_gpu.md`` (tables) and
-``profile_gpu_trace.json.gz`` (open in Perfetto or chrome://tracing) under ``--out``.
+A stage or a trace that raises is reported with its error and the others go on
+(one GPU call comes 15 minutes at a time). Writes ``profile_gpu.json`` (the
+numbers), ``profile_gpu.md`` (tables), ``profile_gpu_ops_<reader>.txt`` (top
+operators) and ``profile_gpu_trace_<reader>.json.gz`` (open in Perfetto or
+chrome://tracing) under ``--out``.
 """
 
 from __future__ import annotations
@@ -30,15 +34,16 @@ import json
 import shutil
 import tempfile
 import time
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench_gpu import device_name, make_jpegs, plan_for, sync, timed
 from featcache.extract.decode.decoders import decode_each, gpu_decode_status, select_decoder
-from featcache.extract.decode.device import DeviceDecodeDataset, decode_items, iter_device_batches
+from featcache.extract.decode.device import DecodeStats, DeviceDecodeDataset, decode_items, iter_device_batches
 from featcache.extract.decode.packing import READERS, iter_packed_batches
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.engine import extract_to_store
@@ -67,7 +72,17 @@ class LabelledRunner:
             return self._runner(batch)
 
 
-def stages(manifest, runner, preprocess: Preprocessor, args: argparse.Namespace) -> dict[str, float]:
+def guarded(what: str, fn: Callable[[], Any]) -> Any:
+    """``fn()``, or ``{"error": ...}`` when it raises (printed with its traceback)."""
+    try:
+        return fn()
+    except Exception as error:  # noqa: BLE001 - reported in the results, the other steps go on
+        print(f"  {what} failed: {type(error).__name__}: {error}", flush=True)
+        traceback.print_exc()
+        return {"error": f"{type(error).__name__}: {error}"}
+
+
+def stages(manifest, runner, preprocess: Preprocessor, args: argparse.Namespace) -> dict[str, Any]:
     """img/s of each stage of the device-decode path alone, then chained (see the module docstring)."""
     dataset = DeviceDecodeDataset(manifest, preprocess)
     decoder = select_decoder(args.device)
@@ -76,18 +91,17 @@ def stages(manifest, runner, preprocess: Preprocessor, args: argparse.Namespace)
     n = len(rows)
     held = list(iter_packed_batches(dataset, batches, num_workers=args.workers))
     decoded = [decode_items(items, dataset, decoder) for items in held]  # warm-up, and the forward's input
-    out: dict[str, float] = {}
+    steps: dict[str, Callable[[], Any]] = {}
     for reader in READERS:
-        out[f"read ({reader})"] = timed(lambda reader=reader: sum(len(b.rows) for b in iter_packed_batches(
-            dataset, batches, reader=reader, num_workers=args.workers)), n, args.device)[0]
-    out["decode"] = timed(lambda: [decode_each(decoder, list(torch.split(b.data, [k for k in b.lengths if k])))
-                                   for b in held], n, args.device)[0]
-    out["decode+resize"] = timed(lambda: [decode_items(items, dataset, decoder) for items in held], n,
-                                 args.device)[0]
+        steps[f"read ({reader})"] = lambda reader=reader: sum(len(b.rows) for b in iter_packed_batches(
+            dataset, batches, reader=reader, num_workers=args.workers))
+    steps["decode"] = lambda: [decode_each(decoder, list(torch.split(b.data, [k for k in b.lengths if k])))
+                               for b in held]
+    steps["decode+resize"] = lambda: [decode_items(items, dataset, decoder) for items in held]
     for reader in READERS:
-        out[f"read ({reader}) + decode"] = timed(lambda reader=reader: [b for b in iter_device_batches(
+        steps[f"read ({reader}) + decode"] = lambda reader=reader: [b for b in iter_device_batches(
             manifest, rows, preprocess=preprocess, device=args.device, batch_size=args.batch_size,
-            num_workers=args.workers, reader=reader)], n, args.device)[0]
+            num_workers=args.workers, reader=reader)]
 
     def forward() -> None:
         for _, images, _ in decoded:
@@ -95,8 +109,8 @@ def stages(manifest, runner, preprocess: Preprocessor, args: argparse.Namespace)
             {k: v.cpu() for k, v in features.items()}
 
     forward()
-    out["forward + copy-out"] = timed(forward, n, args.device)[0]
-    return out
+    steps["forward + copy-out"] = forward
+    return {stage: guarded(stage, lambda fn=fn: timed(fn, n, args.device)[0]) for stage, fn in steps.items()}
 
 
 def busy_fraction(intervals: list[tuple[float, float]], wall_us: float) -> float:
@@ -110,16 +124,23 @@ def busy_fraction(intervals: list[tuple[float, float]], wall_us: float) -> float
 
 
 def trace(manifest, runner, preprocess: Preprocessor, work: Path, args: argparse.Namespace,
-          out: Path) -> dict[str, Any]:
-    """Profile the extraction loop over every image; the per-image summary (also writes the trace)."""
+          out: Path, reader: str) -> dict[str, Any]:
+    """Profile the extraction loop over every image with ``reader``; the per-image summary (writes the trace)."""
     n = len(manifest)
     labelled = LabelledRunner(runner)
+    plan = plan_for(args, "gpu")
+    stats: list[DecodeStats] = []  # one per run; the last is the profiled run's
+
+    def loader(rows, batch_size):  # the engine's own device loader, with this reader
+        stats.append(DecodeStats())
+        return iter_device_batches(manifest, rows, preprocess=preprocess, device=args.device, batch_size=batch_size,
+                                   num_workers=plan.num_workers, reader=reader, stats=stats[-1])
 
     def run() -> None:
         store = work / "profile.h5"
         store.unlink(missing_ok=True)
-        extract_to_store(manifest, labelled, preprocess, store, plan=plan_for(args, "gpu"), config={"bench": "profile"},
-                         batch_size=args.batch_size, block_rows=1024, progress=False)
+        extract_to_store(manifest, labelled, preprocess, store, plan=plan, config={"bench": "profile"},
+                         batch_size=args.batch_size, block_rows=1024, progress=False, loader_factory=loader)
 
     run()  # warm-up: workers, cudnn autotuning, decoder initialisation
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
@@ -129,14 +150,15 @@ def trace(manifest, runner, preprocess: Preprocessor, work: Path, args: argparse
     events = prof.events()
     kernels = [(e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA"]
     labels = {label: sum(e.cpu_time_total for e in events if e.name == label) / n for label in LABELS}
-    raw = out / "profile_gpu_trace.json"
+    raw = out / f"profile_gpu_trace_{reader}.json"
     prof.export_chrome_trace(str(raw))
     with open(raw, "rb") as source, gzip.open(str(raw) + ".gz", "wb") as target:
         shutil.copyfileobj(source, target)
     raw.unlink()
     sort = "self_cuda_time_total" if kernels else "self_cpu_time_total"
-    (out / "profile_gpu_ops.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30) + "\n")
-    return {"images": n, "img_per_s": rate, "us_per_image": wall_us / n,
+    (out / f"profile_gpu_ops_{reader}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30) + "\n")
+    return {"images": n, "img_per_s": rate, "us_per_image": wall_us / n, "device_rows": stats[-1].device,
+            "cpu_rows": stats[-1].cpu + stats[-1].rejected,
             "gpu_busy_fraction": busy_fraction(kernels, wall_us) if kernels else None,
             "us_per_image_by_label": labels}
 
@@ -146,13 +168,18 @@ def markdown(report: dict) -> str:
     lines = [f"{report['device_name']}, {report['backbone']}, {report['images']} JPEGs {report['image_size']}, batch "
              f"{report['batch_size']}, {report['workers']} workers; decoder: {report['decoder']}", "",
              "| stage alone | img/s |", "|---|---:|"]
-    lines += [f"| {stage} | {rate:,.0f} |" for stage, rate in report["stages"].items()]
-    t = report["trace"]
-    busy = "n/a" if t["gpu_busy_fraction"] is None else f"{t['gpu_busy_fraction']:.0%}"
-    lines += ["", f"Trace of {t['images']} images: {t['img_per_s']:,.0f} img/s, {t['us_per_image']:.0f} µs per "
-              f"image, GPU running kernels {busy} of the wall time.", "", "| label (CPU time of its thread) | µs per "
-              "image |", "|---|---:|"]
-    lines += [f"| `{label}` | {us:.0f} |" for label, us in t["us_per_image_by_label"].items()]
+    lines += [f"| {stage} | {rate['error'] if isinstance(rate, dict) else f'{rate:,.0f}'} |"
+              for stage, rate in report["stages"].items()]
+    for reader, t in report["traces"].items():
+        if "error" in t:
+            lines += ["", f"Trace, files read by {reader}: failed: {t['error']}"]
+            continue
+        busy = "n/a" if t["gpu_busy_fraction"] is None else f"{t['gpu_busy_fraction']:.0%}"
+        lines += ["", f"Trace, files read by {reader}, {t['images']} images: {t['img_per_s']:,.0f} img/s, "
+                  f"{t['us_per_image']:.0f} µs per image, GPU running kernels {busy} of the wall time; "
+                  f"{t['device_rows']} rows decoded on the device, {t['cpu_rows']} on the CPU path.", "",
+                  "| label (CPU time of its thread) | µs per image |", "|---|---:|"]
+        lines += [f"| `{label}` | {us:.0f} |" for label, us in t["us_per_image_by_label"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -192,7 +219,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "image_size": "x".join(map(str, image_size)),
                   "batch_size": args.batch_size, "workers": args.workers, "decoder": decoder,
                   "stages": stages(manifest, runner, preprocess, args),
-                  "trace": trace(manifest, runner, preprocess, work, args, out)}
+                  "traces": {reader: guarded(f"trace ({reader})", lambda reader=reader: trace(
+                      manifest, runner, preprocess, work, args, out, reader)) for reader in READERS}}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     sync(args.device)

@@ -20,3 +20,25 @@ def test_bench_extract_end_to_end_runs(bench_extract, tmp_path):
     """The ``ratio`` case's ``extract_to_store`` call (it broke silently once when the engine's arguments moved)."""
     manifest = bench_extract.make_images(tmp_path / "images", 6, "digits")
     assert bench_extract.end_to_end(manifest, batch_size=4, workers=0) > 0
+
+
+def test_bench_gpu_reports_a_failing_case_and_measures_the_others(monkeypatch, capsys):
+    """One GPU call comes 15 minutes at a time: a case that raises is reported, the others still get numbers."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench_gpu = importlib.import_module("bench_gpu")
+    calls = {"ok": 0, "broken": 0}
+
+    def ok():
+        calls["ok"] += 1
+
+    def broken():
+        calls["broken"] += 1
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    results = bench_gpu.interleaved({"ok": ok, "broken": broken}, n_images=10, repeats=3, device="cpu")
+    assert calls == {"ok": 4, "broken": 1}  # warm-up + 3 rounds; the broken case never again
+    assert results["broken"] == {"img_per_s": None, "error": "RuntimeError: CUDA error: an illegal memory access"}
+    assert results["ok"]["img_per_s"] > 0 and len(results["ok"]["runs"]) == 3
+    assert "case broken failed" in capsys.readouterr().out
+    rates = {"gpu-decode": 100.0, "forward": None}
+    assert bench_gpu.ratio_text(rates, "gpu-decode", "forward") == "n/a"

@@ -390,10 +390,14 @@ def test_profile_gpu_smoke(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "profile_gpu.json").read_text())
     assert set(report["stages"]) == {"read (processes)", "read (threads)", "decode", "decode+resize",
                                      "read (processes) + decode", "read (threads) + decode", "forward + copy-out"}
-    trace = report["trace"]
-    assert trace["images"] == 8 and trace["gpu_busy_fraction"] is None  # no kernels on the CPU
-    labels = trace["us_per_image_by_label"]
-    assert all(labels[label] > 0 for label in ("featcache.read_files", "featcache.device_decode",
-                                                "featcache.forward"))
-    with gzip.open(tmp_path / "profile_gpu_trace.json.gz", "rt") as trace_file:
-        assert "featcache.device_decode" in trace_file.read()
+    assert all(rate > 0 for rate in report["stages"].values())
+    assert set(report["traces"]) == {"processes", "threads"}
+    for reader, trace in report["traces"].items():
+        assert trace["images"] == 8 and trace["gpu_busy_fraction"] is None  # no kernels on the CPU
+        assert (trace["device_rows"], trace["cpu_rows"]) == (8, 0)
+        labels = trace["us_per_image_by_label"]
+        assert all(labels[label] > 0 for label in ("featcache.read_files", "featcache.device_decode",
+                                                    "featcache.forward"))
+        with gzip.open(tmp_path / f"profile_gpu_trace_{reader}.json.gz", "rt") as trace_file:
+            assert "featcache.device_decode" in trace_file.read()
+    assert "Trace, files read by threads" in (tmp_path / "profile_gpu.md").read_text()
