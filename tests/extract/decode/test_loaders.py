@@ -110,6 +110,22 @@ def test_uint8_then_normalize_batch_is_bitwise_totensor_normalize(manifest, inte
         pre.normalize_batch(expected)
 
 
+def test_normalize_batch_builds_its_channel_constants_once_per_device(monkeypatch):
+    """Per batch, building mean/std on a CUDA device is a blocking copy that waits for the queued forward:
+    they are made once per device (and preprocessor values) and reused, with the same results."""
+    pre = Preprocessor(32, 36, "bilinear", (0.125, 0.25, 0.375), (0.5, 0.625, 0.75))  # values no other test uses
+    made = []
+    as_tensor = torch.as_tensor
+    monkeypatch.setattr(torch, "as_tensor", lambda *a, **k: made.append(a[0]) or as_tensor(*a, **k))
+    batch = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    first = pre.normalize_batch(batch)
+    for _ in range(3):
+        assert torch.equal(pre.normalize_batch(batch), first)
+    assert made == [pre.mean, pre.std]
+    mean = torch.tensor(pre.mean).view(-1, 1, 1)
+    assert torch.equal(first, batch.float().div_(255.0).sub_(mean).div_(torch.tensor(pre.std).view(-1, 1, 1)))
+
+
 # ------------------------------------------------------------ the array loader (CPU runners, no torch)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_array_loader_gives_the_torch_loaders_batches(manifest, workers):

@@ -171,6 +171,17 @@ def _chunks(indices: list[int], sizes: Sequence[tuple[int, int]]) -> Iterator[li
         yield chunk
 
 
+def _device_index(indices: list[int], device: str) -> torch.Tensor:
+    """int64 (K,) batch positions on ``device``.
+
+    On CUDA they go from pinned memory without blocking: a blocking copy from
+    pageable memory would first wait for all the work queued on the decode
+    stream (the previous group's resize), once per size group.
+    """
+    index = torch.tensor(indices, dtype=torch.int64)
+    return index.pin_memory().to(device, non_blocking=True) if device.startswith("cuda") else index
+
+
 def _expected_shape(size: tuple[int, int], orientation: int, applies_exif: bool) -> tuple[int, int, int]:
     height, width = size
     return (3, width, height) if applies_exif and orientation >= 5 else (3, height, width)
@@ -214,7 +225,7 @@ def decode_items(items: Sequence[DeviceItem] | PackedBatch, dataset: DeviceDecod
     views = dict(zip(on_device, torch.split(batch.data, [batch.lengths[i] for i in on_device])))
     cpu_good = [i for i, (length, reason) in enumerate(zip(batch.lengths, reasons)) if not length and not reason]
     if cpu_good:
-        images[torch.tensor(cpu_good, device=device)] = batch.crops.to(device)
+        images[_device_index(cpu_good, device)] = batch.crops.to(device)
     rejected: list[int] = []
     for chunk in _chunks(on_device, batch.sizes):
         groups: dict[tuple[tuple[int, int], int], list[tuple[int, torch.Tensor]]] = {}
@@ -225,7 +236,7 @@ def decode_items(items: Sequence[DeviceItem] | PackedBatch, dataset: DeviceDecod
                 continue
             groups.setdefault((stored, orientation), []).append((i, image))
         for (stored, orientation), members in groups.items():
-            index = torch.tensor([i for i, _ in members], device=device)
+            index = _device_index([i for i, _ in members], device)
             group = torch.stack([image for _, image in members])
             if not decoder.applies_exif:
                 group = orient(group, orientation)

@@ -15,6 +15,7 @@ ratios are cropped without building a huge upsized intermediate.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import threading
@@ -271,6 +272,23 @@ def _verify_png(path: str | Path | bytes, image: Image.Image) -> None:
         again.verify()  # SyntaxError on a bad checksum, OSError on a truncated file
 
 
+@functools.lru_cache(maxsize=64)
+def _channel_constants(mean: tuple[float, ...], std: tuple[float, ...],
+                       device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (C, 1, 1) float32 mean and std on ``device``, made once per device and kept.
+
+    Built per batch, each would be a blocking host-to-device copy, which
+    synchronises the forward's CUDA stream: the loop could not queue the next
+    forward before the previous one ends. Nothing writes to them.
+    """
+    import torch
+
+    def constant(values: tuple[float, ...]) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=torch.float32, device=device).view(-1, 1, 1)
+
+    return constant(mean), constant(std)
+
+
 @dataclass(frozen=True)
 class Preprocessor:
     """Turn an RGB PIL image into the normalised tensor a backbone expects.
@@ -370,8 +388,7 @@ class Preprocessor:
             raise TypeError(f"normalize_batch takes uint8 pixels (from Preprocessor.pixels or a loader), got "
                             f"{images.dtype}. Hint: a float tensor is probably normalised already.")
         # torchvision's Normalize, op for op (sub_ then div_ by per-channel float32 tensors), without importing it
-        mean = torch.as_tensor(self.mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
-        std = torch.as_tensor(self.std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+        mean, std = _channel_constants(tuple(self.mean), tuple(self.std), str(images.device))
         return images.to(torch.float32).div_(255.0).sub_(mean).div_(std)
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
