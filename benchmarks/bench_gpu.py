@@ -17,6 +17,8 @@ gpu-decode      featcache ``extract_to_store`` as the extract stage runs it with
                 its own CUDA stream, overlapped forward, copy-out and commits, HDF5 store
 gpu-threads     the same with the files read by a thread pool in the main process (no process hop)
 gpu-sync        the same with ``overlap=False``: decode, forward and commits in order on one thread
+gpu-graphs      gpu-decode with the forward replayed from a CUDA graph (``GraphedRunner``, captured for
+                batches of ``--batch-size``, the last batch padded)
 dask            ``extract_distributed`` with ``--dask-workers`` worker processes sharing the device
                 (``extract.scheduler: local``, ``n_workers: 2``): each decodes on the device, reading files
                 with ``--workers / --dask-workers`` threads; the cluster is started once, outside the timing
@@ -59,6 +61,7 @@ from featcache.extract.distributed import RunnerSpec, extract_distributed
 from featcache.extract.engine import extract_to_store
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.plan import ExtractionPlan, build_runner, plan_extraction
+from featcache.extract.runners.graphs import GraphedRunner
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.extract.zoo.weights import load_backbone
 from featcache.store import FeatureStore
@@ -70,6 +73,7 @@ DEVICE_CASES: dict[str, dict[str, Any]] = {
     "gpu-decode": {"reader": "processes", "overlap": None},
     "gpu-threads": {"reader": "threads", "overlap": None},
     "gpu-sync": {"reader": "processes", "overlap": False},
+    "gpu-graphs": {"reader": "processes", "overlap": None, "graphs": True},
 }
 #: Every case whose store is checked against the CPU-decode store, with its device/CPU-path counts.
 DECODED_CASES = (*DEVICE_CASES, "dask")
@@ -79,6 +83,7 @@ LABELS = {
     "gpu-decode": "featcache GPU decode, end to end (`extract.decode: gpu`)",
     "gpu-threads": "featcache GPU decode, files read by threads (no process hop)",
     "gpu-sync": "featcache GPU decode, synchronous loop (`overlap=False`)",
+    "gpu-graphs": "featcache GPU decode, forward replayed from a CUDA graph",
     "dask": "featcache GPU decode on dask workers sharing the device (`extract.scheduler: local`)",
     "cpu-decode": "featcache CPU decode, end to end (PIL in workers)",
     "peer": "plain ImageFolder + DataLoader + FX, float32 to the device",
@@ -139,7 +144,7 @@ def plan_for(args: argparse.Namespace, decode: str) -> ExtractionPlan:
 
 
 def run_featcache(case: str, manifest: Manifest, runner, preprocess: Preprocessor, out: Path,
-                  args: argparse.Namespace) -> DecodeStats | None:
+                  args: argparse.Namespace, graphed=None) -> DecodeStats | None:
     """One featcache case to a finished store at ``out``; the device decode's counts (None for ``cpu-decode``).
 
     The device cases pass the engine's own loader call (``iter_device_batches`` with
@@ -159,9 +164,9 @@ def run_featcache(case: str, manifest: Manifest, runner, preprocess: Preprocesso
                                    batch_size=batch_size, num_workers=plan.num_workers, reader=options["reader"],
                                    background=options["overlap"], stats=stats)
 
-    extract_to_store(manifest, runner, preprocess, out, plan=plan, config={"bench": case},
-                     batch_size=args.batch_size, block_rows=1024, progress=False, loader_factory=loader,
-                     overlap=options["overlap"])
+    extract_to_store(manifest, graphed if options.get("graphs") else runner, preprocess, out, plan=plan,
+                     config={"bench": case}, batch_size=args.batch_size, block_rows=1024, progress=False,
+                     loader_factory=loader, overlap=options["overlap"])
     return stats
 
 
@@ -288,8 +293,10 @@ def bench_backbone(name: str, manifest: Manifest, root: Path, work: Path, client
                                                args.seconds)}}
     print(f"  {name} forward: {results['forward']['img_per_s']:,.0f} img/s", flush=True)
     stores = {case: work / f"{name}-{case}.h5" for case in (*DECODED_CASES, "cpu-decode")}
+    graphed = GraphedRunner(runner, args.batch_size, preprocess.input_size)  # captured now, before any thread
+    print(f"  {name} CUDA graph captured: {graphed.graphed}", flush=True)
     cases: dict[str, Callable[[], Any]] = {
-        case: (lambda case=case: run_featcache(case, manifest, runner, preprocess, stores[case], args))
+        case: (lambda case=case: run_featcache(case, manifest, runner, preprocess, stores[case], args, graphed))
         for case in stores if case != "dask"}
     cases["dask"] = lambda: run_dask(name, manifest, preprocess, stores["dask"], client, args)
     net = _peer_model(name, loaded.model, args.device)
@@ -335,7 +342,8 @@ def markdown(report: dict) -> str:
         r = report["results"][n]
         rate = {case: r[case]["img_per_s"] for case in CASES}
         pairs = [("gpu-decode", "forward"), ("gpu-decode", "peer"), ("gpu-threads", "forward"),
-                 ("gpu-threads", "gpu-decode"), ("gpu-sync", "gpu-decode"), ("dask", "gpu-decode"),
+                 ("gpu-threads", "gpu-decode"), ("gpu-sync", "gpu-decode"), ("gpu-graphs", "gpu-decode"),
+                 ("dask", "gpu-decode"),
                  ("cpu-decode", "peer")]
         lines.append(f"\n{n}: " + ", ".join(f"{a} / {b} = {ratio_text(rate, a, b)}" for a, b in pairs))
         for case in DECODED_CASES:

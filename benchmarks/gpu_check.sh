@@ -16,6 +16,7 @@ torchvision.__version__, 'timm', timm.__version__, 'onnxruntime', onnxruntime.__
 # Only the files that hold GPU-marked tests: collecting the whole suite would import tools the machine lacks.
 timeout 150 python3 -m pytest -v -p no:cacheprovider -o addopts="" -m gpu -rs --durations=10 \
   tests/extract/decode/test_device.py tests/extract/decode/test_real_photos.py tests/extract/test_engine.py \
+  tests/extract/runners/test_graphs.py \
   tests/finetune/test_finetune.py 2>&1 |
   tee "$OUT/gpu_tests.log"
 timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_gpu.py --out "$OUT" 2>&1 | tee "$OUT/profile_gpu.log"

@@ -240,7 +240,9 @@ class TorchFeatureExtractor:
         if self.autocast is None:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        # No cast cache: one forward casts each weight once, and a CUDA graph capture needs it off
+        # (featcache.extract.runners.graphs).
+        return torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=False)
 
     @torch.inference_mode()
     def forward_raw(self, batch: torch.Tensor | np.ndarray) -> dict[str, torch.Tensor]:
