@@ -101,12 +101,19 @@ def _write_jpeg(job: tuple[str, int, int, int]) -> None:
     Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)).save(path, quality=90)
 
 
-def make_jpegs(root: Path, n: int, size: tuple[int, int] = (500, 375), processes: int | None = None) -> Manifest:
-    """``n`` JPEGs in ImageFolder layout ``root/<class>/<i>.jpg``, written by a process pool."""
+def make_jpegs(root: Path, n: int, size: tuple[int, int] = (500, 375), processes: int | None = None,
+               mixed: bool = False) -> Manifest:
+    """``n`` JPEGs in ImageFolder layout ``root/<class>/<i>.jpg``, written by a process pool.
+
+    ``mixed``: each image's width and height drawn (seeded) between 0.6 and 1.6 times ``size``, as in a
+    folder of real photos (about one size per image).
+    """
     paths = sorted(f"{CLASSES[i % 2]}/{i:06d}.jpg" for i in range(n))  # manifest ids are sorted
     for name in CLASSES:
         (root / name).mkdir(parents=True, exist_ok=True)
-    jobs = [(str(root / path), i, size[0], size[1]) for i, path in enumerate(paths)]
+    scales = np.random.default_rng(0).uniform(0.6, 1.6, (n, 2)) if mixed else np.ones((n, 2))
+    jobs = [(str(root / path), i, int(size[0] * scales[i, 0]), int(size[1] * scales[i, 1]))
+            for i, path in enumerate(paths)]
     if processes == 1:
         list(map(_write_jpeg, jobs))
     else:

@@ -9,7 +9,8 @@ Made for the same device call as ``bench_gpu.py`` (``benchmarks/gpu_check.sh``):
    (worker processes, or threads) delivering packed batches; the batched device
    decode; decode + orient + resize + crop; readers and decode chained
    (``iter_device_batches``, no forward); normalise + forward + copy-out of
-   decoded device batches.
+   decoded device batches; and decode + resize of one batch of JPEGs of mixed
+   sizes (about one size group per image, as real photos).
 2. **Trace**, once per reader (worker processes, then threads): one warm-up
    extraction, then the same ``--batches`` batches through ``extract_to_store``
    (``extract.decode: gpu``, the engine's loop, HDF5 store) under
@@ -82,7 +83,7 @@ def guarded(what: str, fn: Callable[[], Any]) -> Any:
         return {"error": f"{type(error).__name__}: {error}"}
 
 
-def stages(manifest, runner, preprocess: Preprocessor, args: argparse.Namespace) -> dict[str, Any]:
+def stages(manifest, mixed, runner, preprocess: Preprocessor, args: argparse.Namespace) -> dict[str, Any]:
     """img/s of each stage of the device-decode path alone, then chained (see the module docstring)."""
     dataset = DeviceDecodeDataset(manifest, preprocess)
     decoder = select_decoder(args.device)
@@ -98,6 +99,10 @@ def stages(manifest, runner, preprocess: Preprocessor, args: argparse.Namespace)
     steps["decode"] = lambda: [decode_each(decoder, list(torch.split(b.data, [k for k in b.lengths if k])))
                                for b in held]
     steps["decode+resize"] = lambda: [decode_items(items, dataset, decoder) for items in held]
+    mixed_dataset = DeviceDecodeDataset(mixed, preprocess)
+    mixed_held = list(iter_packed_batches(mixed_dataset, [list(range(len(mixed)))], num_workers=args.workers))
+    decode_items(mixed_held[0], mixed_dataset, decoder)  # warm-up
+    steps["decode+resize, mixed sizes"] = lambda: decode_items(mixed_held[0], mixed_dataset, decoder)
     for reader in READERS:
         steps[f"read ({reader}) + decode"] = lambda reader=reader: [b for b in iter_device_batches(
             manifest, rows, preprocess=preprocess, device=args.device, batch_size=args.batch_size,
@@ -110,7 +115,9 @@ def stages(manifest, runner, preprocess: Preprocessor, args: argparse.Namespace)
 
     forward()
     steps["forward + copy-out"] = forward
-    return {stage: guarded(stage, lambda fn=fn: timed(fn, n, args.device)[0]) for stage, fn in steps.items()}
+    counts = {stage: len(mixed) if "mixed" in stage else n for stage in steps}
+    return {stage: guarded(stage, lambda fn=fn, stage=stage: timed(fn, counts[stage], args.device)[0])
+            for stage, fn in steps.items()}
 
 
 def busy_fraction(intervals: list[tuple[float, float]], wall_us: float) -> float:
@@ -212,13 +219,15 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         image_size = (40, 30) if args.smoke else (500, 375)
         manifest = make_jpegs(work / "images", args.images, image_size, processes=1 if args.smoke else None)
+        mixed = make_jpegs(work / "mixed", args.batch_size, image_size, processes=1 if args.smoke else None,
+                           mixed=True)
         loaded = load_backbone(args.backbone, "random")
         preprocess = Preprocessor.from_spec(loaded.spec, input_size=args.input_size)
         runner, _ = build_runner(loaded, ["default"], plan_for(args, "gpu"), channels_last=True)
         report = {"device_name": device_name(args.device), "backbone": args.backbone, "images": args.images,
                   "image_size": "x".join(map(str, image_size)),
                   "batch_size": args.batch_size, "workers": args.workers, "decoder": decoder,
-                  "stages": stages(manifest, runner, preprocess, args),
+                  "stages": stages(manifest, mixed, runner, preprocess, args),
                   "traces": {reader: guarded(f"trace ({reader})", lambda reader=reader: trace(
                       manifest, runner, preprocess, work, args, out, reader)) for reader in READERS}}
     finally:

@@ -42,3 +42,12 @@ def test_bench_gpu_reports_a_failing_case_and_measures_the_others(monkeypatch, c
     assert "case broken failed" in capsys.readouterr().out
     rates = {"gpu-decode": 100.0, "forward": None}
     assert bench_gpu.ratio_text(rates, "gpu-decode", "forward") == "n/a"
+
+
+def test_bench_decode_host_times_both_kinds(monkeypatch):
+    """The stand-in decoder's batches go through decode_items: every row on the "device", none rejected."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench = importlib.import_module("bench_decode_host")
+    assert all(bench.host_rate(kind, batch_size=16, batches=2) > 0 for kind in bench.KINDS)
+    batch, _ = bench.make_batch("mixed", 64)
+    assert len(set(batch.sizes)) > 40  # about one size group per image

@@ -400,6 +400,8 @@ def test_device_decode_workers_write_the_single_device_process_file(client, jpeg
                                  attrs=ATTRS, block_rows=4, batch_size=4, plan=device_plan, progress=False)
     with caplog.at_level("INFO", logger="featcache.extract.distributed"):
         report = _distributed(jpeg_manifest, tmp_path / "dask.h5", client, loader="device", read_threads=2)
+    inline = _distributed(jpeg_manifest, tmp_path / "inline.h5", client, loader="device", read_threads=0)
+    _assert_same_bytes(inline.path, reference.path)  # extract.num_workers: 0 reads in the task's thread
     _assert_same_bytes(report.path, reference.path)
     assert report.n_skipped == 1 and report.errors == reference.errors and "corrupt" in report.errors[0][0]
     assert re.search(r"device decode \([12] dask workers\): 12 rows on the device, 2 on the CPU path "
@@ -414,6 +416,6 @@ def test_device_decode_workers_write_the_single_device_process_file(client, jpeg
 def test_device_loader_arguments_are_checked(manifest, tmp_path):
     with pytest.raises(ValueError, match=r"loader 'nvjpeg' is not one of 'arrays', 'torch', 'device'"):
         extract_distributed(manifest, SPEC, PREPROCESS, tmp_path / "x.h5", config=CONFIG, loader="nvjpeg")
-    with pytest.raises(ValueError, match="read_threads must be a positive integer or None, got 0"):
+    with pytest.raises(ValueError, match="read_threads must be an integer >= 0 or None, got -1"):
         extract_distributed(manifest, SPEC, PREPROCESS, tmp_path / "x.h5", config=CONFIG, loader="device",
-                            read_threads=0)
+                            read_threads=-1)

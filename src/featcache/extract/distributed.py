@@ -300,7 +300,8 @@ def extract_distributed(
         with PIL in its task thread.
     read_threads : int, optional
         ``device`` loader: threads per worker that read files and probe headers
-        (default: :func:`~featcache.util.compute.default_num_workers` on the worker).
+        (0: the task's own thread; default:
+        :func:`~featcache.util.compute.default_num_workers` on the worker).
 
     Returns
     -------
@@ -334,8 +335,8 @@ def extract_distributed(
     if loader is not None and loader not in LOADERS:
         raise ValueError(f"loader {loader!r} is not one of {', '.join(map(repr, LOADERS))} (or None).")
     if read_threads is not None and (isinstance(read_threads, bool) or not isinstance(read_threads, int)
-                                     or read_threads < 1):
-        raise ValueError(f"read_threads must be a positive integer or None, got {read_threads!r}.")
+                                     or read_threads < 0):
+        raise ValueError(f"read_threads must be an integer >= 0 or None, got {read_threads!r}.")
     started = time.perf_counter()
     root_attrs = build_root_attrs(manifest, config, attrs)
     # Workers may run elsewhere (or in another cwd): give them absolute image paths.

@@ -389,7 +389,8 @@ def test_profile_gpu_smoke(tmp_path, monkeypatch):
     profile_gpu.main(["--smoke", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "profile_gpu.json").read_text())
     assert set(report["stages"]) == {"read (processes)", "read (threads)", "decode", "decode+resize",
-                                     "read (processes) + decode", "read (threads) + decode", "forward + copy-out"}
+                                     "decode+resize, mixed sizes", "read (processes) + decode",
+                                     "read (threads) + decode", "forward + copy-out"}
     assert all(rate > 0 for rate in report["stages"].values())
     assert set(report["traces"]) == {"processes", "threads"}
     for reader, trace in report["traces"].items():

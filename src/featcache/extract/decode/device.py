@@ -102,21 +102,36 @@ def resize_crop(images: torch.Tensor, preprocess: Preprocessor) -> torch.Tensor:
     torch.Tensor
         uint8 (N, 3, S, S) on the same device.
     """
+    out = [_to_uint8(block) for _, block in _resized_blocks(images, preprocess)]
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def _resized_blocks(images: torch.Tensor, preprocess: Preprocessor) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, block)``: the resized, cropped images ``start:start + len(block)``, not yet rounded.
+
+    A block is float32 (n, 3, S, S) (a view of the resized images), or a uint8
+    view of ``images`` when no resize is needed (torchvision returns the image
+    unchanged); large images come in chunks of at most ``_MAX_RESIZE_PIXELS``.
+    """
     height, width = images.shape[-2:]
     (new_h, new_w), (top, left) = resize_geometry(width, height, preprocess)
     size = preprocess.input_size
-    if (new_h, new_w) == (height, width):  # torchvision returns the image unchanged
-        return images[..., top:top + size, left:left + size].contiguous()
+    if (new_h, new_w) == (height, width):
+        yield 0, images[..., top:top + size, left:left + size]
+        return
     mode = _MODES[preprocess.interpolation]
-    out = []
     chunk = max(1, _MAX_RESIZE_PIXELS // (height * width))
     for start in range(0, images.shape[0], chunk):
-        block = images[start:start + chunk].to(torch.float32)
-        block = torch.nn.functional.interpolate(block, size=(new_h, new_w), mode=mode,
-                                                antialias=mode != "nearest-exact")
-        block = block[..., top:top + size, left:left + size]
-        out.append(block.round_().clamp_(0, 255).to(torch.uint8))
-    return torch.cat(out) if len(out) > 1 else out[0]
+        block = torch.nn.functional.interpolate(images[start:start + chunk].to(torch.float32), size=(new_h, new_w),
+                                                mode=mode, antialias=mode != "nearest-exact")
+        yield start, block[..., top:top + size, left:left + size]
+
+
+def _to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Resized float pixels (rounded in place) or uint8 pixels -> a contiguous uint8 tensor."""
+    if pixels.dtype == torch.uint8:
+        return pixels.contiguous()
+    return pixels.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def _reduce(images: torch.Tensor, scale: int) -> torch.Tensor:
@@ -193,8 +208,11 @@ def decode_items(items: Sequence[DeviceItem] | PackedBatch, dataset: DeviceDecod
 
     Device rows are decoded in batched calls (one per ``_MAX_DECODE_PIXELS``),
     then oriented, reduced, resized and cropped in one batched call per
-    group of the same stored size and orientation; a file the device rejects
-    (or decodes to an unexpected shape) is redone on the CPU path alone.
+    group of the same stored size and orientation, written unrounded into a
+    float32 batch that is rounded to uint8 once (so a group of one image, the
+    common case for photos of many sizes, costs three kernels: the float
+    conversion, the resize and the copy into its row); a file the device
+    rejects (or decodes to an unexpected shape) is redone on the CPU path alone.
 
     Parameters
     ----------
@@ -220,12 +238,10 @@ def decode_items(items: Sequence[DeviceItem] | PackedBatch, dataset: DeviceDecod
     batch = pack_items(items)
     size = preprocess.input_size
     reasons = list(batch.reasons)
-    images = torch.zeros((len(batch.rows), 3, size, size), dtype=torch.uint8, device=device)
     on_device = [i for i, length in enumerate(batch.lengths) if length]
     views = dict(zip(on_device, torch.split(batch.data, [batch.lengths[i] for i in on_device])))
-    cpu_good = [i for i, (length, reason) in enumerate(zip(batch.lengths, reasons)) if not length and not reason]
-    if cpu_good:
-        images[_device_index(cpu_good, device)] = batch.crops.to(device)
+    staged = torch.empty((len(batch.rows), 3, size, size), dtype=torch.float32, device=device) if on_device else None
+    written = [False] * len(batch.rows)
     rejected: list[int] = []
     for chunk in _chunks(on_device, batch.sizes):
         groups: dict[tuple[tuple[int, int], int], list[tuple[int, torch.Tensor]]] = {}
@@ -236,14 +252,31 @@ def decode_items(items: Sequence[DeviceItem] | PackedBatch, dataset: DeviceDecod
                 continue
             groups.setdefault((stored, orientation), []).append((i, image))
         for (stored, orientation), members in groups.items():
-            index = _device_index([i for i, _ in members], device)
-            group = torch.stack([image for _, image in members])
+            positions = [i for i, _ in members]
+            group = members[0][1][None] if len(members) == 1 else torch.stack([image for _, image in members])
             if not decoder.applies_exif:
                 group = orient(group, orientation)
             scale = draft_scale(stored[1], stored[0], preprocess)
             if scale > 1:  # the CPU path decodes large JPEGs at a reduced DCT scale: average scale x scale blocks
                 group = _reduce(group, scale)
-            images[index] = resize_crop(group, preprocess)
+            for start, block in _resized_blocks(group, preprocess):
+                part = positions[start:start + block.shape[0]]
+                if len(part) == 1:
+                    staged[part[0]] = block[0]  # a copy into the row, converting uint8 where not resized
+                else:
+                    staged[_device_index(part, device)] = block.to(torch.float32)
+                for i in part:
+                    written[i] = True
+    if staged is None:
+        images = torch.zeros((len(batch.rows), 3, size, size), dtype=torch.uint8, device=device)
+    else:
+        unwritten = [i for i, done in enumerate(written) if not done]
+        if unwritten:  # CPU-path, rejected and bad rows: zeros until the CPU path's crop is put there
+            staged[_device_index(unwritten, device)] = 0.0
+        images = _to_uint8(staged)
+    cpu_good = [i for i, (length, reason) in enumerate(zip(batch.lengths, reasons)) if not length and not reason]
+    if cpu_good:
+        images[_device_index(cpu_good, device)] = batch.crops.to(device)
     for i in rejected:  # the device decoder refused it: the CPU path decodes it, or says why it is bad
         item = dataset.cpu_item(batch.rows[i])
         reasons[i] = item.reason
