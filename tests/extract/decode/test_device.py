@@ -279,6 +279,29 @@ def test_large_batches_are_decoded_in_parts(image_dir, monkeypatch):
     assert torch.equal(whole[1], parts[1]) and whole[2] == parts[2] == [""] * 4
 
 
+@pytest.mark.parametrize("resize_chunk", [None, 400_000], ids=["one-resize-per-group", "groups-resized-in-chunks"])
+def test_every_row_of_a_batch_gets_the_pixels_it_gets_alone(image_dir, monkeypatch, resize_chunk):
+    """Size groups of one and of several images (the same photo under several names and orientations), the CPU
+    path and the device path in one batch, in shuffled order: grouping and the one rounding per batch never
+    move or change a row's pixels."""
+    from featcache.extract.decode import device as gpu_decode
+
+    names = sorted(path.name for path in image_dir.iterdir())
+    paths = [str(image_dir / name) for name in names + ["chelsea.jpg", "orient1.jpg", "orient6.jpg", "cmyk.jpg"]]
+    order = list(np.random.default_rng(3).permutation(len(paths)))
+    if resize_chunk is not None:
+        monkeypatch.setattr(gpu_decode, "_MAX_RESIZE_PIXELS", resize_chunk)  # 451x300 cats: 2 per resize call
+    decoder = select_decoder("cpu")
+    dataset = DeviceDecodeDataset(paths, _preprocessor())
+    stats = gpu_decode.DecodeStats()
+    rows, images, reasons = decode_items([dataset[int(i)] for i in order], dataset, decoder, stats)
+    assert rows.tolist() == order and stats.device + stats.cpu == len(paths) and stats.device >= 20 and stats.cpu >= 2
+    for position, row in enumerate(order):
+        _, alone, why = decode_items([dataset[int(row)]], dataset, decoder)
+        assert why == [reasons[position]]
+        assert torch.equal(images[position], alone[0]), paths[row]
+
+
 def test_background_thread_gives_the_same_batches_and_raises_its_errors(image_dir, monkeypatch):
     from featcache.extract.decode import device as gpu_decode
 
