@@ -393,23 +393,26 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
+    image_size = (40, 30) if args.smoke else (500, 375)
+    results: dict[str, dict] = {}
+    report = {"device": args.device, "device_name": device_name(args.device), "images": args.images,
+              "image_size": "x".join(map(str, image_size)), "batch_size": args.batch_size, "workers": args.workers,
+              "repeats": args.repeats, "dask_workers": args.dask_workers,
+              "precision": "fp16 autocast" if args.fp16 else "float32", "torch": torch.__version__, "decoder": decoder,
+              "cpu_count": os.cpu_count(), "results": results}
     try:
-        image_size = (40, 30) if args.smoke else (500, 375)
         manifest = make_jpegs(work / "images", args.images, image_size, processes=1 if args.smoke else None)
         print(f"{args.images} JPEGs written in {time.perf_counter() - started:.1f} s; device "
               f"{device_name(args.device)}; {decoder}", flush=True)
         with LocalCluster(n_workers=args.dask_workers, threads_per_worker=1, processes=True,
                           dashboard_address=":0") as cluster, Client(cluster) as client:
-            results = {name: bench_backbone(name, manifest, work / "images", work, client, args)
-                       for name in args.backbones.split(",")}
+            for name in args.backbones.split(","):
+                results[name] = bench_backbone(name, manifest, work / "images", work, client, args)
+                report["seconds"] = round(time.perf_counter() - started, 1)
+                # after each backbone: a call cut short by its time limit keeps what it measured
+                (out / "bench_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = {"device": args.device, "device_name": device_name(args.device), "images": args.images,
-              "image_size": "x".join(map(str, image_size)), "batch_size": args.batch_size, "workers": args.workers,
-              "repeats": args.repeats, "dask_workers": args.dask_workers,
-              "precision": "fp16 autocast" if args.fp16 else "float32", "torch": torch.__version__, "decoder": decoder,
-              "cpu_count": os.cpu_count(), "seconds": round(time.perf_counter() - started, 1), "results": results}
-    (out / "bench_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
     (out / "bench_gpu.md").write_text(table)
     print(table, flush=True)

@@ -2,7 +2,7 @@
 # One call on a lent H100/H200 machine: the GPU-marked tests, benchmarks/profile_gpu.py (stages alone and a
 # torch.profiler trace), then benchmarks/bench_gpu.py (interleaved end-to-end cases); results under $OUT.
 # Here, first: `bash ../shared/gpu/make_wheels.sh` (wheels the machine lacks, into the git-excluded .whl/).
-# Then, with the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=540).
+# Then, with the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=590).
 # Each step has its own time limit, so the call ends inside the tool's 10 minutes whatever happens.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
@@ -19,5 +19,5 @@ timeout 150 python3 -m pytest -v -p no:cacheprovider -o addopts="" -m gpu -rs --
   tests/extract/runners/test_graphs.py \
   tests/finetune/test_finetune.py 2>&1 |
   tee "$OUT/gpu_tests.log"
-timeout "${PROFILE_TIMEOUT:-120}" python3 benchmarks/profile_gpu.py --out "$OUT" 2>&1 | tee "$OUT/profile_gpu.log"
+timeout "${PROFILE_TIMEOUT:-140}" python3 benchmarks/profile_gpu.py --out "$OUT" 2>&1 | tee "$OUT/profile_gpu.log"
 timeout "${BENCH_TIMEOUT:-270}" python3 benchmarks/bench_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
