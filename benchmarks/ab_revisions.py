@@ -9,7 +9,8 @@ reports the median of ``--repeats``. ``--bench``:
   torch on the CPU, the plan's loader, HDF5 store) on the same generated
   images, photo-sized JPEGs and 8x8 PNGs;
 * ``decode-host``: ``bench_decode_host.host_rate``, the host cost of the
-  device decode path's batch assembly, uniform and mixed image sizes.
+  device decode path's batch assembly (uniform and mixed image sizes) and of
+  a reader's per-file work (read, probe, pack) and of the header probe alone.
 
 ::
 
@@ -49,7 +50,7 @@ print(json.dumps(bench_decode_host.host_rate(sys.argv[2], int(sys.argv[3]))))
 """,
 }
 #: The kinds each benchmark compares.
-KINDS = {"extract": ("photo", "digits"), "decode-host": ("uniform", "mixed")}
+KINDS = {"extract": ("photo", "digits"), "decode-host": ("uniform", "mixed", "reader", "probe")}
 
 
 def run(src: Path, folder: Path, kind: str, images: int, bench: str = "extract") -> float:

@@ -15,6 +15,13 @@ per-call dispatch of the torch operations::
 
 ``uniform``: every image 12 x 16 (one size group per batch); ``mixed``: heights
 9-17 and widths 9-120 drawn at random (about one group per image).
+
+``reader``: the per-file work of a reader before the decode, in this process
+(what the ``threads`` reader runs under the GIL, and each worker process of
+the ``processes`` reader): read a 500x375 JPEG (page cache), probe its header
+(every fourth with an EXIF orientation), pack the batch; ``probe``: the header
+probe alone on those files' bytes (held by the GIL: with the ``threads``
+reader it is the part of the per-file work that does not run in parallel).
 """
 
 from __future__ import annotations
@@ -22,17 +29,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from featcache.extract.decode.decoders import DeviceDecoder
 from featcache.extract.decode.device import DecodeStats, decode_items
-from featcache.extract.decode.packing import DeviceDecodeDataset, PackedBatch
+from featcache.extract.decode.packing import DeviceDecodeDataset, PackedBatch, pack_items
 from featcache.extract.decode.preprocess import Preprocessor
 
-KINDS = ("uniform", "mixed")
+KINDS = ("uniform", "mixed", "reader", "probe")
 PREPROCESS = Preprocessor(input_size=8, resize_size=9, interpolation="bilinear", mean=(0.485, 0.456, 0.406),
                           std=(0.229, 0.224, 0.225))
 
@@ -59,8 +68,54 @@ def make_batch(kind: str, batch_size: int, seed: int = 0) -> tuple[PackedBatch, 
     return batch, DeviceDecoder("stand-in", "cpu", decode, applies_exif=False)
 
 
+def write_photos(root: Path, n: int) -> list[str]:
+    """``n`` 500x375 JPEGs (smooth gradients and noise, quality 90; every fourth with EXIF orientation 6)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:375, 0:500]
+    paths = []
+    for index in range(n):
+        base = np.stack([(x * (1 + index % 3)) % 256, (y * 2) % 256, (x + y + 17 * index) % 256], axis=-1)
+        exif = Image.Exif()
+        if index % 4 == 0:
+            exif[0x0112] = 6
+        path = root / f"{index:04d}.jpg"
+        Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)).save(
+            path, quality=90, exif=exif)
+        paths.append(str(path))
+    return paths
+
+
+def reader_rate(batch_size: int = 256, batches: int = 5, probe_only: bool = False) -> float:
+    """Images per second of a reader's per-file work for one batch: read, probe, pack (median of ``batches``);
+    ``probe_only``: the header probe of the files' bytes alone."""
+    from featcache.extract.decode.probe import probe_header
+
+    with tempfile.TemporaryDirectory(prefix="bench_decode_host_") as folder:
+        paths = write_photos(Path(folder), batch_size)
+        dataset = DeviceDecodeDataset(paths, PREPROCESS)
+        datas = [Path(path).read_bytes() for path in paths]
+        times = []
+        for _ in range(batches + 1):  # the first pass warms the page cache
+            started = time.perf_counter()
+            if probe_only:
+                headers = [probe_header(data) for data in datas]
+            else:
+                batch = pack_items([dataset[row] for row in range(batch_size)])
+            times.append(time.perf_counter() - started)
+        if probe_only:
+            assert sum(header.orientation == 6 for header in headers) == (batch_size + 3) // 4
+        else:
+            assert all(batch.lengths) and sum(o == 6 for o in batch.orientations) == (batch_size + 3) // 4
+    return batch_size / statistics.median(times[1:])
+
+
 def host_rate(kind: str, batch_size: int = 256, batches: int = 20) -> float:
-    """Images per second through ``decode_items`` (median over ``batches`` batches, after one warm-up)."""
+    """Images per second through ``decode_items`` (median over ``batches`` batches, after one warm-up);
+    ``reader``: :func:`reader_rate`."""
+    if kind in ("reader", "probe"):
+        return reader_rate(batch_size, max(1, batches // 4), probe_only=kind == "probe")
     batch, decoder = make_batch(kind, batch_size)
     dataset = DeviceDecodeDataset([f"{row}.jpg" for row in range(batch_size)], PREPROCESS)
     stats = DecodeStats()

@@ -129,8 +129,8 @@ def pack_items(items: Sequence[DeviceItem] | PackedBatch) -> PackedBatch:
         return items
     items = list(items)
     chunks = [item.data for item in items if item.data is not None]
-    data = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8) if chunks \
-        else torch.empty(0, dtype=torch.uint8)
+    data = torch.frombuffer(bytearray().join(chunks), dtype=torch.uint8) if chunks \
+        else torch.empty(0, dtype=torch.uint8)  # one copy of the bytes: join straight into a bytearray
     crops = [item.crop for item in items if item.crop is not None]
     return PackedBatch(rows=[item.row for item in items],
                        data=data,
