@@ -7,17 +7,23 @@
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
+# At most 8 files come back from $OUT: one log for everything printed, then the scripts' results
+# (profile_gpu .json .md _ops.txt and two traces, bench_gpu .json .md).
+exec > >(tee "$OUT/gpu_check.log") 2>&1
 site=$(mktemp -d)
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl || exit 1
 export PYTHONPATH=$site:$PWD/src PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, torchvision, timm, onnxruntime; print('torch', torch.__version__, 'torchvision',
-torchvision.__version__, 'timm', timm.__version__, 'onnxruntime', onnxruntime.__version__)" | tee -a "$OUT/device.txt"
+torchvision.__version__, 'timm', timm.__version__, 'onnxruntime', onnxruntime.__version__)"
 # Only the files that hold GPU-marked tests: collecting the whole suite would import tools the machine lacks.
-timeout 150 python3 -m pytest -v -p no:cacheprovider -o addopts="" -m gpu -rs --durations=10 \
+# pytest-timeout is installed there: one hanging test cannot take the whole step.
+timeout 150 python3 -m pytest -v -p no:cacheprovider -o addopts="" -m gpu -rs --durations=10 --timeout 60 \
   tests/extract/decode/test_device.py tests/extract/decode/test_real_photos.py tests/extract/test_engine.py \
-  tests/extract/runners/test_graphs.py \
-  tests/finetune/test_finetune.py 2>&1 |
-  tee "$OUT/gpu_tests.log"
-timeout "${PROFILE_TIMEOUT:-140}" python3 benchmarks/profile_gpu.py --out "$OUT" 2>&1 | tee "$OUT/profile_gpu.log"
-timeout "${BENCH_TIMEOUT:-270}" python3 benchmarks/bench_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench_gpu.log"
+  tests/extract/runners/test_graphs.py tests/finetune/test_finetune.py
+echo "== profile"
+timeout "${PROFILE_TIMEOUT:-140}" python3 benchmarks/profile_gpu.py --out "$OUT"
+echo "== benchmark"
+timeout "${BENCH_TIMEOUT:-270}" python3 benchmarks/bench_gpu.py --out "$OUT" "$@"
+ls -la "$OUT"
+sleep 2  # let tee write the end of the log before the call collects $OUT

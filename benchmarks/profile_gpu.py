@@ -22,8 +22,8 @@ Made for the same device call as ``bench_gpu.py`` (``benchmarks/gpu_check.sh``):
 
 A stage or a trace that raises is reported with its error and the others go on
 (one GPU call comes 15 minutes at a time). Writes ``profile_gpu.json`` (the
-numbers), ``profile_gpu.md`` (tables), ``profile_gpu_ops_<reader>.txt`` (top
-operators) and ``profile_gpu_trace_<reader>.json.gz`` (open in Perfetto or
+numbers), ``profile_gpu.md`` (tables), ``profile_gpu_ops.txt`` (top operators
+of each trace) and ``profile_gpu_trace_<reader>.json.gz`` (open in Perfetto or
 chrome://tracing) under ``--out``.
 """
 
@@ -163,7 +163,8 @@ def trace(manifest, runner, preprocess: Preprocessor, work: Path, args: argparse
         shutil.copyfileobj(source, target)
     raw.unlink()
     sort = "self_cuda_time_total" if kernels else "self_cpu_time_total"
-    (out / f"profile_gpu_ops_{reader}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=30) + "\n")
+    with open(out / "profile_gpu_ops.txt", "a") as ops:  # one file for both traces (few files come back)
+        ops.write(f"== files read by {reader}\n{prof.key_averages().table(sort_by=sort, row_limit=30)}\n")
     return {"images": n, "img_per_s": rate, "us_per_image": wall_us / n, "device_rows": stats[-1].device,
             "cpu_rows": stats[-1].cpu + stats[-1].rejected,
             "gpu_busy_fraction": busy_fraction(kernels, wall_us) if kernels else None,
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"GPU decode is not available on {args.device}: {decoder}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "profile_gpu_ops.txt").unlink(missing_ok=True)  # the traces append to it
     work = Path(tempfile.mkdtemp(prefix="profile_gpu_"))
     started = time.perf_counter()
     try:

@@ -425,3 +425,6 @@ def test_profile_gpu_smoke(tmp_path, monkeypatch):
         with gzip.open(tmp_path / f"profile_gpu_trace_{reader}.json.gz", "rt") as trace_file:
             assert "featcache.device_decode" in trace_file.read()
     assert "Trace, files read by threads" in (tmp_path / "profile_gpu.md").read_text()
+    ops = (tmp_path / "profile_gpu_ops.txt").read_text()
+    assert ops.count("== files read by") == 2
+    assert len(list(tmp_path.iterdir())) <= 5  # a device call returns 8 files: 2 for bench_gpu, 1 for the log
