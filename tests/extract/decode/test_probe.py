@@ -13,6 +13,9 @@ from featcache.extract.decode.probe import probe_header, probe_with_pillow, scan
 
 PHOTOS = Path(__file__).resolve().parents[2] / "fixtures" / "photos"
 
+#: Pillow warns about every damaged EXIF block and MPO index it meets; damaging them is the point here.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
 
 def _jpeg(image: Image.Image | None = None, **save) -> bytes:
     image = image if image is not None else Image.fromarray(
