@@ -37,6 +37,7 @@ store (min and median over all rows). Ratios are same-run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -177,9 +178,23 @@ def run_featcache(case: str, manifest: Manifest, runner, preprocess: Preprocesso
     return stats
 
 
+def start_cluster(n_workers: int, stack: contextlib.ExitStack) -> Any:
+    """A client of a LocalCluster closed with ``stack``; the reason as a string when it does not start
+    (then only the ``dask`` case fails)."""
+    try:
+        cluster = stack.enter_context(LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                                                   dashboard_address=":0"))
+        return stack.enter_context(Client(cluster))
+    except Exception as error:  # noqa: BLE001 - the other cases need no cluster
+        print(f"  the dask cluster did not start: {type(error).__name__}: {error}", flush=True)
+        return f"{type(error).__name__}: {error}"
+
+
 def run_dask(name: str, manifest: Manifest, preprocess: Preprocessor, out: Path, client: Any,
              args: argparse.Namespace) -> DecodeStats:
     """The ``dask`` case: ``extract_distributed`` with the device loader, as the extract stage runs it."""
+    if isinstance(client, str):
+        raise RuntimeError(f"no dask cluster ({client})")
     out.unlink(missing_ok=True)
     spec = RunnerSpec(name, "random", ("default",), "avg", device=args.device, channels_last=True,
                       autocast="fp16" if args.fp16 else None)
@@ -404,8 +419,8 @@ def main(argv: list[str] | None = None) -> dict:
         manifest = make_jpegs(work / "images", args.images, image_size, processes=1 if args.smoke else None)
         print(f"{args.images} JPEGs written in {time.perf_counter() - started:.1f} s; device "
               f"{device_name(args.device)}; {decoder}", flush=True)
-        with LocalCluster(n_workers=args.dask_workers, threads_per_worker=1, processes=True,
-                          dashboard_address=":0") as cluster, Client(cluster) as client:
+        with contextlib.ExitStack() as stack:
+            client = start_cluster(args.dask_workers, stack)
             for name in args.backbones.split(","):
                 results[name] = bench_backbone(name, manifest, work / "images", work, client, args)
                 report["seconds"] = round(time.perf_counter() - started, 1)

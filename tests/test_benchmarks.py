@@ -51,3 +51,20 @@ def test_bench_decode_host_times_both_kinds(monkeypatch):
     assert all(bench.host_rate(kind, batch_size=16, batches=2) > 0 for kind in bench.KINDS)
     batch, _ = bench.make_batch("mixed", 64)
     assert len(set(batch.sizes)) > 40  # about one size group per image
+
+
+def test_bench_gpu_without_a_dask_cluster_fails_only_the_dask_case(monkeypatch):
+    import contextlib
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench_gpu = importlib.import_module("bench_gpu")
+
+    def refuse(**kwargs):
+        raise OSError("no free port")
+
+    monkeypatch.setattr(bench_gpu, "LocalCluster", refuse)
+    with contextlib.ExitStack() as stack:
+        client = bench_gpu.start_cluster(2, stack)
+    assert client == "OSError: no free port"
+    with pytest.raises(RuntimeError, match=r"no dask cluster \(OSError: no free port\)"):
+        bench_gpu.run_dask("resnet18", None, None, None, client, None)
