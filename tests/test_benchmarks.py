@@ -68,3 +68,16 @@ def test_bench_gpu_without_a_dask_cluster_fails_only_the_dask_case(monkeypatch):
     assert client == "OSError: no free port"
     with pytest.raises(RuntimeError, match=r"no dask cluster \(OSError: no free port\)"):
         bench_gpu.run_dask("resnet18", None, None, None, client, None)
+
+
+def test_bench_cpu_runtimes_smoke_measures_every_runtime(monkeypatch, tmp_path):
+    """Every runtime runs end to end and is compared with onnxruntime's float32 store (tiny resnet18)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench = importlib.import_module("bench_cpu_runtimes")
+    results = bench.main(["--smoke", "--threads", "1", "--out", str(tmp_path)])
+    rows = results["backbones"]["resnet18"]["runtimes"]
+    assert list(rows) == ["onnxruntime f32", "openvino f32", "openvino bf16", "torch bf16"]
+    assert rows["onnxruntime f32"]["e2e_ratio"] == 1.0 and rows["onnxruntime f32"]["cosine_min"] > 0.9999
+    assert rows["openvino f32"]["cosine_min"] > 0.9999  # the same graph, the same store
+    assert all(row["forward"] > 0 and row["e2e"] > 0 and row["cosine_min"] > 0.99 for row in rows.values())
+    assert "| resnet18 (pool5) | openvino bf16 |" in (tmp_path / "bench_cpu_runtimes.md").read_text()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 import pytest
 import torch
@@ -147,3 +148,66 @@ def test_int8_on_a_cuda_device_is_refused_before_any_work():
 
     with pytest.raises(ValueError, match="runs onnxruntime's quantized graph on the CPU.*'cuda:1'"):
         resolve_precision("int8", "cuda:1", "onnx")
+
+
+# ---------------------------------------------------------------------- OpenVINO: bf16 on the CPU
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """Pretend the CPU runs bf16 natively (``native(frozenset())`` pretends it does not)."""
+    from featcache.extract.onnx import openvino_runner
+
+    def native(autocasts: frozenset[str] = frozenset({"bf16"})) -> None:
+        monkeypatch.setattr(openvino_runner, "native_autocasts", lambda: autocasts)
+
+    native()
+    return native
+
+
+def test_auto_backend_runs_bf16_on_the_cpu_with_openvino_where_the_cpu_has_it(native_bf16, caplog):
+    plan = plan_extraction(device="cpu", autocast="bf16")
+    assert (plan.backend, plan.autocast, plan.decode, plan.loader) == ("openvino", "bf16", "cpu", "arrays")
+    assert plan.attrs() == {"backend": "openvino", "provider": "OpenVINO CPU", "precision": "bfloat16",
+                            "decode": "cpu"}
+    assert plan.config() == {"backend": "openvino", "autocast": "bf16"}
+    assert plan_extraction(device="cpu").backend == "onnx"  # float32 stays onnxruntime's (the faster there)
+    assert plan_extraction(device="cpu", autocast="fp16").backend == "onnx"  # no native fp16 in this CPU
+    native_bf16(frozenset())  # a CPU without bf16: onnxruntime's float32 graph, as before OpenVINO
+    with caplog.at_level(logging.WARNING):
+        plan = plan_extraction(device="cpu", autocast="bf16")
+    assert (plan.backend, plan.autocast) == ("onnx", None) and "ignored by the onnx backend" in caplog.text
+
+
+def test_explicit_openvino_without_native_bf16_runs_float32_and_says_so(native_bf16, caplog):
+    native_bf16(frozenset())
+    with caplog.at_level(logging.WARNING):
+        plan = plan_extraction(device="cpu", backend="openvino", autocast="bf16")
+    assert (plan.backend, plan.autocast, plan.precision) == ("openvino", None, "float32")
+    assert "no native bf16" in caplog.text
+    assert resolve_autocast("auto", "cpu", "openvino") is None
+
+
+def test_openvino_is_refused_on_cuda_without_the_package_and_for_int8(native_bf16, fake_cuda, monkeypatch):
+    with pytest.raises(ExtractionError, match="openvino runs OpenVINO's CPU plugin.*'cuda'.*extract.device: cpu"):
+        plan_extraction(backend="openvino")
+    assert plan_extraction(autocast="bf16").backend == "torch"  # auto on a GPU: torch, whatever the CPU has
+    with pytest.raises(ExtractionError, match="int8 runs onnxruntime's quantized graph.*'openvino'.*autocast: none"):
+        plan_extraction(device="cpu", autocast="bf16", precision="int8")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "openvino" else
+                        real_find_spec(name))
+    with pytest.raises(ExtractionError, match="needs the openvino package.*pip install openvino"):
+        plan_extraction(device="cpu", backend="openvino")
+
+
+def test_build_runner_openvino_opens_the_onnx_export(random_backbone):
+    from featcache.extract.onnx.openvino_runner import OpenVinoFeatureRunner
+    from featcache.extract.runner_spec import RunnerSpec
+
+    plan = ExtractionPlan(device="cpu", backend="openvino", autocast=None, decode="cpu", loader="arrays")
+    runner, attrs = build_runner(random_backbone("resnet18"), ["pool5"], plan, input_size=64, intra_op_threads=1)
+    assert isinstance(runner, OpenVinoFeatureRunner) and runner.intra_op_threads == 1
+    assert attrs == {"backend": "openvino", "provider": "OpenVINO CPU", "precision": "float32",
+                     "onnx_sha256": runner.onnx_sha256}
+    spec = RunnerSpec.from_plan(plan, "resnet18", "random", ["pool5"], "avg")
+    worker_runner, worker_attrs = spec.build_with_attrs(64, 1)  # what a dask worker builds
+    assert isinstance(worker_runner, OpenVinoFeatureRunner) and worker_attrs["backend"] == "openvino"

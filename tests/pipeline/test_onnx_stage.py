@@ -8,7 +8,8 @@ import yaml
 
 import featcache.extract.onnx.export as onnx_export
 from featcache.extract.onnx.cache import default_cache_dir
-from featcache.pipeline import extract, parse_params, prepare
+from featcache.extract.onnx.openvino_runner import native_autocasts
+from featcache.pipeline import extract, parse_params, prepare, train
 from featcache.pipeline.cli import main
 from featcache.store import FeatureStore
 from featcache.util.hashing import file_sha256
@@ -34,6 +35,45 @@ def test_onnx_backend_matches_torch_backend(tmp_path, folder_factory, params_fac
     # the export is cached (tests/conftest.py points FEATCACHE_CACHE_DIR at a session folder)
     entries = list(default_cache_dir().glob("efficientnet_lite0-*.onnx"))
     assert onnx_sha256 in [file_sha256(entry) for entry in entries]
+
+
+def test_bf16_on_the_cpu_runs_openvino_and_its_store_trains(tmp_path, folder_factory, params_factory):
+    """``extract.autocast: bf16`` with ``backend: auto`` on the CPU: OpenVINO's bf16 graph where the CPU has it
+    (onnxruntime's float32 elsewhere); the store records what ran and the train stage accepts it."""
+    raw = params_factory(str(folder_factory(tmp_path / "images", per_class=6)))
+    raw["backbones"]["efficientnet_lite0"]["layers"] = ["pool"]
+    raw["features"] = [{"backbone": "efficientnet_lite0", "layer": "pool"}]
+    raw["extract"]["backend"] = "onnx"
+    params = parse_params(raw)
+    prepare(params, tmp_path / "prepared")
+    manifest = tmp_path / "prepared" / "manifest.csv"
+    extract(params, "efficientnet_lite0", manifest, tmp_path / "float32.h5", progress=False)
+    raw["extract"].update(backend="auto", autocast="bf16")
+    bf16_params = parse_params(raw)
+    extract(bf16_params, "efficientnet_lite0", manifest, tmp_path / "bf16.h5", progress=False)
+    native = "bf16" in native_autocasts()
+    with FeatureStore(tmp_path / "float32.h5") as ref, FeatureStore(tmp_path / "bf16.h5") as got:
+        assert (got.attrs["backend"], got.attrs["precision"]) == (
+            ("openvino", "bfloat16") if native else ("onnx", "float32"))
+        assert got.attrs["onnx_sha256"] == ref.attrs["onnx_sha256"]  # the same export, another runtime
+        assert got.config["extract"]["autocast"] == ("bf16" if native else "none")
+        cosines = np.einsum("ij,ij->i", ref.read("pool"), got.read("pool")) / (
+            np.linalg.norm(ref.read("pool"), axis=1) * np.linalg.norm(got.read("pool"), axis=1))
+        assert cosines.min() >= 0.995
+        if native:
+            assert ref.config_sha256 != got.config_sha256
+    # the train stage checks the store against the params (a stale store is refused): this one is accepted
+    train(bf16_params, tmp_path / "bf16.h5", "efficientnet_lite0", "pool", "logreg", tmp_path / "metrics.json")
+    assert (tmp_path / "metrics.json").is_file()
+
+
+def test_an_openvino_store_made_on_a_cpu_without_bf16_is_valid_for_its_params():
+    from featcache.pipeline.params.extract import ExtractParams, stored_choices
+
+    params = ExtractParams(backend="openvino", autocast="bf16")
+    assert stored_choices(params, {"backend": "openvino", "autocast": "none"})["autocast"] == "none"
+    assert stored_choices(params, {"backend": "openvino", "autocast": "bf16"})["autocast"] == "bf16"
+    assert stored_choices(ExtractParams(backend="onnx", autocast="bf16"), {"autocast": "none"})["autocast"] == "none"
 
 
 def test_second_onnx_extraction_does_not_export(tmp_path, folder_factory, params_factory, monkeypatch):

@@ -1,9 +1,10 @@
 """``featcache doctor``: what extraction runs on here, what ``auto`` picks, and the fix for what is missing.
 
 It reports torch and its CUDA devices, onnxruntime and its execution
-providers, whether batched JPEG decoding works on the GPU (by decoding a test
-JPEG there), and the :class:`~featcache.extract.plan.ExtractionPlan` that the
-shipped ``auto`` settings resolve to on this machine.
+providers, OpenVINO and the precisions it runs natively on this CPU, whether
+batched JPEG decoding works on the GPU (by decoding a test JPEG there), and
+the :class:`~featcache.extract.plan.ExtractionPlan` that the shipped ``auto``
+settings resolve to on this machine.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from featcache.extract.plan import CUDA_PROVIDER, ONNX_GPU_FIX, plan_extraction
 
-__all__ = ["doctor_report", "gpu_decoder_line", "onnx_cuda_available", "onnxruntime_status"]
+__all__ = ["doctor_report", "gpu_decoder_line", "onnx_cuda_available", "onnxruntime_status", "openvino_line"]
 
 
 def onnxruntime_status() -> dict[str, Any]:
@@ -57,6 +58,22 @@ def gpu_decoder_line(cuda: bool) -> str:
     return f"GPU JPEG decode: {'yes' if ok else 'NO'}: {text}"
 
 
+def openvino_line() -> str:
+    """OpenVINO's version, the CPU and the autocasts it runs natively there (what ``extract.autocast: bf16`` gets)."""
+    from featcache.extract.onnx.openvino_runner import native_autocasts, openvino_status
+
+    status = openvino_status()
+    if status["version"] is None:
+        return ("openvino: not installed (extract.autocast: bf16 on the CPU then runs float32 with onnxruntime; "
+                "pip install openvino)")
+    native = sorted(native_autocasts())
+    if native:
+        use = f"native {', '.join(native)}: extract.autocast: {native[0]} runs OpenVINO's {native[0]} graph"
+    else:
+        use = "no native bf16/fp16 on this CPU: extract.autocast: bf16 runs float32 (onnxruntime)"
+    return f"openvino {status['version']} on {status['cpu']}: {use}"
+
+
 def doctor_report() -> list[str]:
     """What extraction would use on this machine and how to fix what is missing (``featcache doctor``)."""
     import torch
@@ -79,6 +96,7 @@ def doctor_report() -> list[str]:
     elif cuda and ort["installed"] and CUDA_PROVIDER not in ort["providers"]:
         lines.append(f"  onnxruntime cannot use the GPU (fine: auto picks torch there). To run backend: onnx on the "
                      f"GPU: {ONNX_GPU_FIX}.")
+    lines.append(openvino_line())
     lines.append(gpu_decoder_line(cuda))
     plan = plan_extraction()
     lines.append(f"extract.device: auto -> {plan.device}; extract.backend: auto -> {plan.backend}; "

@@ -11,11 +11,15 @@ nothing else resolves these settings. The rules:
 * **backend** ``auto``: torch on CUDA (onnxruntime runs on a GPU only when asked
   for, ``backend: onnx``, and then only where its CUDA provider loads:
   :func:`build_runner` stops with the fix, never falls back to the CPU);
-  onnxruntime on the CPU (the faster CPU runtime, ``benchmarks/README.md``),
-  torch when onnxruntime is not installed;
+  onnxruntime on the CPU (the faster float32 CPU runtime, ``benchmarks/README.md``),
+  torch when onnxruntime is not installed; OpenVINO on the CPU when
+  ``autocast`` asks for bf16 (or fp16) and the CPU computes it natively
+  (onnxruntime has no bf16 kernels on x86; OpenVINO's bf16 forward is 1.6-2.0x
+  onnxruntime's float32 on an AVX512_BF16 CPU). ``openvino`` runs on the CPU only;
 * **autocast** ``auto``: fp16 for torch on CUDA (cosine 0.99997 to float32 on an
-  H200), float32 elsewhere; bf16 (cosine 0.997) is never picked by ``auto``,
-  and onnxruntime always runs the float32 graph;
+  H200), float32 elsewhere; bf16 (cosine 0.997) is never picked by ``auto``;
+  onnxruntime always runs the float32 graph, OpenVINO runs bf16/fp16 only
+  where the CPU computes it natively (float32 otherwise, with a warning);
 * **decode** ``auto``: JPEGs decoded in batches on the GPU when torch runs on
   CUDA (in this process, or in each dask worker), PIL otherwise; ``gpu`` on a
   CPU device runs the same device path (for tests);
@@ -39,12 +43,12 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from featcache.errors import ExtractionError
-from featcache.store.schema import AUTOCASTS, BACKENDS, DECODE_PATHS, PRECISIONS
+from featcache.store.schema import AUTOCASTS, BACKENDS, DECODE_PATHS, OPENVINO_PROVIDER, PRECISIONS
 from featcache.util import compute
 
-__all__ = ["CUDA_PROVIDER", "LOADERS", "ONNX_GPU_FIX", "ExtractionPlan", "build_runner", "plan_extraction",
-           "precision_name", "resolve_autocast", "resolve_backend", "resolve_decode", "resolve_precision",
-           "runner_attrs"]
+__all__ = ["CUDA_PROVIDER", "LOADERS", "ONNX_GPU_FIX", "ExtractionPlan", "build_runner",
+           "plan_extraction", "precision_name", "resolve_autocast", "resolve_backend", "resolve_decode",
+           "resolve_precision", "runner_attrs"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,27 +68,45 @@ def _is_cuda(device: str) -> bool:
     return str(device).startswith("cuda")
 
 
-def resolve_backend(backend: str, device: str) -> str:
-    """``auto`` -> ``torch`` on CUDA, ``onnx`` on CPU (``torch`` without onnxruntime); explicit values pass.
+def _native_autocasts() -> frozenset[str]:
+    from featcache.extract.onnx.openvino_runner import native_autocasts
+
+    return native_autocasts()
+
+
+def resolve_backend(backend: str, device: str, autocast: str | None = "auto") -> str:
+    """``auto`` -> ``torch`` on CUDA; on the CPU ``openvino`` for a native bf16/fp16 ``autocast``, else ``onnx``
+    (``torch`` without onnxruntime); explicit values pass.
 
     Parameters
     ----------
-    backend : {"auto", "torch", "onnx"}
+    backend : {"auto", "torch", "onnx", "openvino"}
     device : str
         The resolved device (``cpu``, ``cuda``, ``cuda:N``).
+    autocast : {"auto", "none", "bf16", "fp16"} or None
+        ``extract.autocast`` as set (OpenVINO is checked for only when it is bf16 or fp16).
 
     Raises
     ------
     ValueError
-        For an unknown backend.
+        For an unknown backend, or ``openvino`` on CUDA or without the package.
     """
     if backend not in BACKENDS:
         raise ValueError(f"extract.backend {backend!r} is not one of {BACKENDS}. Hint: 'auto' picks torch on CUDA "
-                         "and onnxruntime on the CPU.")
+                         "and onnxruntime on the CPU (OpenVINO for extract.autocast: bf16).")
+    if backend == "openvino":
+        if _is_cuda(device):
+            raise ValueError(f"extract.backend: openvino runs OpenVINO's CPU plugin, but extract.device resolved to "
+                             f"{device!r}. Hint: set extract.device: cpu, or extract.backend: auto (torch on a GPU).")
+        if importlib.util.find_spec("openvino") is None:
+            raise ValueError("extract.backend: openvino needs the openvino package, which is not installed. "
+                             "Hint: pip install openvino, or set extract.backend: auto.")
     if backend != "auto":
         return backend
     if _is_cuda(device):
         return "torch"
+    if autocast in ("bf16", "fp16") and autocast in _native_autocasts():
+        return "openvino"
     return "onnx" if importlib.util.find_spec("onnxruntime") is not None else "torch"
 
 
@@ -96,9 +118,11 @@ def resolve_autocast(autocast: str | None, device: str, backend: str) -> str | N
     autocast : {"auto", "none", "bf16", "fp16"} or None
     device : str
         The resolved device.
-    backend : {"torch", "onnx"}
+    backend : {"torch", "onnx", "openvino"}
         The resolved backend; onnxruntime runs the exported float32 graph,
-        so an explicit ``bf16``/``fp16`` is ignored there (with a warning).
+        so an explicit ``bf16``/``fp16`` is ignored there (with a warning), and
+        OpenVINO runs it only where the CPU computes it natively (float32
+        otherwise, with a warning).
     """
     if autocast is None or autocast == "none":
         return None
@@ -108,7 +132,13 @@ def resolve_autocast(autocast: str | None, device: str, backend: str) -> str | N
     if autocast == "auto":
         return "fp16" if _is_cuda(device) and backend == "torch" else None
     if backend == "onnx":
-        logger.warning("extract.autocast %r is ignored by the onnx backend (it runs the float32 graph)", autocast)
+        logger.warning("extract.autocast %r is ignored by the onnx backend (it runs the float32 graph). Hint: "
+                       "extract.backend: auto runs it with OpenVINO where the CPU computes %s natively.",
+                       autocast, autocast)
+        return None
+    if backend == "openvino" and autocast not in _native_autocasts():
+        logger.warning("extract.autocast %r: this CPU has no native %s (OpenVINO's CPU capabilities), so OpenVINO "
+                       "runs the float32 graph", autocast, autocast)
         return None
     return autocast
 
@@ -161,6 +191,10 @@ def resolve_precision(precision: str, device: str, backend: str, scheduler: str 
         raise ValueError(f"extract.precision: int8 runs onnxruntime's quantized graph on the CPU, but "
                          f"extract.device resolved to {device!r}. Hint: set extract.device: cpu, or "
                          "extract.precision: float32 on a GPU (fp16 autocast is its fast path).")
+    if backend == "openvino":
+        raise ValueError("extract.precision: int8 runs onnxruntime's quantized graph, but extract.backend resolved to "
+                         "'openvino' (bf16/fp16 on the CPU). Hint: set extract.backend: onnx and extract.autocast: "
+                         "none (int8 replaces bf16), or extract.precision: float32.")
     if backend != "onnx":
         raise ValueError(f"extract.precision: int8 needs extract.backend onnx (or auto), got {backend!r}"
                          + ("" if importlib.util.find_spec("onnxruntime") is not None else
@@ -181,9 +215,13 @@ def runner_attrs(backend: str, device: str, autocast: str | None, int8: bool = F
     """Root attributes that say what ran: ``backend``, ``provider`` and ``precision``.
 
     ``provider`` is onnxruntime's execution provider for ``onnx`` (CUDA on a
-    GPU: :func:`build_runner` refuses any other there), the torch device otherwise.
+    GPU: :func:`build_runner` refuses any other there), :data:`~featcache.store.schema.OPENVINO_PROVIDER`
+    for ``openvino``, the torch device otherwise.
     """
-    provider = (CUDA_PROVIDER if _is_cuda(device) else "CPUExecutionProvider") if backend == "onnx" else str(device)
+    if backend == "onnx":
+        provider = CUDA_PROVIDER if _is_cuda(device) else "CPUExecutionProvider"
+    else:
+        provider = OPENVINO_PROVIDER if backend == "openvino" else str(device)
     return {"backend": backend, "provider": provider, "precision": precision_name(autocast, int8)}
 
 
@@ -195,9 +233,9 @@ class ExtractionPlan:
     ----------
     device : str
         Where the forward runs: ``cpu``, ``cuda`` or ``cuda:N``.
-    backend : {"torch", "onnx"}
+    backend : {"torch", "onnx", "openvino"}
     autocast : {None, "fp16", "bf16"}
-        Autocast dtype of the forward; None for float32.
+        Autocast dtype of the forward (torch), or OpenVINO's inference precision; None for float32.
     decode : {"cpu", "gpu"}
         PIL in worker processes, or batched JPEG decode on ``device``.
     loader : {"arrays", "torch", "device"}
@@ -271,7 +309,7 @@ def plan_extraction(*, device: str = "auto", backend: str = "auto", autocast: st
     Parameters
     ----------
     device : {"auto", "cpu", "cuda"} or "cuda:N"
-    backend : {"auto", "torch", "onnx"}
+    backend : {"auto", "torch", "onnx", "openvino"}
     autocast : {"auto", "none", "bf16", "fp16"} or None
     decode : {"auto", "cpu", "gpu"}
     num_workers : int, "auto" or None
@@ -296,7 +334,7 @@ def plan_extraction(*, device: str = "auto", backend: str = "auto", autocast: st
             resolved_device = str(device)
         else:
             resolved_device = compute.resolve_device(device, setting="extract.device", error=ExtractionError)
-        resolved_backend = resolve_backend(backend, resolved_device)
+        resolved_backend = resolve_backend(backend, resolved_device, autocast)
         resolved_autocast = resolve_autocast(autocast, resolved_device, resolved_backend)
         resolved_decode = resolve_decode(decode, resolved_device, resolved_backend)
         int8 = resolve_precision(precision, resolved_device, resolved_backend, scheduler)
@@ -336,11 +374,11 @@ def build_runner(backbone: Any, layers: Sequence[str], plan: ExtractionPlan, *, 
     pooling, channels_last
         As for :class:`~featcache.extract.runners.torch_runner.TorchFeatureExtractor`.
     input_size : int, optional
-        ONNX only: the exported input side (default: the registry's).
+        ONNX and OpenVINO: the exported input side (default: the registry's).
     intra_op_threads : int, optional
-        ONNX only: threads of one operator.
+        ONNX and OpenVINO: threads of one operator.
     onnx_cache : str, optional
-        ONNX only: the export cache (``extract.onnx_cache``: ``auto``, ``none`` or a folder).
+        ONNX and OpenVINO: the export cache (``extract.onnx_cache``: ``auto``, ``none`` or a folder).
     calibration : CalibrationImages, optional
         int8 only (required there): the calibration and held-out images
         (:func:`~featcache.extract.onnx.calibration.calibration_images`).
@@ -350,7 +388,8 @@ def build_runner(backbone: Any, layers: Sequence[str], plan: ExtractionPlan, *, 
     Returns
     -------
     runner : FeatureRunner
-        A :class:`TorchFeatureExtractor` or an :class:`OnnxFeatureRunner`.
+        A :class:`TorchFeatureExtractor`, an :class:`OnnxFeatureRunner` or an
+        :class:`OpenVinoFeatureRunner` (the same export, run by OpenVINO).
     attrs : dict
         :func:`runner_attrs` of what was built, with ``onnx_sha256`` for an ONNX runner
         (and the int8 facts for an int8 one).
@@ -360,7 +399,14 @@ def build_runner(backbone: Any, layers: Sequence[str], plan: ExtractionPlan, *, 
     featcache.errors.ExtractionError
         When ``onnx`` is asked for on CUDA but onnxruntime's CUDA provider does not load.
     """
-    if plan.backend == "onnx":
+    if plan.backend == "openvino":
+        from featcache.extract.onnx.openvino_runner import OpenVinoFeatureRunner
+
+        extra = {} if onnx_cache is None else {"cache_dir": onnx_cache}
+        runner = OpenVinoFeatureRunner.from_source(backbone, layers, pooling=pooling, device=plan.device,
+                                                   input_size=input_size, intra_op_threads=intra_op_threads,
+                                                   autocast=plan.autocast, **extra)
+    elif plan.backend == "onnx":
         from featcache.extract.onnx.runner import OnnxFeatureRunner
 
         extra = {} if onnx_cache is None else {"cache_dir": onnx_cache}

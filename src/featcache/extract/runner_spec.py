@@ -2,7 +2,7 @@
 
 :class:`RunnerSpec` travels to the workers instead of a model object;
 :meth:`RunnerSpec.build` builds the runner that :func:`~featcache.extract.plan.plan_extraction`
-resolves on the worker (torch or onnxruntime) once per process. :func:`worker_device` pins
+resolves on the worker (torch, onnxruntime or OpenVINO) once per process. :func:`worker_device` pins
 each worker of a multi-GPU machine to its own GPU, :func:`local_workers`
 sizes a local cluster (one worker per GPU).
 """
@@ -31,7 +31,7 @@ _RUNNERS_LOCK = threading.Lock()
 # ---------------------------------------------------------------------- spec
 @dataclass(frozen=True)
 class RunnerSpec:
-    """Picklable recipe of a feature runner (torch or onnxruntime, see :mod:`featcache.extract.plan`).
+    """Picklable recipe of a feature runner (torch, onnxruntime or OpenVINO, see :mod:`featcache.extract.plan`).
 
     Workers receive this spec, not a model object, and build the extractor
     once per process (:meth:`build` caches it).
@@ -57,10 +57,10 @@ class RunnerSpec:
     seed : int
         Seed of the random initialisation (``weights="random"``); the same
         seed gives identical weights in every process.
-    backend : {"torch", "onnx", "auto"}
+    backend : {"torch", "onnx", "openvino", "auto"}
         Runtime on the workers; ``auto`` resolves on each worker (torch on
-        CUDA, onnxruntime on CPU). ONNX workers open the cached export (or
-        export the model once per process).
+        CUDA, onnxruntime on CPU, OpenVINO for a native CPU bf16). ONNX and
+        OpenVINO workers open the cached export (or export the model once per process).
     onnx_cache : str, optional
         ONNX only: the export cache (``extract.onnx_cache``: ``auto``, ``none``
         or a folder every worker sees); None: the default (``auto``).

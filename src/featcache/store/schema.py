@@ -38,6 +38,7 @@ __all__ = [
     "POOLINGS",
     "MAP_POOLINGS",
     "BACKENDS",
+    "OPENVINO_PROVIDER",
     "AUTOCASTS",
     "DECODE_PATHS",
     "PRECISIONS",
@@ -74,8 +75,11 @@ SHARDS_ATTR = "shards"
 # (``featcache.extract.plan``); they live here so that a reader of a store, like the train stage,
 # checks a store's config without importing the extractor.
 
-#: ``extract.backend`` values (``auto``: torch on CUDA, onnxruntime on the CPU).
-BACKENDS: tuple[str, ...] = ("auto", "torch", "onnx")
+#: ``extract.backend`` values (``auto``: torch on CUDA, onnxruntime on the CPU, OpenVINO for a native CPU bf16).
+BACKENDS: tuple[str, ...] = ("auto", "torch", "onnx", "openvino")
+
+#: The ``provider`` attribute of a store that OpenVINO's CPU plugin extracted.
+OPENVINO_PROVIDER = "OpenVINO CPU"
 
 #: ``extract.autocast`` values (``none``: float32; ``auto``: fp16 for torch on CUDA, else none).
 AUTOCASTS: tuple[str, ...] = ("auto", "none", "bf16", "fp16")

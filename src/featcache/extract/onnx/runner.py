@@ -95,6 +95,34 @@ class OnnxFeatureRunner:
         if intra_op_threads is not None and (not isinstance(intra_op_threads, int) or intra_op_threads < 1):
             raise ValueError(f"intra_op_threads {intra_op_threads!r} must be a positive int or None "
                              "(None: one per physical core).")
+        self.intra_op_threads = intra_op_threads or physical_cores()
+        meta, self._input_name, outputs = self._open(kind, index, device)
+        if EXPORT_KEY not in meta or LAYERS_KEY not in meta:
+            raise ValueError(f"{self.path} lacks the {EXPORT_KEY!r}/{LAYERS_KEY!r} metadata (found keys "
+                             f"{sorted(meta)}). Hint: export it with featcache.extract.onnx.export.export_onnx.")
+        self._export_config: dict[str, Any] = json.loads(meta[EXPORT_KEY])
+        self._specs = [LayerSpec(**{**record, "map_shape": tuple(record["map_shape"])})
+                       for record in json.loads(meta[LAYERS_KEY])]
+        self.input_size = int(self._export_config["input_size"])
+        if outputs != [spec.alias for spec in self._specs]:
+            raise ValueError(f"{self.path}: graph outputs {outputs} do not match the layers in its metadata "
+                             f"{[spec.alias for spec in self._specs]}. Hint: re-export the model.")
+        logger.info("ONNX runner %s: %s on %s, %d intra-op threads", self.path.name, self.layer_names,
+                    self.provider, self.intra_op_threads)
+
+    def _open(self, kind: str, index: int, device: str) -> tuple[dict[str, str], str, list[str]]:
+        """Open the graph with onnxruntime; set :attr:`session`, :attr:`provider` and :attr:`device`.
+
+        A subclass runs the same file with another runtime by overriding this
+        and :meth:`_infer`.
+
+        Returns
+        -------
+        metadata : dict of str to str
+            The file's custom metadata.
+        input_name : str
+        output_names : list of str
+        """
         available = ort.get_available_providers()
         providers: list[Any] = [_CPU]
         if kind == "cuda":
@@ -104,38 +132,27 @@ class OnnxFeatureRunner:
                 logger.warning("device %r requested but onnxruntime has no CUDAExecutionProvider (available: %s); "
                                "running on CPU. Hint: pip install onnxruntime-gpu (featcache[gpu]).",
                                device, available)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = intra_op_threads or physical_cores()
-        self.intra_op_threads = options.intra_op_num_threads
-        self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        session_options = ort.SessionOptions()
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session_options.intra_op_num_threads = self.intra_op_threads
+        self.session = ort.InferenceSession(str(self.path), sess_options=session_options, providers=providers)
         self.provider: str = self.session.get_providers()[0]
         if kind == "cuda" and _CUDA in available and self.provider != _CUDA:
             logger.warning("CUDAExecutionProvider could not be initialised for %s; running on %s.",
                            self.path, self.provider)
         self.device = "cuda" if self.provider == _CUDA else "cpu"
+        return (dict(self.session.get_modelmeta().custom_metadata_map), self.session.get_inputs()[0].name,
+                [output.name for output in self.session.get_outputs()])
 
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if EXPORT_KEY not in meta or LAYERS_KEY not in meta:
-            raise ValueError(f"{self.path} lacks the {EXPORT_KEY!r}/{LAYERS_KEY!r} metadata (found keys "
-                             f"{sorted(meta)}). Hint: export it with featcache.extract.onnx.export.export_onnx.")
-        self._export_config: dict[str, Any] = json.loads(meta[EXPORT_KEY])
-        self._specs = [LayerSpec(**{**record, "map_shape": tuple(record["map_shape"])})
-                       for record in json.loads(meta[LAYERS_KEY])]
-        self.input_size = int(self._export_config["input_size"])
-        self._input_name = self.session.get_inputs()[0].name
-        outputs = [output.name for output in self.session.get_outputs()]
-        if outputs != [spec.alias for spec in self._specs]:
-            raise ValueError(f"{self.path}: graph outputs {outputs} do not match the layers in its metadata "
-                             f"{[spec.alias for spec in self._specs]}. Hint: re-export the model.")
-        logger.info("ONNX runner %s: %s on %s, %d intra-op threads", self.path.name, self.layer_names,
-                    self.provider, self.intra_op_threads)
+    def _infer(self, array: np.ndarray) -> list[np.ndarray]:
+        """The graph's outputs, in order, for a (B, 3, S, S) float32 C-contiguous batch (B >= 1)."""
+        return self.session.run(None, {self._input_name: array})
 
     @classmethod
     def from_source(cls, source: WeightsSource | LoadedBackbone, layers: Sequence[str], pooling: str = "avg",
                     device: str = "cpu", opset: int = DEFAULT_OPSET, *, input_size: int | None = None,
                     intra_op_threads: int | None = None, exporter: str = "auto",
-                    cache_dir: str | os.PathLike[str] | None = "auto") -> "OnnxFeatureRunner":
+                    cache_dir: str | os.PathLike[str] | None = "auto", **options: Any) -> "OnnxFeatureRunner":
         """Open the cached export of a backbone's weights; build and export the model only on a miss.
 
         Weights read from a file are cached under their :func:`~featcache.extract.onnx.cache.source_key`,
@@ -147,7 +164,7 @@ class OnnxFeatureRunner:
         ----------
         source : WeightsSource or LoadedBackbone
             The backbone and its weights (:func:`~featcache.extract.zoo.weights.resolve_weights`).
-        layers, pooling, device, opset, input_size, intra_op_threads, exporter, cache_dir
+        layers, pooling, device, opset, input_size, intra_op_threads, exporter, cache_dir, options
             As for :meth:`from_model`.
 
         Returns
@@ -159,7 +176,7 @@ class OnnxFeatureRunner:
         if folder is None or not source.weights_sha256:
             return cls.from_model(source.load().model, source.spec, layers, pooling=pooling, device=device,
                                   opset=opset, input_size=input_size, intra_op_threads=intra_op_threads,
-                                  exporter=exporter, cache_dir=cache_dir)
+                                  exporter=exporter, cache_dir=cache_dir, **options)
         key = source_key(source.spec, source.weights_sha256, layers, pooling, input_size, opset, exporter)
         found = lookup(folder, key)
         if found is None:
@@ -168,7 +185,7 @@ class OnnxFeatureRunner:
             extractor = TorchFeatureExtractor(source.load().model, source.spec, layers, pooling=pooling,
                                               device="cpu", channels_last=False)
             found = cached_export(extractor, folder, opset=opset, input_size=input_size, exporter=exporter, key=key)
-        runner = cls(found[0], device=device, intra_op_threads=intra_op_threads)
+        runner = cls(found[0], device=device, intra_op_threads=intra_op_threads, **options)
         runner._sha256 = found[1]
         return runner
 
@@ -176,7 +193,8 @@ class OnnxFeatureRunner:
     def from_model(cls, model: nn.Module, spec: BackboneSpec, layers: Sequence[str], pooling: str = "avg",
                    device: str = "cpu", path: str | os.PathLike[str] | None = None, opset: int = DEFAULT_OPSET,
                    *, input_size: int | None = None, intra_op_threads: int | None = None,
-                   exporter: str = "auto", cache_dir: str | os.PathLike[str] | None = "auto") -> "OnnxFeatureRunner":
+                   exporter: str = "auto", cache_dir: str | os.PathLike[str] | None = "auto",
+                   **options: Any) -> "OnnxFeatureRunner":
         """Export ``model``'s layers (or reuse a cached export) and open the result.
 
         Parameters
@@ -203,6 +221,10 @@ class OnnxFeatureRunner:
             The export cache (see :mod:`featcache.extract.onnx.cache`):
             ``auto`` (default) its default folder, a folder, or ``none``/None
             to export every time.
+        **options
+            More arguments of the runner class (a subclass's own, e.g.
+            :class:`~featcache.extract.onnx.openvino_runner.OpenVinoFeatureRunner`'s
+            ``inference_precision``).
 
         Returns
         -------
@@ -228,7 +250,7 @@ class OnnxFeatureRunner:
                 tmpdir = tempfile.TemporaryDirectory(prefix="featcache-onnx-")
                 path = Path(tmpdir.name) / f"{spec.name}.onnx"
             export_onnx(extractor, path, opset=opset, input_size=input_size, exporter=exporter)
-        runner = cls(path, device=device, intra_op_threads=intra_op_threads)
+        runner = cls(path, device=device, intra_op_threads=intra_op_threads, **options)
         runner._tmpdir = tmpdir  # removed when the runner is garbage-collected
         if sha is not None:
             runner._sha256 = sha
@@ -294,7 +316,7 @@ class OnnxFeatureRunner:
                              f"Hint: use a Preprocessor with input_size={self.input_size}.")
         if array.shape[0] == 0:
             return {spec.alias: np.zeros((0, spec.dim), dtype=np.float32) for spec in self._specs}
-        outputs = self.session.run(None, {self._input_name: array})
+        outputs = self._infer(array)
         return {name: np.asarray(value, dtype=np.float32) for name, value in zip(self.layer_names, outputs)}
 
     def __repr__(self) -> str:

@@ -40,7 +40,7 @@ INT8_KNOBS = ("precision", "int8_calibration", "int8_holdout", "int8_min_cosine"
 class ExtractParams(Strict):
     """How features are extracted (shared by every backbone); ``auto`` is resolved by ``featcache.extract.plan``."""
 
-    #: auto: torch on CUDA, onnxruntime on the CPU.
+    #: auto: torch on CUDA, onnxruntime on the CPU, OpenVINO on the CPU for a bf16/fp16 autocast it runs natively.
     backend: Literal[BACKENDS] = "auto"  # type: ignore[valid-type]
     device: Literal[DEVICES] = "auto"  # type: ignore[valid-type]
     batch_size: int = Field(64, ge=1, le=4096)
@@ -49,7 +49,7 @@ class ExtractParams(Strict):
     pooling: Literal[POOLINGS] = "avg"  # type: ignore[valid-type]
     resize_mode: Literal[RESIZE_MODES] = "crop"  # type: ignore[valid-type]
     channels_last: bool = True
-    #: auto: fp16 for torch on CUDA, none (float32) elsewhere.
+    #: auto: fp16 for torch on CUDA, none (float32) elsewhere; bf16 on the CPU: OpenVINO's bf16 graph.
     autocast: Literal[AUTOCASTS] = "auto"  # type: ignore[valid-type]
     #: Where JPEGs are decoded: ``auto`` = batched on the GPU when torch runs on CUDA, else PIL in
     #: the workers (``cpu``); ``gpu`` forces the device path (on a CPU device too). Stored resolved.
@@ -178,8 +178,11 @@ def stored_choices(extract: ExtractParams, stored: Mapping[str, Any]) -> dict[st
         The ``extract`` section of the store's config.
     """
     backend = stored.get("backend") if extract.backend == "auto" else extract.backend
-    # onnxruntime runs the float32 graph whatever autocast asks for (the plan records "none" there).
+    # onnxruntime runs the float32 graph whatever autocast asks for (the plan records "none" there), and OpenVINO
+    # runs it where the CPU has no native bf16/fp16.
     autocast = stored.get("autocast") if extract.autocast == "auto" or backend == "onnx" else extract.autocast
+    if backend == "openvino" and stored.get("autocast") == "none":
+        autocast = "none"
     choices: dict[str, Any] = {"backend": backend, "autocast": autocast}
     if "torch_threads" in stored:  # torch on the CPU: the thread count the store was made with (any is valid)
         choices["torch_threads"] = stored["torch_threads"]
