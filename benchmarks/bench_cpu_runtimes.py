@@ -47,6 +47,7 @@ from featcache.extract.onnx.runner import OnnxFeatureRunner
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.extract.zoo.weights import load_backbone
 from featcache.store.reader import FeatureStore
+from featcache.util.compute import torch_threads
 
 #: backbone -> (weights, layers); the first layer is the one the cosines compare.
 BACKBONES: dict[str, tuple[str, list[str]]] = {"efficientnet_lite0": ("pretrained", ["pool", "block6"]),
@@ -154,14 +155,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.smoke:
         backbones = {"resnet18": ("random", ["pool5"])}
         args.images, args.batch_size, args.forward_batches, args.repeats, args.input_size = 6, 4, 1, 1, 64
-    torch.set_num_threads(args.threads)
     tune_malloc(True)
     status = openvino_status()
     results: dict[str, Any] = {
         "machine": f"{status['cpu']}, {_cores()} cores, OpenVINO {status['version']} (native "
                    f"{', '.join(sorted(native_autocasts())) or 'none'}), torch {torch.__version__}",
         "threads": args.threads, "batch_size": args.batch_size, "repeats": args.repeats, "backbones": {}}
-    with tempfile.TemporaryDirectory(prefix="featcache-bench-runtimes-") as tmp:
+    with torch_threads(args.threads), tempfile.TemporaryDirectory(prefix="featcache-bench-runtimes-") as tmp:
         for name, (weights, layers) in backbones.items():
             results["backbones"][name] = measure(name, weights, layers, args, Path(tmp) / name)
     args.out.mkdir(parents=True, exist_ok=True)
