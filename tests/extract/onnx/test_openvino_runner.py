@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -25,6 +29,36 @@ PHOTOS = sorted((Path(__file__).resolve().parents[2] / "fixtures" / "photos").gl
 #: 0.9985 (pool, median 0.9990) and 0.9992 (block6) on the AVX512_BF16 VM (torch's bf16 autocast on an H200:
 #: 0.997); float32 OpenVINO vs onnxruntime: 1 - 1e-12.
 BF16_MIN_COSINE, F32_MIN_COSINE = 0.997, 0.99999
+
+
+#: Builds two runners on one thread, drops them in the order they were made, then handles signals on that thread.
+_TWO_RUNNERS = """
+import ctypes, faulthandler, gc, json, os, signal, sys
+faulthandler.enable()  # as pytest does: an alternate signal stack for the main thread
+from featcache.extract.onnx.openvino_runner import OpenVinoFeatureRunner
+
+class Stack(ctypes.Structure):
+    _fields_ = [("sp", ctypes.c_void_p), ("flags", ctypes.c_int), ("size", ctypes.c_size_t)]
+
+def alternate_stack():
+    stack = Stack()
+    assert ctypes.CDLL(None).sigaltstack(None, ctypes.byref(stack)) == 0
+    return [stack.sp, stack.size]
+
+seen = {"start": alternate_stack()}
+first = OpenVinoFeatureRunner(sys.argv[1], intra_op_threads=1)
+seen["first"] = alternate_stack()
+second = OpenVinoFeatureRunner(sys.argv[1], intra_op_threads=1, autocast="bf16")
+seen["second"] = alternate_stack()
+del first; gc.collect()
+del second; gc.collect()
+seen["dropped"] = alternate_stack()
+handled = []
+signal.signal(signal.SIGUSR1, lambda *args: handled.append(1))  # CPython runs it on the alternate stack
+for _ in range(20):
+    os.kill(os.getpid(), signal.SIGUSR1)
+print(json.dumps({"stacks": seen, "handled": len(handled)}))
+"""
 
 
 def _batch(n: int, size: int = SIZE, seed: int = 0) -> np.ndarray:
@@ -63,6 +97,24 @@ def test_float32_runs_the_same_file_as_onnxruntime(resnet_runners):
         assert row_cosines(got[layer], expected[layer]).min() >= F32_MIN_COSINE
     assert {layer: value.shape for layer, value in openvino(_batch(0)).items()} == {"res4": (0, 256),
                                                                                     "pool5": (0, 512)}
+
+
+def test_runners_dropped_in_creation_order_leave_a_live_signal_stack(resnet_runners):
+    """OpenVINO's CPU plugin swaps the thread's ``sigaltstack`` per Core and puts back the one it found when that
+    Core dies: with a Core per runner, dropping two runners in the order they were made left the stack pointing at
+    freed memory and the next signal handled killed the process (rc -11) or corrupted its heap (the suite crashed
+    in a later, unrelated test). One process-wide Core installs one stack, once. In a child process: the stack
+    state is process-wide."""
+    onnx, _ = resnet_runners
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[3] / "src"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", _TWO_RUNNERS, str(onnx.path)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert done.returncode == 0, (done.returncode, done.stderr[-3000:])
+    result = json.loads(done.stdout.splitlines()[-1])
+    stacks = result["stacks"]
+    assert stacks["first"] == stacks["second"] == stacks["dropped"], stacks  # installed once, never freed
+    assert result["handled"] == 20
 
 
 def test_outputs_are_not_overwritten_by_the_next_batch(resnet_runners):

@@ -12,6 +12,18 @@ float32 it is 0.9-1.0x onnxruntime (``benchmarks/README.md``). So
 The runner reads the same file, the same featcache metadata (OpenVINO keeps
 the ONNX metadata under the model's ``framework`` runtime info) and the same
 export cache; only the runtime differs.
+
+Every runner compiles with one process-wide ``openvino.Core`` (:func:`openvino_core`),
+kept for the life of the process. OpenVINO's CPU plugin maps its own
+alternate signal stack (``sigaltstack``; large enough for AMX signal frames,
+``SigAltStackSetup`` of openvinotoolkit/openvino#11894) on the thread that
+compiles a model, and when its Core is destroyed unmaps it and puts back the
+stack it found there. Two Cores destroyed in the order they were made leave the
+thread's alternate stack pointing at unmapped memory, and the next signal
+handled on it (CPython and ``faulthandler`` install their handlers with
+``SA_ONSTACK``) kills the process with a segmentation fault (or, where the
+memory was reused, corrupts it). One Core that is never destroyed installs its
+stack once (ultralytics/ultralytics#25864 reached the same cure).
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import numpy as np
 from featcache.extract.onnx.runner import OnnxFeatureRunner
 from featcache.store.schema import OPENVINO_PROVIDER
 
-__all__ = ["INFERENCE_PRECISIONS", "OpenVinoFeatureRunner", "native_autocasts", "openvino_status"]
+__all__ = ["INFERENCE_PRECISIONS", "OpenVinoFeatureRunner", "native_autocasts", "openvino_core", "openvino_status"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +49,27 @@ INFERENCE_PRECISIONS: dict[str | None, str] = {None: "f32", "bf16": "bf16", "fp1
 
 #: The CPU plugin's ``OPTIMIZATION_CAPABILITIES`` entry that runs each autocast natively.
 _CAPABILITIES = {"bf16": "BF16", "fp16": "FP16"}
+
+_core_lock = threading.Lock()
+
+
+@functools.cache
+def _make_core() -> Any:
+    import openvino
+
+    return openvino.Core()
+
+
+def openvino_core() -> Any:
+    """The process-wide ``openvino.Core`` every runner compiles with; never destroyed (see the module's notes).
+
+    Returns
+    -------
+    openvino.Core
+        The same object on every call, from any thread.
+    """
+    with _core_lock:  # functools.cache alone may build two Cores when two threads race on the first call
+        return _make_core()
 
 
 def openvino_status() -> dict[str, Any]:
@@ -53,7 +86,7 @@ def openvino_status() -> dict[str, Any]:
         return {"version": None, "cpu": None, "capabilities": []}
     import openvino
 
-    core = openvino.Core()
+    core = openvino_core()
     return {"version": openvino.__version__.split("-")[0], "cpu": str(core.get_property("CPU", "FULL_DEVICE_NAME")),
             "capabilities": [str(name) for name in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]}
 
@@ -112,9 +145,7 @@ class OpenVinoFeatureRunner(OnnxFeatureRunner):
         if kind != "cpu":
             raise ValueError(f"device {device!r}: the openvino backend runs OpenVINO's CPU plugin only. Hint: set "
                              "extract.device: cpu, or extract.backend: auto (torch on a GPU).")
-        import openvino
-
-        core = openvino.Core()
+        core = openvino_core()
         model = core.read_model(str(self.path))
         config = {"INFERENCE_NUM_THREADS": self.intra_op_threads, "PERFORMANCE_HINT": "LATENCY",
                   "INFERENCE_PRECISION_HINT": INFERENCE_PRECISIONS[self.autocast]}
