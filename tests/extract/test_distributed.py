@@ -19,10 +19,12 @@ from featcache.errors import ExtractionError
 from featcache.extract.dask_tasks import WorkerJob, plan_tasks
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.distributed import (
+    CONNECT_TRIES,
     RunnerSpec,
     _adopt_blocks,
     _check_onnx_sha256,
     _run_tasks,
+    connect_client,
     extract_distributed,
 )
 from featcache.extract.engine import extract_to_store
@@ -283,6 +285,34 @@ def test_build_failure_on_worker_via_scheduler_address(client, manifest, tmp_pat
         extract_distributed(manifest, spec, PREPROCESS, tmp_path / "out.h5", config=CONFIG,
                             scheduler_address=client.scheduler.address, progress=False)
     assert not (tmp_path / "out.h5").exists()
+
+
+def test_connecting_retries_dasks_handshake_race_only(monkeypatch, caplog):
+    """distributed's Client asserts its first read holds one message; a busy scheduler can batch two there."""
+    calls: list[str] = []
+
+    def flaky(failures: int, error: Exception):
+        def make(address):
+            calls.append(address)
+            if len(calls) <= failures:
+                raise error
+            return f"client of {address}"
+        return make
+
+    monkeypatch.setattr(distributed, "Client", flaky(2, AssertionError()))
+    with caplog.at_level("WARNING"):
+        assert connect_client("tcp://h:1") == "client of tcp://h:1" and len(calls) == 3
+    assert "client handshake failed" in caplog.text and "(3/3)" in caplog.text
+    calls.clear()
+    monkeypatch.setattr(distributed, "Client", flaky(3, AssertionError()))
+    with pytest.raises(AssertionError):
+        connect_client("tcp://h:1")
+    assert len(calls) == CONNECT_TRIES
+    calls.clear()
+    monkeypatch.setattr(distributed, "Client", flaky(1, OSError("Timed out trying to connect")))
+    with pytest.raises(OSError, match="Timed out"):  # not the race: raised at once
+        connect_client("tcp://h:1")
+    assert len(calls) == 1
 
 
 def test_own_local_cluster(clean_manifest, tmp_path):

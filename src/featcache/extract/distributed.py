@@ -86,7 +86,8 @@ from featcache.extract.runner_spec import RunnerSpec, local_workers, worker_devi
 from featcache.store.errors import StoreError
 from featcache.store.writer import StoreWriter
 
-__all__ = ["THREADS_PER_WORKER", "RunnerSpec", "extract_distributed", "local_workers", "worker_device"]
+__all__ = ["CONNECT_TRIES", "THREADS_PER_WORKER", "RunnerSpec", "connect_client", "extract_distributed",
+           "local_workers", "worker_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,38 @@ def _check_onnx_sha256(expected: str | None, found: str, where: str) -> None:
         )
 
 
+#: Tries of dask's client handshake with a running scheduler. The scheduler batches its ``stream-start`` reply with
+#: whatever it broadcasts to all clients in the next 2 ms, and distributed's ``Client`` asserts that the first read
+#: holds exactly one message: with other clients busy on the same scheduler, connecting then fails now and then
+#: with a bare ``AssertionError`` (seen in this suite, connecting while another client's erred tasks were released).
+CONNECT_TRIES = 3
+
+
+def connect_client(address: str, tries: int = CONNECT_TRIES) -> Any:
+    """A ``distributed.Client`` connected to the scheduler at ``address``, retrying dask's handshake race.
+
+    Parameters
+    ----------
+    address : str
+        The scheduler's address, e.g. ``tcp://10.0.0.5:8786``.
+    tries : int
+        Handshakes tried before the last ``AssertionError`` is raised.
+
+    Returns
+    -------
+    distributed.Client
+    """
+    from distributed import Client
+
+    for attempt in range(1, tries):
+        try:
+            return Client(address)
+        except AssertionError as error:  # dask's handshake check; anything else (timeouts, refused) is raised
+            logger.warning("dask scheduler %s: the client handshake failed (%r, a race in distributed's Client when "
+                           "the scheduler is busy); connecting again (%d/%d)", address, error, attempt + 1, tries)
+    return Client(address)
+
+
 class _ClientHandle:
     """A dask client plus what must be closed afterwards (only what we opened)."""
 
@@ -132,7 +165,7 @@ class _ClientHandle:
             self.client = client
         elif scheduler_address is not None:
             logger.info("connecting to dask scheduler %s", scheduler_address)
-            self.client = Client(scheduler_address)
+            self.client = connect_client(scheduler_address)
         else:
             logger.info("starting a LocalCluster: %d worker processes x %d threads", n_workers, threads_per_worker)
             self.cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
