@@ -124,7 +124,7 @@ def _check_onnx_sha256(expected: str | None, found: str, where: str) -> None:
 #: Tries of dask's client handshake with a running scheduler. The scheduler batches its ``stream-start`` reply with
 #: whatever it broadcasts to all clients in the next 2 ms, and distributed's ``Client`` asserts that the first read
 #: holds exactly one message: with other clients busy on the same scheduler, connecting then fails now and then
-#: with a bare ``AssertionError`` (seen in this suite, connecting while another client's erred tasks were released).
+#: with a bare ``AssertionError`` (seen twice in this suite, connecting while another client used the scheduler).
 CONNECT_TRIES = 3
 
 
