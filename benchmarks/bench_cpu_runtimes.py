@@ -59,17 +59,21 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def build_runners(loaded: Any, layers: list[str], threads: int, folder: Path,
-                  input_size: int | None = None) -> dict[str, Callable[[Any], dict[str, np.ndarray]]]:
-    """Every runtime of one backbone, all from one ONNX export (torch from the same model)."""
+def build_runners(loaded: Any, layers: list[str], threads: int, folder: Path, input_size: int | None = None,
+                  fp16: bool = False) -> dict[str, Callable[[Any], dict[str, np.ndarray]]]:
+    """Every runtime of one backbone, all from one ONNX export (torch from the same model); ``fp16`` adds
+    OpenVINO's float16 (why ``backend: auto`` does not pick it)."""
     onnx = OnnxFeatureRunner.from_model(loaded.model, loaded.spec, layers, input_size=input_size,
                                         intra_op_threads=threads, cache_dir=folder)
-    return {
+    runners = {
         REFERENCE: onnx,
         "openvino f32": OpenVinoFeatureRunner(onnx.path, intra_op_threads=threads),
         "openvino bf16": OpenVinoFeatureRunner(onnx.path, intra_op_threads=threads, autocast="bf16"),
         "torch bf16": TorchFeatureExtractor(loaded.model, loaded.spec, layers, channels_last=True, autocast="bf16"),
     }
+    if fp16:
+        runners["openvino fp16"] = OpenVinoFeatureRunner(onnx.path, intra_op_threads=threads, autocast="fp16")
+    return runners
 
 
 def _forward(runner: Callable, batch: torch.Tensor, batches: int) -> float:
@@ -87,7 +91,7 @@ def _cosines(reference: np.ndarray, other: np.ndarray) -> np.ndarray:
 def measure(name: str, weights: str, layers: list[str], args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """Forward and end-to-end img/s of every runtime (rotated order), ratios to onnxruntime, cosines."""
     loaded = load_backbone(name, weights)
-    runners = build_runners(loaded, layers, args.threads, folder, args.input_size)
+    runners = build_runners(loaded, layers, args.threads, folder, args.input_size, args.fp16)
     preprocess = Preprocessor.from_spec(loaded.spec, input_size=args.input_size)
     size = preprocess.input_size
     batch = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -149,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=_cores())
     parser.add_argument("--backbones", default=",".join(BACKBONES))
     parser.add_argument("--input-size", type=int, default=None, help="override the registry's input size")
+    parser.add_argument("--fp16", action="store_true", help="also OpenVINO float16 (where the CPU lists FP16)")
     parser.add_argument("--smoke", action="store_true", help="tiny run of every runtime (resnet18, 64 px)")
     args = parser.parse_args(argv)
     backbones = {name: BACKBONES[name] for name in args.backbones.split(",")}

@@ -32,6 +32,20 @@ def test_doctor_on_a_gpu_machine_with_both_onnxruntime_packages(fake_cuda, monke
             "extract.decode: auto -> gpu") in text
 
 
+def test_the_openvino_line_says_what_bf16_runs(monkeypatch):
+    from featcache.extract.onnx import openvino_runner
+
+    status = {"version": "2026.4.1", "cpu": "Some CPU", "capabilities": []}
+    monkeypatch.setattr(openvino_runner, "openvino_status", lambda: status)
+    for native, expected in [({"bf16", "fp16"}, "native bf16, fp16: extract.autocast: bf16 runs OpenVINO's bf16"),
+                             ({"fp16"}, "native fp16, no bf16: extract.autocast: bf16 runs float32 (onnxruntime)"),
+                             (set(), "native float32 only, no bf16: extract.autocast: bf16 runs float32")]:
+        monkeypatch.setattr(openvino_runner, "native_autocasts", lambda native=native: frozenset(native))
+        assert doctor.openvino_line().startswith(f"openvino 2026.4.1 on Some CPU: {expected}")
+    status["version"] = None
+    assert "not installed" in doctor.openvino_line()
+
+
 def test_the_gpu_decoder_line_really_checks_the_decoder(monkeypatch):
     """On CUDA the line comes from decoding a test JPEG there (decoders.gpu_decode_status), not from an import."""
     from featcache.extract.decode import decoders

@@ -171,6 +171,13 @@ def test_auto_backend_runs_bf16_on_the_cpu_with_openvino_where_the_cpu_has_it(na
     assert plan.config() == {"backend": "openvino", "autocast": "bf16"}
     assert plan_extraction(device="cpu").backend == "onnx"  # float32 stays onnxruntime's (the faster there)
     assert plan_extraction(device="cpu", autocast="fp16").backend == "onnx"  # no native fp16 in this CPU
+    native_bf16(frozenset({"bf16", "fp16"}))  # native fp16 too (a Xeon with AVX512_FP16): auto still not OpenVINO
+    with caplog.at_level(logging.WARNING):
+        plan = plan_extraction(device="cpu", autocast="fp16")
+    assert (plan.backend, plan.autocast) == ("onnx", None) and "float16 on the CPU measured slower" in caplog.text
+    plan = plan_extraction(device="cpu", backend="openvino", autocast="fp16")  # asked for by name: it runs
+    assert (plan.backend, plan.autocast, plan.precision) == ("openvino", "fp16", "float16")
+    caplog.clear()
     native_bf16(frozenset())  # a CPU without bf16: onnxruntime's float32 graph, as before OpenVINO
     with caplog.at_level(logging.WARNING):
         plan = plan_extraction(device="cpu", autocast="bf16")

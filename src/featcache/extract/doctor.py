@@ -67,10 +67,11 @@ def openvino_line() -> str:
         return ("openvino: not installed (extract.autocast: bf16 on the CPU then runs float32 with onnxruntime; "
                 "pip install openvino)")
     native = sorted(native_autocasts())
-    if native:
-        use = f"native {', '.join(native)}: extract.autocast: {native[0]} runs OpenVINO's {native[0]} graph"
+    if "bf16" in native:
+        use = f"native {', '.join(native)}: extract.autocast: bf16 runs OpenVINO's bf16 graph"
     else:
-        use = "no native bf16/fp16 on this CPU: extract.autocast: bf16 runs float32 (onnxruntime)"
+        use = (f"native {', '.join(native) or 'float32 only'}, no bf16: extract.autocast: bf16 runs float32 "
+               "(onnxruntime)")
     return f"openvino {status['version']} on {status['cpu']}: {use}"
 
 

@@ -13,13 +13,16 @@ nothing else resolves these settings. The rules:
   :func:`build_runner` stops with the fix, never falls back to the CPU);
   onnxruntime on the CPU (the faster float32 CPU runtime, ``benchmarks/README.md``),
   torch when onnxruntime is not installed; OpenVINO on the CPU when
-  ``autocast`` asks for bf16 (or fp16) and the CPU computes it natively
-  (onnxruntime has no bf16 kernels on x86; OpenVINO's bf16 forward is 1.6-2.0x
-  onnxruntime's float32 on an AVX512_BF16 CPU). ``openvino`` runs on the CPU only;
+  ``autocast`` asks for bf16 and the CPU computes it natively (onnxruntime has
+  no bf16 kernels on x86; OpenVINO's bf16 forward is 1.8-2.0x onnxruntime's
+  float32 on an AVX512_BF16 CPU, 1.8-5.5x with AMX). Not for fp16: OpenVINO's
+  float16 on the CPU measured 0.54-0.84x onnxruntime's float32 on a Xeon that
+  lists native FP16 (:data:`OPENVINO_AUTO_AUTOCASTS`). ``openvino`` runs on the CPU only;
 * **autocast** ``auto``: fp16 for torch on CUDA (cosine 0.99997 to float32 on an
   H200), float32 elsewhere; bf16 (cosine 0.997) is never picked by ``auto``;
   onnxruntime always runs the float32 graph, OpenVINO runs bf16/fp16 only
-  where the CPU computes it natively (float32 otherwise, with a warning);
+  where the CPU computes it natively (float32 otherwise, with a warning), fp16
+  only when ``backend: openvino`` is set;
 * **decode** ``auto``: JPEGs decoded in batches on the GPU when torch runs on
   CUDA (in this process, or in each dask worker), PIL otherwise; ``gpu`` on a
   CPU device runs the same device path (for tests);
@@ -46,7 +49,7 @@ from featcache.errors import ExtractionError
 from featcache.store.schema import AUTOCASTS, BACKENDS, DECODE_PATHS, OPENVINO_PROVIDER, PRECISIONS
 from featcache.util import compute
 
-__all__ = ["CUDA_PROVIDER", "LOADERS", "ONNX_GPU_FIX", "ExtractionPlan", "build_runner",
+__all__ = ["CUDA_PROVIDER", "LOADERS", "ONNX_GPU_FIX", "OPENVINO_AUTO_AUTOCASTS", "ExtractionPlan", "build_runner",
            "plan_extraction", "precision_name", "resolve_autocast", "resolve_backend", "resolve_decode",
            "resolve_precision", "runner_attrs"]
 
@@ -54,6 +57,12 @@ logger = logging.getLogger(__name__)
 
 #: How batches reach the runner: see the module docstring.
 LOADERS = ("arrays", "torch", "device")
+
+#: The autocasts for which ``backend: auto`` runs OpenVINO on a CPU that computes them natively: those measured
+#: faster than onnxruntime's float32 (``benchmarks/README.md``). bf16: 1.8-2.0x the forward on an AVX512_BF16 EPYC,
+#: 1.8-5.5x on an AMX Xeon. Not fp16: on that Xeon (AVX512_FP16, OpenVINO lists FP16) OpenVINO's float16 forward
+#: ran 0.81-0.84x (Lite0) and 0.54-0.57x (resnet50) onnxruntime's float32.
+OPENVINO_AUTO_AUTOCASTS = ("bf16",)
 
 #: onnxruntime's CUDA execution provider.
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -105,7 +114,7 @@ def resolve_backend(backend: str, device: str, autocast: str | None = "auto") ->
         return backend
     if _is_cuda(device):
         return "torch"
-    if autocast in ("bf16", "fp16") and autocast in _native_autocasts():
+    if autocast in OPENVINO_AUTO_AUTOCASTS and autocast in _native_autocasts():
         return "openvino"
     return "onnx" if importlib.util.find_spec("onnxruntime") is not None else "torch"
 
@@ -132,9 +141,12 @@ def resolve_autocast(autocast: str | None, device: str, backend: str) -> str | N
     if autocast == "auto":
         return "fp16" if _is_cuda(device) and backend == "torch" else None
     if backend == "onnx":
-        logger.warning("extract.autocast %r is ignored by the onnx backend (it runs the float32 graph). Hint: "
-                       "extract.backend: auto runs it with OpenVINO where the CPU computes %s natively.",
-                       autocast, autocast)
+        hint = ("extract.backend: auto runs it with OpenVINO where the CPU computes bf16 natively"
+                if autocast in OPENVINO_AUTO_AUTOCASTS else
+                "OpenVINO's float16 on the CPU measured slower than float32 (0.54-0.84x), so auto does not pick it; "
+                "extract.autocast: bf16 is the fast reduced precision on a CPU (extract.backend: openvino forces fp16)")
+        logger.warning("extract.autocast %r is ignored by the onnx backend (it runs the float32 graph). Hint: %s.",
+                       autocast, hint)
         return None
     if backend == "openvino" and autocast not in _native_autocasts():
         logger.warning("extract.autocast %r: this CPU has no native %s (OpenVINO's CPU capabilities), so OpenVINO "

@@ -4,10 +4,11 @@ Why a second CPU runtime: onnxruntime has no bfloat16 kernels on x86, while
 OpenVINO runs the same graph in bfloat16 on CPUs that compute it natively
 (AVX512_BF16, AMX). On the 2-core AMD EPYC VM (AVX512_BF16) its bf16 forward is
 1.6x (EfficientNet-Lite0) to 2.0x (resnet50) onnxruntime's float32 one; in
-float32 it is 0.9-1.0x onnxruntime (``benchmarks/README.md``). So
-``extract.backend: auto`` picks it only for ``extract.autocast: bf16`` (or
-``fp16``) on a CPU that runs that precision natively
-(:func:`native_autocasts`), and the default stays onnxruntime.
+float32 it is 0.8-1.0x onnxruntime, in float16 0.5-0.8x on a Xeon that lists
+native FP16 (``benchmarks/README.md``). So ``extract.backend: auto`` picks it
+only for ``extract.autocast: bf16`` on a CPU that runs bf16 natively
+(:func:`native_autocasts`, :data:`~featcache.extract.plan.OPENVINO_AUTO_AUTOCASTS`),
+and the default stays onnxruntime.
 
 The runner reads the same file, the same featcache metadata (OpenVINO keeps
 the ONNX metadata under the model's ``framework`` runtime info) and the same

@@ -40,7 +40,7 @@ INT8_KNOBS = ("precision", "int8_calibration", "int8_holdout", "int8_min_cosine"
 class ExtractParams(Strict):
     """How features are extracted (shared by every backbone); ``auto`` is resolved by ``featcache.extract.plan``."""
 
-    #: auto: torch on CUDA, onnxruntime on the CPU, OpenVINO on the CPU for a bf16/fp16 autocast it runs natively.
+    #: auto: torch on CUDA, onnxruntime on the CPU, OpenVINO on the CPU for a bf16 autocast it runs natively.
     backend: Literal[BACKENDS] = "auto"  # type: ignore[valid-type]
     device: Literal[DEVICES] = "auto"  # type: ignore[valid-type]
     batch_size: int = Field(64, ge=1, le=4096)
