@@ -7,6 +7,10 @@ both claims on one machine, in one run::
 
     python benchmarks/bench_cpu_runtimes.py --repeats 3 --images 256 --out bench_out
 
+``--fp16`` adds OpenVINO float16, ``--int8`` onnxruntime's int8 graph
+(``extract.precision: int8``: calibrated on the generated train rows, gated on
+val), so a user can see which reduced precision pays on their CPU.
+
 For each backbone (EfficientNet-Lite0 pretrained with the shipped params'
 layers ``pool`` + ``block6``; resnet50 with random weights, ``pool5``) and each
 runtime, with the same intra-op threads (one per core), the glibc malloc tuning
@@ -42,7 +46,9 @@ from bench_extract import make_images
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.engine import extract_to_store
 from featcache.extract.malloc import tune_malloc
+from featcache.extract.onnx.calibration import calibration_images
 from featcache.extract.onnx.openvino_runner import OpenVinoFeatureRunner, native_autocasts, openvino_status
+from featcache.extract.onnx.quantize import int8_runner
 from featcache.extract.onnx.runner import OnnxFeatureRunner
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.extract.zoo.weights import load_backbone
@@ -95,10 +101,14 @@ def measure(name: str, weights: str, layers: list[str], args: argparse.Namespace
     preprocess = Preprocessor.from_spec(loaded.spec, input_size=args.input_size)
     size = preprocess.input_size
     batch = torch.randn(args.batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
+    manifest = make_images(folder / "photos", args.images, "photo")
+    if args.int8:  # onnxruntime's int8 graph, calibrated on the train rows and gated on val, as extract.precision
+        images = calibration_images(manifest, preprocess, 64, 64)
+        runners["onnxruntime int8"], _ = int8_runner(runners[REFERENCE], images, cache_dir=folder,
+                                                     intra_op_threads=args.threads)
     for runner in runners.values():  # the same warm-up for all
         for _ in range(2):
             runner(batch)
-    manifest = make_images(folder / "photos", args.images, "photo")
     sides = list(runners)
     forward: dict[str, list[float]] = {side: [] for side in sides}
     e2e: dict[str, list[float]] = {side: [] for side in sides}
@@ -154,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--backbones", default=",".join(BACKBONES))
     parser.add_argument("--input-size", type=int, default=None, help="override the registry's input size")
     parser.add_argument("--fp16", action="store_true", help="also OpenVINO float16 (where the CPU lists FP16)")
+    parser.add_argument("--int8", action="store_true", help="also onnxruntime int8 (extract.precision: int8)")
     parser.add_argument("--smoke", action="store_true", help="tiny run of every runtime (resnet18, 64 px)")
     args = parser.parse_args(argv)
     backbones = {name: BACKBONES[name] for name in args.backbones.split(",")}

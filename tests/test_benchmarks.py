@@ -80,11 +80,12 @@ def test_bench_cpu_runtimes_smoke_measures_every_runtime(tmp_path):
     tuning, four runtimes' thread pools) that must not leak into the rest of the suite.
     """
     done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_cpu_runtimes.py"), "--smoke", "--threads", "1",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+                           "--fp16", "--int8", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "bench_cpu_runtimes.json").read_text())
     rows = results["backbones"]["resnet18"]["runtimes"]
-    assert list(rows) == ["onnxruntime f32", "openvino f32", "openvino bf16", "torch bf16"]
+    assert list(rows) == ["onnxruntime f32", "openvino f32", "openvino bf16", "torch bf16", "openvino fp16",
+                          "onnxruntime int8"]
     assert rows["onnxruntime f32"]["e2e_ratio"] == 1.0 and rows["onnxruntime f32"]["cosine_min"] > 0.9999
     assert rows["openvino f32"]["cosine_min"] > 0.9999  # the same graph, the same store
     assert all(row["forward"] > 0 and row["e2e"] > 0 and row["cosine_min"] > 0.99 for row in rows.values())
