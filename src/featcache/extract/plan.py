@@ -61,7 +61,7 @@ LOADERS = ("arrays", "torch", "device")
 #: The autocasts for which ``backend: auto`` runs OpenVINO on a CPU that computes them natively: those measured
 #: faster than onnxruntime's float32 (``benchmarks/README.md``). bf16: 1.8-2.0x the forward on an AVX512_BF16 EPYC,
 #: 1.8-5.5x on an AMX Xeon. Not fp16: on that Xeon (AVX512_FP16, OpenVINO lists FP16) OpenVINO's float16 forward
-#: ran 0.81-0.84x (Lite0) and 0.54-0.57x (resnet50) onnxruntime's float32.
+#: ran 0.76-0.84x (Lite0) and 0.54-0.62x (resnet50) onnxruntime's float32 (three measurements).
 OPENVINO_AUTO_AUTOCASTS = ("bf16",)
 
 #: onnxruntime's CUDA execution provider.
