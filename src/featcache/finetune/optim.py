@@ -19,7 +19,7 @@ from torch import nn
 from featcache.extract.zoo.registry import BackboneSpec
 from featcache.finetune.config import FinetuneConfig
 
-__all__ = ["make_optimizer", "make_scheduler", "phases", "set_train_mode", "set_trainable"]
+__all__ = ["make_optimizer", "make_scheduler", "phases", "set_train_mode", "set_trainable", "step_optimizer"]
 
 #: torch's batch-norm layers (what ``freeze_bn`` keeps in eval mode), named without torch's private base class.
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -107,6 +107,29 @@ def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, steps: int) -> t
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps)))
+
+
+def step_optimizer(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer,
+                   scheduler: torch.optim.lr_scheduler.LRScheduler) -> bool:
+    """One optimiser step through ``scaler``; the schedule advances only when the optimiser stepped.
+
+    With float16 autocast, :class:`torch.amp.GradScaler` skips the step of a batch whose gradients
+    overflowed and lowers its scale (it does so for the first few batches of most runs while it finds its
+    scale). Advancing the schedule then would skip learning rates and makes torch warn that
+    ``lr_scheduler.step()`` ran before ``optimizer.step()``. A disabled scaler always steps.
+
+    Returns
+    -------
+    bool
+        Whether the optimiser stepped (and the schedule advanced).
+    """
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    stepped = scaler.get_scale() >= scale  # the scaler lowers its scale exactly when it skipped the step
+    if stepped:
+        scheduler.step()
+    return stepped
 
 
 def set_trainable(model: nn.Module, head_names: Sequence[str], backbone_trainable: bool) -> None:

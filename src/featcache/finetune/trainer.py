@@ -24,7 +24,14 @@ from tqdm.auto import tqdm
 
 from featcache.extract.zoo.registry import BackboneSpec
 from featcache.finetune.config import FinetuneConfig
-from featcache.finetune.optim import make_optimizer, make_scheduler, phases, set_train_mode, set_trainable
+from featcache.finetune.optim import (
+    make_optimizer,
+    make_scheduler,
+    phases,
+    set_train_mode,
+    set_trainable,
+    step_optimizer,
+)
 
 __all__ = ["Fit", "Trainer", "autocast", "predict"]
 
@@ -179,9 +186,7 @@ class Trainer:
             loss = self._loss(_to_device(images, self.device, self.config.channels_last), target.to(self.device))
             optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
-            self.scaler.step(optimizer)
-            self.scaler.update()
-            scheduler.step()
+            step_optimizer(self.scaler, optimizer, scheduler)
             self.step += 1
             value = float(loss.detach())
             if not math.isfinite(value):
