@@ -341,3 +341,25 @@ def test_pixels_and_normalisation_equal_torchvision_transforms(interpolation, mo
         normalised_array = pre.normalize_batch(array[None])
         assert normalised_array.dtype == np.float32
         assert np.array_equal(normalised_array.view(np.uint32), normalised[None].numpy().view(np.uint32)), size
+
+
+def _tiff_pillow_cannot_identify(tmp_path: Path) -> Path:
+    path = tmp_path / "odd.tif"
+    path.write_bytes(b"II*\x00" + b"\x00" * 60)  # TIFF magic, no readable directory: Pillow gives up
+    return path
+
+
+def test_a_tiff_neither_decoder_reads_reports_pillows_error(tmp_path):
+    with pytest.raises(Image.UnidentifiedImageError):
+        load_rgb(_tiff_pillow_cannot_identify(tmp_path))
+
+
+def test_a_bug_in_the_tifffile_path_propagates_instead_of_passing_for_a_bad_image(tmp_path, monkeypatch):
+    from featcache.extract.decode import preprocess
+
+    def broken(*args: object) -> None:
+        raise TypeError("a bug in the conversion")
+
+    monkeypatch.setattr(preprocess, "_tiff_to_rgb", broken)
+    with pytest.raises(TypeError, match="a bug in the conversion"):
+        load_rgb(_tiff_pillow_cannot_identify(tmp_path))

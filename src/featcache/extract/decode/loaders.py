@@ -40,14 +40,11 @@ import multiprocessing
 import os
 import posixpath
 import re
-import struct
-import zlib
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
-from featcache.extract.decode.preprocess import ImageTooLargeError, Preprocessor, load_rgb
+from featcache.extract.decode.preprocess import DECODE_ERRORS, ImageTooLargeError, Preprocessor, load_rgb
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.inputs.storage import ReadFailure, StorageOptions, is_url, read_ranges
 from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS
@@ -66,14 +63,6 @@ Batch = tuple[Any, Any, list[str]]
 
 #: ``loader_factory(rows, batch_size) -> iterable of Batch`` over exactly ``rows`` (any order, each once).
 LoaderFactory = Callable[[Sequence[int], int], Iterable[Batch]]
-
-#: What opening, reading or decoding a broken file raises (Pillow, tifffile, the OS), and the
-#: decompression-bomb limit; only these become bad-image reasons. ``MemoryError`` is not one of them.
-DECODE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
-    Image.DecompressionBombError, Image.DecompressionBombWarning,
-)
-
 
 _BYTES_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 

@@ -18,8 +18,10 @@ import contextlib
 import functools
 import io
 import logging
+import struct
 import threading
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -33,12 +35,20 @@ from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
 if TYPE_CHECKING:  # torch is imported on first use (params checks and configs stay cheap); torchvision never
     import torch
 
-__all__ = ["Preprocessor", "load_rgb", "to_rgb", "ImageTooLargeError", "MAX_PARAM", "MAX_INTERMEDIATE_FACTOR"]
+__all__ = ["Preprocessor", "load_rgb", "to_rgb", "ImageTooLargeError", "DECODE_ERRORS", "MAX_PARAM",
+           "MAX_INTERMEDIATE_FACTOR"]
 
 logger = logging.getLogger(__name__)
 
 #: The parameter that raises the limit (named in the error message).
 MAX_PARAM = "extract.max_image_pixels"
+
+#: What opening, reading or decoding a broken file raises (Pillow, tifffile, the OS), and the
+#: decompression-bomb limit; only these become bad-image reasons. ``MemoryError`` is not one of them.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error,
+    Image.DecompressionBombError, Image.DecompressionBombWarning,
+)
 
 #: ``load_rgb(max_pixels=...)`` default: keep Pillow's global ``Image.MAX_IMAGE_PIXELS`` behaviour.
 _PIL_GLOBAL = object()
@@ -155,6 +165,19 @@ def _is_tiff(path: str | Path | bytes) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _tifffile_errors() -> Iterator[None]:
+    """tifffile's parser on a malformed file raises what it meets (IndexError, KeyError, struct.error, ...):
+    as a decode error (ValueError), like Pillow turns its parsers' errors into ``UnidentifiedImageError``.
+    Only calls into tifffile run under this; featcache's own conversion code does not."""
+    try:
+        yield
+    except (MemoryError, ImageTooLargeError):
+        raise
+    except Exception as error:  # noqa: BLE001 - a third-party decoder's error on a malformed file
+        raise ValueError(f"tifffile: {type(error).__name__}: {error}") from error
+
+
 def _tiff_to_rgb(path: str | Path | bytes, background: tuple[int, int, int], max_pixels: int | None) -> Image.Image:
     """Decode a TIFF that Pillow cannot (float RGB, float64/float16, ...) with ``tifffile``.
 
@@ -165,13 +188,19 @@ def _tiff_to_rgb(path: str | Path | bytes, background: tuple[int, int, int], max
     import tifffile
 
     source = _open_source(path)
-    with tifffile.TiffFile(source if isinstance(source, io.BytesIO) else str(source)) as tif:
-        page = tif.pages[0]
-        axes, shape = page.axes, page.shape
+    with _tifffile_errors():
+        tif = tifffile.TiffFile(source if isinstance(source, io.BytesIO) else str(source))
+    with tif:
+        with _tifffile_errors():
+            page = tif.pages[0]
+            axes, shape = page.axes, page.shape
+        if "Y" not in axes or "X" not in axes:
+            raise ValueError(f"TIFF page without image axes ({axes!r})")
         height, width = shape[axes.index("Y")], shape[axes.index("X")]
         if max_pixels is not None and width * height > max_pixels:
             raise ImageTooLargeError((width, height), max_pixels)
-        array = np.asarray(page.asarray())
+        with _tifffile_errors():
+            array = np.asarray(page.asarray())
     if "S" in axes and axes.index("S") < axes.index("Y"):  # planar (samples first) -> samples last
         array = np.moveaxis(array, axes.index("S"), -1)
     array = array.reshape(height, width, -1)[..., :4]
@@ -254,12 +283,16 @@ def _decode(path: str | Path | bytes, background: tuple[int, int, int], limit: i
 
 def _try_tifffile(path: str | Path | bytes, background: tuple[int, int, int],
                   limit: int | None) -> Image.Image | None:
-    """A TIFF Pillow cannot identify, decoded by ``tifffile`` if installed; None if that fails too."""
+    """A TIFF Pillow cannot identify, decoded by ``tifffile`` if installed; None if that fails too.
+
+    Only a missing ``tifffile`` and decode errors (:data:`DECODE_ERRORS`, ``tifffile.TiffFileError`` among
+    them) give None, and the caller reports Pillow's error; anything else is a bug and propagates.
+    """
     try:
         return _tiff_to_rgb(path, background, limit)
     except ImageTooLargeError:
         raise
-    except Exception as error:  # noqa: BLE001 - the caller reports Pillow's error
+    except (ImportError, *DECODE_ERRORS) as error:
         logger.debug("tifffile could not read %s either (%s: %s)", path, type(error).__name__, error)
         return None
 
