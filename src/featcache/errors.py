@@ -24,5 +24,5 @@ class UserError(Exception):
 
 
 class ExtractionError(UserError, RuntimeError):
-    """Extraction stopped: ``on_error: fail`` on a bad image, too many bad images, or a runner that cannot run
-    as configured (e.g. onnxruntime's CUDA provider missing)."""
+    """Extraction stopped: ``on_error: fail`` on a bad image, too many bad images, a runner that cannot run
+    as configured (e.g. onnxruntime's CUDA provider missing), or a decode worker that died."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -217,3 +220,30 @@ def test_array_loader_reads_at_most_workers_x_prefetch_batches_ahead(tmp_path, p
         assert consumed <= reads() <= consumed + workers * prefetch
     batches.close()
     assert reads() <= 3 + workers * prefetch < n
+
+
+class _DyingReader(_CountingReader):
+    """Its worker is killed (as by the out-of-memory killer) on the batch that starts at ``row``."""
+
+    def __init__(self, n: int, log, row: int) -> None:
+        super().__init__(n, log)
+        self.row = row
+
+    def read_batch(self, rows):
+        if rows[0] == self.row:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().read_batch(rows)
+
+
+@pytest.mark.timeout(60)
+def test_a_killed_worker_is_an_error_naming_its_rows_not_a_hang(tmp_path):
+    from featcache.extract.decode.loaders import DecodeWorkerDiedError
+
+    batches = iter_array_batches(_DyingReader(12, tmp_path / "log", row=6), list(range(12)), batch_size=2,
+                                 num_workers=2)
+    with pytest.raises(DecodeWorkerDiedError, match=r"rows 6\.\.7 .*Hint: lower extract\.workers"):
+        for _ in batches:
+            pass
+    import multiprocessing
+
+    assert not multiprocessing.active_children()

@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import itertools
 import multiprocessing
+import multiprocessing.pool
 import os
 import posixpath
 import re
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from featcache.errors import ExtractionError
 from featcache.extract.decode.preprocess import DECODE_ERRORS, ImageTooLargeError, Preprocessor, load_rgb
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.inputs.storage import ReadFailure, StorageOptions, is_url, read_ranges
@@ -54,8 +56,8 @@ if TYPE_CHECKING:  # torch is imported by the torch loader only
     import torch
     from torch.utils.data import DataLoader
 
-__all__ = ["Batch", "DECODE_ERRORS", "LoaderFactory", "ImageReader", "ImageDataset", "make_loader",
-           "iter_array_batches", "describe_error"]
+__all__ = ["Batch", "DECODE_ERRORS", "DecodeWorkerDiedError", "LoaderFactory", "ImageReader", "ImageDataset",
+           "make_loader", "iter_array_batches", "describe_error"]
 
 #: A batch of the loaders (the engine's batch contract): ``(rows int64 (B,), images uint8 (B, 3, S, S),
 #: reasons list[str])``, rows and images torch tensors or numpy arrays (the array loader of CPU runners).
@@ -298,10 +300,23 @@ def make_loader(dataset: ImageDataset, rows: Sequence[int], batch_size: int, num
 
 _WORKER_READER: ImageReader | None = None  # the reader of a pool worker (set by _init_worker)
 
+#: Seconds between checks that no pool worker died while the consumer waits for a batch.
+WORKER_CHECK_SECONDS = 0.5
 
-def _init_worker(reader: ImageReader) -> None:
+
+class DecodeWorkerDiedError(ExtractionError):
+    """A worker process of :func:`iter_array_batches` died (killed by the OS or crashed in a codec).
+
+    A :class:`~featcache.errors.UserError`: what the user can change (workers, batch size, the pixel limit) is
+    in its message, and the CLI prints it without a traceback.
+    """
+
+
+def _init_worker(reader: ImageReader, started: Any) -> None:
     global _WORKER_READER
     _WORKER_READER = reader
+    with started.get_lock():
+        started.value += 1
 
 
 def _read_batch(rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -349,11 +364,31 @@ def iter_array_batches(reader: ImageReader, rows: Sequence[int], batch_size: int
         return
     # fork, like torch's DataLoader on Linux: the workers inherit the reader instead of unpickling it
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with context.Pool(workers, initializer=_init_worker, initargs=(reader,)) as pool:  # exit: terminate
-        pending = collections.deque(pool.apply_async(_read_batch, (batch,))
+    # A pool replaces a worker that dies (the OOM killer, a crash in a codec) but the batch it held never
+    # completes: the initializer counts the workers started, and a replacement means that batch is lost.
+    started = context.Value("i", 0)
+    with context.Pool(workers, initializer=_init_worker, initargs=(reader, started)) as pool:  # exit: terminate
+        pending = collections.deque((batch, pool.apply_async(_read_batch, (batch,)))
                                     for batch in itertools.islice(batches, workers * prefetch_factor))
         while pending:
-            result = pending.popleft().get()
+            batch, future = pending.popleft()
+            result = _wait_for_batch(future, batch, started, workers)
             for batch in itertools.islice(batches, 1):
-                pending.append(pool.apply_async(_read_batch, (batch,)))
+                pending.append((batch, pool.apply_async(_read_batch, (batch,))))
             yield result
+
+
+def _wait_for_batch(future: multiprocessing.pool.AsyncResult, rows: list[int], started: Any,
+                    workers: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The batch of ``future``; :class:`DecodeWorkerDiedError` once a worker has died instead of hanging."""
+    while True:
+        try:
+            return future.get(timeout=WORKER_CHECK_SECONDS)
+        except multiprocessing.TimeoutError:
+            if started.value > workers:
+                raise DecodeWorkerDiedError(
+                    f"a decode worker process died while rows {rows[0]}..{rows[-1]} were being decoded "
+                    "(killed by the operating system, most often for memory, or crashed in an image codec); "
+                    "the blocks committed so far are kept. Hint: lower extract.workers or extract.batch_size, or "
+                    "extract.max_image_pixels for very large images, then run again: extraction resumes from "
+                    "the committed blocks.") from None
