@@ -79,7 +79,7 @@ def make_images(root: Path, n: int, kind: str, seed: int = 0) -> Manifest:
         image.save(path, quality=90) if kind == "photo" else image.save(path)
         paths.append(path.name)
     labels = np.arange(n, dtype=np.int64) % 2
-    splits = assign_splits(n, {"train": 0.6, "val": 0.2, "test": 0.2}, 0, strata=labels)
+    splits = assign_splits(paths, {"train": 0.6, "val": 0.2, "test": 0.2}, 0, strata=labels)
     return Manifest([p for p in paths], paths, splits, "classification", labels=labels, classes=["a", "b"], root=root)
 
 

@@ -71,7 +71,7 @@ def make_photos(root: Path, n: int, seed: int = 0) -> Manifest:
         image.save(path, quality=90)
         paths.append(path.name)
     labels = np.arange(n, dtype=np.int64) % len(photos)
-    splits = assign_splits(n, {"train": 0.6, "val": 0.2, "test": 0.2}, 0, strata=labels)
+    splits = assign_splits(paths, {"train": 0.6, "val": 0.2, "test": 0.2}, 0, strata=labels)
     return Manifest([p[:-4] for p in paths], paths, splits, "classification", labels=labels,
                     classes=[str(i) for i in range(len(photos))], root=root)
 

@@ -47,7 +47,7 @@ def regression_manifest(tmp_path_factory: pytest.TempPathFactory) -> Manifest:
         Image.fromarray(pixels).save(root / f"{index:03d}.png")
         ids.append(f"{index:03d}.png")
         targets.append(level / 255.0)
-    splits = assign_splits(24, {"train": 0.5, "val": 0.25, "test": 0.25}, seed=0)
+    splits = assign_splits(ids, {"train": 0.5, "val": 0.25, "test": 0.25}, seed=0)
     return Manifest(ids, ids, splits, "regression", targets=np.array(targets), root=root)
 
 

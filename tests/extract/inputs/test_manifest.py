@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featcache.extract.inputs.manifest import Manifest, ManifestError, assign_splits
+from featcache.extract.inputs.manifest import Manifest, ManifestError, assign_splits, split_rank_key
 from featcache.store.schema import SPLIT_CODES
 
 TRAIN, VAL, TEST = (SPLIT_CODES[s] for s in ("train", "val", "test"))
@@ -125,40 +125,69 @@ def _check_counts(splits: np.ndarray, n: int, ratios: dict) -> None:
         assert math.floor(exact) <= count <= math.ceil(exact), (name, count, exact)
 
 
+def _ids(n: int) -> list[str]:
+    return [f"c/{i:04d}.png" for i in range(n)]
+
+
 def test_assign_splits_is_deterministic_and_seeded():
-    first = assign_splits(100, RATIOS, seed=0)
+    first = assign_splits(_ids(100), RATIOS, seed=0)
     assert first.dtype == np.uint8 and first.shape == (100,)
-    np.testing.assert_array_equal(first, assign_splits(100, RATIOS, seed=0))
-    assert not np.array_equal(first, assign_splits(100, RATIOS, seed=1))
+    np.testing.assert_array_equal(first, assign_splits(_ids(100), RATIOS, seed=0))
+    assert not np.array_equal(first, assign_splits(_ids(100), RATIOS, seed=1))
     assert set(np.unique(first)) == {TRAIN, VAL, TEST}
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 10, 33, 101])
 def test_assign_splits_largest_remainder(n):
-    splits = assign_splits(n, RATIOS, seed=3)
+    splits = assign_splits(_ids(n), RATIOS, seed=3)
     _check_counts(splits, n, RATIOS)
     assert np.bincount(splits, minlength=3).sum() == n
 
 
 def test_largest_remainder_example():
     # 10 x (0.7, 0.15, 0.15) = (7, 1.5, 1.5): floors (7, 1, 1), the one left over goes to the first tie (val).
-    np.testing.assert_array_equal(np.bincount(assign_splits(10, RATIOS, 0), minlength=3), [7, 2, 1])
-    np.testing.assert_array_equal(np.bincount(assign_splits(10, {"train": 0.8, "val": 0.0, "test": 0.2}, 0),
+    np.testing.assert_array_equal(np.bincount(assign_splits(_ids(10), RATIOS, 0), minlength=3), [7, 2, 1])
+    np.testing.assert_array_equal(np.bincount(assign_splits(_ids(10), {"train": 0.8, "val": 0.0, "test": 0.2}, 0),
                                               minlength=3), [8, 0, 2])
 
 
 def test_assign_splits_is_stratified():
     strata = np.repeat(np.arange(4), [10, 20, 7, 3])
     np.random.default_rng(0).shuffle(strata)
-    splits = assign_splits(len(strata), RATIOS, seed=5, strata=strata)
+    splits = assign_splits(_ids(len(strata)), RATIOS, seed=5, strata=strata)
     for group in range(4):
         members = splits[strata == group]
         _check_counts(members, len(members), RATIOS)
     # Without strata the classes are not balanced per split in general; with them they always are.
-    assert np.array_equal(splits, assign_splits(len(strata), RATIOS, seed=5, strata=strata))
-    assert not np.array_equal(splits, assign_splits(len(strata), RATIOS, seed=6, strata=strata))
+    assert np.array_equal(splits, assign_splits(_ids(len(strata)), RATIOS, seed=5, strata=strata))
+    assert not np.array_equal(splits, assign_splits(_ids(len(strata)), RATIOS, seed=6, strata=strata))
+
+
+@pytest.mark.parametrize("change", ["add", "remove"])
+def test_adding_or_removing_images_moves_only_rows_at_the_split_boundaries(change):
+    """The README's loop (add images, rerun, compare) keeps every other image in its split."""
+    rng = np.random.default_rng(0)
+    ids = [f"{c}/{i:04d}.jpg" for c in "abc" for i in range(rng.integers(20, 60))]
+    strata = np.array([ord(i[0]) for i in ids])
+    before = dict(zip(ids, assign_splits(ids, RATIOS, 7, strata=strata)))
+    k = 5  # images added to (or removed from) class b
+    if change == "add":
+        changed = ids + [f"b/new{i}.jpg" for i in range(k)]
+    else:
+        changed = [i for i in ids if i not in set(rng.choice([i for i in ids if i[0] == "b"], k, replace=False))]
+    after = dict(zip(sorted(changed), assign_splits(sorted(changed), RATIOS, 7,
+                                                    strata=np.array([ord(i[0]) for i in sorted(changed)]))))
+    moved = [i for i in after if i in before and after[i] != before[i]]
+    assert all(i.startswith("b/") for i in moved)  # the classes that did not change keep every split
+    assert len(moved) <= 2 * k  # at most one row per boundary (test|val, val|train) per image added or removed
+    _check_counts(np.array([after[i] for i in after if i[0] == "b"]), sum(i[0] == "b" for i in after), RATIOS)
+
+
+def test_a_reencoded_image_keeps_its_rank():
+    assert split_rank_key("cat/a.png", 3) == split_rank_key("cat/a.jpg", 3) == split_rank_key("cat/a", 3)
+    assert split_rank_key("cat/a.png", 3) != split_rank_key("cat/a.png", 4) != split_rank_key("cat/b.png", 4)
 
 
 def test_assign_splits_val_zero():
-    splits = assign_splits(20, {"train": 0.75, "test": 0.25}, seed=0)
+    splits = assign_splits(_ids(20), {"train": 0.75, "test": 0.25}, seed=0)
     np.testing.assert_array_equal(np.bincount(splits, minlength=3), [15, 0, 5])

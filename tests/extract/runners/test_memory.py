@@ -62,7 +62,7 @@ with tempfile.TemporaryDirectory() as tmp:
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / f"{i:04d}.png")
         names.append(f"{i:04d}.png")
     labels = np.arange(n) % 2
-    manifest = Manifest(names, names, assign_splits(n, {"train": 0.5, "val": 0.25, "test": 0.25}, 0, strata=labels),
+    manifest = Manifest(names, names, assign_splits(names, {"train": 0.5, "val": 0.25, "test": 0.25}, 0, strata=labels),
                         "classification", labels=labels, classes=["a", "b"], root=root)
     extract_to_store(manifest, runner, Preprocessor.from_spec(loaded.spec), root / "f.h5", config={"n": n},
                      dtype="float32", batch_size=8, plan=CPU_PLAN, block_rows=8, progress=False)

@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -35,7 +36,7 @@ from featcache.store.schema import SPLIT_CODES, SPLITS, TASKS
 from featcache.util.atomic import write_text
 
 __all__ = ["COLUMNS", "MEMBER_COLUMNS", "Manifest", "ManifestError", "Members", "assign_splits", "classes_path",
-           "csv_row", "shards_path", "TASKS"]
+           "csv_row", "shards_path", "split_rank_key", "splits_from_keys", "TASKS"]
 
 #: Columns of every manifest; a manifest of shards adds :data:`MEMBER_COLUMNS`.
 COLUMNS = ("id", "path", "split", "label", "target")
@@ -287,17 +288,36 @@ class Manifest:
         return {name: int((self.splits == code).sum()) for name, code in SPLIT_CODES.items()}
 
 
-def assign_splits(n: int, ratios: dict[str, float], seed: int, strata: np.ndarray | None = None) -> np.ndarray:
-    """Deterministic (stratified) train/val/test assignment.
+def split_rank_key(row_id: str, seed: int) -> int:
+    """The 64-bit rank key of one row in :func:`assign_splits`: a hash of ``seed`` and the row id.
+
+    The id's last extension is left out, so an image keeps its place when re-encoded (``a.png`` ->
+    ``a.jpg``) and a WebDataset sample keyed by its file's path without extension ranks as that file does.
+    """
+    stem = posixpath.splitext(row_id)[0] or row_id
+    digest = hashlib.blake2b(f"{seed}\x00{stem}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def assign_splits(ids: Sequence[str], ratios: dict[str, float], seed: int,
+                  strata: np.ndarray | None = None) -> np.ndarray:
+    """Deterministic (stratified) train/val/test assignment that stays put when images come and go.
+
+    Within each group (class), rows are ranked by a seeded hash of their id (:func:`split_rank_key`), and
+    the first ranks go to test, the next to val, the rest to train, in counts as close to the ratios as
+    possible (largest remainders). An image's rank depends only on its own id and the seed, so adding or
+    removing images moves only the rows at the split boundaries of the classes that changed (at most
+    one row per boundary for each image added or removed); every other image keeps its split, and the
+    test set of a grown dataset is the old test set plus new images, not a reshuffle.
 
     Parameters
     ----------
-    n : int
-        Number of rows, in their final (sorted) order.
+    ids : sequence of str
+        (N,) row ids (their order does not matter).
     ratios : dict
         ``{"train": a, "val": b, "test": c}`` summing to 1 (``val`` may be 0).
     seed : int
-        Seed of the permutation.
+        Seed of the ranking.
     strata : numpy.ndarray, optional
         (N,) group per row (class labels); each group is split with the same
         ratios so every split keeps the class balance.
@@ -307,18 +327,38 @@ def assign_splits(n: int, ratios: dict[str, float], seed: int, strata: np.ndarra
     numpy.ndarray
         (N,) uint8 split codes.
     """
-    rng = np.random.default_rng(seed)
+    keys = np.fromiter((split_rank_key(row_id, seed) for row_id in ids), dtype=np.uint64, count=len(ids))
+    return splits_from_keys(keys, ratios, strata)
+
+
+def splits_from_keys(keys: np.ndarray, ratios: dict[str, float], strata: np.ndarray | None = None) -> np.ndarray:
+    """:func:`assign_splits` from the rows' :func:`split_rank_key` values (what a streamed manifest keeps).
+
+    Parameters
+    ----------
+    keys : numpy.ndarray
+        (N,) uint64 rank keys; equal keys (a 64-bit hash collision) rank by row.
+    ratios, strata
+        As in :func:`assign_splits`.
+
+    Returns
+    -------
+    numpy.ndarray
+        (N,) uint8 split codes.
+    """
+    n = len(keys)
     splits = np.empty(n, dtype=np.uint8)
     groups = [np.arange(n)] if strata is None else [np.flatnonzero(strata == g) for g in np.unique(strata)]
     fractions = np.array([ratios.get(name, 0.0) for name in SPLITS], dtype=np.float64)
+    order = [SPLIT_CODES[name] for name in ("test", "val", "train")]  # the lowest ranks are held out
     for members in groups:
-        members = members[rng.permutation(len(members))]
+        members = members[np.argsort(keys[members], kind="stable")]
         # Largest-remainder rounding keeps every group's counts as close to the ratios as possible.
         exact = fractions * len(members)
         counts = np.floor(exact).astype(int)
         for i in np.argsort(-(exact - counts), kind="stable")[: len(members) - counts.sum()]:
             counts[i] += 1
-        bounds = np.cumsum(counts)[:-1]
-        for code, chunk in enumerate(np.split(members, bounds)):
+        bounds = np.cumsum(counts[order])[:-1]
+        for code, chunk in zip(order, np.split(members, bounds)):
             splits[chunk] = code
     return splits

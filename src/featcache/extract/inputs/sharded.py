@@ -34,10 +34,11 @@ from featcache.extract.inputs.manifest import (
     COLUMNS,
     MEMBER_COLUMNS,
     ManifestError,
-    assign_splits,
     classes_path,
     csv_row,
     shards_path,
+    split_rank_key,
+    splits_from_keys,
 )
 from featcache.extract.inputs.shards import DEFAULT_IMAGE_KEYS, expand_shards, scan_shard, shard_name
 from featcache.extract.inputs.sources import check_listed_classes, check_train_classes, check_unique_classes
@@ -137,7 +138,7 @@ def from_shards(path: str | Sequence[str], out: str | Path, ratios: Mapping[str,
     except ValueError as error:
         raise ManifestError(str(error)) from None
     codes: dict[str, int] = {}
-    label_codes, carried = array.array("i"), array.array("b")
+    label_codes, carried, rank_keys = array.array("i"), array.array("b"), array.array("Q")
     n_rows = n_without_image = 0
     shard_records: list[dict] = []
     last_id = ""
@@ -168,6 +169,7 @@ def from_shards(path: str | Sequence[str], out: str | Path, ratios: Mapping[str,
                 if task == "classification":
                     label_codes.append(codes.setdefault(value, len(codes)))
                 carried.append(SPLIT_CODES[split] if split in SPLIT_CODES else -1)
+                rank_keys.append(split_rank_key(sample_id, seed))
                 n_without_image += not sample.image
                 writer.writerow([sample_id, location, sample.image, sample.offset, sample.size, value])
             where = f"shard {shard}"
@@ -198,12 +200,12 @@ def from_shards(path: str | Sequence[str], out: str | Path, ratios: Mapping[str,
             index = np.array([names.index(name) for name in seen], dtype=np.int64)
             labels = index[np.frombuffer(label_codes, dtype=np.int32)]
             if splits is None:
-                splits = assign_splits(n_rows, dict(ratios), seed, strata=labels)
+                splits = splits_from_keys(np.frombuffer(rank_keys, dtype=np.uint64), dict(ratios), strata=labels)
             check_train_classes(labels, splits, names)
         elif classes is not None:
             raise ManifestError("data.classes is only for classification; remove it for a regression task.")
         if splits is None:
-            splits = assign_splits(n_rows, dict(ratios), seed)
+            splits = splits_from_keys(np.frombuffer(rank_keys, dtype=np.uint64), dict(ratios))
         spool.seek(0)
         _rewrite(spool, out, splits, labels, names, task)
     if task == "classification":

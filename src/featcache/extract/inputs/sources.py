@@ -78,7 +78,7 @@ def _classification(ids: list[str], paths: list[str], names: list[str], splits: 
     order = sorted(range(len(ids)), key=lambda i: ids[i])
     ids, paths, labels = [ids[i] for i in order], [paths[i] for i in order], labels[order]
     if splits is None:
-        splits = assign_splits(len(ids), dict(ratios), seed, strata=labels)
+        splits = assign_splits(ids, dict(ratios), seed, strata=labels)
     else:
         splits = splits[order]
     check_train_classes(labels, splits, classes)
@@ -241,7 +241,7 @@ def from_csv(path: str | Path, ratios: Mapping[str, float], seed: int, task: str
             raise ManifestError(f"Non-finite target {r['target']!r} in {path} on row {line}.")
         targets.append(value)
     if splits is None:
-        splits = assign_splits(len(ids), dict(ratios), seed)
+        splits = assign_splits(ids, dict(ratios), seed)
     return Manifest.sorted(ids, paths, splits, task="regression", targets=np.array(targets, dtype=np.float64),
                            root=path.parent)
 
