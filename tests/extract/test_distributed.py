@@ -23,6 +23,7 @@ from featcache.extract.distributed import (
     RunnerSpec,
     _adopt_blocks,
     _check_onnx_sha256,
+    _ClientHandle,
     _run_tasks,
     connect_client,
     extract_distributed,
@@ -313,6 +314,27 @@ def test_connecting_retries_dasks_handshake_race_only(monkeypatch, caplog):
     with pytest.raises(OSError, match="Timed out"):  # not the race: raised at once
         connect_client("tcp://h:1")
     assert len(calls) == 1
+
+
+def test_own_local_cluster_is_closed_when_the_client_fails(monkeypatch):
+    """A Client that cannot attach to our LocalCluster: the cluster's workers are closed, the error raised."""
+    closed: list[str] = []
+
+    class FakeCluster:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+        def close(self):
+            closed.append("cluster")
+
+    def failing_client(cluster):
+        raise OSError("Timed out during handshake")
+
+    monkeypatch.setattr(distributed, "LocalCluster", FakeCluster)
+    monkeypatch.setattr(distributed, "Client", failing_client)
+    with pytest.raises(OSError, match="handshake"):
+        _ClientHandle(None, None, n_workers=2, threads_per_worker=1)
+    assert closed == ["cluster"]
 
 
 def test_own_local_cluster(clean_manifest, tmp_path):

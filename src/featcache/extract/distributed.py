@@ -170,7 +170,12 @@ class _ClientHandle:
             logger.info("starting a LocalCluster: %d worker processes x %d threads", n_workers, threads_per_worker)
             self.cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
                                         dashboard_address=":0")
-            self.client = Client(self.cluster)
+            try:
+                self.client = Client(self.cluster)
+            except BaseException:  # the cluster's worker processes would outlive us: nobody else can close them
+                self.cluster.close()
+                self.cluster = None
+                raise
 
     def close(self) -> None:
         """Close the client and the cluster we started (idempotent; never a given client)."""
