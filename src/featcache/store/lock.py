@@ -85,12 +85,33 @@ class FileLock:
             if not same:
                 os.close(fd)
                 continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode("ascii"))
-            os.fsync(fd)
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+                os.fsync(fd)
+            except BaseException:
+                # Not ours yet: drop the lock and the fd, or this process keeps both and its next
+                # writer is told the output is locked by its own pid.
+                self._abandon(fd)
+                raise
             self._fd = fd
             logger.debug("acquired lock %s", self.path)
             return
+
+    def _abandon(self, fd: int) -> None:
+        """Unlink the lock file, unlock and close ``fd`` after a failed acquire; errors here are swallowed.
+
+        Parameters
+        ----------
+        fd : int
+            The descriptor that holds the flock but never became :attr:`held`.
+        """
+        for step in (lambda: self.path.unlink(missing_ok=True), lambda: fcntl.flock(fd, fcntl.LOCK_UN),
+                     lambda: os.close(fd)):
+            try:
+                step()
+            except OSError:  # the original error is the one worth raising
+                pass
 
     def _holder(self) -> str:
         try:
