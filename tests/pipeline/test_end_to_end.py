@@ -121,6 +121,23 @@ def test_predict_scores_a_store_and_new_images(pipeline_run, tmp_path):
     assert out.read_text().splitlines()[0].startswith("id,prediction,p_blue,p_green,p_red")
 
 
+def test_predict_applies_the_stores_pixel_limit(pipeline_run, tmp_path):
+    """predict decodes with the extraction's ``max_image_pixels`` (from the run's config), not the default."""
+    import shutil
+
+    from featcache.pipeline.predict import predict_images
+
+    root = pipeline_run["root"]
+    model_dir = tmp_path / "model"
+    shutil.copytree(root / "models" / "pool" / "logreg", model_dir)
+    info = json.loads((model_dir / "featcache-run.json").read_text())
+    info["extraction_config"]["extract"]["max_image_pixels"] = 100  # the 24x24 images are 576 pixels
+    (model_dir / "featcache-run.json").write_text(json.dumps(info))
+    image = sorted((root / "images" / "green").glob("*.png"))[0]
+    [row] = predict_images(model_dir, [image], device="cpu")
+    assert row["prediction"] == "" and row["error"].startswith("image too large") and "100 pixels" in row["error"]
+
+
 @pytest.mark.parametrize("head", ["sgd", "streaming_mlp"])
 def test_streaming_heads_train_out_of_core_from_the_store(pipeline_run, head, tmp_path):
     metrics = train(pipeline_run["params"], pipeline_run["store"], "efficientnet_lite0", "pool", head,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -20,8 +20,10 @@ from featcache.extract.inputs.sources import IMAGE_EXTENSIONS
 from featcache.heads import load_head
 from featcache.runs import RUN_FILE, read_run_info, write_run_info
 from featcache.store import FeatureStore
+from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS
 
-__all__ = ["RUN_FILE", "write_run_info", "read_run_info", "predict_store", "predict_images", "write_predictions"]
+__all__ = ["RUN_FILE", "write_run_info", "read_run_info", "predict_store", "predict_images", "stored_preprocessor",
+           "write_predictions"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,24 @@ def _image_paths(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
+def stored_preprocessor(config: Mapping[str, Any]) -> Preprocessor:
+    """The preprocessing a store's extraction ``config`` records, its decompression-bomb limit included.
+
+    Parameters
+    ----------
+    config : mapping
+        A store's config (``extraction_config`` of a run's ``featcache-run.json``): ``preprocess`` plus
+        ``extract.max_image_pixels``, recorded only when it differs from the default (None: no limit).
+
+    Returns
+    -------
+    Preprocessor
+        Images the extraction accepted are accepted again.
+    """
+    limit = config.get("extract", {}).get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    return Preprocessor.from_config(config["preprocess"], max_image_pixels=limit)
+
+
 def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_size: int = 32,
                    device: str = "auto") -> list[dict[str, Any]]:
     """Extract features of new images as at training time and score them.
@@ -82,9 +102,7 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
     head = load_head(model_dir)
     config = info["extraction_config"]
     loaded = load_backbone(info["backbone"], config["weights"], model=config.get("model"))
-    prep = config["preprocess"]
-    preprocess = Preprocessor(prep["input_size"], prep["resize_size"], prep["interpolation"], tuple(prep["mean"]),
-                              tuple(prep["std"]), prep["resize_mode"], tuple(prep["background"]))
+    preprocess = stored_preprocessor(config)
     plan = plan_extraction(device=device, backend="torch", autocast="none", decode="cpu")  # float32 torch features
     if config["extract"].get("precision", "float32") != "float32":
         logger.info("the head was trained on %s features; scoring float32 features (the int8 gate kept them within "

@@ -13,7 +13,7 @@ from PIL import Image
 
 from featcache.extract.decode.preprocess import Preprocessor, load_rgb, to_rgb
 from featcache.extract.zoo.registry import BACKBONES
-from featcache.store.schema import RESIZE_MODES
+from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -363,3 +363,16 @@ def test_a_bug_in_the_tifffile_path_propagates_instead_of_passing_for_a_bad_imag
     monkeypatch.setattr(preprocess, "_tiff_to_rgb", broken)
     with pytest.raises(TypeError, match="a bug in the conversion"):
         load_rgb(_tiff_pillow_cannot_identify(tmp_path))
+
+
+@pytest.mark.parametrize("limit", [1000, None, DEFAULT_MAX_IMAGE_PIXELS, 200_000_000])
+def test_from_config_inverts_config(limit):
+    """A stored ``config["preprocess"]`` (read back from JSON) rebuilds the same preprocessor, with its pixel limit."""
+    original = Preprocessor(48, 55, "bicubic", MEAN, STD, "squash", (0, 10, 20), max_image_pixels=limit)
+    stored = json.loads(json.dumps(original.config()))
+    assert "max_image_pixels" not in stored  # not a pixel-changing setting: the extract config records it
+    rebuilt = Preprocessor.from_config(stored, max_image_pixels=limit)
+    assert rebuilt == original and rebuilt.config() == stored
+    assert Preprocessor.from_config(stored).max_image_pixels == DEFAULT_MAX_IMAGE_PIXELS
+    with pytest.raises(ValueError, match="max_image_pixels"):
+        Preprocessor.from_config(stored, max_image_pixels=0)

@@ -24,7 +24,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -364,8 +364,7 @@ class Preprocessor:
         """
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode {resize_mode!r} is not one of {RESIZE_MODES}.")
-        if max_image_pixels is not None and max_image_pixels < 1:
-            raise ValueError(f"max_image_pixels must be >= 1 or None, got {max_image_pixels!r}.")
+        _check_max_image_pixels(max_image_pixels)
         size = input_size or spec.input_size
         resize = round(spec.resize_size * size / spec.input_size)
         return cls(size, resize, spec.interpolation, tuple(spec.mean), tuple(spec.std), resize_mode,
@@ -498,3 +497,26 @@ class Preprocessor:
             "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std),
             "resize_mode": self.resize_mode, "background": list(self.background),
         }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any],
+                    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> "Preprocessor":
+        """The inverse of :meth:`config`: the preprocessor a store's ``config["preprocess"]`` describes.
+
+        Parameters
+        ----------
+        config : mapping
+            What :meth:`config` returned (read back from JSON: lists for the tuples).
+        max_image_pixels : int or None
+            The decompression-bomb limit, which :meth:`config` leaves out: the store's
+            ``config["extract"]["max_image_pixels"]`` when recorded (None disables it), else the default.
+        """
+        _check_max_image_pixels(max_image_pixels)
+        return cls(int(config["input_size"]), int(config["resize_size"]), str(config["interpolation"]),
+                   tuple(config["mean"]), tuple(config["std"]), str(config.get("resize_mode", "crop")),
+                   tuple(config.get("background", (255, 255, 255))), max_image_pixels=max_image_pixels)
+
+
+def _check_max_image_pixels(max_image_pixels: int | None) -> None:
+    if max_image_pixels is not None and max_image_pixels < 1:
+        raise ValueError(f"max_image_pixels must be >= 1 or None, got {max_image_pixels!r}.")

@@ -1,0 +1,42 @@
+"""featcache.pipeline.predict: new images go through the preprocessing the store's extraction recorded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from featcache.extract.decode.loaders import ImageDataset
+from featcache.pipeline.config import parse_params
+from featcache.pipeline.params.extract import extraction_config
+from featcache.pipeline.predict import stored_preprocessor
+from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS
+
+
+def _store_config(max_image_pixels) -> dict:
+    """A store config as the extract stage writes it: the params' extraction config plus the preprocessing."""
+    params = parse_params({"extract": {"max_image_pixels": max_image_pixels}})
+    config = extraction_config(params, "efficientnet_lite0")
+    config["preprocess"] = {"input_size": 32, "resize_size": 36, "interpolation": "bilinear",
+                            "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25], "resize_mode": "crop",
+                            "background": [255, 255, 255]}
+    return config
+
+
+@pytest.mark.parametrize("limit", [DEFAULT_MAX_IMAGE_PIXELS, 200_000_000, None, 1000])
+def test_stored_preprocessor_keeps_the_extractions_pixel_limit(limit):
+    """A raised or disabled ``extract.max_image_pixels`` (recorded only when not the default) reaches predict."""
+    config = _store_config(limit)
+    assert ("max_image_pixels" in config["extract"]) == (limit != DEFAULT_MAX_IMAGE_PIXELS)
+    preprocess = stored_preprocessor(config)
+    assert preprocess.max_image_pixels == limit
+    assert preprocess.config() == config["preprocess"]
+
+
+def test_stored_preprocessor_decodes_what_the_extraction_did(tmp_path):
+    """An image over the default limit but within the store's: accepted at predict time as at extraction."""
+    Image.fromarray(np.zeros((50, 40, 3), np.uint8)).save(tmp_path / "big.png")  # 2,000 pixels
+    lowered = stored_preprocessor(_store_config(1000))
+    assert ImageDataset([tmp_path / "big.png"], lowered)[0][2].startswith("image too large")
+    allowed = stored_preprocessor(_store_config(2000))
+    assert ImageDataset([tmp_path / "big.png"], allowed)[0][2] == ""
