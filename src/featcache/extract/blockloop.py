@@ -440,6 +440,6 @@ def make_batches(loader: str, manifest: Manifest, rows: Sequence[int], preproces
     if loader == "arrays":
         reader = dataset if dataset is not None else ImageReader(manifest, preprocess)
         return iter_array_batches(reader, rows, batch_size, num_workers)
-    if not isinstance(dataset, ImageDataset):
-        dataset = ImageDataset(dataset.paths if dataset is not None else manifest, preprocess)
+    # A reader keeps its shard members and storage options (rebuilt from its paths, a member would read its whole .tar).
+    dataset = dataset.as_dataset() if dataset is not None else ImageDataset(manifest, preprocess)
     return make_loader(dataset, rows, batch_size, num_workers, pin_memory=device.startswith("cuda"))

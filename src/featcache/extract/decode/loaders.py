@@ -142,6 +142,23 @@ class ImageReader:
         self.preprocess = preprocess
         self.any_url = any(map(is_url, self.paths))
 
+    def as_dataset(self) -> ImageDataset:
+        """The same rows as an :class:`ImageDataset` for torch's ``DataLoader``.
+
+        Everything that locates a row is kept: the paths, the shard members (offsets
+        into a WebDataset ``.tar``), the storage options and the preprocessor.
+
+        Returns
+        -------
+        ImageDataset
+            ``self`` when it is one already, else a dataset sharing this reader's fields.
+        """
+        if isinstance(self, ImageDataset):
+            return self
+        dataset = object.__new__(ImageDataset)
+        dataset.__dict__.update(vars(self))
+        return dataset
+
     def by_bytes(self, row: int) -> bool:
         """Whether ``row`` is read as bytes (a shard member or a URL), not opened as a local file."""
         return self.members is not None or (self.any_url and is_url(self.paths[row]))
