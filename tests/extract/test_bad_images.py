@@ -26,13 +26,9 @@ from PIL import Image
 from _support.files import md5
 from featcache.errors import ExtractionError
 from featcache.extract.decode import preprocess as preprocess_module
+from featcache.extract.decode.images import ImageTooLargeError, load_rgb
 from featcache.extract.decode.loaders import ImageDataset, make_loader
-from featcache.extract.decode.preprocess import (
-    DEFAULT_MAX_IMAGE_PIXELS,
-    ImageTooLargeError,
-    Preprocessor,
-    load_rgb,
-)
+from featcache.extract.decode.preprocess import DEFAULT_MAX_IMAGE_PIXELS, Preprocessor
 from featcache.extract.engine import extract_to_store
 from featcache.extract.inputs.manifest import Manifest, ManifestError
 from featcache.extract.inputs.sources import from_csv, from_folder

@@ -17,7 +17,8 @@ import torch
 
 from _support.files import md5, write_image_folder
 from featcache.errors import ExtractionError
-from featcache.extract.decode.preprocess import Preprocessor, load_rgb
+from featcache.extract.decode.images import load_rgb
+from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.engine import extract_to_store
 from featcache.extract.inputs.sources import from_folder
 from featcache.extract.plan import plan_extraction

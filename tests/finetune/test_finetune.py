@@ -13,7 +13,8 @@ from PIL import Image
 from torch import nn
 
 from _support.files import COLOUR_CLASSES, write_colour_folder
-from featcache.extract.decode.preprocess import Preprocessor, load_rgb
+from featcache.extract.decode.images import load_rgb
+from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.manifest import Manifest, assign_splits
 from featcache.extract.inputs.sources import from_folder
 from featcache.extract.zoo.registry import get_backbone

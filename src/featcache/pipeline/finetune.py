@@ -118,8 +118,8 @@ def write_cams(result: FinetuneResult, manifest: Any, out_dir: str | Path, n_ima
     """CAM overlays of a few test images (none, with a log line, where CAM does not apply)."""
     import torch
 
+    from featcache.extract.decode.images import load_rgb
     from featcache.extract.decode.loaders import ImageReader
-    from featcache.extract.decode.preprocess import load_rgb
     from featcache.finetune.cam import class_activation_maps, save_cam_overlays, tensor_to_pil
     from featcache.finetune.run import preprocessor
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from featcache.extract.decode.images import load_rgb
 from featcache.extract.decode.loaders import ImageReader
-from featcache.extract.decode.preprocess import Preprocessor, load_rgb
+from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.onnx.export import export_onnx
 from featcache.extract.onnx.format import DEFAULT_OPSET

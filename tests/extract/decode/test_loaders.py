@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from _support.files import write_image_folder
+from featcache.extract.decode.images import load_rgb
 from featcache.extract.decode.loaders import (
     ImageDataset,
     ImageReader,
@@ -18,7 +19,7 @@ from featcache.extract.decode.loaders import (
     iter_array_batches,
     make_loader,
 )
-from featcache.extract.decode.preprocess import Preprocessor, load_rgb
+from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.manifest import Manifest
 
 PRE = Preprocessor(input_size=32, resize_size=36, interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)

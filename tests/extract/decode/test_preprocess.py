@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from featcache.extract.decode.preprocess import Preprocessor, load_rgb, to_rgb
+from featcache.extract.decode.images import load_rgb, to_rgb
+from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.zoo.registry import BACKBONES
 from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
 
@@ -355,12 +356,12 @@ def test_a_tiff_neither_decoder_reads_reports_pillows_error(tmp_path):
 
 
 def test_a_bug_in_the_tifffile_path_propagates_instead_of_passing_for_a_bad_image(tmp_path, monkeypatch):
-    from featcache.extract.decode import preprocess
+    from featcache.extract.decode import images
 
     def broken(*args: object) -> None:
         raise TypeError("a bug in the conversion")
 
-    monkeypatch.setattr(preprocess, "_tiff_to_rgb", broken)
+    monkeypatch.setattr(images, "_tiff_to_rgb", broken)
     with pytest.raises(TypeError, match="a bug in the conversion"):
         load_rgb(_tiff_pillow_cannot_identify(tmp_path))
 

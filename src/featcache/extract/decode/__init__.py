@@ -1,6 +1,7 @@
 """From image files to model-ready pixels: preprocessing, header probes, the CPU loaders and the device decoder.
 
-* ``preprocess``: the model-specific recipe (PIL decode, RGB conversion, resize/crop, normalise);
+* ``images``: any image file or its bytes to upright 8-bit RGB (PIL, the pixel limit, checks, TIFFs);
+* ``preprocess``: the model-specific recipe (resize/crop, normalise);
 * ``loaders``: PIL decoding in worker processes (numpy batches, or torch's DataLoader);
 * ``probe``, ``decoders``, ``device``: JPEGs decoded in batches on a CUDA device.
 """
@@ -11,7 +12,8 @@ from featcache.lazy import lazy_exports
 
 #: Public name -> the submodule that defines it.
 _EXPORTS: dict[str, str] = {
-    **dict.fromkeys(["Preprocessor", "load_rgb", "to_rgb"], "preprocess"),
+    "Preprocessor": "preprocess",
+    **dict.fromkeys(["DECODE_ERRORS", "ImageTooLargeError", "load_rgb", "to_rgb"], "images"),
     **dict.fromkeys(["ImageDataset", "ImageReader", "iter_array_batches", "make_loader"], "loaders"),
     **dict.fromkeys(["iter_device_batches"], "device"),
     **dict.fromkeys(["gpu_decode_status", "select_decoder"], "decoders"),

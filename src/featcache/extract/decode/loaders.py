@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from featcache.errors import ExtractionError
-from featcache.extract.decode.preprocess import DECODE_ERRORS, ImageTooLargeError, Preprocessor, load_rgb
+from featcache.extract.decode.images import DECODE_ERRORS, ImageTooLargeError, load_rgb
+from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.inputs.storage import ReadFailure, StorageOptions, is_url, read_ranges
 from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS
@@ -193,7 +194,7 @@ class ImageReader:
         return out  # type: ignore[return-value]
 
     def source(self, row: int) -> str | bytes:
-        """What :func:`~featcache.extract.decode.preprocess.load_rgb` takes for ``row``: its local path, or
+        """What :func:`~featcache.extract.decode.images.load_rgb` takes for ``row``: its local path, or
         the bytes of its shard member or URL (OSError with the reason when they cannot be read)."""
         return self.read_bytes(row) if self.by_bytes(row) else self.paths[row]
 

@@ -4,7 +4,7 @@ The decode workers of the GPU path (:mod:`featcache.extract.decode.device`) only
 read a file's bytes and its header; no pixel is decoded here. The header says
 the format, size, mode, progressive flag and EXIF orientation, and
 :func:`device_route` decides from it whether the file goes to the device
-decoder or to the CPU path (PIL, :func:`featcache.extract.decode.preprocess.load_rgb`),
+decoder or to the CPU path (PIL, :func:`featcache.extract.decode.images.load_rgb`),
 which also reports every bad file with its reason.
 
 A file goes to the device only if it is an 8-bit baseline or progressive
