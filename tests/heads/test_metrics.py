@@ -150,6 +150,18 @@ def test_errors_name_bad_value_and_allowed():
         bootstrap_ci("f1", Y, P)
 
 
+@pytest.mark.parametrize("alpha", [1.5, -0.1, 0.0, 1.0, float("nan")])
+def test_alpha_outside_0_1_is_rejected_by_both(alpha):
+    # metrics_with_ci used to give lo > hi for alpha=1.5 and numpy's percentile error for alpha=-0.1
+    msg = r"alpha=.* is invalid; allowed: a number in \(0, 1\), e\.g\. 0\.05\..*Hint"
+    with pytest.raises(ValueError, match=msg):
+        metrics_with_ci("classification", Y, P, 3, n_boot=20, alpha=alpha)
+    with pytest.raises(ValueError, match=msg):
+        metrics_with_ci("regression", [1.0, 2.0, 3.0], [1.0, 2.5, 2.0], n_boot=20, alpha=alpha)
+    with pytest.raises(ValueError, match=msg):
+        bootstrap_ci("accuracy", Y, P, n_boot=20, alpha=alpha)
+
+
 def test_confusion_rows():
     rows = confusion_rows([0, 1, 2], [0, 2, 2], ["cat", "dog", "owl"])
     assert rows == [

@@ -185,6 +185,15 @@ def _resamples(n: int, n_boot: int, seed: int):
         yield rng.integers(0, n, size=(min(chunk, n_boot - start), n))
 
 
+def _check_alpha(alpha: Any) -> None:
+    """Raise ValueError unless ``alpha`` (1 - confidence level) is a number in (0, 1)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) or not 0 < alpha < 1:
+        raise ValueError(
+            f"alpha={alpha!r} is invalid; allowed: a number in (0, 1), e.g. 0.05. "
+            "Hint: alpha is 1 - the confidence level (0.05 for 95 % intervals)."
+        )
+
+
 def _percentiles(stats: np.ndarray, alpha: float) -> tuple[float, float]:
     lo, hi = np.nanpercentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(lo), float(hi)
@@ -263,8 +272,7 @@ def bootstrap_ci(
     """
     if n_boot < 1:
         raise ValueError(f"n_boot={n_boot!r} is invalid; allowed: an integer >= 1.")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha={alpha!r} is invalid; allowed: a number in (0, 1), e.g. 0.05.")
+    _check_alpha(alpha)
     if callable(metric):
         yt, ys = np.asarray(y_true), np.asarray(y_score)
         stats = np.concatenate([
@@ -310,6 +318,7 @@ def metrics_with_ci(
     -------
     dict
     """
+    _check_alpha(alpha)
     kernel = _prepare(task, y_true, y_score, n_classes)
     if task == "classification":
         out = classification_metrics(kernel.y, y_score, kernel.K)
