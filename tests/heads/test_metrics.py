@@ -162,6 +162,30 @@ def test_alpha_outside_0_1_is_rejected_by_both(alpha):
         bootstrap_ci("accuracy", Y, P, n_boot=20, alpha=alpha)
 
 
+@pytest.mark.parametrize("labels, shown", [([0, 1.7], "1.7"), ([0.0, float("nan")], "nan"), (["a", "b"], "'a'")])
+def test_non_integer_labels_are_rejected(labels, shown):
+    # 1.7 used to be truncated to 1 (accuracy 1.0), NaN cast to a huge negative index
+    proba = [[0.9, 0.1], [0.1, 0.9]]
+    msg = rf"y_true holds the label {shown}.*allowed: integer class indices 0\.\.1\. Hint"
+    for call in (lambda: classification_metrics(labels, proba, 2),
+                 lambda: metrics_with_ci("classification", labels, proba, 2, n_boot=10)):
+        with pytest.raises(ValueError, match=msg):
+            call()
+    # integer-valued floats are class indices
+    assert classification_metrics([0.0, 1.0], proba, 2)["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_probabilities_are_rejected(bad):
+    # a NaN row used to argmax to class 0 and count as correct
+    proba = [[0.9, 0.1], [bad, bad], [0.2, 0.8]]
+    msg = r"proba holds non-finite values in 1 rows, e.g. row 1: .*allowed: finite probabilities\. Hint"
+    with pytest.raises(ValueError, match=msg):
+        classification_metrics([0, 0, 1], proba, 2)
+    with pytest.raises(ValueError, match=msg):
+        bootstrap_ci("accuracy", [0, 0, 1], proba, n_boot=10)
+
+
 def test_confusion_rows():
     rows = confusion_rows([0, 1, 2], [0, 2, 2], ["cat", "dog", "owl"])
     assert rows == [

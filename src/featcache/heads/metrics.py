@@ -64,7 +64,27 @@ def _check_proba(y_true: Any, proba: Any, n_classes: int | None) -> tuple[np.nda
         )
     if n_classes is not None and p.shape[1] != n_classes:
         raise ValueError(f"proba has {p.shape[1]} columns but n_classes={n_classes}; they must match.")
-    y = _check_y_true(y_true, p.shape[0]).astype(np.int64)
+    bad_rows = ~np.all(np.isfinite(p), axis=1)
+    if bad_rows.any():
+        row = int(np.flatnonzero(bad_rows)[0])
+        raise ValueError(
+            f"proba holds non-finite values in {int(bad_rows.sum())} rows, e.g. row {row}: {p[row].tolist()[:10]}; "
+            "allowed: finite probabilities. Hint: the head diverged or the features hold NaN/inf; "
+            "check the features and lower the learning rate."
+        )
+    y = _check_y_true(y_true, p.shape[0])
+    if y.dtype.kind != "f":
+        wrong = np.ones(y.shape, dtype=bool) if y.dtype.kind not in "iu" else np.zeros(y.shape, dtype=bool)
+    else:
+        wrong = ~(np.isfinite(y) & (y == np.round(y)))
+    if wrong.any():
+        bad = y[wrong][0]
+        raise ValueError(
+            f"y_true holds the label {bad.item() if isinstance(bad, np.generic) else bad!r} (dtype {y.dtype}); "
+            f"allowed: integer class indices 0..{p.shape[1] - 1}. "
+            "Hint: map class names to indices first; use regression metrics for continuous targets."
+        )
+    y = y.astype(np.int64)
     if y.min() < 0 or y.max() >= p.shape[1]:
         raise ValueError(
             f"y_true holds labels {int(y.min())}..{int(y.max())}; allowed: 0..{p.shape[1] - 1}."
