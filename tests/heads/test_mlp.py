@@ -125,3 +125,15 @@ def test_scaler_uses_train_rows_only(reg_data):
 def test_invalid_params(clf_data, params, message):
     with pytest.raises(ValueError, match=message):
         MLPHead(**{**FAST, **params}).fit(clf_data["X_train"], clf_data["y_train"])
+
+
+@pytest.mark.parametrize("cls, data", [(MLPHead, "clf_data"), (MLPRegressorHead, "reg_data")])
+def test_random_state_none_means_0_for_the_holdout_too(cls, data, request):
+    # the docstring says None means 0; the hold-out split (no X_val) used to be drawn at random
+    d = request.getfixturevalue(data)
+    params = {**FAST, "max_epochs": 3, "random_state": None, "pca_components": 8}
+    a, b = (cls(**params).fit(d["X_train"], d["y_train"]) for _ in range(2))
+    assert a.history_ == b.history_
+    np.testing.assert_array_equal(a.predict(d["X_test"]), b.predict(d["X_test"]))
+    seeded = cls(**{**params, "random_state": 0}).fit(d["X_train"], d["y_train"])
+    assert seeded.history_ == a.history_

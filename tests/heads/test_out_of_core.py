@@ -387,3 +387,14 @@ def test_streaming_regressors_standardise_on_the_fitted_rows(cls, monkeypatch):
     params = {"max_epochs": 1} if cls is StreamingRidgeHead else {**MLP, "max_epochs": 1}
     head = cls(**params, chunk_rows=64).fit(X, y)
     assert seen[0].size == 160 and head.y_mean_ == pytest.approx(float(np.mean(seen[0])))
+
+
+@pytest.mark.parametrize("cls, data", [(StreamingMLPHead, "clf_data"), (StreamingMLPRegressorHead, "reg_data")])
+def test_streaming_mlp_random_state_none_means_0_for_the_holdout_too(cls, data, request):
+    # as MLPHead: None means 0, the hold-out of the training rows included (it used to be random)
+    d = request.getfixturevalue(data)
+    params = {**MLP, "max_epochs": 2, "random_state": None, "chunk_rows": 100}
+    a, b = (cls(**params).fit(d["X_train"], d["y_train"]) for _ in range(2))
+    assert a.history_ == b.history_
+    np.testing.assert_array_equal(a.predict(d["X_test"]), b.predict(d["X_test"]))
+    assert cls(**{**params, "random_state": 0}).fit(d["X_train"], d["y_train"]).history_ == a.history_

@@ -59,6 +59,9 @@ class HeadBase(BaseEstimator):
 
     #: Whether ``y`` holds class indices 0..K-1 (classifiers) or real-valued targets.
     _classification = False
+    #: The seed ``random_state=None`` stands for in the hold-out split and the folds (see :meth:`_seed`);
+    #: None keeps scikit-learn's meaning, fresh randomness on every fit.
+    _none_seed: int | None = None
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> HeadBase:
         """Fit on the training rows, selecting the model on the validation rows.
@@ -89,11 +92,15 @@ class HeadBase(BaseEstimator):
         """Validate and learn every fitted attribute except ``fit_seconds_``."""
         raise NotImplementedError(f"{type(self).__name__} must implement _fit(X, y, X_val, y_val).")
 
+    def _seed(self) -> Any:
+        """Seed of the hold-out split and the folds: ``random_state``, or ``_none_seed`` when it is None."""
+        return self._none_seed if self.random_state is None else self.random_state
+
     def _split(self, X: Any, y: Any, X_val: Any, y_val: Any, cv_folds: int | None = None) -> Split:
-        """:func:`~featcache.heads.splits.prepare_fit` with this head's task, hold-out fraction and seed."""
+        """:func:`~featcache.heads.splits.prepare_fit` with this head's task, hold-out fraction and :meth:`_seed`."""
         return prepare_fit(
             X, y, X_val, y_val, classification=self._classification, cv_folds=cv_folds,
-            validation_fraction=self.validation_fraction, random_state=self.random_state,
+            validation_fraction=self.validation_fraction, random_state=self._seed(),
         )
 
     def predict(self, X: Any) -> np.ndarray:

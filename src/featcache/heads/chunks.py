@@ -194,7 +194,9 @@ def xy(head: Any, X: Any, y: Any, name: str) -> tuple[Any, np.ndarray]:
     return X, check_targets(y, classification, "y" + name[1:])
 
 
-def streaming_sources(head: Any, X: Any, y: Any, X_val: Any, y_val: Any) -> tuple[RowChunks, RowChunks]:
+def streaming_sources(
+    head: Any, X: Any, y: Any, X_val: Any, y_val: Any, *, random_state: int | None
+) -> tuple[RowChunks, RowChunks]:
     """Training and selection rows of a streaming head as :class:`RowChunks`.
 
     Without ``X_val`` a (stratified, for classifiers) ``head.validation_fraction`` of
@@ -203,11 +205,13 @@ def streaming_sources(head: Any, X: Any, y: Any, X_val: Any, y_val: Any) -> tupl
     Parameters
     ----------
     head : estimator
-        Supplies ``chunk_rows``, ``validation_fraction`` and ``random_state``;
+        Supplies ``chunk_rows`` and ``validation_fraction``;
         a classifier (``sklearn.base.is_classifier``) gets class-label checks.
     X : ndarray or dask.array.Array of shape (n_train, D)
     y : array-like of shape (n_train,)
     X_val, y_val : as X and y with n_val rows, or None
+    random_state : int or None
+        Seed of the hold-out (the head's ``_seed()``).
 
     Returns
     -------
@@ -231,7 +235,7 @@ def streaming_sources(head: Any, X: Any, y: Any, X_val: Any, y_val: Any) -> tupl
             )
     else:
         check_fraction("validation_fraction", head.validation_fraction)
-        fit_idx, _ = holdout_indices(y, head.validation_fraction, head.random_state, classification)
+        fit_idx, _ = holdout_indices(y, head.validation_fraction, random_state, classification)
         keep = np.zeros(y.shape[0], dtype=bool)
         keep[fit_idx] = True
         train = RowChunks(X, y, head.chunk_rows, rows=keep, name="X")

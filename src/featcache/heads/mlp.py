@@ -55,6 +55,8 @@ class MLPBase(HeadBase):
     n_threads: int = 2
     device: str = "cpu"
 
+    _none_seed = 0  # random_state=None means 0 everywhere, the hold-out split included
+
     def _check_params(self) -> torch.device:
         """Validate the constructor parameters; return the torch device."""
         sizes = self.hidden_sizes
@@ -107,8 +109,8 @@ class MLPBase(HeadBase):
         """Fit scaler (+ PCA) and network; set every fitted attribute except task-specific ones."""
         import torch
 
-        seed = 0 if self.random_state is None else int(self.random_state)
-        self.scaler_, self.pca_, X_fit_t = fit_preprocess(split.X_fit, self.pca_components, self.random_state)
+        seed = int(self._seed())
+        self.scaler_, self.pca_, X_fit_t = fit_preprocess(split.X_fit, self.pca_components, seed)
         y_fit, y_sel = self._encode_target(split.y_fit), self._encode_target(split.y_sel)
 
         def tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
@@ -214,7 +216,8 @@ class MLPHead(MLPClassifierBase):
     n_classes : int or None
         Number of outputs K; None infers ``max label + 1`` over train and val.
     random_state : int or None
-        Seed of initialisation, dropout, shuffling and the hold-out (None means 0).
+        Seed of initialisation, dropout, shuffling, the PCA solver and the hold-out
+        (None means 0 for all of them: two fits with None are identical).
     n_threads : int
         torch intra-op threads during fit and predict (restored afterwards).
     device : str

@@ -97,7 +97,7 @@ class _StreamingLinearBase(HeadBase):
         check_int("max_epochs", self.max_epochs, 1)
         check_int("patience", self.patience, 1)
         seed = 0 if self.random_state is None else int(self.random_state)
-        train, val = streaming_sources(self, X, y, X_val, y_val)
+        train, val = streaming_sources(self, X, y, X_val, y_val, random_state=self._seed())
         self._set_targets(train.served_y, train.y, val.y)
         self.scaler_ = fit_scaler_streaming(train)
         self.pca_ = None

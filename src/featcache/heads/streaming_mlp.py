@@ -48,10 +48,10 @@ class _StreamingMLPMixin:
 
         device = self._check_params()
         check_int("chunk_rows", self.chunk_rows, 1)
-        train, val = streaming_sources(self, X, y, X_val, y_val)
+        train, val = streaming_sources(self, X, y, X_val, y_val, random_state=self._seed())
         n_out = self._set_targets(train.served_y, train.y, val.y)
         self.scaler_, self.pca_ = fit_scaler_streaming(train), None
-        seed = 0 if self.random_state is None else int(self.random_state)
+        seed = int(self._seed())
         y_dtype = torch.long if self._classification else torch.float32
         loss_fn = self.loss_function()
 
