@@ -398,3 +398,11 @@ def test_streaming_mlp_random_state_none_means_0_for_the_holdout_too(cls, data, 
     assert a.history_ == b.history_
     np.testing.assert_array_equal(a.predict(d["X_test"]), b.predict(d["X_test"]))
     assert cls(**{**params, "random_state": 0}).fit(d["X_train"], d["y_train"]).history_ == a.history_
+
+
+def test_streaming_logistic_predict_proba_is_float64_for_float32_input(clf_data):
+    # it returned float32 for float32 features; every other head returns float64 (ClassifierHead)
+    d = {k: v.astype(np.float32) if k.startswith("X") else v for k, v in clf_data.items()}
+    head = StreamingLogisticHead(max_epochs=2).fit(d["X_train"], d["y_train"], d["X_val"], d["y_val"])
+    assert head.predict_proba(d["X_test"]).dtype == np.float64
+    assert head.predict_proba(da.from_array(d["X_test"], chunks=(50, -1))).dtype == np.float64

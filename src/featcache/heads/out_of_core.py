@@ -189,9 +189,9 @@ class StreamingLogisticHead(ClassifierHead, _StreamingLinearBase):
         return (-scores["val_accuracy"], scores["val_log_loss"])
 
     def predict_proba(self, X: Any) -> np.ndarray:
-        """Class probabilities (one-vs-rest, normalised), shape (n, K); X numpy or dask."""
+        """Class probabilities (one-vs-rest, normalised), shape (n, K), float64; X numpy or dask."""
         check_is_fitted(self, "estimator_")
-        return stream_outputs(self, X, self.estimator_.predict_proba)
+        return stream_outputs(self, X, self.estimator_.predict_proba).astype(np.float64, copy=False)
 
 
 
