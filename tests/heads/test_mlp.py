@@ -137,3 +137,12 @@ def test_random_state_none_means_0_for_the_holdout_too(cls, data, request):
     np.testing.assert_array_equal(a.predict(d["X_test"]), b.predict(d["X_test"]))
     seeded = cls(**{**params, "random_state": 0}).fit(d["X_train"], d["y_train"])
     assert seeded.history_ == a.history_
+
+
+@pytest.mark.parametrize("cls, data", [(MLPHead, "clf_data"), (MLPRegressorHead, "reg_data")])
+def test_one_training_row_is_a_clear_error(cls, data, request):
+    # MLPRegressorHead raised torch's "Expected more than 1 value per channel when training"
+    d = request.getfixturevalue(data)
+    msg = rf"{cls.__name__} got 1 training row \(n_samples=1\); allowed: >= 2 .*Hint: pass more training rows"
+    with pytest.raises(ValueError, match=msg):
+        cls(**FAST).fit(d["X_train"][:1], d["y_train"][:1], d["X_val"], d["y_val"])

@@ -100,6 +100,11 @@ class MLPBase(HeadBase):
         """Train on train, early-stopping on val."""
         device = self._check_params()
         split = self._split(X, y, X_val, y_val)
+        if split.X_fit.shape[0] < 2:
+            raise ValueError(
+                f"{type(self).__name__} got {split.X_fit.shape[0]} training row (n_samples=1); allowed: >= 2 "
+                "(BatchNorm1d normalises over the rows of a mini-batch). Hint: pass more training rows."
+            )
         n_out = self._set_targets(split.y_fit, split.y_train, split.y_val)
         if self._classification:
             require_two_classes(split.y_fit)
