@@ -187,12 +187,16 @@ def test_invalid_params_name_value_and_allowed(clf_data, params, message):
 
 def test_bad_labels_and_feature_mismatch(clf_data):
     X, y = clf_data["X_train"], clf_data["y_train"]
+    # with n_classes=K the labels are class indices 0..K-1 (n_classes=None takes any labels, -1 and strings too)
     with pytest.raises(ValueError, match=r"label -1; allowed: class indices >= 0.*Hint"):
-        LogisticRegressionHead().fit(X, np.where(y == 0, -1, y))
+        LogisticRegressionHead(n_classes=5).fit(X, np.where(y == 0, -1, y))
     with pytest.raises(ValueError, match=r"y_val contains the label -1"):
-        LogisticRegressionHead().fit(X, y, clf_data["X_val"], np.full(len(clf_data["X_val"]), -1))
-    with pytest.raises(ValueError, match=r"Unknown label type: y has dtype <U3; allowed: integer class indices"):
-        LogisticRegressionHead().fit(X, np.array(["cat", "dog"] * (len(y) // 2)))
+        LogisticRegressionHead(n_classes=5).fit(X, y, clf_data["X_val"], np.full(len(clf_data["X_val"]), -1))
+    with pytest.raises(ValueError, match=r"Unknown label type: y has dtype <U3; allowed with n_classes=K: integer "
+                                         r"class indices 0..K-1. Hint: leave n_classes=None"):
+        LogisticRegressionHead(n_classes=5).fit(X, np.array(["cat", "dog"] * (len(y) // 2)))
+    with pytest.raises(ValueError, match=r"Unknown label type: continuous \(the label 0.5\).*Hint: use a regression"):
+        LogisticRegressionHead().fit(X, y + 0.5)
     with pytest.raises(ValueError, match="X_val and y_val must be given together"):
         LogisticRegressionHead().fit(X, y, X_val=clf_data["X_val"])
     head = LogisticRegressionHead(Cs=[1.0], refine=False).fit(X, y)

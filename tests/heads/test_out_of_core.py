@@ -204,7 +204,10 @@ def test_sklearn_contract(head, data, contract, request):
 
 
 @pytest.mark.filterwarnings("ignore")
-@pytest.mark.parametrize("head", [StreamingLogisticHead(max_epochs=5), StreamingRidgeHead(max_epochs=5)], ids=type)
+@pytest.mark.parametrize("head", [
+    StreamingLogisticHead(max_epochs=5), StreamingRidgeHead(max_epochs=5),
+    StreamingMLPHead(hidden_sizes=(16,), batch_size=128, max_epochs=100, patience=10, n_threads=1),
+], ids=type)
 def test_sklearn_estimator_checks(head, sklearn_checks):
     sklearn_checks(head)
 

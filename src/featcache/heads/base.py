@@ -9,9 +9,13 @@ attributes every head sets: ``n_features_in_``, ``best_params_`` and
 ``fit_seconds_``.
 
 The task is a class attribute: a head derives from :class:`ClassifierHead`
-(integer class indices, ``predict_proba``, the ``n_classes`` parameter) or
+(class labels, ``predict_proba``, the ``n_classes`` parameter) or
 :class:`RegressorHead` (real targets, standardised for training) and implements
-``_fit``.
+``_fit``. Classifiers follow scikit-learn: with ``n_classes=None``, ``classes_``
+is the sorted labels seen in train and val (any labels: ints, strings) and
+``_fit`` works on their indices into ``classes_``; with ``n_classes=K`` (the
+pipeline: the store's labels are 0..K-1), ``classes_ = arange(K)``, so a class
+absent from the training rows still gets a probability column.
 
 Parameters are declared once, as annotated class attributes of a class decorated
 with :func:`params_dataclass` (a :func:`dataclasses.dataclass` that writes an
@@ -30,8 +34,9 @@ from typing import Any
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 
+from .chunks import as_labels, is_dask_array
 from .splits import Split, prepare_fit
-from .validation import expand_columns, resolve_classes
+from .validation import encode_labels, expand_columns, resolve_classes
 
 __all__ = ["ClassifierHead", "HeadBase", "RegressorHead", "params_dataclass"]
 
@@ -57,7 +62,7 @@ class HeadBase(BaseEstimator):
         Wall time of ``fit``.
     """
 
-    #: Whether ``y`` holds class indices 0..K-1 (classifiers) or real-valued targets.
+    #: Whether ``y`` holds class labels (classifiers) or real-valued targets.
     _classification = False
     #: The seed ``random_state=None`` stands for in the hold-out split and the folds (see :meth:`_seed`);
     #: None keeps scikit-learn's meaning, fresh randomness on every fit.
@@ -71,7 +76,8 @@ class HeadBase(BaseEstimator):
         X : array-like or dask array of shape (n_train, D)
             Training features (dask arrays: the streaming heads only).
         y : array-like of shape (n_train,)
-            Integer class indices 0..K-1 (classifiers) or real targets (regressors).
+            Class labels (classifiers; see :class:`ClassifierHead`) or real targets
+            (regressors).
         X_val : array-like or dask array of shape (n_val, D), optional
             Validation features, for model selection only; without them a
             ``validation_fraction`` of the training rows is held out.
@@ -112,25 +118,54 @@ class HeadBase(BaseEstimator):
 class ClassifierHead(ClassifierMixin, HeadBase):
     """A head predicting one of K classes; ``predict`` is the most probable column of ``predict_proba``.
 
-    Heads whose model only knows the classes of its training rows set
-    ``train_classes_`` and implement ``_seen_proba``; ``predict_proba`` widens its
-    columns to all K classes.
+    ``_fit`` always sees class indices 0..K-1 (``y`` and ``y_val`` are encoded by
+    :meth:`fit` when ``n_classes`` is None). Heads whose model only knows the
+    classes of its training rows set ``train_classes_`` and implement
+    ``_seen_proba``; ``predict_proba`` widens its columns to all K classes.
 
     Parameters
     ----------
     n_classes : int or None
-        Number of classes K; None infers ``max label + 1`` over train and val.
+        None: the classes are the sorted distinct labels of ``y`` and ``y_val``
+        (ints, integral floats or strings, as in scikit-learn). K: the labels must
+        be the class indices 0..K-1 and every class gets a column, present in the
+        data or not.
 
     Attributes
     ----------
     classes_ : ndarray of shape (K,)
+        The labels of the ``predict_proba`` columns (``arange(K)`` with ``n_classes=K``).
     train_classes_ : ndarray of shape (n_seen,)
-        Classes present in the training rows (heads using ``_seen_proba``).
+        Indices into ``classes_`` of the classes present in the training rows (heads
+        using ``_seen_proba``).
     """
 
     n_classes: int | None = None
 
     _classification = True
+
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> ClassifierHead:
+        """Fit as :meth:`HeadBase.fit`; with ``n_classes=None`` the labels may be of any kind.
+
+        Parameters
+        ----------
+        X : array-like or dask array of shape (n_train, D)
+        y : array-like of shape (n_train,)
+            Class labels; with ``n_classes=K``, class indices 0..K-1.
+        X_val : array-like or dask array of shape (n_val, D), optional
+        y_val : array-like of shape (n_val,), optional
+            Labels of the validation rows (a label seen only here still gets a column).
+
+        Returns
+        -------
+        self
+        """
+        if self.n_classes is not None or y is None:  # y=None: fit's own validation names the error
+            return super().fit(X, y, X_val, y_val)
+        labels, (y, y_val) = encode_labels(*(as_labels(a) if is_dask_array(a) else a for a in (y, y_val)))
+        super().fit(X, y, X_val, y_val)
+        self.classes_ = labels[self.classes_]
+        return self
 
     def _set_targets(self, y_fit: np.ndarray, y_train: np.ndarray, y_val: np.ndarray | None) -> int:
         """Set ``classes_`` (K from ``n_classes`` or the labels of train and val); return K outputs."""
@@ -156,7 +191,7 @@ class ClassifierHead(ClassifierMixin, HeadBase):
         return expand_columns(self._seen_proba(X), self.train_classes_, self.classes_.size)
 
     def predict(self, X: Any) -> np.ndarray:
-        """Most probable class index, shape (n,)."""
+        """Most probable class, shape (n,): values of ``classes_``."""
         proba = self.predict_proba(X)
         return self.classes_[np.argmax(proba, axis=1)]
 

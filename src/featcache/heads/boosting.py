@@ -168,7 +168,7 @@ class LightGBMHead(ClassifierHead, LightGBMBase):
         explained variance (float) of the standardised features; scaler and PCA are
         fitted on the training rows only. None: raw features, no scaler.
     n_classes : int or None
-        Number of classes K; None infers ``max label + 1`` over train and val.
+        Number of classes K, or None for the labels seen (see :class:`~featcache.heads.base.ClassifierHead`).
     random_state : int or None
         Seed of LightGBM and of the hold-out split (None means 0 for LightGBM).
 
@@ -180,7 +180,8 @@ class LightGBMHead(ClassifierHead, LightGBMBase):
         ``{"n_estimators": best_iteration_}``.
     classes_ : ndarray of shape (K,)
     train_classes_ : ndarray of shape (n_seen,)
-        Classes present in the training rows (one booster output per class).
+        Indices into ``classes_`` of the classes present in the training rows (one
+        booster output per class).
     n_features_in_ : int
     scaler_ : StandardScaler or None
         Only with ``pca_components``.

@@ -34,7 +34,7 @@ from featcache.store.schema import TASKS
 
 from .boosting import LightGBMHead, LightGBMRegressorHead
 from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, as_labels, is_dask_array
-from .validation import check_int, check_targets, resolve_classes
+from .validation import check_int, check_targets, encode_labels, resolve_classes
 
 __all__ = ["fit_lightgbm_dask", "validation_curve"]
 
@@ -157,8 +157,11 @@ def fit_lightgbm_dask(
     X = _as_dask(X_dask, "X_dask")
     lgb_params = {k: v for k, v in head._lgbm_params(int(X.shape[1])).items() if k != "n_jobs"}
     classification = task == "classification"
-    y = check_targets(as_labels(y_dask), classification, "y_dask")
-    y_v = check_targets(as_labels(y_val), classification, "y_val")
+    y, y_v, labels = as_labels(y_dask), as_labels(y_val), None
+    if classification and head.n_classes is None:  # any labels, fitted on their indices (ClassifierHead.fit)
+        labels, (y, y_v) = encode_labels(y, y_v)
+    y = check_targets(y, classification, "y_dask")
+    y_v = check_targets(y_v, classification, "y_val")
     if y.shape[0] != X.shape[0]:
         raise ValueError(f"X_dask has {X.shape[0]} rows but y_dask has {y.shape[0]}; they must match.")
     y_d = da.from_array(y, chunks=(X.chunks[0],))
@@ -182,7 +185,7 @@ def fit_lightgbm_dask(
         kind = "binary" if seen.size == 2 else "multiclass"
         X_v = X_val if known.all() else _subset_rows(X_val, known)
         curve = validation_curve(booster, X_v, np.searchsorted(seen, y_v[known]), kind)
-        head.classes_, head.train_classes_ = classes, seen
+        head.classes_, head.train_classes_ = (classes if labels is None else labels[classes]), seen
     else:
         curve = validation_curve(booster, X_val, y_v, "regression")
     best = _early_stop(curve, head.early_stopping_rounds)

@@ -36,7 +36,7 @@ class RunResult:
     metrics : dict
         JSON-serialisable test metrics (with ``ci``), sizes, timings, best params.
     predictions : ndarray of shape (n_test,)
-        Predicted class indices or targets.
+        Predicted classes (values of ``head.classes_``) or targets.
     scores : ndarray of shape (n_test, K) or (n_test,)
         Class probabilities (classification) or predictions (regression).
     best_params : dict
@@ -71,6 +71,21 @@ def _sync_n_classes(head: BaseEstimator, n_classes: int | None) -> None:
         raise ValueError(
             f"n_classes={n_classes} but the head has n_classes={current}; they must agree."
         )
+
+
+def _proba_columns(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Test labels (n,) -> their ``predict_proba`` column (n,), for metrics on ``classes_`` other than 0..K-1."""
+    if np.array_equal(classes, np.arange(classes.size)):
+        return y
+    col = np.minimum(np.searchsorted(classes, y), classes.size - 1)
+    unseen = classes[col] != y
+    if unseen.any():
+        raise ValueError(
+            f"y_test holds the label {y[unseen][0]!r}, which is not among the head's classes "
+            f"{classes[:10].tolist()}; allowed: labels seen in train or val. "
+            "Hint: pass n_classes (with class indices 0..K-1) to give every class a column."
+        )
+    return col
 
 
 def fit_and_evaluate(
@@ -136,7 +151,8 @@ def fit_and_evaluate(
     predict_seconds = time.perf_counter() - start
 
     k = int(head.classes_.size) if task == "classification" else None
-    metrics = metrics_with_ci(task, y_test, scores, k, n_boot=n_boot, seed=seed)
+    y_true = _proba_columns(head.classes_, y_test) if task == "classification" else y_test
+    metrics = metrics_with_ci(task, y_true, scores, k, n_boot=n_boot, seed=seed)
     best_params = jsonable(dict(head.best_params_))
     metrics.update(
         n_features=int(head.n_features_in_),

@@ -177,7 +177,7 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
         Reduce the standardised features by PCA to this many components (int) or to
         this fraction of explained variance (float); fitted on training rows only.
     n_classes : int or None
-        Number of classes K; None infers ``max label + 1`` over train and val.
+        Number of classes K, or None for the labels seen (see :class:`~featcache.heads.base.ClassifierHead`).
     random_state : int or None
         Seed of the hold-out split, the folds and the PCA solver.
     n_jobs : int or None
@@ -193,7 +193,7 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
         Final model; it may know fewer than K classes (``train_classes_``).
     classes_ : ndarray of shape (K,)
     train_classes_ : ndarray of shape (n_seen,)
-        Classes present in the final training rows.
+        Indices into ``classes_`` of the classes present in the final training rows.
     n_features_in_ : int
     n_iter_ : int
         lbfgs iterations of the final refit.

@@ -185,7 +185,7 @@ class MLPClassifierBase(ClassifierHead, MLPBase):
         return e / e.sum(axis=1, keepdims=True)
 
     def predict(self, X: Any) -> np.ndarray:
-        """Most probable class index, shape (n,)."""
+        """Most probable class, shape (n,): values of ``classes_``."""
         logits = self._forward(X)
         return self.classes_[np.argmax(logits, axis=1)]
 
@@ -219,7 +219,7 @@ class MLPHead(MLPClassifierBase):
         explained variance (float) of the standardised features; fitted on the
         rows the network is trained on.
     n_classes : int or None
-        Number of outputs K; None infers ``max label + 1`` over train and val.
+        Number of outputs K, or None for the labels seen (see :class:`~featcache.heads.base.ClassifierHead`).
     random_state : int or None
         Seed of initialisation, dropout, shuffling, the PCA solver and the hold-out
         (None means 0 for all of them: two fits with None are identical).

@@ -142,7 +142,7 @@ class StreamingLogisticHead(ClassifierHead, _StreamingLinearBase):
         Stratified hold-out of the training rows when no ``X_val`` is given (held-out
         rows are skipped chunk by chunk; no refit on the full training rows).
     n_classes : int or None
-        Number of classes K; None infers ``max label + 1`` over train and val.
+        Number of classes K, or None for the labels seen (see :class:`~featcache.heads.base.ClassifierHead`).
     random_state : int or None
         Seed of the chunk order, the row order within chunks, SGD and the hold-out.
 

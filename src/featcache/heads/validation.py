@@ -23,6 +23,7 @@ __all__ = [
     "check_targets",
     "validate_xy",
     "resolve_classes",
+    "encode_labels",
     "require_two_classes",
     "expand_columns",
     "as_float_list",
@@ -93,8 +94,9 @@ def check_labels(y: np.ndarray, name: str) -> np.ndarray:
     """Check that ``y`` holds non-negative integer class indices; return int64."""
     if y.dtype.kind not in "iuf":
         raise ValueError(
-            f"Unknown label type: {name} has dtype {y.dtype}; allowed: integer class indices 0..K-1. "
-            "Hint: map class names to indices first (the store's /label column)."
+            f"Unknown label type: {name} has dtype {y.dtype}; allowed with n_classes=K: integer class indices "
+            "0..K-1. Hint: leave n_classes=None to use the labels as given, or map class names to indices first "
+            "(the store's /label column)."
         )
     if y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y))):
         raise ValueError(
@@ -136,14 +138,26 @@ def validate_xy(X: Any, y: Any, classification: bool, name: str) -> tuple[np.nda
 
 
 def resolve_classes(n_classes: int | None, *label_arrays: np.ndarray | None) -> np.ndarray:
-    """Return ``classes_ = np.arange(K)``.
+    """Return the class indices ``np.arange(K)`` of class index arrays.
 
-    K is ``n_classes`` when given, else ``max label + 1`` over the given label arrays.
+    K is ``n_classes`` when given, else ``max index + 1`` over the given arrays: with
+    ``n_classes=None`` the heads fit on the indices of :func:`encode_labels`, which
+    cover 0..K-1, and ``classes_`` maps them back to the labels.
+
+    Parameters
+    ----------
+    n_classes : int >= 2 or None
+    *label_arrays : ndarray of shape (n_i,) or None
+        Class indices (non-negative integers).
+
+    Returns
+    -------
+    ndarray of shape (K,)
 
     Raises
     ------
     ValueError
-        If a label is >= ``n_classes``.
+        If an index is >= ``n_classes``.
     """
     check_int("n_classes", n_classes, 2, allow_none=True)
     top = max((int(a.max()) for a in label_arrays if a is not None and a.size), default=-1)
@@ -155,6 +169,50 @@ def resolve_classes(n_classes: int | None, *label_arrays: np.ndarray | None) -> 
             "Hint: set n_classes to the number of classes in the dataset (or None to infer it)."
         )
     return np.arange(n_classes)
+
+
+def encode_labels(*label_arrays: Any) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """Class labels of any sortable kind (ints, strings, integral floats) -> sorted classes and indices.
+
+    Parameters
+    ----------
+    *label_arrays : array-like of shape (n_i,), or None
+        The labels of each split (train, val); a column vector is raveled with
+        scikit-learn's ``DataConversionWarning``.
+
+    Returns
+    -------
+    classes : ndarray of shape (K,)
+        ``np.unique`` of the labels of every array (strings as a str array).
+    indices : list of (ndarray of shape (n_i,), int64, or None)
+        Per array, the index of each label in ``classes`` (None stays None).
+
+    Raises
+    ------
+    ValueError
+        For non-integral or non-finite float labels (continuous targets) or labels
+        of mixed, unorderable types.
+    """
+    arrays = [None if a is None else column_or_1d(a, warn=True) for a in label_arrays]
+    given = [a for a in arrays if a is not None]
+    for a in given:
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a) & (a == np.round(a))):
+            bad = a[~(np.isfinite(a) & (a == np.round(a)))][0]
+            raise ValueError(
+                f"Unknown label type: continuous (the label {float(bad)!r}); allowed: class labels "
+                "(integers, integral floats or strings). Hint: use a regression head for continuous targets."
+            )
+    try:
+        classes = np.unique(np.concatenate(given)) if given else np.array([], dtype=np.int64)
+    except TypeError as err:
+        raise ValueError(
+            f"the labels mix types that cannot be sorted ({err}); allowed: labels of one kind "
+            "(all integers or all strings). Hint: convert the labels with .astype(str)."
+        ) from err
+    indices = [None if a is None else np.searchsorted(classes, a).astype(np.int64) for a in arrays]
+    if classes.dtype == object and all(isinstance(c, str) for c in classes):
+        classes = classes.astype(str)  # saved by save_head without pickle
+    return classes, indices
 
 
 def require_two_classes(y: np.ndarray, what: str = "training rows") -> np.ndarray:
