@@ -9,7 +9,7 @@ import pytest
 
 from featcache.pipeline import compare, extract, parse_params, prepare, train
 from featcache.runs import read_run
-from featcache.store import FeatureStore, StaleStoreError
+from featcache.store import FeatureStore, StaleStoreError, StoreError
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,25 @@ def test_train_refuses_a_stale_store(pipeline_run):
         train(parse_params(raw), pipeline_run["store"], "efficientnet_lite0", "pool", "logreg",
               pipeline_run["root"] / "stale.json")
     assert not (pipeline_run["root"] / "stale.json").exists()
+
+
+def test_train_refuses_a_class_whose_training_rows_were_all_skipped(pipeline_run, tmp_path):
+    """Bad images can empty a class that prepare saw: train names it instead of silently dropping it."""
+    import shutil
+
+    import h5py
+
+    store = tmp_path / "store.h5"
+    shutil.copy(pipeline_run["store"], store)
+    with h5py.File(store, "r+") as handle:  # as if every training image of class 0 had been skipped
+        labels, splits = handle["label"][()], handle["split"][()]
+        labels[(labels == 0) & (splits == 0)] = 1
+        handle["label"][...] = labels
+        first = [name.decode() if isinstance(name, bytes) else name for name in handle["classes"][()]][0]
+    raw = pipeline_run["params_factory"](str(pipeline_run["root"] / "images"))
+    with pytest.raises(StoreError, match=rf"without any training row in the feature store: \['{first}'\]"):
+        train(parse_params(raw), store, "efficientnet_lite0", "pool", "logreg", tmp_path / "m.json")
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_predict_scores_a_store_and_new_images(pipeline_run, tmp_path):

@@ -341,6 +341,17 @@ def test_class_without_training_examples_is_named(tmp_path, folder_factory):
     assert not (tmp_path / "prepared").exists()
 
 
+def test_one_class_stops_prepare_before_extraction(tmp_path):
+    only = tmp_path / "images" / "cat"
+    only.mkdir(parents=True)
+    for i in range(6):
+        Image.new("RGB", (8, 8), (i, 9, 9)).save(only / f"{i}.png")
+    params = parse_params({"data": {"name": "t", "path": str(tmp_path / "images")}})
+    with pytest.raises(ManifestError, match=r"at least 2 classes to train heads; found 1: \['cat'\]"):
+        prepare(params, tmp_path / "prepared")
+    assert not (tmp_path / "prepared" / "manifest.csv").exists()
+
+
 def test_duplicated_csv_paths_are_rejected_by_prepare(tmp_path):
     data = tmp_path / "data"
     (data / "img").mkdir(parents=True)

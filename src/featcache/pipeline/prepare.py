@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.inputs.manifest import Manifest, ManifestError
 from featcache.extract.inputs.sharded import ShardedManifest, from_shards
 from featcache.extract.inputs.sources import from_csv, from_folder, write_digits
 from featcache.extract.inputs.storage import StorageOptions
@@ -66,6 +66,7 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest | ShardedManifest:
                    "n_without_image": sharded.n_without_image,
                    "shards_ended_early": [s["path"] for s in sharded.shards if s["problem"]]}
         if sharded.task == "classification":
+            _check_two_classes(sharded.classes)
             summary["per_class"] = sharded.per_class
         _write_summary(out_dir, summary)
         logger.info("Prepared %d rows from %d shards: %s", sharded.n_rows, len(sharded.shards), sharded.split_counts)
@@ -74,6 +75,8 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest | ShardedManifest:
         manifest = from_folder(data.path, ratios, data.seed, classes=data.classes)
     else:
         manifest = from_csv(Path(data.path) / data.csv, ratios, data.seed, data.task, classes=data.classes)
+    if manifest.task == "classification":
+        _check_two_classes(manifest.classes)
     manifest.write(out_dir / "manifest.csv")
     summary = {"n_rows": len(manifest), "task": manifest.task, "splits": manifest.split_counts(),
                "classes": manifest.classes}
@@ -85,6 +88,15 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest | ShardedManifest:
     _write_summary(out_dir, summary)
     logger.info("Prepared %d rows from %s %s: %s", len(manifest), data.source, data.path, summary["splits"])
     return manifest
+
+
+def _check_two_classes(classes: list[str]) -> None:
+    """The pipeline trains classifiers: one class would pass extraction and fail every head."""
+    if len(classes) < 2:
+        raise ManifestError(
+            f"A classification dataset needs at least 2 classes to train heads; found {len(classes)}: {classes}. "
+            "Hint: put each class's images in its own folder (data.path/<class>/<image>) or give them distinct "
+            "labels; for numeric targets set data.task: regression.")
 
 
 def _write_summary(out_dir: Path, summary: dict) -> None:

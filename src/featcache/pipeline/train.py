@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from pydantic import Field, model_validator
 
 from featcache.heads.metrics import confusion_rows
@@ -21,13 +22,13 @@ from featcache.pipeline.params.extract import (
 )
 from featcache.pipeline.params.train import TrainParams, check_heads_sections
 from featcache.runs import write_run, write_run_info
-from featcache.store import FeatureStore
+from featcache.store import FeatureStore, StoreError
 from featcache.util.atomic import write_csv
 
 if TYPE_CHECKING:
     from featcache.store.reader import FeatureStore as Store
 
-__all__ = ["TrainSections", "expected_store_config", "load_train_sections", "train"]
+__all__ = ["TrainSections", "check_classes_trainable", "expected_store_config", "load_train_sections", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,26 @@ def expected_store_config(params: Any, backbone: str, store: Store) -> dict[str,
     return config
 
 
+def check_classes_trainable(classes: list[str], y_train: np.ndarray, errors: list[tuple[str, str]]) -> None:
+    """Every class keeps a training row in the store.
+
+    ``prepare`` checks this on the manifest; a class whose training images were all skipped as bad images
+    at extraction would otherwise vanish from the heads while the report still lists it.
+
+    Raises
+    ------
+    StoreError
+        Naming the classes and how many images extraction skipped.
+    """
+    missing = [name for k, name in enumerate(classes) if not np.any(y_train == k)]
+    if missing:
+        raise StoreError(
+            f"Classes without any training row in the feature store: {missing}; extraction skipped "
+            f"{len(errors)} bad images (first: {errors[:3]}). Hint: fix or replace those images and rerun, or "
+            "remove the classes (data.classes, or their folders); FeatureStore(path).errors() lists every "
+            "skipped image with its reason.")
+
+
 def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: str,
           metrics_path: str | Path, model_dir: str | Path | None = None,
           predictions_path: str | Path | None = None) -> dict[str, Any]:
@@ -107,6 +128,8 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
         y_of = store.labels if task == "classification" else store.targets
         y = {split: y_of(split) for split in ("train", "val", "test")}
         classes = list(store.classes)
+        if task == "classification":
+            check_classes_trainable(classes, y["train"], store.errors())
         layer_info = store.layer_info(layer)
         weights = {key: str(store.attrs[key]) for key in ("weights_id", "weights_sha256") if key in store.attrs}
     has_val = len(y["val"]) > 0

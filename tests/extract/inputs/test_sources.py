@@ -46,6 +46,33 @@ def test_from_folder_ids_labels_and_splits(tmp_path):
     assert not np.array_equal(from_folder(tmp_path, RATIOS, seed=1).splits, manifest.splits)
 
 
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_from_folder_counts_the_files_it_skips_and_reads_jfif(tmp_path, caplog):
+    write_image_folder(tmp_path, classes=("a", "b"), per_class=4, size=8)
+    Image.new("RGB", (4, 4)).save(tmp_path / "a" / "phone.jfif", format="JPEG")
+    for name in ("x.heic", "y.heic", "notes.txt"):
+        (tmp_path / "b" / name).write_bytes(b"x")
+    Image.new("RGB", (4, 4)).save(tmp_path / "stray.png")
+    with caplog.at_level(logging.WARNING, logger="featcache.extract.inputs.sources"):
+        manifest = from_folder(tmp_path, RATIOS, seed=0)
+    assert "a/phone.jfif" in manifest.ids and len(manifest) == 9
+    warnings = _warnings(caplog)
+    assert any("Skipped 3 files" in w and ".heic: 2" in w and ".txt: 1" in w for w in warnings), warnings
+    assert any("Skipped 1 files directly under" in w and "stray.png" in w for w in warnings), warnings
+
+
+def test_a_class_without_test_images_is_warned_about(tmp_path, caplog):
+    write_image_folder(tmp_path, classes=("a", "b"), per_class=10, size=8)
+    write_image_folder(tmp_path, classes=("tiny",), per_class=2, size=8)  # 2 x 0.2: no val or test image
+    with caplog.at_level(logging.WARNING, logger="featcache.extract.inputs.sources"):
+        from_folder(tmp_path, RATIOS, seed=0)
+    warnings = _warnings(caplog)
+    assert any("without any test image" in w and "'tiny'" in w and "'a'" not in w for w in warnings), warnings
+
+
 def test_from_folder_warns_about_empty_classes(tmp_path, caplog):
     write_image_folder(tmp_path, classes=("a", "b"), per_class=3, size=8)
     (tmp_path / "empty").mkdir()

@@ -6,6 +6,7 @@ with a deterministic split; :func:`build_manifest` dispatches on the source name
 
 from __future__ import annotations
 
+import collections
 import csv
 import logging
 import math
@@ -24,12 +25,14 @@ __all__ = ["IMAGE_EXTENSIONS", "SOURCES", "build_manifest", "check_listed_classe
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                    ".pgm")
 SOURCES = ("digits", "folder", "csv", "webdataset")
 
 
 def check_train_classes(labels: np.ndarray, splits: np.ndarray, classes: list[str]) -> None:
-    """Every class needs a training example after the split."""
+    """Every class needs a training example after the split; a warning for a class that has no val or test
+    rows where that split is in use (its score would not be measured)."""
     train = splits == SPLIT_CODES["train"]
     missing = [classes[k] for k in range(len(classes)) if not np.any(labels[train] == k)]
     if missing:
@@ -37,6 +40,12 @@ def check_train_classes(labels: np.ndarray, splits: np.ndarray, classes: list[st
             f"Classes without any training example after the split: {missing}. "
             "Hint: add images for them, lower data.split.val/test, or drop those classes."
         )
+    for split in ("val", "test"):
+        held = splits == SPLIT_CODES[split]
+        absent = [classes[k] for k in range(len(classes)) if not np.any(labels[held] == k)]
+        if held.any() and absent:
+            logger.warning("Classes without any %s image after the split: %s; their %s scores are not measured. "
+                           "Hint: add images for them, or raise data.split.%s.", split, absent, split, split)
 
 
 def format_rows(rows: Sequence[int], limit: int = 10) -> str:
@@ -116,9 +125,13 @@ def from_folder(root: str | Path, ratios: Mapping[str, float], seed: int,
     if not root.is_dir():
         raise ManifestError(f"Image folder {str(root)!r} does not exist. Hint: set data.path in params.yaml.")
     ids, paths, names, empty = [], [], [], []
+    skipped: collections.Counter[str] = collections.Counter()
+    outside = [p.name for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                       and not any(part.startswith(".") for part in p.relative_to(class_dir).parts))
+        visible = [p for p in class_dir.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)]
+        files = sorted(p for p in visible if p.suffix.lower() in IMAGE_EXTENSIONS)
+        skipped.update(p.suffix.lower() or "(none)" for p in visible if p.suffix.lower() not in IMAGE_EXTENSIONS)
         if not files:
             empty.append(class_dir.name)
         for file in files:
@@ -126,6 +139,13 @@ def from_folder(root: str | Path, ratios: Mapping[str, float], seed: int,
             ids.append(relative)
             paths.append(relative)
             names.append(class_dir.name)
+    if skipped:
+        logger.warning("Skipped %d files in class folders whose extensions are not images (%s); images must end "
+                       "in one of %s. Hint: rename or convert them to be included.", sum(skipped.values()),
+                       ", ".join(f"{ext}: {n}" for ext, n in sorted(skipped.items())), ", ".join(IMAGE_EXTENSIONS))
+    if outside:
+        logger.warning("Skipped %d files directly under %s, outside any class folder (e.g. %s): labels come "
+                       "from class folders, %s/<class>/<image>.", len(outside), root, sorted(outside)[:3], root)
     if empty and classes is None:
         logger.warning("Ignoring empty class folders (no images with extensions %s): %s", IMAGE_EXTENSIONS, empty)
     if not ids:
