@@ -120,6 +120,30 @@ def test_train_refuses_a_class_whose_training_rows_were_all_skipped(pipeline_run
     assert not (tmp_path / "m.json").exists()
 
 
+def test_predict_refuses_a_store_extracted_unlike_the_heads_features(pipeline_run, tmp_path):
+    """Another pooling (or backbone, weights, preprocessing) gave confident wrong answers; now it is named."""
+    import shutil
+
+    import h5py
+
+    from featcache.pipeline.predict import predict_store
+
+    store = tmp_path / "store.h5"
+    shutil.copy(pipeline_run["store"], store)
+    with h5py.File(store, "r+") as handle:
+        config = json.loads(handle.attrs["config"])
+        config["extract"]["pooling"] = "max"
+        config["data"]["name"] = "another_dataset"  # not a feature setting: alone it would be accepted
+        handle.attrs["config"] = json.dumps(config)
+    model_dir = pipeline_run["root"] / "models" / "pool" / "logreg"
+    with pytest.raises(StaleStoreError, match=r"extract\.pooling: store has 'max', the head's features had 'avg'"):
+        predict_store(model_dir, store, split="test")
+    with h5py.File(store, "r+") as handle:
+        config["extract"]["pooling"] = "avg"
+        handle.attrs["config"] = json.dumps(config)
+    assert len(predict_store(model_dir, store, split="test")) > 0
+
+
 def test_predict_scores_a_store_and_new_images(pipeline_run, tmp_path):
     from featcache.pipeline.predict import predict_images, predict_store, write_predictions
 

@@ -9,7 +9,7 @@ from PIL import Image
 from featcache.extract.decode.loaders import ImageDataset
 from featcache.pipeline.config import parse_params
 from featcache.pipeline.params.extract import extraction_config
-from featcache.pipeline.predict import stored_preprocessor
+from featcache.pipeline.predict import PredictError, feature_config, predict_images, stored_preprocessor
 from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS
 
 
@@ -40,3 +40,19 @@ def test_stored_preprocessor_decodes_what_the_extraction_did(tmp_path):
     assert ImageDataset([tmp_path / "big.png"], lowered)[0][2].startswith("image too large")
     allowed = stored_preprocessor(_store_config(2000))
     assert ImageDataset([tmp_path / "big.png"], allowed)[0][2] == ""
+
+
+def test_feature_config_keeps_what_changes_features_and_drops_the_rest():
+    config = _store_config(None)
+    config["data"] = {"name": "another_dataset", "task": "classification"}
+    kept = feature_config(config)
+    assert kept["backbone"] == "efficientnet_lite0" and kept["preprocess"] == config["preprocess"]
+    assert kept["extract"]["pooling"] == config["extract"]["pooling"]
+    assert "data" not in kept and "layers" not in kept and "dtype" not in kept["extract"]
+
+
+@pytest.mark.parametrize("inputs", [["nope_folder"], ["empty"]])
+def test_predict_images_names_a_missing_path_or_an_empty_folder(tmp_path, inputs):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PredictError, match="No such file or folder|No images found"):
+        predict_images(tmp_path / "model_not_read_yet", [tmp_path / name for name in inputs])

@@ -15,17 +15,42 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from featcache.errors import UserError
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.sources import IMAGE_EXTENSIONS
 from featcache.heads import load_head
 from featcache.runs import RUN_FILE, read_run_info, write_run_info
-from featcache.store import FeatureStore
+from featcache.store import FeatureStore, StaleStoreError
+from featcache.store.reader import diff_config
 from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS
 
-__all__ = ["RUN_FILE", "write_run_info", "read_run_info", "predict_store", "predict_images", "stored_preprocessor",
-           "write_predictions"]
+__all__ = ["RUN_FILE", "write_run_info", "read_run_info", "FEATURE_CONFIG_KEYS", "PredictError", "feature_config",
+           "predict_store", "predict_images", "stored_preprocessor", "write_predictions"]
 
 logger = logging.getLogger(__name__)
+
+#: The parts of a store's config that change a layer's features: a store that differs in any of them gives
+#: features the head was not trained on. The dataset, the list of layers, the backend and the storage dtype
+#: do not (a head scores another dataset's store extracted the same way).
+FEATURE_CONFIG_KEYS: tuple[str, ...] = ("backbone", "model", "weights", "preprocess", "extract.pooling",
+                                        "extract.precision", "extract.resize_mode")
+
+
+class PredictError(UserError, ValueError):
+    """Bad input to ``featcache predict``: no images, a missing path, features of another width."""
+
+
+def feature_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`FEATURE_CONFIG_KEYS` of an extraction ``config`` (nested as in the config; absent keys left out)."""
+    out: dict[str, Any] = {}
+    for key in FEATURE_CONFIG_KEYS:
+        section, _, name = key.partition(".")
+        if not name:
+            if config.get(section) is not None:
+                out[section] = config[section]
+        elif config.get(section, {}).get(name) is not None:
+            out.setdefault(section, {})[name] = config[section][name]
+    return out
 
 
 def _rows(ids: Sequence[str], scores: np.ndarray, task: str, classes: Sequence[str]) -> list[dict[str, Any]]:
@@ -49,23 +74,35 @@ def predict_store(model_dir: str | Path, store_path: str | Path, split: str | No
     info = read_run_info(model_dir)
     head = load_head(model_dir)
     with FeatureStore(store_path) as store:
+        diffs = diff_config(feature_config(store.config), feature_config(info["extraction_config"]))
+        if diffs:
+            raise StaleStoreError(
+                f"feature store {store_path} was not extracted like the features of the head in {model_dir}: "
+                + "; ".join(d.replace("params say", "the head's features had") for d in diffs)
+                + ". Hint: extract the images with the head's settings (extraction_config in its "
+                "featcache-run.json), or score the images with predict --images.")
         features = store.read(info["layer"], split)
         ids = list(store.ids(split))
     if features.shape[1] != head.n_features_in_:
-        raise ValueError(f"Layer {info['layer']!r} of {store_path} has {features.shape[1]} features but the head "
-                         f"was trained on {head.n_features_in_}. Hint: use the store of backbone {info['backbone']!r}.")
+        raise PredictError(f"Layer {info['layer']!r} of {store_path} has {features.shape[1]} features but the head "
+                           f"was trained on {head.n_features_in_}. Hint: use the store of backbone "
+                           f"{info['backbone']!r}.")
     return _rows(ids, _score(head, features, info["task"]), info["task"], info["classes"])
 
 
 def _image_paths(inputs: Sequence[str | Path]) -> list[Path]:
     paths: list[Path] = []
+    missing = [str(item) for item in map(Path, inputs) if not item.exists()]
+    if missing:
+        raise PredictError(f"No such file or folder: {missing}. Hint: give image files or folders of images.")
     for item in map(Path, inputs):
         if item.is_dir():
             paths.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS))
         else:
             paths.append(item)
     if not paths:
-        raise ValueError(f"No images found in {list(map(str, inputs))} (extensions {IMAGE_EXTENSIONS}).")
+        raise PredictError(f"No images found in {list(map(str, inputs))} (extensions {IMAGE_EXTENSIONS}). "
+                           "Hint: give image files, or folders that contain them.")
     return paths
 
 
@@ -98,6 +135,7 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
     from featcache.extract.runners.torch_runner import TorchFeatureExtractor
     from featcache.extract.zoo.weights import load_backbone
 
+    paths = _image_paths(inputs)  # a wrong path fails before the backbone loads
     info = read_run_info(model_dir)
     head = load_head(model_dir)
     config = info["extraction_config"]
@@ -109,7 +147,6 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
                     "cosine %s of float32)", config["extract"]["precision"], config["extract"].get("int8_min_cosine"))
     extractor = TorchFeatureExtractor(loaded.model, loaded.spec, [info["layer"]],
                                       pooling=config["extract"]["pooling"], device=plan.device)
-    paths = _image_paths(inputs)
     loader = make_loader(ImageDataset(paths, preprocess), range(len(paths)), batch_size, num_workers=0)
     rows: list[dict[str, Any]] = []
     for batch_rows, images, errors in loader:
