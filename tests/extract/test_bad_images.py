@@ -366,13 +366,16 @@ def test_fail_names_the_first_bad_input_keeps_committed_blocks_and_resumes(runne
     assert sorted(p.name for p in out.parent.iterdir()) == ["store.h5"]
 
 
-def test_missing_file_is_reported_as_missing(runner, tmp_path):
+def test_missing_file_is_reported_as_missing(runner, tmp_path, caplog):
     images = _good_folder(tmp_path / "images", n=2)
     manifest = from_folder(images, ALL_TRAIN, seed=0)
     (images / "a" / "001.png").unlink()
-    report = _extract(manifest, runner, tmp_path / "m.h5")
+    with caplog.at_level(logging.WARNING, logger="featcache.extract.engine"):
+        report = _extract(manifest, runner, tmp_path / "m.h5")
     assert report.errors == [("a/001.png", "missing file")]
     assert (report.n_written, report.n_skipped) == (3, 1)
+    # the warning names the file where the user can find it, from any working directory
+    assert f"Bad image a/001.png ({images / 'a' / '001.png'}): missing file" in caplog.text
 
 
 # --------------------------------------------------------------- manifests

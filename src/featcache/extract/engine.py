@@ -456,9 +456,10 @@ def _report_bad(manifest: Manifest, rows: np.ndarray, good: np.ndarray, reasons:
     """Log the bad rows of a batch, add them to ``errors``; raise at the first one with ``fail``."""
     for index in np.flatnonzero(~good).tolist():
         row = int(rows[index])
-        logger.warning("Bad image %s (%s): %s", manifest.ids[row], manifest.describe(row), reasons[index])
+        # Where the user can find it: the absolute path (or URL), with ``:member`` for a shard row.
+        where = manifest.describe(row) if manifest.members is not None else manifest.location(row)
+        logger.warning("Bad image %s (%s): %s", manifest.ids[row], where, reasons[index])
         if on_error == "fail":
-            where = manifest.describe(row) if manifest.members is not None else manifest.location(row)
             raise ExtractionError(
                 f"Bad image {manifest.ids[row]!r} ({where}): {reasons[index]}. "
                 "Nothing was written to the final file. Hint: fix or remove it, or set "
