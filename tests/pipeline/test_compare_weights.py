@@ -126,3 +126,14 @@ def test_a_pipe_in_a_file_name_does_not_break_the_table(tmp_path: Path):
                                                  {"weights_id": "file:a|b.pt", "weights_sha256": SHA}))
     compare(tmp_path / "m", tmp_path / "r")
     assert "| a\\|b.pt sha256:1a2b3c4d5e6f |" in (tmp_path / "r" / "compare.md").read_text()
+
+
+def test_a_metrics_folder_that_does_not_exist_is_an_error_not_an_empty_report(tmp_path: Path, caplog):
+    from featcache.pipeline.compare import MetricsNotFoundError
+
+    with pytest.raises(MetricsNotFoundError, match="No such metrics folder"):
+        compare(tmp_path / "typo", tmp_path / "reports")
+    assert not (tmp_path / "reports").exists()
+    (tmp_path / "metrics").mkdir()
+    assert compare([tmp_path / "metrics", tmp_path / "typo"], tmp_path / "reports") == []  # one exists: a warning
+    assert "typo" in caplog.text

@@ -19,10 +19,12 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from featcache.errors import UserError
 from featcache.runs import SIDECAR_SUFFIX, read_run
 from featcache.util.atomic import write_csv, write_text
 
-__all__ = ["compare", "collect_runs", "weights_label", "PLOT_COLUMNS", "PRIMARY_METRIC", "UNKNOWN_WEIGHTS"]
+__all__ = ["compare", "collect_runs", "weights_label", "MetricsNotFoundError", "PLOT_COLUMNS", "PRIMARY_METRIC",
+           "UNKNOWN_WEIGHTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,10 @@ _COLUMNS = {
 }
 
 
+class MetricsNotFoundError(UserError, FileNotFoundError):
+    """``compare`` was given metrics folders none of which exists."""
+
+
 def collect_runs(metrics_dir: str | Path | Sequence[str | Path]) -> list[dict[str, Any]]:
     """All runs under ``metrics_dir`` (one folder or several; ``**/*.json``), sorted by path.
 
@@ -48,6 +54,12 @@ def collect_runs(metrics_dir: str | Path | Sequence[str | Path]) -> list[dict[st
     JSON files that are no run record are skipped.
     """
     folders = [metrics_dir] if isinstance(metrics_dir, (str, Path)) else list(metrics_dir)
+    missing = [str(folder) for folder in folders if not Path(folder).is_dir()]
+    if missing and len(missing) == len(folders):
+        raise MetricsNotFoundError(f"No such metrics folder: {missing}. Hint: give the folder the train stage "
+                                   "writes (metrics/<data.name> in dvc.yaml), after `dvc repro` or `featcache train`.")
+    if missing:
+        logger.warning("Metrics folders that do not exist (skipped): %s", missing)
     runs = []
     for path in sorted({p for folder in folders for p in Path(folder).rglob("*.json")}):
         if path.name.endswith(SIDECAR_SUFFIX):
