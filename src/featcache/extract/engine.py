@@ -48,17 +48,14 @@ from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.plan import ExtractionPlan
 from featcache.store.reader import FeatureStore
-from featcache.store.schema import SHARDS_ATTR, LayerSpec, canonical_json, sha256_text
+from featcache.store.schema import ON_ERROR, SHARDS_ATTR, LayerSpec, canonical_json, sha256_text
 from featcache.store.writer import StoreWriter
 
 __all__ = ["BlockSink", "DEFAULT_MAX_BAD_FRACTION", "ExtractionReport",
-           "FeatureRunner", "ON_ERROR", "build_report", "build_root_attrs", "check_bad_rows", "check_max_bad_fraction",
+           "FeatureRunner", "build_report", "build_root_attrs", "check_bad_rows", "check_max_bad_fraction",
            "check_on_error", "extract_to_store", "run_blocks"]
 
 logger = logging.getLogger(__name__)
-
-#: ``on_error`` values: ``skip`` reports bad images and goes on, ``fail`` stops at the first.
-ON_ERROR = ("skip", "fail")
 
 #: Default ``max_bad_fraction``: a run with more bad images than good ones fails.
 DEFAULT_MAX_BAD_FRACTION = 0.5

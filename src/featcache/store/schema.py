@@ -41,6 +41,7 @@ __all__ = [
     "OPENVINO_PROVIDER",
     "AUTOCASTS",
     "DECODE_PATHS",
+    "ON_ERROR",
     "PRECISIONS",
     "RESIZE_MODES",
     "DEFAULT_MAX_IMAGE_PIXELS",
@@ -86,6 +87,9 @@ AUTOCASTS: tuple[str, ...] = ("auto", "none", "bf16", "fp16")
 
 #: Where images are decoded: PIL in worker processes (``cpu``), or batched on the runner's device (``gpu``).
 DECODE_PATHS: tuple[str, ...] = ("cpu", "gpu")
+
+#: ``extract.on_error`` values: ``skip`` reports bad images and goes on, ``fail`` stops at the first.
+ON_ERROR: tuple[str, ...] = ("skip", "fail")
 
 #: ``extract.precision``: the weights and activations of the forward. ``int8`` runs a graph quantized with
 #: onnxruntime, calibrated on the train split and checked against float32 (``featcache.extract.onnx.quantize``).

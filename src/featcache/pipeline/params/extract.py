@@ -18,6 +18,7 @@ from featcache.store.schema import (
     BACKENDS,
     DEFAULT_MAX_IMAGE_PIXELS,
     FEATURE_DTYPES,
+    ON_ERROR,
     POOLINGS,
     PRECISIONS,
     RESIZE_MODES,
@@ -63,7 +64,7 @@ class ExtractParams(Strict):
     int8_holdout: int = Field(256, ge=1, le=100_000)
     #: int8: lowest per-image cosine of int8 vs float32 features on the held-out rows, per layer.
     int8_min_cosine: float = Field(0.99, gt=0, le=1)
-    on_error: Literal["skip", "fail"] = "skip"
+    on_error: Literal[ON_ERROR] = "skip"  # type: ignore[valid-type]
     block_rows: int = Field(512, ge=1)
     malloc_tuning: bool = True
     #: Decompression-bomb guard: images with more pixels (width x height) are reported as bad
