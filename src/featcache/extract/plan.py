@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from featcache.errors import ExtractionError
-from featcache.store.schema import AUTOCASTS, BACKENDS, DECODE_PATHS, OPENVINO_PROVIDER, PRECISIONS
+from featcache.store.schema import AUTOCASTS, BACKENDS, DECODE_CHOICES, DECODE_PATHS, OPENVINO_PROVIDER, PRECISIONS
 from featcache.util import compute
 
 __all__ = ["CUDA_PROVIDER", "LOADERS", "ONNX_GPU_FIX", "OPENVINO_AUTO_AUTOCASTS", "ExtractionPlan", "build_runner",
@@ -172,7 +172,7 @@ def resolve_decode(decode: str, device: str, backend: str = "torch") -> str:
     if decode == "auto":
         return "gpu" if _is_cuda(device) and backend == "torch" else "cpu"
     if decode not in DECODE_PATHS:
-        raise ValueError(f"extract.decode {decode!r} is not one of 'auto', {', '.join(map(repr, DECODE_PATHS))}.")
+        raise ValueError(f"extract.decode {decode!r} is not one of {', '.join(map(repr, DECODE_CHOICES))}.")
     return decode
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "OPENVINO_PROVIDER",
     "AUTOCASTS",
     "DECODE_PATHS",
+    "DECODE_CHOICES",
     "ON_ERROR",
     "PRECISIONS",
     "RESIZE_MODES",
@@ -87,6 +88,9 @@ AUTOCASTS: tuple[str, ...] = ("auto", "none", "bf16", "fp16")
 
 #: Where images are decoded: PIL in worker processes (``cpu``), or batched on the runner's device (``gpu``).
 DECODE_PATHS: tuple[str, ...] = ("cpu", "gpu")
+
+#: ``extract.decode`` values: a decode path, or ``auto`` (the device path when torch runs on CUDA, else ``cpu``).
+DECODE_CHOICES: tuple[str, ...] = ("auto", *DECODE_PATHS)
 
 #: ``extract.on_error`` values: ``skip`` reports bad images and goes on, ``fail`` stops at the first.
 ON_ERROR: tuple[str, ...] = ("skip", "fail")

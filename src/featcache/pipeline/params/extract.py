@@ -16,6 +16,7 @@ from featcache.pipeline.params.base import Strict
 from featcache.store.schema import (
     AUTOCASTS,
     BACKENDS,
+    DECODE_CHOICES,
     DEFAULT_MAX_IMAGE_PIXELS,
     FEATURE_DTYPES,
     ON_ERROR,
@@ -54,7 +55,7 @@ class ExtractParams(Strict):
     autocast: Literal[AUTOCASTS] = "auto"  # type: ignore[valid-type]
     #: Where JPEGs are decoded: ``auto`` = batched on the GPU when torch runs on CUDA, else PIL in
     #: the workers (``cpu``); ``gpu`` forces the device path (on a CPU device too). Stored resolved.
-    decode: Literal["auto", "cpu", "gpu"] = "auto"
+    decode: Literal[DECODE_CHOICES] = "auto"  # type: ignore[valid-type]
     #: float32, or int8: a graph quantized by onnxruntime on the CPU, calibrated on train rows and
     #: checked against float32 on held-out rows (``int8_min_cosine``); see README "int8 on the CPU".
     precision: Literal[PRECISIONS] = "float32"  # type: ignore[valid-type]
