@@ -72,7 +72,6 @@ from featcache.extract.blockloop import Progress
 from featcache.extract.dask_tasks import TaskResult, WorkerJob, extract_task, plan_tasks, probe_task
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.engine import (
-    DEFAULT_MAX_BAD_FRACTION,
     ExtractionReport,
     build_report,
     build_root_attrs,
@@ -84,6 +83,12 @@ from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.plan import LOADERS
 from featcache.extract.runner_spec import RunnerSpec, local_workers, worker_device
 from featcache.store.errors import StoreError
+from featcache.store.schema import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BLOCK_ROWS,
+    DEFAULT_FEATURE_DTYPE,
+    DEFAULT_MAX_BAD_FRACTION,
+)
 from featcache.store.writer import StoreWriter
 
 __all__ = ["CONNECT_TRIES", "THREADS_PER_WORKER", "RunnerSpec", "connect_client", "extract_distributed",
@@ -263,9 +268,9 @@ def extract_distributed(
     *,
     config: Mapping[str, Any],
     attrs: Mapping[str, Any] | None = None,
-    dtype: str = "float16",
-    block_rows: int = 512,
-    batch_size: int = 64,
+    dtype: str = DEFAULT_FEATURE_DTYPE,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     on_error: str = "skip",
     client: Any = None,
     scheduler_address: str | None = None,

@@ -48,17 +48,24 @@ from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.plan import ExtractionPlan
 from featcache.store.reader import FeatureStore
-from featcache.store.schema import ON_ERROR, SHARDS_ATTR, LayerSpec, canonical_json, sha256_text
+from featcache.store.schema import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BLOCK_ROWS,
+    DEFAULT_FEATURE_DTYPE,
+    DEFAULT_MAX_BAD_FRACTION,
+    ON_ERROR,
+    SHARDS_ATTR,
+    LayerSpec,
+    canonical_json,
+    sha256_text,
+)
 from featcache.store.writer import StoreWriter
 
-__all__ = ["BlockSink", "DEFAULT_MAX_BAD_FRACTION", "ExtractionReport",
+__all__ = ["BlockSink", "ExtractionReport",
            "FeatureRunner", "build_report", "build_root_attrs", "check_bad_rows", "check_max_bad_fraction",
            "check_on_error", "extract_to_store", "run_blocks"]
 
 logger = logging.getLogger(__name__)
-
-#: Default ``max_bad_fraction``: a run with more bad images than good ones fails.
-DEFAULT_MAX_BAD_FRACTION = 0.5
 
 
 class FeatureRunner(Protocol):
@@ -94,9 +101,9 @@ def extract_to_store(
     config: Mapping[str, Any],
     plan: ExtractionPlan | None = None,
     attrs: Mapping[str, Any] | None = None,
-    dtype: str = "float16",
-    batch_size: int = 64,
-    block_rows: int = 512,
+    dtype: str = DEFAULT_FEATURE_DTYPE,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    block_rows: int = DEFAULT_BLOCK_ROWS,
     on_error: str = "skip",
     progress: bool = True,
     lock_timeout: float = 0.0,
@@ -317,7 +324,7 @@ class BlockSink(Protocol):
 
 
 def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, blocks: Sequence[int], *,
-               preprocess: Preprocessor, layer_specs: Sequence[LayerSpec], batch_size: int = 64,
+               preprocess: Preprocessor, layer_specs: Sequence[LayerSpec], batch_size: int = DEFAULT_BATCH_SIZE,
                num_workers: int | None = None, loader: str | None = None, on_error: str = "skip",
                progress: bool = False, label: str = "", dataset: ImageReader | None = None,
                batches: Iterable[Batch] | None = None, overlap: bool | None = None,

@@ -46,6 +46,10 @@ __all__ = [
     "PRECISIONS",
     "RESIZE_MODES",
     "DEFAULT_MAX_IMAGE_PIXELS",
+    "DEFAULT_MAX_BAD_FRACTION",
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_BLOCK_ROWS",
+    "DEFAULT_FEATURE_DTYPE",
     "COMPRESSIONS",
     "HDF5_LIBVER",
     "REQUIRED_ATTRS",
@@ -106,8 +110,20 @@ RESIZE_MODES: tuple[str, ...] = ("crop", "squash")
 #: A config records ``max_image_pixels`` only when it differs from this.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
+#: Default ``extract.max_bad_fraction``: a run with more bad images than good ones fails.
+DEFAULT_MAX_BAD_FRACTION = 0.5
+
+#: Default ``extract.batch_size``: images per forward of the backbone.
+DEFAULT_BATCH_SIZE = 64
+
+#: Default ``extract.block_rows``: rows per committed block (the unit of resume) and per HDF5 chunk.
+DEFAULT_BLOCK_ROWS = 512
+
 #: Allowed storage dtypes for ``/features/<alias>``.
 FEATURE_DTYPES: tuple[str, ...] = ("float16", "float32")
+
+#: Default storage dtype (``extract.dtype``), one of :data:`FEATURE_DTYPES`.
+DEFAULT_FEATURE_DTYPE = "float16"
 
 #: Allowed pooling of conv maps (B, C, H, W) and transformer token maps (B, N, C) before storage.
 #: Conv maps: ``avg``/``max`` over H x W, ``avg2x2`` a 2x2 spatial pyramid level, ``none`` the whole map.

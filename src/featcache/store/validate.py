@@ -16,6 +16,7 @@ from .assemble import to_attr
 from .errors import StoreError
 from .schema import (
     COMPRESSIONS,
+    DEFAULT_BLOCK_ROWS,
     FEATURE_DTYPES,
     POOLINGS,
     REQUIRED_ATTRS,
@@ -66,7 +67,7 @@ def check_options(*, dtype: str, block_rows: int, compression: str | None) -> No
     if str(dtype) not in FEATURE_DTYPES:
         raise StoreError(f"dtype {dtype!r} not allowed; allowed: {list(FEATURE_DTYPES)}")
     if not isinstance(block_rows, (int, np.integer)) or isinstance(block_rows, bool) or block_rows < 1:
-        raise StoreError(f"block_rows must be an int >= 1, got {block_rows!r}; default 512")
+        raise StoreError(f"block_rows must be an int >= 1, got {block_rows!r}; default {DEFAULT_BLOCK_ROWS}")
     if compression not in COMPRESSIONS:
         raise StoreError(f"compression {compression!r} not allowed; allowed: {list(COMPRESSIONS)}")
 

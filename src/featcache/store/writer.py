@@ -36,7 +36,7 @@ from . import blocks as _blocks
 from .assemble import write_store
 from .errors import StoreError
 from .lock import FileLock
-from .schema import FORMAT, LayerSpec, canonical_json, sha256_text
+from .schema import DEFAULT_BLOCK_ROWS, DEFAULT_FEATURE_DTYPE, FORMAT, LayerSpec, canonical_json, sha256_text
 from .validate import (
     check_attrs,
     check_ids,
@@ -113,8 +113,8 @@ class StoreWriter(Closing):
         targets: np.ndarray | None,
         layers: Sequence[LayerSpec],
         attrs: Mapping[str, Any],
-        dtype: str = "float16",
-        block_rows: int = 512,
+        dtype: str = DEFAULT_FEATURE_DTYPE,
+        block_rows: int = DEFAULT_BLOCK_ROWS,
         compression: str | None = "gzip",
         lock_timeout: float = 0.0,
     ) -> None:

@@ -17,6 +17,10 @@ from featcache.store.schema import (
     AUTOCASTS,
     BACKENDS,
     DECODE_CHOICES,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_BLOCK_ROWS,
+    DEFAULT_FEATURE_DTYPE,
+    DEFAULT_MAX_BAD_FRACTION,
     DEFAULT_MAX_IMAGE_PIXELS,
     FEATURE_DTYPES,
     ON_ERROR,
@@ -45,9 +49,9 @@ class ExtractParams(Strict):
     #: auto: torch on CUDA, onnxruntime on the CPU, OpenVINO on the CPU for a bf16 autocast it runs natively.
     backend: Literal[BACKENDS] = "auto"  # type: ignore[valid-type]
     device: Literal[DEVICES] = "auto"  # type: ignore[valid-type]
-    batch_size: int = Field(64, ge=1, le=4096)
+    batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1, le=4096)
     num_workers: int | Literal["auto"] = "auto"
-    dtype: Literal[FEATURE_DTYPES] = "float16"  # type: ignore[valid-type]
+    dtype: Literal[FEATURE_DTYPES] = DEFAULT_FEATURE_DTYPE  # type: ignore[valid-type]
     pooling: Literal[POOLINGS] = "avg"  # type: ignore[valid-type]
     resize_mode: Literal[RESIZE_MODES] = "crop"  # type: ignore[valid-type]
     channels_last: bool = True
@@ -66,13 +70,13 @@ class ExtractParams(Strict):
     #: int8: lowest per-image cosine of int8 vs float32 features on the held-out rows, per layer.
     int8_min_cosine: float = Field(0.99, gt=0, le=1)
     on_error: Literal[ON_ERROR] = "skip"  # type: ignore[valid-type]
-    block_rows: int = Field(512, ge=1)
+    block_rows: int = Field(DEFAULT_BLOCK_ROWS, ge=1)
     malloc_tuning: bool = True
     #: Decompression-bomb guard: images with more pixels (width x height) are reported as bad
     #: (checked from the header, in the decode workers); None disables it. Default: Pillow's limit.
     max_image_pixels: int | None = Field(DEFAULT_MAX_IMAGE_PIXELS, ge=1)
     #: A run where every row, or more than this fraction of rows, is a bad image fails (no final store).
-    max_bad_fraction: float = Field(0.5, ge=0, le=1)
+    max_bad_fraction: float = Field(DEFAULT_MAX_BAD_FRACTION, ge=0, le=1)
     scheduler: str = Field("none", description="none | local | a dask scheduler address (tcp://host:8786)")
     n_workers: int | Literal["auto"] = Field("auto", description="workers of the local dask cluster "
                                              "(scheduler: local); auto: one per GPU on CUDA, else 2; more "
