@@ -154,6 +154,13 @@ def _cmd_compare(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
+    # Value sets of the choices below, each from its one home; all three modules are torch-free, so --help
+    # stays cheap. Imported here, not at module level: they only validate arguments, so they are no
+    # stage's dvc deps (tests/pipeline/test_stage_deps.py reads the module level, main and the handler).
+    from featcache.finetune.config import MODES
+    from featcache.store.schema import SPLITS
+    from featcache.util.compute import DEVICES
+
     parser = argparse.ArgumentParser(prog="featcache", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -215,15 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     pred = sub.add_parser("predict", help="score a feature file or new images with a saved head")
     pred.add_argument("--model", required=True, help="run folder written by train (models/<dataset>/<b>/<l>/<h>)")
     pred.add_argument("--store", help="an HDF5 feature store to score")
-    pred.add_argument("--split", choices=["train", "val", "test"], help="only this split of --store")
+    pred.add_argument("--split", choices=SPLITS, help="only this split of --store")
     pred.add_argument("--images", nargs="+", help="image files or folders to score")
     pred.add_argument("--batch-size", type=int, default=32)
-    pred.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    pred.add_argument("--device", default="auto", choices=DEVICES)
     pred.add_argument("--out", required=True, help="output CSV")
     pred.set_defaults(func=_cmd_predict)
 
     ft = with_params(sub.add_parser("finetune", help="fine-tune a backbone end to end (the heads' baseline)"))
-    ft.add_argument("--mode", required=True, choices=["frozen", "low_lr", "unfreeze", "scratch"])
+    ft.add_argument("--mode", required=True, choices=MODES)
     ft.add_argument("--manifest", required=True, help="manifest.csv of the prepare stage")
     ft.add_argument("--out", required=True, help="run folder: model.pt, model.json, weight_report.json, "
                                                  "history.json, backbone.pt, model.onnx, cam/")

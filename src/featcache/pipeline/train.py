@@ -23,6 +23,7 @@ from featcache.pipeline.params.extract import (
 from featcache.pipeline.params.train import TrainParams, check_heads_sections
 from featcache.runs import write_run, write_run_info
 from featcache.store import FeatureStore, StoreError
+from featcache.store.schema import SPLITS
 from featcache.util.atomic import write_csv
 
 if TYPE_CHECKING:
@@ -124,9 +125,9 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
         store.check_config(config)
         # Streaming heads read the store chunk by chunk (out of core); the others load the split.
         read = store.to_dask if head in STREAMING_HEADS else store.read
-        X = {split: read(layer, split) for split in ("train", "val", "test")}
+        X = {split: read(layer, split) for split in SPLITS}
         y_of = store.labels if task == "classification" else store.targets
-        y = {split: y_of(split) for split in ("train", "val", "test")}
+        y = {split: y_of(split) for split in SPLITS}
         classes = list(store.classes)
         if task == "classification":
             check_classes_trainable(classes, y["train"], store.errors())
