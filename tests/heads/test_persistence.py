@@ -91,17 +91,16 @@ def test_errors(tmp_path, clf_data):
 
 
 def test_every_registered_head_has_the_storage_of_its_kind():
-    """persistence.STORAGE (what a head saves besides head.json, by registered name) matches each class's kind."""
+    """The registry's storage kind of each head (what it saves besides head.json) matches each class's kind."""
     from featcache.heads.boosting import LightGBMBase
     from featcache.heads.linear import LinearSearchBase
     from featcache.heads.mlp import MLPBase
     from featcache.heads.out_of_core import StreamingLogisticHead, StreamingRidgeHead
-    from featcache.heads.persistence import STORAGE
-    from featcache.heads.registry import HEADS
+    from featcache.heads.registry import HEADS, STORAGES, head_storage
 
     kinds = {LinearSearchBase: "linear", StreamingLogisticHead: "linear", StreamingRidgeHead: "linear",
              LightGBMBase: "lightgbm", MLPBase: "torch"}
-    assert set(STORAGE) == set(HEADS)
+    assert set(kinds.values()) == set(STORAGES)
     for name, tasks in HEADS.items():
         for cls in tasks.values():
-            assert {kind for base, kind in kinds.items() if issubclass(cls, base)} == {STORAGE[name]}, cls
+            assert {kind for base, kind in kinds.items() if issubclass(cls, base)} == {head_storage(name)}, cls

@@ -19,7 +19,16 @@ from featcache.heads import (
     make_head,
     registry,
 )
-from featcache.heads.registry import HEAD_PATHS, check_head_params, head_param_names
+from featcache.heads.registry import (
+    DEFAULT_HEADS,
+    HEAD_PATHS,
+    REGISTRY,
+    STORAGES,
+    STREAMING_HEADS,
+    check_head_params,
+    head_param_names,
+    head_storage,
+)
 
 
 def test_table_shape():
@@ -31,6 +40,16 @@ def test_table_shape():
         assert set(tasks) == {"classification", "regression"}
         assert is_classifier(tasks["classification"]())
         assert is_regressor(tasks["regression"]())
+
+
+def test_the_tables_derived_from_the_registry():
+    assert HEAD_PATHS == {name: dict(entry.paths) for name, entry in REGISTRY.items()}
+    assert STREAMING_HEADS == ("sgd", "streaming_mlp")
+    assert DEFAULT_HEADS == ("logreg", "lightgbm", "mlp") and set(DEFAULT_HEADS) <= set(head_names())
+    assert {entry.storage for entry in REGISTRY.values()} == set(STORAGES)
+    assert [head_storage(name) for name in head_names()] == ["linear", "lightgbm", "torch", "linear", "torch"]
+    with pytest.raises(ValueError, match=r"unknown head 'lgbm'; allowed: logreg, lightgbm, mlp, sgd, streaming_mlp"):
+        head_storage("lgbm")
 
 
 @pytest.mark.parametrize("name", ["logreg", "lightgbm", "mlp", "sgd", "streaming_mlp"])

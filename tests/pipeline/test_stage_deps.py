@@ -54,18 +54,20 @@ def _lazy_exports(package: str) -> dict[str, str]:
     return {}
 
 
-#: The registry's names that import a head's module by its ``HEAD_PATHS`` string (any head: ``--head`` picks it).
+#: The registry's names that import a head's module by its ``REGISTRY`` path (any head: ``--head`` picks it).
 HEAD_BUILDERS = {"HEADS", "head_class", "make_head"}
 
 
 def _head_modules() -> set[str]:
-    """The modules named by ``featcache.heads.registry.HEAD_PATHS`` (read statically)."""
+    """The modules named by the ``".module:Class"`` paths of ``featcache.heads.registry.REGISTRY`` (read statically)."""
     tree = ast.parse(_module_file("featcache.heads.registry").read_text(encoding="utf-8"))
     for node in tree.body:
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "HEAD_PATHS":
-            paths = ast.literal_eval(node.value)
-            return {f"featcache.heads{path.partition(':')[0]}" for tasks in paths.values() for path in tasks.values()}
-    raise AssertionError("featcache.heads.registry: no HEAD_PATHS")
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "REGISTRY":
+            paths = {const.value for const in ast.walk(node.value)
+                     if isinstance(const, ast.Constant) and isinstance(const.value, str) and ":" in const.value}
+            assert paths, "featcache.heads.registry: REGISTRY names no module:Class path"
+            return {f"featcache.heads{path.partition(':')[0]}" for path in paths}
+    raise AssertionError("featcache.heads.registry: no REGISTRY")
 
 
 def _imports(tree: ast.AST, package: str) -> set[str]:

@@ -32,7 +32,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from featcache.util.serial import jsonable
 
-from .registry import HEAD_PATHS, head_class
+from .registry import HEAD_PATHS, head_class, head_storage
 
 __all__ = ["FORMAT", "load_head", "save_head"]
 
@@ -48,10 +48,6 @@ _FILES = ("head.json", "arrays.npz", "model.txt", "module.pt")
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _ARRAY_ATTRS = ("classes_", "train_classes_")
 _TUPLE_PARAMS = ("hidden_sizes",)
-#: Registered head name -> what it saves besides head.json and arrays.npz' scaler/PCA: ``linear`` the final
-#: linear model's coef/intercept (in arrays.npz), ``lightgbm`` model.txt, ``torch`` module.pt.
-STORAGE: dict[str, str] = {"logreg": "linear", "lightgbm": "lightgbm", "mlp": "torch", "sgd": "linear",
-                           "streaming_mlp": "torch"}
 # every fitted PCA attribute that transform / inverse_transform / score need
 _PCA_ARRAYS = (
     "components", "mean", "explained_variance", "explained_variance_ratio",
@@ -74,12 +70,13 @@ def _class_names() -> dict[str, tuple[str, str]]:
 
 
 def _registered(name: Any) -> tuple[type[BaseEstimator] | None, str]:
-    """The registered class called ``name`` (importing its module only) and its :data:`STORAGE` kind;
+    """The registered class called ``name`` (importing its module only) and its storage kind
+    (:func:`~featcache.heads.registry.head_storage`);
     ``(None, "")`` for a name that is not registered."""
     head, task = _class_names().get(name, (None, None))
     if head is None:
         return None, ""
-    return head_class(head, task), STORAGE[head]
+    return head_class(head, task), head_storage(head)
 
 
 def save_head(head: BaseEstimator, directory: str | Path) -> Path:

@@ -18,6 +18,7 @@ import functools
 import importlib
 import logging
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,26 +29,60 @@ from featcache.util.names import did_you_mean
 if TYPE_CHECKING:
     from sklearn.base import BaseEstimator
 
-__all__ = ["HEADS", "HEAD_PATHS", "LABELS", "STREAMING_HEADS", "TASKS", "check_head_params", "head_class",
-           "head_label", "head_names", "head_param_names", "make_head", "task_params"]
+__all__ = ["DEFAULT_HEADS", "HEADS", "HEAD_PATHS", "LABELS", "REGISTRY", "STORAGES", "STREAMING_HEADS", "TASKS",
+           "HeadEntry", "check_head_params", "head_class", "head_label", "head_names", "head_param_names",
+           "head_storage", "make_head", "task_params"]
 
 log = logging.getLogger(__name__)
 
 
-#: Head name -> task -> ``"module:Class"`` (module relative to this package).
-HEAD_PATHS: dict[str, dict[str, str]] = {
-    "logreg": {"classification": ".linear:LogisticRegressionHead", "regression": ".linear:RidgeHead"},
-    "lightgbm": {"classification": ".boosting:LightGBMHead", "regression": ".boosting:LightGBMRegressorHead"},
-    "mlp": {"classification": ".mlp:MLPHead", "regression": ".mlp:MLPRegressorHead"},
+#: What a saved head holds besides head.json and the scaler/PCA arrays (:mod:`~featcache.heads.persistence`):
+#: ``linear`` the final linear model's coef/intercept (in arrays.npz), ``lightgbm`` model.txt, ``torch`` module.pt.
+STORAGES: tuple[str, ...] = ("linear", "lightgbm", "torch")
+
+
+@dataclass(frozen=True)
+class HeadEntry:
+    """One registered head.
+
+    Attributes
+    ----------
+    paths : mapping of str to str
+        Task -> ``"module:Class"`` of its estimator (module relative to this package).
+    storage : str
+        One of :data:`STORAGES`: what its saved form holds.
+    streaming : bool
+        Whether it trains from dask arrays over the store's HDF5 chunks (out of core)
+        instead of in-memory arrays.
+    """
+
+    paths: Mapping[str, str]
+    storage: str
+    streaming: bool = False
+
+
+#: Head name -> its entry: the one table of heads.
+REGISTRY: dict[str, HeadEntry] = {
+    "logreg": HeadEntry({"classification": ".linear:LogisticRegressionHead", "regression": ".linear:RidgeHead"},
+                        "linear"),
+    "lightgbm": HeadEntry({"classification": ".boosting:LightGBMHead",
+                           "regression": ".boosting:LightGBMRegressorHead"}, "lightgbm"),
+    "mlp": HeadEntry({"classification": ".mlp:MLPHead", "regression": ".mlp:MLPRegressorHead"}, "torch"),
     # out-of-core twins: fit/predict stream numpy or dask arrays one row chunk at a time
-    "sgd": {"classification": ".out_of_core:StreamingLogisticHead", "regression": ".out_of_core:StreamingRidgeHead"},
-    "streaming_mlp": {"classification": ".out_of_core:StreamingMLPHead",
-                      "regression": ".out_of_core:StreamingMLPRegressorHead"},
+    "sgd": HeadEntry({"classification": ".out_of_core:StreamingLogisticHead",
+                      "regression": ".out_of_core:StreamingRidgeHead"}, "linear", streaming=True),
+    "streaming_mlp": HeadEntry({"classification": ".out_of_core:StreamingMLPHead",
+                                "regression": ".out_of_core:StreamingMLPRegressorHead"}, "torch", streaming=True),
 }
 
+#: Head name -> task -> ``"module:Class"`` (module relative to this package), from :data:`REGISTRY`.
+HEAD_PATHS: dict[str, dict[str, str]] = {name: dict(entry.paths) for name, entry in REGISTRY.items()}
 
 #: Heads that train from dask arrays over the store's HDF5 chunks (out of core) instead of in-memory arrays.
-STREAMING_HEADS: tuple[str, ...] = ("sgd", "streaming_mlp")
+STREAMING_HEADS: tuple[str, ...] = tuple(name for name, entry in REGISTRY.items() if entry.streaming)
+
+#: ``train.heads`` when params.yaml leaves it out.
+DEFAULT_HEADS: tuple[str, ...] = ("logreg", "lightgbm", "mlp")
 
 
 #: What a head is called where its twin for a task is a different model (the report's name for it).
@@ -118,6 +153,21 @@ def check_head_params(name: str, task: str, params: Mapping[str, Any] | None) ->
 def head_names() -> list[str]:
     """Registered head names, in table order."""
     return list(HEAD_PATHS)
+
+
+def head_storage(name: str) -> str:
+    """What the saved form of head ``name`` holds: one of :data:`STORAGES`.
+
+    Raises
+    ------
+    ValueError
+        For an unknown head, naming the allowed ones.
+    """
+    if name not in REGISTRY:
+        raise ValueError(
+            f"unknown head {name!r}; allowed: {', '.join(REGISTRY)}.{did_you_mean(str(name), list(REGISTRY))}"
+        )
+    return REGISTRY[name].storage
 
 
 def head_class(name: str, task: str) -> type[BaseEstimator]:

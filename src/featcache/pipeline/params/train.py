@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from featcache.heads.registry import check_head_params, head_names, task_params
+from featcache.heads.registry import DEFAULT_HEADS, check_head_params, head_names, task_params
 from featcache.pipeline.params.base import Strict
 from featcache.util.names import did_you_mean
 
@@ -23,7 +23,7 @@ class FeatureRef(Strict):
 class TrainParams(Strict):
     """Which heads run and how they are scored."""
 
-    heads: list[str] = Field(default_factory=lambda: ["logreg", "lightgbm", "mlp"], min_length=1)
+    heads: list[str] = Field(default_factory=lambda: list(DEFAULT_HEADS), min_length=1)
     n_boot: int = Field(1000, ge=0)
     seed: int = 0
 
