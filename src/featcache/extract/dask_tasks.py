@@ -18,7 +18,6 @@ for a torch runner or a CUDA device.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import socket
 import sys
@@ -34,6 +33,7 @@ from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.runner_spec import RunnerSpec
 from featcache.store.blocks import BlockCommitter
 from featcache.store.schema import LayerSpec
+from featcache.util.compute import torch_version
 
 __all__ = ["TaskResult", "WorkerJob", "extract_task", "plan_tasks", "probe_task"]
 
@@ -128,12 +128,6 @@ def _where() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _torch_version() -> str:
-    """torch's version without its local tag, without importing torch."""
-    torch = sys.modules.get("torch")
-    return str(torch.__version__ if torch is not None else importlib.metadata.version("torch")).split("+")[0]
-
-
 def _build(spec: RunnerSpec, input_size: int, threads: int) -> tuple[Any, dict[str, str]]:
     """The worker's runner (built once per process) with ``threads`` intra-op threads (torch and onnxruntime)."""
     if spec.backend == "torch" or spec.device.startswith("cuda"):
@@ -148,7 +142,7 @@ def _build(spec: RunnerSpec, input_size: int, threads: int) -> tuple[Any, dict[s
 def probe_task(spec: RunnerSpec, input_size: int, threads: int) -> tuple[list[LayerSpec], str, str, str | None]:
     """Build the runner on a worker; return its layer specs, torch version, location and ONNX sha256."""
     runner, attrs = _build(spec, input_size, threads)
-    return runner.layer_specs(input_size), _torch_version(), _where(), attrs.get("onnx_sha256")
+    return runner.layer_specs(input_size), torch_version(), _where(), attrs.get("onnx_sha256")
 
 
 def extract_task(job: WorkerJob, blocks: tuple[int, ...]) -> TaskResult:

@@ -22,10 +22,8 @@ Seams:
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +58,7 @@ from featcache.store.schema import (
     sha256_text,
 )
 from featcache.store.writer import StoreWriter
+from featcache.util.compute import torch_version
 
 __all__ = ["BlockSink", "ExtractionReport",
            "FeatureRunner", "build_report", "build_root_attrs", "check_bad_rows", "check_max_bad_fraction",
@@ -262,17 +261,10 @@ def build_root_attrs(manifest: Manifest, config: Mapping[str, Any],
         "manifest_sha256": manifest.sha256(),
         **shards,
         "featcache_version": featcache.__version__,
-        "torch_version": _torch_version(),
+        "torch_version": torch_version(),
         "python_version": platform.python_version(),
         **dict(attrs or {}),
     }
-
-
-def _torch_version() -> str:
-    """torch's version without its local tag (``2.14.1``), read from package metadata unless torch is imported."""
-    torch = sys.modules.get("torch")
-    version = torch.__version__ if torch is not None else importlib.metadata.version("torch")
-    return str(version).split("+")[0]
 
 
 def build_report(path: str | Path, manifest: Manifest, *, n_extracted: int, n_resumed_blocks: int,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import importlib.metadata
 import os
 import sys
 from collections.abc import Iterator
@@ -20,11 +21,32 @@ __all__ = [
     "resolve_device",
     "thread_limit",
     "torch_threads",
+    "torch_version",
     "usable_cpus",
 ]
 
 #: Device names a user may ask for (``auto``: CUDA when available, else the CPU).
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+
+def torch_version() -> str:
+    """torch's version without its local tag (``2.4.1``, not ``2.4.1+cu121``), without importing torch.
+
+    Stores and ONNX exports record it; a dask driver compares its own with its workers'.
+
+    Returns
+    -------
+    str
+        The imported torch's ``__version__`` when torch is imported, else the installed package's version.
+
+    Raises
+    ------
+    importlib.metadata.PackageNotFoundError
+        When torch is neither imported nor installed.
+    """
+    torch = sys.modules.get("torch")
+    version = torch.__version__ if torch is not None else importlib.metadata.version("torch")
+    return str(version).split("+")[0]
 
 
 def resolve_device(device: str, *, setting: str = "device", error: type[Exception] = ValueError) -> str:

@@ -52,6 +52,7 @@ from featcache.extract.onnx.format import (
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor, pool_features
 from featcache.store.schema import LayerSpec, canonical_json
 from featcache.util.atomic import atomic_path
+from featcache.util.compute import torch_version
 
 __all__ = ["OnnxExportError", "export_onnx"]
 
@@ -257,7 +258,7 @@ def export_onnx(extractor: TorchFeatureExtractor, path: str | os.PathLike[str], 
     config = {
         "backbone": extractor.spec.name, "layers": names, "pooling": extractor.pooling, "opset": opset,
         "input_size": size, "exporter": kind, "featcache_version": featcache.__version__,
-        "torch_version": torch.__version__.split("+")[0],
+        "torch_version": torch_version(),
     }
     props = {prop.key: prop.value for prop in model.metadata_props}
     props[EXPORT_KEY] = canonical_json(config)
