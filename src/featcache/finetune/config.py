@@ -34,10 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from featcache.store.schema import RESIZE_MODES
+from featcache.util.checks import check_int
 from featcache.util.compute import DEVICES
 from featcache.util.names import closest, did_you_mean
 
-__all__ = ["MODES", "OPTIMIZERS", "SCHEDULES", "PARAMS_DEFAULTS", "FinetuneConfig", "check_int"]
+__all__ = ["MODES", "OPTIMIZERS", "SCHEDULES", "PARAMS_DEFAULTS", "FinetuneConfig"]
 
 #: Fine-tuning recipes, see the module docstring.
 MODES: tuple[str, ...] = ("frozen", "low_lr", "unfreeze", "scratch")
@@ -214,13 +215,6 @@ class FinetuneConfig:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> None:
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
-    if not ok or (maximum is not None and value > maximum):
-        bound = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
-        raise ValueError(f"{name}={value!r} is invalid; allowed: {bound}.")
 
 
 def _number(name: str, value: Any, *, low: float, high: float | None = None, low_open: bool = False,

@@ -22,8 +22,8 @@ from torch import nn
 
 from featcache.extract.zoo.registry import BackboneSpec, get_backbone
 from featcache.extract.zoo.weights import load_backbone
-from featcache.finetune.config import check_int
 from featcache.util.atomic import write_json
+from featcache.util.checks import check_int
 
 __all__ = [
     "WeightCopyReport",

@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
+from featcache.util.checks import check_int
+
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .preprocessing import apply_preprocess, check_pca_components, fit_preprocess
 from .splits import Split
-from .validation import check_features, check_fraction, check_int, check_positive, require_two_classes, resolve_classes
+from .validation import PARAM_HINT, check_features, check_fraction, check_positive, require_two_classes, resolve_classes
 
 __all__ = ["AUTO_COLUMNS", "LightGBMHead", "LightGBMRegressorHead"]
 
@@ -63,16 +65,16 @@ class LightGBMBase(HeadBase):
         return float(min(1.0, max(0.1, AUTO_COLUMNS / max(n_features, 1))))
 
     def _lgbm_params(self, n_features: int) -> dict[str, Any]:
-        check_int("n_estimators", self.n_estimators, 1)
+        check_int("n_estimators", self.n_estimators, 1, hint=PARAM_HINT)
         check_positive("learning_rate", self.learning_rate)
-        check_int("num_leaves", self.num_leaves, 2)
-        check_int("min_child_samples", self.min_child_samples, 1)
+        check_int("num_leaves", self.num_leaves, 2, hint=PARAM_HINT)
+        check_int("min_child_samples", self.min_child_samples, 1, hint=PARAM_HINT)
         if self.colsample_bytree is not None:
             check_fraction("colsample_bytree", self.colsample_bytree, closed_right=True)
         check_fraction("subsample", self.subsample, closed_right=True)
         check_positive("reg_lambda", self.reg_lambda, allow_zero=True)
-        check_int("early_stopping_rounds", self.early_stopping_rounds, 1, allow_none=True)
-        check_int("max_bin", self.max_bin, 2)
+        check_int("early_stopping_rounds", self.early_stopping_rounds, 1, allow_none=True, hint=PARAM_HINT)
+        check_int("max_bin", self.max_bin, 2, hint=PARAM_HINT)
         check_pca_components(self.pca_components)
         seed = 0 if self.random_state is None else int(self.random_state)
         return {

@@ -16,8 +16,10 @@ import numpy as np
 from sklearn.base import is_classifier
 from sklearn.utils.validation import check_array, column_or_1d
 
+from featcache.util.checks import check_int
+
 from .splits import holdout_indices
-from .validation import FLOAT_DTYPES, check_fraction, check_int, check_targets, validate_xy
+from .validation import FLOAT_DTYPES, PARAM_HINT, check_fraction, check_targets, validate_xy
 
 __all__ = [
     "DEFAULT_CHUNK_ROWS",
@@ -79,7 +81,7 @@ class RowChunks:
         self, X: Any, y: Any = None, chunk_rows: int = DEFAULT_CHUNK_ROWS,
         rows: np.ndarray | None = None, name: str = "X",
     ) -> None:
-        check_int("chunk_rows", chunk_rows, 1)
+        check_int("chunk_rows", chunk_rows, 1, hint=PARAM_HINT)
         self.name = name
         self.dask = is_dask_array(X)
         if self.dask:

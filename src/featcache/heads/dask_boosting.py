@@ -31,10 +31,11 @@ from typing import Any
 import numpy as np
 
 from featcache.store.schema import TASKS
+from featcache.util.checks import check_int
 
 from .boosting import LightGBMHead, LightGBMRegressorHead
 from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, as_labels, is_dask_array
-from .validation import check_int, check_targets, encode_labels, resolve_classes
+from .validation import PARAM_HINT, check_targets, encode_labels, resolve_classes
 
 __all__ = ["fit_lightgbm_dask", "validation_curve"]
 
@@ -153,7 +154,7 @@ def fit_lightgbm_dask(
             f"pca_components={head.pca_components!r} is not supported by fit_lightgbm_dask; allowed: None. "
             "Hint: reduce the features before (or use LightGBMHead in memory)."
         )
-    check_int("early_stopping_rounds", head.early_stopping_rounds, 1, allow_none=True)
+    check_int("early_stopping_rounds", head.early_stopping_rounds, 1, allow_none=True, hint=PARAM_HINT)
     X = _as_dask(X_dask, "X_dask")
     lgb_params = {k: v for k, v in head._lgbm_params(int(X.shape[1])).items() if k != "n_jobs"}
     classification = task == "classification"

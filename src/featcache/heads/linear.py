@@ -23,6 +23,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.utils.validation import check_is_fitted
 
+from featcache.util.checks import check_int
 from featcache.util.compute import thread_limit
 
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
@@ -30,9 +31,9 @@ from .metrics import log_loss_score
 from .preprocessing import apply_preprocess, check_pca_components
 from .splits import SelectionSets, Split, average_rows
 from .validation import (
+    PARAM_HINT,
     as_float_list,
     check_features,
-    check_int,
     check_positive,
     expand_columns,
     require_two_classes,
@@ -260,8 +261,8 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
 
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Choose C on the validation split (or hold-out, or k folds), then refit."""
-        check_int("refine_points", self.refine_points, 2)
-        check_int("max_iter", self.max_iter, 1)
+        check_int("refine_points", self.refine_points, 2, hint=PARAM_HINT)
+        check_int("max_iter", self.max_iter, 1, hint=PARAM_HINT)
         check_positive("tol", self.tol)
         check_pca_components(self.pca_components)
         grid = as_float_list("Cs", DEFAULT_CS if self.Cs is None else self.Cs)
@@ -329,7 +330,7 @@ class RidgeHead(RegressorHead, LinearSearchBase):
 
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Choose alpha on the validation split (or hold-out, or k folds), then refit."""
-        check_int("refine_points", self.refine_points, 2)
+        check_int("refine_points", self.refine_points, 2, hint=PARAM_HINT)
         check_pca_components(self.pca_components)
         grid = as_float_list("alphas", DEFAULT_ALPHAS if self.alphas is None else self.alphas)
         split = self._split(X, y, X_val, y_val, self.cv_folds)

@@ -18,13 +18,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
+from featcache.util.checks import check_int
 from featcache.util.compute import torch_threads
 
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .preprocessing import apply_preprocess, check_pca_components, fit_preprocess
 from .splits import Split
 from .training import build_mlp, iter_batches, predict_batches, train_epochs
-from .validation import check_features, check_int, check_positive, require_two_classes
+from .validation import PARAM_HINT, check_features, check_positive, require_two_classes
 
 if TYPE_CHECKING:
     import torch
@@ -71,10 +72,10 @@ class MLPBase(HeadBase):
             raise ValueError(f"dropout={self.dropout!r} is invalid; allowed: a number in [0, 1).")
         check_positive("lr", self.lr)
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
-        check_int("batch_size", self.batch_size, 2)
-        check_int("max_epochs", self.max_epochs, 1)
-        check_int("patience", self.patience, 1)
-        check_int("n_threads", self.n_threads, 1)
+        check_int("batch_size", self.batch_size, 2, hint=PARAM_HINT)
+        check_int("max_epochs", self.max_epochs, 1, hint=PARAM_HINT)
+        check_int("patience", self.patience, 1, hint=PARAM_HINT)
+        check_int("n_threads", self.n_threads, 1, hint=PARAM_HINT)
         check_pca_components(getattr(self, "pca_components", None))
         import torch
 

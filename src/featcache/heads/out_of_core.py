@@ -29,13 +29,15 @@ import numpy as np
 from sklearn.linear_model import SGDClassifier, SGDRegressor
 from sklearn.utils.validation import check_is_fitted
 
+from featcache.util.checks import check_int
+
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, stream_outputs, streaming_sources
 from .dask_boosting import fit_lightgbm_dask
 from .metrics import log_loss_score
 from .preprocessing import fit_scaler_streaming
 from .streaming_mlp import StreamingMLPHead, StreamingMLPRegressorHead
-from .validation import as_float_list, check_int
+from .validation import PARAM_HINT, as_float_list
 
 __all__ = [
     "DEFAULT_SGD_ALPHAS",
@@ -94,8 +96,8 @@ class _StreamingLinearBase(HeadBase):
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Stream the training chunks; choose alpha and the epoch on the validation rows."""
         grid = as_float_list("alphas", DEFAULT_SGD_ALPHAS if self.alphas is None else self.alphas)
-        check_int("max_epochs", self.max_epochs, 1)
-        check_int("patience", self.patience, 1)
+        check_int("max_epochs", self.max_epochs, 1, hint=PARAM_HINT)
+        check_int("patience", self.patience, 1, hint=PARAM_HINT)
         seed = 0 if self.random_state is None else int(self.random_state)
         train, val = streaming_sources(self, X, y, X_val, y_val, random_state=self._seed())
         self._set_targets(train.served_y, train.y, val.y)

@@ -19,8 +19,10 @@ from sklearn.decomposition import PCA
 from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
 
+from featcache.util.checks import check_int
+
 from .preprocessing import apply_preprocess, fit_preprocess
-from .validation import check_fraction, check_int, validate_xy
+from .validation import PARAM_HINT, check_fraction, validate_xy
 
 __all__ = [
     "Split",
@@ -152,7 +154,7 @@ def prepare_fit(
     cv_folds : int >= 2 or None
         Ignored when ``X_val`` is given.
     """
-    check_int("cv_folds", cv_folds, 2, allow_none=True)
+    check_int("cv_folds", cv_folds, 2, allow_none=True, hint=PARAM_HINT)
     X, y = validate_xy(X, y, classification, "X")
     if (X_val is None) != (y_val is None):
         raise ValueError(

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
+from featcache.util.checks import check_int
 from featcache.util.compute import torch_threads
 
 from .base import params_dataclass
@@ -23,7 +24,7 @@ from .chunks import DEFAULT_CHUNK_ROWS, stream_outputs, streaming_sources
 from .mlp import MLPClassifierBase, MLPRegressorBase
 from .preprocessing import fit_scaler_streaming
 from .training import build_mlp, iter_batches, train_epochs
-from .validation import check_int
+from .validation import PARAM_HINT
 
 if TYPE_CHECKING:
     import torch
@@ -47,7 +48,7 @@ class _StreamingMLPMixin:
         import torch
 
         device = self._check_params()
-        check_int("chunk_rows", self.chunk_rows, 1)
+        check_int("chunk_rows", self.chunk_rows, 1, hint=PARAM_HINT)
         train, val = streaming_sources(self, X, y, X_val, y_val, random_state=self._seed())
         n_out = self._set_targets(train.served_y, train.y, val.y)
         self.scaler_, self.pca_ = fit_scaler_streaming(train), None

@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 from sklearn.utils.validation import check_array, check_X_y, column_or_1d
 
+from featcache.util.checks import check_int
+
 __all__ = [
     "FLOAT_DTYPES",
-    "check_int",
+    "PARAM_HINT",
     "check_positive",
     "check_fraction",
     "check_features",
@@ -33,16 +35,8 @@ __all__ = [
 FLOAT_DTYPES = (np.float64, np.float32)
 
 
-def check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
-    """Raise ValueError unless ``value`` is an int >= ``minimum`` (or None if allowed)."""
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        none = " or None" if allow_none else ""
-        raise ValueError(
-            f"{name}={value!r} is invalid; allowed: an integer >= {minimum}{none}. "
-            f"Hint: set {name} in the head's params."
-        )
+#: The hint of a head's integer-parameter error (:func:`featcache.util.checks.check_int` fills in ``{name}``).
+PARAM_HINT = "Hint: set {name} in the head's params."
 
 
 def check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
@@ -159,7 +153,7 @@ def resolve_classes(n_classes: int | None, *label_arrays: np.ndarray | None) -> 
     ValueError
         If an index is >= ``n_classes``.
     """
-    check_int("n_classes", n_classes, 2, allow_none=True)
+    check_int("n_classes", n_classes, 2, allow_none=True, hint=PARAM_HINT)
     top = max((int(a.max()) for a in label_arrays if a is not None and a.size), default=-1)
     if n_classes is None:
         return np.arange(max(top + 1, 2))
