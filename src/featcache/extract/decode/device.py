@@ -51,7 +51,7 @@ from featcache.extract.decode.streams import StreamHandoff
 from featcache.extract.inputs.manifest import Manifest
 from featcache.util.compute import default_num_workers
 
-__all__ = ["orient", "resize_crop", "DecodeStats", "DeviceDecodeDataset", "decode_items", "iter_device_batches"]
+__all__ = ["orient", "DecodeStats", "DeviceDecodeDataset", "decode_items", "iter_device_batches"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,25 +85,6 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     if orientation == 8:
         return torch.rot90(image, 1, (-2, -1))
     return image
-
-
-def resize_crop(images: torch.Tensor, preprocess: Preprocessor) -> torch.Tensor:
-    """Resize and center-crop same-size images like :class:`Preprocessor`, antialiased, on their device.
-
-    Parameters
-    ----------
-    images : torch.Tensor
-        uint8 (N, 3, H, W).
-    preprocess : Preprocessor
-        Geometry (``input_size``, ``resize_size``, ``resize_mode``) and ``interpolation``.
-
-    Returns
-    -------
-    torch.Tensor
-        uint8 (N, 3, S, S) on the same device.
-    """
-    out = [_to_uint8(block) for _, block in _resized_blocks(images, preprocess)]
-    return torch.cat(out) if len(out) > 1 else out[0]
 
 
 def _resized_blocks(images: torch.Tensor, preprocess: Preprocessor) -> Iterator[tuple[int, torch.Tensor]]:
