@@ -15,7 +15,7 @@ from typing import Any
 
 from featcache.extract.plan import CUDA_PROVIDER, ONNX_GPU_FIX, plan_extraction
 
-__all__ = ["doctor_report", "gpu_decoder_line", "onnx_cuda_available", "onnxruntime_status", "openvino_line"]
+__all__ = ["doctor_report", "gpu_decoder_line", "onnxruntime_status", "openvino_line"]
 
 
 def onnxruntime_status() -> dict[str, Any]:
@@ -41,11 +41,6 @@ def onnxruntime_status() -> dict[str, Any]:
 
     return {"installed": True, "version": ort.__version__, "providers": list(ort.get_available_providers()),
             "packages": packages}
-
-
-def onnx_cuda_available() -> bool:
-    """Whether onnxruntime lists its CUDA execution provider (loading it is checked when a runner is built)."""
-    return CUDA_PROVIDER in onnxruntime_status()["providers"]
 
 
 def gpu_decoder_line(cuda: bool) -> str:
