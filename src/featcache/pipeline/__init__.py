@@ -25,7 +25,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["Params", "load_params", "parse_params"], "config"),
     "ConfigError": "params.base",
     "extract": "extract",
-    **dict.fromkeys(["make_digits", "prepare"], "prepare"),
+    "prepare": "prepare",
     "train": "train",
 }
 

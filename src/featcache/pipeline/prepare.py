@@ -9,13 +9,13 @@ from typing import Any
 
 from featcache.extract.inputs.manifest import Manifest, ManifestError
 from featcache.extract.inputs.sharded import ShardedManifest, from_shards
-from featcache.extract.inputs.sources import from_csv, from_folder, write_digits
+from featcache.extract.inputs.sources import from_csv, from_folder
 from featcache.extract.inputs.storage import StorageOptions
 from featcache.pipeline.params.base import StageParams, load_sections
 from featcache.pipeline.params.data import DataParams
 from featcache.store.schema import SPLIT_CODES
 
-__all__ = ["PrepareSections", "load_prepare_sections", "make_digits", "prepare"]
+__all__ = ["PrepareSections", "load_prepare_sections", "prepare"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,11 +29,6 @@ class PrepareSections(StageParams):
 def load_prepare_sections(path: str | Path = "params.yaml") -> PrepareSections:
     """Read and validate the ``data`` section of ``path``."""
     return load_sections(PrepareSections, path)
-
-
-def make_digits(out_dir: str | Path) -> Path:
-    """Write the embedded default dataset (scikit-learn digits) as PNG files."""
-    return write_digits(out_dir)
 
 
 def prepare(params: Any, out_dir: str | Path) -> Manifest | ShardedManifest:
