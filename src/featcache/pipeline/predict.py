@@ -19,13 +19,13 @@ from featcache.errors import UserError
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.sources import IMAGE_EXTENSIONS
 from featcache.heads import load_head
-from featcache.runs import RUN_FILE, read_run_info, write_run_info
+from featcache.runs import read_run_info
 from featcache.store import FeatureStore, StaleStoreError
 from featcache.store.reader import diff_config
 from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS
 
-__all__ = ["RUN_FILE", "write_run_info", "read_run_info", "FEATURE_CONFIG_KEYS", "PredictError", "feature_config",
-           "predict_store", "predict_images", "stored_preprocessor", "write_predictions"]
+__all__ = ["FEATURE_CONFIG_KEYS", "PredictError", "feature_config", "predict_store", "predict_images",
+           "stored_preprocessor", "write_predictions"]
 
 logger = logging.getLogger(__name__)
 
