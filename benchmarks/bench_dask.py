@@ -76,9 +76,10 @@ def main() -> None:
     from distributed import Client, LocalCluster
 
     from featcache.extract.decode.preprocess import Preprocessor
-    from featcache.extract.distributed import THREADS_PER_WORKER, RunnerSpec, extract_distributed
+    from featcache.extract.distributed import THREADS_PER_WORKER, extract_distributed
     from featcache.extract.inputs.manifest import Manifest
     from featcache.extract.plan import plan_extraction
+    from featcache.extract.runner_spec import RunnerSpec
     from featcache.extract.zoo.weights import resolve_weights
     from featcache.pipeline import extract, load_params
     from featcache.pipeline.extract import store_config

@@ -58,10 +58,11 @@ from distributed import Client, LocalCluster
 from featcache.extract.decode.decoders import gpu_decode_status
 from featcache.extract.decode.device import DecodeStats, iter_device_batches
 from featcache.extract.decode.preprocess import Preprocessor
-from featcache.extract.distributed import RunnerSpec, extract_distributed
+from featcache.extract.distributed import extract_distributed
 from featcache.extract.engine import extract_to_store
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.plan import ExtractionPlan, build_runner, plan_extraction
+from featcache.extract.runner_spec import RunnerSpec
 from featcache.extract.runners.graphs import GraphedRunner
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.extract.zoo.weights import load_backbone

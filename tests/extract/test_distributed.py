@@ -20,7 +20,6 @@ from featcache.extract.dask_tasks import WorkerJob, plan_tasks
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.distributed import (
     CONNECT_TRIES,
-    RunnerSpec,
     _adopt_blocks,
     _check_onnx_sha256,
     _ClientHandle,
@@ -31,6 +30,7 @@ from featcache.extract.distributed import (
 from featcache.extract.engine import extract_to_store
 from featcache.extract.inputs.sources import from_folder
 from featcache.extract.plan import plan_extraction
+from featcache.extract.runner_spec import RunnerSpec
 from featcache.store.schema import LayerSpec, sha256_text
 from featcache.store.writer import StoreWriter
 
@@ -391,7 +391,7 @@ def test_onnx_workers_are_byte_identical_to_a_single_onnx_process(client, clean_
 
 
 def test_worker_device_pins_one_gpu_per_worker(monkeypatch, caplog):
-    from featcache.extract.distributed import local_workers, worker_device
+    from featcache.extract.runner_spec import local_workers, worker_device
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert [worker_device("cuda", name) for name in (0, 1, 5, "3")] == ["cuda:0", "cuda:1", "cuda:1", "cuda:3"]

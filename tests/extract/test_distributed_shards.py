@@ -18,11 +18,12 @@ from PIL import Image
 
 from _support.files import md5
 from featcache.extract.decode.preprocess import Preprocessor
-from featcache.extract.distributed import RunnerSpec, extract_distributed
+from featcache.extract.distributed import extract_distributed
 from featcache.extract.engine import extract_to_store
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.inputs.sharded import from_shards
 from featcache.extract.plan import plan_extraction
+from featcache.extract.runner_spec import RunnerSpec
 from featcache.store import FeatureStore
 
 PREPROCESS = Preprocessor(input_size=64, resize_size=73, interpolation="bilinear",

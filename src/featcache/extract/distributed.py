@@ -8,7 +8,7 @@ pending blocks to workers:
    the output lock and knows which blocks are still pending);
 2. pending blocks are grouped into tasks; each task runs on a worker, which
    builds the backbone once per worker process (from a picklable
-   :class:`RunnerSpec`, never a model object;
+   :class:`~featcache.extract.runner_spec.RunnerSpec`, never a model object;
    :mod:`featcache.extract.dask_tasks` is the worker side), streams the task's rows through
    exactly the loop of :func:`~featcache.extract.engine.extract_to_store`
    (:func:`~featcache.extract.engine.run_blocks`) and commits each block into
@@ -81,7 +81,7 @@ from featcache.extract.engine import (
 )
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.plan import LOADERS
-from featcache.extract.runner_spec import RunnerSpec, local_workers, worker_device
+from featcache.extract.runner_spec import RunnerSpec
 from featcache.store.errors import StoreError
 from featcache.store.schema import (
     DEFAULT_BATCH_SIZE,
@@ -91,8 +91,7 @@ from featcache.store.schema import (
 )
 from featcache.store.writer import StoreWriter
 
-__all__ = ["CONNECT_TRIES", "THREADS_PER_WORKER", "RunnerSpec", "connect_client", "extract_distributed",
-           "local_workers", "worker_device"]
+__all__ = ["CONNECT_TRIES", "THREADS_PER_WORKER", "connect_client", "extract_distributed"]
 
 logger = logging.getLogger(__name__)
 

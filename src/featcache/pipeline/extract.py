@@ -86,7 +86,8 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
               "block_rows": knobs.block_rows, "on_error": knobs.on_error, "progress": progress,
               "max_bad_fraction": knobs.max_bad_fraction}
     if plan.distributed:
-        from featcache.extract.distributed import RunnerSpec, extract_distributed, local_workers
+        from featcache.extract.distributed import extract_distributed
+        from featcache.extract.runner_spec import RunnerSpec, local_workers
 
         spec = RunnerSpec.from_plan(plan, backbone, chosen.weights, chosen.layers, pooling,
                                     channels_last=knobs.channels_last, onnx_cache=knobs.onnx_cache,
