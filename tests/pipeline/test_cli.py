@@ -47,3 +47,22 @@ def test_missing_weights_fail_with_instructions(tmp_path, monkeypatch, capsys):
     assert code == 2
     assert "resnet18-f37072fd.pth" in err and str(tmp_path / "torch" / "hub" / "checkpoints") in err
     assert not (tmp_path / "f.h5").exists()
+
+
+@pytest.mark.parametrize("command", [["check"], ["prepare", "--out", "prepared"]])
+def test_a_yaml_syntax_error_names_the_file_line_and_problem(command, tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("extract:\n  batch_size: [64\n", encoding="utf-8")
+    assert main([*command, "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"featcache {command[0]}: error: Params file {str(params)!r} is not valid YAML")
+    assert "line 3, column 1" in err and "expected ',' or ']'" in err and "line 2, column 15" in err
+    assert "Traceback" not in err
+
+
+def test_a_tab_in_the_params_file_is_a_clear_error(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("extract:\n\tbatch_size: 64\n", encoding="utf-8")
+    assert main(["check", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert "line 2, column 1" in err and "'\\t'" in err and "no tabs" in err

@@ -102,13 +102,38 @@ def read_params_file(path: str | Path) -> Mapping[str, Any] | None:
     Raises
     ------
     ConfigError
-        If the file does not exist.
+        If the file does not exist, is not UTF-8 text or is not valid YAML (naming the line and column).
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Params file {str(path)!r} not found. Hint: run from the project root.")
-    with open(path, encoding="utf-8") as handle:
-        return yaml.safe_load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return yaml.safe_load(handle)
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"Params file {str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start}). "
+                          "Hint: save it as UTF-8.") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(_yaml_error_message(path, error)) from None
+
+
+def _at(mark: Any) -> str:
+    """``line L, column C`` of a yaml mark (1-based, as editors count)."""
+    return f"line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_error_message(path: Path, error: yaml.YAMLError) -> str:
+    """Where and what the YAML syntax error of a params file is, in one paragraph."""
+    problem = getattr(error, "problem", None) or str(error)
+    mark = getattr(error, "problem_mark", None)
+    where = f" at {_at(mark)}" if mark is not None else ""
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context and context_mark is not None:
+        problem += f" ({context} started at {_at(context_mark)})"
+    elif context:
+        problem += f" ({context})"
+    return (f"Params file {str(path)!r} is not valid YAML{where}: {problem}. Hint: check the brackets, quotes and "
+            "indentation around that line (spaces only, no tabs).")
 
 
 def load_sections(model: type[SectionsT], path: str | Path = "params.yaml") -> SectionsT:
