@@ -14,12 +14,13 @@ from featcache.extract.onnx.export import OnnxExportError
 from featcache.extract.onnx.parity import ParityError
 from featcache.extract.zoo.registry import UnknownNameError
 from featcache.extract.zoo.weights import WeightsNotFoundError
+from featcache.heads.registry import UnknownHeadError
 from featcache.pipeline.cli import main
 from featcache.pipeline.params.base import ConfigError
 from featcache.store.errors import StaleStoreError, StoreError, StoreLockedError, StoreNotFoundError
 
 USER_ERRORS = [ConfigError, ManifestError, UnknownNameError, WeightsNotFoundError, ExtractionError, StoreError,
-               StaleStoreError, StoreLockedError, StoreNotFoundError, OnnxExportError, ParityError]
+               StaleStoreError, StoreLockedError, StoreNotFoundError, OnnxExportError, ParityError, UnknownHeadError]
 
 
 @pytest.mark.parametrize("cls", USER_ERRORS, ids=lambda cls: cls.__name__)

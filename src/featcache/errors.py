@@ -17,7 +17,7 @@ __all__ = ["ExtractionError", "UserError"]
 class UserError(Exception):
     """An error caused by the user's input, reported without a traceback.
 
-    Subclasses: ``ConfigError``, ``ManifestError``, ``UnknownNameError``,
+    Subclasses: ``ConfigError``, ``ManifestError``, ``UnknownNameError``, ``UnknownHeadError``,
     ``WeightsNotFoundError``, ``ExtractionError``, ``StoreError`` (and its
     subclasses), ``OnnxExportError``, ``ParityError``.
     """

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from sklearn.base import is_classifier, is_regressor
 
+from featcache.errors import UserError
 from featcache.heads import (
     HEADS,
     LightGBMHead,
@@ -25,6 +26,7 @@ from featcache.heads.registry import (
     REGISTRY,
     STORAGES,
     STREAMING_HEADS,
+    UnknownHeadError,
     check_head_params,
     head_param_names,
     head_storage,
@@ -74,6 +76,14 @@ def test_unknown_head_names_value_and_allowed():
         make_head("logistic", "classification")
     with pytest.raises(ValueError, match=r"Did you mean 'lightgbm'\?"):
         make_head("lightgmb", "classification")
+
+
+@pytest.mark.parametrize("call", [lambda: make_head("lgbm", "classification"), lambda: head_storage("lgbm"),
+                                  lambda: make_head("mlp", "classify")])
+def test_unknown_heads_and_tasks_are_user_errors_and_value_errors(call):
+    with pytest.raises(UnknownHeadError) as err:
+        call()
+    assert isinstance(err.value, UserError) and isinstance(err.value, ValueError)
 
 
 def test_unknown_task_names_value_and_allowed():

@@ -66,3 +66,14 @@ def test_a_tab_in_the_params_file_is_a_clear_error(tmp_path, capsys):
     assert main(["check", "--params", str(params)]) == 2
     err = capsys.readouterr().err
     assert "line 2, column 1" in err and "'\\t'" in err and "no tabs" in err
+
+
+def test_an_unknown_head_fails_before_reading_the_store(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("backbones:\n  efficientnet_lite0: {weights: random}\n", encoding="utf-8")
+    code = main(["train", "--params", str(params), "--store", str(tmp_path / "missing.h5"), "--backbone",
+                 "efficientnet_lite0", "--layer", "pool", "--head", "lgbm", "--metrics", str(tmp_path / "m.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("featcache train: error: unknown head 'lgbm'; allowed: logreg, lightgbm")
+    assert "Did you mean 'lightgbm'?" in err

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from featcache.errors import UserError
 from featcache.heads.param_source import SourceUnresolved, init_param_names
 from featcache.store.schema import TASKS
 from featcache.util.names import did_you_mean
@@ -30,10 +31,14 @@ if TYPE_CHECKING:
     from sklearn.base import BaseEstimator
 
 __all__ = ["DEFAULT_HEADS", "HEADS", "HEAD_PATHS", "LABELS", "REGISTRY", "STORAGES", "STREAMING_HEADS", "TASKS",
-           "HeadEntry", "check_head_params", "head_class", "head_label", "head_names", "head_param_names",
-           "head_storage", "make_head", "task_params"]
+           "HeadEntry", "UnknownHeadError", "check_head_params", "head_class", "head_label", "head_names",
+           "head_param_names", "head_storage", "make_head", "task_params"]
 
 log = logging.getLogger(__name__)
+
+
+class UnknownHeadError(UserError, ValueError):
+    """A head name (or a head's task) that the registry does not know; the message lists the registered ones."""
 
 
 #: What a saved head holds besides head.json and the scaler/PCA arrays (:mod:`~featcache.heads.persistence`):
@@ -122,7 +127,7 @@ def head_param_names(name: str, task: str) -> tuple[str, ...]:
 
     Raises
     ------
-    ValueError
+    UnknownHeadError
         For an unknown head or task (as :func:`head_class`).
     """
     path = _registered_path(name, task)
@@ -150,6 +155,11 @@ def check_head_params(name: str, task: str, params: Mapping[str, Any] | None) ->
             )
 
 
+def _unknown_head(name: Any) -> str:
+    return (f"unknown head {name!r}; allowed: {', '.join(HEAD_PATHS)}.{did_you_mean(str(name), list(HEAD_PATHS))}"
+            " Hint: train.heads in params.yaml and `featcache train --head` take these names.")
+
+
 def head_names() -> list[str]:
     """Registered head names, in table order."""
     return list(HEAD_PATHS)
@@ -160,13 +170,11 @@ def head_storage(name: str) -> str:
 
     Raises
     ------
-    ValueError
+    UnknownHeadError
         For an unknown head, naming the allowed ones.
     """
     if name not in REGISTRY:
-        raise ValueError(
-            f"unknown head {name!r}; allowed: {', '.join(REGISTRY)}.{did_you_mean(str(name), list(REGISTRY))}"
-        )
+        raise UnknownHeadError(_unknown_head(name))
     return REGISTRY[name].storage
 
 
@@ -175,20 +183,18 @@ def head_class(name: str, task: str) -> type[BaseEstimator]:
 
     Raises
     ------
-    ValueError
+    UnknownHeadError
         Naming the unknown head or task and the allowed values.
     """
     return _load(_registered_path(name, task))
 
 
 def _registered_path(name: str, task: str) -> str:
-    """The ``module:Class`` of ``(name, task)``; ValueError naming the allowed heads or tasks."""
+    """The ``module:Class`` of ``(name, task)``; UnknownHeadError naming the allowed heads or tasks."""
     if name not in HEAD_PATHS:
-        raise ValueError(
-            f"unknown head {name!r}; allowed: {', '.join(HEAD_PATHS)}.{did_you_mean(str(name), list(HEAD_PATHS))}"
-        )
+        raise UnknownHeadError(_unknown_head(name))
     if task not in HEAD_PATHS[name]:
-        raise ValueError(
+        raise UnknownHeadError(
             f"unknown task {task!r} for head {name!r}; allowed: {', '.join(HEAD_PATHS[name])}."
             f"{did_you_mean(str(task), list(HEAD_PATHS[name]))}"
         )

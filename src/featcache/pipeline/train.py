@@ -120,6 +120,8 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
     from featcache.heads import fit_and_evaluate, make_head, save_head  # only the chosen head's module
 
     task = params.data.task
+    # Built first: an unknown head or hyper-parameter name fails before the store is read.
+    estimator = make_head(head, task, task_params(head, task, params.heads.get(head, {})))
     with FeatureStore(store_path) as store:
         config = expected_store_config(params, backbone, store)
         store.check_config(config)
@@ -134,7 +136,6 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
         layer_info = store.layer_info(layer)
         weights = {key: str(store.attrs[key]) for key in ("weights_id", "weights_sha256") if key in store.attrs}
     has_val = len(y["val"]) > 0
-    estimator = make_head(head, task, task_params(head, task, params.heads.get(head, {})))
     result = fit_and_evaluate(estimator, task, X["train"], y["train"], X["val"] if has_val else None,
                               y["val"] if has_val else None, X["test"], y["test"],
                               n_classes=len(classes) if task == "classification" else None,
