@@ -77,3 +77,18 @@ def test_an_unknown_head_fails_before_reading_the_store(tmp_path, capsys):
     assert code == 2 and "Traceback" not in err
     assert err.startswith("featcache train: error: unknown head 'lgbm'; allowed: logreg, lightgbm")
     assert "Did you mean 'lightgbm'?" in err
+
+
+@pytest.mark.parametrize("command", [["extract", "--manifest", "manifest.csv", "--out", "f.h5"],
+                                     ["train", "--store", "f.h5", "--layer", "pool", "--head", "logreg",
+                                      "--metrics", "m.json"],
+                                     ["export-onnx", "--out", "m.onnx"]], ids=lambda command: command[0])
+def test_a_backbone_missing_from_params_is_a_clear_error(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("backbones:\n  efficientnet_lite0: {weights: random}\n", encoding="utf-8")
+    (tmp_path / "manifest.csv").write_text("id,path,split,label,target\na,a.png,train,x,\n", encoding="utf-8")
+    assert main([*command, "--backbone", "efficientnet_lite1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"featcache {command[0]}: error: Backbone 'efficientnet_lite1' is not configured in "
+                          "params.backbones (configured: efficientnet_lite0). Did you mean 'efficientnet_lite0'?")
+    assert "under backbones:" in err and "Traceback" not in err

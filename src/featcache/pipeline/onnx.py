@@ -25,6 +25,7 @@ from featcache.extract.onnx.runner import OnnxFeatureRunner
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.extract.zoo.weights import load_backbone
 from featcache.pipeline.params.backbones import ExtractSections
+from featcache.pipeline.params.extract import configured_backbone
 
 __all__ = ["export_from_params", "parity_from_params"]
 
@@ -32,10 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 def _extractor(params: ExtractSections, backbone: str) -> TorchFeatureExtractor:
-    if backbone not in params.backbones:
-        raise ValueError(f"Backbone {backbone!r} is not configured in params.backbones "
-                         f"(configured: {list(params.backbones)}).")
-    chosen = params.backbones[backbone]
+    chosen = configured_backbone(params, backbone)
     loaded = load_backbone(backbone, chosen.weights, model=chosen.model)
     # float32, NCHW: the reference the ONNX graph is exported from and compared with.
     return TorchFeatureExtractor(loaded.model, loaded.spec, chosen.layers,

@@ -16,6 +16,7 @@ from featcache.pipeline.params.data import DataParams
 from featcache.pipeline.params.extract import (
     BackboneParams,
     ExtractParams,
+    configured_backbone,
     default_backbones,
     extraction_config,
     stored_choices,
@@ -65,7 +66,7 @@ def expected_store_config(params: Any, backbone: str, store: Store) -> dict[str,
     registry's recipe: the extract stage's code, which DVC tracks).
     """
     config = extraction_config(params, backbone)
-    chosen = params.backbones[backbone]
+    chosen = configured_backbone(params, backbone)
     stored_layers = store.config.get("layers", [])
     if len(stored_layers) == len(chosen.layers):
         config["layers"] = [stored if layer == "default" else layer
@@ -120,7 +121,9 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
     from featcache.heads import fit_and_evaluate, make_head, save_head  # only the chosen head's module
 
     task = params.data.task
-    # Built first: an unknown head or hyper-parameter name fails before the store is read.
+    # Checked first: an unconfigured backbone, an unknown head or hyper-parameter name fails before the store
+    # is opened.
+    configured_backbone(params, backbone)
     estimator = make_head(head, task, task_params(head, task, params.heads.get(head, {})))
     with FeatureStore(store_path) as store:
         config = expected_store_config(params, backbone, store)

@@ -12,7 +12,7 @@ from typing import Any, Literal, Mapping
 
 from pydantic import Field, field_validator
 
-from featcache.pipeline.params.base import Strict
+from featcache.pipeline.params.base import ConfigError, Strict
 from featcache.store.schema import (
     AUTOCASTS,
     BACKENDS,
@@ -29,9 +29,10 @@ from featcache.store.schema import (
     RESIZE_MODES,
 )
 from featcache.util.compute import DEVICES
+from featcache.util.names import did_you_mean
 
-__all__ = ["BackboneParams", "ExtractParams", "INT8_KNOBS", "SPEED_ONLY", "default_backbones", "extraction_config",
-           "stored_choices"]
+__all__ = ["BackboneParams", "ExtractParams", "INT8_KNOBS", "SPEED_ONLY", "configured_backbone", "default_backbones",
+           "extraction_config", "stored_choices"]
 
 #: ``extract`` settings that change how fast features are made, never their values: left out of the
 #: config a store records (and of its hash), so changing them resumes or reuses a store.
@@ -123,6 +124,24 @@ def default_backbones() -> dict[str, BackboneParams]:
     return {"efficientnet_lite0": BackboneParams()}
 
 
+def configured_backbone(params: Any, backbone: str) -> Any:
+    """``params.backbones[backbone]``.
+
+    Raises
+    ------
+    ConfigError
+        If ``backbone`` is not a key of ``params.backbones`` (a ``--backbone`` the params file does not
+        configure), naming the configured ones, the close match and how to add it.
+    """
+    if backbone not in params.backbones:
+        configured = list(params.backbones)
+        raise ConfigError(f"Backbone {backbone!r} is not configured in params.backbones (configured: "
+                          f"{', '.join(configured) or 'none'}).{did_you_mean(backbone, configured)} Hint: pass one "
+                          f"of those as --backbone, or add `{backbone}: {{weights: pretrained}}` under backbones: in "
+                          "the params file (`featcache backbones` lists the registered models).")
+    return params.backbones[backbone]
+
+
 def extraction_config(params: Any, backbone: str) -> dict[str, Any]:
     """Every param that changes the features of one backbone, as the store's ``config`` records it.
 
@@ -136,10 +155,7 @@ def extraction_config(params: Any, backbone: str) -> dict[str, Any]:
     backbone : str
         A key of ``params.backbones``.
     """
-    if backbone not in params.backbones:
-        raise ValueError(f"Backbone {backbone!r} is not configured in params.backbones "
-                         f"(configured: {list(params.backbones)}).")
-    data, backbone_params = params.data, params.backbones[backbone]
+    data, backbone_params = params.data, configured_backbone(params, backbone)
     knobs = params.extract.model_dump()
     for key in SPEED_ONLY:
         knobs.pop(key)
