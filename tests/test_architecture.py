@@ -4,8 +4,9 @@
 * ``heads/`` imports neither ``extract/`` nor ``finetune/``; ``extract/`` neither ``heads/`` nor ``finetune/``;
 * inside ``extract/``, a module imports only its own layer or lower ones: ``zoo/`` < ``inputs/`` < ``decode/``
   < ``runners/`` < ``onnx/`` < the top-level extract modules (``extract/__init__``'s facade included);
-* ``util/`` imports nothing of featcache outside ``util/``, and ``lazy.py`` nothing of featcache at all
-  (their docstrings say so; ``errors.py``'s leaf claim is checked by ``tests/test_errors.py``);
+* ``util/`` imports nothing of featcache outside ``util/`` but the leaf ``featcache.errors`` (its check helpers
+  raise ``ParamError``), and ``lazy.py`` nothing of featcache at all (their docstrings say so; ``errors.py``'s
+  leaf claim is checked by ``tests/test_errors.py``);
 * no library module (anything outside ``pipeline/``) imports ``pipeline/``;
 * no module imports another module's underscore name (``from x import _y``, a private
   module ``x._y``, or ``x._y`` on an imported featcache module, imported absolutely or
@@ -41,7 +42,7 @@ EXTRACT_LAYERS: tuple[str, ...] = ("zoo", "inputs", "decode", "runners", "onnx")
 #: Leaf modules (their docstrings say so): file or folder -> the featcache modules they may import.
 #: (errors.py is a leaf too; tests/test_errors.py checks it.)
 LEAVES: dict[str, tuple[str, ...]] = {
-    "featcache/util/": ("featcache.util",),
+    "featcache/util/": ("featcache.util", "featcache.errors"),
     "featcache/lazy.py": (),
 }
 RULES = ("layers", "extract-layers", "leaves", "pipeline", "private", "noqa", "size")
@@ -255,8 +256,8 @@ def _tree(tmp_path: Path, files: dict[str, str]) -> Path:
      "featcache/extract/inputs/x.py: imports featcache.extract.Preprocessor (inputs below top)"),
     ("extract-layers", {"extract/zoo/__init__.py": "from featcache.extract.inputs import manifest\n"},
      "featcache/extract/zoo/__init__.py: imports featcache.extract.inputs.manifest (zoo below inputs)"),
-    ("leaves", {"util/x.py": "from featcache.errors import UserError\n"},
-     "featcache/util/x.py: imports featcache.errors.UserError"),
+    ("leaves", {"util/x.py": "from featcache.store.errors import StoreError\n"},
+     "featcache/util/x.py: imports featcache.store.errors.StoreError"),
     ("leaves", {"util/__init__.py": "def f():\n    from ..extract.zoo import registry\n"},
      "featcache/util/__init__.py: imports featcache.extract.zoo.registry"),
     ("leaves", {"lazy.py": "from featcache.util.names import closest\n"},
@@ -306,7 +307,9 @@ def test_each_rule_catches_its_violation(tmp_path: Path, rule: str, files: dict[
                           "from featcache.extract.decode.loaders import make_loader\n",
      "extract/plan.py": "from featcache.extract import engine\nfrom featcache.extract.zoo import registry\n",
      "extract/__init__.py": "from featcache.lazy import lazy_exports\n"},
-    {"util/x.py": "from . import y\nfrom featcache.util.names import closest\n", "util/y.py": "",
+    {"util/x.py": "from . import y\nfrom featcache.util.names import closest\n"
+                  "from featcache.errors import ParamError\n",
+     "util/y.py": "",
      "util/__init__.py": "from featcache.util.x import f\n", "lazy.py": "import importlib\n"},
     {"a/x.py": "x = 1\n" * MAX_LINES},
 ])

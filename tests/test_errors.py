@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import featcache.errors
-from featcache.errors import ExtractionError, UserError
+from featcache.errors import ExtractionError, ParamError, UserError
 from featcache.extract.inputs.manifest import ManifestError
 from featcache.extract.onnx.export import OnnxExportError
 from featcache.extract.onnx.parity import ParityError
@@ -20,7 +20,8 @@ from featcache.pipeline.params.base import ConfigError
 from featcache.store.errors import StaleStoreError, StoreError, StoreLockedError, StoreNotFoundError
 
 USER_ERRORS = [ConfigError, ManifestError, UnknownNameError, WeightsNotFoundError, ExtractionError, StoreError,
-               StaleStoreError, StoreLockedError, StoreNotFoundError, OnnxExportError, ParityError, UnknownHeadError]
+               StaleStoreError, StoreLockedError, StoreNotFoundError, OnnxExportError, ParityError, UnknownHeadError,
+               ParamError]
 
 
 @pytest.mark.parametrize("cls", USER_ERRORS, ids=lambda cls: cls.__name__)
@@ -32,6 +33,7 @@ def test_user_errors_keep_their_builtin_bases():
     """Callers that catch ValueError / FileNotFoundError / RuntimeError keep working."""
     assert issubclass(ConfigError, ValueError) and issubclass(ManifestError, ValueError)
     assert issubclass(UnknownNameError, ValueError) and issubclass(ParityError, ValueError)
+    assert issubclass(ParamError, ValueError) and issubclass(UnknownHeadError, ValueError)
     assert issubclass(WeightsNotFoundError, FileNotFoundError) and issubclass(StoreNotFoundError, FileNotFoundError)
     assert issubclass(ExtractionError, RuntimeError) and issubclass(OnnxExportError, RuntimeError)
 

@@ -11,16 +11,21 @@ may import it and ``featcache check`` stays cheap.
 
 from __future__ import annotations
 
-__all__ = ["ExtractionError", "UserError"]
+__all__ = ["ExtractionError", "ParamError", "UserError"]
 
 
 class UserError(Exception):
     """An error caused by the user's input, reported without a traceback.
 
     Subclasses: ``ConfigError``, ``ManifestError``, ``UnknownNameError``, ``UnknownHeadError``,
-    ``WeightsNotFoundError``, ``ExtractionError``, ``StoreError`` (and its
+    ``ParamError``, ``WeightsNotFoundError``, ``ExtractionError``, ``StoreError`` (and its
     subclasses), ``OnnxExportError``, ``ParityError``.
     """
+
+
+class ParamError(UserError, ValueError):
+    """A setting with a wrong type or value (a head's hyper-parameter, a count, a fraction); the message names
+    the setting, the value and what is allowed. A ValueError, as scikit-learn expects of a bad parameter."""
 
 
 class ExtractionError(UserError, RuntimeError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 
 from featcache.extract.zoo.registry import BACKBONES
@@ -92,3 +94,26 @@ def test_a_backbone_missing_from_params_is_a_clear_error(command, tmp_path, monk
     assert err.startswith(f"featcache {command[0]}: error: Backbone 'efficientnet_lite1' is not configured in "
                           "params.backbones (configured: efficientnet_lite0). Did you mean 'efficientnet_lite0'?")
     assert "under backbones:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("head", "section", "message"), [
+    ("lightgbm", "{learning_rate: fast}", "learning_rate='fast' is invalid; allowed: a finite number > 0."),
+    ("mlp", "{hidden_sizes: 512}", "hidden_sizes=512 is invalid; allowed: a sequence of positive integers"),
+    ("logreg", "{max_iter: 0}", "max_iter=0 is invalid; allowed: an integer >= 1."),
+])
+def test_a_bad_head_hyper_parameter_is_a_clear_error(head, section, message, tmp_path, monkeypatch, capsys):
+    from _support.blob_store import write_store
+
+    train_stage = importlib.import_module("featcache.pipeline.train")  # the module: the package exports train()
+
+    store = write_store(tmp_path / "f.h5", n=100, dim=8, n_classes=3)
+    # The synthetic store records no extraction config: take it as the current params'.
+    monkeypatch.setattr(train_stage, "expected_store_config", lambda params, backbone, store: store.config)
+    params = tmp_path / "params.yaml"
+    params.write_text(f"backbones:\n  efficientnet_lite0: {{weights: random}}\nheads:\n  {head}: {section}\n",
+                      encoding="utf-8")
+    code = main(["train", "--params", str(params), "--store", str(store), "--backbone", "efficientnet_lite0",
+                 "--layer", "pool", "--head", head, "--metrics", str(tmp_path / "m.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith(f"featcache train: error: {message}")

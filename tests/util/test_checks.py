@@ -46,3 +46,12 @@ def test_callers_keep_their_messages():
     with pytest.raises(ValueError, match=r"n_classes=1 is invalid; allowed: an integer >= 2 or None\. "
                                          r"Hint: set n_classes in the head's params\.$"):
         resolve_classes(1)
+
+
+def test_a_bad_setting_is_a_param_error_a_user_error_and_a_value_error():
+    """featcache reports it without a traceback (UserError); API and scikit-learn callers catch ValueError."""
+    from featcache.errors import ParamError, UserError
+
+    with pytest.raises(ParamError) as err:
+        check_int("epochs", "3", 1)
+    assert isinstance(err.value, UserError) and isinstance(err.value, ValueError)

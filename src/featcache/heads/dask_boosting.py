@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from featcache.errors import ParamError
 from featcache.store.schema import TASKS
 from featcache.util.checks import check_int
 
@@ -150,7 +151,7 @@ def fit_lightgbm_dask(
     cls = LightGBMHead if task == "classification" else LightGBMRegressorHead
     head = cls(**params)  # unknown parameters raise TypeError naming them
     if head.pca_components is not None:
-        raise ValueError(
+        raise ParamError(
             f"pca_components={head.pca_components!r} is not supported by fit_lightgbm_dask; allowed: None. "
             "Hint: reduce the features before (or use LightGBMHead in memory)."
         )

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
+from featcache.errors import ParamError
 from featcache.util.checks import check_int
 from featcache.util.compute import torch_threads
 
@@ -64,12 +65,13 @@ class MLPBase(HeadBase):
         if not isinstance(sizes, (list, tuple)) or not all(
             isinstance(h, (int, np.integer)) and not isinstance(h, bool) and h > 0 for h in sizes
         ):
-            raise ValueError(
+            raise ParamError(
                 f"hidden_sizes={self.hidden_sizes!r} is invalid; allowed: a sequence of positive "
-                "integers, e.g. (512,) or (1024, 256); () gives a linear model."
+                "integers, e.g. (512,) or (1024, 256); () gives a linear model. Hint: in params.yaml write a list, "
+                "e.g. hidden_sizes: [512]."
             )
         if not (isinstance(self.dropout, numbers.Real) and 0 <= self.dropout < 1):
-            raise ValueError(f"dropout={self.dropout!r} is invalid; allowed: a number in [0, 1).")
+            raise ParamError(f"dropout={self.dropout!r} is invalid; allowed: a number in [0, 1).")
         check_positive("lr", self.lr)
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         check_int("batch_size", self.batch_size, 2, hint=PARAM_HINT)
@@ -82,9 +84,9 @@ class MLPBase(HeadBase):
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError) as err:
-            raise ValueError(f"device={self.device!r} is invalid; allowed: 'cpu', 'cuda', 'cuda:N'.") from err
+            raise ParamError(f"device={self.device!r} is invalid; allowed: 'cpu', 'cuda', 'cuda:N'.") from err
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={self.device!r} requested but CUDA is not available. Hint: use device='cpu'.")
+            raise ParamError(f"device={self.device!r} requested but CUDA is not available. Hint: use device='cpu'.")
         return device
 
     def _val_metrics(self, out: torch.Tensor, target: torch.Tensor, loss_fn: Any) -> tuple[float, float]:

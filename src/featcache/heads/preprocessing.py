@@ -10,6 +10,8 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
+from featcache.errors import ParamError
+
 if TYPE_CHECKING:
     from .chunks import RowChunks
 
@@ -24,14 +26,14 @@ __all__ = [
 
 
 def check_pca_components(value: Any) -> None:
-    """Raise ValueError unless ``value`` is None, an int >= 1 or a float in (0, 1)."""
+    """Raise ParamError (a ValueError) unless ``value`` is None, an int >= 1 or a float in (0, 1)."""
     if value is None:
         return
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
         return
     if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)) and 0 < value < 1:
         return
-    raise ValueError(
+    raise ParamError(
         f"pca_components={value!r} is invalid; allowed: None (no reduction), an integer >= 1 "
         "(number of components) or a float in (0, 1) (fraction of explained variance to keep). "
         "Hint: e.g. pca_components=256 or pca_components=0.95."

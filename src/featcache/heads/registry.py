@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from featcache.errors import UserError
+from featcache.errors import ParamError, UserError
 from featcache.heads.param_source import SourceUnresolved, init_param_names
 from featcache.store.schema import TASKS
 from featcache.util.names import did_you_mean
@@ -143,13 +143,13 @@ def check_head_params(name: str, task: str, params: Mapping[str, Any] | None) ->
 
     Raises
     ------
-    ValueError
-        Naming the unknown key, the head, the allowed keys and the closest match.
+    ParamError
+        (a ValueError) Naming the unknown key, the head, the allowed keys and the closest match.
     """
     allowed = head_param_names(name, task)
     for key in dict(params or {}):
         if key not in allowed:
-            raise ValueError(
+            raise ParamError(
                 f"unknown parameter {key!r} for head {name!r} ({HEAD_PATHS[name][task].partition(':')[2]}, "
                 f"{task}); allowed: {', '.join(allowed)}.{did_you_mean(str(key), list(allowed))}"
             )

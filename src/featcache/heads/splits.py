@@ -19,6 +19,7 @@ from sklearn.decomposition import PCA
 from sklearn.model_selection import KFold, StratifiedKFold, train_test_split
 from sklearn.preprocessing import StandardScaler
 
+from featcache.errors import ParamError
 from featcache.util.checks import check_int
 
 from .preprocessing import apply_preprocess, fit_preprocess
@@ -90,7 +91,7 @@ def holdout_indices(
         )
     except ValueError as err:
         if strat is None:
-            raise ValueError(
+            raise ParamError(
                 f"cannot hold out validation_fraction={fraction} of {y.shape[0]} rows: {err}. "
                 "Hint: pass X_val/y_val explicitly."
             ) from err
@@ -106,12 +107,12 @@ def kfold_indices(
 
     Raises
     ------
-    ValueError
-        If there are fewer rows (or, stratified, fewer rows of every class) than folds.
+    ParamError
+        (a ValueError) If there are fewer rows (or, stratified, fewer rows of every class) than folds.
     """
     n = y.shape[0]
     if n_folds > n:
-        raise ValueError(
+        raise ParamError(
             f"cv_folds={n_folds} is larger than the {n} training rows; allowed: 2..{n}. "
             "Hint: lower cv_folds or pass X_val/y_val."
         )
@@ -122,7 +123,7 @@ def kfold_indices(
             return [(np.sort(a), np.sort(b)) for a, b in splitter.split(np.zeros((n, 1)), y)]
     except ValueError as err:
         counts = np.bincount(y.astype(np.int64)) if stratify else None
-        raise ValueError(
+        raise ParamError(
             f"cannot build cv_folds={n_folds} stratified folds: {err} (class counts "
             f"{counts.tolist() if counts is not None else '-'}). Hint: lower cv_folds or pass X_val/y_val."
         ) from err
@@ -175,7 +176,7 @@ def prepare_fit(
     check_fraction("validation_fraction", validation_fraction)
     fit_idx, sel_idx = holdout_indices(y, validation_fraction, random_state, classification)
     if fit_idx.size < 2 or sel_idx.size < 1:
-        raise ValueError(
+        raise ParamError(
             f"validation_fraction={validation_fraction} of {y.shape[0]} rows leaves "
             f"{fit_idx.size} fit / {sel_idx.size} hold-out rows; need >= 2 / >= 1. "
             "Hint: pass X_val/y_val or use more training rows."

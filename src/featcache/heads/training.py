@@ -12,6 +12,7 @@ import copy
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from featcache.errors import ParamError
 from featcache.util.compute import torch_threads
 
 if TYPE_CHECKING:
@@ -124,7 +125,7 @@ def train_epochs(
         elif epoch - best_epoch >= head.patience:
             break
     if best_state is None:
-        raise ValueError(
+        raise ParamError(
             f"{type(head).__name__} diverged: validation loss is not finite (lr={head.lr}). "
             "Hint: lower lr or check the features for extreme values."
         )

@@ -1,6 +1,8 @@
 """Input checks shared by the heads: parameters, feature matrices, labels, targets, classes.
 
-Messages follow scikit-learn's: the parameter, the bad value, what is allowed and a hint.
+Messages follow scikit-learn's: the parameter, the bad value, what is allowed and a hint. A bad
+hyper-parameter raises :class:`~featcache.errors.ParamError`: a ValueError (scikit-learn's contract) that
+``featcache`` reports without a traceback.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import numpy as np
 from sklearn.utils.validation import check_array, check_X_y, column_or_1d
 
+from featcache.errors import ParamError
 from featcache.util.checks import check_int
 
 __all__ = [
@@ -40,7 +43,7 @@ PARAM_HINT = "Hint: set {name} in the head's params."
 
 
 def check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
-    """Raise ValueError unless ``value`` is a finite real > 0 (>= 0 if ``allow_zero``)."""
+    """Raise ParamError (a ValueError) unless ``value`` is a finite real > 0 (>= 0 if ``allow_zero``)."""
     ok = (
         isinstance(value, numbers.Real)
         and not isinstance(value, bool)
@@ -49,16 +52,18 @@ def check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
     )
     if not ok:
         bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}={value!r} is invalid; allowed: a finite number {bound}.")
+        raise ParamError(f"{name}={value!r} is invalid; allowed: a finite number {bound}. Hint: set {name} in "
+                         "the head's params.")
 
 
 def check_fraction(name: str, value: Any, closed_right: bool = False) -> None:
-    """Raise ValueError unless ``0 < value < 1`` (``<= 1`` if ``closed_right``)."""
+    """Raise ParamError (a ValueError) unless ``0 < value < 1`` (``<= 1`` if ``closed_right``)."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
     ok = ok and (value <= 1 if closed_right else value < 1)
     if not ok:
         interval = "(0, 1]" if closed_right else "(0, 1)"
-        raise ValueError(f"{name}={value!r} is invalid; allowed: a number in {interval}.")
+        raise ParamError(f"{name}={value!r} is invalid; allowed: a number in {interval}. Hint: set {name} in "
+                         "the head's params.")
 
 
 def check_features(X: Any, head: Any, name: str = "X") -> np.ndarray:
@@ -243,9 +248,12 @@ def expand_columns(proba: np.ndarray, seen: np.ndarray, n_classes: int) -> np.nd
 
 def as_float_list(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
     """Validate a 1-D grid of positive finite numbers; return it sorted ascending."""
-    arr = np.asarray(values, dtype=np.float64).ravel()
+    try:
+        arr = np.asarray(values, dtype=np.float64).ravel()
+    except (TypeError, ValueError):
+        arr = np.array([np.nan])  # not numbers: reported below
     if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise ValueError(
+        raise ParamError(
             f"{name}={values!r} is invalid; allowed: a non-empty sequence of positive numbers, "
             "e.g. np.logspace(-4, 4, 9)."
         )

@@ -1,8 +1,8 @@
-"""Small leaf helpers shared by every subpackage (no featcache imports here).
+"""Small leaf helpers shared by every subpackage (of featcache, only the leaf ``featcache.errors`` is imported).
 
 * :mod:`featcache.util.atomic` - write a file atomically (temp file + ``os.replace``);
-* :mod:`featcache.util.checks` - the integer-setting check (name, bad value, what is allowed); not
-  imported here, so only the stages that check settings run it;
+* :mod:`featcache.util.checks` - the integer-setting check (name, bad value, what is allowed; raises
+  ``featcache.errors.ParamError``); not imported here, so only the stages that check settings run it;
 * :mod:`featcache.util.closing` - the ``with obj:`` mixin of objects with a ``close()``;
 * :mod:`featcache.util.compute` - devices, CPU counts and torch thread limits;
 * :mod:`featcache.util.hashing` - the sha256 of a file's bytes;

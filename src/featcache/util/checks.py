@@ -1,16 +1,21 @@
-"""The one integer-setting check of every error message: the name, the bad value, what is allowed."""
+"""The one integer-setting check of every error message: the name, the bad value, what is allowed.
+
+Imports only :mod:`featcache.errors` (a leaf) of featcache, for :class:`~featcache.errors.ParamError`.
+"""
 
 from __future__ import annotations
 
 import numbers
 from typing import Any
 
+from featcache.errors import ParamError
+
 __all__ = ["check_int"]
 
 
 def check_int(name: str, value: Any, minimum: int, maximum: int | None = None, *, allow_none: bool = False,
               hint: str = "") -> None:
-    """Raise ValueError unless ``value`` is an integer in ``[minimum, maximum]`` (or None where allowed).
+    """Raise ParamError (a ValueError) unless ``value`` is an integer in ``[minimum, maximum]`` (or None where allowed).
 
     Parameters
     ----------
@@ -29,7 +34,8 @@ def check_int(name: str, value: Any, minimum: int, maximum: int | None = None, *
 
     Raises
     ------
-    ValueError
+    ParamError
+        A :class:`~featcache.errors.UserError` and a ValueError:
         ``"<name>=<value> is invalid; allowed: an integer >= <minimum>[ and <= <maximum>][ or None].[ <hint>]"``.
 
     Examples
@@ -37,7 +43,7 @@ def check_int(name: str, value: Any, minimum: int, maximum: int | None = None, *
     >>> check_int("epochs", 0, 1)
     Traceback (most recent call last):
     ...
-    ValueError: epochs=0 is invalid; allowed: an integer >= 1.
+    featcache.errors.ParamError: epochs=0 is invalid; allowed: an integer >= 1.
     """
     if value is None and allow_none:
         return
@@ -46,4 +52,4 @@ def check_int(name: str, value: Any, minimum: int, maximum: int | None = None, *
         bound = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
         allowed = bound + (" or None" if allow_none else "")
         extra = f" {hint.format(name=name)}" if hint else ""
-        raise ValueError(f"{name}={value!r} is invalid; allowed: {allowed}.{extra}")
+        raise ParamError(f"{name}={value!r} is invalid; allowed: {allowed}.{extra}")

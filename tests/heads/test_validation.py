@@ -1,0 +1,46 @@
+"""The heads' parameter checks raise ParamError: a ValueError (scikit-learn's contract for a bad parameter)
+and a UserError (``featcache train`` reports it in one line, exit status 2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from featcache.errors import ParamError, UserError
+from featcache.heads import make_head
+from featcache.heads.preprocessing import check_pca_components
+from featcache.heads.validation import as_float_list, check_fraction, check_positive
+
+
+@pytest.mark.parametrize(("check", "message"), [
+    (lambda: check_positive("learning_rate", "fast"),
+     r"^learning_rate='fast' is invalid; allowed: a finite number > 0\. Hint: set learning_rate in the head's"),
+    (lambda: check_positive("reg_lambda", -1.0, allow_zero=True), r"^reg_lambda=-1\.0 is invalid; allowed: a finite"),
+    (lambda: check_fraction("subsample", 1.5, closed_right=True), r"^subsample=1\.5 is invalid; allowed: a number"),
+    (lambda: as_float_list("Cs", ["a"]), r"^Cs=\['a'\] is invalid; allowed: a non-empty sequence of positive"),
+    (lambda: check_pca_components("all"), r"^pca_components='all' is invalid"),
+])
+def test_parameter_checks_raise_a_param_error(check, message):
+    with pytest.raises(ParamError, match=message) as err:
+        check()
+    assert isinstance(err.value, ValueError) and isinstance(err.value, UserError)
+
+
+@pytest.mark.parametrize(("name", "params", "message"), [
+    ("lightgbm", {"learning_rate": "fast"}, r"learning_rate='fast' is invalid"),
+    ("lightgbm", {"num_leaves": 1}, r"num_leaves=1 is invalid; allowed: an integer >= 2"),
+    ("logreg", {"max_iter": 0}, r"max_iter=0 is invalid"),
+    ("mlp", {"hidden_sizes": 512}, r"hidden_sizes=512 is invalid.*hidden_sizes: \[512\]"),
+    ("mlp", {"dropout": 1.0}, r"dropout=1\.0 is invalid"),
+    ("sgd", {"max_epochs": 0}, r"max_epochs=0 is invalid"),
+])
+def test_a_head_fit_with_a_bad_parameter_raises_a_param_error(name, params, message):
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((40, 4)), np.arange(40) % 2
+    with pytest.raises(ParamError, match=message):
+        make_head(name, "classification", params).fit(X, y)
+
+
+def test_an_unknown_parameter_name_is_a_param_error():
+    with pytest.raises(ParamError, match=r"unknown parameter 'C' for head 'logreg'"):
+        make_head("logreg", "classification", {"C": 1.0})
