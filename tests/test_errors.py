@@ -17,11 +17,12 @@ from featcache.extract.zoo.weights import WeightsNotFoundError
 from featcache.heads.registry import UnknownHeadError
 from featcache.pipeline.cli import main
 from featcache.pipeline.params.base import ConfigError
+from featcache.runs import RunNotFoundError
 from featcache.store.errors import StaleStoreError, StoreError, StoreLockedError, StoreNotFoundError
 
 USER_ERRORS = [ConfigError, ManifestError, UnknownNameError, WeightsNotFoundError, ExtractionError, StoreError,
                StaleStoreError, StoreLockedError, StoreNotFoundError, OnnxExportError, ParityError, UnknownHeadError,
-               ParamError]
+               ParamError, RunNotFoundError]
 
 
 @pytest.mark.parametrize("cls", USER_ERRORS, ids=lambda cls: cls.__name__)
@@ -35,6 +36,7 @@ def test_user_errors_keep_their_builtin_bases():
     assert issubclass(UnknownNameError, ValueError) and issubclass(ParityError, ValueError)
     assert issubclass(ParamError, ValueError) and issubclass(UnknownHeadError, ValueError)
     assert issubclass(WeightsNotFoundError, FileNotFoundError) and issubclass(StoreNotFoundError, FileNotFoundError)
+    assert issubclass(RunNotFoundError, FileNotFoundError)
     assert issubclass(ExtractionError, RuntimeError) and issubclass(OnnxExportError, RuntimeError)
 
 

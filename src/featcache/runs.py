@@ -17,7 +17,8 @@ single-file format too). A saved head's folder holds ``featcache-run.json``
 (:func:`write_run_info`): what ``featcache predict`` needs to featurise new images
 exactly as at training time.
 
-It imports only the leaf :mod:`featcache.util.atomic`, so every stage and subpackage may use it.
+It imports only the leaves :mod:`featcache.util.atomic` and :mod:`featcache.errors`, so every stage and
+subpackage may use it.
 """
 
 from __future__ import annotations
@@ -28,16 +29,21 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from featcache.errors import UserError
 from featcache.util.atomic import write_json
 
-__all__ = ["INFO_KEYS", "RUN_FILE", "SIDECAR_SUFFIX", "read_run", "read_run_info", "run_key", "sidecar_path",
-           "split_run", "write_run", "write_run_info"]
+__all__ = ["INFO_KEYS", "RUN_FILE", "SIDECAR_SUFFIX", "RunNotFoundError", "read_run", "read_run_info", "run_key",
+           "sidecar_path", "split_run", "write_run", "write_run_info"]
 
 #: File beside a saved head describing where its features come from.
 RUN_FILE = "featcache-run.json"
 
 #: ``metrics/.../logreg.json`` -> ``metrics/.../logreg.run.json``.
 SIDECAR_SUFFIX = ".run.json"
+
+
+class RunNotFoundError(UserError, FileNotFoundError):
+    """A folder given as a saved run (``featcache predict --model``) that holds no ``featcache-run.json``."""
 
 #: Numeric fields that describe a run rather than score it (they go to the sidecar, not to DVC metrics).
 INFO_KEYS = frozenset({"n_features", "n_train", "n_val", "n_test", "fit_seconds", "predict_seconds"})
@@ -131,11 +137,11 @@ def read_run_info(model_dir: str | Path) -> dict[str, Any]:
 
     Raises
     ------
-    FileNotFoundError
-        Naming the folder and what a run folder is.
+    RunNotFoundError
+        (a FileNotFoundError) Naming the folder and what a run folder is.
     """
     path = Path(model_dir) / RUN_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {model_dir} is not a featcache run directory. "
+        raise RunNotFoundError(f"{path} not found: {model_dir} is not a featcache run directory. "
                                 "Hint: pass models/<dataset>/<backbone>/<layer>/<head> written by `featcache train`.")
     return json.loads(path.read_text(encoding="utf-8"))

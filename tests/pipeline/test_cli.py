@@ -117,3 +117,25 @@ def test_a_bad_head_hyper_parameter_is_a_clear_error(head, section, message, tmp
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.startswith(f"featcache train: error: {message}")
+
+
+def test_predict_with_a_folder_that_is_no_run_is_a_clear_error(tmp_path, capsys):
+    code = main(["predict", "--model", str(tmp_path / "models"), "--store", str(tmp_path / "f.h5"),
+                 "--out", str(tmp_path / "p.csv")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith(f"featcache predict: error: {tmp_path / 'models' / 'featcache-run.json'} not found: ")
+    assert "is not a featcache run directory. Hint:" in err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "one of the arguments --store --images is required"),
+    (["--store", "f.h5", "--images", "a.png"], "argument --images: not allowed with argument --store"),
+    (["--images", "a.png", "--batch-size", "0"], "argument --batch-size: '0' is invalid; allowed: an integer >= 1"),
+    (["--images", "a.png", "--batch-size", "many"], "argument --batch-size: 'many' is invalid"),
+])
+def test_predict_argument_mistakes_exit_2_with_the_standard_line(args, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", "--model", "models/x", "--out", "p.csv", *args])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"featcache predict: error: {message}" in err and "Traceback" not in err

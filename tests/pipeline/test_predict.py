@@ -56,3 +56,20 @@ def test_predict_images_names_a_missing_path_or_an_empty_folder(tmp_path, inputs
     (tmp_path / "empty").mkdir()
     with pytest.raises(PredictError, match="No such file or folder|No images found"):
         predict_images(tmp_path / "model_not_read_yet", [tmp_path / name for name in inputs])
+
+
+def test_a_batch_size_below_one_fails_before_the_model_loads(tmp_path):
+    from featcache.errors import ParamError
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(ParamError, match=r"^batch_size=0 is invalid; allowed: an integer >= 1\."):
+        predict_images(tmp_path / "no-model", [tmp_path / "a.png"], batch_size=0)
+
+
+def test_a_folder_that_is_no_run_is_a_run_not_found_error(tmp_path):
+    from featcache.errors import UserError
+    from featcache.runs import RunNotFoundError, read_run_info
+
+    with pytest.raises(RunNotFoundError, match="is not a featcache run directory") as err:
+        read_run_info(tmp_path)
+    assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, UserError)

@@ -110,8 +110,6 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_predict(args: argparse.Namespace) -> None:
     from featcache.pipeline.predict import predict_images, predict_store, write_predictions
 
-    if bool(args.store) == bool(args.images):
-        raise SystemExit("featcache predict: give exactly one of --store or --images")
     if args.store:
         rows = predict_store(args.model, args.store, split=args.split)
     else:
@@ -150,6 +148,17 @@ def _cmd_compare(args: argparse.Namespace) -> None:
     from featcache.pipeline.compare import compare
 
     compare(args.metrics_dir, args.out, plot_path=args.plot)
+
+
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (argparse names the option and exits with status 2 otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: an integer >= 1")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     par.add_argument("--backbone", required=True)
     par.add_argument("--onnx", help="exported file (default: export to a temporary file)")
     par.add_argument("--manifest", help="take the batch from these images (default: seeded random input)")
-    par.add_argument("--batch-size", type=int, default=8)
+    par.add_argument("--batch-size", type=_positive_int, default=8, help="images in the batch (default: 8)")
     par.add_argument("--atol", type=float, default=1e-4)
     par.add_argument("--rtol", type=float, default=1e-3)
     par.add_argument("--min-cosine", type=float, default=0.9999)
@@ -221,10 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pred = sub.add_parser("predict", help="score a feature file or new images with a saved head")
     pred.add_argument("--model", required=True, help="run folder written by train (models/<dataset>/<b>/<l>/<h>)")
-    pred.add_argument("--store", help="an HDF5 feature store to score")
+    source = pred.add_mutually_exclusive_group(required=True)  # exactly one; argparse exits 2 otherwise
+    source.add_argument("--store", help="an HDF5 feature store to score")
+    source.add_argument("--images", nargs="+", help="image files or folders to score")
     pred.add_argument("--split", choices=SPLITS, help="only this split of --store")
-    pred.add_argument("--images", nargs="+", help="image files or folders to score")
-    pred.add_argument("--batch-size", type=int, default=32)
+    pred.add_argument("--batch-size", type=_positive_int, default=32,
+                      help="images per forward pass with --images (default: 32)")
     pred.add_argument("--device", default="auto", choices=DEVICES)
     pred.add_argument("--out", required=True, help="output CSV")
     pred.set_defaults(func=_cmd_predict)

@@ -23,6 +23,7 @@ from featcache.runs import read_run_info
 from featcache.store import FeatureStore, StaleStoreError
 from featcache.store.reader import diff_config
 from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS
+from featcache.util.checks import check_int
 
 __all__ = ["FEATURE_CONFIG_KEYS", "PredictError", "feature_config", "predict_store", "predict_images",
            "stored_preprocessor", "write_predictions"]
@@ -129,7 +130,13 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
     """Extract features of new images as at training time and score them.
 
     Images that fail to decode get ``prediction`` empty and an ``error`` column.
+
+    Raises
+    ------
+    ParamError
+        For a ``batch_size`` below 1, before anything loads.
     """
+    check_int("batch_size", batch_size, 1, hint="Hint: pass --batch-size 32 (images scored per forward pass).")
     from featcache.extract.decode.loaders import ImageDataset, make_loader  # torch: only when images are scored
     from featcache.extract.plan import plan_extraction
     from featcache.extract.runners.torch_runner import TorchFeatureExtractor
