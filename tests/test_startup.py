@@ -79,6 +79,7 @@ def project(tmp_path_factory) -> Path:
 
 LIGHT_COMMANDS = {
     "help": ["--help"],
+    "version": ["--version"],
     "check": ["check", "--params", "params.yaml"],
     "backbones": ["backbones"],
     "layers": ["layers", "resnet18"],

@@ -85,8 +85,11 @@ def test_bad_settings_stop_before_any_work():
 
 def test_cuda_asked_for_on_a_cpu_machine_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ExtractionError, match="no CUDA device is visible"):
+    with pytest.raises(ExtractionError, match="^extract.device is 'cuda' but no CUDA device is visible"):
         plan_extraction(device="cuda")
+    # predict's --device: the message names the flag the user set
+    with pytest.raises(ExtractionError, match="^--device is 'cuda' but no CUDA device is visible"):
+        plan_extraction(device="cuda", device_setting="--device")
 
 
 def test_build_runner_torch_and_onnx_on_cpu(random_backbone):

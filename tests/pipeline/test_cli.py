@@ -139,3 +139,51 @@ def test_predict_argument_mistakes_exit_2_with_the_standard_line(args, message, 
         main(["predict", "--model", "models/x", "--out", "p.csv", *args])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and f"featcache predict: error: {message}" in err and "Traceback" not in err
+
+
+def test_version_prints_the_package_version(capsys):
+    import re
+    from pathlib import Path
+
+    import featcache
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"featcache {featcache.__version__}"
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(r'^version = "([^"]+)"$', pyproject, re.MULTILINE).group(1) == featcache.__version__
+
+
+def test_every_option_of_every_command_has_a_help_text():
+    import argparse
+
+    from featcache.pipeline.cli import build_parser
+
+    parser = build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    missing = [f"{name} {action.dest}" for name, sub in [("featcache", parser), *commands.choices.items()]
+               for action in sub._actions if action.help is None and not isinstance(action, argparse._HelpAction)]
+    assert not missing
+
+
+def test_an_unknown_layer_names_the_layer_then_the_backbone(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text("backbones:\n  efficientnet_lite0: {weights: pretrained, layers: [blok6]}\n", encoding="utf-8")
+    assert main(["check", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert "Unknown layer 'blok6' for backbone 'efficientnet_lite0'. Did you mean 'block6'? Allowed: stem," in err
+
+
+def test_predict_device_cuda_without_cuda_names_the_flag(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    code = main(["predict", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "a.png"),
+                 "--device", "cuda", "--out", str(tmp_path / "p.csv")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("featcache predict: error: --device is 'cuda' but no CUDA device is visible.")

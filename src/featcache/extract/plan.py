@@ -315,7 +315,8 @@ class ExtractionPlan:
 
 def plan_extraction(*, device: str = "auto", backend: str = "auto", autocast: str | None = "auto",
                     decode: str = "auto", num_workers: int | str | None = "auto",
-                    scheduler: str = "none", precision: str = "float32") -> ExtractionPlan:
+                    scheduler: str = "none", precision: str = "float32",
+                    device_setting: str = "extract.device") -> ExtractionPlan:
     """Resolve the extraction settings (``auto`` included) on this machine into one plan.
 
     Parameters
@@ -330,6 +331,8 @@ def plan_extraction(*, device: str = "auto", backend: str = "auto", autocast: st
         ``extract.scheduler``: ``none``, ``local`` or a dask scheduler address.
     precision : {"float32", "int8"}
         ``extract.precision`` (int8: onnxruntime on the CPU only, see :func:`resolve_precision`).
+    device_setting : str
+        What the user set ``device`` with, named in its errors (``predict`` passes ``--device``).
 
     Returns
     -------
@@ -342,10 +345,10 @@ def plan_extraction(*, device: str = "auto", backend: str = "auto", autocast: st
     """
     try:
         if str(device).startswith("cuda:"):
-            compute.resolve_device("cuda", setting="extract.device", error=ExtractionError)
+            compute.resolve_device("cuda", setting=device_setting, error=ExtractionError)
             resolved_device = str(device)
         else:
-            resolved_device = compute.resolve_device(device, setting="extract.device", error=ExtractionError)
+            resolved_device = compute.resolve_device(device, setting=device_setting, error=ExtractionError)
         resolved_backend = resolve_backend(backend, resolved_device, autocast)
         resolved_autocast = resolve_autocast(autocast, resolved_device, resolved_backend)
         resolved_decode = resolve_decode(decode, resolved_device, resolved_backend)

@@ -12,6 +12,7 @@ import logging
 import sys
 from typing import Sequence
 
+from featcache import __version__
 from featcache.errors import UserError
 
 __all__ = ["main", "build_parser"]
@@ -163,21 +164,25 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
-    # Value sets of the choices below, each from its one home; all three modules are torch-free, so --help
+    # Value sets of the choices below, each from its one home; all four modules are torch-free, so --help
     # stays cheap. Imported here, not at module level: they only validate arguments, so they are no
     # stage's dvc deps (tests/pipeline/test_stage_deps.py reads the module level, main and the handler).
     from featcache.finetune.config import MODES
+    from featcache.heads.registry import head_names
     from featcache.store.schema import SPLITS
     from featcache.util.compute import DEVICES
 
-    parser = argparse.ArgumentParser(prog="featcache", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="featcache", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of the commands below; `featcache COMMAND --help` lists its options")
 
     sub.add_parser("backbones", help="list registered backbones").set_defaults(func=_cmd_backbones)
     layers = sub.add_parser("layers", help="list a backbone's layer aliases and dims (a registry name, "
                             "timm/<model>, or a backbone of --params)")
-    layers.add_argument("backbone")
+    layers.add_argument("backbone", help="a registry name (see `featcache backbones`), timm/<model>, or a "
+                        "backbone of --params")
     layers.add_argument("--params", help="read backbones.<backbone>.model from this params file")
     layers.add_argument("--nodes", action="store_true", help="also list raw graph node names")
     layers.set_defaults(func=_cmd_layers)
@@ -185,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("doctor", help="what extraction runs on here (torch/CUDA, onnxruntime, GPU decode) and "
                    "what backend/autocast 'auto' picks, with fixes").set_defaults(func=_cmd_doctor)
     digits = sub.add_parser("digits", help="write the embedded digits dataset as PNG files")
-    digits.add_argument("out")
+    digits.add_argument("out", help="output folder (one subfolder of PNG files per digit)")
     digits.set_defaults(func=_cmd_digits)
 
     def with_params(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -199,33 +204,38 @@ def build_parser() -> argparse.ArgumentParser:
     prep.set_defaults(func=_cmd_prepare)
 
     ext = with_params(sub.add_parser("extract", help="extract one backbone's layers to HDF5"))
-    ext.add_argument("--backbone", required=True)
-    ext.add_argument("--manifest", required=True)
-    ext.add_argument("--out", required=True)
-    ext.add_argument("--no-progress", action="store_true")
+    ext.add_argument("--backbone", required=True, help="a key of backbones: in the params file")
+    ext.add_argument("--manifest", required=True, help="manifest.csv of the prepare stage")
+    ext.add_argument("--out", required=True, help="output HDF5 feature store (resumed if it exists)")
+    ext.add_argument("--no-progress", action="store_true", help="no progress bar")
     ext.set_defaults(func=_cmd_extract)
 
     tr = with_params(sub.add_parser("train", help="train and score one head on one layer"))
-    for name in ("store", "backbone", "layer", "head", "metrics"):
-        tr.add_argument(f"--{name}", required=True)
-    tr.add_argument("--model-dir")
+    tr.add_argument("--store", required=True, help="HDF5 feature store written by extract")
+    tr.add_argument("--backbone", required=True, help="the store's backbone (a key of backbones: in the params file)")
+    tr.add_argument("--layer", required=True, help="an extracted layer of the store (an alias or a graph node)")
+    tr.add_argument("--head", required=True, help=f"one of {', '.join(head_names())} "
+                    "(hyper-parameters: heads.<head> in the params file)")
+    tr.add_argument("--metrics", required=True, help="output metrics JSON (test scores; a .run.json sidecar beside it)")
+    tr.add_argument("--model-dir", help="save the fitted head here (for `featcache predict --model`)")
     tr.add_argument("--predictions", help="CSV of test actual,predicted (DVC confusion plot)")
     tr.set_defaults(func=_cmd_train)
 
     exp = with_params(sub.add_parser("export-onnx", help="export a backbone's layers (pooled) to ONNX"))
-    exp.add_argument("--backbone", required=True)
+    exp.add_argument("--backbone", required=True, help="a key of backbones: in the params file")
     exp.add_argument("--out", required=True, help="output .onnx file")
-    exp.add_argument("--opset", type=int, default=18)
+    exp.add_argument("--opset", type=int, default=18, help="ONNX opset version (default: 18)")
     exp.set_defaults(func=_cmd_export_onnx)
 
     par = with_params(sub.add_parser("onnx-parity", help="compare ONNX and torch outputs on one batch"))
-    par.add_argument("--backbone", required=True)
+    par.add_argument("--backbone", required=True, help="a key of backbones: in the params file")
     par.add_argument("--onnx", help="exported file (default: export to a temporary file)")
     par.add_argument("--manifest", help="take the batch from these images (default: seeded random input)")
     par.add_argument("--batch-size", type=_positive_int, default=8, help="images in the batch (default: 8)")
-    par.add_argument("--atol", type=float, default=1e-4)
-    par.add_argument("--rtol", type=float, default=1e-3)
-    par.add_argument("--min-cosine", type=float, default=0.9999)
+    par.add_argument("--atol", type=float, default=1e-4, help="absolute tolerance (default: 1e-4)")
+    par.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance (default: 1e-3)")
+    par.add_argument("--min-cosine", type=float, default=0.9999,
+                     help="lowest per-image cosine similarity accepted (default: 0.9999)")
     par.set_defaults(func=_cmd_onnx_parity)
 
     pred = sub.add_parser("predict", help="score a feature file or new images with a saved head")
@@ -236,24 +246,25 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--split", choices=SPLITS, help="only this split of --store")
     pred.add_argument("--batch-size", type=_positive_int, default=32,
                       help="images per forward pass with --images (default: 32)")
-    pred.add_argument("--device", default="auto", choices=DEVICES)
+    pred.add_argument("--device", default="auto", choices=DEVICES,
+                      help="where --images are featurised (default: auto: CUDA when available, else the CPU)")
     pred.add_argument("--out", required=True, help="output CSV")
     pred.set_defaults(func=_cmd_predict)
 
     ft = with_params(sub.add_parser("finetune", help="fine-tune a backbone end to end (the heads' baseline)"))
-    ft.add_argument("--mode", required=True, choices=MODES)
+    ft.add_argument("--mode", required=True, choices=MODES, help="the fine-tuning recipe")
     ft.add_argument("--manifest", required=True, help="manifest.csv of the prepare stage")
     ft.add_argument("--out", required=True, help="run folder: model.pt, model.json, weight_report.json, "
                                                  "history.json, backbone.pt, model.onnx, cam/")
     ft.add_argument("--metrics", required=True, help="metrics JSON (the train stage's format)")
     ft.add_argument("--confusion", help="actual,predicted CSV of the test split (classification)")
-    ft.add_argument("--no-progress", action="store_true")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     ft.set_defaults(func=_cmd_finetune)
 
     cmp_ = sub.add_parser("compare", help="rank every run in one report")
     cmp_.add_argument("--metrics-dir", required=True, nargs="+", help="one or more folders of run metrics")
-    cmp_.add_argument("--out", required=True)
-    cmp_.add_argument("--plot")
+    cmp_.add_argument("--out", required=True, help="output folder (compare.md, compare.json)")
+    cmp_.add_argument("--plot", help="also write the ranking as CSV here (DVC plot)")
     cmp_.set_defaults(func=_cmd_compare)
     return parser
 

@@ -142,13 +142,14 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
     from featcache.extract.runners.torch_runner import TorchFeatureExtractor
     from featcache.extract.zoo.weights import load_backbone
 
-    paths = _image_paths(inputs)  # a wrong path fails before the backbone loads
+    paths = _image_paths(inputs)  # a wrong path or device fails before the backbone loads
+    plan = plan_extraction(device=device, backend="torch", autocast="none", decode="cpu",  # float32 torch features
+                           device_setting="--device")
     info = read_run_info(model_dir)
     head = load_head(model_dir)
     config = info["extraction_config"]
     loaded = load_backbone(info["backbone"], config["weights"], model=config.get("model"))
     preprocess = stored_preprocessor(config)
-    plan = plan_extraction(device=device, backend="torch", autocast="none", decode="cpu")  # float32 torch features
     if config["extract"].get("precision", "float32") != "float32":
         logger.info("the head was trained on %s features; scoring float32 features (the int8 gate kept them within "
                     "cosine %s of float32)", config["extract"]["precision"], config["extract"].get("int8_min_cosine"))

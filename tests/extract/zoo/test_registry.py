@@ -246,6 +246,7 @@ def test_unknown_layer_lists_valid_aliases(random_backbone):
     spec = BACKBONES["resnet18"]
     with pytest.raises(UnknownNameError) as info:
         resolve_layer("resnet18", "res9")
+    assert str(info.value).startswith("Unknown layer 'res9' for backbone 'resnet18'.")
     for alias in spec.layers:
         assert alias in str(info.value)
     with pytest.raises(UnknownNameError) as info:

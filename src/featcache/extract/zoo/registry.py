@@ -269,10 +269,11 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-def _unknown(kind: str, value: str, allowed: Iterable[str], hint: str) -> UnknownNameError:
+def _unknown(kind: str, value: str, allowed: Iterable[str], hint: str, where: str = "") -> UnknownNameError:
+    """``Unknown <kind> '<value>'[ <where>]. Did you mean ...? Allowed: ... <hint>``."""
     allowed = list(allowed)
     return UnknownNameError(
-        f"Unknown {kind} {value!r}.{did_you_mean(value, allowed)} Allowed: {', '.join(allowed)}. {hint}"
+        f"Unknown {kind} {value!r}{where}.{did_you_mean(value, allowed)} Allowed: {', '.join(allowed)}. {hint}"
     )
 
 
@@ -354,9 +355,10 @@ def resolve_layer(backbone: str | BackboneSpec, layer: str,
         if layer in nodes or any(node.startswith(layer + ".") for node in nodes):
             return layer, None
     raise _unknown(
-        f"layer for backbone {name!r}", layer, spec.layers,
+        "layer", layer, spec.layers,
         f"Raw graph node names are accepted too; list them with `featcache layers {name} --nodes`"
         f"{' --params params.yaml' if spec.weights.startswith('timm:') and not name.startswith(TIMM_PREFIX) else ''}.",
+        where=f" for backbone {name!r}",
     )
 
 
