@@ -155,6 +155,12 @@ def test_predict_scores_a_store_and_new_images(pipeline_run, tmp_path):
     accuracy = np.mean([row["prediction"] == t for row, t in zip(rows, truth)])
     metrics = read_run(root / "metrics" / "pool" / "logreg.json")
     assert accuracy == pytest.approx(metrics["accuracy"])
+    assert [row["actual"] for row in rows] == truth and {row["split"] for row in rows} == {"test"}
+    assert list(rows[0])[:4] == ["id", "split", "actual", "prediction"]
+    every = predict_store(model_dir, pipeline_run["store"])
+    with FeatureStore(pipeline_run["store"]) as store:
+        assert [row["split"] for row in every if row["split"] == "val"] == ["val"] * len(store.ids("val"))
+        assert [row["actual"] for row in every] == [store.classes[k] for k in store.labels()]
     images = sorted((root / "images" / "green").glob("*.png"))[:3]
     (tmp_path / "bad.png").write_bytes(b"not an image")
     rows = predict_images(model_dir, [*images, tmp_path / "bad.png"], device="cpu")

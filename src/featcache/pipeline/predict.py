@@ -22,7 +22,7 @@ from featcache.heads import load_head
 from featcache.runs import read_run_info
 from featcache.store import FeatureStore, StaleStoreError
 from featcache.store.reader import diff_config
-from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS
+from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS, SPLITS
 from featcache.util.checks import check_int
 
 __all__ = ["FEATURE_CONFIG_KEYS", "PredictError", "feature_config", "predict_store", "predict_images",
@@ -71,7 +71,11 @@ def _score(head: Any, features: np.ndarray, task: str) -> np.ndarray:
 
 
 def predict_store(model_dir: str | Path, store_path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
-    """Score the rows of a feature store (optionally one split) with a saved head."""
+    """Score the rows of a feature store (optionally one split) with a saved head.
+
+    Each row: ``id``, ``split``, ``actual`` (the store's class name or target, empty when it has none),
+    ``prediction`` and, for a classifier, ``p_<class>`` per class.
+    """
     info = read_run_info(model_dir)
     head = load_head(model_dir)
     with FeatureStore(store_path) as store:
@@ -84,11 +88,28 @@ def predict_store(model_dir: str | Path, store_path: str | Path, split: str | No
                 "featcache-run.json), or score the images with predict --images.")
         features = store.read(info["layer"], split)
         ids = list(store.ids(split))
+        known = _known_answers(store, split, info["task"])
     if features.shape[1] != head.n_features_in_:
         raise PredictError(f"Layer {info['layer']!r} of {store_path} has {features.shape[1]} features but the head "
                            f"was trained on {head.n_features_in_}. Hint: use the store of backbone "
                            f"{info['backbone']!r}.")
-    return _rows(ids, _score(head, features, info["task"]), info["task"], info["classes"])
+    rows = _rows(ids, _score(head, features, info["task"]), info["task"], info["classes"])
+    return [{"id": row["id"], **extra, **{k: v for k, v in row.items() if k != "id"}}
+            for row, extra in zip(rows, known)]
+
+
+def _known_answers(store: FeatureStore, split: str | None, task: str) -> list[dict[str, Any]]:
+    """Each row's split and its known answer in the store (class name or target; empty when it has none)."""
+    names = np.full(store.n_rows, "", dtype=object)
+    for name in SPLITS:
+        names[store.split_mask(name)] = name
+    names = names[store.split_mask(split)]
+    if task == "classification":
+        classes = list(store.classes)
+        actual = [classes[k] if 0 <= k < len(classes) else "" for k in store.labels(split).tolist()]
+    else:
+        actual = ["" if np.isnan(t) else float(t) for t in store.targets(split).tolist()]
+    return [{"split": name, "actual": value} for name, value in zip(names.tolist(), actual)]
 
 
 def _image_paths(inputs: Sequence[str | Path]) -> list[Path]:
