@@ -70,9 +70,13 @@ logger = logging.getLogger(__name__)
 class FeatureRunner(Protocol):
     """What the engine needs from a backend (torch or ONNX)."""
 
-    def __call__(self, batch: Any) -> dict[str, np.ndarray]: ...
+    def __call__(self, batch: Any) -> dict[str, np.ndarray]:
+        """Normalised float32 (B, 3, S, S) batch (on the runner's ``input_device``, if any; numpy only for
+        runners that take their input on the CPU) -> ``{alias: (B, D) array}`` for every layer."""
 
-    def layer_specs(self, input_size: int | None = None) -> list[LayerSpec]: ...
+    def layer_specs(self, input_size: int | None = None) -> list[LayerSpec]:
+        """The output layers (alias, node, dim, pooling, map shape) in store order, for inputs of side
+        ``input_size`` (default: the backbone's)."""
 
 
 @dataclass
@@ -117,9 +121,12 @@ def extract_to_store(
     manifest : Manifest
         N images with ids, labels/targets and splits.
     runner : FeatureRunner
-        Maps a (B, 3, S, S) batch to ``{layer: (B, D) array}``.
+        Maps a normalised float32 (B, 3, S, S) batch to ``{layer: (B, D) array}``.
     preprocess : Preprocessor
-        Image -> (3, S, S) tensor, as the runner expects.
+        Geometry and normalisation of the runner's input: the default loaders resize/crop each image to uint8
+        pixels (B, 3, S, S), which the engine normalises on the runner's input device with
+        :meth:`~featcache.extract.decode.preprocess.Preprocessor.normalize_batch`; its ``input_size`` (S) is
+        passed to ``runner.layer_specs``.
     out : path
         Final ``.h5`` path (written atomically).
     config : mapping
@@ -131,17 +138,27 @@ def extract_to_store(
         runner's input device calls for, one decode worker per spare core.
     attrs : mapping, optional
         Extra root attributes (backbone, weights_id, backend, ...).
+    dtype : {"float16", "float32"}
+        Storage dtype of the features (``extract.dtype``).
+    batch_size : int
+        Images per forward of the backbone (and per loader batch).
+    block_rows : int
+        Rows per committed block: the unit of resume, and the largest HDF5
+        chunk. A crash loses at most the blocks in flight.
     on_error : {"skip", "fail"}
         Bad images are reported by id and reason; ``skip`` drops their rows,
         ``fail`` stops before the final file is written.
+    progress : bool
+        Log a line per committed block (at most one every few seconds), and a bar when stderr is a terminal.
+    lock_timeout : float
+        Seconds to wait for another writer of ``out`` to let go of its lock;
+        ``0`` fails at once with :class:`~featcache.store.errors.StoreLockedError`.
     max_bad_fraction : float
-        With ``skip``: if every row, or more than this fraction of them, is a
-        bad image, fail naming the first reasons instead of writing the final
-        file (see :func:`check_bad_rows`).
+        With ``skip``: if every row, or more than this fraction of them, is a bad image, fail naming the first
+        reasons instead of writing the final file (see :func:`check_bad_rows`).
     loader_factory : callable, optional
-        ``loader_factory(rows, batch_size)`` -> batches of the rows to extract,
-        following the batch contract of :func:`run_blocks`: the seam for a
-        decoder of your own, used instead of the plan's loader.
+        ``loader_factory(rows, batch_size)`` -> batches of the rows to extract, following the batch contract of
+        :func:`run_blocks`: the seam for a decoder of your own, used instead of the plan's loader.
     overlap : bool, optional
         Overlap decode, forward, copy-out and commits (see :func:`run_blocks`); default: on CUDA.
 
@@ -149,6 +166,15 @@ def extract_to_store(
     -------
     ExtractionReport
         With ``decode_stats`` when the plan's ``device`` loader decoded the rows.
+
+    Raises
+    ------
+    ValueError
+        For an invalid ``on_error`` or ``max_bad_fraction``.
+    ExtractionError
+        At the first bad image with ``on_error="fail"``, or for too many bad rows (:func:`check_bad_rows`).
+    StoreLockedError
+        If another process still writes ``out`` after ``lock_timeout``.
     """
     check_on_error(on_error)
     check_max_bad_fraction(max_bad_fraction)
@@ -309,10 +335,16 @@ class BlockSink(Protocol):
     block_rows: int
     n_rows: int
 
-    def block_range(self, block: int) -> range: ...
+    def block_range(self, block: int) -> range:
+        """Rows ``[block * block_rows, min((block + 1) * block_rows, n_rows))``."""
 
     def commit_block(self, block: int, kept_rows: np.ndarray, features: Mapping[str, np.ndarray],
-                     errors: Sequence[tuple[str, str]] = ()) -> Any: ...
+                     errors: Sequence[tuple[str, str]] = ()) -> Any:
+        """Commit one block atomically (the arguments of ``StoreWriter.commit_block``; the result is ignored).
+
+        ``kept_rows``: int64 (M,) rows extracted; ``features``: ``{alias: (M, D)}`` in ``kept_rows`` order;
+        ``errors``: the block's E bad images as ``(id, reason)``, ``M + E`` the block size.
+        """
 
 
 def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, blocks: Sequence[int], *,
@@ -365,6 +397,8 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
         (blocks completed before it are committed).
     progress : bool
         Log a line per committed block (and a bar on a terminal), labelled ``label``.
+    label : str
+        What the progress lines and bar name (:func:`extract_to_store` passes the store's file name).
     dataset : ImageReader, optional
         The loader's images (default: a new reader over ``manifest``).
     batches : iterable of Batch, optional

@@ -294,6 +294,10 @@ def iter_device_batches(paths: Manifest | Sequence[str | os.PathLike], rows: Seq
         Processes (or threads) that read bytes and probe headers (and run the
         CPU path for the files routed there); default
         :func:`~featcache.util.compute.default_num_workers`.
+    prefetch_factor : int
+        Batches of file bytes each reader reads ahead (the DataLoader's
+        ``prefetch_factor``; with threads, ``num_workers * prefetch_factor``
+        batches in flight). Unused when ``num_workers`` is 0.
     background : bool, optional
         Decode and resize in a thread, up to two batches ahead of the caller
         (default: on CUDA devices), so the next batch is prepared while the

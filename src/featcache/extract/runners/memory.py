@@ -209,9 +209,21 @@ def estimate_batch_memory(runner: Any, input_size: int, batch_size: int, device:
 
     Parameters
     ----------
+    runner : TorchFeatureExtractor
+        Anything with an ``fx.GraphModule`` as ``.module`` (see
+        :func:`activation_bytes_per_image`); other runners give None.
+    input_size : int
+        Side S of the (B, 3, S, S) input batches.
+    batch_size : int
+        B, the images per forward to check.
+    device : str or torch.device
+        Where the runner computes (``cpu``, ``cuda[:N]``); on CUDA the input
+        queue is counted in host memory only.
     num_workers, prefetch_factor : int
-        DataLoader settings: up to ``num_workers * prefetch_factor`` input
-        batches wait in host memory (shared memory) while one runs.
+        DataLoader settings: up to ``num_workers * prefetch_factor`` uint8
+        input batches wait in host memory (shared memory) while one runs;
+        ``num_workers=None`` means
+        :func:`~featcache.util.compute.default_num_workers`.
     available : (int, int), optional
         (device, host) bytes available; default: measured now.
 
@@ -248,6 +260,8 @@ def check_batch_memory(runner: Any, input_size: int, batch_size: int, device: st
                        num_workers: int | None = None, prefetch_factor: int = 4,
                        available: tuple[int, int] | None = None) -> MemoryEstimate | None:
     """Fail before any work when ``batch_size`` images will not fit in memory.
+
+    The parameters are those of :func:`estimate_batch_memory`.
 
     Raises
     ------
