@@ -117,10 +117,20 @@ def export_finetuned_onnx(result_or_model: FinetuneResult | nn.Module, path: str
     Parameters
     ----------
     result_or_model : FinetuneResult or nn.Module
-        A result carries task, input size and target scaling; for a bare model
-        pass them.
+        A result carries task, input size and target scaling (and then
+        ``input_size``, ``task``, ``target_mean`` and ``target_std`` are
+        ignored); for a bare model pass them.
     path : path
-        Output ``.onnx`` file.
+        Output ``.onnx`` file (written atomically).
+    input_size : int, optional
+        S, the fixed spatial size of the input; needed for a bare model.
+    task : {"classification", "regression"}
+        Bare model only: ``classification`` applies a softmax to its (B, K)
+        logits; ``regression`` takes its first output column (B,) and maps it
+        back to target units.
+    target_mean, target_std : float
+        Bare model, regression only: the prediction is ``out * target_std +
+        target_mean`` (the model was trained on standardised targets).
     opset : int
         ONNX opset (>= 18 for ``dynamo``).
     exporter : {"dynamo", "torchscript"}
@@ -130,6 +140,12 @@ def export_finetuned_onnx(result_or_model: FinetuneResult | nn.Module, path: str
     Returns
     -------
     Path
+        ``path``.
+
+    Raises
+    ------
+    ValueError
+        For a bare model without ``input_size``, or an unknown ``exporter``.
     """
     if isinstance(result_or_model, FinetuneResult):
         result = result_or_model

@@ -41,7 +41,20 @@ Batches = Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    """fp16 autocast on CUDA when ``amp``; a no-op elsewhere."""
+    """fp16 autocast on CUDA when ``amp``; a no-op elsewhere.
+
+    Parameters
+    ----------
+    device : torch.device
+        Where the forward runs.
+    amp : bool
+        Mixed precision requested (``FinetuneConfig.amp``).
+
+    Returns
+    -------
+    contextlib.AbstractContextManager
+        ``torch.autocast`` (fp16) or a ``nullcontext``.
+    """
     if amp and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.float16)
     return contextlib.nullcontext()
@@ -70,9 +83,19 @@ def predict(model: nn.Module, batches: Batches, task: str, device: torch.device 
     batches : iterable
         Batches ``(rows (B,), images (B, 3, S, S), targets (B,))``.
     task : {"classification", "regression"}
+        Classification: the model's (B, K) logits become softmax
+        probabilities; regression: its first output column (B,) is the
+        standardised prediction.
+    device : torch.device or str
+        Where the model is (the images are moved there).
     tta : bool
         Also return test-time-augmented scores: the mean over the views that
         training's augmentation produces (see ``tta_hflip``).
+    amp : bool
+        fp16 autocast on CUDA (:func:`autocast`); ignored elsewhere.
+    channels_last : bool
+        Move the images to the device in channels-last memory format (as the
+        model was trained).
     target_mean, target_std : float
         Regression outputs are de-standardised with these.
     tta_hflip : bool
@@ -87,6 +110,11 @@ def predict(model: nn.Module, batches: Batches, task: str, device: torch.device 
         ``rows`` (n,), ``y_true`` (n,), ``scores`` ((n, K) probabilities or
         (n,) predictions), ``tta_scores`` (same or None), ``loss`` (mean
         cross-entropy or MSE in standardised units), ``seconds`` (plain pass only).
+
+    Raises
+    ------
+    ValueError
+        If ``batches`` yields no rows (no readable image).
     """
     device = torch.device(device)
     model.eval()
@@ -146,7 +174,22 @@ def _fmt(value: float | None) -> str:
 
 @dataclass
 class Fit:
-    """What the training loop hands back."""
+    """What the training loop hands back.
+
+    Attributes
+    ----------
+    history : list of dict
+        One row per epoch run: ``epoch``, ``phase``, ``steps``, ``lr`` (group -> LR),
+        ``train_loss``, ``metric``, ``val_loss``, ``val_metric``, ``seconds``.
+    step_losses : list of float
+        Training loss of every optimizer step, in order.
+    best_epoch : int
+        1-based epoch whose weights the model was left with.
+    steps : int
+        Optimizer steps taken.
+    seconds : float
+        Wall time of the loop (training and validation).
+    """
 
     history: list[dict[str, Any]]
     step_losses: list[float]
@@ -156,7 +199,28 @@ class Fit:
 
 
 class Trainer:
-    """The epoch loop of one run; :meth:`fit` leaves the model with the best epoch's weights."""
+    """The epoch loop of one run; :meth:`fit` leaves the model with the best epoch's weights.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model to train, already on ``device``.
+    spec : BackboneSpec
+        Its registry entry (its ``classifier`` module stays in train mode
+        while the backbone is frozen).
+    head_names : sequence of str
+        Parameter names of the new head (trained in every phase).
+    config : FinetuneConfig
+        Epochs, phases, optimizer, schedule, patience, ``max_train_steps``, ...
+    task : {"classification", "regression"}
+        Cross-entropy on class indices, or MSE on standardised targets.
+    device : torch.device
+        Where the batches are moved.
+    use_amp : bool
+        fp16 autocast and gradient scaling on CUDA.
+    target_mean, target_std : float
+        Regression: the train split's target mean and std (the loss's standardisation).
+    """
 
     def __init__(self, model: nn.Module, spec: BackboneSpec, head_names: Sequence[str], config: FinetuneConfig,
                  task: str, device: torch.device, use_amp: bool, target_mean: float, target_std: float) -> None:
@@ -225,7 +289,30 @@ class Trainer:
 
     def fit(self, train_batches: Batches, val_batches: Batches | None,
             on_epoch_end: Callable[[dict[str, Any], nn.Module], None] | None) -> Fit:
-        """Train, validate every epoch, stop early on val; the model ends with the best epoch's weights."""
+        """Train, validate every epoch, stop early on val; the model ends with the best epoch's weights.
+
+        Parameters
+        ----------
+        train_batches : iterable
+            Re-iterable batches ``(rows (B,), images (B, 3, S, S), targets (B,))``
+            with a ``len`` (batches per epoch).
+        val_batches : iterable or None
+            The same for the validation split; None keeps the last epoch
+            (every epoch counts as the best so far) and never stops early.
+        on_epoch_end : callable, optional
+            ``on_epoch_end(history_row, model)`` after each epoch.
+
+        Returns
+        -------
+        Fit
+
+        Raises
+        ------
+        ValueError
+            If an epoch had no readable training image.
+        FloatingPointError
+            If the training loss is not finite.
+        """
         config, plan = self.config, phases(self.config)
         history: list[dict[str, Any]] = []
         best_metric: float | None = None

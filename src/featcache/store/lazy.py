@@ -11,10 +11,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import h5py
 import numpy as np
+
+if TYPE_CHECKING:  # dask is imported only where a dask array is built
+    import dask.array
 
 __all__ = ["H5Slice", "dask_array"]
 
@@ -64,7 +67,7 @@ def dask_array(
     stored_chunk_rows: int,
     dtype: Any,
     rows_per_chunk: int | None = None,
-):
+) -> dask.array.Array:
     """Dask array over a row-chunked ``(N, D)`` dataset.
 
     Parameters

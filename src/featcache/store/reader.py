@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import h5py
 import numpy as np
@@ -24,6 +24,9 @@ from featcache.util.closing import Closing
 from .errors import StaleStoreError, StoreError, StoreNotFoundError
 from .lazy import dask_array
 from .schema import FORMAT, SPLIT_CODES, SPLITS, canonical_json
+
+if TYPE_CHECKING:  # dask is imported only where a dask array is built
+    import dask.array
 
 __all__ = ["FeatureStore", "diff_config"]
 
@@ -241,7 +244,7 @@ class FeatureStore(Closing):
         split: str | None = None,
         dtype: Any = np.float32,
         rows_per_chunk: int | None = None,
-    ):
+    ) -> dask.array.Array:
         """Lazy dask array (n, D) of one layer, chunked along whole HDF5 chunks.
 
         Each task opens the file by path, so the graph pickles and runs on

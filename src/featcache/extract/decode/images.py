@@ -101,7 +101,8 @@ class ImageTooLargeError(Image.DecompressionBombError):
             f"(or set it to null to disable the check)."
         )
 
-    def __reduce__(self):  # picklable across DataLoader / dask workers
+    def __reduce__(self) -> tuple[type[ImageTooLargeError], tuple[tuple[int, int], int]]:
+        """Pickle as ``(size, limit)``, so the error crosses DataLoader and dask worker processes."""
         return type(self), (self.size, self.limit)
 
 

@@ -26,7 +26,7 @@ import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -167,8 +167,25 @@ class Manifest:
         return f"{where}:{self.members.names[row]}" if self.members is not None else where
 
     @classmethod
-    def sorted(cls, ids: Sequence[str], paths: Sequence[str], splits: np.ndarray, **kwargs) -> "Manifest":
-        """Build a manifest from rows in any order, sorting them by id."""
+    def sorted(cls, ids: Sequence[str], paths: Sequence[str], splits: np.ndarray, **kwargs: Any) -> "Manifest":
+        """Build a manifest from rows in any order, sorting them by id.
+
+        Parameters
+        ----------
+        ids, paths : sequence of str
+            (N,) row ids and image paths, in any (the same) order.
+        splits : array-like
+            (N,) split codes of those rows.
+        **kwargs
+            The other :class:`Manifest` fields (``task``, ``labels``,
+            ``targets``, ``classes``, ``root``, ...); ``labels`` and
+            ``targets`` are (N,) per row and are reordered with the rows.
+
+        Returns
+        -------
+        Manifest
+            The rows sorted by id.
+        """
         order = sorted(range(len(ids)), key=lambda i: ids[i])
         take = np.asarray(order, dtype=np.int64)
         for key in ("labels", "targets"):

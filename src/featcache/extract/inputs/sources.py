@@ -109,16 +109,37 @@ def from_folder(root: str | Path, ratios: Mapping[str, float], seed: int,
                 classes: Sequence[str] | None = None) -> Manifest:
     """Scan an ImageFolder tree: ``root/<class>/<image>``; ids are ``<class>/<file>``.
 
+    Images may lie in subfolders of a class folder (``root/<class>/a/b.jpg``,
+    id ``<class>/a/b.jpg``); files with other extensions than
+    :data:`IMAGE_EXTENSIONS`, and files directly under ``root``, are skipped
+    with a warning. Hidden files and folders (names starting with ``.``, such
+    as macOS ``._IMG_0001.jpg`` resource forks) are not images and are skipped.
+
     Parameters
     ----------
+    root : path
+        The ImageFolder tree; relative paths in the manifest start here.
+    ratios : mapping of str to float
+        ``{"train": a, "val": b, "test": c}`` summing to 1: the split of each
+        class (see :func:`~featcache.extract.inputs.manifest.assign_splits`).
+    seed : int
+        Seed of the split (a seeded hash of each id ranks the rows).
     classes : sequence of str, optional
         Explicit class list (``data.classes``); its order defines the label
         indices. A folder with images that is not listed, or a listed class
         without images, is an error. Without it, every non-empty folder is a
         class (sorted) and empty folders are warned about and ignored.
 
-    Hidden files and folders (names starting with ``.``, such as macOS
-    ``._IMG_0001.jpg`` resource forks) are not images and are skipped.
+    Returns
+    -------
+    Manifest
+        A classification manifest of the N images, sorted by id.
+
+    Raises
+    ------
+    ManifestError
+        If ``root`` is not a folder or holds no images, for an invalid or
+        mismatched ``classes``, or a class without a training image after the split.
     """
     root = Path(root)
     classes = check_unique_classes(classes)
@@ -301,8 +322,33 @@ def build_manifest(source: str, path: str | Path | None, ratios: Mapping[str, fl
     source : str
         ``digits`` (embedded default, written under ``work_dir/images``),
         ``folder`` (ImageFolder tree at ``path``) or ``csv`` (manifest at ``path``).
+        ``webdataset`` is rejected here: shards are read by
+        :func:`~featcache.extract.inputs.sharded.from_shards`.
+    path : path or None
+        ``data.path``: the folder or the CSV; ignored (may be None) for ``digits``.
+    ratios : mapping of str to float
+        ``{"train": a, "val": b, "test": c}`` summing to 1; used for rows
+        without a split (every row but CSV rows with a ``split`` column).
+    seed : int
+        Seed of the split assignment.
+    task : {"classification", "regression"}
+        The CSV's task (``label`` or ``target`` column); folders and
+        ``digits`` are always classification.
+    work_dir : path
+        Where ``digits`` writes its PNG images (``work_dir/images``).
     classes : sequence of str, optional
         Explicit class list and order (``data.classes``).
+
+    Returns
+    -------
+    Manifest
+        Sorted by id, with its splits.
+
+    Raises
+    ------
+    ManifestError
+        For an unknown source, a missing ``path``, or invalid input (see
+        :func:`from_folder` and :func:`from_csv`).
     """
     if source == "digits":
         return from_folder(write_digits(Path(work_dir) / "images"), ratios, seed, classes)
