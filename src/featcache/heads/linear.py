@@ -219,6 +219,22 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
     n_jobs: int | None = 1
 
     def make_model(self, C: float, warm_start: bool) -> LogisticRegression:
+        """An unfitted lbfgs ``LogisticRegression`` with this head's ``max_iter`` and ``tol``.
+
+        Used for the C search (warm-started along the grid), the final refit,
+        and to restore a saved head (:mod:`featcache.heads.persistence`).
+
+        Parameters
+        ----------
+        C : float
+            Inverse L2 regularisation strength.
+        warm_start : bool
+            Start each ``fit`` from the previous solution.
+
+        Returns
+        -------
+        LogisticRegression
+        """
         return LogisticRegression(
             C=float(C), solver="lbfgs", max_iter=self.max_iter, tol=self.tol, warm_start=warm_start
         )

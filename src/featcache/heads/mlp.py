@@ -94,7 +94,16 @@ class MLPBase(HeadBase):
         out = self.output_transform(out)
         return float(loss_fn(out, target)), self._val_score(out, target)
 
-    def loss_function(self) -> Any:
+    def loss_function(self) -> torch.nn.Module:
+        """The training and validation loss: cross-entropy (classifiers) or MSE (regressors).
+
+        Returns
+        -------
+        torch.nn.Module
+            ``loss(output_transform(out), target)``: ``nn.CrossEntropyLoss`` on
+            (B, K) logits and (B,) int64 class indices, or ``nn.MSELoss`` on
+            (B,) predictions and (B,) standardised float32 targets.
+        """
         from torch import nn
 
         return nn.CrossEntropyLoss() if self._classification else nn.MSELoss()
@@ -157,6 +166,18 @@ class MLPBase(HeadBase):
         )
 
     def output_transform(self, out: torch.Tensor) -> torch.Tensor:
+        """Raw network outputs (B, n_out) -> what the loss and the predictions take.
+
+        Parameters
+        ----------
+        out : torch.Tensor
+            (B, K) logits for a classifier, (B, 1) for a regressor.
+
+        Returns
+        -------
+        torch.Tensor
+            The logits unchanged (B, K), or the regressor's single column (B,).
+        """
         return out if self._classification else out[:, 0]
 
     def _forward_array(self, X: np.ndarray) -> np.ndarray:

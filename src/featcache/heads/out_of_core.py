@@ -69,6 +69,20 @@ class _StreamingLinearBase(HeadBase):
     _streaming = True  # fit_and_evaluate passes dask arrays through unchanged
 
     def make_model(self, alpha: float, seed: int) -> SGDClassifier | SGDRegressor:
+        """An unfitted SGD linear model with this head's ``learning_rate``, ``eta0`` and ``average``.
+
+        Parameters
+        ----------
+        alpha : float
+            L2 regularisation strength.
+        seed : int
+            ``random_state`` of the model.
+
+        Returns
+        -------
+        SGDClassifier or SGDRegressor
+            ``log_loss`` (classifiers) or ``squared_error`` (regressors) loss.
+        """
         common = {"penalty": "l2", "alpha": float(alpha), "average": self.average, "random_state": seed}
         if self._classification:
             return SGDClassifier(loss="log_loss", learning_rate=self.learning_rate, eta0=self.eta0, **common)

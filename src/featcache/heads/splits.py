@@ -152,8 +152,30 @@ def prepare_fit(
     y : array-like of shape (n_train,)
     X_val : array-like of shape (n_val, D) or None
     y_val : array-like of shape (n_val,) or None
+        Given together, or both None.
+    classification : bool
+        True: ``y``/``y_val`` are non-negative integer class indices, and the
+        hold-out and folds are stratified; False: finite regression targets.
+    validation_fraction : float in (0, 1)
+        Share of the training rows held out for selection when ``X_val`` is
+        None and ``cv_folds`` is None; ignored otherwise.
+    random_state : int or None
+        Seed of the hold-out split or the fold shuffle.
     cv_folds : int >= 2 or None
         Ignored when ``X_val`` is given.
+
+    Returns
+    -------
+    Split
+
+    Raises
+    ------
+    ValueError
+        For invalid inputs, only one of ``X_val``/``y_val``, or a feature
+        count of ``X_val`` that differs from ``X``'s.
+    ParamError
+        (a ValueError) For an invalid ``cv_folds`` or ``validation_fraction``,
+        or a split that leaves fewer than 2 fit / 1 hold-out rows.
     """
     check_int("cv_folds", cv_folds, 2, allow_none=True, hint=PARAM_HINT)
     X, y = validate_xy(X, y, classification, "X")

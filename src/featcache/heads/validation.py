@@ -111,6 +111,28 @@ def check_labels(y: np.ndarray, name: str) -> np.ndarray:
 
 
 def check_targets(y: np.ndarray, classification: bool, name: str) -> np.ndarray:
+    """Check class indices (classification) or finite regression targets.
+
+    Parameters
+    ----------
+    y : ndarray of shape (n,)
+        Class indices, or regression targets.
+    classification : bool
+        True: check ``y`` with :func:`check_labels`; False: check it holds finite numbers.
+    name : str
+        The array's name in error messages (e.g. ``"y_val"``).
+
+    Returns
+    -------
+    ndarray of shape (n,)
+        int64 class indices, or float64 targets (no copy when already that dtype).
+
+    Raises
+    ------
+    ValueError
+        For labels that are not non-negative integers, or targets that are
+        non-numeric or not finite.
+    """
     if classification:
         return check_labels(y, name)
     if y.dtype.kind not in "iuf" or not np.all(np.isfinite(y)):
@@ -122,6 +144,31 @@ def check_targets(y: np.ndarray, classification: bool, name: str) -> np.ndarray:
 
 
 def validate_xy(X: Any, y: Any, classification: bool, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a feature matrix and its labels or targets at fit time.
+
+    Parameters
+    ----------
+    X : array-like of shape (n, D)
+        Features; finite, numeric.
+    y : array-like of shape (n,) or (n, 1)
+        Class indices (classification) or regression targets.
+    classification : bool
+        True: ``y`` must be non-negative integer class indices (:func:`check_labels`);
+        False: finite numbers.
+    name : str
+        The name of ``X`` in error messages, ``"X"`` or ``"X_val"``; ``y`` is
+        named after it (``"y"``, ``"y_val"``).
+
+    Returns
+    -------
+    X : ndarray of shape (n, D), float32 or float64
+    y : ndarray of shape (n,), int64 (classification) or float64
+
+    Raises
+    ------
+    ValueError
+        For inconsistent lengths, non-finite features, or invalid labels/targets.
+    """
     X, y = check_X_y(X, y, dtype=FLOAT_DTYPES, y_numeric=not classification)
     y = column_or_1d(y)
     if classification:
