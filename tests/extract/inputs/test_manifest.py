@@ -191,3 +191,35 @@ def test_a_reencoded_image_keeps_its_rank():
 def test_assign_splits_val_zero():
     splits = assign_splits(_ids(20), {"train": 0.75, "test": 0.25}, seed=0)
     np.testing.assert_array_equal(np.bincount(splits, minlength=3), [15, 0, 5])
+
+
+@pytest.mark.parametrize("ratios", [
+    {"train": 0.8, "val": 0.2, "test": 0.2},    # sums to 1.2: train was silently shrunk
+    {"train": 0.5, "val": 0.2, "test": 0.2},    # sums to 0.9: train silently took the rest
+    {"train": 0.6, "valid": 0.2, "test": 0.2},  # a misspelt split was ignored (val got 0)
+    {"train": 1.2, "val": -0.4, "test": 0.2},   # a negative ratio gave val most of the rows
+    {"train": float("nan"), "val": 0.5, "test": 0.5},
+])
+def test_assign_splits_rejects_ratios_that_are_not_fractions_summing_to_one(ratios):
+    with pytest.raises(ManifestError, match="ratios"):
+        assign_splits(_ids(50), ratios, seed=0)
+
+
+@pytest.mark.parametrize("n_strata", [25, 60])
+def test_assign_splits_rejects_strata_of_another_length(n_strata):
+    # 25: the rows past the strata were left as np.empty's uninitialised bytes (any split code, or none);
+    # 60: an IndexError from inside numpy.
+    with pytest.raises(ManifestError, match=r"strata has shape \(%d,\); it must be \(50,\)" % n_strata):
+        assign_splits(_ids(50), RATIOS, seed=0, strata=np.arange(n_strata) % 3)
+
+
+def test_from_folder_rejects_ratios_that_do_not_sum_to_one(tmp_path):
+    """The public ``from_folder`` (``featcache.extract``) gets no ``params.yaml`` check in front of it."""
+    from featcache.extract.inputs.sources import from_folder
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(5):
+            (tmp_path / label / f"{i}.png").write_bytes(b"")
+    with pytest.raises(ManifestError, match="ratios"):
+        from_folder(tmp_path, {"train": 0.8, "val": 0.2, "test": 0.2}, seed=0)

@@ -26,7 +26,7 @@ import os
 import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -332,7 +332,7 @@ def assign_splits(ids: Sequence[str], ratios: dict[str, float], seed: int,
     ids : sequence of str
         (N,) row ids (their order does not matter).
     ratios : dict
-        ``{"train": a, "val": b, "test": c}`` summing to 1 (``val`` may be 0).
+        ``{"train": a, "val": b, "test": c}``: fractions >= 0 summing to 1 (``val`` may be 0 or left out).
     seed : int
         Seed of the ranking.
     strata : numpy.ndarray, optional
@@ -343,9 +343,32 @@ def assign_splits(ids: Sequence[str], ratios: dict[str, float], seed: int,
     -------
     numpy.ndarray
         (N,) uint8 split codes.
+
+    Raises
+    ------
+    ManifestError
+        For ratios with an unknown split name, a negative or non-finite value, or a sum other than 1,
+        and for ``strata`` of another length than ``ids``.
     """
     keys = np.fromiter((split_rank_key(row_id, seed) for row_id in ids), dtype=np.uint64, count=len(ids))
     return splits_from_keys(keys, ratios, strata)
+
+
+def _split_fractions(ratios: Mapping[str, float]) -> np.ndarray:
+    """The (train, val, test) fractions of ``ratios`` (a missing split is 0), checked: >= 0, summing to 1."""
+    unknown = sorted(str(name) for name in set(ratios) - set(SPLITS))
+    try:
+        fractions = np.array([ratios.get(name, 0.0) for name in SPLITS], dtype=np.float64)
+    except (TypeError, ValueError):
+        fractions = np.full(len(SPLITS), np.nan)
+    if unknown or not np.all(np.isfinite(fractions)) or np.any(fractions < 0) or abs(fractions.sum() - 1.0) > 1e-6:
+        raise ManifestError(
+            f"split ratios {dict(ratios)!r} are invalid"
+            + (f" (unknown splits {unknown})" if unknown else "")
+            + f"; allowed: fractions >= 0 of {list(SPLITS)} that sum to 1 (a missing split is 0), "
+            "e.g. {'train': 0.6, 'val': 0.2, 'test': 0.2}."
+        )
+    return fractions
 
 
 def splits_from_keys(keys: np.ndarray, ratios: dict[str, float], strata: np.ndarray | None = None) -> np.ndarray:
@@ -364,9 +387,13 @@ def splits_from_keys(keys: np.ndarray, ratios: dict[str, float], strata: np.ndar
         (N,) uint8 split codes.
     """
     n = len(keys)
+    fractions = _split_fractions(ratios)
+    if strata is not None:
+        strata = np.asarray(strata)
+        if strata.shape != (n,):
+            raise ManifestError(f"strata has shape {strata.shape}; it must be ({n},) like the ids: one group per row.")
     splits = np.empty(n, dtype=np.uint8)
     groups = [np.arange(n)] if strata is None else [np.flatnonzero(strata == g) for g in np.unique(strata)]
-    fractions = np.array([ratios.get(name, 0.0) for name in SPLITS], dtype=np.float64)
     order = [SPLIT_CODES[name] for name in ("test", "val", "train")]  # the lowest ranks are held out
     for members in groups:
         members = members[np.argsort(keys[members], kind="stable")]
