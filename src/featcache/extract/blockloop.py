@@ -270,6 +270,10 @@ class BatchForward:
 class CommitQueue:
     """Commit finished blocks inline, or in one writer thread behind a bounded queue.
 
+    An exception in the writer thread stops it and is raised by the next
+    :meth:`submit` or by :meth:`close`; blocks queued before it stay uncommitted
+    (a rerun extracts them again).
+
     Parameters
     ----------
     commit : callable
@@ -278,10 +282,6 @@ class CommitQueue:
         Use a writer thread (CUDA: the commit of batch k overlaps the forward of k+1).
     max_pending : int
         Blocks waiting at most; :meth:`submit` blocks beyond that (bounded memory).
-
-    An exception in the writer thread stops it and is raised by the next
-    :meth:`submit` or by :meth:`close`; blocks queued before it stay uncommitted
-    (a rerun extracts them again).
     """
 
     _STOP = object()

@@ -60,6 +60,20 @@ class FinetuneResult:
     ----------
     model : nn.Module
         The best checkpoint's model, in eval mode, on the CPU.
+    spec : BackboneSpec
+        The backbone's registry entry.
+    config : FinetuneConfig
+        The settings of the run.
+    task : str
+        ``classification`` or ``regression``.
+    classes : list of str
+        Class names in output order (empty for regression).
+    head_names : list of str
+        Parameter names of the new classifier layer (``spec.classifier``).
+    original_head : dict of str to torch.Tensor
+        CPU copies of the source model's classifier tensors, before the head was replaced.
+    weights_id : str
+        Id of the source weights (``random:seed=<seed>`` for a random initialisation).
     metrics : dict
         Test metrics with ``ci`` (as :func:`metrics_with_ci`), ``tta_<metric>``
         beside each scalar metric when TTA ran, and ``n_train``, ``n_val``,
@@ -73,6 +87,13 @@ class FinetuneResult:
         1-based epoch of the kept checkpoint, epochs run, optimizer steps taken.
     fit_seconds, predict_seconds : float
         Training (incl. val) and plain test inference wall time.
+    n_features : int
+        Inputs of the classifier layer.
+    input_size : int
+        Side of the square network input.
+    target_mean, target_std : float
+        Regression: the train targets' mean and std (the model predicts standardised targets);
+        classification: 0 and 1.
     report : WeightCopyReport
         What was copied from the source weights.
     test_rows : numpy.ndarray
@@ -85,6 +106,8 @@ class FinetuneResult:
         Same shapes, with test-time augmentation.
     bad_images : list of dict
         ``{"id", "reason"}`` of every image of any split that could not be decoded.
+    checkpoint_path : Path or None
+        ``out_dir/model.pt``, the best checkpoint's state dict; None without ``out_dir``.
     """
 
     model: nn.Module

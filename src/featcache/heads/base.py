@@ -42,11 +42,13 @@ __all__ = ["ClassifierHead", "HeadBase", "RegressorHead", "params_dataclass"]
 
 log = logging.getLogger(__name__)
 
-#: Class decorator of every head class that declares parameters: its annotated class
-#: attributes (and those of decorated bases) become the keyword-only parameters of a
-#: generated ``__init__`` that only stores them. scikit-learn's ``__repr__`` is kept
-#: (``repr=False``) and heads compare by identity, like every estimator (``eq=False``).
 params_dataclass = dataclasses.dataclass(eq=False, repr=False, kw_only=True, match_args=False)
+params_dataclass.__doc__ = """Class decorator of every head class that declares parameters.
+
+Its annotated class attributes (and those of decorated bases) become the keyword-only
+parameters of a generated ``__init__`` that only stores them. scikit-learn's ``__repr__``
+is kept (``repr=False``) and heads compare by identity, like every estimator (``eq=False``).
+"""
 
 
 class HeadBase(BaseEstimator):

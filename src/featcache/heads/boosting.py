@@ -26,7 +26,7 @@ from .preprocessing import apply_preprocess, check_pca_components, fit_preproces
 from .splits import Split
 from .validation import PARAM_HINT, check_features, check_fraction, check_positive, require_two_classes, resolve_classes
 
-__all__ = ["AUTO_COLUMNS", "LightGBMHead", "LightGBMRegressorHead"]
+__all__ = ["AUTO_COLUMNS", "LightGBMBase", "LightGBMHead", "LightGBMRegressorHead"]
 
 log = logging.getLogger(__name__)
 

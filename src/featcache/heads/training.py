@@ -18,7 +18,7 @@ from featcache.util.compute import torch_threads
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PREDICT_BATCH", "build_mlp", "predict_batches", "train_epochs"]
+__all__ = ["PREDICT_BATCH", "build_mlp", "iter_batches", "predict_batches", "train_epochs"]
 
 PREDICT_BATCH = 8192
 """Rows per forward pass at predict time."""

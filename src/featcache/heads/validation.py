@@ -74,6 +74,8 @@ def check_features(X: Any, head: Any, name: str = "X") -> np.ndarray:
     X : array-like of shape (n, D)
     head : estimator
         The fitted head (its ``n_features_in_`` is the expected D).
+    name : str
+        Name of ``X`` in error messages.
 
     Returns
     -------
@@ -280,6 +282,8 @@ def expand_columns(proba: np.ndarray, seen: np.ndarray, n_classes: int) -> np.nd
     proba : ndarray of shape (n, len(seen))
     seen : ndarray of shape (n_seen,)
         Class index of each column of ``proba``.
+    n_classes : int
+        Columns of the result (K).
 
     Returns
     -------

@@ -77,6 +77,11 @@ class Preprocessor:
         Per-channel normalisation.
     resize_mode : str
         One of :data:`RESIZE_MODES`.
+    background : tuple of int
+        RGB colour behind transparent pixels (:func:`~featcache.extract.decode.images.to_rgb`).
+    max_image_pixels : int or None
+        Decompression-bomb limit (width x height) applied when decoding; None disables it. It changes
+        no pixel, so it is not part of :meth:`config`.
     """
 
     input_size: int

@@ -109,6 +109,13 @@ class Manifest:
         Class names in index order (empty for regression).
     root : Path
         Folder the relative paths start from.
+    members : Members or None
+        Where each row's image lies inside its shard (a manifest of WebDataset shards); None otherwise.
+    shards : list of dict or None
+        The shard list (path, sha256, size, samples) of a manifest of shards, written beside it as
+        ``manifest.shards.json`` and part of :meth:`sha256`; None otherwise.
+    storage : StorageOptions
+        How URLs among ``paths`` are read (``data.io``: timeout, tries, backoff, fsspec options).
     """
 
     ids: list[str]
@@ -240,6 +247,8 @@ class Manifest:
 
         Parameters
         ----------
+        path : path
+            The manifest CSV; relative image paths in it start at its folder.
         classes : sequence of str, optional
             Class list (label order). Default: the list written beside the
             manifest (:func:`classes_path`), else the sorted labels.

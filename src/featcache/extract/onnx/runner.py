@@ -213,10 +213,12 @@ class OnnxFeatureRunner:
             Where to write the ``.onnx`` file (a copy of the cache entry when
             caching); default: the cache entry itself, or without a cache a
             temporary folder that lives as long as the runner.
-        opset, input_size, exporter
+        opset, input_size
             See :func:`export_onnx`.
         intra_op_threads : int, optional
             See :class:`OnnxFeatureRunner`.
+        exporter : str
+            See :func:`export_onnx`.
         cache_dir : path-like, "auto", "none" or None
             The export cache (see :mod:`featcache.extract.onnx.cache`):
             ``auto`` (default) its default folder, a folder, or ``none``/None

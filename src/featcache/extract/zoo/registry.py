@@ -113,6 +113,10 @@ class BackboneSpec:
         Alias of the conv map whose global average pool feeds ``classifier``
         directly (class activation maps); None where fully connected layers
         sit between the last conv map and the classifier (AlexNet, VGG16).
+    description : str
+        One line for ``featcache backbones``.
+    constructor_kwargs : mapping
+        Keyword arguments of the torchvision constructor ``arch`` (e.g. ``aux_logits``); timm models take none.
     num_prefix_tokens : int
         Tokens before the patch tokens in a token map (class, distillation and
         register tokens of a ViT): ``avg``/``max`` pooling of tokens skips them.
