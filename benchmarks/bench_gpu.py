@@ -166,6 +166,8 @@ def run_featcache(case: str, manifest: Manifest, runner, preprocess: Preprocesso
                          config={"bench": case}, batch_size=args.batch_size, block_rows=1024, progress=False)
         return None
     options, stats = DEVICE_CASES[case], DecodeStats()
+    if options.get("graphs") and isinstance(graphed, str):
+        raise RuntimeError(f"no CUDA graph runner ({graphed})")
     plan = plan_for(args, "gpu")
 
     def loader(rows, batch_size):
@@ -270,11 +272,14 @@ def timed(fn: Callable[[], Any], n_images: int, device: str) -> tuple[float, Any
 
 
 def interleaved(cases: dict[str, Callable[[], Any]], n_images: int, repeats: int,
-                device: str) -> dict[str, dict[str, Any]]:
+                device: str, deadline: float | None = None) -> dict[str, dict[str, Any]]:
     """Each case once to warm up, then ``repeats`` rounds in alternating order; median img/s per case.
 
     A case that raises is reported with its error (``img_per_s`` None) and left out of the later rounds:
     one broken path never costs the numbers of the others (a GPU call comes 15 minutes at a time).
+    ``deadline`` (a ``time.perf_counter()`` value): no round starts that would end after it at the pace of
+    the last one (the first always runs), so a call under a time limit keeps fewer rounds of every case
+    instead of losing the next backbone; ``runs`` shows how many ran.
     """
     runs: dict[str, list[float]] = {case: [] for case in cases}
     last: dict[str, Any] = {}
@@ -294,19 +299,26 @@ def interleaved(cases: dict[str, Callable[[], Any]], n_images: int, repeats: int
 
     for case in cases:
         attempt(case, timing=False)
+    took = 0.0
     for round_ in range(repeats):
+        started = time.perf_counter()
+        if round_ and deadline is not None and started + took > deadline:
+            print(f"  {round_} of {repeats} rounds: the time budget is spent", flush=True)
+            break
         order = list(cases) if round_ % 2 == 0 else list(reversed(cases))
         for case in order:
             if case not in failed:
                 attempt(case, timing=True)
+        took = time.perf_counter() - started
     return {case: {"img_per_s": None, "error": failed[case]} if case in failed else
             {"img_per_s": statistics.median(rates), "runs": rates, "last": last.get(case)}
             for case, rates in runs.items()}
 
 
 def bench_backbone(name: str, manifest: Manifest, root: Path, work: Path, client: Any,
-                   args: argparse.Namespace) -> dict:
-    """Every case of one backbone: img/s (median), and the checks of each featcache store."""
+                   args: argparse.Namespace, deadline: float | None = None) -> dict:
+    """Every case of one backbone: img/s (median), and the checks of each featcache store (rounds until
+    ``deadline``, see :func:`interleaved`)."""
     loaded = load_backbone(name, "random")
     preprocess = Preprocessor.from_spec(loaded.spec, input_size=args.input_size)
     runner, _ = build_runner(loaded, ["default"], plan_for(args, "gpu"), channels_last=True)
@@ -316,15 +328,20 @@ def bench_backbone(name: str, manifest: Manifest, root: Path, work: Path, client
                                                args.seconds)}}
     print(f"  {name} forward: {results['forward']['img_per_s']:,.0f} img/s", flush=True)
     stores = {case: work / f"{name}-{case}.h5" for case in (*DECODED_CASES, "cpu-decode")}
-    graphed = GraphedRunner(runner, args.batch_size, preprocess.input_size)  # captured now, before any thread
-    print(f"  {name} CUDA graph captured: {graphed.graphed}", flush=True)
+    try:  # captured now, before any thread; a capture that raises fails only the gpu-graphs case
+        graphed: Any = GraphedRunner(runner, args.batch_size, preprocess.input_size)
+        print(f"  {name} CUDA graph captured: {graphed.graphed}", flush=True)
+    except Exception as error:  # noqa: BLE001 - reported as that case's error, the others go on
+        graphed = f"{type(error).__name__}: {error}"
+        print(f"  {name} GraphedRunner failed: {graphed}", flush=True)
+        traceback.print_exc()
     cases: dict[str, Callable[[], Any]] = {
         case: (lambda case=case: run_featcache(case, manifest, runner, preprocess, stores[case], args, graphed))
         for case in stores if case != "dask"}
     cases["dask"] = lambda: run_dask(name, manifest, preprocess, stores["dask"], client, args)
     net = _peer_model(name, loaded.model, args.device)
     cases["peer"] = lambda: run_peer(net, preprocess, root, args)
-    for case, result in interleaved(cases, n, args.repeats, args.device).items():
+    for case, result in interleaved(cases, n, args.repeats, args.device, deadline).items():
         stats = result.pop("last", None)
         if case in stores and result["img_per_s"] is not None:
             reference = stores["cpu-decode"] if case in DECODED_CASES else None
@@ -384,6 +401,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dask-workers", type=int, default=2, help="worker processes of the dask case")
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of the pure-forward measurement")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole run: each backbone gets an equal share of what is left and runs "
+                             "fewer rounds rather than overrun it (default: no limit)")
     parser.add_argument("--backbones", default="resnet50,efficientnet_lite0")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--input-size", type=int, default=None, help="override the registry's input size")
@@ -413,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, dict] = {}
     report = {"device": args.device, "device_name": device_name(args.device), "images": args.images,
               "image_size": "x".join(map(str, image_size)), "batch_size": args.batch_size, "workers": args.workers,
-              "repeats": args.repeats, "dask_workers": args.dask_workers,
+              "repeats": args.repeats, "budget_s": args.budget, "dask_workers": args.dask_workers,
               "precision": "fp16 autocast" if args.fp16 else "float32", "torch": torch.__version__, "decoder": decoder,
               "cpu_count": os.cpu_count(), "results": results}
     try:
@@ -422,8 +442,17 @@ def main(argv: list[str] | None = None) -> dict:
               f"{device_name(args.device)}; {decoder}", flush=True)
         with contextlib.ExitStack() as stack:
             client = start_cluster(args.dask_workers, stack)
-            for name in args.backbones.split(","):
-                results[name] = bench_backbone(name, manifest, work / "images", work, client, args)
+            names = args.backbones.split(",")
+            for index, name in enumerate(names):
+                now = time.perf_counter()
+                deadline = None if args.budget is None else now + (started + args.budget - now) / (len(names) - index)
+                try:
+                    results[name] = bench_backbone(name, manifest, work / "images", work, client, args, deadline)
+                except Exception as error:  # noqa: BLE001 - the next backbone is still measured, the table written
+                    print(f"  {name} failed: {type(error).__name__}: {error}", flush=True)
+                    traceback.print_exc()
+                    results[name] = {case: {"img_per_s": None, "error": f"{type(error).__name__}: {error}"}
+                                     for case in CASES}
                 report["seconds"] = round(time.perf_counter() - started, 1)
                 # after each backbone: a call cut short by its time limit keeps what it measured
                 (out / "bench_gpu.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -120,6 +120,23 @@ def stages(manifest, mixed, runner, preprocess: Preprocessor, args: argparse.Nam
             for stage, fn in steps.items()}
 
 
+def profiler_options() -> dict[str, Any]:
+    """``torch.profiler.profile`` options that record every thread, where this torch can.
+
+    By default the profiler records only the thread that starts it: on CUDA the device loader reads and decodes
+    in its own thread (``featcache.read_files`` and ``featcache.device_decode`` are recorded there), so without
+    this their times are 0. ``_ExperimentalConfig(profile_all_threads=True)`` (torch 2.11 has it) records all
+    threads; a torch without it traces the main thread only.
+    """
+    try:
+        from torch.profiler import _ExperimentalConfig
+
+        return {"experimental_config": _ExperimentalConfig(profile_all_threads=True)}
+    except (ImportError, TypeError) as error:  # an older torch: its config takes no such argument
+        print(f"  the profiler records the main thread only ({type(error).__name__}: {error})", flush=True)
+        return {}
+
+
 def busy_fraction(intervals: list[tuple[float, float]], wall_us: float) -> float:
     """The fraction of ``wall_us`` covered by the union of ``(start, end)`` intervals (µs)."""
     covered, reach = 0.0, float("-inf")
@@ -151,7 +168,7 @@ def trace(manifest, runner, preprocess: Preprocessor, work: Path, args: argparse
 
     run()  # warm-up: workers, cudnn autotuning, decoder initialisation
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, **profiler_options()) as prof:
         rate, _ = timed(run, n, args.device)
     wall_us = n / rate * 1e6
     events = prof.events()
@@ -171,13 +188,19 @@ def trace(manifest, runner, preprocess: Preprocessor, work: Path, args: argparse
             "us_per_image_by_label": labels}
 
 
+def _rate_text(rate: Any) -> str:
+    """A stage's img/s, its error (a failed stage), or the error of the whole stages step (under ``error``)."""
+    if isinstance(rate, dict):
+        return rate["error"]
+    return rate if isinstance(rate, str) else f"{rate:,.0f}"
+
+
 def markdown(report: dict) -> str:
     """Tables for ``benchmarks/README.md``."""
     lines = [f"{report['device_name']}, {report['backbone']}, {report['images']} JPEGs {report['image_size']}, batch "
              f"{report['batch_size']}, {report['workers']} workers; decoder: {report['decoder']}", "",
              "| stage alone | img/s |", "|---|---:|"]
-    lines += [f"| {stage} | {rate['error'] if isinstance(rate, dict) else f'{rate:,.0f}'} |"
-              for stage, rate in report["stages"].items()]
+    lines += [f"| {stage} | {_rate_text(rate)} |" for stage, rate in report["stages"].items()]
     for reader, t in report["traces"].items():
         if "error" in t:
             lines += ["", f"Trace, files read by {reader}: failed: {t['error']}"]
@@ -229,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
         report = {"device_name": device_name(args.device), "backbone": args.backbone, "images": args.images,
                   "image_size": "x".join(map(str, image_size)),
                   "batch_size": args.batch_size, "workers": args.workers, "decoder": decoder,
-                  "stages": stages(manifest, mixed, runner, preprocess, args),
+                  # setup that raises (reading, a warm-up) loses the stages alone: the traces still run
+                  "stages": guarded("stages", lambda: stages(manifest, mixed, runner, preprocess, args)),
                   "traces": {reader: guarded(f"trace ({reader})", lambda reader=reader: trace(
                       manifest, runner, preprocess, work, args, out, reader)) for reader in READERS}}
     finally:

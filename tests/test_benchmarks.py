@@ -47,6 +47,46 @@ def test_bench_gpu_reports_a_failing_case_and_measures_the_others(monkeypatch, c
     assert bench_gpu.ratio_text(rates, "gpu-decode", "forward") == "n/a"
 
 
+def test_bench_gpu_rounds_stop_at_the_deadline(monkeypatch):
+    """Past its deadline a backbone runs no further round (the first always runs); without one, every round."""
+    import time
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench = importlib.import_module("bench_gpu")
+    calls = []
+    cases = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    results = bench.interleaved(cases, 10, 3, "cpu", deadline=time.perf_counter() - 1)
+    assert calls == ["a", "b", "a", "b"] and [len(results[c]["runs"]) for c in cases] == [1, 1]
+    calls.clear()
+    results = bench.interleaved(cases, 10, 3, "cpu")
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"] and [len(results[c]["runs"]) for c in cases] == [3, 3]
+
+
+def test_bench_gpu_reports_a_failing_backbone_and_measures_the_next(tmp_path, monkeypatch):
+    """A backbone whose setup raises (its load, its forward, a CUDA graph capture) is reported failed in the JSON
+    and the table, and the next one is still measured; without a graphed runner only gpu-graphs fails."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench = importlib.import_module("bench_gpu")
+    monkeypatch.setattr(bench, "start_cluster", lambda n_workers, stack: "not started in this test")
+    make_jpegs = bench.make_jpegs
+    monkeypatch.setattr(bench, "make_jpegs", lambda *args, **kwargs: make_jpegs(*args, **{**kwargs, "processes": 1}))
+
+    def fake_backbone(name, manifest, root, work, client, args, deadline):
+        if name == "broken":
+            raise RuntimeError("CUDA error: out of memory")
+        return {case: {"img_per_s": 1.0} for case in bench.CASES}
+
+    monkeypatch.setattr(bench, "bench_backbone", fake_backbone)
+    report = bench.main(["--out", str(tmp_path), "--images", "2", "--workers", "0", "--device", "cpu",
+                         "--backbones", "broken,resnet18"])
+    assert report["results"]["broken"]["forward"] == {"img_per_s": None,
+                                                      "error": "RuntimeError: CUDA error: out of memory"}
+    assert report["results"]["resnet18"]["peer"] == {"img_per_s": 1.0}
+    assert "| broken | resnet18 |" in (tmp_path / "bench_gpu.md").read_text()
+    with pytest.raises(RuntimeError, match=r"no CUDA graph runner \(TypeError: capture\)"):
+        bench.run_featcache("gpu-graphs", None, None, None, tmp_path / "graphs.h5", None, graphed="TypeError: capture")
+
+
 def test_bench_decode_host_times_both_kinds(monkeypatch):
     """The stand-in decoder's batches go through decode_items: every row on the "device", none rejected."""
     monkeypatch.syspath_prepend(str(BENCHMARKS))

@@ -336,7 +336,9 @@ def test_background_thread_gives_the_same_batches_and_raises_its_errors(image_di
 def test_status_and_decoder_on_the_cpu_device():
     ok, text = gpu_decode_status("cpu")
     assert ok and "decode_jpeg" in text and "cpu" in text
-    assert select_decoder("cpu").applies_exif is False
+    decoder = select_decoder("cpu")
+    # torchvision's decoder leaves the EXIF orientation to the caller; TorchCodec's (0.17, where installed) applies it
+    assert decoder.applies_exif is (decoder.name == "torchcodec")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when no CUDA device is visible")
@@ -403,12 +405,16 @@ def test_bench_gpu_smoke(tmp_path):
 
 def test_profile_gpu_smoke(tmp_path, monkeypatch):
     """benchmarks/profile_gpu.py times every stage alone and traces the loop with its labels (tiny CPU mode)."""
+    import functools
     import gzip
     import importlib
     import json
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[3] / "benchmarks"))
     profile_gpu = importlib.import_module("profile_gpu")
+    # As on CUDA: the loader reads and decodes in its own thread, whose labels the trace must record too (torch's
+    # profiler records only the thread that starts it unless told; they were 0 there).
+    monkeypatch.setattr(profile_gpu, "iter_device_batches", functools.partial(iter_device_batches, background=True))
     profile_gpu.main(["--smoke", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "profile_gpu.json").read_text())
     assert set(report["stages"]) == {"read (processes)", "read (threads)", "decode", "decode+resize",
@@ -428,3 +434,26 @@ def test_profile_gpu_smoke(tmp_path, monkeypatch):
     ops = (tmp_path / "profile_gpu_ops.txt").read_text()
     assert ops.count("== files read by") == 2
     assert len(list(tmp_path.iterdir())) <= 5  # a device call returns 8 files: 2 for bench_gpu, 1 for the log
+
+
+def test_profile_gpu_traces_even_when_the_stages_fail(tmp_path, monkeypatch):
+    """A stages step whose setup raises (reading the batches, a warm-up) is reported; the traces still run."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[3] / "benchmarks"))
+    profile_gpu = importlib.import_module("profile_gpu")
+    traced = []
+
+    def failing(*args):
+        raise RuntimeError("the decode warm-up failed")
+
+    def trace(manifest, runner, preprocess, work, args, out, reader):
+        traced.append(reader)
+        return {"error": "not traced in this test"}
+
+    monkeypatch.setattr(profile_gpu, "stages", failing)
+    monkeypatch.setattr(profile_gpu, "trace", trace)
+    report = profile_gpu.main(["--smoke", "--out", str(tmp_path)])
+    assert report["stages"] == {"error": "RuntimeError: the decode warm-up failed"}
+    assert traced == ["processes", "threads"]
+    assert "| error | RuntimeError: the decode warm-up failed |" in (tmp_path / "profile_gpu.md").read_text()

@@ -169,7 +169,7 @@ def test_decode_stats_count_device_cpu_rejected_and_bad_rows(jpegs, caplog):
     dataset = DeviceDecodeDataset(jpegs, _preprocess())
     stats = DecodeStats()
     _, _, reasons = decode_items([dataset[i] for i in range(len(jpegs))], dataset,
-                                 DeviceDecoder("picky", "cpu", picky, False), stats)
+                                 DeviceDecoder("picky", "cpu", picky, real.applies_exif), stats)
     assert reasons[:10] == [""] * 10 and reasons[10]
     assert stats == DecodeStats(device=8, cpu=2, rejected=1, bad=1)
     stats = DecodeStats()

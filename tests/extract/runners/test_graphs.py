@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -36,12 +39,79 @@ def test_on_the_cpu_it_is_the_eager_runner(random_backbone):
         GraphedRunner(eager, batch_size=0, input_size=SIZE)
 
 
+class _FakeCuda:
+    """The ``torch.cuda`` calls of a capture, on the CPU: which stream is current, and a capture that fails as
+    torch 2.11's ``torch.cuda.graph`` does when ``capture_end`` raises (before it restores the caller's stream)."""
+
+    def __init__(self) -> None:
+        self.current = "caller"
+
+    def _stream(self, name: str) -> SimpleNamespace:
+        return SimpleNamespace(name=name, wait_stream=lambda other: None)
+
+    def Stream(self, device=None) -> SimpleNamespace:
+        return self._stream("side")
+
+    def current_stream(self, device=None) -> SimpleNamespace:
+        return self._stream(self.current)
+
+    def set_stream(self, stream) -> None:
+        self.current = stream.name
+
+    @contextlib.contextmanager
+    def stream(self, stream):
+        previous, self.current = self.current, stream.name
+        yield
+        self.current = previous
+
+    def CUDAGraph(self) -> object:
+        return object()
+
+    def graph(self, graph):
+        cuda = self
+
+        class Capture:
+            def __enter__(self) -> None:
+                cuda.current = "capture"
+
+            def __exit__(self, *exc) -> None:
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+        return Capture()
+
+    def synchronize(self, device=None) -> None:
+        pass
+
+
+def test_a_failed_capture_runs_eagerly_on_the_callers_stream(monkeypatch):
+    """A failed capture falls back to the eager forward, with the caller's stream current again."""
+    from featcache.extract.runners import graphs
+
+    cuda = _FakeCuda()
+
+    def zeros(shape, dtype, device):  # the static input, on the CPU
+        return torch.zeros(shape, dtype=dtype)
+
+    fake_torch = SimpleNamespace(cuda=cuda, inference_mode=torch.inference_mode, float32=torch.float32,
+                                 device=torch.device, zeros=zeros)
+    monkeypatch.setattr(graphs, "torch", fake_torch)
+    runner = SimpleNamespace(input_device="cuda", forward_pooled=lambda batch: {"pool": batch.mean(dim=(2, 3))})
+    graphed = GraphedRunner(runner, batch_size=4, input_size=SIZE)
+    assert not graphed.graphed and cuda.current == "caller"
+    assert graphed.forward_pooled(torch.ones(2, 3, SIZE, SIZE))["pool"].shape == (2, 3)  # the eager forward
+
+
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("autocast", [None, "fp16"])
 def test_replays_give_the_eager_features_full_padded_and_oversized(random_backbone, monkeypatch, autocast):
     """Each replay reads the new input (a stale static input or output would repeat the first batch's
-    features); a padded batch keeps only its rows; a batch above the captured size runs eagerly."""
+    features); a padded batch keeps only its rows; a batch above the captured size runs eagerly.
+
+    The replay is held tightly to what it computes, the eager forward of the batch padded to the captured
+    size; against the eager forward of the rows alone only loosely: cuDNN may choose other kernels for fewer
+    rows, and float32 convolutions run in TF32 by default (``torch.backends.cudnn.allow_tf32``), so their
+    sums differ beyond 1e-5. A padding row mixed into the others would differ far more."""
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     eager = _eager(random_backbone, "cuda", autocast)
@@ -53,9 +123,12 @@ def test_replays_give_the_eager_features_full_padded_and_oversized(random_backbo
         batch = _batch(rows, seed, "cuda")
         got = {name: value.cpu() for name, value in graphed.forward_pooled(batch).items()}
         want = {name: value.cpu() for name, value in eager.forward_pooled(batch).items()}
+        padded = torch.cat([batch, batch.new_zeros(8 - rows, 3, SIZE, SIZE)]) if rows < 8 else batch
+        same = {name: value[:rows].cpu() for name, value in eager.forward_pooled(padded).items()}
         for name in want:
             assert got[name].shape == want[name].shape == (rows, want[name].shape[1])
-            torch.testing.assert_close(got[name], want[name], rtol=tolerance, atol=tolerance)
+            torch.testing.assert_close(got[name], same[name], rtol=tolerance, atol=tolerance)
+            torch.testing.assert_close(got[name], want[name], rtol=2e-2, atol=2e-2)
         if first is None:
             first = got
         else:

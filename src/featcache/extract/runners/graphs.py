@@ -92,7 +92,8 @@ class GraphedRunner:
         with torch.inference_mode():
             static = torch.zeros(shape, dtype=torch.float32, device=self.device)
             side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
+            caller = torch.cuda.current_stream(self.device)
+            side.wait_stream(caller)
             try:
                 with torch.cuda.stream(side):
                     for _ in range(WARMUP_FORWARDS):
@@ -102,6 +103,9 @@ class GraphedRunner:
                 with torch.cuda.graph(graph):
                     outputs = self.runner.forward_pooled(static)
             except RuntimeError as error:  # a model the graph cannot hold (host syncs, dynamic shapes)
+                # torch.cuda.graph's exit ends the capture before it restores the caller's stream: when ending
+                # raises, its capture stream stays current, and every later kernel of this thread would run there.
+                torch.cuda.set_stream(caller)
                 logger.warning("CUDA graph capture of %s failed (%s); the eager forward runs",
                                getattr(getattr(self.runner, "spec", None), "name", "the runner"), error)
                 torch.cuda.synchronize(self.device)
