@@ -10,6 +10,7 @@ import pytest
 import featcache.errors
 from featcache.errors import ExtractionError, ParamError, UserError
 from featcache.extract.inputs.manifest import ManifestError
+from featcache.extract.inputs.shards import ShardReadError
 from featcache.extract.onnx.export import OnnxExportError
 from featcache.extract.onnx.parity import ParityError
 from featcache.extract.zoo.registry import UnknownNameError
@@ -22,7 +23,7 @@ from featcache.store.errors import StaleStoreError, StoreError, StoreLockedError
 
 USER_ERRORS = [ConfigError, ManifestError, UnknownNameError, WeightsNotFoundError, ExtractionError, StoreError,
                StaleStoreError, StoreLockedError, StoreNotFoundError, OnnxExportError, ParityError, UnknownHeadError,
-               ParamError, RunNotFoundError]
+               ParamError, RunNotFoundError, ShardReadError]
 
 
 @pytest.mark.parametrize("cls", USER_ERRORS, ids=lambda cls: cls.__name__)

@@ -19,7 +19,7 @@ class UserError(Exception):
 
     Subclasses: ``ConfigError``, ``ManifestError``, ``UnknownNameError``, ``UnknownHeadError``,
     ``ParamError``, ``WeightsNotFoundError``, ``ExtractionError``, ``StoreError`` (and its
-    subclasses), ``OnnxExportError``, ``ParityError``.
+    subclasses), ``OnnxExportError``, ``ParityError``, ``ShardReadError``.
     """
 
 

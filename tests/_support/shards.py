@@ -3,7 +3,8 @@
 The server (127.0.0.1 only) serves a folder with byte ranges (``Range:
 bytes=a-b``, as fsspec's HTTP filesystem asks for them), answers 404 for
 missing files, and can make chosen paths fail a number of times (503) before
-answering, or stall past a client's timeout.
+answering, or stall past a client's timeout. With ``ranges=False`` it ignores
+``Range`` headers and answers with the whole file, as ``python -m http.server`` does.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.send_error(404, "Not Found")
             return
         data = file.read_bytes()
-        match = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        match = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "")) if state.ranges else None
         if match:
             start = int(match.group(1))
             end = int(match.group(2)) + 1 if match.group(2) else len(data)
@@ -84,7 +85,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             body = data
             self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("Accept-Ranges", "bytes")
+        if state.ranges:
+            self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
         self.wfile.write(body)
 
@@ -95,7 +97,8 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             return
         self.send_response(200)
         self.send_header("Content-Length", str(file.stat().st_size))
-        self.send_header("Accept-Ranges", "bytes")
+        if self.server.state.ranges:
+            self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
 
 
@@ -106,6 +109,7 @@ class _State:
         self.requests: Counter[str] = Counter()
         self.fail: dict[str, int] = {}
         self.stall: dict[str, float] = {}
+        self.ranges = True
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -127,9 +131,11 @@ class LoopbackServer:
         GET requests per path.
     """
 
-    def __init__(self, root: Path, fail: dict[str, int] | None = None, stall: dict[str, float] | None = None) -> None:
+    def __init__(self, root: Path, fail: dict[str, int] | None = None, stall: dict[str, float] | None = None,
+                 ranges: bool = True) -> None:
         self.server = _Server(("127.0.0.1", 0), _Handler)
         self.server.state = _State(Path(root))
+        self.server.state.ranges = ranges
         self.server.state.fail.update(fail or {})
         self.server.state.stall.update(stall or {})
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"

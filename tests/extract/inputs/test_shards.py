@@ -242,3 +242,35 @@ def test_every_reader_gets_a_members_bytes(tmp_path):
     assert ImageReader(manifest, PRE).source(0) == jpeg and ImageReader(manifest, PRE).source(1) == _png(5)
     item = DeviceDecodeDataset(manifest, PRE)[0]
     assert item.data == jpeg and item.reason == ""
+
+
+# ------------------------------------------------------------------ unreadable shards
+def test_an_unreadable_shard_is_a_user_error_naming_it(tmp_path, capsys):
+    """A missing shard stops prepare with one line (exit 2), not a traceback."""
+    from featcache.errors import UserError
+    from featcache.extract.inputs.shards import ShardReadError
+    from featcache.pipeline.cli import main
+
+    with pytest.raises(ShardReadError, match=r"gone\.tar' cannot be read: missing object") as caught:
+        scan_shard(str(tmp_path / "gone.tar"))
+    assert isinstance(caught.value, UserError) and isinstance(caught.value, OSError)
+    (tmp_path / "params.yaml").write_text(f"data: {{source: webdataset, path: {tmp_path / 'gone.tar'}}}\n")
+    assert main(["prepare", "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "gone.tar' cannot be read" in err and "Traceback" not in err
+
+
+def test_a_server_that_ignores_ranges_is_named_as_the_problem(tmp_path):
+    """``python -m http.server`` answers Range requests with the whole file: a shard over one read block
+    (8 MiB) cannot be listed, and the error says why and what to do instead."""
+    from _support.shards import LoopbackServer
+    from featcache.extract.inputs.shards import ShardReadError
+    from featcache.extract.inputs.storage import StorageOptions
+
+    with wds.TarWriter(str(tmp_path / "big.tar")) as writer:
+        writer.write({"__key__": "a", "bin": bytes(9 << 20), "cls": "x"})
+        writer.write({"__key__": "b", "png": _png(5), "cls": "x"})
+    with LoopbackServer(tmp_path, ranges=False) as server:
+        with pytest.raises(ShardReadError, match=r"big\.tar' cannot be read: its server ignores HTTP Range requests"
+                                                 r".*Hint: serve the shards with a server that supports Range"):
+            scan_shard(server.url + "big.tar", options=StorageOptions(timeout=5, tries=1, backoff=0))

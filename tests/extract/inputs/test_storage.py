@@ -131,3 +131,15 @@ def test_csv_of_urls_reads_every_row_and_reports_the_404_by_id(served, tmp_path_
         rows_, pixels, reasons = ImageReader(again, PRE).read_batch(range(len(again)))
     assert reasons == ["", "", "", "", "", "", "missing object (404 not found)"]
     assert pixels[2].mean() == pytest.approx(80, abs=1)  # the flaky one, read on its third try
+
+
+def test_a_server_that_ignores_ranges_gives_the_bytes_and_one_warning(served, caplog):
+    """``python -m http.server`` answers every Range request with the whole file: the range is cut out of it,
+    and the cost (a whole object per request) is said once per host, not silently paid on every batch."""
+    with LoopbackServer(served, ranges=False) as server:
+        with caplog.at_level("WARNING", logger="featcache.extract.inputs.storage"):
+            first = read_ranges([(server.url + "img0.png", 4, 12), (server.url + "img1.png", 0, None)], FAST)
+            second = read_ranges([(server.url + "img2.png", 2, 9)], FAST)
+    assert first == [_png(0)[4:12], _png(40)] and second == [_png(80)[2:9]]
+    warnings = [r.getMessage() for r in caplog.records if "ignores HTTP Range requests" in r.getMessage()]
+    assert len(warnings) == 1 and server.url.split("/")[2] in warnings[0] and "whole object" in warnings[0]

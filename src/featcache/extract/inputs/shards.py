@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from featcache.errors import UserError
 from featcache.extract.inputs.storage import (
     StorageOptions,
     describe_failure,
@@ -41,7 +42,8 @@ from featcache.extract.inputs.storage import (
 )
 from featcache.extract.inputs.tar_headers import TarReader
 
-__all__ = ["DEFAULT_IMAGE_KEYS", "Sample", "ShardScan", "expand_shards", "scan_shard", "shard_name", "split_name"]
+__all__ = ["DEFAULT_IMAGE_KEYS", "Sample", "ShardReadError", "ShardScan", "expand_shards", "scan_shard", "shard_name",
+           "split_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,15 @@ DEFAULT_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 _BASE_PLUS_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 # webdataset's tar_file_iterator skips metadata members such as __index__ or __meta__/...
 _META = re.compile(r"__[^/]*__($|/)")
+
+
+class ShardReadError(UserError, OSError):
+    """A shard that cannot be read at all (missing, failing after every try, or a server that cannot serve it):
+    its member list, and so its samples, are unknown. The message names the shard, why, and what to check."""
+
+
+#: fsspec's HTTP file, when a server answers a Range request with the whole object (it ignores ``Range``).
+_NO_RANGES = "doesn't appear to support range requests"
 
 
 def split_name(name: str) -> tuple[str | None, str | None]:
@@ -242,9 +253,10 @@ def scan_shard(path: str, image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS, label_
 
     Raises
     ------
-    OSError
-        The shard cannot be read (missing, or failing after every try): its
-        member list, and so its samples, are unknown.
+    ShardReadError
+        The shard cannot be read (missing, failing after every try, or on a
+        server that ignores Range requests): its member list, and so its
+        samples, are unknown. An ``OSError`` and a ``UserError``.
     """
     options = options or StorageOptions()
     keys = tuple(k.lower() for k in image_keys)
@@ -260,10 +272,17 @@ def scan_shard(path: str, image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS, label_
                             attempt + 1, options.tries, describe_failure(error, attempt, options))
                 time.sleep(delay)
                 continue
+            if _NO_RANGES in str(error):
+                raise ShardReadError(
+                    f"Shard {path!r} cannot be read: its server ignores HTTP Range requests (it answers with the "
+                    "whole object), which featcache needs: prepare reads a shard in blocks, and extract reads each "
+                    "image member by byte range. Hint: serve the shards with a server that supports Range requests "
+                    "(nginx, Apache, an object store; not `python -m http.server`), or copy them to a local folder "
+                    "and point data.path at it.") from error
             reason = describe_failure(error, attempt if is_transient(error) else 1, options,
                                       "http" if is_url(path) else "")
-            raise OSError(f"Shard {path!r} cannot be read: {reason}. Its member list is needed to list its samples. "
-                          "Hint: check data.path (and data.io for remote shards).") from error
+            raise ShardReadError(f"Shard {path!r} cannot be read: {reason}. Its member list is needed to list its "
+                                 "samples. Hint: check data.path (and data.io for remote shards).") from error
         if scan.problem:
             logger.warning("Shard %s ends early (%s); its %d samples before that point are kept, and an image cut "
                            "short is reported as a bad image by extract", path, scan.problem, len(scan.samples))

@@ -170,9 +170,24 @@ def _local_read(path: str, start: int, end: int | None) -> bytes | ReadFailure:
     return data
 
 
-def _slice_full(data: bytes, start: int, end: int | None) -> bytes:
-    """A server that ignores the Range header answers with the whole object: cut the range out of it."""
+#: Hosts already warned about ignoring Range requests (one warning per host and process).
+_WARNED_NO_RANGES: set[str] = set()
+
+
+def _slice_full(data: bytes, start: int, end: int | None, url: str = "") -> bytes:
+    """A server that ignores the Range header answers with the whole object: cut the range out of it.
+
+    The first time a host does that, a warning says what it costs (the whole object per request).
+    """
     if end is not None and len(data) > end - start and len(data) >= end:
+        host = url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]  # no path, query or credentials
+        if host not in _WARNED_NO_RANGES:
+            _WARNED_NO_RANGES.add(host)
+            logger.warning("the server %s ignores HTTP Range requests: each read downloads the whole object "
+                           "(%s bytes for a range of %s), so every batch of a shard downloads the whole shard. "
+                           "Hint: serve the data with a server that supports Range requests (nginx, Apache, an "
+                           "object store; not `python -m http.server`), or copy it to a local folder",
+                           host, f"{len(data):,}", f"{end - start:,}")
         return data[start:end]
     return data
 
@@ -218,7 +233,7 @@ def _remote_reads(protocol: str, requests: list[tuple[str, int, int | None]],
             out.append(ReadFailure(describe_failure(result, tries if is_transient(result) else 1, options, protocol)))
             continue
         assert isinstance(result, bytes)
-        data = _slice_full(result, starts[index], ends[index])
+        data = _slice_full(result, starts[index], ends[index], paths[index])
         offset = start - starts[index]
         out.append(data[offset: None if end is None else offset + end - start])
     return out
