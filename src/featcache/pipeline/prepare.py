@@ -59,7 +59,8 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest | ShardedManifest:
         summary = {"n_rows": sharded.n_rows, "task": sharded.task, "splits": sharded.split_counts,
                    "classes": sharded.classes, "n_shards": len(sharded.shards),
                    "n_without_image": sharded.n_without_image,
-                   "shards_ended_early": [s["path"] for s in sharded.shards if s["problem"]]}
+                   "shards_ended_early": [s["path"] for s in sharded.shards if s["problem"]],
+                   "left_out": [sample for s in sharded.shards for sample in s["left_out"]]}
         if sharded.task == "classification":
             _check_two_classes(sharded.classes)
             summary["per_class"] = sharded.per_class

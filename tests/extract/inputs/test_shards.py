@@ -274,3 +274,50 @@ def test_a_server_that_ignores_ranges_is_named_as_the_problem(tmp_path):
         with pytest.raises(ShardReadError, match=r"big\.tar' cannot be read: its server ignores HTTP Range requests"
                                                  r".*Hint: serve the shards with a server that supports Range"):
             scan_shard(server.url + "big.tar", options=StorageOptions(timeout=5, tries=1, backoff=0))
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A shard with exactly these members, in this order (webdataset's writer sorts a sample's members)."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_a_shard_cut_before_a_samples_label_leaves_that_sample_out_by_name(tmp_path):
+    """img2dataset-style shards hold ``jpg`` before ``json``: a cut between them leaves a sample without its label.
+    The samples before the cut are rows (as the README says), and the cut one is named, not a 'no label' error."""
+    path = tmp_path / "s.tar"
+    members = []
+    for i in range(4):
+        members += [(f"k{i}.jpg", _png(30 * i, size=40)), (f"k{i}.json", json.dumps({"cls": "ab"[i % 2]}).encode())]
+    _tar(path, members)
+    last = scan_shard(str(path)).samples[-1]
+    path.write_bytes(path.read_bytes()[: last.offset + last.size + 100])  # after k3's image, before its json
+    info = from_shards(str(path), tmp_path / "p" / "manifest.csv", RATIOS, 0, split_key=None)
+    assert info.n_rows == 3 and info.shards[0]["left_out"] == ["s/k3"] and info.shards[0]["problem"]
+    assert Manifest.read(tmp_path / "p" / "manifest.csv").ids == ["s/k0", "s/k1", "s/k2"]
+    recorded = json.loads((tmp_path / "p" / "manifest.shards.json").read_text())["shards"][0]
+    assert recorded["left_out"] == ["s/k3"] and recorded["n_samples"] == 3
+
+
+def test_a_label_cut_short_is_no_label(tmp_path):
+    """A label member the shard's end cuts in two would be a wrong class ('ca' for 'cat'): it is no label."""
+    path = tmp_path / "s.tar"
+    _tar(path, [("a.png", _png(1)), ("a.cls", b"a"), ("b.png", _png(2)), ("b.cls", b"cat" * 200)])
+    data = path.read_bytes()
+    path.write_bytes(data[: data.index(b"catcat") + 2])
+    scan = scan_shard(str(path))
+    assert scan.problem and scan.cut == "b" and [s.label for s in scan.samples] == ["a", None]
+
+
+def test_members_with_the_same_name_are_named(tmp_path):
+    """A shard written twice into (or two concatenated) repeats members: which image or label is meant is
+    ambiguous, so prepare stops naming them rather than pick one silently."""
+    path = tmp_path / "s.tar"
+    _tar(path, [("a.png", _png(1)), ("a.cls", b"x"), ("b.png", _png(2)), ("b.cls", b"y"), ("a.png", _png(3)),
+                ("a.cls", b"y")])
+    with pytest.raises(ManifestError, match=r"Members with the same name in shard .*'s/a\.png', 's/a\.cls'"):
+        from_shards(str(path), tmp_path / "m.csv", RATIOS, 0)
+    assert not (tmp_path / "m.csv").exists()

@@ -12,7 +12,9 @@ carry one, and the spool is rewritten as ``manifest.csv`` with its
 
 Row ids are ``<shard>/<__key__>`` (``000007/sample0042``), sorted: shards in
 name order, keys sorted within a shard. A sample without an image member stays a
-row (``member`` empty), reported as a bad image by extract, never dropped.
+row (``member`` empty), reported as a bad image by extract, never dropped. The one
+exception is a sample that a truncated shard cut before its label (no label, no
+row): it is named in a warning and under ``left_out`` in ``manifest.shards.json``.
 """
 
 from __future__ import annotations
@@ -70,7 +72,8 @@ class ShardedManifest:
     per_class : dict
         Class name -> split -> rows (classification).
     shards : list of dict
-        Per shard: ``path``, ``sha256``, ``size``, ``n_samples`` and ``problem`` (``""`` unless it ended early).
+        Per shard: ``path``, ``sha256``, ``size``, ``n_samples``, ``problem`` (``""`` unless it ended early)
+        and ``left_out``: the ids of samples that are no rows (the one an early end cut before its label).
     n_without_image : int
         Samples without an image member (rows that extract reports as bad).
     """
@@ -147,9 +150,12 @@ def from_shards(path: str | Sequence[str], out: str | Path, ratios: Mapping[str,
         for shard in shards:
             scan = scan_shard(shard, image_keys, label_key, split_key, options)
             name, location = shard_name(shard), _relative(shard, out.parent)
-            unlabeled, bad_targets, bad_splits = [], [], []
+            unlabeled, bad_targets, bad_splits, cut = [], [], [], []
             for sample in scan.samples:
                 sample_id = f"{name}/{sample.key}"
+                if sample.key == scan.cut and not (sample.label or "").strip():
+                    cut.append(sample_id)  # its label was after the shard's early end: it cannot be a row
+                    continue
                 if sample_id <= last_id:
                     raise ManifestError(f"Sample id {sample_id!r} does not sort after {last_id!r}: shard names "
                                         "overlap (one is a folder prefix of another). Hint: rename the shards.")
@@ -182,10 +188,21 @@ def from_shards(path: str | Sequence[str], out: str | Path, ratios: Mapping[str,
             if bad_splits:
                 raise _bad(f"Unknown split values in {where} (allowed: {list(SPLIT_CODES)})", bad_splits,
                            len(bad_splits), "Hint: fix them, or set data.split_key to null to ignore them.")
-            n_rows += len(scan.samples)
+            if scan.duplicates:
+                raise _bad(f"Members with the same name in {where} (which one belongs to the sample is ambiguous; "
+                           "webdataset itself refuses them or makes two samples of one key)",
+                           [f"{name}/{d}" for d in scan.duplicates], len(scan.duplicates),
+                           "Hint: rewrite the shard with one member per name (a shard appended to twice, or two "
+                           "shards concatenated, repeat their members).")
+            n_rows += len(scan.samples) - len(cut)
             shard_records.append({"path": location, "sha256": scan.sha256, "size": scan.size,
-                                  "n_samples": len(scan.samples), "problem": scan.problem})
-            logger.info("shard %s: %d samples%s", name, len(scan.samples), f" (ended early: {scan.problem})"
+                                  "n_samples": len(scan.samples) - len(cut), "problem": scan.problem,
+                                  "left_out": cut})
+            if cut:
+                logger.warning("Shard %s ends early inside sample %s, before its label ('%s'): the sample is left "
+                               "out of the manifest (listed under left_out in %s). Hint: download or repair the "
+                               "shard to extract it", shard, cut[0], label_key, shards_path(out).name)
+            logger.info("shard %s: %d samples%s", name, len(scan.samples) - len(cut), f" (ended early: {scan.problem})"
                         if scan.problem else "")
         if n_rows == 0:
             raise ManifestError(f"No samples in the shards of {path!r} ({len(shards)} shards). Hint: data.image_keys "

@@ -170,6 +170,11 @@ class ShardScan:
         Sorted by key.
     problem : str
         ``""``, or why the shard ended early (truncated, not a tar); the samples before it are kept.
+    cut : str or None
+        With ``problem``: the key of the sample the early end went through (the last one in tar order),
+        whose later members (often its label: webdataset writes ``jpg`` before ``json``) are lost.
+    duplicates : list of str
+        Member names that occur more than once in the shard (the sample they belong to is ambiguous).
     """
 
     path: str
@@ -177,6 +182,8 @@ class ShardScan:
     size: int
     samples: list[Sample]
     problem: str = ""
+    cut: str | None = None
+    duplicates: list[str] = field(default_factory=list)
 
 
 def _text(data: bytes) -> str:
@@ -198,6 +205,7 @@ def _scan_once(path: str, image_keys: Sequence[str], label_key: str, split_key: 
     samples: dict[str, Sample] = {}
     jsons: dict[str, str] = {}
     rank = {ext: i for i, ext in enumerate(image_keys)}
+    last_key, duplicates = None, []
     with open_binary(path, options) as raw:
         reader = TarReader(raw)
         for member, data in reader.members():
@@ -207,17 +215,26 @@ def _scan_once(path: str, image_keys: Sequence[str], label_key: str, split_key: 
             if key is None or ext is None:
                 continue
             sample = samples.get(key) or samples.setdefault(key, Sample(key))
+            last_key = key
             ext = ext.lower()
+            if ext in sample.members:
+                duplicates.append(member.name)
             sample.members.append(ext)
             if ext in rank:
                 if not sample.image or rank[ext] < rank[split_name(sample.image)[1].lower()]:  # type: ignore[union-attr]
                     sample.image, sample.offset, sample.size = member.name, member.offset, member.size
-            elif ext == label_key:
-                sample.label = _text(data.take(member.size))
-            elif split_key is not None and ext == split_key:
-                sample.split = _text(data.take(member.size))
-            elif ext == "json":
-                jsons[key] = _text(data.take(member.size))
+                continue
+            if ext not in (label_key, split_key, "json"):
+                continue
+            text = data.take(member.size)
+            if len(text) < member.size:  # cut by the end of the shard: a partial label is no label
+                continue
+            if ext == label_key:
+                sample.label = _text(text)
+            elif ext == split_key:
+                sample.split = _text(text)
+            else:
+                jsons[key] = _text(text)
         reader.drain()  # the end-of-archive blocks and padding belong to the shard's hash
     for key, text in jsons.items():
         sample = samples[key]
@@ -226,7 +243,7 @@ def _scan_once(path: str, image_keys: Sequence[str], label_key: str, split_key: 
         if sample.split is None and split_key is not None:
             sample.split = _json_field(text, split_key)
     return ShardScan(path, reader.sha256.hexdigest(), reader.size, sorted(samples.values(), key=lambda s: s.key),
-                     reader.problem)
+                     reader.problem, last_key if reader.problem else None, duplicates)
 
 
 def scan_shard(path: str, image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS, label_key: str = "cls",
