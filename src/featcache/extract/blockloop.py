@@ -31,13 +31,17 @@ import numpy as np
 from featcache.extract.decode.loaders import Batch, ImageDataset, ImageReader, iter_array_batches, make_loader
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.inputs.storage import is_transient_reason
 from featcache.extract.plan import LOADERS
 from featcache.store.errors import StoreError
 
 if TYPE_CHECKING:  # torch is imported only for runners whose input device is not the CPU
     import torch
 
-__all__ = ["BatchForward", "BlockAssembler", "CommitQueue", "FinishedBlock", "Progress", "format_eta", "make_batches"]
+    from featcache.store.writer import StoreWriter
+
+__all__ = ["BatchForward", "BlockAssembler", "CommitQueue", "FinishedBlock", "Progress", "format_eta", "make_batches",
+           "reopen_transient_blocks"]
 
 logger = logging.getLogger("featcache.extract.engine")
 
@@ -443,3 +447,25 @@ def make_batches(loader: str, manifest: Manifest, rows: Sequence[int], preproces
     # A reader keeps its shard members and storage options (rebuilt from its paths, a member would read its whole .tar).
     dataset = dataset.as_dataset() if dataset is not None else ImageDataset(manifest, preprocess)
     return make_loader(dataset, rows, batch_size, num_workers, pin_memory=device.startswith("cuda"))
+
+
+def reopen_transient_blocks(writer: StoreWriter) -> list[int]:
+    """Make committed blocks pending again when a row of theirs failed a read for a transient cause.
+
+    A server that was down or overloaded during an earlier run (``connection failed after 3 tries``,
+    ``timeout ...``, ``HTTP 503 ...``) left those rows as bad images in committed blocks; a resume
+    reads them again instead of keeping the outage in the store for good. Call before
+    ``writer.pending_blocks()``.
+
+    Returns
+    -------
+    list of int
+        The reopened blocks.
+    """
+    blocks = writer.blocks_with_errors(is_transient_reason)
+    for block in blocks:
+        writer.discard_block(block)
+    if blocks:
+        logger.info("Reading %d committed blocks of %s again: rows of theirs failed with transient read errors "
+                    "(timeouts, dropped connections, HTTP 5xx/429) in an earlier run", len(blocks), writer.path)
+    return blocks

@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from featcache.errors import ExtractionError
-from featcache.extract.blockloop import Progress
+from featcache.extract.blockloop import Progress, reopen_transient_blocks
 from featcache.extract.dask_tasks import TaskResult, WorkerJob, extract_task, plan_tasks, probe_task
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.engine import (
@@ -405,6 +405,7 @@ def extract_distributed(
                          labels=manifest.labels, targets=manifest.targets, layers=layer_specs, attrs=root_attrs,
                          dtype=dtype, block_rows=block_rows, lock_timeout=lock_timeout) as writer:
             try:
+                reopen_transient_blocks(writer)
                 pending = writer.pending_blocks()
                 n_resumed = writer.n_blocks - len(pending)
                 if n_resumed:

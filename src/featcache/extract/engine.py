@@ -40,6 +40,7 @@ from featcache.extract.blockloop import (
     FinishedBlock,
     Progress,
     make_batches,
+    reopen_transient_blocks,
 )
 from featcache.extract.decode.loaders import Batch, ImageReader, LoaderFactory
 from featcache.extract.decode.preprocess import Preprocessor
@@ -186,6 +187,7 @@ def extract_to_store(
     with StoreWriter(out, ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
                      labels=manifest.labels, targets=manifest.targets, layers=layer_specs, attrs=root_attrs,
                      dtype=dtype, block_rows=block_rows, lock_timeout=lock_timeout) as writer:
+        reopen_transient_blocks(writer)
         pending = writer.pending_blocks()
         n_resumed = writer.n_blocks - len(pending)
         if n_resumed:
@@ -252,8 +254,8 @@ def check_bad_rows(errors: Sequence[tuple[str, str]], n_input: int, max_bad_frac
     raise ExtractionError(
         f"{n_bad} of {n_input} images ({n_bad / max(1, n_input):.0%}) could not be decoded for {Path(out).name}: "
         f"{what}. First reasons: {first}. The final file was not written (the committed blocks are kept). "
-        "Hint: check data.path and the image files; if so many bad images are expected, raise "
-        "extract.max_bad_fraction and rerun (nothing is extracted again)."
+        "Hint: check data.path and the image files (a rerun reads rows a server failed, timeouts or HTTP 5xx, again); "
+        "if so many bad images are expected, raise extract.max_bad_fraction and rerun (nothing else is extracted)."
     )
 
 

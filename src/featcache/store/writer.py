@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -307,6 +307,19 @@ class StoreWriter(Closing):
             part = _blocks.read_block(self._committer.block_path(block), ("error_rows", "error_reasons"))
             errors.extend((self.ids[r], str(why)) for r, why in zip(part["error_rows"], part["error_reasons"]))
         return errors
+
+    def blocks_with_errors(self, reason: Callable[[str], bool]) -> list[int]:
+        """Committed blocks with a skipped row whose reason satisfies ``reason``, ascending."""
+        self._check_open()
+        return [block for block in sorted(self._committed) if any(
+            reason(str(why)) for why in _blocks.read_block(self._committer.block_path(block),
+                                                          ("error_reasons",))["error_reasons"])]
+
+    def discard_block(self, block: int) -> None:
+        """Delete a committed block's file: the block is pending again (e.g. to retry rows a server failed)."""
+        self._check_open()
+        self._committer.block_path(block).unlink(missing_ok=True)
+        self._committed.discard(block)
 
     # ------------------------------------------------------------------ final
     def finalize(self, *, raw_chunks: bool = True) -> Path:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, Iterator, Mapping, Sequence
 
 __all__ = ["ReadFailure", "StorageOptions", "describe_failure", "is_storage_error", "is_url", "is_transient",
-           "open_binary",
+           "is_transient_reason", "open_binary",
            "read_ranges", "url_protocol"]
 
 logger = logging.getLogger(__name__)
@@ -154,6 +154,18 @@ def describe_failure(error: BaseException, tries: int, options: StorageOptions, 
     if is_transient(error):
         return f"connection failed{after} ({detail})"
     return f"unreadable object ({detail})"
+
+
+#: The reasons :func:`describe_failure` gives a transient error that outlasted every try (a server down or
+#: overloaded for a while, not a bad image): a later run may read the row.
+_TRANSIENT_REASON = re.compile(r"^(timeout after \d+ tr|connection failed after \d+ tr|unreadable object \(HTTP "
+                               r"(5\d\d|429)\b)")
+
+
+def is_transient_reason(reason: str) -> bool:
+    """Whether a bad row's stored ``reason`` is a read that failed for a transient cause after every try
+    (``timeout after 3 tries ...``, ``connection failed after ...``, ``unreadable object (HTTP 503 ...``)."""
+    return _TRANSIENT_REASON.match(reason) is not None
 
 
 def _local_read(path: str, start: int, end: int | None) -> bytes | ReadFailure:
