@@ -471,3 +471,28 @@ def test_device_loader_arguments_are_checked(manifest, tmp_path):
     with pytest.raises(ValueError, match="read_threads must be an integer >= 0 or None, got -1"):
         extract_distributed(manifest, SPEC, PREPROCESS, tmp_path / "x.h5", config=CONFIG, loader="device",
                             read_threads=-1)
+
+
+def test_a_task_whose_blocks_are_committed_extracts_nothing(manifest, tmp_path, monkeypatch):
+    """dask recomputes the finished tasks whose results a killed worker held: their blocks are on disk already,
+    so the recomputed task must not extract them again (nor build a runner)."""
+    import featcache.extract.dask_tasks as dask_tasks
+
+    specs = SPEC.build().layer_specs(PREPROCESS.input_size)
+    attrs = {"config": "{}", "config_sha256": sha256_text("{}")}
+    with StoreWriter(tmp_path / "x.h5", ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
+                     labels=manifest.labels, targets=manifest.targets, layers=specs, attrs=attrs,
+                     block_rows=4) as writer:
+        rows = np.arange(4, 8)
+        writer.commit_block(1, rows, {s.alias: np.zeros((4, s.dim), np.float32) for s in specs})
+        job = WorkerJob(manifest, PREPROCESS, SPEC, writer.block_committer(), tuple(specs), 4, "skip", 1)
+
+        def no_work(*args, **kwargs):
+            raise AssertionError("a committed block was extracted again")
+
+        monkeypatch.setattr(dask_tasks, "_build", no_work)
+        monkeypatch.setattr(dask_tasks, "run_blocks", no_work)
+        result = dask_tasks.extract_task(job, (1,))
+        assert result.blocks == (1,) and result.n_rows == 4 and result.errors == []
+        with pytest.raises(AssertionError, match="extracted again"):  # block 2 is not committed: it is extracted
+            dask_tasks.extract_task(job, (1, 2))

@@ -146,8 +146,15 @@ def probe_task(spec: RunnerSpec, input_size: int, threads: int) -> tuple[list[La
 
 
 def extract_task(job: WorkerJob, blocks: tuple[int, ...]) -> TaskResult:
-    """Extract and commit ``blocks`` on a worker (the single-process engine's own loop)."""
+    """Extract and commit ``blocks`` on a worker (the single-process engine's own loop).
+
+    A task whose blocks are all committed already does nothing: dask recomputes the finished tasks whose
+    results a dead worker held, and their blocks are on disk (its errors are then in the block files).
+    """
     started = time.perf_counter()
+    n_rows = sum(len(job.committer.block_range(block)) for block in blocks)
+    if all(job.committer.check_block_file(block) is None for block in blocks):
+        return TaskResult(blocks, n_rows, [], time.perf_counter() - started, _where(), None)
     runner, attrs = _build(job.runner_spec, job.preprocess.input_size, job.torch_threads)
     batches, stats = None, None
     if job.loader == "device":
@@ -156,7 +163,6 @@ def extract_task(job: WorkerJob, blocks: tuple[int, ...]) -> TaskResult:
                         layer_specs=job.layer_specs, batch_size=job.batch_size, num_workers=0,
                         on_error=job.on_error, dataset=job.dataset() if batches is None else None,
                         batches=batches)
-    n_rows = sum(len(job.committer.block_range(block)) for block in blocks)
     return TaskResult(blocks, n_rows, errors, time.perf_counter() - started, _where(), attrs.get("onnx_sha256"),
                       stats)
 

@@ -230,6 +230,7 @@ def _run_tasks(client: Any, job: WorkerJob, tasks: list[tuple[int, ...]], writer
                 if future.status != "finished":
                     _raise_task_failure(future, blocks, writer)
                 result: TaskResult = future.result()
+                del futures[future]  # released: a worker that dies later holds no result dask would recompute
                 if result.onnx_sha256 is not None:
                     _check_onnx_sha256(writer.attrs.get("onnx_sha256"), result.onnx_sha256, result.where)
                 _adopt_blocks(writer, result.blocks, result.where)
