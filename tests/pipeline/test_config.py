@@ -58,6 +58,18 @@ def test_bad_values_are_named_with_the_allowed_ones(raw, expected):
         assert text in str(info.value), str(info.value)
 
 
+@pytest.mark.parametrize("raw, line", [
+    ({"heads": {"logreg": {"max_itr": 5}}}, "- heads.logreg: unknown parameter 'max_itr' for head 'logreg'"),
+    ({"heads": {"lgbm": {"n_jobs": 1}}}, "- heads.lgbm: unknown head 'lgbm'"),
+    ({"features": [{"backbone": "resnet18", "layer": "pool5"}]}, "- features[0].backbone 'resnet18'"),
+])
+def test_a_whole_file_check_names_the_key_where_the_line_starts(raw, line):
+    """A cross-section check's line starts with the key in params.yaml (``heads.logreg``), not ``params:``."""
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    assert any(text.startswith(line) for text in str(info.value).splitlines()), str(info.value)
+
+
 def test_missing_params_file_says_where(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "params.yaml")

@@ -73,8 +73,8 @@ def format_validation_error(error: ValidationError, root: type[BaseModel]) -> st
             lines.append(f"- unknown key {key!r}.{hint} Allowed keys here: {', '.join(allowed)}")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            got = f" (got {item.get('input')!r})" if item["loc"] else ""
-            lines.append(f"- {key or 'params'}: {message}{got}")
+            # A check of the whole file (no loc) names its keys in its message: no "params:" label before it.
+            lines.append(f"- {key}: {message} (got {item.get('input')!r})" if key else f"- {message}")
     return "Invalid params:\n" + "\n".join(lines)
 
 

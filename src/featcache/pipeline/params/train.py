@@ -42,6 +42,14 @@ def check_heads_sections(heads: dict[str, dict[str, Any]], task: str) -> None:
 
     One section serves both tasks' twins; a key that neither twin takes is an
     error naming the key and a close match.
+
+    Raises
+    ------
+    ValueError
+        Prefixed with the section's key (``heads.logreg: unknown parameter 'max_itr' ...``).
     """
     for name, section in heads.items():
-        check_head_params(name, task, task_params(name, task, section))
+        try:
+            check_head_params(name, task, task_params(name, task, section))
+        except ValueError as error:  # named by its place in params.yaml, as pydantic names a section's keys
+            raise ValueError(f"heads.{name}: {error}") from None
