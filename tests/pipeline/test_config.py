@@ -70,6 +70,22 @@ def test_a_whole_file_check_names_the_key_where_the_line_starts(raw, line):
     assert any(text.startswith(line) for text in str(info.value).splitlines()), str(info.value)
 
 
+@pytest.mark.parametrize("raw", [
+    {"backbones": {"efficientnet_lite0": {"weights": "pretrianed"}}},
+    {"finetune": {"weights": "Pretrained"}},
+])
+def test_a_misspelt_weights_word_fails_the_check(raw):
+    """``featcache check`` refuses ``weights: pretrianed`` (else only the extract stage finds it, as a missing file)."""
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    assert "weights" in str(info.value) and "Did you mean 'pretrained'?" in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("weights", ["random", "pretrained", "weights/ft.pth", "model.safetensors", "/no/such/dir/x"])
+def test_weights_paths_are_left_to_the_extractor(weights):
+    assert parse_params({"backbones": {"resnet18": {"weights": weights}}}).backbones["resnet18"].weights == weights
+
+
 def test_missing_params_file_says_where(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "params.yaml")

@@ -8,6 +8,7 @@ checks of ``backbones`` (names, layers) are in :mod:`.backbones`.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from pydantic import Field, field_validator
@@ -31,8 +32,8 @@ from featcache.store.schema import (
 from featcache.util.compute import DEVICES
 from featcache.util.names import did_you_mean
 
-__all__ = ["BackboneParams", "ExtractParams", "INT8_KNOBS", "SPEED_ONLY", "configured_backbone", "default_backbones",
-           "extraction_config", "stored_choices"]
+__all__ = ["BackboneParams", "ExtractParams", "INT8_KNOBS", "SPEED_ONLY", "WEIGHTS_NAMES", "check_weights_name",
+           "configured_backbone", "default_backbones", "extraction_config", "stored_choices"]
 
 #: ``extract`` settings that change how fast features are made, never their values: left out of the
 #: config a store records (and of its hash), so changing them resumes or reuses a store.
@@ -106,6 +107,28 @@ class ExtractParams(Strict):
                 "num_workers": self.num_workers, "scheduler": self.scheduler, "precision": self.precision}
 
 
+#: The ``weights`` values that name no file (anything else is the path of a state dict).
+WEIGHTS_NAMES = ("pretrained", "random")
+
+
+def check_weights_name(value: str) -> str:
+    """``value`` unless it is a misspelt ``pretrained`` or ``random``: a bare word that names no file.
+
+    A path (with a folder or a suffix, or an existing file) is left to the extractor, which reports a
+    missing file; only a word such as ``pretrianed`` is refused here, so ``featcache check`` catches it.
+
+    Raises
+    ------
+    ValueError
+        Naming the value, what ``weights`` takes and the close match.
+    """
+    if value in WEIGHTS_NAMES or "/" in value or "\\" in value or "." in value or Path(value).expanduser().exists():
+        return value
+    raise ValueError(f"weights {value!r} is neither {' nor '.join(map(repr, WEIGHTS_NAMES))} nor the path of a "
+                     f"weights file.{did_you_mean(value, WEIGHTS_NAMES)} Hint: use one of those words, or a path "
+                     "such as /path/to/state_dict.pth.")
+
+
 class BackboneParams(Strict):
     """One backbone to extract: weights source and layers (``default``: the registry's default layer).
 
@@ -117,6 +140,11 @@ class BackboneParams(Strict):
     weights: str = "pretrained"
     layers: list[str] = Field(default_factory=lambda: ["default"], min_length=1)
     pooling: Literal[POOLINGS] | None = None  # type: ignore[valid-type]
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: str) -> str:
+        return check_weights_name(value)
 
 
 def default_backbones() -> dict[str, BackboneParams]:

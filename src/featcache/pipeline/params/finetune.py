@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from featcache.extract.zoo.registry import get_backbone
 from featcache.finetune.config import MODES, PARAMS_DEFAULTS, FinetuneConfig
 from featcache.pipeline.params.base import Strict
+from featcache.pipeline.params.extract import check_weights_name
 from featcache.util.names import did_you_mean
 
 __all__ = ["FinetuneParams"]
@@ -52,6 +53,11 @@ class FinetuneParams(Strict):
     def _known_backbone(cls, value: str) -> str:
         get_backbone(value)  # raises with the list of valid names
         return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: str) -> str:
+        return check_weights_name(value)
 
     @field_validator("defaults")
     @classmethod
