@@ -111,7 +111,7 @@ def test_exp_run_on_a_head_param_reruns_only_that_head(dvc_project: Path):
     output = _run(["dvc", "exp", "run", "-S", "heads.logreg.Cs=[0.0001]"], dvc_project)
     stages = _stages_run(output)
     assert stages, output
-    assert all(name.endswith("-logreg") or name == "compare" for name in stages), stages
+    assert all(name.endswith("-logreg") or name in ("check", "compare") for name in stages), stages
     assert sum(name.endswith("-logreg") for name in stages) == 2
     assert "compare" in stages
     # `dvc metrics diff` compares the workspace with the last commit: numeric deltas for the changed runs.
@@ -124,6 +124,27 @@ def test_exp_run_on_a_head_param_reruns_only_that_head(dvc_project: Path):
     header = _run(["dvc", "exp", "show", "--csv", "--only-changed"], dvc_project).splitlines()[0].split(",")
     assert "efficientnet_lite0.pool.logreg.log_loss" in header, header
     assert not any(column.endswith(".json:accuracy") for column in header), header
+
+
+def test_a_mistyped_key_that_no_stage_reads_fails_repro(dvc_project: Path):
+    """``train.nboot`` is tracked by no train stage (they list ``train.n_boot``): the check stage refuses it."""
+    _run(["dvc", "repro"], dvc_project)
+    params = dvc_project / "params.yaml"
+    shipped = params.read_text()
+    raw = yaml.safe_load(shipped)
+    raw["train"]["nboot"] = 5
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    try:
+        result = subprocess.run(["dvc", "repro"], cwd=dvc_project, capture_output=True, text=True, timeout=600,
+                                env=dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}"
+                                                           f"{os.environ['PATH']}"))
+    finally:
+        params.write_text(shipped)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "unknown key 'train.nboot'. Did you mean 'n_boot'?" in output, output
+    assert "Traceback" not in output, output
+    assert _stages_run(_run(["dvc", "repro"], dvc_project)) <= {"check"}  # the restored file: nothing else reruns
 
 
 def _edit_source(project: Path, relative: str) -> Path:

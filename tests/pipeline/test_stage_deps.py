@@ -236,3 +236,15 @@ def test_stage_modules_do_not_import_each_other(module):
     others = {f"featcache.pipeline.{other}" for other in STAGE_MODULES if other != module}
     assert not imported & others, (f"pipeline/{module}.py imports the stage module(s) {sorted(imported & others)}; "
                                    "move what they share into the library (or pipeline/config.py for params)")
+
+
+def test_a_stage_validates_the_whole_params_file_whenever_it_changes():
+    """Each stage tracks only the params it reads, so a mistyped key no stage reads (``train.nboot``) would
+    leave every stage up to date: the ``check`` stage tracks the whole file and runs ``featcache check`` on it."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    checking = [name for name, stage in stages.items()
+                if str(stage.get("cmd", "")).split() == ["featcache", "check", "--params", "params.yaml"]]
+    assert checking, "no dvc.yaml stage runs `featcache check --params params.yaml`"
+    tracked = stages[checking[0]].get("params", [])
+    assert {"params.yaml": None} in tracked, (f"stage {checking[0]!r} must track the whole file (`- params.yaml:`), "
+                                              f"not only some keys: {tracked}")
