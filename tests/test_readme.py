@@ -27,3 +27,37 @@ def test_readme_names_only_existing_exports():
         if name not in getattr(exported, "__all__", ()) or not hasattr(exported, name):
             missing.append(f"{module}.{name}")
     assert not missing, f"README.md names exports that do not exist: {missing}"
+
+
+def python_api_block() -> str:
+    """The first ```python block of README's "Python API" section."""
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("## Python API"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_python_api_imports_and_calls_match_the_signatures():
+    """Every name the snippet imports exists, and every call of one binds to its signature (no data is touched)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(python_api_block())
+    imported = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                assert hasattr(module, alias.name), f"README: `from {node.module} import {alias.name}` fails"
+                imported[alias.asname or alias.name] = getattr(module, alias.name)
+    calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+             and node.func.id in imported]
+    assert {call.func.id for call in calls} >= {"load_params", "prepare", "extract", "train", "FeatureStore"}
+    for call in calls:
+        args = [ast.literal_eval(arg) if isinstance(arg, ast.Constant) else None for arg in call.args]
+        kwargs = {kw.arg: None for kw in call.keywords}
+        signature = inspect.signature(imported[call.func.id])
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as error:
+            message = f"README: {ast.unparse(call)} does not match {call.func.id}{signature}: {error}"
+            raise AssertionError(message) from None
