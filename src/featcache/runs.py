@@ -46,7 +46,7 @@ class RunNotFoundError(UserError, FileNotFoundError):
     """A folder given as a saved run (``featcache predict --model``) that holds no ``featcache-run.json``."""
 
 #: Numeric fields that describe a run rather than score it (they go to the sidecar, not to DVC metrics).
-INFO_KEYS = frozenset({"n_features", "n_train", "n_val", "n_test", "fit_seconds", "predict_seconds"})
+INFO_KEYS = frozenset({"n_features", "n_train", "n_val", "n_test", "n_bad_images", "fit_seconds", "predict_seconds"})
 
 #: Fields that name the run: ``{backbone: {layer: {label or head: scores}}}`` in the metrics file.
 _NAME_KEYS = ("backbone", "layer", "head")

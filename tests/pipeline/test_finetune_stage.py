@@ -15,6 +15,7 @@ from featcache.pipeline.compare import compare
 from featcache.pipeline.config import parse_params
 from featcache.pipeline.finetune import finetune_section, finetune_stage, mode_config
 from featcache.pipeline.prepare import prepare
+from featcache.runs import read_run, sidecar_path
 
 
 def _section(**modes: Any) -> dict[str, Any]:
@@ -41,8 +42,14 @@ def stage_run(tmp_path_factory: pytest.TempPathFactory, folder_factory, params_f
 
 
 def test_stage_writes_metrics_in_the_train_stage_format(stage_run):
-    saved = json.loads(stage_run["metrics"].read_text())
-    assert saved == stage_run["result"]
+    # As the train stage: the metrics file holds the test scores only (clean `dvc metrics show/diff` columns),
+    # everything else is in the sidecar, and read_run gives back the whole run.
+    scores = json.loads(stage_run["metrics"].read_text())["efficientnet_lite0"]["finetune"]["finetune-frozen"]
+    assert {"accuracy", "balanced_accuracy", "macro_f1", "log_loss", "tta_accuracy"} <= scores.keys()
+    assert all(isinstance(value, float) for value in scores.values()), scores
+    assert not {"fit_seconds", "n_train", "n_bad_images", "best_params"} & scores.keys()
+    saved = read_run(stage_run["metrics"])
+    assert saved == json.loads(json.dumps(stage_run["result"]))
     assert {k: saved[k] for k in ("dataset", "backbone", "layer", "head", "task")} == {
         "dataset": "tiny", "backbone": "efficientnet_lite0", "layer": "finetune", "head": "finetune-frozen",
         "task": "classification"}
@@ -78,7 +85,8 @@ def test_compare_ranks_the_finetune_run_beside_cached_heads(stage_run, tmp_path:
     (metrics_dir / "efficientnet_lite0" / "pool").mkdir(parents=True)
     (metrics_dir / "efficientnet_lite0" / "pool" / "logreg.json").write_text(json.dumps(cached))
     (metrics_dir / "finetune").mkdir()
-    (metrics_dir / "finetune" / "frozen.json").write_text(stage_run["metrics"].read_text())
+    for path in (stage_run["metrics"], sidecar_path(stage_run["metrics"])):
+        (metrics_dir / "finetune" / path.name).write_text(path.read_text())
     runs = compare(metrics_dir, tmp_path / "reports")
     assert {run["head"] for run in runs} == {"logreg", "finetune-frozen"}
     table = (tmp_path / "reports" / "compare.md").read_text()

@@ -35,7 +35,8 @@ from featcache.pipeline.params.base import StageParams, load_sections
 from featcache.pipeline.params.data import DataParams
 from featcache.pipeline.params.finetune import FinetuneParams
 from featcache.pipeline.params.train import TrainParams
-from featcache.util.atomic import write_csv, write_json
+from featcache.runs import write_run
+from featcache.util.atomic import write_csv
 
 if TYPE_CHECKING:
     from featcache.finetune.config import FinetuneConfig
@@ -156,7 +157,9 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
         Folder for ``model.pt``, ``model.json``, ``weight_report.json``,
         ``history.json``, ``bad_images.json``, ``backbone.pt``, ``model.onnx`` and ``cam/``.
     metrics_path : path
-        Metrics JSON (the ``train`` stage's format).
+        Metrics JSON in the ``train`` stage's format (:func:`featcache.runs.write_run`): the test scores only,
+        keyed ``<backbone>.finetune.finetune-<mode>.<score>``, with names, CIs, sizes and timings in its
+        ``.run.json`` sidecar.
     confusion_path : path, optional
         ``actual,predicted`` CSV of the test split (classification).
     finetune : mapping, optional
@@ -192,7 +195,7 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
                "head": f"finetune-{mode}", "task": manifest.task, "node": result.spec.classifier,
                "pooling": "end-to-end", "weights": result.weights_id, **result.metrics}
     metrics["best_params"] = dict(metrics["best_params"])
-    write_json(metrics_path, metrics)
+    write_run(metrics_path, metrics)
     if confusion_path is not None and manifest.task == "classification":
         write_csv(confusion_path, confusion_rows(result.y_true, result.y_pred, result.classes), ["actual", "predicted"])
     summary = metrics.get("accuracy", metrics.get("rmse"))
