@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from featcache.errors import ParamError
 from featcache.heads import (
     bootstrap_ci,
     classification_metrics,
@@ -195,3 +196,17 @@ def test_confusion_rows():
     ]
     with pytest.raises(ValueError, match=r"label 3 has no name; allowed: 0\.\.2"):
         confusion_rows([0, 3], [0, 1], ["cat", "dog", "owl"])
+
+
+def test_resampling_settings_are_keyword_only_and_checked():
+    """bootstrap_ci and metrics_with_ci order (n_boot, alpha, seed) differently: positional use would swap them."""
+    y, proba = np.array([0, 1, 1, 0]), np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.3, 0.7]])
+    with pytest.raises(TypeError):
+        bootstrap_ci("accuracy", y, proba, 100, 0.1, 3)
+    with pytest.raises(TypeError):
+        metrics_with_ci("classification", y, proba, 2, 100, 3, 0.1)
+    for bad in (2.5, "100", True):
+        with pytest.raises(ParamError, match="n_boot=.* is invalid; allowed: an integer"):
+            bootstrap_ci("accuracy", y, proba, n_boot=bad)
+        with pytest.raises(ParamError, match="n_boot=.* is invalid; allowed: an integer"):
+            metrics_with_ci("classification", y, proba, 2, n_boot=bad)

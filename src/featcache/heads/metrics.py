@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from featcache.store.schema import TASKS
+from featcache.util.checks import check_int
 
 __all__ = [
     "CLASSIFICATION_METRICS",
@@ -264,6 +265,7 @@ def bootstrap_ci(
     metric: str | Callable[[np.ndarray, np.ndarray], float],
     y_true: Any,
     y_score: Any,
+    *,
     n_boot: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
@@ -290,8 +292,7 @@ def bootstrap_ci(
     -------
     (lo, hi) : tuple of float
     """
-    if n_boot < 1:
-        raise ValueError(f"n_boot={n_boot!r} is invalid; allowed: an integer >= 1.")
+    check_int("n_boot", n_boot, 1)
     _check_alpha(alpha)
     if callable(metric):
         yt, ys = np.asarray(y_true), np.asarray(y_score)
@@ -316,6 +317,7 @@ def metrics_with_ci(
     y_true: Any,
     y_score: Any,
     n_classes: int | None = None,
+    *,
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
@@ -344,10 +346,9 @@ def metrics_with_ci(
         out = classification_metrics(kernel.y, y_score, kernel.K)
     else:
         out = regression_metrics(kernel.y, y_score)
+    check_int("n_boot", n_boot, 0)
     ci: dict[str, list[float]] = {}
     if n_boot:
-        if n_boot < 0:
-            raise ValueError(f"n_boot={n_boot!r} is invalid; allowed: an integer >= 0.")
         stats: dict[str, list[np.ndarray]] = {name: [] for name in kernel.names}
         for idx in _resamples(kernel.y.size, n_boot, seed):
             for name in kernel.names:
