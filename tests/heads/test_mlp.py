@@ -119,6 +119,7 @@ def test_scaler_uses_train_rows_only(reg_data):
         ({"hidden_sizes": (64, 0)}, r"hidden_sizes=\(64, 0\) is invalid; allowed: a sequence of positive"),
         ({"hidden_sizes": 512}, r"hidden_sizes=512 is invalid; allowed: .*e\.g\. \(512,\)"),
         ({"dropout": 1.0}, r"dropout=1\.0 is invalid; allowed: a number in \[0, 1\)"),
+        ({"dropout": False}, r"dropout=False is invalid; allowed: a number in \[0, 1\)"),  # YAML 'no' is False
         ({"device": "tpu"}, r"device='tpu' is invalid; allowed: 'cpu', 'cuda'"),
     ],
 )

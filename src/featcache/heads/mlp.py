@@ -70,7 +70,8 @@ class MLPBase(HeadBase):
                 "integers, e.g. (512,) or (1024, 256); () gives a linear model. Hint: in params.yaml write a list, "
                 "e.g. hidden_sizes: [512]."
             )
-        if not (isinstance(self.dropout, numbers.Real) and 0 <= self.dropout < 1):
+        if not (isinstance(self.dropout, numbers.Real) and not isinstance(self.dropout, bool)
+                and 0 <= self.dropout < 1):
             raise ParamError(f"dropout={self.dropout!r} is invalid; allowed: a number in [0, 1).")
         check_positive("lr", self.lr)
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
