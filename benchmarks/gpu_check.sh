@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on a lent H100/H200 machine: the GPU-marked tests, benchmarks/profile_gpu.py (stages alone and a
 # torch.profiler trace), then benchmarks/bench_gpu.py (interleaved end-to-end cases); results under $OUT.
-# Here, first: `bash ../shared/gpu/make_wheels.sh` (wheels the machine lacks, into the git-excluded .whl/).
+# Here, first: `bash ../shared/gpu/make_wheels.sh 'dask==2026.8.0' 'torchcodec==0.17.*'` (wheels the machine lacks,
+# into the git-excluded .whl/; the pins keep dask within distributed 2026.8's bound and TorchCodec built for the
+# machine's torch 2.11: unpinned, the script fetches a newer dask, and a TorchCodec for a newer torch would not load).
 # Then, with the device tool: run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=590).
 # Each step has its own time limit, so the call ends inside the tool's 10 minutes whatever happens.
 set -uo pipefail
