@@ -7,8 +7,8 @@ then ``dvc exp run -S heads.logreg.max_iter=N`` with a value never used before
 (``max_iter`` = 999, 998, ...), so DVC's run cache cannot restore the stages
 and they really run; the two are interleaved, and the ratio of their medians is
 the loop's cost in no-op experiments. The stages are checked from DVC's output:
-the no-op must run none, the experiment exactly the ``train@*-logreg`` stages
-and ``compare`` (each "Running stage"), none restored from the run cache or
+the no-op must run none, the experiment exactly the ``train@*-logreg`` stages,
+``compare`` and ``check`` (each "Running stage"), none restored from the run cache or
 skipped; anything else stops the benchmark. For each repeat it prints the
 wall time of the whole command, the stages DVC ran and the work those heads did
 (their ``fit_seconds + predict_seconds`` from the run sidecars), and their ratio. Right
@@ -48,9 +48,10 @@ NOT_RUN = ("is cached - skipping run", "didn't change, skipping")
 
 
 def _expected_stages(project: Path) -> set[str]:
-    """The stages a logreg param change must run: every ``train@...-logreg`` stage of ``dvc.lock``, and ``compare``."""
+    """The stages a logreg param change must run: every ``train@...-logreg`` stage of ``dvc.lock``, ``compare``,
+    and ``check`` (it validates the whole ``params.yaml`` whenever any of it changes)."""
     lock = yaml.safe_load((project / "dvc.lock").read_text(encoding="utf-8"))["stages"]
-    return {name for name in lock if name.startswith("train@") and name.endswith("-logreg")} | {"compare"}
+    return {name for name in lock if name.startswith("train@") and name.endswith("-logreg")} | {"compare", "check"}
 
 
 def _check_ran(output: str, expected: set[str], what: str) -> list[str]:
