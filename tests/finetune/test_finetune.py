@@ -20,7 +20,7 @@ from featcache.extract.inputs.sources import from_folder
 from featcache.extract.zoo.registry import get_backbone
 from featcache.extract.zoo.weights import load_backbone
 from featcache.finetune.config import MODES, FinetuneConfig
-from featcache.finetune.export import export_backbone, export_finetuned_onnx
+from featcache.finetune.export import MODEL_KEY, export_backbone, export_finetuned_onnx
 from featcache.finetune.model import build_model, load_checkpoint, load_weights_with_report, replace_head
 from featcache.finetune.optim import make_optimizer
 from featcache.finetune.run import finetune
@@ -292,6 +292,15 @@ def test_onnx_export_runs_in_onnxruntime_with_a_dynamic_batch(manifest: Manifest
         expected = result.model(x).softmax(dim=1).numpy()
     assert scores.shape == (5, 3)
     np.testing.assert_allclose(scores, expected, atol=1e-5)
+    # The file alone says how to use it: the class order of the scores and the preprocessing of the input.
+    described = json.loads(session.get_modelmeta().custom_metadata_map[MODEL_KEY])
+    spec = get_backbone("resnet18")
+    assert described["task"] == "classification" and described["classes"] == result.classes == manifest.classes
+    assert described["input"]["shape"] == ["batch", 3, SIZE, SIZE] and described["backbone"] == "resnet18"
+    preprocess = described["preprocess"]
+    assert preprocess["mean"] == list(spec.mean) and preprocess["std"] == list(spec.std)
+    assert preprocess["input_size"] == SIZE and preprocess["resize_mode"] == "crop"
+    assert described["weights_id"] == result.weights_id and described["mode"] == "low_lr"
 
 
 @pytest.mark.gpu
@@ -300,3 +309,12 @@ def test_amp_on_cuda_trains_and_returns_a_cpu_model(manifest: Manifest):
     result = finetune(manifest, LITE, "pretrained", _config("low_lr", device="cuda", amp=True))
     assert result.step_losses[-1] < result.step_losses[0]
     assert result.model.classifier.weight.device.type == "cpu" and result.model.classifier.weight.dtype == torch.float32
+
+
+def test_a_bare_regression_model_is_described_by_what_the_export_was_told():
+    from featcache.finetune.export import model_description
+
+    described = model_description(None, "regression", 48)
+    assert described["output"]["shape"] == ["batch"] and "target units" in described["output"]["meaning"]
+    assert described["input"]["shape"] == ["batch", 3, 48, 48]
+    assert "classes" not in described and "preprocess" not in described  # nothing invented for a bare model

@@ -4,7 +4,9 @@
 architecture (original classifier shape) so that
 ``load_backbone(name, weights=path)`` and therefore the extract stage accept
 it; :func:`export_finetuned_onnx` writes the fine-tuned classifier (or
-regressor) as ONNX.
+regressor) as ONNX, describing itself in ``metadata_props`` (:data:`MODEL_KEY`:
+task, class order, input and the preprocessing that makes it) so that the file
+alone is enough to deploy it.
 """
 
 from __future__ import annotations
@@ -14,22 +16,29 @@ import logging
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+import featcache
 from featcache.extract.zoo.registry import BackboneSpec
 from featcache.extract.zoo.weights import load_backbone
 from featcache.finetune.model import original_head as head_of
-from featcache.finetune.run import FinetuneResult, save_state
+from featcache.finetune.run import FinetuneResult, preprocessor, save_state
+from featcache.store.schema import canonical_json
 from featcache.util.atomic import atomic_path
+from featcache.util.compute import torch_version
 
-__all__ = ["EXPORTERS", "export_backbone", "export_finetuned_onnx"]
+__all__ = ["EXPORTERS", "MODEL_KEY", "export_backbone", "export_finetuned_onnx", "model_description"]
 
 logger = logging.getLogger(__name__)
 
 #: torch.onnx exporters: the ``torch.export``-based one, or the deprecated TorchScript one.
 EXPORTERS: tuple[str, ...] = ("dynamo", "torchscript")
+
+#: ``metadata_props`` key of the exported model's description (canonical JSON, :func:`model_description`).
+MODEL_KEY = "featcache_model"
 
 
 def export_backbone(model: nn.Module, spec: BackboneSpec, path: str | Path,
@@ -105,6 +114,46 @@ class _Scores(nn.Module):
         return out[:, 0] * self.target_std + self.target_mean
 
 
+def model_description(result: FinetuneResult | None, task: str, input_size: int) -> dict[str, Any]:
+    """What an exported model is, as its ONNX ``metadata_props[MODEL_KEY]`` records it.
+
+    Parameters
+    ----------
+    result : FinetuneResult or None
+        The run (backbone, weights, class order, preprocessing); None for a bare model, whose
+        description then holds only what :func:`export_finetuned_onnx` was told.
+    task : {"classification", "regression"}
+    input_size : int
+        S of the (B, 3, S, S) input.
+
+    Returns
+    -------
+    dict
+        ``task``, ``input`` (name, shape, dtype), ``output`` (name, shape, meaning), and for a run
+        ``classes`` (the order of the K probabilities; classification), ``backbone``, ``weights_id``,
+        ``mode`` and ``preprocess`` (resize, crop, interpolation, mean, std: the registry's
+        preprocessing at S, as :class:`~featcache.extract.decode.preprocess.Preprocessor` applies it),
+        plus ``featcache_version`` and ``torch_version``.
+    """
+    if task == "classification":
+        output = {"name": "scores", "shape": ["batch", "K"], "meaning": "class probabilities, in `classes` order"}
+    else:
+        output = {"name": "scores", "shape": ["batch"], "meaning": "predictions in target units"}
+    description: dict[str, Any] = {
+        "task": task,
+        "input": {"name": "images", "shape": ["batch", 3, input_size, input_size], "dtype": "float32",
+                  "meaning": "RGB images, preprocessed as `preprocess` says: resize, crop, x / 255, "
+                             "(x - mean) / std"},
+        "output": output, "featcache_version": featcache.__version__, "torch_version": torch_version(),
+    }
+    if result is not None:
+        description.update(backbone=result.spec.name, weights_id=result.weights_id, mode=result.config.mode,
+                           preprocess=preprocessor(result.spec, result.config).config())
+        if task == "classification":
+            description["classes"] = list(result.classes)
+    return description
+
+
 def export_finetuned_onnx(result_or_model: FinetuneResult | nn.Module, path: str | Path,
                           input_size: int | None = None, task: str = "classification", target_mean: float = 0.0,
                           target_std: float = 1.0, opset: int = 18, exporter: str = "dynamo") -> Path:
@@ -113,6 +162,9 @@ def export_finetuned_onnx(result_or_model: FinetuneResult | nn.Module, path: str
     The graph takes ``images`` (B, 3, S, S) float32, normalised exactly as
     :class:`~featcache.extract.decode.preprocess.Preprocessor` does, and returns
     ``scores``: (B, K) probabilities, or (B,) predictions in target units.
+    The file describes itself in ``metadata_props[MODEL_KEY]`` (:func:`model_description`: the
+    class order, the preprocessing, the backbone and weights), readable with onnxruntime's
+    ``session.get_modelmeta().custom_metadata_map`` or ``onnx.load(path).metadata_props``.
 
     Parameters
     ----------
@@ -147,6 +199,7 @@ def export_finetuned_onnx(result_or_model: FinetuneResult | nn.Module, path: str
     ValueError
         For a bare model without ``input_size``, or an unknown ``exporter``.
     """
+    result: FinetuneResult | None = None
     if isinstance(result_or_model, FinetuneResult):
         result = result_or_model
         model, task, input_size = result.model, result.task, result.input_size
@@ -171,5 +224,19 @@ def export_finetuned_onnx(result_or_model: FinetuneResult | nn.Module, path: str
             torch.onnx.export(wrapper, (dummy,), str(tmp), dynamo=False, opset_version=opset,
                               input_names=["images"], output_names=["scores"],
                               dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}})
+        _describe(tmp, model_description(result, task, input_size))
     logger.info("Exported ONNX %s (%s, opset %d)", path, exporter, opset)
     return Path(path)
+
+
+def _describe(path: Path, description: dict[str, Any]) -> None:
+    """Write ``description`` into the ONNX file at ``path`` (``metadata_props[MODEL_KEY]`` and its doc string)."""
+    import onnx
+
+    model = onnx.load(str(path))
+    props = {prop.key: prop.value for prop in model.metadata_props}
+    props[MODEL_KEY] = canonical_json(description)
+    onnx.helper.set_model_props(model, props)
+    subject = description.get("backbone", "model")
+    model.doc_string = f"featcache {featcache.__version__}: fine-tuned {subject} ({description['task']})"
+    onnx.save(model, str(path))
