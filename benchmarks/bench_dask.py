@@ -3,7 +3,7 @@
 Prints a markdown table for one run of each:
 
 * **single process**: the extract stage (``featcache.pipeline.extract``) with
-  ``extract.scheduler: none``, wall time from the call to the renamed store;
+  ``extract_run.scheduler: none``, wall time from the call to the renamed store;
 * **local cluster, by phase**: ``LocalCluster`` + ``Client`` start (2 worker
   processes x 1 thread); importing the worker code in every worker (measured
   inside each worker); building the runner in every worker (the ONNX export
@@ -11,7 +11,7 @@ Prints a markdown table for one run of each:
   extraction with warm workers (``extract_distributed``: probe, tasks,
   adopting blocks, assembly), with the workers' summed task seconds; closing
   the cluster;
-* **local cluster, the stage**: the extract stage with ``extract.scheduler:
+* **local cluster, the stage**: the extract stage with ``extract_run.scheduler:
   local`` (cold workers: everything above in one call), and whether its md5
   equals the single-process store's.
 

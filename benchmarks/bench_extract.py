@@ -6,7 +6,7 @@ Run from the repo root (``make bench`` runs every benchmark)::
     python benchmarks/bench_extract.py --quick         # fewer images and repeats
     python benchmarks/bench_extract.py --case onnx --repeats 5
 
-Every case runs with the glibc malloc tuning on (``extract.malloc_tuning: true``, the
+Every case runs with the glibc malloc tuning on (``extract_run.malloc_tuning: true``, the
 pipeline's default) unless ``--no-malloc-tuning``; the ``malloc`` case compares both in
 fresh processes.
 

@@ -20,7 +20,7 @@ gpu-sync        the same with ``overlap=False``: decode, forward and commits in 
 gpu-graphs      gpu-decode with the forward replayed from a CUDA graph (``GraphedRunner``, captured for
                 batches of ``--batch-size``, the last batch padded)
 dask            ``extract_distributed`` with ``--dask-workers`` worker processes sharing the device
-                (``extract.scheduler: local``, ``n_workers: 2``): each decodes on the device, reading files
+                (``extract_run.scheduler: local``, ``n_workers: 2``): each decodes on the device, reading files
                 with ``--workers / --dask-workers`` threads; the cluster is started once, outside the timing
 cpu-decode      ``extract.decode: cpu``: PIL decode in DataLoader workers, HDF5 store
 peer            plain torchvision ``ImageFolder`` + ``DataLoader(--workers)`` + FX (timm: pooled
@@ -86,7 +86,7 @@ LABELS = {
     "gpu-threads": "featcache GPU decode, files read by threads (no process hop)",
     "gpu-sync": "featcache GPU decode, synchronous loop (`overlap=False`)",
     "gpu-graphs": "featcache GPU decode, forward replayed from a CUDA graph",
-    "dask": "featcache GPU decode on dask workers sharing the device (`extract.scheduler: local`)",
+    "dask": "featcache GPU decode on dask workers sharing the device (`extract_run.scheduler: local`)",
     "cpu-decode": "featcache CPU decode, end to end (PIL in workers)",
     "peer": "plain ImageFolder + DataLoader + FX, float32 to the device",
 }

@@ -79,7 +79,7 @@ def probe(dataset: str, work: Path, per_class: int) -> dict[str, dict]:
     params = yaml.safe_load(params_path.read_text(encoding="utf-8"))
     params["features"] = [{"backbone": "efficientnet_lite0", "layer": "pool"}]
     params["train"]["heads"] = ["logreg"]
-    params["extract"]["onnx_cache"] = str(work / "onnx-cache")
+    params["extract_run"]["onnx_cache"] = str(work / "onnx-cache")
     if dataset == "animals":
         write_animals(clone / "data" / "animals", per_class)
         _run(["dvc", "add", "-q", "data/animals"], clone)

@@ -199,7 +199,7 @@ def bench_extract(n_images: int, n_shards: int, repeats: int) -> None:
         url = server.stdout.readline().strip()
         try:
             base = {"data": {"name": "bench", "split": {"train": 0.6, "val": 0.2, "test": 0.2}},
-                    "extract": dict(shipped["extract"]),
+                    "extract": dict(shipped["extract"]), "extract_run": dict(shipped["extract_run"]),
                     "backbones": {"efficientnet_lite0": {"weights": "pretrained", "layers": ["pool"]}},
                     "features": [{"backbone": "efficientnet_lite0", "layer": "pool"}]}
             cases = {

@@ -49,7 +49,8 @@ def _params(data: Path) -> dict:
     return {
         "data": {"name": "tiny", "source": "folder", "path": str(data),
                  "split": {"train": 0.5, "val": 0.25, "test": 0.25}},
-        "extract": {"backend": "torch", "batch_size": 16, "num_workers": 0, "block_rows": 16},
+        "extract": {"backend": "torch"},
+        "extract_run": {"batch_size": 16, "num_workers": 0, "block_rows": 16},
         "backbones": {"efficientnet_lite0": {"weights": "pretrained", "layers": ["pool"]}},
         "features": [{"backbone": "efficientnet_lite0", "layer": "pool"}],
         "train": {"heads": ["logreg", "lightgbm", "mlp"], "n_boot": 20, "seed": 0},
@@ -143,7 +144,8 @@ def test_a_warm_onnx_extraction_builds_no_model(project, store, tmp_path):
     """With the export cached, ``extract`` imports no torch, timm, torchvision or onnx: it builds no model, loads
     no weights and decodes with the array loader (the first extraction, which exports, does; the probe sees it)."""
     params = yaml.safe_load((project / "params.yaml").read_text(encoding="utf-8"))
-    params["extract"].update(backend="onnx", onnx_cache=str(tmp_path / "onnx-cache"))
+    params["extract"]["backend"] = "onnx"
+    params["extract_run"]["onnx_cache"] = str(tmp_path / "onnx-cache")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
 
     def extract(out: str) -> set[str]:
@@ -156,7 +158,7 @@ def test_a_warm_onnx_extraction_builds_no_model(project, store, tmp_path):
 
 
 def test_the_cpu_device_is_resolved_without_torch():
-    """``extract.device: auto`` on a machine where CUDA is impossible, and ``cpu``, need no torch import."""
+    """``extract_run.device: auto`` on a machine where CUDA is impossible, and ``cpu``, need no torch import."""
     code = ("import sys; from featcache.util.compute import cuda_impossible, resolve_device; "
             "print(resolve_device('auto'), resolve_device('cpu'), cuda_impossible(), 'torch' in sys.modules)")
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(Path(__file__).parents[1] / "src"))

@@ -453,7 +453,7 @@ def test_device_decode_workers_write_the_single_device_process_file(client, jpeg
     with caplog.at_level("INFO", logger="featcache.extract.distributed"):
         report = _distributed(jpeg_manifest, tmp_path / "dask.h5", client, loader="device", read_threads=2)
     inline = _distributed(jpeg_manifest, tmp_path / "inline.h5", client, loader="device", read_threads=0)
-    _assert_same_bytes(inline.path, reference.path)  # extract.num_workers: 0 reads in the task's thread
+    _assert_same_bytes(inline.path, reference.path)  # extract_run.num_workers: 0 reads in the task's thread
     _assert_same_bytes(report.path, reference.path)
     assert report.n_skipped == 1 and report.errors == reference.errors and "corrupt" in report.errors[0][0]
     assert re.search(r"device decode \([12] dask workers\): 12 rows on the device, 2 on the CPU path "

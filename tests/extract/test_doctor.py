@@ -28,7 +28,7 @@ def test_doctor_on_a_gpu_machine_with_both_onnxruntime_packages(fake_cuda, monke
     text = "\n".join(doctor_report())
     assert "CUDA: yes, 2 device(s): NVIDIA H200, NVIDIA H200" in text
     assert "both onnxruntime and onnxruntime-gpu are installed" in text and "pip install onnxruntime-gpu" in text
-    assert ("extract.device: auto -> cuda; extract.backend: auto -> torch; extract.autocast: auto -> float16; "
+    assert ("extract_run.device: auto -> cuda; extract.backend: auto -> torch; extract.autocast: auto -> float16; "
             "extract.decode: auto -> gpu") in text
 
 

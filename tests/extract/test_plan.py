@@ -79,13 +79,13 @@ def test_the_gpu_plan_decodes_on_the_device_in_fp16(fake_cuda):
 def test_bad_settings_stop_before_any_work():
     with pytest.raises(ExtractionError, match="extract.decode 'nvjpeg'"):
         plan_extraction(device="cpu", decode="nvjpeg")
-    with pytest.raises(ExtractionError, match="extract.device is 'tpu'"):
+    with pytest.raises(ExtractionError, match="extract_run.device is 'tpu'"):
         plan_extraction(device="tpu")
 
 
 def test_cuda_asked_for_on_a_cpu_machine_is_an_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ExtractionError, match="^extract.device is 'cuda' but no CUDA device is visible"):
+    with pytest.raises(ExtractionError, match="^extract_run.device is 'cuda' but no CUDA device is visible"):
         plan_extraction(device="cuda")
     # predict's --device: the message names the flag the user set
     with pytest.raises(ExtractionError, match="^--device is 'cuda' but no CUDA device is visible"):
@@ -140,7 +140,7 @@ def test_int8_plan_runs_onnxruntime_on_the_cpu_only():
     assert not plan_extraction(device="cpu").int8 and plan_extraction(device="cpu").precision == "float32"
     with pytest.raises(ExtractionError, match=r"int8 needs extract.backend onnx \(or auto\), got 'torch'"):
         plan_extraction(device="cpu", backend="torch", precision="int8")
-    with pytest.raises(ExtractionError, match="does not run under extract.scheduler"):
+    with pytest.raises(ExtractionError, match="does not run under extract_run.scheduler"):
         plan_extraction(device="cpu", precision="int8", scheduler="local")
     with pytest.raises(ExtractionError, match=r"extract.precision 'int4' is not one of \('float32', 'int8'\)"):
         plan_extraction(device="cpu", precision="int4")
@@ -197,7 +197,7 @@ def test_explicit_openvino_without_native_bf16_runs_float32_and_says_so(native_b
 
 
 def test_openvino_is_refused_on_cuda_without_the_package_and_for_int8(native_bf16, fake_cuda, monkeypatch):
-    with pytest.raises(ExtractionError, match="openvino runs OpenVINO's CPU plugin.*'cuda'.*extract.device: cpu"):
+    with pytest.raises(ExtractionError, match="openvino runs OpenVINO's CPU plugin.*'cuda'.*extract_run.device: cpu"):
         plan_extraction(backend="openvino")
     assert plan_extraction(autocast="bf16").backend == "torch"  # auto on a GPU: torch, whatever the CPU has
     with pytest.raises(ExtractionError, match="int8 runs onnxruntime's quantized graph.*'openvino'.*autocast: none"):

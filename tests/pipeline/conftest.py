@@ -43,7 +43,8 @@ def fast_params(data_path: str, name: str = "tiny") -> dict[str, Any]:
                  "split": {"train": 0.5, "val": 0.25, "test": 0.25}},
         # torch: the runner these tests were written for (the shipped `auto` is onnxruntime on the CPU;
         # the fault, determinism and DVC tests also run shipped_backend())
-        "extract": {"batch_size": 16, "num_workers": 0, "block_rows": 16, "backend": "torch"},
+        "extract": {"backend": "torch"},
+        "extract_run": {"batch_size": 16, "num_workers": 0, "block_rows": 16},
         "backbones": {"efficientnet_lite0": {"weights": "pretrained", "layers": ["pool", "block6"]}},
         "features": [{"backbone": "efficientnet_lite0", "layer": "pool"},
                      {"backbone": "efficientnet_lite0", "layer": "block6"}],

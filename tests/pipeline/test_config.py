@@ -108,7 +108,8 @@ def test_the_schema_defaults_are_the_shipped_params():
 
     shipped = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text(encoding="utf-8"))
     defaults = ExtractParams().model_dump()
-    differ = {key: (defaults[key], value) for key, value in shipped["extract"].items() if defaults[key] != value}
+    knobs = {**shipped["extract"], **shipped["extract_run"]}
+    differ = {key: (defaults[key], value) for key, value in knobs.items() if defaults[key] != value}
     assert not differ, f"extract defaults (code, params.yaml) differ: {differ}"
 
 

@@ -58,7 +58,8 @@ from featcache.pipeline import compare, extract, parse_params, prepare, train
 
 make_image_folder(Path("images"), per_class=8)
 raw = fast_params("images", name="det")
-raw["extract"].update(block_rows=8, num_workers=0, backend=backend)
+raw["extract"]["backend"] = backend
+raw["extract_run"].update(block_rows=8, num_workers=0)
 raw["backbones"] = {"efficientnet_lite0": {"weights": "pretrained", "layers": ["pool"]}}
 raw["features"] = [{"backbone": "efficientnet_lite0", "layer": "pool"}]
 params = parse_params(raw)

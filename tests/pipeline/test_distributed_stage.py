@@ -76,7 +76,7 @@ def test_torch_threads_are_recorded_for_torch_on_the_cpu_only(tmp_path, backend,
 
 
 def test_dask_workers_decode_on_their_device_through_the_stage(tmp_path):
-    """``extract.decode: gpu`` under ``extract.scheduler`` (the ``auto`` pick for torch on CUDA): every worker
+    """``extract.decode: gpu`` under ``extract_run.scheduler`` (the ``auto`` pick for torch on CUDA): every worker
     decodes its JPEGs in batches on its device (here the CPU, the same code path), and the stage writes the
     very file one process writes with the same decode (torch at one thread in both, as a dask worker runs)."""
     from PIL import Image

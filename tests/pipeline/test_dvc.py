@@ -147,6 +147,25 @@ def test_a_mistyped_key_that_no_stage_reads_fails_repro(dvc_project: Path):
     assert _stages_run(_run(["dvc", "repro"], dvc_project)) <= {"check"}  # the restored file: nothing else reruns
 
 
+def test_a_speed_knob_edit_reruns_no_extraction_a_content_edit_does(dvc_project: Path):
+    """``extract_run`` (batch size, workers, ...) is tracked by no extract stage: only ``check`` runs."""
+    _run(["dvc", "repro"], dvc_project)
+    params = dvc_project / "params.yaml"
+    shipped = params.read_text()
+    raw = yaml.safe_load(shipped)
+    try:
+        raw["extract_run"].update(batch_size=8, block_rows=8)
+        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+        assert _changed_stages(dvc_project) == {"check"}
+        assert _stages_run(_run(["dvc", "repro"], dvc_project)) == {"check"}
+        raw["extract"]["dtype"] = "float32"  # what the features are: the extraction is out of date
+        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+        assert _changed_stages(dvc_project) == {"check", "extract@efficientnet_lite0"}
+    finally:
+        params.write_text(shipped)
+    assert _stages_run(_run(["dvc", "repro"], dvc_project)) <= {"check"}
+
+
 def _edit_source(project: Path, relative: str) -> Path:
     """Append a comment to one copied source file (a change that alters no behaviour); returns the file."""
     path = project / "src" / "featcache" / relative

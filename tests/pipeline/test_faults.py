@@ -103,7 +103,7 @@ def project(tmp_path_factory, folder_factory, params_factory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("faults")
     folder_factory(root / "images", per_class=PER_CLASS)
     raw = params_factory("images")
-    raw["extract"].update(batch_size=4, block_rows=4, num_workers=0)
+    raw["extract_run"].update(batch_size=4, block_rows=4, num_workers=0)
     raw["backbones"] = {BACKBONE: {"weights": "pretrained", "layers": ["pool"]}}
     raw["features"] = [{"backbone": BACKBONE, "layer": "pool"}]
     raw["train"]["heads"] = ["mlp"]
@@ -370,7 +370,7 @@ def test_data_classes_fix_the_label_order_through_extraction(tmp_path, folder_fa
     folder_factory(tmp_path / "images", per_class=4)
     raw = params_factory(str(tmp_path / "images"))
     raw["data"]["classes"] = ["red", "green", "blue"]
-    raw["extract"].update(block_rows=16, num_workers=0)
+    raw["extract_run"].update(block_rows=16, num_workers=0)
     raw["backbones"] = {BACKBONE: {"weights": "pretrained", "layers": ["pool"]}}
     raw["features"] = [{"backbone": BACKBONE, "layer": "pool"}]
     params = parse_params(raw)
@@ -419,8 +419,8 @@ def test_batch_size_that_does_not_fit_fails_before_any_work(lite0_runner):
     with pytest.raises(ExtractionError) as info:
         check_batch_memory(lite0_runner, 224, 4096, "cpu", num_workers=0, available=(8 * gib, 8 * gib))
     message = str(info.value)
-    assert "extract.batch_size=4096" in message and "8.00 GiB" in message and "Hint:" in message
-    fit = int(message.split("set extract.batch_size to ")[1].split()[0])
+    assert "extract_run.batch_size=4096" in message and "8.00 GiB" in message and "Hint:" in message
+    fit = int(message.split("set extract_run.batch_size to ")[1].split()[0])
     assert 64 <= fit < 4096
     estimate = check_batch_memory(lite0_runner, 224, fit, "cpu", num_workers=0, available=(8 * gib, 8 * gib))
     assert estimate is not None and estimate.fits
@@ -459,7 +459,8 @@ def test_pipeline_extract_checks_memory_and_pixel_limit(tmp_path, folder_factory
     Image.new("RGB", (60, 50)).save(tmp_path / "images" / "red" / "zz_big.png")  # 3,000 px
     raw = params_factory(str(tmp_path / "images"))
     raw["data"]["split"] = {"train": 0.5, "val": 0.0, "test": 0.5}
-    raw["extract"].update(num_workers=0, max_image_pixels=2000)
+    raw["extract"]["max_image_pixels"] = 2000
+    raw["extract_run"]["num_workers"] = 0
     raw["backbones"] = {BACKBONE: {"weights": "pretrained", "layers": ["pool"]}}
     raw["features"] = [{"backbone": BACKBONE, "layer": "pool"}]
     params = parse_params(raw)
@@ -472,6 +473,6 @@ def test_pipeline_extract_checks_memory_and_pixel_limit(tmp_path, folder_factory
         available = 50 * 2**20
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Tiny())
-    with pytest.raises(ExtractionError, match="extract.batch_size"):
+    with pytest.raises(ExtractionError, match="extract_run.batch_size"):
         extract(params, BACKBONE, tmp_path / "prepared" / "manifest.csv", tmp_path / "g.h5", progress=False)
     assert not any(p.name.startswith("g.h5") for p in tmp_path.iterdir())  # nothing started

@@ -23,7 +23,8 @@ INT8 = {"backend": "onnx", "precision": "int8", "int8_calibration": 16, "int8_ho
 
 def _params(tmp, params_factory, data, **extract_knobs):
     raw = params_factory(str(data))
-    raw["extract"].update(onnx_cache=str(tmp / "cache"), **extract_knobs)
+    raw["extract"].update(extract_knobs)
+    raw["extract_run"]["onnx_cache"] = str(tmp / "cache")
     path = tmp / f"params-{len(list(tmp.glob('params-*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return load_params(path)

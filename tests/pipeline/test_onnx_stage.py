@@ -80,7 +80,8 @@ def test_second_onnx_extraction_does_not_export(tmp_path, folder_factory, params
     raw = params_factory(str(folder_factory(tmp_path / "images", per_class=2)))
     raw["backbones"]["efficientnet_lite0"]["layers"] = ["pool"]
     raw["features"] = [{"backbone": "efficientnet_lite0", "layer": "pool"}]
-    raw["extract"].update(backend="onnx", onnx_cache=str(tmp_path / "cache"))
+    raw["extract"]["backend"] = "onnx"
+    raw["extract_run"]["onnx_cache"] = str(tmp_path / "cache")
     params = parse_params(raw)
     prepare(params, tmp_path / "prepared")
     manifest = tmp_path / "prepared" / "manifest.csv"
@@ -115,7 +116,7 @@ def test_export_and_parity_commands(tmp_path, capsys):
 
 
 def test_local_dask_cluster_gives_the_same_store(tmp_path, folder_factory, params_factory):
-    """``extract.scheduler: local`` shards blocks over a LocalCluster; the store is byte-identical.
+    """``extract_run.scheduler: local`` shards blocks over a LocalCluster; the store is byte-identical.
 
     Workers run one torch thread each; the single-process reference does too, since
     CPU kernels may round differently with another thread count.
@@ -127,7 +128,7 @@ def test_local_dask_cluster_gives_the_same_store(tmp_path, folder_factory, param
     raw = params_factory(str(folder_factory(tmp_path / "images", per_class=4)))
     raw["backbones"]["efficientnet_lite0"]["layers"] = ["pool"]
     raw["features"] = [{"backbone": "efficientnet_lite0", "layer": "pool"}]
-    raw["extract"].update(batch_size=4, block_rows=4)
+    raw["extract_run"].update(batch_size=4, block_rows=4)
     params = parse_params(raw)
     prepare(params, tmp_path / "prepared")
     manifest = tmp_path / "prepared" / "manifest.csv"
@@ -137,7 +138,7 @@ def test_local_dask_cluster_gives_the_same_store(tmp_path, folder_factory, param
         extract(params, "efficientnet_lite0", manifest, tmp_path / "single.h5", progress=False)
     finally:
         torch.set_num_threads(threads)
-    raw["extract"].update(scheduler="local", n_workers=2)
+    raw["extract_run"].update(scheduler="local", n_workers=2)
     report = extract(parse_params(raw), "efficientnet_lite0", manifest, tmp_path / "dask.h5", progress=False)
     assert report.n_written == 12
     digest = lambda path: hashlib.md5(path.read_bytes()).hexdigest()  # noqa: E731

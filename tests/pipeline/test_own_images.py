@@ -36,7 +36,8 @@ def pets(tmp_path_factory: pytest.TempPathFactory, folder_factory) -> dict:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"].update(name="pets", path="data/pets")                   # the documented edit
     # Small and fast: random weights, an early layer, one cheap head (not part of the recipe).
-    params["extract"].update(backend="torch", batch_size=16, num_workers=0, block_rows=16)
+    params["extract"]["backend"] = "torch"
+    params["extract_run"].update(batch_size=16, num_workers=0, block_rows=16)
     params["backbones"] = {"efficientnet_lite0": {"weights": "random", "layers": ["block2"]}}
     params["features"] = [{"backbone": "efficientnet_lite0", "layer": "block2"}]
     params["train"].update(heads=["logreg"], n_boot=10)

@@ -37,7 +37,7 @@ def _raw(params_factory, source: str, path, **data) -> dict:
     raw = params_factory("unused")
     raw["data"].update(source=source, path=path, **data)
     raw["data"]["io"] = {"timeout": 5.0, "tries": 3, "backoff": 0.01}
-    raw["extract"].update(batch_size=8, block_rows=8, num_workers=0)
+    raw["extract_run"].update(batch_size=8, block_rows=8, num_workers=0)
     raw["backbones"] = {BACKBONE: {"weights": "pretrained", "layers": ["pool", "block2"]}}
     raw["features"] = [{"backbone": BACKBONE, "layer": "pool"}]
     return raw
@@ -132,7 +132,7 @@ def _env() -> dict[str, str]:
 def test_a_killed_sharded_extraction_resumes_to_identical_bytes(project, sharded):
     root = project["root"]
     raw = _raw(project["params_factory"], "webdataset", "shards")
-    raw["extract"].update(batch_size=4, block_rows=4)
+    raw["extract_run"].update(batch_size=4, block_rows=4)
     (root / "kill.yaml").write_text(yaml.safe_dump(raw))
     args = [sys.executable, "-m", "featcache.pipeline.cli", "extract", "--params", "kill.yaml", "--backbone",
             BACKBONE, "--manifest", "sharded/manifest.csv", "--no-progress"]

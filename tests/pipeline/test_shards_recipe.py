@@ -33,7 +33,8 @@ def _readme_section() -> str:
 
 def _small(params: dict) -> None:
     """Fast settings, not part of the recipe: random weights, an early layer, one cheap head."""
-    params["extract"].update(backend="torch", batch_size=16, num_workers=0, block_rows=16)
+    params["extract"]["backend"] = "torch"
+    params["extract_run"].update(batch_size=16, num_workers=0, block_rows=16)
     params["backbones"] = {"efficientnet_lite0": {"weights": "random", "layers": ["block2"]}}
     params["features"] = [{"backbone": "efficientnet_lite0", "layer": "block2"}]
     params["train"].update(heads=["logreg"], n_boot=10)

@@ -120,7 +120,7 @@ def _check_onnx_sha256(expected: str | None, found: str, where: str) -> None:
         raise ExtractionError(
             f"Worker {where} runs the ONNX export {found[:12]}, but the store records {str(expected)[:12]}: "
             "the workers' export caches hold different exports (another torch/onnx version exported them?), "
-            "and the features would mix two graphs. Hint: point extract.onnx_cache at one folder every worker "
+            "and the features would mix two graphs. Hint: point extract_run.onnx_cache at one folder every worker "
             "sees, or give the workers the same torch/onnx versions; committed blocks are kept."
         )
 

@@ -95,7 +95,7 @@ def doctor_report() -> list[str]:
     lines.append(openvino_line())
     lines.append(gpu_decoder_line(cuda))
     plan = plan_extraction()
-    lines.append(f"extract.device: auto -> {plan.device}; extract.backend: auto -> {plan.backend}; "
+    lines.append(f"extract_run.device: auto -> {plan.device}; extract.backend: auto -> {plan.backend}; "
                  f"extract.autocast: auto -> {plan.precision}; extract.decode: auto -> {plan.decode}")
     lines.append(f"plan with every setting auto: {plan.describe()}")
     return lines

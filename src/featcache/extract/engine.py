@@ -243,19 +243,19 @@ def check_bad_rows(errors: Sequence[tuple[str, str]], n_input: int, max_bad_frac
     ------
     ExtractionError
         Naming the count, the limit and the first reasons. Committed blocks
-        are kept, so a rerun with a higher ``extract.max_bad_fraction``
+        are kept, so a rerun with a higher ``extract_run.max_bad_fraction``
         finalizes without extracting again.
     """
     n_bad = len(errors)
     if n_bad == 0 or (n_bad < n_input and n_bad <= max_bad_fraction * n_input):
         return
     first = "; ".join(f"{id_}: {reason}" for id_, reason in errors[:5])
-    what = "every row" if n_bad >= n_input else f"more than extract.max_bad_fraction={max_bad_fraction:g} of the rows"
+    what = "every row" if n_bad >= n_input else f"more than extract_run.max_bad_fraction={max_bad_fraction:g} of rows"
     raise ExtractionError(
         f"{n_bad} of {n_input} images ({n_bad / max(1, n_input):.0%}) could not be decoded for {Path(out).name}: "
         f"{what}. First reasons: {first}. The final file was not written (the committed blocks are kept). "
         "Hint: check data.path and the image files (a rerun reads rows a server failed, timeouts or HTTP 5xx, again); "
-        "if so many bad images are expected, raise extract.max_bad_fraction and rerun (nothing else is extracted)."
+        "if so many bad images are expected, raise extract_run.max_bad_fraction and rerun (nothing else is extracted)."
     )
 
 

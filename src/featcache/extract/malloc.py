@@ -7,7 +7,7 @@ kernel then zeroes fresh pages each time, which shows up as a large share of
 heap (``M_MMAP_MAX=0``) and to keep freed memory (``M_TRIM_THRESHOLD``) lets
 the same buffers be reused across batches. It is process-wide, applied once
 at the start of an extraction, inherited by forked DataLoader workers, and
-switched off with ``FEATCACHE_MALLOC_TUNING=0`` (or ``extract.malloc_tuning``).
+switched off with ``FEATCACHE_MALLOC_TUNING=0`` (or ``extract_run.malloc_tuning``).
 The measured effect is in ``benchmarks/README.md``.
 """
 

@@ -1,6 +1,6 @@
 """The extraction plan: every machine-dependent choice of a run, resolved once, in one place.
 
-``extract.device``, ``backend``, ``autocast``, ``decode`` and ``num_workers``
+``extract_run.device``, ``extract.backend``, ``autocast``, ``decode`` and ``extract_run.num_workers``
 (``auto`` included) become one frozen :class:`ExtractionPlan`; the extract
 stage, the store's config and attributes, the engine's choice of loader, the
 dask path, ``featcache doctor`` and the benchmarks all read that object, and
@@ -105,8 +105,9 @@ def resolve_backend(backend: str, device: str, autocast: str | None = "auto") ->
                          "and onnxruntime on the CPU (OpenVINO for extract.autocast: bf16).")
     if backend == "openvino":
         if _is_cuda(device):
-            raise ValueError(f"extract.backend: openvino runs OpenVINO's CPU plugin, but extract.device resolved to "
-                             f"{device!r}. Hint: set extract.device: cpu, or extract.backend: auto (torch on a GPU).")
+            raise ValueError(f"extract.backend: openvino runs OpenVINO's CPU plugin, but extract_run.device resolved "
+                             f"to {device!r}. Hint: set extract_run.device: cpu, or extract.backend: auto (torch on a "
+                             "GPU).")
         if importlib.util.find_spec("openvino") is None:
             raise ValueError("extract.backend: openvino needs the openvino package, which is not installed. "
                              "Hint: pip install openvino, or set extract.backend: auto.")
@@ -158,7 +159,7 @@ def resolve_autocast(autocast: str | None, device: str, backend: str) -> str | N
 def resolve_decode(decode: str, device: str, backend: str = "torch") -> str:
     """The decode path: ``auto`` -> ``gpu`` for torch on CUDA, else ``cpu``.
 
-    The same rule holds in one process and under ``extract.scheduler`` (each
+    The same rule holds in one process and under ``extract_run.scheduler`` (each
     dask worker then decodes on its own device:
     :func:`~featcache.extract.distributed.extract_distributed`'s ``loader``).
 
@@ -188,7 +189,7 @@ def resolve_precision(precision: str, device: str, backend: str, scheduler: str 
     device, backend : str
         The resolved device and backend.
     scheduler : str
-        ``extract.scheduler``.
+        ``extract_run.scheduler``.
 
     Raises
     ------
@@ -201,7 +202,7 @@ def resolve_precision(precision: str, device: str, backend: str, scheduler: str 
         return False
     if _is_cuda(device):
         raise ValueError(f"extract.precision: int8 runs onnxruntime's quantized graph on the CPU, but "
-                         f"extract.device resolved to {device!r}. Hint: set extract.device: cpu, or "
+                         f"extract_run.device resolved to {device!r}. Hint: set extract_run.device: cpu, or "
                          "extract.precision: float32 on a GPU (fp16 autocast is its fast path).")
     if backend == "openvino":
         raise ValueError("extract.precision: int8 runs onnxruntime's quantized graph, but extract.backend resolved to "
@@ -213,8 +214,8 @@ def resolve_precision(precision: str, device: str, backend: str, scheduler: str 
                             " (onnxruntime is not installed)")
                          + ". Hint: set extract.backend: auto or onnx, or extract.precision: float32.")
     if scheduler != "none":
-        raise ValueError("extract.precision: int8 does not run under extract.scheduler yet (the graph is "
-                         "calibrated in the driver). Hint: set extract.scheduler: none, or precision: float32.")
+        raise ValueError("extract.precision: int8 does not run under extract_run.scheduler yet (the graph is "
+                         "calibrated in the driver). Hint: set extract_run.scheduler: none, or precision: float32.")
     return True
 
 
@@ -316,7 +317,7 @@ class ExtractionPlan:
 def plan_extraction(*, device: str = "auto", backend: str = "auto", autocast: str | None = "auto",
                     decode: str = "auto", num_workers: int | str | None = "auto",
                     scheduler: str = "none", precision: str = "float32",
-                    device_setting: str = "extract.device") -> ExtractionPlan:
+                    device_setting: str = "extract_run.device") -> ExtractionPlan:
     """Resolve the extraction settings (``auto`` included) on this machine into one plan.
 
     Parameters
@@ -328,7 +329,7 @@ def plan_extraction(*, device: str = "auto", backend: str = "auto", autocast: st
     num_workers : int, "auto" or None
         Decode worker processes (``auto``/None: one per spare core).
     scheduler : str
-        ``extract.scheduler``: ``none``, ``local`` or a dask scheduler address.
+        ``extract_run.scheduler``: ``none``, ``local`` or a dask scheduler address.
     precision : {"float32", "int8"}
         ``extract.precision`` (int8: onnxruntime on the CPU only, see :func:`resolve_precision`).
     device_setting : str
@@ -393,7 +394,7 @@ def build_runner(backbone: Any, layers: Sequence[str], plan: ExtractionPlan, *, 
     intra_op_threads : int, optional
         ONNX and OpenVINO: threads of one operator.
     onnx_cache : str, optional
-        ONNX and OpenVINO: the export cache (``extract.onnx_cache``: ``auto``, ``none`` or a folder).
+        ONNX and OpenVINO: the export cache (``extract_run.onnx_cache``: ``auto``, ``none`` or a folder).
     calibration : CalibrationImages, optional
         int8 only (required there): the calibration and held-out images
         (:func:`~featcache.extract.onnx.calibration.calibration_images`).

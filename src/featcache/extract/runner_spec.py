@@ -62,7 +62,7 @@ class RunnerSpec:
         CUDA, onnxruntime on CPU, OpenVINO for a native CPU bf16). ONNX and
         OpenVINO workers open the cached export (or export the model once per process).
     onnx_cache : str, optional
-        ONNX only: the export cache (``extract.onnx_cache``: ``auto``, ``none``
+        ONNX only: the export cache (``extract_run.onnx_cache``: ``auto``, ``none``
         or a folder every worker sees); None: the default (``auto``).
     model : str or None
         ``timm/<model>``: the backbone is that timm model (``backbones.<name>.model``).

@@ -78,11 +78,20 @@ def _cmd_digits(args: argparse.Namespace) -> None:
 
 
 def _cmd_check(args: argparse.Namespace) -> None:
-    from featcache.pipeline.config import load_params
+    from featcache.pipeline.config import parse_params
+    from featcache.pipeline.params.base import read_params_file
+    from featcache.pipeline.params.extract import RUN_SECTION, speed_keys_under_extract
 
-    params = load_params(args.params)
+    raw = read_params_file(args.params)
+    params = parse_params(raw)
     print(f"{args.params}: OK ({len(params.backbones)} backbone(s), {len(params.features)} feature set(s), "
           f"heads {params.train.heads})")
+    tracked = speed_keys_under_extract(raw)
+    if tracked:
+        logger.warning("%s sets %s under extract: they change how fast features are made, never their values, but "
+                       "the extract stages track extract, so editing them reruns the extraction under dvc repro. "
+                       "Hint: move them under %s (same meaning), where an edit reruns nothing.", args.params,
+                       ", ".join(tracked), RUN_SECTION)
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:

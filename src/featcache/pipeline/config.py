@@ -18,7 +18,7 @@ from pydantic import Field, field_validator, model_validator
 from featcache.pipeline.params.backbones import check_backbones, check_poolings
 from featcache.pipeline.params.base import Strict, read_params_file, validate_sections
 from featcache.pipeline.params.data import DataParams
-from featcache.pipeline.params.extract import BackboneParams, ExtractParams, default_backbones
+from featcache.pipeline.params.extract import BackboneParams, ExtractParams, default_backbones, merge_run_section
 from featcache.pipeline.params.finetune import FinetuneParams
 from featcache.pipeline.params.train import FeatureRef, TrainParams, check_heads_sections
 
@@ -26,7 +26,7 @@ __all__ = ["Params", "load_params", "parse_params"]
 
 
 class Params(Strict):
-    """The whole ``params.yaml``."""
+    """The whole ``params.yaml`` (``extract_run`` folded into :attr:`extract`: :func:`merge_run_section`)."""
 
     data: DataParams = DataParams()
     extract: ExtractParams = ExtractParams()
@@ -35,6 +35,11 @@ class Params(Strict):
     train: TrainParams = TrainParams()
     heads: dict[str, dict[str, Any]] = Field(default_factory=dict)
     finetune: FinetuneParams = FinetuneParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _run_section(cls, raw: Any) -> Any:
+        return merge_run_section(raw)
 
     @field_validator("backbones")
     @classmethod

@@ -110,13 +110,13 @@ RESIZE_MODES: tuple[str, ...] = ("crop", "squash")
 #: A config records ``max_image_pixels`` only when it differs from this.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
-#: Default ``extract.max_bad_fraction``: a run with more bad images than good ones fails.
+#: Default ``extract_run.max_bad_fraction``: a run with more bad images than good ones fails.
 DEFAULT_MAX_BAD_FRACTION = 0.5
 
-#: Default ``extract.batch_size``: images per forward of the backbone.
+#: Default ``extract_run.batch_size``: images per forward of the backbone.
 DEFAULT_BATCH_SIZE = 64
 
-#: Default ``extract.block_rows``: rows per committed block (the unit of resume) and per HDF5 chunk.
+#: Default ``extract_run.block_rows``: rows per committed block (the unit of resume) and per HDF5 chunk.
 DEFAULT_BLOCK_ROWS = 512
 
 #: Allowed storage dtypes for ``/features/<alias>``.

@@ -57,7 +57,7 @@ def resolve_device(device: str, *, setting: str = "device", error: type[Exceptio
     device : {"auto", "cpu", "cuda"}
         The requested device.
     setting : str
-        The setting's name in messages (``extract.device``, ``device``).
+        The setting's name in messages (``extract_run.device``, ``device``).
     error : type of Exception
         Raised (with the allowed values and a hint) on an unknown or unavailable device.
 

@@ -177,7 +177,7 @@ def test_from_source_opens_the_cached_export_without_exporting(lite_photos, monk
 
 def test_bad_settings_are_refused_with_a_hint(resnet_runners):
     onnx, _ = resnet_runners
-    with pytest.raises(ValueError, match="'cuda'.*CPU plugin only.*extract.device: cpu"):
+    with pytest.raises(ValueError, match="'cuda'.*CPU plugin only.*extract_run.device: cpu"):
         OpenVinoFeatureRunner(onnx.path, device="cuda")
     with pytest.raises(ValueError, match="autocast 'int8' is not one of"):
         OpenVinoFeatureRunner(onnx.path, autocast="int8")

@@ -407,6 +407,6 @@ def _wait_for_batch(future: multiprocessing.pool.AsyncResult, rows: list[int], s
                 raise DecodeWorkerDiedError(
                     f"a decode worker process died while rows {rows[0]}..{rows[-1]} were being decoded "
                     "(killed by the operating system, most often for memory, or crashed in an image codec); "
-                    "the blocks committed so far are kept. Hint: lower extract.workers or extract.batch_size, or "
-                    "extract.max_image_pixels for very large images, then run again: extraction resumes from "
-                    "the committed blocks.") from None
+                    "the blocks committed so far are kept. Hint: lower extract_run.num_workers or "
+                    "extract_run.batch_size, or extract.max_image_pixels for very large images, then run again: "
+                    "extraction resumes from the committed blocks.") from None

@@ -28,7 +28,7 @@ under the lock, after the writer is done. Only an entry that still fails
 there, its file missing or its sha256 different from its sidecar (corrupt,
 truncated), is logged and rebuilt.
 
-Where the cache lives (:func:`resolve_cache_dir`): the ``extract.onnx_cache``
+Where the cache lives (:func:`resolve_cache_dir`): the ``extract_run.onnx_cache``
 param (a folder, ``auto`` or ``none``), else ``$FEATCACHE_CACHE_DIR/onnx``,
 else ``$XDG_CACHE_HOME/featcache/onnx`` (``~/.cache/featcache/onnx``).
 """
@@ -79,7 +79,7 @@ def default_cache_dir() -> Path:
 
 
 def resolve_cache_dir(setting: str | os.PathLike[str] | None) -> Path | None:
-    """The cache folder of an ``extract.onnx_cache`` setting.
+    """The cache folder of an ``extract_run.onnx_cache`` setting.
 
     Parameters
     ----------

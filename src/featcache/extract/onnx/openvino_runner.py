@@ -145,7 +145,7 @@ class OpenVinoFeatureRunner(OnnxFeatureRunner):
         """Compile the graph for OpenVINO's CPU plugin; return its featcache metadata, input and output names."""
         if kind != "cpu":
             raise ValueError(f"device {device!r}: the openvino backend runs OpenVINO's CPU plugin only. Hint: set "
-                             "extract.device: cpu, or extract.backend: auto (torch on a GPU).")
+                             "extract_run.device: cpu, or extract.backend: auto (torch on a GPU).")
         core = openvino_core()
         model = core.read_model(str(self.path))
         config = {"INFERENCE_NUM_THREADS": self.intra_op_threads, "PERFORMANCE_HINT": "LATENCY",

@@ -235,7 +235,7 @@ def int8_runner(float_runner: OnnxFeatureRunner, images: CalibrationImages, *, m
     min_cosine : float
         ``extract.int8_min_cosine``: lowest per-image cosine of every layer on the held-out images.
     cache_dir : path-like, "auto", "none" or None
-        The ONNX cache (``extract.onnx_cache``); without one the graph is quantized every run.
+        The ONNX cache (``extract_run.onnx_cache``); without one the graph is quantized every run.
     intra_op_threads : int, optional
         Threads of one operator (as the float32 runner's).
 

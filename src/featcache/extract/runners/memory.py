@@ -266,7 +266,7 @@ def check_batch_memory(runner: Any, input_size: int, batch_size: int, device: st
     Raises
     ------
     ExtractionError
-        Naming ``extract.batch_size``, the estimate, the available memory and
+        Naming ``extract_run.batch_size``, the estimate, the available memory and
         the largest batch size that fits.
 
     Returns
@@ -279,7 +279,7 @@ def check_batch_memory(runner: Any, input_size: int, batch_size: int, device: st
     if estimate is None:
         logger.debug("batch memory not checked: the runner has no torch graph to measure")
         return None
-    logger.info("extract.batch_size=%d: about %s on %s (%s per image), %s available", batch_size,
+    logger.info("extract_run.batch_size=%d: about %s on %s (%s per image), %s available", batch_size,
                 _gib(estimate.device_bytes), estimate.device, _gib(estimate.per_image_bytes),
                 _gib(estimate.device_available))
     if estimate.fits:
@@ -289,12 +289,12 @@ def check_batch_memory(runner: Any, input_size: int, batch_size: int, device: st
                     else (estimate.host_bytes, estimate.host_available))
     where = "GPU memory" if on_device and estimate.device.startswith("cuda") else "RAM"
     fit = estimate.max_batch_size()
-    hint = (f"set extract.batch_size to {fit} or less" if fit >= 1
+    hint = (f"set extract_run.batch_size to {fit} or less" if fit >= 1
             else "even one image does not fit: free memory, use a smaller backbone or input, or fewer layers")
     raise ExtractionError(
-        f"extract.batch_size={batch_size} needs about {_gib(needed)} of {where} "
+        f"extract_run.batch_size={batch_size} needs about {_gib(needed)} of {where} "
         f"({_gib(estimate.per_image_bytes + estimate.input_bytes)} per image for the activations and input, "
         f"estimated from the traced graph), but only {_gib(have)} is available "
         f"({int(USABLE_FRACTION * 100)}% of it is usable). Hint: {hint}"
-        + ("; fewer extract.num_workers also lowers the queued input batches." if not on_device else ".")
+        + ("; fewer extract_run.num_workers also lowers the queued input batches." if not on_device else ".")
     )

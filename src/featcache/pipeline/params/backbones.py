@@ -9,13 +9,14 @@ train stage reads the same sections as plain values, without this module.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
 from featcache.extract.zoo.registry import get_backbone, pooling_problem, resolve_layer
 from featcache.pipeline.params.base import StageParams, load_sections
 from featcache.pipeline.params.data import DataParams
-from featcache.pipeline.params.extract import BackboneParams, ExtractParams, default_backbones
+from featcache.pipeline.params.extract import BackboneParams, ExtractParams, default_backbones, merge_run_section
 
 __all__ = ["ExtractSections", "check_backbones", "check_poolings", "load_extract_sections"]
 
@@ -63,11 +64,17 @@ def check_poolings(backbones: dict[str, BackboneParams], pooling: str) -> None:
 
 
 class ExtractSections(StageParams):
-    """``data``, ``extract`` and ``backbones`` (checked against the registry): what the extracting commands read."""
+    """``data``, ``extract`` (with ``extract_run``) and ``backbones`` (checked against the registry): what the
+    extracting commands read."""
 
     data: DataParams = DataParams()
     extract: ExtractParams = ExtractParams()
     backbones: dict[str, BackboneParams] = Field(default_factory=default_backbones)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _run_section(cls, raw: Any) -> Any:
+        return merge_run_section(raw)
 
     @field_validator("backbones")
     @classmethod

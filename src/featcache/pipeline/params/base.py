@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from featcache.errors import UserError
 from featcache.util.names import did_you_mean
 
-__all__ = ["ConfigError", "Strict", "StageParams", "load_sections", "read_params_file", "validate_sections"]
+__all__ = ["ConfigError", "Strict", "StageParams", "format_validation_error", "load_sections", "read_params_file",
+           "validate_sections"]
 
 SectionsT = TypeVar("SectionsT", bound=BaseModel)
 

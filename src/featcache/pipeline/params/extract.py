@@ -1,4 +1,9 @@
-"""The ``extract`` and ``backbones`` sections as plain values, and the extraction config a store records.
+"""The ``extract``, ``extract_run`` and ``backbones`` sections as plain values, and the config a store records.
+
+``extract`` holds what changes the features; ``extract_run`` (:data:`RUN_SECTION`)
+holds how fast they are made (:data:`SPEED_ONLY`). The extract stages of
+``dvc.yaml`` track ``extract`` alone, so editing ``extract_run`` reruns nothing;
+:func:`merge_run_section` folds it into :class:`ExtractParams`, which holds both.
 
 Nothing here imports the extractor: the value sets come from
 :mod:`featcache.store.schema`, so the train stage checks a store's config
@@ -11,9 +16,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
-from featcache.pipeline.params.base import ConfigError, Strict
+from featcache.pipeline.params.base import ConfigError, StageParams, Strict, format_validation_error
 from featcache.store.schema import (
     AUTOCASTS,
     BACKENDS,
@@ -32,13 +37,18 @@ from featcache.store.schema import (
 from featcache.util.compute import DEVICES
 from featcache.util.names import did_you_mean
 
-__all__ = ["BackboneParams", "ExtractParams", "INT8_KNOBS", "SPEED_ONLY", "WEIGHTS_NAMES", "check_weights_name",
-           "configured_backbone", "default_backbones", "extraction_config", "stored_choices"]
+__all__ = ["BackboneParams", "ExtractParams", "INT8_KNOBS", "RUN_SECTION", "SPEED_ONLY", "WEIGHTS_NAMES",
+           "check_weights_name", "configured_backbone", "default_backbones", "extraction_config",
+           "merge_run_section", "speed_keys_under_extract", "stored_choices"]
 
-#: ``extract`` settings that change how fast features are made, never their values: left out of the
-#: config a store records (and of its hash), so changing them resumes or reuses a store.
+#: Extraction settings that change how fast features are made, never their values: left out of the
+#: config a store records (and of its hash), so changing them resumes or reuses a store. Their place in
+#: params.yaml is :data:`RUN_SECTION`, which the extract stages do not track (an edit reruns nothing).
 SPEED_ONLY = ("batch_size", "num_workers", "block_rows", "device", "malloc_tuning", "scheduler", "n_workers",
               "max_bad_fraction", "onnx_cache")
+
+#: The params.yaml section of the :data:`SPEED_ONLY` keys (``extract`` takes them too, tracked as before).
+RUN_SECTION = "extract_run"
 
 
 #: The knobs of ``precision: int8``; they enter a store's config only for int8 stores.
@@ -90,7 +100,7 @@ class ExtractParams(Strict):
     @classmethod
     def _scheduler(cls, value: str) -> str:
         if value not in ("none", "local") and "://" not in value:
-            raise ValueError(f"extract.scheduler must be 'none', 'local' or a scheduler address like "
+            raise ValueError(f"must be 'none', 'local' or a scheduler address like "
                              f"'tcp://10.0.0.5:8786', got {value!r}")
         return value
 
@@ -98,7 +108,7 @@ class ExtractParams(Strict):
     @classmethod
     def _positive_workers(cls, value: int | str) -> int | str:
         if value != "auto" and value < 1:
-            raise ValueError(f"extract.n_workers must be 'auto' or >= 1, got {value!r}")
+            raise ValueError(f"must be 'auto' or >= 1, got {value!r}")
         return value
 
     def plan_settings(self) -> dict[str, Any]:
@@ -239,3 +249,54 @@ def stored_choices(extract: ExtractParams, stored: Mapping[str, Any]) -> dict[st
     if stored.get("decode") == "gpu":  # features of either decode path are valid for the same params
         choices["decode"] = "gpu"
     return choices
+
+
+class _RunSection(StageParams):
+    """The values of ``extract_run``, validated as ``ExtractParams`` fields (errors name ``extract_run.<key>``)."""
+
+    extract_run: ExtractParams
+
+
+def merge_run_section(raw: Any) -> Any:
+    """``raw`` (a parsed params file) with the keys of ``extract_run`` moved under ``extract``.
+
+    The pydantic models hold one :class:`ExtractParams`; this is how both
+    sections of the file reach it. ``raw`` is returned unchanged when it has no
+    ``extract_run`` (or is not a mapping: the model reports that).
+
+    Raises
+    ------
+    ValueError
+        For a key of ``extract_run`` that is not one of :data:`SPEED_ONLY` (a
+        key that changes the features belongs under ``extract``), a key set in
+        both sections, or an invalid value (named ``extract_run.<key>``).
+    """
+    if not isinstance(raw, Mapping) or RUN_SECTION not in raw:
+        return raw
+    run, extract = raw[RUN_SECTION] or {}, raw.get("extract") or {}
+    if not isinstance(run, Mapping) or not isinstance(extract, Mapping):
+        bad, value = (RUN_SECTION, run) if not isinstance(run, Mapping) else ("extract", extract)
+        raise ValueError(f"{bad} must be a mapping of keys to values, got {value!r}.")
+    for key in run:
+        if key not in SPEED_ONLY:
+            hint = (f" It changes the features, so it belongs under extract (extract.{key})."
+                    if key in ExtractParams.model_fields else did_you_mean(str(key), SPEED_ONLY))
+            raise ValueError(f"unknown key '{RUN_SECTION}.{key}'.{hint} Allowed keys here (they change how fast "
+                             f"features are made, never their values): {', '.join(SPEED_ONLY)}")
+        if key in extract:
+            raise ValueError(f"{key} is set twice: extract.{key} = {extract[key]!r} and {RUN_SECTION}.{key} = "
+                             f"{run[key]!r}. Hint: keep {RUN_SECTION}.{key} (an edit there reruns no extraction) "
+                             f"and delete extract.{key}.")
+    try:
+        _RunSection.model_validate({RUN_SECTION: dict(run)})
+    except ValidationError as error:
+        raise ValueError(format_validation_error(error, _RunSection).removeprefix("Invalid params:\n- ")) from None
+    merged = {key: value for key, value in raw.items() if key != RUN_SECTION}
+    merged["extract"] = {**extract, **run}
+    return merged
+
+
+def speed_keys_under_extract(raw: Any) -> list[str]:
+    """The :data:`SPEED_ONLY` keys a parsed params file sets under ``extract`` (tracked there: an edit reruns it)."""
+    extract = raw.get("extract") if isinstance(raw, Mapping) else None
+    return [key for key in SPEED_ONLY if isinstance(extract, Mapping) and key in extract]
