@@ -15,6 +15,7 @@ from featcache.heads import (
     classification_metrics,
     confusion_rows,
     metrics_with_ci,
+    prediction_rows,
     regression_metrics,
 )
 
@@ -196,6 +197,19 @@ def test_confusion_rows():
     ]
     with pytest.raises(ValueError, match=r"label 3 has no name; allowed: 0\.\.2"):
         confusion_rows([0, 3], [0, 1], ["cat", "dog", "owl"])
+
+
+def test_prediction_rows_follow_the_task():
+    """The one row builder of the train and finetune stages' predictions CSV: names, or plain floats."""
+    assert prediction_rows("classification", [0, 1], [1, 1], ["cat", "dog"]) == confusion_rows([0, 1], [1, 1],
+                                                                                                ["cat", "dog"])
+    rows = prediction_rows("regression", np.array([1.5, -2.0]), np.array([1.25, -1.0], dtype=np.float32))
+    assert rows == [{"actual": 1.5, "predicted": 1.25}, {"actual": -2.0, "predicted": -1.0}]
+    assert all(type(value) is float for row in rows for value in row.values())  # CSV-ready, no numpy scalars
+    with pytest.raises(ValueError, match=r"y_true has 2 rows but y_pred has 1"):
+        prediction_rows("regression", [1.0, 2.0], [1.0])
+    with pytest.raises(ValueError, match=r"unknown task 'ranking'; allowed: classification, regression"):
+        prediction_rows("ranking", [1.0], [1.0])
 
 
 def test_resampling_settings_are_keyword_only_and_checked():

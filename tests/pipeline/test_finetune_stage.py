@@ -7,9 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from featcache.extract.inputs.manifest import Manifest, ManifestError
 from featcache.extract.zoo.weights import load_backbone
 from featcache.pipeline.compare import compare
 from featcache.pipeline.config import parse_params
@@ -105,3 +108,68 @@ def test_mode_settings_merge_defaults_and_overrides():
         finetune_section(None, {"backbnoe": "resnet18"})
     with pytest.raises(ValueError, match="No 'finetune' section"):
         finetune_section(object())
+
+
+@pytest.fixture(scope="module")
+def regression_images(tmp_path_factory: pytest.TempPathFactory):
+    """12 images whose target is their brightness, in ``images/t.csv`` (path,target)."""
+    root = tmp_path_factory.mktemp("ftreg") / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    lines = ["path,target"]
+    for k in range(12):
+        brightness = rng.uniform(0.1, 0.9)
+        Image.fromarray(np.full((24, 24, 3), int(brightness * 255), dtype=np.uint8)).save(root / f"i{k:02d}.png")
+        lines.append(f"i{k:02d}.png,{brightness:.4f}")
+    (root / "t.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_regression_writes_the_predictions_the_scatter_plot_reads(regression_images, tmp_path, params_factory):
+    raw = params_factory(str(regression_images))
+    raw["data"].update(source="csv", csv="t.csv", task="regression")
+    raw["heads"] = {}
+    params = parse_params(raw)
+    prepare(params, tmp_path / "prepared")
+    plot = tmp_path / "plots" / "frozen.csv"
+    metrics = finetune_stage(params, "frozen", tmp_path / "prepared" / "manifest.csv", tmp_path / "out",
+                             tmp_path / "metrics" / "frozen.json", plot, finetune=_section(), progress=False)
+    with open(plot, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == metrics["n_test"] > 0 and list(rows[0]) == ["actual", "predicted"]  # as the heads' CSV
+    targets = {round(float(line.split(",")[1]), 4) for line in (regression_images / "t.csv").read_text().split()[1:]}
+    assert {round(float(row["actual"]), 4) for row in rows} <= targets  # numbers in target units
+    assert all(np.isfinite(float(row["predicted"])) for row in rows)
+
+
+@pytest.mark.parametrize(("splits", "message"), [
+    ([0] * 8 + [1] * 4, r"The manifest \(images under .*\) has no test rows \(rows per split: "
+                        r"\{'train': 8, 'val': 4, 'test': 0\}\).*split 'test'"),
+    ([1] * 8 + [2] * 4, r"has no train rows .*split 'train'"),
+])
+def test_a_hand_made_manifest_without_train_or_test_rows_is_refused(regression_images, tmp_path, params_factory,
+                                                                    splits, message):
+    ids = [f"i{k:02d}.png" for k in range(12)]
+    manifest = tmp_path / "manifest.csv"
+    Manifest(ids, ids, np.array(splits, dtype=np.uint8), "regression", targets=np.arange(12.0),
+             root=regression_images).write(manifest)
+    raw = params_factory(str(regression_images))
+    raw["data"].update(task="regression")
+    raw["heads"] = {}
+    with pytest.raises(ManifestError, match=message):
+        finetune_stage(parse_params(raw), "frozen", manifest, tmp_path / "out", tmp_path / "m.json",
+                       finetune=_section(), progress=False)
+    assert not (tmp_path / "out").exists()  # refused before any training
+
+
+def test_a_hand_made_manifest_with_a_constant_train_target_is_refused(regression_images, tmp_path, params_factory):
+    ids = [f"i{k:02d}.png" for k in range(12)]
+    manifest = tmp_path / "manifest.csv"
+    Manifest(ids, ids, np.array([0] * 8 + [2] * 4, dtype=np.uint8), "regression",
+             targets=np.array([0.5] * 8 + [1.0, 2.0, 3.0, 4.0]), root=regression_images).write(manifest)
+    raw = params_factory(str(regression_images))
+    raw["data"].update(task="regression")
+    raw["heads"] = {}
+    with pytest.raises(ManifestError, match=r"all 8 train rows have the same regression target 0\.5"):
+        finetune_stage(parse_params(raw), "frozen", manifest, tmp_path / "out", tmp_path / "m.json",
+                       finetune=_section(), progress=False)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from featcache.extract.decode.preprocess import Preprocessor
-from featcache.extract.inputs.manifest import Manifest
+from featcache.extract.inputs.manifest import Manifest, ManifestError
 from featcache.extract.zoo.registry import BackboneSpec, get_backbone
 from featcache.extract.zoo.weights import load_backbone
 from featcache.finetune.config import FinetuneConfig
@@ -38,6 +38,7 @@ from featcache.finetune.model import (
 from featcache.finetune.optim import set_trainable
 from featcache.finetune.trainer import Trainer, predict
 from featcache.heads.metrics import metrics_with_ci
+from featcache.heads.trainable import check_trainable_rows
 from featcache.store.schema import SPLIT_CODES
 from featcache.util.atomic import atomic_path, write_json
 from featcache.util.compute import resolve_device, torch_threads
@@ -262,8 +263,11 @@ def _finetune(manifest: Manifest, spec: BackboneSpec, weights: str, config: Fine
     if task == "classification" and n_outputs < 2:
         raise ValueError(f"Fine-tuning a classifier needs >= 2 classes; the manifest has {classes}.")
     rows = {name: np.flatnonzero(manifest.splits == code) for name, code in SPLIT_CODES.items()}
-    if len(rows["train"]) == 0 or len(rows["test"]) == 0:
-        raise ValueError(f"Fine-tuning needs train and test rows; split counts: {manifest.split_counts()}.")
+    check_trainable_rows(
+        manifest.split_counts(), np.asarray(manifest.targets)[rows["train"]] if task == "regression" else None,
+        f"The manifest (images under {manifest.root})",
+        "give rows the split '{split}' (its split column), or rebuild it with `featcache prepare`.",
+        "fix its target column, or rebuild it with `featcache prepare`.", ManifestError)
 
     model, head_names, head, report, weights_id = _source_model(spec, weights, config, n_outputs)
     model.to(device)

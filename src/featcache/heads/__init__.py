@@ -22,7 +22,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["RunResult", "fit_and_evaluate"], "evaluate"),
     **dict.fromkeys(["LogisticRegressionHead", "RidgeHead"], "linear"),
     **dict.fromkeys(["bootstrap_ci", "classification_metrics", "confusion_rows", "log_loss_score", "metrics_with_ci",
-                     "regression_metrics"], "metrics"),
+                     "prediction_rows", "regression_metrics"], "metrics"),
     **dict.fromkeys(["MLPHead", "MLPRegressorHead"], "mlp"),
     **dict.fromkeys(["StreamingLogisticHead", "StreamingMLPHead", "StreamingMLPRegressorHead", "StreamingRidgeHead",
                      "fit_lightgbm_dask"], "out_of_core"),

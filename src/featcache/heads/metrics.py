@@ -30,12 +30,14 @@ from featcache.util.checks import check_int
 
 __all__ = [
     "CLASSIFICATION_METRICS",
+    "PREDICTION_COLUMNS",
     "REGRESSION_METRICS",
     "bootstrap_ci",
     "classification_metrics",
     "confusion_rows",
     "log_loss_score",
     "metrics_with_ci",
+    "prediction_rows",
     "regression_metrics",
 ]
 
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 EPS = 1e-15
 CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "top5_accuracy")
 REGRESSION_METRICS = ("rmse", "mae", "r2")
+#: The columns of a test-predictions CSV (:func:`prediction_rows`): what DVC's plots read as x and y.
+PREDICTION_COLUMNS = ("actual", "predicted")
 _MAX_INDEX_CELLS = 2_000_000  # bootstrap indices materialised per chunk
 
 
@@ -378,3 +382,34 @@ def confusion_rows(y_true: Any, y_pred: Any, classes: Sequence[str]) -> list[dic
                 f"allowed: 0..{len(names) - 1} (classes={names[:10]}{'...' if len(names) > 10 else ''})."
             )
     return [{"actual": names[t], "predicted": names[p]} for t, p in zip(yt.tolist(), yp.tolist(), strict=True)]
+
+
+def prediction_rows(task: str, y_true: Any, y_pred: Any, classes: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """One :data:`PREDICTION_COLUMNS` dict per test row, for the test-predictions CSV and its DVC plot.
+
+    The train and finetune stages both write it; the plot's template follows
+    ``data.task``: a confusion matrix of class names (classification) or a
+    predicted-vs-true scatter of numbers (regression).
+
+    Parameters
+    ----------
+    task : {"classification", "regression"}
+    y_true, y_pred : array-like of shape (n,)
+        Class indices into ``classes`` (classification) or values (regression).
+    classes : sequence of str
+        The K class names (classification only).
+
+    Returns
+    -------
+    list of dict
+        ``{"actual": name, "predicted": name}`` (classification, see :func:`confusion_rows`) or
+        ``{"actual": float, "predicted": float}`` (regression).
+    """
+    if task == "classification":
+        return confusion_rows(y_true, y_pred, classes)
+    if task != "regression":
+        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}.")
+    yt, yp = np.asarray(y_true, dtype=np.float64).ravel(), np.asarray(y_pred, dtype=np.float64).ravel()
+    if yt.shape != yp.shape:
+        raise ValueError(f"y_true has {yt.size} rows but y_pred has {yp.size}; they must match.")
+    return [{"actual": t, "predicted": p} for t, p in zip(yt.tolist(), yp.tolist(), strict=True)]

@@ -161,7 +161,8 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
         keyed ``<backbone>.finetune.finetune-<mode>.<score>``, with names, CIs, sizes and timings in its
         ``.run.json`` sidecar.
     confusion_path : path, optional
-        ``actual,predicted`` CSV of the test split (classification).
+        ``actual,predicted`` CSV of the test split (:func:`featcache.heads.metrics.prediction_rows`: class names
+        for the confusion plot, or numbers for the regression scatter), as the train stage's ``--predictions``.
     finetune : mapping, optional
         The ``finetune`` section, when ``params`` has none.
     progress : bool
@@ -175,7 +176,7 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
     from featcache.extract.inputs.manifest import Manifest
     from featcache.finetune.export import export_backbone, export_finetuned_onnx
     from featcache.finetune.run import finetune as run_finetune
-    from featcache.heads.metrics import confusion_rows
+    from featcache.heads.metrics import PREDICTION_COLUMNS, prediction_rows
 
     section = finetune_section(params, finetune)
     config = mode_config(section, mode, n_boot=params.train.n_boot, progress=progress)
@@ -196,8 +197,9 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
                "pooling": "end-to-end", "weights": result.weights_id, **result.metrics}
     metrics["best_params"] = dict(metrics["best_params"])
     write_run(metrics_path, metrics)
-    if confusion_path is not None and manifest.task == "classification":
-        write_csv(confusion_path, confusion_rows(result.y_true, result.y_pred, result.classes), ["actual", "predicted"])
+    if confusion_path is not None:
+        write_csv(confusion_path, prediction_rows(manifest.task, result.y_true, result.y_pred, result.classes),
+                  PREDICTION_COLUMNS)
     summary = metrics.get("accuracy", metrics.get("rmse"))
     logger.info("finetune-%s: test %s = %.4f in %.1fs", mode,
                 "accuracy" if manifest.task == "classification" else "rmse", summary, result.fit_seconds)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from featcache.extract.inputs.manifest import Manifest, ManifestError
 from featcache.extract.inputs.sharded import ShardedManifest, from_shards
 from featcache.extract.inputs.sources import from_csv, from_folder
 from featcache.extract.inputs.storage import StorageOptions
+from featcache.heads.trainable import check_trainable_rows
 from featcache.pipeline.params.base import StageParams, load_sections
 from featcache.pipeline.params.data import DataParams
 from featcache.store.schema import SPLIT_CODES
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["PrepareSections", "load_prepare_sections", "prepare"]
 
@@ -48,7 +52,9 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest | ShardedManifest:
     Raises
     ------
     ManifestError
-        Naming the offending path, rows, labels or class.
+        Naming the offending path, rows, labels or class; a train or test split without rows
+        (a tiny dataset, or a CSV split column without ``test`` rows); a regression train split
+        whose targets are all equal.
     """
     data = params.data
     ratios = data.split.model_dump()
@@ -61,6 +67,7 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest | ShardedManifest:
                    "n_without_image": sharded.n_without_image,
                    "shards_ended_early": [s["path"] for s in sharded.shards if s["problem"]],
                    "left_out": [sample for s in sharded.shards for sample in s["left_out"]]}
+        _check_rows(data, sharded.split_counts, None, sharded.n_rows)  # (targets: streamed, not kept)
         if sharded.task == "classification":
             _check_two_classes(sharded.classes)
             summary["per_class"] = sharded.per_class
@@ -73,6 +80,8 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest | ShardedManifest:
         manifest = from_csv(Path(data.path) / data.csv, ratios, data.seed, data.task, classes=data.classes)
     if manifest.task == "classification":
         _check_two_classes(manifest.classes)
+    train = manifest.targets[manifest.splits == SPLIT_CODES["train"]] if manifest.task == "regression" else None
+    _check_rows(data, manifest.split_counts(), train, len(manifest))
     manifest.write(out_dir / "manifest.csv")
     summary = {"n_rows": len(manifest), "task": manifest.task, "splits": manifest.split_counts(),
                "classes": manifest.classes}
@@ -84,6 +93,19 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest | ShardedManifest:
     _write_summary(out_dir, summary)
     logger.info("Prepared %d rows from %s %s: %s", len(manifest), data.source, data.path, summary["splits"])
     return manifest
+
+
+def _check_rows(data: DataParams, counts: dict[str, int], train_targets: np.ndarray | None, n_rows: int) -> None:
+    """The heads need train and test rows, and varied regression targets: else refused naming the fix."""
+    ratios = ", ".join(f"{name}: {value:g}" for name, value in data.split.model_dump().items())
+    column = {"csv": "the CSV's split column",
+              "webdataset": f"the shards' {data.split_key!r} field" if data.split_key else None}.get(data.source)
+    hint = (f"add images or raise data.split.{{split}} (data.split {{{{{ratios}}}}} of {n_rows} rows left it "
+            "empty)" + (f"; where {column} assigns the splits, give some rows the split '{{split}}'" if column
+                         else "") + ".")
+    check_trainable_rows(counts, train_targets, f"The {data.source} data at {data.path}", hint,
+                         "check the target column (one value in every row: the wrong column?), or give train "
+                         "more rows (more images, a larger data.split.train).", ManifestError)
 
 
 def _check_two_classes(classes: list[str]) -> None:

@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import Field, model_validator
 
-from featcache.heads.metrics import confusion_rows
+from featcache.heads.metrics import PREDICTION_COLUMNS, prediction_rows
 from featcache.heads.registry import STREAMING_HEADS, head_label, task_params
+from featcache.heads.trainable import check_trainable_rows
 from featcache.pipeline.params.base import StageParams, load_sections
 from featcache.pipeline.params.data import DataParams
 from featcache.pipeline.params.extract import (
@@ -30,7 +31,8 @@ from featcache.util.atomic import write_csv
 if TYPE_CHECKING:
     from featcache.store.reader import FeatureStore as Store
 
-__all__ = ["TrainSections", "check_classes_trainable", "expected_store_config", "load_train_sections", "train"]
+__all__ = ["TrainSections", "check_classes_trainable", "check_store_rows", "expected_store_config",
+           "load_train_sections", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +99,27 @@ def check_classes_trainable(classes: list[str], y_train: np.ndarray, errors: lis
             "skipped image with its reason.")
 
 
+def check_store_rows(store_path: str | Path, task: str, y: dict[str, np.ndarray], n_skipped: int) -> None:
+    """The store's train and test splits hold rows, and a regression train target is not constant.
+
+    ``prepare`` checks its manifest; a hand-made ``manifest.csv`` (or images skipped at extraction) can still
+    give a store the heads cannot be fit or scored on.
+
+    Raises
+    ------
+    StoreError
+        Naming the empty split and the rows per split, or the constant target.
+    """
+    check_trainable_rows(
+        {split: len(rows) for split, rows in y.items()}, y["train"] if task == "regression" else None,
+        f"Feature store {store_path}",
+        "its manifest has no '{split}' rows (a hand-made manifest.csv? its split column decides) or extraction "
+        f"skipped them ({n_skipped} bad images); rebuild the manifest with `featcache prepare` (which refuses "
+        "this) or give rows the split '{split}', then extract again.",
+        "the manifest it was extracted from has one target value on every train row; fix its target column "
+        "(or rebuild it with `featcache prepare`), then extract again.", StoreError)
+
+
 def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: str,
           metrics_path: str | Path, model_dir: str | Path | None = None,
           predictions_path: str | Path | None = None) -> dict[str, Any]:
@@ -128,11 +151,12 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
     with FeatureStore(store_path) as store:
         config = expected_store_config(params, backbone, store)
         store.check_config(config)
+        y_of = store.labels if task == "classification" else store.targets
+        y = {split: y_of(split) for split in SPLITS}
+        check_store_rows(store_path, task, y, len(store.errors()))
         # Streaming heads read the store chunk by chunk (out of core); the others load the split.
         read = store.to_dask if head in STREAMING_HEADS else store.read
         X = {split: read(layer, split) for split in SPLITS}
-        y_of = store.labels if task == "classification" else store.targets
-        y = {split: y_of(split) for split in SPLITS}
         classes = list(store.classes)
         if task == "classification":
             check_classes_trainable(classes, y["train"], store.errors())
@@ -148,11 +172,8 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
            "pooling": layer_info["pooling"], **weights, **result.metrics}
     write_run(metrics_path, run)
     if predictions_path is not None:
-        if task == "classification":
-            rows = confusion_rows(y["test"], result.predictions, classes)
-        else:
-            rows = [{"actual": float(a), "predicted": float(b)} for a, b in zip(y["test"], result.predictions)]
-        write_csv(predictions_path, rows, ["actual", "predicted"])
+        write_csv(predictions_path, prediction_rows(task, y["test"], result.predictions, classes),
+                  PREDICTION_COLUMNS)
     if model_dir is not None:
         save_head(estimator, model_dir)
         write_run_info(model_dir, {"dataset": params.data.name, "backbone": backbone, "layer": layer, "head": head,
