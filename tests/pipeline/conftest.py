@@ -39,7 +39,7 @@ BACKENDS = sorted({"torch", shipped_backend()})
 def fast_params(data_path: str, name: str = "tiny") -> dict[str, Any]:
     """Params that run every stage in seconds on 2 cores."""
     return {
-        "data": {"name": name, "source": "folder", "path": data_path,
+        "data": {"name": name, "source": "folder", "path": data_path, "task": "classification",
                  "split": {"train": 0.5, "val": 0.25, "test": 0.25}},
         # torch: the runner these tests were written for (the shipped `auto` is onnxruntime on the CPU;
         # the fault, determinism and DVC tests also run shipped_backend())

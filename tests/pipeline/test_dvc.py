@@ -44,7 +44,7 @@ def new_project(root: Path) -> Path:
                     ignore=shutil.ignore_patterns("__pycache__"))
     _run(["git", "init", "-q"], root)
     _run(["dvc", "init", "-q"], root)
-    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")  # the ci_points template
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")  # the chart templates (ci_points, <data.task>)
     # The optional fine-tuning pipeline, a DVC subrepo (its own .dvc/), as committed.
     shutil.copytree(REPO / "finetune", root / "finetune", symlinks=True,
                     ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
