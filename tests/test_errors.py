@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import featcache.errors
-from featcache.errors import ExtractionError, ParamError, UserError
+from featcache.errors import ExtractionError, ParamError, SavedHeadError, SavedHeadNotFoundError, UserError
 from featcache.extract.inputs.manifest import ManifestError
 from featcache.extract.inputs.shards import ShardReadError
 from featcache.extract.onnx.export import OnnxExportError
@@ -23,7 +23,7 @@ from featcache.store.errors import StaleStoreError, StoreError, StoreLockedError
 
 USER_ERRORS = [ConfigError, ManifestError, UnknownNameError, WeightsNotFoundError, ExtractionError, StoreError,
                StaleStoreError, StoreLockedError, StoreNotFoundError, OnnxExportError, ParityError, UnknownHeadError,
-               ParamError, RunNotFoundError, ShardReadError]
+               ParamError, RunNotFoundError, ShardReadError, SavedHeadError, SavedHeadNotFoundError]
 
 
 @pytest.mark.parametrize("cls", USER_ERRORS, ids=lambda cls: cls.__name__)
@@ -37,7 +37,8 @@ def test_user_errors_keep_their_builtin_bases():
     assert issubclass(UnknownNameError, ValueError) and issubclass(ParityError, ValueError)
     assert issubclass(ParamError, ValueError) and issubclass(UnknownHeadError, ValueError)
     assert issubclass(WeightsNotFoundError, FileNotFoundError) and issubclass(StoreNotFoundError, FileNotFoundError)
-    assert issubclass(RunNotFoundError, FileNotFoundError)
+    assert issubclass(RunNotFoundError, FileNotFoundError) and issubclass(SavedHeadNotFoundError, FileNotFoundError)
+    assert issubclass(SavedHeadError, ValueError)  # load_head raised ValueError for another format or class
     assert issubclass(ExtractionError, RuntimeError) and issubclass(OnnxExportError, RuntimeError)
 
 

@@ -11,7 +11,7 @@ may import it and ``featcache check`` stays cheap.
 
 from __future__ import annotations
 
-__all__ = ["ExtractionError", "ParamError", "UserError"]
+__all__ = ["SAVED_HEAD_HINT", "ExtractionError", "ParamError", "SavedHeadError", "SavedHeadNotFoundError", "UserError"]
 
 
 class UserError(Exception):
@@ -19,7 +19,8 @@ class UserError(Exception):
 
     Subclasses: ``ConfigError``, ``ManifestError``, ``UnknownNameError``, ``UnknownHeadError``,
     ``ParamError``, ``WeightsNotFoundError``, ``ExtractionError``, ``StoreError`` (and its
-    subclasses), ``OnnxExportError``, ``ParityError``, ``ShardReadError``.
+    subclasses), ``OnnxExportError``, ``ParityError``, ``ShardReadError``, ``SavedHeadError`` (and its
+    subclasses ``SavedHeadNotFoundError``, ``RunNotFoundError``), ``PredictError``.
     """
 
 
@@ -31,3 +32,19 @@ class ParamError(UserError, ValueError):
 class ExtractionError(UserError, RuntimeError):
     """Extraction stopped: ``on_error: fail`` on a bad image, too many bad images, a runner that cannot run
     as configured (e.g. onnxruntime's CUDA provider missing), or a decode worker that died."""
+
+
+#: How to get a complete saved head back: the train stage writes the head and its ``featcache-run.json``.
+SAVED_HEAD_HINT = ("Hint: rerun `dvc repro train` (or `dvc repro -f train@<item>` for this head), or "
+                   "`featcache train ... --model-dir DIR`, to save the head again.")
+
+
+class SavedHeadError(UserError, ValueError):
+    """A saved head's folder (``featcache predict --model``, ``featcache.heads.load_head``) that cannot be used:
+    a file truncated or unreadable, or written by another featcache version (old format or key names). The
+    message names the folder, the file and the fix (:data:`SAVED_HEAD_HINT`)."""
+
+
+class SavedHeadNotFoundError(SavedHeadError, FileNotFoundError):
+    """A saved head's folder that does not exist, or lacks a file it must hold (the weights file, ``head.json``,
+    ``featcache-run.json``); also a FileNotFoundError."""

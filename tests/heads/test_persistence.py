@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,13 +82,114 @@ def test_saving_is_byte_reproducible_and_replaces_stale_files(clf_data, tmp_path
 def test_errors(tmp_path, clf_data):
     with pytest.raises(NotFittedError):
         save_head(make_head("logreg", "classification"), tmp_path / "x")
-    with pytest.raises(FileNotFoundError, match="head.json not found"):
+    with pytest.raises(FileNotFoundError, match="no such folder; a saved head is a folder holding head.json"):
         load_head(tmp_path / "missing")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "head.json").write_text(json.dumps({"format": "featcache-head/1", "class": "os.system", "params": {}}))
     with pytest.raises(ValueError, match=r"class 'os.system'; allowed: LightGBMHead"):
         load_head(bad)
+
+
+@pytest.fixture(scope="module")
+def saved_heads(clf_data, tmp_path_factory):
+    """One saved folder per head kind (linear, LightGBM, MLP), to be copied and damaged."""
+    root = tmp_path_factory.mktemp("saved")
+    d = clf_data
+    return {name: save_head(make_head(name, "classification", FAST[name]).fit(d["X_train"], d["y_train"]),
+                            root / name) for name in FAST}
+
+
+#: (head, file): every file a saved head of that kind needs.
+NEEDED = [("logreg", "head.json"), ("logreg", "arrays.npz"), ("lightgbm", "arrays.npz"), ("lightgbm", "model.txt"),
+          ("mlp", "head.json"), ("mlp", "module.pt")]
+
+
+def _copy(saved_heads, name, tmp_path):
+    import shutil
+
+    return Path(shutil.copytree(saved_heads[name], tmp_path / "models" / name))
+
+
+def _is_user_message(message: str, folder, piece: str) -> None:
+    assert str(folder) in message and piece in message and "Hint: rerun `dvc repro train`" in message, message
+
+
+def test_an_absent_folder_is_a_saved_head_not_found_error(tmp_path):
+    from featcache.errors import SavedHeadNotFoundError, UserError
+
+    with pytest.raises(SavedHeadNotFoundError) as err:
+        load_head(tmp_path / "models" / "logreg")
+    assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, UserError)
+    _is_user_message(str(err.value), tmp_path / "models" / "logreg", "no such folder")
+
+
+@pytest.mark.parametrize(("name", "piece"), NEEDED)
+def test_a_missing_file_is_named_not_a_raw_error(saved_heads, tmp_path, name, piece):
+    """Was: FileNotFoundError of numpy, LightGBMError 'Could not open', torch's own error: no folder, no hint."""
+    from featcache.errors import SavedHeadNotFoundError
+
+    folder = _copy(saved_heads, name, tmp_path)
+    (folder / piece).unlink()
+    with pytest.raises(SavedHeadNotFoundError) as err:
+        load_head(folder)
+    _is_user_message(str(err.value), folder, f"{piece} (")
+    assert "is missing" in str(err.value)
+
+
+@pytest.mark.parametrize(("name", "piece"), NEEDED)
+@pytest.mark.parametrize("keep", [0.5, 0.98])
+def test_a_truncated_file_is_a_saved_head_error(saved_heads, tmp_path, name, piece, keep):
+    """Was: JSONDecodeError, BadZipFile, LightGBMError, torch's 'PytorchStreamReader failed', or (a model.txt cut
+    between two trees) a head that loaded and answered with fewer trees."""
+    from featcache.errors import SavedHeadError, SavedHeadNotFoundError
+
+    folder = _copy(saved_heads, name, tmp_path)
+    data = (folder / piece).read_bytes()
+    (folder / piece).write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(SavedHeadError) as err:
+        load_head(folder)
+    assert not isinstance(err.value, SavedHeadNotFoundError)
+    _is_user_message(str(err.value), folder, piece)
+    assert "truncated" in str(err.value)
+
+
+def test_a_model_txt_cut_between_trees_is_refused(saved_heads, tmp_path):
+    """A model.txt with trees cut out: LightGBM aborts the whole process on it (``Fatal Python error: Aborted``,
+    no exception to catch); the sha256 that head.json records refuses it before LightGBM reads it."""
+    from featcache.errors import SavedHeadError
+
+    folder = _copy(saved_heads, "lightgbm", tmp_path)
+    text = (folder / "model.txt").read_text()
+    cut = text.index("Tree=3")
+    (folder / "model.txt").write_text(text[:cut] + text[text.index("end of trees"):])
+    with pytest.raises(SavedHeadError, match=r"model\.txt .*does not match the sha256 head\.json records"):
+        load_head(folder)
+
+
+def test_a_head_saved_before_the_sha256_were_recorded_still_loads(saved_heads, tmp_path, clf_data):
+    folder = _copy(saved_heads, "lightgbm", tmp_path)
+    meta = json.loads((folder / "head.json").read_text())
+    assert set(meta.pop("sha256")) == {"arrays.npz", "model.txt"}
+    (folder / "head.json").write_text(json.dumps(meta))
+    np.testing.assert_array_equal(load_head(folder).predict_proba(clf_data["X_test"]),
+                                  load_head(saved_heads["lightgbm"]).predict_proba(clf_data["X_test"]))
+
+
+@pytest.mark.parametrize("edit", ["no params", "a list", "unknown param"])
+def test_a_head_json_of_another_version_is_a_saved_head_error(saved_heads, tmp_path, edit):
+    from featcache.errors import SavedHeadError
+
+    folder = _copy(saved_heads, "logreg", tmp_path)
+    meta = json.loads((folder / "head.json").read_text())
+    if edit == "no params":
+        meta.pop("params")
+    elif edit == "unknown param":
+        meta["params"]["penalty_strength"] = 1.0
+    (folder / "head.json").write_text(json.dumps([meta] if edit == "a list" else meta))
+    with pytest.raises(SavedHeadError) as err:
+        load_head(folder)
+    _is_user_message(str(err.value), folder, "head.json")
 
 
 def test_every_registered_head_has_the_storage_of_its_kind():

@@ -2,8 +2,8 @@
 
 A saved head is a directory (the same fitted head always saves to the same bytes)::
 
-    head.json     format, class name, get_params(), fitted metadata (written last;
-                  ``fit_seconds_`` is not saved)
+    head.json     format, class name, get_params(), fitted metadata, the sha256 of every
+                  other file (written last; ``fit_seconds_`` is not saved)
     arrays.npz    scaler statistics, PCA components/mean/variances, classes, linear
                   coefficients (allow_pickle=False)
     model.txt     LightGBM native text model, truncated at the best iteration
@@ -13,16 +13,23 @@ Only classes registered in :data:`featcache.heads.registry.HEAD_PATHS` can be lo
 class name in ``head.json`` is looked up there, never imported by path. Saving or
 loading a head imports that head's module only (a logistic regression imports no
 LightGBM or MLP code).
+
+A folder that is absent or misses a file raises
+:class:`~featcache.errors.SavedHeadNotFoundError`; a file that is truncated,
+changed after saving (its sha256 differs from the one ``head.json`` records) or
+unreadable raises :class:`~featcache.errors.SavedHeadError`. Both name the
+folder, the file and the fix, never a raw ``KeyError`` or library error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from sklearn.base import BaseEstimator, is_classifier
@@ -30,6 +37,8 @@ from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted
 
+from featcache.errors import SAVED_HEAD_HINT, SavedHeadError, SavedHeadNotFoundError
+from featcache.util.hashing import file_sha256
 from featcache.util.serial import jsonable
 
 from .registry import HEAD_PATHS, head_class, head_storage
@@ -45,6 +54,11 @@ _META_ATTRS = (
     "history_", "best_iteration_", "y_mean_", "y_scale_", "n_iter_",
 )
 _FILES = ("head.json", "arrays.npz", "model.txt", "module.pt")
+#: What each file of a saved head holds (named when it is missing or unreadable).
+_ROLES = {"head.json": "the head's class and parameters", "arrays.npz": "the scaler, PCA and coefficient arrays",
+          "model.txt": "the LightGBM model", "module.pt": "the MLP weights"}
+#: The weights file of each storage kind, besides head.json and arrays.npz.
+_WEIGHTS = {"lightgbm": "model.txt", "torch": "module.pt"}
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _ARRAY_ATTRS = ("classes_", "train_classes_")
 _TUPLE_PARAMS = ("hidden_sizes",)
@@ -127,6 +141,7 @@ def save_head(head: BaseEstimator, directory: str | Path) -> Path:
         "class": name,
         "params": jsonable(head.get_params(deep=False)),
         "fitted": jsonable({a: getattr(head, a) for a in _META_ATTRS if hasattr(head, a)}),
+        "sha256": {f: file_sha256(directory / f) for f in _FILES[1:] if (directory / f).is_file()},
     }
     (directory / "head.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     log.info("saved %s to %s", name, directory)
@@ -174,6 +189,53 @@ def _linear_model(head: BaseEstimator) -> Any:
     return model
 
 
+def _incomplete(directory: Path, name: str, problem: str) -> str:
+    return (f"{directory} is not a usable saved head: {name} ({_ROLES.get(name, name)}) {problem}. "
+            f"{SAVED_HEAD_HINT}")
+
+
+@contextlib.contextmanager
+def _reading(directory: Path, name: str, sha256: dict[str, str]) -> Iterator[Path]:
+    """The path of the file ``name`` of a saved head, checked present and (when recorded) unchanged; an error
+    while it is read inside the block becomes a :class:`SavedHeadError` naming it."""
+    path = directory / name
+    if not path.is_file():
+        raise SavedHeadNotFoundError(_incomplete(directory, name, "is missing"))
+    expected = sha256.get(name)
+    if expected is not None and file_sha256(path) != expected:
+        raise SavedHeadError(_incomplete(directory, name, "does not match the sha256 head.json records for it "
+                                         "(truncated, or changed after the head was saved)"))
+    try:
+        yield path
+    except SavedHeadError:
+        raise
+    except Exception as error:  # a truncated or foreign file fails in zipfile, numpy, LightGBM or torch
+        raise SavedHeadError(_incomplete(directory, name, f"could not be read ({type(error).__name__}: {error}); "
+                                         "it is truncated or was written by another version")) from error
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    """``head.json`` of a saved head, checked: its format, its class (registered) and its keys."""
+    if not directory.is_dir():
+        raise SavedHeadNotFoundError(f"{directory}: no such folder; a saved head is a folder holding head.json "
+                                     f"and arrays.npz. {SAVED_HEAD_HINT}")
+    with _reading(directory, "head.json", {}) as meta_path:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON object expected, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise SavedHeadError(f"{meta_path}: format {meta.get('format')!r}; allowed: {FORMAT!r} (written by another "
+                             f"featcache version). {SAVED_HEAD_HINT}")
+    if not isinstance(meta.get("class"), str) or _registered(meta["class"])[0] is None:
+        raise SavedHeadError(f"{meta_path}: class {meta.get('class')!r}; allowed: "
+                             f"{', '.join(sorted(_class_names()))}. {SAVED_HEAD_HINT}")
+    missing = [key for key in ("params", "fitted") if not isinstance(meta.get(key), dict)]
+    if missing:
+        raise SavedHeadError(f"{meta_path}: no {' or '.join(map(repr, missing))} object (keys: {sorted(meta)}). "
+                             f"{SAVED_HEAD_HINT}")
+    return meta
+
+
 def load_head(directory: str | Path) -> BaseEstimator:
     """Load a head written by :func:`save_head`.
 
@@ -186,47 +248,50 @@ def load_head(directory: str | Path) -> BaseEstimator:
     estimator
         A fitted head whose predictions equal the saved one's. MLP modules are loaded
         onto the CPU.
+
+    Raises
+    ------
+    SavedHeadNotFoundError
+        (a FileNotFoundError) The folder, ``head.json``, ``arrays.npz`` or the weights file is missing.
+    SavedHeadError
+        (a ValueError) A file is truncated or unreadable, or of another format or class.
     """
     directory = Path(directory)
-    meta_path = directory / "head.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(
-            f"{meta_path} not found; a saved head directory holds head.json. "
-            "Hint: the directory is written by featcache.heads.save_head."
-        )
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}; allowed: {FORMAT!r}.")
-    cls, storage = _registered(meta.get("class"))
-    if cls is None:
-        raise ValueError(f"{meta_path}: class {meta.get('class')!r}; allowed: {', '.join(sorted(_class_names()))}.")
-    params: dict[str, Any] = dict(meta["params"])
-    for key in _TUPLE_PARAMS:
-        if isinstance(params.get(key), list):
-            params[key] = tuple(params[key])
-    head = cls(**params)
-    for attr, value in meta["fitted"].items():
-        setattr(head, attr, value)
-    with np.load(directory / "arrays.npz", allow_pickle=False) as npz:
-        arrays = {k: npz[k] for k in npz.files}
-    for attr in _ARRAY_ATTRS:
-        if attr in arrays:
-            setattr(head, attr, arrays[attr])
-    n_features = int(head.n_features_in_)
-    head.scaler_ = _restore_scaler(arrays, n_features) if "scaler_mean" in arrays else None
-    head.pca_ = _restore_pca(arrays, head)
-
-    if storage == "linear":
-        model = _linear_model(head)
-        model.coef_, model.intercept_ = arrays["coef"], arrays["intercept"]
-        if model.intercept_.ndim == 0:
-            model.intercept_ = float(model.intercept_)
-        model.n_features_in_ = int(model.coef_.shape[-1])  # PCA components when reduced
-        head.estimator_ = model
-    elif storage == "lightgbm":
+    meta = _read_meta(directory)
+    cls, storage = _registered(meta["class"])
+    sha256 = meta.get("sha256") or {}  # heads saved before the sha256 were recorded: not checked
+    for name in ("arrays.npz", *([_WEIGHTS[storage]] if storage in _WEIGHTS else [])):
+        with _reading(directory, name, sha256):
+            pass  # every file present and unchanged before any is read
+    with _reading(directory, "head.json", {}):
+        params: dict[str, Any] = dict(meta["params"])
+        for key in _TUPLE_PARAMS:
+            if isinstance(params.get(key), list):
+                params[key] = tuple(params[key])
+        head = cls(**params)
+        for attr, value in meta["fitted"].items():
+            setattr(head, attr, value)
+        n_features = int(head.n_features_in_)
+    with _reading(directory, "arrays.npz", {}) as path:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        for attr in _ARRAY_ATTRS:
+            if attr in arrays:
+                setattr(head, attr, arrays[attr])
+        head.scaler_ = _restore_scaler(arrays, n_features) if "scaler_mean" in arrays else None
+        head.pca_ = _restore_pca(arrays, head)
+        if storage == "linear":
+            model = _linear_model(head)
+            model.coef_, model.intercept_ = arrays["coef"], arrays["intercept"]
+            if model.intercept_.ndim == 0:
+                model.intercept_ = float(model.intercept_)
+            model.n_features_in_ = int(model.coef_.shape[-1])  # PCA components when reduced
+            head.estimator_ = model
+    if storage == "lightgbm":
         import lightgbm
 
-        head.booster_ = lightgbm.Booster(model_file=str(directory / "model.txt"))
+        with _reading(directory, "model.txt", {}) as path:
+            head.booster_ = lightgbm.Booster(model_file=str(path))
     elif storage == "torch":
         import torch
 
@@ -235,8 +300,8 @@ def load_head(directory: str | Path) -> BaseEstimator:
         n_out = int(head.classes_.size) if is_classifier(head) else 1
         n_in = n_features if head.pca_ is None else int(head.pca_.n_components_)
         module = build_mlp(n_in, head.hidden_sizes, n_out, head.dropout)
-        state = torch.load(directory / "module.pt", map_location="cpu", weights_only=True)
-        module.load_state_dict(state)
+        with _reading(directory, "module.pt", {}) as path:
+            module.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         head.module_ = module.eval()
     log.info("loaded %s from %s", cls.__name__, directory)
     return head
