@@ -311,3 +311,27 @@ def test_a_reader_during_publication_sees_no_corrupt_entry(reader, resnet, tmp_p
     assert found == (path, file_sha256(path))
     assert len(fake_exporter) == 1  # the reader did not export again
     assert "rebuilding" not in caplog.text and "corrupt" not in caplog.text and "unreadable" not in caplog.text
+
+
+@pytest.mark.parametrize("setting", ["folder", "auto"])
+def test_an_unwritable_cache_exports_to_a_temporary_file(resnet, tmp_path, monkeypatch, caplog, setting):
+    """The extraction path (``build_runner`` -> ``from_source``) with ``extract.onnx_cache`` (or the default
+    folder under ``$FEATCACHE_CACHE_DIR``) where a file is in the way: was NotADirectoryError from mkdir; now a
+    warning and an export to a temporary file."""
+    weights = tmp_path / "resnet18.pth"
+    torch.save(resnet.model.state_dict(), weights)
+    (tmp_path / "a_file").write_text("in the way")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "a_file"))
+    cache_dir = "auto" if setting == "auto" else tmp_path / "a_file" / "onnx"
+    with caplog.at_level(logging.WARNING, logger="featcache.extract.onnx.cache"):
+        runner = OnnxFeatureRunner.from_source(resolve_weights("resnet18", str(weights)), ["pool5"], input_size=SIZE,
+                                               intra_op_threads=1, cache_dir=cache_dir)
+    assert [r.getMessage() for r in caplog.records if "is not writable" in r.getMessage()]  # warned (once a folder)
+    assert tmp_path / "a_file" not in runner.path.parents and runner.path.is_file()
+    batch = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(runner(batch)["pool5"], _extractor(resnet)(batch)["pool5"], rtol=1e-4, atol=1e-5)
+    from featcache.extract.onnx.cache import writable_cache_dir
+
+    assert writable_cache_dir(cache_dir) is None
+    assert writable_cache_dir(tmp_path / "fine") == tmp_path / "fine" and (tmp_path / "fine").is_dir()
+    assert list((tmp_path / "fine").iterdir()) == []  # the write probe leaves nothing behind

@@ -30,7 +30,10 @@ truncated), is logged and rebuilt.
 
 Where the cache lives (:func:`resolve_cache_dir`): the ``extract_run.onnx_cache``
 param (a folder, ``auto`` or ``none``), else ``$FEATCACHE_CACHE_DIR/onnx``,
-else ``$XDG_CACHE_HOME/featcache/onnx`` (``~/.cache/featcache/onnx``).
+else ``$XDG_CACHE_HOME/featcache/onnx`` (``~/.cache/featcache/onnx``). A folder
+that cannot be created or written (read-only home, a file in the way) is no
+cache: :func:`writable_cache_dir` warns once and the runners export to a
+temporary file, as with ``none``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import tempfile
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -58,7 +62,7 @@ if TYPE_CHECKING:
     from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 
 __all__ = ["CACHE_ENV", "cache_key", "cached_build", "cached_export", "default_cache_dir", "entry_path", "lookup",
-           "read_sidecar", "resolve_cache_dir", "source_key", "state_sha256"]
+           "read_sidecar", "resolve_cache_dir", "source_key", "state_sha256", "writable_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +96,40 @@ def resolve_cache_dir(setting: str | os.PathLike[str] | None) -> Path | None:
     if str(setting) == "auto":
         return default_cache_dir()
     return Path(setting).expanduser()
+
+
+_UNWRITABLE_WARNED: set[Path] = set()
+
+
+def writable_cache_dir(setting: str | os.PathLike[str] | None) -> Path | None:
+    """:func:`resolve_cache_dir`, or None (no cache, with a warning) when that folder cannot be written.
+
+    The folder is created if needed and a probe file written and removed: a
+    cache that cannot hold an export must not stop an extraction or a
+    ``featcache predict`` that would run without it (the export then goes to a
+    temporary file, as with ``onnx_cache: none``).
+
+    Parameters
+    ----------
+    setting : str, path-like or None
+        As for :func:`resolve_cache_dir`.
+    """
+    folder = resolve_cache_dir(setting)
+    if folder is None:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".featcache-probe-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        if folder not in _UNWRITABLE_WARNED:
+            _UNWRITABLE_WARNED.add(folder)
+            logger.warning("The ONNX export cache %s is not writable (%s: %s); exporting to a temporary file "
+                           "instead (every run exports again). Hint: set extract.onnx_cache to a writable folder "
+                           "(or %s, or none to silence this).", folder, type(error).__name__, error, CACHE_ENV)
+        return None
+    return folder
 
 
 def state_sha256(module: torch.nn.Module) -> str:

@@ -51,7 +51,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from featcache.extract.onnx.bias_correction import channel_means, correct_bias
-from featcache.extract.onnx.cache import cached_build, read_sidecar, resolve_cache_dir
+from featcache.extract.onnx.cache import cached_build, read_sidecar, writable_cache_dir
 from featcache.extract.onnx.calibration import CalibrationImages
 from featcache.extract.onnx.format import INPUT_NAME
 from featcache.extract.onnx.parity import LayerParity, ParityError, compare_layers, format_parity
@@ -253,7 +253,7 @@ def int8_runner(float_runner: OnnxFeatureRunner, images: CalibrationImages, *, m
         When no attempt passes the gate (nothing is cached then).
     """
     key = int8_key(float_runner, images, min_cosine)
-    folder = resolve_cache_dir(cache_dir)
+    folder = writable_cache_dir(cache_dir)
     tmpdir = None
     if folder is None:
         tmpdir = tempfile.TemporaryDirectory(prefix="featcache-int8-")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from featcache.extract.onnx.cache import cached_export, lookup, resolve_cache_dir, source_key
+from featcache.extract.onnx.cache import cached_export, lookup, source_key, writable_cache_dir
 from featcache.extract.onnx.format import DEFAULT_OPSET, EXPORT_KEY, LAYERS_KEY
 from featcache.extract.zoo.registry import BackboneSpec
 from featcache.store.schema import LayerSpec
@@ -172,11 +172,11 @@ class OnnxFeatureRunner:
         OnnxFeatureRunner
             With :attr:`onnx_sha256` set.
         """
-        folder = resolve_cache_dir(cache_dir)
+        folder = writable_cache_dir(cache_dir)
         if folder is None or not source.weights_sha256:
             return cls.from_model(source.load().model, source.spec, layers, pooling=pooling, device=device,
                                   opset=opset, input_size=input_size, intra_op_threads=intra_op_threads,
-                                  exporter=exporter, cache_dir=cache_dir, **options)
+                                  exporter=exporter, cache_dir=None if folder is None else folder, **options)
         key = source_key(source.spec, source.weights_sha256, layers, pooling, input_size, opset, exporter)
         found = lookup(folder, key)
         if found is None:
@@ -238,7 +238,7 @@ class OnnxFeatureRunner:
 
         extractor = TorchFeatureExtractor(model, spec, layers, pooling=pooling, device="cpu", channels_last=False)
         tmpdir, sha = None, None
-        folder = resolve_cache_dir(cache_dir)
+        folder = writable_cache_dir(cache_dir)
         if folder is not None:
             cached, sha = cached_export(extractor, folder, opset=opset, input_size=input_size, exporter=exporter)
             if path is None:
