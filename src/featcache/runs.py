@@ -29,11 +29,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from featcache.errors import UserError
+from featcache.errors import SAVED_HEAD_HINT, SavedHeadError, SavedHeadNotFoundError
 from featcache.util.atomic import write_json
 
-__all__ = ["INFO_KEYS", "RUN_FILE", "SIDECAR_SUFFIX", "RunNotFoundError", "read_run", "read_run_info", "run_key",
-           "sidecar_path", "split_run", "write_run", "write_run_info"]
+__all__ = ["INFO_KEYS", "RUN_FILE", "RUN_INFO_KEYS", "SIDECAR_SUFFIX", "RunNotFoundError", "read_run", "read_run_info",
+           "run_key", "sidecar_path", "split_run", "write_run", "write_run_info"]
 
 #: File beside a saved head describing where its features come from.
 RUN_FILE = "featcache-run.json"
@@ -42,8 +42,14 @@ RUN_FILE = "featcache-run.json"
 SIDECAR_SUFFIX = ".run.json"
 
 
-class RunNotFoundError(UserError, FileNotFoundError):
-    """A folder given as a saved run (``featcache predict --model``) that holds no ``featcache-run.json``."""
+#: The keys ``featcache predict`` reads from ``featcache-run.json``, and those of its ``extraction_config``.
+RUN_INFO_KEYS = ("backbone", "layer", "task", "classes", "extraction_config")
+_CONFIG_KEYS = ("weights", "preprocess", "extract")
+
+
+class RunNotFoundError(SavedHeadNotFoundError):
+    """A folder given as a saved run (``featcache predict --model``) that does not exist or holds no
+    ``featcache-run.json`` (a :class:`~featcache.errors.SavedHeadNotFoundError`, so a FileNotFoundError)."""
 
 #: Numeric fields that describe a run rather than score it (they go to the sidecar, not to DVC metrics).
 INFO_KEYS = frozenset({"n_features", "n_train", "n_val", "n_test", "n_bad_images", "fit_seconds", "predict_seconds"})
@@ -133,15 +139,40 @@ def write_run_info(model_dir: str | Path, info: Mapping[str, Any]) -> Path:
 
 
 def read_run_info(model_dir: str | Path) -> dict[str, Any]:
-    """Read ``featcache-run.json`` of a saved run.
+    """Read ``featcache-run.json`` of a saved run, checked to hold what ``featcache predict`` reads.
 
     Raises
     ------
     RunNotFoundError
         (a FileNotFoundError) Naming the folder and what a run folder is.
+    SavedHeadError
+        For a truncated file, or one written by an older version (a key of :data:`RUN_INFO_KEYS` missing,
+        named with the keys it has).
     """
     path = Path(model_dir) / RUN_FILE
+    if not Path(model_dir).is_dir():
+        raise RunNotFoundError(f"{path} not found: {model_dir} is not a featcache run directory. Hint: there is "
+                               "no such folder; pass models/<dataset>/<backbone>/<layer>/<head>, written by "
+                               "`featcache train` (the train stage of `dvc repro`).")
     if not path.is_file():
-        raise RunNotFoundError(f"{path} not found: {model_dir} is not a featcache run directory. "
-                                "Hint: pass models/<dataset>/<backbone>/<layer>/<head> written by `featcache train`.")
-    return json.loads(path.read_text(encoding="utf-8"))
+        raise RunNotFoundError(f"{path} not found: {model_dir} is not a featcache run directory, or an incomplete "
+                               f"one. {SAVED_HEAD_HINT}")
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise SavedHeadError(f"{path} could not be read ({type(error).__name__}: {error}); it is truncated or "
+                             f"damaged. {SAVED_HEAD_HINT}") from None
+    if not isinstance(info, dict):
+        raise SavedHeadError(f"{path} holds a JSON {type(info).__name__}, not an object. {SAVED_HEAD_HINT}")
+    config = info.get("extraction_config")
+    missing = [key for key in RUN_INFO_KEYS if key not in info]
+    if isinstance(config, dict):
+        missing += [f"extraction_config.{key}" for key in _CONFIG_KEYS if key not in config]
+        if isinstance(config.get("extract"), dict) and "pooling" not in config["extract"]:
+            missing.append("extraction_config.extract.pooling")
+    elif config is not None:
+        missing.append("extraction_config (not an object)")
+    if missing:
+        raise SavedHeadError(f"{path} lacks {', '.join(map(repr, missing))} (it has {sorted(info)}): it was written "
+                             f"by an older featcache version, or edited. {SAVED_HEAD_HINT}")
+    return info

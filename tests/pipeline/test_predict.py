@@ -73,3 +73,64 @@ def test_a_folder_that_is_no_run_is_a_run_not_found_error(tmp_path):
     with pytest.raises(RunNotFoundError, match="is not a featcache run directory") as err:
         read_run_info(tmp_path)
     assert isinstance(err.value, FileNotFoundError) and isinstance(err.value, UserError)
+
+
+def _write_run_file(folder, **edits) -> None:
+    import json
+
+    info = {"dataset": "tiny", "backbone": "efficientnet_lite0", "layer": "pool", "head": "logreg",
+            "task": "classification", "classes": ["a", "b"], "extraction_config": _store_config(None)}
+    info.update(edits)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "featcache-run.json").write_text(json.dumps({k: v for k, v in info.items() if v is not None}))
+
+
+@pytest.mark.parametrize(("edits", "named"), [
+    ({"extraction_config": None, "config": {}}, "'extraction_config'"),  # an older key name
+    ({"classes": None, "class_names": ["a", "b"]}, "'classes'"),
+    ({"extraction_config": {"backbone": "efficientnet_lite0", "extract": {}}},
+     "'extraction_config.weights', 'extraction_config.preprocess', 'extraction_config.extract.pooling'"),
+])
+def test_a_run_file_of_an_older_version_is_refused_naming_the_key(tmp_path, edits, named):
+    """Was: a KeyError traceback (``info["extraction_config"]``) from deep in predict."""
+    from featcache.errors import SavedHeadError
+    from featcache.runs import read_run_info
+
+    _write_run_file(tmp_path / "run", **edits)
+    with pytest.raises(SavedHeadError) as err:
+        read_run_info(tmp_path / "run")
+    message = str(err.value)
+    assert f"lacks {named}" in message and str(tmp_path / "run" / "featcache-run.json") in message
+    assert "older featcache version" in message and "dvc repro train" in message
+
+
+def test_a_truncated_run_file_is_a_saved_head_error(tmp_path):
+    from featcache.errors import SavedHeadError
+    from featcache.runs import read_run_info
+
+    _write_run_file(tmp_path / "run")
+    path = tmp_path / "run" / "featcache-run.json"
+    path.write_text(path.read_text()[:50])
+    with pytest.raises(SavedHeadError, match=r"could not be read \(JSONDecodeError: .*truncated or damaged"):
+        read_run_info(tmp_path / "run")
+    _write_run_file(tmp_path / "ok")
+    assert read_run_info(tmp_path / "ok")["layer"] == "pool"
+
+
+def test_a_relative_weights_path_is_the_projects_not_the_cwds(tmp_path, monkeypatch):
+    """The extract stage read ``weights/mine.pth`` in the project root; predict runs from anywhere."""
+    from featcache.pipeline.predict import stored_weights
+
+    project = tmp_path / "project"
+    (project / "weights").mkdir(parents=True)
+    (project / "dvc.yaml").write_text("stages: {}\n")
+    (project / "weights" / "mine.pth").write_bytes(b"a state dict")
+    model_dir = project / "models" / "tiny" / "efficientnet_lite0" / "pool" / "logreg"
+    model_dir.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert stored_weights({"weights": "weights/mine.pth"}, model_dir) == str(project / "weights" / "mine.pth")
+    monkeypatch.chdir(project)
+    assert stored_weights({"weights": "weights/mine.pth"}, "models/tiny/efficientnet_lite0/pool/logreg") == str(
+        project / "weights" / "mine.pth")
+    for kept in ("pretrained", "random", str(project / "weights" / "mine.pth"), "weights/absent.pth"):
+        assert stored_weights({"weights": kept}, model_dir) == kept

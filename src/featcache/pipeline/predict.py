@@ -3,12 +3,25 @@
 A trained run directory (``models/<dataset>/<backbone>/<layer>/<head>``) holds
 the head (saved without pickle) and ``featcache-run.json``: the backbone,
 layer, classes and the extraction config the features came from, so new
-images go through exactly the same backbone, preprocessing and pooling.
+images go through exactly the same backbone, preprocessing and pooling, on the
+same runtime (the ``extract.backend`` and autocast the store recorded:
+onnxruntime on the CPU for a store made that way) and with the same storage
+rounding (a float16 store's features are rounded to float16 before the head):
+``predict --images`` gives the predictions ``predict --store`` gives for the
+same images.
+
+Both write one CSV layout: ``id``, (``split``, ``actual`` with ``--store``),
+``prediction``, ``p_<class>`` per class for a classifier, and ``error`` (empty
+unless that image could not be read: such an image gets a row, it neither stops
+the run nor vanishes).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import glob
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -26,7 +39,7 @@ from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS, SPLITS
 from featcache.util.checks import check_int
 
 __all__ = ["FEATURE_CONFIG_KEYS", "PredictError", "feature_config", "predict_store", "predict_images",
-           "stored_preprocessor", "write_predictions"]
+           "stored_preprocessor", "stored_weights", "write_predictions"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +75,14 @@ def _rows(ids: Sequence[str], scores: np.ndarray, task: str, classes: Sequence[s
             row.update({f"p_{name}": round(float(p), 6) for name, p in zip(classes, scores[index])})
         else:
             row = {"id": sample_id, "prediction": float(scores[index])}
-        rows.append(row)
+        rows.append({**row, "error": ""})
     return rows
+
+
+def _failed_row(sample_id: str, error: str, task: str, classes: Sequence[str]) -> dict[str, Any]:
+    """The row of an image that could not be read: the columns of a scored row, empty, and its ``error``."""
+    probabilities = {f"p_{name}": "" for name in classes} if task == "classification" else {}
+    return {"id": sample_id, "prediction": "", **probabilities, "error": error}
 
 
 def _score(head: Any, features: np.ndarray, task: str) -> np.ndarray:
@@ -74,7 +93,7 @@ def predict_store(model_dir: str | Path, store_path: str | Path, split: str | No
     """Score the rows of a feature store (optionally one split) with a saved head.
 
     Each row: ``id``, ``split``, ``actual`` (the store's class name or target, empty when it has none),
-    ``prediction`` and, for a classifier, ``p_<class>`` per class.
+    ``prediction``, for a classifier ``p_<class>`` per class, and ``error`` (empty: a store holds no bad image).
     """
     info = read_run_info(model_dir)
     head = load_head(model_dir)
@@ -112,19 +131,38 @@ def _known_answers(store: FeatureStore, split: str | None, task: str) -> list[di
     return [{"split": name, "actual": value} for name, value in zip(names.tolist(), actual)]
 
 
+def _visible(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (inside ``folder``) is no hidden file and in no hidden folder (``.DS_Store``,
+    macOS ``._x.jpg`` resource forks, ``.git/``), as the manifest's folder scan decides."""
+    return not any(part.startswith(".") for part in path.relative_to(folder).parts)
+
+
+def _expand(item: str | Path) -> list[Path]:
+    """An existing path as given, else the files a glob pattern (``'dir/*.jpg'``, ``**`` too) matches."""
+    path = Path(item)
+    if path.exists() or not glob.has_magic(str(item)):
+        return [path]
+    return [Path(match) for match in sorted(glob.glob(str(item), recursive=True))]
+
+
 def _image_paths(inputs: Sequence[str | Path]) -> list[Path]:
-    paths: list[Path] = []
-    missing = [str(item) for item in map(Path, inputs) if not item.exists()]
+    """The images to score: files as given; folders searched recursively for :data:`IMAGE_EXTENSIONS` (hidden
+    files and folders skipped); a quoted glob pattern expanded here (a shell that did not expand it)."""
+    expanded = {str(item): _expand(item) for item in inputs}
+    missing = [item for item, found in expanded.items() if not found or not found[0].exists()]
     if missing:
-        raise PredictError(f"No such file or folder: {missing}. Hint: give image files or folders of images.")
-    for item in map(Path, inputs):
+        raise PredictError(f"No such file or folder: {missing} (a glob pattern matched nothing). Hint: give image "
+                           "files, folders of images, or a pattern such as 'new_images/*.jpg'.")
+    paths: list[Path] = []
+    for item in (path for found in expanded.values() for path in found):
         if item.is_dir():
-            paths.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS))
-        else:
+            paths.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                                and p.is_file() and _visible(p, item)))
+        elif item.is_file():
             paths.append(item)
     if not paths:
-        raise PredictError(f"No images found in {list(map(str, inputs))} (extensions {IMAGE_EXTENSIONS}). "
-                           "Hint: give image files, or folders that contain them.")
+        raise PredictError(f"No images found in {list(map(str, inputs))} (extensions {IMAGE_EXTENSIONS}; hidden "
+                           "files skipped). Hint: give image files, or folders that contain them.")
     return paths
 
 
@@ -146,56 +184,154 @@ def stored_preprocessor(config: Mapping[str, Any]) -> Preprocessor:
     return Preprocessor.from_config(config["preprocess"], max_image_pixels=limit)
 
 
+#: Files that mark a project's root: relative paths in a run's ``extraction_config`` are relative to it (DVC and
+#: ``featcache train`` run there).
+PROJECT_MARKERS = ("dvc.yaml", "params.yaml")
+
+
+def stored_weights(config: Mapping[str, Any], model_dir: str | Path) -> str:
+    """The ``weights`` of a run's extraction config, a relative file path resolved against the project.
+
+    The extract stage ran in the project root (where ``dvc.yaml`` is), so a relative weights path there is
+    relative to it, not to wherever ``featcache predict`` runs: it is resolved against the nearest folder
+    above ``model_dir`` holding one of :data:`PROJECT_MARKERS` (the current folder when none does).
+
+    Parameters
+    ----------
+    config : mapping
+        ``extraction_config`` of ``featcache-run.json``.
+    model_dir : path
+        The run folder.
+
+    Returns
+    -------
+    str
+        ``pretrained``, ``random``, an absolute path, or the path as recorded when no project holds it.
+    """
+    weights = str(config["weights"])
+    if weights in ("pretrained", "random") or Path(weights).expanduser().is_absolute():
+        return weights
+    for folder in Path(model_dir).resolve().parents:
+        if any((folder / marker).is_file() for marker in PROJECT_MARKERS):
+            return str(folder / weights) if (folder / weights).exists() else weights
+    return weights
+
+
+def _plan(config: Mapping[str, Any], device: str) -> tuple[Any, int | None]:
+    """The extraction plan that runs new images as the store's extraction ran (its backend and autocast), and
+    torch's thread count to run it with (the recorded one, for torch on the CPU; else None)."""
+    from featcache.extract.plan import plan_extraction
+
+    knobs = config["extract"]
+    backend = knobs.get("backend", "torch")  # stores from before the backend was recorded ran torch
+    threads = knobs.get("torch_threads")  # recorded for torch on the CPU only
+    if backend == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+        logger.warning("the head's features were extracted by onnxruntime, which is not installed: scoring with "
+                       "torch (features within float32 rounding of onnxruntime's). Hint: pip install onnxruntime.")
+        backend = "torch"
+    if device == "auto" and (backend != "torch" or threads is not None):
+        device = "cpu"  # onnxruntime and OpenVINO made the features on the CPU (their GPU use is explicit)
+    autocast = knobs.get("autocast", "none")
+    plan = plan_extraction(device=device, backend=backend, autocast=autocast, decode="cpu", num_workers=0,
+                           device_setting="--device")
+    if plan.backend == "torch" and plan.autocast is not None and not plan.device.startswith("cuda"):
+        logger.warning("the head's features were extracted with %s autocast on a GPU; scoring float32 features on "
+                       "the CPU (within the autocast's rounding). Hint: --device cuda on a GPU machine.", autocast)
+        plan = plan_extraction(device=device, backend=backend, autocast="none", decode="cpu", num_workers=0,
+                               device_setting="--device")
+    if knobs.get("precision", "float32") != "float32":
+        logger.info("the head was trained on %s features; scoring float32 features (the int8 gate kept them within "
+                    "cosine %s of float32)", knobs["precision"], knobs.get("int8_min_cosine"))
+    if knobs.get("decode") == "gpu":
+        logger.info("the head's JPEGs were decoded on the GPU; decoding with PIL here")
+    return plan, (int(threads) if threads is not None and plan.backend == "torch" and plan.device == "cpu" else None)
+
+
 def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_size: int = 32,
                    device: str = "auto") -> list[dict[str, Any]]:
-    """Extract features of new images as at training time and score them.
+    """Extract features of new images as the head's features were extracted and score them.
 
-    Images that fail to decode get ``prediction`` empty and an ``error`` column.
+    The same backbone, weights, preprocessing and pooling, on the same runtime (the store's recorded
+    ``extract.backend`` and autocast; ``device="auto"`` runs onnxruntime and OpenVINO on the CPU, as ``auto``
+    extraction does), with the store's storage rounding (float16): the predictions equal
+    :func:`predict_store`'s for the same images.
+
+    Parameters
+    ----------
+    model_dir : path
+        A run folder written by ``featcache train --model-dir``.
+    inputs : sequence of path or str
+        Image files, folders (searched recursively; hidden files skipped) or glob patterns.
+    batch_size : int
+        Images per forward pass.
+    device : {"auto", "cpu", "cuda"} or "cuda:N"
+
+    Returns
+    -------
+    list of dict
+        One row per image, in input order: ``id`` (the path), ``prediction``, ``p_<class>`` per class for a
+        classifier, ``error`` (empty, or why the image could not be read: its other columns are empty).
 
     Raises
     ------
     ParamError
         For a ``batch_size`` below 1, before anything loads.
+    PredictError
+        For a missing path or no images, before the model loads.
+    SavedHeadError
+        For an incomplete or damaged ``model_dir``.
     """
     check_int("batch_size", batch_size, 1, hint="Hint: pass --batch-size 32 (images scored per forward pass).")
-    from featcache.extract.decode.loaders import ImageDataset, make_loader  # torch: only when images are scored
-    from featcache.extract.plan import plan_extraction
-    from featcache.extract.runners.torch_runner import TorchFeatureExtractor
-    from featcache.extract.zoo.weights import load_backbone
+    from featcache.extract.decode.loaders import ImageReader
+    from featcache.extract.plan import build_runner, plan_extraction
+    from featcache.extract.zoo.weights import resolve_weights
+    from featcache.util.compute import torch_threads
 
-    paths = _image_paths(inputs)  # a wrong path or device fails before the backbone loads
-    plan = plan_extraction(device=device, backend="torch", autocast="none", decode="cpu",  # float32 torch features
-                           device_setting="--device")
+    paths = _image_paths(inputs)  # a wrong path or device fails before the model is read
+    if device != "auto":
+        plan_extraction(device=device, backend="torch", autocast="none", decode="cpu", device_setting="--device")
     info = read_run_info(model_dir)
     head = load_head(model_dir)
     config = info["extraction_config"]
-    loaded = load_backbone(info["backbone"], config["weights"], model=config.get("model"))
+    knobs = config["extract"]
+    plan, threads = _plan(config, device)
+    source = resolve_weights(info["backbone"], stored_weights(config, model_dir), model=config.get("model"))
+    runner, _ = build_runner(source, [info["layer"]], plan, pooling=knobs["pooling"],
+                             channels_last=knobs.get("channels_last", True))
     preprocess = stored_preprocessor(config)
-    if config["extract"].get("precision", "float32") != "float32":
-        logger.info("the head was trained on %s features; scoring float32 features (the int8 gate kept them within "
-                    "cosine %s of float32)", config["extract"]["precision"], config["extract"].get("int8_min_cosine"))
-    extractor = TorchFeatureExtractor(loaded.model, loaded.spec, [info["layer"]],
-                                      pooling=config["extract"]["pooling"], device=plan.device)
-    loader = make_loader(ImageDataset(paths, preprocess), range(len(paths)), batch_size, num_workers=0)
+    reader = ImageReader(paths, preprocess)
+    stored = np.dtype(knobs.get("dtype", "float32"))  # the head was fitted on features read back from this dtype
+    task, classes = info["task"], info["classes"]
     rows: list[dict[str, Any]] = []
-    for batch_rows, images, errors in loader:
-        good = [i for i, error in enumerate(errors) if not error]
-        features = extractor(preprocess.normalize_batch(images[good]))[info["layer"]] if good else None
-        scores = _score(head, features, info["task"]) if good else []
-        by_row = dict(zip(good, _rows([str(paths[int(batch_rows[i])]) for i in good], np.asarray(scores),
-                                      info["task"], info["classes"])))
-        for i, error in enumerate(errors):
-            rows.append(by_row.get(i) or {"id": str(paths[int(batch_rows[i])]), "prediction": "", "error": error})
+    for start in range(0, len(paths), batch_size):
+        batch = [reader.read(row) for row in range(start, min(start + batch_size, len(paths)))]
+        good = [item for item in batch if not item[2]]
+        scored: dict[int, dict[str, Any]] = {}
+        if good:
+            pixels = np.stack([item[1] for item in good])
+            with torch_threads(threads) if threads is not None else contextlib.nullcontext():
+                features = runner(preprocess.normalize_batch(pixels))[info["layer"]]
+            features = np.asarray(features, dtype=np.float32).astype(stored).astype(np.float32)
+            scored = dict(zip([item[0] for item in good],
+                              _rows([str(paths[item[0]]) for item in good], _score(head, features, task), task,
+                                    classes)))
+        for index, _, error in batch:
+            rows.append(scored.get(index) or _failed_row(str(paths[index]), error, task, classes))
     return rows
 
 
 def write_predictions(rows: Sequence[dict[str, Any]], out: str | Path) -> Path:
-    """Write prediction rows as CSV (columns: id, prediction, per-class probabilities, error)."""
+    """Write prediction rows as CSV: ``id``, (``split``, ``actual``), ``prediction``, ``p_<class>``..., ``error``.
+
+    The columns are those of the rows in their order, ``error`` always last (and present), whichever row comes
+    first (a failed image's row included).
+    """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     columns: list[str] = []
     for row in rows:
-        columns.extend(key for key in row if key not in columns)
+        columns.extend(key for key in row if key not in columns and key != "error")
+    columns.append("error")
     with open(out, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
         writer.writeheader()

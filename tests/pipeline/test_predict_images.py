@@ -1,0 +1,134 @@
+"""``featcache predict`` on a store made as ``dvc repro`` makes it (the shipped backend: onnxruntime on the CPU,
+float16 storage): ``--images`` scores as ``--store`` does, the CSV keeps its columns, bad and hidden files,
+quoted globs, an unwritable ONNX cache and broken model folders."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from featcache.pipeline import extract, parse_params, prepare, train
+from featcache.pipeline.cli import main
+
+from .conftest import shipped_backend
+
+HEADS = ("logreg", "lightgbm", "mlp")
+HEADER = ["id", "prediction", "p_blue", "p_green", "p_red", "error"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, folder_factory, params_factory) -> dict:
+    root = tmp_path_factory.mktemp("predict")
+    images = folder_factory(root / "images", per_class=8)
+    raw = params_factory(str(images))
+    raw["extract"]["backend"] = shipped_backend()  # auto: onnxruntime on this CPU, as the shipped params.yaml
+    raw["backbones"]["efficientnet_lite0"]["layers"] = ["pool"]
+    raw["features"] = raw["features"][:1]
+    params = parse_params(raw)
+    assert params.extract.dtype == "float16"  # the shipped storage: the rounding predict --images must apply
+    prepare(params, root / "prepared")
+    store = root / "features.h5"
+    extract(params, "efficientnet_lite0", root / "prepared" / "manifest.csv", store, progress=False)
+    for head in HEADS:
+        train(params, store, "efficientnet_lite0", "pool", head, root / "metrics" / f"{head}.json",
+              model_dir=root / "models" / head)
+    return {"root": root, "store": store, "images": images, "models": root / "models"}
+
+
+def _csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _predict(model: Path, *args: str, out: Path) -> tuple[list[str], list[dict[str, str]]]:
+    assert main(["predict", "--model", str(model), *args, "--out", str(out)]) == 0
+    return _csv(out)
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_images_get_the_predictions_of_their_store_rows(trained, head, tmp_path):
+    """Was: torch float32 features for --images against onnxruntime features stored as float16: other
+    probabilities (logreg and MLP differed in the 6th decimal of every row). Now logreg and LightGBM are identical
+    cell for cell; the MLP may differ by 1e-6 (its forward over other batch sizes: 32 images here, whole splits at
+    training), and is compared with that tolerance."""
+    model = trained["models"] / head
+    store_header, store_rows = _predict(model, "--store", str(trained["store"]), out=tmp_path / "store.csv")
+    header, rows = _predict(model, "--images", str(trained["images"]), out=tmp_path / "images.csv")
+    assert store_header == ["id", "split", "actual", *HEADER[1:]] and header == HEADER
+    by_id = {Path(row["id"]).relative_to(trained["images"]).as_posix(): row for row in rows}
+    assert sorted(by_id) == sorted(row["id"] for row in store_rows) and len(rows) == 24
+    for stored in store_rows:
+        scored = by_id[stored["id"]]
+        assert scored["prediction"] == stored["prediction"] and scored["error"] == stored["error"] == ""
+        for column in HEADER[2:5]:
+            if head == "mlp":
+                assert float(scored[column]) == pytest.approx(float(stored[column]), abs=2e-6), (stored["id"], column)
+            else:
+                assert scored[column] == stored[column], (stored["id"], column)
+
+
+def test_a_bad_image_gets_a_row_and_hidden_files_are_skipped(trained, tmp_path):
+    """Was: macOS ``._green.png`` and ``.hidden/`` were scored (a bad-image row each), and a bad image first in the
+    folder moved ``error`` before the probabilities (``id,prediction,error,p_blue,...``)."""
+    folder = tmp_path / "new"
+    (folder / ".hidden").mkdir(parents=True)
+    green = sorted((trained["images"] / "green").glob("*.png"))[0]
+    (folder / "0_bad.png").write_bytes(b"not an image")
+    shutil.copy(green, folder / "green.png")
+    shutil.copy(green, folder / ".hidden" / "copy.png")
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (folder / "._green.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    header, rows = _predict(trained["models"] / "logreg", "--images", str(folder), out=tmp_path / "p.csv")
+    assert header == HEADER
+    assert [Path(row["id"]).name for row in rows] == ["0_bad.png", "green.png"]
+    bad, good = rows
+    assert bad["error"] and bad["prediction"] == bad["p_green"] == ""
+    assert good["prediction"] == "green" and good["error"] == ""
+
+
+def test_a_quoted_glob_is_expanded(trained, tmp_path):
+    """Was: 'No such file or folder: [.../green/*.png]' (exit 2) when the shell did not expand the pattern."""
+    _, rows = _predict(trained["models"] / "lightgbm", "--images", str(trained["images"] / "green" / "*.png"),
+                       out=tmp_path / "p.csv")
+    assert len(rows) == 8 and {row["prediction"] for row in rows} == {"green"}
+    assert main(["predict", "--model", str(trained["models"] / "lightgbm"), "--images",
+                 str(trained["images"] / "green" / "*.jpg"), "--out", str(tmp_path / "q.csv")]) == 2
+
+
+def test_an_unwritable_onnx_cache_exports_to_a_temporary_file(trained, tmp_path, monkeypatch, caplog):
+    """Was: NotADirectoryError from the cache's mkdir (a file where the cache folder should be; a read-only home
+    is the same for a non-root user)."""
+    from featcache.extract.onnx.cache import CACHE_ENV
+
+    images = str(trained["images"] / "red")
+    _, before = _predict(trained["models"] / "logreg", "--images", images, out=tmp_path / "before.csv")
+    (tmp_path / "a_file").write_text("in the way")
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "a_file"))
+    with caplog.at_level(logging.WARNING, logger="featcache.extract.onnx.cache"):
+        _, after = _predict(trained["models"] / "logreg", "--images", images, out=tmp_path / "after.csv")
+    assert after == before
+    assert any("is not writable" in r.getMessage() and "temporary file" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("damage", ["no arrays.npz", "no featcache-run.json", "truncated model.txt", "absent"])
+def test_a_broken_model_folder_exits_2_naming_it(trained, tmp_path, capsys, damage):
+    """Was: a traceback (FileNotFoundError of numpy, a LightGBM crash) instead of one line with the fix."""
+    model = tmp_path / "models" / "lightgbm"
+    shutil.copytree(trained["models"] / "lightgbm", model)
+    if damage == "absent":
+        shutil.rmtree(model)
+    elif damage == "truncated model.txt":
+        text = (model / "model.txt").read_text()
+        (model / "model.txt").write_text(text[: len(text) // 2])
+    else:
+        (model / damage.removeprefix("no ")).unlink()
+    code = main(["predict", "--model", str(model), "--store", str(trained["store"]), "--out", str(tmp_path / "p.csv")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("featcache predict: error: ") and "Traceback" not in err
+    assert str(model) in err and ("dvc repro train" in err or damage == "absent")
+    assert damage.split()[-1] in err or damage == "absent"
