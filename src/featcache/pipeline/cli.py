@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import textwrap
 from typing import Sequence
 
 from featcache import __version__
@@ -247,17 +248,38 @@ def build_parser() -> argparse.ArgumentParser:
                      help="lowest per-image cosine similarity accepted (default: 0.9999)")
     par.set_defaults(func=_cmd_onnx_parity)
 
-    pred = sub.add_parser("predict", help="score a feature file or new images with a saved head")
-    pred.add_argument("--model", required=True, help="run folder written by train (models/<dataset>/<b>/<l>/<h>)")
+    pred = sub.add_parser(
+        "predict", help="score a feature file or new images with a saved head",
+        description=textwrap.fill(
+            "Score new images (--images) or the rows of a feature store (--store) with a head saved by "
+            "`featcache train --model-dir` (the train stage of `dvc repro`). Images are featurised as "
+            "the head's features were: same backbone, weights, preprocessing, pooling, runtime (the "
+            "store's backend) and storage rounding, so --images gives the predictions --store gives.", 79),
+        epilog=textwrap.fill("output CSV columns: id, [split, actual (--store)], prediction, p_<class> per class "
+                             "(a classifier), error (empty unless that image could not be read).", 79)
+               + "\n\nexamples:\n"
+               "  featcache predict --model models/digits/efficientnet_lite0/pool/logreg --images new/ --out p.csv\n"
+               "  featcache predict --model models/digits/efficientnet_lite0/pool/logreg --images 'new/*.jpg' "
+               "--out p.csv\n"
+               "  featcache predict --model models/digits/efficientnet_lite0/pool/logreg \\\n"
+               "      --store features/digits/efficientnet_lite0.h5 --split test --out test.csv",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pred.add_argument("--model", required=True, metavar="DIR",
+                      help="run folder written by train: models/<dataset>/<backbone>/<layer>/<head> (holds the "
+                           "saved head and featcache-run.json)")
     source = pred.add_mutually_exclusive_group(required=True)  # exactly one; argparse exits 2 otherwise
-    source.add_argument("--store", help="an HDF5 feature store to score")
-    source.add_argument("--images", nargs="+", help="image files or folders to score")
-    pred.add_argument("--split", choices=SPLITS, help="only this split of --store")
-    pred.add_argument("--batch-size", type=_positive_int, default=32,
+    source.add_argument("--store", metavar="H5", help="an HDF5 feature store to score (any dataset, extracted "
+                                                       "like the head's features)")
+    source.add_argument("--images", nargs="+", metavar="PATH",
+                        help="image files, folders (searched recursively, hidden files skipped) or quoted glob "
+                             "patterns such as 'new/*.jpg'")
+    pred.add_argument("--split", choices=SPLITS, help="only this split of --store (default: every row)")
+    pred.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
                       help="images per forward pass with --images (default: 32)")
     pred.add_argument("--device", default="auto", choices=DEVICES,
-                      help="where --images are featurised (default: auto: CUDA when available, else the CPU)")
-    pred.add_argument("--out", required=True, help="output CSV")
+                      help="where --images are featurised (default: auto: the CPU for a store extracted by "
+                           "onnxruntime, OpenVINO or torch on the CPU; else CUDA when available)")
+    pred.add_argument("--out", required=True, metavar="CSV", help="output CSV (folders created as needed)")
     pred.set_defaults(func=_cmd_predict)
 
     ft = with_params(sub.add_parser("finetune", help="fine-tune a backbone end to end (the heads' baseline)"))
