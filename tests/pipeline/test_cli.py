@@ -187,3 +187,15 @@ def test_predict_device_cuda_without_cuda_names_the_flag(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert err.startswith("featcache predict: error: --device is 'cuda' but no CUDA device is visible.")
+
+
+def test_predict_help_describes_the_output_and_the_inputs(capsys):
+    """Was: one line per option; nothing on the CSV's columns, globs, or what --device auto picks."""
+    with pytest.raises(SystemExit) as stop:
+        main(["predict", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # whatever width argparse wrapped to
+    assert stop.value.code == 0
+    for text in ("same backbone, weights,", "output CSV columns: id, [split, actual (--store)], prediction",
+                 "--images 'new/*.jpg'", "--store features/digits/efficientnet_lite0.h5 --split test",
+                 "hidden files skipped", "--model DIR", "auto: the CPU for a store extracted by onnxruntime"):
+        assert text in out, text
