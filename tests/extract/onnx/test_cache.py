@@ -315,7 +315,7 @@ def test_a_reader_during_publication_sees_no_corrupt_entry(reader, resnet, tmp_p
 
 @pytest.mark.parametrize("setting", ["folder", "auto"])
 def test_an_unwritable_cache_exports_to_a_temporary_file(resnet, tmp_path, monkeypatch, caplog, setting):
-    """The extraction path (``build_runner`` -> ``from_source``) with ``extract.onnx_cache`` (or the default
+    """The extraction path (``build_runner`` -> ``from_source``) with ``extract_run.onnx_cache`` (or the default
     folder under ``$FEATCACHE_CACHE_DIR``) where a file is in the way: was NotADirectoryError from mkdir; now a
     warning and an export to a temporary file."""
     weights = tmp_path / "resnet18.pth"

@@ -126,7 +126,7 @@ def writable_cache_dir(setting: str | os.PathLike[str] | None) -> Path | None:
         if folder not in _UNWRITABLE_WARNED:
             _UNWRITABLE_WARNED.add(folder)
             logger.warning("The ONNX export cache %s is not writable (%s: %s); exporting to a temporary file "
-                           "instead (every run exports again). Hint: set extract.onnx_cache to a writable folder "
+                           "instead (every run exports again). Hint: set extract_run.onnx_cache to a writable folder "
                            "(or %s, or none to silence this).", folder, type(error).__name__, error, CACHE_ENV)
         return None
     return folder
