@@ -173,8 +173,43 @@ def test_from_csv_column_and_value_errors(tmp_path):
         from_csv(_write_csv(tmp_path / "b.csv", "path,label", ["a.png,x"]), RATIOS, 0, task="regression")
     with pytest.raises(ManifestError, match="no rows"):
         from_csv(_write_csv(tmp_path / "c.csv", "path,label", []), RATIOS, 0)
-    with pytest.raises(ManifestError, match="split"):
+    with pytest.raises(ManifestError, match=r"Unknown split values \['training'\] in .*d\.csv \(row 2; row 1 is the "
+                                            r"header\); allowed: \['train', 'val', 'test'\].*Hint: fix those rows, or "
+                                            r"empty the whole split column"):
         from_csv(_write_csv(tmp_path / "d.csv", "path,label,split", ["a.png,x,training"]), RATIOS, 0)
+    with pytest.raises(ManifestError, match=r"needs 'target' \(allowed columns: path, target, id, split\)\. Hint: "
+                                            r"name the column 'target'.* It has 'label': for that set data\.task: "
+                                            r"classification"):
+        from_csv(_write_csv(tmp_path / "e.csv", "path,label", ["a.png,x"]), RATIOS, 0, task="regression")
+
+
+@pytest.mark.parametrize(("value", "what"), [("abc", "Non-numeric"), ("", "Empty"), ("1,5", "Non-numeric"),
+                                             ("inf", "Non-finite"), ("nan", "Non-finite")])
+def test_a_bad_target_names_its_row_what_is_allowed_and_a_hint(tmp_path, value, what):
+    rows = ["a.png,1.0", f'b.png,"{value}"']
+    with pytest.raises(ManifestError, match=rf"^{what} target '{value}' in .*t\.csv on row 3 \(row 1 is the header\); "
+                                            r"allowed: a finite number such as 3\.5.*Hint: fix or remove that row"):
+        from_csv(_write_csv(tmp_path / "t.csv", "path,target", rows), RATIOS, 0, task="regression")
+
+
+def test_windows_backslash_paths_resolve_to_the_forward_slash_file(tmp_path):
+    """A CSV written on Windows: ``images\\cat\\001.png`` names images/cat/001.png where only that exists."""
+    for name in ("cat", "dog"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        for k in range(3):
+            Image.new("RGB", (4, 4)).save(tmp_path / "images" / name / f"{k:03d}.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "odd\\name.png")  # a file really named with a backslash wins
+    rows = [f"images\\{name}\\{k:03d}.png,{name}" for name in ("cat", "dog") for k in range(3)]
+    rows += ["odd\\name.png,cat", "missing\\x.png,dog"]
+    manifest = from_csv(_write_csv(tmp_path / "labels.csv", "path,label", rows), RATIOS, 0)
+    by_id = dict(zip(manifest.ids, manifest.paths))
+    assert by_id["images\\cat\\000.png"] == "images/cat/000.png"
+    assert all((tmp_path / by_id[f"images\\{n}\\{k:03d}.png"]).is_file() for n in ("cat", "dog") for k in range(3))
+    assert by_id["odd\\name.png"] == "odd\\name.png"
+    assert by_id["missing\\x.png"] == "missing\\x.png"  # in neither form: left for extraction to report
+    dupes = _write_csv(tmp_path / "dupes.csv", "path,label", ["images/cat/000.png,cat", "images\\cat\\000.png,cat"])
+    with pytest.raises(ManifestError, match="Duplicate paths"):  # the same file twice, however it is written
+        from_csv(dupes, RATIOS, 0)
 
 
 def test_from_csv_class_only_in_test_is_named(tmp_path):

@@ -21,7 +21,7 @@ from featcache.extract.inputs.storage import is_url
 from featcache.store.schema import SPLIT_CODES
 
 __all__ = ["IMAGE_EXTENSIONS", "SOURCES", "build_manifest", "check_listed_classes", "check_train_classes",
-           "check_unique_classes", "format_rows", "from_folder", "from_csv", "write_digits"]
+           "check_unique_classes", "format_rows", "from_folder", "from_csv", "windows_path", "write_digits"]
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +212,19 @@ def _reject_duplicates(path: Path, what: str, values: Sequence[str], shown: Sequ
     )
 
 
+def windows_path(p: str, root: Path) -> str:
+    """A CSV path written on Windows (``images\\cat\\001.jpg``) as the file it names here.
+
+    The forward-slash form is used when it exists under ``root`` and the path as written does not (a
+    backslash is a valid file-name character on Linux and macOS, so a file really named so wins); a URL,
+    or a path that exists in neither form, is left as written (extraction reports a missing file by name).
+    """
+    if "\\" not in p or is_url(p) or (root / p).exists():
+        return p
+    forward = p.replace("\\", "/")
+    return forward if (root / forward).exists() else p
+
+
 def from_csv(path: str | Path, ratios: Mapping[str, float], seed: int, task: str = "classification",
              classes: Sequence[str] | None = None) -> Manifest:
     """Read a user CSV: ``path`` plus ``label`` (classification) or ``target`` (regression).
@@ -220,7 +233,8 @@ def from_csv(path: str | Path, ratios: Mapping[str, float], seed: int, task: str
     default: assigned from ``ratios`` and ``seed``). Paths are relative to the
     CSV's folder unless absolute or URLs (``https://...``, ``s3://...``: read
     through fsspec at extraction, see :mod:`featcache.extract.inputs.storage`);
-    ``..`` escapes from that folder are rejected.
+    ``..`` escapes from that folder are rejected. A path with backslashes (a CSV written on Windows) names
+    its forward-slash form where only that exists (:func:`windows_path`).
     Every image may appear once: repeated ids or paths (after normalising
     ``./`` and ``//``) are rejected naming the rows. ``classes`` (``data.classes``)
     fixes the class list and its order: other labels, or listed classes
@@ -234,13 +248,19 @@ def from_csv(path: str | Path, ratios: Mapping[str, float], seed: int, task: str
     column = "label" if task == "classification" else "target"
     for needed in ("path", column):
         if needed not in columns:
-            raise ManifestError(f"CSV {path} has columns {columns}; a {task} manifest needs '{needed}'.")
+            other = {"label": ("target", "regression"), "target": ("label", "classification")}.get(needed)
+            switch = (f" It has '{other[0]}': for that set data.task: {other[1]}." if other and other[0] in columns
+                      else "")
+            raise ManifestError(f"CSV {path} has columns {columns}; a {task} manifest needs '{needed}' "
+                                f"(allowed columns: path, {'label' if task == 'classification' else 'target'}, "
+                                f"id, split). Hint: name the column '{needed}' in the header row.{switch}")
     if not rows:
         raise ManifestError(f"CSV {path} has no rows.")
     paths = [(r["path"] or "").strip() for r in rows]
     blank = [line for line, p in enumerate(paths, start=2) if not p]
     if blank:
         raise ManifestError(f"Empty 'path' in {path} on {format_rows(blank)}.")
+    paths = [windows_path(p, path.parent) for p in paths]
     for line, p in enumerate(paths, start=2):
         if not is_url(p) and not PurePosixPath(p).is_absolute() and ".." in PurePosixPath(p).parts:
             raise ManifestError(f"Path {p!r} in {path} (row {line}) leaves the manifest's folder ('..'); "
@@ -255,8 +275,9 @@ def from_csv(path: str | Path, ratios: Mapping[str, float], seed: int, task: str
         bad = sorted(set(values) - set(SPLIT_CODES))
         if bad:
             lines = [line for line, v in enumerate(values, start=2) if v in bad]
-            raise ManifestError(f"Unknown split values {bad} in {path} ({format_rows(lines)}); "
-                                f"allowed: {list(SPLIT_CODES)}.")
+            raise ManifestError(f"Unknown split values {bad} in {path} ({format_rows(lines)}; row 1 is the "
+                                f"header); allowed: {list(SPLIT_CODES)}, in every row. Hint: fix those rows, or "
+                                "empty the whole split column to split by data.split.")
         splits = np.array([SPLIT_CODES[v] for v in values], dtype=np.uint8)
     if task == "classification":
         names = [(r["label"] or "").strip() for r in rows]
@@ -274,12 +295,17 @@ def from_csv(path: str | Path, ratios: Mapping[str, float], seed: int, task: str
         raise ManifestError("data.classes is only for classification; remove it for a regression task.")
     targets = []
     for line, r in enumerate(rows, start=2):
+        text = (r["target"] or "").strip()
         try:
-            value = float((r["target"] or "").strip())
+            value = float(text)
         except ValueError:
-            raise ManifestError(f"Non-numeric target {r['target']!r} in {path} on row {line}.") from None
+            value = math.nan
         if not math.isfinite(value):
-            raise ManifestError(f"Non-finite target {r['target']!r} in {path} on row {line}.")
+            what = "Empty" if not text else "Non-numeric" if math.isnan(value) and text.lower() != "nan" \
+                else "Non-finite"
+            raise ManifestError(f"{what} target {r['target']!r} in {path} on row {line} (row 1 is the header); "
+                                "allowed: a finite number such as 3.5 or -1e-3 (a dot as the decimal mark). Hint: "
+                                "fix or remove that row; for class names set data.task: classification.")
         targets.append(value)
     if splits is None:
         splits = assign_splits(ids, dict(ratios), seed)
