@@ -60,9 +60,9 @@ def test_cli_reports_a_user_error_without_traceback(tmp_path, capsys):
 def test_cli_lets_a_bug_keep_its_traceback(monkeypatch):
     import featcache.pipeline.config as config
 
-    def boom(path):
+    def boom(raw):
         raise KeyError("a bug")
 
-    monkeypatch.setattr(config, "load_params", boom)
+    monkeypatch.setattr(config, "parse_params", boom)
     with pytest.raises(KeyError, match="a bug"):
         main(["check", "--params", "params.yaml"])
