@@ -24,6 +24,9 @@ CASES = [
     pytest.param("timm/test_vit", ["pre_logits", "blocks.5"], "avg", id="vit-avg"),
     pytest.param("timm/vit_xsmall_patch16_clip_224.tinyclip_yfcc15m", ["pre_logits", "blocks.7"], "avg",
                  id="clip-avg"),
+    # pre_logits is the mean of the class and distillation tokens: a node after the classifier's inputs
+    pytest.param("timm/deit_tiny_distilled_patch16_224", ["pre_logits", "logits"], "cls", id="deit-distilled",
+                 marks=pytest.mark.slow),
 ]
 
 

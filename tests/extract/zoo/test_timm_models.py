@@ -375,3 +375,43 @@ def test_hub_download_goes_to_the_hf_cache_and_is_checked_against_its_sha256(cor
     source = resolve_weights("vit", "pretrained", model=VIT)
     assert calls == [("timm/test_vit.r160_in1k", "model.safetensors", str(tmp_path / "hub"))]
     assert _state_equal(source.load().model, state)
+
+
+# ------------------------------------------------------ families beyond ConvNeXt and ViT
+# The smallest model of families whose pre_logits is not simply the classifier's input, each with why.
+MORE_FAMILIES = [
+    pytest.param("timm/mobilenetv3_small_050", "blocks.3", id="mobilenetv3-traced-linear-head"),
+    pytest.param("timm/deit_tiny_distilled_patch16_224", "blocks.5", id="deit-distilled-two-tokens"),
+    pytest.param("timm/hiera_tiny_224", "blocks.2", id="hiera-forward-with-mask-argument"),
+    pytest.param("timm/crossvit_tiny_240", "blocks.1", id="crossvit-two-branches-two-heads"),
+    pytest.param("timm/twins_svt_small", "blocks.1", id="twins-feature-info-says-block"),
+    pytest.param("timm/hrnet_w18_small", None, id="hrnet-virtual-stages"),
+    pytest.param("timm/levit_128s", "stages.1", id="levit-distilled-heads"),
+    pytest.param("timm/efficientformer_l1", "stages.2", id="efficientformer-distilled"),
+]
+
+
+@pytest.mark.parametrize("model, stage", MORE_FAMILIES)
+def test_more_families_pre_logits_logits_and_a_stage(model, stage):
+    """pre_logits is timm's ``forward_head(x, pre_logits=True)``, logits its output, a stage has its table dim."""
+    backbone = load_backbone("b", "random", model=model)
+    spec = backbone.spec
+    layers = [PRE_LOGITS, "logits", *([stage] if stage else [])]
+    assert set(layers) <= set(spec.layers)
+    x = _batch(spec.input_size, n=1)
+    with torch.inference_mode():
+        features = backbone.model.forward_features(x)
+        expected = backbone.model.forward_head(features, pre_logits=True)
+        logits = backbone.model.forward_head(features)
+    extractor = TorchFeatureExtractor(backbone.model, spec, layers, pooling="avg", channels_last=False)
+    out = extractor(x)
+    np.testing.assert_allclose(out[PRE_LOGITS], expected.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(out["logits"], logits.numpy(), rtol=1e-4, atol=1e-5)
+    assert {s.alias: s.dim for s in extractor.layer_specs()} == {layer: spec.layers[layer].dim for layer in layers}
+
+
+def test_pre_logits_keeps_its_node_where_it_is_the_classifier_input():
+    """The classifier's input stays the pre_logits node (stores and ONNX cache keys record it)."""
+    assert get_backbone("x", CONVNEXT).layers[PRE_LOGITS].node == "head.drop"
+    assert get_backbone("x", VIT).layers[PRE_LOGITS].node == "head_drop"
+    assert get_backbone("x", "timm/mobilenetv3_small_050").layers[PRE_LOGITS].node == "flatten"

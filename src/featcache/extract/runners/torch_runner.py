@@ -38,17 +38,26 @@ _INPLACE_OPERATORS = {
 
 
 def _fx_functions(spec: BackboneSpec):
+    """(create_feature_extractor, node names of a model) for ``spec``'s family.
+
+    A timm model by name (``timm:`` weights) is traced by :mod:`featcache.extract.zoo.timm_models`, whose graph
+    also holds timm's own ``pre_logits`` feature; the registry's timm entries and torchvision use the libraries'.
+    """
+    if spec.weights.startswith("timm:"):
+        from featcache.extract.zoo import timm_models
+
+        return timm_models.create_feature_extractor, timm_models.graph_node_names
     if spec.family == "timm":
         from timm.models._features_fx import create_feature_extractor, get_graph_node_names
     else:
         from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-    return create_feature_extractor, get_graph_node_names
+    return create_feature_extractor, lambda model: get_graph_node_names(model)[1]
 
 
 def graph_node_names(model: nn.Module, spec: BackboneSpec) -> list[str]:
     """Node names of the model's eval-mode graph (what raw layer names may use)."""
     _, get_names = _fx_functions(spec)
-    return get_names(model)[1]
+    return get_names(model)
 
 
 def make_inplace_safe(module: nn.Module) -> int:

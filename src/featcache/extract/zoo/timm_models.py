@@ -9,10 +9,11 @@ and the train stage's store check treat it like a built-in backbone:
 * preprocessing from the model's ``pretrained_cfg``: input size, interpolation,
   mean/std, and ``resize_size = floor(input_size / crop_pct)`` (timm's
   ``transforms_imagenet_eval``: resize the shorter side, then center-crop);
-* layers: ``pre_logits`` (the default: the input of the classifier, what
-  ``forward_head(x, pre_logits=True)`` returns), every ``feature_info`` stage
-  under its module name (``stages.3``, ``blocks.11``), and ``logits`` where the
-  model has a classifier; their dimensions and kinds (conv map, token map,
+* layers: ``pre_logits`` (the default: what ``forward_head(x, pre_logits=True)``
+  returns, found as the classifier's input, else as that call's own output in
+  the graph of :func:`traceable`: distillation and multi-branch heads), every
+  ``feature_info`` stage that is a graph node under its module name
+  (``stages.3``, ``blocks.11``), and ``logits`` where the model has a classifier; their dimensions and kinds (conv map, token map,
   vector) come from one forward pass on the ``meta`` device (no memory, no
   weights), so they are the shapes the extractor will see;
 * token maps: the number of prefix tokens (class, distillation, register
@@ -30,11 +31,13 @@ put where. :func:`create_timm_model` loads a weights file through timm's own
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
 import os
 import re
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +47,8 @@ from featcache.util.names import did_you_mean
 if TYPE_CHECKING:
     from torch import nn
 
-__all__ = ["PRE_LOGITS", "LOGITS", "create_timm_model", "model_name", "pretrained_file", "timm_backbone"]
+__all__ = ["PRE_LOGITS", "LOGITS", "create_feature_extractor", "create_timm_model", "graph_node_names", "model_name",
+           "pretrained_file", "timm_backbone", "traceable"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,8 +143,7 @@ def timm_backbone(name: str, model: str) -> BackboneSpec:
                        "(resize_mode: squash)", full, crop_mode, math.floor(height / crop_pct), height)
     num_prefix_tokens = int(getattr(net, "num_prefix_tokens", 0) or 0)
     class_token = bool(getattr(net, "has_class_token", getattr(net, "cls_token", None) is not None))
-    classifier, classifier_input = _classifier_nodes(net, cfg.get("classifier"))
-    layers = _layers(net, height, classifier, classifier_input)
+    layers, classifier = _layers(net, height, cfg.get("classifier"))
     stages = [alias for alias, layer in layers.items() if layer.kind in ("conv", "nhwc")]
     source = cfg.get("hf_hub_id") or cfg.get("url") or "no pretrained weights"
     return BackboneSpec(
@@ -165,46 +168,125 @@ def _tracer() -> Any:
                           autowrap_functions=get_notrace_functions())
 
 
-def _classifier_nodes(net: nn.Module, classifier: str | None) -> tuple[str | None, str]:
-    """(module path of the classifier or None, graph node of its input: the ``pre_logits`` feature)."""
+@functools.lru_cache(maxsize=None)
+def _traceable_class(cls: type) -> type:
+    """``cls`` with the forward :func:`traceable` traces (same name and module: error messages stay timm's)."""
+
+    def forward(self: Any, x: Any) -> Any:
+        features = self.forward_features(x)
+        return self.forward_head(features), self.forward_head(features, pre_logits=True)
+
+    # torch.fx wraps timm's no-trace functions in the globals of the traced forward: give it the model's globals
+    forward = types.FunctionType(forward.__code__, cls.forward.__globals__, "forward")
+    return type(cls.__name__, (cls,), {"forward": forward, "__module__": cls.__module__,
+                                       "__qualname__": cls.__qualname__})
+
+
+def traceable(net: nn.Module) -> nn.Module:
+    """A shallow twin of timm model ``net`` (same submodules) whose forward also computes ``pre_logits``.
+
+    Its forward is ``features = forward_features(x)``, then ``forward_head(features)`` (the logits: timm's
+    ``forward``, so every node keeps its name), then ``forward_head(features, pre_logits=True)``, timm's own
+    penultimate feature, traced after the logits. That last node is the ``pre_logits`` layer of the models
+    whose classifier input is not it: distillation heads (DeiT, LeViT, PiT, EfficientFormer average two
+    tokens or two heads), several heads (CrossViT), or a forward with extra arguments (Hiera's ``mask``).
+    Nodes a feature extractor does not return are pruned, so nothing of it runs twice.
+    """
+    if not (hasattr(net, "forward_features") and hasattr(net, "forward_head")):
+        raise UnknownNameError(f"timm model {type(net).__name__} has no forward_features/forward_head, so featcache "
+                               f"cannot find its {PRE_LOGITS!r} feature; pick another model.")
+    twin = copy.copy(net)
+    twin.__class__ = _traceable_class(type(net))
+    return twin
+
+
+def create_feature_extractor(net: nn.Module, return_nodes: dict[str, str]) -> nn.Module:
+    """timm's ``create_feature_extractor`` on :func:`traceable` ``(net)``: what the torch runner extracts with."""
+    from timm.layers import create_feature_extractor as create
+
+    return create(traceable(net), return_nodes=return_nodes)
+
+
+def graph_node_names(net: nn.Module) -> list[str]:
+    """The eval-mode node names of :func:`traceable` ``(net)`` (the raw layer names a timm backbone takes)."""
+    from timm.layers import get_graph_node_names
+
+    return get_graph_node_names(traceable(net))[1]
+
+
+def _head_nodes(net: nn.Module, classifier: str | None) -> tuple[str | None, str | None, str, str | None]:
+    """(classifier module path or None, its input node or None, timm's pre_logits node, logits node or None)."""
+    import torch.fx
+
     modules = dict(net.named_modules())
     if not classifier or classifier not in modules:
         found = {id(module): path for path, module in modules.items()}
         classifier = found.get(id(net.get_classifier())) if hasattr(net, "get_classifier") else None
-    if not classifier:
-        raise UnknownNameError(f"timm model {type(net).__name__} names no classifier module, so featcache cannot "
-                               f"find its {PRE_LOGITS!r} feature; pick another model.")
     tracer = _tracer()
-    graph = tracer.trace(net)
-    for node in graph.nodes:
-        if node.op == "call_module" and (node.target == classifier or node.target.startswith(classifier + ".")):
+    graph = tracer.trace(traceable(net))
+    (logits_out, pre_out), = next(node for node in graph.nodes if node.op == "output").args
+    names = tracer.node_to_qualname
+    classifier_input = None
+    for node in graph.nodes if classifier else ():
+        qualname = names.get(node, "")
+        if node.op in ("call_module", "call_function") and (qualname == classifier
+                                                              or qualname.startswith(classifier + ".")):
             source = node.args[0] if node.args else None
-            if source is not None and source.op != "placeholder" and source in tracer.node_to_qualname:
-                is_real = type(modules[classifier]).__name__ != "Identity"
-                return (classifier if is_real else None), tracer.node_to_qualname[source]
-    raise UnknownNameError(f"featcache could not find the input of the classifier {classifier!r} of timm model "
-                           f"{type(net).__name__} in its traced graph; pick another model.")
+            if isinstance(source, torch.fx.Node) and source.op not in ("placeholder", "get_attr") and source in names:
+                classifier_input = names[source]
+            break
+    if not isinstance(pre_out, torch.fx.Node) or pre_out not in names:
+        raise UnknownNameError(f"timm model {type(net).__name__}: forward_head(x, pre_logits=True) gives no single "
+                               f"tensor, so featcache has no {PRE_LOGITS!r} feature for it; pick another model.")
+    if classifier is not None and type(modules[classifier]).__name__ == "Identity":  # num_classes=0: no logits
+        return None, None, names[pre_out], None
+    output = names.get(logits_out, "") if isinstance(logits_out, torch.fx.Node) else ""
+    if classifier is not None and (output == classifier or output.startswith(classifier + ".")):
+        return classifier, classifier_input, names[pre_out], classifier
+    # distillation heads, several heads (their mean): the logits are a node after the classifier modules
+    return None, None, names[pre_out], output or None
 
 
-def _layers(net: nn.Module, size: int, classifier: str | None, classifier_input: str) -> dict[str, LayerAlias]:
-    """Alias -> LayerAlias: ``feature_info`` stages, ``pre_logits`` and ``logits``, with shapes from a meta forward."""
+def _layers(net: nn.Module, size: int, classifier_cfg: str | None) -> tuple[dict[str, LayerAlias], str | None]:
+    """(alias -> LayerAlias, classifier module path or None): ``feature_info`` stages, ``pre_logits`` and
+    ``logits``, with shapes from a meta forward.
+
+    ``pre_logits`` is the classifier's input where that has the shape of timm's
+    ``forward_head(x, pre_logits=True)`` (the node name featcache always gave it), else that output itself.
+    A ``feature_info`` module that is no graph node or whose output does not have its ``num_chs`` channels
+    (HRNet's virtual stages) is left out.
+    """
     import torch
-    from timm.layers import create_feature_extractor
 
+    classifier, classifier_input, pre_logits, logits = _head_nodes(net, classifier_cfg)
     channels = {info["module"]: int(info["num_chs"]) for info in getattr(net, "feature_info", [])
                 if info.get("module")}
-    nodes = {**{module: module for module in channels}, classifier_input: PRE_LOGITS}
-    if classifier is not None:
-        nodes[classifier] = LOGITS
-    extractor = create_feature_extractor(net, return_nodes=nodes)
-    outputs = extractor(torch.empty(1, 3, size, size, device="meta"))
+    graph = set(graph_node_names(net))
+    present = {module: module for module in channels
+               if module in graph or any(node.startswith(module + ".") for node in graph)}
+    for module in set(channels) - set(present):  # timm's feature_info says block.N where the graph has stages.N
+        options = [f"{parent}.{module.split('.', 1)[1]}" for parent in ("stages", "blocks") if "." in module]
+        found = [option for option in options if option in graph or any(n.startswith(option + ".") for n in graph)]
+        present.update({module: found[0]} if found else {})
+    stages = {module: present[module] for module in channels if module in present}
+    wanted = {**stages, PRE_LOGITS: pre_logits, **({LOGITS: logits} if logits is not None else {})}
+    if classifier_input is not None:
+        wanted["classifier input"] = classifier_input
+    outputs = create_feature_extractor(net, {node: node for node in dict.fromkeys(wanted.values())})(
+        torch.empty(1, 3, size, size, device="meta"))
+    shapes = {alias: tuple(int(v) for v in outputs[node].shape[1:]) for alias, node in wanted.items()}
+    if classifier_input is not None and shapes.pop("classifier input") == shapes[PRE_LOGITS]:
+        wanted[PRE_LOGITS] = classifier_input  # the node name featcache has always given pre_logits
+    wanted.pop("classifier input", None)
     layers: dict[str, LayerAlias] = {}
-    for node, alias in nodes.items():
-        shape = tuple(int(v) for v in outputs[alias].shape[1:])
-        layers[alias] = _layer(node, shape, channels.get(node))
-    # network order: stages, then pre_logits, then logits
-    order = [*channels, PRE_LOGITS, LOGITS]
-    return {alias: layers[alias] for alias in order if alias in layers}
+    for alias, node in wanted.items():
+        layer = _layer(node, shapes[alias], channels.get(alias))
+        if alias in channels and layer.dim != channels[alias]:
+            logger.debug("timm %s: feature_info %s has %d channels, node %s gives %s; left out",
+                         type(net).__name__, alias, channels[alias], node, shapes[alias])
+            continue
+        layers[node if alias in stages else alias] = layer
+    return layers, classifier
 
 
 def _layer(node: str, shape: tuple[int, ...], num_chs: int | None) -> LayerAlias:
