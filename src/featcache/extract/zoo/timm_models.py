@@ -13,9 +13,9 @@ and the train stage's store check treat it like a built-in backbone:
   returns, found as the classifier's input, else as that call's own output in
   the graph of :func:`traceable`: distillation and multi-branch heads), every
   ``feature_info`` stage that is a graph node under its module name
-  (``stages.3``, ``blocks.11``), and ``logits`` where the model has a classifier; their dimensions and kinds (conv map, token map,
-  vector) come from one forward pass on the ``meta`` device (no memory, no
-  weights), so they are the shapes the extractor will see;
+  (``stages.3``, ``blocks.11``), and ``logits`` where the model has a
+  classifier; their dimensions and kinds (conv map, token map, vector) come
+  from one forward pass on the ``meta`` device, the shapes the extractor sees;
 * token maps: the number of prefix tokens (class, distillation, register
   tokens) and whether token 0 is a class token, for ``cls``/``avg`` pooling.
 
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = ["PRE_LOGITS", "LOGITS", "create_feature_extractor", "create_timm_model", "graph_node_names", "model_name",
-           "pretrained_file", "timm_backbone", "traceable"]
+           "pretrained_file", "timm_backbone", "timm_graph_nodes", "traceable"]
 
 logger = logging.getLogger(__name__)
 
@@ -192,9 +192,6 @@ def traceable(net: nn.Module) -> nn.Module:
     tokens or two heads), several heads (CrossViT), or a forward with extra arguments (Hiera's ``mask``).
     Nodes a feature extractor does not return are pruned, so nothing of it runs twice.
     """
-    if not (hasattr(net, "forward_features") and hasattr(net, "forward_head")):
-        raise UnknownNameError(f"timm model {type(net).__name__} has no forward_features/forward_head, so featcache "
-                               f"cannot find its {PRE_LOGITS!r} feature; pick another model.")
     twin = copy.copy(net)
     twin.__class__ = _traceable_class(type(net))
     return twin
@@ -212,6 +209,17 @@ def graph_node_names(net: nn.Module) -> list[str]:
     from timm.layers import get_graph_node_names
 
     return get_graph_node_names(traceable(net))[1]
+
+
+@functools.lru_cache(maxsize=16)
+def timm_graph_nodes(arch: str) -> tuple[str, ...]:
+    """The raw layer names of timm model ``arch`` (:func:`graph_node_names`), traced on the ``meta`` device."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        net = timm.create_model(arch, pretrained=False)
+    return tuple(graph_node_names(net.eval()))
 
 
 def _head_nodes(net: nn.Module, classifier: str | None) -> tuple[str | None, str | None, str, str | None]:

@@ -24,12 +24,15 @@ __all__ = ["ExtractSections", "check_backbones", "check_poolings", "load_extract
 def check_backbones(backbones: dict[str, BackboneParams]) -> dict[str, BackboneParams]:
     """Check every backbone and layer against the registry; ``default`` becomes the registry's default layer.
 
-    A backbone with ``model`` is that timm model (its spec built from timm's facts).
+    A backbone with ``model`` is that timm model (its spec built from timm's facts); a layer of it that is
+    no alias (a raw node, ``stages.2.blocks.1``) is checked against the model's graph, traced on the
+    ``meta`` device (no weights), only then.
 
     Raises
     ------
     featcache.extract.zoo.registry.UnknownNameError
-        For an unknown backbone, timm model or layer alias (with the valid names and a close match).
+        For an unknown backbone, timm model, layer alias or timm graph node (with the valid names and a
+        close match).
     ValueError
         For a layer listed twice.
     """
@@ -37,8 +40,14 @@ def check_backbones(backbones: dict[str, BackboneParams]) -> dict[str, BackboneP
         spec = get_backbone(name, backbone.model)  # raises with the list of valid names
         backbone.layers = [spec.default_layer if layer == "default" else layer for layer in backbone.layers]
         for layer in backbone.layers:
-            if layer not in spec.layers and "." not in layer:
+            if layer in spec.layers:
+                continue
+            if "." not in layer:
                 resolve_layer(spec, layer)  # raises with the aliases and a hint
+            elif spec.weights.startswith("timm:"):  # a raw node of a timm model: its graph, traced on meta
+                from featcache.extract.zoo.timm_models import timm_graph_nodes
+
+                resolve_layer(spec, layer, timm_graph_nodes(spec.arch))
         if len(set(backbone.layers)) != len(backbone.layers):
             raise ValueError(f"backbones.{name}.layers lists a layer twice: {backbone.layers}")
     return backbones
