@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import h5py
 import numpy as np
@@ -118,17 +119,42 @@ def test_precision_values_are_checked(workspace, params_factory):
         _params(workspace["tmp"], params_factory, workspace["data"], precision="int4")
 
 
-def test_the_gate_stops_a_graph_forced_to_quantize_everything(workspace, monkeypatch):
+def test_the_gate_stops_a_graph_forced_to_quantize_everything(workspace, monkeypatch, caplog):
     monkeypatch.setattr(quantize, "FLOAT_PREFIX_STEPS", (0,))  # no float32 fallback: every node quantized
     tmp = workspace["tmp"]
     cache = tmp / "cache-forced"
     params = workspace["params"].model_copy(deep=True)
     params.extract.onnx_cache = str(cache)
-    params.extract.int8_min_cosine = 0.999
+    params.extract.int8_min_cosine = 0.99995  # the log shows it as given (it showed "gate 1", rounded)
+    caplog.set_level(logging.INFO, logger="featcache")
     with pytest.raises(quantize.Int8GateError) as caught:
         extract(params, "efficientnet_lite0", tmp / "prepared" / "manifest.csv", tmp / "forced.h5", progress=False)
+    attempts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("int8 attempt 1")]
+    assert len(attempts) == 1 and "(extract.int8_min_cosine 0.99995)" in attempts[0]
     message = str(caught.value)
-    assert "int8_min_cosine=0.999" in message and "attempt 1: 0 leading node(s) in float32" in message
+    assert "int8_min_cosine=0.99995" in message and "attempt 1: 0 leading node(s) in float32" in message
     assert "Hint:" in message and caught.value.failed
     assert not (tmp / "forced.h5").exists()
     assert not list(cache.glob("*-int8-*.onnx"))  # nothing that failed the gate is cached
+
+
+def test_onnxruntime_quantizer_logs_go_to_featcache_at_debug(monkeypatch, caplog, tmp_path):
+    """onnxruntime's quantizer logs warnings per tensor on the root logger: they reach the user only with -v."""
+    def chatty_quantizer(*args, **kwargs):
+        logging.warning("failed to infer the type of tensor: t1. Skip to quantize it.")
+        logging.info("Quantization parameters for tensor:\"t2\" not specified")
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(quantize, "quantize_static", chatty_quantizer)
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(RuntimeError, match="stop here"):
+        quantize.quantize_graph(tmp_path / "in.onnx", tmp_path / "out.onnx", np.zeros((1, 3, 8, 8), np.float32), [],
+                                tmp_path / "ranges", {})
+    assert [(r.name, r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("featcache.extract.onnx.quantize", "DEBUG",
+         "onnxruntime quantizer: failed to infer the type of tensor: t1. Skip to quantize it."),
+        ("featcache.extract.onnx.quantize", "DEBUG",
+         "onnxruntime quantizer: Quantization parameters for tensor:\"t2\" not specified")]
+    caplog.clear()
+    logging.warning("after quantizing")  # the root logger is left as it was
+    assert [r.levelname for r in caplog.records] == ["WARNING"]

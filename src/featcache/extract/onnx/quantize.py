@@ -103,6 +103,17 @@ class _Batches(CalibrationDataReader):
         return None if batch is None else {INPUT_NAME: batch}
 
 
+class _OnnxruntimeAtDebug(logging.Filter):
+    """On the root logger while onnxruntime quantizes: its records go to this module's logger at DEBUG
+    (``featcache -v`` shows them), not to the user's terminal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        logger.debug("onnxruntime quantizer: %s", record.getMessage())
+        return False
+
+
 def quantize_graph(prepared: str | os.PathLike[str], out: str | os.PathLike[str], calibration: np.ndarray,
                    keep_float: Sequence[str], ranges: str | os.PathLike[str], metadata: dict[str, str],
                    reference: Mapping[str, np.ndarray] | None = None,
@@ -132,15 +143,15 @@ def quantize_graph(prepared: str | os.PathLike[str], out: str | os.PathLike[str]
     """
     reader = _Batches(calibration)
     root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.WARNING))  # onnxruntime logs a line per rescaled weight on the root logger
+    to_debug = _OnnxruntimeAtDebug()
+    root.addFilter(to_debug)  # onnxruntime's quantizer logs a line per tensor on the root logger
     try:
         quantize_static(str(prepared), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=list(keep_float),
                         calibration_cache_path=str(ranges))
     finally:
-        root.setLevel(level)
+        root.removeFilter(to_debug)
     model = onnx.load(str(out))
     float_model = onnx.load(str(prepared))
     quantized = [name for name in weighted_nodes(prepared) if name not in set(keep_float)]
@@ -183,8 +194,8 @@ def _gated_quantize(float_runner: OnnxFeatureRunner, out: Path, images: Calibrat
             del candidate
             attempts.append((keep, results))
             worst = min(result.cosine for result in results)
-            logger.info("int8 attempt %d: %d leading node(s) in float32, lowest held-out cosine %.5f "
-                        "(gate %.4g), %.1f s", attempt, len(keep), worst, min_cosine,
+            logger.info("int8 attempt %d: %d leading node(s) in float32, lowest held-out cosine %.6f "
+                        "(extract.int8_min_cosine %r), %.1f s", attempt, len(keep), worst, float(min_cosine),
                         time.perf_counter() - started)
             if worst >= min_cosine:
                 shutil.copyfile(candidate_path, out)
@@ -196,7 +207,8 @@ def _gated_quantize(float_runner: OnnxFeatureRunner, out: Path, images: Calibrat
              for index, (keep, results) in enumerate(attempts, start=1)]
     raise Int8GateError(
         f"extract.precision: int8: no quantized graph of {float_runner.export_config.get('backbone')!r} reached "
-        f"extract.int8_min_cosine={min_cosine:g} on {len(images.holdout)} held-out {images.holdout_split} images "
+        f"extract.int8_min_cosine={float(min_cosine)!r} on {len(images.holdout)} held-out {images.holdout_split} "
+        f"images "
         f"(lowest per-image cosine per layer, int8 vs float32):\n" + "\n".join(lines)
         + "\nHint: use extract.precision: float32 for this backbone, extract more robust layers (pooled "
         "rather than early maps), or lower extract.int8_min_cosine if the measured loss is acceptable.",
