@@ -139,3 +139,17 @@ def test_a_float_bias_is_corrected_too(graphs):
     np.testing.assert_allclose(corrections["conv1"], shift, atol=1e-4)
     restored = next(init for init in shifted.graph.initializer if init.name == "b1")
     np.testing.assert_allclose(numpy_helper.to_array(restored), original, atol=1e-4)
+
+
+def test_channel_means_skip_a_matmul_of_tokens():
+    """A transformer's linear layers are MatMul on (N, T, C) tokens (no bias to correct): they are skipped, not
+    probed as a (N, C, H, W) map (which onnxruntime refused, so int8 failed for every ViT)."""
+    weight = numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", [INPUT_NAME, "shape"], ["tokens"], name="reshape"),
+         helper.make_node("MatMul", ["tokens", "w"], ["out"], name="linear")],
+        "tokens", [helper.make_tensor_value_info(INPUT_NAME, onnx.TensorProto.FLOAT, [None, 4, 2, 2])],
+        [helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, None)],
+        [weight, numpy_helper.from_array(np.array([0, 4, 4], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert channel_means(model, ["linear"], np.ones((2, 4, 2, 2), np.float32), INPUT_NAME) == {}

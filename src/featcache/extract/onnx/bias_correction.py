@@ -95,7 +95,7 @@ def channel_means(model: onnx.ModelProto, nodes: Sequence[str], images: np.ndarr
     model : onnx.ModelProto
         A float32 or QDQ graph (not modified).
     nodes : sequence of str
-        Names of Conv (output (N, C, H, W)) or Gemm (output (N, C)) nodes of ``model``.
+        Names of Conv (output (N, C, H, W)) or Gemm (output (N, C)) nodes of ``model``; others are skipped.
     images : numpy.ndarray
         (N, 3, S, S) float32 input images, run in batches of :data:`BATCH`.
     input_name : str
@@ -108,6 +108,8 @@ def channel_means(model: onnx.ModelProto, nodes: Sequence[str], images: np.ndarr
     dict of str to numpy.ndarray
         Node name -> (C,) float64 mean (summed in float64 batch by batch).
     """
+    ops = {node.name: node.op_type for node in model.graph.node}
+    nodes = [name for name in nodes if ops.get(name) in BIAS_OPS]  # a MatMul (transformers) has no bias
     if not nodes:
         return {}
     probe, outputs = _probe_model(model, nodes)
