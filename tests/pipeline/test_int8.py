@@ -147,6 +147,7 @@ def test_onnxruntime_quantizer_logs_go_to_featcache_at_debug(monkeypatch, caplog
 
     monkeypatch.setattr(quantize, "quantize_static", chatty_quantizer)
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="featcache")  # the CLI sets featcache's level (INFO) in earlier tests
     with pytest.raises(RuntimeError, match="stop here"):
         quantize.quantize_graph(tmp_path / "in.onnx", tmp_path / "out.onnx", np.zeros((1, 3, 8, 8), np.float32), [],
                                 tmp_path / "ranges", {})

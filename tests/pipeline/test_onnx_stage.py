@@ -77,7 +77,7 @@ def test_an_openvino_store_made_on_a_cpu_without_bf16_is_valid_for_its_params():
 
 
 def test_second_onnx_extraction_does_not_export(tmp_path, folder_factory, params_factory, monkeypatch):
-    raw = params_factory(str(folder_factory(tmp_path / "images", per_class=2)))
+    raw = params_factory(str(folder_factory(tmp_path / "images", per_class=4)))
     raw["backbones"]["efficientnet_lite0"]["layers"] = ["pool"]
     raw["features"] = [{"backbone": "efficientnet_lite0", "layer": "pool"}]
     raw["extract"]["backend"] = "onnx"

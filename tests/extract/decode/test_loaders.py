@@ -242,7 +242,7 @@ def test_a_killed_worker_is_an_error_naming_its_rows_not_a_hang(tmp_path):
 
     batches = iter_array_batches(_DyingReader(12, tmp_path / "log", row=6), list(range(12)), batch_size=2,
                                  num_workers=2)
-    with pytest.raises(DecodeWorkerDiedError, match=r"rows 6\.\.7 .*Hint: lower extract\.workers"):
+    with pytest.raises(DecodeWorkerDiedError, match=r"rows 6\.\.7 .*Hint: lower extract_run\.num_workers"):
         for _ in batches:
             pass
     import multiprocessing
