@@ -92,3 +92,16 @@ def test_no_val_split_holds_out_from_train(clf_data):
     result = fit_and_evaluate(head, "classification", d["X_train"], d["y_train"], None, None,
                               d["X_test"], d["y_test"], n_boot=0)
     assert result.metrics["n_val"] == 0 and result.metrics["accuracy"] >= 0.8
+
+
+def test_no_test_rows_or_a_constant_target_is_refused_before_any_fit(clf_data, reg_data):
+    d = clf_data
+    head = make_head("logreg", "classification")
+    with pytest.raises(ValueError, match=r"no test rows \(rows per split: .*'test': 0\}\).*Hint: pass at least one"):
+        fit_and_evaluate(head, "classification", d["X_train"], d["y_train"], d["X_val"], d["y_val"],
+                         d["X_test"][:0], d["y_test"][:0], n_boot=0)
+    assert not hasattr(head, "classes_")  # refused before fit, not after
+    r = reg_data
+    with pytest.raises(ValueError, match="same regression target 2.5"):
+        fit_and_evaluate(make_head("logreg", "regression"), "regression", r["X_train"],
+                         np.full(len(r["y_train"]), 2.5), r["X_val"], r["y_val"], r["X_test"], r["y_test"], n_boot=0)

@@ -21,6 +21,7 @@ from featcache.util.serial import jsonable
 
 from .chunks import as_labels, materialise
 from .metrics import metrics_with_ci
+from .trainable import check_trainable_rows
 
 __all__ = ["RunResult", "fit_and_evaluate"]
 
@@ -126,6 +127,11 @@ def fit_and_evaluate(
     RunResult
         ``metrics`` holds the test metrics and ``ci`` plus ``n_features``,
         ``n_train``, ``n_val``, ``fit_seconds``, ``predict_seconds``, ``best_params``.
+
+    Raises
+    ------
+    ValueError
+        Before any fit, for a train or test set without rows, or (regression) a constant train target.
     """
     _check_task(head, task)
     if task == "classification":
@@ -134,6 +140,11 @@ def fit_and_evaluate(
     n_val = 0 if X_val is None else (int(X_val.shape[0]) if hasattr(X_val, "shape") else len(X_val))
     y_train, y_test = as_labels(y_train), as_labels(y_test)
     y_val = None if y_val is None else as_labels(y_val)
+    n_test = int(X_test.shape[0]) if hasattr(X_test, "shape") else len(X_test)
+    check_trainable_rows({"train": n_train, "val": n_val, "test": n_test},
+                         np.asarray(y_train) if task == "regression" else None, "fit_and_evaluate's data",
+                         "pass at least one row as X_{split} (a split of the store without rows?).",
+                         "pass train targets with at least two distinct values.", ValueError)
     if not getattr(head, "_streaming", False):
         X_train, X_test = materialise(X_train, "X_train"), materialise(X_test, "X_test")
         X_val = None if X_val is None else materialise(X_val, "X_val")
