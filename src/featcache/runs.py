@@ -32,8 +32,8 @@ from typing import Any
 from featcache.errors import SAVED_HEAD_HINT, SavedHeadError, SavedHeadNotFoundError
 from featcache.util.atomic import write_json
 
-__all__ = ["INFO_KEYS", "RUN_FILE", "RUN_INFO_KEYS", "SIDECAR_SUFFIX", "RunNotFoundError", "read_run", "read_run_info",
-           "run_key", "sidecar_path", "split_run", "write_run", "write_run_info"]
+__all__ = ["INFO_KEYS", "RUN_FILE", "RUN_INFO_FORMAT", "RUN_INFO_KEYS", "SIDECAR_SUFFIX", "RunNotFoundError",
+           "read_run", "read_run_info", "run_key", "sidecar_path", "split_run", "write_run", "write_run_info"]
 
 #: File beside a saved head describing where its features come from.
 RUN_FILE = "featcache-run.json"
@@ -41,6 +41,9 @@ RUN_FILE = "featcache-run.json"
 #: ``metrics/.../logreg.json`` -> ``metrics/.../logreg.run.json``.
 SIDECAR_SUFFIX = ".run.json"
 
+
+#: The ``format`` of the ``featcache-run.json`` this version writes (files from before it carry none).
+RUN_INFO_FORMAT = "featcache-run/1"
 
 #: The keys ``featcache predict`` reads from ``featcache-run.json``, and those of its ``extraction_config``.
 RUN_INFO_KEYS = ("backbone", "layer", "task", "classes", "extraction_config")
@@ -131,11 +134,12 @@ def read_run(metrics_path: str | Path) -> dict[str, Any] | None:
 
 
 def write_run_info(model_dir: str | Path, info: Mapping[str, Any]) -> Path:
-    """Write ``featcache-run.json`` (backbone, layer, task, classes, extraction config) beside a saved head."""
-    path = Path(model_dir) / RUN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
+    """Write ``featcache-run.json`` (backbone, layer, task, classes, extraction config) beside a saved head.
+
+    The file is written atomically and carries ``format`` (:data:`RUN_INFO_FORMAT`), so a later
+    version reading it knows which layout it holds.
+    """
+    return write_json(Path(model_dir) / RUN_FILE, {**info, "format": RUN_INFO_FORMAT})
 
 
 def read_run_info(model_dir: str | Path) -> dict[str, Any]:
@@ -146,8 +150,8 @@ def read_run_info(model_dir: str | Path) -> dict[str, Any]:
     RunNotFoundError
         (a FileNotFoundError) Naming the folder and what a run folder is.
     SavedHeadError
-        For a truncated file, or one written by an older version (a key of :data:`RUN_INFO_KEYS` missing,
-        named with the keys it has).
+        For a truncated file, one of another ``format`` than :data:`RUN_INFO_FORMAT`, or one written by an
+        older version (a key of :data:`RUN_INFO_KEYS` missing, named with the keys it has).
     """
     path = Path(model_dir) / RUN_FILE
     if not Path(model_dir).is_dir():
@@ -164,6 +168,10 @@ def read_run_info(model_dir: str | Path) -> dict[str, Any]:
                              f"damaged. {SAVED_HEAD_HINT}") from None
     if not isinstance(info, dict):
         raise SavedHeadError(f"{path} holds a JSON {type(info).__name__}, not an object. {SAVED_HEAD_HINT}")
+    if info.get("format", RUN_INFO_FORMAT) != RUN_INFO_FORMAT:  # no format: written before it existed
+        raise SavedHeadError(f"{path} has format {info['format']!r}; this featcache ({RUN_INFO_FORMAT!r}) cannot "
+                             "read it. Hint: use the featcache version that trained it, or retrain with this one "
+                             "(`dvc repro train`).")
     config = info.get("extraction_config")
     missing = [key for key in RUN_INFO_KEYS if key not in info]
     if isinstance(config, dict):

@@ -104,6 +104,22 @@ def test_a_run_file_of_an_older_version_is_refused_naming_the_key(tmp_path, edit
     assert "older featcache version" in message and "dvc repro train" in message
 
 
+def test_the_run_file_names_its_format_and_another_format_is_refused(tmp_path):
+    import json
+
+    from featcache.errors import SavedHeadError
+    from featcache.runs import RUN_INFO_FORMAT, read_run_info, write_run_info
+
+    _write_run_file(tmp_path / "old")  # no format: a file from before formats, read as before
+    info = read_run_info(tmp_path / "old")
+    write_run_info(tmp_path / "new", info)
+    written = json.loads((tmp_path / "new" / "featcache-run.json").read_text())
+    assert written["format"] == RUN_INFO_FORMAT and read_run_info(tmp_path / "new")["layer"] == "pool"
+    _write_run_file(tmp_path / "future", format="featcache-run/2")
+    with pytest.raises(SavedHeadError, match=r"has format 'featcache-run/2'; this featcache .*cannot read it"):
+        read_run_info(tmp_path / "future")
+
+
 def test_a_truncated_run_file_is_a_saved_head_error(tmp_path):
     from featcache.errors import SavedHeadError
     from featcache.runs import read_run_info
