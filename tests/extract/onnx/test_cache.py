@@ -335,3 +335,24 @@ def test_an_unwritable_cache_exports_to_a_temporary_file(resnet, tmp_path, monke
     assert writable_cache_dir(cache_dir) is None
     assert writable_cache_dir(tmp_path / "fine") == tmp_path / "fine" and (tmp_path / "fine").is_dir()
     assert list((tmp_path / "fine").iterdir()) == []  # the write probe leaves nothing behind
+
+
+def test_a_read_only_cache_still_serves_its_entries(resnet, tmp_path, monkeypatch, caplog):
+    """A cache prepared once and shared read-only: a hit needs no write access (no probe, no warning)."""
+    from featcache.extract.onnx import runner as runner_module
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(resnet.model.state_dict(), weights)
+    first = OnnxFeatureRunner.from_source(resolve_weights("resnet18", str(weights)), ["pool5"], input_size=SIZE,
+                                          intra_op_threads=1, cache_dir=tmp_path / "shared")
+
+    def no_write_access(setting):
+        raise AssertionError(f"probed {setting} for writing on a cache hit")
+
+    monkeypatch.setattr(runner_module, "writable_cache_dir", no_write_access)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="featcache.extract.onnx.cache"):
+        again = OnnxFeatureRunner.from_source(resolve_weights("resnet18", str(weights)), ["pool5"], input_size=SIZE,
+                                              intra_op_threads=1, cache_dir=tmp_path / "shared")
+    assert again.path == first.path and again.onnx_sha256 == first.onnx_sha256
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
-from featcache.extract.onnx.cache import cached_export, lookup, source_key, writable_cache_dir
+from featcache.extract.onnx.cache import (
+    cached_export,
+    lookup,
+    resolve_cache_dir,
+    source_key,
+    writable_cache_dir,
+)
 from featcache.extract.onnx.format import DEFAULT_OPSET, EXPORT_KEY, LAYERS_KEY
 from featcache.extract.zoo.registry import BackboneSpec
 from featcache.store.schema import LayerSpec
@@ -172,13 +178,16 @@ class OnnxFeatureRunner:
         OnnxFeatureRunner
             With :attr:`onnx_sha256` set.
         """
-        folder = writable_cache_dir(cache_dir)
-        if folder is None or not source.weights_sha256:
+        key = (source_key(source.spec, source.weights_sha256, layers, pooling, input_size, opset, exporter)
+               if source.weights_sha256 else None)
+        found = _read_only_hit(resolve_cache_dir(cache_dir), key)  # a shared cache may be read-only
+        folder = None if found is not None else writable_cache_dir(cache_dir)
+        if found is None and (folder is None or key is None):
             return cls.from_model(source.load().model, source.spec, layers, pooling=pooling, device=device,
                                   opset=opset, input_size=input_size, intra_op_threads=intra_op_threads,
                                   exporter=exporter, cache_dir=None if folder is None else folder, **options)
-        key = source_key(source.spec, source.weights_sha256, layers, pooling, input_size, opset, exporter)
-        found = lookup(folder, key)
+        if found is None:
+            found = lookup(folder, key)
         if found is None:
             from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 
@@ -325,3 +334,17 @@ class OnnxFeatureRunner:
         config = self._export_config
         return (f"OnnxFeatureRunner({str(self.path)!r}, backbone={config.get('backbone')!r}, "
                 f"layers={self.layer_names}, provider={self.provider!r})")
+
+
+def _read_only_hit(folder: Path | None, key: dict[str, Any] | None) -> tuple[Path, str] | None:
+    """The verified cache entry of ``key`` in ``folder`` if there is one, needing no write access.
+
+    A cache prepared once and shared read-only (a team's folder, a container image) still serves its
+    exports; a miss, a damaged entry or an unreadable folder is left to the writable path.
+    """
+    if folder is None or key is None or not folder.is_dir():
+        return None
+    try:
+        return lookup(folder, key)
+    except OSError:  # a damaged entry's lock cannot be taken in a read-only folder
+        return None
