@@ -130,3 +130,19 @@ def test_bench_cpu_runtimes_smoke_measures_every_runtime(tmp_path):
     assert rows["openvino f32"]["cosine_min"] > 0.9999  # the same graph, the same store
     assert all(row["forward"] > 0 and row["e2e"] > 0 and row["cosine_min"] > 0.99 for row in rows.values())
     assert "| resnet18 (pool5) | openvino bf16 |" in (tmp_path / "bench_cpu_runtimes.md").read_text()
+
+
+def test_bench_scaler_compares_both_scalers_on_a_store(tmp_path):
+    import h5py
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    store = tmp_path / "tiny.h5"
+    with h5py.File(store, "w") as f:
+        label = np.tile(np.arange(3), 30)
+        f["split"], f["label"] = np.repeat(np.arange(3, dtype=np.uint8), 30), label
+        f["features/pool"] = (rng.normal(size=(90, 6)) + label[:, None]).astype(np.float16)
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_scaler.py"), "--store", str(store), "--tasks",
+                           "classification"], capture_output=True, text=True, timeout=300, check=True)
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| classification | pool |")]
+    assert [row.split(" | ")[4] for row in rows] == ["plain", "clipped", "plain", "clipped"]

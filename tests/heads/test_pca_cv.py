@@ -122,14 +122,16 @@ def test_logreg_cv_mean_fold_score_chooses_C(clf_data):
     X, y = clf_data["X_train"], clf_data["y_train"]
     Cs = [1e-3, 1e-2, 1e-1, 1.0]
     head = LogisticRegressionHead(Cs=Cs, refine=False, cv_folds=3).fit(X, y)
-    # recompute the mean fold accuracy independently: scaler per fold, fitted on its fit rows
+    # recompute the mean fold accuracy independently: scaler per fold, fitted on its fit rows, whose range
+    # clips the selection rows
     folds = StratifiedKFold(n_splits=3, shuffle=True, random_state=0).split(X, y)
     acc = np.zeros(len(Cs))
     for fit_idx, sel_idx in folds:
         scaler = StandardScaler().fit(X[fit_idx])
         for i, C in enumerate(Cs):
             model = LogisticRegression(C=C, max_iter=1000).fit(scaler.transform(X[fit_idx]), y[fit_idx])
-            acc[i] += np.mean(model.predict(scaler.transform(X[sel_idx])) == y[sel_idx]) / 3
+            X_sel = np.clip(X[sel_idx], X[fit_idx].min(axis=0), X[fit_idx].max(axis=0))
+            acc[i] += np.mean(model.predict(scaler.transform(X_sel)) == y[sel_idx]) / 3
     got = [r["val_accuracy"] for r in head.search_results_]
     np.testing.assert_allclose(got, acc, atol=1e-9)
     assert all(r["cv_folds"] == 3 for r in head.search_results_)
@@ -149,7 +151,7 @@ def test_ridge_cv_mean_fold_rmse_chooses_alpha(reg_data):
         scaler = StandardScaler().fit(X[fit_idx])
         for i, alpha in enumerate(alphas):
             model = Ridge(alpha=alpha).fit(scaler.transform(X[fit_idx]), y[fit_idx])
-            pred = model.predict(scaler.transform(X[sel_idx]))
+            pred = model.predict(scaler.transform(np.clip(X[sel_idx], X[fit_idx].min(axis=0), X[fit_idx].max(axis=0))))
             rmse[i] += np.sqrt(np.mean((pred - y[sel_idx]) ** 2)) / 4
     np.testing.assert_allclose([r["val_rmse"] for r in head.search_results_], rmse, rtol=1e-9)
     assert head.best_params_ == {"alpha": alphas[int(np.argmin(rmse))]}

@@ -4,7 +4,7 @@ A saved head is a directory (the same fitted head always saves to the same bytes
 
     head.json     format, class name, get_params(), fitted metadata, the sha256 of every
                   other file (written last; ``fit_seconds_`` is not saved)
-    arrays.npz    scaler statistics, PCA components/mean/variances, classes, linear
+    arrays.npz    scaler statistics and range, PCA components/mean/variances, classes, linear
                   coefficients (allow_pickle=False)
     model.txt     LightGBM native text model, truncated at the best iteration
     module.pt     MLP state_dict (loaded with torch.load(weights_only=True))
@@ -41,6 +41,7 @@ from featcache.errors import SAVED_HEAD_HINT, SavedHeadError, SavedHeadNotFoundE
 from featcache.util.hashing import file_sha256
 from featcache.util.serial import jsonable
 
+from .preprocessing import ClippedScaler
 from .registry import HEAD_PATHS, head_class, head_storage
 
 __all__ = ["FORMAT", "load_head", "save_head"]
@@ -123,6 +124,8 @@ def save_head(head: BaseEstimator, directory: str | Path) -> Path:
             scaler_mean=scaler.mean_, scaler_scale=scaler.scale_, scaler_var=scaler.var_,
             scaler_n_samples_seen=np.asarray(scaler.n_samples_seen_, dtype=np.int64),
         )
+        if isinstance(scaler, ClippedScaler):
+            arrays.update(scaler_min=scaler.data_min_, scaler_max=scaler.data_max_)
     pca = getattr(head, "pca_", None)
     if pca is not None:
         arrays.update({f"pca_{name}": np.asarray(getattr(pca, f"{name}_")) for name in _PCA_ARRAYS})
@@ -149,7 +152,12 @@ def save_head(head: BaseEstimator, directory: str | Path) -> Path:
 
 
 def _restore_scaler(arrays: dict[str, np.ndarray], n_features: int) -> StandardScaler:
+    """The saved scaler: a :class:`ClippedScaler` with its range, or (a head saved before the range was kept)
+    the plain StandardScaler it was trained with."""
     scaler = StandardScaler()
+    if "scaler_min" in arrays:
+        scaler = ClippedScaler()
+        scaler.data_min_, scaler.data_max_ = arrays["scaler_min"], arrays["scaler_max"]
     scaler.mean_, scaler.scale_, scaler.var_ = arrays["scaler_mean"], arrays["scaler_scale"], arrays["scaler_var"]
     seen = arrays["scaler_n_samples_seen"]
     scaler.n_samples_seen_ = int(seen) if seen.ndim == 0 else seen
