@@ -22,6 +22,9 @@ with :func:`params_dataclass` (a :func:`dataclasses.dataclass` that writes an
 ``__init__`` which only stores them, keyword-only). Twins share their parameters
 through a common base class; scikit-learn's ``get_params``, ``set_params`` and
 ``clone`` read the generated ``__init__`` signature like a hand-written one.
+A rule in an ``Annotated`` annotation (``Annotated[int, AtLeast(1)]``,
+:mod:`~featcache.heads.param_types`) bounds a value: the head checks it at fit,
+and ``featcache check`` reads it from the source with the type.
 """
 
 from __future__ import annotations
@@ -29,12 +32,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 
 from .chunks import as_labels, is_dask_array
+from .param_types import AtLeast
 from .splits import Split, prepare_fit
 from .validation import encode_labels, expand_columns, resolve_classes
 
@@ -142,7 +146,7 @@ class ClassifierHead(ClassifierMixin, HeadBase):
         using ``_seen_proba``).
     """
 
-    n_classes: int | None = None
+    n_classes: Annotated[int, AtLeast(2)] | None = None
 
     _classification = True
 

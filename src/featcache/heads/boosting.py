@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from featcache.util.checks import check_int
-
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
+from .param_types import AtLeast, Interval, NonNegative, Positive, check_declared
 from .preprocessing import apply_preprocess, check_pca_components, fit_preprocess
 from .splits import Split
-from .validation import PARAM_HINT, check_features, check_fraction, check_positive, require_two_classes, resolve_classes
+from .validation import check_features, require_two_classes, resolve_classes
 
 __all__ = ["AUTO_COLUMNS", "LightGBMBase", "LightGBMHead", "LightGBMRegressorHead"]
 
@@ -44,16 +43,16 @@ def _has_eval_xy(lightgbm: Any) -> bool:
 class LightGBMBase(HeadBase):
     """Shared parameters (documented in :class:`LightGBMHead`), fitting and prediction of the LightGBM heads."""
 
-    n_estimators: int = 300
-    learning_rate: float = 0.1
-    num_leaves: int = 15
-    min_child_samples: int = 10
-    colsample_bytree: float | None = None
-    subsample: float = 1.0
-    reg_lambda: float = 0.0
-    max_bin: int = 63
-    early_stopping_rounds: int | None = 20
-    validation_fraction: float = 0.2
+    n_estimators: Annotated[int, AtLeast(1)] = 300
+    learning_rate: Annotated[float, Positive()] = 0.1
+    num_leaves: Annotated[int, AtLeast(2)] = 15
+    min_child_samples: Annotated[int, AtLeast(1)] = 10
+    colsample_bytree: Annotated[float, Interval(0, 1, high_closed=True)] | None = None
+    subsample: Annotated[float, Interval(0, 1, high_closed=True)] = 1.0
+    reg_lambda: Annotated[float, NonNegative()] = 0.0
+    max_bin: Annotated[int, AtLeast(2)] = 63
+    early_stopping_rounds: Annotated[int, AtLeast(1)] | None = 20
+    validation_fraction: Annotated[float, Interval(0, 1)] = 0.2
     pca_components: int | float | None = None
     random_state: int | None = 0
     n_jobs: int = 2
@@ -65,16 +64,7 @@ class LightGBMBase(HeadBase):
         return float(min(1.0, max(0.1, AUTO_COLUMNS / max(n_features, 1))))
 
     def _lgbm_params(self, n_features: int) -> dict[str, Any]:
-        check_int("n_estimators", self.n_estimators, 1, hint=PARAM_HINT)
-        check_positive("learning_rate", self.learning_rate)
-        check_int("num_leaves", self.num_leaves, 2, hint=PARAM_HINT)
-        check_int("min_child_samples", self.min_child_samples, 1, hint=PARAM_HINT)
-        if self.colsample_bytree is not None:
-            check_fraction("colsample_bytree", self.colsample_bytree, closed_right=True)
-        check_fraction("subsample", self.subsample, closed_right=True)
-        check_positive("reg_lambda", self.reg_lambda, allow_zero=True)
-        check_int("early_stopping_rounds", self.early_stopping_rounds, 1, allow_none=True, hint=PARAM_HINT)
-        check_int("max_bin", self.max_bin, 2, hint=PARAM_HINT)
+        check_declared(self)  # the rules in the fields' annotations
         check_pca_components(self.pca_components)
         seed = 0 if self.random_state is None else int(self.random_state)
         return {

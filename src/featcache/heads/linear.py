@@ -16,25 +16,23 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.utils.validation import check_is_fitted
 
-from featcache.util.checks import check_int
 from featcache.util.compute import thread_limit
 
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .metrics import log_loss_score
+from .param_types import AtLeast, Interval, Positive, check_declared
 from .preprocessing import apply_preprocess, check_pca_components
 from .splits import SelectionSets, Split, average_rows
 from .validation import (
-    PARAM_HINT,
     as_float_list,
     check_features,
-    check_positive,
     expand_columns,
     require_two_classes,
     resolve_classes,
@@ -115,10 +113,10 @@ class LinearSearchBase(HeadBase):
     """Shared parameters (documented in :class:`LogisticRegressionHead`) and search-then-refit of the linear heads."""
 
     refine: bool = True
-    refine_points: int = 3
+    refine_points: Annotated[int, AtLeast(2)] = 3
     refit_on_trainval: bool = False
-    validation_fraction: float = 0.2
-    cv_folds: int | None = None
+    validation_fraction: Annotated[float, Interval(0, 1)] = 0.2
+    cv_folds: Annotated[int, AtLeast(2)] | None = None
     pca_components: int | float | None = None
     random_state: int | None = 0
 
@@ -214,8 +212,8 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
     """
 
     Cs: Sequence[float] | np.ndarray | None = None
-    max_iter: int = 1000
-    tol: float = 1e-4
+    max_iter: Annotated[int, AtLeast(1)] = 1000
+    tol: Annotated[float, Positive()] = 1e-4
     n_jobs: int | None = 1
 
     def make_model(self, C: float, warm_start: bool) -> LogisticRegression:
@@ -277,9 +275,7 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
 
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Choose C on the validation split (or hold-out, or k folds), then refit."""
-        check_int("refine_points", self.refine_points, 2, hint=PARAM_HINT)
-        check_int("max_iter", self.max_iter, 1, hint=PARAM_HINT)
-        check_positive("tol", self.tol)
+        check_declared(self)  # the rules in the fields' annotations
         check_pca_components(self.pca_components)
         grid = as_float_list("Cs", DEFAULT_CS if self.Cs is None else self.Cs)
         split = self._split(X, y, X_val, y_val, self.cv_folds)
@@ -346,7 +342,7 @@ class RidgeHead(RegressorHead, LinearSearchBase):
 
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Choose alpha on the validation split (or hold-out, or k folds), then refit."""
-        check_int("refine_points", self.refine_points, 2, hint=PARAM_HINT)
+        check_declared(self)
         check_pca_components(self.pca_components)
         grid = as_float_list("alphas", DEFAULT_ALPHAS if self.alphas is None else self.alphas)
         split = self._split(X, y, X_val, y_val, self.cv_folds)

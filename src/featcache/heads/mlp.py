@@ -11,22 +11,21 @@ restored afterwards.
 from __future__ import annotations
 
 import logging
-import numbers
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from featcache.errors import ParamError
-from featcache.util.checks import check_int
 from featcache.util.compute import torch_threads
 
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
+from .param_types import AtLeast, Interval, NonNegative, Positive, check_declared
 from .preprocessing import apply_preprocess, check_pca_components, fit_preprocess
 from .splits import Split
 from .training import build_mlp, iter_batches, predict_batches, train_epochs
-from .validation import PARAM_HINT, check_features, check_positive, require_two_classes
+from .validation import check_features, require_two_classes
 
 if TYPE_CHECKING:
     import torch
@@ -46,15 +45,15 @@ class MLPBase(HeadBase):
     """
 
     hidden_sizes: Sequence[int] = (256,)
-    dropout: float = 0.2
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 256
-    max_epochs: int = 50
-    patience: int = 5
-    validation_fraction: float = 0.2
+    dropout: Annotated[float, Interval(0, 1, low_closed=True)] = 0.2
+    lr: Annotated[float, Positive()] = 1e-3
+    weight_decay: Annotated[float, NonNegative()] = 1e-4
+    batch_size: Annotated[int, AtLeast(2)] = 256
+    max_epochs: Annotated[int, AtLeast(1)] = 50
+    patience: Annotated[int, AtLeast(1)] = 5
+    validation_fraction: Annotated[float, Interval(0, 1)] = 0.2
     random_state: int | None = 0
-    n_threads: int = 2
+    n_threads: Annotated[int, AtLeast(1)] = 2
     device: str = "cpu"
 
     _none_seed = 0  # random_state=None means 0 everywhere, the hold-out split included
@@ -70,15 +69,7 @@ class MLPBase(HeadBase):
                 "integers, e.g. (512,) or (1024, 256); () gives a linear model. Hint: in params.yaml write a list, "
                 "e.g. hidden_sizes: [512]."
             )
-        if not (isinstance(self.dropout, numbers.Real) and not isinstance(self.dropout, bool)
-                and 0 <= self.dropout < 1):
-            raise ParamError(f"dropout={self.dropout!r} is invalid; allowed: a number in [0, 1).")
-        check_positive("lr", self.lr)
-        check_positive("weight_decay", self.weight_decay, allow_zero=True)
-        check_int("batch_size", self.batch_size, 2, hint=PARAM_HINT)
-        check_int("max_epochs", self.max_epochs, 1, hint=PARAM_HINT)
-        check_int("patience", self.patience, 1, hint=PARAM_HINT)
-        check_int("n_threads", self.n_threads, 1, hint=PARAM_HINT)
+        check_declared(self)  # the rules in the fields' annotations (chunk_rows of the streamed twins too)
         check_pca_components(getattr(self, "pca_components", None))
         import torch
 

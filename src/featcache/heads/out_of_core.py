@@ -23,21 +23,20 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from sklearn.linear_model import SGDClassifier, SGDRegressor
 from sklearn.utils.validation import check_is_fitted
 
-from featcache.util.checks import check_int
-
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, stream_outputs, streaming_sources
 from .dask_boosting import fit_lightgbm_dask
 from .metrics import log_loss_score
+from .param_types import AtLeast, Interval, check_declared
 from .preprocessing import fit_scaler_streaming
 from .streaming_mlp import StreamingMLPHead, StreamingMLPRegressorHead
-from .validation import PARAM_HINT, as_float_list
+from .validation import as_float_list
 
 __all__ = [
     "DEFAULT_SGD_ALPHAS",
@@ -57,13 +56,13 @@ class _StreamingLinearBase(HeadBase):
     """Shared parameters (documented in :class:`StreamingLogisticHead`) and streamed SGD fitting of the SGD heads."""
 
     alphas: Sequence[float] | None = None
-    max_epochs: int = 20
-    patience: int = 3
+    max_epochs: Annotated[int, AtLeast(1)] = 20
+    patience: Annotated[int, AtLeast(1)] = 3
     average: bool = True
     learning_rate: str = "optimal"
     eta0: float = 0.01
-    chunk_rows: int = DEFAULT_CHUNK_ROWS
-    validation_fraction: float = 0.2
+    chunk_rows: Annotated[int, AtLeast(1)] = DEFAULT_CHUNK_ROWS
+    validation_fraction: Annotated[float, Interval(0, 1)] = 0.2
     random_state: int | None = 0
 
     _streaming = True  # fit_and_evaluate passes dask arrays through unchanged
@@ -110,8 +109,7 @@ class _StreamingLinearBase(HeadBase):
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Stream the training chunks; choose alpha and the epoch on the validation rows."""
         grid = as_float_list("alphas", DEFAULT_SGD_ALPHAS if self.alphas is None else self.alphas)
-        check_int("max_epochs", self.max_epochs, 1, hint=PARAM_HINT)
-        check_int("patience", self.patience, 1, hint=PARAM_HINT)
+        check_declared(self)  # the rules in the fields' annotations
         seed = 0 if self.random_state is None else int(self.random_state)
         train, val = streaming_sources(self, X, y, X_val, y_val, random_state=self._seed())
         self._set_targets(train.served_y, train.y, val.y)

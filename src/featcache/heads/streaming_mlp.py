@@ -11,20 +11,19 @@ validation chunks. Only one chunk of features is in memory at a time.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
-from featcache.util.checks import check_int
 from featcache.util.compute import torch_threads
 
 from .base import params_dataclass
 from .chunks import DEFAULT_CHUNK_ROWS, stream_outputs, streaming_sources
 from .mlp import MLPClassifierBase, MLPRegressorBase
+from .param_types import AtLeast
 from .preprocessing import fit_scaler_streaming
 from .training import build_mlp, iter_batches, train_epochs
-from .validation import PARAM_HINT
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +38,7 @@ class _StreamingMLPMixin:
     Training loop: :func:`~featcache.heads.training.train_epochs`, as in memory.
     """
 
-    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    chunk_rows: Annotated[int, AtLeast(1)] = DEFAULT_CHUNK_ROWS
 
     _streaming = True
 
@@ -48,7 +47,6 @@ class _StreamingMLPMixin:
         import torch
 
         device = self._check_params()
-        check_int("chunk_rows", self.chunk_rows, 1, hint=PARAM_HINT)
         train, val = streaming_sources(self, X, y, X_val, y_val, random_state=self._seed())
         n_out = self._set_targets(train.served_y, train.y, val.y)
         self.scaler_, self.pca_ = fit_scaler_streaming(train), None

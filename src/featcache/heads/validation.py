@@ -7,8 +7,6 @@ hyper-parameter raises :class:`~featcache.errors.ParamError`: a ValueError (scik
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +14,9 @@ import numpy as np
 from sklearn.utils.validation import check_array, check_X_y, column_or_1d
 
 from featcache.errors import ParamError
-from featcache.util.checks import check_int
+from featcache.util.checks import check_int, check_number
+
+from .param_types import PARAM_HINT
 
 __all__ = [
     "FLOAT_DTYPES",
@@ -38,32 +38,14 @@ __all__ = [
 FLOAT_DTYPES = (np.float64, np.float32)
 
 
-#: The hint of a head's integer-parameter error (:func:`featcache.util.checks.check_int` fills in ``{name}``).
-PARAM_HINT = "Hint: set {name} in the head's params."
-
-
 def check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
     """Raise ParamError (a ValueError) unless ``value`` is a finite real > 0 (>= 0 if ``allow_zero``)."""
-    ok = (
-        isinstance(value, numbers.Real)
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and (value >= 0 if allow_zero else value > 0)
-    )
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ParamError(f"{name}={value!r} is invalid; allowed: a finite number {bound}. Hint: set {name} in "
-                         "the head's params.")
+    check_number(name, value, 0, low_closed=allow_zero, hint=PARAM_HINT)
 
 
 def check_fraction(name: str, value: Any, closed_right: bool = False) -> None:
     """Raise ParamError (a ValueError) unless ``0 < value < 1`` (``<= 1`` if ``closed_right``)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value > 0
-    ok = ok and (value <= 1 if closed_right else value < 1)
-    if not ok:
-        interval = "(0, 1]" if closed_right else "(0, 1)"
-        raise ParamError(f"{name}={value!r} is invalid; allowed: a number in {interval}. Hint: set {name} in "
-                         "the head's params.")
+    check_number(name, value, 0, 1, high_closed=closed_right, hint=PARAM_HINT)
 
 
 def check_features(X: Any, head: Any, name: str = "X") -> np.ndarray:

@@ -1,16 +1,17 @@
-"""The one integer-setting check of every error message: the name, the bad value, what is allowed.
+"""The integer and number setting checks of every error message: the name, the bad value, what is allowed.
 
 Imports only :mod:`featcache.errors` (a leaf) of featcache, for :class:`~featcache.errors.ParamError`.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
 from featcache.errors import ParamError
 
-__all__ = ["check_int"]
+__all__ = ["check_int", "check_number", "number_phrase"]
 
 
 def check_int(name: str, value: Any, minimum: int, maximum: int | None = None, *, allow_none: bool = False,
@@ -53,3 +54,51 @@ def check_int(name: str, value: Any, minimum: int, maximum: int | None = None, *
         allowed = bound + (" or None" if allow_none else "")
         extra = f" {hint.format(name=name)}" if hint else ""
         raise ParamError(f"{name}={value!r} is invalid; allowed: {allowed}.{extra}")
+
+
+def check_number(name: str, value: Any, low: float, high: float | None = None, *, low_closed: bool = False,
+                 high_closed: bool = False, hint: str = "") -> None:
+    """Raise ParamError (a ValueError) unless ``value`` is a finite real number in an interval.
+
+    Parameters
+    ----------
+    name : str
+        The setting's name in the message.
+    value : object
+        The value to check; ``bool`` is not a number here.
+    low : float
+        Lower bound, excluded unless ``low_closed``.
+    high : float, optional
+        Upper bound, excluded unless ``high_closed`` (default: none).
+    low_closed, high_closed : bool
+        Whether the bounds are allowed values.
+    hint : str
+        Appended to the message; ``{name}`` in it is replaced by ``name``.
+
+    Raises
+    ------
+    ParamError
+        ``"<name>=<value> is invalid; allowed: a finite number > <low>."`` (``>=`` when ``low_closed``) without
+        ``high``, else ``"... allowed: a number in (<low>, <high>]."`` (brackets as the bounds are closed).
+
+    Examples
+    --------
+    >>> check_number("dropout", 1.0, 0, 1, low_closed=True)
+    Traceback (most recent call last):
+    ...
+    featcache.errors.ParamError: dropout=1.0 is invalid; allowed: a number in [0, 1).
+    """
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= low if low_closed else value > low)
+    ok = ok and (high is None or (value <= high if high_closed else value < high))
+    if not ok:
+        extra = f" {hint.format(name=name)}" if hint else ""
+        raise ParamError(f"{name}={value!r} is invalid; allowed: {number_phrase(low, high, low_closed, high_closed)}."
+                         f"{extra}")
+
+
+def number_phrase(low: float, high: float | None, low_closed: bool = False, high_closed: bool = False) -> str:
+    """``"a finite number > 0"``, ``"a number in (0, 1]"``: what :func:`check_number` allows."""
+    if high is None:
+        return f"a finite number {'>=' if low_closed else '>'} {low:g}"
+    return f"a number in {'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
