@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from featcache.heads.param_source import SourceUnresolved, init_param_names
+from featcache.heads.param_source import ParamSource, SourceUnresolved, init_param_names, init_params
 
 
 def _write(folder, **modules: str) -> None:
@@ -79,3 +79,33 @@ def test_a_missing_class_or_module_is_said(tmp_path):
     for path in (".heads:Missing", ".nomodule:Head", "featcache.heads:Head"):
         with pytest.raises(SourceUnresolved):
             init_param_names(tmp_path, path)
+
+
+def test_annotations_and_defaults_are_read_as_written(tmp_path):
+    _write(tmp_path,
+           base="""
+               import dataclasses
+               from typing import Annotated
+               params = dataclasses.dataclass(kw_only=True)
+               @params
+               class Base:
+                   lr: Annotated[float, Positive()] = 0.1
+                   sizes: Sequence[int] = dataclasses.field(default=(8,))
+                   grid: list = dataclasses.field(default_factory=list)
+               """,
+           heads="""
+               from .base import Base, params
+               @params
+               class Head(Base):
+                   lr: float | None = None
+               class Explicit:
+                   def __init__(self, a: int, b: str = "x", *, c=None):
+                       pass
+               """)
+    found = init_params(tmp_path, ".heads:Head")
+    assert list(found) == ["grid", "lr", "sizes"]
+    assert found["lr"] == ParamSource("lr", "float | None", "None")  # the subclass's declaration
+    assert found["sizes"] == ParamSource("sizes", "Sequence[int]", "(8,)")
+    assert found["grid"] == ParamSource("grid", "list", None)
+    assert list(init_params(tmp_path, ".heads:Explicit").values()) == [
+        ParamSource("a", "int", None), ParamSource("b", "str", "'x'"), ParamSource("c", None, "None")]

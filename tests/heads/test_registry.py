@@ -28,6 +28,7 @@ from featcache.heads.registry import (
     STREAMING_HEADS,
     UnknownHeadError,
     check_head_params,
+    check_head_values,
     head_param_names,
     head_storage,
 )
@@ -121,6 +122,21 @@ def test_check_head_params_names_the_bad_key_without_importing_the_head():
     with pytest.raises(ValueError, match=r"unknown parameter 'max_itr' for head 'logreg'.*max_iter"):
         check_head_params("logreg", "classification", {"max_itr": 5})
     check_head_params("logreg", "classification", {"max_iter": 5})
+
+
+@pytest.mark.parametrize(("name", "params", "message"), [
+    ("lightgbm", {"learning_rate": "fast"}, "heads.lightgbm.learning_rate: 'fast' is not a float; allowed: a finite "
+                                            "number > 0 (default 0.1). Hint: "),
+    ("logreg", {"max_iter": -5}, "heads.logreg.max_iter: -5 is out of range; allowed: an integer >= 1 (default 1000)."),
+    ("mlp", {"n_threads": None}, "heads.mlp.n_threads: null is not allowed; allowed: an integer >= 1 (default 2)."),
+    ("mlp", {"hidden_sizes": 512}, "heads.mlp.hidden_sizes: 512 is not a list of integers; allowed: a list of "
+                                   "integers (default [256])."),
+])
+def test_check_head_values_names_the_key_the_value_and_what_is_allowed(name, params, message):
+    with pytest.raises(ValueError) as info:
+        check_head_values(name, "classification", params)
+    assert isinstance(info.value, UserError) and str(info.value).startswith(message), str(info.value)
+    check_head_values("lightgbm", "classification", {"colsample_bytree": None, "learning_rate": 1, "max_itr": "x"})
 
 
 #: Parameters whose default differs between the twins of a head (the SGD schedule).

@@ -97,11 +97,13 @@ def test_a_backbone_missing_from_params_is_a_clear_error(command, tmp_path, monk
 
 
 @pytest.mark.parametrize(("head", "section", "message"), [
-    ("lightgbm", "{learning_rate: fast}", "learning_rate='fast' is invalid; allowed: a finite number > 0."),
-    ("mlp", "{hidden_sizes: 512}", "hidden_sizes=512 is invalid; allowed: a sequence of positive integers"),
-    ("logreg", "{max_iter: 0}", "max_iter=0 is invalid; allowed: an integer >= 1."),
+    ("lightgbm", "{learning_rate: fast}", "heads.lightgbm.learning_rate: 'fast' is not a float; allowed: a finite "
+                                          "number > 0 (default 0.1)."),
+    ("mlp", "{hidden_sizes: 512}", "heads.mlp.hidden_sizes: 512 is not a list of integers"),
+    ("logreg", "{max_iter: 0}", "heads.logreg.max_iter: 0 is out of range; allowed: an integer >= 1 (default 1000)."),
 ])
 def test_a_bad_head_hyper_parameter_is_a_clear_error(head, section, message, tmp_path, monkeypatch, capsys):
+    """The train stage refuses the value when it reads params.yaml, before loading any features or fitting."""
     from _support.blob_store import write_store
 
     train_stage = importlib.import_module("featcache.pipeline.train")  # the module: the package exports train()
@@ -116,7 +118,7 @@ def test_a_bad_head_hyper_parameter_is_a_clear_error(head, section, message, tmp
                  "--layer", "pool", "--head", head, "--metrics", str(tmp_path / "m.json")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert err.startswith(f"featcache train: error: {message}")
+    assert err.startswith(f"featcache train: error: Invalid params:\n- {message}"), err
 
 
 def test_predict_with_a_folder_that_is_no_run_is_a_clear_error(tmp_path, capsys):

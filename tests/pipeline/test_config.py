@@ -62,6 +62,14 @@ def test_bad_values_are_named_with_the_allowed_ones(raw, expected):
     ({"heads": {"logreg": {"max_itr": 5}}}, "- heads.logreg: unknown parameter 'max_itr' for head 'logreg'"),
     ({"heads": {"lgbm": {"n_jobs": 1}}}, "- heads.lgbm: unknown head 'lgbm'"),
     ({"features": [{"backbone": "resnet18", "layer": "pool5"}]}, "- features[0].backbone 'resnet18'"),
+    ({"heads": {"lightgbm": {"learning_rate": "fast"}}},
+     "- heads.lightgbm.learning_rate: 'fast' is not a float; allowed: a finite number > 0 (default 0.1)."),
+    ({"heads": {"logreg": {"max_iter": -5}}}, "- heads.logreg.max_iter: -5 is out of range; allowed: an integer >= 1"),
+    ({"heads": {"mlp": {"dropout": 1}}}, "- heads.mlp.dropout: 1 is out of range; allowed: a number in [0, 1)"),
+    ({"heads": {"lightgbm": {"n_estimators": None}}}, "- heads.lightgbm.n_estimators: null is not allowed"),
+    ({"heads": {"mlp": {"hidden_sizes": 512}}}, "- heads.mlp.hidden_sizes: 512 is not a list of integers"),
+    ({"data": {"task": "regression"}, "heads": {"logreg": {"alphas": "0.1"}}},
+     "- heads.logreg.alphas: '0.1' is not a list of numbers"),
 ])
 def test_a_whole_file_check_names_the_key_where_the_line_starts(raw, line):
     """A cross-section check's line starts with the key in params.yaml (``heads.logreg``), not ``params:``."""
@@ -138,3 +146,39 @@ def test_each_stage_validates_only_the_sections_it_reads(tmp_path):
         with pytest.raises(ConfigError, match="unknown key 'extract.poolin'.*pooling"):
             load(path)
     assert load_prepare_sections(path).data.name == "digits"
+
+
+def test_the_shipped_head_values_pass_for_both_tasks():
+    """Every value of the shipped ``heads`` section has its head's type and is in range, for either task."""
+    import yaml
+
+    shipped = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text(encoding="utf-8"))
+    for task in ("classification", "regression"):
+        params = parse_params({**shipped, "data": {**shipped["data"], "task": task}})
+        assert params.heads == shipped["heads"]
+
+
+def test_check_refuses_a_bad_head_value_before_any_stage_runs_importing_no_head_library(tmp_path):
+    """``featcache check`` (the first stage; no DVC here) stops on ``learning_rate: fast`` in a fresh interpreter
+    that imports no scikit-learn, lightgbm or torch."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    (tmp_path / "params.yaml").write_text("heads:\n  lightgbm:\n    learning_rate: fast\n", encoding="utf-8")
+    probe = textwrap.dedent("""
+        import sys
+        from featcache.pipeline.cli import main
+        code = main(["check", "--params", "params.yaml"])
+        print("HEAVY", sorted(m for m in ("sklearn", "lightgbm", "torch") if m in sys.modules))
+        sys.exit(code)
+        """)
+    import featcache
+
+    env = dict(os.environ, PYTHONPATH=str(Path(featcache.__file__).resolve().parents[1]))  # the code under test
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "heads.lightgbm.learning_rate: 'fast' is not a float" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "HEAVY []" in done.stdout, done.stdout + done.stderr

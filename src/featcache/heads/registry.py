@@ -5,17 +5,20 @@ The pipeline builds heads only through :func:`make_head`, so a typo in
 The table holds import paths: a head's module (and its library: scikit-learn,
 lightgbm, torch) is imported only when that head is built.
 
-Checking a ``params.yaml`` section needs only the head's parameter names:
-:func:`head_param_names` reads them from the head's source
+Checking a ``params.yaml`` section needs only the head's parameter names and
+annotations: :func:`head_params` reads them from the head's source
 (:mod:`~featcache.heads.param_source`), so ``featcache check`` and every stage
-validate all heads without importing scikit-learn; what the source reader
-cannot follow falls back to importing the class.
+validate all heads' keys (:func:`check_head_params`) and values
+(:func:`check_head_values`, against the types and rules of
+:mod:`~featcache.heads.param_types`) without importing scikit-learn; what the
+source reader cannot follow falls back to importing the class.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -23,7 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featcache.errors import ParamError, UserError
-from featcache.heads.param_source import SourceUnresolved, init_param_names
+from featcache.heads.param_source import ParamSource, SourceUnresolved, init_params
+from featcache.heads.param_types import check_value
 from featcache.store.schema import TASKS
 from featcache.util.names import did_you_mean
 
@@ -31,8 +35,8 @@ if TYPE_CHECKING:
     from sklearn.base import BaseEstimator
 
 __all__ = ["DEFAULT_HEADS", "HEADS", "HEAD_PATHS", "LABELS", "REGISTRY", "STORAGES", "STREAMING_HEADS", "TASKS",
-           "HeadEntry", "UnknownHeadError", "check_head_params", "head_class", "head_label", "head_names",
-           "head_param_names", "head_storage", "make_head", "task_params"]
+           "HeadEntry", "UnknownHeadError", "check_head_params", "check_head_values", "head_class", "head_label",
+           "head_names", "head_param_names", "head_params", "head_storage", "make_head", "task_params"]
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +120,26 @@ class _HeadTable(Mapping[str, dict[str, "type[BaseEstimator]"]]):
 HEADS: Mapping[str, dict[str, type[BaseEstimator]]] = _HeadTable()
 
 
+def _read_params(name: str, task: str) -> dict[str, ParamSource]:
+    """The head's parameters from its source, or from its imported class where the source cannot be followed."""
+    path = _registered_path(name, task)
+    try:
+        return init_params(Path(__file__).parent, path)
+    except (SourceUnresolved, OSError, SyntaxError) as why:
+        log.debug("head_params(%s, %s): importing %s (%s)", name, task, path, why)
+        signature = inspect.signature(_load(path))
+        return {key: ParamSource(key, param.annotation if isinstance(param.annotation, str) else None,
+                                 None if param.default is param.empty else repr(param.default))
+                for key, param in sorted(signature.parameters.items())}
+
+
 @functools.lru_cache(maxsize=None)
 def head_param_names(name: str, task: str) -> tuple[str, ...]:
     """The constructor parameter names of the head registered for ``(name, task)``, without importing it.
 
     Read from the estimator's source (its ``__init__`` signature or its
     dataclass fields: the names ``get_params()`` returns) by
-    :func:`~featcache.heads.param_source.init_param_names`; falls back to
+    :func:`~featcache.heads.param_source.init_params`; falls back to
     importing the class where the source cannot be followed.
 
     Raises
@@ -130,12 +147,47 @@ def head_param_names(name: str, task: str) -> tuple[str, ...]:
     UnknownHeadError
         For an unknown head or task (as :func:`head_class`).
     """
-    path = _registered_path(name, task)
-    try:
-        return init_param_names(Path(__file__).parent, path)
-    except (SourceUnresolved, OSError, SyntaxError) as why:
-        log.debug("head_param_names(%s, %s): importing %s (%s)", name, task, path, why)
-        return tuple(sorted(_load(path)().get_params(deep=False)))
+    return tuple(_read_params(name, task))
+
+
+@functools.lru_cache(maxsize=None)
+def head_params(name: str, task: str) -> dict[str, ParamSource]:
+    """The constructor parameters of the ``(name, task)`` head, with their annotation and default source text.
+
+    Read as :func:`head_param_names` (without importing the head); do not modify the returned dict.
+
+    Raises
+    ------
+    UnknownHeadError
+        For an unknown head or task (as :func:`head_class`).
+    """
+    return _read_params(name, task)
+
+
+def check_head_values(name: str, task: str, params: Mapping[str, Any] | None, where: str | None = None) -> None:
+    """Fail on a value of the wrong type or out of range for the ``(name, task)`` head, without importing it.
+
+    Each value is checked against its parameter's annotation
+    (:func:`~featcache.heads.param_types.check_value`); keys the head does not
+    take are left to :func:`check_head_params`.
+
+    Parameters
+    ----------
+    name, task : str
+    params : mapping, optional
+        Parameter values as parsed from YAML.
+    where : str, optional
+        The section's place in the message; default ``heads.<name>``.
+
+    Raises
+    ------
+    ParamError
+        ``"heads.lightgbm.learning_rate: 'fast' is not a float; allowed: a number > 0 (default 0.1). Hint: ..."``.
+    """
+    declared = head_params(name, task)
+    for key, value in dict(params or {}).items():
+        if key in declared:
+            check_value(f"{where or 'heads.' + name}.{key}", value, declared[key].annotation, declared[key].default)
 
 
 def check_head_params(name: str, task: str, params: Mapping[str, Any] | None) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from featcache.heads.registry import DEFAULT_HEADS, check_head_params, head_names, task_params
+from featcache.heads.registry import DEFAULT_HEADS, check_head_params, check_head_values, head_names, task_params
 from featcache.pipeline.params.base import Strict
 from featcache.util.names import did_you_mean
 
@@ -38,18 +38,23 @@ class TrainParams(Strict):
 
 
 def check_heads_sections(heads: dict[str, dict[str, Any]], task: str) -> None:
-    """Check each ``heads.<name>`` section against its head's parameters (no head is imported).
+    """Check each ``heads.<name>`` section against its head's parameters: keys, then values (no head is imported).
 
     One section serves both tasks' twins; a key that neither twin takes is an
-    error naming the key and a close match.
+    error naming the key and a close match. A value of the wrong type or out of
+    range for the ``task`` twin (its field's annotation) is an error naming the
+    key, the value and what is allowed.
 
     Raises
     ------
     ValueError
-        Prefixed with the section's key (``heads.logreg: unknown parameter 'max_itr' ...``).
+        Prefixed with the section's key (``heads.logreg: unknown parameter 'max_itr' ...``) or the value's
+        (``heads.lightgbm.learning_rate: 'fast' is not a float ...``).
     """
     for name, section in heads.items():
+        params = task_params(name, task, section)
         try:
-            check_head_params(name, task, task_params(name, task, section))
+            check_head_params(name, task, params)
         except ValueError as error:  # named by its place in params.yaml, as pydantic names a section's keys
             raise ValueError(f"heads.{name}: {error}") from None
+        check_head_values(name, task, params)
