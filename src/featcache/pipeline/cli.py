@@ -124,7 +124,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     if args.store:
         rows = predict_store(args.model, args.store, split=args.split)
     else:
-        rows = predict_images(args.model, args.images, batch_size=args.batch_size, device=args.device)
+        rows = predict_images(args.model, args.images, batch_size=args.batch_size, device=args.device,
+                              onnx_cache=args.onnx_cache)
     path = write_predictions(rows, args.out)
     print(f"{path}: {len(rows)} predictions")
 
@@ -279,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--device", default="auto", choices=DEVICES,
                       help="where --images are featurised (default: auto: the CPU for a store extracted by "
                            "onnxruntime, OpenVINO or torch on the CPU; else CUDA when available)")
+    pred.add_argument("--onnx-cache", default="auto", metavar="DIR",
+                      help="ONNX export cache with --images, as extract_run.onnx_cache (default: auto: "
+                           "$FEATCACHE_CACHE_DIR/onnx or ~/.cache/featcache/onnx; none: no cache); give the "
+                           "extraction's to run an int8 store's very graph")
     pred.add_argument("--out", required=True, metavar="CSV", help="output CSV (folders created as needed)")
     pred.set_defaults(func=_cmd_predict)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featcache.extract.plan import ExtractionPlan, plan_extraction
-from featcache.pipeline.params.extract import extraction_config
+from featcache.pipeline.params.extract import INT8_GRAPH, extraction_config
 
 if TYPE_CHECKING:
     from featcache.extract.decode.preprocess import Preprocessor
@@ -105,6 +105,10 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
                                  channels_last=knobs.channels_last, onnx_cache=knobs.onnx_cache,
                                  calibration=calibration, int8_min_cosine=knobs.int8_min_cosine)
     attrs.update(built)
+    if plan.int8:  # the graph that makes the features, so that `featcache predict --images` runs it again
+        from featcache.extract.onnx.quantize import int8_graph_record
+
+        config["extract"][INT8_GRAPH] = int8_graph_record(built, manifest_path)
     if plan.backend == "torch":
         check_batch_memory(runner, preprocess.input_size, knobs.batch_size, plan.device,
                            num_workers=plan.num_workers)

@@ -8,7 +8,8 @@ same runtime (the ``extract.backend`` and autocast the store recorded:
 onnxruntime on the CPU for a store made that way) and with the same storage
 rounding (a float16 store's features are rounded to float16 before the head):
 ``predict --images`` gives the predictions ``predict --store`` gives for the
-same images.
+same images. A head trained on int8 features runs the store's very int8 graph (found in the ONNX cache by its
+recorded sha256, else rebuilt from the manifest it was calibrated on), or float32 with one warning saying why.
 
 Both write one CSV layout: ``id``, (``split``, ``actual`` with ``--store``),
 ``prediction``, ``p_<class>`` per class for a classifier, and ``error`` (empty
@@ -32,6 +33,7 @@ from featcache.errors import UserError
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.sources import IMAGE_EXTENSIONS
 from featcache.heads import load_head
+from featcache.pipeline.params.extract import INT8_GRAPH
 from featcache.runs import read_run_info
 from featcache.store import FeatureStore, StaleStoreError
 from featcache.store.reader import diff_config
@@ -209,12 +211,17 @@ def stored_weights(config: Mapping[str, Any], model_dir: str | Path) -> str:
         ``pretrained``, ``random``, an absolute path, or the path as recorded when no project holds it.
     """
     weights = str(config["weights"])
-    if weights in ("pretrained", "random") or Path(weights).expanduser().is_absolute():
-        return weights
+    return weights if weights in ("pretrained", "random") else _project_path(weights, model_dir)
+
+
+def _project_path(recorded: str, model_dir: str | Path) -> str:
+    """A path a stage recorded, resolved against the project above ``model_dir`` when relative (and there)."""
+    if Path(recorded).expanduser().is_absolute():
+        return recorded
     for folder in Path(model_dir).resolve().parents:
         if any((folder / marker).is_file() for marker in PROJECT_MARKERS):
-            return str(folder / weights) if (folder / weights).exists() else weights
-    return weights
+            return str(folder / recorded) if (folder / recorded).exists() else recorded
+    return recorded
 
 
 def _plan(config: Mapping[str, Any], device: str) -> tuple[Any, int | None]:
@@ -239,16 +246,38 @@ def _plan(config: Mapping[str, Any], device: str) -> tuple[Any, int | None]:
                        "the CPU (within the autocast's rounding). Hint: --device cuda on a GPU machine.", autocast)
         plan = plan_extraction(device=device, backend=backend, autocast="none", decode="cpu", num_workers=0,
                                device_setting="--device")
-    if knobs.get("precision", "float32") != "float32":
-        logger.info("the head was trained on %s features; scoring float32 features (the int8 gate kept them within "
-                    "cosine %s of float32)", knobs["precision"], knobs.get("int8_min_cosine"))
     if knobs.get("decode") == "gpu":
         logger.info("the head's JPEGs were decoded on the GPU; decoding with PIL here")
     return plan, (int(threads) if threads is not None and plan.backend == "torch" and plan.device == "cpu" else None)
 
 
+def _int8_runner(config: Mapping[str, Any], source: Any, preprocess: Preprocessor, model_dir: str | Path,
+                 onnx_cache: str, backend: str) -> Any:
+    """The runner of the int8 graph the head's features came from, or None (float32) after one warning."""
+    from featcache.extract.onnx.quantize import recorded_int8_runner
+
+    record = config["extract"].get(INT8_GRAPH)
+    manifest = _project_path(record["manifest"], model_dir) if record else ""
+    if backend != "onnx":
+        why = "onnxruntime, which runs it, is not installed"
+    elif record is None:
+        why = "the store's config records no int8 graph (extracted before featcache recorded it)"
+    else:
+        runner, why = recorded_int8_runner(record, source, config["layers"], config["extract"], preprocess,
+                                           manifest, cache_dir=onnx_cache)
+        if runner is not None:
+            return runner
+    logger.warning(
+        "the head was trained on int8 features, but %s: scoring float32 features instead (the int8 gate kept "
+        "them within cosine %s of float32; probabilities may differ from predict --store's). Hint: for the very "
+        "int8 features, pass --onnx-cache with the extract_run.onnx_cache the store was extracted with, or keep "
+        "its manifest%s and train images in place so the graph is rebuilt (re-extract if it has none).",
+        why, config["extract"].get("int8_min_cosine"), f" ({manifest})" if manifest else "")
+    return None
+
+
 def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_size: int = 32,
-                   device: str = "auto") -> list[dict[str, Any]]:
+                   device: str = "auto", onnx_cache: str = "auto") -> list[dict[str, Any]]:
     """Extract features of new images as the head's features were extracted and score them.
 
     The same backbone, weights, preprocessing and pooling, on the same runtime (the store's recorded
@@ -265,6 +294,9 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
     batch_size : int
         Images per forward pass.
     device : {"auto", "cpu", "cuda"} or "cuda:N"
+    onnx_cache : str
+        The ONNX export cache (as ``extract_run.onnx_cache``: ``auto``, ``none`` or a folder): where the
+        exports, and the int8 graph of an int8 store (by its recorded sha256), are looked for.
 
     Returns
     -------
@@ -296,9 +328,13 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
     knobs = config["extract"]
     plan, threads = _plan(config, device)
     source = resolve_weights(info["backbone"], stored_weights(config, model_dir), model=config.get("model"))
-    runner, _ = build_runner(source, [info["layer"]], plan, pooling=knobs["pooling"],
-                             channels_last=knobs.get("channels_last", True))
     preprocess = stored_preprocessor(config)
+    runner = None
+    if knobs.get("precision", "float32") == "int8":
+        runner = _int8_runner(config, source, preprocess, model_dir, onnx_cache, plan.backend)
+    if runner is None:
+        runner, _ = build_runner(source, [info["layer"]], plan, pooling=knobs["pooling"],
+                                 channels_last=knobs.get("channels_last", True), onnx_cache=onnx_cache)
     reader = ImageReader(paths, preprocess)
     stored = np.dtype(knobs.get("dtype", "float32"))  # the head was fitted on features read back from this dtype
     task, classes = info["task"], info["classes"]

@@ -61,8 +61,8 @@ if TYPE_CHECKING:
 
     from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 
-__all__ = ["CACHE_ENV", "cache_key", "cached_build", "cached_export", "default_cache_dir", "entry_path", "lookup",
-           "read_sidecar", "resolve_cache_dir", "source_key", "state_sha256", "writable_cache_dir"]
+__all__ = ["CACHE_ENV", "cache_key", "cached_build", "cached_export", "default_cache_dir", "entry_path", "find_entry",
+           "lookup", "read_sidecar", "resolve_cache_dir", "source_key", "state_sha256", "writable_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +260,39 @@ def lookup(cache_dir: str | os.PathLike[str], key: dict[str, Any]) -> tuple[Path
         return None
     logger.info("ONNX export cache hit: %s", path)
     return path, sha
+
+
+def find_entry(cache_dir: str | os.PathLike[str] | None, sha256: str, pattern: str = "*.onnx") -> Path | None:
+    """The entry of ``cache_dir`` whose file has the sha256 ``sha256``, whatever its key; None when none has.
+
+    For a graph known by its bytes (a store's recorded ``onnx_sha256``) rather than its key: the sidecars
+    (``<entry>.json``) of the entries matching ``pattern`` say which one it should be, and that file's own
+    sha256 must then equal ``sha256`` (a modified or truncated file is never returned). Needs no write
+    access (no lock is taken): a read-only shared cache serves it.
+
+    Parameters
+    ----------
+    cache_dir : path-like or None
+        The cache folder (None, or a missing folder: None).
+    sha256 : str
+        sha256 (hex) of the wanted ``.onnx`` file.
+    pattern : str
+        Glob of the entries to consider (``"*-int8-*.onnx"``: the int8 graphs).
+    """
+    if cache_dir is None or not Path(cache_dir).is_dir():
+        return None
+    for path in sorted(Path(cache_dir).glob(pattern)):
+        try:
+            if read_sidecar(path).get("sha256") != sha256:
+                continue
+            actual = file_sha256(path)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if actual == sha256:
+            return path
+        logger.warning("ONNX cache entry %s is not the graph its sidecar names (sha256 %s..., expected %s...); "
+                       "not using it.", path, actual[:12], sha256[:12])
+    return None
 
 
 def read_sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -24,6 +24,11 @@
    (:func:`~featcache.extract.onnx.cache.cached_build`), keyed by the float32
    graph's sha256, the samples' hash, the gate and :data:`QUANT_SETTINGS`,
    and the onnxruntime version: a warm run loads it without calibrating again.
+
+The store's config records the graph (:func:`int8_graph_record`: its sha256,
+the nodes kept in float32, the manifest it was calibrated on), and
+:func:`recorded_int8_runner` opens that very graph again for ``featcache
+predict --images``: from the cache, or rebuilt from the same samples.
 """
 
 from __future__ import annotations
@@ -50,15 +55,17 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from featcache.errors import UserError
 from featcache.extract.onnx.bias_correction import channel_means, correct_bias
-from featcache.extract.onnx.cache import cached_build, read_sidecar, writable_cache_dir
-from featcache.extract.onnx.calibration import CalibrationImages
+from featcache.extract.onnx.cache import cached_build, find_entry, read_sidecar, resolve_cache_dir, writable_cache_dir
+from featcache.extract.onnx.calibration import CalibrationImages, calibration_images
 from featcache.extract.onnx.format import INPUT_NAME
 from featcache.extract.onnx.parity import LayerParity, ParityError, compare_layers, format_parity
 from featcache.extract.onnx.runner import OnnxFeatureRunner
 
 __all__ = ["FLOAT_PREFIX_STEPS", "Int8GateError", "QUANT_CODE_VERSION", "QUANT_SETTINGS", "WEIGHTED_OPS",
-           "int8_key", "int8_runner", "quantize_graph", "weighted_nodes"]
+           "int8_graph_record", "int8_key", "int8_runner", "quantize_graph", "recorded_int8_runner",
+           "weighted_nodes"]
 
 logger = logging.getLogger(__name__)
 
@@ -287,3 +294,87 @@ def int8_runner(float_runner: OnnxFeatureRunner, images: CalibrationImages, *, m
     logger.info("int8 graph %s: lowest held-out cosine per layer %s, %d node(s) in float32", path.name,
                 attrs["int8_parity"], len(facts["float_nodes"]))
     return runner, attrs
+
+
+def int8_graph_record(attrs: Mapping[str, Any], manifest: str | os.PathLike[str]) -> dict[str, Any]:
+    """What an int8 store's config records of its graph, for :func:`recorded_int8_runner`.
+
+    Parameters
+    ----------
+    attrs : mapping
+        The attributes :func:`int8_runner` returned (``onnx_sha256``, ``int8_float_nodes``).
+    manifest : path-like
+        The manifest the calibration and held-out images were sampled from, as the extraction was given it.
+
+    Returns
+    -------
+    dict
+        ``onnx_sha256`` (the int8 graph's bytes), ``float_nodes`` (the nodes the gate kept in float32) and
+        ``manifest``.
+    """
+    return {"onnx_sha256": str(attrs["onnx_sha256"]), "float_nodes": json.loads(attrs["int8_float_nodes"]),
+            "manifest": str(manifest)}
+
+
+def recorded_int8_runner(record: Mapping[str, Any], source: Any, layers: Sequence[str], knobs: Mapping[str, Any],
+                         preprocess: Any, manifest: str | os.PathLike[str],
+                         cache_dir: str | os.PathLike[str] | None = "auto") -> tuple[OnnxFeatureRunner | None, str]:
+    """The runner of the very int8 graph a store was extracted with, or None and why not.
+
+    The graph whose sha256 ``record`` names is looked for in the ONNX cache (any entry with those bytes; a
+    modified file is never used). On a miss it is rebuilt as the extraction built it: the float32 export of
+    the store's ``layers``, calibrated and gated on the same samples of ``manifest`` (the same rows give the
+    same cache key), published to the cache, and used only if its sha256 is the recorded one.
+
+    Parameters
+    ----------
+    record : mapping
+        :func:`int8_graph_record` of the store (its config's ``extract.int8_graph``).
+    source : WeightsSource
+        The backbone and weights the store was extracted with.
+    layers : sequence of str
+        The store's layers (the graph computes them all).
+    knobs : mapping
+        The store config's ``extract`` section (``pooling`` and the int8 knobs).
+    preprocess : Preprocessor
+        The store's preprocessing.
+    manifest : path-like
+        ``record["manifest"]`` resolved to where it is now.
+    cache_dir : path-like, "auto", "none" or None
+        The ONNX cache the extraction used.
+
+    Returns
+    -------
+    runner : OnnxFeatureRunner or None
+        Over the recorded graph, on the CPU.
+    why : str
+        Empty with a runner; else why there is none (for the caller's warning).
+    """
+    sha = str(record["onnx_sha256"])
+    folder = resolve_cache_dir(cache_dir)
+    found = find_entry(folder, sha, "*-int8-*.onnx")
+    if found is not None:
+        logger.info("int8 graph of the head's features found in the ONNX cache: %s", found)
+        return OnnxFeatureRunner(found, device="cpu"), ""
+    where = f"the ONNX cache {folder}" if folder is not None else "no ONNX cache (onnx_cache: none)"
+    if not Path(manifest).is_file():
+        return None, (f"its graph (sha256 {sha[:12]}...) is not in {where}, and the manifest it was calibrated on, "
+                      f"{str(manifest)!r}, is missing, so it cannot be rebuilt")
+    logger.info("int8 graph %s... not in %s: rebuilding it from the calibration images of %s", sha[:12], where,
+                manifest)
+    from featcache.extract.inputs.manifest import Manifest
+
+    try:
+        images = calibration_images(Manifest.read(manifest), preprocess, int(knobs["int8_calibration"]),
+                                    int(knobs["int8_holdout"]))
+        float_runner = OnnxFeatureRunner.from_source(source, list(layers), pooling=knobs["pooling"], device="cpu",
+                                                     cache_dir=cache_dir)
+        runner, _ = int8_runner(float_runner, images, min_cosine=float(knobs["int8_min_cosine"]),
+                                cache_dir=cache_dir)
+    except UserError as error:  # a manifest, image or gate problem (Int8GateError included)
+        return None, f"its graph (sha256 {sha[:12]}...) is not in {where} and rebuilding it failed: {error}"
+    if runner.onnx_sha256 != sha:
+        return None, (f"its graph (sha256 {sha[:12]}...) is not in {where}, and the graph rebuilt from {manifest} "
+                      f"differs (sha256 {runner.onnx_sha256[:12]}...: other images at those rows, or another "
+                      "onnxruntime, onnx or torch version)")
+    return runner, ""

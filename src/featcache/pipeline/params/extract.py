@@ -37,7 +37,7 @@ from featcache.store.schema import (
 from featcache.util.compute import DEVICES
 from featcache.util.names import did_you_mean
 
-__all__ = ["BackboneParams", "ExtractParams", "INT8_KNOBS", "RUN_SECTION", "SPEED_ONLY", "WEIGHTS_NAMES",
+__all__ = ["BackboneParams", "ExtractParams", "INT8_GRAPH", "INT8_KNOBS", "RUN_SECTION", "SPEED_ONLY", "WEIGHTS_NAMES",
            "check_weights_name", "configured_backbone", "default_backbones", "extraction_config",
            "merge_run_section", "speed_keys_under_extract", "stored_choices"]
 
@@ -53,6 +53,11 @@ RUN_SECTION = "extract_run"
 
 #: The knobs of ``precision: int8``; they enter a store's config only for int8 stores.
 INT8_KNOBS = ("precision", "int8_calibration", "int8_holdout", "int8_min_cosine")
+
+#: The key of an int8 store's ``extract`` config that names its quantized graph (its sha256, the nodes kept in
+#: float32, the manifest it was calibrated on): recorded by the extract stage once the graph is built, read by
+#: ``featcache predict --images`` to run that very graph. Float32 stores have none.
+INT8_GRAPH = "int8_graph"
 
 
 class ExtractParams(Strict):
@@ -248,6 +253,8 @@ def stored_choices(extract: ExtractParams, stored: Mapping[str, Any]) -> dict[st
         choices["torch_threads"] = stored["torch_threads"]
     if stored.get("decode") == "gpu":  # features of either decode path are valid for the same params
         choices["decode"] = "gpu"
+    if INT8_GRAPH in stored:  # int8: the graph the store's extraction quantized and gated (any is valid)
+        choices[INT8_GRAPH] = stored[INT8_GRAPH]
     return choices
 
 
