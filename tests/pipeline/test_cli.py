@@ -201,3 +201,18 @@ def test_predict_help_describes_the_output_and_the_inputs(capsys):
                  "--images 'new/*.jpg'", "--store features/digits/efficientnet_lite0.h5 --split test",
                  "hidden files skipped", "--model DIR", "auto: the CPU for a store extracted by onnxruntime"):
         assert text in out, text
+
+
+def test_check_refuses_a_head_without_the_section_dvc_tracks(tmp_path, capsys):
+    # dvc.yaml's train stages track heads.<head>: without the section DVC stops naming only the key, so the
+    # check stage (which runs first) says which section to add; without a dvc.yaml no section is needed.
+    params = tmp_path / "params.yaml"
+    params.write_text("train: {heads: [logreg, sgd]}\nheads: {logreg: {max_iter: 100}}\n", encoding="utf-8")
+    assert main(["check", "--params", str(params)]) == 0
+    (tmp_path / "dvc.yaml").write_text("stages:\n  train:\n    params:\n      - heads.${item.head}\n")
+    assert main(["check", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert "train.heads lists ['sgd'] without a section under heads: (it has logreg)" in err, err
+    assert "Hint: add `sgd: {}` under heads:" in err, err
+    params.write_text("train: {heads: [logreg, sgd]}\nheads: {logreg: {}, sgd: {}}\n", encoding="utf-8")
+    assert main(["check", "--params", str(params)]) == 0

@@ -11,7 +11,8 @@ import argparse
 import logging
 import sys
 import textwrap
-from typing import Sequence
+from pathlib import Path
+from typing import Mapping, Sequence
 
 from featcache import __version__
 from featcache.errors import UserError
@@ -78,6 +79,26 @@ def _cmd_digits(args: argparse.Namespace) -> None:
     write_digits(args.out)
 
 
+def _check_head_sections(path: str, heads: Sequence[str], sections: Mapping[str, object]) -> None:
+    """Refuse a ``train.heads`` entry without its ``heads.<name>`` section when a ``dvc.yaml`` beside ``path``
+    tracks ``heads.${item.head}``: DVC would stop on it naming only the key (the CLI and API need no section)."""
+    missing = [name for name in heads if name not in sections]
+    if not missing:
+        return
+    try:
+        tracked = "heads.${item.head}" in (Path(path).parent / "dvc.yaml").read_text(encoding="utf-8")
+    except OSError:
+        tracked = False
+    if tracked:
+        from featcache.pipeline.params.base import ConfigError
+
+        raise ConfigError(
+            f"{path}: train.heads lists {missing} without a section under heads: (it has "
+            f"{', '.join(sorted(sections)) or 'none'}); the train stages of dvc.yaml track heads.<head>, so `dvc "
+            f"repro` stops on {', '.join(f'heads.{name}' for name in missing)}. Hint: add "
+            f"{', '.join(f'`{name}: {{}}`' for name in missing)} under heads: ({{}}: the head's defaults).")
+
+
 def _cmd_check(args: argparse.Namespace) -> None:
     from featcache.pipeline.config import parse_params
     from featcache.pipeline.params.base import read_params_file
@@ -87,6 +108,7 @@ def _cmd_check(args: argparse.Namespace) -> None:
     params = parse_params(raw)
     print(f"{args.params}: OK ({len(params.backbones)} backbone(s), {len(params.features)} feature set(s), "
           f"heads {params.train.heads})")
+    _check_head_sections(args.params, params.train.heads, params.heads)
     tracked = speed_keys_under_extract(raw)
     if tracked:
         logger.warning("%s sets %s under extract: they change how fast features are made, never their values, but "
