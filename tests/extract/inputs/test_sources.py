@@ -183,6 +183,20 @@ def test_from_csv_column_and_value_errors(tmp_path):
         from_csv(_write_csv(tmp_path / "e.csv", "path,label", ["a.png,x"]), RATIOS, 0, task="regression")
 
 
+def test_a_missing_or_semicolon_csv_names_what_is_there_and_the_params(tmp_path):
+    # A CSV name mistyped in data.csv: the CSVs that are there and the param to set (not only data.path).
+    _write_csv(tmp_path / "labels.csv", "path,label", ["a.png,x"])
+    with pytest.raises(ManifestError, match=r"'.*label\.csv' does not exist \(CSV files in .*: \['labels\.csv'\]\)\. "
+                                            r"Hint: set data\.path to the CSV's folder and data\.csv to its file name"):
+        from_csv(tmp_path / "label.csv", RATIOS, 0)
+    with pytest.raises(ManifestError, match=r"nowhere does not exist\)"):
+        from_csv(tmp_path / "nowhere" / "labels.csv", RATIOS, 0)
+    # A spreadsheet's semicolon export reads as one column named 'path;label': say so.
+    with pytest.raises(ManifestError, match=r"has columns \['path;label'\].*Its header looks semicolon-separated: save "
+                                            r"it comma-separated\."):
+        from_csv(_write_csv(tmp_path / "s.csv", "path;label", ["a.png;x"]), RATIOS, 0)
+
+
 @pytest.mark.parametrize(("value", "what"), [("abc", "Non-numeric"), ("", "Empty"), ("1,5", "Non-numeric"),
                                              ("inf", "Non-finite"), ("nan", "Non-finite")])
 def test_a_bad_target_names_its_row_what_is_allowed_and_a_hint(tmp_path, value, what):

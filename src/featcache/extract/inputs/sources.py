@@ -243,7 +243,11 @@ def from_csv(path: str | Path, ratios: Mapping[str, float], seed: int, task: str
     path = Path(path)
     classes = check_unique_classes(classes)
     if not path.is_file():
-        raise ManifestError(f"CSV manifest {str(path)!r} does not exist. Hint: set data.path in params.yaml.")
+        found = sorted(p.name for p in path.parent.glob("*.csv")) if path.parent.is_dir() else None
+        where = (f"{path.parent} does not exist" if found is None else
+                 f"CSV files in {path.parent}: {found}" if found else f"{path.parent} has no .csv file")
+        raise ManifestError(f"CSV manifest {str(path)!r} does not exist ({where}). Hint: set data.path to the "
+                            "CSV's folder and data.csv to its file name there, in params.yaml.")
     columns, rows = _csv_rows(path)
     column = "label" if task == "classification" else "target"
     for needed in ("path", column):
@@ -251,6 +255,9 @@ def from_csv(path: str | Path, ratios: Mapping[str, float], seed: int, task: str
             other = {"label": ("target", "regression"), "target": ("label", "classification")}.get(needed)
             switch = (f" It has '{other[0]}': for that set data.task: {other[1]}." if other and other[0] in columns
                       else "")
+            sep = next((name for sep, name in ((";", "semicolon"), ("\t", "tab")) if len(columns) == 1
+                        and sep in columns[0]), None)
+            switch += f" Its header looks {sep}-separated: save it comma-separated." if sep else ""
             raise ManifestError(f"CSV {path} has columns {columns}; a {task} manifest needs '{needed}' "
                                 f"(allowed columns: path, {'label' if task == 'classification' else 'target'}, "
                                 f"id, split). Hint: name the column '{needed}' in the header row.{switch}")
