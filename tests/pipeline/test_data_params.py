@@ -32,3 +32,13 @@ def test_shard_defaults_and_io_become_storage_options():
     assert options.filesystem_kwargs("s3") == {"anon": True}
     both = StorageOptions(options={"client_kwargs": {"trust_env": True}, "gs": {"token": "anon"}})
     assert both.filesystem_kwargs("gs") == {"client_kwargs": {"trust_env": True}, "token": "anon"}
+
+
+def test_split_ratios_that_do_not_sum_to_one_name_the_defaults_they_took():
+    # {train: 0.8, val: 0.2} sums to 1 as written: the message must say that test took its default 0.2.
+    with pytest.raises(ConfigError) as error:
+        parse_params({"data": {"split": {"train": 0.8, "val": 0.2}}})
+    assert "got 1.2 (0.8+0.2+0.2; test: 0.2 is its default, not set). Hint: set all three" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        parse_params({"data": {"split": {"train": 0.5, "val": 0.2, "test": 0.2}}})
+    assert "got 0.9 (0.5+0.2+0.2). Hint: set all three, e.g. {train: 0.6, val: 0.2, test: 0.2}" in str(error.value)

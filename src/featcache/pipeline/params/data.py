@@ -23,8 +23,12 @@ class SplitRatios(Strict):
     def _sum_to_one(self) -> "SplitRatios":
         total = self.train + self.val + self.test
         if abs(total - 1.0) > 1e-6:
+            unset = [name for name in ("train", "val", "test") if name not in self.model_fields_set]
+            defaults = (f"; {', '.join(f'{name}: {getattr(self, name):g}' for name in unset)} "
+                        f"{'is its default' if len(unset) == 1 else 'are their defaults'}, not set" if unset else "")
             raise ValueError(f"split ratios train+val+test must sum to 1, got {total:g} "
-                             f"({self.train:g}+{self.val:g}+{self.test:g})")
+                             f"({self.train:g}+{self.val:g}+{self.test:g}{defaults}). Hint: set all three, e.g. "
+                             "{train: 0.6, val: 0.2, test: 0.2} (val may be 0)")
         return self
 
 
