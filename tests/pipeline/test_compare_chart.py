@@ -72,3 +72,19 @@ def test_the_csv_has_the_templates_fields_best_first(tmp_path):
     assert [(row["run"], row["rank"]) for row in rows] == [("b/pool/mlp", "1"), ("b/pool/logreg", "2"),
                                                            ("b/pool/lightgbm", "3")]
     assert rows[0]["metric"] == "accuracy" and (rows[0]["ci_low"], rows[0]["ci_high"]) == ("0.95", "0.99")
+
+
+def test_runs_tied_on_the_metric_share_a_rank_ordered_by_log_loss(tmp_path):
+    # An easy dataset: every head at accuracy 1.0. Ranking them 1, 2, 3 by name put the worst-calibrated first.
+    for head, (accuracy, log_loss) in {"lightgbm": (1.0, 0.03), "logreg": (1.0, 0.0001), "mlp": (1.0, 0.002),
+                                       "sgd": (0.9, 0.2)}.items():
+        write_run(tmp_path / "metrics" / f"{head}.json",
+                  {"dataset": "d", "backbone": "b", "layer": "pool", "head": head, "task": "classification",
+                   "accuracy": accuracy, "log_loss": log_loss})
+    runs = compare(tmp_path / "metrics", tmp_path / "reports", plot_path=tmp_path / "plot.csv")
+    assert [(run["head"], run["rank"]) for run in runs] == [("logreg", 1), ("mlp", 1), ("lightgbm", 1), ("sgd", 4)]
+    with open(tmp_path / "plot.csv", newline="") as handle:
+        assert [row["rank"] for row in csv.DictReader(handle)] == ["1", "1", "1", "4"]
+    report = (tmp_path / "reports" / "compare.md").read_text()
+    assert "Runs with equal test accuracy share a rank, ordered by test log_loss (lower is better)." in report
+    assert "| 1 | b | pool | logreg |" in report and "| 4 | b | pool | sgd |" in report

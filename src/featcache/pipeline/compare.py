@@ -24,12 +24,15 @@ from featcache.runs import SIDECAR_SUFFIX, read_run
 from featcache.util.atomic import write_csv, write_text
 
 __all__ = ["compare", "collect_runs", "weights_label", "MetricsNotFoundError", "PLOT_COLUMNS", "PRIMARY_METRIC",
-           "UNKNOWN_WEIGHTS"]
+           "TIE_BREAK", "UNKNOWN_WEIGHTS"]
 
 logger = logging.getLogger(__name__)
 
 #: Ranking metric per task and whether higher is better.
 PRIMARY_METRIC = {"classification": ("accuracy", True), "regression": ("rmse", False)}
+
+#: Order among runs tied on the primary metric (each lower is better), then their names.
+TIE_BREAK = {"classification": "log_loss", "regression": "mae"}
 
 #: Columns of the comparison chart's CSV (one row per run, best first).
 PLOT_COLUMNS = ("run", "metric", "value", "ci_low", "ci_high", "rank")
@@ -133,12 +136,18 @@ def _rank(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     tasks = {run["task"] for run in runs}
     if len(tasks) > 1:
         raise ValueError(f"Cannot rank runs of different tasks together: {sorted(tasks)}.")
-    metric, higher = PRIMARY_METRIC[tasks.pop()]
-    key = lambda run: (-run[metric] if higher else run[metric], run["backbone"], run["layer"], _name(run))  # noqa: E731
-    ranked = sorted(runs, key=key)
-    for rank, run in enumerate(ranked, start=1):
-        run["rank"] = rank
+    task = tasks.pop()
+    metric, higher = PRIMARY_METRIC[task]
+    ranked = sorted(runs, key=lambda run: (-run[metric] if higher else run[metric], _finite(run.get(TIE_BREAK[task])),
+                                           run["backbone"], run["layer"], _name(run)))
+    for index, run in enumerate(ranked):  # runs tied on the metric share the rank of the first of them
+        run["rank"] = ranked[index - 1]["rank"] if index and run[metric] == ranked[index - 1][metric] else index + 1
     return ranked
+
+
+def _finite(value: Any) -> float:
+    """``value`` for sorting, a missing or NaN score last."""
+    return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else math.inf
 
 
 def _cell(run: dict[str, Any], metric: str) -> str:
@@ -161,7 +170,9 @@ def _markdown(runs: list[dict[str, Any]]) -> str:
         "",
         f"Dataset `{runs[0].get('dataset', '?')}`, task {task}; ranked by test {metric} "
         f"({'higher' if higher else 'lower'} is better). Brackets: 95% bootstrap CI on the test split. "
-        "Weights: those of the backbone that made the features (`random`: not pretrained).",
+        "Weights: those of the backbone that made the features (`random`: not pretrained)."
+        + (f" Runs with equal test {metric} share a rank, ordered by test {TIE_BREAK[task]} (lower is better)."
+           if len({run["rank"] for run in runs}) < len(runs) else ""),
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
