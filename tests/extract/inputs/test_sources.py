@@ -288,3 +288,20 @@ def test_build_manifest_dispatch(tmp_path):
 
 def test_image_extensions_cover_common_formats():
     assert {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif"} <= set(IMAGE_EXTENSIONS)
+
+
+def test_labels_that_differ_only_in_case_are_warned_about(tmp_path, caplog):
+    # 'Cat' and 'cat' (a spreadsheet's autocapitalised cells) silently made two classes.
+    for name in ("a.png", "b.png", "c.png", "d.png", "e.png", "f.png"):
+        Image.new("RGB", (4, 4)).save(tmp_path / name)
+    rows = ["a.png,cat", "b.png,cat", "c.png,Cat", "d.png,dog", "e.png,dog", "f.png,Cat"]
+    halves = {"train": 0.5, "val": 0, "test": 0.5}
+    with caplog.at_level(logging.WARNING):
+        manifest = from_csv(_write_csv(tmp_path / "l.csv", "path,label", rows), halves, 0)
+    assert manifest.classes == ["Cat", "cat", "dog"]
+    warned = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert any("differ only in letter case are separate classes: 'Cat' and 'cat'. Hint:" in text for text in warned)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        from_csv(tmp_path / "l.csv", halves, 0, classes=["cat", "Cat", "dog"])
+    assert not [record for record in caplog.records if "letter case" in record.getMessage()]

@@ -43,7 +43,12 @@ from featcache.extract.inputs.manifest import (
     splits_from_keys,
 )
 from featcache.extract.inputs.shards import DEFAULT_IMAGE_KEYS, expand_shards, scan_shard, shard_name
-from featcache.extract.inputs.sources import check_listed_classes, check_train_classes, check_unique_classes
+from featcache.extract.inputs.sources import (
+    check_listed_classes,
+    check_train_classes,
+    check_unique_classes,
+    warn_case_twins,
+)
 from featcache.extract.inputs.storage import StorageOptions, is_url
 from featcache.store.schema import SPLIT_CODES
 from featcache.util.atomic import atomic_path, write_text
@@ -213,6 +218,8 @@ def from_shards(path: str | Sequence[str], out: str | Path, ratios: Mapping[str,
             seen = sorted(codes, key=codes.get)  # type: ignore[arg-type]
             if classes is not None:
                 check_listed_classes(seen, classes, f"the shards of {path!r}")
+            else:
+                warn_case_twins(seen, f"the shards of {path!r}")
             names = sorted(seen) if classes is None else list(classes)
             index = np.array([names.index(name) for name in seen], dtype=np.int64)
             labels = index[np.frombuffer(label_codes, dtype=np.int32)]

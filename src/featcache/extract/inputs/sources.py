@@ -12,7 +12,7 @@ import logging
 import math
 import posixpath
 from pathlib import Path, PurePosixPath
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -21,7 +21,8 @@ from featcache.extract.inputs.storage import is_url
 from featcache.store.schema import SPLIT_CODES
 
 __all__ = ["IMAGE_EXTENSIONS", "SOURCES", "build_manifest", "check_listed_classes", "check_train_classes",
-           "check_unique_classes", "format_rows", "from_folder", "from_csv", "windows_path", "write_digits"]
+           "check_unique_classes", "format_rows", "from_folder", "from_csv", "warn_case_twins", "windows_path",
+           "write_digits"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,22 @@ def check_train_classes(labels: np.ndarray, splits: np.ndarray, classes: list[st
         if held.any() and absent:
             logger.warning("Classes without any %s image after the split: %s; their %s scores are not measured. "
                            "Hint: add images for them, or raise data.split.%s.", split, absent, split, split)
+
+
+def warn_case_twins(names: Iterable[str], where: str) -> None:
+    """Warn when labels differ only in letter case (``Cat`` and ``cat``): each is a class of its own.
+
+    Called where the classes come from the data (no ``data.classes``); listing them there keeps them apart
+    without the warning.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in sorted(set(names)):
+        groups.setdefault(name.casefold(), []).append(name)
+    twins = [group for group in groups.values() if len(group) > 1]
+    if twins:
+        logger.warning("Labels in %s that differ only in letter case are separate classes: %s. Hint: spell each "
+                       "class one way, or list them all in data.classes to keep them apart.", where,
+                       "; ".join(" and ".join(map(repr, group)) for group in twins))
 
 
 def format_rows(rows: Sequence[int], limit: int = 10) -> str:
@@ -81,6 +98,8 @@ def check_listed_classes(names: Sequence[str], classes: Sequence[str], where: st
 def _classification(ids: list[str], paths: list[str], names: list[str], splits: np.ndarray | None,
                     ratios: Mapping[str, float], seed: int, root: Path,
                     classes: Sequence[str] | None = None) -> Manifest:
+    if classes is None:
+        warn_case_twins(names, str(root))
     classes = sorted(set(names)) if classes is None else list(classes)
     index = {name: i for i, name in enumerate(classes)}
     labels = np.array([index[name] for name in names], dtype=np.int64)
