@@ -42,3 +42,12 @@ def test_split_ratios_that_do_not_sum_to_one_name_the_defaults_they_took():
     with pytest.raises(ConfigError) as error:
         parse_params({"data": {"split": {"train": 0.5, "val": 0.2, "test": 0.2}}})
     assert "got 0.9 (0.5+0.2+0.2). Hint: set all three, e.g. {train: 0.6, val: 0.2, test: 0.2}" in str(error.value)
+
+
+def test_a_folder_source_refuses_regression_before_any_work():
+    # It prepared a classification manifest from the class folders, and train died on NaN targets in sklearn.
+    with pytest.raises(ConfigError) as error:
+        parse_params({"data": {"source": "folder", "path": "imgs", "task": "regression"}})
+    assert "data.source: folder labels each image by its class folder, so it takes data.task: classification, " \
+           "not 'regression'. Hint: for regression give a CSV with path,target columns" in str(error.value)
+    assert parse_params({"data": {"source": "csv", "task": "regression"}}).data.task == "regression"

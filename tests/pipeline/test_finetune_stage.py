@@ -154,7 +154,7 @@ def test_a_hand_made_manifest_without_train_or_test_rows_is_refused(regression_i
     Manifest(ids, ids, np.array(splits, dtype=np.uint8), "regression", targets=np.arange(12.0),
              root=regression_images).write(manifest)
     raw = params_factory(str(regression_images))
-    raw["data"].update(task="regression")
+    raw["data"].update(task="regression", source="csv")  # (a hand-made manifest)
     raw["heads"] = {}
     with pytest.raises(ManifestError, match=message):
         finetune_stage(parse_params(raw), "frozen", manifest, tmp_path / "out", tmp_path / "m.json",
@@ -168,7 +168,7 @@ def test_a_hand_made_manifest_with_a_constant_train_target_is_refused(regression
     Manifest(ids, ids, np.array([0] * 8 + [2] * 4, dtype=np.uint8), "regression",
              targets=np.array([0.5] * 8 + [1.0, 2.0, 3.0, 4.0]), root=regression_images).write(manifest)
     raw = params_factory(str(regression_images))
-    raw["data"].update(task="regression")
+    raw["data"].update(task="regression", source="csv")  # (a hand-made manifest)
     raw["heads"] = {}
     with pytest.raises(ManifestError, match=r"all 8 train rows have the same regression target 0\.5"):
         finetune_stage(parse_params(raw), "frozen", manifest, tmp_path / "out", tmp_path / "m.json",

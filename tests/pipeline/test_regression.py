@@ -27,7 +27,7 @@ SHIPPED = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").r
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_shipped_params_validate_for_both_tasks(task):
     raw = copy.deepcopy(SHIPPED)
-    raw["data"]["task"] = task
+    raw["data"].update(task=task, source="folder" if task == "classification" else "csv")  # folder: classes
     params = parse_params(raw)
     linear = make_head("logreg", task, task_params("logreg", task, params.heads["logreg"]))
     assert type(linear) is {"classification": LogisticRegressionHead, "regression": RidgeHead}[task]
@@ -41,7 +41,7 @@ def test_shipped_params_validate_for_both_tasks(task):
 
 def test_a_key_no_twin_takes_still_fails():
     raw = copy.deepcopy(SHIPPED)
-    raw["data"]["task"] = "regression"
+    raw["data"].update(task="regression", source="csv")
     raw["heads"]["logreg"]["max_iters"] = 5
     with pytest.raises(ConfigError, match=r"unknown parameter 'max_iters' for head 'logreg' \(RidgeHead"):
         parse_params(raw)

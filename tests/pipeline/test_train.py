@@ -22,7 +22,7 @@ def test_a_store_without_test_rows_is_refused_by_name(tmp_path, params_factory):
     splits = np.array([0] * 7 + [1] * 3, dtype=np.uint8)  # train, val; no test
     Manifest(ids, ids, splits, "regression", targets=np.arange(10.0), root=root).write(tmp_path / "manifest.csv")
     raw = params_factory(str(root))
-    raw["data"].update(task="regression")
+    raw["data"].update(task="regression", source="csv")  # (a hand-made manifest)
     raw["heads"] = {"logreg": {"refine": False}}
     raw["backbones"]["efficientnet_lite0"]["layers"] = ["pool"]
     raw["features"] = [{"backbone": "efficientnet_lite0", "layer": "pool"}]

@@ -96,3 +96,11 @@ class DataParams(Strict):
         if self.classes is not None and self.task != "classification":
             raise ValueError(f"data.classes is only for classification (data.task is {self.task!r}); remove it")
         return self
+
+    @model_validator(mode="after")
+    def _folder_is_classification(self) -> "DataParams":
+        if self.source == "folder" and self.task != "classification":
+            raise ValueError(f"data.source: folder labels each image by its class folder, so it takes data.task: "
+                             f"classification, not {self.task!r}. Hint: for regression give a CSV with path,target "
+                             "columns (data.source: csv, data.csv) or shards with a target (data.source: webdataset)")
+        return self
