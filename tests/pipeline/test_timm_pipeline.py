@@ -133,6 +133,7 @@ def test_a_misspelt_timm_layer_fails_the_params_check_with_its_close_match(layer
     assert main(["check", "--params", str(params)]) == 2
     err = capsys.readouterr().err
     assert f"Unknown layer {layer!r} for backbone 'convnext'. Did you mean {close!r}?" in err
+    assert "list them with `featcache layers convnext --nodes --params params.yaml`." in err  # one command
 
 
 def test_a_raw_timm_node_passes_the_params_check(tmp_path, capsys):

@@ -364,8 +364,8 @@ def resolve_layer(backbone: str | BackboneSpec, layer: str,
     modules = {node.rsplit(".", depth)[0] for node in nodes for depth in range(1, node.count(".") + 1)}
     raise _unknown(
         "layer", layer, spec.layers,
-        f"Raw graph node names are accepted too; list them with `featcache layers {name} --nodes`"
-        f"{' --params params.yaml' if spec.weights.startswith('timm:') and not name.startswith(TIMM_PREFIX) else ''}.",
+        f"Raw graph node names are accepted too; list them with `featcache layers {name} --nodes"
+        f"{' --params params.yaml' if spec.weights.startswith('timm:') and not name.startswith(TIMM_PREFIX) else ''}`.",
         where=f" for backbone {name!r}", close_to=[*nodes, *sorted(modules)],
     )
 
