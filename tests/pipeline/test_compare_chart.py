@@ -88,3 +88,20 @@ def test_runs_tied_on_the_metric_share_a_rank_ordered_by_log_loss(tmp_path):
     report = (tmp_path / "reports" / "compare.md").read_text()
     assert "Runs with equal test accuracy share a rank, ordered by test log_loss (lower is better)." in report
     assert "| 1 | b | pool | logreg |" in report and "| 4 | b | pool | sgd |" in report
+
+
+def test_runs_of_two_datasets_are_not_ranked_together(tmp_path, capsys):
+    # `featcache compare --metrics-dir metrics` over metrics/digits and metrics/pets made one table headed
+    # with one dataset's name, rows of both indistinguishable; other tasks raised a bare ValueError.
+    from featcache.pipeline.cli import main
+
+    for dataset, accuracy in (("digits", 0.97), ("pets", 0.9)):
+        write_run(tmp_path / "metrics" / dataset / "b" / "pool" / "logreg.json",
+                  {"dataset": dataset, "backbone": "b", "layer": "pool", "head": "logreg", "task": "classification",
+                   "accuracy": accuracy})
+    assert main(["compare", "--metrics-dir", str(tmp_path / "metrics"), "--out", str(tmp_path / "reports")]) == 2
+    err = capsys.readouterr().err
+    assert "Cannot rank runs of different datasets together: 'digits' in [" in err and "'pets' in [" in err, err
+    assert "Hint: give --metrics-dir one dataset's folder (metrics/<data.name>)" in err
+    assert not (tmp_path / "reports" / "compare.md").exists()
+    compare(tmp_path / "metrics" / "pets", tmp_path / "reports")  # one dataset's folder: fine

@@ -23,8 +23,8 @@ from featcache.errors import UserError
 from featcache.runs import SIDECAR_SUFFIX, read_run
 from featcache.util.atomic import write_csv, write_text
 
-__all__ = ["compare", "collect_runs", "weights_label", "MetricsNotFoundError", "PLOT_COLUMNS", "PRIMARY_METRIC",
-           "TIE_BREAK", "UNKNOWN_WEIGHTS"]
+__all__ = ["compare", "collect_runs", "weights_label", "MetricsNotFoundError", "MixedRunsError", "PLOT_COLUMNS",
+           "PRIMARY_METRIC", "TIE_BREAK", "UNKNOWN_WEIGHTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ _COLUMNS = {
 
 class MetricsNotFoundError(UserError, FileNotFoundError):
     """``compare`` was given metrics folders none of which exists."""
+
+
+class MixedRunsError(UserError, ValueError):
+    """``compare`` found runs of several datasets or tasks: their test sets differ, so one ranking would mislead."""
 
 
 def collect_runs(metrics_dir: str | Path | Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -133,16 +137,28 @@ def _name(run: dict[str, Any]) -> str:
 def _rank(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not runs:
         return []
-    tasks = {run["task"] for run in runs}
-    if len(tasks) > 1:
-        raise ValueError(f"Cannot rank runs of different tasks together: {sorted(tasks)}.")
-    task = tasks.pop()
+    _check_one_kind(runs)
+    task = runs[0]["task"]
     metric, higher = PRIMARY_METRIC[task]
     ranked = sorted(runs, key=lambda run: (-run[metric] if higher else run[metric], _finite(run.get(TIE_BREAK[task])),
                                            run["backbone"], run["layer"], _name(run)))
     for index, run in enumerate(ranked):  # runs tied on the metric share the rank of the first of them
         run["rank"] = ranked[index - 1]["rank"] if index and run[metric] == ranked[index - 1][metric] else index + 1
     return ranked
+
+
+def _check_one_kind(runs: list[dict[str, Any]]) -> None:
+    """One dataset (where recorded) and one task: else :class:`MixedRunsError` naming each with its run files."""
+    for key in ("dataset", "task"):
+        where: dict[str, list[str]] = {}
+        for run in runs:
+            if run.get(key) is not None:
+                where.setdefault(str(run[key]), []).append(str(Path(run.get("source", "?")).parent))
+        if len(where) > 1:
+            found = "; ".join(f"{value!r} in {sorted(set(folders))[:3]}" for value, folders in sorted(where.items()))
+            raise MixedRunsError(f"Cannot rank runs of different {key}s together: {found}. Their test sets differ. "
+                                 "Hint: give --metrics-dir one dataset's folder (metrics/<data.name>), or several "
+                                 "folders of the same dataset (the fine-tune project's and the heads').")
 
 
 def _finite(value: Any) -> float:
