@@ -11,6 +11,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from featcache.pipeline.compare import PLOT_COLUMNS, compare
@@ -105,3 +106,13 @@ def test_runs_of_two_datasets_are_not_ranked_together(tmp_path, capsys):
     assert "Hint: give --metrics-dir one dataset's folder (metrics/<data.name>)" in err
     assert not (tmp_path / "reports" / "compare.md").exists()
     compare(tmp_path / "metrics" / "pets", tmp_path / "reports")  # one dataset's folder: fine
+
+
+def test_runs_of_two_tasks_are_refused_as_a_user_error(tmp_path):
+    from featcache.errors import UserError
+
+    for head, task in (("logreg", "classification"), ("ridge", "regression")):
+        write_run(tmp_path / "m" / f"{head}.json", {"dataset": "d", "backbone": "b", "layer": "pool", "head": head,
+                                                   "task": task, "accuracy": 0.5, "rmse": 1.0})
+    with pytest.raises(UserError, match=r"different tasks together: 'classification' in \[.*'regression' in"):
+        compare(tmp_path / "m", tmp_path / "r")
