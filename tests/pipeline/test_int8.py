@@ -82,6 +82,29 @@ def test_warm_int8_run_does_not_recalibrate(workspace, monkeypatch):
         np.testing.assert_array_equal(warm["features/pool"][()], cold["features/pool"][()])
 
 
+def test_a_read_only_cache_serves_its_int8_graph(workspace, monkeypatch, caplog):
+    """A cache prepared once and shared read-only: a warm int8 run neither probes it for writing nor warns."""
+    from featcache.extract.onnx import runner as runner_module
+
+    def no_write_access(setting):
+        raise AssertionError(f"probed {setting} for writing on a cache hit")
+
+    def no_quantizing(*args, **kwargs):
+        raise AssertionError("a warm int8 run quantized again")
+
+    monkeypatch.setattr(quantize, "writable_cache_dir", no_write_access)
+    monkeypatch.setattr(runner_module, "writable_cache_dir", no_write_access)
+    monkeypatch.setattr(quantize, "quantize_graph", no_quantizing)
+    out = workspace["tmp"] / "read-only.h5"
+    with caplog.at_level(logging.WARNING):
+        extract(workspace["params"], "efficientnet_lite0", workspace["tmp"] / "prepared" / "manifest.csv", out,
+                progress=False)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    with h5py.File(out, "r") as warm, h5py.File(workspace["out"], "r") as cold:
+        assert warm.attrs["onnx_sha256"] == cold.attrs["onnx_sha256"]
+        assert warm.attrs["int8_float_nodes"] == cold.attrs["int8_float_nodes"]
+
+
 def test_int8_blocks_are_not_resumed_by_a_float32_run(workspace, params_factory, monkeypatch):
     tmp = workspace["tmp"]
     out = tmp / "resume.h5"

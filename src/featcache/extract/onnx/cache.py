@@ -62,7 +62,8 @@ if TYPE_CHECKING:
     from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 
 __all__ = ["CACHE_ENV", "cache_key", "cached_build", "cached_export", "default_cache_dir", "entry_path", "find_entry",
-           "lookup", "read_sidecar", "resolve_cache_dir", "source_key", "state_sha256", "writable_cache_dir"]
+           "lookup", "read_only_lookup", "read_sidecar", "resolve_cache_dir", "source_key", "state_sha256",
+           "writable_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +261,21 @@ def lookup(cache_dir: str | os.PathLike[str], key: dict[str, Any]) -> tuple[Path
         return None
     logger.info("ONNX export cache hit: %s", path)
     return path, sha
+
+
+def read_only_lookup(folder: Path | None, key: dict[str, Any] | None) -> tuple[Path, str] | None:
+    """:func:`lookup`, needing no write access: the verified entry of ``key`` in ``folder``, or None.
+
+    A cache prepared once and shared read-only (a team's folder, a container image) still serves its
+    entries (float32 exports and int8 graphs alike); a miss, a damaged entry or an unreadable folder is left to
+    the writable path (:func:`writable_cache_dir`, :func:`cached_build`).
+    """
+    if folder is None or key is None or not folder.is_dir():
+        return None
+    try:
+        return lookup(folder, key)
+    except OSError:  # a damaged entry's lock cannot be taken in a read-only folder
+        return None
 
 
 def find_entry(cache_dir: str | os.PathLike[str] | None, sha256: str, pattern: str = "*.onnx") -> Path | None:

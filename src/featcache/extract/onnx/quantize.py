@@ -57,7 +57,14 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from featcache.errors import UserError
 from featcache.extract.onnx.bias_correction import channel_means, correct_bias
-from featcache.extract.onnx.cache import cached_build, find_entry, read_sidecar, resolve_cache_dir, writable_cache_dir
+from featcache.extract.onnx.cache import (
+    cached_build,
+    find_entry,
+    read_only_lookup,
+    read_sidecar,
+    resolve_cache_dir,
+    writable_cache_dir,
+)
 from featcache.extract.onnx.calibration import CalibrationImages, calibration_images
 from featcache.extract.onnx.format import INPUT_NAME
 from featcache.extract.onnx.parity import LayerParity, ParityError, compare_layers, format_parity
@@ -254,7 +261,8 @@ def int8_runner(float_runner: OnnxFeatureRunner, images: CalibrationImages, *, m
     min_cosine : float
         ``extract.int8_min_cosine``: lowest per-image cosine of every layer on the held-out images.
     cache_dir : path-like, "auto", "none" or None
-        The ONNX cache (``extract_run.onnx_cache``); without one the graph is quantized every run.
+        The ONNX cache (``extract_run.onnx_cache``); without one the graph is quantized every run. A
+        read-only cache serves a graph it holds; a miss needs a writable one.
     intra_op_threads : int, optional
         Threads of one operator (as the float32 runner's).
 
@@ -272,9 +280,12 @@ def int8_runner(float_runner: OnnxFeatureRunner, images: CalibrationImages, *, m
         When no attempt passes the gate (nothing is cached then).
     """
     key = int8_key(float_runner, images, min_cosine)
-    folder = writable_cache_dir(cache_dir)
+    found = read_only_lookup(resolve_cache_dir(cache_dir), key)  # a shared cache may be read-only
+    folder = None if found is not None else writable_cache_dir(cache_dir)
     tmpdir = None
-    if folder is None:
+    if found is not None:
+        path, facts = found[0], read_sidecar(found[0])
+    elif folder is None:
         tmpdir = tempfile.TemporaryDirectory(prefix="featcache-int8-")
         path = Path(tmpdir.name) / "int8.onnx"
         facts = _gated_quantize(float_runner, path, images, min_cosine, intra_op_threads)

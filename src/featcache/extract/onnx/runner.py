@@ -24,6 +24,7 @@ import onnxruntime as ort
 from featcache.extract.onnx.cache import (
     cached_export,
     lookup,
+    read_only_lookup,
     resolve_cache_dir,
     source_key,
     writable_cache_dir,
@@ -180,7 +181,7 @@ class OnnxFeatureRunner:
         """
         key = (source_key(source.spec, source.weights_sha256, layers, pooling, input_size, opset, exporter)
                if source.weights_sha256 else None)
-        found = _read_only_hit(resolve_cache_dir(cache_dir), key)  # a shared cache may be read-only
+        found = read_only_lookup(resolve_cache_dir(cache_dir), key)  # a shared cache may be read-only
         folder = None if found is not None else writable_cache_dir(cache_dir)
         if found is None and (folder is None or key is None):
             return cls.from_model(source.load().model, source.spec, layers, pooling=pooling, device=device,
@@ -334,17 +335,3 @@ class OnnxFeatureRunner:
         config = self._export_config
         return (f"OnnxFeatureRunner({str(self.path)!r}, backbone={config.get('backbone')!r}, "
                 f"layers={self.layer_names}, provider={self.provider!r})")
-
-
-def _read_only_hit(folder: Path | None, key: dict[str, Any] | None) -> tuple[Path, str] | None:
-    """The verified cache entry of ``key`` in ``folder`` if there is one, needing no write access.
-
-    A cache prepared once and shared read-only (a team's folder, a container image) still serves its
-    exports; a miss, a damaged entry or an unreadable folder is left to the writable path.
-    """
-    if folder is None or key is None or not folder.is_dir():
-        return None
-    try:
-        return lookup(folder, key)
-    except OSError:  # a damaged entry's lock cannot be taken in a read-only folder
-        return None
