@@ -33,13 +33,14 @@ sys.exit(code)
 """
 
 
-def heavy_modules(args: list[str], cwd: Path, heavy: tuple[str, ...] = HEAVY) -> list[str]:
-    """Run ``featcache ARGS`` in a fresh interpreter; the modules of ``heavy`` it imported."""
+def heavy_modules(args: list[str], cwd: Path, heavy: tuple[str, ...] = HEAVY, code: int = 0) -> list[str]:
+    """Run ``featcache ARGS`` in a fresh interpreter, checked to exit with ``code``; the modules of ``heavy`` it
+    imported."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1] / "src"),
                                                        os.environ.get("PYTHONPATH", "")]))
     done = subprocess.run([sys.executable, "-c", _WRAPPER.format(heavy=heavy), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == code, done.stdout[-2000:] + done.stderr[-3000:]
     line = [line for line in done.stdout.splitlines() if line.startswith("HEAVY-MODULES ")]
     assert line, done.stdout[-2000:] + done.stderr[-2000:]
     return json.loads(line[-1].split(" ", 1)[1])
@@ -102,6 +103,46 @@ def test_commands_that_run_no_model_import_no_heavy_library(command, project):
 def test_the_probe_sees_a_heavy_import(project):
     """The check above can fail: ``layers --nodes`` builds a model, and the probe reports torch."""
     assert "torch" in heavy_modules(["layers", "resnet18", "--nodes"], project)
+
+
+@pytest.fixture(scope="module")
+def model_folders(project) -> Path:
+    """Run folders as ``featcache predict --model`` reads them: one whose two JSON files are readable (its head
+    is never loaded here), one without ``head.json``, one with a truncated ``head.json``."""
+    from featcache.runs import write_run_info
+
+    info = {"backbone": "efficientnet_lite0", "layer": "pool", "task": "classification",
+            "classes": ["blue", "green", "red"],
+            "extraction_config": {"weights": "pretrained", "preprocess": {}, "extract": {"pooling": "avg"}}}
+    for name, head in (("ok", "{}"), ("no_head", None), ("bad_head", '{"format": "featcache-he')):
+        folder = project / "models" / name
+        write_run_info(folder, info)
+        if head is not None:
+            (folder / "head.json").write_text(head, encoding="utf-8")
+    return project / "models"
+
+
+#: ``featcache predict`` runs that exit 2 on an argument or the model folder, and the heavy modules each may
+#: import (a missing --store is found by the store's reader: h5py).
+PREDICT_ERRORS = {
+    "no model folder": (["--model", "models/nope", "--images", "images"], []),
+    "no head.json": (["--model", "models/no_head", "--images", "images"], []),
+    "truncated head.json": (["--model", "models/bad_head", "--images", "images"], []),
+    "missing images": (["--model", "models/ok", "--images", "images/nope"], []),
+    "no images": (["--model", "models/ok", "--images", "metrics"], []),
+    "batch size 0": (["--model", "models/ok", "--images", "images", "--batch-size", "0"], []),
+    "no model folder, a store": (["--model", "models/nope", "--store", "nope.h5"], []),
+    "missing store": (["--model", "models/ok", "--store", "nope.h5"], ["h5py"]),
+}
+
+
+@pytest.mark.parametrize("case", list(PREDICT_ERRORS))
+def test_predict_names_a_bad_argument_or_model_folder_before_loading_libraries(case, project, model_folders):
+    """Was: ``pipeline/predict.py`` imported scikit-learn (``load_head``), h5py and PIL at module level, so each of
+    these took over a second to exit 2. Now they import none of them (nor the saved head's loader)."""
+    args, allowed = PREDICT_ERRORS[case]
+    heavy = (*HEAVY, "h5py", "PIL", "featcache.heads.persistence")
+    assert heavy_modules(["predict", *args, "--out", "p.csv"], project, heavy, code=2) == allowed
 
 
 @pytest.fixture(scope="module")

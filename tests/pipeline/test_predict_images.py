@@ -115,16 +115,17 @@ def test_an_unwritable_onnx_cache_exports_to_a_temporary_file(trained, tmp_path,
     assert any("is not writable" in r.getMessage() and "temporary file" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("damage", ["no arrays.npz", "no featcache-run.json", "truncated model.txt", "absent"])
+@pytest.mark.parametrize("damage", ["no arrays.npz", "no featcache-run.json", "truncated model.txt", "absent",
+                                    "no head.json", "truncated head.json"])
 def test_a_broken_model_folder_exits_2_naming_it(trained, tmp_path, capsys, damage):
     """Was: a traceback (FileNotFoundError of numpy, a LightGBM crash) instead of one line with the fix."""
     model = tmp_path / "models" / "lightgbm"
     shutil.copytree(trained["models"] / "lightgbm", model)
     if damage == "absent":
         shutil.rmtree(model)
-    elif damage == "truncated model.txt":
-        text = (model / "model.txt").read_text()
-        (model / "model.txt").write_text(text[: len(text) // 2])
+    elif damage.startswith("truncated "):
+        text = (model / damage.split()[-1]).read_text()
+        (model / damage.split()[-1]).write_text(text[: len(text) // 2])
     else:
         (model / damage.removeprefix("no ")).unlink()
     code = main(["predict", "--model", str(model), "--store", str(trained["store"]), "--out", str(tmp_path / "p.csv")])

@@ -15,6 +15,9 @@ Both write one CSV layout: ``id``, (``split``, ``actual`` with ``--store``),
 ``prediction``, ``p_<class>`` per class for a classifier, and ``error`` (empty
 unless that image could not be read: such an image gets a row, it neither stops
 the run nor vanishes).
+
+The module imports no scikit-learn, h5py, torch or onnxruntime: the arguments and the model folder are
+checked first, so a wrong path exits in a fraction of a second, and the libraries load only to score.
 """
 
 from __future__ import annotations
@@ -23,22 +26,22 @@ import contextlib
 import csv
 import glob
 import importlib.util
+import json
 import logging
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from featcache.errors import UserError
-from featcache.extract.decode.preprocess import Preprocessor
+from featcache.errors import SAVED_HEAD_HINT, SavedHeadError, SavedHeadNotFoundError, UserError
 from featcache.extract.inputs.sources import IMAGE_EXTENSIONS
-from featcache.heads import load_head
-from featcache.pipeline.params.extract import INT8_GRAPH
 from featcache.runs import read_run_info
-from featcache.store import FeatureStore, StaleStoreError
-from featcache.store.reader import diff_config
 from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS, SPLITS
 from featcache.util.checks import check_int
+
+if TYPE_CHECKING:  # the store (h5py), the head (scikit-learn) and the runtimes load only to score
+    from featcache.extract.decode.preprocess import Preprocessor
+    from featcache.store import FeatureStore
 
 __all__ = ["FEATURE_CONFIG_KEYS", "PredictError", "feature_config", "predict_store", "predict_images",
            "stored_preprocessor", "stored_weights", "write_predictions"]
@@ -87,6 +90,27 @@ def _failed_row(sample_id: str, error: str, task: str, classes: Sequence[str]) -
     return {"id": sample_id, "prediction": "", **probabilities, "error": error}
 
 
+def _run_info(model_dir: str | Path) -> dict[str, Any]:
+    """``featcache-run.json`` of a run folder, after checking the folder holds a readable ``head.json`` too: a
+    wrong ``--model`` is named before scikit-learn, torch or onnxruntime loads (:func:`~featcache.heads.load_head`
+    then checks the head's other files and their sha256)."""
+    info = read_run_info(model_dir)
+    path = Path(model_dir) / "head.json"
+    if not path.is_file():
+        raise SavedHeadNotFoundError(f"{model_dir} is not a usable saved head: {path.name} (the head's class and "
+                                     f"parameters) is missing. {SAVED_HEAD_HINT}")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise SavedHeadError(f"{model_dir} is not a usable saved head: {path.name} could not be read "
+                             f"({type(error).__name__}: {error}); it is truncated or damaged. "
+                             f"{SAVED_HEAD_HINT}") from None
+    if not isinstance(meta, dict):
+        raise SavedHeadError(f"{model_dir} is not a usable saved head: {path.name} holds a JSON "
+                             f"{type(meta).__name__}, not an object. {SAVED_HEAD_HINT}")
+    return info
+
+
 def _score(head: Any, features: np.ndarray, task: str) -> np.ndarray:
     return head.predict_proba(features) if task == "classification" else head.predict(features)
 
@@ -97,8 +121,10 @@ def predict_store(model_dir: str | Path, store_path: str | Path, split: str | No
     Each row: ``id``, ``split``, ``actual`` (the store's class name or target, empty when it has none),
     ``prediction``, for a classifier ``p_<class>`` per class, and ``error`` (empty: a store holds no bad image).
     """
-    info = read_run_info(model_dir)
-    head = load_head(model_dir)
+    info = _run_info(model_dir)  # a wrong --model is named before h5py or scikit-learn loads
+    from featcache.store import FeatureStore, StaleStoreError
+    from featcache.store.reader import diff_config
+
     with FeatureStore(store_path) as store:
         diffs = diff_config(feature_config(store.config), feature_config(info["extraction_config"]))
         if diffs:
@@ -107,6 +133,9 @@ def predict_store(model_dir: str | Path, store_path: str | Path, split: str | No
                 + "; ".join(d.replace("params say", "the head's features had") for d in diffs)
                 + ". Hint: extract the images with the head's settings (extraction_config in its "
                 "featcache-run.json), or score the images with predict --images.")
+        from featcache.heads import load_head  # scikit-learn (and the head's library) once the inputs are good
+
+        head = load_head(model_dir)
         features = store.read(info["layer"], split)
         ids = list(store.ids(split))
         known = _known_answers(store, split, info["task"])
@@ -182,6 +211,8 @@ def stored_preprocessor(config: Mapping[str, Any]) -> Preprocessor:
     Preprocessor
         Images the extraction accepted are accepted again.
     """
+    from featcache.extract.decode.preprocess import Preprocessor
+
     limit = config.get("extract", {}).get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
     return Preprocessor.from_config(config["preprocess"], max_image_pixels=limit)
 
@@ -255,6 +286,7 @@ def _int8_runner(config: Mapping[str, Any], source: Any, preprocess: Preprocesso
                  onnx_cache: str, backend: str) -> Any:
     """The runner of the int8 graph the head's features came from, or None (float32) after one warning."""
     from featcache.extract.onnx.quantize import recorded_int8_runner
+    from featcache.pipeline.params.extract import INT8_GRAPH
 
     record = config["extract"].get(INT8_GRAPH)
     manifest = _project_path(record["manifest"], model_dir) if record else ""
@@ -311,18 +343,22 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
     PredictError
         For a missing path or no images, before the model loads.
     SavedHeadError
-        For an incomplete or damaged ``model_dir``.
+        For an incomplete or damaged ``model_dir`` (one without a readable ``featcache-run.json`` or ``head.json``
+        before scikit-learn, torch or onnxruntime is imported).
     """
     check_int("batch_size", batch_size, 1, hint="Hint: pass --batch-size 32 (images scored per forward pass).")
+    paths = _image_paths(inputs)  # a wrong path, device or model folder fails before the model is read
+    if device != "auto":  # only an explicit device is checked here (CUDA's presence may need torch)
+        from featcache.extract.plan import plan_extraction
+
+        plan_extraction(device=device, backend="torch", autocast="none", decode="cpu", device_setting="--device")
+    info = _run_info(model_dir)
     from featcache.extract.decode.loaders import ImageReader
-    from featcache.extract.plan import build_runner, plan_extraction
+    from featcache.extract.plan import build_runner
     from featcache.extract.zoo.weights import resolve_weights
+    from featcache.heads import load_head
     from featcache.util.compute import torch_threads
 
-    paths = _image_paths(inputs)  # a wrong path or device fails before the model is read
-    if device != "auto":
-        plan_extraction(device=device, backend="torch", autocast="none", decode="cpu", device_setting="--device")
-    info = read_run_info(model_dir)
     head = load_head(model_dir)
     config = info["extraction_config"]
     knobs = config["extract"]
