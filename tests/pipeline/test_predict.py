@@ -150,3 +150,23 @@ def test_a_relative_weights_path_is_the_projects_not_the_cwds(tmp_path, monkeypa
         project / "weights" / "mine.pth")
     for kept in ("pretrained", "random", str(project / "weights" / "mine.pth"), "weights/absent.pth"):
         assert stored_weights({"weights": kept}, model_dir) == kept
+
+
+def test_the_summary_line_counts_failed_images_apart(tmp_path, monkeypatch, capsys):
+    """Was: ``p.csv: 3 predictions`` for two predictions and one unreadable image."""
+    import featcache.pipeline.predict as predict
+    from featcache.pipeline.cli import main
+
+    def rows(n_good: int, n_bad: int) -> list[dict]:
+        return ([{"id": f"{k}.png", "prediction": "a", "error": ""} for k in range(n_good)]
+                + [{"id": f"bad{k}.png", "prediction": "", "error": "cannot identify image file"}
+                   for k in range(n_bad)])
+
+    out = tmp_path / "p.csv"
+    for (n_good, n_bad), expected in [((2, 1), "2 predictions, 1 image failed (see the error column)"),
+                                      ((1, 2), "1 prediction, 2 images failed (see the error column)"),
+                                      ((3, 0), "3 predictions")]:
+        scored = rows(n_good, n_bad)
+        monkeypatch.setattr(predict, "predict_images", lambda *args, scored=scored, **kwargs: scored)
+        assert main(["predict", "--model", "m", "--images", "x", "--out", str(out)]) == 0
+        assert capsys.readouterr().out == f"{out}: {expected}\n"

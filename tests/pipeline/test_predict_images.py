@@ -72,9 +72,10 @@ def test_images_get_the_predictions_of_their_store_rows(trained, head, tmp_path)
                 assert scored[column] == stored[column], (stored["id"], column)
 
 
-def test_a_bad_image_gets_a_row_and_hidden_files_are_skipped(trained, tmp_path):
+def test_a_bad_image_gets_a_row_and_hidden_files_are_skipped(trained, tmp_path, capsys):
     """Was: macOS ``._green.png`` and ``.hidden/`` were scored (a bad-image row each), and a bad image first in the
-    folder moved ``error`` before the probabilities (``id,prediction,error,p_blue,...``)."""
+    folder moved ``error`` before the probabilities (``id,prediction,error,p_blue,...``). Was too: ``p.csv: 2
+    predictions`` for one image and one failure; the summary counts failures apart."""
     folder = tmp_path / "new"
     (folder / ".hidden").mkdir(parents=True)
     green = sorted((trained["images"] / "green").glob("*.png"))[0]
@@ -89,6 +90,7 @@ def test_a_bad_image_gets_a_row_and_hidden_files_are_skipped(trained, tmp_path):
     bad, good = rows
     assert bad["error"] and bad["prediction"] == bad["p_green"] == ""
     assert good["prediction"] == "green" and good["error"] == ""
+    assert capsys.readouterr().out == f"{tmp_path / 'p.csv'}: 1 prediction, 1 image failed (see the error column)\n"
 
 
 def test_a_quoted_glob_is_expanded(trained, tmp_path):

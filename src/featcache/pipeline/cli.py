@@ -149,7 +149,10 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         rows = predict_images(args.model, args.images, batch_size=args.batch_size, device=args.device,
                               onnx_cache=args.onnx_cache)
     path = write_predictions(rows, args.out)
-    print(f"{path}: {len(rows)} predictions")
+    failed = sum(1 for row in rows if row["error"])
+    scored = len(rows) - failed
+    print(f"{path}: {scored} prediction{'' if scored == 1 else 's'}"
+          + (f", {failed} image{'' if failed == 1 else 's'} failed (see the error column)" if failed else ""))
 
 
 def _cmd_export_onnx(args: argparse.Namespace) -> None:
