@@ -152,6 +152,28 @@ def test_a_relative_weights_path_is_the_projects_not_the_cwds(tmp_path, monkeypa
         assert stored_weights({"weights": kept}, model_dir) == kept
 
 
+def test_a_folders_files_that_are_not_images_are_named_in_one_warning(tmp_path, caplog):
+    """Was: ``notes.txt`` and the other non-images of a folder were dropped without a word (``prepare`` warns). Now
+    one warning counts them and names a few; hidden files stay silent; the images are scored."""
+    import logging
+
+    from featcache.runs import RunNotFoundError
+
+    folder = tmp_path / "new"
+    (folder / "sub").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
+    for name in ("notes.txt", "labels.csv", "sub/readme", "sub/z.json", ".DS_Store"):
+        (folder / name).write_text("not an image")
+    with caplog.at_level(logging.WARNING, logger="featcache.pipeline.predict"):
+        with pytest.raises(RunNotFoundError):  # the paths are checked (and warned about) before the model
+            predict_images(tmp_path / "no-model", [folder])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("Skipped 4 files in the --images folders whose extensions are not images (")
+    shown = sorted(str(folder / name) for name in ("labels.csv", "notes.txt", "sub/readme", "sub/z.json"))[:3]
+    assert ", ".join(shown) + ", ...)" in warnings[0] and ".DS_Store" not in warnings[0] and ".png" in warnings[0]
+
+
 def test_the_summary_line_counts_failed_images_apart(tmp_path, monkeypatch, capsys):
     """Was: ``p.csv: 3 predictions`` for two predictions and one unreadable image."""
     import featcache.pipeline.predict as predict

@@ -72,10 +72,12 @@ def test_images_get_the_predictions_of_their_store_rows(trained, head, tmp_path)
                 assert scored[column] == stored[column], (stored["id"], column)
 
 
-def test_a_bad_image_gets_a_row_and_hidden_files_are_skipped(trained, tmp_path, capsys):
+def test_a_bad_image_gets_a_row_and_hidden_files_are_skipped(trained, tmp_path, capsys, caplog):
     """Was: macOS ``._green.png`` and ``.hidden/`` were scored (a bad-image row each), and a bad image first in the
     folder moved ``error`` before the probabilities (``id,prediction,error,p_blue,...``). Was too: ``p.csv: 2
-    predictions`` for one image and one failure; the summary counts failures apart."""
+    predictions`` for one image and one failure, and the folder's ``notes.txt`` dropped without a word. Now the
+    summary counts failures apart, the skipped file is warned about, and a non-image named on the command line
+    gets its error row (as a file a CSV manifest lists does at extraction)."""
     folder = tmp_path / "new"
     (folder / ".hidden").mkdir(parents=True)
     green = sorted((trained["images"] / "green").glob("*.png"))[0]
@@ -84,6 +86,7 @@ def test_a_bad_image_gets_a_row_and_hidden_files_are_skipped(trained, tmp_path, 
     shutil.copy(green, folder / ".hidden" / "copy.png")
     (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (folder / "._green.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    (folder / "notes.txt").write_text("taken on the 3rd")
     header, rows = _predict(trained["models"] / "logreg", "--images", str(folder), out=tmp_path / "p.csv")
     assert header == HEADER
     assert [Path(row["id"]).name for row in rows] == ["0_bad.png", "green.png"]
@@ -91,6 +94,14 @@ def test_a_bad_image_gets_a_row_and_hidden_files_are_skipped(trained, tmp_path, 
     assert bad["error"] and bad["prediction"] == bad["p_green"] == ""
     assert good["prediction"] == "green" and good["error"] == ""
     assert capsys.readouterr().out == f"{tmp_path / 'p.csv'}: 1 prediction, 1 image failed (see the error column)\n"
+    skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipped ")]
+    assert len(skipped) == 1 and "Skipped 1 file in the --images folders" in skipped[0]
+    assert str(folder / "notes.txt") in skipped[0] and ".DS_Store" not in skipped[0]
+
+    _, named = _predict(trained["models"] / "logreg", "--images", str(folder / "notes.txt"), str(folder / "green.png"),
+                        out=tmp_path / "q.csv")
+    assert [Path(row["id"]).name for row in named] == ["notes.txt", "green.png"]
+    assert named[0]["error"] and named[0]["prediction"] == "" and named[1]["prediction"] == "green"
 
 
 def test_a_quoted_glob_is_expanded(trained, tmp_path):

@@ -176,21 +176,34 @@ def _expand(item: str | Path) -> list[Path]:
     return [Path(match) for match in sorted(glob.glob(str(item), recursive=True))]
 
 
+#: How many skipped files the warning of :func:`_image_paths` names.
+_SKIPPED_SHOWN = 3
+
+
 def _image_paths(inputs: Sequence[str | Path]) -> list[Path]:
     """The images to score: files as given; folders searched recursively for :data:`IMAGE_EXTENSIONS` (hidden
-    files and folders skipped); a quoted glob pattern expanded here (a shell that did not expand it)."""
+    files and folders skipped silently, other files with one warning, as ``prepare`` does); a quoted glob pattern
+    expanded here (a shell that did not expand it)."""
     expanded = {str(item): _expand(item) for item in inputs}
     missing = [item for item, found in expanded.items() if not found or not found[0].exists()]
     if missing:
         raise PredictError(f"No such file or folder: {missing} (a glob pattern matched nothing). Hint: give image "
                            "files, folders of images, or a pattern such as 'new_images/*.jpg'.")
     paths: list[Path] = []
+    skipped: list[Path] = []
     for item in (path for found in expanded.values() for path in found):
         if item.is_dir():
-            paths.extend(sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                                and p.is_file() and _visible(p, item)))
+            visible = sorted(p for p in item.rglob("*") if p.is_file() and _visible(p, item))
+            paths.extend(p for p in visible if p.suffix.lower() in IMAGE_EXTENSIONS)
+            skipped.extend(p for p in visible if p.suffix.lower() not in IMAGE_EXTENSIONS)
         elif item.is_file():
-            paths.append(item)
+            paths.append(item)  # named (or matched by a pattern): scored, or an error row if it is no image
+    if skipped:
+        logger.warning("Skipped %d file%s in the --images folders whose extensions are not images (%s%s); images "
+                       "must end in one of %s. Hint: rename or convert them to be scored, or name a file itself "
+                       "to get its row (with the error if it cannot be read).", len(skipped),
+                       "s" if len(skipped) != 1 else "", ", ".join(map(str, skipped[:_SKIPPED_SHOWN])),
+                       ", ..." if len(skipped) > _SKIPPED_SHOWN else "", ", ".join(IMAGE_EXTENSIONS))
     if not paths:
         raise PredictError(f"No images found in {list(map(str, inputs))} (extensions {IMAGE_EXTENSIONS}; hidden "
                            "files skipped). Hint: give image files, or folders that contain them.")
