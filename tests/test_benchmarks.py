@@ -146,3 +146,26 @@ def test_bench_scaler_compares_both_scalers_on_a_store(tmp_path):
                            "classification"], capture_output=True, text=True, timeout=300, check=True)
     rows = [line for line in done.stdout.splitlines() if line.startswith("| classification | pool |")]
     assert [row.split(" | ")[4] for row in rows] == ["plain", "clipped", "plain", "clipped"]
+
+
+def test_bench_mlp_small_variants_and_table(monkeypatch, tmp_path):
+    import h5py
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench = importlib.import_module("bench_mlp_small")
+    # an epoch of 50 rows is one step; the digits' 1,078 training rows make 5, so pat50 is the shipped setting there
+    assert bench.variant_params("steps300", 50) == {**bench.SHIPPED, "patience": 50, "max_epochs": 300}
+    assert bench.variant_params("pat50", 1078) == bench.variant_params("shipped", 1078) == bench.SHIPPED
+    rng = np.random.default_rng(0)
+    store = tmp_path / "tiny.h5"
+    with h5py.File(store, "w") as f:
+        f["split"] = np.repeat(np.arange(3, dtype=np.uint8), [20, 8, 8])
+        f["target"] = rng.normal(10, 3, 36)
+        f["features/pool"] = np.abs(rng.normal(size=(36, 12))).astype(np.float16)
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_mlp_small.py"), "--n-train", "30", "--datasets",
+                           "friedman1", "--seeds", "0", "--store", str(store), "--layers", "pool"],
+                          capture_output=True, text=True, timeout=300, check=True)
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith(("| friedman1 |", "| store:"))]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("| friedman1", "30", "1"), ("| store:pool", "20", "1")]
+    assert all(float(cell) > 0 for r in rows for cell in r[3:11])
