@@ -90,12 +90,17 @@ def contract() -> Callable[..., None]:
 
 
 def run_sklearn_checks(head: Any) -> None:
-    """scikit-learn's own estimator checks, all of them (string class labels included), none expected to fail."""
-    from sklearn.utils.estimator_checks import check_estimator
+    """scikit-learn's own estimator checks, all of them (string class labels included), none expected to fail.
+
+    Plus ``check_dataframe_column_names_consistency``, which scikit-learn runs on its own estimators only:
+    a head fitted on a DataFrame records ``feature_names_in_`` and refuses reordered columns at predict.
+    """
+    from sklearn.utils.estimator_checks import check_dataframe_column_names_consistency, check_estimator
 
     results = check_estimator(head, on_fail=None)
     failed = [(r["check_name"], repr(r["exception"])[:300]) for r in results if r["status"] == "failed"]
     assert not failed, failed
+    check_dataframe_column_names_consistency(type(head).__name__, head)
     if is_classifier(head):
         assert {r["check_name"]: r["status"] for r in results}["check_classifiers_classes"] == "passed"
 

@@ -46,6 +46,26 @@ def test_round_trip_predictions_identical(name, task, clf_data, reg_data, tmp_pa
         np.testing.assert_array_equal(loaded.classes_, head.classes_)
 
 
+@pytest.mark.parametrize("name", ["logreg", "lightgbm", "mlp"])
+def test_round_trip_keeps_dataframe_column_names(name, clf_data, tmp_path):
+    """A head fitted on a DataFrame refuses reordered columns at predict, before and after a round trip."""
+    pd = pytest.importorskip("pandas")
+    columns = [f"f{i}" for i in range(clf_data["X_train"].shape[1])]
+    frame = pd.DataFrame(clf_data["X_train"], columns=columns)
+    head = make_head(name, "classification", FAST[name]).fit(frame, clf_data["y_train"])
+    loaded = load_head(save_head(head, tmp_path / "head"))
+    np.load(tmp_path / "head" / "arrays.npz", allow_pickle=False).close()
+    test = pd.DataFrame(clf_data["X_test"], columns=columns)
+    for fitted in (head, loaded):
+        assert list(fitted.feature_names_in_) == columns
+        np.testing.assert_array_equal(fitted.predict(test), head.predict(test))
+        with pytest.raises(ValueError, match="feature names should match"):
+            fitted.predict(test[columns[::-1]])  # reordered: silently wrong predictions before
+        with pytest.warns(UserWarning, match="does not have valid feature names"):  # scikit-learn's rule
+            fitted.predict(clf_data["X_test"])
+    assert not hasattr(head.fit(clf_data["X_train"], clf_data["y_train"]), "feature_names_in_")
+
+
 def test_round_trip_keeps_absent_class_columns(missing_class_data, tmp_path):
     d = missing_class_data
     head = make_head("lightgbm", "classification", FAST["lightgbm"], n_classes=6)

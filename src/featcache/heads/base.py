@@ -40,7 +40,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from .chunks import as_labels, is_dask_array
 from .param_types import AtLeast
 from .splits import Split, prepare_fit
-from .validation import encode_labels, expand_columns, resolve_classes
+from .validation import encode_labels, expand_columns, record_feature_names, resolve_classes
 
 __all__ = ["ClassifierHead", "HeadBase", "RegressorHead", "params_dataclass"]
 
@@ -66,6 +66,9 @@ class HeadBase(BaseEstimator):
         What model selection chose (JSON-ready values).
     fit_seconds_ : float
         Wall time of ``fit``.
+    feature_names_in_ : ndarray of shape (D,)
+        The column names of a pandas DataFrame ``X`` given to ``fit`` (string names only); ``predict``
+        refuses a DataFrame whose columns differ or come in another order. Absent for arrays.
     """
 
     #: Whether ``y`` holds class labels (classifiers) or real-valued targets.
@@ -96,6 +99,7 @@ class HeadBase(BaseEstimator):
         """
         start = time.perf_counter()
         self._fit(X, y, X_val, y_val)
+        record_feature_names(self, X)  # after _fit: a fit that fails leaves no fitted attribute
         self.fit_seconds_ = time.perf_counter() - start
         log.info("%s: chose %s in %.2fs", type(self).__name__, self.best_params_, self.fit_seconds_)
         return self

@@ -19,7 +19,7 @@ from sklearn.utils.validation import check_array, column_or_1d
 from featcache.util.checks import check_int
 
 from .splits import holdout_indices
-from .validation import FLOAT_DTYPES, PARAM_HINT, check_fraction, check_targets, validate_xy
+from .validation import FLOAT_DTYPES, PARAM_HINT, check_feature_names, check_fraction, check_targets, validate_xy
 
 __all__ = [
     "DEFAULT_CHUNK_ROWS",
@@ -153,6 +153,7 @@ def stream_outputs(head: Any, X: Any, fn: Callable[[np.ndarray], np.ndarray]) ->
 
     ``head`` supplies ``chunk_rows``, ``scaler_`` and ``n_features_in_``.
     """
+    check_feature_names(head, X)
     chunks = RowChunks(X, chunk_rows=head.chunk_rows, name="X")
     if chunks.n_features != head.n_features_in_:
         raise ValueError(

@@ -4,8 +4,8 @@ A saved head is a directory (the same fitted head always saves to the same bytes
 
     head.json     format, class name, get_params(), fitted metadata, the sha256 of every
                   other file (written last; ``fit_seconds_`` is not saved)
-    arrays.npz    scaler statistics and range, PCA components/mean/variances, classes, linear
-                  coefficients (allow_pickle=False)
+    arrays.npz    scaler statistics and range, PCA components/mean/variances, classes, the
+                  DataFrame column names fitted on, linear coefficients (allow_pickle=False)
     model.txt     LightGBM native text model, truncated at the best iteration
     module.pt     MLP state_dict (loaded with torch.load(weights_only=True))
 
@@ -118,6 +118,8 @@ def save_head(head: BaseEstimator, directory: str | Path) -> Path:
     for stale in _FILES:  # a head of another kind may have been saved here before
         (directory / stale).unlink(missing_ok=True)
     arrays: dict[str, np.ndarray] = {a: getattr(head, a) for a in _ARRAY_ATTRS if hasattr(head, a)}
+    if hasattr(head, "feature_names_in_"):  # an object array in scikit-learn: saved as str, without pickle
+        arrays["feature_names_in_"] = np.asarray(head.feature_names_in_, dtype=str)
     scaler = getattr(head, "scaler_", None)
     if scaler is not None:
         arrays.update(
@@ -286,6 +288,8 @@ def load_head(directory: str | Path) -> BaseEstimator:
         for attr in _ARRAY_ATTRS:
             if attr in arrays:
                 setattr(head, attr, arrays[attr])
+        if "feature_names_in_" in arrays:
+            head.feature_names_in_ = arrays["feature_names_in_"].astype(object)
         head.scaler_ = _restore_scaler(arrays, n_features) if "scaler_mean" in arrays else None
         head.pca_ = _restore_pca(arrays, head)
         if storage == "linear":

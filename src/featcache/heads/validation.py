@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sklearn.utils.validation import check_array, check_X_y, column_or_1d
+from sklearn.utils.validation import check_array, check_X_y, column_or_1d, validate_data
 
 from featcache.errors import ParamError
 from featcache.util.checks import check_int, check_number
@@ -24,6 +24,8 @@ __all__ = [
     "check_positive",
     "check_fraction",
     "check_features",
+    "record_feature_names",
+    "check_feature_names",
     "check_labels",
     "check_targets",
     "validate_xy",
@@ -48,6 +50,36 @@ def check_fraction(name: str, value: Any, closed_right: bool = False) -> None:
     check_number(name, value, 0, 1, high_closed=closed_right, hint=PARAM_HINT)
 
 
+def record_feature_names(head: Any, X: Any) -> None:
+    """At fit: set ``head.feature_names_in_`` to the string column names of a DataFrame ``X``, or delete it.
+
+    Parameters
+    ----------
+    head : estimator
+    X : array-like of shape (n, D)
+        Training features; only a DataFrame's column names are read.
+    """
+    validate_data(head, X, y="no_validation", reset=True, skip_check_array=True, ensure_2d=False)
+
+
+def check_feature_names(head: Any, X: Any) -> None:
+    """At predict: the columns of a DataFrame ``X`` must be the fitted ``feature_names_in_``, in order.
+
+    Parameters
+    ----------
+    head : estimator
+        A fitted head.
+    X : array-like of shape (n, D)
+
+    Raises
+    ------
+    ValueError
+        For column names other than those seen in fit (missing, unexpected or reordered). An ``X``
+        without names where names were fitted (or the reverse) only warns, as in scikit-learn.
+    """
+    validate_data(head, X, y="no_validation", reset=False, skip_check_array=True, ensure_2d=False)
+
+
 def check_features(X: Any, head: Any, name: str = "X") -> np.ndarray:
     """Validate a feature matrix at predict time.
 
@@ -63,6 +95,7 @@ def check_features(X: Any, head: Any, name: str = "X") -> np.ndarray:
     -------
     ndarray of shape (n, D), float32 or float64
     """
+    check_feature_names(head, X)
     X = check_array(X, dtype=FLOAT_DTYPES, input_name=name)
     expected = head.n_features_in_
     if X.shape[1] != expected:
