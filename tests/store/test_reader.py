@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from _support import synth_store as synth
+from featcache.errors import ParamError
 from featcache.store import (
     SPLITS,
     FeatureStore,
@@ -115,6 +116,30 @@ def test_unknown_layer_and_split(store):
         store.to_dask("fc7")
     with pytest.raises(StoreError, match=r"unknown split 'valid'; allowed: \['train', 'val', 'test'\]"):
         store.read("pool", "valid")
+
+
+def test_wrong_split_type_and_dtype_name_what_is_allowed(store):
+    with pytest.raises(StoreError, match=r"unknown split \['train'\]; allowed: \['train', 'val', 'test'\]"):
+        store.labels(["train"])  # was a raw TypeError (unhashable list)
+    for read in (store.read, store.to_dask):
+        with pytest.raises(ParamError, match=r"dtype=<class 'numpy.int8'> is invalid; allowed: a float dtype"):
+            read("pool", "train", dtype=np.int8)  # was silently truncated to integers
+    assert store.read("pool", "train", dtype="float64").dtype == np.float64
+
+
+def test_reading_a_closed_store_says_so(store_path):
+    with FeatureStore(store_path) as fs:
+        arr = fs.to_dask("pool", "train")
+    for read in (lambda: fs.read("pool", "train"), lambda: fs.to_dask("pool"), lambda: fs.layer_info("pool"),
+                 fs.errors):
+        with pytest.raises(StoreError, match=r"tiny.h5 is closed; .*Hint: read inside the `with"):
+            read()  # was a raw KeyError or ValueError from h5py
+    assert fs.labels("train").size == arr.shape[0] == arr.compute().shape[0]  # in memory / lazy: still fine
+
+
+def test_a_folder_is_not_a_store(store_path):
+    with pytest.raises(StoreError, match=r"is a folder; allowed: a feature store file \(\.h5\).*tiny.h5"):
+        FeatureStore(store_path.parent)
 
 
 def test_missing_file(tmp_path):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import h5py
 import numpy as np
 
+from featcache.errors import ParamError
 from featcache.util.closing import Closing
 
 from .errors import StaleStoreError, StoreError, StoreNotFoundError
@@ -51,6 +52,20 @@ def _plain(value: Any) -> Any:
 
 def _strs(values: np.ndarray) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values.tolist()]
+
+
+def _float_dtype(dtype: Any) -> np.dtype:
+    """``dtype`` as a numpy float dtype; :class:`~featcache.errors.ParamError` for anything else."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.kind != "f":
+        raise ParamError(
+            f"dtype={dtype!r} is invalid; allowed: a float dtype (np.float16, np.float32, np.float64): the "
+            "stored features are floats and another type would truncate them. Hint: cast the result yourself."
+        )
+    return dt
 
 
 def diff_config(stored: Any, expected: Any, prefix: str = "") -> list[str]:
@@ -98,6 +113,13 @@ class FeatureStore(Closing):
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            stores = sorted(p.name for p in self.path.glob("*.h5"))[:5]
+            raise StoreError(
+                f"{self.path} is a folder; allowed: a feature store file (.h5) written by the extraction"
+                + (f", such as {', '.join(stores)} in it" if stores else "")
+                + ". Hint: pass the file, e.g. features/<dataset>/<backbone>.h5"
+            )
         if not self.path.is_file():
             raise StoreNotFoundError(
                 f"feature store {self.path} does not exist; hint: run the extraction first "
@@ -176,7 +198,7 @@ class FeatureStore(Closing):
         """Boolean row mask (N,) of one split; None selects every row."""
         if split is None:
             return np.ones(self.n_rows, dtype=bool)
-        if split not in SPLIT_CODES:
+        if not isinstance(split, str) or split not in SPLIT_CODES:
             raise StoreError(f"unknown split {split!r}; allowed: {list(SPLITS)} or None (all)")
         return self._splits == SPLIT_CODES[split]
 
@@ -194,17 +216,28 @@ class FeatureStore(Closing):
 
     def errors(self) -> list[tuple[str, str]]:
         """The (id, reason) of every skipped input, in input order."""
-        table = self._file["errors"][()]
+        table = self._open_file()["errors"][()]
         return list(zip(_strs(table["id"]), _strs(table["reason"])))
 
     # ---------------------------------------------------------------- features
+    def _open_file(self) -> h5py.File:
+        """The HDF5 file; a :class:`StoreError` once :meth:`close` (or the ``with`` block) closed it."""
+        if not self._file.id.valid:
+            raise StoreError(
+                f"feature store {self.path} is closed; its features and errors table can no longer be read "
+                "(ids, labels, targets and dask arrays made before still can). Hint: read inside the "
+                "`with FeatureStore(path) as store:` block, or open it again"
+            )
+        return self._file
+
     def _dataset(self, layer: str) -> h5py.Dataset:
+        file = self._open_file()
         if layer not in self.layers:
             raise StoreError(
                 f"unknown layer {layer!r} in {self.path}; available: {self.layers}. "
                 "Hint: extract it by adding it to the extract layers and rerunning"
             )
-        return self._file["features"][layer]
+        return file["features"][layer]
 
     def read(self, layer: str, split: str | None = None, dtype: Any = np.float32) -> np.ndarray:
         """Load the features of one layer into memory.
@@ -215,13 +248,14 @@ class FeatureStore(Closing):
             Alias, one of :attr:`layers`.
         split : {"train", "val", "test"} or None
             Rows to return; None for all.
-        dtype : numpy dtype
-            Output dtype (the stored float16 is cast).
+        dtype : numpy float dtype
+            Output dtype (the stored float16 is cast); other kinds raise ``ParamError``.
 
         Returns
         -------
         ndarray, (n, D)
         """
+        dtype = _float_dtype(dtype)
         ds = self._dataset(layer)
         mask = self.split_mask(split)
         out = np.empty((int(mask.sum()), ds.shape[1]), dtype=dtype)
@@ -261,6 +295,7 @@ class FeatureStore(Closing):
         -------
         dask.array.Array, (n, D)
         """
+        dtype = _float_dtype(dtype)
         ds = self._dataset(layer)
         stored = ds.chunks[0] if ds.chunks else max(1, ds.shape[0])
         arr = dask_array(self.path, ds.name.lstrip("/"), ds.shape, stored, dtype, rows_per_chunk)
