@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from featcache.errors import ParamError, UserError
-from featcache.heads import make_head
+from featcache.heads import RidgeHead, StreamingRidgeHead, make_head
 from featcache.heads.preprocessing import check_pca_components
 from featcache.heads.validation import as_float_list, check_fraction, check_positive
 
@@ -44,3 +44,29 @@ def test_a_head_fit_with_a_bad_parameter_raises_a_param_error(name, params, mess
 def test_an_unknown_parameter_name_is_a_param_error():
     with pytest.raises(ParamError, match=r"unknown parameter 'C' for head 'logreg'"):
         make_head("logreg", "classification", {"C": 1.0})
+
+
+@pytest.mark.parametrize("where", ["X", "X_val", "predict"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("cls", [RidgeHead, StreamingRidgeHead], ids=lambda c: c.__name__)
+def test_non_finite_features_name_the_array_and_say_what_to_do(reg_data, where, bad, cls):
+    """sklearn's "Input X contains NaN." named X for bad X_val rows too, and gave no hint."""
+    d = {k: v.copy() for k, v in reg_data.items()}
+    head = cls()
+    if where == "predict":
+        head.fit(d["X_train"], d["y_train"])
+        d["X_test"][3, 1] = bad
+        call, name = (lambda: head.predict(d["X_test"])), "X"
+    else:
+        d["X_train" if where == "X" else "X_val"][3, 1] = bad
+        call, name = (lambda: head.fit(d["X_train"], d["y_train"], d["X_val"], d["y_val"])), where
+    message = rf"Input {name} contains (NaN|infinity).*Allowed: finite numbers\. Hint: drop"
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_non_finite_val_targets_are_named_y_val(reg_data):
+    y_val = reg_data["y_val"].copy()
+    y_val[0] = np.nan
+    with pytest.raises(ValueError, match=r"Input y_val contains NaN\..*Hint: drop the rows whose label or target"):
+        RidgeHead().fit(reg_data["X_train"], reg_data["y_train"], reg_data["X_val"], y_val)

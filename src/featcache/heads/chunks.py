@@ -14,12 +14,19 @@ from typing import Any
 
 import numpy as np
 from sklearn.base import is_classifier
-from sklearn.utils.validation import check_array, column_or_1d
+from sklearn.utils.validation import column_or_1d
 
 from featcache.util.checks import check_int
 
 from .splits import holdout_indices
-from .validation import FLOAT_DTYPES, PARAM_HINT, check_feature_names, check_fraction, check_targets, validate_xy
+from .validation import (
+    PARAM_HINT,
+    check_feature_matrix,
+    check_feature_names,
+    check_fraction,
+    check_targets,
+    validate_xy,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_ROWS",
@@ -96,7 +103,7 @@ class RowChunks:
                 X = X.rechunk({1: -1})
             sizes: Sequence[int] = [int(c) for c in X.chunks[0]]
         else:
-            X = check_array(X, dtype=FLOAT_DTYPES, input_name=name)
+            X = check_feature_matrix(X, name)
             n = X.shape[0]
             sizes = [min(chunk_rows, n - s) for s in range(0, n, chunk_rows)]
         self.X = X
@@ -130,7 +137,7 @@ class RowChunks:
         if sel is not None and not sel.any():
             return None
         Xc = self.X.blocks[i].compute() if self.dask else self.X[start:stop]
-        Xc = check_array(Xc, dtype=FLOAT_DTYPES, input_name=self.name)
+        Xc = check_feature_matrix(Xc, self.name)
         yc = None if self.y is None else self.y[start:stop]
         if sel is not None and not sel.all():
             Xc = Xc[sel]

@@ -23,6 +23,7 @@ __all__ = [
     "PARAM_HINT",
     "check_positive",
     "check_fraction",
+    "check_feature_matrix",
     "check_features",
     "record_feature_names",
     "check_feature_names",
@@ -48,6 +49,38 @@ def check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
 def check_fraction(name: str, value: Any, closed_right: bool = False) -> None:
     """Raise ParamError (a ValueError) unless ``0 < value < 1`` (``<= 1`` if ``closed_right``)."""
     check_number(name, value, 0, 1, high_closed=closed_right, hint=PARAM_HINT)
+
+
+#: What to do about NaN or infinite values, appended to scikit-learn's message naming the array.
+NONFINITE_HINT = ("Allowed: finite numbers. Hint: drop those rows, or impute them (e.g. sklearn.impute.SimpleImputer "
+                  "before the head in a Pipeline); a featcache store never holds them.")
+
+
+def check_feature_matrix(X: Any, name: str = "X") -> np.ndarray:
+    """``check_array`` of a feature matrix, whose NaN/inf error names ``name`` and says what to do.
+
+    Parameters
+    ----------
+    X : array-like of shape (n, D)
+    name : str
+        The array's name in error messages (``"X"``, ``"X_val"``).
+
+    Returns
+    -------
+    ndarray of shape (n, D), float32 or float64
+        float32 and float64 input kept, anything else converted to float64.
+
+    Raises
+    ------
+    ValueError
+        For a non-2-D, empty, non-numeric or non-finite ``X``.
+    """
+    try:
+        return check_array(X, dtype=FLOAT_DTYPES, input_name=name)
+    except ValueError as err:
+        if "contains NaN" in str(err) or "contains infinity" in str(err):
+            raise ValueError(f"{err} {NONFINITE_HINT}") from err
+        raise
 
 
 def record_feature_names(head: Any, X: Any) -> None:
@@ -96,7 +129,7 @@ def check_features(X: Any, head: Any, name: str = "X") -> np.ndarray:
     ndarray of shape (n, D), float32 or float64
     """
     check_feature_names(head, X)
-    X = check_array(X, dtype=FLOAT_DTYPES, input_name=name)
+    X = check_feature_matrix(X, name)
     expected = head.n_features_in_
     if X.shape[1] != expected:
         raise ValueError(
@@ -186,15 +219,23 @@ def validate_xy(X: Any, y: Any, classification: bool, name: str) -> tuple[np.nda
     ValueError
         For inconsistent lengths, non-finite features, or invalid labels/targets.
     """
-    X, y = check_X_y(X, y, dtype=FLOAT_DTYPES, y_numeric=not classification)
+    X = check_feature_matrix(X, name)
+    y_name = "y" + name[1:]
+    try:
+        X, y = check_X_y(X, y, dtype=FLOAT_DTYPES, y_numeric=not classification)
+    except ValueError as err:
+        if "Input y contains" not in str(err):
+            raise
+        raise ValueError(f"{str(err).replace('Input y', f'Input {y_name}', 1)} Allowed: finite numbers. "
+                         "Hint: drop the rows whose label or target is NaN.") from err
     y = column_or_1d(y)
     if classification:
-        y = check_labels(y, "y" + name[1:])
+        y = check_labels(y, y_name)
     else:
         y = y.astype(np.float64, copy=False)
         if not np.all(np.isfinite(y)):
             raise ValueError(
-                f"{'y' + name[1:]} holds non-finite targets; allowed: finite numbers. "
+                f"{y_name} holds non-finite targets; allowed: finite numbers. "
                 "Hint: drop rows whose target is NaN."
             )
     return X, y
