@@ -70,3 +70,12 @@ def test_non_finite_val_targets_are_named_y_val(reg_data):
     y_val[0] = np.nan
     with pytest.raises(ValueError, match=r"Input y_val contains NaN\..*Hint: drop the rows whose label or target"):
         RidgeHead().fit(reg_data["X_train"], reg_data["y_train"], reg_data["X_val"], y_val)
+
+
+@pytest.mark.parametrize("name", ["logreg", "lightgbm", "mlp", "sgd"])
+def test_random_state_must_be_an_int_seed(name, clf_data):
+    """A RandomState (scikit-learn takes one) was a raw TypeError in int() for three heads; the heads need an
+    int seed (torch, LightGBM, and head.json, which records the params)."""
+    head = make_head(name, "classification", random_state=np.random.RandomState(0))
+    with pytest.raises(ParamError, match=r"random_state=RandomState.* is invalid; allowed: an integer >= 0 or None"):
+        head.fit(clf_data["X_train"], clf_data["y_train"], clf_data["X_val"], clf_data["y_val"])

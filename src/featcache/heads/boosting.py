@@ -54,7 +54,7 @@ class LightGBMBase(HeadBase):
     early_stopping_rounds: Annotated[int, AtLeast(1)] | None = 20
     validation_fraction: Annotated[float, Interval(0, 1)] = 0.2
     pca_components: int | float | None = None
-    random_state: int | None = 0
+    random_state: Annotated[int, AtLeast(0)] | None = 0
     n_jobs: int = 2
 
     def _colsample(self, n_features: int) -> float:

@@ -118,7 +118,7 @@ class LinearSearchBase(HeadBase):
     validation_fraction: Annotated[float, Interval(0, 1)] = 0.2
     cv_folds: Annotated[int, AtLeast(2)] | None = None
     pca_components: int | float | None = None
-    random_state: int | None = 0
+    random_state: Annotated[int, AtLeast(0)] | None = 0
 
     def _search_and_refit(
         self, name: str, grid: np.ndarray, split: Split, sets: SelectionSets, score_path: ScorePath,

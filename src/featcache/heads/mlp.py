@@ -52,7 +52,7 @@ class MLPBase(HeadBase):
     max_epochs: Annotated[int, AtLeast(1)] = 50
     patience: Annotated[int, AtLeast(1)] = 5
     validation_fraction: Annotated[float, Interval(0, 1)] = 0.2
-    random_state: int | None = 0
+    random_state: Annotated[int, AtLeast(0)] | None = 0
     n_threads: Annotated[int, AtLeast(1)] = 2
     device: str = "cpu"
 

@@ -63,7 +63,7 @@ class _StreamingLinearBase(HeadBase):
     eta0: float = 0.01
     chunk_rows: Annotated[int, AtLeast(1)] = DEFAULT_CHUNK_ROWS
     validation_fraction: Annotated[float, Interval(0, 1)] = 0.2
-    random_state: int | None = 0
+    random_state: Annotated[int, AtLeast(0)] | None = 0
 
     _streaming = True  # fit_and_evaluate passes dask arrays through unchanged
 
