@@ -115,3 +115,35 @@ def test_readme_python_example_calls_bind_to_the_real_signatures():
     for call in calls:
         signature = inspect.signature(imported[call.func.id])
         signature.bind(*[None] * len(call.args), **{kw.arg: None for kw in call.keywords})
+
+
+#: The packages whose ``__all__`` is the API the README's "Python API" section names.
+API_PACKAGES = ["featcache.heads", "featcache.store", "featcache.extract", "featcache.extract.onnx",
+                "featcache.pipeline"]
+#: Functions not held to it yet, with the reason.
+SECTIONS_PENDING = {
+    "featcache.extract.inputs.sources.from_csv": "extract/inputs/ is audited by another change",
+    "featcache.extract.inputs.sources.write_digits": "extract/inputs/ is audited by another change",
+}
+
+
+def _has_section(doc: str, name: str) -> bool:
+    return re.search(rf"^{name}\n-{{3,}}$", doc, re.M) is not None
+
+
+def test_api_functions_document_their_parameters_and_result():
+    """A function of the packages' API with parameters has a numpydoc Parameters section, and one that returns
+    something has Returns: help() on them was a one-line summary (load_params, train, head_class, ...)."""
+    problems = []
+    for package in API_PACKAGES:
+        for name, obj in _public(package):
+            qualname = f"{obj.__module__}.{name}" if inspect.isfunction(obj) else ""
+            if not inspect.isfunction(obj) or qualname in SECTIONS_PENDING:
+                continue
+            doc, signature = inspect.getdoc(obj) or "", inspect.signature(obj)
+            if signature.parameters and not _has_section(doc, "Parameters"):
+                problems.append(f"{package}.{name}: no Parameters section")
+            if signature.return_annotation not in ("None", None, inspect.Signature.empty) and not any(
+                    _has_section(doc, s) for s in ("Returns", "Yields")):
+                problems.append(f"{package}.{name}: no Returns section")
+    assert not problems, "\n".join(problems)

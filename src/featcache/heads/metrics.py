@@ -103,7 +103,14 @@ def log_loss_score(y_true: Any, proba: Any) -> float:
     Parameters
     ----------
     y_true : array-like of shape (n,)
+        Class indices 0..K-1.
     proba : array-like of shape (n, K)
+        Class probabilities; each row is divided by its sum first.
+
+    Returns
+    -------
+    float
+        The mean of ``-log(p_true)``, ``p_true`` clipped to ``[EPS, 1]`` (a zero probability costs ``-log(EPS)``).
     """
     y, p = _check_proba(y_true, proba, None)
     return float(np.mean(_row_log_loss(y, p)))
@@ -258,6 +265,12 @@ def regression_metrics(y_true: Any, y_pred: Any) -> dict[str, Any]:
     Parameters
     ----------
     y_true, y_pred : array-like of shape (n,)
+        Targets and predictions.
+
+    Returns
+    -------
+    dict
+        ``rmse``, ``mae``, ``r2`` (float) and ``n_test`` (int).
     """
     kernel = _prepare("regression", y_true, y_pred, None)
     out: dict[str, Any] = {name: _point(kernel, name) for name in kernel.names}
@@ -370,6 +383,16 @@ def confusion_rows(y_true: Any, y_pred: Any, classes: Sequence[str]) -> list[dic
     y_true, y_pred : array-like of shape (n,)
         Class indices into ``classes``.
     classes : sequence of str of length K
+
+    Returns
+    -------
+    list of dict
+        n dicts ``{"actual": classes[y_true[i]], "predicted": classes[y_pred[i]]}``.
+
+    Raises
+    ------
+    ValueError
+        For arrays of different lengths, or an index outside 0..K-1.
     """
     yt, yp = np.asarray(y_true, dtype=np.int64).ravel(), np.asarray(y_pred, dtype=np.int64).ravel()
     if yt.shape != yp.shape:

@@ -213,7 +213,13 @@ def _unknown_head(name: Any) -> str:
 
 
 def head_names() -> list[str]:
-    """Registered head names, in table order."""
+    """Registered head names, in table order.
+
+    Returns
+    -------
+    list of str
+        The names :func:`make_head` and ``train.heads`` in params.yaml take.
+    """
     return list(HEAD_PATHS)
 
 
@@ -231,7 +237,18 @@ def head_storage(name: str) -> str:
 
 
 def head_class(name: str, task: str) -> type[BaseEstimator]:
-    """The estimator class registered for ``(name, task)``.
+    """The estimator class registered for ``(name, task)``, importing its module only.
+
+    Parameters
+    ----------
+    name : str
+        One of :func:`head_names`.
+    task : {"classification", "regression"}
+
+    Returns
+    -------
+    type
+        The head class (e.g. ``LogisticRegressionHead``, or its twin ``RidgeHead`` for regression).
 
     Raises
     ------

@@ -223,6 +223,15 @@ def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
             plot_path: str | Path | None = None) -> list[dict[str, Any]]:
     """Rank all runs and write ``compare.md``, ``compare.json`` (and the plot CSV).
 
+    Parameters
+    ----------
+    metrics_dir : path or sequence of path
+        The folder(s) the train stage wrote run records to (see :func:`collect_runs`).
+    out_dir : path
+        Where ``compare.md`` and ``compare.json`` go (created if needed).
+    plot_path : path, optional
+        The CSV of the comparison chart (``plots/compare/<dataset>.csv``).
+
     Returns
     -------
     list of dict

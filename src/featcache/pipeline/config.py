@@ -68,6 +68,16 @@ class Params(Strict):
 def parse_params(raw: Mapping[str, Any] | None) -> Params:
     """Validate a whole params mapping.
 
+    Parameters
+    ----------
+    raw : mapping or None
+        The parsed YAML of a ``params.yaml`` (None: an empty file).
+
+    Returns
+    -------
+    Params
+        The validated sections, defaults filled in.
+
     Raises
     ------
     ConfigError
@@ -77,5 +87,21 @@ def parse_params(raw: Mapping[str, Any] | None) -> Params:
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate the whole ``params.yaml``."""
+    """Read and validate the whole ``params.yaml``.
+
+    Parameters
+    ----------
+    path : path
+        The params file.
+
+    Returns
+    -------
+    Params
+        As :func:`parse_params`.
+
+    Raises
+    ------
+    ConfigError
+        For a file that is missing or not YAML, or as :func:`parse_params`.
+    """
     return parse_params(read_params_file(path))

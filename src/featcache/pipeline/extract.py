@@ -52,6 +52,11 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
         The ``.h5`` store to write.
     progress : bool
         Log a line per committed block (rows, img/s, ETA) and show a bar on a terminal.
+
+    Returns
+    -------
+    ExtractionReport
+        Rows read, written and skipped (with the reasons), resumed blocks, time and throughput.
     """
     from featcache.extract.decode.preprocess import Preprocessor
     from featcache.extract.engine import extract_to_store

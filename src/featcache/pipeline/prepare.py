@@ -49,6 +49,18 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest | ShardedManifest:
     is returned; the shard list with each shard's sha256 goes to
     ``manifest.shards.json``.
 
+    Parameters
+    ----------
+    params : PrepareSections or Params
+        Validated params (``data`` is used).
+    out_dir : path
+        The folder written (created if needed).
+
+    Returns
+    -------
+    Manifest or ShardedManifest
+        The rows written (WebDataset shards: their counts only).
+
     Raises
     ------
     ManifestError

@@ -136,6 +136,25 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
     or numbers for regression; DVC's confusion-matrix plot reads it) and the
     saved head with ``featcache-run.json`` (what ``featcache predict`` needs).
 
+    Parameters
+    ----------
+    params : Params
+        Validated params (``data``, ``extract``, ``backbones.<backbone>`` and ``heads.<head>`` are used).
+    store_path : path
+        The feature store ``extract`` wrote for ``backbone``.
+    backbone : str
+        A key of ``params.backbones``.
+    layer : str
+        A layer of the store (:attr:`~featcache.store.FeatureStore.layers`).
+    head : str
+        A head name (:func:`featcache.heads.head_names`).
+    metrics_path : path
+        The JSON test scores to write; the sidecar goes beside it.
+    model_dir : path, optional
+        Save the fitted head there (:func:`featcache.heads.save_head`).
+    predictions_path : path, optional
+        Write the test predictions there as CSV.
+
     Returns
     -------
     dict

@@ -221,6 +221,11 @@ def load_rgb(path: str | Path | bytes, background: tuple[int, int, int] = (255, 
         decoded at a reduced DCT scale (``Image.draft``), which keeps both
         sides >= ``draft_size`` and is several times faster for large photos.
 
+    Returns
+    -------
+    PIL.Image.Image
+        An RGB image, upright (EXIF orientation applied).
+
     Raises
     ------
     OSError, ValueError, PIL.Image.DecompressionBombError

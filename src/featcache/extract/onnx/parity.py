@@ -166,6 +166,11 @@ def parity_check(torch_runner: Any, onnx_runner: Any, batch: torch.Tensor, atol:
 def format_parity(results: Sequence[LayerParity]) -> str:
     """A small fixed-width table of parity numbers, one row per layer.
 
+    Parameters
+    ----------
+    results : sequence of LayerParity
+        One per layer, in the order shown.
+
     Returns
     -------
     str

@@ -55,7 +55,20 @@ def _fx_functions(spec: BackboneSpec):
 
 
 def graph_node_names(model: nn.Module, spec: BackboneSpec) -> list[str]:
-    """Node names of the model's eval-mode graph (what raw layer names may use)."""
+    """Node names of the model's eval-mode graph (what raw layer names may use).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The backbone (:func:`~featcache.extract.zoo.weights.load_backbone`'s ``model``).
+    spec : BackboneSpec
+        Its spec: timm models are traced with timm's FX helpers, the others with torchvision's.
+
+    Returns
+    -------
+    list of str
+        The eval-mode graph's node names, in graph order.
+    """
     _, get_names = _fx_functions(spec)
     return get_names(model)
 
@@ -132,6 +145,11 @@ def pool_features(activation: torch.Tensor, pooling: str, prefix_tokens: int = 0
         distillation, register tokens).
     nhwc : bool
         The 4-d map is (B, H, W, C) (timm's Swin stages): read as (B, C, H, W).
+
+    Returns
+    -------
+    torch.Tensor
+        (B, D) features, D as listed under ``pooling``, in the activation's dtype.
 
     Raises
     ------

@@ -295,6 +295,11 @@ def get_backbone(name: str, model: str | None = None) -> BackboneSpec:
         ``timm/<model>[.<tag>]`` (``backbones.<name>.model`` in params.yaml):
         the spec of that timm model, named ``name``.
 
+    Returns
+    -------
+    BackboneSpec
+        Its architecture, weights, preprocessing and layer aliases.
+
     Raises
     ------
     UnknownNameError
@@ -316,12 +321,34 @@ def get_backbone(name: str, model: str | None = None) -> BackboneSpec:
 
 
 def list_backbones() -> list[str]:
-    """Names of all registered backbones, in registry order."""
+    """Names of all registered backbones, in registry order.
+
+    Returns
+    -------
+    list of str
+        The names :func:`get_backbone` and ``backbones`` in params.yaml take (any timm model is a backbone too).
+    """
     return list(BACKBONES)
 
 
 def list_layers(name: str, model: str | None = None) -> dict[str, LayerAlias]:
-    """Alias -> :class:`LayerAlias` of one backbone (see :func:`get_backbone`), in network order."""
+    """Alias -> :class:`LayerAlias` of one backbone, in network order.
+
+    Parameters
+    ----------
+    name, model : str
+        As in :func:`get_backbone` (``model`` optional).
+
+    Returns
+    -------
+    dict of str to LayerAlias
+        The layer names ``extract.layers`` in params.yaml takes, with their graph node and dimension.
+
+    Raises
+    ------
+    UnknownNameError
+        As :func:`get_backbone`.
+    """
     return dict(get_backbone(name, model).layers)
 
 

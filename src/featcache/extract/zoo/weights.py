@@ -260,8 +260,20 @@ def load_backbone(name: str, weights: str = "pretrained", seed: int = 0, progres
                   model: str | None = None) -> LoadedBackbone:
     """Build a registered backbone (or a timm model by name) with its weights, in eval mode.
 
-    Parameters and errors as for :func:`resolve_weights` (which finds the
-    weights; this builds the model too).
+    Parameters
+    ----------
+    name, weights, seed, progress, model
+        As in :func:`resolve_weights` (which finds the weights; this builds the model too).
+
+    Returns
+    -------
+    LoadedBackbone
+        The model in eval mode, its spec, and the ``weights_id`` and ``weights_sha256`` it was loaded from.
+
+    Raises
+    ------
+    WeightsNotFoundError
+        As :func:`resolve_weights`.
     """
     return resolve_weights(name, weights, seed, progress, model).load()
 
