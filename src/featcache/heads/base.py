@@ -25,6 +25,15 @@ through a common base class; scikit-learn's ``get_params``, ``set_params`` and
 A rule in an ``Annotated`` annotation (``Annotated[int, AtLeast(1)]``,
 :mod:`~featcache.heads.param_types`) bounds a value: the head checks it at fit,
 and ``featcache check`` reads it from the source with the type.
+
+Where the heads depart from scikit-learn, on purpose (everything else passes
+``check_estimator``, see ``tests/heads/conftest.py``): ``X_val``/``y_val`` are
+``fit`` arguments, so in a ``Pipeline`` (``pipe.fit(X, y, head__X_val=...)``)
+they reach the head without the earlier steps' transforms: pass them to a bare
+head, or transform them first; ``random_state`` is an int seed or None (a
+``RandomState`` is refused: torch and LightGBM take ints, and :func:`~featcache.heads.save_head`
+records the parameters as JSON), and the MLP heads read None as 0; ``fit``
+takes no ``sample_weight``.
 """
 
 from __future__ import annotations
