@@ -30,7 +30,8 @@ from featcache.store.schema import canonical_json
 from featcache.util.atomic import atomic_path
 from featcache.util.compute import torch_version
 
-__all__ = ["EXPORTERS", "MODEL_KEY", "export_backbone", "export_finetuned_onnx", "model_description"]
+__all__ = ["EXPORTERS", "MODEL_KEY", "export_backbone", "export_finetuned_onnx", "model_description",
+           "preprocess_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,33 @@ class _Scores(nn.Module):
         return out[:, 0] * self.target_std + self.target_mean
 
 
+def preprocess_steps(resize_mode: str) -> list[str]:
+    """How :class:`~featcache.extract.decode.preprocess.Preprocessor` makes the input, in words (for other languages).
+
+    The rule for images smaller than the input matters: a shorter side below ``input_size`` goes to
+    ``input_size``, not to ``resize_size``, so nothing of a tiny image (8x8 digits, 28x28 MNIST) is cropped away.
+
+    Parameters
+    ----------
+    resize_mode : {"crop", "squash"}
+
+    Returns
+    -------
+    list of str
+        The steps in order; the words in backquotes are keys of the description's ``preprocess``.
+    """
+    if resize_mode == "squash":
+        geometry = ["resize to `input_size` x `input_size` with `interpolation` (Pillow's filter of that name)"]
+    else:
+        geometry = ["resize so that the shorter side is `resize_size`, or `input_size` when the image's shorter side "
+                    "is below `input_size` (nothing of a small image is cropped away), and the longer side is "
+                    "int(target * long / short), with `interpolation` (Pillow's filter of that name)",
+                    "center crop `input_size` x `input_size`: top = round((height - input_size) / 2), "
+                    "left = round((width - input_size) / 2)"]
+    return ["decode to RGB, transparent pixels over `background`", *geometry,
+            "x / 255, then (x - mean) / std per channel, float32, channels first (3, input_size, input_size)"]
+
+
 def model_description(result: FinetuneResult | None, task: str, input_size: int) -> dict[str, Any]:
     """What an exported model is, as its ONNX ``metadata_props[MODEL_KEY]`` records it.
 
@@ -131,9 +159,10 @@ def model_description(result: FinetuneResult | None, task: str, input_size: int)
     dict
         ``task``, ``input`` (name, shape, dtype), ``output`` (name, shape, meaning), and for a run
         ``classes`` (the order of the K probabilities; classification), ``backbone``, ``weights_id``,
-        ``mode`` and ``preprocess`` (resize, crop, interpolation, mean, std: the registry's
-        preprocessing at S, as :class:`~featcache.extract.decode.preprocess.Preprocessor` applies it),
-        plus ``featcache_version`` and ``torch_version``.
+        ``mode``, ``preprocess`` (resize, crop, interpolation, mean, std: the registry's
+        preprocessing at S, as :class:`~featcache.extract.decode.preprocess.Preprocessor` applies it) and
+        ``preprocess_steps`` (:func:`preprocess_steps`: how those keys are applied), plus
+        ``featcache_version`` and ``torch_version``.
     """
     if task == "classification":
         output = {"name": "scores", "shape": ["batch", "K"], "meaning": "class probabilities, in `classes` order"}
@@ -142,13 +171,16 @@ def model_description(result: FinetuneResult | None, task: str, input_size: int)
     description: dict[str, Any] = {
         "task": task,
         "input": {"name": "images", "shape": ["batch", 3, input_size, input_size], "dtype": "float32",
-                  "meaning": "RGB images, preprocessed as `preprocess` says: resize, crop, x / 255, "
-                             "(x - mean) / std"},
+                  "meaning": "RGB images, preprocessed as the model was trained (not recorded for a bare model)"},
         "output": output, "featcache_version": featcache.__version__, "torch_version": torch_version(),
     }
     if result is not None:
+        preprocess = preprocessor(result.spec, result.config).config()
         description.update(backbone=result.spec.name, weights_id=result.weights_id, mode=result.config.mode,
-                           preprocess=preprocessor(result.spec, result.config).config())
+                           preprocess=preprocess, preprocess_steps=preprocess_steps(str(preprocess["resize_mode"])))
+        description["input"]["meaning"] = (
+            "RGB images, preprocessed as `preprocess_steps` say with the values in `preprocess` (in Python: "
+            "featcache.extract.decode.preprocess.Preprocessor.from_config(preprocess))")
         if task == "classification":
             description["classes"] = list(result.classes)
     return description
