@@ -173,3 +173,14 @@ def test_a_hand_made_manifest_with_a_constant_train_target_is_refused(regression
     with pytest.raises(ManifestError, match=r"all 8 train rows have the same regression target 0\.5"):
         finetune_stage(parse_params(raw), "frozen", manifest, tmp_path / "out", tmp_path / "m.json",
                        finetune=_section(), progress=False)
+
+
+def test_the_finetune_project_validates_the_whole_params_file_first():
+    """The finetune stages track only the keys they read: a mistyped one (``finetune.cam_image``) passed unseen."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    stages = yaml.safe_load((root / "finetune" / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    first, definition = next(iter(stages.items()))  # dvc repro runs independent stages in file order
+    assert first == "check" and definition["cmd"] == "featcache check --params ../params.yaml"
+    assert definition["params"] == [{"../params.yaml": None}]  # every key, so any edit reruns it
