@@ -184,3 +184,26 @@ def test_the_finetune_project_validates_the_whole_params_file_first():
     first, definition = next(iter(stages.items()))  # dvc repro runs independent stages in file order
     assert first == "check" and definition["cmd"] == "featcache check --params ../params.yaml"
     assert definition["params"] == [{"../params.yaml": None}]  # every key, so any edit reruns it
+
+
+def test_the_cis_are_drawn_as_the_cached_heads_are_with_train_seed(regression_images, tmp_path, params_factory):
+    """The train stage bootstraps with ``train.seed``; the finetune stage used its training seed instead."""
+    from featcache.heads.metrics import metrics_with_ci
+
+    raw = params_factory(str(regression_images))
+    raw["data"].update(source="csv", csv="t.csv", task="regression")
+    raw["train"].update(seed=5, n_boot=50)
+    raw["heads"] = {}
+    params = parse_params(raw)
+    prepare(params, tmp_path / "prepared")
+    plot = tmp_path / "frozen.csv"
+    metrics = finetune_stage(params, "frozen", tmp_path / "prepared" / "manifest.csv", tmp_path / "out",
+                             tmp_path / "frozen.json", plot, finetune=_section(), progress=False)
+    with open(plot, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    actual, predicted = (np.array([float(row[key]) for row in rows]) for key in ("actual", "predicted"))
+    as_the_heads = metrics_with_ci("regression", actual, predicted, n_boot=50, seed=5)["ci"]["rmse"]
+    assert metrics["ci"]["rmse"] == pytest.approx(as_the_heads, rel=1e-5)
+    assert metrics["ci"]["tta_rmse"] == pytest.approx(as_the_heads, rel=1e-5)  # hflip: false, one view
+    assert metrics_with_ci("regression", actual, predicted, n_boot=50, seed=0)["ci"]["rmse"] != pytest.approx(
+        as_the_heads, rel=1e-5)  # the seeds draw different resamples, so the test tells them apart

@@ -50,8 +50,8 @@ SCHEDULES: tuple[str, ...] = ("cosine", "none")
 PARAMS_DEFAULTS: dict[str, Any] = {"epochs": 4, "patience": 2, "crop_scale": (0.8, 1.0), "hflip": False,
                                    "freeze_bn": True, "input_size": 96, "num_threads": 1}
 
-#: Settings only the API sets (the stage sets them from ``train.n_boot`` and its own flags).
-_API_ONLY = ("mode", "n_boot", "progress")
+#: Settings only the API sets (the stage sets them from ``train.n_boot``, ``train.seed`` and its own flags).
+_API_ONLY = ("mode", "n_boot", "ci_seed", "progress")
 
 
 @dataclass
@@ -123,6 +123,9 @@ class FinetuneConfig:
         Stop after this many optimizer steps (tests, smoke runs).
     n_boot : int
         Bootstrap resamples of the test-metric confidence intervals.
+    ci_seed : int
+        Seed of those resamples, apart from ``seed`` (training) so that the CIs draw the same resamples of the
+        test rows as the cached heads' (the stage passes ``train.seed``, as the train stage does).
     progress : bool
         Show a tqdm bar with the running loss and the last val metric.
     """
@@ -154,6 +157,7 @@ class FinetuneConfig:
     device: str = "auto"
     max_train_steps: int | None = None
     n_boot: int = 1000
+    ci_seed: int = 0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -169,7 +173,7 @@ class FinetuneConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: true or false.")
         for name, low, high in (("epochs", 1, None), ("batch_size", 1, 4096), ("warmup_epochs", 0, None),
                                 ("lr_groups", 1, None), ("patience", 0, None), ("num_workers", 0, None),
-                                ("n_boot", 0, None), ("seed", 0, None)):
+                                ("n_boot", 0, None), ("seed", 0, None), ("ci_seed", 0, None)):
             check_int(name, getattr(self, name), low, high)
         for name, low in (("input_size", 16), ("num_threads", 1), ("max_train_steps", 1)):
             if getattr(self, name) is not None:

@@ -247,9 +247,11 @@ def _test_metrics(task: str, scored: dict[str, Any], n_classes: int | None, conf
                   ) -> tuple[np.ndarray, dict[str, Any]]:
     """``metrics_with_ci`` of the plain scores, plus ``tta_<metric>`` (and its CI) when TTA ran."""
     y_true = scored["y_true"].astype(np.int64 if task == "classification" else np.float64)
-    metrics = metrics_with_ci(task, y_true, scored["scores"], n_classes, n_boot=config.n_boot, seed=config.seed)
+    metrics = metrics_with_ci(task, y_true, scored["scores"], n_classes, n_boot=config.n_boot,
+                              seed=config.ci_seed)
     if scored["tta_scores"] is not None:
-        tta = metrics_with_ci(task, y_true, scored["tta_scores"], n_classes, n_boot=config.n_boot, seed=config.seed)
+        tta = metrics_with_ci(task, y_true, scored["tta_scores"], n_classes, n_boot=config.n_boot,
+                              seed=config.ci_seed)
         metrics.update({f"tta_{name}": value for name, value in tta.items() if isinstance(value, float)})
         metrics["ci"].update({f"tta_{name}": ci for name, ci in tta["ci"].items()})
     return y_true, metrics

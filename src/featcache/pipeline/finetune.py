@@ -53,7 +53,7 @@ _SECTION_DEFAULTS: dict[str, Any] = {"backbone": "efficientnet_lite0", "weights"
 
 
 class FinetuneSections(StageParams):
-    """The sections the finetune stage reads: ``data``, ``train`` (``n_boot``) and ``finetune``."""
+    """The sections the finetune stage reads: ``data``, ``train`` (``n_boot``, ``seed``) and ``finetune``."""
 
     data: DataParams = DataParams()
     train: TrainParams = TrainParams()
@@ -88,12 +88,18 @@ def finetune_section(params: Any, finetune: Mapping[str, Any] | Any | None = Non
     return {**_SECTION_DEFAULTS, "defaults": {}, "modes": {}, **section}
 
 
-def mode_config(section: Mapping[str, Any], mode: str, n_boot: int = 1000, progress: bool = True) -> FinetuneConfig:
-    """``defaults`` updated with ``modes[mode]``, as a validated :class:`FinetuneConfig`."""
+def mode_config(section: Mapping[str, Any], mode: str, n_boot: int = 1000, progress: bool = True,
+                ci_seed: int = 0) -> FinetuneConfig:
+    """``defaults`` updated with ``modes[mode]``, as a validated :class:`FinetuneConfig`.
+
+    ``n_boot`` and ``ci_seed`` are the cached heads' bootstrap settings (``train.n_boot``, ``train.seed``), so the
+    CIs of both are drawn from the same resamples of the same test rows.
+    """
     from featcache.finetune.config import FinetuneConfig
 
     overrides = (section.get("modes") or {}).get(mode) or {}
-    values = {**(section.get("defaults") or {}), **overrides, "mode": mode, "n_boot": n_boot, "progress": progress}
+    values = {**(section.get("defaults") or {}), **overrides, "mode": mode, "n_boot": n_boot, "ci_seed": ci_seed,
+              "progress": progress}
     try:
         return FinetuneConfig.from_dict(values)
     except ValueError as error:
@@ -148,7 +154,8 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
     Parameters
     ----------
     params : FinetuneSections or Params
-        Validated params (``data.name``, ``train.n_boot`` and the ``finetune`` section).
+        Validated params (``data.name``, ``train.n_boot`` and ``train.seed`` (the CIs' bootstrap, as the cached
+        heads') and the ``finetune`` section).
     mode : {"frozen", "low_lr", "unfreeze", "scratch"}
         Which recipe.
     manifest_path : path
@@ -179,7 +186,7 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
     from featcache.heads.metrics import PREDICTION_COLUMNS, prediction_rows
 
     section = finetune_section(params, finetune)
-    config = mode_config(section, mode, n_boot=params.train.n_boot, progress=progress)
+    config = mode_config(section, mode, n_boot=params.train.n_boot, progress=progress, ci_seed=params.train.seed)
     manifest = Manifest.read(manifest_path)
     if manifest.task != params.data.task:
         raise ValueError(f"data.task is {params.data.task!r} but {manifest_path} is a {manifest.task} manifest. "
