@@ -207,3 +207,16 @@ def test_the_cis_are_drawn_as_the_cached_heads_are_with_train_seed(regression_im
     assert metrics["ci"]["tta_rmse"] == pytest.approx(as_the_heads, rel=1e-5)  # hflip: false, one view
     assert metrics_with_ci("regression", actual, predicted, n_boot=50, seed=0)["ci"]["rmse"] != pytest.approx(
         as_the_heads, rel=1e-5)  # the seeds draw different resamples, so the test tells them apart
+
+
+def test_a_rerun_into_the_same_folder_leaves_no_file_of_the_old_run(stage_run, tmp_path):
+    """Outside DVC: a rerun with ``export_onnx: false`` and fewer overlays kept the old run's ONNX model and CAMs."""
+    out = tmp_path / "out"
+    (out / "cam").mkdir(parents=True)
+    (out / "model.onnx").write_bytes(b"the previous run's model")
+    (out / "cam" / "old__0000_png.png").write_bytes(b"png")
+    section = {**_section(), "cam_images": 1}
+    finetune_stage(stage_run["params"], "frozen", stage_run["manifest"], out, tmp_path / "m.json",
+                   finetune=section, progress=False)
+    assert not (out / "model.onnx").exists()  # export_onnx: false
+    assert len(list((out / "cam").glob("*.png"))) == 1 and not (out / "cam" / "old__0000_png.png").exists()

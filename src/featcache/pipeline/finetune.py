@@ -146,6 +146,19 @@ def write_cams(result: FinetuneResult, manifest: Any, out_dir: str | Path, n_ima
     return save_cam_overlays(pils, cams, out_dir, [manifest.ids[row] for row in rows])
 
 
+def _remove_stale(out_dir: Path) -> None:
+    """Remove the optional files of an earlier run in ``out_dir`` (its ONNX export, its CAM overlays).
+
+    Outside DVC (which deletes a stage's outputs before running it) a rerun into the same folder with
+    ``export_onnx: false`` or fewer ``cam_images`` would otherwise leave the old run's model beside the new one.
+    """
+    stale = [path for path in (out_dir / "model.onnx", *sorted((out_dir / "cam").glob("*.png"))) if path.is_file()]
+    for path in stale:
+        path.unlink()
+    if stale:
+        logger.info("Removed %d file(s) of a previous run in %s (model.onnx, cam/*.png).", len(stale), out_dir)
+
+
 def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: str | Path,
                    metrics_path: str | Path, confusion_path: str | Path | None = None, *,
                    finetune: Mapping[str, Any] | Any | None = None, progress: bool = True) -> dict[str, Any]:
@@ -162,7 +175,8 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
         ``manifest.csv`` of the prepare stage (the cached heads' split).
     out_dir : path
         Folder for ``model.pt``, ``model.json``, ``weight_report.json``,
-        ``history.json``, ``bad_images.json``, ``backbone.pt``, ``model.onnx`` and ``cam/``.
+        ``history.json``, ``bad_images.json``, ``backbone.pt``, ``model.onnx`` and ``cam/`` (an earlier run's
+        ``model.onnx`` and ``cam/*.png`` there are removed first).
     metrics_path : path
         Metrics JSON in the ``train`` stage's format (:func:`featcache.runs.write_run`): the test scores only,
         keyed ``<backbone>.finetune.finetune-<mode>.<score>``, with names, CIs, sizes and timings in its
@@ -195,6 +209,7 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
     result = run_finetune(manifest, section["backbone"], section["weights"], config, out_dir=out_dir,
                           task=manifest.task)
     export_backbone(result.model, result.spec, out_dir / "backbone.pt", result.original_head)
+    _remove_stale(out_dir)
     if section["export_onnx"]:
         export_finetuned_onnx(result, out_dir / "model.onnx")
     write_cams(result, manifest, out_dir / "cam", int(section["cam_images"]))
