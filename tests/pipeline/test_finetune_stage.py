@@ -220,3 +220,12 @@ def test_a_rerun_into_the_same_folder_leaves_no_file_of_the_old_run(stage_run, t
                    finetune=section, progress=False)
     assert not (out / "model.onnx").exists()  # export_onnx: false
     assert len(list((out / "cam").glob("*.png"))) == 1 and not (out / "cam" / "old__0000_png.png").exists()
+
+
+def test_a_mistyped_mode_is_named_with_the_close_match():
+    from featcache.pipeline.finetune import FinetuneSections
+    from featcache.pipeline.params.base import ConfigError, validate_sections
+
+    with pytest.raises(ConfigError, match=r"finetune\.modes: unknown mode 'lowlr'\. Did you mean 'low_lr'\? "
+                                          r"Allowed: frozen, low_lr, unfreeze, scratch"):
+        validate_sections(FinetuneSections, {"finetune": {"modes": {"lowlr": {"epochs": 2}}}})

@@ -59,6 +59,15 @@ class FinetuneParams(Strict):
     def _weights(cls, value: str) -> str:
         return check_weights_name(value)
 
+    @field_validator("modes", mode="before")
+    @classmethod
+    def _known_modes(cls, value: Any) -> Any:
+        for mode in value if isinstance(value, Mapping) else ():
+            if mode not in MODES:
+                raise ValueError(f"unknown mode {mode!r}.{did_you_mean(str(mode), MODES)} Allowed: "
+                                 f"{', '.join(MODES)} (featcache.finetune.config.MODES).")
+        return value
+
     @field_validator("defaults")
     @classmethod
     def _full_defaults(cls, value: dict[str, Any]) -> dict[str, Any]:
