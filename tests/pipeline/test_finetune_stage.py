@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -229,3 +230,43 @@ def test_a_mistyped_mode_is_named_with_the_close_match():
     with pytest.raises(ConfigError, match=r"finetune\.modes: unknown mode 'lowlr'\. Did you mean 'low_lr'\? "
                                           r"Allowed: frozen, low_lr, unfreeze, scratch"):
         validate_sections(FinetuneSections, {"finetune": {"modes": {"lowlr": {"epochs": 2}}}})
+
+
+def _cli_finetune(tmp_path: Path, raw_params: dict, manifest: Path) -> list[str]:
+    import yaml
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({**raw_params, "finetune": _section()}))
+    return ["finetune", "--params", str(tmp_path / "params.yaml"), "--mode", "frozen", "--manifest", str(manifest),
+            "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"), "--no-progress"]
+
+
+@pytest.mark.parametrize("case", ["task", "one_class", "unreadable"])
+def test_bad_data_stops_the_cli_with_a_message_not_a_traceback(regression_images, tmp_path, params_factory, capsys,
+                                                               case):
+    """These were plain ValueErrors: the CLI printed a traceback (UserError is what it reports as a message)."""
+    from featcache.pipeline.cli import main
+
+    ids = [f"i{k:02d}.png" for k in range(12)]
+    splits = np.array([0] * 8 + [1] * 2 + [2] * 2, dtype=np.uint8)
+    root = regression_images
+    if case == "unreadable":
+        root = tmp_path / "broken"
+        root.mkdir()
+        for name in ids:
+            (root / name).write_bytes(b"not a png")
+    if case == "task":
+        manifest = Manifest(ids, ids, splits, "regression", targets=np.arange(12.0), root=root)
+        expected = r"data\.task is 'classification' but .* is a regression manifest"
+    else:
+        labels = np.zeros(12, dtype=np.int64) if case == "one_class" else np.arange(12) % 2
+        manifest = Manifest(ids, ids, splits, "classification", labels=labels,
+                            classes=["a"] if case == "one_class" else ["a", "b"], root=root)
+        expected = (r"needs >= 2 classes; the manifest has \['a'\]\. Hint" if case == "one_class"
+                    else r"no readable training image .* Hint")
+    manifest.write(tmp_path / "manifest.csv")
+    raw = params_factory(str(root))
+    raw["heads"] = {}
+    assert main(_cli_finetune(tmp_path, raw, tmp_path / "manifest.csv")) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(expected, err.splitlines()[-1]), err

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from featcache.errors import ParamError
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.manifest import Manifest, ManifestError
 from featcache.extract.zoo.registry import BackboneSpec, get_backbone
@@ -209,7 +210,7 @@ def finetune(manifest: Manifest | str | Path, backbone_name: str, weights: str =
     manifest = manifest if isinstance(manifest, Manifest) else Manifest.read(manifest)
     task = task or manifest.task
     if task != manifest.task:
-        raise ValueError(f"task={task!r} but the manifest is a {manifest.task} manifest. Hint: leave task=None.")
+        raise ParamError(f"task={task!r} but the manifest is a {manifest.task} manifest. Hint: leave task=None.")
     spec = get_backbone(backbone_name)
     device = torch.device(resolve_device(config.device))
     use_amp = bool(config.amp and device.type == "cuda")
@@ -263,7 +264,8 @@ def _finetune(manifest: Manifest, spec: BackboneSpec, weights: str, config: Fine
     classes = list(manifest.classes) if task == "classification" else []
     n_outputs = len(classes) if task == "classification" else 1
     if task == "classification" and n_outputs < 2:
-        raise ValueError(f"Fine-tuning a classifier needs >= 2 classes; the manifest has {classes}.")
+        raise ManifestError(f"Fine-tuning a classifier needs >= 2 classes; the manifest has {classes}. Hint: give "
+                            "it images of at least two classes (its label column, or class folders).")
     rows = {name: np.flatnonzero(manifest.splits == code) for name, code in SPLIT_CODES.items()}
     check_trainable_rows(
         manifest.split_counts(), np.asarray(manifest.targets)[rows["train"]] if task == "regression" else None,

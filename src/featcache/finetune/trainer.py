@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from featcache.extract.inputs.manifest import ManifestError
 from featcache.extract.zoo.registry import BackboneSpec
 from featcache.finetune.config import FinetuneConfig
 from featcache.finetune.optim import (
@@ -146,7 +147,8 @@ def predict(model: nn.Module, batches: Batches, task: str, device: torch.device 
         rows.append(row)
         y_true.append(target.cpu())
     if not rows:
-        raise ValueError("No readable image in this split; nothing to score. Hint: see the bad-image report.")
+        raise ManifestError("No readable image in this split; nothing to score. Hint: the 'Skipping unreadable "
+                            "image' warnings above name each image and why.")
     n = sum(len(r) for r in rows)
     return {
         "rows": torch.cat(rows).numpy(), "y_true": torch.cat(y_true).numpy(),
@@ -331,8 +333,9 @@ class Trainer:
             lrs = {group["name"]: float(group["lr"]) for group in optimizer.param_groups}
             losses = self._epoch(train_batches, optimizer, scheduler, bar, epoch)
             if not losses and not self._done():
-                raise ValueError(f"{config.mode}: epoch {epoch} had no readable training image. "
-                                 "Hint: see the bad-image report (every train image failed to decode).")
+                raise ManifestError(f"{config.mode}: epoch {epoch} had no readable training image (every train "
+                                    "image failed to decode). Hint: the 'Skipping unreadable image' warnings above "
+                                    "name each image and why.")
             row: dict[str, Any] = {"epoch": epoch, "phase": phase, "steps": len(losses), "lr": lrs,
                                    "train_loss": float(np.mean(losses)) if losses else None,
                                    "metric": self.metric_name, "val_loss": None, "val_metric": None}

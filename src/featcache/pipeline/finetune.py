@@ -194,7 +194,7 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
     dict
         The metrics written to ``metrics_path``.
     """
-    from featcache.extract.inputs.manifest import Manifest
+    from featcache.extract.inputs.manifest import Manifest, ManifestError
     from featcache.finetune.export import export_backbone, export_finetuned_onnx
     from featcache.finetune.run import finetune as run_finetune
     from featcache.heads.metrics import PREDICTION_COLUMNS, prediction_rows
@@ -203,8 +203,8 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
     config = mode_config(section, mode, n_boot=params.train.n_boot, progress=progress, ci_seed=params.train.seed)
     manifest = Manifest.read(manifest_path)
     if manifest.task != params.data.task:
-        raise ValueError(f"data.task is {params.data.task!r} but {manifest_path} is a {manifest.task} manifest. "
-                         "Hint: rerun the prepare stage.")
+        raise ManifestError(f"data.task is {params.data.task!r} but {manifest_path} is a {manifest.task} manifest. "
+                            "Hint: rerun the prepare stage.")
     out_dir = Path(out_dir)
     result = run_finetune(manifest, section["backbone"], section["weights"], config, out_dir=out_dir,
                           task=manifest.task)
