@@ -270,3 +270,19 @@ def test_bad_data_stops_the_cli_with_a_message_not_a_traceback(regression_images
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert re.search(expected, err.splitlines()[-1]), err
+
+
+def test_a_class_only_in_the_test_split_is_refused_as_prepare_and_the_heads_do(regression_images, tmp_path,
+                                                                                 params_factory):
+    """A hand-made manifest whose class 'c' has no train row: fine-tuning trained on and scored 0 on it."""
+    ids = [f"i{k:02d}.png" for k in range(12)]
+    labels = np.array([0, 1] * 4 + [2] * 4)
+    manifest = tmp_path / "manifest.csv"
+    Manifest(ids, ids, np.array([0] * 8 + [2] * 4, dtype=np.uint8), "classification", labels=labels,
+             classes=["a", "b", "c"], root=regression_images).write(manifest)
+    raw = params_factory(str(regression_images))
+    raw["heads"] = {}
+    with pytest.raises(ManifestError, match=r"Classes without any training example after the split: \['c'\]"):
+        finetune_stage(parse_params(raw), "frozen", manifest, tmp_path / "out", tmp_path / "m.json",
+                       finetune=_section(), progress=False)
+    assert not (tmp_path / "out").exists()  # refused before any training

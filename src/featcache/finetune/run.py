@@ -26,6 +26,7 @@ from torch import nn
 from featcache.errors import ParamError
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.manifest import Manifest, ManifestError
+from featcache.extract.inputs.sources import check_train_classes
 from featcache.extract.zoo.registry import BackboneSpec, get_backbone
 from featcache.extract.zoo.weights import load_backbone
 from featcache.finetune.config import FinetuneConfig
@@ -266,6 +267,8 @@ def _finetune(manifest: Manifest, spec: BackboneSpec, weights: str, config: Fine
     if task == "classification" and n_outputs < 2:
         raise ManifestError(f"Fine-tuning a classifier needs >= 2 classes; the manifest has {classes}. Hint: give "
                             "it images of at least two classes (its label column, or class folders).")
+    if task == "classification":  # as prepare (and so the cached heads): a class never seen in training is refused
+        check_train_classes(np.asarray(manifest.labels), manifest.splits, classes)
     rows = {name: np.flatnonzero(manifest.splits == code) for name, code in SPLIT_CODES.items()}
     check_trainable_rows(
         manifest.split_counts(), np.asarray(manifest.targets)[rows["train"]] if task == "regression" else None,
