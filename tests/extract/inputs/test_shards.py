@@ -321,3 +321,34 @@ def test_members_with_the_same_name_are_named(tmp_path):
     with pytest.raises(ManifestError, match=r"Members with the same name in shard .*'s/a\.png', 's/a\.cls'"):
         from_shards(str(path), tmp_path / "m.csv", RATIOS, 0)
     assert not (tmp_path / "m.csv").exists()
+
+
+def _stored_png(value: int) -> bytes:
+    """A 12x12 PNG whose byte size does not depend on its pixels (no compression)."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((12, 12, 3), value, dtype=np.uint8)).save(buffer, format="PNG", compress_level=0)
+    return buffer.getvalue()
+
+
+def test_a_shard_rewritten_after_prepare_is_never_read_as_other_samples_images(tmp_path):
+    """The manifest locates each image by byte offset: a shard rewritten since prepare (repacked in another
+    order, replaced under the same name: remote shards are read in place) holds other members there. Each such
+    row is a bad image saying so, never another sample's image under this sample's label (the old reader
+    decoded ``b``'s pixels as ``a`` when the two images had the same size)."""
+    path = tmp_path / "s.tar"
+    a, b = (_stored_png(value) for value in (10, 200))
+    assert len(a) == len(b)
+    _tar(path, [("a.png", a), ("a.cls", b"x"), ("b.png", b), ("b.cls", b"y"), ("c.png", _png(7, 30)),
+                ("c.cls", b"x"), ("d.png", _png(9, 20)), ("d.cls", b"y")])
+    from_shards(str(path), tmp_path / "m" / "manifest.csv", {"train": 0.5, "val": 0.25, "test": 0.25}, 0)
+    manifest = Manifest.read(tmp_path / "m" / "manifest.csv")
+    _, before, reasons = ImageReader(manifest, PRE).read_batch(range(4))
+    assert reasons == ["", "", "", ""]
+    _tar(path, [("b.png", b), ("b.cls", b"y"), ("a.png", a), ("a.cls", b"x"), ("c.png", _png(7, 30)),
+                ("c.cls", b"x"), ("d.png", _stored_png(9)), ("d.cls", b"y")])  # a, b swapped; d re-encoded
+    _, after, reasons = ImageReader(manifest, PRE).read_batch(range(4))
+    assert reasons[2] == "" and np.array_equal(after[2], before[2])  # c: the same member at the same offset
+    for row in (0, 1, 3):
+        assert reasons[row].startswith("shard changed since prepare (at byte "), reasons[row]
+        assert "Hint: rerun featcache prepare" in reasons[row]
+    assert "it holds member 'b.png' of" in reasons[0] and f"not 'a.png' of {len(a):,} bytes" in reasons[0]

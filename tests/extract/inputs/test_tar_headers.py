@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from featcache.extract.inputs.tar_headers import TarReader
+from featcache.extract.inputs.tar_headers import BLOCK, TarReader, header_mismatch
 
 
 def _archive(fmt: int, names: list[str], sizes: list[int]) -> bytes:
@@ -72,3 +72,21 @@ def test_a_cut_archive_and_a_damaged_header_stop_with_a_problem():
     assert "bad header checksum" in broken.problem
     not_tar = TarReader(io.BytesIO(b"just some text, not an archive" * 40))
     assert list(not_tar.members()) == [] and "checksum" in not_tar.problem
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_each_members_header_is_recognised_before_its_data_and_others_are_not(fmt):
+    """``header_mismatch`` (extract's check that a shard still holds a member where prepare listed it) accepts
+    every member's own header, long and unicode names included, and names what is there otherwise."""
+    names = NAMES if fmt != tarfile.USTAR_FORMAT else [n for n in NAMES if len(n.encode()) < 100
+                                                       or n.startswith("deep")][:5]
+    data = _archive(fmt, names, SIZES[: len(names)])
+    members = _tarfile_members(data)
+    for name, offset, size in members:
+        assert header_mismatch(data[offset - BLOCK:offset], name, size) == "", name
+    (first, at, size), (second, _, _) = members[0], members[1]
+    assert header_mismatch(data[at - BLOCK:at], second, size) == f"member {first!r} of {size:,} bytes"
+    assert header_mismatch(data[at - BLOCK:at], first, size + 1) == f"member {first!r} of {size:,} bytes"
+    assert header_mismatch(data[at:at + BLOCK], first, size) == "no tar header"  # the data itself
+    assert header_mismatch(data[at - BLOCK - 1:at - 1], first, size) == "no tar header"  # one byte off
+    assert header_mismatch(bytes(BLOCK), first, size) == "no tar header"

@@ -50,6 +50,8 @@ from featcache.extract.decode.images import DECODE_ERRORS, ImageTooLargeError, l
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.inputs.storage import ReadFailure, StorageOptions, is_url, read_ranges
+from featcache.extract.inputs.tar_headers import BLOCK as TAR_BLOCK
+from featcache.extract.inputs.tar_headers import header_mismatch
 from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS
 from featcache.util.compute import default_num_workers
 
@@ -180,18 +182,29 @@ class ImageReader:
             elif not self.members.names[row]:
                 out[index] = ReadFailure("no image member (none of data.image_keys in the sample)")
                 continue
-            else:
+            else:  # with the member's tar header (the 512 bytes before its data): is it still that member?
                 start = int(self.members.offsets[row])
-                requests.append((self.paths[row], start, start + int(self.members.sizes[row])))
+                requests.append((self.paths[row], start - TAR_BLOCK, start + int(self.members.sizes[row])))
             where.append(index)
         for index, result in zip(where, read_ranges(requests, self.storage)):
             if self.members is not None and isinstance(result, bytes):
-                size = int(self.members.sizes[rows[index]])
-                if len(result) < size:
-                    result = ReadFailure(f"truncated member (the shard ends after {len(result):,} of its "
-                                         f"{size:,} bytes)")
+                result = self._member_data(rows[index], result)
             out[index] = result
         return out  # type: ignore[return-value]
+
+    def _member_data(self, row: int, read: bytes) -> bytes | ReadFailure:
+        """A member's data from its header and data as read, or why they are not the member prepare listed."""
+        assert self.members is not None
+        name, size = self.members.names[row], int(self.members.sizes[row])
+        header, data = read[:TAR_BLOCK], read[TAR_BLOCK:]
+        there = header_mismatch(header, name, size) if len(header) == TAR_BLOCK else ""
+        if there:
+            return ReadFailure(f"shard changed since prepare (at byte {int(self.members.offsets[row]) - TAR_BLOCK:,} "
+                               f"it holds {there}, not {name!r} of {size:,} bytes). Hint: rerun featcache prepare "
+                               "(dvc repro does) to list the shard again")
+        if len(data) < size:
+            return ReadFailure(f"truncated member (the shard ends after {len(data):,} of its {size:,} bytes)")
+        return data
 
     def source(self, row: int) -> str | bytes:
         """What :func:`~featcache.extract.decode.images.load_rgb` takes for ``row``: its local path, or

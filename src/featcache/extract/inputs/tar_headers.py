@@ -20,7 +20,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import IO, Iterator
 
-__all__ = ["TarFormatError", "TarMember", "TarReader"]
+__all__ = ["BLOCK", "TarFormatError", "TarMember", "TarReader", "header_mismatch"]
 
 BLOCK = 512
 _ZERO = bytes(BLOCK)
@@ -50,6 +50,53 @@ def _number(field: bytes) -> int:
         return int(text, 8) if text else 0
     except ValueError:
         raise TarFormatError(f"bad number field {bytes(field)!r}") from None
+
+
+def _checksum_ok(header: bytes) -> bool:
+    """Whether a 512-byte block is a tar header: its stored checksum is the sum of its bytes (checksum as spaces)."""
+    stored = header[148:156]
+    try:
+        return _number(stored) == sum(header) - sum(stored) + 8 * 32
+    except TarFormatError:
+        return False
+
+
+def _header_name(header: bytes) -> bytes:
+    """The name a header holds itself: ``name``, or ustar's ``prefix/name`` (pax and GNU long names aside)."""
+    name = header[:100].split(b"\0", 1)[0]
+    if header[257:263] == b"ustar\0" and header[345:346] != b"\0":  # POSIX ustar: prefix/name
+        name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+    return name
+
+
+def header_mismatch(header: bytes, name: str, size: int) -> str:
+    """Why ``header``, the 512 bytes before a member's data, is not the header of member ``name`` of ``size`` bytes.
+
+    A member's data always follows its own header, so reading those 512 bytes with the data (one request:
+    they are adjacent) tells whether the archive still holds that member at that offset: a shard rewritten
+    or replaced since its member list was read has another member, or no header at all, there. A name
+    that a header cannot hold verbatim (over 100 bytes, or not ASCII: a pax or GNU long name, written in
+    an extended header before it) is not compared; the size always is (below ustar's 8 GiB limit).
+
+    Returns
+    -------
+    str
+        ``""`` when it matches; else what is there (``"no tar header"``, ``"member 'b.jpg' of 900 bytes"``).
+    """
+    if len(header) != BLOCK or header == _ZERO or not _checksum_ok(header):
+        return "no tar header"
+    if header[156:157] not in (b"0", b"\0", b"7"):
+        return f"a tar header of type {header[156:157].decode('latin-1')!r}, not a file"
+    stored = _header_name(header)
+    held = stored.decode("utf-8", "surrogateescape")
+    plain = name.isascii() and len(name) <= 100
+    try:
+        stored_size = _number(header[124:136])
+    except TarFormatError:
+        return "no tar header"
+    if (plain and held != name) or (size < 8 ** 11 and stored_size != size):
+        return f"member {held!r} of {stored_size:,} bytes"
+    return ""
 
 
 def _pax(data: bytes) -> dict[str, str]:
@@ -154,9 +201,8 @@ class TarReader:
                 return
             if header == _ZERO:
                 return
-            stored = header[148:156]
             try:
-                valid = _number(stored) == sum(header) - sum(stored) + 8 * 32
+                valid = _checksum_ok(header)
                 size = _number(header[124:136])
             except TarFormatError:
                 valid = False
@@ -175,9 +221,7 @@ class TarReader:
                 elif kind == b"L":
                     overrides["path"] = data[:size].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
                 continue
-            name = header[:100].split(b"\0", 1)[0]
-            if header[257:263] == b"ustar\0" and header[345:346] != b"\0":  # POSIX ustar: prefix/name
-                name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+            name = _header_name(header)
             member = TarMember(overrides.get("path", name.decode("utf-8", "surrogateescape")), self.offset,
                                int(overrides.get("size", size)))
             overrides = {}
