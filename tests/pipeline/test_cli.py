@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 
 import pytest
 
@@ -216,3 +217,22 @@ def test_check_refuses_a_head_without_the_section_dvc_tracks(tmp_path, capsys):
     assert "Hint: add `sgd: {}` under heads:" in err, err
     params.write_text("train: {heads: [logreg, sgd]}\nheads: {logreg: {}, sgd: {}}\n", encoding="utf-8")
     assert main(["check", "--params", str(params)]) == 0
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_a_dask_run_logs_featcache_not_the_clusters_life(verbose, tmp_path):
+    """A dask extraction (extract_run.scheduler) imports distributed, which sets its loggers to INFO: the
+    scheduler's and nannies' 38 lines a run ('Register worker', 'Lost all workers', ...) buried the progress
+    lines of a `dvc repro` log. The CLI shows only its warnings; `featcache -v` shows everything."""
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text("data: {name: x}\n")
+    code = ("import logging, sys\nfrom featcache.pipeline.cli import main\n"
+            f"assert main({['-v'] * verbose + ['check', '--params', str(tmp_path / 'params.yaml')]!r}) == 0\n"
+            "import distributed\nlogging.getLogger('distributed.scheduler').info('cluster chatter')\n"
+            "logging.getLogger('distributed.scheduler').warning('cluster trouble')\n")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DASK_")}
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stderr
+    assert "cluster trouble" in err
+    assert ("cluster chatter" in err) == verbose

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -337,6 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:  # dask.distributed (a dask extraction) sets its loggers to INFO on import: only its warnings
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     try:
         args.func(args)
     except UserError as error:
