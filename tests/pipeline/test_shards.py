@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -119,6 +120,28 @@ def test_a_csv_of_urls_reports_the_404_by_id_and_loses_nothing_else(project):
     with FeatureStore(out) as store:
         assert store.errors() == [(f"{server.url}images/red/missing.png", "missing object (404 not found)")]
         assert len(store.ids()) == len(images)
+
+
+def test_rows_a_server_kept_failing_are_named_with_the_way_to_read_them_again(project, caplog):
+    """A server down for longer than data.io.tries leaves rows out of a finished store, which `dvc repro` then
+    counts as done: the stage says they are not bad images and how to read them again (it said only
+    'N rows written, M skipped', as for corrupt images)."""
+    root = project["root"]
+    images = sorted((root / "images").rglob("*.png"))[::2]  # 4 of each class
+    with LoopbackServer(root) as server:
+        rows = [f"{server.url}{p.relative_to(root).as_posix()},{p.parent.name}" for p in images]
+        (root / "down").mkdir()
+        (root / "down" / "labels.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+        raw = _raw(project["params_factory"], "csv", "down")
+        server.fail(images[0].relative_to(root).as_posix(), 100)
+        with caplog.at_level(logging.WARNING, logger="featcache"):
+            _run(raw, root, "down-run")
+    hints = [r.getMessage() for r in caplog.records if "not bad images" in r.getMessage()]
+    assert len(hints) == 1, [r.getMessage() for r in caplog.records]
+    assert hints[0].startswith("1 of the 1 skipped rows of ")
+    assert f"{server.url}{images[0].relative_to(root).as_posix()}" in hints[0]
+    assert "unreadable object (HTTP 503" in hints[0]
+    assert f"dvc repro --force --single-item extract@{BACKBONE}, then dvc repro" in hints[0]
 
 
 # ------------------------------------------------------------------ kill -9

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from featcache.extract.decode.preprocess import Preprocessor
     from featcache.extract.engine import ExtractionReport
 
-__all__ = ["extract", "store_config"]
+__all__ = ["extract", "store_config", "warn_transient"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +97,11 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
         spec = RunnerSpec.from_plan(plan, backbone, chosen.weights, chosen.layers, pooling,
                                     channels_last=knobs.channels_last, onnx_cache=knobs.onnx_cache,
                                     model=chosen.model)
-        return extract_distributed(manifest, spec, preprocess, out, **common,
-                                   scheduler_address=None if plan.scheduler == "local" else plan.scheduler,
-                                   n_workers=local_workers(knobs.n_workers, plan.device), threads_per_worker=threads,
-                                   loader=plan.loader, read_threads=plan.num_workers)
+        return warn_transient(extract_distributed(
+            manifest, spec, preprocess, out, **common,
+            scheduler_address=None if plan.scheduler == "local" else plan.scheduler,
+            n_workers=local_workers(knobs.n_workers, plan.device), threads_per_worker=threads,
+            loader=plan.loader, read_threads=plan.num_workers), backbone)
     calibration = None
     if plan.int8:
         from featcache.extract.onnx.calibration import calibration_images
@@ -117,4 +118,26 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
     if plan.backend == "torch":
         check_batch_memory(runner, preprocess.input_size, knobs.batch_size, plan.device,
                            num_workers=plan.num_workers)
-    return extract_to_store(manifest, runner, preprocess, out, plan=plan, **common)
+    return warn_transient(extract_to_store(manifest, runner, preprocess, out, plan=plan, **common), backbone)
+
+
+def warn_transient(report: ExtractionReport, backbone: str) -> ExtractionReport:
+    """Warn when skipped rows failed a read for a transient cause (a server down or slow for a while):
+    they are not bad images, and a store that DVC counts as done is otherwise missing them for good.
+
+    Returns
+    -------
+    ExtractionReport
+        ``report``, unchanged.
+    """
+    from featcache.extract.inputs.storage import is_transient_reason
+
+    transient = [(row_id, reason) for row_id, reason in report.errors if is_transient_reason(reason)]
+    if transient:
+        logger.warning(
+            "%d of the %d skipped rows of %s are not bad images: their reads failed for a transient cause "
+            "(timeouts, HTTP 5xx/429, dropped connections), e.g. %s: %s. Hint: once the server answers, extract "
+            "again to read them (the store is made again; under DVC, which counts the stage as done: "
+            "dvc repro --force --single-item extract@%s, then dvc repro); data.io.timeout and data.io.tries "
+            "wait longer", len(transient), report.n_skipped, report.path, transient[0][0], transient[0][1], backbone)
+    return report
