@@ -352,3 +352,24 @@ def test_a_shard_rewritten_after_prepare_is_never_read_as_other_samples_images(t
         assert reasons[row].startswith("shard changed since prepare (at byte "), reasons[row]
         assert "Hint: rerun featcache prepare" in reasons[row]
     assert "it holds member 'b.png' of" in reasons[0] and f"not 'a.png' of {len(a):,} bytes" in reasons[0]
+
+
+def test_prepare_logs_progress_not_a_line_per_shard(tmp_path, monkeypatch, caplog):
+    """10,000 shards made 10,000 INFO lines in a `dvc repro` log: now the first and last shard, a shard that
+    ended early, and a line at most every PROGRESS_SECONDS, each with the shards and samples so far and an ETA."""
+    import logging
+    import types
+
+    from featcache.extract.inputs import sharded
+
+    (tmp_path / "s").mkdir()
+    for i in range(12):
+        _tar(tmp_path / "s" / f"{i:03d}.tar", [(f"k{i}.png", _png(i)), (f"k{i}.cls", b"ab"[i % 2:i % 2 + 1])])
+    clock = iter([0.0, 0.0] + [1.0] * 5 + [6.0] * 20)  # the start, shard 000, shards 001-005, then 5 s later
+    monkeypatch.setattr(sharded, "time", types.SimpleNamespace(monotonic=lambda: next(clock)), raising=False)
+    with caplog.at_level(logging.INFO, logger="featcache.extract.inputs.sharded"):
+        from_shards(str(tmp_path / "s"), tmp_path / "m" / "manifest.csv", RATIOS, 0)
+    lines = [r.getMessage() for r in caplog.records if r.name == "featcache.extract.inputs.sharded"]
+    assert lines[0].startswith("prepare: 1 of 12 shards read, 1 samples (shard 000: 1 samples), ETA ")
+    assert len(lines) == 3 and lines[1] == "prepare: 7 of 12 shards read, 7 samples (shard 006: 1 samples), ETA 0:04"
+    assert lines[2].startswith("prepare: 12 of 12 shards read, 12 samples (shard 011: 1 samples), ETA 0:00")

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -53,9 +54,13 @@ from featcache.extract.inputs.storage import StorageOptions, is_url
 from featcache.store.schema import SPLIT_CODES
 from featcache.util.atomic import atomic_path, write_text
 
-__all__ = ["ShardedManifest", "from_shards"]
+__all__ = ["PROGRESS_SECONDS", "ShardedManifest", "from_shards"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between two progress lines of a long prepare (the first and last shard, and a shard that ended
+#: early, are always logged): a line per shard made 10,000 lines for 10,000 shards.
+PROGRESS_SECONDS = 5.0
 
 
 @dataclass
@@ -152,7 +157,8 @@ def from_shards(path: str | Sequence[str], out: str | Path, ratios: Mapping[str,
     last_id = ""
     with tempfile.TemporaryFile("w+", encoding="utf-8", newline="", dir=out.parent) as spool:
         writer = csv.writer(spool, lineterminator="\n")
-        for shard in shards:
+        started = logged = time.monotonic()
+        for index, shard in enumerate(shards):
             scan = scan_shard(shard, image_keys, label_key, split_key, options)
             name, location = shard_name(shard), _relative(shard, out.parent)
             unlabeled, bad_targets, bad_splits, cut = [], [], [], []
@@ -207,8 +213,13 @@ def from_shards(path: str | Sequence[str], out: str | Path, ratios: Mapping[str,
                 logger.warning("Shard %s ends early inside sample %s, before its label ('%s'): the sample is left "
                                "out of the manifest (listed under left_out in %s). Hint: download or repair the "
                                "shard to extract it", shard, cut[0], label_key, shards_path(out).name)
-            logger.info("shard %s: %d samples%s", name, len(scan.samples) - len(cut), f" (ended early: {scan.problem})"
-                        if scan.problem else "")
+            now = time.monotonic()
+            if index in (0, len(shards) - 1) or scan.problem or now - logged >= PROGRESS_SECONDS:
+                logged, left = now, (now - started) / (index + 1) * (len(shards) - index - 1)
+                logger.info("prepare: %s of %s shards read, %s samples (shard %s: %s samples%s), ETA %d:%02d",
+                            f"{index + 1:,}", f"{len(shards):,}", f"{n_rows:,}", name,
+                            f"{len(scan.samples) - len(cut):,}",
+                            f", ended early: {scan.problem}" if scan.problem else "", left // 60, left % 60)
         if n_rows == 0:
             raise ManifestError(f"No samples in the shards of {path!r} ({len(shards)} shards). Hint: data.image_keys "
                                 f"({list(image_keys)}) must name the image members' extensions.")
