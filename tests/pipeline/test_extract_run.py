@@ -70,3 +70,16 @@ def test_check_says_which_keys_to_move(tmp_path, caplog):
     caplog.clear()
     assert main(["check", "--params", str(path)]) == 0
     assert not [record for record in caplog.records if record.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize("raw, line", [
+    ({RUN_SECTION: {"scheduler": "lcoal"}}, "- extract_run.scheduler: must be 'none', 'local' or a scheduler address "
+                                            "like 'tcp://10.0.0.5:8786'. Did you mean 'local'? (got 'lcoal')"),
+    ({RUN_SECTION: {"n_workers": 0}}, "- extract_run.n_workers: must be 'auto' or >= 1 (dask worker processes) "
+                                      "(got 0)"),
+])
+def test_a_bad_dask_setting_names_the_value_once_with_a_close_match(raw, line):
+    """The messages said 'got 'lcoal' (got 'lcoal')': the validator and the formatter both named the value."""
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    assert line in str(info.value).splitlines(), str(info.value)

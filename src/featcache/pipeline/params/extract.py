@@ -105,15 +105,15 @@ class ExtractParams(Strict):
     @classmethod
     def _scheduler(cls, value: str) -> str:
         if value not in ("none", "local") and "://" not in value:
-            raise ValueError(f"must be 'none', 'local' or a scheduler address like "
-                             f"'tcp://10.0.0.5:8786', got {value!r}")
+            raise ValueError("must be 'none', 'local' or a scheduler address like 'tcp://10.0.0.5:8786'."
+                             + did_you_mean(value, ("none", "local")))
         return value
 
     @field_validator("n_workers")
     @classmethod
     def _positive_workers(cls, value: int | str) -> int | str:
         if value != "auto" and value < 1:
-            raise ValueError(f"must be 'auto' or >= 1, got {value!r}")
+            raise ValueError("must be 'auto' or >= 1 (dask worker processes)")
         return value
 
     def plan_settings(self) -> dict[str, Any]:
