@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from _support.files import md5
-from featcache.errors import ExtractionError
+from featcache.errors import ExtractionError, UserError
 from featcache.extract.dask_tasks import WorkerJob, plan_tasks
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.distributed import (
@@ -280,6 +280,31 @@ def test_worker_task_failure_is_wrapped_and_keeps_blocks(client, manifest, tmp_p
         assert writer.pending_blocks() == list(range(writer.n_blocks))
 
 
+def test_a_task_the_scheduler_cancelled_is_explained(client, manifest, tmp_path, monkeypatch):
+    """Every worker holding the scattered job dying (one worker, or all at once) makes dask cancel the tasks
+    without a reason: the error said 'failed in the task for blocks 0..0: NoneType: None'."""
+    submit = client.submit
+
+    def cancelled(*args, **kwargs):
+        future = submit(*args, **kwargs)
+        client.cancel([future])
+        return future
+
+    monkeypatch.setattr(client, "submit", cancelled)
+    specs = SPEC.build().layer_specs(PREPROCESS.input_size)
+    attrs = {"config": "{}", "config_sha256": sha256_text("{}")}
+    with StoreWriter(tmp_path / "x.h5", ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
+                     labels=manifest.labels, targets=manifest.targets, layers=specs, attrs=attrs,
+                     block_rows=4) as writer:
+        job = WorkerJob(manifest, PREPROCESS, SPEC, writer.block_committer(), tuple(specs), 4, "skip", 1)
+        with pytest.raises(ExtractionError) as info:
+            list(_run_tasks(client, job, [(0,), (1,)], writer, progress=False))
+    message = str(info.value)
+    assert "NoneType" not in message and "dask cancelled it (status 'cancelled'): most often every worker" in message
+    assert "cannot recompute scattered data" in message and message.endswith("rerun to resume (only missing "
+                                                                             "blocks are extracted).")
+
+
 def test_build_failure_on_worker_via_scheduler_address(client, manifest, tmp_path):
     spec = RunnerSpec("resnet18", str(tmp_path / "missing.pth"), ("default",), "avg")
     with pytest.raises(ExtractionError, match="Building resnet18.*missing.pth"):
@@ -311,9 +336,28 @@ def test_connecting_retries_dasks_handshake_race_only(monkeypatch, caplog):
     assert len(calls) == CONNECT_TRIES
     calls.clear()
     monkeypatch.setattr(distributed, "Client", flaky(1, OSError("Timed out trying to connect")))
-    with pytest.raises(OSError, match="Timed out"):  # not the race: raised at once
+    with pytest.raises(ExtractionError, match="Timed out"):  # not the race: raised at once
         connect_client("tcp://h:1")
     assert len(calls) == 1
+
+
+def test_a_scheduler_that_does_not_answer_is_named_with_what_to_do():
+    """extract_run.scheduler: tcp://host:port with nothing there ended in distributed's traceback after 30 s
+    ('OSError: Timed out trying to connect'): now one line (exit 2) naming the address, dask's reason and the fix."""
+    import socket
+
+    import dask
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        with pytest.raises(ExtractionError) as info:
+            connect_client(address)
+    message = str(info.value)
+    assert message.startswith(f"Cannot connect to the dask scheduler at extract_run.scheduler={address!r}: ")
+    assert f"`dask worker {address}`" in message and "extract_run.scheduler: local" in message
+    assert isinstance(info.value, UserError)
 
 
 def test_own_local_cluster_is_closed_when_the_client_fails(monkeypatch):

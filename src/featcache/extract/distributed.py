@@ -145,16 +145,30 @@ def connect_client(address: str, tries: int = CONNECT_TRIES) -> Any:
     Returns
     -------
     distributed.Client
+
+    Raises
+    ------
+    ExtractionError
+        No scheduler answers at ``address`` (refused, timed out, unknown host): the message names the address,
+        dask's reason and what to do, instead of distributed's traceback.
     """
     from distributed import Client
 
-    for attempt in range(1, tries):
+    for attempt in range(1, tries + 1):
         try:
             return Client(address)
         except AssertionError as error:  # dask's handshake check; anything else (timeouts, refused) is raised
+            if attempt == tries:
+                raise
             logger.warning("dask scheduler %s: the client handshake failed (%r, a race in distributed's Client when "
                            "the scheduler is busy); connecting again (%d/%d)", address, error, attempt + 1, tries)
-    return Client(address)
+        except OSError as error:
+            raise ExtractionError(
+                f"Cannot connect to the dask scheduler at extract_run.scheduler={address!r}: {error}. Hint: start "
+                f"one there (`dask scheduler`, then `dask worker {address}` on each machine), check the host and "
+                "port, or set extract_run.scheduler: local for a cluster of this machine's cores (none: no dask)."
+            ) from error
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class _ClientHandle:
@@ -202,9 +216,16 @@ def _raise_task_failure(future: Any, blocks: tuple[int, ...], writer: StoreWrite
     if isinstance(exc, ExtractionError):
         raise exc
     committed = writer.n_blocks - len(writer.pending_blocks())
+    if exc is None or "CancelledError" in (cls.__name__ for cls in type(exc).__mro__):
+        # Cancelled by the scheduler, without a reason: 'NoneType: None' told the user nothing.
+        why = (f"dask cancelled it (status {future.status!r}): most often every worker that held the job, scattered "
+               "to each worker at the start, died or left (the out-of-memory killer, a preempted machine), and dask "
+               "cannot recompute scattered data; the scheduler's log says which")
+    else:
+        why = f"{type(exc).__name__}: {exc}"
     raise ExtractionError(
         f"Distributed extraction of {writer.path} failed in the task for blocks "
-        f"{blocks[0]}..{blocks[-1]}: {type(exc).__name__}: {exc}. At least {committed} of {writer.n_blocks} blocks are "
+        f"{blocks[0]}..{blocks[-1]}: {why}. At least {committed} of {writer.n_blocks} blocks are "
         f"committed in {writer.parts_dir} and are kept; rerun to resume (only missing blocks are extracted)."
     ) from exc
 
