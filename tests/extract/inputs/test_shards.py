@@ -373,3 +373,30 @@ def test_prepare_logs_progress_not_a_line_per_shard(tmp_path, monkeypatch, caplo
     assert lines[0].startswith("prepare: 1 of 12 shards read, 1 samples (shard 000: 1 samples), ETA ")
     assert len(lines) == 3 and lines[1] == "prepare: 7 of 12 shards read, 7 samples (shard 006: 1 samples), ETA 0:04"
     assert lines[2].startswith("prepare: 12 of 12 shards read, 12 samples (shard 011: 1 samples), ETA 0:00")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", r"is an empty file \(0 bytes\): none of its samples can be listed"),
+    (b"<html>403 Forbidden</html>\n", r"is not a tar archive \(the archive ends inside a header at byte 0; 27 bytes\)"),
+    (bytes(range(256)) * 8, r"is not a tar archive \(bad header checksum at byte 0 .*; 2,048 bytes\)"),
+])
+def test_a_shard_that_is_no_tar_at_all_stops_prepare_naming_it(tmp_path, content, message):
+    """A failed download (an empty file, an error page saved as 000003.tar) gave a shard of 0 samples, with no
+    warning at all for the empty file: its samples were lost unseen, where a missing shard stops prepare."""
+    from featcache.extract.inputs.shards import ShardReadError
+
+    (tmp_path / "s").mkdir()
+    _tar(tmp_path / "s" / "000000.tar", [("a.png", _png(1)), ("a.cls", b"x"), ("b.png", _png(2)), ("b.cls", b"y")])
+    (tmp_path / "s" / "000001.tar").write_bytes(content)
+    with pytest.raises(ShardReadError, match=r"Shard '.*000001\.tar' " + message + r".*Hint: download the shard"):
+        from_shards(str(tmp_path / "s"), tmp_path / "m" / "manifest.csv", RATIOS, 0)
+    assert not (tmp_path / "m" / "manifest.csv").exists()
+
+
+def test_a_tar_without_samples_is_warned_about(tmp_path, caplog):
+    import logging
+
+    _tar(tmp_path / "empty.tar", [])
+    with caplog.at_level(logging.WARNING, logger="featcache"):
+        assert scan_shard(str(tmp_path / "empty.tar")).samples == []
+    assert "is a tar archive without samples" in caplog.text

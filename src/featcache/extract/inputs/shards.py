@@ -272,8 +272,9 @@ def scan_shard(path: str, image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS, label_
     ------
     ShardReadError
         The shard cannot be read (missing, failing after every try, or on a
-        server that ignores Range requests): its member list, and so its
-        samples, are unknown. An ``OSError`` and a ``UserError``.
+        server that ignores Range requests), or is empty or not a tar archive
+        at all: its member list, and so its samples, are unknown. An
+        ``OSError`` and a ``UserError``.
     """
     options = options or StorageOptions()
     keys = tuple(k.lower() for k in image_keys)
@@ -300,8 +301,17 @@ def scan_shard(path: str, image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS, label_
                                       "http" if is_url(path) else "")
             raise ShardReadError(f"Shard {path!r} cannot be read: {reason}. Its member list is needed to list its "
                                  "samples. Hint: check data.path (and data.io for remote shards).") from error
+        if scan.size == 0 or (scan.problem and not scan.samples):  # nothing of it is a tar: a failed download?
+            what = "an empty file (0 bytes)" if scan.size == 0 else \
+                f"not a tar archive ({scan.problem}; {scan.size:,} bytes)"
+            raise ShardReadError(f"Shard {path!r} is {what}: none of its samples can be listed (a failed download, "
+                                 "or an error page saved under the shard's name?). Hint: download the shard again, "
+                                 "or leave it out of data.path.")
         if scan.problem:
             logger.warning("Shard %s ends early (%s); its %d samples before that point are kept, and an image cut "
                            "short is reported as a bad image by extract", path, scan.problem, len(scan.samples))
+        elif not scan.samples:
+            logger.warning("Shard %s is a tar archive without samples (no member named <key>.<ext>): it adds no "
+                           "rows", path)
         return scan
     raise AssertionError("unreachable")  # pragma: no cover
