@@ -400,3 +400,18 @@ def test_a_tar_without_samples_is_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="featcache"):
         assert scan_shard(str(tmp_path / "empty.tar")).samples == []
     assert "is a tar archive without samples" in caplog.text
+
+
+def test_a_bad_shard_row_is_described_by_the_shards_absolute_path(tmp_path, monkeypatch):
+    """Warnings name a bad row's shard as 'Bad image 000006/x003 (<shard>:x003.jpg)': the stored path is relative
+    to the manifest's folder (../../shards/000006.tar from data/prepared/pets), which read from the project root
+    names a file that is not there; a sample without an image ended in a bare ':'."""
+    (tmp_path / "shards").mkdir()
+    shard = tmp_path / "shards" / "000006.tar"
+    _tar(shard, [("a.png", _png(1)), ("a.cls", b"x"), ("b.cls", b"y")])
+    monkeypatch.chdir(tmp_path)
+    from_shards("shards", tmp_path / "data" / "prepared" / "pets" / "manifest.csv", RATIOS, 0)
+    manifest = Manifest.read(tmp_path / "data" / "prepared" / "pets" / "manifest.csv")
+    assert manifest.paths[0] == "../../../shards/000006.tar"  # as stored: relative to the manifest
+    assert manifest.describe(0) == f"{shard}:a.png"
+    assert manifest.describe(1) == str(shard)  # b: no image member

@@ -169,9 +169,12 @@ class Manifest:
         return path if is_url(path) else str(self.absolute_path(row))
 
     def describe(self, row: int) -> str:
-        """Row ``row``'s source for messages: its path, with ``:member`` for a shard row."""
-        where = self.paths[row]
-        return f"{where}:{self.members.names[row]}" if self.members is not None else where
+        """Row ``row``'s source for messages: :meth:`location` (a URL, or the absolute path: the stored path is
+        relative to the manifest's folder, not to where the user runs), with ``:member`` for a shard row
+        that has an image member."""
+        where = self.location(row)
+        member = self.members.names[row] if self.members is not None else ""
+        return f"{where}:{member}" if member else where
 
     @classmethod
     def sorted(cls, ids: Sequence[str], paths: Sequence[str], splits: np.ndarray, **kwargs: Any) -> "Manifest":
