@@ -33,7 +33,8 @@ from featcache.errors import SAVED_HEAD_HINT, SavedHeadError, SavedHeadNotFoundE
 from featcache.util.atomic import write_json
 
 __all__ = ["INFO_KEYS", "RUN_FILE", "RUN_INFO_FORMAT", "RUN_INFO_KEYS", "SIDECAR_SUFFIX", "RunNotFoundError",
-           "read_run", "read_run_info", "run_key", "sidecar_path", "split_run", "write_run", "write_run_info"]
+           "read_json_object", "read_run", "read_run_info", "run_key", "sidecar_path", "split_run", "write_run",
+           "write_run_info"]
 
 #: File beside a saved head describing where its features come from.
 RUN_FILE = "featcache-run.json"
@@ -142,6 +143,31 @@ def write_run_info(model_dir: str | Path, info: Mapping[str, Any]) -> Path:
     return write_json(Path(model_dir) / RUN_FILE, {**info, "format": RUN_INFO_FORMAT})
 
 
+def read_json_object(path: str | Path, name: str | None = None) -> dict[str, Any]:
+    """The JSON object a saved run's file holds (``featcache-run.json``, ``head.json``).
+
+    Parameters
+    ----------
+    path : str or Path
+    name : str, optional
+        How the messages name the file; default its path.
+
+    Raises
+    ------
+    SavedHeadError
+        When the file cannot be read or parsed (truncated, damaged) or holds another JSON value than an object.
+    """
+    name = str(path) if name is None else name
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise SavedHeadError(f"{name} could not be read ({type(error).__name__}: {error}); it is truncated or "
+                             f"damaged. {SAVED_HEAD_HINT}") from None
+    if not isinstance(value, dict):
+        raise SavedHeadError(f"{name} holds a JSON {type(value).__name__}, not an object. {SAVED_HEAD_HINT}")
+    return value
+
+
 def read_run_info(model_dir: str | Path) -> dict[str, Any]:
     """Read ``featcache-run.json`` of a saved run, checked to hold what ``featcache predict`` reads.
 
@@ -161,13 +187,7 @@ def read_run_info(model_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise RunNotFoundError(f"{path} not found: {model_dir} is not a featcache run directory, or an incomplete "
                                f"one. {SAVED_HEAD_HINT}")
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise SavedHeadError(f"{path} could not be read ({type(error).__name__}: {error}); it is truncated or "
-                             f"damaged. {SAVED_HEAD_HINT}") from None
-    if not isinstance(info, dict):
-        raise SavedHeadError(f"{path} holds a JSON {type(info).__name__}, not an object. {SAVED_HEAD_HINT}")
+    info = read_json_object(path)
     if info.get("format", RUN_INFO_FORMAT) != RUN_INFO_FORMAT:  # no format: written before it existed
         raise SavedHeadError(f"{path} has format {info['format']!r}; this featcache ({RUN_INFO_FORMAT!r}) cannot "
                              "read it. Hint: use the featcache version that trained it, or retrain with this one "

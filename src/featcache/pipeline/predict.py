@@ -26,16 +26,15 @@ import contextlib
 import csv
 import glob
 import importlib.util
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from featcache.errors import SAVED_HEAD_HINT, SavedHeadError, SavedHeadNotFoundError, UserError
+from featcache.errors import SAVED_HEAD_HINT, SavedHeadNotFoundError, UserError
 from featcache.extract.inputs.sources import IMAGE_EXTENSIONS
-from featcache.runs import read_run_info
+from featcache.runs import read_json_object, read_run_info
 from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS, SPLITS
 from featcache.util.checks import check_int
 
@@ -99,15 +98,7 @@ def _run_info(model_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise SavedHeadNotFoundError(f"{model_dir} is not a usable saved head: {path.name} (the head's class and "
                                      f"parameters) is missing. {SAVED_HEAD_HINT}")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as error:
-        raise SavedHeadError(f"{model_dir} is not a usable saved head: {path.name} could not be read "
-                             f"({type(error).__name__}: {error}); it is truncated or damaged. "
-                             f"{SAVED_HEAD_HINT}") from None
-    if not isinstance(meta, dict):
-        raise SavedHeadError(f"{model_dir} is not a usable saved head: {path.name} holds a JSON "
-                             f"{type(meta).__name__}, not an object. {SAVED_HEAD_HINT}")
+    read_json_object(path, f"{model_dir} is not a usable saved head: {path.name}")
     return info
 
 
