@@ -202,26 +202,27 @@ def test_missing_image_is_reported(images, runner, tmp_path):
 
 # ---------------------------------------------------------------- resume
 class CrashingRunner:
-    """Delegates to a real runner, then raises on call number ``after + 1`` (a killed process)."""
+    """Delegates to a real runner, then raises ``error`` on call number ``after + 1`` (a crash, or Ctrl-C)."""
 
-    def __init__(self, runner, after: int) -> None:
-        self.runner, self.after, self.calls = runner, after, 0
+    def __init__(self, runner, after: int, error: type[BaseException] = RuntimeError) -> None:
+        self.runner, self.after, self.calls, self.error = runner, after, 0, error
 
     def __call__(self, batch):
         self.calls += 1
         if self.calls > self.after:
-            raise RuntimeError("simulated crash")
+            raise self.error("simulated crash")
         return self.runner(batch)
 
     def layer_specs(self, input_size=None):
         return self.runner.layer_specs(input_size)
 
 
-def test_crash_then_resume_is_byte_identical(first_run, manifest, runner, tmp_path):
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_crash_then_resume_is_byte_identical(first_run, manifest, runner, tmp_path, error):
     _, _, digest = first_run
     out = tmp_path / "crash" / "resnet18.h5"
-    crashing = CrashingRunner(runner, after=2)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    crashing = CrashingRunner(runner, after=2, error=error)
+    with pytest.raises(error, match="simulated crash"):
         _extract(manifest, crashing, out)
     assert not out.exists()
     parts = sorted(p.name for p in out.with_name(out.name + ".parts").rglob("block-*.h5"))

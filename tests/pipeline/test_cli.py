@@ -236,3 +236,15 @@ def test_a_dask_run_logs_featcache_not_the_clusters_life(verbose, tmp_path):
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stderr
     assert "cluster trouble" in err
     assert ("cluster chatter" in err) == verbose
+
+
+def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(monkeypatch, capsys):
+    import featcache.pipeline.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_digits", interrupted)
+    assert main(["digits", "unused"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("featcache digits: interrupted.") and "Traceback" not in err

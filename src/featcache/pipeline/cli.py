@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(hyper-parameters: heads.<head> in the params file)")
     tr.add_argument("--metrics", required=True, help="output metrics JSON (test scores; a .run.json sidecar beside it)")
     tr.add_argument("--model-dir", help="save the fitted head here (for `featcache predict --model`)")
-    tr.add_argument("--predictions", help="CSV of test actual,predicted (DVC confusion plot)")
+    tr.add_argument("--predictions", help="CSV of test actual,predicted (DVC's confusion or scatter plot, by task)")
     tr.set_defaults(func=_cmd_train)
 
     exp = with_params(sub.add_parser("export-onnx", help="export a backbone's layers (pooled) to ONNX"))
@@ -319,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--out", required=True, help="run folder: model.pt, model.json, weight_report.json, "
                                                  "history.json, backbone.pt, model.onnx, cam/")
     ft.add_argument("--metrics", required=True, help="metrics JSON (the train stage's format)")
-    ft.add_argument("--confusion", help="actual,predicted CSV of the test split (classification)")
+    ft.add_argument("--confusion", help="actual,predicted CSV of the test split (DVC's confusion or scatter plot, "
+                    "by task)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     ft.set_defaults(func=_cmd_finetune)
 
@@ -345,6 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as error:
         print(f"featcache {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (or DVC passing it on): a line, not a traceback; 130 as shells report it
+        print(f"featcache {args.command}: interrupted. Hint: rerun it (or `dvc repro`); an extraction resumes "
+              "from the blocks it had committed.", file=sys.stderr)
+        return 130
     return 0
 
 
