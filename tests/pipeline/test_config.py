@@ -183,3 +183,14 @@ def test_check_refuses_a_bad_head_value_before_any_stage_runs_importing_no_head_
     assert done.returncode == 2, done.stdout + done.stderr
     assert "heads.lightgbm.learning_rate: 'fast' is not a float" in done.stderr, done.stderr
     assert "Traceback" not in done.stderr and "HEAVY []" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_sections_own_check_is_not_followed_by_the_whole_section():
+    """``finetune.defaults: unknown setting 'lrr' ...`` names the key; the section's 20 values after it were noise.
+    A type error of a mapping given where a list belongs still shows what was given."""
+    with pytest.raises(ConfigError) as info:
+        parse_params({"finetune": {"defaults": {"lrr": 0.1, "epochs": 2}}})
+    line = next(text for text in str(info.value).splitlines() if text.startswith("- finetune.defaults:"))
+    assert "'lrr'" in line and "(got {" not in line, line
+    with pytest.raises(ConfigError, match=r"layers: Input should be a valid list \(got \{'a': 1\}\)"):
+        parse_params({"backbones": {"efficientnet_lite0": {"layers": {"a": 1}}}})

@@ -74,8 +74,11 @@ def format_validation_error(error: ValidationError, root: type[BaseModel]) -> st
             lines.append(f"- unknown key {key!r}.{hint} Allowed keys here: {', '.join(allowed)}")
         else:
             message = item["msg"].removeprefix("Value error, ")
+            # A section's own check (a value error) names the keys it is about: the whole section after it is noise.
+            own = item["type"] == "value_error" and isinstance(item.get("input"), Mapping)
+            got = "" if own else f" (got {item.get('input')!r})"
             # A check of the whole file (no loc) names its keys in its message: no "params:" label before it.
-            lines.append(f"- {key}: {message} (got {item.get('input')!r})" if key else f"- {message}")
+            lines.append(f"- {key}: {message}{got}" if key else f"- {message}")
     return "Invalid params:\n" + "\n".join(lines)
 
 
