@@ -169,3 +169,9 @@ def test_bench_mlp_small_variants_and_table(monkeypatch, tmp_path):
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith(("| friedman1 |", "| store:"))]
     assert [(r[0], r[1], r[2]) for r in rows] == [("| friedman1", "30", "1"), ("| store:pool", "20", "1")]
     assert all(float(cell) > 0 for r in rows for cell in r[3:11])
+
+
+def test_bench_csv_prepare_measures_a_clean_process():
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_csv_prepare.py"), "--rows", "500", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.startswith("| 500 rows | ") and "MiB above the imports" in done.stdout

@@ -195,26 +195,47 @@ def from_folder(root: str | Path, ratios: Mapping[str, float], seed: int,
     return _classification(ids, paths, names, None, ratios, seed, root, classes)
 
 
-def _csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+#: The columns a CSV manifest may have; others are ignored (and not kept in memory).
+CSV_COLUMNS = ("path", "label", "target", "id", "split")
+
+
+def _csv_columns(path: Path) -> tuple[list[str], dict[str, list[str | None]]]:
+    """The header of a CSV and the values of its :data:`CSV_COLUMNS`, one list per column.
+
+    Read as :class:`csv.DictReader` reads (rows without any field skipped, a short row's missing fields None,
+    a repeated column name: its last occurrence), but kept by column: a manifest of a million URLs holds
+    its strings, not a dict per row.
+    """
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            reader.fieldnames = columns
-            rows = list(reader)
+            reader = csv.reader(handle)
+            columns = [c.strip() for c in next(reader, [])]
+            kept = {name: index for index, name in enumerate(columns) if name in CSV_COLUMNS}
+            values: dict[str, list[str | None]] = {name: [] for name in kept}
+            for record in reader:
+                if not record:
+                    continue
+                width = len(record)
+                for name, index in kept.items():
+                    values[name].append(record[index] if index < width else None)
     except UnicodeDecodeError as error:
         raise ManifestError(f"CSV {path} is not UTF-8 text ({error}). Hint: save it as UTF-8.") from None
     except csv.Error as error:
         raise ManifestError(f"CSV {path} cannot be parsed: {error}.") from None
-    return columns, rows
+    return columns, values
 
 
 def _duplicates(values: Sequence[str]) -> dict[str, list[int]]:
     """value -> CSV row numbers (the header is row 1) of values that occur more than once."""
+    counts = collections.Counter(values)
+    if len(counts) == len(values):
+        return {}
+    repeated = {value for value, count in counts.items() if count > 1}
     lines: dict[str, list[int]] = {}
     for row, value in enumerate(values):
-        lines.setdefault(value, []).append(row + 2)
-    return {value: rows for value, rows in lines.items() if len(rows) > 1}
+        if value in repeated:
+            lines.setdefault(value, []).append(row + 2)
+    return lines
 
 
 def _reject_duplicates(path: Path, what: str, values: Sequence[str], shown: Sequence[str] | None = None) -> None:
@@ -267,7 +288,7 @@ def from_csv(path: str | Path, ratios: Mapping[str, float], seed: int, task: str
                  f"CSV files in {path.parent}: {found}" if found else f"{path.parent} has no .csv file")
         raise ManifestError(f"CSV manifest {str(path)!r} does not exist ({where}). Hint: set data.path to the "
                             "CSV's folder and data.csv to its file name there, in params.yaml.")
-    columns, rows = _csv_rows(path)
+    columns, values = _csv_columns(path)
     column = "label" if task == "classification" else "target"
     for needed in ("path", column):
         if needed not in columns:
@@ -280,9 +301,9 @@ def from_csv(path: str | Path, ratios: Mapping[str, float], seed: int, task: str
             raise ManifestError(f"CSV {path} has columns {columns}; a {task} manifest needs '{needed}' "
                                 f"(allowed columns: path, {'label' if task == 'classification' else 'target'}, "
                                 f"id, split). Hint: name the column '{needed}' in the header row.{switch}")
-    if not rows:
+    if not values["path"]:
         raise ManifestError(f"CSV {path} has no rows.")
-    paths = [(r["path"] or "").strip() for r in rows]
+    paths = [(p or "").strip() for p in values["path"]]
     blank = [line for line, p in enumerate(paths, start=2) if not p]
     if blank:
         raise ManifestError(f"Empty 'path' in {path} on {format_rows(blank)}.")
@@ -291,22 +312,23 @@ def from_csv(path: str | Path, ratios: Mapping[str, float], seed: int, task: str
         if not is_url(p) and not PurePosixPath(p).is_absolute() and ".." in PurePosixPath(p).parts:
             raise ManifestError(f"Path {p!r} in {path} (row {line}) leaves the manifest's folder ('..'); "
                                 "give it absolute or move the CSV up.")
-    ids = [((r.get("id") or "").strip() or r["path"].strip()) for r in rows]
+    ids = ([(i or "").strip() or p.strip() for i, p in zip(values["id"], values["path"])] if "id" in values
+           else [p.strip() for p in values["path"]])
     _reject_duplicates(path, "ids", ids)
     _reject_duplicates(path, "paths", [p if is_url(p) else posixpath.normpath(
         posixpath.join(path.parent.absolute().as_posix(), p)) for p in paths], shown=paths)
     splits = None
-    if "split" in columns and any((r["split"] or "").strip() for r in rows):
-        values = [(r["split"] or "").strip() for r in rows]
-        bad = sorted(set(values) - set(SPLIT_CODES))
+    if "split" in values and any((v or "").strip() for v in values["split"]):
+        split_names = [(v or "").strip() for v in values["split"]]
+        bad = sorted(set(split_names) - set(SPLIT_CODES))
         if bad:
-            lines = [line for line, v in enumerate(values, start=2) if v in bad]
+            lines = [line for line, v in enumerate(split_names, start=2) if v in bad]
             raise ManifestError(f"Unknown split values {bad} in {path} ({format_rows(lines)}; row 1 is the "
                                 f"header); allowed: {list(SPLIT_CODES)}, in every row. Hint: fix those rows, or "
                                 "empty the whole split column to split by data.split.")
-        splits = np.array([SPLIT_CODES[v] for v in values], dtype=np.uint8)
+        splits = np.array([SPLIT_CODES[v] for v in split_names], dtype=np.uint8)
     if task == "classification":
-        names = [(r["label"] or "").strip() for r in rows]
+        names = [(v or "").strip() for v in values["label"]]
         blank = [line for line, name in enumerate(names, start=2) if not name]
         if blank:
             raise ManifestError(f"Empty label in {path} on {format_rows(blank)}. "
@@ -320,8 +342,8 @@ def from_csv(path: str | Path, ratios: Mapping[str, float], seed: int, task: str
     if classes is not None:
         raise ManifestError("data.classes is only for classification; remove it for a regression task.")
     targets = []
-    for line, r in enumerate(rows, start=2):
-        text = (r["target"] or "").strip()
+    for line, raw in enumerate(values["target"], start=2):
+        text = (raw or "").strip()
         try:
             value = float(text)
         except ValueError:
@@ -329,7 +351,7 @@ def from_csv(path: str | Path, ratios: Mapping[str, float], seed: int, task: str
         if not math.isfinite(value):
             what = "Empty" if not text else "Non-numeric" if math.isnan(value) and text.lower() != "nan" \
                 else "Non-finite"
-            raise ManifestError(f"{what} target {r['target']!r} in {path} on row {line} (row 1 is the header); "
+            raise ManifestError(f"{what} target {raw!r} in {path} on row {line} (row 1 is the header); "
                                 "allowed: a finite number such as 3.5 or -1e-3 (a dot as the decimal mark). Hint: "
                                 "fix or remove that row; for class names set data.task: classification.")
         targets.append(value)
