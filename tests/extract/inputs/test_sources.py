@@ -123,6 +123,23 @@ def test_from_csv_with_id_and_split_columns(tmp_path):
     np.testing.assert_array_equal(manifest.labels, [0, 0, 1, 1])
 
 
+def test_from_csv_reads_rows_as_the_csv_module_does(tmp_path):
+    """Blank lines are skipped, an empty or missing id falls back to the path, other columns are ignored and a
+    repeated column's last occurrence wins (csv.DictReader's reading, kept by the column reader)."""
+    (tmp_path / "m.csv").write_text("path,notes,label,id,label\n"
+                                    "a.png,x,dog,ida,cat\n"
+                                    "\n"
+                                    "b.png,y,,,cat\n"
+                                    "c.png,,cat,idc,dog\n"
+                                    "d.png,z,dog,idd,dog\n", encoding="utf-8")
+    manifest = from_csv(tmp_path / "m.csv", RATIOS, seed=0)
+    assert manifest.ids == ["b.png", "ida", "idc", "idd"]
+    assert manifest.classes == ["cat", "dog"]
+    np.testing.assert_array_equal(manifest.labels, [0, 0, 1, 1])
+    (tmp_path / "short.csv").write_text("path,label,id\na.png,cat\nb.png,dog,idb\n", encoding="utf-8")
+    assert from_csv(tmp_path / "short.csv", RATIOS, seed=0).ids == ["a.png", "idb"]
+
+
 def test_from_csv_with_bom_and_absolute_paths(tmp_path):
     image = tmp_path / "abs.png"
     rows = [f"{image},a", "rel.png,a"]
