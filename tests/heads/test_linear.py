@@ -175,7 +175,8 @@ def test_deterministic(clf_data):
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"Cs": [1.0, -1.0]}, r"Cs=\[1\.0, -1\.0\] is invalid; allowed: a non-empty sequence of positive"),
+        ({"Cs": [1.0, -1.0]}, r"Cs=\[1\.0, -1\.0\] is invalid \(Cs\[1\]=-1\.0 is out of range\); allowed: a non-empty "
+                              r"list whose items are each a finite number > 0"),
         ({"refine_points": 1}, r"refine_points=1 is invalid; allowed: an integer >= 2"),
         ({"validation_fraction": 1.5}, r"validation_fraction=1\.5 is invalid; allowed: a number in \(0, 1\)"),
     ],

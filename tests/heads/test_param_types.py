@@ -10,7 +10,9 @@ import pytest
 from featcache.errors import ParamError
 from featcache.heads import HEADS, make_head
 from featcache.heads.param_types import check_declared, check_value, param_type
+from featcache.heads.preprocessing import check_pca_components
 from featcache.heads.registry import HEAD_PATHS, check_head_values, head_params
+from featcache.heads.validation import as_float_list
 
 
 @pytest.mark.parametrize("name", list(HEAD_PATHS))
@@ -40,7 +42,8 @@ def test_the_source_annotations_are_the_fields_that_fit_checks(name, task):
     ("Annotated[int, AtLeast(1)]", 2.0, r"^k: 2\.0 is not an integer"),
     ("Annotated[int, AtLeast(1)]", None, r"^k: null is not allowed; allowed: an integer >= 1"),
     ("Annotated[float, Interval(0, 1, high_closed=True)] | None", 1.5, r"allowed: a number in \(0, 1\] or null"),
-    ("Sequence[int]", [512, "a"], r"is not a list of integers"),
+    ("Sequence[int]", [512, "a"], r"^k\[1\]: 'a' is not an integer; allowed: an integer\. Hint: write an integer for "
+                                  r"each item of k, or leave k out"),
     ("Sequence[int]", 512, r"is not a list of integers"),
     ("Sequence[float] | np.ndarray | None", "0.1", r"is not a list of numbers; allowed: a list of numbers or null"),
     ("str", 3, r"is not a string"),
@@ -87,3 +90,107 @@ def test_check_and_fit_refuse_the_same_values_from_one_declaration(name, params,
     with pytest.raises(ParamError, match=fit_message):
         check_declared(make_head(name, task, params))
     check_declared(make_head(name, task))  # the defaults pass
+
+
+@pytest.mark.parametrize(("name", "task", "params", "expected"), [
+    ("mlp", "classification", {"hidden_sizes": [512, 0]},
+     r"^heads\.mlp\.hidden_sizes\[1\]: 0 is out of range; allowed: an integer >= 1\. Hint: write an integer >= 1 for "
+     r"each item of heads\.mlp\.hidden_sizes, or leave heads\.mlp\.hidden_sizes out for the default\.$"),
+    ("streaming_mlp", "regression", {"hidden_sizes": [-3]}, r"^heads\.streaming_mlp\.hidden_sizes\[0\]: -3 is out of"),
+    ("mlp", "classification", {"hidden_sizes": [64, 2.5]}, r"^heads\.mlp\.hidden_sizes\[1\]: 2\.5 is not an integer"),
+    ("logreg", "classification", {"pca_components": 0},
+     r"^heads\.logreg\.pca_components: 0 is out of range; allowed: an integer >= 1 or a number in \(0, 1\) or null "
+     r"\(default null\)\. Hint: write an integer >= 1 or a number in \(0, 1\) or null for heads\.logreg\."),
+    ("lightgbm", "regression", {"pca_components": 1.0}, r"^heads\.lightgbm\.pca_components: 1\.0 is out of range"),
+    ("mlp", "regression", {"pca_components": -2}, r"^heads\.mlp\.pca_components: -2 is out of range"),
+    ("mlp", "classification", {"pca_components": True}, r"^heads\.mlp\.pca_components: True is not an integer or a"),
+    ("logreg", "classification", {"Cs": [0.1, -1.0]},
+     r"^heads\.logreg\.Cs\[1\]: -1\.0 is out of range; allowed: a finite number > 0\. Hint: write a finite number > 0 "
+     r"for each item of heads\.logreg\.Cs"),
+    ("logreg", "classification", {"Cs": []},
+     r"^heads\.logreg\.Cs: \[\] is empty; allowed: a non-empty list whose items are each a finite number > 0 or null "
+     r"\(default null\)\. Hint"),
+    ("logreg", "classification", {"Cs": [0.1, "1e-3"]},
+     r"^heads\.logreg\.Cs\[1\]: '1e-3' is not a float; allowed: a finite number > 0\. Hint: YAML reads 1e-3 as a"),
+    ("logreg", "regression", {"alphas": [0]}, r"^heads\.logreg\.alphas\[0\]: 0 is out of range; allowed: a finite"),
+    ("sgd", "regression", {"alphas": [1e-4, float("inf")]}, r"^heads\.sgd\.alphas\[1\]: inf is out of range"),
+    ("sgd", "classification", {"alphas": []}, r"^heads\.sgd\.alphas: \[\] is empty"),
+    ("mlp", "classification", {"device": "gpu"},
+     r"^heads\.mlp\.device: 'gpu' is not allowed; allowed: 'cpu', 'cuda' or 'cuda:N' \(default \"cpu\"\)\. Hint: "
+     r"write 'cpu', 'cuda' or 'cuda:N' for heads\.mlp\.device"),
+    ("streaming_mlp", "classification", {"device": "cuda:x"}, r"^heads\.streaming_mlp\.device: 'cuda:x' is not allo"),
+])
+def test_check_applies_the_rules_of_each_union_member_and_list_item(name, task, params, expected):
+    """Union members and list items carry their own rules; ``check`` used to test only their types (fit found the
+    rest, after the extraction)."""
+    with pytest.raises(ParamError, match=expected):
+        check_head_values(name, task, params)
+
+
+@pytest.mark.parametrize(("name", "params"), [
+    ("mlp", {"hidden_sizes": []}), ("mlp", {"hidden_sizes": [1]}), ("streaming_mlp", {"hidden_sizes": [1024, 256]}),
+    ("logreg", {"pca_components": 1}), ("logreg", {"pca_components": 0.5}), ("lightgbm", {"pca_components": 1e-9}),
+    ("mlp", {"pca_components": 0.999}), ("mlp", {"pca_components": None}), ("logreg", {"Cs": [1e-9]}),
+    ("logreg", {"Cs": [1, 0.5]}), ("logreg", {"alphas": [1000]}), ("sgd", {"alphas": [1e-5]}),
+    ("mlp", {"device": "cpu"}), ("mlp", {"device": "cuda"}), ("streaming_mlp", {"device": "cuda:1"}),
+])
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_check_accepts_the_boundary_values_fit_accepts(name, params, task):
+    if not set(params) <= set(head_params(name, task)):
+        pytest.skip(f"{set(params)} is the other twin's")
+    check_head_values(name, task, params)
+    check_declared(make_head(name, task, params))
+
+
+#: Values tried on every parameter of every head: each kind of value a params.yaml holds, the rules' bounds.
+PROBES = [None, True, False, -1, 0, 1, 2, 3, 0.0, 1e-9, 0.5, 0.999, 1.0, 1.5, float("nan"), float("inf"), "cpu",
+          "cuda", "cuda:1", "gpu", "optimal", "0.1", [], [0], [1], [2, 256], [1, 0], [0.5, 1e-9], [0.1, -1.0],
+          [1, "a"], [True], {"a": 1}]
+
+
+def _accepts(call) -> bool:
+    try:
+        call()
+    except ParamError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", list(HEAD_PATHS))
+@pytest.mark.parametrize("task", ["classification", "regression"])
+def test_check_accepts_a_value_if_and_only_if_fit_accepts_it(name, task):
+    """``featcache check`` and a head's fit (:func:`check_declared`) read one declaration and agree on every value."""
+    disagree = []
+    for key in head_params(name, task):
+        for value in PROBES:
+            by_check = _accepts(lambda: check_head_values(name, task, {key: value}))  # noqa: B023
+            by_fit = _accepts(lambda: check_declared(make_head(name, task, {key: value})))  # noqa: B023
+            if by_check != by_fit:
+                disagree.append(f"{key}={value!r}: check {'accepts' if by_check else 'refuses'}, fit the other")
+    assert not disagree, "\n".join(disagree)
+
+
+def _mlp_sizes(value):
+    from featcache.heads import MLPHead
+
+    MLPHead(hidden_sizes=value)._check_params()
+
+
+@pytest.mark.parametrize(("name", "task", "key", "own_check", "values"), [
+    *[(name, "classification", "pca_components", check_pca_components,
+       [-1, 0, 1, 2, 256, 1e-9, 0.5, 0.999, 1.0, 1.5, 2.0, float("nan"), True, "all"])
+      for name in ("logreg", "lightgbm", "mlp")],
+    ("logreg", "classification", "Cs", lambda v: as_float_list("Cs", v),
+     [[], [0], [1], [1e-9, 1e4], [0.1, -1.0], [float("nan")], [float("inf")]]),
+    ("logreg", "regression", "alphas", lambda v: as_float_list("alphas", v), [[], [0.0], [2, 3], [-5]]),
+    ("sgd", "classification", "alphas", lambda v: as_float_list("alphas", v), [[], [0], [1e-5], [1e-5, -1e-3]]),
+    ("mlp", "classification", "hidden_sizes", _mlp_sizes, [[], [0], [1], [256, 1], [64, 0], [-1], [1.5], 512]),
+])
+def test_check_refuses_what_the_heads_own_fit_checks_refuse(name, task, key, own_check, values):
+    """The rules declared on ``pca_components``, the grids and ``hidden_sizes`` are the ones their heads' fit code
+    enforces (check_pca_components, as_float_list, MLP's size check): ``check`` used to accept ``pca_components: 0``
+    or ``hidden_sizes: [0]`` and fit refused them minutes later."""
+    for value in values:
+        by_check = _accepts(lambda: check_head_values(name, task, {key: value}))  # noqa: B023
+        by_head = _accepts(lambda: own_check(value))  # noqa: B023
+        assert by_check == by_head, f"{key}={value!r}: check {by_check}, the head's own check {by_head}"

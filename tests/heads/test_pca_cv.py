@@ -100,7 +100,7 @@ def test_shuffled_test_labels_change_nothing_chosen_with_pca(name, clf_data):
 
 @pytest.mark.parametrize("value", [0, -1, 1.0, 1.5, True, "all"])
 def test_invalid_pca_components_names_value_and_allowed(value, clf_data):
-    message = rf"pca_components={value!r} is invalid; allowed: None \(no reduction\), an integer >= 1"
+    message = rf"pca_components={value!r} is invalid; allowed: an integer >= 1 or a number in \(0, 1\) or None\. Hint"
     with pytest.raises(ValueError, match=message):
         LogisticRegressionHead(pca_components=value).fit(clf_data["X_train"], clf_data["y_train"])
 

@@ -129,8 +129,8 @@ def test_check_head_params_names_the_bad_key_without_importing_the_head():
                                             "number > 0 (default 0.1). Hint: "),
     ("logreg", {"max_iter": -5}, "heads.logreg.max_iter: -5 is out of range; allowed: an integer >= 1 (default 1000)."),
     ("mlp", {"n_threads": None}, "heads.mlp.n_threads: null is not allowed; allowed: an integer >= 1 (default 2)."),
-    ("mlp", {"hidden_sizes": 512}, "heads.mlp.hidden_sizes: 512 is not a list of integers; allowed: a list of "
-                                   "integers (default [256])."),
+    ("mlp", {"hidden_sizes": 512}, "heads.mlp.hidden_sizes: 512 is not a list of integers; allowed: a list whose "
+                                   "items are each an integer >= 1 (default [256])."),
 ])
 def test_check_head_values_names_the_key_the_value_and_what_is_allowed(name, params, message):
     with pytest.raises(ValueError) as info:

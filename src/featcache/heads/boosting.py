@@ -53,7 +53,7 @@ class LightGBMBase(HeadBase):
     max_bin: Annotated[int, AtLeast(2)] = 63
     early_stopping_rounds: Annotated[int, AtLeast(1)] | None = 20
     validation_fraction: Annotated[float, Interval(0, 1)] = 0.2
-    pca_components: int | float | None = None
+    pca_components: Annotated[int, AtLeast(1)] | Annotated[float, Interval(0, 1)] | None = None
     random_state: Annotated[int, AtLeast(0)] | None = 0
     n_jobs: int = 2
 

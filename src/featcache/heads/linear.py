@@ -27,7 +27,7 @@ from featcache.util.compute import thread_limit
 
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .metrics import log_loss_score
-from .param_types import AtLeast, Interval, Positive, check_declared
+from .param_types import AtLeast, Interval, MinLength, Positive, check_declared
 from .preprocessing import apply_preprocess, check_pca_components
 from .splits import SelectionSets, Split, average_rows
 from .validation import (
@@ -117,7 +117,7 @@ class LinearSearchBase(HeadBase):
     refit_on_trainval: bool = False
     validation_fraction: Annotated[float, Interval(0, 1)] = 0.2
     cv_folds: Annotated[int, AtLeast(2)] | None = None
-    pca_components: int | float | None = None
+    pca_components: Annotated[int, AtLeast(1)] | Annotated[float, Interval(0, 1)] | None = None
     random_state: Annotated[int, AtLeast(0)] | None = 0
 
     def _search_and_refit(
@@ -211,7 +211,7 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
     the final refit starts cold.
     """
 
-    Cs: Sequence[float] | np.ndarray | None = None
+    Cs: Annotated[Sequence[Annotated[float, Positive()]], MinLength(1)] | np.ndarray | None = None
     max_iter: Annotated[int, AtLeast(1)] = 1000
     tol: Annotated[float, Positive()] = 1e-4
     n_jobs: int | None = 1
@@ -338,7 +338,7 @@ class RidgeHead(RegressorHead, LinearSearchBase):
     Selection: lowest validation RMSE, ties broken by the larger alpha.
     """
 
-    alphas: Sequence[float] | np.ndarray | None = None
+    alphas: Annotated[Sequence[Annotated[float, Positive()]], MinLength(1)] | np.ndarray | None = None
 
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Choose alpha on the validation split (or hold-out, or k folds), then refit."""

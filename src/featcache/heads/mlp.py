@@ -21,7 +21,7 @@ from featcache.errors import ParamError
 from featcache.util.compute import torch_threads
 
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
-from .param_types import AtLeast, Interval, NonNegative, Positive, check_declared
+from .param_types import AtLeast, Interval, Matches, NonNegative, Positive, check_declared
 from .preprocessing import apply_preprocess, check_pca_components, fit_preprocess
 from .splits import Split
 from .training import build_mlp, iter_batches, predict_batches, train_epochs
@@ -44,7 +44,7 @@ class MLPBase(HeadBase):
     (:mod:`~featcache.heads.streaming_mlp`) add ``chunk_rows``.
     """
 
-    hidden_sizes: Sequence[int] = (256,)
+    hidden_sizes: Sequence[Annotated[int, AtLeast(1)]] = (256,)
     dropout: Annotated[float, Interval(0, 1, low_closed=True)] = 0.2
     lr: Annotated[float, Positive()] = 1e-3
     weight_decay: Annotated[float, NonNegative()] = 1e-4
@@ -54,7 +54,7 @@ class MLPBase(HeadBase):
     validation_fraction: Annotated[float, Interval(0, 1)] = 0.2
     random_state: Annotated[int, AtLeast(0)] | None = 0
     n_threads: Annotated[int, AtLeast(1)] = 2
-    device: str = "cpu"
+    device: Annotated[str, Matches(r"cpu|cuda(:[0-9]+)?", "'cpu', 'cuda' or 'cuda:N'")] = "cpu"
 
     _none_seed = 0  # random_state=None means 0 everywhere, the hold-out split included
 
@@ -263,7 +263,7 @@ class MLPHead(MLPClassifierBase):
     fit_seconds_ : float
     """
 
-    pca_components: int | float | None = None
+    pca_components: Annotated[int, AtLeast(1)] | Annotated[float, Interval(0, 1)] | None = None
 
 
 @params_dataclass
@@ -300,4 +300,4 @@ class MLPRegressorHead(MLPRegressorBase):
         Target standardisation, from the training rows.
     """
 
-    pca_components: int | float | None = None
+    pca_components: Annotated[int, AtLeast(1)] | Annotated[float, Interval(0, 1)] | None = None

@@ -33,7 +33,7 @@ from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, stream_outputs, streaming_sources
 from .dask_boosting import fit_lightgbm_dask
 from .metrics import log_loss_score
-from .param_types import AtLeast, Interval, check_declared
+from .param_types import AtLeast, Interval, MinLength, Positive, check_declared
 from .preprocessing import fit_scaler_streaming
 from .streaming_mlp import StreamingMLPHead, StreamingMLPRegressorHead
 from .validation import as_float_list
@@ -55,7 +55,7 @@ DEFAULT_SGD_ALPHAS: tuple[float, ...] = (1e-5, 1e-4, 1e-3)
 class _StreamingLinearBase(HeadBase):
     """Shared parameters (documented in :class:`StreamingLogisticHead`) and streamed SGD fitting of the SGD heads."""
 
-    alphas: Sequence[float] | None = None
+    alphas: Annotated[Sequence[Annotated[float, Positive()]], MinLength(1)] | np.ndarray | None = None
     max_epochs: Annotated[int, AtLeast(1)] = 20
     patience: Annotated[int, AtLeast(1)] = 3
     average: bool = True
