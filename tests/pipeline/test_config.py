@@ -70,12 +70,32 @@ def test_bad_values_are_named_with_the_allowed_ones(raw, expected):
     ({"heads": {"mlp": {"hidden_sizes": 512}}}, "- heads.mlp.hidden_sizes: 512 is not a list of integers"),
     ({"data": {"task": "regression", "source": "csv"}, "heads": {"logreg": {"alphas": "0.1"}}},
      "- heads.logreg.alphas: '0.1' is not a list of numbers"),
+    ({"heads": {"mlp": {"hidden_sizes": [512, 0]}}},
+     "- heads.mlp.hidden_sizes[1]: 0 is out of range; allowed: an integer >= 1. Hint: "),
+    ({"heads": {"lightgbm": {"pca_components": 0}}}, "- heads.lightgbm.pca_components: 0 is out of range; allowed: an "
+                                                    "integer >= 1 or a number in (0, 1) or null (default null)."),
 ])
 def test_a_whole_file_check_names_the_key_where_the_line_starts(raw, line):
     """A cross-section check's line starts with the key in params.yaml (``heads.logreg``), not ``params:``."""
     with pytest.raises(ConfigError) as info:
         parse_params(raw)
     assert any(text.startswith(line) for text in str(info.value).splitlines()), str(info.value)
+
+
+@pytest.mark.parametrize(("task", "bad", "line", "good"), [
+    ("regression", {"Cs": [0.1, 0]}, "- heads.logreg.Cs[1]: 0 is out of range; allowed: a finite number > 0.",
+     {"Cs": [0.1, 1]}),
+    ("regression", {"max_iter": 0}, "- heads.logreg.max_iter: 0 is out of range", {"max_iter": 50}),
+    ("classification", {"alphas": []}, "- heads.logreg.alphas: [] is empty", {"alphas": [10]}),
+])
+def test_a_key_only_the_other_tasks_twin_takes_is_checked_against_that_twin(task, bad, line, good):
+    """One ``heads.logreg`` section serves the logistic regression and its ridge twin: ``Cs`` is not used under
+    regression, but a bad value there is refused now, not when the task changes (after the extraction)."""
+    data = {"task": task, "source": "folder" if task == "classification" else "csv"}
+    with pytest.raises(ConfigError) as info:
+        parse_params({"data": data, "heads": {"logreg": bad}})
+    assert any(text.startswith(line) for text in str(info.value).splitlines()), str(info.value)
+    parse_params({"data": data, "heads": {"logreg": good}})
 
 
 @pytest.mark.parametrize("raw", [

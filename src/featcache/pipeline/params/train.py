@@ -6,7 +6,14 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from featcache.heads.registry import DEFAULT_HEADS, check_head_params, check_head_values, head_names, task_params
+from featcache.heads.registry import (
+    DEFAULT_HEADS,
+    HEAD_PATHS,
+    check_head_params,
+    check_head_values,
+    head_names,
+    task_params,
+)
 from featcache.pipeline.params.base import Strict
 from featcache.util.names import did_you_mean
 
@@ -41,15 +48,19 @@ def check_heads_sections(heads: dict[str, dict[str, Any]], task: str) -> None:
     """Check each ``heads.<name>`` section against its head's parameters: keys, then values (no head is imported).
 
     One section serves both tasks' twins; a key that neither twin takes is an
-    error naming the key and a close match. A value of the wrong type or out of
-    range for the ``task`` twin (its field's annotation) is an error naming the
-    key, the value and what is allowed.
+    error naming the key and a close match. Each value is checked against the
+    declaration (its field's annotation: type, range, each list item) of the
+    ``task`` twin, or, for a key that only the other task's twin takes (``Cs``,
+    ``max_iter`` of ``logreg`` under regression), of that twin: the key is not used
+    for ``task``, but the section is shared and a bad value there would fail only
+    when the task changes, after the extraction.
 
     Raises
     ------
     ValueError
         Prefixed with the section's key (``heads.logreg: unknown parameter 'max_itr' ...``) or the value's
-        (``heads.lightgbm.learning_rate: 'fast' is not a float ...``).
+        (``heads.lightgbm.learning_rate: 'fast' is not a float ...``, ``heads.mlp.hidden_sizes[1]: 0 is out of
+        range ...``).
     """
     for name, section in heads.items():
         params = task_params(name, task, section)
@@ -58,3 +69,7 @@ def check_heads_sections(heads: dict[str, dict[str, Any]], task: str) -> None:
         except ValueError as error:  # named by its place in params.yaml, as pydantic names a section's keys
             raise ValueError(f"heads.{name}: {error}") from None
         check_head_values(name, task, params)
+        others = {key: value for key, value in dict(section or {}).items() if key not in params}
+        for other in HEAD_PATHS[name]:
+            if other != task:
+                check_head_values(name, other, others)
