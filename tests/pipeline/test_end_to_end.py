@@ -92,6 +92,27 @@ def test_compare_ranks_every_run(pipeline_run):
     assert len((root / "plots" / "compare.csv").read_text().splitlines()) == 7
 
 
+def test_train_writes_the_test_rows_that_compare_pairs(pipeline_run):
+    """Each run's rows file holds the store's test rows (ids hash, labels) and rescores to the run's own numbers."""
+    from featcache.heads.metrics import resampled_scores
+    from featcache.heads.paired import ids_sha256, read_rows, rows_path
+
+    root, params = pipeline_run["root"], pipeline_run["params"]
+    with FeatureStore(pipeline_run["store"]) as store:
+        test_ids, test_labels = store.ids("test"), store.labels("test")
+    for (layer, head), run in pipeline_run["runs"].items():
+        rows = read_rows(rows_path(root / "metrics" / layer / f"{head}.json"))
+        assert rows["ids_sha256"] == ids_sha256(test_ids) and np.array_equal(rows["y_true"], test_labels)
+        assert (rows["task"], rows["n_classes"], rows["n_boot"], rows["seed"]) == (
+            "classification", 3, params.train.n_boot, params.train.seed)
+        scores = resampled_scores("classification", [rows], ["accuracy", "log_loss"], 3, n_boot=0)[0]
+        assert scores["accuracy"][0] == run["accuracy"] and abs(scores["log_loss"][0] - run["log_loss"]) < 1e-6
+    best = pipeline_run["ranked"][0]
+    assert all("skipped" not in run["paired"] for run in pipeline_run["ranked"])
+    assert all(run["paired"]["reference"] == f"efficientnet_lite0/{best['layer']}/{best['head']}"
+               for run in pipeline_run["ranked"])
+
+
 def test_train_refuses_a_stale_store(pipeline_run):
     raw = pipeline_run["params_factory"](str(pipeline_run["root"] / "images"))
     raw["extract"]["pooling"] = "max"

@@ -19,7 +19,6 @@ Conventions (match scikit-learn where it defines them):
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -32,22 +31,26 @@ __all__ = [
     "CLASSIFICATION_METRICS",
     "PREDICTION_COLUMNS",
     "REGRESSION_METRICS",
+    "ROW_FIELDS",
     "bootstrap_ci",
     "classification_metrics",
     "confusion_rows",
     "log_loss_score",
     "metrics_with_ci",
+    "percentile_ci",
     "prediction_rows",
     "regression_metrics",
+    "resampled_scores",
+    "row_arrays",
 ]
-
-log = logging.getLogger(__name__)
 
 EPS = 1e-15
 CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "top5_accuracy")
 REGRESSION_METRICS = ("rmse", "mae", "r2")
 #: The columns of a test-predictions CSV (:func:`prediction_rows`): what DVC's plots read as x and y.
 PREDICTION_COLUMNS = ("actual", "predicted")
+#: A run's per-row test arrays by task (:func:`row_arrays`).
+ROW_FIELDS = {"classification": ("y_true", "y_pred", "p_true"), "regression": ("y_true", "y_pred")}
 _MAX_INDEX_CELLS = 2_000_000  # bootstrap indices materialised per chunk
 
 
@@ -64,19 +67,15 @@ def _check_y_true(y_true: Any, n_rows: int | None = None) -> np.ndarray:
 def _check_proba(y_true: Any, proba: Any, n_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
     p = np.asarray(proba, dtype=np.float64)
     if p.ndim != 2:
-        raise ValueError(
-            f"proba must have shape (n, K); got {p.shape}. Hint: pass predict_proba output."
-        )
+        raise ValueError(f"proba must have shape (n, K); got {p.shape}. Hint: pass predict_proba output.")
     if n_classes is not None and p.shape[1] != n_classes:
         raise ValueError(f"proba has {p.shape[1]} columns but n_classes={n_classes}; they must match.")
     bad_rows = ~np.all(np.isfinite(p), axis=1)
     if bad_rows.any():
         row = int(np.flatnonzero(bad_rows)[0])
-        raise ValueError(
-            f"proba holds non-finite values in {int(bad_rows.sum())} rows, e.g. row {row}: {p[row].tolist()[:10]}; "
-            "allowed: finite probabilities. Hint: the head diverged or the features hold NaN/inf; "
-            "check the features and lower the learning rate."
-        )
+        raise ValueError(f"proba holds non-finite values in {int(bad_rows.sum())} rows, e.g. row {row}: "
+                         f"{p[row].tolist()[:10]}; allowed: finite probabilities. Hint: the head diverged or the "
+                         "features hold NaN/inf; check the features and lower the learning rate.")
     y = _check_y_true(y_true, p.shape[0])
     if y.dtype.kind != "f":
         wrong = np.ones(y.shape, dtype=bool) if y.dtype.kind not in "iu" else np.zeros(y.shape, dtype=bool)
@@ -84,16 +83,12 @@ def _check_proba(y_true: Any, proba: Any, n_classes: int | None) -> tuple[np.nda
         wrong = ~(np.isfinite(y) & (y == np.round(y)))
     if wrong.any():
         bad = y[wrong][0]
-        raise ValueError(
-            f"y_true holds the label {bad.item() if isinstance(bad, np.generic) else bad!r} (dtype {y.dtype}); "
-            f"allowed: integer class indices 0..{p.shape[1] - 1}. "
-            "Hint: map class names to indices first; use regression metrics for continuous targets."
-        )
+        raise ValueError(f"y_true holds the label {bad.item() if isinstance(bad, np.generic) else bad!r} (dtype "
+                         f"{y.dtype}); allowed: integer class indices 0..{p.shape[1] - 1}. Hint: map class names to "
+                         "indices first; use regression metrics for continuous targets.")
     y = y.astype(np.int64)
     if y.min() < 0 or y.max() >= p.shape[1]:
-        raise ValueError(
-            f"y_true holds labels {int(y.min())}..{int(y.max())}; allowed: 0..{p.shape[1] - 1}."
-        )
+        raise ValueError(f"y_true holds labels {int(y.min())}..{int(y.max())}; allowed: 0..{p.shape[1] - 1}.")
     return y, p
 
 
@@ -113,13 +108,17 @@ def log_loss_score(y_true: Any, proba: Any) -> float:
         The mean of ``-log(p_true)``, ``p_true`` clipped to ``[EPS, 1]`` (a zero probability costs ``-log(EPS)``).
     """
     y, p = _check_proba(y_true, proba, None)
-    return float(np.mean(_row_log_loss(y, p)))
+    return float(np.mean(_log_loss_of(_p_true(y, p))))
 
 
-def _row_log_loss(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+def _p_true(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """The true class's probability per row, each row of ``p`` divided by its sum first."""
     total = p.sum(axis=1)
     total[total <= 0] = 1.0
-    p_true = p[np.arange(y.size), y] / total
+    return p[np.arange(y.size), y] / total
+
+
+def _log_loss_of(p_true: np.ndarray) -> np.ndarray:
     return -np.log(np.clip(p_true, EPS, 1.0))
 
 
@@ -131,10 +130,18 @@ class _Classification:
         self.y, self.K = y, proba.shape[1]
         self.pred = proba.argmax(axis=1)
         self.correct = (self.pred == y).astype(np.float64)
-        self.row_ll = _row_log_loss(y, proba)
+        self.row_ll = _log_loss_of(_p_true(y, proba))
         p_true = proba[np.arange(y.size), y]
         self.top5 = (np.sum(proba > p_true[:, None], axis=1) < 5).astype(np.float64)
         self.names = tuple(m for m in CLASSIFICATION_METRICS if m != "top5_accuracy" or self.K > 5)
+
+    @classmethod
+    def from_rows(cls, y: np.ndarray, pred: np.ndarray, p_true: np.ndarray, n_classes: int) -> "_Classification":
+        """The kernel of a run's :func:`row_arrays` (every metric but ``top5_accuracy``, which needs all of K)."""
+        self = cls.__new__(cls)
+        self.y, self.K, self.pred, self.correct = y, n_classes, pred, (pred == y).astype(np.float64)
+        self.row_ll, self.names = _log_loss_of(p_true.astype(np.float64)), CLASSIFICATION_METRICS[:4]
+        return self
 
     def counts(self, idx: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         B = idx.shape[0]
@@ -188,10 +195,8 @@ class _Regression:
 
 
 def _unknown_metric(name: str, allowed: Sequence[str]) -> ValueError:
-    return ValueError(
-        f"unknown metric {name!r}; allowed: {', '.join(allowed)}. "
-        "Hint: top5_accuracy needs K > 5; r2/rmse/mae need 1-D predictions."
-    )
+    return ValueError(f"unknown metric {name!r}; allowed: {', '.join(allowed)}. "
+                      "Hint: top5_accuracy needs K > 5; r2/rmse/mae need 1-D predictions.")
 
 
 def _prepare(task: str, y_true: Any, y_score: Any, n_classes: int | None) -> _Classification | _Regression:
@@ -220,13 +225,13 @@ def _resamples(n: int, n_boot: int, seed: int):
 def _check_alpha(alpha: Any) -> None:
     """Raise ValueError unless ``alpha`` (1 - confidence level) is a number in (0, 1)."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)) or not 0 < alpha < 1:
-        raise ValueError(
-            f"alpha={alpha!r} is invalid; allowed: a number in (0, 1), e.g. 0.05. "
-            "Hint: alpha is 1 - the confidence level (0.05 for 95 % intervals)."
-        )
+        raise ValueError(f"alpha={alpha!r} is invalid; allowed: a number in (0, 1), e.g. 0.05. "
+                         "Hint: alpha is 1 - the confidence level (0.05 for 95 % intervals).")
 
 
-def _percentiles(stats: np.ndarray, alpha: float) -> tuple[float, float]:
+def percentile_ci(stats: np.ndarray, alpha: float) -> tuple[float, float]:
+    """The percentile interval ``(lo, hi)`` of 1 - ``alpha`` of bootstrap ``stats`` (NaN resamples left out)."""
+    _check_alpha(alpha)
     lo, hi = np.nanpercentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(lo), float(hi)
 
@@ -316,7 +321,7 @@ def bootstrap_ci(
         stats = np.concatenate([
             [metric(yt[row], ys[row]) for row in idx] for idx in _resamples(yt.shape[0], n_boot, seed)
         ])
-        return _percentiles(np.asarray(stats, dtype=np.float64), alpha)
+        return percentile_ci(np.asarray(stats, dtype=np.float64), alpha)
     if metric in CLASSIFICATION_METRICS:
         kernel = _prepare("classification", y_true, y_score, None)
     elif metric in REGRESSION_METRICS:
@@ -326,7 +331,7 @@ def bootstrap_ci(
     if metric not in kernel.names:
         raise _unknown_metric(metric, kernel.names)
     stats = np.concatenate([kernel.compute(metric, idx) for idx in _resamples(kernel.y.size, n_boot, seed)])
-    return _percentiles(stats, alpha)
+    return percentile_ci(stats, alpha)
 
 
 def metrics_with_ci(
@@ -370,9 +375,65 @@ def metrics_with_ci(
         for idx in _resamples(kernel.y.size, n_boot, seed):
             for name in kernel.names:
                 stats[name].append(kernel.compute(name, idx))
-        ci = {name: list(_percentiles(np.concatenate(s), alpha)) for name, s in stats.items()}
+        ci = {name: list(percentile_ci(np.concatenate(s), alpha)) for name, s in stats.items()}
     out["ci"] = ci
     return out
+
+
+def row_arrays(task: str, y_true: Any, y_score: Any, n_classes: int | None = None) -> dict[str, np.ndarray]:
+    """A run's per-row test arrays (:data:`ROW_FIELDS`), from which :func:`resampled_scores` rescores it.
+
+    Parameters
+    ----------
+    task, y_true, y_score, n_classes
+        As in :func:`metrics_with_ci`.
+
+    Returns
+    -------
+    dict of ndarray
+        Classification: ``y_true``, ``y_pred`` (class indices, int32), ``p_true`` (the true class's probability,
+        rows normalised, float32); regression: ``y_true``, ``y_pred`` (float64).
+    """
+    kernel = _prepare(task, y_true, y_score, n_classes)
+    if isinstance(kernel, _Regression):
+        return {"y_true": kernel.y, "y_pred": np.asarray(y_score, dtype=np.float64)}
+    return {"y_true": kernel.y.astype(np.int32), "y_pred": kernel.pred.astype(np.int32),
+            "p_true": _p_true(kernel.y, np.asarray(y_score, dtype=np.float64)).astype(np.float32)}
+
+
+def resampled_scores(task: str, runs: Sequence[Any], metrics: Sequence[str], n_classes: int, *, n_boot: int = 1000,
+                     seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Each run's ``metrics`` on its test rows, then on each resample of them: every run on the same resamples.
+
+    Parameters
+    ----------
+    task : {"classification", "regression"}
+    runs : sequence of mapping
+        Per-row arrays (:func:`row_arrays`) of the same n test rows.
+    metrics : sequence of str
+        Any metric but ``top5_accuracy`` (it needs every class's probability).
+    n_classes : int
+        K (classification); ignored for regression.
+    n_boot, seed : int
+        The resamples of :func:`metrics_with_ci` for the same n, ``n_boot`` and ``seed``.
+
+    Returns
+    -------
+    list of dict
+        Per run, ``{metric: array of 1 + n_boot}``: the point value, then the value on each resample.
+    """
+    check_int("n_boot", n_boot, 0)
+    kernels = [_Regression(np.asarray(r["y_true"], np.float64), np.asarray(r["y_pred"], np.float64))
+               if task == "regression" else _Classification.from_rows(np.asarray(r["y_true"], np.int64),
+               np.asarray(r["y_pred"], np.int64), np.asarray(r["p_true"]), n_classes) for r in runs]
+    for name in (name for name in metrics if kernels and name not in kernels[0].names):
+        raise _unknown_metric(name, kernels[0].names)
+    out = [{name: [kernel.compute(name, np.arange(kernel.y.size)[None, :])] for name in metrics} for kernel in kernels]
+    for idx in _resamples(kernels[0].y.size, n_boot, seed) if kernels and n_boot else ():
+        for kernel, scores in zip(kernels, out, strict=True):
+            for name in metrics:
+                scores[name].append(kernel.compute(name, idx))
+    return [{name: np.concatenate(values) for name, values in scores.items()} for scores in out]
 
 
 def confusion_rows(y_true: Any, y_pred: Any, classes: Sequence[str]) -> list[dict[str, str]]:

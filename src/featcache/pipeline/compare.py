@@ -9,6 +9,13 @@ test metric of each run with its 95% bootstrap confidence interval and rank
 Every row says which weights made its features (``weights``, see
 :func:`weights_label`): features of randomly initialised and of pretrained
 backbones rank in one table, and must not be mistaken for one another.
+
+Every run is also compared with the top-ranked one on the same test rows
+(:func:`featcache.heads.paired.paired_deltas`, from the runs' ``.rows.npz``
+files): the difference on the ranking metric and on its tie-break, each with a
+paired 95% bootstrap CI, and whether that CI excludes 0. A run whose test rows
+are not the best run's (another test-ids sha256), or that has no rows file, is
+shown without a delta and a footnote saying why: it is never paired wrongly.
 """
 
 from __future__ import annotations
@@ -19,12 +26,15 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
+
 from featcache.errors import UserError
+from featcache.heads.paired import PairingError, check_rows, paired_deltas, read_rows, rows_path
 from featcache.runs import SIDECAR_SUFFIX, read_run
 from featcache.util.atomic import write_csv, write_text
 
 __all__ = ["compare", "collect_runs", "weights_label", "MetricsNotFoundError", "MixedRunsError", "PLOT_COLUMNS",
-           "PRIMARY_METRIC", "TIE_BREAK", "UNKNOWN_WEIGHTS"]
+           "PRIMARY_METRIC", "TIE_BREAK", "UNKNOWN_WEIGHTS", "UNPAIRED"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +49,17 @@ PLOT_COLUMNS = ("run", "metric", "value", "ci_low", "ci_high", "rank")
 
 #: ``weights`` of a run whose record does not say (written before runs recorded their weights).
 UNKNOWN_WEIGHTS = "?"
+
+#: Why a run has no paired delta to the best run: ``paired.skipped`` in compare.json, a footnote in compare.md.
+UNPAIRED = {
+    "no_rows": "no per-row test file (`<head>.rows.npz` beside its metrics): a run recorded before featcache wrote "
+               "them, or a fine-tuning run",
+    "other_rows": "scored on other test rows than the best run (another sha256 of the test ids, number of classes "
+                  "or true labels: other data or split)",
+    "bad_rows": "its per-row test file cannot be read (damaged, or of another featcache version): rerun its train "
+                "stage",
+    "reference_unpaired": "the best run itself cannot be paired (see its note), so no run is",
+}
 
 _COLUMNS = {
     "classification": ["accuracy", "balanced_accuracy", "macro_f1", "log_loss"],
@@ -174,13 +195,88 @@ def _cell(run: dict[str, Any], metric: str) -> str:
     return f"{value:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else f"{value:.4f}"
 
 
+def _rows_of(run: dict[str, Any], task: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The run's rows file, checked, or None and a key of :data:`UNPAIRED`."""
+    try:
+        rows = read_rows(rows_path(run.get("source", "")))
+        if rows is None:
+            return None, "no_rows"
+        if rows.get("task") != task:
+            return None, "other_rows"
+        rows.update(check_rows(task, rows, str(rows_path(run["source"]))))
+        return rows, None
+    except (ValueError, PairingError) as error:
+        logger.warning("Not paired: %s", error)
+        return None, "bad_rows"
+
+
+def _pair(runs: list[dict[str, Any]]) -> None:
+    """Give each ranked run ``paired``: its difference to the first on the ranking metric and its tie-break, each
+    with a paired bootstrap CI (the first run's ``n_boot`` and ``seed``), or ``skipped`` (a key of :data:`UNPAIRED`).
+    """
+    if not runs:
+        return
+    task = runs[0]["task"]
+    metrics = (PRIMARY_METRIC[task][0], TIE_BREAK[task])
+    reference, why = _rows_of(runs[0], task)
+    name = f"{runs[0]['backbone']}/{runs[0]['layer']}/{_name(runs[0])}"
+    pairable = []
+    for run in runs:
+        rows, skipped = _rows_of(run, task) if run is not runs[0] else (reference, why)
+        if reference is None:
+            skipped = skipped or "reference_unpaired"
+        elif rows is not None and any(rows.get(key) != reference.get(key) for key in ("ids_sha256", "n_classes")):
+            skipped = "other_rows"
+        elif rows is not None and not np.array_equal(rows["y_true"], reference["y_true"]):
+            skipped = "other_rows"
+        run["paired"] = {"reference": name, **({"skipped": skipped} if skipped else {}),
+                         **({"best": True} if run is runs[0] else {})}
+        if not skipped:
+            pairable.append((run, rows))
+    if not pairable:
+        return
+    n_boot, seed = int(reference.get("n_boot", 1000)), int(reference.get("seed", 0))
+    deltas = paired_deltas(task, reference, [rows for _, rows in pairable], metrics, reference.get("n_classes"),
+                           n_boot=n_boot, seed=seed)
+    for (run, _), delta in zip(pairable, deltas, strict=True):
+        run["paired"].update(n_boot=n_boot, seed=seed, **delta)
+
+
+def _superscript(number: int) -> str:
+    return "".join("⁰¹²³⁴⁵⁶⁷⁸⁹"[int(digit)] for digit in str(number))
+
+
+def _paired_cells(run: dict[str, Any], metrics: Sequence[str], footnotes: dict[str, int]) -> list[str]:
+    """The Δ cell of each metric and the "distinguishable" cell of ``run`` (``footnotes``: reason -> number)."""
+    paired = run.get("paired", {})
+    if paired.get("skipped"):
+        number = footnotes.setdefault(paired["skipped"], len(footnotes) + 1)
+        return ["-" + _superscript(number)] * (len(metrics) + 1)
+    if paired.get("best"):
+        return ["(best)"] * (len(metrics) + 1)
+    if not all(metric in paired for metric in metrics):
+        return ["-"] * (len(metrics) + 1)
+    cells = []
+    for metric in metrics:
+        delta, ci = paired[metric]["delta"], paired[metric]["ci"]
+        cells.append(f"{delta:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else f"{delta:+.4f}")
+    if any(paired[metric]["ci"] is None for metric in metrics):
+        return [*cells, "-"]
+    return [*cells, ", ".join(metric for metric in metrics if paired[metric]["distinguishable"]) or "no"]
+
+
 def _markdown(runs: list[dict[str, Any]]) -> str:
     if not runs:
         return "# featcache comparison\n\nNo runs found.\n"
     task = runs[0]["task"]
     metric, higher = PRIMARY_METRIC[task]
     columns = _COLUMNS[task]
-    header = ["rank", "backbone", "layer", "head", "weights", *columns, "dim", "fit s", "predict s", "chosen"]
+    paired_metrics = (metric, TIE_BREAK[task])
+    best = runs[0].get("paired", {})
+    header = ["rank", "backbone", "layer", "head", "weights", *columns,
+              *(f"Δ {name} vs best" for name in paired_metrics), "distinguishable from best", "dim", "fit s",
+              "predict s", "chosen"]
+    boot = next((run["paired"] for run in runs if "n_boot" in run.get("paired", {})), None)
     lines = [
         "# featcache comparison",
         "",
@@ -190,17 +286,27 @@ def _markdown(runs: list[dict[str, Any]]) -> str:
         + (f" Runs with equal test {metric} share a rank, ordered by test {TIE_BREAK[task]} (lower is better)."
            if len({run["rank"] for run in runs}) < len(runs) else ""),
         "",
+        f"Δ vs best: the run's test score minus the best run's (`{best.get('reference', '?')}`), with a paired 95% "
+        "bootstrap CI: each resample of the test rows scores both runs on the same rows"
+        + (f" ({boot['n_boot']} resamples, seed {boot['seed']}: those of the CIs)" if boot else "")
+        + ", so the CI holds only what the two runs do differently, far tighter than their own CIs. "
+        "Distinguishable from best: the metrics whose paired CI excludes 0; `no`: on this test set the difference "
+        "may be noise.",
+        "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
     ]
+    footnotes: dict[str, int] = {}
     for run in runs:
         chosen = ", ".join(f"{k}={_short(v)}" for k, v in sorted(run.get("best_params", {}).items()))
         cells = [str(run["rank"]), run["backbone"], run["layer"], _name(run),
                  str(run.get("weights") or UNKNOWN_WEIGHTS).replace("|", "\\|"),
-                 *(_cell(run, m) for m in columns), str(run.get("n_features", "")),
-                 f"{run.get('fit_seconds', float('nan')):.2f}", f"{run.get('predict_seconds', float('nan')):.3f}",
-                 chosen]
+                 *(_cell(run, m) for m in columns), *_paired_cells(run, paired_metrics, footnotes),
+                 str(run.get("n_features", "")), f"{run.get('fit_seconds', float('nan')):.2f}",
+                 f"{run.get('predict_seconds', float('nan')):.3f}", chosen]
         lines.append("| " + " | ".join(cells) + " |")
+    for reason, number in footnotes.items():
+        lines += ["", f"{_superscript(number)} Not paired with the best run: {UNPAIRED[reason]}."]
     return "\n".join(lines) + "\n"
 
 
@@ -238,6 +344,7 @@ def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
         The ranked runs.
     """
     runs = _rank([_with_weights(run) for run in collect_runs(metrics_dir)])
+    _pair(runs)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in (("compare.md", _markdown(runs)),

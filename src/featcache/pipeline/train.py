@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import Field, model_validator
 
-from featcache.heads.metrics import PREDICTION_COLUMNS, prediction_rows
+from featcache.heads.metrics import PREDICTION_COLUMNS, prediction_rows, row_arrays
+from featcache.heads.paired import ids_sha256, rows_path, write_rows
 from featcache.heads.registry import STREAMING_HEADS, head_label, task_params
 from featcache.heads.trainable import check_trainable_rows
 from featcache.pipeline.params.base import StageParams, load_sections
@@ -131,7 +132,9 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
     Outputs: the run record (``metrics_path``: the test scores, for DVC; its
     sidecar ``<name>.run.json``: everything else, see :mod:`featcache.runs`,
     including the store's ``weights_id`` and ``weights_sha256``: which weights
-    made the features);
+    made the features; its ``<name>.rows.npz``: the per-test-row arrays, the
+    sha256 of the test ids and the bootstrap's ``n_boot`` and ``seed``, from
+    which ``compare`` pairs runs on the same test rows);
     optionally the test predictions as ``actual,predicted`` CSV (class names,
     or numbers for regression; DVC's confusion-matrix plot reads it) and the
     saved head with ``featcache-run.json`` (what ``featcache predict`` needs).
@@ -180,15 +183,19 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
         if task == "classification":
             check_classes_trainable(classes, y["train"], store.errors())
         layer_info = store.layer_info(layer)
+        test_ids = store.ids("test")
         weights = {key: str(store.attrs[key]) for key in ("weights_id", "weights_sha256") if key in store.attrs}
     has_val = len(y["val"]) > 0
+    n_classes = len(classes) if task == "classification" else None
     result = fit_and_evaluate(estimator, task, X["train"], y["train"], X["val"] if has_val else None,
-                              y["val"] if has_val else None, X["test"], y["test"],
-                              n_classes=len(classes) if task == "classification" else None,
+                              y["val"] if has_val else None, X["test"], y["test"], n_classes=n_classes,
                               n_boot=params.train.n_boot, seed=params.train.seed)
     run = {"dataset": params.data.name, "backbone": backbone, "layer": layer, "head": head,
            "label": head_label(head, task), "task": task, "node": layer_info["node"],
            "pooling": layer_info["pooling"], **weights, **result.metrics}
+    write_rows(rows_path(metrics_path), row_arrays(task, y["test"], result.scores, n_classes),
+               {"task": task, "ids_sha256": ids_sha256(test_ids), "n_boot": params.train.n_boot,
+                "seed": params.train.seed, **({"n_classes": n_classes} if n_classes else {})})
     write_run(metrics_path, run)
     if predictions_path is not None:
         write_csv(predictions_path, prediction_rows(task, y["test"], result.predictions, classes),

@@ -1,0 +1,222 @@
+"""Paired bootstrap: is one run really better than another on the same test rows, or is it noise?
+
+Two runs scored on the same test rows share most of their errors (the hard
+images, the label noise). Each run's own 95% CI carries that shared variation,
+so two overlapping CIs say little. The paired comparison resamples the test rows
+once per bootstrap draw and scores both runs on the very same rows: the CI of the
+difference then holds only what the runs do differently, and is far tighter.
+
+The per-row arrays are a run's :func:`~featcache.heads.metrics.row_arrays`;
+``featcache train`` writes them beside the run's metrics (``<head>.rows.npz``,
+:func:`write_rows`) with the sha256 of its test ids (:func:`ids_sha256`), so
+that ``compare`` pairs only runs scored on the same test rows. The resamples
+are those of the run's own CIs (:func:`~featcache.heads.metrics.metrics_with_ci`)
+for the same ``n_boot`` and ``seed``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featcache.errors import UserError
+from featcache.store.schema import TASKS
+from featcache.util.atomic import write_bytes
+
+from .metrics import ROW_FIELDS, percentile_ci, resampled_scores
+
+__all__ = ["ROWS_FORMAT", "ROWS_SUFFIX", "PairingError", "check_rows", "ids_sha256", "paired_deltas", "read_rows",
+           "rows_path", "write_rows"]
+
+#: ``metrics/.../logreg.json`` -> ``metrics/.../logreg.rows.npz``: the run's per-test-row arrays (:func:`write_rows`).
+ROWS_SUFFIX = ".rows.npz"
+
+#: The ``format`` of the rows files this version writes.
+ROWS_FORMAT = "featcache-rows/1"
+
+
+class PairingError(UserError, ValueError):
+    """Per-row arrays that cannot be paired: a field missing, lengths that differ, or other test rows."""
+
+
+def check_rows(task: str, rows: Mapping[str, Any], name: str = "run") -> dict[str, np.ndarray]:
+    """``rows`` as 1-D arrays of one length, holding :data:`~featcache.heads.metrics.ROW_FIELDS` of ``task``.
+
+    Parameters
+    ----------
+    task : {"classification", "regression"}
+    rows : mapping of str to array-like
+        A run's per-row test arrays (:func:`~featcache.heads.metrics.row_arrays`).
+    name : str
+        How messages name the run.
+
+    Returns
+    -------
+    dict of ndarray
+        The fields of ``task`` only.
+
+    Raises
+    ------
+    PairingError
+        Naming the missing fields or the lengths.
+    """
+    if task not in ROW_FIELDS:
+        raise PairingError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}.")
+    fields = ROW_FIELDS[task]
+    missing = [field for field in fields if field not in rows]
+    if missing:
+        raise PairingError(f"{name}: per-row test arrays lack {missing} (it has {sorted(rows)}); allowed: "
+                           f"{', '.join(fields)} ({task}). Hint: write them with featcache.heads.metrics.row_arrays.")
+    arrays = {field: np.asarray(rows[field]).ravel() for field in fields}
+    sizes = {field: int(array.size) for field, array in arrays.items()}
+    if len(set(sizes.values())) != 1 or not next(iter(sizes.values())):
+        raise PairingError(f"{name}: per-row test arrays of lengths {sizes}; allowed: one length, at least one row. "
+                           "Hint: the file is damaged or hand-made; rerun the run's train stage.")
+    return arrays
+
+
+def paired_deltas(task: str, reference: Mapping[str, Any], runs: Sequence[Mapping[str, Any]],
+                  metrics: Sequence[str], n_classes: int | None = None, *, n_boot: int = 1000, seed: int = 0,
+                  alpha: float = 0.05) -> list[dict[str, dict[str, Any]]]:
+    """Each run's score minus the reference's, with a paired percentile-bootstrap CI.
+
+    Every bootstrap draw resamples the test rows once and scores the reference and
+    every run on those same rows; the CI is the percentile interval of the
+    per-draw differences.
+
+    Parameters
+    ----------
+    task : {"classification", "regression"}
+    reference : mapping of str to array-like
+        The per-row test arrays of the run the others are compared with (the best).
+    runs : sequence of mapping
+        Per-row test arrays of the same test rows, in the same order (the
+        reference itself may be among them: its delta is 0 with CI [0, 0]).
+    metrics : sequence of str
+        Metric names (any but ``top5_accuracy``).
+    n_classes : int or None
+        K (classification); None takes the largest class index + 1.
+    n_boot, seed : int
+        Bootstrap draws and seed (``train.n_boot``, ``train.seed``); ``n_boot=0`` gives deltas without CIs.
+    alpha : float
+        1 - the confidence level.
+
+    Returns
+    -------
+    list of dict
+        Per run, ``{metric: {"delta": float, "ci": [lo, hi] or None, "distinguishable": bool or None}}``;
+        ``distinguishable``: the CI excludes 0.
+
+    Raises
+    ------
+    PairingError
+        For a run whose ``y_true`` differs from the reference's (other test rows, or another order).
+    """
+    arrays = [check_rows(task, rows, name) for rows, name in
+              zip([reference, *runs], ["reference", *(f"run {index}" for index in range(len(runs)))], strict=True)]
+    truth = arrays[0]["y_true"]
+    for index, rows in enumerate(arrays[1:]):
+        if rows["y_true"].shape != truth.shape or not np.array_equal(rows["y_true"], truth):
+            raise PairingError(f"run {index} was scored on other test rows than the reference ({rows['y_true'].size} "
+                               f"vs {truth.size} rows, or other true values); allowed: the same test rows in the same "
+                               "order. Hint: pair only runs of one dataset and split (the same test ids).")
+    if task == "classification" and n_classes is None:
+        n_classes = int(max(int(rows[field].max()) for rows in arrays for field in ("y_true", "y_pred"))) + 1
+    scores = resampled_scores(task, arrays, metrics, n_classes or 0, n_boot=n_boot, seed=seed)
+    out = []
+    for run in scores[1:]:
+        deltas = {}
+        for name in metrics:
+            diff = run[name] - scores[0][name]
+            ci = list(percentile_ci(diff[1:], alpha)) if n_boot else None
+            deltas[name] = {"delta": float(diff[0]), "ci": ci,
+                            "distinguishable": None if ci is None else bool(ci[0] > 0 or ci[1] < 0)}
+        out.append(deltas)
+    return out
+
+
+def rows_path(metrics_path: str | Path) -> Path:
+    """The per-row test file of a metrics file: ``a/logreg.json`` -> ``a/logreg.rows.npz``."""
+    path = Path(metrics_path)
+    return path.with_name(path.name.removesuffix(".json") + ROWS_SUFFIX)
+
+
+def ids_sha256(ids: Iterable[Any]) -> str:
+    """sha256 of a sequence of row ids, in order: equal for the same test rows in the same order.
+
+    Each id is hashed as its UTF-8 text with its length in front, so no two sequences of ids collide by
+    concatenation (``["ab", "c"]`` vs ``["a", "bc"]``).
+    """
+    digest = hashlib.sha256()
+    for row_id in ids:
+        text = str(row_id).encode("utf-8")
+        digest.update(len(text).to_bytes(8, "little") + text)
+    return digest.hexdigest()
+
+
+def write_rows(path: str | Path, arrays: Mapping[str, Any], info: Mapping[str, str | int]) -> Path:
+    """Write a run's per-test-row arrays and what they need to be paired, as a deflated ``.npz``.
+
+    The file is byte-identical for the same arrays (fixed zip timestamps), so a
+    rerun that scores the same leaves git and DVC nothing to see.
+
+    Parameters
+    ----------
+    path : path
+        :func:`rows_path` of the run's metrics file.
+    arrays : mapping of str to array-like
+        1-D arrays of one length (:func:`featcache.heads.metrics.row_arrays`).
+    info : mapping of str to str or int
+        Scalars stored beside them (``task``, ``ids_sha256``, ``n_classes``, ``n_boot``, ``seed``).
+
+    Returns
+    -------
+    Path
+    """
+    clash = sorted(set(arrays) & set(info) | ({"format"} & (set(arrays) | set(info))))
+    if clash:
+        raise ValueError(f"write_rows: names {clash} given twice or reserved; allowed: distinct names, not 'format'.")
+    members = {**{key: np.asarray(value) for key, value in arrays.items()},
+               **{key: np.asarray(value) for key, value in info.items()}, "format": np.asarray(ROWS_FORMAT)}
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, value in sorted(members.items()):
+            entry = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            entry.compress_type = zipfile.ZIP_DEFLATED
+            with archive.open(entry, "w") as handle:
+                np.lib.format.write_array(handle, value, allow_pickle=False)
+    return write_bytes(path, buffer.getvalue())
+
+
+def read_rows(path: str | Path) -> dict[str, Any] | None:
+    """A rows file written by :func:`write_rows`: its arrays, and its scalars as ``str`` / ``int``.
+
+    Returns
+    -------
+    dict or None
+        None when there is no such file (a run recorded before rows files, or a fine-tuning run).
+
+    Raises
+    ------
+    ValueError
+        For a file that is no rows file of :data:`ROWS_FORMAT` (damaged, or of another version).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            out = {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} could not be read as a rows file ({type(error).__name__}: {error}). Hint: rerun "
+                         "the run's train stage, which writes it.") from None
+    if out.get("format", np.asarray("")).item() != ROWS_FORMAT:
+        raise ValueError(f"{path} is not a rows file of format {ROWS_FORMAT!r} (it holds {sorted(out)}). Hint: "
+                         "rerun the run's train stage with this featcache.")
+    return {name: value.item() if value.ndim == 0 else value for name, value in out.items()}

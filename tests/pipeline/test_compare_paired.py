@@ -1,0 +1,119 @@
+"""``compare`` sets every run against the best one on the same test rows: a paired delta with its CI.
+
+A run is paired only when its rows file holds the best run's test rows (same
+sha256 of the test ids, classes and true labels); any other run is shown
+without a delta and with a footnote saying why, never paired wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from featcache.heads.metrics import metrics_with_ci, row_arrays
+from featcache.heads.paired import ids_sha256, rows_path, write_rows
+from featcache.pipeline.compare import UNPAIRED, compare
+from featcache.runs import write_run
+
+N, K = 200, 3
+IDS = [f"img{k:03d}.png" for k in range(N)]
+
+
+def _scores(y: np.ndarray, n_wrong: int) -> np.ndarray:
+    """Probabilities right on all but the first ``n_wrong`` rows (there: the next class)."""
+    pred = y.copy()
+    pred[:n_wrong] = (y[:n_wrong] + 1) % K
+    proba = np.full((y.size, K), 0.1)
+    proba[np.arange(y.size), pred] = 0.8
+    return proba
+
+
+def _write(metrics: Path, head: str, n_wrong: int, *, ids: list[str] | None = IDS, rows: bool = True) -> None:
+    y = np.arange(N) % K
+    proba = _scores(y, n_wrong)
+    path = metrics / "b" / "pool" / f"{head}.json"
+    write_run(path, {"dataset": "d", "backbone": "b", "layer": "pool", "head": head, "task": "classification",
+                     **metrics_with_ci("classification", y, proba, K, n_boot=200, seed=0)})
+    if rows:
+        write_rows(rows_path(path), row_arrays("classification", y, proba, K),
+                   {"task": "classification", "ids_sha256": ids_sha256(ids), "n_classes": K, "n_boot": 200,
+                    "seed": 0})
+
+
+def _table(out: Path) -> dict[str, dict[str, str]]:
+    lines = [line for line in (out / "compare.md").read_text().splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    return {row["head"]: row for row in
+            (dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:])}
+
+
+def _json(out: Path) -> dict[str, dict]:
+    return {run["head"]: run for run in json.loads((out / "compare.json").read_text())["runs"]}
+
+
+def test_every_run_gets_its_paired_delta_to_the_best(tmp_path):
+    _write(tmp_path / "m", "mlp", 10)
+    _write(tmp_path / "m", "logreg", 12)  # wrong on mlp's 10 rows and 2 more: close, but never better
+    _write(tmp_path / "m", "lightgbm", 40)
+    compare(tmp_path / "m", tmp_path / "r")
+    table, runs = _table(tmp_path / "r"), _json(tmp_path / "r")
+    assert table["mlp"]["Δ accuracy vs best"] == table["mlp"]["distinguishable from best"] == "(best)"
+    assert runs["mlp"]["paired"]["accuracy"] == {"delta": 0.0, "ci": [0.0, 0.0], "distinguishable": False}
+    logreg = runs["logreg"]["paired"]
+    assert logreg["reference"] == "b/pool/mlp" and (logreg["n_boot"], logreg["seed"]) == (200, 0)
+    assert logreg["accuracy"]["delta"] == pytest.approx(-2 / N)
+    lo, hi = logreg["accuracy"]["ci"]
+    assert lo < 0 and hi <= 0  # never better on a shared resample; 0 when no extra wrong row is drawn
+    assert table["logreg"]["Δ accuracy vs best"] == f"{-2 / N:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+    assert runs["lightgbm"]["paired"]["accuracy"]["distinguishable"] is True
+    assert table["lightgbm"]["distinguishable from best"] == "accuracy, log_loss"
+    assert "Δ log_loss vs best" in table["logreg"]
+    text = (tmp_path / "r" / "compare.md").read_text()
+    assert "paired 95% bootstrap CI" in text and "(200 resamples, seed 0" in text and "Not paired" not in text
+
+
+def test_runs_on_other_test_rows_or_without_rows_are_not_paired_and_say_why(tmp_path):
+    _write(tmp_path / "m", "mlp", 10)
+    _write(tmp_path / "m", "logreg", 12, ids=[*IDS[1:], "other.png"])  # another split: same labels, other ids
+    _write(tmp_path / "m", "lightgbm", 40, rows=False)  # recorded before rows files
+    bad = tmp_path / "m" / "b" / "pool" / "old.json"
+    _write(tmp_path / "m", "old", 50)
+    rows_path(bad).write_bytes(b"damaged")
+    compare(tmp_path / "m", tmp_path / "r")
+    table, runs = _table(tmp_path / "r"), _json(tmp_path / "r")
+    assert {head: run["paired"].get("skipped") for head, run in runs.items()} == {
+        "mlp": None, "logreg": "other_rows", "lightgbm": "no_rows", "old": "bad_rows"}
+    assert all("accuracy" not in runs[head]["paired"] for head in ("logreg", "lightgbm", "old"))
+    text = (tmp_path / "r" / "compare.md").read_text()
+    for head, mark in (("logreg", "¹"), ("lightgbm", "²"), ("old", "³")):
+        assert table[head]["Δ accuracy vs best"] == table[head]["distinguishable from best"] == f"-{mark}"
+        assert f"{mark} Not paired with the best run: {UNPAIRED[runs[head]['paired']['skipped']]}." in text
+
+
+def test_nothing_is_paired_when_the_best_run_has_no_rows(tmp_path):
+    _write(tmp_path / "m", "mlp", 10, rows=False)
+    _write(tmp_path / "m", "logreg", 12)
+    _write(tmp_path / "m", "lightgbm", 40)
+    compare(tmp_path / "m", tmp_path / "r")
+    runs = _json(tmp_path / "r")
+    assert {head: run["paired"]["skipped"] for head, run in runs.items()} == {
+        "mlp": "no_rows", "logreg": "reference_unpaired", "lightgbm": "reference_unpaired"}
+
+
+def test_regression_runs_are_paired_on_rmse_and_mae(tmp_path):
+    y = np.linspace(0.0, 1.0, 60)
+    for head, noise in (("logreg", 0.05), ("mlp", 0.2)):
+        pred = y + noise * np.cos(np.arange(60))
+        path = tmp_path / "m" / f"{head}.json"
+        write_run(path, {"dataset": "d", "backbone": "b", "layer": "pool", "head": head, "task": "regression",
+                         **metrics_with_ci("regression", y, pred, n_boot=100, seed=0)})
+        write_rows(rows_path(path), row_arrays("regression", y, pred),
+                   {"task": "regression", "ids_sha256": ids_sha256(range(60)), "n_boot": 100, "seed": 0})
+    compare(tmp_path / "m", tmp_path / "r")
+    runs, table = _json(tmp_path / "r"), _table(tmp_path / "r")
+    assert runs["mlp"]["paired"]["rmse"]["delta"] == pytest.approx(runs["mlp"]["rmse"] - runs["logreg"]["rmse"])
+    assert runs["mlp"]["paired"]["mae"]["distinguishable"] is True
+    assert {"Δ rmse vs best", "Δ mae vs best"} <= set(table["mlp"])
