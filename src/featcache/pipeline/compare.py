@@ -289,7 +289,7 @@ def _markdown(runs: list[dict[str, Any]]) -> str:
         f"Δ vs best: the run's test score minus the best run's (`{best.get('reference', '?')}`), with a paired 95% "
         "bootstrap CI: each resample of the test rows scores both runs on the same rows"
         + (f" ({boot['n_boot']} resamples, seed {boot['seed']}: those of the CIs)" if boot else "")
-        + ", so the CI holds only what the two runs do differently, far tighter than their own CIs. "
+        + ", so the CI holds only what the two runs do differently: usually much tighter than their own CIs. "
         "Distinguishable from best: the metrics whose paired CI excludes 0; `no`: on this test set the difference "
         "may be noise.",
         "",
@@ -341,7 +341,9 @@ def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
     Returns
     -------
     list of dict
-        The ranked runs.
+        The ranked runs, each with ``paired``: its difference to the first on the ranking metric and its
+        tie-break with a paired bootstrap CI (``delta``, ``ci``, ``distinguishable``), or ``skipped``
+        (a key of :data:`UNPAIRED`).
     """
     runs = _rank([_with_weights(run) for run in collect_runs(metrics_dir)])
     _pair(runs)
