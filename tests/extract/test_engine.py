@@ -238,6 +238,52 @@ def test_crash_then_resume_is_byte_identical(first_run, manifest, runner, tmp_pa
     assert [e[0] for e in report.errors] == [CORRUPT]
 
 
+def _wrote_line(caplog) -> str:
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Wrote ")]
+    return line
+
+
+def test_a_resume_says_how_many_rows_earlier_runs_extracted(manifest, runner, tmp_path, caplog):
+    """The speed of a resumed run is over its own rows, and the lines say how many rows came from earlier runs."""
+    out = tmp_path / "part.h5"
+    with pytest.raises(RuntimeError):
+        _extract(manifest, CrashingRunner(runner, after=2), out)  # block 0 (4 rows) committed
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="featcache.extract.engine"):
+        report = _extract(manifest, runner, out)
+    line = _wrote_line(caplog)
+    assert line.endswith(f"18 rows written, 1 skipped, {report.images_per_second:.1f} img/s over the 15 rows "
+                         "extracted now (4 rows from earlier runs)")
+    assert "1 of 5 blocks (4 of 19 rows) already committed; extracting the other 15 rows" in caplog.text
+    assert report.n_extracted == 15 and report.images_per_second == pytest.approx(15 / report.seconds)
+
+
+def test_a_run_with_nothing_left_to_extract_says_so_not_zero_img_s(manifest, runner, tmp_path, caplog,
+                                                                   monkeypatch):
+    """Every block committed by a run that failed to write the final file: the rerun only finalizes, and its
+    lines say that, not "0.0 img/s"."""
+    from featcache.store.writer import StoreWriter
+
+    out = tmp_path / "done.h5"
+    finalize = StoreWriter.finalize
+
+    def full_disk(self, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(StoreWriter, "finalize", full_disk)
+    with pytest.raises(OSError, match="disk full"):
+        _extract(manifest, runner, out)
+    monkeypatch.setattr(StoreWriter, "finalize", finalize)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="featcache.extract.engine"):
+        report = _extract(manifest, CrashingRunner(runner, after=0), out)  # the backbone is never run
+    line = _wrote_line(caplog)
+    assert line.endswith("18 rows written, 1 skipped; nothing left to extract: all 19 rows from earlier runs")
+    assert "img/s" not in line and "img/s" not in report.summary()
+    assert "all 5 blocks (19 rows) already committed; nothing left to extract" in caplog.text
+    assert (report.n_extracted, report.n_resumed_blocks, report.images_per_second) == (0, 5, 0.0)
+
+
 def test_changed_config_does_not_resume_old_blocks(manifest, runner, tmp_path):
     out = tmp_path / "cfg.h5"
     with pytest.raises(RuntimeError):

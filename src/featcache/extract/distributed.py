@@ -81,6 +81,7 @@ from featcache.extract.engine import (
 )
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.plan import LOADERS
+from featcache.extract.report import log_resume
 from featcache.extract.runner_spec import RunnerSpec
 from featcache.store.errors import StoreError
 from featcache.store.schema import (
@@ -431,7 +432,8 @@ def extract_distributed(
                 pending = writer.pending_blocks()
                 n_resumed = writer.n_blocks - len(pending)
                 if n_resumed:
-                    logger.info("Resuming %s: %d of %d blocks already committed", out, n_resumed, writer.n_blocks)
+                    log_resume(out, n_resumed, writer.n_blocks,
+                               sum(len(writer.block_range(block)) for block in pending), len(manifest))
                 tasks = plan_tasks(pending, [len(writer.block_range(b)) for b in pending], batch_size,
                                    blocks_per_task)
                 if blocks_per_task == 1 and len(tasks) < len(pending):

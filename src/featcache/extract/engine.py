@@ -17,7 +17,7 @@ Seams:
   contract of :func:`run_blocks`.
 * **Sharding.** :func:`run_blocks` commits to a ``StoreWriter`` or to its
   picklable ``BlockCommitter``; :func:`build_root_attrs` and
-  :func:`build_report` give a sharded driver the same store and report.
+  :func:`~featcache.extract.report.build_report` give a sharded driver the same store and report.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import platform
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
@@ -46,7 +45,7 @@ from featcache.extract.decode.loaders import Batch, ImageReader, LoaderFactory
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.plan import ExtractionPlan
-from featcache.store.reader import FeatureStore
+from featcache.extract.report import ExtractionReport, build_report, log_resume
 from featcache.store.schema import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BLOCK_ROWS,
@@ -78,22 +77,6 @@ class FeatureRunner(Protocol):
     def layer_specs(self, input_size: int | None = None) -> list[LayerSpec]:
         """The output layers (alias, node, dim, pooling, map shape) in store order, for inputs of side
         ``input_size`` (default: the backbone's)."""
-
-
-@dataclass
-class ExtractionReport:
-    """What one extraction did."""
-
-    path: Path
-    n_input: int
-    n_written: int
-    n_skipped: int
-    n_resumed_blocks: int
-    seconds: float
-    images_per_second: float
-    errors: list[tuple[str, str]] = field(default_factory=list)
-    #: Where the rows were decoded (a ``DecodeStats``) when JPEGs were decoded on the runner's device, else None.
-    decode_stats: Any = None
 
 
 def extract_to_store(
@@ -190,9 +173,9 @@ def extract_to_store(
         reopen_transient_blocks(writer)
         pending = writer.pending_blocks()
         n_resumed = writer.n_blocks - len(pending)
-        if n_resumed:
-            logger.info("Resuming %s: %d of %d blocks already committed", out, n_resumed, writer.n_blocks)
         rows = [row for block in pending for row in writer.block_range(block)]
+        if n_resumed:
+            log_resume(out, n_resumed, writer.n_blocks, len(rows), len(manifest))
         batches = loader_factory(rows, batch_size) if loader_factory is not None and rows else None
         stats = None
         if batches is None and plan is not None and plan.loader == "device":
@@ -293,42 +276,6 @@ def build_root_attrs(manifest: Manifest, config: Mapping[str, Any],
         "python_version": platform.python_version(),
         **dict(attrs or {}),
     }
-
-
-def build_report(path: str | Path, manifest: Manifest, *, n_extracted: int, n_resumed_blocks: int,
-                 seconds: float, note: str = "", decode_stats: Any = None) -> ExtractionReport:
-    """The report of a finished store, its skipped rows counted from the store itself.
-
-    Bad images of blocks committed by an earlier (resumed) run are in the
-    store but not in this run's errors, so they are read back from ``path``.
-
-    Parameters
-    ----------
-    path : path
-        The finalized store.
-    manifest : Manifest
-        Its N input rows.
-    n_extracted : int
-        Rows this run sent through the backbone (for img/s).
-    n_resumed_blocks : int
-        Blocks an earlier run had committed.
-    seconds : float
-        Wall time of this run.
-    note : str
-        Appended to the log line (e.g. ``"12 tasks on dask"``).
-    decode_stats : DecodeStats, optional
-        Where a device-decode run decoded its rows.
-    """
-    with FeatureStore(path) as store:
-        errors = store.errors()
-    n_skipped = len(errors)
-    report = ExtractionReport(path=Path(path), n_input=len(manifest), n_written=len(manifest) - n_skipped,
-                              n_skipped=n_skipped, n_resumed_blocks=n_resumed_blocks, seconds=seconds,
-                              images_per_second=n_extracted / seconds if seconds > 0 else 0.0, errors=errors,
-                              decode_stats=decode_stats)
-    logger.info("Wrote %s: %d rows, %d skipped%s, %.1f img/s", path, report.n_written, n_skipped,
-                f", {note}" if note else "", report.images_per_second)
-    return report
 
 
 class BlockSink(Protocol):

@@ -130,8 +130,7 @@ def _cmd_extract(args: argparse.Namespace) -> None:
 
     report = extract(load_extract_sections(args.params), args.backbone, args.manifest, args.out,
                      progress=not args.no_progress)
-    print(f"{report.path}: {report.n_written} rows written, {report.n_skipped} skipped, "
-          f"{report.images_per_second:.1f} img/s")
+    print(f"{report.path}: {report.summary()}")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
