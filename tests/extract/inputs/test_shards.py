@@ -302,6 +302,33 @@ def test_a_shard_cut_before_a_samples_label_leaves_that_sample_out_by_name(tmp_p
     assert recorded["left_out"] == ["s/k3"] and recorded["n_samples"] == 3
 
 
+@pytest.mark.parametrize("label_first", [True, False])
+def test_the_early_end_warning_counts_the_samples_really_kept(tmp_path, caplog, label_first):
+    """A shard cut in the middle of its last image: the samples before the cut are counted as kept, the cut one
+    apart (a row when its label came first, else left out), so the counts add up to the manifest's rows."""
+    import logging
+    import re
+
+    path = tmp_path / "s.tar"
+    members = []
+    for i in range(4):
+        sample = [(f"k{i}.cls", "ab"[i % 2].encode()), (f"k{i}.png", _png(30 * i, size=40))]
+        members += sample if label_first else sample[::-1]
+    _tar(path, members)
+    last = scan_shard(str(path)).samples[-1]
+    path.write_bytes(path.read_bytes()[: last.offset + last.size // 2])  # inside k3's image
+    with caplog.at_level(logging.WARNING, logger="featcache.extract.inputs"):
+        info = from_shards(str(path), tmp_path / "p" / "manifest.csv", RATIOS, 0, split_key=None)
+    [warning] = [r.getMessage() for r in caplog.records if "ends early" in r.getMessage()]
+    kept = int(re.search(r"its (\d+) samples before that point are kept", warning).group(1))
+    assert kept == 3
+    if label_first:
+        assert "and so is sample s/k3" in warning and info.n_rows == kept + 1
+    else:
+        assert "sample s/k3, which the early end cuts before its label ('cls'), is left out" in warning
+        assert info.n_rows == kept and info.shards[0]["left_out"] == ["s/k3"]
+
+
 def test_a_label_cut_short_is_no_label(tmp_path):
     """A label member the shard's end cuts in two would be a wrong class ('ca' for 'cat'): it is no label."""
     path = tmp_path / "s.tar"

@@ -209,10 +209,17 @@ def from_shards(path: str | Sequence[str], out: str | Path, ratios: Mapping[str,
             shard_records.append({"path": location, "sha256": scan.sha256, "size": scan.size,
                                   "n_samples": len(scan.samples) - len(cut), "problem": scan.problem,
                                   "left_out": cut})
-            if cut:
-                logger.warning("Shard %s ends early inside sample %s, before its label ('%s'): the sample is left "
-                               "out of the manifest (listed under left_out in %s). Hint: download or repair the "
-                               "shard to extract it", shard, cut[0], label_key, shards_path(out).name)
+            if scan.problem:  # every sample but the last one read is whole; that one is a row only with its label
+                before = f"Shard {shard} ends early ({scan.problem}): its {len(scan.samples) - 1:,} samples before " \
+                    "that point are kept"
+                if cut:
+                    logger.warning("%s; sample %s, which the early end cuts before its label ('%s'), is left out of "
+                                   "the manifest (listed under left_out in %s). Hint: download or repair the shard "
+                                   "to extract it", before, cut[0], label_key, shards_path(out).name)
+                else:
+                    logger.warning("%s, and so is sample %s/%s, the last one before the early end (its label came "
+                                   "first; if its image is cut short, extract reports it as a bad image)", before,
+                                   name, scan.cut)
             now = time.monotonic()
             if index in (0, len(shards) - 1) or scan.problem or now - logged >= PROGRESS_SECONDS:
                 logged, left = now, (now - started) / (index + 1) * (len(shards) - index - 1)

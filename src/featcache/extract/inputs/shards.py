@@ -267,6 +267,8 @@ def scan_shard(path: str, image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS, label_
     Returns
     -------
     ShardScan
+        A shard that ends early (truncated, a damaged header) is returned with its ``problem`` and the ``cut``
+        sample set: :func:`~featcache.extract.inputs.sharded.from_shards` warns, knowing which samples are rows.
 
     Raises
     ------
@@ -307,10 +309,7 @@ def scan_shard(path: str, image_keys: Sequence[str] = DEFAULT_IMAGE_KEYS, label_
             raise ShardReadError(f"Shard {path!r} is {what}: none of its samples can be listed (a failed download, "
                                  "or an error page saved under the shard's name?). Hint: download the shard again, "
                                  "or leave it out of data.path.")
-        if scan.problem:
-            logger.warning("Shard %s ends early (%s); its %d samples before that point are kept, and an image cut "
-                           "short is reported as a bad image by extract", path, scan.problem, len(scan.samples))
-        elif not scan.samples:
+        if not scan.problem and not scan.samples:
             logger.warning("Shard %s is a tar archive without samples (no member named <key>.<ext>): it adds no "
                            "rows", path)
         return scan
