@@ -248,3 +248,26 @@ def test_a_killed_worker_is_an_error_naming_its_rows_not_a_hang(tmp_path):
     import multiprocessing
 
     assert not multiprocessing.active_children()
+
+
+class _InterruptedReader(_CountingReader):
+    """Its worker gets the SIGINT that Ctrl-C sends to the whole process group, on the batch that starts at ``row``."""
+
+    def __init__(self, n: int, log, row: int) -> None:
+        super().__init__(n, log)
+        self.row = row
+
+    def read_batch(self, rows):
+        if rows[0] == self.row:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().read_batch(rows)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_leaves_the_decode_workers_to_the_consumer(tmp_path, capfd):
+    """Ctrl-C in a terminal signals the decode workers too: they go on (the consumer, interrupted itself, stops
+    the pool), instead of each printing a KeyboardInterrupt traceback and dying as if killed."""
+    batches = iter_array_batches(_InterruptedReader(12, tmp_path / "log", row=6), list(range(12)), batch_size=2,
+                                 num_workers=2)
+    assert [int(rows[0]) for rows, _, _ in batches] == [0, 2, 4, 6, 8, 10]
+    assert "Traceback" not in capfd.readouterr().err

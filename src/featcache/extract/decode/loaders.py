@@ -41,6 +41,7 @@ import multiprocessing.pool
 import os
 import posixpath
 import re
+import signal
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -345,6 +346,9 @@ class DecodeWorkerDiedError(ExtractionError):
 
 def _init_worker(reader: ImageReader, started: Any) -> None:
     global _WORKER_READER
+    # Ctrl-C reaches the whole process group: the consumer stops the pool (one line, exit 130), and a worker
+    # interrupted in a decode would only print its own KeyboardInterrupt traceback (and die as if killed).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER_READER = reader
     with started.get_lock():
         started.value += 1
