@@ -252,7 +252,8 @@ def test_a_resume_says_how_many_rows_earlier_runs_extracted(manifest, runner, tm
     with caplog.at_level(logging.INFO, logger="featcache.extract.engine"):
         report = _extract(manifest, runner, out)
     line = _wrote_line(caplog)
-    assert line.endswith(f"18 rows written, 1 skipped, {report.images_per_second:.1f} img/s over the 15 rows "
+    assert line.endswith(f"18 rows written, 1 skipped (1 not an image or unsupported format), "
+                         f"{report.images_per_second:.1f} img/s over the 15 rows "
                          "extracted now (4 rows from earlier runs)")
     assert "1 of 5 blocks (4 of 19 rows) already committed; extracting the other 15 rows" in caplog.text
     assert report.n_extracted == 15 and report.images_per_second == pytest.approx(15 / report.seconds)
@@ -278,10 +279,31 @@ def test_a_run_with_nothing_left_to_extract_says_so_not_zero_img_s(manifest, run
     with caplog.at_level(logging.INFO, logger="featcache.extract.engine"):
         report = _extract(manifest, CrashingRunner(runner, after=0), out)  # the backbone is never run
     line = _wrote_line(caplog)
-    assert line.endswith("18 rows written, 1 skipped; nothing left to extract: all 19 rows from earlier runs")
+    assert line.endswith("18 rows written, 1 skipped (1 not an image or unsupported format); nothing left to "
+                         "extract: all 19 rows from earlier runs")
     assert "img/s" not in line and "img/s" not in report.summary()
     assert "all 5 blocks (19 rows) already committed; nothing left to extract" in caplog.text
     assert (report.n_extracted, report.n_resumed_blocks, report.images_per_second) == (0, 5, 0.0)
+
+
+def test_many_bad_images_log_the_first_ones_and_count_all_by_reason(images, runner, tmp_path, caplog):
+    """A long run with many bad images: the first 20 are warnings, then one note (the rest only with -v), and
+    the final line counts every skipped row by reason, so the progress lines are not buried."""
+    folder = tmp_path / "images"
+    shutil.copytree(images, folder)
+    for i in range(24):
+        (folder / "bee" / f"empty-{i:02d}.png").write_bytes(b"")
+    manifest = from_folder(folder, RATIOS, seed=0)
+    with caplog.at_level(logging.DEBUG, logger="featcache.extract.engine"):
+        report = _extract(manifest, runner, tmp_path / "bad.h5", max_bad_fraction=1.0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum(line.startswith("Bad image ") for line in warnings) == 20
+    assert sum(line.startswith("More than 20 bad images: the others are logged only with featcache -v")
+               for line in warnings) == 1
+    debug = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
+    assert sum(line.startswith("Bad image ") for line in debug) == 5
+    assert report.n_skipped == 25 and _wrote_line(caplog).split(": ", 1)[1].startswith(
+        "18 rows written, 25 skipped (24 empty file, 1 not an image or unsupported format), ")
 
 
 def test_changed_config_does_not_resume_old_blocks(manifest, runner, tmp_path):

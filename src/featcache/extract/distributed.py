@@ -81,7 +81,7 @@ from featcache.extract.engine import (
 )
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.plan import LOADERS
-from featcache.extract.report import log_resume
+from featcache.extract.report import BadImageLog, log_resume
 from featcache.extract.runner_spec import RunnerSpec
 from featcache.store.errors import StoreError
 from featcache.store.schema import (
@@ -246,6 +246,7 @@ def _run_tasks(client: Any, job: WorkerJob, tasks: list[tuple[int, ...]], writer
             futures[future] = blocks
         total = sum(len(writer.block_range(b)) for blocks in tasks for b in blocks)
         meter = Progress(f"{Path(writer.path).name} (dask)", total, progress)
+        bad_log = BadImageLog()
         try:
             for future in as_completed(list(futures)):
                 blocks = futures[future]
@@ -257,7 +258,7 @@ def _run_tasks(client: Any, job: WorkerJob, tasks: list[tuple[int, ...]], writer
                     _check_onnx_sha256(writer.attrs.get("onnx_sha256"), result.onnx_sha256, result.where)
                 _adopt_blocks(writer, result.blocks, result.where)
                 for sample_id, reason in result.errors:
-                    logger.warning("Bad image %s skipped (on %s): %s", sample_id, result.where, reason)
+                    bad_log("Bad image %s skipped (on %s): %s", sample_id, result.where, reason)
                 logger.debug("blocks %s done on %s in %.1f s", result.blocks, result.where, result.seconds)
                 meter.batch_done(result.n_rows)
                 meter.block_committed(result.n_rows)

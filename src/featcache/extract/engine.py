@@ -45,7 +45,7 @@ from featcache.extract.decode.loaders import Batch, ImageReader, LoaderFactory
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.plan import ExtractionPlan
-from featcache.extract.report import ExtractionReport, build_report, log_resume
+from featcache.extract.report import BadImageLog, ExtractionReport, build_report, log_resume
 from featcache.store.schema import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_BLOCK_ROWS,
@@ -382,6 +382,7 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
                                manifest.ids)
     meter = Progress(label, rows.size, progress)
     errors: list[tuple[str, str]] = []
+    bad_log = BadImageLog()
 
     def commit(finished: FinishedBlock) -> None:
         sink.commit_block(finished.block, finished.kept_rows, finished.features, errors=finished.errors)
@@ -404,7 +405,7 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
             batch_rows = np.asarray(batch_rows)  # numpy, or a CPU tensor of the torch loaders
             good = np.fromiter((not reason for reason in reasons), dtype=bool, count=len(reasons))
             if not good.all():
-                _report_bad(manifest, batch_rows, good, reasons, errors, on_error)
+                _report_bad(manifest, batch_rows, good, reasons, errors, on_error, bad_log)
             handle = forward.launch(images, good) if good.any() else None
             finish()  # on CUDA: the previous batch, while this one runs on the device
             in_flight = (batch_rows.astype(np.int64, copy=False), good, list(reasons), handle)
@@ -431,13 +432,13 @@ def run_blocks(manifest: Manifest, runner: FeatureRunner, sink: BlockSink, block
 
 
 def _report_bad(manifest: Manifest, rows: np.ndarray, good: np.ndarray, reasons: Sequence[str],
-                errors: list[tuple[str, str]], on_error: str) -> None:
-    """Log the bad rows of a batch, add them to ``errors``; raise at the first one with ``fail``."""
+                errors: list[tuple[str, str]], on_error: str, bad_log: BadImageLog) -> None:
+    """Log the bad rows of a batch (to ``bad_log``), add them to ``errors``; raise at the first one with ``fail``."""
     for index in np.flatnonzero(~good).tolist():
         row = int(rows[index])
         # Where the user can find it: the absolute path (or URL), with ``:member`` for a shard row.
         where = manifest.describe(row) if manifest.members is not None else manifest.location(row)
-        logger.warning("Bad image %s (%s): %s", manifest.ids[row], where, reasons[index])
+        bad_log("Bad image %s (%s): %s", manifest.ids[row], where, reasons[index])
         if on_error == "fail":
             raise ExtractionError(
                 f"Bad image {manifest.ids[row]!r} ({where}): {reasons[index]}. "

@@ -1,23 +1,70 @@
-"""What one extraction did: :class:`ExtractionReport`, and its one-line summary for the log and the CLI.
+"""What one extraction did: :class:`ExtractionReport`, its one-line summary for the log and the CLI, and the
+bad-image lines of a run (:class:`BadImageLog`).
 
 A run that resumes counts its speed over the rows it extracted itself, and says how many rows came from earlier
 runs; a run that found every row already committed (only the final file left to write) says so instead of an
-img/s over nothing.
+img/s over nothing. The skipped rows are counted by reason in the summary, so a long run logs its first
+:data:`BAD_IMAGES_LOGGED` bad images one by one and the rest only with ``featcache -v``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from featcache.extract.inputs.manifest import Manifest
 from featcache.store.reader import FeatureStore
 
-__all__ = ["ExtractionReport", "build_report", "log_resume"]
+__all__ = ["BAD_IMAGES_LOGGED", "BadImageLog", "ExtractionReport", "build_report", "log_resume", "reason_counts"]
 
 logger = logging.getLogger("featcache.extract.engine")
+
+#: Bad images a run logs one by one as warnings; later ones are DEBUG lines (``featcache -v``).
+BAD_IMAGES_LOGGED = 20
+
+
+class BadImageLog:
+    """The ``Bad image ...`` lines of one run: the first ``limit`` as warnings, then one note, then DEBUG lines.
+
+    A long extraction with a few percent of bad images would otherwise bury its progress lines; the final
+    line counts every skipped row by reason, and the store's ``/errors`` (``FeatureStore.errors()``) lists them.
+
+    Parameters
+    ----------
+    limit : int, optional
+        Warnings before the rest go to DEBUG (default :data:`BAD_IMAGES_LOGGED`).
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        self.limit = BAD_IMAGES_LOGGED if limit is None else int(limit)
+        self.count = 0
+
+    def __call__(self, message: str, *args: Any) -> None:
+        """Log one bad image (``logging``-style ``message % args``)."""
+        self.count += 1
+        if self.count <= self.limit:
+            logger.warning(message, *args)
+            return
+        if self.count == self.limit + 1:
+            logger.warning("More than %d bad images: the others are logged only with featcache -v; the final line "
+                           "counts them by reason, and the store's /errors (FeatureStore.errors()) lists them all",
+                           self.limit)
+        logger.debug(message, *args)
+
+
+def reason_counts(errors: Sequence[tuple[str, str]], most: int = 3) -> str:
+    """``"3 truncated or corrupt image, 1 empty file"``: the skipped rows by reason, most frequent first.
+
+    A reason's kind is its text before `` (`` (the details: which error, which file offset); kinds past the
+    ``most`` frequent are summed as ``"N other"``.
+    """
+    kinds = Counter(reason.split(" (", 1)[0] for _, reason in errors).most_common()
+    parts = [f"{count} {kind}" for kind, count in kinds[:most]]
+    rest = sum(count for _, count in kinds[most:])
+    return ", ".join(parts + ([f"{rest} other"] if rest else []))
 
 
 @dataclass
@@ -63,7 +110,8 @@ class ExtractionReport:
         note : str
             Put before the speed (e.g. ``"12 tasks on dask"``).
         """
-        head = f"{self.n_written} rows written, {self.n_skipped} skipped" + (f", {note}" if note else "")
+        skipped = f" ({reason_counts(self.errors)})" if self.errors else ""
+        head = f"{self.n_written} rows written, {self.n_skipped} skipped{skipped}" + (f", {note}" if note else "")
         extracted, earlier = self.n_extracted, self.n_input - self.n_extracted
         if extracted == 0:
             return f"{head}; nothing left to extract: all {self.n_input:,} rows from earlier runs"
