@@ -238,6 +238,22 @@ def test_a_dask_run_logs_featcache_not_the_clusters_life(verbose, tmp_path):
     assert ("cluster chatter" in err) == verbose
 
 
+def test_verbose_is_featcaches_debug_not_every_librarys(tmp_path):
+    """`featcache -v extract` logged PIL's DEBUG lines, two per PNG decoded (7,174 of a 7,226-line log for 1,797
+    digits): -v shows featcache's DEBUG lines and other libraries' INFO lines, not their DEBUG."""
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text("data: {name: x}\n")
+    code = ("import logging\nfrom featcache.pipeline.cli import main\n"
+            f"assert main({['-v', 'check', '--params', str(tmp_path / 'params.yaml')]!r}) == 0\n"
+            "logging.getLogger('featcache.extract.engine').debug('our detail')\n"
+            "logging.getLogger('PIL.PngImagePlugin').debug('png chunk')\n"
+            "logging.getLogger('PIL.PngImagePlugin').info('png news')\n")
+    err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stderr
+    assert "our detail" in err and "png news" in err and "png chunk" not in err
+
+
 def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(monkeypatch, capsys):
     import featcache.pipeline.cli as cli
 

@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     from featcache.util.compute import DEVICES
 
     parser = argparse.ArgumentParser(prog="featcache", description=__doc__.splitlines()[0].replace("``", ""))
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="featcache's debug logging (and other libraries' info lines)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 help="one of the commands below; `featcache COMMAND --help` lists its options")
@@ -334,8 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``featcache`` command; returns the exit code."""
     args = build_parser().parse_args(argv)
-    # featcache's own progress at INFO; other libraries (the ONNX exporter's passes...) only when they warn.
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    # featcache's own progress at INFO; other libraries (the ONNX exporter's passes...) only when they warn. With -v:
+    # featcache's DEBUG lines and the others' INFO, not their DEBUG (PIL's is two lines per PNG decoded).
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:  # dask.distributed (a dask extraction) sets its loggers to INFO on import: only its warnings
