@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     ext = with_params(sub.add_parser("extract", help="extract one backbone's layers to HDF5"))
     ext.add_argument("--backbone", required=True, help="a key of backbones: in the params file")
     ext.add_argument("--manifest", required=True, help="manifest.csv of the prepare stage")
-    ext.add_argument("--out", required=True, help="output HDF5 feature store (resumed if it exists)")
+    ext.add_argument("--out", required=True, help="output HDF5 feature store (an interrupted run into it resumes "
+                     "from its committed blocks; a finished one is rebuilt)")
     ext.add_argument("--no-progress", action="store_true", help="no progress bar")
     ext.set_defaults(func=_cmd_extract)
 
