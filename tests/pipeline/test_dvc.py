@@ -194,3 +194,27 @@ def test_an_extractor_edit_reruns_extract_and_nothing_after(dvc_project: Path):
     assert _changed_stages(dvc_project) == {"extract@efficientnet_lite0"}
     assert _stages_run(_run(["dvc", "repro"], dvc_project)) == {"extract@efficientnet_lite0"}
     assert _changed_stages(dvc_project) == set()
+
+
+def test_an_export_setting_edit_reruns_the_export_not_the_training(dvc_project: Path):
+    """``finetune.cam_images`` and ``finetune.export_onnx`` were params of ``finetune@<mode>``: an edit retrained."""
+    _run(["dvc", "repro"], dvc_project)  # data/prepared/tiny, which the fine-tuning project reads
+    params, finetune = dvc_project / "params.yaml", dvc_project / "finetune"
+    shipped = params.read_text()
+    raw = yaml.safe_load(shipped)
+    raw["finetune"].update(export_onnx=False, cam_images=1, modes={"frozen": {}})
+    raw["finetune"]["defaults"].update(input_size=32, batch_size=8, epochs=1, max_train_steps=1)
+    cams = finetune / "exports" / "tiny" / "frozen" / "cam"
+    try:
+        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+        assert _stages_run(_run(["dvc", "repro", "export@frozen"], finetune)) == {"finetune@frozen", "export@frozen"}
+        assert len(list(cams.glob("*.png"))) == 1
+        raw["finetune"]["cam_images"] = 2
+        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+        assert _stages_run(_run(["dvc", "repro", "export@frozen"], finetune)) == {"export@frozen"}
+        assert len(list(cams.glob("*.png"))) == 2
+        raw["finetune"]["export_onnx"] = True
+        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+        assert set(json.loads(_run(["dvc", "status", "--json", "export@frozen"], finetune))) == {"export@frozen"}
+    finally:
+        params.write_text(shipped)

@@ -17,7 +17,7 @@ from featcache.extract.inputs.manifest import Manifest, ManifestError
 from featcache.extract.zoo.weights import load_backbone
 from featcache.pipeline.compare import compare
 from featcache.pipeline.config import parse_params
-from featcache.pipeline.finetune import finetune_section, finetune_stage, mode_config
+from featcache.pipeline.finetune import export_stage, finetune_section, finetune_stage, mode_config
 from featcache.pipeline.prepare import prepare
 from featcache.runs import read_run, sidecar_path
 
@@ -64,17 +64,15 @@ def test_stage_writes_metrics_in_the_train_stage_format(stage_run):
     assert set(saved["ci"]["accuracy"]) and len(saved["ci"]["accuracy"]) == 2
 
 
-def test_stage_writes_checkpoint_report_backbone_cams_and_confusion(stage_run):
+def test_stage_writes_checkpoint_report_backbone_and_confusion_and_no_export(stage_run):
     out = stage_run["out"]
     for name in ("model.pt", "model.json", "weight_report.json", "history.json", "backbone.pt"):
         assert (out / name).is_file(), name
-    assert not (out / "model.onnx").exists()  # export_onnx: false
+    assert not (out / "model.onnx").exists() and not (out / "cam").exists()  # the export stage's
     report = json.loads((out / "weight_report.json").read_text())
     assert set(report["skipped_shape_mismatch"]) == {"classifier.weight", "classifier.bias"}
     assert torch.load(out / "model.pt", weights_only=True)["classifier.weight"].shape == (3, 1280)
     load_backbone("efficientnet_lite0", weights=str(out / "backbone.pt"))  # usable by the extract stage
-    cams = sorted((out / "cam").glob("*.png"))
-    assert len(cams) == 3  # one per class, at most cam_images
     with open(stage_run["confusion"], newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == stage_run["result"]["n_test"] and set(rows[0]) == {"actual", "predicted"}
@@ -211,14 +209,18 @@ def test_the_cis_are_drawn_as_the_cached_heads_are_with_train_seed(regression_im
 
 
 def test_a_rerun_into_the_same_folder_leaves_no_file_of_the_old_run(stage_run, tmp_path):
-    """Outside DVC: a rerun with ``export_onnx: false`` and fewer overlays kept the old run's ONNX model and CAMs."""
+    """Outside DVC: a rerun with ``export_onnx: false`` and fewer overlays kept the old run's ONNX model and CAMs;
+    a new training run leaves no export of the old model beside it."""
     out = tmp_path / "out"
     (out / "cam").mkdir(parents=True)
     (out / "model.onnx").write_bytes(b"the previous run's model")
     (out / "cam" / "old__0000_png.png").write_bytes(b"png")
-    section = {**_section(), "cam_images": 1}
     finetune_stage(stage_run["params"], "frozen", stage_run["manifest"], out, tmp_path / "m.json",
-                   finetune=section, progress=False)
+                   finetune=_section(), progress=False)
+    assert not (out / "model.onnx").exists() and not list((out / "cam").glob("*.png"))
+    (out / "model.onnx").write_bytes(b"an earlier export")
+    (out / "cam" / "old__0000_png.png").write_bytes(b"png")
+    export_stage(stage_run["params"], out, stage_run["manifest"], finetune={**_section(), "cam_images": 1})
     assert not (out / "model.onnx").exists()  # export_onnx: false
     assert len(list((out / "cam").glob("*.png"))) == 1 and not (out / "cam" / "old__0000_png.png").exists()
 
@@ -286,3 +288,91 @@ def test_a_class_only_in_the_test_split_is_refused_as_prepare_and_the_heads_do(r
         finetune_stage(parse_params(raw), "frozen", manifest, tmp_path / "out", tmp_path / "m.json",
                        finetune=_section(), progress=False)
     assert not (tmp_path / "out").exists()  # refused before any training
+
+
+# ------------------------------------------------------------------------------ the export stage
+def test_the_export_is_made_from_the_saved_run_folder_as_from_the_run_in_memory(stage_run, tmp_path, capsys):
+    """``featcache finetune-export`` reads the run folder back: the CAM overlays are the ones the trained model
+    in memory gives (same images, same maps), and the ONNX model scores as the checkpoint does."""
+    import onnxruntime as ort
+    import yaml
+
+    from featcache.extract.decode.images import load_rgb
+    from featcache.finetune.cam import class_activation_maps, save_cam_overlays, tensor_to_pil
+    from featcache.finetune.export import MODEL_KEY
+    from featcache.finetune.model import load_checkpoint
+    from featcache.finetune.run import preprocessor
+    from featcache.finetune.saved import SavedRun
+    from featcache.pipeline.cli import main
+
+    raw = {"data": stage_run["params"].data.model_dump(), "finetune": {**_section(), "export_onnx": True}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "exports"
+    assert main(["finetune-export", "--params", str(tmp_path / "params.yaml"), "--model", str(stage_run["out"]),
+                 "--manifest", str(stage_run["manifest"]), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"{out}: model.onnx and 3 CAM overlays"
+    assert not (stage_run["out"] / "model.onnx").exists()  # the run folder is only read
+
+    run = SavedRun.load(stage_run["out"])
+    meta = json.loads((stage_run["out"] / "model.json").read_text())
+    model = load_checkpoint(stage_run["out"] / "model.pt", "efficientnet_lite0", 3)
+    manifest = Manifest.read(stage_run["manifest"])
+    test_rows = np.flatnonzero(manifest.splits == 2)
+    picked = [int(next(r for r in test_rows if manifest.labels[r] == k)) for k in range(3)]  # one per class
+    pre = preprocessor(run.spec, run.config)
+    images = torch.stack([pre(load_rgb(manifest.absolute_path(row))) for row in picked])
+    expected = save_cam_overlays([tensor_to_pil(image, pre.mean, pre.std) for image in images],
+                                 class_activation_maps(model, run.spec, images), tmp_path / "expected",
+                                 [manifest.ids[row] for row in picked])
+    assert sorted(path.name for path in (out / "cam").glob("*.png")) == sorted(path.name for path in expected)
+    for path in expected:
+        assert (out / "cam" / path.name).read_bytes() == path.read_bytes(), path.name
+
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    (scores,) = session.run(None, {"images": images.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(scores, model(images).softmax(dim=1).numpy(), atol=1e-5)
+    described = json.loads(session.get_modelmeta().custom_metadata_map[MODEL_KEY])
+    assert described["classes"] == meta["classes"] and described["preprocess"] == meta["preprocess"]
+    assert described["mode"] == "frozen" and described["weights_id"] == meta["weights"]
+
+
+def test_the_export_refuses_a_folder_that_is_not_a_run_and_another_manifest(stage_run, tmp_path, capsys):
+    from featcache.finetune.saved import SavedRunError
+    from featcache.pipeline.cli import main
+
+    with pytest.raises(SavedRunError, match=r"model\.json not found\. Hint: pass the --out folder"):
+        export_stage(stage_run["params"], tmp_path, stage_run["manifest"], finetune=_section())
+    (tmp_path / "params.yaml").write_text("data: {name: tiny}\n")
+    assert main(["finetune-export", "--params", str(tmp_path / "params.yaml"), "--model", str(tmp_path),
+                 "--manifest", str(stage_run["manifest"])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("featcache finetune-export: error: ") and "model.json not found" in err, err
+    ids = [f"i{k:02d}.png" for k in range(4)]
+    Manifest(ids, ids, np.array([0, 0, 2, 2], dtype=np.uint8), "classification", labels=np.array([0, 1, 0, 1]),
+             classes=["x", "y"], root=tmp_path).write(tmp_path / "other.csv")
+    with pytest.raises(SavedRunError, match=r"trained on a classification manifest with classes \[.*\]; the "
+                                            r"manifest given is a classification one with classes \['x', 'y'\]"):
+        export_stage(stage_run["params"], stage_run["out"], tmp_path / "other.csv", tmp_path / "x",
+                     finetune=_section())
+    assert not (tmp_path / "x").exists()  # refused before writing anything
+
+
+def test_the_training_stage_tracks_no_export_setting_and_the_export_stage_only_those():
+    """``export_onnx`` and ``cam_images`` were params of ``finetune@<mode>``: toggling one retrained every mode."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[2]
+    stages = yaml.safe_load((root / "finetune" / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+    def tracked(stage: dict) -> set[str]:
+        return {key for entry in stage["do"]["params"] for keys in entry.values() for key in keys}
+
+    exports = {"finetune.export_onnx", "finetune.cam_images"}
+    assert not tracked(stages["finetune"]) & exports, tracked(stages["finetune"])
+    assert tracked(stages["export"]) == exports
+    export = stages["export"]["do"]
+    assert export["cmd"].split()[:2] == ["featcache", "finetune-export"]
+    assert "models/${data.name}/${key}" in export["deps"]  # made from the trained run folder
+    assert "models/${data.name}/${key}" in stages["finetune"]["do"]["outs"]
+    assert stages["export"]["foreach"] == stages["finetune"]["foreach"]

@@ -10,6 +10,7 @@ Modules by purpose:
 * :mod:`~featcache.finetune.optim` - parameter groups, schedule, phases;
 * :mod:`~featcache.finetune.trainer` - the epoch loop and scoring;
 * :mod:`~featcache.finetune.run` - :func:`finetune` and :class:`FinetuneResult`;
+* :mod:`~featcache.finetune.saved` - :class:`SavedRun`, a run read back from its folder (for the exports);
 * :mod:`~featcache.finetune.export` - backbone state dict and ONNX export;
 * :mod:`~featcache.finetune.cam` - class activation maps.
 
@@ -29,7 +30,7 @@ _WHERE = {
     "load_weights_with_report": "model", "replace_head": "model",
     "make_optimizer": "optim",
     "predict": "trainer",
-    "FinetuneResult": "run", "finetune": "run",
+    "FinetuneResult": "run", "finetune": "run", "SavedRun": "saved",
     "export_backbone": "export", "export_finetuned_onnx": "export",
     "cam_layer": "cam", "class_activation_maps": "cam", "save_cam_overlays": "cam", "tensor_to_pil": "cam",
 }

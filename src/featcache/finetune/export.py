@@ -26,6 +26,7 @@ from featcache.extract.zoo.registry import BackboneSpec
 from featcache.extract.zoo.weights import load_backbone
 from featcache.finetune.model import original_head as head_of
 from featcache.finetune.run import FinetuneResult, preprocessor, save_state
+from featcache.finetune.saved import SavedRun
 from featcache.store.schema import canonical_json
 from featcache.util.atomic import atomic_path
 from featcache.util.compute import torch_version
@@ -142,14 +143,14 @@ def preprocess_steps(resize_mode: str) -> list[str]:
             "x / 255, then (x - mean) / std per channel, float32, channels first (3, input_size, input_size)"]
 
 
-def model_description(result: FinetuneResult | None, task: str, input_size: int) -> dict[str, Any]:
+def model_description(result: FinetuneResult | SavedRun | None, task: str, input_size: int) -> dict[str, Any]:
     """What an exported model is, as its ONNX ``metadata_props[MODEL_KEY]`` records it.
 
     Parameters
     ----------
-    result : FinetuneResult or None
-        The run (backbone, weights, class order, preprocessing); None for a bare model, whose
-        description then holds only what :func:`export_finetuned_onnx` was told.
+    result : FinetuneResult, SavedRun or None
+        The run (backbone, weights, class order, preprocessing), in memory or read back from its folder; None
+        for a bare model, whose description then holds only what :func:`export_finetuned_onnx` was told.
     task : {"classification", "regression"}
     input_size : int
         S of the (B, 3, S, S) input.
@@ -186,7 +187,7 @@ def model_description(result: FinetuneResult | None, task: str, input_size: int)
     return description
 
 
-def export_finetuned_onnx(result_or_model: FinetuneResult | nn.Module, path: str | Path,
+def export_finetuned_onnx(result_or_model: FinetuneResult | SavedRun | nn.Module, path: str | Path,
                           input_size: int | None = None, task: str = "classification", target_mean: float = 0.0,
                           target_std: float = 1.0, opset: int = 18, exporter: str = "dynamo") -> Path:
     """Export the fine-tuned classifier (or regressor) to ONNX with a dynamic batch axis.
@@ -200,10 +201,10 @@ def export_finetuned_onnx(result_or_model: FinetuneResult | nn.Module, path: str
 
     Parameters
     ----------
-    result_or_model : FinetuneResult or nn.Module
-        A result carries task, input size and target scaling (and then
-        ``input_size``, ``task``, ``target_mean`` and ``target_std`` are
-        ignored); for a bare model pass them.
+    result_or_model : FinetuneResult, SavedRun or nn.Module
+        A run (in memory, or :meth:`SavedRun.load` of its folder) carries task, input size and target scaling
+        (and then ``input_size``, ``task``, ``target_mean`` and ``target_std`` are ignored); for a bare model
+        pass them.
     path : path
         Output ``.onnx`` file (written atomically).
     input_size : int, optional
@@ -231,8 +232,8 @@ def export_finetuned_onnx(result_or_model: FinetuneResult | nn.Module, path: str
     ValueError
         For a bare model without ``input_size``, or an unknown ``exporter``.
     """
-    result: FinetuneResult | None = None
-    if isinstance(result_or_model, FinetuneResult):
+    result: FinetuneResult | SavedRun | None = None
+    if isinstance(result_or_model, (FinetuneResult, SavedRun)):
         result = result_or_model
         model, task, input_size = result.model, result.task, result.input_size
         target_mean, target_std = result.target_mean, result.target_std

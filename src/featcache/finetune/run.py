@@ -45,14 +45,16 @@ from featcache.store.schema import SPLIT_CODES
 from featcache.util.atomic import atomic_path, write_json
 from featcache.util.compute import resolve_device, torch_threads
 
-__all__ = ["BAD_IMAGES_NAME", "CHECKPOINT_NAME", "HISTORY_NAME", "META_NAME", "REPORT_NAME", "FinetuneResult",
-           "finetune", "preprocessor", "save_state"]
+__all__ = ["BAD_IMAGES_NAME", "CHECKPOINT_NAME", "HISTORY_NAME", "META_FORMAT", "META_NAME", "REPORT_NAME",
+           "FinetuneResult", "finetune", "preprocessor", "save_state"]
 
 logger = logging.getLogger(__name__)
 
 #: File names written by :func:`finetune` into ``out_dir``.
 CHECKPOINT_NAME, META_NAME, REPORT_NAME, HISTORY_NAME = "model.pt", "model.json", "weight_report.json", "history.json"
 BAD_IMAGES_NAME = "bad_images.json"
+#: ``format`` of ``model.json`` (:meth:`FinetuneResult.metadata`).
+META_FORMAT = "featcache-finetune/1"
 
 
 @dataclass
@@ -152,15 +154,21 @@ class FinetuneResult:
         return self.y_score.argmax(axis=1) if self.task == "classification" else self.y_score
 
     def metadata(self) -> dict[str, Any]:
-        """What is needed to rebuild and use the checkpoint (written as ``model.json``)."""
-        return {
-            "format": "featcache-finetune/1", "backbone": self.spec.name, "weights": self.weights_id,
+        """What is needed to rebuild and use the checkpoint (written as ``model.json``).
+
+        GoogLeNet's ``transform_input`` (a flag, not in the state dict) is recorded too, as ``transform_input``.
+        """
+        meta = {
+            "format": META_FORMAT, "backbone": self.spec.name, "weights": self.weights_id,
             "mode": self.config.mode, "task": self.task, "classes": list(self.classes),
             "n_outputs": self.n_outputs, "head": self.spec.classifier, "n_features": self.n_features,
             "input_size": self.input_size, "target_mean": self.target_mean, "target_std": self.target_std,
             "preprocess": preprocessor(self.spec, self.config).config(), "best_epoch": self.best_epoch,
             "config": self.config.to_dict(), "torch_version": torch.__version__,
         }
+        if hasattr(self.model, "transform_input"):
+            meta["transform_input"] = bool(self.model.transform_input)
+        return meta
 
 
 def preprocessor(spec: BackboneSpec, config: FinetuneConfig) -> Preprocessor:

@@ -181,6 +181,15 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
           f"(TTA {metrics.get('tta_' + metric, float('nan')):.4f}), fit {metrics['fit_seconds']:.1f}s")
 
 
+def _cmd_finetune_export(args: argparse.Namespace) -> None:
+    from featcache.pipeline.finetune import export_stage, load_finetune_sections
+
+    written = export_stage(load_finetune_sections(args.params), args.model, args.manifest, args.out)
+    cams = sum(path.suffix == ".png" for path in written)
+    print(f"{args.out or args.model}: {'model.onnx and ' if len(written) > cams else ''}"
+          f"{cams} CAM overlay{'' if cams == 1 else 's'}")
+
+
 def _cmd_compare(args: argparse.Namespace) -> None:
     from featcache.pipeline.compare import compare
 
@@ -318,12 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--mode", required=True, choices=MODES, help="the fine-tuning recipe")
     ft.add_argument("--manifest", required=True, help="manifest.csv of the prepare stage")
     ft.add_argument("--out", required=True, help="run folder: model.pt, model.json, weight_report.json, "
-                                                 "history.json, backbone.pt, model.onnx, cam/")
+                                                 "history.json, bad_images.json, backbone.pt (its exports: "
+                                                 "`featcache finetune-export`)")
     ft.add_argument("--metrics", required=True, help="metrics JSON (the train stage's format)")
     ft.add_argument("--confusion", help="actual,predicted CSV of the test split (DVC's confusion or scatter plot, "
                     "by task)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     ft.set_defaults(func=_cmd_finetune)
+
+    fte = with_params(sub.add_parser("finetune-export", help="export a fine-tuned run: ONNX model "
+                                     "(finetune.export_onnx) and CAM overlays (finetune.cam_images)"))
+    fte.add_argument("--model", required=True, metavar="DIR", help="run folder written by `featcache finetune "
+                     "--out` (model.pt, model.json)")
+    fte.add_argument("--manifest", required=True, help="manifest.csv the run was trained on (the CAM images)")
+    fte.add_argument("--out", metavar="DIR", help="folder for model.onnx and cam/ (default: --model)")
+    fte.set_defaults(func=_cmd_finetune_export)
 
     cmp_ = sub.add_parser("compare", help="rank every run in one report")
     cmp_.add_argument("--metrics-dir", required=True, nargs="+", help="one or more folders of run metrics")

@@ -1,4 +1,5 @@
-"""``finetune`` stage: one fine-tuning mode end to end -> metrics JSON beside the cached heads.
+"""``finetune`` and ``export`` stages: one fine-tuning mode end to end -> metrics JSON beside the cached heads;
+then its exports (ONNX model, CAM overlays) from the saved run folder.
 
 The metrics JSON has the same shape as the ``train`` stage's (``dataset``,
 ``backbone``, ``layer``, ``head``, ``task``, the test metrics with ``ci``,
@@ -10,16 +11,19 @@ The metrics JSON has the same shape as the ``train`` stage's (``dataset``,
 ``weights_only=True``), ``model.json`` (classes, input size, target scaling),
 ``weight_report.json`` (what was copied from the pretrained weights),
 ``history.json``, ``bad_images.json`` (id and reason of every image that
-could not be decoded, counted as ``n_bad_images`` in the metrics),
+could not be decoded, counted as ``n_bad_images`` in the metrics) and
 ``backbone.pt`` (the fine-tuned backbone in the registry's architecture:
-usable as ``backbones.<name>.weights`` for the extract stage),
-``model.onnx`` (optional) and ``cam/*.png`` (class activation maps of a few
-test images).
+usable as ``backbones.<name>.weights`` for the extract stage).
+
+:func:`export_stage` reads that folder back (:class:`~featcache.finetune.saved.SavedRun`)
+and writes ``model.onnx`` (optional) and ``cam/*.png`` (class activation maps of
+a few test images): a separate stage, so that editing ``export_onnx`` or
+``cam_images`` reruns the export, not the training.
 
 Settings come from the ``finetune`` section of ``params.yaml``: ``backbone``,
-``weights``, ``export_onnx``, ``cam_images``, ``defaults`` (every
-:class:`~featcache.finetune.config.FinetuneConfig` setting) and ``modes`` (mode ->
-overrides of ``defaults``).
+``weights``, ``defaults`` (every :class:`~featcache.finetune.config.FinetuneConfig`
+setting) and ``modes`` (mode -> overrides of ``defaults``) for training;
+``export_onnx`` and ``cam_images`` for the export.
 """
 
 from __future__ import annotations
@@ -40,10 +44,10 @@ from featcache.util.atomic import write_csv
 
 if TYPE_CHECKING:
     from featcache.finetune.config import FinetuneConfig
-    from featcache.finetune.run import FinetuneResult
+    from featcache.finetune.saved import SavedRun
 
-__all__ = ["FinetuneSections", "finetune_section", "finetune_stage", "load_finetune_sections", "mode_config",
-           "write_cams"]
+__all__ = ["FinetuneSections", "export_stage", "finetune_section", "finetune_stage", "load_finetune_sections",
+           "mode_config", "write_cams"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +110,14 @@ def mode_config(section: Mapping[str, Any], mode: str, n_boot: int = 1000, progr
         raise ValueError(f"finetune settings of mode {mode!r}: {error}") from None
 
 
-def _cam_rows(result: FinetuneResult, n_images: int) -> list[int]:
-    """Up to ``n_images`` test rows, one per class in turn (the first by id), so the maps differ."""
-    rows, truth = list(result.test_rows), result.y_true
-    if result.task != "classification":
+def _cam_rows(run: SavedRun, manifest: Any, n_images: int) -> list[int]:
+    """Up to ``n_images`` of the run's test rows, one per class in turn (the first by id), so the maps differ."""
+    rows = list(run.test_rows(manifest))
+    if run.task != "classification":
         return [int(r) for r in rows[:n_images]]
+    truth = np.asarray(manifest.labels)[rows]
     picked: list[int] = []
-    for k in range(len(result.classes)):
+    for k in range(len(run.classes)):
         hits = [int(rows[i]) for i in np.flatnonzero(truth == k)]
         if hits:
             picked.append(hits[0])
@@ -121,8 +126,20 @@ def _cam_rows(result: FinetuneResult, n_images: int) -> list[int]:
     return picked
 
 
-def write_cams(result: FinetuneResult, manifest: Any, out_dir: str | Path, n_images: int = 4) -> list[Path]:
-    """CAM overlays of a few test images (none, with a log line, where CAM does not apply)."""
+def write_cams(run: SavedRun, manifest: Any, out_dir: str | Path, n_images: int = 4) -> list[Path]:
+    """CAM overlays of a few of the run's test images (none, with a log line, where CAM does not apply).
+
+    Parameters
+    ----------
+    run : SavedRun
+        The run, read back from its folder.
+    manifest : Manifest
+        The manifest it was trained on.
+    out_dir : path
+        Folder of the ``<id>.png`` overlays.
+    n_images : int
+        At most this many images, one per class in turn.
+    """
     import torch
 
     from featcache.extract.decode.images import load_rgb
@@ -132,13 +149,13 @@ def write_cams(result: FinetuneResult, manifest: Any, out_dir: str | Path, n_ima
 
     if n_images <= 0:
         return []
-    spec = result.spec
-    pre = preprocessor(spec, result.config)
-    rows = _cam_rows(result, n_images)
+    spec = run.spec
+    pre = preprocessor(spec, run.config)
+    rows = _cam_rows(run, manifest, n_images)
     try:
         reader = ImageReader(manifest, pre)  # a file, a shard member or a URL
         images = torch.stack([pre(load_rgb(reader.source(row), pre.background)) for row in rows])
-        cams = class_activation_maps(result.model, spec, images)
+        cams = class_activation_maps(run.model, spec, images)
     except (ValueError, OSError) as error:
         logger.warning("No CAM overlays: %s", error)
         return []
@@ -147,10 +164,11 @@ def write_cams(result: FinetuneResult, manifest: Any, out_dir: str | Path, n_ima
 
 
 def _remove_stale(out_dir: Path) -> None:
-    """Remove the optional files of an earlier run in ``out_dir`` (its ONNX export, its CAM overlays).
+    """Remove the exports of an earlier run in ``out_dir`` (its ONNX model, its CAM overlays).
 
-    Outside DVC (which deletes a stage's outputs before running it) a rerun into the same folder with
-    ``export_onnx: false`` or fewer ``cam_images`` would otherwise leave the old run's model beside the new one.
+    Outside DVC (which deletes a stage's outputs before running it) a new training run in a folder that holds
+    exports, or an export with ``export_onnx: false`` or fewer ``cam_images``, would otherwise leave the old
+    run's model beside the new one.
     """
     stale = [path for path in (out_dir / "model.onnx", *sorted((out_dir / "cam").glob("*.png"))) if path.is_file()]
     for path in stale:
@@ -162,7 +180,9 @@ def _remove_stale(out_dir: Path) -> None:
 def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: str | Path,
                    metrics_path: str | Path, confusion_path: str | Path | None = None, *,
                    finetune: Mapping[str, Any] | Any | None = None, progress: bool = True) -> dict[str, Any]:
-    """Fine-tune one mode on the prepared manifest; write metrics, checkpoint, report, exports, CAMs.
+    """Fine-tune one mode on the prepared manifest; write metrics, checkpoint, report and backbone.
+
+    The ONNX model and the CAM overlays are :func:`export_stage`'s, made from ``out_dir`` afterwards.
 
     Parameters
     ----------
@@ -175,8 +195,8 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
         ``manifest.csv`` of the prepare stage (the cached heads' split).
     out_dir : path
         Folder for ``model.pt``, ``model.json``, ``weight_report.json``,
-        ``history.json``, ``bad_images.json``, ``backbone.pt``, ``model.onnx`` and ``cam/`` (an earlier run's
-        ``model.onnx`` and ``cam/*.png`` there are removed first).
+        ``history.json``, ``bad_images.json`` and ``backbone.pt`` (exports of an earlier run there,
+        ``model.onnx`` and ``cam/*.png``, are removed).
     metrics_path : path
         Metrics JSON in the ``train`` stage's format (:func:`featcache.runs.write_run`): the test scores only,
         keyed ``<backbone>.finetune.finetune-<mode>.<score>``, with names, CIs, sizes and timings in its
@@ -195,7 +215,7 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
         The metrics written to ``metrics_path``.
     """
     from featcache.extract.inputs.manifest import Manifest, ManifestError
-    from featcache.finetune.export import export_backbone, export_finetuned_onnx
+    from featcache.finetune.export import export_backbone
     from featcache.finetune.run import finetune as run_finetune
     from featcache.heads.metrics import PREDICTION_COLUMNS, prediction_rows
 
@@ -210,9 +230,6 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
                           task=manifest.task)
     export_backbone(result.model, result.spec, out_dir / "backbone.pt", result.original_head)
     _remove_stale(out_dir)
-    if section["export_onnx"]:
-        export_finetuned_onnx(result, out_dir / "model.onnx")
-    write_cams(result, manifest, out_dir / "cam", int(section["cam_images"]))
 
     metrics = {"dataset": params.data.name, "backbone": section["backbone"], "layer": "finetune",
                "head": f"finetune-{mode}", "task": manifest.task, "node": result.spec.classifier,
@@ -226,3 +243,47 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
     logger.info("finetune-%s: test %s = %.4f in %.1fs", mode,
                 "accuracy" if manifest.task == "classification" else "rmse", summary, result.fit_seconds)
     return metrics
+
+
+def export_stage(params: Any, model_dir: str | Path, manifest_path: str | Path, out_dir: str | Path | None = None,
+                 *, finetune: Mapping[str, Any] | Any | None = None) -> list[Path]:
+    """The exports of a fine-tuned run, made from its folder: ``model.onnx`` and ``cam/*.png``.
+
+    What :func:`finetune_stage` used to write after training, from the same model
+    (:class:`~featcache.finetune.saved.SavedRun` reads back its ``model.pt`` and ``model.json``), so editing
+    ``finetune.export_onnx`` or ``finetune.cam_images`` reruns this, not the training.
+
+    Parameters
+    ----------
+    params : FinetuneSections or Params
+        Validated params (the ``finetune`` section's ``export_onnx`` and ``cam_images``).
+    model_dir : path
+        The run folder of :func:`finetune_stage` (its ``out_dir``).
+    manifest_path : path
+        The ``manifest.csv`` the run was trained on (the CAM overlays' images).
+    out_dir : path, optional
+        Folder for ``model.onnx`` and ``cam/`` (exports of an earlier run there are removed first);
+        default: ``model_dir``.
+    finetune : mapping, optional
+        The ``finetune`` section, when ``params`` has none.
+
+    Returns
+    -------
+    list of Path
+        The files written.
+    """
+    from featcache.extract.inputs.manifest import Manifest
+    from featcache.finetune.export import export_finetuned_onnx
+    from featcache.finetune.saved import SavedRun
+
+    section = finetune_section(params, finetune)
+    run = SavedRun.load(model_dir)
+    manifest = Manifest.read(manifest_path)
+    run.test_rows(manifest)  # the run's manifest, or a message before any work
+    out = Path(model_dir if out_dir is None else out_dir)
+    out.mkdir(parents=True, exist_ok=True)  # the stage's output, even with nothing to write in it
+    _remove_stale(out)
+    written = [export_finetuned_onnx(run, out / "model.onnx")] if section["export_onnx"] else []
+    written += write_cams(run, manifest, out / "cam", int(section["cam_images"]))
+    logger.info("finetune-%s: %d export file(s) in %s", run.config.mode, len(written), out)
+    return written
