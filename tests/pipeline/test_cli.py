@@ -264,3 +264,20 @@ def test_ctrl_c_is_one_line_and_exit_130_not_a_traceback(monkeypatch, capsys):
     assert main(["digits", "unused"]) == 130
     err = capsys.readouterr().err
     assert err.startswith("featcache digits: interrupted.") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("command", "resumes"), [("extract", True), ("finetune", False)])
+def test_the_ctrl_c_hint_promises_a_resume_only_where_the_command_resumes(monkeypatch, capsys, command, resumes):
+    """An interrupted fine-tuning starts over: its Ctrl-C line said that an extraction resumes from its blocks."""
+    import featcache.pipeline.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"_cmd_{command}", interrupted)
+    argv = {"extract": ["extract", "--backbone", "b", "--manifest", "m", "--out", "o"],
+            "finetune": ["finetune", "--mode", "frozen", "--manifest", "m", "--out", "o", "--metrics", "x"]}[command]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"featcache {command}: interrupted. Hint: rerun it (or `dvc repro`)") and err.count("\n") == 1
+    assert ("resumes from the blocks it had committed" in err) == resumes, err

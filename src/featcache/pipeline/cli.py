@@ -22,6 +22,9 @@ __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger("featcache")
 
+#: What an interrupted command keeps for its rerun, where it keeps something (the end of the Ctrl-C line's hint).
+_KEPT_ON_INTERRUPT = {"extract": "; an extraction resumes from the blocks it had committed"}
+
 
 def _cmd_backbones(args: argparse.Namespace) -> None:
     from featcache.extract.zoo.registry import BACKBONES
@@ -367,8 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"featcache {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C (or DVC passing it on): a line, not a traceback; 130 as shells report it
-        print(f"featcache {args.command}: interrupted. Hint: rerun it (or `dvc repro`); an extraction resumes "
-              "from the blocks it had committed.", file=sys.stderr)
+        print(f"featcache {args.command}: interrupted. Hint: rerun it (or `dvc repro`)"
+              f"{_KEPT_ON_INTERRUPT.get(args.command, '')}.", file=sys.stderr)
         return 130
     return 0
 
