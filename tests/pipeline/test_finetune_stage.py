@@ -19,7 +19,7 @@ from featcache.pipeline.compare import compare
 from featcache.pipeline.config import parse_params
 from featcache.pipeline.finetune import export_stage, finetune_section, finetune_stage, mode_config
 from featcache.pipeline.prepare import prepare
-from featcache.runs import read_run, sidecar_path
+from featcache.runs import read_run, sidecar_path, write_run
 
 
 def _section(**modes: Any) -> dict[str, Any]:
@@ -376,3 +376,54 @@ def test_the_training_stage_tracks_no_export_setting_and_the_export_stage_only_t
     assert "models/${data.name}/${key}" in export["deps"]  # made from the trained run folder
     assert "models/${data.name}/${key}" in stages["finetune"]["do"]["outs"]
     assert stages["export"]["foreach"] == stages["finetune"]["foreach"]
+
+
+def test_the_run_writes_its_test_rows_and_compare_pairs_it_with_a_cached_head(stage_run, tmp_path: Path):
+    """The fine-tuned run's ``.rows.npz`` holds the manifest's test ids (the order a store of that manifest keeps),
+    so compare gives it a paired delta beside a cached head scored on the same rows."""
+    from featcache.heads.metrics import metrics_with_ci, row_arrays
+    from featcache.heads.paired import ids_sha256, read_rows, rows_path, write_rows
+
+    manifest = Manifest.read(stage_run["manifest"])
+    test_ids = [manifest.ids[k] for k in np.flatnonzero(manifest.splits == 2)]
+    rows = read_rows(rows_path(stage_run["metrics"]))
+    assert rows["ids_sha256"] == ids_sha256(test_ids) and len(rows["y_true"]) == stage_run["result"]["n_test"]
+    np.testing.assert_array_equal(rows["y_true"], manifest.labels[manifest.splits == 2])
+
+    metrics_dir = tmp_path / "metrics"
+    (metrics_dir / "finetune").mkdir(parents=True)
+    for path in (stage_run["metrics"], sidecar_path(stage_run["metrics"]), rows_path(stage_run["metrics"])):
+        (metrics_dir / "finetune" / path.name).write_bytes(path.read_bytes())
+    y = rows["y_true"].astype(np.int64)
+    proba = np.full((y.size, 3), 0.05)
+    proba[np.arange(y.size), y] = 0.9  # a perfect cached head: the best run
+    cached = metrics_dir / "efficientnet_lite0" / "pool" / "logreg.json"
+    write_run(cached, {"dataset": "tiny", "backbone": "efficientnet_lite0", "layer": "pool", "head": "logreg",
+                       "task": "classification", **metrics_with_ci("classification", y, proba, 3, n_boot=50)})
+    write_rows(rows_path(cached), row_arrays("classification", y, proba, 3),
+               {"task": "classification", "ids_sha256": ids_sha256(test_ids), "n_boot": 50, "seed": 0,
+                "n_classes": 3})
+    runs = compare(metrics_dir, tmp_path / "reports")
+    finetuned = next(run for run in runs if run["head"] == "finetune-frozen")
+    assert "skipped" not in finetuned["paired"], finetuned["paired"]
+    assert finetuned["paired"]["accuracy"]["delta"] == pytest.approx(stage_run["result"]["accuracy"] - 1.0)
+
+
+def test_the_cli_exports_after_training_unless_told_not_to(stage_run, tmp_path: Path, params_factory, capsys):
+    """``featcache finetune`` alone makes the exports its params ask for; the DVC project passes ``--no-export``
+    and makes them in its export@<mode> stage."""
+    import yaml
+
+    from featcache.pipeline.cli import main
+
+    raw = params_factory(str(stage_run["root"] / "images"))
+    raw["finetune"] = {**_section(), "cam_images": 2}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    for flags, cams in (([], 2), (["--no-export"], 0)):
+        out = tmp_path / f"out{len(flags)}"
+        assert main(["finetune", "--params", str(tmp_path / "params.yaml"), "--mode", "frozen", "--manifest",
+                     str(stage_run["manifest"]), "--out", str(out), "--metrics", str(tmp_path / "m.json"),
+                     "--no-progress", *flags]) == 0
+        assert len(list(out.glob("cam/*.png"))) == cams, flags
+        assert not (out / "model.onnx").exists()  # export_onnx: false
+    assert f"{tmp_path / 'out0'}: 2 CAM overlays" in capsys.readouterr().out

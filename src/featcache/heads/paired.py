@@ -200,7 +200,7 @@ def read_rows(path: str | Path) -> dict[str, Any] | None:
     Returns
     -------
     dict or None
-        None when there is no such file (a run recorded before rows files, or a fine-tuning run).
+        None when there is no such file (a run recorded before featcache wrote rows files).
 
     Raises
     ------

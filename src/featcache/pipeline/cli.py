@@ -175,22 +175,28 @@ def _cmd_onnx_parity(args: argparse.Namespace) -> None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
-    from featcache.pipeline.finetune import finetune_stage, load_finetune_sections
+    from featcache.pipeline.finetune import export_stage, finetune_stage, load_finetune_sections
 
-    metrics = finetune_stage(load_finetune_sections(args.params), args.mode, args.manifest, args.out, args.metrics,
+    params = load_finetune_sections(args.params)
+    metrics = finetune_stage(params, args.mode, args.manifest, args.out, args.metrics,
                              confusion_path=args.confusion, progress=not args.no_progress)
     metric = "accuracy" if metrics["task"] == "classification" else "rmse"
     print(f"{args.metrics}: finetune-{args.mode} test {metric} {metrics[metric]:.4f} "
           f"(TTA {metrics.get('tta_' + metric, float('nan')):.4f}), fit {metrics['fit_seconds']:.1f}s")
+    if not args.no_export:  # the DVC project makes them in its export@<mode> stage instead
+        _print_exports(export_stage(params, args.out, args.manifest), args.out)
 
 
 def _cmd_finetune_export(args: argparse.Namespace) -> None:
     from featcache.pipeline.finetune import export_stage, load_finetune_sections
 
-    written = export_stage(load_finetune_sections(args.params), args.model, args.manifest, args.out)
+    out = args.out or args.model
+    _print_exports(export_stage(load_finetune_sections(args.params), args.model, args.manifest, out), out)
+
+
+def _print_exports(written: list[Path], folder: str) -> None:
     cams = sum(path.suffix == ".png" for path in written)
-    print(f"{args.out or args.model}: {'model.onnx and ' if len(written) > cams else ''}"
-          f"{cams} CAM overlay{'' if cams == 1 else 's'}")
+    print(f"{folder}: {'model.onnx and ' if len(written) > cams else ''}{cams} CAM overlay{'' if cams == 1 else 's'}")
 
 
 def _cmd_compare(args: argparse.Namespace) -> None:
@@ -330,12 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--mode", required=True, choices=MODES, help="the fine-tuning recipe")
     ft.add_argument("--manifest", required=True, help="manifest.csv of the prepare stage")
     ft.add_argument("--out", required=True, help="run folder: model.pt, model.json, weight_report.json, "
-                                                 "history.json, bad_images.json, backbone.pt (its exports: "
-                                                 "`featcache finetune-export`)")
+                                                 "history.json, bad_images.json, backbone.pt, and the exports "
+                                                 "(finetune.export_onnx: model.onnx, finetune.cam_images: cam/)")
     ft.add_argument("--metrics", required=True, help="metrics JSON (the train stage's format)")
     ft.add_argument("--confusion", help="actual,predicted CSV of the test split (DVC's confusion or scatter plot, "
                     "by task)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ft.add_argument("--no-export", action="store_true", help="train only; make the exports later with "
+                    "`featcache finetune-export` (as the DVC project's export@<mode> stage does)")
     ft.set_defaults(func=_cmd_finetune)
 
     fte = with_params(sub.add_parser("finetune-export", help="export a fine-tuned run: ONNX model "

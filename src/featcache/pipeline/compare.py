@@ -53,7 +53,7 @@ UNKNOWN_WEIGHTS = "?"
 #: Why a run has no paired delta to the best run: ``paired.skipped`` in compare.json, a footnote in compare.md.
 UNPAIRED = {
     "no_rows": "no per-row test file (`<head>.rows.npz` beside its metrics): a run recorded before featcache wrote "
-               "them, or a fine-tuning run",
+               "them",
     "other_rows": "scored on other test rows than the best run (another sha256 of the test ids, number of classes "
                   "or true labels: other data or split)",
     "bad_rows": "its per-row test file cannot be read (damaged, or of another featcache version): rerun its train "

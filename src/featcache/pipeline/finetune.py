@@ -200,7 +200,8 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
     metrics_path : path
         Metrics JSON in the ``train`` stage's format (:func:`featcache.runs.write_run`): the test scores only,
         keyed ``<backbone>.finetune.finetune-<mode>.<score>``, with names, CIs, sizes and timings in its
-        ``.run.json`` sidecar.
+        ``.run.json`` sidecar, and its per-test-row arrays in ``<name>.rows.npz``
+        (:func:`featcache.heads.paired.write_rows`: compare's paired deltas, as the train stage's).
     confusion_path : path, optional
         ``actual,predicted`` CSV of the test split (:func:`featcache.heads.metrics.prediction_rows`: class names
         for the confusion plot, or numbers for the regression scatter), as the train stage's ``--predictions``.
@@ -217,7 +218,8 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
     from featcache.extract.inputs.manifest import Manifest, ManifestError
     from featcache.finetune.export import export_backbone
     from featcache.finetune.run import finetune as run_finetune
-    from featcache.heads.metrics import PREDICTION_COLUMNS, prediction_rows
+    from featcache.heads.metrics import PREDICTION_COLUMNS, prediction_rows, row_arrays
+    from featcache.heads.paired import ids_sha256, rows_path, write_rows
 
     section = finetune_section(params, finetune)
     config = mode_config(section, mode, n_boot=params.train.n_boot, progress=progress, ci_seed=params.train.seed)
@@ -235,6 +237,11 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
                "head": f"finetune-{mode}", "task": manifest.task, "node": result.spec.classifier,
                "pooling": "end-to-end", "weights": result.weights_id, **result.metrics}
     metrics["best_params"] = dict(metrics["best_params"])
+    n_classes = len(result.classes) if manifest.task == "classification" else None
+    write_rows(rows_path(metrics_path), row_arrays(manifest.task, result.y_true, result.y_score, n_classes),
+               {"task": manifest.task, "ids_sha256": ids_sha256(manifest.ids[k] for k in result.test_rows),
+                "n_boot": params.train.n_boot, "seed": params.train.seed,
+                **({"n_classes": n_classes} if n_classes else {})})
     write_run(metrics_path, metrics)
     if confusion_path is not None:
         write_csv(confusion_path, prediction_rows(manifest.task, result.y_true, result.y_pred, result.classes),
