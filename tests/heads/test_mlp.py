@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.heads import MLPHead, MLPRegressorHead
-from featcache.heads.training import iter_batches
+from featcache.heads import MLPHead, MLPRegressorHead, StreamingMLPHead, StreamingMLPRegressorHead
+from featcache.heads.training import epoch_scale, iter_batches
 
 FAST = {"hidden_sizes": (64,), "batch_size": 128, "max_epochs": 40, "patience": 5, "n_threads": 1}
 
@@ -47,8 +47,10 @@ def test_architecture_and_fitted_state(clf_data):
     assert head.best_epoch_ == best["epoch"]
     assert head.best_params_ == {"epochs": head.best_epoch_}
     json.dumps(head.history_)
-    # early stopping: stopped patience epochs after the best one, or ran out of epochs
-    assert len(head.history_) in (head.best_epoch_ + FAST["patience"], FAST["max_epochs"])
+    # early stopping: stopped patience epochs after the best one, or ran out of epochs; 360 rows are 3 batches
+    # of 128, fewer than min_epoch_steps (4): both count double
+    assert epoch_scale(3, head.min_epoch_steps) == 2
+    assert len(head.history_) in (head.best_epoch_ + 2 * FAST["patience"], 2 * FAST["max_epochs"])
 
 
 def test_best_state_is_kept(clf_data):
@@ -81,7 +83,7 @@ def test_last_batch_of_one_is_dropped():
 
 def test_train_size_with_remainder_one_fits(clf_data):
     X, y = clf_data["X_train"][:129], clf_data["y_train"][:129]  # 129 = 128 + 1
-    head = MLPHead(**{**FAST, "max_epochs": 3}).fit(X, y, clf_data["X_val"], clf_data["y_val"])
+    head = MLPHead(**{**FAST, "max_epochs": 3, "min_epoch_steps": 1}).fit(X, y, clf_data["X_val"], clf_data["y_val"])
     assert len(head.history_) == 3
 
 
@@ -121,6 +123,7 @@ def test_scaler_uses_train_rows_only(reg_data):
         ({"dropout": 1.0}, r"dropout=1\.0 is invalid; allowed: a number in \[0, 1\)"),
         ({"dropout": False}, r"dropout=False is invalid; allowed: a number in \[0, 1\)"),  # YAML 'no' is False
         ({"device": "tpu"}, r"device='tpu' is invalid; allowed: 'cpu', 'cuda'"),
+        ({"min_epoch_steps": 0}, r"min_epoch_steps=0 is invalid; allowed: an integer >= 1"),
     ],
 )
 def test_invalid_params(clf_data, params, message):
@@ -147,3 +150,40 @@ def test_one_training_row_is_a_clear_error(cls, data, request):
     msg = rf"{cls.__name__} got 1 training row \(n_samples=1\); allowed: >= 2 .*Hint: pass more training rows"
     with pytest.raises(ValueError, match=msg):
         cls(**FAST).fit(d["X_train"][:1], d["y_train"][:1], d["X_val"], d["y_val"])
+
+
+def test_epoch_scale():
+    assert [epoch_scale(steps, 4) for steps in (1, 2, 3, 4, 5, 50)] == [4, 2, 2, 1, 1, 1]
+    assert epoch_scale(1, 1) == 1
+    assert epoch_scale(0, 4) == 4  # an epoch without a step (cannot happen: >= 2 rows) counts as one step
+
+
+SMALL = {"hidden_sizes": (16,), "max_epochs": 6, "patience": 2, "n_threads": 1}
+"""Below batch_size (256) training rows: one optimiser step an epoch."""
+
+
+@pytest.mark.parametrize("cls, data", [(MLPHead, "clf_data"), (MLPRegressorHead, "reg_data"),
+                                       (StreamingMLPHead, "clf_data"), (StreamingMLPRegressorHead, "reg_data")])
+def test_small_data_trains_min_epoch_steps_per_counted_epoch(cls, data, request):
+    # 60 rows, batch 256: an epoch is one step, so patience 2 and max_epochs 6 counted plain epochs (2 and 6
+    # steps); they count epochs of at least min_epoch_steps (4) steps: 8 epochs of patience, at most 24
+    d = request.getfixturevalue(data)
+    X, y, X_val, y_val = d["X_train"][:60], d["y_train"][:60], d["X_val"], d["y_val"]
+    head = cls(**SMALL).fit(X, y, X_val, y_val)
+    assert len(head.history_) in (head.best_epoch_ + 4 * 2, 4 * 6)
+    assert len(head.history_) > 6
+    assert head.best_epoch_ == min(head.history_, key=lambda h: h["val_loss"])["epoch"]
+    again = cls(**SMALL).fit(X, y, X_val, y_val)  # deterministic
+    assert again.history_ == head.history_
+    np.testing.assert_array_equal(again.predict(d["X_test"]), head.predict(d["X_test"]))
+    plain = cls(**SMALL, min_epoch_steps=1).fit(X, y, X_val, y_val)  # plain epochs: the loop before the rule
+    assert len(plain.history_) in (plain.best_epoch_ + 2, 6)
+    assert plain.history_ == head.history_[:len(plain.history_)]  # same run, stopped sooner
+
+
+def test_epochs_of_min_epoch_steps_or_more_are_unchanged(clf_data):
+    # 360 rows in batches of 64 are 6 steps an epoch: min_epoch_steps 4 (the default) changes nothing
+    params = {**FAST, "batch_size": 64, "max_epochs": 30, "patience": 3}
+    a, b = _fit(MLPHead, clf_data, **params), _fit(MLPHead, clf_data, **params, min_epoch_steps=1)
+    assert a.history_ == b.history_
+    np.testing.assert_array_equal(a.predict_proba(clf_data["X_test"]), b.predict_proba(clf_data["X_test"]))

@@ -51,6 +51,7 @@ class MLPBase(HeadBase):
     batch_size: Annotated[int, AtLeast(2)] = 256
     max_epochs: Annotated[int, AtLeast(1)] = 50
     patience: Annotated[int, AtLeast(1)] = 5
+    min_epoch_steps: Annotated[int, AtLeast(1)] = 4
     validation_fraction: Annotated[float, Interval(0, 1)] = 0.2
     random_state: Annotated[int, AtLeast(0)] | None = 0
     n_threads: Annotated[int, AtLeast(1)] = 2
@@ -227,6 +228,13 @@ class MLPHead(MLPClassifierBase):
         Mini-batch size (a last batch of one row is dropped each epoch).
     max_epochs, patience : int
         Stop after ``patience`` epochs without a lower validation loss.
+    min_epoch_steps : int
+        The fewest optimiser steps an epoch counts for in ``patience`` and
+        ``max_epochs``: when an epoch is fewer mini-batches (fewer than about
+        ``min_epoch_steps * batch_size`` training rows; below ``batch_size`` rows
+        an epoch is one step), both are multiplied by ``ceil(min_epoch_steps /
+        steps)``: with the default 4, patience 10 waits at least 40 steps on any
+        data (benchmarks/README.md, "The MLP on small data"). 1 counts plain epochs.
     validation_fraction : float
         Stratified hold-out of the training rows for early stopping when no
         ``X_val`` is given (no refit on the full training rows).

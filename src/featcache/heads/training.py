@@ -2,8 +2,9 @@
 
 :func:`build_mlp` (Linear-BatchNorm1d-ReLU-Dropout blocks), :func:`train_epochs`
 (AdamW epochs with early stopping on the validation loss, keeping the best
-weights), the thread-count scope and the mini-batch shuffler. torch is imported
-lazily inside each function.
+weights; :func:`epoch_scale` stretches its epoch counts on small data), the
+thread-count scope and the mini-batch shuffler. torch is imported lazily inside
+each function.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from featcache.util.compute import torch_threads
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PREDICT_BATCH", "build_mlp", "iter_batches", "predict_batches", "train_epochs"]
+__all__ = ["PREDICT_BATCH", "build_mlp", "epoch_scale", "iter_batches", "predict_batches", "train_epochs"]
 
 PREDICT_BATCH = 8192
 """Rows per forward pass at predict time."""
@@ -65,6 +66,29 @@ def iter_batches(n: int, batch_size: int, generator: torch.Generator) -> list[to
     return batches
 
 
+def epoch_scale(steps: int, min_epoch_steps: int) -> int:
+    """How many epochs of ``steps`` optimiser steps count as one in ``patience`` and ``max_epochs``.
+
+    Below ``min_epoch_steps`` mini-batches of training rows an epoch is one or a
+    few optimiser steps, so a patience and an epoch budget tuned on larger data
+    would stop the network after a handful of updates (benchmarks/README.md, "The
+    MLP on small data").
+
+    Parameters
+    ----------
+    steps : int
+        Optimiser steps of one epoch (the first epoch's).
+    min_epoch_steps : int
+        The fewest steps an epoch counts for.
+
+    Returns
+    -------
+    int
+        ``ceil(min_epoch_steps / steps)``, at least 1.
+    """
+    return max(1, -(-min_epoch_steps // max(steps, 1)))
+
+
 def train_epochs(
     head: Any,
     module: torch.nn.Module,
@@ -79,7 +103,11 @@ def train_epochs(
     Parameters
     ----------
     head : MLP head
-        Supplies ``lr``, ``weight_decay``, ``max_epochs``, ``patience`` and the loss.
+        Supplies ``lr``, ``weight_decay``, ``max_epochs``, ``patience``,
+        ``min_epoch_steps`` and the loss. ``patience`` and ``max_epochs`` count
+        epochs of at least ``min_epoch_steps`` optimiser steps: when the first epoch
+        makes fewer steps (fewer training rows than ``min_epoch_steps`` mini-batches),
+        both are multiplied by ``ceil(min_epoch_steps / steps)`` (:func:`epoch_scale`).
     module : torch.nn.Module
         Trained in place; on return it holds the weights of the best epoch.
     epoch_batches : callable
@@ -103,9 +131,11 @@ def train_epochs(
     optim = torch.optim.AdamW(module.parameters(), lr=head.lr, weight_decay=head.weight_decay)
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_state = float("inf"), 0, None
-    for epoch in range(1, head.max_epochs + 1):
+    epoch, scale = 0, 1
+    while epoch < head.max_epochs * scale:
+        epoch += 1
         module.train()
-        total, seen = 0.0, 0
+        total, seen, steps = 0.0, 0, 0
         for xb, tb in epoch_batches():
             optim.zero_grad(set_to_none=True)
             loss = loss_fn(head.output_transform(module(xb)), tb)
@@ -113,6 +143,9 @@ def train_epochs(
             optim.step()
             total += loss.item() * xb.shape[0]
             seen += xb.shape[0]
+            steps += 1
+        if epoch == 1:
+            scale = epoch_scale(steps, head.min_epoch_steps)
         module.eval()
         with torch.no_grad():
             val_loss, val_score = validate(module)
@@ -122,7 +155,7 @@ def train_epochs(
         if val_loss < best_loss:
             best_loss, best_epoch = val_loss, epoch
             best_state = copy.deepcopy(module.state_dict())
-        elif epoch - best_epoch >= head.patience:
+        elif epoch - best_epoch >= head.patience * scale:
             break
     if best_state is None:
         raise ParamError(
