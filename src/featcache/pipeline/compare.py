@@ -291,7 +291,8 @@ def _markdown(runs: list[dict[str, Any]]) -> str:
         + (f" ({boot['n_boot']} resamples, seed {boot['seed']}: those of the CIs)" if boot else "")
         + ", so the CI holds only what the two runs do differently: usually much tighter than their own CIs. "
         "Distinguishable from best: the metrics whose paired CI excludes 0; `no`: on this test set the difference "
-        "may be noise.",
+        "may be noise. Each run is set against the best alone, with no correction for the many comparisons, and "
+        "the best was picked on this same test split: read a CI that barely excludes 0 as a hint, not a verdict.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
