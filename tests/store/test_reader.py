@@ -109,6 +109,16 @@ def test_check_config_names_changed_keys(store):
     assert isinstance(info.value, StoreError)
 
 
+@pytest.mark.parametrize(("key", "value"), [("size", 224.0), ("flag", True)])
+def test_check_config_tells_equal_values_of_another_type_apart(tmp_path, key, value):
+    """224 == 224.0 and 1 == True in Python; a store extracted with the one is not the other's."""
+    stored = synth.make_config(flag=1)
+    with FeatureStore(synth.write_all(tmp_path / "t.h5", config=stored)) as fs:
+        fs.check_config(synth.make_config(flag=1))
+        with pytest.raises(StaleStoreError, match=rf"extract\.{key}: store has"):
+            fs.check_config(synth.make_config(**{"flag": 1, key: value}))
+
+
 def test_unknown_layer_and_split(store):
     with pytest.raises(StoreError, match=r"unknown layer 'fc7'.*available: \['pool', 'fc'\]"):
         store.read("fc7")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from _support import synth_store as synth
-from featcache.store import FORMAT, LayerSpec, StoreError, StoreLockedError, StoreWriter
+from featcache.store import FORMAT, FeatureStore, LayerSpec, StoreError, StoreLockedError, StoreWriter
 from featcache.store.blocks import TMP_MARK
 
 
@@ -182,6 +182,49 @@ def test_same_config_other_ids_blocks_are_not_reused(tmp_path):
     kwargs = synth.make_kwargs(n=36)  # same config hash, one image less
     with StoreWriter(out, **kwargs) as w2:
         assert w2.pending_blocks() == [0, 1, 2, 3, 4]
+
+
+def test_same_config_same_count_other_ids_blocks_are_not_reused(tmp_path):
+    """Renamed images, same config and row count: the old blocks hold other images' features."""
+    out = tmp_path / "x.h5"
+    with StoreWriter(out, **synth.make_kwargs()) as w:
+        synth.commit(w, [0, 1])
+    renamed = [f"new/{i:04d}.png" for i in range(synth.N)]
+    with StoreWriter(out, **synth.make_kwargs(ids=renamed)) as w2:
+        assert w2.pending_blocks() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("override", [
+    {"dtype": "float32"},  # float16 block bytes would be copied raw into a float32 store
+    {"layers": synth.LAYERS[::-1]},  # features/0 would be another layer's
+], ids=["dtype", "layer-order"])
+def test_same_config_other_storage_blocks_are_not_reused(tmp_path, override):
+    out = tmp_path / "x.h5"
+    with StoreWriter(out, **synth.make_kwargs()) as w:
+        synth.commit(w, w.pending_blocks())
+    with StoreWriter(out, **synth.make_kwargs(**override)) as w2:
+        assert w2.pending_blocks() == [0, 1, 2, 3, 4]
+
+
+def test_same_config_other_block_rows_blocks_are_not_reused(tmp_path):
+    """Block 1 holds one row with block_rows 3 (row 3) and with block_rows 1 (row 1): not the same block."""
+    out = tmp_path / "x.h5"
+    with StoreWriter(out, **synth.make_kwargs(n=4, block_rows=3)) as w:
+        synth.commit(w, [1], skip=frozenset())
+    with StoreWriter(out, **synth.make_kwargs(n=4, block_rows=1)) as w2:
+        assert w2.pending_blocks() == [0, 1, 2, 3]
+
+
+def test_errors_listed_out_of_order_are_stored_in_row_order(tmp_path):
+    with StoreWriter(tmp_path / "x.h5", **synth.make_kwargs(n=8)) as w:
+        kept = np.array([0, 2, 4, 6], dtype=np.int64)
+        errors = [(w.ids[r], f"bad {r}") for r in (7, 1, 5, 3)]
+        w.commit_block(0, kept, {s.alias: synth.features_for(s.alias, kept) for s in synth.LAYERS}, errors)
+        assert w.committed_errors() == [(w.ids[r], f"bad {r}") for r in (1, 3, 5, 7)]
+        path = w.finalize()
+    with FeatureStore(path) as fs:
+        assert fs.errors() == [(synth.make_ids(8)[r], f"bad {r}") for r in (1, 3, 5, 7)]
+        np.testing.assert_array_equal(fs.ids(), np.array(synth.make_ids(8))[kept])
 
 
 def test_finalize_replaces_whole_file_and_spares_hard_links(tmp_path, file_md5):
