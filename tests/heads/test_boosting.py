@@ -95,6 +95,21 @@ def test_val_rows_of_unseen_classes_are_left_out_of_early_stopping(clf_data, cap
     np.testing.assert_array_equal(head.predict_proba(clf_data["X_test"])[:, 4], 0.0)
 
 
+@pytest.mark.parametrize("seen", [(0, 2, 3, 4), (1, 3)], ids=["multiclass", "binary"])
+def test_early_stopping_scores_train_classes_that_are_not_0_to_k(clf_data, seen):
+    """Training classes 0, 2, 3, 4 (class 1 absent) must boost like the same rows labelled 0..3.
+
+    LightGBM 4.7 label-encodes ``eval_set`` but not ``eval_X``/``eval_y``: raw class indices scored
+    the validation rows against the wrong columns and early stopping stopped at the first tree.
+    """
+    d = {k: v[np.isin(clf_data["y" + k[1:]], seen)] for k, v in clf_data.items()}
+    codes = {k: np.searchsorted(seen, v) if k.startswith("y") else v for k, v in d.items()}
+    head = _fit(LightGBMHead, d, n_classes=5)
+    twin = _fit(LightGBMHead, codes, n_classes=len(seen))
+    assert head.best_params_ == twin.best_params_ and twin.best_params_["n_estimators"] > 5
+    np.testing.assert_allclose(head.predict_proba(d["X_test"])[:, list(seen)], twin.predict_proba(d["X_test"]))
+
+
 def test_binary_problem_gives_two_columns(clf_data):
     keep_tr, keep_va = clf_data["y_train"] < 2, clf_data["y_val"] < 2
     head = LightGBMHead(**FAST).fit(

@@ -85,12 +85,19 @@ class LightGBMBase(HeadBase):
             "verbosity": -1,
         }
 
-    def _fit_booster(self, split: Split, eval_rows: np.ndarray | None = None) -> None:
-        """Train with early stopping on the selection rows; set ``booster_`` and friends."""
+    def _fit_booster(self, split: Split, eval_rows: np.ndarray | None = None,
+                     seen: np.ndarray | None = None) -> None:
+        """Train with early stopping on the selection rows; set ``booster_`` and friends.
+
+        ``seen`` (classifiers): the sorted classes of the fit rows; labels are passed to LightGBM as
+        their index into it, because LightGBM 4.7 label-encodes ``eval_set`` but not ``eval_X``/``eval_y``.
+        """
         params = self._lgbm_params(split.X_fit.shape[1])  # validates every parameter first
-        X_sel, y_sel = split.X_sel, split.y_sel
+        X_sel, y_sel, y_fit = split.X_sel, split.y_sel, split.y_fit
         if eval_rows is not None:
             X_sel, y_sel = X_sel[eval_rows], y_sel[eval_rows]
+        if seen is not None:
+            y_fit, y_sel = np.searchsorted(seen, y_fit), np.searchsorted(seen, y_sel)
         X_fit = split.X_fit
         self.scaler_, self.pca_ = None, None
         if self.pca_components is not None:
@@ -108,7 +115,7 @@ class LightGBMBase(HeadBase):
             eval_kwargs: dict[str, Any] = {"eval_X": (X_sel,), "eval_y": (y_sel,)}
         else:  # lightgbm < 4.7
             eval_kwargs = {"eval_set": [(X_sel, y_sel)]}
-        model.fit(X_fit, split.y_fit, callbacks=callbacks, **eval_kwargs)
+        model.fit(X_fit, y_fit, callbacks=callbacks, **eval_kwargs)
         booster = model.booster_
         best = int(booster.best_iteration) if booster.best_iteration > 0 else booster.current_iteration()
         self.booster_ = booster
@@ -203,7 +210,7 @@ class LightGBMHead(ClassifierHead, LightGBMBase):
                 "LightGBMHead: %d validation rows of classes %s unseen in training are left out "
                 "of early stopping", int((~known).sum()), np.unique(split.y_sel[~known]).tolist(),
             )
-        self._fit_booster(split, None if known.all() else np.flatnonzero(known))
+        self._fit_booster(split, None if known.all() else np.flatnonzero(known), seen)
         self.classes_ = classes
         self.train_classes_ = seen
 
