@@ -512,6 +512,22 @@ def test_more_bad_than_max_bad_fraction_fails_then_a_higher_limit_finalizes_with
         _extract(manifest, runner, tmp_path / "x.h5", max_bad_fraction=1.5)
 
 
+@pytest.mark.parametrize(("n_bad", "n_input", "limit", "refused"), [
+    (2, 4, 0.5, False), (3, 4, 0.5, True),  # the limit itself is allowed, one more is not
+    (29, 100, 0.29, False), (57, 100, 0.57, False), (30, 100, 0.29, True),  # 0.29 * 100 is 28.999999999999996
+    (0, 4, 0.0, False), (1, 4, 0.0, True), (4, 4, 1.0, True), (3, 4, 1.0, False),  # all rows bad fails even at 1
+])
+def test_max_bad_fraction_boundary(n_bad, n_input, limit, refused, tmp_path):
+    from featcache.extract.engine import check_bad_rows
+
+    errors = [(f"img{i}.jpg", "not an image") for i in range(n_bad)]
+    if refused:
+        with pytest.raises(ExtractionError, match=rf"{n_bad} of {n_input} images"):
+            check_bad_rows(errors, n_input, limit, tmp_path / "store.h5")
+    else:
+        check_bad_rows(errors, n_input, limit, tmp_path / "store.h5")
+
+
 def test_max_bad_fraction_param_is_not_in_the_config_hash():
     from featcache.pipeline.config import parse_params
     from featcache.pipeline.params.base import ConfigError

@@ -230,7 +230,7 @@ def check_bad_rows(errors: Sequence[tuple[str, str]], n_input: int, max_bad_frac
         finalizes without extracting again.
     """
     n_bad = len(errors)
-    if n_bad == 0 or (n_bad < n_input and n_bad <= max_bad_fraction * n_input):
+    if n_bad == 0 or (n_bad < n_input and n_bad / n_input <= max_bad_fraction):  # not * n_input: 0.29 * 100 < 29
         return
     first = "; ".join(f"{id_}: {reason}" for id_, reason in errors[:5])
     what = "every row" if n_bad >= n_input else f"more than extract_run.max_bad_fraction={max_bad_fraction:g} of rows"
