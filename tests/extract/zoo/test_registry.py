@@ -195,19 +195,28 @@ def test_preprocessing_matches_the_weights_publisher(name):
 
 
 # Facts copied from the backbone table of DESIGN.md (the registry must match the documented contract).
+# Every alias the table names is listed: the forward-hook checks below read the registry's own node, so a
+# registry entry moved to another node of the same shape (res4 -> layer3.0, inception_4b -> inception4c)
+# fails only here.
+_RESNET = {"conv1": "relu", "pool1": "maxpool", **{f"res{i}": f"layer{i - 1}" for i in range(2, 6)},
+           "pool5": "flatten", "fc6": "fc"}
+# vgg16's features: a conv then its ReLU per layer (conv at 2k, ReLU at 2k + 1), a max pool closing each stage
+_VGG16_CONVS = {f"conv{stage}_{conv}": relu for stage, relus in enumerate(
+    ((1, 3), (6, 8), (11, 13, 15), (18, 20, 22), (25, 27, 29)), start=1) for conv, relu in enumerate(relus, start=1)}
 DESIGN_TABLE = {
     "alexnet": ({"conv1": "features.1", "conv2": "features.4", "conv3": "features.7", "conv4": "features.9",
                  "conv5": "features.11", "pool5": "features.12", "fc6": "classifier.2", "fc7": "classifier.5",
                  "fc8": "classifier.6"}, "fc7", 4096),
-    "vgg16": ({"conv5_3": "features.29", "pool5": "features.30", "fc6": "classifier.1", "fc7": "classifier.4",
-               "fc8": "classifier.6", "conv1_1": "features.1", "pool1": "features.4"}, "fc7", 4096),
-    "resnet18": ({"conv1": "relu", "pool1": "maxpool", "res2": "layer1", "res5": "layer4", "pool5": "flatten",
-                  "fc6": "fc"}, "pool5", 512),
-    "resnet50": ({"res5": "layer4", "pool5": "flatten"}, "pool5", 2048),
-    "resnet152": ({"res5": "layer4", "pool5": "flatten"}, "pool5", 2048),
-    "googlenet": ({"inception_3a": "inception3a", "inception_5b": "inception5b", "pool5": "flatten",
-                   "loss3_fc": "fc"}, "pool5", 1024),
-    "efficientnet_lite0": ({"block1": "blocks.0", "block7": "blocks.6", "logits": "classifier"}, "pool", 1280),
+    "vgg16": ({**{alias: f"features.{i}" for alias, i in _VGG16_CONVS.items()},
+               **{f"pool{s}": f"features.{i}" for s, i in enumerate((4, 9, 16, 23, 30), start=1)},
+               "fc6": "classifier.1", "fc7": "classifier.4", "fc8": "classifier.6"}, "fc7", 4096),
+    "resnet18": (_RESNET, "pool5", 512),
+    "resnet50": (_RESNET, "pool5", 2048),
+    "resnet152": (_RESNET, "pool5", 2048),
+    "googlenet": ({**{f"inception_{b}": f"inception{b}" for b in "3a 3b 4a 4b 4c 4d 4e 5a 5b".split()},
+                   "pool5": "flatten", "loss3_fc": "fc"}, "pool5", 1024),
+    "efficientnet_lite0": ({**{f"block{i}": f"blocks.{i - 1}" for i in range(1, 8)}, "head": "bn2",
+                            "pool": "global_pool.flatten", "logits": "classifier"}, "pool", 1280),
 }
 
 
