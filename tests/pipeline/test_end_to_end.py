@@ -57,6 +57,15 @@ def test_every_head_learns_the_colours(pipeline_run):
         assert lo <= metrics["accuracy"] <= hi
 
 
+def test_each_run_is_fitted_on_its_own_layer(pipeline_run):
+    """block6 (192) is not the store's first layer (pool, 1280): each head saw the layer its run names."""
+    with FeatureStore(pipeline_run["store"]) as store:
+        dims = {layer: store.layer_info(layer)["dim"] for layer in store.layers}
+    assert dims == {"pool": 1280, "block6": 192}
+    for (layer, head), metrics in pipeline_run["runs"].items():
+        assert (metrics["layer"], metrics["n_features"]) == (layer, dims[layer]), head
+
+
 def test_outputs_on_disk(pipeline_run):
     root = pipeline_run["root"]
     scores = json.loads((root / "metrics" / "pool" / "logreg.json").read_text())
