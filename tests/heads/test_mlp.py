@@ -118,8 +118,9 @@ def test_scaler_uses_train_rows_only(reg_data):
 @pytest.mark.parametrize(
     "params, message",
     [
-        ({"hidden_sizes": (64, 0)}, r"hidden_sizes=\(64, 0\) is invalid; allowed: a sequence of positive"),
-        ({"hidden_sizes": 512}, r"hidden_sizes=512 is invalid; allowed: .*e\.g\. \(512,\)"),
+        ({"hidden_sizes": (64, 0)}, r"hidden_sizes=\(64, 0\) is invalid \(hidden_sizes\[1\]=0 is out of range\); "
+                                    r"allowed: a list whose items are each an integer >= 1"),
+        ({"hidden_sizes": 512}, r"hidden_sizes=512 is invalid; allowed: .*e\.g\. hidden_sizes=\[512\]"),
         ({"dropout": 1.0}, r"dropout=1\.0 is invalid; allowed: a number in \[0, 1\)"),
         ({"dropout": False}, r"dropout=False is invalid; allowed: a number in \[0, 1\)"),  # YAML 'no' is False
         ({"device": "tpu"}, r"device='tpu' is invalid; allowed: 'cpu', 'cuda'"),

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from featcache.errors import ParamError
 from featcache.heads import HEADS, make_head
 from featcache.heads.param_types import check_declared, check_value, param_type
-from featcache.heads.preprocessing import check_pca_components
 from featcache.heads.registry import HEAD_PATHS, check_head_values, head_params
-from featcache.heads.validation import as_float_list
+from featcache.heads.validation import sorted_grid
 
 
 @pytest.mark.parametrize("name", list(HEAD_PATHS))
@@ -170,27 +170,59 @@ def test_check_accepts_a_value_if_and_only_if_fit_accepts_it(name, task):
     assert not disagree, "\n".join(disagree)
 
 
-def _mlp_sizes(value):
-    from featcache.heads import MLPHead
+#: The cases of the hand-written checks that repeated the declared rules (check_pca_components of the linear and
+#: MLP heads, as_float_list's range part, the MLP's own hidden_sizes and device checks): the annotation rule is now
+#: the only guard of each, at fit as at ``featcache check``.
+_REFUSED = {
+    "pca_components": [-1, 0, 1.0, 1.5, 2.0, float("nan"), True, "all"],
+    "Cs": [[], [0], [0.1, -1.0], [float("nan")], [float("inf")], ["a"], np.array([0.1, -1.0]), np.array([]),
+           np.array([[1.0, -1.0]]), np.array([np.nan])],
+    "alphas": [[], [0.0], [-5], [1e-5, -1e-3], np.array([0.0]), np.array([])],
+    "hidden_sizes": [[0], [64, 0], [-1], [1.5], [True], 512, "512", np.array([512])],
+    "device": ["tpu", "gpu", "cuda:x", "CPU", "cuda:", 3],
+}
+_GUARDED = [(name, task, key) for name in HEAD_PATHS for task in ("classification", "regression")
+            for key in _REFUSED if key in head_params(name, task) and name != "lightgbm"]  # boosting.py: own check
 
-    MLPHead(hidden_sizes=value)._check_params()
+
+@pytest.mark.parametrize(("name", "task", "key"), _GUARDED, ids=lambda v: str(v))
+def test_the_declared_rule_alone_refuses_what_the_removed_checks_refused(name, task, key):
+    """A bad grid, ``pca_components``, ``hidden_sizes`` or ``device`` is refused at fit with a ParamError naming the
+    parameter, the value, what is allowed and a hint, before any training, and ``featcache check`` refuses it too.
+    Deleting the field's annotation rule fails this test (the value reaches sklearn or torch)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 4))
+    y = np.arange(40) % 2 if task == "classification" else rng.standard_normal(40)
+    for value in _REFUSED[key]:
+        with pytest.raises(ParamError, match=rf"^{key}=.+ is invalid.*; allowed: .+\. Hint: .+"):
+            make_head(name, task, {key: value}).fit(X, y)
+        if not isinstance(value, np.ndarray):  # params.yaml holds no arrays
+            with pytest.raises(ParamError, match=rf"^heads\.{name}\.{key}"):
+                check_head_values(name, task, {key: value})
 
 
-@pytest.mark.parametrize(("name", "task", "key", "own_check", "values"), [
-    *[(name, "classification", "pca_components", check_pca_components,
-       [-1, 0, 1, 2, 256, 1e-9, 0.5, 0.999, 1.0, 1.5, 2.0, float("nan"), True, "all"])
-      for name in ("logreg", "lightgbm", "mlp")],
-    ("logreg", "classification", "Cs", lambda v: as_float_list("Cs", v),
-     [[], [0], [1], [1e-9, 1e4], [0.1, -1.0], [float("nan")], [float("inf")]]),
-    ("logreg", "regression", "alphas", lambda v: as_float_list("alphas", v), [[], [0.0], [2, 3], [-5]]),
-    ("sgd", "classification", "alphas", lambda v: as_float_list("alphas", v), [[], [0], [1e-5], [1e-5, -1e-3]]),
-    ("mlp", "classification", "hidden_sizes", _mlp_sizes, [[], [0], [1], [256, 1], [64, 0], [-1], [1.5], 512]),
+@pytest.mark.parametrize(("name", "key", "value", "grid"), [
+    ("logreg", "Cs", np.array([10.0, 0.1, 1.0, 0.1]), [0.1, 1.0, 10.0]),
+    ("logreg", "Cs", np.array([[1.0], [1e-3]]), [1e-3, 1.0]),
+    ("sgd", "alphas", np.array([1e-4, 1e-5]), [1e-5, 1e-4]),
 ])
-def test_check_refuses_what_the_heads_own_fit_checks_refuse(name, task, key, own_check, values):
-    """The rules declared on ``pca_components``, the grids and ``hidden_sizes`` are the ones their heads' fit code
-    enforces (check_pca_components, as_float_list, MLP's size check): ``check`` used to accept ``pca_components: 0``
-    or ``hidden_sizes: [0]`` and fit refused them minutes later."""
-    for value in values:
-        by_check = _accepts(lambda: check_head_values(name, task, {key: value}))  # noqa: B023
-        by_head = _accepts(lambda: own_check(value))  # noqa: B023
-        assert by_check == by_head, f"{key}={value!r}: check {by_check}, the head's own check {by_head}"
+def test_an_ndarray_grid_of_positive_numbers_passes_sorted(name, key, value, grid):
+    check_declared(make_head(name, "classification", {key: value}))
+    assert sorted_grid(value).tolist() == grid
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"hidden_sizes": 512}, r"^hidden_sizes=512 is invalid; allowed: a list whose items are each an integer >= 1\. "
+                            r"Hint: pass a list, e\.g\. hidden_sizes=\[512\] \(in params\.yaml: "
+                            r"hidden_sizes: \[512\]\)"),
+    ({"hidden_sizes": (64, 0)}, r"^hidden_sizes=\(64, 0\) is invalid \(hidden_sizes\[1\]=0 is out of range\); "
+                                r"allowed: a list whose items are each an integer >= 1\. Hint: set hidden_sizes"),
+    ({"Cs": np.array([0.1, -1.0])}, r"^Cs=array\(\[ 0\.1, -1\. \]\) is invalid \(Cs\[1\]=-1\.0 is out of range\); "
+                                    r"allowed: a non-empty list whose items are each a finite number > 0 or None"),
+    ({"pca_components": "all"}, r"^pca_components='all' is invalid; allowed: an integer >= 1 or a number in \(0, 1\) "
+                                r"or None\. Hint: set pca_components"),
+])
+def test_fit_messages_name_the_value_what_is_allowed_and_a_hint(params, message):
+    name = "mlp" if "hidden_sizes" in params else "logreg"
+    with pytest.raises(ParamError, match=message):
+        check_declared(make_head(name, "classification", params))

@@ -8,8 +8,9 @@ import pytest
 
 from featcache.errors import ParamError, UserError
 from featcache.heads import RidgeHead, StreamingRidgeHead, make_head
+from featcache.heads.param_types import check_declared
 from featcache.heads.preprocessing import check_pca_components
-from featcache.heads.validation import as_float_list, check_fraction, check_positive
+from featcache.heads.validation import check_fraction, check_positive
 
 
 @pytest.mark.parametrize(("check", "message"), [
@@ -17,7 +18,8 @@ from featcache.heads.validation import as_float_list, check_fraction, check_posi
      r"^learning_rate='fast' is invalid; allowed: a finite number > 0\. Hint: set learning_rate in the head's"),
     (lambda: check_positive("reg_lambda", -1.0, allow_zero=True), r"^reg_lambda=-1\.0 is invalid; allowed: a finite"),
     (lambda: check_fraction("subsample", 1.5, closed_right=True), r"^subsample=1\.5 is invalid; allowed: a number"),
-    (lambda: as_float_list("Cs", ["a"]), r"^Cs=\['a'\] is invalid; allowed: a non-empty sequence of positive"),
+    (lambda: check_declared(make_head("logreg", "classification", {"Cs": ["a"]})),
+     r"^Cs=\['a'\] is invalid \(Cs\[0\]='a' is not a float\); allowed: a non-empty list whose items are each a"),
     (lambda: check_pca_components("all"), r"^pca_components='all' is invalid"),
 ])
 def test_parameter_checks_raise_a_param_error(check, message):
@@ -31,6 +33,8 @@ def test_parameter_checks_raise_a_param_error(check, message):
     ("lightgbm", {"num_leaves": 1}, r"num_leaves=1 is invalid; allowed: an integer >= 2"),
     ("logreg", {"max_iter": 0}, r"max_iter=0 is invalid"),
     ("mlp", {"hidden_sizes": 512}, r"hidden_sizes=512 is invalid.*hidden_sizes: \[512\]"),
+    ("mlp", {"pca_components": 0}, r"pca_components=0 is invalid; allowed: an integer >= 1 or a number in \(0, 1\)"),
+    ("logreg", {"Cs": np.array([1.0, 0.0])}, r"Cs=array\(\[1\., 0\.\]\) is invalid \(Cs\[1\]=0\.0 is out of range"),
     ("mlp", {"dropout": 1.0}, r"dropout=1\.0 is invalid"),
     ("sgd", {"max_epochs": 0}, r"max_epochs=0 is invalid"),
 ])

@@ -28,14 +28,14 @@ from featcache.util.compute import thread_limit
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .metrics import log_loss_score
 from .param_types import AtLeast, Interval, MinLength, Positive, check_declared
-from .preprocessing import apply_preprocess, check_pca_components
+from .preprocessing import apply_preprocess
 from .splits import SelectionSets, Split, average_rows
 from .validation import (
-    as_float_list,
     check_features,
     expand_columns,
     require_two_classes,
     resolve_classes,
+    sorted_grid,
 )
 
 __all__ = ["DEFAULT_ALPHAS", "DEFAULT_CS", "LinearSearchBase", "LogisticRegressionHead", "RidgeHead", "log_grid_search"]
@@ -275,9 +275,8 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
 
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Choose C on the validation split (or hold-out, or k folds), then refit."""
-        check_declared(self)  # the rules in the fields' annotations
-        check_pca_components(self.pca_components)
-        grid = as_float_list("Cs", DEFAULT_CS if self.Cs is None else self.Cs)
+        check_declared(self)  # the rules in the fields' annotations (Cs, pca_components...)
+        grid = sorted_grid(DEFAULT_CS if self.Cs is None else self.Cs)
         split = self._split(X, y, X_val, y_val, self.cv_folds)
         classes = resolve_classes(self.n_classes, split.y_train, split.y_val)
         require_two_classes(split.y_train if split.folds else split.y_fit)
@@ -343,8 +342,7 @@ class RidgeHead(RegressorHead, LinearSearchBase):
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Choose alpha on the validation split (or hold-out, or k folds), then refit."""
         check_declared(self)
-        check_pca_components(self.pca_components)
-        grid = as_float_list("alphas", DEFAULT_ALPHAS if self.alphas is None else self.alphas)
+        grid = sorted_grid(DEFAULT_ALPHAS if self.alphas is None else self.alphas)
         split = self._split(X, y, X_val, y_val, self.cv_folds)
         sets = SelectionSets(split, self.pca_components, self.random_state)
 

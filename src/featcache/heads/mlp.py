@@ -22,7 +22,7 @@ from featcache.util.compute import torch_threads
 
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .param_types import AtLeast, Interval, Matches, NonNegative, Positive, check_declared
-from .preprocessing import apply_preprocess, check_pca_components, fit_preprocess
+from .preprocessing import apply_preprocess, fit_preprocess
 from .splits import Split
 from .training import build_mlp, iter_batches, predict_batches, train_epochs
 from .validation import check_features, require_two_classes
@@ -60,24 +60,16 @@ class MLPBase(HeadBase):
     _none_seed = 0  # random_state=None means 0 everywhere, the hold-out split included
 
     def _check_params(self) -> torch.device:
-        """Validate the constructor parameters; return the torch device."""
-        sizes = self.hidden_sizes
-        if not isinstance(sizes, (list, tuple)) or not all(
-            isinstance(h, (int, np.integer)) and not isinstance(h, bool) and h > 0 for h in sizes
-        ):
-            raise ParamError(
-                f"hidden_sizes={self.hidden_sizes!r} is invalid; allowed: a sequence of positive "
-                "integers, e.g. (512,) or (1024, 256); () gives a linear model. Hint: in params.yaml write a list, "
-                "e.g. hidden_sizes: [512]."
-            )
-        check_declared(self)  # the rules in the fields' annotations (chunk_rows of the streamed twins too)
-        check_pca_components(getattr(self, "pca_components", None))
+        """Validate the constructor parameters; return the torch device.
+
+        The values are checked against the rules in the fields' annotations (:func:`check_declared`; e.g.
+        ``hidden_sizes``, ``pca_components``, ``device``'s spelling, ``chunk_rows`` of the streamed twins);
+        what is left here is whether this machine has the CUDA device asked for.
+        """
+        check_declared(self)
         import torch
 
-        try:
-            device = torch.device(self.device)
-        except (RuntimeError, TypeError) as err:
-            raise ParamError(f"device={self.device!r} is invalid; allowed: 'cpu', 'cuda', 'cuda:N'.") from err
+        device = torch.device(self.device)  # 'cpu', 'cuda' or 'cuda:N' (the field's rule)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ParamError(f"device={self.device!r} requested but CUDA is not available. Hint: use device='cpu'.")
         return device

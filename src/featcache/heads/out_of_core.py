@@ -36,7 +36,7 @@ from .metrics import log_loss_score
 from .param_types import AtLeast, Interval, MinLength, Positive, check_declared
 from .preprocessing import fit_scaler_streaming
 from .streaming_mlp import StreamingMLPHead, StreamingMLPRegressorHead
-from .validation import as_float_list
+from .validation import sorted_grid
 
 __all__ = [
     "DEFAULT_SGD_ALPHAS",
@@ -108,8 +108,8 @@ class _StreamingLinearBase(HeadBase):
 
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Stream the training chunks; choose alpha and the epoch on the validation rows."""
-        grid = as_float_list("alphas", DEFAULT_SGD_ALPHAS if self.alphas is None else self.alphas)
-        check_declared(self)  # the rules in the fields' annotations
+        check_declared(self)  # the rules in the fields' annotations (alphas...)
+        grid = sorted_grid(DEFAULT_SGD_ALPHAS if self.alphas is None else self.alphas)
         seed = 0 if self.random_state is None else int(self.random_state)
         train, val = streaming_sources(self, X, y, X_val, y_val, random_state=self._seed())
         self._set_targets(train.served_y, train.y, val.y)

@@ -9,7 +9,8 @@ Positive()] = 0.1`` or ``early_stopping_rounds: Annotated[int, AtLeast(1)] | Non
 (``Sequence[Annotated[int, AtLeast(1)]]``; ``Annotated[Sequence[...], MinLength(1)]``
 bounds its length). A value is checked against the alternatives it is (an integer
 against an ``int`` alternative where there is one, else a ``float`` one; a list against
-the ``Sequence`` one, item by item). Two readers use that one declaration, both from
+the ``Sequence`` one, item by item; a numpy array, where an ``np.ndarray`` alternative
+stands beside a ``Sequence`` one, as that list of its items, raveled). Two readers use that one declaration, both from
 the annotation's text (the head modules use ``from __future__ import annotations``),
 never evaluating it, and both through :func:`find_problem`, so they accept the same values:
 
@@ -144,7 +145,7 @@ class MinLength(Rule):
         return "is empty" if self.minimum == 1 else "has too few items"
 
     def accepts(self, value: Any) -> bool:
-        return len(value) >= self.minimum
+        return len(_items(value)) >= self.minimum
 
     def describe(self) -> str:
         return "non-empty" if self.minimum == 1 else f"of at least {self.minimum} items"
@@ -170,11 +171,21 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _is_array(value: Any) -> bool:
+    """Whether ``value`` is an np.ndarray (the Python API's; numpy not imported)."""
+    return type(value).__name__ == "ndarray" and type(value).__module__ == "numpy"
+
+
+def _items(value: Any) -> Any:
+    """The items of a list value: a list or tuple as it is, an ndarray's raveled (as Python numbers)."""
+    return value.ravel().tolist() if _is_array(value) else value
+
+
 _MATCHES = {
     "int": _is_int, "float": _is_number, "str": lambda v: isinstance(v, str), "bool": lambda v: isinstance(v, bool),
     "list": lambda v: isinstance(v, (list, tuple)),
-    # np.ndarray, the Python API's (numpy not imported); a params.yaml list matches its Sequence alternative
-    "array": lambda v: type(v).__name__ == "ndarray" and type(v).__module__ == "numpy",
+    # np.ndarray, the Python API's; a params.yaml list matches its Sequence alternative
+    "array": _is_array,
 }
 
 
@@ -270,10 +281,15 @@ def find_problem(spec: ParamType, value: Any) -> Problem | None:
 
 
 def _matching(kinds: tuple[_Kind, ...], value: Any) -> list[_Kind]:
-    """The alternatives ``value`` is: an integer is a ``float`` only where no ``int`` alternative is written."""
+    """The alternatives ``value`` is: an integer is a ``float`` only where no ``int`` alternative is written, and
+    an ndarray is the list beside its ``np.ndarray`` alternative where there is one (``Sequence[float] | np.ndarray``:
+    its items have the list's rules)."""
     found = [kind for kind in kinds if kind.matches(value)]
     if _is_int(value) and any(kind.name == "int" for kind in found):
         found = [kind for kind in found if kind.name != "float"]
+    lists = [kind for kind in kinds if kind.item is not None]
+    if lists and any(kind.name == "array" for kind in found):
+        found = lists
     return found
 
 
@@ -283,7 +299,7 @@ def _kind_problem(spec: ParamType, kind: _Kind, value: Any) -> Problem | None:
         return Problem("", value, refused.refusal, spec.allowed())
     if kind.item is None:
         return None
-    for index, item in enumerate(value):
+    for index, item in enumerate(_items(value)):
         if not kind.item.matches(item):
             return Problem(f"[{index}]", item, f"is not {kind.item.noun()}", kind.item.allowed())
         refused = next((rule for rule in kind.item.rules if not rule.accepts(item)), None)
@@ -434,7 +450,8 @@ def check_declared(head: Any) -> None:
     ParamError
         The first value refused, with the message of :func:`~featcache.util.checks.check_int` or
         :func:`~featcache.util.checks.check_number` for a single bounded number, else
-        ``"<name>=<value> is invalid[ (<name>[i]=<item>)]; allowed: ... Hint: ..."``.
+        ``"<name>=<value> is invalid[ (<name>[i]=<item>)]; allowed: ... Hint: ..."`` (the hint shows the value
+        as a list where a list of it is allowed: ``hidden_sizes=512``).
     """
     for field in dataclasses.fields(head):
         if not field.init or not isinstance(field.type, str):
@@ -448,5 +465,7 @@ def check_declared(head: Any) -> None:
             for rule in spec.kinds[0].rules:  # the messages of check_int and check_number
                 rule.check(field.name, value, spec.none)
         item = f" ({field.name}{problem.where}={problem.value!r} {problem.reason})" if problem.where else ""
-        raise ParamError(f"{field.name}={value!r} is invalid{item}; allowed: {spec.allowed(none='None')}. "
-                         f"{PARAM_HINT.format(name=field.name)}")
+        hint = PARAM_HINT.format(name=field.name)
+        if not problem.where and value is not None and find_problem(spec, [value]) is None:
+            hint = f"Hint: pass a list, e.g. {field.name}=[{value!r}] (in params.yaml: {field.name}: [{value!r}])."
+        raise ParamError(f"{field.name}={value!r} is invalid{item}; allowed: {spec.allowed(none='None')}. {hint}")

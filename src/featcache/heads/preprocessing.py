@@ -79,7 +79,12 @@ class ClippedScaler(StandardScaler):
 
 
 def check_pca_components(value: Any) -> None:
-    """Raise ParamError (a ValueError) unless ``value`` is None, an int >= 1 or a float in (0, 1)."""
+    """Raise ParamError (a ValueError) unless ``value`` is None, an int >= 1 or a float in (0, 1).
+
+    The heads' rule is their ``pca_components`` field's annotation, applied at fit by
+    :func:`~featcache.heads.param_types.check_declared`; this repeats it for the LightGBM heads'
+    remaining call (``boosting.py``) and is to go with it.
+    """
     if value is None:
         return
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
@@ -102,8 +107,9 @@ def fit_preprocess(
     ----------
     X : ndarray of shape (n, D)
         The rows the statistics may come from (training rows only).
-    pca_components : None, int or float
-        See :func:`check_pca_components`.
+    pca_components : None, int >= 1 or float in (0, 1)
+        Components to keep, or the fraction of explained variance to keep (None: no PCA); already
+        checked by the head (:func:`~featcache.heads.param_types.check_declared`).
     random_state : int or None
         Seed of the PCA solver (randomized SVD when sklearn picks it).
 
@@ -114,7 +120,6 @@ def fit_preprocess(
     X_t : ndarray of shape (n, D) or (n, n_components)
         ``X`` transformed by both.
     """
-    check_pca_components(pca_components)
     scaler = ClippedScaler().fit(X)
     X_t = scaler.transform(X)
     if pca_components is None:

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 from sklearn.utils.validation import check_array, check_X_y, column_or_1d, validate_data
 
-from featcache.errors import ParamError
 from featcache.util.checks import check_int, check_number
 
 from .param_types import PARAM_HINT
@@ -34,7 +33,7 @@ __all__ = [
     "encode_labels",
     "require_two_classes",
     "expand_columns",
-    "as_float_list",
+    "sorted_grid",
 ]
 
 
@@ -353,15 +352,18 @@ def expand_columns(proba: np.ndarray, seen: np.ndarray, n_classes: int) -> np.nd
     return out
 
 
-def as_float_list(name: str, values: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Validate a 1-D grid of positive finite numbers; return it sorted ascending."""
-    try:
-        arr = np.asarray(values, dtype=np.float64).ravel()
-    except (TypeError, ValueError):
-        arr = np.array([np.nan])  # not numbers: reported below
-    if arr.size == 0 or not np.all(np.isfinite(arr)) or np.any(arr <= 0):
-        raise ParamError(
-            f"{name}={values!r} is invalid; allowed: a non-empty sequence of positive numbers, "
-            "e.g. np.logspace(-4, 4, 9)."
-        )
-    return np.unique(arr)
+def sorted_grid(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """A grid of numbers as a 1-D float64 array, sorted ascending without repeats.
+
+    Parameters
+    ----------
+    values : sequence of float or ndarray
+        Already checked (:func:`~featcache.heads.param_types.check_declared`: a grid field's annotation,
+        e.g. ``Annotated[Sequence[Annotated[float, Positive()]], MinLength(1)] | np.ndarray``, bounds its
+        items, an ndarray's too); an ndarray of any shape is raveled.
+
+    Returns
+    -------
+    ndarray of shape (k,), float64
+    """
+    return np.unique(np.asarray(values, dtype=np.float64).ravel())
