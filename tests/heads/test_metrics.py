@@ -224,3 +224,16 @@ def test_resampling_settings_are_keyword_only_and_checked():
             bootstrap_ci("accuracy", y, proba, n_boot=bad)
         with pytest.raises(ParamError, match="n_boot=.* is invalid; allowed: an integer"):
             metrics_with_ci("classification", y, proba, 2, n_boot=bad)
+
+
+def test_the_point_scores_and_the_bootstrap_are_two_modules_behind_the_same_exports():
+    """metrics.py (point scores, prediction rows) and bootstrap.py (resampling, CIs, per-row arrays) share no name;
+    ``featcache.heads`` exports the same names as before the split."""
+    import featcache.heads as heads
+    from featcache.heads import bootstrap, metrics
+
+    assert not set(bootstrap.__all__) & set(metrics.__all__)
+    assert heads.metrics_with_ci is bootstrap.metrics_with_ci and heads.bootstrap_ci is bootstrap.bootstrap_ci
+    for name in ("classification_metrics", "confusion_rows", "log_loss_score", "prediction_rows",
+                 "regression_metrics"):
+        assert getattr(heads, name) is getattr(metrics, name)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import featcache.heads.paired as paired
-from featcache.heads.metrics import metrics_with_ci, resampled_scores, row_arrays
+from featcache.heads.bootstrap import metrics_with_ci, resampled_scores, row_arrays
 from featcache.heads.paired import (
     ROWS_FORMAT,
     PairingError,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featcache.heads.metrics import metrics_with_ci, row_arrays
+from featcache.heads.bootstrap import metrics_with_ci, row_arrays
 from featcache.heads.paired import ids_sha256, rows_path, write_rows
 from featcache.pipeline.compare import UNPAIRED, compare
 from featcache.runs import write_run

@@ -103,7 +103,7 @@ def test_compare_ranks_every_run(pipeline_run):
 
 def test_train_writes_the_test_rows_that_compare_pairs(pipeline_run):
     """Each run's rows file holds the store's test rows (ids hash, labels) and rescores to the run's own numbers."""
-    from featcache.heads.metrics import resampled_scores
+    from featcache.heads.bootstrap import resampled_scores
     from featcache.heads.paired import ids_sha256, read_rows, rows_path
 
     root, params = pipeline_run["root"], pipeline_run["params"]

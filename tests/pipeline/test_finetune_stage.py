@@ -187,7 +187,7 @@ def test_the_finetune_project_validates_the_whole_params_file_first():
 
 def test_the_cis_are_drawn_as_the_cached_heads_are_with_train_seed(regression_images, tmp_path, params_factory):
     """The train stage bootstraps with ``train.seed``; the finetune stage used its training seed instead."""
-    from featcache.heads.metrics import metrics_with_ci
+    from featcache.heads.bootstrap import metrics_with_ci
 
     raw = params_factory(str(regression_images))
     raw["data"].update(source="csv", csv="t.csv", task="regression")
@@ -381,7 +381,7 @@ def test_the_training_stage_tracks_no_export_setting_and_the_export_stage_only_t
 def test_the_run_writes_its_test_rows_and_compare_pairs_it_with_a_cached_head(stage_run, tmp_path: Path):
     """The fine-tuned run's ``.rows.npz`` holds the manifest's test ids (the order a store of that manifest keeps),
     so compare gives it a paired delta beside a cached head scored on the same rows."""
-    from featcache.heads.metrics import metrics_with_ci, row_arrays
+    from featcache.heads.bootstrap import metrics_with_ci, row_arrays
     from featcache.heads.paired import ids_sha256, read_rows, rows_path, write_rows
 
     manifest = Manifest.read(stage_run["manifest"])

@@ -3,7 +3,7 @@
 A registered backbone gets a new linear output layer (K classes, or 1 output
 for regression) and is trained on the manifest's train split, with model
 selection (early stopping) on its val split and scores on its test split: the
-same rows, split and metrics (:func:`featcache.heads.metrics.metrics_with_ci`)
+same rows, split and metrics (:func:`featcache.heads.bootstrap.metrics_with_ci`)
 as the heads trained on cached features, so both land in one report.
 
 Checkpoints are plain state dicts (``torch.load(..., weights_only=True)``).
@@ -39,7 +39,7 @@ from featcache.finetune.model import (
 )
 from featcache.finetune.optim import set_trainable
 from featcache.finetune.trainer import Trainer, predict
-from featcache.heads.metrics import metrics_with_ci
+from featcache.heads.bootstrap import metrics_with_ci
 from featcache.heads.trainable import check_trainable_rows
 from featcache.store.schema import SPLIT_CODES
 from featcache.util.atomic import atomic_path, write_json

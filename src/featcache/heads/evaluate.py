@@ -19,8 +19,8 @@ from sklearn.base import BaseEstimator, is_classifier
 from featcache.store.schema import TASKS
 from featcache.util.serial import jsonable
 
+from .bootstrap import metrics_with_ci
 from .chunks import as_labels, materialise
-from .metrics import metrics_with_ci
 from .trainable import check_trainable_rows
 
 __all__ = ["RunResult", "fit_and_evaluate"]

@@ -6,11 +6,11 @@ so two overlapping CIs say little. The paired comparison resamples the test rows
 once per bootstrap draw and scores both runs on the very same rows: the CI of the
 difference then holds only what the runs do differently, and is far tighter.
 
-The per-row arrays are a run's :func:`~featcache.heads.metrics.row_arrays`;
+The per-row arrays are a run's :func:`~featcache.heads.bootstrap.row_arrays`;
 ``featcache train`` writes them beside the run's metrics (``<head>.rows.npz``,
 :func:`write_rows`) with the sha256 of its test ids (:func:`ids_sha256`), so
 that ``compare`` pairs only runs scored on the same test rows. The resamples
-are those of the run's own CIs (:func:`~featcache.heads.metrics.metrics_with_ci`)
+are those of the run's own CIs (:func:`~featcache.heads.bootstrap.metrics_with_ci`)
 for the same ``n_boot`` and ``seed``.
 """
 
@@ -29,7 +29,7 @@ from featcache.errors import UserError
 from featcache.store.schema import TASKS
 from featcache.util.atomic import write_bytes
 
-from .metrics import ROW_FIELDS, percentile_ci, resampled_scores
+from .bootstrap import ROW_FIELDS, percentile_ci, resampled_scores
 
 __all__ = ["ROWS_FORMAT", "ROWS_SUFFIX", "PairingError", "check_rows", "ids_sha256", "paired_deltas", "read_rows",
            "rows_path", "write_rows"]
@@ -46,13 +46,13 @@ class PairingError(UserError, ValueError):
 
 
 def check_rows(task: str, rows: Mapping[str, Any], name: str = "run") -> dict[str, np.ndarray]:
-    """``rows`` as 1-D arrays of one length, holding :data:`~featcache.heads.metrics.ROW_FIELDS` of ``task``.
+    """``rows`` as 1-D arrays of one length, holding :data:`~featcache.heads.bootstrap.ROW_FIELDS` of ``task``.
 
     Parameters
     ----------
     task : {"classification", "regression"}
     rows : mapping of str to array-like
-        A run's per-row test arrays (:func:`~featcache.heads.metrics.row_arrays`).
+        A run's per-row test arrays (:func:`~featcache.heads.bootstrap.row_arrays`).
     name : str
         How messages name the run.
 
@@ -72,7 +72,7 @@ def check_rows(task: str, rows: Mapping[str, Any], name: str = "run") -> dict[st
     missing = [field for field in fields if field not in rows]
     if missing:
         raise PairingError(f"{name}: per-row test arrays lack {missing} (it has {sorted(rows)}); allowed: "
-                           f"{', '.join(fields)} ({task}). Hint: write them with featcache.heads.metrics.row_arrays.")
+                           f"{', '.join(fields)} ({task}). Hint: write them with featcache.heads.bootstrap.row_arrays.")
     arrays = {field: np.asarray(rows[field]).ravel() for field in fields}
     sizes = {field: int(array.size) for field, array in arrays.items()}
     if len(set(sizes.values())) != 1 or not next(iter(sizes.values())):
@@ -171,7 +171,7 @@ def write_rows(path: str | Path, arrays: Mapping[str, Any], info: Mapping[str, s
     path : path
         :func:`rows_path` of the run's metrics file.
     arrays : mapping of str to array-like
-        1-D arrays of one length (:func:`featcache.heads.metrics.row_arrays`).
+        1-D arrays of one length (:func:`featcache.heads.bootstrap.row_arrays`).
     info : mapping of str to str or int
         Scalars stored beside them (``task``, ``ids_sha256``, ``n_classes``, ``n_boot``, ``seed``).
 

@@ -218,7 +218,8 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
     from featcache.extract.inputs.manifest import Manifest, ManifestError
     from featcache.finetune.export import export_backbone
     from featcache.finetune.run import finetune as run_finetune
-    from featcache.heads.metrics import PREDICTION_COLUMNS, prediction_rows, row_arrays
+    from featcache.heads.bootstrap import row_arrays
+    from featcache.heads.metrics import PREDICTION_COLUMNS, prediction_rows
     from featcache.heads.paired import ids_sha256, rows_path, write_rows
 
     section = finetune_section(params, finetune)

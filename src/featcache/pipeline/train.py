@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from pydantic import Field, model_validator
 
-from featcache.heads.metrics import PREDICTION_COLUMNS, prediction_rows, row_arrays
+from featcache.heads.bootstrap import row_arrays
+from featcache.heads.metrics import PREDICTION_COLUMNS, prediction_rows
 from featcache.heads.paired import ids_sha256, rows_path, write_rows
 from featcache.heads.registry import STREAMING_HEADS, head_label, task_params
 from featcache.heads.trainable import check_trainable_rows
