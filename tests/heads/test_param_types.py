@@ -170,8 +170,8 @@ def test_check_accepts_a_value_if_and_only_if_fit_accepts_it(name, task):
     assert not disagree, "\n".join(disagree)
 
 
-#: The cases of the hand-written checks that repeated the declared rules (check_pca_components of the linear and
-#: MLP heads, as_float_list's range part, the MLP's own hidden_sizes and device checks): the annotation rule is now
+#: The cases of the hand-written checks that repeated the declared rules (check_pca_components of the
+#: heads, as_float_list's range part, the MLP's own hidden_sizes and device checks): the annotation rule is now
 #: the only guard of each, at fit as at ``featcache check``.
 _REFUSED = {
     "pca_components": [-1, 0, 1.0, 1.5, 2.0, float("nan"), True, "all"],
@@ -182,7 +182,7 @@ _REFUSED = {
     "device": ["tpu", "gpu", "cuda:x", "CPU", "cuda:", 3],
 }
 _GUARDED = [(name, task, key) for name in HEAD_PATHS for task in ("classification", "regression")
-            for key in _REFUSED if key in head_params(name, task) and name != "lightgbm"]  # boosting.py: own check
+            for key in _REFUSED if key in head_params(name, task)]
 
 
 @pytest.mark.parametrize(("name", "task", "key"), _GUARDED, ids=lambda v: str(v))

@@ -9,7 +9,6 @@ import pytest
 from featcache.errors import ParamError, UserError
 from featcache.heads import RidgeHead, StreamingRidgeHead, make_head
 from featcache.heads.param_types import check_declared
-from featcache.heads.preprocessing import check_pca_components
 from featcache.heads.validation import check_fraction, check_positive
 
 
@@ -20,7 +19,6 @@ from featcache.heads.validation import check_fraction, check_positive
     (lambda: check_fraction("subsample", 1.5, closed_right=True), r"^subsample=1\.5 is invalid; allowed: a number"),
     (lambda: check_declared(make_head("logreg", "classification", {"Cs": ["a"]})),
      r"^Cs=\['a'\] is invalid \(Cs\[0\]='a' is not a float\); allowed: a non-empty list whose items are each a"),
-    (lambda: check_pca_components("all"), r"^pca_components='all' is invalid"),
 ])
 def test_parameter_checks_raise_a_param_error(check, message):
     with pytest.raises(ParamError, match=message) as err:

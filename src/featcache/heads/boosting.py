@@ -21,7 +21,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .param_types import AtLeast, Interval, NonNegative, Positive, check_declared
-from .preprocessing import apply_preprocess, check_pca_components, fit_preprocess
+from .preprocessing import apply_preprocess, fit_preprocess
 from .splits import Split
 from .validation import check_features, require_two_classes, resolve_classes
 
@@ -65,7 +65,6 @@ class LightGBMBase(HeadBase):
 
     def _lgbm_params(self, n_features: int) -> dict[str, Any]:
         check_declared(self)  # the rules in the fields' annotations
-        check_pca_components(self.pca_components)
         seed = 0 if self.random_state is None else int(self.random_state)
         return {
             "n_estimators": self.n_estimators,

@@ -25,8 +25,6 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_array
 from sklearn.utils.validation import FLOAT_DTYPES
 
-from featcache.errors import ParamError
-
 if TYPE_CHECKING:
     from .chunks import RowChunks
 
@@ -34,7 +32,6 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ClippedScaler",
-    "check_pca_components",
     "fit_preprocess",
     "apply_preprocess",
     "fit_scaler_streaming",
@@ -76,26 +73,6 @@ class ClippedScaler(StandardScaler):
             return super().transform(X, copy)  # StandardScaler's error names the mismatch
         clipped = np.clip(rows, self.data_min_.astype(rows.dtype), self.data_max_.astype(rows.dtype))
         return super().transform(clipped, copy=False)
-
-
-def check_pca_components(value: Any) -> None:
-    """Raise ParamError (a ValueError) unless ``value`` is None, an int >= 1 or a float in (0, 1).
-
-    The heads' rule is their ``pca_components`` field's annotation, applied at fit by
-    :func:`~featcache.heads.param_types.check_declared`; this repeats it for the LightGBM heads'
-    remaining call (``boosting.py``) and is to go with it.
-    """
-    if value is None:
-        return
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1:
-        return
-    if isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)) and 0 < value < 1:
-        return
-    raise ParamError(
-        f"pca_components={value!r} is invalid; allowed: None (no reduction), an integer >= 1 "
-        "(number of components) or a float in (0, 1) (fraction of explained variance to keep). "
-        "Hint: e.g. pca_components=256 or pca_components=0.95."
-    )
 
 
 def fit_preprocess(
