@@ -281,3 +281,175 @@ def test_the_ctrl_c_hint_promises_a_resume_only_where_the_command_resumes(monkey
     err = capsys.readouterr().err
     assert err.startswith(f"featcache {command}: interrupted. Hint: rerun it (or `dvc repro`)") and err.count("\n") == 1
     assert ("resumes from the blocks it had committed" in err) == resumes, err
+
+
+# ------------------------------------------------------------ extract: an up-to-date store is kept
+@pytest.fixture(scope="module")
+def finished_store(tmp_path_factory, folder_factory, params_factory):
+    """A prepared tiny folder, its params (torch, 16-row blocks) and one finished store of them."""
+    import yaml
+
+    from featcache.pipeline.config import parse_params
+    from featcache.pipeline.extract import extract
+    from featcache.pipeline.prepare import prepare
+
+    root = tmp_path_factory.mktemp("uptodate")
+    folder_factory(root / "images", per_class=8)
+    raw = params_factory(str(root / "images"))
+    raw["extract_run"].update(block_rows=8, num_workers=0)
+    raw["backbones"] = {"efficientnet_lite0": {"weights": "pretrained", "layers": ["pool"]}}
+    raw["features"] = [{"backbone": "efficientnet_lite0", "layer": "pool"}]
+    (root / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    prepare(parse_params(raw), root / "prepared")
+    extract(parse_params(raw), "efficientnet_lite0", root / "prepared" / "manifest.csv", root / "done.h5",
+            progress=False)
+    return {"root": root, "raw": raw, "store": root / "done.h5"}
+
+
+def _store_copy(finished_store, tmp_path):
+    import shutil
+
+    out = tmp_path / "f.h5"
+    shutil.copy2(finished_store["store"], out)
+    return out
+
+
+def _extract_cli(finished_store, out, *extra, params=None, manifest=None) -> list[str]:
+    root = finished_store["root"]
+    return ["extract", "--params", str(params or root / "params.yaml"), "--backbone", "efficientnet_lite0",
+            "--manifest", str(manifest or root / "prepared" / "manifest.csv"), "--out", str(out), "--no-progress",
+            *extra]
+
+
+def _no_model(monkeypatch):
+    """Building a runner (the backbone, its weights, an ONNX export) fails: an up-to-date run never gets there."""
+    import featcache.extract.plan as plan
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(plan, "build_runner", refuse)
+
+
+def _log(caplog) -> str:
+    return "\n".join(record.getMessage() for record in caplog.records)
+
+
+def test_extract_keeps_a_finished_store_of_the_same_inputs(finished_store, tmp_path, monkeypatch, capsys, caplog):
+    """A rerun of the same command (a script, a notebook cell) rebuilt the finished store from scratch: it is
+    kept (same inode and mtime), without building the model, saying so in one line and in the CLI's print."""
+    import logging
+
+    out = _store_copy(finished_store, tmp_path)
+    before = os.stat(out)
+    _no_model(monkeypatch)
+    with caplog.at_level(logging.INFO):
+        assert main(_extract_cli(finished_store, out)) == 0
+    after = os.stat(out)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert f"{out} is up to date (24 rows, same config and manifest); --force rebuilds it" in _log(caplog)
+    assert capsys.readouterr().out.strip() == f"{out}: up to date: 24 rows, 0 skipped; --force rebuilds it"
+    assert not any(p.name.endswith((".parts", ".lock", ".partial")) for p in tmp_path.iterdir())
+
+
+def test_extract_rebuilds_a_store_of_another_config_naming_the_change(finished_store, tmp_path, caplog):
+    import logging
+
+    import h5py
+    import yaml
+
+    from featcache.store import FeatureStore
+
+    out = _store_copy(finished_store, tmp_path)
+    raw = {**finished_store["raw"], "extract": {**finished_store["raw"]["extract"], "dtype": "float32"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    with caplog.at_level(logging.INFO):
+        assert main(_extract_cli(finished_store, out, params=tmp_path / "params.yaml")) == 0
+    assert f"Rebuilding {out}: it was made from other inputs: config extract.dtype: store has 'float16', " \
+           "params say 'float32'" in _log(caplog)
+    with FeatureStore(out) as store:
+        assert store.config["extract"]["dtype"] == "float32"
+    with h5py.File(out, "r") as f:
+        assert f["features/pool"].dtype == "float32"
+
+
+def test_extract_rebuilds_a_store_of_another_manifest(finished_store, tmp_path, caplog):
+    """One label changed in the manifest: the ids and paths are the same, the store is not."""
+    import logging
+
+    from featcache.store import FeatureStore
+
+    out = _store_copy(finished_store, tmp_path)
+    lines = (finished_store["root"] / "prepared" / "manifest.csv").read_text(encoding="utf-8").splitlines()
+    header, first = lines[0].split(","), lines[1].split(",")
+    label = header.index("label")
+    relabelled = next(line.split(",")[label] for line in lines[2:] if line.split(",")[label] != first[label])
+    row_id, first[label] = first[header.index("id")], relabelled
+    manifest = finished_store["root"] / "relabelled" / "manifest.csv"  # its relative paths name the same images
+    manifest.parent.mkdir()
+    manifest.write_text("\n".join([lines[0], ",".join(first), *lines[2:]]) + "\n", encoding="utf-8")
+    with caplog.at_level(logging.INFO):
+        assert main(_extract_cli(finished_store, out, manifest=manifest)) == 0
+    assert f"Rebuilding {out}: it was made from other inputs: manifest_sha256: store has '" in _log(caplog)
+    with FeatureStore(out) as store:
+        labels = dict(zip(store.ids().tolist(), store.labels().tolist()))
+        assert store.classes[labels[row_id]] == relabelled
+
+
+def test_extract_force_rebuilds_an_up_to_date_store(finished_store, tmp_path, capsys, caplog):
+    import logging
+
+    out = _store_copy(finished_store, tmp_path)
+    before = os.stat(out)
+    with caplog.at_level(logging.INFO):
+        assert main(_extract_cli(finished_store, out, "--force")) == 0
+    assert f"Rebuilding {out} (--force)" in _log(caplog)
+    assert os.stat(out).st_ino != before.st_ino  # a new file renamed into place
+    assert capsys.readouterr().out.strip().startswith(f"{out}: 24 rows written, 0 skipped, ")
+    with open(out, "rb") as new, open(finished_store["store"], "rb") as old:
+        assert new.read() == old.read()  # the same bytes again
+
+
+def test_extract_rebuilds_a_store_that_is_not_complete(finished_store, tmp_path, caplog):
+    import logging
+
+    import h5py
+
+    out = _store_copy(finished_store, tmp_path)
+    with h5py.File(out, "r+") as f:
+        f.attrs["complete"] = False
+    with caplog.at_level(logging.INFO):
+        assert main(_extract_cli(finished_store, out)) == 0
+    assert f"Rebuilding {out}: it cannot be kept (incomplete store {out} (complete=False)" in _log(caplog)
+    with h5py.File(out, "r") as f:
+        assert f.attrs["complete"]
+
+
+def test_an_interrupted_rebuild_of_other_inputs_resumes(finished_store, tmp_path, monkeypatch, caplog):
+    """The finished store is of config A; a run of config B committed every block, then failed to write the final
+    file: the rerun of B resumes from its blocks (it does not keep A's store, and does not start over)."""
+    import logging
+
+    import yaml
+
+    from featcache.store.writer import StoreWriter
+
+    out = _store_copy(finished_store, tmp_path)
+    raw = {**finished_store["raw"], "extract": {**finished_store["raw"]["extract"], "resize_mode": "squash"}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    args = _extract_cli(finished_store, out, params=tmp_path / "params.yaml")
+    finalize = StoreWriter.finalize
+
+    def full_disk(self, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(StoreWriter, "finalize", full_disk)
+    with pytest.raises(OSError, match="disk full"):
+        main(args)
+    monkeypatch.setattr(StoreWriter, "finalize", finalize)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    log = _log(caplog)
+    assert f"Rebuilding {out}: it was made from other inputs: config extract.resize_mode: store has 'crop'" in log
+    assert "all 3 blocks (24 rows) already committed; nothing left to extract" in log

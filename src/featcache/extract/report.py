@@ -89,6 +89,8 @@ class ExtractionReport:
         The skipped rows, in row order.
     decode_stats : DecodeStats or None
         Where the rows were decoded when JPEGs were decoded on the runner's device.
+    up_to_date : bool
+        The store was already made from the same inputs and kept as it was (nothing extracted or written).
     """
 
     path: Path
@@ -101,9 +103,11 @@ class ExtractionReport:
     images_per_second: float
     errors: list[tuple[str, str]] = field(default_factory=list)
     decode_stats: Any = None
+    up_to_date: bool = False
 
     def summary(self, note: str = "") -> str:
-        """``"1797 rows written, 5 skipped, 57.5 img/s"``; on a resume also how many rows earlier runs extracted.
+        """``"1797 rows written, 5 skipped, 57.5 img/s"``; on a resume also how many rows earlier runs extracted;
+        ``"up to date: 1,797 rows, 5 skipped; --force rebuilds it"`` for a store kept as it was.
 
         Parameters
         ----------
@@ -111,6 +115,8 @@ class ExtractionReport:
             Put before the speed (e.g. ``"12 tasks on dask"``).
         """
         skipped = f" ({reason_counts(self.errors)})" if self.errors else ""
+        if self.up_to_date:
+            return f"up to date: {self.n_written:,} rows, {self.n_skipped:,} skipped{skipped}; --force rebuilds it"
         head = f"{self.n_written} rows written, {self.n_skipped} skipped{skipped}" + (f", {note}" if note else "")
         extracted, earlier = self.n_extracted, self.n_input - self.n_extracted
         if extracted == 0:
@@ -121,8 +127,8 @@ class ExtractionReport:
         return f"{speed} over the {extracted:,} rows extracted now ({earlier:,} rows from earlier runs)"
 
 
-def build_report(path: str | Path, manifest: Manifest, *, n_extracted: int, n_resumed_blocks: int,
-                 seconds: float, note: str = "", decode_stats: Any = None) -> ExtractionReport:
+def build_report(path: str | Path, manifest: Manifest, *, n_extracted: int, n_resumed_blocks: int, seconds: float,
+                 note: str = "", decode_stats: Any = None, up_to_date: bool = False) -> ExtractionReport:
     """The report of a finished store, its skipped rows counted from the store itself; logs its summary.
 
     Bad images of blocks committed by an earlier (resumed) run are in the
@@ -144,6 +150,8 @@ def build_report(path: str | Path, manifest: Manifest, *, n_extracted: int, n_re
         Added to the log line (e.g. ``"12 tasks on dask"``).
     decode_stats : DecodeStats, optional
         Where a device-decode run decoded its rows.
+    up_to_date : bool
+        ``path`` was kept as it was, made from the same inputs: the line says so instead of ``Wrote``.
     """
     with FeatureStore(path) as store:
         errors = store.errors()
@@ -152,8 +160,12 @@ def build_report(path: str | Path, manifest: Manifest, *, n_extracted: int, n_re
                               n_skipped=n_skipped, n_resumed_blocks=n_resumed_blocks, n_extracted=n_extracted,
                               seconds=seconds,
                               images_per_second=n_extracted / seconds if n_extracted and seconds > 0 else 0.0,
-                              errors=errors, decode_stats=decode_stats)
-    logger.info("Wrote %s: %s", path, report.summary(note))
+                              errors=errors, decode_stats=decode_stats, up_to_date=up_to_date)
+    if up_to_date:
+        logger.info("%s is up to date (%s rows, same config and manifest); --force rebuilds it", path,
+                    f"{report.n_written:,}")
+    else:
+        logger.info("Wrote %s: %s", path, report.summary(note))
     return report
 
 

@@ -132,7 +132,7 @@ def _cmd_extract(args: argparse.Namespace) -> None:
     from featcache.pipeline.params.backbones import load_extract_sections
 
     report = extract(load_extract_sections(args.params), args.backbone, args.manifest, args.out,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, force=args.force)
     print(f"{report.path}: {report.summary()}")
 
 
@@ -261,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     ext = with_params(sub.add_parser("extract", help="extract one backbone's layers to HDF5"))
     ext.add_argument("--backbone", required=True, help="a key of backbones: in the params file")
     ext.add_argument("--manifest", required=True, help="manifest.csv of the prepare stage")
-    ext.add_argument("--out", required=True, help="output HDF5 feature store (an interrupted run into it resumes "
-                     "from its committed blocks; a finished one is rebuilt)")
+    ext.add_argument("--out", required=True, help="output HDF5 feature store (a finished one made from the same "
+                     "config, manifest and weights is kept as it is; an interrupted run into it resumes from its "
+                     "committed blocks)")
+    ext.add_argument("--force", action="store_true", help="rebuild --out even when it is up to date")
     ext.add_argument("--no-progress", action="store_true", help="no progress bar")
     ext.set_defaults(func=_cmd_extract)
 

@@ -12,10 +12,15 @@ from featcache.pipeline.params.extract import INT8_GRAPH, extraction_config
 if TYPE_CHECKING:
     from featcache.extract.decode.preprocess import Preprocessor
     from featcache.extract.engine import ExtractionReport
+    from featcache.extract.inputs.manifest import Manifest
 
-__all__ = ["extract", "store_config", "warn_transient"]
+__all__ = ["INPUT_ATTRS_IGNORED", "extract", "store_config", "up_to_date_report", "warn_transient"]
 
 logger = logging.getLogger(__name__)
+
+#: Root attributes a store records that are no input of its features: the software that made it. A rerun on other
+#: versions keeps a finished store of the same inputs, as ``dvc repro`` does (``--force`` rebuilds it).
+INPUT_ATTRS_IGNORED = ("featcache_version", "torch_version", "python_version")
 
 
 def store_config(params: Any, backbone: str, plan: ExtractionPlan, preprocess: Preprocessor,
@@ -37,8 +42,12 @@ def store_config(params: Any, backbone: str, plan: ExtractionPlan, preprocess: P
 
 
 def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Path,
-            progress: bool = True) -> ExtractionReport:
+            progress: bool = True, force: bool = False) -> ExtractionReport:
     """Extract the configured layers of ``backbone`` for the manifest's rows.
+
+    A finished ``out`` made from the same inputs (config, manifest, weights: :func:`up_to_date_report`) is kept
+    as it is, before any model is built; anything else is rebuilt (an interrupted run into ``out`` resumes from
+    its committed blocks), the log line saying why ``out`` is not kept.
 
     Parameters
     ----------
@@ -52,11 +61,14 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
         The ``.h5`` store to write.
     progress : bool
         Log a line per committed block (rows, img/s, ETA) and show a bar on a terminal.
+    force : bool
+        Rebuild ``out`` even when it is up to date.
 
     Returns
     -------
     ExtractionReport
-        Rows read, written and skipped (with the reasons), resumed blocks, time and throughput.
+        Rows read, written and skipped (with the reasons), resumed blocks, time and throughput; ``up_to_date``
+        when ``out`` was kept.
     """
     from featcache.extract.decode.preprocess import Preprocessor
     from featcache.extract.engine import extract_to_store
@@ -86,6 +98,13 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
     config = store_config(params, backbone, plan, preprocess, torch_threads=threads)
     attrs = {"backbone": backbone, "weights_id": source.weights_id, "weights_sha256": source.weights_sha256,
              "dataset": params.data.name, **plan.attrs()}
+    if force:
+        if Path(out).exists():
+            logger.info("Rebuilding %s (--force)", out)
+    else:
+        kept = up_to_date_report(out, manifest, config, attrs, ignore_config=(f"extract.{INT8_GRAPH}",))
+        if kept is not None:
+            return kept
     logger.info("extract %s: %s", backbone, plan.describe())
     common = {"config": config, "attrs": attrs, "dtype": knobs.dtype, "batch_size": knobs.batch_size,
               "block_rows": knobs.block_rows, "on_error": knobs.on_error, "progress": progress,
@@ -119,6 +138,49 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
         check_batch_memory(runner, preprocess.input_size, knobs.batch_size, plan.device,
                            num_workers=plan.num_workers)
     return warn_transient(extract_to_store(manifest, runner, preprocess, out, plan=plan, **common), backbone)
+
+
+def up_to_date_report(out: str | Path, manifest: Manifest, config: dict[str, Any], attrs: dict[str, Any],
+                      ignore_config: tuple[str, ...] = ()) -> ExtractionReport | None:
+    """The report of ``out`` if it is a finished store of exactly these inputs, else None (logging why not).
+
+    The inputs: the store's ``config`` (every param that changes the features, its preprocessing and the resolved
+    plan), the manifest's sha256 (ids, paths, splits, labels; the shards' sha256) and ``attrs`` (backbone, the
+    weights file's id and sha256, backend and provider); not the software versions (:data:`INPUT_ATTRS_IGNORED`).
+    Image files are named by path in the manifest: one edited in place is not seen (``--force`` rebuilds).
+
+    Parameters
+    ----------
+    out : path
+        The store to keep or rebuild.
+    manifest : Manifest
+        The rows of this run.
+    config, attrs : dict
+        The config and the extra root attributes this run would write
+        (:func:`~featcache.extract.engine.build_root_attrs`).
+    ignore_config : tuple of str
+        Dotted keys of the stored config that a run records only once its runner is built (``extract.int8_graph``).
+    """
+    from featcache.extract.engine import build_root_attrs
+    from featcache.extract.report import build_report
+    from featcache.store.errors import StoreError
+    from featcache.store.reader import FeatureStore
+
+    if not Path(out).exists():
+        return None
+    expected = {key: value for key, value in build_root_attrs(manifest, config, attrs).items()
+                if key not in INPUT_ATTRS_IGNORED and key != "config_sha256"}
+    try:
+        with FeatureStore(out) as store:
+            diffs = store.diff_inputs(expected, ignore_config=ignore_config)
+    except (StoreError, OSError) as exc:
+        logger.info("Rebuilding %s: it cannot be kept (%s)", out, exc)
+        return None
+    if diffs:
+        logger.info("Rebuilding %s: it was made from other inputs: %s%s", out, "; ".join(diffs[:3]),
+                    f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else "")
+        return None
+    return build_report(out, manifest, n_extracted=0, n_resumed_blocks=0, seconds=0.0, up_to_date=True)
 
 
 def warn_transient(report: ExtractionReport, backbone: str) -> ExtractionReport:

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -47,6 +47,13 @@ def _plain(value: Any) -> Any:
         return value
     if isinstance(value, np.generic):
         return value.item()
+    return value
+
+
+def _abbreviate(value: Any) -> Any:
+    """A sha256 (64 hex digits) cut to its first 12 and ``...`` for a message; anything else unchanged."""
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12] + "..."
     return value
 
 
@@ -325,6 +332,47 @@ class FeatureStore(Closing):
                 f"feature store {self.path} is stale: " + "; ".join(diffs) + ". Hint: rerun "
                 "`dvc repro` (or the extract stage) to re-extract with the current params"
             )
+
+    def diff_inputs(self, expected: Mapping[str, Any], ignore_config: Sequence[str] = ()) -> list[str]:
+        """What differs between the root attributes the store records and ``expected``: [] when it was made
+        from exactly these inputs (what an extraction checks before it rebuilds a finished store).
+
+        Parameters
+        ----------
+        expected : mapping
+            Root attributes as a run would write them (e.g. ``manifest_sha256``, ``weights_sha256``); ``config``
+            (a mapping or its canonical JSON) is compared key by key (:func:`diff_config`), the others as values.
+        ignore_config : sequence of str
+            Dotted key paths of the stored config left out (e.g. ``extract.int8_graph``, which a run records only
+            once it has built its graph).
+
+        Returns
+        -------
+        list of str
+            e.g. ``["config extract.dtype: store has 'float16', params say 'float32'",
+            "manifest_sha256: store has '1a2b3c4d5e6f...', this run has '0f9e8d7c6b5a...'"]``.
+        """
+        diffs: list[str] = []
+        for key, value in expected.items():
+            if key == "config":
+                wanted = json.loads(value if isinstance(value, str) else canonical_json(value))
+                stored = json.loads(canonical_json(self.config))
+                for dotted in ignore_config:
+                    *parents, leaf = dotted.split(".")
+                    node = stored
+                    for part in parents:
+                        node = node.get(part, {}) if isinstance(node, dict) else {}
+                    if isinstance(node, dict):
+                        node.pop(leaf, None)
+                diffs += [f"config {diff}" for diff in diff_config(stored, wanted)]
+                continue
+            stored_value = self.attrs.get(key, _MISSING)
+            same = np.array_equal(stored_value, value) if isinstance(stored_value, np.ndarray) \
+                else stored_value is not _MISSING and stored_value == value
+            if not same:
+                show = lambda v: "nothing" if v is _MISSING else repr(_abbreviate(v))  # noqa: E731
+                diffs.append(f"{key}: store has {show(stored_value)}, this run has {show(value)}")
+        return diffs
 
     # ---------------------------------------------------------------- lifetime
     def close(self) -> None:
