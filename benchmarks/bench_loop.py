@@ -98,10 +98,10 @@ def extract_once(work: Path, environ: dict[str, str]) -> tuple[float, float, int
     shutil.rmtree(out.parent, ignore_errors=True)
     seconds, stdout = timed([*featcache_command(), "extract", "--params", "params.yaml", "--backbone", BACKBONE,
                              "--manifest", "prepared/manifest.csv", "--out", str(out), "--no-progress"], work, environ)
-    match = re.search(r"(\d+) rows written, \d+ skipped, ([\d.]+) img/s", stdout)
+    match = re.search(r"([\d,]+) rows written, [\d,]+ skipped, ([\d.]+) img/s", stdout)  # 1,797 rows
     if match is None:
         raise RuntimeError(f"no throughput in the extract output:\n{stdout}")
-    return seconds, float(match.group(2)), int(match.group(1))
+    return seconds, float(match.group(2)), int(match.group(1).replace(",", ""))
 
 
 def bench_startup(work: Path, environ: dict[str, str], repeats: int) -> dict[str, list[float]]:

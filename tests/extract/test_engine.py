@@ -306,6 +306,26 @@ def test_many_bad_images_log_the_first_ones_and_count_all_by_reason(images, runn
         "18 rows written, 25 skipped (24 empty file, 1 not an image or unsupported format), ")
 
 
+def test_a_run_ends_with_one_wrote_line(manifest, runner, tmp_path, caplog):
+    """Each run ended with three "wrote" lines (the store writer's at INFO, the engine's and the CLI's print): the
+    writer's is DEBUG now, so the log has one final line."""
+    with caplog.at_level(logging.INFO, logger="featcache"):
+        _extract(manifest, runner, tmp_path / "one.h5")
+    wrote = [r.getMessage() for r in caplog.records if r.getMessage().lower().startswith("wrote ")]
+    assert len(wrote) == 1 and wrote[0].startswith("Wrote "), wrote
+
+
+def test_the_summary_counts_rows_with_thousands_separators(tmp_path):
+    """The summary said "1797 rows written" where the progress lines say "1,797"."""
+    from featcache.extract.report import ExtractionReport
+
+    report = ExtractionReport(path=tmp_path / "x.h5", n_input=2397, n_written=1797, n_skipped=1200,
+                              n_resumed_blocks=0, n_extracted=2397, seconds=10.0, images_per_second=239.7)
+    assert report.summary() == "1,797 rows written, 1,200 skipped, 239.7 img/s"
+    report.up_to_date = True
+    assert report.summary() == "up to date: 1,797 rows, 1,200 skipped; --force rebuilds it"
+
+
 def test_changed_config_does_not_resume_old_blocks(manifest, runner, tmp_path):
     out = tmp_path / "cfg.h5"
     with pytest.raises(RuntimeError):

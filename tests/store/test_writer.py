@@ -61,6 +61,23 @@ def test_round_trip_raw_h5py(tmp_path, dtype):
     assert _leftovers(path) == []  # no lock, parts or partial left beside the output
 
 
+def test_finalize_logs_at_debug_and_counts_with_thousands_separators(tmp_path, caplog):
+    """The writer's "wrote ..." line was a second INFO line after the extraction's own final line: now DEBUG."""
+    with caplog.at_level(logging.INFO, logger="featcache.store.writer"):
+        synth.write_all(tmp_path / "info.h5")
+    assert not [r for r in caplog.records if r.getMessage().startswith("wrote ")]
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="featcache.store.writer"):
+        synth.write_all(tmp_path / "debug.h5")
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wrote ")]
+    assert "34 rows (3 of 37 inputs skipped)" in line
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="featcache.store.writer"), \
+            StoreWriter(tmp_path / "big.h5", **synth.make_kwargs(1200)):
+        pass
+    assert "big.h5: 1,200 rows in " in caplog.text, caplog.text
+
+
 def test_regression_and_all_rows_kept(tmp_path):
     path = synth.write_all(tmp_path / "reg.h5", regression=True)
     with h5py.File(path, "r") as f:

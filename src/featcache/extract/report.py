@@ -106,7 +106,7 @@ class ExtractionReport:
     up_to_date: bool = False
 
     def summary(self, note: str = "") -> str:
-        """``"1797 rows written, 5 skipped, 57.5 img/s"``; on a resume also how many rows earlier runs extracted;
+        """``"1,797 rows written, 5 skipped, 57.5 img/s"``; on a resume also how many rows earlier runs extracted;
         ``"up to date: 1,797 rows, 5 skipped; --force rebuilds it"`` for a store kept as it was.
 
         Parameters
@@ -117,7 +117,7 @@ class ExtractionReport:
         skipped = f" ({reason_counts(self.errors)})" if self.errors else ""
         if self.up_to_date:
             return f"up to date: {self.n_written:,} rows, {self.n_skipped:,} skipped{skipped}; --force rebuilds it"
-        head = f"{self.n_written} rows written, {self.n_skipped} skipped{skipped}" + (f", {note}" if note else "")
+        head = f"{self.n_written:,} rows written, {self.n_skipped:,} skipped{skipped}" + (f", {note}" if note else "")
         extracted, earlier = self.n_extracted, self.n_input - self.n_extracted
         if extracted == 0:
             return f"{head}; nothing left to extract: all {self.n_input:,} rows from earlier runs"

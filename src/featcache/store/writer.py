@@ -156,8 +156,8 @@ class StoreWriter(Closing):
             self.close()
             raise
         logger.info(
-            "store writer %s: %d rows in %d blocks, %d already committed",
-            self.path, self.n_rows, self.n_blocks, len(self._committed),
+            "store writer %s: %s rows in %s blocks, %s already committed",
+            self.path, f"{self.n_rows:,}", f"{self.n_blocks:,}", f"{len(self._committed):,}",
         )
 
     # ------------------------------------------------------------------ setup
@@ -406,9 +406,10 @@ class StoreWriter(Closing):
             self.parts_root.rmdir()
         except OSError:
             pass
-        logger.info(
-            "wrote %s: %d rows (%d of %d inputs skipped), layers %s",
-            self.path, kept_idx.size, len(errors), self.n_rows, [s.alias for s in self.layers],
+        # DEBUG: the caller's summary (``Wrote ...`` of the extraction) is the run's final line.
+        logger.debug(
+            "wrote %s: %s rows (%s of %s inputs skipped), layers %s",
+            self.path, f"{kept_idx.size:,}", f"{len(errors):,}", f"{self.n_rows:,}", [s.alias for s in self.layers],
         )
         self._finalized = True
         self.close()
