@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 
+import numpy as np
 import pytest
 
 from featcache.extract.zoo.registry import BACKBONES
@@ -453,3 +454,26 @@ def test_an_interrupted_rebuild_of_other_inputs_resumes(finished_store, tmp_path
     log = _log(caplog)
     assert f"Rebuilding {out}: it was made from other inputs: config extract.resize_mode: store has 'crop'" in log
     assert "all 3 blocks (24 rows) already committed; nothing left to extract" in log
+
+
+def test_extract_rebuilds_a_store_with_rows_a_server_failed(finished_store, tmp_path, caplog):
+    """Rows skipped for a transient cause (a timeout, HTTP 503) are no bad images: the warning says to extract
+    again to read them, so a store holding such rows is not kept as up to date."""
+    import logging
+
+    import h5py
+
+    out = _store_copy(finished_store, tmp_path)
+    with h5py.File(out, "r+") as f:
+        table = f["errors"][()]
+        dtype = f["errors"].dtype
+        del f["errors"]
+        failed = np.empty(1, dtype=dtype)
+        failed[0] = ("red/000.png", "timeout after 3 tries (30 s each)")
+        f.create_dataset("errors", data=np.concatenate([table, failed]), dtype=dtype)
+    with caplog.at_level(logging.INFO):
+        assert main(_extract_cli(finished_store, out)) == 0
+    assert f"Rebuilding {out}: 1 of its skipped rows failed a read for a transient cause (e.g. red/000.png)" \
+           in _log(caplog)
+    with h5py.File(out, "r") as f:
+        assert f["errors"].shape == (0,)

@@ -147,7 +147,8 @@ def up_to_date_report(out: str | Path, manifest: Manifest, config: dict[str, Any
     The inputs: the store's ``config`` (every param that changes the features, its preprocessing and the resolved
     plan), the manifest's sha256 (ids, paths, splits, labels; the shards' sha256) and ``attrs`` (backbone, the
     weights file's id and sha256, backend and provider); not the software versions (:data:`INPUT_ATTRS_IGNORED`).
-    Image files are named by path in the manifest: one edited in place is not seen (``--force`` rebuilds).
+    Image files are named by path in the manifest: one edited in place is not seen (``--force`` rebuilds). A store
+    with rows skipped for a transient cause (timeouts, HTTP 5xx: :func:`warn_transient`) is rebuilt to read them.
 
     Parameters
     ----------
@@ -162,6 +163,7 @@ def up_to_date_report(out: str | Path, manifest: Manifest, config: dict[str, Any
         Dotted keys of the stored config that a run records only once its runner is built (``extract.int8_graph``).
     """
     from featcache.extract.engine import build_root_attrs
+    from featcache.extract.inputs.storage import is_transient_reason
     from featcache.extract.report import build_report
     from featcache.store.errors import StoreError
     from featcache.store.reader import FeatureStore
@@ -173,12 +175,17 @@ def up_to_date_report(out: str | Path, manifest: Manifest, config: dict[str, Any
     try:
         with FeatureStore(out) as store:
             diffs = store.diff_inputs(expected, ignore_config=ignore_config)
+            transient = [row_id for row_id, reason in store.errors() if is_transient_reason(reason)]
     except (StoreError, OSError) as exc:
         logger.info("Rebuilding %s: it cannot be kept (%s)", out, exc)
         return None
     if diffs:
         logger.info("Rebuilding %s: it was made from other inputs: %s%s", out, "; ".join(diffs[:3]),
                     f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else "")
+        return None
+    if transient:  # not bad images: a server down for a while (warn_transient said to extract again to read them)
+        logger.info("Rebuilding %s: %d of its skipped rows failed a read for a transient cause (e.g. %s), "
+                    "read again now", out, len(transient), transient[0])
         return None
     return build_report(out, manifest, n_extracted=0, n_resumed_blocks=0, seconds=0.0, up_to_date=True)
 
