@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from featcache.heads import fit_and_evaluate, make_head
-from featcache.heads.metrics import metrics_with_ci
+from featcache.heads.bootstrap import metrics_with_ci
 
 FAST = {
     "lightgbm": {"n_estimators": 200, "learning_rate": 0.1, "early_stopping_rounds": 20, "n_jobs": 1},
