@@ -154,9 +154,10 @@ def test_bench_mlp_small_variants_and_table(monkeypatch, tmp_path):
 
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     bench = importlib.import_module("bench_mlp_small")
-    # an epoch of 50 rows is one step; the digits' 1,078 training rows make 5, so pat50 is the shipped setting there
-    assert bench.variant_params("steps300", 50) == {**bench.SHIPPED, "patience": 50, "max_epochs": 300}
-    assert bench.variant_params("pat50", 1078) == bench.variant_params("shipped", 1078) == bench.SHIPPED
+    # `epochs`: the loop before min_epoch_steps (plain epochs); `shipped`: the head's default; `batch4`: ~4 steps/epoch
+    assert bench.variant_params("epochs", 50) == {**bench.SHIPPED, "min_epoch_steps": 1}
+    assert bench.variant_params("shipped", 50) == bench.SHIPPED
+    assert bench.variant_params("batch4", 200) == {**bench.SHIPPED, "min_epoch_steps": 1, "batch_size": 50}
     rng = np.random.default_rng(0)
     store = tmp_path / "tiny.h5"
     with h5py.File(store, "w") as f:
@@ -168,7 +169,7 @@ def test_bench_mlp_small_variants_and_table(monkeypatch, tmp_path):
                           capture_output=True, text=True, timeout=300, check=True)
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith(("| friedman1 |", "| store:"))]
     assert [(r[0], r[1], r[2]) for r in rows] == [("| friedman1", "30", "1"), ("| store:pool", "20", "1")]
-    assert all(float(cell) > 0 for r in rows for cell in r[3:11])
+    assert all(float(cell) > 0 for r in rows for cell in r[3:10])  # the baseline, 3 MLPs, 3 ratios
 
 
 def test_bench_csv_prepare_measures_a_clean_process():
