@@ -427,3 +427,40 @@ def test_the_cli_exports_after_training_unless_told_not_to(stage_run, tmp_path: 
         assert len(list(out.glob("cam/*.png"))) == cams, flags
         assert not (out / "model.onnx").exists()  # export_onnx: false
     assert f"{tmp_path / 'out0'}: 2 CAM overlays" in capsys.readouterr().out
+
+
+def test_a_regression_run_is_paired_with_a_cached_head_on_the_manifest_targets(regression_images, tmp_path,
+                                                                              params_factory):
+    """The fine-tuned regression run's rows hold the manifest's float64 targets, as the cached heads' do (their
+    store keeps the manifest's targets), so compare pairs the two. The run used to write its float32 training
+    targets (0.3456 -> 0.34560001): compare then found other true values and left it unpaired."""
+    from featcache.heads.bootstrap import metrics_with_ci, row_arrays
+    from featcache.heads.paired import ids_sha256, read_rows, rows_path, write_rows
+
+    raw = params_factory(str(regression_images))
+    raw["data"].update(source="csv", csv="t.csv", task="regression")
+    raw["train"].update(n_boot=20)
+    raw["heads"] = {}
+    params = parse_params(raw)
+    prepare(params, tmp_path / "prepared")
+    manifest = Manifest.read(tmp_path / "prepared" / "manifest.csv")
+    metrics_path = tmp_path / "metrics" / "finetune" / "frozen.json"
+    metrics = finetune_stage(params, "frozen", tmp_path / "prepared" / "manifest.csv", tmp_path / "out", metrics_path,
+                             tmp_path / "frozen.csv", finetune=_section(), progress=False)
+    test = np.flatnonzero(manifest.splits == 2)
+    rows = read_rows(rows_path(metrics_path))
+    assert rows["y_true"].dtype == np.float64
+    np.testing.assert_array_equal(rows["y_true"], manifest.targets[test])  # exactly, not to float32 precision
+
+    y = manifest.targets[test].astype(np.float64)  # a perfect cached head scored on the same rows: the best run
+    cached = tmp_path / "metrics" / "efficientnet_lite0" / "pool" / "logreg.json"
+    write_run(cached, {"dataset": params.data.name, "backbone": "efficientnet_lite0", "layer": "pool",
+                       "head": "logreg", "label": "ridge", "task": "regression",
+                       **metrics_with_ci("regression", y, y, n_boot=20)})
+    write_rows(rows_path(cached), row_arrays("regression", y, y),
+               {"task": "regression", "ids_sha256": ids_sha256(manifest.ids[k] for k in test), "n_boot": 20,
+                "seed": 0})
+    runs = compare(tmp_path / "metrics", tmp_path / "reports")
+    finetuned = next(run for run in runs if run["head"] == "finetune-frozen")
+    assert "skipped" not in finetuned["paired"], finetuned["paired"]
+    assert finetuned["paired"]["rmse"]["delta"] == pytest.approx(metrics["rmse"])

@@ -304,6 +304,9 @@ def _finetune(manifest: Manifest, spec: BackboneSpec, weights: str, config: Fine
     scored = predict(model, evals["test"], task, device, tta=config.tta, amp=use_amp,
                      channels_last=config.channels_last, target_mean=target_mean, target_std=target_std,
                      tta_hflip=config.hflip)
+    if task == "regression":  # the manifest's float64 targets, as the cached heads' stores hold them (the loss
+        # trained on float32 ones): scores and rows files of the same test rows, which compare pairs
+        scored["y_true"] = np.asarray(manifest.targets, dtype=np.float64)[scored["rows"]]
     y_true, metrics = _test_metrics(task, scored, n_outputs if task == "classification" else None, config)
     best_params: dict[str, Any] = {"mode": config.mode, "epochs": len(fit.history), "best_epoch": fit.best_epoch,
                                    "lr": config.lr, "input_size": pre.input_size, "batch_size": config.batch_size}
