@@ -47,6 +47,20 @@ def test_a_key_no_twin_takes_still_fails():
         parse_params(raw)
 
 
+@pytest.mark.parametrize("task, typo, meant", [("regression", "max_itr", "max_iter"),
+                                                ("classification", "alpha", "alphas")])
+def test_a_typo_of_the_other_twins_key_is_named_with_it(task, typo, meant):
+    """The shared section accepts the other twin's keys (the shipped ``max_iter`` under regression), so a typo of
+    one is named with it: the message used to list the task's twin's keys alone, without ``max_iter`` nor a
+    close match, as if the shipped key were not allowed either."""
+    raw = copy.deepcopy(SHIPPED)
+    raw["data"].update(task=task, source="folder" if task == "classification" else "csv")
+    raw["heads"]["logreg"][typo] = 5
+    with pytest.raises(ConfigError, match=rf"unknown parameter '{typo}' for head 'logreg'.*allowed: .*\b{meant}\b"
+                       rf".*Did you mean '{meant}'\?"):
+        parse_params(raw)
+
+
 def test_csv_regression_pipeline(tmp_path, params_factory):
     images = tmp_path / "images"
     images.mkdir()

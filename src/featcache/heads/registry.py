@@ -190,8 +190,18 @@ def check_head_values(name: str, task: str, params: Mapping[str, Any] | None, wh
             check_value(f"{where or 'heads.' + name}.{key}", value, declared[key].annotation, declared[key].default)
 
 
-def check_head_params(name: str, task: str, params: Mapping[str, Any] | None) -> None:
+def check_head_params(name: str, task: str, params: Mapping[str, Any] | None, *, shared: bool = False) -> None:
     """Fail on a key that the ``(name, task)`` head does not take, without importing the head.
+
+    Parameters
+    ----------
+    name, task : str
+    params : mapping, optional
+        Parameter names (values are not looked at).
+    shared : bool
+        ``params`` come from a section that both task twins share (``heads.<name>`` in params.yaml, after
+        :func:`task_params`): the message also names the other twin's keys, which the section accepts, and
+        looks for the closest match among them too (``max_itr`` -> ``max_iter`` under regression).
 
     Raises
     ------
@@ -199,11 +209,14 @@ def check_head_params(name: str, task: str, params: Mapping[str, Any] | None) ->
         (a ValueError) Naming the unknown key, the head, the allowed keys and the closest match.
     """
     allowed = head_param_names(name, task)
+    others = sorted({key for twin in HEAD_PATHS[name] if twin != task for key in head_param_names(name, twin)}
+                    - set(allowed)) if shared else []
+    also = f"; and, not used for {task} (the other task's twin takes them): {', '.join(others)}" if others else ""
     for key in dict(params or {}):
         if key not in allowed:
             raise ParamError(
                 f"unknown parameter {key!r} for head {name!r} ({HEAD_PATHS[name][task].partition(':')[2]}, "
-                f"{task}); allowed: {', '.join(allowed)}.{did_you_mean(str(key), list(allowed))}"
+                f"{task}); allowed: {', '.join(allowed)}{also}.{did_you_mean(str(key), [*allowed, *others])}"
             )
 
 

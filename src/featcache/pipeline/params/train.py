@@ -65,7 +65,7 @@ def check_heads_sections(heads: dict[str, dict[str, Any]], task: str) -> None:
     for name, section in heads.items():
         params = task_params(name, task, section)
         try:
-            check_head_params(name, task, params)
+            check_head_params(name, task, params, shared=True)
         except ValueError as error:  # named by its place in params.yaml, as pydantic names a section's keys
             raise ValueError(f"heads.{name}: {error}") from None
         check_head_values(name, task, params)
