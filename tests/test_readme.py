@@ -61,3 +61,19 @@ def test_readme_python_api_imports_and_calls_match_the_signatures():
         except TypeError as error:
             message = f"README: {ast.unparse(call)} does not match {call.func.id}{signature}: {error}"
             raise AssertionError(message) from None
+
+
+def test_readme_dvc_exp_run_sets_only_keys_params_yaml_lists_or_adds_them_with_a_plus():
+    """DVC's ``-S key=value`` overrides a key of params.yaml only; a key it does not list yet needs ``-S +key=value``
+    (else: "Could not override 'heads.mlp.min_epoch_steps'"), so each example must say which it is."""
+    import yaml
+
+    params = yaml.safe_load((README.parent / "params.yaml").read_text(encoding="utf-8"))
+    found = re.findall(r"dvc exp run -S (\+?)([\w.]+)=", README.read_text(encoding="utf-8"))
+    assert found, "README.md has no `dvc exp run -S` example"
+    for plus, key in found:
+        node: object = params
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        assert (node is not None) != bool(plus), (key, "listed in params.yaml: no `+`" if plus else
+                                                 "not in params.yaml: write `-S +key=value`")
