@@ -117,3 +117,21 @@ def test_regression_runs_are_paired_on_rmse_and_mae(tmp_path):
     assert runs["mlp"]["paired"]["rmse"]["delta"] == pytest.approx(runs["mlp"]["rmse"] - runs["logreg"]["rmse"])
     assert runs["mlp"]["paired"]["mae"]["distinguishable"] is True
     assert {"Δ rmse vs best", "Δ mae vs best"} <= set(table["mlp"])
+
+
+def test_without_bootstrap_the_report_claims_no_cis(tmp_path):
+    """``train.n_boot: 0`` draws no CI: the report said "Brackets: 95% bootstrap CI" and "a paired 95% bootstrap
+    CI ... (0 resamples ...)" over a table with neither; it now says that there are no CIs and why."""
+    y = np.linspace(0.0, 1.0, 60)
+    for head, noise in (("logreg", 0.05), ("mlp", 0.2)):
+        pred = y + noise * np.cos(np.arange(60))
+        path = tmp_path / "m" / f"{head}.json"
+        write_run(path, {"dataset": "d", "backbone": "b", "layer": "pool", "head": head, "task": "regression",
+                         **metrics_with_ci("regression", y, pred, n_boot=0, seed=0)})
+        write_rows(rows_path(path), row_arrays("regression", y, pred),
+                   {"task": "regression", "ids_sha256": ids_sha256(range(60)), "n_boot": 0, "seed": 0})
+    compare(tmp_path / "m", tmp_path / "r")
+    text, table = (tmp_path / "r" / "compare.md").read_text(), _table(tmp_path / "r")
+    assert "[" not in table["mlp"]["rmse"] and "[" not in table["mlp"]["Δ rmse vs best"]  # no CI drawn
+    assert "bootstrap CI" not in text and "0 resamples" not in text, text
+    assert "no CIs (train.n_boot: 0)" in text, text

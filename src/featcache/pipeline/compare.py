@@ -277,22 +277,32 @@ def _markdown(runs: list[dict[str, Any]]) -> str:
               *(f"Δ {name} vs best" for name in paired_metrics), "distinguishable from best", "dim", "fit s",
               "predict s", "chosen"]
     boot = next((run["paired"] for run in runs if "n_boot" in run.get("paired", {})), None)
+    drawn = any(run.get("ci") for run in runs)  # train.n_boot: 0 draws no CI, paired or not
+    if drawn or boot is None or boot["n_boot"]:
+        delta = (
+            f"Δ vs best: the run's test score minus the best run's (`{best.get('reference', '?')}`), with a paired "
+            "95% bootstrap CI: each resample of the test rows scores both runs on the same rows"
+            + (f" ({boot['n_boot']} resamples, seed {boot['seed']}: those of the CIs)" if boot else "")
+            + ", so the CI holds only what the two runs do differently: usually much tighter than their own CIs. "
+            "Distinguishable from best: the metrics whose paired CI excludes 0; `no`: on this test set the "
+            "difference may be noise. Each run is set against the best alone, with no correction for the many "
+            "comparisons, and the best was picked on this same test split: read a CI that barely excludes 0 as a "
+            "hint, not a verdict.")
+    else:
+        delta = (f"Δ vs best: the run's test score minus the best run's (`{best.get('reference', '?')}`), with no "
+                 "CIs (train.n_boot: 0): nothing here tells a real difference from noise; set train.n_boot "
+                 "(1000 by default) to draw them.")
     lines = [
         "# featcache comparison",
         "",
         f"Dataset `{runs[0].get('dataset', '?')}`, task {task}; ranked by test {metric} "
-        f"({'higher' if higher else 'lower'} is better). Brackets: 95% bootstrap CI on the test split. "
-        "Weights: those of the backbone that made the features (`random`: not pretrained)."
+        f"({'higher' if higher else 'lower'} is better). "
+        + ("Brackets: 95% bootstrap CI on the test split. " if drawn else "No CIs (train.n_boot: 0). ")
+        + "Weights: those of the backbone that made the features (`random`: not pretrained)."
         + (f" Runs with equal test {metric} share a rank, ordered by test {TIE_BREAK[task]} (lower is better)."
            if len({run["rank"] for run in runs}) < len(runs) else ""),
         "",
-        f"Δ vs best: the run's test score minus the best run's (`{best.get('reference', '?')}`), with a paired 95% "
-        "bootstrap CI: each resample of the test rows scores both runs on the same rows"
-        + (f" ({boot['n_boot']} resamples, seed {boot['seed']}: those of the CIs)" if boot else "")
-        + ", so the CI holds only what the two runs do differently: usually much tighter than their own CIs. "
-        "Distinguishable from best: the metrics whose paired CI excludes 0; `no`: on this test set the difference "
-        "may be noise. Each run is set against the best alone, with no correction for the many comparisons, and "
-        "the best was picked on this same test split: read a CI that barely excludes 0 as a hint, not a verdict.",
+        delta,
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join("---" for _ in header) + "|",
