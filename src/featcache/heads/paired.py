@@ -4,7 +4,8 @@ Two runs scored on the same test rows share most of their errors (the hard
 images, the label noise). Each run's own 95% CI carries that shared variation,
 so two overlapping CIs say little. The paired comparison resamples the test rows
 once per bootstrap draw and scores both runs on the very same rows: the CI of the
-difference then holds only what the runs do differently, and is far tighter.
+difference then holds only what the runs do differently: far tighter where
+they err on the same rows.
 
 The per-row arrays are a run's :func:`~featcache.heads.bootstrap.row_arrays`;
 ``featcache train`` writes them beside the run's metrics (``<head>.rows.npz``,

@@ -283,7 +283,8 @@ def _markdown(runs: list[dict[str, Any]]) -> str:
             f"Δ vs best: the run's test score minus the best run's (`{best.get('reference', '?')}`), with a paired "
             "95% bootstrap CI: each resample of the test rows scores both runs on the same rows"
             + (f" ({boot['n_boot']} resamples, seed {boot['seed']}: those of the CIs)" if boot else "")
-            + ", so the CI holds only what the two runs do differently: usually much tighter than their own CIs. "
+            + ", so the CI holds only what the two runs do differently (tighter than comparing their own CIs when "
+            "the runs err on the same rows). "
             "Distinguishable from best: the metrics whose paired CI excludes 0; `no`: on this test set the "
             "difference may be noise. Each run is set against the best alone, with no correction for the many "
             "comparisons, and the best was picked on this same test split: read a CI that barely excludes 0 as a "
