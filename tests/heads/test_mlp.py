@@ -182,6 +182,17 @@ def test_small_data_trains_min_epoch_steps_per_counted_epoch(cls, data, request)
     assert plain.history_ == head.history_[:len(plain.history_)]  # same run, stopped sooner
 
 
+def test_the_log_says_when_epochs_count_several_times(clf_data, caplog):
+    """Else "best epoch 20 of 28 run" under max_epochs: 6 reads as a bug."""
+    X, y = clf_data["X_train"], clf_data["y_train"]
+    with caplog.at_level("INFO", logger="featcache.heads.training"):
+        MLPHead(**SMALL).fit(X[:60], y[:60], clf_data["X_val"], clf_data["y_val"])
+        MLPHead(**{**SMALL, "batch_size": 16}).fit(X[:64], y[:64], clf_data["X_val"], clf_data["y_val"])
+    lines = [record.getMessage() for record in caplog.records if record.name == "featcache.heads.training"]
+    assert lines == ["MLPHead: an epoch is 1 optimiser step(s), under min_epoch_steps=4: patience 2 and max_epochs 6 "
+                     "count x4 epochs"]
+
+
 def test_epochs_of_min_epoch_steps_or_more_are_unchanged(clf_data):
     # 360 rows in batches of 64 are 6 steps an epoch: min_epoch_steps 4 (the default) changes nothing
     params = {**FAST, "batch_size": 64, "max_epochs": 30, "patience": 3}

@@ -10,6 +10,7 @@ each function.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["PREDICT_BATCH", "build_mlp", "epoch_scale", "iter_batches", "predict_batches", "train_epochs"]
+
+log = logging.getLogger(__name__)
 
 PREDICT_BATCH = 8192
 """Rows per forward pass at predict time."""
@@ -146,6 +149,10 @@ def train_epochs(
             steps += 1
         if epoch == 1:
             scale = epoch_scale(steps, head.min_epoch_steps)
+            if scale > 1:
+                log.info("%s: an epoch is %d optimiser step(s), under min_epoch_steps=%d: patience %d and max_epochs "
+                         "%d count x%d epochs", type(head).__name__, steps, head.min_epoch_steps, head.patience,
+                         head.max_epochs, scale)
         module.eval()
         with torch.no_grad():
             val_loss, val_score = validate(module)
