@@ -46,9 +46,11 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 SCHEDULES: tuple[str, ...] = ("cosine", "none")
 
 #: Where the pipeline's defaults (``params.yaml`` without a value) differ from the API's:
-#: small CPU-friendly inputs, digits-friendly augmentation, steady BatchNorm, one thread.
+#: small CPU-friendly inputs, digits-friendly augmentation, steady BatchNorm, one thread, and epochs of at least
+#: 32 steps (a 180-row train split makes 6 per epoch: benchmarks/README.md, "Fine-tuning on small data").
 PARAMS_DEFAULTS: dict[str, Any] = {"epochs": 4, "patience": 2, "crop_scale": (0.8, 1.0), "hflip": False,
-                                   "freeze_bn": True, "input_size": 96, "num_threads": 1}
+                                   "freeze_bn": True, "input_size": 96, "num_threads": 1,
+                                   "min_epoch_steps": 32}
 
 #: Settings only the API sets (the stage sets them from ``train.n_boot``, ``train.seed`` and its own flags).
 _API_ONLY = ("mode", "n_boot", "ci_seed", "progress")
@@ -85,6 +87,12 @@ class FinetuneConfig:
         Per-step cosine decay to 0 over each phase, or a constant LR.
     patience : int
         Stop after this many epochs without a better val metric; 0 never stops early.
+    min_epoch_steps : int
+        The fewest optimiser steps an epoch counts for: when the train split makes
+        fewer batches, ``epochs``, ``warmup_epochs`` and ``patience`` are multiplied
+        by ``ceil(min_epoch_steps / batches)`` (as the MLP heads',
+        :func:`~featcache.heads.training.epoch_scale`), so a small train split is
+        not stopped after a few dozen steps (1: no floor).
     random_resized_crop : bool
         Train-time random-resized crop of the test-time view.
     crop_scale : tuple of float
@@ -142,6 +150,7 @@ class FinetuneConfig:
     weight_decay: float = 0.01
     schedule: str = "cosine"
     patience: int = 3
+    min_epoch_steps: int = 1
     random_resized_crop: bool = True
     crop_scale: tuple[float, float] = (0.5, 1.0)
     hflip: bool = True
@@ -172,7 +181,8 @@ class FinetuneConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: true or false.")
         for name, low, high in (("epochs", 1, None), ("batch_size", 1, 4096), ("warmup_epochs", 0, None),
-                                ("lr_groups", 1, None), ("patience", 0, None), ("num_workers", 0, None),
+                                ("lr_groups", 1, None), ("patience", 0, None),
+                                ("min_epoch_steps", 1, None), ("num_workers", 0, None),
                                 ("n_boot", 0, None), ("seed", 0, None), ("ci_seed", 0, None)):
             check_int(name, getattr(self, name), low, high)
         for name, low in (("input_size", 16), ("num_threads", 1), ("max_train_steps", 1)):

@@ -9,6 +9,7 @@ split's mean and std (outputs are de-standardised when scored).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -33,6 +34,7 @@ from featcache.finetune.optim import (
     set_trainable,
     step_optimizer,
 )
+from featcache.heads.training import epoch_scale
 
 __all__ = ["Fit", "Trainer", "autocast", "predict"]
 
@@ -289,6 +291,17 @@ class Trainer:
         row.update(val_loss=scored["loss"], val_metric=self.last_val)
         return _better(self.task, self.last_val, best)
 
+    def _scaled(self, batches: int) -> FinetuneConfig:
+        """The config with its epoch counts stretched when an epoch has fewer than ``min_epoch_steps`` batches."""
+        scale = epoch_scale(batches, self.config.min_epoch_steps)
+        if scale == 1:
+            return self.config
+        logger.info("%s: %d batch(es) per epoch < min_epoch_steps=%d: epochs, warmup_epochs and patience x %d",
+                    self.config.mode, batches, self.config.min_epoch_steps, scale)
+        return dataclasses.replace(self.config, epochs=self.config.epochs * scale,
+                                   warmup_epochs=self.config.warmup_epochs * scale,
+                                   patience=self.config.patience * scale)
+
     def fit(self, train_batches: Batches, val_batches: Batches | None,
             on_epoch_end: Callable[[dict[str, Any], nn.Module], None] | None) -> Fit:
         """Train, validate every epoch, stop early on val; the model ends with the best epoch's weights.
@@ -315,7 +328,8 @@ class Trainer:
         FloatingPointError
             If the training loss is not finite.
         """
-        config, plan = self.config, phases(self.config)
+        config = self._scaled(len(train_batches))  # type: ignore[arg-type]
+        plan = phases(config)
         history: list[dict[str, Any]] = []
         best_metric: float | None = None
         best_state: dict[str, torch.Tensor] | None = None
