@@ -353,6 +353,25 @@ def test_extract_keeps_a_finished_store_of_the_same_inputs(finished_store, tmp_p
     assert not any(p.name.endswith((".parts", ".lock", ".partial")) for p in tmp_path.iterdir())
 
 
+def test_an_up_to_date_store_names_the_blocks_an_unfinished_rebuild_left(finished_store, tmp_path, monkeypatch,
+                                                                          caplog):
+    """A --force rebuild interrupted, then the command rerun without --force: the finished store is kept, and the
+    committed blocks of the rebuild (disk space) are named with what to do, not left unseen."""
+    import logging
+
+    from featcache.store.writer import parts_root
+
+    out = _store_copy(finished_store, tmp_path)
+    blocks = parts_root(out) / "0123456789abcdef"
+    blocks.mkdir(parents=True)
+    (blocks / "block-00000.npz").write_bytes(b"")
+    _no_model(monkeypatch)
+    with caplog.at_level(logging.INFO):
+        assert main(_extract_cli(finished_store, out)) == 0
+    assert f"{parts_root(out)} holds the committed blocks of an unfinished rebuild of {out}, which is kept as up " \
+           "to date: --force resumes that rebuild from them" in _log(caplog)
+
+
 def test_extract_rebuilds_a_store_of_another_config_naming_the_change(finished_store, tmp_path, caplog):
     import logging
 

@@ -167,6 +167,7 @@ def up_to_date_report(out: str | Path, manifest: Manifest, config: dict[str, Any
     from featcache.extract.report import build_report
     from featcache.store.errors import StoreError
     from featcache.store.reader import FeatureStore
+    from featcache.store.writer import parts_root
 
     if not Path(out).exists():
         return None
@@ -187,6 +188,11 @@ def up_to_date_report(out: str | Path, manifest: Manifest, config: dict[str, Any
         logger.info("Rebuilding %s: %d of its skipped rows failed a read for a transient cause (e.g. %s), "
                     "read again now", out, len(transient), transient[0])
         return None
+    leftover = parts_root(out)
+    if leftover.is_dir() and any(leftover.iterdir()):
+        logger.warning("%s holds the committed blocks of an unfinished rebuild of %s, which is kept as up to date: "
+                       "--force resumes that rebuild from them, or delete the folder to free its space", leftover,
+                       out)
     return build_report(out, manifest, n_extracted=0, n_resumed_blocks=0, seconds=0.0, up_to_date=True)
 
 

@@ -17,7 +17,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["StaleStoreError", "StoreError", "StoreLockedError", "StoreNotFoundError"], "errors"),
     "FeatureStore": "reader",
     **dict.fromkeys(["FORMAT", "LayerSpec", "SPLITS", "SPLIT_CODES", "TASKS"], "schema"),
-    "StoreWriter": "writer",
+    **dict.fromkeys(["StoreWriter", "parts_root"], "writer"),
 }
 
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

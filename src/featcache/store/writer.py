@@ -46,9 +46,26 @@ from .validate import (
     format_blocks,
 )
 
-__all__ = ["StoreWriter"]
+__all__ = ["StoreWriter", "parts_root"]
 
 logger = logging.getLogger(__name__)
+
+
+def parts_root(path: str | Path) -> Path:
+    """The folder that holds a store's committed blocks while it is written.
+
+    Parameters
+    ----------
+    path : path
+        The store's final ``.h5`` path.
+
+    Returns
+    -------
+    Path
+        ``X.h5`` -> ``X.h5.parts`` (one subfolder per config, named by its sha256's first 16 digits).
+    """
+    path = Path(path)
+    return path.with_name(f"{path.name}.parts")
 
 
 class StoreWriter(Closing):
@@ -136,7 +153,7 @@ class StoreWriter(Closing):
         self.fingerprint = self._fingerprint()
 
         name = self.path.name
-        self.parts_root = self.path.with_name(f"{name}.parts")
+        self.parts_root = parts_root(self.path)
         self.parts_dir = self.parts_root / self.config_sha256[:16]
         self.partial_path = self.path.with_name(f"{name}.partial")
         self.lock_path = self.path.with_name(f"{name}.lock")
