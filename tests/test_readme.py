@@ -77,3 +77,56 @@ def test_readme_dvc_exp_run_sets_only_keys_params_yaml_lists_or_adds_them_with_a
             node = node.get(part) if isinstance(node, dict) else None
         assert (node is not None) != bool(plus), (key, "listed in params.yaml: no `+`" if plus else
                                                  "not in params.yaml: write `-S +key=value`")
+
+
+def _help(*argv: str) -> str:
+    """What ``featcache *argv --help`` prints (argparse exits 0 after it)."""
+    import contextlib
+    import io
+
+    import pytest
+
+    from featcache.pipeline.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return out.getvalue()
+
+
+def test_readme_names_every_command_and_option_featcache_help_lists():
+    """A user reading README finds each ``featcache`` command and each of its options (``featcache --help``,
+    ``featcache COMMAND --help``): a new flag or command is documented where people look, not only in --help."""
+    text = README.read_text(encoding="utf-8")
+    top = _help()
+    commands = re.findall(r"^ {4}([a-z][\w-]*)", top, re.M)  # the COMMAND list: one indented line each
+    assert {"extract", "train", "finetune-export"} <= set(commands)
+    missing = [f"featcache {command}" for command in commands if not re.search(rf"featcache {command}(?![\w-])", text)]
+    for argv in [(), *((command,) for command in commands)]:
+        usage = _help(*argv).split("\n\n", 1)[0]  # the usage lines: every option, no help text
+        missing += [f"featcache {' '.join(argv)} {flag}".replace("  ", " ")
+                    for flag in sorted(set(re.findall(r"(?<![\w-])(--?[a-z][\w-]*)", usage)) - {"-h", "--help"})
+                    if not re.search(rf"(?<![\w-]){flag}(?![\w-])", text)]
+    assert not missing, f"README.md does not mention: {missing}"
+
+
+def test_readme_featcache_examples_parse():
+    """Every ``featcache ...`` line of README's ```bash blocks is a command line the CLI accepts."""
+    import contextlib
+    import io
+    import shlex
+
+    from featcache.pipeline.cli import build_parser
+
+    lines = [line.split(" #", 1)[0].strip()
+             for block in re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+             for line in block.replace("\\\n", " ").splitlines()]
+    examples = [line for line in lines if line.startswith("featcache ")]
+    assert len(examples) >= 5
+    for line in examples:
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors):
+                build_parser().parse_args(shlex.split(line)[1:])
+        except SystemExit:
+            raise AssertionError(f"README: `{line}`: {errors.getvalue().strip()}") from None
