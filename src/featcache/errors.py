@@ -17,10 +17,8 @@ __all__ = ["SAVED_HEAD_HINT", "ExtractionError", "ParamError", "SavedHeadError",
 class UserError(Exception):
     """An error caused by the user's input, reported without a traceback.
 
-    Subclasses: ``ConfigError``, ``ManifestError``, ``UnknownNameError``, ``UnknownHeadError``,
-    ``ParamError``, ``WeightsNotFoundError``, ``ExtractionError``, ``StoreError`` (and its
-    subclasses), ``OnnxExportError``, ``ParityError``, ``ShardReadError``, ``SavedHeadError`` (and its
-    subclasses ``SavedHeadNotFoundError``, ``RunNotFoundError``), ``PredictError``.
+    Each module defines its own subclasses (``ManifestError``, ``StoreError``, ``PairingError``...); the whole
+    list is in docs/ARCHITECTURE.md, which ``tests/test_design_guide.py`` checks against the code.
     """
 
 

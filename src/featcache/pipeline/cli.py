@@ -338,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--mode", required=True, choices=MODES, help="the fine-tuning recipe")
     ft.add_argument("--manifest", required=True, help="manifest.csv of the prepare stage")
     ft.add_argument("--out", required=True, help="run folder: model.pt, model.json, weight_report.json, "
-                                                 "history.json, bad_images.json, backbone.pt, and the exports "
-                                                 "(finetune.export_onnx: model.onnx, finetune.cam_images: cam/)")
+                                                 "history.json, bad_images.json, backbone.pt, and (unless "
+                                                 "--no-export) the exports (finetune.export_onnx: model.onnx, "
+                                                 "finetune.cam_images: cam/)")
     ft.add_argument("--metrics", required=True, help="metrics JSON (the train stage's format)")
     ft.add_argument("--confusion", help="actual,predicted CSV of the test split (DVC's confusion or scatter plot, "
                     "by task)")
