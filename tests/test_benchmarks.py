@@ -176,3 +176,20 @@ def test_bench_csv_prepare_measures_a_clean_process():
     done = subprocess.run([sys.executable, str(BENCHMARKS / "bench_csv_prepare.py"), "--rows", "500", "--repeats", "1"],
                           capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.startswith("| 500 rows | ") and "MiB above the imports" in done.stdout
+
+
+def test_bench_ft_modes_subsample_keeps_val_and_test(tmp_path, monkeypatch):
+    """``--train-per-class``: N train rows per class, every val/test row, absolute paths, the class list copied."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench = importlib.import_module("bench_ft_modes")
+    lines = ["id,path,split,label,target"]
+    lines += [f"{c}{i},img/{c}{i}.png,{s},{c}," for c in "ab" for i, s in enumerate(["train"] * 5 + ["val", "test"])]
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "manifest.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "m" / "manifest.classes.json").write_text('{"classes": ["a", "b"]}\n')
+    out = bench.subsample(tmp_path / "m" / "manifest.csv", 2, tmp_path / "out")
+    rows = out.read_text().splitlines()[1:]
+    splits = [r.split(",")[2] for r in rows]
+    assert splits.count("train") == 4 and splits.count("val") == 2 and splits.count("test") == 2
+    assert all(Path(r.split(",")[1]).is_absolute() for r in rows)
+    assert (tmp_path / "out" / "manifest.classes.json").is_file()
