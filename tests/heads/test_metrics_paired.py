@@ -25,6 +25,8 @@ from featcache.heads.paired import (
 )
 
 N, K = 300, 4
+#: A run compared with itself: Δ 0, both CIs [0, 0], neither excludes 0.
+ZERO = {"delta": 0.0, "ci": [0.0, 0.0], "ci_excludes_0": False, "simultaneous_ci": [0.0, 0.0], "distinguishable": False}
 
 
 def _proba(y: np.ndarray, correct: np.ndarray, confidence: float = 0.7) -> np.ndarray:
@@ -55,14 +57,14 @@ def test_identical_runs_differ_by_zero_with_ci_zero(runs):
     a = _rows(runs, "a")
     (delta,) = paired_deltas("classification", a, [a], ["accuracy", "log_loss", "macro_f1", "balanced_accuracy"], K)
     for metric, value in delta.items():
-        assert value == {"delta": 0.0, "ci": [0.0, 0.0], "distinguishable": False}, metric
+        assert value == ZERO, metric
 
 
 def test_identical_regression_runs_differ_by_zero(runs):
     y = np.linspace(0.0, 1.0, 50)
     rows = row_arrays("regression", y, y + np.sin(np.arange(50)) / 10)
     (delta,) = paired_deltas("regression", rows, [rows], ["rmse", "mae", "r2"], n_boot=200)
-    assert all(value == {"delta": 0.0, "ci": [0.0, 0.0], "distinguishable": False} for value in delta.values())
+    assert all(value == ZERO for value in delta.values())
 
 
 def _assert_b_never_worse_on_a_shared_resample(delta: dict) -> None:
@@ -167,3 +169,69 @@ def test_ids_hash_depends_on_the_ids_and_their_order():
     assert ids_sha256(["a", "b"]) != ids_sha256(["b", "a"])
     assert ids_sha256(["ab", "c"]) != ids_sha256(["a", "bc"])
     assert ids_sha256(np.array(["a", "b"])) == ids_sha256(["a", "b"])
+
+
+def _family(n_runs: int, extra: int = 6) -> tuple[dict[str, np.ndarray], list[dict[str, np.ndarray]]]:
+    """A reference right on 340 of 400 rows; run j wrong on those but ``extra`` rows of its own (no two share one)."""
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, K, 400)
+    correct = np.zeros(400, dtype=bool)
+    correct[rng.permutation(400)[:340]] = True
+    right = np.flatnonzero(correct)
+    runs = []
+    for j in range(n_runs):
+        worse = correct.copy()
+        worse[right[j * extra:(j + 1) * extra]] = False
+        runs.append(row_arrays("classification", y, _proba(y, worse), K))
+    return row_arrays("classification", y, _proba(y, correct), K), runs
+
+
+def test_among_20_comparisons_a_ci_that_excludes_0_alone_is_not_called_distinguishable():
+    """Each of 20 runs is worse than the reference on 6 rows of its own: alone, its paired 95% CI excludes 0 (and it
+    is distinguishable); among 20 such comparisons, one in 20 would be called so by luck, so the family-wise judgement
+    (bootstrap max-|t|) needs more: the simultaneous CIs include 0 and ``distinguishable`` says False. The old code
+    judged each CI alone: True for all 20."""
+    from featcache.heads.paired import CORRECTION, paired_comparison
+
+    reference, runs = _family(20)
+    deltas, correction = paired_comparison("classification", reference, [reference, *runs], ["accuracy"], K,
+                                           n_boot=1000, seed=0)
+    assert correction == {"method": CORRECTION, "comparisons": 20, "level": 0.95,
+                          "critical_value": pytest.approx(correction["critical_value"])}
+    assert 2.8 < correction["critical_value"] < 3.6, correction  # Bonferroni's z for 20 two-sided: 3.02
+    assert deltas[0]["accuracy"] == ZERO  # the reference itself: no comparison of the family
+    for delta in deltas[1:]:
+        accuracy = delta["accuracy"]
+        assert accuracy["distinguishable"] is False, accuracy
+        assert accuracy["delta"] == pytest.approx(-6 / 400)
+        assert accuracy["ci"][1] < 0 and accuracy["ci_excludes_0"] is True  # the unadjusted CI alone says "worse"
+        low, high = accuracy["simultaneous_ci"]
+        assert low < accuracy["ci"][0] and high > 0
+        assert (high + low) / 2 == pytest.approx(accuracy["delta"])  # Δ ± c SE
+    # The same run alone (a family of one) is distinguishable: the "no" above is the correction's.
+    (alone,) = paired_deltas("classification", reference, runs[:1], ["accuracy"], K, n_boot=1000, seed=0)
+    assert alone["accuracy"]["distinguishable"] is True and alone["accuracy"]["simultaneous_ci"][1] < 0
+    # Deterministic: the resamples of train.n_boot and train.seed, nothing else drawn.
+    again, _ = paired_comparison("classification", reference, [reference, *runs], ["accuracy"], K, n_boot=1000,
+                                 seed=0)
+    assert again == deltas
+
+
+def test_simultaneous_cis_widen_with_independent_statistics_not_with_copies():
+    """max-|t| uses the correlation: 20 copies of one statistic cost nothing, 20 independent ones cost about what
+    Bonferroni would (z of 0.05 / 40: 3.02), one alone gets the usual 1.96."""
+    from featcache.heads.bootstrap import simultaneous_cis
+
+    rng = np.random.default_rng(0)
+    draws = rng.normal(size=(20, 4001))
+    draws[:, 0] = 0.0  # point values
+    (one,), c_one = simultaneous_cis([draws[0]])
+    assert 1.85 < c_one < 2.1 and one == pytest.approx([-c_one * draws[0, 1:].std(ddof=1),
+                                                        c_one * draws[0, 1:].std(ddof=1)])
+    assert simultaneous_cis([draws[0]] * 20)[1] == pytest.approx(c_one)
+    assert 2.85 < simultaneous_cis(list(draws))[1] < 3.2
+    flat, spread_less = np.array([0.5] * 11), np.array([0.5, np.nan, 0.1])
+    assert simultaneous_cis([flat, spread_less, draws[0]])[0][:2] == [[0.5, 0.5], None]
+    assert simultaneous_cis([flat]) == ([[0.5, 0.5]], None)
+    with pytest.raises(ValueError, match="alpha=2 is invalid"):
+        simultaneous_cis([flat], alpha=2)

@@ -31,9 +31,12 @@ def _scores(y: np.ndarray, n_wrong: int) -> np.ndarray:
     return proba
 
 
-def _write(metrics: Path, head: str, n_wrong: int, *, ids: list[str] | None = IDS, rows: bool = True) -> None:
+def _write(metrics: Path, head: str, n_wrong: int, *, ids: list[str] | None = IDS, rows: bool = True,
+           also_wrong: slice | None = None) -> None:
     y = np.arange(N) % K
     proba = _scores(y, n_wrong)
+    if also_wrong is not None:  # wrong on these rows too (there: the next class)
+        proba[also_wrong] = _scores(y[also_wrong], N)
     path = metrics / "b" / "pool" / f"{head}.json"
     write_run(path, {"dataset": "d", "backbone": "b", "layer": "pool", "head": head, "task": "classification",
                      **metrics_with_ci("classification", y, proba, K, n_boot=200, seed=0)})
@@ -61,7 +64,8 @@ def test_every_run_gets_its_paired_delta_to_the_best(tmp_path):
     compare(tmp_path / "m", tmp_path / "r")
     table, runs = _table(tmp_path / "r"), _json(tmp_path / "r")
     assert table["mlp"]["Δ accuracy vs best"] == table["mlp"]["distinguishable from best"] == "(best)"
-    assert runs["mlp"]["paired"]["accuracy"] == {"delta": 0.0, "ci": [0.0, 0.0], "distinguishable": False}
+    assert runs["mlp"]["paired"]["accuracy"] == {"delta": 0.0, "ci": [0.0, 0.0], "ci_excludes_0": False,
+                                                 "simultaneous_ci": [0.0, 0.0], "distinguishable": False}
     logreg = runs["logreg"]["paired"]
     assert logreg["reference"] == "b/pool/mlp" and (logreg["n_boot"], logreg["seed"]) == (200, 0)
     assert logreg["accuracy"]["delta"] == pytest.approx(-2 / N)
@@ -135,3 +139,35 @@ def test_without_bootstrap_the_report_claims_no_cis(tmp_path):
     assert "[" not in table["mlp"]["rmse"] and "[" not in table["mlp"]["Δ rmse vs best"]  # no CI drawn
     assert "bootstrap CI" not in text and "0 resamples" not in text, text
     assert "no CIs (train.n_boot: 0)" in text, text
+
+
+def test_distinguishable_is_corrected_for_the_many_comparisons(tmp_path):
+    """12 runs, each wrong on the best run's 10 rows and on 6 rows of its own: alone, each one's paired 95% CI
+    excludes 0 on both metrics, and the old column said `accuracy, log_loss` 12 times: 24 calls, each with a 5% chance
+    of being luck. Corrected for the 24 comparisons (bootstrap max-|t| simultaneous CIs), it says `no`, and the
+    report says which correction, over how many comparisons."""
+    _write(tmp_path / "m", "mlp", 10)
+    for j in range(12):
+        _write(tmp_path / "m", f"h{j:02d}", 10, also_wrong=slice(10 + 6 * j, 16 + 6 * j))
+    compare(tmp_path / "m", tmp_path / "r")
+    table, runs = _table(tmp_path / "r"), _json(tmp_path / "r")
+    for head in (f"h{j:02d}" for j in range(12)):
+        paired = runs[head]["paired"]
+        assert table[head]["distinguishable from best"] == "no", table[head]
+        for metric in ("accuracy", "log_loss"):
+            lo, hi = paired[metric]["ci"]
+            assert (hi < 0 if metric == "accuracy" else lo > 0) and paired[metric]["ci_excludes_0"] is True
+            assert paired[metric]["distinguishable"] is False
+            low, high = paired[metric]["simultaneous_ci"]
+            assert low < 0 < high
+        # The brackets stay the unadjusted paired 95% CI.
+        lo, hi = paired["accuracy"]["ci"]
+        assert table[head]["Δ accuracy vs best"] == f"{-6 / N:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+        assert paired["correction"]["comparisons"] == 24 and paired["correction"]["level"] == 0.95
+    assert runs["mlp"]["paired"]["correction"] == runs["h00"]["paired"]["correction"]
+    text = (tmp_path / "r" / "compare.md").read_text()
+    assert "paired 95% bootstrap CI in brackets (of that comparison alone, unadjusted)" in text, text
+    critical = runs["h00"]["paired"]["correction"]["critical_value"]
+    assert ("Distinguishable from best: the metrics whose Δ stays clear of 0 after a family-wise correction for the "
+            "24 comparisons of this table (12 runs × 2 metrics), by bootstrap max-|t| simultaneous CIs "
+            f"(`simultaneous_ci` in compare.json: Δ ± {critical:.2f} bootstrap SEs") in text, text

@@ -12,7 +12,9 @@ The per-row arrays are a run's :func:`~featcache.heads.bootstrap.row_arrays`;
 :func:`write_rows`) with the sha256 of its test ids (:func:`ids_sha256`), so
 that ``compare`` pairs only runs scored on the same test rows. The resamples
 are those of the run's own CIs (:func:`~featcache.heads.bootstrap.metrics_with_ci`)
-for the same ``n_boot`` and ``seed``.
+for the same ``n_boot`` and ``seed``. Whether a run is *distinguishable* from the
+reference is judged over all the comparisons at once (:func:`paired_comparison`:
+bootstrap max-|t| simultaneous CIs), not one CI at a time.
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ from featcache.errors import UserError
 from featcache.store.schema import TASKS
 from featcache.util.atomic import write_bytes
 
-from .bootstrap import ROW_FIELDS, percentile_ci, resampled_scores
+from .bootstrap import ROW_FIELDS, percentile_ci, resampled_scores, simultaneous_cis
 
-__all__ = ["ROWS_FORMAT", "ROWS_SUFFIX", "PairingError", "check_rows", "ids_sha256", "paired_deltas", "read_rows",
-           "rows_path", "write_rows"]
+__all__ = ["CORRECTION", "ROWS_FORMAT", "ROWS_SUFFIX", "PairingError", "check_rows", "ids_sha256", "paired_comparison",
+           "paired_deltas", "read_rows", "rows_path", "write_rows"]
 
 #: ``metrics/.../logreg.json`` -> ``metrics/.../logreg.rows.npz``: the run's per-test-row arrays (:func:`write_rows`).
 ROWS_SUFFIX = ".rows.npz"
+
+#: How :func:`paired_comparison` corrects ``distinguishable`` for the many comparisons.
+CORRECTION = "bootstrap max-|t| simultaneous CIs"
 
 #: The ``format`` of the rows files this version writes.
 ROWS_FORMAT = "featcache-rows/1"
@@ -87,9 +92,36 @@ def paired_deltas(task: str, reference: Mapping[str, Any], runs: Sequence[Mappin
                   alpha: float = 0.05) -> list[dict[str, dict[str, Any]]]:
     """Each run's score minus the reference's, with a paired percentile-bootstrap CI.
 
+    :func:`paired_comparison` without the description of the correction: see it for the parameters.
+
+    Returns
+    -------
+    list of dict
+        Per run, ``{metric: {"delta", "ci", "ci_excludes_0", "simultaneous_ci", "distinguishable"}}``.
+    """
+    return paired_comparison(task, reference, runs, metrics, n_classes, n_boot=n_boot, seed=seed, alpha=alpha)[0]
+
+
+def paired_comparison(task: str, reference: Mapping[str, Any], runs: Sequence[Mapping[str, Any]],
+                      metrics: Sequence[str], n_classes: int | None = None, *, n_boot: int = 1000, seed: int = 0,
+                      alpha: float = 0.05) -> tuple[list[dict[str, dict[str, Any]]], dict[str, Any]]:
+    """Each run's score minus the reference's, with a paired CI, judged with a family-wise correction.
+
     Every bootstrap draw resamples the test rows once and scores the reference and
-    every run on those same rows; the CI is the percentile interval of the
-    per-draw differences.
+    every run on those same rows. Per (run, metric), ``ci`` is the percentile
+    interval of the per-draw differences: 1 - ``alpha`` for that comparison alone.
+    Read alone, with many runs, some of those CIs exclude 0 by luck (at 95%, one in
+    20 ties). So ``distinguishable`` does not read them: it asks whether the
+    *simultaneous* CI excludes 0, the interval of the bootstrap max-|t| method
+    (:func:`~featcache.heads.bootstrap.simultaneous_cis`) over the family of every
+    (run, metric) difference in this call, so that the chance of calling any tie
+    distinguishable is about ``alpha`` in all. That method is used because it works
+    on the very resamples of the CIs (no other draws: deterministic for ``n_boot``
+    and ``seed``), stays usable with 1000 resamples however many comparisons there are
+    (Holm or Bonferroni on bootstrap p-values would need tail probabilities finer than
+    1 / ``n_boot``), and is less conservative than Bonferroni because the comparisons,
+    all with one reference, are correlated. Its intervals are symmetric (Δ ± c SE),
+    the percentile ``ci`` need not be.
 
     Parameters
     ----------
@@ -98,7 +130,8 @@ def paired_deltas(task: str, reference: Mapping[str, Any], runs: Sequence[Mappin
         The per-row test arrays of the run the others are compared with (the best).
     runs : sequence of mapping
         Per-row test arrays of the same test rows, in the same order (the
-        reference itself may be among them: its delta is 0 with CI [0, 0]).
+        reference itself may be among them: its delta is 0 with CIs [0, 0], and
+        it is no comparison of the family; nor is any run with its very arrays).
     metrics : sequence of str
         Metric names (any but ``top5_accuracy``).
     n_classes : int or None
@@ -106,13 +139,18 @@ def paired_deltas(task: str, reference: Mapping[str, Any], runs: Sequence[Mappin
     n_boot, seed : int
         Bootstrap draws and seed (``train.n_boot``, ``train.seed``); ``n_boot=0`` gives deltas without CIs.
     alpha : float
-        1 - the confidence level.
+        1 - the confidence level, of each ``ci`` and of the simultaneous CIs together.
 
     Returns
     -------
-    list of dict
-        Per run, ``{metric: {"delta": float, "ci": [lo, hi] or None, "distinguishable": bool or None}}``;
-        ``distinguishable``: the CI excludes 0.
+    deltas : list of dict
+        Per run, ``{metric: {"delta": float, "ci": [lo, hi] or None, "ci_excludes_0": bool or None,
+        "simultaneous_ci": [lo, hi] or None, "distinguishable": bool or None}}``; ``distinguishable``:
+        the simultaneous CI excludes 0 (None without one).
+    correction : dict
+        ``method`` (:data:`CORRECTION`), ``comparisons`` (the family's size: runs other than the
+        reference x metrics), ``level`` (1 - ``alpha``), ``critical_value`` (c: each simultaneous CI is
+        Δ ± c bootstrap SEs; None without resamples or when no difference varies).
 
     Raises
     ------
@@ -130,16 +168,25 @@ def paired_deltas(task: str, reference: Mapping[str, Any], runs: Sequence[Mappin
     if task == "classification" and n_classes is None:
         n_classes = int(max(int(rows[field].max()) for rows in arrays for field in ("y_true", "y_pred"))) + 1
     scores = resampled_scores(task, arrays, metrics, n_classes or 0, n_boot=n_boot, seed=seed)
+    differences = [{name: run[name] - scores[0][name] for name in metrics} for run in scores[1:]]
+    family = [index for index, rows in enumerate(arrays[1:])
+              if not all(np.array_equal(rows[field], arrays[0][field]) for field in rows)]
+    simultaneous, critical = (simultaneous_cis([diff[name] for diff in differences for name in metrics], alpha)
+                              if n_boot else ([None] * len(differences) * len(metrics), None))
     out = []
-    for run in scores[1:]:
+    for index, diff in enumerate(differences):
         deltas = {}
-        for name in metrics:
-            diff = run[name] - scores[0][name]
-            ci = list(percentile_ci(diff[1:], alpha)) if n_boot else None
-            deltas[name] = {"delta": float(diff[0]), "ci": ci,
-                            "distinguishable": None if ci is None else bool(ci[0] > 0 or ci[1] < 0)}
+        for position, name in enumerate(metrics):
+            ci = list(percentile_ci(diff[name][1:], alpha)) if n_boot else None
+            band = simultaneous[index * len(metrics) + position]
+            deltas[name] = {"delta": float(diff[name][0]), "ci": ci,
+                            "ci_excludes_0": None if ci is None else bool(ci[0] > 0 or ci[1] < 0),
+                            "simultaneous_ci": band,
+                            "distinguishable": None if band is None else bool(band[0] > 0 or band[1] < 0)}
         out.append(deltas)
-    return out
+    correction = {"method": CORRECTION, "comparisons": len(family) * len(metrics), "level": 1 - alpha,
+                  "critical_value": critical}
+    return out, correction
 
 
 def rows_path(metrics_path: str | Path) -> Path:

@@ -11,9 +11,11 @@ Every row says which weights made its features (``weights``, see
 backbones rank in one table, and must not be mistaken for one another.
 
 Every run is also compared with the top-ranked one on the same test rows
-(:func:`featcache.heads.paired.paired_deltas`, from the runs' ``.rows.npz``
+(:func:`featcache.heads.paired.paired_comparison`, from the runs' ``.rows.npz``
 files): the difference on the ranking metric and on its tie-break, each with a
-paired 95% bootstrap CI, and whether that CI excludes 0. A run whose test rows
+paired 95% bootstrap CI, and whether it is distinguishable from the best: judged
+over all the comparisons at once (bootstrap max-|t| simultaneous CIs), not by each
+CI alone, which with many runs would call some ties by luck. A run whose test rows
 are not the best run's (another test-ids sha256), or that has no rows file, is
 shown without a delta and a footnote saying why: it is never paired wrongly.
 """
@@ -29,7 +31,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from featcache.errors import UserError
-from featcache.heads.paired import PairingError, check_rows, paired_deltas, read_rows, rows_path
+from featcache.heads.paired import PairingError, check_rows, paired_comparison, read_rows, rows_path
 from featcache.runs import SIDECAR_SUFFIX, read_run
 from featcache.util.atomic import write_csv, write_text
 
@@ -213,6 +215,10 @@ def _rows_of(run: dict[str, Any], task: str) -> tuple[dict[str, Any] | None, str
 def _pair(runs: list[dict[str, Any]]) -> None:
     """Give each ranked run ``paired``: its difference to the first on the ranking metric and its tie-break, each
     with a paired bootstrap CI (the first run's ``n_boot`` and ``seed``), or ``skipped`` (a key of :data:`UNPAIRED`).
+
+    ``distinguishable`` is judged over the whole table at once (``correction``: bootstrap max-|t| simultaneous
+    CIs over every paired run but the best × both metrics, :func:`featcache.heads.paired.paired_comparison`):
+    with 6 to 40 runs, CIs read one at a time would call some ties "distinguishable" by luck.
     """
     if not runs:
         return
@@ -236,10 +242,10 @@ def _pair(runs: list[dict[str, Any]]) -> None:
     if not pairable:
         return
     n_boot, seed = int(reference.get("n_boot", 1000)), int(reference.get("seed", 0))
-    deltas = paired_deltas(task, reference, [rows for _, rows in pairable], metrics, reference.get("n_classes"),
-                           n_boot=n_boot, seed=seed)
+    deltas, correction = paired_comparison(task, reference, [rows for _, rows in pairable], metrics,
+                                           reference.get("n_classes"), n_boot=n_boot, seed=seed)
     for (run, _), delta in zip(pairable, deltas, strict=True):
-        run["paired"].update(n_boot=n_boot, seed=seed, **delta)
+        run["paired"].update(n_boot=n_boot, seed=seed, correction=correction, **delta)
 
 
 def _superscript(number: int) -> str:
@@ -260,9 +266,27 @@ def _paired_cells(run: dict[str, Any], metrics: Sequence[str], footnotes: dict[s
     for metric in metrics:
         delta, ci = paired[metric]["delta"], paired[metric]["ci"]
         cells.append(f"{delta:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else f"{delta:+.4f}")
-    if any(paired[metric]["ci"] is None for metric in metrics):
+    if any(paired[metric]["ci"] is None or paired[metric].get("distinguishable") is None for metric in metrics):
         return [*cells, "-"]
     return [*cells, ", ".join(metric for metric in metrics if paired[metric]["distinguishable"]) or "no"]
+
+
+def _distinguishable_text(correction: dict[str, Any] | None, n_metrics: int) -> str:
+    """What the "distinguishable from best" column means: which correction, over how many comparisons."""
+    if not correction or not correction["comparisons"]:
+        return "Distinguishable from best: no run but the best is paired, so nothing is compared."
+    count, critical = correction["comparisons"], correction["critical_value"]
+    level, alpha = f"{100 * correction['level']:.3g}%", f"{100 * (1 - correction['level']):.3g}%"
+    return (f"Distinguishable from best: the metrics whose Δ stays clear of 0 after a family-wise correction for "
+            f"the {count} comparisons of this table ({count // n_metrics} runs × {n_metrics} metrics), by "
+            f"{correction['method']} (`simultaneous_ci` in compare.json: Δ "
+            + (f"± {critical:.2f} bootstrap SEs" if critical is not None else "itself: no Δ varies over the resamples")
+            + f", on the same resamples): they hold all at once in {level} of the resamples, so the chance that "
+            f"any tie here is called distinguishable is about {alpha} in all, not {alpha} per "
+            f"comparison (unadjusted, {count} comparisons would make about "
+            f"{count * (1 - correction['level']):.1f} such calls). A bracket that excludes 0 beside `no` is a "
+            "difference the correction does not back; `no`: on this test set the difference may be noise. The best "
+            "was picked on this same test split: read a call that barely clears 0 as a hint, not a verdict.")
 
 
 def _markdown(runs: list[dict[str, Any]]) -> str:
@@ -281,14 +305,12 @@ def _markdown(runs: list[dict[str, Any]]) -> str:
     if drawn or boot is None or boot["n_boot"]:
         delta = (
             f"Δ vs best: the run's test score minus the best run's (`{best.get('reference', '?')}`), with a paired "
-            "95% bootstrap CI: each resample of the test rows scores both runs on the same rows"
+            "95% bootstrap CI in brackets (of that comparison alone, unadjusted): each resample of the test rows "
+            "scores both runs on the same rows"
             + (f" ({boot['n_boot']} resamples, seed {boot['seed']}: those of the CIs)" if boot else "")
             + ", so the CI holds only what the two runs do differently (tighter than comparing their own CIs when "
             "the runs err on the same rows). "
-            "Distinguishable from best: the metrics whose paired CI excludes 0; `no`: on this test set the "
-            "difference may be noise. Each run is set against the best alone, with no correction for the many "
-            "comparisons, and the best was picked on this same test split: read a CI that barely excludes 0 as a "
-            "hint, not a verdict.")
+            + _distinguishable_text((boot or {}).get("correction"), len(paired_metrics)))
     else:
         delta = (f"Δ vs best: the run's test score minus the best run's (`{best.get('reference', '?')}`), with no "
                  "CIs (train.n_boot: 0): nothing here tells a real difference from noise; set train.n_boot "
@@ -354,8 +376,9 @@ def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
     -------
     list of dict
         The ranked runs, each with ``paired``: its difference to the first on the ranking metric and its
-        tie-break with a paired bootstrap CI (``delta``, ``ci``, ``distinguishable``), or ``skipped``
-        (a key of :data:`UNPAIRED`).
+        tie-break with a paired bootstrap CI (``delta``, ``ci``, ``ci_excludes_0``, ``simultaneous_ci``,
+        ``distinguishable``: the simultaneous CI excludes 0) and the ``correction`` that judges them, or
+        ``skipped`` (a key of :data:`UNPAIRED`).
     """
     runs = _rank([_with_weights(run) for run in collect_runs(metrics_dir)])
     _pair(runs)
