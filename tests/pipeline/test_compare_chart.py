@@ -1,4 +1,4 @@
-"""The comparison chart's Vega-Lite template (``.dvc/plots/ci_points.json``) and the CSV it draws.
+"""The comparison charts' Vega-Lite templates (``.dvc/plots/ci_points.json``, ``paired_delta.json``) and their CSVs.
 
 Rendered and looked at once by hand (``dvc plots show --json`` -> vl-convert -> PNG);
 this pins the structure that made it readable: a point per run with CI whiskers, an
@@ -19,6 +19,7 @@ from featcache.runs import write_run
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = json.loads((REPO / ".dvc" / "plots" / "ci_points.json").read_text())
+PAIRED_TEMPLATE_PATH = REPO / ".dvc" / "plots" / "paired_delta.json"
 
 
 def _marks() -> dict[str, list[dict]]:
@@ -53,11 +54,65 @@ def test_runs_are_sorted_best_first_and_revisions_told_apart():
     assert TEMPLATE["encoding"]["yOffset"]["field"] == "rev"
 
 
+def _compare_plots(dvc_file: str) -> dict[str, dict]:
+    """The compare stage's plots in ``dvc_file``: path -> properties."""
+    stages = yaml.safe_load((REPO / dvc_file).read_text())["stages"]
+    return {path: props for plot in stages["compare"]["plots"] for path, props in plot.items()}
+
+
 def test_dvc_yaml_draws_the_compare_csv_with_this_template():
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    (plot,) = stages["compare"]["plots"]
-    (props,) = plot.values()
-    assert (props["template"], props["x"], props["y"]) == ("ci_points", "value", "run")
+    plots = _compare_plots("dvc.yaml")
+    assert plots["plots/compare/${data.name}.csv"] == {"template": "ci_points", "x": "value", "y": "run",
+                                                        "title": "Test score per run (95% bootstrap CI)",
+                                                        "cache": False}
+
+
+@pytest.mark.parametrize("dvc_file", ["dvc.yaml", "finetune/dvc.yaml"])
+def test_dvc_yaml_draws_the_paired_deltas_beside_it(dvc_file):
+    """The paired chart is declared where compare writes it (beside --plot), with a template both projects have."""
+    from featcache.pipeline.compare import paired_plot_path
+
+    plots = _compare_plots(dvc_file)
+    (scores,) = [path for path, props in plots.items() if props["template"] == "ci_points"]
+    props = plots.pop(paired_plot_path(scores).as_posix())
+    assert set(plots) == {scores}, plots
+    assert (props["template"], props["x"], props["y"], props["cache"]) == ("paired_delta", "delta", "run", False)
+    template = Path(dvc_file).parent / ".dvc" / "plots" / "paired_delta.json"
+    assert (REPO / template).read_text() == PAIRED_TEMPLATE_PATH.read_text(), template
+
+
+def test_the_paired_template_draws_delta_both_cis_and_zero(tmp_path):
+    """Rendered as ``dvc plots show`` does (dvc_render): every field it reads is a column of the CSV, the point is
+    the Δ, the whiskers the paired CI, the bar the simultaneous CI, and a rule marks 0."""
+    from dvc_render.vega import VegaRenderer
+
+    from featcache.pipeline.compare import PAIRED_PLOT_COLUMNS
+
+    for head, (accuracy, low, high) in {"logreg": (0.95, 0.93, 0.97), "mlp": (0.97, 0.95, 0.99)}.items():
+        write_run(tmp_path / "metrics" / f"{head}.json",
+                  {"dataset": "d", "backbone": "b", "layer": "pool", "head": head, "task": "classification",
+                   "accuracy": accuracy, "ci": {"accuracy": [low, high]}})
+    compare(tmp_path / "metrics", tmp_path / "reports", plot_path=tmp_path / "plot.csv")
+    assert (tmp_path / "plot.paired.csv").read_text().splitlines() == [",".join(PAIRED_PLOT_COLUMNS)]  # no rows files
+    row = dict(zip(PAIRED_PLOT_COLUMNS, ["b/pool/logreg", "accuracy", "-0.02", "-0.04", "-0.01", "-0.05", "0.01",
+                                         "no", "2"]))
+    renderer = VegaRenderer([{**row, "rev": "workspace"}], "plots/compare/d.paired.csv", template="paired_delta",
+                            template_dir=str(PAIRED_TEMPLATE_PATH.parent), x="delta", y="run")
+    spec = renderer.get_filled_template()
+    assert "<DVC_METRIC_" not in json.dumps(spec), "an anchor was left unfilled"
+    layers, by_mark = [spec], {}
+    while layers:  # a layer of marks that share the runs' y, and the line at 0 across them all
+        layer = layers.pop()
+        layers += layer.get("layer", [])
+        if "mark" in layer:
+            by_mark.setdefault(layer["mark"]["type"], []).append(layer["encoding"])
+        fields = {enc.get("field") for enc in layer.get("encoding", {}).values() if isinstance(enc, dict)} - {None}
+        assert fields <= set(PAIRED_PLOT_COLUMNS) | {"rev"}, fields
+    assert [enc["x"]["field"] for enc in by_mark["point"]] == ["delta"]
+    spans = {(enc["x"].get("field"), enc.get("x2", {}).get("field")) for enc in by_mark["rule"]}
+    assert {("ci_low", "ci_high"), ("simultaneous_low", "simultaneous_high")} <= spans
+    assert any(enc["x"].get("datum") == 0 for enc in by_mark["rule"])  # the line at Δ = 0
+    assert by_mark["point"][0]["shape"]["field"] == "distinguishable"
 
 
 def test_the_csv_has_the_templates_fields_best_first(tmp_path):

@@ -7,6 +7,7 @@ without a delta and with a footnote saying why, never paired wrongly.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -171,3 +172,37 @@ def test_distinguishable_is_corrected_for_the_many_comparisons(tmp_path):
     assert ("Distinguishable from best: the metrics whose Δ stays clear of 0 after a family-wise correction for the "
             "24 comparisons of this table (12 runs × 2 metrics), by bootstrap max-|t| simultaneous CIs "
             f"(`simultaneous_ci` in compare.json: Δ ± {critical:.2f} bootstrap SEs") in text, text
+
+
+def test_the_paired_chart_draws_the_tables_delta_for_each_paired_run(tmp_path):
+    """``plots/compare/<data>.paired.csv``: one row per run paired with the best (the best at 0), Δ = its score -
+    the best's with the paired CI of the table and the simultaneous CI that the "distinguishable" column reads;
+    unpaired runs are left out (the report's footnote says why). The old code drew only each run's own CI."""
+    from featcache.pipeline.compare import PAIRED_PLOT_COLUMNS, paired_plot_path
+
+    _write(tmp_path / "m", "mlp", 10)
+    _write(tmp_path / "m", "logreg", 12)
+    _write(tmp_path / "m", "lightgbm", 40)
+    _write(tmp_path / "m", "sgd", 30, rows=False)
+    _write(tmp_path / "m", "knn", 20, ids=[*IDS[1:], "other.png"])
+    plot = tmp_path / "plots" / "d.csv"
+    compare(tmp_path / "m", tmp_path / "r", plot_path=plot)
+    assert paired_plot_path(plot) == tmp_path / "plots" / "d.paired.csv"
+    with open(paired_plot_path(plot), newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    table, runs = _table(tmp_path / "r"), _json(tmp_path / "r")
+    assert tuple(rows[0]) == PAIRED_PLOT_COLUMNS
+    assert [row["run"] for row in rows] == ["b/pool/mlp", "b/pool/logreg", "b/pool/lightgbm"]  # sgd, knn: unpaired
+    assert {table[head]["Δ accuracy vs best"][:2] for head in ("sgd", "knn")} == {"-¹", "-²"}
+    for row in rows:
+        head = row["run"].rsplit("/", 1)[1]
+        paired = runs[head]["paired"]["accuracy"]
+        assert row["metric"] == "accuracy" and row["rank"] == str(runs[head]["rank"])
+        assert float(row["delta"]) == pytest.approx(runs[head]["accuracy"] - runs["mlp"]["accuracy"], abs=1e-6)
+        assert [float(row["ci_low"]), float(row["ci_high"])] == pytest.approx(paired["ci"], abs=1e-6)
+        assert [float(row["simultaneous_low"]), float(row["simultaneous_high"])] == pytest.approx(
+            paired["simultaneous_ci"], abs=1e-6)
+        said = table[head]["distinguishable from best"]
+        assert row["distinguishable"] == ("best" if said == "(best)" else "yes" if "accuracy" in said else "no")
+    assert [row["distinguishable"] for row in rows] == ["best", "no", "yes"]
+    assert float(rows[0]["delta"]) == float(rows[0]["ci_low"]) == float(rows[0]["simultaneous_high"]) == 0.0

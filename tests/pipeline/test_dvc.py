@@ -44,7 +44,8 @@ def new_project(root: Path) -> Path:
                     ignore=shutil.ignore_patterns("__pycache__"))
     _run(["git", "init", "-q"], root)
     _run(["dvc", "init", "-q"], root)
-    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")  # the chart templates (ci_points, <data.task>)
+    # The chart templates (ci_points, paired_delta, <data.task>).
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")
     # The optional fine-tuning pipeline, a DVC subrepo (its own .dvc/), as committed.
     shutil.copytree(REPO / "finetune", root / "finetune", symlinks=True,
                     ignore=shutil.ignore_patterns("tmp", "cache", "config.local"))
@@ -73,6 +74,7 @@ def test_repro_runs_every_stage_then_nothing(dvc_project: Path):
     assert "failed to load" not in shown.lower(), shown  # the fine-tune pipeline's plots are not collected
     html = (dvc_project / "plots_html" / "index.html").read_text()
     assert "ci_high" in html and "metric_title" in html  # the comparison chart: CIs, axis named by the metric
+    assert "simultaneous_low" in html  # the paired chart: each run's Δ vs the best, the CI "distinguishable" reads
     second = _run(["dvc", "repro"], dvc_project)
     assert _stages_run(second) == set()
     # The optional fine-tune pipeline (never run here) does not make the main one look out of date.
@@ -91,7 +93,8 @@ def test_metrics_hold_numbers_only_and_git_keeps_them(dvc_project: Path):
         values = leaves(json.loads(path.read_text()))
         assert values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values), path
     outputs = ["metrics/tiny/efficientnet_lite0/pool/logreg.json", "reports/compare.md",
-               "plots/compare/tiny.csv", "plots/predictions/tiny/efficientnet_lite0/pool/logreg.csv"]
+               "plots/compare/tiny.csv", "plots/compare/tiny.paired.csv",
+               "plots/predictions/tiny/efficientnet_lite0/pool/logreg.csv"]
     ignored = subprocess.run(["git", "check-ignore", *outputs], cwd=dvc_project, capture_output=True, text=True)
     assert ignored.stdout == "", f"git ignores cache: false outputs: {ignored.stdout}"
 

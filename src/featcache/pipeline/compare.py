@@ -2,9 +2,11 @@
 
 Reads the run record of each run (its metrics JSON and sidecar, see
 :mod:`featcache.runs`) and writes ``compare.md`` (a table), ``compare.json``
-(the same rows, every field) and a CSV for DVC's comparison chart: the primary
-test metric of each run with its 95% bootstrap confidence interval and rank
-(template ``.dvc/plots/ci_points.json``).
+(the same rows, every field) and two CSVs for DVC's charts
+(:mod:`featcache.pipeline.compare_charts`): the primary test metric of each run
+with its 95% bootstrap confidence interval and rank (template
+``.dvc/plots/ci_points.json``), and beside it each paired run's difference to
+the best (template ``.dvc/plots/paired_delta.json``).
 
 Every row says which weights made its features (``weights``, see
 :func:`weights_label`): features of randomly initialised and of pretrained
@@ -26,7 +28,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -35,8 +37,18 @@ from featcache.heads.paired import PairingError, check_rows, paired_comparison, 
 from featcache.runs import SIDECAR_SUFFIX, read_run
 from featcache.util.atomic import write_csv, write_text
 
-__all__ = ["compare", "collect_runs", "weights_label", "MetricsNotFoundError", "MixedRunsError", "PLOT_COLUMNS",
-           "PRIMARY_METRIC", "TIE_BREAK", "UNKNOWN_WEIGHTS", "UNPAIRED"]
+from .compare_charts import (
+    PAIRED_PLOT_COLUMNS,
+    PLOT_COLUMNS,
+    head_name,
+    paired_plot_path,
+    paired_plot_rows,
+    plot_rows,
+    run_label,
+)
+
+__all__ = ["compare", "collect_runs", "paired_plot_path", "weights_label", "MetricsNotFoundError", "MixedRunsError",
+           "PAIRED_PLOT_COLUMNS", "PLOT_COLUMNS", "PRIMARY_METRIC", "TIE_BREAK", "UNKNOWN_WEIGHTS", "UNPAIRED"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +57,6 @@ PRIMARY_METRIC = {"classification": ("accuracy", True), "regression": ("rmse", F
 
 #: Order among runs tied on the primary metric (each lower is better), then their names.
 TIE_BREAK = {"classification": "log_loss", "regression": "mae"}
-
-#: Columns of the comparison chart's CSV (one row per run, best first).
-PLOT_COLUMNS = ("run", "metric", "value", "ci_low", "ci_high", "rank")
 
 #: ``weights`` of a run whose record does not say (written before runs recorded their weights).
 UNKNOWN_WEIGHTS = "?"
@@ -152,11 +161,6 @@ def _with_weights(run: dict[str, Any]) -> dict[str, Any]:
     return run
 
 
-def _name(run: dict[str, Any]) -> str:
-    """The head as a reader knows it (``ridge`` for the regression twin of ``logreg``)."""
-    return str(run.get("label") or run["head"])
-
-
 def _rank(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if not runs:
         return []
@@ -164,7 +168,7 @@ def _rank(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     task = runs[0]["task"]
     metric, higher = PRIMARY_METRIC[task]
     ranked = sorted(runs, key=lambda run: (-run[metric] if higher else run[metric], _finite(run.get(TIE_BREAK[task])),
-                                           run["backbone"], run["layer"], _name(run)))
+                                           run["backbone"], run["layer"], head_name(run)))
     for index, run in enumerate(ranked):  # runs tied on the metric share the rank of the first of them
         run["rank"] = ranked[index - 1]["rank"] if index and run[metric] == ranked[index - 1][metric] else index + 1
     return ranked
@@ -225,7 +229,7 @@ def _pair(runs: list[dict[str, Any]]) -> None:
     task = runs[0]["task"]
     metrics = (PRIMARY_METRIC[task][0], TIE_BREAK[task])
     reference, why = _rows_of(runs[0], task)
-    name = f"{runs[0]['backbone']}/{runs[0]['layer']}/{_name(runs[0])}"
+    name = run_label(runs[0])
     pairable = []
     for run in runs:
         rows, skipped = _rows_of(run, task) if run is not runs[0] else (reference, why)
@@ -333,7 +337,7 @@ def _markdown(runs: list[dict[str, Any]]) -> str:
     footnotes: dict[str, int] = {}
     for run in runs:
         chosen = ", ".join(f"{k}={_short(v)}" for k, v in sorted(run.get("best_params", {}).items()))
-        cells = [str(run["rank"]), run["backbone"], run["layer"], _name(run),
+        cells = [str(run["rank"]), run["backbone"], run["layer"], head_name(run),
                  str(run.get("weights") or UNKNOWN_WEIGHTS).replace("|", "\\|"),
                  *(_cell(run, m) for m in columns), *_paired_cells(run, paired_metrics, footnotes),
                  str(run.get("n_features", "")), f"{run.get('fit_seconds', float('nan')):.2f}",
@@ -348,19 +352,8 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def _plot_rows(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    rows = []
-    for run in runs:
-        metric, _ = PRIMARY_METRIC[run["task"]]
-        lo, hi = run.get("ci", {}).get(metric, [run[metric], run[metric]])
-        rows.append({"run": f"{run['backbone']}/{run['layer']}/{_name(run)}", "metric": metric,
-                     "value": round(run[metric], 6), "ci_low": round(lo, 6), "ci_high": round(hi, 6),
-                     "rank": run.get("rank", 0)})
-    return rows
-
-
 def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
-            plot_path: str | Path | None = None) -> list[dict[str, Any]]:
+            plot_path: str | Path | None = None, paired_plot: str | Path | None = None) -> list[dict[str, Any]]:
     """Rank all runs and write ``compare.md``, ``compare.json`` (and the plot CSV).
 
     Parameters
@@ -370,7 +363,10 @@ def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
     out_dir : path
         Where ``compare.md`` and ``compare.json`` go (created if needed).
     plot_path : path, optional
-        The CSV of the comparison chart (``plots/compare/<dataset>.csv``).
+        The CSV of the comparison chart (``plots/compare/<dataset>.csv``: each run's score and its own CI).
+    paired_plot : path, optional
+        The CSV of the paired chart (:data:`PAIRED_PLOT_COLUMNS`: each paired run's Δ to the best with its paired
+        and simultaneous CIs); by default :func:`paired_plot_path` of ``plot_path`` (none without either).
 
     Returns
     -------
@@ -387,7 +383,11 @@ def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
     for name, text in (("compare.md", _markdown(runs)),
                        ("compare.json", json.dumps({"runs": runs}, indent=2, sort_keys=True) + "\n")):
         write_text(out_dir / name, text)
+    metric = PRIMARY_METRIC[runs[0]["task"]][0] if runs else ""
     if plot_path is not None:
-        write_csv(plot_path, _plot_rows(runs), PLOT_COLUMNS)
+        write_csv(plot_path, plot_rows(runs, metric), PLOT_COLUMNS)
+    if paired_plot is not None or plot_path is not None:
+        write_csv(paired_plot if paired_plot is not None else paired_plot_path(plot_path),
+                  paired_plot_rows(runs, metric), PAIRED_PLOT_COLUMNS)
     logger.info("Compared %d runs -> %s", len(runs), out_dir / "compare.md")
     return runs
