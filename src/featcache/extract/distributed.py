@@ -79,6 +79,7 @@ from featcache.extract.engine import (
     check_max_bad_fraction,
     check_on_error,
 )
+from featcache.extract.freshness import reopen_changed_blocks
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.plan import LOADERS
 from featcache.extract.report import BadImageLog, log_resume
@@ -430,6 +431,7 @@ def extract_distributed(
                          dtype=dtype, block_rows=block_rows, lock_timeout=lock_timeout) as writer:
             try:
                 reopen_transient_blocks(writer)
+                reopen_changed_blocks(writer, manifest)
                 pending = writer.pending_blocks()
                 n_resumed = writer.n_blocks - len(pending)
                 if n_resumed:

@@ -4,7 +4,8 @@ Rows are decoded by worker processes into uint8 crops (decode overlaps the
 forward pass), normalised where the runner takes its input, run through the backbone in
 large batches, and committed to the store in row blocks. A crash loses at most
 the blocks in flight: a rerun with the same config extracts only the blocks
-that are missing.
+that are missing (and those with an input file modified since their commit:
+:mod:`~featcache.extract.freshness`).
 
 Seams:
 
@@ -43,6 +44,7 @@ from featcache.extract.blockloop import (
 )
 from featcache.extract.decode.loaders import Batch, ImageReader, LoaderFactory
 from featcache.extract.decode.preprocess import Preprocessor
+from featcache.extract.freshness import reopen_changed_blocks
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.plan import ExtractionPlan
 from featcache.extract.report import BadImageLog, ExtractionReport, build_report, log_resume
@@ -171,6 +173,7 @@ def extract_to_store(
                      labels=manifest.labels, targets=manifest.targets, layers=layer_specs, attrs=root_attrs,
                      dtype=dtype, block_rows=block_rows, lock_timeout=lock_timeout) as writer:
         reopen_transient_blocks(writer)
+        reopen_changed_blocks(writer, manifest)
         pending = writer.pending_blocks()
         n_resumed = writer.n_blocks - len(pending)
         rows = [row for block in pending for row in writer.block_range(block)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,9 +47,10 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
             progress: bool = True, force: bool = False) -> ExtractionReport:
     """Extract the configured layers of ``backbone`` for the manifest's rows.
 
-    A finished ``out`` made from the same inputs (config, manifest, weights: :func:`up_to_date_report`) is kept
-    as it is, before any model is built; anything else is rebuilt (an interrupted run into ``out`` resumes from
-    its committed blocks), the log line saying why ``out`` is not kept.
+    A finished ``out`` made from the same inputs (config, manifest, weights, and no local input file modified
+    since: :func:`up_to_date_report`) is kept as it is, before any model is built; anything else is rebuilt (an
+    interrupted run into ``out`` resumes from its committed blocks, but for those with an input file modified
+    since), the log line saying why ``out`` is not kept.
 
     Parameters
     ----------
@@ -147,8 +150,11 @@ def up_to_date_report(out: str | Path, manifest: Manifest, config: dict[str, Any
     The inputs: the store's ``config`` (every param that changes the features, its preprocessing and the resolved
     plan), the manifest's sha256 (ids, paths, splits, labels; the shards' sha256) and ``attrs`` (backbone, the
     weights file's id and sha256, backend and provider); not the software versions (:data:`INPUT_ATTRS_IGNORED`).
-    Image files are named by path in the manifest: one edited in place is not seen (``--force`` rebuilds). A store
-    with rows skipped for a transient cause (timeouts, HTTP 5xx: :func:`warn_transient`) is rebuilt to read them.
+    A store with rows skipped for a transient cause (timeouts, HTTP 5xx: :func:`warn_transient`) is rebuilt to
+    read them. The manifest names image files by path, so, as ``make`` does, a store is also rebuilt when a local
+    input file (an image, a shard) was modified after the store's file was last written (its completion time):
+    an image fixed in place. URLs and missing files are not checked (the line that keeps the store says so;
+    ``--force`` rebuilds): see :mod:`featcache.extract.freshness`.
 
     Parameters
     ----------
@@ -163,6 +169,7 @@ def up_to_date_report(out: str | Path, manifest: Manifest, config: dict[str, Any
         Dotted keys of the stored config that a run records only once its runner is built (``extract.int8_graph``).
     """
     from featcache.extract.engine import build_root_attrs
+    from featcache.extract.freshness import input_times, named_files
     from featcache.extract.inputs.storage import is_transient_reason
     from featcache.extract.report import build_report
     from featcache.store.errors import StoreError
@@ -174,6 +181,7 @@ def up_to_date_report(out: str | Path, manifest: Manifest, config: dict[str, Any
     expected = {key: value for key, value in build_root_attrs(manifest, config, attrs).items()
                 if key not in INPUT_ATTRS_IGNORED and key != "config_sha256"}
     try:
+        completed = os.stat(out).st_mtime_ns  # its completion: the assembled file's last write (a rename keeps it)
         with FeatureStore(out) as store:
             diffs = store.diff_inputs(expected, ignore_config=ignore_config)
             transient = [row_id for row_id, reason in store.errors() if is_transient_reason(reason)]
@@ -188,6 +196,19 @@ def up_to_date_report(out: str | Path, manifest: Manifest, config: dict[str, Any
         logger.info("Rebuilding %s: %d of its skipped rows failed a read for a transient cause (e.g. %s), "
                     "read again now", out, len(transient), transient[0])
         return None
+    times = input_times(manifest)
+    changed = times.newer_than(completed)
+    if changed:
+        logger.info("Rebuilding %s: %d of its input files were modified after it was written: %s", out,
+                    len(changed), named_files(changed))
+        future = times.newer_than(time.time_ns())
+        if future:
+            logger.warning("%d input files of %s are dated in the future (%s; a clock set wrong?): the store is "
+                           "rebuilt on every run until then. Hint: touch them", len(future), out, named_files(future))
+        return None
+    if times.not_checked():
+        logger.info("%s: not checked for changes made in place since it was written: %s; --force rebuilds it",
+                    out, times.not_checked())
     leftover = parts_root(out)
     if leftover.is_dir() and any(leftover.iterdir()):
         logger.warning("%s holds the committed blocks of an unfinished rebuild of %s, which is kept as up to date: "

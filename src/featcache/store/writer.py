@@ -332,6 +332,15 @@ class StoreWriter(Closing):
             reason(str(why)) for why in _blocks.read_block(self._committer.block_path(block),
                                                           ("error_reasons",))["error_reasons"])]
 
+    def committed_mtimes(self) -> dict[int, int]:
+        """When each committed block was committed: its file's modification time in ns, by block.
+
+        A block file is written once (atomically) and never changed, so that time is after its rows' inputs
+        were read: an input file modified later makes the block stale.
+        """
+        self._check_open()
+        return {block: self._committer.block_path(block).stat().st_mtime_ns for block in sorted(self._committed)}
+
     def discard_block(self, block: int) -> None:
         """Delete a committed block's file: the block is pending again (e.g. to retry rows a server failed)."""
         self._check_open()
