@@ -18,12 +18,58 @@ from typing import Mapping, Sequence
 from featcache import __version__
 from featcache.errors import UserError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["OutputPathError", "main", "build_parser"]
 
 logger = logging.getLogger("featcache")
 
 #: What an interrupted command keeps for its rerun, where it keeps something (the end of the Ctrl-C line's hint).
 _KEPT_ON_INTERRUPT = {"extract": "; an extraction resumes from the blocks it had committed"}
+
+
+class OutputPathError(UserError, OSError):
+    """An output path a command cannot write: in a read-only folder, under a file, or a folder where a file
+    goes (or the reverse). Checked before any work, so nothing is half written."""
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or its nearest ancestor that exists (``.`` for a relative path whose folders are all new)."""
+    for candidate in (path, *path.parents):
+        if os.path.lexists(candidate):
+            return candidate
+    return Path(".")
+
+
+def _check_output(option: str, value: str, kind: str) -> None:
+    """Refuse an output path ``value`` of ``option`` (a ``file`` or a ``folder``) that cannot be written.
+
+    Raises
+    ------
+    OutputPathError
+        Naming the option, the path, what is in the way and a hint.
+    """
+    path = Path(value)
+    hint = f"Hint: give {option} a path in a folder you can write to (folders are created as needed)."
+    if path.is_dir() and kind == "file":
+        raise OutputPathError(f"{option} {value!r} is a folder; allowed: a file path. Hint: name a file, in that "
+                              "folder or elsewhere (folders are created as needed).")
+    if path.exists() and not path.is_dir() and kind == "folder":
+        raise OutputPathError(f"{option} {value!r} is a file; allowed: a folder. Hint: name a new or existing "
+                              "folder (created as needed); the file is left as it is.")
+    existing = _nearest_existing(path if kind == "folder" else path.parent)
+    if not existing.is_dir():
+        raise OutputPathError(f"{option} {value!r} cannot be created: {existing.as_posix()!r} is a file, not a "
+                              f"folder. {hint}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"{option} {value!r} cannot be written: the folder {existing.as_posix()!r} is "
+                              f"read-only (a read-only file system, or no write permission). {hint}")
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Check every output path the command was given (its ``outputs``: option -> file or folder) up front."""
+    for option, kind in getattr(args, "outputs", {}).items():
+        value = getattr(args, option.lstrip("-").replace("-", "_").lower())  # --model-dir: model_dir; OUT: out
+        if value is not None:
+            _check_output(option, value, kind)
 
 
 def _cmd_backbones(args: argparse.Namespace) -> None:
@@ -246,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "what backend/autocast 'auto' picks, with fixes").set_defaults(func=_cmd_doctor)
     digits = sub.add_parser("digits", help="write the embedded digits dataset as PNG files")
     digits.add_argument("out", help="output folder (one subfolder of PNG files per digit)")
-    digits.set_defaults(func=_cmd_digits)
+    digits.set_defaults(func=_cmd_digits, outputs={"OUT": "folder"})
 
     def with_params(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
@@ -256,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     prep = with_params(sub.add_parser("prepare", help="build the manifest (ids, labels, splits)"))
     prep.add_argument("--out", required=True, help="output folder (manifest.csv, summary.json)")
-    prep.set_defaults(func=_cmd_prepare)
+    prep.set_defaults(func=_cmd_prepare, outputs={"--out": "folder"})
 
     ext = with_params(sub.add_parser("extract", help="extract one backbone's layers to HDF5"))
     ext.add_argument("--backbone", required=True, help="a key of backbones: in the params file")
@@ -266,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "committed blocks)")
     ext.add_argument("--force", action="store_true", help="rebuild --out even when it is up to date")
     ext.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ext.set_defaults(func=_cmd_extract)
+    ext.set_defaults(func=_cmd_extract, outputs={"--out": "file"})
 
     tr = with_params(sub.add_parser("train", help="train and score one head on one layer"))
     tr.add_argument("--store", required=True, help="HDF5 feature store written by extract")
@@ -277,13 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--metrics", required=True, help="output metrics JSON (test scores; a .run.json sidecar beside it)")
     tr.add_argument("--model-dir", help="save the fitted head here (for `featcache predict --model`)")
     tr.add_argument("--predictions", help="CSV of test actual,predicted (DVC's confusion or scatter plot, by task)")
-    tr.set_defaults(func=_cmd_train)
+    tr.set_defaults(func=_cmd_train,
+                    outputs={"--metrics": "file", "--model-dir": "folder", "--predictions": "file"})
 
     exp = with_params(sub.add_parser("export-onnx", help="export a backbone's layers (pooled) to ONNX"))
     exp.add_argument("--backbone", required=True, help="a key of backbones: in the params file")
     exp.add_argument("--out", required=True, help="output .onnx file")
     exp.add_argument("--opset", type=int, default=18, help="ONNX opset version (default: 18)")
-    exp.set_defaults(func=_cmd_export_onnx)
+    exp.set_defaults(func=_cmd_export_onnx, outputs={"--out": "file"})
 
     par = with_params(sub.add_parser("onnx-parity", help="compare ONNX and torch outputs on one batch"))
     par.add_argument("--backbone", required=True, help="a key of backbones: in the params file")
@@ -332,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "$FEATCACHE_CACHE_DIR/onnx or ~/.cache/featcache/onnx; none: no cache); give the "
                            "extraction's to run an int8 store's very graph")
     pred.add_argument("--out", required=True, metavar="CSV", help="output CSV (folders created as needed)")
-    pred.set_defaults(func=_cmd_predict)
+    pred.set_defaults(func=_cmd_predict, outputs={"--out": "file"})
 
     ft = with_params(sub.add_parser("finetune", help="fine-tune a backbone end to end (the heads' baseline)"))
     ft.add_argument("--mode", required=True, choices=MODES, help="the fine-tuning recipe")
@@ -347,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     ft.add_argument("--no-export", action="store_true", help="train only; make the exports later with "
                     "`featcache finetune-export` (as the DVC project's export@<mode> stage does)")
-    ft.set_defaults(func=_cmd_finetune)
+    ft.set_defaults(func=_cmd_finetune,
+                    outputs={"--out": "folder", "--metrics": "file", "--confusion": "file"})
 
     fte = with_params(sub.add_parser("finetune-export", help="export a fine-tuned run: ONNX model "
                                      "(finetune.export_onnx) and CAM overlays (finetune.cam_images)"))
@@ -355,13 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "--out` (model.pt, model.json)")
     fte.add_argument("--manifest", required=True, help="manifest.csv the run was trained on (the CAM images)")
     fte.add_argument("--out", metavar="DIR", help="folder for model.onnx and cam/ (default: --model)")
-    fte.set_defaults(func=_cmd_finetune_export)
+    fte.set_defaults(func=_cmd_finetune_export, outputs={"--out": "folder"})
 
     cmp_ = sub.add_parser("compare", help="rank every run in one report")
     cmp_.add_argument("--metrics-dir", required=True, nargs="+", help="one or more folders of run metrics")
     cmp_.add_argument("--out", required=True, help="output folder (compare.md, compare.json)")
     cmp_.add_argument("--plot", help="also write the ranking as CSV here (DVC plot)")
-    cmp_.set_defaults(func=_cmd_compare)
+    cmp_.set_defaults(func=_cmd_compare, outputs={"--out": "folder", "--plot": "file"})
     return parser
 
 
@@ -376,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:  # dask.distributed (a dask extraction) sets its loggers to INFO on import: only its warnings
         os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     try:
+        _check_outputs(args)  # before any work: a path that cannot be written leaves no half-written outputs
         args.func(args)
     except UserError as error:
         print(f"featcache {args.command}: error: {error}", file=sys.stderr)
