@@ -158,11 +158,40 @@ def test_missing_file(tmp_path):
     assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, StoreError)
 
 
-def test_not_hdf5(tmp_path):
-    bad = tmp_path / "bad.h5"
-    bad.write_bytes(b"not an hdf5 file")
-    with pytest.raises(StoreError, match="not a readable HDF5 file"):
+def test_not_hdf5_is_named_as_such_and_never_to_be_deleted(tmp_path):
+    """Another kind of file (a manifest.csv passed as --store) is no store to delete and extract again."""
+    bad = tmp_path / "manifest.csv"
+    bad.write_bytes(b"id,path,split,label,target\n")
+    with pytest.raises(StoreError) as info:
         FeatureStore(bad)
+    message = str(info.value)
+    assert message.startswith(f"{bad} is not an HDF5 file (no HDF5 signature); allowed: a feature store (.h5) ")
+    assert "Hint: pass the file `featcache extract --out` wrote" in message
+    assert not message.split("(if it is one")[0].count("delete") and bad.exists()
+
+
+def test_a_truncated_store_is_unreadable_delete_and_extract_again(tmp_path, store_path):
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(store_path.read_bytes()[:4000])
+    with pytest.raises(StoreError, match=r"cut\.h5 is not a readable HDF5 file \(.*truncated file.*\); hint: delete it "
+                                         "and rerun extraction"):
+        FeatureStore(cut)
+
+
+def test_a_damaged_chunk_is_a_store_error_naming_the_rows_and_layer(tmp_path, store_path):
+    """A compressed chunk whose bytes were overwritten (a disk fault): a StoreError, not h5py's OSError."""
+    bad = tmp_path / "bad.h5"
+    shutil.copy(store_path, bad)
+    with h5py.File(bad, "r") as f:
+        chunk = f["features/pool"].id.get_chunk_info(0)
+    data = bytearray(bad.read_bytes())
+    data[chunk.byte_offset:chunk.byte_offset + chunk.size] = b"\xff" * chunk.size
+    bad.write_bytes(bytes(data))
+    with FeatureStore(bad) as fs, pytest.raises(StoreError) as info:
+        fs.read("pool")
+    message = str(info.value)
+    assert message.startswith(f"{bad}: rows 0..") and "of layer 'pool' cannot be read (" in message
+    assert "the file is damaged. Hint: delete it and extract again" in message and "--force" in message
 
 
 @pytest.mark.parametrize(

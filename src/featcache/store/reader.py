@@ -135,6 +135,12 @@ class FeatureStore(Closing):
         try:
             self._file = h5py.File(self.path, "r")
         except OSError as exc:
+            if not h5py.is_hdf5(self.path):  # another kind of file (a manifest.csv?): never say to delete it
+                raise StoreError(
+                    f"{self.path} is not an HDF5 file (no HDF5 signature); allowed: a feature store (.h5) "
+                    "written by the extraction. Hint: pass the file `featcache extract --out` wrote, e.g. "
+                    "features/<dataset>/<backbone>.h5 (if it is one, it is damaged: delete it and extract again)"
+                ) from exc
             raise StoreError(
                 f"{self.path} is not a readable HDF5 file ({exc}); hint: delete it and "
                 "rerun extraction"
@@ -273,7 +279,14 @@ class FeatureStore(Closing):
             sel = mask[start : start + step]
             if not sel.any():
                 continue
-            block = ds[start : start + sel.size]
+            try:
+                block = ds[start : start + sel.size]
+            except OSError as exc:  # h5py's read of a damaged chunk (a disk fault, a copy cut short)
+                raise StoreError(
+                    f"{self.path}: rows {start}..{start + sel.size - 1} of layer {layer!r} cannot be read "
+                    f"({exc}); the file is damaged. Hint: delete it and extract again (`dvc repro`, or "
+                    "`featcache extract ... --force`: a plain rerun keeps a store whose inputs did not change)"
+                ) from exc
             rows = block if sel.all() else block[sel]
             out[pos : pos + rows.shape[0]] = rows
             pos += rows.shape[0]
