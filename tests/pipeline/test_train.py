@@ -8,7 +8,7 @@ from PIL import Image
 
 from featcache.extract.inputs.manifest import Manifest
 from featcache.pipeline import extract, parse_params, train
-from featcache.pipeline.train import check_store_rows
+from featcache.pipeline.train import check_classes_trainable, check_store_rows
 from featcache.store import StoreError
 
 
@@ -47,3 +47,24 @@ def test_a_constant_regression_target_in_train_is_refused():
                                          r"R² is undefined"):
         check_store_rows("s.h5", "regression", y, 0)
     check_store_rows("s.h5", "classification", {**y, "train": np.zeros(5, dtype=np.int64)}, 0)  # labels: fine
+
+
+def test_a_store_of_one_class_is_refused_by_name_not_as_a_head_parameter():
+    """A hand-made manifest of one class: named as the data's fault, not `n_classes=1 ... set n_classes`."""
+    with pytest.raises(StoreError, match=r"^The feature store holds 1 class \(\['blue'\]\); allowed: at least 2 "
+                                         r"for a classifier\. Hint: give its manifest images of at least two"):
+        check_classes_trainable(["blue"], np.zeros(4, dtype=np.int64), [])
+
+
+def test_a_class_only_in_test_without_bad_images_blames_the_split_column():
+    """No image was skipped: the manifest's split column, not bad images, left the class without train rows."""
+    with pytest.raises(StoreError, match=r"\['red'\]; extraction skipped no image, so its manifest gives them no "
+                                         r"'train' row\. Hint: .*split column.*featcache prepare") as info:
+        check_classes_trainable(["blue", "red"], np.zeros(4, dtype=np.int64), [])
+    assert "fix or replace those images" not in str(info.value)
+
+
+def test_a_class_whose_train_images_were_skipped_names_the_bad_images():
+    with pytest.raises(StoreError, match=r"\['red'\]; extraction skipped 1 bad images \(first: \[\('red/0\.png', "
+                                         r"'missing file'\)\]\)\. Hint: fix or replace those images"):
+        check_classes_trainable(["blue", "red"], np.zeros(4, dtype=np.int64), [("red/0.png", "missing file")])

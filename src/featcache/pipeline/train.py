@@ -82,17 +82,29 @@ def expected_store_config(params: Any, backbone: str, store: Store) -> dict[str,
 
 
 def check_classes_trainable(classes: list[str], y_train: np.ndarray, errors: list[tuple[str, str]]) -> None:
-    """Every class keeps a training row in the store.
+    """The store has at least two classes, and every class keeps a training row in it.
 
-    ``prepare`` checks this on the manifest; a class whose training images were all skipped as bad images
-    at extraction would otherwise vanish from the heads while the report still lists it.
+    ``prepare`` checks this on the manifest; a hand-made ``manifest.csv`` (its label and split columns), or
+    a class whose training images were all skipped as bad images at extraction, would otherwise fail in the
+    head (one class) or vanish from the heads while the report still lists it.
 
     Raises
     ------
     StoreError
-        Naming the classes and how many images extraction skipped.
+        Naming the classes and, for a class without training rows, how many images extraction skipped.
     """
+    if len(classes) < 2:
+        raise StoreError(
+            f"The feature store holds {len(classes)} class ({classes}); allowed: at least 2 for a classifier. "
+            "Hint: give its manifest images of at least two classes (its label column, or class folders), then "
+            "extract again; for numeric targets set data.task: regression.")
     missing = [name for k, name in enumerate(classes) if not np.any(y_train == k)]
+    if missing and not errors:
+        raise StoreError(
+            f"Classes without any training row in the feature store: {missing}; extraction skipped no image, "
+            "so its manifest gives them no 'train' row. Hint: a hand-made manifest.csv? its split column decides: "
+            "give some of their rows the split 'train' (or rebuild it with `featcache prepare`, which refuses "
+            "this), then extract again.")
     if missing:
         raise StoreError(
             f"Classes without any training row in the feature store: {missing}; extraction skipped "
