@@ -29,10 +29,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from featcache.errors import SAVED_HEAD_HINT, SavedHeadError, SavedHeadNotFoundError
+from featcache.errors import SAVED_HEAD_HINT, SavedHeadError, SavedHeadNotFoundError, UserError
 from featcache.util.atomic import write_json
 
-__all__ = ["INFO_KEYS", "RUN_FILE", "RUN_INFO_FORMAT", "RUN_INFO_KEYS", "SIDECAR_SUFFIX", "RunNotFoundError",
+__all__ = ["INFO_KEYS", "RUN_FILE", "RUN_INFO_FORMAT", "RUN_INFO_KEYS", "SIDECAR_SUFFIX", "RunFileError",
+           "RunNotFoundError",
            "read_json_object", "read_run", "read_run_info", "run_key", "sidecar_path", "split_run", "write_run",
            "write_run_info"]
 
@@ -54,6 +55,15 @@ _CONFIG_KEYS = ("weights", "preprocess", "extract")
 class RunNotFoundError(SavedHeadNotFoundError):
     """A folder given as a saved run (``featcache predict --model``) that does not exist or holds no
     ``featcache-run.json`` (a :class:`~featcache.errors.SavedHeadNotFoundError`, so a FileNotFoundError)."""
+
+class RunFileError(UserError, ValueError):
+    """A run's metrics file or sidecar (``compare --metrics-dir``) that cannot be read: not UTF-8 JSON (truncated,
+    damaged, or another file under a ``.json`` name), or a pair whose files name different runs."""
+
+
+#: How to get a run's files back: the stage that writes both.
+_RUN_FILE_HINT = ("Hint: rerun the stage that writes it (`dvc repro`, or `featcache train`/`finetune` with this "
+                  "--metrics), or move the file out of the metrics folder.")
 
 #: Numeric fields that describe a run rather than score it (they go to the sidecar, not to DVC metrics).
 INFO_KEYS = frozenset({"n_features", "n_train", "n_val", "n_test", "n_bad_images", "fit_seconds", "predict_seconds"})
@@ -115,23 +125,42 @@ def read_run(metrics_path: str | Path) -> dict[str, Any] | None:
     A file without a sidecar is read as the older single-file format (every field
     in one JSON), which is what it then must hold: ``backbone``, ``layer``,
     ``head`` and ``task``.
+
+    Raises
+    ------
+    RunFileError
+        When either file is not UTF-8 JSON, the sidecar names no run, or the metrics file lacks its run.
     """
     path = Path(metrics_path)
-    payload = json.loads(path.read_text(encoding="utf-8"))
+    payload = _read_json(path)
     side = sidecar_path(path)
     if side.is_file():
-        info = json.loads(side.read_text(encoding="utf-8"))
+        info = _read_json(side)
+        if not isinstance(info, dict) or not {"backbone", "layer"} <= info.keys() or not (
+                info.get("label") or info.get("head")):
+            raise RunFileError(f"{side} names no run (allowed: a sidecar with backbone, layer and head). "
+                               f"{_RUN_FILE_HINT}")
         try:
             scores = payload
             for part in run_key(info):
                 scores = scores[part]
         except (KeyError, TypeError):
-            raise ValueError(f"{path} does not hold the scores of the run its sidecar {side} names "
-                             f"({'/'.join(run_key(info))}). Hint: rerun the stage that writes both.") from None
+            raise RunFileError(f"{path} does not hold the scores of the run its sidecar {side} names "
+                               f"({'/'.join(run_key(info))}). Hint: rerun the stage that writes both.") from None
         payload = {**info, **scores}
     if not isinstance(payload, dict) or not {*_NAME_KEYS, "task"} <= payload.keys():
         return None
     return payload
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON value of a run's file; a :class:`RunFileError` naming it when it is not UTF-8 JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise RunFileError(f"{path} is not a readable run file ({type(error).__name__}: {error}); allowed: the JSON "
+                           f"a train or finetune stage writes. It is truncated or damaged, or no run's file. "
+                           f"{_RUN_FILE_HINT}") from None
 
 
 def write_run_info(model_dir: str | Path, info: Mapping[str, Any]) -> Path:
@@ -180,6 +209,10 @@ def read_run_info(model_dir: str | Path) -> dict[str, Any]:
         older version (a key of :data:`RUN_INFO_KEYS` missing, named with the keys it has).
     """
     path = Path(model_dir) / RUN_FILE
+    if Path(model_dir).is_file():
+        raise RunNotFoundError(f"{model_dir} is a file; allowed: a featcache run directory (it holds {RUN_FILE} "
+                               f"and the saved head). Hint: pass its folder, {Path(model_dir).parent.as_posix()}, "
+                               "if it is one (models/<dataset>/<backbone>/<layer>/<head>).")
     if not Path(model_dir).is_dir():
         raise RunNotFoundError(f"{path} not found: {model_dir} is not a featcache run directory. Hint: there is "
                                "no such folder; pass models/<dataset>/<backbone>/<layer>/<head>, written by "

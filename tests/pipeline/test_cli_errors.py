@@ -76,3 +76,31 @@ def test_outputs_with_spaces_and_unicode_in_new_folders_are_accepted(tmp_path, m
     for option, kind in {"--out": "file", "--model-dir": "folder"}.items():
         cli._check_output(option, "new dir/ünï/out x", kind)  # no error, nothing created
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(("name", "text", "message"), [
+    ("x.json", "{\n", "x.json is not a readable run file (JSONDecodeError: "),
+    ("x.json", "\udcff", "x.json is not a readable run file (UnicodeDecodeError: "),
+    ("x.run.json", "[1]\n", "x.run.json names no run (allowed: a sidecar with backbone, layer and head). Hint: "),
+    ("x.run.json", '{"backbone": "b"}\n', "x.run.json names no run (allowed: "),
+])
+def test_compare_names_a_metrics_file_it_cannot_read(name, text, message, tmp_path, capsys):
+    """A truncated or foreign file in --metrics-dir: one line naming it, not json's traceback."""
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    (metrics / "x.json").write_text('{"b": {"pool": {"logreg": {"accuracy": 0.5}}}}\n')
+    (metrics / name).write_bytes(text.encode("utf-8", "surrogateescape"))
+    assert main(["compare", "--metrics-dir", str(metrics), "--out", str(tmp_path / "reports")]) == 2
+    err = _error_line(capsys, "compare")
+    assert f"{metrics}{os.sep}{message}" in err and "Hint: " in err
+    assert not (tmp_path / "reports").exists()
+
+
+def test_predict_with_a_file_as_model_names_the_folder_to_pass(tmp_path, capsys):
+    run = tmp_path / "models" / "logreg"
+    run.mkdir(parents=True)
+    (run / "head.json").write_text("{}\n")
+    assert main(["predict", "--model", str(run / "head.json"), "--store", "f.h5", "--out",
+                 str(tmp_path / "p.csv")]) == 2
+    assert (f"{run / 'head.json'} is a file; allowed: a featcache run directory (it holds featcache-run.json and the "
+            f"saved head). Hint: pass its folder, {run.as_posix()}, ") in _error_line(capsys, "predict")
