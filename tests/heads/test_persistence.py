@@ -104,6 +104,11 @@ def test_errors(tmp_path, clf_data):
         save_head(make_head("logreg", "classification"), tmp_path / "x")
     with pytest.raises(FileNotFoundError, match="no such folder; a saved head is a folder holding head.json"):
         load_head(tmp_path / "missing")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "head.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=r"head\.json is a file; allowed: a saved head's folder \(it holds "
+                                                r"head\.json and arrays\.npz\)\. Hint: pass its folder, .*/run, "):
+        load_head(tmp_path / "run" / "head.json")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "head.json").write_text(json.dumps({"format": "featcache-head/1", "class": "os.system", "params": {}}))

@@ -104,3 +104,9 @@ def test_predict_with_a_file_as_model_names_the_folder_to_pass(tmp_path, capsys)
                  str(tmp_path / "p.csv")]) == 2
     assert (f"{run / 'head.json'} is a file; allowed: a featcache run directory (it holds featcache-run.json and the "
             f"saved head). Hint: pass its folder, {run.as_posix()}, ") in _error_line(capsys, "predict")
+
+
+def test_a_folder_given_as_params_file_is_named_as_a_folder(tmp_path, capsys):
+    assert main(["check", "--params", str(tmp_path)]) == 2
+    assert (f"Params file {str(tmp_path)!r} is a folder; allowed: a YAML file. Hint: pass the file, e.g. "
+            f"'{tmp_path.as_posix()}/params.yaml'.") in _error_line(capsys, "check")

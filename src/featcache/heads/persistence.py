@@ -226,6 +226,10 @@ def _reading(directory: Path, name: str, sha256: dict[str, str]) -> Iterator[Pat
 
 def _read_meta(directory: Path) -> dict[str, Any]:
     """``head.json`` of a saved head, checked: its format, its class (registered) and its keys."""
+    if directory.is_file():
+        raise SavedHeadNotFoundError(f"{directory} is a file; allowed: a saved head's folder (it holds head.json "
+                                     f"and arrays.npz). Hint: pass its folder, {directory.parent.as_posix()}, if "
+                                     "it is one.")
     if not directory.is_dir():
         raise SavedHeadNotFoundError(f"{directory}: no such folder; a saved head is a folder holding head.json "
                                      f"and arrays.npz. {SAVED_HEAD_HINT}")

@@ -109,6 +109,9 @@ def read_params_file(path: str | Path) -> Mapping[str, Any] | None:
         If the file does not exist, is not UTF-8 text or is not valid YAML (naming the line and column).
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"Params file {str(path)!r} is a folder; allowed: a YAML file. Hint: pass the file, e.g. "
+                          f"{(path / 'params.yaml').as_posix()!r}.")
     if not path.is_file():
         raise ConfigError(f"Params file {str(path)!r} not found. Hint: run from the project root.")
     try:
