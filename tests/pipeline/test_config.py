@@ -214,3 +214,30 @@ def test_a_sections_own_check_is_not_followed_by_the_whole_section():
     assert "'lrr'" in line and "(got {" not in line, line
     with pytest.raises(ConfigError, match=r"layers: Input should be a valid list \(got \{'a': 1\}\)"):
         parse_params({"backbones": {"efficientnet_lite0": {"layers": {"a": 1}}}})
+
+
+@pytest.mark.parametrize("raw, line", [
+    ({"train": None}, "- train: a section (a mapping of keys) expected, got None. Hint: a key with nothing under it "
+                      "is null in YAML: remove the line, or write `train: {}` for the defaults."),
+    ({"heads": None}, "- heads: a section (a mapping of keys) expected, got None. Hint: "),
+    ({"backbones": {"resnet18": None}}, "- backbones.resnet18: a section (a mapping of keys) expected, got None. "
+                                        "Hint: a key with nothing under it is null in YAML: remove the line, or write "
+                                        "`resnet18: {}` for the defaults."),
+    ({"train": "abc"}, "- train: a section (a mapping of keys) expected, got 'abc'. Hint: indent its keys under "
+                       "`train:`, one `name: value` a line."),
+])
+def test_a_section_that_is_no_mapping_says_so_in_yaml_words(raw, line):
+    """``train:`` with nothing under it (YAML null), not pydantic's 'valid dictionary or instance of TrainParams'."""
+    with pytest.raises(ConfigError) as info:
+        parse_params(raw)
+    assert line in str(info.value) and "instance of" not in str(info.value)
+
+
+def test_a_fine_tuning_setting_directly_under_finetune_says_where_it_goes():
+    with pytest.raises(ConfigError, match=r"unknown key 'finetune\.epochs'\. 'epochs' is a fine-tuning setting: put "
+                                          r"it under finetune\.defaults \(every mode\) or finetune\.modes\.<mode> "
+                                          r"\(one mode\)\. Allowed keys here: backbone"):
+        parse_params({"finetune": {"epochs": 3}})
+    with pytest.raises(ConfigError) as info:
+        parse_params({"finetune": {"bogus": 3}})
+    assert "fine-tuning setting" not in str(info.value)

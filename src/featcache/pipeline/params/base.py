@@ -71,7 +71,14 @@ def format_validation_error(error: ValidationError, root: type[BaseModel]) -> st
             model = _model_at(root, item["loc"][:-1])
             allowed = list(model.model_fields) if model is not None else []
             hint = did_you_mean(item["loc"][-1], allowed)
+            misplaced = getattr(model, "misplaced_key_hint", None)
+            hint += misplaced(item["loc"][-1]) if misplaced is not None else ""
             lines.append(f"- unknown key {key!r}.{hint} Allowed keys here: {', '.join(allowed)}")
+        elif item["type"] in ("model_type", "dict_type") and key:  # pydantic's words name a Python class
+            value, name = item.get("input"), item["loc"][-1]
+            fix = (f"a key with nothing under it is null in YAML: remove the line, or write `{name}: {{}}` for the "
+                   "defaults" if value is None else f"indent its keys under `{name}:`, one `name: value` a line")
+            lines.append(f"- {key}: a section (a mapping of keys) expected, got {value!r}. Hint: {fix}.")
         else:
             message = item["msg"].removeprefix("Value error, ")
             # A section's own check (a value error) names the keys it is about: the whole section after it is noise.

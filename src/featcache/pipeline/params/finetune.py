@@ -48,6 +48,14 @@ class FinetuneParams(Strict):
                                  "low_lr": {"epochs": 4}, "unfreeze": {"epochs": 5},
                                  "scratch": {"epochs": 6, "lr": 0.003, "freeze_bn": False}})
 
+    @classmethod
+    def misplaced_key_hint(cls, key: str) -> str:
+        """Where an unknown key of this section goes when it is a fine-tuning setting (``finetune.epochs``)."""
+        if key in FinetuneConfig.setting_names():
+            return (f" {key!r} is a fine-tuning setting: put it under finetune.defaults (every mode) or "
+                    f"finetune.modes.<mode> (one mode).")
+        return ""
+
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
