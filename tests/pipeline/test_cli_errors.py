@@ -110,3 +110,10 @@ def test_a_folder_given_as_params_file_is_named_as_a_folder(tmp_path, capsys):
     assert main(["check", "--params", str(tmp_path)]) == 2
     assert (f"Params file {str(tmp_path)!r} is a folder; allowed: a YAML file. Hint: pass the file, e.g. "
             f"'{tmp_path.as_posix()}/params.yaml'.") in _error_line(capsys, "check")
+
+
+def test_predict_split_with_images_is_refused_not_ignored(tmp_path, capsys):
+    assert main(["predict", "--model", str(tmp_path), "--images", str(tmp_path), "--split", "test", "--out",
+                 str(tmp_path / "p.csv")]) == 2
+    assert ("--split 'test' selects rows of a --store; --images scores every image given. Hint: drop --split"
+            in _error_line(capsys, "predict"))

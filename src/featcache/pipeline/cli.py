@@ -190,8 +190,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from featcache.pipeline.predict import predict_images, predict_store, write_predictions
+    from featcache.pipeline.predict import PredictError, predict_images, predict_store, write_predictions
 
+    if args.images and args.split:
+        raise PredictError(f"--split {args.split!r} selects rows of a --store; --images scores every image given. "
+                           "Hint: drop --split, or give the images of that split only.")
     if args.store:
         rows = predict_store(args.model, args.store, split=args.split)
     else:
