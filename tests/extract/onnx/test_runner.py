@@ -11,13 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
+from featcache.errors import ParamError, UserError
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.engine import extract_to_store
 from featcache.extract.inputs.manifest import Manifest
 from featcache.extract.onnx.export import OnnxExportError, export_onnx
 from featcache.extract.onnx.format import DEFAULT_OPSET
 from featcache.extract.onnx.parity import LayerParity, ParityError, format_parity, parity_check
-from featcache.extract.onnx.runner import OnnxFeatureRunner
+from featcache.extract.onnx.runner import OnnxFeatureRunner, OnnxModelError
 from featcache.extract.plan import plan_extraction
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 from featcache.extract.zoo.registry import IMAGENET_MEAN, IMAGENET_STD
@@ -146,6 +147,12 @@ def test_export_rejects_bad_arguments(resnet_extractor, tmp_path, kwargs, match)
     assert not (tmp_path / "bad.onnx").exists()
 
 
+def test_an_opset_out_of_range_is_a_user_error(resnet_extractor, tmp_path):
+    """`featcache export-onnx --opset 3`: one line and exit 2, not a traceback."""
+    with pytest.raises(ParamError, match=r"opset 3 is not allowed; use an int in 13\.\."):
+        export_onnx(resnet_extractor, tmp_path / "bad.onnx", opset=3)
+
+
 # ---------------------------------------------------------------------- parity
 def test_parity_resnet18(resnet_extractor, resnet_onnx):
     _, runner = resnet_onnx
@@ -211,8 +218,19 @@ def test_runner_rejects_bad_device_and_missing_file(resnet_onnx, tmp_path):
     path, _ = resnet_onnx
     with pytest.raises(ValueError, match=r"device 'tpu' is not one of \('cpu', 'cuda'\)"):
         OnnxFeatureRunner(path, device="tpu")
-    with pytest.raises(FileNotFoundError, match=r"export_onnx"):
+    with pytest.raises(FileNotFoundError, match=r"export_onnx") as info:
         OnnxFeatureRunner(tmp_path / "missing.onnx")
+    assert isinstance(info.value, UserError) and "`featcache export-onnx`" in str(info.value)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an onnx model\n", b"\x08\x07" * 50])
+def test_a_file_that_is_no_onnx_model_is_a_user_error(tmp_path, content):
+    """`featcache onnx-parity --onnx junk.onnx`: named as no ONNX model, not onnxruntime's InvalidProtobuf."""
+    (tmp_path / "junk.onnx").write_bytes(content)
+    with pytest.raises(OnnxModelError, match=r"junk\.onnx is not an ONNX model \(onnxruntime: .*\); it is damaged, "
+                                             r"cut short or another kind of file\. Hint: write it with `featcache "
+                                             r"export-onnx`"):
+        OnnxFeatureRunner(tmp_path / "junk.onnx")
 
 
 def test_runner_rejects_a_model_without_featcache_metadata(resnet_onnx, tmp_path):

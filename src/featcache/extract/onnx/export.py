@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import featcache
-from featcache.errors import UserError
+from featcache.errors import ParamError, UserError
 from featcache.extract.onnx.format import (
     DEFAULT_OPSET,
     DYNAMO_MIN_OPSET,
@@ -211,8 +211,10 @@ def export_onnx(extractor: TorchFeatureExtractor, path: str | os.PathLike[str], 
 
     Raises
     ------
+    ParamError
+        (a ValueError) For an opset or input size that is not allowed.
     ValueError
-        For an opset, input size or exporter that is not allowed.
+        For an exporter that is not allowed.
     OnnxExportError
         If the exported model does not have the requested opset or outputs.
     onnx.checker.ValidationError
@@ -220,11 +222,11 @@ def export_onnx(extractor: TorchFeatureExtractor, path: str | os.PathLike[str], 
     """
     latest = onnx.defs.onnx_opset_version()
     if not isinstance(opset, int) or not MIN_OPSET <= opset <= latest:
-        raise ValueError(f"opset {opset!r} is not allowed; use an int in {MIN_OPSET}..{latest} "
+        raise ParamError(f"opset {opset!r} is not allowed; use an int in {MIN_OPSET}..{latest} "
                          f"(the installed onnx's range). Hint: the default {DEFAULT_OPSET} suits onnxruntime >= 1.14.")
     size = int(input_size or extractor.spec.input_size)
     if size < 1:
-        raise ValueError(f"input_size {input_size!r} must be a positive int. Hint: leave it None for the "
+        raise ParamError(f"input_size {input_size!r} must be a positive int. Hint: leave it None for the "
                          f"backbone's {extractor.spec.input_size}.")
     kind = resolve_exporter(exporter, opset)
     path = Path(path)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import onnxruntime as ort
 
+from featcache.errors import UserError
 from featcache.extract.onnx.cache import (
     cached_export,
     lookup,
@@ -42,9 +43,23 @@ if TYPE_CHECKING:  # torch is imported only to build a model or export one: a ca
 
     from featcache.extract.zoo.weights import LoadedBackbone, WeightsSource
 
-__all__ = ["OnnxFeatureRunner"]
+__all__ = ["OnnxFeatureRunner", "OnnxModelError", "OnnxModelNotFoundError"]
 
 logger = logging.getLogger(__name__)
+
+#: onnxruntime's exception classes (InvalidProtobuf: not a protobuf; InvalidArgument: one without a graph).
+_ORT_ERRORS = ort.capi.onnxruntime_pybind11_state
+
+#: How to get an ONNX file the runner reads: featcache's export (it writes the metadata the runner needs).
+_EXPORT_HINT = "Hint: write it with `featcache export-onnx` (featcache.extract.onnx.export.export_onnx)."
+
+
+class OnnxModelError(UserError, ValueError):
+    """An ONNX file :class:`OnnxFeatureRunner` cannot run: not an ONNX model, or not exported by featcache."""
+
+
+class OnnxModelNotFoundError(OnnxModelError, FileNotFoundError):
+    """The ONNX file does not exist (an :class:`OnnxModelError` and a FileNotFoundError)."""
 
 _DEVICES = ("cpu", "cuda")
 _CPU = "CPUExecutionProvider"
@@ -96,8 +111,8 @@ class OnnxFeatureRunner:
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None  # set by from_model when it owns the file
         self._sha256: str | None = None  # the file's sha256, computed on first use
         if not self.path.is_file():
-            raise FileNotFoundError(f"ONNX model {str(self.path)!r} does not exist. Hint: write it with "
-                                    "featcache.extract.onnx.export.export_onnx or use OnnxFeatureRunner.from_model.")
+            raise OnnxModelNotFoundError(f"ONNX model {str(self.path)!r} does not exist. {_EXPORT_HINT[:-1]}, or "
+                                         "use OnnxFeatureRunner.from_model.")
         kind, index = _parse_device(device)
         if intra_op_threads is not None and (not isinstance(intra_op_threads, int) or intra_op_threads < 1):
             raise ValueError(f"intra_op_threads {intra_op_threads!r} must be a positive int or None "
@@ -105,8 +120,8 @@ class OnnxFeatureRunner:
         self.intra_op_threads = intra_op_threads or physical_cores()
         meta, self._input_name, outputs = self._open(kind, index, device)
         if EXPORT_KEY not in meta or LAYERS_KEY not in meta:
-            raise ValueError(f"{self.path} lacks the {EXPORT_KEY!r}/{LAYERS_KEY!r} metadata (found keys "
-                             f"{sorted(meta)}). Hint: export it with featcache.extract.onnx.export.export_onnx.")
+            raise OnnxModelError(f"{self.path} lacks the {EXPORT_KEY!r}/{LAYERS_KEY!r} metadata (found keys "
+                                 f"{sorted(meta)}): it was not exported by featcache. {_EXPORT_HINT}")
         self._export_config: dict[str, Any] = json.loads(meta[EXPORT_KEY])
         self._specs = [LayerSpec(**{**record, "map_shape": tuple(record["map_shape"])})
                        for record in json.loads(meta[LAYERS_KEY])]
@@ -142,7 +157,13 @@ class OnnxFeatureRunner:
         session_options = ort.SessionOptions()
         session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         session_options.intra_op_num_threads = self.intra_op_threads
-        self.session = ort.InferenceSession(str(self.path), sess_options=session_options, providers=providers)
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=session_options, providers=providers)
+        except (_ORT_ERRORS.InvalidProtobuf, _ORT_ERRORS.InvalidArgument) as error:
+            if "Load model from" not in str(error):  # not the file (a session option): a bug, kept as it is
+                raise
+            raise OnnxModelError(f"{self.path} is not an ONNX model (onnxruntime: {error}); it is damaged, cut "
+                                 f"short or another kind of file. {_EXPORT_HINT}") from None
         self.provider: str = self.session.get_providers()[0]
         if kind == "cuda" and _CUDA in available and self.provider != _CUDA:
             logger.warning("CUDAExecutionProvider could not be initialised for %s; running on %s.",
