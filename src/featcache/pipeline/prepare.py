@@ -7,9 +7,10 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from featcache.extract.inputs.csvsource import CsvManifest, CsvRows, read_csv
 from featcache.extract.inputs.manifest import Manifest, ManifestError
 from featcache.extract.inputs.sharded import ShardedManifest, from_shards
-from featcache.extract.inputs.sources import from_csv, from_folder
+from featcache.extract.inputs.sources import from_folder
 from featcache.extract.inputs.storage import StorageOptions
 from featcache.heads.trainable import check_trainable_rows
 from featcache.pipeline.params.base import StageParams, load_sections
@@ -35,7 +36,7 @@ def load_prepare_sections(path: str | Path = "params.yaml") -> PrepareSections:
     return load_sections(PrepareSections, path)
 
 
-def prepare(params: Any, out_dir: str | Path) -> Manifest | ShardedManifest:
+def prepare(params: Any, out_dir: str | Path) -> Manifest | CsvManifest | ShardedManifest:
     """Build the manifest from ``params.data`` (:class:`PrepareSections` or the whole params) and write
     ``out_dir/manifest.csv``.
 
@@ -47,7 +48,9 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest | ShardedManifest:
     For ``data.source: webdataset`` the manifest is written as the shards are
     read, in bounded memory, and a :class:`ShardedManifest` (counts, no rows)
     is returned; the shard list with each shard's sha256 goes to
-    ``manifest.shards.json``.
+    ``manifest.shards.json``. A CSV's manifest is written from spooled rows, in
+    bounded memory too: a :class:`CsvManifest` (splits, labels or targets; no
+    strings) is returned.
 
     Parameters
     ----------
@@ -58,8 +61,8 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest | ShardedManifest:
 
     Returns
     -------
-    Manifest or ShardedManifest
-        The rows written (WebDataset shards: their counts only).
+    Manifest, CsvManifest or ShardedManifest
+        The rows written (a CSV: their splits, labels, targets; WebDataset shards: their counts only).
 
     Raises
     ------
@@ -86,15 +89,16 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest | ShardedManifest:
         _write_summary(out_dir, summary)
         logger.info("Prepared %d rows from %d shards: %s", sharded.n_rows, len(sharded.shards), sharded.split_counts)
         return sharded
-    if data.source == "folder":
-        manifest = from_folder(data.path, ratios, data.seed, classes=data.classes)
+    if data.source == "csv":
+        spool = next(folder for folder in (out_dir, *out_dir.absolute().parents) if folder.is_dir())  # (an error
+        # leaves no out_dir behind)
+        with read_csv(Path(data.path) / data.csv, ratios, data.seed, data.task, data.classes, spool) as rows:
+            _check_manifest(data, rows)
+            manifest: Manifest | CsvManifest = rows.write(out_dir / "manifest.csv")
     else:
-        manifest = from_csv(Path(data.path) / data.csv, ratios, data.seed, data.task, classes=data.classes)
-    if manifest.task == "classification":
-        _check_two_classes(manifest.classes)
-    train = manifest.targets[manifest.splits == SPLIT_CODES["train"]] if manifest.task == "regression" else None
-    _check_rows(data, manifest.split_counts(), train, len(manifest))
-    manifest.write(out_dir / "manifest.csv")
+        manifest = from_folder(data.path, ratios, data.seed, classes=data.classes)
+        _check_manifest(data, manifest)
+        manifest.write(out_dir / "manifest.csv")
     summary = {"n_rows": len(manifest), "task": manifest.task, "splits": manifest.split_counts(),
                "classes": manifest.classes}
     if manifest.task == "classification":
@@ -105,6 +109,14 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest | ShardedManifest:
     _write_summary(out_dir, summary)
     logger.info("Prepared %d rows from %s %s: %s", len(manifest), data.source, data.path, summary["splits"])
     return manifest
+
+
+def _check_manifest(data: DataParams, manifest: Manifest | CsvRows) -> None:
+    """The checks before a folder's or a CSV's manifest is written: two classes, train and test rows."""
+    if manifest.task == "classification":
+        _check_two_classes(manifest.classes)
+    train = manifest.targets[manifest.splits == SPLIT_CODES["train"]] if manifest.task == "regression" else None
+    _check_rows(data, manifest.split_counts(), train, len(manifest))
 
 
 def _check_rows(data: DataParams, counts: dict[str, int], train_targets: np.ndarray | None, n_rows: int) -> None:

@@ -36,7 +36,8 @@ from featcache.store.schema import SPLIT_CODES, SPLITS, TASKS
 from featcache.util.atomic import write_text
 
 __all__ = ["COLUMNS", "MEMBER_COLUMNS", "Manifest", "ManifestError", "Members", "assign_splits", "classes_path",
-           "csv_row", "shards_path", "split_rank_key", "splits_from_keys", "TASKS"]
+           "csv_row", "rebase_path", "shards_path", "split_rank_key", "splits_from_keys", "TASKS",
+           "write_sidecars"]
 
 #: Columns of every manifest; a manifest of shards adds :data:`MEMBER_COLUMNS`.
 COLUMNS = ("id", "path", "split", "label", "target")
@@ -59,6 +60,27 @@ def shards_path(manifest_path: str | Path) -> Path:
     """The shard-list file written beside a manifest of shards: ``manifest.csv`` -> ``manifest.shards.json``."""
     manifest_path = Path(manifest_path)
     return manifest_path.with_name(manifest_path.stem + ".shards.json")
+
+
+def rebase_path(path: str, root: Path, folder: Path) -> str:
+    """A manifest row's ``path`` (relative to ``root``, or absolute) as written into a manifest in the resolved
+    ``folder``: relative to it, symlinks resolved; a URL is kept as written."""
+    return path if is_url(path) else Path(os.path.relpath((root / path).resolve(), folder)).as_posix()
+
+
+def write_sidecars(manifest_path: Path, task: str, classes: Sequence[str], shards: list[dict] | None = None) -> None:
+    """Write (or remove) the files beside ``manifest_path``: the shard list (:func:`shards_path`) and a
+    classification manifest's class list (:func:`classes_path`); written before the manifest itself, so a
+    reader never sees a new manifest with an old class list."""
+    if shards is not None:
+        write_text(shards_path(manifest_path), json.dumps({"shards": shards}, indent=1, ensure_ascii=False) + "\n")
+    else:
+        shards_path(manifest_path).unlink(missing_ok=True)
+    if task == "classification":
+        write_text(classes_path(manifest_path),
+                   json.dumps({"classes": list(classes)}, indent=2, ensure_ascii=False) + "\n")
+    else:
+        classes_path(manifest_path).unlink(missing_ok=True)
 
 
 def csv_row(sample_id: str, path: str, split: int, label: str = "", target: float | None = None,
@@ -227,19 +249,11 @@ class Manifest:
         """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        rebased = [p if is_url(p) else Path(os.path.relpath((self.root / p).resolve(), path.parent.resolve()))
-                   .as_posix() for p in self.paths]
+        folder = path.parent.resolve()
+        rebased = [rebase_path(p, self.root, folder) for p in self.paths]
         copy = Manifest(self.ids, rebased, self.splits, self.task, self.labels, self.targets, self.classes,
                         path.parent, self.members)
-        if self.shards is not None:
-            write_text(shards_path(path), json.dumps({"shards": self.shards}, indent=1, ensure_ascii=False) + "\n")
-        else:
-            shards_path(path).unlink(missing_ok=True)
-        sidecar = classes_path(path)
-        if self.task == "classification":
-            write_text(sidecar, json.dumps({"classes": list(self.classes)}, indent=2, ensure_ascii=False) + "\n")
-        else:
-            sidecar.unlink(missing_ok=True)
+        write_sidecars(path, self.task, self.classes, self.shards)
         write_text(path, copy.to_csv_text())
         return path
 

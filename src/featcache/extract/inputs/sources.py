@@ -7,11 +7,8 @@ with a deterministic split; :func:`build_manifest` dispatches on the source name
 from __future__ import annotations
 
 import collections
-import csv
 import logging
-import math
-import posixpath
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -195,63 +192,6 @@ def from_folder(root: str | Path, ratios: Mapping[str, float], seed: int,
     return _classification(ids, paths, names, None, ratios, seed, root, classes)
 
 
-#: The columns a CSV manifest may have; others are ignored (and not kept in memory).
-CSV_COLUMNS = ("path", "label", "target", "id", "split")
-
-
-def _csv_columns(path: Path) -> tuple[list[str], dict[str, list[str | None]]]:
-    """The header of a CSV and the values of its :data:`CSV_COLUMNS`, one list per column.
-
-    Read as :class:`csv.DictReader` reads (rows without any field skipped, a short row's missing fields None,
-    a repeated column name: its last occurrence), but kept by column: a manifest of a million URLs holds
-    its strings, not a dict per row.
-    """
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.reader(handle)
-            columns = [c.strip() for c in next(reader, [])]
-            kept = {name: index for index, name in enumerate(columns) if name in CSV_COLUMNS}
-            values: dict[str, list[str | None]] = {name: [] for name in kept}
-            for record in reader:
-                if not record:
-                    continue
-                width = len(record)
-                for name, index in kept.items():
-                    values[name].append(record[index] if index < width else None)
-    except UnicodeDecodeError as error:
-        raise ManifestError(f"CSV {path} is not UTF-8 text ({error}). Hint: save it as UTF-8.") from None
-    except csv.Error as error:
-        raise ManifestError(f"CSV {path} cannot be parsed: {error}.") from None
-    return columns, values
-
-
-def _duplicates(values: Sequence[str]) -> dict[str, list[int]]:
-    """value -> CSV row numbers (the header is row 1) of values that occur more than once."""
-    counts = collections.Counter(values)
-    if len(counts) == len(values):
-        return {}
-    repeated = {value for value, count in counts.items() if count > 1}
-    lines: dict[str, list[int]] = {}
-    for row, value in enumerate(values):
-        if value in repeated:
-            lines.setdefault(value, []).append(row + 2)
-    return lines
-
-
-def _reject_duplicates(path: Path, what: str, values: Sequence[str], shown: Sequence[str] | None = None) -> None:
-    dupes = _duplicates(values)
-    if not dupes:
-        return
-    shown = values if shown is None else shown
-    items = sorted(dupes.items(), key=lambda item: item[1][0])
-    listed = "; ".join(f"{shown[rows[0] - 2]!r} on {format_rows(rows)}" for _, rows in items[:5])
-    more = f" (and {len(items) - 5} more)" if len(items) > 5 else ""
-    raise ManifestError(
-        f"Duplicate {what} in {path}: {listed}{more} (row 1 is the header). "
-        "Each image must appear once; remove the repeated rows."
-    )
-
-
 def windows_path(p: str, root: Path) -> str:
     """A CSV path written on Windows (``images\\cat\\001.jpg``) as the file it names here.
 
@@ -278,87 +218,13 @@ def from_csv(path: str | Path, ratios: Mapping[str, float], seed: int, task: str
     Every image may appear once: repeated ids or paths (after normalising
     ``./`` and ``//``) are rejected naming the rows. ``classes`` (``data.classes``)
     fixes the class list and its order: other labels, or listed classes
-    without rows, are rejected.
+    without rows, are rejected. ``prepare`` writes the manifest without holding its rows in memory
+    (:func:`~featcache.extract.inputs.csvsource.read_csv`).
     """
-    path = Path(path)
-    classes = check_unique_classes(classes)
-    if not path.is_file():
-        found = sorted(p.name for p in path.parent.glob("*.csv")) if path.parent.is_dir() else None
-        where = (f"{path.parent} does not exist" if found is None else
-                 f"CSV files in {path.parent}: {found}" if found else f"{path.parent} has no .csv file")
-        raise ManifestError(f"CSV manifest {str(path)!r} does not exist ({where}). Hint: set data.path to the "
-                            "CSV's folder and data.csv to its file name there, in params.yaml.")
-    columns, values = _csv_columns(path)
-    column = "label" if task == "classification" else "target"
-    for needed in ("path", column):
-        if needed not in columns:
-            other = {"label": ("target", "regression"), "target": ("label", "classification")}.get(needed)
-            switch = (f" It has '{other[0]}': for that set data.task: {other[1]}." if other and other[0] in columns
-                      else "")
-            sep = next((name for sep, name in ((";", "semicolon"), ("\t", "tab")) if len(columns) == 1
-                        and sep in columns[0]), None)
-            switch += f" Its header looks {sep}-separated: save it comma-separated." if sep else ""
-            raise ManifestError(f"CSV {path} has columns {columns}; a {task} manifest needs '{needed}' "
-                                f"(allowed columns: path, {'label' if task == 'classification' else 'target'}, "
-                                f"id, split). Hint: name the column '{needed}' in the header row.{switch}")
-    if not values["path"]:
-        raise ManifestError(f"CSV {path} has no rows.")
-    paths = [(p or "").strip() for p in values["path"]]
-    blank = [line for line, p in enumerate(paths, start=2) if not p]
-    if blank:
-        raise ManifestError(f"Empty 'path' in {path} on {format_rows(blank)}.")
-    paths = [windows_path(p, path.parent) for p in paths]
-    for line, p in enumerate(paths, start=2):
-        if not is_url(p) and not PurePosixPath(p).is_absolute() and ".." in PurePosixPath(p).parts:
-            raise ManifestError(f"Path {p!r} in {path} (row {line}) leaves the manifest's folder ('..'); "
-                                "give it absolute or move the CSV up.")
-    ids = ([(i or "").strip() or p.strip() for i, p in zip(values["id"], values["path"])] if "id" in values
-           else [p.strip() for p in values["path"]])
-    _reject_duplicates(path, "ids", ids)
-    _reject_duplicates(path, "paths", [p if is_url(p) else posixpath.normpath(
-        posixpath.join(path.parent.absolute().as_posix(), p)) for p in paths], shown=paths)
-    splits = None
-    if "split" in values and any((v or "").strip() for v in values["split"]):
-        split_names = [(v or "").strip() for v in values["split"]]
-        bad = sorted(set(split_names) - set(SPLIT_CODES))
-        if bad:
-            lines = [line for line, v in enumerate(split_names, start=2) if v in bad]
-            raise ManifestError(f"Unknown split values {bad} in {path} ({format_rows(lines)}; row 1 is the "
-                                f"header); allowed: {list(SPLIT_CODES)}, in every row. Hint: fix those rows, or "
-                                "empty the whole split column to split by data.split.")
-        splits = np.array([SPLIT_CODES[v] for v in split_names], dtype=np.uint8)
-    if task == "classification":
-        names = [(v or "").strip() for v in values["label"]]
-        blank = [line for line, name in enumerate(names, start=2) if not name]
-        if blank:
-            raise ManifestError(f"Empty label in {path} on {format_rows(blank)}. "
-                                "Hint: label every row or remove unlabeled rows.")
-        if classes is not None:
-            rows_of: dict[str, list[int]] = {}
-            for line, name in enumerate(names, start=2):
-                rows_of.setdefault(name, []).append(line)
-            check_listed_classes(names, classes, f"CSV {path}", rows_of)
-        return _classification(ids, paths, names, splits, ratios, seed, path.parent, classes)
-    if classes is not None:
-        raise ManifestError("data.classes is only for classification; remove it for a regression task.")
-    targets = []
-    for line, raw in enumerate(values["target"], start=2):
-        text = (raw or "").strip()
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
-            what = "Empty" if not text else "Non-numeric" if math.isnan(value) and text.lower() != "nan" \
-                else "Non-finite"
-            raise ManifestError(f"{what} target {raw!r} in {path} on row {line} (row 1 is the header); "
-                                "allowed: a finite number such as 3.5 or -1e-3 (a dot as the decimal mark). Hint: "
-                                "fix or remove that row; for class names set data.task: classification.")
-        targets.append(value)
-    if splits is None:
-        splits = assign_splits(ids, dict(ratios), seed)
-    return Manifest.sorted(ids, paths, splits, task="regression", targets=np.array(targets, dtype=np.float64),
-                           root=path.parent)
+    from featcache.extract.inputs.csvsource import read_csv  # (it imports this module's checks)
+
+    with read_csv(path, ratios, seed, task, classes) as rows:
+        return rows.to_manifest()
 
 
 def write_digits(out_dir: str | Path) -> Path:
