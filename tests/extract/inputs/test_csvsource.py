@@ -50,6 +50,8 @@ CASES: dict[str, tuple[str | bytes, dict, list[str]]] = {
                                                    "https://h.example/x.png,v", "s3://b/k/y.png,w",
                                                    *_rows(8, ("v", "w"), "./d//u{k}.png,{c}")]),
                               {}, ["img/w/a.png"]),
+    "quoted_newlines_commas": ('path,label\n"a\nb.png",x\n"c,d.png",y\n"e\r\nf.png","x"\n"g""h.png",y\n'
+                               + "\n".join(_rows(8, ("x", "y"))) + "\n", {}, []),
     "case_twins": (_text("path,label", _rows(12, ("Cat", "cat", "dog"))), {}, []),
     "err_semicolon": (_text("path;label", ["a.png;x"]), {}, []),
     "err_no_rows": (_text("path,label", ["", ""]), {}, []),
@@ -90,7 +92,7 @@ def outcome(name: str, tmp: Path) -> dict:
         return {"error": f"{type(error).__name__}: {error}".replace(str(tmp), "<tmp>")}
     found = {}
     for file in ("manifest.csv", "manifest.classes.json", "summary.json"):
-        found[file] = (out / file).read_text(encoding="utf-8") if (out / file).exists() else None
+        found[file] = (out / file).read_bytes().decode("utf-8") if (out / file).exists() else None  # (\r kept)
     return found
 
 
@@ -139,5 +141,16 @@ def test_from_csv_gives_the_manifest_prepare_writes(tmp_path, monkeypatch):
         manifest = from_csv(tmp_path / name / "data" / "labels.csv", ratios, 0, data.get("task", "classification"),
                             data.get("classes"))
         manifest.write(tmp_path / name / "again" / "manifest.csv")
-        text = (tmp_path / name / "again" / "manifest.csv").read_text(encoding="utf-8")
+        text = (tmp_path / name / "again" / "manifest.csv").read_bytes().decode("utf-8")
         assert text == golden[name]["manifest.csv"], name
+
+
+def test_no_spool_files_are_left_behind(tmp_path, monkeypatch):
+    """The spool folder (in the output folder, or the nearest one that exists) is gone after a prepare, and
+    after an error found once the rows were spooled."""
+    from featcache.extract.inputs import csvsource
+
+    monkeypatch.setattr(csvsource, "SPOOL_ROWS", 2)
+    for name in ("plain_blank_lines", "err_dup_ids", "err_target"):
+        outcome(name, tmp_path)
+        assert not list(tmp_path.rglob("featcache-csv-*")), name
