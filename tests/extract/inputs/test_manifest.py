@@ -28,7 +28,8 @@ def test_duplicate_ids_are_rejected_by_name(tmp_path):
 
 
 def test_unsorted_ids_are_rejected(tmp_path):
-    with pytest.raises(ManifestError, match="sorted"):
+    with pytest.raises(ManifestError, match=r"sorted .*id 'a/1.png' \(row 1\) comes after 'b/1.png'\. "
+                                            r"Hint: sort manifest.csv by its id column"):
         _classification(tmp_path, ids=("b/1.png", "a/1.png", "a/2.png"))
 
 

@@ -89,7 +89,9 @@ def test_from_folder_errors(tmp_path):
     with pytest.raises(ManifestError, match="does not exist"):
         from_folder(tmp_path / "nope", RATIOS, 0)
     (tmp_path / "a").mkdir()
-    with pytest.raises(ManifestError, match="No images"):
+    (tmp_path / "a" / "scan.heic").write_bytes(b"not read")
+    with pytest.raises(ManifestError, match=r"No images found under .*\.jpg, .*\.png.*Hint: check data\.path, and the "
+                                            "warnings above"):
         from_folder(tmp_path, RATIOS, 0)
 
 

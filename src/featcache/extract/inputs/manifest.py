@@ -164,8 +164,11 @@ class Manifest:
             dupes = sorted({i for i in self.ids if i in seen or seen.add(i)})  # type: ignore[func-returns-value]
             raise ManifestError(f"Duplicate ids in the manifest: {dupes[:5]}. Ids must be unique; "
                                 "remove the repeated rows.")
-        if list(self.ids) != sorted(self.ids):
-            raise ManifestError("Manifest ids must be sorted (stable row order); use Manifest.sorted().")
+        unsorted = next((row for row in range(1, n) if self.ids[row] < self.ids[row - 1]), None)
+        if unsorted is not None:
+            raise ManifestError(f"Manifest ids must be sorted (a stable row order): id {self.ids[unsorted]!r} (row "
+                                f"{unsorted}) comes after {self.ids[unsorted - 1]!r}. Hint: sort manifest.csv by its "
+                                "id column (`featcache prepare` writes it sorted), or Manifest.sorted() in Python.")
         if len(self.paths) != n or len(self.splits) != n:
             raise ManifestError("ids, paths and splits must have the same length.")
         if self.task == "classification" and (self.labels is None or len(self.labels) != n):

@@ -186,7 +186,9 @@ def from_folder(root: str | Path, ratios: Mapping[str, float], seed: int,
     if empty and classes is None:
         logger.warning("Ignoring empty class folders (no images with extensions %s): %s", IMAGE_EXTENSIONS, empty)
     if not ids:
-        raise ManifestError(f"No images found under {root} (expected {root}/<class>/<image>).")
+        raise ManifestError(f"No images found under {root} (expected {root}/<class>/<image>, each ending in one of "
+                            f"{', '.join(IMAGE_EXTENSIONS)}). Hint: check data.path, and the warnings above for the "
+                            "files that were skipped.")
     if classes is not None:
         check_listed_classes(names, classes, f"image folder {root}", noun="Class folders (labels)")
     return _classification(ids, paths, names, None, ratios, seed, root, classes)
