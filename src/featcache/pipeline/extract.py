@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featcache.extract.plan import ExtractionPlan, plan_extraction
+from featcache.pipeline.params.backbones import ExtractSections
+from featcache.pipeline.params.base import as_sections
 from featcache.pipeline.params.extract import INT8_GRAPH, extraction_config
 
 if TYPE_CHECKING:
@@ -54,8 +56,9 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
 
     Parameters
     ----------
-    params : ExtractSections or Params
-        Validated params (``data``, ``extract`` and ``backbones.<backbone>`` are used).
+    params : ExtractSections, Params, path or mapping
+        Validated params (``data``, ``extract`` and ``backbones.<backbone>`` are used), or a params file's
+        path or mapping (validated here).
     backbone : str
         A key of ``params.backbones``.
     manifest_path : path
@@ -82,6 +85,7 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
     from featcache.extract.runners.memory import check_batch_memory
     from featcache.extract.zoo.weights import resolve_weights
 
+    params = as_sections(params, ExtractSections)
     extraction_config(params, backbone)  # an unknown backbone fails here, before any work
     knobs, chosen = params.extract, params.backbones[backbone]
     plan = plan_extraction(**knobs.plan_settings())

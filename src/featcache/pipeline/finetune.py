@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from featcache.pipeline.params.base import StageParams, load_sections
+from featcache.pipeline.params.base import StageParams, as_sections, load_sections
 from featcache.pipeline.params.data import DataParams
 from featcache.pipeline.params.finetune import FinetuneParams
 from featcache.pipeline.params.train import TrainParams
@@ -186,7 +186,7 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
 
     Parameters
     ----------
-    params : FinetuneSections or Params
+    params : FinetuneSections, Params, path or mapping
         Validated params (``data.name``, ``train.n_boot`` and ``train.seed`` (the CIs' bootstrap, as the cached
         heads') and the ``finetune`` section).
     mode : {"frozen", "low_lr", "unfreeze", "scratch"}
@@ -222,6 +222,7 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
     from featcache.heads.metrics import PREDICTION_COLUMNS, prediction_rows
     from featcache.heads.paired import ids_sha256, rows_path, write_rows
 
+    params = as_sections(params, FinetuneSections)
     section = finetune_section(params, finetune)
     config = mode_config(section, mode, n_boot=params.train.n_boot, progress=progress, ci_seed=params.train.seed)
     manifest = Manifest.read(manifest_path)
@@ -263,7 +264,7 @@ def export_stage(params: Any, model_dir: str | Path, manifest_path: str | Path, 
 
     Parameters
     ----------
-    params : FinetuneSections or Params
+    params : FinetuneSections, Params, path or mapping
         Validated params (the ``finetune`` section's ``export_onnx`` and ``cam_images``).
     model_dir : path
         The run folder of :func:`finetune_stage` (its ``out_dir``).
@@ -284,6 +285,7 @@ def export_stage(params: Any, model_dir: str | Path, manifest_path: str | Path, 
     from featcache.finetune.export import export_finetuned_onnx
     from featcache.finetune.saved import SavedRun
 
+    params = as_sections(params, FinetuneSections)
     section = finetune_section(params, finetune)
     run = SavedRun.load(model_dir)
     manifest = Manifest.read(manifest_path)

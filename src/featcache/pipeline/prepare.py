@@ -13,7 +13,7 @@ from featcache.extract.inputs.sharded import ShardedManifest, from_shards
 from featcache.extract.inputs.sources import from_folder
 from featcache.extract.inputs.storage import StorageOptions
 from featcache.heads.trainable import check_trainable_rows
-from featcache.pipeline.params.base import StageParams, load_sections
+from featcache.pipeline.params.base import StageParams, as_sections, load_sections
 from featcache.pipeline.params.data import DataParams
 from featcache.store.schema import SPLIT_CODES
 
@@ -54,8 +54,8 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest | CsvManifest | Sharde
 
     Parameters
     ----------
-    params : PrepareSections or Params
-        Validated params (``data`` is used).
+    params : PrepareSections, Params, path or mapping
+        Validated params (``data`` is used), or a params file's path or a parsed mapping (validated here).
     out_dir : path
         The folder written (created if needed).
 
@@ -71,7 +71,7 @@ def prepare(params: Any, out_dir: str | Path) -> Manifest | CsvManifest | Sharde
         (a tiny dataset, or a CSV split column without ``test`` rows); a regression train split
         whose targets are all equal.
     """
-    data = params.data
+    data = as_sections(params, PrepareSections).data
     ratios = data.split.model_dump()
     out_dir = Path(out_dir)
     if data.source == "webdataset":

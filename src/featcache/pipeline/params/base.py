@@ -8,6 +8,7 @@ ignores the others, so a stage validates and imports only what it uses.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Mapping, TypeVar
 
@@ -17,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from featcache.errors import UserError
 from featcache.util.names import did_you_mean
 
-__all__ = ["ConfigError", "Strict", "StageParams", "format_validation_error", "load_sections", "read_params_file",
-           "validate_sections"]
+__all__ = ["ConfigError", "Strict", "StageParams", "as_sections", "format_validation_error", "load_sections",
+           "read_params_file", "validate_sections"]
 
 SectionsT = TypeVar("SectionsT", bound=BaseModel)
 
@@ -153,3 +154,28 @@ def _yaml_error_message(path: Path, error: yaml.YAMLError) -> str:
 def load_sections(model: type[SectionsT], path: str | Path = "params.yaml") -> SectionsT:
     """Read ``path`` and validate the sections that ``model`` declares."""
     return validate_sections(model, read_params_file(path))
+
+
+def as_sections(params: Any, model: type[SectionsT]) -> Any:
+    """The validated params a stage function was given, however the caller gave them.
+
+    Parameters
+    ----------
+    params : Params, StageParams, path or mapping
+        The path of a params file (``"params.yaml"``: its ``model`` sections are read and validated), a
+        parsed params mapping (validated the same way), or validated params (the whole file's
+        :class:`~featcache.pipeline.config.Params`, a stage's sections, or any object with the sections the
+        stage reads as attributes), returned as they are.
+    model : type
+        The stage's sections (e.g. ``TrainSections``), used for a path or a mapping.
+
+    Raises
+    ------
+    ConfigError
+        When the file or mapping is invalid (naming the key, the value and what is allowed).
+    """
+    if isinstance(params, (str, os.PathLike)):
+        return load_sections(model, params)
+    if isinstance(params, Mapping):
+        return validate_sections(model, params)
+    return params
