@@ -38,12 +38,14 @@ from featcache.util.checks import check_int
 from featcache.util.compute import DEVICES
 from featcache.util.names import closest, did_you_mean
 
-__all__ = ["MODES", "OPTIMIZERS", "SCHEDULES", "PARAMS_DEFAULTS", "FinetuneConfig"]
+__all__ = ["CLASS_WEIGHTS", "MODES", "OPTIMIZERS", "SCHEDULES", "PARAMS_DEFAULTS", "FinetuneConfig"]
 
 #: Fine-tuning recipes, see the module docstring.
 MODES: tuple[str, ...] = ("frozen", "low_lr", "unfreeze", "scratch")
 OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 SCHEDULES: tuple[str, ...] = ("cosine", "none")
+#: ``class_weight`` values besides None (unweighted), as the cached classification heads'.
+CLASS_WEIGHTS: tuple[str, ...] = ("balanced",)
 
 #: Where the pipeline's defaults (``params.yaml`` without a value) differ from the API's:
 #: small CPU-friendly inputs, digits-friendly augmentation, steady BatchNorm, one thread, and epochs of at least
@@ -93,6 +95,13 @@ class FinetuneConfig:
         by ``ceil(min_epoch_steps / batches)`` (as the MLP heads',
         :func:`~featcache.heads.training.epoch_scale`), so a small train split is
         not stopped after a few dozen steps (1: no floor).
+    class_weight : {None, "balanced"}
+        Classification only (:func:`~featcache.finetune.run.finetune` refuses it for
+        regression): ``"balanced"`` weighs the cross-entropy of class ``k`` by
+        ``n / (n_classes * count_k)`` over the train split's rows (scikit-learn's
+        meaning, as the cached heads' ``class_weight``), in training and in the
+        reported val loss; None (default) weighs every class 1. The best epoch is
+        still the one of the best val accuracy.
     random_resized_crop : bool
         Train-time random-resized crop of the test-time view.
     crop_scale : tuple of float
@@ -151,6 +160,7 @@ class FinetuneConfig:
     schedule: str = "cosine"
     patience: int = 3
     min_epoch_steps: int = 1
+    class_weight: str | None = None
     random_resized_crop: bool = True
     crop_scale: tuple[float, float] = (0.5, 1.0)
     hflip: bool = True
@@ -177,6 +187,11 @@ class FinetuneConfig:
             if value not in allowed:
                 raise ValueError(f"{name}={value!r} is invalid.{did_you_mean(value, allowed)} "
                                  f"Allowed: {', '.join(allowed)}.")
+        if self.class_weight is not None and self.class_weight not in CLASS_WEIGHTS:
+            raise ValueError(f"class_weight={self.class_weight!r} is invalid."
+                             f"{did_you_mean(self.class_weight, CLASS_WEIGHTS)} Allowed: null (None: every class "
+                             f"weighs 1) or {', '.join(map(repr, CLASS_WEIGHTS))} (n / (n_classes * count) per class "
+                             "over the train split).")
         for name in ("random_resized_crop", "hflip", "freeze_bn", "amp", "tta", "channels_last", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: true or false.")

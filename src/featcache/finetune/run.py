@@ -38,7 +38,7 @@ from featcache.finetune.model import (
     original_head,
 )
 from featcache.finetune.optim import set_trainable
-from featcache.finetune.trainer import Trainer, predict
+from featcache.finetune.trainer import Trainer, balanced_class_weights, predict
 from featcache.heads.bootstrap import metrics_with_ci
 from featcache.heads.trainable import check_trainable_rows
 from featcache.store.schema import SPLIT_CODES
@@ -111,6 +111,8 @@ class FinetuneResult:
         Same shapes, with test-time augmentation.
     bad_images : list of dict
         ``{"id", "reason"}`` of every image of any split that could not be decoded.
+    class_weights : list of float or None
+        The (K,) cross-entropy weights of ``class_weight="balanced"``; None when unweighted.
     checkpoint_path : Path or None
         ``out_dir/model.pt``, the best checkpoint's state dict; None without ``out_dir``.
     """
@@ -141,6 +143,7 @@ class FinetuneResult:
     y_score: np.ndarray
     tta_score: np.ndarray | None
     bad_images: list[dict[str, str]] = field(default_factory=list)
+    class_weights: list[float] | None = None
     checkpoint_path: Path | None = None
 
     @property
@@ -156,7 +159,8 @@ class FinetuneResult:
     def metadata(self) -> dict[str, Any]:
         """What is needed to rebuild and use the checkpoint (written as ``model.json``).
 
-        GoogLeNet's ``transform_input`` (a flag, not in the state dict) is recorded too, as ``transform_input``.
+        GoogLeNet's ``transform_input`` (a flag, not in the state dict) is recorded too, as ``transform_input``,
+        and a weighted run's per-class weights, as ``class_weights``.
         """
         meta = {
             "format": META_FORMAT, "backbone": self.spec.name, "weights": self.weights_id,
@@ -168,6 +172,8 @@ class FinetuneResult:
         }
         if hasattr(self.model, "transform_input"):
             meta["transform_input"] = bool(self.model.transform_input)
+        if self.class_weights is not None:
+            meta["class_weights"] = list(self.class_weights)
         return meta
 
 
@@ -214,12 +220,20 @@ def finetune(manifest: Manifest | str | Path, backbone_name: str, weights: str =
     FinetuneResult
         Test metrics of the best checkpoint (val accuracy, or val RMSE for
         regression), plain and with TTA; the model; history, timings and bad images.
+
+    Raises
+    ------
+    ParamError
+        If ``task`` is not the manifest's, or ``config.class_weight`` is set for regression.
     """
     config = config or FinetuneConfig()
     manifest = manifest if isinstance(manifest, Manifest) else Manifest.read(manifest)
     task = task or manifest.task
     if task != manifest.task:
         raise ParamError(f"task={task!r} but the manifest is a {manifest.task} manifest. Hint: leave task=None.")
+    if task == "regression" and config.class_weight is not None:
+        raise ParamError(f"class_weight={config.class_weight!r} weighs classes; this is a regression run. Allowed "
+                         "for regression: None. Hint: FinetuneConfig(class_weight=None).")
     spec = get_backbone(backbone_name)
     device = torch.device(resolve_device(config.device))
     use_amp = bool(config.amp and device.type == "cuda")
@@ -242,6 +256,17 @@ def _source_model(spec: BackboneSpec, weights: str, config: FinetuneConfig, n_ou
         model.transform_input = source.model.transform_input
     report = load_weights_with_report(model, source.model.state_dict(), source=source.weights_id)
     return model, head_names, original_head(spec, source.model), report, source.weights_id
+
+
+def _class_weights(config: FinetuneConfig, labels: np.ndarray, n_classes: int) -> np.ndarray | None:
+    """The cross-entropy's per-class weights of ``config.class_weight`` over the train rows' ``labels``.
+
+    Counted over the manifest's train rows (``n_train``): an image that fails to decode is known only once
+    read, so it is counted too.
+    """
+    if config.class_weight is None:
+        return None
+    return balanced_class_weights(labels, n_classes)
 
 
 def _targets(manifest: Manifest, task: str, train_rows: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -298,7 +323,9 @@ def _finetune(manifest: Manifest, spec: BackboneSpec, weights: str, config: Fine
     evals = {split: eval_batches(manifest, rows[split], targets, pre, bad, 2 * config.batch_size, config.num_workers)
              for split in ("val", "test") if len(rows[split])}
 
-    trainer = Trainer(model, spec, head_names, config, task, device, use_amp, target_mean, target_std)
+    weights = _class_weights(config, targets[rows["train"]], n_outputs) if task == "classification" else None
+    trainer = Trainer(model, spec, head_names, config, task, device, use_amp, target_mean, target_std,
+                      None if weights is None else torch.as_tensor(weights, dtype=torch.float32))
     fit = trainer.fit(train, evals.get("val"), on_epoch_end)
 
     scored = predict(model, evals["test"], task, device, tta=config.tta, amp=use_amp,
@@ -312,6 +339,8 @@ def _finetune(manifest: Manifest, spec: BackboneSpec, weights: str, config: Fine
                                    "lr": config.lr, "input_size": pre.input_size, "batch_size": config.batch_size}
     if config.mode in ("low_lr", "unfreeze"):
         best_params["backbone_lr_mult"] = config.backbone_lr_mult
+    if config.class_weight is not None:  # only where set: an unweighted run's record is as before
+        best_params["class_weight"] = config.class_weight
     metrics.update(n_train=len(rows["train"]), n_val=len(rows["val"]), n_features=n_features,
                    n_bad_images=len(bad), fit_seconds=float(fit.seconds), predict_seconds=float(scored["seconds"]),
                    best_params=best_params)
@@ -324,6 +353,7 @@ def _finetune(manifest: Manifest, spec: BackboneSpec, weights: str, config: Fine
         fit_seconds=float(fit.seconds), predict_seconds=float(scored["seconds"]), n_features=n_features,
         input_size=pre.input_size, target_mean=target_mean, target_std=target_std, test_rows=scored["rows"],
         y_true=y_true, y_score=scored["scores"], tta_score=scored["tta_scores"], bad_images=bad.as_list(),
+        class_weights=None if weights is None else [float(w) for w in weights],
     )
     if out_dir is not None:
         out = Path(out_dir)

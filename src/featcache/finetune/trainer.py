@@ -2,8 +2,9 @@
 
 Batches are ``(rows (B,), images (B, 3, S, S), targets (B,))`` of readable
 rows (:class:`~featcache.finetune.data.ReadableBatches`). Classification uses
-cross-entropy; regression an MSE on targets standardised with the train
-split's mean and std (outputs are de-standardised when scored).
+cross-entropy (weighted per class with ``class_weight="balanced"``:
+:func:`balanced_class_weights`); regression an MSE on targets standardised with
+the train split's mean and std (outputs are de-standardised when scored).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from featcache.finetune.optim import (
 )
 from featcache.heads.training import epoch_scale
 
-__all__ = ["Fit", "Trainer", "autocast", "predict"]
+__all__ = ["Fit", "Trainer", "autocast", "balanced_class_weights", "predict"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,33 @@ def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManag
     return contextlib.nullcontext()
 
 
+def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """scikit-learn's ``"balanced"`` class weights: ``n / (n_present * count_k)`` per class of ``labels``.
+
+    The formula of the cached heads' ``class_weight="balanced"`` (and of
+    ``sklearn.utils.class_weight.compute_class_weight``): each class then carries
+    the same total weight in the loss.
+
+    Parameters
+    ----------
+    labels : numpy.ndarray
+        (n,) class indices 0..K-1 of the training rows.
+    n_classes : int
+        K, the model's outputs.
+
+    Returns
+    -------
+    numpy.ndarray
+        (K,) float64 weights; 1.0 for a class with no training row (none is
+        fine-tuned: :func:`~featcache.finetune.run.finetune` refuses such a manifest).
+    """
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes).astype(np.float64)
+    present = counts > 0
+    weights = np.ones(n_classes)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
+
+
 def _to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     images = images.to(device, non_blocking=True)
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
@@ -76,7 +104,8 @@ def _outputs(model: nn.Module, images: torch.Tensor, task: str) -> torch.Tensor:
 @torch.no_grad()
 def predict(model: nn.Module, batches: Batches, task: str, device: torch.device | str = "cpu",
             tta: bool = False, amp: bool = False, channels_last: bool = True,
-            target_mean: float = 0.0, target_std: float = 1.0, *, tta_hflip: bool = False) -> dict[str, Any]:
+            target_mean: float = 0.0, target_std: float = 1.0, *, tta_hflip: bool = False,
+            class_weight: torch.Tensor | None = None) -> dict[str, Any]:
     """Score every batch (the model is put in eval mode).
 
     Parameters
@@ -106,13 +135,17 @@ def predict(model: nn.Module, batches: Batches, task: str, device: torch.device 
         then the TTA views are the image and its flip; else the image alone, so
         ``tta_scores`` equal ``scores`` (no second pass; a model never trained on
         mirrored images is not scored on them).
+    class_weight : torch.Tensor, optional
+        Classification: (K,) per-class weights of the cross-entropy ``loss`` (the
+        weighted mean, as ``nn.CrossEntropyLoss(weight=...)`` takes it); None: unweighted.
 
     Returns
     -------
     dict
         ``rows`` (n,), ``y_true`` (n,), ``scores`` ((n, K) probabilities or
         (n,) predictions), ``tta_scores`` (same or None), ``loss`` (mean
-        cross-entropy or MSE in standardised units), ``seconds`` (plain pass only).
+        cross-entropy, weighted with ``class_weight``, or MSE in standardised
+        units), ``seconds`` (plain pass only).
 
     Raises
     ------
@@ -121,7 +154,8 @@ def predict(model: nn.Module, batches: Batches, task: str, device: torch.device 
     """
     device = torch.device(device)
     model.eval()
-    rows, y_true, scores, tta_scores, losses, seconds = [], [], [], [], [], 0.0
+    weight = None if class_weight is None else class_weight.to(device=device, dtype=torch.float32)
+    rows, y_true, scores, tta_scores, losses, seconds, total_weight = [], [], [], [], [], 0.0, 0.0
 
     def convert(out: torch.Tensor) -> torch.Tensor:
         return out.softmax(dim=1) if task == "classification" else out * target_std + target_mean
@@ -136,7 +170,9 @@ def predict(model: nn.Module, batches: Batches, task: str, device: torch.device 
         seconds += time.perf_counter() - start
         target = target.to(device)
         if task == "classification":
-            losses.append(F.cross_entropy(out, target.long(), reduction="sum").item())
+            losses.append(F.cross_entropy(out, target.long(), weight=weight, reduction="sum").item())
+            if weight is not None:
+                total_weight += float(weight[target.long()].sum())
         else:
             losses.append(F.mse_loss(out, (target.float() - target_mean) / target_std, reduction="sum").item())
         scores.append(convert(out).cpu())
@@ -156,7 +192,7 @@ def predict(model: nn.Module, batches: Batches, task: str, device: torch.device 
         "rows": torch.cat(rows).numpy(), "y_true": torch.cat(y_true).numpy(),
         "scores": torch.cat(scores).double().numpy(),
         "tta_scores": torch.cat(tta_scores).double().numpy() if tta else None,
-        "loss": float(sum(losses) / n), "seconds": seconds,
+        "loss": float(sum(losses) / (n if weight is None else total_weight)), "seconds": seconds,
     }
 
 
@@ -224,13 +260,32 @@ class Trainer:
         fp16 autocast and gradient scaling on CUDA.
     target_mean, target_std : float
         Regression: the train split's target mean and std (the loss's standardisation).
+    class_weight : torch.Tensor, optional
+        Classification: (K,) per-class weights of the training cross-entropy and of
+        the val loss (:func:`balanced_class_weights`); None: unweighted.
+
+    Attributes
+    ----------
+    criterion : nn.Module
+        The training loss: ``nn.CrossEntropyLoss(weight=class_weight)`` or ``nn.MSELoss()``.
+
+    Raises
+    ------
+    ValueError
+        If ``class_weight`` is given for regression.
     """
 
     def __init__(self, model: nn.Module, spec: BackboneSpec, head_names: Sequence[str], config: FinetuneConfig,
-                 task: str, device: torch.device, use_amp: bool, target_mean: float, target_std: float) -> None:
+                 task: str, device: torch.device, use_amp: bool, target_mean: float, target_std: float,
+                 class_weight: torch.Tensor | None = None) -> None:
+        if class_weight is not None and task != "classification":
+            raise ValueError(f"class_weight is for classification; task is {task!r}. Hint: pass class_weight=None.")
         self.model, self.spec, self.head_names, self.config = model, spec, list(head_names), config
         self.task, self.device, self.use_amp = task, device, use_amp
         self.target_mean, self.target_std = target_mean, target_std
+        self.class_weight = None if class_weight is None else class_weight.to(device=device, dtype=torch.float32)
+        self.criterion: nn.Module = (nn.CrossEntropyLoss(weight=self.class_weight) if task == "classification"
+                                     else nn.MSELoss())
         self.metric_name = "val_accuracy" if task == "classification" else "val_rmse"
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         self.step = 0
@@ -241,8 +296,8 @@ class Trainer:
         with autocast(self.device, self.use_amp):
             out = _outputs(self.model, images, self.task)
         if self.task == "classification":
-            return F.cross_entropy(out, target.long())
-        return F.mse_loss(out, (target.float() - self.target_mean) / self.target_std)
+            return self.criterion(out, target.long())
+        return self.criterion(out, (target.float() - self.target_mean) / self.target_std)
 
     def _done(self) -> bool:
         return self.config.max_train_steps is not None and self.step >= self.config.max_train_steps
@@ -286,7 +341,7 @@ class Trainer:
             return True
         scored = predict(self.model, val_batches, self.task, self.device, amp=self.use_amp,
                          channels_last=self.config.channels_last, target_mean=self.target_mean,
-                         target_std=self.target_std)
+                         target_std=self.target_std, class_weight=self.class_weight)
         self.last_val = _val_metric(self.task, scored["y_true"], scored["scores"])
         row.update(val_loss=scored["loss"], val_metric=self.last_val)
         return _better(self.task, self.last_val, best)
