@@ -23,11 +23,14 @@ a few test images): a separate stage, so that editing ``export_onnx`` or
 Settings come from the ``finetune`` section of ``params.yaml``: ``backbone``,
 ``weights``, ``defaults`` (every :class:`~featcache.finetune.config.FinetuneConfig`
 setting) and ``modes`` (mode -> overrides of ``defaults``) for training;
-``export_onnx`` and ``cam_images`` for the export.
+``export_onnx`` and ``cam_images`` for the export. ``class_weight`` is checked
+whatever ``data.task`` is but not used for regression (as a head section's key
+that only the classification twin takes), so switching the task needs no edit here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -229,6 +232,10 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
     if manifest.task != params.data.task:
         raise ManifestError(f"data.task is {params.data.task!r} but {manifest_path} is a {manifest.task} manifest. "
                             "Hint: rerun the prepare stage.")
+    if manifest.task == "regression" and config.class_weight is not None:  # the heads' rule for a shared section
+        logger.info("finetune: class_weight=%r is not used for regression (classification only).",
+                    config.class_weight)
+        config = dataclasses.replace(config, class_weight=None)
     out_dir = Path(out_dir)
     result = run_finetune(manifest, section["backbone"], section["weights"], config, out_dir=out_dir,
                           task=manifest.task)
