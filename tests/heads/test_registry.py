@@ -98,7 +98,7 @@ def test_unknown_param_names_it_the_head_allowed_and_hint():
         make_head("logreg", "classification", {"C": 1.0})
     msg = str(err.value)
     assert "unknown parameter 'C'" in msg and "LogisticRegressionHead" in msg
-    assert "allowed: Cs, cv_folds, max_iter," in msg
+    assert "allowed: Cs, class_weight, cv_folds, max_iter," in msg
     assert "Did you mean 'Cs'?" in msg
     with pytest.raises(ValueError, match=r"unknown parameter 'n_classes' for head 'logreg' \(RidgeHead, regression\)"):
         make_head("logreg", "regression", n_classes=3)
@@ -147,7 +147,8 @@ TWIN_DEFAULTS = {"sgd": {"learning_rate": ("optimal", "invscaling")}}
 def test_twins_share_parameters_except_n_classes(name):
     clf = HEADS[name]["classification"]().get_params()
     reg = HEADS[name]["regression"]().get_params()
-    assert clf.pop("n_classes") is None and "n_classes" not in reg
+    for only_classifiers in ("n_classes", "class_weight"):
+        assert clf.pop(only_classifiers) is None and only_classifiers not in reg
     assert clf.keys() == reg.keys()
     differ = {key: (clf[key], reg[key]) for key in clf if clf[key] != reg[key]}
     assert differ == TWIN_DEFAULTS.get(name, {})

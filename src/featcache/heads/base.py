@@ -33,7 +33,9 @@ they reach the head without the earlier steps' transforms: pass them to a bare
 head, or transform them first; ``random_state`` is an int seed or None (a
 ``RandomState`` is refused: torch and LightGBM take ints, and :func:`~featcache.heads.save_head`
 records the parameters as JSON), and the MLP heads read None as 0; ``fit``
-takes no ``sample_weight``.
+takes no ``sample_weight``, and a classifier's ``class_weight`` takes None or
+``"balanced"`` but no dict of per-class weights (so scikit-learn's
+``check_class_weight_classifiers``, which sets one, is expected to fail).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 
 from .chunks import as_labels, is_dask_array
-from .param_types import AtLeast
+from .class_weight import class_weights
+from .param_types import AtLeast, OneOf
 from .splits import Split, prepare_fit
 from .validation import encode_labels, expand_columns, record_feature_names, resolve_classes
 
@@ -149,6 +152,12 @@ class ClassifierHead(ClassifierMixin, HeadBase):
         (ints, integral floats or strings, as in scikit-learn). K: the labels must
         be the class indices 0..K-1 and every class gets a column, present in the
         data or not.
+    class_weight : {None, "balanced"}
+        None: every training row weighs 1. ``"balanced"``: scikit-learn's meaning, each
+        class ``k`` weighs ``n_samples / (n_classes * count_k)`` over the training rows
+        the head fits on (:mod:`~featcache.heads.class_weight`), so that a rare class
+        counts as much as a frequent one in the training loss (and in a validation
+        loss the head early-stops on).
 
     Attributes
     ----------
@@ -157,9 +166,12 @@ class ClassifierHead(ClassifierMixin, HeadBase):
     train_classes_ : ndarray of shape (n_seen,)
         Indices into ``classes_`` of the classes present in the training rows (heads
         using ``_seen_proba``).
+    class_weight_ : ndarray of shape (K,) or None
+        The weight of each class in the training loss (None: unweighted).
     """
 
     n_classes: Annotated[int, AtLeast(2)] | None = None
+    class_weight: Annotated[str, OneOf("balanced")] | None = None
 
     _classification = True
 
@@ -187,8 +199,10 @@ class ClassifierHead(ClassifierMixin, HeadBase):
         return self
 
     def _set_targets(self, y_fit: np.ndarray, y_train: np.ndarray, y_val: np.ndarray | None) -> int:
-        """Set ``classes_`` (K from ``n_classes`` or the labels of train and val); return K outputs."""
+        """Set ``classes_`` (K from ``n_classes`` or the labels of train and val) and ``class_weight_`` (from the
+        fitting rows ``y_fit``); return K outputs."""
         self.classes_ = resolve_classes(self.n_classes, y_train, y_val)
+        self.class_weight_ = class_weights(self.class_weight, y_fit, self.classes_.size)
         return int(self.classes_.size)
 
     def _seen_proba(self, X: Any) -> np.ndarray:

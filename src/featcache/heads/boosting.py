@@ -20,6 +20,7 @@ import numpy as np
 from sklearn.utils.validation import check_is_fitted
 
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
+from .class_weight import class_weights, row_weights
 from .param_types import AtLeast, Interval, NonNegative, Positive, check_declared
 from .preprocessing import apply_preprocess, fit_preprocess
 from .splits import Split
@@ -85,16 +86,18 @@ class LightGBMBase(HeadBase):
         }
 
     def _fit_booster(self, split: Split, eval_rows: np.ndarray | None = None,
-                     seen: np.ndarray | None = None) -> None:
+                     seen: np.ndarray | None = None, weights: np.ndarray | None = None) -> None:
         """Train with early stopping on the selection rows; set ``booster_`` and friends.
 
         ``seen`` (classifiers): the sorted classes of the fit rows; labels are passed to LightGBM as
         their index into it, because LightGBM 4.7 label-encodes ``eval_set`` but not ``eval_X``/``eval_y``.
+        ``weights`` (classifiers, (K,)): class weights of the training rows and of the early-stopping rows.
         """
         params = self._lgbm_params(split.X_fit.shape[1])  # validates every parameter first
         X_sel, y_sel, y_fit = split.X_sel, split.y_sel, split.y_fit
         if eval_rows is not None:
             X_sel, y_sel = X_sel[eval_rows], y_sel[eval_rows]
+        fit_weight, sel_weight = row_weights(weights, y_fit), row_weights(weights, y_sel)
         if seen is not None:
             y_fit, y_sel = np.searchsorted(seen, y_fit), np.searchsorted(seen, y_sel)
         X_fit = split.X_fit
@@ -114,7 +117,9 @@ class LightGBMBase(HeadBase):
             eval_kwargs: dict[str, Any] = {"eval_X": (X_sel,), "eval_y": (y_sel,)}
         else:  # lightgbm < 4.7
             eval_kwargs = {"eval_set": [(X_sel, y_sel)]}
-        model.fit(X_fit, y_fit, callbacks=callbacks, **eval_kwargs)
+        if sel_weight is not None:  # LightGBM's own class_weight leaves the eval rows unweighted
+            eval_kwargs["eval_sample_weight"] = [sel_weight]
+        model.fit(X_fit, y_fit, sample_weight=fit_weight, callbacks=callbacks, **eval_kwargs)
         booster = model.booster_
         best = int(booster.best_iteration) if booster.best_iteration > 0 else booster.current_iteration()
         self.booster_ = booster
@@ -154,6 +159,13 @@ class LightGBMHead(ClassifierHead, LightGBMBase):
     early_stopping_rounds : int or None
         Stop after this many rounds without improvement of the validation
         multi-logloss; None trains all ``n_estimators`` rounds.
+    class_weight : {None, "balanced"}
+        ``"balanced"``: each training row weighs ``n_samples / (n_classes * count)`` of
+        its class over the training rows (passed as ``sample_weight``, as LightGBM's
+        own ``class_weight="balanced"`` does), and the validation rows of early
+        stopping weigh the same per class (``eval_sample_weight``; LightGBM's own
+        ``class_weight`` would leave the early-stopping loss unweighted), as the MLP's
+        validation loss does.
     n_jobs : int
         LightGBM threads. On a CPU shared with other jobs, OpenMP threads that
         wait on descheduled peers can make 2 threads many times slower than 1;
@@ -180,6 +192,8 @@ class LightGBMHead(ClassifierHead, LightGBMBase):
     train_classes_ : ndarray of shape (n_seen,)
         Indices into ``classes_`` of the classes present in the training rows (one
         booster output per class).
+    class_weight_ : ndarray of shape (K,) or None
+        The class weights over the training rows (None: unweighted).
     n_features_in_ : int
     scaler_ : StandardScaler or None
         Only with ``pca_components``.
@@ -195,9 +209,11 @@ class LightGBMHead(ClassifierHead, LightGBMBase):
 
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Boost on train, early-stopping on the val rows of classes seen in training."""
+        check_declared(self)  # class_weight's spelling before it is used
         split = self._split(X, y, X_val, y_val)
         classes = resolve_classes(self.n_classes, split.y_train, split.y_val)
         seen = require_two_classes(split.y_fit)
+        self.class_weight_ = class_weights(self.class_weight, split.y_fit, classes.size)
         known = np.isin(split.y_sel, seen)
         if not known.any():
             raise ValueError(
@@ -209,7 +225,7 @@ class LightGBMHead(ClassifierHead, LightGBMBase):
                 "LightGBMHead: %d validation rows of classes %s unseen in training are left out "
                 "of early stopping", int((~known).sum()), np.unique(split.y_sel[~known]).tolist(),
             )
-        self._fit_booster(split, None if known.all() else np.flatnonzero(known), seen)
+        self._fit_booster(split, None if known.all() else np.flatnonzero(known), seen, self.class_weight_)
         self.classes_ = classes
         self.train_classes_ = seen
 

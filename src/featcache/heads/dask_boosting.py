@@ -36,6 +36,7 @@ from featcache.util.checks import check_int
 
 from .boosting import LightGBMHead, LightGBMRegressorHead
 from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, as_labels, is_dask_array
+from .class_weight import class_weights, row_weights
 from .validation import PARAM_HINT, check_targets, encode_labels, resolve_classes
 
 __all__ = ["fit_lightgbm_dask", "validation_curve"]
@@ -58,8 +59,8 @@ def _as_dask(X: Any, name: str) -> Any:
     return X.rechunk({1: -1}) if len(X.chunks[1]) > 1 else X
 
 
-def _round_losses(raw: np.ndarray, y: np.ndarray, kind: str) -> np.ndarray:
-    """Summed loss of rows with raw scores ``raw`` (n, K) or (n,) against ``y``."""
+def _round_losses(raw: np.ndarray, y: np.ndarray, kind: str, weights: np.ndarray | None = None) -> np.ndarray:
+    """Summed loss of rows with raw scores ``raw`` (n, K) or (n,) against ``y`` (each row times its weight)."""
     if kind == "regression":
         return np.sum((raw - y) ** 2)
     if kind == "binary":
@@ -68,10 +69,12 @@ def _round_losses(raw: np.ndarray, y: np.ndarray, kind: str) -> np.ndarray:
     else:
         z = raw - raw.max(axis=1, keepdims=True)
         p_true = np.exp(z[np.arange(y.size), y]) / np.exp(z).sum(axis=1)
-    return -np.sum(np.log(np.clip(p_true, 1e-15, 1.0)))
+    losses = -np.log(np.clip(p_true, 1e-15, 1.0))
+    return np.sum(losses if weights is None else weights * losses)
 
 
-def validation_curve(booster: Any, X_val: Any, y_val: np.ndarray, kind: str) -> np.ndarray:
+def validation_curve(booster: Any, X_val: Any, y_val: np.ndarray, kind: str,
+                     class_weight: np.ndarray | None = None) -> np.ndarray:
     """Mean validation loss after each boosting round, streaming ``X_val`` by chunk.
 
     Parameters
@@ -81,6 +84,9 @@ def validation_curve(booster: Any, X_val: Any, y_val: np.ndarray, kind: str) -> 
     y_val : ndarray of shape (n_val,)
         Encoded labels 0..K_seen-1 (classification) or targets (regression).
     kind : {"multiclass", "binary", "regression"}
+    class_weight : ndarray of shape (K_seen,), optional
+        Classification: the weight of each encoded class; the loss is then the
+        weighted mean (as LightGBM's with ``eval_sample_weight``).
 
     Returns
     -------
@@ -91,10 +97,12 @@ def validation_curve(booster: Any, X_val: Any, y_val: np.ndarray, kind: str) -> 
     totals = np.zeros(n_rounds)
     for Xc, yc in RowChunks(X_val, y_val, name="X_val"):
         raw = 0.0
+        weights = None if kind == "regression" else row_weights(class_weight, yc)
         for i in range(n_rounds):  # a round's trees add to the raw score (round 1 holds the init score)
             raw = raw + booster.predict(Xc, start_iteration=i, num_iteration=1, raw_score=True)
-            totals[i] += _round_losses(raw, yc, kind)
-    return totals / y_val.size
+            totals[i] += _round_losses(raw, yc, kind, weights)
+    weights = None if kind == "regression" else row_weights(class_weight, y_val)
+    return totals / (y_val.size if weights is None else weights.sum())
 
 
 def _early_stop(curve: np.ndarray, rounds: int | None) -> int:
@@ -132,7 +140,8 @@ def fit_lightgbm_dask(
     **params
         Constructor parameters of :class:`LightGBMHead` / :class:`LightGBMRegressorHead`
         (``n_estimators``, ``learning_rate``, ``num_leaves``, ``early_stopping_rounds``,
-        ``n_classes``, ``random_state``, ...). ``n_jobs`` is not passed on: each dask
+        ``n_classes``, ``class_weight``, ``random_state``, ...; ``class_weight="balanced"`` weighs the
+        training rows and the validation curve as :class:`LightGBMHead` does). ``n_jobs`` is not passed on: each dask
         worker trains with its own thread count. ``pca_components`` is not supported.
 
     Returns
@@ -173,11 +182,14 @@ def fit_lightgbm_dask(
         if seen.size < 2:
             raise ValueError(f"the training rows contain only the classes {seen.tolist()}; a classifier needs >= 2.")
         model = lightgbm.DaskLGBMClassifier(client=client, **lgb_params)
+        # counted over all training rows here: LightGBM's class_weight would count each worker's rows
+        head.class_weight_ = class_weights(head.class_weight, y, classes.size)
     else:
         model = lightgbm.DaskLGBMRegressor(client=client, **lgb_params)
+    weights = row_weights(getattr(head, "class_weight_", None), y)
     with warnings.catch_warnings():  # lightgbm.dask warns that n_jobs (always set) is ignored
         warnings.filterwarnings("ignore", message="Parameter n_jobs will be ignored", category=UserWarning)
-        model.fit(X, y_d)
+        model.fit(X, y_d, sample_weight=None if weights is None else da.from_array(weights, chunks=(X.chunks[0],)))
     booster = model.booster_
 
     if classification:
@@ -186,7 +198,8 @@ def fit_lightgbm_dask(
             raise ValueError(f"no validation row has a class seen in training ({seen.tolist()}).")
         kind = "binary" if seen.size == 2 else "multiclass"
         X_v = X_val if known.all() else _subset_rows(X_val, known)
-        curve = validation_curve(booster, X_v, np.searchsorted(seen, y_v[known]), kind)
+        seen_weight = None if head.class_weight_ is None else head.class_weight_[seen]
+        curve = validation_curve(booster, X_v, np.searchsorted(seen, y_v[known]), kind, seen_weight)
         head.classes_, head.train_classes_ = (classes if labels is None else labels[classes]), seen
     else:
         curve = validation_curve(booster, X_val, y_v, "regression")

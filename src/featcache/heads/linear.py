@@ -26,6 +26,7 @@ from sklearn.utils.validation import check_is_fitted
 from featcache.util.compute import thread_limit
 
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
+from .class_weight import class_weights
 from .metrics import log_loss_score
 from .param_types import AtLeast, Interval, MinLength, Positive, check_declared
 from .preprocessing import apply_preprocess
@@ -177,6 +178,10 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
         this fraction of explained variance (float); fitted on training rows only.
     n_classes : int or None
         Number of classes K, or None for the labels seen (see :class:`~featcache.heads.base.ClassifierHead`).
+    class_weight : {None, "balanced"}
+        scikit-learn's ``LogisticRegression(class_weight=...)``: ``"balanced"`` weighs
+        each class by ``n_samples / (n_classes * count)`` over the rows of each fit
+        (the selection fits and the final refit).
     random_state : int or None
         Seed of the hold-out split, the folds and the PCA solver.
     n_jobs : int or None
@@ -193,6 +198,8 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
     classes_ : ndarray of shape (K,)
     train_classes_ : ndarray of shape (n_seen,)
         Indices into ``classes_`` of the classes present in the final training rows.
+    class_weight_ : ndarray of shape (K,) or None
+        The class weights of the final refit (None: unweighted).
     n_features_in_ : int
     n_iter_ : int
         lbfgs iterations of the final refit.
@@ -217,7 +224,7 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
     n_jobs: int | None = 1
 
     def make_model(self, C: float, warm_start: bool) -> LogisticRegression:
-        """An unfitted lbfgs ``LogisticRegression`` with this head's ``max_iter`` and ``tol``.
+        """An unfitted lbfgs ``LogisticRegression`` with this head's ``max_iter``, ``tol`` and ``class_weight``.
 
         Used for the C search (warm-started along the grid), the final refit,
         and to restore a saved head (:mod:`featcache.heads.persistence`).
@@ -234,7 +241,8 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
         LogisticRegression
         """
         return LogisticRegression(
-            C=float(C), solver="lbfgs", max_iter=self.max_iter, tol=self.tol, warm_start=warm_start
+            C=float(C), solver="lbfgs", max_iter=self.max_iter, tol=self.tol, warm_start=warm_start,
+            class_weight=self.class_weight,
         )
 
     def _fit_quiet(self, model: LogisticRegression, X: np.ndarray, y: np.ndarray) -> bool:
@@ -283,6 +291,7 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
 
         def refit(C: float, X_final: np.ndarray, y_final: np.ndarray) -> LogisticRegression:
             self.train_classes_ = require_two_classes(y_final)
+            self.class_weight_ = class_weights(self.class_weight, y_final, classes.size)
             model = self.make_model(C, warm_start=False)
             self._fit_quiet(model, X_final, y_final)
             return model

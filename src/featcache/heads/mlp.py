@@ -79,19 +79,30 @@ class MLPBase(HeadBase):
         out = self.output_transform(out)
         return float(loss_fn(out, target)), self._val_score(out, target)
 
-    def loss_function(self) -> torch.nn.Module:
+    def loss_function(self, device: torch.device | None = None) -> torch.nn.Module:
         """The training and validation loss: cross-entropy (classifiers) or MSE (regressors).
+
+        Parameters
+        ----------
+        device : torch.device, optional
+            Where the class weights live (those of ``class_weight_``, set at fit).
 
         Returns
         -------
         torch.nn.Module
             ``loss(output_transform(out), target)``: ``nn.CrossEntropyLoss`` on
-            (B, K) logits and (B,) int64 class indices, or ``nn.MSELoss`` on
+            (B, K) logits and (B,) int64 class indices (weighted by ``class_weight_``
+            when it is set: the weighted mean over the rows), or ``nn.MSELoss`` on
             (B,) predictions and (B,) standardised float32 targets.
         """
+        import torch
         from torch import nn
 
-        return nn.CrossEntropyLoss() if self._classification else nn.MSELoss()
+        if not self._classification:
+            return nn.MSELoss()
+        weights = getattr(self, "class_weight_", None)
+        return nn.CrossEntropyLoss(
+            weight=None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device))
 
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Train on train, early-stopping on val."""
@@ -122,7 +133,7 @@ class MLPBase(HeadBase):
         X_fit = tensor(X_fit_t, torch.float32)
         X_sel = tensor(apply_preprocess(split.X_sel, self.scaler_, self.pca_), torch.float32)
         t_fit, t_sel = tensor(y_fit, y_dtype), tensor(y_sel, y_dtype)
-        loss_fn = self.loss_function()
+        loss_fn = self.loss_function(device)
 
         with torch_threads(self.n_threads), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -201,7 +212,7 @@ class MLPClassifierBase(ClassifierHead, MLPBase):
 
 @params_dataclass
 class MLPHead(MLPClassifierBase):
-    """MLP classifier (cross-entropy), early-stopped on validation loss.
+    """MLP classifier (cross-entropy, optionally class-weighted), early-stopped on validation loss.
 
     Parameters
     ----------
@@ -236,6 +247,10 @@ class MLPHead(MLPClassifierBase):
         rows the network is trained on.
     n_classes : int or None
         Number of outputs K, or None for the labels seen (see :class:`~featcache.heads.base.ClassifierHead`).
+    class_weight : {None, "balanced"}
+        ``"balanced"``: a weighted cross-entropy, each class weighing
+        ``n_samples / (n_classes * count)`` over the rows the network is trained
+        on; the validation loss of early stopping is weighted the same way.
     random_state : int or None
         Seed of initialisation, dropout, shuffling, the PCA solver and the hold-out
         (None means 0 for all of them: two fits with None are identical).
@@ -259,6 +274,8 @@ class MLPHead(MLPClassifierBase):
     best_params_ : dict
         ``{"epochs": best_epoch_}``.
     classes_ : ndarray of shape (K,)
+    class_weight_ : ndarray of shape (K,) or None
+        The cross-entropy's class weights (None: unweighted).
     n_features_in_ : int
     fit_seconds_ : float
     """

@@ -31,6 +31,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, stream_outputs, streaming_sources
+from .class_weight import row_weights
 from .dask_boosting import fit_lightgbm_dask
 from .metrics import log_loss_score
 from .param_types import AtLeast, Interval, MinLength, Positive, check_declared
@@ -157,6 +158,11 @@ class StreamingLogisticHead(ClassifierHead, _StreamingLinearBase):
         rows are skipped chunk by chunk; no refit on the full training rows).
     n_classes : int or None
         Number of classes K, or None for the labels seen (see :class:`~featcache.heads.base.ClassifierHead`).
+    class_weight : {None, "balanced"}
+        ``"balanced"``: each training row weighs ``n_samples / (n_classes * count)``
+        of its class, counted over the training rows (after the hold-out), passed to
+        ``partial_fit`` as ``sample_weight`` (which SGD's own ``class_weight="balanced"``
+        refuses); as :class:`~featcache.heads.linear.LogisticRegressionHead` weighs.
     random_state : int or None
         Seed of the chunk order, the row order within chunks, SGD and the hold-out.
 
@@ -168,6 +174,8 @@ class StreamingLogisticHead(ClassifierHead, _StreamingLinearBase):
     estimator_ : SGDClassifier
         The chosen candidate at its best epoch.
     classes_ : ndarray of shape (K,)
+    class_weight_ : ndarray of shape (K,) or None
+        The class weights over the training rows (None: unweighted).
     n_features_in_ : int
     best_epoch_ : int
     best_params_ : dict
@@ -187,7 +195,8 @@ class StreamingLogisticHead(ClassifierHead, _StreamingLinearBase):
     """
 
     def _partial_fit(self, model: SGDClassifier, X: np.ndarray, y: np.ndarray) -> None:
-        model.partial_fit(X, y, classes=self.classes_)
+        # SGD's partial_fit refuses class_weight="balanced": the weights come from the class counts
+        model.partial_fit(X, y, classes=self.classes_, sample_weight=row_weights(self.class_weight_, y))
 
     def _score(self, model: SGDClassifier, val: RowChunks) -> dict[str, float]:
         correct, loss, n = 0, 0.0, 0

@@ -39,9 +39,10 @@ from typing import Any
 
 from featcache.errors import ParamError
 from featcache.util.checks import check_int, check_number, number_phrase
+from featcache.util.names import did_you_mean
 
-__all__ = ["PARAM_HINT", "AtLeast", "Interval", "Matches", "MinLength", "NonNegative", "ParamType", "Positive",
-           "Problem", "Rule", "check_declared", "check_value", "find_problem", "param_type"]
+__all__ = ["PARAM_HINT", "AtLeast", "Interval", "Matches", "MinLength", "NonNegative", "OneOf", "ParamType",
+           "Positive", "Problem", "Rule", "check_declared", "check_value", "find_problem", "param_type"]
 
 #: The hint of a head's parameter error at fit (``{name}`` is the parameter).
 PARAM_HINT = "Hint: set {name} in the head's params."
@@ -64,8 +65,9 @@ class Rule:
     def check(self, name: str, value: Any, allow_none: bool) -> None:
         """Raise ParamError (a ValueError) naming ``name`` unless ``value`` is allowed (fit-time message)."""
         if not self.accepts(value) and not (value is None and allow_none):
+            close = did_you_mean(value, getattr(self, "choices", ()))
             raise ParamError(f"{name}={value!r} is invalid; allowed: {self.describe()}"
-                             f"{' or None' if allow_none else ''}. {PARAM_HINT.format(name=name)}")
+                             f"{' or None' if allow_none else ''}.{close} {PARAM_HINT.format(name=name)}")
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,31 @@ class Matches(Rule):
         return self.description
 
 
+@dataclass(frozen=True, init=False)
+class OneOf(Rule):
+    """One of the strings ``choices`` (``Annotated[str, OneOf("balanced")]``); a close miss is named in messages."""
+
+    choices: tuple[str, ...]
+
+    refusal = "is not allowed"
+
+    def __init__(self, *choices: str) -> None:
+        object.__setattr__(self, "choices", tuple(choices))
+
+    def accepts(self, value: Any) -> bool:
+        return value in self.choices
+
+    def describe(self) -> str:
+        quoted = [repr(choice) for choice in self.choices]
+        return " or ".join([", ".join(quoted[:-1]), quoted[-1]] if len(quoted) > 1 else quoted)
+
+
+def _close_choice(spec: ParamType, value: Any) -> str:
+    """`` Did you mean 'balanced'?`` for a string close to a choice of the spec's :class:`OneOf` rules, else ``""``."""
+    choices = [choice for kind in spec.kinds for rule in kind.rules for choice in getattr(rule, "choices", ())]
+    return did_you_mean(value, choices) if isinstance(value, str) and choices else ""
+
+
 @dataclass(frozen=True)
 class MinLength(Rule):
     """A list of at least ``minimum`` items (on a ``Sequence[...]``: ``Annotated[Sequence[float], MinLength(1)]``)."""
@@ -153,7 +180,7 @@ class MinLength(Rule):
 
 #: Rule markers by the name an annotation calls them with.
 _RULES: dict[str, Any] = {"AtLeast": AtLeast, "Interval": Interval, "Positive": Positive,
-                          "NonNegative": NonNegative, "Matches": Matches, "MinLength": MinLength}
+                          "NonNegative": NonNegative, "Matches": Matches, "OneOf": OneOf, "MinLength": MinLength}
 
 #: Scalar type name -> (noun of "is not ...", what it allows without a rule, plural of "a list of ...").
 _SCALARS: dict[str, tuple[str, str, str]] = {
@@ -426,7 +453,7 @@ def check_value(key: str, value: Any, annotation: str | None, default: str | Non
         hint = (f"Hint: YAML reads {bad} as a string; write the number with a dot and a signed exponent "
                 f"(e.g. 1.0e-3) or in full (0.001).")
     shown = "null" if bad is None else repr(bad)
-    raise ParamError(f"{key}{problem.where}: {shown} {problem.reason}; {allowed}. {hint}")
+    raise ParamError(f"{key}{problem.where}: {shown} {problem.reason}; {allowed}.{_close_choice(spec, bad)} {hint}")
 
 
 def _is_float_text(text: str) -> bool:
@@ -468,4 +495,5 @@ def check_declared(head: Any) -> None:
         hint = PARAM_HINT.format(name=field.name)
         if not problem.where and value is not None and find_problem(spec, [value]) is None:
             hint = f"Hint: pass a list, e.g. {field.name}=[{value!r}] (in params.yaml: {field.name}: [{value!r}])."
-        raise ParamError(f"{field.name}={value!r} is invalid{item}; allowed: {spec.allowed(none='None')}. {hint}")
+        raise ParamError(f"{field.name}={value!r} is invalid{item}; allowed: {spec.allowed(none='None')}."
+                         f"{_close_choice(spec, value)} {hint}")

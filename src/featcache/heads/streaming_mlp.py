@@ -52,7 +52,7 @@ class _StreamingMLPMixin:
         self.scaler_, self.pca_ = fit_scaler_streaming(train), None
         seed = int(self._seed())
         y_dtype = torch.long if self._classification else torch.float32
-        loss_fn = self.loss_function()
+        loss_fn = self.loss_function(device)
 
         def tensors(Xc: np.ndarray, yc: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
             x = torch.as_tensor(self.scaler_.transform(Xc), dtype=torch.float32, device=device)
@@ -94,7 +94,8 @@ class StreamingMLPHead(_StreamingMLPMixin, MLPClassifierBase):
     ``pca_components``) plus ``chunk_rows`` (rows per chunk of an in-memory ``X``).
     Each epoch visits the training chunks in a seeded random order and cuts each
     chunk into shuffled mini-batches; the scaler is fitted in one streaming pass.
-    Attributes are those of :class:`~featcache.heads.mlp.MLPHead` (``pca_`` is None).
+    Attributes are those of :class:`~featcache.heads.mlp.MLPHead` (``pca_`` is None); ``class_weight="balanced"``
+    counts the classes of the training rows (after the hold-out), as the in-memory head does.
     """
 
 

@@ -130,7 +130,7 @@ def train_epochs(
     """
     import torch
 
-    loss_fn = head.loss_function()
+    loss_fn = head.loss_function(next(module.parameters()).device)
     optim = torch.optim.AdamW(module.parameters(), lr=head.lr, weight_decay=head.weight_decay)
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_state = float("inf"), 0, None
