@@ -158,6 +158,11 @@ class ClassifierHead(ClassifierMixin, HeadBase):
         the head fits on (:mod:`~featcache.heads.class_weight`), so that a rare class
         counts as much as a frequent one in the training loss (and in a validation
         loss the head early-stops on).
+    selection_metric : {None, "accuracy", "balanced_accuracy", "macro_f1", "log_loss"}
+        What the head selects on, on the validation rows only (its hyper-parameter
+        grid, best epoch or best iteration; log_loss lower is better, the others
+        higher); None: each head's own criterion (see its Notes). The pipeline sets it
+        from ``train.metric`` unless the head's section does.
 
     Attributes
     ----------
@@ -172,6 +177,8 @@ class ClassifierHead(ClassifierMixin, HeadBase):
 
     n_classes: Annotated[int, AtLeast(2)] | None = None
     class_weight: Annotated[str, OneOf("balanced")] | None = None
+    # featcache.heads.metrics.SELECTION_METRICS["classification"] (an annotation holds literals; a test pins them)
+    selection_metric: Annotated[str, OneOf("accuracy", "balanced_accuracy", "macro_f1", "log_loss")] | None = None
 
     _classification = True
 
@@ -229,8 +236,15 @@ class ClassifierHead(ClassifierMixin, HeadBase):
         return self.classes_[np.argmax(proba, axis=1)]
 
 
+@params_dataclass
 class RegressorHead(RegressorMixin, HeadBase):
     """A head predicting a real target; models that need it train on the standardised target.
+
+    Parameters
+    ----------
+    selection_metric : {None, "rmse", "mae", "r2"}
+        What the head selects on, on the validation rows only (r2 higher is better,
+        the others lower); None: each head's own criterion (RMSE or the MSE loss).
 
     Attributes
     ----------
@@ -238,6 +252,9 @@ class RegressorHead(RegressorMixin, HeadBase):
         Target standardisation from the training rows (heads using
         :meth:`_fit_target_scale`).
     """
+
+    # featcache.heads.metrics.SELECTION_METRICS["regression"] (an annotation holds literals; a test pins them)
+    selection_metric: Annotated[str, OneOf("rmse", "mae", "r2")] | None = None
 
     def _set_targets(self, y_fit: np.ndarray, y_train: np.ndarray, y_val: np.ndarray | None) -> int:
         """Standardise the target on the fitting rows ``y_fit`` (n_fit,); return 1 output."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .class_weight import class_weights, row_weights
+from .metrics import LOWER_IS_BETTER, metric_value
 from .param_types import AtLeast, Interval, NonNegative, Positive, check_declared
 from .preprocessing import apply_preprocess, fit_preprocess
 from .splits import Split
@@ -119,6 +121,9 @@ class LightGBMBase(HeadBase):
             eval_kwargs = {"eval_set": [(X_sel, y_sel)]}
         if sel_weight is not None:  # LightGBM's own class_weight leaves the eval rows unweighted
             eval_kwargs["eval_sample_weight"] = [sel_weight]
+        if self.selection_metric is not None:  # the only metric early stopping watches
+            model.set_params(metric="None")
+            eval_kwargs["eval_metric"] = self._eval_metric(None if seen is None else seen.size)
         model.fit(X_fit, y_fit, sample_weight=fit_weight, callbacks=callbacks, **eval_kwargs)
         booster = model.booster_
         best = int(booster.best_iteration) if booster.best_iteration > 0 else booster.current_iteration()
@@ -130,6 +135,17 @@ class LightGBMBase(HeadBase):
             "%s: best iteration %d of %d (early stopping %s)",
             type(self).__name__, best, self.n_estimators, self.early_stopping_rounds,
         )
+
+    def _eval_metric(self, n_seen: int | None) -> Callable[[np.ndarray, np.ndarray], tuple[str, float, bool]]:
+        """LightGBM's custom eval metric of ``selection_metric`` (``n_seen``: classes of the fit rows, or None)."""
+        name, task = self.selection_metric, "regression" if n_seen is None else "classification"
+
+        def evaluate(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[str, float, bool]:
+            if n_seen is not None and y_pred.ndim == 1:  # binary objective: P(second seen class)
+                y_pred = np.column_stack([1.0 - y_pred, y_pred])
+            return name, metric_value(task, name, y_true, y_pred, n_seen), name not in LOWER_IS_BETTER
+
+        return evaluate
 
     def _raw_predict(self, X: Any) -> np.ndarray:
         check_is_fitted(self, "booster_")
@@ -166,6 +182,9 @@ class LightGBMHead(ClassifierHead, LightGBMBase):
         stopping weigh the same per class (``eval_sample_weight``; LightGBM's own
         ``class_weight`` would leave the early-stopping loss unweighted), as the MLP's
         validation loss does.
+    selection_metric : {None, "accuracy", "balanced_accuracy", "macro_f1", "log_loss"}
+        Early-stop on this metric of the validation rows instead of the
+        multi-logloss (a custom eval metric; the best iteration is its best).
     n_jobs : int
         LightGBM threads. On a CPU shared with other jobs, OpenMP threads that
         wait on descheduled peers can make 2 threads many times slower than 1;

@@ -142,7 +142,7 @@ def fit_lightgbm_dask(
         (``n_estimators``, ``learning_rate``, ``num_leaves``, ``early_stopping_rounds``,
         ``n_classes``, ``class_weight``, ``random_state``, ...; ``class_weight="balanced"`` weighs the
         training rows and the validation curve as :class:`LightGBMHead` does). ``n_jobs`` is not passed on: each dask
-        worker trains with its own thread count. ``pca_components`` is not supported.
+        worker trains with its own thread count. ``pca_components`` and ``selection_metric`` are not supported.
 
     Returns
     -------
@@ -164,6 +164,11 @@ def fit_lightgbm_dask(
             f"pca_components={head.pca_components!r} is not supported by fit_lightgbm_dask; allowed: None. "
             "Hint: reduce the features before (or use LightGBMHead in memory)."
         )
+    if head.selection_metric is not None:
+        raise ParamError(
+            f"selection_metric={head.selection_metric!r} is not supported by fit_lightgbm_dask (its post-hoc early "
+            "stopping reads the validation loss curve); allowed: None. Hint: leave it out, or use LightGBMHead in "
+            "memory.")
     check_int("early_stopping_rounds", head.early_stopping_rounds, 1, allow_none=True, hint=PARAM_HINT)
     X = _as_dask(X_dask, "X_dask")
     lgb_params = {k: v for k, v in head._lgbm_params(int(X.shape[1])).items() if k != "n_jobs"}

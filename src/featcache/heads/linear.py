@@ -27,7 +27,7 @@ from featcache.util.compute import thread_limit
 
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .class_weight import class_weights
-from .metrics import log_loss_score
+from .metrics import log_loss_score, metric_value, selection_key
 from .param_types import AtLeast, Interval, MinLength, Positive, check_declared
 from .preprocessing import apply_preprocess
 from .splits import SelectionSets, Split, average_rows
@@ -182,6 +182,8 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
         scikit-learn's ``LogisticRegression(class_weight=...)``: ``"balanced"`` weighs
         each class by ``n_samples / (n_classes * count)`` over the rows of each fit
         (the selection fits and the final refit).
+    selection_metric : {None, "accuracy", "balanced_accuracy", "macro_f1", "log_loss"}
+        Choose C on this validation metric (see Notes); None: accuracy, then log-loss.
     random_state : int or None
         Seed of the hold-out split, the folds and the PCA solver.
     n_jobs : int or None
@@ -214,8 +216,10 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
     Notes
     -----
     Selection: highest validation accuracy, ties broken by lower validation
-    log-loss, then by smaller C. The grid is walked in ascending C with warm starts;
-    the final refit starts cold.
+    log-loss, then by smaller C; with ``selection_metric``, the best validation
+    value of that metric (``val_<metric>`` in ``search_results_``), ties broken by
+    lower log-loss (higher accuracy for ``log_loss``), then by smaller C. The grid
+    is walked in ascending C with warm starts; the final refit starts cold.
     """
 
     Cs: Annotated[Sequence[Annotated[float, Positive()]], MinLength(1)] | np.ndarray | None = None
@@ -279,7 +283,17 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
                 "n_iter": int(np.max(model.n_iter_)),
                 "converged": converged,
             })
+            if self.selection_metric is not None:
+                rows[-1][f"val_{self.selection_metric}"] = metric_value(
+                    "classification", self.selection_metric, y_sel, proba, n_classes)
         return rows
+
+    def _sort_key(self, r: dict[str, Any]) -> tuple:
+        """The C that minimises this wins (see Notes)."""
+        m = self.selection_metric
+        if m is None:
+            return (-r["val_accuracy"], r["val_log_loss"], r["C"])
+        return (selection_key(m, r[f"val_{m}"]), -r["val_accuracy"] if m == "log_loss" else r["val_log_loss"], r["C"])
 
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Choose C on the validation split (or hold-out, or k folds), then refit."""
@@ -300,7 +314,7 @@ class LogisticRegressionHead(ClassifierHead, LinearSearchBase):
             sets = SelectionSets(split, self.pca_components, self.random_state, dtype=np.float64)
             self._search_and_refit(
                 "C", grid, split, sets, lambda values, *rows: self._score_path(values, *rows, classes.size),
-                lambda r: (-r["val_accuracy"], r["val_log_loss"], r["C"]), refit,
+                self._sort_key, refit,
             )
         self.n_iter_ = int(np.max(self.estimator_.n_iter_))
         self.classes_ = classes
@@ -325,6 +339,8 @@ class RidgeHead(RegressorHead, LinearSearchBase):
     cv_folds : int >= 2 or None
         As in :class:`LogisticRegressionHead`, with plain shuffled k-fold (mean
         fold RMSE).
+    selection_metric : {None, "rmse", "mae", "r2"}
+        Choose alpha on this validation metric (``val_<metric>`` in ``search_results_``); None: RMSE.
     pca_components : None, int or float in (0, 1)
         As in :class:`LogisticRegressionHead`.
 
@@ -343,7 +359,8 @@ class RidgeHead(RegressorHead, LinearSearchBase):
 
     Notes
     -----
-    Selection: lowest validation RMSE, ties broken by the larger alpha.
+    Selection: lowest validation RMSE, ties broken by the larger alpha; with
+    ``selection_metric``, the best validation value of that metric first.
     """
 
     alphas: Annotated[Sequence[Annotated[float, Positive()]], MinLength(1)] | np.ndarray | None = None
@@ -358,10 +375,13 @@ class RidgeHead(RegressorHead, LinearSearchBase):
         def score_path(values: np.ndarray, X_fit: np.ndarray, y_fit: np.ndarray,
                        X_sel: np.ndarray, y_sel: np.ndarray) -> list[dict[str, Any]]:
             preds = (Ridge(alpha=float(alpha)).fit(X_fit, y_fit).predict(X_sel) for alpha in values)
-            return [{"val_rmse": float(np.sqrt(np.mean((pred - y_sel) ** 2)))} for pred in preds]
+            return [{"val_rmse": float(np.sqrt(np.mean((pred - y_sel) ** 2))),
+                     **({f"val_{m}": metric_value("regression", m, y_sel, pred)} if m else {})} for pred in preds]
 
+        m = self.selection_metric
         self._search_and_refit(
-            "alpha", grid, split, sets, score_path, lambda r: (r["val_rmse"], -r["alpha"]),
+            "alpha", grid, split, sets, score_path,
+            lambda r: (*((selection_key(m, r[f"val_{m}"]),) if m else ()), r["val_rmse"], -r["alpha"]),
             lambda alpha, X_final, y_final: Ridge(alpha=alpha).fit(X_final, y_final),
         )
 

@@ -29,14 +29,19 @@ from featcache.store.schema import TASKS
 
 __all__ = [
     "CLASSIFICATION_METRICS",
+    "DEFAULT_METRIC",
+    "LOWER_IS_BETTER",
     "PREDICTION_COLUMNS",
     "REGRESSION_METRICS",
+    "SELECTION_METRICS",
     "ClassificationKernel",
     "RegressionKernel",
     "classification_metrics",
     "confusion_rows",
     "log_loss_score",
     "metric_kernel",
+    "metric_value",
+    "selection_key",
     "prediction_rows",
     "regression_metrics",
     "unknown_metric",
@@ -45,6 +50,14 @@ __all__ = [
 EPS = 1e-15
 CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "log_loss", "top5_accuracy")
 REGRESSION_METRICS = ("rmse", "mae", "r2")
+#: The metrics a head can select on (its validation rows) and compare can rank by, per task (``train.metric``):
+#: the reported ones but ``top5_accuracy``.
+SELECTION_METRICS = {"classification": tuple(m for m in CLASSIFICATION_METRICS if m != "top5_accuracy"),
+                     "regression": REGRESSION_METRICS}
+#: The metric compare ranks by when ``train.metric`` is null, per task.
+DEFAULT_METRIC = {"classification": "accuracy", "regression": "rmse"}
+#: The metrics of which lower is better (higher is better for every other).
+LOWER_IS_BETTER = frozenset({"log_loss", "rmse", "mae"})
 #: The columns of a test-predictions CSV (:func:`prediction_rows`): what DVC's plots read as x and y.
 PREDICTION_COLUMNS = ("actual", "predicted")
 
@@ -249,6 +262,31 @@ def metric_kernel(task: str, y_true: Any, y_score: Any,
 
 def _point(kernel: ClassificationKernel | RegressionKernel, name: str) -> float:
     return float(kernel.compute(name, np.arange(kernel.y.size)[None, :])[0])
+
+
+def metric_value(task: str, name: str, y_true: Any, y_score: Any, n_classes: int | None = None) -> float:
+    """One metric of a set of rows, e.g. a head's validation score on :data:`SELECTION_METRICS`.
+
+    Parameters
+    ----------
+    task : {"classification", "regression"}
+    name : str
+        A metric of the task (as :func:`classification_metrics` / :func:`regression_metrics` name it).
+    y_true : array-like of shape (n,)
+    y_score : array-like of shape (n, K) (probabilities) or (n,) (predictions)
+    n_classes : int or None
+        K for classification; None takes ``y_score.shape[1]``.
+
+    Returns
+    -------
+    float
+    """
+    return _point(metric_kernel(task, y_true, y_score, n_classes), name)
+
+
+def selection_key(name: str, value: float) -> float:
+    """``value`` of metric ``name`` as a key to minimise (negated where higher is better)."""
+    return float(value) if name in LOWER_IS_BETTER else -float(value)
 
 
 # ----------------------------------------------------------------------------- point metrics

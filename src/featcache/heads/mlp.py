@@ -21,6 +21,7 @@ from featcache.errors import ParamError
 from featcache.util.compute import torch_threads
 
 from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
+from .metrics import metric_value
 from .param_types import AtLeast, Interval, Matches, NonNegative, Positive, check_declared
 from .preprocessing import apply_preprocess, fit_preprocess
 from .splits import Split
@@ -195,7 +196,13 @@ class MLPClassifierBase(ClassifierHead, MLPBase):
         return y
 
     def _val_score(self, out: torch.Tensor, target: torch.Tensor) -> float:
-        return float((out.argmax(dim=1) == target).float().mean())
+        """Validation accuracy, or ``selection_metric`` (NaN for non-finite outputs)."""
+        if self.selection_metric is None:
+            return float((out.argmax(dim=1) == target).float().mean())
+        if not bool(out.isfinite().all()):
+            return float("nan")
+        proba = out.double().softmax(dim=1).cpu().numpy()
+        return metric_value("classification", self.selection_metric, target.cpu().numpy(), proba, out.shape[1])
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Softmax probabilities, shape (n, K), float64."""
@@ -230,7 +237,11 @@ class MLPHead(MLPClassifierBase):
     batch_size : int
         Mini-batch size (a last batch of one row is dropped each epoch).
     max_epochs, patience : int
-        Stop after ``patience`` epochs without a lower validation loss.
+        Stop after ``patience`` epochs without a lower validation loss (a better
+        ``selection_metric``, when set).
+    selection_metric : {None, "accuracy", "balanced_accuracy", "macro_f1", "log_loss"}
+        Keep the epoch of the best validation value of this metric (and count
+        ``patience`` on it) instead of the lowest validation loss.
     min_epoch_steps : int
         The fewest optimiser steps an epoch counts for in ``patience`` and
         ``max_epochs``: when an epoch is fewer mini-batches (fewer than about
@@ -268,9 +279,9 @@ class MLPHead(MLPClassifierBase):
     pca_ : PCA or None
         Fitted on the scaled training rows; None without ``pca_components``.
     best_epoch_ : int
-        1-based epoch of the lowest validation loss.
+        1-based epoch of the lowest validation loss (best ``selection_metric``).
     history_ : list of dict
-        ``epoch``, ``train_loss``, ``val_loss``, ``val_score`` (accuracy) per epoch.
+        ``epoch``, ``train_loss``, ``val_loss``, ``val_score`` (accuracy, or ``selection_metric``) per epoch.
     best_params_ : dict
         ``{"epochs": best_epoch_}``.
     classes_ : ndarray of shape (K,)
@@ -291,6 +302,12 @@ class MLPRegressorBase(RegressorHead, MLPBase):
         return self._scale_target(y)
 
     def _val_score(self, out: torch.Tensor, target: torch.Tensor) -> float:
+        """Validation R2, or ``selection_metric`` in target units (NaN for non-finite outputs)."""
+        if self.selection_metric is not None:
+            if not bool(out.isfinite().all()):
+                return float("nan")
+            pred, y = (self._unscale_target(t.double().cpu().numpy()) for t in (out, target))
+            return metric_value("regression", self.selection_metric, y, pred)
         ss_res = float(((out - target) ** 2).sum())
         ss_tot = float(((target - target.mean()) ** 2).sum())
         return 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)

@@ -33,7 +33,7 @@ from .base import ClassifierHead, HeadBase, RegressorHead, params_dataclass
 from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, stream_outputs, streaming_sources
 from .class_weight import row_weights
 from .dask_boosting import fit_lightgbm_dask
-from .metrics import log_loss_score
+from .metrics import log_loss_score, metric_value, selection_key
 from .param_types import AtLeast, Interval, MinLength, Positive, check_declared
 from .preprocessing import fit_scaler_streaming
 from .streaming_mlp import StreamingMLPHead, StreamingMLPRegressorHead
@@ -107,6 +107,13 @@ class _StreamingLinearBase(HeadBase):
                 break
         return {**best, "history": history}
 
+    def _selection_score(self, task: str, parts: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+        """``{"val_<selection_metric>": value}`` of the validation chunks' (labels, scores), or {} without one."""
+        if self.selection_metric is None:
+            return {}
+        y, scores = (np.concatenate(arrays) for arrays in zip(*parts))
+        return {f"val_{self.selection_metric}": metric_value(task, self.selection_metric, y, scores)}
+
     def _fit(self, X: Any, y: Any, X_val: Any, y_val: Any) -> None:
         """Stream the training chunks; choose alpha and the epoch on the validation rows."""
         check_declared(self)  # the rules in the fields' annotations (alphas...)
@@ -163,6 +170,8 @@ class StreamingLogisticHead(ClassifierHead, _StreamingLinearBase):
         of its class, counted over the training rows (after the hold-out), passed to
         ``partial_fit`` as ``sample_weight`` (which SGD's own ``class_weight="balanced"``
         refuses); as :class:`~featcache.heads.linear.LogisticRegressionHead` weighs.
+    selection_metric : {None, "accuracy", "balanced_accuracy", "macro_f1", "log_loss"}
+        Choose alpha and the epoch on this validation metric (see Notes).
     random_state : int or None
         Seed of the chunk order, the row order within chunks, SGD and the hold-out.
 
@@ -189,7 +198,8 @@ class StreamingLogisticHead(ClassifierHead, _StreamingLinearBase):
     Notes
     -----
     Early stopping and selection use the same order: highest validation accuracy,
-    then lowest validation log-loss (then the larger alpha). ``fit`` accepts numpy
+    then lowest validation log-loss (then the larger alpha); with ``selection_metric``,
+    the best validation value of that metric first (``val_<metric>`` in the history). ``fit`` accepts numpy
     or dask ``X``/``X_val`` and numpy ``y``/``y_val``; ``predict``/``predict_proba``
     stream dask input too and return numpy.
     """
@@ -199,17 +209,22 @@ class StreamingLogisticHead(ClassifierHead, _StreamingLinearBase):
         model.partial_fit(X, y, classes=self.classes_, sample_weight=row_weights(self.class_weight_, y))
 
     def _score(self, model: SGDClassifier, val: RowChunks) -> dict[str, float]:
-        correct, loss, n = 0, 0.0, 0
+        correct, loss, n, parts = 0, 0.0, 0, []
         for Xc, yc in val:
             proba = model.predict_proba(self.scaler_.transform(Xc))
             correct += int(np.sum(proba.argmax(axis=1) == yc))
             loss += log_loss_score(yc, proba) * yc.size
             n += yc.size
-        return {"val_accuracy": correct / n, "val_log_loss": loss / n}
+            parts.append((yc, proba))
+        scores = {"val_accuracy": correct / n, "val_log_loss": loss / n}
+        return {**scores, **self._selection_score("classification", parts)}
 
-    @staticmethod
-    def _key(scores: dict[str, float]) -> tuple[float, ...]:
-        return (-scores["val_accuracy"], scores["val_log_loss"])
+    def _key(self, scores: dict[str, float]) -> tuple[float, ...]:
+        m = self.selection_metric
+        if m is None:
+            return (-scores["val_accuracy"], scores["val_log_loss"])
+        return (selection_key(m, scores[f"val_{m}"]),
+                -scores["val_accuracy"] if m == "log_loss" else scores["val_log_loss"])
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities (one-vs-rest, normalised), shape (n, K), float64; X numpy or dask."""
@@ -246,15 +261,17 @@ class StreamingRidgeHead(RegressorHead, _StreamingLinearBase):
         return self._unscale_target(model.predict(X))
 
     def _score(self, model: SGDRegressor, val: RowChunks) -> dict[str, float]:
-        sse, n = 0.0, 0
+        sse, n, parts = 0.0, 0, []
         for Xc, yc in val:
-            sse += float(np.sum((self._predict_scaled(model, self.scaler_.transform(Xc)) - yc) ** 2))
+            pred = self._predict_scaled(model, self.scaler_.transform(Xc))
+            sse += float(np.sum((pred - yc) ** 2))
             n += yc.size
-        return {"val_rmse": float(np.sqrt(sse / n))}
+            parts.append((yc, pred))
+        return {"val_rmse": float(np.sqrt(sse / n)), **self._selection_score("regression", parts)}
 
-    @staticmethod
-    def _key(scores: dict[str, float]) -> tuple[float, ...]:
-        return (scores["val_rmse"],)
+    def _key(self, scores: dict[str, float]) -> tuple[float, ...]:
+        m = self.selection_metric
+        return (*((selection_key(m, scores[f"val_{m}"]),) if m else ()), scores["val_rmse"])
 
     def predict(self, X: Any) -> np.ndarray:
         """Predicted targets, shape (n,), float64; X numpy or dask."""

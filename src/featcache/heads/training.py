@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 from featcache.errors import ParamError
 from featcache.util.compute import torch_threads
 
+from .metrics import selection_key
+
 if TYPE_CHECKING:
     import torch
 
@@ -118,22 +120,24 @@ def train_epochs(
         x of shape (b, D_in), already shuffled.
     validate : callable
         ``validate(module)`` returns ``(val_loss, val_score)``; called in eval mode
-        under ``torch.no_grad()``.
+        under ``torch.no_grad()``. With the head's ``selection_metric`` set, ``val_score``
+        is that metric, and the best epoch (and ``patience``) follow it instead of the loss.
 
     Returns
     -------
     history : list of dict
         ``epoch``, ``train_loss``, ``val_loss``, ``val_score`` per epoch run.
     best_epoch : int
-        1-based epoch of the lowest validation loss.
+        1-based epoch of the lowest validation loss (best ``selection_metric``).
     best_loss : float
+        The validation loss at ``best_epoch``.
     """
     import torch
 
     loss_fn = head.loss_function(next(module.parameters()).device)
     optim = torch.optim.AdamW(module.parameters(), lr=head.lr, weight_decay=head.weight_decay)
     history: list[dict[str, float]] = []
-    best_loss, best_epoch, best_state = float("inf"), 0, None
+    best_key, best_loss, best_epoch, best_state = float("inf"), float("inf"), 0, None
     epoch, scale = 0, 1
     while epoch < head.max_epochs * scale:
         epoch += 1
@@ -159,8 +163,10 @@ def train_epochs(
         history.append({
             "epoch": epoch, "train_loss": total / max(seen, 1), "val_loss": val_loss, "val_score": val_score,
         })
-        if val_loss < best_loss:
-            best_loss, best_epoch = val_loss, epoch
+        metric = head.selection_metric
+        key = val_loss if metric is None or not val_loss < float("inf") else selection_key(metric, val_score)
+        if key < best_key:
+            best_key, best_loss, best_epoch = key, val_loss, epoch
             best_state = copy.deepcopy(module.state_dict())
         elif epoch - best_epoch >= head.patience * scale:
             break

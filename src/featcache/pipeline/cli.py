@@ -149,6 +149,22 @@ def _check_head_sections(path: str, heads: Sequence[str], sections: Mapping[str,
             f"{', '.join(f'`{name}: {{}}`' for name in missing)} under heads: ({{}}: the head's defaults).")
 
 
+def _check_metric_key(path: str, train: Mapping[str, object]) -> None:
+    """Refuse a params file without ``train.metric`` when a ``dvc.yaml`` beside it tracks the key: DVC would stop on
+    it naming only the key (the CLI and API default it to null)."""
+    try:
+        tracked = "train.metric" in (Path(path).parent / "dvc.yaml").read_text(encoding="utf-8")
+    except OSError:
+        tracked = False
+    if tracked and "metric" not in train:
+        from featcache.pipeline.params.base import ConfigError
+
+        raise ConfigError(
+            f"{path}: train has no metric key; the train and compare stages of dvc.yaml track train.metric, so `dvc "
+            "repro` stops on it. Hint: add `metric: null` under train: (null: each head selects as by default and "
+            "compare ranks by accuracy, or rmse).")
+
+
 def _cmd_check(args: argparse.Namespace) -> None:
     from featcache.pipeline.config import parse_params
     from featcache.pipeline.params.base import read_params_file
@@ -159,6 +175,7 @@ def _cmd_check(args: argparse.Namespace) -> None:
     print(f"{args.params}: OK ({len(params.backbones)} backbone(s), {len(params.features)} feature set(s), "
           f"heads {params.train.heads})")
     _check_head_sections(args.params, params.train.heads, params.heads)
+    _check_metric_key(args.params, raw.get("train") or {})
     tracked = speed_keys_under_extract(raw)
     if tracked:
         logger.warning("%s sets %s under extract: they change how fast features are made, never their values, but "
@@ -251,7 +268,13 @@ def _print_exports(written: list[Path], folder: str) -> None:
 def _cmd_compare(args: argparse.Namespace) -> None:
     from featcache.pipeline.compare import compare
 
-    compare(args.metrics_dir, args.out, plot_path=args.plot)
+    metric = args.metric
+    if metric is None and args.params is not None:  # train.metric: what the heads selected on
+        from featcache.pipeline.params.base import load_sections
+        from featcache.pipeline.params.train import TrainSection
+
+        metric = load_sections(TrainSection, args.params).train.metric
+    compare(args.metrics_dir, args.out, plot_path=args.plot, metric=metric)
 
 
 def _positive_int(text: str) -> int:
@@ -412,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--metrics-dir", required=True, nargs="+", help="one or more folders of run metrics")
     cmp_.add_argument("--out", required=True, help="output folder (compare.md, compare.json)")
     cmp_.add_argument("--plot", help="also write the ranking as CSV here (DVC plot)")
+    cmp_.add_argument("--metric", help="rank and pair by this test metric (default: train.metric of --params, else "
+                                       "accuracy or rmse)")
+    cmp_.add_argument("--params", help="params file whose train.metric is the default --metric")
     cmp_.set_defaults(func=_cmd_compare, outputs={"--out": "folder", "--plot": "file"})
     return parser
 

@@ -32,10 +32,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from featcache.errors import UserError
+from featcache.errors import ParamError, UserError
+from featcache.heads.metrics import DEFAULT_METRIC, LOWER_IS_BETTER, SELECTION_METRICS, selection_key
 from featcache.heads.paired import PairingError, check_rows, paired_comparison, read_rows, rows_path
 from featcache.runs import SIDECAR_SUFFIX, read_run
 from featcache.util.atomic import write_csv, write_text
+from featcache.util.names import did_you_mean
 
 from .compare_charts import (
     PAIRED_PLOT_COLUMNS,
@@ -48,14 +50,16 @@ from .compare_charts import (
 )
 
 __all__ = ["compare", "collect_runs", "paired_plot_path", "weights_label", "MetricsNotFoundError", "MixedRunsError",
-           "PAIRED_PLOT_COLUMNS", "PLOT_COLUMNS", "PRIMARY_METRIC", "TIE_BREAK", "UNKNOWN_WEIGHTS", "UNPAIRED"]
+           "PAIRED_PLOT_COLUMNS", "PLOT_COLUMNS", "PRIMARY_METRIC", "TIE_BREAK", "UNKNOWN_WEIGHTS", "UNPAIRED",
+           "ranking"]
 
 logger = logging.getLogger(__name__)
 
-#: Ranking metric per task and whether higher is better.
-PRIMARY_METRIC = {"classification": ("accuracy", True), "regression": ("rmse", False)}
+#: Default ranking metric per task (``train.metric`` null, no ``--metric``) and whether higher is better.
+PRIMARY_METRIC = {task: (metric, metric not in LOWER_IS_BETTER) for task, metric in DEFAULT_METRIC.items()}
 
-#: Order among runs tied on the primary metric (each lower is better), then their names.
+#: Order among runs tied on the ranking metric (each lower is better), then their names; a run ranked by the
+#: tie-break itself is ordered by the task's default metric instead (:func:`ranking`).
 TIE_BREAK = {"classification": "log_loss", "regression": "mae"}
 
 #: ``weights`` of a run whose record does not say (written before runs recorded their weights).
@@ -161,13 +165,41 @@ def _with_weights(run: dict[str, Any]) -> dict[str, Any]:
     return run
 
 
-def _rank(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def ranking(task: str, metric: str | None = None) -> tuple[str, str]:
+    """The metric runs of ``task`` are ranked (and paired) by, and its tie-break.
+
+    Parameters
+    ----------
+    task : {"classification", "regression"}
+    metric : str or None
+        One of :data:`~featcache.heads.metrics.SELECTION_METRICS` of the task (``--metric``, ``train.metric``);
+        None: the task's default (:data:`PRIMARY_METRIC`).
+
+    Returns
+    -------
+    (metric, tie_break) : tuple of str
+        ``TIE_BREAK[task]``, or the default metric when ``metric`` is the tie-break.
+
+    Raises
+    ------
+    ParamError
+        Naming the metric, the task's metrics and the closest match.
+    """
+    metric = metric or DEFAULT_METRIC[task]
+    allowed = SELECTION_METRICS[task]
+    if metric not in allowed:
+        raise ParamError(f"--metric {metric!r} is not a {task} metric; allowed: {', '.join(allowed)}."
+                         f"{did_you_mean(metric, allowed)} Hint: rank by one of them (train.metric in params.yaml "
+                         "or --metric).")
+    return metric, TIE_BREAK[task] if TIE_BREAK[task] != metric else DEFAULT_METRIC[task]
+
+
+def _rank(runs: list[dict[str, Any]], metric: str | None = None) -> list[dict[str, Any]]:
     if not runs:
         return []
     _check_one_kind(runs)
-    task = runs[0]["task"]
-    metric, higher = PRIMARY_METRIC[task]
-    ranked = sorted(runs, key=lambda run: (-run[metric] if higher else run[metric], _finite(run.get(TIE_BREAK[task])),
+    metric, tie = ranking(runs[0]["task"], metric)
+    ranked = sorted(runs, key=lambda run: (selection_key(metric, run[metric]), _finite(run.get(tie), tie),
                                            run["backbone"], run["layer"], head_name(run)))
     for index, run in enumerate(ranked):  # runs tied on the metric share the rank of the first of them
         run["rank"] = ranked[index - 1]["rank"] if index and run[metric] == ranked[index - 1][metric] else index + 1
@@ -188,9 +220,9 @@ def _check_one_kind(runs: list[dict[str, Any]]) -> None:
                                  "folders of the same dataset (the fine-tune project's and the heads').")
 
 
-def _finite(value: Any) -> float:
-    """``value`` for sorting, a missing or NaN score last."""
-    return float(value) if isinstance(value, (int, float)) and not math.isnan(value) else math.inf
+def _finite(value: Any, metric: str) -> float:
+    """``value`` of ``metric`` for sorting (the better first), a missing or NaN score last."""
+    return selection_key(metric, value) if isinstance(value, (int, float)) and not math.isnan(value) else math.inf
 
 
 def _cell(run: dict[str, Any], metric: str) -> str:
@@ -216,7 +248,7 @@ def _rows_of(run: dict[str, Any], task: str) -> tuple[dict[str, Any] | None, str
         return None, "bad_rows"
 
 
-def _pair(runs: list[dict[str, Any]]) -> None:
+def _pair(runs: list[dict[str, Any]], metric: str | None = None) -> None:
     """Give each ranked run ``paired``: its difference to the first on the ranking metric and its tie-break, each
     with a paired bootstrap CI (the first run's ``n_boot`` and ``seed``), or ``skipped`` (a key of :data:`UNPAIRED`).
 
@@ -227,7 +259,7 @@ def _pair(runs: list[dict[str, Any]]) -> None:
     if not runs:
         return
     task = runs[0]["task"]
-    metrics = (PRIMARY_METRIC[task][0], TIE_BREAK[task])
+    metrics = ranking(task, metric)
     reference, why = _rows_of(runs[0], task)
     name = run_label(runs[0])
     pairable = []
@@ -293,13 +325,12 @@ def _distinguishable_text(correction: dict[str, Any] | None, n_metrics: int) -> 
             "was picked on this same test split: read a call that barely clears 0 as a hint, not a verdict.")
 
 
-def _markdown(runs: list[dict[str, Any]]) -> str:
+def _markdown(runs: list[dict[str, Any]], metric: str | None = None) -> str:
     if not runs:
         return "# featcache comparison\n\nNo runs found.\n"
     task = runs[0]["task"]
-    metric, higher = PRIMARY_METRIC[task]
+    paired_metrics = metric, tie = ranking(task, metric)
     columns = _COLUMNS[task]
-    paired_metrics = (metric, TIE_BREAK[task])
     best = runs[0].get("paired", {})
     header = ["rank", "backbone", "layer", "head", "weights", *columns,
               *(f"Δ {name} vs best" for name in paired_metrics), "distinguishable from best", "dim", "fit s",
@@ -323,10 +354,11 @@ def _markdown(runs: list[dict[str, Any]]) -> str:
         "# featcache comparison",
         "",
         f"Dataset `{runs[0].get('dataset', '?')}`, task {task}; ranked by test {metric} "
-        f"({'higher' if higher else 'lower'} is better). "
+        f"({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better). "
         + ("Brackets: 95% bootstrap CI on the test split. " if drawn else "No CIs (train.n_boot: 0). ")
         + "Weights: those of the backbone that made the features (`random`: not pretrained)."
-        + (f" Runs with equal test {metric} share a rank, ordered by test {TIE_BREAK[task]} (lower is better)."
+        + (f" Runs with equal test {metric} share a rank, ordered by test {tie} "
+           f"({'lower' if tie in LOWER_IS_BETTER else 'higher'} is better)."
            if len({run["rank"] for run in runs}) < len(runs) else ""),
         "",
         delta,
@@ -353,7 +385,8 @@ def _short(value: Any) -> str:
 
 
 def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
-            plot_path: str | Path | None = None, paired_plot: str | Path | None = None) -> list[dict[str, Any]]:
+            plot_path: str | Path | None = None, paired_plot: str | Path | None = None,
+            metric: str | None = None) -> list[dict[str, Any]]:
     """Rank all runs and write ``compare.md``, ``compare.json`` (and the plot CSV).
 
     Parameters
@@ -367,6 +400,9 @@ def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
     paired_plot : path, optional
         The CSV of the paired chart (:data:`PAIRED_PLOT_COLUMNS`: each paired run's Δ to the best with its paired
         and simultaneous CIs); by default :func:`paired_plot_path` of ``plot_path`` (none without either).
+    metric : str, optional
+        Rank, pair and chart by this test metric (:func:`ranking`; ``train.metric``); default accuracy (rmse).
+        Runs are ranked by it whatever their heads selected on: a run record does not say.
 
     Returns
     -------
@@ -376,14 +412,14 @@ def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
         ``distinguishable``: the simultaneous CI excludes 0) and the ``correction`` that judges them, or
         ``skipped`` (a key of :data:`UNPAIRED`).
     """
-    runs = _rank([_with_weights(run) for run in collect_runs(metrics_dir)])
-    _pair(runs)
+    runs = _rank([_with_weights(run) for run in collect_runs(metrics_dir)], metric)
+    _pair(runs, metric)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("compare.md", _markdown(runs)),
+    for name, text in (("compare.md", _markdown(runs, metric)),
                        ("compare.json", json.dumps({"runs": runs}, indent=2, sort_keys=True) + "\n")):
         write_text(out_dir / name, text)
-    metric = PRIMARY_METRIC[runs[0]["task"]][0] if runs else ""
+    metric = ranking(runs[0]["task"], metric)[0] if runs else ""
     if plot_path is not None:
         write_csv(plot_path, plot_rows(runs, metric), PLOT_COLUMNS)
     if paired_plot is not None or plot_path is not None:

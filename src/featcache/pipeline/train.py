@@ -24,7 +24,7 @@ from featcache.pipeline.params.extract import (
     extraction_config,
     stored_choices,
 )
-from featcache.pipeline.params.train import TrainParams, check_heads_sections
+from featcache.pipeline.params.train import TrainParams, check_heads_sections, check_train_metric
 from featcache.runs import write_run, write_run_info
 from featcache.store import FeatureStore, StoreError
 from featcache.store.schema import SPLITS
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from featcache.store.reader import FeatureStore as Store
 
 __all__ = ["TrainSections", "check_classes_trainable", "check_store_rows", "expected_store_config",
-           "load_train_sections", "train"]
+           "load_train_sections", "stage_head_params", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class TrainSections(StageParams):
     @model_validator(mode="after")
     def _head_sections(self) -> "TrainSections":
         check_heads_sections(self.heads, self.data.task)
+        check_train_metric(self.train.metric, self.data.task)
         return self
 
 
@@ -134,6 +135,16 @@ def check_store_rows(store_path: str | Path, task: str, y: dict[str, np.ndarray]
         "(or rebuild it with `featcache prepare`), then extract again.", StoreError)
 
 
+def stage_head_params(params: Any, head: str, task: str) -> dict[str, Any]:
+    """The constructor parameters of ``head`` for ``task``: its ``heads.<head>`` section (the ``task`` twin's keys,
+    :func:`~featcache.heads.registry.task_params`), with ``selection_metric`` from ``train.metric`` unless the section
+    sets one (null: the head's own criterion)."""
+    found = task_params(head, task, params.heads.get(head, {}))
+    if params.train.metric is not None:
+        found.setdefault("selection_metric", params.train.metric)
+    return found
+
+
 def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: str,
           metrics_path: str | Path, model_dir: str | Path | None = None,
           predictions_path: str | Path | None = None) -> dict[str, Any]:
@@ -182,7 +193,7 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
     # Checked first: an unconfigured backbone, an unknown head or hyper-parameter name fails before the store
     # is opened.
     configured_backbone(params, backbone)
-    estimator = make_head(head, task, task_params(head, task, params.heads.get(head, {})))
+    estimator = make_head(head, task, stage_head_params(params, head, task))
     with FeatureStore(store_path) as store:
         config = expected_store_config(params, backbone, store)
         store.check_config(config)
@@ -217,6 +228,6 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
         save_head(estimator, model_dir)
         write_run_info(model_dir, {"dataset": params.data.name, "backbone": backbone, "layer": layer, "head": head,
                                    "task": task, "classes": classes, "extraction_config": config})
-    metric = "accuracy" if task == "classification" else "rmse"
+    metric = params.train.ranking_metric(task)
     logger.info("%s/%s/%s: test %s = %.4f", backbone, layer, run["label"], metric, run[metric])
     return run

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
+from featcache.heads.metrics import DEFAULT_METRIC, SELECTION_METRICS
 from featcache.heads.registry import (
     DEFAULT_HEADS,
     HEAD_PATHS,
@@ -14,10 +15,10 @@ from featcache.heads.registry import (
     head_names,
     task_params,
 )
-from featcache.pipeline.params.base import Strict
+from featcache.pipeline.params.base import StageParams, Strict
 from featcache.util.names import did_you_mean
 
-__all__ = ["FeatureRef", "TrainParams", "check_heads_sections"]
+__all__ = ["FeatureRef", "TrainParams", "TrainSection", "check_heads_sections", "check_train_metric"]
 
 
 class FeatureRef(Strict):
@@ -33,6 +34,13 @@ class TrainParams(Strict):
     heads: list[str] = Field(default_factory=lambda: list(DEFAULT_HEADS), min_length=1)
     n_boot: int = Field(1000, ge=0)
     seed: int = 0
+    #: What every head selects on (on the validation rows: its ``selection_metric``, unless its section sets one)
+    #: and compare ranks by; null: each head's own criterion, and compare ranks by DEFAULT_METRIC[task].
+    metric: str | None = None
+
+    def ranking_metric(self, task: str) -> str:
+        """The metric compare ranks by: ``metric``, or the task's default (accuracy, rmse)."""
+        return self.metric or DEFAULT_METRIC[task]
 
     @field_validator("heads")
     @classmethod
@@ -42,6 +50,28 @@ class TrainParams(Strict):
             if name not in allowed:
                 raise ValueError(f"unknown head {name!r}; allowed: {', '.join(allowed)}.{did_you_mean(name, allowed)}")
         return value
+
+
+class TrainSection(StageParams):
+    """The ``train`` section alone: what ``featcache compare --params`` reads (``train.metric``)."""
+
+    train: TrainParams = TrainParams()
+
+
+def check_train_metric(metric: str | None, task: str) -> None:
+    """Fail on a ``train.metric`` that is not a selection metric of ``task`` (:data:`SELECTION_METRICS`).
+
+    Raises
+    ------
+    ValueError
+        ``"train.metric: 'acuracy' is not a classification metric; allowed: accuracy, ... Did you mean
+        'accuracy'?"``.
+    """
+    allowed = SELECTION_METRICS[task]
+    if metric is not None and metric not in allowed:
+        raise ValueError(f"train.metric: {metric!r} is not a {task} metric; allowed: {', '.join(allowed)} or null "
+                         f"(default null: each head's own criterion, ranked by {DEFAULT_METRIC[task]})."
+                         f"{did_you_mean(metric, allowed)} Hint: write one of them (data.task is {task}).")
 
 
 def check_heads_sections(heads: dict[str, dict[str, Any]], task: str) -> None:
