@@ -26,7 +26,8 @@ from featcache.extract.inputs.sources import from_folder
 from featcache.finetune import run as ft_run
 from featcache.finetune.config import FinetuneConfig
 from featcache.finetune.run import META_NAME, finetune
-from featcache.finetune.trainer import Trainer, balanced_class_weights, predict
+from featcache.finetune.trainer import Trainer, predict
+from featcache.heads.class_weight import balanced_weights
 
 LITE = "efficientnet_lite0"
 
@@ -49,8 +50,8 @@ def test_balanced_weights_are_n_over_k_times_count_as_scikit_learn(labels: list[
     y = np.array(labels)
     counts = np.bincount(y)
     expected = len(y) / (3 * counts)
-    np.testing.assert_allclose(balanced_class_weights(y, 3), expected)
-    np.testing.assert_allclose(balanced_class_weights(y, 3), compute_class_weight("balanced", classes=np.arange(3),
+    np.testing.assert_allclose(balanced_weights(y, 3), expected)
+    np.testing.assert_allclose(balanced_weights(y, 3), compute_class_weight("balanced", classes=np.arange(3),
                                                                                   y=y))
 
 

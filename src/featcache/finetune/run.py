@@ -38,8 +38,9 @@ from featcache.finetune.model import (
     original_head,
 )
 from featcache.finetune.optim import set_trainable
-from featcache.finetune.trainer import Trainer, balanced_class_weights, predict
+from featcache.finetune.trainer import Trainer, predict
 from featcache.heads.bootstrap import metrics_with_ci
+from featcache.heads.class_weight import balanced_weights
 from featcache.heads.trainable import check_trainable_rows
 from featcache.store.schema import SPLIT_CODES
 from featcache.util.atomic import atomic_path, write_json
@@ -266,7 +267,7 @@ def _class_weights(config: FinetuneConfig, labels: np.ndarray, n_classes: int) -
     """
     if config.class_weight is None:
         return None
-    return balanced_class_weights(labels, n_classes)
+    return balanced_weights(labels, n_classes)
 
 
 def _targets(manifest: Manifest, task: str, train_rows: np.ndarray) -> tuple[np.ndarray, float, float]:

@@ -3,7 +3,7 @@
 Batches are ``(rows (B,), images (B, 3, S, S), targets (B,))`` of readable
 rows (:class:`~featcache.finetune.data.ReadableBatches`). Classification uses
 cross-entropy (weighted per class with ``class_weight="balanced"``:
-:func:`balanced_class_weights`); regression an MSE on targets standardised with
+:func:`~featcache.heads.class_weight.balanced_weights`); regression an MSE on targets standardised with
 the train split's mean and std (outputs are de-standardised when scored).
 """
 
@@ -37,7 +37,7 @@ from featcache.finetune.optim import (
 )
 from featcache.heads.training import epoch_scale
 
-__all__ = ["Fit", "Trainer", "autocast", "balanced_class_weights", "predict"]
+__all__ = ["Fit", "Trainer", "autocast", "predict"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,33 +62,6 @@ def autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManag
     if amp and device.type == "cuda":
         return torch.autocast(device_type="cuda", dtype=torch.float16)
     return contextlib.nullcontext()
-
-
-def balanced_class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """scikit-learn's ``"balanced"`` class weights: ``n / (n_present * count_k)`` per class of ``labels``.
-
-    The formula of the cached heads' ``class_weight="balanced"`` (and of
-    ``sklearn.utils.class_weight.compute_class_weight``): each class then carries
-    the same total weight in the loss.
-
-    Parameters
-    ----------
-    labels : numpy.ndarray
-        (n,) class indices 0..K-1 of the training rows.
-    n_classes : int
-        K, the model's outputs.
-
-    Returns
-    -------
-    numpy.ndarray
-        (K,) float64 weights; 1.0 for a class with no training row (none is
-        fine-tuned: :func:`~featcache.finetune.run.finetune` refuses such a manifest).
-    """
-    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes).astype(np.float64)
-    present = counts > 0
-    weights = np.ones(n_classes)
-    weights[present] = counts.sum() / (present.sum() * counts[present])
-    return weights
 
 
 def _to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -262,7 +235,7 @@ class Trainer:
         Regression: the train split's target mean and std (the loss's standardisation).
     class_weight : torch.Tensor, optional
         Classification: (K,) per-class weights of the training cross-entropy and of
-        the val loss (:func:`balanced_class_weights`); None: unweighted.
+        the val loss (:func:`~featcache.heads.class_weight.balanced_weights`); None: unweighted.
 
     Attributes
     ----------
