@@ -135,5 +135,10 @@ def test_a_metrics_folder_that_does_not_exist_is_an_error_not_an_empty_report(tm
         compare(tmp_path / "typo", tmp_path / "reports")
     assert not (tmp_path / "reports").exists()
     (tmp_path / "metrics").mkdir()
-    assert compare([tmp_path / "metrics", tmp_path / "typo"], tmp_path / "reports") == []  # one exists: a warning
+    (tmp_path / "metrics" / "notes.json").write_text("{}")  # JSON that is no run record
+    with pytest.raises(MetricsNotFoundError, match=r"No run records under .*metrics.*Hint: give the folder the train"):
+        compare(tmp_path / "metrics", tmp_path / "reports")  # an empty report (exit 0) hid a wrong folder
+    assert not (tmp_path / "reports").exists()
+    write_run(tmp_path / "metrics" / "a.json", _record("resnet18", "pool", "logreg", 0.9, {}))
+    assert len(compare([tmp_path / "metrics", tmp_path / "typo"], tmp_path / "reports")) == 1  # one exists: a warning
     assert "typo" in caplog.text

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from featcache.pipeline import extract, load_params, parse_params, prepare
+from featcache.pipeline import extract, load_params, parse_params, prepare, train
 from featcache.pipeline.params.base import ConfigError, as_sections
 from featcache.pipeline.prepare import PrepareSections
 
@@ -38,6 +38,9 @@ def test_a_params_path_a_mapping_and_validated_params_give_the_same_stage_output
     report = extract(str(root / "params.yaml"), "resnet18", root / "path" / "manifest.csv", root / "f.h5",
                      progress=False)
     assert report.n_written == 12
+    scores = [train(params, root / "f.h5", "resnet18", "pool5", "logreg", root / form / "m.json")["accuracy"]
+              for form, params in {"p": root / "params.yaml", "m": raw, "v": load_params(root / "params.yaml")}.items()]
+    assert len(set(scores)) == 1
 
 
 def test_as_sections_reads_validates_or_passes_through(project):

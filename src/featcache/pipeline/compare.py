@@ -83,7 +83,7 @@ _COLUMNS = {
 
 
 class MetricsNotFoundError(UserError, FileNotFoundError):
-    """``compare`` was given metrics folders none of which exists."""
+    """``compare`` was given metrics folders none of which exists, or that hold no run record."""
 
 
 class MixedRunsError(UserError, ValueError):
@@ -111,6 +111,11 @@ def collect_runs(metrics_dir: str | Path | Sequence[str | Path]) -> list[dict[st
         if run is not None:
             run["source"] = path.as_posix()
             runs.append(run)
+    if not runs:
+        raise MetricsNotFoundError(f"No run records under {[str(folder) for folder in folders]}: no "
+                                   "<head>.json metrics file with its .run.json sidecar. Hint: give the folder the "
+                                   "train stage writes (metrics/<data.name> in dvc.yaml), after `dvc repro` or "
+                                   "`featcache train --metrics`.")
     return runs
 
 
@@ -326,8 +331,6 @@ def _distinguishable_text(correction: dict[str, Any] | None, n_metrics: int) -> 
 
 
 def _markdown(runs: list[dict[str, Any]], metric: str | None = None) -> str:
-    if not runs:
-        return "# featcache comparison\n\nNo runs found.\n"
     task = runs[0]["task"]
     paired_metrics = metric, tie = ranking(task, metric)
     columns = _COLUMNS[task]
@@ -419,7 +422,7 @@ def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
     for name, text in (("compare.md", _markdown(runs, metric)),
                        ("compare.json", json.dumps({"runs": runs}, indent=2, sort_keys=True) + "\n")):
         write_text(out_dir / name, text)
-    metric = ranking(runs[0]["task"], metric)[0] if runs else ""
+    metric = ranking(runs[0]["task"], metric)[0]
     if plot_path is not None:
         write_csv(plot_path, plot_rows(runs, metric), PLOT_COLUMNS)
     if paired_plot is not None or plot_path is not None:

@@ -14,7 +14,7 @@ from featcache.heads.metrics import PREDICTION_COLUMNS, prediction_rows
 from featcache.heads.paired import ids_sha256, rows_path, write_rows
 from featcache.heads.registry import STREAMING_HEADS, head_label, task_params
 from featcache.heads.trainable import check_trainable_rows
-from featcache.pipeline.params.base import StageParams, load_sections
+from featcache.pipeline.params.base import StageParams, as_sections, load_sections
 from featcache.pipeline.params.data import DataParams
 from featcache.pipeline.params.extract import (
     BackboneParams,
@@ -165,8 +165,9 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
 
     Parameters
     ----------
-    params : Params
-        Validated params (``data``, ``extract``, ``backbones.<backbone>`` and ``heads.<head>`` are used).
+    params : TrainSections, Params, path or mapping
+        Validated params (``data``, ``extract``, ``backbones.<backbone>`` and ``heads.<head>`` are used), or a
+        params file's path or mapping (validated here).
     store_path : path
         The feature store ``extract`` wrote for ``backbone``.
     backbone : str
@@ -189,6 +190,7 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
     """
     from featcache.heads import fit_and_evaluate, make_head, save_head  # only the chosen head's module
 
+    params = as_sections(params, TrainSections)
     task = params.data.task
     # Checked first: an unconfigured backbone, an unknown head or hyper-parameter name fails before the store
     # is opened.
