@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from featcache.heads.metrics import SELECTION_METRICS
 from featcache.store.schema import RESIZE_MODES
 from featcache.util.checks import check_int
 from featcache.util.compute import DEVICES
@@ -101,7 +102,13 @@ class FinetuneConfig:
         ``n / (n_classes * count_k)`` over the train split's rows (scikit-learn's
         meaning, as the cached heads' ``class_weight``), in training and in the
         reported val loss; None (default) weighs every class 1. The best epoch is
-        still the one of the best val accuracy.
+        the one of the best ``selection_metric``.
+    selection_metric : str or None
+        The validation metric that picks the best epoch and stops early, as the
+        cached heads' ``selection_metric`` (the pipeline sets it from
+        ``train.metric``): classification accuracy, balanced_accuracy, macro_f1,
+        log_loss; regression rmse, mae, r2 (:data:`~featcache.heads.metrics.SELECTION_METRICS`).
+        None (default): accuracy, or rmse.
     random_resized_crop : bool
         Train-time random-resized crop of the test-time view.
     crop_scale : tuple of float
@@ -161,6 +168,7 @@ class FinetuneConfig:
     patience: int = 3
     min_epoch_steps: int = 1
     class_weight: str | None = None
+    selection_metric: str | None = None
     random_resized_crop: bool = True
     crop_scale: tuple[float, float] = (0.5, 1.0)
     hflip: bool = True
@@ -192,6 +200,12 @@ class FinetuneConfig:
                              f"{did_you_mean(self.class_weight, CLASS_WEIGHTS)} Allowed: null (None: every class "
                              f"weighs 1) or {', '.join(map(repr, CLASS_WEIGHTS))} (n / (n_classes * count) per class "
                              "over the train split).")
+        metrics = tuple(dict.fromkeys(m for names in SELECTION_METRICS.values() for m in names))
+        if self.selection_metric is not None and self.selection_metric not in metrics:
+            raise ValueError(f"selection_metric={self.selection_metric!r} is invalid."
+                             f"{did_you_mean(self.selection_metric, metrics)} Allowed: null (accuracy, or rmse) or "
+                             + "; ".join(f"{task}: {', '.join(names)}" for task, names in SELECTION_METRICS.items())
+                             + ".")
         for name in ("random_resized_crop", "hflip", "freeze_bn", "amp", "tta", "channels_last", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} is invalid; allowed: true or false.")

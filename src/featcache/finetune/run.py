@@ -41,6 +41,7 @@ from featcache.finetune.optim import set_trainable
 from featcache.finetune.trainer import Trainer, predict
 from featcache.heads.bootstrap import metrics_with_ci
 from featcache.heads.class_weight import balanced_weights
+from featcache.heads.metrics import SELECTION_METRICS
 from featcache.heads.trainable import check_trainable_rows
 from featcache.store.schema import SPLIT_CODES
 from featcache.util.atomic import atomic_path, write_json
@@ -235,6 +236,9 @@ def finetune(manifest: Manifest | str | Path, backbone_name: str, weights: str =
     if task == "regression" and config.class_weight is not None:
         raise ParamError(f"class_weight={config.class_weight!r} weighs classes; this is a regression run. Allowed "
                          "for regression: None. Hint: FinetuneConfig(class_weight=None).")
+    if config.selection_metric is not None and config.selection_metric not in SELECTION_METRICS[task]:
+        raise ParamError(f"selection_metric={config.selection_metric!r} is not a {task} metric; allowed: "
+                         f"{', '.join(SELECTION_METRICS[task])} or None. Hint: pick one of them (train.metric).")
     spec = get_backbone(backbone_name)
     device = torch.device(resolve_device(config.device))
     use_amp = bool(config.amp and device.type == "cuda")
@@ -342,6 +346,8 @@ def _finetune(manifest: Manifest, spec: BackboneSpec, weights: str, config: Fine
         best_params["backbone_lr_mult"] = config.backbone_lr_mult
     if config.class_weight is not None:  # only where set: an unweighted run's record is as before
         best_params["class_weight"] = config.class_weight
+    if config.selection_metric is not None:
+        best_params["selection_metric"] = config.selection_metric
     metrics.update(n_train=len(rows["train"]), n_val=len(rows["val"]), n_features=n_features,
                    n_bad_images=len(bad), fit_seconds=float(fit.seconds), predict_seconds=float(scored["seconds"]),
                    best_params=best_params)

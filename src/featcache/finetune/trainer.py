@@ -35,6 +35,7 @@ from featcache.finetune.optim import (
     set_trainable,
     step_optimizer,
 )
+from featcache.heads.metrics import SELECTION_METRICS, metric_value, selection_key
 from featcache.heads.training import epoch_scale
 
 __all__ = ["Fit", "Trainer", "autocast", "predict"]
@@ -169,15 +170,20 @@ def predict(model: nn.Module, batches: Batches, task: str, device: torch.device 
     }
 
 
-def _val_metric(task: str, y_true: np.ndarray, scores: np.ndarray) -> float:
+def _val_metric(task: str, y_true: np.ndarray, scores: np.ndarray, name: str | None) -> float:
+    """The val score the best epoch is picked on: ``name`` (a :data:`SELECTION_METRICS` name), or accuracy / rmse."""
+    if name is not None:
+        return metric_value(task, name, y_true, scores)
     if task == "classification":
         return float(np.mean(scores.argmax(axis=1) == y_true))
     return float(np.sqrt(np.mean((scores - y_true) ** 2)))
 
 
-def _better(task: str, value: float, best: float | None) -> bool:
+def _better(task: str, value: float, best: float | None, name: str | None) -> bool:
     if best is None:
         return True
+    if name is not None:
+        return selection_key(name, value) < selection_key(name, best)
     return value > best if task == "classification" else value < best
 
 
@@ -259,7 +265,11 @@ class Trainer:
         self.class_weight = None if class_weight is None else class_weight.to(device=device, dtype=torch.float32)
         self.criterion: nn.Module = (nn.CrossEntropyLoss(weight=self.class_weight) if task == "classification"
                                      else nn.MSELoss())
-        self.metric_name = "val_accuracy" if task == "classification" else "val_rmse"
+        selection = config.selection_metric
+        if selection is not None and selection not in SELECTION_METRICS[task]:
+            raise ValueError(f"selection_metric={selection!r} is not a {task} metric; allowed: "
+                             f"{', '.join(SELECTION_METRICS[task])} or None. Hint: pick one of them.")
+        self.metric_name = f"val_{selection or ('accuracy' if task == 'classification' else 'rmse')}"
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         self.step = 0
         self.step_losses: list[float] = []
@@ -315,9 +325,10 @@ class Trainer:
         scored = predict(self.model, val_batches, self.task, self.device, amp=self.use_amp,
                          channels_last=self.config.channels_last, target_mean=self.target_mean,
                          target_std=self.target_std, class_weight=self.class_weight)
-        self.last_val = _val_metric(self.task, scored["y_true"], scored["scores"])
+        selection = self.config.selection_metric
+        self.last_val = _val_metric(self.task, scored["y_true"], scored["scores"], selection)
         row.update(val_loss=scored["loss"], val_metric=self.last_val)
-        return _better(self.task, self.last_val, best)
+        return _better(self.task, self.last_val, best, selection)
 
     def _scaled(self, batches: int) -> FinetuneConfig:
         """The config with its epoch counts stretched when an epoch has fewer than ``min_epoch_steps`` batches."""

@@ -96,17 +96,18 @@ def finetune_section(params: Any, finetune: Mapping[str, Any] | Any | None = Non
 
 
 def mode_config(section: Mapping[str, Any], mode: str, n_boot: int = 1000, progress: bool = True,
-                ci_seed: int = 0) -> FinetuneConfig:
+                ci_seed: int = 0, selection_metric: str | None = None) -> FinetuneConfig:
     """``defaults`` updated with ``modes[mode]``, as a validated :class:`FinetuneConfig`.
 
     ``n_boot`` and ``ci_seed`` are the cached heads' bootstrap settings (``train.n_boot``, ``train.seed``), so the
-    CIs of both are drawn from the same resamples of the same test rows.
+    CIs of both are drawn from the same resamples of the same test rows; ``selection_metric`` is ``train.metric``,
+    what the cached heads select on, used unless the section sets its own.
     """
     from featcache.finetune.config import FinetuneConfig
 
     overrides = (section.get("modes") or {}).get(mode) or {}
-    values = {**(section.get("defaults") or {}), **overrides, "mode": mode, "n_boot": n_boot, "ci_seed": ci_seed,
-              "progress": progress}
+    values = {"selection_metric": selection_metric, **(section.get("defaults") or {}), **overrides, "mode": mode,
+              "n_boot": n_boot, "ci_seed": ci_seed, "progress": progress}
     try:
         return FinetuneConfig.from_dict(values)
     except ValueError as error:
@@ -227,7 +228,8 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
 
     params = as_sections(params, FinetuneSections)
     section = finetune_section(params, finetune)
-    config = mode_config(section, mode, n_boot=params.train.n_boot, progress=progress, ci_seed=params.train.seed)
+    config = mode_config(section, mode, n_boot=params.train.n_boot, progress=progress, ci_seed=params.train.seed,
+                         selection_metric=params.train.metric)
     manifest = Manifest.read(manifest_path)
     if manifest.task != params.data.task:
         raise ManifestError(f"data.task is {params.data.task!r} but {manifest_path} is a {manifest.task} manifest. "

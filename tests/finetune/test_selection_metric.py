@@ -1,0 +1,83 @@
+"""The fine-tuned baseline picks its best epoch on the metric the cached heads select on (``train.metric``).
+
+It picked the epoch of the best val accuracy (rmse) whatever ``train.metric`` said; now
+``FinetuneConfig.selection_metric`` (the stage sets it from ``train.metric`` unless the finetune section sets its own)
+names the val metric of the best epoch and of early stopping, scored as the heads score it.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import balanced_accuracy_score, log_loss
+from torch import nn
+
+from featcache.finetune.config import FinetuneConfig
+from featcache.finetune.trainer import Trainer, predict
+from featcache.pipeline.finetune import mode_config
+
+
+class _Toy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(3, 4, 1)
+        self.classifier = nn.Linear(4, 3)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(images).mean(dim=(2, 3)))
+
+
+def _batches(seed: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    target = torch.tensor([0] * (n - 4) + [1, 1, 2, 2])  # imbalanced
+    images = torch.rand(n, 3, 4, 4, generator=generator) + target[:, None, None, None] * 0.3
+    return [(torch.arange(i, min(i + 8, n)), images[i:i + 8], target[i:i + 8]) for i in range(0, n, 8)]
+
+
+def _fit(selection_metric: str | None):
+    torch.manual_seed(0)
+    config = FinetuneConfig(mode="frozen", epochs=8, patience=0, lr=0.05, n_boot=0, progress=False,
+                            channels_last=False, device="cpu", amp=False, selection_metric=selection_metric)
+    trainer = Trainer(_Toy(), SimpleNamespace(classifier="classifier"), ["classifier.weight", "classifier.bias"],
+                      config, "classification", torch.device("cpu"), False, 0.0, 1.0)
+    val = _batches(1, 24)
+    return trainer, trainer.fit(_batches(0, 40), val, None), val
+
+
+@pytest.mark.parametrize(("name", "score", "lower"), [
+    ("log_loss", lambda y, p: log_loss(y, p, labels=[0, 1, 2]), True),
+    ("balanced_accuracy", lambda y, p: balanced_accuracy_score(y, p.argmax(axis=1)), False),
+])
+def test_the_best_epoch_is_the_best_on_the_selection_metric(name, score, lower):
+    trainer, fit, val = _fit(name)
+    assert {row["metric"] for row in fit.history} == {f"val_{name}"}
+    values = [row["val_metric"] for row in fit.history]
+    best = (np.argmin if lower else np.argmax)(values)  # the first best, as a strict improvement keeps it
+    assert fit.best_epoch == best + 1
+    scored = predict(trainer.model, val, "classification", channels_last=False)  # the model left: the best epoch
+    assert score(scored["y_true"], scored["scores"]) == pytest.approx(values[best], rel=1e-6)
+
+
+def test_without_a_selection_metric_the_best_epoch_is_the_best_val_accuracy():
+    _, fit, _ = _fit(None)
+    assert {row["metric"] for row in fit.history} == {"val_accuracy"}
+    assert fit.best_epoch == int(np.argmax([row["val_metric"] for row in fit.history])) + 1
+
+
+def test_the_config_names_the_close_match_and_the_trainer_refuses_another_tasks_metric():
+    with pytest.raises(ValueError, match=r"selection_metric='log_los' is invalid\. Did you mean 'log_loss'\?"):
+        FinetuneConfig(selection_metric="log_los")
+    config = FinetuneConfig(selection_metric="rmse", progress=False)
+    with pytest.raises(ValueError, match="'rmse' is not a classification metric; allowed: accuracy"):
+        Trainer(_Toy(), SimpleNamespace(classifier="classifier"), ["classifier.weight"], config, "classification",
+                torch.device("cpu"), False, 0.0, 1.0)
+
+
+def test_the_stage_selects_on_train_metric_unless_the_finetune_section_sets_its_own():
+    section = {"defaults": {"epochs": 2}, "modes": {"frozen": {}, "low_lr": {"selection_metric": "macro_f1"}}}
+    assert mode_config(section, "frozen", selection_metric="log_loss").selection_metric == "log_loss"
+    assert mode_config(section, "frozen").selection_metric is None
+    assert mode_config(section, "low_lr", selection_metric="log_loss").selection_metric == "macro_f1"
