@@ -15,13 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from _support.imagezoo import (
     INVALID_NAMES,
     VALID_NAMES,
     bomb_png,
+    encoded,
     pattern,
+    truncated_jpeg,
+    truncated_png,
     write_zoo,
 )
 from featcache.extract.decode import images as images_module
@@ -111,6 +114,31 @@ def test_every_zoo_file_is_listed_by_a_folder_source(zoo, tmp_path):
     (tmp_path / "zoo").symlink_to(zoo[0], target_is_directory=True)
     manifest = from_folder(tmp_path, {"train": 1.0}, seed=0)
     assert sorted(manifest.ids) == sorted(f"zoo/{name}" for name in zoo[1])
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_truncated_files_are_bad_images_even_with_pillows_load_truncated_images(tmp_path, monkeypatch, loader):
+    """``ImageFile.LOAD_TRUNCATED_IMAGES = True`` (set by many training scripts) would decode the missing
+    part as grey: featcache reports the file whatever the flag says, and leaves the flag as it was.
+    Fails on the old code: the JPEG decoded, grey below the cut, without a reason."""
+    (tmp_path / "cut.jpg").write_bytes(truncated_jpeg())
+    (tmp_path / "cut.png").write_bytes(truncated_png())
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    results = run_loader(loader, [tmp_path / "cut.jpg", tmp_path / "cut.png"])
+    assert [reason.split(" (")[0] for _, reason in results] == ["truncated or corrupt image"] * 2, results
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_the_pixel_limit_is_on_the_stored_size_also_for_a_drafted_jpeg(tmp_path, loader):
+    """A JPEG over ``max_image_pixels`` is refused by every loader, although draft would decode it smaller.
+    Fails on the old code: the loaders (which draft) decoded it, the pil path refused it."""
+    noise = np.random.default_rng(0).integers(0, 256, (300, 300, 3), np.uint8)
+    (tmp_path / "big.jpg").write_bytes(encoded(Image.fromarray(noise), "JPEG"))
+    limited = Preprocessor(32, 36, "bilinear", (0.5,) * 3, (0.25,) * 3, max_image_pixels=50_000)
+    [(pixels, reason)] = run_loader(loader, [tmp_path / "big.jpg"], limited)
+    assert pixels is None and reason.startswith("image too large: 300x300 = 90,000 pixels exceeds"), reason
+    assert "extract.max_image_pixels" in reason
 
 
 @pytest.mark.parametrize("loader", LOADERS)

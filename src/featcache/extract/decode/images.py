@@ -1,7 +1,9 @@
 """Decode any image file (or its bytes) to an upright 8-bit RGB PIL image, defensively.
 
 A decompression-bomb limit is checked from the header before any pixel is
-decoded (:class:`ImageTooLargeError`), PNG checksums and ends are verified
+decoded (:class:`ImageTooLargeError`; on the stored size, before a JPEG draft),
+a truncated file is an error even where ``ImageFile.LOAD_TRUNCATED_IMAGES`` is
+set, PNG checksums and ends are verified
 (Pillow alone accepts a PNG cut after its pixel data), a broken EXIF block does
 not reject good pixels, and TIFFs Pillow cannot read (float RGB, float64) go
 through ``tifffile`` when it is installed. What a broken file raises is
@@ -23,7 +25,7 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 __all__ = ["DECODE_ERRORS", "ImageTooLargeError", "MAX_PARAM", "load_rgb", "to_rgb"]
 
@@ -116,6 +118,24 @@ def _pil_limit(limit: int | None) -> Iterator[None]:
             yield
         finally:
             Image.MAX_IMAGE_PIXELS = previous
+
+
+@contextlib.contextmanager
+def _strict_load(limit: int | None) -> Iterator[None]:
+    """Pillow's pixel limit at ``limit`` and ``ImageFile.LOAD_TRUNCATED_IMAGES`` off while decoding.
+
+    That flag is process-wide and often set by training scripts; left on, a
+    truncated file decodes silently with its missing part grey. featcache
+    reports a truncated file as a bad image whatever the flag says, so a
+    store's rows never depend on what another import set.
+    """
+    with _pil_limit(limit):
+        truncated = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = truncated
 
 
 def _exif_transpose(image: Image.Image) -> Image.Image:
@@ -253,16 +273,15 @@ def _decode(path: str | Path | bytes, background: tuple[int, int, int], limit: i
                 return rgb
         raise
     with image:
+        # The limit is on the stored size (the header's), before a JPEG draft shrinks it: the same file is
+        # refused or decoded alike with or without draft_size, and on the device path (probe.device_route).
+        if own_limit and limit is not None and image.size[0] * image.size[1] > limit:
+            raise ImageTooLargeError(image.size, limit)
         if draft_size is not None and image.format == "JPEG":
             image.draft(image.mode, (draft_size, draft_size))
-        if own_limit:
-            if limit is not None and image.size[0] * image.size[1] > limit:
-                raise ImageTooLargeError(image.size, limit)
-            with _pil_limit(limit):  # frame-level checks of some formats (GIF, ICO) use the same limit
-                image.load()
-        else:
-            image.load()
-        _verify_png(path, image)
+        with _strict_load(limit if own_limit else Image.MAX_IMAGE_PIXELS):
+            image.load()  # frame-level checks of some formats (GIF, ICO) use the same limit
+            _verify_png(path, image)
         return to_rgb(_exif_transpose(image), background)
 
 
