@@ -11,6 +11,8 @@ not a plain JPEG to the ``arrays`` path (tests/extract/decode/test_device.py).
 
 from __future__ import annotations
 
+import builtins
+import errno
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +151,39 @@ def test_an_image_over_the_default_limit_is_refused_before_decoding(tmp_path, lo
     (tmp_path / "bomb.png").write_bytes(bomb_png(10_000, 9_000))
     [(pixels, reason)] = run_loader(loader, [tmp_path / "bomb.png"])
     assert pixels is None and reason.startswith("image too large: 10000x9000 = 90,000,000 pixels"), reason
+
+
+def test_pillows_own_limit_is_reported_as_too_large(tmp_path):
+    """``load_rgb`` without ``max_pixels`` (Pillow's global limit, whose warning is raised) gives the same
+    category. Fails on the old code: ``cannot decode (DecompressionBombWarning: ...)``."""
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bomb_png(10_000, 9_000))
+    with pytest.raises(DECODE_ERRORS) as raised:
+        load_rgb(path)
+    assert describe_error(str(path), raised.value).startswith("image too large (DecompressionBombWarning: ")
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_file_the_os_cannot_read_is_an_unreadable_file(tmp_path, monkeypatch, loader):
+    """Permission denied (faked: root ignores chmod) and an I/O error. Fails on the old code for the I/O
+    error: ``cannot decode (OSError: [Errno 5] ...)``."""
+    for name in ("locked.jpg", "failing.jpg"):
+        (tmp_path / name).write_bytes(encoded(Image.fromarray(pattern()), "JPEG"))
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        name = Path(str(file)).name
+        if name == "locked.jpg":
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        if name == "failing.jpg":
+            raise OSError(errno.EIO, "Input/output error", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)  # inherited by the forked workers
+    results = run_loader(loader, [tmp_path / "locked.jpg", tmp_path / "failing.jpg"])
+    assert [reason for _, reason in results] == [
+        "unreadable file (PermissionError: [Errno 13] Permission denied: 'locked.jpg')",
+        "unreadable file (OSError: [Errno 5] Input/output error: 'failing.jpg')"]
 
 
 @pytest.mark.parametrize("loader", LOADERS)

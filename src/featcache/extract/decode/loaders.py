@@ -105,12 +105,12 @@ def describe_error(path: str, error: BaseException, on_disk: bool = True) -> str
         pass
     if isinstance(error, ImageTooLargeError):
         return str(error)
-    if isinstance(error, Image.DecompressionBombError):  # Pillow's own (global) limit
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):  # Pillow's own limit
         return f"image too large ({detail})"
     if isinstance(error, Image.UnidentifiedImageError):
         return f"not an image or unsupported format ({detail})"
-    if isinstance(error, (PermissionError, IsADirectoryError)):
-        return f"unreadable file ({detail})"
+    if isinstance(error, (PermissionError, IsADirectoryError)) or (isinstance(error, OSError) and error.errno):
+        return f"unreadable file ({detail})"  # the OS refused the read (EIO, EACCES, ...); Pillow's have no errno
     message = str(error).lower()
     if isinstance(error, (SyntaxError, EOFError)) or "truncated" in message or "broken" in message \
             or "corrupt" in message or "decoder error" in message:
