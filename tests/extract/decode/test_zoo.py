@@ -194,3 +194,27 @@ def test_a_bug_in_featcache_is_raised_not_reported_as_a_bad_image(zoo, monkeypat
     monkeypatch.setattr(images_module, "to_rgb", broken)
     with pytest.raises(TypeError, match="a bug in the conversion"):
         run_loader(loader, [zoo[0] / "rgba.png"])
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_conversion_error_is_raised_as_a_bug_not_reported_as_cannot_decode(zoo, monkeypatch, loader):
+    """A ValueError in converting a decoded image (every mode Pillow opens converts) is featcache's bug.
+    Fails on the old code: the row came back as ``cannot decode (ValueError: ...)``."""
+    def broken(*args, **kwargs):
+        raise ValueError("a bug in the compositing")
+
+    monkeypatch.setattr(Image, "alpha_composite", broken)
+    with pytest.raises(RuntimeError, match="a bug in the compositing"):
+        run_loader(loader, [zoo[0] / "rgba.png"])
+
+
+def test_every_mode_pillow_has_converts_to_rgb():
+    """Premultiplied ``La`` (Pillow has no La -> RGBA conversion) among them. Fails on the old to_rgb:
+    ValueError for La, which the loaders would have reported as ``cannot decode``."""
+    from featcache.extract.decode.images import to_rgb
+
+    for mode in ("1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "I;16",
+                 "I;16B", "LA", "La", "PA"):
+        image = Image.new("LA", (3, 2), (100, 255)).convert(mode) if mode in ("La", "PA") else Image.new(mode, (3, 2))
+        assert to_rgb(image).mode == "RGB", mode
+    assert to_rgb(Image.new("LA", (1, 1), (100, 255)).convert("La")).getpixel((0, 0)) == (100, 100, 100)

@@ -73,7 +73,7 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255
     if mode == "P" and "transparency" in image.info:
         image, mode = image.convert("RGBA"), "RGBA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
+        rgba = (image.convert("LA") if mode == "La" else image).convert("RGBA")  # Pillow has no La -> RGBA
         base = Image.new("RGBA", rgba.size, background + (255,))
         return Image.alpha_composite(base, rgba).convert("RGB")
     if mode.startswith("I") or mode == "F":
@@ -282,7 +282,18 @@ def _decode(path: str | Path | bytes, background: tuple[int, int, int], limit: i
         with _strict_load(limit if own_limit else Image.MAX_IMAGE_PIXELS):
             image.load()  # frame-level checks of some formats (GIF, ICO) use the same limit
             _verify_png(path, image)
-        return to_rgb(_exif_transpose(image), background)
+        return _converted(_exif_transpose(image), background)  # inside: a broken EXIF gives `image` itself
+
+
+def _converted(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """:func:`to_rgb` of a decoded image: whatever it raises is a bug (every mode Pillow opens converts),
+    re-raised as a RuntimeError so that it can never pass for a bad image (a ValueError would)."""
+    try:
+        return to_rgb(image, background)
+    except DECODE_ERRORS as error:
+        raise RuntimeError(f"converting a decoded {image.mode} image of size {image.size} to RGB failed "
+                           f"({type(error).__name__}: {error}); this is a bug in featcache, not a bad image"
+                           ) from error
 
 
 def _try_tifffile(path: str | Path | bytes, background: tuple[int, int, int],
