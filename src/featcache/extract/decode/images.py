@@ -1,7 +1,7 @@
 """Decode any image file (or its bytes) to an upright 8-bit RGB PIL image, defensively.
 
 A decompression-bomb limit is checked from the header before any pixel is
-decoded (:class:`ImageTooLargeError`; on the stored size, before a JPEG draft),
+decoded (:class:`ImageTooLargeError`; on the size decoded, after a JPEG draft),
 a truncated file is an error even where ``ImageFile.LOAD_TRUNCATED_IMAGES`` is
 set, PNG checksums and ends are verified
 (Pillow alone accepts a PNG cut after its pixel data), a broken EXIF block does
@@ -273,12 +273,14 @@ def _decode(path: str | Path | bytes, background: tuple[int, int, int], limit: i
                 return rgb
         raise
     with image:
-        # The limit is on the stored size (the header's), before a JPEG draft shrinks it: the same file is
-        # refused or decoded alike with or without draft_size, and on the device path (probe.device_route).
-        if own_limit and limit is not None and image.size[0] * image.size[1] > limit:
-            raise ImageTooLargeError(image.size, limit)
         if draft_size is not None and image.format == "JPEG":
             image.draft(image.mode, (draft_size, draft_size))
+        # The limit is on the pixels decoded: a large JPEG that a draft decodes at a reduced DCT scale is no
+        # decompression bomb (a 100-megapixel photo is decoded at 1/8 scale within the limit); without a draft
+        # (load_rgb's callers that need full size) the stored size counts. The device route sends a file over the
+        # limit here, to the same rule (probe.device_route).
+        if own_limit and limit is not None and image.size[0] * image.size[1] > limit:
+            raise ImageTooLargeError(image.size, limit)
         with _strict_load(limit if own_limit else Image.MAX_IMAGE_PIXELS):
             image.load()  # frame-level checks of some formats (GIF, ICO) use the same limit
             _verify_png(path, image)
