@@ -180,18 +180,21 @@ def fit_lightgbm_dask(
     y_v = check_targets(y_v, classification, "y_val")
     if y.shape[0] != X.shape[0]:
         raise ValueError(f"X_dask has {X.shape[0]} rows but y_dask has {y.shape[0]}; they must match.")
-    y_d = da.from_array(y, chunks=(X.chunks[0],))
     if classification:
         classes = resolve_classes(head.n_classes, y, y_v)
         seen = np.unique(y)
         if seen.size < 2:
             raise ValueError(f"the training rows contain only the classes {seen.tolist()}; a classifier needs >= 2.")
-        model = lightgbm.DaskLGBMClassifier(client=client, **lgb_params)
         # counted over all training rows here: LightGBM's class_weight would count each worker's rows
         head.class_weight_ = class_weights(head.class_weight, y, classes.size)
-    else:
-        model = lightgbm.DaskLGBMRegressor(client=client, **lgb_params)
     weights = row_weights(getattr(head, "class_weight_", None), y)
+    if classification:
+        # lightgbm.dask's classifier label-encodes each worker's rows alone: a part lacking a class trains on
+        # shifted labels (or as binary). So the booster learns the seen classes' indices, objective set here.
+        y, lgb_params["objective"] = np.searchsorted(seen, y), "binary" if seen.size == 2 else "multiclass"
+        lgb_params.update({} if seen.size == 2 else {"num_class": int(seen.size)})
+    model = lightgbm.DaskLGBMRegressor(client=client, **lgb_params)
+    y_d = da.from_array(y, chunks=(X.chunks[0],))
     with warnings.catch_warnings():  # lightgbm.dask warns that n_jobs (always set) is ignored
         warnings.filterwarnings("ignore", message="Parameter n_jobs will be ignored", category=UserWarning)
         model.fit(X, y_d, sample_weight=None if weights is None else da.from_array(weights, chunks=(X.chunks[0],)))
