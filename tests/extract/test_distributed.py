@@ -18,21 +18,14 @@ from _support.files import md5
 from featcache.errors import ExtractionError, UserError
 from featcache.extract.dask_tasks import WorkerJob, plan_tasks
 from featcache.extract.decode.preprocess import Preprocessor
-from featcache.extract.distributed import (
-    CONNECT_TRIES,
-    _adopt_blocks,
-    _check_onnx_sha256,
-    _ClientHandle,
-    _run_tasks,
-    connect_client,
-    extract_distributed,
-)
+from featcache.extract.distributed import _adopt_blocks, _check_onnx_sha256, _run_tasks, extract_distributed
 from featcache.extract.engine import extract_to_store
 from featcache.extract.inputs.sources import from_folder
 from featcache.extract.plan import plan_extraction
 from featcache.extract.runner_spec import RunnerSpec
 from featcache.store.schema import LayerSpec, sha256_text
 from featcache.store.writer import StoreWriter
+from featcache.util.dask_client import CONNECT_TRIES, ClientHandle, connect_client
 
 #: One process decodes (the default loader of a runner on the CPU).
 CPU_PLAN = plan_extraction(device="cpu", backend="torch", num_workers=0)
@@ -377,7 +370,7 @@ def test_own_local_cluster_is_closed_when_the_client_fails(monkeypatch):
     monkeypatch.setattr(distributed, "LocalCluster", FakeCluster)
     monkeypatch.setattr(distributed, "Client", failing_client)
     with pytest.raises(OSError, match="handshake"):
-        _ClientHandle(None, None, n_workers=2, threads_per_worker=1)
+        ClientHandle(None, None, n_workers=2, threads_per_worker=1)
     assert closed == ["cluster"]
 
 

@@ -48,7 +48,9 @@ def fast_params(data_path: str, name: str = "tiny") -> dict[str, Any]:
         "backbones": {"efficientnet_lite0": {"weights": "pretrained", "layers": ["pool", "block6"]}},
         "features": [{"backbone": "efficientnet_lite0", "layer": "pool"},
                      {"backbone": "efficientnet_lite0", "layer": "block6"}],
-        "train": {"heads": ["logreg", "lightgbm", "mlp"], "n_boot": 100, "seed": 0, "metric": None},
+        # metric, scheduler, n_workers: params of the dvc.yaml train stages (DVC needs every tracked key present)
+        "train": {"heads": ["logreg", "lightgbm", "mlp"], "n_boot": 100, "seed": 0, "metric": None,
+                  "scheduler": "none", "n_workers": 2},
         "heads": {
             "logreg": {"Cs": [0.01, 1.0, 100.0], "refine": False},
             "lightgbm": {"n_estimators": 30, "min_child_samples": 2, "n_jobs": 1},

@@ -92,8 +92,9 @@ from featcache.store.schema import (
     DEFAULT_MAX_BAD_FRACTION,
 )
 from featcache.store.writer import StoreWriter
+from featcache.util.dask_client import ClientHandle
 
-__all__ = ["CONNECT_TRIES", "THREADS_PER_WORKER", "connect_client", "extract_distributed"]
+__all__ = ["THREADS_PER_WORKER", "extract_distributed"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,88 +126,6 @@ def _check_onnx_sha256(expected: str | None, found: str, where: str) -> None:
             "and the features would mix two graphs. Hint: point extract_run.onnx_cache at one folder every worker "
             "sees, or give the workers the same torch/onnx versions; committed blocks are kept."
         )
-
-
-#: Tries of dask's client handshake with a running scheduler. The scheduler batches its ``stream-start`` reply with
-#: whatever it broadcasts to all clients in the next 2 ms, and distributed's ``Client`` asserts that the first read
-#: holds exactly one message: with other clients busy on the same scheduler, connecting then fails now and then
-#: with a bare ``AssertionError`` (seen twice in this suite, connecting while another client used the scheduler).
-CONNECT_TRIES = 3
-
-
-def connect_client(address: str, tries: int = CONNECT_TRIES) -> Any:
-    """A ``distributed.Client`` connected to the scheduler at ``address``, retrying dask's handshake race.
-
-    Parameters
-    ----------
-    address : str
-        The scheduler's address, e.g. ``tcp://10.0.0.5:8786``.
-    tries : int
-        Handshakes tried before the last ``AssertionError`` is raised.
-
-    Returns
-    -------
-    distributed.Client
-
-    Raises
-    ------
-    ExtractionError
-        No scheduler answers at ``address`` (refused, timed out, unknown host): the message names the address,
-        dask's reason and what to do, instead of distributed's traceback.
-    """
-    from distributed import Client
-
-    for attempt in range(1, tries + 1):
-        try:
-            return Client(address)
-        except AssertionError as error:  # dask's handshake check; anything else (timeouts, refused) is raised
-            if attempt == tries:
-                raise
-            logger.warning("dask scheduler %s: the client handshake failed (%r, a race in distributed's Client when "
-                           "the scheduler is busy); connecting again (%d/%d)", address, error, attempt + 1, tries)
-        except OSError as error:
-            raise ExtractionError(
-                f"Cannot connect to the dask scheduler at extract_run.scheduler={address!r}: {error}. Hint: start "
-                f"one there (`dask scheduler`, then `dask worker {address}` on each machine), check the host and "
-                "port, or set extract_run.scheduler: local for a cluster of this machine's cores (none: no dask)."
-            ) from error
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-class _ClientHandle:
-    """A dask client plus what must be closed afterwards (only what we opened)."""
-
-    def __init__(self, client: Any, scheduler_address: str | None, n_workers: int, threads_per_worker: int) -> None:
-        from distributed import Client, LocalCluster
-
-        self.cluster = None
-        self.owned = client is None
-        if client is not None:
-            self.client = client
-        elif scheduler_address is not None:
-            logger.info("connecting to dask scheduler %s", scheduler_address)
-            self.client = connect_client(scheduler_address)
-        else:
-            logger.info("starting a LocalCluster: %d worker processes x %d threads", n_workers, threads_per_worker)
-            self.cluster = LocalCluster(n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-                                        dashboard_address=":0")
-            try:
-                self.client = Client(self.cluster)
-            except BaseException:  # the cluster's worker processes would outlive us: nobody else can close them
-                self.cluster.close()
-                self.cluster = None
-                raise
-
-    def close(self) -> None:
-        """Close the client and the cluster we started (idempotent; never a given client)."""
-        if self.owned:
-            client, self.owned = self.client, False
-            try:
-                client.close()
-            finally:
-                if self.cluster is not None:
-                    self.cluster.close()
-                    self.cluster = None
 
 
 def _raise_task_failure(future: Any, blocks: tuple[int, ...], writer: StoreWriter) -> None:
@@ -409,7 +328,7 @@ def extract_distributed(
     # Workers may run elsewhere (or in another cwd): give them absolute image paths.
     worker_manifest = replace(manifest, root=Path(manifest.root).absolute())
 
-    handle = _ClientHandle(client, scheduler_address, n_workers, threads_per_worker)
+    handle = ClientHandle(client, scheduler_address, n_workers, threads_per_worker)
     try:
         probe = handle.client.submit(probe_task, runner_spec, preprocess.input_size, threads_per_worker,
                                      pure=False, key=f"featcache-probe-{uuid.uuid4().hex[:12]}")

@@ -25,6 +25,7 @@ from featcache.pipeline.params.extract import (
     stored_choices,
 )
 from featcache.pipeline.params.train import TrainParams, check_heads_sections, check_train_metric
+from featcache.pipeline.train_dask import dask_lightgbm
 from featcache.runs import write_run, write_run_info
 from featcache.store import FeatureStore, StoreError
 from featcache.store.schema import SPLITS
@@ -196,6 +197,7 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
     # is opened.
     configured_backbone(params, backbone)
     estimator = make_head(head, task, stage_head_params(params, head, task))
+    on_dask = dask_lightgbm(estimator, head, task, params.train)  # None: the head trains in this process
     with FeatureStore(store_path) as store:
         config = expected_store_config(params, backbone, store)
         store.check_config(config)
@@ -204,21 +206,25 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
         check_store_rows(store_path, task, y, len(store.errors()))
         # Streaming heads read the store chunk by chunk (out of core); the others load the split.
         read = store.to_dask if head in STREAMING_HEADS else store.read
-        X = {split: read(layer, split) for split in SPLITS}
+        X = {split: read(layer, split) for split in SPLITS if on_dask is None or split != "train"}
         classes = list(store.classes)
         if task == "classification":
             check_classes_trainable(classes, y["train"], store.errors())
         layer_info = store.layer_info(layer)
         test_ids = store.ids("test")
         weights = {key: str(store.attrs[key]) for key in ("weights_id", "weights_sha256") if key in store.attrs}
+    if on_dask is not None:  # LightGBM on dask: the workers read the train rows from the file
+        X["train"] = on_dask.train_rows(store_path, layer)
     has_val = len(y["val"]) > 0
     n_classes = len(classes) if task == "classification" else None
-    result = fit_and_evaluate(estimator, task, X["train"], y["train"], X["val"] if has_val else None,
+    result = fit_and_evaluate(on_dask or estimator, task, X["train"], y["train"], X["val"] if has_val else None,
                               y["val"] if has_val else None, X["test"], y["test"], n_classes=n_classes,
                               n_boot=params.train.n_boot, seed=params.train.seed)
     run = {"dataset": params.data.name, "backbone": backbone, "layer": layer, "head": head,
            "label": head_label(head, task), "task": task, "node": layer_info["node"],
            "pooling": layer_info["pooling"], **weights, **result.metrics}
+    if on_dask is not None:
+        run["dask"] = on_dask.record
     write_rows(rows_path(metrics_path), row_arrays(task, y["test"], result.scores, n_classes),
                {"task": task, "ids_sha256": ids_sha256(test_ids), "n_boot": params.train.n_boot,
                 "seed": params.train.seed, **({"n_classes": n_classes} if n_classes else {})})

@@ -37,9 +37,9 @@ from featcache.store.schema import (
 from featcache.util.compute import DEVICES
 from featcache.util.names import did_you_mean
 
-__all__ = ["BackboneParams", "ExtractParams", "INT8_GRAPH", "INT8_KNOBS", "RUN_SECTION", "SPEED_ONLY", "WEIGHTS_NAMES",
-           "check_weights_name", "configured_backbone", "default_backbones", "extraction_config",
-           "merge_run_section", "speed_keys_under_extract", "stored_choices"]
+__all__ = ["BackboneParams", "ExtractParams", "INT8_GRAPH", "INT8_KNOBS", "RUN_SECTION", "SCHEDULERS", "SPEED_ONLY",
+           "WEIGHTS_NAMES", "check_scheduler", "check_weights_name", "configured_backbone", "default_backbones",
+           "extraction_config", "merge_run_section", "speed_keys_under_extract", "stored_choices"]
 
 #: Extraction settings that change how fast features are made, never their values: left out of the
 #: config a store records (and of its hash), so changing them resumes or reuses a store. Their place in
@@ -104,10 +104,7 @@ class ExtractParams(Strict):
     @field_validator("scheduler")
     @classmethod
     def _scheduler(cls, value: str) -> str:
-        if value not in ("none", "local") and "://" not in value:
-            raise ValueError("must be 'none', 'local' or a scheduler address like 'tcp://10.0.0.5:8786'."
-                             + did_you_mean(value, ("none", "local")))
-        return value
+        return check_scheduler(value)
 
     @field_validator("n_workers")
     @classmethod
@@ -120,6 +117,25 @@ class ExtractParams(Strict):
         """The keyword arguments of ``featcache.extract.plan.plan_extraction`` that these settings give."""
         return {"device": self.device, "backend": self.backend, "autocast": self.autocast, "decode": self.decode,
                 "num_workers": self.num_workers, "scheduler": self.scheduler, "precision": self.precision}
+
+
+#: The named values of a ``scheduler`` setting (``extract_run``, ``train``); anything else is a scheduler's address.
+SCHEDULERS = ("none", "local")
+
+
+def check_scheduler(value: str) -> str:
+    """``value`` if it is ``none``, ``local`` or a dask scheduler's address: ``extract_run.scheduler`` and
+    ``train.scheduler`` (:mod:`featcache.util.dask_client` connects to it).
+
+    Raises
+    ------
+    ValueError
+        Naming what is allowed and a close match.
+    """
+    if value not in SCHEDULERS and "://" not in value:
+        raise ValueError("must be 'none', 'local' or a scheduler address like 'tcp://10.0.0.5:8786'."
+                         + did_you_mean(value, SCHEDULERS))
+    return value
 
 
 #: The ``weights`` values that name no file (anything else is the path of a state dict).

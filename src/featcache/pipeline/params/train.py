@@ -16,6 +16,7 @@ from featcache.heads.registry import (
     task_params,
 )
 from featcache.pipeline.params.base import StageParams, Strict
+from featcache.pipeline.params.extract import check_scheduler
 from featcache.util.names import did_you_mean
 
 __all__ = ["FeatureRef", "TrainParams", "TrainSection", "check_heads_sections", "check_train_metric"]
@@ -32,6 +33,10 @@ class TrainParams(Strict):
     """Which heads run and how they are scored."""
 
     heads: list[str] = Field(default_factory=lambda: list(DEFAULT_HEADS), min_length=1)
+    #: Where LightGBM trains (the streaming and in-memory heads run here): none, local or a scheduler's address
+    #: (``featcache.pipeline.train_dask``). Not speed only: LightGBM on dask fits another model.
+    scheduler: str = Field("none", description="none | local | a dask scheduler address (tcp://host:8786)")
+    n_workers: int = Field(2, ge=1, description="workers of the local dask cluster (scheduler: local)")
     n_boot: int = Field(1000, ge=0)
     seed: int = 0
     #: What every head selects on (on the validation rows: its ``selection_metric``, unless its section sets one)
@@ -41,6 +46,11 @@ class TrainParams(Strict):
     def ranking_metric(self, task: str) -> str:
         """The metric compare ranks by: ``metric``, or the task's default (accuracy, rmse)."""
         return self.metric or DEFAULT_METRIC[task]
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, value: str) -> str:
+        return check_scheduler(value)
 
     @field_validator("heads")
     @classmethod
