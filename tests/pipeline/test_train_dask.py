@@ -116,3 +116,16 @@ def test_lightgbm_on_dask_without_val_rows_is_refused_before_any_cluster(monkeyp
     fitter = DaskLightGBM(make_head("lightgbm", "classification", {}), "classification", "local", 2)
     with pytest.raises(ParamError, match=r"train.scheduler='local' trains lightgbm on dask, which needs val rows"):
         fitter.fit(np.zeros((4, 2)), np.array([0, 1, 0, 1]), None, None)
+
+
+def test_train_metric_with_lightgbm_on_dask_is_refused_before_the_store_is_read(tiny_store, tmp_path, monkeypatch):
+    """fit_lightgbm_dask cannot select on a metric (its replayed curve is a loss): train.metric (passed to the head
+    as selection_metric) is named with the hint before the store is opened or a cluster started; it failed inside
+    the fit, after reading the store and starting the cluster."""
+    import distributed
+
+    monkeypatch.setattr(distributed, "LocalCluster", lambda **kwargs: pytest.fail("a cluster was started"))
+    with pytest.raises(ParamError, match=r"train.scheduler='local' trains lightgbm on dask .* does not take "
+                                         r"selection_metric='balanced_accuracy' .*Hint: set train.scheduler: none"):
+        _train(tiny_store, tmp_path, "lightgbm", scheduler="local", metric="balanced_accuracy")
+    assert not (tmp_path / "m.json").exists()

@@ -140,6 +140,14 @@ def dask_lightgbm(head: Any, name: str, task: str, train: Any) -> DaskLightGBM |
     if train.scheduler == "none":
         return None
     if name in DASK_HEADS:
+        unsupported = {key: getattr(head, key) for key in ("selection_metric", "pca_components")
+                       if getattr(head, key) is not None}
+        if unsupported:  # before the store is opened or a cluster started
+            raise ParamError(
+                f"train.scheduler={train.scheduler!r} trains lightgbm on dask (fit_lightgbm_dask), which does not "
+                f"take {', '.join(f'{k}={v!r}' for k, v in unsupported.items())} (selection_metric comes from "
+                "train.metric unless heads.lightgbm sets it); allowed there: null. Hint: set train.scheduler: none "
+                "for this run, or leave those keys null.")
         return DaskLightGBM(head, task, train.scheduler, train.n_workers)
     why = ("it streams its chunks through one model in order, which a cluster would only ship back here"
            if name in STREAMING_HEADS else "it trains in memory")
