@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -193,3 +194,18 @@ def test_bench_ft_modes_subsample_keeps_val_and_test(tmp_path, monkeypatch):
     assert splits.count("train") == 4 and splits.count("val") == 2 and splits.count("test") == 2
     assert all(Path(r.split(",")[1]).is_absolute() for r in rows)
     assert (tmp_path / "out" / "manifest.classes.json").is_file()
+
+
+def test_bench_imbalance_keeps_a_fraction_of_the_minority_and_every_other_row(tmp_path, monkeypatch):
+    """``imbalanced_rows``: each minority class keeps ``fraction`` (at least 2) of its rows, the others all;
+    ``head_params`` reads params.yaml's section with one thread."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench = importlib.import_module("bench_imbalance")
+    labels = np.repeat(np.arange(4), [40, 40, 40, 5])
+    rows = bench.imbalanced_rows(labels, [2, 3], 0.1, seed=0)
+    assert np.bincount(labels[rows]).tolist() == [40, 40, 4, 2]
+    assert np.array_equal(rows, np.sort(rows)) and len(set(rows.tolist())) == rows.size
+    assert not np.array_equal(rows, bench.imbalanced_rows(labels, [2, 3], 0.1, seed=1))
+    (tmp_path / "params.yaml").write_text("heads:\n  lightgbm: {num_leaves: 7, n_jobs: 4}\n")
+    assert bench.head_params(tmp_path / "params.yaml", "lightgbm") == {"num_leaves": 7, "n_jobs": 1}
+    assert bench.head_params(tmp_path / "params.yaml", "mlp") == {}
