@@ -114,11 +114,13 @@ def test_check_names_the_close_match_of_a_misspelt_metric():
 def test_the_train_stage_passes_train_metric_unless_the_section_sets_one():
     class Params:
         train = TrainParams(metric="balanced_accuracy")
-        heads = {"mlp": {"selection_metric": "log_loss"}, "logreg": {"max_iter": 10}}
+        heads = {"mlp": {"selection_metric": "log_loss"}, "logreg": {"max_iter": 10},
+                 "lightgbm": {"selection_metric": None}}  # README's advice: rank by train.metric, keep the loss
 
     assert stage_head_params(Params, "logreg", "classification") == {"max_iter": 10,
                                                                       "selection_metric": "balanced_accuracy"}
     assert stage_head_params(Params, "mlp", "classification") == {"selection_metric": "log_loss"}
+    assert stage_head_params(Params, "lightgbm", "classification") == {"selection_metric": None}
     Params.train = TrainParams()
     assert stage_head_params(Params, "logreg", "classification") == {"max_iter": 10}
 
