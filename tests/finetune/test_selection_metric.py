@@ -81,3 +81,20 @@ def test_the_stage_selects_on_train_metric_unless_the_finetune_section_sets_its_
     assert mode_config(section, "frozen", selection_metric="log_loss").selection_metric == "log_loss"
     assert mode_config(section, "frozen").selection_metric is None
     assert mode_config(section, "low_lr", selection_metric="log_loss").selection_metric == "macro_f1"
+
+
+def test_check_refuses_a_finetune_selection_metric_of_the_other_task(tmp_path, capsys):
+    """``featcache check`` (and the finetune stage's sections) name a mode whose selection_metric is not a metric of
+    data.task (it failed only when that mode's trainer was built, after the backbone)."""
+    from pathlib import Path
+
+    import yaml
+
+    from featcache.pipeline.cli import main
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
+    raw["finetune"]["modes"]["low_lr"] = {**(raw["finetune"]["modes"]["low_lr"] or {}), "selection_metric": "rmse"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert main(["check", "--params", str(tmp_path / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "finetune.modes.low_lr: selection_metric 'rmse' is not a classification metric" in err, err

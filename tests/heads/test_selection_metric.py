@@ -11,8 +11,7 @@ from featcache.heads import make_head
 from featcache.heads.metrics import SELECTION_METRICS, metric_value
 from featcache.heads.param_types import param_type
 from featcache.heads.registry import HEAD_PATHS, head_params
-from featcache.pipeline.params.train import TrainParams, check_heads_sections, check_train_metric
-from featcache.pipeline.train import stage_head_params
+from featcache.pipeline.params.train import TrainParams, check_heads_sections, check_train_metric, stage_head_params
 
 
 def _gaussians(rng: np.random.Generator, n0: int, n1: int, d: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -117,12 +116,12 @@ def test_the_train_stage_passes_train_metric_unless_the_section_sets_one():
         heads = {"mlp": {"selection_metric": "log_loss"}, "logreg": {"max_iter": 10},
                  "lightgbm": {"selection_metric": None}}  # README's advice: rank by train.metric, keep the loss
 
-    assert stage_head_params(Params, "logreg", "classification") == {"max_iter": 10,
+    assert stage_head_params(Params.heads, Params.train, "logreg", "classification") == {"max_iter": 10,
                                                                       "selection_metric": "balanced_accuracy"}
-    assert stage_head_params(Params, "mlp", "classification") == {"selection_metric": "log_loss"}
-    assert stage_head_params(Params, "lightgbm", "classification") == {"selection_metric": None}
+    assert stage_head_params(Params.heads, Params.train, "mlp", "classification") == {"selection_metric": "log_loss"}
+    assert stage_head_params(Params.heads, Params.train, "lightgbm", "classification") == {"selection_metric": None}
     Params.train = TrainParams()
-    assert stage_head_params(Params, "logreg", "classification") == {"max_iter": 10}
+    assert stage_head_params(Params.heads, Params.train, "logreg", "classification") == {"max_iter": 10}
 
 
 def test_fit_lightgbm_dask_refuses_a_selection_metric(imbalanced):

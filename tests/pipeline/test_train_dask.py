@@ -118,14 +118,39 @@ def test_lightgbm_on_dask_without_val_rows_is_refused_before_any_cluster(monkeyp
         fitter.fit(np.zeros((4, 2)), np.array([0, 1, 0, 1]), None, None)
 
 
-def test_train_metric_with_lightgbm_on_dask_is_refused_before_the_store_is_read(tiny_store, tmp_path, monkeypatch):
-    """fit_lightgbm_dask cannot select on a metric (its replayed curve is a loss): train.metric (passed to the head
-    as selection_metric) is named with the hint before the store is opened or a cluster started; it failed inside
-    the fit, after reading the store and starting the cluster."""
+def test_a_head_lightgbm_on_dask_cannot_take_is_refused_before_any_cluster(monkeypatch):
+    """fit_lightgbm_dask cannot select on a metric (its replayed curve is a loss): a head made with a
+    selection_metric (by the API; params.yaml's are refused by check, below) is named with the hint before the
+    store is opened or a cluster started; it failed inside the fit, after both."""
     import distributed
 
+    from featcache.heads import make_head
+    from featcache.pipeline.params.train import TrainParams
+    from featcache.pipeline.train_dask import dask_lightgbm
+
     monkeypatch.setattr(distributed, "LocalCluster", lambda **kwargs: pytest.fail("a cluster was started"))
+    head = make_head("lightgbm", "classification", {"selection_metric": "balanced_accuracy"})
     with pytest.raises(ParamError, match=r"train.scheduler='local' trains lightgbm on dask .* does not take "
                                          r"selection_metric='balanced_accuracy' .*Hint: set train.scheduler: none"):
-        _train(tiny_store, tmp_path, "lightgbm", scheduler="local", metric="balanced_accuracy")
-    assert not (tmp_path / "m.json").exists()
+        dask_lightgbm(head, "lightgbm", "classification", TrainParams(scheduler="local"))
+
+
+@pytest.mark.parametrize(("train_settings", "lightgbm", "named"), [
+    ({"metric": "balanced_accuracy"}, {}, "selection_metric='balanced_accuracy'"),
+    ({}, {"pca_components": 8}, "pca_components=8"),
+])
+def test_check_names_what_lightgbm_on_dask_does_not_take(tiny_store, tmp_path, capsys, train_settings, lightgbm,
+                                                          named):
+    """``featcache check`` (and the train stage's sections) refuse it before any stage runs; the README's advice
+    (``heads.lightgbm.selection_metric: null`` beside ``train.metric``) passes."""
+    raw = json.loads(json.dumps(tiny_store["raw"]))
+    raw["train"].update(scheduler="local", **train_settings)
+    raw["heads"]["lightgbm"] = {**raw["heads"].get("lightgbm", {}), **lightgbm}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert main(["check", "--params", str(tmp_path / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "train.scheduler='local' trains lightgbm on dask" in err and named in err, err
+    if train_settings:
+        raw["heads"]["lightgbm"]["selection_metric"] = None
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+        assert main(["check", "--params", str(tmp_path / "params.yaml")]) == 0

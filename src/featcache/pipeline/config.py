@@ -20,7 +20,13 @@ from featcache.pipeline.params.base import Strict, read_params_file, validate_se
 from featcache.pipeline.params.data import DataParams
 from featcache.pipeline.params.extract import BackboneParams, ExtractParams, default_backbones, merge_run_section
 from featcache.pipeline.params.finetune import FinetuneParams
-from featcache.pipeline.params.train import FeatureRef, TrainParams, check_heads_sections, check_train_metric
+from featcache.pipeline.params.train import (
+    FeatureRef,
+    TrainParams,
+    check_dask_heads,
+    check_heads_sections,
+    check_train_metric,
+)
 
 __all__ = ["Params", "load_params", "parse_params"]
 
@@ -60,6 +66,8 @@ class Params(Strict):
                                  "Hint: add it to those layers or remove the feature.")
         check_heads_sections(self.heads, self.data.task)
         check_train_metric(self.train.metric, self.data.task)
+        check_dask_heads(self.heads, self.train, self.data.task)
+        self.finetune.check_task(self.data.task)
         if not self.features:
             self.features = [FeatureRef(backbone=name, layer=layer)
                              for name, backbone in self.backbones.items() for layer in backbone.layers]

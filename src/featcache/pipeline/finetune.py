@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from pydantic import model_validator
 
 from featcache.pipeline.params.base import StageParams, as_sections, load_sections
 from featcache.pipeline.params.data import DataParams
@@ -65,6 +66,11 @@ class FinetuneSections(StageParams):
     data: DataParams = DataParams()
     train: TrainParams = TrainParams()
     finetune: FinetuneParams = FinetuneParams()
+
+    @model_validator(mode="after")
+    def _task_metrics(self) -> "FinetuneSections":
+        self.finetune.check_task(self.data.task)
+        return self
 
 
 def load_finetune_sections(path: str | Path = "params.yaml") -> FinetuneSections:

@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 from featcache.heads.bootstrap import row_arrays
 from featcache.heads.metrics import PREDICTION_COLUMNS, prediction_rows
 from featcache.heads.paired import ids_sha256, rows_path, write_rows
-from featcache.heads.registry import STREAMING_HEADS, head_label, task_params
+from featcache.heads.registry import STREAMING_HEADS, head_label
 from featcache.heads.trainable import check_trainable_rows
 from featcache.pipeline.params.base import StageParams, as_sections, load_sections
 from featcache.pipeline.params.data import DataParams
@@ -24,7 +24,13 @@ from featcache.pipeline.params.extract import (
     extraction_config,
     stored_choices,
 )
-from featcache.pipeline.params.train import TrainParams, check_heads_sections, check_train_metric
+from featcache.pipeline.params.train import (
+    TrainParams,
+    check_dask_heads,
+    check_heads_sections,
+    check_train_metric,
+    stage_head_params,
+)
 from featcache.pipeline.train_dask import dask_lightgbm
 from featcache.runs import write_run, write_run_info
 from featcache.store import FeatureStore, StoreError
@@ -35,7 +41,7 @@ if TYPE_CHECKING:
     from featcache.store.reader import FeatureStore as Store
 
 __all__ = ["TrainSections", "check_classes_trainable", "check_store_rows", "expected_store_config",
-           "load_train_sections", "stage_head_params", "train"]
+           "load_train_sections", "train"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +60,7 @@ class TrainSections(StageParams):
     def _head_sections(self) -> "TrainSections":
         check_heads_sections(self.heads, self.data.task)
         check_train_metric(self.train.metric, self.data.task)
+        check_dask_heads(self.heads, self.train, self.data.task)
         return self
 
 
@@ -136,16 +143,6 @@ def check_store_rows(store_path: str | Path, task: str, y: dict[str, np.ndarray]
         "(or rebuild it with `featcache prepare`), then extract again.", StoreError)
 
 
-def stage_head_params(params: Any, head: str, task: str) -> dict[str, Any]:
-    """The constructor parameters of ``head`` for ``task``: its ``heads.<head>`` section (the ``task`` twin's keys,
-    :func:`~featcache.heads.registry.task_params`), with ``selection_metric`` from ``train.metric`` unless the section
-    sets one (null: the head's own criterion)."""
-    found = task_params(head, task, params.heads.get(head, {}))
-    if params.train.metric is not None:
-        found.setdefault("selection_metric", params.train.metric)
-    return found
-
-
 def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: str,
           metrics_path: str | Path, model_dir: str | Path | None = None,
           predictions_path: str | Path | None = None) -> dict[str, Any]:
@@ -196,7 +193,7 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
     # Checked first: an unconfigured backbone, an unknown head or hyper-parameter name fails before the store
     # is opened.
     configured_backbone(params, backbone)
-    estimator = make_head(head, task, stage_head_params(params, head, task))
+    estimator = make_head(head, task, stage_head_params(params.heads, params.train, head, task))
     on_dask = dask_lightgbm(estimator, head, task, params.train)  # None: the head trains in this process
     with FeatureStore(store_path) as store:
         config = expected_store_config(params, backbone, store)

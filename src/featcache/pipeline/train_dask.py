@@ -31,15 +31,13 @@ from typing import Any
 
 from featcache.errors import ParamError
 from featcache.heads.registry import STREAMING_HEADS
+from featcache.pipeline.params.train import DASK_HEADS, dask_refusal
 from featcache.store import FeatureStore
 from featcache.util.dask_client import ClientHandle
 
-__all__ = ["DASK_HEADS", "DaskLightGBM", "dask_lightgbm"]
+__all__ = ["DaskLightGBM", "dask_lightgbm"]
 
 logger = logging.getLogger(__name__)
-
-#: The heads ``train.scheduler`` trains on a dask cluster.
-DASK_HEADS = ("lightgbm",)
 
 #: Threads of each LocalCluster worker: LightGBM trains with one thread per worker process.
 THREADS_PER_WORKER = 1
@@ -140,14 +138,9 @@ def dask_lightgbm(head: Any, name: str, task: str, train: Any) -> DaskLightGBM |
     if train.scheduler == "none":
         return None
     if name in DASK_HEADS:
-        unsupported = {key: getattr(head, key) for key in ("selection_metric", "pca_components")
-                       if getattr(head, key) is not None}
+        unsupported = {key: getattr(head, key) for key in DASK_HEADS[name] if getattr(head, key) is not None}
         if unsupported:  # before the store is opened or a cluster started
-            raise ParamError(
-                f"train.scheduler={train.scheduler!r} trains lightgbm on dask (fit_lightgbm_dask), which does not "
-                f"take {', '.join(f'{k}={v!r}' for k, v in unsupported.items())} (selection_metric comes from "
-                "train.metric unless heads.lightgbm sets it); allowed there: null. Hint: set train.scheduler: none "
-                "for this run, or leave those keys null.")
+            raise ParamError(dask_refusal(train.scheduler, unsupported))
         return DaskLightGBM(head, task, train.scheduler, train.n_workers)
     why = ("it streams its chunks through one model in order, which a cluster would only ship back here"
            if name in STREAMING_HEADS else "it trains in memory")

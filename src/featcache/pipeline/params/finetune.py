@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from featcache.extract.zoo.registry import get_backbone
 from featcache.finetune.config import MODES, PARAMS_DEFAULTS, FinetuneConfig
+from featcache.heads.metrics import SELECTION_METRICS
 from featcache.pipeline.params.base import Strict
 from featcache.pipeline.params.extract import check_weights_name
 from featcache.util.names import did_you_mean
@@ -88,6 +89,22 @@ class FinetuneParams(Strict):
         for mode in self.modes:
             self.settings(mode)
         return self
+
+    def check_task(self, task: str) -> None:
+        """Fail on a mode whose ``selection_metric`` is not a metric of ``task`` (the data's).
+
+        Raises
+        ------
+        ValueError
+            ``"finetune.modes.low_lr: selection_metric 'rmse' is not a classification metric; ..."``.
+        """
+        allowed = SELECTION_METRICS[task]
+        for mode in self.modes:
+            metric = self.settings(mode).selection_metric
+            if metric is not None and metric not in allowed:
+                raise ValueError(f"finetune.modes.{mode}: selection_metric {metric!r} is not a {task} metric; "
+                                 f"allowed: {', '.join(allowed)} or null (train.metric). Hint: set it in "
+                                 "finetune.defaults or the mode to one of them, or leave it out.")
 
     def settings(self, mode: str) -> FinetuneConfig:
         """``defaults`` updated with ``modes[mode]``, as the one fine-tuning schema (validated)."""

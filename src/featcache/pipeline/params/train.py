@@ -19,7 +19,12 @@ from featcache.pipeline.params.base import StageParams, Strict
 from featcache.pipeline.params.extract import check_scheduler
 from featcache.util.names import did_you_mean
 
-__all__ = ["FeatureRef", "TrainParams", "TrainSection", "check_heads_sections", "check_train_metric"]
+__all__ = ["DASK_HEADS", "FeatureRef", "TrainParams", "TrainSection", "check_dask_heads", "check_heads_sections",
+           "check_train_metric", "dask_refusal", "stage_head_params"]
+
+#: The heads ``train.scheduler`` trains on a dask cluster (:func:`featcache.heads.fit_lightgbm_dask`), each with
+#: the parameters its dask fit does not take.
+DASK_HEADS: dict[str, tuple[str, ...]] = {"lightgbm": ("selection_metric", "pca_components")}
 
 
 class FeatureRef(Strict):
@@ -113,3 +118,39 @@ def check_heads_sections(heads: dict[str, dict[str, Any]], task: str) -> None:
         for other in HEAD_PATHS[name]:
             if other != task:
                 check_head_values(name, other, others)
+
+
+def stage_head_params(heads: dict[str, dict[str, Any]], train: TrainParams, head: str, task: str) -> dict[str, Any]:
+    """The constructor parameters the train stage gives ``head`` for ``task``: its ``heads.<head>`` section (the
+    ``task`` twin's keys, :func:`~featcache.heads.registry.task_params`), with ``selection_metric`` from
+    ``train.metric`` unless the section sets one (null included: the head's own criterion)."""
+    found = task_params(head, task, heads.get(head, {}))
+    if train.metric is not None:
+        found.setdefault("selection_metric", train.metric)
+    return found
+
+
+def dask_refusal(scheduler: str, unsupported: dict[str, Any]) -> str:
+    """The message for a LightGBM head that ``train.scheduler`` would train on dask with ``unsupported`` keys set."""
+    return (f"train.scheduler={scheduler!r} trains lightgbm on dask (fit_lightgbm_dask), which does not take "
+            f"{', '.join(f'{k}={v!r}' for k, v in unsupported.items())} (selection_metric comes from train.metric "
+            "unless heads.lightgbm sets it); allowed there: null. Hint: set train.scheduler: none for this run, or "
+            "leave those keys null (heads.lightgbm.selection_metric: null keeps its loss while train.metric ranks).")
+
+
+def check_dask_heads(heads: dict[str, dict[str, Any]], train: TrainParams, task: str) -> None:
+    """Fail when ``train.scheduler`` would train a head of :data:`DASK_HEADS` with a key its dask fit refuses.
+
+    Raises
+    ------
+    ValueError
+        :func:`dask_refusal`'s message.
+    """
+    if train.scheduler == "none":
+        return
+    for name, keys in DASK_HEADS.items():
+        if name in train.heads:
+            found = stage_head_params(heads, train, name, task)
+            unsupported = {key: found[key] for key in keys if found.get(key) is not None}
+            if unsupported:
+                raise ValueError(dask_refusal(train.scheduler, unsupported))
