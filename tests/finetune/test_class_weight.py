@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from _support.files import COLOUR_CLASSES, write_colour_folder
+from _support.imbalanced import ToyClassifier
 from featcache.errors import ParamError
 from featcache.extract.inputs.manifest import Manifest, assign_splits
 from featcache.extract.inputs.sources import from_folder
@@ -55,20 +56,10 @@ def test_balanced_weights_are_n_over_k_times_count_as_scikit_learn(labels: list[
                                                                                   y=y))
 
 
-class _Toy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Conv2d(3, 4, 1)
-        self.classifier = nn.Linear(4, 3)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.body(images).mean(dim=(2, 3)))
-
-
 def _trainer(task: str = "classification", class_weight: torch.Tensor | None = None) -> Trainer:
     config = FinetuneConfig(mode="frozen", epochs=1, patience=0, n_boot=0, progress=False, channels_last=False,
                             device="cpu", amp=False)
-    return Trainer(_Toy(), SimpleNamespace(classifier="classifier"), ["classifier.weight", "classifier.bias"],
+    return Trainer(ToyClassifier(), SimpleNamespace(classifier="classifier"), ["classifier.weight", "classifier.bias"],
                    config, task, torch.device("cpu"), False, 0.0, 1.0, class_weight)
 
 

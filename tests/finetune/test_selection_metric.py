@@ -13,21 +13,11 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, log_loss
-from torch import nn
 
+from _support.imbalanced import ToyClassifier
 from featcache.finetune.config import FinetuneConfig
 from featcache.finetune.trainer import Trainer, predict
 from featcache.pipeline.finetune import mode_config
-
-
-class _Toy(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Conv2d(3, 4, 1)
-        self.classifier = nn.Linear(4, 3)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.body(images).mean(dim=(2, 3)))
 
 
 def _batches(seed: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -41,8 +31,9 @@ def _fit(selection_metric: str | None):
     torch.manual_seed(0)
     config = FinetuneConfig(mode="frozen", epochs=8, patience=0, lr=0.05, n_boot=0, progress=False,
                             channels_last=False, device="cpu", amp=False, selection_metric=selection_metric)
-    trainer = Trainer(_Toy(), SimpleNamespace(classifier="classifier"), ["classifier.weight", "classifier.bias"],
-                      config, "classification", torch.device("cpu"), False, 0.0, 1.0)
+    trainer = Trainer(ToyClassifier(), SimpleNamespace(classifier="classifier"),
+                      ["classifier.weight", "classifier.bias"], config, "classification", torch.device("cpu"), False,
+                      0.0, 1.0)
     val = _batches(1, 24)
     return trainer, trainer.fit(_batches(0, 40), val, None), val
 
@@ -72,8 +63,8 @@ def test_the_config_names_the_close_match_and_the_trainer_refuses_another_tasks_
         FinetuneConfig(selection_metric="log_los")
     config = FinetuneConfig(selection_metric="rmse", progress=False)
     with pytest.raises(ValueError, match="'rmse' is not a classification metric; allowed: accuracy"):
-        Trainer(_Toy(), SimpleNamespace(classifier="classifier"), ["classifier.weight"], config, "classification",
-                torch.device("cpu"), False, 0.0, 1.0)
+        Trainer(ToyClassifier(), SimpleNamespace(classifier="classifier"), ["classifier.weight"], config,
+                "classification", torch.device("cpu"), False, 0.0, 1.0)
 
 
 def test_the_stage_selects_on_train_metric_unless_the_finetune_section_sets_its_own():

@@ -9,6 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import balanced_accuracy_score
 from sklearn.utils.class_weight import compute_class_weight
 
+from _support.imbalanced import gaussians
 from featcache.errors import ParamError
 from featcache.heads import make_head
 from featcache.heads.class_weight import balanced_weights
@@ -25,19 +26,11 @@ SETTINGS = {
 }
 
 
-def _gaussians(rng: np.random.Generator, n0: int, n1: int, d: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Class 0 ~ N(0, I), class 1 ~ N(0.8, I), shuffled."""
-    X = np.concatenate([rng.normal(0.0, 1.0, (n0, d)), rng.normal(0.8, 1.0, (n1, d))])
-    y = np.r_[np.zeros(n0, dtype=np.int64), np.ones(n1, dtype=np.int64)]
-    order = rng.permutation(y.size)
-    return X[order], y[order]
-
-
 @pytest.fixture(scope="module")
 def imbalanced() -> dict[str, np.ndarray]:
     """90/10 train and val, a balanced test set."""
     rng = np.random.default_rng(0)
-    (X_tr, y_tr), (X_va, y_va), (X_te, y_te) = (_gaussians(rng, *n) for n in ((450, 50), (180, 20), (300, 300)))
+    (X_tr, y_tr), (X_va, y_va), (X_te, y_te) = (gaussians(rng, *n) for n in ((450, 50), (180, 20), (300, 300)))
     return {"X_train": X_tr, "y_train": y_tr, "X_val": X_va, "y_val": y_va, "X_test": X_te, "y_test": y_te}
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score
 
+from _support.imbalanced import gaussians
 from featcache.errors import ParamError
 from featcache.heads import make_head
 from featcache.heads.metrics import SELECTION_METRICS, metric_value
@@ -14,18 +15,11 @@ from featcache.heads.registry import HEAD_PATHS, head_params
 from featcache.pipeline.params.train import TrainParams, check_heads_sections, check_train_metric, stage_head_params
 
 
-def _gaussians(rng: np.random.Generator, n0: int, n1: int, d: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    X = np.concatenate([rng.normal(0.0, 1.0, (n0, d)), rng.normal(0.8, 1.0, (n1, d))])
-    y = np.r_[np.zeros(n0, dtype=np.int64), np.ones(n1, dtype=np.int64)]
-    order = rng.permutation(y.size)
-    return X[order], y[order]
-
-
 @pytest.fixture(scope="module")
 def imbalanced() -> tuple[np.ndarray, ...]:
     """90/10 train, 95/5 val: majority-leaning models win on accuracy, not on balanced accuracy."""
     rng = np.random.default_rng(1)
-    return (*_gaussians(rng, 450, 50), *_gaussians(rng, 190, 10))
+    return (*gaussians(rng, 450, 50), *gaussians(rng, 190, 10))
 
 
 @pytest.mark.parametrize("name", list(HEAD_PATHS))
