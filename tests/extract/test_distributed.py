@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
+import time
 from pathlib import Path
 
 import cloudpickle
@@ -296,6 +297,43 @@ def test_a_task_the_scheduler_cancelled_is_explained(client, manifest, tmp_path,
     assert "NoneType" not in message and "dask cancelled it (status 'cancelled'): most often every worker" in message
     assert "cannot recompute scattered data" in message and message.endswith("rerun to resume (only missing "
                                                                              "blocks are extracted).")
+
+
+def _fail_once_the_other_runs(job, blocks):
+    distributed.Event("featcache-test-long-task-started").wait(timeout=30)
+    raise RuntimeError(f"task for blocks {blocks} failed")
+
+
+def _run_long(job, blocks):
+    distributed.Event("featcache-test-long-task-started").set()
+    time.sleep(4.0)
+    raise RuntimeError("the long task should have been cancelled and left alone")
+
+
+def _still_executing(dask_worker=None) -> list[str]:
+    return [str(key) for key, task in dask_worker.state.tasks.items()
+            if str(key).startswith("featcache-extract-") and task.state in ("executing", "cancelled", "resumed")]
+
+
+def test_a_failed_run_returns_only_once_its_tasks_stopped_writing(client, manifest, tmp_path, monkeypatch):
+    """dask cannot stop a task a worker executes: cancelled, it runs on and may commit a block. The driver
+    released the output while such tasks still wrote into the parts folder, and a rerun's scan raced them (CI:
+    FileNotFoundError on a temporary block file)."""
+    submit = client.submit
+
+    def first_fails_the_other_runs_long(function, job, blocks, **kwargs):
+        return submit(_fail_once_the_other_runs if blocks[0] == 0 else _run_long, job, blocks, **kwargs)
+
+    monkeypatch.setattr(client, "submit", first_fails_the_other_runs_long)
+    specs = SPEC.build().layer_specs(PREPROCESS.input_size)
+    attrs = {"config": "{}", "config_sha256": sha256_text("{}")}
+    with StoreWriter(tmp_path / "x.h5", ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
+                     labels=manifest.labels, targets=manifest.targets, layers=specs, attrs=attrs,
+                     block_rows=4) as writer:
+        job = WorkerJob(manifest, PREPROCESS, SPEC, writer.block_committer(), tuple(specs), 4, "skip", 1)
+        with pytest.raises(ExtractionError, match="RuntimeError: task for blocks"):
+            list(_run_tasks(client, job, [(0,), (1,)], writer, progress=False))
+        assert all(keys == [] for keys in client.run(_still_executing).values())
 
 
 def test_build_failure_on_worker_via_scheduler_address(client, manifest, tmp_path):

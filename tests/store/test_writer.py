@@ -176,6 +176,26 @@ def test_kill_9_mid_commit_then_resume_identical_bytes(tmp_path, spawn, file_md5
     assert _leftovers(out) == []
 
 
+def test_a_temporary_file_that_vanishes_during_the_scan_is_no_error(tmp_path, monkeypatch):
+    """A late writer (a cancelled dask task still running) renames or removes its temporary block file while a
+    rerun scans the parts folder: the scan listed it, then unlink() raised FileNotFoundError (CI, 2026-12-07)."""
+    out = tmp_path / "x.h5"
+    with StoreWriter(out, **synth.make_kwargs()) as w:
+        synth.commit(w, [0])
+        parts_dir = w.parts_dir
+    vanished = parts_dir / f"block-000001.h5{TMP_MARK}4242"
+    listing = Path.iterdir
+
+    def iterdir_with_a_vanished_file(self):
+        yield from listing(self)
+        if self == parts_dir:
+            yield vanished  # listed, but gone before the scan removes it
+
+    monkeypatch.setattr(Path, "iterdir", iterdir_with_a_vanished_file)
+    with StoreWriter(out, **synth.make_kwargs()) as w2:
+        assert w2.pending_blocks() == [1, 2, 3, 4]
+
+
 def test_other_config_parts_are_discarded(tmp_path, caplog, file_md5):
     out = tmp_path / "x.h5"
     with StoreWriter(out, **synth.make_kwargs(config=synth.make_config(pooling="max"))) as w:

@@ -34,7 +34,10 @@ onnxruntime's features do not depend on that count
 extract stage records ``torch_threads`` in a torch-on-CPU store's config (a
 dask run and a single process then differ in that key and never share
 blocks). A failed or interrupted run keeps its committed blocks;
-rerunning (distributed or not) extracts only the missing ones.
+rerunning (distributed or not) extracts only the missing ones. Dask cannot
+stop a task a worker is executing (a cancelled one runs to its end and may
+still commit its block), so a failed run releases the output only once no
+task of it executes anywhere (up to ``STOP_TIMEOUT_S``).
 
 With ``loader="device"`` (``extract.decode: gpu``) every worker decodes its
 JPEGs in batches on its own device
@@ -101,6 +104,9 @@ logger = logging.getLogger(__name__)
 #: Default intra-op threads of each worker (torch and onnxruntime): one worker process per core.
 THREADS_PER_WORKER = 1
 
+#: After a failure, how long the driver waits for tasks the workers are still
+#: executing (dask cannot interrupt them) before it releases the output.
+STOP_TIMEOUT_S = 120.0
 
 
 # ------------------------------------------------------------- driver side
@@ -190,7 +196,52 @@ def _run_tasks(client: Any, job: WorkerJob, tasks: list[tuple[int, ...]], writer
         if pending:
             logger.info("cancelling %d unfinished extraction tasks", len(pending))
             client.cancel(pending)
+            _wait_until_stopped(client, f"featcache-extract-{token}-", writer)
         client.cancel([job_future])
+
+
+def _running_task_keys(prefix: str, dask_worker: Any = None) -> list[str]:
+    """Keys starting with ``prefix`` that still execute on this worker (run there by ``client.run``).
+
+    Cancelling a future does not stop a task a worker is executing: dask marks
+    it ``cancelled`` and lets it run to its end, so it may still commit a block.
+    """
+    return [str(key) for key, task in dask_worker.state.tasks.items()
+            if str(key).startswith(prefix) and task.state in _STILL_RUNNING]
+
+
+#: Worker task states of a task whose function has not returned yet
+#: (``cancelled``/``resumed``: it was executing when its future was cancelled).
+_STILL_RUNNING = frozenset({"executing", "long-running", "cancelled", "resumed"})
+
+
+def _wait_until_stopped(client: Any, prefix: str, writer: StoreWriter,
+                        timeout: float = STOP_TIMEOUT_S, poll: float = 0.2) -> None:
+    """Return once no task of this run executes on any worker (or after ``timeout`` seconds).
+
+    The writer's lock is released after this: a rerun must not scan the parts
+    directory while a cancelled task of this run still writes a block there.
+    """
+    deadline = time.monotonic() + timeout
+    announced = False
+    while True:
+        try:
+            running = [key for keys in client.run(_running_task_keys, prefix).values() for key in keys]
+        except Exception as exc:  # noqa: BLE001 - a worker gone or a closed client: nothing left to wait for here
+            logger.debug("could not ask the workers which tasks still run: %s", exc)
+            return
+        if not running:
+            return
+        if time.monotonic() >= deadline:
+            logger.warning(
+                "%d cancelled extraction tasks still run after %.0f s; they may still commit blocks into %s, "
+                "which a rerun keeps or replaces", len(running), timeout, writer.parts_dir)
+            return
+        if not announced:
+            logger.info("waiting for %d running extraction tasks to finish their block (up to %.0f s)",
+                        len(running), timeout)
+            announced = True
+        time.sleep(poll)
 
 
 def _total_decode_stats(results: Sequence[TaskResult]) -> Any:

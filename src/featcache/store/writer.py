@@ -205,9 +205,9 @@ class StoreWriter(Closing):
                         child, self.config_sha256[:16],
                     )
                     if child.is_dir():
-                        shutil.rmtree(child)
+                        shutil.rmtree(child, ignore_errors=True)
                     else:
-                        child.unlink()
+                        child.unlink(missing_ok=True)
         if self.partial_path.exists():
             logger.info("removing leftover %s of an interrupted finalize", self.partial_path)
             self.partial_path.unlink()
@@ -217,7 +217,7 @@ class StoreWriter(Closing):
             block = _blocks.parse_block_name(child.name)
             if block is None:
                 logger.debug("removing stray file %s", child)
-                child.unlink()
+                child.unlink(missing_ok=True)  # a late writer may rename or remove its temporary file
                 continue
             if block >= self.n_blocks or self._committer.check_block_file(block) is not None:
                 logger.warning(
