@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 import yaml
 
 import featcache.extract.onnx.export as onnx_export
+from featcache.extract.decode.images import ImageTooLargeError
+from featcache.extract.inputs.sources import from_folder
 from featcache.extract.onnx.cache import default_cache_dir
 from featcache.extract.onnx.openvino_runner import native_autocasts
 from featcache.pipeline import extract, parse_params, prepare, train
 from featcache.pipeline.cli import main
+from featcache.pipeline.onnx import parity_from_params
 from featcache.store import FeatureStore
 from featcache.util.hashing import file_sha256
 
@@ -143,3 +147,13 @@ def test_local_dask_cluster_gives_the_same_store(tmp_path, folder_factory, param
     assert report.n_written == 12
     digest = lambda path: hashlib.md5(path.read_bytes()).hexdigest()  # noqa: E731
     assert digest(tmp_path / "dask.h5") == digest(tmp_path / "single.h5")
+
+
+def test_parity_on_manifest_images_applies_the_configured_pixel_limit(tmp_path, folder_factory):
+    """The parity batch decoded its images under Pillow's global limit, not extract.max_image_pixels."""
+    root = folder_factory(tmp_path / "images", per_class=2, size=24)  # 576 pixels each
+    manifest = from_folder(root, {"train": 1.0}, seed=0).write(tmp_path / "prepared" / "manifest.csv")
+    raw = {"backbones": {"resnet18": {"weights": "random", "layers": ["pool5"]}},
+           "extract": {"max_image_pixels": 500}}
+    with pytest.raises(ImageTooLargeError, match="exceeds the decompression-bomb limit of 500 pixels"):
+        parity_from_params(raw, "resnet18", manifest_path=manifest, batch_size=2)

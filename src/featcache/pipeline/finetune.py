@@ -152,7 +152,6 @@ def write_cams(run: SavedRun, manifest: Any, out_dir: str | Path, n_images: int 
     """
     import torch
 
-    from featcache.extract.decode.images import load_rgb
     from featcache.extract.decode.loaders import ImageReader
     from featcache.finetune.cam import class_activation_maps, save_cam_overlays, tensor_to_pil
     from featcache.finetune.run import preprocessor
@@ -164,7 +163,7 @@ def write_cams(run: SavedRun, manifest: Any, out_dir: str | Path, n_images: int 
     rows = _cam_rows(run, manifest, n_images)
     try:
         reader = ImageReader(manifest, pre)  # a file, a shard member or a URL
-        images = torch.stack([pre(load_rgb(reader.source(row), pre.background)) for row in rows])
+        images = torch.stack([pre(pre.load(reader.source(row))) for row in rows])
         cams = class_activation_maps(run.model, spec, images)
     except (ValueError, OSError) as error:
         logger.warning("No CAM overlays: %s", error)

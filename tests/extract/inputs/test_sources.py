@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from _support.files import write_image_folder
+from featcache.extract.decode.images import load_rgb
 from featcache.extract.inputs.manifest import ManifestError
 from featcache.extract.inputs.sources import IMAGE_EXTENSIONS, build_manifest, from_csv, from_folder, write_digits
 from featcache.store.schema import SPLIT_CODES
@@ -306,7 +307,19 @@ def test_build_manifest_dispatch(tmp_path):
 
 
 def test_image_extensions_cover_common_formats():
-    assert {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif"} <= set(IMAGE_EXTENSIONS)
+    assert {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".avif", ".pbm", ".pnm", ".jp2"} <= set(IMAGE_EXTENSIONS)
+
+
+@pytest.mark.parametrize("extension", IMAGE_EXTENSIONS)
+def test_every_listed_extension_is_read_from_a_folder_and_decodes(tmp_path, extension):
+    """A listed extension that Pillow could not decode would turn every such file into a bad image."""
+    write_image_folder(tmp_path, classes=("a", "b"), per_class=4, size=8)
+    Image.new("RGB", (12, 8), (200, 30, 30)).save(tmp_path / "a" / f"extra{extension}")
+    manifest = from_folder(tmp_path, RATIOS, seed=0)
+    assert f"a/extra{extension}" in manifest.ids and len(manifest) == 9
+    image = load_rgb(tmp_path / "a" / f"extra{extension}")
+    assert image.mode == "RGB" and image.size == (12, 8)
+    assert abs(image.getpixel((6, 4))[0] - 200) <= 3
 
 
 def test_labels_that_differ_only_in_case_are_warned_about(tmp_path, caplog):

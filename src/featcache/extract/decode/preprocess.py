@@ -110,8 +110,8 @@ class Preprocessor:
         return cls(size, resize, spec.interpolation, tuple(spec.mean), tuple(spec.std), resize_mode,
                    max_image_pixels=max_image_pixels)
 
-    def load(self, path: str | Path) -> Image.Image:
-        """Decode ``path`` to RGB with this preprocessor's background and pixel limit."""
+    def load(self, path: str | Path | bytes) -> Image.Image:
+        """Decode ``path`` (or an image's bytes) to RGB with this preprocessor's background and pixel limit."""
         return load_rgb(path, self.background, self.max_image_pixels)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:

@@ -23,8 +23,11 @@ __all__ = ["IMAGE_EXTENSIONS", "SOURCES", "build_manifest", "check_listed_classe
 
 logger = logging.getLogger(__name__)
 
+#: What a folder source (and ``featcache predict`` on a folder) reads as images: formats Pillow decodes (AVIF
+#: and JPEG 2000 through the codecs its wheels bundle; a Pillow built without one reports such files as bad
+#: images). Other files are skipped with a warning that counts them by extension.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                    ".pgm")
+                    ".pgm", ".pbm", ".pnm", ".avif", ".jp2", ".j2k")
 SOURCES = ("digits", "folder", "csv", "webdataset")
 
 
