@@ -136,7 +136,7 @@ def test_a_head_lightgbm_on_dask_cannot_take_is_refused_before_any_cluster(monke
 
 
 @pytest.mark.parametrize(("train_settings", "lightgbm", "named"), [
-    ({"metric": "balanced_accuracy"}, {}, "selection_metric='balanced_accuracy'"),
+    ({"metric": "log_loss"}, {}, "selection_metric='log_loss'"),
     ({}, {"pca_components": 8}, "pca_components=8"),
 ])
 def test_check_names_what_lightgbm_on_dask_does_not_take(tiny_store, tmp_path, capsys, train_settings, lightgbm,

@@ -162,7 +162,8 @@ class ClassifierHead(ClassifierMixin, HeadBase):
         What the head selects on, on the validation rows only (its hyper-parameter
         grid, best epoch or best iteration; log_loss lower is better, the others
         higher); None: each head's own criterion (see its Notes). The pipeline sets it
-        from ``train.metric`` unless the head's section does.
+        from ``train.metric`` unless the head's section does (an early-stopped head keeps
+        its loss for accuracy-like metrics: ``featcache.pipeline.params.train.stage_head_params``).
 
     Attributes
     ----------

@@ -34,6 +34,7 @@ __all__ = [
     "PREDICTION_COLUMNS",
     "REGRESSION_METRICS",
     "SELECTION_METRICS",
+    "STEP_METRICS",
     "ClassificationKernel",
     "RegressionKernel",
     "classification_metrics",
@@ -58,6 +59,10 @@ SELECTION_METRICS = {"classification": tuple(m for m in CLASSIFICATION_METRICS i
 DEFAULT_METRIC = {"classification": "accuracy", "regression": "rmse"}
 #: The metrics of which lower is better (higher is better for every other).
 LOWER_IS_BETTER = frozenset({"log_loss", "rmse", "mae"})
+#: Metrics of the predicted class only: a step function of a head's scores, flat until a row's prediction flips.
+#: On a few validation rows per class they pick an early-stopping point by chance (benchmarks/README.md
+#: "Imbalanced classes"), so ``train.metric`` does not pass them to early-stopped heads (``HeadEntry.early_stopped``).
+STEP_METRICS = frozenset({"accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy"})
 #: The columns of a test-predictions CSV (:func:`prediction_rows`): what DVC's plots read as x and y.
 PREDICTION_COLUMNS = ("actual", "predicted")
 

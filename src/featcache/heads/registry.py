@@ -63,11 +63,15 @@ class HeadEntry:
     streaming : bool
         Whether it trains from dask arrays over the store's HDF5 chunks (out of core)
         instead of in-memory arrays.
+    early_stopped : bool
+        Whether its validation rows choose where its training stops (LightGBM's round, an MLP's epoch), rather
+        than a value from a grid of hyper-parameters (logistic regression's C).
     """
 
     paths: Mapping[str, str]
     storage: str
     streaming: bool = False
+    early_stopped: bool = False
 
 
 #: Head name -> its entry: the one table of heads.
@@ -75,13 +79,15 @@ REGISTRY: dict[str, HeadEntry] = {
     "logreg": HeadEntry({"classification": ".linear:LogisticRegressionHead", "regression": ".linear:RidgeHead"},
                         "linear"),
     "lightgbm": HeadEntry({"classification": ".boosting:LightGBMHead",
-                           "regression": ".boosting:LightGBMRegressorHead"}, "lightgbm"),
-    "mlp": HeadEntry({"classification": ".mlp:MLPHead", "regression": ".mlp:MLPRegressorHead"}, "torch"),
+                           "regression": ".boosting:LightGBMRegressorHead"}, "lightgbm", early_stopped=True),
+    "mlp": HeadEntry({"classification": ".mlp:MLPHead", "regression": ".mlp:MLPRegressorHead"}, "torch",
+                     early_stopped=True),
     # out-of-core twins: fit/predict stream numpy or dask arrays one row chunk at a time
     "sgd": HeadEntry({"classification": ".out_of_core:StreamingLogisticHead",
                       "regression": ".out_of_core:StreamingRidgeHead"}, "linear", streaming=True),
     "streaming_mlp": HeadEntry({"classification": ".out_of_core:StreamingMLPHead",
-                                "regression": ".out_of_core:StreamingMLPRegressorHead"}, "torch", streaming=True),
+                                "regression": ".out_of_core:StreamingMLPRegressorHead"}, "torch", streaming=True,
+                                early_stopped=True),
 }
 
 #: Head name -> task -> ``"module:Class"`` (module relative to this package), from :data:`REGISTRY`.

@@ -6,10 +6,11 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from featcache.heads.metrics import DEFAULT_METRIC, SELECTION_METRICS
+from featcache.heads.metrics import DEFAULT_METRIC, SELECTION_METRICS, STEP_METRICS
 from featcache.heads.registry import (
     DEFAULT_HEADS,
     HEAD_PATHS,
+    REGISTRY,
     check_head_params,
     check_head_values,
     head_names,
@@ -44,8 +45,9 @@ class TrainParams(Strict):
     n_workers: int = Field(2, ge=1, description="workers of the local dask cluster (scheduler: local)")
     n_boot: int = Field(1000, ge=0)
     seed: int = 0
-    #: What every head selects on (on the validation rows: its ``selection_metric``, unless its section sets one)
-    #: and compare ranks by; null: each head's own criterion, and compare ranks by DEFAULT_METRIC[task].
+    #: What the heads select on (on the validation rows: their ``selection_metric``, unless a section sets one;
+    #: early-stopped heads keep their loss for accuracy-like metrics, :func:`stage_head_params`) and compare ranks
+    #: by; null: each head's own criterion, and compare ranks by DEFAULT_METRIC[task].
     metric: str | None = None
 
     def ranking_metric(self, task: str) -> str:
@@ -123,9 +125,17 @@ def check_heads_sections(heads: dict[str, dict[str, Any]], task: str) -> None:
 def stage_head_params(heads: dict[str, dict[str, Any]], train: TrainParams, head: str, task: str) -> dict[str, Any]:
     """The constructor parameters the train stage gives ``head`` for ``task``: its ``heads.<head>`` section (the
     ``task`` twin's keys, :func:`~featcache.heads.registry.task_params`), with ``selection_metric`` from
-    ``train.metric`` unless the section sets one (null included: the head's own criterion)."""
+    ``train.metric`` unless the section sets one (null included: the head's own criterion).
+
+    An early-stopped head (LightGBM, the MLPs: ``HeadEntry.early_stopped``) does not get a metric of
+    :data:`~featcache.heads.metrics.STEP_METRICS` from ``train.metric``: it keeps stopping on its validation loss
+    (class-weighted under ``class_weight: balanced``), smooth where accuracy-like metrics on a few validation
+    rows per class flip by chance (measured: selecting on balanced accuracy cost the MLP 3.7 and LightGBM 4.7
+    points of test balanced accuracy, benchmarks/README.md "Imbalanced classes"). Its section can still ask for
+    one (``heads.mlp.selection_metric: balanced_accuracy``).
+    """
     found = task_params(head, task, heads.get(head, {}))
-    if train.metric is not None:
+    if train.metric is not None and not (REGISTRY[head].early_stopped and train.metric in STEP_METRICS):
         found.setdefault("selection_metric", train.metric)
     return found
 
