@@ -135,8 +135,53 @@ def test_early_stopped_heads_keep_their_loss_for_a_step_metric_from_train_metric
         assert stage_head_params({}, TrainParams(metric=metric), head, "regression") == {"selection_metric": metric}
 
 
-def test_fit_lightgbm_dask_refuses_a_selection_metric(imbalanced):
+@pytest.fixture(scope="module")
+def noisy_regression() -> tuple[np.ndarray, ...]:
+    """400 train / 150 val rows, one informative feature under much noise: early stopping stops early."""
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(550, 6))
+    y = 2.0 * X[:, 0] + 2.0 * rng.normal(size=550)
+    return X[:400], y[:400], X[400:], y[400:]
+
+
+@pytest.fixture(scope="module")
+def one_worker():
+    """A client of one in-process worker with one thread: lightgbm.dask then grows the in-memory head's trees."""
+    import distributed  # a declared dependency: missing it must fail, not skip
+
+    cluster = distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None)
+    with cluster, distributed.Client(cluster) as client:
+        yield client
+
+
+@pytest.mark.parametrize(("task", "params"), [
+    ("classification", {"selection_metric": "balanced_accuracy"}),
+    ("classification", {"selection_metric": "balanced_accuracy", "class_weight": "balanced"}),
+    ("classification", {"selection_metric": "macro_f1"}),
+    ("classification", {"selection_metric": "log_loss", "class_weight": "balanced"}),
+    ("regression", {"selection_metric": "mae"}),
+    ("regression", {"selection_metric": "r2"}),
+])
+def test_fit_lightgbm_dask_keeps_the_in_memory_iteration_of_the_metric(one_worker, imbalanced, noisy_regression,
+                                                                       task, params):
+    """Its post-hoc early stopping replays LightGBMHead's on the metric (it was refused): on the same booster the
+    same round, unweighted under class_weight as the in-memory custom eval metric (it ignores the eval weights)."""
+    import dask.array as da
+
     from featcache.heads import fit_lightgbm_dask
 
-    with pytest.raises(ParamError, match="selection_metric='macro_f1' is not supported by fit_lightgbm_dask"):
-        fit_lightgbm_dask(None, *imbalanced, selection_metric="macro_f1")
+    data = imbalanced if task == "classification" else noisy_regression
+    params = {"n_estimators": 80, "early_stopping_rounds": 10, **params}
+    memory = make_head("lightgbm", task, {**params, "n_jobs": 1}).fit(*data)
+    X_val = da.from_array(data[2], chunks=(37, -1))  # streamed in uneven chunks
+    head = fit_lightgbm_dask(one_worker, data[0], data[1], X_val, data[3], task=task, **params)
+    final = memory.booster_.current_iteration()
+    np.testing.assert_array_equal(head.booster_.predict(data[2], num_iteration=final, raw_score=True),
+                                  memory.booster_.predict(data[2], num_iteration=final, raw_score=True))
+    assert head.best_iteration_ == memory.best_iteration_ < params["n_estimators"]
+    scored = head.predict_proba(data[2]) if task == "classification" else head.predict(data[2])
+    assert head.val_curve_[head.best_iteration_ - 1] == pytest.approx(metric_value(task, params["selection_metric"],
+                                                                                  data[3], scored), rel=1e-9)
+    if params["selection_metric"] in ("balanced_accuracy", "mae"):  # not the round of the loss
+        loss = {k: v for k, v in params.items() if k != "selection_metric"}
+        assert fit_lightgbm_dask(one_worker, *data, task=task, **loss).best_iteration_ != head.best_iteration_

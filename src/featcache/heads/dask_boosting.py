@@ -1,7 +1,7 @@
 """LightGBM trained on dask.distributed workers, returned as a regular LightGBM head.
 
-:func:`fit_lightgbm_dask` trains ``lightgbm.dask.DaskLGBMClassifier`` (or
-``DaskLGBMRegressor``) on a dask array, e.g. ``FeatureStore(path).to_dask(layer,
+:func:`fit_lightgbm_dask` trains with ``lightgbm.dask`` (``DaskLGBMRegressor``, given the
+binary / multiclass objective for a classifier) on a dask array, e.g. ``FeatureStore(path).to_dask(layer,
 "train")`` (the graph opens the HDF5 file by path, so it runs on any worker), and
 wraps the resulting booster in a :class:`~featcache.heads.boosting.LightGBMHead`
 (or :class:`~featcache.heads.boosting.LightGBMRegressorHead`): ``predict``,
@@ -13,12 +13,40 @@ lightgbm.dask has no supported early stopping (LightGBM issues #3712, #4189, #63
 each worker only sees the validation rows it holds, and ``early_stopping_rounds``
 can make workers stop at different rounds and hang). Here no validation set is
 given to the workers: training runs the full ``n_estimators`` rounds, then the
-validation loss (multi-logloss / binary logloss / L2) after every round is computed
-on the client by streaming ``X_val`` chunk by chunk through the booster, and the
-head keeps the round that LightGBM's own ``early_stopping(early_stopping_rounds)``
-callback would have kept on that curve (first minimum not improved upon for
-``early_stopping_rounds`` rounds; all rounds when None). The cost is the extra
-rounds trained past the stopping point: set ``n_estimators`` as a budget.
+validation curve after every round is computed on the client by streaming ``X_val``
+chunk by chunk through the booster, and the head keeps the round that LightGBM's own
+``early_stopping(early_stopping_rounds)`` callback would have kept on that curve
+(first best not improved upon for ``early_stopping_rounds`` rounds; all rounds when
+None). The cost is the extra rounds trained past the stopping point: set
+``n_estimators`` as a budget.
+
+The curve is what :class:`~featcache.heads.boosting.LightGBMHead` early-stops on:
+
+* without ``selection_metric``, the validation loss (multi-logloss / binary logloss /
+  L2), class-weighted as LightGBM weighs it with ``eval_sample_weight``
+  (:func:`validation_curve`); it is a sum over rows, accumulated chunk by chunk in
+  O(n_rounds) memory;
+* with ``selection_metric``, that metric of the validation rows (:func:`metric_curve`;
+  higher or lower is better as :data:`~featcache.heads.metrics.LOWER_IS_BETTER` says),
+  unweighted as the in-memory head's custom eval metric is (it ignores
+  ``eval_sample_weight``). The values come from :mod:`featcache.heads.metrics`, the one
+  place metrics are defined: a regression round is scored by
+  :func:`~featcache.heads.metrics.metric_value` on its predictions; a classification
+  round by the kernel that ``metric_value`` evaluates, built with
+  :meth:`~featcache.heads.metrics.ClassificationKernel.from_rows` from the two per-row
+  arrays every selection metric reads (the predicted class and the true class's
+  probability), so no round keeps its (n_val, K) probabilities.
+
+  Such metrics (balanced accuracy, macro F1, R^2) are not sums over chunks, so each
+  round needs every val row at once: per row and round only those values are kept
+  (classification: the class as the smallest integer type plus a float64, ~9-12
+  bytes; regression: the float64 prediction), far less than the row's D features.
+  Per-chunk sufficient statistics (confusion counts, error sums) would need O(1) per
+  row, but turning them into metric values would re-implement the formulas of
+  :mod:`~featcache.heads.metrics`. To bound memory on large val sets the rounds are
+  scored in blocks of at most :data:`VAL_BUFFER_BYTES` of kept values: each further
+  block streams ``X_val`` again (from the raw score of the block's first round), and
+  blocks after the round where early stopping has decided are skipped.
 """
 
 from __future__ import annotations
@@ -37,11 +65,15 @@ from featcache.util.checks import check_int
 from .boosting import LightGBMHead, LightGBMRegressorHead
 from .chunks import DEFAULT_CHUNK_ROWS, RowChunks, as_labels, is_dask_array
 from .class_weight import class_weights, row_weights
+from .metrics import LOWER_IS_BETTER, ClassificationKernel, metric_kernel, metric_value
 from .validation import PARAM_HINT, check_targets, encode_labels, resolve_classes
 
-__all__ = ["fit_lightgbm_dask", "validation_curve"]
+__all__ = ["VAL_BUFFER_BYTES", "fit_lightgbm_dask", "metric_curve", "validation_curve"]
 
 log = logging.getLogger(__name__)
+
+VAL_BUFFER_BYTES = 128 * 2**20
+"""Most bytes of per-row values :func:`metric_curve` keeps at once (more rounds: more passes over ``X_val``)."""
 
 
 def _as_dask(X: Any, name: str) -> Any:
@@ -105,8 +137,90 @@ def validation_curve(booster: Any, X_val: Any, y_val: np.ndarray, kind: str,
     return totals / (y_val.size if weights is None else weights.sum())
 
 
+def _round_scores(raw: np.ndarray, kind: str) -> np.ndarray:
+    """What LightGBM gives a custom eval metric for raw scores ``raw`` (n, K) or (n,), as the in-memory head reads it.
+
+    Regression: the predictions (n,); binary: ``[1 - p, p]`` with ``p`` the sigmoid (n, 2); multiclass: the
+    softmax (n, K).
+    """
+    if kind == "regression":
+        return raw
+    if kind == "binary":
+        p = 1.0 / (1.0 + np.exp(-raw))
+        return np.column_stack([1.0 - p, p])
+    z = np.exp(raw - raw.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def _class_dtype(n_seen: int) -> np.dtype:
+    """The smallest integer type that holds the class indices 0..n_seen-1."""
+    return np.dtype(np.uint8 if n_seen <= 2**8 else np.uint16 if n_seen <= 2**16 else np.int32)
+
+
+def metric_curve(booster: Any, X_val: Any, y_val: np.ndarray, kind: str, name: str,
+                 early_stopping_rounds: int | None = None) -> np.ndarray:
+    """Metric ``name`` of the validation rows after each boosting round, streaming ``X_val`` by chunk.
+
+    Each value is the one :class:`~featcache.heads.boosting.LightGBMHead`'s custom eval metric
+    computes in memory (unweighted, see the module docstring).
+
+    Parameters
+    ----------
+    booster : lightgbm.Booster
+    X_val : ndarray or dask.array.Array of shape (n_val, D)
+    y_val : ndarray of shape (n_val,)
+        Encoded labels 0..K_seen-1 (classification) or targets (regression).
+    kind : {"multiclass", "binary", "regression"}
+    name : str
+        A selection metric of the task (:data:`~featcache.heads.metrics.SELECTION_METRICS`).
+    early_stopping_rounds : int or None
+        Rounds are scored in blocks (:data:`VAL_BUFFER_BYTES`); the blocks after the round where
+        ``early_stopping(early_stopping_rounds)`` has decided are skipped. None: every round.
+
+    Returns
+    -------
+    ndarray of shape (n_scored,)
+        The metric after rounds 1..n_scored: every round (n_rounds), unless blocks were skipped.
+    """
+    n_rounds, n_val = booster.current_iteration(), int(y_val.size)
+    task = "regression" if kind == "regression" else "classification"
+    n_seen = None if kind == "regression" else (2 if kind == "binary" else booster.num_model_per_iteration())
+    dtypes = [np.dtype(np.float64)] if n_seen is None else [_class_dtype(n_seen), np.dtype(np.float64)]
+    per_round = n_val * sum(d.itemsize for d in dtypes)
+    block = int(min(n_rounds, max(1, VAL_BUFFER_BYTES // max(per_round, 1))))
+    everyone = np.arange(n_val)[None, :]
+    curve: list[float] = []
+    for first in range(0, n_rounds, block):
+        stop = min(n_rounds, first + block)
+        kept = [np.empty((stop - first, n_val), dtype=d) for d in dtypes]
+        chunks = RowChunks(X_val, y_val, name="X_val")
+        for (Xc, yc), (lo, hi) in zip(chunks, chunks.bounds, strict=True):
+            # the raw score before the block's first round (num_iteration=0 would mean every round)
+            raw = booster.predict(Xc, num_iteration=first, raw_score=True) if first else 0.0
+            for i in range(first, stop):
+                raw = raw + booster.predict(Xc, start_iteration=i, num_iteration=1, raw_score=True)
+                scores = _round_scores(raw, kind)
+                if n_seen is None:
+                    kept[0][i - first, lo:hi] = scores
+                else:
+                    kernel = metric_kernel(task, yc, scores, n_seen)
+                    kept[0][i - first, lo:hi], kept[1][i - first, lo:hi] = kernel.pred, kernel.p_true
+        for j in range(stop - first):
+            if n_seen is None:
+                curve.append(metric_value(task, name, y_val, kept[0][j]))
+            else:
+                kernel = ClassificationKernel.from_rows(y_val, kept[0][j].astype(np.int64), kept[1][j], n_seen)
+                curve.append(float(kernel.compute(name, everyone)[0]))
+        if early_stopping_rounds is not None and stop < n_rounds:
+            values = np.asarray(curve)
+            best = _early_stop(values if name in LOWER_IS_BETTER else -values, early_stopping_rounds)
+            if values.size - best >= early_stopping_rounds:
+                break
+    return np.asarray(curve)
+
+
 def _early_stop(curve: np.ndarray, rounds: int | None) -> int:
-    """1-based round that ``lightgbm.early_stopping(rounds)`` keeps on ``curve``."""
+    """1-based round that ``lightgbm.early_stopping(rounds)`` keeps on ``curve`` (lower is better)."""
     if rounds is None:
         return int(curve.size)
     best = 0
@@ -142,14 +256,17 @@ def fit_lightgbm_dask(
         (``n_estimators``, ``learning_rate``, ``num_leaves``, ``early_stopping_rounds``,
         ``n_classes``, ``class_weight``, ``random_state``, ...; ``class_weight="balanced"`` weighs the
         training rows and the validation curve as :class:`LightGBMHead` does). ``n_jobs`` is not passed on: each dask
-        worker trains with its own thread count. ``pca_components`` and ``selection_metric`` are not supported.
+        worker trains with its own thread count. ``selection_metric`` early-stops on that metric of the val rows
+        (unweighted; the same round as :class:`LightGBMHead` would keep on the same booster).
+        ``pca_components`` is not supported.
 
     Returns
     -------
     LightGBMHead or LightGBMRegressorHead
         Fitted: ``booster_``, ``best_iteration_``, ``best_params_``, ``n_features_in_``,
         ``classes_``/``train_classes_`` (classification), ``scaler_ = pca_ = None``,
-        ``fit_seconds_`` and ``val_curve_`` (loss per round, not saved by ``save_head``).
+        ``fit_seconds_`` and ``val_curve_`` (the loss, or ``selection_metric``, after each round scored: see
+        :func:`metric_curve`; not saved by ``save_head``).
     """
     import dask.array as da
     import lightgbm
@@ -164,11 +281,6 @@ def fit_lightgbm_dask(
             f"pca_components={head.pca_components!r} is not supported by fit_lightgbm_dask; allowed: None. "
             "Hint: reduce the features before (or use LightGBMHead in memory)."
         )
-    if head.selection_metric is not None:
-        raise ParamError(
-            f"selection_metric={head.selection_metric!r} is not supported by fit_lightgbm_dask (its post-hoc early "
-            "stopping reads the validation loss curve); allowed: None. Hint: leave it out, or use LightGBMHead in "
-            "memory.")
     check_int("early_stopping_rounds", head.early_stopping_rounds, 1, allow_none=True, hint=PARAM_HINT)
     X = _as_dask(X_dask, "X_dask")
     lgb_params = {k: v for k, v in head._lgbm_params(int(X.shape[1])).items() if k != "n_jobs"}
@@ -206,12 +318,17 @@ def fit_lightgbm_dask(
             raise ValueError(f"no validation row has a class seen in training ({seen.tolist()}).")
         kind = "binary" if seen.size == 2 else "multiclass"
         X_v = X_val if known.all() else _subset_rows(X_val, known)
+        y_v = np.searchsorted(seen, y_v[known])
         seen_weight = None if head.class_weight_ is None else head.class_weight_[seen]
-        curve = validation_curve(booster, X_v, np.searchsorted(seen, y_v[known]), kind, seen_weight)
         head.classes_, head.train_classes_ = (classes if labels is None else labels[classes]), seen
     else:
-        curve = validation_curve(booster, X_val, y_v, "regression")
-    best = _early_stop(curve, head.early_stopping_rounds)
+        X_v, kind, seen_weight = X_val, "regression", None
+    metric = head.selection_metric
+    if metric is None:
+        curve = validation_curve(booster, X_v, y_v, kind, seen_weight)
+    else:  # unweighted, as the in-memory head's custom eval metric
+        curve = metric_curve(booster, X_v, y_v, kind, metric, head.early_stopping_rounds)
+    best = _early_stop(curve if metric is None or metric in LOWER_IS_BETTER else -curve, head.early_stopping_rounds)
     head.booster_ = booster
     head.best_iteration_ = best
     head.best_params_ = {"n_estimators": best}
@@ -219,9 +336,9 @@ def fit_lightgbm_dask(
     head.scaler_, head.pca_ = None, None
     head.val_curve_ = curve
     head.fit_seconds_ = time.perf_counter() - start
-    log.info("fit_lightgbm_dask: %d workers, best round %d of %d (post-hoc early stopping %s) in %.2fs",
-             len(client.scheduler_info().get("workers", {})), best, curve.size, head.early_stopping_rounds,
-             head.fit_seconds_)
+    log.info("fit_lightgbm_dask: %d workers, best round %d of %d (post-hoc early stopping %s on %s) in %.2fs",
+             len(client.scheduler_info().get("workers", {})), best, booster.current_iteration(),
+             head.early_stopping_rounds, metric or "the loss", head.fit_seconds_)
     return head
 
 
