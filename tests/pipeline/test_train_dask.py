@@ -119,38 +119,53 @@ def test_lightgbm_on_dask_without_val_rows_is_refused_before_any_cluster(monkeyp
 
 
 def test_a_head_lightgbm_on_dask_cannot_take_is_refused_before_any_cluster(monkeypatch):
-    """fit_lightgbm_dask cannot select on a metric (its replayed curve is a loss): a head made with a
-    selection_metric (by the API; params.yaml's are refused by check, below) is named with the hint before the
-    store is opened or a cluster started; it failed inside the fit, after both."""
+    """fit_lightgbm_dask grows no PCA: a head made with pca_components (by the API; params.yaml's are refused by
+    check, below) is named with the hint before the store is opened or a cluster started; it failed inside the
+    fit, after both. A selection_metric is taken (it was refused)."""
     import distributed
 
     from featcache.heads import make_head
     from featcache.pipeline.params.train import TrainParams
-    from featcache.pipeline.train_dask import dask_lightgbm
+    from featcache.pipeline.train_dask import DaskLightGBM, dask_lightgbm
 
     monkeypatch.setattr(distributed, "LocalCluster", lambda **kwargs: pytest.fail("a cluster was started"))
-    head = make_head("lightgbm", "classification", {"selection_metric": "balanced_accuracy"})
+    head = make_head("lightgbm", "classification", {"pca_components": 8})
     with pytest.raises(ParamError, match=r"train.scheduler='local' trains lightgbm on dask .* does not take "
-                                         r"selection_metric='balanced_accuracy' .*Hint: set train.scheduler: none"):
+                                         r"pca_components=8.*Hint: set train.scheduler: none"):
         dask_lightgbm(head, "lightgbm", "classification", TrainParams(scheduler="local"))
+    head = make_head("lightgbm", "classification", {"selection_metric": "balanced_accuracy"})
+    assert isinstance(dask_lightgbm(head, "lightgbm", "classification", TrainParams(scheduler="local")), DaskLightGBM)
 
 
-@pytest.mark.parametrize(("train_settings", "lightgbm", "named"), [
-    ({"metric": "log_loss"}, {}, "selection_metric='log_loss'"),
-    ({}, {"pca_components": 8}, "pca_components=8"),
+def test_check_names_what_lightgbm_on_dask_does_not_take(tiny_store, tmp_path, capsys):
+    """``featcache check`` (and the train stage's sections) refuse it before any stage runs."""
+    raw = json.loads(json.dumps(tiny_store["raw"]))
+    raw["train"].update(scheduler="local")
+    raw["heads"]["lightgbm"] = {**raw["heads"].get("lightgbm", {}), "pca_components": 8}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    assert main(["check", "--params", str(tmp_path / "params.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "train.scheduler='local' trains lightgbm on dask" in err and "pca_components=8" in err, err
+
+
+@pytest.mark.parametrize(("train_settings", "lightgbm"), [
+    ({"metric": "log_loss"}, {}),
+    ({"metric": "balanced_accuracy"}, {"selection_metric": "balanced_accuracy"}),
 ])
-def test_check_names_what_lightgbm_on_dask_does_not_take(tiny_store, tmp_path, capsys, train_settings, lightgbm,
-                                                          named):
-    """``featcache check`` (and the train stage's sections) refuse it before any stage runs; the README's advice
-    (``heads.lightgbm.selection_metric: null`` beside ``train.metric``) passes."""
+def test_check_takes_a_selection_metric_for_lightgbm_on_dask(tiny_store, tmp_path, train_settings, lightgbm):
+    """``train.metric`` (or heads.lightgbm.selection_metric) beside ``train.scheduler`` passes check (it was
+    refused: fit_lightgbm_dask early-stops on the metric now)."""
     raw = json.loads(json.dumps(tiny_store["raw"]))
     raw["train"].update(scheduler="local", **train_settings)
     raw["heads"]["lightgbm"] = {**raw["heads"].get("lightgbm", {}), **lightgbm}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
-    assert main(["check", "--params", str(tmp_path / "params.yaml")]) == 2
-    err = capsys.readouterr().err
-    assert "train.scheduler='local' trains lightgbm on dask" in err and named in err, err
-    if train_settings:
-        raw["heads"]["lightgbm"]["selection_metric"] = None
-        (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
-        assert main(["check", "--params", str(tmp_path / "params.yaml")]) == 0
+    assert main(["check", "--params", str(tmp_path / "params.yaml")]) == 0
+
+
+def test_lightgbm_on_a_local_cluster_early_stops_on_train_metric(tiny_store, tmp_path, caplog):
+    """train.metric with train.scheduler: the stage trains lightgbm on dask, early-stopped on that metric (the
+    stage refused it)."""
+    caplog.set_level(logging.INFO)
+    run = _train(tiny_store, tmp_path, "lightgbm", scheduler="local", n_workers=1, metric="log_loss")
+    assert "post-hoc early stopping 20 on log_loss" in caplog.text
+    assert run["accuracy"] >= 0.8 and run["best_params"]["n_estimators"] >= 1

@@ -10,8 +10,10 @@ Per head:
 * ``lightgbm`` trains through :func:`featcache.heads.fit_lightgbm_dask` on the store's train rows as a dask
   array (the workers read them from the feature file by its absolute path: one machine or a shared file
   system), split into at least one part per worker; val and test are read here as for the in-memory head,
-  early stopping is replayed on the val rows on the client. The fitted state is copied into the LightGBM head
-  the stage made, so it is scored, saved and loaded (``featcache predict``) exactly as one fitted in memory.
+  early stopping is replayed on the val rows on the client (on the loss, or on the head's ``selection_metric``:
+  ``train.metric`` unless ``heads.lightgbm`` sets one; ``pca_components`` is refused, :data:`DASK_HEADS`).
+  The fitted state is copied into the LightGBM head the stage made, so it is scored, saved and loaded
+  (``featcache predict``) exactly as one fitted in memory.
   It is NOT the same model as the in-memory fit (each worker bins and histograms its own rows), hence
   ``train.scheduler`` and ``train.n_workers`` are params the train stages track.
 * ``sgd`` and ``streaming_mlp`` stay in this process: they update one model chunk by chunk, in order, so

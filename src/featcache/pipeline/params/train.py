@@ -24,8 +24,8 @@ __all__ = ["DASK_HEADS", "FeatureRef", "TrainParams", "TrainSection", "check_das
            "check_train_metric", "dask_refusal", "stage_head_params"]
 
 #: The heads ``train.scheduler`` trains on a dask cluster (:func:`featcache.heads.fit_lightgbm_dask`), each with
-#: the parameters its dask fit does not take.
-DASK_HEADS: dict[str, tuple[str, ...]] = {"lightgbm": ("selection_metric", "pca_components")}
+#: the parameters its dask fit does not take (``selection_metric``, from ``train.metric`` too, it takes).
+DASK_HEADS: dict[str, tuple[str, ...]] = {"lightgbm": ("pca_components",)}
 
 
 class FeatureRef(Strict):
@@ -143,9 +143,9 @@ def stage_head_params(heads: dict[str, dict[str, Any]], train: TrainParams, head
 def dask_refusal(scheduler: str, unsupported: dict[str, Any]) -> str:
     """The message for a LightGBM head that ``train.scheduler`` would train on dask with ``unsupported`` keys set."""
     return (f"train.scheduler={scheduler!r} trains lightgbm on dask (fit_lightgbm_dask), which does not take "
-            f"{', '.join(f'{k}={v!r}' for k, v in unsupported.items())} (selection_metric comes from train.metric "
-            "unless heads.lightgbm sets it); allowed there: null. Hint: set train.scheduler: none for this run, or "
-            "leave those keys null (heads.lightgbm.selection_metric: null keeps its loss while train.metric ranks).")
+            f"{', '.join(f'{k}={v!r}' for k, v in unsupported.items())}; allowed there: null. Hint: set "
+            "train.scheduler: none for this run (LightGBM in memory takes them), or leave those keys null in "
+            "heads.lightgbm.")
 
 
 def check_dask_heads(heads: dict[str, dict[str, Any]], train: TrainParams, task: str) -> None:
