@@ -106,6 +106,14 @@ def _distributed(manifest, out, client, *, batch_size=4, block_rows=4, on_error=
                                batch_size=batch_size, on_error=on_error, client=client, progress=False, **kwargs)
 
 
+def _open_writer(manifest, path, layers=None) -> StoreWriter:
+    """A StoreWriter over ``manifest`` with the runner's layers (or ``layers``), blocks of 4 rows, an empty config."""
+    layers = SPEC.build().layer_specs(PREPROCESS.input_size) if layers is None else layers
+    return StoreWriter(path, ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
+                       labels=manifest.labels, targets=manifest.targets, layers=layers,
+                       attrs={"config": "{}", "config_sha256": sha256_text("{}")}, block_rows=4)
+
+
 def _state_digest(spec: RunnerSpec) -> str:
     """sha256 of the built extractor's parameters and buffers (runs on a worker or here)."""
     digest = hashlib.sha256()
@@ -263,10 +271,7 @@ def test_worker_task_failure_is_wrapped_and_keeps_blocks(client, manifest, tmp_p
     """A task that dies on a worker -> ExtractionError with a resume hint; the driver's lock is fine."""
     specs = SPEC.build().layer_specs(PREPROCESS.input_size)
     wrong = [LayerSpec(s.alias, s.node, s.dim + 1, "none", (s.dim + 1,), s.post_relu) for s in specs]
-    attrs = {"config": "{}", "config_sha256": sha256_text("{}")}
-    with StoreWriter(tmp_path / "x.h5", ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
-                     labels=manifest.labels, targets=manifest.targets, layers=wrong, attrs=attrs,
-                     block_rows=4) as writer:
+    with _open_writer(manifest, tmp_path / "x.h5", wrong) as writer:
         job = WorkerJob(manifest, PREPROCESS, SPEC, writer.block_committer(), tuple(wrong), 4, "skip", 1)
         with pytest.raises(ExtractionError, match="rerun to resume") as info:
             list(_run_tasks(client, job, [(0,), (1,)], writer, progress=False))
@@ -286,10 +291,7 @@ def test_a_task_the_scheduler_cancelled_is_explained(client, manifest, tmp_path,
 
     monkeypatch.setattr(client, "submit", cancelled)
     specs = SPEC.build().layer_specs(PREPROCESS.input_size)
-    attrs = {"config": "{}", "config_sha256": sha256_text("{}")}
-    with StoreWriter(tmp_path / "x.h5", ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
-                     labels=manifest.labels, targets=manifest.targets, layers=specs, attrs=attrs,
-                     block_rows=4) as writer:
+    with _open_writer(manifest, tmp_path / "x.h5", specs) as writer:
         job = WorkerJob(manifest, PREPROCESS, SPEC, writer.block_committer(), tuple(specs), 4, "skip", 1)
         with pytest.raises(ExtractionError) as info:
             list(_run_tasks(client, job, [(0,), (1,)], writer, progress=False))
@@ -326,10 +328,7 @@ def test_a_failed_run_returns_only_once_its_tasks_stopped_writing(client, manife
 
     monkeypatch.setattr(client, "submit", first_fails_the_other_runs_long)
     specs = SPEC.build().layer_specs(PREPROCESS.input_size)
-    attrs = {"config": "{}", "config_sha256": sha256_text("{}")}
-    with StoreWriter(tmp_path / "x.h5", ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
-                     labels=manifest.labels, targets=manifest.targets, layers=specs, attrs=attrs,
-                     block_rows=4) as writer:
+    with _open_writer(manifest, tmp_path / "x.h5", specs) as writer:
         job = WorkerJob(manifest, PREPROCESS, SPEC, writer.block_committer(), tuple(specs), 4, "skip", 1)
         with pytest.raises(ExtractionError, match="RuntimeError: task for blocks"):
             list(_run_tasks(client, job, [(0,), (1,)], writer, progress=False))
@@ -431,11 +430,7 @@ def test_invalid_arguments(manifest, tmp_path):
 
 def test_driver_refuses_a_block_the_worker_did_not_write_here(manifest, tmp_path):
     """A worker that committed into another folder (no shared file system): a clear error, nothing adopted."""
-    specs = SPEC.build().layer_specs(PREPROCESS.input_size)
-    attrs = {"config": "{}", "config_sha256": sha256_text("{}")}
-    with StoreWriter(tmp_path / "x.h5", ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
-                     labels=manifest.labels, targets=manifest.targets, layers=specs, attrs=attrs,
-                     block_rows=4) as writer:
+    with _open_writer(manifest, tmp_path / "x.h5") as writer:
         with pytest.raises(ExtractionError, match="worker-7.*block 1.*missing.*same absolute path"):
             _adopt_blocks(writer, [1], "worker-7")
         assert writer.pending_blocks() == list(range(writer.n_blocks))
@@ -554,10 +549,7 @@ def test_a_task_whose_blocks_are_committed_extracts_nothing(manifest, tmp_path, 
     import featcache.extract.dask_tasks as dask_tasks
 
     specs = SPEC.build().layer_specs(PREPROCESS.input_size)
-    attrs = {"config": "{}", "config_sha256": sha256_text("{}")}
-    with StoreWriter(tmp_path / "x.h5", ids=manifest.ids, splits=manifest.splits, classes=manifest.classes,
-                     labels=manifest.labels, targets=manifest.targets, layers=specs, attrs=attrs,
-                     block_rows=4) as writer:
+    with _open_writer(manifest, tmp_path / "x.h5", specs) as writer:
         rows = np.arange(4, 8)
         writer.commit_block(1, rows, {s.alias: np.zeros((4, s.dim), np.float32) for s in specs})
         job = WorkerJob(manifest, PREPROCESS, SPEC, writer.block_committer(), tuple(specs), 4, "skip", 1)
