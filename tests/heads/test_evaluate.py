@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from featcache.heads import RunResult, fit_and_evaluate, make_head
+from featcache.heads.metrics import classification_metrics, regression_metrics
 
 FAST = {
     "logreg": {},
@@ -92,6 +93,43 @@ def test_no_val_split_holds_out_from_train(clf_data):
     result = fit_and_evaluate(head, "classification", d["X_train"], d["y_train"], None, None,
                               d["X_test"], d["y_test"], n_boot=0)
     assert result.metrics["n_val"] == 0 and result.metrics["accuracy"] >= 0.8
+
+
+def _scalars(metrics):
+    return {name: value for name, value in metrics.items() if isinstance(value, float)}
+
+
+@pytest.mark.parametrize("name", ["logreg", "lightgbm"])
+def test_val_scores_are_the_metric_functions_on_the_val_predictions(name, clf_data, reg_data):
+    """``metrics["val"]``: the fitted head's val predictions scored by metrics.py, the test scores' metric set."""
+    head, result = _run(name, "classification", clf_data, n_boot=50)
+    val = result.metrics["val"]
+    expected = _scalars(classification_metrics(clf_data["y_val"], head.predict_proba(clf_data["X_val"]), 5))
+    assert val == expected and set(val) == set(result.metrics["ci"])
+    assert val["accuracy"] != result.metrics["accuracy"]  # val rows, not test rows
+    head, result = _run(name, "regression", reg_data, n_boot=0)
+    assert result.metrics["val"] == _scalars(regression_metrics(reg_data["y_val"], head.predict(reg_data["X_val"])))
+    assert set(result.metrics["val"]) == {"rmse", "mae", "r2"}
+    json.dumps(result.metrics)
+
+
+def test_val_scores_of_labels_other_than_0_to_k(clf_data):
+    """Labels 10, 20, ...: the val rows are scored on the head's probability columns, as the test rows."""
+    d = {key: value * 10 + 10 if key.startswith("y_") else value for key, value in clf_data.items()}
+    head, result = _run("logreg", "classification", d, n_boot=0)
+    proba = head.predict_proba(d["X_val"])
+    assert result.metrics["val"] == _scalars(classification_metrics(d["y_val"] // 10 - 1, proba, 5))
+
+
+def test_no_val_scores_without_val_rows_or_when_refit_on_them(clf_data):
+    d = clf_data
+    result = fit_and_evaluate(make_head("logreg", "classification"), "classification", d["X_train"], d["y_train"],
+                              None, None, d["X_test"], d["y_test"], n_boot=0)
+    assert "val" in result.metrics and result.metrics["val"] is None  # its selection rows came out of train
+    head = make_head("logreg", "classification", {"refit_on_trainval": True})
+    result = fit_and_evaluate(head, "classification", *(d[k] for k in ("X_train", "y_train", "X_val", "y_val",
+                                                                       "X_test", "y_test")), n_boot=0)
+    assert "val" in result.metrics and result.metrics["val"] is None  # fitted on val: not held out
 
 
 def test_no_test_rows_or_a_constant_target_is_refused_before_any_fit(clf_data, reg_data):

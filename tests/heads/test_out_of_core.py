@@ -285,6 +285,7 @@ def test_out_of_core_path_never_materialises_the_full_array(big_splits, clf_data
         result = fit_and_evaluate(head, "classification", *_args(big_splits), n_boot=0)
     assert held.reads and max(held.reads) <= CHUNK and held.peak_rows <= MAX_HELD
     assert result.metrics["accuracy"] >= 0.75 and result.metrics["n_train"] == y_tr.size
+    assert result.metrics["val"]["accuracy"] >= 0.75  # the val rows predicted chunk by chunk, under the guard
     with _guard(monkeypatch) as held:
         StreamingMLPHead(**{**MLP, "max_epochs": 2}).fit(X_tr, y_tr).predict(big_splits["test"][0])
     assert held.reads and held.peak_rows <= MAX_HELD and held.peak_bytes <= MAX_BYTES
@@ -296,6 +297,7 @@ def test_out_of_core_path_never_materialises_the_full_array(big_splits, clf_data
     in_numpy = fit_and_evaluate(make_head("logreg", "classification"), "classification",
                                 *_args(big_splits, dask=False), n_boot=0)
     np.testing.assert_array_equal(memory.scores, in_numpy.scores)
+    assert memory.metrics["val"] == in_numpy.metrics["val"] is not None
 
 
 def test_streaming_input_errors(splits, clf_data):

@@ -1,9 +1,12 @@
-"""Fit one head on train (+ val for selection) and score it on test.
+"""Fit one head on train (+ val for selection) and score it on test (and, point estimates only, on val).
 
 Features may be numpy or dask arrays (``FeatureStore(path).to_dask(layer, split)``):
 out-of-core heads (``sgd``, ``streaming_mlp``) receive dask arrays unchanged and
 stream them; in-memory heads get them read chunk by chunk into one numpy array.
 A dask array is never passed to ``np.asarray`` whole; labels are materialised.
+
+The val scores (``metrics["val"]``) are what ``compare`` selects the run to quote on, so that the test
+split stays held out from the choice of run as it is from each head's choice of hyper-parameters.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from featcache.util.serial import jsonable
 
 from .bootstrap import metrics_with_ci
 from .chunks import as_labels, materialise
+from .metrics import classification_metrics, regression_metrics
 from .trainable import check_trainable_rows
 
 __all__ = ["RunResult", "fit_and_evaluate"]
@@ -74,19 +78,52 @@ def _sync_n_classes(head: BaseEstimator, n_classes: int | None) -> None:
         )
 
 
-def _proba_columns(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Test labels (n,) -> their ``predict_proba`` column (n,), for metrics on ``classes_`` other than 0..K-1."""
+def _proba_columns(classes: np.ndarray, y: np.ndarray, name: str = "y_test") -> np.ndarray:
+    """Labels (n,) -> their ``predict_proba`` column (n,), for metrics on ``classes_`` other than 0..K-1."""
     if np.array_equal(classes, np.arange(classes.size)):
         return y
     col = np.minimum(np.searchsorted(classes, y), classes.size - 1)
     unseen = classes[col] != y
     if unseen.any():
         raise ValueError(
-            f"y_test holds the label {y[unseen][0]!r}, which is not among the head's classes "
+            f"{name} holds the label {y[unseen][0]!r}, which is not among the head's classes "
             f"{classes[:10].tolist()}; allowed: labels seen in train or val. "
             "Hint: pass n_classes (with class indices 0..K-1) to give every class a column."
         )
     return col
+
+
+def _val_scores(head: BaseEstimator, task: str, X_val: Any, y_val: np.ndarray | None) -> dict[str, float] | None:
+    """The fitted head's point scores on the val rows: the test scores' metrics, without CIs.
+
+    Parameters
+    ----------
+    head : estimator
+        Fitted on train (val for selection only).
+    task : {"classification", "regression"}
+    X_val : array-like of shape (n_val, D), or None
+        As the head predicts test rows: a dask array for a streaming head (predicted chunk by chunk).
+    y_val : ndarray of shape (n_val,), or None
+
+    Returns
+    -------
+    dict or None
+        ``{metric: value}`` (:func:`~featcache.heads.metrics.classification_metrics` /
+        :func:`~featcache.heads.metrics.regression_metrics`' scalar scores); None without val rows, or when the
+        head was refit on train + val (``refit_on_trainval``): its val scores would not be held out.
+    """
+    if X_val is None or y_val is None or y_val.size == 0:
+        return None
+    if head.get_params(deep=False).get("refit_on_trainval"):
+        log.info("%s: no val scores recorded (refit_on_trainval: it was fitted on the val rows).",
+                 type(head).__name__)
+        return None
+    if task == "classification":
+        k = int(head.classes_.size)
+        out = classification_metrics(_proba_columns(head.classes_, y_val, "y_val"), head.predict_proba(X_val), k)
+    else:
+        out = regression_metrics(y_val, np.asarray(head.predict(X_val)))
+    return {name: float(value) for name, value in out.items() if isinstance(value, float)}
 
 
 def fit_and_evaluate(
@@ -126,7 +163,8 @@ def fit_and_evaluate(
     -------
     RunResult
         ``metrics`` holds the test metrics and ``ci`` plus ``n_features``,
-        ``n_train``, ``n_val``, ``fit_seconds``, ``predict_seconds``, ``best_params``.
+        ``n_train``, ``n_val``, ``fit_seconds``, ``predict_seconds`` (test rows), ``best_params`` and ``val``:
+        the same metrics on the val rows, point estimates (None without val rows, see :func:`_val_scores`).
 
     Raises
     ------
@@ -165,6 +203,7 @@ def fit_and_evaluate(
     y_true = _proba_columns(head.classes_, y_test) if task == "classification" else y_test
     metrics = metrics_with_ci(task, y_true, scores, k, n_boot=n_boot, seed=seed)
     best_params = jsonable(dict(head.best_params_))
+    val = _val_scores(head, task, X_val, y_val)
     metrics.update(
         n_features=int(head.n_features_in_),
         n_train=n_train,
@@ -172,6 +211,7 @@ def fit_and_evaluate(
         fit_seconds=float(fit_seconds),
         predict_seconds=float(predict_seconds),
         best_params=best_params,
+        val=val,
     )
     log.info(
         "%s (%s): %s in %.2fs fit / %.3fs predict",
