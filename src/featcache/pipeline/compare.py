@@ -6,19 +6,27 @@ Reads the run record of each run (its metrics JSON and sidecar, see
 (:mod:`featcache.pipeline.compare_charts`): the primary test metric of each run
 with its 95% bootstrap confidence interval and rank (template
 ``.dvc/plots/ci_points.json``), and beside it each paired run's difference to
-the best (template ``.dvc/plots/paired_delta.json``).
+the reference run (template ``.dvc/plots/paired_delta.json``).
+
+The table is sorted by test score, as AutoGluon's leaderboard with test data, but the run to quote is
+*selected on validation* (:mod:`featcache.pipeline.compare_select`): the run with the best val score on the
+ranking metric (each run record's ``val``), so that the test split plays no part in choosing it and its test
+score is an honest estimate; the test-best's own test score is optimistic (it was picked on those rows). The
+table shows each run's ``val <metric>`` and says which run is selected. When any run has no val score (a
+record from before featcache scored val, no val split, a fine-tuned run selected on another metric), the
+reference is the test-best for the whole table, as before, and the report and a warning say so.
 
 Every row says which weights made its features (``weights``, see
 :func:`weights_label`): features of randomly initialised and of pretrained
 backbones rank in one table, and must not be mistaken for one another.
 
-Every run is also compared with the top-ranked one on the same test rows
+Every run is also compared with the reference (the selected run) on the same test rows
 (:func:`featcache.heads.paired.paired_comparison`, from the runs' ``.rows.npz``
-files): the difference on the ranking metric and on its tie-break, each with a
-paired 95% bootstrap CI, and whether it is distinguishable from the best: judged
+files): its test score minus the reference's on the ranking metric and on its tie-break, each with a
+paired 95% bootstrap CI, and whether it is distinguishable from the reference: judged
 over all the comparisons at once (bootstrap max-|t| simultaneous CIs), not by each
 CI alone, which with many runs would call some ties by luck. A run whose test rows
-are not the best run's (another test-ids sha256), or that has no rows file, is
+are not the reference's (another test-ids sha256), or that has no rows file, is
 shown without a delta and a footnote saying why: it is never paired wrongly.
 """
 
@@ -42,12 +50,14 @@ from featcache.util.names import did_you_mean
 from .compare_charts import (
     PAIRED_PLOT_COLUMNS,
     PLOT_COLUMNS,
+    REFERENCE_MARK,
     head_name,
     paired_plot_path,
     paired_plot_rows,
     plot_rows,
     run_label,
 )
+from .compare_select import Selection, select_reference, selection_text, val_cell
 
 __all__ = ["compare", "collect_runs", "paired_plot_path", "weights_label", "MetricsNotFoundError", "MixedRunsError",
            "PAIRED_PLOT_COLUMNS", "PLOT_COLUMNS", "PRIMARY_METRIC", "TIE_BREAK", "UNKNOWN_WEIGHTS", "UNPAIRED",
@@ -65,15 +75,16 @@ TIE_BREAK = {"classification": "log_loss", "regression": "mae"}
 #: ``weights`` of a run whose record does not say (written before runs recorded their weights).
 UNKNOWN_WEIGHTS = "?"
 
-#: Why a run has no paired delta to the best run: ``paired.skipped`` in compare.json, a footnote in compare.md.
+#: Why a run has no paired delta to the reference run (the selected one, or the best): ``paired.skipped`` in
+#: compare.json, a footnote in compare.md.
 UNPAIRED = {
     "no_rows": "no per-row test file (`<head>.rows.npz` beside its metrics): a run recorded before featcache wrote "
                "them",
-    "other_rows": "scored on other test rows than the best run (another sha256 of the test ids, number of classes "
-                  "or true labels: other data or split)",
+    "other_rows": "scored on other test rows than the reference run (another sha256 of the test ids, number of "
+                  "classes or true labels: other data or split)",
     "bad_rows": "its per-row test file cannot be read (damaged, or of another featcache version): rerun its train "
                 "stage",
-    "reference_unpaired": "the best run itself cannot be paired (see its note), so no run is",
+    "reference_unpaired": "the reference run itself cannot be paired (see its note), so no run is",
 }
 
 _COLUMNS = {
@@ -253,23 +264,24 @@ def _rows_of(run: dict[str, Any], task: str) -> tuple[dict[str, Any] | None, str
         return None, "bad_rows"
 
 
-def _pair(runs: list[dict[str, Any]], metric: str | None = None) -> None:
-    """Give each ranked run ``paired``: its difference to the first on the ranking metric and its tie-break, each
-    with a paired bootstrap CI (the first run's ``n_boot`` and ``seed``), or ``skipped`` (a key of :data:`UNPAIRED`).
+def _pair(runs: list[dict[str, Any]], selection: Selection) -> None:
+    """Give each ranked run ``paired``: its difference to ``selection.run`` (the reference: run minus reference) on
+    the ranking metric and its tie-break, each with a paired bootstrap CI (the reference's ``n_boot`` and
+    ``seed``), or ``skipped`` (a key of :data:`UNPAIRED`); the reference's own carries ``selection.mark``: True.
 
     ``distinguishable`` is judged over the whole table at once (``correction``: bootstrap max-|t| simultaneous
-    CIs over every paired run but the best × both metrics, :func:`featcache.heads.paired.paired_comparison`):
+    CIs over every paired run but the reference × both metrics, :func:`featcache.heads.paired.paired_comparison`):
     with 6 to 40 runs, CIs read one at a time would call some ties "distinguishable" by luck.
     """
     if not runs:
         return
-    task = runs[0]["task"]
-    metrics = ranking(task, metric)
-    reference, why = _rows_of(runs[0], task)
-    name = run_label(runs[0])
+    task, first = runs[0]["task"], selection.run
+    metrics = selection.metric, selection.tie_break
+    reference, why = _rows_of(first, task)
+    name = run_label(first)
     pairable = []
     for run in runs:
-        rows, skipped = _rows_of(run, task) if run is not runs[0] else (reference, why)
+        rows, skipped = _rows_of(run, task) if run is not first else (reference, why)
         if reference is None:
             skipped = skipped or "reference_unpaired"
         elif rows is not None and any(rows.get(key) != reference.get(key) for key in ("ids_sha256", "n_classes")):
@@ -277,7 +289,7 @@ def _pair(runs: list[dict[str, Any]], metric: str | None = None) -> None:
         elif rows is not None and not np.array_equal(rows["y_true"], reference["y_true"]):
             skipped = "other_rows"
         run["paired"] = {"reference": name, **({"skipped": skipped} if skipped else {}),
-                         **({"best": True} if run is runs[0] else {})}
+                         **({selection.mark: True} if run is first else {})}
         if not skipped:
             pairable.append((run, rows))
     if not pairable:
@@ -299,8 +311,9 @@ def _paired_cells(run: dict[str, Any], metrics: Sequence[str], footnotes: dict[s
     if paired.get("skipped"):
         number = footnotes.setdefault(paired["skipped"], len(footnotes) + 1)
         return ["-" + _superscript(number)] * (len(metrics) + 1)
-    if paired.get("best"):
-        return ["(best)"] * (len(metrics) + 1)
+    mark = next((mark for mark in REFERENCE_MARK.values() if paired.get(mark)), None)
+    if mark:
+        return [f"({mark})"] * (len(metrics) + 1)
     if not all(metric in paired for metric in metrics):
         return ["-"] * (len(metrics) + 1)
     cells = []
@@ -312,13 +325,18 @@ def _paired_cells(run: dict[str, Any], metrics: Sequence[str], footnotes: dict[s
     return [*cells, ", ".join(metric for metric in metrics if paired[metric]["distinguishable"]) or "no"]
 
 
-def _distinguishable_text(correction: dict[str, Any] | None, n_metrics: int) -> str:
-    """What the "distinguishable from best" column means: which correction, over how many comparisons."""
+def _distinguishable_text(correction: dict[str, Any] | None, n_metrics: int, selection: Selection) -> str:
+    """What the "distinguishable from selected" column means: which correction, over how many comparisons."""
+    mark = selection.mark
     if not correction or not correction["comparisons"]:
-        return "Distinguishable from best: no run but the best is paired, so nothing is compared."
+        return f"Distinguishable from {mark}: no run but the {mark} is paired, so nothing is compared."
     count, critical = correction["comparisons"], correction["critical_value"]
     level, alpha = f"{100 * correction['level']:.3g}%", f"{100 * (1 - correction['level']):.3g}%"
-    return (f"Distinguishable from best: the metrics whose Δ stays clear of 0 after a family-wise correction for "
+    picked = ("The reference was selected on validation, not on this test split, so these calls are not biased "
+              "by its choice; a run ahead of it on test was still picked out of many on the test split: read its "
+              "lead as a hint, not a verdict." if selection.on == "val" else
+              "The best was picked on this same test split: read a call that barely clears 0 as a hint, not a verdict.")
+    return (f"Distinguishable from {mark}: the metrics whose Δ stays clear of 0 after a family-wise correction for "
             f"the {count} comparisons of this table ({count // n_metrics} runs × {n_metrics} metrics), by "
             f"{correction['method']} (`simultaneous_ci` in compare.json: Δ "
             + (f"± {critical:.2f} bootstrap SEs" if critical is not None else "itself: no Δ varies over the resamples")
@@ -326,39 +344,41 @@ def _distinguishable_text(correction: dict[str, Any] | None, n_metrics: int) -> 
             f"any tie here is called distinguishable is about {alpha} in all, not {alpha} per "
             f"comparison (unadjusted, {count} comparisons would make about "
             f"{count * (1 - correction['level']):.1f} such calls). A bracket that excludes 0 beside `no` is a "
-            "difference the correction does not back; `no`: on this test set the difference may be noise. The best "
-            "was picked on this same test split: read a call that barely clears 0 as a hint, not a verdict.")
+            "difference the correction does not back; `no`: on this test set the difference may be noise. " + picked)
 
 
-def _markdown(runs: list[dict[str, Any]], metric: str | None = None) -> str:
-    task = runs[0]["task"]
-    paired_metrics = metric, tie = ranking(task, metric)
+def _markdown(runs: list[dict[str, Any]], selection: Selection) -> str:
+    task, mark = runs[0]["task"], selection.mark
+    paired_metrics = metric, tie = selection.metric, selection.tie_break
     columns = _COLUMNS[task]
-    best = runs[0].get("paired", {})
-    header = ["rank", "backbone", "layer", "head", "weights", *columns,
-              *(f"Δ {name} vs best" for name in paired_metrics), "distinguishable from best", "dim", "fit s",
+    reference = run_label(selection.run)
+    header = ["rank", "backbone", "layer", "head", "weights", *columns, f"val {metric}",
+              *(f"Δ {name} vs {mark}" for name in paired_metrics), f"distinguishable from {mark}", "dim", "fit s",
               "predict s", "chosen"]
     boot = next((run["paired"] for run in runs if "n_boot" in run.get("paired", {})), None)
     drawn = any(run.get("ci") for run in runs)  # train.n_boot: 0 draws no CI, paired or not
     if drawn or boot is None or boot["n_boot"]:
         delta = (
-            f"Δ vs best: the run's test score minus the best run's (`{best.get('reference', '?')}`), with a paired "
+            f"Δ vs {mark}: the run's test score minus the {mark} run's (`{reference}`), with a paired "
             "95% bootstrap CI in brackets (of that comparison alone, unadjusted): each resample of the test rows "
             "scores both runs on the same rows"
             + (f" ({boot['n_boot']} resamples, seed {boot['seed']}: those of the CIs)" if boot else "")
             + ", so the CI holds only what the two runs do differently (tighter than comparing their own CIs when "
             "the runs err on the same rows). "
-            + _distinguishable_text((boot or {}).get("correction"), len(paired_metrics)))
+            + _distinguishable_text((boot or {}).get("correction"), len(paired_metrics), selection))
     else:
-        delta = (f"Δ vs best: the run's test score minus the best run's (`{best.get('reference', '?')}`), with no "
+        delta = (f"Δ vs {mark}: the run's test score minus the {mark} run's (`{reference}`), with no "
                  "CIs (train.n_boot: 0): nothing here tells a real difference from noise; set train.n_boot "
                  "(1000 by default) to draw them.")
     lines = [
         "# featcache comparison",
         "",
+        selection_text(selection, _cell(selection.run, metric), len(runs)),
+        "",
         f"Dataset `{runs[0].get('dataset', '?')}`, task {task}; ranked by test {metric} "
         f"({'lower' if metric in LOWER_IS_BETTER else 'higher'} is better). "
         + ("Brackets: 95% bootstrap CI on the test split. " if drawn else "No CIs (train.n_boot: 0). ")
+        + f"`val {metric}`: the run's score on the val split (a point estimate; `-`: none recorded). "
         + "Weights: those of the backbone that made the features (`random`: not pretrained)."
         + (f" Runs with equal test {metric} share a rank, ordered by test {tie} "
            f"({'lower' if tie in LOWER_IS_BETTER else 'higher'} is better)."
@@ -374,12 +394,13 @@ def _markdown(runs: list[dict[str, Any]], metric: str | None = None) -> str:
         chosen = ", ".join(f"{k}={_short(v)}" for k, v in sorted(run.get("best_params", {}).items()))
         cells = [str(run["rank"]), run["backbone"], run["layer"], head_name(run),
                  str(run.get("weights") or UNKNOWN_WEIGHTS).replace("|", "\\|"),
-                 *(_cell(run, m) for m in columns), *_paired_cells(run, paired_metrics, footnotes),
+                 *(_cell(run, m) for m in columns), val_cell(run, metric),
+                 *_paired_cells(run, paired_metrics, footnotes),
                  str(run.get("n_features", "")), f"{run.get('fit_seconds', float('nan')):.2f}",
                  f"{run.get('predict_seconds', float('nan')):.3f}", chosen]
         lines.append("| " + " | ".join(cells) + " |")
     for reason, number in footnotes.items():
-        lines += ["", f"{_superscript(number)} Not paired with the best run: {UNPAIRED[reason]}."]
+        lines += ["", f"{_superscript(number)} Not paired with the {mark} run: {UNPAIRED[reason]}."]
     return "\n".join(lines) + "\n"
 
 
@@ -390,7 +411,7 @@ def _short(value: Any) -> str:
 def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
             plot_path: str | Path | None = None, paired_plot: str | Path | None = None,
             metric: str | None = None) -> list[dict[str, Any]]:
-    """Rank all runs and write ``compare.md``, ``compare.json`` (and the plot CSV).
+    """Rank all runs by test score, select one on val, and write ``compare.md``, ``compare.json`` (and the plot CSV).
 
     Parameters
     ----------
@@ -401,28 +422,32 @@ def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
     plot_path : path, optional
         The CSV of the comparison chart (``plots/compare/<dataset>.csv``: each run's score and its own CI).
     paired_plot : path, optional
-        The CSV of the paired chart (:data:`PAIRED_PLOT_COLUMNS`: each paired run's Δ to the best with its paired
-        and simultaneous CIs); by default :func:`paired_plot_path` of ``plot_path`` (none without either).
+        The CSV of the paired chart (:data:`PAIRED_PLOT_COLUMNS`: each paired run's Δ to the reference with its
+        paired and simultaneous CIs); by default :func:`paired_plot_path` of ``plot_path`` (none without either).
     metric : str, optional
-        Rank, pair and chart by this test metric (:func:`ranking`; ``train.metric``); default accuracy (rmse).
-        Runs are ranked by it whatever their heads selected on: a run record does not say.
+        Rank by this test metric, select by it on val, pair and chart by it (:func:`ranking`; ``train.metric``);
+        default accuracy (rmse). Runs are ranked by it whatever their heads selected on: a run record does not say.
 
     Returns
     -------
     list of dict
-        The ranked runs, each with ``paired``: its difference to the first on the ranking metric and its
+        The ranked runs (by test score), each with ``paired``: its difference to the reference run (``reference``:
+        the run selected on val, :func:`~featcache.pipeline.compare_select.select_reference`, or the test-best when
+        some run has no val score; compare.json's ``selection`` says which) on the ranking metric and its
         tie-break with a paired bootstrap CI (``delta``, ``ci``, ``ci_excludes_0``, ``simultaneous_ci``,
         ``distinguishable``: the simultaneous CI excludes 0) and the ``correction`` that judges them, or
         ``skipped`` (a key of :data:`UNPAIRED`).
     """
     runs = _rank([_with_weights(run) for run in collect_runs(metrics_dir)], metric)
-    _pair(runs, metric)
+    selection = select_reference(runs, *ranking(runs[0]["task"], metric))
+    _pair(runs, selection)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("compare.md", _markdown(runs, metric)),
-                       ("compare.json", json.dumps({"runs": runs}, indent=2, sort_keys=True) + "\n")):
+    document = {"runs": runs, "selection": selection.as_json()}
+    for name, text in (("compare.md", _markdown(runs, selection)),
+                       ("compare.json", json.dumps(document, indent=2, sort_keys=True) + "\n")):
         write_text(out_dir / name, text)
-    metric = ranking(runs[0]["task"], metric)[0]
+    metric = selection.metric
     if plot_path is not None:
         write_csv(plot_path, plot_rows(runs, metric), PLOT_COLUMNS)
     if paired_plot is not None or plot_path is not None:

@@ -3,9 +3,10 @@
 * ``plots/compare/<dataset>.csv`` (:func:`plot_rows`, template ``ci_points``): each run's test score with
   its own 95% bootstrap CI.
 * ``plots/compare/<dataset>.paired.csv`` (:func:`paired_plot_rows`, :func:`paired_plot_path`, template
-  ``paired_delta``): each paired run's Δ to the best run on the ranking metric, with the paired 95% CI of
-  that comparison alone and the simultaneous CI that the report's "distinguishable from best" reads
-  (:func:`featcache.heads.paired.paired_comparison`): the chart and the table tell one story.
+  ``paired_delta``): each paired run's Δ to the reference run on the ranking metric (the run selected on
+  validation, or the test-best when some run has no val score: :mod:`featcache.pipeline.compare_select`), with
+  the paired 95% CI of that comparison alone and the simultaneous CI that the report's "distinguishable from
+  selected" reads (:func:`featcache.heads.paired.paired_comparison`): the chart and the table tell one story.
 """
 
 from __future__ import annotations
@@ -13,17 +14,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterable
 
-__all__ = ["PAIRED_PLOT_COLUMNS", "PLOT_COLUMNS", "head_name", "paired_plot_path", "paired_plot_rows", "plot_rows",
-           "run_label"]
+__all__ = ["PAIRED_PLOT_COLUMNS", "PLOT_COLUMNS", "REFERENCE_MARK", "head_name", "paired_plot_path",
+           "paired_plot_rows", "plot_rows", "run_label"]
 
 #: Columns of the comparison chart's CSV (one row per run, best first).
 PLOT_COLUMNS = ("run", "metric", "value", "ci_low", "ci_high", "rank")
 
-#: Columns of the paired chart's CSV (:func:`paired_plot_path`): one row per run paired with the best, best first:
-#: its Δ on the ranking metric, the paired 95% CI, and the simultaneous CI that ``distinguishable`` (best, yes, no,
-#: or - without resamples) reads.
+#: Columns of the paired chart's CSV (:func:`paired_plot_path`): one row per run paired with the reference, in the
+#: table's order: its Δ on the ranking metric, the paired 95% CI, and the simultaneous CI that ``distinguishable``
+#: (the reference's :data:`REFERENCE_MARK`, yes, no, or - without resamples) reads.
 PAIRED_PLOT_COLUMNS = ("run", "metric", "delta", "ci_low", "ci_high", "simultaneous_low", "simultaneous_high",
                        "distinguishable", "rank")
+
+
+#: The reference run's mark by the split it was picked on (``val``: selected on validation; ``test``: the test-best,
+#: when some run has no val score): its flag in compare.json's ``paired``, its Δ cells (``(selected)``) and its
+#: ``distinguishable`` in the paired chart.
+REFERENCE_MARK = {"val": "selected", "test": "best"}
 
 
 def head_name(run: dict[str, Any]) -> str:
@@ -48,7 +55,7 @@ def plot_rows(runs: Iterable[dict[str, Any]], metric: str) -> list[dict[str, Any
 
 
 def paired_plot_rows(runs: Iterable[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Rows of the paired chart (:data:`PAIRED_PLOT_COLUMNS`): the runs paired with the best (it first, at 0), on
+    """Rows of the paired chart (:data:`PAIRED_PLOT_COLUMNS`): the runs paired with the reference (it at 0), on
     ``metric`` (the ranking metric), in ``runs``' order; a run not paired is left out (the report says why)."""
     rows = []
     for run in runs:
@@ -60,10 +67,11 @@ def paired_plot_rows(runs: Iterable[dict[str, Any]], metric: str) -> list[dict[s
         lo, hi = entry["ci"] or (delta, delta)
         sim_lo, sim_hi = entry.get("simultaneous_ci") or (lo, hi)
         judged = entry.get("distinguishable")
+        mark = next((mark for mark in REFERENCE_MARK.values() if paired.get(mark)), None)
         rows.append({"run": run_label(run), "metric": metric, "delta": round(delta, 6), "ci_low": round(lo, 6),
                      "ci_high": round(hi, 6), "simultaneous_low": round(sim_lo, 6),
                      "simultaneous_high": round(sim_hi, 6),
-                     "distinguishable": "best" if paired.get("best") else {True: "yes", False: "no"}.get(judged, "-"),
+                     "distinguishable": mark or {True: "yes", False: "no"}.get(judged, "-"),
                      "rank": run.get("rank", 0)})
     return rows
 
