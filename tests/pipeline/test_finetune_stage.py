@@ -409,6 +409,39 @@ def test_the_run_writes_its_test_rows_and_compare_pairs_it_with_a_cached_head(st
     assert finetuned["paired"]["accuracy"]["delta"] == pytest.approx(stage_run["result"]["accuracy"] - 1.0)
 
 
+def test_the_run_record_carries_the_kept_epochs_val_score_and_compare_selects_on_it(stage_run, tmp_path: Path):
+    """The trainer scored val each epoch on the selection metric and kept the best epoch: that score (no other
+    pass over the val images) is the record's ``val``, which compare selects the run to quote on."""
+    from featcache.heads.bootstrap import metrics_with_ci, row_arrays
+    from featcache.heads.paired import read_rows, rows_path, write_rows
+
+    saved = read_run(stage_run["metrics"])
+    history = json.loads((stage_run["out"] / "history.json").read_text())["history"]
+    kept = history[saved["best_params"]["best_epoch"] - 1]
+    assert saved["n_val"] > 0 and kept["metric"] == "val_accuracy"
+    assert saved["val"] == {"accuracy": kept["val_metric"]} == stage_run["result"]["val"]
+    assert kept["val_metric"] == max(row["val_metric"] for row in history)
+
+    metrics_dir = tmp_path / "metrics"
+    (metrics_dir / "finetune").mkdir(parents=True)
+    for path in (stage_run["metrics"], sidecar_path(stage_run["metrics"]), rows_path(stage_run["metrics"])):
+        (metrics_dir / "finetune" / path.name).write_bytes(path.read_bytes())
+    rows = read_rows(rows_path(stage_run["metrics"]))
+    y = rows["y_true"].astype(np.int64)
+    proba = np.full((y.size, 3), 0.05)
+    proba[np.arange(y.size), y] = 0.9  # perfect on test, worse on val: the test-best, not the selected run
+    cached = metrics_dir / "efficientnet_lite0" / "pool" / "logreg.json"
+    write_run(cached, {"dataset": "tiny", "backbone": "efficientnet_lite0", "layer": "pool", "head": "logreg",
+                       "task": "classification", **metrics_with_ci("classification", y, proba, 3, n_boot=50),
+                       "val": {"accuracy": kept["val_metric"] - 0.5, "log_loss": 9.0}})
+    write_rows(rows_path(cached), row_arrays("classification", y, proba, 3),
+               {"task": "classification", "ids_sha256": rows["ids_sha256"], "n_boot": 50, "seed": 0, "n_classes": 3})
+    runs = {run["head"]: run for run in compare(metrics_dir, tmp_path / "reports")}
+    assert runs["logreg"]["rank"] == 1 and runs["finetune-frozen"]["paired"].get("selected") is True
+    assert runs["logreg"]["paired"]["reference"] == "efficientnet_lite0/finetune/finetune-frozen"
+    assert runs["logreg"]["paired"]["accuracy"]["delta"] == pytest.approx(1.0 - stage_run["result"]["accuracy"])
+
+
 def test_the_cli_exports_after_training_unless_told_not_to(stage_run, tmp_path: Path, params_factory, capsys):
     """``featcache finetune`` alone makes the exports its params ask for; the DVC project passes ``--no-export``
     and makes them in its export@<mode> stage."""

@@ -186,6 +186,32 @@ def _remove_stale(out_dir: Path) -> None:
         logger.info("Removed %d file(s) of a previous run in %s (model.onnx, cam/*.png).", len(stale), out_dir)
 
 
+def _val_scores(history: list[dict[str, Any]], best_epoch: int) -> dict[str, float] | None:
+    """The kept epoch's val score, as the run record's ``val`` (compare selects the run to quote on it).
+
+    The trainer scored the val rows each epoch on the selection metric only (``finetune.selection_metric``,
+    ``train.metric`` in the stage: accuracy or rmse by default) and kept the best epoch's weights, so that
+    score is the kept model's, at hand without another pass over the val images; the other metrics are not.
+
+    Parameters
+    ----------
+    history : list of dict
+        :attr:`~featcache.finetune.run.FinetuneResult.history` (``epoch``, ``metric``: ``val_<name>``,
+        ``val_metric``).
+    best_epoch : int
+        The kept epoch (1-based).
+
+    Returns
+    -------
+    dict or None
+        ``{name: value}``; None without a val split (no epoch scored val).
+    """
+    row = next((row for row in history if row.get("epoch") == best_epoch), None)
+    if row is None or row.get("val_metric") is None:
+        return None
+    return {str(row["metric"]).removeprefix("val_"): float(row["val_metric"])}
+
+
 def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: str | Path,
                    metrics_path: str | Path, confusion_path: str | Path | None = None, *,
                    finetune: Mapping[str, Any] | Any | None = None, progress: bool = True) -> dict[str, Any]:
@@ -208,8 +234,9 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
         ``model.onnx`` and ``cam/*.png``, are removed).
     metrics_path : path
         Metrics JSON in the ``train`` stage's format (:func:`featcache.runs.write_run`): the test scores only,
-        keyed ``<backbone>.finetune.finetune-<mode>.<score>``, with names, CIs, sizes and timings in its
-        ``.run.json`` sidecar, and its per-test-row arrays in ``<name>.rows.npz``
+        keyed ``<backbone>.finetune.finetune-<mode>.<score>``, with names, CIs, sizes, timings and ``val`` (the
+        kept epoch's val score on the selection metric only, :func:`_val_scores`) in its ``.run.json`` sidecar,
+        and its per-test-row arrays in ``<name>.rows.npz``
         (:func:`featcache.heads.paired.write_rows`: compare's paired deltas, as the train stage's).
     confusion_path : path, optional
         ``actual,predicted`` CSV of the test split (:func:`featcache.heads.metrics.prediction_rows`: class names
@@ -253,6 +280,7 @@ def finetune_stage(params: Any, mode: str, manifest_path: str | Path, out_dir: s
                "head": f"finetune-{mode}", "task": manifest.task, "node": result.spec.classifier,
                "pooling": "end-to-end", "weights": result.weights_id, **result.metrics}
     metrics["best_params"] = dict(metrics["best_params"])
+    metrics["val"] = _val_scores(result.history, result.best_epoch)
     n_classes = len(result.classes) if manifest.task == "classification" else None
     write_rows(rows_path(metrics_path), row_arrays(manifest.task, result.y_true, result.y_score, n_classes),
                {"task": manifest.task, "ids_sha256": ids_sha256(manifest.ids[k] for k in result.test_rows),
