@@ -128,3 +128,17 @@ def test_a_run_without_val_scores_falls_back_to_the_test_best_and_says_so(tmp_pa
     assert "Not selected on validation: 2 run(s) have no val accuracy (`b/pool/old`, `b/pool/partial`" in text, text
     assert "every run is paired with the best on test, `b/pool/mlp`" in text
     assert "The best was picked on this same test split" in text and "Selected on validation" not in text
+
+
+def test_the_paired_charts_template_has_a_shape_for_each_reference_mark():
+    """The paired chart's ``distinguishable`` is ``selected`` for the run selected on val: a value of the shape's
+    domain (it was ``best`` only), in both projects' template."""
+    from featcache.pipeline.compare_charts import REFERENCE_MARK
+
+    repo = Path(__file__).resolve().parents[2]
+    for template in (repo / ".dvc" / "plots" / "paired_delta.json",
+                     repo / "finetune" / ".dvc" / "plots" / "paired_delta.json"):
+        text = template.read_text()
+        domain = json.loads(text)["layer"][0]["layer"][-1]["encoding"]["shape"]["scale"]["domain"]
+        assert set(REFERENCE_MARK.values()) | {"yes", "no", "-"} == set(domain), template
+        assert "from best" not in text, template
