@@ -127,7 +127,7 @@ def paired_comparison(task: str, reference: Mapping[str, Any], runs: Sequence[Ma
     ----------
     task : {"classification", "regression"}
     reference : mapping of str to array-like
-        The per-row test arrays of the run the others are compared with (the best).
+        The per-row test arrays of the run the others are compared with (compare: the run selected on val).
     runs : sequence of mapping
         Per-row test arrays of the same test rows, in the same order (the
         reference itself may be among them: its delta is 0 with CIs [0, 0], and
