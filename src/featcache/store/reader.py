@@ -6,6 +6,10 @@ Example::
         fs.check_config(expected_config)          # StaleStoreError if params changed
         X = fs.read("pool", "train")              # (n, 1280) float32
         y = fs.labels("train")                    # (n,) int64
+        X = fs.read("pool+block6", "train")       # (n, 1280 + 192): two layers side by side
+
+A layer name may be fused (``pool+block6``: :func:`~featcache.store.schema.layer_parts`): :meth:`FeatureStore.read`,
+:meth:`~FeatureStore.to_dask` and :meth:`~FeatureStore.layer_info` concatenate its layers column-wise, in order.
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from featcache.errors import ParamError
 from featcache.util.closing import Closing
 
 from .errors import StaleStoreError, StoreError, StoreNotFoundError
-from .lazy import dask_array
-from .schema import FORMAT, SPLIT_CODES, SPLITS, canonical_json
+from .lazy import DASK_CHUNK_TARGET_BYTES, dask_array
+from .schema import FORMAT, LAYER_SEPARATOR, SPLIT_CODES, SPLITS, canonical_json, layer_parts
 
 if TYPE_CHECKING:  # dask is imported only where a dask array is built
     import dask.array
@@ -186,14 +190,31 @@ class FeatureStore(Closing):
     def layer_info(self, layer: str) -> dict[str, Any]:
         """Attributes of ``/features/<layer>``.
 
+        Parameters
+        ----------
+        layer : str
+            One of :attr:`layers`, or a fused name of several (``pool+block6``).
+
         Returns
         -------
         dict
             node (str), pooling (str), map_shape (tuple of int), post_relu
             (bool), dim (int), dtype (str, the storage dtype); for a token map also
             prefix_tokens (int: its leading non-patch tokens, left out of ``avg``/``max``).
+            A fused name: node, pooling and dtype of its parts joined by ``+`` (one dtype when they agree), dim
+            their sum, and ``parts``: the dict above of each part, in order (no map_shape or post_relu of its own).
         """
-        ds = self._dataset(layer)
+        infos = [self._info(name, ds) for name, ds in self._datasets(layer)]
+        if len(infos) == 1:
+            return infos[0]
+        dtypes = list(dict.fromkeys(info["dtype"] for info in infos))
+        return {"node": LAYER_SEPARATOR.join(info["node"] for info in infos),
+                "pooling": LAYER_SEPARATOR.join(info["pooling"] for info in infos),
+                "dim": sum(info["dim"] for info in infos), "dtype": LAYER_SEPARATOR.join(dtypes),
+                "parts": infos}
+
+    @staticmethod
+    def _info(layer: str, ds: h5py.Dataset) -> dict[str, Any]:
         a = ds.attrs
         info = {
             "node": _plain(a["node"]),
@@ -243,22 +264,32 @@ class FeatureStore(Closing):
             )
         return self._file
 
-    def _dataset(self, layer: str) -> h5py.Dataset:
+    def _datasets(self, layer: str) -> list[tuple[str, h5py.Dataset]]:
+        """(name, dataset) of each part of ``layer`` (one for a plain name), in order."""
         file = self._open_file()
-        if layer not in self.layers:
+        try:
+            parts = layer_parts(layer)
+        except ParamError as exc:
+            raise StoreError(f"{exc} (layers of {self.path}: {self.layers})") from None
+        unknown = [part for part in parts if part not in self.layers]
+        if unknown:
+            which = f"unknown layer {layer!r}" if len(parts) == 1 else \
+                f"layer {layer!r} fuses {unknown}, which {'is' if len(unknown) == 1 else 'are'} not stored"
             raise StoreError(
-                f"unknown layer {layer!r} in {self.path}; available: {self.layers}. "
-                "Hint: extract it by adding it to the extract layers and rerunning"
+                f"{which} in {self.path}; available: {self.layers}"
+                + (f" (or several of them joined by {LAYER_SEPARATOR!r})" if len(parts) > 1 else "")
+                + ". Hint: extract it by adding it to the extract layers and rerunning"
             )
-        return file["features"][layer]
+        return [(part, file["features"][part]) for part in parts]
 
     def read(self, layer: str, split: str | None = None, dtype: Any = np.float32) -> np.ndarray:
-        """Load the features of one layer into memory.
+        """Load the features of one layer (or of a fused name's layers, side by side) into memory.
 
         Parameters
         ----------
         layer : str
-            Alias, one of :attr:`layers`.
+            Alias, one of :attr:`layers`; or several joined by ``+`` (``pool+block6``), whose columns are
+            concatenated in that order.
         split : {"train", "val", "test"} or None
             Rows to return; None for all.
         dtype : numpy float dtype
@@ -267,11 +298,20 @@ class FeatureStore(Closing):
         Returns
         -------
         ndarray, (n, D)
+            D: the sum of the parts' dims for a fused name.
         """
         dtype = _float_dtype(dtype)
-        ds = self._dataset(layer)
+        datasets = self._datasets(layer)
         mask = self.split_mask(split)
-        out = np.empty((int(mask.sum()), ds.shape[1]), dtype=dtype)
+        out = np.empty((int(mask.sum()), sum(ds.shape[1] for _, ds in datasets)), dtype=dtype)
+        column = 0
+        for name, ds in datasets:
+            self._read_into(out[:, column : column + ds.shape[1]], name, ds, mask)
+            column += ds.shape[1]
+        return out
+
+    def _read_into(self, out: np.ndarray, layer: str, ds: h5py.Dataset, mask: np.ndarray) -> None:
+        """Copy the ``mask`` rows (N,) of ``ds`` (N, D) into ``out`` (n, D), a block of rows at a time."""
         step = ds.chunks[0] if ds.chunks else max(1, ds.shape[0])
         step *= max(1, (16 * 1024 * 1024) // max(1, step * ds.shape[1] * ds.dtype.itemsize))
         pos = 0
@@ -290,7 +330,6 @@ class FeatureStore(Closing):
             rows = block if sel.all() else block[sel]
             out[pos : pos + rows.shape[0]] = rows
             pos += rows.shape[0]
-        return out
 
     def to_dask(
         self,
@@ -302,23 +341,36 @@ class FeatureStore(Closing):
         """Lazy dask array (n, D) of one layer, chunked along whole HDF5 chunks.
 
         Each task opens the file by path, so the graph pickles and runs on
-        dask.distributed workers.
+        dask.distributed workers. A fused name (``pool+block6``) gives its layers' arrays concatenated along
+        the columns (``da.concatenate(axis=1)``), all chunked by the same rows.
 
         Parameters
         ----------
         layer, split, dtype
             As in :meth:`read`.
         rows_per_chunk : int, optional
-            Rows per dask chunk; default a multiple of the stored chunk rows.
+            Rows per dask chunk; default a multiple of the stored chunk rows (for a fused name: of the largest
+            stored chunk rows of its layers, sized by the summed D).
 
         Returns
         -------
         dask.array.Array, (n, D)
         """
         dtype = _float_dtype(dtype)
-        ds = self._dataset(layer)
-        stored = ds.chunks[0] if ds.chunks else max(1, ds.shape[0])
-        arr = dask_array(self.path, ds.name.lstrip("/"), ds.shape, stored, dtype, rows_per_chunk)
+        datasets = self._datasets(layer)
+        chunk_rows = [ds.chunks[0] if ds.chunks else max(1, ds.shape[0]) for _, ds in datasets]
+        if len(datasets) == 1:
+            _, ds = datasets[0]
+            arr = dask_array(self.path, ds.name.lstrip("/"), ds.shape, chunk_rows[0], dtype, rows_per_chunk)
+        else:
+            import dask.array as da
+
+            if rows_per_chunk is None:  # as dask_array's default, for the fused row width
+                stored = max(chunk_rows)
+                per_row = max(1, sum(ds.shape[1] for _, ds in datasets) * np.dtype(dtype).itemsize)
+                rows_per_chunk = stored * max(1, DASK_CHUNK_TARGET_BYTES // (stored * per_row))
+            arr = da.concatenate([dask_array(self.path, ds.name.lstrip("/"), ds.shape, rows, dtype, rows_per_chunk)
+                                  for (_, ds), rows in zip(datasets, chunk_rows)], axis=1)
         if split is None:
             return arr
         return arr[self.split_mask(split)]

@@ -18,6 +18,10 @@ A store is one HDF5 file per (dataset, backbone)::
     /errors   (E,)    compound (id, reason) utf-8 of inputs that were skipped
 
 N counts kept rows only: n_rows + n_skipped == n_input.
+
+A layer name read from a store may be a fused name ``a+b[+c...]`` (:data:`LAYER_SEPARATOR`,
+:func:`layer_parts`): the listed layers of the one store, concatenated column-wise in that order
+(hypercolumn features of one backbone); nothing fused is stored.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ import json
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from featcache.errors import ParamError
 
 __all__ = [
     "FORMAT",
@@ -52,10 +58,12 @@ __all__ = [
     "DEFAULT_FEATURE_DTYPE",
     "COMPRESSIONS",
     "HDF5_LIBVER",
+    "LAYER_SEPARATOR",
     "REQUIRED_ATTRS",
     "RESERVED_ATTRS",
     "LayerSpec",
     "canonical_json",
+    "layer_parts",
     "pooled_dim",
     "sha256_text",
 ]
@@ -145,6 +153,12 @@ COMPRESSIONS: tuple[str | None, ...] = ("lzf", "gzip", None)
 #: release; "earliest" keeps files readable by any HDF5 >= 1.8 tool.
 HDF5_LIBVER: tuple[str, str] = ("earliest", "v110")
 
+#: Joins the layers of a fused layer name, ``pool+block6``: those layers of one store side by side
+#: (:func:`layer_parts`). No stored layer's name contains it: the registry's aliases are letters, digits and
+#: ``_`` (``pool``, ``block6``, ``inception_4e``), and raw graph node names, the torchvision / timm ``torch.fx``
+#: node names, join with ``.`` and ``_`` (``features.12``, ``stages.2.blocks.1``, ``add_1``).
+LAYER_SEPARATOR = "+"
+
 #: Root attributes the writer requires from its caller.
 REQUIRED_ATTRS: tuple[str, ...] = ("config", "config_sha256")
 
@@ -211,6 +225,39 @@ def pooled_dim(map_shape: tuple[int, ...], pooling: str) -> int:
                          f"{kind} maps take {list(MAP_POOLINGS[kind])}.")
     channels = int(map_shape[-1] if kind == "tokens" else map_shape[0])
     return 4 * channels if pooling == "avg2x2" else channels
+
+
+def layer_parts(name: str) -> tuple[str, ...]:
+    """The layers a layer name reads: ``("pool",)`` for ``pool``, ``("pool", "block6")`` for ``pool+block6``.
+
+    A fused name (parts joined by :data:`LAYER_SEPARATOR`) means those layers of one store concatenated
+    column-wise in that order: (N, D1 + D2 + ...).
+
+    Parameters
+    ----------
+    name : str
+        A layer alias or raw node name, or several joined by ``+``.
+
+    Returns
+    -------
+    tuple of str
+        The parts in order (one for a plain layer name).
+
+    Raises
+    ------
+    ParamError
+        For an empty part (``pool+``, ``pool++block6``) or a part named twice (``pool+pool``).
+    """
+    parts = tuple(str(name).split(LAYER_SEPARATOR))
+    allowed = (f"allowed: one layer name, or several distinct layers of the same backbone joined by "
+               f"{LAYER_SEPARATOR!r} (e.g. 'pool{LAYER_SEPARATOR}block6')")
+    if any(not part.strip() for part in parts):
+        raise ParamError(f"layer {name!r} has an empty part; {allowed}. Hint: remove the stray {LAYER_SEPARATOR!r} "
+                         "(and any spaces around the layer names).")
+    repeated = sorted({part for part in parts if parts.count(part) > 1})
+    if repeated:
+        raise ParamError(f"layer {name!r} names {repeated} more than once; {allowed}. Hint: list each layer once.")
+    return parts
 
 
 def canonical_json(obj: Mapping[str, Any]) -> str:
