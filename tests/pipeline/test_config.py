@@ -24,6 +24,30 @@ def test_defaults_fill_features_from_backbones():
     assert [(f.backbone, f.layer) for f in params.features] == [("resnet18", "pool5"), ("resnet18", "res4")]
 
 
+def test_a_fused_feature_of_extracted_layers_passes():
+    params = parse_params({"backbones": {"efficientnet_lite0": {"layers": ["pool", "block6"]}},
+                           "features": [{"backbone": "efficientnet_lite0", "layer": "pool+block6"},
+                                        {"backbone": "efficientnet_lite0", "layer": "block6+pool"}]})
+    assert [f.layer for f in params.features] == ["pool+block6", "block6+pool"]
+
+
+@pytest.mark.parametrize("layer, expected", [
+    ("pool+blok6", ["features[0].layer 'pool+blok6' fuses ['blok6'], not extracted for 'efficientnet_lite0' "
+                    "(backbones.efficientnet_lite0.layers = ['pool', 'block6']). Did you mean 'block6'? Hint: add",
+                    "layers of different backbones are not fused"]),
+    ("pool+res4", ["fuses ['res4']", "['pool', 'block6']"]),  # a layer of another backbone
+    ("pool+", ["features[0].layer 'pool+' has an empty part; allowed: ", "Hint: remove the stray '+'"]),
+    ("pool+pool", ["features[0].layer 'pool+pool' names ['pool'] more than once", "Hint: list each layer once"]),
+])
+def test_a_fused_feature_names_its_missing_or_bad_part(layer, expected):
+    with pytest.raises(ConfigError) as info:
+        parse_params({"backbones": {"efficientnet_lite0": {"layers": ["pool", "block6"]},
+                                    "resnet18": {"layers": ["res4"]}},
+                      "features": [{"backbone": "efficientnet_lite0", "layer": layer}]})
+    for text in expected:
+        assert text in str(info.value), str(info.value)
+
+
 @pytest.mark.parametrize("raw, expected", [
     ({"extract": {"batchsize": 8}}, ["extract.batchsize", "batch_size"]),
     ({"data": {"sourc": "folder"}}, ["data.sourc", "source"]),

@@ -6,6 +6,10 @@ a stage validates only the sections it reads (its
 not touch what the extract stage imports. :class:`Params` adds the
 cross-section checks (features that name extracted layers, head sections)
 and is what :func:`load_params` returns; every stage function accepts it.
+
+A feature's layer may be fused, ``pool+block6`` (:func:`featcache.store.schema.layer_parts`): heads train
+on those layers of the backbone's store side by side, each of which must be in the backbone's
+``layers``. Layers of different backbones are not fused.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Mapping
 
 from pydantic import Field, field_validator, model_validator
 
+from featcache.errors import ParamError
 from featcache.pipeline.params.backbones import check_backbones, check_poolings
 from featcache.pipeline.params.base import Strict, read_params_file, validate_sections
 from featcache.pipeline.params.data import DataParams
@@ -27,8 +32,44 @@ from featcache.pipeline.params.train import (
     check_heads_sections,
     check_train_metric,
 )
+from featcache.store.schema import LAYER_SEPARATOR, layer_parts
+from featcache.util.names import did_you_mean
 
-__all__ = ["Params", "load_params", "parse_params"]
+__all__ = ["Params", "check_feature_layer", "load_params", "parse_params"]
+
+
+def check_feature_layer(index: int, feature: FeatureRef, layers: list[str]) -> None:
+    """``features[index].layer``, or each part of a fused ``a+b`` layer, is one of the backbone's ``layers``.
+
+    Parameters
+    ----------
+    index : int
+        The feature's position in ``features`` (for the message).
+    feature : FeatureRef
+        Its backbone and layer.
+    layers : list of str
+        ``backbones.<feature.backbone>.layers`` (``default`` already resolved).
+
+    Raises
+    ------
+    ValueError
+        Naming the layer (the missing part of a fused one), the backbone's layers and a close match.
+    """
+    try:
+        parts = layer_parts(feature.layer)
+    except ParamError as exc:
+        raise ValueError(f"features[{index}].{exc}") from None
+    missing = [part for part in parts if part not in layers]
+    if not missing:
+        return
+    what = (f"features[{index}].layer {feature.layer!r} is not extracted for {feature.backbone!r}" if len(parts) == 1
+            else f"features[{index}].layer {feature.layer!r} fuses {missing}, not extracted for "
+                 f"{feature.backbone!r}")
+    fused = (f" A fused layer joins layers of this one backbone with {LAYER_SEPARATOR!r}; layers of different "
+             "backbones are not fused." if len(parts) > 1 else "")
+    raise ValueError(f"{what} (backbones.{feature.backbone}.layers = {layers}).{did_you_mean(missing[0], layers)}"
+                     f" Hint: add {'it' if len(missing) == 1 else 'them'} to those layers or remove the "
+                     f"feature.{fused}")
 
 
 class Params(Strict):
@@ -59,11 +100,7 @@ class Params(Strict):
             if feature.backbone not in self.backbones:
                 raise ValueError(f"features[{index}].backbone {feature.backbone!r} is not configured under "
                                  f"backbones (configured: {list(self.backbones)})")
-            layers = self.backbones[feature.backbone].layers
-            if feature.layer not in layers:
-                raise ValueError(f"features[{index}].layer {feature.layer!r} is not extracted for "
-                                 f"{feature.backbone!r} (backbones.{feature.backbone}.layers = {layers}). "
-                                 "Hint: add it to those layers or remove the feature.")
+            check_feature_layer(index, feature, self.backbones[feature.backbone].layers)
         check_heads_sections(self.heads, self.data.task)
         check_train_metric(self.train.metric, self.data.task)
         check_dask_heads(self.heads, self.train, self.data.task)
