@@ -18,6 +18,8 @@ from .conftest import shipped_backend
 
 HEADS = ("logreg", "lightgbm", "mlp")
 HEADER = ["id", "prediction", "p_blue", "p_green", "p_red", "error"]
+#: A fused layer (pool and block6 side by side) and heads trained on it: in memory (logreg), streamed (sgd).
+FUSED, FUSED_HEADS = "pool+block6", ("logreg", "sgd")
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +28,8 @@ def trained(tmp_path_factory, folder_factory, params_factory) -> dict:
     images = folder_factory(root / "images", per_class=8)
     raw = params_factory(str(images))
     raw["extract"]["backend"] = shipped_backend()  # auto: onnxruntime on this CPU, as the shipped params.yaml
-    raw["backbones"]["efficientnet_lite0"]["layers"] = ["pool"]
-    raw["features"] = raw["features"][:1]
+    raw["backbones"]["efficientnet_lite0"]["layers"] = ["pool", "block6"]
+    raw["features"] = [{"backbone": "efficientnet_lite0", "layer": FUSED}]
     params = parse_params(raw)
     assert params.extract.dtype == "float16"  # the shipped storage: the rounding predict --images must apply
     prepare(params, root / "prepared")
@@ -36,7 +38,9 @@ def trained(tmp_path_factory, folder_factory, params_factory) -> dict:
     for head in HEADS:
         train(params, store, "efficientnet_lite0", "pool", head, root / "metrics" / f"{head}.json",
               model_dir=root / "models" / head)
-    return {"root": root, "store": store, "images": images, "models": root / "models"}
+    runs = {head: train(params, store, "efficientnet_lite0", FUSED, head, root / "metrics" / f"fused_{head}.json",
+                        model_dir=root / "models" / f"fused_{head}") for head in FUSED_HEADS}
+    return {"root": root, "store": store, "images": images, "models": root / "models", "fused_runs": runs}
 
 
 def _csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -50,12 +54,12 @@ def _predict(model: Path, *args: str, out: Path) -> tuple[list[str], list[dict[s
     return _csv(out)
 
 
-@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("head", [*HEADS, *(f"fused_{head}" for head in FUSED_HEADS)])
 def test_images_get_the_predictions_of_their_store_rows(trained, head, tmp_path):
     """Was: torch float32 features for --images against onnxruntime features stored as float16: other
     probabilities (logreg and MLP differed in the 6th decimal of every row). Now logreg and LightGBM are identical
     cell for cell; the MLP may differ by 1e-6 (its forward over other batch sizes: 32 images here, whole splits at
-    training), and is compared with that tolerance."""
+    training), and is compared with that tolerance. Heads on the fused pool+block6 too (was: no such layer)."""
     model = trained["models"] / head
     store_header, store_rows = _predict(model, "--store", str(trained["store"]), out=tmp_path / "store.csv")
     header, rows = _predict(model, "--images", str(trained["images"]), out=tmp_path / "images.csv")
@@ -70,6 +74,24 @@ def test_images_get_the_predictions_of_their_store_rows(trained, head, tmp_path)
                 assert float(scored[column]) == pytest.approx(float(stored[column]), abs=2e-6), (stored["id"], column)
             else:
                 assert scored[column] == stored[column], (stored["id"], column)
+
+
+@pytest.mark.parametrize("head", FUSED_HEADS)
+def test_a_head_on_a_fused_layer_trains_on_both_layers_side_by_side(trained, head):
+    """The train stage on pool+block6 (was: unknown layer): the run record names the fused layer, its nodes and
+    poolings joined by '+', and the head saw 1280 + 192 features."""
+    from featcache.runs import read_run, read_run_info
+    from featcache.store import FeatureStore
+
+    with FeatureStore(trained["store"]) as store:
+        pool, block6 = store.layer_info("pool"), store.layer_info("block6")
+    assert (pool["dim"], block6["dim"]) == (1280, 192)
+    run = read_run(trained["root"] / "metrics" / f"fused_{head}.json")
+    assert run == trained["fused_runs"][head]
+    assert run["layer"] == FUSED and run["n_features"] == 1280 + 192
+    assert run["node"] == f"{pool['node']}+{block6['node']}"
+    assert run["pooling"] == f"{pool['pooling']}+{block6['pooling']}"
+    assert read_run_info(trained["models"] / f"fused_{head}")["layer"] == FUSED
 
 
 def test_a_bad_image_gets_a_row_and_hidden_files_are_skipped(trained, tmp_path, capsys, caplog):

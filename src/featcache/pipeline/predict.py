@@ -10,6 +10,9 @@ rounding (a float16 store's features are rounded to float16 before the head):
 ``predict --images`` gives the predictions ``predict --store`` gives for the
 same images. A head trained on int8 features runs the store's very int8 graph (found in the ONNX cache by its
 recorded sha256, else rebuilt from the manifest it was calibrated on), or float32 with one warning saying why.
+A head trained on a fused layer (``pool+block6``, :func:`~featcache.store.schema.layer_parts`) reads those
+layers of the store side by side; on images, one pass of the backbone (float32 or the int8 graph) gives every
+part, each rounded to the storage dtype and concatenated in the same order.
 
 Both write one CSV layout: ``id``, (``split``, ``actual`` with ``--store``),
 ``prediction``, ``p_<class>`` per class for a classifier, and ``error`` (empty
@@ -35,7 +38,7 @@ import numpy as np
 from featcache.errors import SAVED_HEAD_HINT, SavedHeadNotFoundError, UserError
 from featcache.extract.inputs.sources import IMAGE_EXTENSIONS
 from featcache.runs import read_json_object, read_run_info
-from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS, SPLITS
+from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS, SPLITS, layer_parts
 from featcache.util.checks import check_int
 
 if TYPE_CHECKING:  # the store (h5py), the head (scikit-learn) and the runtimes load only to score
@@ -369,11 +372,12 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
     plan, threads = _plan(config, device)
     source = resolve_weights(info["backbone"], stored_weights(config, model_dir), model=config.get("model"))
     preprocess = stored_preprocessor(config)
+    parts = layer_parts(info["layer"])  # a fused layer's parts come out of one pass of the backbone
     runner = None
-    if knobs.get("precision", "float32") == "int8":
+    if knobs.get("precision", "float32") == "int8":  # its graph computes every layer of the store
         runner = _int8_runner(config, source, preprocess, model_dir, onnx_cache, plan.backend)
     if runner is None:
-        runner, _ = build_runner(source, [info["layer"]], plan, pooling=knobs["pooling"],
+        runner, _ = build_runner(source, list(parts), plan, pooling=knobs["pooling"],
                                  channels_last=knobs.get("channels_last", True), onnx_cache=onnx_cache)
     reader = ImageReader(paths, preprocess)
     stored = np.dtype(knobs.get("dtype", "float32"))  # the head was fitted on features read back from this dtype
@@ -386,8 +390,9 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
         if good:
             pixels = np.stack([item[1] for item in good])
             with torch_threads(threads) if threads is not None else contextlib.nullcontext():
-                features = runner(preprocess.normalize_batch(pixels))[info["layer"]]
-            features = np.asarray(features, dtype=np.float32).astype(stored).astype(np.float32)
+                outputs = runner(preprocess.normalize_batch(pixels))
+            features = np.concatenate([np.asarray(outputs[part], dtype=np.float32).astype(stored).astype(np.float32)
+                                       for part in parts], axis=1)
             scored = dict(zip([item[0] for item in good],
                               _rows([str(paths[item[0]]) for item in good], _score(head, features, task), task,
                                     classes)))
