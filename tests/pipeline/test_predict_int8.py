@@ -24,7 +24,8 @@ FALLBACK = "the head was trained on int8 features, but"
 
 @pytest.fixture(scope="module")
 def int8_run(tmp_path_factory, folder_factory, params_factory) -> dict:
-    """An int8 store (its graph cached in ``cache/onnx``), and heads trained on its ``pool`` layer."""
+    """An int8 store (its graph cached in ``cache/onnx``), and heads trained on its ``pool`` layer (and a logreg on
+    ``pool+block6``)."""
     root = tmp_path_factory.mktemp("predict-int8")
     images = folder_factory(root / "images", per_class=12)
     raw = params_factory(str(images))
@@ -38,6 +39,8 @@ def int8_run(tmp_path_factory, folder_factory, params_factory) -> dict:
     for head in HEADS:
         train(params, store, "efficientnet_lite0", "pool", head, root / "metrics" / f"{head}.json",
               model_dir=root / "models" / head)
+    train(params, store, "efficientnet_lite0", "pool+block6", "logreg", root / "metrics" / "fused_logreg.json",
+          model_dir=root / "models" / "fused_logreg")  # both layers side by side, from the one int8 graph
     with h5py.File(store, "r") as f:
         attrs = {key: f.attrs[key] for key in ("onnx_sha256", "int8_float_nodes")}
     return {"root": root, "store": store, "images": images, "models": root / "models", "attrs": attrs,
@@ -84,9 +87,10 @@ def test_the_store_config_records_its_int8_graph(int8_run):
     assert run_info["extraction_config"]["extract"]["int8_graph"] == record
 
 
-@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("head", [*HEADS, "fused_logreg"])
 def test_images_of_an_int8_store_get_its_predictions(int8_run, head, tmp_path, monkeypatch, caplog):
-    """Was: float32 features for --images ("scoring float32 features"), other probabilities than --store's."""
+    """Was: float32 features for --images ("scoring float32 features"), other probabilities than --store's.
+    ``fused_logreg``: a head on pool+block6 (was: no such layer)."""
     monkeypatch.setenv(CACHE_ENV, str(int8_run["root"] / "cache"))  # auto: the extraction's cache
     with caplog.at_level(logging.INFO, logger="featcache"):
         _assert_same_as_store(int8_run, head, tmp_path)
