@@ -343,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = with_params(sub.add_parser("train", help="train and score one head on one layer"))
     tr.add_argument("--store", required=True, help="HDF5 feature store written by extract")
     tr.add_argument("--backbone", required=True, help="the store's backbone (a key of backbones: in the params file)")
-    tr.add_argument("--layer", required=True, help="an extracted layer of the store (an alias or a graph node)")
+    tr.add_argument("--layer", required=True, help="an extracted layer of the store (an alias or a graph node), "
+                    "or several joined by '+', side by side (pool+block6)")
     tr.add_argument("--head", required=True, help=f"one of {', '.join(head_names())} "
                     "(hyper-parameters: heads.<head> in the params file)")
     tr.add_argument("--metrics", required=True, help="output metrics JSON (test scores; a .run.json sidecar beside it)")

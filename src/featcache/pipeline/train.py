@@ -1,4 +1,8 @@
-"""``train`` stage: one head on one (backbone, layer) of a feature store -> metrics, plot, model."""
+"""``train`` stage: one head on one (backbone, layer) of a feature store -> metrics, plot, model.
+
+The layer may be fused, ``pool+block6`` (several layers of the store side by side: what
+:class:`~featcache.store.FeatureStore` reads for such a name).
+"""
 
 from __future__ import annotations
 
@@ -171,7 +175,9 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
     backbone : str
         A key of ``params.backbones``.
     layer : str
-        A layer of the store (:attr:`~featcache.store.FeatureStore.layers`).
+        A layer of the store (:attr:`~featcache.store.FeatureStore.layers`), or several joined by ``+``
+        (``pool+block6``): the head trains on them side by side, and the run record's ``node`` and ``pooling``
+        are theirs joined by ``+``.
     head : str
         A head name (:func:`featcache.heads.head_names`).
     metrics_path : path
