@@ -221,3 +221,24 @@ def test_an_export_setting_edit_reruns_the_export_not_the_training(dvc_project: 
         assert set(json.loads(_run(["dvc", "status", "--json", "export@frozen"], finetune))) == {"export@frozen"}
     finally:
         params.write_text(shipped)
+
+
+def test_repro_trains_a_fused_layer_under_its_plus_named_paths(tmp_path_factory, folder_factory, params_factory):
+    """``features: [{layer: pool+block6}]``: the train stage's paths hold a '+', which DVC runs, tracks and reports
+    as any layer (was: the check stage failed, "features[0].layer 'pool+block6' is not extracted")."""
+    root = new_project(tmp_path_factory.mktemp("dvcfused"))
+    folder_factory(root / "data" / "tiny", per_class=8)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params.update(params_factory("data/tiny"))
+    params["extract"]["backend"] = shipped_backend()
+    params["features"] = [{"backbone": "efficientnet_lite0", "layer": "pool+block6"}]
+    params["train"]["heads"] = ["logreg"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    trained = [name for name in _stages_run(_run(["dvc", "repro"], root)) if name.startswith("train@")]
+    assert len(trained) == 1, trained
+    run = json.loads((root / "metrics" / "tiny" / "efficientnet_lite0" / "pool+block6" / "logreg.run.json").read_text())
+    assert run["layer"] == "pool+block6" and run["n_features"] == 1280 + 192, run
+    assert (root / "models" / "tiny" / "efficientnet_lite0" / "pool+block6" / "logreg" / "featcache-run.json").is_file()
+    assert (root / "plots" / "predictions" / "tiny" / "efficientnet_lite0" / "pool+block6" / "logreg.csv").is_file()
+    assert "| efficientnet_lite0 | pool+block6 |" in (root / "reports" / "compare.md").read_text()
+    assert _stages_run(_run(["dvc", "repro"], root)) == set()
