@@ -48,6 +48,15 @@ def test_a_fused_feature_names_its_missing_or_bad_part(layer, expected):
         assert text in str(info.value), str(info.value)
 
 
+def test_a_fused_name_among_a_backbones_layers_is_refused_with_the_features_hint():
+    """Extraction would look for a node called 'pool+block6' and fail late, naming no fix."""
+    with pytest.raises(ConfigError) as info:
+        parse_params({"backbones": {"efficientnet_lite0": {"layers": ["pool+block6"]}}})
+    message = str(info.value)
+    assert "backbones.efficientnet_lite0.layers" in message and "'pool+block6' is a fused layer name" in message
+    assert "Hint: extract ['pool', 'block6'] here and fuse them under features:" in message, message
+
+
 @pytest.mark.parametrize("raw, expected", [
     ({"extract": {"batchsize": 8}}, ["extract.batchsize", "batch_size"]),
     ({"data": {"sourc": "folder"}}, ["data.sourc", "source"]),

@@ -29,6 +29,7 @@ from featcache.store.schema import (
     DEFAULT_MAX_BAD_FRACTION,
     DEFAULT_MAX_IMAGE_PIXELS,
     FEATURE_DTYPES,
+    LAYER_SEPARATOR,
     ON_ERROR,
     POOLINGS,
     PRECISIONS,
@@ -176,6 +177,17 @@ class BackboneParams(Strict):
     @classmethod
     def _weights(cls, value: str) -> str:
         return check_weights_name(value)
+
+    @field_validator("layers")
+    @classmethod
+    def _single_layers(cls, value: list[str]) -> list[str]:
+        for layer in value:
+            if LAYER_SEPARATOR in layer:
+                parts = [part.strip() for part in layer.split(LAYER_SEPARATOR) if part.strip()]
+                raise ValueError(f"{layer!r} is a fused layer name; a backbone extracts single layers (no layer "
+                                 f"name has {LAYER_SEPARATOR!r}). Hint: extract {parts} here and fuse them under "
+                                 f"features: ({{backbone: ..., layer: {layer}}}).")
+        return value
 
 
 def default_backbones() -> dict[str, BackboneParams]:
