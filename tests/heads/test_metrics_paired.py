@@ -25,8 +25,9 @@ from featcache.heads.paired import (
 )
 
 N, K = 300, 4
-#: A run compared with itself: Δ 0, both CIs [0, 0], neither excludes 0.
-ZERO = {"delta": 0.0, "ci": [0.0, 0.0], "ci_excludes_0": False, "simultaneous_ci": [0.0, 0.0], "distinguishable": False}
+#: A run compared with itself: Δ 0, both CIs [0, 0], neither excludes 0, no step of the correction decides it.
+ZERO = {"delta": 0.0, "ci": [0.0, 0.0], "ci_excludes_0": False, "simultaneous_ci": [0.0, 0.0], "distinguishable": False,
+        "decided_by": None}
 
 
 def _proba(y: np.ndarray, correct: np.ndarray, confidence: float = 0.7) -> np.ndarray:
@@ -196,13 +197,16 @@ def test_among_20_comparisons_a_ci_that_excludes_0_alone_is_not_called_distingui
     reference, runs = _family(20)
     deltas, correction = paired_comparison("classification", reference, [reference, *runs], ["accuracy"], K,
                                            n_boot=1000, seed=0)
-    assert correction == {"method": CORRECTION, "comparisons": 20, "level": 0.95,
-                          "critical_value": pytest.approx(correction["critical_value"])}
+    critical = correction["critical_value"]
+    assert correction == {"method": CORRECTION, "comparisons": 20, "level": 0.95, "critical_value": critical,
+                          "steps": [{"critical_value": critical, "comparisons": 20, "called": 0}]}
     assert 2.8 < correction["critical_value"] < 3.6, correction  # Bonferroni's z for 20 two-sided: 3.02
     assert deltas[0]["accuracy"] == ZERO  # the reference itself: no comparison of the family
     for delta in deltas[1:]:
         accuracy = delta["accuracy"]
         assert accuracy["distinguishable"] is False, accuracy
+        assert accuracy["decided_by"] == {"step": 1, "critical_value": critical, "t": pytest.approx(6 / 400 / (
+            (accuracy["simultaneous_ci"][1] - accuracy["delta"]) / critical))}  # step 1 calls none: no step 2
         assert accuracy["delta"] == pytest.approx(-6 / 400)
         assert accuracy["ci"][1] < 0 and accuracy["ci_excludes_0"] is True  # the unadjusted CI alone says "worse"
         low, high = accuracy["simultaneous_ci"]

@@ -66,7 +66,8 @@ def test_every_run_gets_its_paired_delta_to_the_best(tmp_path):
     table, runs = _table(tmp_path / "r"), _json(tmp_path / "r")
     assert table["mlp"]["Δ accuracy vs best"] == table["mlp"]["distinguishable from best"] == "(best)"
     assert runs["mlp"]["paired"]["accuracy"] == {"delta": 0.0, "ci": [0.0, 0.0], "ci_excludes_0": False,
-                                                 "simultaneous_ci": [0.0, 0.0], "distinguishable": False}
+                                                 "simultaneous_ci": [0.0, 0.0], "distinguishable": False,
+                                                 "decided_by": None}
     logreg = runs["logreg"]["paired"]
     assert logreg["reference"] == "b/pool/mlp" and (logreg["n_boot"], logreg["seed"]) == (200, 0)
     assert logreg["accuracy"]["delta"] == pytest.approx(-2 / N)
@@ -145,7 +146,7 @@ def test_without_bootstrap_the_report_claims_no_cis(tmp_path):
 def test_distinguishable_is_corrected_for_the_many_comparisons(tmp_path):
     """12 runs, each wrong on the best run's 10 rows and on 6 rows of its own: alone, each one's paired 95% CI
     excludes 0 on both metrics, and the old column said `accuracy, log_loss` 12 times: 24 calls, each with a 5% chance
-    of being luck. Corrected for the 24 comparisons (bootstrap max-|t| simultaneous CIs), it says `no`, and the
+    of being luck. Corrected for the 24 comparisons (step-down bootstrap max-|t|), it says `no`, and the
     report says which correction, over how many comparisons."""
     _write(tmp_path / "m", "mlp", 10)
     for j in range(12):
@@ -169,9 +170,17 @@ def test_distinguishable_is_corrected_for_the_many_comparisons(tmp_path):
     text = (tmp_path / "r" / "compare.md").read_text()
     assert "paired 95% bootstrap CI in brackets (of that comparison alone, unadjusted)" in text, text
     critical = runs["h00"]["paired"]["correction"]["critical_value"]
+    # Step-down (Romano-Wolf): step 1 is the single step (its c, the simultaneous CIs); it calls none of these 24
+    # equal differences, so there is no step 2. compare.json carries each step's critical value.
+    assert runs["h00"]["paired"]["correction"]["steps"] == [{"critical_value": critical, "comparisons": 24,
+                                                             "called": 0}]
+    assert runs["h00"]["paired"]["accuracy"]["decided_by"]["critical_value"] == critical
     assert ("Distinguishable from best: the metrics whose Δ stays clear of 0 after a family-wise correction for the "
-            "24 comparisons of this table (12 runs × 2 metrics), by bootstrap max-|t| simultaneous CIs "
-            f"(`simultaneous_ci` in compare.json: Δ ± {critical:.2f} bootstrap SEs") in text, text
+            "24 comparisons of this table (12 runs × 2 metrics), by step-down bootstrap max-|t| (Romano-Wolf): step 1 "
+            f"calls those whose simultaneous CI (`simultaneous_ci` in compare.json: Δ ± {critical:.2f} bootstrap SEs"
+            ) in text, text
+    assert (f"until none is new (bounds by step: {critical:.2f}; `correction.steps` in compare.json)" in text
+            and "The step-down gives calls, not intervals" in text), text
 
 
 def test_the_paired_chart_draws_the_tables_delta_for_each_paired_run(tmp_path):

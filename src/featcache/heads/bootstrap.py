@@ -6,7 +6,8 @@ score (the point value is the same kernel on the identity resample). The same
 ``n``, ``n_boot`` and ``seed`` give the same resamples in :func:`bootstrap_ci`,
 :func:`metrics_with_ci` and :func:`resampled_scores`, so the runs of one test split
 are rescored on the same rows (:mod:`~featcache.heads.paired`); :func:`simultaneous_cis`
-widens the CIs of a family of such statistics so that they hold together (max-|t|).
+widens the CIs of a family of such statistics so that they hold together (max-|t|), and
+:func:`stepdown_max_t` says which of them differ from 0, family-wise (step-down max-|t|).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .metrics import (
 )
 
 __all__ = ["ROW_FIELDS", "bootstrap_ci", "metrics_with_ci", "percentile_ci", "resampled_scores", "row_arrays",
-           "simultaneous_cis"]
+           "simultaneous_cis", "stepdown_max_t"]
 
 #: A run's per-row test arrays by task (:func:`row_arrays`).
 ROW_FIELDS = {"classification": ("y_true", "y_pred", "p_true"), "regression": ("y_true", "y_pred")}
@@ -58,6 +59,30 @@ def percentile_ci(stats: np.ndarray, alpha: float) -> tuple[float, float]:
     _check_alpha(alpha)
     lo, hi = np.nanpercentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return float(lo), float(hi)
+
+
+def _centred_t(stats: Sequence[np.ndarray]) -> tuple[list[float], list[float], dict[int, np.ndarray]]:
+    """Per statistic its point value and bootstrap SE (NaN: < 2 finite resamples), and, for each whose SE > 0
+    (by its index), the centred ``|stat_b - point| / SE`` on every resample: array of shape (B,)."""
+    points, spreads, tails = [], [], {}
+    for index, values in enumerate(stats):
+        values = np.asarray(values, dtype=np.float64)
+        boot = values[1:][np.isfinite(values[1:])]
+        spread = float(np.std(boot, ddof=1)) if boot.size > 1 else math.nan
+        points.append(float(values[0]))
+        spreads.append(spread)
+        if spread > 0:
+            tails[index] = np.abs(values[1:] - values[0]) / spread
+    return points, spreads, tails
+
+
+def _max_t_quantile(tails: Sequence[np.ndarray], alpha: float) -> float | None:
+    """The 1 - ``alpha`` quantile over the resamples of the max of ``tails`` (each of shape (B,)), or None."""
+    if not tails:
+        return None
+    t_max = np.fmax.reduce(np.vstack(tails), axis=0)  # NaN only where every statistic is NaN
+    t_max = t_max[np.isfinite(t_max)]
+    return float(np.quantile(t_max, 1 - alpha)) if t_max.size else None
 
 
 def simultaneous_cis(stats: Sequence[np.ndarray], alpha: float = 0.05) -> tuple[list[list[float] | None],
@@ -96,20 +121,8 @@ def simultaneous_cis(stats: Sequence[np.ndarray], alpha: float = 0.05) -> tuple[
         ``c`` (None when no statistic varies: then no interval is wider than its point).
     """
     _check_alpha(alpha)
-    points, spreads, tails = [], [], []
-    for values in stats:
-        values = np.asarray(values, dtype=np.float64)
-        boot = values[1:][np.isfinite(values[1:])]
-        spread = float(np.std(boot, ddof=1)) if boot.size > 1 else math.nan
-        points.append(float(values[0]))
-        spreads.append(spread)
-        if spread > 0:
-            tails.append(np.abs(values[1:] - values[0]) / spread)
-    critical = None
-    if tails:
-        t_max = np.fmax.reduce(np.vstack(tails), axis=0)  # NaN only where every statistic is NaN
-        t_max = t_max[np.isfinite(t_max)]
-        critical = float(np.quantile(t_max, 1 - alpha)) if t_max.size else None
+    points, spreads, tails = _centred_t(stats)
+    critical = _max_t_quantile(list(tails.values()), alpha)
     cis: list[list[float] | None] = []
     for point, spread in zip(points, spreads, strict=True):
         if math.isnan(spread):
@@ -118,6 +131,68 @@ def simultaneous_cis(stats: Sequence[np.ndarray], alpha: float = 0.05) -> tuple[
             half = critical * spread if spread > 0 and critical is not None else 0.0
             cis.append([point - half, point + half])
     return cis, critical
+
+
+def stepdown_max_t(stats: Sequence[np.ndarray], alpha: float = 0.05) -> tuple[list[dict[str, Any] | None],
+                                                                                list[dict[str, Any]]]:
+    """Which statistics of a family differ from 0, family-wise, by the bootstrap step-down max-|t| (Romano-Wolf).
+
+    Step 1 is :func:`simultaneous_cis`: with ``c_1`` the 1 - ``alpha`` quantile over the
+    resamples of the max over the family of the centred ``|t*_jb| = |stat_jb - point_j| / se_j``,
+    a statistic is called when ``point_j ± c_1 * se_j`` excludes 0. Each next step takes
+    ``c_k``, the same quantile but of the max over the statistics not yet called only, and
+    calls those of them whose ``point_j ± c_k * se_j`` excludes 0; it stops when a step
+    calls none (Romano & Wolf 2005, Econometrica 73; Westfall & Young's step-down maxT).
+    The largest ``|t|`` are called first; the chance of calling any statistic whose true value
+    is 0 stays about ``alpha``, as with the single step, and since step 1 calls exactly what the
+    single step calls, it never calls fewer (often more: ``c_k`` shrinks as the family does).
+    It gives calls, not intervals: the intervals that hold together remain those of
+    :func:`simultaneous_cis` (``c_1``), which for a statistic called at a later step may
+    include 0. A family of one is one bootstrap-t test at ``alpha``: one step.
+
+    Parameters
+    ----------
+    stats : sequence of ndarray
+        As in :func:`simultaneous_cis`: per statistic, an array of 1 + B values (point, then each resample).
+    alpha : float
+        The family-wise error rate.
+
+    Returns
+    -------
+    calls : list of dict or None
+        Per statistic ``{"distinguishable": bool, "step": int or None, "critical_value": float or None,
+        "t": float or None}``: ``step`` (from 1) and its ``c_k`` that called it, or the last step, which did
+        not; ``t`` is ``|point| / se``. A statistic that does not vary over the resamples is called when its
+        point is not 0, by no step (``step``, ``critical_value``, ``t`` None); None for one with fewer than 2
+        finite resampled values (as in :func:`simultaneous_cis`).
+    steps : list of dict
+        Per step ``{"critical_value": c_k, "comparisons": statistics not yet called, "called": how many it
+        called}``; empty when no statistic varies.
+    """
+    _check_alpha(alpha)
+    points, spreads, tails = _centred_t(stats)
+    calls: list[dict[str, Any] | None] = [
+        None if math.isnan(spread) else {"distinguishable": bool(point > 0 or point < 0), "step": None,
+                                         "critical_value": None, "t": None}
+        for point, spread in zip(points, spreads, strict=True)]
+    remaining, steps = sorted(tails), []
+    while remaining:
+        critical = _max_t_quantile([tails[index] for index in remaining], alpha)
+        if critical is None:  # unreachable for SE > 0 (>= 2 finite resamples), kept for safety
+            break
+        called = []
+        for index in remaining:
+            point, half = points[index], critical * spreads[index]
+            hit = bool(point - half > 0 or point + half < 0)  # the arithmetic of simultaneous_cis' bands
+            calls[index] = {"distinguishable": hit, "step": len(steps) + 1, "critical_value": critical,
+                            "t": abs(point) / spreads[index]}
+            if hit:
+                called.append(index)
+        steps.append({"critical_value": critical, "comparisons": len(remaining), "called": len(called)})
+        if not called:
+            break
+        remaining = [index for index in remaining if index not in set(called)]
+    return calls, steps
 
 
 def bootstrap_ci(

@@ -14,7 +14,7 @@ that ``compare`` pairs only runs scored on the same test rows. The resamples
 are those of the run's own CIs (:func:`~featcache.heads.bootstrap.metrics_with_ci`)
 for the same ``n_boot`` and ``seed``. Whether a run is *distinguishable* from the
 reference is judged over all the comparisons at once (:func:`paired_comparison`:
-bootstrap max-|t| simultaneous CIs), not one CI at a time.
+step-down bootstrap max-|t|, Romano-Wolf), not one CI at a time.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from featcache.errors import UserError
 from featcache.store.schema import TASKS
 from featcache.util.atomic import write_bytes
 
-from .bootstrap import ROW_FIELDS, percentile_ci, resampled_scores, simultaneous_cis
+from .bootstrap import ROW_FIELDS, percentile_ci, resampled_scores, simultaneous_cis, stepdown_max_t
 
 __all__ = ["CORRECTION", "ROWS_FORMAT", "ROWS_SUFFIX", "PairingError", "check_rows", "ids_sha256", "paired_comparison",
            "paired_deltas", "read_rows", "rows_path", "write_rows"]
@@ -41,7 +41,7 @@ __all__ = ["CORRECTION", "ROWS_FORMAT", "ROWS_SUFFIX", "PairingError", "check_ro
 ROWS_SUFFIX = ".rows.npz"
 
 #: How :func:`paired_comparison` corrects ``distinguishable`` for the many comparisons.
-CORRECTION = "bootstrap max-|t| simultaneous CIs"
+CORRECTION = "step-down bootstrap max-|t| (Romano-Wolf)"
 
 #: The ``format`` of the rows files this version writes.
 ROWS_FORMAT = "featcache-rows/1"
@@ -97,7 +97,7 @@ def paired_deltas(task: str, reference: Mapping[str, Any], runs: Sequence[Mappin
     Returns
     -------
     list of dict
-        Per run, ``{metric: {"delta", "ci", "ci_excludes_0", "simultaneous_ci", "distinguishable"}}``.
+        Per run, ``{metric: {"delta", "ci", "ci_excludes_0", "simultaneous_ci", "distinguishable", "decided_by"}}``.
     """
     return paired_comparison(task, reference, runs, metrics, n_classes, n_boot=n_boot, seed=seed, alpha=alpha)[0]
 
@@ -111,17 +111,20 @@ def paired_comparison(task: str, reference: Mapping[str, Any], runs: Sequence[Ma
     every run on those same rows. Per (run, metric), ``ci`` is the percentile
     interval of the per-draw differences: 1 - ``alpha`` for that comparison alone.
     Read alone, with many runs, some of those CIs exclude 0 by luck (at 95%, one in
-    20 ties). So ``distinguishable`` does not read them: it asks whether the
-    *simultaneous* CI excludes 0, the interval of the bootstrap max-|t| method
-    (:func:`~featcache.heads.bootstrap.simultaneous_cis`) over the family of every
-    (run, metric) difference in this call, so that the chance of calling any tie
-    distinguishable is about ``alpha`` in all. That method is used because it works
-    on the very resamples of the CIs (no other draws: deterministic for ``n_boot``
-    and ``seed``), stays usable with 1000 resamples however many comparisons there are
-    (Holm or Bonferroni on bootstrap p-values would need tail probabilities finer than
-    1 / ``n_boot``), and is less conservative than Bonferroni because the comparisons,
-    all with one reference, are correlated. Its intervals are symmetric (Δ ± c SE),
-    the percentile ``ci`` need not be.
+    20 ties). So ``distinguishable`` does not read them: it is the step-down bootstrap
+    max-|t| call (Romano-Wolf, :func:`~featcache.heads.bootstrap.stepdown_max_t`) over the
+    family of every (run, metric) difference in this call, so that the chance of calling
+    any tie distinguishable is about ``alpha`` in all. Step 1 calls the differences whose
+    *simultaneous* CI (:func:`~featcache.heads.bootstrap.simultaneous_cis`: Δ ± c SE, the
+    single-step max-|t| interval) excludes 0; each next step recomputes c over the
+    differences not yet called, which can only call more, never fewer. The method works on
+    the very resamples of the CIs (no other draws: deterministic for ``n_boot`` and
+    ``seed``), stays usable with 1000 resamples however many comparisons there are (Holm or
+    Bonferroni on bootstrap p-values would need tail probabilities finer than 1 / ``n_boot``),
+    and is less conservative than Bonferroni because the comparisons, all with one reference,
+    are correlated. ``simultaneous_ci`` stays the single step's interval, valid for all at once
+    (symmetric, Δ ± c SE; the percentile ``ci`` need not be); the step-down gives calls, not
+    intervals, so a difference called at a later step may have a simultaneous CI that touches 0.
 
     Parameters
     ----------
@@ -145,12 +148,16 @@ def paired_comparison(task: str, reference: Mapping[str, Any], runs: Sequence[Ma
     -------
     deltas : list of dict
         Per run, ``{metric: {"delta": float, "ci": [lo, hi] or None, "ci_excludes_0": bool or None,
-        "simultaneous_ci": [lo, hi] or None, "distinguishable": bool or None}}``; ``distinguishable``:
-        the simultaneous CI excludes 0 (None without one).
+        "simultaneous_ci": [lo, hi] or None, "distinguishable": bool or None, "decided_by": dict or None}}``;
+        ``distinguishable``: called by the step-down (None without a simultaneous CI); ``decided_by``: the
+        ``step`` that called it (or the last, which did not), its ``critical_value`` c_k and the difference's
+        ``t`` (|Δ| / SE; called when above c_k); None for a difference that does not vary over the resamples
+        (called when not 0) or without resamples.
     correction : dict
         ``method`` (:data:`CORRECTION`), ``comparisons`` (the family's size: runs other than the
-        reference x metrics), ``level`` (1 - ``alpha``), ``critical_value`` (c: each simultaneous CI is
-        Δ ± c bootstrap SEs; None without resamples or when no difference varies).
+        reference x metrics), ``level`` (1 - ``alpha``), ``critical_value`` (c of step 1: each simultaneous
+        CI is Δ ± c bootstrap SEs; None without resamples or when no difference varies), ``steps`` (per step
+        ``critical_value`` c_k, ``comparisons`` not yet called, ``called``; empty when none varies).
 
     Raises
     ------
@@ -171,21 +178,25 @@ def paired_comparison(task: str, reference: Mapping[str, Any], runs: Sequence[Ma
     differences = [{name: run[name] - scores[0][name] for name in metrics} for run in scores[1:]]
     family = [index for index, rows in enumerate(arrays[1:])
               if not all(np.array_equal(rows[field], arrays[0][field]) for field in rows)]
-    simultaneous, critical = (simultaneous_cis([diff[name] for diff in differences for name in metrics], alpha)
-                              if n_boot else ([None] * len(differences) * len(metrics), None))
+    stats = [diff[name] for diff in differences for name in metrics]
+    simultaneous, critical = simultaneous_cis(stats, alpha) if n_boot else ([None] * len(stats), None)
+    calls, steps = stepdown_max_t(stats, alpha) if n_boot else ([None] * len(stats), [])
     out = []
     for index, diff in enumerate(differences):
         deltas = {}
         for position, name in enumerate(metrics):
             ci = list(percentile_ci(diff[name][1:], alpha)) if n_boot else None
-            band = simultaneous[index * len(metrics) + position]
+            band, call = simultaneous[index * len(metrics) + position], calls[index * len(metrics) + position]
+            decided = None if call is None or call["step"] is None else {
+                key: call[key] for key in ("step", "critical_value", "t")}
             deltas[name] = {"delta": float(diff[name][0]), "ci": ci,
                             "ci_excludes_0": None if ci is None else bool(ci[0] > 0 or ci[1] < 0),
                             "simultaneous_ci": band,
-                            "distinguishable": None if band is None else bool(band[0] > 0 or band[1] < 0)}
+                            "distinguishable": None if call is None else call["distinguishable"],
+                            "decided_by": decided}
         out.append(deltas)
     correction = {"method": CORRECTION, "comparisons": len(family) * len(metrics), "level": 1 - alpha,
-                  "critical_value": critical}
+                  "critical_value": critical, "steps": steps}
     return out, correction
 
 

@@ -24,7 +24,7 @@ Every run is also compared with the reference (the selected run) on the same tes
 (:func:`featcache.heads.paired.paired_comparison`, from the runs' ``.rows.npz``
 files): its test score minus the reference's on the ranking metric and on its tie-break, each with a
 paired 95% bootstrap CI, and whether it is distinguishable from the reference: judged
-over all the comparisons at once (bootstrap max-|t| simultaneous CIs), not by each
+over all the comparisons at once (step-down bootstrap max-|t|, Romano-Wolf), not by each
 CI alone, which with many runs would call some ties by luck. A run whose test rows
 are not the reference's (another test-ids sha256), or that has no rows file, is
 shown without a delta and a footnote saying why: it is never paired wrongly.
@@ -269,8 +269,8 @@ def _pair(runs: list[dict[str, Any]], selection: Selection) -> None:
     the ranking metric and its tie-break, each with a paired bootstrap CI (the reference's ``n_boot`` and
     ``seed``), or ``skipped`` (a key of :data:`UNPAIRED`); the reference's own carries ``selection.mark``: True.
 
-    ``distinguishable`` is judged over the whole table at once (``correction``: bootstrap max-|t| simultaneous
-    CIs over every paired run but the reference × both metrics, :func:`featcache.heads.paired.paired_comparison`):
+    ``distinguishable`` is judged over the whole table at once (``correction``: step-down bootstrap max-|t| over
+    every paired run but the reference × both metrics, :func:`featcache.heads.paired.paired_comparison`):
     with 6 to 40 runs, CIs read one at a time would call some ties "distinguishable" by luck.
     """
     if not runs:
@@ -336,15 +336,19 @@ def _distinguishable_text(correction: dict[str, Any] | None, n_metrics: int, sel
               "by its choice; a run ahead of it on test was still picked out of many on the test split: read its "
               "lead as a hint, not a verdict." if selection.on == "val" else
               "The best was picked on this same test split: read a call that barely clears 0 as a hint, not a verdict.")
+    steps = ", ".join(f"{step['critical_value']:.2f}" for step in correction.get("steps", ()))
     return (f"Distinguishable from {mark}: the metrics whose Δ stays clear of 0 after a family-wise correction for "
             f"the {count} comparisons of this table ({count // n_metrics} runs × {n_metrics} metrics), by "
-            f"{correction['method']} (`simultaneous_ci` in compare.json: Δ "
+            f"{correction['method']}: step 1 calls those whose simultaneous CI (`simultaneous_ci` in compare.json: Δ "
             + (f"± {critical:.2f} bootstrap SEs" if critical is not None else "itself: no Δ varies over the resamples")
-            + f", on the same resamples): they hold all at once in {level} of the resamples, so the chance that "
-            f"any tie here is called distinguishable is about {alpha} in all, not {alpha} per "
-            f"comparison (unadjusted, {count} comparisons would make about "
-            f"{count * (1 - correction['level']):.1f} such calls). A bracket that excludes 0 beside `no` is a "
-            "difference the correction does not back; `no`: on this test set the difference may be noise. " + picked)
+            + f", on the same resamples; they hold all at once in {level} of the resamples) excludes 0, each next "
+            "step recomputes that bound over the comparisons not yet called and calls those clear of it, until none "
+            f"is new (bounds by step: {steps or 'none'}; `correction.steps` in compare.json): the chance that any "
+            f"tie here is called distinguishable is about {alpha} in all, not {alpha} per comparison (unadjusted, "
+            f"{count} comparisons would make about {count * (1 - correction['level']):.1f} such calls). The "
+            "step-down gives calls, not intervals: a Δ called at a later step keeps its simultaneous CI, which may "
+            "touch 0. A bracket that excludes 0 beside `no` is a difference the correction does not back; `no`: on "
+            "this test set the difference may be noise. " + picked)
 
 
 def _markdown(runs: list[dict[str, Any]], selection: Selection) -> str:
@@ -435,7 +439,8 @@ def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
         the run selected on val, :func:`~featcache.pipeline.compare_select.select_reference`, or the test-best when
         some run has no val score; compare.json's ``selection`` says which) on the ranking metric and its
         tie-break with a paired bootstrap CI (``delta``, ``ci``, ``ci_excludes_0``, ``simultaneous_ci``,
-        ``distinguishable``: the simultaneous CI excludes 0) and the ``correction`` that judges them, or
+        ``distinguishable``: called by the step-down, ``decided_by``: its step, that step's critical value and the
+        Δ's t) and the ``correction`` that judges them (with ``steps``: each step's critical value), or
         ``skipped`` (a key of :data:`UNPAIRED`).
     """
     runs = _rank([_with_weights(run) for run in collect_runs(metrics_dir)], metric)
