@@ -5,8 +5,9 @@
 * ``plots/compare/<dataset>.paired.csv`` (:func:`paired_plot_rows`, :func:`paired_plot_path`, template
   ``paired_delta``): each paired run's Δ to the reference run on the ranking metric (the run selected on
   validation, or the test-best when some run has no val score: :mod:`featcache.pipeline.compare_select`), with
-  the paired 95% CI of that comparison alone and the simultaneous CI that the report's "distinguishable from
-  selected" reads (:func:`featcache.heads.paired.paired_comparison`): the chart and the table tell one story.
+  the paired 95% CI of that comparison alone, the single-step simultaneous CI, and the report's "distinguishable
+  from selected" call (step-down max-|t|, which may call a Δ whose simultaneous CI touches 0:
+  :func:`featcache.heads.paired.paired_comparison`): the chart and the table tell one story.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ __all__ = ["PAIRED_PLOT_COLUMNS", "PLOT_COLUMNS", "REFERENCE_MARK", "head_name",
 PLOT_COLUMNS = ("run", "metric", "value", "ci_low", "ci_high", "rank")
 
 #: Columns of the paired chart's CSV (:func:`paired_plot_path`): one row per run paired with the reference, in the
-#: table's order: its Δ on the ranking metric, the paired 95% CI, and the simultaneous CI that ``distinguishable``
-#: (the reference's :data:`REFERENCE_MARK`, yes, no, or - without resamples) reads.
+#: table's order: its Δ on the ranking metric, the paired 95% CI, the single-step simultaneous CI, and
+#: ``distinguishable``, the step-down call (the reference's :data:`REFERENCE_MARK`, yes, no, or - without resamples).
 PAIRED_PLOT_COLUMNS = ("run", "metric", "delta", "ci_low", "ci_high", "simultaneous_low", "simultaneous_high",
                        "distinguishable", "rank")
 
