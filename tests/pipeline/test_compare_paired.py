@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _support.reports import report_table
 from featcache.heads.bootstrap import metrics_with_ci, row_arrays
 from featcache.heads.paired import ids_sha256, rows_path, write_rows
 from featcache.pipeline.compare import UNPAIRED, compare
@@ -47,13 +48,6 @@ def _write(metrics: Path, head: str, n_wrong: int, *, ids: list[str] | None = ID
                     "seed": 0})
 
 
-def _table(out: Path) -> dict[str, dict[str, str]]:
-    lines = [line for line in (out / "compare.md").read_text().splitlines() if line.startswith("|")]
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    return {row["head"]: row for row in
-            (dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:])}
-
-
 def _json(out: Path) -> dict[str, dict]:
     return {run["head"]: run for run in json.loads((out / "compare.json").read_text())["runs"]}
 
@@ -63,7 +57,7 @@ def test_every_run_gets_its_paired_delta_to_the_best(tmp_path):
     _write(tmp_path / "m", "logreg", 12)  # wrong on mlp's 10 rows and 2 more: close, but never better
     _write(tmp_path / "m", "lightgbm", 40)
     compare(tmp_path / "m", tmp_path / "r")
-    table, runs = _table(tmp_path / "r"), _json(tmp_path / "r")
+    table, runs = report_table(tmp_path / "r"), _json(tmp_path / "r")
     assert table["mlp"]["Δ accuracy vs best"] == table["mlp"]["distinguishable from best"] == "(best)"
     assert runs["mlp"]["paired"]["accuracy"] == {"delta": 0.0, "ci": [0.0, 0.0], "ci_excludes_0": False,
                                                  "simultaneous_ci": [0.0, 0.0], "distinguishable": False,
@@ -89,7 +83,7 @@ def test_runs_on_other_test_rows_or_without_rows_are_not_paired_and_say_why(tmp_
     _write(tmp_path / "m", "old", 50)
     rows_path(bad).write_bytes(b"damaged")
     compare(tmp_path / "m", tmp_path / "r")
-    table, runs = _table(tmp_path / "r"), _json(tmp_path / "r")
+    table, runs = report_table(tmp_path / "r"), _json(tmp_path / "r")
     assert {head: run["paired"].get("skipped") for head, run in runs.items()} == {
         "mlp": None, "logreg": "other_rows", "lightgbm": "no_rows", "old": "bad_rows"}
     assert all("accuracy" not in runs[head]["paired"] for head in ("logreg", "lightgbm", "old"))
@@ -119,7 +113,7 @@ def test_regression_runs_are_paired_on_rmse_and_mae(tmp_path):
         write_rows(rows_path(path), row_arrays("regression", y, pred),
                    {"task": "regression", "ids_sha256": ids_sha256(range(60)), "n_boot": 100, "seed": 0})
     compare(tmp_path / "m", tmp_path / "r")
-    runs, table = _json(tmp_path / "r"), _table(tmp_path / "r")
+    runs, table = _json(tmp_path / "r"), report_table(tmp_path / "r")
     assert runs["mlp"]["paired"]["rmse"]["delta"] == pytest.approx(runs["mlp"]["rmse"] - runs["logreg"]["rmse"])
     assert runs["mlp"]["paired"]["mae"]["distinguishable"] is True
     assert {"Δ rmse vs best", "Δ mae vs best"} <= set(table["mlp"])
@@ -137,7 +131,7 @@ def test_without_bootstrap_the_report_claims_no_cis(tmp_path):
         write_rows(rows_path(path), row_arrays("regression", y, pred),
                    {"task": "regression", "ids_sha256": ids_sha256(range(60)), "n_boot": 0, "seed": 0})
     compare(tmp_path / "m", tmp_path / "r")
-    text, table = (tmp_path / "r" / "compare.md").read_text(), _table(tmp_path / "r")
+    text, table = (tmp_path / "r" / "compare.md").read_text(), report_table(tmp_path / "r")
     assert "[" not in table["mlp"]["rmse"] and "[" not in table["mlp"]["Δ rmse vs best"]  # no CI drawn
     assert "bootstrap CI" not in text and "0 resamples" not in text, text
     assert "no CIs (train.n_boot: 0)" in text, text
@@ -152,7 +146,7 @@ def test_distinguishable_is_corrected_for_the_many_comparisons(tmp_path):
     for j in range(12):
         _write(tmp_path / "m", f"h{j:02d}", 10, also_wrong=slice(10 + 6 * j, 16 + 6 * j))
     compare(tmp_path / "m", tmp_path / "r")
-    table, runs = _table(tmp_path / "r"), _json(tmp_path / "r")
+    table, runs = report_table(tmp_path / "r"), _json(tmp_path / "r")
     for head in (f"h{j:02d}" for j in range(12)):
         paired = runs[head]["paired"]
         assert table[head]["distinguishable from best"] == "no", table[head]
@@ -199,7 +193,7 @@ def test_the_paired_chart_draws_the_tables_delta_for_each_paired_run(tmp_path):
     assert paired_plot_path(plot) == tmp_path / "plots" / "d.paired.csv"
     with open(paired_plot_path(plot), newline="") as handle:
         rows = list(csv.DictReader(handle))
-    table, runs = _table(tmp_path / "r"), _json(tmp_path / "r")
+    table, runs = report_table(tmp_path / "r"), _json(tmp_path / "r")
     assert tuple(rows[0]) == PAIRED_PLOT_COLUMNS
     assert [row["run"] for row in rows] == ["b/pool/mlp", "b/pool/logreg", "b/pool/lightgbm"]  # sgd, knn: unpaired
     assert {table[head]["Δ accuracy vs best"][:2] for head in ("sgd", "knn")} == {"-¹", "-²"}

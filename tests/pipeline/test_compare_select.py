@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _support.reports import report_table
 from featcache.heads.bootstrap import metrics_with_ci, row_arrays
 from featcache.heads.paired import ids_sha256, rows_path, write_rows
 from featcache.pipeline.compare import compare
@@ -40,13 +41,6 @@ def _write(metrics: Path, head: str, n_wrong: int, val: dict[str, float] | None)
                 "seed": 0})
 
 
-def _table(out: Path) -> dict[str, dict[str, str]]:
-    lines = [line for line in (out / "compare.md").read_text().splitlines() if line.startswith("|")]
-    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
-    return {row["head"]: row for row in
-            (dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))) for line in lines[2:])}
-
-
 def _document(out: Path) -> dict:
     return json.loads((out / "compare.json").read_text())
 
@@ -59,7 +53,7 @@ def test_every_run_is_paired_with_the_run_selected_on_val_not_the_test_best(tmp_
     plot = tmp_path / "plots" / "d.csv"
     runs = compare(tmp_path / "m", tmp_path / "r", plot_path=plot)
     assert [run["head"] for run in runs] == ["mlp", "logreg", "lightgbm"]  # still sorted by test
-    document, table = _document(tmp_path / "r"), _table(tmp_path / "r")
+    document, table = _document(tmp_path / "r"), report_table(tmp_path / "r")
     assert document["selection"] == {"on": "val", "run": "b/pool/logreg", "metric": "accuracy",
                                      "tie_break": "log_loss", "without_val": []}
     paired = {run["head"]: run["paired"] for run in document["runs"]}
@@ -107,7 +101,7 @@ def test_regression_selects_the_lowest_val_rmse(tmp_path):
     runs = {run["head"]: run for run in compare(tmp_path / "m", tmp_path / "r")}
     assert runs["logreg"]["rank"] == 1 and runs["mlp"]["paired"].get("selected") is True
     assert runs["logreg"]["paired"]["rmse"]["delta"] == pytest.approx(runs["logreg"]["rmse"] - runs["mlp"]["rmse"])
-    assert "Δ rmse vs selected" in _table(tmp_path / "r")["mlp"]
+    assert "Δ rmse vs selected" in report_table(tmp_path / "r")["mlp"]
 
 
 def test_a_run_without_val_scores_falls_back_to_the_test_best_and_says_so(tmp_path, caplog):
@@ -117,7 +111,7 @@ def test_a_run_without_val_scores_falls_back_to_the_test_best_and_says_so(tmp_pa
     _write(tmp_path / "m", "partial", 41, {"log_loss": 0.3})  # no val score on the ranking metric
     with caplog.at_level(logging.WARNING, logger="featcache.pipeline"):
         compare(tmp_path / "m", tmp_path / "r")
-    document, table = _document(tmp_path / "r"), _table(tmp_path / "r")
+    document, table = _document(tmp_path / "r"), report_table(tmp_path / "r")
     assert document["selection"] == {"on": "test", "run": "b/pool/mlp", "metric": "accuracy",
                                      "tie_break": "log_loss", "without_val": ["b/pool/old", "b/pool/partial"]}
     assert {run["paired"]["reference"] for run in document["runs"]} == {"b/pool/mlp"}
