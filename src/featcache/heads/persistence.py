@@ -5,7 +5,9 @@ A saved head is a directory (the same fitted head always saves to the same bytes
     head.json     format, class name, get_params(), fitted metadata, the sha256 of every
                   other file (written last; ``fit_seconds_`` is not saved)
     arrays.npz    scaler statistics and range, PCA components/mean/variances, classes, the
-                  DataFrame column names fitted on, linear coefficients (allow_pickle=False)
+                  DataFrame column names fitted on, linear coefficients, a k-NN head's
+                  normalised training rows (float32), labels or targets and class weights
+                  (allow_pickle=False)
     model.txt     LightGBM native text model, truncated at the best iteration
     module.pt     MLP state_dict (loaded with torch.load(weights_only=True))
 
@@ -56,13 +58,16 @@ _META_ATTRS = (
 )
 _FILES = ("head.json", "arrays.npz", "model.txt", "module.pt")
 #: What each file of a saved head holds (named when it is missing or unreadable).
-_ROLES = {"head.json": "the head's class and parameters", "arrays.npz": "the scaler, PCA and coefficient arrays",
+_ROLES = {"head.json": "the head's class and parameters",
+          "arrays.npz": "the scaler, PCA, coefficient and neighbour arrays",
           "model.txt": "the LightGBM model", "module.pt": "the MLP weights"}
 #: The weights file of each storage kind, besides head.json and arrays.npz.
 _WEIGHTS = {"lightgbm": "model.txt", "torch": "module.pt"}
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 _ARRAY_ATTRS = ("classes_", "train_classes_")
-_TUPLE_PARAMS = ("hidden_sizes",)
+_TUPLE_PARAMS = ("hidden_sizes", "ks")
+#: A ``neighbours`` head's fitted arrays (kept as they are: the rows float32, as fitted, so predictions are identical).
+_NEIGHBOUR_ARRAYS = ("train_rows_", "train_labels_", "train_targets_", "class_weight_")
 # every fitted PCA attribute that transform / inverse_transform / score need
 _PCA_ARRAYS = (
     "components", "mean", "explained_variance", "explained_variance_ratio",
@@ -133,6 +138,8 @@ def save_head(head: BaseEstimator, directory: str | Path) -> Path:
         arrays.update({f"pca_{name}": np.asarray(getattr(pca, f"{name}_")) for name in _PCA_ARRAYS})
     if storage == "linear":
         arrays.update(coef=np.asarray(head.estimator_.coef_), intercept=np.asarray(head.estimator_.intercept_))
+    if storage == "neighbours":
+        arrays.update({a: getattr(head, a) for a in _NEIGHBOUR_ARRAYS if getattr(head, a, None) is not None})
     if storage == "lightgbm":
         head.booster_.save_model(str(directory / "model.txt"), num_iteration=head.best_iteration_)
     if storage == "torch":
@@ -303,6 +310,11 @@ def load_head(directory: str | Path) -> BaseEstimator:
                 model.intercept_ = float(model.intercept_)
             model.n_features_in_ = int(model.coef_.shape[-1])  # PCA components when reduced
             head.estimator_ = model
+        if storage == "neighbours":
+            head.train_rows_ = arrays["train_rows_"]  # absent: a SavedHeadError naming arrays.npz
+            head.__dict__.update({a: arrays[a] for a in _NEIGHBOUR_ARRAYS[1:3] if a in arrays})
+            if is_classifier(head):
+                head.class_weight_ = arrays.get("class_weight_")  # None: unweighted
     if storage == "lightgbm":
         import lightgbm
 

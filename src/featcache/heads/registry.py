@@ -46,8 +46,9 @@ class UnknownHeadError(UserError, ValueError):
 
 
 #: What a saved head holds besides head.json and the scaler/PCA arrays (:mod:`~featcache.heads.persistence`):
-#: ``linear`` the final linear model's coef/intercept (in arrays.npz), ``lightgbm`` model.txt, ``torch`` module.pt.
-STORAGES: tuple[str, ...] = ("linear", "lightgbm", "torch")
+#: ``linear`` the final linear model's coef/intercept (in arrays.npz), ``lightgbm`` model.txt, ``torch`` module.pt,
+#: ``neighbours`` the normalised training rows and their labels or targets (in arrays.npz).
+STORAGES: tuple[str, ...] = ("linear", "lightgbm", "torch", "neighbours")
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ REGISTRY: dict[str, HeadEntry] = {
     "streaming_mlp": HeadEntry({"classification": ".out_of_core:StreamingMLPHead",
                                 "regression": ".out_of_core:StreamingMLPRegressorHead"}, "torch", streaming=True,
                                 early_stopped=True),
+    # weighted k-NN on cosine similarity: no training, k chosen on val (not in DEFAULT_HEADS)
+    "knn": HeadEntry({"classification": ".knn:KNNHead", "regression": ".knn:KNNRegressorHead"}, "neighbours"),
 }
 
 #: Head name -> task -> ``"module:Class"`` (module relative to this package), from :data:`REGISTRY`.
@@ -297,8 +300,8 @@ def make_head(
     Parameters
     ----------
     name : str
-        One of :func:`head_names` (``"logreg"``, ``"lightgbm"``, ``"mlp"``, and the
-        out-of-core ``"sgd"``, ``"streaming_mlp"``).
+        One of :func:`head_names` (``"logreg"``, ``"lightgbm"``, ``"mlp"``, the
+        out-of-core ``"sgd"``, ``"streaming_mlp"``, and the k-nearest-neighbour ``"knn"``).
     task : {"classification", "regression"}
     params : mapping, optional
         Constructor parameters (e.g. a ``params.yaml`` section).
