@@ -16,12 +16,13 @@ FAST = {
     "logreg": {},
     "lightgbm": {"n_estimators": 100, "learning_rate": 0.1, "early_stopping_rounds": 10, "n_jobs": 1},
     "mlp": {"hidden_sizes": (32, 16), "batch_size": 128, "max_epochs": 10, "patience": 3, "n_threads": 1},
+    "knn": {"ks": (1, 5, 20), "batch_size": 50},
 }
 FILES = {"logreg": {"head.json", "arrays.npz"}, "lightgbm": {"head.json", "arrays.npz", "model.txt"},
-         "mlp": {"head.json", "arrays.npz", "module.pt"}}
+         "mlp": {"head.json", "arrays.npz", "module.pt"}, "knn": {"head.json", "arrays.npz"}}
 
 
-@pytest.mark.parametrize("name", ["logreg", "lightgbm", "mlp"])
+@pytest.mark.parametrize("name", list(FAST))
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_round_trip_predictions_identical(name, task, clf_data, reg_data, tmp_path):
     d = clf_data if task == "classification" else reg_data
@@ -46,7 +47,7 @@ def test_round_trip_predictions_identical(name, task, clf_data, reg_data, tmp_pa
         np.testing.assert_array_equal(loaded.classes_, head.classes_)
 
 
-@pytest.mark.parametrize("name", ["logreg", "lightgbm", "mlp"])
+@pytest.mark.parametrize("name", list(FAST))
 def test_round_trip_keeps_dataframe_column_names(name, clf_data, tmp_path):
     """A head fitted on a DataFrame refuses reordered columns at predict, before and after a round trip."""
     pd = pytest.importorskip("pandas")
@@ -112,13 +113,13 @@ def test_errors(tmp_path, clf_data):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "head.json").write_text(json.dumps({"format": "featcache-head/1", "class": "os.system", "params": {}}))
-    with pytest.raises(ValueError, match=r"class 'os.system'; allowed: LightGBMHead"):
+    with pytest.raises(ValueError, match=r"class 'os.system'; allowed: KNNHead, KNNRegressorHead, LightGBMHead"):
         load_head(bad)
 
 
 @pytest.fixture(scope="module")
 def saved_heads(clf_data, tmp_path_factory):
-    """One saved folder per head kind (linear, LightGBM, MLP), to be copied and damaged."""
+    """One saved folder per head kind (linear, LightGBM, MLP, k-NN), to be copied and damaged."""
     root = tmp_path_factory.mktemp("saved")
     d = clf_data
     return {name: save_head(make_head(name, "classification", FAST[name]).fit(d["X_train"], d["y_train"]),
@@ -127,7 +128,7 @@ def saved_heads(clf_data, tmp_path_factory):
 
 #: (head, file): every file a saved head of that kind needs.
 NEEDED = [("logreg", "head.json"), ("logreg", "arrays.npz"), ("lightgbm", "arrays.npz"), ("lightgbm", "model.txt"),
-          ("mlp", "head.json"), ("mlp", "module.pt")]
+          ("mlp", "head.json"), ("mlp", "module.pt"), ("knn", "arrays.npz")]
 
 
 def _copy(saved_heads, name, tmp_path):
@@ -220,13 +221,14 @@ def test_a_head_json_of_another_version_is_a_saved_head_error(saved_heads, tmp_p
 def test_every_registered_head_has_the_storage_of_its_kind():
     """The registry's storage kind of each head (what it saves besides head.json) matches each class's kind."""
     from featcache.heads.boosting import LightGBMBase
+    from featcache.heads.knn import KNNBase
     from featcache.heads.linear import LinearSearchBase
     from featcache.heads.mlp import MLPBase
     from featcache.heads.out_of_core import StreamingLogisticHead, StreamingRidgeHead
     from featcache.heads.registry import HEADS, STORAGES, head_storage
 
     kinds = {LinearSearchBase: "linear", StreamingLogisticHead: "linear", StreamingRidgeHead: "linear",
-             LightGBMBase: "lightgbm", MLPBase: "torch"}
+             LightGBMBase: "lightgbm", MLPBase: "torch", KNNBase: "neighbours"}
     assert set(kinds.values()) == set(STORAGES)
     for name, tasks in HEADS.items():
         for cls in tasks.values():

@@ -8,6 +8,8 @@ from sklearn.base import is_classifier, is_regressor
 from featcache.errors import UserError
 from featcache.heads import (
     HEADS,
+    KNNHead,
+    KNNRegressorHead,
     LightGBMHead,
     LogisticRegressionHead,
     MLPRegressorHead,
@@ -35,10 +37,11 @@ from featcache.heads.registry import (
 
 
 def test_table_shape():
-    assert head_names() == ["logreg", "lightgbm", "mlp", "sgd", "streaming_mlp"]
+    assert head_names() == ["logreg", "lightgbm", "mlp", "sgd", "streaming_mlp", "knn"]
     assert HEADS["logreg"] == {"classification": LogisticRegressionHead, "regression": RidgeHead}
     assert HEADS["sgd"] == {"classification": StreamingLogisticHead, "regression": StreamingRidgeHead}
     assert HEADS["streaming_mlp"] == {"classification": StreamingMLPHead, "regression": StreamingMLPRegressorHead}
+    assert HEADS["knn"] == {"classification": KNNHead, "regression": KNNRegressorHead}
     for tasks in HEADS.values():
         assert set(tasks) == {"classification", "regression"}
         assert is_classifier(tasks["classification"]())
@@ -50,12 +53,15 @@ def test_the_tables_derived_from_the_registry():
     assert STREAMING_HEADS == ("sgd", "streaming_mlp")
     assert DEFAULT_HEADS == ("logreg", "lightgbm", "mlp") and set(DEFAULT_HEADS) <= set(head_names())
     assert {entry.storage for entry in REGISTRY.values()} == set(STORAGES)
-    assert [head_storage(name) for name in head_names()] == ["linear", "lightgbm", "torch", "linear", "torch"]
-    with pytest.raises(ValueError, match=r"unknown head 'lgbm'; allowed: logreg, lightgbm, mlp, sgd, streaming_mlp"):
+    assert [head_storage(name) for name in head_names()] == ["linear", "lightgbm", "torch", "linear", "torch",
+                                                              "neighbours"]
+    assert not REGISTRY["knn"].streaming and not REGISTRY["knn"].early_stopped and "knn" not in DEFAULT_HEADS
+    with pytest.raises(ValueError, match=r"unknown head 'lgbm'; allowed: logreg, lightgbm, mlp, sgd, streaming_mlp, "
+                                         r"knn"):
         head_storage("lgbm")
 
 
-@pytest.mark.parametrize("name", ["logreg", "lightgbm", "mlp", "sgd", "streaming_mlp"])
+@pytest.mark.parametrize("name", ["logreg", "lightgbm", "mlp", "sgd", "streaming_mlp", "knn"])
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_make_head_builds_registered_class_with_defaults(name, task):
     head = make_head(name, task)
@@ -72,7 +78,7 @@ def test_params_and_overrides():
 
 
 def test_unknown_head_names_value_and_allowed():
-    allowed = r"allowed: logreg, lightgbm, mlp, sgd, streaming_mlp\."
+    allowed = r"allowed: logreg, lightgbm, mlp, sgd, streaming_mlp, knn\."
     with pytest.raises(ValueError, match=r"unknown head 'logistic'; " + allowed):
         make_head("logistic", "classification")
     with pytest.raises(ValueError, match=r"Did you mean 'lightgbm'\?"):
@@ -143,7 +149,7 @@ def test_check_head_values_names_the_key_the_value_and_what_is_allowed(name, par
 TWIN_DEFAULTS = {"sgd": {"learning_rate": ("optimal", "invscaling")}}
 
 
-@pytest.mark.parametrize("name", ["lightgbm", "mlp", "sgd", "streaming_mlp"])
+@pytest.mark.parametrize("name", ["lightgbm", "mlp", "sgd", "streaming_mlp", "knn"])
 def test_twins_share_parameters_except_n_classes(name):
     clf = HEADS[name]["classification"]().get_params()
     reg = HEADS[name]["regression"]().get_params()
@@ -154,7 +160,7 @@ def test_twins_share_parameters_except_n_classes(name):
     assert differ == TWIN_DEFAULTS.get(name, {})
 
 
-@pytest.mark.parametrize("name", ["logreg", "lightgbm", "mlp", "sgd", "streaming_mlp"])
+@pytest.mark.parametrize("name", ["logreg", "lightgbm", "mlp", "sgd", "streaming_mlp", "knn"])
 @pytest.mark.parametrize("task", ["classification", "regression"])
 def test_parameters_are_keyword_only(name, task):
     import inspect

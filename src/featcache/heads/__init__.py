@@ -1,4 +1,4 @@
-"""Cheap heads on cached features: logistic regression/ridge, LightGBM, torch MLP.
+"""Cheap heads on cached features: logistic regression/ridge, LightGBM, torch MLP, weighted k-NN.
 
 Out-of-core twins (:mod:`~featcache.heads.out_of_core`) stream numpy or dask
 arrays one row chunk at a time: SGD logistic/ridge, a streamed MLP, and LightGBM
@@ -20,6 +20,7 @@ from featcache.lazy import lazy_exports
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["LightGBMHead", "LightGBMRegressorHead"], "boosting"),
     **dict.fromkeys(["RunResult", "fit_and_evaluate"], "evaluate"),
+    **dict.fromkeys(["KNNHead", "KNNRegressorHead"], "knn"),
     **dict.fromkeys(["LogisticRegressionHead", "RidgeHead"], "linear"),
     **dict.fromkeys(["bootstrap_ci", "metrics_with_ci"], "bootstrap"),
     **dict.fromkeys(["classification_metrics", "confusion_rows", "log_loss_score", "prediction_rows",
