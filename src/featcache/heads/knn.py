@@ -54,9 +54,10 @@ def l2_normalise(X: np.ndarray) -> np.ndarray:
     ndarray of shape (n, D), float32
     """
     X = np.asarray(X, dtype=np.float64)
+    scale = np.abs(X).max(axis=1, keepdims=True, initial=0.0)  # so that the norm of huge values does not overflow
+    X = np.divide(X, scale, out=np.zeros_like(X), where=scale > 0)
     norms = np.linalg.norm(X, axis=1, keepdims=True)
-    out = np.divide(X, norms, out=np.zeros_like(X), where=norms > 0)
-    return out.astype(np.float32)
+    return np.divide(X, norms, out=np.zeros_like(X), where=norms > 0).astype(np.float32)
 
 
 def vote_weights(sims: np.ndarray, temperature: float) -> np.ndarray:
@@ -228,6 +229,9 @@ class KNNHead(ClassifierHead, KNNBase):
     """
 
     def _set_train(self, X: np.ndarray, y: np.ndarray, y_val: np.ndarray | None) -> None:
+        if y.size < 2:
+            raise ValueError(f"{type(self).__name__} got 1 training row (n_samples=1); allowed: >= 2 rows of >= 2 "
+                             "classes. Hint: pass more training rows.")
         self.classes_ = resolve_classes(self.n_classes, y, y_val)
         self.train_classes_ = require_two_classes(y)
         self.class_weight_ = class_weights(self.class_weight, y, self.classes_.size)
