@@ -16,7 +16,7 @@ from featcache.pipeline.cli import main
 
 from .conftest import shipped_backend
 
-HEADS = ("logreg", "lightgbm", "mlp")
+HEADS = ("logreg", "lightgbm", "mlp", "knn")  # knn: no params.yaml section (its defaults)
 HEADER = ["id", "prediction", "p_blue", "p_green", "p_red", "error"]
 #: A fused layer (pool and block6 side by side) and heads trained on it: in memory (logreg), streamed (sgd).
 FUSED, FUSED_HEADS = "pool+block6", ("logreg", "sgd")
@@ -74,6 +74,19 @@ def test_images_get_the_predictions_of_their_store_rows(trained, head, tmp_path)
                 assert float(scored[column]) == pytest.approx(float(stored[column]), abs=2e-6), (stored["id"], column)
             else:
                 assert scored[column] == stored[column], (stored["id"], column)
+
+
+def test_the_train_stage_runs_the_knn_head(trained):
+    """``train --head knn`` (not in train.heads by default): its run record has k chosen on the val rows, finite
+    log loss (smoothed votes) and CIs; its saved folder loads back as the classifier twin."""
+    from featcache.heads import load_head
+    from featcache.runs import read_run
+
+    run = read_run(trained["root"] / "metrics" / "knn.json")
+    assert run["head"] == run["label"] == "knn" and run["task"] == "classification"
+    assert set(run["best_params"]) == {"k"} and run["best_params"]["k"] >= 1
+    assert 0 < run["log_loss"] < 10 and "ci" in run
+    assert type(load_head(trained["models"] / "knn")).__name__ == "KNNHead"
 
 
 @pytest.mark.parametrize("head", FUSED_HEADS)
