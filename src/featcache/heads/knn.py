@@ -142,8 +142,8 @@ class KNNBase(HeadBase):
         if X_val is None:
             k = int(grid[0]) if grid.size == 1 else min(DEFAULT_K, n_train)
             log.info("%s: no validation rows, so k=%d is not chosen on data (ks=%s: the single k, else the "
-                     "default %d, clipped to the %d training rows)", type(self).__name__, k, list(self.ks),
-                     DEFAULT_K, n_train)
+                     "default %d, clipped to the %d training rows)", type(self).__name__, k,
+                     np.asarray(self.ks).ravel().tolist(), DEFAULT_K, n_train)
             self.best_params_, self.search_results_ = {"k": k}, []
             return
         sims, idx = self._neighbours(X_val, int(grid[-1]))
