@@ -45,14 +45,18 @@ def _document(out: Path) -> dict:
     return json.loads((out / "compare.json").read_text())
 
 
-def test_every_run_is_paired_with_the_run_selected_on_val_not_the_test_best(tmp_path):
+def test_every_run_is_paired_with_the_run_selected_on_val_not_the_test_best(tmp_path, caplog):
     """mlp is best on test, logreg on val: logreg is the reference, its test score the one to quote."""
     _write(tmp_path / "m", "mlp", 10, {"accuracy": 0.80, "log_loss": 0.5})
     _write(tmp_path / "m", "logreg", 12, {"accuracy": 0.90, "log_loss": 0.4})
     _write(tmp_path / "m", "lightgbm", 40, {"accuracy": 0.85, "log_loss": 0.45})
     plot = tmp_path / "plots" / "d.csv"
-    runs = compare(tmp_path / "m", tmp_path / "r", plot_path=plot)
+    with caplog.at_level(logging.INFO, logger="featcache.pipeline.compare"):
+        runs = compare(tmp_path / "m", tmp_path / "r", plot_path=plot)
     assert [run["head"] for run in runs] == ["mlp", "logreg", "lightgbm"]  # still sorted by test
+    logreg_test = next(run["accuracy"] for run in runs if run["head"] == "logreg")
+    assert f"Compared 3 runs -> {tmp_path / 'r' / 'compare.md'}; selected on val: b/pool/logreg (test accuracy " \
+           f"{logreg_test:.4f})" in caplog.text  # the stage's last line names the run to quote
     document, table = _document(tmp_path / "r"), report_table(tmp_path / "r")
     assert document["selection"] == {"on": "val", "run": "b/pool/logreg", "metric": "accuracy",
                                      "tie_break": "log_loss", "without_val": []}

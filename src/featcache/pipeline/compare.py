@@ -458,5 +458,8 @@ def compare(metrics_dir: str | Path | Sequence[str | Path], out_dir: str | Path,
     if paired_plot is not None or plot_path is not None:
         write_csv(paired_plot if paired_plot is not None else paired_plot_path(plot_path),
                   paired_plot_rows(runs, metric), PAIRED_PLOT_COLUMNS)
-    logger.info("Compared %d runs -> %s", len(runs), out_dir / "compare.md")
+    score = selection.run.get(metric)
+    logger.info("Compared %d runs -> %s; %s: %s (test %s %s)", len(runs), out_dir / "compare.md",
+                "selected on val" if selection.on == "val" else "best on test (some runs have no val scores)",
+                run_label(selection.run), metric, f"{score:.4f}" if isinstance(score, (int, float)) else "-")
     return runs
