@@ -12,7 +12,7 @@ from sklearn.utils.class_weight import compute_class_weight
 from _support.imbalanced import gaussians
 from featcache.errors import ParamError
 from featcache.heads import make_head
-from featcache.heads.class_weight import balanced_weights
+from featcache.heads.class_weight import balanced_weights, weighted_selection_metric
 from featcache.heads.metrics import log_loss_score
 from featcache.pipeline.params.train import check_heads_sections
 
@@ -23,9 +23,8 @@ SETTINGS = {
     "mlp": {"n_threads": 1, "hidden_sizes": [16]},
     "sgd": {},
     "streaming_mlp": {"n_threads": 1, "hidden_sizes": [16]},
-    # on plain val accuracy of a 90/10 val split the weighted k-NN picks k=1, where weights change no vote
-    # (balanced accuracy 0.727; k=10 on balanced accuracy: 0.822): its weights pair with that selection
-    "knn": {"selection_metric": "balanced_accuracy"},
+    # under class_weight it chooses k on val balanced accuracy by default (test_knn_chooses_k_on_balanced_...)
+    "knn": {},
 }
 
 
@@ -60,6 +59,32 @@ def test_unweighted_heads_record_no_weights(clf_data):
                          SETTINGS[name])
         head.fit(clf_data["X_train"], clf_data["y_train"], clf_data["X_val"], clf_data["y_val"])
         assert head.class_weight_ is None and head.get_params()["class_weight"] is None
+
+
+def test_knn_chooses_k_on_balanced_accuracy_under_class_weight(imbalanced):
+    """On plain val accuracy of a 90/10 val split the weighted k-NN picks k=1, where the weights change no vote
+    (test balanced accuracy 0.727; k=10, chosen on balanced accuracy: 0.822): under class_weight its default
+    criterion is balanced accuracy; a selection_metric (train.metric) still overrides it."""
+    default = _fit("knn", imbalanced, class_weight="balanced")
+    explicit = _fit("knn", imbalanced, class_weight="balanced", selection_metric="balanced_accuracy")
+    on_accuracy = _fit("knn", imbalanced, class_weight="balanced", selection_metric="accuracy")
+    assert default.best_params_ == explicit.best_params_ == {"k": 10}
+    assert default.search_results_ == explicit.search_results_  # val_balanced_accuracy recorded per k
+    assert on_accuracy.best_params_ == {"k": 1}
+    score = {name: balanced_accuracy_score(imbalanced["y_test"], head.predict(imbalanced["X_test"]))
+             for name, head in (("default", default), ("accuracy", on_accuracy))}
+    assert score["default"] > score["accuracy"] + 0.05, score
+    # unweighted, the default stays plain accuracy (then log loss)
+    plain = _fit("knn", imbalanced)
+    assert "val_balanced_accuracy" not in plain.search_results_[0]
+    assert plain.best_params_ == _fit("knn", imbalanced, selection_metric="accuracy").best_params_
+
+
+def test_weighted_selection_metric_follows_the_class_weights_unless_a_metric_is_set():
+    assert weighted_selection_metric(None, "balanced") == "balanced_accuracy"
+    assert weighted_selection_metric(None, None) is None
+    assert weighted_selection_metric("log_loss", "balanced") == "log_loss"
+    assert weighted_selection_metric("accuracy", None) == "accuracy"
 
 
 def test_logreg_is_sklearns_balanced_logistic_regression_at_the_chosen_c(imbalanced):
