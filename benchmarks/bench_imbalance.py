@@ -8,7 +8,8 @@ params.yaml settings (``heads.<name>``, one thread) in four variants, on the sam
 
 - ``plain``: ``class_weight: null``, ``selection_metric: null`` (what ships);
 - ``select``: ``selection_metric: balanced_accuracy`` only (``train.metric``);
-- ``weighted``: ``class_weight: balanced`` only;
+- ``weighted``: ``class_weight: balanced`` only (knn: k chosen on balanced accuracy since that measurement, so
+  its ``weighted`` rows equal ``both``);
 - ``both``: both.
 
 Two more for the grid-selected heads (``logreg``, ``knn``, ``sgd``: a value of C / k / alpha chosen on val), to
