@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 import featcache
+from featcache.extract.decode.preprocess import preprocess_steps
+from featcache.extract.onnx.format import MODEL_KEY, PREPROCESSED_INPUT, model_io
 from featcache.extract.zoo.registry import BackboneSpec
 from featcache.extract.zoo.weights import load_backbone
 from featcache.finetune.model import original_head as head_of
@@ -38,10 +40,6 @@ logger = logging.getLogger(__name__)
 
 #: torch.onnx exporters: the ``torch.export``-based one, or the deprecated TorchScript one.
 EXPORTERS: tuple[str, ...] = ("dynamo", "torchscript")
-
-#: ``metadata_props`` key of the exported model's description (canonical JSON, :func:`model_description`).
-MODEL_KEY = "featcache_model"
-
 
 def export_backbone(model: nn.Module, spec: BackboneSpec, path: str | Path,
                     original_head: Mapping[str, torch.Tensor] | None = None) -> Path:
@@ -116,33 +114,6 @@ class _Scores(nn.Module):
         return out[:, 0] * self.target_std + self.target_mean
 
 
-def preprocess_steps(resize_mode: str) -> list[str]:
-    """How :class:`~featcache.extract.decode.preprocess.Preprocessor` makes the input, in words (for other languages).
-
-    The rule for images smaller than the input matters: a shorter side below ``input_size`` goes to
-    ``input_size``, not to ``resize_size``, so nothing of a tiny image (8x8 digits, 28x28 MNIST) is cropped away.
-
-    Parameters
-    ----------
-    resize_mode : {"crop", "squash"}
-
-    Returns
-    -------
-    list of str
-        The steps in order; the words in backquotes are keys of the description's ``preprocess``.
-    """
-    if resize_mode == "squash":
-        geometry = ["resize to `input_size` x `input_size` with `interpolation` (Pillow's filter of that name)"]
-    else:
-        geometry = ["resize so that the shorter side is `resize_size`, or `input_size` when the image's shorter side "
-                    "is below `input_size` (nothing of a small image is cropped away), and the longer side is "
-                    "int(target * long / short), with `interpolation` (Pillow's filter of that name)",
-                    "center crop `input_size` x `input_size`: top = round((height - input_size) / 2), "
-                    "left = round((width - input_size) / 2)"]
-    return ["decode to RGB, transparent pixels over `background`", *geometry,
-            "x / 255, then (x - mean) / std per channel, float32, channels first (3, input_size, input_size)"]
-
-
 def model_description(result: FinetuneResult | SavedRun | None, task: str, input_size: int) -> dict[str, Any]:
     """What an exported model is, as its ONNX ``metadata_props[MODEL_KEY]`` records it.
 
@@ -165,23 +136,13 @@ def model_description(result: FinetuneResult | SavedRun | None, task: str, input
         ``preprocess_steps`` (:func:`preprocess_steps`: how those keys are applied), plus
         ``featcache_version`` and ``torch_version``.
     """
-    if task == "classification":
-        output = {"name": "scores", "shape": ["batch", "K"], "meaning": "class probabilities, in `classes` order"}
-    else:
-        output = {"name": "scores", "shape": ["batch"], "meaning": "predictions in target units"}
-    description: dict[str, Any] = {
-        "task": task,
-        "input": {"name": "images", "shape": ["batch", 3, input_size, input_size], "dtype": "float32",
-                  "meaning": "RGB images, preprocessed as the model was trained (not recorded for a bare model)"},
-        "output": output, "featcache_version": featcache.__version__, "torch_version": torch_version(),
-    }
+    description: dict[str, Any] = {**model_io(task, input_size), "featcache_version": featcache.__version__,
+                                   "torch_version": torch_version()}
     if result is not None:
         preprocess = preprocessor(result.spec, result.config).config()
         description.update(backbone=result.spec.name, weights_id=result.weights_id, mode=result.config.mode,
                            preprocess=preprocess, preprocess_steps=preprocess_steps(str(preprocess["resize_mode"])))
-        description["input"]["meaning"] = (
-            "RGB images, preprocessed as `preprocess_steps` say with the values in `preprocess` (in Python: "
-            "featcache.extract.decode.preprocess.Preprocessor.from_config(preprocess))")
+        description["input"]["meaning"] = PREPROCESSED_INPUT
         if task == "classification":
             description["classes"] = list(result.classes)
     return description

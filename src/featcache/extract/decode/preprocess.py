@@ -26,7 +26,7 @@ from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS, RESIZE_MODES
 if TYPE_CHECKING:  # torch is imported on first use (params checks and configs stay cheap); torchvision never
     import torch
 
-__all__ = ["Preprocessor", "MAX_INTERMEDIATE_FACTOR"]
+__all__ = ["Preprocessor", "MAX_INTERMEDIATE_FACTOR", "preprocess_steps"]
 
 logger = logging.getLogger(__name__)
 
@@ -260,3 +260,30 @@ class Preprocessor:
 def _check_max_image_pixels(max_image_pixels: int | None) -> None:
     if max_image_pixels is not None and max_image_pixels < 1:
         raise ValueError(f"max_image_pixels must be >= 1 or None, got {max_image_pixels!r}.")
+
+
+def preprocess_steps(resize_mode: str) -> list[str]:
+    """How :class:`~featcache.extract.decode.preprocess.Preprocessor` makes the input, in words (for other languages).
+
+    The rule for images smaller than the input matters: a shorter side below ``input_size`` goes to
+    ``input_size``, not to ``resize_size``, so nothing of a tiny image (8x8 digits, 28x28 MNIST) is cropped away.
+
+    Parameters
+    ----------
+    resize_mode : {"crop", "squash"}
+
+    Returns
+    -------
+    list of str
+        The steps in order; the words in backquotes are keys of the description's ``preprocess``.
+    """
+    if resize_mode == "squash":
+        geometry = ["resize to `input_size` x `input_size` with `interpolation` (Pillow's filter of that name)"]
+    else:
+        geometry = ["resize so that the shorter side is `resize_size`, or `input_size` when the image's shorter side "
+                    "is below `input_size` (nothing of a small image is cropped away), and the longer side is "
+                    "int(target * long / short), with `interpolation` (Pillow's filter of that name)",
+                    "center crop `input_size` x `input_size`: top = round((height - input_size) / 2), "
+                    "left = round((width - input_size) / 2)"]
+    return ["decode to RGB, transparent pixels over `background`", *geometry,
+            "x / 255, then (x - mean) / std per channel, float32, channels first (3, input_size, input_size)"]
