@@ -145,6 +145,14 @@ def test_predict_names_a_bad_argument_or_model_folder_before_loading_libraries(c
     assert heavy_modules(["predict", *args, "--out", "p.csv"], project, heavy, code=2) == allowed
 
 
+@pytest.mark.parametrize("model", ["models/nope", "models/no_head", "models/bad_head"])
+def test_export_names_a_bad_model_folder_before_loading_libraries(model, project, model_folders):
+    """``featcache export`` with a missing folder, no ``head.json`` or a truncated one exits 2 having imported no
+    scikit-learn, torch, onnx or onnxruntime (nor the head's loader or the ONNX serving module)."""
+    heavy = (*HEAVY, "h5py", "featcache.heads.persistence", "featcache.extract.onnx.serve")
+    assert heavy_modules(["export", "--model", model, "--out", "m.onnx"], project, heavy, code=2) == []
+
+
 @pytest.fixture(scope="module")
 def store(project) -> Path:
     """A feature store of the tiny folder, written in this process (torch backend)."""

@@ -224,6 +224,12 @@ def _cmd_predict(args: argparse.Namespace) -> None:
           + (f", {failed} image{'' if failed == 1 else 's'} failed (see the error column)" if failed else ""))
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from featcache.pipeline.serve import export_serving_model
+
+    print(export_serving_model(args.model, args.out, onnx_cache=args.onnx_cache))
+
+
 def _cmd_export_onnx(args: argparse.Namespace) -> None:
     from featcache.pipeline.onnx import export_from_params
     from featcache.pipeline.params.backbones import load_extract_sections
@@ -407,6 +413,24 @@ def build_parser() -> argparse.ArgumentParser:
                            "extraction's to run an int8 store's very graph")
     pred.add_argument("--out", required=True, metavar="CSV", help="output CSV (folders created as needed)")
     pred.set_defaults(func=_cmd_predict, outputs={"--out": "file"})
+
+    serve = sub.add_parser(
+        "export", help="a trained run as one ONNX file for serving (images in, scores out)",
+        description=textwrap.fill(
+            "Write the run's backbone (weights, layer, pooling, the store's float16 rounding) and head as one ONNX "
+            "model: input `images` (B, 3, S, S) float32, normalised as its description's `preprocess` says; outputs "
+            "`scores` (the probabilities or predictions of `featcache predict --images`) and `label` (a "
+            "classifier's class index). The description: metadata_props['featcache_model']. Heads: logreg, "
+            "lightgbm, mlp, sgd, streaming_mlp.", 79),
+        epilog="example:\n  featcache export --model models/digits/efficientnet_lite0/block6/mlp --out model.onnx\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--model", required=True, metavar="DIR",
+                       help="run folder written by train: models/<dataset>/<backbone>/<layer>/<head>")
+    serve.add_argument("--out", required=True, metavar="ONNX", help="output .onnx file (folders created as needed)")
+    serve.add_argument("--onnx-cache", default="auto", metavar="DIR",
+                       help="ONNX export cache where the backbone's export is looked for first, as "
+                            "extract_run.onnx_cache (default: auto; none: export it afresh)")
+    serve.set_defaults(func=_cmd_export, outputs={"--out": "file"})
 
     ft = with_params(sub.add_parser("finetune", help="fine-tune a backbone end to end (the heads' baseline)"))
     ft.add_argument("--mode", required=True, choices=MODES, help="the fine-tuning recipe")

@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # the store (h5py), the head (scikit-learn) and the runtimes 
     from featcache.store import FeatureStore
 
 __all__ = ["FEATURE_CONFIG_KEYS", "PredictError", "feature_config", "predict_store", "predict_images",
-           "stored_preprocessor", "stored_weights", "write_predictions"]
+           "saved_run_info", "stored_preprocessor", "stored_weights", "write_predictions"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +92,22 @@ def _failed_row(sample_id: str, error: str, task: str, classes: Sequence[str]) -
     return {"id": sample_id, "prediction": "", **probabilities, "error": error}
 
 
-def _run_info(model_dir: str | Path) -> dict[str, Any]:
-    """``featcache-run.json`` of a run folder, after checking the folder holds a readable ``head.json`` too: a
-    wrong ``--model`` is named before scikit-learn, torch or onnxruntime loads (:func:`~featcache.heads.load_head`
-    then checks the head's other files and their sha256)."""
+def saved_run_info(model_dir: str | Path) -> dict[str, Any]:
+    """``featcache-run.json`` of a run folder, after checking the folder holds a readable ``head.json`` too.
+
+    A wrong ``--model`` (of ``predict`` or ``export``) is named before scikit-learn, torch or onnxruntime loads
+    (:func:`~featcache.heads.load_head` then checks the head's other files and their sha256).
+
+    Parameters
+    ----------
+    model_dir : path
+        A run folder written by ``featcache train --model-dir``.
+
+    Returns
+    -------
+    dict
+        The run's ``featcache-run.json`` (:func:`~featcache.runs.read_run_info`).
+    """
     info = read_run_info(model_dir)
     path = Path(model_dir) / "head.json"
     if not path.is_file():
@@ -115,7 +127,7 @@ def predict_store(model_dir: str | Path, store_path: str | Path, split: str | No
     Each row: ``id``, ``split``, ``actual`` (the store's class name or target, empty when it has none),
     ``prediction``, for a classifier ``p_<class>`` per class, and ``error`` (empty: a store holds no bad image).
     """
-    info = _run_info(model_dir)  # a wrong --model is named before h5py or scikit-learn loads
+    info = saved_run_info(model_dir)  # a wrong --model is named before h5py or scikit-learn loads
     from featcache.store import FeatureStore, StaleStoreError
     from featcache.store.reader import diff_config
 
@@ -359,7 +371,7 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
         from featcache.extract.plan import plan_extraction
 
         plan_extraction(device=device, backend="torch", autocast="none", decode="cpu", device_setting="--device")
-    info = _run_info(model_dir)
+    info = saved_run_info(model_dir)
     from featcache.extract.decode.loaders import ImageReader
     from featcache.extract.plan import build_runner
     from featcache.extract.zoo.weights import resolve_weights
