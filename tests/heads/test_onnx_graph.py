@@ -75,6 +75,9 @@ CASES = [
     ("lightgbm", "classification", 2, LGBM),
     ("lightgbm", "classification", 3, {**LGBM, "pca_components": 4}),
     ("lightgbm", "regression", 0, LGBM),
+    ("knn", "classification", 3, {}),
+    ("knn", "classification", 3, {"class_weight": "balanced", "ks": [7]}),
+    ("knn", "regression", 0, {}),
 ]
 
 
@@ -114,11 +117,13 @@ def test_classes_absent_from_the_training_rows_get_zero_columns():
         _check(got, head.predict_proba(X[200:]), "classification")
 
 
-def test_knn_is_refused_naming_the_supported_heads():
-    head, _ = _fit("knn", "classification", 3)
-    with pytest.raises(HeadExportError, match=r"KNNHead cannot be exported.*allowed heads: lightgbm, logreg, mlp, "
-                                              r"sgd, streaming_mlp.*featcache predict"):
-        head_graph(head)
+def test_an_unregistered_head_is_refused_naming_the_supported_heads():
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = _data("classification", 3)
+    with pytest.raises(HeadExportError, match=r"LogisticRegression cannot be exported.*allowed heads: knn, lightgbm, "
+                                              r"logreg, mlp, sgd, streaming_mlp.*featcache predict"):
+        head_graph(LogisticRegression().fit(X, y))
 
 
 def test_a_head_fitted_on_named_columns_is_refused():

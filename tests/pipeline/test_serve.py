@@ -24,7 +24,7 @@ from .conftest import shipped_backend
 
 ort = pytest.importorskip("onnxruntime")
 
-HEADS = ("logreg", "mlp", "lightgbm")
+HEADS = ("logreg", "mlp", "lightgbm", "knn")
 FUSED = "pool+block6"
 
 
@@ -40,7 +40,7 @@ def trained(tmp_path_factory, folder_factory, params_factory) -> dict:
     prepare(params, root / "prepared")
     store = root / "features.h5"
     extract(params, "efficientnet_lite0", root / "prepared" / "manifest.csv", store, progress=False)
-    for head in (*HEADS, "knn"):
+    for head in HEADS:
         train(params, store, "efficientnet_lite0", "pool", head, root / "metrics" / f"{head}.json",
               model_dir=root / "models" / head)
     train(params, store, "efficientnet_lite0", FUSED, "logreg", root / "metrics" / "fused.json",
@@ -114,13 +114,6 @@ def test_the_description_round_trips(trained, tmp_path):
     assert [i.name for i in session.get_inputs()] == ["images"] == [described["input"]["name"]]
     assert [o.name for o in session.get_outputs()] == ["scores", "label"]
     assert [described["output"]["name"], described["label"]["name"]] == ["scores", "label"]
-
-
-def test_a_knn_run_is_refused_naming_the_supported_heads(trained, tmp_path, capsys):
-    code = main(["export", "--model", str(trained["models"] / "knn"), "--out", str(tmp_path / "m.onnx")])
-    err = capsys.readouterr().err
-    assert code == 2 and "KNNHead cannot be exported as ONNX" in err and "logreg" in err and "featcache predict" in err
-    assert not (tmp_path / "m.onnx").exists()
 
 
 def test_an_int8_run_is_refused_with_a_hint(trained, tmp_path, capsys):

@@ -13,11 +13,13 @@ head can run in onnxruntime (or be merged after a backbone's exported graph,
   BatchNormalization, Relu rebuilt from the state dict, then the softmax, or the target
   de-standardised); ``lightgbm`` (``ai.onnx.ml`` TreeEnsembleRegressor read from
   ``booster.dump_model()`` with float64 thresholds and leaves, then the softmax of a
-  multiclass fit, the sigmoid of a binary one, the raw sum for regression).
+  multiclass fit, the sigmoid of a binary one, the raw sum for regression); ``knn`` (its
+  normalised training rows ship inside the graph: the cosine with each, TopK, the
+  ``exp(cos / T)`` votes, smoothed as ``predict_proba``, or the weighted mean target).
 
 ``scores`` is (B, K) class probabilities in ``classes_`` order, or (B,) predictions in
-target units, float32. The k-NN head (its training rows would ship inside the file) and
-heads fitted on a DataFrame's named columns are refused with :class:`HeadExportError`.
+target units, float32. Heads fitted on a DataFrame's named columns, and classes
+registered later without an ONNX form here, are refused with :class:`HeadExportError`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from sklearn.base import is_classifier
 
 from featcache.errors import UserError
 
+from .knn import PROBA_FLOOR
+
 __all__ = ["FEATURES", "ML_OPSET", "SCORES", "SUPPORTED_HEADS", "HeadExportError", "head_graph"]
 
 #: The graph's input and output names.
@@ -45,6 +49,7 @@ SUPPORTED_HEADS: dict[str, str] = {
     "LogisticRegressionHead": "logreg", "RidgeHead": "logreg", "StreamingLogisticHead": "sgd",
     "StreamingRidgeHead": "sgd", "MLPHead": "mlp", "MLPRegressorHead": "mlp", "StreamingMLPHead": "streaming_mlp",
     "StreamingMLPRegressorHead": "streaming_mlp", "LightGBMHead": "lightgbm", "LightGBMRegressorHead": "lightgbm",
+    "KNNHead": "knn", "KNNRegressorHead": "knn",
 }
 
 _HINT = "Hint: score it with `featcache predict --model <run folder> --images ...` (Python) instead."
@@ -260,6 +265,46 @@ def _lightgbm(g: _Graph, x: str, head: Any) -> str:
     return _expand(g, proba, head.train_classes_, int(head.classes_.size))
 
 
+def _knn(g: _Graph, x: str, head: Any) -> str:
+    """knn: rows L2-normalised as ``l2_normalise`` (float64, to float32), cosine with the training rows (float32),
+    the top k (ties: the lower training row, as the head), ``exp((sim - max) / T)`` votes in float64."""
+    axis = g.const("axis_1", [1], np.int64)
+    zero = g.const("zero", 0.0, np.float64)
+    one = g.const("one", 1.0, np.float64)
+
+    def safe(value: str) -> str:  # a zero row stays zero: divide it by 1
+        return g.op("Where", [g.op("Greater", [value, zero]), value, one], "safe")
+
+    x = g.cast(x, TensorProto.DOUBLE)
+    x = g.op("Div", [x, safe(g.op("ReduceMax", [g.op("Abs", [x]), axis], keepdims=1))], "max_scaled")
+    x = g.op("Div", [x, safe(g.op("Sqrt", [g.op("ReduceSumSquare", [x, axis], keepdims=1)]))], "normalised")
+    train = np.asarray(head.train_rows_, dtype=np.float32)
+    sims = g.op("MatMul", [g.cast(x, TensorProto.FLOAT), g.const("train_rows_t", train.T)], "cosine")
+    k = int(head.best_params_["k"])
+    top, index = g.name("top_sims"), g.name("top_rows")
+    g.nodes.append(helper.make_node("TopK", [sims, g.const("k", [k], np.int64)], [top, index], name=f"{top}_node",
+                                    axis=1, largest=1, sorted=1))
+    top = g.cast(top, TensorProto.DOUBLE)
+    shifted = g.op("Sub", [top, g.op("ReduceMax", [top, axis], keepdims=1)])
+    weights = g.op("Exp", [g.op("Div", [shifted, g.const("temperature", float(head.temperature), np.float64)])])
+    total = g.op("ReduceSum", [weights, axis], keepdims=1)
+    if not is_classifier(head):
+        targets = g.op("Gather", [g.const("train_targets", head.train_targets_, np.float64), index], axis=0)
+        mean = g.op("Div", [g.op("ReduceSum", [g.op("Mul", [weights, targets]), axis], keepdims=1), total])
+        return _squeeze(g, mean)
+    n_classes = int(head.classes_.size)
+    labels = np.asarray(head.train_labels_, dtype=np.int64)
+    votes_of = np.zeros((labels.size, n_classes), dtype=np.float64)  # each training row's vote, class-weighted
+    votes_of[np.arange(labels.size), labels] = 1.0 if head.class_weight_ is None else head.class_weight_[labels]
+    each = g.op("Gather", [g.const("train_votes", votes_of, np.float64), index], axis=0)  # (B, k, K)
+    each = g.op("Mul", [each, g.op("Unsqueeze", [weights, g.const("axis_2", [2], np.int64)])])
+    votes = g.op("ReduceSum", [each, axis], keepdims=0)
+    votes = g.op("Div", [votes, g.op("ReduceSum", [votes, axis], keepdims=1)], "vote_share")
+    floor = float(PROBA_FLOOR)
+    votes = g.op("Add", [votes, g.const("floor", floor, np.float64)])
+    return g.op("Div", [votes, g.const("smoothing", 1.0 + n_classes * floor, np.float64)], "smoothed")
+
+
 def _check_supported(head: Any) -> str:
     """The head's class name, or :class:`HeadExportError` naming it, what is supported, and a hint."""
     name = type(head).__name__
@@ -303,6 +348,8 @@ def head_graph(head: Any, opset: int = 18, *, name: str = "featcache_head") -> o
     family = SUPPORTED_HEADS[kind]
     if family in ("mlp", "streaming_mlp"):
         scores = _mlp(g, g.cast(x, TensorProto.FLOAT) if is_double else x, head)
+    elif family == "knn":
+        scores = _knn(g, x, head)
     else:  # scikit-learn's linear models and LightGBM compute in float64
         x = x if is_double else g.cast(x, TensorProto.DOUBLE)
         scores = _linear(g, x, head) if family in ("logreg", "sgd") else _lightgbm(g, x, head)

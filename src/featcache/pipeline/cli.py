@@ -421,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
             "model: input `images` (B, 3, S, S) float32, normalised as its description's `preprocess` says; outputs "
             "`scores` (the probabilities or predictions of `featcache predict --images`) and `label` (a "
             "classifier's class index). The description: metadata_props['featcache_model']. Heads: logreg, "
-            "lightgbm, mlp, sgd, streaming_mlp.", 79),
+            "lightgbm, mlp, sgd, streaming_mlp, knn.", 79),
         epilog="example:\n  featcache export --model models/digits/efficientnet_lite0/block6/mlp --out model.onnx\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("--model", required=True, metavar="DIR",

@@ -48,8 +48,7 @@ def export_serving_model(model_dir: str | Path, out: str | Path, onnx_cache: str
     SavedHeadError
         For a missing or damaged run folder, before any library loads.
     UserError
-        For a store that kept int8 features, or a head without an ONNX form (``knn``), naming the supported
-        ones; hint: ``featcache predict``.
+        For a store that kept int8 features (hint: ``featcache predict``, which runs its int8 graph).
     """
     info = saved_run_info(model_dir)
     config = info["extraction_config"]
