@@ -133,3 +133,39 @@ def test_a_bad_model_folder_exits_2_with_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("featcache export: error:") and "not a featcache run directory" in err
     assert len(err.splitlines()) == 1
+
+
+def test_a_regression_run_serves_its_predictions_in_target_units(tmp_path, params_factory):
+    """Ridge and the MLP (trained on the standardised target): ``scores`` (B,) are predict --images' predictions
+    (not rounded there: rtol 1e-5), no ``label``, and the description says regression."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    lines = ["path,target"]
+    for index in range(24):
+        brightness = rng.uniform(0.05, 0.95)
+        pixels = np.clip(brightness * 255 + rng.normal(0, 8, (24, 24, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(images / f"img{index:02d}.png")
+        lines.append(f"img{index:02d}.png,{brightness * 100:.2f}")
+    (images / "targets.csv").write_text("\n".join(lines) + "\n")
+    raw = params_factory(str(images))
+    raw["data"].update(source="csv", csv="targets.csv", task="regression")
+    raw["extract"]["backend"] = shipped_backend()
+    raw["backbones"]["efficientnet_lite0"]["layers"] = ["pool"]
+    raw["features"] = [{"backbone": "efficientnet_lite0", "layer": "pool"}]
+    params = parse_params(raw)
+    prepare(params, tmp_path / "prepared")
+    store = tmp_path / "lite0.h5"
+    extract(params, "efficientnet_lite0", tmp_path / "prepared" / "manifest.csv", store, progress=False)
+    paths = sorted(images.glob("*.png"))[:8]
+    for head in ("logreg", "mlp"):
+        model = tmp_path / "models" / head
+        train(params, store, "efficientnet_lite0", "pool", head, tmp_path / "metrics" / f"{head}.json",
+              model_dir=model)
+        rows = predict_images(model, paths)
+        path = export_serving_model(model, tmp_path / f"{head}.onnx")
+        outputs, described = _served(path, model, paths)
+        assert len(outputs) == 1 and described["task"] == "regression" and "classes" not in described
+        np.testing.assert_allclose(outputs[0], [row["prediction"] for row in rows], rtol=1e-5)
