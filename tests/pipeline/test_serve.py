@@ -168,4 +168,5 @@ def test_a_regression_run_serves_its_predictions_in_target_units(tmp_path, param
         path = export_serving_model(model, tmp_path / f"{head}.onnx")
         outputs, described = _served(path, model, paths)
         assert len(outputs) == 1 and described["task"] == "regression" and "classes" not in described
+        assert described["head"] == {"logreg": "ridge", "mlp": "mlp"}[head]
         np.testing.assert_allclose(outputs[0], [row["prediction"] for row in rows], rtol=1e-5)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from featcache.errors import UserError
 from featcache.pipeline.predict import saved_run_info, stored_weights
 
 __all__ = ["export_serving_model"]
@@ -47,21 +46,30 @@ def export_serving_model(model_dir: str | Path, out: str | Path, onnx_cache: str
     ------
     SavedHeadError
         For a missing or damaged run folder, before any library loads.
-    UserError
+    ServingExportError
         For a store that kept int8 features (hint: ``featcache predict``, which runs its int8 graph).
     """
     info = saved_run_info(model_dir)
     config = info["extraction_config"]
     knobs = config["extract"]
+    from featcache.extract.onnx.serve import (
+        ServingExportError,
+        feature_graph,
+        serving_description,
+        serving_model,
+        write_serving_model,
+    )
+
     if knobs.get("precision", "float32") == "int8":
-        raise UserError(f"{model_dir}: its head was trained on int8 features (extract.precision int8), whose "
-                        "quantised graph is not exported as a served model here; allowed: float32 or float16 stores. "
-                        "Hint: score with `featcache predict --model ... --images ...` (it runs the int8 graph), or "
-                        "re-extract with extract.precision float32 and retrain.")
-    from featcache.extract.onnx.serve import feature_graph, serving_description, serving_model, write_serving_model
+        raise ServingExportError(
+            f"{model_dir}: its head was trained on int8 features (extract.precision int8), whose quantised graph is "
+            "not exported as a served model here; allowed: float32 or float16 stores. Hint: score with `featcache "
+            "predict --model ... --images ...` (it runs the int8 graph), or re-extract with extract.precision float32 "
+            "and retrain.")
     from featcache.extract.zoo.weights import resolve_weights
     from featcache.heads import load_head
     from featcache.heads.onnx_graph import head_graph
+    from featcache.heads.registry import head_label
 
     head = load_head(model_dir)
     graph = head_graph(head)  # an unsupported head is named before the backbone is exported
@@ -70,8 +78,9 @@ def export_serving_model(model_dir: str | Path, out: str | Path, onnx_cache: str
     dtype = str(knobs.get("dtype", "float32"))
     features = feature_graph(source, info["layer"], pooling=knobs["pooling"], dtype=dtype,
                              input_size=int(preprocess["input_size"]), cache_dir=onnx_cache)
+    name = head_label(str(info["head"]), info["task"]) if "head" in info else type(head).__name__
     description = serving_description(info["task"], info["classes"], preprocess, backbone=info["backbone"],
-                                      layer=info["layer"], head=str(info.get("head", type(head).__name__)),
+                                      layer=info["layer"], head=name,
                                       weights_id=source.weights_id, pooling=knobs["pooling"], dtype=dtype)
     path = write_serving_model(serving_model(features, graph, description), out)
     logger.info("Exported %s (%s %s %s) to %s", model_dir, info["backbone"], info["layer"], description["head"], path)
