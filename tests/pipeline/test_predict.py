@@ -9,7 +9,8 @@ from PIL import Image
 from featcache.extract.decode.loaders import ImageDataset
 from featcache.pipeline.config import parse_params
 from featcache.pipeline.params.extract import extraction_config
-from featcache.pipeline.predict import PredictError, feature_config, predict_images, stored_preprocessor
+from featcache.pipeline.predict import PredictError, feature_config, predict_images
+from featcache.pipeline.run_folder import stored_preprocessor
 from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS
 
 
@@ -135,7 +136,7 @@ def test_a_truncated_run_file_is_a_saved_head_error(tmp_path):
 
 def test_a_relative_weights_path_is_the_projects_not_the_cwds(tmp_path, monkeypatch):
     """The extract stage read ``weights/mine.pth`` in the project root; predict runs from anywhere."""
-    from featcache.pipeline.predict import stored_weights
+    from featcache.pipeline.run_folder import stored_weights
 
     project = tmp_path / "project"
     (project / "weights").mkdir(parents=True)

@@ -162,3 +162,28 @@ def test_a_consistent_entry_of_other_bytes_is_refused(int8_run, tmp_path, caplog
     [warning] = _fallbacks(caplog)
     assert "the graph rebuilt from" in warning and "differs" in warning
     assert len(rows) == 36
+
+
+@pytest.mark.parametrize("head", ["logreg", "fused_logreg"])
+def test_export_serves_the_stores_int8_graph(int8_run, head, tmp_path):
+    """``featcache export`` of a run on int8 features serves the store's very int8 graph (from the cache by its
+    sha256): its scores are ``predict --store``'s (within predict's 6-decimal rounding), which a float32 backbone
+    does not give (checked: the float32 export in its place moves the probabilities by up to 0.11 here)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from featcache.pipeline.run_folder import stored_preprocessor
+    from featcache.runs import read_run_info
+
+    model = int8_run["models"] / head
+    out = tmp_path / "served.onnx"
+    assert main(["export", "--model", str(model), "--onnx-cache", str(int8_run["root"] / "cache" / "onnx"),
+                 "--out", str(out)]) == 0
+    stored = _predict(model, "--store", str(int8_run["store"]), out=tmp_path / "store.csv")
+    preprocess = stored_preprocessor(read_run_info(model)["extraction_config"])
+    pixels = np.stack([np.asarray(preprocess(preprocess.load(str(int8_run["images"] / row["id"])))) for row in stored])
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    scores, label = session.run(None, {"images": pixels})
+    expected = np.array([[float(row[column]) for column in PROBABILITIES] for row in stored])
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=2e-6)
+    assert [PROBABILITIES[k][2:] for k in label] == [row["prediction"] for row in stored]

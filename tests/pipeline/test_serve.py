@@ -10,6 +10,7 @@ logreg's within 1e-6: the backbone part is checked against the store's rows bit 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ import pytest
 
 from featcache.pipeline import export_serving_model, extract, parse_params, prepare, train
 from featcache.pipeline.cli import main
-from featcache.pipeline.predict import predict_images, stored_preprocessor
+from featcache.pipeline.predict import predict_images
+from featcache.pipeline.run_folder import stored_preprocessor
 from featcache.runs import read_run_info
 
 from .conftest import shipped_backend
@@ -76,7 +78,7 @@ def test_the_served_file_gives_the_scores_of_predict_images(trained, head, tmp_p
 def test_the_backbone_part_gives_the_stores_features_bit_for_bit(trained):
     """The fused layer's parts, each rounded to float16 and back and concatenated in order, are the store's rows
     exactly (same export, same runtime); without the rounding 43% of the values differ."""
-    from featcache.extract.onnx.serve import feature_graph
+    from featcache.extract.onnx.serve import backbone_graph, feature_graph
     from featcache.extract.zoo.weights import resolve_weights
     from featcache.store import FeatureStore
 
@@ -85,7 +87,8 @@ def test_the_backbone_part_gives_the_stores_features_bit_for_bit(trained):
     with FeatureStore(trained["store"]) as store:
         ids, stored = list(store.ids()), store.read(FUSED)
     source = resolve_weights("efficientnet_lite0", "pretrained")
-    graph = feature_graph(source, FUSED, pooling=config["extract"]["pooling"], dtype="float16")
+    backbone = backbone_graph(source, ["pool", "block6"], pooling=config["extract"]["pooling"])
+    graph = feature_graph(backbone, FUSED, dtype="float16")
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     preprocess = stored_preprocessor(config)
     pixels = np.stack([np.asarray(preprocess(preprocess.load(str(trained["folder"] / name)))) for name in ids])
@@ -116,7 +119,9 @@ def test_the_description_round_trips(trained, tmp_path):
     assert [described["output"]["name"], described["label"]["name"]] == ["scores", "label"]
 
 
-def test_an_int8_run_is_refused_with_a_hint(trained, tmp_path, capsys):
+def test_an_int8_run_without_its_graph_is_refused_saying_why(trained, tmp_path, capsys):
+    """A run on int8 features serves the store's int8 graph (tests/pipeline/test_predict_int8.py); a store config
+    that records none (made before featcache recorded it) exits 2 saying so, never serving float32 features."""
     import shutil
 
     model = tmp_path / "int8"
@@ -125,7 +130,8 @@ def test_an_int8_run_is_refused_with_a_hint(trained, tmp_path, capsys):
     info["extraction_config"]["extract"]["precision"] = "int8"
     (model / "featcache-run.json").write_text(json.dumps(info))
     assert main(["export", "--model", str(model), "--out", str(tmp_path / "m.onnx")]) == 2
-    assert "int8 features" in capsys.readouterr().err
+    error = capsys.readouterr().err
+    assert "int8 features" in error and "records no int8 graph" in error and not (tmp_path / "m.onnx").exists()
 
 
 def test_a_bad_model_folder_exits_2_with_one_line(tmp_path, capsys):
@@ -170,3 +176,63 @@ def test_a_regression_run_serves_its_predictions_in_target_units(tmp_path, param
         assert len(outputs) == 1 and described["task"] == "regression" and "classes" not in described
         assert described["head"] == {"logreg": "ridge", "mlp": "mlp"}[head]
         np.testing.assert_allclose(outputs[0], [row["prediction"] for row in rows], rtol=1e-5)
+
+
+def test_a_head_on_one_layer_runs_only_what_that_layer_needs(trained, caplog):
+    """The export cache holds the store's graph of both layers (block6, then the head convolution and pooling that
+    make pool); a block6 head's served backbone is that graph pruned to block6: fewer nodes and initializers, and
+    still the store's block6 rows bit for bit. Was: the extra output's nodes stayed in the file (not pruned)."""
+    from featcache.extract.onnx.serve import backbone_graph, feature_graph
+    from featcache.extract.zoo.weights import resolve_weights
+    from featcache.store import FeatureStore
+
+    config = read_run_info(trained["models"] / "fused_logreg")["extraction_config"]
+    with FeatureStore(trained["store"]) as store:
+        ids, stored = list(store.ids()), store.read("block6")
+    source = resolve_weights("efficientnet_lite0", "pretrained")
+    with caplog.at_level(logging.INFO, logger="featcache.extract.onnx.serve"):
+        backbone = backbone_graph(source, ["block6"], pooling=config["extract"]["pooling"],
+                                  store_layers=config["layers"])
+    assert any("from the ONNX export cache" in r.getMessage() for r in caplog.records)  # the extract stage's graph
+    assert [o.name for o in backbone.graph.output] == ["pool", "block6"]
+    graph = feature_graph(backbone, "block6", dtype="float16")
+    assert len(graph.graph.node) < len(backbone.graph.node) - 2  # + 3 added: two casts and an Identity
+    assert len(graph.graph.initializer) < len(backbone.graph.initializer)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    preprocess = stored_preprocessor(config)
+    pixels = np.stack([np.asarray(preprocess(preprocess.load(str(trained["folder"] / name)))) for name in ids])
+    (features,) = session.run(None, {"images": pixels})
+    np.testing.assert_array_equal(features, stored)
+
+
+def test_export_selected_exports_the_run_compare_selected(trained, tmp_path):
+    """``--selected reports/compare.json --models models/<dataset>`` (the export stage) exports the run the report's
+    ``selection.run`` names: the same file as ``--model`` of that folder; a report without one, or --selected
+    without --models, exits 2 naming it."""
+    report = tmp_path / "compare.json"
+    report.write_text(json.dumps({"runs": [], "selection": {"on": "val", "run": "mlp", "metric": "accuracy"}}))
+    assert main(["export", "--selected", str(report), "--models", str(trained["models"]),
+                 "--out", str(tmp_path / "selected.onnx")]) == 0
+    assert main(["export", "--model", str(trained["models"] / "mlp"), "--out", str(tmp_path / "direct.onnx")]) == 0
+    assert (tmp_path / "selected.onnx").read_bytes() == (tmp_path / "direct.onnx").read_bytes()
+    (scores, _), described = _served(tmp_path / "selected.onnx", trained["models"] / "mlp", trained["images"][:2])
+    assert described["head"] == "mlp" and scores.shape == (2, 3)
+
+
+@pytest.mark.parametrize("content, args, expected", [
+    ('{"runs": []}', ("--models", "MODELS"), "names no selected run"),
+    ('{"selection": {"run": "../../etc"}}', ("--models", "MODELS"), "is not a run name"),
+    ('{"selection": {"run": "mlp"}}', (), "--selected REPORT and --models DIR (models/<dataset>, holding"),
+])
+def test_export_selected_names_a_bad_report(trained, tmp_path, capsys, content, args, expected):
+    report = tmp_path / "compare.json"
+    report.write_text(content)
+    args = tuple(str(trained["models"]) if a == "MODELS" else a for a in args)
+    assert main(["export", "--selected", str(report), *args, "--out", str(tmp_path / "m.onnx")]) == 2
+    assert expected in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
+
+
+def test_models_without_selected_is_refused(trained, tmp_path, capsys):
+    assert main(["export", "--model", str(trained["models"] / "mlp"), "--models", str(trained["models"]),
+                 "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "allowed otherwise: --model alone" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()

@@ -24,7 +24,7 @@ SRC = REPO / "src"
 CLI = SRC / "featcache" / "pipeline" / "cli.py"
 
 #: The pipeline modules that implement a stage (``pipeline/config.py`` and ``cli.py`` are shared by all).
-STAGE_MODULES = ("prepare", "extract", "train", "compare", "predict", "finetune", "onnx")
+STAGE_MODULES = ("prepare", "extract", "train", "compare", "predict", "serve", "finetune", "onnx")
 
 
 def _module_file(name: str) -> Path | None:

@@ -225,9 +225,13 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from featcache.pipeline.serve import export_serving_model
+    from featcache.pipeline.serve import export_selected, export_serving_model
 
-    print(export_serving_model(args.model, args.out, onnx_cache=args.onnx_cache))
+    if (args.selected is None) != (args.models is None):  # argparse makes --model and --selected exclusive
+        raise UserError("--selected REPORT and --models DIR (models/<dataset>, holding the selected run's folder) go "
+                        "together; allowed otherwise: --model alone, the run folder")
+    print(export_selected(args.selected, args.models, args.out, onnx_cache=args.onnx_cache) if args.selected
+          else export_serving_model(args.model, args.out, onnx_cache=args.onnx_cache))
 
 
 def _cmd_export_onnx(args: argparse.Namespace) -> None:
@@ -418,18 +422,19 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="a trained run as one ONNX file for serving (images in, scores out)",
         description=textwrap.fill(
             "Write the run's backbone (weights, layer, pooling, the store's float16 rounding) and head as one ONNX "
-            "model: input `images` (B, 3, S, S) float32, normalised as its description's `preprocess` says; outputs "
-            "`scores` (the probabilities or predictions of `featcache predict --images`) and `label` (a "
-            "classifier's class index). The description: metadata_props['featcache_model']. Heads: logreg, "
-            "lightgbm, mlp, sgd, streaming_mlp, knn.", 79),
-        epilog="example:\n  featcache export --model models/digits/efficientnet_lite0/block6/mlp --out model.onnx\n",
+            "model: input `images` (B, 3, S, S) float32, normalised as its metadata_props['featcache_model'] says; "
+            "outputs `scores` (what `featcache predict --images` gives) and `label` (a classifier's class index).", 79),
+        epilog="examples:\n  featcache export --model models/digits/efficientnet_lite0/block6/mlp --out model.onnx\n"
+               "  featcache export --selected reports/compare.json --models models/digits --out model.onnx\n",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    serve.add_argument("--model", required=True, metavar="DIR",
-                       help="run folder written by train: models/<dataset>/<backbone>/<layer>/<head>")
+    run = serve.add_mutually_exclusive_group(required=True)  # exactly one; argparse exits 2 otherwise
+    run.add_argument("--model", metavar="DIR", help="a run folder of train: models/<dataset>/<backbone>/<layer>/<head>")
+    run.add_argument("--selected", metavar="JSON",
+                     help="compare's report (reports/compare.json): export the run it selected, found under --models")
+    serve.add_argument("--models", metavar="DIR", help="with --selected: the dataset's models folder, models/<dataset>")
     serve.add_argument("--out", required=True, metavar="ONNX", help="output .onnx file (folders created as needed)")
-    serve.add_argument("--onnx-cache", default="auto", metavar="DIR",
-                       help="ONNX export cache where the backbone's export is looked for first, as "
-                            "extract_run.onnx_cache (default: auto; none: export it afresh)")
+    serve.add_argument("--onnx-cache", default="auto", metavar="DIR", help="where the backbone's export is looked for "
+                       "first, as extract_run.onnx_cache (default: auto; none: export it afresh)")
     serve.set_defaults(func=_cmd_export, outputs={"--out": "file"})
 
     ft = with_params(sub.add_parser("finetune", help="fine-tune a backbone end to end (the heads' baseline)"))

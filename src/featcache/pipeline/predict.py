@@ -35,10 +35,16 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
-from featcache.errors import SAVED_HEAD_HINT, SavedHeadNotFoundError, UserError
+from featcache.errors import UserError
 from featcache.extract.inputs.sources import IMAGE_EXTENSIONS
-from featcache.runs import read_json_object, read_run_info
-from featcache.store.schema import DEFAULT_MAX_IMAGE_PIXELS, SPLITS, layer_parts
+from featcache.pipeline.run_folder import (
+    project_path,
+    saved_run_info,
+    stored_int8_runner,
+    stored_preprocessor,
+    stored_weights,
+)
+from featcache.store.schema import SPLITS, layer_parts
 from featcache.util.checks import check_int
 
 if TYPE_CHECKING:  # the store (h5py), the head (scikit-learn) and the runtimes load only to score
@@ -46,7 +52,7 @@ if TYPE_CHECKING:  # the store (h5py), the head (scikit-learn) and the runtimes 
     from featcache.store import FeatureStore
 
 __all__ = ["FEATURE_CONFIG_KEYS", "PredictError", "feature_config", "predict_store", "predict_images",
-           "saved_run_info", "stored_preprocessor", "stored_weights", "write_predictions"]
+           "write_predictions"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,31 +96,6 @@ def _failed_row(sample_id: str, error: str, task: str, classes: Sequence[str]) -
     """The row of an image that could not be read: the columns of a scored row, empty, and its ``error``."""
     probabilities = {f"p_{name}": "" for name in classes} if task == "classification" else {}
     return {"id": sample_id, "prediction": "", **probabilities, "error": error}
-
-
-def saved_run_info(model_dir: str | Path) -> dict[str, Any]:
-    """``featcache-run.json`` of a run folder, after checking the folder holds a readable ``head.json`` too.
-
-    A wrong ``--model`` (of ``predict`` or ``export``) is named before scikit-learn, torch or onnxruntime loads
-    (:func:`~featcache.heads.load_head` then checks the head's other files and their sha256).
-
-    Parameters
-    ----------
-    model_dir : path
-        A run folder written by ``featcache train --model-dir``.
-
-    Returns
-    -------
-    dict
-        The run's ``featcache-run.json`` (:func:`~featcache.runs.read_run_info`).
-    """
-    info = read_run_info(model_dir)
-    path = Path(model_dir) / "head.json"
-    if not path.is_file():
-        raise SavedHeadNotFoundError(f"{model_dir} is not a usable saved head: {path.name} (the head's class and "
-                                     f"parameters) is missing. {SAVED_HEAD_HINT}")
-    read_json_object(path, f"{model_dir} is not a usable saved head: {path.name}")
-    return info
 
 
 def _score(head: Any, features: np.ndarray, task: str) -> np.ndarray:
@@ -216,64 +197,6 @@ def _image_paths(inputs: Sequence[str | Path]) -> list[Path]:
     return paths
 
 
-def stored_preprocessor(config: Mapping[str, Any]) -> Preprocessor:
-    """The preprocessing a store's extraction ``config`` records, its decompression-bomb limit included.
-
-    Parameters
-    ----------
-    config : mapping
-        A store's config (``extraction_config`` of a run's ``featcache-run.json``): ``preprocess`` plus
-        ``extract.max_image_pixels``, recorded only when it differs from the default (None: no limit).
-
-    Returns
-    -------
-    Preprocessor
-        Images the extraction accepted are accepted again.
-    """
-    from featcache.extract.decode.preprocess import Preprocessor
-
-    limit = config.get("extract", {}).get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
-    return Preprocessor.from_config(config["preprocess"], max_image_pixels=limit)
-
-
-#: Files that mark a project's root: relative paths in a run's ``extraction_config`` are relative to it (DVC and
-#: ``featcache train`` run there).
-PROJECT_MARKERS = ("dvc.yaml", "params.yaml")
-
-
-def stored_weights(config: Mapping[str, Any], model_dir: str | Path) -> str:
-    """The ``weights`` of a run's extraction config, a relative file path resolved against the project.
-
-    The extract stage ran in the project root (where ``dvc.yaml`` is), so a relative weights path there is
-    relative to it, not to wherever ``featcache predict`` runs: it is resolved against the nearest folder
-    above ``model_dir`` holding one of :data:`PROJECT_MARKERS` (the current folder when none does).
-
-    Parameters
-    ----------
-    config : mapping
-        ``extraction_config`` of ``featcache-run.json``.
-    model_dir : path
-        The run folder.
-
-    Returns
-    -------
-    str
-        ``pretrained``, ``random``, an absolute path, or the path as recorded when no project holds it.
-    """
-    weights = str(config["weights"])
-    return weights if weights in ("pretrained", "random") else _project_path(weights, model_dir)
-
-
-def _project_path(recorded: str, model_dir: str | Path) -> str:
-    """A path a stage recorded, resolved against the project above ``model_dir`` when relative (and there)."""
-    if Path(recorded).expanduser().is_absolute():
-        return recorded
-    for folder in Path(model_dir).resolve().parents:
-        if any((folder / marker).is_file() for marker in PROJECT_MARKERS):
-            return str(folder / recorded) if (folder / recorded).exists() else recorded
-    return recorded
-
-
 def _plan(config: Mapping[str, Any], device: str) -> tuple[Any, int | None]:
     """The extraction plan that runs new images as the store's extraction ran (its backend and autocast), and
     torch's thread count to run it with (the recorded one, for torch on the CPU; else None)."""
@@ -304,18 +227,14 @@ def _plan(config: Mapping[str, Any], device: str) -> tuple[Any, int | None]:
 def _int8_runner(config: Mapping[str, Any], source: Any, preprocess: Preprocessor, model_dir: str | Path,
                  onnx_cache: str, backend: str) -> Any:
     """The runner of the int8 graph the head's features came from, or None (float32) after one warning."""
-    from featcache.extract.onnx.quantize import recorded_int8_runner
     from featcache.pipeline.params.extract import INT8_GRAPH
 
     record = config["extract"].get(INT8_GRAPH)
-    manifest = _project_path(record["manifest"], model_dir) if record else ""
+    manifest = project_path(record["manifest"], model_dir) if record else ""
     if backend != "onnx":
         why = "onnxruntime, which runs it, is not installed"
-    elif record is None:
-        why = "the store's config records no int8 graph (extracted before featcache recorded it)"
     else:
-        runner, why = recorded_int8_runner(record, source, config["layers"], config["extract"], preprocess,
-                                           manifest, cache_dir=onnx_cache)
+        runner, why = stored_int8_runner(config, source, preprocess, model_dir, onnx_cache)
         if runner is not None:
             return runner
     logger.warning(

@@ -12,14 +12,21 @@ second, before any of them loads.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
-from featcache.pipeline.predict import saved_run_info, stored_weights
+from featcache.errors import UserError
+from featcache.pipeline.run_folder import saved_run_info, stored_int8_runner, stored_preprocessor, stored_weights
 
-__all__ = ["export_serving_model"]
+__all__ = ["SelectionReportError", "export_selected", "export_serving_model", "selected_run"]
 
 logger = logging.getLogger(__name__)
+
+
+class SelectionReportError(UserError, ValueError):
+    """A compare report that names no selected run."""
 
 
 def export_serving_model(model_dir: str | Path, out: str | Path, onnx_cache: str = "auto") -> Path:
@@ -33,7 +40,7 @@ def export_serving_model(model_dir: str | Path, out: str | Path, onnx_cache: str
         The ``.onnx`` file (written atomically; folders created).
     onnx_cache : str
         The ONNX export cache (as ``extract_run.onnx_cache``: ``auto``, ``none`` or a folder), where the
-        backbone's export is looked for before exporting it.
+        backbone's export (a store of int8 features: its int8 graph) is looked for before making it.
 
     Returns
     -------
@@ -47,37 +54,36 @@ def export_serving_model(model_dir: str | Path, out: str | Path, onnx_cache: str
     SavedHeadError
         For a missing or damaged run folder, before any library loads.
     ServingExportError
-        For a store that kept int8 features (hint: ``featcache predict``, which runs its int8 graph).
+        For a store of int8 features whose int8 graph is neither in the cache nor can be rebuilt (the reason).
     """
     info = saved_run_info(model_dir)
     config = info["extraction_config"]
     knobs = config["extract"]
     from featcache.extract.onnx.serve import (
-        ServingExportError,
+        backbone_graph,
         feature_graph,
         serving_description,
         serving_model,
         write_serving_model,
     )
-
-    if knobs.get("precision", "float32") == "int8":
-        raise ServingExportError(
-            f"{model_dir}: its head was trained on int8 features (extract.precision int8), whose quantised graph is "
-            "not exported as a served model here; allowed: float32 or float16 stores. Hint: score with `featcache "
-            "predict --model ... --images ...` (it runs the int8 graph), or re-extract with extract.precision float32 "
-            "and retrain.")
     from featcache.extract.zoo.weights import resolve_weights
     from featcache.heads import load_head
     from featcache.heads.onnx_graph import head_graph
     from featcache.heads.registry import head_label
+    from featcache.store.schema import layer_parts
 
     head = load_head(model_dir)
     graph = head_graph(head)  # an unsupported head is named before the backbone is exported
     source = resolve_weights(info["backbone"], stored_weights(config, model_dir), model=config.get("model"))
     preprocess = config["preprocess"]
+    if knobs.get("precision", "float32") == "int8":
+        backbone = _int8_graph(config, source, model_dir, onnx_cache)
+    else:
+        backbone = backbone_graph(source, layer_parts(info["layer"]), pooling=knobs["pooling"],
+                                  input_size=int(preprocess["input_size"]), store_layers=config.get("layers", ()),
+                                  cache_dir=onnx_cache)
     dtype = str(knobs.get("dtype", "float32"))
-    features = feature_graph(source, info["layer"], pooling=knobs["pooling"], dtype=dtype,
-                             input_size=int(preprocess["input_size"]), cache_dir=onnx_cache)
+    features = feature_graph(backbone, info["layer"], dtype=dtype)
     name = head_label(str(info["head"]), info["task"]) if "head" in info else type(head).__name__
     description = serving_description(info["task"], info["classes"], preprocess, backbone=info["backbone"],
                                       layer=info["layer"], head=name,
@@ -85,3 +91,68 @@ def export_serving_model(model_dir: str | Path, out: str | Path, onnx_cache: str
     path = write_serving_model(serving_model(features, graph, description), out)
     logger.info("Exported %s (%s %s %s) to %s", model_dir, info["backbone"], info["layer"], description["head"], path)
     return path
+
+
+def _int8_graph(config: dict[str, Any], source: Any, model_dir: str | Path, onnx_cache: str) -> Any:
+    """The store's very int8 graph (as ``featcache predict`` runs it), or ServingExportError saying why not."""
+    import onnx
+
+    from featcache.extract.onnx.serve import ServingExportError
+
+    runner, why = stored_int8_runner(config, source, stored_preprocessor(config), model_dir, onnx_cache)
+    if runner is None:
+        raise ServingExportError(
+            f"{model_dir}: its head was trained on int8 features (extract.precision int8), but {why}. Hint: pass "
+            "--onnx-cache with the extract_run.onnx_cache the store was extracted with, or keep its manifest and "
+            "train images in place so the int8 graph is rebuilt.")
+    return onnx.load(str(runner.path))
+
+
+def selected_run(report: str | Path) -> str:
+    """The run ``compare`` selected (on validation, else the test-best): ``<backbone>/<layer>/<head>``.
+
+    Parameters
+    ----------
+    report : path
+        ``compare``'s JSON report (``reports/compare.json``).
+
+    Returns
+    -------
+    str
+        Its ``selection.run``: the run's folder under the dataset's models folder.
+    """
+    path = Path(report)
+    try:
+        run = json.loads(path.read_text())["selection"]["run"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SelectionReportError(
+            f"{str(path)!r} names no selected run ({type(error).__name__}: {error}); allowed: the compare.json that "
+            "`featcache compare` writes. Hint: run `dvc repro compare` first.") from None
+    if not isinstance(run, str) or not run or Path(run).is_absolute() or ".." in Path(run).parts:
+        raise SelectionReportError(f"{str(path)!r}: selection.run {run!r} is not a run name <backbone>/<layer>/<head>. "
+                                   "Hint: rerun `dvc repro compare`.")
+    return run
+
+
+def export_selected(report: str | Path, models: str | Path, out: str | Path, onnx_cache: str = "auto") -> Path:
+    """:func:`export_serving_model` of the run ``compare`` selected: the pipeline's ``export`` stage.
+
+    Parameters
+    ----------
+    report : path
+        ``reports/compare.json`` (:func:`selected_run`).
+    models : path
+        The dataset's models folder (``models/<dataset>``): the run's folder is ``<models>/<run>``.
+    out : path
+        The ``.onnx`` file.
+    onnx_cache : str
+        As :func:`export_serving_model`.
+
+    Returns
+    -------
+    Path
+        ``out``.
+    """
+    run = selected_run(report)
+    logger.info("Exporting the run compare selected: %s", run)
+    return export_serving_model(Path(models) / run, out, onnx_cache=onnx_cache)

@@ -1,11 +1,13 @@
 """One self-contained ONNX model for serving: the pooled backbone, the store's rounding, then a trained head.
 
-:func:`feature_graph` is the backbone part, ``images (B, 3, S, S) float32 -> features (B, D)``: the
-extractor's own export (:func:`~featcache.extract.onnx.export.export_onnx`, or the export cache's entry
-for the same weights, layers, pooling and opset, which ``featcache predict`` and the extract stage
-fill), each layer of a fused one (``pool+block6``, :func:`~featcache.store.schema.layer_parts`)
-rounded to the store's dtype and back (``Cast`` to float16 and to float32 again, as
-``featcache predict`` rounds), the parts concatenated in order. :func:`serving_model` appends a head's
+:func:`backbone_graph` is the pooled backbone, one output per layer: the export cache's entry for the store's
+layers (the graph the extract stage and ``featcache predict`` made and ran) or for the head's, else a fresh
+export (:func:`~featcache.extract.onnx.export.export_onnx`); for a store of int8 features the caller passes
+the store's very int8 graph instead. :func:`feature_graph` turns it into ``images (B, 3, S, S) float32 ->
+features (B, D)``: the head's layer, or each layer of a fused one (``pool+block6``,
+:func:`~featcache.store.schema.layer_parts`) rounded to the store's dtype and back (``Cast`` to float16 and to
+float32 again, as ``featcache predict`` rounds) and concatenated in order, the other outputs pruned.
+:func:`serving_model` appends a head's
 graph (``features -> scores``, :func:`featcache.heads.onnx_graph.head_graph`; this module takes
 it as an ``onnx.ModelProto`` and imports nothing of ``heads/``), adds ``label`` (B,) int64, the
 index of the highest probability, for a classifier, and describes the whole in
@@ -36,8 +38,8 @@ from featcache.extract.zoo.weights import WeightsSource
 from featcache.store.schema import FEATURE_DTYPES, canonical_json, layer_parts
 from featcache.util.atomic import atomic_path
 
-__all__ = ["FEATURES", "LABEL", "SCORES", "ServingExportError", "feature_graph", "serving_description",
-           "serving_model", "write_serving_model"]
+__all__ = ["FEATURES", "LABEL", "SCORES", "ServingExportError", "backbone_graph", "feature_graph",
+           "serving_description", "serving_model", "write_serving_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,15 +54,52 @@ class ServingExportError(UserError, ValueError):
     """A run that cannot be served as one ONNX file (its storage, or a graph that does not fit the backbone)."""
 
 
-def _backbone_model(source: WeightsSource, parts: Sequence[str], pooling: str, input_size: int | None, opset: int,
-                    cache_dir: str | os.PathLike[str] | None) -> onnx.ModelProto:
-    """The cached export of these weights and layers (what predict and extract ran), else a fresh export."""
-    key = (source_key(source.spec, source.weights_sha256, parts, pooling, input_size, opset, "auto")
-           if source.weights_sha256 else None)
+def _cached_export(source: WeightsSource, layers: Sequence[str], pooling: str, input_size: int | None, opset: int,
+                   cache_dir: str | os.PathLike[str] | None) -> onnx.ModelProto | None:
+    """The export cache's entry for these weights and layers (what predict or extract ran), or None."""
+    if not source.weights_sha256:  # random weights: no key without building the model
+        return None
+    key = source_key(source.spec, source.weights_sha256, layers, pooling, input_size, opset, "auto")
     found = read_only_lookup(resolve_cache_dir(cache_dir), key)
-    if found is not None:
-        logger.info("Backbone graph from the ONNX export cache: %s", found[0])
-        return onnx.load(str(found[0]))
+    if found is None:
+        return None
+    logger.info("Backbone graph from the ONNX export cache: %s", found[0])
+    return onnx.load(str(found[0]))
+
+
+def backbone_graph(source: WeightsSource, parts: Sequence[str], *, pooling: str, input_size: int | None = None,
+                   opset: int = DEFAULT_OPSET, store_layers: Sequence[str] = (),
+                   cache_dir: str | os.PathLike[str] | None = "auto") -> onnx.ModelProto:
+    """The pooled backbone computing (at least) ``parts``: a cached export, else a fresh one of ``parts``.
+
+    The cache is looked in for an export of the store's layers first (the graph the extract stage and
+    ``featcache predict`` made and ran: its other outputs are pruned by :func:`feature_graph`), then of ``parts``.
+
+    Parameters
+    ----------
+    source : WeightsSource
+        The backbone and its weights (:func:`~featcache.extract.zoo.weights.resolve_weights`).
+    parts : sequence of str
+        The layers the head reads, in order (:func:`~featcache.store.schema.layer_parts`).
+    pooling : str
+    input_size : int, optional
+        S; default the registry's.
+    opset : int
+    store_layers : sequence of str
+        Every layer of the store, in its order (its ``layers`` config).
+    cache_dir : path-like, "auto", "none" or None
+        The ONNX export cache (``extract_run.onnx_cache``).
+
+    Returns
+    -------
+    onnx.ModelProto
+        Input ``images`` (B, 3, S, S); one output (B, D) per layer, named by it.
+    """
+    for layers in dict.fromkeys((tuple(store_layers), tuple(parts))):
+        if layers and set(parts) <= set(layers):
+            cached = _cached_export(source, layers, pooling, input_size, opset, cache_dir)
+            if cached is not None:
+                return cached
     from featcache.extract.onnx.export import export_onnx
     from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 
@@ -71,27 +110,18 @@ def _backbone_model(source: WeightsSource, parts: Sequence[str], pooling: str, i
         return onnx.load(str(path))
 
 
-def feature_graph(source: WeightsSource, layer: str, *, pooling: str, dtype: str = "float32",
-                  input_size: int | None = None, opset: int = DEFAULT_OPSET,
-                  cache_dir: str | os.PathLike[str] | None = "auto") -> onnx.ModelProto:
+def feature_graph(backbone: onnx.ModelProto, layer: str, *, dtype: str = "float32") -> onnx.ModelProto:
     """The backbone as the head's features came out of the store: ``images`` (B, 3, S, S) -> ``features`` (B, D).
 
     Parameters
     ----------
-    source : WeightsSource
-        The backbone and its weights (:func:`~featcache.extract.zoo.weights.resolve_weights`).
+    backbone : onnx.ModelProto
+        The pooled backbone with one output per layer, named by it (:func:`backbone_graph`, or the store's int8
+        graph); not modified. Its outputs other than ``layer``'s parts are pruned with the nodes only they need.
     layer : str
         A layer alias, or a fused ``a+b`` (its parts concatenated in order).
-    pooling : str
-        As the store was extracted (``extract.pooling``).
     dtype : {"float32", "float16"}
         The store's dtype: float16 features are rounded to float16 and back.
-    input_size : int, optional
-        S; default the registry's.
-    opset : int
-        ONNX opset of the export.
-    cache_dir : path-like, "auto", "none" or None
-        The ONNX export cache looked in first (``extract_run.onnx_cache``).
 
     Returns
     -------
@@ -102,10 +132,11 @@ def feature_graph(source: WeightsSource, layer: str, *, pooling: str, dtype: str
         raise ServingExportError(f"store dtype {dtype!r}; allowed: {', '.join(FEATURE_DTYPES)}. Hint: export the "
                                  "run of a store extracted with extract.dtype float16 or float32.")
     parts = layer_parts(layer)
-    model = _backbone_model(source, parts, pooling, input_size, opset, cache_dir)
+    model = onnx.ModelProto()
+    model.CopyFrom(backbone)
     graph = model.graph
     outputs = [value.name for value in graph.output]
-    if outputs != list(parts):
+    if not set(parts) <= set(outputs):
         raise ServingExportError(f"the exported backbone's outputs are {outputs}, not the layers {list(parts)}. "
                                  "Hint: clear the ONNX export cache (--onnx-cache none) and export again.")
     taken = {FEATURES, *(f"featcache_serve/{i}_{kind}" for i in range(len(parts)) for kind in ("float16", "rounded"))}
@@ -126,8 +157,30 @@ def feature_graph(source: WeightsSource, layer: str, *, pooling: str, dtype: str
                                                                 name="featcache_serve/features"))
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, ["batch", None]))
+    _prune(graph)
     del model.metadata_props[:]  # the export's description names its layer outputs, gone here
     return model
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop the nodes and initializers no graph output needs (the store's other layers), in place."""
+    needed = {value.name for value in graph.output}
+    kept = []
+    for node in reversed(graph.node):
+        if needed & set(node.output):
+            kept.append(node)
+            needed.update(name for name in node.input if name)
+            for attribute in node.attribute:  # a subgraph's (If, Loop) outer-scope inputs
+                for sub in [attribute.g, *attribute.graphs]:
+                    needed.update(_value_names(sub))
+    del graph.node[:]
+    graph.node.extend(reversed(kept))
+    initializers = [tensor for tensor in graph.initializer if tensor.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    values = [value for value in graph.value_info if value.name in needed]
+    del graph.value_info[:]
+    graph.value_info.extend(values)
 
 
 def _value_names(graph: onnx.GraphProto) -> set[str]:
