@@ -66,8 +66,14 @@ def dvc_project(tmp_path_factory: pytest.TempPathFactory, folder_factory, params
 def test_repro_runs_every_stage_then_nothing(dvc_project: Path):
     first = _run(["dvc", "repro"], dvc_project)
     stages = _stages_run(first)
-    assert {"digits", "prepare", "extract@efficientnet_lite0", "compare"} <= stages
+    assert {"digits", "prepare", "extract@efficientnet_lite0", "compare", "export"} <= stages
     assert sum(name.startswith("train@") for name in stages) == 6
+    selected = json.loads((dvc_project / "reports" / "compare.json").read_text())["selection"]["run"]
+    served = dvc_project / "exports" / "tiny" / "model.onnx"  # the selected run, as the model artifact declares
+    assert served.is_file() and f"{selected.split('/')[-1]} (classification)" in _run(
+        [sys.executable, "-c", f"import onnx; print(onnx.load({str(served)!r}).doc_string)"], dvc_project)
+    artifacts = yaml.safe_load((dvc_project / "dvc.yaml").read_text())["artifacts"]
+    assert artifacts["selected-model"]["path"] == "exports/${data.name}/model.onnx"
     table = (dvc_project / "reports" / "compare.md").read_text()
     assert table.count("| efficientnet_lite0 |") == 6
     shown = _run(["dvc", "plots", "show", "-o", "plots_html"], dvc_project)
@@ -114,7 +120,7 @@ def test_exp_run_on_a_head_param_reruns_only_that_head(dvc_project: Path):
     output = _run(["dvc", "exp", "run", "-S", "heads.logreg.Cs=[0.0001]"], dvc_project)
     stages = _stages_run(output)
     assert stages, output
-    assert all(name.endswith("-logreg") or name in ("check", "compare") for name in stages), stages
+    assert all(name.endswith("-logreg") or name in ("check", "compare", "export") for name in stages), stages
     assert sum(name.endswith("-logreg") for name in stages) == 2
     assert "compare" in stages
     # `dvc metrics diff` compares the workspace with the last commit: numeric deltas for the changed runs.
@@ -180,14 +186,15 @@ def _changed_stages(project: Path) -> set[str]:
     return set(json.loads(_run(["dvc", "status", "--json"], project)))
 
 
-def test_a_head_edit_reruns_only_train_and_compare(dvc_project: Path):
+def test_a_head_edit_reruns_only_train_compare_and_export(dvc_project: Path):
     _run(["dvc", "repro"], dvc_project)
     assert _changed_stages(dvc_project) == set()
     _edit_source(dvc_project, "heads/mlp.py")
     changed = _changed_stages(dvc_project)
-    assert changed and all(name.startswith("train@") for name in changed), changed  # extract, prepare up to date
+    # extract, prepare up to date; the export stage writes a head's graph, so it runs the head's code too
+    assert changed and all(name.startswith("train@") or name == "export" for name in changed), changed
     stages = _stages_run(_run(["dvc", "repro"], dvc_project))
-    assert stages and all(name.startswith("train@") or name == "compare" for name in stages), stages
+    assert stages and all(name.startswith("train@") or name in ("compare", "export") for name in stages), stages
 
 
 def test_an_extractor_edit_reruns_extract_and_nothing_after(dvc_project: Path):
