@@ -209,3 +209,22 @@ def test_bench_imbalance_keeps_a_fraction_of_the_minority_and_every_other_row(tm
     (tmp_path / "params.yaml").write_text("heads:\n  lightgbm: {num_leaves: 7, n_jobs: 4}\n")
     assert bench.head_params(tmp_path / "params.yaml", "lightgbm") == {"num_leaves": 7, "n_jobs": 1}
     assert bench.head_params(tmp_path / "params.yaml", "mlp") == {}
+
+
+def test_bench_serve_times_both_paths_alternately_and_finds_run_folders(monkeypatch, tmp_path):
+    """bench_serve's like-for-like timing: a warm-up of each path, then A B A B rounds over the same images; its run
+    folder search finds every folder holding head.json (a run folder named itself, or under a models folder)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bench = importlib.import_module("bench_serve")
+    calls = []
+    cases = {"a": lambda x: calls.append(("a", len(x))), "b": lambda x: calls.append(("b", len(x)))}
+    result = bench.timings(cases, np.zeros((6, 3, 2, 2), np.float32), batch_size=4, latency_images=2, repeats=2)
+    assert calls[:4] == [("a", 4), ("a", 1), ("b", 4), ("b", 1)]  # warm-up
+    rounds = [name for name, _ in calls[4:]]
+    assert rounds == ["a"] * 4 + ["b"] * 4 + ["a"] * 4 + ["b"] * 4  # 2 single images + 2 batches (4 + 2), alternating
+    assert set(result) == {"a", "b"} and all(r["ms"] > 0 and r["img_s"] > 0 for r in result.values())
+    for run in ("m/b/pool/logreg", "m/b/block6/mlp"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "head.json").write_text("{}")
+    assert bench.run_folders([tmp_path / "m"]) == [tmp_path / "m/b/block6/mlp", tmp_path / "m/b/pool/logreg"]
+    assert bench.run_folders([tmp_path / "m/b/pool/logreg"]) == [tmp_path / "m/b/pool/logreg"]

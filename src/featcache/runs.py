@@ -23,6 +23,7 @@ subpackage may use it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -32,10 +33,9 @@ from typing import Any
 from featcache.errors import SAVED_HEAD_HINT, SavedHeadError, SavedHeadNotFoundError, UserError
 from featcache.util.atomic import write_json
 
-__all__ = ["INFO_KEYS", "RUN_FILE", "RUN_INFO_FORMAT", "RUN_INFO_KEYS", "SIDECAR_SUFFIX", "RunFileError",
-           "RunNotFoundError",
-           "read_json_object", "read_run", "read_run_info", "run_key", "sidecar_path", "split_run", "write_run",
-           "write_run_info"]
+__all__ = ["INFO_KEYS", "MODEL_FILES", "RUN_FILE", "RUN_INFO_FORMAT", "RUN_INFO_KEYS", "SIDECAR_SUFFIX",
+           "RunFileError", "RunNotFoundError", "model_sha256", "read_json_object", "read_run", "read_run_info",
+           "run_key", "sidecar_path", "split_run", "write_run", "write_run_info"]
 
 #: File beside a saved head describing where its features come from.
 RUN_FILE = "featcache-run.json"
@@ -170,6 +170,34 @@ def write_run_info(model_dir: str | Path, info: Mapping[str, Any]) -> Path:
     version reading it knows which layout it holds.
     """
     return write_json(Path(model_dir) / RUN_FILE, {**info, "format": RUN_INFO_FORMAT})
+
+
+#: The files of a run folder that :func:`model_sha256` hashes: the saved head's ``head.json`` (the head's class,
+#: parameters, fitted attributes and the sha256 of each of its other files) and :data:`RUN_FILE`.
+MODEL_FILES = ("head.json", RUN_FILE)
+
+
+def model_sha256(model_dir: str | Path) -> str:
+    """The sha256 of a run folder's model: :data:`MODEL_FILES`' bytes, named, in order.
+
+    ``head.json`` records the sha256 of the head's weight files, so the hash changes with any file of the model.
+    The train stage records it in the run's sidecar, ``compare`` in its selection, and ``featcache export
+    --selected`` checks the folder still holds that model.
+
+    Parameters
+    ----------
+    model_dir : str or Path
+        A run folder written by ``featcache train --model-dir``.
+
+    Returns
+    -------
+    str
+        64 hex digits.
+    """
+    digest = hashlib.sha256()
+    for name in MODEL_FILES:
+        digest.update(name.encode() + b"\0" + (Path(model_dir) / name).read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def read_json_object(path: str | Path, name: str | None = None) -> dict[str, Any]:

@@ -59,7 +59,8 @@ def test_every_run_is_paired_with_the_run_selected_on_val_not_the_test_best(tmp_
            f"{logreg_test:.4f})" in caplog.text  # the stage's last line names the run to quote
     document, table = _document(tmp_path / "r"), report_table(tmp_path / "r")
     assert document["selection"] == {"on": "val", "run": "b/pool/logreg", "metric": "accuracy",
-                                     "tie_break": "log_loss", "without_val": []}
+                                     "tie_break": "log_loss", "without_val": [], "backbone": "b", "layer": "pool",
+                                     "head": "logreg", "model_sha256": None}  # these records have no saved model
     paired = {run["head"]: run["paired"] for run in document["runs"]}
     assert {p["reference"] for p in paired.values()} == {"b/pool/logreg"}
     assert paired["logreg"]["selected"] is True and "best" not in paired["mlp"] and "selected" not in paired["mlp"]
@@ -117,7 +118,8 @@ def test_a_run_without_val_scores_falls_back_to_the_test_best_and_says_so(tmp_pa
         compare(tmp_path / "m", tmp_path / "r")
     document, table = _document(tmp_path / "r"), report_table(tmp_path / "r")
     assert document["selection"] == {"on": "test", "run": "b/pool/mlp", "metric": "accuracy",
-                                     "tie_break": "log_loss", "without_val": ["b/pool/old", "b/pool/partial"]}
+                                     "tie_break": "log_loss", "without_val": ["b/pool/old", "b/pool/partial"],
+                                     "backbone": "b", "layer": "pool", "head": "mlp", "model_sha256": None}
     assert {run["paired"]["reference"] for run in document["runs"]} == {"b/pool/mlp"}
     assert table["mlp"]["Δ accuracy vs best"] == "(best)" and table["old"]["val accuracy"] == "-"
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -156,6 +156,27 @@ def test_a_mistyped_key_that_no_stage_reads_fails_repro(dvc_project: Path):
     assert _stages_run(_run(["dvc", "repro"], dvc_project)) <= {"check"}  # the restored file: nothing else reruns
 
 
+#: A setting per head that can only lower its val score (it cannot take the selection from another run).
+_WORSE = {"lightgbm": "heads.lightgbm.n_estimators=1",  # (logreg: the experiment test before sets its Cs)
+          "mlp": "heads.mlp.max_epochs=1"}
+
+
+def test_an_experiment_on_another_head_does_not_rerun_the_export(dvc_project: Path):
+    """The export stage depends on compare.json's ``selection`` (the run and its model's sha256), not on every run:
+    an experiment on a head that is not selected reruns that head's train stages and compare, and DVC skips the
+    export. Was: it depended on the whole models folder and re-exported (~5 s) after any head's experiment."""
+    _run(["dvc", "repro"], dvc_project)
+    _run(["git", "add", "-A"], dvc_project)
+    _run(["git", "commit", "-qm", "baseline"], dvc_project)
+    selection = json.loads((dvc_project / "reports" / "compare.json").read_text())["selection"]
+    assert len(selection["model_sha256"]) == 64
+    other = next(head for head in _WORSE if head != selection["head"])
+    output = _run(["dvc", "exp", "run", "--temp", "-S", _WORSE[other]], dvc_project)  # the workspace stays as is
+    stages = _stages_run(output)
+    assert f"train@feature0-{other}" in stages and "compare" in stages, output
+    assert "export" not in stages and "Stage 'export' didn't change" in output, output
+
+
 def test_a_speed_knob_edit_reruns_no_extraction_a_content_edit_does(dvc_project: Path):
     """``extract_run`` (batch size, workers, ...) is tracked by no extract stage: only ``check`` runs."""
     _run(["dvc", "repro"], dvc_project)

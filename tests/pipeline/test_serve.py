@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -210,8 +211,10 @@ def test_export_selected_exports_the_run_compare_selected(trained, tmp_path):
     ``selection.run`` names: the same file as ``--model`` of that folder; a report without one, or --selected
     without --models, exits 2 naming it."""
     report = tmp_path / "compare.json"
-    report.write_text(json.dumps({"runs": [], "selection": {"on": "val", "run": "mlp", "metric": "accuracy"}}))
-    assert main(["export", "--selected", str(report), "--models", str(trained["models"]),
+    report.write_text(json.dumps({"runs": [], "selection": {"on": "val", "run": "b/l/mlp", "metric": "accuracy"}}))
+    models = tmp_path / "models"
+    shutil.copytree(trained["models"] / "mlp", models / "b" / "l" / "mlp")
+    assert main(["export", "--selected", str(report), "--models", str(models),
                  "--out", str(tmp_path / "selected.onnx")]) == 0
     assert main(["export", "--model", str(trained["models"] / "mlp"), "--out", str(tmp_path / "direct.onnx")]) == 0
     assert (tmp_path / "selected.onnx").read_bytes() == (tmp_path / "direct.onnx").read_bytes()
@@ -221,8 +224,10 @@ def test_export_selected_exports_the_run_compare_selected(trained, tmp_path):
 
 @pytest.mark.parametrize("content, args, expected", [
     ('{"runs": []}', ("--models", "MODELS"), "names no selected run"),
-    ('{"selection": {"run": "../../etc"}}', ("--models", "MODELS"), "is not a run name"),
-    ('{"selection": {"run": "mlp"}}', (), "--selected REPORT and --models DIR (models/<dataset>, holding"),
+    ('{"selection": {"run": "../../etc"}}', ("--models", "MODELS"), "is not a run <backbone>/<layer>/<head>"),
+    ('{"selection": {"run": "x", "backbone": "b", "layer": "..", "head": "mlp"}}', ("--models", "MODELS"),
+     "is not a run <backbone>/<layer>/<head>"),
+    ('{"selection": {"run": "b/l/mlp"}}', (), "--selected REPORT and --models DIR (models/<dataset>, holding"),
 ])
 def test_export_selected_names_a_bad_report(trained, tmp_path, capsys, content, args, expected):
     report = tmp_path / "compare.json"
@@ -236,3 +241,39 @@ def test_models_without_selected_is_refused(trained, tmp_path, capsys):
     assert main(["export", "--model", str(trained["models"] / "mlp"), "--models", str(trained["models"]),
                  "--out", str(tmp_path / "m.onnx")]) == 2
     assert "allowed otherwise: --model alone" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
+
+
+def test_export_selected_takes_the_folder_by_head_name_and_refuses_another_model(trained, tmp_path, capsys):
+    """compare.json's selection names the run folder by the registry's head (``logreg``, where the report's label for
+    a regression run is ``ridge``) and records the model's sha256: the export refuses a folder that holds another
+    model than the one compare selected (retrained or replaced since), and exports the one it did."""
+    from featcache.runs import model_sha256
+
+    models = tmp_path / "models"
+    shutil.copytree(trained["models"] / "logreg", models / "b" / "l" / "logreg")
+    selection = {"on": "val", "run": "b/l/ridge", "backbone": "b", "layer": "l", "head": "logreg",
+                 "model_sha256": model_sha256(models / "b" / "l" / "logreg")}
+    report = tmp_path / "compare.json"
+    report.write_text(json.dumps({"selection": selection}))
+    args = ["export", "--selected", str(report), "--models", str(models), "--out", str(tmp_path / "m.onnx")]
+    assert main(args) == 0 and (tmp_path / "m.onnx").is_file()
+    (tmp_path / "m.onnx").unlink()
+    shutil.rmtree(models / "b" / "l" / "logreg")
+    shutil.copytree(trained["models"] / "mlp", models / "b" / "l" / "logreg")  # another model in its place
+    assert main(args) == 2
+    assert "holds another model" in capsys.readouterr().err and not (tmp_path / "m.onnx").exists()
+
+
+def test_train_records_the_models_sha256_and_compare_selects_it(trained, tmp_path):
+    """The run's sidecar carries its saved model's sha256 and compare.json's selection copies the selected run's,
+    with the head's registry name (the folder's)."""
+    from featcache.pipeline import compare
+    from featcache.runs import model_sha256, read_run
+
+    run = read_run(trained["root"] / "metrics" / "mlp.json")
+    assert run["model_sha256"] == model_sha256(trained["models"] / "mlp")
+    compare(trained["root"] / "metrics", tmp_path / "reports")
+    selection = json.loads((tmp_path / "reports" / "compare.json").read_text())["selection"]
+    name = selection["head"] if selection["layer"] == "pool" else "fused"
+    picked = read_run(trained["root"] / "metrics" / f"{name}.json")
+    assert selection["model_sha256"] == picked["model_sha256"] and selection["backbone"] == "efficientnet_lite0"

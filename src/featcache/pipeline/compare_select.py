@@ -60,9 +60,15 @@ class Selection:
         return REFERENCE_MARK[self.on]
 
     def as_json(self) -> dict[str, Any]:
-        """compare.json's ``selection``: ``on``, ``run``, ``metric``, ``tie_break``, ``without_val``."""
+        """compare.json's ``selection``: ``on``, ``run``, ``metric``, ``tie_break``, ``without_val``, and where the
+        run's model is: ``backbone``, ``layer``, ``head`` (the registry's name, as the run folder
+        ``models/<dataset>/<backbone>/<layer>/<head>`` names it; ``run`` shows ``ridge`` for logreg's regression
+        twin) and ``model_sha256`` (:func:`featcache.runs.model_sha256`, recorded by its train stage; None for
+        a run without a saved model). The export stage depends on this entry only, so it reruns when the selected
+        model changes, not whenever any run does."""
         return {"on": self.on, "run": run_label(self.run), "metric": self.metric, "tie_break": self.tie_break,
-                "without_val": list(self.without_val)}
+                "without_val": list(self.without_val), "backbone": self.run["backbone"], "layer": self.run["layer"],
+                "head": self.run["head"], "model_sha256": self.run.get("model_sha256")}
 
 
 def val_score(run: dict[str, Any], metric: str) -> float | None:

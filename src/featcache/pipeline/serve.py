@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 
 class SelectionReportError(UserError, ValueError):
-    """A compare report that names no selected run."""
+    """A compare report that names no selected run, or whose selected model is no longer in the models folder."""
 
 
 def export_serving_model(model_dir: str | Path, out: str | Path, onnx_cache: str = "auto") -> Path:
@@ -108,8 +108,8 @@ def _int8_graph(config: dict[str, Any], source: Any, model_dir: str | Path, onnx
     return onnx.load(str(runner.path))
 
 
-def selected_run(report: str | Path) -> str:
-    """The run ``compare`` selected (on validation, else the test-best): ``<backbone>/<layer>/<head>``.
+def selected_run(report: str | Path) -> dict[str, Any]:
+    """The run ``compare`` selected (on validation, else the test-best), as its report's ``selection`` records it.
 
     Parameters
     ----------
@@ -118,31 +118,40 @@ def selected_run(report: str | Path) -> str:
 
     Returns
     -------
-    str
-        Its ``selection.run``: the run's folder under the dataset's models folder.
+    dict
+        ``folder``: the run's folder under the dataset's models folder, ``<backbone>/<layer>/<head>`` with the
+        registry's head name (a report from before compare recorded them: its ``run`` label); ``model_sha256``:
+        the model compare saw (:func:`featcache.runs.model_sha256`), or None when not recorded; ``run``: the label.
     """
     path = Path(report)
     try:
-        run = json.loads(path.read_text())["selection"]["run"]
+        selection = json.loads(path.read_text())["selection"]
+        run = selection["run"]
+        parts = [selection[key] for key in ("backbone", "layer", "head")] if "head" in selection else [run]
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise SelectionReportError(
             f"{str(path)!r} names no selected run ({type(error).__name__}: {error}); allowed: the compare.json that "
             "`featcache compare` writes. Hint: run `dvc repro compare` first.") from None
-    if not isinstance(run, str) or not run or Path(run).is_absolute() or ".." in Path(run).parts:
-        raise SelectionReportError(f"{str(path)!r}: selection.run {run!r} is not a run name <backbone>/<layer>/<head>. "
+    folder = Path(*parts) if all(isinstance(part, str) and part for part in parts) else None
+    if folder is None or folder.is_absolute() or ".." in folder.parts or len(folder.parts) != 3:
+        raise SelectionReportError(f"{str(path)!r}: selection {run!r} is not a run <backbone>/<layer>/<head>. "
                                    "Hint: rerun `dvc repro compare`.")
-    return run
+    return {"folder": folder.as_posix(), "model_sha256": selection.get("model_sha256"), "run": run}
 
 
 def export_selected(report: str | Path, models: str | Path, out: str | Path, onnx_cache: str = "auto") -> Path:
     """:func:`export_serving_model` of the run ``compare`` selected: the pipeline's ``export`` stage.
+
+    The stage depends on the report's ``selection`` only (DVC reruns it when the selected run or its model
+    changes, not when another run does), so the run folder is checked to hold the very model compare selected
+    (its :func:`~featcache.runs.model_sha256`, when the report records one).
 
     Parameters
     ----------
     report : path
         ``reports/compare.json`` (:func:`selected_run`).
     models : path
-        The dataset's models folder (``models/<dataset>``): the run's folder is ``<models>/<run>``.
+        The dataset's models folder (``models/<dataset>``): the run's folder is ``<models>/<backbone>/<layer>/<head>``.
     out : path
         The ``.onnx`` file.
     onnx_cache : str
@@ -152,7 +161,24 @@ def export_selected(report: str | Path, models: str | Path, out: str | Path, onn
     -------
     Path
         ``out``.
+
+    Raises
+    ------
+    SelectionReportError
+        For a report without a selected run, or a run folder holding another model than the report selected.
     """
-    run = selected_run(report)
-    logger.info("Exporting the run compare selected: %s", run)
-    return export_serving_model(Path(models) / run, out, onnx_cache=onnx_cache)
+    selected = selected_run(report)
+    model_dir = Path(models) / selected["folder"]
+    logger.info("Exporting the run compare selected: %s (%s)", selected["run"], model_dir)
+    recorded = selected["model_sha256"]
+    if recorded is not None:
+        from featcache.runs import model_sha256
+
+        saved_run_info(model_dir)  # a missing or damaged folder is named as such
+        found = model_sha256(model_dir)
+        if found != recorded:
+            raise SelectionReportError(
+                f"{model_dir} holds another model (sha256 {found[:12]}...) than the one {report} selected "
+                f"({recorded[:12]}...): it was retrained or replaced after compare ran. Hint: rerun `dvc repro` "
+                "(train, compare, then export), or pass --models the folder compare's runs were trained into.")
+    return export_serving_model(model_dir, out, onnx_cache=onnx_cache)

@@ -36,7 +36,7 @@ from featcache.pipeline.params.train import (
     stage_head_params,
 )
 from featcache.pipeline.train_dask import dask_lightgbm
-from featcache.runs import write_run, write_run_info
+from featcache.runs import model_sha256, write_run, write_run_info
 from featcache.store import FeatureStore, StoreError
 from featcache.store.schema import SPLITS
 from featcache.util.atomic import write_csv
@@ -231,14 +231,15 @@ def train(params: Any, store_path: str | Path, backbone: str, layer: str, head: 
     write_rows(rows_path(metrics_path), row_arrays(task, y["test"], result.scores, n_classes),
                {"task": task, "ids_sha256": ids_sha256(test_ids), "n_boot": params.train.n_boot,
                 "seed": params.train.seed, **({"n_classes": n_classes} if n_classes else {})})
+    if model_dir is not None:  # saved first: the run's sidecar records its model's sha256 (compare's selection)
+        save_head(estimator, model_dir)
+        write_run_info(model_dir, {"dataset": params.data.name, "backbone": backbone, "layer": layer, "head": head,
+                                   "task": task, "classes": classes, "extraction_config": config})
+        run["model_sha256"] = model_sha256(model_dir)
     write_run(metrics_path, run)
     if predictions_path is not None:
         write_csv(predictions_path, prediction_rows(task, y["test"], result.predictions, classes),
                   PREDICTION_COLUMNS)
-    if model_dir is not None:
-        save_head(estimator, model_dir)
-        write_run_info(model_dir, {"dataset": params.data.name, "backbone": backbone, "layer": layer, "head": head,
-                                   "task": task, "classes": classes, "extraction_config": config})
     metric = params.train.ranking_metric(task)
     logger.info("%s/%s/%s: test %s = %.4f", backbone, layer, run["label"], metric, run[metric])
     return run
