@@ -1,8 +1,9 @@
 """The fine-tuned baseline picks its best epoch on the metric the cached heads select on (``train.metric``).
 
 It picked the epoch of the best val accuracy (rmse) whatever ``train.metric`` said; now
-``FinetuneConfig.selection_metric`` (the stage sets it from ``train.metric`` unless the finetune section sets its own)
-names the val metric of the best epoch and of early stopping, scored as the heads score it.
+``FinetuneConfig.selection_metric`` (the stage sets it from ``train.metric`` unless the finetune section sets its own,
+but not a step metric, as for the early-stopped heads) names the val metric of the best epoch and of early stopping,
+scored as the heads score it; None, the default, is the val loss (class-weighted with ``class_weight``).
 """
 
 from __future__ import annotations
@@ -52,10 +53,33 @@ def test_the_best_epoch_is_the_best_on_the_selection_metric(name, score, lower):
     assert score(scored["y_true"], scored["scores"]) == pytest.approx(values[best], rel=1e-6)
 
 
-def test_without_a_selection_metric_the_best_epoch_is_the_best_val_accuracy():
+def test_without_a_selection_metric_the_best_epoch_is_the_best_val_loss():
+    """The default criterion is the val loss, as the early-stopped cached heads' (it was val accuracy, a step
+    function that picked an early epoch by chance: benchmarks/README.md "Fine-tuning on small data")."""
     _, fit, _ = _fit(None)
-    assert {row["metric"] for row in fit.history} == {"val_accuracy"}
-    assert fit.best_epoch == int(np.argmax([row["val_metric"] for row in fit.history])) + 1
+    assert {row["metric"] for row in fit.history} == {"val_loss"}
+    losses = [row["val_loss"] for row in fit.history]
+    assert [row["val_metric"] for row in fit.history] == losses
+    assert fit.best_epoch == int(np.argmin(losses)) + 1
+    assert set(fit.history[0]["val_scores"]) == {"accuracy", "balanced_accuracy", "macro_f1", "log_loss"}
+
+
+def test_the_default_val_loss_is_class_weighted_as_the_training_loss():
+    """With ``class_weight`` the criterion is the weighted cross-entropy of the val rows (the trainer's loss)."""
+    torch.manual_seed(0)
+    config = FinetuneConfig(mode="frozen", epochs=3, patience=0, lr=0.05, n_boot=0, progress=False,
+                            channels_last=False, device="cpu", amp=False)
+    weight = torch.tensor([0.2, 3.0, 3.0])
+    trainer = Trainer(ToyClassifier(), SimpleNamespace(classifier="classifier"),
+                      ["classifier.weight", "classifier.bias"], config, "classification", torch.device("cpu"), False,
+                      0.0, 1.0, class_weight=weight)
+    val = _batches(1, 24)
+    fit = trainer.fit(_batches(0, 40), val, None)
+    scored = predict(trainer.model, val, "classification", channels_last=False, class_weight=weight)
+    kept = fit.history[fit.best_epoch - 1]
+    assert kept["metric"] == "val_loss" and kept["val_metric"] == pytest.approx(scored["loss"], rel=1e-6)
+    proba = scored["scores"] / scored["scores"].sum(axis=1, keepdims=True)
+    assert scored["loss"] != pytest.approx(log_loss(scored["y_true"], proba, labels=[0, 1, 2]), rel=1e-3)
 
 
 def test_the_config_names_the_close_match_and_the_trainer_refuses_another_tasks_metric():
@@ -71,6 +95,11 @@ def test_the_stage_selects_on_train_metric_unless_the_finetune_section_sets_its_
     section = {"defaults": {"epochs": 2}, "modes": {"frozen": {}, "low_lr": {"selection_metric": "macro_f1"}}}
     assert mode_config(section, "frozen", selection_metric="log_loss").selection_metric == "log_loss"
     assert mode_config(section, "frozen").selection_metric is None
+    # a step metric of train.metric does not reach fine-tuning, as it does not reach the early-stopped heads
+    for step in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert mode_config(section, "frozen", selection_metric=step).selection_metric is None
+    section["defaults"]["selection_metric"] = "accuracy"  # the section asks for it: it gets it
+    assert mode_config(section, "frozen", selection_metric="balanced_accuracy").selection_metric == "accuracy"
     assert mode_config(section, "low_lr", selection_metric="log_loss").selection_metric == "macro_f1"
 
 

@@ -410,17 +410,20 @@ def test_the_run_writes_its_test_rows_and_compare_pairs_it_with_a_cached_head(st
 
 
 def test_the_run_record_carries_the_kept_epochs_val_score_and_compare_selects_on_it(stage_run, tmp_path: Path):
-    """The trainer scored val each epoch on the selection metric and kept the best epoch: that score (no other
-    pass over the val images) is the record's ``val``, which compare selects the run to quote on."""
+    """The trainer scored val each epoch and kept the epoch of the best val loss (the default criterion): its val
+    scores (no other pass over the val images) are the record's ``val``, which compare selects the run to quote on
+    by accuracy, a metric the run was not selected on."""
     from featcache.heads.bootstrap import metrics_with_ci, row_arrays
+    from featcache.heads.metrics import SELECTION_METRICS
     from featcache.heads.paired import read_rows, rows_path, write_rows
 
     saved = read_run(stage_run["metrics"])
     history = json.loads((stage_run["out"] / "history.json").read_text())["history"]
     kept = history[saved["best_params"]["best_epoch"] - 1]
-    assert saved["n_val"] > 0 and kept["metric"] == "val_accuracy"
-    assert saved["val"] == {"accuracy": kept["val_metric"]} == stage_run["result"]["val"]
-    assert kept["val_metric"] == max(row["val_metric"] for row in history)
+    assert saved["n_val"] > 0 and kept["metric"] == "val_loss"
+    assert saved["val"] == kept["val_scores"] == stage_run["result"]["val"]
+    assert set(saved["val"]) == set(SELECTION_METRICS["classification"])
+    assert kept["val_metric"] == kept["val_loss"] == min(row["val_loss"] for row in history)
 
     metrics_dir = tmp_path / "metrics"
     (metrics_dir / "finetune").mkdir(parents=True)
@@ -433,7 +436,7 @@ def test_the_run_record_carries_the_kept_epochs_val_score_and_compare_selects_on
     cached = metrics_dir / "efficientnet_lite0" / "pool" / "logreg.json"
     write_run(cached, {"dataset": "tiny", "backbone": "efficientnet_lite0", "layer": "pool", "head": "logreg",
                        "task": "classification", **metrics_with_ci("classification", y, proba, 3, n_boot=50),
-                       "val": {"accuracy": kept["val_metric"] - 0.5, "log_loss": 9.0}})
+                       "val": {"accuracy": saved["val"]["accuracy"] - 0.5, "log_loss": 9.0}})
     write_rows(rows_path(cached), row_arrays("classification", y, proba, 3),
                {"task": "classification", "ids_sha256": rows["ids_sha256"], "n_boot": 50, "seed": 0, "n_classes": 3})
     runs = {run["head"]: run for run in compare(metrics_dir, tmp_path / "reports")}

@@ -39,7 +39,8 @@ from featcache.util.checks import check_int
 from featcache.util.compute import DEVICES
 from featcache.util.names import closest, did_you_mean
 
-__all__ = ["CLASS_WEIGHTS", "MODES", "OPTIMIZERS", "SCHEDULES", "PARAMS_DEFAULTS", "FinetuneConfig"]
+__all__ = ["CLASS_WEIGHTS", "DEFAULT_SELECTION", "MODES", "OPTIMIZERS", "SCHEDULES", "PARAMS_DEFAULTS",
+           "FinetuneConfig"]
 
 #: Fine-tuning recipes, see the module docstring.
 MODES: tuple[str, ...] = ("frozen", "low_lr", "unfreeze", "scratch")
@@ -47,6 +48,11 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd")
 SCHEDULES: tuple[str, ...] = ("cosine", "none")
 #: ``class_weight`` values besides None (unweighted), as the cached classification heads'.
 CLASS_WEIGHTS: tuple[str, ...] = ("balanced",)
+#: What picks the best epoch and stops early when ``selection_metric`` is None, per task: classification the val
+#: ``loss`` (the training cross-entropy on the val rows: class-weighted with ``class_weight``, else the log loss),
+#: as the early-stopped cached heads (MLP, LightGBM) stop on theirs, rather than val accuracy, a step function that
+#: picked an early epoch by chance (benchmarks/README.md "Fine-tuning on small data"); regression the val rmse.
+DEFAULT_SELECTION: dict[str, str] = {"classification": "loss", "regression": "rmse"}
 
 #: Where the pipeline's defaults (``params.yaml`` without a value) differ from the API's:
 #: small CPU-friendly inputs, digits-friendly augmentation, steady BatchNorm, one thread, and epochs of at least
@@ -102,13 +108,14 @@ class FinetuneConfig:
         ``n / (n_classes * count_k)`` over the train split's rows (scikit-learn's
         meaning, as the cached heads' ``class_weight``), in training and in the
         reported val loss; None (default) weighs every class 1. The best epoch is
-        the one of the best ``selection_metric``.
+        the one of the best ``selection_metric`` (by default the val loss, weighted the same way).
     selection_metric : str or None
         The validation metric that picks the best epoch and stops early, as the
         cached heads' ``selection_metric`` (the pipeline sets it from
         ``train.metric``): classification accuracy, balanced_accuracy, macro_f1,
         log_loss; regression rmse, mae, r2 (:data:`~featcache.heads.metrics.SELECTION_METRICS`).
-        None (default): accuracy, or rmse.
+        None (default): :data:`DEFAULT_SELECTION`, the val loss (cross-entropy, class-weighted with
+        ``class_weight``), or rmse.
     random_resized_crop : bool
         Train-time random-resized crop of the test-time view.
     crop_scale : tuple of float
@@ -203,7 +210,7 @@ class FinetuneConfig:
         metrics = tuple(dict.fromkeys(m for names in SELECTION_METRICS.values() for m in names))
         if self.selection_metric is not None and self.selection_metric not in metrics:
             raise ValueError(f"selection_metric={self.selection_metric!r} is invalid."
-                             f"{did_you_mean(self.selection_metric, metrics)} Allowed: null (accuracy, or rmse) or "
+                             f"{did_you_mean(self.selection_metric, metrics)} Allowed: null (the val loss, or rmse) or "
                              + "; ".join(f"{task}: {', '.join(names)}" for task, names in SELECTION_METRICS.items())
                              + ".")
         for name in ("random_resized_crop", "hflip", "freeze_bn", "amp", "tta", "channels_last", "progress"):

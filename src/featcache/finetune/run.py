@@ -87,7 +87,8 @@ class FinetuneResult:
         ``n_features``, ``n_bad_images``, ``fit_seconds``, ``predict_seconds``, ``best_params``.
     history : list of dict
         Per epoch: ``epoch``, ``phase``, ``steps``, ``train_loss``, ``val_loss``,
-        ``val_metric`` (``val_accuracy`` or ``val_rmse``), ``lr`` (group -> LR), ``seconds``.
+        ``metric`` (``val_loss`` or ``val_rmse`` by default), ``val_metric``, ``val_scores``, ``lr`` (group -> LR),
+        ``seconds``.
     step_losses : list of float
         Training loss of every optimizer step, in order.
     best_epoch, epochs_run, steps : int
@@ -220,8 +221,8 @@ def finetune(manifest: Manifest | str | Path, backbone_name: str, weights: str =
     Returns
     -------
     FinetuneResult
-        Test metrics of the best checkpoint (val accuracy, or val RMSE for
-        regression), plain and with TTA; the model; history, timings and bad images.
+        Test metrics of the best checkpoint (``selection_metric``'s: by default the val loss, or val RMSE
+        for regression), plain and with TTA; the model; history, timings and bad images.
 
     Raises
     ------

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from featcache.extract.inputs.manifest import ManifestError
 from featcache.extract.zoo.registry import BackboneSpec
-from featcache.finetune.config import FinetuneConfig
+from featcache.finetune.config import DEFAULT_SELECTION, FinetuneConfig
 from featcache.finetune.optim import (
     make_optimizer,
     make_scheduler,
@@ -170,21 +170,22 @@ def predict(model: nn.Module, batches: Batches, task: str, device: torch.device 
     }
 
 
-def _val_metric(task: str, y_true: np.ndarray, scores: np.ndarray, name: str | None) -> float:
-    """The val score the best epoch is picked on: ``name`` (a :data:`SELECTION_METRICS` name), or accuracy / rmse."""
-    if name is not None:
-        return metric_value(task, name, y_true, scores)
-    if task == "classification":
-        return float(np.mean(scores.argmax(axis=1) == y_true))
-    return float(np.sqrt(np.mean((scores - y_true) ** 2)))
+def _val_metric(task: str, scored: dict[str, Any], name: str) -> float:
+    """The val score that picks the best epoch: ``name``, ``"loss"`` (:func:`predict`'s) or a SELECTION_METRICS one."""
+    if name == "loss":
+        return float(scored["loss"])
+    return metric_value(task, name, scored["y_true"], scored["scores"])
 
 
-def _better(task: str, value: float, best: float | None, name: str | None) -> bool:
+def _val_scores(task: str, scored: dict[str, Any]) -> dict[str, float]:
+    """Every :data:`SELECTION_METRICS` point score of the val rows (the run record's ``val``, as the heads')."""
+    return {name: metric_value(task, name, scored["y_true"], scored["scores"]) for name in SELECTION_METRICS[task]}
+
+
+def _better(value: float, best: float | None, name: str) -> bool:
     if best is None:
         return True
-    if name is not None:
-        return selection_key(name, value) < selection_key(name, best)
-    return value > best if task == "classification" else value < best
+    return (value < best) if name == "loss" else selection_key(name, value) < selection_key(name, best)
 
 
 def _fmt(value: float | None) -> str:
@@ -199,7 +200,8 @@ class Fit:
     ----------
     history : list of dict
         One row per epoch run: ``epoch``, ``phase``, ``steps``, ``lr`` (group -> LR),
-        ``train_loss``, ``metric``, ``val_loss``, ``val_metric``, ``seconds``.
+        ``train_loss``, ``metric`` (``val_<name>``: ``val_loss`` by default), ``val_loss``, ``val_metric``,
+        ``val_scores`` (every SELECTION_METRICS score of the val rows), ``seconds``.
     step_losses : list of float
         Training loss of every optimizer step, in order.
     best_epoch : int
@@ -247,6 +249,9 @@ class Trainer:
     ----------
     criterion : nn.Module
         The training loss: ``nn.CrossEntropyLoss(weight=class_weight)`` or ``nn.MSELoss()``.
+    selection : str
+        What picks the best epoch: ``config.selection_metric``, or
+        :data:`~featcache.finetune.config.DEFAULT_SELECTION` (``"loss"``: :func:`predict`'s val loss).
 
     Raises
     ------
@@ -269,7 +274,8 @@ class Trainer:
         if selection is not None and selection not in SELECTION_METRICS[task]:
             raise ValueError(f"selection_metric={selection!r} is not a {task} metric; allowed: "
                              f"{', '.join(SELECTION_METRICS[task])} or None. Hint: pick one of them.")
-        self.metric_name = f"val_{selection or ('accuracy' if task == 'classification' else 'rmse')}"
+        self.selection = selection or DEFAULT_SELECTION[task]
+        self.metric_name = f"val_{self.selection}"
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         self.step = 0
         self.step_losses: list[float] = []
@@ -325,10 +331,9 @@ class Trainer:
         scored = predict(self.model, val_batches, self.task, self.device, amp=self.use_amp,
                          channels_last=self.config.channels_last, target_mean=self.target_mean,
                          target_std=self.target_std, class_weight=self.class_weight)
-        selection = self.config.selection_metric
-        self.last_val = _val_metric(self.task, scored["y_true"], scored["scores"], selection)
-        row.update(val_loss=scored["loss"], val_metric=self.last_val)
-        return _better(self.task, self.last_val, best, selection)
+        self.last_val = _val_metric(self.task, scored, self.selection)
+        row.update(val_loss=scored["loss"], val_metric=self.last_val, val_scores=_val_scores(self.task, scored))
+        return _better(self.last_val, best, self.selection)
 
     def _scaled(self, batches: int) -> FinetuneConfig:
         """The config with its epoch counts stretched when an epoch has fewer than ``min_epoch_steps`` batches."""
@@ -391,7 +396,8 @@ class Trainer:
                                     "name each image and why.")
             row: dict[str, Any] = {"epoch": epoch, "phase": phase, "steps": len(losses), "lr": lrs,
                                    "train_loss": float(np.mean(losses)) if losses else None,
-                                   "metric": self.metric_name, "val_loss": None, "val_metric": None}
+                                   "metric": self.metric_name, "val_loss": None, "val_metric": None,
+                                   "val_scores": None}
             improved = self._validate(val_batches, row, best_metric)
             row["seconds"] = time.perf_counter() - epoch_start
             history.append(row)

@@ -107,11 +107,16 @@ def mode_config(section: Mapping[str, Any], mode: str, n_boot: int = 1000, progr
 
     ``n_boot`` and ``ci_seed`` are the cached heads' bootstrap settings (``train.n_boot``, ``train.seed``), so the
     CIs of both are drawn from the same resamples of the same test rows; ``selection_metric`` is ``train.metric``,
-    what the cached heads select on, used unless the section sets its own.
+    what the cached heads select on, used unless the section sets its own, and unless it is a step metric
+    (:data:`~featcache.heads.metrics.STEP_METRICS`: accuracy, balanced_accuracy, macro_f1), which, as for the
+    early-stopped cached heads, does not reach fine-tuning: it stops on its val loss.
     """
     from featcache.finetune.config import FinetuneConfig
+    from featcache.heads.metrics import STEP_METRICS
 
     overrides = (section.get("modes") or {}).get(mode) or {}
+    if selection_metric in STEP_METRICS:  # as for the early-stopped heads: they keep their loss
+        selection_metric = None
     values = {"selection_metric": selection_metric, **(section.get("defaults") or {}), **overrides, "mode": mode,
               "n_boot": n_boot, "ci_seed": ci_seed, "progress": progress}
     try:
@@ -187,17 +192,18 @@ def _remove_stale(out_dir: Path) -> None:
 
 
 def _val_scores(history: list[dict[str, Any]], best_epoch: int) -> dict[str, float] | None:
-    """The kept epoch's val score, as the run record's ``val`` (compare selects the run to quote on it).
+    """The kept epoch's val scores, as the run record's ``val`` (compare selects the run to quote on it).
 
-    The trainer scored the val rows each epoch on the selection metric only (``finetune.selection_metric``,
-    ``train.metric`` in the stage: accuracy or rmse by default) and kept the best epoch's weights, so that
-    score is the kept model's, at hand without another pass over the val images; the other metrics are not.
+    The trainer scored the val rows each epoch (every :data:`~featcache.heads.metrics.SELECTION_METRICS` point
+    score, ``val_scores``, besides the selection criterion: ``finetune.selection_metric``, ``train.metric`` in
+    the stage, the val loss by default) and kept the best epoch's weights, so those scores are the kept model's,
+    at hand without another pass over the val images, whatever metric compare ranks by.
 
     Parameters
     ----------
     history : list of dict
         :attr:`~featcache.finetune.run.FinetuneResult.history` (``epoch``, ``metric``: ``val_<name>``,
-        ``val_metric``).
+        ``val_metric``, ``val_scores``).
     best_epoch : int
         The kept epoch (1-based).
 
@@ -209,6 +215,8 @@ def _val_scores(history: list[dict[str, Any]], best_epoch: int) -> dict[str, flo
     row = next((row for row in history if row.get("epoch") == best_epoch), None)
     if row is None or row.get("val_metric") is None:
         return None
+    if row.get("val_scores"):
+        return {str(name): float(value) for name, value in row["val_scores"].items()}
     return {str(row["metric"]).removeprefix("val_"): float(row["val_metric"])}
 
 
