@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 
 from featcache.heads import load_head, make_head, save_head
@@ -133,3 +134,15 @@ def test_a_head_fitted_on_named_columns_is_refused():
     head = make_head("logreg", "classification").fit(frame[:160], y[:160])
     with pytest.raises(HeadExportError, match=r"LogisticRegressionHead was fitted on a DataFrame.*'f0'.*Hint"):
         head_graph(head)
+
+
+def test_a_head_over_what_one_onnx_file_holds_is_refused(monkeypatch):
+    """A knn head ships its training rows: past protobuf's 2 GiB it is refused with the size and a way out."""
+    head, _ = _fit("knn", "classification", 3)
+    rows_bytes = 160 * N_FEATURES * 4  # the float32 training rows, the largest constant
+    monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", rows_bytes)
+    with pytest.raises(HeadExportError, match=r"the head's constants take 0\.00 GiB at train_rows_t \(12, 160\), over "
+                                              r"the 0 GiB one ONNX file holds .*featcache predict"):
+        head_graph(head)
+    monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", 2 * rows_bytes)
+    assert head_graph(head).graph.initializer

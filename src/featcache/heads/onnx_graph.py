@@ -66,6 +66,7 @@ class _Graph:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self._count = 0
+        self._bytes = 0
 
     def name(self, base: str) -> str:
         self._count += 1
@@ -73,7 +74,14 @@ class _Graph:
 
     def const(self, base: str, value: Any, dtype: Any = np.float32) -> str:
         name = self.name(base)
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(np.asarray(value, dtype=dtype)), name))
+        array = np.ascontiguousarray(np.asarray(value, dtype=dtype))
+        self._bytes += array.nbytes
+        if self._bytes >= onnx.checker.MAXIMUM_PROTOBUF:  # protobuf cannot even hold it: refuse before copying
+            raise HeadExportError(
+                f"the head's constants take {self._bytes / 2**30:.2f} GiB at {base} {array.shape}, over the "
+                f"{onnx.checker.MAXIMUM_PROTOBUF / 2**30:.0f} GiB one ONNX file holds (protobuf's limit; a knn head "
+                f"ships its training rows). {_HINT}")
+        self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], base: str | None = None, domain: str = "", **attrs: Any) -> str:

@@ -15,7 +15,7 @@ from featcache.errors import ParamError, UserError
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.engine import extract_to_store
 from featcache.extract.inputs.manifest import Manifest
-from featcache.extract.onnx.export import OnnxExportError, export_onnx
+from featcache.extract.onnx.export import OnnxExportError, export_onnx, float32_weight_bytes
 from featcache.extract.onnx.format import DEFAULT_OPSET
 from featcache.extract.onnx.parity import LayerParity, ParityError, format_parity, parity_check
 from featcache.extract.onnx.runner import OnnxFeatureRunner, OnnxModelError
@@ -321,4 +321,28 @@ def test_export_failure_is_reported_with_a_hint(resnet_extractor, tmp_path, monk
                        r"\(pooling 'avg', opset 17, input 64\): RuntimeError: Unsupported: .*adaptive_avg_pool2d\. "
                        r"Hint: use opset >= 18"):
         export_onnx(resnet_extractor, tmp_path / "fail.onnx", opset=17, input_size=SIZE)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_backbone_over_what_one_onnx_file_holds_is_refused_before_exporting(resnet_extractor, tmp_path,
+                                                                              monkeypatch):
+    """protobuf caps one ONNX file at 2 GiB (a timm ViT-H or a DINOv2-g is over it): refused with the size and
+    the torch backend as the hint, before minutes of export, not as an EncodeError after them."""
+    module = resnet_extractor.module
+    nbytes = float32_weight_bytes(module)
+    assert nbytes == 4 * sum(t.numel() for t in [*module.parameters(), *module.buffers()] if t.is_floating_point()) \
+        + sum(t.numel() * t.element_size() for t in module.buffers() if not t.is_floating_point())
+    assert 40e6 < nbytes < 50e6  # resnet18 up to pool5: 11.2M float32 weights
+
+    def exporter_reached(*args, **kwargs):
+        raise RuntimeError("exporter reached")
+
+    monkeypatch.setattr(torch.onnx, "export", exporter_reached)
+    monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", nbytes)
+    with pytest.raises(OnnxExportError, match=r"resnet18 \['res4', 'pool5'\]: its weights take 0\.04 GiB in float32, "
+                       r"over the 0 GiB one ONNX file holds.*Hint: set extract.backend: torch"):
+        export_onnx(resnet_extractor, tmp_path / "big.onnx", input_size=SIZE)
+    monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", nbytes + 1)
+    with pytest.raises(OnnxExportError, match="exporter reached"):  # one byte under: exported
+        export_onnx(resnet_extractor, tmp_path / "big.onnx", input_size=SIZE)
     assert list(tmp_path.iterdir()) == []

@@ -82,3 +82,14 @@ def test_the_description_names_classes_and_preprocessing():
 def test_a_head_of_another_opset_is_refused():
     with pytest.raises(ServingExportError, match=r"opset 17 of 'ai.onnx'.*backbone's 18"):
         serving_model(_features(18), head_graph(_head("classification"), opset=17), _describe("classification"))
+
+
+def test_a_served_model_over_what_one_onnx_file_holds_is_refused(monkeypatch):
+    features, graph = _features(), head_graph(_head("classification"))
+    total = features.ByteSize() + graph.ByteSize()
+    monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", total)
+    with pytest.raises(ServingExportError, match=r"backbone and head take 0\.00 GiB \(backbone 0\.00\), over the 0 "
+                                                 r"GiB one ONNX file holds.*featcache predict"):
+        serving_model(features, graph, _describe("classification"))
+    monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", total + 1)
+    assert serving_model(features, graph, _describe("classification")).graph.output[0].name == "scores"

@@ -54,7 +54,7 @@ from featcache.store.schema import LayerSpec, canonical_json
 from featcache.util.atomic import atomic_path
 from featcache.util.compute import torch_version
 
-__all__ = ["OnnxExportError", "export_onnx"]
+__all__ = ["OnnxExportError", "export_onnx", "float32_weight_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +178,25 @@ def _layer_spec_dict(spec: LayerSpec) -> dict[str, Any]:
     return record
 
 
+def float32_weight_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers once exported in float32 (shared tensors counted once)."""
+    tensors = {id(tensor): tensor for tensor in [*module.parameters(), *module.buffers()]}
+    return sum(tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
+               for tensor in tensors.values())
+
+
+def _check_fits_one_file(extractor: TorchFeatureExtractor) -> None:
+    """Refuse, before exporting, a backbone whose float32 weights exceed what one ONNX file holds."""
+    nbytes = float32_weight_bytes(extractor.module)
+    if nbytes >= onnx.checker.MAXIMUM_PROTOBUF:
+        raise OnnxExportError(
+            f"{extractor.spec.name} {extractor.layer_names}: its weights take {nbytes / 2**30:.2f} GiB in float32, "
+            f"over the {onnx.checker.MAXIMUM_PROTOBUF / 2**30:.0f} GiB one ONNX file holds (protobuf's limit; "
+            "featcache writes no external-data files). Hint: set extract.backend: torch (backend auto runs "
+            "onnxruntime on a CPU; precision int8 needs it), and score with `featcache predict` rather than one "
+            "exported file.")
+
+
 def export_onnx(extractor: TorchFeatureExtractor, path: str | os.PathLike[str], opset: int = DEFAULT_OPSET,
                 input_size: int | None = None, *, exporter: str = "auto") -> Path:
     """Export a truncated extractor, pooling included, to one ONNX file.
@@ -216,7 +235,8 @@ def export_onnx(extractor: TorchFeatureExtractor, path: str | os.PathLike[str], 
     ValueError
         For an exporter that is not allowed.
     OnnxExportError
-        If the exported model does not have the requested opset or outputs.
+        If the exported model does not have the requested opset or outputs, or the backbone's float32 weights
+        do not fit one ONNX file (2 GiB, refused before exporting).
     onnx.checker.ValidationError
         If the exported model is not valid ONNX.
     """
@@ -231,6 +251,7 @@ def export_onnx(extractor: TorchFeatureExtractor, path: str | os.PathLike[str], 
     kind = resolve_exporter(exporter, opset)
     path = Path(path)
     names = extractor.layer_names
+    _check_fits_one_file(extractor)
     specs = extractor.layer_specs(size)
 
     module = copy.deepcopy(extractor.module).to(device="cpu", dtype=torch.float32)

@@ -209,7 +209,19 @@ def serving_model(features: onnx.ModelProto, head: onnx.ModelProto, description:
     -------
     onnx.ModelProto
         Input ``images``; outputs ``scores`` and, for a classifier, ``label`` (B,) int64.
+
+    Raises
+    ------
+    ServingExportError
+        When the two together exceed the 2 GiB one ONNX file holds, or their value names or opsets clash.
     """
+    nbytes = features.ByteSize() + head.ByteSize()
+    if nbytes >= onnx.checker.MAXIMUM_PROTOBUF:
+        raise ServingExportError(
+            f"backbone and head take {nbytes / 2**30:.2f} GiB (backbone {features.ByteSize() / 2**30:.2f}), over "
+            f"the {onnx.checker.MAXIMUM_PROTOBUF / 2**30:.0f} GiB one ONNX file holds (protobuf's limit). Hint: "
+            "score with `featcache predict --model <run folder> --images ...` instead, or serve a smaller head "
+            "(a knn head ships its training rows).")
     head = onnx.compose.add_prefix(head, _HEAD_PREFIX)
     head_in, head_out = head.graph.input[0].name, head.graph.output[0].name
     model = onnx.ModelProto()
