@@ -59,6 +59,27 @@ def fast_params(data_path: str, name: str = "tiny") -> dict[str, Any]:
     }
 
 
+def extract_and_train(params: Any, root: Path, runs: dict[str, tuple[str, str]],
+                      backbone: str = "efficientnet_lite0") -> tuple[Path, dict[str, dict[str, Any]]]:
+    """Prepare, extract ``backbone`` into ``root/features.h5`` and train each run ``name: (layer, head)`` into
+    ``root/models/<name>`` (metrics ``root/metrics/<name>.json``), as ``dvc repro`` does.
+
+    Returns
+    -------
+    store : Path
+    records : dict
+        ``name`` -> the run record ``train`` returned.
+    """
+    from featcache.pipeline import extract, prepare, train
+
+    prepare(params, root / "prepared")
+    store = root / "features.h5"
+    extract(params, backbone, root / "prepared" / "manifest.csv", store, progress=False)
+    records = {name: train(params, store, backbone, layer, head, root / "metrics" / f"{name}.json",
+                           model_dir=root / "models" / name) for name, (layer, head) in runs.items()}
+    return store, records
+
+
 @pytest.fixture(scope="session")
 def folder_factory():
     """``folder_factory(root, per_class=12)`` writes a tiny learnable ImageFolder."""

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from featcache.pipeline import extract, parse_params, prepare, train
+from featcache.pipeline import parse_params
 from featcache.pipeline.cli import main
 
-from .conftest import shipped_backend
+from .conftest import extract_and_train, shipped_backend
 
 HEADS = ("logreg", "lightgbm", "mlp", "knn")  # knn: no params.yaml section (its defaults)
 HEADER = ["id", "prediction", "p_blue", "p_green", "p_red", "error"]
@@ -32,14 +32,9 @@ def trained(tmp_path_factory, folder_factory, params_factory) -> dict:
     raw["features"] = [{"backbone": "efficientnet_lite0", "layer": FUSED}]
     params = parse_params(raw)
     assert params.extract.dtype == "float16"  # the shipped storage: the rounding predict --images must apply
-    prepare(params, root / "prepared")
-    store = root / "features.h5"
-    extract(params, "efficientnet_lite0", root / "prepared" / "manifest.csv", store, progress=False)
-    for head in HEADS:
-        train(params, store, "efficientnet_lite0", "pool", head, root / "metrics" / f"{head}.json",
-              model_dir=root / "models" / head)
-    runs = {head: train(params, store, "efficientnet_lite0", FUSED, head, root / "metrics" / f"fused_{head}.json",
-                        model_dir=root / "models" / f"fused_{head}") for head in FUSED_HEADS}
+    store, records = extract_and_train(params, root, {**{head: ("pool", head) for head in HEADS},
+                                                      **{f"fused_{head}": (FUSED, head) for head in FUSED_HEADS}})
+    runs = {head: records[f"fused_{head}"] for head in FUSED_HEADS}
     return {"root": root, "store": store, "images": images, "models": root / "models", "fused_runs": runs}
 
 

@@ -14,8 +14,10 @@ import h5py
 import pytest
 
 from featcache.extract.onnx.cache import CACHE_ENV
-from featcache.pipeline import extract, parse_params, prepare, train
+from featcache.pipeline import parse_params
 from featcache.pipeline.cli import main
+
+from .conftest import extract_and_train
 
 HEADS = ("logreg", "mlp")
 PROBABILITIES = ("p_blue", "p_green", "p_red")
@@ -33,14 +35,9 @@ def int8_run(tmp_path_factory, folder_factory, params_factory) -> dict:
                            "dtype": "float16"})
     raw["extract_run"]["onnx_cache"] = str(root / "cache" / "onnx")
     params = parse_params(raw)
-    prepare(params, root / "prepared")
-    store = root / "features.h5"
-    extract(params, "efficientnet_lite0", root / "prepared" / "manifest.csv", store, progress=False)
-    for head in HEADS:
-        train(params, store, "efficientnet_lite0", "pool", head, root / "metrics" / f"{head}.json",
-              model_dir=root / "models" / head)
-    train(params, store, "efficientnet_lite0", "pool+block6", "logreg", root / "metrics" / "fused_logreg.json",
-          model_dir=root / "models" / "fused_logreg")  # both layers side by side, from the one int8 graph
+    store, _ = extract_and_train(params, root, {**{head: ("pool", head) for head in HEADS},
+                                                # both layers side by side, from the one int8 graph
+                                                "fused_logreg": ("pool+block6", "logreg")})
     with h5py.File(store, "r") as f:
         attrs = {key: f.attrs[key] for key in ("onnx_sha256", "int8_float_nodes")}
     return {"root": root, "store": store, "images": images, "models": root / "models", "attrs": attrs,

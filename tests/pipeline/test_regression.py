@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
+from _support.files import write_brightness_folder
 from featcache.heads import LogisticRegressionHead, RidgeHead
 from featcache.heads.registry import head_label, make_head, task_params
 from featcache.pipeline import compare, extract, parse_params, prepare, train
@@ -62,16 +62,7 @@ def test_a_typo_of_the_other_twins_key_is_named_with_it(task, typo, meant):
 
 
 def test_csv_regression_pipeline(tmp_path, params_factory):
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    lines = ["path,target"]
-    for index in range(40):
-        brightness = rng.uniform(0.05, 0.95)
-        pixels = np.clip(brightness * 255 + rng.normal(0, 8, (24, 24, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(images / f"img{index:02d}.png")
-        lines.append(f"img{index:02d}.png,{brightness:.4f}")
-    (images / "targets.csv").write_text("\n".join(lines) + "\n")
+    images = write_brightness_folder(tmp_path / "images", 40)
     raw = params_factory(str(images))
     raw["data"].update(source="csv", csv="targets.csv", task="regression")
     raw["backbones"]["efficientnet_lite0"]["layers"] = ["pool"]

@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _support.files import write_brightness_folder
 from featcache.pipeline import export_serving_model, extract, parse_params, prepare, train
 from featcache.pipeline.cli import main
 from featcache.pipeline.predict import predict_images
 from featcache.pipeline.run_folder import stored_preprocessor
 from featcache.runs import read_run_info
 
-from .conftest import shipped_backend
+from .conftest import extract_and_train, shipped_backend
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -40,14 +41,8 @@ def trained(tmp_path_factory, folder_factory, params_factory) -> dict:
     raw["features"] = [{"backbone": "efficientnet_lite0", "layer": FUSED}]
     params = parse_params(raw)
     assert params.extract.dtype == "float16"  # the rounding the served graph must apply
-    prepare(params, root / "prepared")
-    store = root / "features.h5"
-    extract(params, "efficientnet_lite0", root / "prepared" / "manifest.csv", store, progress=False)
-    for head in HEADS:
-        train(params, store, "efficientnet_lite0", "pool", head, root / "metrics" / f"{head}.json",
-              model_dir=root / "models" / head)
-    train(params, store, "efficientnet_lite0", FUSED, "logreg", root / "metrics" / "fused.json",
-          model_dir=root / "models" / "fused_logreg")
+    store, _ = extract_and_train(params, root, {**{head: ("pool", head) for head in HEADS},
+                                                "fused_logreg": (FUSED, "logreg")})
     paths = sorted(images.rglob("*.png"))[::3]
     return {"root": root, "images": paths, "models": root / "models", "store": store, "folder": images}
 
@@ -145,18 +140,7 @@ def test_a_bad_model_folder_exits_2_with_one_line(tmp_path, capsys):
 def test_a_regression_run_serves_its_predictions_in_target_units(tmp_path, params_factory):
     """Ridge and the MLP (trained on the standardised target): ``scores`` (B,) are predict --images' predictions
     (not rounded there: rtol 1e-5), no ``label``, and the description says regression."""
-    from PIL import Image
-
-    images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    lines = ["path,target"]
-    for index in range(24):
-        brightness = rng.uniform(0.05, 0.95)
-        pixels = np.clip(brightness * 255 + rng.normal(0, 8, (24, 24, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(images / f"img{index:02d}.png")
-        lines.append(f"img{index:02d}.png,{brightness * 100:.2f}")
-    (images / "targets.csv").write_text("\n".join(lines) + "\n")
+    images = write_brightness_folder(tmp_path / "images", 24, scale=100.0, decimals=2)
     raw = params_factory(str(images))
     raw["data"].update(source="csv", csv="targets.csv", task="regression")
     raw["extract"]["backend"] = shipped_backend()
@@ -274,6 +258,6 @@ def test_train_records_the_models_sha256_and_compare_selects_it(trained, tmp_pat
     assert run["model_sha256"] == model_sha256(trained["models"] / "mlp")
     compare(trained["root"] / "metrics", tmp_path / "reports")
     selection = json.loads((tmp_path / "reports" / "compare.json").read_text())["selection"]
-    name = selection["head"] if selection["layer"] == "pool" else "fused"
+    name = selection["head"] if selection["layer"] == "pool" else "fused_logreg"
     picked = read_run(trained["root"] / "metrics" / f"{name}.json")
     assert selection["model_sha256"] == picked["model_sha256"] and selection["backbone"] == "efficientnet_lite0"
