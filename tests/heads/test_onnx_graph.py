@@ -13,8 +13,16 @@ import numpy as np
 import onnx
 import pytest
 
-from featcache.heads import load_head, make_head, save_head
-from featcache.heads.onnx_graph import FEATURES, SCORES, HeadExportError, head_graph
+from featcache.heads import load_head, make_head, onnx_graph, save_head
+from featcache.heads.onnx_graph import (
+    CHECK_ROWS,
+    FEATURES,
+    SCORES,
+    HeadExportError,
+    check_rows,
+    head_graph,
+    verify_head_graph,
+)
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -146,3 +154,41 @@ def test_a_head_over_what_one_onnx_file_holds_is_refused(monkeypatch):
         head_graph(head)
     monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", 2 * rows_bytes)
     assert head_graph(head).graph.initializer
+
+
+def test_the_check_rows_are_half_inside_the_fitted_range_and_half_clipped():
+    head, _ = _fit("logreg", "classification", 3)
+    rows = check_rows(head)
+    low, high = head.scaler_.data_min_, head.scaler_.data_max_
+    assert rows.shape == (CHECK_ROWS, N_FEATURES) and rows.dtype == np.float32
+    np.testing.assert_array_equal(rows[:2], np.stack([low, high]).astype(np.float32))
+    inside = ((rows >= low) & (rows <= high)).mean()
+    assert 0.4 < inside < 0.6  # the clip is exercised (a graph without it fails the check) and the range too
+
+
+def test_a_graph_that_does_not_compute_its_head_is_refused():
+    head, _ = _fit("logreg", "classification", 3)
+    graph = head_graph(head)
+    assert verify_head_graph(head, graph) < 1e-6
+    head.scaler_.data_max_ = head.scaler_.data_min_ + (head.scaler_.data_max_ - head.scaler_.data_min_) / 2
+    with pytest.raises(HeadExportError, match=r"the ONNX graph of LogisticRegressionHead scores 256 rows around its "
+                                              r"fitted range [\d.e-]+ away from the head's own predict_proba .*allowed: "
+                                              r"0\.0001.*no file is written"):
+        verify_head_graph(head, graph)  # the head now clips where its graph does not
+
+
+def test_a_graph_with_another_output_shape_is_refused():
+    regressor, _ = _fit("logreg", "regression", 0)
+    classifier, _ = _fit("logreg", "classification", 3)
+    with pytest.raises(HeadExportError, match=r"scores 256 rows .* inf away .*shapes \(256,\) and \(256, 3\)"):
+        verify_head_graph(classifier, head_graph(regressor))
+
+
+def test_head_graph_verifies_what_it_returns(monkeypatch):
+    head, _ = _fit("mlp", "classification", 3, **MLP)
+    seen = []
+    monkeypatch.setattr(onnx_graph, "verify_head_graph", lambda head, model: seen.append((head, model)))
+    graph = head_graph(head)
+    assert seen == [(head, graph)]
+    head_graph(head, verify=False)
+    assert len(seen) == 1

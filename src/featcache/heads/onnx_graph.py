@@ -24,6 +24,7 @@ registered later without an ONNX form here, are refused with :class:`HeadExportE
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -36,7 +37,8 @@ from featcache.errors import UserError
 
 from .knn import PROBA_FLOOR
 
-__all__ = ["FEATURES", "ML_OPSET", "SCORES", "SUPPORTED_HEADS", "HeadExportError", "head_graph"]
+__all__ = ["CHECK_ROWS", "CHECK_TOLERANCE", "FEATURES", "ML_OPSET", "SCORES", "SUPPORTED_HEADS", "HeadExportError",
+           "check_rows", "head_graph", "verify_head_graph"]
 
 #: The graph's input and output names.
 FEATURES, SCORES = "features", "scores"
@@ -51,6 +53,16 @@ SUPPORTED_HEADS: dict[str, str] = {
     "StreamingMLPRegressorHead": "streaming_mlp", "LightGBMHead": "lightgbm", "LightGBMRegressorHead": "lightgbm",
     "KNNHead": "knn", "KNNRegressorHead": "knn",
 }
+
+#: Rows :func:`verify_head_graph` scores with the graph and with the head itself.
+CHECK_ROWS = 256
+
+#: Largest difference :func:`verify_head_graph` allows: of probabilities (absolute), of predictions (relative to the
+#: largest absolute prediction). float32 against scikit-learn's float64 measures 1e-8..1e-6 (benchmarks/README
+#: "Serving"; tests/heads/test_onnx_graph.py).
+CHECK_TOLERANCE = 1e-4
+
+logger = logging.getLogger(__name__)
 
 _HINT = "Hint: score it with `featcache predict --model <run folder> --images ...` (Python) instead."
 
@@ -326,7 +338,73 @@ def _check_supported(head: Any) -> str:
     return name
 
 
-def head_graph(head: Any, opset: int = 18, *, name: str = "featcache_head") -> onnx.ModelProto:
+def check_rows(head: Any, n_rows: int = CHECK_ROWS, seed: int = 0) -> np.ndarray:
+    """(n_rows, D) float32 rows around the range the head was fitted on, to score it with.
+
+    Uniform in each feature's ``[data_min_, data_max_]`` (its ClippedScaler's) widened by half its width on each
+    side, so that half the values are inside (every tree of a LightGBM head, every neighbour of a k-NN head sees
+    values like its training rows') and half are clipped (as an image unlike the training set's would be); rows 0
+    and 1 are the corners ``data_min_`` and ``data_max_``. Without that range: normal around the scaler's mean with
+    its scale, else standard normal.
+    """
+    rng = np.random.default_rng(seed)
+    width = int(head.n_features_in_)
+    scaler = getattr(head, "scaler_", None)
+    if scaler is not None and hasattr(scaler, "data_min_"):
+        low, high = np.asarray(scaler.data_min_, np.float64), np.asarray(scaler.data_max_, np.float64)
+        rows = low + (high - low) * (2.0 * rng.random((n_rows, width)) - 0.5)
+        rows[:2] = low, high
+    else:
+        mean, scale = getattr(scaler, "mean_", None), getattr(scaler, "scale_", None)
+        rows = rng.normal(size=(n_rows, width)) * (1.0 if scale is None else scale) + (0.0 if mean is None else mean)
+    return rows.astype(np.float32)
+
+
+def verify_head_graph(head: Any, model: onnx.ModelProto, rows: np.ndarray | None = None) -> float:
+    """Score ``rows`` with ``model`` in onnxruntime and with the head itself; raise if they differ.
+
+    Parameters
+    ----------
+    head : estimator
+        The fitted head.
+    model : onnx.ModelProto
+        Its :func:`head_graph`.
+    rows : ndarray of shape (N, D), optional
+        Default :func:`check_rows` (``CHECK_ROWS`` rows in the fitted range).
+
+    Returns
+    -------
+    float
+        The largest difference: of probabilities (absolute), of predictions (relative to the largest one).
+
+    Raises
+    ------
+    HeadExportError
+        When it exceeds :data:`CHECK_TOLERANCE` or is not finite: the graph does not compute the head.
+    """
+    import onnxruntime
+
+    rows = check_rows(head) if rows is None else np.asarray(rows, dtype=np.float32)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run([SCORES], {FEATURES: rows})[0].astype(np.float64)
+    if is_classifier(head):
+        expected, scale = np.asarray(head.predict_proba(rows), np.float64), 1.0
+    else:
+        expected = np.asarray(head.predict(rows), np.float64)
+        scale = max(float(np.abs(expected).max(initial=0.0)), float(np.finfo(np.float32).tiny))
+    diff = float(np.abs(got - expected).max(initial=0.0)) / scale if got.shape == expected.shape else np.inf
+    if not diff <= CHECK_TOLERANCE:
+        raise HeadExportError(
+            f"the ONNX graph of {type(head).__name__} scores {len(rows)} rows around its fitted range {diff:.3g} away "
+            f"from the head's own {'predict_proba' if is_classifier(head) else 'predict'} (shapes {got.shape} and "
+            f"{expected.shape}; allowed: {CHECK_TOLERANCE}): featcache's converter does not compute this head, so "
+            f"no file is written. {_HINT} And report it with the head's params.")
+    logger.info("%s's ONNX graph gives its scores on %d rows around its fitted range (largest difference %.2g)",
+                type(head).__name__, len(rows), diff)
+    return diff
+
+
+def head_graph(head: Any, opset: int = 18, *, name: str = "featcache_head", verify: bool = True) -> onnx.ModelProto:
     """The fitted ``head`` as an ONNX model: ``features`` (B, D) float32 -> ``scores`` float32.
 
     Parameters
@@ -337,6 +415,8 @@ def head_graph(head: Any, opset: int = 18, *, name: str = "featcache_head") -> o
         The default domain's opset (>= 13; :data:`ML_OPSET` for ``ai.onnx.ml`` when LightGBM).
     name : str
         The graph's name.
+    verify : bool
+        Score :func:`check_rows` with the graph and the head (:func:`verify_head_graph`) before returning it.
 
     Returns
     -------
@@ -348,7 +428,8 @@ def head_graph(head: Any, opset: int = 18, *, name: str = "featcache_head") -> o
     Raises
     ------
     HeadExportError
-        For a head that is not supported (naming the supported ones) or fitted on named columns.
+        For a head that is not supported (naming the supported ones) or fitted on named columns, whose constants
+        exceed one ONNX file, or whose graph does not give its scores (``verify``).
     """
     kind = _check_supported(head)
     g = _Graph()
@@ -372,4 +453,6 @@ def head_graph(head: Any, opset: int = 18, *, name: str = "featcache_head") -> o
     model = helper.make_model(graph, opset_imports=imports, producer_name="featcache")
     model.ir_version = min(model.ir_version, 10)  # readable by onnxruntime releases of the last two years
     onnx.checker.check_model(model, full_check=True)
+    if verify:
+        verify_head_graph(head, model)
     return model
