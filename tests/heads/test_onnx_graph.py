@@ -172,8 +172,8 @@ def test_a_graph_that_does_not_compute_its_head_is_refused():
     assert verify_head_graph(head, graph) < 1e-6
     head.scaler_.data_max_ = head.scaler_.data_min_ + (head.scaler_.data_max_ - head.scaler_.data_min_) / 2
     with pytest.raises(HeadExportError, match=r"the ONNX graph of LogisticRegressionHead scores 256 rows around its "
-                                              r"fitted range [\d.e-]+ away from the head's own predict_proba .*allowed: "
-                                              r"0\.0001.*no file is written"):
+                                              r"fitted range [\d.e-]+ away from the head's own predict_proba "
+                                              r".*allowed: 0\.0001.*no file is written"):
         verify_head_graph(head, graph)  # the head now clips where its graph does not
 
 

@@ -261,3 +261,28 @@ def test_train_records_the_models_sha256_and_compare_selects_it(trained, tmp_pat
     name = selection["head"] if selection["layer"] == "pool" else "fused_logreg"
     picked = read_run(trained["root"] / "metrics" / f"{name}.json")
     assert selection["model_sha256"] == picked["model_sha256"] and selection["backbone"] == "efficientnet_lite0"
+
+
+@pytest.mark.parametrize(("knobs", "expected"), [
+    ({"backend": "torch", "autocast": "fp16", "decode": "gpu"},
+     "computed with fp16 autocast (torch) and decoded on the GPU (nvJPEG)"),
+    ({"backend": "openvino", "autocast": "bf16"}, "computed with bf16 autocast (openvino)"),
+])
+def test_a_run_on_autocast_or_device_decoded_features_is_exported_with_a_warning(trained, tmp_path, caplog, knobs,
+                                                                                   expected):
+    """A GPU store (fp16 autocast, nvJPEG decode) or OpenVINO's bf16 one: the served file computes float32 features
+    from PIL-decoded images, so the export says its scores may differ from the evaluated ones (predict warns alike);
+    the shipped onnxruntime store exports without it."""
+    with caplog.at_level(logging.WARNING, logger="featcache.pipeline.serve"):
+        export_serving_model(trained["models"] / "logreg", tmp_path / "plain.onnx")
+    assert not caplog.records
+    model = tmp_path / "gpu"
+    shutil.copytree(trained["models"] / "logreg", model)
+    info = json.loads((model / "featcache-run.json").read_text())
+    info["extraction_config"]["extract"].update(knobs)
+    (model / "featcache-run.json").write_text(json.dumps(info))
+    with caplog.at_level(logging.WARNING, logger="featcache.pipeline.serve"):
+        export_serving_model(model, tmp_path / "gpu.onnx")
+    (record,) = caplog.records
+    assert f"the head's features were {expected}; the file computes float32 features" in record.getMessage()
+    assert (tmp_path / "gpu.onnx").read_bytes() == (tmp_path / "plain.onnx").read_bytes()

@@ -20,7 +20,7 @@ from typing import Any
 from featcache.errors import UserError
 from featcache.pipeline.run_folder import saved_run_info, stored_int8_runner, stored_preprocessor, stored_weights
 
-__all__ = ["SelectionReportError", "export_selected", "export_serving_model", "selected_run"]
+__all__ = ["SelectionReportError", "export_selected", "export_serving_model", "runtime_differences", "selected_run"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,11 @@ def export_serving_model(model_dir: str | Path, out: str | Path, onnx_cache: str
                                   cache_dir=onnx_cache)
     dtype = str(knobs.get("dtype", "float32"))
     features = feature_graph(backbone, info["layer"], dtype=dtype)
+    if (differences := runtime_differences(knobs)):
+        logger.warning("%s: the head's features were %s; the file computes float32 features with onnxruntime from "
+                       "images preprocessed as its description says, so its scores may differ from the evaluated "
+                       "ones within that rounding (as `featcache predict` on the CPU).", model_dir,
+                       " and ".join(differences))
     name = head_label(str(info["head"]), info["task"]) if "head" in info else type(head).__name__
     description = serving_description(info["task"], info["classes"], preprocess, backbone=info["backbone"],
                                       layer=info["layer"], head=name,
@@ -91,6 +96,20 @@ def export_serving_model(model_dir: str | Path, out: str | Path, onnx_cache: str
     path = write_serving_model(serving_model(features, graph, description), out)
     logger.info("Exported %s (%s %s %s) to %s", model_dir, info["backbone"], info["layer"], description["head"], path)
     return path
+
+
+def runtime_differences(knobs: dict[str, Any]) -> list[str]:
+    """How the store's extraction computed its features otherwise than a served file does (float32 onnxruntime
+    on images decoded by PIL), from its config's ``extract`` section: e.g. ``["computed with fp16 autocast",
+    "decoded on the GPU (nvJPEG)"]``; empty for the onnxruntime and float32 torch stores (their features agree
+    with the file's within float32 rounding: README "One ONNX file for serving")."""
+    differences = []
+    autocast = knobs.get("autocast") or "none"
+    if autocast != "none":
+        differences.append(f"computed with {autocast} autocast ({knobs.get('backend', 'torch')})")
+    if knobs.get("decode") == "gpu":
+        differences.append("decoded on the GPU (nvJPEG)")
+    return differences
 
 
 def _int8_graph(config: dict[str, Any], source: Any, model_dir: str | Path, onnx_cache: str) -> Any:
