@@ -370,7 +370,7 @@ def verify_head_graph(head: Any, model: onnx.ModelProto, rows: np.ndarray | None
     model : onnx.ModelProto
         Its :func:`head_graph`.
     rows : ndarray of shape (N, D), optional
-        Default :func:`check_rows` (``CHECK_ROWS`` rows in the fitted range).
+        Default :func:`check_rows` (:data:`CHECK_ROWS` rows around the fitted range).
 
     Returns
     -------

@@ -100,8 +100,8 @@ def export_serving_model(model_dir: str | Path, out: str | Path, onnx_cache: str
 
 def runtime_differences(knobs: dict[str, Any]) -> list[str]:
     """How the store's extraction computed its features otherwise than a served file does (float32 onnxruntime
-    on images decoded by PIL), from its config's ``extract`` section: e.g. ``["computed with fp16 autocast",
-    "decoded on the GPU (nvJPEG)"]``; empty for the onnxruntime and float32 torch stores (their features agree
+    on images decoded by PIL), from its config's ``extract`` section: e.g. ``["computed with fp16 autocast
+    (torch)", "decoded on the GPU (nvJPEG)"]``; empty for the onnxruntime and float32 torch stores (their features agree
     with the file's within float32 rounding: README "One ONNX file for serving")."""
     differences = []
     autocast = knobs.get("autocast") or "none"
