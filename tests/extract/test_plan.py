@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import replace
 
 import pytest
 import torch
@@ -140,8 +141,8 @@ def test_int8_plan_runs_onnxruntime_on_the_cpu_only():
     assert not plan_extraction(device="cpu").int8 and plan_extraction(device="cpu").precision == "float32"
     with pytest.raises(ExtractionError, match=r"int8 needs extract.backend onnx \(or auto\), got 'torch'"):
         plan_extraction(device="cpu", backend="torch", precision="int8")
-    with pytest.raises(ExtractionError, match="does not run under extract_run.scheduler"):
-        plan_extraction(device="cpu", precision="int8", scheduler="local")
+    on_dask = plan_extraction(device="cpu", precision="int8", scheduler="local")  # the driver calibrates
+    assert on_dask.int8 and on_dask.distributed and on_dask.backend == "onnx"
     with pytest.raises(ExtractionError, match=r"extract.precision 'int4' is not one of \('float32', 'int8'\)"):
         plan_extraction(device="cpu", precision="int4")
 
@@ -221,3 +222,34 @@ def test_build_runner_openvino_opens_the_onnx_export(random_backbone):
     spec = RunnerSpec.from_plan(plan, "resnet18", "random", ["pool5"], "avg")
     worker_runner, worker_attrs = spec.build_with_attrs(64, 1)  # what a dask worker builds
     assert isinstance(worker_runner, OpenVinoFeatureRunner) and worker_attrs["backend"] == "openvino"
+
+
+def test_an_int8_runner_spec_runs_the_driver_s_graph_bytes(random_backbone):
+    """What an int8 dask worker builds: the graph the driver calibrated, from its bytes; no weights resolved."""
+    import hashlib
+
+    import numpy as np
+
+    from featcache.extract.runner_spec import RunnerSpec
+
+    driver = ExtractionPlan(device="cpu", backend="onnx", autocast=None, decode="cpu", loader="arrays",
+                            scheduler="local", int8=True)
+    # Any featcache ONNX file stands in for the driver's int8 graph here: the spec runs its bytes as they are.
+    graph_runner, _ = build_runner(random_backbone("resnet18"), ["pool5"],
+                                   ExtractionPlan(device="cpu", backend="onnx", autocast=None, decode="cpu",
+                                                  loader="arrays"), input_size=64, intra_op_threads=1)
+    graph = graph_runner.path.read_bytes()
+    spec = RunnerSpec.from_plan(driver, "no-such-backbone", "pretrained", ["pool5"], "avg", int8_graph=graph)
+    assert "int8_graph" not in repr(spec)
+    runner, attrs = spec.build_with_attrs(64, 1)
+    assert attrs == {"backend": "onnx", "provider": "CPUExecutionProvider", "precision": "int8",
+                     "onnx_sha256": hashlib.sha256(graph).hexdigest()}
+    batch = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    np.testing.assert_array_equal(runner(batch)["pool5"], graph_runner(batch)["pool5"])
+    assert spec.build(64, 1) is runner  # once per process
+    with pytest.raises(ValueError, match="an int8 plan needs int8_graph"):
+        RunnerSpec.from_plan(driver, "resnet18", "random", ["pool5"], "avg")
+    with pytest.raises(ValueError, match="only an int8 plan takes one"):
+        RunnerSpec.from_plan(replace(driver, int8=False), "resnet18", "random", ["pool5"], "avg", int8_graph=graph)
+    with pytest.raises(ValueError, match="runs on onnxruntime's CPU provider.*backend 'torch'"):
+        RunnerSpec("resnet18", "random", ("pool5",), "avg", backend="torch", int8_graph=graph)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -22,10 +23,10 @@ from featcache.store.reader import FeatureStore
 INT8 = {"backend": "onnx", "precision": "int8", "int8_calibration": 16, "int8_holdout": 8}
 
 
-def _params(tmp, params_factory, data, **extract_knobs):
+def _params(tmp, params_factory, data, run=None, **extract_knobs):
     raw = params_factory(str(data))
     raw["extract"].update(extract_knobs)
-    raw["extract_run"]["onnx_cache"] = str(tmp / "cache")
+    raw["extract_run"].update(onnx_cache=str(tmp / "cache"), **(run or {}))
     path = tmp / f"params-{len(list(tmp.glob('params-*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return load_params(path)
@@ -182,3 +183,16 @@ def test_onnxruntime_quantizer_logs_go_to_featcache_at_debug(monkeypatch, caplog
     caplog.clear()
     logging.warning("after quantizing")  # the root logger is left as it was
     assert [r.levelname for r in caplog.records] == ["WARNING"]
+
+
+def test_int8_on_two_dask_workers_writes_the_single_process_file(workspace, params_factory, caplog):
+    """Under ``extract_run.scheduler`` the driver calibrates and gates once (here from the warm cache) and the
+    workers run that graph's bytes: the store is the single-process one, byte for byte (onnxruntime's int8
+    features do not depend on the intra-op thread count either)."""
+    tmp = workspace["tmp"]
+    params = _params(tmp, params_factory, workspace["data"], run={"scheduler": "local", "n_workers": 2}, **INT8)
+    out = tmp / "int8-dask.h5"
+    with caplog.at_level(logging.INFO, logger="featcache"):
+        report = extract(params, "efficientnet_lite0", tmp / "prepared" / "manifest.csv", out, progress=False)
+    assert report.n_written == len(workspace["manifest"]) and "tasks on dask" in caplog.text
+    assert hashlib.md5(out.read_bytes()).hexdigest() == hashlib.md5(workspace["out"].read_bytes()).hexdigest()

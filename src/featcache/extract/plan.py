@@ -177,19 +177,19 @@ def resolve_decode(decode: str, device: str, backend: str = "torch") -> str:
     return decode
 
 
-def resolve_precision(precision: str, device: str, backend: str, scheduler: str = "none") -> bool:
+def resolve_precision(precision: str, device: str, backend: str) -> bool:
     """Whether the forward runs int8: ``extract.precision`` checked against where it would run.
 
     int8 is a graph quantized by onnxruntime for its CPU provider, so it needs
-    the ``onnx`` backend on the CPU device in this process.
+    the ``onnx`` backend on the CPU device. Under ``extract_run.scheduler`` the
+    driver calibrates and gates it once and the workers run its bytes
+    (:class:`~featcache.extract.runner_spec.RunnerSpec`'s ``int8_graph``).
 
     Parameters
     ----------
     precision : {"float32", "int8"}
     device, backend : str
         The resolved device and backend.
-    scheduler : str
-        ``extract_run.scheduler``.
 
     Raises
     ------
@@ -213,9 +213,6 @@ def resolve_precision(precision: str, device: str, backend: str, scheduler: str 
                          + ("" if importlib.util.find_spec("onnxruntime") is not None else
                             " (onnxruntime is not installed)")
                          + ". Hint: set extract.backend: auto or onnx, or extract.precision: float32.")
-    if scheduler != "none":
-        raise ValueError("extract.precision: int8 does not run under extract_run.scheduler yet (the graph is "
-                         "calibrated in the driver). Hint: set extract_run.scheduler: none, or precision: float32.")
     return True
 
 
@@ -353,7 +350,7 @@ def plan_extraction(*, device: str = "auto", backend: str = "auto", autocast: st
         resolved_backend = resolve_backend(backend, resolved_device, autocast)
         resolved_autocast = resolve_autocast(autocast, resolved_device, resolved_backend)
         resolved_decode = resolve_decode(decode, resolved_device, resolved_backend)
-        int8 = resolve_precision(precision, resolved_device, resolved_backend, scheduler)
+        int8 = resolve_precision(precision, resolved_device, resolved_backend)
     except ExtractionError:
         raise
     except ValueError as error:

@@ -2,21 +2,27 @@
 
 :class:`RunnerSpec` travels to the workers instead of a model object;
 :meth:`RunnerSpec.build` builds the runner that :func:`~featcache.extract.plan.plan_extraction`
-resolves on the worker (torch, onnxruntime or OpenVINO) once per process. :func:`worker_device` pins
+resolves on the worker (torch, onnxruntime or OpenVINO) once per process. An int8 spec carries the
+bytes of the graph the driver calibrated and gated (``int8_graph``): its workers run that very graph
+and need neither the backbone's weights nor torch. :func:`worker_device` pins
 each worker of a multi-GPU machine to its own GPU, :func:`local_workers`
 sizes a local cluster (one worker per GPU).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import tempfile
 import threading
 import time
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
-from featcache.extract.plan import ExtractionPlan, build_runner, plan_extraction
+from featcache.extract.plan import ExtractionPlan, build_runner, plan_extraction, runner_attrs
 from featcache.store.schema import BACKENDS
 
 __all__ = ["RunnerSpec", "local_workers", "worker_device"]
@@ -66,6 +72,11 @@ class RunnerSpec:
         or a folder every worker sees); None: the default (``auto``).
     model : str or None
         ``timm/<model>``: the backbone is that timm model (``backbones.<name>.model``).
+    int8_graph : bytes or None
+        ``extract.precision: int8``: the ``.onnx`` bytes of the int8 graph the driver
+        calibrated and gated (:func:`~featcache.extract.onnx.quantize.int8_runner`);
+        the workers run it on the CPU as it is (``backend`` ``onnx``, ``device``
+        ``cpu``). Left out of the repr.
     """
 
     backbone: str
@@ -79,6 +90,7 @@ class RunnerSpec:
     backend: str = "torch"
     onnx_cache: str | None = None
     model: str | None = None
+    int8_graph: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, str):
@@ -92,14 +104,30 @@ class RunnerSpec:
             raise ValueError(f"RunnerSpec.autocast {self.autocast!r} is not one of None, 'auto', 'bf16', 'fp16'.")
         if self.backend not in BACKENDS:
             raise ValueError(f"RunnerSpec.backend {self.backend!r} is not one of {BACKENDS}.")
+        if self.int8_graph is not None:
+            if not isinstance(self.int8_graph, bytes) or not self.int8_graph:
+                raise TypeError("RunnerSpec.int8_graph must be the int8 graph's .onnx bytes, got "
+                                f"{type(self.int8_graph).__name__}.")
+            if (self.backend, self.device) != ("onnx", "cpu"):
+                raise ValueError(f"RunnerSpec.int8_graph runs on onnxruntime's CPU provider, but the spec says "
+                                 f"backend {self.backend!r} on {self.device!r}. Hint: backend='onnx', device='cpu'.")
 
     @classmethod
     def from_plan(cls, plan: ExtractionPlan, backbone: str, weights: str, layers: Sequence[str], pooling: str,
                   channels_last: bool = True, seed: int = 0, onnx_cache: str | None = None,
-                  model: str | None = None) -> RunnerSpec:
-        """The spec of the runner ``plan`` chose (its backend, device and precision), for the dask workers."""
+                  model: str | None = None, int8_graph: bytes | None = None) -> RunnerSpec:
+        """The spec of the runner ``plan`` chose (its backend, device and precision), for the dask workers.
+
+        An int8 plan needs ``int8_graph``: the bytes of the graph the driver calibrated and gated
+        (``Path(runner.path).read_bytes()`` of :func:`~featcache.extract.plan.build_runner`'s runner).
+        """
+        if plan.int8 != (int8_graph is not None):
+            raise ValueError("RunnerSpec.from_plan: an int8 plan needs int8_graph (the bytes of the graph the "
+                             "driver calibrated), and only an int8 plan takes one; got "
+                             f"precision {plan.precision!r} and {'no ' if int8_graph is None else ''}graph.")
         return cls(backbone, weights, tuple(layers), pooling, device=plan.device, channels_last=channels_last,
-                   autocast=plan.autocast, seed=seed, backend=plan.backend, onnx_cache=onnx_cache, model=model)
+                   autocast=plan.autocast, seed=seed, backend=plan.backend, onnx_cache=onnx_cache, model=model,
+                   int8_graph=int8_graph)
 
     def build(self, input_size: int | None = None, intra_op_threads: int | None = None) -> Any:
         """The runner of this spec, built once per process and then cached (see :meth:`build_with_attrs`).
@@ -146,6 +174,8 @@ class RunnerSpec:
         key = (self, input_size, intra_op_threads)
         with _RUNNERS_LOCK:
             built = _RUNNERS.get(key)
+            if built is None and self.int8_graph is not None:
+                built = _RUNNERS[key] = _int8_graph_runner(self.int8_graph, intra_op_threads)
             if built is None:
                 from featcache.extract.zoo.weights import resolve_weights
 
@@ -160,6 +190,24 @@ class RunnerSpec:
                 logger.info("built %s (%s, %s on %s) in pid %d in %.1f s", self.backbone, source.weights_id,
                             built[1]["backend"], built[1]["provider"], os.getpid(), time.perf_counter() - started)
             return built[0], dict(built[1])
+
+
+def _int8_graph_runner(graph: bytes, intra_op_threads: int | None) -> tuple[Any, dict[str, str]]:
+    """An onnxruntime CPU runner over ``graph`` (the driver's int8 graph), from a file of this process.
+
+    The file lives in a temporary folder removed with the runner; the attributes
+    are the ones a single-process int8 run records of what ran.
+    """
+    from featcache.extract.onnx.runner import OnnxFeatureRunner
+
+    folder = tempfile.TemporaryDirectory(prefix="featcache-int8-worker-")
+    path = Path(folder.name) / f"int8-{hashlib.sha256(graph).hexdigest()[:16]}.onnx"
+    path.write_bytes(graph)
+    runner = OnnxFeatureRunner(path, device="cpu", intra_op_threads=intra_op_threads)
+    weakref.finalize(runner, folder.cleanup)
+    logger.info("int8 graph %s (%.1f MB, from the driver) on %s in pid %d", runner.onnx_sha256[:12],
+                len(graph) / 1e6, runner.provider, os.getpid())
+    return runner, {**runner_attrs("onnx", "cpu", None, int8=True), "onnx_sha256": runner.onnx_sha256}
 
 
 def worker_device(device: str, worker_name: Any = None) -> str:

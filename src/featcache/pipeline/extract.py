@@ -116,18 +116,9 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
     common = {"config": config, "attrs": attrs, "dtype": knobs.dtype, "batch_size": knobs.batch_size,
               "block_rows": knobs.block_rows, "on_error": knobs.on_error, "progress": progress,
               "max_bad_fraction": knobs.max_bad_fraction}
-    if plan.distributed:
-        from featcache.extract.distributed import extract_distributed
-        from featcache.extract.runner_spec import RunnerSpec, local_workers
-
-        spec = RunnerSpec.from_plan(plan, backbone, chosen.weights, chosen.layers, pooling,
-                                    channels_last=knobs.channels_last, onnx_cache=knobs.onnx_cache,
-                                    model=chosen.model)
-        return warn_transient(extract_distributed(
-            manifest, spec, preprocess, out, **common,
-            scheduler_address=None if plan.scheduler == "local" else plan.scheduler,
-            n_workers=local_workers(knobs.n_workers, plan.device), threads_per_worker=threads,
-            loader=plan.loader, read_threads=plan.num_workers), backbone)
+    if plan.distributed and not plan.int8:  # each worker builds its own runner
+        return warn_transient(_extract_on_dask(params, backbone, plan, manifest, preprocess, pooling, out, threads,
+                                               common), backbone)
     calibration = None
     if plan.int8:
         from featcache.extract.onnx.calibration import calibration_images
@@ -141,10 +132,32 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
         from featcache.extract.onnx.quantize import int8_graph_record
 
         config["extract"][INT8_GRAPH] = int8_graph_record(built, manifest_path)
+    if plan.distributed:  # int8: calibrated and gated here once, its bytes run by every worker
+        graph = Path(runner.path).read_bytes()
+        del runner
+        return warn_transient(_extract_on_dask(params, backbone, plan, manifest, preprocess, pooling, out, threads,
+                                               common, int8_graph=graph), backbone)
     if plan.backend == "torch":
         check_batch_memory(runner, preprocess.input_size, knobs.batch_size, plan.device,
                            num_workers=plan.num_workers)
     return warn_transient(extract_to_store(manifest, runner, preprocess, out, plan=plan, **common), backbone)
+
+
+def _extract_on_dask(params: ExtractSections, backbone: str, plan: ExtractionPlan, manifest: Manifest,
+                     preprocess: Preprocessor, pooling: str, out: str | Path, threads: int,
+                     common: dict[str, Any], int8_graph: bytes | None = None) -> ExtractionReport:
+    """:func:`extract` on the dask cluster of ``extract_run.scheduler`` (``common``: the store's arguments)."""
+    from featcache.extract.distributed import extract_distributed
+    from featcache.extract.runner_spec import RunnerSpec, local_workers
+
+    knobs, chosen = params.extract, params.backbones[backbone]
+    spec = RunnerSpec.from_plan(plan, backbone, chosen.weights, chosen.layers, pooling,
+                                channels_last=knobs.channels_last, onnx_cache=knobs.onnx_cache, model=chosen.model,
+                                int8_graph=int8_graph)
+    return extract_distributed(manifest, spec, preprocess, out, **common,
+                               scheduler_address=None if plan.scheduler == "local" else plan.scheduler,
+                               n_workers=local_workers(knobs.n_workers, plan.device), threads_per_worker=threads,
+                               loader=plan.loader, read_threads=plan.num_workers)
 
 
 def up_to_date_report(out: str | Path, manifest: Manifest, config: dict[str, Any], attrs: dict[str, Any],
