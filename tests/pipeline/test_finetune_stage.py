@@ -500,3 +500,53 @@ def test_a_regression_run_is_paired_with_a_cached_head_on_the_manifest_targets(r
     finetuned = next(run for run in runs if run["head"] == "finetune-frozen")
     assert "skipped" not in finetuned["paired"], finetuned["paired"]
     assert finetuned["paired"]["rmse"]["delta"] == pytest.approx(metrics["rmse"])
+
+
+def test_a_timm_model_fine_tunes_exports_and_feeds_the_extract_stage(stage_run, tmp_path: Path):
+    """``finetune.backbone: timm/<model>``: the stage trains it (low_lr: every layer), its metrics are keyed
+    by that name, the export stage writes its ONNX model (scores as the checkpoint's) and CAM overlays, and its
+    ``backbone.pt`` loads as the weights of a ``backbones`` entry of that model."""
+    import onnxruntime as ort
+
+    from featcache.finetune.saved import SavedRun
+
+    model = "timm/convnext_atto"
+    section = {**_section(low_lr={}), "backbone": model, "weights": "random", "export_onnx": True, "cam_images": 2}
+    out, metrics_path = tmp_path / "models" / "low_lr", tmp_path / "metrics" / "low_lr.json"
+    metrics = finetune_stage(stage_run["params"], "low_lr", stage_run["manifest"], out, metrics_path,
+                             finetune=section, progress=False)
+    assert list(json.loads(metrics_path.read_text())) == [model]
+    assert metrics["backbone"] == model and metrics["node"] == "head.fc" and metrics["n_features"] == 320
+    compare(tmp_path / "metrics", tmp_path / "reports")
+    assert f"| {model} | finetune | finetune-low_lr |" in (tmp_path / "reports" / "compare.md").read_text()
+
+    exported = export_stage(stage_run["params"], out, stage_run["manifest"], tmp_path / "exports", finetune=section)
+    assert sorted(path.suffix for path in exported) == [".onnx", ".png", ".png"]
+    run = SavedRun.load(out)
+    images = torch.rand(2, 3, 32, 32)
+    session = ort.InferenceSession(str(tmp_path / "exports" / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        np.testing.assert_allclose(session.run(None, {"images": images.numpy()})[0],
+                                   run.model(images).softmax(dim=1).numpy(), atol=1e-5)
+
+    loaded = load_backbone("convnext", weights=str(out / "backbone.pt"), model=model).model.state_dict()
+    fine_tuned = {k: v for k, v in run.model.state_dict().items() if not k.startswith("head.fc.")}
+    assert set(fine_tuned) <= set(loaded)
+    for name, tensor in fine_tuned.items():
+        torch.testing.assert_close(loaded[name], tensor, rtol=0, atol=0, msg=name)
+    initial = load_backbone("convnext", weights="random", model=model).model.state_dict()  # where training began
+    assert not torch.equal(initial["stem.0.weight"], fine_tuned["stem.0.weight"])  # the first layer trained too
+
+
+def test_finetune_backbone_naming_a_timm_backbones_key_says_what_to_write(params_factory):
+    raw = params_factory("images")
+    raw["backbones"]["convnext"] = {"model": "timm/convnext_atto", "weights": "random", "layers": ["pre_logits"]}
+    raw["finetune"] = {"backbone": "convnext"}
+    with pytest.raises(ValueError, match=r"finetune.backbone 'convnext' is the backbones key of timm model "
+                                         r"'timm/convnext_atto'.*Hint: set finetune.backbone: timm/convnext_atto"):
+        parse_params(raw)
+    raw["finetune"] = {"backbone": "convnxt"}
+    with pytest.raises(ValueError, match=r"Unknown backbone 'convnxt'.*finetune.backbone: timm/<model>"):
+        parse_params(raw)
+    raw["finetune"] = {"backbone": "timm/convnext_atto"}
+    assert parse_params(raw).finetune.backbone == "timm/convnext_atto"

@@ -24,7 +24,7 @@ from featcache.pipeline.params.backbones import check_backbones, check_poolings
 from featcache.pipeline.params.base import Strict, read_params_file, validate_sections
 from featcache.pipeline.params.data import DataParams
 from featcache.pipeline.params.extract import BackboneParams, ExtractParams, default_backbones, merge_run_section
-from featcache.pipeline.params.finetune import FinetuneParams
+from featcache.pipeline.params.finetune import FinetuneParams, check_finetune_backbone_key
 from featcache.pipeline.params.train import (
     FeatureRef,
     TrainParams,
@@ -86,7 +86,7 @@ class Params(Strict):
     @model_validator(mode="before")
     @classmethod
     def _run_section(cls, raw: Any) -> Any:
-        return merge_run_section(raw)
+        return merge_run_section(check_finetune_backbone_key(raw))
 
     @field_validator("backbones")
     @classmethod

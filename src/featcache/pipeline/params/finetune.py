@@ -6,14 +6,14 @@ from typing import Any, Literal, Mapping
 
 from pydantic import Field, field_validator, model_validator
 
-from featcache.extract.zoo.registry import get_backbone
+from featcache.extract.zoo.registry import TIMM_PREFIX, UnknownNameError, get_backbone
 from featcache.finetune.config import MODES, PARAMS_DEFAULTS, FinetuneConfig
 from featcache.heads.metrics import SELECTION_METRICS
 from featcache.pipeline.params.base import Strict
 from featcache.pipeline.params.extract import check_weights_name
 from featcache.util.names import did_you_mean
 
-__all__ = ["FinetuneParams"]
+__all__ = ["FinetuneParams", "check_finetune_backbone_key"]
 
 
 def _finetune_config(values: Mapping[str, Any], where: str) -> FinetuneConfig:
@@ -60,7 +60,11 @@ class FinetuneParams(Strict):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, value: str) -> str:
-        get_backbone(value)  # raises with the list of valid names
+        try:
+            get_backbone(value)  # a registry name or timm/<model>
+        except UnknownNameError as error:
+            raise ValueError(f"{error} Fine-tuning takes a registry name or a timm model by its name: "
+                             f"finetune.backbone: {TIMM_PREFIX}<model>.") from None
         return value
 
     @field_validator("weights")
@@ -110,3 +114,28 @@ class FinetuneParams(Strict):
         """``defaults`` updated with ``modes[mode]``, as the one fine-tuning schema (validated)."""
         overrides = self.modes.get(mode) or {}  # type: ignore[call-overload]
         return _finetune_config({**self.defaults, **overrides, "mode": mode}, f"modes.{mode}")
+
+
+def check_finetune_backbone_key(raw: Any) -> Any:
+    """Name the fix when ``finetune.backbone`` is a ``backbones`` key of a timm model (raw params, unchanged).
+
+    Fine-tuning builds its backbone by name, a registry name or ``timm/<model>``, not from the ``backbones``
+    section: a key such as ``convnext`` (``backbones.convnext.model: timm/convnext_tiny``) is refused with the
+    value to write instead.
+
+    Raises
+    ------
+    ValueError
+        ``"finetune.backbone 'convnext' is the backbones key of timm model 'timm/convnext_tiny' ..."``.
+    """
+    if not isinstance(raw, Mapping):
+        return raw
+    section, backbones = raw.get("finetune"), raw.get("backbones")
+    name = section.get("backbone") if isinstance(section, Mapping) else None
+    entry = backbones.get(name) if isinstance(backbones, Mapping) and isinstance(name, str) else None
+    model = entry.get("model") if isinstance(entry, Mapping) else None
+    if isinstance(model, str) and model.startswith(TIMM_PREFIX) and not name.startswith(TIMM_PREFIX):
+        raise ValueError(f"finetune.backbone {name!r} is the backbones key of timm model {model!r}; fine-tuning "
+                         f"takes the model by its name (the key's weights are not used: finetune.weights are). "
+                         f"Hint: set finetune.backbone: {model}")
+    return raw
