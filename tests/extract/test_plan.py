@@ -253,3 +253,19 @@ def test_an_int8_runner_spec_runs_the_driver_s_graph_bytes(random_backbone):
         RunnerSpec.from_plan(replace(driver, int8=False), "resnet18", "random", ["pool5"], "avg", int8_graph=graph)
     with pytest.raises(ValueError, match="runs on onnxruntime's CPU provider.*backend 'torch'"):
         RunnerSpec("resnet18", "random", ("pool5",), "avg", backend="torch", int8_graph=graph)
+
+
+def test_auto_runs_torch_on_the_cpu_for_a_model_over_what_one_onnx_file_holds(caplog):
+    from featcache.extract.plan import onnx_size_limit
+
+    limit = onnx_size_limit()
+    assert limit == 2**31 - 1  # protobuf's 2 GiB
+    assert resolve_backend("auto", "cpu", None, weight_bytes=limit - 1) == "onnx"
+    assert resolve_backend("auto", "cpu", None, weight_bytes=None) == "onnx"  # the built-in registry: not known
+    with caplog.at_level(logging.INFO, logger="featcache"):
+        assert resolve_backend("auto", "cpu", None, weight_bytes=limit) == "torch"
+    assert "weights take 2.00 GiB in float32, over the 2 GiB one ONNX file holds" in caplog.text
+    assert resolve_backend("onnx", "cpu", None, weight_bytes=limit) == "onnx"  # explicit: the export decides
+    assert resolve_backend("auto", "cuda", None, weight_bytes=limit - 1) == "torch"
+    assert plan_extraction(device="cpu", weight_bytes=5 * 2**30).backend == "torch"
+    assert plan_extraction(device="cpu", precision="int8", weight_bytes=5 * 2**30).backend == "onnx"

@@ -154,3 +154,41 @@ def test_model_naming_a_registry_backbone_without_timm_prefix_is_refused(tmp_pat
     assert "backbones.lite.model: 'efficientnet_lite0' names a backbone of featcache's registry" in err, err
     assert "Hint: for the registry's, use the key 'efficientnet_lite0' without model:; for timm's, write model: " \
            "timm/efficientnet_lite0" in err, err
+
+
+def test_backend_auto_runs_torch_for_a_model_over_what_one_onnx_file_holds(tmp_path, folder_factory, params_factory,
+                                                                          monkeypatch, caplog):
+    """``backend: auto`` on the CPU: onnxruntime for a timm model that fits one ONNX file, torch (logged) for one at
+    or over protobuf's limit (lowered here to the model's size, measured on the meta device), before any export;
+    the choice is made alike on every run, so the store is kept as up to date. int8 keeps the ONNX export."""
+    import logging
+
+    import onnx
+
+    from featcache.extract.zoo.registry import get_backbone
+
+    raw = params_factory(str(folder_factory(tmp_path / "images", per_class=3)))
+    raw["extract"]["backend"] = "auto"
+    raw["extract_run"]["onnx_cache"] = str(tmp_path / "cache")
+    raw["backbones"] = {"convnext": BACKBONES["convnext"]}
+    raw["features"] = [{"backbone": "convnext", "layer": "pre_logits"}]
+    params = parse_params(raw)
+    prepare(params, tmp_path / "prepared")
+    manifest = tmp_path / "prepared" / "manifest.csv"
+    size = get_backbone("convnext", "timm/test_convnext").weight_bytes
+    assert 0 < size < 2**31
+
+    monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", size + 1)  # fits: onnxruntime, as always on the CPU
+    with FeatureStore(extract(params, "convnext", manifest, tmp_path / "fits.h5", progress=False).path) as store:
+        assert store.attrs["backend"] == "onnx"
+    monkeypatch.setattr(onnx.checker, "MAXIMUM_PROTOBUF", size)
+    with caplog.at_level(logging.INFO, logger="featcache"):
+        report = extract(params, "convnext", manifest, tmp_path / "large.h5", progress=False)
+    assert "extract.backend auto: torch on the CPU, since the backbone's weights take" in caplog.text
+    with FeatureStore(report.path) as store:
+        assert store.attrs["backend"] == "torch"
+    assert extract(params, "convnext", manifest, tmp_path / "large.h5", progress=False).up_to_date
+
+    from featcache.extract.plan import plan_extraction
+
+    assert plan_extraction(device="cpu", precision="int8", weight_bytes=size).backend == "onnx"

@@ -50,8 +50,8 @@ from featcache.store.schema import AUTOCASTS, BACKENDS, DECODE_CHOICES, DECODE_P
 from featcache.util import compute
 
 __all__ = ["CUDA_PROVIDER", "LOADERS", "ONNX_GPU_FIX", "OPENVINO_AUTO_AUTOCASTS", "ExtractionPlan", "build_runner",
-           "plan_extraction", "precision_name", "resolve_autocast", "resolve_backend", "resolve_decode",
-           "resolve_precision", "runner_attrs"]
+           "onnx_size_limit", "plan_extraction", "precision_name", "resolve_autocast", "resolve_backend",
+           "resolve_decode", "resolve_precision", "runner_attrs", "too_large_for_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +83,22 @@ def _native_autocasts() -> frozenset[str]:
     return native_autocasts()
 
 
-def resolve_backend(backend: str, device: str, autocast: str | None = "auto") -> str:
+def onnx_size_limit() -> int:
+    """Bytes one ONNX file holds: protobuf's 2 GiB (``onnx.checker.MAXIMUM_PROTOBUF``; featcache writes no
+    external-data files)."""
+    import onnx
+
+    return int(onnx.checker.MAXIMUM_PROTOBUF)
+
+
+def too_large_for_onnx(weight_bytes: int | None) -> bool:
+    """Whether a model whose float32 weights take ``weight_bytes`` cannot be one ONNX file (None: not known)."""
+    return weight_bytes is not None and weight_bytes >= onnx_size_limit()
+
+
+def resolve_backend(backend: str, device: str, autocast: str | None = "auto", weight_bytes: int | None = None) -> str:
     """``auto`` -> ``torch`` on CUDA; on the CPU ``openvino`` for a native bf16/fp16 ``autocast``, else ``onnx``
-    (``torch`` without onnxruntime); explicit values pass.
+    (``torch`` without onnxruntime, or for a model over the 2 GiB one ONNX file holds); explicit values pass.
 
     Parameters
     ----------
@@ -94,6 +107,10 @@ def resolve_backend(backend: str, device: str, autocast: str | None = "auto") ->
         The resolved device (``cpu``, ``cuda``, ``cuda:N``).
     autocast : {"auto", "none", "bf16", "fp16"} or None
         ``extract.autocast`` as set (OpenVINO is checked for only when it is bf16 or fp16).
+    weight_bytes : int, optional
+        The backbone's float32 weights (:attr:`~featcache.extract.zoo.registry.BackboneSpec.weight_bytes`), where
+        known: at or over :func:`onnx_size_limit` ``auto`` runs torch on the CPU too (ONNX and OpenVINO run an
+        export, which could not be written), saying so in the log.
 
     Raises
     ------
@@ -114,6 +131,11 @@ def resolve_backend(backend: str, device: str, autocast: str | None = "auto") ->
     if backend != "auto":
         return backend
     if _is_cuda(device):
+        return "torch"
+    if too_large_for_onnx(weight_bytes):
+        logger.info("extract.backend auto: torch on the CPU, since the backbone's weights take %.2f GiB in float32, "
+                    "over the %.0f GiB one ONNX file holds (onnxruntime and OpenVINO run an ONNX export)",
+                    weight_bytes / 2**30, onnx_size_limit() / 2**30)
         return "torch"
     if autocast in OPENVINO_AUTO_AUTOCASTS and autocast in _native_autocasts():
         return "openvino"
@@ -314,7 +336,7 @@ class ExtractionPlan:
 def plan_extraction(*, device: str = "auto", backend: str = "auto", autocast: str | None = "auto",
                     decode: str = "auto", num_workers: int | str | None = "auto",
                     scheduler: str = "none", precision: str = "float32",
-                    device_setting: str = "extract_run.device") -> ExtractionPlan:
+                    device_setting: str = "extract_run.device", weight_bytes: int | None = None) -> ExtractionPlan:
     """Resolve the extraction settings (``auto`` included) on this machine into one plan.
 
     Parameters
@@ -331,6 +353,10 @@ def plan_extraction(*, device: str = "auto", backend: str = "auto", autocast: st
         ``extract.precision`` (int8: onnxruntime on the CPU only, see :func:`resolve_precision`).
     device_setting : str
         What the user set ``device`` with, named in its errors (``predict`` passes ``--device``).
+    weight_bytes : int, optional
+        The backbone's float32 weights, where known before it is built (timm models): ``backend: auto``
+        runs torch on the CPU for a model over the 2 GiB one ONNX file holds (:func:`resolve_backend`), unless
+        ``precision`` is int8, which quantizes the ONNX export (the export then says whether it fits).
 
     Returns
     -------
@@ -347,7 +373,8 @@ def plan_extraction(*, device: str = "auto", backend: str = "auto", autocast: st
             resolved_device = str(device)
         else:
             resolved_device = compute.resolve_device(device, setting=device_setting, error=ExtractionError)
-        resolved_backend = resolve_backend(backend, resolved_device, autocast)
+        resolved_backend = resolve_backend(backend, resolved_device, autocast,
+                                           weight_bytes=None if precision == "int8" else weight_bytes)
         resolved_autocast = resolve_autocast(autocast, resolved_device, resolved_backend)
         resolved_decode = resolve_decode(decode, resolved_device, resolved_backend)
         int8 = resolve_precision(precision, resolved_device, resolved_backend)

@@ -88,10 +88,10 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
     params = as_sections(params, ExtractSections)
     extraction_config(params, backbone)  # an unknown backbone fails here, before any work
     knobs, chosen = params.extract, params.backbones[backbone]
-    plan = plan_extraction(**knobs.plan_settings())
+    source = resolve_weights(backbone, chosen.weights, model=chosen.model)  # the model is built only if needed
+    plan = plan_extraction(**knobs.plan_settings(), weight_bytes=source.spec.weight_bytes)
     tune_malloc(knobs.malloc_tuning)
     manifest = Manifest.read(manifest_path, storage=StorageOptions(**params.data.io.model_dump()))
-    source = resolve_weights(backbone, chosen.weights, model=chosen.model)  # the model is built only if needed
     pooling = chosen.pooling or knobs.pooling
     preprocess = Preprocessor.from_spec(source.spec, knobs.resize_mode, max_image_pixels=knobs.max_image_pixels)
     if plan.distributed:

@@ -1,4 +1,4 @@
-"""Where computation runs: devices, CPU counts and torch's thread limit.
+"""Where computation runs: devices, CPU counts and torch's thread limit; a model's float32 weight bytes.
 
 torch is imported inside the functions that need it, so importing this module
 stays cheap for commands that run no model.
@@ -12,11 +12,13 @@ import importlib.metadata
 import os
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 __all__ = [
     "DEVICES",
     "cuda_impossible",
     "default_num_workers",
+    "float32_weight_bytes",
     "physical_cores",
     "resolve_device",
     "thread_limit",
@@ -152,3 +154,14 @@ def thread_limit(n_jobs: int | None) -> Iterator[None]:
 
     with threadpool_limits(limits=int(n_jobs)):
         yield
+
+
+def float32_weight_bytes(module: Any) -> int:
+    """Bytes of a torch module's parameters and buffers in float32 (shared tensors counted once).
+
+    What its weights take in an exported float32 ONNX file; a module on the ``meta`` device is measured
+    without any memory (:func:`~featcache.extract.zoo.timm_models.timm_backbone`).
+    """
+    tensors = {id(tensor): tensor for tensor in [*module.parameters(), *module.buffers()]}
+    return sum(tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
+               for tensor in tensors.values())

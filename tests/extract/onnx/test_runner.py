@@ -15,7 +15,7 @@ from featcache.errors import ParamError, UserError
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.engine import extract_to_store
 from featcache.extract.inputs.manifest import Manifest
-from featcache.extract.onnx.export import OnnxExportError, export_onnx, float32_weight_bytes
+from featcache.extract.onnx.export import OnnxExportError, export_onnx
 from featcache.extract.onnx.format import DEFAULT_OPSET
 from featcache.extract.onnx.parity import LayerParity, ParityError, format_parity, parity_check
 from featcache.extract.onnx.runner import OnnxFeatureRunner, OnnxModelError
@@ -25,6 +25,7 @@ from featcache.extract.zoo.registry import IMAGENET_MEAN, IMAGENET_STD
 from featcache.extract.zoo.weights import load_backbone
 from featcache.store.reader import FeatureStore
 from featcache.store.schema import canonical_json
+from featcache.util.compute import float32_weight_bytes
 
 #: One process decodes (the default loader of a runner on the CPU).
 CPU_PLAN = plan_extraction(device="cpu", backend="torch", num_workers=0)

@@ -52,9 +52,9 @@ from featcache.extract.onnx.format import (
 from featcache.extract.runners.torch_runner import TorchFeatureExtractor, pool_features
 from featcache.store.schema import LayerSpec, canonical_json
 from featcache.util.atomic import atomic_path
-from featcache.util.compute import torch_version
+from featcache.util.compute import float32_weight_bytes, torch_version
 
-__all__ = ["OnnxExportError", "export_onnx", "float32_weight_bytes"]
+__all__ = ["OnnxExportError", "export_onnx"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,13 +178,6 @@ def _layer_spec_dict(spec: LayerSpec) -> dict[str, Any]:
     return record
 
 
-def float32_weight_bytes(module: nn.Module) -> int:
-    """Bytes of ``module``'s parameters and buffers once exported in float32 (shared tensors counted once)."""
-    tensors = {id(tensor): tensor for tensor in [*module.parameters(), *module.buffers()]}
-    return sum(tensor.numel() * (4 if tensor.is_floating_point() else tensor.element_size())
-               for tensor in tensors.values())
-
-
 def _check_fits_one_file(extractor: TorchFeatureExtractor) -> None:
     """Refuse, before exporting, a backbone whose float32 weights exceed what one ONNX file holds."""
     nbytes = float32_weight_bytes(extractor.module)
@@ -192,9 +185,9 @@ def _check_fits_one_file(extractor: TorchFeatureExtractor) -> None:
         raise OnnxExportError(
             f"{extractor.spec.name} {extractor.layer_names}: its weights take {nbytes / 2**30:.2f} GiB in float32, "
             f"over the {onnx.checker.MAXIMUM_PROTOBUF / 2**30:.0f} GiB one ONNX file holds (protobuf's limit; "
-            "featcache writes no external-data files). Hint: set extract.backend: torch (backend auto runs "
-            "onnxruntime on a CPU; precision int8 needs it), and score with `featcache predict` rather than one "
-            "exported file.")
+            "featcache writes no external-data files). Hint: set extract.backend: torch, or auto (which runs torch "
+            "for a model that large on the CPU too, unless extract.precision is int8, which quantizes the ONNX "
+            "export), and score with `featcache predict` rather than one exported file.")
 
 
 def export_onnx(extractor: TorchFeatureExtractor, path: str | os.PathLike[str], opset: int = DEFAULT_OPSET,

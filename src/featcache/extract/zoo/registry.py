@@ -122,6 +122,12 @@ class BackboneSpec:
         register tokens of a ViT): ``avg``/``max`` pooling of tokens skips them.
     class_token : bool
         Whether token 0 is a class token (``cls`` pooling takes it).
+    weight_bytes : int or None
+        The whole model's parameters and buffers in float32, where known before
+        it is built: timm models (measured on the ``meta`` device). None for
+        the built-in entries, the largest of which (vgg16) takes 0.5 GiB.
+        ``backend: auto`` runs torch, not onnxruntime, for a model over the
+        2 GiB one ONNX file holds (:func:`~featcache.extract.plan.resolve_backend`).
     """
 
     name: str
@@ -141,6 +147,7 @@ class BackboneSpec:
     constructor_kwargs: Mapping[str, object] = field(default_factory=dict)
     num_prefix_tokens: int = 0
     class_token: bool = False
+    weight_bytes: int | None = None
 
 
 def _fc(node: str, dim: int, post_relu: bool = True) -> LayerAlias:

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from featcache.extract.zoo.registry import TIMM_PREFIX, BackboneSpec, LayerAlias, UnknownNameError
+from featcache.util.compute import float32_weight_bytes
 from featcache.util.names import did_you_mean
 
 if TYPE_CHECKING:
@@ -155,6 +156,7 @@ def timm_backbone(name: str, model: str) -> BackboneSpec:
         cam_layer=stages[-1] if stages and layers[stages[-1]].kind == "conv" else None,
         description=f"timm {full} (pretrained weights: {source})",
         num_prefix_tokens=num_prefix_tokens, class_token=class_token and num_prefix_tokens > 0,
+        weight_bytes=float32_weight_bytes(net),
     )
 
 
