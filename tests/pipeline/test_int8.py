@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 
+import dask
 import h5py
 import numpy as np
 import pytest
@@ -185,6 +187,14 @@ def test_onnxruntime_quantizer_logs_go_to_featcache_at_debug(monkeypatch, caplog
     assert [r.levelname for r in caplog.records] == ["WARNING"]
 
 
+def _int8_graph_bytes(store, cache):
+    """The bytes of the int8 graph ``store`` was extracted with, from the ONNX cache."""
+    with h5py.File(store, "r") as handle:
+        sha = handle.attrs["onnx_sha256"]
+    return next(path.read_bytes() for path in cache.glob("*-int8-*.onnx")
+                if hashlib.sha256(path.read_bytes()).hexdigest() == sha)
+
+
 def test_int8_on_two_dask_workers_writes_the_single_process_file(workspace, params_factory, caplog):
     """Under ``extract_run.scheduler`` the driver calibrates and gates once (here from the warm cache) and the
     workers run that graph's bytes: the store is the single-process one, byte for byte (onnxruntime's int8
@@ -192,7 +202,12 @@ def test_int8_on_two_dask_workers_writes_the_single_process_file(workspace, para
     tmp = workspace["tmp"]
     params = _params(tmp, params_factory, workspace["data"], run={"scheduler": "local", "n_workers": 2}, **INT8)
     out = tmp / "int8-dask.h5"
-    with caplog.at_level(logging.INFO, logger="featcache"):
+    graph_bytes = len(_int8_graph_bytes(workspace["out"], tmp / "cache"))
+    # The graph travels scattered, never inside a task: no "Sending large graph" warning, even for a small one.
+    with caplog.at_level(logging.INFO, logger="featcache"), warnings.catch_warnings(record=True) as caught, \
+            dask.config.set({"distributed.admin.large-graph-warning-threshold": graph_bytes // 2}):
+        warnings.simplefilter("always")
         report = extract(params, "efficientnet_lite0", tmp / "prepared" / "manifest.csv", out, progress=False)
     assert report.n_written == len(workspace["manifest"]) and "tasks on dask" in caplog.text
+    assert not [w for w in caught if "large graph" in str(w.message)], [str(w.message) for w in caught]
     assert hashlib.md5(out.read_bytes()).hexdigest() == hashlib.md5(workspace["out"].read_bytes()).hexdigest()

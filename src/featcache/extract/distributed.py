@@ -381,7 +381,8 @@ def extract_distributed(
 
     handle = ClientHandle(client, scheduler_address, n_workers, threads_per_worker)
     try:
-        probe = handle.client.submit(probe_task, runner_spec, preprocess.input_size, threads_per_worker,
+        spec = handle.client.scatter(runner_spec, hash=False)  # an int8 spec carries its graph: not in a task
+        probe = handle.client.submit(probe_task, spec, preprocess.input_size, threads_per_worker,
                                      pure=False, key=f"featcache-probe-{uuid.uuid4().hex[:12]}")
         try:
             layer_specs, worker_torch, where, onnx_sha256 = probe.result()
