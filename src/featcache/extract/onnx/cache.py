@@ -54,6 +54,7 @@ from featcache.extract.onnx.format import DEFAULT_OPSET, EXPORT_CODE_VERSION, re
 from featcache.extract.zoo.registry import BackboneSpec
 from featcache.store.lock import FileLock
 from featcache.store.schema import canonical_json
+from featcache.util.cache_dir import CACHE_ENV, cache_root
 from featcache.util.hashing import file_sha256
 
 if TYPE_CHECKING:
@@ -67,20 +68,13 @@ __all__ = ["CACHE_ENV", "cache_key", "cached_build", "cached_export", "default_c
 
 logger = logging.getLogger(__name__)
 
-#: Environment variable naming featcache's cache root (ONNX exports go to its ``onnx/`` folder).
-CACHE_ENV = "FEATCACHE_CACHE_DIR"
-
 #: Seconds to wait for another process exporting the same key.
 LOCK_TIMEOUT = 1800.0
 
 
 def default_cache_dir() -> Path:
     """``$FEATCACHE_CACHE_DIR/onnx``, else ``$XDG_CACHE_HOME/featcache/onnx`` (default ``~/.cache``)."""
-    root = os.environ.get(CACHE_ENV)
-    if root:
-        return Path(root).expanduser() / "onnx"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "featcache" / "onnx"
+    return cache_root() / "onnx"
 
 
 def resolve_cache_dir(setting: str | os.PathLike[str] | None) -> Path | None:

@@ -122,6 +122,10 @@ class BackboneSpec:
         register tokens of a ViT): ``avg``/``max`` pooling of tokens skips them.
     class_token : bool
         Whether token 0 is a class token (``cls`` pooling takes it).
+    crop_mode : str
+        timm's ``pretrained_cfg`` crop mode; featcache always resizes the shorter
+        side and center-crops (``extract.resize_mode: crop``), and warns once per
+        process about a timm model that asks for another (``squash``, ``border``).
     weight_bytes : int or None
         The whole model's parameters and buffers in float32, where known before
         it is built: timm models (measured on the ``meta`` device). None for
@@ -147,6 +151,7 @@ class BackboneSpec:
     constructor_kwargs: Mapping[str, object] = field(default_factory=dict)
     num_prefix_tokens: int = 0
     class_token: bool = False
+    crop_mode: str = "center"
     weight_bytes: int | None = None
 
 
@@ -316,9 +321,9 @@ def get_backbone(name: str, model: str | None = None) -> BackboneSpec:
     if model is None and name.startswith(TIMM_PREFIX):
         model = name
     if model is not None:
-        from featcache.extract.zoo.timm_models import timm_backbone
+        from featcache.extract.zoo.timm_spec_cache import cached_timm_backbone
 
-        return timm_backbone(name, model)
+        return cached_timm_backbone(name, model)
     try:
         return BACKBONES[name]
     except KeyError:

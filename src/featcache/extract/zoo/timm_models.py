@@ -101,8 +101,10 @@ def timm_backbone(name: str, model: str) -> BackboneSpec:
     """The :class:`BackboneSpec` of timm model ``model``, under the backbone name ``name``.
 
     Built from the model's ``pretrained_cfg`` and ``feature_info`` on the
-    ``meta`` device (no weights, no memory; a fraction of a second), once per
-    process.
+    ``meta`` device (no weights, no memory; a fraction of a second after
+    importing torch and timm), once per process.
+    :func:`~featcache.extract.zoo.timm_spec_cache.cached_timm_backbone` keeps it
+    on disk for the next process.
 
     Parameters
     ----------
@@ -137,11 +139,6 @@ def timm_backbone(name: str, model: str) -> BackboneSpec:
         raise UnknownNameError(f"timm model {full!r} asks for {interpolation!r} interpolation; featcache "
                                f"resizes with {', '.join(_INTERPOLATIONS)}. Pick another model or pretrained tag.")
     crop_pct = cfg.get("crop_pct") or _DEFAULT_CROP_PCT
-    crop_mode = cfg.get("crop_mode") or "center"
-    if crop_mode != "center":
-        logger.warning("timm model %s asks for crop_mode %r in its pretrained_cfg; featcache resizes the shorter "
-                       "side to %d and center-crops %d (extract.resize_mode: crop), or squashes the whole image "
-                       "(resize_mode: squash)", full, crop_mode, math.floor(height / crop_pct), height)
     num_prefix_tokens = int(getattr(net, "num_prefix_tokens", 0) or 0)
     class_token = bool(getattr(net, "has_class_token", getattr(net, "cls_token", None) is not None))
     layers, classifier = _layers(net, height, cfg.get("classifier"))
@@ -156,7 +153,7 @@ def timm_backbone(name: str, model: str) -> BackboneSpec:
         cam_layer=stages[-1] if stages and layers[stages[-1]].kind == "conv" else None,
         description=f"timm {full} (pretrained weights: {source})",
         num_prefix_tokens=num_prefix_tokens, class_token=class_token and num_prefix_tokens > 0,
-        weight_bytes=float32_weight_bytes(net),
+        crop_mode=str(cfg.get("crop_mode") or "center"), weight_bytes=float32_weight_bytes(net),
     )
 
 
