@@ -256,10 +256,12 @@ def test_an_int8_runner_spec_runs_the_driver_s_graph_bytes(random_backbone):
 
 
 def test_auto_runs_torch_on_the_cpu_for_a_model_over_what_one_onnx_file_holds(caplog):
-    from featcache.extract.plan import onnx_size_limit
+    import onnx
+
+    from featcache.extract.plan import PROTOBUF_LIMIT, onnx_size_limit
 
     limit = onnx_size_limit()
-    assert limit == 2**31 - 1  # protobuf's 2 GiB
+    assert limit == PROTOBUF_LIMIT == onnx.checker.MAXIMUM_PROTOBUF  # protobuf's 2 GiB, without importing onnx
     assert resolve_backend("auto", "cpu", None, weight_bytes=limit - 1) == "onnx"
     assert resolve_backend("auto", "cpu", None, weight_bytes=None) == "onnx"  # the built-in registry: not known
     with caplog.at_level(logging.INFO, logger="featcache"):
