@@ -15,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +31,7 @@ from timm.data import create_transform, resolve_data_config
 
 from featcache.extract.decode.preprocess import Preprocessor
 from featcache.extract.runners.torch_runner import PoolingError, TorchFeatureExtractor
+from featcache.extract.zoo import weights as weights_module
 from featcache.extract.zoo.registry import UnknownNameError, get_backbone, list_layers, resolve_layer
 from featcache.extract.zoo.timm_models import PRE_LOGITS
 from featcache.extract.zoo.weights import (
@@ -288,24 +292,32 @@ def test_pretrained_from_the_hugging_face_cache(tmp_path, monkeypatch):
     assert source.weights_sha256 == hashlib.sha256(staging.read_bytes()).hexdigest()
     assert _state_equal(source.load().model, state)
 
+    # Found again in a fresh process from the spec cache's pretrained source: neither timm nor torch imported.
+    script = ("import sys; from featcache.extract.zoo.weights import resolve_weights; "
+              f"source = resolve_weights('vit', 'pretrained', model={VIT!r}); "
+              "print(source.weights_sha256, 'torch' in sys.modules, 'timm' in sys.modules)")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), OFFLINE_ENV: "1"}
+    for _ in range(2):  # the first may build the spec (and import both)
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [source.weights_sha256, "False", "False"]
+
 
 @pytest.fixture
 def served_convnext(tmp_path, monkeypatch):
-    """test_convnext's pretrained_cfg points at a ``file://`` URL (no Hub id), named like timm's (``-<sha256[:8]>``)."""
+    """test_convnext's pretrained source is a ``file://`` URL (no Hub id), named like timm's (``-<sha256[:8]>``)."""
     state = load_backbone("cnx", "random", seed=5, model=CONVNEXT).model.state_dict()
     staging = tmp_path / "staging.pth"
     torch.save(state, staging)
     served = tmp_path / "server" / f"test_convnext-{hashlib.sha256(staging.read_bytes()).hexdigest()[:8]}.pth"
     served.parent.mkdir()
     staging.rename(served)
-    real = timm.models.get_pretrained_cfg
+    real = weights_module.get_backbone
 
-    def pointing_at_the_file(name, *args, **kwargs):
-        cfg = real(name, *args, **kwargs)
-        return dataclasses.replace(cfg, hf_hub_id=None, url=served.as_uri()) if name.startswith("test_convnext") \
-            else cfg
+    def pointing_at_the_file(name, model=None):
+        spec = real(name, model)
+        return dataclasses.replace(spec, pretrained_source={"url": served.as_uri()}) if model == CONVNEXT else spec
 
-    monkeypatch.setattr(timm.models, "get_pretrained_cfg", pointing_at_the_file)
+    monkeypatch.setattr(weights_module, "get_backbone", pointing_at_the_file)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.delenv(OFFLINE_ENV, raising=False)
     return {"state": state, "served": served, "cached": tmp_path / "torch" / "hub" / "checkpoints" / served.name}

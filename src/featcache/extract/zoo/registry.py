@@ -126,6 +126,10 @@ class BackboneSpec:
         timm's ``pretrained_cfg`` crop mode; featcache always resizes the shorter
         side and center-crops (``extract.resize_mode: crop``), and warns once per
         process about a timm model that asks for another (``squash``, ``border``).
+    pretrained_source : mapping of str to str
+        timm models: where timm's ``pretrained_cfg`` keeps the weights
+        (``hf_hub_id``, ``hf_hub_filename``, ``url``: those it sets), so that a
+        file already downloaded is found without importing timm.
     weight_bytes : int or None
         The whole model's parameters and buffers in float32, where known before
         it is built: timm models (measured on the ``meta`` device). None for
@@ -152,6 +156,7 @@ class BackboneSpec:
     num_prefix_tokens: int = 0
     class_token: bool = False
     crop_mode: str = "center"
+    pretrained_source: Mapping[str, str] = field(default_factory=dict)
     weight_bytes: int | None = None
 
 

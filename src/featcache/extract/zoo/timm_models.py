@@ -154,6 +154,7 @@ def timm_backbone(name: str, model: str) -> BackboneSpec:
         description=f"timm {full} (pretrained weights: {source})",
         num_prefix_tokens=num_prefix_tokens, class_token=class_token and num_prefix_tokens > 0,
         crop_mode=str(cfg.get("crop_mode") or "center"), weight_bytes=float32_weight_bytes(net),
+        pretrained_source={key: str(cfg[key]) for key in ("hf_hub_id", "hf_hub_filename", "url") if cfg.get(key)},
     )
 
 
@@ -364,14 +365,11 @@ def pretrained_file(spec: BackboneSpec, progress: bool, offline: bool) -> Path:
     featcache.extract.zoo.weights.WeightsDownloadError
         The download failed (network, a file that fails the hash check: discarded).
     """
-    from timm.models import get_pretrained_cfg
-
     from featcache.extract.zoo.weights import WeightsNotFoundError
 
-    cfg = get_pretrained_cfg(spec.arch)
-    hub_id, url = getattr(cfg, "hf_hub_id", None), getattr(cfg, "url", None)
+    hub_id, url = spec.pretrained_source.get("hf_hub_id"), spec.pretrained_source.get("url")  # no timm import
     if hub_id:
-        return _hf_file(spec, hub_id, getattr(cfg, "hf_hub_filename", None), progress, offline)
+        return _hf_file(spec, hub_id, spec.pretrained_source.get("hf_hub_filename"), progress, offline)
     if url:
         return _url_file(spec, url, progress, offline)
     raise WeightsNotFoundError(f"timm model {spec.arch!r} (backbone {spec.name!r}) has no pretrained weights (no "

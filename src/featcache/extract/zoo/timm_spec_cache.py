@@ -76,6 +76,7 @@ def _to_record(spec: BackboneSpec) -> dict[str, Any]:
     record = {name: getattr(spec, name) for name in _RECORD_FIELDS}
     record["layers"] = {alias: dataclasses.asdict(layer) for alias, layer in spec.layers.items()}
     record["constructor_kwargs"] = dict(spec.constructor_kwargs)
+    record["pretrained_source"] = dict(spec.pretrained_source)
     return record
 
 
