@@ -84,6 +84,7 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
     from featcache.extract.plan import build_runner
     from featcache.extract.runners.memory import check_batch_memory
     from featcache.extract.zoo.weights import resolve_weights
+    from featcache.util.machine_records import torch_default_threads
 
     params = as_sections(params, ExtractSections)
     extraction_config(params, backbone)  # an unknown backbone fails here, before any work
@@ -97,9 +98,7 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
     if plan.distributed:
         from featcache.extract.distributed import THREADS_PER_WORKER as threads
     elif plan.backend == "torch":
-        import torch
-
-        threads = torch.get_num_threads()
+        threads = torch_default_threads()  # without importing torch when this machine recorded its count
     else:
         threads = None
     config = store_config(params, backbone, plan, preprocess, torch_threads=threads)
@@ -138,6 +137,8 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
         return warn_transient(_extract_on_dask(params, backbone, plan, manifest, preprocess, pooling, out, threads,
                                                common, int8_graph=graph), backbone)
     if plan.backend == "torch":
+        if "torch_threads" in config["extract"]:  # the count of the torch that runs now (a stale record aside)
+            config["extract"]["torch_threads"] = torch_default_threads()
         check_batch_memory(runner, preprocess.input_size, knobs.batch_size, plan.device,
                            num_workers=plan.num_workers)
     return warn_transient(extract_to_store(manifest, runner, preprocess, out, plan=plan, **common), backbone)

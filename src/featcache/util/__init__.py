@@ -6,6 +6,9 @@
 * :mod:`featcache.util.closing` - the ``with obj:`` mixin of objects with a ``close()``;
 * :mod:`featcache.util.compute` - devices, CPU counts and torch thread limits;
 * :mod:`featcache.util.hashing` - the sha256 of a file's bytes;
+* :mod:`featcache.util.cache_dir`, :mod:`featcache.util.machine_records` - the cache root, its JSON entries, and what
+  this machine records there (a file's sha256 while its stat holds, torch's default thread count); not imported
+  here, so only the extract stage runs them;
 * :mod:`featcache.util.names` - "did you mean" hints for unknown names.
 """
 

@@ -1,4 +1,5 @@
-"""sha256 of a file's bytes: the one helper that hashes weights files and cached ONNX exports."""
+"""sha256 of a file's bytes: the one helper that hashes weights files and cached ONNX exports (the cached form for
+files hashed at every up-to-date check: :func:`featcache.util.machine_records.cached_file_sha256`)."""
 
 from __future__ import annotations
 

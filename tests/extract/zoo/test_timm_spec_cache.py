@@ -70,7 +70,7 @@ def test_a_stale_entry_is_not_read_even_under_its_own_name(cache):
     (entry,) = cache.glob("*.json")
     record = json.loads(entry.read_text(encoding="utf-8"))
     record["key"]["timm"] = "0.0.1"
-    record["spec"]["input_size"] = 999
+    record["value"]["input_size"] = 999
     entry.write_text(json.dumps(record), encoding="utf-8")
     timm_spec_cache.cached_timm_backbone.cache_clear()
     assert get_backbone("cnx", "timm/test_convnext").input_size != 999
@@ -80,7 +80,7 @@ def test_a_model_asking_for_another_crop_is_warned_about_on_a_hit_too(cache, cap
     get_backbone("cnx", "timm/test_convnext")
     (entry,) = cache.glob("*.json")
     record = json.loads(entry.read_text(encoding="utf-8"))
-    record["spec"]["crop_mode"] = "squash"
+    record["value"]["crop_mode"] = "squash"
     entry.write_text(json.dumps(record), encoding="utf-8")
     timm_spec_cache.cached_timm_backbone.cache_clear()
     with caplog.at_level(logging.WARNING, logger="featcache"):

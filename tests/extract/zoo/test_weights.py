@@ -29,6 +29,7 @@ from featcache.extract.zoo.weights import (
     WeightsNotFoundError,
     load_backbone,
     remap_efficientnet_lite,
+    resolve_weights,
 )
 from featcache.util.hashing import file_sha256
 
@@ -197,6 +198,26 @@ def test_local_file(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(x), source.eval()(x))
+
+
+def test_a_weights_file_is_hashed_once_while_it_is_unchanged(tmp_path, monkeypatch):
+    """Every up-to-date check resolves the weights' sha256: a file seen before (same stat) is not read again, and
+    one rewritten in place is (a new sha256, so the store is rebuilt)."""
+    import os
+    import time
+
+    from featcache.util import machine_records
+
+    path = tmp_path / "weights.pth"
+    torch.save(load_backbone("resnet18", "random", seed=3).model.state_dict(), path)
+    os.utime(path, (time.time() - 10, time.time() - 10))  # written a while ago, past the racy window
+    first = resolve_weights("resnet18", str(path)).weights_sha256
+    assert first == _sha256(path)
+    reads = []
+    monkeypatch.setattr(machine_records, "file_sha256", lambda *args, **kwargs: reads.append(args) or "0" * 64)
+    assert resolve_weights("resnet18", str(path)).weights_sha256 == first and reads == []
+    torch.save(load_backbone("resnet18", "random", seed=4).model.state_dict(), path)
+    assert resolve_weights("resnet18", str(path)).weights_sha256 == "0" * 64 and len(reads) == 1
 
 
 def test_local_file_wrapped_in_state_dict_key(tmp_path):

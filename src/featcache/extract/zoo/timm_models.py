@@ -452,10 +452,10 @@ class _hf_progress:
 
 def _check_blob(spec: BackboneSpec, path: Path, put_it_there: str) -> None:
     """A Hub download whose cache blob is named by a sha256 (Git LFS files) must have that sha256."""
-    from featcache.util.hashing import file_sha256
+    from featcache.util.machine_records import cached_file_sha256
 
     blob = path.resolve()
-    if re.fullmatch(r"[0-9a-f]{64}", blob.name) and file_sha256(blob) != blob.name:
+    if re.fullmatch(r"[0-9a-f]{64}", blob.name) and cached_file_sha256(blob) != blob.name:
         blob.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         raise _missing(spec, put_it_there, ValueError(

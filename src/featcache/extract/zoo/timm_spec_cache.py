@@ -20,15 +20,13 @@ import dataclasses
 import functools
 import hashlib
 import importlib.metadata
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from featcache.extract.zoo import registry
 from featcache.extract.zoo.registry import BackboneSpec, LayerAlias
-from featcache.util.atomic import write_json
-from featcache.util.cache_dir import cache_root
+from featcache.util.cache_dir import entry_path, read_entry, write_entry
 from featcache.util.compute import torch_version
 
 __all__ = ["SPEC_FOLDER", "cached_timm_backbone", "spec_key"]
@@ -66,12 +64,6 @@ def spec_key(model: str) -> dict[str, str]:
             "code_sha256": _code_sha256()}
 
 
-def _entry_path(key: dict[str, str]) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    stem = "".join(c if c.isalnum() or c in "._-" else "_" for c in key["model"])
-    return cache_root() / SPEC_FOLDER / f"{stem}-{digest}.json"
-
-
 def _to_record(spec: BackboneSpec) -> dict[str, Any]:
     record = {name: getattr(spec, name) for name in _RECORD_FIELDS}
     record["layers"] = {alias: dataclasses.asdict(layer) for alias, layer in spec.layers.items()}
@@ -89,14 +81,12 @@ def _from_record(name: str, record: dict[str, Any]) -> BackboneSpec:
 
 def _read(path: Path, key: dict[str, str], name: str) -> BackboneSpec | None:
     """The spec of a cache entry, or None when there is none or it does not read back as one of ``key``."""
-    try:
-        entry = json.loads(path.read_text(encoding="utf-8"))
-        if entry.get("key") != key:
-            return None
-        return _from_record(name, entry["spec"])
-    except FileNotFoundError:
+    record = read_entry(path, key)
+    if record is None:
         return None
-    except (OSError, ValueError, TypeError, KeyError) as error:  # a damaged entry: built again and replaced
+    try:
+        return _from_record(name, record)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:  # a damaged entry: built again, replaced
         logger.debug("timm spec cache entry %s does not read back (%s: %s); building the spec", path,
                      type(error).__name__, error)
         return None
@@ -127,14 +117,11 @@ def cached_timm_backbone(name: str, model: str) -> BackboneSpec:
         key = spec_key(model)
     except importlib.metadata.PackageNotFoundError:  # no timm: timm_backbone says so
         return timm_backbone(name, model)
-    path = _entry_path(key)
+    path = entry_path(SPEC_FOLDER, key, model)
     spec = _read(path, key, name)
     if spec is None:
         spec = timm_backbone(name, model)
-        try:
-            write_json(path, {"key": key, "spec": _to_record(spec)}, sort_keys=False)  # layers in network order
-        except OSError as error:
-            logger.debug("timm spec cache %s not written (%s: %s)", path.parent, type(error).__name__, error)
+        write_entry(path, key, _to_record(spec))  # the layers in network order
     if spec.crop_mode != "center":
         logger.warning("timm model %s asks for crop_mode %r in its pretrained_cfg; featcache resizes the shorter "
                        "side to %d and center-crops %d (extract.resize_mode: crop), or squashes the whole image "

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from featcache.errors import UserError
 from featcache.extract.zoo.registry import BackboneSpec, get_backbone
-from featcache.util.hashing import file_sha256
+from featcache.util.machine_records import cached_file_sha256
 
 if TYPE_CHECKING:  # torch is imported when a model is built or a checkpoint located, not to find and hash a file
     import torch
@@ -253,7 +253,7 @@ def resolve_weights(name: str, weights: str = "pretrained", seed: int = 0, progr
                 f"Give the path of a state dict (.pth), or 'pretrained' or 'random'."
             )
         weights_id = f"file:{path.name}"
-    return WeightsSource(spec, weights, seed, path, weights_id, file_sha256(path))
+    return WeightsSource(spec, weights, seed, path, weights_id, cached_file_sha256(path))
 
 
 def load_backbone(name: str, weights: str = "pretrained", seed: int = 0, progress: bool = True,
