@@ -88,6 +88,7 @@ LIGHT_COMMANDS = {
     "prepare": ["prepare", "--params", "params.yaml", "--out", "prepared"],
     "compare": ["compare", "--metrics-dir", "metrics", "--out", "reports/compare.md", "--plot", "reports/plot.csv"],
     "digits": ["digits", "digits"],
+    "cache": ["cache", "--params", "params.yaml"],
 }
 
 

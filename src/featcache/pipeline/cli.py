@@ -13,7 +13,7 @@ import os
 import sys
 import textwrap
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Sequence
 
 from featcache import __version__
 from featcache.errors import UserError
@@ -129,59 +129,24 @@ def _cmd_digits(args: argparse.Namespace) -> None:
     write_digits(args.out)
 
 
-def _check_head_sections(path: str, heads: Sequence[str], sections: Mapping[str, object]) -> None:
-    """Refuse a ``train.heads`` entry without its ``heads.<name>`` section when a ``dvc.yaml`` beside ``path``
-    tracks ``heads.${item.head}``: DVC would stop on it naming only the key (the CLI and API need no section)."""
-    missing = [name for name in heads if name not in sections]
-    if not missing:
-        return
-    try:
-        tracked = "heads.${item.head}" in (Path(path).parent / "dvc.yaml").read_text(encoding="utf-8")
-    except OSError:
-        tracked = False
-    if tracked:
-        from featcache.pipeline.params.base import ConfigError
-
-        raise ConfigError(
-            f"{path}: train.heads lists {missing} without a section under heads: (it has "
-            f"{', '.join(sorted(sections)) or 'none'}); the train stages of dvc.yaml track heads.<head>, so `dvc "
-            f"repro` stops on {', '.join(f'heads.{name}' for name in missing)}. Hint: add "
-            f"{', '.join(f'`{name}: {{}}`' for name in missing)} under heads: ({{}}: the head's defaults).")
-
-
-def _check_metric_key(path: str, train: Mapping[str, object]) -> None:
-    """Refuse a params file without ``train.metric`` when a ``dvc.yaml`` beside it tracks the key: DVC would stop on
-    it naming only the key (the CLI and API default it to null)."""
-    try:
-        tracked = "train.metric" in (Path(path).parent / "dvc.yaml").read_text(encoding="utf-8")
-    except OSError:
-        tracked = False
-    if tracked and "metric" not in train:
-        from featcache.pipeline.params.base import ConfigError
-
-        raise ConfigError(
-            f"{path}: train has no metric key; the train and compare stages of dvc.yaml track train.metric, so `dvc "
-            "repro` stops on it. Hint: add `metric: null` under train: (null: each head selects as by default and "
-            "compare ranks by accuracy, or rmse).")
-
-
 def _cmd_check(args: argparse.Namespace) -> None:
-    from featcache.pipeline.config import parse_params
-    from featcache.pipeline.params.base import read_params_file
-    from featcache.pipeline.params.extract import RUN_SECTION, speed_keys_under_extract
+    from featcache.pipeline.check import check
 
-    raw = read_params_file(args.params)
-    params = parse_params(raw)
-    print(f"{args.params}: OK ({len(params.backbones)} backbone(s), {len(params.features)} feature set(s), "
-          f"heads {params.train.heads})")
-    _check_head_sections(args.params, params.train.heads, params.heads)
-    _check_metric_key(args.params, raw.get("train") or {})
-    tracked = speed_keys_under_extract(raw)
-    if tracked:
-        logger.warning("%s sets %s under extract: they change how fast features are made, never their values, but "
-                       "the extract stages track extract, so editing them reruns the extraction under dvc repro. "
-                       "Hint: move them under %s (same meaning), where an edit reruns nothing.", args.params,
-                       ", ".join(tracked), RUN_SECTION)
+    print(check(args.params))
+
+
+def _cmd_cache(args: argparse.Namespace) -> None:
+    from featcache.pipeline.cache import cache_folders, format_cache_report, prune_cache, prune_summary
+
+    onnx_cache = None
+    if args.params is not None:  # extract_run.onnx_cache: the ONNX cache folder, when not the root's onnx/
+        from featcache.extract.onnx.cache import resolve_cache_dir
+        from featcache.pipeline.params.backbones import load_extract_sections
+
+        onnx_cache = resolve_cache_dir(load_extract_sections(args.params).extract.onnx_cache)
+    if args.prune is not None:
+        print(prune_summary(*prune_cache(args.prune, onnx_cache, dry_run=args.dry_run), args.prune, args.dry_run))
+    print("\n".join(format_cache_report(cache_folders(onnx_cache))))
 
 
 def _cmd_prepare(args: argparse.Namespace) -> None:
@@ -295,6 +260,17 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: an integer >= 1")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """An argparse type: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid; allowed: a number of days >= 0")
     return value
 
 
@@ -460,6 +436,14 @@ def build_parser() -> argparse.ArgumentParser:
     fte.add_argument("--manifest", required=True, help="manifest.csv the run was trained on (the CAM images)")
     fte.add_argument("--out", metavar="DIR", help="folder for model.onnx and cam/ (default: --model)")
     fte.set_defaults(func=_cmd_finetune_export, outputs={"--out": "folder"})
+
+    cache = sub.add_parser("cache", help="what featcache's cache root holds (ONNX exports, records); --prune DAYS "
+                           "removes the entries not used for that long")
+    cache.add_argument("--prune", type=_non_negative_float, metavar="DAYS",
+                       help="remove the entries no command used in the last DAYS days (0: all not in use now)")
+    cache.add_argument("--dry-run", action="store_true", help="with --prune: only list what would be removed")
+    cache.add_argument("--params", help="params file whose extract_run.onnx_cache names the ONNX cache folder")
+    cache.set_defaults(func=_cmd_cache)
 
     cmp_ = sub.add_parser("compare", help="rank every run in one report")
     cmp_.add_argument("--metrics-dir", required=True, nargs="+", help="one or more folders of run metrics")

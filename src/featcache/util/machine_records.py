@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from featcache.util.cache_dir import entry_path, read_entry, write_entry
+from featcache.util.cache_dir import FILE_HASH_FOLDER, TORCH_THREADS_FOLDER, entry_path, read_entry, write_entry
 from featcache.util.compute import torch_version
 from featcache.util.hashing import file_sha256
 
@@ -23,14 +23,14 @@ __all__ = ["HASH_FOLDER", "RACY_SECONDS", "THREADS_FOLDER", "TORCH_THREAD_ENV", 
            "torch_default_threads"]
 
 #: The cache root's folder of file hashes (:func:`cached_file_sha256`).
-HASH_FOLDER = "file-hashes"
+HASH_FOLDER = FILE_HASH_FOLDER
 
 #: A file modified less than this long before it is hashed is not recorded (git's "racy" case: a rewrite within the
 #: file system's timestamp resolution could keep its size and modification time).
 RACY_SECONDS = 2.0
 
 #: The cache root's folder of torch's default thread counts (:func:`torch_default_threads`).
-THREADS_FOLDER = "torch-threads"
+THREADS_FOLDER = TORCH_THREADS_FOLDER
 
 #: Environment variables torch reads its default intra-op thread count from.
 TORCH_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")

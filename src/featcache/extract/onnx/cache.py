@@ -54,7 +54,7 @@ from featcache.extract.onnx.format import DEFAULT_OPSET, EXPORT_CODE_VERSION, re
 from featcache.extract.zoo.registry import BackboneSpec
 from featcache.store.lock import FileLock
 from featcache.store.schema import canonical_json
-from featcache.util.cache_dir import CACHE_ENV, cache_root
+from featcache.util.cache_dir import CACHE_ENV, ONNX_FOLDER, CacheEntry, cache_root, mark_used
 from featcache.util.hashing import file_sha256
 
 if TYPE_CHECKING:
@@ -62,9 +62,9 @@ if TYPE_CHECKING:
 
     from featcache.extract.runners.torch_runner import TorchFeatureExtractor
 
-__all__ = ["CACHE_ENV", "cache_key", "cached_build", "cached_export", "default_cache_dir", "entry_path", "find_entry",
-           "lookup", "read_only_lookup", "read_sidecar", "resolve_cache_dir", "source_key", "state_sha256",
-           "writable_cache_dir"]
+__all__ = ["CACHE_ENV", "cache_key", "cached_build", "cached_export", "default_cache_dir", "entry_path",
+           "export_entries", "find_entry", "lookup", "read_only_lookup", "read_sidecar", "remove_export_entry",
+           "resolve_cache_dir", "source_key", "state_sha256", "writable_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ LOCK_TIMEOUT = 1800.0
 
 def default_cache_dir() -> Path:
     """``$FEATCACHE_CACHE_DIR/onnx``, else ``$XDG_CACHE_HOME/featcache/onnx`` (default ``~/.cache``)."""
-    return cache_root() / "onnx"
+    return cache_root() / ONNX_FOLDER
 
 
 def resolve_cache_dir(setting: str | os.PathLike[str] | None) -> Path | None:
@@ -254,6 +254,7 @@ def lookup(cache_dir: str | os.PathLike[str], key: dict[str, Any]) -> tuple[Path
     if sha is None:
         return None
     logger.info("ONNX export cache hit: %s", path)
+    mark_used(path.with_name(path.name + ".json"))
     return path, sha
 
 
@@ -299,6 +300,7 @@ def find_entry(cache_dir: str | os.PathLike[str] | None, sha256: str, pattern: s
         except (OSError, ValueError, AttributeError):
             continue
         if actual == sha256:
+            mark_used(path.with_name(path.name + ".json"))
             return path
         logger.warning("ONNX cache entry %s is not the graph its sidecar names (sha256 %s..., expected %s...); "
                        "not using it.", path, actual[:12], sha256[:12])
@@ -390,3 +392,60 @@ def cached_export(extractor: TorchFeatureExtractor, cache_dir: str | os.PathLike
         export_onnx(extractor, partial, opset=opset, input_size=input_size, exporter=exporter)
 
     return cached_build(cache_dir, key, build)
+
+
+def _final_path(path: Path) -> Path:
+    """The ``.onnx`` entry a file of the cache folder belongs to (its sidecar, lock or a writer's partial file)."""
+    name = path.name
+    if name.startswith(".") and ".onnx." in name:  # .<entry>.onnx.<pid>.<hex>.tmp[.json]: a writer's partial
+        name = name[1:name.index(".onnx.") + len(".onnx")]
+    for suffix in (".json", ".lock"):
+        name = name.removesuffix(suffix)
+    return path.with_name(name)
+
+
+def export_entries(cache_dir: str | os.PathLike[str]) -> list[CacheEntry]:
+    """The entries of an ONNX cache folder (float32 exports and int8 graphs), oldest use first.
+
+    An entry is a graph with its sidecar (``<name>.onnx``, ``<name>.onnx.json``), and its lock file if one was
+    left; a sidecar without its graph, or the partial files of a writer that was killed, make entries of their own
+    (:func:`remove_export_entry` takes them under the lock of the graph they were written for). Its last use is the
+    latest modification time of its files: a cache hit marks the sidecar
+    (:func:`~featcache.util.cache_dir.mark_used`).
+    """
+    folder = Path(cache_dir)
+    if not folder.is_dir():
+        return []
+    groups: dict[Path, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and ".onnx" in path.name:
+            partial = path.name.startswith(".")  # a writer's graph and sidecar: one entry
+            group = path.with_name(path.name.removesuffix(".json")) if partial else _final_path(path)
+            groups.setdefault(group, []).append(path)
+    entries = []
+    for key, files in groups.items():
+        files.sort(key=lambda path: (path != key, path.name))  # the graph (or the partial) first: it names the entry
+        entry = CacheEntry.of(files)
+        if entry is not None:
+            entries.append(entry)
+    return sorted(entries, key=lambda entry: entry.last_used)
+
+
+def remove_export_entry(entry: CacheEntry) -> bool:
+    """Delete the files of an :func:`export_entries` entry under the lock of its graph; False (nothing deleted)
+    when another process holds that lock (it is exporting or publishing that graph now), or a file could not be
+    deleted."""
+    from featcache.store.errors import StoreLockedError
+    from featcache.util.cache_dir import remove_entry
+
+    final = _final_path(entry.files[0])
+    try:
+        lock = FileLock(final.with_name(final.name + ".lock"), timeout=0.0)
+    except (StoreLockedError, OSError) as error:
+        logger.info("ONNX cache entry %s is in use (%s); kept", final, error)
+        return False
+    try:
+        return remove_entry(CacheEntry(entry.name, tuple(f for f in entry.files if not f.name.endswith(".lock")),
+                                       entry.nbytes, entry.last_used))
+    finally:
+        lock.release()

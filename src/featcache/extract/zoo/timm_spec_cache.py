@@ -26,7 +26,7 @@ from typing import Any
 
 from featcache.extract.zoo import registry
 from featcache.extract.zoo.registry import BackboneSpec, LayerAlias
-from featcache.util.cache_dir import entry_path, read_entry, write_entry
+from featcache.util.cache_dir import TIMM_SPEC_FOLDER, entry_path, read_entry, write_entry
 from featcache.util.compute import torch_version
 
 __all__ = ["SPEC_FOLDER", "cached_timm_backbone", "spec_key"]
@@ -34,7 +34,7 @@ __all__ = ["SPEC_FOLDER", "cached_timm_backbone", "spec_key"]
 logger = logging.getLogger(__name__)
 
 #: The cache root's folder of timm specs.
-SPEC_FOLDER = "timm-specs"
+SPEC_FOLDER = TIMM_SPEC_FOLDER
 
 #: The spec fields a record holds (every field but ``name``, which is the caller's backbone name).
 _RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(BackboneSpec) if f.name != "name")
