@@ -170,7 +170,7 @@ def test_a_folders_files_that_are_not_images_are_named_in_one_warning(tmp_path, 
             predict_images(tmp_path / "no-model", [folder])
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
-    assert warnings[0].startswith("Skipped 4 files in the --images folders whose extensions are not images (")
+    assert warnings[0].startswith("Skipped 4 files in the folders given whose extensions are not images (")
     shown = sorted(str(folder / name) for name in ("labels.csv", "notes.txt", "sub/readme", "sub/z.json"))[:3]
     assert ", ".join(shown) + ", ...)" in warnings[0] and ".DS_Store" not in warnings[0] and ".png" in warnings[0]
 

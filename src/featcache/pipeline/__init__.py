@@ -7,8 +7,9 @@ Python API, one function per ``dvc.yaml`` stage::
     prepare(params, "data/prepared")
     extract(params, "efficientnet_lite0", "data/prepared/manifest.csv", "features/digits/efficientnet_lite0.h5")
 
-and :func:`export_serving_model` writes a trained run folder as one ONNX file for serving (:func:`export_selected`:
-the run ``compare`` selected, as the ``export`` stage does).
+:func:`extract_features` gives a backbone's layers for some images as numpy arrays (the extract stage in a
+temporary folder), and :func:`export_serving_model` writes a trained run folder as one ONNX file for serving
+(:func:`export_selected`: the run ``compare`` selected, as the ``export`` stage does).
 
 The names are imported on first use (PEP 562): ``featcache --help`` and the
 commands that run no model import neither torch nor the heads.
@@ -28,6 +29,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["Params", "load_params", "parse_params"], "config"),
     "ConfigError": "params.base",
     "extract": "extract",
+    **dict.fromkeys(["ImageFeatures", "extract_features"], "arrays"),
     "export_selected": "serve",
     "export_serving_model": "serve",
     "prepare": "prepare",

@@ -91,6 +91,8 @@ def prune_cache(days: float, onnx_cache: Path | None = None, dry_run: bool = Fal
         As for :func:`cache_folders`.
     dry_run : bool
         Only say what would be removed.
+    now : float, optional
+        The time ages are counted from (seconds since the epoch); default now.
 
     Returns
     -------

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import glob
 import importlib.util
 import logging
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import numpy as np
 
 from featcache.errors import UserError
-from featcache.extract.inputs.sources import IMAGE_EXTENSIONS
+from featcache.pipeline.image_inputs import image_paths
 from featcache.pipeline.run_folder import (
     project_path,
     saved_run_info,
@@ -149,54 +148,6 @@ def _known_answers(store: FeatureStore, split: str | None, task: str) -> list[di
     return [{"split": name, "actual": value} for name, value in zip(names.tolist(), actual)]
 
 
-def _visible(path: Path, folder: Path) -> bool:
-    """Whether ``path`` (inside ``folder``) is no hidden file and in no hidden folder (``.DS_Store``,
-    macOS ``._x.jpg`` resource forks, ``.git/``), as the manifest's folder scan decides."""
-    return not any(part.startswith(".") for part in path.relative_to(folder).parts)
-
-
-def _expand(item: str | Path) -> list[Path]:
-    """An existing path as given, else the files a glob pattern (``'dir/*.jpg'``, ``**`` too) matches."""
-    path = Path(item)
-    if path.exists() or not glob.has_magic(str(item)):
-        return [path]
-    return [Path(match) for match in sorted(glob.glob(str(item), recursive=True))]
-
-
-#: How many skipped files the warning of :func:`_image_paths` names.
-_SKIPPED_SHOWN = 3
-
-
-def _image_paths(inputs: Sequence[str | Path]) -> list[Path]:
-    """The images to score: files as given; folders searched recursively for :data:`IMAGE_EXTENSIONS` (hidden
-    files and folders skipped silently, other files with one warning, as ``prepare`` does); a quoted glob pattern
-    expanded here (a shell that did not expand it)."""
-    expanded = {str(item): _expand(item) for item in inputs}
-    missing = [item for item, found in expanded.items() if not found or not found[0].exists()]
-    if missing:
-        raise PredictError(f"No such file or folder: {missing} (a glob pattern matched nothing). Hint: give image "
-                           "files, folders of images, or a pattern such as 'new_images/*.jpg'.")
-    paths: list[Path] = []
-    skipped: list[Path] = []
-    for item in (path for found in expanded.values() for path in found):
-        if item.is_dir():
-            visible = sorted(p for p in item.rglob("*") if p.is_file() and _visible(p, item))
-            paths.extend(p for p in visible if p.suffix.lower() in IMAGE_EXTENSIONS)
-            skipped.extend(p for p in visible if p.suffix.lower() not in IMAGE_EXTENSIONS)
-        elif item.is_file():
-            paths.append(item)  # named (or matched by a pattern): scored, or an error row if it is no image
-    if skipped:
-        logger.warning("Skipped %d file%s in the --images folders whose extensions are not images (%s%s); images "
-                       "must end in one of %s. Hint: rename or convert them to be scored, or name a file itself "
-                       "to get its row (with the error if it cannot be read).", len(skipped),
-                       "s" if len(skipped) != 1 else "", ", ".join(map(str, skipped[:_SKIPPED_SHOWN])),
-                       ", ..." if len(skipped) > _SKIPPED_SHOWN else "", ", ".join(IMAGE_EXTENSIONS))
-    if not paths:
-        raise PredictError(f"No images found in {list(map(str, inputs))} (extensions {IMAGE_EXTENSIONS}; hidden "
-                           "files skipped). Hint: give image files, or folders that contain them.")
-    return paths
-
-
 def _plan(config: Mapping[str, Any], device: str) -> tuple[Any, int | None]:
     """The extraction plan that runs new images as the store's extraction ran (its backend and autocast), and
     torch's thread count to run it with (the recorded one, for torch on the CPU; else None)."""
@@ -285,7 +236,7 @@ def predict_images(model_dir: str | Path, inputs: Sequence[str | Path], batch_si
         before scikit-learn, torch or onnxruntime is imported).
     """
     check_int("batch_size", batch_size, 1, hint="Hint: pass --batch-size 32 (images scored per forward pass).")
-    paths = _image_paths(inputs)  # a wrong path, device or model folder fails before the model is read
+    paths = image_paths(inputs, PredictError)  # a wrong path, device or model folder fails before the model is read
     if device != "auto":  # only an explicit device is checked here (CUDA's presence may need torch)
         from featcache.extract.plan import plan_extraction
 
