@@ -83,3 +83,16 @@ def test_a_timm_model_by_name(folder):
     assert result.attrs["backbone"] == "test_convnext" and result.config["model"] == "timm/test_convnext"
     (layer,) = result.features
     assert result.features[layer].shape[0] == 3 and np.isfinite(result.features[layer]).all()
+
+
+def test_urls_are_read_as_the_pipeline_reads_them(folder, store_rows):
+    """URLs (here a loopback HTTP server) beside local files, in the order given, with the local files' features."""
+    from _support.shards import LoopbackServer
+
+    names = sorted(str(path.relative_to(folder)) for path in folder.rglob("*.png"))[:3]
+    with LoopbackServer(folder) as server:
+        urls = list(server.urls(names))
+        result = extract_features([urls[0], str(folder / names[1]), urls[2]], "efficientnet_lite0", dtype="float16")
+    assert result.paths == [urls[0], str((folder / names[1]).resolve()), urls[2]] and result.errors == []
+    expected = np.stack([store_rows[str((folder / name).resolve())]["pool"] for name in names])
+    np.testing.assert_array_equal(result.features["pool"], expected)

@@ -76,7 +76,8 @@ def extract_features(images: str | Path | Sequence[str | Path], backbone: str,
     Parameters
     ----------
     images : str, Path or sequence of them
-        Image files, folders (searched recursively for images; hidden files skipped) or glob patterns.
+        Image files, folders (searched recursively for images; hidden files skipped), glob patterns, or URLs
+        (``http(s)://``, ``s3://``...: read as the pipeline reads a CSV's URLs, with ``data.io``'s defaults).
     backbone : str
         A registry name (``featcache backbones``) or a timm model, ``timm/<model>[.<pretrained tag>]``.
     layers : sequence of str, optional
@@ -111,13 +112,16 @@ def extract_features(images: str | Path | Sequence[str | Path], backbone: str,
         ``on_error="fail"``), naming them.
     """
     from featcache.extract.inputs.manifest import Manifest
+    from featcache.extract.inputs.storage import is_url
     from featcache.pipeline.config import parse_params
     from featcache.pipeline.extract import extract
     from featcache.pipeline.image_inputs import image_paths
     from featcache.store.reader import FeatureStore
 
     inputs = [images] if isinstance(images, (str, Path)) else list(images)
-    paths = [str(path.resolve()) for path in image_paths(inputs, ArraysError)]
+    paths: list[str] = []
+    for item in inputs:  # URLs as given (read as the pipeline reads them: data.io), local inputs resolved
+        paths += [str(item)] if is_url(item) else [str(path.resolve()) for path in image_paths([item], ArraysError)]
     if len(set(paths)) != len(paths):
         repeated = sorted({path for path in paths if paths.count(path) > 1})
         raise ArraysError(f"Images given more than once: {repeated[:3]}. Hint: name each image once (a folder "
