@@ -96,3 +96,22 @@ def test_urls_are_read_as_the_pipeline_reads_them(folder, store_rows):
     assert result.paths == [urls[0], str((folder / names[1]).resolve()), urls[2]] and result.errors == []
     expected = np.stack([store_rows[str((folder / name).resolve())]["pool"] for name in names])
     np.testing.assert_array_equal(result.features["pool"], expected)
+
+
+def test_images_in_memory_give_the_features_of_their_pixels(folder, store_rows):
+    """PIL images and uint8 arrays (one, a list, a batch) are the same pixels as the PNG files they came from."""
+    from PIL import Image
+
+    files = sorted(store_rows)[:3]
+    pixels = [np.asarray(Image.open(path).convert("RGB")) for path in files]
+    expected = np.stack([store_rows[path]["pool"] for path in files])
+    mixed = extract_features([Image.open(files[0]), pixels[1], files[2]], "efficientnet_lite0", dtype="float16")
+    assert mixed.paths == ["<image 0>", "<image 1>", files[2]] and mixed.errors == []
+    np.testing.assert_array_equal(mixed.features["pool"], expected)
+    batch = extract_features(np.stack(pixels), "efficientnet_lite0", dtype="float16")
+    np.testing.assert_array_equal(batch.features["pool"], expected)
+    one = extract_features(pixels[0], "efficientnet_lite0", dtype="float16")
+    assert one.paths == ["<image 0>"]
+    np.testing.assert_array_equal(one.features["pool"], expected[:1])
+    with pytest.raises(ArraysError, match="must be uint8"):
+        extract_features(pixels[0].astype(np.float32) / 255, "efficientnet_lite0")

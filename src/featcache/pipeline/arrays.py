@@ -43,7 +43,8 @@ class ImageFeatures:
     Attributes
     ----------
     paths : list of str
-        (N,) the images that gave features, in the order they were given (folders: sorted paths).
+        (N,) the images that gave features, in the order they were given (a folder's images: sorted): resolved
+        local paths, URLs as given, ``<image i>`` for the i-th input given in memory.
     features : dict of str to numpy.ndarray
         Per requested layer, (N, D) float32 features, row i of ``paths[i]``.
     errors : list of (str, str)
@@ -68,16 +69,66 @@ def _backbone_entry(backbone: str) -> tuple[str, str | None]:
     return backbone, None
 
 
-def extract_features(images: str | Path | Sequence[str | Path], backbone: str,
+def _in_memory(item: Any) -> Any:
+    """``item`` as a PIL image when it is one or an image array ((H, W) or (H, W, 3|4) uint8), else None."""
+    from PIL import Image
+
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or not (item.ndim == 2 or (item.ndim == 3 and item.shape[2] in (3, 4))):
+            raise ArraysError(f"An image array must be uint8 (H, W), (H, W, 3) RGB or (H, W, 4) RGBA; got "
+                              f"{item.dtype} {item.shape}. Hint: np.clip(x * 255, 0, 255).astype(np.uint8) for "
+                              "floats in [0, 1], x.transpose(1, 2, 0) for (3, H, W).")
+        return Image.fromarray(item)
+    return None
+
+
+def _sources(inputs: Sequence[Any], folder: Path) -> tuple[list[str], list[str]]:
+    """The manifest paths of ``inputs`` and the names the result gives them, both in input order.
+
+    Local files, folders and patterns: their resolved paths (both); URLs as given (both); an image in memory
+    (PIL, or a uint8 array): a lossless PNG written in ``folder`` (decoded back to the same pixels), named
+    ``<image i>`` by its index in ``inputs``.
+    """
+    from featcache.extract.inputs.storage import is_url
+    from featcache.pipeline.image_inputs import image_paths
+
+    paths: list[str] = []
+    names: list[str] = []
+    for index, item in enumerate(inputs):
+        image = _in_memory(item)
+        if image is not None:
+            path = folder / f"image-{index:09d}.png"
+            image.save(path, format="PNG", compress_level=1)
+            paths.append(str(path))
+            names.append(f"<image {index}>")
+        elif is_url(item):  # read as the pipeline reads a CSV's URLs (data.io)
+            paths.append(str(item))
+            names.append(str(item))
+        else:
+            local = [str(path.resolve()) for path in image_paths([item], ArraysError)]
+            paths += local
+            names += local
+    if len(set(paths)) != len(paths):
+        repeated = sorted({path for path in paths if paths.count(path) > 1})
+        raise ArraysError(f"Images given more than once: {repeated[:3]}. Hint: name each image once (a folder "
+                          "and a file inside it name that file twice).")
+    return paths, names
+
+
+def extract_features(images: Any, backbone: str,
                      layers: Sequence[str] | None = None, *, weights: str = "pretrained", pooling: str | None = None,
                      dtype: str = "float32", progress: bool = False, **settings: Any) -> ImageFeatures:
     """Extract ``layers`` of ``backbone`` for ``images`` and return them as arrays.
 
     Parameters
     ----------
-    images : str, Path or sequence of them
-        Image files, folders (searched recursively for images; hidden files skipped), glob patterns, or URLs
-        (``http(s)://``, ``s3://``...: read as the pipeline reads a CSV's URLs, with ``data.io``'s defaults).
+    images : str, Path, PIL image, array, or a sequence of them
+        Image files, folders (searched recursively for images; hidden files skipped), glob patterns, URLs
+        (``http(s)://``, ``s3://``...: read as the pipeline reads a CSV's URLs, with ``data.io``'s defaults), or
+        images in memory: PIL images and uint8 arrays (H, W), (H, W, 3) RGB or (H, W, 4) RGBA (or a batch of them,
+        (N, H, W[, C])), decoded as the same pixels in a PNG file would be (alpha composited as the pipeline does).
     backbone : str
         A registry name (``featcache backbones``) or a timm model, ``timm/<model>[.<pretrained tag>]``.
     layers : sequence of str, optional
@@ -112,20 +163,15 @@ def extract_features(images: str | Path | Sequence[str | Path], backbone: str,
         ``on_error="fail"``), naming them.
     """
     from featcache.extract.inputs.manifest import Manifest
-    from featcache.extract.inputs.storage import is_url
     from featcache.pipeline.config import parse_params
     from featcache.pipeline.extract import extract
-    from featcache.pipeline.image_inputs import image_paths
     from featcache.store.reader import FeatureStore
 
-    inputs = [images] if isinstance(images, (str, Path)) else list(images)
-    paths: list[str] = []
-    for item in inputs:  # URLs as given (read as the pipeline reads them: data.io), local inputs resolved
-        paths += [str(item)] if is_url(item) else [str(path.resolve()) for path in image_paths([item], ArraysError)]
-    if len(set(paths)) != len(paths):
-        repeated = sorted({path for path in paths if paths.count(path) > 1})
-        raise ArraysError(f"Images given more than once: {repeated[:3]}. Hint: name each image once (a folder "
-                          "and a file inside it name that file twice).")
+    if isinstance(images, np.ndarray):  # one image, or a batch (N, H, W[, C]) of them
+        inputs = list(images) if images.ndim == 4 or (images.ndim == 3 and images.shape[2] not in (3, 4)) \
+            else [images]
+    else:
+        inputs = [images] if isinstance(images, (str, Path)) or _in_memory(images) is not None else list(images)
     key, model = _backbone_entry(backbone)
     entry: dict[str, Any] = {"weights": weights, "layers": list(layers) if layers else ["default"]}
     if model is not None:
@@ -134,18 +180,19 @@ def extract_features(images: str | Path | Sequence[str | Path], backbone: str,
         entry["pooling"] = pooling
     params = parse_params({"data": {"name": "images"}, "extract": {"dtype": dtype, **settings},
                            "backbones": {key: entry}, "features": []})
-    ids = [f"{row:09d}" for row in range(len(paths))]  # sorted, unique; row order = the order given
-    manifest = Manifest(ids, paths, np.zeros(len(paths), dtype=np.uint8), labels=np.zeros(len(paths), np.int64),
-                        classes=["image"])
     with tempfile.TemporaryDirectory(prefix="featcache-arrays-") as folder:
+        paths, names = _sources(inputs, Path(folder))
+        ids = [f"{row:09d}" for row in range(len(paths))]  # sorted, unique; row order = the order given
+        manifest = Manifest(ids, paths, np.zeros(len(paths), dtype=np.uint8),
+                            labels=np.zeros(len(paths), np.int64), classes=["image"])
         manifest_path = manifest.write(Path(folder) / "manifest.csv")
         report = extract(params, key, manifest_path, Path(folder) / "features.h5", progress=progress)
         with FeatureStore(report.path) as store:
             features = {name: store.read(name) for name in store.layers}
             rows = [int(row) for row in store.ids()]
-            errors = [(paths[int(row)], reason) for row, reason in store.errors()]
+            errors = [(names[int(row)], reason) for row, reason in store.errors()]
             attrs, config = dict(store.attrs), dict(store.config)
     if errors:
         logger.warning("%d of %d images could not be read and have no features (ImageFeatures.errors), e.g. %s: %s",
-                       len(errors), len(paths), *errors[0])
-    return ImageFeatures([paths[row] for row in rows], features, errors, attrs, config)
+                       len(errors), len(names), *errors[0])
+    return ImageFeatures([names[row] for row in rows], features, errors, attrs, config)
