@@ -125,7 +125,7 @@ def test_a_bad_image_gets_a_row_and_hidden_files_are_skipped(trained, tmp_path, 
     assert good["prediction"] == "green" and good["error"] == ""
     assert capsys.readouterr().out == f"{tmp_path / 'p.csv'}: 1 prediction, 1 image failed (see the error column)\n"
     skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Skipped ")]
-    assert len(skipped) == 1 and "Skipped 1 file in the --images folders" in skipped[0]
+    assert len(skipped) == 1 and "Skipped 1 file in the folders given" in skipped[0]
     assert str(folder / "notes.txt") in skipped[0] and ".DS_Store" not in skipped[0]
 
     _, named = _predict(trained["models"] / "logreg", "--images", str(folder / "notes.txt"), str(folder / "green.png"),
@@ -141,6 +141,21 @@ def test_a_quoted_glob_is_expanded(trained, tmp_path):
     assert len(rows) == 8 and {row["prediction"] for row in rows} == {"green"}
     assert main(["predict", "--model", str(trained["models"] / "lightgbm"), "--images",
                  str(trained["images"] / "green" / "*.jpg"), "--out", str(tmp_path / "q.csv")]) == 2
+
+
+def test_urls_are_scored_as_their_local_files(trained, tmp_path):
+    """``--images`` takes URLs beside files (read as a CSV's URLs are): the rows of the same images, as given."""
+    from _support.shards import LoopbackServer
+
+    names = ["green/000.png", "red/001.png"]
+    _, local = _predict(trained["models"] / "logreg", "--images", *(str(trained["images"] / n) for n in names),
+                        out=tmp_path / "local.csv")
+    with LoopbackServer(trained["images"]) as server:
+        urls = list(server.urls(names))
+        _, remote = _predict(trained["models"] / "logreg", "--images", *urls, out=tmp_path / "urls.csv")
+    assert [row["id"] for row in remote] == urls
+    assert [{k: v for k, v in row.items() if k != "id"} for row in remote] == \
+        [{k: v for k, v in row.items() if k != "id"} for row in local]
 
 
 def test_an_unwritable_onnx_cache_exports_to_a_temporary_file(trained, tmp_path, monkeypatch, caplog):

@@ -103,13 +103,10 @@ def _sources(inputs: Sequence[Any], folder: Path) -> tuple[list[str], list[str]]
             image.save(path, format="PNG", compress_level=1)
             paths.append(str(path))
             names.append(f"<image {index}>")
-        elif is_url(item):  # read as the pipeline reads a CSV's URLs (data.io)
-            paths.append(str(item))
-            names.append(str(item))
-        else:
-            local = [str(path.resolve()) for path in image_paths([item], ArraysError)]
-            paths += local
-            names += local
+        else:  # URLs as given (read as the pipeline reads a CSV's URLs: data.io), local paths resolved
+            found = [path if is_url(path) else str(Path(path).resolve()) for path in image_paths([item], ArraysError)]
+            paths += found
+            names += found
     if len(set(paths)) != len(paths):
         repeated = sorted({path for path in paths if paths.count(path) > 1})
         raise ArraysError(f"Images given more than once: {repeated[:3]}. Hint: name each image once (a folder "

@@ -379,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--store", metavar="H5", help="an HDF5 feature store to score (any dataset, extracted "
                                                        "like the head's features)")
     source.add_argument("--images", nargs="+", metavar="PATH",
-                        help="image files, folders (searched recursively, hidden files skipped) or quoted glob "
-                             "patterns such as 'new/*.jpg'")
+                        help="image files, folders (searched recursively, hidden files skipped), quoted glob "
+                             "patterns such as 'new/*.jpg', or URLs")
     pred.add_argument("--split", choices=SPLITS, help="only this split of --store (default: every row)")
     pred.add_argument("--batch-size", type=_positive_int, default=32, metavar="N",
                       help="images per forward pass with --images (default: 32)")
