@@ -225,7 +225,7 @@ def test_an_up_to_date_torch_extraction_runs_no_torch(project, store, tmp_path, 
     import h5py
     import torch
 
-    from featcache.util.machine_records import THREADS_FOLDER
+    from featcache.util.machine_records import THREADS_FOLDER, torch_threads_entry
 
     out = tmp_path / "lite0.h5"
     shutil.copy2(store, out)
@@ -236,7 +236,8 @@ def test_an_up_to_date_torch_extraction_runs_no_torch(project, store, tmp_path, 
     assert heavy_modules(args, project) == []
     assert out.stat().st_mtime_ns == kept
 
-    (entry,) = (Path(hermetic_cache) / THREADS_FOLDER).glob("torch-*.json")
+    entry, _ = torch_threads_entry()  # this environment's (a dask worker's, with OMP_NUM_THREADS=1, is another)
+    assert entry.parent == Path(hermetic_cache) / THREADS_FOLDER
     record = json.loads(entry.read_text(encoding="utf-8"))
     record["value"] = 7
     entry.write_text(json.dumps(record), encoding="utf-8")

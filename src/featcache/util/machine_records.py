@@ -14,13 +14,14 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from featcache.util.cache_dir import FILE_HASH_FOLDER, TORCH_THREADS_FOLDER, entry_path, read_entry, write_entry
 from featcache.util.compute import torch_version
 from featcache.util.hashing import file_sha256
 
 __all__ = ["HASH_FOLDER", "RACY_SECONDS", "THREADS_FOLDER", "TORCH_THREAD_ENV", "cached_file_sha256",
-           "torch_default_threads"]
+           "torch_default_threads", "torch_threads_entry"]
 
 #: The cache root's folder of file hashes (:func:`cached_file_sha256`).
 HASH_FOLDER = FILE_HASH_FOLDER
@@ -36,6 +37,14 @@ THREADS_FOLDER = TORCH_THREADS_FOLDER
 TORCH_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+def torch_threads_entry() -> tuple[Path, dict[str, Any]]:
+    """The cache entry of torch's default thread count in this process's environment, and its key (torch's
+    version, the host name, the CPU count and :data:`TORCH_THREAD_ENV`)."""
+    key = {"torch": torch_version(), "host": platform.node(), "cpus": os.cpu_count() or 0,
+           **{name: os.environ.get(name, "") for name in TORCH_THREAD_ENV}}
+    return entry_path(THREADS_FOLDER, key, "torch"), key
+
+
 def torch_default_threads() -> int:
     """torch's intra-op thread count in this process, without importing torch when this machine recorded it.
 
@@ -48,9 +57,7 @@ def torch_default_threads() -> int:
     torch = sys.modules.get("torch")
     if torch is not None:
         return int(torch.get_num_threads())
-    key = {"torch": torch_version(), "host": platform.node(), "cpus": os.cpu_count() or 0,
-           **{name: os.environ.get(name, "") for name in TORCH_THREAD_ENV}}
-    entry = entry_path(THREADS_FOLDER, key, "torch")
+    entry, key = torch_threads_entry()
     known = read_entry(entry, key)
     if isinstance(known, int) and known > 0:
         return known
