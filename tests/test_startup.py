@@ -219,7 +219,8 @@ def test_the_cpu_device_is_resolved_without_torch():
 def test_an_up_to_date_torch_extraction_runs_no_torch(project, store, tmp_path, hermetic_cache):
     """A torch-on-CPU store records torch's thread count; its up-to-date check reads the count this machine recorded
     (``torch_default_threads``) instead of importing torch for it (2.2 s of the 2.4 s on the 2-core VM). A recorded
-    count that is wrong (here 7) costs a rebuild, and the rebuilt store records the count torch really ran with."""
+    count that is wrong (here 7) costs one rebuild: the rebuilt store records the count torch really ran with, and the
+    record is corrected, so the next check keeps the store (not a rebuild at every run)."""
     import shutil
 
     import h5py
@@ -244,3 +245,6 @@ def test_an_up_to_date_torch_extraction_runs_no_torch(project, store, tmp_path, 
     assert "torch" in heavy_modules(args, project)  # rebuilt: the store has another count than 7
     with h5py.File(out, "r") as handle:
         assert json.loads(handle.attrs["config"])["extract"]["torch_threads"] == torch.get_num_threads() != 7
+    assert json.loads(entry.read_text(encoding="utf-8"))["value"] == torch.get_num_threads()  # the record corrected
+    kept = out.stat().st_mtime_ns
+    assert heavy_modules(args, project) == [] and out.stat().st_mtime_ns == kept  # so no rebuild at every run

@@ -84,7 +84,7 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
     from featcache.extract.plan import build_runner
     from featcache.extract.runners.memory import check_batch_memory
     from featcache.extract.zoo.weights import resolve_weights
-    from featcache.util.machine_records import torch_default_threads
+    from featcache.util.machine_records import remember_torch_threads, torch_default_threads
 
     params = as_sections(params, ExtractSections)
     extraction_config(params, backbone)  # an unknown backbone fails here, before any work
@@ -137,8 +137,10 @@ def extract(params: Any, backbone: str, manifest_path: str | Path, out: str | Pa
         return warn_transient(_extract_on_dask(params, backbone, plan, manifest, preprocess, pooling, out, threads,
                                                common, int8_graph=graph), backbone)
     if plan.backend == "torch":
-        if "torch_threads" in config["extract"]:  # the count of the torch that runs now (a stale record aside)
-            config["extract"]["torch_threads"] = torch_default_threads()
+        recorded = config["extract"].get("torch_threads")
+        if recorded is not None and torch_default_threads() != recorded:  # the machine's record was wrong here
+            config["extract"]["torch_threads"] = torch_default_threads()  # the count torch runs with now
+            remember_torch_threads(config["extract"]["torch_threads"])
         check_batch_memory(runner, preprocess.input_size, knobs.batch_size, plan.device,
                            num_workers=plan.num_workers)
     return warn_transient(extract_to_store(manifest, runner, preprocess, out, plan=plan, **common), backbone)

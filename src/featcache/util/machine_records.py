@@ -21,7 +21,7 @@ from featcache.util.compute import torch_version
 from featcache.util.hashing import file_sha256
 
 __all__ = ["HASH_FOLDER", "RACY_SECONDS", "THREADS_FOLDER", "TORCH_THREAD_ENV", "cached_file_sha256",
-           "torch_default_threads", "torch_threads_entry"]
+           "remember_torch_threads", "torch_default_threads", "torch_threads_entry"]
 
 #: The cache root's folder of file hashes (:func:`cached_file_sha256`).
 HASH_FOLDER = FILE_HASH_FOLDER
@@ -39,10 +39,18 @@ TORCH_THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 def torch_threads_entry() -> tuple[Path, dict[str, Any]]:
     """The cache entry of torch's default thread count in this process's environment, and its key (torch's
-    version, the host name, the CPU count and :data:`TORCH_THREAD_ENV`)."""
-    key = {"torch": torch_version(), "host": platform.node(), "cpus": os.cpu_count() or 0,
+    version, the host name, the CPU count, the affinity mask's size and :data:`TORCH_THREAD_ENV`)."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
+    key = {"torch": torch_version(), "host": platform.node(), "cpus": os.cpu_count() or 0, "affinity": affinity,
            **{name: os.environ.get(name, "") for name in TORCH_THREAD_ENV}}
     return entry_path(THREADS_FOLDER, key, "torch"), key
+
+
+def remember_torch_threads(threads: int) -> None:
+    """Record ``threads`` as torch's default count in this environment: the count a fresh torch took here when the
+    record said otherwise (a record is never left wrong, or every up-to-date check would rebuild)."""
+    entry, key = torch_threads_entry()
+    write_entry(entry, key, int(threads))
 
 
 def torch_default_threads() -> int:
@@ -50,9 +58,10 @@ def torch_default_threads() -> int:
 
     An imported torch answers (``torch.get_num_threads()``, whatever was set). Otherwise the count is the one a
     fresh torch takes here, which depends only on torch's version, :data:`TORCH_THREAD_ENV` and the machine's
-    CPUs (torch counts the physical cores, not the affinity mask): it is read from the cache root
-    (:mod:`featcache.util.cache_dir`, keyed by those and the host name), or torch is imported (about 2 s) and its
-    count recorded there. An up-to-date check of a torch-on-CPU store, which records the count, so runs no torch.
+    CPUs: it is read from the cache root (:mod:`featcache.util.cache_dir`, keyed by those, the host name and the
+    affinity mask's size: :func:`torch_threads_entry`), or torch is imported (about 2 s) and its count recorded
+    there (:func:`remember_torch_threads`, which also corrects a record found wrong once torch runs). An up-to-date
+    check of a torch-on-CPU store, which records the count, so runs no torch.
     """
     torch = sys.modules.get("torch")
     if torch is not None:
@@ -64,7 +73,7 @@ def torch_default_threads() -> int:
     import torch
 
     threads = int(torch.get_num_threads())
-    write_entry(entry, key, threads)
+    remember_torch_threads(threads)
     return threads
 
 
