@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,6 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_extract import make_images  # noqa: E402
+from bench_loop import machine_line  # noqa: E402
 
 
 class _Files:
@@ -100,9 +100,7 @@ def main() -> None:
     for name, rate in rates.items():
         print(f"| {name} | {rate:.1f} | {ours / rate if name.startswith('DataLoader') else 1.0:.2f}x |")
     print(f"\nper-image cosine between the two: min {cosine.min():.5f}, median {np.median(cosine):.5f}")
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
-    print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-          f"{args.workers} loader workers; load average {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f}")
+    print(machine_line(f"{args.workers} loader workers, medians of {args.repeats}, interleaved"))
 
 
 if __name__ == "__main__":

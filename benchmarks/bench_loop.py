@@ -52,6 +52,16 @@ def env() -> dict[str, str]:
                 DVC_NO_ANALYTICS="1")
 
 
+def machine_line(note: str) -> str:
+    """``Machine: <arch> <processor>, <N> CPUs, Python <version>; load average after the run a, b, c; <note>``: the
+    line every benchmark table here ends with."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    cpu = " ".join(part for part in (platform.machine(), platform.processor()) if part)
+    return (f"Machine: {cpu}, {os.cpu_count()} CPUs, Python "
+            f"{platform.python_version()}; load average after the run {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f}; "
+            f"{note}")
+
+
 def timed(args: list[str], cwd: Path, environ: dict[str, str]) -> tuple[float, str]:
     """Wall seconds of one command (must succeed) and its stdout."""
     start = time.perf_counter()
@@ -158,10 +168,7 @@ def main() -> None:
                 f"(warm saves {cold_fixed - f_med:.1f} s) | |")
     rows += bench_dvc_exp(args.repeats)
 
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
-    print(f"Machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}; load average after the run {load[0]:.1f}, {load[1]:.1f}, "
-          f"{load[2]:.1f}; medians of {args.repeats} runs")
+    print(machine_line(f"medians of {args.repeats} runs"))
     print("| case | result | target |\n|---|---|---|")
     print("\n".join(rows))
     print("raw:", {name: [round(t, 2) for t in values] for name, values in startup.items()},

@@ -18,8 +18,6 @@ Run: ``PYTHONPATH=src python benchmarks/bench_uptodate.py [--repeats 5]``. Print
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,7 +26,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_loop import env, featcache_command, timed, write_images  # noqa: E402
+from bench_loop import env, featcache_command, machine_line, timed, write_images  # noqa: E402
 
 #: (case name, backbone key, backend).
 CASES = (("Lite0 pretrained (18 MB), onnx", "efficientnet_lite0", "onnx"),
@@ -91,9 +89,7 @@ def main() -> None:
     for name, sides in times.items():
         warm, cold = statistics.median(sides["warm"]), statistics.median(sides["cold"])
         print(f"| {name} | {warm:.2f} | {cold:.2f} | {cold / warm:.1f}x |")
-    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
-    print(f"\nMachine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; load average "
-          f"after the run {load[0]:.1f}, {load[1]:.1f}, {load[2]:.1f}; medians of {args.repeats} runs, interleaved")
+    print("\n" + machine_line(f"medians of {args.repeats} runs, interleaved"))
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ from featcache.extract.onnx.format import DEFAULT_OPSET, EXPORT_CODE_VERSION, re
 from featcache.extract.zoo.registry import BackboneSpec
 from featcache.store.lock import FileLock
 from featcache.store.schema import canonical_json
-from featcache.util.cache_dir import CACHE_ENV, ONNX_FOLDER, CacheEntry, cache_root, mark_used
+from featcache.util.cache_dir import CACHE_ENV, ONNX_FOLDER, CacheEntry, cache_root, mark_used, remove_entry
 from featcache.util.hashing import file_sha256
 
 if TYPE_CHECKING:
@@ -436,7 +436,6 @@ def remove_export_entry(entry: CacheEntry) -> bool:
     when another process holds that lock (it is exporting or publishing that graph now), or a file could not be
     deleted."""
     from featcache.store.errors import StoreLockedError
-    from featcache.util.cache_dir import remove_entry
 
     final = _final_path(entry.files[0])
     try:
